@@ -1,0 +1,65 @@
+"""Conversion between protobuf `Value` messages and Python values.
+
+Python side of every value kind, used by the server, the client and the query layer:
+  STRING -> str, INT -> int, FLOAT -> float, BOOL -> bool,
+  TIMESTAMP -> datetime (timezone-aware, UTC), STRING_LIST -> list[str].
+`bool` is tested before `int` because bool is a subclass of int in Python.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from memstore.v1 import memstore_pb2 as pb
+
+PyValue = str | int | float | bool | datetime | list[str]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def datetime_to_micros(value: datetime) -> int:
+    """Microseconds since the Unix epoch; a naive datetime is taken as UTC."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    delta = value - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def micros_to_datetime(micros: int) -> datetime:
+    from datetime import timedelta
+
+    return _EPOCH + timedelta(microseconds=micros)
+
+
+def to_pb(value: PyValue) -> pb.Value:
+    out = pb.Value()
+    if isinstance(value, bool):
+        out.bool_value = value
+    elif isinstance(value, int):
+        out.int_value = value
+    elif isinstance(value, float):
+        out.float_value = value
+    elif isinstance(value, str):
+        out.string_value = value
+    elif isinstance(value, datetime):
+        micros = datetime_to_micros(value)
+        out.timestamp_value.seconds, rem = divmod(micros, 1_000_000)
+        out.timestamp_value.nanos = rem * 1000
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        out.list_value.values.extend(sorted(value))
+    else:
+        raise TypeError(f"cannot send a value of type {type(value).__name__}")
+    return out
+
+
+def from_pb(value: pb.Value, where: str = "value") -> PyValue:
+    """The Python value of `value`; ValueError naming `where` when no kind is set."""
+    kind = value.WhichOneof("kind")
+    if kind is None:
+        raise ValueError(f"{where}: value has no kind set")
+    if kind == "timestamp_value":
+        ts = value.timestamp_value
+        return micros_to_datetime(ts.seconds * 1_000_000 + ts.nanos // 1000)
+    if kind == "list_value":
+        return list(value.list_value.values)
+    return getattr(value, kind)  # type: ignore[no-any-return]
