@@ -1,0 +1,230 @@
+"""The query syntax tree shared by the text form, the protobuf form and the evaluator.
+
+Invariants of a valid tree (checked by `validate`, which both surfaces call):
+  * EQ, NE, LT, LE, GT, GE and HAS carry exactly 1 value, IN at least 1, BETWEEN exactly 2
+    (inclusive bounds), EXISTS none;
+  * And and Or have at least one child; nesting is at most `MAX_DEPTH` levels;
+  * attribute names are non-empty and at most `MAX_ATTRIBUTE_LENGTH` characters;
+  * values are str, int (64-bit), finite float, bool, or timezone-aware datetime.
+Timestamps written in the text form stay `str`; the evaluator converts them with
+`parser.parse_timestamp` when the attribute is a timestamp.
+
+`format_query` renders a tree as text that `parser.parse` reads back to an equal tree, with
+three exceptions that keep the meaning: datetime values render as ISO-8601 strings, an And
+or Or with a single child renders as that child, and nothing else is normalised.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+Literal = str | int | float | bool | datetime
+
+MAX_ATTRIBUTE_LENGTH = 256
+MAX_DEPTH = 100
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+class QueryError(ValueError):
+    """An invalid query; the message says what is wrong and where (a path or a column)."""
+
+
+class QuerySyntaxError(QueryError):
+    """A text query that does not parse; `column` is 1-based within `text`."""
+
+    def __init__(self, message: str, *, column: int, text: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.column = column
+        self.text = text
+
+    def pretty(self) -> str:
+        """The message, the query text and a caret under the offending column."""
+        line = self.text.replace("\n", " ").replace("\t", " ")
+        return f"{self.message}\n  {line}\n  {' ' * (self.column - 1)}^"
+
+
+class Op(StrEnum):
+    EQ = "="
+    NE = "!="
+    IN = "IN"
+    LT = "<"
+    LE = "<="
+    GT = ">"
+    GE = ">="
+    BETWEEN = "BETWEEN"
+    EXISTS = "EXISTS"
+    HAS = "HAS"
+
+
+@dataclass(frozen=True, slots=True)
+class Predicate:
+    attribute: str
+    op: Op
+    values: tuple[Literal, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class And:
+    children: tuple[Node, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Or:
+    children: tuple[Node, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Not:
+    child: Node
+
+
+@dataclass(frozen=True, slots=True)
+class All:
+    """Every live profile."""
+
+
+Node = Predicate | And | Or | Not | All
+
+# Words the text form reserves; an attribute spelled like one is written backquoted.
+KEYWORDS = frozenset({"AND", "OR", "NOT", "IN", "BETWEEN", "HAS", "EXISTS", "TRUE", "FALSE", "ALL"})
+BARE_ATTRIBUTE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+
+_SINGLE = frozenset({Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT, Op.GE, Op.HAS})
+
+
+def attribute_problem(name: str) -> str | None:
+    """What is wrong with an attribute name, or None when it is acceptable."""
+    if not name:
+        return "attribute name is empty"
+    if len(name) > MAX_ATTRIBUTE_LENGTH:
+        return f"attribute name is {len(name)} characters, at most {MAX_ATTRIBUTE_LENGTH}"
+    return None
+
+
+def arity_problem(op: Op, count: int) -> str | None:
+    """What is wrong with giving `count` values to `op`, or None."""
+    if op in _SINGLE and count != 1:
+        return f"{op.name} needs 1 value, got {count}"
+    if op is Op.IN and count < 1:
+        return "IN needs at least 1 value, got 0"
+    if op is Op.BETWEEN and count != 2:
+        return f"BETWEEN needs 2 values, got {count}"
+    if op is Op.EXISTS and count != 0:
+        return f"EXISTS takes no values, got {count}"
+    return None
+
+
+def value_problem(value: object) -> str | None:
+    """What makes `value` unusable as a literal, or None."""
+    if isinstance(value, bool | str):
+        return None
+    if isinstance(value, int):
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            return f"integer {value} does not fit in 64 bits"
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{value} is not a valid literal"
+    if isinstance(value, datetime):
+        return None if value.tzinfo is not None else "datetime literal has no timezone"
+    return f"a {type(value).__name__} is not a valid literal"
+
+
+def validate(node: object, path: str = "query") -> None:
+    """Raise QueryError naming the path (proto field names) of the first invalid node."""
+    _validate(node, path, 1)
+
+
+def _validate(node: object, path: str, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise QueryError(f"{path}: query nested deeper than {MAX_DEPTH} levels")
+    if isinstance(node, Predicate):
+        where = f"{path}.predicate"
+        if not isinstance(node.attribute, str):
+            raise QueryError(f"{where}: attribute is not a string")
+        problem = attribute_problem(node.attribute)
+        if problem is None and not isinstance(node.op, Op):
+            problem = f"unknown op {node.op!r}"
+        if problem is None and not isinstance(node.values, tuple):
+            problem = "values is not a tuple"
+        if problem is None:
+            problem = arity_problem(node.op, len(node.values))
+        if problem is not None:
+            raise QueryError(f"{where}: {problem}")
+        for i, value in enumerate(node.values):
+            problem = value_problem(value)
+            if problem is not None:
+                raise QueryError(f"{where}.values[{i}]: {problem}")
+    elif isinstance(node, And | Or):
+        where = f"{path}.{'and' if isinstance(node, And) else 'or'}"
+        if not isinstance(node.children, tuple) or not node.children:
+            raise QueryError(f"{where}: needs at least 1 child")
+        for i, child in enumerate(node.children):
+            _validate(child, f"{where}.children[{i}]", depth + 1)
+    elif isinstance(node, Not):
+        _validate(node.child, f"{path}.not", depth + 1)
+    elif not isinstance(node, All):
+        raise QueryError(f"{path}: not a query node: {type(node).__name__}")
+
+
+# ----------------------------------------------------------------------------- format
+
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t"}
+
+
+def format_attribute(name: str) -> str:
+    if BARE_ATTRIBUTE.fullmatch(name) and name.upper() not in KEYWORDS and name.lower() != "did":
+        return name
+    return "`" + name.replace("`", "``") + "`"
+
+
+def format_literal(value: Literal) -> str:
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, datetime):
+        value = value.isoformat()
+    return '"' + "".join(_ESCAPES.get(c, c) for c in value) + '"'
+
+
+def format_query(node: Node) -> str:
+    """Text that `parser.parse` reads back to `node` (see the module docstring)."""
+    if isinstance(node, Predicate):
+        attr = format_attribute(node.attribute)
+        vals = [format_literal(v) for v in node.values]
+        if node.op is Op.EXISTS:
+            return f"exists({attr})"
+        if node.op is Op.IN:
+            return f"{attr} IN ({', '.join(vals)})"
+        if node.op is Op.BETWEEN:
+            return f"{attr} BETWEEN {vals[0]} AND {vals[1]}"
+        return f"{attr} {node.op.value} {vals[0]}"
+    if isinstance(node, And | Or):
+        if len(node.children) == 1:
+            return format_query(node.children[0])
+        # A child of the same kind, or an Or inside an And, needs parentheses: without them
+        # the parser would flatten it or bind it differently.
+        wrap = (And, Or) if isinstance(node, And) else (Or,)
+        sep = " AND " if isinstance(node, And) else " OR "
+        return sep.join(_maybe_paren(c, wrap) for c in node.children)
+    if isinstance(node, Not):
+        return "NOT " + _maybe_paren(node.child, (And, Or))
+    if isinstance(node, All):
+        return "ALL"
+    raise QueryError(f"not a query node: {type(node).__name__}")
+
+
+def _maybe_paren(node: Node, wrap: tuple[type, ...]) -> str:
+    text = format_query(node)
+    if isinstance(node, wrap) and len(node.children) > 1:  # type: ignore[union-attr]
+        return f"({text})"
+    if isinstance(node, And | Or) and len(node.children) == 1:
+        return _maybe_paren(node.children[0], wrap)
+    return text

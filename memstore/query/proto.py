@@ -1,0 +1,115 @@
+"""Conversion between the query syntax tree and its protobuf form (memstore.v1.Query).
+
+Errors name the path of the offending field in proto terms, for example
+`query.and.children[1].predicate: BETWEEN needs 2 values, got 1`.
+`pb.Predicate.Op` member names equal `Op` member names; `Query.all` must be true.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from memstore import pbvalues
+from memstore.query.ast import (
+    MAX_DEPTH,
+    All,
+    And,
+    Literal,
+    Node,
+    Not,
+    Op,
+    Or,
+    Predicate,
+    QueryError,
+    validate,
+)
+from memstore.query.parser import parse
+from memstore.v1 import memstore_pb2 as pb
+
+__all__ = ["from_proto", "query_from_request", "to_proto"]
+
+
+def to_proto(node: Node) -> pb.Query:
+    """The protobuf form of a valid tree; QueryError (with a path) for an invalid one."""
+    validate(node)
+    return _to_proto(node)
+
+
+def _to_proto(node: Node) -> pb.Query:
+    out = pb.Query()
+    if isinstance(node, Predicate):
+        out.predicate.attribute = node.attribute
+        out.predicate.op = pb.Predicate.Op.Value(node.op.name)
+        out.predicate.values.extend(pbvalues.to_pb(v) for v in node.values)
+    elif isinstance(node, And | Or):
+        field = getattr(out, "and" if isinstance(node, And) else "or")
+        field.SetInParent()  # a oneof member is set even before children are added
+        field.children.extend(_to_proto(c) for c in node.children)
+    elif isinstance(node, Not):
+        getattr(out, "not").CopyFrom(_to_proto(node.child))
+    else:
+        out.all = True
+    return out
+
+
+def from_proto(q: pb.Query, path: str = "query") -> Node:
+    """The tree of a protobuf query, validated; QueryError naming the field path."""
+    node = _from_proto(q, path, 1)
+    validate(node, path)
+    return node
+
+
+def _from_proto(q: pb.Query, path: str, depth: int) -> Node:
+    if depth > MAX_DEPTH:
+        raise QueryError(f"{path}: query nested deeper than {MAX_DEPTH} levels")
+    kind = q.WhichOneof("node")
+    if kind is None:
+        raise QueryError(f"{path}: empty query node")
+    if kind == "predicate":
+        return _predicate(q.predicate, f"{path}.predicate")
+    if kind in ("and", "or"):
+        children = getattr(q, kind).children
+        where = f"{path}.{kind}"
+        if not children:
+            raise QueryError(f"{where}: needs at least 1 child")
+        nodes = tuple(
+            _from_proto(c, f"{where}.children[{i}]", depth + 1) for i, c in enumerate(children)
+        )
+        return And(nodes) if kind == "and" else Or(nodes)
+    if kind == "not":
+        return Not(_from_proto(getattr(q, "not"), f"{path}.not", depth + 1))
+    if not q.all:
+        raise QueryError(f"{path}.all: must be true when set")
+    return All()
+
+
+def _predicate(p: pb.Predicate, where: str) -> Predicate:
+    if p.op == pb.Predicate.Op.OP_UNSPECIFIED:
+        raise QueryError(f"{where}: op not set")
+    try:
+        op = Op[pb.Predicate.Op.Name(p.op)]
+    except (ValueError, KeyError):
+        raise QueryError(f"{where}: unknown op {p.op}") from None
+    values = tuple(_literal(v, f"{where}.values[{i}]") for i, v in enumerate(p.values))
+    return Predicate(p.attribute, op, values)
+
+
+def _literal(value: pb.Value, where: str) -> Literal:
+    try:
+        out = pbvalues.from_pb(value, where)
+    except ValueError as err:
+        raise QueryError(str(err)) from None
+    if isinstance(out, list):
+        raise QueryError(f"{where}: a string list is not a valid literal")
+    assert isinstance(out, str | int | float | bool | datetime)
+    return out
+
+
+def query_from_request(req: pb.QueryRequest, *, now: datetime | None = None) -> Node:
+    """The tree of a QueryRequest, from whichever of `text` and `query` it carries."""
+    kind = req.WhichOneof("q")
+    if kind == "text":
+        return parse(req.text, now=now)
+    if kind == "query":
+        return from_proto(req.query)
+    raise QueryError("query: neither text nor query given")

@@ -1,0 +1,487 @@
+"""The query text form, the protobuf form and the checks both share."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from memstore.query import (
+    MAX_DEPTH,
+    All,
+    And,
+    Node,
+    Not,
+    Op,
+    Or,
+    Predicate,
+    QueryError,
+    QuerySyntaxError,
+    format_query,
+    from_proto,
+    parse,
+    parse_timestamp,
+    query_from_request,
+    to_proto,
+    validate,
+)
+from memstore.v1 import memstore_pb2 as pb
+
+NOW = datetime(2024, 5, 8, 12, 0, tzinfo=UTC)
+
+
+def P(attribute: str, op: Op, *values: object) -> Predicate:
+    return Predicate(attribute, op, tuple(values))  # type: ignore[arg-type]
+
+
+def typed(node: Node) -> object:
+    """`node` with every value paired with its type: 1, 1.0 and True compare equal in Python."""
+    if isinstance(node, Predicate):
+        return ("P", node.attribute, node.op, tuple((type(v), v) for v in node.values))
+    if isinstance(node, And | Or):
+        return (type(node).__name__, tuple(typed(c) for c in node.children))
+    if isinstance(node, Not):
+        return ("Not", typed(node.child))
+    return ("All",)
+
+
+A, B, C = P("a", Op.EQ, 1), P("b", Op.EQ, 2), P("c", Op.EQ, 3)
+
+# ------------------------------------------------------------------ table: what parses to what
+
+PARSES = [
+    # comparisons
+    ('country = "US"', P("country", Op.EQ, "US")),
+    ("age != 3", P("age", Op.NE, 3)),
+    ("age < 3", P("age", Op.LT, 3)),
+    ("age <= 3", P("age", Op.LE, 3)),
+    ("age > 3", P("age", Op.GT, 3)),
+    ("age >= 3", P("age", Op.GE, 3)),
+    ("age>=3", P("age", Op.GE, 3)),
+    ("age>-3", P("age", Op.GT, -3)),
+    ('country IN ("US", "CA")', P("country", Op.IN, "US", "CA")),
+    ("x IN (1)", P("x", Op.IN, 1)),
+    ('country NOT IN ("US")', Not(P("country", Op.IN, "US"))),
+    ("age BETWEEN 25 AND 34", P("age", Op.BETWEEN, 25, 34)),
+    ('interests HAS "dogs"', P("interests", Op.HAS, "dogs")),
+    ("exists(email)", P("email", Op.EXISTS)),
+    ("EXISTS ( email )", P("email", Op.EXISTS)),
+    ("ALL", All()),
+    ("*", All()),
+    ("all", All()),
+    # literals
+    ("vip = TRUE", P("vip", Op.EQ, True)),
+    ("vip = false", P("vip", Op.EQ, False)),
+    ("n = 0", P("n", Op.EQ, 0)),
+    ("n = -42", P("n", Op.EQ, -42)),
+    ("n = 007", P("n", Op.EQ, 7)),
+    ("n = 1.5", P("n", Op.EQ, 1.5)),
+    ("n = -0.25", P("n", Op.EQ, -0.25)),
+    ("n = 1e3", P("n", Op.EQ, 1000.0)),
+    ("n = 2.5E-3", P("n", Op.EQ, 0.0025)),
+    ("n = -1e+2", P("n", Op.EQ, -100.0)),
+    ("n = 9223372036854775807", P("n", Op.EQ, 2**63 - 1)),
+    ("s = 'single'", P("s", Op.EQ, "single")),
+    (r's = "a\"b\\c\nd\te"', P("s", Op.EQ, 'a"b\\c\nd\te')),
+    (r"s = 'it\'s'", P("s", Op.EQ, "it's")),
+    ("s = 'say \"hi\"'", P("s", Op.EQ, 'say "hi"')),
+    ('s = ""', P("s", Op.EQ, "")),
+    ('s = "2024-05-01T12:00:00Z"', P("s", Op.EQ, "2024-05-01T12:00:00Z")),
+    ('s = "ünï ☃"', P("s", Op.EQ, "ünï ☃")),
+    # attributes
+    ('address.city = "Oslo"', P("address.city", Op.EQ, "Oslo")),
+    ("event.purchase.count >= 2", P("event.purchase.count", Op.GE, 2)),
+    ("first-name = 'x'", P("first-name", Op.EQ, "x")),
+    ("_x9 = 1", P("_x9", Op.EQ, 1)),
+    ("`weird name!` = 1", P("weird name!", Op.EQ, 1)),
+    ("`and` = 1", P("and", Op.EQ, 1)),
+    ("`a``b` = 1", P("a`b", Op.EQ, 1)),
+    ("exists(`in`)", P("in", Op.EXISTS)),
+    ("did = 1", P("did", Op.EQ, 1)),
+    ("within = 1", P("within", Op.EQ, 1)),
+    # did(...)
+    ('did("purchase", within=7d)', P("event.purchase.last", Op.GE, NOW - timedelta(days=7))),
+    ("DID('open', WITHIN = 30m)", P("event.open.last", Op.GE, NOW - timedelta(minutes=30))),
+    ('did("x", within=10s)', P("event.x.last", Op.GE, NOW - timedelta(seconds=10))),
+    ('did("x", within=2h)', P("event.x.last", Op.GE, NOW - timedelta(hours=2))),
+    ('did("x", within=1w)', P("event.x.last", Op.GE, NOW - timedelta(weeks=1))),
+    # boolean structure, precedence and flattening
+    ("a = 1 AND b = 2 AND c = 3", And((A, B, C))),
+    ("a = 1 OR b = 2 OR c = 3", Or((A, B, C))),
+    ("a = 1 and b = 2 Or c = 3", Or((And((A, B)), C))),
+    ("a = 1 OR b = 2 AND c = 3", Or((A, And((B, C))))),
+    ("NOT a = 1 AND b = 2 OR c = 3", Or((And((Not(A), B)), C))),
+    ("NOT (a = 1 AND b = 2)", Not(And((A, B)))),
+    ("not not a = 1", Not(Not(A))),
+    ("a = 1 AND (b = 2 OR c = 3)", And((A, Or((B, C))))),
+    ("(a = 1 AND b = 2) AND c = 3", And((And((A, B)), C))),
+    ("((a = 1))", A),
+    ("x BETWEEN 1 AND 2 AND a = 1", And((P("x", Op.BETWEEN, 1, 2), A))),
+    ("x NOT IN (1, 2) OR a = 1", Or((Not(P("x", Op.IN, 1, 2)), A))),
+    ("ALL AND NOT a = 1", And((All(), Not(A)))),
+    ("  a = 1\n\tAND\r\nb = 2  ", And((A, B))),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), PARSES, ids=[t for t, _ in PARSES])
+def test_parse(text: str, expected: Node) -> None:
+    got = parse(text, now=NOW)
+    assert typed(got) == typed(expected)
+
+
+def test_design_example() -> None:
+    text = (
+        'country IN ("US","CA") AND age BETWEEN 25 AND 34 AND interests HAS "dogs"\n'
+        ' AND NOT consent.email = "denied" AND did("purchase", within=7d)'
+    )
+    assert parse(text, now=NOW) == And(
+        (
+            P("country", Op.IN, "US", "CA"),
+            P("age", Op.BETWEEN, 25, 34),
+            P("interests", Op.HAS, "dogs"),
+            Not(P("consent.email", Op.EQ, "denied")),
+            P("event.purchase.last", Op.GE, datetime(2024, 5, 1, 12, tzinfo=UTC)),
+        )
+    )
+
+
+def test_did_uses_utc_now_by_default_and_converts_other_zones() -> None:
+    before = datetime.now(UTC)
+    (since,) = parse('did("x", within=1d)').values  # type: ignore[union-attr]
+    assert isinstance(since, datetime) and since.tzinfo is not None
+    assert before - timedelta(days=1) <= since <= datetime.now(UTC) - timedelta(days=1)
+    oslo = NOW.astimezone(timezone(timedelta(hours=2)))
+    (since,) = parse('did("x", within=1d)', now=oslo).values  # type: ignore[union-attr]
+    assert isinstance(since, datetime)
+    assert since == NOW - timedelta(days=1) and since.utcoffset() == timedelta(0)
+
+
+@pytest.mark.parametrize("word", ["and", "And", "AND", "aNd"])
+def test_keywords_in_any_case(word: str) -> None:
+    assert parse(f"a = 1 {word} b = 2") == And((A, B))
+
+
+# ------------------------------------------------------------------ syntax errors
+
+
+ERRORS = [
+    ("", 1, "empty query"),
+    ("   ", 1, "empty query"),
+    ("a = ", 5, "expected a literal after '=' at column 5, found end of input"),
+    ("country = ", 11, "expected a literal after '=' at column 11, found end of input"),
+    ("exists(a AND b)", 10, "expected ')' at column 10, found 'AND'"),
+    ("(a = 1 AND b = 2 c", 18, "expected ')' at column 18, found 'c'"),
+    ("a = 1 b = 2", 7, "expected AND, OR or end of input at column 7, found 'b'"),
+    ("a = 1)", 6, "unbalanced ')' at column 6"),
+    ('a = "abc', 5, "unterminated string starting at column 5"),
+    ("a = 'abc\\", 5, "unterminated string starting at column 5"),
+    ('a = "x\\q"', 7, "unknown escape '\\q' in string at column 7"),
+    ("a ~ 1", 3, "unexpected character '~' at column 3"),
+    ("a ! 1", 3, "unexpected character '!' at column 3"),
+    ("a = 1 AND", 10, "expected a predicate at column 10, found end of input"),
+    ("a = 1 AND OR b = 1", 11, "expected an attribute name at column 11, found 'OR'"),
+    ("a 1", 3, "expected an operator after 'a' at column 3, found '1'"),
+    ("a", 2, "expected an operator after 'a' at column 2, found end of input"),
+    ("a NOT 1", 7, "expected IN after NOT at column 7, found '1'"),
+    ("x IN 1", 6, "expected '(' after IN at column 6, found '1'"),
+    ("x IN ()", 7, "expected a literal after '(' at column 7, found ')'"),
+    ("x IN (1 2)", 9, "expected ',' or ')' at column 9, found '2'"),
+    ("x IN (1,)", 9, "expected a literal after ',' at column 9, found ')'"),
+    ("x BETWEEN 1 OR 2", 13, "expected AND in BETWEEN at column 13, found 'OR'"),
+    ("x BETWEEN 1 AND", 16, "expected a literal after BETWEEN ... AND at column 16"),
+    ("x HAS", 6, "expected a literal after HAS at column 6, found end of input"),
+    ("x = y", 5, "expected a literal after '=' at column 5, found 'y'"),
+    ("x = 1.", 5, "invalid number '1.' at column 5"),
+    ("x = 12abc", 5, "invalid number '12abc' at column 5"),
+    ("x = 1-2", 6, "expected AND, OR or end of input at column 6, found '-2'"),
+    ("x = 99999999999999999999", 5, "does not fit in 64 bits at column 5"),
+    ("``= 1", 1, "attribute name is empty at column 1"),
+    ("`" + "a" * 257 + "` = 1", 1, "attribute name is 257 characters, at most 256"),
+    ("`abc = 1", 1, "unterminated backquoted attribute starting at column 1"),
+    ("exists a", 8, "expected '(' after EXISTS at column 8, found 'a'"),
+    ("did(purchase, within=7d)", 5, "expected an event name string in did(...) at column 5"),
+    ('did("p" within=7d)', 9, "expected ',' at column 9, found 'within'"),
+    ('did("p", since=7d)', 10, "expected 'within' at column 10, found 'since'"),
+    ('did("p", within=7)', 17, "expected a duration such as 7d"),
+    ('did("p", within=7y)', 17, "invalid number '7y' at column 17"),
+    ('did("p", within=7d', 19, "expected ')' at column 19, found end of input"),
+    ('did("", within=7d)', 5, "event name is empty at column 5"),
+    ('did("p", within=99999999999d)', 17, "duration '99999999999d' is too long"),
+    ("(" * (MAX_DEPTH + 1) + "a = 1" + ")" * (MAX_DEPTH + 1), MAX_DEPTH + 1, "nested deeper"),
+    ("NOT " * (MAX_DEPTH + 5) + "a = 1", 4 * MAX_DEPTH + 1, "nested deeper"),
+]
+
+
+@pytest.mark.parametrize(("text", "column", "message"), ERRORS, ids=[e[0][:40] for e in ERRORS])
+def test_syntax_error(text: str, column: int, message: str) -> None:
+    with pytest.raises(QuerySyntaxError) as info:
+        parse(text, now=NOW)
+    assert message in str(info.value)
+    assert info.value.column == column
+    assert info.value.text == text
+
+
+def test_syntax_error_is_a_value_error_with_a_caret() -> None:
+    with pytest.raises(ValueError) as info:
+        parse("age >= = 3")
+    err = info.value
+    assert isinstance(err, QuerySyntaxError) and isinstance(err, QueryError)
+    assert str(err) == "expected a literal after '>=' at column 8, found '='"
+    assert err.pretty().splitlines() == [
+        "expected a literal after '>=' at column 8, found '='",
+        "  age >= = 3",
+        "         ^",
+    ]
+
+
+# ------------------------------------------------------------------ timestamps
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2024-05-01", datetime(2024, 5, 1, tzinfo=UTC)),
+        ("2024-05-01T12:00:00Z", datetime(2024, 5, 1, 12, tzinfo=UTC)),
+        ("2024-05-01T12:00", datetime(2024, 5, 1, 12, tzinfo=UTC)),
+        ("2024-05-01 12:00:00.5", datetime(2024, 5, 1, 12, 0, 0, 500_000, tzinfo=UTC)),
+        ("2024-05-01T12:00:00+02:00", datetime(2024, 5, 1, 10, tzinfo=UTC)),
+        ("2024-05-01T12:00:00-0530", datetime(2024, 5, 1, 17, 30, tzinfo=UTC)),
+    ],
+)
+def test_parse_timestamp(text: str, expected: datetime) -> None:
+    got = parse_timestamp(text)
+    assert got == expected and got.utcoffset() == timedelta(0)
+
+
+@pytest.mark.parametrize(
+    "text", ["", "yesterday", "2024-13-01", "2024-02-30", "20240501", "2024-05-01T25:00", "1714"]
+)
+def test_parse_timestamp_rejects(text: str) -> None:
+    with pytest.raises(QueryError, match="timestamp"):
+        parse_timestamp(text)
+
+
+# ------------------------------------------------------------------ validate and format_query
+
+
+@pytest.mark.parametrize(
+    ("node", "message"),
+    [
+        (P("a", Op.EQ), "query.predicate: EQ needs 1 value, got 0"),
+        (P("a", Op.HAS, 1, 2), "query.predicate: HAS needs 1 value, got 2"),
+        (P("a", Op.IN), "query.predicate: IN needs at least 1 value, got 0"),
+        (P("a", Op.BETWEEN, 1), "query.predicate: BETWEEN needs 2 values, got 1"),
+        (P("a", Op.EXISTS, 1), "query.predicate: EXISTS takes no values, got 1"),
+        (P("", Op.EXISTS), "query.predicate: attribute name is empty"),
+        (P("a" * 257, Op.EXISTS), "attribute name is 257 characters, at most 256"),
+        (And(()), "query.and: needs at least 1 child"),
+        (Or((A, Not(Or(())))), "query.or.children[1].not.or: needs at least 1 child"),
+        (And((A, P("a", Op.EQ, [1]))), "query.and.children[1].predicate.values[0]: a list"),
+        (P("a", Op.EQ, float("nan")), "query.predicate.values[0]: nan is not a valid literal"),
+        (P("a", Op.EQ, 2**63), "does not fit in 64 bits"),
+        (P("a", Op.EQ, datetime(2024, 1, 1)), "datetime literal has no timezone"),
+        (P("a", "~", 1), "query.predicate: unknown op '~'"),  # type: ignore[arg-type]
+        ("a = 1", "query: not a query node: str"),
+    ],
+)
+def test_validate(node: Node, message: str) -> None:
+    with pytest.raises(QueryError) as info:
+        validate(node)
+    assert message in str(info.value)
+
+
+def test_validate_depth() -> None:
+    node: Node = A
+    for _ in range(MAX_DEPTH):
+        node = Not(node)
+    with pytest.raises(QueryError, match="nested deeper than"):
+        validate(node)
+
+
+def test_format_query_examples() -> None:
+    node = And((Or((A, B)), Not(And((B, C))), P("and", Op.IN, "x", 1.5, True), All()))
+    assert format_query(node) == (
+        '(a = 1 OR b = 2) AND NOT (b = 2 AND c = 3) AND `and` IN ("x", 1.5, TRUE) AND ALL'
+    )
+    assert format_query(Or((And((A, B)), C))) == "a = 1 AND b = 2 OR c = 3"
+    assert format_query(And((A, And((B, C))))) == "a = 1 AND (b = 2 AND c = 3)"
+    assert format_query(P("s", Op.EQ, 'q"\\\n\t')) == r's = "q\"\\\n\t"'
+    assert format_query(P("e", Op.EXISTS)) == "exists(e)"
+    assert format_query(P("n", Op.BETWEEN, -1, 2.0)) == "n BETWEEN -1 AND 2.0"
+
+
+def test_format_query_single_child_and_datetime() -> None:
+    # Documented lossy cases: same meaning, not the same tree.
+    assert format_query(And((A,))) == "a = 1"
+    assert format_query(And((Or((A,)), Or((B, C))))) == "a = 1 AND (b = 2 OR c = 3)"
+    ts = P("t", Op.GE, datetime(2024, 5, 1, tzinfo=UTC))
+    assert format_query(ts) == 't >= "2024-05-01T00:00:00+00:00"'
+    assert parse_timestamp(parse(format_query(ts)).values[0]) == ts.values[0]  # type: ignore
+
+
+# ------------------------------------------------------------------ random trees
+
+_bare_attr = st.from_regex(r"[A-Za-z_][A-Za-z0-9_.\-]{0,12}", fullmatch=True)
+_attrs = st.one_of(
+    _bare_attr,
+    st.text(min_size=1, max_size=12),
+    st.sampled_from(["and", "OR", "not", "In", "exists", "did", "true", "ALL", "a`b", "`"]),
+)
+_text_literals = st.one_of(
+    st.text(max_size=12),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.booleans(),
+)
+_datetimes = st.datetimes(
+    min_value=datetime(1900, 1, 1), max_value=datetime(2200, 1, 1), timezones=st.just(UTC)
+)
+_proto_literals = st.one_of(_text_literals, _datetimes)
+
+
+def _predicates(literals: st.SearchStrategy[object]) -> st.SearchStrategy[Predicate]:
+    def build(attr: str, op: Op, values: list[object]) -> Predicate:
+        return Predicate(attr, op, tuple(values))  # type: ignore[arg-type]
+
+    def for_op(op: Op) -> st.SearchStrategy[Predicate]:
+        if op is Op.EXISTS:
+            n = st.just(0)
+        elif op is Op.BETWEEN:
+            n = st.just(2)
+        elif op is Op.IN:
+            n = st.integers(1, 4)
+        else:
+            n = st.just(1)
+        return n.flatmap(
+            lambda k: st.builds(
+                build, _attrs, st.just(op), st.lists(literals, min_size=k, max_size=k)
+            )
+        )
+
+    return st.sampled_from(list(Op)).flatmap(for_op)
+
+
+def _trees(literals: st.SearchStrategy[object], min_children: int) -> st.SearchStrategy[Node]:
+    leaves = st.one_of(_predicates(literals), st.just(All()))
+
+    def extend(children: st.SearchStrategy[Node]) -> st.SearchStrategy[Node]:
+        many = st.lists(children, min_size=min_children, max_size=4).map(tuple)
+        return st.one_of(many.map(And), many.map(Or), children.map(Not))
+
+    return st.recursive(leaves, extend, max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_trees(_text_literals, min_children=2))
+def test_format_then_parse_round_trips(node: Node) -> None:
+    text = format_query(node)
+    assert typed(parse(text)) == typed(node), text
+
+
+@settings(max_examples=300, deadline=None)
+@given(_trees(_proto_literals, min_children=1))
+def test_proto_round_trips(node: Node) -> None:
+    q = to_proto(node)
+    assert typed(from_proto(q)) == typed(node)
+    assert typed(from_proto(pb.Query.FromString(q.SerializeToString()))) == typed(node)
+
+
+# ------------------------------------------------------------------ protobuf form
+
+
+def _pred(attr: str, op: str, *values: pb.Value) -> pb.Query:
+    return pb.Query(predicate=pb.Predicate(attribute=attr, op=op, values=list(values)))
+
+
+def _list(*children: pb.Query) -> pb.QueryList:
+    return pb.QueryList(children=list(children))
+
+
+def test_to_proto_shape() -> None:
+    q = to_proto(Or((Not(A), All(), And((P("x", Op.BETWEEN, 1, 2.5),)))))
+    assert q.WhichOneof("node") == "or"
+    first, second, third = getattr(q, "or").children
+    assert getattr(first, "not").predicate.op == pb.Predicate.Op.EQ
+    assert getattr(first, "not").predicate.values[0].int_value == 1
+    assert second.all is True
+    inner = getattr(third, "and").children[0].predicate
+    assert (inner.attribute, inner.op) == ("x", pb.Predicate.Op.BETWEEN)
+    assert [v.WhichOneof("kind") for v in inner.values] == ["int_value", "float_value"]
+
+
+def test_op_names_match_proto() -> None:
+    for op in Op:
+        assert pb.Predicate.Op.Value(op.name) > 0
+    assert set(pb.Predicate.Op.keys()) == {op.name for op in Op} | {"OP_UNSPECIFIED"}
+
+
+def _int(i: int) -> pb.Value:
+    return pb.Value(int_value=i)
+
+
+FROM_PROTO_ERRORS = [
+    (
+        pb.Query(**{"and": _list(_pred("a", "EQ", _int(1)), _pred("b", "BETWEEN", _int(1)))}),
+        "query.and.children[1].predicate: BETWEEN needs 2 values, got 1",
+    ),
+    (pb.Query(**{"or": _list(pb.Query())}), "query.or.children[0]: empty query node"),
+    (pb.Query(), "query: empty query node"),
+    (pb.Query(**{"not": pb.Query()}), "query.not: empty query node"),
+    (pb.Query(**{"and": _list()}), "query.and: needs at least 1 child"),
+    (_pred("a", "OP_UNSPECIFIED", _int(1)), "query.predicate: op not set"),
+    (_pred("", "EXISTS"), "query.predicate: attribute name is empty"),
+    (_pred("a", "EQ", pb.Value()), "query.predicate.values[0]: value has no kind set"),
+    (
+        _pred("a", "IN", _int(1), pb.Value(list_value=pb.StringList(values=["x"]))),
+        "query.predicate.values[1]: a string list is not a valid literal",
+    ),
+    (_pred("a", "EXISTS", _int(1)), "query.predicate: EXISTS takes no values, got 1"),
+    (
+        _pred("a", "EQ", pb.Value(float_value=float("inf"))),
+        "query.predicate.values[0]: inf is not a valid literal",
+    ),
+    (pb.Query(all=False), "query.all: must be true when set"),
+]
+
+
+@pytest.mark.parametrize(("query", "message"), FROM_PROTO_ERRORS)
+def test_from_proto_errors(query: pb.Query, message: str) -> None:
+    with pytest.raises(QueryError) as info:
+        from_proto(query)
+    assert str(info.value) == message
+
+
+def test_from_proto_unknown_op() -> None:
+    q = _pred("a", "EQ", _int(1))
+    q.predicate.op = 42  # type: ignore[assignment]  # proto3 enums are open: an old server may meet a newer op
+    with pytest.raises(QueryError, match=r"query.predicate: unknown op 42"):
+        from_proto(q)
+
+
+def test_from_proto_timestamp() -> None:
+    v = pb.Value()
+    v.timestamp_value.seconds = 1714521600
+    got = from_proto(_pred("t", "GE", v))
+    assert got == P("t", Op.GE, datetime(2024, 5, 1, tzinfo=UTC))
+
+
+def test_to_proto_validates() -> None:
+    with pytest.raises(QueryError, match=r"^query.not.predicate: BETWEEN needs 2 values, got 3$"):
+        to_proto(Not(P("x", Op.BETWEEN, 1, 2, 3)))
+
+
+def test_query_from_request() -> None:
+    text = pb.QueryRequest(text='did("buy", within=1d) AND a = 1')
+    assert query_from_request(text, now=NOW) == And(
+        (P("event.buy.last", Op.GE, NOW - timedelta(days=1)), A)
+    )
+    structured = pb.QueryRequest(query=to_proto(Or((A, B))))
+    assert query_from_request(structured) == Or((A, B))
+    with pytest.raises(QueryError, match=r"^query: neither text nor query given$"):
+        query_from_request(pb.QueryRequest())
+    with pytest.raises(QuerySyntaxError):
+        query_from_request(pb.QueryRequest(text="a ="))
+    with pytest.raises(QueryError, match=r"^query: empty query node$"):
+        query_from_request(pb.QueryRequest(query=pb.Query()))
