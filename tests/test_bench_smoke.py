@@ -1,0 +1,82 @@
+"""Smoke run of the benchmark harness at a few thousand profiles: checks the harness and the
+cross-check (memstore included when it imports and its shard starts), not timings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("duckdb")
+pytest.importorskip("pyarrow")
+
+from bench.datagen import generate, iter_records, load_or_generate
+from bench.peers.duckdb_peer import DuckDBPeer
+from bench.peers.numpy_peer import NumpyPeer
+from bench.queries import QUERIES
+from bench.report import markdown
+from bench.run import CrossCheckError, Options, cross_check, run
+
+SIZE = 5_000
+
+
+def test_datagen_is_seeded_and_cached(tmp_path: Path) -> None:
+    a = generate(2_000, seed=3)
+    b = load_or_generate(2_000, seed=3, cache_dir=tmp_path)
+    c = load_or_generate(2_000, seed=3, cache_dir=tmp_path)  # read back from the cache
+    for name in a.cols:
+        assert np.array_equal(a.cols[name], b.cols[name])
+        assert np.array_equal(a.cols[name], c.cols[name])
+    rec = next(iter_records(a))
+    assert rec["id"] == "u00000000" and "country" in rec["attributes"]
+    assert ("email", rec["attributes"]["email"]) in rec["identifiers"]
+
+
+def test_smoke_run_cross_checks_every_system(tmp_path: Path) -> None:
+    opt = Options(size=SIZE, out=tmp_path, query_budget_s=0.01, duration_s=0.2,
+                  concurrency=(1, 2), steady_writes=50, durable_sample=1_000,
+                  log=lambda s: None)
+    res = run(opt)
+    cc = res["crosscheck"]
+    assert cc["problems"] == []
+    assert {"numpy", "duckdb"} <= set(cc["systems"])
+    for q in QUERIES:
+        counts = set(cc["counts"][q.name].values())
+        assert len(counts) == 1, (q.name, cc["counts"][q.name])
+    assert set(res["queries"]["counts"]) == {q.name for q in QUERIES}
+    assert "## Segment queries" in markdown(res)
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["size"] == SIZE
+    if "memstore" in cc["systems"]:
+        assert res["memory"]["memstore"]["bytes_per_profile"] is not None
+
+
+def test_a_wrong_count_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = generate(2_000, seed=5)
+    d = DuckDBPeer(ds)
+    d.load()
+    systems = {"numpy": NumpyPeer(ds), "duckdb": d}
+    real = DuckDBPeer.count
+    monkeypatch.setattr(DuckDBPeer, "count",
+                        lambda self, q: real(self, q) + (q.name == "q09_issue"))
+    res: dict = {}
+    with pytest.raises(CrossCheckError, match="q09_issue: duckdb counts"):
+        cross_check(ds, systems, res)
+    assert len(res["crosscheck"]["problems"]) == 1
+    d.close()
+
+
+def test_cli_exits_non_zero_on_mismatch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from bench.__main__ import main
+
+    real = DuckDBPeer.count
+    monkeypatch.setattr(DuckDBPeer, "count",
+                        lambda self, q: real(self, q) - (q.name == "q01_eq"))
+    result = CliRunner().invoke(main, ["--size", "2000", "--peers", "duckdb,numpy",
+                                       "--memstore", "no", "--out", str(tmp_path),
+                                       "--workloads", "queries", "--no-plots"])
+    assert result.exit_code == 2
+    assert "q01_eq: duckdb counts" in result.output
