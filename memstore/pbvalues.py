@@ -8,19 +8,19 @@ Python side of every value kind, used by the server, the client and the query la
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from memstore.v1 import memstore_pb2 as pb
 
 PyValue = str | int | float | bool | datetime | list[str]
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def datetime_to_micros(value: datetime) -> int:
     """Microseconds since the Unix epoch; a naive datetime is taken as UTC."""
     if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
+        value = value.replace(tzinfo=UTC)
     delta = value - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 

@@ -1,0 +1,364 @@
+"""The `memstore` command: serve, load, get, query, snapshot, check, repair, cluster.
+
+Every command that talks to a server takes --address (default 127.0.0.1:7070, the router
+that `memstore serve` starts). Errors print the server's message and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from memstore.client import DEFAULT_ADDRESS, Client, ClientError
+
+ADDRESS = click.option("--address", default=DEFAULT_ADDRESS, show_default=True,
+                       envvar="MEMSTORE_ADDRESS", help="Server or router to talk to.")
+SYNC_HELP = ("When the log is fsynced. always: an acknowledged write survives power loss "
+             "(group commit keeps it fast). everysec: at most ~1 s of writes lost on power "
+             "loss. off: the OS decides (a crash of the process loses nothing, power loss "
+             "may). If unsure: always.")
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s",'
+               '"msg":"%(message)s"}',
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="memstore")
+def main() -> None:
+    """memstore: in-memory real-time customer profiles and segment queries."""
+
+
+@main.command("serve-shard")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (loopback by default).")
+@click.option("--port", default=7071, show_default=True, help="Port; 0 picks a free one.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("memstore-data"),
+              show_default=True, help="Log and snapshots of this shard.")
+@click.option("--in-memory", is_flag=True, help="Keep nothing on disk (tests, benchmarks).")
+@click.option("--name", default="shard-0", show_default=True, help="Stable shard name.")
+@click.option("--slots", default=None,
+              help="Slots to own on first start, e.g. 0-8191 (default: all). Later starts "
+                   "read ownership from the data directory.")
+@click.option("--sync", type=click.Choice(["always", "everysec", "off"]), default="always",
+              show_default=True, help=SYNC_HELP)
+@click.option("--snapshot-log-mb", default=512, show_default=True,
+              help="Take a snapshot when the log has grown by this many MiB.")
+@click.option("--snapshot-interval", default=3600.0, show_default=True,
+              help="Take a snapshot this many seconds after the last one (if anything changed).")
+@click.option("--max-identifiers-per-kind", default=20, show_default=True,
+              help="Merge protection: a profile never holds more identifiers of one kind.")
+@click.option("--blocked-identifier", multiple=True,
+              help="Extra identifier values never linked (added to the built-in list).")
+@click.option("-v", "--verbose", is_flag=True)
+def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str,
+                slots: str | None, sync: str, snapshot_log_mb: int, snapshot_interval: float,
+                max_identifiers_per_kind: int, blocked_identifier: tuple[str, ...],
+                verbose: bool) -> None:
+    """Run one shard process (the cluster's `serve` starts these for you)."""
+    import uvloop
+
+    from memstore.engine import DEFAULT_BLOCKED, IdentityRules
+    from memstore.server import serve
+    from memstore.shard import ShardConfig
+    from memstore.wal_writer import SyncPolicy
+
+    _logging(verbose)
+    rules = IdentityRules(
+        max_per_kind=max_identifiers_per_kind,
+        blocked=DEFAULT_BLOCKED | {b.strip().lower() for b in blocked_identifier},
+    )
+    config = ShardConfig(data_dir=None if in_memory else data_dir, name=name,
+                         sync=SyncPolicy(sync), snapshot_log_bytes=snapshot_log_mb << 20,
+                         snapshot_interval=snapshot_interval, rules=rules)
+    owned = _parse_slots(slots) if slots else None
+    try:
+        uvloop.run(serve(config, host, port, owned))
+    except Exception as exc:  # noqa: BLE001 - start-up failures: damaged log, port in use
+        click.echo(f"memstore: {exc}", err=True)
+        sys.exit(1)
+
+
+def _parse_slots(text: str) -> Any:
+    from pyroaring import BitMap
+
+    from memstore.hashslot import SLOT_COUNT
+
+    bm = BitMap()
+    for part in text.split(","):
+        start, _, end = part.partition("-")
+        lo, hi = int(start), int(end or start)
+        if not 0 <= lo <= hi < SLOT_COUNT:
+            raise click.BadParameter(f"slot range {part!r} outside 0-{SLOT_COUNT - 1}")
+        bm.add_range(lo, hi + 1)
+    return bm
+
+
+# ---------------------------------------------------------------------- data commands
+
+def _read_records(path: Path, fmt: str) -> Iterator[dict[str, Any]]:
+    if fmt == "jsonl":
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise click.ClickException(f"{path}:{n}: not JSON: {exc}") from None
+                if not isinstance(record, dict) or "id" not in record:
+                    raise click.ClickException(f"{path}:{n}: a line is an object with an 'id'")
+                yield record
+    elif fmt == "csv":
+        with path.open(encoding="utf-8", newline="") as f:
+            for row in csv.DictReader(f):
+                pid = row.pop("id", None)
+                if not pid:
+                    raise click.ClickException(f"{path}: every row needs an 'id' column")
+                yield {"id": pid, "attributes": {k: _csv_value(v) for k, v in row.items()
+                                                  if v != ""}}
+    else:  # parquet
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise click.ClickException("Parquet needs pyarrow: pip install pyarrow") from None
+        for batch in pq.ParquetFile(path).iter_batches():
+            for row in batch.to_pylist():
+                pid = row.pop("id")
+                idents = row.pop("identifiers", None) or []
+                yield {"id": pid, "identifiers": idents,
+                       "attributes": {k: v for k, v in row.items() if v is not None}}
+
+
+def _csv_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text in ("true", "false"):
+        return text == "true"
+    return text
+
+
+def _typed(records: Iterator[dict[str, Any]], timestamps: set[str]) -> Iterator[dict[str, Any]]:
+    """Turn ISO-8601 strings into datetimes for attributes the schema declares timestamps."""
+    from memstore.query import parse_timestamp
+    from memstore.values import flatten
+
+    for record in records:
+        attrs = flatten(record.get("attributes", {}))
+        for name in timestamps & attrs.keys():
+            value = attrs[name]
+            if isinstance(value, str):
+                try:
+                    attrs[name] = parse_timestamp(value)
+                except ValueError as exc:
+                    raise click.ClickException(f"profile {record['id']!r}: {name}: {exc}"
+                                               ) from None
+        yield {"id": record["id"], "attributes": attrs,
+               "identifiers": record.get("identifiers", [])}
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "parquet"]), default=None,
+              help="Input format (default: from the file name).")
+@click.option("--chunk-size", default=1000, show_default=True)
+@click.option("--concurrency", default=4, show_default=True, help="Chunks in flight.")
+@click.option("--no-progress", is_flag=True)
+@ADDRESS
+def load(file: Path, fmt: str | None, chunk_size: int, concurrency: int, no_progress: bool,
+         address: str) -> None:
+    """Load profiles from FILE: JSON Lines ({"id", "attributes", "identifiers"} per line),
+    CSV (an id column) or Parquet. Strings for attributes declared timestamp are parsed as
+    ISO-8601."""
+    from tqdm import tqdm
+
+    fmt = fmt or {".csv": "csv", ".parquet": "parquet"}.get(file.suffix, "jsonl")
+    with Client(address, timeout=None) as client, tqdm(
+        unit=" profiles", disable=no_progress, file=sys.stderr, desc=f"loading {file.name}"
+    ) as bar:
+        try:
+            timestamps = {a["name"] for a in client.schema() if a["kind"] == "timestamp"}
+            total = client.load(_typed(_read_records(file, fmt), timestamps),
+                                chunk_size=chunk_size, concurrency=concurrency,
+                                progress=bar.update)
+        except ClientError as exc:
+            raise click.ClickException(str(exc)) from None
+    click.echo(f"loaded {total} profiles")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    raise TypeError(type(value).__name__)
+
+
+@main.command()
+@click.argument("id", required=False)
+@click.option("--identifier", nargs=2, metavar="KIND VALUE", default=None,
+              help="Look up by an identifier instead of the primary id.")
+@click.option("--attribute", "-a", multiple=True, help="Return only these attributes.")
+@ADDRESS
+def get(id: str | None, identifier: tuple[str, str] | None, attribute: tuple[str, ...],
+        address: str) -> None:
+    """Print the profile ID as JSON."""
+    if id is None and identifier is None:
+        raise click.UsageError("give an ID or --identifier KIND VALUE")
+    with Client(address) as client:
+        try:
+            profile = client.get(id, identifier=identifier, attributes=attribute)
+        except ClientError as exc:
+            raise click.ClickException(str(exc)) from None
+    if profile is None:
+        raise click.ClickException(f"profile {id or identifier} not found")
+    click.echo(json.dumps(profile, default=_json_default, ensure_ascii=False))
+
+
+@main.command()
+@click.argument("expression")
+@click.option("--count", "count_only", is_flag=True, help="Print the count alone.")
+@click.option("--group-by", default=None, help="Print counts per value of this attribute.")
+@click.option("--top", default=10, show_default=True, help="With --group-by: top N values.")
+@click.option("--limit", default=0, help="Print at most this many ids (0: all).")
+@click.option("--partial", is_flag=True, help="Answer even if some shards are down.")
+@ADDRESS
+def query(expression: str, count_only: bool, group_by: str | None, top: int, limit: int,
+          partial: bool, address: str) -> None:
+    """Run a segment query (see README "Query language") and print matching ids."""
+    with Client(address, timeout=None) as client:
+        try:
+            if count_only:
+                click.echo(client.count(expression, allow_partial=partial))
+            elif group_by:
+                for value, n in client.group_by(expression, group_by, top,
+                                                allow_partial=partial):
+                    click.echo(f"{json.dumps(value, default=_json_default)}\t{n}")
+            else:
+                for printed, pid in enumerate(client.iter_ids(expression), 1):
+                    click.echo(pid)
+                    if limit and printed >= limit:
+                        break
+        except ClientError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.argument("name")
+@click.argument("kind", type=click.Choice(["string", "int", "float", "bool", "timestamp",
+                                           "string_list"]))
+@click.option("--not-indexed", is_flag=True,
+              help="Store and return the attribute but never query it (free text, PII).")
+@click.option("--merge", type=click.Choice(["default", "sum", "min", "max"]), default="default",
+              show_default=True, help="How values combine when two profiles merge.")
+@ADDRESS
+def declare(name: str, kind: str, not_indexed: bool, merge: str, address: str) -> None:
+    """Declare attribute NAME with a KIND (before its first write fixes it)."""
+    with Client(address) as client:
+        try:
+            client.declare([{"name": name, "kind": kind, "indexed": not not_indexed,
+                             "merge": merge}])
+        except ClientError as exc:
+            raise click.ClickException(str(exc)) from None
+    click.echo(f"declared {name} {kind}")
+
+
+@main.command()
+@ADDRESS
+def schema(address: str) -> None:
+    """Print the attribute schema as JSON lines."""
+    with Client(address) as client:
+        try:
+            for spec in client.schema():
+                click.echo(json.dumps(spec))
+        except ClientError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@ADDRESS
+def snapshot(address: str) -> None:
+    """Take a snapshot now (on a router: every shard)."""
+    with Client(address, timeout=None) as client:
+        try:
+            info = client.snapshot()
+        except ClientError as exc:
+            raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(info))
+
+
+@main.command()
+@ADDRESS
+def stats(address: str) -> None:
+    """Print counts and state of the server."""
+    with Client(address) as client:
+        try:
+            click.echo(json.dumps(client.stats(), indent=2))
+        except ClientError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def check(data_dir: Path) -> None:
+    """Verify a shard's snapshots and log; exit 1 if anything is damaged."""
+    from memstore.snapshot_file import load_newest
+    from memstore.wal_reader import check as check_log
+
+    reader = load_newest(data_dir / "snapshots")
+    click.echo(f"snapshot: {reader.path if reader else 'none'}"
+               + (f" (lsn {reader.lsn})" if reader else ""))
+    report = check_log(data_dir / "log")
+    click.echo(str(report))
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--yes", is_flag=True, help="Do it without asking.")
+def repair(data_dir: Path, yes: bool) -> None:
+    """Cut a damaged log at its last good record, keeping a backup of what is cut."""
+    from memstore.wal_reader import check as check_log
+    from memstore.wal_reader import repair as repair_log
+
+    report = check_log(data_dir / "log")
+    click.echo(str(report))
+    if report.ok:
+        click.echo("nothing to repair")
+        return
+    if not yes:
+        click.confirm("cut the log at the last good record (a backup is kept)?", abort=True)
+    click.echo(str(repair_log(data_dir / "log")))
+
+
+def _register_cluster_commands() -> None:
+    try:
+        from shards import cli as shards_cli
+    except ImportError:  # pragma: no cover - shards/ ships with memstore
+        return
+    for name in ("serve", "serve_router", "cluster"):
+        command = getattr(shards_cli, name, None)
+        if command is not None:
+            main.add_command(command)
+
+
+_register_cluster_commands()
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

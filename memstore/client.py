@@ -1,0 +1,391 @@
+"""Python clients for memstore: `Client` (blocking) and `AsyncClient` (asyncio).
+
+Both have the same methods with the same arguments; every method is defined once, in
+`_Methods`, as "build a request, name the RPC, decode the response", and each client
+supplies the transport (`_call`). Against a router they see the whole cluster; against a
+shard, that shard. Reads are retried on UNAVAILABLE with backoff (they are idempotent);
+writes are not, because an increment retried after a lost answer would apply twice.
+
+Values: str, int, float, bool, datetime (timezone-aware) and lists of str.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Self
+
+import grpc
+import msgpack
+from pyroaring import BitMap
+
+from memstore import pbvalues
+from memstore.v1 import memstore_pb2 as pb
+from memstore.v1 import memstore_pb2_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:7070"
+_OPTIONS = [("grpc.max_receive_message_length", 64 << 20),
+            ("grpc.max_send_message_length", 64 << 20)]
+_READS = {"Get", "BatchGet", "GetSchema", "Count", "QueryIds", "GroupBy", "QueryBitmap", "Stats"}
+_RETRIES = 3
+
+_OPS = {"set": 1, "set_once": 2, "unset": 3, "increment": 4, "add_to_set": 5,
+        "remove_from_set": 6}
+_KINDS = {"string": 1, "int": 2, "float": 3, "bool": 4, "timestamp": 5, "string_list": 6}
+_KIND_NAMES = {v: k for k, v in _KINDS.items()}
+_MERGES = {"default": 0, "sum": 1, "min": 2, "max": 3}
+_MERGE_NAMES = {v: k for k, v in _MERGES.items()}
+
+
+class ClientError(Exception):
+    """A call failed; `code` is the grpc.StatusCode, `details` the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, method: str) -> None:
+        super().__init__(f"{method}: {code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+@dataclass(frozen=True)
+class UpsertResult:
+    id: str
+    version: int
+    created: bool
+
+
+@dataclass(frozen=True)
+class LinkResult:
+    id: str
+    version: int
+    merged_ids: list[str]
+
+
+_MISSING = object()
+
+
+def _key(id: str | None = None, identifier: tuple[str, str] | None = None) -> pb.ProfileKey:
+    if identifier is not None:
+        return pb.ProfileKey(identifier=pb.Identifier(kind=identifier[0], value=identifier[1]))
+    if id is None:
+        raise ValueError("give an id or an identifier")
+    return pb.ProfileKey(id=id)
+
+
+def _keys(keys: Iterable[str | tuple[str, str]]) -> list[pb.ProfileKey]:
+    return [_key(identifier=k) if isinstance(k, tuple) else _key(k) for k in keys]
+
+
+def _query(query: str | pb.Query, allow_partial: bool = False) -> pb.QueryRequest:
+    if isinstance(query, str):
+        return pb.QueryRequest(text=query, allow_partial=allow_partial)
+    if isinstance(query, pb.Query):
+        return pb.QueryRequest(query=query, allow_partial=allow_partial)
+    from memstore.query import to_proto  # an AST node
+
+    return pb.QueryRequest(query=to_proto(query), allow_partial=allow_partial)
+
+
+def _profile(p: pb.Profile) -> dict[str, Any]:
+    if p.packed_attributes:
+        attributes = msgpack.unpackb(p.packed_attributes, timestamp=3)
+    else:
+        attributes = {k: pbvalues.from_pb(v) for k, v in p.attributes.items()}
+    return {"id": p.id, "version": p.version, "attributes": attributes,
+            "identifiers": [(i.kind, i.value) for i in p.identifiers],
+            "merged_ids": list(p.merged_ids)}
+
+
+def pack_records(records: Iterable[Mapping[str, Any]]) -> bytes:
+    """Pack {"id", "attributes", "identifiers"} dicts for BatchUpsertRequest.packed."""
+    rows = []
+    for r in records:
+        idents = [[k, v] for k, v in (tuple(i) if not isinstance(i, Mapping)
+                                      else (i["kind"], i["value"])
+                                      for i in r.get("identifiers", ()))]
+        rows.append([r["id"], r.get("attributes", {}), idents])
+    return msgpack.packb(rows, datetime=True, default=_pack_default)
+
+
+def _pack_default(value: Any) -> Any:
+    if isinstance(value, (set, frozenset, tuple)):
+        return sorted(value)
+    if isinstance(value, datetime):
+        raise TypeError(f"timestamp {value!r} has no time zone; use an aware datetime")
+    raise TypeError(f"cannot send a value of type {type(value).__name__}")
+
+
+def _ops(set: Mapping[str, Any] | None, ops: Sequence[tuple[str, str, Any]] | None
+         ) -> list[pb.Operation]:
+    out = []
+    from memstore.values import flatten
+
+    for name, value in flatten(set or {}).items():
+        out.append(pb.Operation(op=pb.Operation.SET, attribute=name, value=pbvalues.to_pb(value)))
+    for op, name, value in ops or ():
+        code = _OPS.get(op)
+        if code is None:
+            raise ValueError(f"unknown operation {op!r}; one of {', '.join(_OPS)}")
+        operation = pb.Operation(op=code, attribute=name)
+        if op != "unset":
+            operation.value.CopyFrom(pbvalues.to_pb(value))
+        out.append(operation)
+    return out
+
+
+def _spec(a: Mapping[str, Any]) -> pb.AttributeSpec:
+    return pb.AttributeSpec(name=a["name"], kind=_KINDS[a["kind"]],
+                            not_indexed=not a.get("indexed", True),
+                            merge=_MERGES[a.get("merge", "default")])
+
+
+def _schema(r: pb.SchemaResponse) -> list[dict[str, Any]]:
+    return [{"name": a.name, "kind": _KIND_NAMES[a.kind], "indexed": not a.not_indexed,
+             "merge": _MERGE_NAMES[a.merge]} for a in r.attributes]
+
+
+class _Methods:
+    """Every public method, written once. `_call` returns a value (Client) or an
+    awaitable of it (AsyncClient)."""
+
+    def _call(self, method: str, request: Any, decode: Callable[[Any], Any],
+              missing: Any = _MISSING) -> Any:
+        raise NotImplementedError
+
+    # profiles
+    def upsert(self, id: str, set: Mapping[str, Any] | None = None, *,
+               ops: Sequence[tuple[str, str, Any]] | None = None,
+               identifiers: Sequence[tuple[str, str]] = (),
+               expected_version: int | None = None) -> Any:
+        request = pb.UpsertRequest(id=id, operations=_ops(set, ops),
+                                   identifiers=[pb.Identifier(kind=k, value=v)
+                                                for k, v in identifiers])
+        if expected_version is not None:
+            request.expected_version = expected_version
+        return self._call("Upsert", request,
+                          lambda r: UpsertResult(r.id, r.version, r.created))
+
+    def batch_upsert(self, records: Iterable[Mapping[str, Any]]) -> Any:
+        request = pb.BatchUpsertRequest(packed=pack_records(records))
+        return self._call("BatchUpsert", request, lambda r: r.applied)
+
+    def get(self, id: str | None = None, *, identifier: tuple[str, str] | None = None,
+            attributes: Sequence[str] = ()) -> Any:
+        request = pb.GetRequest(key=_key(id, identifier), attributes=attributes, packed=True)
+        return self._call("Get", request, lambda r: _profile(r.profile), missing=None)
+
+    def batch_get(self, keys: Iterable[str | tuple[str, str]], attributes: Sequence[str] = ()
+                  ) -> Any:
+        request = pb.BatchGetRequest(keys=_keys(keys), attributes=attributes, packed=True)
+        return self._call("BatchGet", request, lambda r: [
+            _profile(x.profile) if x.found else None for x in r.results])
+
+    def delete(self, id: str | None = None, *, identifier: tuple[str, str] | None = None) -> Any:
+        request = pb.DeleteRequest(key=_key(id, identifier))
+        return self._call("Delete", request, lambda r: r.deleted)
+
+    def link(self, id: str, identifiers: Sequence[tuple[str, str]], create: bool = False) -> Any:
+        request = pb.LinkRequest(id=id, create=create, identifiers=[
+            pb.Identifier(kind=k, value=v) for k, v in identifiers])
+        return self._call("Link", request,
+                          lambda r: LinkResult(r.id, r.version, list(r.merged_ids)))
+
+    def track(self, id: str, event: str, at: datetime | None = None, count: int = 1) -> Any:
+        request = pb.TrackRequest(id=id, event=event, count=count)
+        if at is not None:
+            request.at.CopyFrom(pbvalues.to_pb(at).timestamp_value)
+        return self._call("Track", request, lambda r: r.version)
+
+    # schema
+    def declare(self, attributes: Iterable[Mapping[str, Any]]) -> Any:
+        request = pb.DeclareAttributesRequest(attributes=[_spec(a) for a in attributes])
+        return self._call("DeclareAttributes", request, _schema)
+
+    def schema(self) -> Any:
+        return self._call("GetSchema", pb.GetSchemaRequest(), _schema)
+
+    # queries
+    def count(self, query: Any, *, allow_partial: bool = False) -> Any:
+        return self._call("Count", _query(query, allow_partial), lambda r: r.count)
+
+    def ids(self, query: Any, *, page_size: int = 1000, cursor: str = "",
+            allow_partial: bool = False) -> Any:
+        request = pb.QueryIdsRequest(query=_query(query, allow_partial), page_size=page_size,
+                                     cursor=cursor)
+        return self._call("QueryIds", request, lambda r: (list(r.ids), r.next_cursor))
+
+    def group_by(self, query: Any, attribute: str, top_n: int = 10, *,
+                 allow_partial: bool = False) -> Any:
+        request = pb.GroupByRequest(query=_query(query, allow_partial), attribute=attribute,
+                                    top_n=top_n)
+        return self._call("GroupBy", request, lambda r: [
+            (pbvalues.from_pb(g.value), g.count) for g in r.groups])
+
+    def bitmaps(self, query: Any, *, allow_partial: bool = False) -> Any:
+        return self._call("QueryBitmap", _query(query, allow_partial), lambda r: {
+            b.shard: BitMap.deserialize(b.bitmap) for b in r.bitmaps})
+
+    # operations
+    def snapshot(self) -> Any:
+        return self._call("Snapshot", pb.SnapshotRequest(), lambda r: {
+            "path": r.path, "log_position": r.log_position, "profiles": r.profiles})
+
+    def stats(self) -> Any:
+        return self._call("Stats", pb.StatsRequest(), lambda r: {
+            "profiles": r.profiles, "identifiers": r.identifiers, "attributes": r.attributes,
+            "log_bytes": r.log_bytes, "shard": r.shard, **dict(r.info)})
+
+
+def _error(exc: grpc.RpcError, method: str) -> ClientError:
+    return ClientError(exc.code(), exc.details() or "", method)  # type: ignore[attr-defined]
+
+
+class Client(_Methods):
+    """Blocking client. `with Client(address) as c: c.get("u1")`."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 30.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address, options=_OPTIONS)
+        self._stub = memstore_pb2_grpc.MemstoreStub(self._channel)
+
+    def _call(self, method: str, request: Any, decode: Callable[[Any], Any],
+              missing: Any = _MISSING) -> Any:
+        attempts = _RETRIES if method in _READS else 1
+        for attempt in range(attempts):
+            try:
+                return decode(getattr(self._stub, method)(request, timeout=self.timeout))
+            except grpc.RpcError as exc:
+                code = exc.code()  # type: ignore[attr-defined]
+                if code == grpc.StatusCode.NOT_FOUND and missing is not _MISSING:
+                    return missing
+                if code == grpc.StatusCode.UNAVAILABLE and attempt + 1 < attempts:
+                    time.sleep(0.05 * 2**attempt)
+                    continue
+                raise _error(exc, method) from None
+        raise AssertionError("unreachable")
+
+    def iter_ids(self, query: Any, *, page_size: int = 10_000) -> Iterator[str]:
+        """Every matching id, streamed (one query evaluation on the server)."""
+        request = pb.QueryIdsRequest(query=_query(query), page_size=page_size)
+        try:
+            for page in self._stub.StreamIds(request, timeout=self.timeout):
+                yield from page.ids
+        except grpc.RpcError as exc:
+            raise _error(exc, "StreamIds") from None
+
+    def load(self, records: Iterable[Mapping[str, Any]], *, chunk_size: int = 1000,
+             concurrency: int = 4, progress: Callable[[int], None] | None = None) -> int:
+        """Bulk load, `concurrency` chunks in flight; returns profiles applied."""
+        inflight: list[Future[Any]] = []
+        total = 0
+
+        def settle(future: Any) -> int:
+            try:
+                n = future.result().applied
+            except grpc.RpcError as exc:
+                raise _error(exc, "BatchUpsert") from None
+            if progress is not None:
+                progress(n)
+            return int(n)
+
+        for chunk in _chunks(records, chunk_size):
+            request = pb.BatchUpsertRequest(packed=pack_records(chunk))
+            inflight.append(self._stub.BatchUpsert.future(request, timeout=self.timeout))
+            if len(inflight) >= concurrency:
+                total += settle(inflight.pop(0))
+        for future in inflight:
+            total += settle(future)
+        return total
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient(_Methods):
+    """asyncio client with the same methods as Client: `await c.get("u1")`."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 30.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
+        self._stub = memstore_pb2_grpc.MemstoreStub(self._channel)
+
+    async def _call(self, method: str, request: Any, decode: Callable[[Any], Any],
+                    missing: Any = _MISSING) -> Any:
+        attempts = _RETRIES if method in _READS else 1
+        for attempt in range(attempts):
+            try:
+                return decode(await getattr(self._stub, method)(request, timeout=self.timeout))
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.NOT_FOUND and missing is not _MISSING:
+                    return missing
+                if code == grpc.StatusCode.UNAVAILABLE and attempt + 1 < attempts:
+                    await asyncio.sleep(0.05 * 2**attempt)
+                    continue
+                raise _error(exc, method) from None
+        raise AssertionError("unreachable")
+
+    async def iter_ids(self, query: Any, *, page_size: int = 10_000) -> AsyncIterator[str]:
+        request = pb.QueryIdsRequest(query=_query(query), page_size=page_size)
+        try:
+            async for page in self._stub.StreamIds(request, timeout=self.timeout):
+                for pid in page.ids:
+                    yield pid
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc, "StreamIds") from None
+
+    async def load(self, records: Iterable[Mapping[str, Any]], *, chunk_size: int = 1000,
+                   concurrency: int = 4, progress: Callable[[int], None] | None = None) -> int:
+        gate = asyncio.Semaphore(concurrency)
+        total = 0
+
+        async def send(chunk: list[Mapping[str, Any]]) -> None:
+            nonlocal total
+            try:
+                response = await self._stub.BatchUpsert(
+                    pb.BatchUpsertRequest(packed=pack_records(chunk)), timeout=self.timeout)
+            except grpc.aio.AioRpcError as exc:
+                raise _error(exc, "BatchUpsert") from None
+            finally:
+                gate.release()
+            total += response.applied
+            if progress is not None:
+                progress(response.applied)
+
+        tasks = []
+        for chunk in _chunks(records, chunk_size):
+            await gate.acquire()
+            tasks.append(asyncio.ensure_future(send(chunk)))
+        await asyncio.gather(*tasks)
+        return total
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _chunks(records: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for record in records:
+        chunk.append(record)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -1,0 +1,737 @@
+"""The engine of one shard: profiles in memory, their indexes, and identity resolution.
+
+Its one job: turn requests into Changes and apply Changes. A Change is a list of
+after-images — (dense id, primary id, encoded profile blob or None for "gone") — plus the
+attribute declarations it needs. Every other structure (indexes, identifier directory,
+merged-id aliases, slot membership) is derived from the blobs, so:
+
+- applying a Change is idempotent and replaying logged Changes rebuilds exactly the state
+  callers were told about;
+- undoing a Change is applying the before-images it returns (used when the log cannot
+  make a Change durable).
+
+Planning (`plan_*`) reads state and never mutates it; `apply` mutates and never fails on
+input. The shard runs plan, log append and apply with no await in between, so one
+request's operations are atomic with respect to every other request.
+
+Blob layout (msgpack array): [version, {attribute id: stored value}, [[kind, value], ...]
+identifiers, [merged-away primary ids]]. Stored values are described in memstore.values.
+"""
+
+from __future__ import annotations
+
+import array
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+from pyroaring import BitMap
+
+from memstore.bitmap_index import RangeIndex, ValueIndex, float_to_ordered
+from memstore.errors import FailedPrecondition, InvalidArgument, NotFound, WrongSlot
+from memstore.hashslot import slot_of
+from memstore.schema import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_STRING_BYTES,
+    AttributeSpec,
+    Kind,
+    Merge,
+    Schema,
+    check_value,
+    kind_of,
+)
+from memstore.values import from_stored, to_stored
+
+# Operation codes: the numbers of memstore.v1.Operation.Op.
+SET, SET_ONCE, UNSET, INCREMENT, ADD_TO_SET, REMOVE_FROM_SET = 1, 2, 3, 4, 5, 6
+OP_NAMES = {1: "set", 2: "set_once", 3: "unset", 4: "increment", 5: "add_to_set",
+            6: "remove_from_set"}
+
+MAX_ID_BYTES = 256
+MAX_IDENTIFIER_BYTES = 512
+_IDENT_KIND = re.compile(r"^[a-z][a-z0-9_\-]{0,63}$")
+_EVENT_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
+
+DEFAULT_BLOCKED = frozenset(
+    {"", "null", "none", "nil", "undefined", "unknown", "n/a", "na", "0", "-",
+     "test", "test@test.com", "test@example.com", "noemail@noemail.com",
+     "00000000-0000-0000-0000-000000000000"}
+)
+
+RANGE_KINDS = (Kind.INT, Kind.FLOAT, Kind.TIMESTAMP)
+VALUE_KINDS = (Kind.STRING, Kind.BOOL, Kind.STRING_LIST)
+
+
+@dataclass(frozen=True)
+class IdentityRules:
+    """Merge protection against "blob" profiles built from shared or junk identifiers."""
+
+    max_per_kind: int = 20
+    blocked: frozenset[str] = DEFAULT_BLOCKED
+
+    def is_blocked(self, value: str) -> bool:
+        return value.strip().lower() in self.blocked
+
+
+@dataclass(slots=True)
+class Image:
+    dense: int
+    pid: str
+    blob: bytes | None
+
+
+@dataclass
+class Change:
+    schema: list[AttributeSpec] = field(default_factory=list)
+    images: list[Image] = field(default_factory=list)
+    result: Any = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.schema and not self.images
+
+
+@dataclass(slots=True)
+class UpsertSpec:
+    pid: str
+    ops: Sequence[tuple[int, str, Any]] = ()
+    identifiers: Sequence[tuple[str, str]] = ()
+    expected_version: int | None = None
+    where: str = ""  # where the request came from, for error messages ("packed[3]")
+
+
+@dataclass(slots=True)
+class Profile:
+    """A profile as callers see it (API values, attribute names)."""
+
+    id: str
+    version: int
+    attributes: dict[str, Any]
+    identifiers: list[tuple[str, str]]
+    merged_ids: list[str]
+    slot: int
+
+
+def encode(version: int, attrs: dict[int, Any], idents: list[list[str]], merged: list[str]) -> bytes:
+    return msgpack.packb([version, attrs, idents, merged], use_bin_type=True)
+
+
+def decode(blob: bytes) -> list[Any]:
+    return msgpack.unpackb(blob, strict_map_key=False, use_list=True)  # type: ignore[no-any-return]
+
+
+def ident_key(kind: str, value: str) -> str:
+    return f"{kind}\x00{value}"
+
+
+def check_pid(pid: str, where: str = "id") -> None:
+    if not isinstance(pid, str) or not pid:
+        raise InvalidArgument(f"{where}: empty profile id")
+    if len(pid.encode("utf-8")) > MAX_ID_BYTES:
+        raise InvalidArgument(f"{where}: profile id longer than {MAX_ID_BYTES} bytes")
+
+
+def check_identifier(kind: str, value: str, where: str) -> None:
+    if not _IDENT_KIND.match(kind or ""):
+        raise InvalidArgument(
+            f"{where}: identifier kind {kind!r} must be lower-case letters, digits, _ or -"
+        )
+    if not value:
+        raise InvalidArgument(f"{where}: empty identifier value")
+    if len(value.encode("utf-8")) > MAX_IDENTIFIER_BYTES:
+        raise InvalidArgument(f"{where}: identifier longer than {MAX_IDENTIFIER_BYTES} bytes")
+
+
+class _Draft:
+    """A profile being changed by a plan."""
+
+    __slots__ = ("attrs", "dense", "gone", "idents", "merged", "pid", "version")
+
+    def __init__(self, pid: str, dense: int | None, state: list[Any] | None) -> None:
+        self.pid = pid
+        self.dense = dense
+        self.gone = False
+        if state is None:
+            self.version, self.attrs, self.idents, self.merged = 0, {}, [], []
+        else:
+            self.version, self.attrs, self.idents, self.merged = state
+
+
+class _Planner:
+    """Reads engine state plus this plan's own drafts; never mutates the engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.e = engine
+        self.added: list[AttributeSpec] = []
+        self.added_by_name: dict[str, AttributeSpec] = {}
+        self.drafts: dict[str, _Draft] = {}  # by the profile's own primary id
+        self.aliases: dict[str, str | None] = {}  # overlay on engine.aliases
+        self.idents: dict[str, str | None] = {}  # overlay: identifier key -> owner pid
+
+    # -- schema
+    def spec(self, name: str) -> AttributeSpec | None:
+        return self.e.schema.by_name.get(name) or self.added_by_name.get(name)
+
+    def spec_by_id(self, aid: int) -> AttributeSpec:
+        base = len(self.e.schema.by_id)
+        return self.e.schema.by_id[aid] if aid < base else self.added[aid - base]
+
+    def declare(self, name: str, kind: Kind, indexed: bool = True,
+                merge: Merge = Merge.DEFAULT) -> AttributeSpec:
+        existing = self.spec(name)
+        if existing is not None:
+            if existing.kind != kind:
+                raise InvalidArgument(
+                    f"attribute {name!r} has kind {existing.kind.label}, got a {kind.label} value"
+                )
+            return existing
+        spec = self.e.schema.plan(name, kind, indexed, merge)
+        assert spec is not None
+        spec = AttributeSpec(len(self.e.schema.by_id) + len(self.added), name, kind, indexed, merge)
+        self.added.append(spec)
+        self.added_by_name[name] = spec
+        return spec
+
+    # -- profiles
+    def resolve_pid(self, pid: str) -> str:
+        """The primary id `pid` stands for now: itself, or the survivor it merged into."""
+        if pid in self.aliases:
+            return self.aliases[pid] or pid
+        if pid in self.drafts or pid in self.e.dense_of:
+            return pid
+        return self.e.aliases.get(pid, pid)
+
+    def draft(self, pid: str, create: bool) -> _Draft | None:
+        pid = self.resolve_pid(pid)
+        found = self.drafts.get(pid)
+        if found is not None:
+            if found.gone:
+                if not create:
+                    return None
+                found = _Draft(pid, found.dense, None)
+                found.version = 0
+                self.drafts[pid] = found
+            return found
+        dense = self.e.dense_of.get(pid)
+        if dense is None:
+            if not create:
+                return None
+            self.e.check_slot(pid)
+            draft = _Draft(pid, None, None)
+        else:
+            self.e.check_slot(pid)
+            draft = _Draft(pid, dense, decode(self.e.blobs[dense]))  # type: ignore[arg-type]
+        self.drafts[pid] = draft
+        return draft
+
+    def owner_of(self, key: str) -> str | None:
+        if key in self.idents:
+            return self.idents[key]
+        dense = self.e.directory.get(key)
+        return None if dense is None else self.e.pids[dense]
+
+    # -- operations
+    def apply_op(self, d: _Draft, op: int, name: str, value: Any, where: str) -> None:
+        if op == UNSET:
+            spec = self.spec(name)
+            if spec is not None:
+                d.attrs.pop(spec.id, None)
+            return
+        if op == ADD_TO_SET or op == REMOVE_FROM_SET:
+            if isinstance(value, str):
+                value = [value]
+            spec = self.spec(name) or self.declare(name, Kind.STRING_LIST)
+            if spec.kind is not Kind.STRING_LIST:
+                raise InvalidArgument(
+                    f"{where}: {OP_NAMES[op]} needs a string_list attribute; "
+                    f"{name!r} has kind {spec.kind.label}"
+                )
+            check_value(Kind.STRING_LIST, value, name)
+            current = set(d.attrs.get(spec.id, ()))
+            current = current | set(value) if op == ADD_TO_SET else current - set(value)
+            if current:
+                d.attrs[spec.id] = sorted(current)
+            else:
+                d.attrs.pop(spec.id, None)
+            return
+        if op == INCREMENT:
+            kind = kind_of(value)
+            if kind not in (Kind.INT, Kind.FLOAT):
+                raise InvalidArgument(f"{where}: increment of {name!r} needs a number")
+            spec = self.spec(name) or self.declare(name, kind)
+            check_value(spec.kind, value, name)
+            total = d.attrs.get(spec.id, 0) + value
+            if spec.kind is Kind.INT and not INT64_MIN <= total <= INT64_MAX:
+                raise InvalidArgument(f"{where}: increment overflows int64 for {name!r}")
+            d.attrs[spec.id] = total
+            return
+        if op == SET or op == SET_ONCE:
+            spec = self.spec(name)
+            if spec is None:
+                spec = self.declare(name, kind_of(value))
+            # Fast path for the common scalar kinds; check_value covers the rest.
+            vtype = type(value)
+            if vtype is str and spec.kind is Kind.STRING and len(value) <= MAX_STRING_BYTES // 4:
+                stored: Any = value
+            else:
+                check_value(spec.kind, value, name)
+                stored = to_stored(spec.kind, value)
+            if op == SET_ONCE and spec.id in d.attrs:
+                return
+            if spec.kind is Kind.STRING_LIST and not stored:
+                d.attrs.pop(spec.id, None)
+            else:
+                d.attrs[spec.id] = stored
+            return
+        raise InvalidArgument(f"{where}: unknown operation {op}")
+
+    def link(self, d: _Draft, identifiers: Sequence[tuple[str, str]], where: str) -> list[str]:
+        """Link identifiers to `d`, merging their owners into it; returns merged-away ids."""
+        rules = self.e.rules
+        merged: list[str] = []
+        for i, (kind, value) in enumerate(identifiers):
+            at = f"{where}[{i}]"
+            check_identifier(kind, value, at)
+            if rules.is_blocked(value):
+                raise FailedPrecondition(
+                    f"{at}: identifier value {value!r} is on the blocked list "
+                    "(merge protection); nothing changed"
+                )
+            key = ident_key(kind, value)
+            owner = self.owner_of(key)
+            if owner is not None and owner != d.pid:
+                other = self.draft(owner, create=False)
+                if other is not None and other is not d:
+                    self.merge_into(d, other)
+                    merged.append(other.pid)
+            if [kind, value] not in d.idents:
+                d.idents.append([kind, value])
+            self.idents[key] = d.pid
+        counts = Counter(kind for kind, _ in d.idents)
+        for kind, n in counts.items():
+            if n > rules.max_per_kind:
+                raise FailedPrecondition(
+                    f"{where}: profile {d.pid!r} would hold {n} identifiers of kind {kind!r}, "
+                    f"more than the limit of {rules.max_per_kind} (merge protection); "
+                    "nothing changed"
+                )
+        return merged
+
+    def merge_into(self, survivor: _Draft, other: _Draft) -> None:
+        """Merge rules: see README "Identity resolution"."""
+        for aid, value in other.attrs.items():
+            spec = self.spec_by_id(aid)
+            mine = survivor.attrs.get(aid)
+            if mine is None:
+                survivor.attrs[aid] = value
+            elif spec.kind is Kind.STRING_LIST:
+                survivor.attrs[aid] = sorted(set(mine) | set(value))
+            elif spec.merge is Merge.SUM:
+                total = mine + value
+                if spec.kind is Kind.INT:
+                    total = max(INT64_MIN, min(INT64_MAX, total))
+                survivor.attrs[aid] = total
+            elif spec.merge is Merge.MIN:
+                survivor.attrs[aid] = min(mine, value)
+            elif spec.merge is Merge.MAX:
+                survivor.attrs[aid] = max(mine, value)
+        for pair in other.idents:
+            if pair not in survivor.idents:
+                survivor.idents.append(pair)
+            self.idents[ident_key(*pair)] = survivor.pid
+        for pid in [other.pid, *other.merged]:
+            if pid not in survivor.merged and pid != survivor.pid:
+                survivor.merged.append(pid)
+            self.aliases[pid] = survivor.pid
+        survivor.version = max(survivor.version, other.version)
+        other.gone = True
+
+    def delete(self, d: _Draft) -> None:
+        for pair in d.idents:
+            self.idents[ident_key(*pair)] = None
+        for pid in d.merged:
+            self.aliases[pid] = None
+        d.gone = True
+
+    def finish(self, result: Any = None) -> Change:
+        change = Change(schema=list(self.added), result=result)
+        next_dense = len(self.e.blobs)
+        live: list[Image] = []
+        for d in self.drafts.values():
+            if d.gone:
+                if d.dense is not None:
+                    change.images.append(Image(d.dense, d.pid, None))
+                continue
+            if d.dense is None:
+                d.dense = next_dense
+                next_dense += 1
+            live.append(Image(d.dense, d.pid, encode(d.version, d.attrs, d.idents, d.merged)))
+        # Deletions first: a merged-away profile must leave the directory before the
+        # survivor claims its identifiers.
+        change.images.extend(live)
+        return change
+
+
+class Engine:
+    def __init__(self, rules: IdentityRules | None = None) -> None:
+        self.rules = rules or IdentityRules()
+        self.schema = Schema()
+        self.pids: list[str | None] = []
+        self.blobs: list[bytes | None] = []
+        self.dense_of: dict[str, int] = {}
+        self.live = BitMap()
+        self.value_index: dict[int, ValueIndex] = {}
+        self.range_index: dict[int, RangeIndex] = {}
+        self.exists: dict[int, BitMap] = {}  # attributes in value indexes
+        self.directory: dict[str, int] = {}
+        self.aliases: dict[str, str] = {}
+        self.slot_members: dict[int, BitMap] = defaultdict(BitMap)
+        # Slot ownership (cluster). None: this shard owns every slot. `foreign` holds live
+        # profiles in slots it does not own (being moved in or out); queries skip them.
+        self.owned_slots: BitMap | None = None
+        self.foreign = BitMap()
+        self.epoch = 0
+
+    # ------------------------------------------------------------------ reading
+    def __len__(self) -> int:
+        return len(self.live)
+
+    def check_slot(self, pid: str) -> None:
+        if self.owned_slots is not None:
+            slot = slot_of(pid)
+            if slot not in self.owned_slots:
+                raise WrongSlot(slot, self.epoch,
+                                f"slot {slot} of profile {pid!r} is not owned by this shard "
+                                f"(epoch {self.epoch})")
+
+    def resolve(self, pid: str) -> int | None:
+        dense = self.dense_of.get(pid)
+        if dense is None:
+            survivor = self.aliases.get(pid)
+            if survivor is not None:
+                dense = self.dense_of.get(survivor)
+        return dense
+
+    def lookup(self, pid: str | None = None, identifier: tuple[str, str] | None = None
+               ) -> int | None:
+        if identifier is not None:
+            check_identifier(identifier[0], identifier[1], "identifier")
+            return self.directory.get(ident_key(*identifier))
+        assert pid is not None
+        check_pid(pid)
+        return self.resolve(pid)
+
+    def profile(self, dense: int, attributes: Sequence[str] = ()) -> Profile:
+        pid = self.pids[dense]
+        blob = self.blobs[dense]
+        assert pid is not None and blob is not None
+        version, attrs, idents, merged = decode(blob)
+        return Profile(pid, version, self.named(attrs, attributes),
+                       [(k, v) for k, v in idents], merged, slot_of(pid))
+
+    def named(self, attrs: dict[int, Any], only: Sequence[str] = ()) -> dict[str, Any]:
+        by_id = self.schema.by_id
+        if only:
+            out = {}
+            for name in only:
+                spec = self.schema.by_name.get(name)
+                if spec is not None and spec.id in attrs:
+                    out[name] = from_stored(spec.kind, attrs[spec.id])
+            return out
+        result = {}
+        for aid, value in attrs.items():
+            spec = by_id[aid]
+            result[spec.name] = from_stored(spec.kind, value) if spec.kind is Kind.TIMESTAMP \
+                else value
+        return result
+
+    def stored_named(self, dense: int, only: Sequence[str] = ()) -> tuple[str, int, dict[str, Any]]:
+        """(pid, version, {name: stored value}) — the packed read path, no datetime objects."""
+        pid = self.pids[dense]
+        blob = self.blobs[dense]
+        assert pid is not None and blob is not None
+        version, attrs = msgpack.unpackb(blob, strict_map_key=False)[:2]
+        by_id = self.schema.by_id
+        if only:
+            wanted = [self.schema.by_name.get(n) for n in only]
+            return pid, version, {s.name: attrs[s.id] for s in wanted
+                                  if s is not None and s.id in attrs}
+        return pid, version, {by_id[aid].name: v for aid, v in attrs.items()}
+
+    def ids_of(self, dense_ids: Iterable[int]) -> list[str]:
+        pids = self.pids
+        return [pids[d] for d in dense_ids]  # type: ignore[misc]
+
+    # ------------------------------------------------------------------ planning
+    def plan_batch(self, specs: Sequence[UpsertSpec], where: str = "requests") -> Change:
+        planner = _Planner(self)
+        results = []
+        for i, spec in enumerate(specs):
+            at = spec.where or f"{where}[{i}]"
+            results.append(self._plan_upsert(planner, spec, at))
+        return planner.finish(results)
+
+    def plan_upsert(self, spec: UpsertSpec) -> Change:
+        planner = _Planner(self)
+        result = self._plan_upsert(planner, spec, "")
+        return planner.finish(result)
+
+    def _plan_upsert(self, planner: _Planner, spec: UpsertSpec, at: str) -> tuple[str, bool]:
+        check_pid(spec.pid, f"{at}.id" if at else "id")
+        d = planner.draft(spec.pid, create=True)
+        assert d is not None
+        created = d.dense is None and d.version == 0
+        if spec.expected_version is not None and d.version != spec.expected_version:
+            raise FailedPrecondition(
+                f"{at or 'upsert'}: profile {spec.pid!r} is at version {d.version}, "
+                f"expected {spec.expected_version}"
+            )
+        for j, (op, name, value) in enumerate(spec.ops):
+            where = f"{at}.operations[{j}]" if at else f"operations[{j}]"
+            try:
+                planner.apply_op(d, op, name, value, where)
+            except InvalidArgument as exc:
+                message = str(exc)
+                raise InvalidArgument(message if message.startswith(where)
+                                      else f"{where}: {message}") from None
+        d.version += 1
+        if spec.identifiers:
+            planner.link(d, spec.identifiers, f"{at}.identifiers" if at else "identifiers")
+        return d.pid, created
+
+    def plan_link(self, pid: str, identifiers: Sequence[tuple[str, str]], create: bool = False
+                  ) -> Change:
+        check_pid(pid)
+        if not identifiers:
+            raise InvalidArgument("identifiers: nothing to link")
+        planner = _Planner(self)
+        d = planner.draft(pid, create=create)
+        if d is None:
+            raise NotFound(f"profile {pid!r} not found (pass create to make it)")
+        merged = planner.link(d, identifiers, "identifiers")
+        d.version += 1
+        return planner.finish((d.pid, merged))
+
+    def plan_delete(self, pid: str | None = None, identifier: tuple[str, str] | None = None
+                    ) -> Change:
+        dense = self.lookup(pid, identifier)
+        if dense is None:
+            return Change(result=None)
+        planner = _Planner(self)
+        owner = self.pids[dense]
+        assert owner is not None
+        d = planner.draft(owner, create=False)
+        assert d is not None
+        planner.delete(d)
+        return planner.finish(owner)
+
+    def plan_track(self, pid: str, event: str, at_micros: int, count: int = 1) -> Change:
+        check_pid(pid)
+        if not _EVENT_NAME.match(event or ""):
+            raise InvalidArgument(f"event: name {event!r} must be 1-128 letters, digits, _ or -")
+        if count < 1:
+            raise InvalidArgument("count: must be at least 1")
+        planner = _Planner(self)
+        d = planner.draft(pid, create=True)
+        assert d is not None
+        prefix = f"event.{event}"
+        n = planner.declare(f"{prefix}.count", Kind.INT, merge=Merge.SUM)
+        first = planner.declare(f"{prefix}.first", Kind.TIMESTAMP, merge=Merge.MIN)
+        last = planner.declare(f"{prefix}.last", Kind.TIMESTAMP, merge=Merge.MAX)
+        d.attrs[n.id] = min(INT64_MAX, d.attrs.get(n.id, 0) + count)
+        d.attrs[first.id] = min(d.attrs.get(first.id, at_micros), at_micros)
+        d.attrs[last.id] = max(d.attrs.get(last.id, at_micros), at_micros)
+        d.version += 1
+        return planner.finish(d.version)
+
+    def plan_declare(self, specs: Sequence[tuple[str, Kind, bool, Merge]]) -> Change:
+        planner = _Planner(self)
+        for i, (name, kind, indexed, merge) in enumerate(specs):
+            try:
+                existing = self.schema.plan(name, kind, indexed, merge)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"attributes[{i}]: {exc}") from None
+            if existing is not None and planner.spec(name) is None:
+                planner.declare(name, kind, indexed, merge)
+        return planner.finish()
+
+    # ------------------------------------------------------------------ applying
+    def apply(self, change: Change) -> list[Image]:
+        """Apply `change`; returns the before-images that undo it (apply them reversed)."""
+        for spec in change.schema:
+            if spec.id == len(self.schema.by_id):
+                self.add_attribute(spec)
+        return self.apply_images(change.images)
+
+    def add_attribute(self, spec: AttributeSpec) -> None:
+        self.schema.add(spec)
+        if spec.indexed:
+            if spec.kind in RANGE_KINDS:
+                self.range_index[spec.id] = RangeIndex()
+            else:
+                self.value_index[spec.id] = ValueIndex()
+                self.exists[spec.id] = BitMap()
+
+    def apply_images(self, images: Iterable[Image]) -> list[Image]:
+        before: list[Image] = []
+        fresh: list[tuple[int, dict[int, Any]]] = []
+        for image in images:
+            dense, pid, blob = image.dense, image.pid, image.blob
+            if dense >= len(self.blobs):
+                grow = dense + 1 - len(self.blobs)
+                self.blobs.extend([None] * grow)
+                self.pids.extend([None] * grow)
+            old = self.blobs[dense]
+            before.append(Image(dense, self.pids[dense] or pid, old))
+            if old is None and blob is None:
+                continue
+            new_state = decode(blob) if blob is not None else None
+            if old is None:
+                assert new_state is not None
+                self.blobs[dense] = blob
+                self.pids[dense] = pid
+                self.dense_of[pid] = dense
+                self.live.add(dense)
+                slot = slot_of(pid)
+                self.slot_members[slot].add(dense)
+                if self.owned_slots is not None and slot not in self.owned_slots:
+                    self.foreign.add(dense)
+                fresh.append((dense, new_state[1]))
+                self._reidentify(dense, pid, [], [], new_state[2], new_state[3])
+                continue
+            old_state = decode(old)
+            old_pid = self.pids[dense]
+            assert old_pid is not None
+            if new_state is None:
+                self.blobs[dense] = None
+                self.pids[dense] = None
+                self.dense_of.pop(old_pid, None)
+                self.live.discard(dense)
+                self.foreign.discard(dense)
+                self.slot_members[slot_of(old_pid)].discard(dense)
+                self._reindex(dense, old_state[1], {})
+                self._reidentify(dense, old_pid, old_state[2], old_state[3], [], [])
+            else:
+                self.blobs[dense] = blob
+                self._reindex(dense, old_state[1], new_state[1])
+                self._reidentify(dense, pid, old_state[2], old_state[3], new_state[2],
+                                 new_state[3])
+        if fresh:
+            self._index_fresh(fresh)
+        before.reverse()
+        return before
+
+    def _reidentify(self, dense: int, pid: str, old_idents: list[list[str]], old_merged: list[str],
+                    new_idents: list[list[str]], new_merged: list[str]) -> None:
+        directory = self.directory
+        if old_idents:
+            keep = {ident_key(k, v) for k, v in new_idents}
+            for k, v in old_idents:
+                key = ident_key(k, v)
+                if key not in keep and directory.get(key) == dense:
+                    del directory[key]
+        for k, v in new_idents:
+            directory[ident_key(k, v)] = dense
+        if old_merged:
+            keep_m = set(new_merged)
+            for m in old_merged:
+                if m not in keep_m and self.aliases.get(m) == pid:
+                    del self.aliases[m]
+        for m in new_merged:
+            self.aliases[m] = pid
+
+    def _reindex(self, dense: int, old: dict[int, Any], new: dict[int, Any]) -> None:
+        by_id = self.schema.by_id
+        for aid in old.keys() | new.keys():
+            ov = old.get(aid)
+            nv = new.get(aid)
+            if ov == nv:
+                continue
+            spec = by_id[aid]
+            if not spec.indexed:
+                continue
+            kind = spec.kind
+            if kind in RANGE_KINDS:
+                index = self.range_index[aid]
+                if kind is Kind.FLOAT:
+                    ov = None if ov is None else float_to_ordered(ov)
+                    nv = None if nv is None else float_to_ordered(nv)
+                if nv is None:
+                    index.remove(dense, ov)  # type: ignore[arg-type]
+                else:
+                    index.set(dense, nv, ov)
+                continue
+            vindex = self.value_index[aid]
+            if kind is Kind.STRING_LIST:
+                olds = set(ov or ())
+                news = set(nv or ())
+                for item in olds - news:
+                    vindex.discard(item, dense)
+                for item in news - olds:
+                    vindex.add(item, dense)
+            else:
+                if ov is not None:
+                    vindex.discard(ov, dense)
+                if nv is not None:
+                    vindex.add(nv, dense)
+            if nv is None:
+                self.exists[aid].discard(dense)
+            elif ov is None:
+                self.exists[aid].add(dense)
+
+    def _index_fresh(self, fresh: list[tuple[int, dict[int, Any]]]) -> None:
+        """Index profiles that had no previous image, in bulk (the load path)."""
+        by_id = self.schema.by_id
+        values: dict[tuple[int, Any], list[int]] = defaultdict(list)
+        present: dict[int, list[int]] = defaultdict(list)
+        ranges: dict[int, tuple[list[int], list[int]]] = {}
+        for dense, attrs in fresh:
+            for aid, value in attrs.items():
+                spec = by_id[aid]
+                if not spec.indexed:
+                    continue
+                kind = spec.kind
+                if kind in RANGE_KINDS:
+                    pair = ranges.get(aid)
+                    if pair is None:
+                        pair = ranges[aid] = ([], [])
+                    pair[0].append(dense)
+                    pair[1].append(float_to_ordered(value) if kind is Kind.FLOAT else value)
+                elif kind is Kind.STRING_LIST:
+                    for item in value:
+                        values[(aid, item)].append(dense)
+                    present[aid].append(dense)
+                else:
+                    values[(aid, value)].append(dense)
+                    present[aid].append(dense)
+        for (aid, value), ids in values.items():
+            self.value_index[aid].add_many(value, array.array("I", ids))
+        for aid, ids in present.items():
+            self.exists[aid].update(array.array("I", ids))
+        for aid, (ids, vals) in ranges.items():
+            self.range_index[aid].set_many(np.array(ids, dtype=np.uint32),
+                                           np.array(vals, dtype=np.int64))
+
+    # ------------------------------------------------------------------ cluster
+    def set_ownership(self, epoch: int, slots: BitMap | None) -> None:
+        self.epoch = epoch
+        self.owned_slots = slots
+        if slots is None:
+            self.foreign = BitMap()
+        else:
+            self.foreign = BitMap.union(
+                BitMap(), *(m for s, m in self.slot_members.items() if s not in slots)
+            )
+
+    def members_of_slots(self, slots: Iterable[int]) -> BitMap:
+        members = self.slot_members
+        return BitMap.union(BitMap(), *(members[s] for s in slots if s in members))
+
+    def visible(self) -> BitMap:
+        """Live profiles in owned slots: what queries answer over."""
+        return self.live - self.foreign if self.foreign else self.live

@@ -1,0 +1,16 @@
+"""Hash slots: which of SLOT_COUNT slots a primary id belongs to.
+
+slot = CRC16/XMODEM(utf-8 bytes of the id) mod 16384, the function Redis Cluster uses
+(binascii.crc_hqx is that CRC in C). The number is part of the on-disk and wire contract:
+shards record the slots they own, so it must never change.
+"""
+
+from __future__ import annotations
+
+import binascii
+
+SLOT_COUNT = 16384
+
+
+def slot_of(primary_id: str) -> int:
+    return binascii.crc_hqx(primary_id.encode("utf-8"), 0) % SLOT_COUNT

@@ -1,0 +1,581 @@
+"""The gRPC server of one shard: translates between protobuf and the shard, nothing more.
+
+Serves memstore.v1.Memstore (the public API), memstore.v1.ShardControl (slot ownership
+and slot moves, for routers and operators), grpc.health.v1 and server reflection. Every
+engine error maps to one status code (see `_STATUS`); any other exception is a bug,
+logged with its traceback and answered INTERNAL without touching state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import grpc
+import msgpack
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pyroaring import BitMap
+
+from memstore import pbvalues
+from memstore.engine import SET, Change, Engine, Image, UpsertSpec, decode, encode
+from memstore.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    MemstoreError,
+    NotFound,
+    Unavailable,
+    WrongSlot,
+)
+from memstore.evaluate import evaluate, group_counts
+from memstore.hashslot import SLOT_COUNT
+from memstore.query import QueryError, query_from_request
+from memstore.schema import Kind, Merge
+from memstore.shard import Shard, ShardConfig
+from memstore.v1 import cluster_pb2 as cpb
+from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
+from memstore.v1 import memstore_pb2 as pb
+from memstore.values import flatten
+
+log = logging.getLogger("memstore.server")
+
+MAX_MESSAGE_BYTES = 64 << 20
+DEFAULT_PAGE = 1000
+MAX_PAGE = 100_000
+MAX_BATCH_KEYS = 100_000
+
+_STATUS = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+T = TypeVar("T")
+
+
+def _status_for(exc: MemstoreError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        if cls in _STATUS:
+            return _STATUS[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    if isinstance(exc, QueryError):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"query: {exc}")
+    if isinstance(exc, WrongSlot):
+        context.set_trailing_metadata((("memstore-wrong-slot", str(exc.slot)),
+                                       ("memstore-epoch", str(exc.epoch))))
+    if isinstance(exc, MemstoreError):
+        await context.abort(_status_for(exc), str(exc))
+    log.exception("internal error")
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Map engine errors to status codes for a unary handler."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+        try:
+            return await method(self, request, context)
+        except (MemstoreError, QueryError, ValueError, TypeError) as exc:
+            if isinstance(exc, (ValueError, TypeError)) and not isinstance(exc, QueryError):
+                exc = InvalidArgument(str(exc))
+            await _abort(context, exc)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug; never crash the server
+            await _abort(context, exc)
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+def _ranges(slots: BitMap | None) -> list[cpb.SlotRange]:
+    if slots is None:
+        return [cpb.SlotRange(start=0, end=SLOT_COUNT - 1)]
+    out: list[cpb.SlotRange] = []
+    start = prev = -2
+    for s in slots:
+        if s != prev + 1:
+            if start >= 0:
+                out.append(cpb.SlotRange(start=start, end=prev))
+            start = s
+        prev = s
+    if start >= 0:
+        out.append(cpb.SlotRange(start=start, end=prev))
+    return out
+
+
+def _slots_of(ranges: Any, where: str = "slots") -> BitMap:
+    bm = BitMap()
+    for i, r in enumerate(ranges):
+        if r.start > r.end or r.end >= SLOT_COUNT:
+            raise InvalidArgument(f"{where}[{i}]: bad slot range {r.start}-{r.end}")
+        bm.add_range(r.start, r.end + 1)
+    return bm
+
+
+def _key(key: pb.ProfileKey, where: str = "key") -> tuple[str | None, tuple[str, str] | None]:
+    which = key.WhichOneof("key")
+    if which == "id":
+        return key.id, None
+    if which == "identifier":
+        return None, (key.identifier.kind, key.identifier.value)
+    raise InvalidArgument(f"{where}: give an id or an identifier")
+
+
+def _ops(request: pb.UpsertRequest, where: str) -> list[tuple[int, str, Any]]:
+    ops = []
+    for j, op in enumerate(request.operations):
+        at = f"{where}operations[{j}]"
+        if op.op == pb.Operation.OP_UNSPECIFIED:
+            raise InvalidArgument(f"{at}: op is not set")
+        if op.op == pb.Operation.UNSET:
+            value = None
+        else:
+            value = pbvalues.from_pb(op.value, f"{at}.value")
+        ops.append((int(op.op), op.attribute, value))
+    return ops
+
+
+def _spec(request: pb.UpsertRequest, where: str = "") -> UpsertSpec:
+    return UpsertSpec(
+        pid=request.id,
+        ops=_ops(request, where),
+        identifiers=[(i.kind, i.value) for i in request.identifiers],
+        expected_version=request.expected_version if request.HasField("expected_version")
+        else None,
+    )
+
+
+def unpack_records(packed: bytes) -> list[UpsertSpec]:
+    """Decode a packed bulk batch: msgpack [[id, attributes, identifiers], ...]."""
+    try:
+        rows = msgpack.unpackb(packed, timestamp=3, use_list=True)
+    except Exception as exc:  # noqa: BLE001 - msgpack raises many types on garbage
+        raise InvalidArgument(f"packed: not a msgpack array of records ({exc})") from None
+    if not isinstance(rows, list):
+        raise InvalidArgument("packed: not a msgpack array of records")
+    specs = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) not in (2, 3):
+            raise InvalidArgument(f"packed[{i}]: a record is [id, attributes, identifiers]")
+        pid, attrs = row[0], row[1]
+        idents = row[2] if len(row) == 3 else []
+        if not isinstance(pid, str):
+            raise InvalidArgument(f"packed[{i}]: id must be a string")
+        if not isinstance(attrs, dict):
+            raise InvalidArgument(f"packed[{i}]: attributes must be a map")
+        flat = flatten(attrs, f"packed[{i}].attributes")
+        try:
+            pairs = [(str(k), str(v)) for k, v in (idents or [])]
+        except (TypeError, ValueError):
+            raise InvalidArgument(f"packed[{i}]: identifiers are [kind, value] pairs") from None
+        specs.append(UpsertSpec(pid, [(SET, k, v) for k, v in flat.items()], pairs,
+                                where=f"packed[{i}]"))
+    return specs
+
+
+class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
+    def __init__(self, shard: Shard) -> None:
+        self.shard = shard
+        self.engine: Engine = shard.engine
+
+    # ------------------------------------------------------------------ profiles
+    def _profile(self, dense: int, attributes: Any, packed: bool, out: pb.Profile) -> None:
+        engine = self.engine
+        blob = engine.blobs[dense]
+        pid = engine.pids[dense]
+        assert blob is not None and pid is not None
+        version, attrs, idents, merged = decode(blob)
+        named = engine.named(attrs, attributes)
+        out.id = pid
+        out.version = version
+        if packed:
+            out.packed_attributes = msgpack.packb(named, datetime=True)
+        else:
+            for name, value in named.items():
+                out.attributes[name].CopyFrom(pbvalues.to_pb(value))
+        for kind, value in idents:
+            out.identifiers.add(kind=kind, value=value)
+        out.merged_ids.extend(merged)
+        from memstore.hashslot import slot_of
+
+        out.slot = slot_of(pid)
+
+    def _find(self, key: pb.ProfileKey, where: str = "key") -> int | None:
+        pid, identifier = _key(key, where)
+        if pid is not None:
+            self.engine.check_slot(pid)
+        dense = self.engine.lookup(pid, identifier)
+        if dense is not None and dense in self.engine.foreign:
+            return None
+        return dense
+
+    @rpc
+    async def Get(self, request: pb.GetRequest, context: Any) -> pb.GetResponse:
+        dense = self._find(request.key)
+        if dense is None:
+            raise NotFound(f"profile {_describe(request.key)} not found")
+        response = pb.GetResponse()
+        self._profile(dense, request.attributes, request.packed, response.profile)
+        return response
+
+    @rpc
+    async def BatchGet(self, request: pb.BatchGetRequest, context: Any) -> pb.BatchGetResponse:
+        if len(request.keys) > MAX_BATCH_KEYS:
+            raise InvalidArgument(f"keys: at most {MAX_BATCH_KEYS} keys in one call")
+        response = pb.BatchGetResponse()
+        attributes = list(request.attributes)
+        for i, key in enumerate(request.keys):
+            result = response.results.add()
+            dense = self._find(key, f"keys[{i}]")
+            if dense is not None:
+                result.found = True
+                self._profile(dense, attributes, request.packed, result.profile)
+        return response
+
+    @rpc
+    async def Upsert(self, request: pb.UpsertRequest, context: Any) -> pb.UpsertResponse:
+        self._writable()
+        change = self.engine.plan_upsert(_spec(request))
+        pid, created = await self.shard.commit(change)
+        dense = self.engine.dense_of[pid]
+        version = decode(self.engine.blobs[dense])[0]  # type: ignore[arg-type]
+        return pb.UpsertResponse(id=pid, version=version, created=created)
+
+    @rpc
+    async def BatchUpsert(self, request: pb.BatchUpsertRequest, context: Any
+                          ) -> pb.BatchUpsertResponse:
+        self._writable()
+        specs = [_spec(r, f"requests[{i}].") for i, r in enumerate(request.requests)]
+        if request.packed:
+            specs.extend(unpack_records(request.packed))
+        change = self.engine.plan_batch(specs)
+        results = await self.shard.commit(change)
+        return pb.BatchUpsertResponse(applied=len(results),
+                                      created=sum(1 for _, c in results if c))
+
+    @rpc
+    async def Delete(self, request: pb.DeleteRequest, context: Any) -> pb.DeleteResponse:
+        self._writable()
+        pid, identifier = _key(request.key)
+        if pid is not None:
+            self.engine.check_slot(pid)
+        change = self.engine.plan_delete(pid, identifier)
+        owner = await self.shard.commit(change)
+        return pb.DeleteResponse(deleted=owner is not None, id=owner or "")
+
+    @rpc
+    async def Link(self, request: pb.LinkRequest, context: Any) -> pb.LinkResponse:
+        self._writable()
+        change = self.engine.plan_link(
+            request.id, [(i.kind, i.value) for i in request.identifiers], request.create
+        )
+        pid, merged = await self.shard.commit(change)
+        version = decode(self.engine.blobs[self.engine.dense_of[pid]])[0]  # type: ignore[arg-type]
+        return pb.LinkResponse(id=pid, version=version, merged_ids=merged)
+
+    @rpc
+    async def Track(self, request: pb.TrackRequest, context: Any) -> pb.TrackResponse:
+        self._writable()
+        if request.HasField("at"):
+            at = request.at.seconds * 1_000_000 + request.at.nanos // 1000
+        else:
+            at = pbvalues.datetime_to_micros(datetime.now(UTC))
+        change = self.engine.plan_track(request.id, request.event, at, request.count or 1)
+        version = await self.shard.commit(change)
+        return pb.TrackResponse(version=version)
+
+    def _writable(self) -> None:
+        error = self.shard.writable_error
+        if error:
+            raise Unavailable(error)
+
+    # ------------------------------------------------------------------ schema
+    @rpc
+    async def DeclareAttributes(self, request: pb.DeclareAttributesRequest, context: Any
+                                ) -> pb.SchemaResponse:
+        self._writable()
+        specs = []
+        for i, a in enumerate(request.attributes):
+            if a.kind == pb.KIND_UNSPECIFIED:
+                raise InvalidArgument(f"attributes[{i}]: kind is not set")
+            specs.append((a.name, Kind(a.kind), not a.not_indexed, Merge(int(a.merge))))
+        await self.shard.commit(self.engine.plan_declare(specs))
+        return self._schema()
+
+    @rpc
+    async def GetSchema(self, request: pb.GetSchemaRequest, context: Any) -> pb.SchemaResponse:
+        return self._schema()
+
+    def _schema(self) -> pb.SchemaResponse:
+        return pb.SchemaResponse(attributes=[
+            pb.AttributeSpec(name=s.name, kind=int(s.kind), not_indexed=not s.indexed,
+                             merge=int(s.merge))
+            for s in self.engine.schema.by_id
+        ])
+
+    # ------------------------------------------------------------------ queries
+    def _matches(self, request: pb.QueryRequest) -> BitMap:
+        return evaluate(self.engine, query_from_request(request))
+
+    @rpc
+    async def Count(self, request: pb.QueryRequest, context: Any) -> pb.CountResponse:
+        return pb.CountResponse(count=len(self._matches(request)))
+
+    def _page(self, matches: BitMap, cursor: str, size: int) -> tuple[list[str], str]:
+        start = 0
+        if cursor:
+            try:
+                after = int(cursor, 16)
+            except ValueError:
+                raise InvalidArgument(f"cursor: {cursor!r} is not a cursor this shard issued"
+                                      ) from None
+            start = matches.rank(after) if after >= 0 else 0
+        page = matches[start:start + size]
+        ids = self.engine.ids_of(page)
+        more = start + size < len(matches)
+        return ids, (format(page[-1], "x") if more and len(page) else "")
+
+    @staticmethod
+    def _page_size(size: int) -> int:
+        if size > MAX_PAGE:
+            raise InvalidArgument(f"page_size: at most {MAX_PAGE}, got {size}")
+        return size or DEFAULT_PAGE
+
+    @rpc
+    async def QueryIds(self, request: pb.QueryIdsRequest, context: Any) -> pb.QueryIdsResponse:
+        size = self._page_size(request.page_size)
+        ids, cursor = self._page(self._matches(request.query), request.cursor, size)
+        return pb.QueryIdsResponse(ids=ids, next_cursor=cursor)
+
+    async def StreamIds(self, request: pb.QueryIdsRequest, context: grpc.aio.ServicerContext
+                        ) -> AsyncIterator[pb.QueryIdsResponse]:
+        try:
+            size = self._page_size(request.page_size)
+            matches = self._matches(request.query)
+            cursor = request.cursor
+            while True:
+                ids, cursor = self._page(matches, cursor, size)
+                yield pb.QueryIdsResponse(ids=ids, next_cursor=cursor)
+                if not cursor:
+                    return
+        except (MemstoreError, QueryError) as exc:
+            await _abort(context, exc)
+
+    @rpc
+    async def GroupBy(self, request: pb.GroupByRequest, context: Any) -> pb.GroupByResponse:
+        matches = self._matches(request.query)
+        groups = group_counts(self.engine, matches, request.attribute)
+        groups.sort(key=lambda g: (-g[1], str(g[0])))
+        if request.top_n:
+            groups = groups[: request.top_n]
+        response = pb.GroupByResponse(total=len(matches))
+        for value, count in groups:
+            response.groups.add(value=pbvalues.to_pb(value), count=count)
+        return response
+
+    @rpc
+    async def QueryBitmap(self, request: pb.QueryRequest, context: Any) -> pb.BitmapResponse:
+        matches = self._matches(request)
+        return pb.BitmapResponse(bitmaps=[pb.ShardBitmap(shard=self.shard.config.name,
+                                                         bitmap=matches.serialize())])
+
+    # ------------------------------------------------------------------ operations
+    @rpc
+    async def Snapshot(self, request: pb.SnapshotRequest, context: Any) -> pb.SnapshotResponse:
+        info = await self.shard.snapshot()
+        return pb.SnapshotResponse(path=info["path"], log_position=info["lsn"],
+                                   profiles=info["profiles"])
+
+    @rpc
+    async def Stats(self, request: pb.StatsRequest, context: Any) -> pb.StatsResponse:
+        engine = self.engine
+        info = {"epoch": str(engine.epoch), "sync": str(self.shard.config.sync)}
+        info.update({f"recovery.{k}": str(v) for k, v in self.shard.recovery.items()})
+        if self.shard.log is not None:
+            info["log.failed"] = str(self.shard.log.failed)
+        return pb.StatsResponse(
+            profiles=len(engine.live), identifiers=len(engine.directory),
+            attributes=len(engine.schema), shard=self.shard.config.name,
+            log_bytes=self.shard.log.size_bytes if self.shard.log else 0, info=info,
+        )
+
+
+def _describe(key: pb.ProfileKey) -> str:
+    if key.WhichOneof("key") == "identifier":
+        return f"with identifier {key.identifier.kind}:{key.identifier.value!r}"
+    return repr(key.id)
+
+
+class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
+    """Slot ownership and slot moves. Exported profiles are portable: attribute names and
+    kinds travel with them, because attribute ids are local to each shard."""
+
+    def __init__(self, shard: Shard, address: str) -> None:
+        self.shard = shard
+        self.engine = shard.engine
+        self.address = address
+
+    def _info(self) -> cpb.ShardInfo:
+        engine = self.engine
+        return cpb.ShardInfo(name=self.shard.config.name, address=self.address,
+                             epoch=engine.epoch, slots=_ranges(engine.owned_slots),
+                             profiles=len(engine.live) - len(engine.foreign),
+                             healthy=not (self.shard.log and self.shard.log.failed))
+
+    @rpc
+    async def GetShardInfo(self, request: cpb.ShardInfoRequest, context: Any) -> cpb.ShardInfo:
+        return self._info()
+
+    @rpc
+    async def SetSlots(self, request: cpb.SetSlotsRequest, context: Any) -> cpb.ShardInfo:
+        if request.epoch <= self.engine.epoch:
+            raise FailedPrecondition(
+                f"epoch {request.epoch} is not newer than this shard's epoch {self.engine.epoch}"
+            )
+        await self.shard.set_ownership(request.epoch, _slots_of(request.slots))
+        return self._info()
+
+    async def ExportSlots(self, request: cpb.ExportRequest, context: grpc.aio.ServicerContext
+                          ) -> AsyncIterator[cpb.ExportChunk]:
+        try:
+            slots = _slots_of(request.slots)
+        except InvalidArgument as exc:
+            await _abort(context, exc)
+            return
+        engine = self.engine
+        members = engine.members_of_slots(slots)
+        schema = [[s.name, int(s.kind), s.indexed, int(s.merge)] for s in engine.schema.by_id]
+        lsn = self.shard.log.end_lsn if self.shard.log else 0
+        batch: list[list[Any]] = []
+        ids = list(members)
+        for n, dense in enumerate(ids, 1):
+            blob = engine.blobs[dense]
+            if blob is not None:
+                version, attrs, idents, merged = decode(blob)
+                named = {engine.schema.by_id[a].name: v for a, v in attrs.items()}
+                batch.append([engine.pids[dense], version, named, idents, merged])
+            if len(batch) >= 1000 or n == len(ids):
+                yield cpb.ExportChunk(packed=msgpack.packb({"schema": schema, "profiles": batch},
+                                                           use_bin_type=True), lsn=lsn)
+                batch = []
+                await asyncio.sleep(0)
+        if not ids:
+            yield cpb.ExportChunk(packed=msgpack.packb({"schema": schema, "profiles": []}),
+                                  lsn=lsn)
+
+    @rpc
+    async def ImportProfiles(self, request: cpb.ImportRequest, context: Any
+                             ) -> cpb.ImportResponse:
+        chunk = msgpack.unpackb(request.packed, strict_map_key=False, use_list=True)
+        engine = self.engine
+        change = Change()
+        pending = {}
+        kinds = {name: (Kind(k), idx, Merge(m)) for name, k, idx, m in chunk["schema"]}
+        next_id = len(engine.schema.by_id)
+        from memstore.schema import AttributeSpec
+
+        def aid_of(name: str) -> int:
+            nonlocal next_id
+            spec = engine.schema.get(name) or pending.get(name)
+            if spec is None:
+                kind, indexed, merge = kinds[name]
+                spec = AttributeSpec(next_id, name, kind, indexed, merge)
+                next_id += 1
+                pending[name] = spec
+                change.schema.append(spec)
+            elif spec.kind != kinds[name][0]:
+                raise FailedPrecondition(f"attribute {name!r} has kind {spec.kind.label} here "
+                                         f"but {kinds[name][0].label} on the source shard")
+            return spec.id
+
+        next_dense = len(engine.blobs)
+        for pid, version, named, idents, merged in chunk["profiles"]:
+            attrs = {aid_of(name): value for name, value in named.items()}
+            dense = engine.dense_of.get(pid)
+            if dense is None:
+                dense, next_dense = next_dense, next_dense + 1
+            change.images.append(Image(dense, pid, encode(version, attrs, idents, merged)))
+        await self.shard.commit(change)
+        return cpb.ImportResponse(applied=len(change.images))
+
+    @rpc
+    async def DropSlots(self, request: cpb.DropSlotsRequest, context: Any
+                        ) -> cpb.DropSlotsResponse:
+        slots = _slots_of(request.slots)
+        owned = self.engine.owned_slots
+        if owned is None or owned.intersection_cardinality(slots):
+            raise FailedPrecondition("cannot drop slots this shard still owns; "
+                                     "move their ownership first (SetSlots)")
+        members = self.engine.members_of_slots(slots)
+        change = Change(images=[Image(d, self.engine.pids[d] or "", None) for d in members])
+        await self.shard.commit(change)
+        return cpb.DropSlotsResponse(dropped=len(change.images))
+
+
+# ---------------------------------------------------------------------- serving
+
+def make_server(shard: Shard, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options)
+    memstore_pb2_grpc.add_MemstoreServicer_to_server(MemstoreService(shard), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (
+        pb.DESCRIPTOR.services_by_name["Memstore"].full_name,
+        cpb.DESCRIPTOR.services_by_name["ShardControl"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    cluster_pb2_grpc.add_ShardControlServicer_to_server(
+        ShardControlService(shard, f"{host}:{bound}"), server)
+    server._memstore_health = health_servicer  # type: ignore[attr-defined]
+    return server, bound
+
+
+async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
+                slots: BitMap | None = None, ready: Callable[[int], None] | None = None) -> None:
+    """Run one shard until SIGTERM/SIGINT, then drain in-flight calls and close the log."""
+    shard = await Shard.open(config)
+    if slots is not None and shard.engine.epoch == 0 and shard.engine.owned_slots is None:
+        await shard.set_ownership(1, slots)
+    server, bound = make_server(shard, host, port)
+    await server.start()
+    health_servicer = server._memstore_health  # type: ignore[attr-defined]
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("memstore.v1.Memstore", health_pb2.HealthCheckResponse.SERVING)
+    shard.start_background()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"listening on {host}:{bound}", file=sys.stderr, flush=True)
+    if ready is not None:
+        ready(bound)
+    await stop.wait()
+    log.info("shutting down")
+    await health_servicer.enter_graceful_shutdown()
+    started = time.monotonic()
+    await server.stop(grace=5.0)
+    await shard.close()
+    log.info("stopped in %.2fs", time.monotonic() - started)

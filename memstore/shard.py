@@ -1,0 +1,338 @@
+"""One durable shard: the engine plus its log and snapshots.
+
+Every change goes one way: plan (engine) -> append to the log -> apply to memory -> wait
+for the sync policy -> answer. Plan, append and apply run with no await in between, so
+changes reach the log in the order they reach memory and replay rebuilds the same state,
+dense ids included (log records carry them).
+
+Group commit: while one fsync runs in a worker thread, later changes append and apply and
+then wait for the next fsync, so one fsync covers every write in flight. A change is
+visible to readers from the moment it is applied; it is acknowledged only once durable.
+If the log fails (fsync error, full disk), every change not yet durable is rolled back
+from its before-images in reverse order, the caller gets UNAVAILABLE, and the shard stays
+read-only until restart: after a failed fsync the kernel's page cache can no longer be
+trusted, so we never retry it (PostgreSQL's "fsyncgate").
+
+Snapshots are point-in-time: at log position L the shard copies its blob and id lists
+(cheap: the blobs are immutable bytes) and its bitmap indexes, then writes them out in
+slices between requests. Start-up loads the newest good snapshot and replays the log
+from L. After a snapshot the log rotates, and segments and older snapshots it covers are
+deleted, so erased data does not linger on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from pyroaring import BitMap
+
+from memstore import wal_format
+from memstore.bitmap_index import RangeIndex, ValueIndex
+from memstore.engine import Change, Engine, IdentityRules, Image, decode, ident_key
+from memstore.errors import Unavailable
+from memstore.hashslot import slot_of
+from memstore.schema import AttributeSpec, Schema
+from memstore.snapshot_file import SnapshotWriter, load_newest, prune
+from memstore.wal_reader import read_log, truncate_torn_tail
+from memstore.wal_writer import LogFailedError, LogWriteError, LogWriter, SyncPolicy
+
+log = logging.getLogger("memstore.shard")
+
+SNAPSHOT_CHUNK = 2000  # profiles per snapshot section: small enough to keep slices short
+
+
+@dataclass
+class ShardConfig:
+    """Settings of one shard. See README "Configuration" for the trade-offs."""
+
+    data_dir: Path | None = None  # None: memory only, nothing persisted (tests, benchmarks)
+    name: str = "shard-0"
+    sync: SyncPolicy = SyncPolicy.ALWAYS
+    segment_bytes: int = 64 << 20
+    snapshot_log_bytes: int = 512 << 20  # snapshot when the log grows past this ...
+    snapshot_interval: float = 3600.0  # ... or this many seconds after the last one
+    rules: IdentityRules = field(default_factory=IdentityRules)
+
+
+class Shard:
+    def __init__(self, config: ShardConfig, engine: Engine, writer: LogWriter | None) -> None:
+        self.config = config
+        self.engine = engine
+        self.log = writer
+        self._pending: list[tuple[int, list[Image]]] = []
+        self._snapshot_lock = asyncio.Lock()
+        self._last_snapshot = time.monotonic()
+        self._log_bytes_at_snapshot = writer.size_bytes if writer else 0
+        self._auto_task: asyncio.Task[None] | None = None
+        self.recovery: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ life cycle
+    @classmethod
+    async def open(cls, config: ShardConfig) -> Shard:
+        engine = Engine(config.rules)
+        if config.data_dir is None:
+            return cls(config, engine, None)
+        started = time.monotonic()
+        data = Path(config.data_dir)
+        data.mkdir(parents=True, exist_ok=True)
+        snap_dir, log_dir = data / "snapshots", data / "log"
+        info: dict[str, Any] = {"snapshot": None, "replayed": 0, "torn_bytes": 0}
+        start_lsn = 0
+        reader = load_newest(snap_dir)
+        if reader is not None:
+            load_snapshot(engine, reader.sections())
+            start_lsn = reader.lsn
+            info["snapshot"] = str(reader.path)
+        scan = read_log(log_dir, start_lsn)
+        for record in scan:
+            replay(engine, record.rtype, record.payload)
+            info["replayed"] += 1
+        if scan.torn is not None:
+            info["torn_bytes"] = scan.torn.byte_count
+            log.warning("log: cut a torn record at the end of %s offset %d (%d bytes)",
+                        scan.torn.path, scan.torn.offset, scan.torn.byte_count)
+            truncate_torn_tail(scan)
+        writer = LogWriter.open(log_dir, sync=config.sync, segment_bytes=config.segment_bytes)
+        info["seconds"] = round(time.monotonic() - started, 3)
+        info["profiles"] = len(engine)
+        log.info("recovered %s", info)
+        shard = cls(config, engine, writer)
+        shard.recovery = info
+        return shard
+
+    def start_background(self) -> None:
+        if self.log is not None and self._auto_task is None:
+            self._auto_task = asyncio.get_running_loop().create_task(self._auto_snapshot())
+
+    async def close(self) -> None:
+        if self._auto_task is not None:
+            self._auto_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._auto_task
+        if self.log is not None:
+            await self.log.close()
+
+    @property
+    def writable_error(self) -> str | None:
+        if self.log is not None and self.log.failed:
+            return f"the log failed ({self.log.failure}); this shard is read-only until restart"
+        return None
+
+    # ------------------------------------------------------------------ writing
+    async def commit(self, change: Change) -> Any:
+        """Log, apply and (per sync policy) persist `change`; returns change.result."""
+        if change.empty:
+            return change.result
+        if self.log is None:
+            self.engine.apply(change)
+            return change.result
+        if self.log.failed:
+            raise Unavailable(self.writable_error or "log failed")
+        try:
+            if change.schema:
+                self.log.append(wal_format.RECORD_SCHEMA, encode_schema(change.schema))
+            lsn = self.log.append(wal_format.RECORD_PROFILES, encode_images(change.images))
+        except (LogWriteError, LogFailedError, OSError) as exc:
+            raise Unavailable(f"write not persisted: {exc}") from None
+        before = self.engine.apply(change)
+        self._pending.append((lsn, before))
+        try:
+            await self.log.sync_to(lsn)
+        except (LogFailedError, OSError) as exc:
+            self._rollback()
+            raise Unavailable(f"write not persisted: {exc}") from None
+        durable = self.log.durable_lsn
+        while self._pending and self._pending[0][0] <= durable:
+            self._pending.pop(0)
+        if self.config.sync is not SyncPolicy.ALWAYS:
+            self._pending.clear()
+        return change.result
+
+    def _rollback(self) -> None:
+        """Undo every applied change that is not durable, newest first."""
+        while self._pending:
+            _, before = self._pending.pop()
+            self.engine.apply_images(before)
+
+    async def set_ownership(self, epoch: int, slots: BitMap | None) -> None:
+        if self.log is not None:
+            if self.log.failed:
+                raise Unavailable(self.writable_error or "log failed")
+            lsn = self.log.append(wal_format.RECORD_SHARD_META, encode_meta(epoch, slots))
+            await self.log.sync_to(lsn)
+        self.engine.set_ownership(epoch, slots)
+
+    # ------------------------------------------------------------------ snapshots
+    async def snapshot(self) -> dict[str, Any]:
+        if self.log is None:
+            raise Unavailable("this shard has no data directory; nothing to snapshot")
+        if self.log.failed:
+            raise Unavailable(self.writable_error or "log failed")
+        async with self._snapshot_lock:
+            return await self._write_snapshot()
+
+    async def _write_snapshot(self) -> dict[str, Any]:
+        assert self.log is not None and self.config.data_dir is not None
+        engine = self.engine
+        # Point in time: everything applied so far, at log position `lsn`. Waiting for
+        # durability first means the snapshot never holds a change the log could lose.
+        lsn = self.log.end_lsn
+        await self.log.sync_to(lsn)
+        if self.log.end_lsn != lsn:  # writes arrived while we waited; take the newer point
+            lsn = self.log.end_lsn
+            await self.log.sync_to(lsn)
+        started = time.monotonic()
+        pids = engine.pids.copy()
+        blobs = engine.blobs.copy()
+        schema_state = engine.schema.to_state()
+        value_index = {aid: idx.copy() for aid, idx in engine.value_index.items()}
+        range_index = {aid: idx.copy() for aid, idx in engine.range_index.items()}
+        exists = {aid: BitMap(bm) for aid, bm in engine.exists.items()}
+        owned = None if engine.owned_slots is None else BitMap(engine.owned_slots)
+        epoch = engine.epoch
+        pause = time.monotonic() - started
+        self.log.rotate()
+        snap_dir = Path(self.config.data_dir) / "snapshots"
+        writer = SnapshotWriter.create(snap_dir, lsn)
+        try:
+            meta = {"version": 1, "shard": self.config.name, "next_dense": len(pids),
+                    "schema": schema_state, "epoch": epoch,
+                    "owned": None if owned is None else owned.serialize()}
+            await asyncio.to_thread(writer.write, "meta", msgpack.packb(meta))
+            count = 0
+            for start in range(0, len(pids), SNAPSHOT_CHUNK):
+                rows = [[d, pids[d], blobs[d]] for d in range(start, min(len(pids),
+                                                                         start + SNAPSHOT_CHUNK))
+                        if blobs[d] is not None]
+                count += len(rows)
+                payload = msgpack.packb(rows, use_bin_type=True)
+                await asyncio.to_thread(writer.write, "profiles", payload)
+            for aid, vidx in value_index.items():
+                state = {"aid": aid, "kind": "value", "index": vidx.to_state(),
+                         "exists": exists[aid].serialize()}
+                await asyncio.to_thread(writer.write, "index", msgpack.packb(state))
+            for aid, ridx in range_index.items():
+                state = {"aid": aid, "kind": "range", "index": ridx.to_state()}
+                await asyncio.to_thread(writer.write, "index", msgpack.packb(state))
+            path = await asyncio.to_thread(writer.commit)
+        except BaseException:
+            writer.abort()
+            raise
+        self.log.remove_segments_before(lsn)
+        prune(snap_dir, keep=1)
+        self._last_snapshot = time.monotonic()
+        self._log_bytes_at_snapshot = self.log.size_bytes
+        seconds = time.monotonic() - started
+        log.info("snapshot %s: %d profiles at lsn %d in %.2fs (pause %.1f ms)",
+                 path, count, lsn, seconds, pause * 1000)
+        return {"path": str(path), "lsn": lsn, "profiles": count, "seconds": seconds,
+                "pause_ms": pause * 1000}
+
+    async def _auto_snapshot(self) -> None:
+        assert self.log is not None
+        while True:
+            await asyncio.sleep(1.0)
+            grown = self.log.size_bytes - self._log_bytes_at_snapshot
+            due = time.monotonic() - self._last_snapshot >= self.config.snapshot_interval
+            if self.log.failed or (grown < self.config.snapshot_log_bytes and
+                                   not (due and grown > 0)):
+                continue
+            try:
+                await self.snapshot()
+            except Exception:  # keep serving; the next round tries again
+                log.exception("automatic snapshot failed")
+
+
+# ---------------------------------------------------------------------- record payloads
+
+def encode_images(images: Iterable[Image]) -> bytes:
+    return msgpack.packb([[i.dense, i.pid, i.blob] for i in images], use_bin_type=True)
+
+
+def decode_images(payload: bytes) -> list[Image]:
+    return [Image(d, p, b) for d, p, b in msgpack.unpackb(payload, use_list=False)]
+
+
+def encode_schema(specs: Iterable[AttributeSpec]) -> bytes:
+    return msgpack.packb([s.to_state() for s in specs])
+
+
+def encode_meta(epoch: int, slots: BitMap | None) -> bytes:
+    return msgpack.packb([epoch, None if slots is None else slots.serialize()])
+
+
+def replay(engine: Engine, rtype: int, payload: bytes) -> None:
+    """Apply one logged record; idempotent, so replaying over a snapshot is safe."""
+    if rtype == wal_format.RECORD_PROFILES:
+        engine.apply_images(decode_images(payload))
+    elif rtype == wal_format.RECORD_SCHEMA:
+        for state in msgpack.unpackb(payload):
+            spec = AttributeSpec.from_state(state)
+            if spec.id == len(engine.schema.by_id):
+                engine.add_attribute(spec)
+    elif rtype == wal_format.RECORD_SHARD_META:
+        epoch, slots = msgpack.unpackb(payload)
+        engine.set_ownership(epoch, None if slots is None else BitMap.deserialize(slots))
+    else:
+        raise ValueError(f"unknown log record type {rtype}")
+
+
+def load_snapshot(engine: Engine, sections: Iterable[tuple[str, bytes]]) -> None:
+    """Fill an empty engine from snapshot sections (see snapshot writer above)."""
+    owned: BitMap | None = None
+    epoch = 0
+    for name, payload in sections:
+        if name == "meta":
+            meta = msgpack.unpackb(payload)
+            engine.schema = Schema.from_state(meta["schema"])
+            next_dense = meta["next_dense"]
+            engine.pids = [None] * next_dense
+            engine.blobs = [None] * next_dense
+            epoch = meta["epoch"]
+            owned = None if meta["owned"] is None else BitMap.deserialize(meta["owned"])
+        elif name == "profiles":
+            _load_profiles(engine, msgpack.unpackb(payload, use_list=False))
+        elif name == "index":
+            state = msgpack.unpackb(payload, strict_map_key=False)
+            aid = state["aid"]
+            if state["kind"] == "value":
+                engine.value_index[aid] = ValueIndex.from_state(state["index"])
+                engine.exists[aid] = BitMap.deserialize(state["exists"])
+            else:
+                engine.range_index[aid] = RangeIndex.from_state(state["index"])
+        else:
+            raise ValueError(f"unknown snapshot section {name!r}")
+    for spec in engine.schema.by_id:  # attributes declared but never indexed yet
+        if spec.indexed:
+            if spec.kind.name in ("INT", "FLOAT", "TIMESTAMP"):
+                engine.range_index.setdefault(spec.id, RangeIndex())
+            else:
+                engine.value_index.setdefault(spec.id, ValueIndex())
+                engine.exists.setdefault(spec.id, BitMap())
+    engine.set_ownership(epoch, owned)
+
+
+def _load_profiles(engine: Engine, rows: Iterable[tuple[int, str, bytes]]) -> None:
+    pids, blobs, dense_of = engine.pids, engine.blobs, engine.dense_of
+    directory, aliases, members = engine.directory, engine.aliases, engine.slot_members
+    live: list[int] = []
+    for dense, pid, blob in rows:
+        pids[dense] = pid
+        blobs[dense] = blob
+        dense_of[pid] = dense
+        live.append(dense)
+        members[slot_of(pid)].add(dense)
+        _, _, idents, merged = decode(blob)
+        for kind, value in idents:
+            directory[ident_key(kind, value)] = dense
+        for m in merged:
+            aliases[m] = pid
+    engine.live.update(live)

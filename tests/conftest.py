@@ -1,0 +1,76 @@
+"""Shared fixtures: real shard processes on loopback, started through the CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen[bytes]
+    address: str
+    data_dir: Path | None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+
+def start_shard(data_dir: Path | None, *extra: str, timeout: float = 30.0) -> ServerProcess:
+    """Start `memstore serve-shard` on port 0 and wait for its "listening on" line."""
+    args = [sys.executable, "-m", "memstore.cli", "serve-shard", "--port", "0", *extra]
+    args += ["--data-dir", str(data_dir)] if data_dir is not None else ["--in-memory"]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stderr is not None
+    deadline = time.monotonic() + timeout
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline().decode()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("listening on "):
+            address = line.split()[-1]
+            _drain(proc)
+            return ServerProcess(proc, address, data_dir)
+    proc.kill()
+    raise RuntimeError("shard did not start:\n" + "".join(lines))
+
+
+def _drain(proc: subprocess.Popen[bytes]) -> None:
+    """Keep reading stderr so a chatty server never blocks on a full pipe."""
+    import threading
+
+    def pump() -> None:
+        assert proc.stderr is not None
+        for _ in proc.stderr:
+            pass
+
+    threading.Thread(target=pump, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def shard() -> Iterator[ServerProcess]:
+    server = start_shard(None)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def durable_shard(tmp_path: Path) -> Iterator[ServerProcess]:
+    server = start_shard(tmp_path / "data")
+    yield server
+    server.stop()

@@ -1,0 +1,79 @@
+"""The `memstore` command through its installed entry point, against a real shard."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, ServerProcess
+
+
+def memstore(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("memstore") or str(Path(sys.executable).parent / "memstore")
+    result = subprocess.run([exe, *args], capture_output=True, text=True, timeout=120,
+                            check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"memstore {' '.join(args)} failed:\n{result.stderr}")
+    return result
+
+
+def test_load_get_query_count(shard: ServerProcess, tmp_path: Path) -> None:
+    address = ["--address", shard.address]
+    memstore("declare", "cli.signup", "timestamp", *address)
+    memstore("declare", "cli.email", "string", "--not-indexed", *address)
+    lines = [
+        {"id": f"cli-{i}", "attributes": {"cli": {"n": i, "city": ["Oslo", "Rome"][i % 2],
+                                                   "signup": f"2024-01-{i + 1:02d}T00:00:00Z",
+                                                   "email": f"p{i}@x.io"}},
+         "identifiers": [{"kind": "email", "value": f"p{i}@x.io"}]}
+        for i in range(25)
+    ]
+    data = tmp_path / "profiles.jsonl"
+    data.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    out = memstore("load", str(data), *address)
+    assert "loaded 25 profiles" in out.stdout
+    profile = json.loads(memstore("get", "cli-3", *address).stdout)
+    assert profile["attributes"]["cli.city"] == "Rome"
+    assert profile["attributes"]["cli.signup"] == "2024-01-04T00:00:00Z"
+    by_email = json.loads(memstore("get", "--identifier", "email", "p3@x.io", *address).stdout)
+    assert by_email["id"] == "cli-3"
+    query = 'cli.city = "Oslo" AND cli.signup >= "2024-01-10"'
+    ids = memstore("query", query, *address).stdout.split()
+    assert sorted(ids) == sorted(f"cli-{i}" for i in range(25) if i % 2 == 0 and i >= 9)
+    assert memstore("query", "--count", query, *address).stdout.strip() == str(len(ids))
+
+
+def test_errors_exit_nonzero_with_the_servers_message(shard: ServerProcess) -> None:
+    result = memstore("query", "--count", "cli.n >", "--address", shard.address, check=False)
+    assert result.returncode == 1
+    assert "INVALID_ARGUMENT" in result.stderr and "column" in result.stderr
+    missing = memstore("get", "no-such-profile", "--address", shard.address, check=False)
+    assert missing.returncode == 1 and "not found" in missing.stderr
+
+
+def test_bad_input_file_names_the_line(shard: ServerProcess, tmp_path: Path) -> None:
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"id": "ok", "attributes": {}}\n{not json\n')
+    result = memstore("load", str(data), "--address", shard.address, check=False)
+    assert result.returncode == 1 and "bad.jsonl:2" in result.stderr
+
+
+def test_every_command_is_documented_in_the_readme() -> None:
+    """sqlite-utils style: a CLI command the README does not mention fails the build."""
+    readme = (ROOT / "README.md").read_text()
+    help_text = memstore("--help").stdout
+    commands = re.findall(r"^  ([a-z][a-z-]+)\s", help_text, flags=re.MULTILINE)
+    assert len(commands) >= 8
+    missing = [c for c in commands if f"memstore {c}" not in readme]
+    assert not missing, f"commands missing from README.md: {missing}"
+
+
+@pytest.mark.parametrize("command", ["serve-shard", "load", "get", "query", "check", "repair"])
+def test_help_for_every_command(command: str) -> None:
+    assert "Usage:" in memstore(command, "--help").stdout

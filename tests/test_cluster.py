@@ -1,0 +1,280 @@
+"""The cluster as operators run it: `memstore serve`, and add-shard under load."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from memstore.v1 import cluster_pb2 as cpb
+from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
+from memstore.v1 import memstore_pb2 as pb
+from shards.slots import SLOT_COUNT, from_ranges, slot_of
+from tests.conftest import ROOT, start_shard
+from tests.test_router import RouterThread, everything, start_shards, upsert
+
+
+def _stub(address: str) -> memstore_pb2_grpc.MemstoreStub:
+    return memstore_pb2_grpc.MemstoreStub(grpc.insecure_channel(address))
+
+
+def _info(address: str) -> cpb.ShardInfo:
+    with grpc.insecure_channel(address) as ch:
+        return cluster_pb2_grpc.ShardControlStub(ch).GetShardInfo(cpb.ShardInfoRequest(),
+                                                                  timeout=5)
+
+
+def test_serve_restarts_a_killed_shard_and_stops_cleanly(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memstore.cli", "serve", "--shards", "2", "--port", "0",
+         "--data-dir", str(data), "--sync", "off", "--stop-timeout", "10"],
+        cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stderr is not None
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def pump() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if "restarted" in line:
+                seen.set()
+
+    address = ""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        assert line, "serve exited:\n" + "".join(lines)
+        lines.append(line)
+        if line.startswith("listening on "):
+            address = line.split()[-1]
+            break
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        assert address
+        pids = {m.group(1): int(m.group(2)) for line in lines
+                if (m := re.search(r"(shard-\d) \(pid (\d+)\) serving", line))}
+        assert set(pids) == {"shard-0", "shard-1"}
+        state = json.loads((data / "cluster.json").read_text())
+        assert [s["name"] for s in state["shards"]] == ["shard-0", "shard-1"]
+        stub = _stub(address)
+        ids = [f"s-{i}" for i in range(200)]
+        stub.BatchUpsert(pb.BatchUpsertRequest(requests=[upsert(p, "Oslo", 1) for p in ids]),
+                         timeout=10)
+        assert stub.Count(everything(), timeout=10).count == 200
+
+        os.kill(pids["shard-1"], signal.SIGKILL)
+        assert seen.wait(30), "supervisor did not restart the shard:\n" + "".join(lines)
+        deadline = time.monotonic() + 30
+        while True:  # the router finds the restarted shard on the same port
+            try:
+                assert stub.Count(everything(), timeout=10).count == 200
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert any("exited with status" in line for line in lines)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    assert code == 0, "".join(lines)
+    for pid in pids.values():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        # a zombie is gone for practical purposes; a live shard is not
+        assert Path(f"/proc/{pid}/status").read_text().find("State:\tZ") >= 0
+
+
+class Load:
+    """A steady stream of writes and exact-count checks through the router."""
+
+    def __init__(self, address: str, preloaded: dict[str, int]) -> None:
+        self.stub = _stub(address)
+        self.acked: dict[str, int] = dict(preloaded)  # id -> last acknowledged "n"
+        self.started = len(preloaded)  # profiles whose creation has been sent
+        self.errors: list[str] = []
+        self.counts = 0
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+
+    def writer(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            if n % 3:
+                pid = f"live-{n}"
+                with self.lock:
+                    self.started += 1
+            else:
+                pid = f"pre-{n % 500}"  # updates of existing profiles
+            request = pb.UpsertRequest(id=pid, operations=[pb.Operation(
+                op=pb.Operation.SET, attribute="n", value=pb.Value(int_value=n))])
+            try:
+                self.stub.Upsert(request, timeout=30)
+            except grpc.RpcError as exc:
+                self.errors.append(f"upsert {pid}: {exc.code()} {exc.details()}")
+                continue
+            with self.lock:
+                self.acked[pid] = n
+
+    def reader(self) -> None:
+        while not self.stop.is_set():
+            with self.lock:
+                low = len(self.acked)
+            began = time.monotonic()
+            try:
+                count = self.stub.Count(everything(), timeout=30).count
+            except grpc.RpcError as exc:
+                self.errors.append(f"count: {exc.code()} {exc.details()} after "
+                                   f"{time.monotonic() - began:.1f} s")
+                continue
+            with self.lock:
+                high = self.started
+            if not low <= count <= high:
+                self.errors.append(f"count {count} outside [{low}, {high}]")
+            self.counts += 1
+
+
+def _under_load(address: str, acked: dict[str, int], *command: str) -> Load:
+    """Run a cluster command while a writer and two exact-count readers run."""
+    load = Load(address, acked)
+    threads = [threading.Thread(target=load.writer), threading.Thread(target=load.reader),
+               threading.Thread(target=load.reader)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    result = subprocess.run(
+        [sys.executable, "-m", "memstore.cli", "cluster", *command, "--address", address,
+         "--batch-slots", "1024", "--no-progress"],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    time.sleep(0.5)
+    load.stop.set()
+    for t in threads:
+        t.join(60)
+    assert result.returncode == 0, result.stderr
+    assert load.errors == [], (command[0], load.errors[:10])
+    assert load.counts > 5
+    load.output = result.stdout  # type: ignore[attr-defined]
+    return load
+
+
+def _check_final(address: str, acked: dict[str, int], shard_addresses: list[str]) -> None:
+    stub = _stub(address)
+    infos = [_info(a) for a in shard_addresses]
+    owned = [from_ranges((r.start, r.end) for r in i.slots) for i in infos]
+    assert sum(len(o) for o in owned) == SLOT_COUNT
+    assert set().union(*owned) == set(range(SLOT_COUNT))
+    assert sum(i.profiles for i in infos) == len(acked)
+    assert stub.Count(everything(), timeout=30).count == len(acked)
+    ids = [i for m in stub.StreamIds(pb.QueryIdsRequest(query=everything()), timeout=30)
+           for i in m.ids]
+    assert len(ids) == len(set(ids)) and set(ids) == set(acked)
+    keys = [pb.ProfileKey(id=p) for p in acked]
+    results = stub.BatchGet(pb.BatchGetRequest(keys=keys), timeout=30).results
+    got = {r.profile.id: r.profile.attributes["n"].int_value for r in results if r.found}
+    assert got == acked
+
+
+def test_add_and_remove_shard_under_load_lose_nothing_and_count_exactly(tmp_path: Path
+                                                                         ) -> None:
+    shards = start_shards(tmp_path, 2)
+    new = start_shard(tmp_path / "shard-new", "--name", "shard-2", "--sync", "off")
+    router = RouterThread([s.address for s in shards])
+    try:
+        stub = _stub(router.address)
+        acked = {f"pre-{i}": 0 for i in range(500)} | {f"bulk-{i}": -1 for i in range(3000)}
+        items = list(acked.items())
+        for i in range(0, len(items), 1000):
+            stub.BatchUpsert(pb.BatchUpsertRequest(requests=[
+                pb.UpsertRequest(id=p, operations=[pb.Operation(
+                    op=pb.Operation.SET, attribute="n", value=pb.Value(int_value=n))])
+                for p, n in items[i:i + 1000]]), timeout=30)
+
+        journal = tmp_path / "journal.json"
+        load = _under_load(router.address, acked, "add-shard", new.address,
+                           "--journal", str(journal))
+        assert "added shard-2" in load.output  # type: ignore[attr-defined]
+        assert not journal.exists()
+        everyone = [*(s.address for s in shards), new.address]
+        _check_final(router.address, load.acked, everyone)
+        info = _info(new.address)
+        assert abs(sum(r.end - r.start + 1 for r in info.slots) - SLOT_COUNT // 3) <= 1
+        assert info.profiles > len(load.acked) // 4
+
+        load = _under_load(router.address, load.acked, "remove-shard", "shard-0",
+                           "--journal", str(journal))
+        assert "removed shard-0" in load.output  # type: ignore[attr-defined]
+        assert _info(shards[0].address).profiles == 0
+        assert not _info(shards[0].address).slots
+        _check_final(router.address, load.acked, everyone[1:])
+        # The router forgot shard-0: stopping it does not make queries fail.
+        shards[0].stop()
+        assert stub.Count(everything(), timeout=30).count == len(load.acked)
+    finally:
+        router.stop()
+        for s in [*shards, new]:
+            s.stop()
+
+
+def test_a_move_interrupted_after_the_freeze_is_finished_by_resume(tmp_path: Path) -> None:
+    import asyncio
+
+    from shards import rebalance as rb
+
+    shards = start_shards(tmp_path, 2)
+    router = RouterThread([s.address for s in shards])
+    try:
+        stub = _stub(router.address)
+        ids = [f"r-{i}" for i in range(1000)]
+        stub.BatchUpsert(pb.BatchUpsertRequest(requests=[upsert(p, "Oslo", 1) for p in ids]),
+                         timeout=30)
+        journal = rb.Journal(tmp_path / "journal.json")
+        moving = set(range(8192 - 300, 8192))  # the last 300 slots of shard-0 go to shard-1
+
+        async def crash_after_freeze() -> None:
+            async with rb.Cluster([s.address for s in shards]) as cluster:
+                source, target = cluster.nodes
+                await rb._copy(source, target, moving)
+                epoch = cluster.next_epoch()
+                journal.write(source, target, moving, epoch)
+                await source.stub.SetSlots(cpb.SetSlotsRequest(
+                    epoch=epoch, slots=rb._ranges_pb(source.slots - moving)))
+                # ... and the rebalancer dies here: nobody owns `moving`.
+
+        asyncio.run(crash_after_freeze())
+        # Writes to a frozen slot wait for an owner; resume gives them one.
+        frozen = next(p for p in ids if 8192 - 300 <= slot_of(p) < 8192)
+        write = threading.Thread(target=lambda: stub.Upsert(upsert(frozen, "Rome", 2),
+                                                            timeout=60))
+        write.start()
+        result = subprocess.run(
+            [sys.executable, "-m", "memstore.cli", "cluster", "resume", "--address",
+             router.address, "--journal", str(journal.path)],
+            check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert "finished the interrupted move" in result.stdout
+        write.join(60)
+        assert not journal.path.exists()  # type: ignore[union-attr]
+        owned = [from_ranges((r.start, r.end) for r in _info(s.address).slots)
+                 for s in shards]
+        assert moving <= owned[1] and not moving & owned[0]
+        assert sum(len(o) for o in owned) == SLOT_COUNT
+        assert stub.Count(everything(), timeout=30).count == len(ids)
+        got = stub.Get(pb.GetRequest(key=pb.ProfileKey(id=frozen)), timeout=10).profile
+        assert got.attributes["city"].string_value == "Rome"
+    finally:
+        router.stop()
+        for s in shards:
+            s.stop()

@@ -1,0 +1,270 @@
+"""The engine against a plain reference model (dicts and sets), driven by hypothesis.
+
+After every step the engine must answer exactly as the model: profile contents and
+versions, identifier resolution, merged-id aliases, and every segment query.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import hypothesis.strategies as st
+from hypothesis import settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from memstore.engine import (
+    ADD_TO_SET,
+    INCREMENT,
+    REMOVE_FROM_SET,
+    SET,
+    SET_ONCE,
+    UNSET,
+    Engine,
+    IdentityRules,
+    UpsertSpec,
+)
+from memstore.errors import FailedPrecondition
+from memstore.evaluate import evaluate
+from memstore.query import And, Not, Op, Or, Predicate
+from memstore.schema import Kind, Merge
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+PIDS = st.sampled_from([f"p{i}" for i in range(8)])
+COUNTRIES = st.sampled_from(["US", "CA", "DE", "FR"])
+TAGS = st.sampled_from(["a", "b", "c", "d"])
+IDENTS = st.tuples(st.sampled_from(["email", "device"]),
+                   st.sampled_from(["x", "y", "z", "w", "null"]))
+ATTR_VALUES: dict[str, Any] = {
+    "country": COUNTRIES,
+    "age": st.integers(-5, 120),
+    "score": st.floats(-1e6, 1e6, allow_nan=False),
+    "vip": st.booleans(),
+    "seen": st.integers(0, 1000).map(lambda h: T0 + timedelta(hours=h)),
+    "orders": st.integers(0, 50),
+    "tags": st.lists(TAGS, max_size=3),
+}
+MAX_PER_KIND = 2
+
+
+def _matches(op: Op, have: Any, values: tuple[Any, ...]) -> bool:
+    if op is Op.EXISTS:
+        return have is not None
+    if have is None:
+        return False
+    if op is Op.HAS:
+        return values[0] in have
+    if isinstance(have, list):
+        return any(v in have for v in values)  # IN on a list
+    v = values[0]
+    return {
+        Op.EQ: lambda: have == v, Op.NE: lambda: have != v, Op.IN: lambda: have in values,
+        Op.LT: lambda: have < v, Op.LE: lambda: have <= v, Op.GT: lambda: have > v,
+        Op.GE: lambda: have >= v, Op.BETWEEN: lambda: values[0] <= have <= values[1],
+    }[op]()
+
+
+@st.composite
+def predicates(draw: Any) -> Predicate:
+    name = draw(st.sampled_from(sorted(ATTR_VALUES)))
+    if name == "tags":
+        op = draw(st.sampled_from([Op.HAS, Op.IN, Op.EXISTS]))
+        if op is Op.EXISTS:
+            return Predicate(name, op)
+        if op is Op.HAS:
+            return Predicate(name, op, (draw(TAGS),))
+        return Predicate(name, op, tuple(draw(st.lists(TAGS, min_size=1, max_size=2))))
+    strat = ATTR_VALUES[name]
+    ops = [Op.EQ, Op.NE, Op.IN, Op.EXISTS]
+    if name not in ("country", "vip"):
+        ops += [Op.LT, Op.LE, Op.GT, Op.GE, Op.BETWEEN]
+    op = draw(st.sampled_from(ops))
+    if op is Op.EXISTS:
+        return Predicate(name, op)
+    if op is Op.BETWEEN:
+        a, b = sorted([draw(strat), draw(strat)])
+        return Predicate(name, op, (a, b))
+    if op is Op.IN:
+        return Predicate(name, op, tuple(draw(st.lists(strat, min_size=1, max_size=3))))
+    return Predicate(name, op, (draw(strat),))
+
+
+queries = st.recursive(
+    predicates(),
+    lambda inner: st.one_of(
+        st.lists(inner, min_size=1, max_size=3).map(lambda c: And(tuple(c))),
+        st.lists(inner, min_size=1, max_size=3).map(lambda c: Or(tuple(c))),
+        inner.map(Not),
+    ),
+    max_leaves=5,
+)
+
+
+class EngineModel(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.engine = Engine(IdentityRules(max_per_kind=MAX_PER_KIND))
+        self.engine.apply(self.engine.plan_declare([
+            ("country", Kind.STRING, True, Merge.DEFAULT), ("age", Kind.INT, True, Merge.MAX),
+            ("score", Kind.FLOAT, True, Merge.DEFAULT), ("vip", Kind.BOOL, True, Merge.DEFAULT),
+            ("seen", Kind.TIMESTAMP, True, Merge.MIN), ("orders", Kind.INT, True, Merge.SUM),
+            ("tags", Kind.STRING_LIST, True, Merge.DEFAULT),
+        ]))
+        self.profiles: dict[str, dict[str, Any]] = {}  # pid -> attrs
+        self.versions: dict[str, int] = {}
+        self.idents: dict[tuple[str, str], str] = {}  # identifier -> owner pid
+        self.aliases: dict[str, str] = {}  # merged-away pid -> survivor
+
+    def resolve(self, pid: str) -> str:
+        if pid in self.profiles:
+            return pid
+        return self.aliases.get(pid, pid)
+
+    # ------------------------------------------------------------------ writes
+    @rule(pid=PIDS, name=st.sampled_from(sorted(ATTR_VALUES)), data=st.data(),
+          once=st.booleans())
+    def set_attr(self, pid: str, name: str, data: Any, once: bool) -> None:
+        value = data.draw(ATTR_VALUES[name])
+        self.engine.apply(self.engine.plan_upsert(
+            UpsertSpec(pid, [(SET_ONCE if once else SET, name, value)])))
+        target = self.resolve(pid)
+        attrs = self.profiles.setdefault(target, {})
+        self.versions[target] = self.versions.get(target, 0) + 1
+        if name == "tags":
+            value = sorted(set(value)) or None
+        if once and name in attrs:
+            return
+        if value is None:
+            attrs.pop(name, None)
+        else:
+            attrs[name] = value
+
+    @rule(pid=PIDS, name=st.sampled_from(sorted(ATTR_VALUES)))
+    def unset(self, pid: str, name: str) -> None:
+        self.engine.apply(self.engine.plan_upsert(UpsertSpec(pid, [(UNSET, name, None)])))
+        target = self.resolve(pid)
+        self.profiles.setdefault(target, {}).pop(name, None)
+        self.versions[target] = self.versions.get(target, 0) + 1
+
+    @rule(pid=PIDS, by=st.integers(-3, 3))
+    def increment(self, pid: str, by: int) -> None:
+        self.engine.apply(self.engine.plan_upsert(UpsertSpec(pid, [(INCREMENT, "orders", by)])))
+        target = self.resolve(pid)
+        attrs = self.profiles.setdefault(target, {})
+        attrs["orders"] = attrs.get("orders", 0) + by
+        self.versions[target] = self.versions.get(target, 0) + 1
+
+    @rule(pid=PIDS, tags=st.lists(TAGS, min_size=1, max_size=2), add=st.booleans())
+    def change_set(self, pid: str, tags: list[str], add: bool) -> None:
+        op = ADD_TO_SET if add else REMOVE_FROM_SET
+        self.engine.apply(self.engine.plan_upsert(UpsertSpec(pid, [(op, "tags", tags)])))
+        target = self.resolve(pid)
+        attrs = self.profiles.setdefault(target, {})
+        current = set(attrs.get("tags", ()))
+        current = current | set(tags) if add else current - set(tags)
+        if current:
+            attrs["tags"] = sorted(current)
+        else:
+            attrs.pop("tags", None)
+        self.versions[target] = self.versions.get(target, 0) + 1
+
+    @rule(pid=PIDS, idents=st.lists(IDENTS, min_size=1, max_size=2))
+    def link(self, pid: str, idents: list[tuple[str, str]]) -> None:
+        expected = self._model_link(pid, idents)
+        try:
+            self.engine.apply(self.engine.plan_link(pid, idents, create=True))
+        except FailedPrecondition:
+            assert expected is None, "engine refused a link the model accepts"
+            return
+        assert expected is not None, "engine accepted a link the model refuses"
+        self.profiles, self.versions, self.idents, self.aliases = expected
+
+    def _model_link(self, pid: str, idents: list[tuple[str, str]]) -> Any:
+        profiles = {k: dict(v) for k, v in self.profiles.items()}
+        versions = dict(self.versions)
+        owners = dict(self.idents)
+        aliases = dict(self.aliases)
+        target = self.resolve(pid)
+        profiles.setdefault(target, {})
+        versions.setdefault(target, 0)
+        for ident in idents:
+            if ident[1] == "null":
+                return None
+            owner = owners.get(ident)
+            if owner is not None and owner != target:
+                other = profiles.pop(owner)
+                mine = profiles[target]
+                for name, value in other.items():
+                    if name not in mine:
+                        mine[name] = value
+                    elif name == "tags":
+                        mine[name] = sorted(set(mine[name]) | set(value))
+                    elif name == "orders":
+                        mine[name] += value
+                    elif name == "age":
+                        mine[name] = max(mine[name], value)
+                    elif name == "seen":
+                        mine[name] = min(mine[name], value)
+                for key, who in list(owners.items()):
+                    if who == owner:
+                        owners[key] = target
+                for key, who in list(aliases.items()):
+                    if who == owner:
+                        aliases[key] = target
+                aliases[owner] = target
+                versions[target] = max(versions[target], versions.pop(owner))
+            owners[ident] = target
+        for kind in ("email", "device"):
+            if sum(1 for (k, _), who in owners.items() if who == target and k == kind) \
+                    > MAX_PER_KIND:
+                return None
+        versions[target] += 1
+        return profiles, versions, owners, aliases
+
+    @rule(pid=PIDS)
+    def delete(self, pid: str) -> None:
+        self.engine.apply(self.engine.plan_delete(pid))
+        target = self.resolve(pid)
+        if target not in self.profiles:
+            return
+        del self.profiles[target]
+        del self.versions[target]
+        self.idents = {k: v for k, v in self.idents.items() if v != target}
+        self.aliases = {k: v for k, v in self.aliases.items() if v != target}
+
+    # ------------------------------------------------------------------ checks
+    @rule(query=queries)
+    def query(self, query: Any) -> None:
+        got = set(self.engine.ids_of(evaluate(self.engine, query)))
+        assert got == {pid for pid in self.profiles if self._eval(query, self.profiles[pid])}
+
+    def _eval(self, node: Any, attrs: dict[str, Any]) -> bool:
+        if isinstance(node, Predicate):
+            return _matches(node.op, attrs.get(node.attribute), node.values)
+        if isinstance(node, And):
+            return all(self._eval(c, attrs) for c in node.children)
+        if isinstance(node, Or):
+            return any(self._eval(c, attrs) for c in node.children)
+        return not self._eval(node.child, attrs)
+
+    @invariant()
+    def profiles_agree(self) -> None:
+        engine = self.engine
+        assert len(engine) == len(self.profiles)
+        for pid, attrs in self.profiles.items():
+            dense = engine.lookup(pid)
+            assert dense is not None
+            profile = engine.profile(dense)
+            assert profile.attributes == attrs
+            assert profile.version == self.versions[pid]
+        for ident, owner in self.idents.items():
+            dense = engine.lookup(identifier=ident)
+            assert dense is not None and engine.pids[dense] == owner
+        for alias, survivor in self.aliases.items():
+            dense = engine.lookup(alias)
+            assert dense is not None and engine.pids[dense] == survivor
+
+
+EngineModel.TestCase.settings = settings(max_examples=60, stateful_step_count=30,
+                                         deadline=None)
+TestEngineModel = EngineModel.TestCase

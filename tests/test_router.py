@@ -1,0 +1,257 @@
+"""The router against two real shard processes on loopback, checked against a reference."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import msgpack
+import pytest
+
+from memstore.v1 import cluster_pb2 as cpb
+from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
+from memstore.v1 import memstore_pb2 as pb
+from shards.router import RouterService, start_router, stop_router
+from shards.slots import format_ranges, slot_of, split_even
+from tests.conftest import ServerProcess, start_shard
+
+CITIES = ["Oslo", "Rome", "Lima", "Pune", "Kyiv"]
+N = 300
+
+
+class RouterThread:
+    """A router served from its own event loop on a background thread."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server, port, self.router = self.run(start_router(addresses, "127.0.0.1", 0))
+        self.address = f"127.0.0.1:{port}"
+        self.router: RouterService
+
+    def run(self, coro: Any, timeout: float = 60.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.run(stop_router(self.server, self.router, grace=1.0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def start_shards(root: Path, n: int, *extra: str) -> list[ServerProcess]:
+    return [start_shard(root / f"shard-{i}", "--name", f"shard-{i}", "--slots",
+                        format_ranges(ranges), "--sync", "off", *extra)
+            for i, ranges in enumerate(split_even(n))]
+
+
+def sval(text: str) -> pb.Value:
+    return pb.Value(string_value=text)
+
+
+def upsert(pid: str, city: str, age: int, email: str | None = None) -> pb.UpsertRequest:
+    request = pb.UpsertRequest(id=pid, operations=[
+        pb.Operation(op=pb.Operation.SET, attribute="city", value=sval(city)),
+        pb.Operation(op=pb.Operation.SET, attribute="age", value=pb.Value(int_value=age)),
+    ])
+    if email:
+        request.identifiers.add(kind="email", value=email)
+    return request
+
+
+def everything(partial: bool = False) -> pb.QueryRequest:
+    return pb.QueryRequest(query=pb.Query(all=True), allow_partial=partial)
+
+
+def city_is(city: str) -> pb.QueryRequest:
+    return pb.QueryRequest(query=pb.Query(predicate=pb.Predicate(
+        attribute="city", op=pb.Predicate.EQ, values=[sval(city)])))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    shards = start_shards(tmp_path_factory.mktemp("router"), 2)
+    router = RouterThread([s.address for s in shards])
+    channel = grpc.insecure_channel(router.address)
+    stub = memstore_pb2_grpc.MemstoreStub(channel)
+    reference: dict[str, dict[str, Any]] = {}
+    for i in range(N):
+        pid = f"user-{i}"
+        stub.Upsert(upsert(pid, CITIES[i * 7 % 5 if i % 3 else 0], 20 + i % 40,
+                           f"u{i}@example.com"), timeout=10)
+        reference[pid] = {"city": CITIES[i * 7 % 5 if i % 3 else 0], "age": 20 + i % 40}
+    yield {"stub": stub, "shards": shards, "router": router, "reference": reference}
+    channel.close()
+    router.stop()
+    for shard in shards:
+        shard.stop()
+
+
+def test_profiles_are_spread_and_readable(cluster: dict[str, Any]) -> None:
+    stub, shards, reference = cluster["stub"], cluster["shards"], cluster["reference"]
+    per_shard = []
+    for shard in shards:
+        with grpc.insecure_channel(shard.address) as ch:
+            info = cluster_pb2_grpc.ShardControlStub(ch).GetShardInfo(cpb.ShardInfoRequest())
+            per_shard.append(info.profiles)
+    assert sum(per_shard) == len(reference) and min(per_shard) > N // 4
+    profile = stub.Get(pb.GetRequest(key=pb.ProfileKey(id="user-42")), timeout=10).profile
+    assert profile.attributes["city"].string_value == reference["user-42"]["city"]
+    assert profile.slot == slot_of("user-42")
+    by_email = stub.Get(pb.GetRequest(key=pb.ProfileKey(
+        identifier=pb.Identifier(kind="email", value="u43@example.com"))), timeout=10)
+    assert by_email.profile.id == "user-43"
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Get(pb.GetRequest(key=pb.ProfileKey(id="nobody")), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_batch_get_keeps_order_across_shards(cluster: dict[str, Any]) -> None:
+    stub = cluster["stub"]
+    keys = [pb.ProfileKey(id=f"user-{i}") for i in (5, 200, 17, 5)]
+    keys.insert(2, pb.ProfileKey(identifier=pb.Identifier(kind="email", value="u9@example.com")))
+    keys.append(pb.ProfileKey(id="missing"))
+    keys.append(pb.ProfileKey(identifier=pb.Identifier(kind="email", value="no@example.com")))
+    results = stub.BatchGet(pb.BatchGetRequest(keys=keys), timeout=10).results
+    assert [r.found for r in results] == [True] * 5 + [False, False]
+    assert [r.profile.id for r in results[:5]] == ["user-5", "user-200", "user-9", "user-17",
+                                                   "user-5"]
+
+
+def test_wrong_slot_contract_of_a_shard(cluster: dict[str, Any]) -> None:
+    shard0 = cluster["shards"][0]
+    foreign = next(f"user-{i}" for i in range(N) if slot_of(f"user-{i}") >= 8192)
+    with grpc.insecure_channel(shard0.address) as ch, pytest.raises(grpc.RpcError) as err:
+        memstore_pb2_grpc.MemstoreStub(ch).Get(pb.GetRequest(key=pb.ProfileKey(id=foreign)))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    trailers = dict(err.value.trailing_metadata())
+    assert trailers["memstore-wrong-slot"] == str(slot_of(foreign))
+
+
+def test_batch_upsert_packed_and_structured(cluster: dict[str, Any]) -> None:
+    stub, reference = cluster["stub"], cluster["reference"]
+    records = [[f"packed-{i}", {"city": "Lima", "age": 70 + i % 5}, [["crm", f"c{i}"]]]
+               for i in range(120)]
+    structured = [upsert(f"struct-{i}", "Pune", 90) for i in range(30)]
+    reply = stub.BatchUpsert(pb.BatchUpsertRequest(
+        requests=structured, packed=msgpack.packb(records)), timeout=10)
+    assert reply.applied == 150 and reply.created == 150
+    for pid, attrs, _ in records:
+        reference[pid] = dict(attrs)
+    for r in structured:
+        reference[r.id] = {"city": "Pune", "age": 90}
+    got = stub.Get(pb.GetRequest(key=pb.ProfileKey(
+        identifier=pb.Identifier(kind="crm", value="c77"))), timeout=10).profile
+    assert got.id == "packed-77" and got.attributes["age"].int_value == 72
+
+
+def test_count_ids_and_streams_match_reference(cluster: dict[str, Any]) -> None:
+    stub, reference = cluster["stub"], cluster["reference"]
+    assert stub.Count(everything(), timeout=10).count == len(reference)
+    for city in CITIES:
+        want = {p for p, a in reference.items() if a["city"] == city}
+        assert stub.Count(city_is(city), timeout=10).count == len(want)
+    want = {p for p, a in reference.items() if a["city"] == "Oslo"}
+    pages, cursor = [], ""
+    while True:
+        page = stub.QueryIds(pb.QueryIdsRequest(query=city_is("Oslo"), page_size=7,
+                                                cursor=cursor), timeout=10)
+        assert len(page.ids) <= 7
+        pages.append(list(page.ids))
+        cursor = page.next_cursor
+        if not cursor:
+            break
+    ids = [i for p in pages for i in p]
+    assert len(ids) == len(set(ids)) and set(ids) == want
+    assert all(len(p) == 7 for p in pages[:-1])
+    streamed = [i for m in stub.StreamIds(pb.QueryIdsRequest(query=everything(), page_size=50),
+                                          timeout=10) for i in m.ids]
+    assert len(streamed) == len(set(streamed)) and set(streamed) == set(reference)
+    bitmaps = stub.QueryBitmap(everything(), timeout=10)
+    assert sorted(b.shard for b in bitmaps.bitmaps) == ["shard-0", "shard-1"]
+
+
+def test_group_by_is_exact(cluster: dict[str, Any]) -> None:
+    stub, reference = cluster["stub"], cluster["reference"]
+    counts = Counter(a["city"] for a in reference.values())
+    want = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    for top in (0, 1, 3):
+        reply = stub.GroupBy(pb.GroupByRequest(query=everything(), attribute="city",
+                                               top_n=top), timeout=10)
+        got = [(g.value.string_value, g.count) for g in reply.groups]
+        assert got == (want[:top] if top else want)
+        assert reply.total == len(reference)
+
+
+def test_cross_shard_link_is_refused(cluster: dict[str, Any]) -> None:
+    stub = cluster["stub"]
+    a = next(f"user-{i}" for i in range(N) if slot_of(f"user-{i}") < 8192)
+    b = next(f"user-{i}" for i in range(N) if slot_of(f"user-{i}") >= 8192)
+    b_email = f"u{b.split('-')[1]}@example.com"
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Link(pb.LinkRequest(id=a, identifiers=[pb.Identifier(kind="email",
+                                                                  value=b_email)]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "another shard" in err.value.details()
+    assert stub.Get(pb.GetRequest(key=pb.ProfileKey(identifier=pb.Identifier(
+        kind="email", value=b_email))), timeout=10).profile.id == b
+
+
+def test_track_and_delete_route_to_the_owner(cluster: dict[str, Any]) -> None:
+    stub, reference = cluster["stub"], cluster["reference"]
+    assert stub.Track(pb.TrackRequest(id="user-7", event="purchase"), timeout=10).version >= 2
+    reply = stub.Delete(pb.DeleteRequest(key=pb.ProfileKey(identifier=pb.Identifier(
+        kind="email", value="u8@example.com"))), timeout=10)
+    assert reply.deleted and reply.id == "user-8"
+    del reference["user-8"]
+    assert stub.Delete(pb.DeleteRequest(key=pb.ProfileKey(id="user-11")), timeout=10).deleted
+    del reference["user-11"]
+    assert not stub.Delete(pb.DeleteRequest(key=pb.ProfileKey(id="user-11")), timeout=10).deleted
+    assert stub.Count(everything(), timeout=10).count == len(reference)
+
+
+def test_deadline_is_propagated(cluster: dict[str, Any]) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        cluster["stub"].Count(everything(), timeout=0.0001)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_a_dead_shard_gives_unavailable_or_partial(tmp_path: Path) -> None:
+    shards = start_shards(tmp_path, 2)
+    router = RouterThread([s.address for s in shards])
+    try:
+        with grpc.insecure_channel(router.address) as channel:
+            stub = memstore_pb2_grpc.MemstoreStub(channel)
+            ids = [f"p-{i}" for i in range(100)]
+            stub.BatchUpsert(pb.BatchUpsertRequest(requests=[upsert(p, "Oslo", 1) for p in ids]),
+                             timeout=10)
+            on_0 = [p for p in ids if slot_of(p) < 8192]
+            on_1 = [p for p in ids if slot_of(p) >= 8192]
+            shards[1].stop()
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Get(pb.GetRequest(key=pb.ProfileKey(id=on_1[0])), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shard-1" in err.value.details()
+            assert stub.Get(pb.GetRequest(key=pb.ProfileKey(id=on_0[0])), timeout=10
+                            ).profile.id == on_0[0]
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Count(everything(), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shard-1" in err.value.details()
+            partial = stub.Count(everything(partial=True), timeout=10)
+            assert partial.count == len(on_0) and list(partial.missing_shards) == ["shard-1"]
+            page = stub.QueryIds(pb.QueryIdsRequest(query=everything(partial=True),
+                                                    page_size=1000), timeout=10)
+            assert set(page.ids) == set(on_0) and list(page.missing_shards) == ["shard-1"]
+            groups = stub.GroupBy(pb.GroupByRequest(query=everything(partial=True),
+                                                    attribute="city"), timeout=10)
+            assert groups.total == len(on_0) and list(groups.missing_shards) == ["shard-1"]
+    finally:
+        router.stop()
+        for shard in shards:
+            shard.stop()

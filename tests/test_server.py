@@ -1,0 +1,367 @@
+"""One shard over real gRPC on loopback: the public API, its errors, health, reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from datetime import UTC, datetime, timedelta
+from uuid import uuid4
+
+import grpc
+import msgpack
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from memstore import AsyncClient, Client, ClientError
+from memstore.v1 import memstore_pb2 as pb
+from memstore.v1 import memstore_pb2_grpc
+from tests.conftest import ServerProcess, start_shard
+
+T = datetime(2025, 3, 4, 5, 6, 7, 123456, tzinfo=UTC)
+
+
+def uid() -> str:
+    return f"u-{uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="module")
+def client(shard: ServerProcess):  # type: ignore[no-untyped-def]
+    with Client(shard.address, timeout=10) as c:
+        c.declare([{"name": "email", "kind": "string", "indexed": False},
+                   {"name": "orders", "kind": "int", "merge": "sum"}])
+        yield c
+
+
+@pytest.fixture(scope="module")
+def stub(shard: ServerProcess):  # type: ignore[no-untyped-def]
+    channel = grpc.insecure_channel(shard.address)
+    yield memstore_pb2_grpc.MemstoreStub(channel)
+    channel.close()
+
+
+def code_of(call) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-untyped-def]
+    with pytest.raises(ClientError) as info:
+        call()
+    return info.value.code, info.value.details
+
+
+# ---------------------------------------------------------------------- profiles
+
+def test_every_kind_round_trips(client: Client) -> None:
+    pid = uid()
+    result = client.upsert(pid, {"name": "Ada", "age": 36, "ltv": 12.5, "vip": True,
+                                 "signup": T, "interests": ["dogs", "cats", "dogs"],
+                                 "address": {"city": "Oslo", "geo": {"zip": "0150"}}})
+    assert result.created and result.version == 1
+    profile = client.get(pid)
+    assert profile["attributes"] == {
+        "name": "Ada", "age": 36, "ltv": 12.5, "vip": True, "signup": T,
+        "interests": ["cats", "dogs"], "address.city": "Oslo", "address.geo.zip": "0150"}
+    assert profile["version"] == 1
+
+
+def test_structured_and_packed_reads_agree(client: Client, stub) -> None:  # type: ignore[no-untyped-def]
+    pid = uid()
+    client.upsert(pid, {"name": "Bo", "signup": T, "tags": ["x"]})
+    structured = stub.Get(pb.GetRequest(key=pb.ProfileKey(id=pid)))
+    attrs = structured.profile.attributes
+    assert attrs["name"].string_value == "Bo"
+    assert attrs["signup"].timestamp_value.ToDatetime(tzinfo=UTC) == T
+    assert list(attrs["tags"].list_value.values) == ["x"]
+
+
+def test_operations_apply_in_order(client: Client) -> None:
+    pid = uid()
+    client.upsert(pid, {"plan": "free", "tags": ["a", "b"]})
+    client.upsert(pid, ops=[("set_once", "plan", "pro"), ("set_once", "first", "web"),
+                            ("increment", "visits", 2), ("increment", "visits", 3),
+                            ("add_to_set", "tags", ["c"]), ("remove_from_set", "tags", ["a"]),
+                            ("unset", "plan", None)])
+    attrs = client.get(pid)["attributes"]
+    assert attrs == {"first": "web", "visits": 5, "tags": ["b", "c"]}
+
+
+def test_wrong_kind_is_refused_naming_attribute_and_kinds(client: Client) -> None:
+    pid = uid()
+    client.upsert(pid, {"score_k": 3})
+    code, details = code_of(lambda: client.upsert(pid, {"score_k": "high"}))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "score_k" in details and "int" in details and "string" in details
+    assert client.get(pid)["attributes"] == {"score_k": 3}  # nothing changed
+
+
+def test_expected_version_guards_concurrent_writers(client: Client) -> None:
+    pid = uid()
+    v1 = client.upsert(pid, {"a": "1"}).version
+    client.upsert(pid, {"a": "2"}, expected_version=v1)
+    code, details = code_of(lambda: client.upsert(pid, {"a": "3"}, expected_version=v1))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "version" in details
+    assert client.get(pid)["attributes"]["a"] == "2"
+    code, _ = code_of(lambda: client.upsert(uid(), {"a": "x"}, expected_version=5))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert client.upsert(uid(), {"a": "x"}, expected_version=0).created
+
+
+def test_batch_get_thousands_of_keys_in_order(client: Client) -> None:
+    prefix = uid()
+    records = [{"id": f"{prefix}-{i}", "attributes": {"n": i}} for i in range(1500)]
+    assert client.batch_upsert(records) == 1500
+    keys = [f"{prefix}-{i}" for i in range(1499, -1, -1)] + [f"{prefix}-missing"]
+    got = client.batch_get(keys, attributes=["n"])
+    assert [g["attributes"]["n"] for g in got[:-1]] == list(range(1499, -1, -1))
+    assert got[-1] is None
+
+
+def test_projection_returns_only_named_attributes(client: Client) -> None:
+    pid = uid()
+    client.upsert(pid, {"a": "1", "b": 2, "c": True})
+    assert client.get(pid, attributes=["a", "c", "nope"])["attributes"] == {"a": "1", "c": True}
+
+
+def test_delete_removes_profile_and_identifiers(client: Client) -> None:
+    pid = uid()
+    client.upsert(pid, {"a": "1"}, identifiers=[("email", f"{pid}@x.io")])
+    assert client.delete(pid) is True
+    assert client.get(pid) is None
+    assert client.get(identifier=("email", f"{pid}@x.io")) is None
+    assert client.delete(pid) is False
+
+
+def test_read_your_writes(client: Client) -> None:
+    pid = uid()
+    for i in range(20):
+        client.upsert(pid, {"i": i})
+        assert client.get(pid)["attributes"]["i"] == i
+
+
+# ---------------------------------------------------------------------- identities
+
+def test_link_merges_and_old_id_resolves_to_survivor(client: Client) -> None:
+    anon, known = uid(), uid()
+    client.upsert(anon, {"tags": ["visited"], "orders": 2, "city": "Lyon"},
+                  identifiers=[("anonymous", f"ck-{anon}")])
+    client.upsert(known, {"tags": ["buyer"], "orders": 3, "plan": "pro"},
+                  identifiers=[("email", f"{known}@x.io")])
+    result = client.link(known, [("anonymous", f"ck-{anon}")])
+    assert result.id == known and result.merged_ids == [anon]
+    merged = client.get(known)
+    assert merged["attributes"] == {"tags": ["buyer", "visited"], "orders": 5, "plan": "pro",
+                                    "city": "Lyon"}
+    assert sorted(merged["identifiers"]) == sorted([("email", f"{known}@x.io"),
+                                                    ("anonymous", f"ck-{anon}")])
+    assert merged["merged_ids"] == [anon]
+    assert client.get(anon)["id"] == known
+    assert client.get(identifier=("anonymous", f"ck-{anon}"))["id"] == known
+    client.upsert(anon, {"late": True})  # a write to the merged-away id lands on the survivor
+    assert client.get(known)["attributes"]["late"] is True
+
+
+def test_blocked_identifier_is_refused_and_nothing_changes(client: Client) -> None:
+    pid = uid()
+    client.upsert(pid, {"a": "1"})
+    code, details = code_of(lambda: client.link(pid, [("email", "test@test.com")]))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "blocked" in details
+    assert client.get(pid)["identifiers"] == [] and client.get(pid)["version"] == 1
+
+
+def test_identifier_limit_per_kind_is_refused(client: Client) -> None:
+    pid = uid()
+    client.link(pid, [("device", f"{pid}-d{i}") for i in range(20)], create=True)
+    code, details = code_of(lambda: client.link(pid, [("device", f"{pid}-d99")]))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "limit" in details
+    assert len(client.get(pid)["identifiers"]) == 20
+
+
+def test_track_keeps_event_aggregates(client: Client) -> None:
+    pid = uid()
+    client.track(pid, "purchase", at=T)
+    client.track(pid, "purchase", at=T - timedelta(days=2), count=2)
+    attrs = client.get(pid)["attributes"]
+    assert attrs["event.purchase.count"] == 3
+    assert attrs["event.purchase.first"] == T - timedelta(days=2)
+    assert attrs["event.purchase.last"] == T
+
+
+# ---------------------------------------------------------------------- queries
+
+@pytest.fixture(scope="module")
+def segment(client: Client) -> str:
+    tag = uid().replace("-", "_")
+    records = [{"id": f"{tag}-{i}", "attributes": {
+        "seg": tag, "country": ["US", "CA", "DE"][i % 3], "age": 18 + i % 50,
+        "spend": i * 1.5, "seen": T + timedelta(days=i), "likes": ["dogs"] if i % 4 else ["cats"],
+        "optin": i % 2 == 0}} for i in range(300)]
+    client.batch_upsert(records)
+    return tag
+
+
+def test_count_ids_and_group_by_agree_with_data(client: Client, segment: str) -> None:
+    q = (f'seg = "{segment}" AND country IN ("US","CA") AND age BETWEEN 25 AND 34 '
+         'AND likes HAS "dogs" AND NOT optin = true')
+    expected = {f"{segment}-{i}" for i in range(300)
+                if i % 3 in (0, 1) and 25 <= 18 + i % 50 <= 34 and i % 4 and i % 2}
+    assert client.count(q) == len(expected) > 0
+    assert set(client.iter_ids(q, page_size=7)) == expected
+    groups = client.group_by(f'seg = "{segment}"', "country", top_n=2)
+    assert groups == [("CA", 100), ("DE", 100)]  # equal counts: ordered by value
+    assert dict(client.group_by(q, "country", top_n=0)) == {
+        c: sum(1 for i in expected if ["US", "CA", "DE"][int(i.rsplit("-", 1)[1]) % 3] == c)
+        for c in ("US", "CA") if any(["US", "CA", "DE"][int(i.rsplit("-", 1)[1]) % 3] == c
+                                     for i in expected)}
+
+
+def test_paging_with_cursor_is_complete_and_stable(client: Client, segment: str) -> None:
+    q = f'seg = "{segment}" AND spend >= 30.0'
+    pages, cursor = [], ""
+    while True:
+        ids, cursor = client.ids(q, page_size=40, cursor=cursor)
+        pages.append(ids)
+        if not cursor:
+            break
+    flat = [i for p in pages for i in p]
+    assert len(flat) == len(set(flat)) == 280
+    assert flat == list(client.iter_ids(q))
+
+
+def test_timestamp_ranges_with_iso_strings(client: Client, segment: str) -> None:
+    start = (T + timedelta(days=10)).isoformat()
+    end = (T + timedelta(days=19)).isoformat()
+    assert client.count(f'seg = "{segment}" AND seen BETWEEN "{start}" AND "{end}"') == 10
+    assert client.count(f'seg = "{segment}" AND seen < "{start}"') == 10
+
+
+def test_bitmap_is_the_portable_roaring_of_matches(client: Client, segment: str) -> None:
+    bitmaps = client.bitmaps(f'seg = "{segment}" AND exists(likes)')
+    assert sum(len(b) for b in bitmaps.values()) == 300
+
+
+@pytest.mark.parametrize("query, fragment", [
+    ('country = "US" AND', "column"),
+    ('country = "US" AND (age > 3', "')'"),
+    ('nosuchattribute = "x"', "unknown attribute"),
+    ('age = "old"', "int"),
+    ('email = "a@b.c"', "not indexed"),
+    ('likes = "dogs"', "HAS"),
+    ('seen > "yesterday"', "seen"),
+])
+def test_bad_queries_are_invalid_argument(client: Client, segment: str, query: str,
+                                          fragment: str) -> None:
+    code, details = code_of(lambda: client.count(query))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in details
+
+
+# ---------------------------------------------------------------------- bad input, every RPC
+
+def _invalid(stub, method: str, request) -> str:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as info:
+        getattr(stub, method)(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    return info.value.details()
+
+
+def test_bad_input_for_every_rpc(stub, segment: str) -> None:  # type: ignore[no-untyped-def]
+    big = "x" * 20_000
+    assert "empty profile id" in _invalid(stub, "Upsert", pb.UpsertRequest(id=""))
+    assert "longer" in _invalid(stub, "Upsert", pb.UpsertRequest(id=big))
+    assert "longer" in _invalid(stub, "Upsert", pb.UpsertRequest(id="u", operations=[
+        pb.Operation(op=pb.Operation.SET, attribute="a", value=pb.Value(string_value=big))]))
+    assert "no kind" in _invalid(stub, "Upsert", pb.UpsertRequest(id="u", operations=[
+        pb.Operation(op=pb.Operation.SET, attribute="a")]))
+    assert "op is not set" in _invalid(stub, "Upsert", pb.UpsertRequest(id="u", operations=[
+        pb.Operation(attribute="a", value=pb.Value(int_value=1))]))
+    assert "attribute name" in _invalid(stub, "Upsert", pb.UpsertRequest(id="u", operations=[
+        pb.Operation(op=pb.Operation.SET, attribute="", value=pb.Value(int_value=1))]))
+    assert "NaN" in _invalid(stub, "Upsert", pb.UpsertRequest(id="u", operations=[
+        pb.Operation(op=pb.Operation.SET, attribute="f", value=pb.Value(float_value=float("nan")))
+    ]))
+    assert "packed" in _invalid(stub, "BatchUpsert", pb.BatchUpsertRequest(packed=b"\xc1junk"))
+    bad_row = msgpack.packb([["ok", {"pk_n": 1}], ["", {"pk_n": 1}]])
+    assert "packed[1]" in _invalid(stub, "BatchUpsert", pb.BatchUpsertRequest(packed=bad_row))
+    wrong_kind = msgpack.packb([["ok", {"pk_n": 1}], ["ok2", {"pk_n": "one"}]])
+    details = _invalid(stub, "BatchUpsert", pb.BatchUpsertRequest(packed=wrong_kind))
+    assert "packed[1]" in details and "pk_n" in details and "an int" not in details
+    assert "id or an identifier" in _invalid(stub, "Get", pb.GetRequest())
+    assert "empty profile id" in _invalid(stub, "Get", pb.GetRequest(key=pb.ProfileKey(id="")))
+    assert "keys[1]" in _invalid(stub, "BatchGet", pb.BatchGetRequest(
+        keys=[pb.ProfileKey(id="a"), pb.ProfileKey()]))
+    assert "id or an identifier" in _invalid(stub, "Delete", pb.DeleteRequest())
+    assert "nothing to link" in _invalid(stub, "Link", pb.LinkRequest(id="u"))
+    assert "identifier kind" in _invalid(stub, "Link", pb.LinkRequest(id="u", identifiers=[
+        pb.Identifier(kind="Bad Kind", value="v")], create=True))
+    assert "event" in _invalid(stub, "Track", pb.TrackRequest(id="u", event="no spaces"))
+    assert "kind is not set" in _invalid(stub, "DeclareAttributes", pb.DeclareAttributesRequest(
+        attributes=[pb.AttributeSpec(name="z")]))
+    assert "neither" in _invalid(stub, "Count", pb.QueryRequest())
+    assert "page_size" in _invalid(stub, "QueryIds", pb.QueryIdsRequest(
+        query=pb.QueryRequest(text="ALL"), page_size=10**6))
+    assert "cursor" in _invalid(stub, "QueryIds", pb.QueryIdsRequest(
+        query=pb.QueryRequest(text="ALL"), cursor="not-a-cursor"))
+    assert "group" in _invalid(stub, "GroupBy", pb.GroupByRequest(
+        query=pb.QueryRequest(text="ALL"), attribute="age"))
+    assert "empty query" in _invalid(stub, "QueryBitmap", pb.QueryRequest(
+        query=pb.Query(**{"and": pb.QueryList(children=[pb.Query()])})))
+
+
+def test_oversize_message_is_refused_and_server_survives(shard: ServerProcess,
+                                                         client: Client) -> None:
+    channel = grpc.insecure_channel(shard.address, options=[
+        ("grpc.max_send_message_length", 200 << 20)])
+    stub = memstore_pb2_grpc.MemstoreStub(channel)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.BatchUpsert(pb.BatchUpsertRequest(packed=b"\x00" * (70 << 20)), timeout=30)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    channel.close()
+    assert client.upsert(uid(), {"alive": True}).created
+
+
+# ---------------------------------------------------------------------- server plumbing
+
+def test_health_and_reflection(shard: ServerProcess) -> None:
+    channel = grpc.insecure_channel(shard.address)
+    health = health_pb2_grpc.HealthStub(channel)
+    response = health.Check(health_pb2.HealthCheckRequest(service="memstore.v1.Memstore"))
+    assert response.status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    answers = reflection.ServerReflectionInfo(iter([
+        reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for a in answers for s in a.list_services_response.service}
+    assert {"memstore.v1.Memstore", "memstore.v1.ShardControl",
+            "grpc.health.v1.Health"} <= names
+    channel.close()
+
+
+def test_async_client_has_the_same_methods(shard: ServerProcess) -> None:
+    sync_names = {n for n in dir(Client) if not n.startswith("_")}
+    async_names = {n for n in dir(AsyncClient) if not n.startswith("_")}
+    assert sync_names == async_names
+
+    async def run() -> None:
+        async with AsyncClient(shard.address) as c:
+            pid = uid()
+            await c.upsert(pid, {"x": 1})
+            assert (await c.get(pid))["attributes"] == {"x": 1}
+            assert await c.count('x = 1') >= 1
+            assert pid in [i async for i in c.iter_ids("x = 1")]
+
+    asyncio.run(run())
+
+
+def test_deadline_is_honoured(shard: ServerProcess, segment: str) -> None:
+    """A stream outliving its deadline ends with DEADLINE_EXCEEDED; the server carries on."""
+    import time
+
+    with Client(shard.address, timeout=0.5) as c:
+        with pytest.raises(ClientError) as info:
+            for _ in c.iter_ids(f'seg = "{segment}"', page_size=1):
+                time.sleep(0.01)  # 300 pages at 10 ms each cannot finish in 0.5 s
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert c.count(f'seg = "{segment}"') == 300
+
+
+def test_sigterm_stops_gracefully() -> None:
+    server = start_shard(None)
+    with Client(server.address) as c:
+        c.upsert("x", {"a": 1})
+    assert server.stop(signal.SIGTERM) == 0
