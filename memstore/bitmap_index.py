@@ -1,0 +1,322 @@
+"""Roaring-bitmap indexes over shard-local dense ids (uint32).
+
+`ValueIndex` maps each value of one attribute (a string, a bool, or one element of a
+string list) to the bitmap of profiles holding it. Invariant: no empty bitmap is kept, so
+`len()` is the number of distinct live values and erased values leave no trace (a
+snapshot of the index never contains a value nobody holds).
+
+`RangeIndex` is a bit-sliced index (BSI, O'Neil & Quass) for int64 values: slice i holds
+the ids whose `value - base` has bit i set, plus an `exists` bitmap. A comparison runs
+from the most significant slice down in at most two bitmap operations per slice, so its
+cost is bounded by the bit width of the stored range and never touches profiles one by
+one; it stops early when no candidate is left equal so far. `base` is the smallest value
+ever stored; a smaller value shifts every stored value up with a ripple-carry addition over
+the slices (O(bit width) bitmap operations). Floats go through `float_to_ordered`, an
+order-preserving map to int64.
+
+Bitmaps returned by `get()`/`exists()` are the index's own: callers must not mutate them.
+Every query method returns a fresh bitmap.
+"""
+
+from __future__ import annotations
+
+import array
+import struct
+from collections.abc import Hashable, Iterable
+from typing import Any
+
+import numpy as np
+from pyroaring import BitMap
+
+_EMPTY = BitMap()
+_MAG = 0x7FFF_FFFF_FFFF_FFFF
+_SIGN = 1 << 63
+
+
+def float_to_ordered(x: float) -> int:
+    """Order-preserving bijection float64 -> int64 (-0.0 maps like 0.0; no NaN)."""
+    if x == 0.0:
+        x = 0.0
+    (bits,) = struct.unpack("<q", struct.pack("<d", x))
+    return bits if bits >= 0 else -(bits & _MAG)
+
+
+def ordered_to_float(key: int) -> float:
+    bits = key if key >= 0 else (-key) | _SIGN
+    (x,) = struct.unpack("<d", struct.pack("<Q", bits & 0xFFFF_FFFF_FFFF_FFFF))
+    return float(x)
+
+
+def floats_to_ordered(values: np.ndarray) -> np.ndarray:
+    """Vectorised float_to_ordered."""
+    v = np.where(values == 0.0, 0.0, values).astype(np.float64)
+    bits = v.view(np.int64)
+    return np.where(bits >= 0, bits, -(bits & np.int64(_MAG)))
+
+
+def _ids(values: Iterable[int] | np.ndarray) -> BitMap:
+    if isinstance(values, np.ndarray):
+        buf = array.array("I")
+        buf.frombytes(values.astype(np.uint32, copy=False).tobytes())
+        return BitMap(buf)
+    return BitMap(values)
+
+
+class ValueIndex:
+    """value -> BitMap of dense ids holding it."""
+
+    __slots__ = ("_maps",)
+
+    def __init__(self) -> None:
+        self._maps: dict[Hashable, BitMap] = {}
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def add(self, value: Hashable, dense_id: int) -> None:
+        bm = self._maps.get(value)
+        if bm is None:
+            bm = self._maps[value] = BitMap()
+        bm.add(dense_id)
+
+    def discard(self, value: Hashable, dense_id: int) -> None:
+        bm = self._maps.get(value)
+        if bm is not None:
+            bm.discard(dense_id)
+            if not bm:
+                del self._maps[value]
+
+    def add_many(self, value: Hashable, ids: Iterable[int] | np.ndarray) -> None:
+        bm = self._maps.get(value)
+        new = _ids(ids)
+        if not new:
+            return
+        if bm is None:
+            self._maps[value] = new
+        else:
+            bm |= new
+
+    def discard_many(self, value: Hashable, ids: Iterable[int] | np.ndarray) -> None:
+        bm = self._maps.get(value)
+        if bm is not None:
+            bm -= _ids(ids)
+            if not bm:
+                del self._maps[value]
+
+    def get(self, value: Hashable) -> BitMap:
+        return self._maps.get(value, _EMPTY)
+
+    def union_of(self, values: Iterable[Hashable]) -> BitMap:
+        maps = [self._maps[v] for v in values if v in self._maps]
+        return BitMap.union(BitMap(), *maps)
+
+    def values(self) -> Iterable[Hashable]:
+        return self._maps.keys()
+
+    def items(self) -> Iterable[tuple[Hashable, BitMap]]:
+        return self._maps.items()
+
+    def group_counts(self, within: BitMap) -> list[tuple[Any, int]]:
+        """Exact (value, count) for every value held by at least one id in `within`."""
+        out = []
+        for value, bm in self._maps.items():
+            n = bm.intersection_cardinality(within)
+            if n:
+                out.append((value, n))
+        return out
+
+    def copy(self) -> ValueIndex:
+        other = ValueIndex()
+        other._maps = {k: BitMap(v) for k, v in self._maps.items()}
+        return other
+
+    def to_state(self) -> list[list[Any]]:
+        return [[value, bm.serialize()] for value, bm in self._maps.items()]
+
+    @classmethod
+    def from_state(cls, state: list[list[Any]]) -> ValueIndex:
+        index = cls()
+        index._maps = {value: BitMap.deserialize(raw) for value, raw in state}
+        return index
+
+
+class RangeIndex:
+    """Bit-sliced index of int64 values: ranges in O(bit width) bitmap operations."""
+
+    __slots__ = ("base", "slices", "_exists")
+
+    def __init__(self) -> None:
+        self.base: int | None = None
+        self.slices: list[BitMap] = []
+        self._exists = BitMap()
+
+    def __len__(self) -> int:
+        return len(self._exists)
+
+    # ------------------------------------------------------------------ updates
+    def _offset(self, value: int) -> int:
+        if self.base is None:
+            self.base = value
+        elif value < self.base:
+            self._rebase(value)
+        u = value - self.base
+        while len(self.slices) < u.bit_length():
+            self.slices.append(BitMap())
+        return u
+
+    def _rebase(self, new_base: int) -> None:
+        """Add (base - new_base) to every stored value, ripple-carry over the slices."""
+        assert self.base is not None
+        delta = self.base - new_base
+        carry = BitMap()
+        i = 0
+        while i < delta.bit_length() or carry:
+            if i == len(self.slices):
+                self.slices.append(BitMap())
+            s = self.slices[i]
+            if (delta >> i) & 1:
+                total = self._exists - (s ^ carry)  # s + 1 + carry: sum bit is not(s xor c)
+                carry = s | carry
+            else:
+                total = s ^ carry
+                carry = s & carry
+            self.slices[i] = total
+            i += 1
+        self.base = new_base
+
+    def set(self, dense_id: int, value: int, old: int | None = None) -> None:
+        u = self._offset(value)
+        if old is None:
+            changed, self_u = u, u
+            self._exists.add(dense_id)
+        else:
+            assert self.base is not None
+            changed, self_u = u ^ (old - self.base), u
+        i = 0
+        while changed:
+            if changed & 1:
+                if (self_u >> i) & 1:
+                    self.slices[i].add(dense_id)
+                else:
+                    self.slices[i].discard(dense_id)
+            changed >>= 1
+            i += 1
+
+    def remove(self, dense_id: int, old: int) -> None:
+        assert self.base is not None
+        u = old - self.base
+        i = 0
+        while u:
+            if u & 1:
+                self.slices[i].discard(dense_id)
+            u >>= 1
+            i += 1
+        self._exists.discard(dense_id)
+
+    def set_many(self, ids: np.ndarray, values: np.ndarray) -> None:
+        """Store values for ids that hold none yet (the bulk-load path)."""
+        if len(ids) == 0:
+            return
+        values = values.astype(np.int64, copy=False)
+        low = int(values.min())
+        if self.base is None:
+            self.base = low
+        elif low < self.base:
+            self._rebase(low)
+        # vals - base wraps correctly in uint64: every true difference is in [0, 2**64).
+        u = values.view(np.uint64) - np.uint64(self.base % (1 << 64))
+        width = int(u.max()).bit_length()
+        while len(self.slices) < width:
+            self.slices.append(BitMap())
+        ids = ids.astype(np.uint32, copy=False)
+        for i in range(width):
+            selected = ids[((u >> np.uint64(i)) & np.uint64(1)).astype(bool)]
+            if len(selected):
+                self.slices[i] |= _ids(selected)
+        self._exists |= _ids(ids)
+
+    def remove_many(self, ids: np.ndarray, old_values: np.ndarray) -> None:
+        gone = _ids(ids)
+        for s in self.slices:
+            s -= gone
+        self._exists -= gone
+
+    # ------------------------------------------------------------------ queries
+    def exists(self) -> BitMap:
+        return self._exists
+
+    def value_of(self, dense_id: int) -> int | None:
+        if dense_id not in self._exists or self.base is None:
+            return None
+        return self.base + sum(1 << i for i, s in enumerate(self.slices) if dense_id in s)
+
+    def _le(self, c: int) -> BitMap:
+        """Ids with offset <= c, for 0 <= c < 2**width (O'Neil's algorithm)."""
+        less = BitMap()
+        equal = self._exists
+        for i in range(len(self.slices) - 1, -1, -1):
+            s = self.slices[i]
+            if (c >> i) & 1:
+                less |= equal - s
+                equal = equal & s
+            else:
+                equal = equal - s
+            if not equal:
+                break
+        return less | equal
+
+    def _eq(self, c: int) -> BitMap:
+        equal = self._exists
+        for i in range(len(self.slices) - 1, -1, -1):
+            equal = equal & self.slices[i] if (c >> i) & 1 else equal - self.slices[i]
+            if not equal:
+                break
+        return BitMap(equal)
+
+    def compare(self, op: str, value: int) -> BitMap:
+        if self.base is None:
+            return BitMap()
+        c = value - self.base
+        top = (1 << len(self.slices)) - 1  # every stored offset is <= top
+        if op == "le" or op == "lt":
+            if op == "lt":
+                c -= 1
+            if c < 0:
+                return BitMap()
+            return BitMap(self._exists) if c >= top else self._le(c)
+        if op == "gt" or op == "ge":
+            if op == "ge":
+                c -= 1
+            if c < 0:
+                return BitMap(self._exists)
+            return BitMap() if c >= top else self._exists - self._le(c)
+        if op == "eq":
+            return BitMap() if c < 0 or c > top else self._eq(c)
+        if op == "ne":
+            return self._exists - self.compare("eq", value)
+        raise ValueError(f"unknown comparison {op!r}")
+
+    def between(self, lo: int, hi: int) -> BitMap:
+        if lo > hi:
+            return BitMap()
+        return self.compare("le", hi) - self.compare("lt", lo)
+
+    # ------------------------------------------------------------------ persistence
+    def copy(self) -> RangeIndex:
+        other = RangeIndex()
+        other.base = self.base
+        other.slices = [BitMap(s) for s in self.slices]
+        other._exists = BitMap(self._exists)
+        return other
+
+    def to_state(self) -> dict[str, Any]:
+        return {"base": self.base, "exists": self._exists.serialize(),
+                "slices": [s.serialize() for s in self.slices]}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> RangeIndex:
+        index = cls()
+        index.base = state["base"]
+        index._exists = BitMap.deserialize(state["exists"])
+        index.slices = [BitMap.deserialize(raw) for raw in state["slices"]]
+        return index

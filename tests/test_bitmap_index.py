@@ -1,0 +1,143 @@
+"""Bitmap indexes against plain dicts: every query after every step (hypothesis)."""
+
+from __future__ import annotations
+
+import math
+
+import hypothesis.strategies as st
+import numpy as np
+from hypothesis import given, settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from memstore.bitmap_index import (
+    RangeIndex,
+    ValueIndex,
+    float_to_ordered,
+    floats_to_ordered,
+    ordered_to_float,
+)
+
+IDS = st.integers(0, 60)
+INT64 = st.one_of(st.integers(-(2**63), 2**63 - 1), st.integers(-50, 50),
+                  st.sampled_from([-(2**63), 2**63 - 1, 0]))
+OPS = ["eq", "ne", "lt", "le", "gt", "ge"]
+
+
+def expect(op: str, have: int, c: int) -> bool:
+    return {"eq": have == c, "ne": have != c, "lt": have < c, "le": have <= c,
+            "gt": have > c, "ge": have >= c}[op]
+
+
+class RangeModel(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.index = RangeIndex()
+        self.model: dict[int, int] = {}
+
+    @rule(dense=IDS, value=INT64)
+    def set(self, dense: int, value: int) -> None:
+        self.index.set(dense, value, self.model.get(dense))
+        self.model[dense] = value
+
+    @rule(dense=IDS)
+    def remove(self, dense: int) -> None:
+        if dense in self.model:
+            self.index.remove(dense, self.model.pop(dense))
+
+    @rule(ids=st.lists(st.integers(61, 200), unique=True, max_size=20),
+          data=st.data())
+    def bulk(self, ids: list[int], data: st.DataObject) -> None:
+        fresh = [i for i in ids if i not in self.model]
+        values = [data.draw(INT64) for _ in fresh]
+        self.index.set_many(np.array(fresh, dtype=np.uint32), np.array(values, dtype=np.int64))
+        self.model.update(zip(fresh, values, strict=True))
+
+    @rule(op=st.sampled_from(OPS), c=INT64)
+    def compare(self, op: str, c: int) -> None:
+        got = set(self.index.compare(op, c))
+        assert got == {d for d, v in self.model.items() if expect(op, v, c)}
+
+    @rule(lo=INT64, hi=INT64)
+    def between(self, lo: int, hi: int) -> None:
+        got = set(self.index.between(lo, hi))
+        assert got == {d for d, v in self.model.items() if lo <= v <= hi}
+
+    @invariant()
+    def agrees(self) -> None:
+        assert set(self.index.exists()) == set(self.model)
+        for d, v in self.model.items():
+            assert self.index.value_of(d) == v
+        again = RangeIndex.from_state(self.index.to_state())
+        assert all(again.value_of(d) == v for d, v in self.model.items())
+
+
+RangeModel.TestCase.settings = settings(max_examples=80, stateful_step_count=25, deadline=None)
+TestRangeIndex = RangeModel.TestCase
+
+
+class ValueModel(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.index = ValueIndex()
+        self.model: dict[str, set[int]] = {}
+
+    @rule(value=st.sampled_from("abcd"), dense=IDS, add=st.booleans())
+    def change(self, value: str, dense: int, add: bool) -> None:
+        if add:
+            self.index.add(value, dense)
+            self.model.setdefault(value, set()).add(dense)
+        else:
+            self.index.discard(value, dense)
+            self.model.get(value, set()).discard(dense)
+
+    @rule(value=st.sampled_from("abcd"), ids=st.lists(IDS, max_size=10), add=st.booleans())
+    def bulk(self, value: str, ids: list[int], add: bool) -> None:
+        if add:
+            self.index.add_many(value, ids)
+            self.model.setdefault(value, set()).update(ids)
+        else:
+            self.index.discard_many(value, ids)
+            self.model.get(value, set()).difference_update(ids)
+
+    @invariant()
+    def agrees(self) -> None:
+        live = {v: ids for v, ids in self.model.items() if ids}
+        assert len(self.index) == len(live)  # empty bitmaps are dropped
+        for v, ids in live.items():
+            assert set(self.index.get(v)) == ids
+        within = set(range(0, 61, 2))
+        assert dict(self.index.group_counts(BitMap(within))) == {
+            v: len(ids & within) for v, ids in live.items() if ids & within}
+        assert set(self.index.union_of(["a", "b", "zz"])) == live.get("a", set()) | live.get(
+            "b", set())
+        copy = ValueIndex.from_state(self.index.to_state())
+        assert {v: set(b) for v, b in copy.items()} == live
+
+
+from pyroaring import BitMap  # noqa: E402
+
+ValueModel.TestCase.settings = settings(max_examples=50, stateful_step_count=25, deadline=None)
+TestValueIndex = ValueModel.TestCase
+
+FLOATS = st.floats(allow_nan=False)
+
+
+@given(FLOATS, FLOATS)
+def test_float_order_is_preserved(a: float, b: float) -> None:
+    ka, kb = float_to_ordered(a), float_to_ordered(b)
+    assert (a < b) == (ka < kb) and (a == b) == (ka == kb)
+    assert ordered_to_float(ka) == a or (a == 0.0 and ordered_to_float(ka) == 0.0)
+
+
+@given(st.lists(FLOATS, max_size=30))
+def test_vectorised_float_map_matches_scalar(values: list[float]) -> None:
+    arr = np.array(values, dtype=np.float64)
+    assert floats_to_ordered(arr).tolist() == [float_to_ordered(v) for v in values]
+
+
+def test_copy_is_independent() -> None:
+    r = RangeIndex()
+    r.set(1, 10)
+    c = r.copy()
+    r.set(2, -math.floor(1e12))
+    assert set(c.exists()) == {1} and c.value_of(1) == 10
