@@ -143,7 +143,7 @@ class ValueIndex:
 class RangeIndex:
     """Bit-sliced index of int64 values: ranges in O(bit width) bitmap operations."""
 
-    __slots__ = ("base", "slices", "_exists")
+    __slots__ = ("_exists", "base", "slices")
 
     def __init__(self) -> None:
         self.base: int | None = None

@@ -25,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ class ShardConfig:
     snapshot_log_bytes: int = 512 << 20  # snapshot when the log grows past this ...
     snapshot_interval: float = 3600.0  # ... or this many seconds after the last one
     rules: IdentityRules = field(default_factory=IdentityRules)
+    fsync: Callable[[int], None] = os.fsync  # injectable, so tests can make it fail
 
 
 class Shard:
@@ -73,6 +75,10 @@ class Shard:
         self._log_bytes_at_snapshot = writer.size_bytes if writer else 0
         self._auto_task: asyncio.Task[None] | None = None
         self.recovery: dict[str, Any] = {}
+        # Log position of the newest snapshot; the older kept snapshot needs the log from
+        # its own position on, so segments are deleted only before that one.
+        self._snapshot_lsn = 0
+        self._erased = False  # a profile was deleted or merged away since the last snapshot
 
     # ------------------------------------------------------------------ life cycle
     @classmethod
@@ -92,20 +98,24 @@ class Shard:
             start_lsn = reader.lsn
             info["snapshot"] = str(reader.path)
         scan = read_log(log_dir, start_lsn)
+        end_lsn = start_lsn
         for record in scan:
             replay(engine, record.rtype, record.payload)
             info["replayed"] += 1
+            end_lsn = record.lsn_end
         if scan.torn is not None:
             info["torn_bytes"] = scan.torn.byte_count
             log.warning("log: cut a torn record at the end of %s offset %d (%d bytes)",
                         scan.torn.path, scan.torn.offset, scan.torn.byte_count)
             truncate_torn_tail(scan)
-        writer = LogWriter.open(log_dir, sync=config.sync, segment_bytes=config.segment_bytes)
+        writer = LogWriter.open(log_dir, sync=config.sync, segment_bytes=config.segment_bytes,
+                                fsync=config.fsync, start_lsn=end_lsn)
         info["seconds"] = round(time.monotonic() - started, 3)
         info["profiles"] = len(engine)
         log.info("recovered %s", info)
         shard = cls(config, engine, writer)
         shard.recovery = info
+        shard._snapshot_lsn = start_lsn
         return shard
 
     def start_background(self) -> None:
@@ -144,6 +154,8 @@ class Shard:
             raise Unavailable(f"write not persisted: {exc}") from None
         before = self.engine.apply(change)
         self._pending.append((lsn, before))
+        if not self._erased and any(image.blob is None for image in change.images):
+            self._erased = True
         try:
             await self.log.sync_to(lsn)
         except (LogFailedError, OSError) as exc:
@@ -198,6 +210,7 @@ class Shard:
         exists = {aid: BitMap(bm) for aid, bm in engine.exists.items()}
         owned = None if engine.owned_slots is None else BitMap(engine.owned_slots)
         epoch = engine.epoch
+        erased, self._erased = self._erased, False  # deletions after this point: next time
         pause = time.monotonic() - started
         self.log.rotate()
         snap_dir = Path(self.config.data_dir) / "snapshots"
@@ -225,9 +238,15 @@ class Shard:
             path = await asyncio.to_thread(writer.commit)
         except BaseException:
             writer.abort()
+            self._erased = self._erased or erased
             raise
-        self.log.remove_segments_before(lsn)
-        prune(snap_dir, keep=1)
+        # Keep the previous snapshot and the log after it, so start-up can fall back to it
+        # if the newest is ever damaged -- unless something was erased since: then erasure
+        # wins and only the newest snapshot (and no log before it) stays on disk.
+        keep_from = lsn if erased else self._snapshot_lsn
+        self.log.remove_segments_before(keep_from)
+        prune(snap_dir, keep=1 if erased else 2)
+        self._snapshot_lsn = lsn
         self._last_snapshot = time.monotonic()
         self._log_bytes_at_snapshot = self.log.size_bytes
         seconds = time.monotonic() - started

@@ -114,7 +114,7 @@ class ValueModel(RuleBasedStateMachine):
         assert {v: set(b) for v, b in copy.items()} == live
 
 
-from pyroaring import BitMap  # noqa: E402
+from pyroaring import BitMap
 
 ValueModel.TestCase.settings = settings(max_examples=50, stateful_step_count=25, deadline=None)
 TestValueIndex = ValueModel.TestCase

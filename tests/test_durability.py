@@ -1,0 +1,223 @@
+"""A shard's log and snapshots: restart equivalence, erasure, torn tails, damage, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from memstore.engine import ADD_TO_SET, INCREMENT, SET, UNSET, UpsertSpec
+from memstore.errors import Unavailable
+from memstore.evaluate import evaluate
+from memstore.query import parse
+from memstore.shard import Shard, ShardConfig
+from memstore.wal_reader import LogCorruptError
+from tests.test_cli import memstore
+
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
+QUERIES = ['country = "US"', "age BETWEEN 20 AND 40", 'tags HAS "b"', "score > 0.5",
+           'NOT country IN ("US","CA") AND exists(age)', f'seen >= "{(T0 + timedelta(days=5)).isoformat()}"',
+           "ALL"]
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def open_shard(data: Path, **kw: Any) -> Shard:
+    return await Shard.open(ShardConfig(data_dir=data, **kw))
+
+
+def state_of(shard: Shard) -> tuple[dict[str, Any], dict[str, list[str]], dict[str, Any]]:
+    engine = shard.engine
+    profiles = {}
+    for pid, dense in engine.dense_of.items():
+        p = engine.profile(dense)
+        profiles[pid] = (p.version, p.attributes, sorted(p.identifiers), sorted(p.merged_ids))
+    answers = {q: sorted(engine.ids_of(evaluate(engine, parse(q)))) for q in QUERIES}
+    return profiles, answers, dict(engine.aliases)
+
+
+async def random_writes(shard: Shard, rng: random.Random, n: int) -> None:
+    engine = shard.engine
+    for _ in range(n):
+        pid = f"p{rng.randrange(40)}"
+        roll = rng.random()
+        if roll < 0.6:
+            ops = [(SET, "country", rng.choice(["US", "CA", "DE"])),
+                   (SET, "age", rng.randrange(10, 70)), (SET, "score", rng.random()),
+                   (SET, "seen", T0 + timedelta(days=rng.randrange(10))),
+                   (ADD_TO_SET, "tags", [rng.choice("abc")]), (INCREMENT, "n", 1)]
+            if rng.random() < 0.2:
+                ops.append((UNSET, "age", None))
+            change = engine.plan_upsert(UpsertSpec(pid, rng.sample(ops, rng.randrange(1, 6))))
+        elif roll < 0.8:
+            change = engine.plan_link(pid, [("email", f"e{rng.randrange(30)}")], create=True)
+        else:
+            change = engine.plan_delete(pid)
+        await shard.commit(change)
+
+
+def test_restart_rebuilds_the_same_state_with_and_without_snapshots(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+
+    async def scenario() -> None:
+        rng = random.Random(7)
+        shard = await open_shard(data)
+        await random_writes(shard, rng, 300)
+        await shard.snapshot()
+        await random_writes(shard, rng, 300)  # these live only in the log
+        expected = state_of(shard)
+        await shard.close()
+        again = await open_shard(data)
+        assert state_of(again) == expected
+        assert again.recovery["snapshot"] is not None and again.recovery["replayed"] > 0
+        await random_writes(again, rng, 100)
+        expected = state_of(again)
+        await again.snapshot()
+        await again.close()
+        third = await open_shard(data)
+        assert state_of(third) == expected
+        await third.close()
+
+    run(scenario())
+
+
+def test_erased_profile_leaves_no_byte_on_disk_after_snapshot(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    marker = "MARKER-7f3a9c-erase-me"
+
+    async def scenario() -> None:
+        shard = await open_shard(data)
+        for i in range(50):
+            await shard.commit(shard.engine.plan_upsert(UpsertSpec(f"keep{i}", [(SET, "x", i)])))
+        await shard.snapshot()  # an older snapshot exists before the marker is written
+        await shard.commit(shard.engine.plan_upsert(UpsertSpec(
+            "victim", [(SET, "note", marker), (SET, "city", marker)],
+            identifiers=[("email", f"{marker}@x.io")])))
+        await shard.snapshot()  # the marker is now in a snapshot and in the log
+        await shard.commit(shard.engine.plan_delete("victim"))
+        await shard.snapshot()
+        await shard.close()
+
+    run(scenario())
+    needle = marker.encode()
+    for path in data.rglob("*"):
+        if path.is_file():
+            assert needle not in path.read_bytes(), f"erased data still in {path}"
+    reopened = run(open_shard(data))
+    assert reopened.engine.lookup("victim") is None and len(reopened.engine) == 50
+
+
+def _last_segment(data: Path) -> Path:
+    return sorted((data / "log").glob("*.log"))[-1]
+
+
+def test_torn_record_at_the_end_is_cut_and_start_up_continues(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+
+    async def write() -> None:
+        shard = await open_shard(data)
+        for i in range(10):
+            await shard.commit(shard.engine.plan_upsert(UpsertSpec(f"u{i}", [(SET, "x", i)])))
+        await shard.close()
+
+    run(write())
+    segment = _last_segment(data)
+    size = segment.stat().st_size
+    with segment.open("r+b") as f:  # a crash in the middle of the last record
+        f.truncate(size - 7)
+    shard = run(open_shard(data))
+    assert shard.recovery["torn_bytes"] > 0
+    assert len(shard.engine) == 9 and shard.engine.lookup("u9") is None
+    run(shard.close())
+
+
+def test_damage_in_the_middle_stops_start_up_then_check_and_repair(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+
+    async def write() -> None:
+        shard = await open_shard(data)
+        for i in range(30):
+            await shard.commit(shard.engine.plan_upsert(UpsertSpec(f"u{i}", [(SET, "x", i)])))
+        await shard.close()
+
+    run(write())
+    segment = _last_segment(data)
+    raw = bytearray(segment.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    segment.write_bytes(bytes(raw))
+    with pytest.raises(LogCorruptError) as info:
+        run(open_shard(data))
+    assert segment.name in str(info.value) and "offset" in str(info.value)
+    check = memstore("check", str(data), check=False)
+    assert check.returncode == 1 and segment.name in check.stdout
+    repaired = memstore("repair", str(data), "--yes", check=False)
+    assert repaired.returncode == 0, repaired.stderr
+    assert any(p.name.startswith(segment.name + ".broken") for p in segment.parent.iterdir())
+    shard = run(open_shard(data))
+    assert 0 < len(shard.engine) < 30
+    run(shard.close())
+
+
+def _failing_fsync(fail: Callable[[], bool]) -> Callable[[int], None]:
+    import os
+
+    def fsync(fd: int) -> None:
+        if fail():
+            raise OSError(5, "injected EIO")
+        os.fsync(fd)
+
+    return fsync
+
+
+def test_failing_fsync_refuses_the_write_and_keeps_reads(tmp_path: Path) -> None:
+    broken = {"now": False}
+
+    async def scenario() -> None:
+        shard = await open_shard(tmp_path / "data", fsync=_failing_fsync(lambda: broken["now"]))
+        await shard.commit(shard.engine.plan_upsert(UpsertSpec("ok", [(SET, "x", 1)])))
+        broken["now"] = True
+        with pytest.raises(Unavailable):
+            await shard.commit(shard.engine.plan_upsert(UpsertSpec("lost", [(SET, "x", 2)])))
+        # Not acknowledged and not visible: rolled back in memory.
+        assert shard.engine.lookup("lost") is None
+        assert shard.engine.profile(shard.engine.lookup("ok")).attributes == {"x": 1}
+        assert len(evaluate(shard.engine, parse("x = 2"))) == 0
+        broken["now"] = False
+        with pytest.raises(Unavailable):  # read-only until restart, never retried
+            await shard.commit(shard.engine.plan_upsert(UpsertSpec("later", [(SET, "x", 3)])))
+        await shard.close()
+
+    run(scenario())
+    shard = run(open_shard(tmp_path / "data"))
+    assert shard.engine.lookup("ok") is not None and shard.engine.lookup("later") is None
+    run(shard.close())
+
+
+def test_concurrent_writes_share_fsyncs(tmp_path: Path) -> None:
+    calls = {"n": 0}
+
+    def counting(fd: int) -> None:
+        import os
+
+        calls["n"] += 1
+        os.fsync(fd)
+
+    async def scenario() -> None:
+        shard = await open_shard(tmp_path / "data", fsync=counting)
+        before = calls["n"]
+        async def one(i: int) -> None:  # plan and commit back to back, as the server does
+            await shard.commit(shard.engine.plan_upsert(UpsertSpec(f"u{i}", [(SET, "x", i)])))
+
+        await asyncio.gather(*[one(i) for i in range(200)])
+        assert len(shard.engine) == 200
+        assert calls["n"] - before < 100, "group commit should cover many writes per fsync"
+        await shard.close()
+
+    run(scenario())
