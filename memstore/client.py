@@ -278,8 +278,11 @@ class Client(_Methods):
             raise _error(exc, "StreamIds") from None
 
     def load(self, records: Iterable[Mapping[str, Any]], *, chunk_size: int = 1000,
-             concurrency: int = 4, progress: Callable[[int], None] | None = None) -> int:
-        """Bulk load, `concurrency` chunks in flight; returns profiles applied."""
+             concurrency: int = 4, progress: Callable[[int], None] | bool | None = None) -> int:
+        """Bulk load, `concurrency` chunks in flight; returns profiles applied.
+
+        `progress` is called with the size of every chunk applied (e.g. tqdm's update)."""
+        progress = progress if callable(progress) else None
         inflight: list[Future[Any]] = []
         total = 0
 
@@ -346,7 +349,8 @@ class AsyncClient(_Methods):
             raise _error(exc, "StreamIds") from None
 
     async def load(self, records: Iterable[Mapping[str, Any]], *, chunk_size: int = 1000,
-                   concurrency: int = 4, progress: Callable[[int], None] | None = None) -> int:
+                   concurrency: int = 4, progress: Callable[[int], None] | bool | None = None) -> int:
+        progress = progress if callable(progress) else None
         gate = asyncio.Semaphore(concurrency)
         total = 0
 

@@ -20,23 +20,25 @@ identifiers, [merged-away primary ids]]. Stored values are described in memstore
 
 from __future__ import annotations
 
-import array
+import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import msgpack
 import numpy as np
 from pyroaring import BitMap
 
-from memstore.bitmap_index import RangeIndex, ValueIndex, float_to_ordered
+from memstore.bitmap_index import RangeIndex, ValueIndex, float_to_ordered, floats_to_ordered
 from memstore.errors import FailedPrecondition, InvalidArgument, NotFound, WrongSlot
 from memstore.hashslot import slot_of
 from memstore.schema import (
     INT64_MAX,
     INT64_MIN,
+    MAX_LIST_ITEMS,
     MAX_STRING_BYTES,
     AttributeSpec,
     Kind,
@@ -83,6 +85,7 @@ class Image:
     dense: int
     pid: str
     blob: bytes | None
+    state: list[Any] | None = None  # decoded blob when the planner has it (saves a decode)
 
 
 @dataclass
@@ -117,8 +120,11 @@ class Profile:
     slot: int
 
 
+_pack = msgpack.Packer(use_bin_type=True).pack  # reused: packb builds a Packer per call
+
+
 def encode(version: int, attrs: dict[int, Any], idents: list[list[str]], merged: list[str]) -> bytes:
-    return msgpack.packb([version, attrs, idents, merged], use_bin_type=True)
+    return _pack([version, attrs, idents, merged])  # type: ignore[no-any-return]
 
 
 def decode(blob: bytes) -> list[Any]:
@@ -377,6 +383,29 @@ class _Planner:
         return change
 
 
+_COLUMN_TYPES = {Kind.STRING: {str}, Kind.INT: {int}, Kind.FLOAT: {float},
+                 Kind.BOOL: {bool}, Kind.STRING_LIST: {list},
+                 Kind.TIMESTAMP: {datetime, msgpack.Timestamp}}
+
+
+def _column_ok(kind: Kind, values: list[Any]) -> bool:
+    """True when every value is valid for `kind`, checked a column at a time."""
+    types = set(map(type, values))
+    if not types <= _COLUMN_TYPES[kind]:
+        return False
+    if kind is Kind.STRING:
+        return max(map(len, values)) <= MAX_STRING_BYTES // 4
+    if kind is Kind.INT:
+        return INT64_MIN <= min(values) and max(values) <= INT64_MAX
+    if kind is Kind.FLOAT:
+        return not any(math.isnan(v) for v in values)
+    if kind is Kind.STRING_LIST:
+        limit = MAX_STRING_BYTES // 4
+        return all(len(v) <= MAX_LIST_ITEMS and set(map(type, v)) <= {str}
+                   and (not v or max(map(len, v)) <= limit) for v in values)
+    return True
+
+
 class Engine:
     def __init__(self, rules: IdentityRules | None = None) -> None:
         self.rules = rules or IdentityRules()
@@ -475,6 +504,74 @@ class Engine:
             at = spec.where or f"{where}[{i}]"
             results.append(self._plan_upsert(planner, spec, at))
         return planner.finish(results)
+
+    def plan_load(self, rows: Sequence[tuple[str, dict[str, Any], list[tuple[str, str]]]],
+                  where: str = "packed") -> Change:
+        """Plan a bulk load of (id, flat attributes, identifiers) rows with set semantics.
+
+        The load path: when every row is a new profile whose identifiers belong to nobody,
+        validation runs column by column (one type check per attribute per batch, not per
+        value) and blobs are built directly. Any row that touches existing state (an
+        existing id, an owned identifier, an alias) sends the whole batch through the
+        general planner, which gives the same result more slowly.
+        """
+        def general() -> Change:
+            return self.plan_batch([
+                UpsertSpec(pid, [(SET, k, v) for k, v in attrs.items()], idents,
+                           where=f"{where}[{i}]")
+                for i, (pid, attrs, idents) in enumerate(rows)])
+
+        seen: set[str] = set()
+        keys: set[str] = set()
+        rules = self.rules
+        for i, (pid, _, idents) in enumerate(rows):
+            check_pid(pid, f"{where}[{i}].id")
+            if pid in self.dense_of or pid in self.aliases or pid in seen:
+                return general()
+            seen.add(pid)
+            self.check_slot(pid)
+            kinds: dict[str, int] = {}
+            for kind, value in idents:
+                key = ident_key(kind, value)
+                if key in self.directory or key in keys or rules.is_blocked(value):
+                    return general()
+                check_identifier(kind, value, f"{where}[{i}].identifiers")
+                keys.add(key)
+                kinds[kind] = kinds.get(kind, 0) + 1
+            if kinds and max(kinds.values()) > rules.max_per_kind:
+                return general()
+        planner = _Planner(self)
+        columns: dict[str, list[Any]] = defaultdict(list)
+        for _, attrs, _ in rows:
+            for name, value in attrs.items():
+                columns[name].append(value)
+        aid_of: dict[str, int] = {}
+        convert: dict[str, tuple[int, Kind]] = {}
+        for name, values in columns.items():
+            spec = planner.spec(name) or planner.declare(name, kind_of(values[0]))
+            if not _column_ok(spec.kind, values):
+                return general()  # it finds and names the bad value
+            aid_of[name] = spec.id
+            if spec.kind is Kind.TIMESTAMP or spec.kind is Kind.STRING_LIST:
+                convert[name] = (spec.id, spec.kind)
+        change = Change(schema=list(planner.added))
+        next_dense = len(self.blobs)
+        results = []
+        for pid, attrs, idents in rows:
+            stored = {aid_of[name]: value for name, value in attrs.items()}
+            for name, (aid, kind) in convert.items():
+                if name in attrs:
+                    value = to_stored(kind, attrs[name])
+                    if kind is Kind.STRING_LIST and not value:
+                        del stored[aid]
+                    else:
+                        stored[aid] = value
+            state = [1, stored, [[k, v] for k, v in idents], []]
+            change.images.append(Image(next_dense, pid, _pack(state), state))
+            next_dense += 1
+            results.append((pid, True))
+        change.result = results
+        return change
 
     def plan_upsert(self, spec: UpsertSpec) -> Change:
         planner = _Planner(self)
@@ -590,7 +687,8 @@ class Engine:
             before.append(Image(dense, self.pids[dense] or pid, old))
             if old is None and blob is None:
                 continue
-            new_state = decode(blob) if blob is not None else None
+            new_state = image.state if image.state is not None else (
+                decode(blob) if blob is not None else None)
             if old is None:
                 assert new_state is not None
                 self.blobs[dense] = blob
@@ -685,37 +783,39 @@ class Engine:
                 self.exists[aid].add(dense)
 
     def _index_fresh(self, fresh: list[tuple[int, dict[int, Any]]]) -> None:
-        """Index profiles that had no previous image, in bulk (the load path)."""
-        by_id = self.schema.by_id
-        values: dict[tuple[int, Any], list[int]] = defaultdict(list)
-        present: dict[int, list[int]] = defaultdict(list)
-        ranges: dict[int, tuple[list[int], list[int]]] = {}
+        """Index profiles that had no previous image, column by column (the load path)."""
+        columns: dict[int, tuple[list[int], list[Any]]] = {}
         for dense, attrs in fresh:
             for aid, value in attrs.items():
-                spec = by_id[aid]
-                if not spec.indexed:
-                    continue
-                kind = spec.kind
-                if kind in RANGE_KINDS:
-                    pair = ranges.get(aid)
-                    if pair is None:
-                        pair = ranges[aid] = ([], [])
-                    pair[0].append(dense)
-                    pair[1].append(float_to_ordered(value) if kind is Kind.FLOAT else value)
-                elif kind is Kind.STRING_LIST:
-                    for item in value:
-                        values[(aid, item)].append(dense)
-                    present[aid].append(dense)
+                column = columns.get(aid)
+                if column is None:
+                    column = columns[aid] = ([], [])
+                column[0].append(dense)
+                column[1].append(value)
+        by_id = self.schema.by_id
+        for aid, (ids, values) in columns.items():
+            spec = by_id[aid]
+            if not spec.indexed:
+                continue
+            if spec.kind in RANGE_KINDS:
+                if spec.kind is Kind.FLOAT:
+                    keys = floats_to_ordered(np.array(values, dtype=np.float64))
                 else:
-                    values[(aid, value)].append(dense)
-                    present[aid].append(dense)
-        for (aid, value), ids in values.items():
-            self.value_index[aid].add_many(value, array.array("I", ids))
-        for aid, ids in present.items():
-            self.exists[aid].update(array.array("I", ids))
-        for aid, (ids, vals) in ranges.items():
-            self.range_index[aid].set_many(np.array(ids, dtype=np.uint32),
-                                           np.array(vals, dtype=np.int64))
+                    keys = np.array(values, dtype=np.int64)
+                self.range_index[aid].set_many(np.array(ids, dtype=np.uint32), keys)
+                continue
+            groups: dict[Any, list[int]] = defaultdict(list)
+            if spec.kind is Kind.STRING_LIST:
+                for dense, items in zip(ids, values, strict=True):
+                    for item in items:
+                        groups[item].append(dense)
+            else:
+                for dense, value in zip(ids, values, strict=True):
+                    groups[value].append(dense)
+            vindex = self.value_index[aid]
+            for value, members in groups.items():
+                vindex.add_many(value, members)
+            self.exists[aid].update(ids)
 
     # ------------------------------------------------------------------ cluster
     def set_ownership(self, epoch: int, slots: BitMap | None) -> None:

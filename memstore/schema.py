@@ -16,6 +16,8 @@ from datetime import datetime
 from enum import IntEnum
 from typing import Any
 
+from msgpack import Timestamp
+
 from memstore.errors import InvalidArgument
 
 
@@ -61,7 +63,7 @@ def kind_of(value: Any) -> Kind:
         return Kind.FLOAT
     if isinstance(value, str):
         return Kind.STRING
-    if isinstance(value, datetime):
+    if isinstance(value, (datetime, Timestamp)):
         return Kind.TIMESTAMP
     if isinstance(value, (list, tuple, set, frozenset)):
         return Kind.STRING_LIST

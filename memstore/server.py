@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import signal
 import sys
@@ -158,15 +159,16 @@ def _spec(request: pb.UpsertRequest, where: str = "") -> UpsertSpec:
     )
 
 
-def unpack_records(packed: bytes) -> list[UpsertSpec]:
-    """Decode a packed bulk batch: msgpack [[id, attributes, identifiers], ...]."""
+def unpack_records(packed: bytes) -> list[tuple[str, dict[str, Any], list[tuple[str, str]]]]:
+    """Decode a packed bulk batch: msgpack [[id, attributes, identifiers], ...] into
+    (id, flat attributes, identifiers) rows. Timestamps stay msgpack Timestamps."""
     try:
-        rows = msgpack.unpackb(packed, timestamp=3, use_list=True)
+        rows = msgpack.unpackb(packed, use_list=True)
     except Exception as exc:  # noqa: BLE001 - msgpack raises many types on garbage
         raise InvalidArgument(f"packed: not a msgpack array of records ({exc})") from None
     if not isinstance(rows, list):
         raise InvalidArgument("packed: not a msgpack array of records")
-    specs = []
+    out = []
     for i, row in enumerate(rows):
         if not isinstance(row, list) or len(row) not in (2, 3):
             raise InvalidArgument(f"packed[{i}]: a record is [id, attributes, identifiers]")
@@ -176,14 +178,16 @@ def unpack_records(packed: bytes) -> list[UpsertSpec]:
             raise InvalidArgument(f"packed[{i}]: id must be a string")
         if not isinstance(attrs, dict):
             raise InvalidArgument(f"packed[{i}]: attributes must be a map")
-        flat = flatten(attrs, f"packed[{i}].attributes")
-        try:
-            pairs = [(str(k), str(v)) for k, v in (idents or [])]
-        except (TypeError, ValueError):
-            raise InvalidArgument(f"packed[{i}]: identifiers are [kind, value] pairs") from None
-        specs.append(UpsertSpec(pid, [(SET, k, v) for k, v in flat.items()], pairs,
-                                where=f"packed[{i}]"))
-    return specs
+        if dict in set(map(type, attrs.values())):
+            attrs = flatten(attrs, f"packed[{i}].attributes")
+        pairs = []
+        for pair in idents or ():
+            if (not isinstance(pair, list) or len(pair) != 2
+                    or not all(isinstance(x, str) for x in pair)):
+                raise InvalidArgument(f"packed[{i}]: identifiers are [kind, value] string pairs")
+            pairs.append((pair[0], pair[1]))
+        out.append((pid, attrs, pairs))
+    return out
 
 
 class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
@@ -258,10 +262,15 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
     async def BatchUpsert(self, request: pb.BatchUpsertRequest, context: Any
                           ) -> pb.BatchUpsertResponse:
         self._writable()
-        specs = [_spec(r, f"requests[{i}].") for i, r in enumerate(request.requests)]
-        if request.packed:
-            specs.extend(unpack_records(request.packed))
-        change = self.engine.plan_batch(specs)
+        rows = unpack_records(request.packed) if request.packed else []
+        if request.requests:
+            specs = [_spec(r, f"requests[{i}].") for i, r in enumerate(request.requests)]
+            specs += [UpsertSpec(pid, [(SET, k, v) for k, v in attrs.items()], idents,
+                                 where=f"packed[{i}]")
+                      for i, (pid, attrs, idents) in enumerate(rows)]
+            change = self.engine.plan_batch(specs)
+        else:
+            change = self.engine.plan_load(rows)
         results = await self.shard.commit(change)
         return pb.BatchUpsertResponse(applied=len(results),
                                       created=sum(1 for _, c in results if c))
@@ -557,6 +566,12 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
                 slots: BitMap | None = None, ready: Callable[[int], None] | None = None) -> None:
     """Run one shard until SIGTERM/SIGINT, then drain in-flight calls and close the log."""
     shard = await Shard.open(config)
+    # The engine holds few container objects (profiles are bytes), but a bulk load makes
+    # and drops millions of small lists and dicts: collect young objects less often and
+    # never rescan what recovery loaded.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
     if slots is not None and shard.engine.epoch == 0 and shard.engine.owned_slots is None:
         await shard.set_ownership(1, slots)
     server, bound = make_server(shard, host, port)

@@ -23,7 +23,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Self
 
 log = logging.getLogger("memstore.snapshot")
 
@@ -114,7 +114,7 @@ class SnapshotWriter:
             self._file = None
         self.tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> SnapshotWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: object, *rest: object) -> None:

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+import msgpack
+
 from memstore.errors import InvalidArgument
 from memstore.pbvalues import datetime_to_micros, micros_to_datetime
 from memstore.schema import Kind
@@ -44,6 +46,8 @@ def flatten(attributes: Mapping[str, Any], where: str = "attributes") -> dict[st
 def to_stored(kind: Kind, value: Any) -> Any:
     """The stored form of an API value already checked to be of `kind`."""
     if kind is Kind.TIMESTAMP:
+        if isinstance(value, msgpack.Timestamp):
+            return value.seconds * 1_000_000 + value.nanoseconds // 1000
         return datetime_to_micros(value)
     if kind is Kind.STRING_LIST:
         return sorted(set(value))

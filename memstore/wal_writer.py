@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import zlib
@@ -235,7 +236,7 @@ class LogWriter:
         segments = sorted((base, p) for p in self.directory.iterdir()
                           if (base := fmt.parse_segment_name(p.name)) is not None)
         removed = 0
-        for (base, path), (next_base, _) in zip(segments, segments[1:], strict=False):
+        for (base, path), (next_base, _) in itertools.pairwise(segments):
             if next_base <= lsn and base != self._base:
                 self.size_bytes -= path.stat().st_size
                 path.unlink()

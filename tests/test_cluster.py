@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
@@ -98,12 +99,21 @@ def test_serve_restarts_a_killed_shard_and_stops_cleanly(tmp_path: Path) -> None
 
 
 class Load:
-    """A steady stream of writes and exact-count checks through the router."""
+    """A steady stream of creates, updates and deletes, and exact-count checks, through the
+    router. One writer, so the true number of profiles while a query runs lies between
+    (creates acked before it - deletes sent by its end) and (creates sent by its end -
+    deletes acked before it); an exact count must fall in that range."""
+
+    runs = 0
 
     def __init__(self, address: str, preloaded: dict[str, int]) -> None:
+        Load.runs += 1
+        self.prefix = f"live{Load.runs}-"  # new ids, never those of an earlier load
         self.stub = _stub(address)
         self.acked: dict[str, int] = dict(preloaded)  # id -> last acknowledged "n"
-        self.started = len(preloaded)  # profiles whose creation has been sent
+        self.base = len(preloaded)
+        self.creates_sent = self.creates_acked = self.deletes_sent = self.deletes_acked = 0
+        self.deleted: list[str] = []
         self.errors: list[str] = []
         self.counts = 0
         self.stop = threading.Event()
@@ -113,14 +123,15 @@ class Load:
         n = 0
         while not self.stop.is_set():
             n += 1
-            if n % 3:
-                pid = f"live-{n}"
-                with self.lock:
-                    self.started += 1
-            else:
-                pid = f"pre-{n % 500}"  # updates of existing profiles
+            if n % 10 == 0:
+                self._delete(f"{self.prefix}{n - 9}")
+                continue
+            create = n % 3 != 0
+            pid = f"{self.prefix}{n}" if create else f"pre-{n % 500}"  # or update one
             request = pb.UpsertRequest(id=pid, operations=[pb.Operation(
                 op=pb.Operation.SET, attribute="n", value=pb.Value(int_value=n))])
+            with self.lock:
+                self.creates_sent += create
             try:
                 self.stub.Upsert(request, timeout=30)
             except grpc.RpcError as exc:
@@ -128,11 +139,29 @@ class Load:
                 continue
             with self.lock:
                 self.acked[pid] = n
+                self.creates_acked += create
+
+    def _delete(self, pid: str) -> None:
+        with self.lock:
+            if pid not in self.acked:
+                return
+            self.deletes_sent += 1
+        try:
+            reply = self.stub.Delete(pb.DeleteRequest(key=pb.ProfileKey(id=pid)), timeout=30)
+        except grpc.RpcError as exc:
+            self.errors.append(f"delete {pid}: {exc.code()} {exc.details()}")
+            return
+        if not reply.deleted:
+            self.errors.append(f"delete {pid}: not found")
+        with self.lock:
+            del self.acked[pid]
+            self.deleted.append(pid)
+            self.deletes_acked += 1
 
     def reader(self) -> None:
         while not self.stop.is_set():
-            with self.lock:
-                low = len(self.acked)
+            with self.lock:  # t0: what was surely applied before the query
+                creates_acked, deletes_acked = self.creates_acked, self.deletes_acked
             began = time.monotonic()
             try:
                 count = self.stub.Count(everything(), timeout=30).count
@@ -140,8 +169,9 @@ class Load:
                 self.errors.append(f"count: {exc.code()} {exc.details()} after "
                                    f"{time.monotonic() - began:.1f} s")
                 continue
-            with self.lock:
-                high = self.started
+            with self.lock:  # t1: what may have been applied by the end of it
+                low = self.base + creates_acked - self.deletes_sent
+                high = self.base + self.creates_sent - deletes_acked
             if not low <= count <= high:
                 self.errors.append(f"count {count} outside [{low}, {high}]")
             self.counts += 1
@@ -187,6 +217,13 @@ def _check_final(address: str, acked: dict[str, int], shard_addresses: list[str]
     assert got == acked
 
 
+def _check_deleted(address: str, load: Load) -> None:
+    assert load.deleted, "the load deleted nothing"
+    keys = [pb.ProfileKey(id=p) for p in load.deleted]
+    results = _stub(address).BatchGet(pb.BatchGetRequest(keys=keys), timeout=30).results
+    assert not any(r.found for r in results)
+
+
 def test_add_and_remove_shard_under_load_lose_nothing_and_count_exactly(tmp_path: Path
                                                                          ) -> None:
     shards = start_shards(tmp_path, 2)
@@ -209,6 +246,7 @@ def test_add_and_remove_shard_under_load_lose_nothing_and_count_exactly(tmp_path
         assert not journal.exists()
         everyone = [*(s.address for s in shards), new.address]
         _check_final(router.address, load.acked, everyone)
+        _check_deleted(router.address, load)
         info = _info(new.address)
         assert abs(sum(r.end - r.start + 1 for r in info.slots) - SLOT_COUNT // 3) <= 1
         assert info.profiles > len(load.acked) // 4
@@ -219,6 +257,7 @@ def test_add_and_remove_shard_under_load_lose_nothing_and_count_exactly(tmp_path
         assert _info(shards[0].address).profiles == 0
         assert not _info(shards[0].address).slots
         _check_final(router.address, load.acked, everyone[1:])
+        _check_deleted(router.address, load)
         # The router forgot shard-0: stopping it does not make queries fail.
         shards[0].stop()
         assert stub.Count(everything(), timeout=30).count == len(load.acked)
@@ -274,6 +313,65 @@ def test_a_move_interrupted_after_the_freeze_is_finished_by_resume(tmp_path: Pat
         assert stub.Count(everything(), timeout=30).count == len(ids)
         got = stub.Get(pb.GetRequest(key=pb.ProfileKey(id=frozen)), timeout=10).profile
         assert got.attributes["city"].string_value == "Rome"
+    finally:
+        router.stop()
+        for s in shards:
+            s.stop()
+
+
+@pytest.mark.parametrize("victim", ["source", "target"])
+def test_a_shard_killed_mid_move_restarts_into_a_consistent_cluster(tmp_path: Path,
+                                                                    victim: str) -> None:
+    """SIGKILL the source or the target between freeze and switch, restart it from its data
+    directory on the same port, and `cluster resume` completes the move exactly."""
+    import asyncio
+
+    from shards import rebalance as rb
+
+    shards = [start_shard(tmp_path / f"shard-{i}", "--name", f"shard-{i}", "--slots", slots,
+                          "--sync", "always")
+              for i, slots in enumerate(["0-8191", "8192-16383"])]
+    router = RouterThread([s.address for s in shards])
+    try:
+        stub = _stub(router.address)
+        ids = [f"k-{i}" for i in range(1000)]
+        stub.BatchUpsert(pb.BatchUpsertRequest(requests=[upsert(p, "Oslo", 1) for p in ids]),
+                         timeout=30)
+        journal = rb.Journal(tmp_path / "journal.json")
+        moving = set(range(8192 - 500, 8192))
+
+        async def crash_after_freeze() -> None:
+            async with rb.Cluster([s.address for s in shards]) as cluster:
+                source, target = cluster.nodes
+                await rb._copy(source, target, moving)
+                epoch = cluster.next_epoch()
+                journal.write(source, target, moving, epoch)
+                await source.stub.SetSlots(cpb.SetSlotsRequest(
+                    epoch=epoch, slots=rb._ranges_pb(source.slots - moving)))
+
+        asyncio.run(crash_after_freeze())
+        index = 0 if victim == "source" else 1
+        dead = shards[index]
+        dead.stop(signal.SIGKILL)
+        port = dead.address.rsplit(":", 1)[1]
+        shards[index] = start_shard(dead.data_dir, "--name", f"shard-{index}", "--sync",
+                                    "always", "--port", port)
+        assert shards[index].address == dead.address
+        result = subprocess.run(
+            [sys.executable, "-m", "memstore.cli", "cluster", "resume", "--address",
+             router.address, "--journal", str(journal.path)],
+            check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert "finished the interrupted move" in result.stdout
+        owned = [from_ranges((r.start, r.end) for r in _info(s.address).slots)
+                 for s in shards]
+        assert moving <= owned[1] and not moving & owned[0]
+        assert sum(len(o) for o in owned) == SLOT_COUNT
+        assert sum(_info(s.address).profiles for s in shards) == len(ids)
+        assert stub.Count(everything(), timeout=30).count == len(ids)
+        results = stub.BatchGet(pb.BatchGetRequest(keys=[pb.ProfileKey(id=p) for p in ids]),
+                                timeout=30).results
+        assert all(r.found for r in results)
     finally:
         router.stop()
         for s in shards:

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import hypothesis.strategies as st
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from memstore.engine import (
@@ -26,7 +26,7 @@ from memstore.engine import (
 )
 from memstore.errors import FailedPrecondition
 from memstore.evaluate import evaluate
-from memstore.query import And, Not, Op, Or, Predicate
+from memstore.query import And, Not, Op, Or, Predicate, parse
 from memstore.schema import Kind, Merge
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -268,3 +268,49 @@ class EngineModel(RuleBasedStateMachine):
 EngineModel.TestCase.settings = settings(max_examples=60, stateful_step_count=30,
                                          deadline=None)
 TestEngineModel = EngineModel.TestCase
+
+
+# ---------------------------------------------------------------------- the bulk-load path
+
+ROWS = st.lists(st.tuples(
+    st.sampled_from([f"p{i}" for i in range(12)]),
+    st.fixed_dictionaries({}, optional={
+        "country": COUNTRIES, "age": st.integers(-5, 120), "tags": st.lists(TAGS, max_size=3),
+        "seen": ATTR_VALUES["seen"], "score": ATTR_VALUES["score"], "vip": st.booleans()}),
+    st.lists(IDENTS, max_size=2, unique=True)), max_size=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(before=ROWS, rows=ROWS)
+def test_load_fast_path_equals_the_general_planner(before: Any, rows: Any) -> None:
+    """plan_load (columnar, new profiles) must leave exactly the state plan_batch does."""
+    fast, slow = Engine(IdentityRules(max_per_kind=MAX_PER_KIND)), Engine(
+        IdentityRules(max_per_kind=MAX_PER_KIND))
+
+    def specs(rs: Any) -> list[UpsertSpec]:
+        return [UpsertSpec(pid, [(SET, k, v) for k, v in attrs.items()], idents)
+                for pid, attrs, idents in rs]
+
+    for engine in (fast, slow):
+        engine.apply(engine.plan_declare([(n, k, True, Merge.DEFAULT) for n, k in (
+            ("country", Kind.STRING), ("age", Kind.INT), ("tags", Kind.STRING_LIST),
+            ("seen", Kind.TIMESTAMP), ("vip", Kind.BOOL))]))
+        try:
+            engine.apply(engine.plan_batch(specs(before)))
+        except FailedPrecondition:
+            pass
+    outcomes = []
+    for engine, plan in ((fast, lambda: fast.plan_load(rows)),
+                         (slow, lambda: slow.plan_batch(specs(rows)))):
+        try:
+            engine.apply(plan())
+            outcomes.append("ok")
+        except FailedPrecondition as exc:
+            outcomes.append(type(exc).__name__)
+    assert outcomes[0] == outcomes[1]
+    assert {p: fast.profile(d).attributes for p, d in fast.dense_of.items()} == {
+        p: slow.profile(d).attributes for p, d in slow.dense_of.items()}
+    assert fast.directory.keys() == slow.directory.keys()
+    for text in ('country = "US"', "age >= 30", 'tags HAS "a"', "exists(seen)", "vip = true"):
+        q = parse(text)
+        assert set(fast.ids_of(evaluate(fast, q))) == set(slow.ids_of(evaluate(slow, q)))
