@@ -24,23 +24,28 @@ from memstore.schema import AttributeSpec, Kind
 _RANGE_OPS = {Op.LT: "lt", Op.LE: "le", Op.GT: "gt", Op.GE: "ge", Op.EQ: "eq", Op.NE: "ne"}
 
 
-def evaluate(engine: Engine, node: Node) -> BitMap:
-    """Dense ids of visible profiles matching `node`. Raises InvalidArgument."""
+def evaluate(engine: Engine, node: Node, *, unknown_is_empty: bool = False) -> BitMap:
+    """Dense ids of visible profiles matching `node`. Raises InvalidArgument.
+
+    With `unknown_is_empty` (a router asking), an attribute this shard has never seen
+    matches nothing here instead of failing."""
     universe = engine.visible()
-    result = _eval(engine, node, universe)
+    result = _eval(engine, node, universe, unknown_is_empty)
     # Leaves may include profiles outside owned slots; one intersection at the top removes them.
     if engine.foreign:
         result = result & universe
     return result
 
 
-def _eval(engine: Engine, node: Node, universe: BitMap) -> BitMap:
+def _eval(engine: Engine, node: Node, universe: BitMap, lenient: bool) -> BitMap:
     if isinstance(node, Predicate):
+        if lenient and engine.schema.get(node.attribute) is None:
+            return BitMap()
         return _predicate(engine, node)
     if isinstance(node, And):
         # Cheapest-first would need cardinalities up front; intersecting in order and
         # stopping at empty is simple and already fast on roaring containers.
-        parts = [_eval(engine, child, universe) for child in node.children]
+        parts = [_eval(engine, child, universe, lenient) for child in node.children]
         parts.sort(key=len)
         result = parts[0]
         for part in parts[1:]:
@@ -49,9 +54,9 @@ def _eval(engine: Engine, node: Node, universe: BitMap) -> BitMap:
             result = result & part
         return result
     if isinstance(node, Or):
-        return BitMap.union(*[_eval(engine, child, universe) for child in node.children])
+        return BitMap.union(*[_eval(engine, child, universe, lenient) for child in node.children])
     if isinstance(node, Not):
-        return universe - _eval(engine, node.child, universe)
+        return universe - _eval(engine, node.child, universe, lenient)
     if isinstance(node, All):
         return BitMap(universe)
     raise InvalidArgument(f"query: unsupported node {type(node).__name__}")
@@ -162,8 +167,11 @@ def _predicate(engine: Engine, p: Predicate) -> BitMap:
     )
 
 
-def group_counts(engine: Engine, matches: BitMap, attribute: str) -> list[tuple[Any, int]]:
+def group_counts(engine: Engine, matches: BitMap, attribute: str,
+                 unknown_is_empty: bool = False) -> list[tuple[Any, int]]:
     """Exact (value, count) over `matches` for a string, bool or list attribute."""
+    if unknown_is_empty and engine.schema.get(attribute) is None:
+        return []
     spec = spec_for_query(engine, attribute)
     if spec.kind in RANGE_KINDS:
         raise InvalidArgument(

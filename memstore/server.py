@@ -337,7 +337,8 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
 
     # ------------------------------------------------------------------ queries
     def _matches(self, request: pb.QueryRequest) -> BitMap:
-        return evaluate(self.engine, query_from_request(request))
+        return evaluate(self.engine, query_from_request(request),
+                        unknown_is_empty=request.unknown_attribute_is_empty)
 
     @rpc
     async def Count(self, request: pb.QueryRequest, context: Any) -> pb.CountResponse:
@@ -386,7 +387,8 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
     @rpc
     async def GroupBy(self, request: pb.GroupByRequest, context: Any) -> pb.GroupByResponse:
         matches = self._matches(request.query)
-        groups = group_counts(self.engine, matches, request.attribute)
+        groups = group_counts(self.engine, matches, request.attribute,
+                              request.query.unknown_attribute_is_empty)
         groups.sort(key=lambda g: (-g[1], str(g[0])))
         if request.top_n:
             groups = groups[: request.top_n]

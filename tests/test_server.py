@@ -365,3 +365,14 @@ def test_sigterm_stops_gracefully() -> None:
     with Client(server.address) as c:
         c.upsert("x", {"a": 1})
     assert server.stop(signal.SIGTERM) == 0
+
+
+def test_router_flag_makes_unseen_attributes_match_nothing(stub, segment: str) -> None:  # type: ignore[no-untyped-def]
+    lenient = pb.QueryRequest(text='never_seen = "x"', unknown_attribute_is_empty=True)
+    assert stub.Count(lenient).count == 0
+    every = stub.Count(pb.QueryRequest(text="ALL")).count
+    negated = pb.QueryRequest(text='NOT never_seen = "x"', unknown_attribute_is_empty=True)
+    assert stub.Count(negated).count == every
+    with pytest.raises(grpc.RpcError) as info:  # without the flag it is a caller's mistake
+        stub.Count(pb.QueryRequest(text='never_seen = "x"'))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -336,14 +336,16 @@ class QueryList(_message.Message):
     def __init__(self, children: _Optional[_Iterable[_Union[Query, _Mapping]]] = ...) -> None: ...
 
 class QueryRequest(_message.Message):
-    __slots__ = ("query", "text", "allow_partial")
+    __slots__ = ("query", "text", "allow_partial", "unknown_attribute_is_empty")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     ALLOW_PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_ATTRIBUTE_IS_EMPTY_FIELD_NUMBER: _ClassVar[int]
     query: Query
     text: str
     allow_partial: bool
-    def __init__(self, query: _Optional[_Union[Query, _Mapping]] = ..., text: _Optional[str] = ..., allow_partial: _Optional[bool] = ...) -> None: ...
+    unknown_attribute_is_empty: bool
+    def __init__(self, query: _Optional[_Union[Query, _Mapping]] = ..., text: _Optional[str] = ..., allow_partial: _Optional[bool] = ..., unknown_attribute_is_empty: _Optional[bool] = ...) -> None: ...
 
 class QueryIdsRequest(_message.Message):
     __slots__ = ("query", "page_size", "cursor")
