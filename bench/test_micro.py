@@ -1,0 +1,142 @@
+"""Micro-benchmarks of the hot primitives, each beside a peer in the same run.
+
+    python -m pytest bench/test_micro.py --benchmark-columns=median,ops,rounds
+
+Peers: a numpy boolean mask over the same column (the scan any index must beat), and
+msgpack/packb for the log frame (the floor of encoding the record at all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pyroaring import BitMap
+
+from memstore.bitmap_index import RangeIndex, ValueIndex
+from memstore.engine import Engine
+from memstore.evaluate import evaluate
+from memstore.query import parse
+from memstore.schema import Kind, Merge
+from memstore.wal_writer import LogWriter, SyncPolicy
+
+N = 1_000_000
+RNG = np.random.default_rng(7)
+
+
+@pytest.fixture(scope="module")
+def ages() -> tuple[RangeIndex, np.ndarray]:
+    values = RNG.integers(18, 91, N)
+    index = RangeIndex()
+    index.set_many(np.arange(N, dtype=np.uint32), values)
+    return index, values
+
+
+@pytest.fixture(scope="module")
+def times() -> tuple[RangeIndex, np.ndarray]:
+    start = 1_600_000_000_000_000
+    values = start + RNG.integers(0, 5 * 365 * 86_400_000_000, N)
+    index = RangeIndex()
+    index.set_many(np.arange(N, dtype=np.uint32), values)
+    return index, values
+
+
+def test_bsi_between_ages(benchmark, ages) -> None:  # type: ignore[no-untyped-def]
+    index, values = ages
+    result = benchmark(index.between, 25, 34)
+    assert len(result) == int(((values >= 25) & (values <= 34)).sum())
+
+
+def test_numpy_between_ages_peer(benchmark, ages) -> None:  # type: ignore[no-untyped-def]
+    _, values = ages
+    result = benchmark(lambda: np.flatnonzero((values >= 25) & (values <= 34)))
+    assert len(result) > 0
+
+
+def test_bsi_ge_timestamps(benchmark, times) -> None:  # type: ignore[no-untyped-def]
+    index, values = times
+    cut = int(np.median(values))
+    result = benchmark(index.compare, "ge", cut)
+    assert len(result) == int((values >= cut).sum())
+
+
+def test_numpy_ge_timestamps_peer(benchmark, times) -> None:  # type: ignore[no-untyped-def]
+    _, values = times
+    cut = int(np.median(values))
+    assert len(benchmark(lambda: np.flatnonzero(values >= cut))) > 0
+
+
+def test_value_index_union_of_three(benchmark) -> None:  # type: ignore[no-untyped-def]
+    codes = RNG.integers(0, 40, N)
+    index = ValueIndex()
+    for code in range(40):
+        index.add_many(f"c{code}", np.flatnonzero(codes == code))
+    result = benchmark(index.union_of, ["c1", "c2", "c3"])
+    assert len(result) == int(np.isin(codes, [1, 2, 3]).sum())
+
+
+def test_bsi_set_many_100k(benchmark) -> None:  # type: ignore[no-untyped-def]
+    ids = np.arange(100_000, dtype=np.uint32)
+    values = RNG.integers(0, 10_000, 100_000)
+
+    def load() -> RangeIndex:
+        index = RangeIndex()
+        index.set_many(ids, values)
+        return index
+
+    assert len(benchmark(load)) == 100_000
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    from bench.datagen import generate, iter_records, schema_declaration
+
+    kinds = {k.label: k for k in Kind}
+    e = Engine()
+    e.apply(e.plan_declare([(d["name"], kinds[d["kind"]], d.get("indexed", True),
+                             Merge.DEFAULT) for d in schema_declaration()]))
+    rows = [(r["id"], r["attributes"], r["identifiers"])
+            for r in iter_records(generate(200_000, seed=3))]
+    for i in range(0, len(rows), 1000):
+        e.apply(e.plan_load(rows[i:i + 1000]))
+    return e
+
+
+def test_query_evaluation_5_predicates_200k(benchmark, engine: Engine) -> None:  # type: ignore[no-untyped-def]
+    query = parse('country IN ("US","CA") AND age BETWEEN 25 AND 34 AND interests HAS "dogs" '
+                  'AND NOT is_subscribed = false AND ltv > 10.0')
+    result = benchmark(evaluate, engine, query)
+    assert isinstance(result, BitMap)
+
+
+def test_index_update_single_profile(benchmark, engine: Engine) -> None:  # type: ignore[no-untyped-def]
+    from memstore.engine import SET, UpsertSpec
+
+    counter = iter(range(10**9))
+
+    def update() -> None:
+        n = next(counter)
+        engine.apply(engine.plan_upsert(UpsertSpec("u00000001", [
+            (SET, "age", 20 + n % 50), (SET, "country", ["US", "DE"][n % 2])])))
+
+    benchmark(update)
+
+
+def test_log_append_and_group_sync(benchmark, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """100 appends sharing fsyncs, as 100 concurrent writers would."""
+    payload = os.urandom(300)
+
+    async def burst(writer: LogWriter) -> None:
+        async def one() -> None:
+            await writer.sync_to(writer.append(1, payload))
+
+        await asyncio.gather(*(one() for _ in range(100)))
+
+    loop = asyncio.new_event_loop()
+    writer = LogWriter.open(tmp_path / "log", sync=SyncPolicy.ALWAYS)
+    benchmark(lambda: loop.run_until_complete(burst(writer)))
+    loop.run_until_complete(writer.close())
+    loop.close()
