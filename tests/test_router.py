@@ -215,6 +215,20 @@ def test_track_and_delete_route_to_the_owner(cluster: dict[str, Any]) -> None:
     assert stub.Count(everything(), timeout=10).count == len(reference)
 
 
+def test_schema_is_declared_on_every_shard(cluster: dict[str, Any]) -> None:
+    stub, shards = cluster["stub"], cluster["shards"]
+    spec = pb.AttributeSpec(name="notes", kind=pb.STRING, not_indexed=True)
+    stub.DeclareAttributes(pb.DeclareAttributesRequest(attributes=[spec]), timeout=10)
+    for shard in shards:
+        with grpc.insecure_channel(shard.address) as ch:
+            names = {a.name for a in memstore_pb2_grpc.MemstoreStub(ch).GetSchema(
+                pb.GetSchemaRequest(), timeout=10).attributes}
+        assert {"notes", "city", "age"} <= names
+    merged = stub.GetSchema(pb.GetSchemaRequest(), timeout=10).attributes
+    assert [a.name for a in merged] == sorted(a.name for a in merged)
+    assert next(a for a in merged if a.name == "notes").not_indexed
+
+
 def test_deadline_is_propagated(cluster: dict[str, Any]) -> None:
     with pytest.raises(grpc.RpcError) as err:
         cluster["stub"].Count(everything(), timeout=0.0001)

@@ -1,0 +1,290 @@
+"""Cluster commands for the `memstore` tool: serve, serve-router, cluster ...
+
+Plain click commands; memstore/cli.py registers them on its `main` group.
+
+    memstore serve                      router on 127.0.0.1:7070 + one shard per core
+    memstore serve-router --shard HOST:PORT [--shard ...]
+    memstore cluster status             shards, slot ranges, profile counts, health
+    memstore cluster add-shard HOST:PORT
+    memstore cluster remove-shard NAME
+    memstore cluster resume             finish a move a crashed add/remove left in flight
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+DEFAULT_ROUTER = "127.0.0.1:7070"
+SYNC_HELP = ("When shards fsync their logs. always: an acknowledged write survives power "
+             "loss (group commit keeps it fast). everysec: at most ~1 s lost on power loss. "
+             "off: the OS decides. If unsure: always.")
+ROUTERS = click.option(
+    "--address", "routers", multiple=True, default=(DEFAULT_ROUTER,), show_default=True,
+    envvar="MEMSTORE_ADDRESS",
+    help="Router(s) of the cluster; the first lists the shards, all learn about changes.")
+SHARDS = click.option("--shard", "shard_addresses", multiple=True,
+                      help="Shard address(es) to use instead of asking the router.")
+JOURNAL = click.option(
+    "--journal", type=click.Path(path_type=Path), default=Path("memstore-rebalance.json"),
+    show_default=True, help="Where a move in flight is recorded, so an interrupted "
+    "add/remove can be finished (cluster resume).")
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s",'
+               '"msg":"%(message)s"}')
+
+
+def _run(coro: Any) -> Any:
+    import uvloop
+
+    try:
+        return uvloop.run(coro)
+    except (OSError, TimeoutError, RuntimeError, ValueError, KeyError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except Exception as exc:
+        import grpc
+
+        if isinstance(exc, grpc.aio.AioRpcError):
+            raise click.ClickException(f"{exc.code().name}: {exc.details()}") from None
+        raise
+
+
+@click.command()
+@click.option("--shards", type=click.IntRange(1, 16384), default=None,
+              help="Shard processes on first start [default: one per core]. Later starts "
+                   "keep the count recorded in the data directory.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address the router and shards listen on (loopback by default).")
+@click.option("--port", default=7070, show_default=True,
+              help="Router port; shards take the next ports. 0: free ports.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("memstore-data"),
+              show_default=True, help="One directory for the cluster; shard i in shard-i/.")
+@click.option("--sync", type=click.Choice(["always", "everysec", "off"]), default="always",
+              show_default=True, help=SYNC_HELP)
+@click.option("--stop-timeout", default=15.0, show_default=True,
+              help="Seconds a shard gets to stop on SIGTERM before it is killed.")
+@click.option("-v", "--verbose", is_flag=True)
+def serve(shards: int | None, host: str, port: int, data_dir: Path, sync: str,
+          stop_timeout: float, verbose: bool) -> None:
+    """Run a router and shard processes on this machine; restart shards that die."""
+    from shards.supervisor import Supervisor, run
+
+    _logging(verbose)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    supervisor = Supervisor(data_dir, shards, host, port, sync, stop_timeout=stop_timeout)
+    _run(run(supervisor))
+
+
+@click.command("serve-router")
+@click.option("--shard", "shard_addresses", multiple=True, required=True,
+              help="A shard's host:port; repeat for each shard.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (loopback by default).")
+@click.option("--port", default=7070, show_default=True, help="Port; 0 picks a free one.")
+@click.option("-v", "--verbose", is_flag=True)
+def serve_router(shard_addresses: tuple[str, ...], host: str, port: int,
+                 verbose: bool) -> None:
+    """Run a router alone in front of shards started with serve-shard."""
+    from shards.router import serve as serve_router_
+
+    _logging(verbose)
+    _run(serve_router_(list(shard_addresses), host, port))
+
+
+@click.group()
+def cluster() -> None:
+    """Inspect the cluster and move slots between shards while it serves."""
+
+
+async def _shard_addresses(routers: tuple[str, ...], shards: tuple[str, ...]) -> list[str]:
+    if shards:
+        return list(shards)
+    from shards.router import admin_call
+
+    listing = await admin_call(routers[0], "ListShards")
+    return [s["address"] for s in listing["shards"]]
+
+
+async def _tell_routers(routers: tuple[str, ...], method: str, body: dict[str, Any]) -> None:
+    import grpc
+
+    from shards.router import admin_call
+
+    for router in routers:
+        try:
+            await admin_call(router, method, body)
+        except grpc.aio.AioRpcError as exc:  # a router that is down learns at its next start
+            click.echo(f"warning: router {router}: {exc}", err=True)
+
+
+async def _status(routers: tuple[str, ...], shards: tuple[str, ...]) -> list[dict[str, Any]]:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from shards.rebalance import Cluster
+    from shards.slots import to_ranges
+
+    rows = []
+    cluster_ = Cluster(await _shard_addresses(routers, shards))
+    for node in cluster_.nodes:
+        row: dict[str, Any] = {"address": node.address}
+        try:
+            info = await node.refresh()
+            check = await health_pb2_grpc.HealthStub(node.channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5.0)
+            row.update(name=info.name, epoch=info.epoch, profiles=info.profiles,
+                       slots=to_ranges(node.slots), slot_count=len(node.slots),
+                       healthy=info.healthy
+                       and check.status == health_pb2.HealthCheckResponse.SERVING)
+        except grpc.aio.AioRpcError as exc:
+            row.update(name="?", healthy=False, error=exc.details())
+        rows.append(row)
+    await cluster_.__aexit__()
+    return rows
+
+
+@cluster.command()
+@ROUTERS
+@SHARDS
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per shard.")
+def status(routers: tuple[str, ...], shard_addresses: tuple[str, ...], as_json: bool) -> None:
+    """Show shards, slot ranges, profile counts and health."""
+    from shards.slots import SLOT_COUNT, format_ranges
+
+    rows = _run(_status(routers, shard_addresses))
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    click.echo(f"{'NAME':<12} {'ADDRESS':<22} {'EPOCH':>5} {'SLOTS':>6} {'PROFILES':>10} "
+               f"{'HEALTH':<8} RANGES")
+    claimed = 0
+    for row in rows:
+        ranges = format_ranges(row.get("slots", []))
+        claimed += row.get("slot_count", 0)
+        click.echo(f"{row['name']:<12} {row['address']:<22} {row.get('epoch', '-'):>5} "
+                   f"{row.get('slot_count', '-'):>6} {row.get('profiles', '-'):>10} "
+                   f"{'ok' if row['healthy'] else 'DOWN':<8} "
+                   f"{ranges if len(ranges) < 60 else ranges[:57] + '...'}"
+                   f"{'  ' + row['error'] if 'error' in row else ''}")
+    click.echo(f"{len(rows)} shards, {claimed} of {SLOT_COUNT} slots claimed"
+               + ("" if claimed == SLOT_COUNT else "  (a move in flight? see cluster resume)"))
+
+
+def _progress(total: int, desc: str, disable: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=" slots", desc=desc, disable=disable, file=sys.stderr)
+
+
+async def _add(address: str, routers: tuple[str, ...], shards: tuple[str, ...],
+               batch_slots: int, journal_path: Path, force: bool, quiet: bool) -> Any:
+    from shards import rebalance as rb
+
+    addresses = await _shard_addresses(routers, shards)
+    async with rb.Cluster([*addresses, address]) as cl:
+        journal = rb.Journal(journal_path)
+        await rb.resume(cl, journal)
+        new = cl.node(address)
+        await rb.prepare_new_shard(cl, new, force)
+        if not shards:
+            await _tell_routers(routers, "AddShard", {"address": address})
+        await cl.refresh()
+        moves = rb.plan_for_add(cl, new)
+        with _progress(sum(m.count for m in moves), f"moving slots to {new.name}",
+                       quiet) as bar:
+            report = await rb.run_moves(cl, moves, journal, batch_slots, bar.update)
+        return new.name, report
+
+
+@cluster.command("add-shard")
+@click.argument("address")
+@ROUTERS
+@SHARDS
+@click.option("--batch-slots", default=256, show_default=True,
+              help="Slots moved per switch: smaller batches mean shorter pauses for writes "
+                   "to those slots, more switches in all.")
+@JOURNAL
+@click.option("--force", is_flag=True, help="Add a shard that already holds profiles.")
+@click.option("--no-progress", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True)
+def add_shard(address: str, routers: tuple[str, ...], shard_addresses: tuple[str, ...],
+              batch_slots: int, journal: Path, force: bool, no_progress: bool,
+              verbose: bool) -> None:
+    """Add the shard at ADDRESS (started with serve-shard) and move a fair share of slots
+    to it while the cluster serves."""
+    _logging(verbose)
+    name, report = _run(_add(address, routers, shard_addresses, batch_slots, journal, force,
+                             no_progress))
+    click.echo(f"added {name}: moved {report.slots} slots, {report.copied} profiles copied, "
+               f"{report.caught_up} caught up, {report.repaired_batches} batches recopied, "
+               f"writes to moving slots paused {report.frozen_seconds:.2f} s in all")
+
+
+async def _remove(name: str, routers: tuple[str, ...], shards: tuple[str, ...],
+                  batch_slots: int, journal_path: Path, quiet: bool) -> Any:
+    from shards import rebalance as rb
+
+    async with rb.Cluster(await _shard_addresses(routers, shards)) as cl:
+        journal = rb.Journal(journal_path)
+        await rb.resume(cl, journal)
+        leaving = cl.node(name)
+        moves = rb.plan_for_remove(cl, leaving)
+        with _progress(sum(m.count for m in moves), f"draining {leaving.name}", quiet) as bar:
+            report = await rb.run_moves(cl, moves, journal, batch_slots, bar.update)
+        await leaving.refresh()
+        if not shards:
+            await _tell_routers(routers, "RemoveShard", {"name": leaving.address})
+        return leaving, report
+
+
+@cluster.command("remove-shard")
+@click.argument("name")
+@ROUTERS
+@SHARDS
+@click.option("--batch-slots", default=256, show_default=True, help="Slots moved per switch.")
+@JOURNAL
+@click.option("--no-progress", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True)
+def remove_shard(name: str, routers: tuple[str, ...], shard_addresses: tuple[str, ...],
+                 batch_slots: int, journal: Path, no_progress: bool, verbose: bool) -> None:
+    """Drain shard NAME (or its address): move all its slots to the others, then take it
+    out of the routers. Stop its process afterwards."""
+    _logging(verbose)
+    leaving, report = _run(_remove(name, routers, shard_addresses, batch_slots, journal,
+                                   no_progress))
+    click.echo(f"removed {leaving.name} ({leaving.address}): moved {report.slots} slots; "
+               f"it now holds {leaving.info.profiles} profiles and can be stopped")
+
+
+async def _resume(routers: tuple[str, ...], shards: tuple[str, ...], journal_path: Path
+                  ) -> bool:
+    from shards import rebalance as rb
+
+    journal = rb.Journal(journal_path)
+    state = journal.read()
+    if state is None:
+        return False
+    addresses = await _shard_addresses(routers, shards)
+    async with rb.Cluster([*addresses, state["source"], state["target"]]) as cl:
+        return await rb.resume(cl, journal)
+
+
+@cluster.command()
+@ROUTERS
+@SHARDS
+@JOURNAL
+def resume(routers: tuple[str, ...], shard_addresses: tuple[str, ...], journal: Path) -> None:
+    """Finish a slot move that an interrupted add-shard/remove-shard left in flight."""
+    done = _run(_resume(routers, shard_addresses, journal))
+    click.echo("finished the interrupted move" if done else "no move in flight")

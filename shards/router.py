@@ -1,0 +1,721 @@
+"""The router: memstore.v1.Memstore for a whole cluster, by forwarding and merging.
+
+It holds no data and no state of its own beyond a cached `ShardMap` and one channel per
+shard. Single-profile calls go to the owner of slot_of(id); a shard that no longer owns the
+slot answers FAILED_PRECONDITION with `memstore-wrong-slot`, and the router refreshes its map
+and retries (for up to MOVE_WAIT seconds within the caller's deadline; a slot nobody owns,
+during the switch of a slot move, is waited out the same way).
+
+Fan-out queries are exact: each shard answers over the profiles in the slots it owns, so the
+sum is exact when the shards' claims partition the slots and no shard changed ownership while
+answering. The router checks both: it only fans out over a map whose claims are a partition,
+and after each shard answers it asks the shard's epoch again (GetShardInfo, one extra round
+trip, concurrent with the other shards); a changed epoch means ownership moved under the
+query, and the whole query is retried on a fresh map. Epochs only ever grow, so an unchanged
+epoch proves unchanged ownership between the map's refresh and the answer.
+
+Errors: a shard that is down gives UNAVAILABLE naming it; fan-outs fail with UNAVAILABLE unless
+the request sets allow_partial, and then list the shards in missing_shards. Other shard errors
+pass through with their code and message. The caller's remaining deadline goes to every shard
+call.
+
+Current limitations (see also DESIGN "Cluster"):
+- Identifier look-ups ask every shard: each shard's identifier directory covers only its own
+  profiles, not a directory partitioned by hash of the identifier.
+- Linking an identifier owned by a profile on another shard (a cross-shard merge) is refused
+  with FAILED_PRECONDITION; Upsert and Link check every shard for that first. BatchUpsert does
+  not check (bulk loads), so a batch may link an identifier already held on another shard.
+- BatchUpsert is atomic per shard, not across shards; INVALID_ARGUMENT names the index within
+  the part of the batch sent to that shard.
+- A QueryIds cursor is (shard name, that shard's cursor): a slot move between two pages may
+  repeat or skip the moved profiles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import itertools
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+import msgpack
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from memstore import pbvalues
+from memstore.v1 import cluster_pb2 as cpb
+from memstore.v1 import memstore_pb2 as pb
+from memstore.v1 import memstore_pb2_grpc
+from shards.shard_map import CHANNEL_OPTIONS, ShardMap, ShardState
+from shards.slots import slot_of
+
+log = logging.getLogger("memstore.router")
+
+T = TypeVar("T")
+# How long a call waits out a moving slot map (wrong slot, a slot nobody owns for a moment
+# during a switch, epochs changing under a fan-out) before giving up, within the deadline.
+MOVE_WAIT = 30.0
+ADMIN_SERVICE = "memstore.cluster.v1.RouterAdmin"
+Code = grpc.StatusCode
+
+
+class _Moved(Exception):
+    """A shard's ownership changed while it answered: retry on a fresh map."""
+
+
+class _Down(Exception):
+    def __init__(self, shard: ShardState, details: str) -> None:
+        super().__init__(f"shard {shard.label} ({shard.address}) is unavailable: {details}")
+        self.shard = shard
+
+
+def _wrong_slot(exc: grpc.aio.AioRpcError) -> bool:
+    if exc.code() != Code.FAILED_PRECONDITION:
+        return False
+    return any(k == "memstore-wrong-slot" for k, _ in (exc.trailing_metadata() or ()))
+
+
+def _timeout(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else max(remaining, 0.001)
+
+
+async def _fail(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str
+                ) -> NoReturn:
+    await context.abort(code, message)
+    raise AssertionError("abort returned")
+
+
+async def _pause(attempt: int, context: grpc.aio.ServicerContext) -> None:
+    delay = min(0.002 * (2 ** attempt), 0.1)
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= delay:
+        await _fail(context, Code.DEADLINE_EXCEEDED, "deadline passed while the slot map "
+                    "was changing (a slot move in progress)")
+    await asyncio.sleep(delay)
+
+
+def _attempts() -> Iterator[int]:
+    give_up = time.monotonic() + MOVE_WAIT
+    for attempt in itertools.count():
+        yield attempt
+        if time.monotonic() > give_up:
+            return
+
+
+def _encode_cursor(name: str, cursor: str) -> str:
+    raw = json.dumps([name, cursor], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[str, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        name, inner = json.loads(raw)
+        return str(name), str(inner)
+    except (ValueError, TypeError):
+        raise ValueError(f"cursor: {cursor!r} is not a cursor this router issued") from None
+
+
+class RouterService(memstore_pb2_grpc.MemstoreServicer):
+    def __init__(self, shard_map: ShardMap,
+                 on_membership: Callable[[list[str]], None] | None = None) -> None:
+        self.map = shard_map
+        self.on_membership = on_membership
+
+    # ------------------------------------------------------------------ plumbing
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
+        if isinstance(exc, _Down):
+            await _fail(context, Code.UNAVAILABLE, str(exc))
+        if isinstance(exc, grpc.aio.AioRpcError):
+            await _fail(context, exc.code(), exc.details() or exc.code().name)
+        raise exc
+
+    async def _single(self, pid: str, method: str, request: Any,
+                      context: grpc.aio.ServicerContext) -> Any:
+        """Send `request` to the shard owning slot_of(pid), following slot moves."""
+        if not pid:
+            await _fail(context, Code.INVALID_ARGUMENT, "id: a primary id is required")
+        slot = slot_of(pid)
+        for attempt in _attempts():
+            version = self.map.version
+            shard = self.map.owner(slot)
+            if shard is None:
+                await self.map.refresh(since=version)
+                if self.map.owner(slot) is None:
+                    await _pause(attempt, context)
+                continue
+            try:
+                return await getattr(shard.stub, method)(request, timeout=_timeout(context))
+            except grpc.aio.AioRpcError as exc:
+                if _wrong_slot(exc):
+                    await self.map.refresh(since=version)
+                    if self.map.owner(slot) is shard:
+                        await _pause(attempt, context)
+                    continue
+                if exc.code() == Code.UNAVAILABLE:
+                    await self._abort(context, _Down(shard, exc.details() or "unreachable"))
+                await self._abort(context, exc)
+        await _fail(context, Code.UNAVAILABLE, f"slot {slot} has no owner that accepts it "
+                    f"after {MOVE_WAIT:.0f} s (a slot move stuck?)")
+
+    async def _stable(self, context: grpc.aio.ServicerContext, allow_partial: bool
+                      ) -> list[tuple[ShardState, int]]:
+        """Wait for a map whose claims partition the slots; return the shards to ask with
+        the epochs that partition is made of (read together, with no await in between).
+        Shards never reached make the map incomplete without a move being at fault."""
+        for attempt in _attempts():
+            if self.map.exact:
+                return [(s, s.epoch) for s in self.map.ordered()]
+            version = self.map.version
+            await self.map.refresh(since=version)
+            if self.map.exact:
+                return [(s, s.epoch) for s in self.map.ordered()]
+            down = [s for s in self.map.shards if not s.reachable]
+            if down:
+                if not allow_partial:
+                    await self._abort(context, _Down(down[0], down[0].error or "unreachable"))
+                return [(s, s.epoch) for s in self.map.ordered()]
+            await _pause(attempt, context)
+        await _fail(context, Code.UNAVAILABLE, "the slot map did not settle (slots without an "
+                    "owner or claimed twice); a slot move may be stuck")
+
+    async def _checked(self, shard: ShardState, epoch: int,
+                       call: Callable[[ShardState], Awaitable[T]]) -> T:
+        """`call` on one shard, then prove its ownership is still that of `epoch`."""
+        try:
+            result = await call(shard)
+            info: cpb.ShardInfo = await shard.control.GetShardInfo(cpb.ShardInfoRequest(),
+                                                                   timeout=5.0)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == Code.UNAVAILABLE:
+                shard.reachable, shard.error = False, exc.details() or "unavailable"
+                raise _Down(shard, exc.details() or "unreachable") from None
+            raise
+        if info.epoch != epoch:
+            raise _Moved()
+        return result
+
+    async def _fan_out(self, context: grpc.aio.ServicerContext,
+                       call: Callable[[ShardState], Awaitable[T]], allow_partial: bool = False,
+                       ) -> tuple[list[tuple[ShardState, T]], list[str]]:
+        """`call` on every shard at once; exact over a stable partition of the slots."""
+        for attempt in _attempts():
+            shards = await self._stable(context, allow_partial)
+            version = self.map.version
+            outcomes = await asyncio.gather(*(self._checked(s, e, call) for s, e in shards),
+                                            return_exceptions=True)
+            if any(isinstance(o, _Moved) for o in outcomes):
+                await self.map.refresh(since=version)
+                if attempt:
+                    await _pause(attempt, context)
+                continue
+            results: list[tuple[ShardState, T]] = []
+            missing: list[str] = []
+            for (shard, _), outcome in zip(shards, outcomes):
+                if isinstance(outcome, _Down):
+                    if not allow_partial:
+                        await self._abort(context, outcome)
+                    missing.append(shard.label)
+                elif isinstance(outcome, BaseException):
+                    await self._abort(context, outcome)  # type: ignore[arg-type]
+                else:
+                    results.append((shard, outcome))
+            if missing:
+                asyncio.get_running_loop().create_task(self.map.refresh(since=version))
+            return results, missing
+        await _fail(context, Code.UNAVAILABLE, "shard ownership kept changing during the query")
+
+    async def _by_identifier(self, keys: list[pb.ProfileKey], attributes: Iterable[str],
+                             packed: bool, context: grpc.aio.ServicerContext
+                             ) -> list[tuple[ShardState, pb.Profile] | None]:
+        """Find identifier keys on whichever shard holds them (every shard is asked)."""
+        request = pb.BatchGetRequest(keys=keys, attributes=attributes, packed=packed)
+        timeout = _timeout(context)
+
+        async def call(shard: ShardState) -> pb.BatchGetResponse:
+            return await shard.stub.BatchGet(request, timeout=timeout)  # type: ignore[no-any-return]
+
+        answers, _ = await self._fan_out(context, call)
+        found: list[tuple[ShardState, pb.Profile] | None] = [None] * len(keys)
+        for shard, response in answers:
+            for i, result in enumerate(response.results):
+                if result.found and (found[i] is None
+                                     or self.map.owner(result.profile.slot) is shard):
+                    found[i] = (shard, result.profile)
+        return found
+
+    async def _refuse_cross_shard(self, pid: str, identifiers: Iterable[pb.Identifier],
+                                  context: grpc.aio.ServicerContext) -> None:
+        idents = list(identifiers)
+        if not idents or len(self.map.shards) < 2:
+            return
+        keys = [pb.ProfileKey(identifier=i) for i in idents]
+        found = await self._by_identifier(keys, ["\x00"], False, context)
+        home = self.map.owner(slot_of(pid))
+        for ident, hit in zip(idents, found):
+            if hit is not None and hit[1].id != pid and hit[0] is not home:
+                await _fail(context, Code.FAILED_PRECONDITION,
+                            f"identifier {ident.kind}:{ident.value!r} belongs to profile "
+                            f"{hit[1].id!r} on shard {hit[0].label}, and {pid!r} lives on another "
+                            "shard: merging profiles across shards is not supported yet")
+
+    # ------------------------------------------------------------------ profiles
+    async def Upsert(self, request: pb.UpsertRequest, context: Any) -> pb.UpsertResponse:
+        await self._refuse_cross_shard(request.id, request.identifiers, context)
+        return await self._single(request.id, "Upsert", request, context)  # type: ignore[no-any-return]
+
+    async def Track(self, request: pb.TrackRequest, context: Any) -> pb.TrackResponse:
+        return await self._single(request.id, "Track", request, context)  # type: ignore[no-any-return]
+
+    async def Link(self, request: pb.LinkRequest, context: Any) -> pb.LinkResponse:
+        await self._refuse_cross_shard(request.id, request.identifiers, context)
+        return await self._single(request.id, "Link", request, context)  # type: ignore[no-any-return]
+
+    async def Get(self, request: pb.GetRequest, context: Any) -> pb.GetResponse:
+        if request.key.WhichOneof("key") == "identifier":
+            [hit] = await self._by_identifier([request.key], request.attributes, request.packed,
+                                              context)
+            if hit is None:
+                ident = request.key.identifier
+                await _fail(context, Code.NOT_FOUND, f"profile with identifier "
+                            f"{ident.kind}:{ident.value!r} not found")
+            return pb.GetResponse(profile=hit[1])
+        return await self._single(request.key.id, "Get", request, context)  # type: ignore[no-any-return]
+
+    async def Delete(self, request: pb.DeleteRequest, context: Any) -> pb.DeleteResponse:
+        if request.key.WhichOneof("key") == "identifier":
+            [hit] = await self._by_identifier([request.key], ["\x00"], False, context)
+            if hit is None:
+                return pb.DeleteResponse(deleted=False)
+            request = pb.DeleteRequest(key=pb.ProfileKey(id=hit[1].id))
+        return await self._single(request.key.id, "Delete", request, context)  # type: ignore[no-any-return]
+
+    async def _routed(self, items: list[tuple[str, Any]], method: str,
+                      build: Callable[[list[Any]], Any], context: grpc.aio.ServicerContext
+                      ) -> list[tuple[list[Any], Any]]:
+        """Send (primary id, item) pairs in one request per owning shard, concurrently.
+        Items a shard refuses as wrong-slot are re-split on a fresh map and sent again."""
+        pending, done = items, []
+        for attempt in _attempts():
+            version = self.map.version
+            groups: dict[int, tuple[ShardState, list[tuple[str, Any]]]] = {}
+            unowned = []
+            for pid, item in pending:
+                owner = self.map.owner(slot_of(pid))
+                if owner is None:
+                    unowned.append((pid, item))
+                else:
+                    groups.setdefault(id(owner), (owner, []))[1].append((pid, item))
+
+            async def one(shard: ShardState, group: list[tuple[str, Any]]) -> Any:
+                request = build([item for _, item in group])
+                try:
+                    return group, await getattr(shard.stub, method)(request,
+                                                                    timeout=_timeout(context))
+                except grpc.aio.AioRpcError as exc:
+                    if _wrong_slot(exc):
+                        return group, None
+                    if exc.code() == Code.UNAVAILABLE:
+                        raise _Down(shard, exc.details() or "unreachable") from None
+                    raise
+
+            outcomes = await asyncio.gather(*(one(s, g) for s, g in groups.values()),
+                                            return_exceptions=True)
+            pending = unowned
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    await self._abort(context, outcome)  # type: ignore[arg-type]
+                group, response = outcome
+                if response is None:
+                    pending.extend(group)
+                else:
+                    done.append(([item for _, item in group], response))
+            if not pending:
+                return done
+            await self.map.refresh(since=version)
+            if attempt:
+                await _pause(attempt, context)
+        await _fail(context, Code.UNAVAILABLE, f"slots without an owner that accepts them "
+                    f"after {MOVE_WAIT:.0f} s (a slot move stuck?)")
+
+    async def BatchGet(self, request: pb.BatchGetRequest, context: Any) -> pb.BatchGetResponse:
+        results = [pb.GetResult() for _ in request.keys]
+        by_id: dict[str, list[int]] = {}
+        by_ident: list[int] = []
+        for i, key in enumerate(request.keys):
+            if key.WhichOneof("key") == "identifier":
+                by_ident.append(i)
+            elif not key.id:
+                await _fail(context, Code.INVALID_ARGUMENT, f"keys[{i}]: an empty primary id")
+            else:
+                by_id.setdefault(key.id, []).append(i)
+
+        def build(pids: list[str]) -> pb.BatchGetRequest:
+            return pb.BatchGetRequest(keys=[pb.ProfileKey(id=p) for p in pids],
+                                      attributes=request.attributes, packed=request.packed)
+
+        async def ids_part() -> None:
+            if not by_id:
+                return
+            parts = await self._routed([(p, p) for p in by_id], "BatchGet", build, context)
+            for pids, response in parts:
+                for pid, result in zip(pids, response.results):
+                    for i in by_id[pid]:
+                        results[i].CopyFrom(result)
+
+        async def ident_part() -> None:
+            if not by_ident:
+                return
+            found = await self._by_identifier([request.keys[i] for i in by_ident],
+                                              request.attributes, request.packed, context)
+            for i, hit in zip(by_ident, found):
+                if hit is not None:
+                    results[i].found = True
+                    results[i].profile.CopyFrom(hit[1])
+
+        await asyncio.gather(ids_part(), ident_part())
+        return pb.BatchGetResponse(results=results)
+
+    async def BatchUpsert(self, request: pb.BatchUpsertRequest, context: Any
+                          ) -> pb.BatchUpsertResponse:
+        records: list[Any] = []
+        if request.packed:
+            try:
+                records = msgpack.unpackb(request.packed, raw=False, strict_map_key=False)
+                if not isinstance(records, list):
+                    raise TypeError("not a msgpack array")
+                for i, record in enumerate(records):
+                    if (not isinstance(record, list) or not record
+                            or not isinstance(record[0], str)):
+                        raise TypeError(f"record {i} is not [id, attributes, identifiers]")
+            except (ValueError, TypeError, msgpack.UnpackException) as exc:
+                await _fail(context, Code.INVALID_ARGUMENT, f"packed: {exc}")
+        items: list[tuple[str, Any]] = [(r.id, (r, False)) for r in request.requests]
+        items += [(rec[0], (rec, True)) for rec in records]
+        for i, (pid, _) in enumerate(items):
+            if not pid:
+                await _fail(context, Code.INVALID_ARGUMENT, f"record {i}: an empty primary id")
+        if not items:
+            return pb.BatchUpsertResponse()
+
+        def build(group: list[tuple[Any, bool]]) -> pb.BatchUpsertRequest:
+            sub = pb.BatchUpsertRequest(requests=[x for x, packed in group if not packed])
+            packed_records = [x for x, packed in group if packed]
+            if packed_records:
+                sub.packed = msgpack.packb(packed_records, use_bin_type=True)
+            return sub
+
+        parts = await self._routed(items, "BatchUpsert", build, context)
+        return pb.BatchUpsertResponse(applied=sum(r.applied for _, r in parts),
+                                      created=sum(r.created for _, r in parts))
+
+    # ------------------------------------------------------------------ schema
+    async def DeclareAttributes(self, request: pb.DeclareAttributesRequest, context: Any
+                                ) -> pb.SchemaResponse:
+        timeout = _timeout(context)
+
+        async def call(shard: ShardState) -> pb.SchemaResponse:
+            return await shard.stub.DeclareAttributes(request, timeout=timeout)  # type: ignore[no-any-return]
+
+        answers, _ = await self._fan_out(context, call)
+        return _union_schema(r for _, r in answers)
+
+    async def GetSchema(self, request: pb.GetSchemaRequest, context: Any) -> pb.SchemaResponse:
+        timeout = _timeout(context)
+
+        async def call(shard: ShardState) -> pb.SchemaResponse:
+            return await shard.stub.GetSchema(request, timeout=timeout)  # type: ignore[no-any-return]
+
+        answers, _ = await self._fan_out(context, call)
+        return _union_schema(r for _, r in answers)
+
+    # ------------------------------------------------------------------ queries
+    async def Count(self, request: pb.QueryRequest, context: Any) -> pb.CountResponse:
+        timeout = _timeout(context)
+
+        async def call(shard: ShardState) -> pb.CountResponse:
+            return await shard.stub.Count(request, timeout=timeout)  # type: ignore[no-any-return]
+
+        answers, missing = await self._fan_out(context, call, request.allow_partial)
+        return pb.CountResponse(count=sum(r.count for _, r in answers), missing_shards=missing)
+
+    async def GroupBy(self, request: pb.GroupByRequest, context: Any) -> pb.GroupByResponse:
+        sub = pb.GroupByRequest(query=request.query, attribute=request.attribute, top_n=0)
+        timeout = _timeout(context)
+
+        async def call(shard: ShardState) -> pb.GroupByResponse:
+            return await shard.stub.GroupBy(sub, timeout=timeout)  # type: ignore[no-any-return]
+
+        answers, missing = await self._fan_out(context, call, request.query.allow_partial)
+        sums: dict[bytes, list[Any]] = {}
+        for _, response in answers:
+            for group in response.groups:
+                key = group.value.SerializeToString(deterministic=True)
+                entry = sums.get(key)
+                if entry is None:
+                    sums[key] = [group.value, group.count, str(pbvalues.from_pb(group.value))]
+                else:
+                    entry[1] += group.count
+        ordered = sorted(sums.values(), key=lambda e: (-e[1], e[2]))
+        if request.top_n:
+            ordered = ordered[: request.top_n]
+        return pb.GroupByResponse(
+            groups=[pb.GroupCount(value=v, count=n) for v, n, _ in ordered],
+            total=sum(r.total for _, r in answers), missing_shards=missing)
+
+    async def QueryBitmap(self, request: pb.QueryRequest, context: Any) -> pb.BitmapResponse:
+        timeout = _timeout(context)
+
+        async def call(shard: ShardState) -> pb.BitmapResponse:
+            return await shard.stub.QueryBitmap(request, timeout=timeout)  # type: ignore[no-any-return]
+
+        answers, missing = await self._fan_out(context, call, request.allow_partial)
+        response = pb.BitmapResponse(missing_shards=missing)
+        for _, r in answers:
+            response.bitmaps.extend(r.bitmaps)
+        return response
+
+    def _start(self, cursor: str, shards: list[tuple[ShardState, int]]) -> tuple[int, str]:
+        if not cursor:
+            return 0, ""
+        name, inner = _decode_cursor(cursor)
+        for i, (shard, _) in enumerate(shards):
+            if shard.label == name:
+                return i, inner
+        raise ValueError(f"cursor: shard {name!r} is no longer in the cluster")
+
+    async def QueryIds(self, request: pb.QueryIdsRequest, context: Any) -> pb.QueryIdsResponse:
+        size = request.page_size or 1000
+        allow_partial = request.query.allow_partial
+        for attempt in _attempts():
+            shards = await self._stable(context, allow_partial)
+            try:
+                index, inner = self._start(request.cursor, shards)
+            except ValueError as exc:
+                await _fail(context, Code.INVALID_ARGUMENT, str(exc))
+            response = pb.QueryIdsResponse()
+            try:
+                while index < len(shards):
+                    shard, epoch = shards[index]
+                    sub = pb.QueryIdsRequest(query=request.query, cursor=inner,
+                                             page_size=size - len(response.ids))
+                    try:
+                        part = await self._checked(shard, epoch, functools.partial(
+                            _query_ids, sub=sub, timeout=_timeout(context)))
+                    except _Down as exc:
+                        if not allow_partial:
+                            await self._abort(context, exc)
+                        response.missing_shards.append(shard.label)
+                        part = pb.QueryIdsResponse()
+                    response.ids.extend(part.ids)
+                    if part.next_cursor:
+                        response.next_cursor = _encode_cursor(shard.label, part.next_cursor)
+                        break
+                    index, inner = index + 1, ""
+                    if len(response.ids) >= size:
+                        if index < len(shards):
+                            response.next_cursor = _encode_cursor(shards[index][0].label, "")
+                        break
+                return response
+            except _Moved:
+                await self.map.refresh(since=self.map.version)
+                await _pause(attempt, context)
+            except grpc.aio.AioRpcError as exc:
+                await self._abort(context, exc)
+        await _fail(context, Code.UNAVAILABLE, "shard ownership kept changing during the query")
+
+    async def StreamIds(self, request: pb.QueryIdsRequest, context: Any
+                        ) -> AsyncIterator[pb.QueryIdsResponse]:
+        allow_partial = request.query.allow_partial
+        shards = await self._stable(context, allow_partial)
+        try:
+            index, inner = self._start(request.cursor, shards)
+        except ValueError as exc:
+            await _fail(context, Code.INVALID_ARGUMENT, str(exc))
+        missing: list[str] = []
+        while index < len(shards):
+            shard, epoch = shards[index]
+            nxt = shards[index + 1][0].label if index + 1 < len(shards) else None
+            sub = pb.QueryIdsRequest(query=request.query, cursor=inner,
+                                     page_size=request.page_size)
+            try:
+                async for part in shard.stub.StreamIds(sub, timeout=_timeout(context)):
+                    if part.next_cursor:
+                        cursor = _encode_cursor(shard.label, part.next_cursor)
+                    else:
+                        cursor = _encode_cursor(nxt, "") if nxt else ""
+                    yield pb.QueryIdsResponse(ids=part.ids, next_cursor=cursor,
+                                              missing_shards=missing)
+                info = await shard.control.GetShardInfo(cpb.ShardInfoRequest(), timeout=5.0)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != Code.UNAVAILABLE:
+                    await self._abort(context, exc)
+                exc2 = _Down(shard, exc.details() or "unreachable")
+                if not allow_partial:
+                    await self._abort(context, exc2)
+                missing.append(shard.label)
+            except _Down as exc:
+                if not allow_partial:
+                    await self._abort(context, exc)
+                missing.append(shard.label)
+            else:
+                if info.epoch != epoch:
+                    await _fail(context, Code.ABORTED, f"shard {shard.label} changed slot "
+                                "ownership during the stream (a slot move); start "
+                                "again")
+            index, inner = index + 1, ""
+        if missing:
+            yield pb.QueryIdsResponse(missing_shards=missing)
+
+    # ------------------------------------------------------------------ operations
+    async def Snapshot(self, request: pb.SnapshotRequest, context: Any) -> pb.SnapshotResponse:
+        timeout = _timeout(context)
+
+        async def call(shard: ShardState) -> pb.SnapshotResponse:
+            return await shard.stub.Snapshot(request, timeout=timeout)  # type: ignore[no-any-return]
+
+        answers, _ = await self._fan_out(context, call)
+        return pb.SnapshotResponse(path=";".join(r.path for _, r in answers),
+                                   log_position=sum(r.log_position for _, r in answers),
+                                   profiles=sum(r.profiles for _, r in answers))
+
+    async def Stats(self, request: pb.StatsRequest, context: Any) -> pb.StatsResponse:
+        timeout = _timeout(context)
+
+        async def call(shard: ShardState) -> pb.StatsResponse:
+            return await shard.stub.Stats(request, timeout=timeout)  # type: ignore[no-any-return]
+
+        answers, missing = await self._fan_out(context, call, allow_partial=True)
+        info = {"role": "router", "shards": str(len(self.map.shards)),
+                "missing_shards": ",".join(missing)}
+        for shard, r in answers:
+            info[f"shard.{shard.label}.address"] = shard.address
+            info[f"shard.{shard.label}.profiles"] = str(r.profiles)
+            info[f"shard.{shard.label}.epoch"] = str(shard.epoch)
+        return pb.StatsResponse(
+            profiles=sum(r.profiles for _, r in answers),
+            identifiers=sum(r.identifiers for _, r in answers),
+            attributes=max((r.attributes for _, r in answers), default=0),
+            log_bytes=sum(r.log_bytes for _, r in answers), shard="router", info=info)
+
+    # ------------------------------------------------------------------ admin
+    async def admin(self, method: str, body: dict[str, Any]) -> dict[str, Any]:
+        """RouterAdmin (JSON over gRPC, no proto): the cluster tools tell routers about
+        shards joining and leaving; the shards themselves are the truth about slots."""
+        if method == "AddShard":
+            await self.map.join(str(body["address"]))
+        elif method == "RemoveShard":
+            await self.map.remove(str(body["name"]))
+        elif method != "ListShards":
+            raise ValueError(f"unknown admin method {method}")
+        await self.map.refresh()
+        if method != "ListShards" and self.on_membership is not None:
+            self.on_membership([s.address for s in self.map.shards])
+        return {"shards": self.map.describe(), "exact": self.map.exact}
+
+
+def _union_schema(responses: Iterable[pb.SchemaResponse]) -> pb.SchemaResponse:
+    seen: dict[str, pb.AttributeSpec] = {}
+    for response in responses:
+        for spec in response.attributes:
+            seen.setdefault(spec.name, spec)
+    out = pb.SchemaResponse()
+    out.attributes.extend(sorted(seen.values(), key=lambda s: s.name))
+    return out
+
+
+async def _query_ids(shard: ShardState, sub: pb.QueryIdsRequest, timeout: float | None
+                     ) -> pb.QueryIdsResponse:
+    return await shard.stub.QueryIds(sub, timeout=timeout)  # type: ignore[no-any-return]
+
+
+def _admin_handler(router: RouterService) -> grpc.GenericRpcHandler:
+    def handler(method: str) -> grpc.RpcMethodHandler:
+        async def call(body: dict[str, Any], context: grpc.aio.ServicerContext
+                       ) -> dict[str, Any]:
+            try:
+                return await router.admin(method, body)
+            except (ValueError, KeyError) as exc:
+                await _fail(context, Code.INVALID_ARGUMENT, str(exc))
+
+        return grpc.unary_unary_rpc_method_handler(
+            call, request_deserializer=lambda b: json.loads(b or b"{}"),
+            response_serializer=lambda d: json.dumps(d).encode())
+
+    return grpc.method_handlers_generic_handler(
+        ADMIN_SERVICE, {m: handler(m) for m in ("ListShards", "AddShard", "RemoveShard")})
+
+
+async def admin_call(address: str, method: str, body: dict[str, Any] | None = None,
+                     timeout: float = 10.0) -> dict[str, Any]:
+    """Client side of RouterAdmin, for the cluster commands."""
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        call = channel.unary_unary(f"/{ADMIN_SERVICE}/{method}",
+                                   request_serializer=lambda d: json.dumps(d).encode(),
+                                   response_deserializer=json.loads)
+        return await call(body or {}, timeout=timeout)  # type: ignore[no-any-return]
+
+
+async def start_router(addresses: Iterable[str], host: str = "127.0.0.1", port: int = 7070,
+                       on_membership: Callable[[list[str]], None] | None = None,
+                       wait_timeout: float = 30.0
+                       ) -> tuple[grpc.aio.Server, int, RouterService]:
+    """Build and start a router server (after every shard answered once)."""
+    from shards.shard_map import wait_for
+
+    shard_map = ShardMap(addresses)
+    down = await wait_for(shard_map, wait_timeout)
+    if down:
+        log.warning("starting without shards %s: their calls get UNAVAILABLE until they "
+                    "answer", ", ".join(down))
+    router = RouterService(shard_map, on_membership)
+    server = grpc.aio.server(options=CHANNEL_OPTIONS[:2])
+    memstore_pb2_grpc.add_MemstoreServicer_to_server(router, server)
+    server.add_generic_rpc_handlers((_admin_handler(router),))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((
+        pb.DESCRIPTOR.services_by_name["Memstore"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    ), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("memstore.v1.Memstore", health_pb2.HealthCheckResponse.SERVING)
+    server._memstore_health = health_servicer  # type: ignore[attr-defined]
+    return server, bound, router
+
+
+async def stop_router(server: grpc.aio.Server, router: RouterService, grace: float = 5.0
+                      ) -> None:
+    health_servicer = getattr(server, "_memstore_health", None)
+    if health_servicer is not None:
+        await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace=grace)
+    await router.map.close()
+
+
+async def serve(addresses: list[str], host: str = "127.0.0.1", port: int = 7070) -> None:
+    """Run a router until SIGTERM/SIGINT, then drain in-flight calls."""
+    server, bound, router = await start_router(addresses, host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"listening on {host}:{bound}", file=sys.stderr, flush=True)
+    await stop.wait()
+    started = time.monotonic()
+    await stop_router(server, router)
+    log.info("router stopped in %.2fs", time.monotonic() - started)

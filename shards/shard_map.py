@@ -1,0 +1,194 @@
+"""The router's cached view of the cluster: which shard owns which slot, at which epoch.
+
+Built by asking every known shard address for GetShardInfo; refreshed on demand (a shard
+said "wrong slot", a fan-out saw an epoch change, a slot has no owner). Shards are the
+truth: each records its own slots and epoch on disk. Where two shards claim a slot, the
+higher epoch wins for routing; `exact` is False then, and fan-out queries wait for the
+claims to settle into a partition before answering (see router.py).
+
+A shard that cannot be reached keeps its last known info, marked unreachable; a shard never
+reached is known by its address alone and owns nothing in the map.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import grpc
+
+from memstore.v1 import cluster_pb2 as cpb
+from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
+from shards.slots import SLOT_COUNT, Range
+
+log = logging.getLogger("memstore.shard_map")
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.enable_retries", 0),
+]
+INFO_TIMEOUT = 2.0
+REMOVED_CLOSE_AFTER = 120.0
+
+
+@dataclass
+class ShardState:
+    """One shard as the router last saw it; `stub`/`control` share one channel."""
+
+    address: str
+    channel: grpc.aio.Channel
+    stub: memstore_pb2_grpc.MemstoreStub
+    control: cluster_pb2_grpc.ShardControlStub
+    name: str = ""
+    epoch: int = 0
+    slots: list[Range] = field(default_factory=list)
+    profiles: int = 0
+    reachable: bool = False
+    error: str = ""
+
+    @property
+    def label(self) -> str:
+        """How errors and missing_shards name this shard."""
+        return self.name or self.address
+
+
+class ShardMap:
+    """Addresses -> shard states, and slot -> owning shard. One per router."""
+
+    def __init__(self, addresses: Iterable[str]) -> None:
+        self.shards: list[ShardState] = []
+        self._owner: list[int] = [-1] * SLOT_COUNT
+        self.exact = False  # every slot claimed by exactly one shard
+        self.version = 0  # bumps on every refresh
+        self._lock = asyncio.Lock()
+        for address in addresses:
+            self.add(address)
+
+    # ------------------------------------------------------------------ membership
+    def add(self, address: str) -> ShardState:
+        for shard in self.shards:
+            if shard.address == address:
+                return shard
+        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        state = ShardState(address, channel, memstore_pb2_grpc.MemstoreStub(channel),
+                           cluster_pb2_grpc.ShardControlStub(channel))
+        self.shards.append(state)
+        return state
+
+    async def join(self, address: str) -> ShardState:
+        """Add a shard at run time: learn its info before queries start asking it."""
+        for shard in self.shards:
+            if shard.address == address:
+                return shard
+        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        state = ShardState(address, channel, memstore_pb2_grpc.MemstoreStub(channel),
+                           cluster_pb2_grpc.ShardControlStub(channel))
+        await self._fetch(state)
+        if not state.reachable:
+            await channel.close()
+            raise ValueError(f"shard {address} is not reachable: {state.error}")
+        async with self._lock:
+            self.shards.append(state)
+            self._rebuild()
+            self.version += 1
+        return state
+
+    async def remove(self, name_or_address: str) -> bool:
+        shard = self.by_name(name_or_address)
+        if shard is None:
+            return False
+        self.shards.remove(shard)
+        self._rebuild()
+        self.version += 1
+        # Calls already under way may still use the channel; closing it now would leave them
+        # hanging, so close it once they are surely over.
+        channel, loop = shard.channel, asyncio.get_running_loop()
+        loop.call_later(REMOVED_CLOSE_AFTER, lambda: loop.create_task(channel.close()))
+        return True
+
+    async def close(self) -> None:
+        for shard in self.shards:
+            await shard.channel.close()
+
+    # ------------------------------------------------------------------ lookups
+    def owner(self, slot: int) -> ShardState | None:
+        index = self._owner[slot]
+        return self.shards[index] if index >= 0 else None
+
+    def by_name(self, name: str) -> ShardState | None:
+        return next((s for s in self.shards if name in (s.name, s.address)), None)
+
+    def ordered(self) -> list[ShardState]:
+        """Shards in a stable order (by name, then address) for cursors across shards."""
+        return sorted(self.shards, key=lambda s: (s.name or "~", s.address))
+
+    # ------------------------------------------------------------------ refresh
+    async def refresh(self, since: int | None = None) -> None:
+        """Ask every shard for its info. With `since`: skip when a refresh finished after
+        the caller's view (version `since`) was taken, so a burst of wrong-slot answers
+        costs one round of GetShardInfo, not one each.
+
+        All answers are applied at once, with no await in between, so a reader never sees
+        one shard's new epoch next to the slot table of the old map."""
+        async with self._lock:
+            if since is not None and self.version != since:
+                return
+            answers = await asyncio.gather(*(self._ask(s) for s in self.shards))
+            for shard, answer in zip(self.shards, answers):
+                self._apply(shard, answer)
+            self._rebuild()
+            self.version += 1
+
+    async def _ask(self, shard: ShardState) -> cpb.ShardInfo | grpc.aio.AioRpcError:
+        try:
+            return await shard.control.GetShardInfo(  # type: ignore[no-any-return]
+                cpb.ShardInfoRequest(), timeout=INFO_TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            return exc
+
+    def _apply(self, shard: ShardState, answer: cpb.ShardInfo | grpc.aio.AioRpcError) -> None:
+        if isinstance(answer, grpc.aio.AioRpcError):
+            if shard.reachable:
+                log.warning("shard %s unreachable: %s", shard.label, answer.details())
+            shard.reachable, shard.error = False, answer.details() or answer.code().name
+            return
+        shard.name, shard.epoch = answer.name, answer.epoch
+        shard.slots = [(r.start, r.end) for r in answer.slots]
+        shard.profiles, shard.reachable, shard.error = answer.profiles, True, ""
+
+    async def _fetch(self, shard: ShardState) -> None:
+        self._apply(shard, await self._ask(shard))
+
+    def _rebuild(self) -> None:
+        owner = [-1] * SLOT_COUNT
+        epoch_of = [-1] * SLOT_COUNT
+        claims = 0
+        for index, shard in enumerate(self.shards):
+            for start, end in shard.slots:
+                for slot in range(start, end + 1):
+                    claims += 1
+                    if shard.epoch > epoch_of[slot]:
+                        owner[slot], epoch_of[slot] = index, shard.epoch
+        self._owner = owner
+        self.exact = claims == SLOT_COUNT and -1 not in owner
+
+    def describe(self) -> list[dict[str, object]]:
+        return [{"name": s.name, "address": s.address, "epoch": s.epoch,
+                 "slots": s.slots, "profiles": s.profiles, "reachable": s.reachable}
+                for s in self.ordered()]
+
+
+async def wait_for(shard_map: ShardMap, timeout: float = 30.0) -> list[str]:
+    """Refresh until every shard answered once (start-up) or `timeout` passed; returns the
+    addresses still unreachable (the router serves anyway: their calls get UNAVAILABLE)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        await shard_map.refresh()
+        down = [s.address for s in shard_map.shards if not s.reachable]
+        if not down or time.monotonic() > deadline:
+            return down
+        await asyncio.sleep(0.2)

@@ -1,0 +1,270 @@
+"""One machine, one command: shard processes plus a router, kept running.
+
+`memstore serve` runs this. Layout of the data directory (default ./memstore-data):
+
+    memstore-data/
+      cluster.json      shard names and ports, and shards added from elsewhere
+      shard-0/          one shard's log and snapshots (its slots and epoch live there)
+      shard-1/
+      ...
+
+First start: N shard processes (`sys.executable -m memstore.cli serve-shard`), shard i in
+DATA/shard-i, slots split evenly (contiguous blocks), router on --port, shards on the next
+ports (or free ports with --port 0). Later starts read cluster.json, so the shard count and
+ports stay as they were; each shard reads its slots from its own directory.
+
+Invariants:
+- The router starts only after every shard answered a health check, and stops before them.
+- A shard process that exits while the cluster runs is restarted on the same port and data
+  directory, after a backoff that doubles on each quick death (1 s .. 30 s) and resets once
+  it has stayed up a minute. Every death and restart is logged.
+- Stop (SIGTERM/SIGINT): router first (draining calls), then SIGTERM to every shard, then
+  SIGKILL to any still running after `stop_timeout` seconds.
+- Shards run in their own session, so a terminal's Ctrl-C reaches only the supervisor, which
+  stops things in order. No preexec hook (it would force a plain fork() of a process running
+  gRPC); so a supervisor killed with SIGKILL leaves its shards running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shards.router import start_router, stop_router
+from shards.slots import format_ranges, split_even
+
+log = logging.getLogger("memstore.supervisor")
+
+CLUSTER_FILE = "cluster.json"
+START_TIMEOUT = 60.0
+MIN_BACKOFF, MAX_BACKOFF, STABLE_AFTER = 1.0, 30.0, 60.0
+
+
+@dataclass
+class ShardProcess:
+    name: str
+    data_dir: Path
+    port: int
+    slots: str  # first start only; later starts read ownership from data_dir
+    host: str = "127.0.0.1"
+    proc: asyncio.subprocess.Process | None = None
+    address: str = ""
+    restarts: int = 0
+    started_at: float = 0.0
+    backoff: float = MIN_BACKOFF
+    pump: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class Supervisor:
+    def __init__(self, data_dir: Path, shards: int | None = None, host: str = "127.0.0.1",
+                 port: int = 7070, sync: str = "always", shard_args: tuple[str, ...] = (),
+                 stop_timeout: float = 15.0) -> None:
+        self.data_dir = data_dir
+        self.host, self.port, self.sync = host, port, sync
+        self.shard_args = shard_args
+        self.stop_timeout = stop_timeout
+        self.shards: list[ShardProcess] = []
+        self.external: list[str] = []  # shards added with `cluster add-shard` from elsewhere
+        self.router_port = 0
+        self._server: Any = None
+        self._router: Any = None
+        self._watchers: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._configure(shards)
+
+    # ------------------------------------------------------------------ layout
+    def _configure(self, shards: int | None) -> None:
+        path = self.data_dir / CLUSTER_FILE
+        if path.exists():
+            state = json.loads(path.read_text())
+            if shards is not None and shards != len(state["shards"]):
+                log.warning("%s has %d shards; ignoring --shards %d (use cluster add-shard)",
+                            path, len(state["shards"]), shards)
+            for s in state["shards"]:
+                self.shards.append(ShardProcess(s["name"], self.data_dir / s["name"],
+                                                s["port"], "", self.host))
+            self.external = list(state.get("external", []))
+            return
+        n = shards or os.cpu_count() or 1
+        for i, ranges in enumerate(split_even(n)):
+            port = self.port + 1 + i if self.port else 0
+            self.shards.append(ShardProcess(f"shard-{i}", self.data_dir / f"shard-{i}", port,
+                                            format_ranges(ranges), self.host))
+
+    def _save(self) -> None:
+        state = {"shards": [{"name": s.name, "port": s.port} for s in self.shards],
+                 "external": self.external}
+        path = self.data_dir / CLUSTER_FILE
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w") as f:
+            json.dump(state, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _membership(self, addresses: list[str]) -> None:
+        """The router's shard list changed (add-shard/remove-shard): remember the others."""
+        mine = {s.address for s in self.shards}
+        self.external = [a for a in addresses if a not in mine]
+        self._save()
+
+    # ------------------------------------------------------------------ shards
+    async def _spawn(self, shard: ShardProcess) -> None:
+        args = [sys.executable, "-m", "memstore.cli", "serve-shard", "--host", shard.host,
+                "--port", str(shard.port), "--data-dir", str(shard.data_dir),
+                "--name", shard.name, "--sync", self.sync, *self.shard_args]
+        if shard.slots and not shard.data_dir.exists():
+            args += ["--slots", shard.slots]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = await asyncio.create_subprocess_exec(
+            *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE, env=env, start_new_session=True)
+        assert proc.stderr is not None
+        lines: list[str] = []
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                while True:
+                    raw = await proc.stderr.readline()
+                    if not raw:
+                        raise RuntimeError(f"{shard.name} exited during start-up:\n"
+                                           + "".join(lines[-20:]))
+                    line = raw.decode(errors="replace")
+                    lines.append(line)
+                    if line.startswith("listening on "):
+                        break
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
+        shard.address = line.split()[-1]
+        shard.port = int(shard.address.rsplit(":", 1)[1])
+        shard.proc, shard.started_at = proc, time.monotonic()
+        shard.pump = asyncio.create_task(self._forward(shard, proc))
+        await self._healthy(shard)
+        log.info("%s (pid %d) serving on %s", shard.name, proc.pid, shard.address)
+
+    async def _forward(self, shard: ShardProcess, proc: asyncio.subprocess.Process) -> None:
+        """Pass the shard's log lines on (prefixed) so its pipe never fills."""
+        assert proc.stderr is not None
+        async for raw in proc.stderr:
+            sys.stderr.write(f"[{shard.name}] {raw.decode(errors='replace')}")
+
+    async def _healthy(self, shard: ShardProcess) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        async with grpc.aio.insecure_channel(shard.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                try:
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{shard.name} never became healthy")
+                await asyncio.sleep(0.1)
+
+    async def _watch(self, shard: ShardProcess) -> None:
+        while not self._stopping:
+            assert shard.proc is not None
+            code = await shard.proc.wait()
+            if self._stopping:
+                return
+            if time.monotonic() - shard.started_at > STABLE_AFTER:
+                shard.backoff = MIN_BACKOFF
+            log.error("%s (pid %d) exited with status %s; restarting in %.0f s", shard.name,
+                      shard.proc.pid, code, shard.backoff)
+            await asyncio.sleep(shard.backoff)
+            shard.backoff = min(shard.backoff * 2, MAX_BACKOFF)
+            while not self._stopping:
+                try:
+                    await self._spawn(shard)
+                    shard.restarts += 1
+                    log.info("%s restarted (restart #%d)", shard.name, shard.restarts)
+                    break
+                except (OSError, RuntimeError, TimeoutError) as exc:
+                    log.error("%s failed to restart: %s; retrying in %.0f s", shard.name,
+                              exc, shard.backoff)
+                    await asyncio.sleep(shard.backoff)
+                    shard.backoff = min(shard.backoff * 2, MAX_BACKOFF)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> int:
+        """Start shards (concurrently), then the router; returns the router's port."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            await asyncio.gather(*(self._spawn(s) for s in self.shards))
+        except BaseException:
+            await self._stop_shards()
+            raise
+        self._save()  # ports chosen by the OS on first start are kept from now on
+        self._watchers = [asyncio.create_task(self._watch(s)) for s in self.shards]
+        addresses = [s.address for s in self.shards] + self.external
+        try:
+            self._server, self.router_port, self._router = await start_router(
+                addresses, self.host, self.port, on_membership=self._membership)
+        except BaseException:
+            await self.stop()
+            raise
+        return self.router_port
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._server is not None:
+            await stop_router(self._server, self._router)
+            self._server = None
+        for task in self._watchers:
+            task.cancel()
+        await self._stop_shards()
+
+    async def _stop_shards(self) -> None:
+        self._stopping = True
+        running = [s for s in self.shards if s.proc is not None and s.proc.returncode is None]
+        for shard in running:
+            with contextlib.suppress(ProcessLookupError):
+                shard.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+
+        async def reap(shard: ShardProcess) -> None:
+            assert shard.proc is not None
+            try:
+                await asyncio.wait_for(shard.proc.wait(), self.stop_timeout)
+            except TimeoutError:
+                log.warning("%s did not stop in %.0f s; killing it", shard.name,
+                            self.stop_timeout)
+                with contextlib.suppress(ProcessLookupError):
+                    shard.proc.kill()
+                await shard.proc.wait()
+            if shard.pump is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(shard.pump, 1.0)
+
+        await asyncio.gather(*(reap(s) for s in running))
+
+
+async def run(supervisor: Supervisor) -> None:
+    """`memstore serve`: start everything, print where the router listens, run until a
+    signal, then stop in order."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    port = await supervisor.start()
+    log.info("%d shards in %s", len(supervisor.shards), supervisor.data_dir)
+    print(f"listening on {supervisor.host}:{port}", file=sys.stderr, flush=True)
+    await stop.wait()
+    log.info("stopping: router, then shards")
+    await supervisor.stop()
+    log.info("stopped")
