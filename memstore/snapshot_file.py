@@ -1,23 +1,28 @@
 """Snapshot files: a checksummed container of named sections, written atomically.
 
-Layout of DATA_DIR/snapshots/snap-<LSN, 20 digits>.snap (little-endian):
+Layout of DATA_DIR/snapshots/snap-<LSN, 20 digits>.snap (little-endian; docs/log-format.md):
 
-    header   magic b"MSSNAP\\x00\\x01" (8) | version u16 | lsn u64 | created µs u64 | crc u32
-    section  name_len u32 | name | payload_len u64 | crc u32 of (name + payload) | payload
+    header   magic b"MSSNAP\\x00\\x01" (8) | version u16 | lsn u64 | created µs u64
+             | crc u32 of the 26 bytes before it                          (30 bytes)
+    section  name_len u32 (<= MAX_NAME) | name utf-8 | payload_len u64 (<= MAX_SECTION)
+             | crc u32 = crc32(name + payload) | payload
     ...      (a name may repeat: the engine writes many "profiles" chunks)
-    footer   0xFFFFFFFF u32 | section count u64 | crc u32 over every section crc in order
+    footer   END_MARK u32 = 0xFFFFFFFF | section count u64
+             | crc u32 = crc32 over the 4-byte little-endian crc of every section, in order
+             and nothing after it.
 
-`lsn` is the log position the snapshot covers: replay starts there. Writing goes to
-snap-<LSN>.tmp, is flushed and fsynced, renamed, and the directory fsynced; then CURRENT (a
-one-line text file naming the snapshot) is replaced the same way (Redis's rdbSave, LevelDB's
-SetCurrentFile). Loading verifies the whole file first and falls back to the next older
-snapshot when the newest is missing or damaged; .tmp files are never loaded.
+`lsn` is the log position the snapshot covers: replay starts there. Invariants: a .snap
+file is complete (written to snap-<LSN>.tmp, flushed, fsynced, renamed, directory
+fsynced); CURRENT (one line: the file name of the newest committed snapshot) is replaced
+the same way after it (Redis's rdbSave, LevelDB's SetCurrentFile); .tmp files are never
+loaded. Loading verifies the whole file first and falls back to the next older snapshot.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import struct
 import time
 import zlib
@@ -29,86 +34,110 @@ log = logging.getLogger("memstore.snapshot")
 
 MAGIC = b"MSSNAP\x00\x01"
 VERSION = 1
-HEADER = struct.Struct("<8sHQQ")
-HEADER_SIZE = HEADER.size + 4
+HEADER = struct.Struct("<8sHQQ")  # magic, version, lsn, created µs; then u32 crc
+CRC = struct.Struct("<I")
+HEADER_SIZE = HEADER.size + CRC.size  # 30
+NAME_LEN = struct.Struct("<I")
+SECTION_META = struct.Struct("<QI")  # payload length, crc
+FOOTER_REST = struct.Struct("<QI")  # after END_MARK: section count, crc of crcs
 END_MARK = 0xFFFF_FFFF
+MAX_NAME = 1024
 MAX_SECTION = 1 << 31
 CURRENT = "CURRENT"
+SNAPSHOT_NAME = "snap-{lsn:020d}.snap"
+TMP_NAME = "snap-{lsn:020d}.tmp"
+_SNAP_RE = re.compile(r"^snap-([0-9]{20})\.snap$")
+_TMP_RE = re.compile(r"^snap-([0-9]{20})\.tmp$")
+
+Fsync = Callable[[int], None]
 
 
 class SnapshotError(Exception):
-    pass
+    """A snapshot file is damaged or cut short; the message names the file."""
 
 
 def snapshot_name(lsn: int) -> str:
-    return f"snap-{lsn:020d}.snap"
+    return SNAPSHOT_NAME.format(lsn=lsn)
 
 
 def _lsn_of(path: Path) -> int | None:
-    stem = path.name
-    if stem.startswith("snap-") and stem.endswith(".snap") and stem[5:25].isdigit():
-        return int(stem[5:25])
-    return None
+    m = _SNAP_RE.match(path.name)
+    return int(m.group(1)) if m else None
 
 
-def _sync_dir(path: Path) -> None:
+def _fsync_path(path: Path, fsync: Fsync) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        fsync(fd)
     finally:
         os.close(fd)
 
 
 class SnapshotWriter:
-    def __init__(self, directory: Path, lsn: int, fsync: Callable[[int], None]) -> None:
+    """Streams sections to snap-<lsn>.tmp; `commit` publishes it. Use as a context manager
+    (aborts on exception) or call `abort`."""
+
+    def __init__(self, directory: Path, lsn: int, fsync: Fsync) -> None:
         self.directory = directory
         self.lsn = lsn
         self._fsync = fsync
-        self.tmp = directory / f"snap-{lsn:020d}.tmp"
+        self.tmp = directory / TMP_NAME.format(lsn=lsn)
         self._file: BinaryIO | None = self.tmp.open("wb")
         head = HEADER.pack(MAGIC, VERSION, lsn, time.time_ns() // 1000)
-        self._file.write(head + zlib.crc32(head).to_bytes(4, "little"))
+        self._file.write(head + CRC.pack(zlib.crc32(head)))
         self._crcs = 0
         self._count = 0
 
     @classmethod
-    def create(cls, directory: Path, lsn: int, fsync: Callable[[int], None] = os.fsync
+    def create(cls, directory: Path | str, lsn: int, fsync: Fsync = os.fsync
                ) -> SnapshotWriter:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         return cls(directory, lsn, fsync)
 
     def write(self, name: str, payload: bytes) -> None:
-        assert self._file is not None, "snapshot already committed or aborted"
+        """Append one section; nothing is held in memory beyond the OS buffers."""
+        f = self._file
+        if f is None:
+            raise ValueError("snapshot already committed or aborted")
         raw = name.encode()
+        if len(raw) > MAX_NAME:
+            raise ValueError(f"section name longer than {MAX_NAME} bytes")
+        if len(payload) > MAX_SECTION:
+            raise ValueError(f"section of {len(payload)} bytes exceeds {MAX_SECTION}")
         crc = zlib.crc32(payload, zlib.crc32(raw))
-        self._file.write(struct.pack("<I", len(raw)) + raw + struct.pack("<QI", len(payload),
-                                                                        crc))
-        self._file.write(payload)
-        self._crcs = zlib.crc32(crc.to_bytes(4, "little"), self._crcs)
+        f.write(NAME_LEN.pack(len(raw)) + raw + SECTION_META.pack(len(payload), crc))
+        f.write(payload)
+        self._crcs = zlib.crc32(CRC.pack(crc), self._crcs)
         self._count += 1
 
     def commit(self) -> Path:
+        """Footer, flush, fsync, rename to snap-<lsn>.snap, fsync the directory, then
+        point CURRENT at it the same way. Returns the snapshot's path."""
         f = self._file
-        assert f is not None
-        f.write(struct.pack("<IQI", END_MARK, self._count, self._crcs))
-        f.flush()
-        self._fsync(f.fileno())
-        f.close()
-        self._file = None
+        if f is None:
+            raise ValueError("snapshot already committed or aborted")
+        try:
+            f.write(NAME_LEN.pack(END_MARK) + FOOTER_REST.pack(self._count, self._crcs))
+            f.flush()
+            self._fsync(f.fileno())
+        finally:
+            f.close()
+            self._file = None
         final = self.directory / snapshot_name(self.lsn)
         os.replace(self.tmp, final)
-        _sync_dir(self.directory)
+        _fsync_path(self.directory, self._fsync)
         pointer = self.directory / f"{CURRENT}.tmp"
         with pointer.open("w") as p:
             p.write(final.name + "\n")
             p.flush()
             self._fsync(p.fileno())
         os.replace(pointer, self.directory / CURRENT)
-        _sync_dir(self.directory)
+        _fsync_path(self.directory, self._fsync)
         return final
 
     def abort(self) -> None:
+        """Drop the temporary file (safe to call after commit or twice)."""
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -122,59 +151,66 @@ class SnapshotWriter:
             self.abort()
 
 
+def _read_exact(f: BinaryIO, n: int, path: Path, what: str) -> bytes:
+    data = f.read(n)
+    if len(data) < n:
+        raise SnapshotError(f"{path}: {what} cut short")
+    return data
+
+
 def _read_sections(f: BinaryIO, path: Path) -> Iterator[tuple[str, bytes]]:
-    """Sections in order; raises SnapshotError on any damage, after the footer checks."""
-    head = f.read(HEADER_SIZE)
-    if len(head) < HEADER_SIZE:
-        raise SnapshotError(f"{path}: header cut short")
-    magic, version, _, _ = HEADER.unpack(head[: HEADER.size])
-    if magic != MAGIC or zlib.crc32(head[: HEADER.size]) != int.from_bytes(head[-4:], "little"):
-        raise SnapshotError(f"{path}: bad header")
+    """Sections in order, streaming; SnapshotError on any damage (the footer is checked
+    after the last section, so only a complete iteration proves the file good)."""
+    size = f.seek(0, os.SEEK_END)
+    f.seek(0)
+    head = _read_exact(f, HEADER_SIZE, path, "header")
+    magic, version, _, _ = HEADER.unpack_from(head)
+    if magic != MAGIC or zlib.crc32(head[: HEADER.size]) != CRC.unpack_from(head,
+                                                                            HEADER.size)[0]:
+        raise SnapshotError(f"{path}: bad header (magic or checksum)")
     if version != VERSION:
         raise SnapshotError(f"{path}: unknown snapshot version {version}")
     crcs = 0
     count = 0
     while True:
-        raw = f.read(4)
-        if len(raw) < 4:
-            raise SnapshotError(f"{path}: cut short after {count} sections")
-        (name_len,) = struct.unpack("<I", raw)
+        (name_len,) = NAME_LEN.unpack(_read_exact(f, NAME_LEN.size, path,
+                                                  f"file after {count} sections"))
         if name_len == END_MARK:
-            tail = f.read(12)
-            if len(tail) < 12:
-                raise SnapshotError(f"{path}: footer cut short")
-            total, crc_all = struct.unpack("<QI", tail)
+            total, crc_all = FOOTER_REST.unpack(_read_exact(f, FOOTER_REST.size, path,
+                                                            "footer"))
             if total != count or crc_all != crcs or f.read(1):
-                raise SnapshotError(f"{path}: footer does not match the sections")
+                raise SnapshotError(f"{path}: footer does not match the {count} sections")
             return
-        if name_len > 1024:
+        if name_len > MAX_NAME:
             raise SnapshotError(f"{path}: impossible section name length {name_len}")
-        name = f.read(name_len)
-        meta = f.read(12)
-        if len(name) < name_len or len(meta) < 12:
-            raise SnapshotError(f"{path}: section {count} cut short")
-        size, crc = struct.unpack("<QI", meta)
-        if size > MAX_SECTION:
-            raise SnapshotError(f"{path}: impossible section size {size}")
-        payload = f.read(size)
-        if len(payload) < size or zlib.crc32(payload, zlib.crc32(name)) != crc:
-            raise SnapshotError(f"{path}: section {count} damaged")
-        crcs = zlib.crc32(crc.to_bytes(4, "little"), crcs)
+        name = _read_exact(f, name_len, path, f"section {count}")
+        length, crc = SECTION_META.unpack(_read_exact(f, SECTION_META.size, path,
+                                                      f"section {count}"))
+        if length > MAX_SECTION or length > size - f.tell():  # never a huge allocation
+            raise SnapshotError(f"{path}: section {count} cut short or impossible "
+                                f"length {length}")
+        payload = _read_exact(f, length, path, f"section {count}")
+        if zlib.crc32(payload, zlib.crc32(name)) != crc:
+            raise SnapshotError(f"{path}: section {count} checksum mismatch")
+        crcs = zlib.crc32(CRC.pack(crc), crcs)
         count += 1
-        yield name.decode(), payload
+        try:
+            text = name.decode()
+        except UnicodeDecodeError as exc:
+            raise SnapshotError(f"{path}: section {count} name is not UTF-8") from exc
+        yield text, payload
 
 
 class SnapshotReader:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        with path.open("rb") as f:
-            head = f.read(HEADER_SIZE)
-            if len(head) < HEADER_SIZE:
-                raise SnapshotError(f"{path}: header cut short")
-            _, _, self.lsn, self.created_us = HEADER.unpack(head[: HEADER.size])
-            f.seek(0)
-            for _ in _read_sections(f, path):  # verify everything before anyone uses it
-                pass
+    """A verified snapshot. Construction reads the whole file once (SnapshotError or
+    OSError if anything is wrong); `sections()` reads it again, streaming."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        with self.path.open("rb") as f:
+            head = _read_exact(f, HEADER_SIZE, self.path, "header")
+            _, _, self.lsn, self.created_us = HEADER.unpack_from(head)
+            self.section_count = sum(1 for _ in _read_sections(f, self.path))
 
     def sections(self) -> Iterator[tuple[str, bytes]]:
         with self.path.open("rb") as f:
@@ -182,20 +218,33 @@ class SnapshotReader:
 
 
 def _candidates(directory: Path) -> list[Path]:
-    snaps = sorted((p for p in directory.glob("snap-*.snap") if _lsn_of(p) is not None),
+    """CURRENT's snapshot first, then every snap-*.snap from the newest LSN down."""
+    snaps = sorted((p for p in directory.iterdir() if _lsn_of(p) is not None),
                    key=lambda p: _lsn_of(p) or 0, reverse=True)
     current = directory / CURRENT
-    if current.exists():
-        named = directory / current.read_text().strip()
-        if named in snaps:
-            snaps.remove(named)
-        snaps.insert(0, named)
-    return snaps
+    try:
+        named = current.read_text().strip()
+    except FileNotFoundError:
+        return snaps
+    except (OSError, UnicodeDecodeError) as exc:
+        log.warning("snapshot pointer %s unreadable (%s); using the newest snapshot file",
+                    current, exc)
+        return snaps
+    if not _SNAP_RE.match(named):
+        log.warning("snapshot pointer %s names %r, not a snapshot; using the newest "
+                    "snapshot file", current, named)
+        return snaps
+    path = directory / named
+    if path in snaps:
+        snaps.remove(path)
+    return [path, *snaps]
 
 
-def load_newest(directory: Path) -> SnapshotReader | None:
+def load_newest(directory: Path | str) -> SnapshotReader | None:
+    """The snapshot CURRENT names if it is whole, else the newest older good one (each
+    skip logged as a warning with its reason); None if there is no good snapshot."""
     directory = Path(directory)
-    if not directory.exists():
+    if not directory.is_dir():
         return None
     for path in _candidates(directory):
         try:
@@ -205,18 +254,41 @@ def load_newest(directory: Path) -> SnapshotReader | None:
     return None
 
 
-def prune(directory: Path, keep: int = 1) -> list[Path]:
-    """Delete stray .tmp files and all but the newest `keep` snapshots."""
+def prune(directory: Path | str, keep: int = 1, fsync: Fsync = os.fsync) -> list[Path]:
+    """Keep the newest `keep` good snapshots (each verified, newest first) and delete every
+    snapshot older than the oldest kept one, and every .tmp at or below the newest kept
+    LSN (a higher one may be a snapshot being written). Damaged snapshots newer than the
+    kept ones are left for inspection. Returns the deleted paths."""
+    if keep < 1:
+        raise ValueError("keep must be at least 1")
     directory = Path(directory)
-    removed = []
-    for tmp in directory.glob("*.tmp"):
-        tmp.unlink(missing_ok=True)
-        removed.append(tmp)
-    snaps = sorted((p for p in directory.glob("snap-*.snap") if _lsn_of(p) is not None),
+    if not directory.is_dir():
+        return []
+    snaps = sorted((p for p in directory.iterdir() if _lsn_of(p) is not None),
                    key=lambda p: _lsn_of(p) or 0, reverse=True)
-    for old in snaps[keep:]:
+    kept: list[Path] = []
+    for i, path in enumerate(snaps):
+        try:
+            SnapshotReader(path)
+        except (SnapshotError, OSError) as exc:
+            log.warning("prune: snapshot %s is damaged (%s)", path, exc)
+            continue
+        kept.append(path)
+        if len(kept) == keep:
+            older = snaps[i + 1:]
+            break
+    else:
+        return []  # fewer than `keep` good snapshots: delete nothing
+    removed: list[Path] = []
+    for old in older:
         old.unlink()
         removed.append(old)
+    newest = _lsn_of(kept[0]) or 0
+    for p in directory.iterdir():
+        m = _TMP_RE.match(p.name)
+        if m and int(m.group(1)) <= newest:
+            p.unlink(missing_ok=True)
+            removed.append(p)
     if removed:
-        _sync_dir(directory)
+        _fsync_path(directory, fsync)
     return removed

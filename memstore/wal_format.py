@@ -1,52 +1,60 @@
-"""On-disk format of the shard log. Only constants and layouts: the writer and the reader
-import this module and share nothing else. The full spec, with worked file names, is
-docs/log-format.md; in short:
+"""On-disk format of the shard log: constants and layouts only.
 
-A shard's log is a logical byte stream of frames, split over segment files in
-DATA_DIR/log/. A position in that stream is an LSN. Each segment file is named by the LSN
-of its first frame, 20 zero-padded decimal digits plus ".log", and begins with a header:
+The writer (wal_writer) and the reader (wal_reader) import this module and share nothing
+else. docs/log-format.md is the full spec with worked file names; in short:
 
-    segment header (20 bytes, little-endian)
-      magic     6 bytes  b"MSLOG\\x00"
+A shard's log is one logical byte stream of frames, split over segment files in
+DATA_DIR/log/. A position in that stream is an LSN (log sequence number): the count of
+frame bytes (headers of segments excluded) before that position since the log began. A
+segment file is named by the LSN of its first frame, 20 zero-padded decimal digits plus
+".log" (SEGMENT_NAME), and begins with a header:
+
+    segment header (SEGMENT_HEADER_SIZE = 20 bytes, little-endian)
+      magic     6 bytes  SEGMENT_MAGIC = b"MSLOG\\x00"
       version   u16      FORMAT_VERSION
-      base_lsn  u64      LSN of the first frame (must equal the file name)
+      base_lsn  u64      LSN of the first frame; must equal the number in the file name
       crc       u32      zlib.crc32 of the 16 bytes above
 
-then frames, back to back; the frame at file offset o has LSN base_lsn + o - 20:
+then frames, back to back, with no padding. The frame at file offset `o` starts at
+LSN base_lsn + o - SEGMENT_HEADER_SIZE, so the next segment's base_lsn is this segment's
+base_lsn + file size - SEGMENT_HEADER_SIZE (segments are contiguous):
 
-    frame
+    frame (FRAME_HEADER_SIZE = 9 bytes of header, then the payload)
       length    u32      payload length, at most MAX_PAYLOAD
       crc       u32      zlib.crc32 of (type byte + payload)
       type      u8       a RECORD_* number
-      payload   length bytes (msgpack, opaque to the log)
+      payload   `length` bytes, opaque to the log (the engine writes msgpack)
 
-Numbers on disk never change meaning; a new layout gets a new FORMAT_VERSION.
+A record's LSN range is [lsn_start, lsn_end) where lsn_end = lsn_start + 9 + length.
+
+Numbers on disk never change meaning. A new layout gets a new FORMAT_VERSION (readers
+refuse versions they do not know); a new kind of record gets a new RECORD_* number.
 """
 
 from __future__ import annotations
 
+import re
 import struct
+from typing import Final
 
-SEGMENT_MAGIC = b"MSLOG\x00"
-FORMAT_VERSION = 1
-SEGMENT_HEADER = struct.Struct("<6sHQ")  # magic, version, base_lsn; then u32 crc
-SEGMENT_HEADER_SIZE = SEGMENT_HEADER.size + 4  # 20
-FRAME_HEADER = struct.Struct("<IIB")  # length, crc, type
-FRAME_HEADER_SIZE = FRAME_HEADER.size  # 9
-MAX_PAYLOAD = 1 << 30
-SEGMENT_SUFFIX = ".log"
+# ---------------------------------------------------------------- segment files
+SEGMENT_MAGIC: Final = b"MSLOG\x00"
+FORMAT_VERSION: Final = 1
+SEGMENT_HEADER: Final = struct.Struct("<6sHQ")  # magic, version, base_lsn; then u32 crc
+SEGMENT_CRC: Final = struct.Struct("<I")
+SEGMENT_HEADER_SIZE: Final = SEGMENT_HEADER.size + SEGMENT_CRC.size  # 20
 
-# Record types. Payloads are msgpack; the engine defines their contents.
-RECORD_PROFILES = 1  # [[dense id, primary id, blob or nil], ...] after-images
-RECORD_SCHEMA = 2  # [[attribute id, name, kind, indexed, merge], ...] declarations
-RECORD_SHARD_META = 3  # [epoch, owned slots as a portable roaring bitmap or nil]
-RECORD_TYPES = frozenset({RECORD_PROFILES, RECORD_SCHEMA, RECORD_SHARD_META})
+SEGMENT_NAME: Final = "{base_lsn:020d}.log"  # SEGMENT_NAME.format(base_lsn=67108864)
+SEGMENT_NAME_RE: Final = re.compile(r"^([0-9]{20})\.log$")  # group 1: base_lsn
 
+# ---------------------------------------------------------------- frames
+FRAME_HEADER: Final = struct.Struct("<IIB")  # length, crc, type
+FRAME_HEADER_SIZE: Final = FRAME_HEADER.size  # 9
+# A length above this is garbage, not a record: damage, never a huge allocation.
+MAX_PAYLOAD: Final = 64 << 20
 
-def segment_name(base_lsn: int) -> str:
-    return f"{base_lsn:020d}{SEGMENT_SUFFIX}"
-
-
-def parse_segment_name(name: str) -> int | None:
-    stem = name[: -len(SEGMENT_SUFFIX)] if name.endswith(SEGMENT_SUFFIX) else ""
-    return int(stem) if len(stem) == 20 and stem.isdigit() else None
+# ---------------------------------------------------------------- record types
+RECORD_PROFILES: Final = 1  # after-images of profiles
+RECORD_SCHEMA: Final = 2  # attribute declarations
+RECORD_SHARD_META: Final = 3  # epoch and owned hash slots
+RECORD_TYPES: Final = frozenset({RECORD_PROFILES, RECORD_SCHEMA, RECORD_SHARD_META})

@@ -1,15 +1,19 @@
-"""Appending to the shard log, with group commit.
+"""Appending to the shard log, with group commit. Format: wal_format, docs/log-format.md.
 
-One writer per shard, used from the shard's event loop. `append` puts a frame in the OS
-(write, no fsync) and returns the LSN just past it; `sync_to(lsn)` waits until the sync
-policy says that LSN is durable. Under `always`, at most one fsync is in flight, in a
-worker thread; it covers every byte written before it started, so every write waiting
-meanwhile shares the next one (group commit).
+One writer per shard, used from the shard's event loop thread. `append` hands a frame to
+the OS (write(), no fsync) and returns the LSN just past it; `sync_to(lsn)` waits until
+the sync policy says that LSN is durable. Under `always` at most one fsync is in flight,
+on a dedicated worker thread; it covers every byte written before it started, so every
+writer waiting meanwhile shares the next one (group commit).
 
-If an fsync fails the writer fails for good: the kernel may have dropped the dirty pages,
-so a later successful fsync would prove nothing (PostgreSQL's "fsyncgate"). Waiters get
-LogFailedError; appends are refused. A failed write() (full disk) is cut back off the file
-and refused with LogWriteError, and the writer carries on.
+Invariants:
+- `durable_lsn <= end_lsn`; both only grow. Everything below `durable_lsn` has been
+  fsynced (file and, for new segments, directory entry).
+- A failed fsync fails the writer for good: the kernel may have dropped the dirty pages
+  and cleared the error, so a later successful fsync would prove nothing (PostgreSQL's
+  "fsyncgate"). Waiters get LogFailedError, appends are refused, `durable_lsn` stays.
+- A failed write() (full disk, EIO) is cut back off the file and refused with
+  LogWriteError; the writer carries on. If the cut fails too, the writer fails.
 """
 
 from __future__ import annotations
@@ -30,15 +34,21 @@ from memstore import wal_format as fmt
 
 log = logging.getLogger("memstore.log")
 
+Fsync = Callable[[int], None]
+
 
 class SyncPolicy(StrEnum):
-    """When the log is fsynced (see README "Configuration").
+    """When the log is fsynced (the `--sync` setting of a shard).
 
-    always   -- acknowledge a write only after an fsync covers it; nothing acknowledged is
-                lost even on power loss. Group commit keeps throughput up. The default.
-    everysec -- fsync about once a second; power loss can lose ~1 s of acknowledged
-                writes (a process crash loses nothing: the data is in the OS).
-    off      -- never fsync; the OS writes back when it likes. Fastest, least safe.
+    always   -- a write is acknowledged only after an fsync covers it: nothing acknowledged
+                is lost, even on power loss. Group commit shares one fsync among every
+                write in flight, so throughput stays high under concurrency; a lone client
+                waits one fsync per write. The default.
+    everysec -- fsync in the background about once a second; writes are acknowledged at
+                once. A process crash loses nothing (the data is in the OS), power loss or
+                a kernel crash can lose about the last second of acknowledged writes.
+    off      -- never fsync; the OS writes back when it likes (typically within 30 s).
+                Fastest; power loss can lose tens of seconds of acknowledged writes.
     If unsure: always.
     """
 
@@ -48,81 +58,121 @@ class SyncPolicy(StrEnum):
 
 
 class LogFailedError(OSError):
-    """The log can no longer guarantee durability; the shard is read-only until restart."""
+    """The log can no longer guarantee durability; it refuses writes until restart."""
 
 
 class LogWriteError(OSError):
-    """This record could not be written (e.g. disk full); it is not in the log."""
+    """This one record could not be written (e.g. disk full); it is not in the log."""
 
 
-def sync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _segments(directory: Path) -> list[tuple[int, Path]]:
+    found = []
+    for p in directory.iterdir():
+        m = fmt.SEGMENT_NAME_RE.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
 
 
-def segment_header(base_lsn: int) -> bytes:
+def _segment_header(base_lsn: int) -> bytes:
     head = fmt.SEGMENT_HEADER.pack(fmt.SEGMENT_MAGIC, fmt.FORMAT_VERSION, base_lsn)
-    return head + zlib.crc32(head).to_bytes(4, "little")
+    return head + fmt.SEGMENT_CRC.pack(zlib.crc32(head))
 
 
-def frame(rtype: int, payload: bytes) -> bytes:
-    if len(payload) > fmt.MAX_PAYLOAD:
-        raise LogWriteError(f"record of {len(payload)} bytes exceeds {fmt.MAX_PAYLOAD}")
+def _frame(rtype: int, payload: bytes) -> bytes:
     crc = zlib.crc32(payload, zlib.crc32(bytes((rtype,))))
     return fmt.FRAME_HEADER.pack(len(payload), crc, rtype) + payload
 
 
 class LogWriter:
+    """Appends frames to DATA_DIR/log/ segments. Build with `LogWriter.open`."""
+
+    #: seconds between background fsyncs under SyncPolicy.EVERYSEC
+    everysec_interval: float = 1.0
+
     def __init__(self, directory: Path, sync: SyncPolicy, segment_bytes: int,
-                 fsync: Callable[[int], None]) -> None:
+                 fsync: Fsync) -> None:
         self.directory = directory
-        self.sync = sync
+        self.sync = SyncPolicy(sync)
         self.segment_bytes = segment_bytes
         self._fsync = fsync
         self._file: BinaryIO | None = None
-        self._base = 0
-        self.end_lsn = 0
-        self.durable_lsn = 0
-        self.size_bytes = 0
+        self._base = 0  # base LSN of the active segment
+        self.end_lsn = 0  # LSN just past the last appended frame
+        self.durable_lsn = 0  # everything below is fsynced
+        self.size_bytes = 0  # total size of all segment files
         self.failed = False
         self.failure: str | None = None
-        self._retired: list[BinaryIO] = []
+        self._closed = False
+        self._retired: list[BinaryIO] = []  # rotated-out files an in-flight fsync may use
         self._inflight: asyncio.Task[None] | None = None
         self._background: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memstore-fsync")
 
+    # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, directory: Path, *, sync: SyncPolicy = SyncPolicy.ALWAYS,
-             segment_bytes: int = 64 << 20, fsync: Callable[[int], None] = os.fsync,
-             start_lsn: int = 0) -> LogWriter:
-        """Append after the end of the newest segment (recovery has already cut any torn
-        tail), or start a new log at `start_lsn` (the position the last snapshot covers)."""
+    def open(cls, directory: Path | str, *, sync: SyncPolicy = SyncPolicy.ALWAYS,
+             segment_bytes: int = 64 << 20, start_lsn: int | None = None,
+             fsync: Fsync = os.fsync) -> LogWriter:
+        """Append after the end of the newest segment, or start a log at `start_lsn` (0 if
+        None) when there is none. Recovery must have run first (torn tail cut).
+
+        `start_lsn`, if given, is where the caller's replay ended. It must equal the end
+        of the newest segment, or lie beyond it: then the snapshot covers every existing
+        segment (the log lost its unsynced tail, e.g. under `off`), so they are deleted
+        and a new segment starts at `start_lsn`. Before the end: ValueError.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         writer = cls(directory, sync, segment_bytes, fsync)
-        segments = sorted((base, p) for p in directory.iterdir()
-                          if (base := fmt.parse_segment_name(p.name)) is not None)
-        writer.size_bytes = sum(p.stat().st_size for _, p in segments)
+        try:
+            writer._open_newest(start_lsn)
+        except BaseException:
+            writer._executor.shutdown(wait=False)
+            raise
+        return writer
+
+    def _open_newest(self, start_lsn: int | None) -> None:
+        segments = _segments(self.directory)
+        self.size_bytes = sum(p.stat().st_size for _, p in segments)
         if segments:
             base, path = segments[-1]
-            f = path.open("r+b", buffering=0)
-            size = f.seek(0, os.SEEK_END)
-            writer._file, writer._base = f, base
-            writer.end_lsn = writer.durable_lsn = base + size - fmt.SEGMENT_HEADER_SIZE
-        else:
-            writer._new_segment(start_lsn)
-            writer.end_lsn = writer.durable_lsn = start_lsn
-        return writer
+            size = path.stat().st_size
+            end = base + size - fmt.SEGMENT_HEADER_SIZE
+            if size < fmt.SEGMENT_HEADER_SIZE:
+                raise ValueError(f"{path}: segment header cut short; run recovery first")
+            if start_lsn is None or start_lsn == end:
+                f = path.open("r+b", buffering=0)
+                f.seek(0, os.SEEK_END)
+                self._file, self._base = f, base
+                self.end_lsn = self.durable_lsn = end
+                return
+            if start_lsn < end:
+                raise ValueError(f"log ends at LSN {end} ({path}), not at start_lsn "
+                                 f"{start_lsn}: run recovery (cut the torn tail) first")
+            log.warning("log ends at LSN %d but the snapshot covers up to %d: deleting %d "
+                        "segment(s) it covers and starting a new one", end, start_lsn,
+                        len(segments))
+            for _, p in segments:
+                p.unlink()
+            self.size_bytes = 0
+            self._sync_directory()
+        lsn = start_lsn or 0
+        self._new_segment(lsn)
+        self.end_lsn = self.durable_lsn = lsn
 
     # ------------------------------------------------------------------ appending
     def append(self, rtype: int, payload: bytes) -> int:
-        if self.failed:
-            raise LogFailedError(self.failure or "log failed")
-        data = frame(rtype, payload)
-        if self._segment_used() >= self.segment_bytes:
+        """Write one record to the OS; return the LSN just past it. Not yet durable:
+        `await sync_to(lsn)` before acknowledging."""
+        self._check_usable()
+        if not 0 <= rtype <= 255:
+            raise ValueError(f"record type {rtype} does not fit in a byte")
+        if len(payload) > fmt.MAX_PAYLOAD:
+            raise LogWriteError(f"record of {len(payload)} bytes exceeds the "
+                                f"{fmt.MAX_PAYLOAD}-byte limit")
+        data = _frame(rtype, payload)
+        if self.end_lsn - self._base >= self.segment_bytes:
             self.rotate()
         f = self._file
         assert f is not None
@@ -132,7 +182,7 @@ class LogWriter:
             while view:
                 written = f.write(view)
                 if not written:
-                    raise OSError("write returned 0 bytes")
+                    raise OSError("write() returned 0 bytes")
                 view = view[written:]
         except OSError as exc:
             try:
@@ -149,21 +199,17 @@ class LogWriter:
             self._ensure_background()
         return self.end_lsn
 
-    def _segment_used(self) -> int:
-        return self.end_lsn - self._base
-
-    def _new_segment(self, base: int) -> None:
-        path = self.directory / fmt.segment_name(base)
-        f = path.open("xb", buffering=0)
-        f.write(segment_header(base))
-        self._fsync(f.fileno())
-        sync_directory(self.directory)
-        self._file, self._base = f, base
-        self.size_bytes += fmt.SEGMENT_HEADER_SIZE
+    def _check_usable(self) -> None:
+        if self.failed:
+            raise LogFailedError(self.failure or "log failed")
+        if self._closed:
+            raise LogFailedError("log is closed")
 
     def rotate(self) -> None:
-        """Close the current segment (fsynced) and start a new one at end_lsn."""
-        if self.failed or self._segment_used() == 0:
+        """Fsync and retire the active segment; start a new one at `end_lsn`. A no-op when
+        the active segment holds no frames. Blocks on one fsync."""
+        self._check_usable()
+        if self.end_lsn == self._base:
             return
         old = self._file
         assert old is not None
@@ -173,10 +219,40 @@ class LogWriter:
             self._fail(f"fsync failed: {exc}")
             raise LogFailedError(self.failure) from exc
         self.durable_lsn = max(self.durable_lsn, self.end_lsn)
-        self._retired.append(old)  # an fsync in a worker thread may still hold its fd
         self._new_segment(self.end_lsn)
+        self._retired.append(old)  # an fsync on the worker thread may still hold its fd
         if self._inflight is None:
             self._close_retired()
+
+    def _new_segment(self, base: int) -> None:
+        """Create, fsync and publish (directory fsync) an empty segment at `base`."""
+        path = self.directory / fmt.SEGMENT_NAME.format(base_lsn=base)
+        try:
+            f = path.open("xb", buffering=0)
+        except OSError as exc:
+            raise LogWriteError(exc.errno or 0, f"cannot create {path}: {exc}") from exc
+        try:
+            f.write(_segment_header(base))
+        except OSError as exc:
+            f.close()
+            path.unlink(missing_ok=True)
+            raise LogWriteError(exc.errno or 0, f"cannot write {path}: {exc}") from exc
+        try:
+            self._fsync(f.fileno())
+            self._sync_directory()
+        except OSError as exc:
+            f.close()
+            self._fail(f"fsync of new segment {path} failed: {exc}")
+            raise LogFailedError(self.failure) from exc
+        self._file, self._base = f, base
+        self.size_bytes += fmt.SEGMENT_HEADER_SIZE
+
+    def _sync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            self._fsync(fd)
+        finally:
+            os.close(fd)
 
     def _close_retired(self) -> None:
         for f in self._retired:
@@ -185,19 +261,20 @@ class LogWriter:
 
     # ------------------------------------------------------------------ syncing
     async def sync_to(self, lsn: int) -> None:
-        if self.failed:
-            raise LogFailedError(self.failure or "log failed")
+        """Under `always`, return once everything below `lsn` is fsynced; otherwise at
+        once. Raises LogFailedError if the log has failed."""
+        self._check_usable()
         if self.sync is not SyncPolicy.ALWAYS:
             return
         while self.durable_lsn < lsn:
-            if self.failed:
-                raise LogFailedError(self.failure or "log failed")
+            self._check_usable()
             if self._inflight is None:
                 self._inflight = asyncio.get_running_loop().create_task(self._sync_now())
+            # shield: one cancelled waiter must not cancel the fsync others share
             await asyncio.shield(self._inflight)
 
     async def _sync_now(self) -> None:
-        target = self.end_lsn
+        target = self.end_lsn  # every byte written before the fsync starts
         f = self._file
         assert f is not None
         try:
@@ -217,9 +294,9 @@ class LogWriter:
                 self._background = asyncio.get_running_loop().create_task(self._every_second())
 
     async def _every_second(self) -> None:
-        while not self.failed:
-            await asyncio.sleep(1.0)
-            if self.durable_lsn < self.end_lsn and self._inflight is None:
+        while not self.failed and not self._closed:
+            await asyncio.sleep(self.everysec_interval)
+            if self.durable_lsn < self.end_lsn and self._inflight is None and not self.failed:
                 self._inflight = asyncio.get_running_loop().create_task(self._sync_now())
                 with contextlib.suppress(LogFailedError):
                     await asyncio.shield(self._inflight)
@@ -227,14 +304,14 @@ class LogWriter:
     def _fail(self, reason: str) -> None:
         if not self.failed:
             log.error("log failed: %s; refusing writes until restart", reason)
-        self.failed = True
-        self.failure = reason
+            self.failed = True
+            self.failure = reason
 
     # ------------------------------------------------------------------ housekeeping
     def remove_segments_before(self, lsn: int) -> int:
-        """Delete segments all of whose frames lie before `lsn` (never the active one)."""
-        segments = sorted((base, p) for p in self.directory.iterdir()
-                          if (base := fmt.parse_segment_name(p.name)) is not None)
+        """Delete every segment all of whose records lie below `lsn` (i.e. the next
+        segment starts at or below `lsn`); never the active one. Returns the count."""
+        segments = _segments(self.directory)
         removed = 0
         for (base, path), (next_base, _) in itertools.pairwise(segments):
             if next_base <= lsn and base != self._base:
@@ -242,10 +319,13 @@ class LogWriter:
                 path.unlink()
                 removed += 1
         if removed:
-            sync_directory(self.directory)
+            self._sync_directory()
         return removed
 
     async def close(self) -> None:
+        """Final fsync (unless failed or `off`) and close. Idempotent."""
+        if self._closed:
+            return
         if self._background is not None:
             self._background.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -253,11 +333,14 @@ class LogWriter:
         if self._inflight is not None:
             with contextlib.suppress(LogFailedError):
                 await asyncio.shield(self._inflight)
+        self._closed = True
         if self._file is not None:
             if not self.failed and self.sync is not SyncPolicy.OFF:
-                with contextlib.suppress(OSError):
+                try:
                     self._fsync(self._file.fileno())
                     self.durable_lsn = self.end_lsn
+                except OSError as exc:
+                    self._fail(f"fsync at close failed: {exc}")
             self._file.close()
             self._file = None
         self._close_retired()
