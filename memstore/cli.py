@@ -63,11 +63,14 @@ def main() -> None:
               help="Merge protection: a profile never holds more identifiers of one kind.")
 @click.option("--blocked-identifier", multiple=True,
               help="Extra identifier values never linked (added to the built-in list).")
+@click.option("--metrics-port", type=int, default=None,
+              help="Serve Prometheus metrics on this port (same host; 0 picks one). "
+                   "Default: no metrics endpoint.")
 @click.option("-v", "--verbose", is_flag=True)
 def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str,
                 slots: str | None, sync: str, snapshot_log_mb: int, snapshot_interval: float,
                 max_identifiers_per_kind: int, blocked_identifier: tuple[str, ...],
-                verbose: bool) -> None:
+                metrics_port: int | None, verbose: bool) -> None:
     """Run one shard process (the cluster's `serve` starts these for you)."""
     import uvloop
 
@@ -86,7 +89,7 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
                          snapshot_interval=snapshot_interval, rules=rules)
     owned = _parse_slots(slots) if slots else None
     try:
-        uvloop.run(serve(config, host, port, owned))
+        uvloop.run(serve(config, host, port, owned, metrics_port=metrics_port))
     except Exception as exc:  # noqa: BLE001 - start-up failures: damaged log, port in use
         click.echo(f"memstore: {exc}", err=True)
         sys.exit(1)

@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pyroaring import BitMap
 
-from memstore import pbvalues
+from memstore import metrics, pbvalues
 from memstore.engine import SET, Change, Engine, Image, UpsertSpec, decode, encode
 from memstore.errors import (
     FailedPrecondition,
@@ -84,18 +84,30 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
 def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     """Map engine errors to status codes for a unary handler."""
 
+    name = method.__name__
+
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+        started = time.perf_counter()
+        code = "OK"
         try:
             return await method(self, request, context)
         except (MemstoreError, QueryError, ValueError, TypeError) as exc:
             if isinstance(exc, (ValueError, TypeError)) and not isinstance(exc, QueryError):
                 exc = InvalidArgument(str(exc))
             await _abort(context, exc)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+        except asyncio.CancelledError:
+            code = "CANCELLED"
             raise
         except Exception as exc:  # noqa: BLE001 - a bug; never crash the server
+            code = "INTERNAL"
             await _abort(context, exc)
+        finally:
+            aborted = context.code()
+            if aborted is not None:
+                code = aborted.name
+            metrics.REQUESTS.labels(name, code).inc()
+            metrics.LATENCY.labels(name).observe(time.perf_counter() - started)
         raise AssertionError("unreachable")
 
     return wrapper
@@ -565,7 +577,8 @@ def make_server(shard: Shard, host: str, port: int) -> tuple[grpc.aio.Server, in
 
 
 async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
-                slots: BitMap | None = None, ready: Callable[[int], None] | None = None) -> None:
+                slots: BitMap | None = None, ready: Callable[[int], None] | None = None,
+                metrics_port: int | None = None) -> None:
     """Run one shard until SIGTERM/SIGINT, then drain in-flight calls and close the log."""
     shard = await Shard.open(config)
     # The engine holds few container objects (profiles are bytes), but a bulk load makes
@@ -586,6 +599,11 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if metrics_port is not None:
+        scrape = metrics.serve_metrics(
+            host, metrics_port, lambda: len(shard.engine.live),
+            lambda: shard.log.size_bytes if shard.log else 0)
+        print(f"metrics on http://{host}:{scrape}/metrics", file=sys.stderr, flush=True)
     print(f"listening on {host}:{bound}", file=sys.stderr, flush=True)
     if ready is not None:
         ready(bound)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,7 @@ class ServerProcess:
     proc: subprocess.Popen[bytes]
     address: str
     data_dir: Path | None
+    startup: list[str] = field(default_factory=list)  # stderr lines up to "listening on"
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:
@@ -45,7 +46,7 @@ def start_shard(data_dir: Path | None, *extra: str, timeout: float = 30.0) -> Se
         if line.startswith("listening on "):
             address = line.split()[-1]
             _drain(proc)
-            return ServerProcess(proc, address, data_dir)
+            return ServerProcess(proc, address, data_dir, lines)
     proc.kill()
     raise RuntimeError("shard did not start:\n" + "".join(lines))
 

@@ -376,3 +376,22 @@ def test_router_flag_makes_unseen_attributes_match_nothing(stub, segment: str) -
     with pytest.raises(grpc.RpcError) as info:  # without the flag it is a caller's mistake
         stub.Count(pb.QueryRequest(text='never_seen = "x"'))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_prometheus_metrics_count_calls_by_method_and_code() -> None:
+    import urllib.request
+
+    server = start_shard(None, "--metrics-port", "0")
+    try:
+        with Client(server.address) as c:
+            c.upsert("m1", {"x": 1})
+            with pytest.raises(ClientError):
+                c.count("x >")
+        url = next(line.split()[-1] for line in server.startup if line.startswith("metrics on"))
+        assert url.startswith("http://127.0.0.1:")
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+    finally:
+        server.stop()
+    assert 'memstore_requests_total{code="OK",method="Upsert"} 1.0' in text
+    assert 'memstore_requests_total{code="INVALID_ARGUMENT",method="Count"} 1.0' in text
+    assert "memstore_profiles 1.0" in text

@@ -1,0 +1,29 @@
+"""Prometheus metrics of one shard process (served on --metrics-port, loopback by default).
+
+memstore_requests_total{method,code}   calls answered, by gRPC status
+memstore_request_seconds{method}       latency histogram
+memstore_profiles / memstore_log_bytes gauges read at scrape time
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+REQUESTS = Counter("memstore_requests", "Calls answered, by method and status code",
+                   ["method", "code"])
+LATENCY = Histogram("memstore_request_seconds", "Time to answer a call", ["method"],
+                    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                             0.05, 0.1, 0.25, 1.0, 5.0))
+PROFILES = Gauge("memstore_profiles", "Live profiles held by this shard")
+LOG_BYTES = Gauge("memstore_log_bytes", "Bytes in this shard's log segments")
+
+
+def serve_metrics(host: str, port: int, profiles: Callable[[], float],
+                  log_bytes: Callable[[], float]) -> int:
+    """Start the scrape endpoint; returns the port it listens on."""
+    PROFILES.set_function(profiles)
+    LOG_BYTES.set_function(log_bytes)
+    server, _ = start_http_server(port, addr=host)
+    return int(server.server_port)
