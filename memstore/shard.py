@@ -116,6 +116,9 @@ class Shard:
         shard = cls(config, engine, writer)
         shard.recovery = info
         shard._snapshot_lsn = start_lsn
+        # Replayed records may hold deletions the previous run never snapshotted; assume
+        # they do, so the next snapshot still erases them from disk.
+        shard._erased = info["replayed"] > 0
         return shard
 
     def start_background(self) -> None:

@@ -114,6 +114,29 @@ def test_erased_profile_leaves_no_byte_on_disk_after_snapshot(tmp_path: Path) ->
     assert reopened.engine.lookup("victim") is None and len(reopened.engine) == 50
 
 
+def test_erasure_before_a_restart_is_still_erased_by_the_next_snapshot(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    marker = "MARKER-restart-erase"
+
+    async def before_restart() -> None:
+        shard = await open_shard(data)
+        await shard.commit(shard.engine.plan_upsert(UpsertSpec("victim", [(SET, "n", marker)])))
+        await shard.snapshot()
+        await shard.commit(shard.engine.plan_delete("victim"))
+        await shard.close()
+
+    async def after_restart() -> None:
+        shard = await open_shard(data)
+        await shard.snapshot()
+        await shard.close()
+
+    run(before_restart())
+    run(after_restart())
+    for path in data.rglob("*"):
+        if path.is_file():
+            assert marker.encode() not in path.read_bytes(), f"erased data still in {path}"
+
+
 def _last_segment(data: Path) -> Path:
     return sorted((data / "log").glob("*.log"))[-1]
 
