@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import time
 import zlib
@@ -114,7 +115,8 @@ def decode_segment(f: BinaryIO, *, path: Path | str = "<memory>", base: int | No
         length, crc, rtype = fmt.FRAME_HEADER.unpack(header)
         frame_end = pos + fmt.FRAME_HEADER_SIZE + length
         if length > fmt.MAX_PAYLOAD or frame_end > size:
-            if last and (length <= fmt.MAX_PAYLOAD or _zero_to_end(f, pos)):
+            if last and (length <= fmt.MAX_PAYLOAD or _zero_to_end(f, pos)) \
+                    and not _whole_frame_after(f, pos, size):
                 yield TornTail(path, pos, size - pos)
                 return
             if length > fmt.MAX_PAYLOAD:
@@ -131,6 +133,26 @@ def decode_segment(f: BinaryIO, *, path: Path | str = "<memory>", base: int | No
         lsn = header_base + pos - fmt.SEGMENT_HEADER_SIZE
         yield Record(lsn, lsn + frame_end - pos, rtype, payload)
         pos = frame_end
+
+
+def _whole_frame_after(f: BinaryIO, pos: int, size: int) -> bool:
+    """True if a checksum-valid frame starts somewhere after `pos`: then the frame at `pos`
+    is not a torn write (which can only be the last thing in the file) but a damaged
+    length, and cutting there would drop acknowledged records."""
+    f.seek(pos + 1)
+    data = f.read(size - pos - 1)
+    f.seek(pos + fmt.FRAME_HEADER_SIZE)
+    for match in _TYPE_BYTE.finditer(data, fmt.FRAME_HEADER_SIZE - 1):
+        start = match.start() - (fmt.FRAME_HEADER_SIZE - 1)
+        length, crc, rtype = fmt.FRAME_HEADER.unpack_from(data, start)
+        end = start + fmt.FRAME_HEADER_SIZE + length
+        if end <= len(data) and zlib.crc32(
+                data[start + fmt.FRAME_HEADER_SIZE:end], zlib.crc32(bytes((rtype,)))) == crc:
+            return True
+    return False
+
+
+_TYPE_BYTE = re.compile(b"[" + bytes(sorted(fmt.RECORD_TYPES)) + b"]")
 
 
 @dataclass
