@@ -59,7 +59,7 @@ class Options:
     query_budget_s: float = 1.0  # per query per system
     duration_s: float = 2.0  # per concurrency level / mixed run
     concurrency: tuple[int, ...] = (1, 4, 16)
-    batch_size: int = 100
+    batch_size: int = 1000  # issue 2: BatchGet of at least 1,000 keys in one call
     steady_writes: int = 2000
     durable_sample: int = 100_000  # profiles loaded into the AOF-always Redis
     workloads: tuple[str, ...] = ("queries", "lookups", "ingest", "mixed", "memory",

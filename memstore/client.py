@@ -99,6 +99,28 @@ def _profile(p: pb.Profile) -> dict[str, Any]:
             "merged_ids": list(p.merged_ids)}
 
 
+def _batch(r: pb.BatchGetResponse) -> list[dict[str, Any] | None]:
+    if not r.packed:
+        return [_profile(x.profile) if x.found else None for x in r.results]
+    tables, entries = msgpack.unpackb(r.packed, strict_map_key=False)
+    names = [{aid: spec[0] for aid, spec in t.items()} for t in tables]
+    stamps = [{aid for aid, spec in t.items() if spec[1] == _KINDS["timestamp"]} for t in tables]
+    out: list[dict[str, Any] | None] = []
+    for entry in entries:
+        if entry is None:
+            out.append(None)
+            continue
+        pid, blob, t = entry
+        version, attrs, idents, merged = msgpack.unpackb(blob, strict_map_key=False)
+        named = names[t]
+        attributes = {named[aid]: value for aid, value in attrs.items()}
+        for aid in stamps[t].intersection(attrs):
+            attributes[named[aid]] = pbvalues.micros_to_datetime(attrs[aid])
+        out.append({"id": pid, "version": version, "attributes": attributes,
+                    "identifiers": [(k, v) for k, v in idents], "merged_ids": merged})
+    return out
+
+
 def pack_records(records: Iterable[Mapping[str, Any]]) -> bytes:
     """Pack {"id", "attributes", "identifiers"} dicts for BatchUpsertRequest.packed."""
     rows = []
@@ -180,8 +202,7 @@ class _Methods:
     def batch_get(self, keys: Iterable[str | tuple[str, str]], attributes: Sequence[str] = ()
                   ) -> Any:
         request = pb.BatchGetRequest(keys=_keys(keys), attributes=attributes, packed=True)
-        return self._call("BatchGet", request, lambda r: [
-            _profile(x.profile) if x.found else None for x in r.results])
+        return self._call("BatchGet", request, _batch)
 
     def delete(self, id: str | None = None, *, identifier: tuple[str, str] | None = None) -> Any:
         request = pb.DeleteRequest(key=_key(id, identifier))

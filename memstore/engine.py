@@ -29,9 +29,9 @@ from datetime import datetime
 from typing import Any
 
 import msgpack
-from xxhash import xxh3_64_intdigest
 import numpy as np
 from pyroaring import BitMap
+from xxhash import xxh3_64_intdigest
 
 from memstore.bitmap_index import RangeIndex, ValueIndex, float_to_ordered, floats_to_ordered
 from memstore.errors import FailedPrecondition, InvalidArgument, NotFound, WrongSlot
@@ -130,6 +130,12 @@ def encode(version: int, attrs: dict[int, Any], idents: list[list[str]], merged:
 
 def decode(blob: bytes) -> list[Any]:
     return msgpack.unpackb(blob, strict_map_key=False, use_list=True)  # type: ignore[no-any-return]
+
+
+def timestamp_ext(micros: int) -> msgpack.Timestamp:
+    """msgpack's Timestamp for `micros` (cheaper than Timestamp.from_unix_nano)."""
+    seconds, rem = divmod(micros, 1_000_000)
+    return msgpack.Timestamp(seconds, rem * 1000)
 
 
 def ident_key(kind: str, value: str) -> int:
@@ -429,6 +435,10 @@ class Engine:
         self.owned_slots: BitMap | None = None
         self.foreign = BitMap()
         self.epoch = 0
+        self._timestamp_ids: set[int] = set()  # cache for wire_attributes
+        self._timestamp_count = -1
+        self._table: dict[int, list[Any]] = {}  # cache for schema_table
+        self._table_count = -1
 
     # ------------------------------------------------------------------ reading
     def __len__(self) -> int:
@@ -494,6 +504,27 @@ class Engine:
             result[spec.name] = from_stored(spec.kind, value) if spec.kind is Kind.TIMESTAMP \
                 else value
         return result
+
+    def schema_table(self) -> dict[int, list[Any]]:
+        """attribute id -> [name, kind number], for readers of stored profile encodings."""
+        if self._table_count != len(self.schema.by_id):
+            self._table = {s.id: [s.name, int(s.kind)] for s in self.schema.by_id}
+            self._table_count = len(self.schema.by_id)
+        return self._table
+
+    def wire_attributes(self, attrs: dict[int, Any], only: Sequence[str] = ()) -> dict[str, Any]:
+        """Attributes by name for msgpack replies: timestamps as msgpack Timestamps."""
+        by_id = self.schema.by_id
+        if only:
+            wanted = [self.schema.by_name.get(n) for n in only]
+            attrs = {s.id: attrs[s.id] for s in wanted if s is not None and s.id in attrs}
+        out = {by_id[aid].name: value for aid, value in attrs.items()}
+        if self._timestamp_count != len(by_id):
+            self._timestamp_ids = {s.id for s in by_id if s.kind is Kind.TIMESTAMP}
+            self._timestamp_count = len(by_id)
+        for aid in self._timestamp_ids.intersection(attrs):
+            out[by_id[aid].name] = timestamp_ext(attrs[aid])
+        return out
 
     def stored_named(self, dense: int, only: Sequence[str] = ()) -> tuple[str, int, dict[str, Any]]:
         """(pid, version, {name: stored value}) — the packed read path, no datetime objects."""

@@ -214,13 +214,12 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         pid = engine.pids[dense]
         assert blob is not None and pid is not None
         version, attrs, idents, merged = decode(blob)
-        named = engine.named(attrs, attributes)
         out.id = pid
         out.version = version
         if packed:
-            out.packed_attributes = msgpack.packb(named, datetime=True)
+            out.packed_attributes = msgpack.packb(engine.wire_attributes(attrs, attributes))
         else:
-            for name, value in named.items():
+            for name, value in engine.named(attrs, attributes).items():
                 out.attributes[name].CopyFrom(pbvalues.to_pb(value))
         for kind, value in idents:
             out.identifiers.add(kind=kind, value=value)
@@ -251,8 +250,25 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
     async def BatchGet(self, request: pb.BatchGetRequest, context: Any) -> pb.BatchGetResponse:
         if len(request.keys) > MAX_BATCH_KEYS:
             raise InvalidArgument(f"keys: at most {MAX_BATCH_KEYS} keys in one call")
-        response = pb.BatchGetResponse()
         attributes = list(request.attributes)
+        if request.packed:
+            engine = self.engine
+            entries: list[Any] = []
+            for i, key in enumerate(request.keys):
+                dense = self._find(key, f"keys[{i}]")
+                if dense is None:
+                    entries.append(None)
+                    continue
+                blob = engine.blobs[dense]
+                if attributes:  # projection: re-encode only the named attributes
+                    version, attrs, idents, merged = decode(blob)  # type: ignore[arg-type]
+                    wanted = {s.id for n in attributes if (s := engine.schema.get(n))}
+                    blob = encode(version, {a: v for a, v in attrs.items() if a in wanted},
+                                  idents, merged)
+                entries.append([engine.pids[dense], blob, 0])
+            return pb.BatchGetResponse(
+                packed=msgpack.packb([[engine.schema_table()], entries], use_bin_type=True))
+        response = pb.BatchGetResponse()
         for i, key in enumerate(request.keys):
             result = response.results.add()
             dense = self._find(key, f"keys[{i}]")

@@ -43,6 +43,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from datetime import datetime
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -237,8 +238,12 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
     async def _by_identifier(self, keys: list[pb.ProfileKey], attributes: Iterable[str],
                              packed: bool, context: grpc.aio.ServicerContext
                              ) -> list[tuple[ShardState, pb.Profile] | None]:
-        """Find identifier keys on whichever shard holds them (every shard is asked)."""
-        request = pb.BatchGetRequest(keys=keys, attributes=attributes, packed=packed)
+        """Find identifier keys on whichever shard holds them (every shard is asked).
+
+        Always asks for structured results (a packed BatchGet answer has no per-key
+        results); the caller converts what it returns."""
+        del packed
+        request = pb.BatchGetRequest(keys=keys, attributes=attributes)
         timeout = _timeout(context)
 
         async def call(shard: ShardState) -> pb.BatchGetResponse:
@@ -363,11 +368,27 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
             return pb.BatchGetRequest(keys=[pb.ProfileKey(id=p) for p in pids],
                                       attributes=request.attributes, packed=request.packed)
 
+        # packed: each shard answers [tables, entries] (see BatchGetResponse.packed); the
+        # router concatenates the tables, shifts each entry's table index, re-packs once.
+        entries: list[Any] = [None] * len(request.keys)
+        tables: list[Any] = []
+
         async def ids_part() -> None:
             if not by_id:
                 return
             parts = await self._routed([(p, p) for p in by_id], "BatchGet", build, context)
             for pids, response in parts:
+                if request.packed:
+                    shard_tables, shard_entries = msgpack.unpackb(response.packed,
+                                                                  strict_map_key=False)
+                    offset = len(tables)
+                    tables.extend(shard_tables)
+                    for pid, entry in zip(pids, shard_entries):
+                        if entry is not None:
+                            entry[2] += offset
+                        for i in by_id[pid]:
+                            entries[i] = entry
+                    continue
                 for pid, result in zip(pids, response.results):
                     for i in by_id[pid]:
                         results[i].CopyFrom(result)
@@ -378,11 +399,19 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
             found = await self._by_identifier([request.keys[i] for i in by_ident],
                                               request.attributes, request.packed, context)
             for i, hit in zip(by_ident, found):
-                if hit is not None:
+                if hit is None:
+                    continue
+                profile = hit[1]
+                if request.packed:
+                    entries[i] = _as_packed_entry(profile, tables)
+                else:
                     results[i].found = True
-                    results[i].profile.CopyFrom(hit[1])
+                    results[i].profile.CopyFrom(profile)
 
         await asyncio.gather(ids_part(), ident_part())
+        if request.packed:
+            return pb.BatchGetResponse(packed=msgpack.packb([tables, entries],
+                                                            use_bin_type=True))
         return pb.BatchGetResponse(results=results)
 
     async def BatchUpsert(self, request: pb.BatchUpsertRequest, context: Any
@@ -719,3 +748,22 @@ async def serve(addresses: list[str], host: str = "127.0.0.1", port: int = 7070)
     started = time.monotonic()
     await stop_router(server, router)
     log.info("router stopped in %.2fs", time.monotonic() - started)
+
+
+def _as_packed_entry(profile: pb.Profile, tables: list[Any]) -> list[Any]:
+    """A structured profile as a BatchGet packed entry with a table of its own."""
+    table: dict[int, list[Any]] = {}
+    stored: dict[int, Any] = {}
+    for aid, (name, message) in enumerate(profile.attributes.items()):
+        value = pbvalues.from_pb(message)
+        if isinstance(value, datetime):
+            table[aid] = [name, pb.TIMESTAMP]
+            stored[aid] = pbvalues.datetime_to_micros(value)
+        else:
+            table[aid] = [name, pb.KIND_UNSPECIFIED]
+            stored[aid] = value
+    tables.append(table)
+    blob = msgpack.packb([profile.version, stored,
+                          [[x.kind, x.value] for x in profile.identifiers],
+                          list(profile.merged_ids)], use_bin_type=True)
+    return [profile.id, blob, len(tables) - 1]

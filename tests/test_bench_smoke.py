@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-
 from bench.datagen import generate, iter_records, load_or_generate
 from bench.peers.duckdb_peer import DuckDBPeer
 from bench.peers.numpy_peer import NumpyPeer

@@ -121,6 +121,16 @@ def test_batch_get_keeps_order_across_shards(cluster: dict[str, Any]) -> None:
     assert [r.found for r in results] == [True] * 5 + [False, False]
     assert [r.profile.id for r in results[:5]] == ["user-5", "user-200", "user-9", "user-17",
                                                    "user-5"]
+    # The packed form (what the Python client uses) agrees, attributes included.
+    from memstore.client import _batch
+
+    packed = _batch(stub.BatchGet(pb.BatchGetRequest(keys=keys, packed=True), timeout=10))
+    structured = [r.profile for r in results]
+    assert [p and p["id"] for p in packed] == [r.id if r.id else None for r in structured]
+    for got, want in zip(packed[:5], structured[:5]):
+        assert got is not None
+        assert got["attributes"]["city"] == want.attributes["city"].string_value
+        assert got["identifiers"] == [(x.kind, x.value) for x in want.identifiers]
 
 
 def test_wrong_slot_contract_of_a_shard(cluster: dict[str, Any]) -> None:

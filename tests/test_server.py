@@ -69,6 +69,15 @@ def test_structured_and_packed_reads_agree(client: Client, stub) -> None:  # typ
     assert attrs["name"].string_value == "Bo"
     assert attrs["signup"].timestamp_value.ToDatetime(tzinfo=UTC) == T
     assert list(attrs["tags"].list_value.values) == ["x"]
+    plain = stub.BatchGet(pb.BatchGetRequest(keys=[pb.ProfileKey(id=pid), pb.ProfileKey(id="no")]))
+    assert [r.found for r in plain.results] == [True, False] and not plain.packed
+    assert plain.results[0].profile.attributes["name"].string_value == "Bo"
+    packed = stub.BatchGet(pb.BatchGetRequest(keys=[pb.ProfileKey(id=pid)], packed=True))
+    tables, (entry,) = msgpack.unpackb(packed.packed, strict_map_key=False)
+    assert entry[0] == pid and not packed.results
+    version, attrs, _, _ = msgpack.unpackb(entry[1], strict_map_key=False)
+    named = {tables[entry[2]][aid][0]: v for aid, v in attrs.items()}
+    assert named["name"] == "Bo" and version == 1
 
 
 def test_operations_apply_in_order(client: Client) -> None:

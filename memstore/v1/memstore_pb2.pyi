@@ -189,10 +189,12 @@ class GetResult(_message.Message):
     def __init__(self, found: _Optional[bool] = ..., profile: _Optional[_Union[Profile, _Mapping]] = ...) -> None: ...
 
 class BatchGetResponse(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "packed")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[GetResult]
-    def __init__(self, results: _Optional[_Iterable[_Union[GetResult, _Mapping]]] = ...) -> None: ...
+    packed: bytes
+    def __init__(self, results: _Optional[_Iterable[_Union[GetResult, _Mapping]]] = ..., packed: _Optional[bytes] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
     __slots__ = ("key",)
