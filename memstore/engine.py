@@ -439,6 +439,11 @@ class Engine:
         self._timestamp_count = -1
         self._table: dict[int, list[Any]] = {}  # cache for schema_table
         self._table_count = -1
+        # Copy-on-write for snapshots: while a snapshot is being written, `frozen` maps each
+        # attribute id already settled (written out, or copied before a change) to its copy
+        # (or None once written). See freeze()/frozen_index().
+        self.frozen: dict[int, tuple[Any, ...] | None] | None = None
+        self._frozen_limit = 0
 
     # ------------------------------------------------------------------ reading
     def __len__(self) -> int:
@@ -800,6 +805,8 @@ class Engine:
             spec = by_id[aid]
             if not spec.indexed:
                 continue
+            if self.frozen is not None and aid not in self.frozen:
+                self._preserve(aid)
             kind = spec.kind
             if kind in RANGE_KINDS:
                 index = self.range_index[aid]
@@ -844,6 +851,8 @@ class Engine:
             spec = by_id[aid]
             if not spec.indexed:
                 continue
+            if self.frozen is not None and aid not in self.frozen:
+                self._preserve(aid)
             if spec.kind in RANGE_KINDS:
                 if spec.kind is Kind.FLOAT:
                     keys = floats_to_ordered(np.array(values, dtype=np.float64))
@@ -863,6 +872,40 @@ class Engine:
             for value, members in groups.items():
                 vindex.add_many(value, members)
             self.exists[aid].update(ids)
+
+    # ------------------------------------------------------------------ snapshots
+    def freeze(self) -> int:
+        """Start a point-in-time view of the indexes; returns how many attributes it has."""
+        self.frozen = {}
+        self._frozen_limit = len(self.schema.by_id)
+        return self._frozen_limit
+
+    def _preserve(self, aid: int) -> None:
+        """Copy an index about to change, unless the snapshot does not include it."""
+        assert self.frozen is not None
+        if aid >= self._frozen_limit:
+            self.frozen[aid] = None
+            return
+        if aid in self.range_index:
+            self.frozen[aid] = (self.range_index[aid].copy(),)
+        else:
+            self.frozen[aid] = (self.value_index[aid].copy(), BitMap(self.exists[aid]))
+
+    def frozen_index(self, aid: int) -> tuple[Any, ...]:
+        """The index of `aid` as it was at freeze(): the copy if it changed since, else the
+        live one, which is then marked settled so later changes need no copy. Call it,
+        serialize the result, and only then yield to other requests."""
+        assert self.frozen is not None
+        copy = self.frozen.get(aid)
+        self.frozen[aid] = None
+        if copy is not None:
+            return copy
+        if aid in self.range_index:
+            return (self.range_index[aid],)
+        return (self.value_index[aid], self.exists[aid])
+
+    def thaw(self) -> None:
+        self.frozen = None
 
     # ------------------------------------------------------------------ cluster
     def set_ownership(self, epoch: int, slots: BitMap | None) -> None:

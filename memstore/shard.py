@@ -205,12 +205,11 @@ class Shard:
             lsn = self.log.end_lsn
             await self.log.sync_to(lsn)
         started = time.monotonic()
-        pids = engine.pids.copy()
+        pids = engine.pids.copy()  # shallow: the blobs are immutable bytes
         blobs = engine.blobs.copy()
         schema_state = engine.schema.to_state()
-        value_index = {aid: idx.copy() for aid, idx in engine.value_index.items()}
-        range_index = {aid: idx.copy() for aid, idx in engine.range_index.items()}
-        exists = {aid: BitMap(bm) for aid, bm in engine.exists.items()}
+        indexed = [s.id for s in engine.schema.by_id if s.indexed]
+        engine.freeze()  # indexes: copy-on-write from here, nothing copied up front
         owned = None if engine.owned_slots is None else BitMap(engine.owned_slots)
         epoch = engine.epoch
         erased, self._erased = self._erased, False  # deletions after this point: next time
@@ -231,15 +230,19 @@ class Shard:
                 count += len(rows)
                 payload = msgpack.packb(rows, use_bin_type=True)
                 await asyncio.to_thread(writer.write, "profiles", payload)
-            for aid, vidx in value_index.items():
-                state = {"aid": aid, "kind": "value", "index": vidx.to_state(),
-                         "exists": exists[aid].serialize()}
+            for aid in indexed:
+                # Serialized in one step, so the live index cannot change half-way.
+                parts = engine.frozen_index(aid)
+                if len(parts) == 1:
+                    state = {"aid": aid, "kind": "range", "index": parts[0].to_state()}
+                else:
+                    state = {"aid": aid, "kind": "value", "index": parts[0].to_state(),
+                             "exists": parts[1].serialize()}
                 await asyncio.to_thread(writer.write, "index", msgpack.packb(state))
-            for aid, ridx in range_index.items():
-                state = {"aid": aid, "kind": "range", "index": ridx.to_state()}
-                await asyncio.to_thread(writer.write, "index", msgpack.packb(state))
+            engine.thaw()
             path = await asyncio.to_thread(writer.commit)
         except BaseException:
+            engine.thaw()
             writer.abort()
             self._erased = self._erased or erased
             raise
@@ -248,7 +251,8 @@ class Shard:
         # wins and only the newest snapshot (and no log before it) stays on disk.
         keep_from = lsn if erased else self._snapshot_lsn
         self.log.remove_segments_before(keep_from)
-        prune(snap_dir, keep=1 if erased else 2)
+        # prune re-reads the kept snapshots to be sure they are whole: off the event loop.
+        await asyncio.to_thread(prune, snap_dir, keep=1 if erased else 2)
         self._snapshot_lsn = lsn
         self._last_snapshot = time.monotonic()
         self._log_bytes_at_snapshot = self.log.size_bytes

@@ -244,3 +244,36 @@ def test_concurrent_writes_share_fsyncs(tmp_path: Path) -> None:
         await shard.close()
 
     run(scenario())
+
+
+def test_snapshot_is_a_point_in_time_while_writes_continue(tmp_path: Path) -> None:
+    """Writes during a snapshot change indexes copy-on-write: the snapshot file alone (no
+    log replay) must answer exactly as the shard did when the snapshot began."""
+    from memstore.engine import Engine
+    from memstore.shard import load_snapshot
+    from memstore.snapshot_file import load_newest
+    from memstore.wal_writer import SyncPolicy
+
+    async def scenario() -> tuple[Any, Any]:
+        shard = await open_shard(tmp_path / "data", sync=SyncPolicy.OFF)
+        rng = random.Random(3)
+        await random_writes(shard, rng, 400)
+        before = state_of(shard)
+        task = asyncio.create_task(shard.snapshot())
+        await asyncio.sleep(0)  # the snapshot has frozen its view and is writing it out
+        assert shard.engine.frozen is not None
+        while not task.done():
+            await random_writes(shard, rng, 20)
+            await asyncio.sleep(0)
+        await task
+        assert shard.engine.frozen is None
+        await shard.close()
+        return before, tmp_path / "data" / "snapshots"
+
+    before, snaps = run(scenario())
+    reader = load_newest(snaps)
+    assert reader is not None
+    engine = Engine()
+    load_snapshot(engine, reader.sections())
+    restored = Shard(ShardConfig(), engine, None)
+    assert state_of(restored) == before
