@@ -52,6 +52,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from memstore import pbvalues
+from memstore.query import And, Not, Or, Predicate, QueryError, query_from_request
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
@@ -131,6 +132,34 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                  on_membership: Callable[[list[str]], None] | None = None) -> None:
         self.map = shard_map
         self.on_membership = on_membership
+        self._known: set[str] = set()  # attribute names some shard has declared
+
+    async def _lenient(self, query: pb.QueryRequest, context: grpc.aio.ServicerContext,
+                       *extra: str) -> pb.QueryRequest:
+        """`query` marked so shards that never saw an attribute answer "nobody here" —
+        after checking that some shard knows every attribute it names, so a typo is still
+        INVALID_ARGUMENT rather than an empty segment."""
+        try:
+            names = _attributes_of(query_from_request(query)) | {n for n in extra if n}
+        except QueryError as exc:
+            await _fail(context, Code.INVALID_ARGUMENT, f"query: {exc}")
+        if not names <= self._known:
+            timeout = _timeout(context)
+
+            async def call(shard: ShardState) -> pb.SchemaResponse:
+                return await shard.stub.GetSchema(  # type: ignore[no-any-return]
+                    pb.GetSchemaRequest(), timeout=timeout)
+
+            answers, _ = await self._fan_out(context, call, query.allow_partial)
+            self._known = {a.name for a in _union_schema(r for _, r in answers).attributes}
+            unknown = sorted(names - self._known)
+            if unknown:
+                await _fail(context, Code.INVALID_ARGUMENT,
+                            f"query: unknown attribute {unknown[0]!r}")
+        marked = pb.QueryRequest()
+        marked.CopyFrom(query)
+        marked.unknown_attribute_is_empty = True
+        return marked
 
     # ------------------------------------------------------------------ plumbing
     async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
@@ -469,6 +498,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
 
     # ------------------------------------------------------------------ queries
     async def Count(self, request: pb.QueryRequest, context: Any) -> pb.CountResponse:
+        request = await self._lenient(request, context)
         timeout = _timeout(context)
 
         async def call(shard: ShardState) -> pb.CountResponse:
@@ -478,7 +508,8 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         return pb.CountResponse(count=sum(r.count for _, r in answers), missing_shards=missing)
 
     async def GroupBy(self, request: pb.GroupByRequest, context: Any) -> pb.GroupByResponse:
-        sub = pb.GroupByRequest(query=request.query, attribute=request.attribute, top_n=0)
+        query = await self._lenient(request.query, context, request.attribute)
+        sub = pb.GroupByRequest(query=query, attribute=request.attribute, top_n=0)
         timeout = _timeout(context)
 
         async def call(shard: ShardState) -> pb.GroupByResponse:
@@ -502,6 +533,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
             total=sum(r.total for _, r in answers), missing_shards=missing)
 
     async def QueryBitmap(self, request: pb.QueryRequest, context: Any) -> pb.BitmapResponse:
+        request = await self._lenient(request, context)
         timeout = _timeout(context)
 
         async def call(shard: ShardState) -> pb.BitmapResponse:
@@ -525,6 +557,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
     async def QueryIds(self, request: pb.QueryIdsRequest, context: Any) -> pb.QueryIdsResponse:
         size = request.page_size or 1000
         allow_partial = request.query.allow_partial
+        query = await self._lenient(request.query, context)
         for attempt in _attempts():
             shards = await self._stable(context, allow_partial)
             try:
@@ -535,7 +568,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
             try:
                 while index < len(shards):
                     shard, epoch = shards[index]
-                    sub = pb.QueryIdsRequest(query=request.query, cursor=inner,
+                    sub = pb.QueryIdsRequest(query=query, cursor=inner,
                                              page_size=size - len(response.ids))
                     try:
                         part = await self._checked(shard, epoch, functools.partial(
@@ -565,6 +598,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
     async def StreamIds(self, request: pb.QueryIdsRequest, context: Any
                         ) -> AsyncIterator[pb.QueryIdsResponse]:
         allow_partial = request.query.allow_partial
+        query = await self._lenient(request.query, context)
         shards = await self._stable(context, allow_partial)
         try:
             index, inner = self._start(request.cursor, shards)
@@ -574,7 +608,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         while index < len(shards):
             shard, epoch = shards[index]
             nxt = shards[index + 1][0].label if index + 1 < len(shards) else None
-            sub = pb.QueryIdsRequest(query=request.query, cursor=inner,
+            sub = pb.QueryIdsRequest(query=query, cursor=inner,
                                      page_size=request.page_size)
             try:
                 async for part in shard.stub.StreamIds(sub, timeout=_timeout(context)):
@@ -767,3 +801,14 @@ def _as_packed_entry(profile: pb.Profile, tables: list[Any]) -> list[Any]:
                           [[x.kind, x.value] for x in profile.identifiers],
                           list(profile.merged_ids)], use_bin_type=True)
     return [profile.id, blob, len(tables) - 1]
+
+
+def _attributes_of(node: Any) -> set[str]:
+    """Every attribute a query names."""
+    if isinstance(node, Predicate):
+        return {node.attribute}
+    if isinstance(node, (And, Or)):
+        return set().union(*(_attributes_of(c) for c in node.children))
+    if isinstance(node, Not):
+        return _attributes_of(node.child)
+    return set()

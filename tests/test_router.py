@@ -279,3 +279,23 @@ def test_a_dead_shard_gives_unavailable_or_partial(tmp_path: Path) -> None:
         router.stop()
         for shard in shards:
             shard.stop()
+
+
+def test_attribute_known_to_one_shard_queries_cleanly_across_all(cluster: dict[str, Any]) -> None:
+    """First writes create attributes on one shard only; fan-out queries must still work
+    (other shards answer "nobody here"), while a typo stays INVALID_ARGUMENT."""
+    stub = cluster["stub"]
+    stub.Upsert(pb.UpsertRequest(id="solo-1", operations=[pb.Operation(
+        op=pb.Operation.SET, attribute="only_here", value=pb.Value(string_value="x"))]))
+    count = stub.Count(pb.QueryRequest(text='only_here = "x"'), timeout=10).count
+    assert count == 1
+    everyone = stub.Count(pb.QueryRequest(text="ALL"), timeout=10).count
+    assert stub.Count(pb.QueryRequest(text='NOT only_here = "x"'), timeout=10).count \
+        == everyone - 1
+    groups = stub.GroupBy(pb.GroupByRequest(query=pb.QueryRequest(text="ALL"),
+                                            attribute="only_here"), timeout=10).groups
+    assert [(g.value.string_value, g.count) for g in groups] == [("x", 1)]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Count(pb.QueryRequest(text='only_hree = "x"'), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "only_hree" in (err.value.details() or "")
