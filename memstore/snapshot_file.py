@@ -26,9 +26,11 @@ import re
 import struct
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Self
+
+from memstore.fsutil import Fsync, fsync_path
 
 log = logging.getLogger("memstore.snapshot")
 
@@ -49,7 +51,6 @@ TMP_NAME = "snap-{lsn:020d}.tmp"
 _SNAP_RE = re.compile(r"^snap-([0-9]{20})\.snap$")
 _TMP_RE = re.compile(r"^snap-([0-9]{20})\.tmp$")
 
-Fsync = Callable[[int], None]
 
 
 class SnapshotError(Exception):
@@ -63,14 +64,6 @@ def snapshot_name(lsn: int) -> str:
 def _lsn_of(path: Path) -> int | None:
     m = _SNAP_RE.match(path.name)
     return int(m.group(1)) if m else None
-
-
-def _fsync_path(path: Path, fsync: Fsync) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class SnapshotWriter:
@@ -126,14 +119,14 @@ class SnapshotWriter:
             self._file = None
         final = self.directory / snapshot_name(self.lsn)
         os.replace(self.tmp, final)
-        _fsync_path(self.directory, self._fsync)
+        fsync_path(self.directory, self._fsync)
         pointer = self.directory / f"{CURRENT}.tmp"
         with pointer.open("w") as p:
             p.write(final.name + "\n")
             p.flush()
             self._fsync(p.fileno())
         os.replace(pointer, self.directory / CURRENT)
-        _fsync_path(self.directory, self._fsync)
+        fsync_path(self.directory, self._fsync)
         return final
 
     def abort(self) -> None:
@@ -290,5 +283,5 @@ def prune(directory: Path | str, keep: int = 1, fsync: Fsync = os.fsync) -> list
             p.unlink(missing_ok=True)
             removed.append(p)
     if removed:
-        _fsync_path(directory, fsync)
+        fsync_path(directory, fsync)
     return removed

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import re
 import struct
+from pathlib import Path
 from typing import Final
 
 # ---------------------------------------------------------------- segment files
@@ -58,3 +59,15 @@ RECORD_PROFILES: Final = 1  # after-images of profiles
 RECORD_SCHEMA: Final = 2  # attribute declarations
 RECORD_SHARD_META: Final = 3  # epoch and owned hash slots
 RECORD_TYPES: Final = frozenset({RECORD_PROFILES, RECORD_SCHEMA, RECORD_SHARD_META})
+
+
+def list_segments(directory: Path) -> list[tuple[int, Path]]:
+    """(base LSN, path) of every segment file in `directory`, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for p in directory.iterdir():
+        m = SEGMENT_NAME_RE.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)

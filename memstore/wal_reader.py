@@ -22,14 +22,14 @@ import re
 import shutil
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from memstore import wal_format as fmt
+from memstore.fsutil import Fsync, fsync_path
 
-Fsync = Callable[[int], None]
 _ZERO_CHUNK = 1 << 16
 
 
@@ -59,17 +59,6 @@ class TornTail:
     path: Path
     offset: int
     byte_count: int
-
-
-def _segments(directory: Path) -> list[tuple[int, Path]]:
-    if not directory.is_dir():
-        return []
-    found = []
-    for p in directory.iterdir():
-        m = fmt.SEGMENT_NAME_RE.match(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    return sorted(found)
 
 
 def _zero_to_end(f: BinaryIO, pos: int) -> bool:
@@ -175,7 +164,7 @@ class LogScan:
     segments: int = 0
 
     def __iter__(self) -> Iterator[Record]:
-        segments = _segments(self.directory)
+        segments = fmt.list_segments(self.directory)
         if not segments:
             self.end_lsn = self.from_lsn or 0
             return
@@ -219,14 +208,6 @@ def read_log(directory: Path | str, from_lsn: int | None = None) -> LogScan:
     return LogScan(Path(directory), from_lsn)
 
 
-def _fsync_path(path: Path, fsync: Fsync) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def truncate_torn_tail(scan: LogScan, fsync: Fsync = os.fsync) -> int:
     """Cut the torn bytes found by a finished scan off the newest segment (delete the
     segment if even its header was torn) and fsync. Returns the bytes cut."""
@@ -239,7 +220,7 @@ def truncate_torn_tail(scan: LogScan, fsync: Fsync = os.fsync) -> int:
         with torn.path.open("r+b") as f:
             f.truncate(torn.offset)
             fsync(f.fileno())
-    _fsync_path(torn.path.parent, fsync)
+    fsync_path(torn.path.parent, fsync)
     scan.torn = None
     return torn.byte_count
 
@@ -277,7 +258,7 @@ class CheckReport:
 def check(directory: Path | str) -> CheckReport:
     """Read the whole log; report its size, a torn tail and the first damage."""
     directory = Path(directory)
-    segments = _segments(directory)
+    segments = fmt.list_segments(directory)
     report = CheckReport(segments=len(segments),
                          bytes=sum(p.stat().st_size for _, p in segments),
                          first_lsn=segments[0][0] if segments else 0)
@@ -339,12 +320,12 @@ def repair(directory: Path | str, fsync: Fsync = os.fsync) -> RepairReport:
     path, offset = bad
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     result = RepairReport(cut_at=bad)
-    segments = _segments(directory)
+    segments = fmt.list_segments(directory)
     cut_base = next(base for base, p in segments if p == path)
     if offset >= fmt.SEGMENT_HEADER_SIZE:
         backup = _backup_name(path, stamp)
         shutil.copyfile(path, backup)
-        _fsync_path(backup, fsync)
+        fsync_path(backup, fsync)
         result.backups.append(backup)
         size = path.stat().st_size
         with path.open("r+b") as f:
@@ -360,7 +341,7 @@ def repair(directory: Path | str, fsync: Fsync = os.fsync) -> RepairReport:
         p.rename(moved)
         result.moved_aside.append(moved)
         result.backups.append(moved)
-    _fsync_path(directory, fsync)
+    fsync_path(directory, fsync)
     return result
 
 

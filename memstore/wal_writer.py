@@ -24,17 +24,16 @@ import itertools
 import logging
 import os
 import zlib
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
 from pathlib import Path
 from typing import BinaryIO
 
 from memstore import wal_format as fmt
+from memstore.fsutil import Fsync, fsync_path
 
 log = logging.getLogger("memstore.log")
 
-Fsync = Callable[[int], None]
 
 
 class SyncPolicy(StrEnum):
@@ -63,15 +62,6 @@ class LogFailedError(OSError):
 
 class LogWriteError(OSError):
     """This one record could not be written (e.g. disk full); it is not in the log."""
-
-
-def _segments(directory: Path) -> list[tuple[int, Path]]:
-    found = []
-    for p in directory.iterdir():
-        m = fmt.SEGMENT_NAME_RE.match(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    return sorted(found)
 
 
 def _segment_header(base_lsn: int) -> bytes:
@@ -133,7 +123,7 @@ class LogWriter:
         return writer
 
     def _open_newest(self, start_lsn: int | None) -> None:
-        segments = _segments(self.directory)
+        segments = fmt.list_segments(self.directory)
         self.size_bytes = sum(p.stat().st_size for _, p in segments)
         if segments:
             base, path = segments[-1]
@@ -248,11 +238,7 @@ class LogWriter:
         self.size_bytes += fmt.SEGMENT_HEADER_SIZE
 
     def _sync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            self._fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(self.directory, self._fsync)
 
     def _close_retired(self) -> None:
         for f in self._retired:
@@ -311,7 +297,7 @@ class LogWriter:
     def remove_segments_before(self, lsn: int) -> int:
         """Delete every segment all of whose records lie below `lsn` (i.e. the next
         segment starts at or below `lsn`); never the active one. Returns the count."""
-        segments = _segments(self.directory)
+        segments = fmt.list_segments(self.directory)
         removed = 0
         for (base, path), (next_base, _) in itertools.pairwise(segments):
             if next_base <= lsn and base != self._base:
