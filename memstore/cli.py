@@ -318,16 +318,33 @@ def stats(address: str) -> None:
 @main.command()
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def check(data_dir: Path) -> None:
-    """Verify a shard's snapshots and log; exit 1 if anything is damaged."""
-    from memstore.snapshot_file import load_newest
+    """Verify a shard's snapshots and log; exit 1 if anything is damaged or start-up
+    would fail (for example: the log no longer reaches back to the usable snapshot)."""
+    from memstore.snapshot_file import SnapshotError, SnapshotReader, load_newest
+    from memstore.wal_reader import LogCorruptError, read_log
     from memstore.wal_reader import check as check_log
 
+    bad = False
+    for path in sorted((data_dir / "snapshots").glob("snap-*.snap")):
+        try:
+            SnapshotReader(path)
+            click.echo(f"snapshot {path.name}: ok")
+        except (SnapshotError, OSError) as exc:
+            click.echo(f"snapshot {path.name}: DAMAGED: {exc}")
+            bad = True
     reader = load_newest(data_dir / "snapshots")
-    click.echo(f"snapshot: {reader.path if reader else 'none'}"
+    click.echo(f"start-up would load: {reader.path.name if reader else 'no snapshot'}"
                + (f" (lsn {reader.lsn})" if reader else ""))
     report = check_log(data_dir / "log")
     click.echo(str(report))
-    if not report.ok:
+    if report.ok:
+        try:  # replay exactly as start-up would, from the snapshot's position
+            for _ in read_log(data_dir / "log", reader.lsn if reader else 0):
+                pass
+        except LogCorruptError as exc:
+            click.echo(f"start-up would fail: {exc}")
+            bad = True
+    if bad or not report.ok:
         sys.exit(1)
 
 

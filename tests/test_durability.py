@@ -277,3 +277,22 @@ def test_snapshot_is_a_point_in_time_while_writes_continue(tmp_path: Path) -> No
     load_snapshot(engine, reader.sections())
     restored = Shard(ShardConfig(), engine, None)
     assert state_of(restored) == before
+
+
+def test_check_reports_a_damaged_snapshot(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+
+    async def write() -> None:
+        shard = await open_shard(data)
+        await shard.commit(shard.engine.plan_upsert(UpsertSpec("u", [(SET, "x", 1)])))
+        await shard.snapshot()
+        await shard.close()
+
+    run(write())
+    assert memstore("check", str(data)).returncode == 0
+    snap = next((data / "snapshots").glob("snap-*.snap"))
+    raw = bytearray(snap.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    snap.write_bytes(bytes(raw))
+    result = memstore("check", str(data), check=False)
+    assert result.returncode == 1 and "DAMAGED" in result.stdout and snap.name in result.stdout
