@@ -140,3 +140,45 @@ def test_log_append_and_group_sync(benchmark, tmp_path: Path) -> None:  # type: 
     benchmark(lambda: loop.run_until_complete(burst(writer)))
     loop.run_until_complete(writer.close())
     loop.close()
+
+
+# ---------------------------------------------------------------------- engine vs DuckDB, 1M
+# The issue's yardstick: the engine's own evaluation of a 4-5 predicate count with a
+# numeric range, against DuckDB answering the same query on the same rows, same process.
+
+@pytest.fixture(scope="module")
+def million() -> tuple[Engine, object, object]:
+    from bench.datagen import generate, iter_records, schema_declaration
+    from bench.peers.duckdb_peer import DuckDBPeer
+    from bench.queries import QUERIES
+
+    size = int(os.environ.get("MEMSTORE_MICRO_SIZE", "1000000"))
+    kinds = {k.label: k for k in Kind}
+    ds = generate(size, seed=42)
+    e = Engine()
+    e.apply(e.plan_declare([(d["name"], kinds[d["kind"]], d.get("indexed", True),
+                             Merge.DEFAULT) for d in schema_declaration()]))
+    batch: list = []
+    for r in iter_records(ds):
+        batch.append((r["id"], r["attributes"], r["identifiers"]))
+        if len(batch) == 1000:
+            e.apply(e.plan_load(batch))
+            batch = []
+    if batch:
+        e.apply(e.plan_load(batch))
+    duck = DuckDBPeer(ds)
+    duck.load()
+    q09 = next(q for q in QUERIES if q.name == "q09_issue")
+    return e, duck, q09
+
+
+def test_engine_count_q09_1m(benchmark, million) -> None:  # type: ignore[no-untyped-def]
+    engine, duck, q = million
+    node = parse(q.memstore)
+    count = benchmark(lambda: len(evaluate(engine, node)))
+    assert count == duck.count(q)  # the same answer, or the timing means nothing
+
+
+def test_duckdb_count_q09_1m_peer(benchmark, million) -> None:  # type: ignore[no-untyped-def]
+    _, duck, q = million
+    assert benchmark(duck.count, q) >= 0
