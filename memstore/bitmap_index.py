@@ -235,12 +235,6 @@ class RangeIndex:
                 self.slices[i] |= _ids(selected)
         self._exists |= _ids(ids)
 
-    def remove_many(self, ids: np.ndarray, old_values: np.ndarray) -> None:
-        gone = _ids(ids)
-        for s in self.slices:
-            s -= gone
-        self._exists -= gone
-
     # ------------------------------------------------------------------ queries
     def exists(self) -> BitMap:
         return self._exists

@@ -45,6 +45,7 @@ from memstore.schema import (
     Kind,
     Merge,
     Schema,
+    article,
     check_value,
     kind_of,
 )
@@ -202,13 +203,12 @@ class _Planner:
         existing = self.spec(name)
         if existing is not None:
             if existing.kind != kind:
-                raise InvalidArgument(
-                    f"attribute {name!r} has kind {existing.kind.label}, got a {kind.label} value"
-                )
+                raise InvalidArgument(f"attribute {name!r} has kind {existing.kind.label}, "
+                                      f"got {article(kind.label)} value")
             return existing
-        spec = self.e.schema.plan(name, kind, indexed, merge)
-        assert spec is not None
-        spec = AttributeSpec(len(self.e.schema.by_id) + len(self.added), name, kind, indexed, merge)
+        spec = self.e.schema.plan(name, kind, indexed, merge,
+                                  next_id=len(self.e.schema.by_id) + len(self.added))
+        assert spec is not None  # not declared yet, so the plan is a new spec
         self.added.append(spec)
         self.added_by_name[name] = spec
         return spec
@@ -530,19 +530,6 @@ class Engine:
         for aid in self._timestamp_ids.intersection(attrs):
             out[by_id[aid].name] = timestamp_ext(attrs[aid])
         return out
-
-    def stored_named(self, dense: int, only: Sequence[str] = ()) -> tuple[str, int, dict[str, Any]]:
-        """(pid, version, {name: stored value}) — the packed read path, no datetime objects."""
-        pid = self.pids[dense]
-        blob = self.blobs[dense]
-        assert pid is not None and blob is not None
-        version, attrs = msgpack.unpackb(blob, strict_map_key=False)[:2]
-        by_id = self.schema.by_id
-        if only:
-            wanted = [self.schema.by_name.get(n) for n in only]
-            return pid, version, {s.name: attrs[s.id] for s in wanted
-                                  if s is not None and s.id in attrs}
-        return pid, version, {by_id[aid].name: v for aid, v in attrs.items()}
 
     def ids_of(self, dense_ids: Iterable[int]) -> list[str]:
         pids = self.pids

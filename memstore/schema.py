@@ -119,6 +119,7 @@ class Schema:
         kind: Kind,
         indexed: bool = True,
         merge: Merge = Merge.DEFAULT,
+        next_id: int | None = None,
     ) -> AttributeSpec | None:
         """The spec a declaration would add, None if it is already declared identically.
 
@@ -144,7 +145,8 @@ class Schema:
             raise InvalidArgument(
                 f"attribute {name!r}: merge={merge.name.lower()} needs a number or timestamp"
             )
-        return AttributeSpec(len(self.by_id), name, kind, indexed, merge)
+        return AttributeSpec(len(self.by_id) if next_id is None else next_id, name, kind,
+                             indexed, merge)
 
     def add(self, spec: AttributeSpec) -> None:
         if spec.id != len(self.by_id):
@@ -163,7 +165,7 @@ class Schema:
         return schema
 
 
-def _article(word: str) -> str:
+def article(word: str) -> str:
     return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
 
@@ -172,7 +174,7 @@ def check_value(spec_kind: Kind, value: Any, name: str) -> None:
     sent = kind_of(value)
     if sent != spec_kind:
         raise InvalidArgument(
-            f"attribute {name!r} has kind {spec_kind.label}, got {_article(sent.label)} value"
+            f"attribute {name!r} has kind {spec_kind.label}, got {article(sent.label)} value"
         )
     if sent is Kind.STRING:
         check_string(value, f"attribute {name!r}")

@@ -36,7 +36,7 @@ from memstore.errors import (
     WrongSlot,
 )
 from memstore.evaluate import evaluate, group_counts
-from memstore.hashslot import SLOT_COUNT
+from memstore.hashslot import SLOT_COUNT, slot_of
 from memstore.query import QueryError, query_from_request
 from memstore.schema import Kind, Merge
 from memstore.shard import Shard, ShardConfig
@@ -224,8 +224,6 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         for kind, value in idents:
             out.identifiers.add(kind=kind, value=value)
         out.merged_ids.extend(merged)
-        from memstore.hashslot import slot_of
-
         out.slot = slot_of(pid)
 
     def _find(self, key: pb.ProfileKey, where: str = "key") -> int | None:

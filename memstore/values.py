@@ -9,7 +9,6 @@ means "has at least one tag".
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any
 
 import msgpack
@@ -58,7 +57,3 @@ def from_stored(kind: Kind, value: Any) -> Any:
     if kind is Kind.TIMESTAMP:
         return micros_to_datetime(value)
     return value
-
-
-def is_timestamp(value: Any) -> bool:
-    return isinstance(value, datetime)
