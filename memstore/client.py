@@ -33,11 +33,13 @@ _OPTIONS = [("grpc.max_receive_message_length", 64 << 20),
 _READS = {"Get", "BatchGet", "GetSchema", "Count", "QueryIds", "GroupBy", "QueryBitmap", "Stats"}
 _RETRIES = 3
 
-_OPS = {"set": 1, "set_once": 2, "unset": 3, "increment": 4, "add_to_set": 5,
-        "remove_from_set": 6}
-_KINDS = {"string": 1, "int": 2, "float": 3, "bool": 4, "timestamp": 5, "string_list": 6}
+# Proto enum numbers by the names the client accepts (the .pyi types them as NewTypes).
+_OPS: dict[str, Any] = {"set": 1, "set_once": 2, "unset": 3, "increment": 4,
+                        "add_to_set": 5, "remove_from_set": 6}
+_KINDS: dict[str, Any] = {"string": 1, "int": 2, "float": 3, "bool": 4, "timestamp": 5,
+                          "string_list": 6}
 _KIND_NAMES = {v: k for k, v in _KINDS.items()}
-_MERGES = {"default": 0, "sum": 1, "min": 2, "max": 3}
+_MERGES: dict[str, Any] = {"default": 0, "sum": 1, "min": 2, "max": 3}
 _MERGE_NAMES = {v: k for k, v in _MERGES.items()}
 
 

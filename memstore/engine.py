@@ -393,7 +393,7 @@ class _Planner:
         return change
 
 
-_COLUMN_TYPES = {Kind.STRING: {str}, Kind.INT: {int}, Kind.FLOAT: {float},
+_COLUMN_TYPES: dict[Kind, set[type]] = {Kind.STRING: {str}, Kind.INT: {int}, Kind.FLOAT: {float},
                  Kind.BOOL: {bool}, Kind.STRING_LIST: {list},
                  Kind.TIMESTAMP: {datetime, msgpack.Timestamp}}
 
@@ -598,10 +598,10 @@ class Engine:
         results = []
         for pid, attrs, idents in rows:
             stored = {aid_of[name]: value for name, value in attrs.items()}
-            for name, (aid, kind) in convert.items():
+            for name, (aid, akind) in convert.items():
                 if name in attrs:
-                    value = to_stored(kind, attrs[name])
-                    if kind is Kind.STRING_LIST and not value:
+                    value = to_stored(akind, attrs[name])
+                    if akind is Kind.STRING_LIST and not value:
                         del stored[aid]
                     else:
                         stored[aid] = value

@@ -356,8 +356,9 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
 
     def _schema(self) -> pb.SchemaResponse:
         return pb.SchemaResponse(attributes=[
-            pb.AttributeSpec(name=s.name, kind=int(s.kind), not_indexed=not s.indexed,
-                             merge=int(s.merge))
+            pb.AttributeSpec(name=s.name, kind=pb.Kind.ValueType(s.kind),
+                             not_indexed=not s.indexed,
+                             merge=pb.AttributeSpec.Merge.ValueType(s.merge))
             for s in self.engine.schema.by_id
         ])
 
@@ -519,7 +520,7 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
         chunk = msgpack.unpackb(request.packed, strict_map_key=False, use_list=True)
         engine = self.engine
         change = Change()
-        pending = {}
+        pending: dict[str, AttributeSpec] = {}
         kinds = {name: (Kind(k), idx, Merge(m)) for name, k, idx, m in chunk["schema"]}
         next_id = len(engine.schema.by_id)
         from memstore.schema import AttributeSpec
