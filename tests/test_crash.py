@@ -91,6 +91,7 @@ def run_kill_cycles(data: Path, cycles: int, seed: int) -> dict[str, int]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_soak_hundreds_of_kill_cycles(tmp_path: Path) -> None:
     cycles = int(os.environ.get("MEMSTORE_SOAK_CYCLES", "300"))
     result = run_kill_cycles(tmp_path / "data", cycles=cycles, seed=99)
