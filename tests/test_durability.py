@@ -296,3 +296,28 @@ def test_check_reports_a_damaged_snapshot(tmp_path: Path) -> None:
     snap.write_bytes(bytes(raw))
     result = memstore("check", str(data), check=False)
     assert result.returncode == 1 and "DAMAGED" in result.stdout and snap.name in result.stdout
+
+
+@pytest.mark.parametrize("trigger", ["log size", "time"])
+def test_snapshots_are_taken_automatically(tmp_path: Path, trigger: str) -> None:
+    data = tmp_path / "data"
+    settings = ({"snapshot_log_bytes": 1024, "snapshot_interval": 3600.0}
+                if trigger == "log size" else
+                {"snapshot_log_bytes": 1 << 30, "snapshot_interval": 0.5})
+
+    async def scenario() -> None:
+        shard = await open_shard(data, **settings)
+        shard.start_background()
+        for i in range(100):
+            await shard.commit(shard.engine.plan_upsert(UpsertSpec(f"u{i}", [(SET, "x", i)])))
+        for _ in range(50):  # the background task checks once a second
+            if list((data / "snapshots").glob("snap-*.snap")):
+                break
+            await asyncio.sleep(0.1)
+        await shard.close()
+
+    run(scenario())
+    assert list((data / "snapshots").glob("snap-*.snap")), f"no snapshot by {trigger}"
+    reopened = run(open_shard(data))
+    assert reopened.recovery["snapshot"] is not None and len(reopened.engine) == 100
+    run(reopened.close())
