@@ -57,15 +57,19 @@ def _verify(data: Path, acked: list[tuple[str, int]], counter_acks: list[int],
     server = start_shard(data)
     try:
         with Client(server.address, timeout=30) as client:
-            got = client.batch_get([pid for pid, _ in acked])
+            got = [p for start in range(0, len(acked), 5000)
+                   for p in client.batch_get([pid for pid, _ in acked[start:start + 5000]])]
             for (pid, n), profile in zip(acked, got, strict=True):
                 assert profile is not None, f"acknowledged write {pid} lost"
                 assert profile["attributes"] == {"a": n, "b": n, "tags": [f"t{n}"]}
             # Unacknowledged writes may or may not be there, but never half-applied.
-            for pid in client.iter_ids("exists(a) OR exists(b) OR exists(tags)"):
-                attrs = client.get(pid)["attributes"]
-                n = attrs.get("a")
-                assert attrs == {"a": n, "b": n, "tags": [f"t{n}"]}, (pid, attrs)
+            present = list(client.iter_ids("exists(a) OR exists(b) OR exists(tags)"))
+            for start in range(0, len(present), 5000):
+                chunk = present[start:start + 5000]
+                for pid, profile in zip(chunk, client.batch_get(chunk), strict=True):
+                    attrs = profile["attributes"]
+                    n = attrs.get("a")
+                    assert attrs == {"a": n, "b": n, "tags": [f"t{n}"]}, (pid, attrs)
             hits = client.get("counter")
             total = hits["attributes"]["hits"] if hits else 0
             # Each writer has at most one unacknowledged increment in flight per kill.
