@@ -48,6 +48,7 @@ from memstore.values import flatten
 log = logging.getLogger("memstore.server")
 
 MAX_MESSAGE_BYTES = 64 << 20
+EXPORT_CHUNK = 1000  # profiles per ExportSlots message
 DEFAULT_PAGE = 1000
 MAX_PAGE = 100_000
 MAX_BATCH_KEYS = 100_000
@@ -488,31 +489,53 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
 
     async def ExportSlots(self, request: cpb.ExportRequest, context: grpc.aio.ServicerContext
                           ) -> AsyncIterator[cpb.ExportChunk]:
+        """Stream the profiles of some slots: all of them, or (after_lsn > 0) only those
+        changed after that position, deletions included, when this shard still remembers
+        that far back (else all of them: the mover's verification notices deletions).
+        With `fingerprints`, only [id, version] pairs, for comparing two copies."""
         try:
             slots = _slots_of(request.slots)
         except InvalidArgument as exc:
             await _abort(context, exc)
             return
         engine = self.engine
-        members = engine.members_of_slots(slots)
-        schema = [[s.name, int(s.kind), s.indexed, int(s.merge)] for s in engine.schema.by_id]
-        lsn = self.shard.log.end_lsn if self.shard.log else 0
+        lsn = self.shard.position
+        changed = self.shard.recent.since(request.after_lsn) if request.after_lsn else None
+        deleted: list[str] = []
+        if changed is None:
+            ids: list[int] = list(engine.members_of_slots(slots))
+        else:
+            ids = []
+            for pid in changed:
+                if slot_of(pid) not in slots:
+                    continue
+                dense = engine.dense_of.get(pid)
+                if dense is None or engine.blobs[dense] is None:
+                    deleted.append(pid)
+                else:
+                    ids.append(dense)
+        schema = [] if request.fingerprints else [
+            [s.name, int(s.kind), s.indexed, int(s.merge)] for s in engine.schema.by_id]
         batch: list[list[Any]] = []
-        ids = list(members)
         for n, dense in enumerate(ids, 1):
             blob = engine.blobs[dense]
             if blob is not None:
                 version, attrs, idents, merged = decode(blob)
-                named = {engine.schema.by_id[a].name: v for a, v in attrs.items()}
-                batch.append([engine.pids[dense], version, named, idents, merged])
-            if len(batch) >= 1000 or n == len(ids):
-                yield cpb.ExportChunk(packed=msgpack.packb({"schema": schema, "profiles": batch},
-                                                           use_bin_type=True), lsn=lsn)
+                if request.fingerprints:
+                    batch.append([engine.pids[dense], version])
+                else:
+                    by_id = engine.schema.by_id
+                    named = {by_id[a].name: v for a, v in attrs.items()}
+                    batch.append([engine.pids[dense], version, named, idents, merged])
+            if len(batch) >= EXPORT_CHUNK or n == len(ids):
+                yield cpb.ExportChunk(packed=msgpack.packb(
+                    {"schema": schema, "profiles": batch}, use_bin_type=True), lsn=lsn)
                 batch = []
                 await asyncio.sleep(0)
-        if not ids:
-            yield cpb.ExportChunk(packed=msgpack.packb({"schema": schema, "profiles": []}),
-                                  lsn=lsn)
+        if deleted or not ids:
+            yield cpb.ExportChunk(packed=msgpack.packb(
+                {"schema": schema, "profiles": [], "deleted": deleted}, use_bin_type=True),
+                lsn=lsn)
 
     @rpc
     async def ImportProfiles(self, request: cpb.ImportRequest, context: Any
@@ -546,6 +569,16 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
             if dense is None:
                 dense, next_dense = next_dense, next_dense + 1
             change.images.append(Image(dense, pid, encode(version, attrs, idents, merged)))
+        owned = engine.owned_slots
+        for pid in chunk.get("deleted", ()):
+            dense = engine.dense_of.get(pid)
+            if dense is None:
+                continue
+            if owned is None or slot_of(pid) in owned:
+                raise FailedPrecondition(f"import deletes profile {pid!r}, but this shard owns "
+                                         f"its slot {slot_of(pid)}; imports only fill slots "
+                                         "that are moving here")
+            change.images.append(Image(dense, pid, None))
         await self.shard.commit(change)
         return cpb.ImportResponse(applied=len(change.images))
 

@@ -27,6 +27,7 @@ import contextlib
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,43 @@ from memstore.wal_writer import LogFailedError, LogWriteError, LogWriter, SyncPo
 log = logging.getLogger("memstore.shard")
 
 SNAPSHOT_CHUNK = 2000  # profiles per snapshot section: small enough to keep slices short
+RECENT_CHANGES = 500_000  # profile ids remembered for slot-move catch-up (~40 MB at most)
+
+
+class RecentChanges:
+    """Which profiles changed after a position: the catch-up rounds of a slot move ask
+    "what changed in these slots since my last copy?" instead of copying them all again.
+
+    Holds the primary ids of the newest `limit` changed profiles with the position of their
+    change. `since(p)` answers for any p >= `floor`; older positions are forgotten (the
+    caller copies in full instead), and so is everything before a restart: positions are
+    log positions, which survive a restart, but this memory does not.
+    """
+
+    def __init__(self, floor: int, limit: int = RECENT_CHANGES) -> None:
+        self.floor = floor  # every change after this position is remembered
+        self.limit = limit
+        self._entries: deque[tuple[int, list[str]]] = deque()
+        self._size = 0
+
+    def record(self, position: int, pids: list[str]) -> None:
+        self._entries.append((position, pids))
+        self._size += len(pids)
+        while self._size > self.limit and len(self._entries) > 1:
+            old_position, old = self._entries.popleft()
+            self._size -= len(old)
+            self.floor = old_position
+
+    def since(self, position: int) -> set[str] | None:
+        """Ids changed after `position`, or None if that is older than what is remembered."""
+        if position < self.floor:
+            return None
+        out: set[str] = set()
+        for at, pids in reversed(self._entries):
+            if at <= position:
+                break
+            out.update(pids)
+        return out
 
 
 @dataclass
@@ -79,6 +117,14 @@ class Shard:
         # its own position on, so segments are deleted only before that one.
         self._snapshot_lsn = 0
         self._erased = False  # a profile was deleted or merged away since the last snapshot
+        # Changes are numbered by log position; a memory-only shard counts them instead.
+        self._counter = 0
+        self.recent = RecentChanges(self.position)
+
+    @property
+    def position(self) -> int:
+        """Position of the newest applied change: its log position, or a count in memory."""
+        return self.log.end_lsn if self.log is not None else self._counter
 
     # ------------------------------------------------------------------ life cycle
     @classmethod
@@ -146,6 +192,8 @@ class Shard:
             return change.result
         if self.log is None:
             self.engine.apply(change)
+            self._counter += 1
+            self.recent.record(self._counter, [image.pid for image in change.images])
             return change.result
         if self.log.failed:
             raise Unavailable(self.writable_error or "log failed")
@@ -157,6 +205,7 @@ class Shard:
             raise Unavailable(f"write not persisted: {exc}") from None
         before = self.engine.apply(change)
         self._pending.append((lsn, before))
+        self.recent.record(lsn, [image.pid for image in change.images])
         if not self._erased and any(image.blob is None for image in change.images):
             self._erased = True
         try:

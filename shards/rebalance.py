@@ -5,18 +5,19 @@ whatever T holds of B is "foreign" there: invisible to its queries and refused t
 
  1. Copy.      ExportSlots(S, B, after_lsn=0) streamed into ImportProfiles(T). S keeps
                serving reads and writes of B; remember the highest chunk lsn L.
- 2. Catch up.  ExportSlots(S, B, after_lsn=L) -> ImportProfiles(T), repeated until a round
-               carries at most `small` profiles (or `rounds` rounds), so the last step is short.
+ 2. Catch up.  ExportSlots(S, B, after_lsn=L) -> ImportProfiles(T): only the profiles of B
+               changed or deleted since L. Repeated until a round carries at most `small`
+               profiles (or `rounds` rounds), so the frozen step below is short.
  3. Freeze.    SetSlots(S, e1, owned(S) - B) with e1 > every epoch in the cluster. From here S
                refuses reads and writes of B with wrong-slot (routers refresh and wait: nobody
                owns B for a moment) and its queries no longer count B. Every write S ever
                acknowledged for B was applied to S's memory before SetSlots returned (a shard
                applies before it answers), so S's state of B is now final.
  4. Final.     ExportSlots(S, B, after_lsn=L) -> ImportProfiles(T): the last changes.
- 5. Verify.    Full exports of B from S and from T must hold the same (id, version) pairs.
-               If not (a profile deleted on S after the copy, if deltas do not carry
-               deletions), DropSlots(T, B) and copy B again in full: S is frozen, so this copy
-               is exact.
+ 5. Verify.    (id, version) fingerprints of B from S and from T must be equal. If not (S
+               restarted during the copy and forgot what changed since L, so its export
+               was full and carried no deletions), DropSlots(T, B) and copy B again in full:
+               S is frozen, so this copy is exact.
  6. Switch.    SetSlots(T, e2 = e1 + 1, owned(T) + B). T now answers for B.
  7. Drop.      DropSlots(S, B, e2): S forgets the profiles of B.
 
@@ -126,11 +127,10 @@ def _profiles(packed: bytes) -> list[Any]:
     return list(chunk["profiles"] if isinstance(chunk, dict) else chunk)
 
 
-def _fingerprint(entry: Any) -> tuple[str, Any]:
-    """(id, version) of an exported profile; (id, blob) for [id, blob] entries."""
-    value = entry[1]
-    return str(entry[0]), value if isinstance(value, int | bytes) or value is None else repr(
-        value)
+def _entries(packed: bytes) -> int:
+    """How many profiles an export chunk changes: copies plus deletions."""
+    chunk = msgpack.unpackb(packed, raw=False, strict_map_key=False)
+    return len(chunk["profiles"]) + len(chunk.get("deleted", ()))
 
 
 async def _copy(source: Node, target: Node, slots: set[int], after_lsn: int = 0
@@ -139,19 +139,19 @@ async def _copy(source: Node, target: Node, slots: set[int], after_lsn: int = 0
     request = cpb.ExportRequest(slots=_ranges_pb(slots), after_lsn=after_lsn)
     count, lsn = 0, after_lsn
     async for chunk in source.stub.ExportSlots(request):
-        entries = _profiles(chunk.packed)
+        entries = _entries(chunk.packed)
         if entries:
             await target.stub.ImportProfiles(cpb.ImportRequest(packed=chunk.packed))
-            count += len(entries)
+            count += entries
         lsn = max(lsn, chunk.lsn)
     return count, lsn
 
 
 async def _contents(node: Node, slots: set[int]) -> set[tuple[str, Any]]:
-    request = cpb.ExportRequest(slots=_ranges_pb(slots), after_lsn=0)
+    request = cpb.ExportRequest(slots=_ranges_pb(slots), fingerprints=True)
     out: set[tuple[str, Any]] = set()
     async for chunk in node.stub.ExportSlots(request):
-        out.update(_fingerprint(e) for e in _profiles(chunk.packed))
+        out.update((str(pid), version) for pid, version in _profiles(chunk.packed))
     return out
 
 
@@ -200,7 +200,7 @@ async def move_batch(cluster: Cluster, source: Node, target: Node, slots: set[in
     for _ in range(CATCH_UP_ROUNDS):
         delta, lsn = await _copy(source, target, slots, lsn)
         report.caught_up += delta
-        # Stop when small, or when not shrinking (a shard that ignores after_lsn resends all).
+        # Stop when small, or when not shrinking (writes arrive as fast as we copy them).
         if delta <= CATCH_UP_SMALL or delta >= previous:
             break
         previous = delta
@@ -255,8 +255,8 @@ async def resume(cluster: Cluster, journal: Journal) -> bool:
         report = MoveReport()
         # The target's partial copy may be stale: start it over from the frozen source.
         await target.stub.DropSlots(cpb.DropSlotsRequest(slots=_ranges_pb(slots), epoch=epoch))
-        await _copy(source, target, slots)
-        await _finish(source, target, slots, epoch, 0, report)
+        _, lsn = await _copy(source, target, slots)
+        await _finish(source, target, slots, epoch, lsn, report)
     journal.clear()
     log.info("finished the interrupted move of %d slots %s -> %s", len(slots), source.name,
              target.name)

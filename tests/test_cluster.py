@@ -11,14 +11,17 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
+import msgpack
 import pytest
 
+from memstore.shard import RecentChanges
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
 from memstore.v1 import memstore_pb2 as pb
-from shards.slots import SLOT_COUNT, from_ranges, slot_of
+from shards.slots import SLOT_COUNT, from_ranges, slot_of, to_ranges
 from tests.conftest import ROOT, start_shard
 from tests.test_router import RouterThread, everything, start_shards, upsert
 
@@ -224,6 +227,72 @@ def _check_deleted(address: str, load: Load) -> None:
     assert not any(r.found for r in results)
 
 
+def _export(address: str, slots: set[int], after: int = 0, fingerprints: bool = False
+            ) -> tuple[dict[str, Any], list[str], int]:
+    """Profiles (id -> entry), deletions and newest position of an ExportSlots stream."""
+    request = cpb.ExportRequest(slots=[cpb.SlotRange(start=a, end=b) for a, b in
+                                       to_ranges(slots)], after_lsn=after,
+                                fingerprints=fingerprints)
+    profiles: dict[str, Any] = {}
+    deleted: list[str] = []
+    lsn = 0
+    with grpc.insecure_channel(address) as ch:
+        for chunk in cluster_pb2_grpc.ShardControlStub(ch).ExportSlots(request, timeout=10):
+            body = msgpack.unpackb(chunk.packed, strict_map_key=False)
+            profiles.update((entry[0], entry) for entry in body["profiles"])
+            deleted += body.get("deleted", [])
+            lsn = max(lsn, chunk.lsn)
+    return profiles, deleted, lsn
+
+
+@pytest.mark.parametrize("durable", [True, False], ids=["logged", "in-memory"])
+def test_export_after_a_position_carries_only_what_changed_deletions_included(
+        tmp_path: Path, durable: bool) -> None:
+    shard = start_shard(tmp_path / "s" if durable else None, "--sync", "off")
+    try:
+        stub = _stub(shard.address)
+        ids = [f"e-{i}" for i in range(300)]
+        stub.BatchUpsert(pb.BatchUpsertRequest(requests=[upsert(p, "Oslo", 1) for p in ids]),
+                         timeout=10)
+        moving = {slot_of(p) for p in ids[:150]}
+        inside = [p for p in ids if slot_of(p) in moving]
+        full, deleted, lsn = _export(shard.address, moving)
+        assert set(full) == set(inside) and deleted == []
+        assert lsn > 0
+
+        changed, gone, outside = inside[0], inside[1], next(
+            p for p in ids if slot_of(p) not in moving)
+        stub.Upsert(upsert(changed, "Bergen", 2), timeout=10)
+        stub.Upsert(upsert(outside, "Bergen", 2), timeout=10)
+        assert stub.Delete(pb.DeleteRequest(key=pb.ProfileKey(id=gone)), timeout=10).deleted
+        delta, deleted, newer = _export(shard.address, moving, after=lsn)
+        assert set(delta) == {changed} and deleted == [gone]
+        assert delta[changed][2]["city"] == "Bergen" and newer > lsn
+        assert _export(shard.address, moving, after=newer)[:2] == ({}, [])
+
+        prints, _, _ = _export(shard.address, moving, fingerprints=True)
+        assert {p: e[1:] for p, e in prints.items()} == {
+            p: [e[1]] for p, e in _export(shard.address, moving)[0].items()}
+    finally:
+        shard.stop()
+
+
+def test_an_import_never_deletes_a_profile_in_a_slot_the_shard_owns(tmp_path: Path) -> None:
+    shard = start_shard(None)
+    try:
+        _stub(shard.address).Upsert(upsert("kept", "Oslo", 1), timeout=10)
+        packed = msgpack.packb({"schema": [], "profiles": [], "deleted": ["kept"]})
+        with grpc.insecure_channel(shard.address) as ch, pytest.raises(grpc.RpcError) as err:
+            cluster_pb2_grpc.ShardControlStub(ch).ImportProfiles(
+                cpb.ImportRequest(packed=packed), timeout=10)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "owns its slot" in (err.value.details() or "")
+        got = _stub(shard.address).Get(pb.GetRequest(key=pb.ProfileKey(id="kept")), timeout=10)
+        assert got.profile.id == "kept"
+    finally:
+        shard.stop()
+
+
 def test_add_and_remove_shard_under_load_lose_nothing_and_count_exactly(tmp_path: Path
                                                                          ) -> None:
     shards = start_shards(tmp_path, 2)
@@ -243,6 +312,8 @@ def test_add_and_remove_shard_under_load_lose_nothing_and_count_exactly(tmp_path
         load = _under_load(router.address, acked, "add-shard", new.address,
                            "--journal", str(journal))
         assert "added shard-2" in load.output  # type: ignore[attr-defined]
+        # Catch-up rounds carried the deletions too: no batch needed a full second copy.
+        assert "0 batches recopied" in load.output  # type: ignore[attr-defined]
         assert not journal.exists()
         everyone = [*(s.address for s in shards), new.address]
         _check_final(router.address, load.acked, everyone)
@@ -376,3 +447,14 @@ def test_a_shard_killed_mid_move_restarts_into_a_consistent_cluster(tmp_path: Pa
         router.stop()
         for s in shards:
             s.stop()
+
+
+def test_recent_changes_forget_the_oldest_and_then_say_so() -> None:
+    recent = RecentChanges(floor=10, limit=4)
+    recent.record(11, ["a", "b"])
+    recent.record(12, ["c"])
+    assert recent.since(10) == {"a", "b", "c"} and recent.since(11) == {"c"}
+    recent.record(13, ["d", "e"])  # 5 ids > limit 4: position 11 is forgotten
+    assert recent.floor == 11
+    assert recent.since(10) is None  # the caller must copy in full
+    assert recent.since(11) == {"c", "d", "e"} and recent.since(13) == set()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19memstore/v1/cluster.proto\x12\x0bmemstore.v1\"\'\n\tSlotRange\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"\x83\x01\n\tShardInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12%\n\x05slots\x18\x04 \x03(\x0b\x32\x16.memstore.v1.SlotRange\x12\x10\n\x08profiles\x18\x05 \x01(\x04\x12\x0f\n\x07healthy\x18\x06 \x01(\x08\"\x12\n\x10ShardInfoRequest\"G\n\x0fSetSlotsRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12%\n\x05slots\x18\x02 \x03(\x0b\x32\x16.memstore.v1.SlotRange\"I\n\rExportRequest\x12%\n\x05slots\x18\x01 \x03(\x0b\x32\x16.memstore.v1.SlotRange\x12\x11\n\tafter_lsn\x18\x02 \x01(\x04\"*\n\x0b\x45xportChunk\x12\x0e\n\x06packed\x18\x01 \x01(\x0c\x12\x0b\n\x03lsn\x18\x02 \x01(\x04\"\x1f\n\rImportRequest\x12\x0e\n\x06packed\x18\x01 \x01(\x0c\"!\n\x0eImportResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x04\"H\n\x10\x44ropSlotsRequest\x12%\n\x05slots\x18\x01 \x03(\x0b\x32\x16.memstore.v1.SlotRange\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"$\n\x11\x44ropSlotsResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x04\x32\xf5\x02\n\x0cShardControl\x12\x45\n\x0cGetShardInfo\x12\x1d.memstore.v1.ShardInfoRequest\x1a\x16.memstore.v1.ShardInfo\x12@\n\x08SetSlots\x12\x1c.memstore.v1.SetSlotsRequest\x1a\x16.memstore.v1.ShardInfo\x12\x45\n\x0b\x45xportSlots\x12\x1a.memstore.v1.ExportRequest\x1a\x18.memstore.v1.ExportChunk0\x01\x12I\n\x0eImportProfiles\x12\x1a.memstore.v1.ImportRequest\x1a\x1b.memstore.v1.ImportResponse\x12J\n\tDropSlots\x12\x1d.memstore.v1.DropSlotsRequest\x1a\x1e.memstore.v1.DropSlotsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19memstore/v1/cluster.proto\x12\x0bmemstore.v1\"\'\n\tSlotRange\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"\x83\x01\n\tShardInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12%\n\x05slots\x18\x04 \x03(\x0b\x32\x16.memstore.v1.SlotRange\x12\x10\n\x08profiles\x18\x05 \x01(\x04\x12\x0f\n\x07healthy\x18\x06 \x01(\x08\"\x12\n\x10ShardInfoRequest\"G\n\x0fSetSlotsRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12%\n\x05slots\x18\x02 \x03(\x0b\x32\x16.memstore.v1.SlotRange\"_\n\rExportRequest\x12%\n\x05slots\x18\x01 \x03(\x0b\x32\x16.memstore.v1.SlotRange\x12\x11\n\tafter_lsn\x18\x02 \x01(\x04\x12\x14\n\x0c\x66ingerprints\x18\x03 \x01(\x08\"*\n\x0b\x45xportChunk\x12\x0e\n\x06packed\x18\x01 \x01(\x0c\x12\x0b\n\x03lsn\x18\x02 \x01(\x04\"\x1f\n\rImportRequest\x12\x0e\n\x06packed\x18\x01 \x01(\x0c\"!\n\x0eImportResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x04\"H\n\x10\x44ropSlotsRequest\x12%\n\x05slots\x18\x01 \x03(\x0b\x32\x16.memstore.v1.SlotRange\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"$\n\x11\x44ropSlotsResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x04\x32\xf5\x02\n\x0cShardControl\x12\x45\n\x0cGetShardInfo\x12\x1d.memstore.v1.ShardInfoRequest\x1a\x16.memstore.v1.ShardInfo\x12@\n\x08SetSlots\x12\x1c.memstore.v1.SetSlotsRequest\x1a\x16.memstore.v1.ShardInfo\x12\x45\n\x0b\x45xportSlots\x12\x1a.memstore.v1.ExportRequest\x1a\x18.memstore.v1.ExportChunk0\x01\x12I\n\x0eImportProfiles\x12\x1a.memstore.v1.ImportRequest\x1a\x1b.memstore.v1.ImportResponse\x12J\n\tDropSlots\x12\x1d.memstore.v1.DropSlotsRequest\x1a\x1e.memstore.v1.DropSlotsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,17 +40,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SETSLOTSREQUEST']._serialized_start=237
   _globals['_SETSLOTSREQUEST']._serialized_end=308
   _globals['_EXPORTREQUEST']._serialized_start=310
-  _globals['_EXPORTREQUEST']._serialized_end=383
-  _globals['_EXPORTCHUNK']._serialized_start=385
-  _globals['_EXPORTCHUNK']._serialized_end=427
-  _globals['_IMPORTREQUEST']._serialized_start=429
-  _globals['_IMPORTREQUEST']._serialized_end=460
-  _globals['_IMPORTRESPONSE']._serialized_start=462
-  _globals['_IMPORTRESPONSE']._serialized_end=495
-  _globals['_DROPSLOTSREQUEST']._serialized_start=497
-  _globals['_DROPSLOTSREQUEST']._serialized_end=569
-  _globals['_DROPSLOTSRESPONSE']._serialized_start=571
-  _globals['_DROPSLOTSRESPONSE']._serialized_end=607
-  _globals['_SHARDCONTROL']._serialized_start=610
-  _globals['_SHARDCONTROL']._serialized_end=983
+  _globals['_EXPORTREQUEST']._serialized_end=405
+  _globals['_EXPORTCHUNK']._serialized_start=407
+  _globals['_EXPORTCHUNK']._serialized_end=449
+  _globals['_IMPORTREQUEST']._serialized_start=451
+  _globals['_IMPORTREQUEST']._serialized_end=482
+  _globals['_IMPORTRESPONSE']._serialized_start=484
+  _globals['_IMPORTRESPONSE']._serialized_end=517
+  _globals['_DROPSLOTSREQUEST']._serialized_start=519
+  _globals['_DROPSLOTSREQUEST']._serialized_end=591
+  _globals['_DROPSLOTSRESPONSE']._serialized_start=593
+  _globals['_DROPSLOTSRESPONSE']._serialized_end=629
+  _globals['_SHARDCONTROL']._serialized_start=632
+  _globals['_SHARDCONTROL']._serialized_end=1005
 # @@protoc_insertion_point(module_scope)

@@ -43,12 +43,14 @@ class SetSlotsRequest(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[SlotRange, _Mapping]]] = ...) -> None: ...
 
 class ExportRequest(_message.Message):
-    __slots__ = ("slots", "after_lsn")
+    __slots__ = ("slots", "after_lsn", "fingerprints")
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     AFTER_LSN_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINTS_FIELD_NUMBER: _ClassVar[int]
     slots: _containers.RepeatedCompositeFieldContainer[SlotRange]
     after_lsn: int
-    def __init__(self, slots: _Optional[_Iterable[_Union[SlotRange, _Mapping]]] = ..., after_lsn: _Optional[int] = ...) -> None: ...
+    fingerprints: bool
+    def __init__(self, slots: _Optional[_Iterable[_Union[SlotRange, _Mapping]]] = ..., after_lsn: _Optional[int] = ..., fingerprints: _Optional[bool] = ...) -> None: ...
 
 class ExportChunk(_message.Message):
     __slots__ = ("packed", "lsn")
