@@ -49,6 +49,7 @@ log = logging.getLogger("memstore.server")
 
 MAX_MESSAGE_BYTES = 64 << 20
 EXPORT_CHUNK = 1000  # profiles per ExportSlots message
+DROP_CHUNK = 250  # profiles per change when DropSlots forgets moved slots
 DEFAULT_PAGE = 1000
 MAX_PAGE = 100_000
 MAX_BATCH_KEYS = 100_000
@@ -590,10 +591,17 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
         if owned is None or owned.intersection_cardinality(slots):
             raise FailedPrecondition("cannot drop slots this shard still owns; "
                                      "move their ownership first (SetSlots)")
-        members = self.engine.members_of_slots(slots)
-        change = Change(images=[Image(d, self.engine.pids[d] or "", None) for d in members])
-        await self.shard.commit(change)
-        return cpb.DropSlotsResponse(dropped=len(change.images))
+        # In slices, each its own change: the profiles are invisible already (not owned),
+        # so a partial drop is fine and a retry finishes it; one huge change would stall
+        # every other call on this shard while it applies.
+        members = list(self.engine.members_of_slots(slots))
+        for start in range(0, len(members), DROP_CHUNK):
+            await self.shard.commit(Change(images=[
+                Image(d, self.engine.pids[d] or "", None)
+                for d in members[start:start + DROP_CHUNK] if self.engine.blobs[d] is not None
+            ]))
+            await asyncio.sleep(0)
+        return cpb.DropSlotsResponse(dropped=len(members))
 
 
 # ---------------------------------------------------------------------- serving
