@@ -444,6 +444,10 @@ class Engine:
         # (or None once written). See freeze()/frozen_index().
         self.frozen: dict[int, tuple[Any, ...] | None] | None = None
         self._frozen_limit = 0
+        # ... and for profiles: (pid, blob) as at freeze() of each dense id below
+        # `frozen_len` changed since, so the snapshot needs no up-front copy of the lists.
+        self.frozen_rows: dict[int, tuple[str | None, bytes | None]] | None = None
+        self.frozen_len = 0
 
     # ------------------------------------------------------------------ reading
     def __len__(self) -> int:
@@ -716,6 +720,7 @@ class Engine:
     def apply_images(self, images: Iterable[Image]) -> list[Image]:
         before: list[Image] = []
         fresh: list[tuple[int, dict[int, Any]]] = []
+        saved, frozen_len = self.frozen_rows, self.frozen_len
         for image in images:
             dense, pid, blob = image.dense, image.pid, image.blob
             if dense >= len(self.blobs):
@@ -723,6 +728,8 @@ class Engine:
                 self.blobs.extend([None] * grow)
                 self.pids.extend([None] * grow)
             old = self.blobs[dense]
+            if saved is not None and dense < frozen_len and dense not in saved:
+                saved[dense] = (self.pids[dense], old)
             before.append(Image(dense, self.pids[dense] or pid, old))
             if old is None and blob is None:
                 continue
@@ -862,9 +869,13 @@ class Engine:
 
     # ------------------------------------------------------------------ snapshots
     def freeze(self) -> int:
-        """Start a point-in-time view of the indexes; returns how many attributes it has."""
+        """Start a point-in-time view of profiles and indexes; returns how many attributes
+        it has. Profiles as of now: frozen_rows.get(d) or the live (pids[d], blobs[d]),
+        for d < frozen_len."""
         self.frozen = {}
         self._frozen_limit = len(self.schema.by_id)
+        self.frozen_rows = {}
+        self.frozen_len = len(self.blobs)
         return self._frozen_limit
 
     def _preserve(self, aid: int) -> None:
@@ -893,6 +904,7 @@ class Engine:
 
     def thaw(self) -> None:
         self.frozen = None
+        self.frozen_rows = None
 
     # ------------------------------------------------------------------ cluster
     def set_ownership(self, epoch: int, slots: BitMap | None) -> None:

@@ -138,7 +138,7 @@ def test_erasure_before_a_restart_is_still_erased_by_the_next_snapshot(tmp_path:
 
 
 def _last_segment(data: Path) -> Path:
-    return sorted((data / "log").glob("*.log"))[-1]
+    return max((data / "log").glob("*.log"))
 
 
 def test_torn_record_at_the_end_is_cut_and_start_up_continues(tmp_path: Path) -> None:
@@ -321,3 +321,51 @@ def test_snapshots_are_taken_automatically(tmp_path: Path, trigger: str) -> None
     reopened = run(open_shard(data))
     assert reopened.recovery["snapshot"] is not None and len(reopened.engine) == 100
     run(reopened.close())
+
+
+def test_a_snapshot_holds_the_state_at_its_start_while_writes_go_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Copy-on-write: profiles and indexes changed while the snapshot is being written
+    reach the file as they were when it started, and the live state moves on."""
+    import memstore.shard as shard_module
+    from memstore.engine import Engine
+    from memstore.shard import load_snapshot
+    from memstore.snapshot_file import load_newest
+
+    monkeypatch.setattr(shard_module, "SNAPSHOT_CHUNK", 5)  # many slices to write between
+    data = tmp_path / "data"
+
+    async def scenario() -> None:
+        rng = random.Random(11)
+        shard = await open_shard(data)
+        await random_writes(shard, rng, 400)
+        at_start: dict[str, Any] = {}
+        freeze = shard.engine.freeze
+
+        def freeze_and_record() -> int:
+            at_start["state"] = state_of(shard)
+            return freeze()
+
+        shard.engine.freeze = freeze_and_record  # type: ignore[method-assign]
+        snapshot = asyncio.create_task(shard.snapshot())
+        writes = 0
+        while not snapshot.done():
+            await random_writes(shard, rng, 2)
+            writes += 2 if "state" in at_start else 0
+        await snapshot
+        live = state_of(shard)
+        await shard.close()
+
+        reader = load_newest(data / "snapshots")
+        assert reader is not None
+        loaded = Engine()
+        load_snapshot(loaded, reader.sections())
+
+        class Loaded:
+            engine = loaded
+
+        assert writes >= 10  # writes really went on while the snapshot was written
+        assert live != at_start["state"]
+        assert state_of(Loaded) == at_start["state"]  # type: ignore[arg-type]
+
+    run(scenario())
