@@ -632,6 +632,21 @@ def make_server(shard: Shard, host: str, port: int) -> tuple[grpc.aio.Server, in
     return server, bound
 
 
+_gc_started = 0.0
+
+
+def _report_long_collections(phase: str, info: dict[str, int]) -> None:
+    """Log garbage-collector passes long enough to show in request latency."""
+    global _gc_started
+    if phase == "start":
+        _gc_started = time.perf_counter()
+        return
+    paused = time.perf_counter() - _gc_started
+    if paused >= 0.02:
+        log.warning("garbage collection (generation %d) paused the shard %.0f ms",
+                    info["generation"], paused * 1000)
+
+
 async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
                 slots: BitMap | None = None, ready: Callable[[int], None] | None = None,
                 metrics_port: int | None = None) -> None:
@@ -643,6 +658,7 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
+    gc.callbacks.append(_report_long_collections)
     if slots is not None and shard.engine.epoch == 0 and shard.engine.owned_slots is None:
         await shard.set_ownership(1, slots)
     server, bound = make_server(shard, host, port)

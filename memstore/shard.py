@@ -48,7 +48,8 @@ from memstore.wal_writer import LogFailedError, LogWriteError, LogWriter, SyncPo
 
 log = logging.getLogger("memstore.shard")
 
-SNAPSHOT_CHUNK = 2000  # profiles per snapshot section: small enough to keep slices short
+SNAPSHOT_CHUNK = 1000  # profiles per snapshot section: packing one takes ~1.5 ms
+SNAPSHOT_SHARE = 0.5  # at most this share of the shard's time goes to writing a snapshot
 RECENT_CHANGES = 500_000  # profile ids remembered for slot-move catch-up (~40 MB at most)
 
 
@@ -269,7 +270,8 @@ class Shard:
             meta = {"version": 1, "shard": self.config.name, "next_dense": next_dense,
                     "schema": schema_state, "epoch": epoch,
                     "owned": None if owned is None else owned.serialize()}
-            await asyncio.to_thread(writer.write, "meta", msgpack.packb(meta))
+            pace = _Pacer(SNAPSHOT_SHARE)
+            writer.write("meta", msgpack.packb(meta))
             count = 0
             # Rows are packed one field at a time, never built as lists: a million small
             # lists would wake the cyclic garbage collector, whose full passes over the
@@ -293,7 +295,8 @@ class Shard:
                     packer.pack(start + i)
                     packer.pack(chunk_pids[i])
                     packer.pack(chunk_blobs[i])
-                await asyncio.to_thread(writer.write, "profiles", packer.bytes())
+                await _write(writer, "profiles", packer.bytes())
+                await pace()
             for aid in indexed:
                 # Serialized in one step, so the live index cannot change half-way.
                 parts = engine.frozen_index(aid)
@@ -302,7 +305,8 @@ class Shard:
                 else:
                     state = {"aid": aid, "kind": "value", "index": parts[0].to_state(),
                              "exists": parts[1].serialize()}
-                await asyncio.to_thread(writer.write, "index", msgpack.packb(state))
+                await _write(writer, "index", msgpack.packb(state))
+                await pace()
             engine.thaw()
             path = await asyncio.to_thread(writer.commit)
         except BaseException:
@@ -321,8 +325,8 @@ class Shard:
         self._last_snapshot = time.monotonic()
         self._log_bytes_at_snapshot = self.log.size_bytes
         seconds = time.monotonic() - started
-        log.info("snapshot %s: %d profiles at lsn %d in %.2fs (pause %.1f ms)",
-                 path, count, lsn, seconds, pause * 1000)
+        log.info("snapshot %s: %d profiles at lsn %d in %.2fs (pause %.1f ms, longest "
+                 "slice %.1f ms)", path, count, lsn, seconds, pause * 1000, pace.longest * 1000)
         return {"path": str(path), "lsn": lsn, "profiles": count, "seconds": seconds,
                 "pause_ms": pause * 1000}
 
@@ -339,6 +343,34 @@ class Shard:
                 await self.snapshot()
             except Exception:  # keep serving; the next round tries again
                 log.exception("automatic snapshot failed")
+
+
+async def _write(writer: SnapshotWriter, name: str, payload: bytes) -> None:
+    """A section into the page cache. Checksumming and copying megabytes release the GIL,
+    so big sections go to a thread and requests run meanwhile; small ones are not worth
+    the hand-off."""
+    if len(payload) >= 256 << 10:
+        await asyncio.to_thread(writer.write, name, payload)
+    else:
+        writer.write(name, payload)
+
+
+class _Pacer:
+    """Between slices of background work, give requests the floor: sleep in proportion to
+    the time the last slice took, so the work uses at most `share` of the event loop and a
+    request waits for at most one slice. (Writing the file from a thread would not help:
+    packing holds the GIL, and the hand-offs cost requests more than they save.)"""
+
+    def __init__(self, share: float) -> None:
+        self.rest = (1 - share) / share
+        self.since = time.monotonic()
+        self.longest = 0.0  # the longest slice: what a request may have waited for
+
+    async def __call__(self) -> None:
+        worked = time.monotonic() - self.since
+        self.longest = max(self.longest, worked)
+        await asyncio.sleep(worked * self.rest)
+        self.since = time.monotonic()
 
 
 # ---------------------------------------------------------------------- record payloads
