@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import time
@@ -321,6 +322,9 @@ class Shard:
         self.log.remove_segments_before(keep_from)
         # prune re-reads the kept snapshots to be sure they are whole: off the event loop.
         await asyncio.to_thread(prune, snap_dir, keep=1 if erased else 2)
+        # Whatever lived through a whole snapshot is long-lived: keep the collector's full
+        # passes off it (the engine's big dicts make one take 60-400 ms at 1M profiles).
+        gc.freeze()
         self._snapshot_lsn = lsn
         self._last_snapshot = time.monotonic()
         self._log_bytes_at_snapshot = self.log.size_bytes
