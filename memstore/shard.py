@@ -13,9 +13,9 @@ from its before-images in reverse order, the caller gets UNAVAILABLE, and the sh
 read-only until restart: after a failed fsync the kernel's page cache can no longer be
 trusted, so we never retry it (PostgreSQL's "fsyncgate").
 
-Snapshots are point-in-time: at log position L the shard copies its blob and id lists
-(cheap: the blobs are immutable bytes) and its bitmap indexes, then writes them out in
-slices between requests. Start-up loads the newest good snapshot and replays the log
+Snapshots are point-in-time at log position L without copying anything up front: from L
+on, a profile or bitmap index about to change first keeps its old version aside
+(copy-on-write, Engine.freeze), and the file is written in paced slices between requests. Start-up loads the newest good snapshot and replays the log
 from L. After a snapshot the log rotates, and segments and older snapshots it covers are
 deleted, so erased data does not linger on disk.
 """
