@@ -125,11 +125,6 @@ class ValueIndex:
                 out.append((value, n))
         return out
 
-    def copy(self) -> ValueIndex:
-        other = ValueIndex()
-        other._maps = {k: BitMap(v) for k, v in self._maps.items()}
-        return other
-
     def to_state(self) -> list[list[Any]]:
         return [[value, bm.serialize()] for value, bm in self._maps.items()]
 
@@ -296,13 +291,6 @@ class RangeIndex:
         return self.compare("le", hi) - self.compare("lt", lo)
 
     # ------------------------------------------------------------------ persistence
-    def copy(self) -> RangeIndex:
-        other = RangeIndex()
-        other.base = self.base
-        other.slices = [BitMap(s) for s in self.slices]
-        other._exists = BitMap(self._exists)
-        return other
-
     def to_state(self) -> dict[str, Any]:
         return {"base": self.base, "exists": self._exists.serialize(),
                 "slices": [s.serialize() for s in self.slices]}

@@ -439,15 +439,6 @@ class Engine:
         self._timestamp_count = -1
         self._table: dict[int, list[Any]] = {}  # cache for schema_table
         self._table_count = -1
-        # Copy-on-write for snapshots: while a snapshot is being written, `frozen` maps each
-        # attribute id already settled (written out, or copied before a change) to its copy
-        # (or None once written). See freeze()/frozen_index().
-        self.frozen: dict[int, tuple[Any, ...] | None] | None = None
-        self._frozen_limit = 0
-        # ... and for profiles: (pid, blob) as at freeze() of each dense id below
-        # `frozen_len` changed since, so the snapshot needs no up-front copy of the lists.
-        self.frozen_rows: dict[int, tuple[str | None, bytes | None]] | None = None
-        self.frozen_len = 0
 
     # ------------------------------------------------------------------ reading
     def __len__(self) -> int:
@@ -720,7 +711,6 @@ class Engine:
     def apply_images(self, images: Iterable[Image]) -> list[Image]:
         before: list[Image] = []
         fresh: list[tuple[int, dict[int, Any]]] = []
-        saved, frozen_len = self.frozen_rows, self.frozen_len
         for image in images:
             dense, pid, blob = image.dense, image.pid, image.blob
             if dense >= len(self.blobs):
@@ -728,8 +718,6 @@ class Engine:
                 self.blobs.extend([None] * grow)
                 self.pids.extend([None] * grow)
             old = self.blobs[dense]
-            if saved is not None and dense < frozen_len and dense not in saved:
-                saved[dense] = (self.pids[dense], old)
             before.append(Image(dense, self.pids[dense] or pid, old))
             if old is None and blob is None:
                 continue
@@ -799,8 +787,6 @@ class Engine:
             spec = by_id[aid]
             if not spec.indexed:
                 continue
-            if self.frozen is not None and aid not in self.frozen:
-                self._preserve(aid)
             kind = spec.kind
             if kind in RANGE_KINDS:
                 index = self.range_index[aid]
@@ -845,8 +831,6 @@ class Engine:
             spec = by_id[aid]
             if not spec.indexed:
                 continue
-            if self.frozen is not None and aid not in self.frozen:
-                self._preserve(aid)
             if spec.kind in RANGE_KINDS:
                 if spec.kind is Kind.FLOAT:
                     keys = floats_to_ordered(np.array(values, dtype=np.float64))
@@ -866,45 +850,6 @@ class Engine:
             for value, members in groups.items():
                 vindex.add_many(value, members)
             self.exists[aid].update(ids)
-
-    # ------------------------------------------------------------------ snapshots
-    def freeze(self) -> int:
-        """Start a point-in-time view of profiles and indexes; returns how many attributes
-        it has. Profiles as of now: frozen_rows.get(d) or the live (pids[d], blobs[d]),
-        for d < frozen_len."""
-        self.frozen = {}
-        self._frozen_limit = len(self.schema.by_id)
-        self.frozen_rows = {}
-        self.frozen_len = len(self.blobs)
-        return self._frozen_limit
-
-    def _preserve(self, aid: int) -> None:
-        """Copy an index about to change, unless the snapshot does not include it."""
-        assert self.frozen is not None
-        if aid >= self._frozen_limit:
-            self.frozen[aid] = None
-            return
-        if aid in self.range_index:
-            self.frozen[aid] = (self.range_index[aid].copy(),)
-        else:
-            self.frozen[aid] = (self.value_index[aid].copy(), BitMap(self.exists[aid]))
-
-    def frozen_index(self, aid: int) -> tuple[Any, ...]:
-        """The index of `aid` as it was at freeze(): the copy if it changed since, else the
-        live one, which is then marked settled so later changes need no copy. Call it,
-        serialize the result, and only then yield to other requests."""
-        assert self.frozen is not None
-        copy = self.frozen.get(aid)
-        self.frozen[aid] = None
-        if copy is not None:
-            return copy
-        if aid in self.range_index:
-            return (self.range_index[aid],)
-        return (self.value_index[aid], self.exists[aid])
-
-    def thaw(self) -> None:
-        self.frozen = None
-        self.frozen_rows = None
 
     # ------------------------------------------------------------------ cluster
     def set_ownership(self, epoch: int, slots: BitMap | None) -> None:

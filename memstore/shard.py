@@ -13,10 +13,10 @@ from its before-images in reverse order, the caller gets UNAVAILABLE, and the sh
 read-only until restart: after a failed fsync the kernel's page cache can no longer be
 trusted, so we never retry it (PostgreSQL's "fsyncgate").
 
-Snapshots are point-in-time at log position L without copying anything up front: from L
-on, a profile or bitmap index about to change first keeps its old version aside
-(copy-on-write, Engine.freeze), and the file is written in paced slices between requests. Start-up loads the newest good snapshot and replays the log
-from L. After a snapshot the log rotates, and segments and older snapshots it covers are
+Snapshots are point-in-time at log position L: the shard forks (memstore.forked), and the
+child writes the file from its copy of memory as it was at L while the parent goes on
+serving; the kernel copies a page only when one side writes it. Start-up loads the newest
+good snapshot and replays the log from L. After a snapshot the log rotates, and segments and older snapshots it covers are
 deleted, so erased data does not linger on disk.
 """
 
@@ -41,6 +41,7 @@ from memstore import wal_format
 from memstore.bitmap_index import RangeIndex, ValueIndex
 from memstore.engine import Change, Engine, IdentityRules, Image, decode, ident_key
 from memstore.errors import Unavailable
+from memstore.forked import ChildFailed, run_in_child
 from memstore.hashslot import slot_of
 from memstore.schema import AttributeSpec, Schema
 from memstore.snapshot_file import SnapshotWriter, load_newest, prune
@@ -49,8 +50,7 @@ from memstore.wal_writer import LogFailedError, LogWriteError, LogWriter, SyncPo
 
 log = logging.getLogger("memstore.shard")
 
-SNAPSHOT_CHUNK = 1000  # profiles per snapshot section: packing one takes ~1.5 ms
-SNAPSHOT_SHARE = 0.5  # at most this share of the shard's time goes to writing a snapshot
+SNAPSHOT_CHUNK = 2000  # profiles per snapshot section
 RECENT_CHANGES = 500_000  # profile ids remembered for slot-move catch-up (~40 MB at most)
 
 
@@ -256,65 +256,23 @@ class Shard:
             lsn = self.log.end_lsn
             await self.log.sync_to(lsn)
         started = time.monotonic()
-        schema_state = engine.schema.to_state()
-        indexed = [s.id for s in engine.schema.by_id if s.indexed]
-        engine.freeze()  # profiles and indexes: copy-on-write from here, nothing copied now
-        next_dense = engine.frozen_len
-        owned = None if engine.owned_slots is None else BitMap(engine.owned_slots)
-        epoch = engine.epoch
         erased, self._erased = self._erased, False  # deletions after this point: next time
-        pause = time.monotonic() - started
         self.log.rotate()
         snap_dir = Path(self.config.data_dir) / "snapshots"
-        writer = SnapshotWriter.create(snap_dir, lsn)
+        # The engine's containers are long-lived: keep the collector's full passes off them
+        # (they take 60-400 ms at 1M profiles), and the child's reads off more pages.
+        gc.freeze()
+        name = self.config.name
         try:
-            meta = {"version": 1, "shard": self.config.name, "next_dense": next_dense,
-                    "schema": schema_state, "epoch": epoch,
-                    "owned": None if owned is None else owned.serialize()}
-            pace = _Pacer(SNAPSHOT_SHARE)
-            writer.write("meta", msgpack.packb(meta))
-            count = 0
-            # Rows are packed one field at a time, never built as lists: a million small
-            # lists would wake the cyclic garbage collector, whose full passes over the
-            # engine's big containers stall every request for 100-200 ms.
-            packer = msgpack.Packer(use_bin_type=True, autoreset=False)
-            saved, pids, blobs = engine.frozen_rows, engine.pids, engine.blobs
-            assert saved is not None
-            for start in range(0, next_dense, SNAPSHOT_CHUNK):
-                stop = min(next_dense, start + SNAPSHOT_CHUNK)
-                chunk_pids, chunk_blobs = pids[start:stop], blobs[start:stop]
-                if saved:  # profiles changed since freeze(): their frozen rows instead
-                    for d in range(start, stop):
-                        if (row := saved.get(d)) is not None:
-                            chunk_pids[d - start], chunk_blobs[d - start] = row
-                live = [i for i, blob in enumerate(chunk_blobs) if blob is not None]
-                count += len(live)
-                packer.reset()
-                packer.pack_array_header(len(live))
-                for i in live:
-                    packer.pack_array_header(3)
-                    packer.pack(start + i)
-                    packer.pack(chunk_pids[i])
-                    packer.pack(chunk_blobs[i])
-                await _write(writer, "profiles", packer.bytes())
-                await pace()
-            for aid in indexed:
-                # Serialized in one step, so the live index cannot change half-way.
-                parts = engine.frozen_index(aid)
-                if len(parts) == 1:
-                    state = {"aid": aid, "kind": "range", "index": parts[0].to_state()}
-                else:
-                    state = {"aid": aid, "kind": "value", "index": parts[0].to_state(),
-                             "exists": parts[1].serialize()}
-                await _write(writer, "index", msgpack.packb(state))
-                await pace()
-            engine.thaw()
-            path = await asyncio.to_thread(writer.commit)
+            path, count, pause = await run_in_child(
+                lambda: write_snapshot_file(engine, snap_dir, lsn, name, started))
+        except ChildFailed as exc:
+            self._erased = self._erased or erased
+            raise Unavailable(f"snapshot failed: {exc}") from None
         except BaseException:
-            engine.thaw()
-            writer.abort()
             self._erased = self._erased or erased
             raise
+        path = Path(path)
         # Keep the previous snapshot and the log after it, so start-up can fall back to it
         # if the newest is ever damaged -- unless something was erased since: then erasure
         # wins and only the newest snapshot (and no log before it) stays on disk.
@@ -322,15 +280,12 @@ class Shard:
         self.log.remove_segments_before(keep_from)
         # prune re-reads the kept snapshots to be sure they are whole: off the event loop.
         await asyncio.to_thread(prune, snap_dir, keep=1 if erased else 2)
-        # Whatever lived through a whole snapshot is long-lived: keep the collector's full
-        # passes off it (the engine's big dicts make one take 60-400 ms at 1M profiles).
-        gc.freeze()
         self._snapshot_lsn = lsn
         self._last_snapshot = time.monotonic()
         self._log_bytes_at_snapshot = self.log.size_bytes
         seconds = time.monotonic() - started
-        log.info("snapshot %s: %d profiles at lsn %d in %.2fs (pause %.1f ms, longest "
-                 "slice %.1f ms)", path, count, lsn, seconds, pause * 1000, pace.longest * 1000)
+        log.info("snapshot %s: %d profiles at lsn %d in %.2fs (pause %.1f ms)",
+                 path, count, lsn, seconds, pause * 1000)
         return {"path": str(path), "lsn": lsn, "profiles": count, "seconds": seconds,
                 "pause_ms": pause * 1000}
 
@@ -349,32 +304,47 @@ class Shard:
                 log.exception("automatic snapshot failed")
 
 
-async def _write(writer: SnapshotWriter, name: str, payload: bytes) -> None:
-    """A section into the page cache. Checksumming and copying megabytes release the GIL,
-    so big sections go to a thread and requests run meanwhile; small ones are not worth
-    the hand-off."""
-    if len(payload) >= 256 << 10:
-        await asyncio.to_thread(writer.write, name, payload)
-    else:
-        writer.write(name, payload)
-
-
-class _Pacer:
-    """Between slices of background work, give requests the floor: sleep in proportion to
-    the time the last slice took, so the work uses at most `share` of the event loop and a
-    request waits for at most one slice. (Writing the file from a thread would not help:
-    packing holds the GIL, and the hand-offs cost requests more than they save.)"""
-
-    def __init__(self, share: float) -> None:
-        self.rest = (1 - share) / share
-        self.since = time.monotonic()
-        self.longest = 0.0  # the longest slice: what a request may have waited for
-
-    async def __call__(self) -> None:
-        worked = time.monotonic() - self.since
-        self.longest = max(self.longest, worked)
-        await asyncio.sleep(worked * self.rest)
-        self.since = time.monotonic()
+def write_snapshot_file(engine: Engine, snap_dir: Path, lsn: int, shard_name: str,
+                        forked_at: float) -> list[Any]:
+    """Write the engine as it is into snap-<lsn>.snap; returns [path, profiles, pause].
+    Runs in a forked child (memstore.forked), whose memory is the parent's at the fork:
+    `forked_at` is the parent's clock just before it, so the pause can be reported."""
+    pause = time.monotonic() - forked_at
+    pids, blobs = engine.pids, engine.blobs
+    owned = engine.owned_slots
+    meta = {"version": 1, "shard": shard_name, "next_dense": len(pids),
+            "schema": engine.schema.to_state(), "epoch": engine.epoch,
+            "owned": None if owned is None else owned.serialize()}
+    count = 0
+    with SnapshotWriter.create(snap_dir, lsn) as writer:
+        writer.write("meta", msgpack.packb(meta))
+        # Rows are packed one field at a time, never built as lists: cheaper, and every
+        # object made here would be a page copied from the parent.
+        packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+        for start in range(0, len(pids), SNAPSHOT_CHUNK):
+            live = [d for d in range(start, min(len(pids), start + SNAPSHOT_CHUNK))
+                    if blobs[d] is not None]
+            count += len(live)
+            packer.reset()
+            packer.pack_array_header(len(live))
+            for d in live:
+                packer.pack_array_header(3)
+                packer.pack(d)
+                packer.pack(pids[d])
+                packer.pack(blobs[d])
+            writer.write("profiles", packer.bytes())
+        for spec in engine.schema.by_id:
+            if not spec.indexed:
+                continue
+            aid = spec.id
+            if aid in engine.range_index:
+                state = {"aid": aid, "kind": "range", "index": engine.range_index[aid].to_state()}
+            else:
+                state = {"aid": aid, "kind": "value", "index": engine.value_index[aid].to_state(),
+                         "exists": engine.exists[aid].serialize()}
+            writer.write("index", msgpack.packb(state))
+        path = writer.commit()
+    return [str(path), count, pause]
 
 
 # ---------------------------------------------------------------------- record payloads

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import hypothesis.strategies as st
 import numpy as np
 from hypothesis import given, settings
@@ -134,10 +132,3 @@ def test_vectorised_float_map_matches_scalar(values: list[float]) -> None:
     arr = np.array(values, dtype=np.float64)
     assert floats_to_ordered(arr).tolist() == [float_to_ordered(v) for v in values]
 
-
-def test_copy_is_independent() -> None:
-    r = RangeIndex()
-    r.set(1, 10)
-    c = r.copy()
-    r.set(2, -math.floor(1e12))
-    assert set(c.exists()) == {1} and c.value_of(1) == 10
