@@ -3,6 +3,7 @@ and check that every acknowledged write is there and nothing is half-applied."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -42,6 +43,10 @@ def _kill_cycle(data: Path, cycle: int, rng: random.Random,
     threads = [threading.Thread(target=_writer, args=(server.address, f"c{cycle}w{t}", acked,
                                                       counter_acks, stop))
                for t in range(WRITERS)]
+    # A snapshot starts at a random moment too, so some kills land while its forked
+    # writer runs: the writer must die with the shard and leave nothing half-published.
+    threads.append(threading.Thread(target=_snapshot_after, args=(
+        server.address, rng.uniform(0.0, 0.35))))
     for t in threads:
         t.start()
     time.sleep(rng.uniform(0.05, 0.4))
@@ -50,6 +55,32 @@ def _kill_cycle(data: Path, cycle: int, rng: random.Random,
     stop.set()
     for t in threads:
         t.join(10)
+    _assert_no_process_uses(data)
+
+
+def _snapshot_after(address: str, delay: float) -> None:
+    time.sleep(delay)
+    with contextlib.suppress(ClientError), Client(address, timeout=10) as client:
+        client.snapshot()
+
+
+def _assert_no_process_uses(data: Path) -> None:
+    """The snapshot writer is a fork of the shard (same command line); it dies with it."""
+    deadline = time.monotonic() + 5
+    while True:
+        left = [p.parent.name for p in Path("/proc").glob("[0-9]*/cmdline")
+                if _reads(p) and str(data).encode() in _reads(p)]
+        if not left:
+            return
+        assert time.monotonic() < deadline, f"processes outlived the killed shard: {left}"
+        time.sleep(0.05)
+
+
+def _reads(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:  # the process ended meanwhile
+        return b""
 
 
 def _verify(data: Path, acked: list[tuple[str, int]], counter_acks: list[int],
@@ -91,6 +122,7 @@ def run_kill_cycles(data: Path, cycles: int, seed: int) -> dict[str, int]:
         if cycle % 5 == 4 or cycle == cycles - 1:
             _verify(data, acked, counter_acks, kills=cycle + 1)
     assert len(acked) > cycles, "the writers barely wrote anything; the test proves little"
+    assert list((data / "snapshots").glob("snap-*.snap")), "no snapshot was ever published"
     return {"cycles": cycles, "acknowledged": len(acked), "increments": len(counter_acks)}
 
 
