@@ -9,6 +9,7 @@ instead of silently matching nothing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -43,16 +44,7 @@ def _eval(engine: Engine, node: Node, universe: BitMap, lenient: bool) -> BitMap
             return BitMap()
         return _predicate(engine, node)
     if isinstance(node, And):
-        # Cheapest-first would need cardinalities up front; intersecting in order and
-        # stopping at empty is simple and already fast on roaring containers.
-        parts = [_eval(engine, child, universe, lenient) for child in node.children]
-        parts.sort(key=len)
-        result = parts[0]
-        for part in parts[1:]:
-            if not result:
-                break
-            result = result & part
-        return result
+        return _and(engine, node.children, universe, lenient)
     if isinstance(node, Or):
         return BitMap.union(*[_eval(engine, child, universe, lenient) for child in node.children])
     if isinstance(node, Not):
@@ -60,6 +52,37 @@ def _eval(engine: Engine, node: Node, universe: BitMap, lenient: bool) -> BitMap
     if isinstance(node, All):
         return BitMap(universe)
     raise InvalidArgument(f"query: unsupported node {type(node).__name__}")
+
+
+def _and(engine: Engine, children: Sequence[Node], universe: BitMap, lenient: bool) -> BitMap:
+    """Intersect the children, doing the expensive ones on the survivors only: set and
+    value predicates first (smallest first), then numeric ranges computed among the ids
+    left (the bit-sliced steps then run on candidates, not on every profile), then each
+    NOT as a difference from what is left rather than a complement of everything. Every
+    child is evaluated even once the result is empty, so a bad predicate is always an
+    error, whatever the data."""
+    ranged = [c for c in children if _is_range(engine, c)]
+    negated = [c.child for c in children if isinstance(c, Not)]
+    rest = [c for c in children if not isinstance(c, Not) and not _is_range(engine, c)]
+    result: BitMap | None = None
+    for part in sorted((_eval(engine, c, universe, lenient) for c in rest), key=len):
+        result = part if result is None else result & part
+    for p in ranged:
+        assert isinstance(p, Predicate)
+        result = _predicate(engine, p, within=result)
+    for child in negated:
+        result = (universe if result is None else result) - _eval(engine, child, universe,
+                                                                  lenient)
+    assert result is not None
+    return result
+
+
+def _is_range(engine: Engine, node: Node) -> bool:
+    """A comparison on a numeric or time attribute: answered from its bit-sliced index."""
+    if not isinstance(node, Predicate) or node.op in (Op.EXISTS, Op.IN):
+        return False
+    spec = engine.schema.get(node.attribute)
+    return spec is not None and spec.kind in RANGE_KINDS
 
 
 def spec_for_query(engine: Engine, name: str) -> AttributeSpec:
@@ -125,7 +148,8 @@ def _kind_name(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def _predicate(engine: Engine, p: Predicate) -> BitMap:
+def _predicate(engine: Engine, p: Predicate, within: BitMap | None = None) -> BitMap:
+    """Ids matching `p`; for a range comparison, only among `within` if given."""
     spec = spec_for_query(engine, p.attribute)
     op = p.op
     kind = spec.kind
@@ -139,11 +163,11 @@ def _predicate(engine: Engine, p: Predicate) -> BitMap:
         if op is Op.IN:
             return BitMap.union(BitMap(), *(index.compare("eq", v) for v in values))
         if op is Op.BETWEEN:
-            return index.between(values[0], values[1])
+            return index.between(values[0], values[1], within)
         if op is Op.HAS:
             raise InvalidArgument(f"query: HAS needs a list attribute; {spec.name!r} is "
                                   f"{kind.label}")
-        return index.compare(_RANGE_OPS[op], values[0])
+        return index.compare(_RANGE_OPS[op], values[0], within)
     vindex = engine.value_index[spec.id]
     if kind is Kind.STRING_LIST:
         if op is Op.HAS:
