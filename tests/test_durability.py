@@ -246,13 +246,25 @@ def test_concurrent_writes_share_fsyncs(tmp_path: Path) -> None:
     run(scenario())
 
 
-def test_snapshot_is_a_point_in_time_while_writes_continue(tmp_path: Path) -> None:
+def test_snapshot_is_a_point_in_time_while_writes_continue(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Writes go on while a snapshot is written (by a forked child): the snapshot file
     alone (no log replay) must answer exactly as the shard did when it began."""
+    import time
+
+    import memstore.shard as shard_module
     from memstore.engine import Engine
     from memstore.shard import load_snapshot
     from memstore.snapshot_file import load_newest
     from memstore.wal_writer import SyncPolicy
+
+    write = shard_module.write_snapshot_file
+
+    def slow_write(*args: Any) -> Any:  # runs in the child: the parent writes meanwhile
+        time.sleep(0.3)
+        return write(*args)
+
+    monkeypatch.setattr(shard_module, "write_snapshot_file", slow_write)
 
     async def scenario() -> tuple[Any, Any]:
         shard = await open_shard(tmp_path / "data", sync=SyncPolicy.OFF)
