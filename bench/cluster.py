@@ -252,7 +252,19 @@ def run_config(
     data = tmp / f"cluster-{k}"
     log(f"[shards={k}] memstore serve --shards {k} --port 0 --sync {SYNC}")
     router = Proc(
-        ["serve", "--shards", str(k), "--port", "0", "--data-dir", str(data), "--sync", SYNC],
+        [
+            "serve",
+            "--shards",
+            str(k),
+            "--port",
+            "0",
+            "--data-dir",
+            str(data),
+            "--sync",
+            SYNC,
+            "--snapshot-log-mb",
+            str(opt["snapshot_log_mb"]),
+        ],
         f"memstore serve --shards {k}",
     )
     extra: Proc | None = None
@@ -443,7 +455,8 @@ def markdown(res: dict[str, Any]) -> str:
             f"Python {m['machine']['python']}"
         ),
         (
-            f"- seed {m['seed']}; shards started with `--sync {SYNC}` (loading speed: logs are not "
+            f"- seed {m['seed']}; shards started with `--sync {SYNC} --snapshot-log-mb "
+            f"{m.get('snapshot_log_mb', 512)}` (loading speed: logs are not "
             "fsynced, so these are not durable-write rates); loads through the router with "
             f"`Client.load(chunk_size={m['chunk_size']}, concurrency={m['load_concurrency']})`"
         ),
@@ -586,6 +599,7 @@ def run(size: int, shard_counts: tuple[int, ...], out: Path, opt: dict[str, Any]
             "sync": SYNC,
             "chunk_size": opt["chunk_size"],
             "load_concurrency": opt["load_concurrency"],
+            "snapshot_log_mb": opt["snapshot_log_mb"],
             "query": QUERY.name,
             "query_text": QUERY.memstore,
         },
@@ -677,6 +691,13 @@ def _ints(s: str) -> tuple[int, ...]:
 @click.option("--chunk-size", type=int, default=1000, show_default=True)
 @click.option("--load-concurrency", type=int, default=4, show_default=True)
 @click.option("--no-add-shard", is_flag=True, help="Skip the add-shard move.")
+@click.option(
+    "--snapshot-log-mb",
+    type=int,
+    default=512,
+    show_default=True,
+    help="Passed to `memstore serve`: each shard snapshots after this much log.",
+)
 def main(
     size: int,
     seed: int,
@@ -688,6 +709,7 @@ def main(
     chunk_size: int,
     load_concurrency: int,
     no_add_shard: bool,
+    snapshot_log_mb: int,
 ) -> None:
     """Benchmark the sharded cluster: load, segment count and Get through the router for
     each shard count, DuckDB as the yardstick, and an online add-shard move."""
@@ -700,6 +722,7 @@ def main(
         "load_concurrency": load_concurrency,
         "add_shard": not no_add_shard,
         "move_timeout": 1800,
+        "snapshot_log_mb": snapshot_log_mb,
     }
     try:
         res = run(size, _ints(shards), out or Path(f"bench/results/cluster-{size}"), opt)

@@ -73,15 +73,31 @@ def _run(coro: Any) -> Any:
               show_default=True, help=SYNC_HELP)
 @click.option("--stop-timeout", default=15.0, show_default=True,
               help="Seconds a shard gets to stop on SIGTERM before it is killed.")
+@click.option("--snapshot-log-mb", default=512, show_default=True,
+              help="Each shard takes a snapshot when its log has grown by this many MiB.")
+@click.option("--snapshot-interval", default=3600.0, show_default=True,
+              help="... or this many seconds after its last one (if anything changed).")
+@click.option("--max-identifiers-per-kind", default=20, show_default=True,
+              help="Merge protection: a profile never holds more identifiers of one kind.")
+@click.option("--blocked-identifier", multiple=True,
+              help="Extra identifier values never linked (added to the built-in list).")
 @click.option("-v", "--verbose", is_flag=True)
 def serve(shards: int | None, host: str, port: int, data_dir: Path, sync: str,
-          stop_timeout: float, verbose: bool) -> None:
+          stop_timeout: float, snapshot_log_mb: int, snapshot_interval: float,
+          max_identifiers_per_kind: int, blocked_identifier: tuple[str, ...],
+          verbose: bool) -> None:
     """Run a router and shard processes on this machine; restart shards that die."""
     from shards.supervisor import Supervisor, run
 
     _logging(verbose)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    supervisor = Supervisor(data_dir, shards, host, port, sync, stop_timeout=stop_timeout)
+    shard_args = ("--snapshot-log-mb", str(snapshot_log_mb),
+                  "--snapshot-interval", str(snapshot_interval),
+                  "--max-identifiers-per-kind", str(max_identifiers_per_kind),
+                  *(arg for value in blocked_identifier
+                    for arg in ("--blocked-identifier", value)))
+    supervisor = Supervisor(data_dir, shards, host, port, sync, shard_args=shard_args,
+                            stop_timeout=stop_timeout)
     _run(run(supervisor))
 
 

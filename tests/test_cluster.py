@@ -40,7 +40,8 @@ def test_serve_restarts_a_killed_shard_and_stops_cleanly(tmp_path: Path) -> None
     data = tmp_path / "data"
     proc = subprocess.Popen(
         [sys.executable, "-m", "memstore.cli", "serve", "--shards", "2", "--port", "0",
-         "--data-dir", str(data), "--sync", "off", "--stop-timeout", "10"],
+         "--data-dir", str(data), "--sync", "off", "--stop-timeout", "10",
+         "--snapshot-interval", "1", "--blocked-identifier", "nobody@example.com"],
         cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stderr is not None
@@ -76,6 +77,15 @@ def test_serve_restarts_a_killed_shard_and_stops_cleanly(tmp_path: Path) -> None
         stub.BatchUpsert(pb.BatchUpsertRequest(requests=[upsert(p, "Oslo", 1) for p in ids]),
                          timeout=10)
         assert stub.Count(everything(), timeout=10).count == 200
+        with pytest.raises(grpc.RpcError) as refused:  # --blocked-identifier reached them
+            stub.Upsert(upsert("s-new", "Oslo", 1, email="nobody@example.com"), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        # --snapshot-interval reached the shards: each snapshots a second after writes.
+        deadline = time.monotonic() + 20
+        while not all(list((data / s / "snapshots").glob("snap-*.snap"))
+                      for s in ("shard-0", "shard-1")):
+            assert time.monotonic() < deadline, "no automatic snapshot on some shard"
+            time.sleep(0.2)
 
         os.kill(pids["shard-1"], signal.SIGKILL)
         assert seen.wait(30), "supervisor did not restart the shard:\n" + "".join(lines)
