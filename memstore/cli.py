@@ -18,14 +18,11 @@ from typing import Any
 
 import click
 
+from memstore.cli_options import shard_settings
 from memstore.client import DEFAULT_ADDRESS, Client, ClientError
 
 ADDRESS = click.option("--address", default=DEFAULT_ADDRESS, show_default=True,
                        envvar="MEMSTORE_ADDRESS", help="Server or router to talk to.")
-SYNC_HELP = ("When the log is fsynced. always: an acknowledged write survives power loss "
-             "(group commit keeps it fast). everysec: at most ~1 s of writes lost on power "
-             "loss. off: the OS decides (a crash of the process loses nothing, power loss "
-             "may). If unsure: always.")
 
 
 def _logging(verbose: bool) -> None:
@@ -53,16 +50,7 @@ def main() -> None:
 @click.option("--slots", default=None,
               help="Slots to own on first start, e.g. 0-8191 (default: all). Later starts "
                    "read ownership from the data directory.")
-@click.option("--sync", type=click.Choice(["always", "everysec", "off"]), default="always",
-              show_default=True, help=SYNC_HELP)
-@click.option("--snapshot-log-mb", default=512, show_default=True,
-              help="Take a snapshot when the log has grown by this many MiB.")
-@click.option("--snapshot-interval", default=3600.0, show_default=True,
-              help="Take a snapshot this many seconds after the last one (if anything changed).")
-@click.option("--max-identifiers-per-kind", default=20, show_default=True,
-              help="Merge protection: a profile never holds more identifiers of one kind.")
-@click.option("--blocked-identifier", multiple=True,
-              help="Extra identifier values never linked (added to the built-in list).")
+@shard_settings
 @click.option("--metrics-port", type=int, default=None,
               help="Serve Prometheus metrics on this port (same host; 0 picks one). "
                    "Default: no metrics endpoint.")

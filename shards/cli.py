@@ -21,10 +21,9 @@ from typing import Any
 
 import click
 
+from memstore.cli_options import shard_args, shard_settings
+
 DEFAULT_ROUTER = "127.0.0.1:7070"
-SYNC_HELP = ("When shards fsync their logs. always: an acknowledged write survives power "
-             "loss (group commit keeps it fast). everysec: at most ~1 s lost on power loss. "
-             "off: the OS decides. If unsure: always.")
 ROUTERS = click.option(
     "--address", "routers", multiple=True, default=(DEFAULT_ROUTER,), show_default=True,
     envvar="MEMSTORE_ADDRESS",
@@ -69,18 +68,9 @@ def _run(coro: Any) -> Any:
               help="Router port; shards take the next ports. 0: free ports.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=Path("memstore-data"),
               show_default=True, help="One directory for the cluster; shard i in shard-i/.")
-@click.option("--sync", type=click.Choice(["always", "everysec", "off"]), default="always",
-              show_default=True, help=SYNC_HELP)
+@shard_settings
 @click.option("--stop-timeout", default=15.0, show_default=True,
               help="Seconds a shard gets to stop on SIGTERM before it is killed.")
-@click.option("--snapshot-log-mb", default=512, show_default=True,
-              help="Each shard takes a snapshot when its log has grown by this many MiB.")
-@click.option("--snapshot-interval", default=3600.0, show_default=True,
-              help="... or this many seconds after its last one (if anything changed).")
-@click.option("--max-identifiers-per-kind", default=20, show_default=True,
-              help="Merge protection: a profile never holds more identifiers of one kind.")
-@click.option("--blocked-identifier", multiple=True,
-              help="Extra identifier values never linked (added to the built-in list).")
 @click.option("-v", "--verbose", is_flag=True)
 def serve(shards: int | None, host: str, port: int, data_dir: Path, sync: str,
           stop_timeout: float, snapshot_log_mb: int, snapshot_interval: float,
@@ -91,12 +81,9 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, sync: str,
 
     _logging(verbose)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    shard_args = ("--snapshot-log-mb", str(snapshot_log_mb),
-                  "--snapshot-interval", str(snapshot_interval),
-                  "--max-identifiers-per-kind", str(max_identifiers_per_kind),
-                  *(arg for value in blocked_identifier
-                    for arg in ("--blocked-identifier", value)))
-    supervisor = Supervisor(data_dir, shards, host, port, sync, shard_args=shard_args,
+    args = shard_args(snapshot_log_mb, snapshot_interval, max_identifiers_per_kind,
+                      blocked_identifier)
+    supervisor = Supervisor(data_dir, shards, host, port, sync, shard_args=args,
                             stop_timeout=stop_timeout)
     _run(run(supervisor))
 
