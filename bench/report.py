@@ -86,7 +86,7 @@ def markdown(res: dict[str, Any]) -> str:
             mem = res.get("memory", {}).get(name, {}).get("bytes_per_profile")
             out.append(f"| {name} | {_fmt(load.get('seconds'))} | "
                        f"{_fmt(load.get('rows_per_s'))} | {_fmt(mem, 0)} |")
-    out.append("")
+    out += ["", *_load_ratios(res), ""]
     qres = res.get("queries")
     if qres:
         out += ["## Segment queries", ""]
@@ -112,17 +112,77 @@ def markdown(res: dict[str, Any]) -> str:
                 f"{op} c={c}: {_fmt(s['throughput_per_s'] / lk['redis'][op][c]['throughput_per_s'])}"
                 for op in ("get", "batch_get") for c, s in lk["memstore"][op].items())]
         out.append("")
+    ratios = {"ingest": _ingest_ratios, "mixed": _mixed_ratios}
     for key, title in (("ingest", "Ingest (durable)"), ("mixed", "Mixed 90/10 with queries")):
         block = res.get(key)
         if block:
             out += [f"## {title}", "", "```"]
             for name, r in block.items():
                 out.append(f"{name}: {_short(r)}")
-            out += ["```", ""]
+            out += ["```", "", *ratios[key](block), ""]
+    ratios = {"recovery": _recovery_ratios, "snapshot": _snapshot_ratios}
     for key, title in (("recovery", "Recovery"), ("snapshot", "Latency during a snapshot")):
         if res.get(key):
-            out += [f"## {title}", "", "```", _short(res[key]), "```", ""]
+            out += [f"## {title}", "", "```", _short(res[key]), "```", "",
+                    *ratios[key](res), ""]
     return "\n".join(out)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return _fmt(a / b) if a and b else "–"
+
+
+def _load_ratios(res: dict[str, Any]) -> list[str]:
+    load, memory = res.get("load", {}), res.get("memory", {})
+    ms = load.get("memstore")
+    if not ms:
+        return []
+    mine = memory.get("memstore", {}).get("bytes_per_profile")
+    return [f"memstore ÷ {name}: profiles/s {_ratio(ms.get('rows_per_s'), r.get('rows_per_s'))}, "
+            f"bytes/profile {_ratio(mine, memory.get(name, {}).get('bytes_per_profile'))}"
+            for name, r in load.items() if r and name != "memstore"]
+
+
+def _ingest_ratios(block: dict[str, Any]) -> list[str]:
+    ms, redis = block.get("memstore") or {}, block.get("redis_aof_always") or {}
+    if not ms or not redis:
+        return []
+    mine, theirs = ms.get("steady_upserts") or {}, redis.get("steady_upserts") or {}
+    return [("memstore ÷ redis (AOF always): bulk profiles/s "
+             f"{_ratio(ms.get('bulk', {}).get('rows_per_s'), redis['bulk'].get('rows_per_s'))}, "
+             f"single upserts/s {_ratio(mine.get('throughput_per_s'), theirs.get('throughput_per_s'))}, "
+             f"single upsert p99 {_ratio(mine.get('p99_ms'), theirs.get('p99_ms'))}")]
+
+
+def _mixed_ratios(block: dict[str, Any]) -> list[str]:
+    ms, redis = block.get("memstore") or {}, block.get("redis") or {}
+    if not ms or not redis:
+        return []
+    return ["memstore ÷ redis: " + ", ".join(
+        f"{op} p99 {_ratio(ms[op].get('p99_ms'), redis[op].get('p99_ms'))} and per second "
+        f"{_ratio(ms[op].get('throughput_per_s'), redis[op].get('throughput_per_s'))}"
+        for op in ("get", "upsert", "count") if op in ms and op in redis)]
+
+
+def _recovery_ratios(res: dict[str, Any]) -> list[str]:
+    """Per million profiles: the two systems recover different numbers of profiles."""
+    ms = res["recovery"].get("memstore_SIGKILL") or {}
+    redis = (res.get("ingest", {}).get("redis_aof_always") or {})
+    if not ms or not redis.get("restart_answered_s"):
+        return []
+    mine = ms["answered_s"] / res["meta"]["size"] * 1e6
+    theirs = redis["restart_answered_s"] / redis["recovery_profiles"] * 1e6
+    return [(f"seconds per million profiles until the first answer after a restart: memstore "
+            f"{_fmt(mine)} (SIGKILL), redis AOF {_fmt(theirs)}; memstore ÷ redis "
+            f"{_ratio(mine, theirs)}")]
+
+
+def _snapshot_ratios(res: dict[str, Any]) -> list[str]:
+    snap = res["snapshot"]
+    base, during = snap.get("baseline", {}), snap.get("during", {})
+    return [(f"during ÷ before (memstore's own baseline is the peer here): median "
+            f"{_ratio(during.get('median_ms'), base.get('median_ms'))}, p99 "
+            f"{_ratio(during.get('p99_ms'), base.get('p99_ms'))}")]
 
 
 def _short(o: Any) -> str:

@@ -4,6 +4,7 @@ cross-check (memstore included when it imports and its shard starts), not timing
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,13 @@ def test_smoke_run_cross_checks_every_system(tmp_path: Path) -> None:
         counts = set(cc["counts"][q.name].values())
         assert len(counts) == 1, (q.name, cc["counts"][q.name])
     assert set(res["queries"]["counts"]) == {q.name for q in QUERIES}
-    assert "## Segment queries" in markdown(res)
+    report = markdown(res)
+    assert "## Segment queries" in report
+    # Every figure comes with a ratio against a peer (or, for snapshots, the baseline).
+    assert re.search(r"memstore ÷ duckdb: profiles/s [0-9.]+, bytes/profile [0-9.]+", report)
+    assert re.search(r"during ÷ before .*: median [0-9.]+, p99 [0-9.]+", report)
+    assert "seconds per million profiles" in report or "redis" not in cc["systems"]
+    assert "memstore ÷ redis (AOF always)" in report or "redis" not in cc["systems"]
     assert json.loads((tmp_path / "results.json").read_text())["meta"]["size"] == SIZE
     assert res["memory"]["memstore"]["bytes_per_profile"] is not None
 
