@@ -133,6 +133,23 @@ def decode(blob: bytes) -> list[Any]:
     return msgpack.unpackb(blob, strict_map_key=False, use_list=True)  # type: ignore[no-any-return]
 
 
+def version_of(blob: bytes) -> int:
+    """The version of an encoded profile without decoding the rest: the blob is a msgpack
+    array of four whose first element is the version (a non-negative int)."""
+    if blob[0] != 0x94:
+        raise ValueError("not an encoded profile")
+    tag = blob[1]
+    if tag < 0x80:  # positive fixint
+        return tag
+    width = _UINT_WIDTHS.get(tag)
+    if width is None:
+        raise ValueError("profile version is not an unsigned int")
+    return int.from_bytes(blob[2:2 + width], "big")
+
+
+_UINT_WIDTHS = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+
+
 def timestamp_ext(micros: int) -> msgpack.Timestamp:
     """msgpack's Timestamp for `micros` (cheaper than Timestamp.from_unix_nano)."""
     seconds, rem = divmod(micros, 1_000_000)

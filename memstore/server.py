@@ -26,7 +26,16 @@ from grpc_reflection.v1alpha import reflection
 from pyroaring import BitMap
 
 from memstore import metrics, pbvalues
-from memstore.engine import SET, Change, Engine, Image, UpsertSpec, decode, encode
+from memstore.engine import (
+    SET,
+    Change,
+    Engine,
+    Image,
+    UpsertSpec,
+    decode,
+    encode,
+    version_of,
+)
 from memstore.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -521,10 +530,10 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
         for n, dense in enumerate(ids, 1):
             blob = engine.blobs[dense]
             if blob is not None:
-                version, attrs, idents, merged = decode(blob)
                 if request.fingerprints:
-                    batch.append([engine.pids[dense], version])
+                    batch.append([engine.pids[dense], version_of(blob)])
                 else:
+                    version, attrs, idents, merged = decode(blob)
                     by_id = engine.schema.by_id
                     named = {by_id[a].name: v for a, v in attrs.items()}
                     batch.append([engine.pids[dense], version, named, idents, merged])

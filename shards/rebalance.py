@@ -210,8 +210,9 @@ async def move_batch(cluster: Cluster, source: Node, target: Node, slots: set[in
     started = asyncio.get_running_loop().time()
     source.info = await source.stub.SetSlots(cpb.SetSlotsRequest(
         epoch=epoch, slots=_ranges_pb(source.slots - slots)))
-    await _finish(source, target, slots, epoch, lsn, report)
+    await _switch(source, target, slots, epoch, lsn, report)
     report.frozen_seconds += asyncio.get_running_loop().time() - started
+    await _drop(source, slots, epoch)
     journal.clear()
     report.slots += len(slots)
 
@@ -219,6 +220,13 @@ async def move_batch(cluster: Cluster, source: Node, target: Node, slots: set[in
 async def _finish(source: Node, target: Node, slots: set[int], epoch: int, lsn: int,
                   report: MoveReport) -> None:
     """Steps 4-7: the source is frozen for `slots`; make target's copy exact, switch, drop."""
+    await _switch(source, target, slots, epoch, lsn, report)
+    await _drop(source, slots, epoch)
+
+
+async def _switch(source: Node, target: Node, slots: set[int], epoch: int, lsn: int,
+                  report: MoveReport) -> None:
+    """Steps 4-6: make the target's copy of the frozen `slots` exact and give it them."""
     delta, _ = await _copy(source, target, slots, lsn)
     report.caught_up += delta
     want, have = await asyncio.gather(_contents(source, slots), _contents(target, slots))
@@ -232,6 +240,10 @@ async def _finish(source: Node, target: Node, slots: set[int], epoch: int, lsn: 
     await target.refresh()
     target.info = await target.stub.SetSlots(cpb.SetSlotsRequest(
         epoch=epoch + 1, slots=_ranges_pb(target.slots | slots)))
+
+
+async def _drop(source: Node, slots: set[int], epoch: int) -> None:
+    """Step 7: the source forgets the moved profiles (the target owns them since epoch+1)."""
     await source.stub.DropSlots(cpb.DropSlotsRequest(slots=_ranges_pb(slots), epoch=epoch + 1))
 
 

@@ -314,3 +314,12 @@ def test_load_fast_path_equals_the_general_planner(before: Any, rows: Any) -> No
     for text in ('country = "US"', "age >= 30", 'tags HAS "a"', "exists(seen)", "vip = true"):
         q = parse(text)
         assert set(fast.ids_of(evaluate(fast, q))) == set(slow.ids_of(evaluate(slow, q)))
+
+
+@given(st.integers(min_value=0, max_value=2**64 - 1),
+       st.dictionaries(st.integers(0, 50), st.text(max_size=5), max_size=3))
+def test_version_of_reads_the_version_without_decoding(version: int, attrs: dict[int, str]
+                                                        ) -> None:
+    from memstore.engine import encode, version_of
+
+    assert version_of(encode(version, attrs, [["email", "a@b"]], [])) == version
