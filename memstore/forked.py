@@ -30,6 +30,12 @@ from typing import Any
 import msgpack
 
 PR_SET_PDEATHSIG = 1
+# Resolved here, in the parent: dlopen()/dlsym() in a child forked while another thread of
+# the parent held the loader's lock could wait on it forever.
+try:
+    _prctl: Callable[..., int] | None = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux: the child cannot ask to die with its parent
+    _prctl = None
 
 
 class ChildFailed(RuntimeError):
@@ -75,8 +81,8 @@ def _child(work: Callable[[], Any], read_end: int, write_end: int, parent: int) 
         signal.set_wakeup_fd(-1)  # the parent's event loop owns that descriptor
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if _prctl is not None:
+            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the parent died before the line above took effect
             os._exit(1)
         payload = msgpack.packb([True, work()])
