@@ -2,12 +2,18 @@
 
 One job: for the same seeded profiles (bench.datagen), start `memstore serve --shards K` for
 each K, bulk-load through the router, time the 4-5 predicate segment count (q09_issue) and
-single-profile Gets through the router against DuckDB in-process, then, on the 1-shard
-cluster, add an empty shard with `memstore cluster add-shard` while a writer and a querier
-run, and report the move rate and the latencies before and during the move.
+single-profile Gets through the router against DuckDB in-process and RediSearch (one
+redis-server, when its measured bytes a profile times the size fits in memory), then, on the
+1-shard cluster, add an empty shard with `memstore cluster add-shard` while a writer and a
+querier run, and report the move rate and the latencies before and during the move.
 
 Every count is cross-checked against the numpy scan (the reference of bench/run.py) before a
 time is reported; the count after the move must equal the count before.
+
+The peers run one at a time and are closed before the shards start, so at 10M the 2 cores
+and the RAM hold one system at a time (plus the ~1 GB of column arrays). After a load the
+run waits until no shard has a snapshot child (a fork: CPU and copy-on-write memory on the
+same 2 cores) before it times anything, and reports how long it waited.
 
 Shards run with `--sync off` (loading speed: the OS decides when logs reach the disk), so the
 load rates here are not durable-write rates; bench/run.py measures `--sync always`.
@@ -35,6 +41,7 @@ import click
 from bench.datagen import Dataset, iter_records, load_or_generate, profile_id, schema_declaration
 from bench.peers.duckdb_peer import DuckDBPeer
 from bench.peers.numpy_peer import NumpyPeer
+from bench.peers.redis_peer import RedisPeer, rss_bytes
 from bench.queries import BY_NAME
 from bench.run import CrossCheckError, machine, write_json
 from bench.timing import repeat, summarize
@@ -45,10 +52,82 @@ QUERY = BY_NAME["q09_issue"]
 TOUCH = "bench_touch"  # the attribute the background writer sets; no query reads it
 SYNC = "off"
 RESULTS_MD = Path(__file__).parent / "CLUSTER_RESULTS.md"
+# RediSearch's RSS growth per profile, measured at 1M by bench/run.py (bench/RESULTS.md); used
+# to decide whether it fits before loading it, and replaced by this run's own figure when run.
+REDIS_BYTES_PER_PROFILE = 2650
+REDIS_FIT = 0.8  # load RediSearch only if its estimate is at most this share of MemAvailable
+GIB = 1024**3
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+# ---- memory and process tree (from /proc; Linux) ----------------------------------------------
+
+
+def meminfo() -> dict[str, int]:
+    """MemTotal and MemAvailable in bytes."""
+    out: dict[str, int] = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("MemTotal", "MemAvailable"):
+                out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+def descendants(root: int) -> dict[int, int]:
+    """Every process below `root`, as pid -> depth (1 = child)."""
+    parent: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        parent[int(d)] = int(stat.rsplit(")", 1)[1].split()[1])
+    depth: dict[int, int] = {}
+    frontier = [root]
+    level = 0
+    while frontier:
+        level += 1
+        frontier = [p for p, pp in parent.items() if pp in frontier]
+        depth.update((p, level) for p in frontier)
+    return depth
+
+
+def tree_rss(root: int) -> int:
+    """RSS of `root` and its descendants, in bytes (call when no fork is running: a forked
+    child's shared pages would be counted twice)."""
+    total = 0
+    for pid in [root, *descendants(root)]:
+        try:
+            total += rss_bytes(pid)
+        except OSError:
+            pass
+    return total
+
+
+def wait_quiet(root: int, timeout: float = 900.0) -> float:
+    """Wait until no shard (a child of `root`) has a child of its own (a snapshot fork);
+    the seconds waited. Requires three quiet polls in a row, 0.5 s apart."""
+    t = time.perf_counter()
+    quiet = 0
+    while quiet < 3 and time.perf_counter() - t < timeout:
+        busy = any(d >= 2 for d in descendants(root).values())
+        quiet = 0 if busy else quiet + 1
+        time.sleep(0.5)
+    return round(max(0.0, time.perf_counter() - t - 1.5), 1)
+
+
+def memory_note(stage: str) -> dict[str, Any]:
+    m = meminfo()
+    note = {"stage": stage, "available_gib": round(m["MemAvailable"] / GIB, 2)}
+    log(f"  [memory] {stage}: MemAvailable {note['available_gib']} GiB")
+    return note
 
 
 # ---- processes -------------------------------------------------------------------------------
@@ -242,11 +321,81 @@ class Background:
         return out
 
 
+# ---- RediSearch ------------------------------------------------------------------------------
+
+
+def run_redis(ds: Dataset, want: int, opt: dict[str, Any]) -> dict[str, Any]:
+    """Load RediSearch and time the count, if its estimated memory fits; else say why not."""
+    per = opt["redis_bytes_per_profile"]
+    m = meminfo()
+    out: dict[str, Any] = {
+        "assumed_bytes_per_profile": per,
+        "estimate_bytes": per * ds.size,
+        "available_bytes": m["MemAvailable"],
+        "total_bytes": m["MemTotal"],
+        "fit_share": REDIS_FIT,
+    }
+    if per * ds.size > REDIS_FIT * m["MemAvailable"]:
+        out["skipped"] = (
+            f"does not fit: {per:,} bytes/profile (RSS growth measured at 1M) × "
+            f"{ds.size:,} profiles = {per * ds.size / 1e9:.1f} GB "
+            f"({per * ds.size / GIB:.1f} GiB) > {REDIS_FIT:.0%} of the "
+            f"{m['MemAvailable'] / GIB:.1f} GiB available ({m['MemTotal'] / GIB:.1f} GiB RAM, "
+            "no swap)"
+        )
+        log(f"[redis] not run: {out['skipped']}")
+        return out
+    r = RedisPeer(ds)
+    if not r.available:
+        out["skipped"] = f"unavailable: {r.reason}"
+        log(f"[redis] not run: {out['skipped']}")
+        return out
+    try:
+        out["version"] = r.r.info("server").get("redis_version")
+        out["modules"] = [
+            {
+                str(k): v
+                for k, v in (
+                    mod.items() if isinstance(mod, dict) else zip(mod[::2], mod[1::2], strict=True)
+                )
+            }
+            for mod in r.r.execute_command("MODULE", "LIST")
+        ]
+        log(f"[redis] loading {ds.size:,} profiles with FT.ADD (pipelined)")
+        out["load"] = r.load()
+        log(
+            f"[redis] loaded at {out['load']['rows_per_s']:,.0f}/s, "
+            f"{out['load']['bytes_per_profile']:,.0f} bytes/profile (RSS growth)"
+        )
+        got = r.count(QUERY)
+        out["count"] = got
+        if got != want:
+            raise CrossCheckError(f"{QUERY.name}: RediSearch counts {got}, numpy counts {want}")
+        out["query"] = brief(
+            summarize(
+                repeat(lambda: r.count(QUERY), opt["query_budget"], min_reps=10, max_reps=500)
+            )
+        )
+        log(
+            f"[redis] {QUERY.name} = {got} (= numpy), median "
+            f"{out['query']['median_ms']:.2f} ms, p99 {out['query']['p99_ms']:.2f} ms"
+        )
+    finally:
+        r.close()
+    return out
+
+
 # ---- one configuration -----------------------------------------------------------------------
 
 
 def run_config(
-    k: int, ds: Dataset, want: int, duck_med: float, opt: dict[str, Any], tmp: Path
+    k: int,
+    ds: Dataset,
+    want: int,
+    duck_med: float,
+    redis_med: float | None,
+    opt: dict[str, Any],
+    tmp: Path,
 ) -> dict[str, Any]:
     res: dict[str, Any] = {"shards": k}
     data = tmp / f"cluster-{k}"
@@ -288,6 +437,19 @@ def run_config(
         log(f"  load: {loaded} profiles in {secs:.1f}s = {loaded / secs:,.0f}/s")
         if loaded != ds.size:
             raise RuntimeError(f"load applied {loaded} of {ds.size} profiles")
+        res["waited_for_snapshots_s"] = wait_quiet(router.proc.pid)
+        rss = tree_rss(router.proc.pid)
+        res["memory"] = {
+            "rss_bytes": rss,
+            "bytes_per_profile": rss / ds.size,
+            "available_gib": round(meminfo()["MemAvailable"] / GIB, 2),
+        }
+        log(
+            f"  waited {res['waited_for_snapshots_s']} s for shard snapshots to finish; "
+            f"router + {k} shard(s) RSS {rss / GIB:.2f} GiB "
+            f"({rss / ds.size:,.0f} bytes/profile), MemAvailable "
+            f"{res['memory']['available_gib']} GiB"
+        )
         got = int(c.count(QUERY.memstore))
         res["count"] = got
         if got != want:
@@ -297,10 +459,17 @@ def run_config(
             )
         res["query"] = time_count(c, opt["query_budget"])
         res["query"]["ratio_vs_duckdb"] = res["query"]["median_ms"] / duck_med
+        if redis_med is not None:
+            res["query"]["ratio_vs_redis"] = res["query"]["median_ms"] / redis_med
         log(
             f"  {QUERY.name}: count {got} (= reference), median "
             f"{res['query']['median_ms']:.2f} ms, p99 {res['query']['p99_ms']:.2f} ms, "
-            f"x{res['query']['ratio_vs_duckdb']:.2f} DuckDB"
+            f"DuckDB ÷ memstore {duck_med / res['query']['median_ms']:.2f}"
+            + (
+                f", RediSearch ÷ memstore {redis_med / res['query']['median_ms']:.2f}"
+                if redis_med is not None
+                else ""
+            )
         )
         res["get"] = time_gets(c, ds.size, opt["gets"])
         log(f"  get: p50 {res['get']['median_ms']:.3f} ms, p99 {res['get']['p99_ms']:.3f} ms")
@@ -442,9 +611,34 @@ def _f(x: Any, nd: int = 2) -> str:
     return "-" if x is None else f"{x:,.{nd}f}"
 
 
+def _vs(ratio: float) -> str:
+    """memstore's time ÷ the peer's, and what it means."""
+    if ratio <= 1:
+        return f"{ratio:,.3f} ({1 / ratio:,.1f}× faster)"
+    return f"{ratio:,.3f} ({ratio:,.1f}× slower)"
+
+
+def redis_line(rd: dict[str, Any] | None) -> str:
+    if rd is None:
+        return "- RediSearch: not run (`--no-redis`)"
+    if "skipped" in rd:
+        return f"- RediSearch: not run at this size, {rd['skipped']}"
+    ver = next((md.get("ver") for md in rd.get("modules", []) if md.get("name") == "ft"), "?")
+    ld, q = rd["load"], rd["query"]
+    return (
+        f"- RediSearch (redis {rd['version']}, module ft {ver}, one redis-server, SAFEMODE), "
+        "same query as `FT.SEARCH ... NOCONTENT LIMIT 0 1`, count cross-checked: median "
+        f"{_f(q['median_ms'])} ms, p99 {_f(q['p99_ms'])} ms; loaded at "
+        f"{_f(ld['rows_per_s'], 0)} profiles/s, {_f(ld['bytes_per_profile'], 0)} bytes/profile "
+        "(RSS growth); closed before the shards started"
+    )
+
+
 def markdown(res: dict[str, Any]) -> str:
     m = res["meta"]
     d = res["duckdb"]
+    rd = res.get("redis")
+    mem = "; ".join(f"{n['stage']}: {n['available_gib']} GiB" for n in res.get("memory", []))
     lines = [
         f"## {m['size']:,} profiles",
         "",
@@ -466,25 +660,37 @@ def markdown(res: dict[str, Any]) -> str:
         ),
         (
             f"- DuckDB {d['version']} in-process, same query as SQL: median "
-            f"{_f(d['query']['median_ms'])} ms, p99 {_f(d['query']['p99_ms'])} ms"
+            f"{_f(d['query']['median_ms'])} ms, p99 {_f(d['query']['p99_ms'])} ms; closed "
+            "before the shards started"
+        ),
+        redis_line(rd),
+        f"- MemAvailable as the run went: {mem}",
+        (
+            "- after each load the run waited until no shard was writing a snapshot (a forked "
+            "child) before timing; RSS is the router and shard processes' after that wait"
         ),
         f"- total run {m.get('total_s', '?')} s",
         "",
         (
-            "| shards | load profiles/s | count median ms | count p99 ms | memstore ÷ DuckDB "
+            "| shards | load profiles/s | waited for snapshots s | RSS bytes/profile | count "
+            "median ms | count p99 ms | memstore ÷ DuckDB (median) | memstore ÷ RediSearch "
             "(median) | Get p50 ms | Get p99 ms |"
         ),
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["configs"]:
         if "error" in r and "query" not in r:
-            lines.append(f"| {r['shards']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['shards']} | failed: {r['error']} | | | | | | | | |")
             continue
+        q = r["query"]
+        vs_redis = _vs(q["ratio_vs_redis"]) if "ratio_vs_redis" in q else "not run"
         lines.append(
             f"| {r['shards']} | {_f(r['load']['profiles_per_s'], 0)} | "
-            f"{_f(r['query']['median_ms'])} | {_f(r['query']['p99_ms'])} | "
-            f"{_f(r['query']['ratio_vs_duckdb'])} | {_f(r['get']['median_ms'], 3)} | "
-            f"{_f(r['get']['p99_ms'], 3)} |"
+            f"{_f(r.get('waited_for_snapshots_s'), 1)} | "
+            f"{_f(r.get('memory', {}).get('bytes_per_profile'), 0)} | "
+            f"{_f(q['median_ms'])} | {_f(q['p99_ms'])} | "
+            f"{_vs(q['ratio_vs_duckdb'])} | "
+            f"{vs_redis} | {_f(r['get']['median_ms'], 3)} | {_f(r['get']['p99_ms'], 3)} |"
         )
     mv = next((r.get("move") for r in res["configs"] if r.get("move")), None)
     if mv:
@@ -606,8 +812,10 @@ def run(size: int, shard_counts: tuple[int, ...], out: Path, opt: dict[str, Any]
         "configs": [],
     }
     out.mkdir(parents=True, exist_ok=True)
+    res["memory"] = [memory_note("start")]
     ds = load_or_generate(size, opt["seed"])
     want = NumpyPeer(ds).count(QUERY)
+    res["memory"].append(memory_note(f"dataset ({ds.nbytes() / GIB:.2f} GiB) + numpy count"))
     duck = DuckDBPeer(ds)
     try:
         dload = duck.load()
@@ -619,6 +827,7 @@ def run(size: int, shard_counts: tuple[int, ...], out: Path, opt: dict[str, Any]
                 repeat(lambda: duck.count(QUERY), opt["query_budget"], min_reps=10, max_reps=500)
             )
         )
+        res["memory"].append(memory_note("DuckDB loaded and timed"))
     finally:
         duck.close()
     res["duckdb"] = {"version": duckdb.__version__, "count": want, "load": dload, "query": dq}
@@ -626,11 +835,17 @@ def run(size: int, shard_counts: tuple[int, ...], out: Path, opt: dict[str, Any]
         f"[duckdb] {QUERY.name} = {want} (= numpy), median {dq['median_ms']:.2f} ms, "
         f"p99 {dq['p99_ms']:.2f} ms"
     )
+    redis_med: float | None = None
+    if opt["redis"]:
+        res["redis"] = run_redis(ds, want, opt)
+        if "query" in res["redis"]:
+            redis_med = res["redis"]["query"]["median_ms"]
+    res["memory"].append(memory_note("peers closed, before the shards start"))
     tmp = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     try:
         for k in shard_counts:
             try:
-                res["configs"].append(run_config(k, ds, want, dq["median_ms"], opt, tmp))
+                res["configs"].append(run_config(k, ds, want, dq["median_ms"], redis_med, opt, tmp))
             except Exception as e:
                 res["configs"].append({"shards": k, "error": f"{type(e).__name__}: {e}"})
                 log(f"  FAILED shards={k}: {type(e).__name__}: {e}")
@@ -692,6 +907,20 @@ def _ints(s: str) -> tuple[int, ...]:
 @click.option("--load-concurrency", type=int, default=4, show_default=True)
 @click.option("--no-add-shard", is_flag=True, help="Skip the add-shard move.")
 @click.option(
+    "--redis/--no-redis",
+    default=True,
+    show_default=True,
+    help="Time the count on RediSearch too, when its estimated memory fits (else the report "
+    "says why not).",
+)
+@click.option(
+    "--redis-bytes-per-profile",
+    type=int,
+    default=REDIS_BYTES_PER_PROFILE,
+    show_default=True,
+    help="RediSearch's RSS a profile, for the fit check (measured at 1M, bench/RESULTS.md).",
+)
+@click.option(
     "--snapshot-log-mb",
     type=int,
     default=512,
@@ -709,10 +938,12 @@ def main(
     chunk_size: int,
     load_concurrency: int,
     no_add_shard: bool,
+    redis: bool,
+    redis_bytes_per_profile: int,
     snapshot_log_mb: int,
 ) -> None:
     """Benchmark the sharded cluster: load, segment count and Get through the router for
-    each shard count, DuckDB as the yardstick, and an online add-shard move."""
+    each shard count, DuckDB and RediSearch as yardsticks, and an online add-shard move."""
     opt = {
         "seed": seed,
         "query_budget": query_budget,
@@ -721,6 +952,8 @@ def main(
         "chunk_size": chunk_size,
         "load_concurrency": load_concurrency,
         "add_shard": not no_add_shard,
+        "redis": redis,
+        "redis_bytes_per_profile": redis_bytes_per_profile,
         "move_timeout": 1800,
         "snapshot_log_mb": snapshot_log_mb,
     }
