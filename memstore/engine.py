@@ -14,6 +14,11 @@ Planning (`plan_*`) reads state and never mutates it; `apply` mutates and never 
 input. The shard runs plan, log append and apply with no await in between, so one
 request's operations are atomic with respect to every other request.
 
+Cross-shard merges add three small tables, changed by Notes in the same Changes and logged
+with them (shards/merge.py has the protocol): `held` (profiles frozen by an unfinished merge,
+hidden from queries), `forwards` (primary ids merged into a profile on another shard) and
+`decided` (merge transactions this shard committed or refused, as the commit point).
+
 Blob layout (msgpack array): [version, {attribute id: stored value}, [[kind, value], ...]
 identifiers, [merged-away primary ids]]. Stored values are described in memstore.values.
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +40,14 @@ from pyroaring import BitMap
 from xxhash import xxh3_64_intdigest
 
 from memstore.bitmap_index import RangeIndex, ValueIndex, float_to_ordered, floats_to_ordered
-from memstore.errors import FailedPrecondition, InvalidArgument, NotFound, WrongSlot
+from memstore.errors import (
+    FailedPrecondition,
+    Forwarded,
+    Held,
+    InvalidArgument,
+    NotFound,
+    WrongSlot,
+)
 from memstore.hashslot import slot_of
 from memstore.schema import (
     INT64_MAX,
@@ -90,15 +103,47 @@ class Image:
     state: list[Any] | None = None  # decoded blob when the planner has it (saves a decode)
 
 
+@dataclass(slots=True)
+class Note:
+    """Set (value not None) or remove one entry of a cross-shard merge table."""
+
+    table: str  # "held" | "forwards" | "decided" (NOTE_TABLES)
+    key: str
+    value: Any
+
+
+NOTE_TABLES = ("held", "forwards", "decided")
+
+
 @dataclass
 class Change:
     schema: list[AttributeSpec] = field(default_factory=list)
     images: list[Image] = field(default_factory=list)
     result: Any = None
+    notes: list[Note] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return not self.schema and not self.images
+        return not self.schema and not self.images and not self.notes
+
+    def touched(self) -> list[str]:
+        """Primary ids whose slot this change touched (a decision counts for its survivor)."""
+        pids = [image.pid for image in self.images]
+        for note in self.notes:
+            if note.table == "decided":
+                if note.value is not None:
+                    pids.append(note.value[0])
+            else:
+                pids.append(note.key)
+        return pids
+
+
+@dataclass
+class Undo:
+    """What `Engine.apply` returns: apply it with `Engine.undo` to take the change back."""
+
+    images: list[Image]
+    notes: list[Note]
 
 
 @dataclass(slots=True)
@@ -241,6 +286,8 @@ class _Planner:
 
     def draft(self, pid: str, create: bool) -> _Draft | None:
         pid = self.resolve_pid(pid)
+        if pid not in self.drafts:
+            self.e.check_moving(pid)
         found = self.drafts.get(pid)
         if found is not None:
             if found.gone:
@@ -447,6 +494,11 @@ class Engine:
         self.directory: dict[int, int] = {}  # ident_key -> dense id
         self.aliases: dict[str, str] = {}
         self.slot_members: dict[int, BitMap] = defaultdict(BitMap)
+        # Cross-shard merges (shards/merge.py), keyed so they travel with slots on a move:
+        self.held: dict[str, list[Any]] = {}  # loser pid -> [txn, survivor, since (unix s)]
+        self.held_dense = BitMap()  # the held profiles: hidden from queries until released
+        self.forwards: dict[str, str] = {}  # pid merged into a profile on another shard
+        self.decided: dict[str, list[Any]] = {}  # txn -> [survivor pid, committed]
         # Slot ownership (cluster). None: this shard owns every slot. `foreign` holds live
         # profiles in slots it does not own (being moved in or out); queries skip them.
         self.owned_slots: BitMap | None = None
@@ -481,7 +533,17 @@ class Engine:
             )
         return dense
 
+    def check_moving(self, pid: str) -> None:
+        """Refuse a primary id held by a cross-shard merge or forwarded by one."""
+        if pid in self.held:
+            txn, survivor, since = self.held[pid]
+            raise Held(pid, txn, survivor, max(0.0, time.time() - since))
+        if pid in self.forwards and pid not in self.dense_of:
+            raise Forwarded(pid, self.forwards[pid])
+
     def resolve(self, pid: str) -> int | None:
+        if self.held or self.forwards:
+            self.check_moving(self.aliases.get(pid, pid) if pid not in self.dense_of else pid)
         dense = self.dense_of.get(pid)
         if dense is None:
             survivor = self.aliases.get(pid)
@@ -493,7 +555,10 @@ class Engine:
                ) -> int | None:
         if identifier is not None:
             check_identifier(identifier[0], identifier[1], "identifier")
-            return self.owner_dense(*identifier)
+            dense = self.owner_dense(*identifier)
+            if dense is not None and self.held:
+                self.check_moving(self.pids[dense])  # type: ignore[arg-type]
+            return dense
         assert pid is not None
         check_pid(pid)
         return self.resolve(pid)
@@ -577,7 +642,8 @@ class Engine:
         rules = self.rules
         for i, (pid, _, idents) in enumerate(rows):
             check_pid(pid, f"{where}[{i}].id")
-            if pid in self.dense_of or pid in self.aliases or pid in seen:
+            if (pid in self.dense_of or pid in self.aliases or pid in self.forwards
+                    or pid in seen):
                 return general()
             seen.add(pid)
             self.check_slot(pid)
@@ -654,16 +720,132 @@ class Engine:
 
     def plan_link(self, pid: str, identifiers: Sequence[tuple[str, str]], create: bool = False
                   ) -> Change:
+        planner = _Planner(self)
+        return planner.finish(self._plan_link(planner, pid, identifiers, create))
+
+    def _plan_link(self, planner: _Planner, pid: str, identifiers: Sequence[tuple[str, str]],
+                   create: bool) -> tuple[str, list[str]]:
         check_pid(pid)
         if not identifiers:
             raise InvalidArgument("identifiers: nothing to link")
-        planner = _Planner(self)
         d = planner.draft(pid, create=create)
         if d is None:
             raise NotFound(f"profile {pid!r} not found (pass create to make it)")
         merged = planner.link(d, identifiers, "identifiers")
         d.version += 1
-        return planner.finish((d.pid, merged))
+        return d.pid, merged
+
+    # ------------------------------------------------------------------ cross-shard merges
+    # The protocol and its crash cases are in shards/merge.py; these plan each shard's part.
+    def plan_hold(self, loser: str, txn: str, survivor: str) -> Change:
+        """Freeze `loser` for merge `txn`; the result is its portable export (see
+        HoldResponse). Holding it again for the same transaction is a no-op."""
+        check_pid(loser, "loser")
+        check_pid(survivor, "survivor")
+        self.check_slot(loser)
+        held = self.held.get(loser)
+        if held is not None and held[0] == txn:
+            return Change(result=self.export_profile(self.dense_of[loser]))
+        self.check_moving(loser)
+        dense = self.dense_of.get(loser)
+        if dense is None:
+            raise NotFound(f"profile {loser!r} not found (merged or deleted meanwhile?)")
+        return Change(notes=[Note("held", loser, [txn, survivor, time.time()])],
+                      result=self.export_profile(dense))
+
+    def export_profile(self, dense: int) -> dict[str, Any]:
+        """One profile with attribute names and kinds: attribute ids are shard-local."""
+        version, attrs, idents, merged = decode(self.blobs[dense])  # type: ignore[arg-type]
+        by_id = self.schema.by_id
+        return {"schema": [[by_id[a].name, int(by_id[a].kind), by_id[a].indexed,
+                            int(by_id[a].merge)] for a in attrs],
+                "profile": [self.pids[dense], version,
+                            {by_id[a].name: v for a, v in attrs.items()}, idents, merged]}
+
+    def plan_absorb(self, txn: str, losers: Sequence[dict[str, Any]],
+                    upsert: UpsertSpec | None = None,
+                    link: tuple[str, Sequence[tuple[str, str]], bool] | None = None) -> Change:
+        """The commit point of merge `txn`: the held `losers` (export_profile maps from
+        their shards) become drafts owning their identifiers, the caller's upsert or link
+        merges them in, and the same change records `txn` as committed."""
+        if txn in self.decided:
+            outcome = "committed" if self.decided[txn][1] else "aborted"
+            raise FailedPrecondition(f"merge {txn} was already {outcome}; not applied again")
+        planner = _Planner(self)
+        seeded: list[tuple[_Draft, list[int]]] = []
+        for n, exported in enumerate(losers):
+            pid, version, named, idents, merged = exported["profile"]
+            attrs: dict[int, Any] = {}
+            for name, kind, indexed, merge in exported["schema"]:
+                try:
+                    spec = planner.declare(name, Kind(kind), indexed, Merge(merge))
+                except InvalidArgument as exc:
+                    raise FailedPrecondition(f"losers[{n}]: profile {pid!r} cannot merge "
+                                             f"here: {exc}") from None
+                attrs[spec.id] = named[name]
+            draft = _Draft(pid, None, [version, attrs, [list(i) for i in idents], list(merged)])
+            seeded.append((draft, [ident_key(k, v) for k, v in idents]))
+        owners_here = []
+        for draft, keys in seeded:
+            for (kind, value), key in zip(draft.idents, keys, strict=True):
+                # An identifier that a profile here holds too (two first links racing on two
+                # shards): that profile joins the merge, so the identifier has one owner.
+                owner = planner.owner_of(kind, value, key)
+                if owner is not None:
+                    owners_here.append((kind, value))
+            planner.drafts[draft.pid] = draft
+            for key in keys:
+                planner.idents[key] = draft.pid
+        if upsert is not None:
+            result: Any = self._plan_upsert(planner, upsert, "")
+        elif link is not None:
+            result = self._plan_link(planner, *link)
+        else:
+            raise InvalidArgument("request: an upsert or a link is required")
+        survivor = planner.resolve_pid(upsert.pid if upsert is not None else link[0])  # type: ignore[index]
+        target = planner.drafts[survivor]
+        if owners_here:
+            planner.link(target, owners_here, "losers.identifiers")
+        for draft, _ in seeded:
+            if not draft.gone:
+                raise FailedPrecondition(f"merge {txn}: the request does not link any "
+                                         f"identifier of {draft.pid!r}; nothing to merge")
+        change = planner.finish(result)
+        change.notes.append(Note("decided", txn, [survivor, True]))
+        return change
+
+    def plan_decide(self, txn: str, survivor: str) -> Change:
+        """The outcome of merge `txn`: committed if absorbed here, else recorded as aborted
+        so that a late Absorb is refused. The result is True for committed."""
+        self.check_slot(survivor)
+        if txn in self.decided:
+            return Change(result=bool(self.decided[txn][1]))
+        return Change(notes=[Note("decided", txn, [survivor, False])], result=False)
+
+    def plan_release(self, loser: str, txn: str, committed: bool) -> Change:
+        """End the hold of merge `txn` on `loser`: committed, the loser goes and every id
+        that resolved to it forwards to the survivor; aborted, it is visible again.
+        The result is False when there was no such hold (released already)."""
+        held = self.held.get(loser)
+        if held is None or held[0] != txn:
+            return Change(result=False)
+        notes = [Note("held", loser, None)]
+        if not committed:
+            return Change(notes=notes, result=True)
+        survivor = held[1]
+        planner = _Planner(self)
+        dense = self.dense_of[loser]
+        d = _Draft(loser, dense, decode(self.blobs[dense]))  # type: ignore[arg-type]
+        planner.drafts[loser] = d
+        planner.delete(d)
+        change = planner.finish(True)
+        change.notes = notes + [Note("forwards", pid, survivor) for pid in [loser, *d.merged]]
+        return change
+
+    def notes_in_slots(self, slots: BitMap) -> dict[str, dict[str, Any]]:
+        """The forwards and decisions of `slots` (a slot move carries them along)."""
+        return {"forwards": {p: s for p, s in self.forwards.items() if slot_of(p) in slots},
+                "decided": {t: v for t, v in self.decided.items() if slot_of(v[0]) in slots}}
 
     def plan_delete(self, pid: str | None = None, identifier: tuple[str, str] | None = None
                     ) -> Change:
@@ -709,12 +891,37 @@ class Engine:
         return planner.finish()
 
     # ------------------------------------------------------------------ applying
-    def apply(self, change: Change) -> list[Image]:
-        """Apply `change`; returns the before-images that undo it (apply them reversed)."""
+    def apply(self, change: Change) -> Undo:
+        """Apply `change`; returns what undoes it (Engine.undo)."""
         for spec in change.schema:
             if spec.id == len(self.schema.by_id):
                 self.add_attribute(spec)
-        return self.apply_images(change.images)
+        notes = self.apply_notes(change.notes) if change.notes else []
+        return Undo(self.apply_images(change.images), notes)
+
+    def undo(self, undo: Undo) -> None:
+        self.apply_images(undo.images)
+        self.apply_notes(undo.notes)
+
+    def apply_notes(self, notes: Iterable[Note]) -> list[Note]:
+        """Set or remove merge-table entries; returns the notes that undo them (in order)."""
+        before: list[Note] = []
+        for note in notes:
+            table: dict[str, Any] = getattr(self, note.table)
+            before.append(Note(note.table, note.key, table.get(note.key)))
+            if note.value is None:
+                table.pop(note.key, None)
+            else:
+                table[note.key] = note.value
+            if note.table == "held":
+                dense = self.dense_of.get(note.key)
+                if dense is not None:
+                    if note.value is None:
+                        self.held_dense.discard(dense)
+                    else:
+                        self.held_dense.add(dense)
+        before.reverse()
+        return before
 
     def add_attribute(self, spec: AttributeSpec) -> None:
         self.schema.add(spec)
@@ -884,5 +1091,6 @@ class Engine:
         return BitMap.union(BitMap(), *(members[s] for s in slots if s in members))
 
     def visible(self) -> BitMap:
-        """Live profiles in owned slots: what queries answer over."""
-        return self.live - self.foreign if self.foreign else self.live
+        """Live profiles in owned slots and not held by a merge: what queries answer over."""
+        hidden = self.foreign | self.held_dense if self.held_dense else self.foreign
+        return self.live - hidden if hidden else self.live

@@ -30,3 +30,26 @@ class WrongSlot(FailedPrecondition):
 
 class Unavailable(MemstoreError):
     """The change could not be made durable; nothing was applied or acknowledged."""
+
+
+class Held(FailedPrecondition):
+    """The profile is held by an unfinished cross-shard merge (shards/merge.py): a router
+    finishes or aborts that merge, then retries."""
+
+    def __init__(self, pid: str, txn: str, survivor: str, age: float) -> None:
+        super().__init__(f"profile {pid!r} is being merged into {survivor!r} on another shard "
+                         f"(merge {txn}, started {age:.1f} s ago); retry when it finishes")
+        self.pid = pid
+        self.txn = txn
+        self.survivor = survivor
+        self.age = age
+
+
+class Forwarded(FailedPrecondition):
+    """The primary id was merged into a profile on another shard: ask for the survivor."""
+
+    def __init__(self, pid: str, survivor: str) -> None:
+        super().__init__(f"profile {pid!r} was merged into {survivor!r}, which lives on "
+                         "another shard; ask for that id")
+        self.pid = pid
+        self.survivor = survivor

@@ -33,7 +33,7 @@ def evaluate(engine: Engine, node: Node, *, unknown_is_empty: bool = False) -> B
     universe = engine.visible()
     result = _eval(engine, node, universe, unknown_is_empty)
     # Leaves may include profiles outside owned slots; one intersection at the top removes them.
-    if engine.foreign:
+    if engine.foreign or engine.held_dense:
         result = result & universe
     return result
 

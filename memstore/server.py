@@ -31,6 +31,7 @@ from memstore.engine import (
     Change,
     Engine,
     Image,
+    Note,
     UpsertSpec,
     decode,
     encode,
@@ -38,6 +39,8 @@ from memstore.engine import (
 )
 from memstore.errors import (
     FailedPrecondition,
+    Forwarded,
+    Held,
     InvalidArgument,
     MemstoreError,
     NotFound,
@@ -86,6 +89,12 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     if isinstance(exc, WrongSlot):
         context.set_trailing_metadata((("memstore-wrong-slot", str(exc.slot)),
                                        ("memstore-epoch", str(exc.epoch))))
+    elif isinstance(exc, Held):
+        context.set_trailing_metadata((("memstore-merge-pending-bin", msgpack.packb(
+            [exc.pid, exc.txn, exc.survivor, exc.age])),))
+    elif isinstance(exc, Forwarded):
+        context.set_trailing_metadata((("memstore-merged-into-bin", msgpack.packb(
+            [exc.pid, exc.survivor])),))
     if isinstance(exc, MemstoreError):
         await context.abort(_status_for(exc), str(exc))
     log.exception("internal error")
@@ -290,10 +299,7 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
     async def Upsert(self, request: pb.UpsertRequest, context: Any) -> pb.UpsertResponse:
         self._writable()
         change = self.engine.plan_upsert(_spec(request))
-        pid, created = await self.shard.commit(change)
-        dense = self.engine.dense_of[pid]
-        version = decode(self.engine.blobs[dense])[0]  # type: ignore[arg-type]
-        return pb.UpsertResponse(id=pid, version=version, created=created)
+        return upsert_response(self.engine, await self.shard.commit(change))
 
     @rpc
     async def BatchUpsert(self, request: pb.BatchUpsertRequest, context: Any
@@ -325,12 +331,8 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
     @rpc
     async def Link(self, request: pb.LinkRequest, context: Any) -> pb.LinkResponse:
         self._writable()
-        change = self.engine.plan_link(
-            request.id, [(i.kind, i.value) for i in request.identifiers], request.create
-        )
-        pid, merged = await self.shard.commit(change)
-        version = decode(self.engine.blobs[self.engine.dense_of[pid]])[0]  # type: ignore[arg-type]
-        return pb.LinkResponse(id=pid, version=version, merged_ids=merged)
+        change = self.engine.plan_link(request.id, _idents(request), request.create)
+        return link_response(self.engine, await self.shard.commit(change))
 
     @rpc
     async def Track(self, request: pb.TrackRequest, context: Any) -> pb.TrackResponse:
@@ -344,9 +346,7 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         return pb.TrackResponse(version=version)
 
     def _writable(self) -> None:
-        error = self.shard.writable_error
-        if error:
-            raise Unavailable(error)
+        _writable(self.shard)
 
     # ------------------------------------------------------------------ schema
     @rpc
@@ -462,6 +462,28 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         )
 
 
+def _writable(shard: Shard) -> None:
+    error = shard.writable_error
+    if error:
+        raise Unavailable(error)
+
+
+def _idents(request: pb.LinkRequest) -> list[tuple[str, str]]:
+    return [(i.kind, i.value) for i in request.identifiers]
+
+
+def upsert_response(engine: Engine, result: tuple[str, bool]) -> pb.UpsertResponse:
+    pid, created = result
+    version = version_of(engine.blobs[engine.dense_of[pid]])  # type: ignore[arg-type]
+    return pb.UpsertResponse(id=pid, version=version, created=created)
+
+
+def link_response(engine: Engine, result: tuple[str, list[str]]) -> pb.LinkResponse:
+    pid, merged = result
+    version = version_of(engine.blobs[engine.dense_of[pid]])  # type: ignore[arg-type]
+    return pb.LinkResponse(id=pid, version=version, merged_ids=merged)
+
+
 def _describe(key: pb.ProfileKey) -> str:
     if key.WhichOneof("key") == "identifier":
         return f"with identifier {key.identifier.kind}:{key.identifier.value!r}"
@@ -479,10 +501,14 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
 
     def _info(self) -> cpb.ShardInfo:
         engine = self.engine
+        now = time.time()
         return cpb.ShardInfo(name=self.shard.config.name, address=self.address,
                              epoch=engine.epoch, slots=_ranges(engine.owned_slots),
                              profiles=len(engine.live) - len(engine.foreign),
-                             healthy=not (self.shard.log and self.shard.log.failed))
+                             healthy=not (self.shard.log and self.shard.log.failed),
+                             held=[cpb.HeldProfile(txn=txn, loser=pid, survivor=survivor,
+                                                   age_seconds=max(0.0, now - since))
+                                   for pid, (txn, survivor, since) in engine.held.items()])
 
     @rpc
     async def GetShardInfo(self, request: cpb.ShardInfoRequest, context: Any) -> cpb.ShardInfo:
@@ -494,8 +520,63 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
             raise FailedPrecondition(
                 f"epoch {request.epoch} is not newer than this shard's epoch {self.engine.epoch}"
             )
-        await self.shard.set_ownership(request.epoch, _slots_of(request.slots))
+        slots = _slots_of(request.slots)
+        for pid, (txn, survivor, _) in self.engine.held.items():
+            slot = slot_of(pid)
+            if slot not in slots and (self.engine.owned_slots is None
+                                      or slot in self.engine.owned_slots):
+                raise Held(pid, txn, survivor, 0.0)
+        await self.shard.set_ownership(request.epoch, slots)
         return self._info()
+
+    # -- cross-shard merges (the protocol: shards/merge.py)
+    @rpc
+    async def Hold(self, request: cpb.HoldRequest, context: Any) -> cpb.HoldResponse:
+        self._writable()
+        if not request.txn:
+            raise InvalidArgument("txn: a transaction id is required")
+        exported = await self.shard.commit(
+            self.engine.plan_hold(request.loser, request.txn, request.survivor))
+        return cpb.HoldResponse(packed=msgpack.packb(exported, use_bin_type=True))
+
+    @rpc
+    async def Absorb(self, request: cpb.AbsorbRequest, context: Any) -> cpb.AbsorbResponse:
+        self._writable()
+        if not request.txn:
+            raise InvalidArgument("txn: a transaction id is required")
+        losers = []
+        for i, packed in enumerate(request.losers):
+            try:
+                losers.append(msgpack.unpackb(packed, raw=False, strict_map_key=False))
+            except (ValueError, msgpack.UnpackException) as exc:
+                raise InvalidArgument(f"losers[{i}]: {exc}") from None
+        which = request.WhichOneof("request")
+        if which == "upsert":
+            change = self.engine.plan_absorb(request.txn, losers, upsert=_spec(request.upsert))
+            return cpb.AbsorbResponse(
+                upsert=upsert_response(self.engine, await self.shard.commit(change)))
+        if which == "link":
+            link = request.link
+            change = self.engine.plan_absorb(request.txn, losers,
+                                             link=(link.id, _idents(link), link.create))
+            return cpb.AbsorbResponse(
+                link=link_response(self.engine, await self.shard.commit(change)))
+        raise InvalidArgument("request: an upsert or a link is required")
+
+    @rpc
+    async def Decide(self, request: cpb.DecideRequest, context: Any) -> cpb.DecideResponse:
+        self._writable()
+        change = self.engine.plan_decide(request.txn, request.survivor)
+        return cpb.DecideResponse(committed=await self.shard.commit(change))
+
+    @rpc
+    async def Release(self, request: cpb.ReleaseRequest, context: Any) -> cpb.ReleaseResponse:
+        self._writable()
+        change = self.engine.plan_release(request.loser, request.txn, request.committed)
+        return cpb.ReleaseResponse(released=await self.shard.commit(change))
+
+    def _writable(self) -> None:
+        _writable(self.shard)
 
     async def ExportSlots(self, request: cpb.ExportRequest, context: grpc.aio.ServicerContext
                           ) -> AsyncIterator[cpb.ExportChunk]:
@@ -526,6 +607,8 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
                     ids.append(dense)
         schema = [] if request.fingerprints else [
             [s.name, int(s.kind), s.indexed, int(s.merge)] for s in engine.schema.by_id]
+        # Forwards and merge decisions of the slots: few, so every export carries them all.
+        notes = None if request.fingerprints else engine.notes_in_slots(slots)
         batch: list[list[Any]] = []
         for n, dense in enumerate(ids, 1):
             blob = engine.blobs[dense]
@@ -538,14 +621,17 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
                     named = {by_id[a].name: v for a, v in attrs.items()}
                     batch.append([engine.pids[dense], version, named, idents, merged])
             if len(batch) >= EXPORT_CHUNK or n == len(ids):
-                yield cpb.ExportChunk(packed=msgpack.packb(
-                    {"schema": schema, "profiles": batch}, use_bin_type=True), lsn=lsn)
+                chunk: dict[str, Any] = {"schema": schema, "profiles": batch}
+                if notes:
+                    chunk["notes"], notes = notes, None
+                yield cpb.ExportChunk(packed=msgpack.packb(chunk, use_bin_type=True), lsn=lsn)
                 batch = []
                 await asyncio.sleep(0)
         if deleted or not ids:
-            yield cpb.ExportChunk(packed=msgpack.packb(
-                {"schema": schema, "profiles": [], "deleted": deleted}, use_bin_type=True),
-                lsn=lsn)
+            chunk = {"schema": schema, "profiles": [], "deleted": deleted}
+            if notes:
+                chunk["notes"] = notes
+            yield cpb.ExportChunk(packed=msgpack.packb(chunk, use_bin_type=True), lsn=lsn)
 
     @rpc
     async def ImportProfiles(self, request: cpb.ImportRequest, context: Any
@@ -589,6 +675,11 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
                                          f"its slot {slot_of(pid)}; imports only fill slots "
                                          "that are moving here")
             change.images.append(Image(dense, pid, None))
+        notes = chunk.get("notes") or {}
+        change.notes = [Note("forwards", pid, survivor)
+                        for pid, survivor in notes.get("forwards", {}).items()]
+        change.notes += [Note("decided", txn, decision)
+                         for txn, decision in notes.get("decided", {}).items()]
         await self.shard.commit(change)
         return cpb.ImportResponse(applied=len(change.images))
 
@@ -604,6 +695,10 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
         # so a partial drop is fine and a retry finishes it; one huge change would stall
         # every other call on this shard while it applies.
         members = list(self.engine.members_of_slots(slots))
+        notes = self.engine.notes_in_slots(slots)
+        await self.shard.commit(Change(notes=[
+            *(Note("forwards", pid, None) for pid in notes["forwards"]),
+            *(Note("decided", txn, None) for txn in notes["decided"])]))
         for start in range(0, len(members), DROP_CHUNK):
             await self.shard.commit(Change(images=[
                 Image(d, self.engine.pids[d] or "", None)

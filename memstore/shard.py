@@ -39,7 +39,16 @@ from pyroaring import BitMap
 
 from memstore import wal_format
 from memstore.bitmap_index import RangeIndex, ValueIndex
-from memstore.engine import Change, Engine, IdentityRules, Image, decode, ident_key
+from memstore.engine import (
+    Change,
+    Engine,
+    IdentityRules,
+    Image,
+    Note,
+    Undo,
+    decode,
+    ident_key,
+)
 from memstore.errors import Unavailable
 from memstore.forked import ChildFailed, run_in_child
 from memstore.hashslot import slot_of
@@ -109,7 +118,7 @@ class Shard:
         self.config = config
         self.engine = engine
         self.log = writer
-        self._pending: list[tuple[int, list[Image]]] = []
+        self._pending: list[tuple[int, Undo]] = []
         self._snapshot_lock = asyncio.Lock()
         self._last_snapshot = time.monotonic()
         self._log_bytes_at_snapshot = writer.size_bytes if writer else 0
@@ -195,19 +204,23 @@ class Shard:
         if self.log is None:
             self.engine.apply(change)
             self._counter += 1
-            self.recent.record(self._counter, [image.pid for image in change.images])
+            self.recent.record(self._counter, change.touched())
             return change.result
         if self.log.failed:
             raise Unavailable(self.writable_error or "log failed")
         try:
             if change.schema:
                 self.log.append(wal_format.RECORD_SCHEMA, encode_schema(change.schema))
-            lsn = self.log.append(wal_format.RECORD_PROFILES, encode_images(change.images))
+            if change.notes:
+                lsn = self.log.append(wal_format.RECORD_MERGE, encode_merge(change))
+            else:
+                lsn = self.log.append(wal_format.RECORD_PROFILES,
+                                      encode_images(change.images))
         except (LogWriteError, LogFailedError, OSError) as exc:
             raise Unavailable(f"write not persisted: {exc}") from None
         before = self.engine.apply(change)
         self._pending.append((lsn, before))
-        self.recent.record(lsn, [image.pid for image in change.images])
+        self.recent.record(lsn, change.touched())
         if not self._erased and any(image.blob is None for image in change.images):
             self._erased = True
         try:
@@ -226,7 +239,7 @@ class Shard:
         """Undo every applied change that is not durable, newest first."""
         while self._pending:
             _, before = self._pending.pop()
-            self.engine.apply_images(before)
+            self.engine.undo(before)
 
     async def set_ownership(self, epoch: int, slots: BitMap | None) -> None:
         if self.log is not None:
@@ -318,6 +331,9 @@ def write_snapshot_file(engine: Engine, snap_dir: Path, lsn: int, shard_name: st
     count = 0
     with SnapshotWriter.create(snap_dir, lsn) as writer:
         writer.write("meta", msgpack.packb(meta))
+        if engine.held or engine.forwards or engine.decided:
+            writer.write("merges", msgpack.packb({"held": engine.held, "forwards":
+                                                  engine.forwards, "decided": engine.decided}))
         # Rows are packed one field at a time, never built as lists: cheaper, and every
         # object made here would be a page copied from the parent.
         packer = msgpack.Packer(use_bin_type=True, autoreset=False)
@@ -357,6 +373,12 @@ def decode_images(payload: bytes) -> list[Image]:
     return [Image(d, p, b) for d, p, b in msgpack.unpackb(payload, use_list=False)]
 
 
+def encode_merge(change: Change) -> bytes:
+    return msgpack.packb({"images": [[i.dense, i.pid, i.blob] for i in change.images],
+                          "notes": [[n.table, n.key, n.value] for n in change.notes]},
+                         use_bin_type=True)
+
+
 def encode_schema(specs: Iterable[AttributeSpec]) -> bytes:
     return msgpack.packb([s.to_state() for s in specs])
 
@@ -374,6 +396,10 @@ def replay(engine: Engine, rtype: int, payload: bytes) -> None:
             spec = AttributeSpec.from_state(state)
             if spec.id == len(engine.schema.by_id):
                 engine.add_attribute(spec)
+    elif rtype == wal_format.RECORD_MERGE:
+        record = msgpack.unpackb(payload)
+        engine.apply(Change(images=[Image(d, p, b) for d, p, b in record["images"]],
+                            notes=[Note(t, k, v) for t, k, v in record["notes"]]))
     elif rtype == wal_format.RECORD_SHARD_META:
         epoch, slots = msgpack.unpackb(payload)
         engine.set_ownership(epoch, None if slots is None else BitMap.deserialize(slots))
@@ -396,6 +422,10 @@ def load_snapshot(engine: Engine, sections: Iterable[tuple[str, bytes]]) -> None
             owned = None if meta["owned"] is None else BitMap.deserialize(meta["owned"])
         elif name == "profiles":
             _load_profiles(engine, msgpack.unpackb(payload, use_list=False))
+        elif name == "merges":
+            tables = msgpack.unpackb(payload)
+            engine.held, engine.forwards, engine.decided = (
+                tables["held"], tables["forwards"], tables["decided"])
         elif name == "index":
             state = msgpack.unpackb(payload, strict_map_key=False)
             aid = state["aid"]
@@ -414,6 +444,7 @@ def load_snapshot(engine: Engine, sections: Iterable[tuple[str, bytes]]) -> None
                 engine.value_index.setdefault(spec.id, ValueIndex())
                 engine.exists.setdefault(spec.id, BitMap())
     engine.set_ownership(epoch, owned)
+    engine.held_dense = BitMap(engine.dense_of[pid] for pid in engine.held)
 
 
 def _load_profiles(engine: Engine, rows: Iterable[tuple[int, str, bytes]]) -> None:

@@ -58,7 +58,9 @@ MAX_PAYLOAD: Final = 64 << 20
 RECORD_PROFILES: Final = 1  # after-images of profiles
 RECORD_SCHEMA: Final = 2  # attribute declarations
 RECORD_SHARD_META: Final = 3  # epoch and owned hash slots
-RECORD_TYPES: Final = frozenset({RECORD_PROFILES, RECORD_SCHEMA, RECORD_SHARD_META})
+RECORD_MERGE: Final = 4  # after-images plus cross-shard merge notes, applied as one change
+RECORD_TYPES: Final = frozenset({RECORD_PROFILES, RECORD_SCHEMA, RECORD_SHARD_META,
+                                 RECORD_MERGE})
 
 
 def list_segments(directory: Path) -> list[tuple[int, Path]]:

@@ -19,12 +19,18 @@ the request sets allow_partial, and then list the shards in missing_shards. Othe
 pass through with their code and message. The caller's remaining deadline goes to every shard
 call.
 
+Merges across shards (an Upsert or Link naming an identifier that a profile on another shard
+holds) run the protocol in shards/merge.py. A shard answering that a profile is held by an
+unfinished merge makes the call wait (HOLD_PATIENCE), then decide and release that merge,
+then retry; a primary id merged into a profile on another shard is followed to the survivor.
+A background sweeper finishes merges whose router died (every SWEEP_INTERVAL seconds).
+
 Current limitations (see also DESIGN "Cluster"):
 - Identifier look-ups ask every shard: each shard's identifier directory covers only its own
-  profiles, not a directory partitioned by hash of the identifier.
-- Linking an identifier owned by a profile on another shard (a cross-shard merge) is refused
-  with FAILED_PRECONDITION; Upsert and Link check every shard for that first. BatchUpsert does
-  not check (bulk loads), so a batch may link an identifier already held on another shard.
+  profiles (their slots move with them), not a directory partitioned by hash of the
+  identifier. Upsert and Link ask every shard before writing, to find cross-shard merges.
+  BatchUpsert does not (bulk loads), so a batch may link an identifier already held on
+  another shard; the next Upsert or Link of it merges the two.
 - BatchUpsert is atomic per shard, not across shards; INVALID_ARGUMENT names the index within
   the part of the batch sent to that shard.
 - A QueryIds cursor is (shard name, that shard's cursor): a slot move between two pages may
@@ -56,6 +62,7 @@ from memstore.query import And, Not, Or, Predicate, QueryError, query_from_reque
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
+from shards import merge
 from shards.shard_map import CHANNEL_OPTIONS, ShardMap, ShardState
 from shards.slots import slot_of
 
@@ -66,6 +73,7 @@ T = TypeVar("T")
 # during a switch, epochs changing under a fan-out) before giving up, within the deadline.
 MOVE_WAIT = 30.0
 ADMIN_SERVICE = "memstore.cluster.v1.RouterAdmin"
+SWEEP_INTERVAL = 2.0  # seconds between looks for merges a dead router left unfinished
 Code = grpc.StatusCode
 
 
@@ -77,6 +85,46 @@ class _Down(Exception):
     def __init__(self, shard: ShardState, details: str) -> None:
         super().__init__(f"shard {shard.label} ({shard.address}) is unavailable: {details}")
         self.shard = shard
+
+
+class _Pending(Exception):
+    """A shard answered that a profile is held by an unfinished cross-shard merge."""
+
+    def __init__(self, trailer: bytes) -> None:
+        self.loser, self.txn, self.survivor, self.age = msgpack.unpackb(trailer)
+        super().__init__(f"profile {self.loser!r} is held by merge {self.txn}")
+
+
+class _Stuck(Exception):
+    """No shard accepted a slot within MOVE_WAIT."""
+
+
+class _Background:
+    """A stand-in ServicerContext for the sweeper: no deadline; aborting raises."""
+
+    def time_remaining(self) -> None:
+        return None
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+        raise RuntimeError(f"{code.name}: {details}")
+
+
+def _trailer(exc: grpc.aio.AioRpcError, key: str) -> bytes | None:
+    for k, v in exc.trailing_metadata() or ():
+        if k == key:
+            return v if isinstance(v, bytes) else v.encode()
+    return None
+
+
+def _retarget(request: Any, survivor: str) -> Any:
+    """A copy of a single-profile request aimed at `survivor` instead."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    if hasattr(copy, "key"):
+        copy.key.id = survivor
+    else:
+        copy.id = survivor
+    return copy
 
 
 def _wrong_slot(exc: grpc.aio.AioRpcError) -> bool:
@@ -132,6 +180,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                  on_membership: Callable[[list[str]], None] | None = None) -> None:
         self.map = shard_map
         self.on_membership = on_membership
+        self.sweeper: asyncio.Task[None] | None = None
         self._known: set[str] = set()  # attribute names some shard has declared
 
     async def _lenient(self, query: pb.QueryRequest, context: grpc.aio.ServicerContext,
@@ -162,20 +211,33 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         return marked
 
     # ------------------------------------------------------------------ plumbing
-    async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
-        if isinstance(exc, _Down):
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
+        if isinstance(exc, _Down | _Stuck):
             await _fail(context, Code.UNAVAILABLE, str(exc))
+        if isinstance(exc, merge.Forwarded | merge.Restart | _Pending):
+            await _fail(context, Code.FAILED_PRECONDITION, str(exc))
         if isinstance(exc, grpc.aio.AioRpcError):
             await _fail(context, exc.code(), exc.details() or exc.code().name)
         raise exc
 
     async def _single(self, pid: str, method: str, request: Any,
                       context: grpc.aio.ServicerContext) -> Any:
-        """Send `request` to the shard owning slot_of(pid), following slot moves."""
+        """Send `request` to the shard owning slot_of(pid), following slot moves, waiting
+        out merges and following merged-away ids to their survivor."""
         if not pid:
             await _fail(context, Code.INVALID_ARGUMENT, "id: a primary id is required")
-        slot = slot_of(pid)
+        try:
+            return await self._owner_call(pid, method, request, context)
+        except Exception as exc:  # noqa: BLE001 - _abort re-raises what it cannot map
+            await self._abort(context, exc)
+
+    async def _owner_call(self, pid: str, method: str, request: Any, context: Any, *,
+                          control: bool = False, follow: bool = True) -> Any:
+        """`request` to the owner of slot_of(pid), on its ShardControl service if `control`.
+        Raises what it cannot handle: AioRpcError, _Down, _Stuck, and merge.Forwarded when
+        not `follow`ing merged-away ids."""
         for attempt in _attempts():
+            slot = slot_of(pid)
             version = self.map.version
             shard = self.map.owner(slot)
             if shard is None:
@@ -183,8 +245,9 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                 if self.map.owner(slot) is None:
                     await _pause(attempt, context)
                 continue
+            stub = shard.control if control else shard.stub
             try:
-                return await getattr(shard.stub, method)(request, timeout=_timeout(context))
+                return await getattr(stub, method)(request, timeout=_timeout(context))
             except grpc.aio.AioRpcError as exc:
                 if _wrong_slot(exc):
                     await self.map.refresh(since=version)
@@ -192,10 +255,50 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                         await _pause(attempt, context)
                     continue
                 if exc.code() == Code.UNAVAILABLE:
-                    await self._abort(context, _Down(shard, exc.details() or "unreachable"))
-                await self._abort(context, exc)
-        await _fail(context, Code.UNAVAILABLE, f"slot {slot} has no owner that accepts it "
-                    f"after {MOVE_WAIT:.0f} s (a slot move stuck?)")
+                    raise _Down(shard, exc.details() or "unreachable") from None
+                pending = _trailer(exc, "memstore-merge-pending-bin")
+                if pending is not None:
+                    await self._settle(_Pending(pending), attempt, context)
+                    continue
+                forwarded = _trailer(exc, "memstore-merged-into-bin")
+                if forwarded is None:
+                    raise
+                gone, survivor = msgpack.unpackb(forwarded)
+                if not follow:
+                    raise merge.Forwarded(gone, survivor) from None
+                request, pid = _retarget(request, survivor), survivor
+        raise _Stuck(f"a slot has no owner that accepts it after {MOVE_WAIT:.0f} s "
+                     "(a slot move stuck?)")
+
+    # merge.Caller
+    def control(self, pid: str, method: str, request: Any, context: Any) -> Awaitable[Any]:
+        return self._owner_call(pid, method, request, context, control=True, follow=False)
+
+    def profile(self, pid: str, method: str, request: Any, context: Any) -> Awaitable[Any]:
+        return self._owner_call(pid, method, request, context)
+
+    async def _settle(self, pending: _Pending, attempt: int, context: Any) -> None:
+        """Wait out a young hold; decide and release one older than HOLD_PATIENCE."""
+        if pending.age < merge.HOLD_PATIENCE:
+            await _pause(attempt, context)
+            return
+        await merge.decide_and_release(self, pending.txn, pending.loser, pending.survivor,
+                                       context)
+
+    async def sweep(self) -> None:
+        """Forever: finish or abort merges whose coordinator went away."""
+        context = _Background()
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            try:
+                await self.map.refresh()
+                for shard in self.map.shards:
+                    for held in shard.held:
+                        if held.age_seconds >= 2 * merge.HOLD_PATIENCE:
+                            await merge.decide_and_release(self, held.txn, held.loser,
+                                                           held.survivor, context)
+            except Exception:
+                log.warning("merge sweep failed", exc_info=True)
 
     async def _stable(self, context: grpc.aio.ServicerContext, allow_partial: bool
                       ) -> list[tuple[ShardState, int]]:
@@ -229,6 +332,9 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
             if exc.code() == Code.UNAVAILABLE:
                 shard.reachable, shard.error = False, exc.details() or "unavailable"
                 raise _Down(shard, exc.details() or "unreachable") from None
+            pending = _trailer(exc, "memstore-merge-pending-bin")
+            if pending is not None:
+                raise _Pending(pending) from None
             raise
         if info.epoch != epoch:
             raise _Moved()
@@ -247,6 +353,13 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                 await self.map.refresh(since=version)
                 if attempt:
                     await _pause(attempt, context)
+                continue
+            pending = next((o for o in outcomes if isinstance(o, _Pending)), None)
+            if pending is not None:
+                try:
+                    await self._settle(pending, attempt, context)
+                except Exception as exc:  # noqa: BLE001 - _abort re-raises the rest
+                    await self._abort(context, exc)
                 continue
             results: list[tuple[ShardState, T]] = []
             missing: list[str] = []
@@ -287,32 +400,51 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                     found[i] = (shard, result.profile)
         return found
 
-    async def _refuse_cross_shard(self, pid: str, identifiers: Iterable[pb.Identifier],
-                                  context: grpc.aio.ServicerContext) -> None:
+    async def _foreign_owners(self, pid: str, identifiers: Iterable[pb.Identifier],
+                              context: grpc.aio.ServicerContext) -> list[str]:
+        """Profiles on other shards than pid's that hold one of `identifiers`."""
         idents = list(identifiers)
         if not idents or len(self.map.shards) < 2:
-            return
+            return []
         keys = [pb.ProfileKey(identifier=i) for i in idents]
         found = await self._by_identifier(keys, ["\x00"], False, context)
         home = self.map.owner(slot_of(pid))
-        for ident, hit in zip(idents, found):
-            if hit is not None and hit[1].id != pid and hit[0] is not home:
-                await _fail(context, Code.FAILED_PRECONDITION,
-                            f"identifier {ident.kind}:{ident.value!r} belongs to profile "
-                            f"{hit[1].id!r} on shard {hit[0].label}, and {pid!r} lives on another "
-                            "shard: merging profiles across shards is not supported yet")
+        losers: list[str] = []
+        for hit in found:
+            if (hit is not None and hit[1].id != pid and hit[0] is not home
+                    and hit[1].id not in losers):
+                losers.append(hit[1].id)
+        return losers
+
+    async def _identity_write(self, method: str, request: Any, context: Any) -> Any:
+        """Upsert or Link: on the owning shard, or as a cross-shard merge (shards/merge.py)
+        when an identifier it names belongs to a profile on another shard."""
+        if not request.id:
+            await _fail(context, Code.INVALID_ARGUMENT, "id: a primary id is required")
+        for attempt in _attempts():
+            try:
+                losers = await self._foreign_owners(request.id, request.identifiers, context)
+                if not losers:
+                    return await self._owner_call(request.id, method, request, context)
+                return await merge.merge(self, request.id, losers, request, context)
+            except merge.Restart:
+                await _pause(attempt, context)
+            except merge.Forwarded as exc:  # the profile itself merged away: its survivor
+                request = _retarget(request, exc.survivor)
+            except Exception as exc:  # noqa: BLE001 - _abort re-raises the rest
+                await self._abort(context, exc)
+        await _fail(context, Code.UNAVAILABLE, f"{method}: the merge kept meeting racing "
+                    f"merges for {MOVE_WAIT:.0f} s")
 
     # ------------------------------------------------------------------ profiles
     async def Upsert(self, request: pb.UpsertRequest, context: Any) -> pb.UpsertResponse:
-        await self._refuse_cross_shard(request.id, request.identifiers, context)
-        return await self._single(request.id, "Upsert", request, context)  # type: ignore[no-any-return]
+        return await self._identity_write("Upsert", request, context)  # type: ignore[no-any-return]
 
     async def Track(self, request: pb.TrackRequest, context: Any) -> pb.TrackResponse:
         return await self._single(request.id, "Track", request, context)  # type: ignore[no-any-return]
 
     async def Link(self, request: pb.LinkRequest, context: Any) -> pb.LinkResponse:
-        await self._refuse_cross_shard(request.id, request.identifiers, context)
-        return await self._single(request.id, "Link", request, context)  # type: ignore[no-any-return]
+        return await self._identity_write("Link", request, context)  # type: ignore[no-any-return]
 
     async def Get(self, request: pb.GetRequest, context: Any) -> pb.GetResponse:
         if request.key.WhichOneof("key") == "identifier":
@@ -334,10 +466,13 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         return await self._single(request.key.id, "Delete", request, context)  # type: ignore[no-any-return]
 
     async def _routed(self, items: list[tuple[str, Any]], method: str,
-                      build: Callable[[list[Any]], Any], context: grpc.aio.ServicerContext
+                      build: Callable[[list[Any]], Any], context: grpc.aio.ServicerContext,
+                      retarget: Callable[[Any, str], Any] | None = None
                       ) -> list[tuple[list[Any], Any]]:
         """Send (primary id, item) pairs in one request per owning shard, concurrently.
-        Items a shard refuses as wrong-slot are re-split on a fresh map and sent again."""
+        Items a shard refuses as wrong-slot are re-split on a fresh map and sent again; a
+        group that met a merge's hold is sent again once it settled; an id merged into a
+        profile on another shard becomes (survivor, retarget(item, survivor))."""
         pending, done = items, []
         for attempt in _attempts():
             version = self.map.version
@@ -360,7 +495,15 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                         return group, None
                     if exc.code() == Code.UNAVAILABLE:
                         raise _Down(shard, exc.details() or "unreachable") from None
-                    raise
+                    held = _trailer(exc, "memstore-merge-pending-bin")
+                    if held is not None:
+                        return group, _Pending(held)
+                    forwarded = _trailer(exc, "memstore-merged-into-bin")
+                    if forwarded is None or retarget is None:
+                        raise
+                    gone, survivor = msgpack.unpackb(forwarded)
+                    return [(survivor, retarget(item, survivor)) if pid == gone else (pid, item)
+                            for pid, item in group], None
 
             outcomes = await asyncio.gather(*(one(s, g) for s, g in groups.values()),
                                             return_exceptions=True)
@@ -369,7 +512,13 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                 if isinstance(outcome, BaseException):
                     await self._abort(context, outcome)  # type: ignore[arg-type]
                 group, response = outcome
-                if response is None:
+                if isinstance(response, _Pending):
+                    try:
+                        await self._settle(response, attempt, context)
+                    except Exception as exc:  # noqa: BLE001 - _abort re-raises the rest
+                        await self._abort(context, exc)
+                    pending.extend(group)
+                elif response is None:
                     pending.extend(group)
                 else:
                     done.append(([item for _, item in group], response))
@@ -393,8 +542,8 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
             else:
                 by_id.setdefault(key.id, []).append(i)
 
-        def build(pids: list[str]) -> pb.BatchGetRequest:
-            return pb.BatchGetRequest(keys=[pb.ProfileKey(id=p) for p in pids],
+        def build(pairs: list[tuple[str, str]]) -> pb.BatchGetRequest:
+            return pb.BatchGetRequest(keys=[pb.ProfileKey(id=p) for p, _ in pairs],
                                       attributes=request.attributes, packed=request.packed)
 
         # packed: each shard answers [tables, entries] (see BatchGetResponse.packed); the
@@ -405,8 +554,10 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         async def ids_part() -> None:
             if not by_id:
                 return
-            parts = await self._routed([(p, p) for p in by_id], "BatchGet", build, context)
-            for pids, response in parts:
+            parts = await self._routed([(p, (p, p)) for p in by_id], "BatchGet", build,
+                                       context, lambda pair, survivor: (survivor, pair[1]))
+            for pairs, response in parts:
+                pids = [asked for _, asked in pairs]
                 if request.packed:
                     shard_tables, shard_entries = msgpack.unpackb(response.packed,
                                                                   strict_map_key=False)
@@ -472,7 +623,13 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                 sub.packed = msgpack.packb(packed_records, use_bin_type=True)
             return sub
 
-        parts = await self._routed(items, "BatchUpsert", build, context)
+        def retarget(item: tuple[Any, bool], survivor: str) -> tuple[Any, bool]:
+            record, packed = item
+            if packed:
+                return [survivor, *record[1:]], True
+            return _retarget(record, survivor), False
+
+        parts = await self._routed(items, "BatchUpsert", build, context, retarget)
         return pb.BatchUpsertResponse(applied=sum(r.applied for _, r in parts),
                                       created=sum(r.created for _, r in parts))
 
@@ -758,6 +915,7 @@ async def start_router(addresses: Iterable[str], host: str = "127.0.0.1", port: 
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("memstore.v1.Memstore", health_pb2.HealthCheckResponse.SERVING)
     server._memstore_health = health_servicer  # type: ignore[attr-defined]
+    router.sweeper = asyncio.get_running_loop().create_task(router.sweep())
     return server, bound, router
 
 
@@ -767,6 +925,8 @@ async def stop_router(server: grpc.aio.Server, router: RouterService, grace: flo
     if health_servicer is not None:
         await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=grace)
+    if router.sweeper is not None:
+        router.sweeper.cancel()
     await router.map.close()
 
 

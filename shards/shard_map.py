@@ -49,6 +49,7 @@ class ShardState:
     profiles: int = 0
     reachable: bool = False
     error: str = ""
+    held: list[cpb.HeldProfile] = field(default_factory=list)  # unfinished merges' holds
 
     @property
     def label(self) -> str:
@@ -159,6 +160,7 @@ class ShardMap:
         shard.name, shard.epoch = answer.name, answer.epoch
         shard.slots = [(r.start, r.end) for r in answer.slots]
         shard.profiles, shard.reachable, shard.error = answer.profiles, True, ""
+        shard.held = list(answer.held)
 
     async def _fetch(self, shard: ShardState) -> None:
         self._apply(shard, await self._ask(shard))

@@ -31,10 +31,25 @@ class ServerProcess:
 
 def start_shard(data_dir: Path | None, *extra: str, timeout: float = 30.0) -> ServerProcess:
     """Start `memstore serve-shard` on port 0 and wait for its "listening on" line."""
-    args = [sys.executable, "-m", "memstore.cli", "serve-shard", "--port", "0", *extra]
+    args = ["serve-shard", "--port", "0", *extra]
     args += ["--data-dir", str(data_dir)] if data_dir is not None else ["--in-memory"]
-    proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return _start(args, data_dir, timeout)
+
+
+def start_router(shard_addresses: list[str], env: dict[str, str] | None = None,
+                 timeout: float = 30.0) -> ServerProcess:
+    """Start `memstore serve-router` on port 0 in front of the given shards."""
+    args = ["serve-router", "--port", "0"]
+    for address in shard_addresses:
+        args += ["--shard", address]
+    return _start(args, None, timeout, env)
+
+
+def _start(cli_args: list[str], data_dir: Path | None, timeout: float,
+           env: dict[str, str] | None = None) -> ServerProcess:
+    args = [sys.executable, "-m", "memstore.cli", *cli_args]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     assert proc.stderr is not None
     deadline = time.monotonic() + timeout
     lines = []
@@ -48,7 +63,7 @@ def start_shard(data_dir: Path | None, *extra: str, timeout: float = 30.0) -> Se
             _drain(proc)
             return ServerProcess(proc, address, data_dir, lines)
     proc.kill()
-    raise RuntimeError("shard did not start:\n" + "".join(lines))
+    raise RuntimeError(f"{cli_args[0]} did not start:\n" + "".join(lines))
 
 
 def _drain(proc: subprocess.Popen[bytes]) -> None:

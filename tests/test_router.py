@@ -198,20 +198,6 @@ def test_group_by_is_exact(cluster: dict[str, Any]) -> None:
         assert reply.total == len(reference)
 
 
-def test_cross_shard_link_is_refused(cluster: dict[str, Any]) -> None:
-    stub = cluster["stub"]
-    a = next(f"user-{i}" for i in range(N) if slot_of(f"user-{i}") < 8192)
-    b = next(f"user-{i}" for i in range(N) if slot_of(f"user-{i}") >= 8192)
-    b_email = f"u{b.split('-')[1]}@example.com"
-    with pytest.raises(grpc.RpcError) as err:
-        stub.Link(pb.LinkRequest(id=a, identifiers=[pb.Identifier(kind="email",
-                                                                  value=b_email)]), timeout=10)
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "another shard" in err.value.details()
-    assert stub.Get(pb.GetRequest(key=pb.ProfileKey(identifier=pb.Identifier(
-        kind="email", value=b_email))), timeout=10).profile.id == b
-
-
 def test_track_and_delete_route_to_the_owner(cluster: dict[str, Any]) -> None:
     stub, reference = cluster["stub"], cluster["reference"]
     assert stub.Track(pb.TrackRequest(id="user-7", event="purchase"), timeout=10).version >= 2

@@ -1,3 +1,4 @@
+from memstore.v1 import memstore_pb2 as _memstore_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -15,20 +16,100 @@ class SlotRange(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("name", "address", "epoch", "slots", "profiles", "healthy")
+    __slots__ = ("name", "address", "epoch", "slots", "profiles", "healthy", "held")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     PROFILES_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     epoch: int
     slots: _containers.RepeatedCompositeFieldContainer[SlotRange]
     profiles: int
     healthy: bool
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., epoch: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[SlotRange, _Mapping]]] = ..., profiles: _Optional[int] = ..., healthy: _Optional[bool] = ...) -> None: ...
+    held: _containers.RepeatedCompositeFieldContainer[HeldProfile]
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., epoch: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[SlotRange, _Mapping]]] = ..., profiles: _Optional[int] = ..., healthy: _Optional[bool] = ..., held: _Optional[_Iterable[_Union[HeldProfile, _Mapping]]] = ...) -> None: ...
+
+class HeldProfile(_message.Message):
+    __slots__ = ("txn", "loser", "survivor", "age_seconds")
+    TXN_FIELD_NUMBER: _ClassVar[int]
+    LOSER_FIELD_NUMBER: _ClassVar[int]
+    SURVIVOR_FIELD_NUMBER: _ClassVar[int]
+    AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    txn: str
+    loser: str
+    survivor: str
+    age_seconds: float
+    def __init__(self, txn: _Optional[str] = ..., loser: _Optional[str] = ..., survivor: _Optional[str] = ..., age_seconds: _Optional[float] = ...) -> None: ...
+
+class HoldRequest(_message.Message):
+    __slots__ = ("txn", "loser", "survivor")
+    TXN_FIELD_NUMBER: _ClassVar[int]
+    LOSER_FIELD_NUMBER: _ClassVar[int]
+    SURVIVOR_FIELD_NUMBER: _ClassVar[int]
+    txn: str
+    loser: str
+    survivor: str
+    def __init__(self, txn: _Optional[str] = ..., loser: _Optional[str] = ..., survivor: _Optional[str] = ...) -> None: ...
+
+class HoldResponse(_message.Message):
+    __slots__ = ("packed",)
+    PACKED_FIELD_NUMBER: _ClassVar[int]
+    packed: bytes
+    def __init__(self, packed: _Optional[bytes] = ...) -> None: ...
+
+class AbsorbRequest(_message.Message):
+    __slots__ = ("txn", "losers", "upsert", "link")
+    TXN_FIELD_NUMBER: _ClassVar[int]
+    LOSERS_FIELD_NUMBER: _ClassVar[int]
+    UPSERT_FIELD_NUMBER: _ClassVar[int]
+    LINK_FIELD_NUMBER: _ClassVar[int]
+    txn: str
+    losers: _containers.RepeatedScalarFieldContainer[bytes]
+    upsert: _memstore_pb2.UpsertRequest
+    link: _memstore_pb2.LinkRequest
+    def __init__(self, txn: _Optional[str] = ..., losers: _Optional[_Iterable[bytes]] = ..., upsert: _Optional[_Union[_memstore_pb2.UpsertRequest, _Mapping]] = ..., link: _Optional[_Union[_memstore_pb2.LinkRequest, _Mapping]] = ...) -> None: ...
+
+class AbsorbResponse(_message.Message):
+    __slots__ = ("upsert", "link")
+    UPSERT_FIELD_NUMBER: _ClassVar[int]
+    LINK_FIELD_NUMBER: _ClassVar[int]
+    upsert: _memstore_pb2.UpsertResponse
+    link: _memstore_pb2.LinkResponse
+    def __init__(self, upsert: _Optional[_Union[_memstore_pb2.UpsertResponse, _Mapping]] = ..., link: _Optional[_Union[_memstore_pb2.LinkResponse, _Mapping]] = ...) -> None: ...
+
+class DecideRequest(_message.Message):
+    __slots__ = ("txn", "survivor")
+    TXN_FIELD_NUMBER: _ClassVar[int]
+    SURVIVOR_FIELD_NUMBER: _ClassVar[int]
+    txn: str
+    survivor: str
+    def __init__(self, txn: _Optional[str] = ..., survivor: _Optional[str] = ...) -> None: ...
+
+class DecideResponse(_message.Message):
+    __slots__ = ("committed",)
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    committed: bool
+    def __init__(self, committed: _Optional[bool] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("txn", "loser", "committed")
+    TXN_FIELD_NUMBER: _ClassVar[int]
+    LOSER_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    txn: str
+    loser: str
+    committed: bool
+    def __init__(self, txn: _Optional[str] = ..., loser: _Optional[str] = ..., committed: _Optional[bool] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
 class ShardInfoRequest(_message.Message):
     __slots__ = ()

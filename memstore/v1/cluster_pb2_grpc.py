@@ -59,6 +59,26 @@ class ShardControlStub:
                 request_serializer=memstore_dot_v1_dot_cluster__pb2.DropSlotsRequest.SerializeToString,
                 response_deserializer=memstore_dot_v1_dot_cluster__pb2.DropSlotsResponse.FromString,
                 _registered_method=True)
+        self.Hold = channel.unary_unary(
+                '/memstore.v1.ShardControl/Hold',
+                request_serializer=memstore_dot_v1_dot_cluster__pb2.HoldRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_cluster__pb2.HoldResponse.FromString,
+                _registered_method=True)
+        self.Absorb = channel.unary_unary(
+                '/memstore.v1.ShardControl/Absorb',
+                request_serializer=memstore_dot_v1_dot_cluster__pb2.AbsorbRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_cluster__pb2.AbsorbResponse.FromString,
+                _registered_method=True)
+        self.Decide = channel.unary_unary(
+                '/memstore.v1.ShardControl/Decide',
+                request_serializer=memstore_dot_v1_dot_cluster__pb2.DecideRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_cluster__pb2.DecideResponse.FromString,
+                _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/memstore.v1.ShardControl/Release',
+                request_serializer=memstore_dot_v1_dot_cluster__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_cluster__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
 
 
 class ShardControlServicer:
@@ -94,6 +114,30 @@ class ShardControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Hold(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Absorb(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Decide(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +165,26 @@ def add_ShardControlServicer_to_server(servicer, server):
                     servicer.DropSlots,
                     request_deserializer=memstore_dot_v1_dot_cluster__pb2.DropSlotsRequest.FromString,
                     response_serializer=memstore_dot_v1_dot_cluster__pb2.DropSlotsResponse.SerializeToString,
+            ),
+            'Hold': grpc.unary_unary_rpc_method_handler(
+                    servicer.Hold,
+                    request_deserializer=memstore_dot_v1_dot_cluster__pb2.HoldRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_cluster__pb2.HoldResponse.SerializeToString,
+            ),
+            'Absorb': grpc.unary_unary_rpc_method_handler(
+                    servicer.Absorb,
+                    request_deserializer=memstore_dot_v1_dot_cluster__pb2.AbsorbRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_cluster__pb2.AbsorbResponse.SerializeToString,
+            ),
+            'Decide': grpc.unary_unary_rpc_method_handler(
+                    servicer.Decide,
+                    request_deserializer=memstore_dot_v1_dot_cluster__pb2.DecideRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_cluster__pb2.DecideResponse.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=memstore_dot_v1_dot_cluster__pb2.ReleaseRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_cluster__pb2.ReleaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +322,114 @@ class ShardControl:
             '/memstore.v1.ShardControl/DropSlots',
             memstore_dot_v1_dot_cluster__pb2.DropSlotsRequest.SerializeToString,
             memstore_dot_v1_dot_cluster__pb2.DropSlotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Hold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memstore.v1.ShardControl/Hold',
+            memstore_dot_v1_dot_cluster__pb2.HoldRequest.SerializeToString,
+            memstore_dot_v1_dot_cluster__pb2.HoldResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Absorb(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memstore.v1.ShardControl/Absorb',
+            memstore_dot_v1_dot_cluster__pb2.AbsorbRequest.SerializeToString,
+            memstore_dot_v1_dot_cluster__pb2.AbsorbResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Decide(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memstore.v1.ShardControl/Decide',
+            memstore_dot_v1_dot_cluster__pb2.DecideRequest.SerializeToString,
+            memstore_dot_v1_dot_cluster__pb2.DecideResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memstore.v1.ShardControl/Release',
+            memstore_dot_v1_dot_cluster__pb2.ReleaseRequest.SerializeToString,
+            memstore_dot_v1_dot_cluster__pb2.ReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,276 @@
+"""Merging profiles across shards (shards/merge.py), over real shard and router processes.
+
+Shard 0 owns slots 0-8191 and shard 1 owns 8192-16383 (split_even(2)); each test makes its
+own profiles with ids picked by slot, so the survivor and the loser sit on known shards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import msgpack
+import pytest
+
+from memstore.v1 import cluster_pb2 as cpb
+from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
+from memstore.v1 import memstore_pb2 as pb
+from shards.merge import CRASH_ENV, HOLD_PATIENCE
+from shards.router import SWEEP_INTERVAL
+from shards.slots import slot_of
+from tests.conftest import ServerProcess, start_router, start_shard
+from tests.test_router import start_shards
+
+_ids = itertools.count()
+
+
+def new_id(shard: int, prefix: str = "p") -> str:
+    """A fresh primary id whose slot shard `shard` (0 or 1) owns."""
+    while True:
+        pid = f"{prefix}-{next(_ids)}"
+        if (slot_of(pid) >= 8192) == bool(shard):
+            return pid
+
+
+def email(pid: str) -> pb.Identifier:
+    return pb.Identifier(kind="email", value=f"{pid}@example.com")
+
+
+def make(stub: Any, pid: str, city: str, visits: int, tags: list[str]) -> None:
+    stub.Upsert(pb.UpsertRequest(id=pid, identifiers=[email(pid)], operations=[
+        pb.Operation(op=pb.Operation.SET, attribute="city",
+                     value=pb.Value(string_value=city)),
+        pb.Operation(op=pb.Operation.ADD_TO_SET, attribute="tags",
+                     value=pb.Value(list_value=pb.StringList(values=tags))),
+    ]), timeout=10)
+    stub.Track(pb.TrackRequest(id=pid, event="visit", count=visits), timeout=10)
+
+
+def get(stub: Any, key: str | pb.Identifier) -> pb.Profile:
+    pk = pb.ProfileKey(identifier=key) if isinstance(key, pb.Identifier) else pb.ProfileKey(id=key)
+    return stub.Get(pb.GetRequest(key=pk), timeout=15).profile
+
+
+def count_city(stub: Any, city: str) -> int:
+    return stub.Count(pb.QueryRequest(query=pb.Query(predicate=pb.Predicate(
+        attribute="city", op=pb.Predicate.EQ, values=[pb.Value(string_value=city)]))),
+        timeout=15).count
+
+
+def control(shard: ServerProcess) -> Any:
+    return cluster_pb2_grpc.ShardControlStub(grpc.insecure_channel(shard.address))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("merge")
+    shards = start_shards(root, 2)
+    router = start_router([s.address for s in shards])
+    channel = grpc.insecure_channel(router.address)
+    yield {"stub": memstore_pb2_grpc.MemstoreStub(channel), "shards": shards,
+           "router": router, "root": root}
+    channel.close()
+    router.stop()
+    for shard in shards:
+        shard.stop()
+
+
+def test_link_merges_a_profile_from_the_other_shard(cluster: dict[str, Any]) -> None:
+    stub, shards = cluster["stub"], cluster["shards"]
+    survivor, loser = new_id(0, "s"), new_id(1, "l")
+    make(stub, survivor, "Oslo", 1, ["a"])
+    make(stub, loser, "Lima", 2, ["b"])
+    lima_before = count_city(stub, "Lima")
+    reply = stub.Link(pb.LinkRequest(id=survivor, identifiers=[email(loser)]), timeout=15)
+    assert list(reply.merged_ids) == [loser] and reply.id == survivor
+    merged = get(stub, survivor)
+    assert merged.attributes["city"].string_value == "Oslo"  # the survivor's scalar wins
+    assert merged.attributes["event.visit.count"].int_value == 3  # counters add
+    assert sorted(merged.attributes["tags"].list_value.values) == ["a", "b"]
+    assert {(i.kind, i.value) for i in merged.identifiers} == {
+        ("email", email(survivor).value), ("email", email(loser).value)}
+    assert loser in merged.merged_ids
+    assert merged.version == reply.version
+    # The loser's id and identifier resolve to the survivor; the loser is counted no more.
+    assert get(stub, loser).id == survivor
+    assert get(stub, email(loser)).id == survivor
+    assert count_city(stub, "Lima") == lima_before - 1
+    # Writes through the merged-away id land on the survivor, on the other shard.
+    stub.Upsert(pb.UpsertRequest(id=loser, operations=[pb.Operation(
+        op=pb.Operation.SET, attribute="vip", value=pb.Value(bool_value=True))]), timeout=10)
+    assert get(stub, survivor).attributes["vip"].bool_value
+    results = stub.BatchGet(pb.BatchGetRequest(keys=[
+        pb.ProfileKey(id=loser), pb.ProfileKey(id=survivor)]), timeout=10).results
+    assert [r.profile.id for r in results] == [survivor, survivor]
+    assert all(not control(s).GetShardInfo(cpb.ShardInfoRequest()).held for s in shards)
+
+
+def test_upsert_naming_a_foreign_identifier_merges_and_applies(cluster: dict[str, Any]
+                                                                ) -> None:
+    stub = cluster["stub"]
+    survivor, loser = new_id(1, "s"), new_id(0, "l")
+    make(stub, loser, "Rome", 4, ["x"])
+    reply = stub.Upsert(pb.UpsertRequest(id=survivor, identifiers=[email(loser)], operations=[
+        pb.Operation(op=pb.Operation.SET, attribute="city", value=pb.Value(string_value="Pune"))
+    ]), timeout=15)
+    assert reply.id == survivor
+    merged = get(stub, email(loser))
+    assert merged.id == survivor
+    assert merged.attributes["city"].string_value == "Pune"
+    assert merged.attributes["event.visit.count"].int_value == 4
+    with pytest.raises(grpc.RpcError):
+        control(cluster["shards"][1]).Absorb(cpb.AbsorbRequest(txn="", link=pb.LinkRequest(
+            id=survivor, identifiers=[email(loser)])), timeout=5)
+
+
+def test_merge_chains_follow_every_forward(cluster: dict[str, Any]) -> None:
+    stub = cluster["stub"]
+    x, y, z = new_id(1, "x"), new_id(0, "y"), new_id(1, "z")
+    for pid in (x, y, z):
+        make(stub, pid, "Kyiv", 1, [pid])
+    stub.Link(pb.LinkRequest(id=y, identifiers=[email(x)]), timeout=15)  # x (1) into y (0)
+    stub.Link(pb.LinkRequest(id=z, identifiers=[email(y)]), timeout=15)  # y (0) into z (1)
+    final = get(stub, x)
+    assert final.id == z
+    assert final.attributes["event.visit.count"].int_value == 3
+    assert sorted(final.attributes["tags"].list_value.values) == sorted([x, y, z])
+    assert {x, y} <= set(final.merged_ids)
+    assert get(stub, y).id == z
+
+
+def _hold(shard: ServerProcess, txn: str, loser: str, survivor: str) -> dict[str, Any]:
+    answer = control(shard).Hold(cpb.HoldRequest(txn=txn, loser=loser, survivor=survivor),
+                                 timeout=10)
+    return msgpack.unpackb(answer.packed, strict_map_key=False)  # type: ignore[no-any-return]
+
+
+def _held(shard: ServerProcess) -> list[str]:
+    return [h.loser for h in control(shard).GetShardInfo(cpb.ShardInfoRequest()).held]
+
+
+def test_an_abandoned_hold_is_aborted_and_the_late_absorb_refused(cluster: dict[str, Any]
+                                                                  ) -> None:
+    stub, shards = cluster["stub"], cluster["shards"]
+    survivor, loser = new_id(0, "s"), new_id(1, "l")
+    make(stub, survivor, "Oslo", 1, [])
+    make(stub, loser, "Lima", 1, [])
+    lima = count_city(stub, "Lima")
+    exported = _hold(shards[1], "t-abandoned", loser, survivor)  # a router that then died
+    assert exported["profile"][0] == loser
+    assert _held(shards[1]) == [loser]
+    assert count_city(stub, "Lima") == lima - 1  # held: counted as the survivor only
+    started = time.monotonic()
+    assert get(stub, loser).id == loser  # waits out the hold, then aborts it
+    assert time.monotonic() - started >= HOLD_PATIENCE * 0.5
+    assert _held(shards[1]) == [] and count_city(stub, "Lima") == lima
+    with pytest.raises(grpc.RpcError) as err:
+        control(shards[0]).Absorb(cpb.AbsorbRequest(
+            txn="t-abandoned", losers=[msgpack.packb(exported)],
+            link=pb.LinkRequest(id=survivor, identifiers=[email(loser)])), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "already aborted" in err.value.details()
+    assert get(stub, email(loser)).id == loser
+
+
+def test_a_committed_merge_is_finished_by_the_sweeper(cluster: dict[str, Any]) -> None:
+    stub, shards = cluster["stub"], cluster["shards"]
+    survivor, loser = new_id(0, "s"), new_id(1, "l")
+    make(stub, survivor, "Oslo", 1, [])
+    make(stub, loser, "Lima", 5, [])
+    exported = _hold(shards[1], "t-committed", loser, survivor)
+    control(shards[0]).Absorb(cpb.AbsorbRequest(
+        txn="t-committed", losers=[msgpack.packb(exported)],
+        link=pb.LinkRequest(id=survivor, identifiers=[email(loser)])), timeout=10)
+    # Nobody releases the loser (the coordinator "died"); the router's sweeper must.
+    deadline = time.monotonic() + 2 * HOLD_PATIENCE + 3 * SWEEP_INTERVAL + 5
+    while _held(shards[1]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _held(shards[1]) == []
+    assert get(stub, loser).id == survivor
+    assert get(stub, survivor).attributes["event.visit.count"].int_value == 6
+
+
+def test_a_shard_gives_up_no_slot_while_a_profile_in_it_is_held(cluster: dict[str, Any]
+                                                                 ) -> None:
+    stub, shards = cluster["stub"], cluster["shards"]
+    survivor, loser = new_id(0, "s"), new_id(1, "l")
+    make(stub, survivor, "Oslo", 1, [])
+    make(stub, loser, "Lima", 1, [])
+    _hold(shards[1], "t-pinned", loser, survivor)
+    info = control(shards[1]).GetShardInfo(cpb.ShardInfoRequest())
+    with pytest.raises(grpc.RpcError) as err:
+        control(shards[1]).SetSlots(cpb.SetSlotsRequest(epoch=info.epoch + 1, slots=[]),
+                                    timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert loser in err.value.details()
+    control(shards[1]).Release(cpb.ReleaseRequest(txn="t-pinned", loser=loser), timeout=10)
+    assert get(stub, loser).id == loser
+
+
+def test_forwards_travel_with_their_slot(cluster: dict[str, Any]) -> None:
+    stub, shards = cluster["stub"], cluster["shards"]
+    survivor, loser = new_id(0, "s"), new_id(1, "l")
+    make(stub, survivor, "Oslo", 1, [])
+    make(stub, loser, "Lima", 1, [])
+    stub.Link(pb.LinkRequest(id=survivor, identifiers=[email(loser)]), timeout=15)
+    slot = slot_of(loser)
+    chunks = list(control(shards[1]).ExportSlots(cpb.ExportRequest(
+        slots=[cpb.SlotRange(start=slot, end=slot)]), timeout=10))
+    notes = [msgpack.unpackb(c.packed, strict_map_key=False).get("notes") for c in chunks]
+    assert {"forwards": {loser: survivor}, "decided": {}} in notes
+    decided_slot = slot_of(survivor)
+    chunks = list(control(shards[0]).ExportSlots(cpb.ExportRequest(
+        slots=[cpb.SlotRange(start=decided_slot, end=decided_slot)]), timeout=10))
+    decided = [msgpack.unpackb(c.packed, strict_map_key=False).get("notes") for c in chunks]
+    assert any(n and any(v == [survivor, True] for v in n["decided"].values())
+               for n in decided)
+
+
+@pytest.mark.parametrize("step, merged", [("merge-after-hold", False),
+                                          ("merge-after-absorb", True)])
+def test_router_killed_mid_merge_leaves_one_state(tmp_path: Path, step: str,
+                                                  merged: bool) -> None:
+    """SIGKILL the coordinating router between the protocol's steps, then kill and restart
+    both shards too: a new router finds the hold and ends in one state or the other."""
+    shards = start_shards(tmp_path, 2)
+    dying = start_router([s.address for s in shards], env={CRASH_ENV: step})
+    try:
+        stub = memstore_pb2_grpc.MemstoreStub(grpc.insecure_channel(dying.address))
+        survivor, loser = new_id(0, "s"), new_id(1, "l")
+        make(stub, survivor, "Oslo", 1, ["s"])
+        make(stub, loser, "Lima", 2, ["l"])
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Link(pb.LinkRequest(id=survivor, identifiers=[email(loser)]), timeout=15)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert dying.proc.wait(10) == -signal.SIGKILL
+        for i, shard in enumerate(shards):  # crash the shards too, and bring them back
+            shard.proc.kill()
+            shard.proc.wait(10)
+            shards[i] = start_shard(shard.data_dir, "--name", f"shard-{i}", "--sync", "off")
+        assert _held(shards[1]) == [loser]  # the hold survived the crash
+        router = start_router([s.address for s in shards])
+        try:
+            stub = memstore_pb2_grpc.MemstoreStub(grpc.insecure_channel(router.address))
+            owner = get(stub, email(loser))
+            visits = get(stub, survivor).attributes["event.visit.count"].int_value
+            if merged:
+                assert owner.id == survivor and get(stub, loser).id == survivor
+                assert visits == 3
+                assert count_city(stub, "Lima") == 0
+            else:
+                assert owner.id == loser and get(stub, loser).id == loser
+                assert owner.attributes["event.visit.count"].int_value == 2
+                assert visits == 1
+                assert count_city(stub, "Lima") == 1
+            assert _held(shards[1]) == []
+            assert count_city(stub, "Oslo") == 1
+        finally:
+            router.stop()
+    finally:
+        for shard in shards:
+            shard.stop()
