@@ -12,7 +12,10 @@ whatever T holds of B is "foreign" there: invisible to its queries and refused t
                refuses reads and writes of B with wrong-slot (routers refresh and wait: nobody
                owns B for a moment) and its queries no longer count B. Every write S ever
                acknowledged for B was applied to S's memory before SetSlots returned (a shard
-               applies before it answers), so S's state of B is now final.
+               applies before it answers), so S's state of B is now final. S refuses while
+               a profile of B is held by a cross-shard merge (shards/merge.py), so no merge
+               straddles the move; the mover waits for it (FREEZE_WAIT). Forwards and merge
+               decisions of B travel in the exports with the profiles.
  4. Final.     ExportSlots(S, B, after_lsn=L) -> ImportProfiles(T): the last changes.
  5. Verify.    (id, version) fingerprints of B from S and from T must be equal. If not (S
                restarted during the copy and forgot what changed since L, so its export
@@ -60,6 +63,7 @@ log = logging.getLogger("memstore.rebalance")
 BATCH_SLOTS = 256
 CATCH_UP_SMALL = 100
 CATCH_UP_ROUNDS = 5
+FREEZE_WAIT = 30.0  # seconds to wait for cross-shard merges holding a slot that moves
 
 
 @dataclass
@@ -208,13 +212,30 @@ async def move_batch(cluster: Cluster, source: Node, target: Node, slots: set[in
     epoch = cluster.next_epoch()
     journal.write(source, target, slots, epoch)
     started = asyncio.get_running_loop().time()
-    source.info = await source.stub.SetSlots(cpb.SetSlotsRequest(
-        epoch=epoch, slots=_ranges_pb(source.slots - slots)))
+    await _freeze(source, slots, epoch)
     await _switch(source, target, slots, epoch, lsn, report)
     report.frozen_seconds += asyncio.get_running_loop().time() - started
     await _drop(source, slots, epoch)
     journal.clear()
     report.slots += len(slots)
+
+
+async def _freeze(source: Node, slots: set[int], epoch: int) -> None:
+    """Step 3. A shard refuses to give up a slot while a profile in it is held by a
+    cross-shard merge (shards/merge.py); such a hold lasts milliseconds, or until a router's
+    sweeper ends an abandoned one, so wait for it up to FREEZE_WAIT seconds."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + FREEZE_WAIT
+    while True:
+        try:
+            source.info = await source.stub.SetSlots(cpb.SetSlotsRequest(
+                epoch=epoch, slots=_ranges_pb(source.slots - slots)))
+            return
+        except grpc.aio.AioRpcError as exc:
+            held = any(k == "memstore-merge-pending-bin" for k, _ in exc.trailing_metadata() or ())
+            if not held or loop.time() > give_up:
+                raise
+            await asyncio.sleep(0.1)
 
 
 async def _finish(source: Node, target: Node, slots: set[int], epoch: int, lsn: int,
@@ -260,9 +281,7 @@ async def resume(cluster: Cluster, journal: Journal) -> bool:
                                                          epoch=target.info.epoch))
     else:
         if source.slots & slots:  # crashed before the freeze took effect: freeze now
-            epoch = cluster.next_epoch()
-            source.info = await source.stub.SetSlots(cpb.SetSlotsRequest(
-                epoch=epoch, slots=_ranges_pb(source.slots - slots)))
+            await _freeze(source, slots, cluster.next_epoch())
         epoch = cluster.next_epoch()
         report = MoveReport()
         # The target's partial copy may be stale: start it over from the frozen source.

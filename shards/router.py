@@ -28,9 +28,10 @@ A background sweeper finishes merges whose router died (every SWEEP_INTERVAL sec
 Current limitations (see also DESIGN "Cluster"):
 - Identifier look-ups ask every shard: each shard's identifier directory covers only its own
   profiles (their slots move with them), not a directory partitioned by hash of the
-  identifier. Upsert and Link ask every shard before writing, to find cross-shard merges.
-  BatchUpsert does not (bulk loads), so a batch may link an identifier already held on
-  another shard; the next Upsert or Link of it merges the two.
+  identifier. Upsert, Link and BatchUpsert (once per batch, for all its identifiers) ask
+  every shard before writing, to find cross-shard merges. That check is not a lock: two
+  first links of one new identifier racing from two shards can both win; the next merge
+  that meets both owners joins them.
 - BatchUpsert is atomic per shard, not across shards; INVALID_ARGUMENT names the index within
   the part of the batch sent to that shard.
 - A QueryIds cursor is (shard name, that shard's cursor): a slot move between two pages may
@@ -629,9 +630,51 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                 return [survivor, *record[1:]], True
             return _retarget(record, survivor), False
 
-        parts = await self._routed(items, "BatchUpsert", build, context, retarget)
+        first, later = await self._merge_first(items, context)
+        parts = await self._routed(first, "BatchUpsert", build, context, retarget)
+        for pid, item in later:
+            await self._identity_write("Link", pb.LinkRequest(
+                id=pid, identifiers=_identifiers_of(item), create=True), context)
+            parts += await self._routed([(pid, item)], "BatchUpsert", build, context, retarget)
         return pb.BatchUpsertResponse(applied=sum(r.applied for _, r in parts),
                                       created=sum(r.created for _, r in parts))
+
+    async def _merge_first(self, items: list[tuple[str, Any]], context: Any
+                           ) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+        """Make a batch's cross-shard identity merges before it is split by shard.
+
+        A record naming an identifier that a profile on another shard holds first links it
+        (a cross-shard merge, shards/merge.py), then goes in the batch. A record naming an
+        identifier that an earlier record of the batch, homed on another shard, names too
+        is held back (`later`): it is linked and upserted after the batch, in order, which
+        merges the earlier record's profile into it as one shard would have."""
+        if len(self.map.shards) < 2:
+            return items, []
+        named: list[list[pb.Identifier]] = [_identifiers_of(item) for _, item in items]
+        if not any(named):
+            return items, []
+        keys: dict[tuple[str, str], pb.ProfileKey] = {}
+        first_home: dict[tuple[str, str], ShardState | None] = {}
+        later_at: set[int] = set()
+        for i, ((pid, _), idents) in enumerate(zip(items, named, strict=True)):
+            home = self.map.owner(slot_of(pid))
+            for ident in idents:
+                key = (ident.kind, ident.value)
+                keys.setdefault(key, pb.ProfileKey(identifier=ident))
+                if first_home.setdefault(key, home) is not home:
+                    later_at.add(i)
+        found = await self._by_identifier(list(keys.values()), ["\x00"], False, context)
+        owner = {key: hit for key, hit in zip(keys, found, strict=True) if hit is not None}
+        for i, ((pid, _), idents) in enumerate(zip(items, named, strict=True)):
+            home = self.map.owner(slot_of(pid))
+            foreign = [ident for ident in idents
+                       if (hit := owner.get((ident.kind, ident.value))) is not None
+                       and hit[1].id != pid and hit[0] is not home]
+            if foreign and i not in later_at:
+                await self._identity_write("Link", pb.LinkRequest(
+                    id=pid, identifiers=foreign, create=True), context)
+        first = [item for i, item in enumerate(items) if i not in later_at]
+        return first, [items[i] for i in sorted(later_at)]
 
     # ------------------------------------------------------------------ schema
     async def DeclareAttributes(self, request: pb.DeclareAttributesRequest, context: Any
@@ -942,6 +985,17 @@ async def serve(addresses: list[str], host: str = "127.0.0.1", port: int = 7070)
     started = time.monotonic()
     await stop_router(server, router)
     log.info("router stopped in %.2fs", time.monotonic() - started)
+
+
+def _identifiers_of(item: tuple[Any, bool]) -> list[pb.Identifier]:
+    """The identifiers a BatchUpsert record names (malformed ones are the shard's to refuse)."""
+    record, packed = item
+    if not packed:
+        return list(record.identifiers)
+    idents = record[2] if len(record) > 2 and isinstance(record[2], list) else []
+    return [pb.Identifier(kind=p[0], value=p[1]) for p in idents
+            if isinstance(p, list | tuple) and len(p) == 2
+            and isinstance(p[0], str) and isinstance(p[1], str)]
 
 
 def _as_packed_entry(profile: pb.Profile, tables: list[Any]) -> list[Any]:

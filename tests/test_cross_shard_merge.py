@@ -274,3 +274,65 @@ def test_router_killed_mid_merge_leaves_one_state(tmp_path: Path, step: str,
     finally:
         for shard in shards:
             shard.stop()
+
+
+def test_a_slot_move_waits_for_a_merge_holding_the_slot(tmp_path: Path) -> None:
+    import asyncio
+    import threading
+
+    from shards.rebalance import Node, _freeze
+
+    shards = start_shards(tmp_path, 2)
+    try:
+        loser = new_id(1, "l")
+        stub = memstore_pb2_grpc.MemstoreStub(grpc.insecure_channel(shards[1].address))
+        make(stub, loser, "Lima", 1, [])
+        _hold(shards[1], "t-move", loser, new_id(0, "s"))
+        release = threading.Timer(1.0, lambda: control(shards[1]).Release(
+            cpb.ReleaseRequest(txn="t-move", loser=loser), timeout=10))
+        release.start()
+
+        async def freeze() -> cpb.ShardInfo:
+            channel = grpc.aio.insecure_channel(shards[1].address)
+            node = Node(shards[1].address, channel, cluster_pb2_grpc.ShardControlStub(channel))
+            await node.refresh()
+            started = time.monotonic()
+            await _freeze(node, {slot_of(loser)}, node.info.epoch + 1)
+            assert time.monotonic() - started >= 0.5  # it waited for the release
+            await channel.close()
+            return node.info
+
+        info = asyncio.run(freeze())
+        release.join()
+        owned = {s for r in info.slots for s in range(r.start, r.end + 1)}
+        assert slot_of(loser) not in owned and len(owned) == 8191
+    finally:
+        for shard in shards:
+            shard.stop()
+
+
+def test_batch_upsert_merges_across_shards_like_one_shard_would(cluster: dict[str, Any]
+                                                                ) -> None:
+    stub = cluster["stub"]
+    held_elsewhere, newcomer = new_id(1, "h"), new_id(0, "n")
+    make(stub, held_elsewhere, "Lima", 2, [])
+    early, late = new_id(0, "e"), new_id(1, "t")
+    shared = pb.Identifier(kind="device", value=f"dev-{early}")
+    records = [
+        # names an identifier a profile on the other shard holds: merged first
+        [newcomer, {"city": "Oslo"}, [["email", email(held_elsewhere).value]]],
+        # two records homed on different shards naming one new identifier: the later wins
+        [early, {"city": "Rome"}, [["device", shared.value]]],
+        [late, {"city": "Pune"}, [["device", shared.value]]],
+    ]
+    reply = stub.BatchUpsert(pb.BatchUpsertRequest(packed=msgpack.packb(records)), timeout=30)
+    assert reply.applied == 3
+    assert get(stub, email(held_elsewhere)).id == newcomer
+    assert get(stub, held_elsewhere).id == newcomer
+    merged = get(stub, newcomer)
+    assert merged.attributes["event.visit.count"].int_value == 2
+    assert merged.attributes["city"].string_value == "Oslo"
+    owner = get(stub, shared)
+    assert owner.id == late and get(stub, early).id == late
+    assert early in owner.merged_ids
+    assert owner.attributes["city"].string_value == "Pune"
