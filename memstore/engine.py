@@ -842,6 +842,11 @@ class Engine:
         change.notes = notes + [Note("forwards", pid, survivor) for pid in [loser, *d.merged]]
         return change
 
+    def plan_forget(self, pids: Iterable[str]) -> Change:
+        """Erase the forwards of `pids` (ids merged into a survivor since deleted)."""
+        return Change(notes=[Note("forwards", pid, None) for pid in dict.fromkeys(pids)
+                             if pid in self.forwards], result=0)
+
     def notes_in_slots(self, slots: BitMap) -> dict[str, dict[str, Any]]:
         """The forwards and decisions of `slots` (a slot move carries them along)."""
         return {"forwards": {p: s for p, s in self.forwards.items() if slot_of(p) in slots},
@@ -858,7 +863,11 @@ class Engine:
         d = planner.draft(owner, create=False)
         assert d is not None
         planner.delete(d)
-        return planner.finish(owner)
+        change = planner.finish(owner)
+        # Ids merged into it from another shard may have left forwards here too (a chain
+        # that came back to this shard): they go with it, as its aliases do.
+        change.notes = [Note("forwards", m, None) for m in d.merged if m in self.forwards]
+        return change
 
     def plan_track(self, pid: str, event: str, at_micros: int, count: int = 1) -> Change:
         check_pid(pid)

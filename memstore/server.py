@@ -324,9 +324,11 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         pid, identifier = _key(request.key)
         if pid is not None:
             self.engine.check_slot(pid)
+        dense = self.engine.lookup(pid, identifier)
+        merged = [] if dense is None else decode(self.engine.blobs[dense])[3]  # type: ignore[arg-type]
         change = self.engine.plan_delete(pid, identifier)
         owner = await self.shard.commit(change)
-        return pb.DeleteResponse(deleted=owner is not None, id=owner or "")
+        return pb.DeleteResponse(deleted=owner is not None, id=owner or "", merged_ids=merged)
 
     @rpc
     async def Link(self, request: pb.LinkRequest, context: Any) -> pb.LinkResponse:
@@ -574,6 +576,13 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
         self._writable()
         change = self.engine.plan_release(request.loser, request.txn, request.committed)
         return cpb.ReleaseResponse(released=await self.shard.commit(change))
+
+    @rpc
+    async def Forget(self, request: cpb.ForgetRequest, context: Any) -> cpb.ForgetResponse:
+        self._writable()
+        change = self.engine.plan_forget(request.ids)
+        await self.shard.commit(change)
+        return cpb.ForgetResponse(forgotten=len(change.notes))
 
     def _writable(self) -> None:
         _writable(self.shard)

@@ -464,7 +464,25 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
             if hit is None:
                 return pb.DeleteResponse(deleted=False)
             request = pb.DeleteRequest(key=pb.ProfileKey(id=hit[1].id))
-        return await self._single(request.key.id, "Delete", request, context)  # type: ignore[no-any-return]
+        reply: pb.DeleteResponse = await self._single(request.key.id, "Delete", request, context)
+        await self._forget(reply, context)
+        return reply
+
+    async def _forget(self, reply: pb.DeleteResponse, context: Any) -> None:
+        """Erase the forwards that ids merged into the deleted profile left on other shards
+        (best effort: one that fails stays, forwarding to an id that finds nothing)."""
+        home = self.map.owner(slot_of(reply.id)) if reply.id else None
+        by_shard: dict[int, tuple[ShardState, list[str]]] = {}
+        for pid in reply.merged_ids:
+            shard = self.map.owner(slot_of(pid))
+            if shard is not None and shard is not home:
+                by_shard.setdefault(id(shard), (shard, []))[1].append(pid)
+        for shard, pids in by_shard.values():
+            try:
+                await shard.control.Forget(cpb.ForgetRequest(ids=pids), timeout=_timeout(context))
+            except grpc.aio.AioRpcError as exc:
+                log.warning("delete of %r: forwards of %d ids on %s stay: %s", reply.id,
+                            len(pids), shard.label, exc.details())
 
     async def _routed(self, items: list[tuple[str, Any]], method: str,
                       build: Callable[[list[Any]], Any], context: grpc.aio.ServicerContext,

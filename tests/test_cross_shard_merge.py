@@ -336,3 +336,25 @@ def test_batch_upsert_merges_across_shards_like_one_shard_would(cluster: dict[st
     assert owner.id == late and get(stub, early).id == late
     assert early in owner.merged_ids
     assert owner.attributes["city"].string_value == "Pune"
+
+
+def test_deleting_a_survivor_erases_the_forwards_on_the_other_shard(cluster: dict[str, Any]
+                                                                   ) -> None:
+    stub, shards = cluster["stub"], cluster["shards"]
+    survivor, loser = new_id(0, "s"), new_id(1, "l")
+    make(stub, survivor, "Oslo", 1, [])
+    make(stub, loser, "Lima", 1, [])
+    stub.Link(pb.LinkRequest(id=survivor, identifiers=[email(loser)]), timeout=15)
+    reply = stub.Delete(pb.DeleteRequest(key=pb.ProfileKey(id=loser)), timeout=15)
+    assert reply.deleted and reply.id == survivor and list(reply.merged_ids) == [loser]
+    slot = slot_of(loser)
+    chunks = list(control(shards[1]).ExportSlots(cpb.ExportRequest(
+        slots=[cpb.SlotRange(start=slot, end=slot)]), timeout=10))
+    notes = [msgpack.unpackb(c.packed, strict_map_key=False).get("notes") for c in chunks]
+    assert not any(n and loser in n["forwards"] for n in notes)
+    with pytest.raises(grpc.RpcError) as err:
+        get(stub, loser)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    stub.Upsert(pb.UpsertRequest(id=loser, operations=[pb.Operation(
+        op=pb.Operation.SET, attribute="city", value=pb.Value(string_value="Rome"))]), timeout=10)
+    assert get(stub, loser).id == loser  # a fresh profile, on its own shard

@@ -203,12 +203,14 @@ class DeleteRequest(_message.Message):
     def __init__(self, key: _Optional[_Union[ProfileKey, _Mapping]] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
-    __slots__ = ("deleted", "id")
+    __slots__ = ("deleted", "id", "merged_ids")
     DELETED_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
+    MERGED_IDS_FIELD_NUMBER: _ClassVar[int]
     deleted: bool
     id: str
-    def __init__(self, deleted: _Optional[bool] = ..., id: _Optional[str] = ...) -> None: ...
+    merged_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, deleted: _Optional[bool] = ..., id: _Optional[str] = ..., merged_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LinkRequest(_message.Message):
     __slots__ = ("id", "identifiers", "create")
