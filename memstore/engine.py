@@ -49,6 +49,7 @@ from memstore.errors import (
     WrongSlot,
 )
 from memstore.hashslot import slot_of
+from memstore.inttable import IntTable
 from memstore.schema import (
     INT64_MAX,
     INT64_MIN,
@@ -204,8 +205,10 @@ def timestamp_ext(micros: int) -> msgpack.Timestamp:
 def ident_key(kind: str, value: str) -> int:
     """Directory key of an identifier: a 64-bit hash, not the string, to save ~70 bytes a
     profile. Readers confirm a hit against the profile's own identifiers; two identifiers
-    colliding on one key are refused (about one chance in 2**64 per pair)."""
-    return xxh3_64_intdigest(f"{kind}\x00{value}".encode())
+    colliding on one key are refused (about one chance in 2**64 per pair). Never 0 or 1,
+    which the directory's table keeps for empty and deleted slots (memstore.inttable)."""
+    key: int = xxh3_64_intdigest(f"{kind}\x00{value}".encode())
+    return key if key > 1 else key + 2
 
 
 def check_pid(pid: str, where: str = "id") -> None:
@@ -491,7 +494,7 @@ class Engine:
         self.value_index: dict[int, ValueIndex] = {}
         self.range_index: dict[int, RangeIndex] = {}
         self.exists: dict[int, BitMap] = {}  # attributes in value indexes
-        self.directory: dict[int, int] = {}  # ident_key -> dense id
+        self.directory = IntTable()  # ident_key -> dense id
         self.aliases: dict[str, str] = {}
         self.slot_members: dict[int, BitMap] = defaultdict(BitMap)
         # Cross-shard merges (shards/merge.py), keyed so they travel with slots on a move:

@@ -1,0 +1,153 @@
+"""A compact uint64 -> uint32 hash table for the identifier directory.
+
+A dict of 64-bit hashes to dense ids costs ~90 bytes an entry (the dict slot, a 36-byte int
+object for the key, often another for the value); at two identifiers a profile that was
+the largest structure after the profile blobs themselves. Here an entry is 12 bytes in two
+numpy arrays (keys, values), open addressing with linear probing, at most 70% full, so
+~17-34 bytes an entry. Reads and writes go through memoryviews of the arrays, which give
+and take plain ints without building numpy scalars.
+
+Key 0 marks an empty slot and key 1 a deleted one (a tombstone, so probe chains stay
+intact); callers never use those two keys (engine.ident_key maps them away).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+EMPTY = 0
+TOMBSTONE = 1
+_MIN_CAPACITY = 1024
+_MAX_FILL = 0.7  # live entries + tombstones, as a share of the slots
+
+
+class IntTable:
+    __slots__ = ("_filled", "_keys", "_kv", "_live", "_mask", "_vals", "_vv")
+
+    def __init__(self, capacity: int = _MIN_CAPACITY) -> None:
+        self._alloc(_capacity_for(capacity))
+
+    def _alloc(self, capacity: int) -> None:
+        self._keys = np.zeros(capacity, dtype=np.uint64)
+        self._vals = np.zeros(capacity, dtype=np.uint32)
+        self._kv = memoryview(self._keys)  # type: ignore[arg-type]
+        self._vv = memoryview(self._vals)  # type: ignore[arg-type]
+        self._mask = capacity - 1
+        self._live = 0
+        self._filled = 0
+
+    def __len__(self) -> int:
+        return self._live
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._keys.nbytes + self._vals.nbytes)
+
+    def _slot(self, key: int) -> int:
+        """Where `key` is, or -1."""
+        kv, mask = self._kv, self._mask
+        i = key & mask
+        while True:
+            k = kv[i]
+            if k == key:
+                return i
+            if k == EMPTY:
+                return -1
+            i = (i + 1) & mask
+
+    def get(self, key: int, default: int | None = None) -> int | None:
+        i = self._slot(key)
+        return default if i < 0 else self._vv[i]
+
+    def __contains__(self, key: int) -> bool:
+        return self._slot(key) >= 0
+
+    def __getitem__(self, key: int) -> int:
+        i = self._slot(key)
+        if i < 0:
+            raise KeyError(key)
+        return self._vv[i]  # type: ignore[no-any-return]
+
+    def __setitem__(self, key: int, value: int) -> None:
+        kv, mask = self._kv, self._mask
+        i = key & mask
+        reuse = -1
+        while True:
+            k = kv[i]
+            if k == key:
+                self._vv[i] = value
+                return
+            if k == EMPTY:
+                break
+            if k == TOMBSTONE and reuse < 0:
+                reuse = i
+            i = (i + 1) & mask
+        if reuse >= 0:
+            i = reuse
+        else:
+            self._filled += 1
+        kv[i] = key
+        self._vv[i] = value
+        self._live += 1
+        if self._filled > _MAX_FILL * (mask + 1):
+            self._rebuild()
+
+    def __delitem__(self, key: int) -> None:
+        i = self._slot(key)
+        if i < 0:
+            raise KeyError(key)
+        self._kv[i] = TOMBSTONE
+        self._live -= 1
+
+    def items(self) -> Iterator[tuple[int, int]]:
+        live = self._keys > TOMBSTONE
+        return zip(self._keys[live].tolist(), self._vals[live].tolist(), strict=True)
+
+    def update(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Set many entries at once (vectorized when the table is empty; a later
+        duplicate key wins)."""
+        if self._live:
+            for k, v in zip(keys.tolist(), values.tolist(), strict=True):
+                self[k] = v
+            return
+        keys = np.asarray(keys, dtype=np.uint64)
+        values = np.asarray(values, dtype=np.uint32)
+        # keep the last occurrence of each key
+        _, last = np.unique(keys[::-1], return_index=True)
+        keep = len(keys) - 1 - last
+        self._alloc(_capacity_for(len(keep)))
+        self._place(keys[keep], values[keep])
+
+    def _rebuild(self) -> None:
+        live = self._keys > TOMBSTONE
+        keys, values = self._keys[live], self._vals[live]
+        self._alloc(_capacity_for(len(keys)))
+        self._place(keys, values)
+
+    def _place(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Insert distinct keys into an empty table, all of them at once: each round, every
+        key still waiting looks at its next slot and one key wins each free slot. A key
+        moves past a slot only once it is taken, which is linear probing's invariant."""
+        table_keys, table_vals, mask = self._keys, self._vals, self._mask
+        pos = (keys & np.uint64(mask)).astype(np.int64)
+        waiting = np.arange(len(keys))
+        while waiting.size:
+            at = pos[waiting]
+            free = table_keys[at] == EMPTY
+            slots, first = np.unique(at[free], return_index=True)
+            winners = waiting[free][first]
+            table_keys[slots] = keys[winners]
+            table_vals[slots] = values[winners]
+            placed = np.zeros(len(keys), dtype=bool)
+            placed[winners] = True
+            waiting = waiting[~placed[waiting]]
+            pos[waiting] = (pos[waiting] + 1) & mask
+        self._live = self._filled = len(keys)
+
+
+def _capacity_for(entries: int) -> int:
+    """The smallest power of two that holds `entries` at most half full."""
+    need = max(_MIN_CAPACITY, 2 * entries)
+    return 1 << (need - 1).bit_length()
