@@ -788,14 +788,14 @@ class Engine:
                 attrs[spec.id] = named[name]
             draft = _Draft(pid, None, [version, attrs, [list(i) for i in idents], list(merged)])
             seeded.append((draft, [ident_key(k, v) for k, v in idents]))
-        owners_here = []
+        owners_here: list[str] = []
         for draft, keys in seeded:
             for (kind, value), key in zip(draft.idents, keys, strict=True):
                 # An identifier that a profile here holds too (two first links racing on two
                 # shards): that profile joins the merge, so the identifier has one owner.
                 owner = planner.owner_of(kind, value, key)
-                if owner is not None:
-                    owners_here.append((kind, value))
+                if owner is not None and owner not in owners_here:
+                    owners_here.append(owner)
             planner.drafts[draft.pid] = draft
             for key in keys:
                 planner.idents[key] = draft.pid
@@ -805,16 +805,20 @@ class Engine:
             result = self._plan_link(planner, *link)
         else:
             raise InvalidArgument("request: an upsert or a link is required")
-        survivor = planner.resolve_pid(upsert.pid if upsert is not None else link[0])  # type: ignore[index]
-        target = planner.drafts[survivor]
-        if owners_here:
-            planner.link(target, owners_here, "losers.identifiers")
+        named = upsert.pid if upsert is not None else link[0]  # type: ignore[index]
+        target = planner.drafts[planner.resolve_pid(named)]
+        for owner in owners_here:
+            other = planner.draft(owner, create=False)
+            if other is not None and other is not target and not other.gone:
+                planner.merge_into(target, other)
         for draft, _ in seeded:
             if not draft.gone:
                 raise FailedPrecondition(f"merge {txn}: the request does not link any "
                                          f"identifier of {draft.pid!r}; nothing to merge")
         change = planner.finish(result)
-        change.notes.append(Note("decided", txn, [survivor, True]))
+        # Keyed by the id the coordinator named, which is where Decide will ask (its slot
+        # carries the decision on a move), even when that id is an alias here.
+        change.notes.append(Note("decided", txn, [named, True]))
         return change
 
     def plan_decide(self, txn: str, survivor: str) -> Change:
@@ -845,10 +849,14 @@ class Engine:
         change.notes = notes + [Note("forwards", pid, survivor) for pid in [loser, *d.merged]]
         return change
 
-    def plan_forget(self, pids: Iterable[str]) -> Change:
-        """Erase the forwards of `pids` (ids merged into a survivor since deleted)."""
-        return Change(notes=[Note("forwards", pid, None) for pid in dict.fromkeys(pids)
-                             if pid in self.forwards], result=0)
+    def plan_forget(self, pids: Iterable[str], txns: Iterable[str] = ()) -> Change:
+        """Erase the forwards of `pids` (ids merged into a survivor since deleted) and the
+        decisions of finished merges `txns` (every loser released)."""
+        notes = [Note("forwards", pid, None) for pid in dict.fromkeys(pids)
+                 if pid in self.forwards]
+        notes += [Note("decided", txn, None) for txn in dict.fromkeys(txns)
+                  if txn in self.decided]
+        return Change(notes=notes, result=0)
 
     def notes_in_slots(self, slots: BitMap) -> dict[str, dict[str, Any]]:
         """The forwards and decisions of `slots` (a slot move carries them along)."""

@@ -48,8 +48,10 @@ class Held(FailedPrecondition):
 class Forwarded(FailedPrecondition):
     """The primary id was merged into a profile on another shard: ask for the survivor."""
 
-    def __init__(self, pid: str, survivor: str) -> None:
+    def __init__(self, pid: str, survivor: str, more: int = 0) -> None:
+        also = f" (and {more} more ids of this call were merged away too)" if more else ""
         super().__init__(f"profile {pid!r} was merged into {survivor!r}, which lives on "
-                         "another shard; ask for that id")
+                         f"another shard; ask for that id{also}")
         self.pid = pid
         self.survivor = survivor
+        self.pairs: list[list[str]] = [[pid, survivor]]  # every (merged id, survivor) met

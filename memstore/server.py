@@ -94,7 +94,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
             [exc.pid, exc.txn, exc.survivor, exc.age])),))
     elif isinstance(exc, Forwarded):
         context.set_trailing_metadata((("memstore-merged-into-bin", msgpack.packb(
-            [exc.pid, exc.survivor])),))
+            exc.pairs)),))
     if isinstance(exc, MemstoreError):
         await context.abort(_status_for(exc), str(exc))
     log.exception("internal error")
@@ -269,6 +269,7 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         if len(request.keys) > MAX_BATCH_KEYS:
             raise InvalidArgument(f"keys: at most {MAX_BATCH_KEYS} keys in one call")
         attributes = list(request.attributes)
+        _forwarded_keys(self.engine, request.keys)
         if request.packed:
             engine = self.engine
             entries: list[Any] = []
@@ -306,6 +307,7 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
                           ) -> pb.BatchUpsertResponse:
         self._writable()
         rows = unpack_records(request.packed) if request.packed else []
+        _forwarded(self.engine, [r.id for r in request.requests] + [row[0] for row in rows])
         if request.requests:
             specs = [_spec(r, f"requests[{i}].") for i, r in enumerate(request.requests)]
             specs += [UpsertSpec(pid, [(SET, k, v) for k, v in attrs.items()], idents,
@@ -464,6 +466,24 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         )
 
 
+def _forwarded(engine: Engine, pids: list[str]) -> None:
+    """Refuse a batch naming merged-away ids, naming all of them, so a router retargets
+    them in one round (Forwarded carries every pair)."""
+    if not engine.forwards:
+        return
+    pairs = [[p, engine.forwards[p]] for p in dict.fromkeys(pids)
+             if p in engine.forwards and p not in engine.dense_of and p not in engine.aliases]
+    if pairs:
+        exc = Forwarded(pairs[0][0], pairs[0][1], more=len(pairs) - 1)
+        exc.pairs = pairs
+        raise exc
+
+
+def _forwarded_keys(engine: Engine, keys: Any) -> None:
+    if engine.forwards:
+        _forwarded(engine, [k.id for k in keys if k.WhichOneof("key") == "id"])
+
+
 def _writable(shard: Shard) -> None:
     error = shard.writable_error
     if error:
@@ -523,11 +543,11 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
                 f"epoch {request.epoch} is not newer than this shard's epoch {self.engine.epoch}"
             )
         slots = _slots_of(request.slots)
-        for pid, (txn, survivor, _) in self.engine.held.items():
+        for pid, (txn, survivor, since) in self.engine.held.items():
             slot = slot_of(pid)
             if slot not in slots and (self.engine.owned_slots is None
                                       or slot in self.engine.owned_slots):
-                raise Held(pid, txn, survivor, 0.0)
+                raise Held(pid, txn, survivor, max(0.0, time.time() - since))
         await self.shard.set_ownership(request.epoch, slots)
         return self._info()
 
@@ -580,7 +600,7 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
     @rpc
     async def Forget(self, request: cpb.ForgetRequest, context: Any) -> cpb.ForgetResponse:
         self._writable()
-        change = self.engine.plan_forget(request.ids)
+        change = self.engine.plan_forget(request.ids, request.txns)
         await self.shard.commit(change)
         return cpb.ForgetResponse(forgotten=len(change.notes))
 
@@ -616,8 +636,10 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
                     ids.append(dense)
         schema = [] if request.fingerprints else [
             [s.name, int(s.kind), s.indexed, int(s.merge)] for s in engine.schema.by_id]
-        # Forwards and merge decisions of the slots: few, so every export carries them all.
+        # Forwards and merge decisions of the slots: every export carries them all, with the
+        # slots they cover, and the import replaces its own for those slots with them.
         notes = None if request.fingerprints else engine.notes_in_slots(slots)
+        note_slots = slots.serialize()
         batch: list[list[Any]] = []
         for n, dense in enumerate(ids, 1):
             blob = engine.blobs[dense]
@@ -631,15 +653,15 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
                     batch.append([engine.pids[dense], version, named, idents, merged])
             if len(batch) >= EXPORT_CHUNK or n == len(ids):
                 chunk: dict[str, Any] = {"schema": schema, "profiles": batch}
-                if notes:
-                    chunk["notes"], notes = notes, None
+                if notes is not None:
+                    chunk["notes"], chunk["note_slots"], notes = notes, note_slots, None
                 yield cpb.ExportChunk(packed=msgpack.packb(chunk, use_bin_type=True), lsn=lsn)
                 batch = []
                 await asyncio.sleep(0)
         if deleted or not ids:
             chunk = {"schema": schema, "profiles": [], "deleted": deleted}
-            if notes:
-                chunk["notes"] = notes
+            if notes is not None:
+                chunk["notes"], chunk["note_slots"] = notes, note_slots
             yield cpb.ExportChunk(packed=msgpack.packb(chunk, use_bin_type=True), lsn=lsn)
 
     @rpc
@@ -684,11 +706,14 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
                                          f"its slot {slot_of(pid)}; imports only fill slots "
                                          "that are moving here")
             change.images.append(Image(dense, pid, None))
-        notes = chunk.get("notes") or {}
-        change.notes = [Note("forwards", pid, survivor)
-                        for pid, survivor in notes.get("forwards", {}).items()]
-        change.notes += [Note("decided", txn, decision)
-                         for txn, decision in notes.get("decided", {}).items()]
+        notes = chunk.get("notes")
+        if notes is not None:  # replaces this shard's notes of those slots
+            mine = engine.notes_in_slots(BitMap.deserialize(chunk["note_slots"]))
+            for table in ("forwards", "decided"):
+                theirs = notes.get(table, {})
+                change.notes += [Note(table, key, None) for key in mine[table]
+                                 if key not in theirs]
+                change.notes += [Note(table, key, value) for key, value in theirs.items()]
         await self.shard.commit(change)
         return cpb.ImportResponse(applied=len(change.images))
 

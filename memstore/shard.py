@@ -201,6 +201,13 @@ class Shard:
     async def commit(self, change: Change) -> Any:
         """Log, apply and (per sync policy) persist `change`; returns change.result."""
         if change.empty:
+            if self.log is not None and self._pending:
+                # The answer may rest on changes applied but not durable yet (a Decide
+                # reading the decision of an Absorb still in its fsync): wait as they do.
+                try:
+                    await self.log.sync_to(self._pending[-1][0])
+                except (LogFailedError, OSError) as exc:
+                    raise Unavailable(f"not answered: an earlier write failed: {exc}") from None
             return change.result
         if self.log is None:
             self.engine.apply(change)

@@ -62,8 +62,8 @@ CRASH_ENV = "MEMSTORE_TEST_CRASH_AT"
 class Forwarded(Exception):
     """A shard answered that `pid` was merged into `survivor` on another shard."""
 
-    def __init__(self, pid: str, survivor: str) -> None:
-        super().__init__(f"profile {pid!r} was merged into {survivor!r}")
+    def __init__(self, pid: str, survivor: str, why: str = "") -> None:
+        super().__init__(why or f"profile {pid!r} was merged into {survivor!r}")
         self.pid = pid
         self.survivor = survivor
 
@@ -153,13 +153,21 @@ async def merge(router: Caller, survivor: str, losers: list[str], request: Any,
         response = await _committed_response(router, survivor, losers, request, context)
         return response
     crash_point("merge-after-absorb")
+    released = 0
     for loser, _ in held:
         try:
             await router.control(loser, "Release", cpb.ReleaseRequest(
                 txn=txn, loser=loser, committed=True), context)
+            released += 1
         except Exception:  # noqa: BLE001 - committed; whoever meets the hold finishes it
             log.warning("merge %s: committed, but releasing %r failed; it finishes when "
                         "next touched or swept", txn, loser)
+    if released == len(held):
+        # No hold of txn is left anywhere, so nobody will ask for its decision again.
+        try:
+            await router.control(survivor, "Forget", cpb.ForgetRequest(txns=[txn]), context)
+        except Exception:  # noqa: BLE001 - a decision kept is only a few bytes
+            log.info("merge %s: could not forget its decision", txn)
     return response
 
 

@@ -46,6 +46,7 @@ import functools
 import itertools
 import json
 import logging
+import random
 import signal
 import sys
 import time
@@ -75,6 +76,7 @@ T = TypeVar("T")
 MOVE_WAIT = 30.0
 ADMIN_SERVICE = "memstore.cluster.v1.RouterAdmin"
 SWEEP_INTERVAL = 2.0  # seconds between looks for merges a dead router left unfinished
+MAX_FORWARDS = 16  # merged-away ids followed in a row before giving up (a cycle is a bug)
 Code = grpc.StatusCode
 
 
@@ -96,6 +98,9 @@ class _Pending(Exception):
         super().__init__(f"profile {self.loser!r} is held by merge {self.txn}")
 
 
+_FOLLOWED = object()  # _routed: a group sent again, aimed at the survivors of merged-away ids
+
+
 class _Stuck(Exception):
     """No shard accepted a slot within MOVE_WAIT."""
 
@@ -103,8 +108,8 @@ class _Stuck(Exception):
 class _Background:
     """A stand-in ServicerContext for the sweeper: no deadline; aborting raises."""
 
-    def time_remaining(self) -> None:
-        return None
+    def time_remaining(self) -> float:
+        return 5.0  # each call of a sweep gets this long
 
     async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
         raise RuntimeError(f"{code.name}: {details}")
@@ -237,6 +242,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         """`request` to the owner of slot_of(pid), on its ShardControl service if `control`.
         Raises what it cannot handle: AioRpcError, _Down, _Stuck, and merge.Forwarded when
         not `follow`ing merged-away ids."""
+        hops = 0
         for attempt in _attempts():
             slot = slot_of(pid)
             version = self.map.version
@@ -264,9 +270,14 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                 forwarded = _trailer(exc, "memstore-merged-into-bin")
                 if forwarded is None:
                     raise
-                gone, survivor = msgpack.unpackb(forwarded)
+                [gone, survivor], *_ = msgpack.unpackb(forwarded)
                 if not follow:
                     raise merge.Forwarded(gone, survivor) from None
+                hops += 1
+                if hops > MAX_FORWARDS:
+                    raise merge.Forwarded(gone, survivor, f"more than {MAX_FORWARDS} forwards "
+                                          f"in a row, the last {gone!r} -> {survivor!r} "
+                                          "(a forward cycle?)") from None
                 request, pid = _retarget(request, survivor), survivor
         raise _Stuck(f"a slot has no owner that accepts it after {MOVE_WAIT:.0f} s "
                      "(a slot move stuck?)")
@@ -293,13 +304,19 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
             await asyncio.sleep(SWEEP_INTERVAL)
             try:
                 await self.map.refresh()
-                for shard in self.map.shards:
-                    for held in shard.held:
-                        if held.age_seconds >= 2 * merge.HOLD_PATIENCE:
-                            await merge.decide_and_release(self, held.txn, held.loser,
-                                                           held.survivor, context)
-            except Exception:
-                log.warning("merge sweep failed", exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - never let the sweeper die
+                log.warning("sweep: could not refresh the shard map: %s", exc)
+                continue
+            for shard in self.map.shards:
+                for held in shard.held:
+                    if held.age_seconds < 2 * merge.HOLD_PATIENCE:
+                        continue
+                    try:
+                        await merge.decide_and_release(self, held.txn, held.loser,
+                                                       held.survivor, context)
+                    except Exception as exc:  # noqa: BLE001 - a shard down: next round
+                        log.warning("sweep: merge %s of %r still unfinished: %s", held.txn,
+                                    held.loser, exc)
 
     async def _stable(self, context: grpc.aio.ServicerContext, allow_partial: bool
                       ) -> list[tuple[ShardState, int]]:
@@ -428,8 +445,9 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                 if not losers:
                     return await self._owner_call(request.id, method, request, context)
                 return await merge.merge(self, request.id, losers, request, context)
-            except merge.Restart:
+            except merge.Restart:  # a racing merge: back off a random while, then retry
                 await _pause(attempt, context)
+                await asyncio.sleep(random.uniform(0, 0.05))
             except merge.Forwarded as exc:  # the profile itself merged away: its survivor
                 request = _retarget(request, exc.survivor)
             except Exception as exc:  # noqa: BLE001 - _abort re-raises the rest
@@ -493,6 +511,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         group that met a merge's hold is sent again once it settled; an id merged into a
         profile on another shard becomes (survivor, retarget(item, survivor))."""
         pending, done = items, []
+        followed = 0
         for attempt in _attempts():
             version = self.map.version
             groups: dict[int, tuple[ShardState, list[tuple[str, Any]]]] = {}
@@ -520,9 +539,9 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                     forwarded = _trailer(exc, "memstore-merged-into-bin")
                     if forwarded is None or retarget is None:
                         raise
-                    gone, survivor = msgpack.unpackb(forwarded)
-                    return [(survivor, retarget(item, survivor)) if pid == gone else (pid, item)
-                            for pid, item in group], None
+                    moved = dict(msgpack.unpackb(forwarded))
+                    return [(moved[pid], retarget(item, moved[pid])) if pid in moved
+                            else (pid, item) for pid, item in group], _FOLLOWED
 
             outcomes = await asyncio.gather(*(one(s, g) for s, g in groups.values()),
                                             return_exceptions=True)
@@ -537,12 +556,20 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                     except Exception as exc:  # noqa: BLE001 - _abort re-raises the rest
                         await self._abort(context, exc)
                     pending.extend(group)
+                elif response is _FOLLOWED:
+                    pending.extend(group)
+                    followed += 1
                 elif response is None:
                     pending.extend(group)
                 else:
                     done.append(([item for _, item in group], response))
             if not pending:
                 return done
+            if followed:  # ids merged away, now aimed at their survivors: no map change
+                if followed > MAX_FORWARDS:
+                    await _fail(context, Code.FAILED_PRECONDITION, f"more than {MAX_FORWARDS} "
+                                "rounds of merged-away ids in one batch (a forward cycle?)")
+                continue
             await self.map.refresh(since=version)
             if attempt:
                 await _pause(attempt, context)

@@ -212,23 +212,35 @@ def test_a_shard_gives_up_no_slot_while_a_profile_in_it_is_held(cluster: dict[st
     assert get(stub, loser).id == loser
 
 
-def test_forwards_travel_with_their_slot(cluster: dict[str, Any]) -> None:
+def _notes(shard: ServerProcess, pid: str) -> list[Any]:
+    """The merge notes an export of pid's slot carries."""
+    slot = slot_of(pid)
+    chunks = control(shard).ExportSlots(cpb.ExportRequest(
+        slots=[cpb.SlotRange(start=slot, end=slot)]), timeout=10)
+    return [msgpack.unpackb(c.packed, strict_map_key=False).get("notes") for c in chunks]
+
+
+def test_forwards_and_decisions_travel_with_their_slot(cluster: dict[str, Any]) -> None:
     stub, shards = cluster["stub"], cluster["shards"]
     survivor, loser = new_id(0, "s"), new_id(1, "l")
     make(stub, survivor, "Oslo", 1, [])
     make(stub, loser, "Lima", 1, [])
     stub.Link(pb.LinkRequest(id=survivor, identifiers=[email(loser)]), timeout=15)
-    slot = slot_of(loser)
-    chunks = list(control(shards[1]).ExportSlots(cpb.ExportRequest(
-        slots=[cpb.SlotRange(start=slot, end=slot)]), timeout=10))
-    notes = [msgpack.unpackb(c.packed, strict_map_key=False).get("notes") for c in chunks]
-    assert {"forwards": {loser: survivor}, "decided": {}} in notes
-    decided_slot = slot_of(survivor)
-    chunks = list(control(shards[0]).ExportSlots(cpb.ExportRequest(
-        slots=[cpb.SlotRange(start=decided_slot, end=decided_slot)]), timeout=10))
-    decided = [msgpack.unpackb(c.packed, strict_map_key=False).get("notes") for c in chunks]
-    assert any(n and any(v == [survivor, True] for v in n["decided"].values())
-               for n in decided)
+    assert {"forwards": {loser: survivor}, "decided": {}} in _notes(shards[1], loser)
+    # Every loser released: the survivor's shard has forgotten the decision.
+    assert not any(n and any(v[0] == survivor for v in n["decided"].values())
+                   for n in _notes(shards[0], survivor))
+    # A decision still needed (its loser not released yet) travels with the survivor's slot.
+    survivor, loser = new_id(0, "s"), new_id(1, "l")
+    make(stub, survivor, "Oslo", 1, [])
+    make(stub, loser, "Lima", 1, [])
+    exported = _hold(shards[1], "t-travel", loser, survivor)
+    control(shards[0]).Absorb(cpb.AbsorbRequest(
+        txn="t-travel", losers=[msgpack.packb(exported)],
+        link=pb.LinkRequest(id=survivor, identifiers=[email(loser)])), timeout=10)
+    assert any(n and n["decided"].get("t-travel") == [survivor, True]
+               for n in _notes(shards[0], survivor))
+    assert get(stub, loser).id == survivor  # (the router finishes it)
 
 
 @pytest.mark.parametrize("step, merged", [("merge-after-hold", False),
@@ -358,3 +370,21 @@ def test_deleting_a_survivor_erases_the_forwards_on_the_other_shard(cluster: dic
     stub.Upsert(pb.UpsertRequest(id=loser, operations=[pb.Operation(
         op=pb.Operation.SET, attribute="city", value=pb.Value(string_value="Rome"))]), timeout=10)
     assert get(stub, loser).id == loser  # a fresh profile, on its own shard
+
+
+def test_batches_follow_many_merged_away_ids_at_once(cluster: dict[str, Any]) -> None:
+    stub = cluster["stub"]
+    pairs = [(new_id(0, "s"), new_id(1, "l")) for _ in range(40)]
+    for survivor, loser in pairs:
+        stub.Upsert(pb.UpsertRequest(id=survivor), timeout=10)
+        stub.Upsert(pb.UpsertRequest(id=loser, identifiers=[email(loser)]), timeout=10)
+        stub.Link(pb.LinkRequest(id=survivor, identifiers=[email(loser)]), timeout=15)
+    losers = [loser for _, loser in pairs]
+    results = stub.BatchGet(pb.BatchGetRequest(keys=[pb.ProfileKey(id=p) for p in losers]),
+                            timeout=10).results
+    assert [r.profile.id for r in results] == [s for s, _ in pairs]
+    reply = stub.BatchUpsert(pb.BatchUpsertRequest(packed=msgpack.packb(
+        [[loser, {"batch_mark": i}, []] for i, loser in enumerate(losers)])), timeout=10)
+    assert reply.applied == len(losers)
+    marks = [get(stub, s).attributes["batch_mark"].int_value for s, _ in pairs]
+    assert marks == list(range(len(pairs)))

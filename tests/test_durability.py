@@ -371,3 +371,45 @@ def test_a_failed_snapshot_writer_is_reported_and_the_shard_serves_on(
         await shard.close()
 
     run(scenario())
+
+
+def test_decide_never_answers_committed_for_an_absorb_not_yet_durable(tmp_path: Path) -> None:
+    """Decide reads a decision an Absorb applied in memory; if that Absorb's fsync then
+    fails, Decide must not have answered "committed" (the loser's shard would drop it)."""
+    import threading
+
+    from memstore.engine import Engine
+
+    gate = threading.Event()
+    armed = {"on": False}
+
+    def fsync(fd: int) -> None:
+        if armed["on"]:
+            gate.wait(10)
+            raise OSError(5, "injected EIO")
+        import os
+
+        os.fsync(fd)
+
+    async def scenario() -> None:
+        shard = await open_shard(tmp_path / "data", fsync=fsync)
+        await shard.commit(shard.engine.plan_upsert(UpsertSpec("s", [(SET, "x", 1)])))
+        side = Engine()
+        side.apply(side.plan_upsert(UpsertSpec("l", [(SET, "y", 2)], [("email", "l")])))
+        loser = side.plan_hold("l", "t1", "s").result
+        armed["on"] = True
+        absorb = asyncio.ensure_future(shard.commit(shard.engine.plan_absorb(
+            "t1", [loser], link=("s", [("email", "l")], False))))
+        await asyncio.sleep(0.05)  # the absorb is applied and waits for its fsync
+        assert shard.engine.decided["t1"] == ["s", True]
+        decide = asyncio.ensure_future(shard.commit(shard.engine.plan_decide("t1", "s")))
+        await asyncio.sleep(0.05)
+        assert not decide.done(), "Decide answered before the decision was durable"
+        gate.set()
+        for task in (absorb, decide):
+            with pytest.raises(Unavailable):
+                await task
+        assert "t1" not in shard.engine.decided  # rolled back with the absorb
+        await shard.close()
+
+    run(scenario())

@@ -176,3 +176,42 @@ class MergeMachine(RuleBasedStateMachine):
 MergeMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=30,
                                           deadline=None)
 TestMergeMachine = MergeMachine.TestCase
+
+
+def _exported_loser(pid: str, idents: list[tuple[str, str]]) -> dict[str, Any]:
+    """Hold `pid` on an engine of its own, as the loser's shard would, and return its export."""
+    side = Engine()
+    side.apply(side.plan_upsert(UpsertSpec(pid, [(SET, "city", "Lima")], idents)))
+    change = side.plan_hold(pid, "t1", "s")
+    side.apply(change)
+    return change.result  # type: ignore[no-any-return]
+
+
+def test_absorb_merges_a_local_profile_sharing_the_losers_identifier() -> None:
+    """Two first links raced: P here and the loser there both hold email:y. The merge must
+    leave one owner of email:y, the survivor, with P merged in."""
+    engine = Engine()
+    engine.apply(engine.plan_upsert(UpsertSpec("s", [(SET, "city", "Oslo")])))
+    engine.apply(engine.plan_upsert(UpsertSpec("p", [(INCREMENT, "n", 2)], [("email", "y")])))
+    loser = _exported_loser("l", [("email", "x"), ("email", "y")])
+    engine.apply(engine.plan_absorb("t1", [loser], link=("s", [("email", "x")], False)))
+    survivor = engine.profile(engine.lookup("s"))
+    assert sorted(survivor.identifiers) == [("email", "x"), ("email", "y")]
+    assert set(survivor.merged_ids) == {"l", "p"}
+    assert survivor.attributes["n"] == 2
+    assert engine.dense_of.get("p") is None and engine.lookup("p") == engine.lookup("s")
+    assert engine.profile(engine.lookup(identifier=("email", "y"))).id == "s"
+
+
+def test_absorb_keeps_the_decision_under_the_id_the_coordinator_named() -> None:
+    """Decide asks by the id the router named (its slot); an alias must not move it."""
+    engine = Engine()
+    engine.apply(engine.plan_upsert(UpsertSpec("x", [], [("email", "m")])))
+    engine.apply(engine.plan_upsert(UpsertSpec("m", [], [])))
+    engine.apply(engine.plan_link("x", [("email", "mm")]))
+    engine.apply(engine.plan_upsert(UpsertSpec("alias", [], [("email", "a")])))
+    engine.apply(engine.plan_link("x", [("email", "a")]))  # "alias" now resolves to x
+    loser = _exported_loser("l", [("email", "z")])
+    engine.apply(engine.plan_absorb("t1", [loser], link=("alias", [("email", "z")], False)))
+    assert engine.decided["t1"] == ["alias", True]
+    assert engine.plan_decide("t1", "alias").result is True
