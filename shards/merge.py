@@ -21,7 +21,11 @@ Crash anywhere, and on restart the state is either merged or not, never half of 
   for txn and answers so, and A.Release(committed=False) makes L visible again, unchanged.
   A late Absorb of that txn is refused, because Decide and Absorb both run on B's single
   writer (plan and apply with no await between), so exactly one of them records the txn.
-- After Absorb is logged, Decide answers committed, and Release finishes the merge.
+- After Absorb is logged, Decide answers committed, and Release finishes the merge. Decide
+  answers only once the decision it read is durable (an empty change waits for the fsync
+  of the changes before it), so a rolled-back Absorb is never reported committed.
+- Once every loser is released, the coordinator tells B to Forget the decision: no hold of
+  that transaction is left anywhere, so nobody asks again.
 - Holds, forwards and decisions are in the shards' logs and snapshots; they travel with
   their slots on a move (forwards and holds by the primary id's slot, decisions by the
   survivor's), and a shard refuses to give up a slot while a profile in it is held.
