@@ -148,7 +148,9 @@ async def _status(routers: tuple[str, ...], shards: tuple[str, ...]) -> list[dic
             row.update(name=info.name, epoch=info.epoch, profiles=info.profiles,
                        slots=to_ranges(node.slots), slot_count=len(node.slots),
                        healthy=info.healthy
-                       and check.status == health_pb2.HealthCheckResponse.SERVING)
+                       and check.status == health_pb2.HealthCheckResponse.SERVING,
+                       merging=[{"loser": h.loser, "survivor": h.survivor, "txn": h.txn,
+                                 "age_s": round(h.age_seconds, 1)} for h in info.held])
         except grpc.aio.AioRpcError as exc:
             row.update(name="?", healthy=False, error=exc.details())
         rows.append(row)
@@ -182,6 +184,11 @@ def status(routers: tuple[str, ...], shard_addresses: tuple[str, ...], as_json: 
                    f"{'  ' + row['error'] if 'error' in row else ''}")
     click.echo(f"{len(rows)} shards, {claimed} of {SLOT_COUNT} slots claimed"
                + ("" if claimed == SLOT_COUNT else "  (a move in flight? see cluster resume)"))
+    for row in rows:
+        for h in row.get("merging", []):
+            click.echo(f"merging on {row['name']}: {h['loser']!r} into {h['survivor']!r} "
+                       f"(merge {h['txn']}, {h['age_s']} s old; a router finishes or undoes "
+                       "merges older than a few seconds)")
 
 
 def _progress(total: int, desc: str, disable: bool) -> Any:

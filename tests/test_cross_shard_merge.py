@@ -208,6 +208,10 @@ def test_a_shard_gives_up_no_slot_while_a_profile_in_it_is_held(cluster: dict[st
                                     timeout=10)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert loser in err.value.details()
+    from tests.test_cli import memstore
+
+    shown = memstore("cluster", "status", "--address", cluster["router"].address).stdout
+    assert f"merging on shard-1: {loser!r} into {survivor!r} (merge t-pinned" in shown
     control(shards[1]).Release(cpb.ReleaseRequest(txn="t-pinned", loser=loser), timeout=10)
     assert get(stub, loser).id == loser
 
