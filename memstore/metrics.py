@@ -1,8 +1,11 @@
-"""Prometheus metrics of one shard process (served on --metrics-port, loopback by default).
+"""Prometheus metrics of a shard or router process (served on --metrics-port, loopback by
+default).
 
-memstore_requests_total{method,code}   calls answered, by gRPC status
-memstore_request_seconds{method}       latency histogram
-memstore_profiles / memstore_log_bytes gauges read at scrape time
+memstore_requests_total{method,code}   calls answered, by gRPC status (shards and routers)
+memstore_request_seconds{method}       latency histogram (shards and routers)
+memstore_profiles / memstore_log_bytes gauges read at scrape time (shards)
+memstore_merges_total{outcome}         cross-shard merges a router ran or settled: committed,
+                                       aborted (an abandoned one undone), restarted (a race)
 """
 
 from __future__ import annotations
@@ -16,14 +19,22 @@ REQUESTS = Counter("memstore_requests", "Calls answered, by method and status co
 LATENCY = Histogram("memstore_request_seconds", "Time to answer a call", ["method"],
                     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
                              0.05, 0.1, 0.25, 1.0, 5.0))
+MERGES = Counter("memstore_merges", "Cross-shard merges, by outcome", ["outcome"])
 PROFILES = Gauge("memstore_profiles", "Live profiles held by this shard")
 LOG_BYTES = Gauge("memstore_log_bytes", "Bytes in this shard's log segments")
 
 
-def serve_metrics(host: str, port: int, profiles: Callable[[], float],
-                  log_bytes: Callable[[], float]) -> int:
+def serve_metrics(host: str, port: int, profiles: Callable[[], float] | None = None,
+                  log_bytes: Callable[[], float] | None = None) -> int:
     """Start the scrape endpoint; returns the port it listens on."""
-    PROFILES.set_function(profiles)
-    LOG_BYTES.set_function(log_bytes)
+    if profiles is not None:
+        PROFILES.set_function(profiles)
+    if log_bytes is not None:
+        LOG_BYTES.set_function(log_bytes)
     server, _ = start_http_server(port, addr=host)
     return int(server.server_port)
+
+
+def observe(method: str, code: str, seconds: float) -> None:
+    REQUESTS.labels(method, code).inc()
+    LATENCY.labels(method).observe(seconds)

@@ -126,8 +126,7 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             aborted = context.code()
             if aborted is not None:
                 code = aborted.name
-            metrics.REQUESTS.labels(name, code).inc()
-            metrics.LATENCY.labels(name).observe(time.perf_counter() - started)
+            metrics.observe(name, code, time.perf_counter() - started)
         raise AssertionError("unreachable")
 
     return wrapper

@@ -94,14 +94,17 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, sync: str,
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (loopback by default).")
 @click.option("--port", default=7070, show_default=True, help="Port; 0 picks a free one.")
+@click.option("--metrics-port", type=int, default=None,
+              help="Serve Prometheus metrics on this port (same host; 0 picks one). "
+                   "Default: no metrics endpoint.")
 @click.option("-v", "--verbose", is_flag=True)
 def serve_router(shard_addresses: tuple[str, ...], host: str, port: int,
-                 verbose: bool) -> None:
+                 metrics_port: int | None, verbose: bool) -> None:
     """Run a router alone in front of shards started with serve-shard."""
     from shards.router import serve as serve_router_
 
     _logging(verbose)
-    _run(serve_router_(list(shard_addresses), host, port))
+    _run(serve_router_(list(shard_addresses), host, port, metrics_port))
 
 
 @click.group()

@@ -51,6 +51,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from memstore import metrics
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import memstore_pb2 as pb
 
@@ -101,6 +102,7 @@ async def decide_and_release(router: Caller, txn: str, loser: str, survivor: str
         txn=txn, loser=loser, committed=decision.committed), context)
     log.info("merge %s of %r into %r: %s", txn, loser, survivor,
              "committed" if decision.committed else "aborted")
+    metrics.MERGES.labels("committed" if decision.committed else "aborted").inc()
     return bool(decision.committed)
 
 
@@ -152,11 +154,13 @@ async def merge(router: Caller, survivor: str, losers: list[str], request: Any,
             raise exc from None
         if not committed:
             if is_aborted(exc):
+                metrics.MERGES.labels("restarted").inc()
                 raise Restart(f"merge {txn} was aborted by a racing caller") from None
             raise
         response = await _committed_response(router, survivor, losers, request, context)
         return response
     crash_point("merge-after-absorb")
+    metrics.MERGES.labels("committed").inc()
     released = 0
     for loser, _ in held:
         try:

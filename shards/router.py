@@ -59,7 +59,7 @@ import msgpack
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from memstore import pbvalues
+from memstore import metrics, pbvalues
 from memstore.query import And, Not, Or, Predicate, QueryError, query_from_request
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import memstore_pb2 as pb
@@ -986,7 +986,7 @@ async def start_router(addresses: Iterable[str], host: str = "127.0.0.1", port: 
         log.warning("starting without shards %s: their calls get UNAVAILABLE until they "
                     "answer", ", ".join(down))
     router = RouterService(shard_map, on_membership)
-    server = grpc.aio.server(options=CHANNEL_OPTIONS[:2])
+    server = grpc.aio.server(options=CHANNEL_OPTIONS[:2], interceptors=[_Metered()])
     memstore_pb2_grpc.add_MemstoreServicer_to_server(router, server)
     server.add_generic_rpc_handlers((_admin_handler(router),))
     health_servicer = health.aio.HealthServicer()
@@ -1018,9 +1018,13 @@ async def stop_router(server: grpc.aio.Server, router: RouterService, grace: flo
     await router.map.close()
 
 
-async def serve(addresses: list[str], host: str = "127.0.0.1", port: int = 7070) -> None:
+async def serve(addresses: list[str], host: str = "127.0.0.1", port: int = 7070,
+                metrics_port: int | None = None) -> None:
     """Run a router until SIGTERM/SIGINT, then drain in-flight calls."""
     server, bound, router = await start_router(addresses, host, port)
+    if metrics_port is not None:
+        scrape = metrics.serve_metrics(host, metrics_port)
+        print(f"metrics on http://{host}:{scrape}/metrics", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -1041,6 +1045,36 @@ def _identifiers_of(item: tuple[Any, bool]) -> list[pb.Identifier]:
     return [pb.Identifier(kind=p[0], value=p[1]) for p in idents
             if isinstance(p, list | tuple) and len(p) == 2
             and isinstance(p[0], str) and isinstance(p[1], str)]
+
+
+class _Metered(grpc.aio.ServerInterceptor):
+    """Count and time every unary call of the public API (memstore.metrics)."""
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        method = details.method or ""
+        if handler is None or handler.unary_unary is None or "/memstore.v1." not in method:
+            return handler
+        name = method.rsplit("/", 1)[-1]
+        inner = handler.unary_unary
+
+        async def timed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            code = "UNKNOWN"
+            try:
+                response = await inner(request, context)
+                code = "OK"
+                return response
+            finally:
+                aborted = context.code()
+                if aborted is not None and aborted != Code.OK:
+                    code = aborted.name if isinstance(aborted, grpc.StatusCode) else str(aborted)
+                metrics.observe(name, code, time.perf_counter() - started)
+
+        return grpc.unary_unary_rpc_method_handler(
+            timed, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
 
 
 def _as_packed_entry(profile: pb.Profile, tables: list[Any]) -> list[Any]:

@@ -65,6 +65,7 @@ class ShardMap:
         self._owner: list[int] = [-1] * SLOT_COUNT
         self.exact = False  # every slot claimed by exactly one shard
         self.version = 0  # bumps on every refresh
+        self._claims: list[tuple[int, tuple[Range, ...]]] | None = None  # of the last rebuild
         self._lock = asyncio.Lock()
         for address in addresses:
             self.add(address)
@@ -141,7 +142,10 @@ class ShardMap:
             answers = await asyncio.gather(*(self._ask(s) for s in self.shards))
             for shard, answer in zip(self.shards, answers):
                 self._apply(shard, answer)
-            self._rebuild()
+            claims = [(s.epoch, tuple(s.slots)) for s in self.shards]
+            if claims != self._claims:  # the slot table takes ~1.5 ms of Python to rebuild
+                self._rebuild()
+                self._claims = claims
             self.version += 1
 
     async def _ask(self, shard: ShardState) -> cpb.ShardInfo | grpc.aio.AioRpcError:
@@ -166,6 +170,7 @@ class ShardMap:
         self._apply(shard, await self._ask(shard))
 
     def _rebuild(self) -> None:
+        self._claims = None  # refresh() records the claims it rebuilt from
         owner = [-1] * SLOT_COUNT
         epoch_of = [-1] * SLOT_COUNT
         claims = 0

@@ -36,10 +36,10 @@ def start_shard(data_dir: Path | None, *extra: str, timeout: float = 30.0) -> Se
     return _start(args, data_dir, timeout)
 
 
-def start_router(shard_addresses: list[str], env: dict[str, str] | None = None,
+def start_router(shard_addresses: list[str], *extra: str, env: dict[str, str] | None = None,
                  timeout: float = 30.0) -> ServerProcess:
     """Start `memstore serve-router` on port 0 in front of the given shards."""
-    args = ["serve-router", "--port", "0"]
+    args = ["serve-router", "--port", "0", *extra]
     for address in shard_addresses:
         args += ["--shard", address]
     return _start(args, None, timeout, env)

@@ -70,7 +70,7 @@ def control(shard: ServerProcess) -> Any:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("merge")
     shards = start_shards(root, 2)
-    router = start_router([s.address for s in shards])
+    router = start_router([s.address for s in shards], "--metrics-port", "0")
     channel = grpc.insecure_channel(router.address)
     yield {"stub": memstore_pb2_grpc.MemstoreStub(channel), "shards": shards,
            "router": router, "root": root}
@@ -392,3 +392,23 @@ def test_batches_follow_many_merged_away_ids_at_once(cluster: dict[str, Any]) ->
     assert reply.applied == len(losers)
     marks = [get(stub, s).attributes["batch_mark"].int_value for s, _ in pairs]
     assert marks == list(range(len(pairs)))
+
+
+def test_the_router_counts_calls_and_merges_for_prometheus(cluster: dict[str, Any]) -> None:
+    import urllib.request
+
+    stub = cluster["stub"]
+    survivor, loser = new_id(1, "s"), new_id(0, "l")
+    make(stub, survivor, "Oslo", 1, [])
+    make(stub, loser, "Lima", 1, [])
+    stub.Link(pb.LinkRequest(id=survivor, identifiers=[email(loser)]), timeout=15)
+    with pytest.raises(grpc.RpcError):
+        get(stub, "nobody-at-all")
+    url = next(line.split()[-1] for line in cluster["router"].startup
+               if line.startswith("metrics on "))
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+              for line in text.splitlines() if line and not line.startswith("#")}
+    assert values['memstore_merges_total{outcome="committed"}'] >= 1
+    assert values['memstore_requests_total{code="OK",method="Link"}'] >= 1
+    assert values['memstore_requests_total{code="NOT_FOUND",method="Get"}'] >= 1
