@@ -544,6 +544,18 @@ class Engine:
         if pid in self.forwards and pid not in self.dense_of:
             raise Forwarded(pid, self.forwards[pid])
 
+    def owners(self, identifiers: Sequence[Any]) -> list[str | None]:
+        """The primary id holding each [kind, value] among profiles in owned slots (a held
+        profile counts: it is still the owner until its merge ends)."""
+        out: list[str | None] = []
+        for i, pair in enumerate(identifiers):
+            if not (isinstance(pair, list | tuple) and len(pair) == 2
+                    and isinstance(pair[0], str) and isinstance(pair[1], str)):
+                raise InvalidArgument(f"identifiers[{i}]: not a [kind, value] pair")
+            dense = self.owner_dense(pair[0], pair[1])
+            out.append(None if dense is None or dense in self.foreign else self.pids[dense])
+        return out
+
     def resolve(self, pid: str) -> int | None:
         if self.held or self.forwards:
             self.check_moving(self.aliases.get(pid, pid) if pid not in self.dense_of else pid)

@@ -597,6 +597,16 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
         return cpb.ReleaseResponse(released=await self.shard.commit(change))
 
     @rpc
+    async def Owners(self, request: cpb.OwnersRequest, context: Any) -> cpb.OwnersResponse:
+        try:
+            keys = msgpack.unpackb(request.packed)
+            if not isinstance(keys, list):
+                raise TypeError("not a msgpack array")
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise InvalidArgument(f"packed: {exc}") from None
+        return cpb.OwnersResponse(packed=msgpack.packb(self.engine.owners(keys)))
+
+    @rpc
     async def Forget(self, request: cpb.ForgetRequest, context: Any) -> cpb.ForgetResponse:
         self._writable()
         change = self.engine.plan_forget(request.ids, request.txns)

@@ -678,11 +678,30 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         first, later = await self._merge_first(items, context)
         parts = await self._routed(first, "BatchUpsert", build, context, retarget)
         for pid, item in later:
-            await self._identity_write("Link", pb.LinkRequest(
-                id=pid, identifiers=_identifiers_of(item), create=True), context)
+            await self._identity_write("Link", pb.LinkRequest(id=pid, identifiers=[
+                pb.Identifier(kind=k, value=v) for k, v in _identifiers_of(item)],
+                create=True), context)
             parts += await self._routed([(pid, item)], "BatchUpsert", build, context, retarget)
         return pb.BatchUpsertResponse(applied=sum(r.applied for _, r in parts),
                                       created=sum(r.created for _, r in parts))
+
+    async def _owners(self, keys: list[tuple[str, str]], context: Any
+                      ) -> dict[tuple[str, str], tuple[ShardState, str]]:
+        """Which shard and profile hold each identifier (asks every shard at once, in one
+        msgpack message each: a batch's thousands of identifiers cost no protobufs)."""
+        request = cpb.OwnersRequest(packed=msgpack.packb([list(k) for k in keys]))
+        timeout = _timeout(context)
+
+        async def call(shard: ShardState) -> cpb.OwnersResponse:
+            return await shard.control.Owners(request, timeout=timeout)  # type: ignore[no-any-return]
+
+        answers, _ = await self._fan_out(context, call)
+        found: dict[tuple[str, str], tuple[ShardState, str]] = {}
+        for shard, response in answers:
+            for key, pid in zip(keys, msgpack.unpackb(response.packed), strict=True):
+                if pid is not None:
+                    found[key] = (shard, pid)
+        return found
 
     async def _merge_first(self, items: list[tuple[str, Any]], context: Any
                            ) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
@@ -695,26 +714,22 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         merges the earlier record's profile into it as one shard would have."""
         if len(self.map.shards) < 2:
             return items, []
-        named: list[list[pb.Identifier]] = [_identifiers_of(item) for _, item in items]
+        named = [_identifiers_of(item) for _, item in items]
         if not any(named):
             return items, []
-        keys: dict[tuple[str, str], pb.ProfileKey] = {}
         first_home: dict[tuple[str, str], ShardState | None] = {}
         later_at: set[int] = set()
         for i, ((pid, _), idents) in enumerate(zip(items, named, strict=True)):
             home = self.map.owner(slot_of(pid))
-            for ident in idents:
-                key = (ident.kind, ident.value)
-                keys.setdefault(key, pb.ProfileKey(identifier=ident))
+            for key in idents:
                 if first_home.setdefault(key, home) is not home:
                     later_at.add(i)
-        found = await self._by_identifier(list(keys.values()), ["\x00"], False, context)
-        owner = {key: hit for key, hit in zip(keys, found, strict=True) if hit is not None}
+        owner = await self._owners(list(first_home), context)
         for i, ((pid, _), idents) in enumerate(zip(items, named, strict=True)):
             home = self.map.owner(slot_of(pid))
-            foreign = [ident for ident in idents
-                       if (hit := owner.get((ident.kind, ident.value))) is not None
-                       and hit[1].id != pid and hit[0] is not home]
+            foreign = [pb.Identifier(kind=key[0], value=key[1]) for key in idents
+                       if (hit := owner.get(key)) is not None
+                       and hit[1] != pid and hit[0] is not home]
             if foreign and i not in later_at:
                 await self._identity_write("Link", pb.LinkRequest(
                     id=pid, identifiers=foreign, create=True), context)
@@ -1036,13 +1051,13 @@ async def serve(addresses: list[str], host: str = "127.0.0.1", port: int = 7070,
     log.info("router stopped in %.2fs", time.monotonic() - started)
 
 
-def _identifiers_of(item: tuple[Any, bool]) -> list[pb.Identifier]:
+def _identifiers_of(item: tuple[Any, bool]) -> list[tuple[str, str]]:
     """The identifiers a BatchUpsert record names (malformed ones are the shard's to refuse)."""
     record, packed = item
     if not packed:
-        return list(record.identifiers)
+        return [(i.kind, i.value) for i in record.identifiers]
     idents = record[2] if len(record) > 2 and isinstance(record[2], list) else []
-    return [pb.Identifier(kind=p[0], value=p[1]) for p in idents
+    return [(p[0], p[1]) for p in idents
             if isinstance(p, list | tuple) and len(p) == 2
             and isinstance(p[0], str) and isinstance(p[1], str)]
 

@@ -412,3 +412,19 @@ def test_the_router_counts_calls_and_merges_for_prometheus(cluster: dict[str, An
     assert values['memstore_merges_total{outcome="committed"}'] >= 1
     assert values['memstore_requests_total{code="OK",method="Link"}'] >= 1
     assert values['memstore_requests_total{code="NOT_FOUND",method="Get"}'] >= 1
+
+
+def test_owners_answers_a_batch_of_identifiers_and_refuses_garbage(cluster: dict[str, Any]
+                                                                  ) -> None:
+    stub, shards = cluster["stub"], cluster["shards"]
+    pid = new_id(1, "o")
+    make(stub, pid, "Oslo", 1, [])
+    ask = [["email", email(pid).value], ["email", "nobody@example.com"]]
+    answers = [msgpack.unpackb(control(s).Owners(cpb.OwnersRequest(
+        packed=msgpack.packb(ask)), timeout=10).packed) for s in shards]
+    assert answers == [[None, None], [pid, None]]
+    for bad, where in ((b"\xc1", "packed"), (msgpack.packb([["email"]]), "identifiers[0]")):
+        with pytest.raises(grpc.RpcError) as err:
+            control(shards[0]).Owners(cpb.OwnersRequest(packed=bad), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert where in err.value.details()

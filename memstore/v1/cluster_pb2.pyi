@@ -125,6 +125,18 @@ class ForgetResponse(_message.Message):
     forgotten: int
     def __init__(self, forgotten: _Optional[int] = ...) -> None: ...
 
+class OwnersRequest(_message.Message):
+    __slots__ = ("packed",)
+    PACKED_FIELD_NUMBER: _ClassVar[int]
+    packed: bytes
+    def __init__(self, packed: _Optional[bytes] = ...) -> None: ...
+
+class OwnersResponse(_message.Message):
+    __slots__ = ("packed",)
+    PACKED_FIELD_NUMBER: _ClassVar[int]
+    packed: bytes
+    def __init__(self, packed: _Optional[bytes] = ...) -> None: ...
+
 class ShardInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

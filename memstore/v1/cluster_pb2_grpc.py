@@ -84,6 +84,11 @@ class ShardControlStub:
                 request_serializer=memstore_dot_v1_dot_cluster__pb2.ForgetRequest.SerializeToString,
                 response_deserializer=memstore_dot_v1_dot_cluster__pb2.ForgetResponse.FromString,
                 _registered_method=True)
+        self.Owners = channel.unary_unary(
+                '/memstore.v1.ShardControl/Owners',
+                request_serializer=memstore_dot_v1_dot_cluster__pb2.OwnersRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_cluster__pb2.OwnersResponse.FromString,
+                _registered_method=True)
 
 
 class ShardControlServicer:
@@ -149,6 +154,12 @@ class ShardControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Owners(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -201,6 +212,11 @@ def add_ShardControlServicer_to_server(servicer, server):
                     servicer.Forget,
                     request_deserializer=memstore_dot_v1_dot_cluster__pb2.ForgetRequest.FromString,
                     response_serializer=memstore_dot_v1_dot_cluster__pb2.ForgetResponse.SerializeToString,
+            ),
+            'Owners': grpc.unary_unary_rpc_method_handler(
+                    servicer.Owners,
+                    request_deserializer=memstore_dot_v1_dot_cluster__pb2.OwnersRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_cluster__pb2.OwnersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -473,6 +489,33 @@ class ShardControl:
             '/memstore.v1.ShardControl/Forget',
             memstore_dot_v1_dot_cluster__pb2.ForgetRequest.SerializeToString,
             memstore_dot_v1_dot_cluster__pb2.ForgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Owners(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memstore.v1.ShardControl/Owners',
+            memstore_dot_v1_dot_cluster__pb2.OwnersRequest.SerializeToString,
+            memstore_dot_v1_dot_cluster__pb2.OwnersResponse.FromString,
             options,
             channel_credentials,
             insecure,
