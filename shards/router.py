@@ -688,16 +688,22 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
     async def _owners(self, keys: list[tuple[str, str]], context: Any
                       ) -> dict[tuple[str, str], tuple[ShardState, str]]:
         """Which shard and profile hold each identifier (asks every shard at once, in one
-        msgpack message each: a batch's thousands of identifiers cost no protobufs)."""
+        msgpack message each: a batch's thousands of identifiers cost no protobufs).
+
+        Not a fan-out query with epoch checks: the answer is a pre-check for merges, not a
+        lock (see the module docstring), and it runs once per BatchUpsert."""
         request = cpb.OwnersRequest(packed=msgpack.packb([list(k) for k in keys]))
         timeout = _timeout(context)
-
-        async def call(shard: ShardState) -> cpb.OwnersResponse:
-            return await shard.control.Owners(request, timeout=timeout)  # type: ignore[no-any-return]
-
-        answers, _ = await self._fan_out(context, call)
+        shards = self.map.ordered()
+        answers = await asyncio.gather(*(s.control.Owners(request, timeout=timeout)
+                                         for s in shards), return_exceptions=True)
         found: dict[tuple[str, str], tuple[ShardState, str]] = {}
-        for shard, response in answers:
+        for shard, response in zip(shards, answers, strict=True):
+            if isinstance(response, grpc.aio.AioRpcError):
+                await self._abort(context, _Down(shard, response.details() or "unreachable")
+                                  if response.code() == Code.UNAVAILABLE else response)
+            if isinstance(response, BaseException):
+                raise response
             for key, pid in zip(keys, msgpack.unpackb(response.packed), strict=True):
                 if pid is not None:
                     found[key] = (shard, pid)
