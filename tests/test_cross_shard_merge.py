@@ -177,15 +177,24 @@ def test_an_abandoned_hold_is_aborted_and_the_late_absorb_refused(cluster: dict[
     assert get(stub, email(loser)).id == loser
 
 
-def test_a_committed_merge_is_finished_by_the_sweeper(cluster: dict[str, Any]) -> None:
+def _committed_not_released(cluster: dict[str, Any], txn: str, visits: int
+                            ) -> tuple[str, str]:
+    """A merge of a loser on shard 1 into a survivor on shard 0 whose coordinator "died"
+    after Absorb: committed, the loser still held. Returns (survivor, loser)."""
     stub, shards = cluster["stub"], cluster["shards"]
     survivor, loser = new_id(0, "s"), new_id(1, "l")
     make(stub, survivor, "Oslo", 1, [])
-    make(stub, loser, "Lima", 5, [])
-    exported = _hold(shards[1], "t-committed", loser, survivor)
+    make(stub, loser, "Lima", visits, [])
+    exported = _hold(shards[1], txn, loser, survivor)
     control(shards[0]).Absorb(cpb.AbsorbRequest(
-        txn="t-committed", losers=[msgpack.packb(exported)],
+        txn=txn, losers=[msgpack.packb(exported)],
         link=pb.LinkRequest(id=survivor, identifiers=[email(loser)])), timeout=10)
+    return survivor, loser
+
+
+def test_a_committed_merge_is_finished_by_the_sweeper(cluster: dict[str, Any]) -> None:
+    stub, shards = cluster["stub"], cluster["shards"]
+    survivor, loser = _committed_not_released(cluster, "t-committed", 5)
     # Nobody releases the loser (the coordinator "died"); the router's sweeper must.
     deadline = time.monotonic() + 2 * HOLD_PATIENCE + 3 * SWEEP_INTERVAL + 5
     while _held(shards[1]) and time.monotonic() < deadline:
@@ -235,13 +244,7 @@ def test_forwards_and_decisions_travel_with_their_slot(cluster: dict[str, Any]) 
     assert not any(n and any(v[0] == survivor for v in n["decided"].values())
                    for n in _notes(shards[0], survivor))
     # A decision still needed (its loser not released yet) travels with the survivor's slot.
-    survivor, loser = new_id(0, "s"), new_id(1, "l")
-    make(stub, survivor, "Oslo", 1, [])
-    make(stub, loser, "Lima", 1, [])
-    exported = _hold(shards[1], "t-travel", loser, survivor)
-    control(shards[0]).Absorb(cpb.AbsorbRequest(
-        txn="t-travel", losers=[msgpack.packb(exported)],
-        link=pb.LinkRequest(id=survivor, identifiers=[email(loser)])), timeout=10)
+    survivor, loser = _committed_not_released(cluster, "t-travel", 1)
     assert any(n and n["decided"].get("t-travel") == [survivor, True]
                for n in _notes(shards[0], survivor))
     assert get(stub, loser).id == survivor  # (the router finishes it)
