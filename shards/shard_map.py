@@ -30,6 +30,11 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.enable_retries", 0),
+    # A restarted shard is back within a second: reconnect that fast, not after gRPC's
+    # default backoff (1 s growing to 120 s), which kept calls failing long after it was up.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 INFO_TIMEOUT = 2.0
 REMOVED_CLOSE_AFTER = 120.0

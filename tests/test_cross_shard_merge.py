@@ -431,3 +431,75 @@ def test_owners_answers_a_batch_of_identifiers_and_refuses_garbage(cluster: dict
             control(shards[0]).Owners(cpb.OwnersRequest(packed=bad), timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert where in err.value.details()
+
+
+def test_merges_under_shard_kills_end_whole_or_not_at_all(tmp_path: Path) -> None:
+    """Cross-shard links run while shards are SIGKILLed and restarted under them (`--sync
+    always`). Afterwards every acknowledged merge is there; every other one is either done
+    or not done, wholly; no identifier has two owners; the profile count adds up."""
+    import contextlib
+    import random
+    import threading
+
+    rng = random.Random(7)
+    shards = start_shards(tmp_path, 2, "--sync", "always")
+    router = start_router([s.address for s in shards])
+    stub = memstore_pb2_grpc.MemstoreStub(grpc.insecure_channel(router.address))
+    pairs = [(new_id(0, "s"), new_id(1, "l")) for _ in range(60)]
+    for survivor, loser in pairs:
+        make(stub, survivor, "Oslo", 1, [])
+        make(stub, loser, "Lima", 2, [])
+    acked: list[tuple[str, str]] = []
+
+    def link_all() -> None:
+        for survivor, loser in pairs:
+            with contextlib.suppress(grpc.RpcError):  # unacknowledged: either state is fine
+                stub.Link(pb.LinkRequest(id=survivor, identifiers=[email(loser)]), timeout=10)
+                acked.append((survivor, loser))
+            time.sleep(0.03)
+
+    worker = threading.Thread(target=link_all)
+    worker.start()
+    try:
+        while worker.is_alive():
+            time.sleep(rng.uniform(0.2, 0.6))
+            i = rng.randrange(2)
+            port = shards[i].address.rsplit(":", 1)[1]
+            shards[i].proc.kill()
+            shards[i].proc.wait(10)
+            shards[i] = start_shard(shards[i].data_dir, "--name", f"shard-{i}", "--port", port,
+                                    "--sync", "always")
+        worker.join()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # the router reconnects to the restarted shards
+            try:
+                stub.Count(pb.QueryRequest(query=pb.Query(all=True)), timeout=5)
+                break
+            except grpc.RpcError:
+                time.sleep(0.2)
+        while any(_held(s) for s in shards) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_held(s) for s in shards)
+        merged = 0
+        for survivor, loser in pairs:
+            owner = get(stub, email(loser)).id
+            assert get(stub, loser).id == owner
+            if (survivor, loser) in acked:
+                assert owner == survivor
+            assert owner in (survivor, loser)
+            visits = get(stub, survivor).attributes["event.visit.count"].int_value
+            assert visits == (3 if owner == survivor else 1)
+            merged += owner == survivor
+        assert 10 <= len(acked) < len(pairs), "the kills should have failed some links"
+        assert merged >= len(acked)
+        everyone = stub.Count(pb.QueryRequest(query=pb.Query(all=True)), timeout=10).count
+        assert everyone == 2 * len(pairs) - merged
+        ask = msgpack.packb([["email", email(p).value] for pair in pairs for p in pair])
+        held_by = [msgpack.unpackb(control(s).Owners(cpb.OwnersRequest(packed=ask),
+                                                     timeout=10).packed) for s in shards]
+        assert all(a is None or b is None for a, b in zip(*held_by, strict=True))
+    finally:
+        worker.join(30)
+        router.stop()
+        for shard in shards:
+            shard.stop()
