@@ -8,7 +8,7 @@ Python side of every value kind, used by the server, the client and the query la
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from memstore.v1 import memstore_pb2 as pb
 
@@ -26,9 +26,7 @@ def datetime_to_micros(value: datetime) -> int:
 
 
 def micros_to_datetime(micros: int) -> datetime:
-    from datetime import timedelta
-
-    return _EPOCH + timedelta(microseconds=micros)
+    return _EPOCH + timedelta(microseconds=micros)  # exact, unlike a float of seconds
 
 
 def to_pb(value: PyValue) -> pb.Value:
