@@ -8,7 +8,9 @@ numpy arrays (keys, values), open addressing with linear probing, at most 70% fu
 and take plain ints without building numpy scalars.
 
 Key 0 marks an empty slot and key 1 a deleted one (a tombstone, so probe chains stay
-intact); callers never use those two keys (engine.ident_key maps them away).
+intact); callers never use those two keys (engine.ident_key maps them away). A key's home
+slot is the top bits of key * 2**64/phi (Fibonacci hashing), not its low bits, so keys that
+share low bits (chosen by someone who controls identifier values) still spread.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ EMPTY = 0
 TOMBSTONE = 1
 _MIN_CAPACITY = 1024
 _MAX_FILL = 0.7  # live entries + tombstones, as a share of the slots
+_PHI = 0x9E3779B97F4A7C15  # 2**64 / golden ratio, odd
+_M64 = (1 << 64) - 1
 
 
 class IntTable:
-    __slots__ = ("_filled", "_keys", "_kv", "_live", "_mask", "_vals", "_vv")
+    __slots__ = ("_filled", "_keys", "_kv", "_live", "_mask", "_shift", "_vals", "_vv")
 
     def __init__(self, capacity: int = _MIN_CAPACITY) -> None:
         self._alloc(_capacity_for(capacity))
@@ -35,6 +39,7 @@ class IntTable:
         self._kv = memoryview(self._keys)  # type: ignore[arg-type]
         self._vv = memoryview(self._vals)  # type: ignore[arg-type]
         self._mask = capacity - 1
+        self._shift = 64 - (capacity.bit_length() - 1)
         self._live = 0
         self._filled = 0
 
@@ -48,7 +53,7 @@ class IntTable:
     def _slot(self, key: int) -> int:
         """Where `key` is, or -1."""
         kv, mask = self._kv, self._mask
-        i = key & mask
+        i = ((key * _PHI) & _M64) >> self._shift
         while True:
             k = kv[i]
             if k == key:
@@ -71,8 +76,10 @@ class IntTable:
         return self._vv[i]  # type: ignore[no-any-return]
 
     def __setitem__(self, key: int, value: int) -> None:
+        if not 0 <= value <= 0xFFFFFFFF:
+            raise ValueError(f"IntTable value {value} does not fit 32 bits")
         kv, mask = self._kv, self._mask
-        i = key & mask
+        i = ((key * _PHI) & _M64) >> self._shift
         reuse = -1
         while True:
             k = kv[i]
@@ -131,7 +138,7 @@ class IntTable:
         key still waiting looks at its next slot and one key wins each free slot. A key
         moves past a slot only once it is taken, which is linear probing's invariant."""
         table_keys, table_vals, mask = self._keys, self._vals, self._mask
-        pos = (keys & np.uint64(mask)).astype(np.int64)
+        pos = ((keys * np.uint64(_PHI)) >> np.uint64(self._shift)).astype(np.int64)
         waiting = np.arange(len(keys))
         while waiting.size:
             at = pos[waiting]

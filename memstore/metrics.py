@@ -4,8 +4,10 @@ default).
 memstore_requests_total{method,code}   calls answered, by gRPC status (shards and routers)
 memstore_request_seconds{method}       latency histogram (shards and routers)
 memstore_profiles / memstore_log_bytes gauges read at scrape time (shards)
-memstore_merges_total{outcome}         cross-shard merges a router ran or settled: committed,
-                                       aborted (an abandoned one undone), restarted (a race)
+memstore_merges_total{outcome}         cross-shard merges a router committed, and holds it
+                                       settled for a coordinator that went away: finished
+                                       (committed before), aborted (undone); restarted: a
+                                       merge that lost a race and began again
 """
 
 from __future__ import annotations

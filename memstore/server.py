@@ -56,6 +56,7 @@ from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
 from memstore.v1 import memstore_pb2 as pb
 from memstore.values import flatten
+from memstore.wal_writer import SyncPolicy
 
 log = logging.getLogger("memstore.server")
 
@@ -594,7 +595,9 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
     async def Release(self, request: cpb.ReleaseRequest, context: Any) -> cpb.ReleaseResponse:
         self._writable()
         change = self.engine.plan_release(request.loser, request.txn, request.committed)
-        return cpb.ReleaseResponse(released=await self.shard.commit(change))
+        released = await self.shard.commit(change)
+        return cpb.ReleaseResponse(released=released, durable=self.shard.log is None
+                                   or self.shard.config.sync is SyncPolicy.ALWAYS)
 
     @rpc
     async def Owners(self, request: cpb.OwnersRequest, context: Any) -> cpb.OwnersResponse:
@@ -717,7 +720,9 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
             change.images.append(Image(dense, pid, None))
         notes = chunk.get("notes")
         if notes is not None:  # replaces this shard's notes of those slots
-            mine = engine.notes_in_slots(BitMap.deserialize(chunk["note_slots"]))
+            covered = chunk.get("note_slots")
+            mine = (engine.notes_in_slots(BitMap.deserialize(covered)) if covered is not None
+                    else {"forwards": {}, "decided": {}})  # an older source: add only
             for table in ("forwards", "decided"):
                 theirs = notes.get(table, {})
                 change.notes += [Note(table, key, None) for key in mine[table]

@@ -102,7 +102,7 @@ async def decide_and_release(router: Caller, txn: str, loser: str, survivor: str
         txn=txn, loser=loser, committed=decision.committed), context)
     log.info("merge %s of %r into %r: %s", txn, loser, survivor,
              "committed" if decision.committed else "aborted")
-    metrics.MERGES.labels("committed" if decision.committed else "aborted").inc()
+    metrics.MERGES.labels("finished" if decision.committed else "aborted").inc()
     return bool(decision.committed)
 
 
@@ -164,14 +164,16 @@ async def merge(router: Caller, survivor: str, losers: list[str], request: Any,
     released = 0
     for loser, _ in held:
         try:
-            await router.control(loser, "Release", cpb.ReleaseRequest(
+            answer = await router.control(loser, "Release", cpb.ReleaseRequest(
                 txn=txn, loser=loser, committed=True), context)
-            released += 1
+            released += answer.durable
         except Exception:  # noqa: BLE001 - committed; whoever meets the hold finishes it
             log.warning("merge %s: committed, but releasing %r failed; it finishes when "
                         "next touched or swept", txn, loser)
     if released == len(held):
-        # No hold of txn is left anywhere, so nobody will ask for its decision again.
+        # No hold of txn is left anywhere, and no restart can bring one back (each Release
+        # answered durable: a shard under --sync batch/off could come back holding it, and
+        # would then need the decision), so nobody will ask for it again.
         try:
             await router.control(survivor, "Forget", cpb.ForgetRequest(txns=[txn]), context)
         except Exception:  # noqa: BLE001 - a decision kept is only a few bytes

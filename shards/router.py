@@ -122,6 +122,12 @@ def _trailer(exc: grpc.aio.AioRpcError, key: str) -> bytes | None:
     return None
 
 
+def _forward_pairs(trailer: bytes) -> list[list[str]]:
+    """[[merged id, survivor], ...] from `memstore-merged-into-bin` (a lone pair too)."""
+    pairs = msgpack.unpackb(trailer)
+    return [pairs] if pairs and isinstance(pairs[0], str) else pairs  # type: ignore[no-any-return]
+
+
 def _retarget(request: Any, survivor: str) -> Any:
     """A copy of a single-profile request aimed at `survivor` instead."""
     copy = type(request)()
@@ -270,7 +276,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                 forwarded = _trailer(exc, "memstore-merged-into-bin")
                 if forwarded is None:
                     raise
-                [gone, survivor], *_ = msgpack.unpackb(forwarded)
+                [gone, survivor], *_ = _forward_pairs(forwarded)
                 if not follow:
                     raise merge.Forwarded(gone, survivor) from None
                 hops += 1
@@ -511,7 +517,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         group that met a merge's hold is sent again once it settled; an id merged into a
         profile on another shard becomes (survivor, retarget(item, survivor))."""
         pending, done = items, []
-        followed = 0
+        follow_rounds = 0
         for attempt in _attempts():
             version = self.map.version
             groups: dict[int, tuple[ShardState, list[tuple[str, Any]]]] = {}
@@ -539,13 +545,14 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                     forwarded = _trailer(exc, "memstore-merged-into-bin")
                     if forwarded is None or retarget is None:
                         raise
-                    moved = dict(msgpack.unpackb(forwarded))
+                    moved = dict(_forward_pairs(forwarded))
                     return [(moved[pid], retarget(item, moved[pid])) if pid in moved
                             else (pid, item) for pid, item in group], _FOLLOWED
 
             outcomes = await asyncio.gather(*(one(s, g) for s, g in groups.values()),
                                             return_exceptions=True)
             pending = unowned
+            followed, moved_on = False, bool(unowned)  # why items are pending this round
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
                     await self._abort(context, outcome)  # type: ignore[arg-type]
@@ -556,20 +563,24 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                     except Exception as exc:  # noqa: BLE001 - _abort re-raises the rest
                         await self._abort(context, exc)
                     pending.extend(group)
+                    moved_on = True
                 elif response is _FOLLOWED:
                     pending.extend(group)
-                    followed += 1
+                    followed = True
                 elif response is None:
                     pending.extend(group)
+                    moved_on = True
                 else:
                     done.append(([item for _, item in group], response))
             if not pending:
                 return done
-            if followed:  # ids merged away, now aimed at their survivors: no map change
-                if followed > MAX_FORWARDS:
+            if followed:
+                follow_rounds += 1
+                if follow_rounds > MAX_FORWARDS:
                     await _fail(context, Code.FAILED_PRECONDITION, f"more than {MAX_FORWARDS} "
                                 "rounds of merged-away ids in one batch (a forward cycle?)")
-                continue
+                if not moved_on:  # only ids aimed at their survivors now: no map change
+                    continue
             await self.map.refresh(since=version)
             if attempt:
                 await _pause(attempt, context)

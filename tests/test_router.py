@@ -285,3 +285,59 @@ def test_attribute_known_to_one_shard_queries_cleanly_across_all(cluster: dict[s
         stub.Count(pb.QueryRequest(text='only_hree = "x"'), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "only_hree" in (err.value.details() or "")
+
+
+def test_routed_refreshes_the_map_when_a_forward_and_a_moved_slot_meet(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One group follows a merged-away id while another meets a wrong-slot answer: the
+    router must still refresh its map and back off, not re-send in a tight loop."""
+    from shards import router as router_module
+
+    def error(trailers: list[tuple[str, Any]]) -> grpc.aio.AioRpcError:
+        return grpc.aio.AioRpcError(grpc.StatusCode.FAILED_PRECONDITION, grpc.aio.Metadata(),
+                                    grpc.aio.Metadata(*trailers), "refused")
+
+    calls = Counter()
+    refreshes = []
+
+    class Stub:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def BatchUpsert(self, ids: list[str], timeout: float | None = None) -> Any:
+            calls[self.name] += 1
+            if self.name == "moved":
+                raise error([("memstore-wrong-slot", "1")])  # its slot left; map is stale
+            if "old" in ids:
+                raise error([("memstore-merged-into-bin", msgpack.packb([["old", "new"]]))])
+            return ids
+
+    class Shard:
+        def __init__(self, name: str) -> None:
+            self.stub, self.label, self.address = Stub(name), name, name
+
+    here, moved = Shard("here"), Shard("moved")
+
+    class Map:
+        version = 0
+
+        def owner(self, slot: int) -> Shard:
+            return moved if slot == slot_of("b") else here
+
+        async def refresh(self, since: int | None = None) -> None:
+            refreshes.append(since)
+
+    class Context:
+        def time_remaining(self) -> None:
+            return None
+
+        async def abort(self, code: grpc.StatusCode, details: str) -> None:
+            raise RuntimeError(code, details)
+
+    monkeypatch.setattr(router_module, "MOVE_WAIT", 1.0)
+    service = RouterService(Map())  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError) as err:
+        asyncio.run(service._routed([("old", "old"), ("b", "b")], "BatchUpsert",
+                                    lambda items: items, Context(), lambda _, new: new))
+    assert err.value.args[0] == grpc.StatusCode.UNAVAILABLE
+    assert len(refreshes) >= 5 and calls["moved"] < 100

@@ -106,10 +106,12 @@ class ReleaseRequest(_message.Message):
     def __init__(self, txn: _Optional[str] = ..., loser: _Optional[str] = ..., committed: _Optional[bool] = ...) -> None: ...
 
 class ReleaseResponse(_message.Message):
-    __slots__ = ("released",)
+    __slots__ = ("released", "durable")
     RELEASED_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_FIELD_NUMBER: _ClassVar[int]
     released: bool
-    def __init__(self, released: _Optional[bool] = ...) -> None: ...
+    durable: bool
+    def __init__(self, released: _Optional[bool] = ..., durable: _Optional[bool] = ...) -> None: ...
 
 class ForgetRequest(_message.Message):
     __slots__ = ("ids", "txns")
