@@ -665,13 +665,17 @@ class Engine:
             kinds: dict[str, int] = {}
             for kind, value in idents:
                 key = ident_key(kind, value)
-                if key in self.directory or key in keys or rules.is_blocked(value):
+                if key in keys or rules.is_blocked(value):
                     return general()
                 check_identifier(kind, value, f"{where}[{i}].identifiers")
                 keys.add(key)
                 kinds[kind] = kinds.get(kind, 0) + 1
             if kinds and max(kinds.values()) > rules.max_per_kind:
                 return general()
+        # Identifiers some profile here holds already: one vectorized probe for the batch.
+        if keys and (self.directory.find_many(np.fromiter(keys, dtype=np.uint64,
+                                                          count=len(keys))) >= 0).any():
+            return general()
         planner = _Planner(self)
         columns: dict[str, list[Any]] = defaultdict(list)
         for _, attrs, _ in rows:
@@ -967,6 +971,8 @@ class Engine:
     def apply_images(self, images: Iterable[Image]) -> list[Image]:
         before: list[Image] = []
         fresh: list[tuple[int, dict[int, Any]]] = []
+        fresh_keys: list[int] = []  # identifiers of new profiles, entered at the end
+        fresh_owners: list[int] = []
         for image in images:
             dense, pid, blob = image.dense, image.pid, image.blob
             if dense >= len(self.blobs):
@@ -990,7 +996,11 @@ class Engine:
                 if self.owned_slots is not None and slot not in self.owned_slots:
                     self.foreign.add(dense)
                 fresh.append((dense, new_state[1]))
-                self._reidentify(dense, pid, [], [], new_state[2], new_state[3])
+                for kind, value in new_state[2]:
+                    fresh_keys.append(ident_key(kind, value))
+                    fresh_owners.append(dense)
+                for m in new_state[3]:
+                    self.aliases[m] = pid
                 continue
             old_state = decode(old)
             old_pid = self.pids[dense]
@@ -1011,6 +1021,12 @@ class Engine:
                                  new_state[3])
         if fresh:
             self._index_fresh(fresh)
+        if len(fresh_keys) > 64:  # a load: one vectorized insert
+            self.directory.update(np.array(fresh_keys, dtype=np.uint64),
+                                  np.array(fresh_owners, dtype=np.uint32))
+        else:
+            for key, dense in zip(fresh_keys, fresh_owners, strict=True):
+                self.directory[key] = dense
         before.reverse()
         return before
 

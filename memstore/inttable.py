@@ -113,45 +113,74 @@ class IntTable:
         return zip(self._keys[live].tolist(), self._vals[live].tolist(), strict=True)
 
     def update(self, keys: np.ndarray, values: np.ndarray) -> None:
-        """Set many entries at once (vectorized when the table is empty; a later
-        duplicate key wins)."""
-        if self._live:
-            for k, v in zip(keys.tolist(), values.tolist(), strict=True):
-                self[k] = v
-            return
+        """Set many entries at once, vectorized (a later duplicate key wins)."""
         keys = np.asarray(keys, dtype=np.uint64)
         values = np.asarray(values, dtype=np.uint32)
-        # keep the last occurrence of each key
-        _, last = np.unique(keys[::-1], return_index=True)
+        if not len(keys):
+            return
+        _, last = np.unique(keys[::-1], return_index=True)  # the last of each key
         keep = len(keys) - 1 - last
-        self._alloc(_capacity_for(len(keep)))
-        self._place(keys[keep], values[keep])
-
-    def _rebuild(self) -> None:
-        live = self._keys > TOMBSTONE
-        keys, values = self._keys[live], self._vals[live]
-        self._alloc(_capacity_for(len(keys)))
+        keys, values = keys[keep], values[keep]
+        if not self._live:
+            self._alloc(_capacity_for(len(keys)))
+            self._place(keys, values)
+            return
+        at = self.find_many(keys)
+        present = at >= 0
+        self._vals[at[present]] = values[present]
+        keys, values = keys[~present], values[~present]
+        if self._filled + len(keys) > _MAX_FILL * (self._mask + 1):
+            self._rebuild(len(keys))
         self._place(keys, values)
 
-    def _place(self, keys: np.ndarray, values: np.ndarray) -> None:
-        """Insert distinct keys into an empty table, all of them at once: each round, every
-        key still waiting looks at its next slot and one key wins each free slot. A key
-        moves past a slot only once it is taken, which is linear probing's invariant."""
-        table_keys, table_vals, mask = self._keys, self._vals, self._mask
-        pos = ((keys * np.uint64(_PHI)) >> np.uint64(self._shift)).astype(np.int64)
+    def find_many(self, keys: np.ndarray) -> np.ndarray:
+        """The slot of each key, or -1 where it is absent (all keys probed at once)."""
+        keys = np.asarray(keys, dtype=np.uint64)
+        found = np.full(len(keys), -1, dtype=np.int64)
+        table_keys, mask = self._keys, self._mask
+        pos = self._homes(keys)
         waiting = np.arange(len(keys))
         while waiting.size:
             at = pos[waiting]
-            free = table_keys[at] == EMPTY
+            seen = table_keys[at]
+            hit = seen == keys[waiting]
+            found[waiting[hit]] = at[hit]
+            waiting = waiting[~(hit | (seen == EMPTY))]
+            pos[waiting] = (pos[waiting] + 1) & mask
+        return found
+
+    def _homes(self, keys: np.ndarray) -> np.ndarray:
+        return ((keys * np.uint64(_PHI)) >> np.uint64(self._shift)).astype(np.int64)
+
+    def _rebuild(self, extra: int = 0) -> None:
+        """Reallocate for the live entries (plus `extra` to come), dropping tombstones."""
+        live = self._keys > TOMBSTONE
+        keys, values = self._keys[live], self._vals[live]
+        self._alloc(_capacity_for(len(keys) + extra))
+        self._place(keys, values)
+
+    def _place(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Insert distinct keys, none of them in the table, all at once: each round, every
+        key still waiting looks at its next slot and one key wins each free slot (empty, or
+        a tombstone: the key is absent, so no later slot of its chain holds it). A key
+        moves past a slot only once it is taken, which is linear probing's invariant."""
+        table_keys, table_vals, mask = self._keys, self._vals, self._mask
+        pos = self._homes(keys)
+        waiting = np.arange(len(keys))
+        placed = np.zeros(len(keys), dtype=bool)
+        while waiting.size:
+            at = pos[waiting]
+            seen = table_keys[at]
+            free = seen <= TOMBSTONE
             slots, first = np.unique(at[free], return_index=True)
             winners = waiting[free][first]
+            self._filled += int(np.count_nonzero(table_keys[slots] == EMPTY))
             table_keys[slots] = keys[winners]
             table_vals[slots] = values[winners]
-            placed = np.zeros(len(keys), dtype=bool)
             placed[winners] = True
             waiting = waiting[~placed[waiting]]
             pos[waiting] = (pos[waiting] + 1) & mask
-        self._live = self._filled = len(keys)
+        self._live += len(keys)
 
 
 def _capacity_for(entries: int) -> int:

@@ -51,6 +51,14 @@ def make(stub: Any, pid: str, city: str, visits: int, tags: list[str]) -> None:
     stub.Track(pb.TrackRequest(id=pid, event="visit", count=visits), timeout=10)
 
 
+def pair(stub: Any, loser_visits: int = 1) -> tuple[str, str]:
+    """A survivor-to-be in Oslo on shard 0 and a loser-to-be in Lima on shard 1."""
+    survivor, loser = new_id(0, "s"), new_id(1, "l")
+    make(stub, survivor, "Oslo", 1, [])
+    make(stub, loser, "Lima", loser_visits, [])
+    return survivor, loser
+
+
 def get(stub: Any, key: str | pb.Identifier) -> pb.Profile:
     pk = pb.ProfileKey(identifier=key) if isinstance(key, pb.Identifier) else pb.ProfileKey(id=key)
     return stub.Get(pb.GetRequest(key=pk), timeout=15).profile
@@ -156,9 +164,7 @@ def _held(shard: ServerProcess) -> list[str]:
 def test_an_abandoned_hold_is_aborted_and_the_late_absorb_refused(cluster: dict[str, Any]
                                                                   ) -> None:
     stub, shards = cluster["stub"], cluster["shards"]
-    survivor, loser = new_id(0, "s"), new_id(1, "l")
-    make(stub, survivor, "Oslo", 1, [])
-    make(stub, loser, "Lima", 1, [])
+    survivor, loser = pair(stub)
     lima = count_city(stub, "Lima")
     exported = _hold(shards[1], "t-abandoned", loser, survivor)  # a router that then died
     assert exported["profile"][0] == loser
@@ -182,9 +188,7 @@ def _committed_not_released(cluster: dict[str, Any], txn: str, visits: int
     """A merge of a loser on shard 1 into a survivor on shard 0 whose coordinator "died"
     after Absorb: committed, the loser still held. Returns (survivor, loser)."""
     stub, shards = cluster["stub"], cluster["shards"]
-    survivor, loser = new_id(0, "s"), new_id(1, "l")
-    make(stub, survivor, "Oslo", 1, [])
-    make(stub, loser, "Lima", visits, [])
+    survivor, loser = pair(stub, loser_visits=visits)
     exported = _hold(shards[1], txn, loser, survivor)
     control(shards[0]).Absorb(cpb.AbsorbRequest(
         txn=txn, losers=[msgpack.packb(exported)],
@@ -207,9 +211,7 @@ def test_a_committed_merge_is_finished_by_the_sweeper(cluster: dict[str, Any]) -
 def test_a_shard_gives_up_no_slot_while_a_profile_in_it_is_held(cluster: dict[str, Any]
                                                                  ) -> None:
     stub, shards = cluster["stub"], cluster["shards"]
-    survivor, loser = new_id(0, "s"), new_id(1, "l")
-    make(stub, survivor, "Oslo", 1, [])
-    make(stub, loser, "Lima", 1, [])
+    survivor, loser = pair(stub)
     _hold(shards[1], "t-pinned", loser, survivor)
     info = control(shards[1]).GetShardInfo(cpb.ShardInfoRequest())
     with pytest.raises(grpc.RpcError) as err:
@@ -235,9 +237,7 @@ def _notes(shard: ServerProcess, pid: str) -> list[Any]:
 
 def test_forwards_and_decisions_travel_with_their_slot(cluster: dict[str, Any]) -> None:
     stub, shards = cluster["stub"], cluster["shards"]
-    survivor, loser = new_id(0, "s"), new_id(1, "l")
-    make(stub, survivor, "Oslo", 1, [])
-    make(stub, loser, "Lima", 1, [])
+    survivor, loser = pair(stub)
     stub.Link(pb.LinkRequest(id=survivor, identifiers=[email(loser)]), timeout=15)
     assert {"forwards": {loser: survivor}, "decided": {}} in _notes(shards[1], loser)
     # These shards run --sync off: a restart could bring the loser's hold back, so the
@@ -361,9 +361,7 @@ def test_batch_upsert_merges_across_shards_like_one_shard_would(cluster: dict[st
 def test_deleting_a_survivor_erases_the_forwards_on_the_other_shard(cluster: dict[str, Any]
                                                                    ) -> None:
     stub, shards = cluster["stub"], cluster["shards"]
-    survivor, loser = new_id(0, "s"), new_id(1, "l")
-    make(stub, survivor, "Oslo", 1, [])
-    make(stub, loser, "Lima", 1, [])
+    survivor, loser = pair(stub)
     stub.Link(pb.LinkRequest(id=survivor, identifiers=[email(loser)]), timeout=15)
     reply = stub.Delete(pb.DeleteRequest(key=pb.ProfileKey(id=loser)), timeout=15)
     assert reply.deleted and reply.id == survivor and list(reply.merged_ids) == [loser]
@@ -511,9 +509,7 @@ def test_a_decision_is_forgotten_once_every_release_is_durable(tmp_path: Path) -
     router = start_router([s.address for s in shards])
     try:
         stub = memstore_pb2_grpc.MemstoreStub(grpc.insecure_channel(router.address))
-        survivor, loser = new_id(0, "s"), new_id(1, "l")
-        make(stub, survivor, "Oslo", 1, [])
-        make(stub, loser, "Lima", 1, [])
+        survivor, loser = pair(stub)
         stub.Link(pb.LinkRequest(id=survivor, identifiers=[email(loser)]), timeout=15)
         assert {"forwards": {loser: survivor}, "decided": {}} in _notes(shards[1], loser)
         assert {"forwards": {}, "decided": {}} in _notes(shards[0], survivor)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -56,3 +58,31 @@ def test_growth_keeps_everything_and_stays_compact() -> None:
     assert len(table) == len(set(keys.tolist()))
     assert all(table[k] == i for i, k in enumerate(keys.tolist()[:1000]))
     assert table.nbytes <= 12 * 4 * len(table)  # at least a quarter full
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(
+    st.tuples(st.just("set"), KEYS, st.integers(0, 2**32 - 1)),
+    st.tuples(st.just("del"), KEYS, st.just(0)),
+    st.tuples(st.just("bulk"), st.lists(st.tuples(KEYS, st.integers(0, 2**32 - 1)),
+                                        max_size=300), st.just(0))), max_size=60))
+def test_bulk_updates_of_a_used_table_match_a_dict(ops: list[tuple[str, Any, int]]) -> None:
+    table, model = IntTable(), {}
+    for op, arg, value in ops:
+        if op == "set":
+            table[arg] = value
+            model[arg] = value
+        elif op == "del":
+            if arg in model:
+                del table[arg]
+                del model[arg]
+        else:
+            table.update(np.array([k for k, _ in arg], dtype=np.uint64),
+                         np.array([v for _, v in arg], dtype=np.uint32))
+            model.update(arg)
+        assert len(table) == len(model)
+    assert sorted(table.items()) == sorted(model.items())
+    probe = list(model) + [2, 3, 12345]
+    found = table.find_many(np.array(probe, dtype=np.uint64))
+    assert [f >= 0 for f in found] == [k in model for k in probe]
+    assert all(table.get(k) == model.get(k) for k in probe)
