@@ -543,11 +543,11 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
                 f"epoch {request.epoch} is not newer than this shard's epoch {self.engine.epoch}"
             )
         slots = _slots_of(request.slots)
-        for pid, (txn, survivor, since) in self.engine.held.items():
+        for pid in self.engine.held:
             slot = slot_of(pid)
             if slot not in slots and (self.engine.owned_slots is None
                                       or slot in self.engine.owned_slots):
-                raise Held(pid, txn, survivor, max(0.0, time.time() - since))
+                self.engine.check_moving(pid)  # raises Held, naming the merge
         await self.shard.set_ownership(request.epoch, slots)
         return self._info()
 

@@ -17,20 +17,26 @@ OPS = st.lists(st.tuples(st.sampled_from(["set", "del", "get"]), KEYS, st.intege
                max_size=3000)
 
 
+def _set_or_delete(table: IntTable, model: dict[int, int], op: str, key: int,
+                   value: int) -> None:
+    """Apply one "set" or "del" to the table and to the dict it is checked against."""
+    if op == "set":
+        table[key] = value
+        model[key] = value
+    elif key in model:
+        del table[key]
+        del model[key]
+    else:
+        assert key not in table
+
+
 @settings(max_examples=200, deadline=None)
 @given(OPS)
 def test_matches_a_dict(ops: list[tuple[str, int, int]]) -> None:
     table, model = IntTable(), {}
     for op, key, value in ops:
-        if op == "set":
-            table[key] = value
-            model[key] = value
-        elif op == "del":
-            if key in model:
-                del table[key]
-                del model[key]
-            else:
-                assert key not in table
+        if op != "get":
+            _set_or_delete(table, model, op, key, value)
         assert table.get(key) == model.get(key)
         assert len(table) == len(model)
     assert sorted(table.items()) == sorted(model.items())
@@ -69,17 +75,12 @@ def test_growth_keeps_everything_and_stays_compact() -> None:
 def test_bulk_updates_of_a_used_table_match_a_dict(ops: list[tuple[str, Any, int]]) -> None:
     table, model = IntTable(), {}
     for op, arg, value in ops:
-        if op == "set":
-            table[arg] = value
-            model[arg] = value
-        elif op == "del":
-            if arg in model:
-                del table[arg]
-                del model[arg]
-        else:
+        if op == "bulk":
             table.update(np.array([k for k, _ in arg], dtype=np.uint64),
                          np.array([v for _, v in arg], dtype=np.uint32))
             model.update(arg)
+        else:
+            _set_or_delete(table, model, op, arg, value)
         assert len(table) == len(model)
     assert sorted(table.items()) == sorted(model.items())
     probe = list(model) + [2, 3, 12345]
