@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import array
 import struct
-from collections.abc import Hashable, Iterable
+from collections import defaultdict
+from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -54,12 +55,15 @@ def floats_to_ordered(values: np.ndarray) -> np.ndarray:
     return np.where(bits >= 0, bits, -(bits & np.int64(_MAG)))
 
 
+def _array(values: np.ndarray) -> array.array[int]:
+    """uint32 ids as an array.array: the form pyroaring takes fastest (a buffer)."""
+    buf = array.array("I")
+    buf.frombytes(values.astype(np.uint32, copy=False).tobytes())
+    return buf
+
+
 def _ids(values: Iterable[int] | np.ndarray) -> BitMap:
-    if isinstance(values, np.ndarray):
-        buf = array.array("I")
-        buf.frombytes(values.astype(np.uint32, copy=False).tobytes())
-        return BitMap(buf)
-    return BitMap(values)
+    return BitMap(_array(values) if isinstance(values, np.ndarray) else values)
 
 
 class ValueIndex:
@@ -85,6 +89,20 @@ class ValueIndex:
             bm.discard(dense_id)
             if not bm:
                 del self._maps[value]
+
+    def add_column(self, ids: Sequence[int] | np.ndarray, values: Sequence[Hashable]) -> None:
+        """Add ids[i] to the bitmap of values[i] for every i (the bulk-load path)."""
+        groups: dict[Hashable, list[int]] = defaultdict(list)
+        for dense, value in zip(ids.tolist() if isinstance(ids, np.ndarray) else ids,
+                                values, strict=True):
+            groups[value].append(dense)
+        maps = self._maps
+        for value, members in groups.items():
+            bm = maps.get(value)
+            if bm is None:
+                maps[value] = BitMap(members)
+            else:
+                bm.update(members)
 
     def add_many(self, value: Hashable, ids: Iterable[int] | np.ndarray) -> None:
         bm = self._maps.get(value)
@@ -227,8 +245,8 @@ class RangeIndex:
         for i in range(width):
             selected = ids[((u >> np.uint64(i)) & np.uint64(1)).astype(bool)]
             if len(selected):
-                self.slices[i] |= _ids(selected)
-        self._exists |= _ids(ids)
+                self.slices[i].update(_array(selected))
+        self._exists.update(_array(ids))
 
     # ------------------------------------------------------------------ queries
     def exists(self) -> BitMap:

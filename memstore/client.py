@@ -24,6 +24,7 @@ import msgpack
 from pyroaring import BitMap
 
 from memstore import pbvalues
+from memstore.columnar import pack_columns
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
 
@@ -124,14 +125,8 @@ def _batch(r: pb.BatchGetResponse) -> list[dict[str, Any] | None]:
 
 
 def pack_records(records: Iterable[Mapping[str, Any]]) -> bytes:
-    """Pack {"id", "attributes", "identifiers"} dicts for BatchUpsertRequest.packed."""
-    rows = []
-    for r in records:
-        idents = [[k, v] for k, v in (tuple(i) if not isinstance(i, Mapping)
-                                      else (i["kind"], i["value"])
-                                      for i in r.get("identifiers", ()))]
-        rows.append([r["id"], r.get("attributes", {}), idents])
-    return msgpack.packb(rows, datetime=True, default=_pack_default)
+    """Pack {"id", "attributes", "identifiers"} dicts for BatchUpsertRequest.columns."""
+    return pack_columns(records if isinstance(records, list) else list(records), _pack_default)
 
 
 def _pack_default(value: Any) -> Any:
@@ -193,7 +188,7 @@ class _Methods:
                           lambda r: UpsertResult(r.id, r.version, r.created))
 
     def batch_upsert(self, records: Iterable[Mapping[str, Any]]) -> Any:
-        request = pb.BatchUpsertRequest(packed=pack_records(records))
+        request = pb.BatchUpsertRequest(columns=pack_records(records))
         return self._call("BatchUpsert", request, lambda r: r.applied)
 
     def get(self, id: str | None = None, *, identifier: tuple[str, str] | None = None,
@@ -319,7 +314,7 @@ class Client(_Methods):
             return int(n)
 
         for chunk in _chunks(records, chunk_size):
-            request = pb.BatchUpsertRequest(packed=pack_records(chunk))
+            request = pb.BatchUpsertRequest(columns=pack_records(chunk))
             inflight.append(self._stub.BatchUpsert.future(request, timeout=self.timeout))
             if len(inflight) >= concurrency:
                 total += settle(inflight.pop(0))
@@ -381,7 +376,7 @@ class AsyncClient(_Methods):
             nonlocal total
             try:
                 response = await self._stub.BatchUpsert(
-                    pb.BatchUpsertRequest(packed=pack_records(chunk)), timeout=self.timeout)
+                    pb.BatchUpsertRequest(columns=pack_records(chunk)), timeout=self.timeout)
             except grpc.aio.AioRpcError as exc:
                 raise _error(exc, "BatchUpsert") from None
             finally:

@@ -32,6 +32,8 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import chain, compress, repeat
+from operator import is_not
 from typing import Any
 
 import msgpack
@@ -40,6 +42,7 @@ from pyroaring import BitMap
 from xxhash import xxh3_64_intdigest
 
 from memstore.bitmap_index import RangeIndex, ValueIndex, float_to_ordered, floats_to_ordered
+from memstore.columnar import Columns, Row
 from memstore.errors import (
     FailedPrecondition,
     Forwarded,
@@ -50,6 +53,7 @@ from memstore.errors import (
 )
 from memstore.hashslot import slot_of
 from memstore.inttable import IntTable
+from memstore.pbvalues import MAX_MICROS, MIN_MICROS
 from memstore.schema import (
     INT64_MAX,
     INT64_MIN,
@@ -116,12 +120,24 @@ class Note:
 NOTE_TABLES = ("held", "forwards", "decided")
 
 
+@dataclass(slots=True)
+class Load:
+    """What a bulk load's planner checked, kept so `apply` can index column by column."""
+
+    first: int  # dense id of the first image; the images are new profiles, in order
+    slots: list[int]  # hash slot of each image's primary id
+    keys: np.ndarray  # the images' identifier keys (none in the directory yet) ...
+    owners: list[int]  # ... and the dense id holding each
+    columns: list[tuple[int, Sequence[int], list[Any]]]  # indexed: (attribute, ids, values)
+
+
 @dataclass
 class Change:
     schema: list[AttributeSpec] = field(default_factory=list)
     images: list[Image] = field(default_factory=list)
     result: Any = None
     notes: list[Note] = field(default_factory=list)
+    load: Load | None = None  # set by plan_columns: the images are a load's new profiles
 
     @property
     def empty(self) -> bool:
@@ -209,6 +225,11 @@ def ident_key(kind: str, value: str) -> int:
     which the directory's table keeps for empty and deleted slots (memstore.inttable)."""
     key: int = xxh3_64_intdigest(f"{kind}\x00{value}".encode())
     return key if key > 1 else key + 2
+
+
+def ident_keys(kinds: list[str], values: list[str]) -> np.ndarray:
+    """ident_key of many identifiers, as uint64."""
+    return np.array(list(map(ident_key, kinds, values)), dtype=np.uint64)
 
 
 def check_pid(pid: str, where: str = "id") -> None:
@@ -465,6 +486,12 @@ _COLUMN_TYPES: dict[Kind, set[type]] = {Kind.STRING: {str}, Kind.INT: {int}, Kin
                  Kind.TIMESTAMP: {datetime, msgpack.Timestamp}}
 
 
+def _micros_ok(values: list[Any]) -> bool:
+    """True when every value is a timestamp's int microseconds (memstore.columnar)."""
+    return (set(map(type, values)) <= {int}
+            and MIN_MICROS <= min(values) and max(values) <= MAX_MICROS)
+
+
 def _column_ok(kind: Kind, values: list[Any]) -> bool:
     """True when every value is valid for `kind`, checked a column at a time."""
     types = set(map(type, values))
@@ -476,10 +503,15 @@ def _column_ok(kind: Kind, values: list[Any]) -> bool:
         return INT64_MIN <= min(values) and max(values) <= INT64_MAX
     if kind is Kind.FLOAT:
         return not any(math.isnan(v) for v in values)
+    if kind is Kind.TIMESTAMP:
+        ext = [to_stored(kind, v) for v in values if type(v) is msgpack.Timestamp]
+        return not ext or _micros_ok(ext)
     if kind is Kind.STRING_LIST:
-        limit = MAX_STRING_BYTES // 4
-        return all(len(v) <= MAX_LIST_ITEMS and set(map(type, v)) <= {str}
-                   and (not v or max(map(len, v)) <= limit) for v in values)
+        if max(map(len, values)) > MAX_LIST_ITEMS:
+            return False
+        items = list(chain.from_iterable(values))
+        return not items or (set(map(type, items)) <= {str}
+                             and max(map(len, items)) <= MAX_STRING_BYTES // 4)
     return True
 
 
@@ -636,77 +668,111 @@ class Engine:
             results.append(self._plan_upsert(planner, spec, at))
         return planner.finish(results)
 
-    def plan_load(self, rows: Sequence[tuple[str, dict[str, Any], list[tuple[str, str]]]],
-                  where: str = "packed") -> Change:
-        """Plan a bulk load of (id, flat attributes, identifiers) rows with set semantics.
+    def plan_load(self, rows: Sequence[Row], where: str = "packed") -> Change:
+        """Plan a bulk load of (id, flat attributes, identifiers) rows with set semantics."""
+        return self.plan_columns(Columns.from_rows(rows, where), where)
+
+    def plan_columns(self, batch: Columns, where: str = "columns") -> Change:
+        """Plan a bulk load of a columnar batch with set semantics.
 
         The load path: when every row is a new profile whose identifiers belong to nobody,
         validation runs column by column (one type check per attribute per batch, not per
-        value) and blobs are built directly. Any row that touches existing state (an
-        existing id, an owned identifier, an alias) sends the whole batch through the
-        general planner, which gives the same result more slowly.
+        value), blobs are built directly, and the Change carries the checked columns so
+        `apply` indexes them without taking the blobs apart again. Any row that touches
+        existing state (an existing id, an owned identifier, an alias), or any value the
+        column checks refuse, sends the whole batch through the general planner, which gives
+        the same result (or the error naming the row and attribute) more slowly.
         """
         def general() -> Change:
             return self.plan_batch([
                 UpsertSpec(pid, [(SET, k, v) for k, v in attrs.items()], idents,
                            where=f"{where}[{i}]")
-                for i, (pid, attrs, idents) in enumerate(rows)])
+                for i, (pid, attrs, idents) in enumerate(batch.rows(where))])
 
-        seen: set[str] = set()
-        keys: set[int] = set()
+        ids = batch.ids
+        n = len(ids)
+        if len(set(ids)) != n:
+            return general()
+        if ids and (not min(map(len, ids)) or max(map(len, ids)) > MAX_ID_BYTES // 4):
+            for i, pid in enumerate(ids):  # some id may be too long in utf-8: say which
+                check_pid(pid, f"{where}[{i}].id")
+        if (any(map(self.dense_of.__contains__, ids)) or any(map(self.aliases.__contains__, ids))
+                or any(map(self.forwards.__contains__, ids))):
+            return general()
+        slots = [slot_of(pid) for pid in ids]
+        if self.owned_slots is not None:
+            owned = self.owned_slots
+            for pid, slot in zip(ids, slots, strict=True):
+                if slot not in owned:
+                    self.check_slot(pid)  # raises WrongSlot
+        first = len(self.blobs)
         rules = self.rules
-        for i, (pid, _, idents) in enumerate(rows):
-            check_pid(pid, f"{where}[{i}].id")
-            if (pid in self.dense_of or pid in self.aliases or pid in self.forwards
-                    or pid in seen):
-                return general()
-            seen.add(pid)
-            self.check_slot(pid)
-            kinds: dict[str, int] = {}
-            for kind, value in idents:
-                key = ident_key(kind, value)
-                if key in keys or rules.is_blocked(value):
-                    return general()
-                check_identifier(kind, value, f"{where}[{i}].identifiers")
-                keys.add(key)
-                kinds[kind] = kinds.get(kind, 0) + 1
-            if kinds and max(kinds.values()) > rules.max_per_kind:
-                return general()
-        # Identifiers some profile here holds already: one vectorized probe for the batch.
-        if keys and (self.directory.find_many(np.fromiter(keys, dtype=np.uint64,
-                                                          count=len(keys))) >= 0).any():
+        pairs = [(first + i, kind, value) for i, idents in enumerate(batch.identifiers)
+                 for kind, value in idents]
+        owners = [p[0] for p in pairs]
+        kinds = [p[1] for p in pairs]
+        values = [p[2] for p in pairs]
+        if pairs and (not min(map(len, values))
+                      or max(map(len, values)) > MAX_IDENTIFIER_BYTES // 4
+                      or not all(map(_IDENT_KIND.match, set(kinds)))):
+            for dense, kind, value in pairs:  # say which identifier is wrong
+                check_identifier(kind, value, f"{where}[{dense - first}].identifiers")
+        if not rules.blocked.isdisjoint(map(str.lower, map(str.strip, values))):
+            return general()
+        if any(len(idents) > rules.max_per_kind
+               and max(Counter(k for k, _ in idents).values()) > rules.max_per_kind
+               for idents in batch.identifiers):
+            return general()
+        # Identifiers named twice, or held by some profile here: one vectorized probe.
+        keys = ident_keys(kinds, values)
+        if keys.size and (len(np.unique(keys)) != keys.size
+                          or (self.directory.find_many(keys) >= 0).any()):
             return general()
         planner = _Planner(self)
-        columns: dict[str, list[Any]] = defaultdict(list)
-        for _, attrs, _ in rows:
-            for name, value in attrs.items():
-                columns[name].append(value)
-        aid_of: dict[str, int] = {}
-        convert: dict[str, tuple[int, Kind]] = {}
-        for name, values in columns.items():
-            spec = planner.spec(name) or planner.declare(name, kind_of(values[0]))
-            if not _column_ok(spec.kind, values):
-                return general()  # it finds and names the bad value
-            aid_of[name] = spec.id
-            if spec.kind is Kind.TIMESTAMP or spec.kind is Kind.STRING_LIST:
-                convert[name] = (spec.id, spec.kind)
+        indexed: list[tuple[int, Sequence[int], list[Any]]] = []
+        dense_ids = range(first, first + n)
+        records: list[dict[int, Any]] = [{} for _ in ids]
+        setitem = dict.__setitem__
+        try:
+            for name, column in batch.attributes.items():
+                if None in column:
+                    mask = list(map(is_not, column, repeat(None)))
+                    present = list(compress(column, mask))
+                    where_present: Sequence[int] = list(compress(dense_ids, mask))
+                    holders = list(compress(records, mask))
+                else:
+                    present, where_present, holders = column, dense_ids, records
+                if not present:
+                    continue
+                micros = name in batch.timestamps  # int microseconds, see memstore.columnar
+                sent = Kind.TIMESTAMP if micros else kind_of(present[0])
+                spec = planner.spec(name) or planner.declare(name, sent)
+                if not (_micros_ok(present) if micros and spec.kind is sent
+                        else not micros and _column_ok(spec.kind, present)):
+                    return general()
+                if spec.kind is Kind.TIMESTAMP and not micros:
+                    present = [to_stored(Kind.TIMESTAMP, v) for v in present]
+                elif spec.kind is Kind.STRING_LIST:  # stored sorted; empty means absent
+                    present = [sorted(set(v)) for v in present]
+                    if not all(present):
+                        keep = list(map(bool, present))
+                        where_present = list(compress(where_present, keep))
+                        holders = list(compress(holders, keep))
+                        present = list(compress(present, keep))
+                # Each record gets its value in C (no Python frame per value), in column
+                # order: the same blob as a dict built row by row.
+                aid = spec.id
+                any(map(setitem, holders, repeat(aid), present))
+                if spec.indexed:
+                    indexed.append((aid, where_present, present))
+        except InvalidArgument:
+            return general()  # it names the row and attribute
         change = Change(schema=list(planner.added))
-        next_dense = len(self.blobs)
-        results = []
-        for pid, attrs, idents in rows:
-            stored = {aid_of[name]: value for name, value in attrs.items()}
-            for name, (aid, akind) in convert.items():
-                if name in attrs:
-                    value = to_stored(akind, attrs[name])
-                    if akind is Kind.STRING_LIST and not value:
-                        del stored[aid]
-                    else:
-                        stored[aid] = value
-            state = [1, stored, [[k, v] for k, v in idents], []]
-            change.images.append(Image(next_dense, pid, _pack(state), state))
-            next_dense += 1
-            results.append((pid, True))
-        change.result = results
+        states = [[1, record, idents, []]
+                  for record, idents in zip(records, batch.identifiers, strict=True)]
+        change.images = list(map(Image, dense_ids, ids, map(_pack, states), states))
+        change.result = [(pid, True) for pid in ids]
+        change.load = Load(first, slots, keys, owners, indexed)
         return change
 
     def plan_upsert(self, spec: UpsertSpec) -> Change:
@@ -933,6 +999,8 @@ class Engine:
             if spec.id == len(self.schema.by_id):
                 self.add_attribute(spec)
         notes = self.apply_notes(change.notes) if change.notes else []
+        if change.load is not None and change.load.first == len(self.blobs):
+            return Undo(self._apply_load(change.images, change.load), notes)
         return Undo(self.apply_images(change.images), notes)
 
     def undo(self, undo: Undo) -> None:
@@ -1021,14 +1089,39 @@ class Engine:
                                  new_state[3])
         if fresh:
             self._index_fresh(fresh)
-        if len(fresh_keys) > 64:  # a load: one vectorized insert
-            self.directory.update(np.array(fresh_keys, dtype=np.uint64),
-                                  np.array(fresh_owners, dtype=np.uint32))
-        else:
-            for key, dense in zip(fresh_keys, fresh_owners, strict=True):
-                self.directory[key] = dense
+        self._enter_identifiers(fresh_keys, fresh_owners)
         before.reverse()
         return before
+
+    def _apply_load(self, images: list[Image], load: Load) -> list[Image]:
+        """apply_images for a planned load (Change.load): new profiles at the end, indexed
+        from the planner's columns. Returns the before-images (every one "absent")."""
+        first, end = load.first, load.first + len(images)
+        pids = [image.pid for image in images]
+        self.blobs.extend([image.blob for image in images])
+        self.pids.extend(pids)
+        self.dense_of.update(zip(pids, range(first, end), strict=True))
+        self.live.add_range(first, end)
+        members = self.slot_members
+        for dense, slot in zip(range(first, end), load.slots, strict=True):
+            members[slot].add(dense)
+        if self.owned_slots is not None:
+            owned = self.owned_slots
+            self.foreign.update([d for d, slot in zip(range(first, end), load.slots, strict=True)
+                                 if slot not in owned])
+        if load.keys.size:
+            self.directory.insert_absent(load.keys, np.array(load.owners, dtype=np.uint32))
+        self._index_columns({aid: (ids, values) for aid, ids, values in load.columns})
+        return [Image(image.dense, image.pid, None) for image in reversed(images)]
+
+    def _enter_identifiers(self, keys: list[int], owners: list[int]) -> None:
+        """Enter new profiles' identifiers in the directory."""
+        if len(keys) > 64:  # a load: one vectorized insert
+            self.directory.update(np.array(keys, dtype=np.uint64),
+                                  np.array(owners, dtype=np.uint32))
+        else:
+            for key, dense in zip(keys, owners, strict=True):
+                self.directory[key] = dense
 
     def _reidentify(self, dense: int, pid: str, old_idents: list[list[str]], old_merged: list[str],
                     new_idents: list[list[str]], new_merged: list[str]) -> None:
@@ -1089,7 +1182,7 @@ class Engine:
                 self.exists[aid].add(dense)
 
     def _index_fresh(self, fresh: list[tuple[int, dict[int, Any]]]) -> None:
-        """Index profiles that had no previous image, column by column (the load path)."""
+        """Index profiles that had no previous image, column by column (replay, imports)."""
         columns: dict[int, tuple[list[int], list[Any]]] = {}
         for dense, attrs in fresh:
             for aid, value in attrs.items():
@@ -1098,6 +1191,10 @@ class Engine:
                     column = columns[aid] = ([], [])
                 column[0].append(dense)
                 column[1].append(value)
+        self._index_columns(columns)  # type: ignore[arg-type]
+
+    def _index_columns(self, columns: dict[int, tuple[Sequence[int], list[Any]]]) -> None:
+        """Index new profiles: per attribute id, their dense ids and stored values."""
         by_id = self.schema.by_id
         for aid, (ids, values) in columns.items():
             spec = by_id[aid]
@@ -1110,17 +1207,12 @@ class Engine:
                     keys = np.array(values, dtype=np.int64)
                 self.range_index[aid].set_many(np.array(ids, dtype=np.uint32), keys)
                 continue
-            groups: dict[Any, list[int]] = defaultdict(list)
             if spec.kind is Kind.STRING_LIST:
-                for dense, items in zip(ids, values, strict=True):
-                    for item in items:
-                        groups[item].append(dense)
+                self.value_index[aid].add_column(
+                    np.repeat(np.asarray(ids, dtype=np.uint32), list(map(len, values))),
+                    list(chain.from_iterable(values)))
             else:
-                for dense, value in zip(ids, values, strict=True):
-                    groups[value].append(dense)
-            vindex = self.value_index[aid]
-            for value, members in groups.items():
-                vindex.add_many(value, members)
+                self.value_index[aid].add_column(ids, values)
             self.exists[aid].update(ids)
 
     # ------------------------------------------------------------------ cluster

@@ -133,6 +133,19 @@ class IntTable:
             self._rebuild(len(keys))
         self._place(keys, values)
 
+    def insert_absent(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """`update` for distinct keys the caller knows are absent (a load's identifiers,
+        after find_many): skips the duplicate and presence checks."""
+        keys = np.asarray(keys, dtype=np.uint64)
+        values = np.asarray(values, dtype=np.uint32)
+        if not len(keys):
+            return
+        if not self._live:
+            self._alloc(_capacity_for(len(keys)))
+        elif self._filled + len(keys) > _MAX_FILL * (self._mask + 1):
+            self._rebuild(len(keys))
+        self._place(keys, values)
+
     def find_many(self, keys: np.ndarray) -> np.ndarray:
         """The slot of each key, or -1 where it is absent (all keys probed at once)."""
         keys = np.asarray(keys, dtype=np.uint64)

@@ -17,12 +17,21 @@ PyValue = str | int | float | bool | datetime | list[str]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+def _to_micros(value: datetime) -> int:
+    delta = value - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+# Timestamps a datetime can hold (years 1 to 9999, UTC), as stored microseconds.
+MIN_MICROS = _to_micros(datetime.min.replace(tzinfo=UTC))
+MAX_MICROS = _to_micros(datetime.max.replace(tzinfo=UTC))
+
+
 def datetime_to_micros(value: datetime) -> int:
     """Microseconds since the Unix epoch; a naive datetime is taken as UTC."""
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    delta = value - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return _to_micros(value)
 
 
 def micros_to_datetime(micros: int) -> datetime:
@@ -57,7 +66,10 @@ def from_pb(value: pb.Value, where: str = "value") -> PyValue:
         raise ValueError(f"{where}: value has no kind set")
     if kind == "timestamp_value":
         ts = value.timestamp_value
-        return micros_to_datetime(ts.seconds * 1_000_000 + ts.nanos // 1000)
+        micros = ts.seconds * 1_000_000 + ts.nanos // 1000
+        if not MIN_MICROS <= micros <= MAX_MICROS:
+            raise ValueError(f"timestamp of {ts.seconds} seconds is outside years 1 to 9999")
+        return micros_to_datetime(micros)
     if kind == "list_value":
         return list(value.list_value.values)
     return getattr(value, kind)  # type: ignore[no-any-return]

@@ -19,6 +19,7 @@ from typing import Any
 from msgpack import Timestamp
 
 from memstore.errors import InvalidArgument
+from memstore.pbvalues import MAX_MICROS, MIN_MICROS
 
 
 class Kind(IntEnum):
@@ -181,6 +182,11 @@ def check_value(spec_kind: Kind, value: Any, name: str) -> None:
     elif sent is Kind.INT:
         if not INT64_MIN <= value <= INT64_MAX:
             raise InvalidArgument(f"attribute {name!r}: {value} does not fit in int64")
+    elif sent is Kind.TIMESTAMP:
+        if isinstance(value, Timestamp) and not (
+                MIN_MICROS <= value.seconds * 1_000_000 + value.nanoseconds // 1000 <= MAX_MICROS):
+            raise InvalidArgument(f"attribute {name!r}: timestamp of {value.seconds} seconds "
+                                  f"is outside years 1 to 9999")
     elif sent is Kind.FLOAT:
         if math.isnan(value):
             raise InvalidArgument(f"attribute {name!r}: NaN cannot be stored or compared")

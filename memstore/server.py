@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from pyroaring import BitMap
 
 from memstore import metrics, pbvalues
+from memstore.columnar import unpack_columns
 from memstore.engine import (
     SET,
     Change,
@@ -306,14 +307,20 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
     async def BatchUpsert(self, request: pb.BatchUpsertRequest, context: Any
                           ) -> pb.BatchUpsertResponse:
         self._writable()
+        # Any mix of the three forms applies in the order requests, packed, columns.
         rows = unpack_records(request.packed) if request.packed else []
-        _forwarded(self.engine, [r.id for r in request.requests] + [row[0] for row in rows])
-        if request.requests:
+        batch = unpack_columns(request.columns) if request.columns else None
+        _forwarded(self.engine, [r.id for r in request.requests] + [row[0] for row in rows]
+                   + (batch.ids if batch is not None else []))
+        if request.requests or (rows and batch is not None):
             specs = [_spec(r, f"requests[{i}].") for i, r in enumerate(request.requests)]
-            specs += [UpsertSpec(pid, [(SET, k, v) for k, v in attrs.items()], idents,
-                                 where=f"packed[{i}]")
-                      for i, (pid, attrs, idents) in enumerate(rows)]
+            for where, part in (("packed", rows), ("columns", batch.rows() if batch else [])):
+                specs += [UpsertSpec(pid, [(SET, k, v) for k, v in attrs.items()], idents,
+                                     where=f"{where}[{i}]")
+                          for i, (pid, attrs, idents) in enumerate(part)]
             change = self.engine.plan_batch(specs)
+        elif batch is not None:
+            change = self.engine.plan_columns(batch)
         else:
             change = self.engine.plan_load(rows)
         results = await self.shard.commit(change)

@@ -229,7 +229,8 @@ class Shard:
         before = self.engine.apply(change)
         self._pending.append((lsn, before))
         self.recent.record(lsn, change.touched())
-        if not self._erased and any(image.blob is None for image in change.images):
+        if (not self._erased and change.load is None  # a load only adds profiles
+                and any(image.blob is None for image in change.images)):
             self._erased = True
         try:
             await self.log.sync_to(lsn)

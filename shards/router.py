@@ -60,6 +60,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from memstore import metrics, pbvalues
+from memstore.columnar import columns_of_rows, unpack_columns
+from memstore.errors import InvalidArgument
 from memstore.query import And, Not, Or, Predicate, QueryError, query_from_request
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import memstore_pb2 as pb
@@ -76,6 +78,7 @@ T = TypeVar("T")
 MOVE_WAIT = 30.0
 ADMIN_SERVICE = "memstore.cluster.v1.RouterAdmin"
 SWEEP_INTERVAL = 2.0  # seconds between looks for merges a dead router left unfinished
+REQUEST, PACKED, COLUMNS = 0, 1, 2  # the forms of a BatchUpsert record (BatchUpsertRequest)
 MAX_FORWARDS = 16  # merged-away ids followed in a row before giving up (a cycle is a bug)
 Code = grpc.StatusCode
 
@@ -665,26 +668,37 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                         raise TypeError(f"record {i} is not [id, attributes, identifiers]")
             except (ValueError, TypeError, msgpack.UnpackException) as exc:
                 await _fail(context, Code.INVALID_ARGUMENT, f"packed: {exc}")
-        items: list[tuple[str, Any]] = [(r.id, (r, False)) for r in request.requests]
-        items += [(rec[0], (rec, True)) for rec in records]
+        # Each item: (record, form): a structured request (REQUEST), a packed row (PACKED),
+        # or a row of the columnar batch (COLUMNS), sent on to its shard in the same form.
+        items: list[tuple[str, Any]] = [(r.id, (r, REQUEST)) for r in request.requests]
+        items += [(rec[0], (rec, PACKED)) for rec in records]
+        if request.columns:
+            try:
+                rows = unpack_columns(request.columns).rows()
+            except InvalidArgument as exc:
+                await _fail(context, Code.INVALID_ARGUMENT, str(exc))
+            items += [(pid, ([pid, attrs, idents], COLUMNS)) for pid, attrs, idents in rows]
         for i, (pid, _) in enumerate(items):
             if not pid:
                 await _fail(context, Code.INVALID_ARGUMENT, f"record {i}: an empty primary id")
         if not items:
             return pb.BatchUpsertResponse()
 
-        def build(group: list[tuple[Any, bool]]) -> pb.BatchUpsertRequest:
-            sub = pb.BatchUpsertRequest(requests=[x for x, packed in group if not packed])
-            packed_records = [x for x, packed in group if packed]
+        def build(group: list[tuple[Any, int]]) -> pb.BatchUpsertRequest:
+            sub = pb.BatchUpsertRequest(requests=[x for x, form in group if form == REQUEST])
+            packed_records = [x for x, form in group if form == PACKED]
             if packed_records:
                 sub.packed = msgpack.packb(packed_records, use_bin_type=True)
+            column_rows = [x for x, form in group if form == COLUMNS]
+            if column_rows:
+                sub.columns = columns_of_rows(column_rows)
             return sub
 
-        def retarget(item: tuple[Any, bool], survivor: str) -> tuple[Any, bool]:
-            record, packed = item
-            if packed:
-                return [survivor, *record[1:]], True
-            return _retarget(record, survivor), False
+        def retarget(item: tuple[Any, int], survivor: str) -> tuple[Any, int]:
+            record, form = item
+            if form != REQUEST:
+                return [survivor, *record[1:]], form
+            return _retarget(record, survivor), form
 
         first, later = await self._merge_first(items, context)
         parts = await self._routed(first, "BatchUpsert", build, context, retarget)
@@ -1068,10 +1082,10 @@ async def serve(addresses: list[str], host: str = "127.0.0.1", port: int = 7070,
     log.info("router stopped in %.2fs", time.monotonic() - started)
 
 
-def _identifiers_of(item: tuple[Any, bool]) -> list[tuple[str, str]]:
+def _identifiers_of(item: tuple[Any, int]) -> list[tuple[str, str]]:
     """The identifiers a BatchUpsert record names (malformed ones are the shard's to refuse)."""
-    record, packed = item
-    if not packed:
+    record, form = item
+    if form == REQUEST:
         return [(i.kind, i.value) for i in record.identifiers]
     idents = record[2] if len(record) > 2 and isinstance(record[2], list) else []
     return [(p[0], p[1]) for p in idents

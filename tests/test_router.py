@@ -6,6 +6,7 @@ import asyncio
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ import grpc
 import msgpack
 import pytest
 
+from memstore import pbvalues
+from memstore.client import pack_records
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
 from memstore.v1 import memstore_pb2 as pb
@@ -158,6 +161,32 @@ def test_batch_upsert_packed_and_structured(cluster: dict[str, Any]) -> None:
     got = stub.Get(pb.GetRequest(key=pb.ProfileKey(
         identifier=pb.Identifier(kind="crm", value="c77"))), timeout=10).profile
     assert got.id == "packed-77" and got.attributes["age"].int_value == 72
+
+
+def test_batch_upsert_columns_split_across_shards(cluster: dict[str, Any]) -> None:
+    """A columnar batch (what Client.load sends) through the router: each shard gets its
+    rows as columns, timestamps and gaps intact, and a bad column is INVALID_ARGUMENT."""
+    stub, reference = cluster["stub"], cluster["reference"]
+    at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    records = [{"id": f"col-{i}", "attributes": {"city": "Quito", "age": 40 + i % 3,
+                                                 **({"seen": at} if i % 2 else {})},
+                "identifiers": [("crm", f"col{i}")]} for i in range(60)]
+    reply = stub.BatchUpsert(pb.BatchUpsertRequest(columns=pack_records(records)), timeout=10)
+    assert reply.applied == 60 and reply.created == 60
+    assert {slot_of(r["id"]) >= 8192 for r in records} == {True, False}  # both shards
+    for r in records:
+        reference[r["id"]] = {"city": "Quito", "age": r["attributes"]["age"]}
+    got = stub.Get(pb.GetRequest(key=pb.ProfileKey(
+        identifier=pb.Identifier(kind="crm", value="col7"))), timeout=10).profile
+    assert got.id == "col-7" and pbvalues.from_pb(got.attributes["seen"]) == at
+    assert not stub.Get(pb.GetRequest(key=pb.ProfileKey(id="col-8")),
+                        timeout=10).profile.attributes.get("seen", None)
+    bad = msgpack.packb({"ids": ["col-x"], "attributes": {"seen": [2**62]},
+                         "timestamps": ["seen"]})
+    with pytest.raises(grpc.RpcError) as err:
+        stub.BatchUpsert(pb.BatchUpsertRequest(columns=bad), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "columns[0].attributes.seen" in err.value.details()
 
 
 def test_count_ids_and_streams_match_reference(cluster: dict[str, Any]) -> None:

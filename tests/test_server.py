@@ -10,6 +10,7 @@ from uuid import uuid4
 import grpc
 import msgpack
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -288,9 +289,27 @@ def test_bad_input_for_every_rpc(stub, segment: str) -> None:  # type: ignore[no
     assert "packed" in _invalid(stub, "BatchUpsert", pb.BatchUpsertRequest(packed=b"\xc1junk"))
     bad_row = msgpack.packb([["ok", {"pk_n": 1}], ["", {"pk_n": 1}]])
     assert "packed[1]" in _invalid(stub, "BatchUpsert", pb.BatchUpsertRequest(packed=bad_row))
+    null = msgpack.packb([["ok", {"pk_n": 1}], ["ok2", {"pk_n": None}]])
+    assert "packed[1].attributes.pk_n: null" in _invalid(
+        stub, "BatchUpsert", pb.BatchUpsertRequest(packed=null))
     wrong_kind = msgpack.packb([["ok", {"pk_n": 1}], ["ok2", {"pk_n": "one"}]])
     details = _invalid(stub, "BatchUpsert", pb.BatchUpsertRequest(packed=wrong_kind))
     assert "packed[1]" in details and "pk_n" in details and "an int" not in details
+    columns = {"ids": ["c1", "c2"], "attributes": {"pk_n": [1, None]}}
+    assert "columns" in _invalid(stub, "BatchUpsert", pb.BatchUpsertRequest(columns=b"\xc1"))
+    for broken, where in (({**columns, "ids": ["c1", 2]}, "columns.ids"),
+                          ({**columns, "attributes": {"pk_n": [1]}}, "columns.attributes.pk_n"),
+                          ({**columns, "timestamps": ["nope"]}, "columns.timestamps"),
+                          ({**columns, "identifiers": [[["email"]], []]},
+                           "columns.identifiers[0]"),
+                          ({**columns, "extra": 1}, "keys")):
+        assert where in _invalid(stub, "BatchUpsert", pb.BatchUpsertRequest(
+            columns=msgpack.packb(broken)))
+    wrong_kind = msgpack.packb({"ids": ["c3", "c4"], "attributes": {"pk_n": [1, "one"]}})
+    details = _invalid(stub, "BatchUpsert", pb.BatchUpsertRequest(columns=wrong_kind))
+    assert "columns[1]" in details and "pk_n" in details
+    empty_id = msgpack.packb({"ids": ["c5", ""], "attributes": {}})
+    assert "columns[1]" in _invalid(stub, "BatchUpsert", pb.BatchUpsertRequest(columns=empty_id))
     assert "id or an identifier" in _invalid(stub, "Get", pb.GetRequest())
     assert "empty profile id" in _invalid(stub, "Get", pb.GetRequest(key=pb.ProfileKey(id="")))
     assert "keys[1]" in _invalid(stub, "BatchGet", pb.BatchGetRequest(
@@ -311,6 +330,51 @@ def test_bad_input_for_every_rpc(stub, segment: str) -> None:  # type: ignore[no
         query=pb.QueryRequest(text="ALL"), attribute="age"))
     assert "empty query" in _invalid(stub, "QueryBitmap", pb.QueryRequest(
         query=pb.Query(**{"and": pb.QueryList(children=[pb.Query()])})))
+
+
+def test_timestamps_outside_years_1_to_9999_are_refused_on_every_path(
+        stub, client: Client) -> None:  # type: ignore[no-untyped-def]
+    """A timestamp no reader could turn back into a date must not be stored (it used to
+    be, and every later Get of the profile failed)."""
+    far = 20_000 * 365 * 86_400  # seconds: year ~22,000
+    details = _invalid(stub, "Upsert", pb.UpsertRequest(id=uid(), operations=[pb.Operation(
+        op=pb.Operation.SET, attribute="ts_far", value=pb.Value(
+            timestamp_value=Timestamp(seconds=far)))]))
+    assert "years 1 to 9999" in details
+    row = msgpack.packb([[uid(), {"ts_far": msgpack.Timestamp(far, 0)}]])
+    details = _invalid(stub, "BatchUpsert", pb.BatchUpsertRequest(packed=row))
+    assert "packed[0]" in details and "years 1 to 9999" in details
+    pid = uid()
+    columns = msgpack.packb({"ids": [uid(), pid], "attributes": {"ts_far": [0, far * 10**6]},
+                             "timestamps": ["ts_far"]})
+    details = _invalid(stub, "BatchUpsert", pb.BatchUpsertRequest(columns=columns))
+    assert "columns[1]" in details and "ts_far" in details
+    assert client.get(pid) is None  # nothing of the batch applied
+
+
+def test_columnar_batches_load_and_update_like_upserts(client: Client, stub) -> None:  # type: ignore[no-untyped-def]
+    """The client's load sends columns: new profiles take the fast path, a batch touching
+    existing ones the general planner; both read back as written."""
+    at = datetime(2025, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+    ids = [uid() for _ in range(3)]
+    records = [{"id": ids[0], "attributes": {"col_s": "a", "col_t": at, "nested": {"x": 1}},
+                "identifiers": [("email", f"{ids[0]}@col.example")]},
+               {"id": ids[1], "attributes": {"col_l": ["b", "a", "b"], "col_f": 1.5}},
+               {"id": ids[2], "attributes": {"col_s": "c", "col_l": []}}]
+    assert client.load(records) == 3
+    assert client.get(ids[0])["attributes"] == {"col_s": "a", "col_t": at, "nested.x": 1}
+    assert client.get(ids[1])["attributes"] == {"col_l": ["a", "b"], "col_f": 1.5}
+    assert client.get(ids[2])["attributes"] == {"col_s": "c"}
+    assert client.get(identifier=("email", f"{ids[0]}@col.example"))["id"] == ids[0]
+    assert client.count('col_s IN ("a", "c") AND col_t >= "2025-05-06T07:08:09.123456Z"') == 1
+    # the same ids again: existing profiles, so the general path (set semantics)
+    assert client.load([{"id": ids[0], "attributes": {"col_s": "z"}},
+                        {"id": uid(), "attributes": {"col_s": "z"}}]) == 2
+    got = client.get(ids[0])
+    assert got["attributes"]["col_s"] == "z" and got["version"] == 2
+    assert got["attributes"]["col_t"] == at
+    with pytest.raises(ValueError, match="null"):
+        client.load([{"id": uid(), "attributes": {"col_s": None}}])
 
 
 def test_oversize_message_is_refused_and_server_survives(shard: ServerProcess,

@@ -106,12 +106,14 @@ class UpsertResponse(_message.Message):
     def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class BatchUpsertRequest(_message.Message):
-    __slots__ = ("requests", "packed")
+    __slots__ = ("requests", "packed", "columns")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     PACKED_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
     requests: _containers.RepeatedCompositeFieldContainer[UpsertRequest]
     packed: bytes
-    def __init__(self, requests: _Optional[_Iterable[_Union[UpsertRequest, _Mapping]]] = ..., packed: _Optional[bytes] = ...) -> None: ...
+    columns: bytes
+    def __init__(self, requests: _Optional[_Iterable[_Union[UpsertRequest, _Mapping]]] = ..., packed: _Optional[bytes] = ..., columns: _Optional[bytes] = ...) -> None: ...
 
 class BatchUpsertResponse(_message.Message):
     __slots__ = ("applied", "created")

@@ -1,0 +1,179 @@
+"""The columnar bulk-load format (BatchUpsertRequest.columns) and its row equivalent.
+
+A bulk load is mostly the same attributes over and over; sent as rows, the shard spends
+most of its time taking every row apart again to check and index one attribute at a
+time. Sent as columns, the client pays that once (on its own core) and the shard checks
+a column with one type test and indexes it in one pass (Engine.plan_columns).
+
+Wire form, one msgpack map:
+
+    {"ids": [primary id, ...],                   # n rows
+     "attributes": {name: [value or nil, ...]},  # one column of n per flat attribute name
+     "timestamps": [name, ...],                  # optional: columns of int microseconds
+     "identifiers": [[[kind, value], ...], ...]} # optional; n lists of pairs
+
+nil means "this row does not set the attribute" (a load sets, it never unsets). Values
+are what a packed row carries: strings, ints, floats, bools, msgpack timestamps, string
+lists; a column named in "timestamps" holds timestamps as int microseconds since the Unix
+epoch instead (what the shard stores: no conversion per value). Row i of the batch is
+called `columns[i]` in error messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import msgpack
+
+from memstore.errors import InvalidArgument
+from memstore.pbvalues import MAX_MICROS, MIN_MICROS, datetime_to_micros, micros_to_datetime
+from memstore.values import flatten
+
+Row = tuple[str, dict[str, Any], list[tuple[str, str]]]
+
+
+@dataclass(slots=True)
+class Columns:
+    ids: list[str]
+    attributes: dict[str, list[Any]]
+    identifiers: list[list[list[str]]]  # per row, [kind, value] pairs
+    timestamps: frozenset[str] = frozenset()  # columns of int microseconds
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Row], where: str = "packed") -> Columns:
+        """Columns of (id, flat attributes, identifiers) rows; a null value is refused
+        (in columns, null means "not in this row")."""
+        n = len(rows)
+        attributes: dict[str, list[Any]] = {}
+        for i, (_, attrs, _) in enumerate(rows):
+            for name, value in attrs.items():
+                if value is None:
+                    raise InvalidArgument(f"{where}[{i}].attributes.{name}: null is not a "
+                                          f"value; leave the attribute out")
+                column = attributes.get(name)
+                if column is None:
+                    column = attributes[name] = [None] * n
+                column[i] = value
+        return cls([r[0] for r in rows], attributes, [[list(p) for p in r[2]] for r in rows])
+
+    def rows(self, where: str = "columns") -> list[Row]:
+        """The same batch as rows (the general planner's input), timestamps as datetimes;
+        InvalidArgument for a timestamp column value that is not one."""
+        columns = [(name, _datetimes(column, f"{where}", name) if name in self.timestamps
+                    else column)
+                   for name, column in self.attributes.items()]
+        return [(pid, {name: column[i] for name, column in columns if column[i] is not None},
+                 [(k, v) for k, v in self.identifiers[i]])
+                for i, pid in enumerate(self.ids)]
+
+
+def _datetimes(column: list[Any], where: str, name: str) -> list[Any]:
+    out: list[Any] = []
+    for i, micros in enumerate(column):
+        if micros is None:
+            out.append(None)
+        elif type(micros) is int and MIN_MICROS <= micros <= MAX_MICROS:
+            out.append(micros_to_datetime(micros))
+        else:
+            raise InvalidArgument(
+                f"{where}[{i}].attributes.{name}: {micros!r} is not a timestamp in "
+                f"microseconds since the Unix epoch within years 1 to 9999")
+    return out
+
+
+def pack_columns(records: Sequence[Mapping[str, Any]],
+                 default: Callable[[Any], Any] | None = None) -> bytes:
+    """Pack {"id", "attributes", "identifiers"} records (a client's load input) as columns.
+
+    Nested attribute maps are flattened with dots. A null attribute value is refused
+    (ValueError): in a load, leave the attribute out instead."""
+    n = len(records)
+    ids: list[str] = []
+    attributes: dict[str, list[Any]] = {}
+    identifiers: list[list[list[str]]] = []
+    dated: set[str] = set()
+    for i, record in enumerate(records):
+        ids.append(record["id"])
+        attrs = record.get("attributes") or {}
+        if dict in set(map(type, attrs.values())):
+            attrs = flatten(attrs, f"record {i} ({record['id']!r}) attributes")
+        for name, value in attrs.items():
+            if value is None:
+                raise ValueError(f"record {i} ({record['id']!r}): attribute {name!r} is null; "
+                                 f"leave it out of the record instead")
+            if type(value) is datetime:
+                dated.add(name)
+            column = attributes.get(name)
+            if column is None:
+                column = attributes[name] = [None] * n
+            column[i] = value
+        identifiers.append([[k, v] for k, v in (
+            (x["kind"], x["value"]) if isinstance(x, Mapping) else tuple(x)
+            for x in record.get("identifiers", ()))])
+    body: dict[str, Any] = {"ids": ids, "attributes": attributes}
+    timestamps = []
+    for name in dated:  # columns of aware datetimes only go as int microseconds
+        column = attributes[name]
+        if all(v is None or (type(v) is datetime and v.tzinfo is not None) for v in column):
+            attributes[name] = [None if v is None else datetime_to_micros(v) for v in column]
+            timestamps.append(name)
+    if timestamps:
+        body["timestamps"] = timestamps
+    if any(identifiers):
+        body["identifiers"] = identifiers
+    return msgpack.packb(body, datetime=True, default=default)  # type: ignore[no-any-return]
+
+
+def columns_of_rows(rows: Iterable[Sequence[Any]]) -> bytes:
+    """Pack [id, attributes, identifiers] rows (a router's split of a batch) as columns."""
+    return pack_columns([{"id": r[0], "attributes": r[1],
+                          "identifiers": r[2] if len(r) > 2 else ()} for r in rows])
+
+
+def unpack_columns(data: bytes, where: str = "columns") -> Columns:
+    """Decode and shape-check a columnar batch; values are checked by the planner."""
+    try:
+        body = msgpack.unpackb(data, use_list=True)
+    except Exception as exc:  # noqa: BLE001 - msgpack raises many types on garbage
+        raise InvalidArgument(f"{where}: not a msgpack map of columns ({exc})") from None
+    if (not isinstance(body, dict)
+            or not body.keys() <= {"ids", "attributes", "timestamps", "identifiers"}):
+        raise InvalidArgument(
+            f"{where}: a map with keys ids, attributes, timestamps and identifiers")
+    ids = body.get("ids")
+    if not isinstance(ids, list) or not set(map(type, ids)) <= {str}:
+        raise InvalidArgument(f"{where}.ids: a list of primary id strings")
+    n = len(ids)
+    attributes = body.get("attributes", {})
+    if not isinstance(attributes, dict):
+        raise InvalidArgument(f"{where}.attributes: a map of attribute name to column")
+    for name, column in attributes.items():
+        if not isinstance(name, str):
+            raise InvalidArgument(f"{where}.attributes: names must be strings, got {name!r}")
+        if not isinstance(column, list) or len(column) != n:
+            raise InvalidArgument(f"{where}.attributes.{name}: a list of {n} values "
+                                  f"(one per id, nil where absent)")
+    timestamps = body.get("timestamps", [])
+    if (not isinstance(timestamps, list) or not set(map(type, timestamps)) <= {str}
+            or not set(timestamps) <= attributes.keys()):
+        raise InvalidArgument(f"{where}.timestamps: a list of names of attribute columns")
+    stamped = frozenset(timestamps)
+    raw = body.get("identifiers")
+    if raw is None:
+        return Columns(ids, attributes, [[] for _ in range(n)], stamped)
+    if not isinstance(raw, list) or len(raw) != n:
+        raise InvalidArgument(f"{where}.identifiers: a list of {n} lists (one per id)")
+    identifiers: list[list[list[str]]] = []
+    for i, pairs in enumerate(raw):
+        if not isinstance(pairs, list):
+            raise InvalidArgument(f"{where}.identifiers[{i}]: a list of [kind, value] pairs")
+        for pair in pairs:
+            if (not isinstance(pair, list) or len(pair) != 2
+                    or type(pair[0]) is not str or type(pair[1]) is not str):
+                raise InvalidArgument(
+                    f"{where}.identifiers[{i}]: identifiers are [kind, value] string pairs")
+        identifiers.append(pairs)
+    return Columns(ids, attributes, identifiers, stamped)
