@@ -242,8 +242,11 @@ class RangeIndex:
         while len(self.slices) < width:
             self.slices.append(BitMap())
         ids = ids.astype(np.uint32, copy=False)
+        # Bit i of every value at once: row i of the unpacked little-endian bytes.
+        bits = np.unpackbits(u.astype("<u8", copy=False).view(np.uint8).reshape(-1, 8), axis=1,
+                             bitorder="little")[:, :width].T.astype(bool)
         for i in range(width):
-            selected = ids[((u >> np.uint64(i)) & np.uint64(1)).astype(bool)]
+            selected = ids[bits[i]]
             if len(selected):
                 self.slices[i].update(_array(selected))
         self._exists.update(_array(ids))

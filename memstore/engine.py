@@ -32,12 +32,14 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from itertools import chain, compress, repeat
 from operator import is_not
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
+import ormsgpack
 from pyroaring import BitMap
 from xxhash import xxh3_64_intdigest
 
@@ -100,8 +102,9 @@ class IdentityRules:
         return value.strip().lower() in self.blocked
 
 
-@dataclass(slots=True)
-class Image:
+class Image(NamedTuple):
+    """A profile's after-image. A tuple: a load makes a thousand at once, in C (_make)."""
+
     dense: int
     pid: str
     blob: bytes | None
@@ -184,7 +187,8 @@ class Profile:
     slot: int
 
 
-_pack = msgpack.Packer(use_bin_type=True).pack  # reused: packb builds a Packer per call
+# Encodes a profile blob: ormsgpack writes the same bytes as msgpack, 2-3x faster.
+_pack = partial(ormsgpack.packb, option=ormsgpack.OPT_NON_STR_KEYS)
 
 
 def encode(version: int, attrs: dict[int, Any], idents: list[list[str]], merged: list[str]) -> bytes:
@@ -753,7 +757,7 @@ class Engine:
                 if spec.kind is Kind.TIMESTAMP and not micros:
                     present = [to_stored(Kind.TIMESTAMP, v) for v in present]
                 elif spec.kind is Kind.STRING_LIST:  # stored sorted; empty means absent
-                    present = [sorted(set(v)) for v in present]
+                    present = list(map(sorted, map(set, present)))
                     if not all(present):
                         keep = list(map(bool, present))
                         where_present = list(compress(where_present, keep))
@@ -770,7 +774,8 @@ class Engine:
         change = Change(schema=list(planner.added))
         states = [[1, record, idents, []]
                   for record, idents in zip(records, batch.identifiers, strict=True)]
-        change.images = list(map(Image, dense_ids, ids, map(_pack, states), states))
+        change.images = list(map(Image._make, zip(dense_ids, ids, map(_pack, states), states,
+                                                  strict=True)))
         change.result = [(pid, True) for pid in ids]
         change.load = Load(first, slots, keys, owners, indexed)
         return change
@@ -1112,7 +1117,8 @@ class Engine:
         if load.keys.size:
             self.directory.insert_absent(load.keys, np.array(load.owners, dtype=np.uint32))
         self._index_columns({aid: (ids, values) for aid, ids, values in load.columns})
-        return [Image(image.dense, image.pid, None) for image in reversed(images)]
+        return list(map(Image._make, zip(reversed(range(first, end)), reversed(pids),
+                                         repeat(None), repeat(None))))
 
     def _enter_identifiers(self, keys: list[int], owners: list[int]) -> None:
         """Enter new profiles' identifiers in the directory."""

@@ -36,6 +36,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import ormsgpack
 from pyroaring import BitMap
 
 from memstore import wal_format
@@ -375,7 +376,8 @@ def write_snapshot_file(engine: Engine, snap_dir: Path, lsn: int, shard_name: st
 # ---------------------------------------------------------------------- record payloads
 
 def encode_images(images: Iterable[Image]) -> bytes:
-    return msgpack.packb([[i.dense, i.pid, i.blob] for i in images], use_bin_type=True)
+    """[[dense, pid, blob], ...]; ormsgpack writes msgpack's bytes, faster."""
+    return ormsgpack.packb([image[:3] for image in images])  # type: ignore[no-any-return]
 
 
 def decode_images(payload: bytes) -> list[Image]:
