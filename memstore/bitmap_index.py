@@ -93,9 +93,9 @@ class ValueIndex:
     def add_column(self, ids: Sequence[int] | np.ndarray, values: Sequence[Hashable]) -> None:
         """Add ids[i] to the bitmap of values[i] for every i (the bulk-load path)."""
         groups: dict[Hashable, list[int]] = defaultdict(list)
-        for dense, value in zip(ids.tolist() if isinstance(ids, np.ndarray) else ids,
-                                values, strict=True):
-            groups[value].append(dense)
+        # groups[value].append(dense) for each pair, with no Python frame per pair
+        any(map(list.append, map(groups.__getitem__, values),
+                ids.tolist() if isinstance(ids, np.ndarray) else ids))
         maps = self._maps
         for value, members in groups.items():
             bm = maps.get(value)

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import chain
 from typing import Any
 
 import msgpack
@@ -166,14 +167,17 @@ def unpack_columns(data: bytes, where: str = "columns") -> Columns:
         return Columns(ids, attributes, [[] for _ in range(n)], stamped)
     if not isinstance(raw, list) or len(raw) != n:
         raise InvalidArgument(f"{where}.identifiers: a list of {n} lists (one per id)")
-    identifiers: list[list[list[str]]] = []
-    for i, pairs in enumerate(raw):
-        if not isinstance(pairs, list):
-            raise InvalidArgument(f"{where}.identifiers[{i}]: a list of [kind, value] pairs")
-        for pair in pairs:
-            if (not isinstance(pair, list) or len(pair) != 2
-                    or type(pair[0]) is not str or type(pair[1]) is not str):
-                raise InvalidArgument(
-                    f"{where}.identifiers[{i}]: identifiers are [kind, value] string pairs")
-        identifiers.append(pairs)
+    # Checked a batch at a time; only a batch that fails is walked to say where.
+    pairs = list(chain.from_iterable(raw)) if set(map(type, raw)) <= {list} else None
+    if (pairs is None or not set(map(type, pairs)) <= {list} or not set(map(len, pairs)) <= {2}
+            or not set(map(type, chain.from_iterable(pairs))) <= {str}):
+        for i, row in enumerate(raw):
+            if not isinstance(row, list):
+                raise InvalidArgument(f"{where}.identifiers[{i}]: a list of [kind, value] pairs")
+            for pair in row:
+                if (not isinstance(pair, list) or len(pair) != 2
+                        or type(pair[0]) is not str or type(pair[1]) is not str):
+                    raise InvalidArgument(
+                        f"{where}.identifiers[{i}]: identifiers are [kind, value] string pairs")
+    identifiers: list[list[list[str]]] = raw
     return Columns(ids, attributes, identifiers, stamped)

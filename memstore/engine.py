@@ -1107,9 +1107,8 @@ class Engine:
         self.pids.extend(pids)
         self.dense_of.update(zip(pids, range(first, end), strict=True))
         self.live.add_range(first, end)
-        members = self.slot_members
-        for dense, slot in zip(range(first, end), load.slots, strict=True):
-            members[slot].add(dense)
+        # slot_members[slot].add(dense) for each new profile, with no Python frame per one
+        any(map(BitMap.add, map(self.slot_members.__getitem__, load.slots), range(first, end)))
         if self.owned_slots is not None:
             owned = self.owned_slots
             self.foreign.update([d for d, slot in zip(range(first, end), load.slots, strict=True)
