@@ -112,6 +112,8 @@ def _read_records(path: Path, fmt: str) -> Iterator[dict[str, Any]]:
                     raise click.ClickException(f"{path}:{n}: not JSON: {exc}") from None
                 if not isinstance(record, dict) or "id" not in record:
                     raise click.ClickException(f"{path}:{n}: a line is an object with an 'id'")
+                if isinstance(record.get("attributes"), dict):
+                    record["attributes"] = _without_nulls(record["attributes"])
                 yield record
     elif fmt == "csv":
         with path.open(encoding="utf-8", newline="") as f:
@@ -132,6 +134,12 @@ def _read_records(path: Path, fmt: str) -> Iterator[dict[str, Any]]:
                 idents = row.pop("identifiers", None) or []
                 yield {"id": pid, "identifiers": idents,
                        "attributes": {k: v for k, v in row.items() if v is not None}}
+
+
+def _without_nulls(attributes: dict[str, Any]) -> dict[str, Any]:
+    """JSON null means "not given" in a file, as an empty CSV cell or a Parquet null do."""
+    return {k: _without_nulls(v) if isinstance(v, dict) else v
+            for k, v in attributes.items() if v is not None}
 
 
 def _csv_value(text: str) -> Any:
@@ -188,7 +196,7 @@ def load(file: Path, fmt: str | None, chunk_size: int, concurrency: int, no_prog
             total = client.load(_typed(_read_records(file, fmt), timestamps),
                                 chunk_size=chunk_size, concurrency=concurrency,
                                 progress=bar.update)
-        except ClientError as exc:
+        except (ClientError, ValueError, TypeError) as exc:
             raise click.ClickException(str(exc)) from None
     click.echo(f"loaded {total} profiles")
 

@@ -34,6 +34,7 @@ def test_load_get_query_count(shard: ServerProcess, tmp_path: Path) -> None:
          "identifiers": [{"kind": "email", "value": f"p{i}@x.io"}]}
         for i in range(25)
     ]
+    lines[5]["attributes"]["cli"]["city"] = None  # JSON null: the attribute is not given
     data = tmp_path / "profiles.jsonl"
     data.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     out = memstore("load", str(data), *address)
@@ -41,11 +42,14 @@ def test_load_get_query_count(shard: ServerProcess, tmp_path: Path) -> None:
     profile = json.loads(memstore("get", "cli-3", *address).stdout)
     assert profile["attributes"]["cli.city"] == "Rome"
     assert profile["attributes"]["cli.signup"] == "2024-01-04T00:00:00Z"
+    assert "cli.city" not in json.loads(memstore("get", "cli-5", *address).stdout)["attributes"]
     by_email = json.loads(memstore("get", "--identifier", "email", "p3@x.io", *address).stdout)
     assert by_email["id"] == "cli-3"
     query = 'cli.city = "Oslo" AND cli.signup >= "2024-01-10"'
     ids = memstore("query", query, *address).stdout.split()
     assert sorted(ids) == sorted(f"cli-{i}" for i in range(25) if i % 2 == 0 and i >= 9)
+    rome = memstore("query", "--count", 'cli.city = "Rome"', *address).stdout.strip()
+    assert rome == str(sum(1 for i in range(25) if i % 2 and i != 5))
     assert memstore("query", "--count", query, *address).stdout.strip() == str(len(ids))
 
 

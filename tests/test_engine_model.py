@@ -341,6 +341,23 @@ def test_load_fast_path_equals_the_general_planner(before: Any, rows: Any, wire:
 
 
 @given(st.integers(min_value=0, max_value=2**64 - 1),
+       st.dictionaries(st.integers(0, 5000), st.one_of(
+           st.text(), st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=False), st.booleans(),
+           st.lists(st.text(), max_size=3))), st.lists(st.text(), max_size=2))
+def test_blobs_are_the_bytes_msgpack_writes(version: int, attrs: dict[int, Any],
+                                            merged: list[str]) -> None:
+    """Blobs are written with ormsgpack for speed; they must stay plain msgpack, byte for
+    byte, so every reader (and version_of) keeps working on old and new blobs alike."""
+    import msgpack
+
+    from memstore.engine import decode, encode
+
+    blob = encode(version, attrs, [["email", "a@b"]], merged)
+    assert blob == msgpack.packb([version, attrs, [["email", "a@b"]], merged])
+    assert decode(blob) == [version, attrs, [["email", "a@b"]], merged]
+
+
+@given(st.integers(min_value=0, max_value=2**64 - 1),
        st.dictionaries(st.integers(0, 50), st.text(max_size=5), max_size=3))
 def test_version_of_reads_the_version_without_decoding(version: int, attrs: dict[int, str]
                                                         ) -> None:
