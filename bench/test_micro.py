@@ -125,6 +125,40 @@ def test_index_update_single_profile(benchmark, engine: Engine) -> None:  # type
     benchmark(update)
 
 
+@pytest.fixture(scope="module")
+def load_batches() -> dict[str, list[bytes]]:
+    """20,000 generated profiles as 1,000-profile BatchUpsert payloads, both forms."""
+    import msgpack
+
+    from bench.datagen import generate, iter_records
+    from memstore.client import _pack_default, pack_records
+
+    records = list(iter_records(generate(20_000, seed=5)))
+    chunks = [records[i:i + 1000] for i in range(0, len(records), 1000)]
+    return {"columns": [pack_records(c) for c in chunks],
+            "packed": [msgpack.packb([[r["id"], r["attributes"], r["identifiers"]] for r in c],
+                                     datetime=True, default=_pack_default) for c in chunks]}
+
+
+@pytest.mark.parametrize("form", ["columns", "packed"])
+def test_bulk_load_20k_in_engine(benchmark, load_batches, form: str) -> None:  # type: ignore[no-untyped-def]
+    """What a shard does with a bulk load, minus gRPC and the log: decode, plan, apply.
+    The columnar form (what the client sends) against the row form in the same run."""
+    from memstore.columnar import unpack_columns
+    from memstore.server import unpack_records
+
+    def load() -> Engine:
+        engine = Engine()
+        for payload in load_batches[form]:
+            if form == "columns":
+                engine.apply(engine.plan_columns(unpack_columns(payload)))
+            else:
+                engine.apply(engine.plan_load(unpack_records(payload)))
+        return engine
+
+    assert len(benchmark.pedantic(load, rounds=5)) == 20_000
+
+
 def test_log_append_and_group_sync(benchmark, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """100 appends sharing fsyncs, as 100 concurrent writers would."""
     payload = os.urandom(300)
