@@ -35,7 +35,9 @@ stalls past HOLD_PATIENCE it is aborted (Decide), and its own Absorb is then ref
 router starts over with a new transaction.
 
 Limits: the identifier check before the merge asks every shard (each shard's directory
-covers the profiles it owns); two first links of one new identifier racing from two shards
+covers the profiles it owns). A router holds its lock on every identifier a write names
+from that check to the answer (router.IdentifierLocks), so writes through one router are
+ordered; two first links of one new identifier racing through two routers to two shards
 can both succeed, and the next merge that meets both owners joins them (Absorb merges a
 profile of B that holds one of L's identifiers as well).
 """

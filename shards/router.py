@@ -29,9 +29,10 @@ Current limitations (see also DESIGN "Cluster"):
 - Identifier look-ups ask every shard: each shard's identifier directory covers only its own
   profiles (their slots move with them), not a directory partitioned by hash of the
   identifier. Upsert, Link and BatchUpsert (once per batch, for all its identifiers) ask
-  every shard before writing, to find cross-shard merges. That check is not a lock: two
-  first links of one new identifier racing from two shards can both win; the next merge
-  that meets both owners joins them.
+  every shard before writing, to find cross-shard merges; the router locks the identifiers
+  a write names from that check to its answer (IdentifierLocks), but routers do not share
+  locks: two first links of one new identifier racing through two routers to two shards
+  can both win; the next merge that meets both owners joins them.
 - BatchUpsert is atomic per shard, not across shards; INVALID_ARGUMENT names the index within
   the part of the batch sent to that shard.
 - A QueryIds cursor is (shard name, that shard's cursor): a slot move between two pages may
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import itertools
 import json
@@ -50,6 +52,7 @@ import random
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from datetime import datetime
 from typing import Any, NoReturn, TypeVar
@@ -190,6 +193,48 @@ def _decode_cursor(cursor: str) -> tuple[str, str]:
         raise ValueError(f"cursor: {cursor!r} is not a cursor this router issued") from None
 
 
+class IdentifierLocks:
+    """One lock per identifier that a write through this router is naming right now.
+
+    A write naming identifiers first asks every shard who holds them, then writes (or
+    merges). Two writes racing to give one new identifier to profiles on two shards would
+    both find no owner and both write it. Holding the identifier's lock from that question
+    to the write's answer makes the second one find the first's profile and merge with it.
+    Locks are taken in sorted order (no deadlock between batches) and dropped when unused.
+    Routers do not share them: racing writes through two routers are not ordered (README,
+    "Known limits")."""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._waiting: Counter[tuple[str, str]] = Counter()
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, identifiers: Iterable[tuple[str, str]]) -> AsyncIterator[None]:
+        keys = sorted(set(identifiers))
+        for key in keys:
+            self._waiting[key] += 1
+        held: list[asyncio.Lock] = []
+        try:
+            for key in keys:
+                lock = self._locks.get(key)
+                if lock is None:
+                    lock = self._locks[key] = asyncio.Lock()
+                await lock.acquire()
+                held.append(lock)
+            yield
+        finally:
+            for lock in held:
+                lock.release()
+            for key in keys:
+                self._waiting[key] -= 1
+                if not self._waiting[key]:
+                    del self._waiting[key]
+                    self._locks.pop(key, None)
+
+
 class RouterService(memstore_pb2_grpc.MemstoreServicer):
     def __init__(self, shard_map: ShardMap,
                  on_membership: Callable[[list[str]], None] | None = None) -> None:
@@ -197,6 +242,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         self.on_membership = on_membership
         self.sweeper: asyncio.Task[None] | None = None
         self._known: set[str] = set()  # attribute names some shard has declared
+        self._naming = IdentifierLocks()  # this router's writes naming an identifier, in turn
 
     async def _lenient(self, query: pb.QueryRequest, context: grpc.aio.ServicerContext,
                        *extra: str) -> pb.QueryRequest:
@@ -466,13 +512,15 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
 
     # ------------------------------------------------------------------ profiles
     async def Upsert(self, request: pb.UpsertRequest, context: Any) -> pb.UpsertResponse:
-        return await self._identity_write("Upsert", request, context)  # type: ignore[no-any-return]
+        async with self._naming.hold((i.kind, i.value) for i in request.identifiers):
+            return await self._identity_write("Upsert", request, context)  # type: ignore[no-any-return]
 
     async def Track(self, request: pb.TrackRequest, context: Any) -> pb.TrackResponse:
         return await self._single(request.id, "Track", request, context)  # type: ignore[no-any-return]
 
     async def Link(self, request: pb.LinkRequest, context: Any) -> pb.LinkResponse:
-        return await self._identity_write("Link", request, context)  # type: ignore[no-any-return]
+        async with self._naming.hold((i.kind, i.value) for i in request.identifiers):
+            return await self._identity_write("Link", request, context)  # type: ignore[no-any-return]
 
     async def Get(self, request: pb.GetRequest, context: Any) -> pb.GetResponse:
         if request.key.WhichOneof("key") == "identifier":
@@ -700,13 +748,15 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                 return [survivor, *record[1:]], form
             return _retarget(record, survivor), form
 
-        first, later = await self._merge_first(items, context)
-        parts = await self._routed(first, "BatchUpsert", build, context, retarget)
-        for pid, item in later:
-            await self._identity_write("Link", pb.LinkRequest(id=pid, identifiers=[
-                pb.Identifier(kind=k, value=v) for k, v in _identifiers_of(item)],
-                create=True), context)
-            parts += await self._routed([(pid, item)], "BatchUpsert", build, context, retarget)
+        async with self._naming.hold(k for _, item in items for k in _identifiers_of(item)):
+            first, later = await self._merge_first(items, context)
+            parts = await self._routed(first, "BatchUpsert", build, context, retarget)
+            for pid, item in later:
+                await self._identity_write("Link", pb.LinkRequest(id=pid, identifiers=[
+                    pb.Identifier(kind=k, value=v) for k, v in _identifiers_of(item)],
+                    create=True), context)
+                parts += await self._routed([(pid, item)], "BatchUpsert", build, context,
+                                            retarget)
         return pb.BatchUpsertResponse(applied=sum(r.applied for _, r in parts),
                                       created=sum(r.created for _, r in parts))
 

@@ -6,6 +6,7 @@ own profiles with ids picked by slot, so the survivor and the loser sit on known
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import signal
 import time
@@ -430,6 +431,46 @@ def test_owners_answers_a_batch_of_identifiers_and_refuses_garbage(cluster: dict
             control(shards[0]).Owners(cpb.OwnersRequest(packed=bad), timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert where in err.value.details()
+
+
+def test_racing_first_links_of_a_new_identifier_leave_one_owner(cluster: dict[str, Any]
+                                                                ) -> None:
+    """Two writes through one router give one new identifier to profiles on different
+    shards at the same moment: the second must find the first's profile and merge, never
+    leave the identifier with two owners. Both ways in: Link and an Upsert naming it, and
+    BatchUpsert records."""
+    shards, router = cluster["shards"], cluster["router"]
+
+    async def race(n: int) -> list[str]:
+        idents = []
+        async with grpc.aio.insecure_channel(router.address) as channel:
+            stub = memstore_pb2_grpc.MemstoreStub(channel)
+            calls = []
+            for i in range(n):
+                ident = pb.Identifier(kind="device", value=f"race-{next(_ids)}")
+                idents.append(ident.value)
+                a, b = new_id(0, "ra"), new_id(1, "rb")
+                calls.append(stub.Link(pb.LinkRequest(id=a, identifiers=[ident], create=True),
+                                       timeout=30))
+                if i % 3 == 0:
+                    calls.append(stub.Upsert(pb.UpsertRequest(id=b, identifiers=[ident]),
+                                             timeout=30))
+                elif i % 3 == 1:
+                    calls.append(stub.Link(pb.LinkRequest(id=b, identifiers=[ident],
+                                                          create=True), timeout=30))
+                else:
+                    calls.append(stub.BatchUpsert(pb.BatchUpsertRequest(
+                        packed=msgpack.packb([[b, {"city": "Rome"}, [["device", ident.value]]]])),
+                        timeout=30))
+            await asyncio.gather(*calls)
+        return idents
+
+    idents = asyncio.run(race(30))
+    ask = msgpack.packb([["device", v] for v in idents])
+    owners = [msgpack.unpackb(control(s).Owners(cpb.OwnersRequest(packed=ask),
+                                                timeout=10).packed) for s in shards]
+    for value, on_0, on_1 in zip(idents, *owners, strict=True):
+        assert (on_0 is None) != (on_1 is None), f"device {value}: owners {on_0!r}, {on_1!r}"
 
 
 def test_merges_under_shard_kills_end_whole_or_not_at_all(tmp_path: Path) -> None:

@@ -370,3 +370,30 @@ def test_routed_refreshes_the_map_when_a_forward_and_a_moved_slot_meet(
                                     lambda items: items, Context(), lambda _, new: new))
     assert err.value.args[0] == grpc.StatusCode.UNAVAILABLE
     assert len(refreshes) >= 5 and calls["moved"] < 100
+
+
+def test_identifier_locks_order_overlapping_writes_and_drop_unused_locks() -> None:
+    from shards.router import IdentifierLocks
+
+    locks = IdentifierLocks()
+    inside: set[tuple[str, str]] = set()
+    order: list[str] = []
+
+    async def write(name: str, keys: list[tuple[str, str]]) -> None:
+        async with locks.hold(keys):
+            assert not inside & set(keys), f"{name} overlaps a write in progress"
+            inside.update(keys)
+            await asyncio.sleep(0.01)
+            inside.difference_update(keys)
+            order.append(name)
+
+    async def main() -> None:
+        a, b, c = ("email", "a"), ("email", "b"), ("device", "c")
+        # opposite orders of the same keys must not deadlock; c alone runs beside them
+        await asyncio.wait_for(asyncio.gather(
+            write("ab", [a, b]), write("ba", [b, a, b]), write("c", [c]),
+            write("a", [a])), timeout=5)
+
+    asyncio.run(main())
+    assert sorted(order) == ["a", "ab", "ba", "c"] and order.index("c") < 2 and order[-1] == "a"
+    assert len(locks) == 0
