@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import array
 import struct
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
@@ -94,8 +94,8 @@ class ValueIndex:
         """Add ids[i] to the bitmap of values[i] for every i (the bulk-load path)."""
         groups: dict[Hashable, list[int]] = defaultdict(list)
         # groups[value].append(dense) for each pair, with no Python frame per pair
-        any(map(list.append, map(groups.__getitem__, values),
-                ids.tolist() if isinstance(ids, np.ndarray) else ids))
+        deque(map(list.append, map(groups.__getitem__, values),
+                  ids.tolist() if isinstance(ids, np.ndarray) else ids), maxlen=0)
         maps = self._maps
         for value, members in groups.items():
             bm = maps.get(value)

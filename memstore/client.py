@@ -188,8 +188,9 @@ class _Methods:
                           lambda r: UpsertResult(r.id, r.version, r.created))
 
     def batch_upsert(self, records: Iterable[Mapping[str, Any]]) -> Any:
+        records = list(records)
         request = pb.BatchUpsertRequest(columns=pack_records(records))
-        return self._call("BatchUpsert", request, lambda r: r.applied)
+        return self._call("BatchUpsert", request, lambda r: _applied(r.applied, len(records)))
 
     def get(self, id: str | None = None, *, identifier: tuple[str, str] | None = None,
             attributes: Sequence[str] = ()) -> Any:
@@ -301,25 +302,26 @@ class Client(_Methods):
 
         `progress` is called with the size of every chunk applied (e.g. tqdm's update)."""
         progress = progress if callable(progress) else None
-        inflight: list[Future[Any]] = []
+        inflight: list[tuple[Future[Any], int]] = []
         total = 0
 
-        def settle(future: Any) -> int:
+        def settle(future: Any, sent: int) -> int:
             try:
-                n = future.result().applied
+                n = _applied(future.result().applied, sent)
             except grpc.RpcError as exc:
                 raise _error(exc, "BatchUpsert") from None
             if progress is not None:
                 progress(n)
-            return int(n)
+            return n
 
         for chunk in _chunks(records, chunk_size):
             request = pb.BatchUpsertRequest(columns=pack_records(chunk))
-            inflight.append(self._stub.BatchUpsert.future(request, timeout=self.timeout))
+            inflight.append((self._stub.BatchUpsert.future(request, timeout=self.timeout),
+                             len(chunk)))
             if len(inflight) >= concurrency:
-                total += settle(inflight.pop(0))
-        for future in inflight:
-            total += settle(future)
+                total += settle(*inflight.pop(0))
+        for future, sent in inflight:
+            total += settle(future, sent)
         return total
 
     def close(self) -> None:
@@ -381,9 +383,10 @@ class AsyncClient(_Methods):
                 raise _error(exc, "BatchUpsert") from None
             finally:
                 gate.release()
-            total += response.applied
+            applied = _applied(response.applied, len(chunk))
+            total += applied
             if progress is not None:
-                progress(response.applied)
+                progress(applied)
 
         tasks = []
         for chunk in _chunks(records, chunk_size):
@@ -400,6 +403,16 @@ class AsyncClient(_Methods):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _applied(applied: int, sent: int) -> int:
+    """A batch applies whole or not at all: fewer records applied than sent means a server
+    that dropped the columnar form (older than this client), not a partial load."""
+    if applied != sent:
+        raise ClientError(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"the server applied {applied} of {sent} records of a columnar "
+                          f"batch: is it older than this client?", "BatchUpsert")
+    return applied
 
 
 def _chunks(records: Iterable[Any], size: int) -> Iterator[list[Any]]:

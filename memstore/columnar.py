@@ -21,16 +21,22 @@ called `columns[i]` in error messages.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 import msgpack
 
 from memstore.errors import InvalidArgument
-from memstore.pbvalues import MAX_MICROS, MIN_MICROS, datetime_to_micros, micros_to_datetime
+from memstore.pbvalues import (
+    TIMESTAMP_RANGE,
+    datetime_to_micros,
+    micros_in_range,
+    micros_to_datetime,
+)
 from memstore.values import flatten
 
 Row = tuple[str, dict[str, Any], list[tuple[str, str]]]
@@ -60,10 +66,28 @@ class Columns:
                 column[i] = value
         return cls([r[0] for r in rows], attributes, [[list(p) for p in r[2]] for r in rows])
 
+    def pack_rows(self, rows: Sequence[int], ids: Sequence[str]) -> bytes:
+        """Rows `rows` of this batch as a columnar batch of their own, under primary ids
+        `ids` (a router's part of a batch for one shard; values are not looked at)."""
+        take = itemgetter(*rows) if len(rows) > 1 else lambda column: (column[rows[0]],)
+        attributes = {}
+        for name, column in self.attributes.items():
+            values = take(column)
+            if values.count(None) < len(values):
+                attributes[name] = values
+        body: dict[str, Any] = {"ids": list(ids), "attributes": attributes}
+        timestamps = [name for name in self.timestamps if name in attributes]
+        if timestamps:
+            body["timestamps"] = timestamps
+        identifiers = take(self.identifiers)
+        if any(identifiers):
+            body["identifiers"] = identifiers
+        return msgpack.packb(body)  # type: ignore[no-any-return]
+
     def rows(self, where: str = "columns") -> list[Row]:
         """The same batch as rows (the general planner's input), timestamps as datetimes;
         InvalidArgument for a timestamp column value that is not one."""
-        columns = [(name, _datetimes(column, f"{where}", name) if name in self.timestamps
+        columns = [(name, _datetimes(column, where, name) if name in self.timestamps
                     else column)
                    for name, column in self.attributes.items()]
         return [(pid, {name: column[i] for name, column in columns if column[i] is not None},
@@ -76,12 +100,12 @@ def _datetimes(column: list[Any], where: str, name: str) -> list[Any]:
     for i, micros in enumerate(column):
         if micros is None:
             out.append(None)
-        elif type(micros) is int and MIN_MICROS <= micros <= MAX_MICROS:
+        elif type(micros) is int and micros_in_range(micros):
             out.append(micros_to_datetime(micros))
         else:
             raise InvalidArgument(
                 f"{where}[{i}].attributes.{name}: {micros!r} is not a timestamp in "
-                f"microseconds since the Unix epoch within years 1 to 9999")
+                f"microseconds since the Unix epoch within {TIMESTAMP_RANGE}")
     return out
 
 
@@ -99,8 +123,11 @@ def pack_columns(records: Sequence[Mapping[str, Any]],
     for i, record in enumerate(records):
         ids.append(record["id"])
         attrs = record.get("attributes") or {}
-        if dict in set(map(type, attrs.values())):
-            attrs = flatten(attrs, f"record {i} ({record['id']!r}) attributes")
+        if any(issubclass(t, Mapping) for t in set(map(type, attrs.values()))):
+            try:
+                attrs = flatten(attrs, f"record {i} ({record['id']!r}) attributes")
+            except InvalidArgument as exc:
+                raise ValueError(str(exc)) from None
         for name, value in attrs.items():
             if value is None:
                 raise ValueError(f"record {i} ({record['id']!r}): attribute {name!r} is null; "
@@ -126,12 +153,6 @@ def pack_columns(records: Sequence[Mapping[str, Any]],
     if any(identifiers):
         body["identifiers"] = identifiers
     return msgpack.packb(body, datetime=True, default=default)  # type: ignore[no-any-return]
-
-
-def columns_of_rows(rows: Iterable[Sequence[Any]]) -> bytes:
-    """Pack [id, attributes, identifiers] rows (a router's split of a batch) as columns."""
-    return pack_columns([{"id": r[0], "attributes": r[1],
-                          "identifiers": r[2] if len(r) > 2 else ()} for r in rows])
 
 
 def unpack_columns(data: bytes, where: str = "columns") -> Columns:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -55,7 +55,7 @@ from memstore.errors import (
 )
 from memstore.hashslot import slot_of
 from memstore.inttable import IntTable
-from memstore.pbvalues import MAX_MICROS, MIN_MICROS
+from memstore.pbvalues import TIMESTAMP_RANGE, micros_in_range
 from memstore.schema import (
     INT64_MAX,
     INT64_MIN,
@@ -173,6 +173,14 @@ class UpsertSpec:
     identifiers: Sequence[tuple[str, str]] = ()
     expected_version: int | None = None
     where: str = ""  # where the request came from, for error messages ("packed[3]")
+    record: bool = False  # the ops set a bulk record's attributes: errors name the attribute
+
+
+def record_specs(rows: Iterable[Row], where: str) -> list[UpsertSpec]:
+    """Bulk-load records as upserts: each sets its attributes and links its identifiers."""
+    return [UpsertSpec(pid, [(SET, k, v) for k, v in attrs.items()], idents,
+                       where=f"{where}[{i}]", record=True)
+            for i, (pid, attrs, idents) in enumerate(rows)]
 
 
 @dataclass(slots=True)
@@ -491,9 +499,14 @@ _COLUMN_TYPES: dict[Kind, set[type]] = {Kind.STRING: {str}, Kind.INT: {int}, Kin
 
 
 def _micros_ok(values: list[Any]) -> bool:
-    """True when every value is a timestamp's int microseconds (memstore.columnar)."""
+    """True when every value is a timestamp's int microseconds within the readable range."""
     return (set(map(type, values)) <= {int}
-            and MIN_MICROS <= min(values) and max(values) <= MAX_MICROS)
+            and micros_in_range(min(values)) and micros_in_range(max(values)))
+
+
+def _first_present(column: list[Any]) -> int:
+    """Index of a column's first value (None: absent)."""
+    return next((i for i, v in enumerate(column) if v is not None), len(column))
 
 
 def _column_ok(kind: Kind, values: list[Any]) -> bool:
@@ -507,9 +520,6 @@ def _column_ok(kind: Kind, values: list[Any]) -> bool:
         return INT64_MIN <= min(values) and max(values) <= INT64_MAX
     if kind is Kind.FLOAT:
         return not any(math.isnan(v) for v in values)
-    if kind is Kind.TIMESTAMP:
-        ext = [to_stored(kind, v) for v in values if type(v) is msgpack.Timestamp]
-        return not ext or _micros_ok(ext)
     if kind is Kind.STRING_LIST:
         if max(map(len, values)) > MAX_LIST_ITEMS:
             return False
@@ -688,27 +698,22 @@ class Engine:
         the same result (or the error naming the row and attribute) more slowly.
         """
         def general() -> Change:
-            return self.plan_batch([
-                UpsertSpec(pid, [(SET, k, v) for k, v in attrs.items()], idents,
-                           where=f"{where}[{i}]")
-                for i, (pid, attrs, idents) in enumerate(batch.rows(where))])
+            return self.plan_batch(record_specs(batch.rows(where), where))
 
         ids = batch.ids
         n = len(ids)
         if len(set(ids)) != n:
             return general()
+        # Anything the general planner would refuse goes to it, so the batch gets the error
+        # it gives (the first bad record's, in record order), not one of the fast path's.
         if ids and (not min(map(len, ids)) or max(map(len, ids)) > MAX_ID_BYTES // 4):
-            for i, pid in enumerate(ids):  # some id may be too long in utf-8: say which
-                check_pid(pid, f"{where}[{i}].id")
+            return general()  # an empty id, or one that may be too long in utf-8
         if (any(map(self.dense_of.__contains__, ids)) or any(map(self.aliases.__contains__, ids))
                 or any(map(self.forwards.__contains__, ids))):
             return general()
         slots = [slot_of(pid) for pid in ids]
-        if self.owned_slots is not None:
-            owned = self.owned_slots
-            for pid, slot in zip(ids, slots, strict=True):
-                if slot not in owned:
-                    self.check_slot(pid)  # raises WrongSlot
+        if self.owned_slots is not None and not self.owned_slots.issuperset(BitMap(slots)):
+            return general()  # WrongSlot
         first = len(self.blobs)
         rules = self.rules
         pairs = [(first + i, kind, value) for i, idents in enumerate(batch.identifiers)
@@ -718,10 +723,8 @@ class Engine:
         values = [p[2] for p in pairs]
         if pairs and (not min(map(len, values))
                       or max(map(len, values)) > MAX_IDENTIFIER_BYTES // 4
-                      or not all(map(_IDENT_KIND.match, set(kinds)))):
-            for dense, kind, value in pairs:  # say which identifier is wrong
-                check_identifier(kind, value, f"{where}[{dense - first}].identifiers")
-        if not rules.blocked.isdisjoint(map(str.lower, map(str.strip, values))):
+                      or not all(map(_IDENT_KIND.match, set(kinds)))
+                      or not rules.blocked.isdisjoint(map(str.lower, map(str.strip, values)))):
             return general()
         if any(len(idents) > rules.max_per_kind
                and max(Counter(k for k, _ in idents).values()) > rules.max_per_kind
@@ -737,8 +740,10 @@ class Engine:
         dense_ids = range(first, first + n)
         records: list[dict[int, Any]] = [{} for _ in ids]
         setitem = dict.__setitem__
+        # Declared in the order the general planner meets them: by first record, then name order.
+        named = sorted(batch.attributes.items(), key=lambda item: _first_present(item[1]))
         try:
-            for name, column in batch.attributes.items():
+            for name, column in named:
                 if None in column:
                     mask = list(map(is_not, column, repeat(None)))
                     present = list(compress(column, mask))
@@ -756,6 +761,8 @@ class Engine:
                     return general()
                 if spec.kind is Kind.TIMESTAMP and not micros:
                     present = [to_stored(Kind.TIMESTAMP, v) for v in present]
+                    if not _micros_ok(present):
+                        return general()
                 elif spec.kind is Kind.STRING_LIST:  # stored sorted; empty means absent
                     present = list(map(sorted, map(set, present)))
                     if not all(present):
@@ -766,7 +773,7 @@ class Engine:
                 # Each record gets its value in C (no Python frame per value), in column
                 # order: the same blob as a dict built row by row.
                 aid = spec.id
-                any(map(setitem, holders, repeat(aid), present))
+                deque(map(setitem, holders, repeat(aid), present), maxlen=0)
                 if spec.indexed:
                     indexed.append((aid, where_present, present))
         except InvalidArgument:
@@ -796,7 +803,10 @@ class Engine:
                 f"expected {spec.expected_version}"
             )
         for j, (op, name, value) in enumerate(spec.ops):
-            where = f"{at}.operations[{j}]" if at else f"operations[{j}]"
+            if spec.record:
+                where = f"{at}.attributes.{name}"
+            else:
+                where = f"{at}.operations[{j}]" if at else f"operations[{j}]"
             try:
                 planner.apply_op(d, op, name, value, where)
             except InvalidArgument as exc:
@@ -973,6 +983,8 @@ class Engine:
             raise InvalidArgument(f"event: name {event!r} must be 1-128 letters, digits, _ or -")
         if count < 1:
             raise InvalidArgument("count: must be at least 1")
+        if not micros_in_range(at_micros):
+            raise InvalidArgument(f"at: {at_micros} microseconds is outside {TIMESTAMP_RANGE}")
         planner = _Planner(self)
         d = planner.draft(pid, create=True)
         assert d is not None
@@ -1108,7 +1120,8 @@ class Engine:
         self.dense_of.update(zip(pids, range(first, end), strict=True))
         self.live.add_range(first, end)
         # slot_members[slot].add(dense) for each new profile, with no Python frame per one
-        any(map(BitMap.add, map(self.slot_members.__getitem__, load.slots), range(first, end)))
+        deque(map(BitMap.add, map(self.slot_members.__getitem__, load.slots),
+                  range(first, end)), maxlen=0)
         if self.owned_slots is not None:
             owned = self.owned_slots
             self.foreign.update([d for d, slot in zip(range(first, end), load.slots, strict=True)

@@ -25,6 +25,12 @@ def _to_micros(value: datetime) -> int:
 # Timestamps a datetime can hold (years 1 to 9999, UTC), as stored microseconds.
 MIN_MICROS = _to_micros(datetime.min.replace(tzinfo=UTC))
 MAX_MICROS = _to_micros(datetime.max.replace(tzinfo=UTC))
+TIMESTAMP_RANGE = "years 1 to 9999"
+
+
+def micros_in_range(micros: int) -> bool:
+    """Whether a stored timestamp can be read back as a datetime (every write checks)."""
+    return MIN_MICROS <= micros <= MAX_MICROS
 
 
 def datetime_to_micros(value: datetime) -> int:
@@ -67,8 +73,8 @@ def from_pb(value: pb.Value, where: str = "value") -> PyValue:
     if kind == "timestamp_value":
         ts = value.timestamp_value
         micros = ts.seconds * 1_000_000 + ts.nanos // 1000
-        if not MIN_MICROS <= micros <= MAX_MICROS:
-            raise ValueError(f"timestamp of {ts.seconds} seconds is outside years 1 to 9999")
+        if not micros_in_range(micros):
+            raise ValueError(f"timestamp of {ts.seconds} seconds is outside {TIMESTAMP_RANGE}")
         return micros_to_datetime(micros)
     if kind == "list_value":
         return list(value.list_value.values)

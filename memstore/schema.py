@@ -19,7 +19,7 @@ from typing import Any
 from msgpack import Timestamp
 
 from memstore.errors import InvalidArgument
-from memstore.pbvalues import MAX_MICROS, MIN_MICROS
+from memstore.pbvalues import TIMESTAMP_RANGE, datetime_to_micros, micros_in_range
 
 
 class Kind(IntEnum):
@@ -183,10 +183,11 @@ def check_value(spec_kind: Kind, value: Any, name: str) -> None:
         if not INT64_MIN <= value <= INT64_MAX:
             raise InvalidArgument(f"attribute {name!r}: {value} does not fit in int64")
     elif sent is Kind.TIMESTAMP:
-        if isinstance(value, Timestamp) and not (
-                MIN_MICROS <= value.seconds * 1_000_000 + value.nanoseconds // 1000 <= MAX_MICROS):
-            raise InvalidArgument(f"attribute {name!r}: timestamp of {value.seconds} seconds "
-                                  f"is outside years 1 to 9999")
+        micros = (value.seconds * 1_000_000 + value.nanoseconds // 1000
+                  if isinstance(value, Timestamp) else datetime_to_micros(value))
+        if not micros_in_range(micros):
+            raise InvalidArgument(f"attribute {name!r}: timestamp {value} is outside "
+                                  f"{TIMESTAMP_RANGE}")
     elif sent is Kind.FLOAT:
         if math.isnan(value):
             raise InvalidArgument(f"attribute {name!r}: NaN cannot be stored or compared")

@@ -28,7 +28,6 @@ from pyroaring import BitMap
 from memstore import metrics, pbvalues
 from memstore.columnar import unpack_columns
 from memstore.engine import (
-    SET,
     Change,
     Engine,
     Image,
@@ -36,6 +35,7 @@ from memstore.engine import (
     UpsertSpec,
     decode,
     encode,
+    record_specs,
     version_of,
 )
 from memstore.errors import (
@@ -314,10 +314,8 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
                    + (batch.ids if batch is not None else []))
         if request.requests or (rows and batch is not None):
             specs = [_spec(r, f"requests[{i}].") for i, r in enumerate(request.requests)]
-            for where, part in (("packed", rows), ("columns", batch.rows() if batch else [])):
-                specs += [UpsertSpec(pid, [(SET, k, v) for k, v in attrs.items()], idents,
-                                     where=f"{where}[{i}]")
-                          for i, (pid, attrs, idents) in enumerate(part)]
+            specs += record_specs(rows, "packed")
+            specs += record_specs(batch.rows() if batch else [], "columns")
             change = self.engine.plan_batch(specs)
         elif batch is not None:
             change = self.engine.plan_columns(batch)

@@ -52,7 +52,7 @@ import random
 import signal
 import sys
 import time
-from collections import Counter
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from datetime import datetime
 from typing import Any, NoReturn, TypeVar
@@ -63,7 +63,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from memstore import metrics, pbvalues
-from memstore.columnar import columns_of_rows, unpack_columns
+from memstore.columnar import Columns, unpack_columns
 from memstore.errors import InvalidArgument
 from memstore.query import And, Not, Or, Predicate, QueryError, query_from_request
 from memstore.v1 import cluster_pb2 as cpb
@@ -194,45 +194,34 @@ def _decode_cursor(cursor: str) -> tuple[str, str]:
 
 
 class IdentifierLocks:
-    """One lock per identifier that a write through this router is naming right now.
+    """The identifiers that writes through this router are naming right now.
 
     A write naming identifiers first asks every shard who holds them, then writes (or
     merges). Two writes racing to give one new identifier to profiles on two shards would
-    both find no owner and both write it. Holding the identifier's lock from that question
-    to the write's answer makes the second one find the first's profile and merge with it.
-    Locks are taken in sorted order (no deadlock between batches) and dropped when unused.
-    Routers do not share them: racing writes through two routers are not ordered (README,
-    "Known limits")."""
+    both find no owner and both write it. Holding the identifiers from that question to
+    the write's answer makes the second one find the first's profile and merge with it.
+    A write takes all its identifiers at once, when none is taken (no deadlock between
+    batches), and waits for the writes holding any of them otherwise. Routers do not share
+    them: racing writes through two routers are not ordered (README, "Known limits")."""
 
     def __init__(self) -> None:
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self._waiting: Counter[tuple[str, str]] = Counter()
+        self._taken: dict[tuple[str, str], asyncio.Future[None]] = {}
 
     def __len__(self) -> int:
-        return len(self._locks)
+        return len(self._taken)
 
     @contextlib.asynccontextmanager
     async def hold(self, identifiers: Iterable[tuple[str, str]]) -> AsyncIterator[None]:
-        keys = sorted(set(identifiers))
-        for key in keys:
-            self._waiting[key] += 1
-        held: list[asyncio.Lock] = []
+        keys = set(identifiers)
+        while busy := {self._taken[k] for k in filter(self._taken.__contains__, keys)}:
+            await asyncio.wait(busy)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._taken.update(dict.fromkeys(keys, done))
         try:
-            for key in keys:
-                lock = self._locks.get(key)
-                if lock is None:
-                    lock = self._locks[key] = asyncio.Lock()
-                await lock.acquire()
-                held.append(lock)
             yield
         finally:
-            for lock in held:
-                lock.release()
-            for key in keys:
-                self._waiting[key] -= 1
-                if not self._waiting[key]:
-                    del self._waiting[key]
-                    self._locks.pop(key, None)
+            deque(map(self._taken.pop, keys), maxlen=0)
+            done.set_result(None)
 
 
 class RouterService(memstore_pb2_grpc.MemstoreServicer):
@@ -720,12 +709,16 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         # or a row of the columnar batch (COLUMNS), sent on to its shard in the same form.
         items: list[tuple[str, Any]] = [(r.id, (r, REQUEST)) for r in request.requests]
         items += [(rec[0], (rec, PACKED)) for rec in records]
+        batch = Columns([], {}, [])
         if request.columns:
             try:
-                rows = unpack_columns(request.columns).rows()
+                batch = unpack_columns(request.columns)
             except InvalidArgument as exc:
                 await _fail(context, Code.INVALID_ARGUMENT, str(exc))
-            items += [(pid, ([pid, attrs, idents], COLUMNS)) for pid, attrs, idents in rows]
+            # [id, row of the batch, identifiers]: sent on as that row of the columns
+            items += [(pid, ([pid, i, idents], COLUMNS))
+                      for i, (pid, idents) in enumerate(zip(batch.ids, batch.identifiers,
+                                                            strict=True))]
         for i, (pid, _) in enumerate(items):
             if not pid:
                 await _fail(context, Code.INVALID_ARGUMENT, f"record {i}: an empty primary id")
@@ -737,9 +730,9 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
             packed_records = [x for x, form in group if form == PACKED]
             if packed_records:
                 sub.packed = msgpack.packb(packed_records, use_bin_type=True)
-            column_rows = [x for x, form in group if form == COLUMNS]
-            if column_rows:
-                sub.columns = columns_of_rows(column_rows)
+            rows = [x for x, form in group if form == COLUMNS]
+            if rows:
+                sub.columns = batch.pack_rows([r[1] for r in rows], [r[0] for r in rows])
             return sub
 
         def retarget(item: tuple[Any, int], survivor: str) -> tuple[Any, int]:

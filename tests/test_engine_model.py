@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import given, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
@@ -25,6 +26,7 @@ from memstore.engine import (
     Engine,
     IdentityRules,
     UpsertSpec,
+    record_specs,
 )
 from memstore.errors import FailedPrecondition, InvalidArgument
 from memstore.evaluate import evaluate
@@ -275,17 +277,20 @@ TestEngineModel = EngineModel.TestCase
 # ---------------------------------------------------------------------- the bulk-load path
 
 ROWS = st.lists(st.tuples(
-    st.sampled_from([f"p{i}" for i in range(12)]),
+    st.sampled_from([f"p{i}" for i in range(12)] + [""]),
     st.fixed_dictionaries({}, optional={
         "country": COUNTRIES, "age": st.integers(-5, 120), "tags": st.lists(TAGS, max_size=3),
         "seen": ATTR_VALUES["seen"], "score": ATTR_VALUES["score"], "vip": st.booleans(),
         # not declared: the first write decides its kind, a later other kind is refused
         "nps": st.one_of(st.integers(0, 10), st.just("ten")),
         "when": st.one_of(ATTR_VALUES["seen"], st.just(datetime.max.replace(tzinfo=UTC)))}),
-    st.lists(IDENTS, max_size=2, unique=True)), max_size=8)
+    st.lists(st.one_of(IDENTS, st.sampled_from([("email", ""), ("Bad Kind", "v")])),
+             max_size=2, unique=True)), max_size=8)
 # Batches the fast path takes (new ids, unclaimed identifiers) unless a value is refused.
-FRESH = ROWS.map(lambda rows: [(f"n{i}", attrs, [(k, f"{v}{i}") for k, v in idents])
-                               for i, (_, attrs, idents) in enumerate(rows)])
+FRESH = ROWS.map(lambda rows: [(f"n{i}" if pid else "", attrs,
+                                [(k, v if v in ("", "null") else f"{v}{i}")
+                                 for k, v in idents])
+                               for i, (pid, attrs, idents) in enumerate(rows)])
 
 
 def _load_columns(engine: Engine, rows: Any) -> Any:
@@ -338,6 +343,27 @@ def test_load_fast_path_equals_the_general_planner(before: Any, rows: Any, wire:
         except (QueryError, InvalidArgument):  # an attribute no row declared
             continue
         assert set(fast.ids_of(evaluate(fast, q))) == want
+
+
+def test_load_declares_attributes_in_the_order_the_general_planner_meets_them() -> None:
+    """A columnar batch from any writer (columns in any order) gets the same attribute ids
+    on the fast path as on the general one: by first record, then column order."""
+    from memstore.columnar import Columns
+
+    batch = Columns(["a", "b"], {"y": [None, 1], "x": [1, None], "w": [None, 2]}, [[], []])
+    fast, slow = Engine(), Engine()
+    fast.apply(fast.plan_columns(batch))
+    slow.apply(slow.plan_batch(record_specs(batch.rows(), "columns")))
+    assert [s.name for s in fast.schema.by_id] == [s.name for s in slow.schema.by_id] == [
+        "x", "y", "w"]
+
+
+def test_track_refuses_a_time_no_reader_could_turn_back_into_a_date() -> None:
+    engine = Engine()
+    for at in (10**18, 2**63 + 10**6, -(10**18)):
+        with pytest.raises(InvalidArgument, match="years 1 to 9999"):
+            engine.plan_track("p", "visit", at)
+    assert len(engine) == 0
 
 
 @given(st.integers(min_value=0, max_value=2**64 - 1),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from datetime import UTC, datetime, timedelta
+from collections import OrderedDict
+from datetime import UTC, datetime, timedelta, timezone
 from uuid import uuid4
 
 import grpc
@@ -350,6 +351,14 @@ def test_timestamps_outside_years_1_to_9999_are_refused_on_every_path(
     details = _invalid(stub, "BatchUpsert", pb.BatchUpsertRequest(columns=columns))
     assert "columns[1]" in details and "ts_far" in details
     assert client.get(pid) is None  # nothing of the batch applied
+    for seconds in (far, 10**13):  # the second does not even fit int64 microseconds
+        details = _invalid(stub, "Track", pb.TrackRequest(id=pid, event="visit",
+                                                          at=Timestamp(seconds=seconds)))
+        assert "years 1 to 9999" in details
+    assert client.get(pid) is None
+    early = datetime(1, 1, 1, 1, tzinfo=timezone(timedelta(hours=5)))  # year 0 in UTC
+    with pytest.raises(ClientError, match="years 1 to 9999"):
+        client.load([{"id": pid, "attributes": {"ts_far": early}}])
 
 
 def test_columnar_batches_load_and_update_like_upserts(client: Client, stub) -> None:  # type: ignore[no-untyped-def]
@@ -375,6 +384,20 @@ def test_columnar_batches_load_and_update_like_upserts(client: Client, stub) -> 
     assert got["attributes"]["col_t"] == at
     with pytest.raises(ValueError, match="null"):
         client.load([{"id": uid(), "attributes": {"col_s": None}}])
+    with pytest.raises(ValueError, match="given twice"):  # flattening, on the client
+        client.load([{"id": uid(), "attributes": {"a.b": 1, "a": {"b": 2}}}])
+    pid = uid()
+    client.load([{"id": pid, "attributes": {"col_nest": OrderedDict(inner="x")}}])
+    assert client.get(pid)["attributes"] == {"col_nest.inner": "x"}
+
+
+def test_a_batch_applied_short_is_an_error_not_a_smaller_count() -> None:
+    """A server older than the client drops the columnar form and answers applied=0."""
+    from memstore.client import _applied
+
+    assert _applied(3, 3) == 3
+    with pytest.raises(ClientError, match="applied 0 of 3"):
+        _applied(0, 3)
 
 
 def test_oversize_message_is_refused_and_server_survives(shard: ServerProcess,
