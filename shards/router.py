@@ -741,8 +741,9 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                 return [survivor, *record[1:]], form
             return _retarget(record, survivor), form
 
-        async with self._naming.hold(k for _, item in items for k in _identifiers_of(item)):
-            first, later = await self._merge_first(items, context)
+        named = [_identifiers_of(item) for _, item in items]
+        async with self._naming.hold(itertools.chain.from_iterable(named)):
+            first, later = await self._merge_first(items, named, context)
             parts = await self._routed(first, "BatchUpsert", build, context, retarget)
             for pid, item in later:
                 await self._identity_write("Link", pb.LinkRequest(id=pid, identifiers=[
@@ -777,7 +778,8 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                     found[key] = (shard, pid)
         return found
 
-    async def _merge_first(self, items: list[tuple[str, Any]], context: Any
+    async def _merge_first(self, items: list[tuple[str, Any]],
+                           named: list[list[tuple[str, str]]], context: Any
                            ) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
         """Make a batch's cross-shard identity merges before it is split by shard.
 
@@ -788,7 +790,6 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         merges the earlier record's profile into it as one shard would have."""
         if len(self.map.shards) < 2:
             return items, []
-        named = [_identifiers_of(item) for _, item in items]
         if not any(named):
             return items, []
         first_home: dict[tuple[str, str], ShardState | None] = {}
@@ -1130,6 +1131,8 @@ def _identifiers_of(item: tuple[Any, int]) -> list[tuple[str, str]]:
     record, form = item
     if form == REQUEST:
         return [(i.kind, i.value) for i in record.identifiers]
+    if form == COLUMNS:  # checked by unpack_columns
+        return list(map(tuple, record[2]))  # type: ignore[arg-type]
     idents = record[2] if len(record) > 2 and isinstance(record[2], list) else []
     return [(p[0], p[1]) for p in idents
             if isinstance(p, list | tuple) and len(p) == 2
