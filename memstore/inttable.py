@@ -146,6 +146,14 @@ class IntTable:
             self._rebuild(len(keys))
         self._place(keys, values)
 
+    def get_many(self, keys: np.ndarray) -> np.ndarray:
+        """The value of each key, or -1 where it is absent (int64)."""
+        at = self.find_many(keys)
+        out = np.full(len(at), -1, dtype=np.int64)
+        hit = at >= 0
+        out[hit] = self._vals[at[hit]]
+        return out
+
     def find_many(self, keys: np.ndarray) -> np.ndarray:
         """The slot of each key, or -1 where it is absent (all keys probed at once)."""
         keys = np.asarray(keys, dtype=np.uint64)

@@ -71,7 +71,10 @@ def test_growth_keeps_everything_and_stays_compact() -> None:
     st.tuples(st.just("set"), KEYS, st.integers(0, 2**32 - 1)),
     st.tuples(st.just("del"), KEYS, st.just(0)),
     st.tuples(st.just("bulk"), st.lists(st.tuples(KEYS, st.integers(0, 2**32 - 1)),
-                                        max_size=300), st.just(0))), max_size=60))
+                                        max_size=300), st.just(0)),
+    st.tuples(st.just("new"), st.lists(st.tuples(KEYS, st.integers(0, 2**32 - 1)),
+                                       max_size=300, unique_by=lambda kv: kv[0]), st.just(0))),
+    max_size=60))
 def test_bulk_updates_of_a_used_table_match_a_dict(ops: list[tuple[str, Any, int]]) -> None:
     table, model = IntTable(), {}
     for op, arg, value in ops:
@@ -79,6 +82,11 @@ def test_bulk_updates_of_a_used_table_match_a_dict(ops: list[tuple[str, Any, int
             table.update(np.array([k for k, _ in arg], dtype=np.uint64),
                          np.array([v for _, v in arg], dtype=np.uint32))
             model.update(arg)
+        elif op == "new":  # a load's identifiers: only keys not in the table yet
+            fresh = [(k, v) for k, v in arg if k not in model]
+            table.insert_absent(np.array([k for k, _ in fresh], dtype=np.uint64),
+                                np.array([v for _, v in fresh], dtype=np.uint32))
+            model.update(fresh)
         else:
             _set_or_delete(table, model, op, arg, value)
         assert len(table) == len(model)
@@ -87,3 +95,5 @@ def test_bulk_updates_of_a_used_table_match_a_dict(ops: list[tuple[str, Any, int
     found = table.find_many(np.array(probe, dtype=np.uint64))
     assert [f >= 0 for f in found] == [k in model for k in probe]
     assert all(table.get(k) == model.get(k) for k in probe)
+    assert table.get_many(np.array(probe, dtype=np.uint64)).tolist() == [
+        model.get(k, -1) for k in probe]
