@@ -200,7 +200,11 @@ _pack = partial(ormsgpack.packb, option=ormsgpack.OPT_NON_STR_KEYS)
 
 
 def encode(version: int, attrs: dict[int, Any], idents: list[list[str]], merged: list[str]) -> bytes:
-    return _pack([version, attrs, idents, merged])  # type: ignore[no-any-return]
+    state = [version, attrs, idents, merged]
+    try:
+        return _pack(state)  # type: ignore[no-any-return]
+    except TypeError:  # a subclass ormsgpack refuses (numpy's float64): msgpack's same bytes
+        return msgpack.packb(state)  # type: ignore[no-any-return]
 
 
 def decode(blob: bytes) -> list[Any]:
