@@ -82,6 +82,16 @@ def _keys(keys: Iterable[str | tuple[str, str]]) -> list[pb.ProfileKey]:
     return [_key(identifier=k) if isinstance(k, tuple) else _key(k) for k in keys]
 
 
+def _batch_request(keys: Iterable[str | tuple[str, str]], attributes: Sequence[str]
+                   ) -> pb.BatchGetRequest:
+    """Primary ids alone go as `ids` (no ProfileKey message each); a mix as `keys`."""
+    keys = list(keys)
+    ids = [k for k in keys if type(k) is str]
+    if len(ids) == len(keys):
+        return pb.BatchGetRequest(ids=ids, attributes=attributes, packed=True)
+    return pb.BatchGetRequest(keys=_keys(keys), attributes=attributes, packed=True)
+
+
 def _query(query: str | pb.Query, allow_partial: bool = False) -> pb.QueryRequest:
     if isinstance(query, str):
         return pb.QueryRequest(text=query, allow_partial=allow_partial)
@@ -199,8 +209,7 @@ class _Methods:
 
     def batch_get(self, keys: Iterable[str | tuple[str, str]], attributes: Sequence[str] = ()
                   ) -> Any:
-        request = pb.BatchGetRequest(keys=_keys(keys), attributes=attributes, packed=True)
-        return self._call("BatchGet", request, _batch)
+        return self._call("BatchGet", _batch_request(keys, attributes), _batch)
 
     def delete(self, id: str | None = None, *, identifier: tuple[str, str] | None = None) -> Any:
         request = pb.DeleteRequest(key=_key(id, identifier))

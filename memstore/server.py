@@ -33,6 +33,7 @@ from memstore.engine import (
     Image,
     Note,
     UpsertSpec,
+    check_pid,
     decode,
     encode,
     record_specs,
@@ -256,6 +257,22 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
             return None
         return dense
 
+    def _batch_keys(self, request: pb.BatchGetRequest) -> list[int | None]:
+        """Dense ids for a BatchGet's keys, then its ids (None: not found)."""
+        if len(request.keys) + len(request.ids) > MAX_BATCH_KEYS:
+            raise InvalidArgument(f"keys: at most {MAX_BATCH_KEYS} keys and ids in one call")
+        engine = self.engine
+        if engine.forwards:  # every merged-away id of the batch in one refusal
+            _forwarded(engine, [k.id for k in request.keys if k.WhichOneof("key") == "id"]
+                       + list(request.ids))
+        found = [self._find(key, f"keys[{i}]") for i, key in enumerate(request.keys)]
+        for i, pid in enumerate(request.ids):
+            check_pid(pid, f"ids[{i}]")
+            engine.check_slot(pid)
+            dense = engine.lookup(pid)
+            found.append(None if dense is not None and dense in engine.foreign else dense)
+        return found
+
     @rpc
     async def Get(self, request: pb.GetRequest, context: Any) -> pb.GetResponse:
         dense = self._find(request.key)
@@ -267,15 +284,12 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
 
     @rpc
     async def BatchGet(self, request: pb.BatchGetRequest, context: Any) -> pb.BatchGetResponse:
-        if len(request.keys) > MAX_BATCH_KEYS:
-            raise InvalidArgument(f"keys: at most {MAX_BATCH_KEYS} keys in one call")
         attributes = list(request.attributes)
-        _forwarded_keys(self.engine, request.keys)
+        found = self._batch_keys(request)
         if request.packed:
             engine = self.engine
             entries: list[Any] = []
-            for i, key in enumerate(request.keys):
-                dense = self._find(key, f"keys[{i}]")
+            for dense in found:
                 if dense is None:
                     entries.append(None)
                     continue
@@ -289,9 +303,8 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
             return pb.BatchGetResponse(
                 packed=msgpack.packb([[engine.schema_table()], entries], use_bin_type=True))
         response = pb.BatchGetResponse()
-        for i, key in enumerate(request.keys):
+        for dense in found:
             result = response.results.add()
-            dense = self._find(key, f"keys[{i}]")
             if dense is not None:
                 result.found = True
                 self._profile(dense, attributes, request.packed, result.profile)
@@ -482,11 +495,6 @@ def _forwarded(engine: Engine, pids: list[str]) -> None:
         exc = Forwarded(pairs[0][0], pairs[0][1], more=len(pairs) - 1)
         exc.pairs = pairs
         raise exc
-
-
-def _forwarded_keys(engine: Engine, keys: Any) -> None:
-    if engine.forwards:
-        _forwarded(engine, [k.id for k in keys if k.WhichOneof("key") == "id"])
 
 
 def _writable(shard: Shard) -> None:

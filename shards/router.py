@@ -628,7 +628,9 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                     f"after {MOVE_WAIT:.0f} s (a slot move stuck?)")
 
     async def BatchGet(self, request: pb.BatchGetRequest, context: Any) -> pb.BatchGetResponse:
-        results = [pb.GetResult() for _ in request.keys]
+        # Answers in the order keys, then ids (BatchGetRequest.ids).
+        n = len(request.keys) + len(request.ids)
+        results = [pb.GetResult() for _ in range(n)]
         by_id: dict[str, list[int]] = {}
         by_ident: list[int] = []
         for i, key in enumerate(request.keys):
@@ -638,14 +640,19 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                 await _fail(context, Code.INVALID_ARGUMENT, f"keys[{i}]: an empty primary id")
             else:
                 by_id.setdefault(key.id, []).append(i)
+        if "" in request.ids:
+            await _fail(context, Code.INVALID_ARGUMENT,
+                        f"ids[{list(request.ids).index('')}]: an empty primary id")
+        for i, pid in enumerate(request.ids, len(request.keys)):
+            by_id.setdefault(pid, []).append(i)
 
         def build(pairs: list[tuple[str, str]]) -> pb.BatchGetRequest:
-            return pb.BatchGetRequest(keys=[pb.ProfileKey(id=p) for p, _ in pairs],
+            return pb.BatchGetRequest(ids=[p for p, _ in pairs],
                                       attributes=request.attributes, packed=request.packed)
 
         # packed: each shard answers [tables, entries] (see BatchGetResponse.packed); the
         # router concatenates the tables, shifts each entry's table index, re-packs once.
-        entries: list[Any] = [None] * len(request.keys)
+        entries: list[Any] = [None] * n
         tables: list[Any] = []
 
         async def ids_part() -> None:

@@ -136,6 +136,21 @@ def test_batch_get_keeps_order_across_shards(cluster: dict[str, Any]) -> None:
         assert got["identifiers"] == [(x.kind, x.value) for x in want.identifiers]
 
 
+def test_batch_get_ids_across_shards_follow_the_keys(cluster: dict[str, Any]) -> None:
+    stub = cluster["stub"]
+    ids = [f"user-{i}" for i in (200, 5, 17, 200)] + ["missing"]
+    response = stub.BatchGet(pb.BatchGetRequest(
+        keys=[pb.ProfileKey(identifier=pb.Identifier(kind="email", value="u9@example.com"))],
+        ids=ids), timeout=10)
+    assert [r.profile.id if r.found else None for r in response.results] == [
+        "user-9", "user-200", "user-5", "user-17", "user-200", None]
+    assert {slot_of(i) >= 8192 for i in ids[:3]} == {True, False}  # both shards asked
+    with pytest.raises(grpc.RpcError) as err:
+        stub.BatchGet(pb.BatchGetRequest(ids=["user-5", ""]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "ids[1]" in err.value.details()
+
+
 def test_wrong_slot_contract_of_a_shard(cluster: dict[str, Any]) -> None:
     shard0 = cluster["shards"][0]
     foreign = next(f"user-{i}" for i in range(N) if slot_of(f"user-{i}") >= 8192)

@@ -122,6 +122,21 @@ def test_batch_get_thousands_of_keys_in_order(client: Client) -> None:
     got = client.batch_get(keys, attributes=["n"])
     assert [g["attributes"]["n"] for g in got[:-1]] == list(range(1499, -1, -1))
     assert got[-1] is None
+    # keys and ids in one request: keys answered first, then ids, each in order
+    mixed = client.batch_get([("email", "nobody@x"), keys[3]] + keys[:2])
+    assert [m and m["id"] for m in mixed] == [None, keys[3], keys[0], keys[1]]
+
+
+def test_batch_get_ids_follow_keys_and_say_which_is_bad(stub, client: Client) -> None:  # type: ignore[no-untyped-def]
+    pids = [uid() for _ in range(3)]
+    client.batch_upsert([{"id": p, "attributes": {"n": i}} for i, p in enumerate(pids)])
+    response = stub.BatchGet(pb.BatchGetRequest(keys=[pb.ProfileKey(id=pids[2])],
+                                                ids=[pids[0], "missing", pids[1]]), timeout=10)
+    assert [(r.found, r.profile.id) for r in response.results] == [
+        (True, pids[2]), (True, pids[0]), (False, ""), (True, pids[1])]
+    assert "ids[1]" in _invalid(stub, "BatchGet", pb.BatchGetRequest(ids=[pids[0], ""]))
+    too_many = pb.BatchGetRequest(keys=[pb.ProfileKey(id="k")] * 50_000, ids=["i"] * 50_001)
+    assert "at most" in _invalid(stub, "BatchGet", too_many)
 
 
 def test_projection_returns_only_named_attributes(client: Client) -> None:

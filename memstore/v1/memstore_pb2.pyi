@@ -173,14 +173,16 @@ class GetResponse(_message.Message):
     def __init__(self, profile: _Optional[_Union[Profile, _Mapping]] = ...) -> None: ...
 
 class BatchGetRequest(_message.Message):
-    __slots__ = ("keys", "attributes", "packed")
+    __slots__ = ("keys", "attributes", "packed", "ids")
     KEYS_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     PACKED_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedCompositeFieldContainer[ProfileKey]
     attributes: _containers.RepeatedScalarFieldContainer[str]
     packed: bool
-    def __init__(self, keys: _Optional[_Iterable[_Union[ProfileKey, _Mapping]]] = ..., attributes: _Optional[_Iterable[str]] = ..., packed: _Optional[bool] = ...) -> None: ...
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, keys: _Optional[_Iterable[_Union[ProfileKey, _Mapping]]] = ..., attributes: _Optional[_Iterable[str]] = ..., packed: _Optional[bool] = ..., ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetResult(_message.Message):
     __slots__ = ("found", "profile")
