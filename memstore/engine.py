@@ -29,7 +29,7 @@ import math
 import re
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -1120,7 +1120,12 @@ class Engine:
                                  new_state[3])
         if fresh:
             self._index_fresh(fresh)
-        self._enter_identifiers(fresh_keys, fresh_owners)
+        if len(fresh_keys) > 64:  # a load: one vectorized insert
+            self.directory.update(np.array(fresh_keys, dtype=np.uint64),
+                                  np.array(fresh_owners, dtype=np.uint32))
+        else:
+            for key, dense in zip(fresh_keys, fresh_owners, strict=True):
+                self.directory[key] = dense
         before.reverse()
         return before
 
@@ -1145,15 +1150,6 @@ class Engine:
         self._index_columns({aid: (ids, values) for aid, ids, values in load.columns})
         return list(map(Image._make, zip(reversed(range(first, end)), reversed(pids),
                                          repeat(None), repeat(None))))
-
-    def _enter_identifiers(self, keys: list[int], owners: list[int]) -> None:
-        """Enter new profiles' identifiers in the directory."""
-        if len(keys) > 64:  # a load: one vectorized insert
-            self.directory.update(np.array(keys, dtype=np.uint64),
-                                  np.array(owners, dtype=np.uint32))
-        else:
-            for key, dense in zip(keys, owners, strict=True):
-                self.directory[key] = dense
 
     def _reidentify(self, dense: int, pid: str, old_idents: list[list[str]], old_merged: list[str],
                     new_idents: list[list[str]], new_merged: list[str]) -> None:
@@ -1223,9 +1219,9 @@ class Engine:
                     column = columns[aid] = ([], [])
                 column[0].append(dense)
                 column[1].append(value)
-        self._index_columns(columns)  # type: ignore[arg-type]
+        self._index_columns(columns)
 
-    def _index_columns(self, columns: dict[int, tuple[Sequence[int], list[Any]]]) -> None:
+    def _index_columns(self, columns: Mapping[int, tuple[Sequence[int], list[Any]]]) -> None:
         """Index new profiles: per attribute id, their dense ids and stored values."""
         by_id = self.schema.by_id
         for aid, (ids, values) in columns.items():
