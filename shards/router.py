@@ -45,6 +45,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import gc
 import itertools
 import json
 import logging
@@ -1115,10 +1116,19 @@ async def stop_router(server: grpc.aio.Server, router: RouterService, grace: flo
     await router.map.close()
 
 
+def settle_heap() -> None:
+    """Once a serving process has started: move what it built so far out of the garbage
+    collector's sight (gc.freeze), so a full collection later scans only what requests
+    made since, not every module and object of start-up (a pause in some look-ups' p99)."""
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(addresses: list[str], host: str = "127.0.0.1", port: int = 7070,
                 metrics_port: int | None = None) -> None:
     """Run a router until SIGTERM/SIGINT, then drain in-flight calls."""
     server, bound, router = await start_router(addresses, host, port)
+    settle_heap()
     if metrics_port is not None:
         scrape = metrics.serve_metrics(host, metrics_port)
         print(f"metrics on http://{host}:{scrape}/metrics", file=sys.stderr, flush=True)

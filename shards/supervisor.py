@@ -42,7 +42,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shards.router import start_router, stop_router
+from shards.router import settle_heap, start_router, stop_router
 from shards.slots import format_ranges, split_even
 
 log = logging.getLogger("memstore.supervisor")
@@ -219,6 +219,7 @@ class Supervisor:
         except BaseException:
             await self.stop()
             raise
+        settle_heap()
         return self.router_port
 
     async def stop(self) -> None:
