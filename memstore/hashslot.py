@@ -10,6 +10,9 @@ from __future__ import annotations
 import binascii
 
 SLOT_COUNT = 16384
+# Trailing metadata of every shard answer: the slot-ownership epoch it was made at (a
+# router's fan-out checks it against the epochs of the slot map it asked by).
+EPOCH_TRAILER = "memstore-epoch"
 
 
 def slot_of(primary_id: str) -> int:

@@ -50,7 +50,7 @@ from memstore.errors import (
     WrongSlot,
 )
 from memstore.evaluate import evaluate, group_counts
-from memstore.hashslot import SLOT_COUNT, slot_of
+from memstore.hashslot import EPOCH_TRAILER, SLOT_COUNT, slot_of
 from memstore.query import QueryError, query_from_request
 from memstore.schema import Kind, Merge
 from memstore.shard import Shard, ShardConfig
@@ -114,7 +114,13 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         started = time.perf_counter()
         code = "OK"
         try:
-            return await method(self, request, context)
+            result = await method(self, request, context)
+            engine = getattr(self, "engine", None)
+            if engine is not None:
+                # The slot-ownership epoch the answer was made at: a router checks it
+                # against the slot map its fan-out used (EPOCH_TRAILER).
+                context.set_trailing_metadata(((EPOCH_TRAILER, str(engine.epoch)),))
+            return result
         except (MemstoreError, QueryError, ValueError, TypeError) as exc:
             if isinstance(exc, (ValueError, TypeError)) and not isinstance(exc, QueryError):
                 exc = InvalidArgument(str(exc))

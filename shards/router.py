@@ -66,6 +66,7 @@ from grpc_reflection.v1alpha import reflection
 from memstore import metrics, pbvalues
 from memstore.columnar import Columns, unpack_columns
 from memstore.errors import InvalidArgument
+from memstore.hashslot import EPOCH_TRAILER
 from memstore.query import And, Not, Or, Predicate, QueryError, query_from_request
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import memstore_pb2 as pb
@@ -120,6 +121,14 @@ class _Background:
 
     async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
         raise RuntimeError(f"{code.name}: {details}")
+
+
+def _epoch_of(metadata: Any) -> int | None:
+    """The epoch a shard sent with its answer (memstore.server.EPOCH_TRAILER), if any."""
+    for key, value in metadata or ():
+        if key == EPOCH_TRAILER:
+            return int(value)
+    return None
 
 
 def _trailer(exc: grpc.aio.AioRpcError, key: str) -> bytes | None:
@@ -240,15 +249,16 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         after checking that some shard knows every attribute it names, so a typo is still
         INVALID_ARGUMENT rather than an empty segment."""
         try:
-            names = _attributes_of(query_from_request(query)) | {n for n in extra if n}
+            names = (_text_attributes(query.text) if query.WhichOneof("q") == "text"
+                     else frozenset(_attributes_of(query_from_request(query))))
+            names |= {n for n in extra if n}
         except QueryError as exc:
             await _fail(context, Code.INVALID_ARGUMENT, f"query: {exc}")
         if not names <= self._known:
             timeout = _timeout(context)
 
-            async def call(shard: ShardState) -> pb.SchemaResponse:
-                return await shard.stub.GetSchema(  # type: ignore[no-any-return]
-                    pb.GetSchemaRequest(), timeout=timeout)
+            def call(shard: ShardState) -> Any:
+                return shard.stub.GetSchema(pb.GetSchemaRequest(), timeout=timeout)
 
             answers, _ = await self._fan_out(context, call, query.allow_partial)
             self._known = {a.name for a in _union_schema(r for _, r in answers).attributes}
@@ -385,12 +395,18 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                     "owner or claimed twice); a slot move may be stuck")
 
     async def _checked(self, shard: ShardState, epoch: int,
-                       call: Callable[[ShardState], Awaitable[T]]) -> T:
-        """`call` on one shard, then prove its ownership is still that of `epoch`."""
+                       call: Callable[[ShardState], Any]) -> T:
+        """`call` on one shard (a unary gRPC call), then prove its ownership was that of
+        `epoch` when it answered: the epoch it sends with the answer (EPOCH_TRAILER), or,
+        from a shard that does not, the one it reports when asked right after."""
         try:
-            result = await call(shard)
-            info: cpb.ShardInfo = await shard.control.GetShardInfo(cpb.ShardInfoRequest(),
-                                                                   timeout=5.0)
+            rpc = call(shard)
+            result: T = await rpc
+            answered = _epoch_of(await rpc.trailing_metadata())
+            if answered is None:
+                info: cpb.ShardInfo = await shard.control.GetShardInfo(cpb.ShardInfoRequest(),
+                                                                       timeout=5.0)
+                answered = info.epoch
         except grpc.aio.AioRpcError as exc:
             if exc.code() == Code.UNAVAILABLE:
                 shard.reachable, shard.error = False, exc.details() or "unavailable"
@@ -399,14 +415,15 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
             if pending is not None:
                 raise _Pending(pending) from None
             raise
-        if info.epoch != epoch:
+        if answered != epoch:
             raise _Moved()
         return result
 
     async def _fan_out(self, context: grpc.aio.ServicerContext,
-                       call: Callable[[ShardState], Awaitable[T]], allow_partial: bool = False,
-                       ) -> tuple[list[tuple[ShardState, T]], list[str]]:
-        """`call` on every shard at once; exact over a stable partition of the slots."""
+                       call: Callable[[ShardState], Any], allow_partial: bool = False,
+                       ) -> tuple[list[tuple[ShardState, Any]], list[str]]:
+        """`call` (a unary gRPC call, not awaited) on every shard at once; exact over a
+        stable partition of the slots."""
         for attempt in _attempts():
             shards = await self._stable(context, allow_partial)
             version = self.map.version
@@ -424,7 +441,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                 except Exception as exc:  # noqa: BLE001 - _abort re-raises the rest
                     await self._abort(context, exc)
                 continue
-            results: list[tuple[ShardState, T]] = []
+            results: list[tuple[ShardState, Any]] = []
             missing: list[str] = []
             for (shard, _), outcome in zip(shards, outcomes):
                 if isinstance(outcome, _Down):
@@ -451,8 +468,8 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         request = pb.BatchGetRequest(keys=keys, attributes=attributes)
         timeout = _timeout(context)
 
-        async def call(shard: ShardState) -> pb.BatchGetResponse:
-            return await shard.stub.BatchGet(request, timeout=timeout)  # type: ignore[no-any-return]
+        def call(shard: ShardState) -> Any:
+            return shard.stub.BatchGet(request, timeout=timeout)
 
         answers, _ = await self._fan_out(context, call)
         found: list[tuple[ShardState, pb.Profile] | None] = [None] * len(keys)
@@ -824,8 +841,8 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                                 ) -> pb.SchemaResponse:
         timeout = _timeout(context)
 
-        async def call(shard: ShardState) -> pb.SchemaResponse:
-            return await shard.stub.DeclareAttributes(request, timeout=timeout)  # type: ignore[no-any-return]
+        def call(shard: ShardState) -> Any:
+            return shard.stub.DeclareAttributes(request, timeout=timeout)
 
         answers, _ = await self._fan_out(context, call)
         return _union_schema(r for _, r in answers)
@@ -833,8 +850,8 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
     async def GetSchema(self, request: pb.GetSchemaRequest, context: Any) -> pb.SchemaResponse:
         timeout = _timeout(context)
 
-        async def call(shard: ShardState) -> pb.SchemaResponse:
-            return await shard.stub.GetSchema(request, timeout=timeout)  # type: ignore[no-any-return]
+        def call(shard: ShardState) -> Any:
+            return shard.stub.GetSchema(request, timeout=timeout)
 
         answers, _ = await self._fan_out(context, call)
         return _union_schema(r for _, r in answers)
@@ -844,8 +861,8 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         request = await self._lenient(request, context)
         timeout = _timeout(context)
 
-        async def call(shard: ShardState) -> pb.CountResponse:
-            return await shard.stub.Count(request, timeout=timeout)  # type: ignore[no-any-return]
+        def call(shard: ShardState) -> Any:
+            return shard.stub.Count(request, timeout=timeout)
 
         answers, missing = await self._fan_out(context, call, request.allow_partial)
         return pb.CountResponse(count=sum(r.count for _, r in answers), missing_shards=missing)
@@ -855,8 +872,8 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         sub = pb.GroupByRequest(query=query, attribute=request.attribute, top_n=0)
         timeout = _timeout(context)
 
-        async def call(shard: ShardState) -> pb.GroupByResponse:
-            return await shard.stub.GroupBy(sub, timeout=timeout)  # type: ignore[no-any-return]
+        def call(shard: ShardState) -> Any:
+            return shard.stub.GroupBy(sub, timeout=timeout)
 
         answers, missing = await self._fan_out(context, call, request.query.allow_partial)
         sums: dict[bytes, list[Any]] = {}
@@ -879,8 +896,8 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         request = await self._lenient(request, context)
         timeout = _timeout(context)
 
-        async def call(shard: ShardState) -> pb.BitmapResponse:
-            return await shard.stub.QueryBitmap(request, timeout=timeout)  # type: ignore[no-any-return]
+        def call(shard: ShardState) -> Any:
+            return shard.stub.QueryBitmap(request, timeout=timeout)
 
         answers, missing = await self._fan_out(context, call, request.allow_partial)
         response = pb.BitmapResponse(missing_shards=missing)
@@ -914,8 +931,9 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                     sub = pb.QueryIdsRequest(query=query, cursor=inner,
                                              page_size=size - len(response.ids))
                     try:
-                        part = await self._checked(shard, epoch, functools.partial(
-                            _query_ids, sub=sub, timeout=_timeout(context)))
+                        part: pb.QueryIdsResponse = await self._checked(
+                            shard, epoch, functools.partial(_query_ids, sub=sub,
+                                                            timeout=_timeout(context)))
                     except _Down as exc:
                         if not allow_partial:
                             await self._abort(context, exc)
@@ -986,8 +1004,8 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
     async def Snapshot(self, request: pb.SnapshotRequest, context: Any) -> pb.SnapshotResponse:
         timeout = _timeout(context)
 
-        async def call(shard: ShardState) -> pb.SnapshotResponse:
-            return await shard.stub.Snapshot(request, timeout=timeout)  # type: ignore[no-any-return]
+        def call(shard: ShardState) -> Any:
+            return shard.stub.Snapshot(request, timeout=timeout)
 
         answers, _ = await self._fan_out(context, call)
         return pb.SnapshotResponse(path=";".join(r.path for _, r in answers),
@@ -997,8 +1015,8 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
     async def Stats(self, request: pb.StatsRequest, context: Any) -> pb.StatsResponse:
         timeout = _timeout(context)
 
-        async def call(shard: ShardState) -> pb.StatsResponse:
-            return await shard.stub.Stats(request, timeout=timeout)  # type: ignore[no-any-return]
+        def call(shard: ShardState) -> Any:
+            return shard.stub.Stats(request, timeout=timeout)
 
         answers, missing = await self._fan_out(context, call, allow_partial=True)
         info = {"role": "router", "shards": str(len(self.map.shards)),
@@ -1039,9 +1057,8 @@ def _union_schema(responses: Iterable[pb.SchemaResponse]) -> pb.SchemaResponse:
     return out
 
 
-async def _query_ids(shard: ShardState, sub: pb.QueryIdsRequest, timeout: float | None
-                     ) -> pb.QueryIdsResponse:
-    return await shard.stub.QueryIds(sub, timeout=timeout)  # type: ignore[no-any-return]
+def _query_ids(shard: ShardState, sub: pb.QueryIdsRequest, timeout: float | None) -> Any:
+    return shard.stub.QueryIds(sub, timeout=timeout)
 
 
 def _admin_handler(router: RouterService) -> grpc.GenericRpcHandler:
@@ -1203,6 +1220,12 @@ def _as_packed_entry(profile: pb.Profile, tables: list[Any]) -> list[Any]:
                           [[x.kind, x.value] for x in profile.identifiers],
                           list(profile.merged_ids)], use_bin_type=True)
     return [profile.id, blob, len(tables) - 1]
+
+
+@functools.lru_cache(maxsize=1024)
+def _text_attributes(text: str) -> frozenset[str]:
+    """The attributes a query text names (segments are asked again and again: parse once)."""
+    return frozenset(_attributes_of(query_from_request(pb.QueryRequest(text=text))))
 
 
 def _attributes_of(node: Any) -> set[str]:

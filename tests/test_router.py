@@ -420,3 +420,25 @@ def test_identifier_locks_order_overlapping_writes_and_drop_unused_locks() -> No
     asyncio.run(main())
     assert sorted(order) == ["a", "ab", "ba", "c"] and order.index("c") < 2
     assert len(locks) == 0
+
+
+def test_a_fan_out_answer_made_at_another_epoch_is_asked_again(cluster: dict[str, Any]) -> None:
+    """Every shard answer carries the epoch it was made at; a router whose slot map holds an
+    older epoch for that shard refreshes the map and asks again, so it never adds up
+    answers from a partition it did not check."""
+    stub, shards = cluster["stub"], cluster["shards"]
+    router: RouterService = cluster["router"].router
+    with grpc.insecure_channel(shards[0].address) as ch:
+        control = cluster_pb2_grpc.ShardControlStub(ch)
+        info = control.GetShardInfo(cpb.ShardInfoRequest(), timeout=10)
+        _, call = memstore_pb2_grpc.MemstoreStub(ch).Count.with_call(
+            pb.QueryRequest(text="ALL"), timeout=10)
+        assert dict(call.trailing_metadata())["memstore-epoch"] == str(info.epoch)
+        total = stub.Count(everything(), timeout=10).count
+        assert total > info.profiles > 0
+        mapped = {s.label: s.epoch for s in router.map.shards}
+        control.SetSlots(cpb.SetSlotsRequest(epoch=info.epoch + 1, slots=info.slots),
+                         timeout=10)  # same slots, a new epoch the router has not seen
+    assert stub.Count(everything(), timeout=10).count == total
+    now = {s.label: s.epoch for s in router.map.shards}
+    assert [now[k] - mapped[k] for k in sorted(mapped)] == [1, 0]  # the map was refreshed
