@@ -112,6 +112,16 @@ def _profile(p: pb.Profile) -> dict[str, Any]:
             "merged_ids": list(p.merged_ids)}
 
 
+def _answers(found: list[Any], asked: int) -> list[Any]:
+    """One answer per key asked, or the server did not read them all (one older than this
+    client ignores BatchGetRequest.ids): an error, not a short list."""
+    if len(found) != asked:
+        raise ClientError(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"the server answered {len(found)} of {asked} keys: is it older "
+                          f"than this client?", "BatchGet")
+    return found
+
+
 def _batch(r: pb.BatchGetResponse) -> list[dict[str, Any] | None]:
     if not r.packed:
         return [_profile(x.profile) if x.found else None for x in r.results]
@@ -209,7 +219,9 @@ class _Methods:
 
     def batch_get(self, keys: Iterable[str | tuple[str, str]], attributes: Sequence[str] = ()
                   ) -> Any:
-        return self._call("BatchGet", _batch_request(keys, attributes), _batch)
+        request = _batch_request(keys, attributes)
+        asked = len(request.keys) + len(request.ids)
+        return self._call("BatchGet", request, lambda r: _answers(_batch(r), asked))
 
     def delete(self, id: str | None = None, *, identifier: tuple[str, str] | None = None) -> Any:
         request = pb.DeleteRequest(key=_key(id, identifier))

@@ -406,13 +406,17 @@ def test_columnar_batches_load_and_update_like_upserts(client: Client, stub) -> 
     assert client.get(pid)["attributes"] == {"col_nest.inner": "x"}
 
 
-def test_a_batch_applied_short_is_an_error_not_a_smaller_count() -> None:
-    """A server older than the client drops the columnar form and answers applied=0."""
-    from memstore.client import _applied
+def test_a_batch_applied_or_answered_short_is_an_error_not_a_smaller_result() -> None:
+    """A server older than the client ignores the fields it does not know (columns, ids)
+    and answers applied=0 or no profiles: the client says so instead of passing it on."""
+    from memstore.client import _answers, _applied
 
     assert _applied(3, 3) == 3
     with pytest.raises(ClientError, match="applied 0 of 3"):
         _applied(0, 3)
+    assert _answers([None, None], 2) == [None, None]
+    with pytest.raises(ClientError, match="answered 0 of 2"):
+        _answers([], 2)
 
 
 def test_oversize_message_is_refused_and_server_survives(shard: ServerProcess,
