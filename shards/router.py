@@ -9,10 +9,11 @@ during the switch of a slot move, is waited out the same way).
 Fan-out queries are exact: each shard answers over the profiles in the slots it owns, so the
 sum is exact when the shards' claims partition the slots and no shard changed ownership while
 answering. The router checks both: it only fans out over a map whose claims are a partition,
-and after each shard answers it asks the shard's epoch again (GetShardInfo, one extra round
-trip, concurrent with the other shards); a changed epoch means ownership moved under the
-query, and the whole query is retried on a fresh map. Epochs only ever grow, so an unchanged
-epoch proves unchanged ownership between the map's refresh and the answer.
+and each shard sends, with its answer, the epoch it answered at (trailing metadata
+`memstore-epoch`; a shard that does not is asked with GetShardInfo right after); an epoch
+other than the map's means ownership moved under the query, and the whole query is retried
+on a fresh map. Epochs only ever grow, so the map's epoch at answer time proves unchanged
+ownership between the map's refresh and the answer.
 
 Errors: a shard that is down gives UNAVAILABLE naming it; fan-outs fail with UNAVAILABLE unless
 the request sets allow_partial, and then list the shards in missing_shards. Other shard errors
