@@ -255,7 +255,11 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         out.slot = slot_of(pid)
 
     def _find(self, key: pb.ProfileKey, where: str = "key") -> int | None:
-        pid, identifier = _key(key, where)
+        return self._find_checked(*_key(key, where))
+
+    def _find_checked(self, pid: str | None, identifier: tuple[str, str] | None
+                      ) -> int | None:
+        """The dense id of a checked key's profile, if it is here and this shard owns it."""
         if pid is not None:
             self.engine.check_slot(pid)
         dense = self.engine.lookup(pid, identifier)
@@ -274,9 +278,7 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         found = [self._find(key, f"keys[{i}]") for i, key in enumerate(request.keys)]
         for i, pid in enumerate(request.ids):
             check_pid(pid, f"ids[{i}]")
-            engine.check_slot(pid)
-            dense = engine.lookup(pid)
-            found.append(None if dense is not None and dense in engine.foreign else dense)
+            found.append(self._find_checked(pid, None))
         return found
 
     @rpc
