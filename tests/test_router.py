@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -272,9 +274,35 @@ def test_schema_is_declared_on_every_shard(cluster: dict[str, Any]) -> None:
 
 
 def test_deadline_is_propagated(cluster: dict[str, Any]) -> None:
-    with pytest.raises(grpc.RpcError) as err:
-        cluster["stub"].Count(everything(), timeout=0.0001)
-    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    """A shard that stops answering (SIGSTOP: its socket still accepts) must not hold a
+    caller past its deadline: the router gives each shard call the caller's remaining time.
+    (A sub-millisecond deadline is not a test: a fast count can beat gRPC's rounding.)"""
+    shard = cluster["shards"][1]
+    shard.proc.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            cluster["stub"].Count(everything(), timeout=0.5)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 10  # not a latency bound: "did not hang"
+    finally:
+        shard.proc.send_signal(signal.SIGCONT)
+    assert cluster["stub"].Count(everything(), timeout=10).count > 0
+
+
+def test_shard_calls_get_the_callers_remaining_time() -> None:
+    from shards.router import _timeout
+
+    class Context:
+        def __init__(self, remaining: float | None) -> None:
+            self.remaining = remaining
+
+        def time_remaining(self) -> float | None:
+            return self.remaining
+
+    assert _timeout(Context(2.5)) == 2.5  # type: ignore[arg-type]
+    assert _timeout(Context(-1.0)) == 0.001  # type: ignore[arg-type]  # spent: fail fast
+    assert _timeout(Context(None)) is None  # type: ignore[arg-type]
 
 
 def test_a_dead_shard_gives_unavailable_or_partial(tmp_path: Path) -> None:
