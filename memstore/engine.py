@@ -17,7 +17,8 @@ request's operations are atomic with respect to every other request.
 Cross-shard merges add three small tables, changed by Notes in the same Changes and logged
 with them (shards/merge.py has the protocol): `held` (profiles frozen by an unfinished merge,
 hidden from queries), `forwards` (primary ids merged into a profile on another shard) and
-`decided` (merge transactions this shard committed or refused, as the commit point).
+`decided` (merge transactions this shard committed or refused, as the commit point). The
+cluster's identifier directory is a fourth, `claims` (memstore.claims).
 
 Blob layout (msgpack array): [version, {attribute id: stored value}, [[kind, value], ...]
 identifiers, [merged-away primary ids]]. Stored values are described in memstore.values.
@@ -44,6 +45,7 @@ from pyroaring import BitMap
 from xxhash import xxh3_64_intdigest
 
 from memstore.bitmap_index import RangeIndex, ValueIndex, float_to_ordered, floats_to_ordered
+from memstore.claims import Claims, claim_key
 from memstore.columnar import Columns, Row
 from memstore.errors import (
     FailedPrecondition,
@@ -115,12 +117,12 @@ class Image(NamedTuple):
 class Note:
     """Set (value not None) or remove one entry of a cross-shard merge table."""
 
-    table: str  # "held" | "forwards" | "decided" (NOTE_TABLES)
+    table: str  # "held" | "forwards" | "decided" | "claims" (NOTE_TABLES)
     key: str
     value: Any
 
 
-NOTE_TABLES = ("held", "forwards", "decided")
+NOTE_TABLES = ("held", "forwards", "decided", "claims")
 
 
 @dataclass(slots=True)
@@ -147,13 +149,14 @@ class Change:
         return not self.schema and not self.images and not self.notes
 
     def touched(self) -> list[str]:
-        """Primary ids whose slot this change touched (a decision counts for its survivor)."""
+        """Primary ids whose slot this change touched (a decision counts for its survivor;
+        claims do not count: a slot move carries all of its claims every time)."""
         pids = [image.pid for image in self.images]
         for note in self.notes:
             if note.table == "decided":
                 if note.value is not None:
                     pids.append(note.value[0])
-            else:
+            elif note.table != "claims":
                 pids.append(note.key)
         return pids
 
@@ -552,6 +555,7 @@ class Engine:
         self.held_dense = BitMap()  # the held profiles: hidden from queries until released
         self.forwards: dict[str, str] = {}  # pid merged into a profile on another shard
         self.decided: dict[str, list[Any]] = {}  # txn -> [survivor pid, committed]
+        self.claims = Claims()  # the cluster's identifier directory, for owned slots
         # Slot ownership (cluster). None: this shard owns every slot. `foreign` holds live
         # profiles in slots it does not own (being moved in or out); queries skip them.
         self.owned_slots: BitMap | None = None
@@ -586,6 +590,17 @@ class Engine:
             )
         return dense
 
+    def check_claim_slot(self, kind: str, value: str) -> str:
+        """The claim key of (kind, value), if this shard owns its slot; else WrongSlot."""
+        key = claim_key(kind, value)
+        if self.owned_slots is not None:
+            slot = slot_of(key)
+            if slot not in self.owned_slots:
+                raise WrongSlot(slot, self.epoch,
+                                f"slot {slot} of identifier {kind}:{value!r} is not owned by "
+                                f"this shard (epoch {self.epoch})")
+        return key
+
     def check_moving(self, pid: str) -> None:
         """Refuse a primary id held by a cross-shard merge or forwarded by one."""
         if pid in self.held:
@@ -597,7 +612,7 @@ class Engine:
     def owners(self, identifiers: Sequence[Any]) -> list[str | None]:
         """The primary id holding each [kind, value] among profiles in owned slots (a held
         profile counts: it is still the owner until its merge ends). One vectorized probe
-        for all of them: a router asks this of every shard for every bulk batch."""
+        for all of them (ShardControl.Owners: checking the directory against the profiles)."""
         if not (set(map(type, identifiers)) <= {list, tuple} and set(map(len, identifiers)) <= {2}
                 and set(map(type, chain.from_iterable(identifiers))) <= {str}):
             for i, pair in enumerate(identifiers):
@@ -970,9 +985,45 @@ class Engine:
         return Change(notes=notes, result=0)
 
     def notes_in_slots(self, slots: BitMap) -> dict[str, dict[str, Any]]:
-        """The forwards and decisions of `slots` (a slot move carries them along)."""
+        """The forwards, decisions and claims of `slots` (a slot move carries them along)."""
         return {"forwards": {p: s for p, s in self.forwards.items() if slot_of(p) in slots},
-                "decided": {t: v for t, v in self.decided.items() if slot_of(v[0]) in slots}}
+                "decided": {t: v for t, v in self.decided.items() if slot_of(v[0]) in slots},
+                "claims": self.claims.in_slots(slots)}
+
+    # ------------------------------------------------------------------ directory
+    def plan_claims(self, entries: Sequence[Any]) -> Change:
+        """Read, make, take over or release claims (ClaimRequest has the entry forms).
+        The result is [holder or None, age in seconds, created] per entry, after it."""
+        now = time.monotonic()
+        claims = self.claims
+        after: dict[str, str | None] = {}  # this plan's own claims so far
+        notes: list[Note] = []
+        answers: list[list[Any]] = []
+        for i, entry in enumerate(entries):
+            where = f"claims[{i}]"
+            if not (isinstance(entry, list | tuple) and len(entry) == 4
+                    and isinstance(entry[0], str) and isinstance(entry[1], str)):
+                raise InvalidArgument(f"{where}: not [kind, value, pid or nil, expected or nil]")
+            kind, value, pid, expected = entry
+            check_identifier(kind, value, where)
+            for name, named in (("pid", pid), ("expected", expected)):
+                if named is not None:
+                    if not isinstance(named, str):
+                        raise InvalidArgument(f"{where}: {name} must be a string or nil")
+                    check_pid(named, f"{where}.{name}")
+            key = self.check_claim_slot(kind, value)
+            holder = before = after[key] if key in after else claims.get(key)
+            created = False
+            if pid is not None and holder != pid and holder in (None, expected):
+                holder, created = pid, True
+                claims.made(key, now)
+            elif pid is None and expected is not None and holder == expected:
+                holder = None
+            if holder != before:
+                after[key] = holder
+                notes.append(Note("claims", key, holder))
+            answers.append([holder, 0.0 if holder is None else claims.age(key, now), created])
+        return Change(notes=notes, result=answers)
 
     def plan_delete(self, pid: str | None = None, identifier: tuple[str, str] | None = None
                     ) -> Change:

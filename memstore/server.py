@@ -353,10 +353,12 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         if pid is not None:
             self.engine.check_slot(pid)
         dense = self.engine.lookup(pid, identifier)
-        merged = [] if dense is None else decode(self.engine.blobs[dense])[3]  # type: ignore[arg-type]
+        _, _, idents, merged = ([None, None, [], []] if dense is None
+                                else decode(self.engine.blobs[dense]))  # type: ignore[arg-type]
         change = self.engine.plan_delete(pid, identifier)
         owner = await self.shard.commit(change)
-        return pb.DeleteResponse(deleted=owner is not None, id=owner or "", merged_ids=merged)
+        return pb.DeleteResponse(deleted=owner is not None, id=owner or "", merged_ids=merged,
+                                 identifiers=[pb.Identifier(kind=k, value=v) for k, v in idents])
 
     @rpc
     async def Link(self, request: pb.LinkRequest, context: Any) -> pb.LinkResponse:
@@ -631,6 +633,20 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
         return cpb.OwnersResponse(packed=msgpack.packb(self.engine.owners(keys)))
 
     @rpc
+    async def Claim(self, request: cpb.ClaimRequest, context: Any) -> cpb.ClaimResponse:
+        try:
+            entries = msgpack.unpackb(request.packed)
+            if not isinstance(entries, list):
+                raise TypeError("not a msgpack array")
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise InvalidArgument(f"packed: {exc}") from None
+        change = self.engine.plan_claims(entries)
+        if not change.empty:  # reads alone neither log nor wait
+            self._writable()
+            await self.shard.commit(change)
+        return cpb.ClaimResponse(packed=msgpack.packb(change.result))
+
+    @rpc
     async def Forget(self, request: cpb.ForgetRequest, context: Any) -> cpb.ForgetResponse:
         self._writable()
         change = self.engine.plan_forget(request.ids, request.txns)
@@ -743,8 +759,8 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
         if notes is not None:  # replaces this shard's notes of those slots
             covered = chunk.get("note_slots")
             mine = (engine.notes_in_slots(BitMap.deserialize(covered)) if covered is not None
-                    else {"forwards": {}, "decided": {}})  # an older source: add only
-            for table in ("forwards", "decided"):
+                    else {"forwards": {}, "decided": {}, "claims": {}})  # older: add only
+            for table in ("forwards", "decided", "claims"):
                 theirs = notes.get(table, {})
                 change.notes += [Note(table, key, None) for key in mine[table]
                                  if key not in theirs]
@@ -766,8 +782,7 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
         members = list(self.engine.members_of_slots(slots))
         notes = self.engine.notes_in_slots(slots)
         await self.shard.commit(Change(notes=[
-            *(Note("forwards", pid, None) for pid in notes["forwards"]),
-            *(Note("decided", txn, None) for txn in notes["decided"])]))
+            Note(table, key, None) for table, entries in notes.items() for key in entries]))
         for start in range(0, len(members), DROP_CHUNK):
             await self.shard.commit(Change(images=[
                 Image(d, self.engine.pids[d] or "", None)

@@ -62,6 +62,7 @@ from memstore.wal_writer import LogFailedError, LogWriteError, LogWriter, SyncPo
 log = logging.getLogger("memstore.shard")
 
 SNAPSHOT_CHUNK = 2000  # profiles per snapshot section
+CLAIM_SLOTS_CHUNK = 64  # slots of directory claims per snapshot section
 RECENT_CHANGES = 500_000  # profile ids remembered for slot-move catch-up (~40 MB at most)
 
 
@@ -344,6 +345,9 @@ def write_snapshot_file(engine: Engine, snap_dir: Path, lsn: int, shard_name: st
         if engine.held or engine.forwards or engine.decided:
             writer.write("merges", msgpack.packb({"held": engine.held, "forwards":
                                                   engine.forwards, "decided": engine.decided}))
+        claims = list(engine.claims.by_slot())
+        for start in range(0, len(claims), CLAIM_SLOTS_CHUNK):
+            writer.write("claims", msgpack.packb(claims[start:start + CLAIM_SLOTS_CHUNK]))
         # Rows are packed one field at a time, never built as lists: cheaper, and every
         # object made here would be a page copied from the parent.
         packer = msgpack.Packer(use_bin_type=True, autoreset=False)
@@ -438,6 +442,9 @@ def load_snapshot(engine: Engine, sections: Iterable[tuple[str, bytes]]) -> None
             tables = msgpack.unpackb(payload)
             engine.held, engine.forwards, engine.decided = (
                 tables["held"], tables["forwards"], tables["decided"])
+        elif name == "claims":
+            for slot, table in msgpack.unpackb(payload, strict_map_key=False):
+                engine.claims.load(slot, table)
         elif name == "index":
             state = msgpack.unpackb(payload, strict_map_key=False)
             aid = state["aid"]

@@ -15,6 +15,7 @@ from memstore.columnar import Columns
 from memstore.engine import ADD_TO_SET, INCREMENT, SET, UNSET, UpsertSpec
 from memstore.errors import Unavailable
 from memstore.evaluate import evaluate
+from memstore.hashslot import SLOT_COUNT
 from memstore.pbvalues import datetime_to_micros
 from memstore.query import parse
 from memstore.shard import Shard, ShardConfig
@@ -35,14 +36,15 @@ async def open_shard(data: Path, **kw: Any) -> Shard:
     return await Shard.open(ShardConfig(data_dir=data, **kw))
 
 
-def state_of(shard: Shard) -> tuple[dict[str, Any], dict[str, list[str]], dict[str, Any]]:
+def state_of(shard: Shard) -> tuple[Any, ...]:
     engine = shard.engine
     profiles = {}
     for pid, dense in engine.dense_of.items():
         p = engine.profile(dense)
         profiles[pid] = (p.version, p.attributes, sorted(p.identifiers), sorted(p.merged_ids))
     answers = {q: sorted(engine.ids_of(evaluate(engine, parse(q)))) for q in QUERIES}
-    return profiles, answers, dict(engine.aliases)
+    claims = dict(sorted(engine.claims.in_slots(range(SLOT_COUNT)).items()))
+    return profiles, answers, dict(engine.aliases), claims
 
 
 def a_load(rng: random.Random) -> Columns:
@@ -76,8 +78,12 @@ async def random_writes(shard: Shard, rng: random.Random, n: int) -> None:
             if rng.random() < 0.2:
                 ops.append((UNSET, "age", None))
             change = engine.plan_upsert(UpsertSpec(pid, rng.sample(ops, rng.randrange(1, 6))))
-        elif roll < 0.8:
+        elif roll < 0.7:
             change = engine.plan_link(pid, [("email", f"e{rng.randrange(30)}")], create=True)
+        elif roll < 0.8:  # directory claims: make, take over, release
+            holder = rng.choice([None, pid, f"p{rng.randrange(40)}"])
+            change = engine.plan_claims([["email", f"e{rng.randrange(30)}",
+                                          rng.choice([None, pid]), holder]])
         else:
             change = engine.plan_delete(pid)
         await shard.commit(change)

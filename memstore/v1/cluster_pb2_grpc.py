@@ -89,6 +89,11 @@ class ShardControlStub:
                 request_serializer=memstore_dot_v1_dot_cluster__pb2.OwnersRequest.SerializeToString,
                 response_deserializer=memstore_dot_v1_dot_cluster__pb2.OwnersResponse.FromString,
                 _registered_method=True)
+        self.Claim = channel.unary_unary(
+                '/memstore.v1.ShardControl/Claim',
+                request_serializer=memstore_dot_v1_dot_cluster__pb2.ClaimRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_cluster__pb2.ClaimResponse.FromString,
+                _registered_method=True)
 
 
 class ShardControlServicer:
@@ -160,6 +165,12 @@ class ShardControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Claim(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -217,6 +228,11 @@ def add_ShardControlServicer_to_server(servicer, server):
                     servicer.Owners,
                     request_deserializer=memstore_dot_v1_dot_cluster__pb2.OwnersRequest.FromString,
                     response_serializer=memstore_dot_v1_dot_cluster__pb2.OwnersResponse.SerializeToString,
+            ),
+            'Claim': grpc.unary_unary_rpc_method_handler(
+                    servicer.Claim,
+                    request_deserializer=memstore_dot_v1_dot_cluster__pb2.ClaimRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_cluster__pb2.ClaimResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -516,6 +532,33 @@ class ShardControl:
             '/memstore.v1.ShardControl/Owners',
             memstore_dot_v1_dot_cluster__pb2.OwnersRequest.SerializeToString,
             memstore_dot_v1_dot_cluster__pb2.OwnersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Claim(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memstore.v1.ShardControl/Claim',
+            memstore_dot_v1_dot_cluster__pb2.ClaimRequest.SerializeToString,
+            memstore_dot_v1_dot_cluster__pb2.ClaimResponse.FromString,
             options,
             channel_credentials,
             insecure,

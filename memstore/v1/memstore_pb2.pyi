@@ -207,14 +207,16 @@ class DeleteRequest(_message.Message):
     def __init__(self, key: _Optional[_Union[ProfileKey, _Mapping]] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
-    __slots__ = ("deleted", "id", "merged_ids")
+    __slots__ = ("deleted", "id", "merged_ids", "identifiers")
     DELETED_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     MERGED_IDS_FIELD_NUMBER: _ClassVar[int]
+    IDENTIFIERS_FIELD_NUMBER: _ClassVar[int]
     deleted: bool
     id: str
     merged_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, deleted: _Optional[bool] = ..., id: _Optional[str] = ..., merged_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    identifiers: _containers.RepeatedCompositeFieldContainer[Identifier]
+    def __init__(self, deleted: _Optional[bool] = ..., id: _Optional[str] = ..., merged_ids: _Optional[_Iterable[str]] = ..., identifiers: _Optional[_Iterable[_Union[Identifier, _Mapping]]] = ...) -> None: ...
 
 class LinkRequest(_message.Message):
     __slots__ = ("id", "identifiers", "create")

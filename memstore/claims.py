@@ -1,0 +1,95 @@
+"""A shard's part of the cluster's identifier directory: claims.
+
+The directory maps an identifier (kind, value) to the primary id that claimed it. It is
+partitioned like the profiles: the claim of an identifier lives in slot_of(claim_key(kind,
+value)), on whichever shard owns that slot, and moves with that slot (shards/rebalance.py).
+The router claims an identifier before a write gives it to a profile, so every identifier a
+profile holds has a claim; a claim may be stale (its write failed, or its profile was
+deleted or merged away), and routers verify a claim against the profile before trusting it
+(shards/directory.py has the protocol). Claims change by Notes ("claims" table), so they are
+logged, snapshotted and undone with the rest of a Change.
+
+A claim's age tells a write in flight (young: its profile may not hold the identifier yet)
+from a stale one (old: it may be taken over). Ages live in memory only: after a restart,
+every claim counts as made at the restart, so a write in flight then is still waited out.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+
+from memstore.hashslot import slot_of
+
+# Seconds a claim stays young: longer than a write takes from its claim to its answer.
+CLAIM_GRACE = 30.0
+
+
+def claim_key(kind: str, value: str) -> str:
+    """The directory key of identifier (kind, value); kinds never contain ':'."""
+    return f"{kind}:{value}"
+
+
+class Claims:
+    """claim key -> primary id, grouped by the key's slot so a slot move finds its own."""
+
+    def __init__(self, grace: float = CLAIM_GRACE) -> None:
+        self.grace = grace
+        self._slots: dict[int, dict[str, str]] = {}
+        self._count = 0
+        self._claimed_at: dict[str, float] = {}  # young claims, oldest first
+        self._started = time.monotonic()
+
+    def __len__(self) -> int:
+        return self._count
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        table = self._slots.get(slot_of(key))
+        return default if table is None else table.get(key, default)
+
+    def __setitem__(self, key: str, pid: str) -> None:
+        table = self._slots.setdefault(slot_of(key), {})
+        self._count += key not in table
+        table[key] = pid
+
+    def pop(self, key: str, default: str | None = None) -> str | None:
+        table = self._slots.get(slot_of(key))
+        if table is None or key not in table:
+            return default
+        self._count -= 1
+        return table.pop(key)
+
+    def in_slots(self, slots: Iterable[int]) -> dict[str, str]:
+        """Every claim of `slots` (a slot move carries them)."""
+        out: dict[str, str] = {}
+        for slot in slots:
+            table = self._slots.get(slot)
+            if table:
+                out.update(table)
+        return out
+
+    def by_slot(self) -> Iterator[tuple[int, dict[str, str]]]:
+        return ((s, t) for s, t in self._slots.items() if t)
+
+    def load(self, slot: int, table: dict[str, str]) -> None:
+        """Fill one slot from a snapshot."""
+        self._count += len(table) - len(self._slots.get(slot, ()))
+        self._slots[slot] = table
+
+    # ------------------------------------------------------------------ ages
+    def made(self, key: str, now: float) -> None:
+        """Note that the claim of `key` was made (or taken over) at `now`."""
+        self._claimed_at.pop(key, None)
+        self._claimed_at[key] = now
+        while self._claimed_at:
+            oldest = next(iter(self._claimed_at))
+            if now - self._claimed_at[oldest] <= self.grace:
+                break
+            del self._claimed_at[oldest]
+
+    def age(self, key: str, now: float) -> float:
+        """Seconds since the claim of `key` was made (at most since this process started)."""
+        return now - self._claimed_at.get(key, self._started)
+
+    def young(self, key: str, now: float) -> bool:
+        return self.age(key, now) < self.grace
