@@ -34,12 +34,11 @@ Two merges racing for the same profile: the second finds it held and waits; if t
 stalls past HOLD_PATIENCE it is aborted (Decide), and its own Absorb is then refused, so its
 router starts over with a new transaction.
 
-Limits: the identifier check before the merge asks every shard (each shard's directory
-covers the profiles it owns). A router holds its lock on every identifier a write names
-from that check to the answer (router.IdentifierLocks), so writes through one router are
-ordered; two first links of one new identifier racing through two routers to two shards
-can both succeed, and the next merge that meets both owners joins them (Absorb merges a
-profile of B that holds one of L's identifiers as well).
+Who must merge is found by the write's claims in the identifier directory
+(shards/directory.py): an identifier claimed for a profile on another shard that holds it.
+Should one identifier still end up with two owners (a write slower than the claim grace
+period, see there), the next merge that meets both joins them (Absorb merges a profile of
+B that holds one of L's identifiers as well).
 """
 
 from __future__ import annotations

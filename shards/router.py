@@ -26,14 +26,12 @@ unfinished merge makes the call wait (HOLD_PATIENCE), then decide and release th
 then retry; a primary id merged into a profile on another shard is followed to the survivor.
 A background sweeper finishes merges whose router died (every SWEEP_INTERVAL seconds).
 
+Identifiers: look-ups and the writes that name identifiers go through the identifier
+directory (shards/directory.py): a claim in the identifier's own slot, verified against the
+profile it names. A write claims its identifiers before it writes (BatchUpsert: once per
+batch), which is also how it finds the cross-shard merges it must make first.
+
 Current limitations (see also DESIGN "Cluster"):
-- Identifier look-ups ask every shard: each shard's identifier directory covers only its own
-  profiles (their slots move with them), not a directory partitioned by hash of the
-  identifier. Upsert, Link and BatchUpsert (once per batch, for all its identifiers) ask
-  every shard before writing, to find cross-shard merges; the router locks the identifiers
-  a write names from that check to its answer (IdentifierLocks), but routers do not share
-  locks: two first links of one new identifier racing through two routers to two shards
-  can both win; the next merge that meets both owners joins them.
 - BatchUpsert is atomic per shard, not across shards; INVALID_ARGUMENT names the index within
   the part of the batch sent to that shard.
 - A QueryIds cursor is (shard name, that shard's cursor): a slot move between two pages may
@@ -73,6 +71,7 @@ from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
 from shards import merge
+from shards.directory import ClaimStuck, Directory
 from shards.shard_map import CHANNEL_OPTIONS, ShardMap, ShardState
 from shards.slots import slot_of
 
@@ -86,6 +85,9 @@ ADMIN_SERVICE = "memstore.cluster.v1.RouterAdmin"
 SWEEP_INTERVAL = 2.0  # seconds between looks for merges a dead router left unfinished
 REQUEST, PACKED, COLUMNS = 0, 1, 2  # the forms of a BatchUpsert record (BatchUpsertRequest)
 MAX_FORWARDS = 16  # merged-away ids followed in a row before giving up (a cycle is a bug)
+# Shard answers that say a write was not applied (its claims can be given back).
+REFUSED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                     grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE})
 Code = grpc.StatusCode
 
 
@@ -107,7 +109,7 @@ class _Pending(Exception):
         super().__init__(f"profile {self.loser!r} is held by merge {self.txn}")
 
 
-_FOLLOWED = object()  # _routed: a group sent again, aimed at the survivors of merged-away ids
+_FOLLOWED = object()  # routed: a group sent again, aimed at the survivors of merged-away ids
 
 
 class _Stuck(Exception):
@@ -207,13 +209,12 @@ def _decode_cursor(cursor: str) -> tuple[str, str]:
 class IdentifierLocks:
     """The identifiers that writes through this router are naming right now.
 
-    A write naming identifiers first asks every shard who holds them, then writes (or
-    merges). Two writes racing to give one new identifier to profiles on two shards would
-    both find no owner and both write it. Holding the identifiers from that question to
-    the write's answer makes the second one find the first's profile and merge with it.
-    A write takes all its identifiers at once, when none is taken (no deadlock between
-    batches), and waits for the writes holding any of them otherwise. Routers do not share
-    them: racing writes through two routers are not ordered (README, "Known limits")."""
+    Writes naming the same identifier are ordered by its claim in the directory already
+    (the second waits, polling, while the first's claim is young). Through one router they
+    are put in turn here first, from the claim to the answer, so the second one starts as
+    the first one ends instead of polling. A write takes all its identifiers at once, when
+    none is taken (no deadlock between batches), and waits for the writes holding any of
+    them otherwise."""
 
     def __init__(self) -> None:
         self._taken: dict[tuple[str, str], asyncio.Future[None]] = {}
@@ -239,6 +240,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
     def __init__(self, shard_map: ShardMap,
                  on_membership: Callable[[list[str]], None] | None = None) -> None:
         self.map = shard_map
+        self.directory = Directory(self)  # the identifier directory (shards/directory.py)
         self.on_membership = on_membership
         self.sweeper: asyncio.Task[None] | None = None
         self._known: set[str] = set()  # attribute names some shard has declared
@@ -274,7 +276,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
 
     # ------------------------------------------------------------------ plumbing
     async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
-        if isinstance(exc, _Down | _Stuck):
+        if isinstance(exc, _Down | _Stuck | ClaimStuck):
             await _fail(context, Code.UNAVAILABLE, str(exc))
         if isinstance(exc, merge.Forwarded | merge.Restart | _Pending):
             await _fail(context, Code.FAILED_PRECONDITION, str(exc))
@@ -458,53 +460,18 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
             return results, missing
         await _fail(context, Code.UNAVAILABLE, "shard ownership kept changing during the query")
 
-    async def _by_identifier(self, keys: list[pb.ProfileKey], attributes: Iterable[str],
-                             packed: bool, context: grpc.aio.ServicerContext
-                             ) -> list[tuple[ShardState, pb.Profile] | None]:
-        """Find identifier keys on whichever shard holds them (every shard is asked).
-
-        Always asks for structured results (a packed BatchGet answer has no per-key
-        results); the caller converts what it returns."""
-        del packed
-        request = pb.BatchGetRequest(keys=keys, attributes=attributes)
-        timeout = _timeout(context)
-
-        def call(shard: ShardState) -> Any:
-            return shard.stub.BatchGet(request, timeout=timeout)
-
-        answers, _ = await self._fan_out(context, call)
-        found: list[tuple[ShardState, pb.Profile] | None] = [None] * len(keys)
-        for shard, response in answers:
-            for i, result in enumerate(response.results):
-                if result.found and (found[i] is None
-                                     or self.map.owner(result.profile.slot) is shard):
-                    found[i] = (shard, result.profile)
-        return found
-
-    async def _foreign_owners(self, pid: str, identifiers: Iterable[pb.Identifier],
-                              context: grpc.aio.ServicerContext) -> list[str]:
-        """Profiles on other shards than pid's that hold one of `identifiers`."""
-        idents = list(identifiers)
-        if not idents or len(self.map.shards) < 2:
-            return []
-        keys = [pb.ProfileKey(identifier=i) for i in idents]
-        found = await self._by_identifier(keys, ["\x00"], False, context)
-        home = self.map.owner(slot_of(pid))
-        losers: list[str] = []
-        for hit in found:
-            if (hit is not None and hit[1].id != pid and hit[0] is not home
-                    and hit[1].id not in losers):
-                losers.append(hit[1].id)
-        return losers
-
     async def _identity_write(self, method: str, request: Any, context: Any) -> Any:
         """Upsert or Link: on the owning shard, or as a cross-shard merge (shards/merge.py)
         when an identifier it names belongs to a profile on another shard."""
         if not request.id:
             await _fail(context, Code.INVALID_ARGUMENT, "id: a primary id is required")
+        made: set[tuple[str, tuple[str, str]]] = set()  # claims this write made
         for attempt in _attempts():
             try:
-                losers = await self._foreign_owners(request.id, request.identifiers, context)
+                idents = [(i.kind, i.value) for i in request.identifiers]
+                foreign = await self.directory.claim([(request.id, i) for i in idents],
+                                                     context, made)
+                losers = list(dict.fromkeys(foreign.values()))
                 if not losers:
                     return await self._owner_call(request.id, method, request, context)
                 return await merge.merge(self, request.id, losers, request, context)
@@ -514,6 +481,8 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
             except merge.Forwarded as exc:  # the profile itself merged away: its survivor
                 request = _retarget(request, exc.survivor)
             except Exception as exc:  # noqa: BLE001 - _abort re-raises the rest
+                if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in REFUSED:
+                    await self.directory.release(made, context)  # nothing was written
                 await self._abort(context, exc)
         await _fail(context, Code.UNAVAILABLE, f"{method}: the merge kept meeting racing "
                     f"merges for {MOVE_WAIT:.0f} s")
@@ -532,24 +501,38 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
 
     async def Get(self, request: pb.GetRequest, context: Any) -> pb.GetResponse:
         if request.key.WhichOneof("key") == "identifier":
-            [hit] = await self._by_identifier([request.key], request.attributes, request.packed,
-                                              context)
+            [hit] = await self._by_identifier([request.key], request.attributes, context)
             if hit is None:
                 ident = request.key.identifier
                 await _fail(context, Code.NOT_FOUND, f"profile with identifier "
                             f"{ident.kind}:{ident.value!r} not found")
-            return pb.GetResponse(profile=hit[1])
+            return pb.GetResponse(profile=hit)
         return await self._single(request.key.id, "Get", request, context)  # type: ignore[no-any-return]
 
     async def Delete(self, request: pb.DeleteRequest, context: Any) -> pb.DeleteResponse:
         if request.key.WhichOneof("key") == "identifier":
-            [hit] = await self._by_identifier([request.key], ["\x00"], False, context)
+            [hit] = await self._by_identifier([request.key], ["\x00"], context)
             if hit is None:
                 return pb.DeleteResponse(deleted=False)
-            request = pb.DeleteRequest(key=pb.ProfileKey(id=hit[1].id))
+            request = pb.DeleteRequest(key=pb.ProfileKey(id=hit.id))
         reply: pb.DeleteResponse = await self._single(request.key.id, "Delete", request, context)
         await self._forget(reply, context)
+        await self.directory.forget(reply, context)
         return reply
+
+    async def _by_identifier(self, keys: list[pb.ProfileKey], attributes: Iterable[str],
+                             context: grpc.aio.ServicerContext) -> list[pb.Profile | None]:
+        """The profile holding each identifier key, through the directory."""
+        for i, key in enumerate(keys):
+            if not key.identifier.kind or not key.identifier.value:
+                await _fail(context, Code.INVALID_ARGUMENT,
+                            f"keys[{i}]: an identifier needs a kind and a value")
+        try:
+            return await self.directory.find(
+                [(k.identifier.kind, k.identifier.value) for k in keys], context,
+                list(attributes))
+        except Exception as exc:  # noqa: BLE001 - _abort re-raises what it cannot map
+            await self._abort(context, exc)
 
     async def _forget(self, reply: pb.DeleteResponse, context: Any) -> None:
         """Erase the forwards that ids merged into the deleted profile left on other shards
@@ -567,14 +550,15 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                 log.warning("delete of %r: forwards of %d ids on %s stay: %s", reply.id,
                             len(pids), shard.label, exc.details())
 
-    async def _routed(self, items: list[tuple[str, Any]], method: str,
-                      build: Callable[[list[Any]], Any], context: grpc.aio.ServicerContext,
-                      retarget: Callable[[Any, str], Any] | None = None
-                      ) -> list[tuple[list[Any], Any]]:
-        """Send (primary id, item) pairs in one request per owning shard, concurrently.
-        Items a shard refuses as wrong-slot are re-split on a fresh map and sent again; a
-        group that met a merge's hold is sent again once it settled; an id merged into a
-        profile on another shard becomes (survivor, retarget(item, survivor))."""
+    async def routed(self, items: list[tuple[str, Any]], method: str,
+                     build: Callable[[list[Any]], Any], context: grpc.aio.ServicerContext,
+                     retarget: Callable[[Any, str], Any] | None = None, control: bool = False
+                     ) -> list[tuple[list[Any], Any]]:
+        """Send (key, item) pairs in one request per shard owning slot_of(key), concurrently
+        (to its ShardControl service if `control`). Items a shard refuses as wrong-slot are
+        re-split on a fresh map and sent again; a group that met a merge's hold is sent
+        again once it settled; an id merged into a profile on another shard becomes
+        (survivor, retarget(item, survivor))."""
         pending, done = items, []
         follow_rounds = 0
         for attempt in _attempts():
@@ -590,9 +574,9 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
 
             async def one(shard: ShardState, group: list[tuple[str, Any]]) -> Any:
                 request = build([item for _, item in group])
+                stub = shard.control if control else shard.stub
                 try:
-                    return group, await getattr(shard.stub, method)(request,
-                                                                    timeout=_timeout(context))
+                    return group, await getattr(stub, method)(request, timeout=_timeout(context))
                 except grpc.aio.AioRpcError as exc:
                     if _wrong_slot(exc):
                         return group, None
@@ -677,7 +661,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         async def ids_part() -> None:
             if not by_id:
                 return
-            parts = await self._routed([(p, (p, p)) for p in by_id], "BatchGet", build,
+            parts = await self.routed([(p, (p, p)) for p in by_id], "BatchGet", build,
                                        context, lambda pair, survivor: (survivor, pair[1]))
             for pairs, response in parts:
                 pids = [asked for _, asked in pairs]
@@ -700,11 +684,10 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
             if not by_ident:
                 return
             found = await self._by_identifier([request.keys[i] for i in by_ident],
-                                              request.attributes, request.packed, context)
-            for i, hit in zip(by_ident, found):
-                if hit is None:
+                                              request.attributes, context)
+            for i, profile in zip(by_ident, found):
+                if profile is None:
                     continue
-                profile = hit[1]
                 if request.packed:
                     entries[i] = _as_packed_entry(profile, tables)
                 else:
@@ -770,39 +753,15 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         named = [_identifiers_of(item) for _, item in items]
         async with self._naming.hold(itertools.chain.from_iterable(named)):
             first, later = await self._merge_first(items, named, context)
-            parts = await self._routed(first, "BatchUpsert", build, context, retarget)
+            parts = await self.routed(first, "BatchUpsert", build, context, retarget)
             for pid, item in later:
                 await self._identity_write("Link", pb.LinkRequest(id=pid, identifiers=[
                     pb.Identifier(kind=k, value=v) for k, v in _identifiers_of(item)],
                     create=True), context)
-                parts += await self._routed([(pid, item)], "BatchUpsert", build, context,
+                parts += await self.routed([(pid, item)], "BatchUpsert", build, context,
                                             retarget)
         return pb.BatchUpsertResponse(applied=sum(r.applied for _, r in parts),
                                       created=sum(r.created for _, r in parts))
-
-    async def _owners(self, keys: list[tuple[str, str]], context: Any
-                      ) -> dict[tuple[str, str], tuple[ShardState, str]]:
-        """Which shard and profile hold each identifier (asks every shard at once, in one
-        msgpack message each: a batch's thousands of identifiers cost no protobufs).
-
-        Not a fan-out query with epoch checks: the answer is a pre-check for merges, not a
-        lock (see the module docstring), and it runs once per BatchUpsert."""
-        request = cpb.OwnersRequest(packed=msgpack.packb([list(k) for k in keys]))
-        timeout = _timeout(context)
-        shards = self.map.ordered()
-        answers = await asyncio.gather(*(s.control.Owners(request, timeout=timeout)
-                                         for s in shards), return_exceptions=True)
-        found: dict[tuple[str, str], tuple[ShardState, str]] = {}
-        for shard, response in zip(shards, answers, strict=True):
-            if isinstance(response, grpc.aio.AioRpcError):
-                await self._abort(context, _Down(shard, response.details() or "unreachable")
-                                  if response.code() == Code.UNAVAILABLE else response)
-            if isinstance(response, BaseException):
-                raise response
-            for key, pid in zip(keys, msgpack.unpackb(response.packed), strict=True):
-                if pid is not None:
-                    found[key] = (shard, pid)
-        return found
 
     async def _merge_first(self, items: list[tuple[str, Any]],
                            named: list[list[tuple[str, str]]], context: Any
@@ -814,23 +773,23 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         identifier that an earlier record of the batch, homed on another shard, names too
         is held back (`later`): it is linked and upserted after the batch, in order, which
         merges the earlier record's profile into it as one shard would have."""
-        if len(self.map.shards) < 2:
-            return items, []
         if not any(named):
             return items, []
-        first_home: dict[tuple[str, str], ShardState | None] = {}
+        claimant: dict[tuple[str, str], tuple[str, ShardState | None]] = {}
         later_at: set[int] = set()
         for i, ((pid, _), idents) in enumerate(zip(items, named, strict=True)):
             home = self.map.owner(slot_of(pid))
             for key in idents:
-                if first_home.setdefault(key, home) is not home:
+                if claimant.setdefault(key, (pid, home))[1] is not home:
                     later_at.add(i)
-        owner = await self._owners(list(first_home), context)
+        try:
+            holder = await self.directory.claim([(pid, key) for key, (pid, _) in claimant.items()],
+                                                context, set())
+        except Exception as exc:  # noqa: BLE001 - _abort re-raises what it cannot map
+            await self._abort(context, exc)
         for i, ((pid, _), idents) in enumerate(zip(items, named, strict=True)):
-            home = self.map.owner(slot_of(pid))
             foreign = [pb.Identifier(kind=key[0], value=key[1]) for key in idents
-                       if (hit := owner.get(key)) is not None
-                       and hit[1] != pid and hit[0] is not home]
+                       if claimant[key][0] == pid and key in holder]
             if foreign and i not in later_at:
                 await self._identity_write("Link", pb.LinkRequest(
                     id=pid, identifiers=foreign, create=True), context)

@@ -230,6 +230,15 @@ def _check_final(address: str, acked: dict[str, int], shard_addresses: list[str]
     assert got == acked
 
 
+def _check_identifiers(address: str, preloaded: list[tuple[str, int]]) -> None:
+    """Every preloaded profile is still found by its identifier (the claims moved too)."""
+    keys = [pb.ProfileKey(identifier=pb.Identifier(kind="email", value=f"{p}@x"))
+            for p, _ in preloaded]
+    results = _stub(address).BatchGet(pb.BatchGetRequest(keys=keys, attributes=["\x00"]),
+                                      timeout=30).results
+    assert [r.profile.id if r.found else None for r in results] == [p for p, _ in preloaded]
+
+
 def _check_deleted(address: str, load: Load) -> None:
     assert load.deleted, "the load deleted nothing"
     keys = [pb.ProfileKey(id=p) for p in load.deleted]
@@ -315,7 +324,8 @@ def test_add_and_remove_shard_under_load_lose_nothing_and_count_exactly(tmp_path
         for i in range(0, len(items), 1000):
             stub.BatchUpsert(pb.BatchUpsertRequest(requests=[
                 pb.UpsertRequest(id=p, operations=[pb.Operation(
-                    op=pb.Operation.SET, attribute="n", value=pb.Value(int_value=n))])
+                    op=pb.Operation.SET, attribute="n", value=pb.Value(int_value=n))],
+                    identifiers=[pb.Identifier(kind="email", value=f"{p}@x")])
                 for p, n in items[i:i + 1000]]), timeout=30)
 
         journal = tmp_path / "journal.json"
@@ -328,6 +338,7 @@ def test_add_and_remove_shard_under_load_lose_nothing_and_count_exactly(tmp_path
         everyone = [*(s.address for s in shards), new.address]
         _check_final(router.address, load.acked, everyone)
         _check_deleted(router.address, load)
+        _check_identifiers(router.address, items)
         info = _info(new.address)
         assert abs(sum(r.end - r.start + 1 for r in info.slots) - SLOT_COUNT // 3) <= 1
         assert info.profiles > len(load.acked) // 4
@@ -339,6 +350,7 @@ def test_add_and_remove_shard_under_load_lose_nothing_and_count_exactly(tmp_path
         assert not _info(shards[0].address).slots
         _check_final(router.address, load.acked, everyone[1:])
         _check_deleted(router.address, load)
+        _check_identifiers(router.address, items)
         # The router forgot shard-0: stopping it does not make queries fail.
         shards[0].stop()
         assert stub.Count(everything(), timeout=30).count == len(load.acked)

@@ -411,7 +411,7 @@ def test_routed_refreshes_the_map_when_a_forward_and_a_moved_slot_meet(
     monkeypatch.setattr(router_module, "MOVE_WAIT", 1.0)
     service = RouterService(Map())  # type: ignore[arg-type]
     with pytest.raises(RuntimeError) as err:
-        asyncio.run(service._routed([("old", "old"), ("b", "b")], "BatchUpsert",
+        asyncio.run(service.routed([("old", "old"), ("b", "b")], "BatchUpsert",
                                     lambda items: items, Context(), lambda _, new: new))
     assert err.value.args[0] == grpc.StatusCode.UNAVAILABLE
     assert len(refreshes) >= 5 and calls["moved"] < 100

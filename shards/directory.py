@@ -1,0 +1,232 @@
+"""The identifier directory, as a router uses it: who holds identifier (kind, value)?
+
+Partitioned like the profiles: the claim of an identifier lives in slot_of("kind:value") on
+the shard that owns that slot (memstore.claims), so a look-up asks two shards, the claim's
+and then the profile's, whatever the cluster's size, and a shard that is down only takes its
+own claims and profiles away.
+
+Invariant: every identifier a profile holds is claimed, by that profile or by an id that
+resolves to it (merged into it, on its shard or by a forward). Writes keep it by claiming
+first: a write naming identifiers claims each for its profile, and only then writes. A
+claim does not prove ownership (its write may have failed, its profile been deleted or
+merged away), so whoever reads one verifies it against the profile it names:
+
+- Look-up:  read the claim, get the claimed profile (following merged-away ids); a profile
+            that holds the identifier is the answer, anything else is "not found".
+- Write:    a claim for another profile P that holds the identifier means a merge: with P
+            when P lives on another shard (shards/merge.py), by the owning shard's engine
+            when on the same. A claim whose profile does not hold the identifier is a write
+            in flight while young (waited out) and stale once older than the grace period
+            (taken over, compare-and-set, so two writers cannot both take it).
+- Refusal:  a write the shard refused gives back the claims it made (compare-and-set). A
+            write whose outcome is unknown (deadline, shard down) keeps them: a stale claim
+            is only ever slower, a missing one would hide a profile.
+- Delete:   releases the deleted profile's claims (an erased person's identifiers leave the
+            directory too); claims of ids merged into another profile are re-pointed at
+            the survivor by the look-ups that meet them.
+
+Because every write claims before it writes, two first links of a new identifier racing
+through two routers to two shards meet at the claim: the second waits for the first's write
+and merges with its profile. The one window left is a write slower than the grace period
+between its claim and its apply, whose claim another writer may then take over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple, Protocol
+
+import grpc
+import msgpack
+
+from memstore.claims import CLAIM_GRACE, claim_key
+from memstore.v1 import cluster_pb2 as cpb
+from memstore.v1 import memstore_pb2 as pb
+from shards.shard_map import ShardMap
+from shards.slots import slot_of
+
+log = logging.getLogger("memstore.directory")
+
+Ident = tuple[str, str]
+# How long a write waits for a young claim of another write before giving up.
+CLAIM_WAIT = 2 * CLAIM_GRACE
+
+
+class Answer(NamedTuple):
+    """A shard's answer to one claim entry (ClaimResponse)."""
+
+    holder: str | None
+    age: float
+    created: bool
+
+
+class Router(Protocol):
+    map: ShardMap
+
+    async def routed(self, items: list[tuple[str, Any]], method: str, build: Any,
+                     context: Any, retarget: Any = None, control: bool = False
+                     ) -> list[tuple[list[Any], Any]]: ...
+
+
+class ClaimStuck(Exception):
+    """A write waited longer than CLAIM_WAIT for another write's young claim."""
+
+
+class Directory:
+    def __init__(self, router: Router, grace: float = CLAIM_GRACE) -> None:
+        self.router = router
+        self.grace = grace
+
+    async def ask(self, entries: Sequence[list[Any]], context: Any) -> list[Answer]:
+        """Claim entries ([kind, value, pid, expected], see ClaimRequest) to the shards
+        owning their slots, one request per shard, concurrently; answers in order."""
+        if not entries:
+            return []
+        items = [(claim_key(e[0], e[1]), i) for i, e in enumerate(entries)]
+
+        def build(group: list[int]) -> cpb.ClaimRequest:
+            return cpb.ClaimRequest(packed=msgpack.packb([entries[i] for i in group]))
+
+        answers: list[Answer] = [Answer(None, 0.0, False)] * len(entries)
+        for group, response in await self.router.routed(items, "Claim", build, context,
+                                                        control=True):
+            for i, answer in zip(group, msgpack.unpackb(response.packed), strict=True):
+                answers[i] = Answer(*answer)
+        return answers
+
+    async def profiles(self, pids: Iterable[str], context: Any,
+                       attributes: Sequence[str] = ("\x00",)) -> dict[str, pb.Profile]:
+        """The profile each of `pids` resolves to (merged-away ids followed), if any."""
+        asked = list(dict.fromkeys(pids))
+        if not asked:
+            return {}
+
+        def build(pairs: list[tuple[str, str]]) -> pb.BatchGetRequest:
+            return pb.BatchGetRequest(ids=[p for p, _ in pairs], attributes=attributes)
+
+        found: dict[str, pb.Profile] = {}
+        parts = await self.router.routed([(p, (p, p)) for p in asked], "BatchGet", build,
+                                         context, lambda pair, survivor: (survivor, pair[1]))
+        for pairs, response in parts:
+            for (_, pid), result in zip(pairs, response.results, strict=True):
+                if result.found:
+                    found[pid] = result.profile
+        return found
+
+    # ------------------------------------------------------------------ look-ups
+    async def find(self, idents: Sequence[Ident], context: Any,
+                   attributes: Sequence[str] = ()) -> list[pb.Profile | None]:
+        """The profile holding each identifier, if any (projected to `attributes`)."""
+        claims = await self.ask([[k, v, None, None] for k, v in idents], context)
+        holders = await self.profiles((a.holder for a in claims if a.holder is not None),
+                                      context, attributes)
+        found: list[pb.Profile | None] = []
+        repoint: list[list[Any]] = []
+        for ident, claim in zip(idents, claims, strict=True):
+            profile = None if claim.holder is None else holders.get(claim.holder)
+            if profile is None or not holds(profile, ident):
+                found.append(None)
+                continue
+            found.append(profile)
+            if profile.id != claim.holder:  # merged away: point the claim at the survivor
+                repoint.append([*ident, profile.id, claim.holder])
+        if repoint:
+            try:
+                await self.ask(repoint, context)
+            except Exception as exc:  # noqa: BLE001 - best effort: the next look-up follows
+                log.info("could not re-point %d claims at their survivors: %s",
+                         len(repoint), exc)
+        return found
+
+    # ------------------------------------------------------------------ writes
+    async def claim(self, pairs: Sequence[tuple[str, Ident]], context: Any,
+                    made: set[tuple[str, Ident]]) -> dict[Ident, str]:
+        """Claim each identifier for its primary id before a write gives it to that profile.
+
+        Returns the identifiers held by a profile on another shard than the one they are
+        claimed for, mapped to that profile's id: the write must merge it first. Claims
+        this call made are added to `made` (for `release` if the write is refused)."""
+        router = self.router
+        foreign: dict[Ident, str] = {}
+        pending = list(dict.fromkeys(pairs))
+        give_up = time.monotonic() + CLAIM_WAIT
+        for attempt in itertools.count():
+            answers = await self.ask([[k, v, pid, None] for pid, (k, v) in pending], context)
+            contested: list[tuple[str, Ident, Answer]] = []
+            for (pid, ident), answer in zip(pending, answers, strict=True):
+                if answer.created:
+                    made.add((pid, ident))
+                if answer.holder != pid:
+                    contested.append((pid, ident, answer))
+            holders = await self.profiles((a.holder for _, _, a in contested
+                                           if a.holder is not None), context)
+            pending, steal, young = [], [], None
+            for pid, ident, answer in contested:
+                profile = None if answer.holder is None else holders.get(answer.holder)
+                if profile is not None and holds(profile, ident):
+                    if (profile.id != pid and router.map.owner(slot_of(profile.id))
+                            is not router.map.owner(slot_of(pid))):
+                        foreign[ident] = profile.id
+                    # else: the same shard's engine merges them (or it is pid itself)
+                elif (answer.holder is None or (profile is not None and profile.id == pid)
+                      or answer.age >= self.grace):
+                    # released meanwhile, merged into pid, or stale: take it over
+                    steal.append((pid, ident, answer.holder))
+                else:
+                    young = (ident, answer)
+                    pending.append((pid, ident))
+            taken = await self.ask([[k, v, pid, holder] for pid, (k, v), holder in steal],
+                                   context)
+            for (pid, ident, _), answer in zip(steal, taken, strict=True):
+                if answer.created:
+                    made.add((pid, ident))
+                if answer.holder != pid:  # another writer took it first: look again
+                    pending.append((pid, ident))
+            if not pending:
+                return foreign
+            if young is not None and time.monotonic() > give_up:
+                (kind, value), answer = young
+                raise ClaimStuck(f"identifier {kind}:{value!r} is claimed by a write of "
+                                 f"{answer.holder!r} that has not finished "
+                                 f"({answer.age:.1f} s ago); try again")
+            await _sleep(attempt, context)
+        raise AssertionError("unreachable")
+
+    async def release(self, made: Iterable[tuple[str, Ident]], context: Any) -> None:
+        """Give back claims a refused write made (only those still its own)."""
+        entries = [[k, v, None, pid] for pid, (k, v) in made]
+        try:
+            await self.ask(entries, context)
+        except Exception as exc:  # noqa: BLE001 - a stale claim is taken over later
+            log.info("could not release %d claims of a refused write: %s", len(entries), exc)
+
+    async def forget(self, reply: pb.DeleteResponse, context: Any) -> None:
+        """Release the claims of a deleted profile's identifiers."""
+        idents = [(i.kind, i.value) for i in reply.identifiers]
+        if not idents:
+            return
+        ids = {reply.id, *reply.merged_ids}
+        try:
+            claims = await self.ask([[k, v, None, None] for k, v in idents], context)
+            await self.ask([[k, v, None, c.holder] for (k, v), c in zip(idents, claims)
+                            if c.holder in ids], context)
+        except Exception as exc:  # noqa: BLE001 - the stale claims are taken over later
+            log.warning("delete of %r: claims of %d identifiers stay: %s", reply.id,
+                        len(idents), exc)
+
+
+def holds(profile: pb.Profile, ident: Ident) -> bool:
+    return any(i.kind == ident[0] and i.value == ident[1] for i in profile.identifiers)
+
+
+async def _sleep(attempt: int, context: Any) -> None:
+    delay = min(0.002 * (2 ** attempt), 0.1)
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= delay:
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while "
+                            "waiting for another write naming the same identifier")
+    await asyncio.sleep(delay)

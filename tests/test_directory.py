@@ -1,0 +1,317 @@
+"""The identifier directory (memstore/claims.py, shards/directory.py): claims on the shard
+owning the identifier's slot, verified against the profile they name."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import msgpack
+import pytest
+from pyroaring import BitMap
+
+from memstore.claims import Claims, claim_key
+from memstore.engine import Engine
+from memstore.errors import InvalidArgument, WrongSlot
+from memstore.v1 import cluster_pb2 as cpb
+from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
+from memstore.v1 import memstore_pb2 as pb
+from shards.slots import format_ranges, slot_of, split_even
+from tests.conftest import ServerProcess, start_router, start_shard
+from tests.test_router import RouterThread
+
+_ids = itertools.count()
+
+
+def control(shard: ServerProcess) -> Any:
+    return cluster_pb2_grpc.ShardControlStub(grpc.insecure_channel(shard.address))
+
+
+def claims(shard: ServerProcess, entries: list[list[Any]]) -> list[list[Any]]:
+    return msgpack.unpackb(control(shard).Claim(cpb.ClaimRequest(
+        packed=msgpack.packb(entries)), timeout=10).packed)
+
+
+def owner_of(shards: int, key: str) -> int:
+    """Which of `shards` even shards owns slot_of(key)."""
+    slot = slot_of(key)
+    return next(i for i, ranges in enumerate(split_even(shards))
+                if any(a <= slot <= b for a, b in ranges))
+
+
+def fresh(shards: int, want_pid: int, want_claim: int, prefix: str = "d"
+          ) -> tuple[str, pb.Identifier]:
+    """A new primary id on shard `want_pid` and a new email whose claim is on `want_claim`."""
+    while True:
+        pid = f"{prefix}-{next(_ids)}"
+        if owner_of(shards, pid) == want_pid:
+            break
+    while True:
+        value = f"{prefix}-{next(_ids)}@example.com"
+        if owner_of(shards, claim_key("email", value)) == want_claim:
+            return pid, pb.Identifier(kind="email", value=value)
+
+
+def get(stub: Any, ident: pb.Identifier, timeout: float = 10) -> pb.Profile:
+    return stub.Get(pb.GetRequest(key=pb.ProfileKey(identifier=ident)), timeout=timeout).profile
+
+
+def start(root: Path, n: int, *extra: str) -> list[ServerProcess]:
+    return [start_shard(root / f"shard-{i}", "--name", f"shard-{i}", "--slots",
+                        format_ranges(ranges), *extra)
+            for i, ranges in enumerate(split_even(n))]
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    shards = start(tmp_path_factory.mktemp("directory"), 3, "--sync", "off")
+    router = RouterThread([s.address for s in shards])
+    channel = grpc.insecure_channel(router.address)
+    yield {"stub": memstore_pb2_grpc.MemstoreStub(channel), "shards": shards,
+           "router": router}
+    channel.close()
+    router.stop()
+    for shard in shards:
+        shard.stop()
+
+
+# ---------------------------------------------------------------------- the engine's part
+
+def test_claims_make_take_over_and_release_by_compare_and_set() -> None:
+    engine = Engine()
+    plan = engine.plan_claims([["email", "a@x", "p1", None], ["email", "a@x", "p2", None],
+                               ["email", "b@x", None, None]])
+    assert [a[::2] for a in plan.result] == [["p1", True], ["p1", False], [None, False]]
+    engine.apply(plan)
+    assert engine.claims.get(claim_key("email", "a@x")) == "p1" and len(engine.claims) == 1
+    # A take-over names the holder it expects; a wrong guess changes nothing.
+    assert engine.plan_claims([["email", "a@x", "p2", "p3"]]).result[0][::2] == ["p1", False]
+    plan = engine.plan_claims([["email", "a@x", "p2", "p1"]])
+    assert plan.result[0][::2] == ["p2", True]
+    undo = engine.apply(plan)
+    # Release only if still the named holder's.
+    assert engine.plan_claims([["email", "a@x", None, "p1"]]).result[0][0] == "p2"
+    engine.apply(engine.plan_claims([["email", "a@x", None, "p2"]]))
+    assert engine.claims.get(claim_key("email", "a@x")) is None and len(engine.claims) == 0
+    engine.undo(undo)  # undo puts the before-image back (p1), not the release's
+    assert engine.claims.get(claim_key("email", "a@x")) == "p1"
+
+
+def test_claims_refuse_bad_entries_and_slots_owned_elsewhere() -> None:
+    engine = Engine()
+    for bad, where in (([["email", "a@x", "p1"]], "claims[0]"),
+                       ([["email", "a@x", None, None], ["Email", "a@x", "p", None]], "claims[1]"),
+                       ([["email", "", "p", None]], "empty identifier value"),
+                       ([["email", "a@x", 7, None]], "claims[0]: pid"),
+                       ([["email", "a@x", "", None]], "claims[0].pid")):
+        with pytest.raises(InvalidArgument, match=where.replace("[", r"\[").replace("]", r"\]")):
+            engine.plan_claims(bad)
+    key = claim_key("email", "a@x")
+    engine.set_ownership(1, BitMap(s for s in range(16384) if s != slot_of(key)))
+    with pytest.raises(WrongSlot, match="identifier email:'a@x'"):
+        engine.plan_claims([["email", "a@x", None, None]])
+
+
+def test_claim_ages_tell_a_write_in_flight_from_a_stale_claim() -> None:
+    table = Claims(grace=10.0)
+    table["email:a"] = "p"
+    start = table._started
+    assert table.young("email:a", start + 5) and not table.young("email:a", start + 11)
+    table.made("email:a", start + 20)  # taken over later: young again
+    assert table.age("email:a", start + 25) == 5 and table.young("email:a", start + 25)
+    table.made("email:b", start + 40)  # old ages are forgotten as new ones come
+    assert "email:a" not in table._claimed_at and not table.young("email:a", start + 40)
+
+
+# ---------------------------------------------------------------------- through routers
+
+def test_lookups_ask_only_the_claims_shard_and_the_profiles(three: dict[str, Any]) -> None:
+    """With the shard that holds neither the claim nor the profile stopped, a look-up by
+    identifier still answers (it used to ask every shard, and wait for this one)."""
+    stub, shards = three["stub"], three["shards"]
+    pid, ident = fresh(3, want_pid=0, want_claim=1)
+    stub.Upsert(pb.UpsertRequest(id=pid, identifiers=[ident]), timeout=10)
+    assert claims(shards[1], [["email", ident.value, None, None]])[0][0] == pid
+    with pytest.raises(grpc.RpcError) as err:  # not its slot
+        claims(shards[0], [["email", ident.value, None, None]])
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "is not owned by this shard" in err.value.details()
+    shards[2].proc.send_signal(signal.SIGSTOP)
+    try:
+        assert get(stub, ident, timeout=5).id == pid
+        results = stub.BatchGet(pb.BatchGetRequest(keys=[
+            pb.ProfileKey(identifier=ident),
+            pb.ProfileKey(identifier=fresh(3, want_pid=0, want_claim=0)[1])],
+            attributes=["\x00"]), timeout=5).results
+        assert [r.found for r in results] == [True, False]
+        with pytest.raises(grpc.RpcError) as err:
+            get(stub, pb.Identifier(kind="email", value=fresh(3, 0, 1)[1].value), timeout=5)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        shards[2].proc.send_signal(signal.SIGCONT)
+
+
+def test_a_refused_write_gives_its_claims_back(three: dict[str, Any]) -> None:
+    stub, shards = three["stub"], three["shards"]
+    pid, ident = fresh(3, want_pid=0, want_claim=2)
+    stub.Upsert(pb.UpsertRequest(id=pid, operations=[pb.Operation(
+        op=pb.Operation.SET, attribute="visits", value=pb.Value(int_value=1))]), timeout=10)
+    with pytest.raises(grpc.RpcError) as err:  # wrong kind: nothing is written
+        stub.Upsert(pb.UpsertRequest(id=pid, identifiers=[ident], operations=[pb.Operation(
+            op=pb.Operation.SET, attribute="visits", value=pb.Value(string_value="x"))]),
+            timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert claims(shards[2], [["email", ident.value, None, None]])[0][0] is None
+    blocked = pb.Identifier(kind="email", value="null")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Link(pb.LinkRequest(id=pid, identifiers=[blocked]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    at = owner_of(3, claim_key("email", "null"))
+    assert claims(shards[at], [["email", "null", None, None]])[0][0] is None
+
+
+def test_delete_releases_the_claims_of_its_identifiers(three: dict[str, Any]) -> None:
+    stub, shards = three["stub"], three["shards"]
+    pid, ident = fresh(3, want_pid=1, want_claim=0)
+    stub.Upsert(pb.UpsertRequest(id=pid, identifiers=[ident]), timeout=10)
+    assert claims(shards[0], [["email", ident.value, None, None]])[0][0] == pid
+    reply = stub.Delete(pb.DeleteRequest(key=pb.ProfileKey(identifier=ident)), timeout=10)
+    assert reply.deleted and [(i.kind, i.value) for i in reply.identifiers] == [
+        ("email", ident.value)]
+    assert claims(shards[0], [["email", ident.value, None, None]])[0][0] is None
+    with pytest.raises(grpc.RpcError) as err:
+        get(stub, ident)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_stale_claim_waits_out_its_grace_then_is_taken_over(three: dict[str, Any]) -> None:
+    """A claim whose write never came (its router died): a write naming the identifier
+    waits while the claim is young, then takes it over; look-ups never trust it."""
+    stub, shards, router = three["stub"], three["shards"], three["router"]
+    ghost, ident = fresh(3, want_pid=2, want_claim=1)
+    assert claims(shards[1], [["email", ident.value, ghost, None]])[0][::2] == [ghost, True]
+    with pytest.raises(grpc.RpcError) as err:  # ghost does not hold it: not found
+        get(stub, ident)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    pid = fresh(3, want_pid=0, want_claim=0)[0]
+    with pytest.raises(grpc.RpcError) as err:  # young (grace 30 s): the write waits
+        stub.Upsert(pb.UpsertRequest(id=pid, identifiers=[ident]), timeout=1)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    router.router.directory.grace = 0.5
+    try:
+        time.sleep(0.6)
+        stub.Upsert(pb.UpsertRequest(id=pid, identifiers=[ident]), timeout=10)
+    finally:
+        router.router.directory.grace = 30.0
+    assert get(stub, ident).id == pid
+    assert claims(shards[1], [["email", ident.value, None, None]])[0][0] == pid
+
+
+def test_racing_first_links_through_two_routers_leave_one_owner(three: dict[str, Any]
+                                                                ) -> None:
+    """Routers share no locks: two writes through two routers giving one new identifier
+    to profiles on different shards meet at its claim, and the second merges with the
+    first's profile. Link, Upsert and BatchUpsert, every pairing."""
+    stub, shards = three["stub"], three["shards"]
+    other = start_router([s.address for s in shards])
+    try:
+        async def race(n: int) -> list[tuple[str, str, pb.Identifier]]:
+            made = []
+            async with grpc.aio.insecure_channel(three["router"].address) as one, \
+                    grpc.aio.insecure_channel(other.address) as two:
+                stubs = [memstore_pb2_grpc.MemstoreStub(c) for c in (one, two)]
+                calls = []
+                for i in range(n):
+                    a, ident = fresh(3, want_pid=i % 3, want_claim=(i + 1) % 3, prefix="ra")
+                    b = fresh(3, want_pid=(i + 2) % 3, want_claim=0, prefix="rb")[0]
+                    made.append((a, b, ident))
+                    for pid, via in ((a, stubs[i % 2]), (b, stubs[1 - i % 2])):
+                        form = (i + (pid == b)) % 3
+                        if form == 0:
+                            calls.append(via.Link(pb.LinkRequest(
+                                id=pid, identifiers=[ident], create=True), timeout=30))
+                        elif form == 1:
+                            calls.append(via.Upsert(pb.UpsertRequest(
+                                id=pid, identifiers=[ident]), timeout=30))
+                        else:
+                            calls.append(via.BatchUpsert(pb.BatchUpsertRequest(
+                                packed=msgpack.packb([[pid, {"city": "Rome"},
+                                                       [["email", ident.value]]]])),
+                                timeout=30))
+                await asyncio.gather(*calls)
+            return made
+
+        for a, b, ident in asyncio.run(race(24)):
+            ask = msgpack.packb([["email", ident.value]])
+            holders = [h for s in shards for h in msgpack.unpackb(
+                control(s).Owners(cpb.OwnersRequest(packed=ask), timeout=10).packed) if h]
+            assert len(holders) == 1, f"{ident.value}: held by {holders}"
+            assert get(stub, ident).id == holders[0]
+            # a and b are one person now: both ids resolve to the holder
+            for pid in (a, b):
+                got = stub.Get(pb.GetRequest(key=pb.ProfileKey(id=pid)), timeout=10).profile
+                assert got.id == holders[0]
+    finally:
+        other.stop()
+
+
+def test_claims_survive_a_kill_and_move_with_their_slots(tmp_path: Path) -> None:
+    """Claims are logged: a shard killed with SIGKILL comes back with them. add-shard
+    moves them with their slots: every identifier still finds its profile."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    shards = start(tmp_path, 2, "--sync", "always")
+    new = start_shard(tmp_path / "shard-new", "--name", "shard-2", "--sync", "always")
+    router = RouterThread([s.address for s in shards])
+    stub = memstore_pb2_grpc.MemstoreStub(grpc.insecure_channel(router.address))
+    try:
+        people = {f"k-{i}": f"k-{i}@example.com" for i in range(300)}
+        stub.BatchUpsert(pb.BatchUpsertRequest(requests=[
+            pb.UpsertRequest(id=p, identifiers=[pb.Identifier(kind="email", value=e)])
+            for p, e in people.items()]), timeout=30)
+
+        def found() -> dict[str, str]:
+            keys = [pb.ProfileKey(identifier=pb.Identifier(kind="email", value=e))
+                    for e in people.values()]
+            results = stub.BatchGet(pb.BatchGetRequest(keys=keys, attributes=["\x00"]),
+                                    timeout=30).results
+            return {e: r.profile.id for e, r in zip(people.values(), results) if r.found}
+
+        people_by_email = {e: p for p, e in people.items()}
+        assert found() == people_by_email
+        shards[1].proc.send_signal(signal.SIGKILL)
+        shards[1].proc.wait(10)
+        shards[1] = start_shard(shards[1].data_dir, "--name", "shard-1", "--sync", "always",
+                                "--port", shards[1].address.rsplit(":", 1)[1])
+        router.run(router.router.map.refresh())
+        assert found() == people_by_email
+
+        result = subprocess.run(
+            [sys.executable, "-m", "memstore.cli", "cluster", "add-shard", new.address,
+             "--address", router.address, "--batch-slots", "1024", "--no-progress"],
+            check=False, cwd=ROOT, capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stderr
+        assert found() == people_by_email
+        # The new shard answers for the claims of its slots; the old ones forgot them.
+        info = control(new).GetShardInfo(cpb.ShardInfoRequest(), timeout=10)
+        taken = {s for r in info.slots for s in range(r.start, r.end + 1)}
+        moved = [e for e in people.values() if slot_of(claim_key("email", e)) in taken]
+        assert len(moved) > 30
+        assert [r[0] for r in claims(new, [["email", e, None, None] for e in moved])] == [
+            people_by_email[e] for e in moved]
+        for old in shards:
+            chunks = control(old).ExportSlots(cpb.ExportRequest(slots=info.slots), timeout=10)
+            assert all(not msgpack.unpackb(c.packed)["notes"]["claims"] for c in chunks)
+    finally:
+        router.stop()
+        for s in [*shards, new]:
+            s.stop()
