@@ -38,7 +38,14 @@ from typing import Any, Self
 
 import click
 
-from bench.datagen import Dataset, iter_records, load_or_generate, profile_id, schema_declaration
+from bench.datagen import (
+    Dataset,
+    email_of,
+    iter_records,
+    load_or_generate,
+    profile_id,
+    schema_declaration,
+)
 from bench.peers.duckdb_peer import DuckDBPeer
 from bench.peers.numpy_peer import NumpyPeer
 from bench.peers.redis_peer import RedisPeer, rss_bytes
@@ -231,17 +238,23 @@ def time_count(c: Any, budget_s: float) -> dict[str, Any]:
     )
 
 
-def time_gets(c: Any, size: int, n: int, seed: int = 11) -> dict[str, Any]:
+def time_gets(c: Any, ds: Dataset, n: int, seed: int = 11, by_email: bool = False
+              ) -> dict[str, Any]:
+    """Gets of random loaded profiles by primary id, or by their email identifier (through
+    the identifier directory)."""
     rnd = random.Random(seed)
-    ids = [profile_id(rnd.randrange(size)) for _ in range(n + 50)]
-    for pid in ids[:50]:  # warm-up
-        c.get(pid)
+    rows = [rnd.randrange(ds.size) for _ in range(n + 50)]
+    domains = ds.cols["email"]
+    keys = [{"identifier": ("email", email_of(i, int(domains[i])))} if by_email
+            else {"id": profile_id(i)} for i in rows]
+    for key in keys[:50]:  # warm-up
+        c.get(**key)
     samples = []
     missing = 0
     start = time.perf_counter()
-    for pid in ids[50:]:
+    for key in keys[50:]:
         t = time.perf_counter()
-        p = c.get(pid)
+        p = c.get(**key)
         samples.append(time.perf_counter() - t)
         if p is None:
             missing += 1
@@ -471,8 +484,11 @@ def run_config(
                 else ""
             )
         )
-        res["get"] = time_gets(c, ds.size, opt["gets"])
+        res["get"] = time_gets(c, ds, opt["gets"])
         log(f"  get: p50 {res['get']['median_ms']:.3f} ms, p99 {res['get']['p99_ms']:.3f} ms")
+        res["get_by_email"] = time_gets(c, ds, opt["gets"], by_email=True)
+        log(f"  get by email: p50 {res['get_by_email']['median_ms']:.3f} ms, "
+            f"p99 {res['get_by_email']['p99_ms']:.3f} ms")
         res["status"] = cluster_status(router.addr)
         if k == 1 and opt["add_shard"]:
             extra = Proc(
@@ -596,7 +612,7 @@ def add_shard_move(
     out["problems"] = problems
     # after the move: the same count and Gets on the 2-shard cluster made by add-shard
     out["after_query"] = time_count(c, opt["query_budget"])
-    out["after_get"] = time_gets(c, ds.size, opt["gets"], seed=12)
+    out["after_get"] = time_gets(c, ds, opt["gets"], seed=12)
     for p in problems:
         log(f"  PROBLEM: {p}")
     if after_count != before_count:
@@ -692,6 +708,12 @@ def markdown(res: dict[str, Any]) -> str:
             f"{_vs(q['ratio_vs_duckdb'])} | "
             f"{vs_redis} | {_f(r['get']['median_ms'], 3)} | {_f(r['get']['p99_ms'], 3)} |"
         )
+    by_email = [f"{r['shards']} shard(s) p50 {_f(r['get_by_email']['median_ms'], 3)} / "
+                f"p99 {_f(r['get_by_email']['p99_ms'], 3)} ms"
+                for r in res["configs"] if "get_by_email" in r]
+    if by_email:
+        lines += ["", "Get by email identifier through the router (the identifier directory: "
+                  "the claim's shard, then the profile's): " + "; ".join(by_email) + "."]
     mv = next((r.get("move") for r in res["configs"] if r.get("move")), None)
     if mv:
         b, dd = mv["before"], mv["during"]
