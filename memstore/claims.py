@@ -17,6 +17,7 @@ every claim counts as made at the restart, so a write in flight then is still wa
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 
 from memstore.hashslot import slot_of
@@ -35,57 +36,61 @@ class Claims:
 
     def __init__(self, grace: float = CLAIM_GRACE) -> None:
         self.grace = grace
-        self._slots: dict[int, dict[str, str]] = {}
+        self.tables: dict[int, dict[str, str]] = {}  # slot -> {claim key: primary id}
         self._count = 0
-        self._claimed_at: dict[str, float] = {}  # young claims, oldest first
+        self._claimed_at: dict[str, float] = {}  # young claims' times ...
+        self._made: deque[tuple[float, str]] = deque()  # ... and the order they came in
         self._started = time.monotonic()
 
     def __len__(self) -> int:
         return self._count
 
     def get(self, key: str, default: str | None = None) -> str | None:
-        table = self._slots.get(slot_of(key))
+        table = self.tables.get(slot_of(key))
         return default if table is None else table.get(key, default)
 
-    def __setitem__(self, key: str, pid: str) -> None:
-        table = self._slots.setdefault(slot_of(key), {})
-        self._count += key not in table
-        table[key] = pid
-
-    def pop(self, key: str, default: str | None = None) -> str | None:
-        table = self._slots.get(slot_of(key))
-        if table is None or key not in table:
-            return default
-        self._count -= 1
-        return table.pop(key)
+    def swap(self, key: str, pid: str | None) -> str | None:
+        """Set (or with None, remove) the claim of `key`; returns the one it replaced."""
+        slot = slot_of(key)
+        table = self.tables.get(slot)
+        before = None if table is None else table.get(key)
+        if pid is not None:
+            if table is None:
+                table = self.tables[slot] = {}
+            table[key] = pid
+            self._count += before is None
+        elif before is not None:
+            del table[key]  # type: ignore[union-attr]
+            self._count -= 1
+        return before
 
     def in_slots(self, slots: Iterable[int]) -> dict[str, str]:
         """Every claim of `slots` (a slot move carries them)."""
         out: dict[str, str] = {}
         for slot in slots:
-            table = self._slots.get(slot)
+            table = self.tables.get(slot)
             if table:
                 out.update(table)
         return out
 
     def by_slot(self) -> Iterator[tuple[int, dict[str, str]]]:
-        return ((s, t) for s, t in self._slots.items() if t)
+        return ((s, t) for s, t in self.tables.items() if t)
 
     def load(self, slot: int, table: dict[str, str]) -> None:
         """Fill one slot from a snapshot."""
-        self._count += len(table) - len(self._slots.get(slot, ()))
-        self._slots[slot] = table
+        self._count += len(table) - len(self.tables.get(slot, ()))
+        self.tables[slot] = table
 
     # ------------------------------------------------------------------ ages
     def made(self, key: str, now: float) -> None:
         """Note that the claim of `key` was made (or taken over) at `now`."""
-        self._claimed_at.pop(key, None)
         self._claimed_at[key] = now
-        while self._claimed_at:
-            oldest = next(iter(self._claimed_at))
-            if now - self._claimed_at[oldest] <= self.grace:
-                break
-            del self._claimed_at[oldest]
+        self._made.append((now, key))
+        made = self._made
+        while now - made[0][0] > self.grace:  # forget ages past the grace period
+            when, old = made.popleft()
+            if self._claimed_at.get(old) == when:
+                del self._claimed_at[old]
 
     def age(self, key: str, now: float) -> float:
         """Seconds since the claim of `key` was made (at most since this process started)."""

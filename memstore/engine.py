@@ -258,6 +258,37 @@ def check_pid(pid: str, where: str = "id") -> None:
         raise InvalidArgument(f"{where}: profile id longer than {MAX_ID_BYTES} bytes")
 
 
+def _claim_columns(entries: Sequence[Any]) -> tuple[Sequence[Any], ...]:
+    """The kinds, values, pids and expected holders of checked claim entries (see
+    ClaimRequest). A batch of well-formed entries is checked a column at a time; the
+    first bad entry is named by the per-entry checks."""
+    if not entries:
+        return (), (), (), ()
+    try:
+        if set(map(type, entries)) <= {list, tuple} and set(map(len, entries)) == {4}:
+            kinds, values, pids, expected = zip(*entries)
+            named = [p for p in chain(pids, expected) if p is not None]
+            if (set(map(type, chain(kinds, values, named))) == {str}
+                    and all(map(_IDENT_KIND.match, set(kinds))) and all(values) and all(named)
+                    and max(map(len, values)) * 4 <= MAX_IDENTIFIER_BYTES
+                    and max(map(len, named), default=0) * 4 <= MAX_ID_BYTES):
+                return kinds, values, pids, expected
+    except TypeError:
+        pass
+    for i, entry in enumerate(entries):  # name the first bad entry (or pass the long ones)
+        where = f"claims[{i}]"
+        if not (isinstance(entry, list | tuple) and len(entry) == 4
+                and isinstance(entry[0], str) and isinstance(entry[1], str)):
+            raise InvalidArgument(f"{where}: not [kind, value, pid or nil, expected or nil]")
+        check_identifier(entry[0], entry[1], where)
+        for name, named_pid in (("pid", entry[2]), ("expected", entry[3])):
+            if named_pid is not None:
+                if not isinstance(named_pid, str):
+                    raise InvalidArgument(f"{where}: {name} must be a string or nil")
+                check_pid(named_pid, f"{where}.{name}")
+    return tuple(zip(*entries))  # type: ignore[return-value]
+
+
 def check_identifier(kind: str, value: str, where: str) -> None:
     if not _IDENT_KIND.match(kind or ""):
         raise InvalidArgument(
@@ -994,30 +1025,30 @@ class Engine:
     def plan_claims(self, entries: Sequence[Any]) -> Change:
         """Read, make, take over or release claims (ClaimRequest has the entry forms).
         The result is [holder or None, age in seconds, created] per entry, after it."""
+        kinds, values, pids, expected = _claim_columns(entries)
+        keys = [f"{k}:{v}" for k, v in zip(kinds, values)]
+        slots = list(map(slot_of, keys))
+        owned = self.owned_slots
+        if owned is not None and not owned.issuperset(BitMap(slots)):
+            i = next(i for i, slot in enumerate(slots) if slot not in owned)
+            self.check_claim_slot(kinds[i], values[i])  # raises WrongSlot
         now = time.monotonic()
         claims = self.claims
+        tables = claims.tables
         after: dict[str, str | None] = {}  # this plan's own claims so far
         notes: list[Note] = []
         answers: list[list[Any]] = []
-        for i, entry in enumerate(entries):
-            where = f"claims[{i}]"
-            if not (isinstance(entry, list | tuple) and len(entry) == 4
-                    and isinstance(entry[0], str) and isinstance(entry[1], str)):
-                raise InvalidArgument(f"{where}: not [kind, value, pid or nil, expected or nil]")
-            kind, value, pid, expected = entry
-            check_identifier(kind, value, where)
-            for name, named in (("pid", pid), ("expected", expected)):
-                if named is not None:
-                    if not isinstance(named, str):
-                        raise InvalidArgument(f"{where}: {name} must be a string or nil")
-                    check_pid(named, f"{where}.{name}")
-            key = self.check_claim_slot(kind, value)
-            holder = before = after[key] if key in after else claims.get(key)
+        for key, slot, pid, old in zip(keys, slots, pids, expected):
+            if key in after:
+                holder = before = after[key]
+            else:
+                table = tables.get(slot)
+                holder = before = None if table is None else table.get(key)
             created = False
-            if pid is not None and holder != pid and holder in (None, expected):
+            if pid is not None and holder != pid and holder in (None, old):
                 holder, created = pid, True
                 claims.made(key, now)
-            elif pid is None and expected is not None and holder == expected:
+            elif pid is None and old is not None and holder == old:
                 holder = None
             if holder != before:
                 after[key] = holder
@@ -1093,6 +1124,9 @@ class Engine:
         """Set or remove merge-table entries; returns the notes that undo them (in order)."""
         before: list[Note] = []
         for note in notes:
+            if note.table == "claims":
+                before.append(Note("claims", note.key, self.claims.swap(note.key, note.value)))
+                continue
             table: dict[str, Any] = getattr(self, note.table)
             before.append(Note(note.table, note.key, table.get(note.key)))
             if note.value is None:

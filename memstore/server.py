@@ -551,6 +551,7 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
                              epoch=engine.epoch, slots=_ranges(engine.owned_slots),
                              profiles=len(engine.live) - len(engine.foreign),
                              healthy=not (self.shard.log and self.shard.log.failed),
+                             claims=len(engine.claims),
                              held=[cpb.HeldProfile(txn=txn, loser=pid, survivor=survivor,
                                                    age_seconds=max(0.0, now - since))
                                    for pid, (txn, survivor, since) in engine.held.items()])
@@ -661,7 +662,8 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
         """Stream the profiles of some slots: all of them, or (after_lsn > 0) only those
         changed after that position, deletions included, when this shard still remembers
         that far back (else all of them: the mover's verification notices deletions).
-        With `fingerprints`, only [id, version] pairs, for comparing two copies."""
+        With `fingerprints`, only [id, version] pairs, for comparing two copies; with
+        `identifiers`, only [id, identifiers] pairs, for rebuilding the directory."""
         try:
             slots = _slots_of(request.slots)
         except InvalidArgument as exc:
@@ -683,11 +685,12 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
                     deleted.append(pid)
                 else:
                     ids.append(dense)
-        schema = [] if request.fingerprints else [
+        brief = request.fingerprints or request.identifiers  # pairs, not profiles
+        schema = [] if brief else [
             [s.name, int(s.kind), s.indexed, int(s.merge)] for s in engine.schema.by_id]
-        # Forwards and merge decisions of the slots: every export carries them all, with the
-        # slots they cover, and the import replaces its own for those slots with them.
-        notes = None if request.fingerprints else engine.notes_in_slots(slots)
+        # Forwards, merge decisions and claims of the slots: every export carries them all,
+        # with the slots they cover, and the import replaces its own for those slots.
+        notes = None if brief else engine.notes_in_slots(slots)
         note_slots = slots.serialize()
         batch: list[list[Any]] = []
         for n, dense in enumerate(ids, 1):
@@ -695,6 +698,8 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
             if blob is not None:
                 if request.fingerprints:
                     batch.append([engine.pids[dense], version_of(blob)])
+                elif request.identifiers:
+                    batch.append([engine.pids[dense], decode(blob)[2]])
                 else:
                     version, attrs, idents, merged = decode(blob)
                     by_id = engine.schema.by_id

@@ -149,6 +149,7 @@ async def _status(routers: tuple[str, ...], shards: tuple[str, ...]) -> list[dic
             check = await health_pb2_grpc.HealthStub(node.channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=5.0)
             row.update(name=info.name, epoch=info.epoch, profiles=info.profiles,
+                       claims=info.claims,
                        slots=to_ranges(node.slots), slot_count=len(node.slots),
                        healthy=info.healthy
                        and check.status == health_pb2.HealthCheckResponse.SERVING,
@@ -175,18 +176,18 @@ def status(routers: tuple[str, ...], shard_addresses: tuple[str, ...], as_json: 
             click.echo(json.dumps(row))
         return
     click.echo(f"{'NAME':<12} {'ADDRESS':<22} {'EPOCH':>5} {'SLOTS':>6} {'PROFILES':>10} "
-               f"{'HEALTH':<8} RANGES")
-    claimed = 0
+               f"{'CLAIMS':>10} {'HEALTH':<8} RANGES")
+    owned = 0
     for row in rows:
         ranges = format_ranges(row.get("slots", []))
-        claimed += row.get("slot_count", 0)
+        owned += row.get("slot_count", 0)
         click.echo(f"{row['name']:<12} {row['address']:<22} {row.get('epoch', '-'):>5} "
                    f"{row.get('slot_count', '-'):>6} {row.get('profiles', '-'):>10} "
-                   f"{'ok' if row['healthy'] else 'DOWN':<8} "
+                   f"{row.get('claims', '-'):>10} {'ok' if row['healthy'] else 'DOWN':<8} "
                    f"{ranges if len(ranges) < 60 else ranges[:57] + '...'}"
                    f"{'  ' + row['error'] if 'error' in row else ''}")
-    click.echo(f"{len(rows)} shards, {claimed} of {SLOT_COUNT} slots claimed"
-               + ("" if claimed == SLOT_COUNT else "  (a move in flight? see cluster resume)"))
+    click.echo(f"{len(rows)} shards, {owned} of {SLOT_COUNT} slots owned"
+               + ("" if owned == SLOT_COUNT else "  (a move in flight? see cluster resume)"))
     for row in rows:
         for h in row.get("merging", []):
             click.echo(f"merging on {row['name']}: {h['loser']!r} into {h['survivor']!r} "
@@ -291,6 +292,21 @@ async def _resume(routers: tuple[str, ...], shards: tuple[str, ...], journal_pat
     addresses = await _shard_addresses(routers, shards)
     async with rb.Cluster([*addresses, state["source"], state["target"]]) as cl:
         return await rb.resume(cl, journal)
+
+
+@cluster.command("rebuild-directory")
+@ROUTERS
+def rebuild_directory(routers: tuple[str, ...]) -> None:
+    """Claim, in the identifier directory, every identifier the shards' profiles hold that
+    has none: for data written before the directory existed or straight to a shard."""
+    from shards.router import admin_call
+
+    totals = _run(admin_call(routers[0], "RebuildDirectory", timeout=24 * 3600.0))
+    click.echo(f"{totals['identifiers']} identifiers of {totals['profiles']} profiles: "
+               f"{totals['claimed']} claimed now, {totals['held_twice']} held by two profiles")
+    if totals["held_twice"]:
+        click.echo("the router's log names those held twice; linking one to the profile "
+                   "it names there merges the two", err=True)
 
 
 @cluster.command()

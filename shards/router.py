@@ -116,8 +116,9 @@ class _Stuck(Exception):
     """No shard accepted a slot within MOVE_WAIT."""
 
 
-class _Background:
-    """A stand-in ServicerContext for the sweeper: no deadline; aborting raises."""
+class Background:
+    """A stand-in ServicerContext for background work (the sweeper, rebuilding the
+    directory): each call gets 5 s; aborting raises."""
 
     def time_remaining(self) -> float:
         return 5.0  # each call of a sweep gets this long
@@ -357,7 +358,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
 
     async def sweep(self) -> None:
         """Forever: finish or abort merges whose coordinator went away."""
-        context = _Background()
+        context = Background()
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             try:
@@ -995,6 +996,8 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
     async def admin(self, method: str, body: dict[str, Any]) -> dict[str, Any]:
         """RouterAdmin (JSON over gRPC, no proto): the cluster tools tell routers about
         shards joining and leaving; the shards themselves are the truth about slots."""
+        if method == "RebuildDirectory":
+            return await self.directory.rebuild(Background())
         if method == "AddShard":
             await self.map.join(str(body["address"]))
         elif method == "RemoveShard":
@@ -1035,7 +1038,8 @@ def _admin_handler(router: RouterService) -> grpc.GenericRpcHandler:
             response_serializer=lambda d: json.dumps(d).encode())
 
     return grpc.method_handlers_generic_handler(
-        ADMIN_SERVICE, {m: handler(m) for m in ("ListShards", "AddShard", "RemoveShard")})
+        ADMIN_SERVICE, {m: handler(m) for m in ("ListShards", "AddShard", "RemoveShard",
+                                                "RebuildDirectory")})
 
 
 async def admin_call(address: str, method: str, body: dict[str, Any] | None = None,

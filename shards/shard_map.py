@@ -55,6 +55,7 @@ class ShardState:
     reachable: bool = False
     error: str = ""
     held: list[cpb.HeldProfile] = field(default_factory=list)  # unfinished merges' holds
+    claims: int = 0  # identifier-directory claims it keeps
 
     @property
     def label(self) -> str:
@@ -170,6 +171,7 @@ class ShardMap:
         shard.slots = [(r.start, r.end) for r in answer.slots]
         shard.profiles, shard.reachable, shard.error = answer.profiles, True, ""
         shard.held = list(answer.held)
+        shard.claims = answer.claims
 
     async def _fetch(self, shard: ShardState) -> None:
         self._apply(shard, await self._ask(shard))
@@ -190,7 +192,8 @@ class ShardMap:
 
     def describe(self) -> list[dict[str, object]]:
         return [{"name": s.name, "address": s.address, "epoch": s.epoch,
-                 "slots": s.slots, "profiles": s.profiles, "reachable": s.reachable}
+                 "slots": s.slots, "profiles": s.profiles, "claims": s.claims,
+                 "reachable": s.reachable}
                 for s in self.ordered()]
 
 

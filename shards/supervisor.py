@@ -42,7 +42,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shards.router import settle_heap, start_router, stop_router
+from shards.router import Background, settle_heap, start_router, stop_router
 from shards.slots import format_ranges, split_even
 
 log = logging.getLogger("memstore.supervisor")
@@ -82,6 +82,7 @@ class Supervisor:
         self._router: Any = None
         self._watchers: list[asyncio.Task[None]] = []
         self._stopping = False
+        self.directory_built = True  # False: data from before the identifier directory
         self._configure(shards)
 
     # ------------------------------------------------------------------ layout
@@ -96,6 +97,7 @@ class Supervisor:
                 self.shards.append(ShardProcess(s["name"], self.data_dir / s["name"],
                                                 s["port"], "", self.host))
             self.external = list(state.get("external", []))
+            self.directory_built = bool(state.get("directory"))
             return
         n = shards or os.cpu_count() or 1
         for i, ranges in enumerate(split_even(n)):
@@ -105,7 +107,7 @@ class Supervisor:
 
     def _save(self) -> None:
         state = {"shards": [{"name": s.name, "port": s.port} for s in self.shards],
-                 "external": self.external}
+                 "external": self.external, "directory": self.directory_built}
         path = self.data_dir / CLUSTER_FILE
         tmp = path.with_suffix(".tmp")
         with tmp.open("w") as f:
@@ -219,8 +221,24 @@ class Supervisor:
         except BaseException:
             await self.stop()
             raise
+        if not self.directory_built:
+            await self._build_directory()
         settle_heap()
         return self.router_port
+
+    async def _build_directory(self) -> None:
+        """A data directory from before the identifier directory existed: claim its
+        profiles' identifiers before serving (once; `memstore cluster rebuild-directory`
+        does the same by hand)."""
+        log.info("claiming the identifiers of existing profiles in the identifier directory")
+        try:
+            totals = await self._router.directory.rebuild(Background())
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("identifier directory built: %s", totals)
+        self.directory_built = True
+        self._save()
 
     async def stop(self) -> None:
         self._stopping = True

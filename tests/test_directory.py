@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
 from memstore.v1 import memstore_pb2 as pb
 from shards.slots import format_ranges, slot_of, split_even
 from tests.conftest import ServerProcess, start_router, start_shard
+from tests.test_cli import memstore
 from tests.test_router import RouterThread
 
 _ids = itertools.count()
@@ -120,7 +123,7 @@ def test_claims_refuse_bad_entries_and_slots_owned_elsewhere() -> None:
 
 def test_claim_ages_tell_a_write_in_flight_from_a_stale_claim() -> None:
     table = Claims(grace=10.0)
-    table["email:a"] = "p"
+    table.swap("email:a", "p")
     start = table._started
     assert table.young("email:a", start + 5) and not table.young("email:a", start + 11)
     table.made("email:a", start + 20)  # taken over later: young again
@@ -315,3 +318,73 @@ def test_claims_survive_a_kill_and_move_with_their_slots(tmp_path: Path) -> None
         router.stop()
         for s in [*shards, new]:
             s.stop()
+
+
+def test_rebuild_directory_claims_profiles_written_straight_to_shards(three: dict[str, Any]
+                                                                       ) -> None:
+    """Profiles a router never saw have no claims: a router does not find them by
+    identifier until `memstore cluster rebuild-directory`, which reports an identifier
+    held by profiles on two shards and leaves it for the next write to merge."""
+    stub, shards, router = three["stub"], three["shards"], three["router"]
+    written = []
+    for n in range(3):
+        pid, ident = fresh(3, want_pid=n, want_claim=(n + 1) % 3, prefix="raw")
+        memstore_pb2_grpc.MemstoreStub(grpc.insecure_channel(shards[n].address)).Upsert(
+            pb.UpsertRequest(id=pid, identifiers=[ident]), timeout=10)
+        written.append((pid, ident))
+    shared = pb.Identifier(kind="device", value=f"shared-{next(_ids)}")
+    twins = [fresh(3, want_pid=n, want_claim=0, prefix="twin")[0] for n in (0, 1)]
+    for n, pid in enumerate(twins):
+        memstore_pb2_grpc.MemstoreStub(grpc.insecure_channel(shards[n].address)).Upsert(
+            pb.UpsertRequest(id=pid, identifiers=[shared]), timeout=10)
+    with pytest.raises(grpc.RpcError) as err:
+        get(stub, written[0][1])
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+    result = memstore("cluster", "rebuild-directory", "--address", router.address)
+    assert re.search(r"identifiers of \d+ profiles: 4 claimed now, 1 held by two profiles",
+                     result.stdout), result.stdout
+    for pid, ident in written:
+        assert get(stub, ident).id == pid
+    claimed = get(stub, shared).id
+    assert claimed in twins
+    again = memstore("cluster", "rebuild-directory", "--address", router.address)
+    assert "0 claimed now, 1 held by two profiles" in again.stdout  # idempotent
+    # Linking the identifier to the twin without the claim merges the two.
+    other = next(t for t in twins if t != claimed)
+    stub.Link(pb.LinkRequest(id=other, identifiers=[shared]), timeout=10)
+    assert {stub.Get(pb.GetRequest(key=pb.ProfileKey(id=t)), timeout=10).profile.id
+            for t in twins} == {other}
+    status = memstore("cluster", "status", "--address", router.address).stdout
+    assert "CLAIMS" in status
+
+
+def test_serve_builds_the_directory_of_an_older_data_directory_once(tmp_path: Path) -> None:
+    """A data directory from before the directory existed (cluster.json without
+    "directory"): `memstore serve` claims its profiles' identifiers before serving."""
+    from shards.supervisor import CLUSTER_FILE, Supervisor
+
+    async def scenario() -> None:
+        supervisor = Supervisor(tmp_path, shards=2, port=0)
+        await supervisor.start()
+        pid, ident = fresh(2, want_pid=1, want_claim=0, prefix="old")
+        async with grpc.aio.insecure_channel(supervisor.shards[1].address) as channel:
+            await memstore_pb2_grpc.MemstoreStub(channel).Upsert(
+                pb.UpsertRequest(id=pid, identifiers=[ident]), timeout=10)
+        await supervisor.stop()
+        state = json.loads((tmp_path / CLUSTER_FILE).read_text())
+        assert state.pop("directory") is True
+        (tmp_path / CLUSTER_FILE).write_text(json.dumps(state))
+
+        supervisor = Supervisor(tmp_path, port=0)
+        port = await supervisor.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                found = await memstore_pb2_grpc.MemstoreStub(channel).Get(
+                    pb.GetRequest(key=pb.ProfileKey(identifier=ident)), timeout=10)
+            assert found.profile.id == pid
+        finally:
+            await supervisor.stop()
+        assert json.loads((tmp_path / CLUSTER_FILE).read_text())["directory"] is True
+
+    asyncio.run(scenario())

@@ -16,7 +16,7 @@ class SlotRange(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("name", "address", "epoch", "slots", "profiles", "healthy", "held")
+    __slots__ = ("name", "address", "epoch", "slots", "profiles", "healthy", "held", "claims")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class ShardInfo(_message.Message):
     PROFILES_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     HELD_FIELD_NUMBER: _ClassVar[int]
+    CLAIMS_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     epoch: int
@@ -31,7 +32,8 @@ class ShardInfo(_message.Message):
     profiles: int
     healthy: bool
     held: _containers.RepeatedCompositeFieldContainer[HeldProfile]
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., epoch: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[SlotRange, _Mapping]]] = ..., profiles: _Optional[int] = ..., healthy: _Optional[bool] = ..., held: _Optional[_Iterable[_Union[HeldProfile, _Mapping]]] = ...) -> None: ...
+    claims: int
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., epoch: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[SlotRange, _Mapping]]] = ..., profiles: _Optional[int] = ..., healthy: _Optional[bool] = ..., held: _Optional[_Iterable[_Union[HeldProfile, _Mapping]]] = ..., claims: _Optional[int] = ...) -> None: ...
 
 class HeldProfile(_message.Message):
     __slots__ = ("txn", "loser", "survivor", "age_seconds")
@@ -164,14 +166,16 @@ class SetSlotsRequest(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[SlotRange, _Mapping]]] = ...) -> None: ...
 
 class ExportRequest(_message.Message):
-    __slots__ = ("slots", "after_lsn", "fingerprints")
+    __slots__ = ("slots", "after_lsn", "fingerprints", "identifiers")
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     AFTER_LSN_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINTS_FIELD_NUMBER: _ClassVar[int]
+    IDENTIFIERS_FIELD_NUMBER: _ClassVar[int]
     slots: _containers.RepeatedCompositeFieldContainer[SlotRange]
     after_lsn: int
     fingerprints: bool
-    def __init__(self, slots: _Optional[_Iterable[_Union[SlotRange, _Mapping]]] = ..., after_lsn: _Optional[int] = ..., fingerprints: _Optional[bool] = ...) -> None: ...
+    identifiers: bool
+    def __init__(self, slots: _Optional[_Iterable[_Union[SlotRange, _Mapping]]] = ..., after_lsn: _Optional[int] = ..., fingerprints: _Optional[bool] = ..., identifiers: _Optional[bool] = ...) -> None: ...
 
 class ExportChunk(_message.Message):
     __slots__ = ("packed", "lsn")
