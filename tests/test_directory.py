@@ -18,7 +18,7 @@ import msgpack
 import pytest
 from pyroaring import BitMap
 
-from memstore.claims import Claims, claim_key
+from memstore.claims import TICK, Claims, claim_key
 from memstore.engine import Engine
 from memstore.errors import InvalidArgument, WrongSlot
 from memstore.v1 import cluster_pb2 as cpb
@@ -123,13 +123,15 @@ def test_claims_refuse_bad_entries_and_slots_owned_elsewhere() -> None:
 
 def test_claim_ages_tell_a_write_in_flight_from_a_stale_claim() -> None:
     table = Claims(grace=10.0)
-    table.swap("email:a", "p")
-    start = table._started
+    table.swap("email:a", "p")  # loaded (a snapshot, a replay): as old as the process
+    start = time.monotonic()
     assert table.young("email:a", start + 5) and not table.young("email:a", start + 11)
     table.made("email:a", start + 20)  # taken over later: young again
-    assert table.age("email:a", start + 25) == 5 and table.young("email:a", start + 25)
-    table.made("email:b", start + 40)  # old ages are forgotten as new ones come
-    assert "email:a" not in table._claimed_at and not table.young("email:a", start + 40)
+    assert 5 - TICK <= table.age("email:a", start + 25) <= 5
+    assert table.young("email:a", start + 25) and not table.young("email:a", start + 31)
+    table.made("email:b", start + 40)  # old ages are forgotten as new ones come ...
+    assert not table.young("email:a", start + 40) and table.age("email:b", start + 40) == 0
+    assert len(table._made_in) == 1  # ... and take no memory
 
 
 # ---------------------------------------------------------------------- through routers
