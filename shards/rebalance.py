@@ -131,10 +131,11 @@ def _profiles(packed: bytes) -> list[Any]:
     return list(chunk["profiles"] if isinstance(chunk, dict) else chunk)
 
 
-def _entries(packed: bytes) -> int:
-    """How many profiles an export chunk changes: copies plus deletions."""
+def _entries(packed: bytes) -> tuple[int, bool]:
+    """How many profiles an export chunk changes (copies plus deletions), and whether it
+    carries the slots' notes (forwards, merge decisions, directory claims)."""
     chunk = msgpack.unpackb(packed, raw=False, strict_map_key=False)
-    return len(chunk["profiles"]) + len(chunk.get("deleted", ()))
+    return len(chunk["profiles"]) + len(chunk.get("deleted", ())), "notes" in chunk
 
 
 async def _copy(source: Node, target: Node, slots: set[int], after_lsn: int = 0
@@ -143,8 +144,8 @@ async def _copy(source: Node, target: Node, slots: set[int], after_lsn: int = 0
     request = cpb.ExportRequest(slots=_ranges_pb(slots), after_lsn=after_lsn)
     count, lsn = 0, after_lsn
     async for chunk in source.stub.ExportSlots(request):
-        entries = _entries(chunk.packed)
-        if entries:
+        entries, notes = _entries(chunk.packed)
+        if entries or notes:  # notes change without profiles: a claim lives in any slot
             await target.stub.ImportProfiles(cpb.ImportRequest(packed=chunk.packed))
             count += entries
         lsn = max(lsn, chunk.lsn)

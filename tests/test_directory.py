@@ -390,3 +390,38 @@ def test_serve_builds_the_directory_of_an_older_data_directory_once(tmp_path: Pa
         assert json.loads((tmp_path / CLUSTER_FILE).read_text())["directory"] is True
 
     asyncio.run(scenario())
+
+
+def test_a_claim_made_just_before_the_freeze_moves_with_its_slot(tmp_path: Path) -> None:
+    """A claim's slot need not hold any profile that changed: the final export after the
+    freeze carries the claim in a chunk with no profiles, and the import takes it."""
+    from shards import rebalance as rb
+
+    source = start_shard(tmp_path / "s", "--name", "s", "--sync", "off")
+    target = start_shard(tmp_path / "t", "--name", "t", "--sync", "off")
+
+    async def claim(node: rb.Node, entries: list[list[Any]]) -> list[list[Any]]:
+        reply = await node.stub.Claim(cpb.ClaimRequest(packed=msgpack.packb(entries)),
+                                      timeout=10)
+        return msgpack.unpackb(reply.packed)  # type: ignore[no-any-return]
+
+    async def scenario() -> None:
+        async with rb.Cluster([source.address, target.address]) as cl:
+            s, t = cl.node(source.address), cl.node(target.address)
+            await rb.prepare_new_shard(cl, t)
+            await cl.refresh()
+            ident = ["email", "moved@example.com"]
+            batch = {slot_of(claim_key(*ident))}
+            _, lsn = await rb._copy(s, t, batch)
+            assert (await claim(s, [[*ident, "p1", None]]))[0][::2] == ["p1", True]
+            epoch = cl.next_epoch()
+            await rb._freeze(s, batch, epoch)
+            await rb._switch(s, t, batch, epoch, lsn, rb.MoveReport())
+            await rb._drop(s, batch, epoch)
+            assert (await claim(t, [[*ident, None, None]]))[0][0] == "p1"
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        source.stop()
+        target.stop()
