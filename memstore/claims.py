@@ -42,9 +42,11 @@ class Claims:
         self._count = 0
         # Young claims -> the tick they were made in. A tick's claims share one int object,
         # so an entry costs a dict slot: a bulk load makes a million young claims a minute.
+        # Two generations: each grace period the older one is dropped whole (no scan).
         self._made_in: dict[str, int] = {}
+        self._made_before: dict[str, int] = {}  # the generation before
         self._tick = 0
-        self._pruned = 0  # the tick _made_in was last pruned at
+        self._pruned = 0  # the tick the generation began at
         self._grace_ticks = math.ceil(grace / TICK)
         self._started = time.monotonic()
 
@@ -93,16 +95,17 @@ class Claims:
         tick = int((now - self._started) / TICK)
         if tick != self._tick:
             self._tick = tick
-        self._made_in[key] = self._tick
         if tick - self._pruned > self._grace_ticks:  # forget ages past the grace period
-            keep = tick - self._grace_ticks
-            self._made_in = {k: t for k, t in self._made_in.items() if t >= keep}
+            self._made_before, self._made_in = self._made_in, {}
             self._pruned = tick
+        self._made_in[key] = self._tick
 
     def age(self, key: str, now: float) -> float:
         """Seconds since the claim of `key` was made, at least (a claim made before this
         process started counts as made at its start)."""
         tick = self._made_in.get(key)
+        if tick is None:
+            tick = self._made_before.get(key)
         if tick is None:
             return now - self._started
         return max(0.0, now - self._started - (tick + 1) * TICK)

@@ -771,6 +771,10 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
                                  if key not in theirs]
                 change.notes += [Note(table, key, value) for key, value in theirs.items()]
         await self.shard.commit(change)
+        if notes:  # a moved claim may be a write's in flight: young here, as it was there
+            now = time.monotonic()
+            for key in notes.get("claims", ()):
+                engine.claims.made(key, now)
         return cpb.ImportResponse(applied=len(change.images))
 
     @rpc

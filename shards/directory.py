@@ -18,12 +18,14 @@ merged away), so whoever reads one verifies it against the profile it names:
             when on the same. A claim whose profile does not hold the identifier is a write
             in flight while young (waited out) and stale once older than the grace period
             (taken over, compare-and-set, so two writers cannot both take it).
-- Refusal:  a write the shard refused gives back the claims it made (compare-and-set). A
-            write whose outcome is unknown (deadline, shard down) keeps them: a stale claim
-            is only ever slower, a missing one would hide a profile.
+- Refusal:  a write the shard refused gives back the claims it made (compare-and-set),
+            then claims again any its profile holds all the same (another write of the same
+            id counted on the claim). A write whose outcome is unknown (deadline, shard
+            down) keeps them: a stale claim is only ever slower, a missing one would hide a
+            profile. Giving back is best effort and never fails the caller's call.
 - Delete:   releases the deleted profile's claims (an erased person's identifiers leave the
-            directory too); claims of ids merged into another profile are re-pointed at
-            the survivor by the look-ups that meet them.
+            directory too), with the same check afterwards. Claims of ids merged into
+            another profile stay as they are: look-ups follow the merged-away id.
 
 Because every write claims before it writes, two first links of a new identifier racing
 through two routers to two shards meet at the claim: the second waits for the first's write
@@ -54,6 +56,7 @@ log = logging.getLogger("memstore.directory")
 Ident = tuple[str, str]
 # How long a write waits for a young claim of another write before giving up.
 CLAIM_WAIT = 2 * CLAIM_GRACE
+BEST_EFFORT = 1.0  # seconds for giving claims back after a refused write or a delete
 
 
 class Answer(NamedTuple):
@@ -125,21 +128,9 @@ class Directory:
         holders = await self.profiles((a.holder for a in claims if a.holder is not None),
                                       context, attributes)
         found: list[pb.Profile | None] = []
-        repoint: list[list[Any]] = []
         for ident, claim in zip(idents, claims, strict=True):
             profile = None if claim.holder is None else holders.get(claim.holder)
-            if profile is None or not holds(profile, ident):
-                found.append(None)
-                continue
-            found.append(profile)
-            if profile.id != claim.holder:  # merged away: point the claim at the survivor
-                repoint.append([*ident, profile.id, claim.holder])
-        if repoint:
-            try:
-                await self.ask(repoint, context)
-            except Exception as exc:  # noqa: BLE001 - best effort: the next look-up follows
-                log.info("could not re-point %d claims at their survivors: %s",
-                         len(repoint), exc)
+            found.append(profile if profile is not None and holds(profile, ident) else None)
         return found
 
     # ------------------------------------------------------------------ writes
@@ -224,12 +215,25 @@ class Directory:
         return totals
 
     async def release(self, made: Iterable[tuple[str, Ident]], context: Any) -> None:
-        """Give back claims a refused write made (only those still its own)."""
-        entries = [[k, v, None, pid] for pid, (k, v) in made]
+        """Give back claims a refused write made (only those still its own). Best effort:
+        never fails the caller's call."""
+        pairs = list(made)
+        quiet = _Quiet(context)
         try:
-            await self.ask(entries, context)
+            await self.ask([[k, v, None, pid] for pid, (k, v) in pairs], quiet)
+            await self._reclaim(pairs, quiet)
         except Exception as exc:  # noqa: BLE001 - a stale claim is taken over later
-            log.info("could not release %d claims of a refused write: %s", len(entries), exc)
+            log.info("could not release %d claims of a refused write: %s", len(pairs), exc)
+
+    async def _reclaim(self, pairs: Sequence[tuple[str, Ident]], context: Any) -> None:
+        """Claim again, after a release, what a profile holds all the same: another write
+        of the same primary id may have counted on the claim (it was already that id's)
+        and succeeded, or a deleted id may have been written again meanwhile."""
+        holders = await self.profiles((pid for pid, _ in pairs), context)
+        again = [[*ident, holders[pid].id, None] for pid, ident in pairs
+                 if pid in holders and holds(holders[pid], ident)]
+        if again:
+            await self.ask(again, context)
 
     async def forget(self, reply: pb.DeleteResponse, context: Any) -> None:
         """Release the claims of a deleted profile's identifiers."""
@@ -237,13 +241,33 @@ class Directory:
         if not idents:
             return
         ids = {reply.id, *reply.merged_ids}
+        quiet = _Quiet(context)
         try:
-            claims = await self.ask([[k, v, None, None] for k, v in idents], context)
-            await self.ask([[k, v, None, c.holder] for (k, v), c in zip(idents, claims)
-                            if c.holder in ids], context)
+            claims = await self.ask([[k, v, None, None] for k, v in idents], quiet)
+            released = [(c.holder, ident) for ident, c in zip(idents, claims, strict=True)
+                        if c.holder in ids]
+            await self.ask([[k, v, None, holder] for holder, (k, v) in released], quiet)
+            await self._reclaim(released, quiet)  # type: ignore[arg-type]
         except Exception as exc:  # noqa: BLE001 - the stale claims are taken over later
             log.warning("delete of %r: claims of %d identifiers stay: %s", reply.id,
                         len(idents), exc)
+
+
+class _Quiet:
+    """A context for best-effort directory calls made for a caller: at most BEST_EFFORT
+    seconds and half the caller's remaining time, and a failure raises here instead of
+    ending the caller's call with its status."""
+
+    def __init__(self, context: Any) -> None:
+        remaining = context.time_remaining()
+        budget = BEST_EFFORT if remaining is None else min(BEST_EFFORT, remaining / 2)
+        self.until = time.monotonic() + budget
+
+    def time_remaining(self) -> float:
+        return max(0.0, self.until - time.monotonic())
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise RuntimeError(f"{code.name}: {details}")
 
 
 def holds(profile: pb.Profile, ident: Ident) -> bool:

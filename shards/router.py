@@ -473,8 +473,9 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                 foreign = await self.directory.claim([(request.id, i) for i in idents],
                                                      context, made)
                 losers = list(dict.fromkeys(foreign.values()))
-                if not losers:
-                    return await self._owner_call(request.id, method, request, context)
+                if not losers:  # a merged-away id: Forwarded, claimed again for its survivor
+                    return await self._owner_call(request.id, method, request, context,
+                                                  follow=False)
                 return await merge.merge(self, request.id, losers, request, context)
             except merge.Restart:  # a racing merge: back off a random while, then retry
                 await _pause(attempt, context)
@@ -776,21 +777,29 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         merges the earlier record's profile into it as one shard would have."""
         if not any(named):
             return items, []
-        claimant: dict[tuple[str, str], tuple[str, ShardState | None]] = {}
+        first_home: dict[tuple[str, str], ShardState | None] = {}
         later_at: set[int] = set()
         for i, ((pid, _), idents) in enumerate(zip(items, named, strict=True)):
             home = self.map.owner(slot_of(pid))
             for key in idents:
-                if claimant.setdefault(key, (pid, home))[1] is not home:
+                if first_home.setdefault(key, home) is not home:
                     later_at.add(i)
+        # Each identifier is claimed for the first record that names it and goes in the
+        # batch now (those that do all live on one shard); held-back records claim theirs
+        # with their own Link.
+        claimant: dict[tuple[str, str], str] = {}
+        for i, ((pid, _), idents) in enumerate(zip(items, named, strict=True)):
+            if i not in later_at:
+                for key in idents:
+                    claimant.setdefault(key, pid)
         try:
-            holder = await self.directory.claim([(pid, key) for key, (pid, _) in claimant.items()],
+            holder = await self.directory.claim([(pid, key) for key, pid in claimant.items()],
                                                 context, set())
         except Exception as exc:  # noqa: BLE001 - _abort re-raises what it cannot map
             await self._abort(context, exc)
         for i, ((pid, _), idents) in enumerate(zip(items, named, strict=True)):
             foreign = [pb.Identifier(kind=key[0], value=key[1]) for key in idents
-                       if claimant[key][0] == pid and key in holder]
+                       if claimant.get(key) == pid and key in holder]
             if foreign and i not in later_at:
                 await self._identity_write("Link", pb.LinkRequest(
                     id=pid, identifiers=foreign, create=True), context)
