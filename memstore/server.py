@@ -507,6 +507,17 @@ def _forwarded(engine: Engine, pids: list[str]) -> None:
         raise exc
 
 
+def _packed_array(packed: bytes) -> list[Any]:
+    """A request's `packed` msgpack array, or INVALID_ARGUMENT."""
+    try:
+        items = msgpack.unpackb(packed)
+        if not isinstance(items, list):
+            raise TypeError("not a msgpack array")
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise InvalidArgument(f"packed: {exc}") from None
+    return items
+
+
 def _writable(shard: Shard) -> None:
     error = shard.writable_error
     if error:
@@ -625,24 +636,13 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
 
     @rpc
     async def Owners(self, request: cpb.OwnersRequest, context: Any) -> cpb.OwnersResponse:
-        try:
-            keys = msgpack.unpackb(request.packed)
-            if not isinstance(keys, list):
-                raise TypeError("not a msgpack array")
-        except (ValueError, TypeError, msgpack.UnpackException) as exc:
-            raise InvalidArgument(f"packed: {exc}") from None
+        keys = _packed_array(request.packed)
         return cpb.OwnersResponse(packed=msgpack.packb(self.engine.owners(keys)))
 
     @rpc
     async def Claim(self, request: cpb.ClaimRequest, context: Any) -> cpb.ClaimResponse:
-        try:
-            entries = msgpack.unpackb(request.packed)
-            if not isinstance(entries, list):
-                raise TypeError("not a msgpack array")
-        except (ValueError, TypeError, msgpack.UnpackException) as exc:
-            raise InvalidArgument(f"packed: {exc}") from None
-        change = self.engine.plan_claims(entries)
-        if not change.empty:  # reads alone neither log nor wait
+        change = self.engine.plan_claims(_packed_array(request.packed))
+        if not change.empty:  # reads alone are not logged (routers verify what they read)
             self._writable()
             await self.shard.commit(change)
         return cpb.ClaimResponse(packed=msgpack.packb(change.result))

@@ -482,3 +482,16 @@ def test_delete_answers_when_a_claims_shard_cannot_release(three: dict[str, Any]
     with pytest.raises(grpc.RpcError) as err:
         get(stub, ident)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_claim_rpc_refuses_bad_input_clearly(three: dict[str, Any]) -> None:
+    shard = three["shards"][0]
+    owned = fresh(3, want_pid=0, want_claim=0)[1].value
+    for packed, where in ((b"\xc1", "packed"), (msgpack.packb({"a": 1}), "packed"),
+                          (msgpack.packb([["email", owned, None]]), "claims[0]"),
+                          (msgpack.packb([["email", owned, 5, None]]), "claims[0]: pid"),
+                          (msgpack.packb([["e mail", owned, None, None]]), "claims[0]")):
+        with pytest.raises(grpc.RpcError) as err:
+            control(shard).Claim(cpb.ClaimRequest(packed=packed), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, where
+        assert where in err.value.details()
