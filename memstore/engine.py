@@ -605,9 +605,11 @@ class Engine:
         if self.owned_slots is not None:
             slot = slot_of(pid)
             if slot not in self.owned_slots:
-                raise WrongSlot(slot, self.epoch,
-                                f"slot {slot} of profile {pid!r} is not owned by this shard "
-                                f"(epoch {self.epoch})")
+                raise self._wrong_slot(slot, f"profile {pid!r}")
+
+    def _wrong_slot(self, slot: int, what: str) -> WrongSlot:
+        return WrongSlot(slot, self.epoch, f"slot {slot} of {what} is not owned by this "
+                         f"shard (epoch {self.epoch})")
 
     def owner_dense(self, kind: str, value: str) -> int | None:
         """Dense id of the profile holding identifier (kind, value), if any."""
@@ -620,17 +622,6 @@ class Engine:
                 f"identifier {kind}:{value!r} collides with another identifier's hash; refused"
             )
         return dense
-
-    def check_claim_slot(self, kind: str, value: str) -> str:
-        """The claim key of (kind, value), if this shard owns its slot; else WrongSlot."""
-        key = claim_key(kind, value)
-        if self.owned_slots is not None:
-            slot = slot_of(key)
-            if slot not in self.owned_slots:
-                raise WrongSlot(slot, self.epoch,
-                                f"slot {slot} of identifier {kind}:{value!r} is not owned by "
-                                f"this shard (epoch {self.epoch})")
-        return key
 
     def check_moving(self, pid: str) -> None:
         """Refuse a primary id held by a cross-shard merge or forwarded by one."""
@@ -1026,12 +1017,12 @@ class Engine:
         """Read, make, take over or release claims (ClaimRequest has the entry forms).
         The result is [holder or None, age in seconds, created] per entry, after it."""
         kinds, values, pids, expected = _claim_columns(entries)
-        keys = [f"{k}:{v}" for k, v in zip(kinds, values)]
+        keys = list(map(claim_key, kinds, values))
         slots = list(map(slot_of, keys))
         owned = self.owned_slots
         if owned is not None and not owned.issuperset(BitMap(slots)):
             i = next(i for i, slot in enumerate(slots) if slot not in owned)
-            self.check_claim_slot(kinds[i], values[i])  # raises WrongSlot
+            raise self._wrong_slot(slots[i], f"identifier {kinds[i]}:{values[i]!r}")
         now = time.monotonic()
         claims = self.claims
         tables = claims.tables
