@@ -1025,7 +1025,6 @@ class Engine:
             raise self._wrong_slot(slots[i], f"identifier {kinds[i]}:{values[i]!r}")
         now = time.monotonic()
         claims = self.claims
-        tables = claims.tables
         after: dict[str, str | None] = {}  # this plan's own claims so far
         notes: list[Note] = []
         answers: list[list[Any]] = []
@@ -1033,18 +1032,18 @@ class Engine:
             if key in after:
                 holder = before = after[key]
             else:
-                table = tables.get(slot)
-                holder = before = None if table is None else table.get(key)
+                holder = before = claims.get_in(slot, key)
             created = False
             if pid is not None and holder != pid and holder in (None, old):
                 holder, created = pid, True
-                claims.made(key, now)
             elif pid is None and old is not None and holder == old:
                 holder = None
             if holder != before:
                 after[key] = holder
                 notes.append(Note("claims", key, holder))
-            answers.append([holder, 0.0 if holder is None else claims.age(key, now), created])
+            # A claim this plan sets is made now (applying it sets its age, see Claims.swap).
+            fresh = holder is None or key in after
+            answers.append([holder, 0.0 if fresh else claims.age(key, now), created])
         return Change(notes=notes, result=answers)
 
     def plan_delete(self, pid: str | None = None, identifier: tuple[str, str] | None = None

@@ -770,11 +770,9 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
                 change.notes += [Note(table, key, None) for key in mine[table]
                                  if key not in theirs]
                 change.notes += [Note(table, key, value) for key, value in theirs.items()]
+        # A moved claim counts as made when it arrives (Claims.swap): it may be a write's in
+        # flight, young here as it was there.
         await self.shard.commit(change)
-        if notes:  # a moved claim may be a write's in flight: young here, as it was there
-            now = time.monotonic()
-            for key in notes.get("claims", ()):
-                engine.claims.made(key, now)
         return cpb.ImportResponse(applied=len(change.images))
 
     @rpc

@@ -31,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -345,9 +346,9 @@ def write_snapshot_file(engine: Engine, snap_dir: Path, lsn: int, shard_name: st
         if engine.held or engine.forwards or engine.decided:
             writer.write("merges", msgpack.packb({"held": engine.held, "forwards":
                                                   engine.forwards, "decided": engine.decided}))
-        claims = list(engine.claims.by_slot())
-        for start in range(0, len(claims), CLAIM_SLOTS_CHUNK):
-            writer.write("claims", msgpack.packb(claims[start:start + CLAIM_SLOTS_CHUNK]))
+        claims = engine.claims.by_slot()  # unpacked a slot at a time, as they are written
+        while chunk := list(islice(claims, CLAIM_SLOTS_CHUNK)):
+            writer.write("claims", msgpack.packb(chunk))
         # Rows are packed one field at a time, never built as lists: cheaper, and every
         # object made here would be a page copied from the parent.
         packer = msgpack.Packer(use_bin_type=True, autoreset=False)

@@ -122,17 +122,26 @@ def test_claims_refuse_bad_entries_and_slots_owned_elsewhere() -> None:
 
 
 def test_claim_ages_tell_a_write_in_flight_from_a_stale_claim() -> None:
-    table = Claims(grace=10.0)
-    table.swap("email:a", "p")  # loaded (a snapshot, a replay): as old as the process
-    start = time.monotonic()
-    assert table.young("email:a", start + 5) and not table.young("email:a", start + 11)
-    table.made("email:a", start + 20)  # taken over later: young again
-    assert 5 - TICK <= table.age("email:a", start + 25) <= 5
-    assert table.young("email:a", start + 25) and not table.young("email:a", start + 31)
-    table.made("email:b", start + 40)  # old ages are forgotten as new ones come ...
-    assert not table.young("email:a", start + 40) and table.age("email:b", start + 40) == 0
-    table.made("email:c", start + 51)
-    assert len(table._made_in) + len(table._made_before) == 2  # ... and take no memory
+    clock = [100.0]
+    table = Claims(grace=10.0, clock=lambda: clock[0])
+    table.load(slot_of("email:a"), {"email:a": "p"})  # a snapshot: as old as the process
+    assert table.young("email:a", 105) and not table.young("email:a", 111)
+    clock[0] = 120.0
+    table.swap("email:a", "q")  # taken over later: young again
+    assert 5 - TICK <= table.age("email:a", 125) <= 5
+    assert table.young("email:a", 125) and not table.young("email:a", 131)
+    table.swap("email:a", "q")  # set to the pid it has: not made again
+    assert not table.young("email:a", 131)
+    home = slot_of("email:a")
+    neighbours = list(itertools.islice((k for k in map("email:{}".format, itertools.count())
+                                        if slot_of(k) == home), 40))
+    for key in neighbours:  # ages move with their claims as others are inserted
+        table.swap(key, "p")
+    clock[0] = 140.0
+    table.swap("email:a", "p")
+    assert len(table._slots[home].hashes) == 41
+    assert table.age("email:a", 140) == 0
+    assert all(20 - TICK <= table.age(key, 140) <= 20 for key in neighbours)
 
 
 # ---------------------------------------------------------------------- through routers
