@@ -28,6 +28,11 @@ class WrongSlot(FailedPrecondition):
         self.epoch = epoch
 
 
+class OwnershipChanged(MemstoreError):
+    """A router judged this write against slot ownership that has changed since (another
+    shard, or this shard's slots moved): it must judge the write again."""
+
+
 class Unavailable(MemstoreError):
     """The change could not be made durable; nothing was applied or acknowledged."""
 

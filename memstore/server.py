@@ -46,11 +46,18 @@ from memstore.errors import (
     InvalidArgument,
     MemstoreError,
     NotFound,
+    OwnershipChanged,
     Unavailable,
     WrongSlot,
 )
 from memstore.evaluate import evaluate, group_counts
-from memstore.hashslot import EPOCH_TRAILER, SLOT_COUNT, slot_of
+from memstore.hashslot import (
+    EPOCH_TRAILER,
+    EXPECT_SHARD,
+    REJUDGE_TRAILER,
+    SLOT_COUNT,
+    slot_of,
+)
 from memstore.query import QueryError, query_from_request
 from memstore.schema import Kind, Merge
 from memstore.shard import Shard, ShardConfig
@@ -73,6 +80,7 @@ _STATUS = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    OwnershipChanged: grpc.StatusCode.ABORTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
@@ -98,6 +106,8 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     elif isinstance(exc, Forwarded):
         context.set_trailing_metadata((("memstore-merged-into-bin", msgpack.packb(
             exc.pairs)),))
+    elif isinstance(exc, OwnershipChanged):
+        context.set_trailing_metadata(((REJUDGE_TRAILER, "1"),))
     if isinstance(exc, MemstoreError):
         await context.abort(_status_for(exc), str(exc))
     log.exception("internal error")
@@ -321,6 +331,7 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
     @rpc
     async def Upsert(self, request: pb.UpsertRequest, context: Any) -> pb.UpsertResponse:
         self._writable()
+        self._as_judged(context)
         change = self.engine.plan_upsert(_spec(request))
         return upsert_response(self.engine, await self.shard.commit(change))
 
@@ -363,6 +374,7 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
     @rpc
     async def Link(self, request: pb.LinkRequest, context: Any) -> pb.LinkResponse:
         self._writable()
+        self._as_judged(context)
         change = self.engine.plan_link(request.id, _idents(request), request.create)
         return link_response(self.engine, await self.shard.commit(change))
 
@@ -379,6 +391,16 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
 
     def _writable(self) -> None:
         _writable(self.shard)
+
+    def _as_judged(self, context: Any) -> None:
+        """Refuse a write a router judged for another shard, or for this one before its
+        slots last changed (EXPECT_SHARD): a merge it judged "same shard" may not be."""
+        for key, value in context.invocation_metadata() or ():
+            if key == EXPECT_SHARD:
+                here = f"{self.shard.config.name}:{self.engine.epoch}"
+                if value != here:
+                    raise OwnershipChanged(f"the router judged this write for shard {value}, "
+                                           f"but this is {here}: slots moved since")
 
     # ------------------------------------------------------------------ schema
     @rpc

@@ -135,12 +135,16 @@ class Directory:
 
     # ------------------------------------------------------------------ writes
     async def claim(self, pairs: Sequence[tuple[str, Ident]], context: Any,
-                    made: set[tuple[str, Ident]]) -> dict[Ident, str]:
+                    made: set[tuple[str, Ident]], local: dict[str, str] | None = None
+                    ) -> dict[Ident, str]:
         """Claim each identifier for its primary id before a write gives it to that profile.
 
         Returns the identifiers held by a profile on another shard than the one they are
         claimed for, mapped to that profile's id: the write must merge it first. Claims
-        this call made are added to `made` (for `release` if the write is refused)."""
+        this call made are added to `made` (for `release` if the write is refused). A pid
+        with an identifier held by another profile on its own shard (the shard's engine
+        merges them) goes in `local`, with "name:epoch" of that shard as the map has it:
+        the write must run there, at that epoch (memstore.hashslot.EXPECT_SHARD)."""
         router = self.router
         foreign: dict[Ident, str] = {}
         pending = list(dict.fromkeys(pairs))
@@ -159,10 +163,13 @@ class Directory:
             for pid, ident, answer in contested:
                 profile = None if answer.holder is None else holders.get(answer.holder)
                 if profile is not None and holds(profile, ident):
-                    if (profile.id != pid and router.map.owner(slot_of(profile.id))
-                            is not router.map.owner(slot_of(pid))):
+                    home = router.map.owner(slot_of(pid))
+                    if profile.id == pid:
+                        pass
+                    elif router.map.owner(slot_of(profile.id)) is not home:
                         foreign[ident] = profile.id
-                    # else: the same shard's engine merges them (or it is pid itself)
+                    elif local is not None and home is not None:
+                        local[pid] = f"{home.name}:{home.epoch}"  # the engine merges them
                 elif (answer.holder is None or (profile is not None and profile.id == pid)
                       or answer.age >= self.grace):
                     # released meanwhile, merged into pid, or stale: take it over

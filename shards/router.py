@@ -65,7 +65,7 @@ from grpc_reflection.v1alpha import reflection
 from memstore import metrics, pbvalues
 from memstore.columnar import Columns, unpack_columns
 from memstore.errors import InvalidArgument
-from memstore.hashslot import EPOCH_TRAILER
+from memstore.hashslot import EPOCH_TRAILER, EXPECT_SHARD, REJUDGE_TRAILER
 from memstore.query import And, Not, Or, Predicate, QueryError, query_from_request
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import memstore_pb2 as pb
@@ -114,6 +114,11 @@ _FOLLOWED = object()  # routed: a group sent again, aimed at the survivors of me
 
 class _Stuck(Exception):
     """No shard accepted a slot within MOVE_WAIT."""
+
+
+class _Rejudge(Exception):
+    """A write judged against the slot map met other ownership (EXPECT_SHARD): judge it
+    again against a fresh map."""
 
 
 class Background:
@@ -297,10 +302,13 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
             await self._abort(context, exc)
 
     async def _owner_call(self, pid: str, method: str, request: Any, context: Any, *,
-                          control: bool = False, follow: bool = True) -> Any:
+                          control: bool = False, follow: bool = True,
+                          expect: str | None = None) -> Any:
         """`request` to the owner of slot_of(pid), on its ShardControl service if `control`.
         Raises what it cannot handle: AioRpcError, _Down, _Stuck, and merge.Forwarded when
-        not `follow`ing merged-away ids."""
+        not `follow`ing merged-away ids. With `expect` ("name:epoch" the write was judged
+        for, EXPECT_SHARD), raises _Rejudge where ownership is not as judged."""
+        metadata = None if expect is None else ((EXPECT_SHARD, expect),)
         hops = 0
         for attempt in _attempts():
             slot = slot_of(pid)
@@ -313,8 +321,12 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                 continue
             stub = shard.control if control else shard.stub
             try:
-                return await getattr(stub, method)(request, timeout=_timeout(context))
+                return await getattr(stub, method)(request, timeout=_timeout(context),
+                                                   metadata=metadata)
             except grpc.aio.AioRpcError as exc:
+                if expect is not None and (_wrong_slot(exc) or _trailer(exc, REJUDGE_TRAILER)):
+                    await self.map.refresh(since=version)
+                    raise _Rejudge() from None
                 if _wrong_slot(exc):
                     await self.map.refresh(since=version)
                     if self.map.owner(slot) is shard:
@@ -470,13 +482,16 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         for attempt in _attempts():
             try:
                 idents = [(i.kind, i.value) for i in request.identifiers]
+                local: dict[str, str] = {}
                 foreign = await self.directory.claim([(request.id, i) for i in idents],
-                                                     context, made)
+                                                     context, made, local)
                 losers = list(dict.fromkeys(foreign.values()))
                 if not losers:  # a merged-away id: Forwarded, claimed again for its survivor
                     return await self._owner_call(request.id, method, request, context,
-                                                  follow=False)
+                                                  follow=False, expect=local.get(request.id))
                 return await merge.merge(self, request.id, losers, request, context)
+            except _Rejudge:  # a same-shard merge judged on a map that has changed since
+                await _pause(attempt, context)
             except merge.Restart:  # a racing merge: back off a random while, then retry
                 await _pause(attempt, context)
                 await asyncio.sleep(random.uniform(0, 0.05))

@@ -504,3 +504,59 @@ def test_claim_rpc_refuses_bad_input_clearly(three: dict[str, Any]) -> None:
             control(shard).Claim(cpb.ClaimRequest(packed=packed), timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, where
         assert where in err.value.details()
+
+
+def test_a_same_shard_merge_is_judged_again_when_a_slot_moved_under_the_router(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """H holds x; P's slot moves from H's shard to the other one behind the router's back
+    (its map is stale). Upsert(P, x) through it judges "same shard: the engine merges", but
+    P now lives elsewhere: the write must be judged again, not sent on to P's new shard
+    (which would give x a second owner)."""
+    from shards import rebalance as rb
+    from shards import router as router_module
+
+    monkeypatch.setattr(router_module, "SWEEP_INTERVAL", 3600.0)  # no refresh meanwhile
+    shards = start(tmp_path, 2, "--sync", "off")
+    router = RouterThread([s.address for s in shards])
+    stub = memstore_pb2_grpc.MemstoreStub(grpc.insecure_channel(router.address))
+    try:
+        h, x = fresh(2, want_pid=0, want_claim=1, prefix="mv")
+        p = fresh(2, want_pid=0, want_claim=1, prefix="mv")[0]
+        stub.Upsert(pb.UpsertRequest(id=h, identifiers=[x]), timeout=10)
+
+        async def move() -> None:
+            async with rb.Cluster([s.address for s in shards]) as cl:
+                await rb.move_batch(cl, cl.node(shards[0].address),
+                                    cl.node(shards[1].address), {slot_of(p)},
+                                    rb.Journal(None), rb.MoveReport())
+
+        asyncio.run(move())
+        survivor = stub.Upsert(pb.UpsertRequest(id=p, identifiers=[x]), timeout=10).id
+        ask = msgpack.packb([["email", x.value]])
+        holders = [holder for shard in shards for holder in msgpack.unpackb(
+            control(shard).Owners(cpb.OwnersRequest(packed=ask), timeout=10).packed) if holder]
+        assert holders == [survivor] and survivor in (h, p)
+        assert get(stub, x).id == survivor
+    finally:
+        router.stop()
+        for shard in shards:
+            shard.stop()
+
+
+def test_a_shard_refuses_a_write_judged_for_other_ownership(three: dict[str, Any]) -> None:
+    shard = three["shards"][0]
+    info = control(shard).GetShardInfo(cpb.ShardInfoRequest(), timeout=10)
+    direct = memstore_pb2_grpc.MemstoreStub(grpc.insecure_channel(shard.address))
+    pid = fresh(3, want_pid=0, want_claim=0, prefix="judged")[0]
+    for judged in (f"{info.name}:{info.epoch + 1}", f"shard-1:{info.epoch}"):
+        with pytest.raises(grpc.RpcError) as err:
+            direct.Upsert(pb.UpsertRequest(id=pid), timeout=10,
+                          metadata=(("memstore-expect-shard", judged),))
+        assert err.value.code() == grpc.StatusCode.ABORTED
+        assert f"judged this write for shard {judged}" in err.value.details()
+        with pytest.raises(grpc.RpcError):
+            direct.Get(pb.GetRequest(key=pb.ProfileKey(id=pid)), timeout=10)  # not written
+    ident = pb.Identifier(kind="email", value=f"{pid}@x")
+    reply = direct.Link(pb.LinkRequest(id=pid, identifiers=[ident], create=True), timeout=10,
+                        metadata=(("memstore-expect-shard", f"{info.name}:{info.epoch}"),))
+    assert reply.id == pid
