@@ -53,7 +53,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any, NoReturn, TypeVar
 
@@ -110,6 +110,7 @@ class _Pending(Exception):
 
 
 _FOLLOWED = object()  # routed: a group sent again, aimed at the survivors of merged-away ids
+_REJUDGE = object()  # routed: a group its shard refused as judged on an older map (EXPECT_SHARD)
 
 
 class _Stuck(Exception):
@@ -168,6 +169,11 @@ def _wrong_slot(exc: grpc.aio.AioRpcError) -> bool:
     if exc.code() != Code.FAILED_PRECONDITION:
         return False
     return any(k == "memstore-wrong-slot" for k, _ in (exc.trailing_metadata() or ()))
+
+
+def _expecting(judged: str | None) -> dict[str, Any]:
+    """Call options for a write judged for shard "name:epoch" (EXPECT_SHARD), if it was."""
+    return {} if judged is None else {"metadata": ((EXPECT_SHARD, judged),)}
 
 
 def _timeout(context: grpc.aio.ServicerContext) -> float | None:
@@ -308,7 +314,6 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         Raises what it cannot handle: AioRpcError, _Down, _Stuck, and merge.Forwarded when
         not `follow`ing merged-away ids. With `expect` ("name:epoch" the write was judged
         for, EXPECT_SHARD), raises _Rejudge where ownership is not as judged."""
-        metadata = None if expect is None else ((EXPECT_SHARD, expect),)
         hops = 0
         for attempt in _attempts():
             slot = slot_of(pid)
@@ -322,7 +327,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
             stub = shard.control if control else shard.stub
             try:
                 return await getattr(stub, method)(request, timeout=_timeout(context),
-                                                   metadata=metadata)
+                                                   **_expecting(expect))
             except grpc.aio.AioRpcError as exc:
                 if expect is not None and (_wrong_slot(exc) or _trailer(exc, REJUDGE_TRAILER)):
                     await self.map.refresh(since=version)
@@ -569,13 +574,17 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
 
     async def routed(self, items: list[tuple[str, Any]], method: str,
                      build: Callable[[list[Any]], Any], context: grpc.aio.ServicerContext,
-                     retarget: Callable[[Any, str], Any] | None = None, control: bool = False
+                     retarget: Callable[[Any, str], Any] | None = None, control: bool = False,
+                     judged: Mapping[str, str] | None = None,
+                     rejudge: list[tuple[str, Any]] | None = None
                      ) -> list[tuple[list[Any], Any]]:
         """Send (key, item) pairs in one request per shard owning slot_of(key), concurrently
         (to its ShardControl service if `control`). Items a shard refuses as wrong-slot are
         re-split on a fresh map and sent again; a group that met a merge's hold is sent
         again once it settled; an id merged into a profile on another shard becomes
-        (survivor, retarget(item, survivor))."""
+        (survivor, retarget(item, survivor)). A group with keys in `judged` (key -> the
+        "name:epoch" of the shard it was judged for) carries that as EXPECT_SHARD; when its
+        shard refuses that, or the slot moved, its items go to `rejudge`, not sent again."""
         pending, done = items, []
         follow_rounds = 0
         for attempt in _attempts():
@@ -592,9 +601,15 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
             async def one(shard: ShardState, group: list[tuple[str, Any]]) -> Any:
                 request = build([item for _, item in group])
                 stub = shard.control if control else shard.stub
+                expect = next((judged[k] for k, _ in group if k in judged), None) \
+                    if judged else None
                 try:
-                    return group, await getattr(stub, method)(request, timeout=_timeout(context))
+                    return group, await getattr(stub, method)(
+                        request, timeout=_timeout(context), **_expecting(expect))
                 except grpc.aio.AioRpcError as exc:
+                    if expect is not None and (_wrong_slot(exc)
+                                               or _trailer(exc, REJUDGE_TRAILER)):
+                        return group, _REJUDGE
                     if _wrong_slot(exc):
                         return group, None
                     if exc.code() == Code.UNAVAILABLE:
@@ -627,6 +642,9 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                 elif response is _FOLLOWED:
                     pending.extend(group)
                     followed = True
+                elif response is _REJUDGE:
+                    assert rejudge is not None
+                    rejudge.extend(group)
                 elif response is None:
                     pending.extend(group)
                     moved_on = True
@@ -769,8 +787,25 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
 
         named = [_identifiers_of(item) for _, item in items]
         async with self._naming.hold(itertools.chain.from_iterable(named)):
-            first, later = await self._merge_first(items, named, context)
-            parts = await self.routed(first, "BatchUpsert", build, context, retarget)
+            parts: list[tuple[list[Any], Any]] = []
+            for attempt in _attempts():
+                # The records are judged (merges, homes) on the map as it is now, and each
+                # shard refuses a part judged on an older map: those records are judged again.
+                version = self.map.version
+                judged: dict[str, str] = {}
+                first, later = await self._merge_first(items, named, context, judged)
+                rejudge: list[tuple[str, Any]] = []
+                parts += await self.routed(first, "BatchUpsert", build, context, retarget,
+                                           judged=judged, rejudge=rejudge)
+                if not rejudge:
+                    break
+                items = rejudge + later
+                named = [_identifiers_of(item) for _, item in items]
+                await self.map.refresh(since=version)
+                await _pause(attempt, context)
+            else:
+                await _fail(context, Code.UNAVAILABLE, "BatchUpsert: slots kept moving under "
+                            f"the batch for {MOVE_WAIT:.0f} s")
             for pid, item in later:
                 await self._identity_write("Link", pb.LinkRequest(id=pid, identifiers=[
                     pb.Identifier(kind=k, value=v) for k, v in _identifiers_of(item)],
@@ -781,7 +816,8 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                                       created=sum(r.created for _, r in parts))
 
     async def _merge_first(self, items: list[tuple[str, Any]],
-                           named: list[list[tuple[str, str]]], context: Any
+                           named: list[list[tuple[str, str]]], context: Any,
+                           judged: dict[str, str]
                            ) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
         """Make a batch's cross-shard identity merges before it is split by shard.
 
@@ -789,13 +825,17 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         (a cross-shard merge, shards/merge.py), then goes in the batch. A record naming an
         identifier that an earlier record of the batch, homed on another shard, names too
         is held back (`later`): it is linked and upserted after the batch, in order, which
-        merges the earlier record's profile into it as one shard would have."""
+        merges the earlier record's profile into it as one shard would have. Each record
+        naming identifiers gets, in `judged`, the "name:epoch" of the shard it was judged
+        to live on (its shard's merges and the batch's shared identifiers assume it)."""
         if not any(named):
             return items, []
         first_home: dict[tuple[str, str], ShardState | None] = {}
         later_at: set[int] = set()
         for i, ((pid, _), idents) in enumerate(zip(items, named, strict=True)):
             home = self.map.owner(slot_of(pid))
+            if idents and home is not None:
+                judged[pid] = f"{home.name}:{home.epoch}"
             for key in idents:
                 if first_home.setdefault(key, home) is not home:
                     later_at.add(i)

@@ -506,12 +506,13 @@ def test_claim_rpc_refuses_bad_input_clearly(three: dict[str, Any]) -> None:
         assert where in err.value.details()
 
 
+@pytest.mark.parametrize("write", ["Upsert", "BatchUpsert"])
 def test_a_same_shard_merge_is_judged_again_when_a_slot_moved_under_the_router(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write: str) -> None:
     """H holds x; P's slot moves from H's shard to the other one behind the router's back
-    (its map is stale). Upsert(P, x) through it judges "same shard: the engine merges", but
-    P now lives elsewhere: the write must be judged again, not sent on to P's new shard
-    (which would give x a second owner)."""
+    (its map is stale). A write of (P, x) through it judges "same shard: the engine
+    merges", but P now lives elsewhere: the write must be judged again, not sent on to P's
+    new shard (which would give x a second owner)."""
     from shards import rebalance as rb
     from shards import router as router_module
 
@@ -531,12 +532,16 @@ def test_a_same_shard_merge_is_judged_again_when_a_slot_moved_under_the_router(
                                     rb.Journal(None), rb.MoveReport())
 
         asyncio.run(move())
-        survivor = stub.Upsert(pb.UpsertRequest(id=p, identifiers=[x]), timeout=10).id
+        if write == "Upsert":
+            stub.Upsert(pb.UpsertRequest(id=p, identifiers=[x]), timeout=10)
+        else:
+            assert stub.BatchUpsert(pb.BatchUpsertRequest(requests=[
+                pb.UpsertRequest(id=p, identifiers=[x])]), timeout=10).applied == 1
         ask = msgpack.packb([["email", x.value]])
         holders = [holder for shard in shards for holder in msgpack.unpackb(
             control(shard).Owners(cpb.OwnersRequest(packed=ask), timeout=10).packed) if holder]
-        assert holders == [survivor] and survivor in (h, p)
-        assert get(stub, x).id == survivor
+        assert len(holders) == 1 and holders[0] in (h, p)
+        assert get(stub, x).id == holders[0]
     finally:
         router.stop()
         for shard in shards:
