@@ -339,6 +339,7 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
     async def BatchUpsert(self, request: pb.BatchUpsertRequest, context: Any
                           ) -> pb.BatchUpsertResponse:
         self._writable()
+        self._as_judged(context)
         # Any mix of the three forms applies in the order requests, packed, columns.
         rows = unpack_records(request.packed) if request.packed else []
         batch = unpack_columns(request.columns) if request.columns else None

@@ -553,12 +553,16 @@ def test_a_shard_refuses_a_write_judged_for_other_ownership(three: dict[str, Any
     info = control(shard).GetShardInfo(cpb.ShardInfoRequest(), timeout=10)
     direct = memstore_pb2_grpc.MemstoreStub(grpc.insecure_channel(shard.address))
     pid = fresh(3, want_pid=0, want_claim=0, prefix="judged")[0]
+    writes = [(direct.Upsert, pb.UpsertRequest(id=pid)),
+              (direct.BatchUpsert, pb.BatchUpsertRequest(requests=[pb.UpsertRequest(id=pid)])),
+              (direct.Link, pb.LinkRequest(id=pid, create=True, identifiers=[
+                  pb.Identifier(kind="email", value=f"{pid}@y")]))]
     for judged in (f"{info.name}:{info.epoch + 1}", f"shard-1:{info.epoch}"):
-        with pytest.raises(grpc.RpcError) as err:
-            direct.Upsert(pb.UpsertRequest(id=pid), timeout=10,
-                          metadata=(("memstore-expect-shard", judged),))
-        assert err.value.code() == grpc.StatusCode.ABORTED
-        assert f"judged this write for shard {judged}" in err.value.details()
+        for call, request in writes:
+            with pytest.raises(grpc.RpcError) as err:
+                call(request, timeout=10, metadata=(("memstore-expect-shard", judged),))
+            assert err.value.code() == grpc.StatusCode.ABORTED
+            assert f"judged this write for shard {judged}" in err.value.details()
         with pytest.raises(grpc.RpcError):
             direct.Get(pb.GetRequest(key=pb.ProfileKey(id=pid)), timeout=10)  # not written
     ident = pb.Identifier(kind="email", value=f"{pid}@x")
