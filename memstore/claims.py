@@ -61,10 +61,10 @@ class _Slot:
         self.dead = 0  # arena bytes no claim uses
 
     @classmethod
-    def packed(cls, table: dict[str, str], hash: Callable[[str], int], tick: int) -> _Slot:
+    def packed(cls, table: dict[str, str], hasher: Callable[[str], int], tick: int) -> _Slot:
         """A slot holding `table`, every claim set at `tick`."""
         out = cls()
-        for h, key, pid in sorted(zip(map(hash, table), table, table.values())):
+        for h, key, pid in sorted(zip(map(hasher, table), table, table.values())):
             out.insert(len(out.hashes), key, h, pid, tick)
         return out
 
@@ -100,8 +100,9 @@ class _Slot:
 
     def insert(self, i: int, key: str, h: int, pid: str, tick: int) -> None:
         """Add a claim at index i (where locate said it goes)."""
+        span = self._append(key, pid)
         self.hashes.insert(i, h)
-        self.spans.insert(i, self._append(key, pid))
+        self.spans.insert(i, span)
         self.ticks.insert(i, tick)
 
     def replace(self, i: int, key: str, pid: str, tick: int) -> None:
@@ -118,6 +119,9 @@ class _Slot:
     def _append(self, key: str, pid: str) -> int:
         """Write a claim's bytes at the arena's end; returns its span."""
         key_bytes, pid_bytes = key.encode(), pid.encode()
+        # 16 bits each: keys are at most ~580 bytes, pids 256 (engine.MAX_IDENTIFIER_BYTES,
+        # MAX_ID_BYTES); 32 bits of offset: 4 GiB of arena a slot.
+        assert len(key_bytes) <= 0xFFFF and len(pid_bytes) <= 0xFFFF
         span = len(self.arena) << 32 | len(key_bytes) << 16 | len(pid_bytes)
         self.arena += key_bytes
         self.arena += pid_bytes
@@ -144,10 +148,10 @@ def _size(span: int) -> int:
 class Claims:
     """claim key -> primary id, grouped by the key's slot so a slot move finds its own."""
 
-    def __init__(self, grace: float = CLAIM_GRACE, hash: Callable[[str], int] = hash,
+    def __init__(self, grace: float = CLAIM_GRACE, hasher: Callable[[str], int] = hash,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.grace = grace
-        self._hash = hash  # tests pass a poor one to make keys collide
+        self._hash = hasher  # tests pass a poor one to make keys collide
         self._clock = clock
         self._slots: dict[int, _Slot] = {}
         self._count = 0
@@ -194,6 +198,16 @@ class Claims:
         else:
             table.replace(i, key, pid, tick)
         return before
+
+    def touch(self, keys: Iterable[str]) -> None:
+        """Count the claims of `keys` as made now (a slot move's import: each import
+        carries all of a slot's claims, and one may have been made again since the last)."""
+        tick = int((self._clock() - self._started) / TICK)
+        for key in keys:
+            table = self._slots.get(slot_of(key))
+            i = -1 if table is None else table.locate(key, self._hash(key))
+            if i >= 0:
+                table.ticks[i] = tick  # type: ignore[union-attr]
 
     def in_slots(self, slots: Iterable[int]) -> dict[str, str]:
         """Every claim of `slots` (a slot move carries them)."""

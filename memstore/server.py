@@ -394,14 +394,7 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         _writable(self.shard)
 
     def _as_judged(self, context: Any) -> None:
-        """Refuse a write a router judged for another shard, or for this one before its
-        slots last changed (EXPECT_SHARD): a merge it judged "same shard" may not be."""
-        for key, value in context.invocation_metadata() or ():
-            if key == EXPECT_SHARD:
-                here = f"{self.shard.config.name}:{self.engine.epoch}"
-                if value != here:
-                    raise OwnershipChanged(f"the router judged this write for shard {value}, "
-                                           f"but this is {here}: slots moved since")
+        _as_judged(self.shard, context)
 
     # ------------------------------------------------------------------ schema
     @rpc
@@ -541,6 +534,17 @@ def _packed_array(packed: bytes) -> list[Any]:
     return items
 
 
+def _as_judged(shard: Shard, context: Any) -> None:
+    """Refuse a write a router judged for another shard, or for this one before its slots
+    last changed (EXPECT_SHARD): a merge it judged "same shard" may not be."""
+    for key, value in context.invocation_metadata() or ():
+        if key == EXPECT_SHARD:
+            here = f"{shard.config.name}:{shard.engine.epoch}"
+            if value != here:
+                raise OwnershipChanged(f"the router judged this write for shard {value!r}, "
+                                       f"but this is {here!r}: slots moved since")
+
+
 def _writable(shard: Shard) -> None:
     error = shard.writable_error
     if error:
@@ -622,6 +626,7 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
     @rpc
     async def Absorb(self, request: cpb.AbsorbRequest, context: Any) -> cpb.AbsorbResponse:
         self._writable()
+        _as_judged(self.shard, context)
         if not request.txn:
             raise InvalidArgument("txn: a transaction id is required")
         losers = []
@@ -793,9 +798,9 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
                 change.notes += [Note(table, key, None) for key in mine[table]
                                  if key not in theirs]
                 change.notes += [Note(table, key, value) for key, value in theirs.items()]
-        # A moved claim counts as made when it arrives (Claims.swap): it may be a write's in
-        # flight, young here as it was there.
         await self.shard.commit(change)
+        if notes:  # a moved claim may be a write's in flight: young here, as it was there
+            engine.claims.touch(notes.get("claims", ()))
         return cpb.ImportResponse(applied=len(change.images))
 
     @rpc

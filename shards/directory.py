@@ -143,8 +143,9 @@ class Directory:
         claimed for, mapped to that profile's id: the write must merge it first. Claims
         this call made are added to `made` (for `release` if the write is refused). A pid
         with an identifier held by another profile on its own shard (the shard's engine
-        merges them) goes in `local`, with "name:epoch" of that shard as the map has it:
-        the write must run there, at that epoch (memstore.hashslot.EXPECT_SHARD)."""
+        merges them) goes in `local`, with "name:epoch" of that shard as the map had it
+        when first judged ("" when the map knew no owner): the write must run there, at
+        that epoch (memstore.hashslot.EXPECT_SHARD), or be judged again."""
         router = self.router
         foreign: dict[Ident, str] = {}
         pending = list(dict.fromkeys(pairs))
@@ -166,10 +167,12 @@ class Directory:
                     home = router.map.owner(slot_of(pid))
                     if profile.id == pid:
                         pass
-                    elif router.map.owner(slot_of(profile.id)) is not home:
+                    elif home is not None and router.map.owner(slot_of(profile.id)) is not home:
                         foreign[ident] = profile.id
-                    elif local is not None and home is not None:
-                        local[pid] = f"{home.name}:{home.epoch}"  # the engine merges them
+                    elif local is not None:  # the engine merges them, or (no home) unjudged
+                        # The first judgement stands: a later round may see a newer epoch of
+                        # the same shard, which this one's merge never was judged against.
+                        local.setdefault(pid, "" if home is None else f"{home.name}:{home.epoch}")
                 elif (answer.holder is None or (profile is not None and profile.id == pid)
                       or answer.age >= self.grace):
                     # released meanwhile, merged into pid, or stale: take it over

@@ -83,7 +83,8 @@ class Caller(Protocol):
     """What the coordinator needs from the router: a call to the owner of a primary id's
     slot, following slot moves and waiting out other merges' holds."""
 
-    def control(self, pid: str, method: str, request: Any, context: Any) -> Awaitable[Any]: ...
+    def control(self, pid: str, method: str, request: Any, context: Any,
+                expect: str | None = None) -> Awaitable[Any]: ...
 
     def profile(self, pid: str, method: str, request: Any, context: Any) -> Awaitable[Any]: ...
 
@@ -108,9 +109,11 @@ async def decide_and_release(router: Caller, txn: str, loser: str, survivor: str
 
 
 async def merge(router: Caller, survivor: str, losers: list[str], request: Any,
-                context: Any) -> Any:
+                context: Any, expect: str | None = None) -> Any:
     """Run one cross-shard merge of `losers` into `survivor` that applies `request` (an
-    UpsertRequest or LinkRequest for `survivor`); returns that request's response."""
+    UpsertRequest or LinkRequest for `survivor`); returns that request's response. With
+    `expect`, the survivor's shard must be that "name:epoch" (a same-shard merge the request
+    also makes was judged for it, memstore.hashslot.EXPECT_SHARD), or Absorb is refused."""
     txn = uuid.uuid4().hex
     held: list[tuple[str, bytes]] = []
     try:
@@ -142,7 +145,7 @@ async def merge(router: Caller, survivor: str, losers: list[str], request: Any,
     else:
         absorb.link.CopyFrom(request)
     try:
-        answer = await router.control(survivor, "Absorb", absorb, context)
+        answer = await router.control(survivor, "Absorb", absorb, context, expect)
         response = answer.upsert if isinstance(request, pb.UpsertRequest) else answer.link
         committed = True
     except BaseException as exc:

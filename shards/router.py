@@ -359,8 +359,10 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                      "(a slot move stuck?)")
 
     # merge.Caller
-    def control(self, pid: str, method: str, request: Any, context: Any) -> Awaitable[Any]:
-        return self._owner_call(pid, method, request, context, control=True, follow=False)
+    def control(self, pid: str, method: str, request: Any, context: Any,
+                expect: str | None = None) -> Awaitable[Any]:
+        return self._owner_call(pid, method, request, context, control=True, follow=False,
+                                expect=expect)
 
     def profile(self, pid: str, method: str, request: Any, context: Any) -> Awaitable[Any]:
         return self._owner_call(pid, method, request, context)
@@ -494,7 +496,8 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                 if not losers:  # a merged-away id: Forwarded, claimed again for its survivor
                     return await self._owner_call(request.id, method, request, context,
                                                   follow=False, expect=local.get(request.id))
-                return await merge.merge(self, request.id, losers, request, context)
+                return await merge.merge(self, request.id, losers, request, context,
+                                         expect=local.get(request.id))
             except _Rejudge:  # a same-shard merge judged on a map that has changed since
                 await _pause(attempt, context)
             except merge.Restart:  # a racing merge: back off a random while, then retry
@@ -834,8 +837,8 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         later_at: set[int] = set()
         for i, ((pid, _), idents) in enumerate(zip(items, named, strict=True)):
             home = self.map.owner(slot_of(pid))
-            if idents and home is not None:
-                judged[pid] = f"{home.name}:{home.epoch}"
+            if idents:  # "" (no owner known): cannot be judged, its shard refuses it
+                judged[pid] = "" if home is None else f"{home.name}:{home.epoch}"
             for key in idents:
                 if first_home.setdefault(key, home) is not home:
                     later_at.add(i)

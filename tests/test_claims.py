@@ -31,7 +31,7 @@ def _keys_in(slot: int, n: int) -> list[str]:
 SLOT_A, SLOT_B = slot_of(claim_key("email", "é0@x")), 7
 KEYS = _keys_in(SLOT_A, 8) + _keys_in(SLOT_B, 8)
 PIDS = ["p1", "p2", "profile-é-3", ""]  # "" stands for None: remove
-ops = st.lists(st.tuples(st.sampled_from(["swap"] * 4 + ["load"]),
+ops = st.lists(st.tuples(st.sampled_from(["swap"] * 4 + ["load", "touch"]),
                          st.sampled_from(KEYS), st.sampled_from(PIDS)), min_size=40, max_size=120)
 
 
@@ -44,7 +44,7 @@ def small_arenas(monkeypatch: pytest.MonkeyPatch) -> None:
 @given(ops, st.sampled_from([hash, lambda key: len(key) % 3]))
 def test_claims_match_a_dict(steps: list[tuple[str, str, str]], hashing: object) -> None:
     clock = [0.0]
-    table = Claims(hash=hashing, clock=lambda: clock[0])  # type: ignore[arg-type]
+    table = Claims(hasher=hashing, clock=lambda: clock[0])  # type: ignore[arg-type]
     model: dict[str, str] = {}
     made: dict[str, float] = {}  # when each claim was last set to another pid
     for op, key, pid in steps:
@@ -57,6 +57,10 @@ def test_claims_match_a_dict(steps: list[tuple[str, str, str]], hashing: object)
                 model[key] = pid
             else:
                 model.pop(key, None)
+        elif op == "touch":  # an import carried it again: made now, if held
+            table.touch([key])
+            if key in model:
+                made[key] = clock[0]
         elif op == "load":  # a snapshot's slot replaces what the slot held
             slot = slot_of(key)
             fresh = {k: v for k, v in model.items() if slot_of(k) == slot and k != key}

@@ -506,13 +506,14 @@ def test_claim_rpc_refuses_bad_input_clearly(three: dict[str, Any]) -> None:
         assert where in err.value.details()
 
 
-@pytest.mark.parametrize("write", ["Upsert", "BatchUpsert"])
+@pytest.mark.parametrize("write", ["Upsert", "BatchUpsert", "Upsert and a cross-shard merge"])
 def test_a_same_shard_merge_is_judged_again_when_a_slot_moved_under_the_router(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write: str) -> None:
     """H holds x; P's slot moves from H's shard to the other one behind the router's back
     (its map is stale). A write of (P, x) through it judges "same shard: the engine
     merges", but P now lives elsewhere: the write must be judged again, not sent on to P's
-    new shard (which would give x a second owner)."""
+    new shard (which would give x a second owner). In the third case the write also names
+    y, held by G on the other shard: a cross-shard merge whose Absorb carries the check."""
     from shards import rebalance as rb
     from shards import router as router_module
 
@@ -531,9 +532,14 @@ def test_a_same_shard_merge_is_judged_again_when_a_slot_moved_under_the_router(
                                     cl.node(shards[1].address), {slot_of(p)},
                                     rb.Journal(None), rb.MoveReport())
 
+        g, y = fresh(2, want_pid=1, want_claim=0, prefix="mv")
+        stub.Upsert(pb.UpsertRequest(id=g, identifiers=[y]), timeout=10)
         asyncio.run(move())
         if write == "Upsert":
             stub.Upsert(pb.UpsertRequest(id=p, identifiers=[x]), timeout=10)
+        elif write.startswith("Upsert and"):
+            stub.Upsert(pb.UpsertRequest(id=p, identifiers=[x, y]), timeout=10)
+            assert get(stub, y).id == get(stub, x).id
         else:
             assert stub.BatchUpsert(pb.BatchUpsertRequest(requests=[
                 pb.UpsertRequest(id=p, identifiers=[x])]), timeout=10).applied == 1
@@ -562,10 +568,57 @@ def test_a_shard_refuses_a_write_judged_for_other_ownership(three: dict[str, Any
             with pytest.raises(grpc.RpcError) as err:
                 call(request, timeout=10, metadata=(("memstore-expect-shard", judged),))
             assert err.value.code() == grpc.StatusCode.ABORTED
-            assert f"judged this write for shard {judged}" in err.value.details()
+            assert f"judged this write for shard {judged!r}" in err.value.details()
         with pytest.raises(grpc.RpcError):
             direct.Get(pb.GetRequest(key=pb.ProfileKey(id=pid)), timeout=10)  # not written
     ident = pb.Identifier(kind="email", value=f"{pid}@x")
     reply = direct.Link(pb.LinkRequest(id=pid, identifiers=[ident], create=True), timeout=10,
                         metadata=(("memstore-expect-shard", f"{info.name}:{info.epoch}"),))
     assert reply.id == pid
+
+
+def test_a_same_shard_judgement_stands_from_the_round_that_made_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """claim() waits out a young claim for one identifier over rounds; a same-shard
+    judgement made in an earlier round for another one must carry that round's epoch, not
+    a later round's (the holder may have moved away meanwhile, found by a review)."""
+    from types import SimpleNamespace
+
+    from shards import directory
+
+    x1, x2 = SimpleNamespace(name="X", epoch=1), SimpleNamespace(name="X", epoch=2)
+    shard_of = {"p": x1, "h": x1, "q": x1}
+    claimed = {("email", "e1"): ("h", 100.0), ("email", "e2"): ("q", 0.0)}  # e2: young
+    holds = {"h": [("email", "e1")], "q": []}
+
+    class Map:
+        def owner(self, slot: int) -> Any:
+            return next(sh for pid, sh in shard_of.items() if slot_of(pid) == slot)
+
+    class FakeRouter:
+        map = Map()
+
+        async def routed(self, items: list[Any], method: str, build: Any, context: Any,
+                         retarget: Any = None, control: bool = False) -> list[Any]:
+            request = build([item for _, item in items])
+            if method == "Claim":
+                answers = [[*claimed.get((k, v), (None, 0.0)), False]
+                           for k, v, _, _ in msgpack.unpackb(request.packed)]
+                return [([i for _, i in items], SimpleNamespace(
+                    packed=msgpack.packb(answers)))]
+            return [([i for _, i in items], SimpleNamespace(results=[SimpleNamespace(
+                found=True, profile=pb.Profile(id=pid, identifiers=[
+                    pb.Identifier(kind=k, value=v) for k, v in holds[pid]]))
+                for pid in request.ids]))]
+
+    async def next_round(attempt: int, context: Any) -> None:
+        shard_of["h"] = SimpleNamespace(name="Z", epoch=1)  # h's slot moved to Z ...
+        shard_of["p"] = shard_of["q"] = x2  # ... so X has a new epoch
+        holds["q"] = [("email", "e2")]  # and q's write landed: a same-shard merge too
+
+    monkeypatch.setattr(directory, "_sleep", next_round)
+    local: dict[str, str] = {}
+    foreign = asyncio.run(directory.Directory(FakeRouter()).claim(  # type: ignore[arg-type]
+        [("p", ("email", "e1")), ("p", ("email", "e2"))],
+        SimpleNamespace(time_remaining=lambda: 10.0), set(), local))
+    assert foreign == {} and local == {"p": "X:1"}  # X is at 2 now: it refuses the write
