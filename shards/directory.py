@@ -35,7 +35,6 @@ between its claim and its apply, whose claim another writer may then take over.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import time
@@ -48,6 +47,7 @@ import msgpack
 from memstore.claims import CLAIM_GRACE, claim_key
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import memstore_pb2 as pb
+from shards.backoff import pause
 from shards.shard_map import ShardMap
 from shards.slots import slot_of
 
@@ -285,9 +285,4 @@ def holds(profile: pb.Profile, ident: Ident) -> bool:
 
 
 async def _sleep(attempt: int, context: Any) -> None:
-    delay = min(0.002 * (2 ** attempt), 0.1)
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= delay:
-        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while "
-                            "waiting for another write naming the same identifier")
-    await asyncio.sleep(delay)
+    await pause(attempt, context, "waiting for another write naming the same identifier")

@@ -71,6 +71,7 @@ from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
 from shards import merge
+from shards.backoff import pause
 from shards.directory import ClaimStuck, Directory
 from shards.shard_map import CHANNEL_OPTIONS, ShardMap, ShardState
 from shards.slots import slot_of
@@ -188,12 +189,7 @@ async def _fail(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messag
 
 
 async def _pause(attempt: int, context: grpc.aio.ServicerContext) -> None:
-    delay = min(0.002 * (2 ** attempt), 0.1)
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= delay:
-        await _fail(context, Code.DEADLINE_EXCEEDED, "deadline passed while the slot map "
-                    "was changing (a slot move in progress)")
-    await asyncio.sleep(delay)
+    await pause(attempt, context, "the slot map was changing (a slot move in progress)")
 
 
 def _attempts() -> Iterator[int]:
