@@ -165,11 +165,13 @@ class Claims:
 
     def get_in(self, slot: int, key: str, default: str | None = None) -> str | None:
         """get() when the caller knows slot_of(key) already."""
+        table, i = self._find(slot, key)
+        return default if table is None or i < 0 else table.pid(i)
+
+    def _find(self, slot: int, key: str) -> tuple[_Slot | None, int]:
+        """The slot's table (None: no claims there) and key's index in it (< 0: none)."""
         table = self._slots.get(slot)
-        if table is None:
-            return default
-        i = table.locate(key, self._hash(key))
-        return default if i < 0 else table.pid(i)
+        return table, -1 if table is None else table.locate(key, self._hash(key))
 
     def swap(self, key: str, pid: str | None) -> str | None:
         """Set (or with None, remove) the claim of `key`; returns the one it replaced. A
@@ -204,10 +206,9 @@ class Claims:
         carries all of a slot's claims, and one may have been made again since the last)."""
         tick = int((self._clock() - self._started) / TICK)
         for key in keys:
-            table = self._slots.get(slot_of(key))
-            i = -1 if table is None else table.locate(key, self._hash(key))
-            if i >= 0:
-                table.ticks[i] = tick  # type: ignore[union-attr]
+            table, i = self._find(slot_of(key), key)
+            if table is not None and i >= 0:
+                table.ticks[i] = tick
 
     def in_slots(self, slots: Iterable[int]) -> dict[str, str]:
         """Every claim of `slots` (a slot move carries them)."""
@@ -232,11 +233,10 @@ class Claims:
     def age(self, key: str, now: float) -> float:
         """Seconds since the claim of `key` was set, at least (a claim set before this
         process started counts as set at its start; no claim: the same)."""
-        table = self._slots.get(slot_of(key))
-        i = -1 if table is None else table.locate(key, self._hash(key))
-        tick = None if table is None or i < 0 else table.ticks[i]
-        if tick is None:
+        table, i = self._find(slot_of(key), key)
+        if table is None or i < 0:
             return now - self._started
+        tick = table.ticks[i]
         return max(0.0, now - self._started - (tick + 1) * TICK)
 
     def young(self, key: str, now: float) -> bool:
