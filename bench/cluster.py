@@ -3,7 +3,8 @@
 One job: for the same seeded profiles (bench.datagen), start `memstore serve --shards K` for
 each K, bulk-load through the router, time the 4-5 predicate segment count (q09_issue) and
 single-profile Gets through the router against DuckDB in-process and RediSearch (one
-redis-server, when its measured bytes a profile times the size fits in memory), then, on the
+redis-server, when its measured bytes a profile times the size fits in memory; with
+`--redis-schema query` it holds only the query's attributes, which fits at 10M), then, on the
 1-shard cluster, add an empty shard with `memstore cluster add-shard` while a writer and a
 querier run, and report the move rate and the latencies before and during the move.
 
@@ -62,6 +63,9 @@ RESULTS_MD = Path(__file__).parent / "CLUSTER_RESULTS.md"
 # RediSearch's RSS growth per profile, measured at 1M by bench/run.py (bench/RESULTS.md); used
 # to decide whether it fits before loading it, and replaced by this run's own figure when run.
 REDIS_BYTES_PER_PROFILE = 2650
+# The same with `--redis-schema query` (documents and index hold q09's attributes alone):
+# 576 measured at 1M by this script (bench/CLUSTER_RESULTS.md), rounded up.
+REDIS_QUERY_BYTES_PER_PROFILE = 600
 REDIS_FIT = 0.8  # load RediSearch only if its estimate is at most this share of MemAvailable
 GIB = 1024**3
 
@@ -337,11 +341,13 @@ class Background:
 # ---- RediSearch ------------------------------------------------------------------------------
 
 
-def run_redis(ds: Dataset, want: int, opt: dict[str, Any]) -> dict[str, Any]:
-    """Load RediSearch and time the count, if its estimated memory fits; else say why not."""
-    per = opt["redis_bytes_per_profile"]
+def run_redis(ds: Dataset, want: int, opt: dict[str, Any], schema: str) -> dict[str, Any]:
+    """Load RediSearch and time the count, if its estimated memory fits; else say why not.
+    `schema` "full" stores and indexes every attribute, "query" only those QUERY reads."""
+    per = opt["redis_bytes_per_profile"][schema]
     m = meminfo()
     out: dict[str, Any] = {
+        "schema": schema,
         "assumed_bytes_per_profile": per,
         "estimate_bytes": per * ds.size,
         "available_bytes": m["MemAvailable"],
@@ -350,7 +356,7 @@ def run_redis(ds: Dataset, want: int, opt: dict[str, Any]) -> dict[str, Any]:
     }
     if per * ds.size > REDIS_FIT * m["MemAvailable"]:
         out["skipped"] = (
-            f"does not fit: {per:,} bytes/profile (RSS growth measured at 1M) × "
+            f"does not fit: {per:,} bytes/profile (RSS growth at 1M, {schema} schema) × "
             f"{ds.size:,} profiles = {per * ds.size / 1e9:.1f} GB "
             f"({per * ds.size / GIB:.1f} GiB) > {REDIS_FIT:.0%} of the "
             f"{m['MemAvailable'] / GIB:.1f} GiB available ({m['MemTotal'] / GIB:.1f} GiB RAM, "
@@ -358,7 +364,7 @@ def run_redis(ds: Dataset, want: int, opt: dict[str, Any]) -> dict[str, Any]:
         )
         log(f"[redis] not run: {out['skipped']}")
         return out
-    r = RedisPeer(ds)
+    r = RedisPeer(ds, attributes=QUERY.attributes if schema == "query" else None)
     if not r.available:
         out["skipped"] = f"unavailable: {r.reason}"
         log(f"[redis] not run: {out['skipped']}")
@@ -374,7 +380,7 @@ def run_redis(ds: Dataset, want: int, opt: dict[str, Any]) -> dict[str, Any]:
             }
             for mod in r.r.execute_command("MODULE", "LIST")
         ]
-        log(f"[redis] loading {ds.size:,} profiles with FT.ADD (pipelined)")
+        log(f"[redis] loading {ds.size:,} profiles with FT.ADD (pipelined), {schema} schema")
         out["load"] = r.load()
         log(
             f"[redis] loaded at {out['load']['rows_per_s']:,.0f}/s, "
@@ -406,7 +412,7 @@ def run_config(
     ds: Dataset,
     want: int,
     duck_med: float,
-    redis_med: float | None,
+    redis_meds: dict[str, float],
     opt: dict[str, Any],
     tmp: Path,
 ) -> dict[str, Any]:
@@ -472,16 +478,15 @@ def run_config(
             )
         res["query"] = time_count(c, opt["query_budget"])
         res["query"]["ratio_vs_duckdb"] = res["query"]["median_ms"] / duck_med
-        if redis_med is not None:
-            res["query"]["ratio_vs_redis"] = res["query"]["median_ms"] / redis_med
+        res["query"]["ratio_vs_redis"] = {
+            schema: res["query"]["median_ms"] / med for schema, med in redis_meds.items()}
         log(
             f"  {QUERY.name}: count {got} (= reference), median "
             f"{res['query']['median_ms']:.2f} ms, p99 {res['query']['p99_ms']:.2f} ms, "
             f"DuckDB ÷ memstore {duck_med / res['query']['median_ms']:.2f}"
-            + (
-                f", RediSearch ÷ memstore {redis_med / res['query']['median_ms']:.2f}"
-                if redis_med is not None
-                else ""
+            + "".join(
+                f", RediSearch ({schema}) ÷ memstore {med / res['query']['median_ms']:.2f}"
+                for schema, med in redis_meds.items()
             )
         )
         res["get"] = time_gets(c, ds, opt["gets"])
@@ -634,15 +639,21 @@ def _vs(ratio: float) -> str:
     return f"{ratio:,.3f} ({ratio:,.1f}× slower)"
 
 
-def redis_line(rd: dict[str, Any] | None) -> str:
-    if rd is None:
-        return "- RediSearch: not run (`--no-redis`)"
+REDIS_SCHEMAS = {
+    "full": "every attribute stored and indexed",
+    "query": "documents and index hold only the query's attributes "
+             f"({', '.join(sorted(QUERY.attributes))})",
+}
+
+
+def redis_line(rd: dict[str, Any]) -> str:
+    label = f"RediSearch, {rd['schema']} schema ({REDIS_SCHEMAS[rd['schema']]})"
     if "skipped" in rd:
-        return f"- RediSearch: not run at this size, {rd['skipped']}"
+        return f"- {label}: not run at this size, {rd['skipped']}"
     ver = next((md.get("ver") for md in rd.get("modules", []) if md.get("name") == "ft"), "?")
     ld, q = rd["load"], rd["query"]
     return (
-        f"- RediSearch (redis {rd['version']}, module ft {ver}, one redis-server, SAFEMODE), "
+        f"- {label}, redis {rd['version']}, module ft {ver}, one redis-server, SAFEMODE: "
         "same query as `FT.SEARCH ... NOCONTENT LIMIT 0 1`, count cross-checked: median "
         f"{_f(q['median_ms'])} ms, p99 {_f(q['p99_ms'])} ms; loaded at "
         f"{_f(ld['rows_per_s'], 0)} profiles/s, {_f(ld['bytes_per_profile'], 0)} bytes/profile "
@@ -653,7 +664,7 @@ def redis_line(rd: dict[str, Any] | None) -> str:
 def markdown(res: dict[str, Any]) -> str:
     m = res["meta"]
     d = res["duckdb"]
-    rd = res.get("redis")
+    rds = res.get("redis") or []
     mem = "; ".join(f"{n['stage']}: {n['available_gib']} GiB" for n in res.get("memory", []))
     lines = [
         f"## {m['size']:,} profiles",
@@ -679,7 +690,7 @@ def markdown(res: dict[str, Any]) -> str:
             f"{_f(d['query']['median_ms'])} ms, p99 {_f(d['query']['p99_ms'])} ms; closed "
             "before the shards started"
         ),
-        redis_line(rd),
+        *(map(redis_line, rds) if rds else ["- RediSearch: not run (`--no-redis`)"]),
         f"- MemAvailable as the run went: {mem}",
         (
             "- after each load the run waited until no shard was writing a snapshot (a forked "
@@ -699,7 +710,9 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(f"| {r['shards']} | failed: {r['error']} | | | | | | | | |")
             continue
         q = r["query"]
-        vs_redis = _vs(q["ratio_vs_redis"]) if "ratio_vs_redis" in q else "not run"
+        vs_redis = "; ".join(
+            _vs(ratio) if len(q["ratio_vs_redis"]) == 1 else f"{schema}: {_vs(ratio)}"
+            for schema, ratio in q["ratio_vs_redis"].items()) or "not run"
         lines.append(
             f"| {r['shards']} | {_f(r['load']['profiles_per_s'], 0)} | "
             f"{_f(r.get('waited_for_snapshots_s'), 1)} | "
@@ -857,17 +870,14 @@ def run(size: int, shard_counts: tuple[int, ...], out: Path, opt: dict[str, Any]
         f"[duckdb] {QUERY.name} = {want} (= numpy), median {dq['median_ms']:.2f} ms, "
         f"p99 {dq['p99_ms']:.2f} ms"
     )
-    redis_med: float | None = None
-    if opt["redis"]:
-        res["redis"] = run_redis(ds, want, opt)
-        if "query" in res["redis"]:
-            redis_med = res["redis"]["query"]["median_ms"]
+    res["redis"] = [run_redis(ds, want, opt, schema) for schema in opt["redis_schemas"]]
+    redis_meds = {rd["schema"]: rd["query"]["median_ms"] for rd in res["redis"] if "query" in rd}
     res["memory"].append(memory_note("peers closed, before the shards start"))
     tmp = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     try:
         for k in shard_counts:
             try:
-                res["configs"].append(run_config(k, ds, want, dq["median_ms"], redis_med, opt, tmp))
+                res["configs"].append(run_config(k, ds, want, dq["median_ms"], redis_meds, opt, tmp))
             except Exception as e:
                 res["configs"].append({"shards": k, "error": f"{type(e).__name__}: {e}"})
                 log(f"  FAILED shards={k}: {type(e).__name__}: {e}")
@@ -936,11 +946,22 @@ def _ints(s: str) -> tuple[int, ...]:
     "says why not).",
 )
 @click.option(
+    "--redis-schema",
+    "redis_schemas",
+    type=click.Choice(sorted(REDIS_SCHEMAS)),
+    multiple=True,
+    default=("full",),
+    show_default=True,
+    help="What RediSearch holds, repeatable: 'full' (every attribute) or 'query' (only the "
+    "timed query's attributes: small enough for 10M here).",
+)
+@click.option(
     "--redis-bytes-per-profile",
     type=int,
     default=REDIS_BYTES_PER_PROFILE,
     show_default=True,
-    help="RediSearch's RSS a profile, for the fit check (measured at 1M, bench/RESULTS.md).",
+    help="RediSearch's RSS a profile with the full schema, for the fit check (measured at "
+    "1M, bench/RESULTS.md).",
 )
 @click.option(
     "--snapshot-log-mb",
@@ -961,6 +982,7 @@ def main(
     load_concurrency: int,
     no_add_shard: bool,
     redis: bool,
+    redis_schemas: tuple[str, ...],
     redis_bytes_per_profile: int,
     snapshot_log_mb: int,
 ) -> None:
@@ -974,8 +996,9 @@ def main(
         "chunk_size": chunk_size,
         "load_concurrency": load_concurrency,
         "add_shard": not no_add_shard,
-        "redis": redis,
-        "redis_bytes_per_profile": redis_bytes_per_profile,
+        "redis_schemas": redis_schemas if redis else (),
+        "redis_bytes_per_profile": {"full": redis_bytes_per_profile,
+                                    "query": REDIS_QUERY_BYTES_PER_PROFILE},
         "move_timeout": 1800,
         "snapshot_log_mb": snapshot_log_mb,
     }

@@ -353,6 +353,21 @@ class Query:
     def redis(self) -> str:
         return to_redis(self.tree)
 
+    @property
+    def attributes(self) -> frozenset[str]:
+        """The attributes the query reads."""
+        return _attributes(self.tree)
+
+
+def _attributes(n: Node) -> frozenset[str]:
+    if isinstance(n, Not):
+        return _attributes(n.child)
+    if isinstance(n, And | Or):
+        return frozenset().union(*map(_attributes, n.children))
+    if isinstance(n, All):
+        return frozenset()
+    return frozenset((n.attr,))
+
 
 @dataclass(frozen=True)
 class GroupBy:
