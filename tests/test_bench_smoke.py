@@ -83,3 +83,25 @@ def test_cli_exits_non_zero_on_mismatch(monkeypatch: pytest.MonkeyPatch, tmp_pat
                                        "--workloads", "queries", "--no-plots"])
     assert result.exit_code == 2
     assert "q01_eq: duckdb counts" in result.output
+
+
+def test_narrow_redisearch_counts_the_query_and_holds_only_its_attributes() -> None:
+    """bench.cluster --redis-schema query: RediSearch loaded with q09's attributes alone
+    must count q09 like the numpy reference, and hold nothing else."""
+    from bench.cluster import QUERY
+    from bench.peers.redis_peer import RedisPeer
+    from bench.queries import redis_field
+
+    assert QUERY.attributes == {"country", "age", "interests", "consent.email"}
+    ds = generate(3_000, seed=8)
+    r = RedisPeer(ds, attributes=QUERY.attributes)
+    if not r.available:
+        pytest.skip(f"RediSearch peer unavailable: {r.reason}")
+    try:
+        r.load()
+        assert r.count(QUERY) == NumpyPeer(ds).count(QUERY)
+        allowed = {redis_field(a) for a in QUERY.attributes} | {"_has"}
+        stored = set().union(*(r.get(f"u{i:08d}").keys() for i in range(0, 3_000, 97)))
+        assert stored and stored <= allowed, stored - allowed
+    finally:
+        r.close()
