@@ -105,3 +105,17 @@ def test_narrow_redisearch_counts_the_query_and_holds_only_its_attributes() -> N
         assert stored and stored <= allowed, stored - allowed
     finally:
         r.close()
+
+
+def test_hops_times_echo_shard_and_router() -> None:
+    """bench.hops runs end to end on a small cluster and reports all three ways."""
+    from click.testing import CliRunner
+
+    from bench.hops import main as hops
+
+    result = CliRunner().invoke(hops, ["--size", "2000", "--calls", "100", "--rounds", "1"])
+    assert result.exit_code == 0, result.output
+    for way in ("bare grpc.aio echo", "shard Get (direct)", "Get through router"):
+        assert re.search(re.escape(way) + r" +median [0-9.]+ ms +p99 [0-9.]+ ms", result.output)
+    assert re.search(r"router ÷ shard median [0-9.]+", result.output)
+    assert re.search(r"router [0-9,]+, shard-0 [0-9,]+, shard-1 [0-9,]+", result.output)
