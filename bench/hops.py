@@ -7,10 +7,11 @@ CPU time from /proc around them:
   Python gRPC hop pays here);
 - Get sent straight to one shard of a `memstore serve --shards 2` cluster;
 - Get through that cluster's router (a client hop to the router, then the router's hop to
-  the owning shard).
+  the owning shard);
+- Get from a `Client(router, direct_reads=True)`, which sends it to the owning shard itself.
 
-It prints median and p99 latency, CPU per call in each process, and the ratios shard ÷ echo
-and router ÷ shard. Absolute times move with the machine; the ratios are the finding.
+It prints median and p99 latency, CPU per call in each process, and the ratios shard ÷ echo,
+router ÷ shard and direct_reads ÷ router. Absolute times move with the machine; the ratios are the finding.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import grpc
 from bench.cluster import Proc, client, cluster_status, descendants
 from bench.datagen import iter_records, load_or_generate, profile_id, schema_declaration
 from bench.timing import summarize
+from memstore.client import Client
 from memstore.hashslot import slot_of
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc as pbg
@@ -120,6 +122,7 @@ def main(size: int, calls: int, rounds: int) -> None:
         owned = {s for a, b in first["slots"] for s in range(a, b + 1)}
         shards = {name_of(p): p for p in descendants(cluster.proc.pid)}
         direct = client(first["address"])
+        smart = Client(cluster.addr, timeout=120.0, direct_reads=True)
         rnd = random.Random(7)
         request = pb.GetRequest(packed=True)
         request.key.id = "u00000000"
@@ -132,14 +135,18 @@ def main(size: int, calls: int, rounds: int) -> None:
                       {"echo server": echo.pid})  # type: ignore[dict-item]
             d = timed(direct.get, mine, {first["name"]: shards[first["name"]]})
             r = timed(c.get, ids[:calls + 50], {"router": cluster.proc.pid, **shards})
+            m = timed(smart.get, ids[:calls + 50], {"router": cluster.proc.pid, **shards})
             print(line("bare grpc.aio echo", e))
             print(line("shard Get (direct)", d))
             print(line("Get through router", r))
+            print(line("Get, direct_reads", m))
             print(f"  shard ÷ echo median {d['median_ms'] / e['median_ms']:.2f}; "
                   f"router ÷ shard median {r['median_ms'] / d['median_ms']:.2f}, "
-                  f"p99 {r['p99_ms'] / d['p99_ms']:.2f}")
+                  f"p99 {r['p99_ms'] / d['p99_ms']:.2f}; direct_reads ÷ router median "
+                  f"{m['median_ms'] / r['median_ms']:.2f}, p99 {m['p99_ms'] / r['p99_ms']:.2f}")
         c.close()
         direct.close()
+        smart.close()
     finally:
         cluster.stop()
         echo.kill()

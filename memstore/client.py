@@ -6,13 +6,22 @@ supplies the transport (`_call`). Against a router they see the whole cluster; a
 shard, that shard. Reads are retried on UNAVAILABLE with backoff (they are idempotent);
 writes are not, because an increment retried after a lost answer would apply twice.
 
+With `direct_reads=True`, a Get by primary id goes straight to the shard owning the id's
+slot, as the router's shard list last said (one gRPC hop instead of two); any answer but
+the profile or a plain NOT_FOUND (the slot moved, the id was merged away, a merge holds it,
+the shard is down) sends that Get through the router and refreshes the list. A shard owns
+a slot alone (a move takes it from the source before the target gets it), so a direct read
+sees every write acknowledged through any router.
+
 Values: str, int, float, bool, datetime (timezone-aware) and lists of str.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from array import array
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -25,6 +34,7 @@ from pyroaring import BitMap
 
 from memstore import pbvalues
 from memstore.columnar import pack_columns
+from memstore.hashslot import SLOT_COUNT, slot_of
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
 
@@ -33,6 +43,9 @@ _OPTIONS = [("grpc.max_receive_message_length", 64 << 20),
             ("grpc.max_send_message_length", 64 << 20)]
 _READS = {"Get", "BatchGet", "GetSchema", "Count", "QueryIds", "GroupBy", "QueryBitmap", "Stats"}
 _RETRIES = 3
+# The router's JSON admin call listing shards, addresses and slots (shards/router.py).
+LIST_SHARDS = "/memstore.cluster.v1.RouterAdmin/ListShards"
+REFRESH_EVERY = 1.0  # direct_reads: seconds between shard-list refreshes after a miss
 
 # Proto enum numbers by the names the client accepts (the .pyi types them as NewTypes).
 _OPS: dict[str, Any] = {"set": 1, "set_once": 2, "unset": 3, "increment": 4,
@@ -186,12 +199,69 @@ def _schema(r: pb.SchemaResponse) -> list[dict[str, Any]]:
              "merge": _MERGE_NAMES[a.merge]} for a in r.attributes]
 
 
+class _SlotOwners:
+    """direct_reads: the address owning each slot, as the router's ListShards last said."""
+
+    def __init__(self) -> None:
+        self.addresses: list[str] = []
+        self.owner = array("h", [-1]) * SLOT_COUNT
+        self.enabled = True  # off for good once the address turns out to be a shard
+        self.fresh_until = 0.0  # read directly only until then; 0: refresh first
+        self.refreshed_at = -REFRESH_EVERY
+
+    def due(self) -> bool:
+        """Whether to ask the router for the shard list before this read."""
+        now = time.monotonic()
+        return now >= self.fresh_until and now - self.refreshed_at >= REFRESH_EVERY
+
+    def load(self, answer: dict[str, Any]) -> None:
+        self.refreshed_at = time.monotonic()
+        self.fresh_until = float("inf")
+        self.addresses = []
+        self.owner = array("h", [-1]) * SLOT_COUNT
+        for shard in answer.get("shards", []):
+            if not shard.get("reachable", True):
+                continue
+            index = len(self.addresses)
+            self.addresses.append(str(shard["address"]))
+            for start, end in shard.get("slots", []):
+                self.owner[start:end + 1] = array("h", [index]) * (end + 1 - start)
+
+    def failed(self, exc: grpc.RpcError) -> None:
+        """The router's list could not be read: a shard does not have it (direct reads
+        stop), anything else is tried again later."""
+        self.refreshed_at = time.monotonic()
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+            self.enabled = False
+
+    def stale(self) -> None:
+        self.fresh_until = 0.0
+
+    def address(self, pid: str) -> str | None:
+        """The owner's address, or None: go through the router."""
+        if not self.enabled or time.monotonic() >= self.fresh_until:
+            return None
+        index = self.owner[slot_of(pid)]
+        return self.addresses[index] if index >= 0 else None
+
+
+def _direct_answer(exc: grpc.RpcError) -> bool:
+    """Whether a shard's refusal of a direct Get is the answer (a plain NOT_FOUND) rather
+    than a reason to ask the router (wrong slot, merged away, held, down, ...)."""
+    if exc.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+        return False
+    trailers = exc.trailing_metadata() or ()  # type: ignore[attr-defined]
+    return not any(key.startswith("memstore-") and key != "memstore-epoch"
+                   for key, _ in trailers)
+
+
 class _Methods:
     """Every public method, written once. `_call` returns a value (Client) or an
     awaitable of it (AsyncClient)."""
 
     def _call(self, method: str, request: Any, decode: Callable[[Any], Any],
-              missing: Any = _MISSING) -> Any:
+              missing: Any = _MISSING, direct: str | None = None) -> Any:
+        """`direct`: the primary id of a Get that direct_reads may send to its shard."""
         raise NotImplementedError
 
     # profiles
@@ -215,7 +285,8 @@ class _Methods:
     def get(self, id: str | None = None, *, identifier: tuple[str, str] | None = None,
             attributes: Sequence[str] = ()) -> Any:
         request = pb.GetRequest(key=_key(id, identifier), attributes=attributes, packed=True)
-        return self._call("Get", request, lambda r: _profile(r.profile), missing=None)
+        return self._call("Get", request, lambda r: _profile(r.profile), missing=None,
+                          direct=id if identifier is None else None)
 
     def batch_get(self, keys: Iterable[str | tuple[str, str]], attributes: Sequence[str] = ()
                   ) -> Any:
@@ -286,14 +357,47 @@ def _error(exc: grpc.RpcError, method: str) -> ClientError:
 class Client(_Methods):
     """Blocking client. `with Client(address) as c: c.get("u1")`."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 30.0) -> None:
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 30.0,
+                 direct_reads: bool = False) -> None:
         self.address = address
         self.timeout = timeout
         self._channel = grpc.insecure_channel(address, options=_OPTIONS)
         self._stub = memstore_pb2_grpc.MemstoreStub(self._channel)
+        self._owners = _SlotOwners() if direct_reads else None
+        self._shards: dict[str, tuple[grpc.Channel, Any]] = {}
+
+    def _direct_get(self, pid: str, request: Any) -> Any:
+        """The shard's GetResponse, _MISSING for a plain NOT_FOUND, None: ask the router."""
+        owners = self._owners
+        assert owners is not None
+        if owners.enabled and owners.due():
+            try:
+                owners.load(json.loads(self._channel.unary_unary(LIST_SHARDS)(
+                    b"{}", timeout=self.timeout)))
+            except grpc.RpcError as exc:
+                owners.failed(exc)
+        address = owners.address(pid)
+        if address is None:
+            return None
+        if address not in self._shards:
+            channel = grpc.insecure_channel(address, options=_OPTIONS)
+            self._shards[address] = (channel, memstore_pb2_grpc.MemstoreStub(channel))
+        try:
+            return self._shards[address][1].Get(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            if _direct_answer(exc):
+                return _MISSING
+            owners.stale()
+            return None
 
     def _call(self, method: str, request: Any, decode: Callable[[Any], Any],
-              missing: Any = _MISSING) -> Any:
+              missing: Any = _MISSING, direct: str | None = None) -> Any:
+        if direct and self._owners is not None:
+            answer = self._direct_get(direct, request)
+            if answer is _MISSING:
+                return missing
+            if answer is not None:
+                return decode(answer)
         attempts = _RETRIES if method in _READS else 1
         for attempt in range(attempts):
             try:
@@ -347,6 +451,8 @@ class Client(_Methods):
 
     def close(self) -> None:
         self._channel.close()
+        for channel, _ in self._shards.values():
+            channel.close()
 
     def __enter__(self) -> Self:
         return self
@@ -358,14 +464,47 @@ class Client(_Methods):
 class AsyncClient(_Methods):
     """asyncio client with the same methods as Client: `await c.get("u1")`."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 30.0) -> None:
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 30.0,
+                 direct_reads: bool = False) -> None:
         self.address = address
         self.timeout = timeout
         self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
         self._stub = memstore_pb2_grpc.MemstoreStub(self._channel)
+        self._owners = _SlotOwners() if direct_reads else None
+        self._shards: dict[str, tuple[grpc.aio.Channel, Any]] = {}
+
+    async def _direct_get(self, pid: str, request: Any) -> Any:
+        """As Client._direct_get."""
+        owners = self._owners
+        assert owners is not None
+        if owners.enabled and owners.due():
+            try:
+                owners.load(json.loads(await self._channel.unary_unary(LIST_SHARDS)(
+                    b"{}", timeout=self.timeout)))
+            except grpc.aio.AioRpcError as exc:
+                owners.failed(exc)
+        address = owners.address(pid)
+        if address is None:
+            return None
+        if address not in self._shards:
+            channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
+            self._shards[address] = (channel, memstore_pb2_grpc.MemstoreStub(channel))
+        try:
+            return await self._shards[address][1].Get(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            if _direct_answer(exc):
+                return _MISSING
+            owners.stale()
+            return None
 
     async def _call(self, method: str, request: Any, decode: Callable[[Any], Any],
-                    missing: Any = _MISSING) -> Any:
+                    missing: Any = _MISSING, direct: str | None = None) -> Any:
+        if direct and self._owners is not None:
+            answer = await self._direct_get(direct, request)
+            if answer is _MISSING:
+                return missing
+            if answer is not None:
+                return decode(answer)
         attempts = _RETRIES if method in _READS else 1
         for attempt in range(attempts):
             try:
@@ -418,6 +557,8 @@ class AsyncClient(_Methods):
 
     async def close(self) -> None:
         await self._channel.close()
+        for channel, _ in self._shards.values():
+            await channel.close()
 
     async def __aenter__(self) -> Self:
         return self
