@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from memstore.client import AsyncClient, Client, ClientError
+from memstore.client import REFRESH_EVERY, AsyncClient, Client, ClientError
 from shards.slots import slot_of
 from tests.conftest import ROOT, ServerProcess, start_shard
 from tests.test_router import RouterThread, start_shards
@@ -88,8 +89,10 @@ def test_a_moved_slot_is_read_from_its_new_shard(cluster: dict[str, Any]) -> Non
                  "--journal", str(tmp / "journal.json")],
                 check=False, cwd=ROOT, capture_output=True, text=True, timeout=240)
             assert result.returncode == 0, result.stderr
-            # The table is stale: ids now on shard-2 get wrong-slot, go through the router
-            # and make the client read the shard list again.
+            # The table is stale: ids now on shard-2 get wrong-slot and go through the
+            # router, and the client reads the shard list again (at most once a second:
+            # wait that out so the refresh happens during these reads).
+            time.sleep(REFRESH_EVERY)
             assert [c.get(f"p{i}")["attributes"]["n"] for i in range(N)] == list(range(N))
             assert new.address in c._owners.addresses  # type: ignore[union-attr]
             assert [c.get(f"p{i}")["attributes"]["n"] for i in range(N)] == list(range(N))
