@@ -34,7 +34,7 @@ from pyroaring import BitMap
 
 from memstore import pbvalues
 from memstore.columnar import pack_columns
-from memstore.hashslot import SLOT_COUNT, slot_of
+from memstore.hashslot import EPOCH_TRAILER, SLOT_COUNT, slot_of
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
 
@@ -200,11 +200,15 @@ def _schema(r: pb.SchemaResponse) -> list[dict[str, Any]]:
 
 
 class _SlotOwners:
-    """direct_reads: the address owning each slot, as the router's ListShards last said."""
+    """direct_reads: the shard owning each slot, as the router's ListShards last said, and
+    a stub for each shard. `connect(address)` makes a (channel, stub) pair."""
 
-    def __init__(self) -> None:
-        self.addresses: list[str] = []
-        self.owner = array("h", [-1]) * SLOT_COUNT
+    def __init__(self, connect: Callable[[str], tuple[Any, Any]]) -> None:
+        # (addresses, owner index per slot), replaced whole so that threads sharing a
+        # Client never see one table's indexes with another's addresses.
+        self.table: tuple[list[str], array[int]] = ([], array("h", [-1]) * SLOT_COUNT)
+        self.connect = connect
+        self.shards: dict[str, tuple[Any, Any]] = {}
         self.enabled = True  # off for good once the address turns out to be a shard
         self.fresh_until = 0.0  # read directly only until then; 0: refresh first
         self.refreshed_at = -REFRESH_EVERY
@@ -214,18 +218,19 @@ class _SlotOwners:
         now = time.monotonic()
         return now >= self.fresh_until and now - self.refreshed_at >= REFRESH_EVERY
 
-    def load(self, answer: dict[str, Any]) -> None:
-        self.refreshed_at = time.monotonic()
-        self.fresh_until = float("inf")
-        self.addresses = []
-        self.owner = array("h", [-1]) * SLOT_COUNT
-        for shard in answer.get("shards", []):
+    def load(self, answer: bytes) -> None:
+        """Take a ListShards answer (JSON)."""
+        addresses: list[str] = []
+        owner = array("h", [-1]) * SLOT_COUNT
+        for shard in json.loads(answer).get("shards", []):
             if not shard.get("reachable", True):
                 continue
-            index = len(self.addresses)
-            self.addresses.append(str(shard["address"]))
+            addresses.append(str(shard["address"]))
             for start, end in shard.get("slots", []):
-                self.owner[start:end + 1] = array("h", [index]) * (end + 1 - start)
+                owner[start:end + 1] = array("h", [len(addresses) - 1]) * (end + 1 - start)
+        self.table = (addresses, owner)
+        self.refreshed_at = time.monotonic()
+        self.fresh_until = float("inf")
 
     def failed(self, exc: grpc.RpcError) -> None:
         """The router's list could not be read: a shard does not have it (direct reads
@@ -234,25 +239,29 @@ class _SlotOwners:
         if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
             self.enabled = False
 
-    def stale(self) -> None:
-        self.fresh_until = 0.0
-
-    def address(self, pid: str) -> str | None:
-        """The owner's address, or None: go through the router."""
+    def stub(self, pid: str) -> Any:
+        """The stub of the shard owning pid's slot, or None: go through the router."""
         if not self.enabled or time.monotonic() >= self.fresh_until:
             return None
-        index = self.owner[slot_of(pid)]
-        return self.addresses[index] if index >= 0 else None
+        addresses, owner = self.table
+        index = owner[slot_of(pid)]
+        if index < 0:
+            return None
+        address = addresses[index]
+        if address not in self.shards:
+            self.shards[address] = self.connect(address)
+        return self.shards[address][1]
 
-
-def _direct_answer(exc: grpc.RpcError) -> bool:
-    """Whether a shard's refusal of a direct Get is the answer (a plain NOT_FOUND) rather
-    than a reason to ask the router (wrong slot, merged away, held, down, ...)."""
-    if exc.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
-        return False
-    trailers = exc.trailing_metadata() or ()  # type: ignore[attr-defined]
-    return not any(key.startswith("memstore-") and key != "memstore-epoch"
-                   for key, _ in trailers)
+    def refused(self, exc: grpc.RpcError) -> Any:
+        """What a direct Get the shard refused gives: _MISSING for a plain NOT_FOUND (the
+        answer), else None (ask the router; the slot moved, the id was merged away, a
+        merge holds it, the shard is down), and the table is refreshed before the next."""
+        if exc.code() == grpc.StatusCode.NOT_FOUND and not any(  # type: ignore[attr-defined]
+                key.startswith("memstore-") and key != EPOCH_TRAILER
+                for key, _ in exc.trailing_metadata() or ()):  # type: ignore[attr-defined]
+            return _MISSING
+        self.fresh_until = 0.0
+        return None
 
 
 class _Methods:
@@ -350,6 +359,14 @@ class _Methods:
             "log_bytes": r.log_bytes, "shard": r.shard, **dict(r.info)})
 
 
+def _connect(open_channel: Callable[..., Any]) -> Callable[[str], tuple[Any, Any]]:
+    """(channel, stub) for a shard address, with grpc.insecure_channel or its aio twin."""
+    def connect(address: str) -> tuple[Any, Any]:
+        channel = open_channel(address, options=_OPTIONS)
+        return channel, memstore_pb2_grpc.MemstoreStub(channel)
+    return connect
+
+
 def _error(exc: grpc.RpcError, method: str) -> ClientError:
     return ClientError(exc.code(), exc.details() or "", method)  # type: ignore[attr-defined]
 
@@ -363,8 +380,7 @@ class Client(_Methods):
         self.timeout = timeout
         self._channel = grpc.insecure_channel(address, options=_OPTIONS)
         self._stub = memstore_pb2_grpc.MemstoreStub(self._channel)
-        self._owners = _SlotOwners() if direct_reads else None
-        self._shards: dict[str, tuple[grpc.Channel, Any]] = {}
+        self._owners = _SlotOwners(_connect(grpc.insecure_channel)) if direct_reads else None
 
     def _direct_get(self, pid: str, request: Any) -> Any:
         """The shard's GetResponse, _MISSING for a plain NOT_FOUND, None: ask the router."""
@@ -372,23 +388,16 @@ class Client(_Methods):
         assert owners is not None
         if owners.enabled and owners.due():
             try:
-                owners.load(json.loads(self._channel.unary_unary(LIST_SHARDS)(
-                    b"{}", timeout=self.timeout)))
+                owners.load(self._channel.unary_unary(LIST_SHARDS)(b"{}", timeout=self.timeout))
             except grpc.RpcError as exc:
                 owners.failed(exc)
-        address = owners.address(pid)
-        if address is None:
+        stub = owners.stub(pid)
+        if stub is None:
             return None
-        if address not in self._shards:
-            channel = grpc.insecure_channel(address, options=_OPTIONS)
-            self._shards[address] = (channel, memstore_pb2_grpc.MemstoreStub(channel))
         try:
-            return self._shards[address][1].Get(request, timeout=self.timeout)
+            return stub.Get(request, timeout=self.timeout)
         except grpc.RpcError as exc:
-            if _direct_answer(exc):
-                return _MISSING
-            owners.stale()
-            return None
+            return owners.refused(exc)
 
     def _call(self, method: str, request: Any, decode: Callable[[Any], Any],
               missing: Any = _MISSING, direct: str | None = None) -> Any:
@@ -451,7 +460,7 @@ class Client(_Methods):
 
     def close(self) -> None:
         self._channel.close()
-        for channel, _ in self._shards.values():
+        for channel, _ in self._owners.shards.values() if self._owners else ():
             channel.close()
 
     def __enter__(self) -> Self:
@@ -470,8 +479,8 @@ class AsyncClient(_Methods):
         self.timeout = timeout
         self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
         self._stub = memstore_pb2_grpc.MemstoreStub(self._channel)
-        self._owners = _SlotOwners() if direct_reads else None
-        self._shards: dict[str, tuple[grpc.aio.Channel, Any]] = {}
+        self._owners = (_SlotOwners(_connect(grpc.aio.insecure_channel)) if direct_reads
+                        else None)
 
     async def _direct_get(self, pid: str, request: Any) -> Any:
         """As Client._direct_get."""
@@ -479,23 +488,17 @@ class AsyncClient(_Methods):
         assert owners is not None
         if owners.enabled and owners.due():
             try:
-                owners.load(json.loads(await self._channel.unary_unary(LIST_SHARDS)(
-                    b"{}", timeout=self.timeout)))
+                owners.load(await self._channel.unary_unary(LIST_SHARDS)(
+                    b"{}", timeout=self.timeout))
             except grpc.aio.AioRpcError as exc:
                 owners.failed(exc)
-        address = owners.address(pid)
-        if address is None:
+        stub = owners.stub(pid)
+        if stub is None:
             return None
-        if address not in self._shards:
-            channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
-            self._shards[address] = (channel, memstore_pb2_grpc.MemstoreStub(channel))
         try:
-            return await self._shards[address][1].Get(request, timeout=self.timeout)
+            return await stub.Get(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
-            if _direct_answer(exc):
-                return _MISSING
-            owners.stale()
-            return None
+            return owners.refused(exc)
 
     async def _call(self, method: str, request: Any, decode: Callable[[Any], Any],
                     missing: Any = _MISSING, direct: str | None = None) -> Any:
@@ -557,7 +560,7 @@ class AsyncClient(_Methods):
 
     async def close(self) -> None:
         await self._channel.close()
-        for channel, _ in self._shards.values():
+        for channel, _ in self._owners.shards.values() if self._owners else ():
             await channel.close()
 
     async def __aenter__(self) -> Self:

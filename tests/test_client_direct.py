@@ -82,7 +82,7 @@ def test_a_moved_slot_is_read_from_its_new_shard(cluster: dict[str, Any]) -> Non
     try:
         with Client(router.address, direct_reads=True) as c:
             assert c.get("p0")["id"] == "p0"
-            assert len(c._owners.addresses) == 2  # type: ignore[union-attr]
+            assert len(c._owners.table[0]) == 2  # type: ignore[union-attr]
             result = subprocess.run(
                 [sys.executable, "-m", "memstore.cli", "cluster", "add-shard", new.address,
                  "--address", router.address, "--no-progress",
@@ -94,7 +94,7 @@ def test_a_moved_slot_is_read_from_its_new_shard(cluster: dict[str, Any]) -> Non
             # wait that out so the refresh happens during these reads).
             time.sleep(REFRESH_EVERY)
             assert [c.get(f"p{i}")["attributes"]["n"] for i in range(N)] == list(range(N))
-            assert new.address in c._owners.addresses  # type: ignore[union-attr]
+            assert new.address in c._owners.table[0]  # type: ignore[union-attr]
             assert [c.get(f"p{i}")["attributes"]["n"] for i in range(N)] == list(range(N))
     finally:
         new.stop()
