@@ -7,11 +7,11 @@ shard, that shard. Reads are retried on UNAVAILABLE with backoff (they are idemp
 writes are not, because an increment retried after a lost answer would apply twice.
 
 With `direct_reads=True`, a Get by primary id goes straight to the shard owning the id's
-slot, as the router's shard list last said (one gRPC hop instead of two); any answer but
-the profile or a plain NOT_FOUND (the slot moved, the id was merged away, a merge holds it,
-the shard is down) sends that Get through the router and refreshes the list. A shard owns
-a slot alone (a move takes it from the source before the target gets it), so a direct read
-sees every write acknowledged through any router.
+slot, as the router's shard list last said (one gRPC hop instead of two), naming the shard
+and slot epoch it expects (EXPECT_SHARD), which any other shard, or that shard after its
+slots changed, refuses. Any answer but the profile or NOT_FOUND (the slot moved, the id was
+merged away, a merge holds it, the shard is down) sends that Get through the router and
+makes the next one read the list again.
 
 Values: str, int, float, bool, datetime (timezone-aware) and lists of str.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from array import array
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
@@ -34,7 +35,7 @@ from pyroaring import BitMap
 
 from memstore import pbvalues
 from memstore.columnar import pack_columns
-from memstore.hashslot import EPOCH_TRAILER, SLOT_COUNT, slot_of
+from memstore.hashslot import EXPECT_SHARD, SLOT_COUNT, slot_of
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
 
@@ -201,65 +202,93 @@ def _schema(r: pb.SchemaResponse) -> list[dict[str, Any]]:
 
 class _SlotOwners:
     """direct_reads: the shard owning each slot, as the router's ListShards last said, and
-    a stub for each shard. `connect(address)` makes a (channel, stub) pair."""
+    a stub for each shard. `connect(address)` makes a (channel, stub) pair.
+
+    A direct Get names the shard it expects, "name:epoch" (EXPECT_SHARD): a shard whose
+    name or slot epoch differs refuses it, so a reused address or a table older than the
+    shard's last slot change sends the Get to the router instead of answering it."""
 
     def __init__(self, connect: Callable[[str], tuple[Any, Any]]) -> None:
-        # (addresses, owner index per slot), replaced whole so that threads sharing a
-        # Client never see one table's indexes with another's addresses.
-        self.table: tuple[list[str], array[int]] = ([], array("h", [-1]) * SLOT_COUNT)
+        # (shards as (address, EXPECT_SHARD metadata), owner index per slot), replaced
+        # whole: threads sharing a Client never pair one table's indexes with another's.
+        self.table: tuple[list[tuple[str, Any]], array[int]] = (
+            [], array("h", [-1]) * SLOT_COUNT)
         self.connect = connect
         self.shards: dict[str, tuple[Any, Any]] = {}
+        self.lock = threading.Lock()  # around connect and the claim of a refresh
         self.enabled = True  # off for good once the address turns out to be a shard
         self.fresh_until = 0.0  # read directly only until then; 0: refresh first
         self.refreshed_at = -REFRESH_EVERY
 
     def due(self) -> bool:
-        """Whether to ask the router for the shard list before this read."""
+        """Whether this read asks the router for the shard list (one caller at a time)."""
         now = time.monotonic()
-        return now >= self.fresh_until and now - self.refreshed_at >= REFRESH_EVERY
+        if now < self.fresh_until or now - self.refreshed_at < REFRESH_EVERY:
+            return False
+        with self.lock:
+            if now - self.refreshed_at < REFRESH_EVERY:
+                return False  # another thread claimed it
+            self.refreshed_at = now
+            return self.enabled
 
     def load(self, answer: bytes) -> None:
-        """Take a ListShards answer (JSON)."""
-        addresses: list[str] = []
-        owner = array("h", [-1]) * SLOT_COUNT
-        for shard in json.loads(answer).get("shards", []):
-            if not shard.get("reachable", True):
-                continue
-            addresses.append(str(shard["address"]))
-            for start, end in shard.get("slots", []):
-                owner[start:end + 1] = array("h", [len(addresses) - 1]) * (end + 1 - start)
-        self.table = (addresses, owner)
-        self.refreshed_at = time.monotonic()
-        self.fresh_until = float("inf")
+        """Take a ListShards answer (JSON). Where two shards claim a slot, the higher epoch
+        owns it, as in the router's map; a list with slots nobody owns, or claimed twice,
+        is read again within REFRESH_EVERY (a move was switching)."""
+        try:
+            listed = json.loads(answer)
+            shards: list[tuple[str, Any]] = []
+            owner = array("h", [-1]) * SLOT_COUNT
+            epoch_of = [-1] * SLOT_COUNT
+            for shard in listed.get("shards", []):
+                if not shard.get("reachable", True):
+                    continue
+                epoch = int(shard["epoch"])
+                shards.append((str(shard["address"]),
+                               ((EXPECT_SHARD, f"{shard['name']}:{epoch}"),)))
+                for start, end in shard.get("slots", []):
+                    for slot in range(int(start), int(end) + 1):
+                        if epoch > epoch_of[slot]:
+                            owner[slot], epoch_of[slot] = len(shards) - 1, epoch
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ClientError(grpc.StatusCode.INTERNAL, f"unreadable shard list: {exc}",
+                              "ListShards") from None
+        self.table = (shards, owner)
+        settled = listed.get("exact", True) and -1 not in owner
+        self.fresh_until = float("inf") if settled else time.monotonic() + REFRESH_EVERY
 
-    def failed(self, exc: grpc.RpcError) -> None:
-        """The router's list could not be read: a shard does not have it (direct reads
-        stop), anything else is tried again later."""
-        self.refreshed_at = time.monotonic()
-        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+    def failed(self, exc: grpc.RpcError | ClientError) -> None:
+        """The router's list could not be read: a shard (or an older router) does not have
+        it, and direct reads stop; anything else is tried again REFRESH_EVERY later."""
+        if isinstance(exc, grpc.RpcError) and \
+                exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
             self.enabled = False
 
-    def stub(self, pid: str) -> Any:
-        """The stub of the shard owning pid's slot, or None: go through the router."""
+    def stub(self, pid: str) -> tuple[Any, Any] | None:
+        """(stub, call metadata) for the shard owning pid's slot, or None: ask the router."""
         if not self.enabled or time.monotonic() >= self.fresh_until:
             return None
-        addresses, owner = self.table
+        shards, owner = self.table
         index = owner[slot_of(pid)]
         if index < 0:
             return None
-        address = addresses[index]
+        address, metadata = shards[index]
         if address not in self.shards:
-            self.shards[address] = self.connect(address)
-        return self.shards[address][1]
+            with self.lock:
+                if address not in self.shards:
+                    self.shards[address] = self.connect(address)
+        return self.shards[address][1], metadata
 
-    def refused(self, exc: grpc.RpcError) -> Any:
-        """What a direct Get the shard refused gives: _MISSING for a plain NOT_FOUND (the
-        answer), else None (ask the router; the slot moved, the id was merged away, a
-        merge holds it, the shard is down), and the table is refreshed before the next."""
-        if exc.code() == grpc.StatusCode.NOT_FOUND and not any(  # type: ignore[attr-defined]
-                key.startswith("memstore-") and key != EPOCH_TRAILER
-                for key, _ in exc.trailing_metadata() or ()):  # type: ignore[attr-defined]
+    def refused(self, exc: grpc.RpcError, method: str) -> Any:
+        """What a direct Get the shard refused gives: _MISSING for NOT_FOUND (the shard
+        confirmed it is the expected owner), else None (ask the router: the slot moved,
+        the id was merged away, a merge holds it, the shard is down), and the table is read
+        again before the next direct Get. A spent deadline is the caller's error."""
+        code = exc.code()  # type: ignore[attr-defined]
+        if code == grpc.StatusCode.NOT_FOUND:
             return _MISSING
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise _error(exc, method) from None
         self.fresh_until = 0.0
         return None
 
@@ -386,18 +415,19 @@ class Client(_Methods):
         """The shard's GetResponse, _MISSING for a plain NOT_FOUND, None: ask the router."""
         owners = self._owners
         assert owners is not None
-        if owners.enabled and owners.due():
+        if owners.due():
             try:
                 owners.load(self._channel.unary_unary(LIST_SHARDS)(b"{}", timeout=self.timeout))
-            except grpc.RpcError as exc:
+            except (grpc.RpcError, ClientError) as exc:
                 owners.failed(exc)
-        stub = owners.stub(pid)
-        if stub is None:
+        shard = owners.stub(pid)
+        if shard is None:
             return None
+        stub, metadata = shard
         try:
-            return stub.Get(request, timeout=self.timeout)
+            return stub.Get(request, timeout=self.timeout, metadata=metadata)
         except grpc.RpcError as exc:
-            return owners.refused(exc)
+            return owners.refused(exc, "Get")
 
     def _call(self, method: str, request: Any, decode: Callable[[Any], Any],
               missing: Any = _MISSING, direct: str | None = None) -> Any:
@@ -486,19 +516,20 @@ class AsyncClient(_Methods):
         """As Client._direct_get."""
         owners = self._owners
         assert owners is not None
-        if owners.enabled and owners.due():
+        if owners.due():
             try:
                 owners.load(await self._channel.unary_unary(LIST_SHARDS)(
                     b"{}", timeout=self.timeout))
-            except grpc.aio.AioRpcError as exc:
+            except (grpc.aio.AioRpcError, ClientError) as exc:
                 owners.failed(exc)
-        stub = owners.stub(pid)
-        if stub is None:
+        shard = owners.stub(pid)
+        if shard is None:
             return None
+        stub, metadata = shard
         try:
-            return await stub.Get(request, timeout=self.timeout)
+            return await stub.Get(request, timeout=self.timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
-            return owners.refused(exc)
+            return owners.refused(exc, "Get")
 
     async def _call(self, method: str, request: Any, decode: Callable[[Any], Any],
                     missing: Any = _MISSING, direct: str | None = None) -> Any:

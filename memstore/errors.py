@@ -29,8 +29,9 @@ class WrongSlot(FailedPrecondition):
 
 
 class OwnershipChanged(MemstoreError):
-    """A router judged this write against slot ownership that has changed since (another
-    shard, or this shard's slots moved): it must judge the write again."""
+    """A router judged this write, or a direct_reads client this Get, against slot
+    ownership that has changed since (another shard, or this shard's slots moved): it
+    must judge the call again."""
 
 
 class Unavailable(MemstoreError):

@@ -13,9 +13,10 @@ SLOT_COUNT = 16384
 # Trailing metadata of every shard answer: the slot-ownership epoch it was made at (a
 # router's fan-out checks it against the epochs of the slot map it asked by).
 EPOCH_TRAILER = "memstore-epoch"
-# Request metadata a router sends with a write it judged against its slot map ("name:epoch"
-# of the shard it judged the write would run on): the shard refuses the write (ABORTED,
-# trailer REJUDGE_TRAILER) if it is another shard or its slots changed since.
+# Request metadata a router sends with a write it judged against its slot map, and a
+# direct_reads client with a Get ("name:epoch" of the shard it expects to run the call): the
+# shard refuses the call (ABORTED, trailer REJUDGE_TRAILER) if it is another shard or its
+# slots changed since.
 EXPECT_SHARD = "memstore-expect-shard"
 REJUDGE_TRAILER = "memstore-rejudge"
 

@@ -293,6 +293,7 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
 
     @rpc
     async def Get(self, request: pb.GetRequest, context: Any) -> pb.GetResponse:
+        self._as_judged(context)  # a direct_reads client names the owner it expects
         dense = self._find(request.key)
         if dense is None:
             raise NotFound(f"profile {_describe(request.key)} not found")
@@ -535,14 +536,15 @@ def _packed_array(packed: bytes) -> list[Any]:
 
 
 def _as_judged(shard: Shard, context: Any) -> None:
-    """Refuse a write a router judged for another shard, or for this one before its slots
-    last changed (EXPECT_SHARD): a merge it judged "same shard" may not be."""
+    """Refuse a call judged for another shard, or for this one before its slots last
+    changed (EXPECT_SHARD): a router's write judged "same shard" may not be, and a
+    direct_reads client's Get may have reached a shard that no longer owns the answer."""
     for key, value in context.invocation_metadata() or ():
         if key == EXPECT_SHARD:
             here = f"{shard.config.name}:{shard.engine.epoch}"
             if value != here:
-                raise OwnershipChanged(f"the router judged this write for shard {value!r}, "
-                                       f"but this is {here!r}: slots moved since")
+                raise OwnershipChanged(f"this call was judged for shard {value!r}, but this "
+                                       f"is {here!r}: slots moved since")
 
 
 def _writable(shard: Shard) -> None:

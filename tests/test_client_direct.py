@@ -89,12 +89,15 @@ def test_a_moved_slot_is_read_from_its_new_shard(cluster: dict[str, Any]) -> Non
                  "--journal", str(tmp / "journal.json")],
                 check=False, cwd=ROOT, capture_output=True, text=True, timeout=240)
             assert result.returncode == 0, result.stderr
-            # The table is stale: ids now on shard-2 get wrong-slot and go through the
-            # router, and the client reads the shard list again (at most once a second:
-            # wait that out so the refresh happens during these reads).
+            # The table is stale: ids whose shard changed are refused (wrong slot, or
+            # another epoch than the client expects) and go through the router, and the
+            # client reads the shard list again (at most once a second: wait that out so
+            # the refresh happens during these reads).
             time.sleep(REFRESH_EVERY)
             assert [c.get(f"p{i}")["attributes"]["n"] for i in range(N)] == list(range(N))
-            assert new.address in c._owners.table[0]  # type: ignore[union-attr]
+            assert new.address in [a for a, _ in c._owners.table[0]]  # type: ignore[union-attr]
+            router.stop()  # every id now answers from its shard, shard-2's included
+            cluster["router"] = None
             assert [c.get(f"p{i}")["attributes"]["n"] for i in range(N)] == list(range(N))
     finally:
         new.stop()
@@ -126,3 +129,45 @@ def test_async_client_reads_directly_too(cluster: dict[str, Any]) -> None:
     assert first["attributes"] == {"n": 5}
     assert after["attributes"] == {"n": 6}  # the router was already gone
     assert missing is None
+
+
+def test_a_fresh_shard_claiming_every_slot_at_epoch_0_is_not_read(
+        cluster: dict[str, Any]) -> None:
+    """A new, empty shard owns every slot at epoch 0 until a move gives it some; the
+    router's list shows that claim beside the real owners', and the higher epoch wins."""
+    from shards.router import admin_call
+
+    router: RouterThread = cluster["router"]
+    fresh = start_shard(None, "--name", "shard-9")
+    try:
+        asyncio.run(admin_call(router.address, "AddShard", {"address": fresh.address}))
+        with Client(router.address, direct_reads=True) as c:
+            assert [c.get(f"p{i}")["attributes"]["n"] for i in range(N)] == list(range(N))
+            addresses = [a for a, _ in c._owners.table[0]]  # type: ignore[union-attr]
+            assert fresh.address in addresses
+            owner = c._owners.table[1]  # type: ignore[union-attr]
+            assert addresses.index(fresh.address) not in set(owner)
+    finally:
+        fresh.stop()
+
+
+def test_a_shard_refuses_a_get_judged_for_another_shard_or_epoch(
+        cluster: dict[str, Any]) -> None:
+    import grpc
+
+    from memstore.hashslot import EXPECT_SHARD
+    from memstore.v1 import memstore_pb2 as pb
+    from memstore.v1 import memstore_pb2_grpc
+
+    shard = cluster["shards"][0]
+    pid = next(f"p{i}" for i in range(N) if slot_of(f"p{i}") < 8192)
+    request = pb.GetRequest(key=pb.ProfileKey(id=pid))
+    with grpc.insecure_channel(shard.address) as channel:
+        stub = memstore_pb2_grpc.MemstoreStub(channel)
+        assert stub.Get(request, timeout=10, metadata=((EXPECT_SHARD, "shard-0:1"),)
+                        ).profile.id == pid
+        for wrong in ("shard-0:2", "shard-1:1"):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Get(request, timeout=10, metadata=((EXPECT_SHARD, wrong),))
+            assert err.value.code() == grpc.StatusCode.ABORTED
+            assert "slots moved since" in (err.value.details() or "")

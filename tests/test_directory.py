@@ -568,7 +568,7 @@ def test_a_shard_refuses_a_write_judged_for_other_ownership(three: dict[str, Any
             with pytest.raises(grpc.RpcError) as err:
                 call(request, timeout=10, metadata=(("memstore-expect-shard", judged),))
             assert err.value.code() == grpc.StatusCode.ABORTED
-            assert f"judged this write for shard {judged!r}" in err.value.details()
+            assert f"this call was judged for shard {judged!r}" in err.value.details()
         with pytest.raises(grpc.RpcError):
             direct.Get(pb.GetRequest(key=pb.ProfileKey(id=pid)), timeout=10)  # not written
     ident = pb.Identifier(kind="email", value=f"{pid}@x")
