@@ -29,11 +29,13 @@ def cluster(tmp_path: Path) -> Iterator[dict[str, Any]]:
         for i in range(N):
             c.upsert(f"p{i}", {"n": i}, identifiers=[("email", f"p{i}@x")])
     state = {"router": router, "shards": shards, "tmp": tmp_path}
-    yield state
-    if state["router"] is not None:  # a test that stopped it said so
-        router.stop()
-    for shard in shards:
-        shard.stop()
+    try:
+        yield state
+        if state["router"] is not None:  # a test that stopped it said so
+            router.stop()
+    finally:
+        for shard in shards:
+            shard.stop()
 
 
 def _spread(ids: list[str]) -> None:
