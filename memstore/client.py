@@ -35,7 +35,13 @@ from pyroaring import BitMap
 
 from memstore import pbvalues
 from memstore.columnar import pack_columns
-from memstore.hashslot import EXPECT_SHARD, SLOT_COUNT, slot_of
+from memstore.hashslot import (
+    ADMIN_SERVICE,
+    EXPECT_SHARD,
+    SLOT_COUNT,
+    owners_by_epoch,
+    slot_of,
+)
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
 
@@ -45,7 +51,7 @@ _OPTIONS = [("grpc.max_receive_message_length", 64 << 20),
 _READS = {"Get", "BatchGet", "GetSchema", "Count", "QueryIds", "GroupBy", "QueryBitmap", "Stats"}
 _RETRIES = 3
 # The router's JSON admin call listing shards, addresses and slots (shards/router.py).
-LIST_SHARDS = "/memstore.cluster.v1.RouterAdmin/ListShards"
+LIST_SHARDS = f"/{ADMIN_SERVICE}/ListShards"
 REFRESH_EVERY = 1.0  # direct_reads: seconds between shard-list refreshes after a miss
 
 # Proto enum numbers by the names the client accepts (the .pyi types them as NewTypes).
@@ -237,24 +243,17 @@ class _SlotOwners:
         is read again within REFRESH_EVERY (a move was switching)."""
         try:
             listed = json.loads(answer)
-            shards: list[tuple[str, Any]] = []
-            owner = array("h", [-1]) * SLOT_COUNT
-            epoch_of = [-1] * SLOT_COUNT
-            for shard in listed.get("shards", []):
-                if not shard.get("reachable", True):
-                    continue
-                epoch = int(shard["epoch"])
-                shards.append((str(shard["address"]),
-                               ((EXPECT_SHARD, f"{shard['name']}:{epoch}"),)))
-                for start, end in shard.get("slots", []):
-                    for slot in range(int(start), int(end) + 1):
-                        if epoch > epoch_of[slot]:
-                            owner[slot], epoch_of[slot] = len(shards) - 1, epoch
+            reachable = [s for s in listed.get("shards", []) if s.get("reachable", True)]
+            shards = [(str(s["address"]), ((EXPECT_SHARD, f"{s['name']}:{int(s['epoch'])}"),))
+                      for s in reachable]
+            owner, exact = owners_by_epoch(
+                (int(s["epoch"]), [(int(a), int(b)) for a, b in s.get("slots", [])])
+                for s in reachable)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ClientError(grpc.StatusCode.INTERNAL, f"unreadable shard list: {exc}",
                               "ListShards") from None
-        self.table = (shards, owner)
-        settled = listed.get("exact", True) and -1 not in owner
+        self.table = (shards, array("h", owner))
+        settled = listed.get("exact", True) and exact
         self.fresh_until = float("inf") if settled else time.monotonic() + REFRESH_EVERY
 
     def failed(self, exc: grpc.RpcError | ClientError) -> None:

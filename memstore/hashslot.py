@@ -8,6 +8,7 @@ shards record the slots they own, so it must never change.
 from __future__ import annotations
 
 import binascii
+from collections.abc import Iterable
 
 SLOT_COUNT = 16384
 # Trailing metadata of every shard answer: the slot-ownership epoch it was made at (a
@@ -19,7 +20,26 @@ EPOCH_TRAILER = "memstore-epoch"
 # slots changed since.
 EXPECT_SHARD = "memstore-expect-shard"
 REJUDGE_TRAILER = "memstore-rejudge"
+# The router's JSON admin service (cluster tools; ListShards also serves direct_reads).
+ADMIN_SERVICE = "memstore.cluster.v1.RouterAdmin"
 
 
 def slot_of(primary_id: str) -> int:
     return binascii.crc_hqx(primary_id.encode("utf-8"), 0) % SLOT_COUNT
+
+
+def owners_by_epoch(claims: Iterable[tuple[int, Iterable[tuple[int, int]]]]
+                    ) -> tuple[list[int], bool]:
+    """Which claimant owns each slot, from (epoch, slot ranges) per claimant: where two
+    claim a slot the higher epoch owns it (-1: nobody claims it). Also whether the claims
+    are exact: every slot claimed once, none twice (no move is switching)."""
+    owner = [-1] * SLOT_COUNT
+    epoch_of = [-1] * SLOT_COUNT
+    claimed = 0
+    for index, (epoch, ranges) in enumerate(claims):
+        for start, end in ranges:
+            for slot in range(start, end + 1):
+                claimed += 1
+                if epoch > epoch_of[slot]:
+                    owner[slot], epoch_of[slot] = index, epoch
+    return owner, claimed == SLOT_COUNT and -1 not in owner

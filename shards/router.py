@@ -65,7 +65,7 @@ from grpc_reflection.v1alpha import reflection
 from memstore import metrics, pbvalues
 from memstore.columnar import Columns, unpack_columns
 from memstore.errors import InvalidArgument
-from memstore.hashslot import EPOCH_TRAILER, EXPECT_SHARD, REJUDGE_TRAILER
+from memstore.hashslot import ADMIN_SERVICE, EPOCH_TRAILER, EXPECT_SHARD, REJUDGE_TRAILER
 from memstore.query import And, Not, Or, Predicate, QueryError, query_from_request
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import memstore_pb2 as pb
@@ -82,7 +82,6 @@ T = TypeVar("T")
 # How long a call waits out a moving slot map (wrong slot, a slot nobody owns for a moment
 # during a switch, epochs changing under a fan-out) before giving up, within the deadline.
 MOVE_WAIT = 30.0
-ADMIN_SERVICE = "memstore.cluster.v1.RouterAdmin"
 SWEEP_INTERVAL = 2.0  # seconds between looks for merges a dead router left unfinished
 REQUEST, PACKED, COLUMNS = 0, 1, 2  # the forms of a BatchUpsert record (BatchUpsertRequest)
 MAX_FORWARDS = 16  # merged-away ids followed in a row before giving up (a cycle is a bug)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from memstore.hashslot import owners_by_epoch
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
 from shards.slots import SLOT_COUNT, Range
@@ -178,17 +179,7 @@ class ShardMap:
 
     def _rebuild(self) -> None:
         self._claims = None  # refresh() records the claims it rebuilt from
-        owner = [-1] * SLOT_COUNT
-        epoch_of = [-1] * SLOT_COUNT
-        claims = 0
-        for index, shard in enumerate(self.shards):
-            for start, end in shard.slots:
-                for slot in range(start, end + 1):
-                    claims += 1
-                    if shard.epoch > epoch_of[slot]:
-                        owner[slot], epoch_of[slot] = index, shard.epoch
-        self._owner = owner
-        self.exact = claims == SLOT_COUNT and -1 not in owner
+        self._owner, self.exact = owners_by_epoch((s.epoch, s.slots) for s in self.shards)
 
     def describe(self) -> list[dict[str, object]]:
         return [{"name": s.name, "address": s.address, "epoch": s.epoch,
