@@ -41,7 +41,9 @@ def datetime_to_micros(value: datetime) -> int:
 
 
 def micros_to_datetime(micros: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=micros)  # exact, unlike a float of seconds
+    # Exact, unlike a float of seconds; positional, because timedelta's keyword form costs
+    # twice as much and a BatchGet of 1,000 profiles converts thousands of these.
+    return _EPOCH + timedelta(0, 0, micros)
 
 
 def to_pb(value: PyValue) -> pb.Value:
