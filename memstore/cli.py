@@ -51,6 +51,9 @@ def main() -> None:
               help="Slots to own on first start, e.g. 0-8191 (default: all). Later starts "
                    "read ownership from the data directory.")
 @shard_settings
+@click.option("--link-port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Port of the shard link on the same host (0 picks a free one); fix it "
+                   "where routers reach the shard through published ports.")
 @click.option("--metrics-port", type=int, default=None,
               help="Serve Prometheus metrics on this port (same host; 0 picks one). "
                    "Default: no metrics endpoint.")
@@ -58,7 +61,8 @@ def main() -> None:
 def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str,
                 slots: str | None, sync: str, snapshot_log_mb: int, snapshot_interval: float,
                 max_identifiers_per_kind: int, blocked_identifier: tuple[str, ...],
-                metrics_port: int | None, verbose: bool) -> None:
+                no_link: bool, link_port: int, metrics_port: int | None,
+                verbose: bool) -> None:
     """Run one shard process (the cluster's `serve` starts these for you)."""
     import uvloop
 
@@ -77,7 +81,8 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
                          snapshot_interval=snapshot_interval, rules=rules)
     owned = _parse_slots(slots) if slots else None
     try:
-        uvloop.run(serve(config, host, port, owned, metrics_port=metrics_port))
+        uvloop.run(serve(config, host, port, owned, metrics_port=metrics_port,
+                         link_port=None if no_link else link_port))
     except Exception as exc:  # noqa: BLE001 - start-up failures: damaged log, port in use
         click.echo(f"memstore: {exc}", err=True)
         sys.exit(1)

@@ -27,21 +27,25 @@ _OPTIONS = (
                  help="Merge protection: a profile never holds more identifiers of one kind."),
     click.option("--blocked-identifier", multiple=True,
                  help="Extra identifier values never linked (added to the built-in list)."),
+    click.option("--no-link", is_flag=True,
+                 help="Serve routers over gRPC alone, without the shard link (a lighter "
+                      "protocol for their unary calls, on a free port of the same host)."),
 )
 
 
 def shard_settings(command: F) -> F:
-    """Add --sync, --snapshot-log-mb, --snapshot-interval, --max-identifiers-per-kind and
-    --blocked-identifier to a click command."""
+    """Add --sync, --snapshot-log-mb, --snapshot-interval, --max-identifiers-per-kind,
+    --blocked-identifier and --no-link to a click command."""
     for option in reversed(_OPTIONS):
         command = option(command)
     return command
 
 
 def shard_args(snapshot_log_mb: int, snapshot_interval: float, max_identifiers_per_kind: int,
-               blocked_identifier: tuple[str, ...]) -> tuple[str, ...]:
+               blocked_identifier: tuple[str, ...], no_link: bool) -> tuple[str, ...]:
     """The same settings as `serve-shard` arguments (--sync goes separately)."""
     return ("--snapshot-log-mb", str(snapshot_log_mb),
             "--snapshot-interval", str(snapshot_interval),
             "--max-identifiers-per-kind", str(max_identifiers_per_kind),
-            *(arg for value in blocked_identifier for arg in ("--blocked-identifier", value)))
+            *(arg for value in blocked_identifier for arg in ("--blocked-identifier", value)),
+            *(("--no-link",) if no_link else ()))

@@ -58,6 +58,7 @@ from memstore.hashslot import (
     SLOT_COUNT,
     slot_of,
 )
+from memstore.link import LinkServer
 from memstore.query import QueryError, query_from_request
 from memstore.schema import Kind, Merge
 from memstore.shard import Shard, ShardConfig
@@ -579,10 +580,11 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
     """Slot ownership and slot moves. Exported profiles are portable: attribute names and
     kinds travel with them, because attribute ids are local to each shard."""
 
-    def __init__(self, shard: Shard, address: str) -> None:
+    def __init__(self, shard: Shard, address: str, link: LinkServer | None = None) -> None:
         self.shard = shard
         self.engine = shard.engine
         self.address = address
+        self.link = link
 
     def _info(self) -> cpb.ShardInfo:
         engine = self.engine
@@ -592,6 +594,8 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
                              profiles=len(engine.live) - len(engine.foreign),
                              healthy=not (self.shard.log and self.shard.log.failed),
                              claims=len(engine.claims),
+                             link_port=self.link.port if self.link else 0,
+                             link_token=self.link.token if self.link and self.link.port else "",
                              held=[cpb.HeldProfile(txn=txn, loser=pid, survivor=survivor,
                                                    age_seconds=max(0.0, now - since))
                                    for pid, (txn, survivor, since) in engine.held.items()])
@@ -831,14 +835,19 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
 
 # ---------------------------------------------------------------------- serving
 
-def make_server(shard: Shard, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+def make_server(shard: Shard, host: str, port: int, link: bool = True
+                ) -> tuple[grpc.aio.Server, int, LinkServer | None]:
+    """The shard's gRPC server (not started), its port, and its link (not started)."""
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(options=options)
-    memstore_pb2_grpc.add_MemstoreServicer_to_server(MemstoreService(shard), server)
+    service = MemstoreService(shard)
+    memstore_pb2_grpc.add_MemstoreServicer_to_server(service, server)
+    link_server = LinkServer(service, pb.DESCRIPTOR.services_by_name["Memstore"]) \
+        if link else None
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (
@@ -852,9 +861,9 @@ def make_server(shard: Shard, host: str, port: int) -> tuple[grpc.aio.Server, in
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     cluster_pb2_grpc.add_ShardControlServicer_to_server(
-        ShardControlService(shard, f"{host}:{bound}"), server)
+        ShardControlService(shard, f"{host}:{bound}", link_server), server)
     server._memstore_health = health_servicer  # type: ignore[attr-defined]
-    return server, bound
+    return server, bound, link_server
 
 
 _gc_started = 0.0
@@ -874,8 +883,10 @@ def _report_long_collections(phase: str, info: dict[str, int]) -> None:
 
 async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
                 slots: BitMap | None = None, ready: Callable[[int], None] | None = None,
-                metrics_port: int | None = None) -> None:
-    """Run one shard until SIGTERM/SIGINT, then drain in-flight calls and close the log."""
+                metrics_port: int | None = None, link_port: int | None = 0) -> None:
+    """Run one shard until SIGTERM/SIGINT, then drain in-flight calls and close the log.
+    `link_port`: where routers' unary calls may come over the shard link (memstore/link.py;
+    0 picks a free port), on the same host; None serves gRPC alone."""
     shard = await Shard.open(config)
     # The engine holds few container objects (profiles are bytes), but a bulk load makes
     # and drops millions of small lists and dicts: collect young objects less often and
@@ -886,8 +897,10 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
     gc.callbacks.append(_report_long_collections)
     if slots is not None and shard.engine.epoch == 0 and shard.engine.owned_slots is None:
         await shard.set_ownership(1, slots)
-    server, bound = make_server(shard, host, port)
+    server, bound, link = make_server(shard, host, port, link=link_port is not None)
     await server.start()
+    if link is not None:
+        await link.start(host, link_port or 0)
     health_servicer = server._memstore_health  # type: ignore[attr-defined]
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("memstore.v1.Memstore", health_pb2.HealthCheckResponse.SERVING)
@@ -901,6 +914,8 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
             host, metrics_port, lambda: len(shard.engine.live),
             lambda: shard.log.size_bytes if shard.log else 0)
         print(f"metrics on http://{host}:{scrape}/metrics", file=sys.stderr, flush=True)
+    if link is not None:
+        print(f"shard link on {host}:{link.port}", file=sys.stderr, flush=True)
     print(f"listening on {host}:{bound}", file=sys.stderr, flush=True)
     if ready is not None:
         ready(bound)
@@ -908,6 +923,6 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
     log.info("shutting down")
     await health_servicer.enter_graceful_shutdown()
     started = time.monotonic()
-    await server.stop(grace=5.0)
+    await asyncio.gather(server.stop(grace=5.0), *([link.stop(grace=5.0)] if link else []))
     await shard.close()
     log.info("stopped in %.2fs", time.monotonic() - started)

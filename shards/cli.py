@@ -75,14 +75,14 @@ def _run(coro: Any) -> Any:
 def serve(shards: int | None, host: str, port: int, data_dir: Path, sync: str,
           stop_timeout: float, snapshot_log_mb: int, snapshot_interval: float,
           max_identifiers_per_kind: int, blocked_identifier: tuple[str, ...],
-          verbose: bool) -> None:
+          no_link: bool, verbose: bool) -> None:
     """Run a router and shard processes on this machine; restart shards that die."""
     from shards.supervisor import Supervisor, run
 
     _logging(verbose)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     args = shard_args(snapshot_log_mb, snapshot_interval, max_identifiers_per_kind,
-                      blocked_identifier)
+                      blocked_identifier, no_link)
     supervisor = Supervisor(data_dir, shards, host, port, sync, shard_args=args,
                             stop_timeout=stop_timeout)
     _run(run(supervisor))

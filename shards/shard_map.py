@@ -15,14 +15,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import grpc
 
 from memstore.hashslot import owners_by_epoch
+from memstore.link import LinkStub
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
+from memstore.v1 import memstore_pb2 as pb
 from shards.slots import SLOT_COUNT, Range
 
 log = logging.getLogger("memstore.shard_map")
@@ -37,6 +39,7 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
+MEMSTORE_SERVICE = pb.DESCRIPTOR.services_by_name["Memstore"]
 INFO_TIMEOUT = 2.0
 REMOVED_CLOSE_AFTER = 120.0
 
@@ -47,7 +50,7 @@ class ShardState:
 
     address: str
     channel: grpc.aio.Channel
-    stub: memstore_pb2_grpc.MemstoreStub
+    stub: LinkStub  # a MemstoreStub whose unary calls take the shard link when it has one
     control: cluster_pb2_grpc.ShardControlStub
     name: str = ""
     epoch: int = 0
@@ -74,6 +77,7 @@ class ShardMap:
         self.version = 0  # bumps on every refresh
         self._claims: list[tuple[int, tuple[Range, ...]]] | None = None  # of the last rebuild
         self._lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
         for address in addresses:
             self.add(address)
 
@@ -82,9 +86,7 @@ class ShardMap:
         for shard in self.shards:
             if shard.address == address:
                 return shard
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        state = ShardState(address, channel, memstore_pb2_grpc.MemstoreStub(channel),
-                           cluster_pb2_grpc.ShardControlStub(channel))
+        state = _connect(address, self._refresh_soon)
         self.shards.append(state)
         return state
 
@@ -93,12 +95,10 @@ class ShardMap:
         for shard in self.shards:
             if shard.address == address:
                 return shard
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        state = ShardState(address, channel, memstore_pb2_grpc.MemstoreStub(channel),
-                           cluster_pb2_grpc.ShardControlStub(channel))
+        state = _connect(address, self._refresh_soon)
         await self._fetch(state)
         if not state.reachable:
-            await channel.close()
+            await _close(state)
             raise ValueError(f"shard {address} is not reachable: {state.error}")
         async with self._lock:
             self.shards.append(state)
@@ -115,13 +115,25 @@ class ShardMap:
         self.version += 1
         # Calls already under way may still use the channel; closing it now would leave them
         # hanging, so close it once they are surely over.
-        channel, loop = shard.channel, asyncio.get_running_loop()
-        loop.call_later(REMOVED_CLOSE_AFTER, lambda: loop.create_task(channel.close()))
+        loop = asyncio.get_running_loop()
+        loop.call_later(REMOVED_CLOSE_AFTER, lambda: loop.create_task(_close(shard)))
         return True
 
     async def close(self) -> None:
         for shard in self.shards:
-            await shard.channel.close()
+            await _close(shard)
+
+    def _refresh_soon(self) -> None:
+        """A shard's link failed: it may have restarted with another, so read the map."""
+        task = asyncio.get_running_loop().create_task(self._refresh_quietly(self.version))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _refresh_quietly(self, since: int) -> None:
+        try:
+            await self.refresh(since=since)
+        except Exception as exc:  # noqa: BLE001 - the next call or sweep tries again
+            log.warning("could not refresh the shard map: %s", exc)
 
     # ------------------------------------------------------------------ lookups
     def owner(self, slot: int) -> ShardState | None:
@@ -173,6 +185,9 @@ class ShardMap:
         shard.profiles, shard.reachable, shard.error = answer.profiles, True, ""
         shard.held = list(answer.held)
         shard.claims = answer.claims
+        host = shard.address.rpartition(":")[0]  # the link is on the host the router knows
+        shard.stub.use_link(f"{host}:{answer.link_port}" if answer.link_port else "",
+                            answer.link_token, shard.label)
 
     async def _fetch(self, shard: ShardState) -> None:
         self._apply(shard, await self._ask(shard))
@@ -198,3 +213,14 @@ async def wait_for(shard_map: ShardMap, timeout: float = 30.0) -> list[str]:
         if not down or time.monotonic() > deadline:
             return down
         await asyncio.sleep(0.2)
+
+
+def _connect(address: str, link_failed: Callable[[], None]) -> ShardState:
+    channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    stub = LinkStub(memstore_pb2_grpc.MemstoreStub(channel), MEMSTORE_SERVICE, link_failed)
+    return ShardState(address, channel, stub, cluster_pb2_grpc.ShardControlStub(channel))
+
+
+async def _close(shard: ShardState) -> None:
+    shard.stub.use_link("", "", shard.label)
+    await shard.channel.close()

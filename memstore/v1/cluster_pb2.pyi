@@ -16,7 +16,7 @@ class SlotRange(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("name", "address", "epoch", "slots", "profiles", "healthy", "held", "claims")
+    __slots__ = ("name", "address", "epoch", "slots", "profiles", "healthy", "held", "claims", "link_port", "link_token")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,8 @@ class ShardInfo(_message.Message):
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     HELD_FIELD_NUMBER: _ClassVar[int]
     CLAIMS_FIELD_NUMBER: _ClassVar[int]
+    LINK_PORT_FIELD_NUMBER: _ClassVar[int]
+    LINK_TOKEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     epoch: int
@@ -33,7 +35,9 @@ class ShardInfo(_message.Message):
     healthy: bool
     held: _containers.RepeatedCompositeFieldContainer[HeldProfile]
     claims: int
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., epoch: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[SlotRange, _Mapping]]] = ..., profiles: _Optional[int] = ..., healthy: _Optional[bool] = ..., held: _Optional[_Iterable[_Union[HeldProfile, _Mapping]]] = ..., claims: _Optional[int] = ...) -> None: ...
+    link_port: int
+    link_token: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., epoch: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[SlotRange, _Mapping]]] = ..., profiles: _Optional[int] = ..., healthy: _Optional[bool] = ..., held: _Optional[_Iterable[_Union[HeldProfile, _Mapping]]] = ..., claims: _Optional[int] = ..., link_port: _Optional[int] = ..., link_token: _Optional[str] = ...) -> None: ...
 
 class HeldProfile(_message.Message):
     __slots__ = ("txn", "loser", "survivor", "age_seconds")

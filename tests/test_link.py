@@ -1,0 +1,295 @@
+"""The shard link (memstore/link.py): a router's unary calls to a shard over a light framed
+protocol, with gRPC's answers, trailers and status codes, and gRPC whenever the link cannot
+be trusted or reached."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import msgpack
+import pytest
+
+from memstore.client import Client, ClientError
+from memstore.link import PROTOCOL, LinkClient, LinkServer, LinkStub, NoLink
+from memstore.v1 import cluster_pb2 as cpb
+from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
+from memstore.v1 import memstore_pb2 as pb
+from shards.slots import slot_of
+from tests.conftest import ServerProcess, start_shard
+from tests.test_router import RouterThread, start_shards
+
+MEMSTORE = pb.DESCRIPTOR.services_by_name["Memstore"]
+N = 40
+
+
+def _info(address: str) -> cpb.ShardInfo:
+    with grpc.insecure_channel(address) as ch:
+        return cluster_pb2_grpc.ShardControlStub(ch).GetShardInfo(cpb.ShardInfoRequest(),
+                                                                 timeout=10)
+
+
+def _links(router: RouterThread) -> list[Any]:
+    return [s.stub.link for s in router.router.map.shards]
+
+
+def _load(c: Client) -> None:
+    for i in range(N):
+        c.upsert(f"p{i}", {"n": i, "city": ["Oslo", "Lima"][i % 2]},
+                 identifiers=[("email", f"p{i}@x")])
+
+
+@pytest.fixture(scope="module")
+def two_clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The same profiles behind a router whose shards serve the link and one whose do not.
+    Tests leave every profile's `n` as loaded."""
+    tmp_path = tmp_path_factory.mktemp("link")
+    linked = start_shards(tmp_path / "linked", 2)
+    plain = start_shards(tmp_path / "plain", 2, "--no-link")
+    routers: list[RouterThread] = []
+    try:
+        routers = [RouterThread([s.address for s in linked]),
+                   RouterThread([s.address for s in plain])]
+        for router in routers:
+            with Client(router.address) as c:
+                _load(c)
+        yield {"linked": routers[0], "plain": routers[1], "shards": linked}
+    finally:
+        for router in routers:
+            router.stop()
+        for shard in linked + plain:
+            shard.stop()
+
+
+def test_router_calls_take_the_link_and_answer_as_over_grpc(
+        two_clusters: dict[str, Any]) -> None:
+    linked, plain = two_clusters["linked"], two_clusters["plain"]
+    assert all(link is not None for link in _links(linked))
+    assert all(link is None for link in _links(plain))  # --no-link: nothing advertised
+    before = sum(link.calls for link in _links(linked))
+
+    def everything(c: Client) -> list[Any]:
+        out: list[Any] = [c.get(f"p{i}") for i in range(N)]
+        out.append(c.get(identifier=("email", "p5@x")))
+        out.append(c.batch_get([f"p{i}" for i in range(N)] + ["nobody"]))
+        out.append(c.count('city = "Oslo"'))
+        out.append(c.ids("n >= 10"))
+        out.append(c.group_by("n >= 0", "city"))
+        out.append(c.upsert("p3", ops=[("increment", "visits", 5)]).version)
+        out.append(c.get("p3"))
+        out.append(c.get("nobody"))
+        for bad in (lambda: c.count("n = "), lambda: c.upsert("p1", {"n": "text"}),
+                    lambda: c.upsert("p1", {"n": 1}, expected_version=99)):
+            with pytest.raises(ClientError) as err:
+                bad()
+            out.append((err.value.code, str(err.value)))
+        return out
+
+    with Client(linked.address) as a, Client(plain.address) as b:
+        assert everything(a) == everything(b)
+    spread = {slot_of(f"p{i}") < 8192 for i in range(N)}
+    assert spread == {True, False}
+    after = [link.calls for link in _links(linked)]
+    assert all(n > 0 for n in after) and sum(after) - before >= N  # both shards, each Get
+
+
+def test_a_shard_advertises_its_link_and_the_hello_carries_its_token(
+        two_clusters: dict[str, Any]) -> None:
+    shard: ServerProcess = two_clusters["shards"][0]
+    info = _info(shard.address)
+    assert info.link_port > 0 and len(info.link_token) == 32
+    host = shard.address.rpartition(":")[0]
+    with socket.create_connection((host, info.link_port), timeout=5) as s:
+        length = struct.unpack("<I", s.recv(4))[0]
+        assert msgpack.unpackb(s.recv(length)) == [PROTOCOL, info.link_token]
+    other = _info(two_clusters["shards"][1].address)
+    assert other.link_token != info.link_token
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\xff\xff\xff\x7f",  # a length over the limit
+    struct.pack("<I", 3) + b"\xc1\xc1\xc1",  # not msgpack
+    struct.pack("<I", 1) + msgpack.packb(7),  # not a request
+])
+def test_garbage_on_the_link_closes_that_connection_and_nothing_else(
+        two_clusters: dict[str, Any], garbage: bytes) -> None:
+    shard: ServerProcess = two_clusters["shards"][0]
+    info = _info(shard.address)
+    host = shard.address.rpartition(":")[0]
+    with socket.create_connection((host, info.link_port), timeout=5) as s:
+        s.recv(4096)  # the hello
+        s.sendall(garbage)
+        assert s.recv(4096) == b""  # the shard closed this connection
+    linked = two_clusters["linked"]
+    with Client(linked.address) as c:
+        assert [c.get(f"p{i}")["attributes"]["n"] for i in range(N)] == list(range(N))
+    assert shard.proc.poll() is None
+
+
+def test_a_link_whose_hello_is_not_the_shards_is_never_used(
+        two_clusters: dict[str, Any]) -> None:
+    """An address reused by another process (here: a link with another token that answers
+    Gets) is refused; the call goes over gRPC with the same answer, and the router re-reads
+    the map and goes back to the shard's own link."""
+    linked: RouterThread = two_clusters["linked"]
+    echo = SlowEcho()
+
+    async def impostor() -> tuple[LinkServer, str]:
+        server = LinkServer(echo, MEMSTORE)  # a token of its own
+        port = await server.start("127.0.0.1", 0)
+        return server, f"127.0.0.1:{port}"
+
+    server, address = linked.run(impostor())
+    shards = linked.router.map.shards
+    real = [(s.stub.link.address, s.stub.link.token) for s in shards]
+    try:
+        for shard in shards:
+            linked.run(_use_link(shard.stub, address, shard.stub.link.token, shard.label))
+        with Client(linked.address) as c:
+            for _ in range(3):
+                assert [c.get(f"p{i}")["attributes"]["n"] for i in range(N)] == list(range(N))
+        assert echo.seen_metadata == []  # not one call reached the impostor
+        assert [(s.stub.link.address, s.stub.link.token) for s in shards] == real
+        assert all(s.stub.link.calls > 0 for s in shards)
+    finally:
+        linked.run(server.stop(grace=1.0))
+        for shard, (addr, token) in zip(shards, real):
+            linked.run(_use_link(shard.stub, addr, token, shard.label))
+
+
+async def _use_link(stub: LinkStub, address: str, token: str, label: str) -> None:
+    stub.use_link(address, token, label)
+
+
+def test_a_restarted_shard_gets_a_new_link_that_the_router_learns(tmp_path: Path) -> None:
+    shards = start_shards(tmp_path, 2)
+    router = None
+    try:
+        router = RouterThread([s.address for s in shards])
+        with Client(router.address) as c:
+            _load(c)
+            old = _info(shards[0].address)
+            port = shards[0].address.rpartition(":")[2]
+            shards[0].stop(signal.SIGKILL)
+            shards[0] = start_shard(tmp_path / "shard-0", "--name", "shard-0", "--sync",
+                                    "off", "--port", port)
+            new = _info(shards[0].address)
+            assert new.link_token != old.link_token
+            # Reads retry through the restart. The old link fails to connect, so the call
+            # goes over gRPC and the router re-reads the map: the next calls take the new
+            # link (well before the 2-second sweep would have found it).
+            state = next(s for s in router.router.map.shards if s.address == shards[0].address)
+            for _ in range(3):
+                assert [c.get(f"p{i}")["attributes"]["n"] for i in range(N)] == list(range(N))
+            link = state.stub.link
+            assert link is not None and link.token == new.link_token and link.calls > 0
+    finally:
+        if router is not None:
+            router.stop()
+        for shard in shards:
+            shard.stop()
+
+
+# ------------------------------------------------------------------ the protocol in process
+
+class SlowEcho:
+    """Get answers after `delay`; an id "abort" is refused the way the shard refuses."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.seen_metadata: list[Any] = []
+
+    async def Get(self, request: pb.GetRequest, context: Any) -> pb.GetResponse:
+        self.seen_metadata.append(context.invocation_metadata())
+        await asyncio.sleep(self.delay)
+        if request.key.id == "abort":
+            context.set_trailing_metadata((("memstore-wrong-slot", "7"),))
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "slot 7 is elsewhere")
+        if request.key.id == "bug":
+            raise RuntimeError("a bug")
+        context.set_trailing_metadata((("memstore-epoch", "3"),))
+        return pb.GetResponse(profile=pb.Profile(id=request.key.id))
+
+
+def _get(pid: str) -> pb.GetRequest:
+    return pb.GetRequest(key=pb.ProfileKey(id=pid))
+
+
+def test_the_protocol_carries_answers_errors_trailers_and_deadlines() -> None:
+    async def scenario() -> None:
+        echo = SlowEcho()
+        server = LinkServer(echo, MEMSTORE)
+        port = await server.start("127.0.0.1", 0)
+        client = LinkClient(f"127.0.0.1:{port}", server.token, "test")
+        try:
+            response, trailers = await client.call(
+                "Get", _get("a"), pb.GetResponse, 5.0, (("memstore-expect-shard", "s:1"),))
+            assert response.profile.id == "a" and trailers == (("memstore-epoch", "3"),)
+            assert echo.seen_metadata[-1] == (("memstore-expect-shard", "s:1"),)
+            # Concurrent calls are answered by id, whatever order they finish in.
+            many = await asyncio.gather(*(client.call("Get", _get(f"x{i}"), pb.GetResponse,
+                                                      5.0, None) for i in range(50)))
+            assert [r.profile.id for r, _ in many] == [f"x{i}" for i in range(50)]
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.call("Get", _get("abort"), pb.GetResponse, 5.0, None)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert err.value.details() == "slot 7 is elsewhere"
+            assert tuple(err.value.trailing_metadata()) == (("memstore-wrong-slot", "7"),)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.call("Get", _get("bug"), pb.GetResponse, 5.0, None)
+            assert err.value.code() == grpc.StatusCode.INTERNAL
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.call("Count", pb.QueryRequest(), pb.CountResponse, 5.0, None)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED  # SlowEcho has no Count
+            echo.delay = 0.5
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.call("Get", _get("slow"), pb.GetResponse, 0.05, None)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            echo.delay = 0.0
+            response, _ = await client.call("Get", _get("after"), pb.GetResponse, 5.0, None)
+            assert response.profile.id == "after"  # the link outlived the late answer
+            # The shard going away fails the calls under way as UNAVAILABLE ...
+            echo.delay = 2.0
+            pending = asyncio.ensure_future(
+                client.call("Get", _get("cut"), pb.GetResponse, 10.0, None))
+            await asyncio.sleep(0.1)
+            await server.stop(grace=0.1)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await pending
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            # ... and, with nothing listening, the next call is not sent at all (NoLink):
+            # the stub sends it over gRPC instead.
+            with pytest.raises(NoLink):
+                await client.call("Get", _get("b"), pb.GetResponse, 5.0, None)
+        finally:
+            client.close()
+            await server.stop(grace=0.1)
+
+    asyncio.run(scenario())
+
+
+def test_a_stub_falls_back_to_grpc_when_the_link_is_gone(two_clusters: dict[str, Any]
+                                                         ) -> None:
+    """A link advertised but unreachable (nothing listens there): calls go over gRPC."""
+    shard: ServerProcess = two_clusters["shards"][0]
+    info = _info(shard.address)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"  # closed again before it is used
+
+    async def get(pid: str) -> Any:
+        async with grpc.aio.insecure_channel(shard.address) as channel:
+            stub = LinkStub(memstore_pb2_grpc.MemstoreStub(channel), MEMSTORE)
+            stub.use_link(dead, info.link_token, "shard-0")
+            assert stub.link is not None
+            response = await stub.Get(_get(pid), timeout=5)
+            return response.profile.id, stub.link.calls
+
+    pid = next(f"p{i}" for i in range(N) if slot_of(f"p{i}") < 8192)
+    assert asyncio.run(get(pid)) == (pid, 0)
