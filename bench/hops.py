@@ -7,11 +7,14 @@ CPU time from /proc around them:
   Python gRPC hop pays here);
 - Get sent straight to one shard of a `memstore serve --shards 2` cluster;
 - Get through that cluster's router (a client hop to the router, then the router's hop to
-  the owning shard);
+  the owning shard over the shard link, memstore/link.py);
+- Get through the router of a second cluster on the same data started with `--no-link`,
+  whose router reaches the shards over gRPC (the peer of the line above);
 - Get from a `Client(router, direct_reads=True)`, which sends it to the owning shard itself.
 
 It prints median and p99 latency, CPU per call in each process, and the ratios shard ÷ echo,
-router ÷ shard and direct_reads ÷ router. Absolute times move with the machine; the ratios are the finding.
+router ÷ shard, link ÷ gRPC and direct_reads ÷ router. Absolute times move with the
+machine; the ratios are the finding.
 """
 
 from __future__ import annotations
@@ -113,14 +116,19 @@ def main(size: int, calls: int, rounds: int) -> None:
     data = tempfile.mkdtemp(prefix="bench-hops-")
     cluster = Proc(["serve", "--shards", "2", "--port", "0", "--data-dir", data,
                     "--sync", "off"], "memstore serve --shards 2")
+    plain = Proc(["serve", "--shards", "2", "--port", "0", "--data-dir",
+                  tempfile.mkdtemp(prefix="bench-hops-grpc-"), "--sync", "off", "--no-link"],
+                 "memstore serve --shards 2 --no-link")
     try:
-        c = client(cluster.addr)
-        c.declare(schema_declaration())
-        c.load(iter_records(ds), chunk_size=1000, concurrency=4)
+        c, g = client(cluster.addr), client(plain.addr)
+        for each in (c, g):
+            each.declare(schema_declaration())
+            each.load(iter_records(ds), chunk_size=1000, concurrency=4)
         time.sleep(2)
         first = cluster_status(cluster.addr)[0]
         owned = {s for a, b in first["slots"] for s in range(a, b + 1)}
         shards = {name_of(p): p for p in descendants(cluster.proc.pid)}
+        plain_shards = {name_of(p): p for p in descendants(plain.proc.pid)}
         direct = client(first["address"])
         smart = Client(cluster.addr, timeout=120.0, direct_reads=True)
         rnd = random.Random(7)
@@ -135,20 +143,24 @@ def main(size: int, calls: int, rounds: int) -> None:
                       {"echo server": echo.pid})  # type: ignore[dict-item]
             d = timed(direct.get, mine, {first["name"]: shards[first["name"]]})
             r = timed(c.get, ids[:calls + 50], {"router": cluster.proc.pid, **shards})
+            o = timed(g.get, ids[:calls + 50], {"router": plain.proc.pid, **plain_shards})
             m = timed(smart.get, ids[:calls + 50], {"router": cluster.proc.pid, **shards})
             print(line("bare grpc.aio echo", e))
             print(line("shard Get (direct)", d))
             print(line("Get through router", r))
+            print(line("router, gRPC alone", o))
             print(line("Get, direct_reads", m))
             print(f"  shard ÷ echo median {d['median_ms'] / e['median_ms']:.2f}; "
                   f"router ÷ shard median {r['median_ms'] / d['median_ms']:.2f}, "
-                  f"p99 {r['p99_ms'] / d['p99_ms']:.2f}; direct_reads ÷ router median "
-                  f"{m['median_ms'] / r['median_ms']:.2f}, p99 {m['p99_ms'] / r['p99_ms']:.2f}")
-        c.close()
-        direct.close()
-        smart.close()
+                  f"p99 {r['p99_ms'] / d['p99_ms']:.2f}; link ÷ gRPC median "
+                  f"{r['median_ms'] / o['median_ms']:.2f}, p99 {r['p99_ms'] / o['p99_ms']:.2f}; "
+                  f"direct_reads ÷ router median {m['median_ms'] / r['median_ms']:.2f}, "
+                  f"p99 {m['p99_ms'] / r['p99_ms']:.2f}")
+        for each in (c, g, direct, smart):
+            each.close()
     finally:
         cluster.stop()
+        plain.stop()
         echo.kill()
 
 

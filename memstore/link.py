@@ -324,39 +324,61 @@ class LinkClient:
             raise
         return connection
 
-    async def connection(self) -> _RouterConnection:
+    def connection(self) -> _RouterConnection:
+        """The live connection, or NoLink (and a connection attempt under way): a call
+        never waits for the link to come up, it goes over gRPC meanwhile."""
         connection = self._connection
         if connection is not None and not connection.lost:
             return connection
-        if connection is not None:  # lost: learn where the shard's link is now
+        if connection is not None:  # lost: the shard may be back elsewhere
             self._connection = None
             if self._unusable is not None:
                 self._unusable()
-        if time.monotonic() < self._retry_at:
-            raise NoLink()
-        if self._connecting is None:
-            self._connecting = asyncio.get_running_loop().create_task(self._connect())
-        connecting = self._connecting
-        try:
-            connection = await asyncio.shield(connecting)
-        except (OSError, TimeoutError) as exc:
-            if self._connecting is connecting:
-                self._connecting, self._retry_at = None, time.monotonic() + RETRY_AFTER
-                log.warning("link to shard %s at %s unusable, using gRPC: %s", self.label,
-                            self.address, exc)
-                if self._unusable is not None:
-                    self._unusable()
-            raise NoLink() from None
-        if self._connecting is connecting:
-            self._connecting, self._connection = None, connection
-        return connection
+        self.start()
+        raise NoLink()
+
+    def start(self) -> None:
+        """Begin connecting, unless connected, connecting, or a failure is too recent."""
+        if self._connection is not None and not self._connection.lost:
+            return
+        if self._connecting is not None or time.monotonic() < self._retry_at:
+            return
+        self._connecting = asyncio.get_running_loop().create_task(self._connect())
+        self._connecting.add_done_callback(self._connected)
+
+    def _connected(self, task: asyncio.Task[_RouterConnection]) -> None:
+        if task is not self._connecting:  # closed meanwhile
+            if not task.cancelled() and task.exception() is None:
+                transport = task.result().transport
+                if transport is not None:
+                    transport.close()
+            return
+        self._connecting = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            self._connection = task.result()
+            return
+        self._retry_at = time.monotonic() + RETRY_AFTER
+        log.warning("link to shard %s at %s unusable, using gRPC: %s", self.label,
+                    self.address, exc)
+        if self._unusable is not None:
+            self._unusable()
+
+    async def ready(self) -> bool:
+        """Wait for a connection attempt under way (or start one); whether it is up."""
+        self.start()
+        if self._connecting is not None:
+            await asyncio.wait([self._connecting])
+        return self._connection is not None and not self._connection.lost
 
     async def call(self, method: str, request: Message, response_class: type[Message],
                    timeout: float | None, metadata: Iterable[tuple[str, Any]] | None
                    ) -> tuple[Message, tuple[tuple[str, Any], ...]]:
         """(response, trailers), or grpc.aio.AioRpcError as a gRPC call would raise;
         NoLink before anything was sent, when the link cannot be used."""
-        connection = await self.connection()
+        connection = self.connection()
         call_id = next(self._ids)
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         connection.pending[call_id] = waiter
@@ -444,6 +466,8 @@ class LinkStub:
             link.close()
         self.link = LinkClient(address, token, label, self._unusable) \
             if address and token else None
+        if self.link is not None:
+            self.link.start()  # up before the calls that will want it
 
     def __getattr__(self, method: str) -> Any:
         grpc_method = getattr(self._grpc_stub, method)

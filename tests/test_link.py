@@ -227,6 +227,9 @@ def test_the_protocol_carries_answers_errors_trailers_and_deadlines() -> None:
         server = LinkServer(echo, MEMSTORE)
         port = await server.start("127.0.0.1", 0)
         client = LinkClient(f"127.0.0.1:{port}", server.token, "test")
+        with pytest.raises(NoLink):  # a call never waits for the link to come up ...
+            await client.call("Get", _get("a"), pb.GetResponse, 5.0, None)
+        assert await client.ready()  # ... which it does meanwhile
         try:
             response, trailers = await client.call(
                 "Get", _get("a"), pb.GetResponse, 5.0, (("memstore-expect-shard", "s:1"),))
