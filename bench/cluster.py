@@ -495,6 +495,8 @@ def run_config(
         log(f"  get by email: p50 {res['get_by_email']['median_ms']:.3f} ms, "
             f"p99 {res['get_by_email']['p99_ms']:.3f} ms")
         res["status"] = cluster_status(router.addr)
+        log("  router's shard links after the Gets: "
+            + ", ".join(f"{row.get('name')} {row.get('link')}" for row in res["status"]))
         if k == 1 and opt["add_shard"]:
             extra = Proc(
                 [
@@ -727,6 +729,12 @@ def markdown(res: dict[str, Any]) -> str:
     if by_email:
         lines += ["", "Get by email identifier through the router (the identifier directory: "
                   "the claim's shard, then the profile's): " + "; ".join(by_email) + "."]
+    links = [f"{r['shards']} shard(s): " + ", ".join(
+        f"{row.get('name')} {row.get('link')}" for row in r.get("status", []))
+        for r in res["configs"] if r.get("status")]
+    if links:
+        lines += ["", "The router's shard links after the Gets (up: calls took the link; "
+                  "none or down: gRPC): " + "; ".join(links) + "."]
     mv = next((r.get("move") for r in res["configs"] if r.get("move")), None)
     if mv:
         b, dd = mv["before"], mv["during"]

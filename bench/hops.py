@@ -109,8 +109,11 @@ def line(label: str, r: dict[str, Any]) -> str:
 def main(size: int, calls: int, rounds: int) -> None:
     """Time Gets against a bare echo, one shard directly and the router, with CPU per call."""
     ds = load_or_generate(size, 42)
-    ports: Any = mp.Queue()
-    echo = mp.Process(target=_serve_echo, args=(ports,), daemon=True)
+    # spawn, not fork: the caller may run threads (grpc's, a test's) that a fork would copy
+    # mid-flight into the echo server.
+    spawn = mp.get_context("spawn")
+    ports: Any = spawn.Queue()
+    echo = spawn.Process(target=_serve_echo, args=(ports,), daemon=True)
     echo.start()
     echo_stub = pbg.MemstoreStub(grpc.insecure_channel(f"127.0.0.1:{ports.get(timeout=60)}"))
     data = tempfile.mkdtemp(prefix="bench-hops-")
@@ -139,7 +142,7 @@ def main(size: int, calls: int, rounds: int) -> None:
         for _ in range(rounds):
             ids = [profile_id(rnd.randrange(size)) for _ in range(calls * 3)]
             mine = [i for i in ids if slot_of(i) in owned][:calls + 50]
-            e = timed(lambda _: echo_stub.Get(request), ids[:calls + 50],
+            e = timed(lambda _: echo_stub.Get(request, timeout=60), ids[:calls + 50],
                       {"echo server": echo.pid})  # type: ignore[dict-item]
             d = timed(direct.get, mine, {first["name"]: shards[first["name"]]})
             r = timed(c.get, ids[:calls + 50], {"router": cluster.proc.pid, **shards})

@@ -324,6 +324,10 @@ class LinkClient:
             raise
         return connection
 
+    @property
+    def is_up(self) -> bool:
+        return self._connection is not None and not self._connection.lost
+
     def connection(self) -> _RouterConnection:
         """The live connection, or NoLink (and a connection attempt under way): a call
         never waits for the link to come up, it goes over gRPC meanwhile."""
@@ -456,6 +460,14 @@ class LinkStub:
         self._responses = {m.name: GetMessageClass(m.output_type) for m in service.methods
                            if not m.client_streaming and not m.server_streaming}
         self.link: LinkClient | None = None
+
+    @property
+    def link_state(self) -> str:
+        """"up" (calls take the link), "down" (advertised, not connected: calls use gRPC)
+        or "none" (the shard advertises no link)."""
+        if self.link is None:
+            return "none"
+        return "up" if self.link.is_up else "down"
 
     def use_link(self, address: str, token: str, label: str) -> None:
         """The link the shard advertised ("" when none): a new one replaces the old."""

@@ -113,12 +113,18 @@ def cluster() -> None:
 
 
 async def _shard_addresses(routers: tuple[str, ...], shards: tuple[str, ...]) -> list[str]:
+    return list(await _router_view(routers, shards))
+
+
+async def _router_view(routers: tuple[str, ...], shards: tuple[str, ...]
+                       ) -> dict[str, dict[str, Any]]:
+    """Shard address -> what the first router says of it (nothing when given shards)."""
     if shards:
-        return list(shards)
+        return {address: {} for address in shards}
     from shards.router import admin_call
 
     listing = await admin_call(routers[0], "ListShards")
-    return [s["address"] for s in listing["shards"]]
+    return {s["address"]: s for s in listing["shards"]}
 
 
 async def _tell_routers(routers: tuple[str, ...], method: str, body: dict[str, Any]) -> None:
@@ -141,9 +147,11 @@ async def _status(routers: tuple[str, ...], shards: tuple[str, ...]) -> list[dic
     from shards.slots import to_ranges
 
     rows = []
-    cluster_ = Cluster(await _shard_addresses(routers, shards))
+    view = await _router_view(routers, shards)
+    cluster_ = Cluster(list(view))
     for node in cluster_.nodes:
-        row: dict[str, Any] = {"address": node.address}
+        # The router's link to the shard: up, down (calls use gRPC) or none.
+        row: dict[str, Any] = {"address": node.address, "link": view[node.address].get("link")}
         try:
             info = await node.refresh()
             check = await health_pb2_grpc.HealthStub(node.channel).Check(
@@ -176,7 +184,7 @@ def status(routers: tuple[str, ...], shard_addresses: tuple[str, ...], as_json: 
             click.echo(json.dumps(row))
         return
     click.echo(f"{'NAME':<12} {'ADDRESS':<22} {'EPOCH':>5} {'SLOTS':>6} {'PROFILES':>10} "
-               f"{'CLAIMS':>10} {'HEALTH':<8} RANGES")
+               f"{'CLAIMS':>10} {'HEALTH':<8} {'LINK':<5} RANGES")
     owned = 0
     for row in rows:
         ranges = format_ranges(row.get("slots", []))
@@ -184,7 +192,7 @@ def status(routers: tuple[str, ...], shard_addresses: tuple[str, ...], as_json: 
         click.echo(f"{row['name']:<12} {row['address']:<22} {row.get('epoch', '-'):>5} "
                    f"{row.get('slot_count', '-'):>6} {row.get('profiles', '-'):>10} "
                    f"{row.get('claims', '-'):>10} {'ok' if row['healthy'] else 'DOWN':<8} "
-                   f"{ranges if len(ranges) < 60 else ranges[:57] + '...'}"
+                   f"{row.get('link') or '-':<5} {ranges if len(ranges) < 60 else ranges[:57] + '...'}"
                    f"{'  ' + row['error'] if 'error' in row else ''}")
     click.echo(f"{len(rows)} shards, {owned} of {SLOT_COUNT} slots owned"
                + ("" if owned == SLOT_COUNT else "  (a move in flight? see cluster resume)"))

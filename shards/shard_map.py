@@ -199,7 +199,7 @@ class ShardMap:
     def describe(self) -> list[dict[str, object]]:
         return [{"name": s.name, "address": s.address, "epoch": s.epoch,
                  "slots": s.slots, "profiles": s.profiles, "claims": s.claims,
-                 "reachable": s.reachable}
+                 "reachable": s.reachable, "link": s.stub.link_state}
                 for s in self.ordered()]
 
 

@@ -21,6 +21,7 @@ from memstore.link import PROTOCOL, LinkClient, LinkServer, LinkStub, NoLink
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
 from memstore.v1 import memstore_pb2 as pb
+from shards.router import admin_call
 from shards.slots import slot_of
 from tests.conftest import ServerProcess, start_shard
 from tests.test_router import RouterThread, start_shards
@@ -97,6 +98,10 @@ def test_router_calls_take_the_link_and_answer_as_over_grpc(
     assert spread == {True, False}
     after = [link.calls for link in _links(linked)]
     assert all(n > 0 for n in after) and sum(after) - before >= N  # both shards, each Get
+    # What `memstore cluster status` shows in its LINK column.
+    for router, state in ((linked, "up"), (plain, "none")):
+        listing = router.run(admin_call(router.address, "ListShards"))
+        assert [s["link"] for s in listing["shards"]] == [state, state]
 
 
 def test_a_shard_advertises_its_link_and_the_hello_carries_its_token(
