@@ -55,10 +55,11 @@ def new_token() -> str:
     return secrets.token_hex(16)
 
 
-def unary_methods(service: ServiceDescriptor) -> dict[str, type[Message]]:
-    """A service's unary-unary methods and their request classes."""
-    return {m.name: GetMessageClass(m.input_type) for m in service.methods
-            if not m.client_streaming and not m.server_streaming}
+def unary_methods(service: ServiceDescriptor
+                  ) -> dict[str, tuple[type[Message], type[Message]]]:
+    """A service's unary-unary methods: name -> (request class, response class)."""
+    return {m.name: (GetMessageClass(m.input_type), GetMessageClass(m.output_type))
+            for m in service.methods if not m.client_streaming and not m.server_streaming}
 
 
 def _frame(body: bytes) -> bytes:
@@ -154,8 +155,8 @@ class LinkServer:
                  token: str | None = None) -> None:
         self.token = token or new_token()
         self._methods: dict[str, tuple[Handler, type[Message]]] = {
-            name: (getattr(servicer, name), cls) for name, cls in unary_methods(service).items()
-            if hasattr(servicer, name)}
+            name: (getattr(servicer, name), request)
+            for name, (request, _) in unary_methods(service).items() if hasattr(servicer, name)}
         self._server: asyncio.Server | None = None
         self._calls: set[asyncio.Task[None]] = set()
         self._connections: set[_ShardConnection] = set()
@@ -332,7 +333,8 @@ class LinkClient:
         """The live connection, or NoLink (and a connection attempt under way): a call
         never waits for the link to come up, it goes over gRPC meanwhile."""
         connection = self._connection
-        if connection is not None and not connection.lost:
+        if self.is_up:
+            assert connection is not None
             return connection
         if connection is not None:  # lost: the shard may be back elsewhere
             self._connection = None
@@ -343,7 +345,7 @@ class LinkClient:
 
     def start(self) -> None:
         """Begin connecting, unless connected, connecting, or a failure is too recent."""
-        if self._connection is not None and not self._connection.lost:
+        if self.is_up:
             return
         if self._connecting is not None or time.monotonic() < self._retry_at:
             return
@@ -375,7 +377,7 @@ class LinkClient:
         self.start()
         if self._connecting is not None:
             await asyncio.wait([self._connecting])
-        return self._connection is not None and not self._connection.lost
+        return self.is_up
 
     async def call(self, method: str, request: Message, response_class: type[Message],
                    timeout: float | None, metadata: Iterable[tuple[str, Any]] | None
@@ -457,8 +459,8 @@ class LinkStub:
                  unusable: Callable[[], None] | None = None) -> None:
         self._grpc_stub = grpc_stub
         self._unusable = unusable  # called when a link fails (the router re-reads the map)
-        self._responses = {m.name: GetMessageClass(m.output_type) for m in service.methods
-                           if not m.client_streaming and not m.server_streaming}
+        self._responses = {name: response
+                           for name, (_, response) in unary_methods(service).items()}
         self.link: LinkClient | None = None
 
     @property
