@@ -29,13 +29,16 @@ def _ints(s: str) -> tuple[int, ...]:
               help="Seconds of repetitions per query per system.")
 @click.option("--duration", type=float, default=2.0, show_default=True,
               help="Seconds per concurrency level and for the mixed workload.")
-@click.option("--concurrency", default="1,4,16", show_default=True)
+@click.option("--concurrency", default="1,4,16", show_default=True,
+              help="Client threads for Get and BatchGet.")
+@click.option("--client-processes", default="2,4", show_default=True,
+              help="Client processes for BatchGet (a process's own decoding binds it).")
 @click.option("--workloads", default="queries,lookups,ingest,mixed,memory,recovery,snapshot",
               show_default=True)
 @click.option("--no-plots", is_flag=True)
 def main(size: int, seed: int, out: Path | None, peers: str, memstore: str,
-         query_budget: float, duration: float, concurrency: str, workloads: str,
-         no_plots: bool) -> None:
+         query_budget: float, duration: float, concurrency: str, client_processes: str,
+         workloads: str, no_plots: bool) -> None:
     """Benchmark memstore against DuckDB, Redis+RediSearch and a numpy scan.
 
     Every query's count is checked equal across all systems before any time is reported;
@@ -44,7 +47,8 @@ def main(size: int, seed: int, out: Path | None, peers: str, memstore: str,
     out = out or Path("bench/results") / str(size)
     opt = Options(size=size, seed=seed, out=out, peers=tuple(p for p in peers.split(",") if p),
                   memstore=memstore, query_budget_s=query_budget, duration_s=duration,
-                  concurrency=_ints(concurrency), workloads=tuple(workloads.split(",")),
+                  concurrency=_ints(concurrency),
+                  client_processes=_ints(client_processes), workloads=tuple(workloads.split(",")),
                   plots=not no_plots)
     try:
         res = run(opt)

@@ -16,6 +16,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,12 @@ from bench.peers.redis_peer import rss_bytes
 from bench.queries import Query
 
 LISTENING = re.compile(r"listening on ([\d.]+):(\d+)")
+
+
+def _client_batch_get(address: str) -> Callable[[list[str]], Any]:
+    from memstore import Client
+
+    return Client(address).batch_get
 
 
 def memstore_unavailable() -> str | None:
@@ -167,6 +175,10 @@ class MemstoreServer:
 
     def batch_get(self, ids: list[str], conn: Any = None) -> Any:
         return (conn or self.client).batch_get(ids)
+
+    def batch_getter(self) -> Callable[[], Callable[[list[str]], Any]]:
+        """What a client process calls for a BatchGet of its own (it pickles)."""
+        return partial(_client_batch_get, self.addr)
 
     def upsert(self, pid: str, attrs: dict[str, Any], conn: Any = None) -> None:
         (conn or self.client).upsert(pid, attrs)

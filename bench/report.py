@@ -11,6 +11,11 @@ from typing import Any
 
 from bench.queries import BY_NAME, GROUP_BYS, QUERIES
 
+# results["lookups"][system] keys, and how the report names them ("concurrency" is
+# client threads for the first two, client processes for the third)
+LOOKUP_OPS = {"get": "get", "batch_get": "batch_get",
+              "batch_get_processes": "batch_get (processes)"}
+
 
 def _ref(systems: list[str]) -> str:
     for s in ("memstore", "duckdb", "redis", "numpy"):
@@ -102,15 +107,18 @@ def markdown(res: dict[str, Any]) -> str:
         for name, r in lk.items():
             if not r:
                 continue
-            for op in ("get", "batch_get"):
-                for c, s in r[op].items():
-                    out.append(f"| {name} | {op} | {c} | {_fmt(s.get('median_ms'), 3)} | "
+            for op, label in LOOKUP_OPS.items():
+                for c, s in r.get(op, {}).items():
+                    out.append(f"| {name} | {label} | {c} | {_fmt(s.get('median_ms'), 3)} | "
                                f"{_fmt(s.get('p95_ms'))} | {_fmt(s.get('p99_ms'))} | "
                                f"{_fmt(s.get('max_ms'))} | {_fmt(s.get('throughput_per_s'))} |")
         if "memstore" in lk and "redis" in lk and lk["memstore"] and lk["redis"]:
+            ms, rd = lk["memstore"], lk["redis"]
             out += ["", "memstore ÷ redis throughput: " + ", ".join(
-                f"{op} c={c}: {_fmt(s['throughput_per_s'] / lk['redis'][op][c]['throughput_per_s'])}"
-                for op in ("get", "batch_get") for c, s in lk["memstore"][op].items())]
+                f"{label} c={c}: "
+                f"{_fmt(s['throughput_per_s'] / rd[op][c]['throughput_per_s'])}"
+                for op, label in LOOKUP_OPS.items() for c, s in ms.get(op, {}).items()
+                if c in rd.get(op, {}))]
         out.append("")
     ratios = {"ingest": _ingest_ratios, "mixed": _mixed_ratios}
     for key, title in (("ingest", "Ingest (durable)"), ("mixed", "Mixed 90/10 with queries")):

@@ -41,7 +41,7 @@ from bench.queries import (
     check_group_by,
     numpy_group_counts,
 )
-from bench.timing import concurrent, repeat, summarize
+from bench.timing import concurrent, in_processes, repeat, summarize
 
 BATCHES_DRAWN = 64  # distinct key batches each BatchGet client cycles through
 REFERENCE = "numpy"  # the cross-check's reference answers come from the plain scan
@@ -61,6 +61,9 @@ class Options:
     query_budget_s: float = 1.0  # per query per system
     duration_s: float = 2.0  # per concurrency level / mixed run
     concurrency: tuple[int, ...] = (1, 4, 16)
+    # BatchGet again from this many client processes: one Python process decoding 1,000
+    # profiles a call is bound by its own GIL before the server is
+    client_processes: tuple[int, ...] = (2, 4)
     batch_size: int = 1000  # issue 2: BatchGet of at least 1,000 keys in one call
     steady_writes: int = 2000
     durable_sample: int = 100_000  # profiles loaded into the AOF-always Redis
@@ -165,8 +168,18 @@ def _random_ids(size: int, seed: int) -> Callable[[], str]:
     return lambda: profile_id(rnd.randrange(size))
 
 
+def _batch_op(connect: Callable[[], Callable[[list[str]], Any]], size: int, batch_size: int,
+              i: int) -> Callable[[], Any]:
+    """Client i's BatchGet op, in its own process (bench.timing.in_processes)."""
+    batch_get, pick = connect(), _random_ids(size, 2000 + i)
+    batches = itertools.cycle([[pick() for _ in range(batch_size)]
+                               for _ in range(BATCHES_DRAWN)])
+    return lambda: batch_get(next(batches))
+
+
 def time_lookups(name: str, s: Any, ds: Dataset, opt: Options) -> dict[str, Any]:
-    out: dict[str, Any] = {"get": {}, "batch_get": {}, "batch_size": opt.batch_size}
+    out: dict[str, Any] = {"get": {}, "batch_get": {}, "batch_get_processes": {},
+                           "batch_size": opt.batch_size}
     for c in opt.concurrency:
         conns = [s.connection() for _ in range(c)]
 
@@ -191,6 +204,12 @@ def time_lookups(name: str, s: Any, ds: Dataset, opt: Options) -> dict[str, Any]
         for conn in conns:
             if hasattr(conn, "close"):
                 conn.close()
+    make_op = partial(_batch_op, s.batch_getter(), ds.size, opt.batch_size)
+    for p in opt.client_processes:
+        samples, wall = in_processes(make_op, p, opt.duration_s)
+        r = out["batch_get_processes"][str(p)] = summarize(samples, opt.batch_size, wall)
+        opt.log(f"  {name} {p} client processes: batch_get "
+                f"{r['throughput_per_s']:.0f} profiles/s")
     return out
 
 

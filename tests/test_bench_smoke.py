@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ from bench.peers.numpy_peer import NumpyPeer
 from bench.queries import QUERIES
 from bench.report import markdown
 from bench.run import CrossCheckError, Options, cross_check, run
+from bench.timing import in_processes
 
 SIZE = 10_000
 
@@ -34,8 +38,8 @@ def test_datagen_is_seeded_and_cached(tmp_path: Path) -> None:
 
 def test_smoke_run_cross_checks_every_system(tmp_path: Path) -> None:
     opt = Options(size=SIZE, out=tmp_path, query_budget_s=0.01, duration_s=0.2,
-                  concurrency=(1, 2), steady_writes=50, durable_sample=1_000,
-                  log=lambda s: None)
+                  concurrency=(1, 2), client_processes=(2,), steady_writes=50,
+                  durable_sample=1_000, log=lambda s: None)
     res = run(opt)
     cc = res["crosscheck"]
     assert cc["problems"] == []
@@ -53,6 +57,9 @@ def test_smoke_run_cross_checks_every_system(tmp_path: Path) -> None:
     assert "memstore ÷ redis (AOF always)" in report or "redis" not in cc["systems"]
     assert json.loads((tmp_path / "results.json").read_text())["meta"]["size"] == SIZE
     assert res["memory"]["memstore"]["bytes_per_profile"] is not None
+    from_processes = res["lookups"]["memstore"]["batch_get_processes"]["2"]
+    assert from_processes["n"] > 0 and from_processes["throughput_per_s"] > 0
+    assert "| memstore | batch_get (processes) | 2 |" in report
 
 
 def test_a_wrong_count_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -121,3 +128,24 @@ def test_hops_times_echo_shard_and_router() -> None:
     assert re.search(r"router ÷ shard median [0-9.]+", result.output)
     assert re.search(r"link ÷ gRPC median [0-9.]+, p99 [0-9.]+", result.output)
     assert re.search(r"router [0-9,]+, shard-0 [0-9,]+, shard-1 [0-9,]+", result.output)
+
+
+def _sleeping_op(i: int) -> Callable[[], None]:
+    return partial(time.sleep, 0.002)
+
+
+def _unbuildable_op(i: int) -> Callable[[], None]:
+    raise ValueError(f"no server for client {i}")
+
+
+def test_in_processes_times_the_op_in_each_process() -> None:
+    samples, wall = in_processes(_sleeping_op, 2, 0.3)
+    assert wall >= 0.3
+    assert samples and min(samples) >= 0.002
+    # two processes sleeping side by side do more than one could in the time
+    assert len(samples) * 0.002 > wall * 1.05
+
+
+def test_in_processes_reports_a_process_that_cannot_start() -> None:
+    with pytest.raises(RuntimeError, match="did not start: process [01]: ValueError: no server"):
+        in_processes(_unbuildable_op, 2, 0.3)

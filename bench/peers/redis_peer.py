@@ -23,7 +23,8 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -235,10 +236,11 @@ class RedisPeer:
         return dict((conn or self.r).hgetall(pid))
 
     def batch_get(self, ids: list[str], conn: Any = None) -> list[dict[str, Any]]:
-        pipe = (conn or self.r).pipeline(transaction=False)
-        for i in ids:
-            pipe.hgetall(i)
-        return list(pipe.execute())
+        return pipelined_hgetall(conn or self.r, ids)
+
+    def batch_getter(self) -> Callable[[], Callable[[list[str]], Any]]:
+        """What a client process calls for a batch get of its own (it pickles)."""
+        return partial(_client_batch_get, self.port)
 
     def upsert(self, pid: str, attrs: dict[str, Any], conn: Any = None) -> None:
         args: list[Any] = []
@@ -249,3 +251,16 @@ class RedisPeer:
 
     def data_dir(self) -> Path | None:
         return Path(self.dir) if self.dir else None
+
+
+def pipelined_hgetall(conn: Any, ids: list[str]) -> list[dict[str, Any]]:
+    pipe = conn.pipeline(transaction=False)
+    for i in ids:
+        pipe.hgetall(i)
+    return list(pipe.execute())
+
+
+def _client_batch_get(port: int) -> Callable[[list[str]], Any]:
+    import redis
+
+    return partial(pipelined_hgetall, redis.Redis(port=port, decode_responses=True))
