@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from collections import OrderedDict
 from datetime import UTC, datetime, timedelta, timezone
@@ -125,6 +126,28 @@ def test_batch_get_thousands_of_keys_in_order(client: Client) -> None:
     # keys and ids in one request: keys answered first, then ids, each in order
     mixed = client.batch_get([("email", "nobody@x"), keys[3]] + keys[:2])
     assert [m and m["id"] for m in mixed] == [None, keys[3], keys[0], keys[1]]
+
+
+def test_batch_get_decode_leaves_the_collector_as_it_found_it(client: Client) -> None:
+    # The client pauses the cyclic collector while it decodes a batch: it must come back
+    # on after a decode and after a failed one, and stay off for a caller who turned it off.
+    from memstore.client import _batch
+
+    prefix = uid()
+    client.batch_upsert([{"id": f"{prefix}-{i}", "attributes": {"n": i}} for i in range(50)])
+    keys = [f"{prefix}-{i}" for i in range(50)]
+    assert gc.isenabled()
+    assert [g["attributes"]["n"] for g in client.batch_get(keys)] == list(range(50))
+    assert gc.isenabled()
+    with pytest.raises(ValueError):
+        _batch(pb.BatchGetResponse(packed=b"\x92\x90"))  # [[], nothing]: one item short
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        assert len(client.batch_get(keys)) == 50
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_batch_get_ids_follow_keys_and_say_which_is_bad(stub, client: Client) -> None:  # type: ignore[no-untyped-def]
