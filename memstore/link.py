@@ -7,8 +7,9 @@ protobuf messages, metadata, trailers and status codes with none of HTTP/2's mac
 ~0.1 ms of CPU a call on the shard, against ~0.5 (measured in bench/RESULTS.md).
 
 It is an internal hop, not a public API: clients, grpcurl and streaming calls use gRPC. A
-shard serves its unary Memstore methods on the link beside its gRPC port, on the same host,
-and advertises the port and a random per-process token in ShardInfo. A router that learns
+shard serves its unary Memstore and ShardControl methods (the router's reads and writes,
+identifier-directory claims, merge steps, map reads; slot moves stream over gRPC) on the
+link beside its gRPC port, on the same host, and advertises the port and a random per-process token in ShardInfo. A router that learns
 them over gRPC connects, checks the token in the shard's hello (so a port reused by another
 process is never taken for this shard), and sends its unary calls there; when the link is
 absent, refused or unreachable it uses gRPC, so the link only ever changes the cost.
@@ -154,13 +155,24 @@ class LinkServer:
     def __init__(self, servicer: Any, service: ServiceDescriptor,
                  token: str | None = None) -> None:
         self.token = token or new_token()
-        self._methods: dict[str, tuple[Handler, type[Message]]] = {
-            name: (getattr(servicer, name), request)
-            for name, (request, _) in unary_methods(service).items() if hasattr(servicer, name)}
+        self._methods: dict[str, tuple[Handler, type[Message]]] = {}
+        self.add(servicer, service)
         self._server: asyncio.Server | None = None
         self._calls: set[asyncio.Task[None]] = set()
         self._connections: set[_ShardConnection] = set()
         self.port = 0
+
+    def add(self, servicer: Any, service: ServiceDescriptor) -> None:
+        """Serve another service's unary methods too. Frames name a method alone, so no
+        name may be in two services."""
+        methods = {name: (getattr(servicer, name), request)
+                   for name, (request, _) in unary_methods(service).items()
+                   if hasattr(servicer, name)}
+        both = self._methods.keys() & methods.keys()
+        if both:
+            raise ValueError(f"{service.full_name} repeats methods already served: "
+                             f"{', '.join(sorted(both))}")
+        self._methods.update(methods)
 
     async def start(self, host: str, port: int) -> int:
         self._server = await asyncio.get_running_loop().create_server(
@@ -456,12 +468,18 @@ class LinkStub:
     and everything else over gRPC."""
 
     def __init__(self, grpc_stub: Any, service: ServiceDescriptor,
-                 unusable: Callable[[], None] | None = None) -> None:
+                 unusable: Callable[[], None] | None = None,
+                 sharing: LinkStub | None = None) -> None:
         self._grpc_stub = grpc_stub
         self._unusable = unusable  # called when a link fails (the router re-reads the map)
         self._responses = {name: response
                            for name, (_, response) in unary_methods(service).items()}
-        self.link: LinkClient | None = None
+        self._link: LinkClient | None = None
+        self._sharing = sharing  # another service's stub on the same shard: its link
+
+    @property
+    def link(self) -> LinkClient | None:
+        return self._sharing.link if self._sharing is not None else self._link
 
     @property
     def link_state(self) -> str:
@@ -473,15 +491,17 @@ class LinkStub:
 
     def use_link(self, address: str, token: str, label: str) -> None:
         """The link the shard advertised ("" when none): a new one replaces the old."""
-        link = self.link
+        if self._sharing is not None:
+            raise TypeError("this stub uses the link of the stub it shares; set that one's")
+        link = self._link
         if link is not None and (link.address, link.token) == (address, token):
             return
         if link is not None:
             link.close()
-        self.link = LinkClient(address, token, label, self._unusable) \
+        self._link = LinkClient(address, token, label, self._unusable) \
             if address and token else None
-        if self.link is not None:
-            self.link.start()  # up before the calls that will want it
+        if self._link is not None:
+            self._link.start()  # up before the calls that will want it
 
     def __getattr__(self, method: str) -> Any:
         grpc_method = getattr(self._grpc_stub, method)

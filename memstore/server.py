@@ -860,8 +860,10 @@ def make_server(shard: Shard, host: str, port: int, link: bool = True
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
-    cluster_pb2_grpc.add_ShardControlServicer_to_server(
-        ShardControlService(shard, f"{host}:{bound}", link_server), server)
+    control = ShardControlService(shard, f"{host}:{bound}", link_server)
+    cluster_pb2_grpc.add_ShardControlServicer_to_server(control, server)
+    if link_server is not None:  # directory claims, merges, map reads: the router's too
+        link_server.add(control, cpb.DESCRIPTOR.services_by_name["ShardControl"])
     server._memstore_health = health_servicer  # type: ignore[attr-defined]
     return server, bound, link_server
 

@@ -40,6 +40,7 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 MEMSTORE_SERVICE = pb.DESCRIPTOR.services_by_name["Memstore"]
+CONTROL_SERVICE = cpb.DESCRIPTOR.services_by_name["ShardControl"]
 INFO_TIMEOUT = 2.0
 REMOVED_CLOSE_AFTER = 120.0
 
@@ -51,7 +52,7 @@ class ShardState:
     address: str
     channel: grpc.aio.Channel
     stub: LinkStub  # a MemstoreStub whose unary calls take the shard link when it has one
-    control: cluster_pb2_grpc.ShardControlStub
+    control: LinkStub  # a ShardControlStub whose unary calls take the same link
     name: str = ""
     epoch: int = 0
     slots: list[Range] = field(default_factory=list)
@@ -218,7 +219,9 @@ async def wait_for(shard_map: ShardMap, timeout: float = 30.0) -> list[str]:
 def _connect(address: str, link_failed: Callable[[], None]) -> ShardState:
     channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
     stub = LinkStub(memstore_pb2_grpc.MemstoreStub(channel), MEMSTORE_SERVICE, link_failed)
-    return ShardState(address, channel, stub, cluster_pb2_grpc.ShardControlStub(channel))
+    control = LinkStub(cluster_pb2_grpc.ShardControlStub(channel), CONTROL_SERVICE,
+                       sharing=stub)
+    return ShardState(address, channel, stub, control)
 
 
 async def _close(shard: ShardState) -> None:

@@ -104,6 +104,34 @@ def test_router_calls_take_the_link_and_answer_as_over_grpc(
         assert [s["link"] for s in listing["shards"]] == [state, state]
 
 
+def test_cluster_calls_take_the_same_link(two_clusters: dict[str, Any]) -> None:
+    # Directory claims and look-ups, merge steps and map reads (ShardControl) share the
+    # shard's link with the public calls; a --no-link shard answers them over gRPC.
+    for router, linked in ((two_clusters["linked"], True), (two_clusters["plain"], False)):
+        for shard in router.router.map.shards:
+            assert shard.control.link is shard.stub.link
+            assert (shard.stub.link is not None) is linked
+            before = shard.stub.link.calls if linked else 0
+
+            async def info(shard: Any = shard) -> cpb.ShardInfo:
+                return await shard.control.GetShardInfo(cpb.ShardInfoRequest(), timeout=5)
+
+            answer = router.run(info())
+            assert answer.name == shard.name
+            if linked:  # this call (and any map refresh meanwhile) went over the link
+                assert shard.stub.link.calls > before
+    with Client(two_clusters["linked"].address) as c:  # a claim (ShardControl.Claim) each
+        c.upsert("q1", {"n": 1}, identifiers=[("email", "q1@x")])
+        assert c.get(identifier=("email", "q1@x"))["id"] == "q1"
+        c.delete("q1")
+
+
+def test_a_link_server_refuses_a_method_name_two_services_share() -> None:
+    server = LinkServer(memstore_pb2_grpc.MemstoreServicer(), MEMSTORE)
+    with pytest.raises(ValueError, match="repeats methods already served: BatchGet, "):
+        server.add(memstore_pb2_grpc.MemstoreServicer(), MEMSTORE)
+
+
 def test_a_shard_advertises_its_link_and_the_hello_carries_its_token(
         two_clusters: dict[str, Any]) -> None:
     shard: ServerProcess = two_clusters["shards"][0]
