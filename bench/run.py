@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -168,12 +168,17 @@ def _random_ids(size: int, seed: int) -> Callable[[], str]:
     return lambda: profile_id(rnd.randrange(size))
 
 
+def _key_batches(size: int, batch_size: int, seed: int) -> Iterator[list[str]]:
+    """BatchGet keys, drawn before the clock starts: making 1,000 ids in Python costs
+    ~1 ms, a tenth of a BatchGet, and is no part of it."""
+    pick = _random_ids(size, seed)
+    return itertools.cycle([[pick() for _ in range(batch_size)] for _ in range(BATCHES_DRAWN)])
+
+
 def _batch_op(connect: Callable[[], Callable[[list[str]], Any]], size: int, batch_size: int,
               i: int) -> Callable[[], Any]:
     """Client i's BatchGet op, in its own process (bench.timing.in_processes)."""
-    batch_get, pick = connect(), _random_ids(size, 2000 + i)
-    batches = itertools.cycle([[pick() for _ in range(batch_size)]
-                               for _ in range(BATCHES_DRAWN)])
+    batch_get, batches = connect(), _key_batches(size, batch_size, 2000 + i)
     return lambda: batch_get(next(batches))
 
 
@@ -188,11 +193,7 @@ def time_lookups(name: str, s: Any, ds: Dataset, opt: Options) -> dict[str, Any]
             return lambda: s.get(pick(), conn=conn)
 
         def batch(i: int, conns: list[Any] = conns) -> Callable[[], Any]:
-            # Keys drawn before the clock starts: making 1,000 ids in Python costs ~1 ms,
-            # a tenth of a BatchGet, and is no part of it.
-            pick, conn = _random_ids(ds.size, 1000 + i), conns[i]
-            batches = itertools.cycle([[pick() for _ in range(opt.batch_size)]
-                                       for _ in range(BATCHES_DRAWN)])
+            batches, conn = _key_batches(ds.size, opt.batch_size, 1000 + i), conns[i]
             return lambda: s.batch_get(next(batches), conn=conn)
 
         samples, wall = concurrent(unary, c, opt.duration_s)
