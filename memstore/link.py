@@ -9,8 +9,8 @@ protobuf messages, metadata, trailers and status codes with none of HTTP/2's mac
 It is an internal hop, not a public API: clients, grpcurl and streaming calls use gRPC. A
 shard serves its unary Memstore and ShardControl methods (the router's reads and writes,
 identifier-directory claims, merge steps, map reads; slot moves stream over gRPC) on the
-link beside its gRPC port, on the same host, and advertises the port and a random per-process token in ShardInfo. A router that learns
-them over gRPC connects, checks the token in the shard's hello (so a port reused by another
+link beside its gRPC port, on the same host, and advertises the port and a random
+per-process token in ShardInfo. A router that learns them over gRPC connects, checks the token in the shard's hello (so a port reused by another
 process is never taken for this shard), and sends its unary calls there; when the link is
 absent, refused or unreachable it uses gRPC, so the link only ever changes the cost.
 
@@ -150,7 +150,8 @@ class LinkContext:
 
 
 class LinkServer:
-    """Serves one servicer's unary methods on the link (see the module's docstring)."""
+    """Serves servicers' unary methods on the link (see the module's docstring): the one
+    given at construction, and any `add`ed."""
 
     def __init__(self, servicer: Any, service: ServiceDescriptor,
                  token: str | None = None) -> None:
