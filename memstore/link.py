@@ -10,9 +10,10 @@ It is an internal hop, not a public API: clients, grpcurl and streaming calls us
 shard serves its unary Memstore and ShardControl methods (the router's reads and writes,
 identifier-directory claims, merge steps, map reads; slot moves stream over gRPC) on the
 link beside its gRPC port, on the same host, and advertises the port and a random
-per-process token in ShardInfo. A router that learns them over gRPC connects, checks the token in the shard's hello (so a port reused by another
-process is never taken for this shard), and sends its unary calls there; when the link is
-absent, refused or unreachable it uses gRPC, so the link only ever changes the cost.
+per-process token in ShardInfo. A router that learns them over gRPC connects, checks the
+token in the shard's hello (so a port reused by another process is never taken for this
+shard), and sends its unary calls there; when the link is absent, refused or unreachable
+it uses gRPC, so the link only ever changes the cost.
 
 Frames: a 4-byte little-endian length, then a msgpack array.
   shard hello, sent on accept:   [PROTOCOL, token]
