@@ -52,8 +52,9 @@ def main() -> None:
                    "read ownership from the data directory.")
 @shard_settings
 @click.option("--link-port", type=click.IntRange(0, 65535), default=0, show_default=True,
-              help="Port of the shard link on the same host (0 picks a free one); fix it "
-                   "where routers reach the shard through published ports.")
+              help="Port of the link on the same host, for routers' calls and clients "
+                   "with link=True (0 picks a free one); fix it where they reach the "
+                   "shard through published ports.")
 @click.option("--metrics-port", type=int, default=None,
               help="Serve Prometheus metrics on this port (same host; 0 picks one). "
                    "Default: no metrics endpoint.")

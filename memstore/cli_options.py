@@ -28,8 +28,9 @@ _OPTIONS = (
     click.option("--blocked-identifier", multiple=True,
                  help="Extra identifier values never linked (added to the built-in list)."),
     click.option("--no-link", is_flag=True,
-                 help="Serve routers over gRPC alone, without the shard link (a lighter "
-                      "protocol for their unary calls, on a free port of the same host)."),
+                 help="Serve over gRPC alone, without the link (a lighter protocol for "
+                      "unary calls from routers and clients, on a free port of the same "
+                      "host)."),
 )
 
 

@@ -6,6 +6,11 @@ supplies the transport (`_call`). Against a router they see the whole cluster; a
 shard, that shard. Reads are retried on UNAVAILABLE with backoff (they are idempotent);
 writes are not, because an increment retried after a lost answer would apply twice.
 
+With `link=True`, unary calls (Get, BatchGet, Upsert, Count, ...) go over the server's link
+(memstore/link.py), a lighter protocol than gRPC on a port of its own, once it is up;
+until then, and whenever it cannot be used, over gRPC, with the same answers and errors.
+Streams (`iter_ids`) and bulk loads (`load`) always use gRPC.
+
 With `direct_reads=True`, a Get by primary id goes straight to the shard owning the id's
 slot, as the router's shard list last said (one gRPC hop instead of two), naming the shard
 and slot epoch it expects (EXPECT_SHARD), which any other shard, or that shard after its
@@ -43,6 +48,14 @@ from memstore.hashslot import (
     owners_by_epoch,
     slot_of,
 )
+from memstore.link import (
+    DESCRIBE,
+    HELLO_TIMEOUT,
+    RETRY_AFTER,
+    BlockingLinkStub,
+    LinkStub,
+    advertised,
+)
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
 
@@ -54,6 +67,7 @@ _RETRIES = 3
 # The router's JSON admin call listing shards, addresses and slots (shards/router.py).
 LIST_SHARDS = f"/{ADMIN_SERVICE}/ListShards"
 REFRESH_EVERY = 1.0  # direct_reads: seconds between shard-list refreshes after a miss
+_SERVICE = pb.DESCRIPTOR.services_by_name["Memstore"]
 
 # Proto enum numbers by the names the client accepts (the .pyi types them as NewTypes).
 _OPS: dict[str, Any] = {"set": 1, "set_once": 2, "unset": 3, "increment": 4,
@@ -425,12 +439,26 @@ class Client(_Methods):
     """Blocking client. `with Client(address) as c: c.get("u1")`."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 30.0,
-                 direct_reads: bool = False) -> None:
+                 direct_reads: bool = False, link: bool = False) -> None:
         self.address = address
         self.timeout = timeout
         self._channel = grpc.insecure_channel(address, options=_OPTIONS)
-        self._stub = memstore_pb2_grpc.MemstoreStub(self._channel)
+        self._grpc = memstore_pb2_grpc.MemstoreStub(self._channel)
+        self._link = BlockingLinkStub(self._grpc, _SERVICE, self._describe_link,
+                                      f"server {address}") if link else None
+        self._stub: Any = self._link or self._grpc
+        if self._link is not None:
+            self._link.start()
         self._owners = _SlotOwners(_connect(grpc.insecure_channel)) if direct_reads else None
+
+    def _describe_link(self) -> tuple[str, str] | None:
+        return advertised(self.address, self._channel.unary_unary(DESCRIBE)(
+            b"{}", timeout=HELLO_TIMEOUT))
+
+    def link_ready(self, timeout: float = 5.0) -> bool:
+        """With link=True: wait up to `timeout` for the link to come up; whether it is
+        (calls use gRPC meanwhile, so waiting is never needed, only faster)."""
+        return self._link is not None and self._link.ready(timeout)
 
     def _direct_get(self, pid: str, request: Any) -> Any:
         """The shard's GetResponse, _MISSING for a plain NOT_FOUND, None: ask the router."""
@@ -476,7 +504,7 @@ class Client(_Methods):
         """Every matching id, streamed (one query evaluation on the server)."""
         request = pb.QueryIdsRequest(query=_query(query), page_size=page_size)
         try:
-            for page in self._stub.StreamIds(request, timeout=self.timeout):
+            for page in self._grpc.StreamIds(request, timeout=self.timeout):
                 yield from page.ids
         except grpc.RpcError as exc:
             raise _error(exc, "StreamIds") from None
@@ -501,7 +529,7 @@ class Client(_Methods):
 
         for chunk in _chunks(records, chunk_size):
             request = pb.BatchUpsertRequest(columns=pack_records(chunk))
-            inflight.append((self._stub.BatchUpsert.future(request, timeout=self.timeout),
+            inflight.append((self._grpc.BatchUpsert.future(request, timeout=self.timeout),
                              len(chunk)))
             if len(inflight) >= concurrency:
                 total += settle(*inflight.pop(0))
@@ -510,6 +538,8 @@ class Client(_Methods):
         return total
 
     def close(self) -> None:
+        if self._link is not None:
+            self._link.close()
         self._channel.close()
         for channel, _ in self._owners.shards.values() if self._owners else ():
             channel.close()
@@ -525,13 +555,62 @@ class AsyncClient(_Methods):
     """asyncio client with the same methods as Client: `await c.get("u1")`."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 30.0,
-                 direct_reads: bool = False) -> None:
+                 direct_reads: bool = False, link: bool = False) -> None:
         self.address = address
         self.timeout = timeout
         self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
-        self._stub = memstore_pb2_grpc.MemstoreStub(self._channel)
+        self._grpc = memstore_pb2_grpc.MemstoreStub(self._channel)
+        # link: described on the first call (and again when it fails: the server may have
+        # restarted on another port), connected in the background by LinkStub
+        self._link = LinkStub(self._grpc, _SERVICE, self._relink) if link else None
+        self._stub: Any = self._link or self._grpc
+        self._described = False
+        self._describing: asyncio.Task[None] | None = None
+        self._describe_at = 0.0
         self._owners = (_SlotOwners(_connect(grpc.aio.insecure_channel)) if direct_reads
                         else None)
+
+    def _relink(self) -> None:
+        self._described = False
+
+    def _start_link(self) -> None:
+        if (self._link is None or self._described or self._describing is not None
+                or time.monotonic() < self._describe_at):
+            return
+        self._describing = asyncio.get_running_loop().create_task(self._describe_link())
+
+    async def _describe_link(self) -> None:
+        link = self._link
+        assert link is not None
+        try:
+            found = advertised(self.address, await self._channel.unary_unary(DESCRIBE)(
+                b"{}", timeout=HELLO_TIMEOUT))
+        except (grpc.aio.AioRpcError, ValueError) as exc:
+            if isinstance(exc, grpc.aio.AioRpcError) and \
+                    exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self._link = None  # a server without the link: gRPC for good
+                self._stub = self._grpc
+            self._describe_at = time.monotonic() + RETRY_AFTER
+            return
+        finally:
+            self._describing = None
+        if found is None:
+            self._link, self._stub = None, self._grpc
+            return
+        link.use_link(*found, f"server {self.address}")
+        self._described = True
+
+    async def link_ready(self, timeout: float = 5.0) -> bool:
+        """As Client.link_ready."""
+        self._start_link()
+        try:
+            async with asyncio.timeout(timeout):
+                if self._describing is not None:
+                    await asyncio.shield(self._describing)
+                return self._link is not None and self._link.link is not None \
+                    and await self._link.link.ready()
+        except TimeoutError:
+            return False
 
     async def _direct_get(self, pid: str, request: Any) -> Any:
         """As Client._direct_get."""
@@ -554,6 +633,8 @@ class AsyncClient(_Methods):
 
     async def _call(self, method: str, request: Any, decode: Callable[[Any], Any],
                     missing: Any = _MISSING, direct: str | None = None) -> Any:
+        if self._link is not None and not self._described:
+            self._start_link()
         if direct and self._owners is not None:
             answer = await self._direct_get(direct, request)
             if answer is _MISSING:
@@ -577,7 +658,7 @@ class AsyncClient(_Methods):
     async def iter_ids(self, query: Any, *, page_size: int = 10_000) -> AsyncIterator[str]:
         request = pb.QueryIdsRequest(query=_query(query), page_size=page_size)
         try:
-            async for page in self._stub.StreamIds(request, timeout=self.timeout):
+            async for page in self._grpc.StreamIds(request, timeout=self.timeout):
                 for pid in page.ids:
                     yield pid
         except grpc.aio.AioRpcError as exc:
@@ -592,7 +673,7 @@ class AsyncClient(_Methods):
         async def send(chunk: list[Mapping[str, Any]]) -> None:
             nonlocal total
             try:
-                response = await self._stub.BatchUpsert(
+                response = await self._grpc.BatchUpsert(
                     pb.BatchUpsertRequest(columns=pack_records(chunk)), timeout=self.timeout)
             except grpc.aio.AioRpcError as exc:
                 raise _error(exc, "BatchUpsert") from None
@@ -611,6 +692,10 @@ class AsyncClient(_Methods):
         return total
 
     async def close(self) -> None:
+        if self._describing is not None:
+            self._describing.cancel()
+        if self._link is not None and self._link.link is not None:
+            self._link.link.close()
         await self._channel.close()
         for channel, _ in self._owners.shards.values() if self._owners else ():
             await channel.close()

@@ -1,36 +1,45 @@
-"""The shard link: a light framed protocol over TCP for a router's unary calls to a shard.
+"""The link: a light framed protocol over TCP for unary calls, beside a server's gRPC port.
 
 Why: a Python gRPC call costs ~0.4-0.5 ms of CPU on each side (bench.hops), and a Get
 through the router pays for two of them. On a machine whose cores the client, the router
 and the shards share, that CPU is the look-up's latency. The link carries the same
 protobuf messages, metadata, trailers and status codes with none of HTTP/2's machinery:
-~0.1 ms of CPU a call on the shard, against ~0.5 (measured in bench/RESULTS.md).
+~0.1 ms of CPU a call on the server, against ~0.5 (measured in bench/RESULTS.md).
 
-It is an internal hop, not a public API: clients, grpcurl and streaming calls use gRPC. A
-shard serves its unary Memstore and ShardControl methods (the router's reads and writes,
-identifier-directory claims, merge steps, map reads; slot moves stream over gRPC) on the
-link beside its gRPC port, on the same host, and advertises the port and a random
-per-process token in ShardInfo. A router that learns them over gRPC connects, checks the
-token in the shard's hello (so a port reused by another process is never taken for this
-shard), and sends its unary calls there; when the link is absent, refused or unreachable
-it uses gRPC, so the link only ever changes the cost.
+Two hops use it. A shard serves its unary Memstore and ShardControl methods on its link
+for routers (reads and writes, identifier-directory claims, merge steps, map reads; slot
+moves stream over gRPC). A router serves its unary Memstore methods on its own link for
+Python clients that ask for it (`Client(address, link=True)`). gRPC stays the public API:
+grpcurl, other languages and every streaming call use it, and every link call has the
+same answer over gRPC.
+
+A server advertises its link's port and a random per-process token: a shard in ShardInfo,
+and any server (router or shard) through the JSON method DESCRIBE on its gRPC port. A
+caller that learns them connects to that port on the host it already knows the server by,
+checks the token in the server's hello (so a port reused by another process is never
+taken for this server), and sends its unary calls there; when the link is absent,
+refused or unreachable it uses gRPC, so the link only ever changes the cost.
 
 Frames: a 4-byte little-endian length, then a msgpack array.
-  shard hello, sent on accept:   [PROTOCOL, token]
+  server hello, sent on accept:  [PROTOCOL, token]
   request:   [call id, method name, request bytes, [[key, value], ...] metadata, timeout]
   response:  [call id, status code, details, response bytes, [[key, value], ...] trailers]
-A frame that cannot be read closes the connection; the shard logs it and serves on. Calls
+A frame that cannot be read closes the connection; the server logs it and serves on. Calls
 run concurrently, answered as they finish (matched by call id). A timeout (seconds, or
-nil) is the deadline the shard enforces, as gRPC's would be.
+nil) is the deadline the server enforces, as gRPC's would be.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import secrets
+import select
+import socket
 import struct
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -41,12 +50,18 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
+from memstore import metrics
+
 log = logging.getLogger("memstore.link")
 
 PROTOCOL = 1
 MAX_FRAME = (64 << 20) + (1 << 16)  # the gRPC message limit, plus room for the envelope
 HELLO_TIMEOUT = 2.0
-RETRY_AFTER = 1.0  # seconds a router waits before trying a link that failed again
+RETRY_AFTER = 1.0  # seconds a caller waits before trying a link that failed again
+RETRY_AT_MOST = 30.0  # a blocking caller's wait after failures in a row (it doubles)
+LINK_SERVICE = "memstore.link.v1.Link"
+# JSON over gRPC, on any server's gRPC port: {} -> {"port": link port, "token": its token}
+DESCRIBE = f"/{LINK_SERVICE}/Describe"
 _LENGTH = struct.Struct("<I")
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -114,14 +129,14 @@ class _Framed(asyncio.Protocol):
         raise NotImplementedError
 
 
-# ------------------------------------------------------------------------------- shard side
+# ------------------------------------------------------------------------------ server side
 
 class LinkAborted(Exception):
     """What LinkContext.abort raises, like grpc.aio's AbortError."""
 
 
 class LinkContext:
-    """The parts of grpc.aio.ServicerContext the shard's handlers use."""
+    """The parts of grpc.aio.ServicerContext the servers' handlers use."""
 
     def __init__(self, metadata: list[Any], timeout: float | None) -> None:
         self._metadata = tuple((k, v) for k, v in metadata)
@@ -152,11 +167,14 @@ class LinkContext:
 
 class LinkServer:
     """Serves servicers' unary methods on the link (see the module's docstring): the one
-    given at construction, and any `add`ed."""
+    given at construction, and any `add`ed. `metered`: record each call in
+    memstore.metrics, as the gRPC server's interceptor does (a shard's handlers record
+    their own)."""
 
     def __init__(self, servicer: Any, service: ServiceDescriptor,
-                 token: str | None = None) -> None:
+                 token: str | None = None, metered: bool = False) -> None:
         self.token = token or new_token()
+        self.metered = metered
         self._methods: dict[str, tuple[Handler, type[Message]]] = {}
         self.add(servicer, service)
         self._server: asyncio.Server | None = None
@@ -219,6 +237,7 @@ class LinkServer:
 
     async def _call(self, connection: _ShardConnection, call_id: int, method: str,
                     body: bytes, metadata: list[Any], timeout: float | None) -> None:
+        started = time.perf_counter()
         code, details, answer = grpc.StatusCode.OK, "", b""
         trailers: tuple[tuple[str, Any], ...] = ()
         entry = self._methods.get(method)
@@ -239,12 +258,37 @@ class LinkServer:
                     context.details, context.trailers
             except TimeoutError:
                 code, details = grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"
-            except Exception as exc:  # a bug: answer it, never drop the shard
+            except Exception as exc:  # a bug: answer it, never drop the server
                 log.exception("link: %s failed", method)
                 code, details = grpc.StatusCode.INTERNAL, f"internal error: {exc}"
+        if self.metered and entry is not None:
+            metrics.observe(method, code.name, time.perf_counter() - started)
         if connection.transport is not None and not connection.transport.is_closing():
             connection.send([call_id, code.value[0], details, answer,
                              [[k, v] for k, v in trailers]])
+
+
+def describe_handler(link: LinkServer) -> grpc.GenericRpcHandler:
+    """DESCRIBE on a server's gRPC port: where its link listens (port 0 before it does)."""
+    async def describe(request: bytes, context: Any) -> dict[str, Any]:
+        return {"port": link.port, "token": link.token if link.port else ""}
+
+    return grpc.method_handlers_generic_handler(LINK_SERVICE, {
+        "Describe": grpc.unary_unary_rpc_method_handler(
+            describe, response_serializer=lambda d: json.dumps(d).encode())})
+
+
+def advertised(address: str, answer: bytes) -> tuple[str, str] | None:
+    """(link address, token) from a DESCRIBE answer of the server at gRPC `address`, on
+    the host the caller knows it by; None when the server serves no link."""
+    try:
+        described = json.loads(answer)
+        port, token = int(described["port"]), str(described["token"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{address} described its link unreadably: {exc}") from None
+    if not port or not token:
+        return None
+    return f"{address.rpartition(':')[0]}:{port}", token
 
 
 class _ShardConnection(_Framed):
@@ -263,7 +307,7 @@ class _ShardConnection(_Framed):
         return self.server.dispatch(self, message)
 
 
-# ------------------------------------------------------------------------------ router side
+# ----------------------------------------------------------------------- caller side, asyncio
 
 class NoLink(Exception):
     """The link cannot be used now: the caller sends the call over gRPC instead."""
@@ -291,7 +335,7 @@ class _RouterConnection(_Framed):
             call_id = message[0]
             waiter = self.pending.pop(call_id, None)
         except (TypeError, IndexError, KeyError):
-            self.refuse(f"shard {self.label} sent a response frame that is not "
+            self.refuse(f"{self.label} sent a response frame that is not "
                         f"[id, code, details, response, trailers]")
             return False
         if waiter is not None and not waiter.done():
@@ -302,7 +346,7 @@ class _RouterConnection(_Framed):
         self.lost = True
         if not self.hello.done():
             self.hello.set_exception(ConnectionError("closed before its hello"))
-        why = f"link to shard {self.label} lost" + (f": {exc}" if exc else "")
+        why = f"link to {self.label} lost" + (f": {exc}" if exc else "")
         for waiter in self.pending.values():
             if not waiter.done():
                 waiter.set_exception(_error(grpc.StatusCode.UNAVAILABLE, why))
@@ -310,12 +354,14 @@ class _RouterConnection(_Framed):
 
 
 class LinkClient:
-    """A router's link to one shard process: `host:port`, proven by `token`."""
+    """An asyncio caller's link to one server process (a router's to a shard, an
+    AsyncClient's to its server): `host:port`, proven by `token`. `label` names the server
+    in errors ("shard s0")."""
 
     def __init__(self, address: str, token: str, label: str,
                  unusable: Callable[[], None] | None = None) -> None:
         self.address, self.token, self.label = address, token, label
-        self._unusable = unusable  # told when the link fails: the shard may have restarted
+        self._unusable = unusable  # told when the link fails: the server may have restarted
         self._connection: _RouterConnection | None = None
         self._connecting: asyncio.Task[_RouterConnection] | None = None
         self._retry_at = 0.0
@@ -330,8 +376,8 @@ class LinkClient:
         try:
             hello = await asyncio.wait_for(connection.hello, HELLO_TIMEOUT)
             if hello != [PROTOCOL, self.token]:
-                raise ConnectionError(f"{self.address} is not the link of shard {self.label} "
-                                      f"(its hello does not carry the token the shard "
+                raise ConnectionError(f"{self.address} is not the link of {self.label} "
+                                      f"(its hello does not carry the token the server "
                                       f"advertised)")
         except BaseException:
             assert connection.transport is not None
@@ -350,7 +396,7 @@ class LinkClient:
         if self.is_up:
             assert connection is not None
             return connection
-        if connection is not None:  # lost: the shard may be back elsewhere
+        if connection is not None:  # lost: the server may be back elsewhere
             self._connection = None
             if self._unusable is not None:
                 self._unusable()
@@ -381,7 +427,7 @@ class LinkClient:
             self._connection = task.result()
             return
         self._retry_at = time.monotonic() + RETRY_AFTER
-        log.warning("link to shard %s at %s unusable, using gRPC: %s", self.label,
+        log.warning("link to %s at %s unusable, using gRPC: %s", self.label,
                     self.address, exc)
         if self._unusable is not None:
             self._unusable()
@@ -415,7 +461,7 @@ class LinkClient:
             status = _CODES[code]
             pairs = tuple((k, v) for k, v in trailers)
         except (TypeError, ValueError, KeyError):
-            raise _error(grpc.StatusCode.INTERNAL, f"shard {self.label} answered {method} "
+            raise _error(grpc.StatusCode.INTERNAL, f"{self.label} answered {method} "
                                                    f"with a malformed frame") from None
         if status != grpc.StatusCode.OK:
             raise _error(status, details, pairs)
@@ -466,7 +512,7 @@ class LinkCall:
 
 
 class LinkStub:
-    """A gRPC stub whose unary methods go over a shard's link when it has one (`link`),
+    """A grpc.aio stub whose unary methods go over a server's link when it has one (`link`),
     and everything else over gRPC."""
 
     def __init__(self, grpc_stub: Any, service: ServiceDescriptor,
@@ -477,7 +523,7 @@ class LinkStub:
         self._responses = {name: response
                            for name, (_, response) in unary_methods(service).items()}
         self._link: LinkClient | None = None
-        self._sharing = sharing  # another service's stub on the same shard: its link
+        self._sharing = sharing  # another service's stub on the same server: its link
 
     @property
     def link(self) -> LinkClient | None:
@@ -486,13 +532,13 @@ class LinkStub:
     @property
     def link_state(self) -> str:
         """"up" (calls take the link), "down" (advertised, not connected: calls use gRPC)
-        or "none" (the shard advertises no link)."""
+        or "none" (the server advertises no link)."""
         if self.link is None:
             return "none"
         return "up" if self.link.is_up else "down"
 
     def use_link(self, address: str, token: str, label: str) -> None:
-        """The link the shard advertised ("" when none): a new one replaces the old."""
+        """The link the server advertised ("" when none): a new one replaces the old."""
         if self._sharing is not None:
             raise TypeError("this stub uses the link of the stub it shares; set that one's")
         link = self._link
@@ -520,3 +566,264 @@ class LinkStub:
                             metadata)
 
         return call
+
+
+# ---------------------------------------------------------------------- caller side, blocking
+
+class LinkRpcError(grpc.RpcError):
+    """A failed call over a blocking link, shaped as grpc's own errors are: code(),
+    details(), trailing_metadata(). `lost`: the connection failed (not the server's
+    answer), so the outcome of a write is unknown, as with gRPC's UNAVAILABLE."""
+
+    def __init__(self, code: grpc.StatusCode, details: str,
+                 trailers: Iterable[tuple[str, Any]] = (), lost: bool = False) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details, self._trailers = code, details, tuple(trailers)
+        self.lost = lost
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple[tuple[str, Any], ...]:
+        return self._trailers
+
+
+class _Socket:
+    """One blocking connection to a link, checked by the server's hello; a call at a time."""
+
+    def __init__(self, address: str, token: str, label: str) -> None:
+        host, _, port = address.rpartition(":")
+        self.sock = socket.create_connection((host.strip("[]"), int(port)), HELLO_TIMEOUT)
+        self._buffer = bytearray()
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.read(time.monotonic() + HELLO_TIMEOUT) != [PROTOCOL, token]:
+                raise ConnectionError(f"{address} is not the link of {label} (its hello "
+                                      f"does not carry the token the server advertised)")
+        except BaseException:
+            self.sock.close()
+            raise
+        self._poll = select.poll()
+        self._poll.register(self.sock, select.POLLIN)
+
+    def usable(self) -> bool:
+        """An idle connection with nothing to read: not closed by the server meanwhile."""
+        return not self._poll.poll(0)
+
+    def send(self, message: list[Any]) -> None:
+        self.sock.sendall(_frame(msgpack.packb(message, use_bin_type=True)))
+
+    def read(self, deadline: float | None) -> Any:
+        """The next frame; TimeoutError past `deadline`, ConnectionError when closed."""
+        buffer = self._buffer
+        while True:
+            if len(buffer) >= 4:
+                (length,) = _LENGTH.unpack_from(buffer)
+                if length > MAX_FRAME:
+                    raise ConnectionError(f"a frame of {length} bytes is over the "
+                                          f"{MAX_FRAME}-byte limit")
+                if len(buffer) >= 4 + length:
+                    body = bytes(buffer[4:4 + length])
+                    del buffer[:4 + length]
+                    return msgpack.unpackb(body)
+            if deadline is None:
+                self.sock.settimeout(None)
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError()
+                self.sock.settimeout(remaining)
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise ConnectionError("closed by the server")
+            buffer += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class BlockingLink:
+    """A blocking caller's link to one server: connections pooled, each carrying one call
+    at a time, so the threads sharing a client each have one when they need it."""
+
+    def __init__(self, address: str, token: str, label: str) -> None:
+        self.address, self.token, self.label = address, token, label
+        self._idle: list[_Socket] = []  # list.append and list.pop are atomic
+        self._ids = itertools.count(1)
+        self.closed = False
+        self.calls = 0  # answered over the link (tests read it)
+
+    def connect(self) -> None:
+        """Open a connection now (OSError, ConnectionError when it cannot be)."""
+        self._idle.append(_Socket(self.address, self.token, self.label))
+
+    def _take(self) -> _Socket:
+        while True:
+            try:
+                connection = self._idle.pop()
+            except IndexError:
+                return _Socket(self.address, self.token, self.label)
+            if connection.usable():
+                return connection
+            connection.close()  # the server closed it (restarted?) while it was idle
+
+    def call(self, method: str, request: bytes, timeout: float | None,
+             metadata: Iterable[tuple[str, Any]] | None) -> bytes:
+        """The response's bytes, or LinkRpcError as a gRPC call would fail; NoLink when no
+        connection could be had (nothing was sent)."""
+        try:
+            connection = self._take()
+        except (OSError, ValueError) as exc:
+            raise NoLink(f"cannot connect to the link of {self.label}: {exc}") from None
+        call_id = next(self._ids)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            connection.send([call_id, method, request, [[k, v] for k, v in metadata or ()],
+                             timeout])
+            reply = connection.read(deadline)
+            answered, code, details, body, trailers = reply
+            status = _CODES[code]
+            pairs = tuple((k, v) for k, v in trailers)
+            if answered != call_id:
+                raise ValueError(f"the answer to call {answered}, not to {call_id}")
+        except TimeoutError:
+            connection.close()  # its answer may still come: never read it as another's
+            raise LinkRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+        except (OSError, ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
+            connection.close()
+            raise LinkRpcError(grpc.StatusCode.UNAVAILABLE, f"link to {self.label} lost: {exc}",
+                               lost=True) from None
+        if self.closed:
+            connection.close()
+        else:
+            self._idle.append(connection)
+        if status != grpc.StatusCode.OK:
+            raise LinkRpcError(status, details, pairs)
+        self.calls += 1
+        return body  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.closed = True
+        while self._idle:
+            self._idle.pop().close()
+
+
+class BlockingLinkStub:
+    """A sync gRPC stub whose unary methods go over the server's link once it is up, and
+    over gRPC until then, or whenever it cannot be used. Anything else (streams, the
+    methods' `.future`) is the gRPC stub's.
+
+    `describe()` asks the server where its link is: (address, token), None when it serves
+    none, or raises. It runs in a thread of its own, so no call waits for a link to come
+    up; one that fails is asked again after RETRY_AFTER, doubling to RETRY_AT_MOST while
+    it keeps failing, and a server without DESCRIBE (UNIMPLEMENTED) is never asked again.
+    A link lost (its server restarted, perhaps on another port) is described again."""
+
+    def __init__(self, grpc_stub: Any, service: ServiceDescriptor,
+                 describe: Callable[[], tuple[str, str] | None], label: str) -> None:
+        self._grpc_stub = grpc_stub
+        self._describe = describe
+        self.label = label
+        self.link: BlockingLink | None = None
+        self.enabled = True
+        self._lock = threading.Lock()
+        self._setup: threading.Thread | None = None
+        self._failures = 0
+        self._retry_at = 0.0
+        for name, (_, response_class) in unary_methods(service).items():
+            setattr(self, name, self._method(name, response_class))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grpc_stub, name)
+
+    def _method(self, name: str, response_class: type[Message]) -> Callable[..., Any]:
+        grpc_method = getattr(self._grpc_stub, name)
+
+        def call(request: Message, timeout: float | None = None,
+                 metadata: Iterable[tuple[str, Any]] | None = None) -> Any:
+            link = self.link
+            if link is not None:
+                try:
+                    return response_class.FromString(
+                        link.call(name, request.SerializeToString(), timeout, metadata))
+                except NoLink:
+                    self._lost(link)
+                except LinkRpcError as exc:
+                    if exc.lost:
+                        self._lost(link)
+                    raise
+            else:
+                self.start()
+            return grpc_method(request, timeout=timeout, metadata=metadata)
+
+        return call
+
+    def _lost(self, link: BlockingLink) -> None:
+        """The link failed: gRPC until the server, perhaps restarted, is described again."""
+        with self._lock:
+            if self.link is link:
+                self.link = None
+                link.close()
+        self.start()
+
+    def start(self) -> None:
+        """Describe and connect in the background, unless under way, off or too soon."""
+        if not self.enabled or self._setup is not None or time.monotonic() < self._retry_at:
+            return
+        with self._lock:
+            if self._setup is not None or not self.enabled:
+                return
+            self._setup = threading.Thread(target=self._connect, daemon=True,
+                                           name=f"link to {self.label}")
+            self._setup.start()
+
+    def _connect(self) -> None:
+        try:
+            found = self._describe()
+            if found is None:
+                log.info("%s serves no link; calls use gRPC", self.label)
+                self.enabled = False
+                return
+            link = BlockingLink(*found, self.label)
+            link.connect()
+            with self._lock:
+                if not self.enabled:  # closed meanwhile
+                    link.close()
+                    return
+                self.link, self._failures = link, 0
+        except Exception as exc:  # noqa: BLE001 - any failure leaves the calls on gRPC
+            if isinstance(exc, grpc.RpcError) and \
+                    exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+                log.info("%s serves no link (no %s); calls use gRPC", self.label, DESCRIBE)
+                self.enabled = False
+                return
+            self._failures += 1
+            self._retry_at = time.monotonic() + min(RETRY_AFTER * 2 ** (self._failures - 1),
+                                                    RETRY_AT_MOST)
+            log.warning("link to %s unusable, using gRPC: %s", self.label, exc)
+        finally:
+            self._setup = None
+
+    def ready(self, timeout: float = 5.0) -> bool:
+        """Wait (up to `timeout`) for the link to come up, through retries if need be;
+        whether it is up."""
+        deadline = time.monotonic() + timeout
+        while self.link is None and self.enabled:
+            self.start()
+            setup = self._setup
+            if setup is not None:
+                setup.join(max(0.0, deadline - time.monotonic()))
+            if self.link is not None or time.monotonic() >= deadline:
+                break
+            time.sleep(max(0.0, min(self._retry_at, deadline) - time.monotonic()) or 0.01)
+        return self.link is not None
+
+    def close(self) -> None:
+        with self._lock:
+            self.enabled = False
+            if self.link is not None:
+                self.link.close()
+                self.link = None

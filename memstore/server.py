@@ -58,7 +58,7 @@ from memstore.hashslot import (
     SLOT_COUNT,
     slot_of,
 )
-from memstore.link import LinkServer
+from memstore.link import LinkServer, describe_handler
 from memstore.query import QueryError, query_from_request
 from memstore.schema import Kind, Merge
 from memstore.shard import Shard, ShardConfig
@@ -864,6 +864,7 @@ def make_server(shard: Shard, host: str, port: int, link: bool = True
     cluster_pb2_grpc.add_ShardControlServicer_to_server(control, server)
     if link_server is not None:  # directory claims, merges, map reads: the router's too
         link_server.add(control, cpb.DESCRIPTOR.services_by_name["ShardControl"])
+        server.add_generic_rpc_handlers((describe_handler(link_server),))
     server._memstore_health = health_servicer  # type: ignore[attr-defined]
     return server, bound, link_server
 

@@ -84,7 +84,7 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, sync: str,
     args = shard_args(snapshot_log_mb, snapshot_interval, max_identifiers_per_kind,
                       blocked_identifier, no_link)
     supervisor = Supervisor(data_dir, shards, host, port, sync, shard_args=args,
-                            stop_timeout=stop_timeout)
+                            stop_timeout=stop_timeout, link=not no_link)
     _run(run(supervisor))
 
 
@@ -97,14 +97,22 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, sync: str,
 @click.option("--metrics-port", type=int, default=None,
               help="Serve Prometheus metrics on this port (same host; 0 picks one). "
                    "Default: no metrics endpoint.")
+@click.option("--link-port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Port of the link, where clients that ask for it (Client(link=True)) "
+                   "send their unary calls; 0 picks a free one. Fix it where clients must "
+                   "reach it through a firewall or a published port.")
+@click.option("--no-link", is_flag=True,
+              help="Serve clients over gRPC alone, without the link.")
 @click.option("-v", "--verbose", is_flag=True)
 def serve_router(shard_addresses: tuple[str, ...], host: str, port: int,
-                 metrics_port: int | None, verbose: bool) -> None:
+                 metrics_port: int | None, link_port: int, no_link: bool,
+                 verbose: bool) -> None:
     """Run a router alone in front of shards started with serve-shard."""
     from shards.router import serve as serve_router_
 
     _logging(verbose)
-    _run(serve_router_(list(shard_addresses), host, port, metrics_port))
+    _run(serve_router_(list(shard_addresses), host, port, metrics_port,
+                       None if no_link else link_port))
 
 
 @click.group()

@@ -66,6 +66,7 @@ from memstore import metrics, pbvalues
 from memstore.columnar import Columns, unpack_columns
 from memstore.errors import InvalidArgument
 from memstore.hashslot import ADMIN_SERVICE, EPOCH_TRAILER, EXPECT_SHARD, REJUDGE_TRAILER
+from memstore.link import LinkServer, describe_handler
 from memstore.query import And, Not, Or, Predicate, QueryError, query_from_request
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import memstore_pb2 as pb
@@ -250,6 +251,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         self.directory = Directory(self)  # the identifier directory (shards/directory.py)
         self.on_membership = on_membership
         self.sweeper: asyncio.Task[None] | None = None
+        self.link: LinkServer | None = None  # clients' unary calls (memstore/link.py)
         self._known: set[str] = set()  # attribute names some shard has declared
         self._naming = IdentifierLocks()  # this router's writes naming an identifier, in turn
 
@@ -1116,9 +1118,11 @@ async def admin_call(address: str, method: str, body: dict[str, Any] | None = No
 
 async def start_router(addresses: Iterable[str], host: str = "127.0.0.1", port: int = 7070,
                        on_membership: Callable[[list[str]], None] | None = None,
-                       wait_timeout: float = 30.0
+                       wait_timeout: float = 30.0, link_port: int | None = 0
                        ) -> tuple[grpc.aio.Server, int, RouterService]:
-    """Build and start a router server (after every shard answered once)."""
+    """Build and start a router server (after every shard answered once). `link_port`:
+    where clients' unary calls may come over the link (memstore/link.py; 0 picks a free
+    port), on the same host; None serves gRPC alone."""
     from shards.shard_map import wait_for
 
     shard_map = ShardMap(addresses)
@@ -1130,6 +1134,10 @@ async def start_router(addresses: Iterable[str], host: str = "127.0.0.1", port: 
     server = grpc.aio.server(options=CHANNEL_OPTIONS[:2], interceptors=[_Metered()])
     memstore_pb2_grpc.add_MemstoreServicer_to_server(router, server)
     server.add_generic_rpc_handlers((_admin_handler(router),))
+    if link_port is not None:
+        router.link = LinkServer(router, pb.DESCRIPTOR.services_by_name["Memstore"],
+                                 metered=True)
+        server.add_generic_rpc_handlers((describe_handler(router.link),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((
@@ -1141,6 +1149,12 @@ async def start_router(addresses: Iterable[str], host: str = "127.0.0.1", port: 
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     await server.start()
+    if router.link is not None:
+        try:
+            await router.link.start(host, link_port or 0)
+        except BaseException:
+            await server.stop(grace=None)
+            raise
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("memstore.v1.Memstore", health_pb2.HealthCheckResponse.SERVING)
     server._memstore_health = health_servicer  # type: ignore[attr-defined]
@@ -1153,7 +1167,8 @@ async def stop_router(server: grpc.aio.Server, router: RouterService, grace: flo
     health_servicer = getattr(server, "_memstore_health", None)
     if health_servicer is not None:
         await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace=grace)
+    await asyncio.gather(server.stop(grace=grace),
+                         *([router.link.stop(grace)] if router.link is not None else []))
     if router.sweeper is not None:
         router.sweeper.cancel()
     await router.map.close()
@@ -1168,9 +1183,9 @@ def settle_heap() -> None:
 
 
 async def serve(addresses: list[str], host: str = "127.0.0.1", port: int = 7070,
-                metrics_port: int | None = None) -> None:
+                metrics_port: int | None = None, link_port: int | None = 0) -> None:
     """Run a router until SIGTERM/SIGINT, then drain in-flight calls."""
-    server, bound, router = await start_router(addresses, host, port)
+    server, bound, router = await start_router(addresses, host, port, link_port=link_port)
     settle_heap()
     if metrics_port is not None:
         scrape = metrics.serve_metrics(host, metrics_port)
@@ -1179,6 +1194,8 @@ async def serve(addresses: list[str], host: str = "127.0.0.1", port: int = 7070,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if router.link is not None:
+        print(f"link on {host}:{router.link.port}", file=sys.stderr, flush=True)
     print(f"listening on {host}:{bound}", file=sys.stderr, flush=True)
     await stop.wait()
     started = time.monotonic()

@@ -188,7 +188,7 @@ class ShardMap:
         shard.claims = answer.claims
         host = shard.address.rpartition(":")[0]  # the link is on the host the router knows
         shard.stub.use_link(f"{host}:{answer.link_port}" if answer.link_port else "",
-                            answer.link_token, shard.label)
+                            answer.link_token, f"shard {shard.label}")
 
     async def _fetch(self, shard: ShardState) -> None:
         self._apply(shard, await self._ask(shard))

@@ -70,8 +70,9 @@ class ShardProcess:
 class Supervisor:
     def __init__(self, data_dir: Path, shards: int | None = None, host: str = "127.0.0.1",
                  port: int = 7070, sync: str = "always", shard_args: tuple[str, ...] = (),
-                 stop_timeout: float = 15.0) -> None:
+                 stop_timeout: float = 15.0, link: bool = True) -> None:
         self.data_dir = data_dir
+        self.link = link  # the router's link for clients (--no-link turns both off)
         self.host, self.port, self.sync = host, port, sync
         self.shard_args = shard_args
         self.stop_timeout = stop_timeout
@@ -217,7 +218,8 @@ class Supervisor:
         addresses = [s.address for s in self.shards] + self.external
         try:
             self._server, self.router_port, self._router = await start_router(
-                addresses, self.host, self.port, on_membership=self._membership)
+                addresses, self.host, self.port, on_membership=self._membership,
+                link_port=0 if self.link else None)
         except BaseException:
             await self.stop()
             raise

@@ -1,6 +1,6 @@
-"""The shard link (memstore/link.py): a router's unary calls to a shard over a light framed
-protocol, with gRPC's answers, trailers and status codes, and gRPC whenever the link cannot
-be trusted or reached."""
+"""The link (memstore/link.py): a router's unary calls to a shard, and a client's to its
+router or shard, over a light framed protocol, with gRPC's answers, trailers and status
+codes, and gRPC whenever the link cannot be trusted or reached."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import asyncio
 import signal
 import socket
 import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +19,18 @@ import grpc
 import msgpack
 import pytest
 
-from memstore.client import Client, ClientError
-from memstore.link import PROTOCOL, LinkClient, LinkServer, LinkStub, NoLink
+from memstore import metrics
+from memstore.client import AsyncClient, Client, ClientError
+from memstore.link import (
+    PROTOCOL,
+    BlockingLink,
+    BlockingLinkStub,
+    LinkClient,
+    LinkRpcError,
+    LinkServer,
+    LinkStub,
+    NoLink,
+)
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
 from memstore.v1 import memstore_pb2 as pb
@@ -182,8 +195,10 @@ def test_a_link_whose_hello_is_not_the_shards_is_never_used(
     shards = linked.router.map.shards
     real = [(s.stub.link.address, s.stub.link.token) for s in shards]
     try:
-        for shard in shards:
-            linked.run(_use_link(shard.stub, address, shard.stub.link.token, shard.label))
+        # Both in one step of the router's loop: with one swapped alone, the first's failed
+        # hello starts a map refresh whose call over the other link the second swap cuts.
+        linked.run(_use_links([(shard.stub, address, shard.stub.link.token, shard.label)
+                               for shard in shards]))
         with Client(linked.address) as c:
             for _ in range(3):
                 assert [c.get(f"p{i}")["attributes"]["n"] for i in range(N)] == list(range(N))
@@ -192,12 +207,13 @@ def test_a_link_whose_hello_is_not_the_shards_is_never_used(
         assert all(s.stub.link.calls > 0 for s in shards)
     finally:
         linked.run(server.stop(grace=1.0))
-        for shard, (addr, token) in zip(shards, real):
-            linked.run(_use_link(shard.stub, addr, token, shard.label))
+        linked.run(_use_links([(shard.stub, addr, token, shard.label)
+                               for shard, (addr, token) in zip(shards, real)]))
 
 
-async def _use_link(stub: LinkStub, address: str, token: str, label: str) -> None:
-    stub.use_link(address, token, label)
+async def _use_links(links: list[tuple[LinkStub, str, str, str]]) -> None:
+    for stub, address, token, label in links:
+        stub.use_link(address, token, label)
 
 
 def test_a_restarted_shard_gets_a_new_link_that_the_router_learns(tmp_path: Path) -> None:
@@ -329,3 +345,240 @@ def test_a_stub_falls_back_to_grpc_when_the_link_is_gone(two_clusters: dict[str,
 
     pid = next(f"p{i}" for i in range(N) if slot_of(f"p{i}") < 8192)
     assert asyncio.run(get(pid)) == (pid, 0)
+
+
+# ------------------------------------------------------------------ clients on the link
+
+def _reads(c: Client) -> list[Any]:
+    """Every kind of unary read, and refusals that change nothing."""
+    out: list[Any] = [c.get(f"p{i}") for i in range(N)]
+    out.append(c.get(identifier=("email", "p5@x")))
+    out.append(c.get("p2", attributes=["city"]))
+    out.append(c.batch_get([f"p{i}" for i in range(N)] + ["nobody", ("email", "p7@x")]))
+    out.append(c.count('city = "Oslo"'))
+    out.append(c.ids("n >= 10", page_size=7))
+    out.append(c.group_by("n >= 0", "city"))
+    out.append(c.get("nobody"))
+    out.append(c.schema())
+    for bad in (lambda: c.count("n = "), lambda: c.upsert("p1", {"n": "text"}),
+                lambda: c.upsert("p1", {"n": 1}, expected_version=99),
+                lambda: c.get(identifier=("email", ""))):
+        with pytest.raises(ClientError) as err:
+            bad()
+        out.append((err.value.code, str(err.value)))
+    return out
+
+
+def _requests(method: str, code: str = "OK") -> float:
+    value = metrics.REQUESTS.labels(method, code)._value.get()  # type: ignore[attr-defined]
+    return float(value)
+
+
+def test_a_client_on_the_routers_link_answers_as_over_grpc(two_clusters: dict[str, Any]
+                                                           ) -> None:
+    router = two_clusters["linked"]
+    assert router.router.link is not None and router.router.link.port
+    with Client(router.address, link=True) as fast, Client(router.address) as plain:
+        assert fast.link_ready()
+        link = fast._link.link  # type: ignore[union-attr]
+        assert link is not None and link.token == router.router.link.token
+        before, counted = link.calls, _requests("Get")
+        assert _reads(fast) == _reads(plain)
+        assert link.calls - before == N + 7  # every read answered OK took the link
+        assert _requests("Get") - counted >= 2 * N  # the router counts both ways alike
+        # A write over the link, seen over gRPC, and a write's refusal changes nothing.
+        version = fast.upsert("p4", ops=[("increment", "visits", 2)]).version
+        assert plain.get("p4")["version"] == version
+        assert plain.get("p4")["attributes"]["visits"] == 2
+        assert fast.upsert("p4", ops=[("unset", "visits", None)]).version == version + 1
+        # Streams and bulk loads stay on gRPC, beside the link.
+        assert sorted(fast.iter_ids("n < 5")) == sorted(f"p{i}" for i in range(5))
+        assert fast.load([{"id": "p4", "attributes": {"n": 4}}]) == 1
+        assert plain.get("p4")["attributes"] == {"n": 4, "city": "Oslo"}
+
+    async def asynchronous() -> list[Any]:
+        async with AsyncClient(router.address, link=True) as c:
+            assert await c.link_ready()
+            before = c._link.link.calls  # type: ignore[union-attr]
+            out = [await c.get("p1"), await c.count('city = "Lima"'), await c.get("nobody")]
+            with pytest.raises(ClientError) as err:
+                await c.count("n = ")
+            out.append((err.value.code, str(err.value)))
+            assert c._link.link.calls - before == 2  # type: ignore[union-attr]
+            return out
+
+    with Client(router.address) as plain:
+        with pytest.raises(ClientError) as err:
+            plain.count("n = ")
+        expected = [plain.get("p1"), plain.count('city = "Lima"'), None,
+                    (err.value.code, str(err.value))]
+    assert asyncio.run(asynchronous()) == expected
+
+
+def test_a_client_uses_grpc_where_no_link_is_served(two_clusters: dict[str, Any],
+                                                   tmp_path: Path) -> None:
+    unlinked = RouterThread([s.address for s in two_clusters["shards"]], link=False)
+    plain_shard = start_shard(None, "--no-link")
+    try:
+        for address in (unlinked.address, plain_shard.address):
+            with Client(address, link=True) as c:
+                assert not c.link_ready()
+                assert c._link is not None and not c._link.enabled  # never asked again
+                assert c.get("nobody") is None and c.stats()["profiles"] >= 0
+
+        async def asynchronous() -> tuple[bool, Any]:
+            async with AsyncClient(unlinked.address, link=True) as c:
+                return await c.link_ready(), await c.get("p1")
+
+        ready, p1 = asyncio.run(asynchronous())
+        assert not ready and p1["attributes"]["n"] == 1
+    finally:
+        unlinked.stop()
+        plain_shard.stop()
+    # A shard serves its link to clients too.
+    shard = two_clusters["shards"][0]
+    with Client(shard.address, link=True) as c:
+        assert c.link_ready() and c._link.link.token == _info(shard.address).link_token  # type: ignore[union-attr]
+        pid = next(f"p{i}" for i in range(N) if slot_of(f"p{i}") < 8192)
+        assert c.get(pid)["id"] == pid and c._link.link.calls == 1  # type: ignore[union-attr]
+
+
+def test_a_clients_link_follows_its_router_through_a_restart(tmp_path: Path) -> None:
+    shards = start_shards(tmp_path, 2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    router = RouterThread([x.address for x in shards], port=port)
+    try:
+        with Client(router.address, link=True) as c:
+            _load(c)
+            assert c.link_ready()
+            old = c._link.link  # type: ignore[union-attr]
+            assert old is not None and c.get("p1")["attributes"]["n"] == 1
+            router.stop()
+            router = RouterThread([x.address for x in shards], port=port)  # a new link port
+            # The idle connection is found closed; nothing listens where the link was, so
+            # this write goes over gRPC (not lost, not UNAVAILABLE) and the router is
+            # described again in the background.
+            assert c.upsert("p1", {"n": 100}).version == 2
+            assert c.link_ready()
+            new = c._link.link  # type: ignore[union-attr]
+            assert new is not None and new is not old and new.token == router.router.link.token
+            assert c.get("p1")["attributes"]["n"] == 100 and new.calls == 1
+    finally:
+        router.stop()
+        for shard in shards:
+            shard.stop()
+
+
+def test_the_blocking_link_carries_answers_errors_trailers_and_deadlines() -> None:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def run(coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(10)
+
+    echo = SlowEcho()
+    server = LinkServer(echo, MEMSTORE)
+    port = run(server.start("127.0.0.1", 0))
+    address = f"127.0.0.1:{port}"
+
+    def get(link: BlockingLink, pid: str, timeout: float = 5.0, metadata: Any = None) -> str:
+        body = link.call("Get", _get(pid).SerializeToString(), timeout, metadata)
+        return pb.GetResponse.FromString(body).profile.id
+
+    with pytest.raises(ConnectionError, match="token"):
+        BlockingLink(address, "not-the-token", "test").connect()
+    link = BlockingLink(address, server.token, "test")
+    try:
+        assert get(link, "a", metadata=(("memstore-expect-shard", "s:1"),)) == "a"
+        assert echo.seen_metadata[-1] == (("memstore-expect-shard", "s:1"),)
+        # Threads sharing the link each get a connection of their own.
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(lambda i: get(link, f"x{i}"), range(64))) == \
+                [f"x{i}" for i in range(64)]
+        assert 1 < len(link._idle) <= 8
+        with pytest.raises(LinkRpcError) as err:
+            get(link, "abort")
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and not err.value.lost
+        assert err.value.details() == "slot 7 is elsewhere"
+        assert err.value.trailing_metadata() == (("memstore-wrong-slot", "7"),)
+        with pytest.raises(LinkRpcError) as err:
+            get(link, "bug")
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        with pytest.raises(LinkRpcError) as err:
+            link.call("Count", pb.QueryRequest().SerializeToString(), 5.0, None)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        echo.delay = 0.5
+        with pytest.raises(LinkRpcError) as err:
+            get(link, "slow", timeout=0.05)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not err.value.lost
+        echo.delay = 0.0
+        time.sleep(0.6)  # the late answer arrives on a connection closed for it
+        assert [get(link, "after") for _ in range(20)] == ["after"] * 20
+        # The server going away fails a call under way as UNAVAILABLE (lost: a write's
+        # outcome is unknown) ...
+        echo.delay = 2.0
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(get, link, "cut", 10.0)
+            time.sleep(0.2)
+            run(server.stop(grace=0.1))
+            with pytest.raises(LinkRpcError) as err:
+                pending.result(10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and err.value.lost
+        # ... and, with nothing listening, the next call is not sent at all (NoLink): the
+        # stub sends it over gRPC instead.
+        with pytest.raises(NoLink):
+            get(link, "b")
+    finally:
+        link.close()
+        run(server.stop(grace=0.1))
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def test_a_blocking_stub_describes_its_server_again_after_losing_the_link() -> None:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def run(coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(10)
+
+    class OverGrpc:  # the gRPC stub a call falls back to: Gets answer "grpc:ID"
+        def __getattr__(self, method: str) -> Any:
+            def call(request: pb.GetRequest, timeout: float | None = None,
+                     metadata: Any = None) -> pb.GetResponse:
+                return pb.GetResponse(profile=pb.Profile(id=f"grpc:{request.key.id}"))
+            return call
+
+    echo = SlowEcho()
+    servers = [LinkServer(echo, MEMSTORE)]
+    ports = [run(servers[0].start("127.0.0.1", 0))]
+    stub = BlockingLinkStub(OverGrpc(), MEMSTORE,
+                            lambda: (f"127.0.0.1:{ports[-1]}", servers[-1].token), "test")
+    try:
+        assert stub.Get(_get("early")).profile.id == "grpc:early"  # before the link is up
+        assert stub.ready()
+        assert stub.Get(_get("a"), timeout=5).profile.id == "a"
+        echo.delay = 2.0
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(stub.Get, _get("cut"), 10.0)
+            time.sleep(0.2)
+            run(servers[0].stop(grace=0.1))  # a restart: the server comes back elsewhere
+            servers.append(LinkServer(echo, MEMSTORE))
+            ports.append(run(servers[1].start("127.0.0.1", 0)))
+            with pytest.raises(LinkRpcError) as err:
+                pending.result(10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        echo.delay = 0.0
+        assert stub.ready()  # described again: the new port and token
+        assert stub.link is not None and stub.link.token == servers[1].token
+        assert stub.Get(_get("b"), timeout=5).profile.id == "b" and stub.link.calls == 1
+    finally:
+        stub.close()
+        for server in servers:
+            run(server.stop(grace=0.1))
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

@@ -32,11 +32,12 @@ N = 300
 class RouterThread:
     """A router served from its own event loop on a background thread."""
 
-    def __init__(self, addresses: list[str]) -> None:
+    def __init__(self, addresses: list[str], port: int = 0, link: bool = True) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server, port, self.router = self.run(start_router(addresses, "127.0.0.1", 0))
+        self.server, port, self.router = self.run(start_router(
+            addresses, "127.0.0.1", port, link_port=0 if link else None))
         self.address = f"127.0.0.1:{port}"
         self.router: RouterService
 
