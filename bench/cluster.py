@@ -217,10 +217,16 @@ class Proc:
         }
 
 
-def client(addr: str) -> Any:
+def client(addr: str, link: bool = False) -> Any:
+    """A client of `addr`; with `link`, one whose unary calls take the server's link, up
+    before it is returned (RuntimeError if it does not come up)."""
     from memstore import Client
 
-    return Client(addr, timeout=120.0)
+    c = Client(addr, timeout=120.0, link=link)
+    if link and not c.link_ready(30.0):
+        c.close()
+        raise RuntimeError(f"the link of {addr} did not come up")
+    return c
 
 
 def cluster_status(router: str) -> list[dict[str, Any]]:
@@ -510,12 +516,19 @@ def run_config(
                 for schema, med in redis_meds.items()
             )
         )
-        res["get"] = time_gets(c, ds, opt["gets"])
-        log(f"  get: p50 {res['get']['median_ms']:.3f} ms, p99 {res['get']['p99_ms']:.3f} ms; "
-            f"{_slow_calls(res['get'])}")
-        res["get_by_email"] = time_gets(c, ds, opt["gets"], by_email=True)
-        log(f"  get by email: p50 {res['get_by_email']['median_ms']:.3f} ms, "
+        # Gets from a client on the router's link (Client(link=True)), and from one on
+        # gRPC alone, the peer, in turn.
+        fast = client(router.addr, link=True)
+        res["get"] = time_gets(fast, ds, opt["gets"])
+        log(f"  get (client link): p50 {res['get']['median_ms']:.3f} ms, p99 "
+            f"{res['get']['p99_ms']:.3f} ms; {_slow_calls(res['get'])}")
+        res["get_grpc"] = time_gets(c, ds, opt["gets"])
+        log(f"  get (client on gRPC): p50 {res['get_grpc']['median_ms']:.3f} ms, p99 "
+            f"{res['get_grpc']['p99_ms']:.3f} ms; {_slow_calls(res['get_grpc'])}")
+        res["get_by_email"] = time_gets(fast, ds, opt["gets"], by_email=True)
+        log(f"  get by email (client link): p50 {res['get_by_email']['median_ms']:.3f} ms, "
             f"p99 {res['get_by_email']['p99_ms']:.3f} ms; {_slow_calls(res['get_by_email'])}")
+        fast.close()
         res["status"] = cluster_status(router.addr)
         log("  router's shard links after the Gets: "
             + ", ".join(f"{row.get('name')} {row.get('link')}" for row in res["status"]))
@@ -707,7 +720,8 @@ def markdown(res: dict[str, Any]) -> str:
         ),
         (
             f"- query: {QUERY.name} `{QUERY.memstore}` = {d['count']:,} profiles (memstore, "
-            "DuckDB and numpy agree); single client, sequential; Gets of random loaded ids"
+            "DuckDB and numpy agree); single client, sequential; Gets of random loaded ids "
+            "from a client on the router's link (`Client(link=True)`)"
         ),
         (
             f"- DuckDB {d['version']} in-process, same query as SQL: median "
@@ -745,6 +759,14 @@ def markdown(res: dict[str, Any]) -> str:
             f"{_vs(q['ratio_vs_duckdb'])} | "
             f"{vs_redis} | {_f(r['get']['median_ms'], 3)} | {_f(r['get']['p99_ms'], 3)} |"
         )
+    over_grpc = [f"{r['shards']} shard(s) p50 {_f(r['get_grpc']['median_ms'], 3)} / "
+                 f"p99 {_f(r['get_grpc']['p99_ms'], 3)} ms (client link ÷ gRPC: median "
+                 f"{r['get']['median_ms'] / r['get_grpc']['median_ms']:.2f}, p99 "
+                 f"{r['get']['p99_ms'] / r['get_grpc']['p99_ms']:.2f})"
+                 for r in res["configs"] if "get_grpc" in r]
+    if over_grpc:
+        lines += ["", "The same Gets from a client on gRPC alone (`Client()`), the peer, right "
+                  "after: " + "; ".join(over_grpc) + "."]
     by_email = [f"{r['shards']} shard(s) p50 {_f(r['get_by_email']['median_ms'], 3)} / "
                 f"p99 {_f(r['get_by_email']['p99_ms'], 3)} ms"
                 for r in res["configs"] if "get_by_email" in r]
@@ -752,6 +774,7 @@ def markdown(res: dict[str, Any]) -> str:
         lines += ["", "Get by email identifier through the router (the identifier directory: "
                   "the claim's shard, then the profile's): " + "; ".join(by_email) + "."]
     slow = [f"{r['shards']} shard(s), by id: {_slow_calls(r['get'])}"
+            + (f"; over gRPC: {_slow_calls(r['get_grpc'])}" if "get_grpc" in r else "")
             + (f"; by email: {_slow_calls(r['get_by_email'])}" if "get_by_email" in r else "")
             for r in res["configs"] if "over_3ms" in r.get("get", {})]
     if slow:

@@ -10,10 +10,12 @@ CPU time from /proc around them:
   the owning shard over the shard link, memstore/link.py);
 - Get through the router of a second cluster on the same data started with `--no-link`,
   whose router reaches the shards over gRPC (the peer of the line above);
-- Get from a `Client(router, direct_reads=True)`, which sends it to the owning shard itself.
+- Get from a `Client(router, direct_reads=True)`, which sends it to the owning shard itself;
+- Get from a `Client(router, link=True)`, whose own hop to the router takes the router's
+  link too.
 
 It prints median and p99 latency, CPU per call in each process, and the ratios shard ÷ echo,
-router ÷ shard, link ÷ gRPC and direct_reads ÷ router. Absolute times move with the
+router ÷ shard, link ÷ gRPC, direct_reads ÷ router and client link ÷ router. Absolute times move with the
 machine; the ratios are the finding.
 """
 
@@ -134,6 +136,7 @@ def main(size: int, calls: int, rounds: int) -> None:
         plain_shards = {name_of(p): p for p in descendants(plain.proc.pid)}
         direct = client(first["address"])
         smart = Client(cluster.addr, timeout=120.0, direct_reads=True)
+        linked = client(cluster.addr, link=True)
         rnd = random.Random(7)
         request = pb.GetRequest(packed=True)
         request.key.id = "u00000000"
@@ -148,18 +151,21 @@ def main(size: int, calls: int, rounds: int) -> None:
             r = timed(c.get, ids[:calls + 50], {"router": cluster.proc.pid, **shards})
             o = timed(g.get, ids[:calls + 50], {"router": plain.proc.pid, **plain_shards})
             m = timed(smart.get, ids[:calls + 50], {"router": cluster.proc.pid, **shards})
+            k = timed(linked.get, ids[:calls + 50], {"router": cluster.proc.pid, **shards})
             print(line("bare grpc.aio echo", e))
             print(line("shard Get (direct)", d))
             print(line("Get through router", r))
             print(line("router, gRPC alone", o))
             print(line("Get, direct_reads", m))
+            print(line("Get, client link", k))
             print(f"  shard ÷ echo median {d['median_ms'] / e['median_ms']:.2f}; "
                   f"router ÷ shard median {r['median_ms'] / d['median_ms']:.2f}, "
                   f"p99 {r['p99_ms'] / d['p99_ms']:.2f}; link ÷ gRPC median "
                   f"{r['median_ms'] / o['median_ms']:.2f}, p99 {r['p99_ms'] / o['p99_ms']:.2f}; "
                   f"direct_reads ÷ router median {m['median_ms'] / r['median_ms']:.2f}, "
-                  f"p99 {m['p99_ms'] / r['p99_ms']:.2f}")
-        for each in (c, g, direct, smart):
+                  f"p99 {m['p99_ms'] / r['p99_ms']:.2f}; client link ÷ router median "
+                  f"{k['median_ms'] / r['median_ms']:.2f}, p99 {k['p99_ms'] / r['p99_ms']:.2f}")
+        for each in (c, g, direct, smart, linked):
             each.close()
     finally:
         cluster.stop()

@@ -123,10 +123,11 @@ def test_hops_times_echo_shard_and_router() -> None:
     result = CliRunner().invoke(hops, ["--size", "2000", "--calls", "100", "--rounds", "1"])
     assert result.exit_code == 0, result.output
     for way in ("bare grpc.aio echo", "shard Get (direct)", "Get through router",
-                "router, gRPC alone", "Get, direct_reads"):
+                "router, gRPC alone", "Get, direct_reads", "Get, client link"):
         assert re.search(re.escape(way) + r" +median [0-9.]+ ms +p99 [0-9.]+ ms", result.output)
     assert re.search(r"router ÷ shard median [0-9.]+", result.output)
     assert re.search(r"link ÷ gRPC median [0-9.]+, p99 [0-9.]+", result.output)
+    assert re.search(r"client link ÷ router median [0-9.]+, p99 [0-9.]+", result.output)
     assert re.search(r"router [0-9,]+, shard-0 [0-9,]+, shard-1 [0-9,]+", result.output)
 
 
