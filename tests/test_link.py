@@ -11,7 +11,7 @@ import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -349,6 +349,18 @@ def test_a_stub_falls_back_to_grpc_when_the_link_is_gone(two_clusters: dict[str,
 
 # ------------------------------------------------------------------ clients on the link
 
+@pytest.fixture
+def run() -> Iterator[Callable[[Any], Any]]:
+    """Runs a coroutine on an event loop in a thread of its own (link servers for the
+    blocking callers of a test)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield lambda coro: asyncio.run_coroutine_threadsafe(coro, loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
 def _reads(c: Client) -> list[Any]:
     """Every kind of unary read, and refusals that change nothing."""
     out: list[Any] = [c.get(f"p{i}") for i in range(N)]
@@ -471,14 +483,8 @@ def test_a_clients_link_follows_its_router_through_a_restart(tmp_path: Path) -> 
             shard.stop()
 
 
-def test_the_blocking_link_carries_answers_errors_trailers_and_deadlines() -> None:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    def run(coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(10)
-
+def test_the_blocking_link_carries_answers_errors_trailers_and_deadlines(
+        run: Callable[[Any], Any]) -> None:
     echo = SlowEcho()
     server = LinkServer(echo, MEMSTORE)
     port = run(server.start("127.0.0.1", 0))
@@ -534,18 +540,10 @@ def test_the_blocking_link_carries_answers_errors_trailers_and_deadlines() -> No
     finally:
         link.close()
         run(server.stop(grace=0.1))
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
 
 
-def test_a_blocking_stub_describes_its_server_again_after_losing_the_link() -> None:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    def run(coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(10)
-
+def test_a_blocking_stub_describes_its_server_again_after_losing_the_link(
+        run: Callable[[Any], Any]) -> None:
     class OverGrpc:  # the gRPC stub a call falls back to: Gets answer "grpc:ID"
         def __getattr__(self, method: str) -> Any:
             def call(request: pb.GetRequest, timeout: float | None = None,
@@ -580,5 +578,3 @@ def test_a_blocking_stub_describes_its_server_again_after_losing_the_link() -> N
         stub.close()
         for server in servers:
             run(server.stop(grace=0.1))
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
