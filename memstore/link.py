@@ -83,6 +83,20 @@ def _frame(body: bytes) -> bytes:
     return _LENGTH.pack(len(body)) + body
 
 
+def _split_frame(buffer: bytearray, start: int) -> tuple[bytes, int] | None:
+    """The body of the frame at `start` in `buffer` and where the next one begins; None
+    while it is incomplete; ValueError for a frame over MAX_FRAME."""
+    if len(buffer) - start < 4:
+        return None
+    (length,) = _LENGTH.unpack_from(buffer, start)
+    if length > MAX_FRAME:
+        raise ValueError(f"a frame of {length} bytes is over the {MAX_FRAME}-byte limit")
+    end = start + 4 + length
+    if len(buffer) < end:
+        return None
+    return bytes(buffer[start + 4:end]), end
+
+
 class _Framed(asyncio.Protocol):
     """Splits the byte stream into frames; a frame too long closes the connection."""
 
@@ -97,15 +111,15 @@ class _Framed(asyncio.Protocol):
         buffer = self._buffer
         buffer += data
         start = 0
-        while len(buffer) - start >= 4:
-            (length,) = _LENGTH.unpack_from(buffer, start)
-            if length > MAX_FRAME:
-                self.refuse(f"a frame of {length} bytes is over the {MAX_FRAME}-byte limit")
+        while True:
+            try:
+                split = _split_frame(buffer, start)
+            except ValueError as exc:
+                self.refuse(str(exc))
                 return
-            if len(buffer) - start - 4 < length:
+            if split is None:
                 break
-            body = bytes(buffer[start + 4:start + 4 + length])
-            start += 4 + length
+            body, start = split
             try:
                 message = msgpack.unpackb(body)
             except (ValueError, msgpack.UnpackException) as exc:
@@ -620,15 +634,14 @@ class _Socket:
         """The next frame; TimeoutError past `deadline`, ConnectionError when closed."""
         buffer = self._buffer
         while True:
-            if len(buffer) >= 4:
-                (length,) = _LENGTH.unpack_from(buffer)
-                if length > MAX_FRAME:
-                    raise ConnectionError(f"a frame of {length} bytes is over the "
-                                          f"{MAX_FRAME}-byte limit")
-                if len(buffer) >= 4 + length:
-                    body = bytes(buffer[4:4 + length])
-                    del buffer[:4 + length]
-                    return msgpack.unpackb(body)
+            try:
+                split = _split_frame(buffer, 0)
+            except ValueError as exc:
+                raise ConnectionError(str(exc)) from None
+            if split is not None:
+                body, end = split
+                del buffer[:end]
+                return msgpack.unpackb(body)
             if deadline is None:
                 self.sock.settimeout(None)
             else:
