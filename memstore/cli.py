@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from memstore.cli_options import shard_settings
+from memstore.cli_options import LINK_PORT, shard_settings
 from memstore.client import DEFAULT_ADDRESS, Client, ClientError
 
 ADDRESS = click.option("--address", default=DEFAULT_ADDRESS, show_default=True,
@@ -51,10 +51,7 @@ def main() -> None:
               help="Slots to own on first start, e.g. 0-8191 (default: all). Later starts "
                    "read ownership from the data directory.")
 @shard_settings
-@click.option("--link-port", type=click.IntRange(0, 65535), default=0, show_default=True,
-              help="Port of the link on the same host, for routers' calls and clients "
-                   "with link=True (0 picks a free one); fix it where they reach the "
-                   "shard through published ports.")
+@LINK_PORT
 @click.option("--metrics-port", type=int, default=None,
               help="Serve Prometheus metrics on this port (same host; 0 picks one). "
                    "Default: no metrics endpoint.")

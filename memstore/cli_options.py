@@ -32,6 +32,14 @@ _OPTIONS = (
                       "unary calls from routers and clients, on a free port of the same "
                       "host)."),
 )
+NO_LINK = _OPTIONS[-1]
+
+# serve-shard and serve-router: where the link listens (`memstore serve` picks free ports).
+LINK_PORT = click.option(
+    "--link-port", type=click.IntRange(0, 65535), default=0, show_default=True,
+    help="Port of the link on the same host, where routers (to a shard) and clients with "
+         "link=True send their unary calls; 0 picks a free one. Fix it where they reach the "
+         "server through a published port or a firewall.")
 
 
 def shard_settings(command: F) -> F:

@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from memstore.cli_options import shard_args, shard_settings
+from memstore.cli_options import LINK_PORT, NO_LINK, shard_args, shard_settings
 
 DEFAULT_ROUTER = "127.0.0.1:7070"
 ROUTERS = click.option(
@@ -97,12 +97,8 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, sync: str,
 @click.option("--metrics-port", type=int, default=None,
               help="Serve Prometheus metrics on this port (same host; 0 picks one). "
                    "Default: no metrics endpoint.")
-@click.option("--link-port", type=click.IntRange(0, 65535), default=0, show_default=True,
-              help="Port of the link, where clients that ask for it (Client(link=True)) "
-                   "send their unary calls; 0 picks a free one. Fix it where clients must "
-                   "reach it through a firewall or a published port.")
-@click.option("--no-link", is_flag=True,
-              help="Serve clients over gRPC alone, without the link.")
+@LINK_PORT
+@NO_LINK
 @click.option("-v", "--verbose", is_flag=True)
 def serve_router(shard_addresses: tuple[str, ...], host: str, port: int,
                  metrics_port: int | None, link_port: int, no_link: bool,

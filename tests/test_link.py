@@ -22,6 +22,7 @@ import pytest
 from memstore import metrics
 from memstore.client import AsyncClient, Client, ClientError
 from memstore.link import (
+    DESCRIBE,
     PROTOCOL,
     BlockingLink,
     BlockingLinkStub,
@@ -36,7 +37,7 @@ from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
 from memstore.v1 import memstore_pb2 as pb
 from shards.router import admin_call
 from shards.slots import slot_of
-from tests.conftest import ServerProcess, start_shard
+from tests.conftest import ServerProcess, start_router, start_shard
 from tests.test_router import RouterThread, start_shards
 
 MEMSTORE = pb.DESCRIPTOR.services_by_name["Memstore"]
@@ -578,3 +579,25 @@ def test_a_blocking_stub_describes_its_server_again_after_losing_the_link(
         stub.close()
         for server in servers:
             run(server.stop(grace=0.1))
+
+
+def test_serve_router_serves_its_link_on_the_port_asked_and_none_with_no_link(
+        two_clusters: dict[str, Any]) -> None:
+    shards = [s.address for s in two_clusters["shards"]]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    linked = start_router(shards, "--link-port", str(port))
+    plain = start_router(shards, "--no-link")
+    try:
+        assert f"link on 127.0.0.1:{port}\n" in linked.startup
+        with Client(linked.address, link=True) as c:
+            assert c.link_ready() and c._link.link.address == f"127.0.0.1:{port}"  # type: ignore[union-attr]
+            assert c.get("p1")["attributes"]["n"] == 1
+        assert not any(line.startswith("link on") for line in plain.startup)
+        with grpc.insecure_channel(plain.address) as channel, pytest.raises(grpc.RpcError) as err:
+            channel.unary_unary(DESCRIBE)(b"{}", timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+    finally:
+        linked.stop()
+        plain.stop()
