@@ -6,7 +6,9 @@ import asyncio
 import gc
 import signal
 from collections import OrderedDict
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 from uuid import uuid4
 
 import grpc
@@ -126,6 +128,29 @@ def test_batch_get_thousands_of_keys_in_order(client: Client) -> None:
     # keys and ids in one request: keys answered first, then ids, each in order
     mixed = client.batch_get([("email", "nobody@x"), keys[3]] + keys[:2])
     assert [m and m["id"] for m in mixed] == [None, keys[3], keys[0], keys[1]]
+
+
+def test_load_pauses_the_collector_per_chunk_and_leaves_it_as_it_found_it(client: Client
+                                                                        ) -> None:
+    """Client.load takes each chunk from the caller's iterator with the cyclic collector
+    paused (thousands of acyclic records), and turns it back on between chunks, at the end,
+    and when the caller's iterator fails."""
+    prefix, seen = uid(), []
+
+    def records(n: int, fail: bool = False) -> Iterator[dict[str, Any]]:
+        for i in range(n):
+            seen.append(gc.isenabled())
+            yield {"id": f"{prefix}-{i}", "attributes": {"n": i}}
+        if fail:
+            raise RuntimeError("the caller's source broke")
+
+    sizes: list[int] = []
+    assert client.load(records(25), chunk_size=10, concurrency=1, progress=sizes.append) == 25
+    assert sizes == [10, 10, 5] and seen == [False] * 25 and gc.isenabled()
+    assert client.get(f"{prefix}-24")["attributes"] == {"n": 24}
+    with pytest.raises(RuntimeError, match="source broke"):
+        client.load(records(3, fail=True), chunk_size=10)
+    assert gc.isenabled()
 
 
 def test_batch_get_decode_leaves_the_collector_as_it_found_it(client: Client) -> None:
