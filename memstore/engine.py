@@ -789,19 +789,17 @@ class Engine:
         planner = _Planner(self)
         indexed: list[tuple[int, Sequence[int], list[Any]]] = []
         dense_ids = range(first, first + n)
-        records: list[dict[int, Any]] = [{} for _ in ids]
-        setitem = dict.__setitem__
+        full: list[tuple[int, list[Any]]] = []  # (attribute id, a value for every row)
+        sparse: list[tuple[int, list[int], list[Any]]] = []  # (attribute id, rows, values)
         # Declared in the order the general planner meets them: by first record, then name order.
         named = sorted(batch.attributes.items(), key=lambda item: _first_present(item[1]))
         try:
             for name, column in named:
+                present, rows = column, None  # rows: which rows hold a value (None: all)
                 if None in column:
                     mask = list(map(is_not, column, repeat(None)))
                     present = list(compress(column, mask))
-                    where_present: Sequence[int] = list(compress(dense_ids, mask))
-                    holders = list(compress(records, mask))
-                else:
-                    present, where_present, holders = column, dense_ids, records
+                    rows = list(compress(range(n), mask))
                 if not present:
                     continue
                 micros = name in batch.timestamps  # int microseconds, see memstore.columnar
@@ -818,22 +816,30 @@ class Engine:
                     present = list(map(sorted, map(set, present)))
                     if not all(present):
                         keep = list(map(bool, present))
-                        where_present = list(compress(where_present, keep))
-                        holders = list(compress(holders, keep))
+                        rows = list(compress(range(n) if rows is None else rows, keep))
                         present = list(compress(present, keep))
-                # Each record gets its value in C (no Python frame per value), in column
-                # order: the same blob as a dict built row by row.
-                aid = spec.id
-                deque(map(setitem, holders, repeat(aid), present), maxlen=0)
+                if rows is None:
+                    full.append((spec.id, present))
+                else:
+                    sparse.append((spec.id, rows, present))
                 if spec.indexed:
-                    indexed.append((aid, where_present, present))
+                    indexed.append((spec.id, dense_ids if rows is None
+                                    else list(map(first.__add__, rows)), present))
         except InvalidArgument:
             return general()  # it names the row and attribute
+        # Each profile's map built in C, no Python frame per value: the attributes every
+        # row has from one zip, then the others.
+        if full:
+            aids, columns = zip(*full)
+            records = list(map(dict, map(zip, repeat(aids), zip(*columns))))
+        else:
+            records = [{} for _ in ids]
+        for aid, rows, present in sparse:
+            deque(map(dict.__setitem__, map(records.__getitem__, rows), repeat(aid), present),
+                  maxlen=0)
         change = Change(schema=list(planner.added))
-        states = [[1, record, idents, []]
-                  for record, idents in zip(records, batch.identifiers, strict=True)]
-        change.images = list(map(Image._make, zip(dense_ids, ids, map(_pack, states), states,
-                                                  strict=True)))
+        blobs = map(_pack, zip(repeat(1), records, batch.identifiers, repeat(()), strict=False))
+        change.images = list(map(Image._make, zip(dense_ids, ids, blobs, repeat(None))))
         change.result = [(pid, True) for pid in ids]
         change.load = Load(first, slots, keys, owners, indexed)
         return change
