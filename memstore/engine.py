@@ -167,6 +167,7 @@ class Undo:
 
     images: list[Image]
     notes: list[Note]
+    added: tuple[int, list[str]] | None = None  # a load's new profiles: (first dense id, pids)
 
 
 @dataclass(slots=True)
@@ -1109,10 +1110,14 @@ class Engine:
                 self.add_attribute(spec)
         notes = self.apply_notes(change.notes) if change.notes else []
         if change.load is not None and change.load.first == len(self.blobs):
-            return Undo(self._apply_load(change.images, change.load), notes)
+            return Undo([], notes, self._apply_load(change.images, change.load))
         return Undo(self.apply_images(change.images), notes)
 
     def undo(self, undo: Undo) -> None:
+        if undo.added is not None:  # the load's profiles become absent again, newest first
+            first, pids = undo.added
+            self.apply_images(map(Image._make, zip(reversed(range(first, first + len(pids))),
+                                                   reversed(pids), repeat(None), repeat(None))))
         self.apply_images(undo.images)
         self.apply_notes(undo.notes)
 
@@ -1210,9 +1215,9 @@ class Engine:
         before.reverse()
         return before
 
-    def _apply_load(self, images: list[Image], load: Load) -> list[Image]:
+    def _apply_load(self, images: list[Image], load: Load) -> tuple[int, list[str]]:
         """apply_images for a planned load (Change.load): new profiles at the end, indexed
-        from the planner's columns. Returns the before-images (every one "absent")."""
+        from the planner's columns. Returns (first dense id, primary ids): what undoes it."""
         first, end = load.first, load.first + len(images)
         pids = [image.pid for image in images]
         self.blobs.extend([image.blob for image in images])
@@ -1229,8 +1234,7 @@ class Engine:
         if load.keys.size:
             self.directory.insert_absent(load.keys, np.array(load.owners, dtype=np.uint32))
         self._index_columns({aid: (ids, values) for aid, ids, values in load.columns})
-        return list(map(Image._make, zip(reversed(range(first, end)), reversed(pids),
-                                         repeat(None), repeat(None))))
+        return first, pids
 
     def _reidentify(self, dense: int, pid: str, old_idents: list[list[str]], old_merged: list[str],
                     new_idents: list[list[str]], new_merged: list[str]) -> None:
