@@ -150,16 +150,29 @@ class ValueIndex:
 
 
 class RangeIndex:
-    """Bit-sliced index of int64 values: ranges in O(bit width) bitmap operations."""
+    """Bit-sliced index of int64 values: ranges in O(bit width) bitmap operations.
 
-    __slots__ = ("_exists", "base", "slices")
+    A bulk load's values (set_many) wait in a small buffer and are sliced in together
+    once PENDING_LIMIT ids wait, or as soon as anything reads or changes the index, so
+    every reader sees every value stored. Slicing in costs ~5 µs a slice whatever the
+    number of ids (numpy and pyroaring calls on small arrays), ~2.5 µs a profile over
+    a load's range attributes at 1,000 profiles a batch; buffered, it is paid once per
+    PENDING_LIMIT ids.
+    """
+
+    __slots__ = ("_exists", "_pending", "_pending_ids", "base", "slices")
+
+    PENDING_LIMIT = 16_384
 
     def __init__(self) -> None:
         self.base: int | None = None
         self.slices: list[BitMap] = []
         self._exists = BitMap()
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # (ids, values) of set_many
+        self._pending_ids = 0
 
     def __len__(self) -> int:
+        self._flush()
         return len(self._exists)
 
     # ------------------------------------------------------------------ updates
@@ -194,6 +207,7 @@ class RangeIndex:
         self.base = new_base
 
     def set(self, dense_id: int, value: int, old: int | None = None) -> None:
+        self._flush()
         u = self._offset(value)
         if old is None:
             changed, self_u = u, u
@@ -212,6 +226,7 @@ class RangeIndex:
             i += 1
 
     def remove(self, dense_id: int, old: int) -> None:
+        self._flush()
         assert self.base is not None
         u = old - self.base
         i = 0
@@ -223,9 +238,25 @@ class RangeIndex:
         self._exists.discard(dense_id)
 
     def set_many(self, ids: np.ndarray, values: np.ndarray) -> None:
-        """Store values for ids that hold none yet (the bulk-load path)."""
+        """Store values for distinct ids that hold none yet (the bulk-load path). The index
+        keeps the arrays (pending until sliced in): the caller must not change them."""
         if len(ids) == 0:
             return
+        self._pending.append((ids, values))
+        self._pending_ids += len(ids)
+        if self._pending_ids >= self.PENDING_LIMIT:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Slice in the values set_many left pending."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_ids = self._pending, [], 0
+        if len(pending) == 1:
+            ids, values = pending[0]
+        else:
+            ids = np.concatenate([i for i, _ in pending])
+            values = np.concatenate([v.astype(np.int64, copy=False) for _, v in pending])
         values = values.astype(np.int64, copy=False)
         low = int(values.min())
         if self.base is None:
@@ -239,8 +270,9 @@ class RangeIndex:
             self.slices.append(BitMap())
         ids = ids.astype(np.uint32, copy=False)
         # Bit i of every value at once: row i of the unpacked little-endian bytes.
-        bits = np.unpackbits(u.astype("<u8", copy=False).view(np.uint8).reshape(-1, 8), axis=1,
-                             bitorder="little")[:, :width].T.astype(bool)
+        bits = np.ascontiguousarray(np.unpackbits(
+            u.astype("<u8", copy=False).view(np.uint8).reshape(-1, 8), axis=1,
+            bitorder="little")[:, :width].T).view(bool)
         for i in range(width):
             selected = ids[bits[i]]
             if len(selected):
@@ -249,9 +281,11 @@ class RangeIndex:
 
     # ------------------------------------------------------------------ queries
     def exists(self) -> BitMap:
+        self._flush()
         return self._exists
 
     def value_of(self, dense_id: int) -> int | None:
+        self._flush()
         if dense_id not in self._exists or self.base is None:
             return None
         return self.base + sum(1 << i for i, s in enumerate(self.slices) if dense_id in s)
@@ -282,11 +316,13 @@ class RangeIndex:
     def compare(self, op: str, value: int, within: BitMap | None = None) -> BitMap:
         """Ids whose value compares `op` to `value`; only among `within` if given (cheaper:
         every step then works on the candidates, not on every id with a value)."""
+        self._flush()
         return self._compare(op, value, self._among(within))
 
     def between(self, lo: int, hi: int, within: BitMap | None = None) -> BitMap:
         if lo > hi:
             return BitMap()
+        self._flush()
         exists = self._among(within)
         return self._compare("le", hi, exists) - self._compare("lt", lo, exists)
 
@@ -318,6 +354,7 @@ class RangeIndex:
 
     # ------------------------------------------------------------------ persistence
     def to_state(self) -> dict[str, Any]:
+        self._flush()
         return {"base": self.base, "exists": self._exists.serialize(),
                 "slices": [s.serialize() for s in self.slices]}
 
