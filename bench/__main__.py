@@ -35,10 +35,12 @@ def _ints(s: str) -> tuple[int, ...]:
               help="Client processes for BatchGet (a process's own decoding binds it).")
 @click.option("--workloads", default="queries,lookups,ingest,mixed,memory,recovery,snapshot",
               show_default=True)
+@click.option("--load-batch", type=int, default=1000, show_default=True,
+              help="Profiles per BatchUpsert in memstore's bulk load (Client.load chunk_size).")
 @click.option("--no-plots", is_flag=True)
 def main(size: int, seed: int, out: Path | None, peers: str, memstore: str,
          query_budget: float, duration: float, concurrency: str, client_processes: str,
-         workloads: str, no_plots: bool) -> None:
+         workloads: str, load_batch: int, no_plots: bool) -> None:
     """Benchmark memstore against DuckDB, Redis+RediSearch and a numpy scan.
 
     Every query's count is checked equal across all systems before any time is reported;
@@ -49,7 +51,7 @@ def main(size: int, seed: int, out: Path | None, peers: str, memstore: str,
                   memstore=memstore, query_budget_s=query_budget, duration_s=duration,
                   concurrency=_ints(concurrency),
                   client_processes=_ints(client_processes), workloads=tuple(workloads.split(",")),
-                  plots=not no_plots)
+                  load_batch=load_batch, plots=not no_plots)
     try:
         res = run(opt)
     except CrossCheckError as e:

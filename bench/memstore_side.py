@@ -149,7 +149,8 @@ class MemstoreServer:
         after = self.rss()
         return {"seconds": seconds, "rows_per_s": n / seconds, "loaded": n,
                 "rss_before": before, "rss_after": after, "rss_growth": after - before,
-                "bytes_per_profile": (after - before) / max(n, 1), "sync": self.sync}
+                "bytes_per_profile": (after - before) / max(n, 1), "sync": self.sync,
+                "chunk_size": chunk_size}
 
     def count(self, q: Query, conn: Any = None) -> int:
         return int((conn or self.client).count(q.memstore))

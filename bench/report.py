@@ -89,7 +89,8 @@ def markdown(res: dict[str, Any]) -> str:
     for name, load in res.get("load", {}).items():
         if load:
             mem = res.get("memory", {}).get(name, {}).get("bytes_per_profile")
-            out.append(f"| {name} | {_fmt(load.get('seconds'))} | "
+            batch = f" ({load['chunk_size']:,} a batch)" if load.get("chunk_size") else ""
+            out.append(f"| {name}{batch} | {_fmt(load.get('seconds'))} | "
                        f"{_fmt(load.get('rows_per_s'))} | {_fmt(mem, 0)} |")
     out += ["", *_load_ratios(res), ""]
     qres = res.get("queries")

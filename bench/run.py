@@ -65,6 +65,7 @@ class Options:
     # profiles a call is bound by its own GIL before the server is
     client_processes: tuple[int, ...] = (2, 4)
     batch_size: int = 1000  # issue 2: BatchGet of at least 1,000 keys in one call
+    load_batch: int = 1000  # profiles a BatchUpsert in memstore's bulk load
     steady_writes: int = 2000
     durable_sample: int = 100_000  # profiles loaded into the AOF-always Redis
     workloads: tuple[str, ...] = ("queries", "lookups", "ingest", "mixed", "memory",
@@ -352,7 +353,9 @@ def run(opt: Options) -> dict[str, Any]:
                 ms = MemstoreServer(ds, sync="always")
                 closers.append(ms.close)
                 started = _attempt(res, "start.memstore", ms.start, opt)
-                loaded = _attempt(res, "load.memstore", ms.load, opt) if started else None
+                loaded = (_attempt(res, "load.memstore",
+                                   lambda: ms.load(chunk_size=opt.load_batch), opt)
+                          if started else None)
                 if loaded is None:
                     why = res.get("errors", {}).get("load.memstore") or res["errors"].get(
                         "start.memstore")

@@ -39,7 +39,7 @@ def test_datagen_is_seeded_and_cached(tmp_path: Path) -> None:
 def test_smoke_run_cross_checks_every_system(tmp_path: Path) -> None:
     opt = Options(size=SIZE, out=tmp_path, query_budget_s=0.01, duration_s=0.2,
                   concurrency=(1, 2), client_processes=(2,), steady_writes=50,
-                  durable_sample=1_000, log=lambda s: None)
+                  durable_sample=1_000, load_batch=700, log=lambda s: None)
     res = run(opt)
     cc = res["crosscheck"]
     assert cc["problems"] == []
@@ -57,6 +57,7 @@ def test_smoke_run_cross_checks_every_system(tmp_path: Path) -> None:
     assert "memstore ÷ redis (AOF always)" in report or "redis" not in cc["systems"]
     assert json.loads((tmp_path / "results.json").read_text())["meta"]["size"] == SIZE
     assert res["memory"]["memstore"]["bytes_per_profile"] is not None
+    assert res["load"]["memstore"]["chunk_size"] == 700 and "| memstore (700 a batch) |" in report
     from_processes = res["lookups"]["memstore"]["batch_get_processes"]["2"]
     assert from_processes["n"] > 0 and from_processes["throughput_per_s"] > 0
     assert "| memstore | batch_get (processes) | 2 |" in report
