@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from itertools import chain, repeat
-from operator import floordiv, itemgetter, sub
+from operator import itemgetter
 from typing import Any
 
 import msgpack
@@ -33,13 +33,11 @@ import msgpack
 from memstore.errors import InvalidArgument
 from memstore.pbvalues import (
     TIMESTAMP_RANGE,
+    aware_datetimes_to_micros,
     micros_in_range,
     micros_to_datetime,
 )
 from memstore.values import flatten
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
 
 Row = tuple[str, dict[str, Any], list[tuple[str, str]]]
 
@@ -143,7 +141,7 @@ def pack_columns(records: Sequence[Mapping[str, Any]],
             present = set(map(type, column)) - {type(None)}
             if present == {datetime} and all(
                     v.tzinfo is not None for v in column if v is not None):
-                attributes[name] = _micros(column)
+                attributes[name] = aware_datetimes_to_micros(column)
                 timestamps.append(name)
         if timestamps:
             body["timestamps"] = timestamps
@@ -155,13 +153,6 @@ def pack_columns(records: Sequence[Mapping[str, Any]],
                            for i, idents in enumerate(identifiers)]
         body["identifiers"] = identifiers
     return msgpack.packb(body, datetime=True, default=default)  # type: ignore[no-any-return]
-
-
-def _micros(column: list[datetime | None]) -> list[int | None]:
-    """Aware datetimes (or None) as int microseconds since the Unix epoch, exactly."""
-    if None not in column:
-        return list(map(floordiv, map(sub, column, repeat(_EPOCH)), repeat(_MICROSECOND)))
-    return [None if v is None else (v - _EPOCH) // _MICROSECOND for v in column]
 
 
 def _flat(record: Mapping[str, Any], attrs: dict[str, Any], i: int) -> dict[str, Any]:
