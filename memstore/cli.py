@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from memstore.cli_options import LINK_PORT, shard_settings
-from memstore.client import DEFAULT_ADDRESS, Client, ClientError
+from memstore.client import DEFAULT_ADDRESS, LOAD_CONCURRENCY, Client, ClientError
 
 ADDRESS = click.option("--address", default=DEFAULT_ADDRESS, show_default=True,
                        envvar="MEMSTORE_ADDRESS", help="Server or router to talk to.")
@@ -180,7 +180,8 @@ def _typed(records: Iterator[dict[str, Any]], timestamps: set[str]) -> Iterator[
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "parquet"]), default=None,
               help="Input format (default: from the file name).")
 @click.option("--chunk-size", default=1000, show_default=True)
-@click.option("--concurrency", default=4, show_default=True, help="Chunks in flight.")
+@click.option("--concurrency", default=LOAD_CONCURRENCY, show_default=True,
+              help="Chunks in flight.")
 @click.option("--no-progress", is_flag=True)
 @ADDRESS
 def load(file: Path, fmt: str | None, chunk_size: int, concurrency: int, no_progress: bool,
