@@ -135,6 +135,10 @@ def pack_columns(records: Sequence[Mapping[str, Any]],
     attributes = {name: list(map(dict.get, rows, repeat(name)))
                   for name in dict.fromkeys(chain.from_iterable(rows))}
     body: dict[str, Any] = {"ids": ids, "attributes": attributes}
+    if list in types:  # as the shard stores them: it then only checks (Engine.plan_columns)
+        for name, column in attributes.items():
+            if list in set(map(type, column)):
+                attributes[name] = _sorted_sets(column)
     if datetime in types:  # columns of aware datetimes only go as int microseconds
         timestamps = []
         for name, column in attributes.items():
@@ -153,6 +157,15 @@ def pack_columns(records: Sequence[Mapping[str, Any]],
                            for i, idents in enumerate(identifiers)]
         body["identifiers"] = identifiers
     return msgpack.packb(body, datetime=True, default=default)  # type: ignore[no-any-return]
+
+
+def _sorted_sets(column: list[Any]) -> list[Any]:
+    """The column with each list sorted and without repeats (the stored form of a string
+    list), or as it is if some list's items do not hash or order (the shard names those)."""
+    try:
+        return [sorted(set(v)) if type(v) is list else v for v in column]
+    except TypeError:
+        return column
 
 
 def _flat(record: Mapping[str, Any], attrs: dict[str, Any], i: int) -> dict[str, Any]:

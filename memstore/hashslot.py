@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import binascii
 from collections.abc import Iterable
+from itertools import repeat
 
 SLOT_COUNT = 16384
 # Trailing metadata of every shard answer: the slot-ownership epoch it was made at (a
@@ -26,6 +27,12 @@ ADMIN_SERVICE = "memstore.cluster.v1.RouterAdmin"
 
 def slot_of(primary_id: str) -> int:
     return binascii.crc_hqx(primary_id.encode("utf-8"), 0) % SLOT_COUNT
+
+
+def slots_of(primary_ids: Iterable[str]) -> list[int]:
+    """slot_of of each id, with no Python frame per id (a bulk load's thousand ids)."""
+    return list(map(SLOT_COUNT.__rmod__, map(binascii.crc_hqx, map(str.encode, primary_ids),
+                                             repeat(0))))
 
 
 def owners_by_epoch(claims: Iterable[tuple[int, Iterable[tuple[int, int]]]]

@@ -41,8 +41,10 @@ def _pair(identifier: Any) -> tuple[str, str]:
 @settings(max_examples=300, deadline=None)
 @given(RECORDS)
 def test_unpacked_columns_are_the_records_given(records: list[dict[str, Any]]) -> None:
-    want = [(r["id"], flatten(r.get("attributes", {})), [_pair(x) for x in r.get("identifiers", ())])
-            for r in records]
+    """... with each list as the shard stores it: sorted, without repeats."""
+    want = [(r["id"], {name: sorted(set(v)) if isinstance(v, list) else v
+                       for name, v in flatten(r.get("attributes", {})).items()},
+             [_pair(x) for x in r.get("identifiers", ())]) for r in records]
     got = unpack_columns(pack_records(records)).rows()
     assert got == want  # datetimes compare as instants; aware ones come back in UTC
     stamped = [v for _, attrs, _ in got for v in attrs.values() if isinstance(v, datetime)]
@@ -64,3 +66,10 @@ def test_bad_records_are_refused_on_the_client_saying_which() -> None:
         pack_records([{"id": "q", "attributes": {"a": {"b": 1}, "a.b": 2}}])
     with pytest.raises(TypeError, match="no time zone"):
         pack_records([{"id": "q", "attributes": {"t": datetime(2020, 1, 1)}}])
+
+
+def test_a_list_the_client_cannot_sort_goes_as_given_for_the_shard_to_refuse() -> None:
+    records = [{"id": "p", "attributes": {"tags": ["b", "a", "b"]}},
+               {"id": "q", "attributes": {"tags": [2, "a"], "other": ["z", "y"]}}]
+    columns = unpack_columns(pack_records(records)).attributes
+    assert columns == {"tags": [["b", "a", "b"], [2, "a"]], "other": [None, ["y", "z"]]}

@@ -97,3 +97,26 @@ def test_bulk_updates_of_a_used_table_match_a_dict(ops: list[tuple[str, Any, int
     assert all(table.get(k) == model.get(k) for k in probe)
     assert table.get_many(np.array(probe, dtype=np.uint64)).tolist() == [
         model.get(k, -1) for k in probe]
+
+
+@given(st.lists(st.tuples(st.sampled_from(["email", "device", "crm"]), st.text(max_size=30)),
+                max_size=40),
+       st.sets(st.integers(0, 39), max_size=5))
+def test_ident_keys_are_ident_key_of_each_the_tables_reserved_keys_included(
+        pairs: list[tuple[str, str]], low: set[int]) -> None:
+    """The load path's vectorized keys equal ident_key's, also where the hash lands on a key
+    the table reserves (0 empty, 1 deleted): hashes are forced there for the rows in `low`."""
+    from memstore import engine
+
+    real = engine.xxh3_64_intdigest
+    forced = {f"{kind}\x00{value}".encode(): i % 2 for i, (kind, value) in enumerate(pairs)
+              if i in low}
+    engine.xxh3_64_intdigest = lambda data: forced[data] if data in forced else real(data)
+    try:
+        kinds, values = [k for k, _ in pairs], [v for _, v in pairs]
+        keys = engine.ident_keys(kinds, values)
+        assert keys.dtype == np.uint64
+        assert keys.tolist() == [engine.ident_key(k, v) for k, v in pairs]
+        assert all(key > 1 for key in keys.tolist())
+    finally:
+        engine.xxh3_64_intdigest = real

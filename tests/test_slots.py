@@ -5,7 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from memstore.hashslot import slots_of
 from shards.slots import (
     SLOT_COUNT,
     format_ranges,
@@ -30,6 +33,11 @@ def test_slot_of_known_vectors() -> None:
     assert slot_of("hello") == 866
     # UTF-8 bytes, not code points.
     assert slot_of("é") == slot_of("\u00e9") != slot_of("e\u0301")
+
+
+@given(st.lists(st.text(max_size=40), max_size=50))
+def test_slots_of_many_ids_are_slot_of_each(ids: list[str]) -> None:
+    assert slots_of(ids) == [slot_of(pid) for pid in ids]
 
 
 def test_slot_of_spreads_ids() -> None:
