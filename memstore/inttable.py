@@ -123,7 +123,7 @@ class IntTable:
         keys, values = keys[keep], values[keep]
         if not self._live:
             self._alloc(_capacity_for(len(keys)))
-            self._place(keys, values)
+            self._fill(keys, values)
             return
         at = self.find_many(keys)
         present = at >= 0
@@ -142,7 +142,9 @@ class IntTable:
             return
         if not self._live:
             self._alloc(_capacity_for(len(keys)))
-        elif self._filled + len(keys) > _MAX_FILL * (self._mask + 1):
+            self._fill(keys, values)
+            return
+        if self._filled + len(keys) > _MAX_FILL * (self._mask + 1):
             self._rebuild(len(keys))
         self._place(keys, values)
 
@@ -178,7 +180,26 @@ class IntTable:
         live = self._keys > TOMBSTONE
         keys, values = self._keys[live], self._vals[live]
         self._alloc(_capacity_for(len(keys) + extra))
-        self._place(keys, values)
+        self._fill(keys, values)
+
+    def _fill(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Insert distinct keys into the empty table in one pass (a rebuild at 2M entries
+        would otherwise hold a load for a second). Taken in order of home slot, each key
+        goes to its home or, if taken, the slot after the previous key's: the slots linear
+        probing gives keys inserted in that order, all at once as a running maximum. Keys
+        pushed past the last slot go through _place, which wraps them to the front."""
+        homes = self._homes(keys)
+        order = np.argsort(homes, kind="stable")
+        steps = np.arange(len(keys))
+        slots = np.maximum.accumulate(homes[order] - steps) + steps
+        inside = slots <= self._mask
+        taken = order[inside]
+        self._keys[slots[inside]] = keys[taken]
+        self._vals[slots[inside]] = values[taken]
+        self._live += len(taken)
+        self._filled += len(taken)
+        if len(taken) < len(keys):
+            self._place(keys[order[~inside]], values[order[~inside]])
 
     def _place(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Insert distinct keys, none of them in the table, all at once: each round, every

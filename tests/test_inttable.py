@@ -120,3 +120,26 @@ def test_ident_keys_are_ident_key_of_each_the_tables_reserved_keys_included(
         assert all(key > 1 for key in keys.tolist())
     finally:
         engine.xxh3_64_intdigest = real
+
+
+@given(st.integers(2, 60), st.integers(0, 2**32))
+def test_a_fresh_table_filled_at_once_wraps_keys_past_its_last_slot(count: int, seed: int
+                                                                    ) -> None:
+    """`update` on an empty table places keys in one pass (IntTable._fill); keys whose homes
+    are the last slots run past the end and must wrap to the front, still found."""
+    table = IntTable()
+    rng = np.random.default_rng(seed)
+    candidates = rng.integers(2, 2**63, size=200_000, dtype=np.uint64)
+    last = 1023  # the default table has 1024 slots
+    tail = np.unique(candidates[table._homes(candidates) >= last - 3])[:count]
+    others = np.unique(candidates[:count])
+    keys = np.unique(np.concatenate([tail, others]))
+    values = np.arange(len(keys), dtype=np.uint32)
+    table.update(keys, values)
+    assert len(table) == len(keys)
+    assert {int(k): table[int(k)] for k in keys} == dict(zip(keys.tolist(), values.tolist(),
+                                                             strict=True))
+    assert (table.get_many(keys) == values).all()
+    table[int(keys[0])] = 7  # and it stays a working table
+    del table[int(keys[-1])]
+    assert table[int(keys[0])] == 7 and int(keys[-1]) not in table
