@@ -25,6 +25,8 @@ _MIN_CAPACITY = 1024
 _MAX_FILL = 0.7  # live entries + tombstones, as a share of the slots
 _PHI = 0x9E3779B97F4A7C15  # 2**64 / golden ratio, odd
 _M64 = (1 << 64) - 1
+_WINDOW = 8  # slots a vectorized probe looks at a round (find_many, _place)
+_STEPS = np.arange(_WINDOW)
 
 
 class IntTable:
@@ -157,19 +159,25 @@ class IntTable:
         return out
 
     def find_many(self, keys: np.ndarray) -> np.ndarray:
-        """The slot of each key, or -1 where it is absent (all keys probed at once)."""
+        """The slot of each key, or -1 where it is absent (all keys probed at once, _WINDOW
+        slots a round: a batch's longest chain, not its average, sets the rounds)."""
         keys = np.asarray(keys, dtype=np.uint64)
         found = np.full(len(keys), -1, dtype=np.int64)
         table_keys, mask = self._keys, self._mask
         pos = self._homes(keys)
         waiting = np.arange(len(keys))
         while waiting.size:
-            at = pos[waiting]
+            at = (pos[waiting, None] + _STEPS) & mask
             seen = table_keys[at]
-            hit = seen == keys[waiting]
-            found[waiting[hit]] = at[hit]
-            waiting = waiting[~(hit | (seen == EMPTY))]
-            pos[waiting] = (pos[waiting] + 1) & mask
+            hit = seen == keys[waiting, None]
+            end = hit | (seen == EMPTY)  # the key, or the end of its chain
+            first = end.argmax(axis=1)
+            rows = np.arange(len(waiting))
+            done = end[rows, first]
+            hits = done & hit[rows, first]
+            found[waiting[hits]] = at[rows[hits], first[hits]]
+            waiting = waiting[~done]
+            pos[waiting] = (pos[waiting] + _WINDOW) & mask
         return found
 
     def _homes(self, keys: np.ndarray) -> np.ndarray:
@@ -203,25 +211,29 @@ class IntTable:
 
     def _place(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Insert distinct keys, none of them in the table, all at once: each round, every
-        key still waiting looks at its next slot and one key wins each free slot (empty, or
-        a tombstone: the key is absent, so no later slot of its chain holds it). A key
-        moves past a slot only once it is taken, which is linear probing's invariant."""
+        key still waiting looks at its next _WINDOW slots for the first free one (empty, or
+        a tombstone: the key is absent, so no later slot of its chain holds it), and one
+        key wins each slot so chosen; the others go on from the slot after it. A key moves
+        past a slot only once it is taken, which is linear probing's invariant."""
         table_keys, table_vals, mask = self._keys, self._vals, self._mask
         pos = self._homes(keys)
         waiting = np.arange(len(keys))
         placed = np.zeros(len(keys), dtype=bool)
         while waiting.size:
-            at = pos[waiting]
-            seen = table_keys[at]
-            free = seen <= TOMBSTONE
-            slots, first = np.unique(at[free], return_index=True)
-            winners = waiting[free][first]
+            at = (pos[waiting, None] + _STEPS) & mask
+            free = table_keys[at] <= TOMBSTONE
+            first = free.argmax(axis=1)
+            rows = np.arange(len(waiting))
+            chosen = at[rows, first]
+            has = free[rows, first]  # a free slot in the window
+            slots, win = np.unique(chosen[has], return_index=True)
+            winners = waiting[has][win]
             self._filled += int(np.count_nonzero(table_keys[slots] == EMPTY))
             table_keys[slots] = keys[winners]
             table_vals[slots] = values[winners]
             placed[winners] = True
+            pos[waiting] = np.where(has, chosen + 1, pos[waiting] + _WINDOW) & mask
             waiting = waiting[~placed[waiting]]
-            pos[waiting] = (pos[waiting] + 1) & mask
         self._live += len(keys)
 
 

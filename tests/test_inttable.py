@@ -130,7 +130,7 @@ def test_a_fresh_table_filled_at_once_wraps_keys_past_its_last_slot(count: int, 
     table = IntTable()
     rng = np.random.default_rng(seed)
     candidates = rng.integers(2, 2**63, size=200_000, dtype=np.uint64)
-    last = 1023  # the default table has 1024 slots
+    last = table._mask
     tail = np.unique(candidates[table._homes(candidates) >= last - 3])[:count]
     others = np.unique(candidates[:count])
     keys = np.unique(np.concatenate([tail, others]))
@@ -143,3 +143,30 @@ def test_a_fresh_table_filled_at_once_wraps_keys_past_its_last_slot(count: int, 
     table[int(keys[0])] = 7  # and it stays a working table
     del table[int(keys[-1])]
     assert table[int(keys[0])] == 7 and int(keys[-1]) not in table
+
+
+@given(st.one_of(st.integers(0, 9), st.integers(2030, 2047)), st.integers(9, 40),
+       st.sets(st.integers(0, 39)), st.integers(1, 40))
+def test_chains_longer_than_a_probe_window_with_tombstones_in_them(
+        home: int, count: int, deleted: set[int], later: int) -> None:
+    """Keys that all share one home slot make a chain longer than the vectorized probes'
+    window (inttable._WINDOW), wrapping past the last slot when the home is near it;
+    deleting some leaves tombstones inside; absent keys are then placed and probed."""
+    table = IntTable()  # 2048 slots: a key's home is the top 11 bits of key * PHI
+    assert table._mask == 2047
+    inverse = pow(0x9E3779B97F4A7C15, -1, 2**64)
+    same = [((home << table._shift) + i) * inverse % 2**64 for i in range(1, count + later + 1)]
+    assert set(table._homes(np.array(same, dtype=np.uint64)).tolist()) == {home}
+    first, rest = same[:count], same[count:]
+    table.insert_absent(np.array(first, dtype=np.uint64), np.arange(count, dtype=np.uint32))
+    model = dict(zip(first, range(count), strict=True))
+    for i in sorted(deleted & set(range(count))):
+        del table[first[i]]
+        del model[first[i]]
+    table.insert_absent(np.array(rest, dtype=np.uint64),
+                        np.arange(100, 100 + len(rest), dtype=np.uint32))
+    model.update(zip(rest, range(100, 100 + len(rest)), strict=True))
+    probe = np.array(same + [2, 3], dtype=np.uint64)
+    assert table.get_many(probe).tolist() == [model.get(k, -1) for k in probe.tolist()]
+    assert [table.get(k) for k in probe.tolist()] == [model.get(k) for k in probe.tolist()]
+    assert len(table) == len(model)
