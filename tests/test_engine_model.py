@@ -26,7 +26,7 @@ from memstore.engine import (
     Engine,
     IdentityRules,
     UpsertSpec,
-    _sorted_sets,
+    _already_sorted_sets,
     record_specs,
 )
 from memstore.errors import FailedPrecondition, InvalidArgument
@@ -359,7 +359,7 @@ def test_the_loads_check_for_stored_lists_agrees_with_sorting_them(lists: list[l
                                                                    ) -> None:
     """plan_columns sorts a column's lists only when this check says one is not sorted
     without repeats; its neighbours' order (["c"], ["a"]) must not count."""
-    assert _sorted_sets(lists) == all(items == sorted(set(items)) for items in lists)
+    assert _already_sorted_sets(lists) == all(items == sorted(set(items)) for items in lists)
 
 
 def test_load_declares_attributes_in_the_order_the_general_planner_meets_them() -> None:
