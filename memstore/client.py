@@ -526,7 +526,8 @@ class Client(_Methods):
             raise _error(exc, "StreamIds") from None
 
     def load(self, records: Iterable[Mapping[str, Any]], *, chunk_size: int = 1000,
-             concurrency: int = LOAD_CONCURRENCY, progress: Callable[[int], None] | bool | None = None) -> int:
+             concurrency: int = LOAD_CONCURRENCY,
+             progress: Callable[[int], None] | bool | None = None) -> int:
         """Bulk load, `concurrency` chunks in flight; returns profiles applied.
 
         `progress` is called with the size of every chunk applied (e.g. tqdm's update)."""
@@ -681,7 +682,8 @@ class AsyncClient(_Methods):
             raise _error(exc, "StreamIds") from None
 
     async def load(self, records: Iterable[Mapping[str, Any]], *, chunk_size: int = 1000,
-                   concurrency: int = LOAD_CONCURRENCY, progress: Callable[[int], None] | bool | None = None) -> int:
+                   concurrency: int = LOAD_CONCURRENCY,
+                   progress: Callable[[int], None] | bool | None = None) -> int:
         progress = progress if callable(progress) else None
         gate = asyncio.Semaphore(concurrency)
         total = 0
