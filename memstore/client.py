@@ -42,7 +42,7 @@ import msgpack
 from pyroaring import BitMap
 
 from memstore import pbvalues
-from memstore.columnar import pack_columns
+from memstore.columnar import CODE_SHARE, pack_columns
 from memstore.hashslot import (
     ADMIN_SERVICE,
     EXPECT_SHARD,
@@ -216,9 +216,10 @@ def _unpack_batch(packed: bytes) -> list[dict[str, Any] | None]:
     return out
 
 
-def pack_records(records: Iterable[Mapping[str, Any]]) -> bytes:
+def pack_records(records: Iterable[Mapping[str, Any]], code_share: float = CODE_SHARE) -> bytes:
     """Pack {"id", "attributes", "identifiers"} dicts for BatchUpsertRequest.columns."""
-    return pack_columns(records if isinstance(records, list) else list(records), _pack_default)
+    return pack_columns(records if isinstance(records, list) else list(records), _pack_default,
+                        code_share)
 
 
 def _pack_default(value: Any) -> Any:

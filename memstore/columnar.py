@@ -17,6 +17,19 @@ are what a packed row carries: strings, ints, floats, bools, msgpack timestamps,
 lists; a column named in "timestamps" holds timestamps as int microseconds since the Unix
 epoch instead (what the shard stores: no conversion per value). Row i of the batch is
 called `columns[i]` in error messages.
+
+A column may instead be sent dictionary-coded (`Coded`), each distinct value once:
+
+    {"values": [value, ...],   # distinct values (no nil)
+     "codes": bin,             # little-endian int32 per row: its value's position, -1: none
+     "lengths": bin}           # a string-list column only: int32 items per row (0: none);
+                               # then codes holds every row's items, row after row
+
+Most of a CDP's strings repeat (countries, plans, tags). Coded, the shard decodes each
+distinct string once instead of once a row, checks the dictionary instead of every value,
+and indexes a value's rows in one bitmap update. The Python client codes a string or
+string-list column when its distinct values are at most half of its values
+(`pack_columns`).
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ from operator import itemgetter
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from memstore.errors import InvalidArgument
 from memstore.pbvalues import (
@@ -40,12 +54,73 @@ from memstore.pbvalues import (
 from memstore.values import flatten
 
 Row = tuple[str, dict[str, Any], list[tuple[str, str]]]
+CODE = np.dtype("<i4")  # codes and lengths on the wire
+CODE_SHARE = 0.5  # pack_columns codes a column with at most this many distinct values a value
+
+
+@dataclass(slots=True)
+class Coded:
+    """A dictionary-coded column: row i holds values[codes[i]] (nothing where codes[i] is
+    -1). A string-list column has `lengths`: row i holds lengths[i] items (none if 0), the
+    values at the next lengths[i] codes."""
+
+    values: list[Any]
+    codes: np.ndarray
+    lengths: np.ndarray | None = None
+
+    def holds(self) -> np.ndarray:
+        """Which rows hold a value (bool per row)."""
+        return self.codes >= 0 if self.lengths is None else self.lengths > 0
+
+    def split(self) -> tuple[list[Any], list[int] | None, Coded]:
+        """(the values of the rows holding one, those rows or None for all of them, the
+        same as a Coded column of those rows alone)."""
+        hit = self.holds()
+        every = bool(hit.all())
+        rows = None if every else np.flatnonzero(hit).tolist()
+        values = self.values
+        if self.lengths is None:
+            codes = self.codes if every else self.codes[hit]
+            return list(map(values.__getitem__, codes.tolist())), rows, Coded(values, codes)
+        lengths = self.lengths if every else self.lengths[hit]
+        items = list(map(values.__getitem__, self.codes.tolist()))
+        ends = np.cumsum(lengths)
+        lists = list(map(items.__getitem__, map(slice, (ends - lengths).tolist(),
+                                                ends.tolist())))
+        return lists, rows, Coded(values, self.codes, lengths)
+
+    def decoded(self) -> list[Any]:
+        """The plain column: each row's value or list, None where it holds nothing."""
+        lists, rows, _ = self.split()
+        if rows is None:
+            return lists
+        column: list[Any] = [None] * len(self.codes if self.lengths is None else self.lengths)
+        for row, value in zip(rows, lists, strict=True):
+            column[row] = value
+        return column
+
+    def take(self, rows: Sequence[int]) -> Coded:
+        """Rows `rows` alone, in that order."""
+        at = np.asarray(rows, dtype=np.intp)
+        if self.lengths is None:
+            return Coded(self.values, self.codes[at])
+        lengths = self.lengths[at]
+        starts = (np.cumsum(self.lengths) - self.lengths)[at]
+        ends = np.cumsum(lengths)
+        step = np.arange(int(ends[-1]) if len(ends) else 0) - np.repeat(ends - lengths, lengths)
+        return Coded(self.values, self.codes[np.repeat(starts, lengths) + step], lengths)
+
+    def wire(self) -> dict[str, Any]:
+        body = {"values": self.values, "codes": self.codes.astype(CODE, copy=False).tobytes()}
+        if self.lengths is not None:
+            body["lengths"] = self.lengths.astype(CODE, copy=False).tobytes()
+        return body
 
 
 @dataclass(slots=True)
 class Columns:
     ids: list[str]
-    attributes: dict[str, list[Any]]
+    attributes: dict[str, list[Any] | Coded]
     identifiers: list[list[list[str]]]  # per row, [kind, value] pairs
     timestamps: frozenset[str] = frozenset()  # columns of int microseconds
 
@@ -54,7 +129,7 @@ class Columns:
         """Columns of (id, flat attributes, identifiers) rows; a null value is refused
         (in columns, null means "not in this row")."""
         n = len(rows)
-        attributes: dict[str, list[Any]] = {}
+        attributes: dict[str, list[Any] | Coded] = {}
         for i, (_, attrs, _) in enumerate(rows):
             for name, value in attrs.items():
                 if value is None:
@@ -63,15 +138,20 @@ class Columns:
                 column = attributes.get(name)
                 if column is None:
                     column = attributes[name] = [None] * n
-                column[i] = value
+                column[i] = value  # type: ignore[index]
         return cls([r[0] for r in rows], attributes, [[list(p) for p in r[2]] for r in rows])
 
     def pack_rows(self, rows: Sequence[int], ids: Sequence[str]) -> bytes:
         """Rows `rows` of this batch as a columnar batch of their own, under primary ids
         `ids` (a router's part of a batch for one shard; values are not looked at)."""
         take = itemgetter(*rows) if len(rows) > 1 else lambda column: (column[rows[0]],)
-        attributes = {}
+        attributes: dict[str, Any] = {}
         for name, column in self.attributes.items():
+            if isinstance(column, Coded):
+                part = column.take(rows)
+                if part.holds().any():
+                    attributes[name] = part.wire()
+                continue
             values = take(column)
             if values.count(None) < len(values):
                 attributes[name] = values
@@ -87,9 +167,10 @@ class Columns:
     def rows(self, where: str = "columns") -> list[Row]:
         """The same batch as rows (the general planner's input), timestamps as datetimes;
         InvalidArgument for a timestamp column value that is not one."""
+        plain = [(name, column.decoded() if isinstance(column, Coded) else column)
+                 for name, column in self.attributes.items()]
         columns = [(name, _datetimes(column, where, name) if name in self.timestamps
-                    else column)
-                   for name, column in self.attributes.items()]
+                    else column) for name, column in plain]
         return [(pid, {name: column[i] for name, column in columns if column[i] is not None},
                  [(k, v) for k, v in self.identifiers[i]])
                 for i, pid in enumerate(self.ids)]
@@ -110,11 +191,14 @@ def _datetimes(column: list[Any], where: str, name: str) -> list[Any]:
 
 
 def pack_columns(records: Sequence[Mapping[str, Any]],
-                 default: Callable[[Any], Any] | None = None) -> bytes:
+                 default: Callable[[Any], Any] | None = None,
+                 code_share: float = CODE_SHARE) -> bytes:
     """Pack {"id", "attributes", "identifiers"} records (a client's load input) as columns.
 
     Nested attribute maps are flattened with dots. A null attribute value is refused
-    (ValueError): in a load, leave the attribute out instead. Built a column at a time
+    (ValueError): in a load, leave the attribute out instead. A column of strings (or of
+    non-empty string lists) with at most `code_share` distinct values a value is sent
+    coded (`Coded`). Built a column at a time
     (no Python frame per value): on a loader sharing its machine with the shard, every
     microsecond a profile spent here is one the shard does not get.
     """
@@ -149,6 +233,10 @@ def pack_columns(records: Sequence[Mapping[str, Any]],
                 timestamps.append(name)
         if timestamps:
             body["timestamps"] = timestamps
+    if str in types or list in types:
+        body["attributes"] = {name: column if coded is None else coded.wire()
+                              for name, column in attributes.items()
+                              for coded in [_coded(column, code_share)]}
     identifiers = [record.get("identifiers") or () for record in records]
     if any(identifiers):
         pairs = list(chain.from_iterable(identifiers))
@@ -166,6 +254,37 @@ def _sorted_sets(column: list[Any]) -> list[Any]:
         return [sorted(set(v)) if type(v) is list else v for v in column]
     except TypeError:
         return column
+
+
+def _coded(column: list[Any], share: float) -> Coded | None:
+    """The column coded, if it is strings (or non-empty lists of strings, each sorted
+    without repeats) with at most `share` distinct values a value; else None."""
+    types = set(map(type, column)) - {type(None)}
+    if types == {str}:
+        seen = dict.fromkeys(column)
+        seen.pop(None, None)
+        if len(seen) > share * len(column):
+            return None
+        position: dict[Any, int] = dict(zip(seen, range(len(seen))))
+        position[None] = -1
+        return Coded(list(seen), np.fromiter(map(position.__getitem__, column), dtype=CODE,
+                                             count=len(column)))
+    if types != {list}:
+        return None
+    if [] in column:
+        return None  # an empty list sets the attribute to nothing: sent as it is
+    lists = [v or () for v in column]
+    items = list(chain.from_iterable(lists))
+    if not set(map(type, items)) <= {str}:
+        return None
+    distinct = sorted(set(items))
+    if len(distinct) > share * len(items):
+        return None
+    # _sorted_sets sorted each list, so each row's codes rise: the form the shard stores
+    position = dict(zip(distinct, range(len(distinct))))
+    return Coded(distinct, np.fromiter(map(position.__getitem__, items), dtype=CODE,
+                                       count=len(items)),
+                 np.fromiter(map(len, lists), dtype=CODE, count=len(lists)))
 
 
 def _flat(record: Mapping[str, Any], attrs: dict[str, Any], i: int) -> dict[str, Any]:
@@ -207,9 +326,11 @@ def unpack_columns(data: bytes, where: str = "columns") -> Columns:
     for name, column in attributes.items():
         if not isinstance(name, str):
             raise InvalidArgument(f"{where}.attributes: names must be strings, got {name!r}")
-        if not isinstance(column, list) or len(column) != n:
+        if isinstance(column, dict):
+            attributes[name] = _unpack_coded(column, n, f"{where}.attributes.{name}")
+        elif not isinstance(column, list) or len(column) != n:
             raise InvalidArgument(f"{where}.attributes.{name}: a list of {n} values "
-                                  f"(one per id, nil where absent)")
+                                  f"(one per id, nil where absent) or a coded column")
     timestamps = body.get("timestamps", [])
     if (not isinstance(timestamps, list) or not set(map(type, timestamps)) <= {str}
             or not set(timestamps) <= attributes.keys()):
@@ -234,3 +355,45 @@ def unpack_columns(data: bytes, where: str = "columns") -> Columns:
                         f"{where}.identifiers[{i}]: identifiers are [kind, value] string pairs")
     identifiers: list[list[list[str]]] = raw
     return Columns(ids, attributes, identifiers, stamped)
+
+
+def _unpack_coded(body: dict[Any, Any], n: int, where: str) -> Coded:
+    """A coded column's wire form, checked: every code names a value, lengths add up."""
+    if body.keys() not in ({"values", "codes"}, {"values", "codes", "lengths"}):
+        raise InvalidArgument(f"{where}: a coded column is a map of values, codes and "
+                              f"(for string lists) lengths")
+    values = body["values"]
+    if not isinstance(values, list) or None in values:
+        raise InvalidArgument(f"{where}.values: a list of values without nil (a row "
+                              f"without a value has code -1)")
+    codes = _int32s(body["codes"], f"{where}.codes")
+    raw_lengths = body.get("lengths")
+    lengths = None if raw_lengths is None else _int32s(raw_lengths, f"{where}.lengths")
+    if lengths is None:
+        if len(codes) != n:
+            raise InvalidArgument(f"{where}.codes: {n} codes (one per id), got {len(codes)}")
+        low = -1
+    else:
+        if len(lengths) != n:
+            raise InvalidArgument(f"{where}.lengths: {n} lengths (one per id), got "
+                                  f"{len(lengths)}")
+        if (lengths < 0).any():
+            i = int(np.argmax(lengths < 0))
+            raise InvalidArgument(f"{where}.lengths[{i}]: {int(lengths[i])} is negative")
+        if int(lengths.sum(dtype=np.int64)) != len(codes):
+            raise InvalidArgument(f"{where}.codes: as many codes as the lengths add up to "
+                                  f"({int(lengths.sum(dtype=np.int64))}), got {len(codes)}")
+        low = 0
+    bad = (codes < low) | (codes >= len(values))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise InvalidArgument(f"{where}.codes[{i}]: {int(codes[i])} is not a position in "
+                              f"values (0 to {len(values) - 1}"
+                              f"{', or -1 for none' if low else ''})")
+    return Coded(values, codes, lengths)
+
+
+def _int32s(raw: Any, where: str) -> np.ndarray:
+    if not isinstance(raw, bytes) or len(raw) % CODE.itemsize:
+        raise InvalidArgument(f"{where}: little-endian int32s as msgpack bin")
+    return np.frombuffer(raw, dtype=CODE)

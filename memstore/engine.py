@@ -46,7 +46,7 @@ from xxhash import xxh3_64_intdigest
 
 from memstore.bitmap_index import RangeIndex, ValueIndex, float_to_ordered, floats_to_ordered
 from memstore.claims import Claims, claim_key
-from memstore.columnar import Columns, Row
+from memstore.columnar import Coded, Columns, Row
 from memstore.errors import (
     FailedPrecondition,
     Forwarded,
@@ -134,7 +134,8 @@ class Load:
     slots: list[int]  # hash slot of each image's primary id
     keys: np.ndarray  # the images' identifier keys (none in the directory yet) ...
     owners: list[int]  # ... and the dense id holding each
-    columns: list[tuple[int, Sequence[int], list[Any]]]  # indexed: (attribute, ids, values)
+    # indexed: (attribute, ids, values), values coded where the column came so (Coded)
+    columns: list[tuple[int, Sequence[int], list[Any] | Coded]]
 
 
 @dataclass
@@ -560,9 +561,34 @@ def _already_sorted_sets(lists: list[list[str]]) -> bool:
     return bool(rising.all())
 
 
-def _first_present(column: list[Any]) -> int:
+def _first_present(column: list[Any] | Coded) -> int:
     """Index of a column's first value (None: absent)."""
+    if isinstance(column, Coded):
+        holds = column.holds()
+        return int(np.argmax(holds)) if holds.any() else len(holds)
     return next((i for i, v in enumerate(column) if v is not None), len(column))
+
+
+def _coded_lists_ok(column: Coded) -> bool:
+    """True when a coded column's lists are valid string lists: its dictionary holds only
+    strings of a valid length, and no row holds too many."""
+    assert column.lengths is not None
+    values = column.values
+    return (set(map(type, values)) <= {str} and max(map(len, values)) <= MAX_STRING_BYTES // 4
+            and int(column.lengths.max()) <= MAX_LIST_ITEMS)
+
+
+def _coded_sorted(column: Coded) -> bool:
+    """True when every list of a coded column (of rows holding one) is sorted without
+    repeats: the dictionary is, and each row's codes rise."""
+    assert column.lengths is not None
+    values, codes = column.values, column.codes
+    if not all(map(lt, values, islice(values, 1, None))):
+        return False
+    rising = np.diff(codes) > 0
+    last = np.cumsum(column.lengths)[:-1] - 1  # a row's last item, against the next's first
+    rising[last] = True
+    return bool(rising.all())
 
 
 def _column_ok(kind: Kind, values: list[Any]) -> bool:
@@ -805,7 +831,7 @@ class Engine:
                           or (self.directory.find_many(keys) >= 0).any()):
             return general()
         planner = _Planner(self)
-        indexed: list[tuple[int, Sequence[int], list[Any]]] = []
+        indexed: list[tuple[int, Sequence[int], list[Any] | Coded]] = []
         dense_ids = range(first, first + n)
         full: list[tuple[int, list[Any]]] = []  # (attribute id, a value for every row)
         sparse: list[tuple[int, list[int], list[Any]]] = []  # (attribute id, rows, values)
@@ -813,27 +839,39 @@ class Engine:
         named = sorted(batch.attributes.items(), key=lambda item: _first_present(item[1]))
         try:
             for name, column in named:
-                present, rows = column, None  # rows: which rows hold a value (None: all)
-                if None in column:
-                    mask = list(map(is_not, column, repeat(None)))
-                    present = list(compress(column, mask))
-                    rows = list(compress(range(n), mask))
+                coded: Coded | None = None  # the column as sent coded, for the index
+                if isinstance(column, Coded):
+                    present, rows, coded = column.split()
+                else:
+                    present, rows = column, None  # rows: which rows hold a value (None: all)
+                    if None in column:
+                        mask = list(map(is_not, column, repeat(None)))
+                        present = list(compress(column, mask))
+                        rows = list(compress(range(n), mask))
                 if not present:
                     continue
                 micros = name in batch.timestamps  # int microseconds, see memstore.columnar
                 sent = Kind.TIMESTAMP if micros else kind_of(present[0])
                 spec = planner.spec(name) or planner.declare(name, sent)
-                if not (_micros_ok(present) if micros and spec.kind is sent
-                        else not micros and _column_ok(spec.kind, present)):
-                    return general()
+                if coded is not None and coded.lengths is not None:
+                    if not (spec.kind is Kind.STRING_LIST and not micros
+                            and _coded_lists_ok(coded)):
+                        return general()
+                else:  # a coded column's dictionary holds every value it sends
+                    checked = present if coded is None else coded.values
+                    if not (_micros_ok(checked) if micros and spec.kind is sent
+                            else not micros and _column_ok(spec.kind, checked)):
+                        return general()
                 if spec.kind is Kind.TIMESTAMP and not micros:
-                    present = [to_stored(Kind.TIMESTAMP, v) for v in present]
+                    present, coded = [to_stored(Kind.TIMESTAMP, v) for v in present], None
                     if not _micros_ok(present):
                         return general()
                 elif spec.kind is Kind.STRING_LIST:  # stored sorted; empty means absent
-                    if not _already_sorted_sets(present):  # the Python client sends them so
-                        present = list(map(sorted, map(set, present)))
-                    if not all(present):
+                    if coded is not None and not _coded_sorted(coded):
+                        coded = None
+                    if coded is None and not _already_sorted_sets(present):
+                        present = list(map(sorted, map(set, present)))  # the Python client
+                    if not all(present):  # sends them sorted (and codes no empty list)
                         keep = list(map(bool, present))
                         rows = list(compress(range(n) if rows is None else rows, keep))
                         present = list(compress(present, keep))
@@ -843,7 +881,9 @@ class Engine:
                     sparse.append((spec.id, rows, present))
                 if spec.indexed:
                     indexed.append((spec.id, dense_ids if rows is None
-                                    else list(map(first.__add__, rows)), present))
+                                    else list(map(first.__add__, rows)),
+                                    coded if coded is not None and spec.kind not in RANGE_KINDS
+                                    else present))
         except InvalidArgument:
             return general()  # it names the row and attribute
         # Each profile's map built in C, no Python frame per value: the attributes every
@@ -1325,12 +1365,21 @@ class Engine:
                 column[1].append(value)
         self._index_columns(columns)
 
-    def _index_columns(self, columns: Mapping[int, tuple[Sequence[int], list[Any]]]) -> None:
+    def _index_columns(self, columns: Mapping[int, tuple[Sequence[int], list[Any] | Coded]]
+                       ) -> None:
         """Index new profiles: per attribute id, their dense ids and stored values."""
         by_id = self.schema.by_id
         for aid, (ids, values) in columns.items():
             spec = by_id[aid]
             if not spec.indexed:
+                continue
+            if isinstance(values, Coded):  # a value's ids go in at once (Coded, add_coded)
+                dense = (np.arange(ids.start, ids.stop, dtype=np.uint32)
+                         if isinstance(ids, range) else np.array(ids, dtype=np.uint32))
+                self.value_index[aid].add_coded(values.values, values.codes, dense
+                                                if values.lengths is None
+                                                else np.repeat(dense, values.lengths))
+                self.exists[aid].update(ids)
                 continue
             if spec.kind in RANGE_KINDS:
                 if spec.kind is Kind.FLOAT:

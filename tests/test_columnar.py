@@ -7,12 +7,15 @@ from collections import OrderedDict
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import msgpack
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memstore.client import pack_records
-from memstore.columnar import unpack_columns
+from memstore.columnar import CODE_SHARE, Coded, unpack_columns
+from memstore.errors import InvalidArgument
 from memstore.values import flatten
 
 ZONES = st.sampled_from([UTC, timezone(timedelta(hours=-5)), timezone(timedelta(hours=14))])
@@ -39,16 +42,82 @@ def _pair(identifier: Any) -> tuple[str, str]:
 
 
 @settings(max_examples=300, deadline=None)
-@given(RECORDS)
-def test_unpacked_columns_are_the_records_given(records: list[dict[str, Any]]) -> None:
-    """... with each list as the shard stores it: sorted, without repeats."""
-    want = [(r["id"], {name: sorted(set(v)) if isinstance(v, list) else v
-                       for name, v in flatten(r.get("attributes", {})).items()},
-             [_pair(x) for x in r.get("identifiers", ())]) for r in records]
-    got = unpack_columns(pack_records(records)).rows()
+@given(RECORDS, st.sampled_from([0.0, CODE_SHARE, 1.0]))
+def test_unpacked_columns_are_the_records_given(records: list[dict[str, Any]],
+                                                code_share: float) -> None:
+    """... with each list as the shard stores it: sorted, without repeats; whether string
+    columns go plain or coded (Coded)."""
+    want = _rows(records)
+    got = unpack_columns(pack_records(records, code_share)).rows()
     assert got == want  # datetimes compare as instants; aware ones come back in UTC
     stamped = [v for _, attrs, _ in got for v in attrs.values() if isinstance(v, datetime)]
     assert all(v.tzinfo is UTC for v in stamped)
+
+
+def _rows(records: list[dict[str, Any]]) -> list[Any]:
+    return [(r["id"], {name: sorted(set(v)) if isinstance(v, list) else v
+                       for name, v in flatten(r.get("attributes", {})).items()},
+             [_pair(x) for x in r.get("identifiers", ())]) for r in records]
+
+
+@settings(max_examples=200, deadline=None)
+@given(RECORDS, st.sampled_from([0.0, 1.0]), st.data())
+def test_a_routers_part_of_a_batch_is_those_rows(records: list[dict[str, Any]],
+                                                 code_share: float, data: st.DataObject
+                                                 ) -> None:
+    """Columns.pack_rows (a router's part of a batch for one shard) sends exactly the rows
+    it names, in that order, coded columns included."""
+    rows = data.draw(st.lists(st.integers(0, len(records) - 1), min_size=1, unique=True))
+    part = unpack_columns(pack_records(records, code_share)).pack_rows(
+        rows, [f"to-{i}" for i in rows])
+    want = [(f"to-{i}", attrs, idents) for i, (_, attrs, idents) in
+            ((i, _rows(records)[i]) for i in rows)]
+    assert unpack_columns(part).rows() == want
+
+
+def test_repetitive_strings_go_coded_and_unique_ones_plain() -> None:
+    records = [{"id": f"p{i}", "attributes": {"country": ["US", "DE"][i % 2],
+                                              "email": f"u{i}@x", "tags": ["b", "a"]}}
+               for i in range(10)]
+    columns = unpack_columns(pack_records(records)).attributes
+    country, tags = columns["country"], columns["tags"]
+    assert isinstance(country, Coded) and country.values == ["US", "DE"]
+    assert country.codes.tolist() == [0, 1] * 5
+    assert isinstance(tags, Coded) and tags.values == ["a", "b"]
+    assert tags.codes.tolist() == [0, 1] * 10 and tags.lengths is not None
+    assert tags.lengths.tolist() == [2] * 10
+    assert columns["email"] == [f"u{i}@x" for i in range(10)]
+
+
+def _coded(column: dict[str, Any], n: int = 2) -> bytes:
+    return msgpack.packb({"ids": [f"p{i}" for i in range(n)], "attributes": {"c": column}})
+
+
+@pytest.mark.parametrize(("column", "message"), [
+    ({"values": ["a"]}, r"columns\.attributes\.c: a coded column is a map of values, codes"),
+    ({"values": "a", "codes": b""}, r"\.c\.values: a list of values without nil"),
+    ({"values": ["a", None], "codes": b""}, r"\.c\.values: a list of values without nil"),
+    ({"values": ["a"], "codes": [0, 0]}, r"\.c\.codes: little-endian int32s"),
+    ({"values": ["a"], "codes": b"\x00" * 7}, r"\.c\.codes: little-endian int32s"),
+    ({"values": ["a"], "codes": np.array([0], "<i4").tobytes()}, r"\.c\.codes: 2 codes \(one"),
+    ({"values": ["a"], "codes": np.array([0, 1], "<i4").tobytes()},
+     r"\.c\.codes\[1\]: 1 is not a position in values \(0 to 0, or -1 for none\)"),
+    ({"values": ["a"], "codes": np.array([-2, 0], "<i4").tobytes()}, r"\.c\.codes\[0\]: -2"),
+    ({"values": ["a"], "codes": np.array([0], "<i4").tobytes(),
+      "lengths": np.array([1], "<i4").tobytes()}, r"\.c\.lengths: 2 lengths \(one per id\)"),
+    ({"values": ["a"], "codes": np.array([0], "<i4").tobytes(),
+      "lengths": np.array([2, -1], "<i4").tobytes()}, r"\.c\.lengths\[1\]: -1 is negative"),
+    ({"values": ["a"], "codes": np.array([0], "<i4").tobytes(),
+      "lengths": np.array([1, 1], "<i4").tobytes()},
+     r"\.c\.codes: as many codes as the lengths add up to \(2\), got 1"),
+    ({"values": ["a"], "codes": np.array([0, -1], "<i4").tobytes(),
+      "lengths": np.array([1, 1], "<i4").tobytes()},
+     r"\.c\.codes\[1\]: -1 is not a position in values \(0 to 0\)$"),
+])
+def test_a_malformed_coded_column_is_refused_saying_where(column: dict[str, Any],
+                                                          message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        unpack_columns(_coded(column))
 
 
 def test_columns_are_named_in_the_order_records_first_name_them() -> None:

@@ -10,12 +10,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import hypothesis.strategies as st
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from memstore.client import pack_records
-from memstore.columnar import unpack_columns
+from memstore.columnar import CODE_SHARE, unpack_columns
 from memstore.engine import (
     ADD_TO_SET,
     INCREMENT,
@@ -294,22 +295,37 @@ FRESH = ROWS.map(lambda rows: [(f"n{i}" if pid else "", attrs,
                                for i, (pid, attrs, idents) in enumerate(rows)])
 
 
-def _load_columns(engine: Engine, rows: Any, unsorted: bool = False) -> Any:
-    """The columnar wire path: the client's pack, the server's unpack, plan_columns. The
-    Python client sends string lists sorted without repeats; with `unsorted` they go as the
-    rows hold them, as another writer may send them."""
+def _load_columns(engine: Engine, rows: Any, wire: str) -> Any:
+    """The columnar wire path: the client's pack, the server's unpack, plan_columns.
+
+    "columns" is what the Python client sends; "coded columns" codes every string and
+    string-list column it can (Coded); "unsorted ..." sends string lists as the rows hold
+    them, unsorted and with repeats, as another writer may."""
+    from memstore.columnar import Coded
+
     records = [{"id": p, "attributes": a, "identifiers": i} for p, a, i in rows]
-    batch = unpack_columns(pack_records(records))
-    if unsorted:
+    share = {"columns": CODE_SHARE, "coded columns": 1.0, "unsorted columns": 0.0,
+             "unsorted coded columns": 1.0}[wire]
+    batch = unpack_columns(pack_records(records, code_share=share))
+    if wire.startswith("unsorted"):
         for name, column in batch.attributes.items():
-            if any(isinstance(v, list) for v in column):
-                batch.attributes[name] = [attrs.get(name) for _, attrs, _ in rows]
+            lists = [attrs.get(name) for _, attrs, _ in rows]
+            if not any(isinstance(v, list) for v in lists):
+                continue
+            batch.attributes[name] = lists
+            if isinstance(column, Coded) and [] not in lists:  # its dictionary falling, too
+                values = sorted({item for v in lists if v for item in v}, reverse=True)
+                at = {item: i for i, item in enumerate(values)}
+                batch.attributes[name] = Coded(
+                    values, np.array([at[item] for v in lists if v for item in v], np.int32),
+                    np.array([len(v or ()) for v in lists], np.int32))
     return engine.plan_columns(batch)
 
 
 @settings(max_examples=250, deadline=None)
 @given(before=ROWS, rows=st.one_of(ROWS, FRESH),
-       wire=st.sampled_from(["rows", "columns", "unsorted columns"]))
+       wire=st.sampled_from(["rows", "columns", "coded columns", "unsorted columns",
+                             "unsorted coded columns"]))
 def test_load_fast_path_equals_the_general_planner(before: Any, rows: Any, wire: str) -> None:
     """plan_load (rows) and plan_columns (the columnar wire form, timestamps as int
     microseconds) must leave exactly the state plan_batch does, or refuse what it refuses."""
@@ -330,7 +346,7 @@ def test_load_fast_path_equals_the_general_planner(before: Any, rows: Any, wire:
             pass
     outcomes = []
     for engine, plan in ((fast, lambda: fast.plan_load(rows) if wire == "rows"
-                          else _load_columns(fast, rows, wire == "unsorted columns")),
+                          else _load_columns(fast, rows, wire)),
                          (slow, lambda: slow.plan_batch(specs(rows)))):
         try:
             engine.apply(plan())
@@ -352,6 +368,53 @@ def test_load_fast_path_equals_the_general_planner(before: Any, rows: Any, wire:
         except (QueryError, InvalidArgument):  # an attribute no row declared
             continue
         assert set(fast.ids_of(evaluate(fast, q))) == want
+
+
+@pytest.mark.parametrize("grouped_from", [1, 10**9])
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.fixed_dictionaries({}, optional={
+    "country": COUNTRIES, "vip": st.booleans(), "age": st.integers(0, 3),
+    "tags": st.lists(TAGS, min_size=1, max_size=3)}), min_size=1, max_size=60),
+    unsorted=st.booleans())
+def test_coded_columns_load_exactly_like_plain_ones(grouped_from: int, rows: Any,
+                                                    unsorted: bool) -> None:
+    """A batch sent coded (Coded) leaves the state the same batch sent plain does, whether
+    add_coded updates a value's ids at once or adds them one by one, and whether the
+    writer sent its lists sorted or not."""
+    from memstore.bitmap_index import ValueIndex
+    from memstore.columnar import Coded
+
+    records = [{"id": f"p{i}", "attributes": attrs, "identifiers": [("email", f"e{i}")]}
+               for i, attrs in enumerate(rows)]
+    engines = []
+    for share in (0.0, 1.0):
+        batch = unpack_columns(pack_records(records, code_share=share))
+        tags = batch.attributes.get("tags")
+        if unsorted and isinstance(tags, Coded):  # falling, with the rows' repeats
+            lists = [sorted(attrs.get("tags", ()), reverse=True) for attrs in rows]
+            at = {v: i for i, v in enumerate(tags.values)}
+            batch.attributes["tags"] = Coded(tags.values, np.array(
+                [at[v] for items in lists for v in items], np.int32),
+                np.array(list(map(len, lists)), np.int32))
+        engine = Engine()
+        change = engine.plan_columns(batch)
+        assert change.load is not None  # the fast path, both ways
+        old = ValueIndex.GROUPED_FROM
+        ValueIndex.GROUPED_FROM = grouped_from
+        try:
+            engine.apply(change)
+        finally:
+            ValueIndex.GROUPED_FROM = old
+        engines.append(engine)
+    plain, coded = engines
+    assert plain.blobs == coded.blobs
+    for name in ("country", "vip", "tags"):
+        spec = plain.schema.get(name)
+        if spec is None:
+            continue
+        assert {v: list(b) for v, b in plain.value_index[spec.id].items()} == {
+            v: list(b) for v, b in coded.value_index[spec.id].items()}
+        assert plain.exists[spec.id] == coded.exists[spec.id]
 
 
 @given(st.lists(st.lists(st.sampled_from(["a", "b", "c", "é"]), max_size=4), max_size=6))
