@@ -62,7 +62,8 @@ def _array(values: np.ndarray) -> array.array[int]:
     return buf
 
 
-def _ids(values: Iterable[int] | np.ndarray) -> BitMap:
+def bitmap_of(values: Iterable[int] | np.ndarray) -> BitMap:
+    """A bitmap of dense ids; a uint32 numpy array goes in as one buffer."""
     return BitMap(_array(values) if isinstance(values, np.ndarray) else values)
 
 
@@ -133,7 +134,7 @@ class ValueIndex:
 
     def add_many(self, value: Hashable, ids: Iterable[int] | np.ndarray) -> None:
         bm = self._maps.get(value)
-        new = _ids(ids)
+        new = bitmap_of(ids)
         if not new:
             return
         if bm is None:
@@ -144,7 +145,7 @@ class ValueIndex:
     def discard_many(self, value: Hashable, ids: Iterable[int] | np.ndarray) -> None:
         bm = self._maps.get(value)
         if bm is not None:
-            bm -= _ids(ids)
+            bm -= bitmap_of(ids)
             if not bm:
                 del self._maps[value]
 

@@ -26,10 +26,11 @@ identifiers, [merged-away primary ids]]. Stored values are described in memstore
 
 from __future__ import annotations
 
+import array
 import math
 import re
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -44,7 +45,13 @@ import ormsgpack
 from pyroaring import BitMap
 from xxhash import xxh3_64_intdigest
 
-from memstore.bitmap_index import RangeIndex, ValueIndex, float_to_ordered, floats_to_ordered
+from memstore.bitmap_index import (
+    RangeIndex,
+    ValueIndex,
+    bitmap_of,
+    float_to_ordered,
+    floats_to_ordered,
+)
 from memstore.claims import Claims, claim_key
 from memstore.columnar import Coded, Columns, Row
 from memstore.errors import (
@@ -55,7 +62,7 @@ from memstore.errors import (
     NotFound,
     WrongSlot,
 )
-from memstore.hashslot import slot_of, slots_of
+from memstore.hashslot import SLOT_COUNT, slot_of, slots_of
 from memstore.inttable import IntTable
 from memstore.pbvalues import TIMESTAMP_RANGE, micros_in_range
 from memstore.schema import (
@@ -624,7 +631,9 @@ class Engine:
         self.exists: dict[int, BitMap] = {}  # attributes in value indexes
         self.directory = IntTable()  # ident_key -> dense id
         self.aliases: dict[str, str] = {}
-        self.slot_members: dict[int, BitMap] = defaultdict(BitMap)
+        # Each dense id's hash slot (stale once erased: read it through `live`). Appended
+        # to by every new profile; scanned whole by the rare calls that ask by slot.
+        self.slots = array.array("H")
         # Cross-shard merges (shards/merge.py), keyed so they travel with slots on a move:
         self.held: dict[str, list[Any]] = {}  # loser pid -> [txn, survivor, since (unix s)]
         self.held_dense = BitMap()  # the held profiles: hidden from queries until released
@@ -1223,6 +1232,7 @@ class Engine:
                 grow = dense + 1 - len(self.blobs)
                 self.blobs.extend([None] * grow)
                 self.pids.extend([None] * grow)
+                self.slots.frombytes(bytes(grow * self.slots.itemsize))
             old = self.blobs[dense]
             before.append(Image(dense, self.pids[dense] or pid, old))
             if old is None and blob is None:
@@ -1235,8 +1245,7 @@ class Engine:
                 self.pids[dense] = pid
                 self.dense_of[pid] = dense
                 self.live.add(dense)
-                slot = slot_of(pid)
-                self.slot_members[slot].add(dense)
+                slot = self.slots[dense] = slot_of(pid)
                 if self.owned_slots is not None and slot not in self.owned_slots:
                     self.foreign.add(dense)
                 fresh.append((dense, new_state[1]))
@@ -1255,7 +1264,6 @@ class Engine:
                 self.dense_of.pop(old_pid, None)
                 self.live.discard(dense)
                 self.foreign.discard(dense)
-                self.slot_members[slot_of(old_pid)].discard(dense)
                 self._reindex(dense, old_state[1], {})
                 self._reidentify(dense, old_pid, old_state[2], old_state[3], [], [])
             else:
@@ -1283,9 +1291,7 @@ class Engine:
         self.pids.extend(pids)
         self.dense_of.update(zip(pids, range(first, end), strict=True))
         self.live.add_range(first, end)
-        # slot_members[slot].add(dense) for each new profile, with no Python frame per one
-        deque(map(BitMap.add, map(self.slot_members.__getitem__, load.slots),
-                  range(first, end)), maxlen=0)
+        self.slots.extend(load.slots)
         if self.owned_slots is not None:
             owned = self.owned_slots
             self.foreign.update([d for d, slot in zip(range(first, end), load.slots, strict=True)
@@ -1400,16 +1406,14 @@ class Engine:
     def set_ownership(self, epoch: int, slots: BitMap | None) -> None:
         self.epoch = epoch
         self.owned_slots = slots
-        if slots is None:
-            self.foreign = BitMap()
-        else:
-            self.foreign = BitMap.union(
-                BitMap(), *(m for s, m in self.slot_members.items() if s not in slots)
-            )
+        self.foreign = BitMap() if slots is None else self.live - self.members_of_slots(slots)
 
     def members_of_slots(self, slots: Iterable[int]) -> BitMap:
-        members = self.slot_members
-        return BitMap.union(BitMap(), *(members[s] for s in slots if s in members))
+        """Live profiles whose primary ids hash to `slots` (one scan of every dense id)."""
+        chosen = np.zeros(SLOT_COUNT, dtype=bool)
+        chosen[np.fromiter(slots, dtype=np.int64)] = True
+        inside = chosen[np.array(self.slots, dtype=np.uint16)]
+        return self.live & bitmap_of(np.flatnonzero(inside).astype(np.uint32))
 
     def visible(self) -> BitMap:
         """Live profiles in owned slots and not held by a merge: what queries answer over."""

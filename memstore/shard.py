@@ -22,6 +22,7 @@ deleted, so erased data does not linger on disk.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import gc
@@ -439,6 +440,7 @@ def load_snapshot(engine: Engine, sections: Iterable[tuple[str, bytes]]) -> None
             next_dense = meta["next_dense"]
             engine.pids = [None] * next_dense
             engine.blobs = [None] * next_dense
+            engine.slots = array.array("H", bytes(next_dense * engine.slots.itemsize))
             epoch = meta["epoch"]
             owned = None if meta["owned"] is None else BitMap.deserialize(meta["owned"])
         elif name == "profiles":
@@ -478,7 +480,7 @@ def _load_profiles(engine: Engine, rows: Iterable[tuple[int, str, bytes]],
     """Fill the engine from one `profiles` section; identifier keys and dense ids go to
     `directory`, for one vectorized build of the table at the end."""
     pids, blobs, dense_of = engine.pids, engine.blobs, engine.dense_of
-    aliases, members = engine.aliases, engine.slot_members
+    aliases, slots = engine.aliases, engine.slots
     keys, owners = directory
     live: list[int] = []
     for dense, pid, blob in rows:
@@ -486,7 +488,7 @@ def _load_profiles(engine: Engine, rows: Iterable[tuple[int, str, bytes]],
         blobs[dense] = blob
         dense_of[pid] = dense
         live.append(dense)
-        members[slot_of(pid)].add(dense)
+        slots[dense] = slot_of(pid)
         _, _, idents, merged = decode(blob)
         for kind, value in idents:
             keys.append(ident_key(kind, value))

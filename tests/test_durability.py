@@ -44,7 +44,8 @@ def state_of(shard: Shard) -> tuple[Any, ...]:
         profiles[pid] = (p.version, p.attributes, sorted(p.identifiers), sorted(p.merged_ids))
     answers = {q: sorted(engine.ids_of(evaluate(engine, parse(q)))) for q in QUERIES}
     claims = dict(sorted(engine.claims.in_slots(range(SLOT_COUNT)).items()))
-    return profiles, answers, dict(engine.aliases), claims
+    even = sorted(engine.ids_of(engine.members_of_slots(range(0, SLOT_COUNT, 2))))
+    return profiles, answers, dict(engine.aliases), claims, even
 
 
 def a_load(rng: random.Random) -> Columns:

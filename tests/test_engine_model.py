@@ -32,6 +32,7 @@ from memstore.engine import (
 )
 from memstore.errors import FailedPrecondition, InvalidArgument
 from memstore.evaluate import evaluate
+from memstore.hashslot import SLOT_COUNT, slot_of
 from memstore.query import And, Not, Op, Or, Predicate, QueryError, parse
 from memstore.schema import Kind, Merge
 
@@ -269,6 +270,9 @@ class EngineModel(RuleBasedStateMachine):
         for alias, survivor in self.aliases.items():
             dense = engine.lookup(alias)
             assert dense is not None and engine.pids[dense] == survivor
+        some = range(0, SLOT_COUNT, 3)  # what a slot move exports
+        assert sorted(engine.ids_of(engine.members_of_slots(some))) == sorted(
+            pid for pid in self.profiles if slot_of(pid) % 3 == 0)
 
 
 EngineModel.TestCase.settings = settings(max_examples=60, stateful_step_count=30,
