@@ -608,7 +608,7 @@ def _column_ok(kind: Kind, values: list[Any]) -> bool:
     if kind is Kind.INT:
         return INT64_MIN <= min(values) and max(values) <= INT64_MAX
     if kind is Kind.FLOAT:
-        return not any(math.isnan(v) for v in values)
+        return not any(map(math.isnan, values))
     if kind is Kind.STRING_LIST:
         if max(map(len, values)) > MAX_LIST_ITEMS:
             return False

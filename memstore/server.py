@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any, TypeVar
 
 import grpc
@@ -358,7 +359,7 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
             change = self.engine.plan_load(rows)
         results = await self.shard.commit(change)
         return pb.BatchUpsertResponse(applied=len(results),
-                                      created=sum(1 for _, c in results if c))
+                                      created=sum(map(itemgetter(1), results)))
 
     @rpc
     async def Delete(self, request: pb.DeleteRequest, context: Any) -> pb.DeleteResponse:
