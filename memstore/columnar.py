@@ -234,9 +234,10 @@ def pack_columns(records: Sequence[Mapping[str, Any]],
         if timestamps:
             body["timestamps"] = timestamps
     if str in types or list in types:
-        body["attributes"] = {name: column if coded is None else coded.wire()
-                              for name, column in attributes.items()
-                              for coded in [_coded(column, code_share)]}
+        for name, column in attributes.items():
+            coded = _coded(column, code_share)
+            if coded is not None:
+                body["attributes"][name] = coded.wire()
     identifiers = [record.get("identifiers") or () for record in records]
     if any(identifiers):
         pairs = list(chain.from_iterable(identifiers))

@@ -876,7 +876,8 @@ class Engine:
                     if not _micros_ok(present):
                         return general()
                 elif spec.kind is Kind.STRING_LIST:  # stored sorted; empty means absent
-                    if coded is not None and not _coded_sorted(coded):
+                    if coded is not None and (coded.lengths is None  # a list a code
+                                              or not _coded_sorted(coded)):
                         coded = None
                     if coded is None and not _already_sorted_sets(present):
                         present = list(map(sorted, map(set, present)))  # the Python client

@@ -421,6 +421,42 @@ def test_coded_columns_load_exactly_like_plain_ones(grouped_from: int, rows: Any
         assert plain.exists[spec.id] == coded.exists[spec.id]
 
 
+@pytest.mark.parametrize("values", [
+    [["b", "a"], ["c"]],  # lists, each coded as one value (not per item, as lengths would)
+    [["a"], ["a", "b"]],
+    [{"x": 1}, {"y": 2}],  # no kind at all
+    [1, True],  # True == 1: one bitmap, two kinds
+    ["a", "a"],  # a value twice in the dictionary
+])
+def test_odd_coded_columns_load_like_the_general_planner(values: list[Any]) -> None:
+    """What another writer may code: the fast path gives the general planner's result, or
+    its error, never a crash."""
+    from memstore.columnar import Coded, Columns
+
+    def batch() -> Columns:
+        return Columns(["p", "q", "r"], {"c": Coded(values, np.array([1, -1, 0], np.int32))},
+                       [[], [], []])
+
+    outcomes = []
+    engines = (Engine(), Engine())
+    for engine, plan in ((engines[0], lambda: engines[0].plan_columns(batch())),
+                         (engines[1], lambda: engines[1].plan_batch(
+                             record_specs(batch().rows(), "columns")))):
+        try:
+            engine.apply(plan())
+            outcomes.append("ok")
+        except InvalidArgument as exc:
+            outcomes.append(str(exc))
+    assert outcomes[0] == outcomes[1]
+    fast, slow = engines
+    assert {p: fast.profile(d) for p, d in fast.dense_of.items()} == {
+        p: slow.profile(d) for p, d in slow.dense_of.items()}
+    spec = slow.schema.get("c")
+    if spec is not None and spec.indexed:
+        assert {v: list(b) for v, b in fast.value_index[spec.id].items()} == {
+            v: list(b) for v, b in slow.value_index[spec.id].items()}
+
+
 @given(st.lists(st.lists(st.sampled_from(["a", "b", "c", "é"]), max_size=4), max_size=6))
 def test_the_loads_check_for_stored_lists_agrees_with_sorting_them(lists: list[list[str]]
                                                                    ) -> None:
