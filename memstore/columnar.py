@@ -58,7 +58,7 @@ CODE = np.dtype("<i4")  # codes and lengths on the wire
 CODE_SHARE = 0.5  # pack_columns codes a column with at most this many distinct values a value
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Coded:
     """A dictionary-coded column: row i holds values[codes[i]] (nothing where codes[i] is
     -1). A string-list column has `lengths`: row i holds lengths[i] items (none if 0), the
@@ -83,6 +83,7 @@ class Coded:
             codes = self.codes if every else self.codes[hit]
             return list(map(values.__getitem__, codes.tolist())), rows, Coded(values, codes)
         lengths = self.lengths if every else self.lengths[hit]
+        # the rows holding nothing have no codes: every code is an item of a row kept
         items = list(map(values.__getitem__, self.codes.tolist()))
         ends = np.cumsum(lengths)
         lists = list(map(items.__getitem__, map(slice, (ends - lengths).tolist(),
@@ -216,8 +217,8 @@ def pack_columns(records: Sequence[Mapping[str, Any]],
         raise ValueError(f"record {i} ({ids[i]!r}): attribute {name!r} is null; "
                          f"leave it out of the record instead")
     # Columns in the order the records first name them (the order attributes get declared)
-    attributes = {name: list(map(dict.get, rows, repeat(name)))
-                  for name in dict.fromkeys(chain.from_iterable(rows))}
+    attributes: dict[str, Any] = {name: list(map(dict.get, rows, repeat(name)))
+                                  for name in dict.fromkeys(chain.from_iterable(rows))}
     body: dict[str, Any] = {"ids": ids, "attributes": attributes}
     if list in types:  # as the shard stores them: it then only checks (Engine.plan_columns)
         for name, column in attributes.items():
@@ -237,7 +238,7 @@ def pack_columns(records: Sequence[Mapping[str, Any]],
         for name, column in attributes.items():
             coded = _coded(column, code_share)
             if coded is not None:
-                body["attributes"][name] = coded.wire()
+                attributes[name] = coded.wire()
     identifiers = [record.get("identifiers") or () for record in records]
     if any(identifiers):
         pairs = list(chain.from_iterable(identifiers))
@@ -264,7 +265,7 @@ def _coded(column: list[Any], share: float) -> Coded | None:
     if types == {str}:
         seen = dict.fromkeys(column)
         seen.pop(None, None)
-        if len(seen) > share * len(column):
+        if len(seen) > share * (len(column) - column.count(None)):
             return None
         position: dict[Any, int] = dict(zip(seen, range(len(seen))))
         position[None] = -1

@@ -1380,6 +1380,7 @@ class Engine:
             spec = by_id[aid]
             if not spec.indexed:
                 continue
+            # plan_columns passes a column coded only for a value index (never a range kind)
             if isinstance(values, Coded):  # a value's ids go in at once (Coded, add_coded)
                 dense = (np.arange(ids.start, ids.stop, dtype=np.uint32)
                          if isinstance(ids, range) else np.array(ids, dtype=np.uint32))
@@ -1410,7 +1411,8 @@ class Engine:
         self.foreign = BitMap() if slots is None else self.live - self.members_of_slots(slots)
 
     def members_of_slots(self, slots: Iterable[int]) -> BitMap:
-        """Live profiles whose primary ids hash to `slots` (one scan of every dense id)."""
+        """Live profiles whose primary ids hash to `slots`, valid slot numbers (one scan of
+        every dense id ever given, erased ones too)."""
         chosen = np.zeros(SLOT_COUNT, dtype=bool)
         chosen[np.fromiter(slots, dtype=np.int64)] = True
         inside = chosen[np.array(self.slots, dtype=np.uint16)]

@@ -87,6 +87,12 @@ def test_repetitive_strings_go_coded_and_unique_ones_plain() -> None:
     assert tags.codes.tolist() == [0, 1] * 10 and tags.lengths is not None
     assert tags.lengths.tolist() == [2] * 10
     assert columns["email"] == [f"u{i}@x" for i in range(10)]
+    # distinct values are counted against the rows holding one: a sparse column of unique
+    # strings stays plain (coded, each row without a value would cost 4 bytes, not 1)
+    sparse = [{"id": f"p{i}", "attributes": {"code": f"v{i}"} if i % 5 == 0 else {}}
+              for i in range(20)]
+    assert unpack_columns(pack_records(sparse)).attributes["code"] == [
+        f"v{i}" if i % 5 == 0 else None for i in range(20)]
 
 
 def _coded(column: dict[str, Any], n: int = 2) -> bytes:
