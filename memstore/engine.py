@@ -563,8 +563,16 @@ def _already_sorted_sets(lists: list[list[str]]) -> bool:
         return True
     rising = np.fromiter(map(lt, items, islice(items, 1, None)), dtype=bool,
                          count=len(items) - 1)
-    last = np.cumsum(np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))) - 1
-    rising[last[(last >= 0) & (last < len(items) - 1)]] = True  # a list's last vs the next's first
+    return _rises_in_rows(rising, np.fromiter(map(len, lists), dtype=np.int64,
+                                              count=len(lists)))
+
+
+def _rises_in_rows(rising: np.ndarray, lengths: np.ndarray) -> bool:
+    """True when `rising` (item i < item i + 1, over rows' items laid end to end, rows of
+    `lengths` items) holds inside every row: a row's last item against the next row's
+    first does not count."""
+    last = np.cumsum(lengths) - 1
+    rising[last[(last >= 0) & (last < len(rising))]] = True
     return bool(rising.all())
 
 
@@ -580,8 +588,7 @@ def _coded_lists_ok(column: Coded) -> bool:
     """True when a coded column's lists are valid string lists: its dictionary holds only
     strings of a valid length, and no row holds too many."""
     assert column.lengths is not None
-    values = column.values
-    return (set(map(type, values)) <= {str} and max(map(len, values)) <= MAX_STRING_BYTES // 4
+    return (_column_ok(Kind.STRING, column.values)
             and int(column.lengths.max()) <= MAX_LIST_ITEMS)
 
 
@@ -589,13 +596,9 @@ def _coded_sorted(column: Coded) -> bool:
     """True when every list of a coded column (of rows holding one) is sorted without
     repeats: the dictionary is, and each row's codes rise."""
     assert column.lengths is not None
-    values, codes = column.values, column.codes
-    if not all(map(lt, values, islice(values, 1, None))):
-        return False
-    rising = np.diff(codes) > 0
-    last = np.cumsum(column.lengths)[:-1] - 1  # a row's last item, against the next's first
-    rising[last] = True
-    return bool(rising.all())
+    values = column.values
+    return (all(map(lt, values, islice(values, 1, None)))
+            and _rises_in_rows(np.diff(column.codes) > 0, column.lengths))
 
 
 def _column_ok(kind: Kind, values: list[Any]) -> bool:
@@ -613,8 +616,7 @@ def _column_ok(kind: Kind, values: list[Any]) -> bool:
         if max(map(len, values)) > MAX_LIST_ITEMS:
             return False
         items = list(chain.from_iterable(values))
-        return not items or (set(map(type, items)) <= {str}
-                             and max(map(len, items)) <= MAX_STRING_BYTES // 4)
+        return not items or _column_ok(Kind.STRING, items)
     return True
 
 
