@@ -72,27 +72,40 @@ class Coded:
         """Which rows hold a value (bool per row)."""
         return self.codes >= 0 if self.lengths is None else self.lengths > 0
 
-    def split(self) -> tuple[list[Any], list[int] | None, Coded]:
-        """(the values of the rows holding one, those rows or None for all of them, the
-        same as a Coded column of those rows alone)."""
+    def held(self) -> tuple[list[int] | None, Coded]:
+        """(the rows holding a value, None for all of them; the same as a Coded column of
+        those rows alone)."""
         hit = self.holds()
-        every = bool(hit.all())
-        rows = None if every else np.flatnonzero(hit).tolist()
+        if hit.all():
+            return None, self
+        rows = np.flatnonzero(hit).tolist()
+        if self.lengths is None:
+            return rows, Coded(self.values, self.codes[hit])
+        # the rows holding nothing have no codes: every code is an item of a row kept
+        return rows, Coded(self.values, self.codes, self.lengths[hit])
+
+    def first(self) -> Any:
+        """The value of the first row holding one (a list for a list column)."""
+        at = int(np.argmax(self.holds()))
+        if self.lengths is None:
+            return self.values[self.codes[at]]
+        start = int(self.lengths[:at].sum())
+        return [self.values[c] for c in self.codes[start:start + self.lengths[at]].tolist()]
+
+    def decoded_held(self) -> list[Any]:
+        """The value (or list) of each row, of a column every row of which holds one."""
         values = self.values
         if self.lengths is None:
-            codes = self.codes if every else self.codes[hit]
-            return list(map(values.__getitem__, codes.tolist())), rows, Coded(values, codes)
-        lengths = self.lengths if every else self.lengths[hit]
-        # the rows holding nothing have no codes: every code is an item of a row kept
+            return list(map(values.__getitem__, self.codes.tolist()))
         items = list(map(values.__getitem__, self.codes.tolist()))
-        ends = np.cumsum(lengths)
-        lists = list(map(items.__getitem__, map(slice, (ends - lengths).tolist(),
+        ends = np.cumsum(self.lengths)
+        return list(map(items.__getitem__, map(slice, (ends - self.lengths).tolist(),
                                                 ends.tolist())))
-        return lists, rows, Coded(values, self.codes, lengths)
 
     def decoded(self) -> list[Any]:
         """The plain column: each row's value or list, None where it holds nothing."""
-        lists, rows, _ = self.split()
+        rows, held = self.held()
+        lists = held.decoded_held()
         if rows is None:
             return lists
         column: list[Any] = [None] * len(self.codes if self.lengths is None else self.lengths)

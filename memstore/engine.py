@@ -30,7 +30,7 @@ import array
 import math
 import re
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -65,6 +65,7 @@ from memstore.errors import (
 from memstore.hashslot import SLOT_COUNT, slot_of, slots_of
 from memstore.inttable import IntTable
 from memstore.pbvalues import TIMESTAMP_RANGE, micros_in_range
+from memstore.rowpack import RowPacker
 from memstore.schema import (
     INT64_MAX,
     INT64_MIN,
@@ -567,6 +568,17 @@ def _already_sorted_sets(lists: list[list[str]]) -> bool:
                                               count=len(lists)))
 
 
+def _plain(values: list[Any] | Coded) -> list[Any]:
+    return values.decoded_held() if isinstance(values, Coded) else values
+
+
+def _repeats(keys: np.ndarray) -> bool:
+    """True when some key is there twice (sorting: 4x faster than np.unique's hash table
+    at a load's few thousand keys)."""
+    ordered = np.sort(keys)
+    return bool((ordered[1:] == ordered[:-1]).any())
+
+
 def _rises_in_rows(rising: np.ndarray, lengths: np.ndarray) -> bool:
     """True when `rising` (item i < item i + 1, over rows' items laid end to end, rows of
     `lengths` items) holds inside every row: a row's last item against the next row's
@@ -797,7 +809,8 @@ class Engine:
 
         The load path: when every row is a new profile whose identifiers belong to nobody,
         validation runs column by column (one type check per attribute per batch, not per
-        value), blobs are built directly, and the Change carries the checked columns so
+        value), blobs are built a column at a time (memstore.rowpack; a coded column is
+        never decoded value by value), and the Change carries the checked columns so
         `apply` indexes them without taking the blobs apart again. Any row that touches
         existing state (an existing id, an owned identifier, an alias), or any value the
         column checks refuse, sends the whole batch through the general planner, which gives
@@ -838,80 +851,73 @@ class Engine:
             return general()
         # Identifiers named twice, or held by some profile here: one vectorized probe.
         keys = ident_keys(kinds, values)
-        if keys.size and (len(np.unique(keys)) != keys.size
-                          or (self.directory.find_many(keys) >= 0).any()):
+        if keys.size and (_repeats(keys) or (self.directory.find_many(keys) >= 0).any()):
             return general()
         planner = _Planner(self)
         indexed: list[tuple[int, Sequence[int], list[Any] | Coded]] = []
         dense_ids = range(first, first + n)
-        full: list[tuple[int, list[Any]]] = []  # (attribute id, a value for every row)
-        sparse: list[tuple[int, list[int], list[Any]]] = []  # (attribute id, rows, values)
+        blobs = RowPacker(n)
         # Declared in the order the general planner meets them: by first record, then name order.
         named = sorted(batch.attributes.items(), key=lambda item: _first_present(item[1]))
         try:
             for name, column in named:
-                coded: Coded | None = None  # the column as sent coded, for the index
-                if isinstance(column, Coded):
-                    present, rows, coded = column.split()
+                held: list[Any] | Coded  # the values of the rows holding one, coded while
+                if isinstance(column, Coded):  # no check below needs them decoded
+                    rows, held = column.held()
+                    if not held.codes.size:
+                        continue
                 else:
-                    present, rows = column, None  # rows: which rows hold a value (None: all)
+                    held, rows = column, None  # rows: which rows hold a value (None: all)
                     if None in column:
                         mask = list(map(is_not, column, repeat(None)))
-                        present = list(compress(column, mask))
+                        held = list(compress(column, mask))
                         rows = list(compress(range(n), mask))
-                if not present:
-                    continue
+                    if not held:
+                        continue
                 micros = name in batch.timestamps  # int microseconds, see memstore.columnar
-                sent = Kind.TIMESTAMP if micros else kind_of(present[0])
+                sent = Kind.TIMESTAMP if micros else kind_of(
+                    held.first() if isinstance(held, Coded) else held[0])
                 spec = planner.spec(name) or planner.declare(name, sent)
-                if coded is not None and coded.lengths is not None:
+                if isinstance(held, Coded) and held.lengths is not None:
                     if not (spec.kind is Kind.STRING_LIST and not micros
-                            and _coded_lists_ok(coded)):
+                            and _coded_lists_ok(held)):
                         return general()
                 else:  # a coded column's dictionary holds every value it sends
-                    checked = present if coded is None else coded.values
+                    checked = held.values if isinstance(held, Coded) else held
                     if not (_micros_ok(checked) if micros and spec.kind is sent
                             else not micros and _column_ok(spec.kind, checked)):
                         return general()
                 if spec.kind is Kind.TIMESTAMP and not micros:
-                    present, coded = [to_stored(Kind.TIMESTAMP, v) for v in present], None
-                    if not _micros_ok(present):
+                    held = [to_stored(Kind.TIMESTAMP, v) for v in _plain(held)]
+                    if not _micros_ok(held):
                         return general()
-                elif spec.kind is Kind.STRING_LIST:  # stored sorted; empty means absent
-                    if coded is not None and (coded.lengths is None  # a list a code
-                                              or not _coded_sorted(coded)):
-                        coded = None
-                    if coded is None and not _already_sorted_sets(present):
-                        present = list(map(sorted, map(set, present)))  # the Python client
-                    if not all(present):  # sends them sorted (and codes no empty list)
-                        keep = list(map(bool, present))
+                elif (spec.kind is Kind.STRING_LIST and isinstance(held, Coded)
+                      and (held.lengths is None or not _coded_sorted(held))):
+                    held = held.decoded_held()  # a list a code; lists not sorted
+                if spec.kind is Kind.STRING_LIST and not isinstance(held, Coded):
+                    # stored sorted, and an empty list means absent
+                    if not _already_sorted_sets(held):
+                        held = list(map(sorted, map(set, held)))  # the Python client
+                    if not all(held):  # sends them sorted (and codes no empty list)
+                        keep = list(map(bool, held))
                         rows = list(compress(range(n) if rows is None else rows, keep))
-                        present = list(compress(present, keep))
-                if rows is None:
-                    full.append((spec.id, present))
+                        held = list(compress(held, keep))
+                        if not held:
+                            continue
+                if isinstance(held, Coded):
+                    blobs.add_coded(spec.id, held, rows)
                 else:
-                    sparse.append((spec.id, rows, present))
-                if spec.indexed:
+                    blobs.add(spec.id, spec.kind, held, rows)
+                if spec.indexed:  # a range index takes plain values; a value index either
                     indexed.append((spec.id, dense_ids if rows is None
                                     else list(map(first.__add__, rows)),
-                                    coded if coded is not None and spec.kind not in RANGE_KINDS
-                                    else present))
+                                    _plain(held) if spec.kind in RANGE_KINDS else held))
         except InvalidArgument:
             return general()  # it names the row and attribute
-        # Each profile's map built in C, no Python frame per value: the attributes every
-        # row has from one zip, then the others.
-        if full:
-            aids, columns = zip(*full)
-            records = list(map(dict, map(zip, repeat(aids), zip(*columns))))
-        else:
-            records = [{} for _ in ids]
-        for aid, rows, present in sparse:
-            deque(map(dict.__setitem__, map(records.__getitem__, rows), repeat(aid), present),
-                  maxlen=0)
         change = Change(schema=list(planner.added))
-        blobs = map(_pack, zip(repeat(1), records, batch.identifiers, repeat(()), strict=False))
         change.images = list(map(tuple.__new__, repeat(Image),
-                                 zip(dense_ids, ids, blobs, repeat(None))))
+                                 zip(dense_ids, ids, blobs.pack(batch.identifiers),
+                                     repeat(None))))
         change.result = [(pid, True) for pid in ids]
         change.load = Load(first, slots, keys, owners, indexed)
         return change
