@@ -2,11 +2,12 @@
 
 A profile's blob is msgpack of [version, {attribute id: value}, identifiers, merged ids]
 (engine.encode). Built the usual way, a load of n new profiles makes n dicts only to pack
-them: a dict insert and a packed value per attribute per profile, ~3 µs a profile at
-twenty attributes, the largest part of a load's cost. Here each column becomes its
-profiles' msgpack pieces in one pass (the attribute's key and value bytes; b"" where a
-profile does not hold it), mostly in numpy or from a piece per distinct value of a coded
-column, and each blob is its profile's pieces joined.
+them, and decodes every value of a dictionary-coded column first. Here each column becomes
+its profiles' msgpack pieces in one pass (the attribute's key and value bytes; b"" where a
+profile does not hold it), in numpy for numbers, from one packed piece per distinct value
+for a coded column; each blob is its profile's pieces joined. Measured on the bench's
+records: planning a load 7.2 -> 6.7 µs a profile, and 538 -> ~516 bytes a profile after
+a 1M load (fewer short-lived objects a batch).
 
 The pieces are the encodings msgpack itself writes (the shortest form of every int, a
 float as float 64, a string's shortest header), so a blob is the bytes engine.encode
