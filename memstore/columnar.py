@@ -34,6 +34,7 @@ string-list column when its distinct values are at most half of its values
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -220,38 +221,34 @@ def pack_columns(records: Sequence[Mapping[str, Any]],
     rows = [record.get("attributes") or {} for record in records]
     if not set(map(type, rows)) <= {dict}:
         rows = [dict(attrs) for attrs in rows]
-    types = set(map(type, chain.from_iterable(map(dict.values, rows))))
-    if any(issubclass(t, Mapping) for t in types):
+    named, attributes, types = _columns(rows)
+    if any(issubclass(t, Mapping) for present in types.values() for t in present):
         rows = [_flat(record, attrs, i) for i, (record, attrs) in enumerate(zip(records, rows))]
-        types = set(map(type, chain.from_iterable(map(dict.values, rows))))
-    if type(None) in types:
+        named, attributes, types = _columns(rows)
+    if any(column.count(None) > len(rows) - named[name] for name, column in attributes.items()):
         i, name = next((i, name) for i, attrs in enumerate(rows)
                        for name, value in attrs.items() if value is None)
         raise ValueError(f"record {i} ({ids[i]!r}): attribute {name!r} is null; "
                          f"leave it out of the record instead")
-    # Columns in the order the records first name them (the order attributes get declared)
-    attributes: dict[str, Any] = {name: list(map(dict.get, rows, repeat(name)))
-                                  for name in dict.fromkeys(chain.from_iterable(rows))}
     body: dict[str, Any] = {"ids": ids, "attributes": attributes}
-    if list in types:  # as the shard stores them: it then only checks (Engine.plan_columns)
-        for name, column in attributes.items():
-            if list in set(map(type, column)):
-                attributes[name] = _sorted_sets(column)
-    if datetime in types:  # columns of aware datetimes only go as int microseconds
-        timestamps = []
-        for name, column in attributes.items():
-            present = set(map(type, column)) - {type(None)}
-            if present == {datetime} and all(
-                    v.tzinfo is not None for v in column if v is not None):
+    timestamps = []
+    for name, column in attributes.items():
+        present = types[name] - {type(None)}
+        if present == {datetime}:  # columns of aware datetimes only go as int microseconds
+            try:
                 attributes[name] = aware_datetimes_to_micros(column)
-                timestamps.append(name)
-        if timestamps:
-            body["timestamps"] = timestamps
-    if str in types or list in types:
-        for name, column in attributes.items():
-            coded = _coded(column, code_share)
+            except TypeError:  # a naive one: packing it names it (_pack_default)
+                continue
+            timestamps.append(name)
+        elif str in present or list in present:
+            coded = _coded(column, code_share, present)
             if coded is not None:
                 attributes[name] = coded.wire()
+            elif list in present:
+                # as the shard stores them: it then only checks (Engine.plan_columns)
+                attributes[name] = _sorted_sets(column)
+    if timestamps:
+        body["timestamps"] = timestamps
     identifiers = [record.get("identifiers") or () for record in records]
     if any(identifiers):
         pairs = list(chain.from_iterable(identifiers))
@@ -260,6 +257,17 @@ def pack_columns(records: Sequence[Mapping[str, Any]],
                            for i, idents in enumerate(identifiers)]
         body["identifiers"] = identifiers
     return msgpack.packb(body, datetime=True, default=default)  # type: ignore[no-any-return]
+
+
+def _columns(rows: list[dict[str, Any]]
+             ) -> tuple[Counter[str], dict[str, Any], dict[str, set[type]]]:
+    """(how many rows name each attribute; its column, None where a row leaves it out; the
+    types in the column), attributes in the order the rows first name them (the order they
+    get declared in)."""
+    named = Counter(chain.from_iterable(rows))
+    attributes = {name: list(map(dict.get, rows, repeat(name))) for name in named}
+    return named, attributes, {name: set(map(type, column))
+                               for name, column in attributes.items()}
 
 
 def _sorted_sets(column: list[Any]) -> list[Any]:
@@ -271,10 +279,10 @@ def _sorted_sets(column: list[Any]) -> list[Any]:
         return column
 
 
-def _coded(column: list[Any], share: float) -> Coded | None:
-    """The column coded, if it is strings (or non-empty lists of strings, each sorted
-    without repeats) with at most `share` distinct values a value; else None."""
-    types = set(map(type, column)) - {type(None)}
+def _coded(column: list[Any], share: float, types: set[type]) -> Coded | None:
+    """The column coded, if it is strings (or non-empty lists of strings) with at most
+    `share` distinct values a value; else None. `types` are the column's types but None's.
+    Each list is coded in its stored form, sorted without repeats, as the shard keeps it."""
     if types == {str}:
         seen = dict.fromkeys(column)
         seen.pop(None, None)
@@ -293,13 +301,19 @@ def _coded(column: list[Any], share: float) -> Coded | None:
     if not set(map(type, items)) <= {str}:
         return None
     distinct = sorted(set(items))
-    if len(distinct) > share * len(items):
-        return None
-    # _sorted_sets sorted each list, so each row's codes rise: the form the shard stores
     position = dict(zip(distinct, range(len(distinct))))
-    return Coded(distinct, np.fromiter(map(position.__getitem__, items), dtype=CODE,
-                                       count=len(items)),
-                 np.fromiter(map(len, lists), dtype=CODE, count=len(lists)))
+    codes = np.fromiter(map(position.__getitem__, items), dtype=np.int64, count=len(items))
+    lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+    # Sorting (row, code) pairs sorts each row's items (distinct is sorted); dropping a
+    # pair equal to the one before drops a row's repeats. All rows at once, in numpy.
+    rows = np.repeat(np.arange(len(lists), dtype=np.int64), lengths)
+    pairs = np.sort(rows * len(distinct) + codes)
+    if len(pairs) > 1:
+        pairs = pairs[np.concatenate(([True], pairs[1:] != pairs[:-1]))]
+    if len(distinct) > share * len(pairs):
+        return None
+    return Coded(distinct, (pairs % len(distinct)).astype(CODE),
+                 np.bincount(pairs // len(distinct), minlength=len(lists)).astype(CODE))
 
 
 def _flat(record: Mapping[str, Any], attrs: dict[str, Any], i: int) -> dict[str, Any]:
