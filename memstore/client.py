@@ -746,7 +746,9 @@ def _packed_chunks(records: Iterable[Mapping[str, Any]], size: int
     while True:
         with _collector_paused():
             chunk = list(islice(it, size))
+            n = len(chunk)
             packed = pack_records(chunk) if chunk else b""
-        if not chunk:
+            del chunk  # freed before the collector is back, so it never walks them
+        if not n:
             return
-        yield packed, len(chunk)
+        yield packed, n
