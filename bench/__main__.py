@@ -9,6 +9,7 @@ import click
 
 from bench.report import markdown, plots
 from bench.run import CrossCheckError, Options, run, write_json
+from memstore.client import LOAD_CHUNK
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -35,7 +36,7 @@ def _ints(s: str) -> tuple[int, ...]:
               help="Client processes for BatchGet (a process's own decoding binds it).")
 @click.option("--workloads", default="queries,lookups,ingest,mixed,memory,recovery,snapshot",
               show_default=True)
-@click.option("--load-batch", type=int, default=1000, show_default=True,
+@click.option("--load-batch", type=int, default=LOAD_CHUNK, show_default=True,
               help="Profiles per BatchUpsert in memstore's bulk load (Client.load chunk_size).")
 @click.option("--no-plots", is_flag=True)
 def main(size: int, seed: int, out: Path | None, peers: str, memstore: str,

@@ -53,7 +53,7 @@ from bench.peers.redis_peer import RedisPeer, rss_bytes
 from bench.queries import BY_NAME
 from bench.run import CrossCheckError, machine, write_json
 from bench.timing import repeat, summarize
-from memstore.client import LOAD_CONCURRENCY
+from memstore.client import LOAD_CHUNK, LOAD_CONCURRENCY
 from memstore.hashslot import SLOT_COUNT
 
 LISTENING = re.compile(r"listening on ([\w.\-]+):(\d+)")
@@ -995,7 +995,7 @@ def _ints(s: str) -> tuple[int, ...]:
     show_default=True,
     help="Seconds of background writes + counts before the move.",
 )
-@click.option("--chunk-size", type=int, default=1000, show_default=True)
+@click.option("--chunk-size", type=int, default=LOAD_CHUNK, show_default=True)
 @click.option("--load-concurrency", type=int, default=LOAD_CONCURRENCY, show_default=True)
 @click.option("--no-add-shard", is_flag=True, help="Skip the add-shard move.")
 @click.option(

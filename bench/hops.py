@@ -35,7 +35,7 @@ import grpc
 from bench.cluster import Proc, client, cluster_status, descendants
 from bench.datagen import iter_records, load_or_generate, profile_id, schema_declaration
 from bench.timing import summarize
-from memstore.client import LOAD_CONCURRENCY, Client
+from memstore.client import LOAD_CHUNK, LOAD_CONCURRENCY, Client
 from memstore.hashslot import slot_of
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc as pbg
@@ -128,7 +128,7 @@ def main(size: int, calls: int, rounds: int) -> None:
         c, g = client(cluster.addr), client(plain.addr)
         for each in (c, g):
             each.declare(schema_declaration())
-            each.load(iter_records(ds), chunk_size=1000, concurrency=LOAD_CONCURRENCY)
+            each.load(iter_records(ds), chunk_size=LOAD_CHUNK, concurrency=LOAD_CONCURRENCY)
         time.sleep(2)
         first = cluster_status(cluster.addr)[0]
         owned = {s for a, b in first["slots"] for s in range(a, b + 1)}

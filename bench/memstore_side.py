@@ -24,7 +24,7 @@ from typing import Any
 from bench.datagen import Dataset, iter_records, schema_declaration
 from bench.peers.redis_peer import rss_bytes
 from bench.queries import Query
-from memstore.client import LOAD_CONCURRENCY
+from memstore.client import LOAD_CHUNK, LOAD_CONCURRENCY
 
 LISTENING = re.compile(r"listening on ([\d.]+):(\d+)")
 
@@ -140,7 +140,7 @@ class MemstoreServer:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     # ---- data --------------------------------------------------------------------------------
-    def load(self, chunk_size: int = 1000, concurrency: int = LOAD_CONCURRENCY) -> dict[str, Any]:
+    def load(self, chunk_size: int = LOAD_CHUNK, concurrency: int = LOAD_CONCURRENCY) -> dict[str, Any]:
         before = self.rss()
         self.client.declare(schema_declaration())
         t = time.perf_counter()

@@ -42,6 +42,7 @@ from bench.queries import (
     numpy_group_counts,
 )
 from bench.timing import concurrent, in_processes, repeat, summarize
+from memstore.client import LOAD_CHUNK
 
 BATCHES_DRAWN = 64  # distinct key batches each BatchGet client cycles through
 REFERENCE = "numpy"  # the cross-check's reference answers come from the plain scan
@@ -65,7 +66,7 @@ class Options:
     # profiles a call is bound by its own GIL before the server is
     client_processes: tuple[int, ...] = (2, 4)
     batch_size: int = 1000  # issue 2: BatchGet of at least 1,000 keys in one call
-    load_batch: int = 1000  # profiles a BatchUpsert in memstore's bulk load
+    load_batch: int = LOAD_CHUNK  # profiles a BatchUpsert in memstore's bulk load
     steady_writes: int = 2000
     durable_sample: int = 100_000  # profiles loaded into the AOF-always Redis
     workloads: tuple[str, ...] = ("queries", "lookups", "ingest", "mixed", "memory",

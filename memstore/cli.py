@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from memstore.cli_options import LINK_PORT, shard_settings
-from memstore.client import DEFAULT_ADDRESS, LOAD_CONCURRENCY, Client, ClientError
+from memstore.client import DEFAULT_ADDRESS, LOAD_CHUNK, LOAD_CONCURRENCY, Client, ClientError
 
 ADDRESS = click.option("--address", default=DEFAULT_ADDRESS, show_default=True,
                        envvar="MEMSTORE_ADDRESS", help="Server or router to talk to.")
@@ -179,7 +179,8 @@ def _typed(records: Iterator[dict[str, Any]], timestamps: set[str]) -> Iterator[
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "parquet"]), default=None,
               help="Input format (default: from the file name).")
-@click.option("--chunk-size", default=1000, show_default=True)
+@click.option("--chunk-size", default=LOAD_CHUNK, show_default=True,
+              help="Profiles a request.")
 @click.option("--concurrency", default=LOAD_CONCURRENCY, show_default=True,
               help="Chunks in flight.")
 @click.option("--no-progress", is_flag=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -134,19 +135,31 @@ def test_load_pauses_the_collector_per_chunk_and_leaves_it_as_it_found_it(client
                                                                         ) -> None:
     """Client.load takes each chunk from the caller's iterator with the cyclic collector
     paused (thousands of acyclic records), and turns it back on between chunks, at the end,
-    and when the caller's iterator fails."""
-    prefix, seen = uid(), []
+    and when the caller's iterator fails. A chunk's records are freed before the collector
+    comes back, so it never walks them."""
+    prefix, seen, alive = uid(), [], []
+
+    class Record(dict):  # type: ignore[type-arg]  # a dict that can be weakly referenced
+        pass
 
     def records(n: int, fail: bool = False) -> Iterator[dict[str, Any]]:
+        made: list[weakref.ref[Record]] = []
         for i in range(n):
             seen.append(gc.isenabled())
-            yield {"id": f"{prefix}-{i}", "attributes": {"n": i}}
+            if i % 10 == 0:  # a new chunk: how many records of the last one are still held
+                alive.append(sum(ref() is not None for ref in made))
+                made.clear()
+            record = Record(id=f"{prefix}-{i}", attributes={"n": i})
+            made.append(weakref.ref(record))
+            yield record
+            del record
         if fail:
             raise RuntimeError("the caller's source broke")
 
     sizes: list[int] = []
     assert client.load(records(25), chunk_size=10, concurrency=1, progress=sizes.append) == 25
     assert sizes == [10, 10, 5] and seen == [False] * 25 and gc.isenabled()
+    assert alive == [0, 0, 0]
     assert client.get(f"{prefix}-24")["attributes"] == {"n": 24}
     with pytest.raises(RuntimeError, match="source broke"):
         client.load(records(3, fail=True), chunk_size=10)
