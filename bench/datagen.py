@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from itertools import repeat
+from itertools import compress, repeat
 from pathlib import Path
 from typing import Any
 
@@ -226,17 +226,6 @@ def load_or_generate(size: int, seed: int = 42, cache_dir: Path = DEFAULT_CACHE)
 
 # ---- records for memstore ------------------------------------------------------------------
 
-def _decode_list(mask: int, vocab: tuple[str, ...]) -> list[str]:
-    out = []
-    k = 0
-    while mask:
-        if mask & 1:
-            out.append(vocab[k])
-        mask >>= 1
-        k += 1
-    return out
-
-
 def iter_records(ds: Dataset, start: int = 0, stop: int | None = None,
                  chunk: int = 10_000, iso: bool = False) -> Iterator[dict[str, Any]]:
     """Profiles as memstore records: {"id", "attributes", "identifiers"}.
@@ -267,18 +256,10 @@ def _column(ds: Dataset, a: Attr, lo: int, hi: int, iso: bool) -> list[Any]:
     st = a.storage
     if st == "cat":  # code -1 (absent) picks the None after the vocabulary
         return list(map((*a.vocab, None).__getitem__, raw.tolist()))
-    if st == "list":
-        lists: dict[int, tuple[str, ...]] = {}
-        out: list[Any] = []
-        for mask in raw.tolist():
-            if not mask:
-                out.append(None)
-                continue
-            items = lists.get(mask)
-            if items is None:
-                items = lists[mask] = tuple(_decode_list(mask, a.vocab))
-            out.append(list(items))
-        return out
+    if st == "list":  # bit k of a mask: the list holds vocab[k]; lists in vocab order
+        bits = (raw.astype(np.int64)[:, None] >> np.arange(len(a.vocab))) & 1
+        return [list(compress(a.vocab, row)) if mask else None
+                for mask, row in zip(raw.tolist(), bits.astype(bool).tolist())]
     if st == "ts":
         values: list[Any] = list(map(datetime.fromtimestamp, raw.tolist(), repeat(UTC)))
         if iso:
