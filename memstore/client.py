@@ -71,6 +71,10 @@ LOAD_CONCURRENCY = 8
 # at 4,000 11.3 us. Larger loaded no faster. The price: a read that arrives during a load
 # waits for the request in hand (~45 ms of shard time at 4,000). See README "gRPC API".
 LOAD_CHUNK = 4000
+# ... unless its records pack larger than this (wide profiles): then the chunk goes as
+# halves, and halves of those, each at most this size; a quarter of the 64 MiB a message
+# may carry. A single record larger than this goes alone, for the server to judge.
+LOAD_CHUNK_BYTES = 16 << 20
 _OPTIONS = [("grpc.max_receive_message_length", 64 << 20),
             ("grpc.max_send_message_length", 64 << 20)]
 _READS = {"Get", "BatchGet", "GetSchema", "Count", "QueryIds", "GroupBy", "QueryBitmap", "Stats"}
@@ -743,17 +747,29 @@ def _applied(applied: int, sent: int) -> int:
 
 def _packed_chunks(records: Iterable[Mapping[str, Any]], size: int
                    ) -> Iterator[tuple[bytes, int]]:
-    """Each `size` records packed as columns, with how many. A chunk is taken from the
-    caller's iterator and packed with the cyclic collector paused: its records are
-    thousands of new containers that would wake the collector ~10 times a chunk to walk
-    them again (2.3 µs of a benchmark loader's ~16 µs a profile)."""
+    """Each `size` records packed as columns (split while larger than LOAD_CHUNK_BYTES),
+    with how many. A chunk is taken from the caller's iterator and packed with the cyclic
+    collector paused: its records are thousands of new containers that would wake the
+    collector ~10 times a chunk to walk them again (2.3 µs of a benchmark loader's ~16 µs a
+    profile)."""
     it = iter(records)
     while True:
         with _collector_paused():
             chunk = list(islice(it, size))
-            n = len(chunk)
-            packed = pack_records(chunk) if chunk else b""
+            parts = _packed_parts(chunk)
             del chunk  # freed before the collector is back, so it never walks them
-        if not n:
+        if not parts:
             return
-        yield packed, n
+        yield from parts
+
+
+def _packed_parts(chunk: list[Mapping[str, Any]]) -> list[tuple[bytes, int]]:
+    """The records packed, halved until each part packs to at most LOAD_CHUNK_BYTES (or
+    is one record), with each part's count."""
+    if not chunk:
+        return []
+    packed = pack_records(chunk)
+    if len(packed) <= LOAD_CHUNK_BYTES or len(chunk) == 1:
+        return [(packed, len(chunk))]
+    half = len(chunk) // 2
+    return _packed_parts(chunk[:half]) + _packed_parts(chunk[half:])

@@ -166,6 +166,28 @@ def test_load_pauses_the_collector_per_chunk_and_leaves_it_as_it_found_it(client
     assert gc.isenabled()
 
 
+def test_load_splits_a_chunk_that_packs_larger_than_the_byte_budget(
+        client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wide records: a chunk packing past LOAD_CHUNK_BYTES goes as halves (and halves of
+    those) until each part fits; a lone record goes whatever its size. Nothing is lost."""
+    import memstore.client
+
+    monkeypatch.setattr(memstore.client, "LOAD_CHUNK_BYTES", 4096)
+    prefix = uid()
+    records = [{"id": f"{prefix}-{i}", "attributes": {"note": f"{i:04d}" + "x" * 300}}
+               for i in range(40)]
+    sizes: list[int] = []
+    assert client.load(records, chunk_size=40, concurrency=2, progress=sizes.append) == 40
+    assert sizes == [10, 10, 10, 10]  # 40 records of ~310 bytes: quarters fit in 4 KiB
+    got = client.batch_get([r["id"] for r in records])
+    assert [g and g["attributes"]["note"] for g in got] == [
+        r["attributes"]["note"] for r in records]
+    huge = {"id": f"{prefix}-huge", "attributes": {"note": "y" * 10_000}}
+    sizes.clear()
+    assert client.load([huge], progress=sizes.append) == 1 and sizes == [1]
+    assert client.get(huge["id"])["attributes"]["note"] == "y" * 10_000
+
+
 def test_batch_get_decode_leaves_the_collector_as_it_found_it(client: Client) -> None:
     # The client pauses the cyclic collector while it decodes a batch: it must come back
     # on after a decode and after a failed one, and stay off for a caller who turned it off.
