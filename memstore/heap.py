@@ -23,3 +23,26 @@ if _trim is not None:
 def release_free_heap() -> bool:
     """Return the heap's whole free pages to the OS; whether anything was released."""
     return bool(_trim(0)) if _trim is not None else False
+
+
+class LoadTrimmer:
+    """A service's bulk-load calls in flight. When the last one ends and at least EVERY
+    profiles came in since the heap was last trimmed, the freed heap goes back to the OS:
+    at the end of a load, not between its calls (~1 ms a trim at 1M profiles)."""
+
+    EVERY = 50_000
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.since = 0  # profiles loaded since the last trim
+
+    def begin(self) -> None:
+        self.in_flight += 1
+
+    def end(self, profiles: int) -> None:
+        """A call ended, having loaded `profiles` (0 if it failed)."""
+        self.in_flight -= 1
+        self.since += profiles
+        if self.in_flight == 0 and self.since >= self.EVERY:
+            self.since = 0
+            release_free_heap()

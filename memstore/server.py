@@ -59,7 +59,7 @@ from memstore.hashslot import (
     SLOT_COUNT,
     slot_of,
 )
-from memstore.heap import release_free_heap
+from memstore.heap import LoadTrimmer
 from memstore.link import LinkServer, describe_handler
 from memstore.query import QueryError, query_from_request
 from memstore.schema import Kind, Merge
@@ -244,15 +244,10 @@ def unpack_records(packed: bytes) -> list[tuple[str, dict[str, Any], list[tuple[
 
 
 class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
-    # Profiles a shard takes in BatchUpsert between two returns of freed heap to the OS;
-    # it returns them when no other BatchUpsert is in flight, so at the end of a load.
-    TRIM_AFTER = 50_000
-
     def __init__(self, shard: Shard) -> None:
         self.shard = shard
         self.engine: Engine = shard.engine
-        self._batches_in_flight = 0
-        self._batched_since_trim = 0
+        self._loads = LoadTrimmer()  # a load's garbage, freed but still held by malloc
 
     # ------------------------------------------------------------------ profiles
     def _profile(self, dense: int, attributes: Any, packed: bool, out: pb.Profile) -> None:
@@ -364,15 +359,12 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
             change = self.engine.plan_columns(batch)
         else:
             change = self.engine.plan_load(rows)
-        self._batches_in_flight += 1
+        results: list[tuple[str, bool]] = []
+        self._loads.begin()
         try:
             results = await self.shard.commit(change)
         finally:
-            self._batches_in_flight -= 1
-        self._batched_since_trim += len(results)
-        if self._batches_in_flight == 0 and self._batched_since_trim >= self.TRIM_AFTER:
-            self._batched_since_trim = 0
-            release_free_heap()  # a load's garbage, freed but still held by malloc
+            self._loads.end(len(results))
         return pb.BatchUpsertResponse(applied=len(results),
                                       created=sum(map(itemgetter(1), results)))
 

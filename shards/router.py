@@ -66,6 +66,7 @@ from memstore import metrics, pbvalues
 from memstore.columnar import Columns, unpack_columns
 from memstore.errors import InvalidArgument
 from memstore.hashslot import ADMIN_SERVICE, EPOCH_TRAILER, EXPECT_SHARD, REJUDGE_TRAILER
+from memstore.heap import LoadTrimmer
 from memstore.link import LinkServer, describe_handler
 from memstore.query import And, Not, Or, Predicate, QueryError, query_from_request
 from memstore.v1 import cluster_pb2 as cpb
@@ -254,6 +255,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         self.link: LinkServer | None = None  # clients' unary calls (memstore/link.py)
         self._known: set[str] = set()  # attribute names some shard has declared
         self._naming = IdentifierLocks()  # this router's writes naming an identifier, in turn
+        self._loads = LoadTrimmer()  # BatchUpsert calls in flight (memstore/heap.py)
 
     async def _lenient(self, query: pb.QueryRequest, context: grpc.aio.ServicerContext,
                        *extra: str) -> pb.QueryRequest:
@@ -737,6 +739,17 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
 
     async def BatchUpsert(self, request: pb.BatchUpsertRequest, context: Any
                           ) -> pb.BatchUpsertResponse:
+        applied = 0
+        self._loads.begin()  # the batches' garbage goes back to the OS after a load
+        try:
+            response = await self._batch_upsert(request, context)
+            applied = response.applied
+            return response
+        finally:
+            self._loads.end(applied)
+
+    async def _batch_upsert(self, request: pb.BatchUpsertRequest, context: Any
+                            ) -> pb.BatchUpsertResponse:
         records: list[Any] = []
         if request.packed:
             try:

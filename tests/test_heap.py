@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
+import memstore.heap
 from memstore import AsyncClient
-from memstore import server as server_module
-from memstore.heap import release_free_heap
-from memstore.server import MemstoreService, make_server
+from memstore.heap import LoadTrimmer, release_free_heap
+from memstore.server import make_server
 from memstore.shard import Shard, ShardConfig
 
 
@@ -42,17 +42,17 @@ def _records(prefix: str, n: int) -> list[dict[str, Any]]:
 @pytest.mark.parametrize("slow_fsync", [False, True])
 def test_a_load_trims_when_no_other_batch_is_in_flight(tmp_path: Path, monkeypatch: Any,
                                                         slow_fsync: bool) -> None:
-    """One batch at a time, the shard trims every TRIM_AFTER profiles. Batches in flight
+    """One batch at a time, the shard trims every LoadTrimmer.EVERY profiles. Batches in flight
     together (each waiting for a slow fsync) trim only once none is left: at the end."""
     trims: list[int] = []  # profiles the shard held at each trim
     opened: list[Shard] = []
-    monkeypatch.setattr(MemstoreService, "TRIM_AFTER", 100)
+    monkeypatch.setattr(LoadTrimmer, "EVERY", 100)
 
     def trim() -> bool:
         trims.append(len(opened[0].engine.pids))
         return True
 
-    monkeypatch.setattr(server_module, "release_free_heap", trim)
+    monkeypatch.setattr(memstore.heap, "release_free_heap", trim)
     armed, gate = threading.Event(), threading.Event()
 
     def fsync(fd: int) -> None:
@@ -86,3 +86,32 @@ def test_a_load_trims_when_no_other_batch_is_in_flight(tmp_path: Path, monkeypat
             await shard.close()
 
     asyncio.run(main())
+
+
+def test_a_router_trims_after_loads_too(tmp_path: Path, monkeypatch: Any) -> None:
+    """The router takes a load's batches apart and packs each shard's part: it too hands
+    the freed heap back when its last BatchUpsert in flight ends (this router runs in
+    this process; its shards do not, so every trim counted here is the router's)."""
+    from memstore import Client
+    from tests.test_router import RouterThread, start_shards
+
+    trims: list[int] = []
+
+    def trim() -> bool:
+        trims.append(1)
+        return True
+
+    monkeypatch.setattr(LoadTrimmer, "EVERY", 100)
+    monkeypatch.setattr(memstore.heap, "release_free_heap", trim)
+    shards = start_shards(tmp_path, 2)
+    router = RouterThread([s.address for s in shards])
+    try:
+        with Client(router.address) as client:
+            for part in range(6):
+                assert client.load(_records(f"r{part}-", 50), chunk_size=50) == 50
+            assert len(trims) == 3  # after 100, 200 and 300 profiles, one call at a time
+            assert client.count('plan = "pro"') == 300
+    finally:
+        router.stop()
+        for shard in shards:
+            shard.stop()
