@@ -37,7 +37,7 @@ from datetime import datetime
 from functools import partial
 from itertools import chain, compress, islice, repeat
 from operator import is_not, lt
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import msgpack
 import numpy as np
@@ -143,7 +143,7 @@ class Load:
     keys: np.ndarray  # the images' identifier keys (none in the directory yet) ...
     owners: list[int]  # ... and the dense id holding each
     # indexed: (attribute, ids, values), values coded where the column came so (Coded)
-    columns: list[tuple[int, Sequence[int], list[Any] | Coded]]
+    columns: list[tuple[int, Sequence[int], list[Any] | Coded | np.ndarray]]
 
 
 @dataclass
@@ -550,6 +550,25 @@ _COLUMN_TYPES: dict[Kind, set[type]] = {Kind.STRING: {str}, Kind.INT: {int}, Kin
                  Kind.TIMESTAMP: {datetime, msgpack.Timestamp}}
 
 
+def _numbers(kind: Kind, values: list[Any]) -> np.ndarray | None:
+    """A column of ints, floats or timestamps' int microseconds as the one array its blob
+    pieces and its range index are both made from, if every value is valid; else None.
+    (np.array refuses an int past int64 with OverflowError; the types are checked first,
+    as it would take a bool or a float for an int.)"""
+    if not set(map(type, values)) <= ({float} if kind is Kind.FLOAT else {int}):
+        return None
+    try:
+        array = np.array(values, dtype=np.float64 if kind is Kind.FLOAT else np.int64)
+    except OverflowError:
+        return None
+    if kind is Kind.FLOAT:
+        return None if np.isnan(array).any() else array
+    if kind is Kind.TIMESTAMP and not (micros_in_range(int(array.min()))
+                                       and micros_in_range(int(array.max()))):
+        return None
+    return array
+
+
 def _micros_ok(values: list[Any]) -> bool:
     """True when every value is a timestamp's int microseconds within the readable range."""
     return (set(map(type, values)) <= {int}
@@ -568,7 +587,7 @@ def _already_sorted_sets(lists: list[list[str]]) -> bool:
                                               count=len(lists)))
 
 
-def _plain(values: list[Any] | Coded) -> list[Any]:
+def _plain(values: list[Any] | Coded | np.ndarray) -> list[Any] | np.ndarray:
     return values.decoded_held() if isinstance(values, Coded) else values
 
 
@@ -854,15 +873,15 @@ class Engine:
         if keys.size and (_repeats(keys) or (self.directory.find_many(keys) >= 0).any()):
             return general()
         planner = _Planner(self)
-        indexed: list[tuple[int, Sequence[int], list[Any] | Coded]] = []
+        indexed: list[tuple[int, Sequence[int], list[Any] | Coded | np.ndarray]] = []
         dense_ids = range(first, first + n)
         blobs = RowPacker(n)
         # Declared in the order the general planner meets them: by first record, then name order.
         named = sorted(batch.attributes.items(), key=lambda item: _first_present(item[1]))
         try:
             for name, column in named:
-                held: list[Any] | Coded  # the values of the rows holding one, coded while
-                if isinstance(column, Coded):  # no check below needs them decoded
+                held: list[Any] | Coded | np.ndarray  # the values of the rows holding one,
+                if isinstance(column, Coded):  # coded while no check needs them decoded
                     rows, held = column.held()
                     if not held.codes.size:
                         continue
@@ -882,6 +901,12 @@ class Engine:
                     if not (spec.kind is Kind.STRING_LIST and not micros
                             and _coded_lists_ok(held)):
                         return general()
+                elif (isinstance(held, list) and spec.kind is sent and spec.kind in RANGE_KINDS
+                      and (micros or spec.kind is not Kind.TIMESTAMP)):
+                    numbers = _numbers(spec.kind, held)  # checked, and converted once
+                    if numbers is None:
+                        return general()
+                    held = numbers
                 else:  # a coded column's dictionary holds every value it sends
                     checked = held.values if isinstance(held, Coded) else held
                     if not (_micros_ok(checked) if micros and spec.kind is sent
@@ -894,7 +919,7 @@ class Engine:
                 elif (spec.kind is Kind.STRING_LIST and isinstance(held, Coded)
                       and (held.lengths is None or not _coded_sorted(held))):
                     held = held.decoded_held()  # a list a code; lists not sorted
-                if spec.kind is Kind.STRING_LIST and not isinstance(held, Coded):
+                if spec.kind is Kind.STRING_LIST and isinstance(held, list):
                     # stored sorted, and an empty list means absent
                     if not _already_sorted_sets(held):
                         held = list(map(sorted, map(set, held)))  # the Python client
@@ -1380,7 +1405,8 @@ class Engine:
                 column[1].append(value)
         self._index_columns(columns)
 
-    def _index_columns(self, columns: Mapping[int, tuple[Sequence[int], list[Any] | Coded]]
+    def _index_columns(self, columns: Mapping[int, tuple[Sequence[int],
+                                                         list[Any] | Coded | np.ndarray]]
                        ) -> None:
         """Index new profiles: per attribute id, their dense ids and stored values."""
         by_id = self.schema.by_id
@@ -1399,11 +1425,12 @@ class Engine:
                 continue
             if spec.kind in RANGE_KINDS:
                 if spec.kind is Kind.FLOAT:
-                    keys = floats_to_ordered(np.array(values, dtype=np.float64))
-                else:
-                    keys = np.array(values, dtype=np.int64)
+                    keys = floats_to_ordered(np.asarray(values, dtype=np.float64))
+                else:  # plan_columns's array as it is (the index keeps it, unchanged)
+                    keys = np.asarray(values, dtype=np.int64)
                 self.range_index[aid].set_many(np.array(ids, dtype=np.uint32), keys)
                 continue
+            values = cast(list[Any], values)  # only a range kind's column is an array
             if spec.kind is Kind.STRING_LIST:
                 self.value_index[aid].add_column(
                     np.repeat(np.asarray(ids, dtype=np.uint32), list(map(len, values))),

@@ -63,7 +63,7 @@ def _fixed(prefix: bytes, data: np.ndarray) -> list[bytes]:
     return rows.view(f"V{width}").ravel().tolist()  # type: ignore[no-any-return]
 
 
-def _ints(key: bytes, values: Sequence[int]) -> list[bytes]:
+def _ints(key: bytes, values: Sequence[int] | np.ndarray) -> list[bytes]:
     """key + each int64's shortest msgpack form."""
     v = np.array(values, dtype=np.int64)
     forms = np.searchsorted(_INT_BOUNDS, v, side="right")
@@ -89,7 +89,7 @@ class RowPacker:
         self.columns: list[list[bytes]] = []  # one piece a profile (b"": does not hold it)
         self.held = np.zeros(n, dtype=np.int64)  # attributes each profile holds
 
-    def add(self, aid: int, kind: Kind, values: Sequence[Any],
+    def add(self, aid: int, kind: Kind, values: Sequence[Any] | np.ndarray,
             rows: Sequence[int] | None) -> None:
         """A column of stored values: of every profile (rows None) or of those `rows`."""
         key = _packb(aid)
