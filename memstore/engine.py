@@ -27,7 +27,6 @@ identifiers, [merged-away primary ids]]. Stored values are described in memstore
 from __future__ import annotations
 
 import array
-import math
 import re
 import time
 from collections import Counter
@@ -571,8 +570,7 @@ def _numbers(kind: Kind, values: list[Any]) -> np.ndarray | None:
 
 def _micros_ok(values: list[Any]) -> bool:
     """True when every value is a timestamp's int microseconds within the readable range."""
-    return (set(map(type, values)) <= {int}
-            and micros_in_range(min(values)) and micros_in_range(max(values)))
+    return _numbers(Kind.TIMESTAMP, values) is not None
 
 
 def _already_sorted_sets(lists: list[list[str]]) -> bool:
@@ -639,10 +637,8 @@ def _column_ok(kind: Kind, values: list[Any]) -> bool:
         return False
     if kind is Kind.STRING:
         return max(map(len, values)) <= MAX_STRING_BYTES // 4
-    if kind is Kind.INT:
-        return INT64_MIN <= min(values) and max(values) <= INT64_MAX
-    if kind is Kind.FLOAT:
-        return not any(map(math.isnan, values))
+    if kind is Kind.INT or kind is Kind.FLOAT:
+        return _numbers(kind, values) is not None
     if kind is Kind.STRING_LIST:
         if max(map(len, values)) > MAX_LIST_ITEMS:
             return False
