@@ -515,7 +515,10 @@ class _Planner:
             if pid not in survivor.merged and pid != survivor.pid:
                 survivor.merged.append(pid)
             self.aliases[pid] = survivor.pid
-        survivor.version = max(survivor.version, other.version)
+        # The survivor's version after a call that merged exceeds every version any merged
+        # profile had: the call already counted one change on the survivor (its +1 comes
+        # before its links), so this is max(survivor, other) + 1 over the whole call.
+        survivor.version = max(survivor.version, other.version + 1)
         other.gone = True
 
     def delete(self, d: _Draft) -> None:
@@ -987,8 +990,8 @@ class Engine:
         d = planner.draft(pid, create=create)
         if d is None:
             raise NotFound(f"profile {pid!r} not found (pass create to make it)")
+        d.version += 1  # the call is one change; merges below raise it past the merged
         merged = planner.link(d, identifiers, "identifiers")
-        d.version += 1
         return d.pid, merged
 
     # ------------------------------------------------------------------ cross-shard merges
@@ -1102,13 +1105,20 @@ class Engine:
         change.notes = notes + [Note("forwards", pid, survivor) for pid in [loser, *d.merged]]
         return change
 
-    def plan_forget(self, pids: Iterable[str], txns: Iterable[str] = ()) -> Change:
+    def plan_forget(self, pids: Iterable[str], txns: Iterable[str] = (),
+                    reforward: Iterable[tuple[str, str, str]] = ()) -> Change:
         """Erase the forwards of `pids` (ids merged into a survivor since deleted) and the
-        decisions of finished merges `txns` (every loser released)."""
+        decisions of finished merges `txns` (every loser released); repoint each forward
+        (id, from, to) that still goes to `from` (merged into `to` since) to `to`."""
         notes = [Note("forwards", pid, None) for pid in dict.fromkeys(pids)
                  if pid in self.forwards]
         notes += [Note("decided", txn, None) for txn in dict.fromkeys(txns)
                   if txn in self.decided]
+        for pid, old, new in reforward:
+            check_pid(pid, "reforward.id")
+            check_pid(new, "reforward.to")
+            if self.forwards.get(pid) == old and pid not in self.dense_of and pid != new:
+                notes.append(Note("forwards", pid, new))
         return Change(notes=notes, result=0)
 
     def notes_in_slots(self, slots: BitMap) -> dict[str, dict[str, Any]]:

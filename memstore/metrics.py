@@ -8,6 +8,9 @@ memstore_merges_total{outcome}         cross-shard merges a router committed, an
                                        settled for a coordinator that went away: finished
                                        (committed before), aborted (undone); restarted: a
                                        merge that lost a race and began again
+memstore_claim_waits_total             writes a router made wait for another write's young
+                                       claim of an identifier they name
+memstore_claim_wait_seconds            how long those writes waited (histogram)
 """
 
 from __future__ import annotations
@@ -22,6 +25,12 @@ LATENCY = Histogram("memstore_request_seconds", "Time to answer a call", ["metho
                     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
                              0.05, 0.1, 0.25, 1.0, 5.0))
 MERGES = Counter("memstore_merges", "Cross-shard merges, by outcome", ["outcome"])
+CLAIM_WAITS = Counter("memstore_claim_waits", "Writes that waited for another write's young "
+                      "claim of an identifier")
+CLAIM_WAIT_SECONDS = Histogram("memstore_claim_wait_seconds", "Time a write waited for "
+                               "another write's young claim",
+                               buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0,
+                                        60.0))
 PROFILES = Gauge("memstore_profiles", "Live profiles held by this shard")
 LOG_BYTES = Gauge("memstore_log_bytes", "Bytes in this shard's log segments")
 

@@ -692,7 +692,8 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
     @rpc
     async def Forget(self, request: cpb.ForgetRequest, context: Any) -> cpb.ForgetResponse:
         self._writable()
-        change = self.engine.plan_forget(request.ids, request.txns)
+        change = self.engine.plan_forget(request.ids, request.txns, [
+            (r.id, getattr(r, "from"), r.to) for r in request.reforward])
         await self.shard.commit(change)
         return cpb.ForgetResponse(forgotten=len(change.notes))
 

@@ -44,6 +44,7 @@ from typing import Any, NamedTuple, Protocol
 import grpc
 import msgpack
 
+from memstore import metrics
 from memstore.claims import CLAIM_GRACE, claim_key
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import memstore_pb2 as pb
@@ -149,7 +150,9 @@ class Directory:
         router = self.router
         foreign: dict[Ident, str] = {}
         pending = list(dict.fromkeys(pairs))
-        give_up = time.monotonic() + CLAIM_WAIT
+        started = time.monotonic()
+        give_up = started + CLAIM_WAIT
+        waited = False  # for young claims of other writes (metrics.CLAIM_WAITS)
         for attempt in itertools.count():
             answers = await self.ask([[k, v, pid, None] for pid, (k, v) in pending], context)
             contested: list[tuple[str, Ident, Answer]] = []
@@ -158,14 +161,21 @@ class Directory:
                     made.add((pid, ident))
                 if answer.holder != pid:
                     contested.append((pid, ident, answer))
-            holders = await self.profiles((a.holder for _, _, a in contested
-                                           if a.holder is not None), context)
+            # The claims' holders and the writes' own ids, each followed through every
+            # merged-away id to the profile it stands for now: a claim this write's id made
+            # before a merge (or under an alias) names the same profile, never another write.
+            holders = await self.profiles(itertools.chain(
+                (a.holder for _, _, a in contested if a.holder is not None),
+                (pid for pid, _, _ in contested)), context)
             pending, steal, young = [], [], None
             for pid, ident, answer in contested:
                 profile = None if answer.holder is None else holders.get(answer.holder)
+                mine = holders.get(pid)
+                ours = profile is not None and (profile.id == pid or (
+                    mine is not None and profile.id == mine.id))
                 if profile is not None and holds(profile, ident):
                     home = router.map.owner(slot_of(pid))
-                    if profile.id == pid:
+                    if ours:
                         pass
                     elif home is not None and router.map.owner(slot_of(profile.id)) is not home:
                         foreign[ident] = profile.id
@@ -173,9 +183,9 @@ class Directory:
                         # The first judgement stands: a later round may see a newer epoch of
                         # the same shard, which this one's merge never was judged against.
                         local.setdefault(pid, "" if home is None else f"{home.name}:{home.epoch}")
-                elif (answer.holder is None or (profile is not None and profile.id == pid)
-                      or answer.age >= self.grace):
-                    # released meanwhile, merged into pid, or stale: take it over
+                elif answer.holder is None or ours or answer.age >= self.grace:
+                    # released meanwhile, this write's own (through merges), or stale:
+                    # take it over
                     steal.append((pid, ident, answer.holder))
                 else:
                     young = (ident, answer)
@@ -188,8 +198,14 @@ class Directory:
                 if answer.holder != pid:  # another writer took it first: look again
                     pending.append((pid, ident))
             if not pending:
+                if waited:
+                    metrics.CLAIM_WAIT_SECONDS.observe(time.monotonic() - started)
                 return foreign
+            if young is not None and not waited:
+                waited = True
+                metrics.CLAIM_WAITS.inc()
             if young is not None and time.monotonic() > give_up:
+                metrics.CLAIM_WAIT_SECONDS.observe(time.monotonic() - started)
                 (kind, value), answer = young
                 raise ClaimStuck(f"identifier {kind}:{value!r} is claimed by a write of "
                                  f"{answer.holder!r} that has not finished "

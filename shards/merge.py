@@ -51,6 +51,7 @@ from collections.abc import Awaitable
 from typing import Any, Protocol
 
 import grpc
+import msgpack
 
 from memstore import metrics
 from memstore.v1 import cluster_pb2 as cpb
@@ -182,7 +183,26 @@ async def merge(router: Caller, survivor: str, losers: list[str], request: Any,
             await router.control(survivor, "Forget", cpb.ForgetRequest(txns=[txn]), context)
         except Exception:  # noqa: BLE001 - a decision kept is only a few bytes
             log.info("merge %s: could not forget its decision", txn)
+    await _shorten_chains(router, survivor, held, context)
     return response
+
+
+async def _shorten_chains(router: Caller, survivor: str, held: list[tuple[str, bytes]],
+                          context: Any) -> None:
+    """Ids merged into a loser earlier, from other shards, forward there to the loser; point
+    them at the survivor, so a chain of merges costs a reader one hop, not one per merge.
+    Best effort: a forward left pointing at the loser still resolves (the loser's own shard
+    forwards it on), one hop longer."""
+    for loser, packed in held:
+        merged = msgpack.unpackb(packed, raw=False, strict_map_key=False)["profile"][4]
+        for pid in merged:
+            request = cpb.ForgetRequest(reforward=[cpb.Reforward(
+                id=pid, to=survivor, **{"from": loser})])
+            try:
+                await router.control(pid, "Forget", request, context)
+            except Exception as exc:  # noqa: BLE001 - the longer chain still resolves
+                log.info("could not repoint the forward of %r from %r to %r: %s", pid, loser,
+                         survivor, exc)
 
 
 async def _decide_all(router: Caller, txn: str, held: list[tuple[str, bytes]],

@@ -607,8 +607,8 @@ def test_a_same_shard_judgement_stands_from_the_round_that_made_it(
                 return [([i for _, i in items], SimpleNamespace(
                     packed=msgpack.packb(answers)))]
             return [([i for _, i in items], SimpleNamespace(results=[SimpleNamespace(
-                found=True, profile=pb.Profile(id=pid, identifiers=[
-                    pb.Identifier(kind=k, value=v) for k, v in holds[pid]]))
+                found=pid in holds, profile=pb.Profile(id=pid, identifiers=[
+                    pb.Identifier(kind=k, value=v) for k, v in holds.get(pid, [])]))
                 for pid in request.ids]))]
 
     async def next_round(attempt: int, context: Any) -> None:

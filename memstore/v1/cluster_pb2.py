@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from memstore.v1 import memstore_pb2 as memstore_dot_v1_dot_memstore__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19memstore/v1/cluster.proto\x12\x0bmemstore.v1\x1a\x1amemstore/v1/memstore.proto\"\'\n\tSlotRange\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"\xe2\x01\n\tShardInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12%\n\x05slots\x18\x04 \x03(\x0b\x32\x16.memstore.v1.SlotRange\x12\x10\n\x08profiles\x18\x05 \x01(\x04\x12\x0f\n\x07healthy\x18\x06 \x01(\x08\x12&\n\x04held\x18\x07 \x03(\x0b\x32\x18.memstore.v1.HeldProfile\x12\x0e\n\x06\x63laims\x18\x08 \x01(\x04\x12\x11\n\tlink_port\x18\t \x01(\r\x12\x12\n\nlink_token\x18\n \x01(\t\"P\n\x0bHeldProfile\x12\x0b\n\x03txn\x18\x01 \x01(\t\x12\r\n\x05loser\x18\x02 \x01(\t\x12\x10\n\x08survivor\x18\x03 \x01(\t\x12\x13\n\x0b\x61ge_seconds\x18\x04 \x01(\x01\";\n\x0bHoldRequest\x12\x0b\n\x03txn\x18\x01 \x01(\t\x12\r\n\x05loser\x18\x02 \x01(\t\x12\x10\n\x08survivor\x18\x03 \x01(\t\"\x1e\n\x0cHoldResponse\x12\x0e\n\x06packed\x18\x01 \x01(\x0c\"\x8f\x01\n\rAbsorbRequest\x12\x0b\n\x03txn\x18\x01 \x01(\t\x12\x0e\n\x06losers\x18\x02 \x03(\x0c\x12,\n\x06upsert\x18\x03 \x01(\x0b\x32\x1a.memstore.v1.UpsertRequestH\x00\x12(\n\x04link\x18\x04 \x01(\x0b\x32\x18.memstore.v1.LinkRequestH\x00\x42\t\n\x07request\"v\n\x0e\x41\x62sorbResponse\x12-\n\x06upsert\x18\x01 \x01(\x0b\x32\x1b.memstore.v1.UpsertResponseH\x00\x12)\n\x04link\x18\x02 \x01(\x0b\x32\x19.memstore.v1.LinkResponseH\x00\x42\n\n\x08response\".\n\rDecideRequest\x12\x0b\n\x03txn\x18\x01 \x01(\t\x12\x10\n\x08survivor\x18\x02 \x01(\t\"#\n\x0e\x44\x65\x63ideResponse\x12\x11\n\tcommitted\x18\x01 \x01(\x08\"?\n\x0eReleaseRequest\x12\x0b\n\x03txn\x18\x01 \x01(\t\x12\r\n\x05loser\x18\x02 \x01(\t\x12\x11\n\tcommitted\x18\x03 \x01(\x08\"4\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x12\x0f\n\x07\x64urable\x18\x02 \x01(\x08\"*\n\rForgetRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x0c\n\x04txns\x18\x02 \x03(\t\"#\n\x0e\x46orgetResponse\x12\x11\n\tforgotten\x18\x01 \x01(\x04\"\x1f\n\rOwnersRequest\x12\x0e\n\x06packed\x18\x01 \x01(\x0c\" \n\x0eOwnersResponse\x12\x0e\n\x06packed\x18\x01 \x01(\x0c\"\x1e\n\x0c\x43laimRequest\x12\x0e\n\x06packed\x18\x01 \x01(\x0c\"\x1f\n\rClaimResponse\x12\x0e\n\x06packed\x18\x01 \x01(\x0c\"\x12\n\x10ShardInfoRequest\"G\n\x0fSetSlotsRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12%\n\x05slots\x18\x02 \x03(\x0b\x32\x16.memstore.v1.SlotRange\"t\n\rExportRequest\x12%\n\x05slots\x18\x01 \x03(\x0b\x32\x16.memstore.v1.SlotRange\x12\x11\n\tafter_lsn\x18\x02 \x01(\x04\x12\x14\n\x0c\x66ingerprints\x18\x03 \x01(\x08\x12\x13\n\x0bidentifiers\x18\x04 \x01(\x08\"*\n\x0b\x45xportChunk\x12\x0e\n\x06packed\x18\x01 \x01(\x0c\x12\x0b\n\x03lsn\x18\x02 \x01(\x04\"\x1f\n\rImportRequest\x12\x0e\n\x06packed\x18\x01 \x01(\x0c\"!\n\x0eImportResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x04\"H\n\x10\x44ropSlotsRequest\x12%\n\x05slots\x18\x01 \x03(\x0b\x32\x16.memstore.v1.SlotRange\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"$\n\x11\x44ropSlotsResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x04\x32\xc4\x06\n\x0cShardControl\x12\x45\n\x0cGetShardInfo\x12\x1d.memstore.v1.ShardInfoRequest\x1a\x16.memstore.v1.ShardInfo\x12@\n\x08SetSlots\x12\x1c.memstore.v1.SetSlotsRequest\x1a\x16.memstore.v1.ShardInfo\x12\x45\n\x0b\x45xportSlots\x12\x1a.memstore.v1.ExportRequest\x1a\x18.memstore.v1.ExportChunk0\x01\x12I\n\x0eImportProfiles\x12\x1a.memstore.v1.ImportRequest\x1a\x1b.memstore.v1.ImportResponse\x12J\n\tDropSlots\x12\x1d.memstore.v1.DropSlotsRequest\x1a\x1e.memstore.v1.DropSlotsResponse\x12;\n\x04Hold\x12\x18.memstore.v1.HoldRequest\x1a\x19.memstore.v1.HoldResponse\x12\x41\n\x06\x41\x62sorb\x12\x1a.memstore.v1.AbsorbRequest\x1a\x1b.memstore.v1.AbsorbResponse\x12\x41\n\x06\x44\x65\x63ide\x12\x1a.memstore.v1.DecideRequest\x1a\x1b.memstore.v1.DecideResponse\x12\x44\n\x07Release\x12\x1b.memstore.v1.ReleaseRequest\x1a\x1c.memstore.v1.ReleaseResponse\x12\x41\n\x06\x46orget\x12\x1a.memstore.v1.ForgetRequest\x1a\x1b.memstore.v1.ForgetResponse\x12\x41\n\x06Owners\x12\x1a.memstore.v1.OwnersRequest\x1a\x1b.memstore.v1.OwnersResponse\x12>\n\x05\x43laim\x12\x19.memstore.v1.ClaimRequest\x1a\x1a.memstore.v1.ClaimResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19memstore/v1/cluster.proto\x12\x0bmemstore.v1\x1a\x1amemstore/v1/memstore.proto\"\'\n\tSlotRange\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"\xe2\x01\n\tShardInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12%\n\x05slots\x18\x04 \x03(\x0b\x32\x16.memstore.v1.SlotRange\x12\x10\n\x08profiles\x18\x05 \x01(\x04\x12\x0f\n\x07healthy\x18\x06 \x01(\x08\x12&\n\x04held\x18\x07 \x03(\x0b\x32\x18.memstore.v1.HeldProfile\x12\x0e\n\x06\x63laims\x18\x08 \x01(\x04\x12\x11\n\tlink_port\x18\t \x01(\r\x12\x12\n\nlink_token\x18\n \x01(\t\"P\n\x0bHeldProfile\x12\x0b\n\x03txn\x18\x01 \x01(\t\x12\r\n\x05loser\x18\x02 \x01(\t\x12\x10\n\x08survivor\x18\x03 \x01(\t\x12\x13\n\x0b\x61ge_seconds\x18\x04 \x01(\x01\";\n\x0bHoldRequest\x12\x0b\n\x03txn\x18\x01 \x01(\t\x12\r\n\x05loser\x18\x02 \x01(\t\x12\x10\n\x08survivor\x18\x03 \x01(\t\"\x1e\n\x0cHoldResponse\x12\x0e\n\x06packed\x18\x01 \x01(\x0c\"\x8f\x01\n\rAbsorbRequest\x12\x0b\n\x03txn\x18\x01 \x01(\t\x12\x0e\n\x06losers\x18\x02 \x03(\x0c\x12,\n\x06upsert\x18\x03 \x01(\x0b\x32\x1a.memstore.v1.UpsertRequestH\x00\x12(\n\x04link\x18\x04 \x01(\x0b\x32\x18.memstore.v1.LinkRequestH\x00\x42\t\n\x07request\"v\n\x0e\x41\x62sorbResponse\x12-\n\x06upsert\x18\x01 \x01(\x0b\x32\x1b.memstore.v1.UpsertResponseH\x00\x12)\n\x04link\x18\x02 \x01(\x0b\x32\x19.memstore.v1.LinkResponseH\x00\x42\n\n\x08response\".\n\rDecideRequest\x12\x0b\n\x03txn\x18\x01 \x01(\t\x12\x10\n\x08survivor\x18\x02 \x01(\t\"#\n\x0e\x44\x65\x63ideResponse\x12\x11\n\tcommitted\x18\x01 \x01(\x08\"?\n\x0eReleaseRequest\x12\x0b\n\x03txn\x18\x01 \x01(\t\x12\r\n\x05loser\x18\x02 \x01(\t\x12\x11\n\tcommitted\x18\x03 \x01(\x08\"4\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x12\x0f\n\x07\x64urable\x18\x02 \x01(\x08\"U\n\rForgetRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x0c\n\x04txns\x18\x02 \x03(\t\x12)\n\treforward\x18\x03 \x03(\x0b\x32\x16.memstore.v1.Reforward\"1\n\tReforward\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x66rom\x18\x02 \x01(\t\x12\n\n\x02to\x18\x03 \x01(\t\"#\n\x0e\x46orgetResponse\x12\x11\n\tforgotten\x18\x01 \x01(\x04\"\x1f\n\rOwnersRequest\x12\x0e\n\x06packed\x18\x01 \x01(\x0c\" \n\x0eOwnersResponse\x12\x0e\n\x06packed\x18\x01 \x01(\x0c\"\x1e\n\x0c\x43laimRequest\x12\x0e\n\x06packed\x18\x01 \x01(\x0c\"\x1f\n\rClaimResponse\x12\x0e\n\x06packed\x18\x01 \x01(\x0c\"\x12\n\x10ShardInfoRequest\"G\n\x0fSetSlotsRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12%\n\x05slots\x18\x02 \x03(\x0b\x32\x16.memstore.v1.SlotRange\"t\n\rExportRequest\x12%\n\x05slots\x18\x01 \x03(\x0b\x32\x16.memstore.v1.SlotRange\x12\x11\n\tafter_lsn\x18\x02 \x01(\x04\x12\x14\n\x0c\x66ingerprints\x18\x03 \x01(\x08\x12\x13\n\x0bidentifiers\x18\x04 \x01(\x08\"*\n\x0b\x45xportChunk\x12\x0e\n\x06packed\x18\x01 \x01(\x0c\x12\x0b\n\x03lsn\x18\x02 \x01(\x04\"\x1f\n\rImportRequest\x12\x0e\n\x06packed\x18\x01 \x01(\x0c\"!\n\x0eImportResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x04\"H\n\x10\x44ropSlotsRequest\x12%\n\x05slots\x18\x01 \x03(\x0b\x32\x16.memstore.v1.SlotRange\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"$\n\x11\x44ropSlotsResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x04\x32\xc4\x06\n\x0cShardControl\x12\x45\n\x0cGetShardInfo\x12\x1d.memstore.v1.ShardInfoRequest\x1a\x16.memstore.v1.ShardInfo\x12@\n\x08SetSlots\x12\x1c.memstore.v1.SetSlotsRequest\x1a\x16.memstore.v1.ShardInfo\x12\x45\n\x0b\x45xportSlots\x12\x1a.memstore.v1.ExportRequest\x1a\x18.memstore.v1.ExportChunk0\x01\x12I\n\x0eImportProfiles\x12\x1a.memstore.v1.ImportRequest\x1a\x1b.memstore.v1.ImportResponse\x12J\n\tDropSlots\x12\x1d.memstore.v1.DropSlotsRequest\x1a\x1e.memstore.v1.DropSlotsResponse\x12;\n\x04Hold\x12\x18.memstore.v1.HoldRequest\x1a\x19.memstore.v1.HoldResponse\x12\x41\n\x06\x41\x62sorb\x12\x1a.memstore.v1.AbsorbRequest\x1a\x1b.memstore.v1.AbsorbResponse\x12\x41\n\x06\x44\x65\x63ide\x12\x1a.memstore.v1.DecideRequest\x1a\x1b.memstore.v1.DecideResponse\x12\x44\n\x07Release\x12\x1b.memstore.v1.ReleaseRequest\x1a\x1c.memstore.v1.ReleaseResponse\x12\x41\n\x06\x46orget\x12\x1a.memstore.v1.ForgetRequest\x1a\x1b.memstore.v1.ForgetResponse\x12\x41\n\x06Owners\x12\x1a.memstore.v1.OwnersRequest\x1a\x1b.memstore.v1.OwnersResponse\x12>\n\x05\x43laim\x12\x19.memstore.v1.ClaimRequest\x1a\x1a.memstore.v1.ClaimResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -55,33 +55,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RELEASERESPONSE']._serialized_start=931
   _globals['_RELEASERESPONSE']._serialized_end=983
   _globals['_FORGETREQUEST']._serialized_start=985
-  _globals['_FORGETREQUEST']._serialized_end=1027
-  _globals['_FORGETRESPONSE']._serialized_start=1029
-  _globals['_FORGETRESPONSE']._serialized_end=1064
-  _globals['_OWNERSREQUEST']._serialized_start=1066
-  _globals['_OWNERSREQUEST']._serialized_end=1097
-  _globals['_OWNERSRESPONSE']._serialized_start=1099
-  _globals['_OWNERSRESPONSE']._serialized_end=1131
-  _globals['_CLAIMREQUEST']._serialized_start=1133
-  _globals['_CLAIMREQUEST']._serialized_end=1163
-  _globals['_CLAIMRESPONSE']._serialized_start=1165
-  _globals['_CLAIMRESPONSE']._serialized_end=1196
-  _globals['_SHARDINFOREQUEST']._serialized_start=1198
-  _globals['_SHARDINFOREQUEST']._serialized_end=1216
-  _globals['_SETSLOTSREQUEST']._serialized_start=1218
-  _globals['_SETSLOTSREQUEST']._serialized_end=1289
-  _globals['_EXPORTREQUEST']._serialized_start=1291
-  _globals['_EXPORTREQUEST']._serialized_end=1407
-  _globals['_EXPORTCHUNK']._serialized_start=1409
-  _globals['_EXPORTCHUNK']._serialized_end=1451
-  _globals['_IMPORTREQUEST']._serialized_start=1453
-  _globals['_IMPORTREQUEST']._serialized_end=1484
-  _globals['_IMPORTRESPONSE']._serialized_start=1486
-  _globals['_IMPORTRESPONSE']._serialized_end=1519
-  _globals['_DROPSLOTSREQUEST']._serialized_start=1521
-  _globals['_DROPSLOTSREQUEST']._serialized_end=1593
-  _globals['_DROPSLOTSRESPONSE']._serialized_start=1595
-  _globals['_DROPSLOTSRESPONSE']._serialized_end=1631
-  _globals['_SHARDCONTROL']._serialized_start=1634
-  _globals['_SHARDCONTROL']._serialized_end=2470
+  _globals['_FORGETREQUEST']._serialized_end=1070
+  _globals['_REFORWARD']._serialized_start=1072
+  _globals['_REFORWARD']._serialized_end=1121
+  _globals['_FORGETRESPONSE']._serialized_start=1123
+  _globals['_FORGETRESPONSE']._serialized_end=1158
+  _globals['_OWNERSREQUEST']._serialized_start=1160
+  _globals['_OWNERSREQUEST']._serialized_end=1191
+  _globals['_OWNERSRESPONSE']._serialized_start=1193
+  _globals['_OWNERSRESPONSE']._serialized_end=1225
+  _globals['_CLAIMREQUEST']._serialized_start=1227
+  _globals['_CLAIMREQUEST']._serialized_end=1257
+  _globals['_CLAIMRESPONSE']._serialized_start=1259
+  _globals['_CLAIMRESPONSE']._serialized_end=1290
+  _globals['_SHARDINFOREQUEST']._serialized_start=1292
+  _globals['_SHARDINFOREQUEST']._serialized_end=1310
+  _globals['_SETSLOTSREQUEST']._serialized_start=1312
+  _globals['_SETSLOTSREQUEST']._serialized_end=1383
+  _globals['_EXPORTREQUEST']._serialized_start=1385
+  _globals['_EXPORTREQUEST']._serialized_end=1501
+  _globals['_EXPORTCHUNK']._serialized_start=1503
+  _globals['_EXPORTCHUNK']._serialized_end=1545
+  _globals['_IMPORTREQUEST']._serialized_start=1547
+  _globals['_IMPORTREQUEST']._serialized_end=1578
+  _globals['_IMPORTRESPONSE']._serialized_start=1580
+  _globals['_IMPORTRESPONSE']._serialized_end=1613
+  _globals['_DROPSLOTSREQUEST']._serialized_start=1615
+  _globals['_DROPSLOTSREQUEST']._serialized_end=1687
+  _globals['_DROPSLOTSRESPONSE']._serialized_start=1689
+  _globals['_DROPSLOTSRESPONSE']._serialized_end=1725
+  _globals['_SHARDCONTROL']._serialized_start=1728
+  _globals['_SHARDCONTROL']._serialized_end=2564
 # @@protoc_insertion_point(module_scope)

@@ -120,12 +120,23 @@ class ReleaseResponse(_message.Message):
     def __init__(self, released: _Optional[bool] = ..., durable: _Optional[bool] = ...) -> None: ...
 
 class ForgetRequest(_message.Message):
-    __slots__ = ("ids", "txns")
+    __slots__ = ("ids", "txns", "reforward")
     IDS_FIELD_NUMBER: _ClassVar[int]
     TXNS_FIELD_NUMBER: _ClassVar[int]
+    REFORWARD_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[str]
     txns: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, ids: _Optional[_Iterable[str]] = ..., txns: _Optional[_Iterable[str]] = ...) -> None: ...
+    reforward: _containers.RepeatedCompositeFieldContainer[Reforward]
+    def __init__(self, ids: _Optional[_Iterable[str]] = ..., txns: _Optional[_Iterable[str]] = ..., reforward: _Optional[_Iterable[_Union[Reforward, _Mapping]]] = ...) -> None: ...
+
+class Reforward(_message.Message):
+    __slots__ = ("id", "to")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    to: str
+    def __init__(self, id: _Optional[str] = ..., to: _Optional[str] = ..., **kwargs) -> None: ...
 
 class ForgetResponse(_message.Message):
     __slots__ = ("forgotten",)
