@@ -190,3 +190,49 @@ def test_claim_waits_are_counted(cluster: dict[str, Any]) -> None:
         directory.grace = 30.0
     assert waits.get() == before + 1
     assert c.get(identifier=("email", "wait2@x.com"))["id"] == b
+
+
+def test_forwards_on_a_third_shard_are_repointed_to_the_final_survivor(
+        tmp_path: Path) -> None:
+    """p0 (shard 0) merges into p1 (shard 1), then p1 into p2 (shard 2): shard 0's forward
+    of p0 is repointed from p1 to p2, so a reader of p0 takes one forward, not two."""
+    import grpc
+    import msgpack
+
+    from memstore.v1 import cluster_pb2 as cpb
+    from memstore.v1 import cluster_pb2_grpc
+    from shards.slots import split_even
+
+    blocks = split_even(3)
+
+    def on(shard: int, prefix: str) -> str:
+        (low, high), = blocks[shard]
+        return next(f"{prefix}{n}" for n in itertools.count()
+                    if low <= slot_of(f"{prefix}{n}") <= high)
+
+    shards = start_shards(tmp_path, 3)
+    router = RouterThread([s.address for s in shards])
+    try:
+        with Client(router.address, timeout=DEADLINE) as c:
+            p0, p1, p2 = on(0, "three-a"), on(1, "three-b"), on(2, "three-c")
+            c.link(p0, [("device", "t0")], create=True)
+            assert c.link(p1, [("device", "t0")], create=True).merged_ids == [p0]
+            assert c.link(p2, [("device", "t1"), ("email", "t1@x")], create=True).id == p2
+            assert c.link(p2, [("device", "t0")]).merged_ids == [p1]
+            with grpc.insecure_channel(shards[0].address) as channel:
+                slot = slot_of(p0)
+                chunks = list(cluster_pb2_grpc.ShardControlStub(channel).ExportSlots(
+                    cpb.ExportRequest(slots=[cpb.SlotRange(start=slot, end=slot)]),
+                    timeout=10))
+            forwards = {}
+            for chunk in chunks:
+                notes = msgpack.unpackb(chunk.packed, strict_map_key=False).get("notes")
+                if notes:
+                    forwards.update(notes["forwards"])
+            assert forwards.get(p0) == p2
+            assert c.get(p0)["id"] == p2
+            assert c.upsert(p0, {"x": 1}).id == p2
+    finally:
+        router.stop()
+        for shard in shards:
+            shard.stop()
