@@ -55,12 +55,19 @@ def main() -> None:
 @click.option("--metrics-port", type=int, default=None,
               help="Serve Prometheus metrics on this port (same host; 0 picks one). "
                    "Default: no metrics endpoint.")
-@click.option("-v", "--verbose", is_flag=True)
+@click.option("--lock-wait", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Seconds to wait for the data directory when another process owns it "
+                   "(0: refuse at once, naming that process).")
+@click.option("--stop-on-eof", is_flag=True,
+              help="Stop cleanly when standard input closes. `memstore serve` starts its "
+                   "shards so, over a pipe it holds: they stop within seconds of its death, "
+                   "however it dies.")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
 def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str,
                 slots: str | None, sync: str, snapshot_log_mb: int, snapshot_interval: float,
                 max_identifiers_per_kind: int, blocked_identifier: tuple[str, ...],
-                no_link: bool, link_port: int, metrics_port: int | None,
-                verbose: bool) -> None:
+                no_link: bool, link_port: int, metrics_port: int | None, lock_wait: float,
+                stop_on_eof: bool, verbose: bool) -> None:
     """Run one shard process (the cluster's `serve` starts these for you)."""
     import uvloop
 
@@ -76,11 +83,12 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
     )
     config = ShardConfig(data_dir=None if in_memory else data_dir, name=name,
                          sync=SyncPolicy(sync), snapshot_log_bytes=snapshot_log_mb << 20,
-                         snapshot_interval=snapshot_interval, rules=rules)
+                         snapshot_interval=snapshot_interval, rules=rules,
+                         lock_wait=lock_wait)
     owned = _parse_slots(slots) if slots else None
     try:
         uvloop.run(serve(config, host, port, owned, metrics_port=metrics_port,
-                         link_port=None if no_link else link_port))
+                         link_port=None if no_link else link_port, stop_on_eof=stop_on_eof))
     except Exception as exc:  # noqa: BLE001 - start-up failures: damaged log, port in use
         click.echo(f"memstore: {exc}", err=True)
         sys.exit(1)
@@ -321,10 +329,16 @@ def stats(address: str) -> None:
 def check(data_dir: Path) -> None:
     """Verify a shard's snapshots and log; exit 1 if anything is damaged or start-up
     would fail (for example: the log no longer reaches back to the usable snapshot)."""
+    from memstore.dirlock import holder
     from memstore.snapshot_file import SnapshotError, SnapshotReader, load_newest
     from memstore.wal_reader import LogCorruptError, read_log
     from memstore.wal_reader import check as check_log
 
+    owner = holder(data_dir)
+    if owner is not None:
+        click.echo(f"in use: process {owner or '?'} owns {data_dir} (a running shard); "
+                   "what follows is read while it writes, so its newest records may be "
+                   "incomplete")
     bad = False
     for path in sorted((data_dir / "snapshots").glob("snap-*.snap")):
         try:
@@ -354,9 +368,14 @@ def check(data_dir: Path) -> None:
 @click.option("--yes", is_flag=True, help="Do it without asking.")
 def repair(data_dir: Path, yes: bool) -> None:
     """Cut a damaged log at its last good record, keeping a backup of what is cut."""
+    from memstore.dirlock import DirectoryLocked, DirLock
     from memstore.wal_reader import check as check_log
     from memstore.wal_reader import repair as repair_log
 
+    try:
+        lock = DirLock.acquire(data_dir)  # never cut a log that a running shard appends to
+    except DirectoryLocked as exc:
+        raise click.ClickException(f"{exc}; repair needs the shard stopped") from None
     report = check_log(data_dir / "log")
     click.echo(str(report))
     if report.ok:
@@ -365,6 +384,7 @@ def repair(data_dir: Path, yes: bool) -> None:
     if not yes:
         click.confirm("cut the log at the last good record (a backup is kept)?", abort=True)
     click.echo(str(repair_log(data_dir / "log")))
+    lock.release()
 
 
 def _register_cluster_commands() -> None:

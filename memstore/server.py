@@ -12,6 +12,7 @@ import asyncio
 import functools
 import gc
 import logging
+import os
 import signal
 import sys
 import time
@@ -893,10 +894,35 @@ def _report_long_collections(phase: str, info: dict[str, int]) -> None:
                     info["generation"], paused * 1000)
 
 
+def stop_when_stdin_closes(stop: asyncio.Event) -> None:
+    """Set `stop` once standard input reaches end of file. A supervisor keeps the write end
+    of a pipe on our stdin; the kernel closes it when the supervisor dies, however it dies
+    (a SIGKILL included), so its shards never outlive it. Anything written is ignored."""
+    loop = asyncio.get_running_loop()
+    fd = sys.stdin.fileno()
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+            log.warning("standard input closed (the supervisor is gone): stopping")
+            stop.set()
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, readable)
+
+
 async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
                 slots: BitMap | None = None, ready: Callable[[int], None] | None = None,
-                metrics_port: int | None = None, link_port: int | None = 0) -> None:
-    """Run one shard until SIGTERM/SIGINT, then drain in-flight calls and close the log.
+                metrics_port: int | None = None, link_port: int | None = 0,
+                stop_on_eof: bool = False) -> None:
+    """Run one shard until SIGTERM/SIGINT (or, with `stop_on_eof`, until standard input
+    closes: its supervisor died), then drain in-flight calls and close the log.
     `link_port`: where routers' unary calls may come over the shard link (memstore/link.py;
     0 picks a free port), on the same host; None serves gRPC alone."""
     shard = await Shard.open(config)
@@ -921,6 +947,8 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if stop_on_eof:
+        stop_when_stdin_closes(stop)
     if metrics_port is not None:
         scrape = metrics.serve_metrics(
             host, metrics_port, lambda: len(shard.engine.live),

@@ -44,6 +44,7 @@ from pyroaring import BitMap
 
 from memstore import wal_format
 from memstore.bitmap_index import RangeIndex, ValueIndex
+from memstore.dirlock import DirLock
 from memstore.engine import (
     Change,
     Engine,
@@ -117,13 +118,18 @@ class ShardConfig:
     snapshot_interval: float = 3600.0  # ... or this many seconds after the last one
     rules: IdentityRules = field(default_factory=IdentityRules)
     fsync: Callable[[int], None] = os.fsync  # injectable, so tests can make it fail
+    # Seconds to wait for the data directory's lock when another process holds it (a
+    # supervisor restarting a shard whose predecessor is still stopping); 0: refuse at once.
+    lock_wait: float = 0.0
 
 
 class Shard:
-    def __init__(self, config: ShardConfig, engine: Engine, writer: LogWriter | None) -> None:
+    def __init__(self, config: ShardConfig, engine: Engine, writer: LogWriter | None,
+                 lock: DirLock | None = None) -> None:
         self.config = config
         self.engine = engine
         self.log = writer
+        self.lock = lock  # this process owns the data directory (memstore.dirlock)
         self._pending: list[tuple[int, Undo]] = []
         self._snapshot_lock = asyncio.Lock()
         self._last_snapshot = time.monotonic()
@@ -151,7 +157,17 @@ class Shard:
             return cls(config, engine, None)
         started = time.monotonic()
         data = Path(config.data_dir)
-        data.mkdir(parents=True, exist_ok=True)
+        lock = DirLock.acquire(data, config.lock_wait)  # before reading anything
+        try:
+            return await cls._recover(config, engine, data, lock, started)
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    async def _recover(cls, config: ShardConfig, engine: Engine, data: Path, lock: DirLock,
+                       started: float) -> Shard:
+        """Load the newest good snapshot, replay the log after it, open the writer."""
         snap_dir, log_dir = data / "snapshots", data / "log"
         info: dict[str, Any] = {"snapshot": None, "replayed": 0, "torn_bytes": 0}
         start_lsn = 0
@@ -176,7 +192,7 @@ class Shard:
         info["seconds"] = round(time.monotonic() - started, 3)
         info["profiles"] = len(engine)
         log.info("recovered %s", info)
-        shard = cls(config, engine, writer)
+        shard = cls(config, engine, writer, lock)
         shard.recovery = info
         shard._snapshot_lsn = start_lsn
         # Replayed records may hold deletions the previous run never snapshotted; assume
@@ -195,6 +211,9 @@ class Shard:
                 await self._auto_task
         if self.log is not None:
             await self.log.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     @property
     def writable_error(self) -> str | None:

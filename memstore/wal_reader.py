@@ -17,6 +17,7 @@ touches, and it runs only when an operator asks (etcd's repair policy).
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import re
 import shutil
@@ -168,6 +169,7 @@ class LogScan:
         if not segments:
             self.end_lsn = self.from_lsn or 0
             return
+        check_chain(segments)
         start = segments[0][0] if self.from_lsn is None else self.from_lsn
         first = 0
         for i, (base, _) in enumerate(segments):
@@ -201,6 +203,18 @@ class LogScan:
                     self.records += 1
                     yield item
         self.end_lsn = max(self.end_lsn, start)
+
+
+def check_chain(segments: list[tuple[int, Path]]) -> None:
+    """Every segment must start where the one before it ends (its base LSN plus its frame
+    bytes): a gap or an overlap means records are missing or were written by two writers,
+    even before the LSN replay starts at. Raises LogCorruptError naming the later file."""
+    for (base, path), (next_base, next_path) in itertools.pairwise(segments):
+        end = base + path.stat().st_size - fmt.SEGMENT_HEADER_SIZE
+        if next_base != end:
+            what = "gap in" if next_base > end else "overlap in"
+            raise LogCorruptError(next_path, 0, f"{what} the log: {path.name} ends at LSN "
+                                                f"{end}, the next segment starts at {next_base}")
 
 
 def read_log(directory: Path | str, from_lsn: int | None = None) -> LogScan:

@@ -22,7 +22,13 @@ Invariants:
   SIGKILL to any still running after `stop_timeout` seconds.
 - Shards run in their own session, so a terminal's Ctrl-C reaches only the supervisor, which
   stops things in order. No preexec hook (it would force a plain fork() of a process running
-  gRPC); so a supervisor killed with SIGKILL leaves its shards running.
+  gRPC): instead each shard's standard input is a pipe whose write end only the supervisor
+  holds (`serve-shard --stop-on-eof`). When the supervisor dies, however it dies, the kernel
+  closes it and the shard stops cleanly within seconds, flushing what it acknowledged.
+- One supervisor per data directory (DATA/LOCK, memstore.dirlock), and one process per
+  shard directory. A supervisor started right after one that was killed finds its shards
+  still stopping: each new shard waits up to SHARD_LOCK_WAIT seconds for its directory.
+- Every line a shard logs, from its first, goes to the supervisor's stderr.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from memstore.dirlock import DirLock
 from shards.router import Background, settle_heap, start_router, stop_router
 from shards.slots import format_ranges, split_even
 
@@ -49,6 +56,7 @@ log = logging.getLogger("memstore.supervisor")
 
 CLUSTER_FILE = "cluster.json"
 START_TIMEOUT = 60.0
+SHARD_LOCK_WAIT = 30.0  # a killed supervisor's shards take a few seconds to stop
 MIN_BACKOFF, MAX_BACKOFF, STABLE_AFTER = 1.0, 30.0, 60.0
 
 
@@ -84,6 +92,7 @@ class Supervisor:
         self._watchers: list[asyncio.Task[None]] = []
         self._stopping = False
         self.directory_built = True  # False: data from before the identifier directory
+        self._lock: DirLock | None = None
         self._configure(shards)
 
     # ------------------------------------------------------------------ layout
@@ -127,17 +136,20 @@ class Supervisor:
     async def _spawn(self, shard: ShardProcess) -> None:
         args = [sys.executable, "-m", "memstore.cli", "serve-shard", "--host", shard.host,
                 "--port", str(shard.port), "--data-dir", str(shard.data_dir),
-                "--name", shard.name, "--sync", self.sync, *self.shard_args]
+                "--name", shard.name, "--sync", self.sync, "--stop-on-eof",
+                "--lock-wait", str(SHARD_LOCK_WAIT), *self.shard_args]
         if shard.slots and not shard.data_dir.exists():
             args += ["--slots", shard.slots]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # stdin: a pipe only this process holds open (--stop-on-eof), so the shard stops
+        # when the supervisor dies however it dies
         proc = await asyncio.create_subprocess_exec(
-            *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE, env=env, start_new_session=True)
         assert proc.stderr is not None
         lines: list[str] = []
         try:
-            async with asyncio.timeout(START_TIMEOUT):
+            async with asyncio.timeout(START_TIMEOUT + SHARD_LOCK_WAIT):
                 while True:
                     raw = await proc.stderr.readline()
                     if not raw:
@@ -145,6 +157,7 @@ class Supervisor:
                                            + "".join(lines[-20:]))
                     line = raw.decode(errors="replace")
                     lines.append(line)
+                    _pass_on(shard, line)  # recovery, a torn tail cut: the operator sees it
                     if line.startswith("listening on "):
                         break
         except BaseException:
@@ -163,7 +176,7 @@ class Supervisor:
         """Pass the shard's log lines on (prefixed) so its pipe never fills."""
         assert proc.stderr is not None
         async for raw in proc.stderr:
-            sys.stderr.write(f"[{shard.name}] {raw.decode(errors='replace')}")
+            _pass_on(shard, raw.decode(errors="replace"))
 
     async def _healthy(self, shard: ShardProcess) -> None:
         deadline = time.monotonic() + START_TIMEOUT
@@ -206,8 +219,9 @@ class Supervisor:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> int:
-        """Start shards (concurrently), then the router; returns the router's port."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        """Start shards (concurrently), then the router; returns the router's port. Raises
+        DirectoryLocked if another supervisor owns the data directory."""
+        self._lock = DirLock.acquire(self.data_dir)
         try:
             await asyncio.gather(*(self._spawn(s) for s in self.shards))
         except BaseException:
@@ -250,6 +264,9 @@ class Supervisor:
         for task in self._watchers:
             task.cancel()
         await self._stop_shards()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     async def _stop_shards(self) -> None:
         self._stopping = True
@@ -273,6 +290,11 @@ class Supervisor:
                     await asyncio.wait_for(shard.pump, 1.0)
 
         await asyncio.gather(*(reap(s) for s in running))
+
+
+def _pass_on(shard: ShardProcess, line: str) -> None:
+    """A shard's log line, on our stderr, marked with the shard it came from."""
+    sys.stderr.write(f"[{shard.name}] {line}")
 
 
 async def run(supervisor: Supervisor) -> None:
