@@ -197,6 +197,8 @@ class Supervisor:
         while not self._stopping:
             assert shard.proc is not None
             code = await shard.proc.wait()
+            if shard.proc.stdin is not None:
+                shard.proc.stdin.close()  # the dead shard's pipe
             if self._stopping:
                 return
             if time.monotonic() - shard.started_at > STABLE_AFTER:
