@@ -1,7 +1,14 @@
 """The engine against a plain reference model (dicts and sets), driven by hypothesis.
 
 After every step the engine must answer exactly as the model: profile contents and
-versions, identifier resolution, merged-id aliases, and every segment query.
+versions, identifier resolution, merged-id aliases, every segment query, and the value
+and range indexes bitmap by bitmap (so a delete or a merge leaves no stale bitmap).
+
+Random steps alone rarely merge two profiles that both hold an attribute, so a rule of its
+own makes such merges: two profiles get different values of one scalar attribute and are
+merged, and the attribute's merge rule (the survivor's value by default) must decide.
+`hypothesis.event` labels the cases that matter; see them with
+`pytest tests/test_engine_model.py -k TestEngineModel --hypothesis-show-statistics`.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from typing import Any
 import hypothesis.strategies as st
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from memstore.client import pack_records
@@ -52,6 +59,8 @@ ATTR_VALUES: dict[str, Any] = {
     "tags": st.lists(TAGS, max_size=3),
 }
 MAX_PER_KIND = 2
+SCALARS = ["age", "country", "orders", "score", "seen", "vip"]
+VALUE_INDEXED = ["country", "tags", "vip"]  # the rest are range-indexed
 
 
 def _matches(op: Op, have: Any, values: tuple[Any, ...]) -> bool:
@@ -121,6 +130,7 @@ class EngineModel(RuleBasedStateMachine):
         self.versions: dict[str, int] = {}
         self.idents: dict[tuple[str, str], str] = {}  # identifier -> owner pid
         self.aliases: dict[str, str] = {}  # merged-away pid -> survivor
+        self.merges = 0  # numbers the identifier kinds merge_with_conflict makes
 
     def resolve(self, pid: str) -> str:
         if pid in self.profiles:
@@ -131,12 +141,16 @@ class EngineModel(RuleBasedStateMachine):
     @rule(pid=PIDS, name=st.sampled_from(sorted(ATTR_VALUES)), data=st.data(),
           once=st.booleans())
     def set_attr(self, pid: str, name: str, data: Any, once: bool) -> None:
-        value = data.draw(ATTR_VALUES[name])
+        self._set(pid, name, data.draw(ATTR_VALUES[name]), once)
+
+    def _set(self, pid: str, name: str, value: Any, once: bool = False) -> None:
         self.engine.apply(self.engine.plan_upsert(
             UpsertSpec(pid, [(SET_ONCE if once else SET, name, value)])))
         target = self.resolve(pid)
         attrs = self.profiles.setdefault(target, {})
         self.versions[target] = self.versions.get(target, 0) + 1
+        if once:
+            event(f"set_once on {'a present' if name in attrs else 'an absent'} attribute")
         if name == "tags":
             value = sorted(set(value)) or None
         if once and name in attrs:
@@ -177,16 +191,42 @@ class EngineModel(RuleBasedStateMachine):
 
     @rule(pid=PIDS, idents=st.lists(IDENTS, min_size=1, max_size=2))
     def link(self, pid: str, idents: list[tuple[str, str]]) -> None:
-        expected = self._model_link(pid, idents)
+        self._link(pid, idents)
+
+    def _link(self, pid: str, idents: list[tuple[str, str]]) -> bool:
+        """Link; True if the engine (and the model) accepted it."""
+        conflicts: list[str] = []
+        expected = self._model_link(pid, idents, conflicts)
         try:
             self.engine.apply(self.engine.plan_link(pid, idents, create=True))
         except FailedPrecondition:
             assert expected is None, "engine refused a link the model accepts"
-            return
+            return False
         assert expected is not None, "engine accepted a link the model refuses"
         self.profiles, self.versions, self.idents, self.aliases = expected
+        for name in conflicts:
+            event(f"merge of two different {name} values")
+        return True
 
-    def _model_link(self, pid: str, idents: list[tuple[str, str]]) -> Any:
+    @rule(a=PIDS, b=PIDS, name=st.sampled_from(SCALARS), data=st.data())
+    def merge_with_conflict(self, a: str, b: str, name: str, data: Any) -> None:
+        """`a` and `b` hold different values of `name`; then `b` is merged into `a` through
+        an identifier only `b` holds (its kind is new, so no per-kind limit is met)."""
+        if self.resolve(a) == self.resolve(b):
+            return
+        mine = data.draw(ATTR_VALUES[name], label="survivor's value")
+        theirs = data.draw(ATTR_VALUES[name].filter(lambda v: v != mine), label="loser's value")
+        self._set(a, name, mine)
+        self._set(b, name, theirs)
+        self.merges += 1
+        ident = (f"m{self.merges}", "v")
+        assert self._link(b, [ident])  # a new kind: nothing limits or refuses it
+        merged = self._link(a, [ident])
+        event("merge_with_conflict: merged" if merged else
+              "merge_with_conflict: refused by merge protection")
+
+    def _model_link(self, pid: str, idents: list[tuple[str, str]],
+                    conflicts: list[str]) -> Any:
         profiles = {k: dict(v) for k, v in self.profiles.items()}
         versions = dict(self.versions)
         owners = dict(self.idents)
@@ -201,6 +241,8 @@ class EngineModel(RuleBasedStateMachine):
             if owner is not None and owner != target:
                 other = profiles.pop(owner)
                 mine = profiles[target]
+                conflicts += [name for name in SCALARS
+                              if name in mine and name in other and mine[name] != other[name]]
                 for name, value in other.items():
                     if name not in mine:
                         mine[name] = value
@@ -221,7 +263,7 @@ class EngineModel(RuleBasedStateMachine):
                 aliases[owner] = target
                 versions[target] = max(versions[target], versions.pop(owner))
             owners[ident] = target
-        for kind in ("email", "device"):
+        for kind in {k for k, _ in owners}:
             if sum(1 for (k, _), who in owners.items() if who == target and k == kind) \
                     > MAX_PER_KIND:
                 return None
@@ -234,6 +276,8 @@ class EngineModel(RuleBasedStateMachine):
         target = self.resolve(pid)
         if target not in self.profiles:
             return
+        if "tags" in self.profiles[target]:
+            event("delete of a profile holding a list")
         del self.profiles[target]
         del self.versions[target]
         self.idents = {k: v for k, v in self.idents.items() if v != target}
@@ -274,10 +318,48 @@ class EngineModel(RuleBasedStateMachine):
         assert sorted(engine.ids_of(engine.members_of_slots(some))) == sorted(
             pid for pid in self.profiles if slot_of(pid) % 3 == 0)
 
+    @invariant()
+    def indexes_agree(self) -> None:
+        """Every bitmap of every index holds exactly the live profiles with that value."""
+        engine = self.engine
+        for name in ATTR_VALUES:
+            aid = engine.schema.by_name[name].id
+            holders = {pid for pid, attrs in self.profiles.items() if name in attrs}
+            if name not in VALUE_INDEXED:
+                assert set(engine.ids_of(engine.range_index[aid].exists())) == holders
+                continue
+            assert set(engine.ids_of(engine.exists[aid])) == holders
+            want: dict[Any, set[str]] = {}
+            for pid in holders:
+                value = self.profiles[pid][name]
+                for item in value if name == "tags" else [value]:
+                    want.setdefault(item, set()).add(pid)
+            assert {value: set(engine.ids_of(bitmap)) for value, bitmap in
+                    engine.value_index[aid].items()} == want, f"{name} bitmaps"
 
-EngineModel.TestCase.settings = settings(max_examples=60, stateful_step_count=30,
+
+EngineModel.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
                                          deadline=None)
 TestEngineModel = EngineModel.TestCase
+
+
+def test_set_once_sets_an_absent_attribute_and_keeps_a_present_one() -> None:
+    engine = Engine()
+
+    def attrs() -> dict[str, Any]:
+        return engine.profile(engine.lookup("p")).attributes  # type: ignore[arg-type]
+
+    engine.apply(engine.plan_upsert(UpsertSpec("p", [(SET_ONCE, "first", "web")])))
+    assert attrs() == {"first": "web"}
+    engine.apply(engine.plan_upsert(UpsertSpec("p", [(SET_ONCE, "first", "app"),
+                                                     (SET_ONCE, "n", 1)])))
+    assert attrs() == {"first": "web", "n": 1}
+    assert engine.profile(engine.lookup("p")).version == 2  # type: ignore[arg-type]
+    engine.apply(engine.plan_upsert(UpsertSpec("p", [(UNSET, "first", None),
+                                                     (SET_ONCE, "first", "app")])))
+    assert attrs() == {"first": "app", "n": 1}  # absent again, so set
+    assert len(evaluate(engine, parse('first = "web"'))) == 0
+    assert len(evaluate(engine, parse('first = "app"'))) == 1
 
 
 # ---------------------------------------------------------------------- the bulk-load path
