@@ -59,6 +59,7 @@ from memstore.errors import (
     Held,
     InvalidArgument,
     NotFound,
+    Undeclared,
     WrongSlot,
 )
 from memstore.hashslot import SLOT_COUNT, slot_of, slots_of
@@ -75,8 +76,11 @@ from memstore.schema import (
     Merge,
     Schema,
     article,
+    check_merge,
+    check_name,
     check_value,
     kind_of,
+    registry_key,
 )
 from memstore.values import from_stored, to_stored
 
@@ -125,12 +129,12 @@ class Image(NamedTuple):
 class Note:
     """Set (value not None) or remove one entry of a cross-shard merge table."""
 
-    table: str  # "held" | "forwards" | "decided" | "claims" (NOTE_TABLES)
+    table: str  # "held" | "forwards" | "decided" | "claims" | "registry" (NOTE_TABLES)
     key: str
     value: Any
 
 
-NOTE_TABLES = ("held", "forwards", "decided", "claims")
+NOTE_TABLES = ("held", "forwards", "decided", "claims", "registry")
 
 
 @dataclass(slots=True)
@@ -335,6 +339,10 @@ class _Planner:
         self.e = engine
         self.added: list[AttributeSpec] = []
         self.added_by_name: dict[str, AttributeSpec] = {}
+        # A router's write (Engine.cluster_schema): attributes this shard has not declared
+        # are collected, not declared, and the plan is refused with all of them (Undeclared).
+        self.strict = engine.cluster_schema
+        self.undeclared: list[AttributeSpec] = []
         self.drafts: dict[str, _Draft] = {}  # by the profile's own primary id
         self.aliases: dict[str, str | None] = {}  # overlay on engine.aliases
         self.idents: dict[int, str | None] = {}  # overlay: identifier key -> owner pid
@@ -348,7 +356,9 @@ class _Planner:
         return self.e.schema.by_id[aid] if aid < base else self.added[aid - base]
 
     def declare(self, name: str, kind: Kind, indexed: bool = True,
-                merge: Merge = Merge.DEFAULT) -> AttributeSpec:
+                merge: Merge = Merge.DEFAULT, explicit: bool = False) -> AttributeSpec:
+        """The spec of `name`, declaring it with `kind` if it has none yet (`explicit`: a
+        DeclareAttributes call, which declares even a router's write would not)."""
         existing = self.spec(name)
         if existing is not None:
             if existing.kind != kind:
@@ -360,7 +370,15 @@ class _Planner:
         assert spec is not None  # not declared yet, so the plan is a new spec
         self.added.append(spec)
         self.added_by_name[name] = spec
+        if self.strict and not explicit:
+            self.undeclared.append(spec)
         return spec
+
+    def check_declared(self) -> None:
+        """Refuse a router's write that named attributes not declared here (Undeclared)."""
+        if self.undeclared:
+            raise Undeclared([[s.name, int(s.kind), s.indexed, int(s.merge)]
+                              for s in self.undeclared])
 
     # -- profiles
     def resolve_pid(self, pid: str) -> str:
@@ -431,6 +449,8 @@ class _Planner:
             if kind not in (Kind.INT, Kind.FLOAT):
                 raise InvalidArgument(f"{where}: increment of {name!r} needs a number")
             spec = self.spec(name) or self.declare(name, kind)
+            if spec.kind is Kind.FLOAT and kind is Kind.INT:
+                value = float(value)  # one number type, as in JSON
             check_value(spec.kind, value, name)
             total = d.attrs.get(spec.id, 0) + value
             if spec.kind is Kind.INT and not INT64_MIN <= total <= INT64_MAX:
@@ -443,6 +463,8 @@ class _Planner:
                 spec = self.declare(name, kind_of(value))
             # Fast path for the common scalar kinds; check_value covers the rest.
             vtype = type(value)
+            if vtype is int and spec.kind is Kind.FLOAT:
+                value, vtype = float(value), float  # one number type, as in JSON
             if vtype is str and spec.kind is Kind.STRING and len(value) <= MAX_STRING_BYTES // 4:
                 stored: Any = value
             else:
@@ -529,6 +551,7 @@ class _Planner:
         d.gone = True
 
     def finish(self, result: Any = None) -> Change:
+        self.check_declared()
         change = Change(schema=list(self.added), result=result)
         next_dense = len(self.e.blobs)
         live: list[Image] = []
@@ -557,8 +580,8 @@ def _numbers(kind: Kind, values: list[Any]) -> np.ndarray | None:
     pieces and its range index are both made from, if every value is valid; else None.
     (np.array refuses an int past int64 with OverflowError; the types are checked first,
     as it would take a bool or a float for an int.)"""
-    if not set(map(type, values)) <= ({float} if kind is Kind.FLOAT else {int}):
-        return None
+    if not set(map(type, values)) <= ({float, int} if kind is Kind.FLOAT else {int}):
+        return None  # (an int for a float attribute is that float: one number type)
     try:
         array = np.array(values, dtype=np.float64 if kind is Kind.FLOAT else np.int64)
     except OverflowError:
@@ -672,6 +695,12 @@ class Engine:
         self.forwards: dict[str, str] = {}  # pid merged into a profile on another shard
         self.decided: dict[str, list[Any]] = {}  # txn -> [survivor pid, committed]
         self.claims = Claims()  # the cluster's identifier directory, for owned slots
+        # The cluster's attribute declarations whose registry_key slots this shard owns:
+        # name -> [kind, indexed, merge] (plan_register; shards/schema.py).
+        self.registry: dict[str, list[Any]] = {}
+        # Set by the server while it plans a router's write: undeclared attributes refuse
+        # the write (Undeclared) instead of being declared by its values here.
+        self.cluster_schema = False
         # Slot ownership (cluster). None: this shard owns every slot. `foreign` holds live
         # profiles in slots it does not own (being moved in or out); queries skip them.
         self.owned_slots: BitMap | None = None
@@ -810,8 +839,14 @@ class Engine:
         return [pids[d] for d in dense_ids]  # type: ignore[misc]
 
     # ------------------------------------------------------------------ planning
-    def plan_batch(self, specs: Sequence[UpsertSpec], where: str = "requests") -> Change:
+    def plan_batch(self, specs: Sequence[UpsertSpec], where: str = "requests",
+                   numbers: Iterable[str] = ()) -> Change:
+        """`numbers`: attributes a bulk load sends ints and floats for: new ones are floats
+        (one number type, as in JSON), whichever record comes first."""
         planner = _Planner(self)
+        for name in numbers:
+            if planner.spec(name) is None:
+                planner.declare(name, Kind.FLOAT)
         results = []
         for i, spec in enumerate(specs):
             at = spec.where or f"{where}[{i}]"
@@ -835,7 +870,9 @@ class Engine:
         the same result (or the error naming the row and attribute) more slowly.
         """
         def general() -> Change:
-            return self.plan_batch(record_specs(batch.rows(where), where))
+            return self.plan_batch(record_specs(batch.rows(where), where), numbers=[
+                name for name, column in batch.attributes.items()
+                if isinstance(column, list) and {int, float} <= set(map(type, column))])
 
         ids = batch.ids
         n = len(ids)
@@ -895,12 +932,15 @@ class Engine:
                 micros = name in batch.timestamps  # int microseconds, see memstore.columnar
                 sent = Kind.TIMESTAMP if micros else kind_of(
                     held.first() if isinstance(held, Coded) else held[0])
+                if sent is Kind.INT and isinstance(held, list) and float in set(map(type, held)):
+                    sent = Kind.FLOAT  # ints and floats: numbers, as in JSON
                 spec = planner.spec(name) or planner.declare(name, sent)
+                numeric = spec.kind is sent or (spec.kind is Kind.FLOAT and sent is Kind.INT)
                 if isinstance(held, Coded) and held.lengths is not None:
                     if not (spec.kind is Kind.STRING_LIST and not micros
                             and _coded_lists_ok(held)):
                         return general()
-                elif (isinstance(held, list) and spec.kind is sent and spec.kind in RANGE_KINDS
+                elif (isinstance(held, list) and numeric and spec.kind in RANGE_KINDS
                       and (micros or spec.kind is not Kind.TIMESTAMP)):
                     numbers = _numbers(spec.kind, held)  # checked, and converted once
                     if numbers is None:
@@ -938,6 +978,7 @@ class Engine:
                                     _plain(held) if spec.kind in RANGE_KINDS else held))
         except InvalidArgument:
             return general()  # it names the row and attribute
+        planner.check_declared()
         change = Change(schema=list(planner.added))
         change.images = list(map(tuple.__new__, repeat(Image),
                                  zip(dense_ids, ids, blobs.pack(batch.identifiers),
@@ -1122,10 +1163,38 @@ class Engine:
         return Change(notes=notes, result=0)
 
     def notes_in_slots(self, slots: BitMap) -> dict[str, dict[str, Any]]:
-        """The forwards, decisions and claims of `slots` (a slot move carries them along)."""
+        """The forwards, decisions, claims and registered attributes of `slots` (a slot move
+        carries them along)."""
         return {"forwards": {p: s for p, s in self.forwards.items() if slot_of(p) in slots},
                 "decided": {t: v for t, v in self.decided.items() if slot_of(v[0]) in slots},
-                "claims": self.claims.in_slots(slots)}
+                "claims": self.claims.in_slots(slots),
+                "registry": {n: v for n, v in self.registry.items()
+                             if slot_of(registry_key(n)) in slots}}
+
+    # ------------------------------------------------------------------ cluster schema
+    def plan_register(self, specs: Sequence[tuple[str, Kind, bool, Merge]]) -> Change:
+        """Register attribute declarations in the cluster's registry (the part this shard
+        keeps): a name registered already keeps its declaration, a new one takes the one
+        proposed. The result is the registry's [kind, indexed, merge] for each, in order:
+        the cluster's declaration, whoever proposed first."""
+        notes: list[Note] = []
+        answers: list[list[Any]] = []
+        mine: dict[str, list[Any]] = {}
+        for i, (name, kind, indexed, merge) in enumerate(specs):
+            try:
+                check_name(name)
+                check_merge(name, kind, merge)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"attributes[{i}]: {exc}") from None
+            slot = slot_of(registry_key(name))
+            if self.owned_slots is not None and slot not in self.owned_slots:
+                raise self._wrong_slot(slot, f"attribute {name!r}")
+            found = mine.get(name) or self.registry.get(name)
+            if found is None:
+                found = mine[name] = [int(kind), bool(indexed), int(merge)]
+                notes.append(Note("registry", name, found))
+            answers.append(found)
+        return Change(notes=notes, result=answers)
 
     # ------------------------------------------------------------------ directory
     def plan_claims(self, entries: Sequence[Any]) -> Change:
@@ -1207,7 +1276,7 @@ class Engine:
             except InvalidArgument as exc:
                 raise InvalidArgument(f"attributes[{i}]: {exc}") from None
             if existing is not None and planner.spec(name) is None:
-                planner.declare(name, kind, indexed, merge)
+                planner.declare(name, kind, indexed, merge, explicit=True)
         return planner.finish()
 
     # ------------------------------------------------------------------ applying

@@ -61,3 +61,17 @@ class Forwarded(FailedPrecondition):
         self.pid = pid
         self.survivor = survivor
         self.pairs: list[list[str]] = [[pid, survivor]]  # every (merged id, survivor) met
+
+
+class Undeclared(FailedPrecondition):
+    """A write through a router names attributes this shard has not declared: the router
+    declares them as the cluster's schema has them (registering any new one first, so one
+    kind wins everywhere), then sends the write again. `specs`: [[name, kind, indexed,
+    merge], ...] as this write would declare them."""
+
+    def __init__(self, specs: list[list[object]]) -> None:
+        names = ", ".join(str(spec[0]) for spec in specs[:5])
+        more = f" and {len(specs) - 5} more" if len(specs) > 5 else ""
+        super().__init__(f"attributes not declared on this shard yet: {names}{more} (a "
+                         "router declares new attributes cluster-wide before writing them)")
+        self.specs = specs

@@ -9,6 +9,7 @@ instead of silently matching nothing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -136,6 +137,50 @@ def _literal(spec: AttributeSpec, value: Any, op: Op) -> Any:
     return value
 
 
+def _whole_numbers(op: Op, values: Sequence[Any]) -> tuple[Op, tuple[Any, ...]] | None:
+    """A comparison of an int attribute with float literals, as the same comparison with
+    int literals (numbers compare as numbers: `age > 30.5` is `age >= 31`), clamped to
+    int64. None: nothing can match; (EXISTS, ()): every profile holding the attribute."""
+    def clamp(op: Op, bound: int) -> tuple[Op, tuple[Any, ...]] | None:
+        if op in (Op.LE, Op.LT):
+            return (Op.EXISTS, ()) if bound > _INT64_MAX else (
+                None if bound < _INT64_MIN else (op, (bound,)))
+        return (Op.EXISTS, ()) if bound < _INT64_MIN else (  # GE, GT
+            None if bound > _INT64_MAX else (op, (bound,)))
+
+    numbers = [v for v in values if not isinstance(v, bool) and isinstance(v, int | float)]
+    if len(numbers) != len(values):
+        return op, tuple(values)  # a wrong-kind literal: _literal names it
+    whole = [v for v in values if float(v).is_integer()]
+    if op is Op.EQ:
+        return (op, (int(whole[0]),)) if whole and abs(whole[0]) <= _INT64_MAX else None
+    if op is Op.NE:
+        return (op, (int(whole[0]),)) if whole and abs(whole[0]) <= _INT64_MAX \
+            else (Op.EXISTS, ())
+    if op is Op.IN:
+        kept = tuple(int(v) for v in whole if _INT64_MIN <= v <= _INT64_MAX)
+        return (op, kept) if kept else None
+    if op is Op.BETWEEN:
+        low, high = max(math.ceil(values[0]), _INT64_MIN), min(math.floor(values[1]),
+                                                               _INT64_MAX)
+        return (op, (low, high)) if low <= high else None
+    (value,) = values
+    if op is Op.LT:
+        return clamp(Op.LT, int(value)) if float(value).is_integer() else \
+            clamp(Op.LE, math.floor(value))
+    if op is Op.LE:
+        return clamp(Op.LE, math.floor(value))
+    if op is Op.GT:
+        return clamp(Op.GT, int(value)) if float(value).is_integer() else \
+            clamp(Op.GE, math.ceil(value))
+    if op is Op.GE:
+        return clamp(Op.GE, math.ceil(value))
+    return op, tuple(values)
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _kind_name(value: Any) -> str:
     if isinstance(value, bool):
         return "a bool"
@@ -157,7 +202,15 @@ def _predicate(engine: Engine, p: Predicate, within: BitMap | None = None) -> Bi
         if kind in RANGE_KINDS:
             return BitMap(engine.range_index[spec.id].exists())
         return BitMap(engine.exists[spec.id])
-    values = [_literal(spec, v, op) for v in p.values]
+    raw = p.values
+    if kind is Kind.INT and any(type(v) is float for v in raw):
+        whole = _whole_numbers(op, raw)
+        if whole is None:
+            return BitMap()
+        if whole[0] is Op.EXISTS:
+            return BitMap(engine.range_index[spec.id].exists())
+        op, raw = whole
+    values = [_literal(spec, v, op) for v in raw]
     if kind in RANGE_KINDS:
         index = engine.range_index[spec.id]
         if op is Op.IN:

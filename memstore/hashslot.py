@@ -21,6 +21,12 @@ EPOCH_TRAILER = "memstore-epoch"
 # slots changed since.
 EXPECT_SHARD = "memstore-expect-shard"
 REJUDGE_TRAILER = "memstore-rejudge"
+# Request metadata a router sends with every call to a shard: its writes may not declare
+# attributes by their values on the shard; a shard refuses one naming attributes it has
+# not declared (FAILED_PRECONDITION, trailer UNDECLARED_TRAILER: msgpack [[name, kind,
+# indexed, merge], ...]), and the router declares them cluster-wide and sends it again.
+CLUSTER_SCHEMA = ("memstore-schema", "cluster")
+UNDECLARED_TRAILER = "memstore-undeclared-bin"
 # The router's JSON admin service (cluster tools; ListShards also serves direct_reads).
 ADMIN_SERVICE = "memstore.cluster.v1.RouterAdmin"
 

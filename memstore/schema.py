@@ -140,12 +140,7 @@ class Schema:
                     f"merge={existing.merge.name.lower()}"
                 )
             return None
-        if merge in (Merge.SUM,) and kind not in (Kind.INT, Kind.FLOAT):
-            raise InvalidArgument(f"attribute {name!r}: merge=sum needs an int or float kind")
-        if merge in (Merge.MIN, Merge.MAX) and kind not in (Kind.INT, Kind.FLOAT, Kind.TIMESTAMP):
-            raise InvalidArgument(
-                f"attribute {name!r}: merge={merge.name.lower()} needs a number or timestamp"
-            )
+        check_merge(name, kind, merge)
         return AttributeSpec(len(self.by_id) if next_id is None else next_id, name, kind,
                              indexed, merge)
 
@@ -164,6 +159,23 @@ class Schema:
         for item in state:
             schema.add(AttributeSpec.from_state(item))
         return schema
+
+
+def check_merge(name: str, kind: Kind, merge: Merge) -> None:
+    """Raise InvalidArgument unless `merge` applies to attributes of `kind`."""
+    if merge in (Merge.SUM,) and kind not in (Kind.INT, Kind.FLOAT):
+        raise InvalidArgument(f"attribute {name!r}: merge=sum needs an int or float kind")
+    if merge in (Merge.MIN, Merge.MAX) and kind not in (Kind.INT, Kind.FLOAT, Kind.TIMESTAMP):
+        raise InvalidArgument(
+            f"attribute {name!r}: merge={merge.name.lower()} needs a number or timestamp"
+        )
+
+
+def registry_key(name: str) -> str:
+    """Where the cluster's declaration of attribute `name` lives: the shard owning
+    slot_of(registry_key(name)) keeps it (memstore.engine's `registry`, a router's
+    shards/schema.py), so each name has one owner, and it moves with that slot."""
+    return f"attribute:{name}"
 
 
 def article(word: str) -> str:

@@ -9,6 +9,7 @@ logged with its traceback and answered INTERNAL without touching state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import logging
@@ -16,7 +17,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from operator import itemgetter
 from typing import Any, TypeVar
@@ -50,14 +51,17 @@ from memstore.errors import (
     NotFound,
     OwnershipChanged,
     Unavailable,
+    Undeclared,
     WrongSlot,
 )
 from memstore.evaluate import evaluate, group_counts
 from memstore.hashslot import (
+    CLUSTER_SCHEMA,
     EPOCH_TRAILER,
     EXPECT_SHARD,
     REJUDGE_TRAILER,
     SLOT_COUNT,
+    UNDECLARED_TRAILER,
     slot_of,
 )
 from memstore.heap import LoadTrimmer
@@ -112,6 +116,8 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
             exc.pairs)),))
     elif isinstance(exc, OwnershipChanged):
         context.set_trailing_metadata(((REJUDGE_TRAILER, "1"),))
+    elif isinstance(exc, Undeclared):
+        context.set_trailing_metadata(((UNDECLARED_TRAILER, msgpack.packb(exc.specs)),))
     if isinstance(exc, MemstoreError):
         await context.abort(_status_for(exc), str(exc))
     log.exception("internal error")
@@ -338,7 +344,8 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
     async def Upsert(self, request: pb.UpsertRequest, context: Any) -> pb.UpsertResponse:
         self._writable()
         self._as_judged(context)
-        change = self.engine.plan_upsert(_spec(request))
+        with _planning(self.engine, context):
+            change = self.engine.plan_upsert(_spec(request))
         return upsert_response(self.engine, await self.shard.commit(change))
 
     @rpc
@@ -351,15 +358,16 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         batch = unpack_columns(request.columns) if request.columns else None
         _forwarded(self.engine, [r.id for r in request.requests] + [row[0] for row in rows]
                    + (batch.ids if batch is not None else []))
-        if request.requests or (rows and batch is not None):
-            specs = [_spec(r, f"requests[{i}].") for i, r in enumerate(request.requests)]
-            specs += record_specs(rows, "packed")
-            specs += record_specs(batch.rows() if batch else [], "columns")
-            change = self.engine.plan_batch(specs)
-        elif batch is not None:
-            change = self.engine.plan_columns(batch)
-        else:
-            change = self.engine.plan_load(rows)
+        with _planning(self.engine, context):
+            if request.requests or (rows and batch is not None):
+                specs = [_spec(r, f"requests[{i}].") for i, r in enumerate(request.requests)]
+                specs += record_specs(rows, "packed")
+                specs += record_specs(batch.rows() if batch else [], "columns")
+                change = self.engine.plan_batch(specs)
+            elif batch is not None:
+                change = self.engine.plan_columns(batch)
+            else:
+                change = self.engine.plan_load(rows)
         results: list[tuple[str, bool]] = []
         self._loads.begin()
         try:
@@ -387,7 +395,8 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
     async def Link(self, request: pb.LinkRequest, context: Any) -> pb.LinkResponse:
         self._writable()
         self._as_judged(context)
-        change = self.engine.plan_link(request.id, _idents(request), request.create)
+        with _planning(self.engine, context):
+            change = self.engine.plan_link(request.id, _idents(request), request.create)
         return link_response(self.engine, await self.shard.commit(change))
 
     @rpc
@@ -397,7 +406,9 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
             at = request.at.seconds * 1_000_000 + request.at.nanos // 1000
         else:
             at = pbvalues.datetime_to_micros(datetime.now(UTC))
-        change = self.engine.plan_track(request.id, request.event, at, request.count or 1)
+        with _planning(self.engine, context):
+            change = self.engine.plan_track(request.id, request.event, at,
+                                            request.count or 1)
         version = await self.shard.commit(change)
         return pb.TrackResponse(version=version)
 
@@ -545,6 +556,20 @@ def _packed_array(packed: bytes) -> list[Any]:
     return items
 
 
+@contextlib.contextmanager
+def _planning(engine: Engine, context: Any) -> Iterator[None]:
+    """Plan a write as its sender asks: a router's write (CLUSTER_SCHEMA) may not declare
+    attributes by their values here; it is refused naming them (Undeclared), so that the
+    router declares them as the cluster's schema has them. Planning never awaits, so the
+    flag is this write's alone."""
+    engine.cluster_schema = any(key == CLUSTER_SCHEMA[0] for key, _ in
+                                context.invocation_metadata() or ())
+    try:
+        yield
+    finally:
+        engine.cluster_schema = False
+
+
 def _as_judged(shard: Shard, context: Any) -> None:
     """Refuse a call judged for another shard, or for this one before its slots last
     changed (EXPECT_SHARD): a router's write judged "same shard" may not be, and a
@@ -652,13 +677,16 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
                 raise InvalidArgument(f"losers[{i}]: {exc}") from None
         which = request.WhichOneof("request")
         if which == "upsert":
-            change = self.engine.plan_absorb(request.txn, losers, upsert=_spec(request.upsert))
+            with _planning(self.engine, context):
+                change = self.engine.plan_absorb(request.txn, losers,
+                                                 upsert=_spec(request.upsert))
             return cpb.AbsorbResponse(
                 upsert=upsert_response(self.engine, await self.shard.commit(change)))
         if which == "link":
             link = request.link
-            change = self.engine.plan_absorb(request.txn, losers,
-                                             link=(link.id, _idents(link), link.create))
+            with _planning(self.engine, context):
+                change = self.engine.plan_absorb(request.txn, losers,
+                                                 link=(link.id, _idents(link), link.create))
             return cpb.AbsorbResponse(
                 link=link_response(self.engine, await self.shard.commit(change)))
         raise InvalidArgument("request: an upsert or a link is required")
@@ -689,6 +717,24 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
             self._writable()
             await self.shard.commit(change)
         return cpb.ClaimResponse(packed=msgpack.packb(change.result))
+
+    @rpc
+    async def Register(self, request: cpb.RegisterRequest, context: Any
+                       ) -> cpb.RegisterResponse:
+        specs = []
+        for i, a in enumerate(request.attributes):
+            if a.kind == pb.KIND_UNSPECIFIED:
+                raise InvalidArgument(f"attributes[{i}]: kind is not set")
+            specs.append((a.name, Kind(a.kind), not a.not_indexed, Merge(int(a.merge))))
+        change = self.engine.plan_register(specs)
+        if not change.empty:
+            self._writable()
+            await self.shard.commit(change)
+        return cpb.RegisterResponse(attributes=[
+            pb.AttributeSpec(name=name, kind=pb.Kind.ValueType(kind), not_indexed=not indexed,
+                             merge=pb.AttributeSpec.Merge.ValueType(merge))
+            for (name, _, _, _), (kind, indexed, merge) in zip(specs, change.result,
+                                                                strict=True)])
 
     @rpc
     async def Forget(self, request: cpb.ForgetRequest, context: Any) -> cpb.ForgetResponse:
@@ -808,8 +854,9 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
         if notes is not None:  # replaces this shard's notes of those slots
             covered = chunk.get("note_slots")
             mine = (engine.notes_in_slots(BitMap.deserialize(covered)) if covered is not None
-                    else {"forwards": {}, "decided": {}, "claims": {}})  # older: add only
-            for table in ("forwards", "decided", "claims"):
+                    else {"forwards": {}, "decided": {}, "claims": {},
+                          "registry": {}})  # older: add only
+            for table in ("forwards", "decided", "claims", "registry"):
                 theirs = notes.get(table, {})
                 change.notes += [Note(table, key, None) for key in mine[table]
                                  if key not in theirs]

@@ -364,9 +364,10 @@ def write_snapshot_file(engine: Engine, snap_dir: Path, lsn: int, shard_name: st
     count = 0
     with SnapshotWriter.create(snap_dir, lsn) as writer:
         writer.write("meta", msgpack.packb(meta))
-        if engine.held or engine.forwards or engine.decided:
+        if engine.held or engine.forwards or engine.decided or engine.registry:
             writer.write("merges", msgpack.packb({"held": engine.held, "forwards":
-                                                  engine.forwards, "decided": engine.decided}))
+                                                  engine.forwards, "decided": engine.decided,
+                                                  "registry": engine.registry}))
         claims = engine.claims.by_slot()  # unpacked a slot at a time, as they are written
         while chunk := list(islice(claims, CLAIM_SLOTS_CHUNK)):
             writer.write("claims", msgpack.packb(chunk))
@@ -468,6 +469,7 @@ def load_snapshot(engine: Engine, sections: Iterable[tuple[str, bytes]]) -> None
             tables = msgpack.unpackb(payload)
             engine.held, engine.forwards, engine.decided = (
                 tables["held"], tables["forwards"], tables["decided"])
+            engine.registry = tables.get("registry", {})  # older snapshots have none
         elif name == "claims":
             for slot, table in msgpack.unpackb(payload, strict_map_key=False):
                 engine.claims.load(slot, table)

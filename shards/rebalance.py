@@ -54,7 +54,8 @@ import grpc
 import msgpack
 
 from memstore.v1 import cluster_pb2 as cpb
-from memstore.v1 import cluster_pb2_grpc
+from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
+from memstore.v1 import memstore_pb2 as pb
 from shards.shard_map import CHANNEL_OPTIONS
 from shards.slots import Move, from_ranges, plan_add, plan_remove, to_ranges
 
@@ -295,12 +296,29 @@ async def resume(cluster: Cluster, journal: Journal) -> bool:
     return True
 
 
+async def copy_schema(sources: Iterable[Node], target: Node) -> int:
+    """Declare on `target` every attribute the `sources` declare (the first source's
+    declaration of a name), before it owns a slot of theirs: one schema for the cluster
+    (shards/schema.py). Returns how many attributes it declared."""
+    specs: dict[str, pb.AttributeSpec] = {}
+    for node in sources:
+        schema = await memstore_pb2_grpc.MemstoreStub(node.channel).GetSchema(
+            pb.GetSchemaRequest(), timeout=10.0)
+        for spec in schema.attributes:
+            specs.setdefault(spec.name, spec)
+    if specs:
+        await memstore_pb2_grpc.MemstoreStub(target.channel).DeclareAttributes(
+            pb.DeclareAttributesRequest(attributes=list(specs.values())), timeout=30.0)
+    return len(specs)
+
+
 async def run_moves(cluster: Cluster, moves: list[Move], journal: Journal,
                     batch_slots: int = BATCH_SLOTS,
                     progress: Callable[[int], None] | None = None) -> MoveReport:
     report = MoveReport()
     for move in moves:
         source, target = cluster.node(move.source), cluster.node(move.target)
+        await copy_schema([source], target)
         slots = sorted(from_ranges(move.slots))
         for i in range(0, len(slots), batch_slots):
             batch = set(slots[i:i + batch_slots])
@@ -321,6 +339,7 @@ async def prepare_new_shard(cluster: Cluster, node: Node, force: bool = False) -
     if node.slots & set().union(*(n.slots for n in others)) or (node.slots and not others):
         node.info = await node.stub.SetSlots(cpb.SetSlotsRequest(
             epoch=cluster.next_epoch(), slots=[]))
+    await copy_schema(others, node)  # the cluster's schema before it owns a slot
 
 
 def plan_for_add(cluster: Cluster, new: Node) -> list[Move]:

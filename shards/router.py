@@ -65,7 +65,14 @@ from grpc_reflection.v1alpha import reflection
 from memstore import metrics, pbvalues
 from memstore.columnar import Columns, unpack_columns
 from memstore.errors import InvalidArgument
-from memstore.hashslot import ADMIN_SERVICE, EPOCH_TRAILER, EXPECT_SHARD, REJUDGE_TRAILER
+from memstore.hashslot import (
+    ADMIN_SERVICE,
+    CLUSTER_SCHEMA,
+    EPOCH_TRAILER,
+    EXPECT_SHARD,
+    REJUDGE_TRAILER,
+    UNDECLARED_TRAILER,
+)
 from memstore.heap import LoadTrimmer
 from memstore.link import LinkServer, describe_handler
 from memstore.query import And, Not, Or, Predicate, QueryError, query_from_request
@@ -75,6 +82,7 @@ from memstore.v1 import memstore_pb2_grpc
 from shards import merge
 from shards.backoff import pause
 from shards.directory import ClaimStuck, Directory
+from shards.schema import ClusterSchema
 from shards.shard_map import CHANNEL_OPTIONS, ShardMap, ShardState
 from shards.slots import slot_of
 
@@ -87,6 +95,7 @@ MOVE_WAIT = 30.0
 SWEEP_INTERVAL = 2.0  # seconds between looks for merges a dead router left unfinished
 REQUEST, PACKED, COLUMNS = 0, 1, 2  # the forms of a BatchUpsert record (BatchUpsertRequest)
 MAX_FORWARDS = 16  # merged-away ids followed in a row before giving up (a cycle is a bug)
+MAX_DECLARES = 3  # a write sent again after declaring what it names (more would be a bug)
 # Shard answers that say a write was not applied (its claims can be given back).
 REFUSED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
                      grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE})
@@ -112,6 +121,7 @@ class _Pending(Exception):
 
 
 _FOLLOWED = object()  # routed: a group sent again, aimed at the survivors of merged-away ids
+_DECLARED = object()  # routed: a group sent again once its shard declared what it names
 _REJUDGE = object()  # routed: a group its shard refused as judged on an older map (EXPECT_SHARD)
 
 
@@ -173,9 +183,16 @@ def _wrong_slot(exc: grpc.aio.AioRpcError) -> bool:
     return any(k == "memstore-wrong-slot" for k, _ in (exc.trailing_metadata() or ()))
 
 
+_AS_ROUTER = {"metadata": (CLUSTER_SCHEMA,)}
+
+
 def _expecting(judged: str | None) -> dict[str, Any]:
-    """Call options for a write judged for shard "name:epoch" (EXPECT_SHARD), if it was."""
-    return {} if judged is None else {"metadata": ((EXPECT_SHARD, judged),)}
+    """Call options of a call to a shard: from a router (CLUSTER_SCHEMA: its writes may
+    not declare attributes by their values there, shards/schema.py), and for a write
+    judged for shard "name:epoch" (EXPECT_SHARD), if it was."""
+    if judged is None:
+        return _AS_ROUTER
+    return {"metadata": (CLUSTER_SCHEMA, (EXPECT_SHARD, judged))}
 
 
 def _timeout(context: grpc.aio.ServicerContext) -> float | None:
@@ -250,6 +267,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                  on_membership: Callable[[list[str]], None] | None = None) -> None:
         self.map = shard_map
         self.directory = Directory(self)  # the identifier directory (shards/directory.py)
+        self.schema = ClusterSchema(self)  # the cluster's schema registry (shards/schema.py)
         self.on_membership = on_membership
         self.sweeper: asyncio.Task[None] | None = None
         self.link: LinkServer | None = None  # clients' unary calls (memstore/link.py)
@@ -313,7 +331,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         Raises what it cannot handle: AioRpcError, _Down, _Stuck, and merge.Forwarded when
         not `follow`ing merged-away ids. With `expect` ("name:epoch" the write was judged
         for, EXPECT_SHARD), raises _Rejudge where ownership is not as judged."""
-        hops = 0
+        hops = declared = 0
         for attempt in _attempts():
             slot = slot_of(pid)
             version = self.map.version
@@ -328,6 +346,12 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                 return await getattr(stub, method)(request, timeout=_timeout(context),
                                                    **_expecting(expect))
             except grpc.aio.AioRpcError as exc:
+                undeclared = _trailer(exc, UNDECLARED_TRAILER)
+                if undeclared is not None and declared < MAX_DECLARES:
+                    declared += 1  # declare them there as the cluster has them; again
+                    await self.schema.declare_on(shard, undeclared, context,
+                                                 _timeout(context))
+                    continue
                 if expect is not None and (_wrong_slot(exc) or _trailer(exc, REJUDGE_TRAILER)):
                     await self.map.refresh(since=version)
                     raise _Rejudge() from None
@@ -588,7 +612,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         "name:epoch" of the shard it was judged for) carries that as EXPECT_SHARD; when its
         shard refuses that, or the slot moved, its items go to `rejudge`, not sent again."""
         pending, done = items, []
-        follow_rounds = 0
+        follow_rounds = declare_rounds = 0
         for attempt in _attempts():
             version = self.map.version
             groups: dict[int, tuple[ShardState, list[tuple[str, Any]]]] = {}
@@ -609,6 +633,11 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                     return group, await getattr(stub, method)(
                         request, timeout=_timeout(context), **_expecting(expect))
                 except grpc.aio.AioRpcError as exc:
+                    undeclared = _trailer(exc, UNDECLARED_TRAILER)
+                    if undeclared is not None:
+                        await self.schema.declare_on(shard, undeclared, context,
+                                                     _timeout(context))
+                        return group, _DECLARED
                     if expect is not None and (_wrong_slot(exc)
                                                or _trailer(exc, REJUDGE_TRAILER)):
                         return group, _REJUDGE
@@ -629,7 +658,8 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
             outcomes = await asyncio.gather(*(one(s, g) for s, g in groups.values()),
                                             return_exceptions=True)
             pending = unowned
-            followed, moved_on = False, bool(unowned)  # why items are pending this round
+            # why items are pending this round
+            followed, declared, moved_on = False, False, bool(unowned)
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
                     await self._abort(context, outcome)  # type: ignore[arg-type]
@@ -644,6 +674,9 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                 elif response is _FOLLOWED:
                     pending.extend(group)
                     followed = True
+                elif response is _DECLARED:  # its shard now declares what it names: again
+                    pending.extend(group)
+                    declared = True
                 elif response is _REJUDGE:
                     assert rejudge is not None
                     rejudge.extend(group)
@@ -654,6 +687,10 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                     done.append(([item for _, item in group], response))
             if not pending:
                 return done
+            if declared and not (followed or moved_on):
+                declare_rounds += 1
+                if declare_rounds <= MAX_DECLARES:
+                    continue
             if followed:
                 follow_rounds += 1
                 if follow_rounds > MAX_FORWARDS:
@@ -877,12 +914,25 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
     # ------------------------------------------------------------------ schema
     async def DeclareAttributes(self, request: pb.DeclareAttributesRequest, context: Any
                                 ) -> pb.SchemaResponse:
+        """The registry first: a declaration that differs from the cluster's is refused
+        before any shard changed; then every reachable shard (one that is down declares
+        it before a write of it applies there, shards/schema.py)."""
+        for i, spec in enumerate(request.attributes):
+            if spec.kind == pb.KIND_UNSPECIFIED:
+                await _fail(context, Code.INVALID_ARGUMENT, f"attributes[{i}]: kind is not set")
+        try:
+            specs = await self.schema.declare(request.attributes, context)
+        except ValueError as exc:
+            await _fail(context, Code.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:  # noqa: BLE001 - _abort re-raises what it cannot map
+            await self._abort(context, exc)
         timeout = _timeout(context)
+        declared = pb.DeclareAttributesRequest(attributes=specs)
 
         def call(shard: ShardState) -> Any:
-            return shard.stub.DeclareAttributes(request, timeout=timeout)
+            return shard.stub.DeclareAttributes(declared, timeout=timeout)
 
-        answers, _ = await self._fan_out(context, call)
+        answers, _ = await self._fan_out(context, call, allow_partial=True)
         return _union_schema(r for _, r in answers)
 
     async def GetSchema(self, request: pb.GetSchemaRequest, context: Any) -> pb.SchemaResponse:
@@ -1069,6 +1119,21 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
             attributes=max((r.attributes for _, r in answers), default=0),
             log_bytes=sum(r.log_bytes for _, r in answers), shard="router", info=info)
 
+    async def bootstrap_schema(self) -> None:
+        """Register what the shards declared before the schema registry existed (best
+        effort: a router starting without some shards registers theirs as they write)."""
+        reachable = [s for s in self.map.shards if s.reachable]
+        try:
+            schemas = [(s, await s.stub.GetSchema(pb.GetSchemaRequest(), timeout=5.0))
+                       for s in reachable]
+            conflicts = await self.schema.bootstrap(schemas, Background())
+        except Exception as exc:  # noqa: BLE001 - writes register what they need anyway
+            log.warning("could not read the shards' schemas at start-up: %s", exc)
+            return
+        for line in conflicts:
+            log.warning("schema conflict from before the registry: %s; writes follow the "
+                        "registry", line)
+
     # ------------------------------------------------------------------ admin
     async def admin(self, method: str, body: dict[str, Any]) -> dict[str, Any]:
         """RouterAdmin (JSON over gRPC, no proto): the cluster tools tell routers about
@@ -1144,6 +1209,7 @@ async def start_router(addresses: Iterable[str], host: str = "127.0.0.1", port: 
         log.warning("starting without shards %s: their calls get UNAVAILABLE until they "
                     "answer", ", ".join(down))
     router = RouterService(shard_map, on_membership)
+    await router.bootstrap_schema()
     server = grpc.aio.server(options=CHANNEL_OPTIONS[:2], interceptors=[_Metered()])
     memstore_pb2_grpc.add_MemstoreServicer_to_server(router, server)
     server.add_generic_rpc_handlers((_admin_handler(router),))

@@ -379,7 +379,8 @@ def test_routed_refreshes_the_map_when_a_forward_and_a_moved_slot_meet(
         def __init__(self, name: str) -> None:
             self.name = name
 
-        async def BatchUpsert(self, ids: list[str], timeout: float | None = None) -> Any:
+        async def BatchUpsert(self, ids: list[str], timeout: float | None = None,
+                              metadata: Any = None) -> Any:
             calls[self.name] += 1
             if self.name == "moved":
                 raise error([("memstore-wrong-slot", "1")])  # its slot left; map is stale

@@ -168,6 +168,18 @@ class ClaimResponse(_message.Message):
     packed: bytes
     def __init__(self, packed: _Optional[bytes] = ...) -> None: ...
 
+class RegisterRequest(_message.Message):
+    __slots__ = ("attributes",)
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    attributes: _containers.RepeatedCompositeFieldContainer[_memstore_pb2.AttributeSpec]
+    def __init__(self, attributes: _Optional[_Iterable[_Union[_memstore_pb2.AttributeSpec, _Mapping]]] = ...) -> None: ...
+
+class RegisterResponse(_message.Message):
+    __slots__ = ("attributes",)
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    attributes: _containers.RepeatedCompositeFieldContainer[_memstore_pb2.AttributeSpec]
+    def __init__(self, attributes: _Optional[_Iterable[_Union[_memstore_pb2.AttributeSpec, _Mapping]]] = ...) -> None: ...
+
 class ShardInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
