@@ -1,0 +1,540 @@
+"""Storage behaviour the mutation run (docs/mutation-testing.md) found untested: recovery of
+everything a shard keeps besides profiles (merge tables, slot ownership, claims) from the
+log and from snapshots, the snapshot writer run in this process (it normally runs in a
+forked child, where the mutation tool cannot see which tests reach it), and the details
+of the log reader, writer and snapshot files that a changed line would break.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import re
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from pyroaring import BitMap
+
+import memstore.shard as shard_module
+import memstore.snapshot_file as snapshot_module
+from memstore import wal_format as fmt
+from memstore.engine import SET, Engine, UpsertSpec
+from memstore.hashslot import SLOT_COUNT, slot_of
+from memstore.shard import Shard, ShardConfig, load_snapshot, replay, write_snapshot_file
+from memstore.snapshot_file import (
+    CURRENT,
+    MAX_NAME,
+    SnapshotError,
+    SnapshotReader,
+    SnapshotWriter,
+    load_newest,
+    snapshot_name,
+)
+from memstore.wal_reader import (
+    LogCorruptError,
+    TornTail,
+    _backup_name,
+    check,
+    decode_segment,
+    read_log,
+    read_segment_bytes,
+    repair,
+    truncate_torn_tail,
+)
+from memstore.wal_writer import LogFailedError, LogWriter, SyncPolicy
+from tests.test_durability import T0, random_writes, state_of
+from tests.test_wal import CountingFsync, P, flip, payloads, segments, write_log
+
+
+def full_state(engine: Engine) -> tuple[Any, ...]:
+    """Everything a restart must give back: profiles, answers, aliases, claims (state_of),
+    the cross-shard merge tables, slot ownership, the schema and every index."""
+    indexes = {}
+    for spec in engine.schema.by_id:
+        if spec.id in engine.range_index:
+            indexes[spec.name] = engine.range_index[spec.id].to_state()
+        elif spec.id in engine.value_index:
+            indexes[spec.name] = (engine.value_index[spec.id].to_state(),
+                                  list(engine.exists[spec.id]))
+    owned = None if engine.owned_slots is None else list(engine.owned_slots)
+    return (state_of(Shard(ShardConfig(), engine, None)), engine.held, engine.forwards,
+            engine.decided, list(engine.held_dense), engine.epoch, owned,
+            list(engine.foreign), len(engine.pids), engine.schema.to_state(), indexes)
+
+
+async def merge_steps(shard: Shard, tag: str) -> None:
+    """A merge absorbed here (RECORD_MERGE with images), a loser held here, a loser
+    released here after a committed merge (forwards), and an aborted decision."""
+    engine = shard.engine
+    side = Engine()  # another shard, holding the loser absorbed here
+    side.apply(side.plan_upsert(UpsertSpec(f"lx-{tag}", [(SET, "from_side", 7)],
+                                           [("email", f"lx-{tag}@x")])))
+    exported = side.plan_hold(f"lx-{tag}", f"t1-{tag}", f"s-{tag}").result
+    await shard.commit(engine.plan_upsert(UpsertSpec(f"s-{tag}", [(SET, "x", 1)])))
+    await shard.commit(engine.plan_absorb(f"t1-{tag}", [exported], link=(
+        f"s-{tag}", [("email", f"lx-{tag}@x")], False)))
+    for n in (2, 3):
+        await shard.commit(engine.plan_upsert(UpsertSpec(f"l{n}-{tag}", [(SET, "x", n)],
+                                                         [("email", f"l{n}-{tag}@x")])))
+        await shard.commit(engine.plan_hold(f"l{n}-{tag}", f"t{n}-{tag}", f"far-{tag}"))
+    await shard.commit(engine.plan_release(f"l3-{tag}", f"t3-{tag}", True))
+    await shard.commit(engine.plan_decide(f"t4-{tag}", f"s-{tag}"))
+
+
+@pytest.mark.parametrize("snapshot", ["none", "middle", "end"])
+def test_a_restart_restores_merge_tables_ownership_and_claims(tmp_path: Path,
+                                                              snapshot: str) -> None:
+    """From the log alone, from a snapshot plus the log after it, from a snapshot alone."""
+    data = tmp_path / "data"
+
+    async def before() -> tuple[Any, ...]:
+        shard = await Shard.open(ShardConfig(data_dir=data))
+        rng = random.Random(11)
+        await random_writes(shard, rng, 150)
+        await merge_steps(shard, "a")
+        await shard.set_ownership(3, BitMap(range(SLOT_COUNT)))
+        if snapshot == "middle":
+            await shard.snapshot()
+        await random_writes(shard, rng, 150)
+        await merge_steps(shard, "b")
+        # The shard gives up some slots: profiles in them become foreign.
+        gone = {slot_of(pid) for pid in list(shard.engine.dense_of)[:5]}
+        await shard.set_ownership(4, BitMap(set(range(SLOT_COUNT)) - gone))
+        if snapshot == "end":
+            await shard.snapshot()
+        state = full_state(shard.engine)
+        assert shard.engine.held and shard.engine.forwards and shard.engine.decided
+        assert shard.engine.foreign
+        await shard.close()
+        return state
+
+    async def after() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        shard = await Shard.open(ShardConfig(data_dir=data))
+        state, recovery = full_state(shard.engine), shard.recovery
+        await shard.close()
+        return state, recovery
+
+    expected = asyncio.run(before())
+    state, recovery = asyncio.run(after())
+    assert state == expected
+    assert (recovery["snapshot"] is None) == (snapshot == "none")
+    assert (recovery["replayed"] == 0) == (snapshot == "end")
+
+
+def test_ownership_for_every_slot_again_is_restored_as_none(tmp_path: Path) -> None:
+    """`None` (no --slots: every slot) is a state of its own, in the log and in snapshots."""
+    data = tmp_path / "data"
+
+    async def scenario(snapshot: bool) -> tuple[int, Any]:
+        shard = await Shard.open(ShardConfig(data_dir=data))
+        await shard.set_ownership(2, BitMap([1, 2]))
+        await shard.set_ownership(3, None)
+        if snapshot:
+            await shard.snapshot()
+        await shard.close()
+        again = await Shard.open(ShardConfig(data_dir=data))
+        found = again.engine.epoch, again.engine.owned_slots
+        await again.close()
+        return found
+
+    assert asyncio.run(scenario(False)) == (3, None)
+    assert asyncio.run(scenario(True)) == (3, None)
+
+
+def test_the_snapshot_writer_run_in_process_loads_back_to_the_same_engine(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """write_snapshot_file as the forked child runs it, here in this process, with sections
+    small enough that every kind of section repeats."""
+    monkeypatch.setattr(shard_module, "SNAPSHOT_CHUNK", 7)
+    monkeypatch.setattr(shard_module, "CLAIM_SLOTS_CHUNK", 2)
+    shard = asyncio.run(Shard.open(ShardConfig()))  # memory only: the engine is what counts
+
+    async def fill() -> None:
+        await random_writes(shard, random.Random(5), 200)
+        await merge_steps(shard, "c")
+        await shard.set_ownership(9, BitMap(range(0, SLOT_COUNT, 2)))
+
+    asyncio.run(fill())
+    engine = shard.engine
+    started = time.monotonic()
+    path, count, pause = write_snapshot_file(engine, tmp_path / "snaps", 4242, "shard-7", started)
+    assert Path(path) == tmp_path / "snaps" / f"snap-{4242:020d}.snap"
+    assert count == sum(blob is not None for blob in engine.blobs) > 7
+    assert 0 <= pause <= time.monotonic() - started
+    reader = load_newest(tmp_path / "snaps")
+    assert reader is not None and reader.lsn == 4242
+    names = [name for name, _ in reader.sections()]
+    assert names[0] == "meta" and names[1] == "merges"
+    assert names.count("claims") == -(-sum(1 for _ in engine.claims.by_slot()) // 2) > 1
+    assert names.count("profiles") == -(-len(engine.pids) // 7)
+    assert names.count("index") == sum(spec.indexed for spec in engine.schema.by_id)
+    meta = msgpack.unpackb(next(payload for name, payload in reader.sections()
+                                if name == "meta"))
+    assert (meta["version"], meta["shard"], meta["next_dense"]) == (1, "shard-7",
+                                                                   len(engine.pids))
+    restored = Engine()
+    load_snapshot(restored, reader.sections())
+    assert full_state(restored) == full_state(engine)
+
+
+def test_a_snapshot_without_merge_tables_writes_no_merges_section(tmp_path: Path) -> None:
+    engine = Engine()
+    engine.apply(engine.plan_upsert(UpsertSpec("p", [
+        (SET, "country", "US"), (SET, "age", 30), (SET, "tags", ["b"]), (SET, "score", 0.7),
+        (SET, "seen", T0)])))
+    path, count, _ = write_snapshot_file(engine, tmp_path, 1, "s", time.monotonic())
+    assert count == 1
+    assert [name for name, _ in SnapshotReader(path).sections()] == [
+        "meta", "profiles", *["index"] * 5]
+    restored = Engine()
+    load_snapshot(restored, SnapshotReader(path).sections())
+    assert full_state(restored) == full_state(engine)
+
+
+def test_unknown_records_and_sections_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="unknown log record type 99"):
+        replay(Engine(), 99, b"")
+    with pytest.raises(ValueError, match="unknown snapshot section 'mystery'"):
+        load_snapshot(Engine(), [("mystery", b"")])
+
+
+# ---------------------------------------------------------------------- the log's damage
+
+
+def _header(base: int = 0, version: int = fmt.FORMAT_VERSION,
+            magic: bytes = fmt.SEGMENT_MAGIC) -> bytes:
+    head = fmt.SEGMENT_HEADER.pack(magic, version, base)
+    return head + fmt.SEGMENT_CRC.pack(zlib.crc32(head))
+
+
+def _frame(payload: bytes, rtype: int = P, length: int | None = None,
+           crc: int | None = None) -> bytes:
+    good = zlib.crc32(payload, zlib.crc32(bytes((rtype,))))
+    return fmt.FRAME_HEADER.pack(len(payload) if length is None else length,
+                                 good if crc is None else crc, rtype) + payload
+
+
+H = fmt.SEGMENT_HEADER_SIZE
+ONE = _frame(b"one")  # 12 bytes
+DAMAGE = {  # segment bytes read as an older segment (last=False): (offset, reason)
+    "header cut short": (b"MSLOG", 0, "segment header cut short"),
+    "bad magic": (_header(magic=b"NOTLOG") + ONE, 0, "bad segment header (magic or checksum)"),
+    "bad header checksum": (_header()[:-1] + b"\x00" + ONE, 0,
+                            "bad segment header (magic or checksum)"),
+    "unknown version": (_header(version=9) + ONE, 0, "unknown log format version 9"),
+    "base not the name's": (_header(base=100) + ONE, 0,
+                            "header says base LSN 100, file name says 0"),
+    "frame header cut short": (_header() + ONE + b"\x01\x02", H + len(ONE),
+                               "frame header cut short"),
+    "impossible length": (_header() + ONE + _frame(b"x", length=fmt.MAX_PAYLOAD + 1),
+                          H + len(ONE), f"impossible record length {fmt.MAX_PAYLOAD + 1}"),
+    "longest length past the end": (_header() + _frame(b"x", length=fmt.MAX_PAYLOAD), H,
+                                    "record runs past the end of the segment"),
+    "record past the end": (_header() + ONE + _frame(b"x", length=5), H + len(ONE),
+                            "record runs past the end of the segment"),
+    "checksum mismatch": (_header() + _frame(b"two", crc=1) + ONE, H, "checksum mismatch"),
+    "unknown record type": (_header() + ONE + _frame(b"t", rtype=9), H + len(ONE),
+                            "unknown record type 9"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damage_names_its_file_offset_and_reason(tmp_path: Path, damage: str) -> None:
+    data, offset, reason = DAMAGE[damage]
+    path = tmp_path / fmt.SEGMENT_NAME.format(base_lsn=0)
+    path.write_bytes(data)
+    with path.open("rb") as f, pytest.raises(LogCorruptError) as info:
+        list(decode_segment(f, path=path, base=0, last=False))
+    assert (info.value.path, info.value.offset, info.value.reason) == (path, offset, reason)
+    assert str(info.value) == (f"damaged log: {path} at offset {offset}: {reason} (run "
+                               "`memstore check` and `memstore repair` on the data directory)")
+
+
+def test_a_record_of_the_largest_length_is_read_back() -> None:
+    payload = bytes(fmt.MAX_PAYLOAD)
+    records = read_segment_bytes(_header() + _frame(payload))
+    assert [(r.lsn_start, r.lsn_end, len(r.payload)) for r in records] == [
+        (0, fmt.FRAME_HEADER_SIZE + fmt.MAX_PAYLOAD, fmt.MAX_PAYLOAD)]
+
+
+def test_the_largest_length_cut_short_at_the_end_of_the_newest_segment_is_torn() -> None:
+    data = _header() + ONE + _frame(b"\x07" * 30, length=fmt.MAX_PAYLOAD)
+    *records, torn = read_segment_bytes(data)
+    assert [r.payload for r in records] == [b"one"]
+    assert torn == TornTail(Path("<memory>"), H + len(ONE), 9 + 30)
+
+
+def test_a_newest_segment_with_a_nonzero_first_byte_is_damage_not_a_zero_tail() -> None:
+    with pytest.raises(LogCorruptError, match="bad segment header"):
+        read_segment_bytes(b"M" + bytes(40))
+    assert read_segment_bytes(bytes(41)) == [TornTail(Path("<memory>"), 0, 41)]
+
+
+def test_a_bad_length_before_a_last_record_ending_at_the_end_of_file_is_damage() -> None:
+    """The whole record after a damaged length ends exactly at end-of-file: it must still
+    be found (else the cut would drop it as a torn tail)."""
+    data = _header() + ONE + _frame(b"two", length=1000) + _frame(b"three")
+    with pytest.raises(LogCorruptError, match="record runs past the end") as info:
+        read_segment_bytes(data)
+    assert info.value.offset == H + len(ONE)
+
+
+def test_a_torn_record_whose_bytes_look_like_a_frame_header_is_still_torn() -> None:
+    """A header-shaped run of bytes (length 0, type 1) inside the torn record is not a whole
+    record: its checksum does not match."""
+    torn_payload = bytes(8) + b"\x01" + bytes(5)
+    data = _header() + ONE + _frame(torn_payload, length=500)
+    *records, torn = read_segment_bytes(data)
+    assert [r.payload for r in records] == [b"one"] and isinstance(torn, TornTail)
+
+
+@pytest.mark.parametrize("shift", [-3, 3], ids=["overlap", "gap"])
+def test_segments_that_do_not_chain_are_damage(tmp_path: Path, shift: int) -> None:
+    first = tmp_path / fmt.SEGMENT_NAME.format(base_lsn=0)
+    first.write_bytes(_header() + ONE)
+    base = len(ONE) + shift
+    second = tmp_path / fmt.SEGMENT_NAME.format(base_lsn=base)
+    second.write_bytes(_header(base) + ONE)
+    with pytest.raises(LogCorruptError) as info:
+        list(read_log(tmp_path))
+    what = "gap in" if shift > 0 else "overlap in"
+    assert (info.value.path, info.value.offset, info.value.reason) == (
+        second, 0, (f"{what} the log: {first.name} ends at LSN {len(ONE)}, the next segment "
+                   f"starts at {base}"))
+
+
+class FsyncSpy:
+    """os.fsync recording the path of every descriptor it syncs."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+
+    def __call__(self, fd: int) -> None:
+        self.paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        os.fsync(fd)
+
+
+def test_cutting_a_torn_tail_syncs_the_file_and_its_directory(tmp_path: Path) -> None:
+    write_log(tmp_path, payloads(3))
+    scan = read_log(tmp_path)
+    list(scan)
+    assert truncate_torn_tail(scan) == 0 and scan.torn is None  # nothing torn: nothing cut
+    segment = segments(tmp_path)[-1]
+    with segment.open("ab") as f:
+        f.write(b"\x05\x00")
+    scan = read_log(tmp_path)
+    list(scan)
+    spy = FsyncSpy()
+    assert truncate_torn_tail(scan, spy) == 2
+    assert scan.torn is None
+    assert spy.paths == [str(segment.resolve()), str(tmp_path.resolve())]
+
+
+def test_check_reports_in_words(tmp_path: Path) -> None:
+    assert str(check(tmp_path)) == "log: 0 segments, 0 records, 0 bytes, LSN 0..0\nok"
+    ends = write_log(tmp_path, payloads(40), segment_bytes=100)
+    files = segments(tmp_path)
+    writer = LogWriter.open(tmp_path)
+    writer.remove_segments_before(int(files[2].name[:20]))
+    asyncio.run(writer.close())
+    first = int(files[2].name[:20])
+    with files[-1].open("ab") as f:
+        f.write(b"\x05\x00")
+    size = sum(p.stat().st_size for p in segments(tmp_path))
+    report = check(tmp_path)
+    assert report.first_lsn == first and report.end_lsn == ends[-1]
+    assert str(report) == (
+        f"log: {len(files) - 2} segments, {report.records} records, {size} bytes, "
+        f"LSN {first}..{ends[-1]}\n"
+        f"torn record at the end: {files[-1]} offset {files[-1].stat().st_size - 2} "
+        "(2 bytes; cut off at next start-up)\nok")
+
+
+def test_backup_names_never_overwrite_an_earlier_backup(tmp_path: Path) -> None:
+    path = tmp_path / "00000000000000000000.log"
+    first = _backup_name(path, "STAMP")
+    assert first.name == f"{path.name}.broken-STAMP"
+    first.touch()
+    second = _backup_name(path, "STAMP")
+    assert second.name == f"{path.name}.broken-STAMP-1"
+    second.touch()
+    assert _backup_name(path, "STAMP").name == f"{path.name}.broken-STAMP-2"
+
+
+def test_repair_of_damage_in_the_first_record_keeps_the_header_and_syncs(tmp_path: Path
+                                                                        ) -> None:
+    write_log(tmp_path, payloads(30), segment_bytes=120)
+    files = segments(tmp_path)
+    flip(files[0], H + fmt.FRAME_HEADER_SIZE)  # the first record's payload
+    sizes = [p.stat().st_size for p in files]
+    spy = FsyncSpy()
+    report = repair(tmp_path, spy)
+    assert report.cut_at == (files[0], H)
+    assert report.bytes_removed == sizes[0] - H + sum(sizes[1:])
+    assert files[0].stat().st_size == H  # the header stays: the log starts there again
+    backup = report.backups[0]
+    assert re.fullmatch(rf"{files[0].name}\.broken-\d{{8}}T\d{{6}}Z", backup.name)
+    assert [p.name for p in report.moved_aside] == [
+        f"{p.name}.broken-{backup.name.rsplit('-', 1)[1]}" for p in files[1:]]
+    assert str(backup.resolve()) in spy.paths and spy.paths[-1] == str(tmp_path.resolve())
+    assert list(read_log(tmp_path)) == []
+
+
+# ---------------------------------------------------------------------- the log writer
+
+
+def test_an_idle_everysec_log_is_not_synced_again(tmp_path: Path) -> None:
+    """The background loop syncs only what is not durable yet (driven here with a zero
+    interval, one loop pass per event-loop turn, no clock involved)."""
+    fsync = CountingFsync()
+
+    async def go() -> None:
+        w = LogWriter.open(tmp_path, sync=SyncPolicy.EVERYSEC, fsync=fsync)
+        w.everysec_interval = 0
+        lsn = w.append(P, b"x")
+        while w.durable_lsn < lsn:
+            await asyncio.sleep(0)
+        calls = fsync.calls
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert fsync.calls == calls and w._background is not None
+        assert not w._background.done()
+        await w.close()
+
+    asyncio.run(go())
+
+
+def test_a_failed_background_fsync_fails_the_log_and_close_still_works(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    fsync = CountingFsync()
+
+    async def go() -> None:
+        w = LogWriter.open(tmp_path, sync=SyncPolicy.EVERYSEC, fsync=fsync)
+        w.everysec_interval = 0
+        fsync.broken = True
+        w.append(P, b"x")
+        while not w.failed:
+            await asyncio.sleep(0)
+        assert w._background is not None
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert w._background.done() and w._background.exception() is None
+        await w.close()  # the background task ended quietly
+        with pytest.raises(LogFailedError):
+            w.append(P, b"y")
+
+    with caplog.at_level("ERROR", logger="memstore.log"):
+        asyncio.run(go())
+    assert [r.getMessage() for r in caplog.records] == [
+        ("log failed: fsync failed: [Errno 5] injected fsync failure; refusing writes until "
+        "restart")]
+
+
+def test_everysec_appends_work_without_an_event_loop(tmp_path: Path) -> None:
+    """Tools append with no running loop: nothing syncs in the background then."""
+    w = LogWriter.open(tmp_path, sync=SyncPolicy.EVERYSEC)
+    lsn = w.append(P, b"x")
+    assert w._background is None and w.end_lsn == lsn
+    asyncio.run(w.close())
+    assert [r.payload for r in read_log(tmp_path)] == [b"x"]
+
+
+# ---------------------------------------------------------------------- snapshot files
+
+
+def test_a_snapshot_records_when_it_was_made_and_makes_its_directories(tmp_path: Path
+                                                                       ) -> None:
+    before = time.time_ns() // 1000
+    with SnapshotWriter.create(tmp_path / "a" / "b" / "snaps", 5) as writer:
+        writer.write("meta", b"m")
+        path = writer.commit()
+    reader = SnapshotReader(path)
+    assert before <= reader.created_us <= time.time_ns() // 1000
+    assert (reader.lsn, reader.section_count) == (5, 1)
+
+
+def test_a_committed_snapshot_takes_no_more_writes(tmp_path: Path) -> None:
+    writer = SnapshotWriter.create(tmp_path, 1)
+    writer.commit()
+    for call in (lambda: writer.write("x", b""), writer.commit):
+        with pytest.raises(ValueError) as info:
+            call()
+        assert str(info.value) == "snapshot already committed or aborted"
+    writer.abort()  # after commit: nothing to drop, no error
+    writer.abort()
+    assert [p.name for p in sorted(tmp_path.iterdir())] == [CURRENT, snapshot_name(1)]
+
+
+def test_section_limits_are_inclusive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(snapshot_module, "MAX_SECTION", 16)
+    with SnapshotWriter.create(tmp_path, 1) as writer:
+        writer.write("n" * MAX_NAME, bytes(16))
+        with pytest.raises(ValueError) as name:
+            writer.write("n" * (MAX_NAME + 1), b"")
+        assert str(name.value) == f"section name longer than {MAX_NAME} bytes"
+        with pytest.raises(ValueError) as size:
+            writer.write("s", bytes(17))
+        assert str(size.value) == "section of 17 bytes exceeds 16"
+        path = writer.commit()
+    assert [(n, len(p)) for n, p in SnapshotReader(path).sections()] == [("n" * MAX_NAME, 16)]
+
+
+def test_a_snapshot_damaged_after_it_was_verified_names_itself_when_read(tmp_path: Path
+                                                                         ) -> None:
+    with SnapshotWriter.create(tmp_path, 3) as writer:
+        writer.write("a", b"payload")
+        path = writer.commit()
+    reader = SnapshotReader(path)
+    raw = bytearray(path.read_bytes())
+    raw[-20] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(SnapshotError, match=re.escape(str(path))):
+        list(reader.sections())
+
+
+def _snapshot(directory: Path, lsn: int) -> Path:
+    with SnapshotWriter.create(directory, lsn) as writer:
+        writer.write("lsn", str(lsn).encode())
+        return writer.commit()
+
+
+def test_without_current_the_highest_lsn_wins(tmp_path: Path) -> None:
+    for lsn in (30, 7, 1000, 99, 5, 250):
+        _snapshot(tmp_path, lsn)
+    (tmp_path / CURRENT).unlink()
+    reader = load_newest(tmp_path)
+    assert reader is not None and reader.lsn == 1000
+    raw = bytearray((tmp_path / snapshot_name(1000)).read_bytes())
+    raw[-5] ^= 1
+    (tmp_path / snapshot_name(1000)).write_bytes(bytes(raw))
+    reader = load_newest(tmp_path)
+    assert reader is not None and reader.lsn == 250
+
+
+def test_an_unreadable_or_wrong_current_is_logged_and_the_newest_file_used(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    for lsn in (1, 2):
+        _snapshot(tmp_path, lsn)
+    current = tmp_path / CURRENT
+    current.unlink()
+    current.mkdir()  # reading it fails with an OSError
+    with caplog.at_level("WARNING", logger="memstore.snapshot"):
+        reader = load_newest(tmp_path)
+    assert reader is not None and reader.lsn == 2
+    [record] = caplog.records
+    assert record.getMessage().startswith(f"snapshot pointer {current} unreadable ([Errno 21]")
+    assert record.getMessage().endswith("); using the newest snapshot file")
+    current.rmdir()
+    current.write_text("garbage\n")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="memstore.snapshot"):
+        reader = load_newest(tmp_path)
+    assert reader is not None and reader.lsn == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        (f"snapshot pointer {current} names 'garbage', not a snapshot; using the newest "
+        "snapshot file")]
