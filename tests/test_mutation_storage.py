@@ -62,7 +62,12 @@ def full_state(engine: Engine) -> tuple[Any, ...]:
             indexes[spec.name] = (engine.value_index[spec.id].to_state(),
                                   list(engine.exists[spec.id]))
     owned = None if engine.owned_slots is None else list(engine.owned_slots)
-    return (state_of(Shard(ShardConfig(), engine, None)), engine.held, engine.forwards,
+    owners = {}  # every identifier, found through the directory
+    for dense in engine.live:
+        for kind, value in engine.profile(dense).identifiers:
+            found = engine.owner_dense(kind, value)
+            owners[kind, value] = None if found is None else engine.pids[found]
+    return (state_of(Shard(ShardConfig(), engine, None)), owners, engine.held, engine.forwards,
             engine.decided, list(engine.held_dense), engine.epoch, owned,
             list(engine.foreign), len(engine.pids), engine.schema.to_state(), indexes)
 
@@ -538,3 +543,143 @@ def test_an_unreadable_or_wrong_current_is_logged_and_the_newest_file_used(
     assert [r.getMessage() for r in caplog.records] == [
         (f"snapshot pointer {current} names 'garbage', not a snapshot; using the newest "
         "snapshot file")]
+
+
+def test_attributes_a_snapshot_has_no_index_for_get_empty_ones(tmp_path: Path) -> None:
+    """A declared attribute nobody holds may have no index section (older snapshots): the
+    loader gives it the empty index of its kind, so queries on it answer."""
+    from memstore.bitmap_index import RangeIndex, ValueIndex
+    from memstore.evaluate import evaluate
+    from memstore.query import parse
+    from memstore.schema import Kind, Merge
+
+    engine = Engine()
+    kinds = {"i": Kind.INT, "f": Kind.FLOAT, "t": Kind.TIMESTAMP, "s": Kind.STRING,
+             "b": Kind.BOOL, "l": Kind.STRING_LIST}
+    engine.apply(engine.plan_declare([(n, k, True, Merge.DEFAULT) for n, k in kinds.items()]
+                                     + [("quiet", Kind.STRING, False, Merge.DEFAULT)]))
+    engine.apply(engine.plan_upsert(UpsertSpec("p", [(SET, "other", 1)])))
+    path, _, _ = write_snapshot_file(engine, tmp_path, 1, "s", time.monotonic())
+    restored = Engine()
+    other = engine.schema.by_name["other"].id  # held by "p": its index section stays
+    load_snapshot(restored, ((name, payload) for name, payload in SnapshotReader(path).sections()
+                             if name != "index" or msgpack.unpackb(payload)["aid"] == other))
+    for name, kind in kinds.items():
+        aid = restored.schema.by_name[name].id
+        if kind in (Kind.INT, Kind.FLOAT, Kind.TIMESTAMP):
+            assert isinstance(restored.range_index[aid], RangeIndex)
+            assert aid not in restored.value_index
+        else:
+            assert isinstance(restored.value_index[aid], ValueIndex)
+            assert restored.exists[aid] == BitMap() and aid not in restored.range_index
+    quiet = restored.schema.by_name["quiet"].id
+    assert quiet not in restored.value_index and quiet not in restored.range_index
+    for text in ("i > 1", "f < 0.5", 't >= "2024-01-01T00:00:00Z"', 's = "x"', "b = true",
+                 'l HAS "x"', "exists(s)", "other = 1"):
+        assert len(evaluate(restored, parse(text))) == (text == "other = 1")
+
+
+class Steps:
+    """Stands in for the shard module's `asyncio` (its sleep waits for the test's next
+    `step()`) and `time` (a clock the test sets), so the automatic-snapshot loop runs one
+    pass at a time and no test waits on a real clock."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+        self._go: asyncio.Queue[None] | None = None
+        self._back: asyncio.Queue[None] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds != 1.0:  # only the loop's own pause is held
+            await asyncio.sleep(seconds)
+            return
+        assert self._go is not None and self._back is not None
+        self.slept.append(seconds)
+        self._back.put_nowait(None)
+        await self._go.get()
+
+    async def start(self) -> None:
+        self._go, self._back = asyncio.Queue(), asyncio.Queue()
+        await self._back.get()  # the loop waits in its first sleep
+
+    async def step(self) -> None:
+        """One pass of the loop: check, maybe snapshot, back to sleep."""
+        assert self._go is not None and self._back is not None
+        self._go.put_nowait(None)
+        await self._back.get()
+
+
+def test_automatic_snapshots_start_at_the_thresholds_and_not_before(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    steps = Steps()
+    monkeypatch.setattr(shard_module, "asyncio", steps)
+    monkeypatch.setattr(shard_module, "time", steps)
+
+    async def go() -> None:
+        memory = await Shard.open(ShardConfig())
+        memory.start_background()
+        assert memory._auto_task is None  # nothing to snapshot without a data directory
+        shard = await Shard.open(ShardConfig(data_dir=tmp_path / "data",
+                                             snapshot_log_bytes=1 << 30, snapshot_interval=60))
+        taken: list[int] = []
+        real = shard.snapshot
+
+        async def counted() -> dict[str, Any]:
+            taken.append(shard.log.end_lsn)  # type: ignore[union-attr]
+            return await real()
+
+        shard.snapshot = counted  # type: ignore[method-assign]
+        shard.start_background()
+        await steps.start()
+        assert shard.log is not None
+        for i in range(5):
+            await shard.commit(shard.engine.plan_upsert(UpsertSpec(f"u{i}", [(SET, "x", i)])))
+        grown = shard.log.size_bytes - shard._log_bytes_at_snapshot
+        shard.config.snapshot_log_bytes = grown + 1
+        await steps.step()
+        assert taken == []  # below the size, not due
+        shard.config.snapshot_log_bytes = grown
+        await steps.step()
+        assert len(taken) == 1  # exactly at the size
+        await shard.commit(shard.engine.plan_upsert(UpsertSpec("late", [(SET, "x", 1)])))
+        shard.config.snapshot_log_bytes = 1 << 30
+        steps.now += 59.5
+        await steps.step()
+        assert len(taken) == 1  # grown, but not due yet
+        steps.now += 0.5
+        await steps.step()
+        assert len(taken) == 2  # due exactly now, and grown
+        steps.now += 600
+        await steps.step()
+        assert len(taken) == 2  # due, but nothing new to snapshot
+        await shard.commit(shard.engine.plan_upsert(UpsertSpec("last", [(SET, "x", 2)])))
+        shard.log._fail("injected")
+        await steps.step()
+        assert len(taken) == 2  # a failed log is never snapshotted
+        shard.log.failed = False  # the snapshot itself fails now: logged, and the loop goes on
+        monkeypatch.setattr(shard_module, "run_in_child", _failing_child)
+        await steps.step()
+        assert len(taken) == 3
+        await steps.step()
+        assert len(taken) == 4
+        assert set(steps.slept) == {1.0}
+        shard.log.failed = True  # close without a final fsync of the half-failed log
+        await shard.close()
+        await memory.close()
+
+    with caplog.at_level("ERROR", logger="memstore.shard"):
+        asyncio.run(go())
+    assert [r.getMessage() for r in caplog.records if r.name == "memstore.shard"] == [
+        "automatic snapshot failed"] * 2
+
+
+async def _failing_child(work: Any) -> Any:
+    raise shard_module.ChildFailed("injected")
