@@ -393,6 +393,15 @@ def test_repair_of_damage_in_the_first_record_keeps_the_header_and_syncs(tmp_pat
 # ---------------------------------------------------------------------- the log writer
 
 
+async def _turns_until(done: Any, limit: float = 30.0) -> None:
+    """Wait until `done()` (an fsync on the writer's thread); fail, not hang, if it never
+    is."""
+    give_up = time.monotonic() + limit
+    while not done():
+        assert time.monotonic() < give_up, f"not done in {limit} s"
+        await asyncio.sleep(0.001)
+
+
 def test_an_idle_everysec_log_is_not_synced_again(tmp_path: Path) -> None:
     """The background loop syncs only what is not durable yet (driven here with a zero
     interval, one loop pass per event-loop turn, no clock involved)."""
@@ -402,8 +411,7 @@ def test_an_idle_everysec_log_is_not_synced_again(tmp_path: Path) -> None:
         w = LogWriter.open(tmp_path, sync=SyncPolicy.EVERYSEC, fsync=fsync)
         w.everysec_interval = 0
         lsn = w.append(P, b"x")
-        while w.durable_lsn < lsn:
-            await asyncio.sleep(0)
+        await _turns_until(lambda: w.durable_lsn >= lsn)
         calls = fsync.calls
         for _ in range(50):
             await asyncio.sleep(0)
@@ -423,8 +431,7 @@ def test_a_failed_background_fsync_fails_the_log_and_close_still_works(
         w.everysec_interval = 0
         fsync.broken = True
         w.append(P, b"x")
-        while not w.failed:
-            await asyncio.sleep(0)
+        await _turns_until(lambda: w.failed)
         assert w._background is not None
         for _ in range(5):
             await asyncio.sleep(0)
@@ -597,9 +604,6 @@ class Steps:
         return self.now
 
     async def sleep(self, seconds: float) -> None:
-        if seconds != 1.0:  # only the loop's own pause is held
-            await asyncio.sleep(seconds)
-            return
         assert self._go is not None and self._back is not None
         self.slept.append(seconds)
         self._back.put_nowait(None)
@@ -607,13 +611,20 @@ class Steps:
 
     async def start(self) -> None:
         self._go, self._back = asyncio.Queue(), asyncio.Queue()
-        await self._back.get()  # the loop waits in its first sleep
+        await self._back_again()  # the loop waits in its first sleep
 
     async def step(self) -> None:
         """One pass of the loop: check, maybe snapshot, back to sleep."""
-        assert self._go is not None and self._back is not None
+        assert self._go is not None
         self._go.put_nowait(None)
-        await self._back.get()
+        await self._back_again()
+
+    async def _back_again(self) -> None:
+        assert self._back is not None
+        try:  # fail, not hang, if the loop never sleeps again
+            await asyncio.wait_for(self._back.get(), 10)
+        except TimeoutError:
+            raise AssertionError("the snapshot loop did not come back to its pause") from None
 
 
 def test_automatic_snapshots_start_at_the_thresholds_and_not_before(
