@@ -11,6 +11,13 @@ import os
 # gRPC initialises, hence here. An explicit setting in the environment wins.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-from memstore.client import AsyncClient, Client, ClientError, LinkResult, UpsertResult
+from memstore.client import (
+    AsyncClient,
+    Client,
+    ClientError,
+    LinkResult,
+    LoadError,
+    UpsertResult,
+)
 
-__all__ = ["AsyncClient", "Client", "ClientError", "LinkResult", "UpsertResult"]
+__all__ = ["AsyncClient", "Client", "ClientError", "LinkResult", "LoadError", "UpsertResult"]

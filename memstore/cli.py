@@ -6,10 +6,10 @@ that `memstore serve` starts). Errors print the server's message and exit with s
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator
 from datetime import datetime
@@ -19,7 +19,14 @@ from typing import Any
 import click
 
 from memstore.cli_options import LINK_PORT, shard_settings
-from memstore.client import DEFAULT_ADDRESS, LOAD_CHUNK, LOAD_CONCURRENCY, Client, ClientError
+from memstore.client import (
+    DEFAULT_ADDRESS,
+    LOAD_CHUNK,
+    LOAD_CONCURRENCY,
+    Client,
+    ClientError,
+    LoadError,
+)
 
 ADDRESS = click.option("--address", default=DEFAULT_ADDRESS, show_default=True,
                        envvar="MEMSTORE_ADDRESS", help="Server or router to talk to.")
@@ -111,107 +118,134 @@ def _parse_slots(text: str) -> Any:
 
 # ---------------------------------------------------------------------- data commands
 
-def _read_records(path: Path, fmt: str) -> Iterator[dict[str, Any]]:
-    if fmt == "jsonl":
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise click.ClickException(f"{path}:{n}: not JSON: {exc}") from None
-                if not isinstance(record, dict) or "id" not in record:
-                    raise click.ClickException(f"{path}:{n}: a line is an object with an 'id'")
-                if isinstance(record.get("attributes"), dict):
-                    record["attributes"] = _without_nulls(record["attributes"])
-                yield record
-    elif fmt == "csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            for row in csv.DictReader(f):
-                pid = row.pop("id", None)
-                if not pid:
-                    raise click.ClickException(f"{path}: every row needs an 'id' column")
-                yield {"id": pid, "attributes": {k: _csv_value(v) for k, v in row.items()
-                                                  if v != ""}}
-    else:  # parquet
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise click.ClickException("Parquet needs pyarrow: pip install pyarrow") from None
-        for batch in pq.ParquetFile(path).iter_batches():
-            for row in batch.to_pylist():
-                pid = row.pop("id")
-                idents = row.pop("identifiers", None) or []
-                yield {"id": pid, "identifiers": idents,
-                       "attributes": {k: v for k, v in row.items() if v is not None}}
-
-
-def _without_nulls(attributes: dict[str, Any]) -> dict[str, Any]:
-    """JSON null means "not given" in a file, as an empty CSV cell or a Parquet null do."""
-    return {k: _without_nulls(v) if isinstance(v, dict) else v
-            for k, v in attributes.items() if v is not None}
-
-
-def _csv_value(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    if text in ("true", "false"):
-        return text == "true"
-    return text
-
-
-def _typed(records: Iterator[dict[str, Any]], timestamps: set[str]) -> Iterator[dict[str, Any]]:
-    """Turn ISO-8601 strings into datetimes for attributes the schema declares timestamps."""
-    from memstore.query import parse_timestamp
-    from memstore.values import flatten
-
-    for record in records:
-        attrs = flatten(record.get("attributes", {}))
-        for name in timestamps & attrs.keys():
-            value = attrs[name]
-            if isinstance(value, str):
-                try:
-                    attrs[name] = parse_timestamp(value)
-                except ValueError as exc:
-                    raise click.ClickException(f"profile {record['id']!r}: {name}: {exc}"
-                                               ) from None
-        yield {"id": record["id"], "attributes": attrs,
-               "identifiers": record.get("identifiers", [])}
-
-
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "parquet"]), default=None,
-              help="Input format (default: from the file name).")
+              help="Input format (default: from the file name; .csv, .parquet, else jsonl).")
+@click.option("--rejects", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write each refused line (and why) to this file as JSON Lines and go on "
+                   "with the rest; exit 1 if any was refused. Default: stop at the first "
+                   "refused line (every line before it loaded).")
 @click.option("--chunk-size", default=LOAD_CHUNK, show_default=True,
               help="Profiles a request.")
 @click.option("--concurrency", default=LOAD_CONCURRENCY, show_default=True,
-              help="Chunks in flight.")
-@click.option("--no-progress", is_flag=True)
+              help="Requests in flight.")
+@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @ADDRESS
-def load(file: Path, fmt: str | None, chunk_size: int, concurrency: int, no_progress: bool,
-         address: str) -> None:
+def load(file: Path, fmt: str | None, rejects: Path | None, chunk_size: int,
+         concurrency: int, no_progress: bool, address: str) -> None:
     """Load profiles from FILE: JSON Lines ({"id", "attributes", "identifiers"} per line),
-    CSV (an id column) or Parquet. Strings for attributes declared timestamp are parsed as
-    ISO-8601."""
+    CSV (an id column, one column per attribute) or Parquet (an id column). Ends with
+    `loaded N profiles`, N being what the server applied, also when it stops early; an
+    error names the file, the line and the record's id. Attributes the schema declares
+    take its kinds (timestamps from ISO-8601 strings); see README "Loading files"."""
     from tqdm import tqdm
 
-    fmt = fmt or {".csv": "csv", ".parquet": "parquet"}.get(file.suffix, "jsonl")
-    with Client(address, timeout=None) as client, tqdm(
-        unit=" profiles", disable=no_progress, file=sys.stderr, desc=f"loading {file.name}"
-    ) as bar:
+    from memstore import loader
+
+    fmt = loader.format_of(file, fmt)
+    with Client(address, timeout=None) as client:
         try:
-            timestamps = {a["name"] for a in client.schema() if a["kind"] == "timestamp"}
-            total = client.load(_typed(_read_records(file, fmt), timestamps),
-                                chunk_size=chunk_size, concurrency=concurrency,
-                                progress=bar.update)
-        except (ClientError, ValueError, TypeError) as exc:
+            schema = {a["name"]: a["kind"] for a in client.schema()}
+        except ClientError as exc:
             raise click.ClickException(str(exc)) from None
-    click.echo(f"loaded {total} profiles")
+        with tqdm(unit=" profiles", disable=no_progress, file=sys.stderr,
+                  total=loader.count_lines(file, fmt), desc=f"loading {file.name}") as bar:
+            run = _LoadRun(file, rejects, chunk_size * (concurrency + 2), bar.update)
+            try:
+                applied = client.load(run.records(loader.read(file, fmt, schema)),
+                                      chunk_size=chunk_size, concurrency=concurrency,
+                                      progress=bar.update,
+                                      on_refused=run.refused if rejects else None)
+            except LoadError as exc:
+                applied = exc.applied
+                run.failed(exc)
+            except (ClientError, ValueError, TypeError) as exc:
+                applied = None
+                run.error = str(exc)
+            finally:
+                run.close()
+    click.echo(f"loaded {applied} profiles" if applied is not None
+               else "loaded an unknown number of profiles (the server did not say)")
+    if run.refused_count:
+        click.echo(f"refused {run.refused_count} lines: see {rejects}", err=True)
+    if run.error:
+        raise click.ClickException(run.error)
+    if run.refused_count:
+        sys.exit(1)
+
+
+class _LoadRun:
+    """`memstore load`'s side of a load: lines read, refused lines, where each record of the
+    load came from (a window of the latest ones: a refusal comes back while at most
+    `window` newer records were read)."""
+
+    def __init__(self, file: Path, rejects: Path | None, window: int,
+                 advance: Any) -> None:
+        self.file = file
+        self.rejects = rejects.open("w", encoding="utf-8") if rejects else None
+        self.window = window
+        self.advance = advance
+        self.lines: dict[int, Any] = {}  # load index -> loader.Line
+        self.refused_count = 0
+        self.error = ""
+
+    def records(self, lines: Iterator[Any]) -> Iterator[dict[str, Any]]:
+        for index, line in enumerate(self._good(lines)):
+            self.lines[index] = line
+            self.lines.pop(index - self.window, None)
+            yield line.record
+
+    def _good(self, lines: Iterator[Any]) -> Iterator[Any]:
+        for line in lines:
+            if not line.error:
+                yield line
+                continue
+            self.advance(1)
+            if self.rejects is None:  # stop here: every line before it was sent
+                self.error = self._describe(line, line.error)
+                return
+            self._reject(line, line.error)
+
+    def refused(self, index: int, pid: str, error: ClientError) -> None:
+        """The server refused record `index` of the load; the load goes on."""
+        line = self.lines.get(index)
+        self.advance(1)
+        self._reject(line, _reason(error.details), pid)
+
+    def failed(self, exc: LoadError) -> None:
+        line = None if exc.record is None else self.lines.get(exc.record)
+        reason = _reason(exc.details)
+        if line is not None:
+            message = self._describe(line, f"{exc.code.name}: {reason}", exc.id)
+        else:
+            message = f"{self.file.name}: {exc.code.name}: {reason}"
+        if exc.unknown:
+            message += (f" ({exc.unknown} profiles sent were not answered: they may or may "
+                        "not have loaded)")
+        if not self.error or line is not None:  # the server's refusal came first
+            self.error = message
+
+    def _describe(self, line: Any, reason: str, pid: str | None = None) -> str:
+        pid = pid or line.id
+        return f"{line.where}{f' (id {pid!r})' if pid else ''}: {reason}"
+
+    def _reject(self, line: Any, reason: str, pid: str | None = None) -> None:
+        self.refused_count += 1
+        assert self.rejects is not None
+        entry = {"where": line.where if line else "?", "id": pid or (line.id if line else None),
+                 "error": reason, "line": line.text if line else ""}
+        self.rejects.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        if self.rejects is not None:
+            self.rejects.close()
+
+
+def _reason(details: str) -> str:
+    """A server's refusal without the request's own position of the record ("columns[5]
+    .attributes.price: ..." -> "attributes.price: ..."): the file's line says where."""
+    return re.sub(r"^(requests|packed|columns)\[\d+\]\.?", "", details).lstrip(": ")
 
 
 def _json_default(value: Any) -> Any:

@@ -29,6 +29,7 @@ import json
 import threading
 import time
 from array import array
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -42,10 +43,12 @@ import msgpack
 from pyroaring import BitMap
 
 from memstore import pbvalues
-from memstore.columnar import CODE_SHARE, pack_columns
+from memstore.columnar import CODE_SHARE, pack_columns, unpack_columns
 from memstore.hashslot import (
     ADMIN_SERVICE,
+    APPLIED_TRAILER,
     EXPECT_SHARD,
+    RECORD_TRAILER,
     SLOT_COUNT,
     owners_by_epoch,
     slot_of,
@@ -101,6 +104,28 @@ class ClientError(Exception):
         super().__init__(f"{method}: {code.name}: {details}")
         self.code = code
         self.details = details
+
+
+class LoadError(ClientError):
+    """A bulk load stopped: the server refused a record (without `on_refused`), refused a
+    whole request, or did not answer. `applied`: profiles the server applied, exactly (the
+    chunks it answered, and the parts of a refused chunk that applied on other shards);
+    `record`: the index of the refused record among those given, and `id` its primary id
+    (None when no one record was at fault); `unknown`: records sent whose outcome is not
+    known (the server did not answer; they may or may not have applied)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, *, applied: int,
+                 record: int | None = None, id: str | None = None, unknown: int = 0) -> None:
+        super().__init__(code, details, "BatchUpsert")
+        self.applied = applied
+        self.record = record
+        self.id = id
+        self.unknown = unknown
+
+
+# Called for each record a load's server refuses, when the load goes on without it:
+# (its index among the records given, its primary id, the server's refusal).
+OnRefused = Callable[[int, str, ClientError], None]
 
 
 @dataclass(frozen=True)
@@ -537,32 +562,44 @@ class Client(_Methods):
 
     def load(self, records: Iterable[Mapping[str, Any]], *, chunk_size: int = LOAD_CHUNK,
              concurrency: int = LOAD_CONCURRENCY,
-             progress: Callable[[int], None] | bool | None = None) -> int:
+             progress: Callable[[int], None] | bool | None = None,
+             on_refused: OnRefused | None = None) -> int:
         """Bulk load, `concurrency` chunks in flight; returns profiles applied.
 
-        `progress` is called with the size of every chunk applied (e.g. tqdm's update)."""
-        progress = progress if callable(progress) else None
-        inflight: list[tuple[Future[Any], int]] = []
-        total = 0
-
-        def settle(future: Any, sent: int) -> int:
-            try:
-                n = _applied(future.result().applied, sent)
-            except grpc.RpcError as exc:
-                raise _error(exc, "BatchUpsert") from None
-            if progress is not None:
-                progress(n)
-            return n
-
-        for packed, sent in _packed_chunks(records, chunk_size):
-            request = pb.BatchUpsertRequest(columns=packed)
-            inflight.append((self._grpc.BatchUpsert.future(request, timeout=self.timeout),
-                             sent))
+        `progress` is called with the number of profiles each answer applied (e.g. tqdm's
+        update). A record the server refuses (a value of the wrong kind, a blocked
+        identifier): with `on_refused`, it is reported there and the load goes on with
+        every other record; without, the load stops there, every record before it applied,
+        and raises LoadError (see there; chunks already in flight finish first)."""
+        load = _Load(progress, on_refused)
+        inflight: deque[tuple[Future[Any], _Chunk]] = deque()
+        for chunk in _packed_chunks(records, chunk_size):
+            if load.stopped:
+                break
+            inflight.append((self._grpc.BatchUpsert.future(
+                pb.BatchUpsertRequest(columns=chunk.packed), timeout=self.timeout), chunk))
             if len(inflight) >= concurrency:
-                total += settle(*inflight.pop(0))
-        for future, sent in inflight:
-            total += settle(future, sent)
-        return total
+                self._settle(load, *inflight.popleft())
+        while inflight:
+            self._settle(load, *inflight.popleft())
+        return load.result()
+
+    def _settle(self, load: _Load, future: Any, chunk: _Chunk) -> None:
+        """Count a chunk's answer; a refused chunk's records that did not apply are sent
+        again (without the refused one) until none is left."""
+        try:
+            load.applied_all(chunk, future.result())
+            return
+        except grpc.RpcError as exc:
+            error = exc
+        refusal = _Refusal(chunk, load)
+        while (packed := refusal.next(error)) is not None:
+            try:
+                refusal.applied_all(self._grpc.BatchUpsert(
+                    pb.BatchUpsertRequest(columns=packed), timeout=self.timeout))
+                return
+            except grpc.RpcError as exc:
+                error = exc
 
     def close(self) -> None:
         if self._link is not None:
@@ -693,31 +730,37 @@ class AsyncClient(_Methods):
 
     async def load(self, records: Iterable[Mapping[str, Any]], *, chunk_size: int = LOAD_CHUNK,
                    concurrency: int = LOAD_CONCURRENCY,
-                   progress: Callable[[int], None] | bool | None = None) -> int:
-        progress = progress if callable(progress) else None
-        gate = asyncio.Semaphore(concurrency)
-        total = 0
+                   progress: Callable[[int], None] | bool | None = None,
+                   on_refused: OnRefused | None = None) -> int:
+        """As Client.load."""
+        load = _Load(progress, on_refused)
+        inflight: deque[tuple[asyncio.Future[Any], _Chunk]] = deque()
+        for chunk in _packed_chunks(records, chunk_size):
+            if load.stopped:
+                break
+            inflight.append((asyncio.ensure_future(self._grpc.BatchUpsert(
+                pb.BatchUpsertRequest(columns=chunk.packed), timeout=self.timeout)), chunk))
+            if len(inflight) >= concurrency:
+                await self._settle(load, *inflight.popleft())
+        while inflight:
+            await self._settle(load, *inflight.popleft())
+        return load.result()
 
-        async def send(packed: bytes, sent: int) -> None:
-            nonlocal total
+    async def _settle(self, load: _Load, future: Any, chunk: _Chunk) -> None:
+        """As Client._settle."""
+        try:
+            load.applied_all(chunk, await future)
+            return
+        except grpc.aio.AioRpcError as exc:
+            error = exc
+        refusal = _Refusal(chunk, load)
+        while (packed := refusal.next(error)) is not None:
             try:
-                response = await self._grpc.BatchUpsert(
-                    pb.BatchUpsertRequest(columns=packed), timeout=self.timeout)
+                refusal.applied_all(await self._grpc.BatchUpsert(
+                    pb.BatchUpsertRequest(columns=packed), timeout=self.timeout))
+                return
             except grpc.aio.AioRpcError as exc:
-                raise _error(exc, "BatchUpsert") from None
-            finally:
-                gate.release()
-            applied = _applied(response.applied, sent)
-            total += applied
-            if progress is not None:
-                progress(applied)
-
-        tasks = []
-        for packed, sent in _packed_chunks(records, chunk_size):
-            await gate.acquire()
-            tasks.append(asyncio.ensure_future(send(packed, sent)))
-        await asyncio.gather(*tasks)
-        return total
+                error = exc
 
     async def close(self) -> None:
         if self._describing is not None:
@@ -745,14 +788,107 @@ def _applied(applied: int, sent: int) -> int:
     return applied
 
 
-def _packed_chunks(records: Iterable[Mapping[str, Any]], size: int
-                   ) -> Iterator[tuple[bytes, int]]:
+@dataclass(slots=True)
+class _Chunk:
+    """Records of a load packed as one request: how many, and the index of the first."""
+
+    packed: bytes
+    count: int
+    base: int
+
+
+class _Load:
+    """A bulk load's bookkeeping: what applied, what was refused, where it stops."""
+
+    def __init__(self, progress: Callable[[int], None] | bool | None,
+                 on_refused: OnRefused | None) -> None:
+        self.progress = progress if callable(progress) else None
+        self.on_refused = on_refused
+        self.applied = 0
+        self.stopped = False  # no chunk is sent after a refusal (without on_refused)
+        self.error: LoadError | None = None
+
+    def add(self, applied: int) -> None:
+        self.applied += applied
+        if self.progress is not None and applied:
+            self.progress(applied)
+
+    def applied_all(self, chunk: _Chunk, response: pb.BatchUpsertResponse) -> None:
+        self.add(_applied(response.applied, chunk.count))
+
+    def stop(self, error: LoadError) -> None:
+        """The load stops at `error` (the earliest record refused, if several are)."""
+        record = error.record
+        if self.error is None or (record is not None and (
+                self.error.record is None or record < self.error.record)):
+            self.error = error
+        self.stopped = True
+
+    def result(self) -> int:
+        if self.error is not None:
+            self.error.applied = self.applied
+            raise self.error
+        return self.applied
+
+
+class _Refusal:
+    """A chunk the server refused, record by record: the refusal names the record at
+    fault (RECORD_TRAILER) and, from a router, the records that applied on other shards
+    all the same (APPLIED_TRAILER); the rest is sent again without the refused record
+    (with on_refused), or only the rest before it (without: the load stops there).
+    A refusal that names no record, or no answer at all, stops the load."""
+
+    def __init__(self, chunk: _Chunk, load: _Load) -> None:
+        self.chunk = chunk
+        self.load = load
+        self.batch = unpack_columns(chunk.packed)
+        self.rows = list(range(chunk.count))  # the chunk's rows in the request last sent
+
+    def applied_all(self, response: pb.BatchUpsertResponse) -> None:
+        self.load.add(_applied(response.applied, len(self.rows)))
+
+    def next(self, exc: grpc.RpcError) -> bytes | None:
+        """Take the refusal of the request last sent; the request to send next, if any."""
+        code = exc.code()  # type: ignore[attr-defined]
+        details = exc.details() or code.name  # type: ignore[attr-defined]
+        trailers = dict(exc.trailing_metadata() or ())  # type: ignore[attr-defined]
+        applied = trailers.get(APPLIED_TRAILER)
+        done = set(BitMap.deserialize(applied)) if applied else set()
+        self.load.add(len(done))
+        record = trailers.get(RECORD_TRAILER)
+        at = int(record) if record is not None and code in _REFUSED else -1
+        if not 0 <= at < len(self.rows):
+            unknown = 0 if code in _REFUSED else len(self.rows) - len(done)
+            self.load.stop(LoadError(code, details, applied=0, unknown=unknown))
+            return None
+        bad = self.rows[at]
+        index, pid = self.chunk.base + bad, self.batch.ids[bad]
+        error = ClientError(code, details, "BatchUpsert")
+        if self.load.on_refused is not None:
+            self.load.on_refused(index, pid, error)
+            kept = [row for i, row in enumerate(self.rows) if i != at and i not in done]
+        else:
+            self.load.stop(LoadError(code, details, applied=0, record=index, id=pid))
+            kept = [row for i, row in enumerate(self.rows[:at]) if i not in done]
+        self.rows = kept
+        if not kept:
+            return None
+        return self.batch.pack_rows(kept, [self.batch.ids[row] for row in kept])
+
+
+_REFUSED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+            grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE}
+
+
+def _packed_chunks(records: Iterable[Mapping[str, Any]], size: int) -> Iterator[_Chunk]:
     """Each `size` records packed as columns (split while larger than LOAD_CHUNK_BYTES),
-    with how many. A chunk is taken from the caller's iterator and packed with the cyclic
-    collector paused: its records are thousands of new containers that would wake the
-    collector ~10 times a chunk to walk them again (2.3 µs of a benchmark loader's ~16 µs a
-    profile)."""
+    with how many and where they start. A chunk is taken from the caller's iterator and
+    packed with the cyclic collector paused: its records are thousands of new containers
+    that would wake the collector ~10 times a chunk to walk them again (2.3 µs of a
+    benchmark loader's ~16 µs a profile). Only the packed bytes are kept, so a chunk sent
+    in parts again after a refusal costs no record held alive meanwhile."""
     it = iter(records)
+    base = 0
     while True:
         with _collector_paused():
             chunk = list(islice(it, size))
@@ -760,7 +896,9 @@ def _packed_chunks(records: Iterable[Mapping[str, Any]], size: int
             del chunk  # freed before the collector is back, so it never walks them
         if not parts:
             return
-        yield from parts
+        for packed, count in parts:
+            yield _Chunk(packed, count, base)
+            base += count
 
 
 def _packed_parts(chunk: list[Mapping[str, Any]]) -> list[tuple[bytes, int]]:

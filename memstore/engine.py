@@ -27,10 +27,11 @@ identifiers, [merged-away primary ids]]. Stored values are described in memstore
 from __future__ import annotations
 
 import array
+import itertools
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -58,6 +59,7 @@ from memstore.errors import (
     Forwarded,
     Held,
     InvalidArgument,
+    MemstoreError,
     NotFound,
     Undeclared,
     WrongSlot,
@@ -339,10 +341,10 @@ class _Planner:
         self.e = engine
         self.added: list[AttributeSpec] = []
         self.added_by_name: dict[str, AttributeSpec] = {}
-        # A router's write (Engine.cluster_schema): attributes this shard has not declared
-        # are collected, not declared, and the plan is refused with all of them (Undeclared).
+        # A router's write (Engine.cluster_schema) may not declare attributes by its values
+        # here: the plan methods refuse it up front naming every attribute it would declare
+        # (Engine.require_declared); one the pre-scan missed is refused here, alone.
         self.strict = engine.cluster_schema
-        self.undeclared: list[AttributeSpec] = []
         self.drafts: dict[str, _Draft] = {}  # by the profile's own primary id
         self.aliases: dict[str, str | None] = {}  # overlay on engine.aliases
         self.idents: dict[int, str | None] = {}  # overlay: identifier key -> owner pid
@@ -368,17 +370,11 @@ class _Planner:
         spec = self.e.schema.plan(name, kind, indexed, merge,
                                   next_id=len(self.e.schema.by_id) + len(self.added))
         assert spec is not None  # not declared yet, so the plan is a new spec
+        if self.strict and not explicit:
+            raise Undeclared([[name, int(kind), indexed, int(merge)]])
         self.added.append(spec)
         self.added_by_name[name] = spec
-        if self.strict and not explicit:
-            self.undeclared.append(spec)
         return spec
-
-    def check_declared(self) -> None:
-        """Refuse a router's write that named attributes not declared here (Undeclared)."""
-        if self.undeclared:
-            raise Undeclared([[s.name, int(s.kind), s.indexed, int(s.merge)]
-                              for s in self.undeclared])
 
     # -- profiles
     def resolve_pid(self, pid: str) -> str:
@@ -551,7 +547,6 @@ class _Planner:
         d.gone = True
 
     def finish(self, result: Any = None) -> Change:
-        self.check_declared()
         change = Change(schema=list(self.added), result=result)
         next_dense = len(self.e.blobs)
         live: list[Image] = []
@@ -629,6 +624,32 @@ def _rises_in_rows(rising: np.ndarray, lengths: np.ndarray) -> bool:
     last = np.cumsum(lengths) - 1
     rising[last[(last >= 0) & (last < len(rising))]] = True
     return bool(rising.all())
+
+
+def _column_kinds(batch: Columns, declared: Mapping[str, AttributeSpec]
+                  ) -> Iterator[tuple[str, Kind, bool, Merge]]:
+    """What a columnar batch's columns would declare: a column's kind is its first
+    value's (ints and floats: float; a `timestamps` column: timestamp)."""
+    for name, column in batch.attributes.items():
+        if name in declared:
+            continue
+        if name in batch.timestamps:
+            kind = Kind.TIMESTAMP
+        elif isinstance(column, Coded):
+            if not column.holds().any():
+                continue
+            kind = Kind.STRING_LIST if column.lengths is not None else kind_of(column.first())
+        else:
+            present = [v for v in column if v is not None]
+            if not present:
+                continue
+            try:
+                kind = kind_of(present[0])
+            except InvalidArgument:
+                continue
+            if kind is Kind.INT and float in set(map(type, present)):
+                kind = Kind.FLOAT
+        yield name, kind, True, Merge.DEFAULT
 
 
 def _first_present(column: list[Any] | Coded) -> int:
@@ -838,11 +859,48 @@ class Engine:
         pids = self.pids
         return [pids[d] for d in dense_ids]  # type: ignore[misc]
 
+    # ------------------------------------------------------------------ cluster schema
+    def require_declared(self, wanted: Iterable[tuple[str, Kind, bool, Merge]]) -> None:
+        """For a router's write (cluster_schema): refuse it (Undeclared) if it would declare
+        attributes here, naming all of them (the first proposal of each name), so that the
+        router declares them as the cluster has them in one round. No-op otherwise."""
+        if not self.cluster_schema:
+            return
+        by_name = self.schema.by_name
+        missing: dict[str, list[Any]] = {}
+        for name, kind, indexed, merge in wanted:
+            if name not in by_name and name not in missing:
+                missing[name] = [name, int(kind), indexed, int(merge)]
+        if missing:
+            raise Undeclared(list(missing.values()))
+
+    def _declares_ops(self, specs: Iterable[UpsertSpec]
+                      ) -> Iterator[tuple[str, Kind, bool, Merge]]:
+        """What upserts' operations would declare (a bad value is the planner's to name)."""
+        if not self.cluster_schema:
+            return
+        by_name = self.schema.by_name
+        for spec in specs:
+            for op, name, value in spec.ops:
+                if op == UNSET or name in by_name:
+                    continue
+                if op in (ADD_TO_SET, REMOVE_FROM_SET):
+                    yield name, Kind.STRING_LIST, True, Merge.DEFAULT
+                else:
+                    try:
+                        yield name, kind_of(value), True, Merge.DEFAULT
+                    except InvalidArgument:
+                        continue
+
     # ------------------------------------------------------------------ planning
     def plan_batch(self, specs: Sequence[UpsertSpec], where: str = "requests",
                    numbers: Iterable[str] = ()) -> Change:
         """`numbers`: attributes a bulk load sends ints and floats for: new ones are floats
         (one number type, as in JSON), whichever record comes first."""
+        numbers = list(numbers)
+        self.require_declared(itertools.chain(
+            ((name, Kind.FLOAT, True, Merge.DEFAULT) for name in numbers),
+            self._declares_ops(specs)))
         planner = _Planner(self)
         for name in numbers:
             if planner.spec(name) is None:
@@ -850,7 +908,11 @@ class Engine:
         results = []
         for i, spec in enumerate(specs):
             at = spec.where or f"{where}[{i}]"
-            results.append(self._plan_upsert(planner, spec, at))
+            try:
+                results.append(self._plan_upsert(planner, spec, at))
+            except MemstoreError as exc:
+                exc.record = i  # which record refused the batch (RECORD_TRAILER)
+                raise
         return planner.finish(results)
 
     def plan_load(self, rows: Sequence[Row], where: str = "packed") -> Change:
@@ -874,6 +936,8 @@ class Engine:
                 name for name, column in batch.attributes.items()
                 if isinstance(column, list) and {int, float} <= set(map(type, column))])
 
+        self.require_declared(_column_kinds(batch, self.schema.by_name)
+                              if self.cluster_schema else ())
         ids = batch.ids
         n = len(ids)
         if len(set(ids)) != n:
@@ -978,7 +1042,6 @@ class Engine:
                                     _plain(held) if spec.kind in RANGE_KINDS else held))
         except InvalidArgument:
             return general()  # it names the row and attribute
-        planner.check_declared()
         change = Change(schema=list(planner.added))
         change.images = list(map(tuple.__new__, repeat(Image),
                                  zip(dense_ids, ids, blobs.pack(batch.identifiers),
@@ -988,6 +1051,7 @@ class Engine:
         return change
 
     def plan_upsert(self, spec: UpsertSpec) -> Change:
+        self.require_declared(self._declares_ops([spec]))
         planner = _Planner(self)
         result = self._plan_upsert(planner, spec, "")
         return planner.finish(result)
@@ -1071,6 +1135,10 @@ class Engine:
         if txn in self.decided:
             outcome = "committed" if self.decided[txn][1] else "aborted"
             raise FailedPrecondition(f"merge {txn} was already {outcome}; not applied again")
+        self.require_declared(itertools.chain(
+            ((name, Kind(kind), bool(indexed), Merge(merge))
+             for exported in losers for name, kind, indexed, merge in exported["schema"]),
+            self._declares_ops([upsert] if upsert is not None else [])))
         planner = _Planner(self)
         seeded: list[tuple[_Draft, list[int]]] = []
         for n, exported in enumerate(losers):
@@ -1199,7 +1267,9 @@ class Engine:
     # ------------------------------------------------------------------ directory
     def plan_claims(self, entries: Sequence[Any]) -> Change:
         """Read, make, take over or release claims (ClaimRequest has the entry forms).
-        The result is [holder or None, age in seconds, created] per entry, after it."""
+        The result is [holder or None, age in seconds, created, blocked] per entry, after
+        it. A value on the blocked list is never claimed (`blocked`): no profile may hold
+        it, so the write naming it is refused by its own shard, naming the record."""
         kinds, values, pids, expected = _claim_columns(entries)
         keys = list(map(claim_key, kinds, values))
         slots = list(map(slot_of, keys))
@@ -1212,7 +1282,11 @@ class Engine:
         after: dict[str, str | None] = {}  # this plan's own claims so far
         notes: list[Note] = []
         answers: list[list[Any]] = []
-        for key, slot, pid, old in zip(keys, slots, pids, expected):
+        blocked = self.rules.is_blocked
+        for key, slot, pid, old, value in zip(keys, slots, pids, expected, values):
+            if pid is not None and blocked(value):
+                answers.append([None, 0.0, False, True])
+                continue
             if key in after:
                 holder = before = after[key]
             else:
@@ -1227,7 +1301,7 @@ class Engine:
                 notes.append(Note("claims", key, holder))
             # A claim this plan sets is made now (applying it sets its age, see Claims.swap).
             fresh = holder is None or key in after
-            answers.append([holder, 0.0 if fresh else claims.age(key, now), created])
+            answers.append([holder, 0.0 if fresh else claims.age(key, now), created, False])
         return Change(notes=notes, result=answers)
 
     def plan_delete(self, pid: str | None = None, identifier: tuple[str, str] | None = None
@@ -1255,10 +1329,13 @@ class Engine:
             raise InvalidArgument("count: must be at least 1")
         if not micros_in_range(at_micros):
             raise InvalidArgument(f"at: {at_micros} microseconds is outside {TIMESTAMP_RANGE}")
+        prefix = f"event.{event}"
+        self.require_declared([(f"{prefix}.count", Kind.INT, True, Merge.SUM),
+                               (f"{prefix}.first", Kind.TIMESTAMP, True, Merge.MIN),
+                               (f"{prefix}.last", Kind.TIMESTAMP, True, Merge.MAX)])
         planner = _Planner(self)
         d = planner.draft(pid, create=True)
         assert d is not None
-        prefix = f"event.{event}"
         n = planner.declare(f"{prefix}.count", Kind.INT, merge=Merge.SUM)
         first = planner.declare(f"{prefix}.first", Kind.TIMESTAMP, merge=Merge.MIN)
         last = planner.declare(f"{prefix}.last", Kind.TIMESTAMP, merge=Merge.MAX)

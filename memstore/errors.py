@@ -4,7 +4,10 @@ from __future__ import annotations
 
 
 class MemstoreError(Exception):
-    """Base class; `str(err)` is the message the caller sees."""
+    """Base class; `str(err)` is the message the caller sees. `record`: the index of the
+    record of a batch at fault (BatchUpsert), sent back as RECORD_TRAILER."""
+
+    record: int | None = None
 
 
 class InvalidArgument(MemstoreError):

@@ -27,6 +27,12 @@ REJUDGE_TRAILER = "memstore-rejudge"
 # indexed, merge], ...]), and the router declares them cluster-wide and sends it again.
 CLUSTER_SCHEMA = ("memstore-schema", "cluster")
 UNDECLARED_TRAILER = "memstore-undeclared-bin"
+# Trailing metadata of a refused BatchUpsert: the index of the record at fault (requests,
+# then packed rows, then columns rows, as the request holds them), and, from a router, which
+# records of the batch applied all the same (a portable roaring bitmap of indexes): a
+# router's batch applies per shard, so the other shards' parts may have applied.
+RECORD_TRAILER = "memstore-record"
+APPLIED_TRAILER = "memstore-applied-bin"
 # The router's JSON admin service (cluster tools; ListShards also serves direct_reads).
 ADMIN_SERVICE = "memstore.cluster.v1.RouterAdmin"
 

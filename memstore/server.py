@@ -59,6 +59,7 @@ from memstore.hashslot import (
     CLUSTER_SCHEMA,
     EPOCH_TRAILER,
     EXPECT_SHARD,
+    RECORD_TRAILER,
     REJUDGE_TRAILER,
     SLOT_COUNT,
     UNDECLARED_TRAILER,
@@ -105,23 +106,30 @@ def _status_for(exc: MemstoreError) -> grpc.StatusCode:
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     if isinstance(exc, QueryError):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"query: {exc}")
-    if isinstance(exc, WrongSlot):
-        context.set_trailing_metadata((("memstore-wrong-slot", str(exc.slot)),
-                                       ("memstore-epoch", str(exc.epoch))))
-    elif isinstance(exc, Held):
-        context.set_trailing_metadata((("memstore-merge-pending-bin", msgpack.packb(
-            [exc.pid, exc.txn, exc.survivor, exc.age])),))
-    elif isinstance(exc, Forwarded):
-        context.set_trailing_metadata((("memstore-merged-into-bin", msgpack.packb(
-            exc.pairs)),))
-    elif isinstance(exc, OwnershipChanged):
-        context.set_trailing_metadata(((REJUDGE_TRAILER, "1"),))
-    elif isinstance(exc, Undeclared):
-        context.set_trailing_metadata(((UNDECLARED_TRAILER, msgpack.packb(exc.specs)),))
     if isinstance(exc, MemstoreError):
+        context.set_trailing_metadata(_trailers(exc))
         await context.abort(_status_for(exc), str(exc))
     log.exception("internal error")
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _trailers(exc: MemstoreError) -> tuple[tuple[str, str | bytes], ...]:
+    """What a router (or client) needs besides the status to act on a refusal."""
+    trailers: list[tuple[str, str | bytes]] = []
+    if isinstance(exc, WrongSlot):
+        trailers += [("memstore-wrong-slot", str(exc.slot)), ("memstore-epoch", str(exc.epoch))]
+    elif isinstance(exc, Held):
+        trailers.append(("memstore-merge-pending-bin", msgpack.packb(
+            [exc.pid, exc.txn, exc.survivor, exc.age])))
+    elif isinstance(exc, Forwarded):
+        trailers.append(("memstore-merged-into-bin", msgpack.packb(exc.pairs)))
+    elif isinstance(exc, OwnershipChanged):
+        trailers.append((REJUDGE_TRAILER, "1"))
+    elif isinstance(exc, Undeclared):
+        trailers.append((UNDECLARED_TRAILER, msgpack.packb(exc.specs)))
+    if exc.record is not None:
+        trailers.append((RECORD_TRAILER, str(exc.record)))
+    return tuple(trailers)
 
 
 def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:

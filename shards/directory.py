@@ -66,6 +66,7 @@ class Answer(NamedTuple):
     holder: str | None
     age: float
     created: bool
+    blocked: bool = False  # a blocked value (merge protection): never claimed
 
 
 class Router(Protocol):
@@ -159,8 +160,8 @@ class Directory:
             for (pid, ident), answer in zip(pending, answers, strict=True):
                 if answer.created:
                     made.add((pid, ident))
-                if answer.holder != pid:
-                    contested.append((pid, ident, answer))
+                if answer.holder != pid and not answer.blocked:  # blocked: the write is
+                    contested.append((pid, ident, answer))  # refused by its own shard
             # The claims' holders and the writes' own ids, each followed through every
             # merged-away id to the profile it stands for now: a claim this write's id made
             # before a merge (or under an alias) names the same profile, never another write.

@@ -49,6 +49,7 @@ import itertools
 import json
 import logging
 import random
+import re
 import signal
 import sys
 import time
@@ -61,15 +62,18 @@ import grpc
 import msgpack
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from pyroaring import BitMap
 
 from memstore import metrics, pbvalues
 from memstore.columnar import Columns, unpack_columns
 from memstore.errors import InvalidArgument
 from memstore.hashslot import (
     ADMIN_SERVICE,
+    APPLIED_TRAILER,
     CLUSTER_SCHEMA,
     EPOCH_TRAILER,
     EXPECT_SHARD,
+    RECORD_TRAILER,
     REJUDGE_TRAILER,
     UNDECLARED_TRAILER,
 )
@@ -123,6 +127,18 @@ class _Pending(Exception):
 _FOLLOWED = object()  # routed: a group sent again, aimed at the survivors of merged-away ids
 _DECLARED = object()  # routed: a group sent again once its shard declared what it names
 _REJUDGE = object()  # routed: a group its shard refused as judged on an older map (EXPECT_SHARD)
+
+
+class _GroupRefused(Exception):
+    """A shard refused its part of a batch (routed with `refusals`): `items` are that part,
+    `exc` the shard's answer, `done` the parts applied by then."""
+
+    def __init__(self, items: list[Any], exc: grpc.aio.AioRpcError,
+                 done: list[tuple[list[Any], Any]]) -> None:
+        super().__init__(exc.details())
+        self.items = items
+        self.exc = exc
+        self.done = done
 
 
 class _Stuck(Exception):
@@ -602,7 +618,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                      build: Callable[[list[Any]], Any], context: grpc.aio.ServicerContext,
                      retarget: Callable[[Any, str], Any] | None = None, control: bool = False,
                      judged: Mapping[str, str] | None = None,
-                     rejudge: list[tuple[str, Any]] | None = None
+                     rejudge: list[tuple[str, Any]] | None = None, refusals: bool = False
                      ) -> list[tuple[list[Any], Any]]:
         """Send (key, item) pairs in one request per shard owning slot_of(key), concurrently
         (to its ShardControl service if `control`). Items a shard refuses as wrong-slot are
@@ -610,8 +626,11 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         again once it settled; an id merged into a profile on another shard becomes
         (survivor, retarget(item, survivor)). A group with keys in `judged` (key -> the
         "name:epoch" of the shard it was judged for) carries that as EXPECT_SHARD; when its
-        shard refuses that, or the slot moved, its items go to `rejudge`, not sent again."""
-        pending, done = items, []
+        shard refuses that, or the slot moved, its items go to `rejudge`, not sent again.
+        With `refusals`, a group its shard refuses (REFUSED codes) raises _GroupRefused
+        once the round's other answers are in, with every group applied so far."""
+        pending = items
+        done: list[tuple[list[Any], Any]] = []
         follow_rounds = declare_rounds = 0
         for attempt in _attempts():
             version = self.map.version
@@ -660,7 +679,13 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
             pending = unowned
             # why items are pending this round
             followed, declared, moved_on = False, False, bool(unowned)
-            for outcome in outcomes:
+            refused: _GroupRefused | None = None
+            for (_, sent), outcome in zip(groups.values(), outcomes, strict=True):
+                if (refusals and isinstance(outcome, grpc.aio.AioRpcError)
+                        and outcome.code() in REFUSED):
+                    refused = refused or _GroupRefused([item for _, item in sent], outcome,
+                                                       done)
+                    continue
                 if isinstance(outcome, BaseException):
                     await self._abort(context, outcome)  # type: ignore[arg-type]
                 group, response = outcome
@@ -685,6 +710,8 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                     moved_on = True
                 else:
                     done.append(([item for _, item in group], response))
+            if refused is not None:
+                raise refused
             if not pending:
                 return done
             if declared and not (followed or moved_on):
@@ -799,10 +826,12 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                         raise TypeError(f"record {i} is not [id, attributes, identifiers]")
             except (ValueError, TypeError, msgpack.UnpackException) as exc:
                 await _fail(context, Code.INVALID_ARGUMENT, f"packed: {exc}")
-        # Each item: (record, form): a structured request (REQUEST), a packed row (PACKED),
-        # or a row of the columnar batch (COLUMNS), sent on to its shard in the same form.
-        items: list[tuple[str, Any]] = [(r.id, (r, REQUEST)) for r in request.requests]
-        items += [(rec[0], (rec, PACKED)) for rec in records]
+        # Each item: (record, form, index): a structured request (REQUEST), a packed row
+        # (PACKED), or a row of the columnar batch (COLUMNS), sent on to its shard in the
+        # same form; `index` is its place in this request (requests, packed, columns).
+        items: list[tuple[str, Any]] = [(r.id, (r, REQUEST, i))
+                                        for i, r in enumerate(request.requests)]
+        items += [(rec[0], (rec, PACKED, len(items) + i)) for i, rec in enumerate(records)]
         batch = Columns([], {}, [])
         if request.columns:
             try:
@@ -810,7 +839,8 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
             except InvalidArgument as exc:
                 await _fail(context, Code.INVALID_ARGUMENT, str(exc))
             # [id, row of the batch, identifiers]: sent on as that row of the columns
-            items += [(pid, ([pid, i, idents], COLUMNS))
+            base = len(items)
+            items += [(pid, ([pid, i, idents], COLUMNS, base + i))
                       for i, (pid, idents) in enumerate(zip(batch.ids, batch.identifiers,
                                                             strict=True))]
         for i, (pid, _) in enumerate(items):
@@ -818,50 +848,55 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                 await _fail(context, Code.INVALID_ARGUMENT, f"record {i}: an empty primary id")
         if not items:
             return pb.BatchUpsertResponse()
+        forms = (len(request.requests), len(records))
 
-        def build(group: list[tuple[Any, int]]) -> pb.BatchUpsertRequest:
-            sub = pb.BatchUpsertRequest(requests=[x for x, form in group if form == REQUEST])
-            packed_records = [x for x, form in group if form == PACKED]
+        def build(group: list[tuple[Any, int, int]]) -> pb.BatchUpsertRequest:
+            sub = pb.BatchUpsertRequest(requests=[x for x, form, _ in group if form == REQUEST])
+            packed_records = [x for x, form, _ in group if form == PACKED]
             if packed_records:
                 sub.packed = msgpack.packb(packed_records, use_bin_type=True)
-            rows = [x for x, form in group if form == COLUMNS]
+            rows = [x for x, form, _ in group if form == COLUMNS]
             if rows:
                 sub.columns = batch.pack_rows([r[1] for r in rows], [r[0] for r in rows])
             return sub
 
-        def retarget(item: tuple[Any, int], survivor: str) -> tuple[Any, int]:
-            record, form = item
+        def retarget(item: tuple[Any, int, int], survivor: str) -> tuple[Any, int, int]:
+            record, form, index = item
             if form != REQUEST:
-                return [survivor, *record[1:]], form
-            return _retarget(record, survivor), form
+                return [survivor, *record[1:]], form, index
+            return _retarget(record, survivor), form, index
 
         named = [_identifiers_of(item) for _, item in items]
+        parts: list[tuple[list[Any], Any]] = []
         async with self._naming.hold(itertools.chain.from_iterable(named)):
-            parts: list[tuple[list[Any], Any]] = []
-            for attempt in _attempts():
-                # The records are judged (merges, homes) on the map as it is now, and each
-                # shard refuses a part judged on an older map: those records are judged again.
-                version = self.map.version
-                judged: dict[str, str] = {}
-                first, later = await self._merge_first(items, named, context, judged)
-                rejudge: list[tuple[str, Any]] = []
-                parts += await self.routed(first, "BatchUpsert", build, context, retarget,
-                                           judged=judged, rejudge=rejudge)
-                if not rejudge:
-                    break
-                items = rejudge + later
-                named = [_identifiers_of(item) for _, item in items]
-                await self.map.refresh(since=version)
-                await _pause(attempt, context)
-            else:
-                await _fail(context, Code.UNAVAILABLE, "BatchUpsert: slots kept moving under "
-                            f"the batch for {MOVE_WAIT:.0f} s")
-            for pid, item in later:
-                await self._identity_write("Link", pb.LinkRequest(id=pid, identifiers=[
-                    pb.Identifier(kind=k, value=v) for k, v in _identifiers_of(item)],
-                    create=True), context)
-                parts += await self.routed([(pid, item)], "BatchUpsert", build, context,
-                                            retarget)
+            try:
+                for attempt in _attempts():
+                    # The records are judged (merges, homes) on the map as it is now, and
+                    # each shard refuses a part judged on an older map: those records are
+                    # judged again.
+                    version = self.map.version
+                    judged: dict[str, str] = {}
+                    first, later = await self._merge_first(items, named, context, judged)
+                    rejudge: list[tuple[str, Any]] = []
+                    parts += await self.routed(first, "BatchUpsert", build, context, retarget,
+                                               judged=judged, rejudge=rejudge, refusals=True)
+                    if not rejudge:
+                        break
+                    items = rejudge + later
+                    named = [_identifiers_of(item) for _, item in items]
+                    await self.map.refresh(since=version)
+                    await _pause(attempt, context)
+                else:
+                    await _fail(context, Code.UNAVAILABLE, "BatchUpsert: slots kept moving "
+                                f"under the batch for {MOVE_WAIT:.0f} s")
+                for pid, item in later:
+                    await self._identity_write("Link", pb.LinkRequest(id=pid, identifiers=[
+                        pb.Identifier(kind=k, value=v) for k, v in _identifiers_of(item)],
+                        create=True), context)
+                    parts += await self.routed([(pid, item)], "BatchUpsert", build, context,
+                                               retarget, refusals=True)
+            except _GroupRefused as refused:
+                await _refuse_batch(context, refused, parts + refused.done, forms)
         return pb.BatchUpsertResponse(applied=sum(r.applied for _, r in parts),
                                       created=sum(r.created for _, r in parts))
 
@@ -1282,9 +1317,34 @@ async def serve(addresses: list[str], host: str = "127.0.0.1", port: int = 7070,
     log.info("router stopped in %.2fs", time.monotonic() - started)
 
 
-def _identifiers_of(item: tuple[Any, int]) -> list[tuple[str, str]]:
+async def _refuse_batch(context: Any, refused: _GroupRefused,
+                        applied: list[tuple[list[Any], Any]], forms: tuple[int, int]
+                        ) -> NoReturn:
+    """End a BatchUpsert a shard refused part of: its status and message, with the record at
+    fault named by its place in this request (the shard named its place in its part), and
+    which records applied on other shards all the same (RECORD_TRAILER, APPLIED_TRAILER)."""
+    exc = refused.exc
+    done = BitMap(index for items, _ in applied for _, _, index in items)
+    trailers: list[tuple[str, Any]] = [(APPLIED_TRAILER, done.serialize())]
+    message = exc.details() or exc.code().name
+    local = _trailer(exc, RECORD_TRAILER)
+    # The shard's part lists its requests, then its packed rows, then its columns rows.
+    order = sorted(refused.items, key=lambda item: item[1])
+    if local is not None and 0 <= int(local) < len(order):
+        _, form, index = order[int(local)]
+        trailers.append((RECORD_TRAILER, str(index)))
+        named = ("requests", index) if form == REQUEST else (
+            ("packed", index - forms[0]) if form == PACKED else
+            ("columns", index - forms[0] - forms[1]))
+        message = re.sub(r"^(requests|packed|columns)\[\d+\]", f"{named[0]}[{named[1]}]",
+                         message)
+    context.set_trailing_metadata(tuple(trailers))
+    await _fail(context, exc.code(), message)
+
+
+def _identifiers_of(item: tuple[Any, ...]) -> list[tuple[str, str]]:
     """The identifiers a BatchUpsert record names (malformed ones are the shard's to refuse)."""
-    record, form = item
+    record, form = item[0], item[1]
     if form == REQUEST:
         return [(i.kind, i.value) for i in record.identifiers]
     if form == COLUMNS:  # checked by unpack_columns

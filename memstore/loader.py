@@ -1,0 +1,241 @@
+"""Reading files to load (`memstore load`): JSON Lines, CSV and Parquet, record by record,
+each with where it came from, so that a refusal names the file, the line and the id.
+
+A reader yields `Line`s: a record ready for Client.load, or the reason the line is not one
+(malformed JSON, no id, a CSV cell that is not of its attribute's kind), with its position
+("people.jsonl:9001", "people.parquet row 17"). Nothing here talks to a server.
+
+How a CSV cell's kind is chosen (README "Loading files"):
+- an attribute the schema declares takes its kind: string cells as they are; int, float,
+  bool (true/false, any case) and timestamp (ISO-8601) parsed, a cell that does not parse
+  refused; string_list from a JSON array (`["a","b"]`) or items separated by `|`;
+- an attribute not declared yet is guessed: an integer without a leading zero or sign
+  (`0`, `42`, `-7`) is an int, a decimal number (`4.5`, `-0.25`, `1e3`) a float, `true`
+  and `false` bools, anything else a string. So `02134`, `+1` or `1,000` stay strings;
+- an empty cell means "not in this record".
+Declare an attribute first (`memstore declare`) when a guess would be wrong: the declared
+kind always wins.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from memstore.values import flatten
+
+FORMATS = ("jsonl", "csv", "parquet")
+_INT = re.compile(r"^-?(0|[1-9][0-9]*)$")
+_FLOAT = re.compile(r"^-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?$")
+
+
+@dataclass(slots=True)
+class Line:
+    """One line (row) of the input: a record, or why it is not one."""
+
+    where: str  # "people.jsonl:9001"
+    record: dict[str, Any] | None
+    error: str = ""
+    text: str = ""  # the line as it was (JSON Lines, CSV), for a rejects file
+
+    @property
+    def id(self) -> str | None:
+        return None if self.record is None else self.record.get("id")
+
+
+def format_of(path: Path, given: str | None) -> str:
+    return given or {".csv": "csv", ".parquet": "parquet"}.get(path.suffix.lower(), "jsonl")
+
+
+def count_lines(path: Path, fmt: str) -> int | None:
+    """How many records the file holds, for a progress bar's total and ETA (CSV: lines
+    after the header, an estimate when cells span lines); None if unknown."""
+    if fmt == "parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            return None
+        return int(pq.ParquetFile(path).metadata.num_rows)
+    lines = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            lines += chunk.count(b"\n")
+    if path.stat().st_size and not _ends_with_newline(path):
+        lines += 1
+    return max(0, lines - 1) if fmt == "csv" else lines
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) == b"\n"
+
+
+def read(path: Path, fmt: str, schema: dict[str, str]) -> Iterator[Line]:
+    """The lines of `path` in `fmt`; `schema` maps declared attribute names to kinds."""
+    if fmt == "jsonl":
+        yield from _jsonl(path, schema)
+    elif fmt == "csv":
+        yield from _csv(path, schema)
+    elif fmt == "parquet":
+        yield from _parquet(path, schema)
+    else:
+        raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
+
+
+def _record(raw: Any, where: str, schema: dict[str, str], text: str) -> Line:
+    """A JSON object (or Parquet row) as a record to load, or the reason it is not one."""
+    if not isinstance(raw, dict):
+        return Line(where, None, "a line is a JSON object with an 'id'", text)
+    pid = raw.get("id")
+    if not isinstance(pid, str) or not pid:
+        return Line(where, None, "no 'id' (a non-empty string)", text)
+    attributes = raw.get("attributes") or {}
+    if not isinstance(attributes, dict):
+        return Line(where, None, "'attributes' must be an object", text)
+    identifiers = raw.get("identifiers") or []
+    if not isinstance(identifiers, list) or not all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, str) for x in p)
+            or isinstance(p, dict) and isinstance(p.get("kind"), str)
+            and isinstance(p.get("value"), str) for p in identifiers):
+        return Line(where, None, "'identifiers' must be [kind, value] pairs", text)
+    pairs = [(p["kind"], p["value"]) if isinstance(p, dict) else (p[0], p[1])
+             for p in identifiers]
+    try:
+        flat = flatten(_without_nulls(attributes))
+        for name, kind in schema.items():
+            value = flat.get(name)
+            if kind == "timestamp" and isinstance(value, str):
+                flat[name] = _timestamp(value)
+    except ValueError as exc:
+        return Line(where, {"id": pid}, str(exc), text)
+    return Line(where, {"id": pid, "attributes": flat, "identifiers": pairs}, "", text)
+
+
+def _without_nulls(attributes: dict[str, Any]) -> dict[str, Any]:
+    """JSON null means "not given" in a file, as an empty CSV cell or a Parquet null do."""
+    return {k: _without_nulls(v) if isinstance(v, dict) else v
+            for k, v in attributes.items() if v is not None}
+
+
+def _timestamp(text: str) -> Any:
+    from memstore.query import QueryError, parse_timestamp
+
+    try:
+        return parse_timestamp(text)
+    except (QueryError, ValueError) as exc:
+        raise ValueError(f"not an ISO-8601 timestamp: {exc}") from None
+
+
+def _jsonl(path: Path, schema: dict[str, str]) -> Iterator[Line]:
+    with path.open(encoding="utf-8", errors="surrogateescape") as f:
+        for n, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            where = f"{path.name}:{n}"
+            try:
+                raw = json.loads(text)
+            except ValueError as exc:
+                yield Line(where, None, f"not JSON: {exc}", text.rstrip("\n"))
+                continue
+            yield _record(raw, where, schema, text.rstrip("\n"))
+
+
+def _csv(path: Path, schema: dict[str, str]) -> Iterator[Line]:
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "id" not in reader.fieldnames:
+            yield Line(f"{path.name}:1", None, "the header has no 'id' column")
+            return
+        for row in reader:
+            where = f"{path.name}:{reader.line_num}"
+            text = ",".join(_csv_text(v) for v in row.values())
+            pid = row.pop("id", None)
+            if not pid:
+                yield Line(where, None, "empty 'id' cell", text)
+                continue
+            if None in row:  # more cells than the header names
+                yield Line(where, {"id": pid}, "more cells than the header has columns", text)
+                continue
+            try:
+                attrs = {name: cell_value(name, cell, schema)
+                         for name, cell in row.items() if cell != ""}
+            except ValueError as exc:
+                yield Line(where, {"id": pid}, str(exc), text)
+                continue
+            yield Line(where, {"id": pid, "attributes": attrs, "identifiers": []}, "", text)
+
+
+def _csv_text(value: Any) -> str:
+    if isinstance(value, list):  # DictReader's overflow cells
+        return ",".join(map(str, value))
+    return "" if value is None else str(value)
+
+
+def cell_value(name: str, text: str, schema: dict[str, str]) -> Any:
+    """A CSV cell's value: the declared kind wins; undeclared attributes are guessed (see
+    the module docstring)."""
+    kind = schema.get(name)
+    if kind is None:
+        if _INT.match(text):
+            return int(text)
+        if _FLOAT.match(text):
+            return float(text)
+        if text in ("true", "false"):
+            return text == "true"
+        return text
+    if kind == "string":
+        return text
+    if kind == "int":
+        if not _INT.match(text.strip()):
+            raise ValueError(f"{name}: {text!r} is not an int (the attribute is declared int)")
+        return int(text)
+    if kind == "float":
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{name}: {text!r} is not a number (the attribute is declared "
+                             "float)") from None
+    if kind == "bool":
+        if text.lower() not in ("true", "false"):
+            raise ValueError(f"{name}: {text!r} is not true or false (the attribute is "
+                             "declared bool)")
+        return text.lower() == "true"
+    if kind == "timestamp":
+        try:
+            return _timestamp(text)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    if kind == "string_list":
+        if text.startswith("["):
+            try:
+                items = json.loads(text)
+            except ValueError:
+                items = None
+            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                raise ValueError(f"{name}: {text!r} is not a JSON array of strings")
+            return items
+        return [item for item in text.split("|") if item]
+    return text
+
+
+def _parquet(path: Path, schema: dict[str, str]) -> Iterator[Line]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError("Parquet needs pyarrow: pip install pyarrow") from None
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches():
+        for values in batch.to_pylist():
+            row += 1
+            where = f"{path.name} row {row}"
+            idents = values.pop("identifiers", None) or []
+            pid = values.pop("id", None)
+            raw = {"id": pid, "identifiers": idents,
+                   "attributes": {k: v for k, v in values.items() if v is not None}}
+            yield _record(raw, where, schema, "")
