@@ -21,4 +21,8 @@ VOLUME /data
 EXPOSE 7069 7070 7071
 HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import grpc,sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; import os; c=grpc.insecure_channel('127.0.0.1:'+os.environ.get('MEMSTORE_PORT','7071')); sys.exit(0 if g.HealthStub(c).Check(h.HealthCheckRequest(), timeout=2).status==1 else 1)"
 ENTRYPOINT ["memstore"]
-CMD ["serve", "--host", "0.0.0.0", "--data-dir", "/data"]
+# --insecure: plaintext without tokens, for a private Docker network only. To secure it,
+# mount certificates and a token file and run e.g. serve --host 0.0.0.0 --data-dir /data
+# --tls-cert /certs/server.pem --tls-key /certs/server.key --auth-file /certs/tokens
+# (docs/security.md).
+CMD ["serve", "--host", "0.0.0.0", "--data-dir", "/data", "--insecure"]

@@ -18,18 +18,14 @@ from typing import Any
 
 import click
 
-from memstore.cli_options import LINK_PORT, shard_settings
-from memstore.client import (
-    DEFAULT_ADDRESS,
-    LOAD_CHUNK,
-    LOAD_CONCURRENCY,
-    Client,
-    ClientError,
-    LoadError,
+from memstore.cli_options import (
+    LINK_PORT,
+    Connect,
+    connection,
+    server_security,
+    shard_settings,
 )
-
-ADDRESS = click.option("--address", default=DEFAULT_ADDRESS, show_default=True,
-                       envvar="MEMSTORE_ADDRESS", help="Server or router to talk to.")
+from memstore.client import LOAD_CHUNK, LOAD_CONCURRENCY, ClientError, LoadError
 
 
 def _logging(verbose: bool) -> None:
@@ -69,21 +65,34 @@ def main() -> None:
               help="Stop cleanly when standard input closes. `memstore serve` starts its "
                    "shards so, over a pipe it holds: they stop within seconds of its death, "
                    "however it dies.")
+@server_security
 @click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
 def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str,
                 slots: str | None, sync: str, snapshot_log_mb: int, snapshot_interval: float,
                 max_identifiers_per_kind: int, blocked_identifier: tuple[str, ...],
                 no_link: bool, link_port: int, metrics_port: int | None, lock_wait: float,
-                stop_on_eof: bool, verbose: bool) -> None:
+                stop_on_eof: bool, tls_cert: Path | None, tls_key: Path | None,
+                tls_client_ca: Path | None, auth_file: Path | None, insecure: bool,
+                audit_log: Path | None, verbose: bool) -> None:
     """Run one shard process (the cluster's `serve` starts these for you)."""
     import uvloop
 
+    from memstore import audit
     from memstore.engine import DEFAULT_BLOCKED, IdentityRules
+    from memstore.security import AuthFileError, ServerSecurity, cluster_token_from_env
     from memstore.server import serve
     from memstore.shard import ShardConfig
     from memstore.wal_writer import SyncPolicy
 
     _logging(verbose)
+    try:
+        security = ServerSecurity.configure(tls_cert, tls_key, tls_client_ca, auth_file,
+                                            insecure, cluster_token_from_env())
+        security.check_host(host)
+    except (AuthFileError, ValueError, OSError) as exc:
+        click.echo(f"memstore: {exc}", err=True)
+        sys.exit(1)
+    audit.open_log(audit_log)
     rules = IdentityRules(
         max_per_kind=max_identifiers_per_kind,
         blocked=DEFAULT_BLOCKED | {b.strip().lower() for b in blocked_identifier},
@@ -95,7 +104,8 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
     owned = _parse_slots(slots) if slots else None
     try:
         uvloop.run(serve(config, host, port, owned, metrics_port=metrics_port,
-                         link_port=None if no_link else link_port, stop_on_eof=stop_on_eof))
+                         link_port=None if no_link else link_port, stop_on_eof=stop_on_eof,
+                         security=security))
     except Exception as exc:  # noqa: BLE001 - start-up failures: damaged log, port in use
         click.echo(f"memstore: {exc}", err=True)
         sys.exit(1)
@@ -131,9 +141,9 @@ def _parse_slots(text: str) -> Any:
 @click.option("--concurrency", default=LOAD_CONCURRENCY, show_default=True,
               help="Requests in flight.")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
-@ADDRESS
+@connection
 def load(file: Path, fmt: str | None, rejects: Path | None, chunk_size: int,
-         concurrency: int, no_progress: bool, address: str) -> None:
+         concurrency: int, no_progress: bool, connect: Connect) -> None:
     """Load profiles from FILE: JSON Lines ({"id", "attributes", "identifiers"} per line),
     CSV (an id column, one column per attribute) or Parquet (an id column). Ends with
     `loaded N profiles`, N being what the server applied, also when it stops early; an
@@ -144,7 +154,7 @@ def load(file: Path, fmt: str | None, rejects: Path | None, chunk_size: int,
     from memstore import loader
 
     fmt = loader.format_of(file, fmt)
-    with Client(address, timeout=None) as client:
+    with connect.client(timeout=None) as client:
         try:
             schema = {a["name"]: a["kind"] for a in client.schema()}
         except ClientError as exc:
@@ -259,13 +269,13 @@ def _json_default(value: Any) -> Any:
 @click.option("--identifier", nargs=2, metavar="KIND VALUE", default=None,
               help="Look up by an identifier instead of the primary id.")
 @click.option("--attribute", "-a", multiple=True, help="Return only these attributes.")
-@ADDRESS
+@connection
 def get(id: str | None, identifier: tuple[str, str] | None, attribute: tuple[str, ...],
-        address: str) -> None:
+        connect: Connect) -> None:
     """Print the profile ID as JSON."""
     if id is None and identifier is None:
         raise click.UsageError("give an ID or --identifier KIND VALUE")
-    with Client(address) as client:
+    with connect.client() as client:
         try:
             profile = client.get(id, identifier=identifier, attributes=attribute)
         except ClientError as exc:
@@ -282,11 +292,11 @@ def get(id: str | None, identifier: tuple[str, str] | None, attribute: tuple[str
 @click.option("--top", default=10, show_default=True, help="With --group-by: top N values.")
 @click.option("--limit", default=0, help="Print at most this many ids (0: all).")
 @click.option("--partial", is_flag=True, help="Answer even if some shards are down.")
-@ADDRESS
+@connection
 def query(expression: str, count_only: bool, group_by: str | None, top: int, limit: int,
-          partial: bool, address: str) -> None:
+          partial: bool, connect: Connect) -> None:
     """Run a segment query (see README "Query language") and print matching ids."""
-    with Client(address, timeout=None) as client:
+    with connect.client(timeout=None) as client:
         try:
             if count_only:
                 click.echo(client.count(expression, allow_partial=partial))
@@ -311,10 +321,10 @@ def query(expression: str, count_only: bool, group_by: str | None, top: int, lim
               help="Store and return the attribute but never query it (free text, PII).")
 @click.option("--merge", type=click.Choice(["default", "sum", "min", "max"]), default="default",
               show_default=True, help="How values combine when two profiles merge.")
-@ADDRESS
-def declare(name: str, kind: str, not_indexed: bool, merge: str, address: str) -> None:
+@connection
+def declare(name: str, kind: str, not_indexed: bool, merge: str, connect: Connect) -> None:
     """Declare attribute NAME with a KIND (before its first write fixes it)."""
-    with Client(address) as client:
+    with connect.client() as client:
         try:
             client.declare([{"name": name, "kind": kind, "indexed": not not_indexed,
                              "merge": merge}])
@@ -324,10 +334,10 @@ def declare(name: str, kind: str, not_indexed: bool, merge: str, address: str) -
 
 
 @main.command()
-@ADDRESS
-def schema(address: str) -> None:
+@connection
+def schema(connect: Connect) -> None:
     """Print the attribute schema as JSON lines."""
-    with Client(address) as client:
+    with connect.client() as client:
         try:
             for spec in client.schema():
                 click.echo(json.dumps(spec))
@@ -336,10 +346,10 @@ def schema(address: str) -> None:
 
 
 @main.command()
-@ADDRESS
-def snapshot(address: str) -> None:
+@connection
+def snapshot(connect: Connect) -> None:
     """Take a snapshot now (on a router: every shard)."""
-    with Client(address, timeout=None) as client:
+    with connect.client(timeout=None) as client:
         try:
             info = client.snapshot()
         except ClientError as exc:
@@ -348,14 +358,28 @@ def snapshot(address: str) -> None:
 
 
 @main.command()
-@ADDRESS
-def stats(address: str) -> None:
+@connection
+def stats(connect: Connect) -> None:
     """Print counts and state of the server."""
-    with Client(address) as client:
+    with connect.client() as client:
         try:
             click.echo(json.dumps(client.stats(), indent=2))
         except ClientError as exc:
             raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.argument("roles", default="read")
+@click.argument("name", required=False)
+def token(roles: str, name: str | None) -> None:
+    """Print a new random token as a line for an --auth-file: TOKEN ROLES [NAME] (roles:
+    read, write, admin, cluster; comma-separated)."""
+    from memstore.security import ROLES, new_token
+
+    unknown = sorted(set(roles.split(",")) - set(ROLES))
+    if unknown:
+        raise click.BadParameter(f"unknown role {unknown[0]!r}; roles are {', '.join(ROLES)}")
+    click.echo(" ".join([new_token(), roles, *([name] if name else [])]))
 
 
 @main.command()

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -58,3 +61,129 @@ def shard_args(snapshot_log_mb: int, snapshot_interval: float, max_identifiers_p
             "--max-identifiers-per-kind", str(max_identifiers_per_kind),
             *(arg for value in blocked_identifier for arg in ("--blocked-identifier", value)),
             *(("--no-link",) if no_link else ()))
+
+
+# ---------------------------------------------------------------------- security
+
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+SERVER_SECURITY = (
+    click.option("--tls-cert", type=_FILE, default=None,
+                 help="Serve TLS with this certificate (PEM); every port then speaks TLS "
+                      "only (the link is off). Needs --tls-key."),
+    click.option("--tls-key", type=_FILE, default=None, help="The --tls-cert's private key."),
+    click.option("--tls-client-ca", type=_FILE, default=None,
+                 help="Require client certificates signed by this CA (mutual TLS). Without "
+                      "--auth-file every such certificate has every role."),
+    click.option("--auth-file", type=_FILE, default=None,
+                 help="Tokens and their roles, a line each: TOKEN ROLE[,ROLE...] [NAME] "
+                      "(roles: read, write, admin, cluster; `cert:CN ROLES` for client "
+                      "certificates). Read again on SIGHUP. Default: no authentication "
+                      "(loopback only)."),
+    click.option("--insecure", is_flag=True,
+                 help="Listen on a non-loopback --host without TLS or tokens (only where a "
+                      "network you trust protects every port)."),
+    click.option("--audit-log", type=click.Path(dir_okay=False, path_type=Path),
+                 default=None,
+                 help="Also append audit lines (deletes, declarations, cluster changes: who, "
+                      "when) to this file. Default: the process log only."),
+)
+
+
+def server_security(command: F) -> F:
+    """Add --tls-cert, --tls-key, --tls-client-ca, --auth-file, --insecure, --audit-log."""
+    for option in reversed(SERVER_SECURITY):
+        command = option(command)
+    return command
+
+
+def security_args(tls_cert: Path | None, tls_key: Path | None, tls_client_ca: Path | None,
+                  auth_file: Path | None, insecure: bool, audit_log: Path | None
+                  ) -> tuple[str, ...]:
+    """The same settings as arguments of the shard processes `memstore serve` starts."""
+    pairs = (("--tls-cert", tls_cert), ("--tls-key", tls_key),
+             ("--tls-client-ca", tls_client_ca), ("--auth-file", auth_file),
+             ("--audit-log", audit_log))
+    return (*(arg for flag, value in pairs if value is not None
+              for arg in (flag, str(value))), *(("--insecure",) if insecure else ()))
+
+
+CLIENT_SECURITY = (
+    click.option("--tls-ca", type=_FILE, default=None, envvar="MEMSTORE_TLS_CA",
+                 show_envvar=True, help="Connect over TLS, trusting this CA (PEM)."),
+    click.option("--tls-cert", "client_cert", type=_FILE, default=None,
+                 envvar="MEMSTORE_TLS_CERT", show_envvar=True,
+                 help="A client certificate, for servers that require one (with --tls-key)."),
+    click.option("--tls-key", "client_key", type=_FILE, default=None,
+                 envvar="MEMSTORE_TLS_KEY", show_envvar=True,
+                 help="The client certificate's private key."),
+    click.option("--token", default=None, envvar="MEMSTORE_TOKEN", show_envvar=True,
+                 help="Send this token (authorization: Bearer TOKEN) with every call."),
+)
+
+
+@dataclass(frozen=True)
+class Connect:
+    """Where a command's calls go, and the credentials they present."""
+
+    address: str
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    token: str | None = None
+
+    def client(self, **options: Any) -> Any:
+        from memstore.client import Client
+
+        return Client(self.address, tls_ca=_str(self.tls_ca), tls_cert=_str(self.tls_cert),
+                      tls_key=_str(self.tls_key), token=self.token, **options)
+
+    def credentials(self) -> Any:
+        from memstore.security import Credentials
+
+        return Credentials.load(self.tls_ca, self.tls_cert, self.tls_key, self.token)
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def client_security(command: F) -> F:
+    """Add --tls-ca, --tls-cert, --tls-key and --token (each also from its environment
+    variable) to a command; it receives them as one `credentials` (memstore.security)."""
+    @functools.wraps(command)
+    def wrapper(*args: Any, tls_ca: Path | None, client_cert: Path | None,
+                client_key: Path | None, token: str | None, **kwargs: Any) -> Any:
+        try:
+            credentials = Connect("", tls_ca, client_cert, client_key, token).credentials()
+        except (ValueError, OSError) as exc:
+            raise click.UsageError(str(exc)) from None
+        return command(*args, credentials=credentials, **kwargs)
+
+    for option in reversed(CLIENT_SECURITY):
+        wrapper = option(wrapper)
+    return wrapper  # type: ignore[return-value]
+
+
+def connection(command: F) -> F:
+    """Add --address ($MEMSTORE_ADDRESS) and the client security options to a command; it
+    receives them as one `connect` (a Connect)."""
+    @functools.wraps(command)
+    def wrapper(*args: Any, address: str, tls_ca: Path | None, client_cert: Path | None,
+                client_key: Path | None, token: str | None, **kwargs: Any) -> Any:
+        connect = Connect(address, tls_ca, client_cert, client_key, token)
+        try:
+            connect.credentials()
+        except (ValueError, OSError) as exc:
+            raise click.UsageError(str(exc)) from None
+        return command(*args, connect=connect, **kwargs)
+
+    for option in reversed(CLIENT_SECURITY):
+        wrapper = option(wrapper)
+    wrapper = click.option(
+        "--address", default=DEFAULT_ADDRESS, show_default=True, envvar="MEMSTORE_ADDRESS",
+        show_envvar=True, help="The server or router to talk to.")(wrapper)
+    return wrapper  # type: ignore[return-value]
+
+
+DEFAULT_ADDRESS = "127.0.0.1:7070"

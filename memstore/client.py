@@ -61,6 +61,7 @@ from memstore.link import (
     LinkStub,
     advertised,
 )
+from memstore.security import Credentials
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
 
@@ -475,9 +476,9 @@ class _Methods:
 
 
 def _connect(open_channel: Callable[..., Any]) -> Callable[[str], tuple[Any, Any]]:
-    """(channel, stub) for a shard address, with grpc.insecure_channel or its aio twin."""
+    """(channel, stub) for a shard address, with Credentials.channel or its aio twin."""
     def connect(address: str) -> tuple[Any, Any]:
-        channel = open_channel(address, options=_OPTIONS)
+        channel = open_channel(address, _OPTIONS)
         return channel, memstore_pb2_grpc.MemstoreStub(channel)
     return connect
 
@@ -490,17 +491,25 @@ class Client(_Methods):
     """Blocking client. `with Client(address) as c: c.get("u1")`."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 30.0,
-                 direct_reads: bool = False, link: bool = False) -> None:
+                 direct_reads: bool = False, link: bool = False, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None,
+                 token: str | None = None) -> None:
+        """`tls_ca`: the CA file that signed the server's certificate (TLS); `tls_cert` and
+        `tls_key`: a client certificate, for servers that require one; `token`: sent as
+        `authorization: Bearer TOKEN` with every call. The link carries neither, so with
+        any of them calls stay on gRPC."""
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=_OPTIONS)
+        credentials = Credentials.load(tls_ca, tls_cert, tls_key, token)
+        link = link and not (credentials.tls or credentials.token)
+        self._channel = credentials.channel(address, _OPTIONS)
         self._grpc = memstore_pb2_grpc.MemstoreStub(self._channel)
         self._link = BlockingLinkStub(self._grpc, _SERVICE, self._describe_link,
                                       f"server {address}") if link else None
         self._stub: Any = self._link or self._grpc
         if self._link is not None:
             self._link.start()
-        self._owners = _SlotOwners(_connect(grpc.insecure_channel)) if direct_reads else None
+        self._owners = _SlotOwners(_connect(credentials.channel)) if direct_reads else None
 
     def _describe_link(self) -> tuple[str, str] | None:
         return advertised(self.address, self._channel.unary_unary(DESCRIBE)(
@@ -619,10 +628,15 @@ class AsyncClient(_Methods):
     """asyncio client with the same methods as Client: `await c.get("u1")`."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 30.0,
-                 direct_reads: bool = False, link: bool = False) -> None:
+                 direct_reads: bool = False, link: bool = False, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None,
+                 token: str | None = None) -> None:
+        """As Client."""
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
+        credentials = Credentials.load(tls_ca, tls_cert, tls_key, token)
+        link = link and not (credentials.tls or credentials.token)
+        self._channel = credentials.aio_channel(address, _OPTIONS)
         self._grpc = memstore_pb2_grpc.MemstoreStub(self._channel)
         # link: described on the first call (and again when it fails: the server may have
         # restarted on another port), connected in the background by LinkStub
@@ -631,7 +645,7 @@ class AsyncClient(_Methods):
         self._described = False
         self._describing: asyncio.Task[None] | None = None
         self._describe_at = 0.0
-        self._owners = (_SlotOwners(_connect(grpc.aio.insecure_channel)) if direct_reads
+        self._owners = (_SlotOwners(_connect(credentials.aio_channel)) if direct_reads
                         else None)
 
     def _relink(self) -> None:

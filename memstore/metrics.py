@@ -11,11 +11,15 @@ memstore_merges_total{outcome}         cross-shard merges a router committed, an
 memstore_claim_waits_total             writes a router made wait for another write's young
                                        claim of an identifier they name
 memstore_claim_wait_seconds            how long those writes waited (histogram)
+memstore_auth_refusals_total{method,code}  calls refused before they ran: UNAUTHENTICATED
+                                       (no or unknown credential), PERMISSION_DENIED (a role
+                                       missing)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -31,18 +35,22 @@ CLAIM_WAIT_SECONDS = Histogram("memstore_claim_wait_seconds", "Time a write wait
                                "another write's young claim",
                                buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0,
                                         60.0))
+AUTH_REFUSALS = Counter("memstore_auth_refusals", "Calls refused for their credentials",
+                        ["method", "code"])
 PROFILES = Gauge("memstore_profiles", "Live profiles held by this shard")
 LOG_BYTES = Gauge("memstore_log_bytes", "Bytes in this shard's log segments")
 
 
 def serve_metrics(host: str, port: int, profiles: Callable[[], float] | None = None,
-                  log_bytes: Callable[[], float] | None = None) -> int:
-    """Start the scrape endpoint; returns the port it listens on."""
+                  log_bytes: Callable[[], float] | None = None,
+                  tls: dict[str, Any] | None = None) -> int:
+    """Start the scrape endpoint (HTTPS with `tls`: start_http_server's certfile, keyfile
+    and client CA arguments); returns the port it listens on."""
     if profiles is not None:
         PROFILES.set_function(profiles)
     if log_bytes is not None:
         LOG_BYTES.set_function(log_bytes)
-    server, _ = start_http_server(port, addr=host)
+    server, _ = start_http_server(port, addr=host, **(tls or {}))
     return int(server.server_port)
 
 

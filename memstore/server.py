@@ -69,6 +69,7 @@ from memstore.heap import LoadTrimmer
 from memstore.link import LinkServer, describe_handler
 from memstore.query import QueryError, query_from_request
 from memstore.schema import Kind, Merge
+from memstore.security import ServerSecurity
 from memstore.shard import Shard, ShardConfig
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
@@ -900,15 +901,19 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
 
 # ---------------------------------------------------------------------- serving
 
-def make_server(shard: Shard, host: str, port: int, link: bool = True
+def make_server(shard: Shard, host: str, port: int, link: bool = True,
+                security: ServerSecurity | None = None
                 ) -> tuple[grpc.aio.Server, int, LinkServer | None]:
-    """The shard's gRPC server (not started), its port, and its link (not started)."""
+    """The shard's gRPC server (not started), its port, and its link (not started; none
+    under TLS or tokens: it has neither)."""
+    security = security or ServerSecurity()
+    link = link and not security.guarded
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=options)
+    server = grpc.aio.server(options=options, interceptors=security.interceptors())
     service = MemstoreService(shard)
     memstore_pb2_grpc.add_MemstoreServicer_to_server(service, server)
     link_server = LinkServer(service, pb.DESCRIPTOR.services_by_name["Memstore"]) \
@@ -922,9 +927,7 @@ def make_server(shard: Shard, host: str, port: int, link: bool = True
         reflection.SERVICE_NAME,
     )
     reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+    bound = security.bind(server, f"{host}:{port}")
     control = ShardControlService(shard, f"{host}:{bound}", link_server)
     cluster_pb2_grpc.add_ShardControlServicer_to_server(control, server)
     if link_server is not None:  # directory claims, merges, map reads: the router's too
@@ -975,11 +978,14 @@ def stop_when_stdin_closes(stop: asyncio.Event) -> None:
 async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
                 slots: BitMap | None = None, ready: Callable[[int], None] | None = None,
                 metrics_port: int | None = None, link_port: int | None = 0,
-                stop_on_eof: bool = False) -> None:
+                stop_on_eof: bool = False, security: ServerSecurity | None = None) -> None:
     """Run one shard until SIGTERM/SIGINT (or, with `stop_on_eof`, until standard input
     closes: its supervisor died), then drain in-flight calls and close the log.
     `link_port`: where routers' unary calls may come over the shard link (memstore/link.py;
-    0 picks a free port), on the same host; None serves gRPC alone."""
+    0 picks a free port), on the same host; None serves gRPC alone. `security`: TLS and
+    tokens (memstore/security.py); the auth file is read again on SIGHUP."""
+    security = security or ServerSecurity()
+    security.check_host(host)
     shard = await Shard.open(config)
     # The engine holds few container objects (profiles are bytes), but a bulk load makes
     # and drops millions of small lists and dicts: collect young objects less often and
@@ -990,7 +996,8 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
     gc.callbacks.append(_report_long_collections)
     if slots is not None and shard.engine.epoch == 0 and shard.engine.owned_slots is None:
         await shard.set_ownership(1, slots)
-    server, bound, link = make_server(shard, host, port, link=link_port is not None)
+    server, bound, link = make_server(shard, host, port, link=link_port is not None,
+                                      security=security)
     await server.start()
     if link is not None:
         await link.start(host, link_port or 0)
@@ -1002,13 +1009,15 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, security.reload)  # never the default (exit)
     if stop_on_eof:
         stop_when_stdin_closes(stop)
     if metrics_port is not None:
         scrape = metrics.serve_metrics(
             host, metrics_port, lambda: len(shard.engine.live),
-            lambda: shard.log.size_bytes if shard.log else 0)
-        print(f"metrics on http://{host}:{scrape}/metrics", file=sys.stderr, flush=True)
+            lambda: shard.log.size_bytes if shard.log else 0, security.metrics_tls())
+        scheme = "https" if security.tls else "http"
+        print(f"metrics on {scheme}://{host}:{scrape}/metrics", file=sys.stderr, flush=True)
     if link is not None:
         print(f"shard link on {host}:{link.port}", file=sys.stderr, flush=True)
     print(f"listening on {host}:{bound}", file=sys.stderr, flush=True)

@@ -21,7 +21,15 @@ from typing import Any
 
 import click
 
-from memstore.cli_options import LINK_PORT, NO_LINK, shard_args, shard_settings
+from memstore.cli_options import (
+    LINK_PORT,
+    NO_LINK,
+    client_security,
+    security_args,
+    server_security,
+    shard_args,
+    shard_settings,
+)
 
 DEFAULT_ROUTER = "127.0.0.1:7070"
 ROUTERS = click.option(
@@ -71,20 +79,44 @@ def _run(coro: Any) -> Any:
 @shard_settings
 @click.option("--stop-timeout", default=15.0, show_default=True,
               help="Seconds a shard gets to stop on SIGTERM before it is killed.")
-@click.option("-v", "--verbose", is_flag=True)
+@server_security
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None,
+              help="With --tls-cert: the CA the router trusts its shards' certificate by "
+                   "(default: --tls-client-ca, else the certificate itself, self-signed).")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
 def serve(shards: int | None, host: str, port: int, data_dir: Path, sync: str,
           stop_timeout: float, snapshot_log_mb: int, snapshot_interval: float,
           max_identifiers_per_kind: int, blocked_identifier: tuple[str, ...],
-          no_link: bool, verbose: bool) -> None:
+          no_link: bool, tls_cert: Path | None, tls_key: Path | None,
+          tls_client_ca: Path | None, auth_file: Path | None, insecure: bool,
+          audit_log: Path | None, tls_ca: Path | None, verbose: bool) -> None:
     """Run a router and shard processes on this machine; restart shards that die."""
+    from memstore import audit
+    from memstore.security import AuthFileError, Credentials, ServerSecurity, new_token
     from shards.supervisor import Supervisor, run
 
     _logging(verbose)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    # The router's and the shards' own calls: a token only they know (cluster role), and
+    # the router's certificate as its client certificate where shards require one.
+    internal = new_token() if auth_file is not None else None
+    try:
+        security = ServerSecurity.configure(tls_cert, tls_key, tls_client_ca, auth_file,
+                                            insecure, internal)
+        security.check_host(host)
+        trust = tls_ca or tls_client_ca or tls_cert
+        credentials = Credentials.load(trust, tls_cert if tls_client_ca else None,
+                                       tls_key if tls_client_ca else None, internal)
+    except (AuthFileError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    audit.open_log(audit_log)
     args = shard_args(snapshot_log_mb, snapshot_interval, max_identifiers_per_kind,
-                      blocked_identifier, no_link)
+                      blocked_identifier, no_link or security.guarded)
+    args += security_args(tls_cert, tls_key, tls_client_ca, auth_file, insecure, audit_log)
     supervisor = Supervisor(data_dir, shards, host, port, sync, shard_args=args,
-                            stop_timeout=stop_timeout, link=not no_link)
+                            stop_timeout=stop_timeout, link=not no_link, security=security,
+                            credentials=credentials, cluster_token=internal)
     _run(run(supervisor))
 
 
@@ -99,16 +131,46 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, sync: str,
                    "Default: no metrics endpoint.")
 @LINK_PORT
 @NO_LINK
-@click.option("-v", "--verbose", is_flag=True)
+@server_security
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None,
+              help="Call the shards over TLS, trusting this CA; with shards that require "
+                   "client certificates the router presents its --tls-cert.")
+@click.option("--cluster-token-file", type=click.Path(exists=True, dir_okay=False,
+                                                       path_type=Path), default=None,
+              help="A file holding the token (with the cluster role in the shards' auth "
+                   "files) the router sends to its shards. Default: $MEMSTORE_CLUSTER_TOKEN, "
+                   "else none.")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
 def serve_router(shard_addresses: tuple[str, ...], host: str, port: int,
                  metrics_port: int | None, link_port: int, no_link: bool,
-                 verbose: bool) -> None:
+                 tls_cert: Path | None, tls_key: Path | None, tls_client_ca: Path | None,
+                 auth_file: Path | None, insecure: bool, audit_log: Path | None,
+                 tls_ca: Path | None, cluster_token_file: Path | None, verbose: bool) -> None:
     """Run a router alone in front of shards started with serve-shard."""
+    from memstore import audit
+    from memstore.security import (
+        AuthFileError,
+        Credentials,
+        ServerSecurity,
+        cluster_token_from_env,
+    )
     from shards.router import serve as serve_router_
 
     _logging(verbose)
+    token = (cluster_token_file.read_text().strip() if cluster_token_file
+             else cluster_token_from_env())
+    try:
+        security = ServerSecurity.configure(tls_cert, tls_key, tls_client_ca, auth_file,
+                                            insecure)
+        security.check_host(host)
+        credentials = Credentials.load(tls_ca, tls_cert if tls_ca else None,
+                                       tls_key if tls_ca else None, token)
+    except (AuthFileError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    audit.open_log(audit_log)
     _run(serve_router_(list(shard_addresses), host, port, metrics_port,
-                       None if no_link else link_port))
+                       None if no_link else link_port, security, credentials))
 
 
 @click.group()
@@ -116,34 +178,37 @@ def cluster() -> None:
     """Inspect the cluster and move slots between shards while it serves."""
 
 
-async def _shard_addresses(routers: tuple[str, ...], shards: tuple[str, ...]) -> list[str]:
-    return list(await _router_view(routers, shards))
+async def _shard_addresses(routers: tuple[str, ...], shards: tuple[str, ...],
+                           credentials: Any) -> list[str]:
+    return list(await _router_view(routers, shards, credentials))
 
 
-async def _router_view(routers: tuple[str, ...], shards: tuple[str, ...]
+async def _router_view(routers: tuple[str, ...], shards: tuple[str, ...], credentials: Any
                        ) -> dict[str, dict[str, Any]]:
     """Shard address -> what the first router says of it (nothing when given shards)."""
     if shards:
         return {address: {} for address in shards}
     from shards.router import admin_call
 
-    listing = await admin_call(routers[0], "ListShards")
+    listing = await admin_call(routers[0], "ListShards", credentials=credentials)
     return {s["address"]: s for s in listing["shards"]}
 
 
-async def _tell_routers(routers: tuple[str, ...], method: str, body: dict[str, Any]) -> None:
+async def _tell_routers(routers: tuple[str, ...], method: str, body: dict[str, Any],
+                        credentials: Any) -> None:
     import grpc
 
     from shards.router import admin_call
 
     for router in routers:
         try:
-            await admin_call(router, method, body)
+            await admin_call(router, method, body, credentials=credentials)
         except grpc.aio.AioRpcError as exc:  # a router that is down learns at its next start
             click.echo(f"warning: router {router}: {exc}", err=True)
 
 
-async def _status(routers: tuple[str, ...], shards: tuple[str, ...]) -> list[dict[str, Any]]:
+async def _status(routers: tuple[str, ...], shards: tuple[str, ...], credentials: Any
+                  ) -> list[dict[str, Any]]:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -151,8 +216,8 @@ async def _status(routers: tuple[str, ...], shards: tuple[str, ...]) -> list[dic
     from shards.slots import to_ranges
 
     rows = []
-    view = await _router_view(routers, shards)
-    cluster_ = Cluster(list(view))
+    view = await _router_view(routers, shards, credentials)
+    cluster_ = Cluster(list(view), credentials)
     for node in cluster_.nodes:
         # The router's link to the shard: up, down (calls use gRPC) or none.
         row: dict[str, Any] = {"address": node.address, "link": view[node.address].get("link")}
@@ -178,11 +243,13 @@ async def _status(routers: tuple[str, ...], shards: tuple[str, ...]) -> list[dic
 @ROUTERS
 @SHARDS
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per shard.")
-def status(routers: tuple[str, ...], shard_addresses: tuple[str, ...], as_json: bool) -> None:
+@client_security
+def status(routers: tuple[str, ...], shard_addresses: tuple[str, ...], as_json: bool,
+           credentials: Any) -> None:
     """Show shards, slot ranges, profile counts and health."""
     from shards.slots import SLOT_COUNT, format_ranges
 
-    rows = _run(_status(routers, shard_addresses))
+    rows = _run(_status(routers, shard_addresses, credentials))
     if as_json:
         for row in rows:
             click.echo(json.dumps(row))
@@ -214,17 +281,18 @@ def _progress(total: int, desc: str, disable: bool) -> Any:
 
 
 async def _add(address: str, routers: tuple[str, ...], shards: tuple[str, ...],
-               batch_slots: int, journal_path: Path, force: bool, quiet: bool) -> Any:
+               batch_slots: int, journal_path: Path, force: bool, quiet: bool,
+               credentials: Any) -> Any:
     from shards import rebalance as rb
 
-    addresses = await _shard_addresses(routers, shards)
-    async with rb.Cluster([*addresses, address]) as cl:
+    addresses = await _shard_addresses(routers, shards, credentials)
+    async with rb.Cluster([*addresses, address], credentials) as cl:
         journal = rb.Journal(journal_path)
         await rb.resume(cl, journal)
         new = cl.node(address)
         await rb.prepare_new_shard(cl, new, force)
         if not shards:
-            await _tell_routers(routers, "AddShard", {"address": address})
+            await _tell_routers(routers, "AddShard", {"address": address}, credentials)
         await cl.refresh()
         moves = rb.plan_for_add(cl, new)
         with _progress(sum(m.count for m in moves), f"moving slots to {new.name}",
@@ -242,26 +310,28 @@ async def _add(address: str, routers: tuple[str, ...], shards: tuple[str, ...],
                    "to those slots, more switches in all.")
 @JOURNAL
 @click.option("--force", is_flag=True, help="Add a shard that already holds profiles.")
-@click.option("--no-progress", is_flag=True)
-@click.option("-v", "--verbose", is_flag=True)
+@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
+@client_security
 def add_shard(address: str, routers: tuple[str, ...], shard_addresses: tuple[str, ...],
               batch_slots: int, journal: Path, force: bool, no_progress: bool,
-              verbose: bool) -> None:
+              verbose: bool, credentials: Any) -> None:
     """Add the shard at ADDRESS (started with serve-shard) and move a fair share of slots
     to it while the cluster serves."""
     _logging(verbose)
     name, report = _run(_add(address, routers, shard_addresses, batch_slots, journal, force,
-                             no_progress))
+                             no_progress, credentials))
     click.echo(f"added {name}: moved {report.slots} slots, {report.copied} profiles copied, "
                f"{report.caught_up} caught up, {report.repaired_batches} batches recopied, "
                f"writes to moving slots paused {report.frozen_seconds:.2f} s in all")
 
 
 async def _remove(name: str, routers: tuple[str, ...], shards: tuple[str, ...],
-                  batch_slots: int, journal_path: Path, quiet: bool) -> Any:
+                  batch_slots: int, journal_path: Path, quiet: bool, credentials: Any) -> Any:
     from shards import rebalance as rb
 
-    async with rb.Cluster(await _shard_addresses(routers, shards)) as cl:
+    async with rb.Cluster(await _shard_addresses(routers, shards, credentials),
+                          credentials) as cl:
         journal = rb.Journal(journal_path)
         await rb.resume(cl, journal)
         leaving = cl.node(name)
@@ -270,7 +340,8 @@ async def _remove(name: str, routers: tuple[str, ...], shards: tuple[str, ...],
             report = await rb.run_moves(cl, moves, journal, batch_slots, bar.update)
         await leaving.refresh()
         if not shards:
-            await _tell_routers(routers, "RemoveShard", {"name": leaving.address})
+            await _tell_routers(routers, "RemoveShard", {"name": leaving.address},
+                                credentials)
         return leaving, report
 
 
@@ -280,40 +351,44 @@ async def _remove(name: str, routers: tuple[str, ...], shards: tuple[str, ...],
 @SHARDS
 @click.option("--batch-slots", default=256, show_default=True, help="Slots moved per switch.")
 @JOURNAL
-@click.option("--no-progress", is_flag=True)
-@click.option("-v", "--verbose", is_flag=True)
+@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
+@client_security
 def remove_shard(name: str, routers: tuple[str, ...], shard_addresses: tuple[str, ...],
-                 batch_slots: int, journal: Path, no_progress: bool, verbose: bool) -> None:
+                 batch_slots: int, journal: Path, no_progress: bool, verbose: bool,
+                 credentials: Any) -> None:
     """Drain shard NAME (or its address): move all its slots to the others, then take it
     out of the routers. Stop its process afterwards."""
     _logging(verbose)
     leaving, report = _run(_remove(name, routers, shard_addresses, batch_slots, journal,
-                                   no_progress))
+                                   no_progress, credentials))
     click.echo(f"removed {leaving.name} ({leaving.address}): moved {report.slots} slots; "
                f"it now holds {leaving.info.profiles} profiles and can be stopped")
 
 
-async def _resume(routers: tuple[str, ...], shards: tuple[str, ...], journal_path: Path
-                  ) -> bool:
+async def _resume(routers: tuple[str, ...], shards: tuple[str, ...], journal_path: Path,
+                  credentials: Any) -> bool:
     from shards import rebalance as rb
 
     journal = rb.Journal(journal_path)
     state = journal.read()
     if state is None:
         return False
-    addresses = await _shard_addresses(routers, shards)
-    async with rb.Cluster([*addresses, state["source"], state["target"]]) as cl:
+    addresses = await _shard_addresses(routers, shards, credentials)
+    async with rb.Cluster([*addresses, state["source"], state["target"]], credentials) as cl:
         return await rb.resume(cl, journal)
 
 
 @cluster.command("rebuild-directory")
 @ROUTERS
-def rebuild_directory(routers: tuple[str, ...]) -> None:
+@client_security
+def rebuild_directory(routers: tuple[str, ...], credentials: Any) -> None:
     """Claim, in the identifier directory, every identifier the shards' profiles hold that
     has none: for data written before the directory existed or straight to a shard."""
     from shards.router import admin_call
 
-    totals = _run(admin_call(routers[0], "RebuildDirectory", timeout=24 * 3600.0))
+    totals = _run(admin_call(routers[0], "RebuildDirectory", timeout=24 * 3600.0,
+                             credentials=credentials))
     click.echo(f"{totals['identifiers']} identifiers of {totals['profiles']} profiles: "
                f"{totals['claimed']} claimed now, {totals['held_twice']} held by two profiles")
     if totals["held_twice"]:
@@ -325,7 +400,9 @@ def rebuild_directory(routers: tuple[str, ...]) -> None:
 @ROUTERS
 @SHARDS
 @JOURNAL
-def resume(routers: tuple[str, ...], shard_addresses: tuple[str, ...], journal: Path) -> None:
+@client_security
+def resume(routers: tuple[str, ...], shard_addresses: tuple[str, ...], journal: Path,
+           credentials: Any) -> None:
     """Finish a slot move that an interrupted add-shard/remove-shard left in flight."""
-    done = _run(_resume(routers, shard_addresses, journal))
+    done = _run(_resume(routers, shard_addresses, journal, credentials))
     click.echo("finished the interrupted move" if done else "no move in flight")

@@ -53,6 +53,7 @@ from typing import Any, Self
 import grpc
 import msgpack
 
+from memstore.security import Credentials
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
 from memstore.v1 import memstore_pb2 as pb
@@ -92,10 +93,12 @@ class Node:
 class Cluster:
     """Control-plane connections to a set of shards."""
 
-    def __init__(self, addresses: Iterable[str]) -> None:
+    def __init__(self, addresses: Iterable[str], credentials: Credentials | None = None
+                 ) -> None:
         self.nodes: list[Node] = []
+        credentials = credentials or Credentials()
         for address in dict.fromkeys(addresses):
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = credentials.aio_channel(address, CHANNEL_OPTIONS)
             self.nodes.append(Node(address, channel, cluster_pb2_grpc.ShardControlStub(channel)))
 
     async def __aenter__(self) -> Self:

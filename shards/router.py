@@ -80,6 +80,7 @@ from memstore.hashslot import (
 from memstore.heap import LoadTrimmer
 from memstore.link import LinkServer, describe_handler
 from memstore.query import And, Not, Or, Predicate, QueryError, query_from_request
+from memstore.security import Credentials, ServerSecurity
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
@@ -1220,9 +1221,11 @@ def _admin_handler(router: RouterService) -> grpc.GenericRpcHandler:
 
 
 async def admin_call(address: str, method: str, body: dict[str, Any] | None = None,
-                     timeout: float = 10.0) -> dict[str, Any]:
+                     timeout: float = 10.0, credentials: Credentials | None = None
+                     ) -> dict[str, Any]:
     """Client side of RouterAdmin, for the cluster commands."""
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    credentials = credentials or Credentials()
+    async with credentials.aio_channel(address, CHANNEL_OPTIONS) as channel:
         call = channel.unary_unary(f"/{ADMIN_SERVICE}/{method}",
                                    request_serializer=lambda d: json.dumps(d).encode(),
                                    response_deserializer=json.loads)
@@ -1231,21 +1234,30 @@ async def admin_call(address: str, method: str, body: dict[str, Any] | None = No
 
 async def start_router(addresses: Iterable[str], host: str = "127.0.0.1", port: int = 7070,
                        on_membership: Callable[[list[str]], None] | None = None,
-                       wait_timeout: float = 30.0, link_port: int | None = 0
+                       wait_timeout: float = 30.0, link_port: int | None = 0,
+                       security: ServerSecurity | None = None,
+                       credentials: Credentials | None = None
                        ) -> tuple[grpc.aio.Server, int, RouterService]:
     """Build and start a router server (after every shard answered once). `link_port`:
     where clients' unary calls may come over the link (memstore/link.py; 0 picks a free
-    port), on the same host; None serves gRPC alone."""
+    port), on the same host; None serves gRPC alone (and so does a router under TLS or
+    tokens). `security`: how it listens and whom it answers; `credentials`: what it
+    presents to its shards (memstore/security.py)."""
     from shards.shard_map import wait_for
 
-    shard_map = ShardMap(addresses)
+    security = security or ServerSecurity()
+    security.check_host(host)
+    if security.guarded:
+        link_port = None
+    shard_map = ShardMap(addresses, credentials)
     down = await wait_for(shard_map, wait_timeout)
     if down:
         log.warning("starting without shards %s: their calls get UNAVAILABLE until they "
                     "answer", ", ".join(down))
     router = RouterService(shard_map, on_membership)
     await router.bootstrap_schema()
-    server = grpc.aio.server(options=CHANNEL_OPTIONS[:2], interceptors=[_Metered()])
+    server = grpc.aio.server(options=CHANNEL_OPTIONS[:2],
+                             interceptors=[*security.interceptors(), _Metered()])
     memstore_pb2_grpc.add_MemstoreServicer_to_server(router, server)
     server.add_generic_rpc_handlers((_admin_handler(router),))
     if link_port is not None:
@@ -1259,9 +1271,7 @@ async def start_router(addresses: Iterable[str], host: str = "127.0.0.1", port: 
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     ), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+    bound = security.bind(server, f"{host}:{port}")
     await server.start()
     if router.link is not None:
         try:
@@ -1297,17 +1307,24 @@ def settle_heap() -> None:
 
 
 async def serve(addresses: list[str], host: str = "127.0.0.1", port: int = 7070,
-                metrics_port: int | None = None, link_port: int | None = 0) -> None:
-    """Run a router until SIGTERM/SIGINT, then drain in-flight calls."""
-    server, bound, router = await start_router(addresses, host, port, link_port=link_port)
+                metrics_port: int | None = None, link_port: int | None = 0,
+                security: ServerSecurity | None = None,
+                credentials: Credentials | None = None) -> None:
+    """Run a router until SIGTERM/SIGINT, then drain in-flight calls. The auth file is read
+    again on SIGHUP."""
+    security = security or ServerSecurity()
+    server, bound, router = await start_router(addresses, host, port, link_port=link_port,
+                                               security=security, credentials=credentials)
     settle_heap()
     if metrics_port is not None:
-        scrape = metrics.serve_metrics(host, metrics_port)
-        print(f"metrics on http://{host}:{scrape}/metrics", file=sys.stderr, flush=True)
+        scrape = metrics.serve_metrics(host, metrics_port, tls=security.metrics_tls())
+        scheme = "https" if security.tls else "http"
+        print(f"metrics on {scheme}://{host}:{scrape}/metrics", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, security.reload)  # never the default (exit)
     if router.link is not None:
         print(f"link on {host}:{router.link.port}", file=sys.stderr, flush=True)
     print(f"listening on {host}:{bound}", file=sys.stderr, flush=True)

@@ -22,6 +22,7 @@ import grpc
 
 from memstore.hashslot import owners_by_epoch
 from memstore.link import LinkStub
+from memstore.security import Credentials
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
 from memstore.v1 import memstore_pb2 as pb
@@ -71,7 +72,9 @@ class ShardState:
 class ShardMap:
     """Addresses -> shard states, and slot -> owning shard. One per router."""
 
-    def __init__(self, addresses: Iterable[str]) -> None:
+    def __init__(self, addresses: Iterable[str], credentials: Credentials | None = None
+                 ) -> None:
+        self.credentials = credentials or Credentials()  # what this router presents
         self.shards: list[ShardState] = []
         self._owner: list[int] = [-1] * SLOT_COUNT
         self.exact = False  # every slot claimed by exactly one shard
@@ -87,7 +90,7 @@ class ShardMap:
         for shard in self.shards:
             if shard.address == address:
                 return shard
-        state = _connect(address, self._refresh_soon)
+        state = _connect(address, self._refresh_soon, self.credentials)
         self.shards.append(state)
         return state
 
@@ -96,7 +99,7 @@ class ShardMap:
         for shard in self.shards:
             if shard.address == address:
                 return shard
-        state = _connect(address, self._refresh_soon)
+        state = _connect(address, self._refresh_soon, self.credentials)
         await self._fetch(state)
         if not state.reachable:
             await _close(state)
@@ -216,8 +219,9 @@ async def wait_for(shard_map: ShardMap, timeout: float = 30.0) -> list[str]:
         await asyncio.sleep(0.2)
 
 
-def _connect(address: str, link_failed: Callable[[], None]) -> ShardState:
-    channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+def _connect(address: str, link_failed: Callable[[], None], credentials: Credentials
+             ) -> ShardState:
+    channel = credentials.aio_channel(address, CHANNEL_OPTIONS)
     stub = LinkStub(memstore_pb2_grpc.MemstoreStub(channel), MEMSTORE_SERVICE, link_failed)
     control = LinkStub(cluster_pb2_grpc.ShardControlStub(channel), CONTROL_SERVICE,
                        sharing=stub)

@@ -49,6 +49,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memstore.dirlock import DirLock
+from memstore.security import Credentials, ServerSecurity
 from shards.router import Background, settle_heap, start_router, stop_router
 from shards.slots import format_ranges, split_even
 
@@ -78,9 +79,16 @@ class ShardProcess:
 class Supervisor:
     def __init__(self, data_dir: Path, shards: int | None = None, host: str = "127.0.0.1",
                  port: int = 7070, sync: str = "always", shard_args: tuple[str, ...] = (),
-                 stop_timeout: float = 15.0, link: bool = True) -> None:
+                 stop_timeout: float = 15.0, link: bool = True,
+                 security: ServerSecurity | None = None,
+                 credentials: Credentials | None = None,
+                 cluster_token: str | None = None) -> None:
         self.data_dir = data_dir
-        self.link = link  # the router's link for clients (--no-link turns both off)
+        self.security = security or ServerSecurity()  # the router's; shards get the flags
+        self.credentials = credentials or Credentials()  # the router's calls to its shards
+        self.cluster_token = cluster_token  # given to the shards: they accept it as cluster
+        # the router's link for clients (--no-link turns both off; so do TLS and tokens)
+        self.link = link and not self.security.guarded
         self.host, self.port, self.sync = host, port, sync
         self.shard_args = shard_args
         self.stop_timeout = stop_timeout
@@ -141,6 +149,8 @@ class Supervisor:
         if shard.slots and not shard.data_dir.exists():
             args += ["--slots", shard.slots]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.cluster_token:
+            env["MEMSTORE_CLUSTER_TOKEN"] = self.cluster_token
         # stdin: a pipe only this process holds open (--stop-on-eof), so the shard stops
         # when the supervisor dies however it dies
         proc = await asyncio.create_subprocess_exec(
@@ -180,7 +190,7 @@ class Supervisor:
 
     async def _healthy(self, shard: ShardProcess) -> None:
         deadline = time.monotonic() + START_TIMEOUT
-        async with grpc.aio.insecure_channel(shard.address) as channel:
+        async with self.credentials.aio_channel(shard.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 try:
@@ -235,7 +245,8 @@ class Supervisor:
         try:
             self._server, self.router_port, self._router = await start_router(
                 addresses, self.host, self.port, on_membership=self._membership,
-                link_port=0 if self.link else None)
+                link_port=0 if self.link else None, security=self.security,
+                credentials=self.credentials)
         except BaseException:
             await self.stop()
             raise
@@ -257,6 +268,14 @@ class Supervisor:
         log.info("identifier directory built: %s", totals)
         self.directory_built = True
         self._save()
+
+    def reload(self) -> None:
+        """SIGHUP: the router and every shard read their auth file again."""
+        self.security.reload()
+        for shard in self.shards:
+            if shard.proc is not None and shard.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    shard.proc.send_signal(signal.SIGHUP)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -306,6 +325,7 @@ async def run(supervisor: Supervisor) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, supervisor.reload)
     port = await supervisor.start()
     log.info("%d shards in %s", len(supervisor.shards), supervisor.data_dir)
     print(f"listening on {supervisor.host}:{port}", file=sys.stderr, flush=True)
