@@ -11,6 +11,7 @@ import asyncio
 import os
 import random
 import re
+import struct
 import time
 import zlib
 from pathlib import Path
@@ -24,7 +25,9 @@ import memstore.shard as shard_module
 import memstore.snapshot_file as snapshot_module
 from memstore import wal_format as fmt
 from memstore.engine import SET, Engine, UpsertSpec
+from memstore.errors import Unavailable
 from memstore.hashslot import SLOT_COUNT, slot_of
+from memstore.schema import Kind, Merge
 from memstore.shard import Shard, ShardConfig, load_snapshot, replay, write_snapshot_file
 from memstore.snapshot_file import (
     CURRENT,
@@ -33,6 +36,7 @@ from memstore.snapshot_file import (
     SnapshotReader,
     SnapshotWriter,
     load_newest,
+    prune,
     snapshot_name,
 )
 from memstore.wal_reader import (
@@ -68,7 +72,7 @@ def full_state(engine: Engine) -> tuple[Any, ...]:
             found = engine.owner_dense(kind, value)
             owners[kind, value] = None if found is None else engine.pids[found]
     return (state_of(Shard(ShardConfig(), engine, None)), owners, engine.held, engine.forwards,
-            engine.decided, list(engine.held_dense), engine.epoch, owned,
+            engine.decided, engine.registry, list(engine.held_dense), engine.epoch, owned,
             list(engine.foreign), len(engine.pids), engine.schema.to_state(), indexes)
 
 
@@ -89,6 +93,7 @@ async def merge_steps(shard: Shard, tag: str) -> None:
         await shard.commit(engine.plan_hold(f"l{n}-{tag}", f"t{n}-{tag}", f"far-{tag}"))
     await shard.commit(engine.plan_release(f"l3-{tag}", f"t3-{tag}", True))
     await shard.commit(engine.plan_decide(f"t4-{tag}", f"s-{tag}"))
+    await shard.commit(engine.plan_register([(f"reg_{tag}", Kind.INT, True, Merge.SUM)]))
 
 
 @pytest.mark.parametrize("snapshot", ["none", "middle", "end"])
@@ -114,6 +119,7 @@ def test_a_restart_restores_merge_tables_ownership_and_claims(tmp_path: Path,
             await shard.snapshot()
         state = full_state(shard.engine)
         assert shard.engine.held and shard.engine.forwards and shard.engine.decided
+        assert shard.engine.registry
         assert shard.engine.foreign
         await shard.close()
         return state
@@ -393,7 +399,7 @@ def test_repair_of_damage_in_the_first_record_keeps_the_header_and_syncs(tmp_pat
 # ---------------------------------------------------------------------- the log writer
 
 
-async def _turns_until(done: Any, limit: float = 30.0) -> None:
+async def _turns_until(done: Any, limit: float = 10.0) -> None:
     """Wait until `done()` (an fsync on the writer's thread); fail, not hang, if it never
     is."""
     give_up = time.monotonic() + limit
@@ -558,7 +564,6 @@ def test_attributes_a_snapshot_has_no_index_for_get_empty_ones(tmp_path: Path) -
     from memstore.bitmap_index import RangeIndex, ValueIndex
     from memstore.evaluate import evaluate
     from memstore.query import parse
-    from memstore.schema import Kind, Merge
 
     engine = Engine()
     kinds = {"i": Kind.INT, "f": Kind.FLOAT, "t": Kind.TIMESTAMP, "s": Kind.STRING,
@@ -694,3 +699,203 @@ def test_automatic_snapshots_start_at_the_thresholds_and_not_before(
 
 async def _failing_child(work: Any) -> Any:
     raise shard_module.ChildFailed("injected")
+
+
+@pytest.mark.parametrize("table", ["held", "forwards", "decided", "registry"])
+def test_each_merge_table_alone_is_written_and_read_back(tmp_path: Path, table: str) -> None:
+    engine = Engine()
+    engine.apply(engine.plan_upsert(UpsertSpec("p", [(SET, "x", 1)])))
+    setattr(engine, table, {"key": ["a", True] if table != "held" else ["t", "s", 1.5]})
+    if table == "held":
+        engine.held_dense = BitMap()  # (a real hold names a profile here; none needed)
+    path, _, _ = write_snapshot_file(engine, tmp_path, 1, "s", time.monotonic())
+    assert "merges" in [name for name, _ in SnapshotReader(path).sections()]
+    restored = Engine()
+    if table == "held":
+        restored.dense_of["key"] = 0
+    load_snapshot(restored, SnapshotReader(path).sections())
+    assert getattr(restored, table) == getattr(engine, table)
+
+
+# ---------------------------------------------------------------------- snapshot reading
+
+
+def _snapshot_bytes(tmp_path: Path, *sections: tuple[str, bytes]) -> tuple[Path, bytes]:
+    with SnapshotWriter.create(tmp_path, 8) as writer:
+        for name, payload in sections:
+            writer.write(name, payload)
+        path = writer.commit()
+    return path, path.read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["header cut short", "bad magic", "unknown version",
+                                    "cut after a section", "section longer than the file"])
+def test_snapshot_damage_names_the_file_and_what_is_wrong(tmp_path: Path, damage: str) -> None:
+    path, raw = _snapshot_bytes(tmp_path, ("a", b"12345"))
+    head_size = snapshot_module.HEADER_SIZE
+    first = head_size + 4 + 1 + 12  # name length, name, payload length and crc
+    if damage == "header cut short":
+        raw, message = raw[:10], "header cut short"
+    elif damage == "bad magic":
+        raw, message = b"X" + raw[1:], "bad header (magic or checksum)"
+    elif damage == "unknown version":
+        head = snapshot_module.HEADER.pack(snapshot_module.MAGIC, 2, 8, 0)
+        raw = head + snapshot_module.CRC.pack(zlib.crc32(head)) + raw[head_size:]
+        message = "unknown snapshot version 2"
+    elif damage == "cut after a section":
+        raw, message = raw[:first + 5], "file after 1 sections cut short"
+    else:  # the first section claims one byte more than the file holds after it
+        left = len(raw) - first
+        raw = raw[:head_size + 5] + struct.pack("<Q", left + 1) + raw[head_size + 13:]
+        message = f"section 0 cut short or impossible length {left + 1}"
+    path.write_bytes(raw)
+    with pytest.raises(SnapshotError) as info:
+        SnapshotReader(path)
+    assert str(info.value) == f"{path}: {message}"
+
+
+def test_prune_keeps_one_by_default_and_refuses_to_keep_none(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    for lsn in (0, 10, 20):
+        _snapshot(tmp_path, lsn)
+    with pytest.raises(ValueError) as info:
+        prune(tmp_path, keep=0)
+    assert str(info.value) == "keep must be at least 1"
+    damaged = tmp_path / snapshot_name(30)
+    damaged.write_bytes(b"not a snapshot")
+    spy = FsyncSpy()
+    with caplog.at_level("WARNING", logger="memstore.snapshot"):
+        removed = prune(tmp_path, fsync=spy)
+    assert sorted(p.name for p in removed) == [snapshot_name(0), snapshot_name(10)]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"prune: snapshot {damaged} is damaged ({damaged}: header cut short)"]
+    assert spy.paths == [str(tmp_path.resolve())]
+    assert prune(tmp_path, fsync=spy) == [] and len(spy.paths) == 1  # nothing removed
+
+
+def test_prune_removes_tmp_files_up_to_the_newest_kept_lsn(tmp_path: Path) -> None:
+    _snapshot(tmp_path, 0)
+    above = tmp_path / f"snap-{1:020d}.tmp"  # a snapshot being written after it
+    above.write_bytes(b"partial")
+    assert prune(tmp_path) == []
+    _snapshot(tmp_path, 5)
+    at = tmp_path / f"snap-{5:020d}.tmp"
+    at.write_bytes(b"leftover")
+    later = tmp_path / f"snap-{6:020d}.tmp"
+    later.write_bytes(b"partial")
+    removed = prune(tmp_path, keep=1)
+    assert sorted(p.name for p in removed) == sorted([snapshot_name(0), above.name, at.name])
+    assert later.exists()
+
+
+# ---------------------------------------------------------------------- the shard's snapshots
+
+
+def test_a_snapshot_without_erasure_keeps_the_previous_one_and_the_log_after_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data = tmp_path / "data"
+
+    async def scenario() -> None:
+        shard = await Shard.open(ShardConfig(data_dir=data))
+        infos = []
+        for round_ in range(3):
+            for i in range(5):
+                await shard.commit(shard.engine.plan_upsert(
+                    UpsertSpec(f"u{round_}-{i}", [(SET, "x", i)])))
+            with caplog.at_level("INFO", logger="memstore.shard"):
+                infos.append(await shard.snapshot())
+        assert shard.log is not None
+        snaps = sorted(p.name for p in (data / "snapshots").glob("snap-*.snap"))
+        assert snaps == [snapshot_name(infos[1]["lsn"]), snapshot_name(infos[2]["lsn"])]
+        bases = [int(p.name[:20]) for p in sorted((data / "log").glob("*.log"))]
+        assert bases[0] <= infos[1]["lsn"]  # the fallback can still replay after itself
+        last = infos[-1]
+        assert set(last) == {"path", "lsn", "profiles", "seconds", "pause_ms"}
+        assert last["lsn"] == shard.log.end_lsn and last["profiles"] == 15
+        assert 0 <= last["pause_ms"] <= last["seconds"] * 1000 < 60_000
+        await shard.close()
+
+    asyncio.run(scenario())
+    messages = [r.getMessage() for r in caplog.records if r.name == "memstore.shard"]
+    assert len(messages) == 3 and all(
+        re.fullmatch(r"snapshot \S+snap-\d{20}\.snap: \d+ profiles at lsn \d+ in "
+                     r"\d+\.\d\ds \(pause \d+\.\d ms\)", m) for m in messages)
+    assert messages[-1].startswith(f"snapshot {data / 'snapshots'}/")
+
+
+def test_an_erasure_survives_a_failed_snapshot(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "data"
+    marker = b"MARKER-failed-snapshot"
+
+    async def scenario() -> None:
+        shard = await Shard.open(ShardConfig(data_dir=data))
+        await shard.commit(shard.engine.plan_upsert(UpsertSpec("keep", [(SET, "x", 1)])))
+        await shard.snapshot()
+        await shard.commit(shard.engine.plan_upsert(UpsertSpec("victim", [
+            (SET, "note", marker.decode())])))
+        await shard.commit(shard.engine.plan_delete("victim"))
+        real = shard_module.run_in_child
+        monkeypatch.setattr(shard_module, "run_in_child", _failing_child)
+        with pytest.raises(Unavailable, match="snapshot failed: injected"):
+            await shard.snapshot()
+        monkeypatch.setattr(shard_module, "run_in_child", real)
+        await shard.snapshot()  # still owes the erasure
+        await shard.close()
+
+    asyncio.run(scenario())
+    for path in data.rglob("*"):
+        if path.is_file():
+            assert marker not in path.read_bytes(), f"erased data still in {path}"
+
+
+def test_a_snapshot_covers_writes_that_arrived_while_it_waited_for_the_log(
+        tmp_path: Path) -> None:
+    """The snapshot's position is taken again after its fsync wait: a write appended
+    meanwhile is in the snapshot, so the snapshot must start replay after it."""
+    from tests.test_gaps_storage import GatedFsync
+
+    fsync = GatedFsync()
+
+    async def scenario() -> None:
+        shard = await Shard.open(ShardConfig(data_dir=tmp_path / "data", fsync=fsync))
+        engine = shard.engine
+        await shard.commit(engine.plan_upsert(UpsertSpec("a", [(SET, "x", 1)])))
+        fsync.hold()
+        first = asyncio.create_task(shard.commit(engine.plan_upsert(
+            UpsertSpec("b", [(SET, "x", 2)]))))
+        assert await asyncio.to_thread(fsync.entered.wait, 30)
+        snapshot = asyncio.create_task(shard.snapshot())
+        await asyncio.sleep(0)  # it waits for the fsync in flight
+        second = asyncio.create_task(shard.commit(engine.plan_upsert(
+            UpsertSpec("c", [(SET, "x", 3)]))))
+        await asyncio.sleep(0)  # appended and applied: in memory before the snapshot forks
+        fsync.release()
+        await asyncio.gather(first, second)
+        info = await snapshot
+        assert shard.log is not None and info["lsn"] == shard.log.end_lsn
+        assert info["profiles"] == 3
+        await shard.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_log_refuses_ownership_changes_and_snapshots_saying_why(
+        tmp_path: Path) -> None:
+    async def scenario() -> None:
+        memory = await Shard.open(ShardConfig())
+        with pytest.raises(Unavailable) as info:
+            await memory.snapshot()
+        assert str(info.value) == "this shard has no data directory; nothing to snapshot"
+        shard = await Shard.open(ShardConfig(data_dir=tmp_path / "data"))
+        assert shard.log is not None and shard.writable_error is None
+        shard.log._fail("injected")
+        why = "the log failed (injected); this shard is read-only until restart"
+        assert shard.writable_error == why
+        for call in (lambda: shard.set_ownership(2, None), shard.snapshot):
+            with pytest.raises(Unavailable) as info:
+                await call()
+            assert str(info.value) == why
+        await shard.close()
+
+    asyncio.run(scenario())
