@@ -701,6 +701,10 @@ async def _failing_child(work: Any) -> Any:
     raise shard_module.ChildFailed("injected")
 
 
+async def _failing_fork(work: Any) -> Any:
+    raise OSError(11, "no fork: resource temporarily unavailable")
+
+
 @pytest.mark.parametrize("table", ["held", "forwards", "decided", "registry"])
 def test_each_merge_table_alone_is_written_and_read_back(tmp_path: Path, table: str) -> None:
     engine = Engine()
@@ -728,14 +732,30 @@ def _snapshot_bytes(tmp_path: Path, *sections: tuple[str, bytes]) -> tuple[Path,
     return path, path.read_bytes()
 
 
-@pytest.mark.parametrize("damage", ["header cut short", "bad magic", "unknown version",
-                                    "cut after a section", "section longer than the file"])
-def test_snapshot_damage_names_the_file_and_what_is_wrong(tmp_path: Path, damage: str) -> None:
-    path, raw = _snapshot_bytes(tmp_path, ("a", b"12345"))
+@pytest.mark.parametrize("damage", [
+    "header cut short", "bad magic", "unknown version", "cut in a name", "cut in a length",
+    "impossible name length", "cut after a section", "section longer than the file",
+    "cut in the footer"])
+@pytest.mark.parametrize("when", ["on opening", "after opening"])
+def test_snapshot_damage_names_the_file_and_what_is_wrong(tmp_path: Path, damage: str,
+                                                          when: str) -> None:
+    """Opening verifies the whole file; reading its sections again checks it again (the
+    file may have changed since), with the same messages."""
+    path, raw = _snapshot_bytes(tmp_path, ("abc", b"12345"))
+    reader = SnapshotReader(path)
     head_size = snapshot_module.HEADER_SIZE
-    first = head_size + 4 + 1 + 12  # name length, name, payload length and crc
+    first = head_size + 4 + 3 + 12  # name length, name, payload length and crc
     if damage == "header cut short":
         raw, message = raw[:10], "header cut short"
+    elif damage == "cut in a name":
+        raw, message = raw[:head_size + 4 + 2], "section 0 cut short"
+    elif damage == "cut in a length":
+        raw, message = raw[:head_size + 4 + 3 + 5], "section 0 cut short"
+    elif damage == "impossible name length":
+        raw = raw[:head_size] + struct.pack("<I", MAX_NAME + 1) + raw[head_size + 4:]
+        message = f"impossible section name length {MAX_NAME + 1}"
+    elif damage == "cut in the footer":
+        raw, message = raw[:-3], "footer cut short"
     elif damage == "bad magic":
         raw, message = b"X" + raw[1:], "bad header (magic or checksum)"
     elif damage == "unknown version":
@@ -746,11 +766,14 @@ def test_snapshot_damage_names_the_file_and_what_is_wrong(tmp_path: Path, damage
         raw, message = raw[:first + 5], "file after 1 sections cut short"
     else:  # the first section claims one byte more than the file holds after it
         left = len(raw) - first
-        raw = raw[:head_size + 5] + struct.pack("<Q", left + 1) + raw[head_size + 13:]
+        raw = raw[:head_size + 7] + struct.pack("<Q", left + 1) + raw[head_size + 15:]
         message = f"section 0 cut short or impossible length {left + 1}"
     path.write_bytes(raw)
     with pytest.raises(SnapshotError) as info:
-        SnapshotReader(path)
+        if when == "on opening":
+            SnapshotReader(path)
+        else:
+            list(reader.sections())
     assert str(info.value) == f"{path}: {message}"
 
 
@@ -811,6 +834,9 @@ def test_a_snapshot_without_erasure_keeps_the_previous_one_and_the_log_after_it(
         assert bases[0] <= infos[1]["lsn"]  # the fallback can still replay after itself
         last = infos[-1]
         assert set(last) == {"path", "lsn", "profiles", "seconds", "pause_ms"}
+        meta = next(msgpack.unpackb(payload) for name, payload
+                    in SnapshotReader(last["path"]).sections() if name == "meta")
+        assert meta["shard"] == "shard-0"  # the shard's name, for whoever reads the file
         assert last["lsn"] == shard.log.end_lsn and last["profiles"] == 15
         assert 0 <= last["pause_ms"] <= last["seconds"] * 1000 < 60_000
         await shard.close()
@@ -823,8 +849,9 @@ def test_a_snapshot_without_erasure_keeps_the_previous_one_and_the_log_after_it(
     assert messages[-1].startswith(f"snapshot {data / 'snapshots'}/")
 
 
-def test_an_erasure_survives_a_failed_snapshot(tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("failure", ["the writer failed", "the fork failed"])
+def test_an_erasure_survives_a_failed_snapshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               failure: str) -> None:
     data = tmp_path / "data"
     marker = b"MARKER-failed-snapshot"
 
@@ -836,9 +863,14 @@ def test_an_erasure_survives_a_failed_snapshot(tmp_path: Path,
             (SET, "note", marker.decode())])))
         await shard.commit(shard.engine.plan_delete("victim"))
         real = shard_module.run_in_child
-        monkeypatch.setattr(shard_module, "run_in_child", _failing_child)
-        with pytest.raises(Unavailable, match="snapshot failed: injected"):
-            await shard.snapshot()
+        if failure == "the writer failed":
+            monkeypatch.setattr(shard_module, "run_in_child", _failing_child)
+            with pytest.raises(Unavailable, match="snapshot failed: injected"):
+                await shard.snapshot()
+        else:
+            monkeypatch.setattr(shard_module, "run_in_child", _failing_fork)
+            with pytest.raises(OSError, match="no fork"):
+                await shard.snapshot()
         monkeypatch.setattr(shard_module, "run_in_child", real)
         await shard.snapshot()  # still owes the erasure
         await shard.close()
@@ -899,3 +931,105 @@ def test_a_failed_log_refuses_ownership_changes_and_snapshots_saying_why(
         await shard.close()
 
     asyncio.run(scenario())
+
+
+def test_a_snapshot_from_before_the_registry_loads_with_an_empty_one(tmp_path: Path) -> None:
+    engine = Engine()
+    engine.apply(engine.plan_upsert(UpsertSpec("p", [(SET, "x", 1)])))
+    path, _, _ = write_snapshot_file(engine, tmp_path, 1, "s", time.monotonic())
+    old_merges = ("merges", msgpack.packb({"held": {}, "forwards": {"gone": "p"},
+                                           "decided": {}}))
+    restored = Engine()
+    load_snapshot(restored, [*SnapshotReader(path).sections(), old_merges])
+    assert restored.registry == {} and restored.forwards == {"gone": "p"}
+
+
+def test_a_failed_rotation_fails_the_log_saying_why(tmp_path: Path) -> None:
+    fsync = CountingFsync()
+
+    async def go() -> None:
+        w = LogWriter.open(tmp_path, fsync=fsync)
+        w.append(P, b"x")
+        fsync.broken = True
+        with pytest.raises(LogFailedError) as info:
+            w.rotate()
+        why = "fsync failed: [Errno 5] injected fsync failure"
+        assert str(info.value) == why and w.failure == why
+        await w.close()
+
+    asyncio.run(go())
+
+
+def test_rotation_closes_the_old_segment_unless_an_fsync_may_use_it(tmp_path: Path) -> None:
+    import threading
+
+    threads: set[str] = set()
+
+    def fsync(fd: int) -> None:
+        threads.add(threading.current_thread().name)
+        os.fsync(fd)
+
+    async def go() -> None:
+        w = LogWriter.open(tmp_path, fsync=fsync)
+        await w.sync_to(w.append(P, b"x"))
+        assert threads == {"MainThread"} | {n for n in threads if n.startswith("memstore-fsync")}
+        assert any(n.startswith("memstore-fsync") for n in threads)  # its own fsync thread
+        old = w._file
+        w.rotate()
+        assert old is not None and old.closed and w._retired == []
+        await w.close()
+
+    asyncio.run(go())
+
+
+def test_repair_backups_are_stamped_in_utc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    from datetime import UTC, datetime
+
+    write_log(tmp_path, payloads(5))
+    flip(segments(tmp_path)[0], H + fmt.FRAME_HEADER_SIZE)
+    monkeypatch.setenv("TZ", "Asia/Tokyo")  # nine hours from UTC
+    time.tzset()
+    try:
+        report = repair(tmp_path)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    stamp = report.backups[0].name.rsplit(".broken-", 1)[1]
+    made = datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    assert abs((datetime.now(UTC) - made).total_seconds()) < 3600
+
+
+def test_a_shard_remembers_what_changed_after_a_position_until_it_restarts(
+        tmp_path: Path) -> None:
+    """What a slot move's catch-up asks (RecentChanges): positions are log positions."""
+    data = tmp_path / "data"
+
+    async def scenario() -> None:
+        shard = await Shard.open(ShardConfig(data_dir=data))
+        start = shard.position
+        await shard.commit(shard.engine.plan_upsert(UpsertSpec("a", [(SET, "x", 1)])))
+        middle = shard.position
+        await shard.commit(shard.engine.plan_upsert(UpsertSpec("b", [(SET, "x", 1)])))
+        await shard.commit(shard.engine.plan_delete("a"))
+        assert shard.recent.since(start) == {"a", "b"}
+        assert shard.recent.since(middle) == {"a", "b"}
+        assert shard.recent.since(shard.position) == set()
+        await shard.close()
+        again = await Shard.open(ShardConfig(data_dir=data))
+        assert again.recent.since(middle) is None  # forgotten: copy in full
+        assert again.recent.since(again.position) == set()
+        await again.close()
+
+    asyncio.run(scenario())
+
+
+def test_repair_reports_in_words(tmp_path: Path) -> None:
+    assert str(repair(tmp_path)) == "nothing repaired"
+    write_log(tmp_path, payloads(5))
+    segment = segments(tmp_path)[0]
+    flip(segment, H + fmt.FRAME_HEADER_SIZE)
+    size = segment.stat().st_size
+    report = repair(tmp_path)
+    assert str(report) == (f"cut the log at {segment} offset {H} ({size - H} bytes removed); "
+                           f"backups: {report.backups[0]}")
