@@ -1033,3 +1033,47 @@ def test_repair_reports_in_words(tmp_path: Path) -> None:
     report = repair(tmp_path)
     assert str(report) == (f"cut the log at {segment} offset {H} ({size - H} bytes removed); "
                            f"backups: {report.backups[0]}")
+
+
+def test_recovery_reports_the_snapshot_the_records_after_it_and_what_it_cut(
+        tmp_path: Path) -> None:
+    data = tmp_path / "data"
+
+    async def write(n: int, snapshot: bool) -> dict[str, Any]:
+        shard = await Shard.open(ShardConfig(data_dir=data))
+        info = {"position": shard.position, "recovery": shard.recovery}
+        for i in range(n):
+            await shard.commit(shard.engine.plan_upsert(UpsertSpec(f"u{i}", [(SET, "x", i)])))
+        if snapshot:
+            info["snapshot"] = await shard.snapshot()
+        await shard.close()
+        return info
+
+    first = asyncio.run(write(4, snapshot=True))
+    assert first["position"] == 0  # a new log starts at LSN 0
+    fresh = first["recovery"]
+    assert (fresh["snapshot"], fresh["replayed"], fresh["torn_bytes"], fresh["profiles"]) == (
+        None, 0, 0, 0)
+    asyncio.run(write(3, snapshot=False))  # u0-u2 again: three records after the snapshot
+    again = asyncio.run(write(0, snapshot=False))["recovery"]
+    assert again["snapshot"] == first["snapshot"]["path"]
+    assert (again["replayed"], again["torn_bytes"], again["profiles"]) == (3, 0, 4)
+    segment = max((data / "log").glob("*.log"))
+    with segment.open("ab") as f:
+        f.write(b"\x09\x00\x00")
+    torn = asyncio.run(write(0, snapshot=False))["recovery"]
+    assert (torn["replayed"], torn["torn_bytes"]) == (3, 3)
+
+
+def test_a_failed_fsync_tells_every_waiter_why(tmp_path: Path) -> None:
+    fsync = CountingFsync()
+
+    async def go() -> None:
+        w = LogWriter.open(tmp_path, fsync=fsync)
+        fsync.broken = True
+        with pytest.raises(LogFailedError) as info:
+            await w.sync_to(w.append(P, b"x"))
+        assert str(info.value) == w.failure == "fsync failed: [Errno 5] injected fsync failure"
+        await w.close()
+
+    asyncio.run(go())
