@@ -266,6 +266,13 @@ def test_damage_names_its_file_offset_and_reason(tmp_path: Path, damage: str) ->
                                "`memstore check` and `memstore repair` on the data directory)")
 
 
+def test_a_torn_end_of_an_older_segment_is_damage() -> None:
+    data = _header() + ONE + ONE[:5]
+    assert read_segment_bytes(data)[-1] == TornTail(Path("<memory>"), H + len(ONE), 5)
+    with pytest.raises(LogCorruptError, match="frame header cut short"):
+        read_segment_bytes(data, last=False)
+
+
 def test_a_record_of_the_largest_length_is_read_back() -> None:
     payload = bytes(fmt.MAX_PAYLOAD)
     records = read_segment_bytes(_header() + _frame(payload))
@@ -1077,3 +1084,215 @@ def test_a_failed_fsync_tells_every_waiter_why(tmp_path: Path) -> None:
         await w.close()
 
     asyncio.run(go())
+
+
+# ---------------------------------------------------------------------- the shard's life cycle
+
+
+def test_a_shard_opens_with_its_own_settings(tmp_path: Path) -> None:
+    from memstore.engine import IdentityRules
+
+    rules = IdentityRules(max_per_kind=1)
+
+    async def scenario() -> None:
+        config = ShardConfig(rules=rules)
+        memory = await Shard.open(config)
+        assert memory.config is config and memory.engine.rules is rules
+        config = ShardConfig(data_dir=tmp_path / "data", rules=rules, sync=SyncPolicy.OFF,
+                             segment_bytes=4096)
+        shard = await Shard.open(config)
+        assert shard.config is config and shard.engine.rules is rules
+        assert shard.log is not None
+        assert (shard.log.sync, shard.log.segment_bytes) == (SyncPolicy.OFF, 4096)
+        await shard.close()
+        await shard.close()  # closing twice is harmless
+        await memory.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_memory_only_shard_numbers_its_changes(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        shard = await Shard.open(ShardConfig())
+        await shard.commit(shard.engine.plan_upsert(UpsertSpec("a", [(SET, "x", 1)])))
+        await shard.commit(shard.engine.plan_upsert(UpsertSpec("b", [(SET, "x", 1)])))
+        assert shard.position == 2
+        assert shard.recent.since(0) == {"a", "b"} and shard.recent.since(1) == {"b"}
+
+    asyncio.run(scenario())
+
+
+def test_recent_changes_forget_the_oldest_past_their_limit() -> None:
+    recent = shard_module.RecentChanges(floor=0, limit=3)
+    recent.record(1, ["a"])
+    recent.record(2, ["b", "c"])
+    assert recent.floor == 0 and recent.since(0) == {"a", "b", "c"}  # 3: at the limit
+    recent.record(3, ["d"])  # 4 > 3: position 1 goes
+    assert recent.floor == 1 and recent.since(0) is None
+    assert recent.since(1) == {"b", "c", "d"} and recent.since(2) == {"d"}
+    recent.record(4, ["e", "f", "g", "h"])  # alone past the limit: the newest stays
+    assert recent.floor == 3 and recent.since(3) == {"e", "f", "g", "h"}
+    assert recent.since(4) == set()
+
+
+def test_a_reopened_shard_without_replay_keeps_the_fallback_snapshot(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+
+    async def scenario() -> None:
+        shard = await Shard.open(ShardConfig(data_dir=data))
+        await shard.commit(shard.engine.plan_upsert(UpsertSpec("a", [(SET, "x", 1)])))
+        await shard.snapshot()
+        await shard.close()
+        again = await Shard.open(ShardConfig(data_dir=data))
+        assert again.recovery["replayed"] == 0  # nothing after the snapshot: nothing erased
+        await again.commit(again.engine.plan_upsert(UpsertSpec("b", [(SET, "x", 1)])))
+        await again.snapshot()
+        assert len(list((data / "snapshots").glob("snap-*.snap"))) == 2
+        await again.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_log_that_lost_its_tail_behind_the_snapshot_continues_at_the_snapshot(
+        tmp_path: Path) -> None:
+    """The snapshot covers more than the log kept (its unsynced tail was lost): the log
+    starts again at the snapshot's position, so later records replay after it."""
+    data = tmp_path / "data"
+
+    async def write(pids: list[str], snapshot: bool) -> None:
+        shard = await Shard.open(ShardConfig(data_dir=data))
+        for pid in pids:
+            await shard.commit(shard.engine.plan_upsert(UpsertSpec(pid, [(SET, "x", 1)])))
+        if snapshot:
+            await shard.snapshot()
+        await shard.close()
+
+    asyncio.run(write(["p0", "p1", "p2"], snapshot=True))
+    older, newest = sorted((data / "log").glob("*.log"))
+    newest.unlink()  # the segment the snapshot started, and the last record before it
+    records = list(read_log(data / "log"))
+    with older.open("r+b") as f:
+        f.truncate(older.stat().st_size - (records[-1].lsn_end - records[-1].lsn_start))
+    asyncio.run(write(["after"], snapshot=False))
+
+    async def reopen() -> list[str]:
+        shard = await Shard.open(ShardConfig(data_dir=data))
+        found = sorted(shard.engine.dense_of)
+        await shard.close()
+        return found
+
+    assert asyncio.run(reopen()) == ["after", "p0", "p1", "p2"]
+
+
+def test_recovery_logs_what_it_did(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data = tmp_path / "data"
+
+    async def open_close() -> dict[str, Any]:
+        shard = await Shard.open(ShardConfig(data_dir=data))
+        await shard.commit(shard.engine.plan_upsert(UpsertSpec("a", [(SET, "x", 1)])))
+        info = shard.recovery
+        await shard.close()
+        return info
+
+    asyncio.run(open_close())
+    segment = max((data / "log").glob("*.log"))
+    size = segment.stat().st_size
+    with segment.open("ab") as f:
+        f.write(b"\x09\x00")
+    with caplog.at_level("INFO", logger="memstore.shard"):
+        info = asyncio.run(open_close())
+    assert set(info) == {"snapshot", "replayed", "torn_bytes", "seconds", "profiles"}
+    assert 0 <= info["seconds"] < 60 and info["seconds"] == round(info["seconds"], 3)
+    messages = [r.getMessage() for r in caplog.records if r.name == "memstore.shard"]
+    assert messages == [
+        f"log: cut a torn record at the end of {segment} offset {size} (2 bytes)",
+        f"recovered {info}"]
+
+
+class FailingAfterHold:
+    """os.fsync whose next call, once `hold()` was called, blocks until `release()`; every
+    call after that fails with EIO."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.entered = threading.Event()
+        self._released = threading.Event()
+        self._held = False
+        self._failing = False
+
+    def hold(self) -> None:
+        self._held = True
+
+    def release(self) -> None:
+        self._released.set()
+
+    def __call__(self, fd: int) -> None:
+        if self._failing:
+            raise OSError(5, "injected EIO")
+        if self._held:
+            self._held, self._failing = False, True
+            self.entered.set()
+            assert self._released.wait(30)
+        os.fsync(fd)
+
+
+def test_a_write_whose_own_fsync_fails_is_undone_after_an_earlier_one_succeeded(
+        tmp_path: Path) -> None:
+    """A's fsync covers A only; B, appended while it ran, fails in the next one: B alone is
+    undone, and every answer says why."""
+    fsync = FailingAfterHold()
+
+    async def scenario() -> None:
+        shard = await Shard.open(ShardConfig(data_dir=tmp_path / "data", fsync=fsync))
+        engine = shard.engine
+        fsync.hold()
+        a = asyncio.create_task(shard.commit(engine.plan_upsert(UpsertSpec("a", [(SET, "x", 1)]))))
+        assert await asyncio.to_thread(fsync.entered.wait, 30)
+        b = asyncio.create_task(shard.commit(engine.plan_upsert(UpsertSpec("b", [(SET, "x", 2)]))))
+        empty = asyncio.create_task(shard.commit(engine.plan_delete("nobody")))
+        await asyncio.sleep(0)
+        fsync.release()
+        await a
+        with pytest.raises(Unavailable) as failed:
+            await b
+        assert str(failed.value) == "write not persisted: fsync failed: [Errno 5] injected EIO"
+        with pytest.raises(Unavailable) as unanswered:
+            await empty
+        assert str(unanswered.value) == (
+            "not answered: an earlier write failed: fsync failed: [Errno 5] injected EIO")
+        assert engine.lookup("a") is not None and engine.lookup("b") is None
+        with pytest.raises(Unavailable) as refused:
+            await shard.commit(engine.plan_upsert(UpsertSpec("c", [(SET, "x", 3)])))
+        assert str(refused.value) == shard.writable_error
+        await shard.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_write_the_log_cannot_take_is_refused_saying_why(tmp_path: Path) -> None:
+    import errno
+
+    async def scenario() -> None:
+        shard = await Shard.open(ShardConfig(data_dir=tmp_path / "data"))
+        assert shard.log is not None and shard.log._file is not None
+        real = shard.log._file
+
+        class Full:  # a disk that is full: the write fails, the log carries on
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+            def write(self, data: Any) -> int:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        shard.log._file = Full()  # type: ignore[assignment]
+        with pytest.raises(Unavailable) as info:
+            await shard.commit(shard.engine.plan_upsert(UpsertSpec("a", [(SET, "x", 1)])))
+        assert str(info.value) == ("write not persisted: [Errno 28] log write failed: "
+                                   "No space left on device")
+        assert shard.engine.lookup("a") is None
+        shard.log._file = real
+        await shard.commit(shard.engine.plan_upsert(UpsertSpec("b", [(SET, "x", 1)])))
+        await shard.close()
+
+    asyncio.run(scenario())
