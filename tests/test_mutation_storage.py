@@ -1296,3 +1296,82 @@ def test_a_write_the_log_cannot_take_is_refused_saying_why(tmp_path: Path) -> No
         await shard.close()
 
     asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------------- replay positions
+
+
+def test_a_scan_reads_only_the_segments_from_the_one_holding_its_start(tmp_path: Path
+                                                                        ) -> None:
+    write_log(tmp_path, payloads(40), segment_bytes=150)
+    files = segments(tmp_path)
+    bases = [int(p.name[:20]) for p in files]
+    for k in (0, 2, len(files) - 1):
+        scan = read_log(tmp_path, bases[k])
+        records = list(scan)
+        assert records[0].lsn_start == bases[k] and scan.segments == len(files) - k
+    inside = next(r for r in read_log(tmp_path) if r.lsn_start > bases[1])
+    scan = read_log(tmp_path, inside.lsn_start)
+    assert next(iter(scan)) == inside
+
+
+def test_replay_from_inside_a_record_names_the_record(tmp_path: Path) -> None:
+    write_log(tmp_path, payloads(10), segment_bytes=150)
+    files = segments(tmp_path)
+    base = int(files[1].name[:20])
+    record = next(r for r in read_log(tmp_path) if r.lsn_start > base)
+    with pytest.raises(LogCorruptError) as info:
+        list(read_log(tmp_path, record.lsn_start + 1))
+    assert (info.value.path, info.value.offset, info.value.reason) == (
+        files[1], record.lsn_start - base + H, f"LSN {record.lsn_start + 1} falls inside a record")
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_a_log_starting_after_the_replay_start_names_its_first_segment(tmp_path: Path,
+                                                                       count: int) -> None:
+    write_log(tmp_path, payloads(count * 4), segment_bytes=150 if count > 1 else 1 << 20)
+    files = segments(tmp_path)
+    assert len(files) >= count
+    first = files[0]
+    moved = first.with_name(fmt.SEGMENT_NAME.format(base_lsn=500))  # now starts at 500
+    first.rename(moved)
+    for later in files[1:]:
+        later.unlink()
+    data = bytearray(moved.read_bytes())
+    data[:H] = _header(500)
+    moved.write_bytes(bytes(data))
+    with pytest.raises(LogCorruptError) as info:
+        list(read_log(tmp_path, 100))
+    assert (info.value.path, info.value.offset, info.value.reason) == (
+        moved, 0, "log starts at LSN 500 but replay must start at LSN 100: records missing")
+
+
+def test_a_segment_whose_header_is_not_its_name_is_damage_in_a_scan(tmp_path: Path) -> None:
+    first = tmp_path / fmt.SEGMENT_NAME.format(base_lsn=0)
+    first.write_bytes(_header() + ONE)
+    second = tmp_path / fmt.SEGMENT_NAME.format(base_lsn=len(ONE))
+    second.write_bytes(_header(999) + ONE)  # chains by name and size, not by header
+    with pytest.raises(LogCorruptError) as info:
+        list(read_log(tmp_path))
+    assert (info.value.path, info.value.reason) == (
+        second, f"header says base LSN 999, file name says {len(ONE)}")
+
+
+def test_a_torn_log_that_ends_before_the_replay_start_ends_at_the_start(tmp_path: Path
+                                                                        ) -> None:
+    ends = write_log(tmp_path, payloads(3))
+    with segments(tmp_path)[-1].open("ab") as f:
+        f.write(b"\x07\x00")
+    scan = read_log(tmp_path, ends[-1] + 1000)  # the snapshot covers more than the log
+    assert list(scan) == [] and scan.torn is not None
+    assert scan.end_lsn == ends[-1] + 1000
+
+
+def test_a_record_type_is_any_byte(tmp_path: Path) -> None:
+    w = LogWriter.open(tmp_path)
+    assert w.append(0, b"") < w.append(255, b"")
+    for rtype in (-1, 256):
+        with pytest.raises(ValueError) as info:
+            w.append(rtype, b"")
+        assert str(info.value) == f"record type {rtype} does not fit in a byte"
+    asyncio.run(w.close())
