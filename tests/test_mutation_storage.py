@@ -50,7 +50,7 @@ from memstore.wal_reader import (
     repair,
     truncate_torn_tail,
 )
-from memstore.wal_writer import LogFailedError, LogWriter, SyncPolicy
+from memstore.wal_writer import LogFailedError, LogWriteError, LogWriter, SyncPolicy
 from tests.test_durability import T0, random_writes, state_of
 from tests.test_wal import CountingFsync, P, flip, payloads, segments, write_log
 
@@ -1375,3 +1375,120 @@ def test_a_record_type_is_any_byte(tmp_path: Path) -> None:
             w.append(rtype, b"")
         assert str(info.value) == f"record type {rtype} does not fit in a byte"
     asyncio.run(w.close())
+
+
+# ---------------------------------------------------------------------- appending
+
+
+class _Wrapped:
+    """A segment file whose write (and truncate) the test replaces."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_appends_reach_the_file_itself_not_a_buffer(tmp_path: Path) -> None:
+    """Reopened or new, the active segment is unbuffered: an fsync covers what was
+    appended. Read back from the file while the writer is still open."""
+    write_log(tmp_path / "a" / "b", [b"first"])  # makes its directories
+
+    async def go() -> None:
+        w = LogWriter.open(tmp_path / "a" / "b")
+        await w.sync_to(w.append(P, b"second"))
+        assert [r.payload for r in read_log(tmp_path / "a" / "b")] == [b"first", b"second"]
+        await w.close()
+
+    asyncio.run(go())
+
+
+def test_a_segment_is_full_at_exactly_its_size(tmp_path: Path) -> None:
+    frame = fmt.FRAME_HEADER_SIZE + 3
+    write_log(tmp_path, [b"abc"] * 5, segment_bytes=2 * frame)
+    assert [p.stat().st_size - H for p in segments(tmp_path)] == [2 * frame, 2 * frame, frame]
+
+
+def test_short_writes_are_continued_and_failed_ones_cut_back(tmp_path: Path) -> None:
+    import errno
+
+    w = LogWriter.open(tmp_path)
+    assert w._file is not None
+    real = w._file
+    trickle = _Wrapped(real)
+    trickle.write = lambda data: real.write(bytes(data[:3]))  # type: ignore[attr-defined]
+    w._file = trickle  # type: ignore[assignment]
+    w.append(P, b"written three bytes at a time")
+    assert [r.payload for r in read_log(tmp_path)] == [b"written three bytes at a time"]
+    zero = _Wrapped(real)
+    zero.write = lambda data: 0  # type: ignore[attr-defined]
+    w._file = zero  # type: ignore[assignment]
+    with pytest.raises(LogWriteError) as info:
+        w.append(P, b"never")
+    assert (info.value.errno, str(info.value)) == (
+        0, "[Errno 0] log write failed: write() returned 0 bytes")
+    size = real.tell()
+
+    def partial(data: Any) -> int:
+        real.write(b"half a frame")
+        raise OSError(errno.EIO, "Input/output error")
+
+    broken = _Wrapped(real)
+    broken.write = partial  # type: ignore[attr-defined]
+    w._file = broken  # type: ignore[assignment]
+    with pytest.raises(LogWriteError):
+        w.append(P, b"lost")
+    assert real.seek(0, os.SEEK_END) == size  # cut back to where the frame began
+    real.seek(size)
+
+    def no_cut(length: Any = None) -> int:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    broken.truncate = no_cut  # type: ignore[attr-defined]
+    with pytest.raises(LogFailedError) as failed:
+        w.append(P, b"lost too")
+    assert str(failed.value) == w.failure == (
+        "write failed ([Errno 5] Input/output error) and could not be cut back "
+        "([Errno 30] Read-only file system)")
+    w._file = real
+    asyncio.run(w.close())
+
+
+def test_record_size_limit_is_inclusive_and_the_refusal_says_so(tmp_path: Path) -> None:
+    w = LogWriter.open(tmp_path, sync=SyncPolicy.OFF)
+    w.append(P, bytes(fmt.MAX_PAYLOAD))
+    with pytest.raises(LogWriteError) as info:
+        w.append(P, bytes(fmt.MAX_PAYLOAD + 1))
+    assert str(info.value) == (f"record of {fmt.MAX_PAYLOAD + 1} bytes exceeds the "
+                               f"{fmt.MAX_PAYLOAD}-byte limit")
+    asyncio.run(w.close())
+
+
+def test_a_closed_or_failed_log_says_why_it_refuses(tmp_path: Path) -> None:
+    w = LogWriter.open(tmp_path / "a")
+    asyncio.run(w.close())
+    with pytest.raises(LogFailedError) as closed:
+        w.append(P, b"x")
+    assert str(closed.value) == "log is closed"
+    fsync = CountingFsync()
+    w = LogWriter.open(tmp_path / "b", fsync=fsync)
+    w.append(P, b"x")
+    fsync.broken = True
+    with pytest.raises(LogFailedError):
+        w.rotate()
+    with pytest.raises(LogFailedError) as failed:
+        w.append(P, b"y")
+    assert str(failed.value) == "fsync failed: [Errno 5] injected fsync failure"
+    asyncio.run(w.close())
+
+
+def test_a_newest_segment_cut_inside_its_header_must_be_recovered_first(tmp_path: Path
+                                                                        ) -> None:
+    write_log(tmp_path, payloads(2))
+    segment = segments(tmp_path)[0]
+    with segment.open("r+b") as f:
+        f.truncate(10)
+    with pytest.raises(ValueError) as info:
+        LogWriter.open(tmp_path)
+    assert str(info.value) == f"{segment}: segment header cut short; run recovery first"
