@@ -401,6 +401,7 @@ def test_repair_of_damage_in_the_first_record_keeps_the_header_and_syncs(tmp_pat
         f"{p.name}.broken-{backup.name.rsplit('-', 1)[1]}" for p in files[1:]]
     assert str(backup.resolve()) in spy.paths and spy.paths[-1] == str(tmp_path.resolve())
     assert list(read_log(tmp_path)) == []
+    assert str(report).endswith("backups: " + ", ".join(map(str, report.backups)))
 
 
 # ---------------------------------------------------------------------- the log writer
@@ -1492,3 +1493,139 @@ def test_a_newest_segment_cut_inside_its_header_must_be_recovered_first(tmp_path
     with pytest.raises(ValueError) as info:
         LogWriter.open(tmp_path)
     assert str(info.value) == f"{segment}: segment header cut short; run recovery first"
+
+
+# ---------------------------------------------------------------------- segments and closing
+
+
+def test_a_new_segment_that_cannot_be_made_is_refused_saying_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    w = LogWriter.open(tmp_path)
+    end = w.append(P, b"x")
+    taken = tmp_path / fmt.SEGMENT_NAME.format(base_lsn=end)
+    taken.write_bytes(b"someone else's")
+    with pytest.raises(LogWriteError) as exists:
+        w.rotate()
+    assert exists.value.errno == errno.EEXIST
+    assert str(exists.value).startswith(f"[Errno {errno.EEXIST}] cannot create {taken}: ")
+    taken.unlink()
+    real_open = Path.open
+
+    def header_fails(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        f = real_open(self, mode, *args, **kwargs)
+        if mode != "xb":
+            return f
+        wrapped = _Wrapped(f)
+
+        def full(data: Any) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        wrapped.write = full  # type: ignore[attr-defined]
+        return wrapped
+
+    monkeypatch.setattr(Path, "open", header_fails)
+    with pytest.raises(LogWriteError) as full:
+        w.rotate()
+    assert (full.value.errno, str(full.value)) == (
+        errno.ENOSPC, (f"[Errno {errno.ENOSPC}] cannot write {taken}: [Errno 28] No space left "
+                      "on device"))
+    assert not taken.exists()
+    monkeypatch.undo()
+    asyncio.run(w.close())
+
+
+def test_a_new_segment_whose_fsync_fails_fails_the_log(tmp_path: Path) -> None:
+    calls = {"n": 0}
+
+    def second_fails(fd: int) -> None:  # the old segment's fsync works, the new one's not
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(5, "injected EIO")
+        os.fsync(fd)
+
+    w = LogWriter.open(tmp_path)
+    end = w.append(P, b"x")
+    w._fsync = second_fails
+    with pytest.raises(LogFailedError) as info:
+        w.rotate()
+    path = tmp_path / fmt.SEGMENT_NAME.format(base_lsn=end)
+    assert str(info.value) == w.failure == (
+        f"fsync of new segment {path} failed: [Errno 5] injected EIO")
+    asyncio.run(w.close())
+
+
+def test_new_segments_and_deletions_sync_the_directory_with_the_given_fsync(
+        tmp_path: Path) -> None:
+    spy = FsyncSpy()
+    w = LogWriter.open(tmp_path, fsync=spy, segment_bytes=20)
+    directory = str(tmp_path.resolve())
+    assert spy.paths.count(directory) == 1  # the first segment's entry
+    for _ in range(3):
+        w.append(P, b"0123456789abcdef")
+    assert spy.paths.count(directory) == 3  # two rotations
+    w.remove_segments_before(w.end_lsn)
+    assert spy.paths.count(directory) == 4
+    asyncio.run(w.close())
+
+
+def test_a_log_behind_the_snapshot_is_replaced_and_counted_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ends = write_log(tmp_path, payloads(3))
+    with caplog.at_level("WARNING", logger="memstore.log"):
+        w = LogWriter.open(tmp_path, start_lsn=ends[-1] + 100)
+    assert w.size_bytes == sum(p.stat().st_size for p in segments(tmp_path)) == H
+    assert [r.getMessage() for r in caplog.records] == [
+        (f"log ends at LSN {ends[-1]} but the snapshot covers up to {ends[-1] + 100}: "
+        "deleting 1 segment(s) it covers and starting a new one")]
+    asyncio.run(w.close())
+
+
+def test_close_waits_for_the_fsync_in_flight_and_syncs_the_rest(tmp_path: Path) -> None:
+    from tests.test_gaps_storage import GatedFsync
+
+    fsync = GatedFsync()
+
+    async def go() -> None:
+        w = LogWriter.open(tmp_path, fsync=fsync)
+        a = w.append(P, b"a")
+        fsync.hold()
+        waiter = asyncio.create_task(w.sync_to(a))
+        assert await asyncio.to_thread(fsync.entered.wait, 30)
+        b = w.append(P, b"b")
+        closing = asyncio.create_task(w.close())
+        await asyncio.sleep(0)
+        assert not closing.done()
+        fsync.release()
+        await asyncio.gather(waiter, closing)
+        assert w.durable_lsn == w.end_lsn == b and w._file is None
+
+    asyncio.run(go())
+    assert [r.payload for r in read_log(tmp_path)] == [b"a", b"b"]
+
+
+def test_close_after_a_failed_fsync_in_flight_or_at_close_does_not_raise(tmp_path: Path
+                                                                         ) -> None:
+    fsync = CountingFsync()
+
+    async def in_flight() -> None:
+        w = LogWriter.open(tmp_path / "a", fsync=fsync)
+        fsync.broken = True
+        waiter = asyncio.create_task(w.sync_to(w.append(P, b"x")))
+        await asyncio.sleep(0)
+        await w.close()  # the fsync in flight fails; close still closes
+        with pytest.raises(LogFailedError):
+            await waiter
+        fsync.broken = False
+
+    asyncio.run(in_flight())
+
+    async def at_close() -> None:
+        w = LogWriter.open(tmp_path / "b", sync=SyncPolicy.EVERYSEC, fsync=fsync)
+        w.append(P, b"x")
+        fsync.broken = True
+        await w.close()
+        assert w.failed and w.failure == "fsync at close failed: [Errno 5] injected fsync failure"
+
+    asyncio.run(at_close())
