@@ -53,7 +53,7 @@ from bench.peers.redis_peer import RedisPeer, rss_bytes
 from bench.queries import BY_NAME
 from bench.run import CrossCheckError, machine, write_json
 from bench.timing import repeat, summarize
-from memstore.client import LOAD_CHUNK, LOAD_CONCURRENCY
+from memstore.client.core import LOAD_CHUNK, LOAD_CONCURRENCY
 from memstore.hashslot import SLOT_COUNT
 
 LISTENING = re.compile(r"listening on ([\w.\-]+):(\d+)")

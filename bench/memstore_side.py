@@ -24,7 +24,7 @@ from typing import Any
 from bench.datagen import Dataset, iter_records, schema_declaration
 from bench.peers.redis_peer import rss_bytes
 from bench.queries import Query
-from memstore.client import LOAD_CHUNK, LOAD_CONCURRENCY
+from memstore.client.core import LOAD_CHUNK, LOAD_CONCURRENCY
 
 LISTENING = re.compile(r"listening on ([\d.]+):(\d+)")
 

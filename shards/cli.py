@@ -1,6 +1,6 @@
 """Cluster commands for the `memstore` tool: serve, serve-router, cluster ...
 
-Plain click commands; memstore/cli.py registers them on its `main` group.
+Plain click commands; memstore/cli/__init__.py registers them on its `main` group.
 
     memstore serve                      router on 127.0.0.1:7070 + one shard per core
     memstore serve-router --shard HOST:PORT [--shard ...]
@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from memstore.cli_options import (
+from memstore.cli.options import (
     LINK_PORT,
     NO_LINK,
     client_security,
@@ -92,8 +92,8 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, sync: str,
           tls_client_ca: Path | None, auth_file: Path | None, insecure: bool,
           audit_log: Path | None, tls_ca: Path | None, verbose: bool) -> None:
     """Run a router and shard processes on this machine; restart shards that die."""
-    from memstore import audit
-    from memstore.security import AuthFileError, Credentials, ServerSecurity, new_token
+    from memstore.server import audit
+    from memstore.server.security import AuthFileError, Credentials, ServerSecurity, new_token
     from shards.supervisor import Supervisor, run
 
     _logging(verbose)
@@ -148,8 +148,8 @@ def serve_router(shard_addresses: tuple[str, ...], host: str, port: int,
                  auth_file: Path | None, insecure: bool, audit_log: Path | None,
                  tls_ca: Path | None, cluster_token_file: Path | None, verbose: bool) -> None:
     """Run a router alone in front of shards started with serve-shard."""
-    from memstore import audit
-    from memstore.security import (
+    from memstore.server import audit
+    from memstore.server.security import (
         AuthFileError,
         Credentials,
         ServerSecurity,

@@ -53,7 +53,7 @@ from typing import Any, Protocol
 import grpc
 import msgpack
 
-from memstore import metrics
+from memstore.server import metrics
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import memstore_pb2 as pb
 

@@ -64,8 +64,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pyroaring import BitMap
 
-from memstore import metrics, pbvalues
-from memstore.columnar import Columns, unpack_columns
+from memstore import pbvalues
+from memstore.engine.columnar import Columns, unpack_columns
 from memstore.errors import InvalidArgument
 from memstore.hashslot import (
     ADMIN_SERVICE,
@@ -77,10 +77,11 @@ from memstore.hashslot import (
     REJUDGE_TRAILER,
     UNDECLARED_TRAILER,
 )
-from memstore.heap import LoadTrimmer
-from memstore.link import LinkServer, describe_handler
 from memstore.query import And, Not, Or, Predicate, QueryError, query_from_request
-from memstore.security import Credentials, ServerSecurity
+from memstore.server import metrics
+from memstore.server.heap import LoadTrimmer
+from memstore.server.link import LinkServer, describe_handler
+from memstore.server.security import Credentials, ServerSecurity
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
@@ -163,7 +164,7 @@ class Background:
 
 
 def _epoch_of(metadata: Any) -> int | None:
-    """The epoch a shard sent with its answer (memstore.server.EPOCH_TRAILER), if any."""
+    """The epoch a shard sent with its answer (memstore.server.service.EPOCH_TRAILER), if any."""
     for key, value in metadata or ():
         if key == EPOCH_TRAILER:
             return int(value)
@@ -287,10 +288,10 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         self.schema = ClusterSchema(self)  # the cluster's schema registry (shards/schema.py)
         self.on_membership = on_membership
         self.sweeper: asyncio.Task[None] | None = None
-        self.link: LinkServer | None = None  # clients' unary calls (memstore/link.py)
+        self.link: LinkServer | None = None  # clients' unary calls (memstore/server/link.py)
         self._known: set[str] = set()  # attribute names some shard has declared
         self._naming = IdentifierLocks()  # this router's writes naming an identifier, in turn
-        self._loads = LoadTrimmer()  # BatchUpsert calls in flight (memstore/heap.py)
+        self._loads = LoadTrimmer()  # BatchUpsert calls in flight (memstore/server/heap.py)
 
     async def _lenient(self, query: pb.QueryRequest, context: grpc.aio.ServicerContext,
                        *extra: str) -> pb.QueryRequest:
@@ -1239,10 +1240,10 @@ async def start_router(addresses: Iterable[str], host: str = "127.0.0.1", port: 
                        credentials: Credentials | None = None
                        ) -> tuple[grpc.aio.Server, int, RouterService]:
     """Build and start a router server (after every shard answered once). `link_port`:
-    where clients' unary calls may come over the link (memstore/link.py; 0 picks a free
+    where clients' unary calls may come over the link (memstore/server/link.py; 0 picks a free
     port), on the same host; None serves gRPC alone (and so does a router under TLS or
     tokens). `security`: how it listens and whom it answers; `credentials`: what it
-    presents to its shards (memstore/security.py)."""
+    presents to its shards (memstore/server/security.py)."""
     from shards.shard_map import wait_for
 
     security = security or ServerSecurity()
@@ -1373,7 +1374,7 @@ def _identifiers_of(item: tuple[Any, ...]) -> list[tuple[str, str]]:
 
 
 class _Metered(grpc.aio.ServerInterceptor):
-    """Count and time every unary call of the public API (memstore.metrics)."""
+    """Count and time every unary call of the public API (memstore.server.metrics)."""
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:

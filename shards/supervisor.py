@@ -25,7 +25,7 @@ Invariants:
   gRPC): instead each shard's standard input is a pipe whose write end only the supervisor
   holds (`serve-shard --stop-on-eof`). When the supervisor dies, however it dies, the kernel
   closes it and the shard stops cleanly within seconds, flushing what it acknowledged.
-- One supervisor per data directory (DATA/LOCK, memstore.dirlock), and one process per
+- One supervisor per data directory (DATA/LOCK, memstore.storage.dirlock), and one process per
   shard directory. A supervisor started right after one that was killed finds its shards
   still stopping: each new shard waits up to SHARD_LOCK_WAIT seconds for its directory.
 - Every line a shard logs, from its first, goes to the supervisor's stderr.
@@ -48,8 +48,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from memstore.dirlock import DirLock
-from memstore.security import Credentials, ServerSecurity
+from memstore.server.security import Credentials, ServerSecurity
+from memstore.storage.dirlock import DirLock
 from shards.router import Background, settle_heap, start_router, stop_router
 from shards.slots import format_ranges, split_even
 

@@ -1,4 +1,4 @@
-"""The link (memstore/link.py): a router's unary calls to a shard, and a client's to its
+"""The link (memstore/server/link.py): a router's unary calls to a shard, and a client's to its
 router or shard, over a light framed protocol, with gRPC's answers, trailers and status
 codes, and gRPC whenever the link cannot be trusted or reached."""
 
@@ -19,9 +19,9 @@ import grpc
 import msgpack
 import pytest
 
-from memstore import metrics
-from memstore.client import AsyncClient, Client, ClientError
-from memstore.link import (
+from memstore.client.core import AsyncClient, Client, ClientError
+from memstore.server import metrics
+from memstore.server.link import (
     DESCRIBE,
     PROTOCOL,
     BlockingLink,

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from memstore import Client
-from memstore.dirlock import DirectoryLocked, DirLock, holder
-from memstore.wal_writer import LogWriter
+from memstore.storage.dirlock import DirectoryLocked, DirLock, holder
+from memstore.storage.wal_writer import LogWriter
 from tests.conftest import ROOT, start_shard
 
 

@@ -19,8 +19,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memstore import Client
-from memstore.client import ClientError
-from memstore.security import Credentials, ServerSecurity, needs
+from memstore.client.core import ClientError
+from memstore.server.security import Credentials, ServerSecurity, needs
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import cluster_pb2_grpc
 from memstore.v1 import memstore_pb2 as pb

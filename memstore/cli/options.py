@@ -133,13 +133,13 @@ class Connect:
     token: str | None = None
 
     def client(self, **options: Any) -> Any:
-        from memstore.client import Client
+        from memstore.client.core import Client
 
         return Client(self.address, tls_ca=_str(self.tls_ca), tls_cert=_str(self.tls_cert),
                       tls_key=_str(self.tls_key), token=self.token, **options)
 
     def credentials(self) -> Any:
-        from memstore.security import Credentials
+        from memstore.server.security import Credentials
 
         return Credentials.load(self.tls_ca, self.tls_cert, self.tls_key, self.token)
 
@@ -150,7 +150,7 @@ def _str(path: Path | None) -> str | None:
 
 def client_security(command: F) -> F:
     """Add --tls-ca, --tls-cert, --tls-key and --token (each also from its environment
-    variable) to a command; it receives them as one `credentials` (memstore.security)."""
+    variable) to a command; it receives them as one `credentials` (memstore.server.security)."""
     @functools.wraps(command)
     def wrapper(*args: Any, tls_ca: Path | None, client_cert: Path | None,
                 client_key: Path | None, token: str | None, **kwargs: Any) -> Any:

@@ -4,7 +4,7 @@ process presents when it calls another.
 Server side (`ServerSecurity`):
 - TLS: `--tls-cert`/`--tls-key` serve every gRPC port over TLS; `--tls-client-ca` also
   requires a client certificate signed by that CA (mutual TLS). Where TLS is on, no port
-  speaks plaintext: the link (memstore/link.py), which has no TLS, is off, and the metrics
+  speaks plaintext: the link (memstore/server/link.py), which has no TLS, is off, and the metrics
   endpoint serves HTTPS with the same certificate.
 - Tokens: `--auth-file` lists `TOKEN ROLE[,ROLE...] [NAME]` a line (`#` comments), and
   `cert:COMMON-NAME ROLE[,ROLE...] [NAME]` for client certificates; re-read on SIGHUP.
@@ -38,9 +38,9 @@ from typing import Any, NamedTuple
 
 import grpc
 
-from memstore import metrics
+from memstore.server import metrics
 
-log = logging.getLogger("memstore.security")
+log = logging.getLogger("memstore.server.security")
 
 ROLES = ("read", "write", "admin", "cluster")
 
@@ -63,12 +63,12 @@ MEMSTORE_ADMIN = frozenset({"DeclareAttributes", "Snapshot"})
 MEMSTORE_READS = frozenset({"Get", "BatchGet", "GetSchema", "Count", "QueryIds", "StreamIds",
                             "GroupBy", "QueryBitmap", "Stats"})
 ROUTER_READS = frozenset({"ListShards"})  # direct_reads clients ask it
-# Calls that change the cluster or erase data: one audit line each (memstore.audit).
+# Calls that change the cluster or erase data: one audit line each (memstore.server.audit).
 AUDITED = frozenset({"Delete", "DeclareAttributes", "SetSlots", "DropSlots", "AddShard",
                      "RemoveShard", "RebuildDirectory", "Snapshot"})
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 READ_SERVICES = ("/grpc.reflection.v1alpha.ServerReflection/",
-                 "/grpc.reflection.v1.ServerReflection/", "/memstore.link.v1.Link/")
+                 "/grpc.reflection.v1.ServerReflection/", "/memstore.server.link.v1.Link/")
 MIN_TOKEN = 16  # characters; shorter tokens are refused when the file is read
 
 
@@ -339,7 +339,7 @@ class Authorizer(grpc.aio.ServerInterceptor):
 
         def audited(principal: Principal, context: Any) -> None:
             if name in AUDITED:
-                from memstore import audit
+                from memstore.server import audit
 
                 code = context.code()
                 audit.record("call", method=name, by=principal.name,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import sys
 from collections.abc import Iterator
@@ -18,14 +17,14 @@ from typing import Any
 
 import click
 
-from memstore.cli_options import (
+from memstore.cli.options import (
     LINK_PORT,
     Connect,
     connection,
     server_security,
     shard_settings,
 )
-from memstore.client import LOAD_CHUNK, LOAD_CONCURRENCY, ClientError, LoadError
+from memstore.client.core import LOAD_CHUNK, LOAD_CONCURRENCY, ClientError, LoadError
 
 
 def _logging(verbose: bool) -> None:
@@ -77,12 +76,12 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
     """Run one shard process (the cluster's `serve` starts these for you)."""
     import uvloop
 
-    from memstore import audit
-    from memstore.engine import DEFAULT_BLOCKED, IdentityRules
-    from memstore.security import AuthFileError, ServerSecurity, cluster_token_from_env
-    from memstore.server import serve
+    from memstore.engine.core import DEFAULT_BLOCKED, IdentityRules
+    from memstore.server import audit
+    from memstore.server.security import AuthFileError, ServerSecurity, cluster_token_from_env
+    from memstore.server.service import serve
     from memstore.shard import ShardConfig
-    from memstore.wal_writer import SyncPolicy
+    from memstore.storage.wal_writer import SyncPolicy
 
     _logging(verbose)
     try:
@@ -151,7 +150,7 @@ def load(file: Path, fmt: str | None, rejects: Path | None, chunk_size: int,
     take its kinds (timestamps from ISO-8601 strings); see README "Loading files"."""
     from tqdm import tqdm
 
-    from memstore import loader
+    from memstore.client import loader
 
     fmt = loader.format_of(file, fmt)
     with connect.client(timeout=None) as client:
@@ -374,7 +373,7 @@ def stats(connect: Connect) -> None:
 def token(roles: str, name: str | None) -> None:
     """Print a new random token as a line for an --auth-file: TOKEN ROLES [NAME] (roles:
     read, write, admin, cluster; comma-separated)."""
-    from memstore.security import ROLES, new_token
+    from memstore.server.security import ROLES, new_token
 
     unknown = sorted(set(roles.split(",")) - set(ROLES))
     if unknown:
@@ -387,10 +386,10 @@ def token(roles: str, name: str | None) -> None:
 def check(data_dir: Path) -> None:
     """Verify a shard's snapshots and log; exit 1 if anything is damaged or start-up
     would fail (for example: the log no longer reaches back to the usable snapshot)."""
-    from memstore.dirlock import holder
-    from memstore.snapshot_file import SnapshotError, SnapshotReader, load_newest
-    from memstore.wal_reader import LogCorruptError, read_log
-    from memstore.wal_reader import check as check_log
+    from memstore.storage.dirlock import holder
+    from memstore.storage.snapshot_file import SnapshotError, SnapshotReader, load_newest
+    from memstore.storage.wal_reader import LogCorruptError, read_log
+    from memstore.storage.wal_reader import check as check_log
 
     owner = holder(data_dir)
     if owner is not None:
@@ -426,9 +425,9 @@ def check(data_dir: Path) -> None:
 @click.option("--yes", is_flag=True, help="Do it without asking.")
 def repair(data_dir: Path, yes: bool) -> None:
     """Cut a damaged log at its last good record, keeping a backup of what is cut."""
-    from memstore.dirlock import DirectoryLocked, DirLock
-    from memstore.wal_reader import check as check_log
-    from memstore.wal_reader import repair as repair_log
+    from memstore.storage.dirlock import DirectoryLocked, DirLock
+    from memstore.storage.wal_reader import check as check_log
+    from memstore.storage.wal_reader import repair as repair_log
 
     try:
         lock = DirLock.acquire(data_dir)  # never cut a log that a running shard appends to
@@ -457,7 +456,3 @@ def _register_cluster_commands() -> None:
 
 
 _register_cluster_commands()
-
-if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    main()

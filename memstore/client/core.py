@@ -7,7 +7,7 @@ shard, that shard. Reads are retried on UNAVAILABLE with backoff (they are idemp
 writes are not, because an increment retried after a lost answer would apply twice.
 
 With `link=True`, unary calls (Get, BatchGet, Upsert, Count, ...) go over the server's link
-(memstore/link.py), a lighter protocol than gRPC on a port of its own, once it is up;
+(memstore/server/link.py), a lighter protocol than gRPC on a port of its own, once it is up;
 until then, and whenever it cannot be used, over gRPC, with the same answers and errors.
 Streams (`iter_ids`) and bulk loads (`load`) always use gRPC.
 
@@ -43,7 +43,7 @@ import msgpack
 from pyroaring import BitMap
 
 from memstore import pbvalues
-from memstore.columnar import CODE_SHARE, pack_columns, unpack_columns
+from memstore.engine.columnar import CODE_SHARE, pack_columns, unpack_columns
 from memstore.hashslot import (
     ADMIN_SERVICE,
     APPLIED_TRAILER,
@@ -53,7 +53,7 @@ from memstore.hashslot import (
     owners_by_epoch,
     slot_of,
 )
-from memstore.link import (
+from memstore.server.link import (
     DESCRIBE,
     HELLO_TIMEOUT,
     RETRY_AFTER,
@@ -61,7 +61,7 @@ from memstore.link import (
     LinkStub,
     advertised,
 )
-from memstore.security import Credentials
+from memstore.server.security import Credentials
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
 
@@ -268,7 +268,7 @@ def _pack_default(value: Any) -> Any:
 def _ops(set: Mapping[str, Any] | None, ops: Sequence[tuple[str, str, Any]] | None
          ) -> list[pb.Operation]:
     out = []
-    from memstore.values import flatten
+    from memstore.engine.values import flatten
 
     for name, value in flatten(set or {}).items():
         out.append(pb.Operation(op=pb.Operation.SET, attribute=name, value=pbvalues.to_pb(value)))

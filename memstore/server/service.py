@@ -28,9 +28,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pyroaring import BitMap
 
-from memstore import metrics, pbvalues
-from memstore.columnar import unpack_columns
-from memstore.engine import (
+from memstore import pbvalues
+from memstore.engine.columnar import unpack_columns
+from memstore.engine.core import (
     Change,
     Engine,
     Image,
@@ -42,6 +42,8 @@ from memstore.engine import (
     record_specs,
     version_of,
 )
+from memstore.engine.schema import Kind, Merge
+from memstore.engine.values import flatten
 from memstore.errors import (
     FailedPrecondition,
     Forwarded,
@@ -54,7 +56,6 @@ from memstore.errors import (
     Undeclared,
     WrongSlot,
 )
-from memstore.evaluate import evaluate, group_counts
 from memstore.hashslot import (
     CLUSTER_SCHEMA,
     EPOCH_TRAILER,
@@ -65,19 +66,19 @@ from memstore.hashslot import (
     UNDECLARED_TRAILER,
     slot_of,
 )
-from memstore.heap import LoadTrimmer
-from memstore.link import LinkServer, describe_handler
 from memstore.query import QueryError, query_from_request
-from memstore.schema import Kind, Merge
-from memstore.security import ServerSecurity
+from memstore.query.evaluate import evaluate, group_counts
+from memstore.server import metrics
+from memstore.server.heap import LoadTrimmer
+from memstore.server.link import LinkServer, describe_handler
+from memstore.server.security import ServerSecurity
 from memstore.shard import Shard, ShardConfig
+from memstore.storage.wal_writer import SyncPolicy
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
 from memstore.v1 import memstore_pb2 as pb
-from memstore.values import flatten
-from memstore.wal_writer import SyncPolicy
 
-log = logging.getLogger("memstore.server")
+log = logging.getLogger("memstore.server.service")
 
 MAX_MESSAGE_BYTES = 64 << 20
 EXPORT_CHUNK = 1000  # profiles per ExportSlots message
@@ -826,7 +827,7 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
         pending: dict[str, AttributeSpec] = {}
         kinds = {name: (Kind(k), idx, Merge(m)) for name, k, idx, m in chunk["schema"]}
         next_id = len(engine.schema.by_id)
-        from memstore.schema import AttributeSpec
+        from memstore.engine.schema import AttributeSpec
 
         def aid_of(name: str) -> int:
             nonlocal next_id
@@ -981,9 +982,9 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
                 stop_on_eof: bool = False, security: ServerSecurity | None = None) -> None:
     """Run one shard until SIGTERM/SIGINT (or, with `stop_on_eof`, until standard input
     closes: its supervisor died), then drain in-flight calls and close the log.
-    `link_port`: where routers' unary calls may come over the shard link (memstore/link.py;
+    `link_port`: where routers' unary calls may come over the shard link (memstore/server/link.py;
     0 picks a free port), on the same host; None serves gRPC alone. `security`: TLS and
-    tokens (memstore/security.py); the auth file is read again on SIGHUP."""
+    tokens (memstore/server/security.py); the auth file is read again on SIGHUP."""
     security = security or ServerSecurity()
     security.check_host(host)
     shard = await Shard.open(config)

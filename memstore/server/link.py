@@ -50,16 +50,16 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
-from memstore import metrics
+from memstore.server import metrics
 
-log = logging.getLogger("memstore.link")
+log = logging.getLogger("memstore.server.link")
 
 PROTOCOL = 1
 MAX_FRAME = (64 << 20) + (1 << 16)  # the gRPC message limit, plus room for the envelope
 HELLO_TIMEOUT = 2.0
 RETRY_AFTER = 1.0  # seconds a caller waits before trying a link that failed again
 RETRY_AT_MOST = 30.0  # a blocking caller's wait after failures in a row (it doubles)
-LINK_SERVICE = "memstore.link.v1.Link"
+LINK_SERVICE = "memstore.server.link.v1.Link"
 # JSON over gRPC, on any server's gRPC port: {} -> {"port": link port, "token": its token}
 DESCRIBE = f"/{LINK_SERVICE}/Describe"
 _LENGTH = struct.Struct("<I")
@@ -182,7 +182,7 @@ class LinkContext:
 class LinkServer:
     """Serves servicers' unary methods on the link (see the module's docstring): the one
     given at construction, and any `add`ed. `metered`: record each call in
-    memstore.metrics, as the gRPC server's interceptor does (a shard's handlers record
+    memstore.server.metrics, as the gRPC server's interceptor does (a shard's handlers record
     their own)."""
 
     def __init__(self, servicer: Any, service: ServiceDescriptor,
