@@ -185,13 +185,16 @@ class Shard:
         if scan.torn is not None:
             info["torn_bytes"] = scan.torn.byte_count
             log.warning("log: cut a torn record at the end of %s offset %d (%d bytes)",
-                        scan.torn.path, scan.torn.offset, scan.torn.byte_count)
+                        scan.torn.path, scan.torn.offset, scan.torn.byte_count,
+                        extra={"file": str(scan.torn.path), "offset": scan.torn.offset,
+                               "bytes": scan.torn.byte_count})
             truncate_torn_tail(scan)
         writer = LogWriter.open(log_dir, sync=config.sync, segment_bytes=config.segment_bytes,
                                 fsync=config.fsync, start_lsn=end_lsn)
         info["seconds"] = round(time.monotonic() - started, 3)
         info["profiles"] = len(engine)
-        log.info("recovered %s", info)
+        log.info("recovered %d profiles in %.3f s", info["profiles"], info["seconds"],
+                 extra={"recovery": info})
         shard = cls(config, engine, writer, lock)
         shard.recovery = info
         shard._snapshot_lsn = start_lsn

@@ -51,7 +51,6 @@ import logging
 import random
 import re
 import signal
-import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
@@ -61,7 +60,6 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 import msgpack
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from pyroaring import BitMap
 
 from memstore import pbvalues
@@ -78,7 +76,7 @@ from memstore.hashslot import (
     UNDECLARED_TRAILER,
 )
 from memstore.query import And, Not, Or, Predicate, QueryError, query_from_request
-from memstore.server import metrics
+from memstore.server import logs, metrics, reflection
 from memstore.server.heap import LoadTrimmer
 from memstore.server.link import LinkServer, describe_handler
 from memstore.server.security import Credentials, ServerSecurity
@@ -164,7 +162,7 @@ class Background:
 
 
 def _epoch_of(metadata: Any) -> int | None:
-    """The epoch a shard sent with its answer (memstore.server.service.EPOCH_TRAILER), if any."""
+    """The epoch a shard sent with its answer (memstore.hashslot.EPOCH_TRAILER), if any."""
     for key, value in metadata or ():
         if key == EPOCH_TRAILER:
             return int(value)
@@ -1134,7 +1132,8 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
 
         answers, _ = await self._fan_out(context, call)
         return pb.SnapshotResponse(path=";".join(r.path for _, r in answers),
-                                   log_position=sum(r.log_position for _, r in answers),
+                                   shard_positions={s.label: r.log_position
+                                                    for s, r in answers},
                                    profiles=sum(r.profiles for _, r in answers))
 
     async def Stats(self, request: pb.StatsRequest, context: Any) -> pb.StatsResponse:
@@ -1267,11 +1266,8 @@ async def start_router(addresses: Iterable[str], host: str = "127.0.0.1", port: 
         server.add_generic_rpc_handlers((describe_handler(router.link),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((
-        pb.DESCRIPTOR.services_by_name["Memstore"].full_name,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
-    ), server)
+    reflection.enable(server, (pb.DESCRIPTOR.services_by_name["Memstore"].full_name,
+                               health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     bound = security.bind(server, f"{host}:{port}")
     await server.start()
     if router.link is not None:
@@ -1320,15 +1316,16 @@ async def serve(addresses: list[str], host: str = "127.0.0.1", port: int = 7070,
     if metrics_port is not None:
         scrape = metrics.serve_metrics(host, metrics_port, tls=security.metrics_tls())
         scheme = "https" if security.tls else "http"
-        print(f"metrics on {scheme}://{host}:{scrape}/metrics", file=sys.stderr, flush=True)
+        url = f"{scheme}://{host}:{scrape}/metrics"
+        log.info(f"metrics on {url}", extra={"url": url})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, security.reload)  # never the default (exit)
     if router.link is not None:
-        print(f"link on {host}:{router.link.port}", file=sys.stderr, flush=True)
-    print(f"listening on {host}:{bound}", file=sys.stderr, flush=True)
+        log.info(f"link on {host}:{router.link.port}", extra={"port": router.link.port})
+    logs.ready(log, f"{host}:{bound}")
     await stop.wait()
     started = time.monotonic()
     await stop_router(server, router)

@@ -43,7 +43,7 @@ from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import memstore_pb2 as pb
 from shards.shard_map import ShardMap, ShardState
 
-log = logging.getLogger("memstore.engine.schema")
+log = logging.getLogger("memstore.schema")
 
 
 class Router(Protocol):

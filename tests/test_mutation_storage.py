@@ -1203,10 +1203,13 @@ def test_recovery_logs_what_it_did(tmp_path: Path, caplog: pytest.LogCaptureFixt
         info = asyncio.run(open_close())
     assert set(info) == {"snapshot", "replayed", "torn_bytes", "seconds", "profiles"}
     assert 0 <= info["seconds"] < 60 and info["seconds"] == round(info["seconds"], 3)
-    messages = [r.getMessage() for r in caplog.records if r.name == "memstore.shard"]
-    assert messages == [
+    records = [r for r in caplog.records if r.name == "memstore.shard"]
+    assert [r.getMessage() for r in records] == [
         f"log: cut a torn record at the end of {segment} offset {size} (2 bytes)",
-        f"recovered {info}"]
+        f"recovered {info['profiles']} profiles in {info['seconds']:.3f} s"]
+    assert (records[0].file, records[0].offset, records[0].bytes) == (  # type: ignore[attr-defined]
+        str(segment), size, 2)
+    assert records[1].recovery == info  # type: ignore[attr-defined]
 
 
 class FailingAfterHold:

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from memstore import AsyncClient, Client, ClientError
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
-from tests.conftest import ServerProcess, start_shard
+from tests.conftest import ServerProcess, said, start_shard
 
 T = datetime(2025, 3, 4, 5, 6, 7, 123456, tzinfo=UTC)
 
@@ -585,7 +585,7 @@ def test_prometheus_metrics_count_calls_by_method_and_code() -> None:
             c.upsert("m1", {"x": 1})
             with pytest.raises(ClientError):
                 c.count("x >")
-        url = next(line.split()[-1] for line in server.startup if line.startswith("metrics on"))
+        url = said(server.startup, "metrics on ") or ""
         assert url.startswith("http://127.0.0.1:")
         text = urllib.request.urlopen(url, timeout=5).read().decode()
     finally:

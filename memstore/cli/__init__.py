@@ -7,7 +7,6 @@ that `memstore serve` starts). Errors print the server's message and exit with s
 from __future__ import annotations
 
 import json
-import logging
 import re
 import sys
 from collections.abc import Iterator
@@ -27,12 +26,10 @@ from memstore.cli.options import (
 from memstore.client.core import LOAD_CHUNK, LOAD_CONCURRENCY, ClientError, LoadError
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s",'
-               '"msg":"%(message)s"}',
-    )
+def _logging(verbose: bool, **context: str) -> None:
+    from memstore.server import logs
+
+    logs.setup(verbose, **context)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -83,7 +80,7 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
     from memstore.shard import ShardConfig
     from memstore.storage.wal_writer import SyncPolicy
 
-    _logging(verbose)
+    _logging(verbose, role="shard", shard=name)
     try:
         security = ServerSecurity.configure(tls_cert, tls_key, tls_client_ca, auth_file,
                                             insecure, cluster_token_from_env())
@@ -118,7 +115,11 @@ def _parse_slots(text: str) -> Any:
     bm = BitMap()
     for part in text.split(","):
         start, _, end = part.partition("-")
-        lo, hi = int(start), int(end or start)
+        try:
+            lo, hi = int(start), int(end or start)
+        except ValueError:
+            raise click.BadParameter(f"slot range {part!r} is not N or N-M (for example "
+                                     "0-8191,10000)", param_hint="--slots") from None
         if not 0 <= lo <= hi < SLOT_COUNT:
             raise click.BadParameter(f"slot range {part!r} outside 0-{SLOT_COUNT - 1}")
         bm.add_range(lo, hi + 1)
@@ -365,6 +366,31 @@ def stats(connect: Connect) -> None:
             click.echo(json.dumps(client.stats(), indent=2))
         except ClientError as exc:
             raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.option("--timeout", type=click.FloatRange(0.1), default=3.0, show_default=True,
+              help="Seconds to wait for the answer.")
+@connection
+def health(timeout: float, connect: Connect) -> None:
+    """Ask a server's health check (gRPC grpc.health.v1): exit 0 if it is serving, 1 if not
+    or if it does not answer. For load balancers and container health checks."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    channel = connect.credentials().channel(connect.address)
+    try:
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                           timeout=timeout)
+    except grpc.RpcError as exc:
+        click.echo(f"{connect.address}: {exc.code().name}: {exc.details()}", err=True)  # type: ignore[attr-defined]
+        sys.exit(1)
+    finally:
+        channel.close()
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    click.echo(f"{connect.address}: {status}")
+    if answer.status != health_pb2.HealthCheckResponse.SERVING:
+        sys.exit(1)
 
 
 @main.command()

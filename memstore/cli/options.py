@@ -21,12 +21,14 @@ SYNC_HELP = ("When the log is fsynced. always: an acknowledged write survives po
 _OPTIONS = (
     click.option("--sync", type=click.Choice(["always", "everysec", "off"]), default="always",
                  show_default=True, help=SYNC_HELP),
-    click.option("--snapshot-log-mb", default=512, show_default=True,
+    click.option("--snapshot-log-mb", type=click.IntRange(1), default=512, show_default=True,
                  help="Take a snapshot when the log has grown by this many MiB."),
-    click.option("--snapshot-interval", default=3600.0, show_default=True,
+    click.option("--snapshot-interval", type=click.FloatRange(1.0), default=3600.0,
+                 show_default=True,
                  help="Take a snapshot this many seconds after the last one (if anything "
                       "changed)."),
-    click.option("--max-identifiers-per-kind", default=20, show_default=True,
+    click.option("--max-identifiers-per-kind", type=click.IntRange(1), default=20,
+                 show_default=True,
                  help="Merge protection: a profile never holds more identifiers of one kind."),
     click.option("--blocked-identifier", multiple=True,
                  help="Extra identifier values never linked (added to the built-in list)."),

@@ -11,6 +11,7 @@ from memstore.client.core import (
     AsyncClient,
     Client,
     ClientError,
+    ClientMethods,
     LinkResult,
     LoadError,
     UpsertResult,
@@ -18,4 +19,5 @@ from memstore.client.core import (
 )
 
 __all__ = ["DEFAULT_ADDRESS", "LOAD_CHUNK", "LOAD_CONCURRENCY", "AsyncClient", "Client",
-           "ClientError", "LinkResult", "LoadError", "UpsertResult", "pack_records"]
+           "ClientError", "ClientMethods", "LinkResult", "LoadError", "UpsertResult",
+           "pack_records"]

@@ -1,6 +1,6 @@
 """The audit log: one JSON line for every call that changes the cluster or erases data,
 naming who made it (a token's name from the auth file, never the token), when, and how it
-ended. Lines go to the process's log (logger `memstore.server.audit`) and, with `--audit-log FILE`,
+ended. Lines go to the process's log (logger `memstore.audit`) and, with `--audit-log FILE`,
 are appended to FILE as well, each flushed and fsynced before the next, so the file is a
 record an operator can keep apart from the data. Audit lines hold no personal data.
 """
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("memstore.server.audit")
+log = logging.getLogger("memstore.audit")
 
 _lock = threading.Lock()
 _file: Any = None
@@ -37,7 +37,7 @@ def record(event: str, **fields: Any) -> dict[str, Any]:
     entry = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
              + f".{int(time.time() * 1000) % 1000:03d}Z", "event": event, **fields}
     line = json.dumps(entry, ensure_ascii=False, sort_keys=False, default=str)
-    log.info("audit %s", line)
+    log.info("audit: %s", event, extra={"audit": entry})
     with _lock:
         if _file is not None:
             _file.write(line + "\n")

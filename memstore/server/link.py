@@ -52,14 +52,14 @@ from google.protobuf.message_factory import GetMessageClass
 
 from memstore.server import metrics
 
-log = logging.getLogger("memstore.server.link")
+log = logging.getLogger("memstore.link")
 
 PROTOCOL = 1
 MAX_FRAME = (64 << 20) + (1 << 16)  # the gRPC message limit, plus room for the envelope
 HELLO_TIMEOUT = 2.0
 RETRY_AFTER = 1.0  # seconds a caller waits before trying a link that failed again
 RETRY_AT_MOST = 30.0  # a blocking caller's wait after failures in a row (it doubles)
-LINK_SERVICE = "memstore.server.link.v1.Link"
+LINK_SERVICE = "memstore.link.v1.Link"
 # JSON over gRPC, on any server's gRPC port: {} -> {"port": link port, "token": its token}
 DESCRIBE = f"/{LINK_SERVICE}/Describe"
 _LENGTH = struct.Struct("<I")

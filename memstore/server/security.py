@@ -40,7 +40,7 @@ import grpc
 
 from memstore.server import metrics
 
-log = logging.getLogger("memstore.server.security")
+log = logging.getLogger("memstore.security")
 
 ROLES = ("read", "write", "admin", "cluster")
 
@@ -68,7 +68,7 @@ AUDITED = frozenset({"Delete", "DeclareAttributes", "SetSlots", "DropSlots", "Ad
                      "RemoveShard", "RebuildDirectory", "Snapshot"})
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 READ_SERVICES = ("/grpc.reflection.v1alpha.ServerReflection/",
-                 "/grpc.reflection.v1.ServerReflection/", "/memstore.server.link.v1.Link/")
+                 "/grpc.reflection.v1.ServerReflection/", "/memstore.link.v1.Link/")
 MIN_TOKEN = 16  # characters; shorter tokens are refused when the file is read
 
 
@@ -260,8 +260,10 @@ class ServerSecurity:
         return int(port)
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """Authorization and audit lines where credentials are checked; audit lines alone
+        (by "anonymous") where they are not."""
         if self.auth is None and self.client_ca is None:
-            return []
+            return [Auditor()]
         return [Authorizer(self)]
 
     def principal(self, metadata: Sequence[tuple[str, Any]], context: Any
@@ -391,6 +393,33 @@ class Authorizer(grpc.aio.ServerInterceptor):
 
         return grpc.stream_unary_rpc_method_handler(
             stream_unary, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+
+class Auditor(grpc.aio.ServerInterceptor):
+    """A server that checks no credentials still writes an audit line for each call that
+    changes the cluster or erases data (AUDITED), naming the caller "anonymous"."""
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        name = (details.method or "").rsplit("/", 1)[-1]
+        if handler is None or name not in AUDITED or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+
+        async def unary_unary(request: Any, context: Any) -> Any:
+            try:
+                return await inner(request, context)
+            finally:
+                from memstore.server import audit
+
+                code = context.code()
+                audit.record("call", method=name, by="anonymous",
+                             code=code.name if isinstance(code, grpc.StatusCode) else "OK")
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer)
 
 
