@@ -19,7 +19,11 @@ USER memstore
 WORKDIR /data
 VOLUME /data
 EXPOSE 7069 7070 7071
-HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import grpc,sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; import os; c=grpc.insecure_channel('127.0.0.1:'+os.environ.get('MEMSTORE_PORT','7071')); sys.exit(0 if g.HealthStub(c).Check(h.HealthCheckRequest(), timeout=2).status==1 else 1)"
+# The process the container runs answers the health check: under `serve` the router
+# (7070), under `serve-router` its --port, under `serve-shard` its --port: set
+# MEMSTORE_PORT to match (compose.yaml does). With TLS, set MEMSTORE_TLS_CA too.
+ENV MEMSTORE_PORT=7070
+HEALTHCHECK --interval=10s --timeout=5s CMD memstore health --address "127.0.0.1:${MEMSTORE_PORT}"
 ENTRYPOINT ["memstore"]
 # --insecure: plaintext without tokens, for a private Docker network only. To secure it,
 # mount certificates and a token file and run e.g. serve --host 0.0.0.0 --data-dir /data

@@ -9,7 +9,7 @@ import click
 
 from bench.report import markdown, plots
 from bench.run import CrossCheckError, Options, run, write_json
-from memstore.client import LOAD_CHUNK
+from memstore.client.core import LOAD_CHUNK
 
 
 def _ints(s: str) -> tuple[int, ...]:

@@ -53,10 +53,10 @@ from bench.peers.redis_peer import RedisPeer, rss_bytes
 from bench.queries import BY_NAME
 from bench.run import CrossCheckError, machine, write_json
 from bench.timing import repeat, summarize
-from memstore.client import LOAD_CHUNK, LOAD_CONCURRENCY
+from memstore.client.core import LOAD_CHUNK, LOAD_CONCURRENCY
 from memstore.hashslot import SLOT_COUNT
+from memstore.server.logs import listening_address
 
-LISTENING = re.compile(r"listening on ([\w.\-]+):(\d+)")
 QUERY = BY_NAME["q09_issue"]
 TOUCH = "bench_touch"  # the attribute the background writer sets; no query reads it
 SYNC = "off"
@@ -158,6 +158,8 @@ class Proc:
 
     def __init__(self, args: list[str], label: str, start_timeout: float = 300.0) -> None:
         self.args, self.label = args, label
+        # whose READY line to wait for: `serve` passes its shards' lines on before its own
+        self.role = {"serve": "supervisor", "serve-router": "router"}.get(args[0], "shard")
         self.lines: list[str] = []
         self.addr = ""
         t = time.perf_counter()
@@ -175,9 +177,9 @@ class Proc:
         def drain() -> None:  # keep reading so the pipe never fills
             for line in stderr:
                 self.lines.append(line.rstrip())
-                m = LISTENING.match(line)  # the process's own line, not a forwarded one
-                if m and not found.is_set():
-                    self.addr = f"{m.group(1)}:{m.group(2)}"
+                address = listening_address(line, self.role)
+                if address and not found.is_set():
+                    self.addr = address  # the process's own line, not a shard's it forwards
                     found.set()
 
         threading.Thread(target=drain, daemon=True).start()

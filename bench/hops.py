@@ -7,7 +7,7 @@ CPU time from /proc around them:
   Python gRPC hop pays here);
 - Get sent straight to one shard of a `memstore serve --shards 2` cluster;
 - Get through that cluster's router (a client hop to the router, then the router's hop to
-  the owning shard over the shard link, memstore/link.py);
+  the owning shard over the shard link, memstore/server/link.py);
 - Get through the router of a second cluster on the same data started with `--no-link`,
   whose router reaches the shards over gRPC (the peer of the line above);
 - Get from a `Client(router, direct_reads=True)`, which sends it to the owning shard itself;
@@ -35,7 +35,7 @@ import grpc
 from bench.cluster import Proc, client, cluster_status, descendants
 from bench.datagen import iter_records, load_or_generate, profile_id, schema_declaration
 from bench.timing import summarize
-from memstore.client import LOAD_CHUNK, LOAD_CONCURRENCY, Client
+from memstore.client.core import LOAD_CHUNK, LOAD_CONCURRENCY, Client
 from memstore.hashslot import slot_of
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc as pbg

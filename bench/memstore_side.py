@@ -8,7 +8,6 @@ server has: its pid for RSS, a snapshot, and a kill-and-restart for recovery tim
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -24,9 +23,8 @@ from typing import Any
 from bench.datagen import Dataset, iter_records, schema_declaration
 from bench.peers.redis_peer import rss_bytes
 from bench.queries import Query
-from memstore.client import LOAD_CHUNK, LOAD_CONCURRENCY
-
-LISTENING = re.compile(r"listening on ([\d.]+):(\d+)")
+from memstore.client.core import LOAD_CHUNK, LOAD_CONCURRENCY
+from memstore.server.logs import listening_address
 
 
 def _client_batch_get(address: str) -> Callable[[list[str]], Any]:
@@ -78,9 +76,9 @@ class MemstoreServer:
         def drain() -> None:  # keep reading so the pipe never fills
             for line in stderr:
                 self.log_lines.append(line.rstrip())
-                m = LISTENING.search(line)
-                if m and not found.is_set():
-                    self.addr = f"{m.group(1)}:{m.group(2)}"
+                address = listening_address(line)
+                if address and not found.is_set():
+                    self.addr = address
                     found.set()
 
         threading.Thread(target=drain, daemon=True).start()

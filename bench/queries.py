@@ -2,7 +2,7 @@
 
 One job: keep the meaning of every query identical across memstore text, DuckDB SQL,
 RediSearch syntax and a numpy evaluation, so that the cross-check compares like with like.
-The semantics fixed here follow memstore's (DESIGN.md, memstore/values.py):
+The semantics fixed here follow memstore's (DESIGN.md, memstore/engine/values.py):
 
 - `a = v`, `a IN (...)`, ranges, `a HAS v`: only profiles holding `a` can match.
 - `a != v` means "holds `a` and it differs" (SQL's `<>` gives that through NULL; RediSearch

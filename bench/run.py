@@ -42,7 +42,7 @@ from bench.queries import (
     numpy_group_counts,
 )
 from bench.timing import concurrent, in_processes, repeat, summarize
-from memstore.client import LOAD_CHUNK
+from memstore.client.core import LOAD_CHUNK
 
 BATCHES_DRAWN = 64  # distinct key batches each BatchGet client cycles through
 REFERENCE = "numpy"  # the cross-check's reference answers come from the plain scan

@@ -24,6 +24,7 @@ import click
 from bench.datagen import iter_records, load_or_generate, profile_id, schema_declaration
 from bench.timing import summarize
 from memstore import Client
+from memstore.server.logs import listening_address
 
 QUERY = 'country = "US" AND age BETWEEN 25 AND 34'
 TOKEN = "bench-token-0123456789abcdefghij"
@@ -43,8 +44,9 @@ def _start(args: list[str]) -> tuple[subprocess.Popen[str], str]:
                             stdout=subprocess.DEVNULL, text=True)
     assert proc.stderr is not None
     for line in proc.stderr:
-        if line.startswith("listening on "):
-            return proc, line.split()[-1]
+        address = listening_address(line)
+        if address:
+            return proc, address
     raise RuntimeError(f"shard did not start: {args}")
 
 

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from pyroaring import BitMap
 
-from memstore.bitmap_index import RangeIndex, ValueIndex
-from memstore.engine import Engine
-from memstore.evaluate import evaluate
+from memstore.engine.core import Engine
+from memstore.engine.schema import Kind, Merge
+from memstore.index.bitmap_index import RangeIndex, ValueIndex
 from memstore.query import parse
-from memstore.schema import Kind, Merge
-from memstore.wal_writer import LogWriter, SyncPolicy
+from memstore.query.evaluate import evaluate
+from memstore.storage.wal_writer import LogWriter, SyncPolicy
 
 N = 1_000_000
 RNG = np.random.default_rng(7)
@@ -113,7 +113,7 @@ def test_query_evaluation_5_predicates_200k(benchmark, engine: Engine) -> None: 
 
 
 def test_index_update_single_profile(benchmark, engine: Engine) -> None:  # type: ignore[no-untyped-def]
-    from memstore.engine import SET, UpsertSpec
+    from memstore.engine.core import SET, UpsertSpec
 
     counter = iter(range(10**9))
 
@@ -131,7 +131,7 @@ def load_batches() -> dict[str, list[bytes]]:
     import msgpack
 
     from bench.datagen import generate, iter_records
-    from memstore.client import _pack_default, pack_records
+    from memstore.client.core import _pack_default, pack_records
 
     records = list(iter_records(generate(20_000, seed=5)))
     chunks = [records[i:i + 1000] for i in range(0, len(records), 1000)]
@@ -144,8 +144,8 @@ def load_batches() -> dict[str, list[bytes]]:
 def test_bulk_load_20k_in_engine(benchmark, load_batches, form: str) -> None:  # type: ignore[no-untyped-def]
     """What a shard does with a bulk load, minus gRPC and the log: decode, plan, apply.
     The columnar form (what the client sends) against the row form in the same run."""
-    from memstore.columnar import unpack_columns
-    from memstore.server import unpack_records
+    from memstore.engine.columnar import unpack_columns
+    from memstore.server.service import unpack_records
 
     def load() -> Engine:
         engine = Engine()

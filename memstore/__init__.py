@@ -11,7 +11,7 @@ import os
 # gRPC initialises, hence here. An explicit setting in the environment wins.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-from memstore.client import (
+from memstore.client.core import (
     AsyncClient,
     Client,
     ClientError,

@@ -13,7 +13,7 @@ from its before-images in reverse order, the caller gets UNAVAILABLE, and the sh
 read-only until restart: after a failed fsync the kernel's page cache can no longer be
 trusted, so we never retry it (PostgreSQL's "fsyncgate").
 
-Snapshots are point-in-time at log position L: the shard forks (memstore.forked), and the
+Snapshots are point-in-time at log position L: the shard forks (memstore.storage.forked), and the
 child writes the file from its copy of memory as it was at L while the parent goes on
 serving; the kernel copies a page only when one side writes it. Start-up loads the newest
 good snapshot and replays the log from L. After a snapshot the log rotates, and segments and older snapshots it covers are
@@ -42,10 +42,7 @@ import numpy as np
 import ormsgpack
 from pyroaring import BitMap
 
-from memstore import wal_format
-from memstore.bitmap_index import RangeIndex, ValueIndex
-from memstore.dirlock import DirLock
-from memstore.engine import (
+from memstore.engine.core import (
     Change,
     Engine,
     IdentityRules,
@@ -55,13 +52,16 @@ from memstore.engine import (
     decode,
     ident_key,
 )
+from memstore.engine.schema import AttributeSpec, Schema
 from memstore.errors import Unavailable
-from memstore.forked import ChildFailed, run_in_child
 from memstore.hashslot import slot_of
-from memstore.schema import AttributeSpec, Schema
-from memstore.snapshot_file import SnapshotWriter, load_newest, prune
-from memstore.wal_reader import read_log, truncate_torn_tail
-from memstore.wal_writer import LogFailedError, LogWriteError, LogWriter, SyncPolicy
+from memstore.index.bitmap_index import RangeIndex, ValueIndex
+from memstore.storage import wal_format
+from memstore.storage.dirlock import DirLock
+from memstore.storage.forked import ChildFailed, run_in_child
+from memstore.storage.snapshot_file import SnapshotWriter, load_newest, prune
+from memstore.storage.wal_reader import read_log, truncate_torn_tail
+from memstore.storage.wal_writer import LogFailedError, LogWriteError, LogWriter, SyncPolicy
 
 log = logging.getLogger("memstore.shard")
 
@@ -129,7 +129,7 @@ class Shard:
         self.config = config
         self.engine = engine
         self.log = writer
-        self.lock = lock  # this process owns the data directory (memstore.dirlock)
+        self.lock = lock  # this process owns the data directory (memstore.storage.dirlock)
         self._pending: list[tuple[int, Undo]] = []
         self._snapshot_lock = asyncio.Lock()
         self._last_snapshot = time.monotonic()
@@ -185,13 +185,16 @@ class Shard:
         if scan.torn is not None:
             info["torn_bytes"] = scan.torn.byte_count
             log.warning("log: cut a torn record at the end of %s offset %d (%d bytes)",
-                        scan.torn.path, scan.torn.offset, scan.torn.byte_count)
+                        scan.torn.path, scan.torn.offset, scan.torn.byte_count,
+                        extra={"file": str(scan.torn.path), "offset": scan.torn.offset,
+                               "bytes": scan.torn.byte_count})
             truncate_torn_tail(scan)
         writer = LogWriter.open(log_dir, sync=config.sync, segment_bytes=config.segment_bytes,
                                 fsync=config.fsync, start_lsn=end_lsn)
         info["seconds"] = round(time.monotonic() - started, 3)
         info["profiles"] = len(engine)
-        log.info("recovered %s", info)
+        log.info("recovered %d profiles in %.3f s", info["profiles"], info["seconds"],
+                 extra={"recovery": info})
         shard = cls(config, engine, writer, lock)
         shard.recovery = info
         shard._snapshot_lsn = start_lsn
@@ -353,7 +356,7 @@ class Shard:
 def write_snapshot_file(engine: Engine, snap_dir: Path, lsn: int, shard_name: str,
                         forked_at: float) -> list[Any]:
     """Write the engine as it is into snap-<lsn>.snap; returns [path, profiles, pause].
-    Runs in a forked child (memstore.forked), whose memory is the parent's at the fork:
+    Runs in a forked child (memstore.storage.forked), whose memory is the parent's at the fork:
     `forked_at` is the parent's clock just before it, so the pause can be reported."""
     pause = time.monotonic() - forked_at
     pids, blobs = engine.pids, engine.blobs

@@ -6,7 +6,7 @@ Modules, one job each:
     router      memstore.v1.Memstore for the whole cluster: forward and merge
     supervisor  `memstore serve`: shard processes plus a router on one machine
     rebalance   moving slots between shards online (add-shard, remove-shard)
-    cli         the click commands memstore/cli.py registers
+    cli         the click commands memstore/cli/__init__.py registers
 """
 
 from shards.slots import SLOT_COUNT, Move, plan_add, plan_remove, slot_of, split_even

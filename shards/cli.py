@@ -1,6 +1,6 @@
 """Cluster commands for the `memstore` tool: serve, serve-router, cluster ...
 
-Plain click commands; memstore/cli.py registers them on its `main` group.
+Plain click commands; memstore/cli/__init__.py registers them on its `main` group.
 
     memstore serve                      router on 127.0.0.1:7070 + one shard per core
     memstore serve-router --shard HOST:PORT [--shard ...]
@@ -13,7 +13,6 @@ Plain click commands; memstore/cli.py registers them on its `main` group.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import click
 
-from memstore.cli_options import (
+from memstore.cli.options import (
     LINK_PORT,
     NO_LINK,
     client_security,
@@ -44,11 +43,10 @@ JOURNAL = click.option(
     "add/remove can be finished (cluster resume).")
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s",'
-               '"msg":"%(message)s"}')
+def _logging(verbose: bool, role: str = "tool") -> None:
+    from memstore.server import logs
+
+    logs.setup(verbose, role=role)
 
 
 def _run(coro: Any) -> Any:
@@ -76,27 +74,33 @@ def _run(coro: Any) -> Any:
               help="Router port; shards take the next ports. 0: free ports.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=Path("memstore-data"),
               show_default=True, help="One directory for the cluster; shard i in shard-i/.")
+@click.option("--in-memory", is_flag=True,
+              help="Keep nothing on disk (tests, benchmarks): a restart starts empty.")
 @shard_settings
 @click.option("--stop-timeout", default=15.0, show_default=True,
               help="Seconds a shard gets to stop on SIGTERM before it is killed.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve Prometheus metrics: the router's on this port, shard i's on the port "
+                   "+ 1 + i (0: free ports, each logged). Default: no metrics endpoint.")
 @server_security
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None,
               help="With --tls-cert: the CA the router trusts its shards' certificate by "
                    "(default: --tls-client-ca, else the certificate itself, self-signed).")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
-def serve(shards: int | None, host: str, port: int, data_dir: Path, sync: str,
-          stop_timeout: float, snapshot_log_mb: int, snapshot_interval: float,
+def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: bool, sync: str,
+          stop_timeout: float, metrics_port: int | None, snapshot_log_mb: int,
+          snapshot_interval: float,
           max_identifiers_per_kind: int, blocked_identifier: tuple[str, ...],
           no_link: bool, tls_cert: Path | None, tls_key: Path | None,
           tls_client_ca: Path | None, auth_file: Path | None, insecure: bool,
           audit_log: Path | None, tls_ca: Path | None, verbose: bool) -> None:
     """Run a router and shard processes on this machine; restart shards that die."""
-    from memstore import audit
-    from memstore.security import AuthFileError, Credentials, ServerSecurity, new_token
+    from memstore.server import audit
+    from memstore.server.security import AuthFileError, Credentials, ServerSecurity, new_token
     from shards.supervisor import Supervisor, run
 
-    _logging(verbose)
+    _logging(verbose, "supervisor")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     # The router's and the shards' own calls: a token only they know (cluster role), and
     # the router's certificate as its client certificate where shards require one.
@@ -116,7 +120,8 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, sync: str,
     args += security_args(tls_cert, tls_key, tls_client_ca, auth_file, insecure, audit_log)
     supervisor = Supervisor(data_dir, shards, host, port, sync, shard_args=args,
                             stop_timeout=stop_timeout, link=not no_link, security=security,
-                            credentials=credentials, cluster_token=internal)
+                            credentials=credentials, cluster_token=internal,
+                            metrics_port=metrics_port, in_memory=in_memory)
     _run(run(supervisor))
 
 
@@ -148,8 +153,8 @@ def serve_router(shard_addresses: tuple[str, ...], host: str, port: int,
                  auth_file: Path | None, insecure: bool, audit_log: Path | None,
                  tls_ca: Path | None, cluster_token_file: Path | None, verbose: bool) -> None:
     """Run a router alone in front of shards started with serve-shard."""
-    from memstore import audit
-    from memstore.security import (
+    from memstore.server import audit
+    from memstore.server.security import (
         AuthFileError,
         Credentials,
         ServerSecurity,
@@ -157,7 +162,7 @@ def serve_router(shard_addresses: tuple[str, ...], host: str, port: int,
     )
     from shards.router import serve as serve_router_
 
-    _logging(verbose)
+    _logging(verbose, "router")
     token = (cluster_token_file.read_text().strip() if cluster_token_file
              else cluster_token_from_env())
     try:
@@ -246,13 +251,15 @@ async def _status(routers: tuple[str, ...], shards: tuple[str, ...], credentials
 @client_security
 def status(routers: tuple[str, ...], shard_addresses: tuple[str, ...], as_json: bool,
            credentials: Any) -> None:
-    """Show shards, slot ranges, profile counts and health."""
+    """Show shards, slot ranges, profile counts and health; exit 1 if a shard is down."""
     from shards.slots import SLOT_COUNT, format_ranges
 
     rows = _run(_status(routers, shard_addresses, credentials))
     if as_json:
         for row in rows:
             click.echo(json.dumps(row))
+        if not all(row["healthy"] for row in rows):
+            sys.exit(1)
         return
     click.echo(f"{'NAME':<12} {'ADDRESS':<22} {'EPOCH':>5} {'SLOTS':>6} {'PROFILES':>10} "
                f"{'CLAIMS':>10} {'HEALTH':<8} {'LINK':<5} RANGES")
@@ -265,13 +272,20 @@ def status(routers: tuple[str, ...], shard_addresses: tuple[str, ...], as_json: 
                    f"{row.get('claims', '-'):>10} {'ok' if row['healthy'] else 'DOWN':<8} "
                    f"{row.get('link') or '-':<5} {ranges if len(ranges) < 60 else ranges[:57] + '...'}"
                    f"{'  ' + row['error'] if 'error' in row else ''}")
-    click.echo(f"{len(rows)} shards, {owned} of {SLOT_COUNT} slots owned"
-               + ("" if owned == SLOT_COUNT else "  (a move in flight? see cluster resume)"))
+    down = [row["address"] for row in rows if not row["healthy"]]
+    hint = ""
+    if down:
+        hint = f"  ({len(down)} down: their slots are counted only when they answer)"
+    elif owned != SLOT_COUNT:
+        hint = "  (a move in flight? see cluster resume)"
+    click.echo(f"{len(rows)} shards, {owned} of {SLOT_COUNT} slots owned{hint}")
     for row in rows:
         for h in row.get("merging", []):
             click.echo(f"merging on {row['name']}: {h['loser']!r} into {h['survivor']!r} "
                        f"(merge {h['txn']}, {h['age_s']} s old; a router finishes or undoes "
                        "merges older than a few seconds)")
+    if down:
+        sys.exit(1)
 
 
 def _progress(total: int, desc: str, disable: bool) -> Any:

@@ -1,7 +1,7 @@
 """The identifier directory, as a router uses it: who holds identifier (kind, value)?
 
 Partitioned like the profiles: the claim of an identifier lives in slot_of("kind:value") on
-the shard that owns that slot (memstore.claims), so a look-up asks two shards, the claim's
+the shard that owns that slot (memstore.index.claims), so a look-up asks two shards, the claim's
 and then the profile's, whatever the cluster's size, and a shard that is down only takes its
 own claims and profiles away.
 
@@ -44,8 +44,8 @@ from typing import Any, NamedTuple, Protocol
 import grpc
 import msgpack
 
-from memstore import metrics
-from memstore.claims import CLAIM_GRACE, claim_key
+from memstore.index.claims import CLAIM_GRACE, claim_key
+from memstore.server import metrics
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import memstore_pb2 as pb
 from shards.backoff import pause

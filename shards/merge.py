@@ -53,7 +53,7 @@ from typing import Any, Protocol
 import grpc
 import msgpack
 
-from memstore import metrics
+from memstore.server import metrics
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import memstore_pb2 as pb
 
@@ -177,8 +177,8 @@ async def merge(router: Caller, survivor: str, losers: list[str], request: Any,
                         "next touched or swept", txn, loser)
     if released == len(held):
         # No hold of txn is left anywhere, and no restart can bring one back (each Release
-        # answered durable: a shard under --sync batch/off could come back holding it, and
-        # would then need the decision), so nobody will ask for it again.
+        # answered durable: a shard under --sync everysec or off could come back holding it,
+        # and would then need the decision), so nobody will ask for it again.
         try:
             await router.control(survivor, "Forget", cpb.ForgetRequest(txns=[txn]), context)
         except Exception:  # noqa: BLE001 - a decision kept is only a few bytes

@@ -53,7 +53,7 @@ from typing import Any, Self
 import grpc
 import msgpack
 
-from memstore.security import Credentials
+from memstore.server.security import Credentials
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
 from memstore.v1 import memstore_pb2 as pb

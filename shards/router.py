@@ -51,7 +51,6 @@ import logging
 import random
 import re
 import signal
-import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
@@ -61,11 +60,10 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 import msgpack
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from pyroaring import BitMap
 
-from memstore import metrics, pbvalues
-from memstore.columnar import Columns, unpack_columns
+from memstore import pbvalues
+from memstore.engine.columnar import Columns, unpack_columns
 from memstore.errors import InvalidArgument
 from memstore.hashslot import (
     ADMIN_SERVICE,
@@ -77,10 +75,11 @@ from memstore.hashslot import (
     REJUDGE_TRAILER,
     UNDECLARED_TRAILER,
 )
-from memstore.heap import LoadTrimmer
-from memstore.link import LinkServer, describe_handler
 from memstore.query import And, Not, Or, Predicate, QueryError, query_from_request
-from memstore.security import Credentials, ServerSecurity
+from memstore.server import logs, metrics, reflection
+from memstore.server.heap import LoadTrimmer
+from memstore.server.link import LinkServer, describe_handler
+from memstore.server.security import Credentials, ServerSecurity
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
@@ -163,7 +162,7 @@ class Background:
 
 
 def _epoch_of(metadata: Any) -> int | None:
-    """The epoch a shard sent with its answer (memstore.server.EPOCH_TRAILER), if any."""
+    """The epoch a shard sent with its answer (memstore.hashslot.EPOCH_TRAILER), if any."""
     for key, value in metadata or ():
         if key == EPOCH_TRAILER:
             return int(value)
@@ -287,10 +286,10 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         self.schema = ClusterSchema(self)  # the cluster's schema registry (shards/schema.py)
         self.on_membership = on_membership
         self.sweeper: asyncio.Task[None] | None = None
-        self.link: LinkServer | None = None  # clients' unary calls (memstore/link.py)
+        self.link: LinkServer | None = None  # clients' unary calls (memstore/server/link.py)
         self._known: set[str] = set()  # attribute names some shard has declared
         self._naming = IdentifierLocks()  # this router's writes naming an identifier, in turn
-        self._loads = LoadTrimmer()  # BatchUpsert calls in flight (memstore/heap.py)
+        self._loads = LoadTrimmer()  # BatchUpsert calls in flight (memstore/server/heap.py)
 
     async def _lenient(self, query: pb.QueryRequest, context: grpc.aio.ServicerContext,
                        *extra: str) -> pb.QueryRequest:
@@ -1133,7 +1132,8 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
 
         answers, _ = await self._fan_out(context, call)
         return pb.SnapshotResponse(path=";".join(r.path for _, r in answers),
-                                   log_position=sum(r.log_position for _, r in answers),
+                                   shard_positions={s.label: r.log_position
+                                                    for s, r in answers},
                                    profiles=sum(r.profiles for _, r in answers))
 
     async def Stats(self, request: pb.StatsRequest, context: Any) -> pb.StatsResponse:
@@ -1239,10 +1239,10 @@ async def start_router(addresses: Iterable[str], host: str = "127.0.0.1", port: 
                        credentials: Credentials | None = None
                        ) -> tuple[grpc.aio.Server, int, RouterService]:
     """Build and start a router server (after every shard answered once). `link_port`:
-    where clients' unary calls may come over the link (memstore/link.py; 0 picks a free
+    where clients' unary calls may come over the link (memstore/server/link.py; 0 picks a free
     port), on the same host; None serves gRPC alone (and so does a router under TLS or
     tokens). `security`: how it listens and whom it answers; `credentials`: what it
-    presents to its shards (memstore/security.py)."""
+    presents to its shards (memstore/server/security.py)."""
     from shards.shard_map import wait_for
 
     security = security or ServerSecurity()
@@ -1266,11 +1266,8 @@ async def start_router(addresses: Iterable[str], host: str = "127.0.0.1", port: 
         server.add_generic_rpc_handlers((describe_handler(router.link),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((
-        pb.DESCRIPTOR.services_by_name["Memstore"].full_name,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
-    ), server)
+    reflection.enable(server, (pb.DESCRIPTOR.services_by_name["Memstore"].full_name,
+                               health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     bound = security.bind(server, f"{host}:{port}")
     await server.start()
     if router.link is not None:
@@ -1319,15 +1316,16 @@ async def serve(addresses: list[str], host: str = "127.0.0.1", port: int = 7070,
     if metrics_port is not None:
         scrape = metrics.serve_metrics(host, metrics_port, tls=security.metrics_tls())
         scheme = "https" if security.tls else "http"
-        print(f"metrics on {scheme}://{host}:{scrape}/metrics", file=sys.stderr, flush=True)
+        url = f"{scheme}://{host}:{scrape}/metrics"
+        log.info(f"metrics on {url}", extra={"url": url})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, security.reload)  # never the default (exit)
     if router.link is not None:
-        print(f"link on {host}:{router.link.port}", file=sys.stderr, flush=True)
-    print(f"listening on {host}:{bound}", file=sys.stderr, flush=True)
+        log.info(f"link on {host}:{router.link.port}", extra={"port": router.link.port})
+    logs.ready(log, f"{host}:{bound}")
     await stop.wait()
     started = time.monotonic()
     await stop_router(server, router)
@@ -1373,7 +1371,7 @@ def _identifiers_of(item: tuple[Any, ...]) -> list[tuple[str, str]]:
 
 
 class _Metered(grpc.aio.ServerInterceptor):
-    """Count and time every unary call of the public API (memstore.metrics)."""
+    """Count and time every unary call of the public API (memstore.server.metrics)."""
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:

@@ -3,7 +3,7 @@
 An attribute has one kind (and one `indexed` and merge rule) across the cluster. Its
 declaration lives in the registry, partitioned like the identifier directory: the entry for
 attribute NAME is kept by the shard owning slot_of("attribute:" + NAME)
-(memstore.schema.registry_key), logged, snapshotted and moved with that slot. So each name
+(memstore.engine.schema.registry_key), logged, snapshotted and moved with that slot. So each name
 has exactly one owner, whichever router asks, and the registry is the commit point of a
 declaration: the first proposal it receives wins, every later one is answered with it.
 
@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 import msgpack
 
-from memstore.schema import registry_key
+from memstore.engine.schema import registry_key
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import memstore_pb2 as pb
 from shards.shard_map import ShardMap, ShardState

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from memstore.hashslot import owners_by_epoch
-from memstore.link import LinkStub
-from memstore.security import Credentials
+from memstore.server.link import LinkStub
+from memstore.server.security import Credentials
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
 from memstore.v1 import memstore_pb2 as pb

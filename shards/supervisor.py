@@ -25,7 +25,7 @@ Invariants:
   gRPC): instead each shard's standard input is a pipe whose write end only the supervisor
   holds (`serve-shard --stop-on-eof`). When the supervisor dies, however it dies, the kernel
   closes it and the shard stops cleanly within seconds, flushing what it acknowledged.
-- One supervisor per data directory (DATA/LOCK, memstore.dirlock), and one process per
+- One supervisor per data directory (DATA/LOCK, memstore.storage.dirlock), and one process per
   shard directory. A supervisor started right after one that was killed finds its shards
   still stopping: each new shard waits up to SHARD_LOCK_WAIT seconds for its directory.
 - Every line a shard logs, from its first, goes to the supervisor's stderr.
@@ -48,8 +48,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from memstore.dirlock import DirLock
-from memstore.security import Credentials, ServerSecurity
+from memstore.server import logs, metrics
+from memstore.server.security import Credentials, ServerSecurity
+from memstore.storage.dirlock import DirLock
 from shards.router import Background, settle_heap, start_router, stop_router
 from shards.slots import format_ranges, split_even
 
@@ -82,11 +83,16 @@ class Supervisor:
                  stop_timeout: float = 15.0, link: bool = True,
                  security: ServerSecurity | None = None,
                  credentials: Credentials | None = None,
-                 cluster_token: str | None = None) -> None:
+                 cluster_token: str | None = None, metrics_port: int | None = None,
+                 in_memory: bool = False) -> None:
         self.data_dir = data_dir
         self.security = security or ServerSecurity()  # the router's; shards get the flags
         self.credentials = credentials or Credentials()  # the router's calls to its shards
         self.cluster_token = cluster_token  # given to the shards: they accept it as cluster
+        # Prometheus: the router on metrics_port, shard i on metrics_port + 1 + i (0: every
+        # process on a free port, each logged); None: no endpoint.
+        self.metrics_port = metrics_port
+        self.in_memory = in_memory  # shards keep nothing on disk; neither does this
         # the router's link for clients (--no-link turns both off; so do TLS and tokens)
         self.link = link and not self.security.guarded
         self.host, self.port, self.sync = host, port, sync
@@ -106,7 +112,7 @@ class Supervisor:
     # ------------------------------------------------------------------ layout
     def _configure(self, shards: int | None) -> None:
         path = self.data_dir / CLUSTER_FILE
-        if path.exists():
+        if path.exists() and not self.in_memory:
             state = json.loads(path.read_text())
             if shards is not None and shards != len(state["shards"]):
                 log.warning("%s has %d shards; ignoring --shards %d (use cluster add-shard)",
@@ -117,13 +123,15 @@ class Supervisor:
             self.external = list(state.get("external", []))
             self.directory_built = bool(state.get("directory"))
             return
-        n = shards or os.cpu_count() or 1
+        n = shards or usable_cpus()
         for i, ranges in enumerate(split_even(n)):
             port = self.port + 1 + i if self.port else 0
             self.shards.append(ShardProcess(f"shard-{i}", self.data_dir / f"shard-{i}", port,
                                             format_ranges(ranges), self.host))
 
     def _save(self) -> None:
+        if self.in_memory:
+            return
         state = {"shards": [{"name": s.name, "port": s.port} for s in self.shards],
                  "external": self.external, "directory": self.directory_built}
         path = self.data_dir / CLUSTER_FILE
@@ -146,8 +154,14 @@ class Supervisor:
                 "--port", str(shard.port), "--data-dir", str(shard.data_dir),
                 "--name", shard.name, "--sync", self.sync, "--stop-on-eof",
                 "--lock-wait", str(SHARD_LOCK_WAIT), *self.shard_args]
-        if shard.slots and not shard.data_dir.exists():
+        if self.in_memory:
+            args += ["--in-memory"]
+        if shard.slots and (self.in_memory or not shard.data_dir.exists()):
             args += ["--slots", shard.slots]
+        if self.metrics_port is not None:
+            index = self.shards.index(shard)
+            args += ["--metrics-port", str(self.metrics_port + 1 + index
+                                           if self.metrics_port else 0)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if self.cluster_token:
             env["MEMSTORE_CLUSTER_TOKEN"] = self.cluster_token
@@ -168,14 +182,15 @@ class Supervisor:
                     line = raw.decode(errors="replace")
                     lines.append(line)
                     _pass_on(shard, line)  # recovery, a torn tail cut: the operator sees it
-                    if line.startswith("listening on "):
+                    address = logs.listening_address(line)
+                    if address is not None:
                         break
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
             raise
-        shard.address = line.split()[-1]
+        shard.address = address
         shard.port = int(shard.address.rsplit(":", 1)[1])
         shard.proc, shard.started_at = proc, time.monotonic()
         shard.pump = asyncio.create_task(self._forward(shard, proc))
@@ -233,13 +248,15 @@ class Supervisor:
     async def start(self) -> int:
         """Start shards (concurrently), then the router; returns the router's port. Raises
         DirectoryLocked if another supervisor owns the data directory."""
-        self._lock = DirLock.acquire(self.data_dir)
+        if not self.in_memory:
+            self._lock = DirLock.acquire(self.data_dir)
         try:
             await asyncio.gather(*(self._spawn(s) for s in self.shards))
         except BaseException:
             await self._stop_shards()
             raise
-        self._save()  # ports chosen by the OS on first start are kept from now on
+        if not self.in_memory:
+            self._save()  # ports chosen by the OS on first start are kept from now on
         self._watchers = [asyncio.create_task(self._watch(s)) for s in self.shards]
         addresses = [s.address for s in self.shards] + self.external
         try:
@@ -252,6 +269,13 @@ class Supervisor:
             raise
         if not self.directory_built:
             await self._build_directory()
+        if self.metrics_port is not None:
+            scrape = metrics.serve_metrics(self.host, self.metrics_port,
+                                           tls=self.security.metrics_tls())
+            scheme = "https" if self.security.tls else "http"
+            url = f"{scheme}://{self.host}:{scrape}/metrics"
+            log.info(f"metrics on {url} (the router's; each shard logs its own)",
+                     extra={"url": url})
         settle_heap()
         return self.router_port
 
@@ -313,9 +337,31 @@ class Supervisor:
         await asyncio.gather(*(reap(s) for s in running))
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity, bounded by a cgroup (v2) CPU quota
+    (a container limited to 1.5 CPUs gets 1), at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, int(int(quota) // int(period)) or 1)
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
 def _pass_on(shard: ShardProcess, line: str) -> None:
-    """A shard's log line, on our stderr, marked with the shard it came from."""
-    sys.stderr.write(f"[{shard.name}] {line}")
+    """A shard's log line, on our stderr: as it is when it is a JSON log line (it names its
+    shard), else (gRPC's own C-core messages) made one."""
+    text = line.rstrip("\n")
+    if not text.startswith("{"):
+        text = json.dumps({"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           "level": "INFO", "logger": "stderr", "msg": text,
+                           "role": "shard", "shard": shard.name})
+    sys.stderr.write(text + "\n")
 
 
 async def run(supervisor: Supervisor) -> None:
@@ -328,7 +374,7 @@ async def run(supervisor: Supervisor) -> None:
     loop.add_signal_handler(signal.SIGHUP, supervisor.reload)
     port = await supervisor.start()
     log.info("%d shards in %s", len(supervisor.shards), supervisor.data_dir)
-    print(f"listening on {supervisor.host}:{port}", file=sys.stderr, flush=True)
+    logs.ready(log, f"{supervisor.host}:{port}")
     await stop.wait()
     log.info("stopping: router, then shards")
     await supervisor.stop()

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from memstore.server.logs import listening_address, message
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -58,8 +60,8 @@ def _start(cli_args: list[str], data_dir: Path | None, timeout: float,
         if not line:
             break
         lines.append(line)
-        if line.startswith("listening on "):
-            address = line.split()[-1]
+        address = listening_address(line)
+        if address is not None:
             _drain(proc)
             return ServerProcess(proc, address, data_dir, lines)
     proc.kill()
@@ -76,6 +78,15 @@ def _drain(proc: subprocess.Popen[bytes]) -> None:
             pass
 
     threading.Thread(target=pump, daemon=True).start()
+
+
+def said(lines: list[str], prefix: str) -> str | None:
+    """What follows `prefix` in the first log line whose message starts with it."""
+    for line in lines:
+        msg = message(line)
+        if msg.startswith(prefix):
+            return msg[len(prefix):]
+    return None
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from memstore.bitmap_index import (
+from memstore.index.bitmap_index import (
     RangeIndex,
     ValueIndex,
     float_to_ordered,

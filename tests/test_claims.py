@@ -1,4 +1,4 @@
-"""The packed claim tables (memstore/claims.py) against a plain dict.
+"""The packed claim tables (memstore/index/claims.py) against a plain dict.
 
 Keys are drawn from two slots, so a slot's arrays grow and shrink, and the arena is
 rewritten within a few dozen steps (the compaction size is lowered); a poor hash makes most
@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memstore import claims as claims_module
-from memstore.claims import TICK, Claims, claim_key
 from memstore.hashslot import slot_of
+from memstore.index import claims as claims_module
+from memstore.index.claims import TICK, Claims, claim_key
 
 
 def _keys_in(slot: int, n: int) -> list[str]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from memstore.client import REFRESH_EVERY, AsyncClient, Client, ClientError
+from memstore.client.core import REFRESH_EVERY, AsyncClient, Client, ClientError
 from shards.slots import slot_of
 from tests.conftest import ROOT, ServerProcess, start_shard
 from tests.test_router import RouterThread, start_shards

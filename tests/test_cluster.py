@@ -17,6 +17,7 @@ import grpc
 import msgpack
 import pytest
 
+from memstore.server.logs import listening_address
 from memstore.shard import RecentChanges
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
@@ -61,8 +62,8 @@ def test_serve_restarts_a_killed_shard_and_stops_cleanly(tmp_path: Path) -> None
         line = proc.stderr.readline()
         assert line, "serve exited:\n" + "".join(lines)
         lines.append(line)
-        if line.startswith("listening on "):
-            address = line.split()[-1]
+        address = listening_address(line, "supervisor") or ""
+        if address:
             break
     threading.Thread(target=pump, daemon=True).start()
     try:

@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from memstore import Client
-from memstore.client import ClientError
+from memstore.client.core import ClientError
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
 from shards.slots import slot_of

@@ -1,4 +1,4 @@
-"""The client's columnar packing (memstore.columnar.pack_columns) against a plain reference:
+"""The client's columnar packing (memstore.engine.columnar.pack_columns) against a plain reference:
 what the shard unpacks is, row by row, the records the caller gave."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memstore.client import pack_records
-from memstore.columnar import CODE_SHARE, Coded, unpack_columns
+from memstore.client.core import pack_records
+from memstore.engine.columnar import CODE_SHARE, Coded, unpack_columns
+from memstore.engine.values import flatten
 from memstore.errors import InvalidArgument
-from memstore.values import flatten
 
 ZONES = st.sampled_from([UTC, timezone(timedelta(hours=-5)), timezone(timedelta(hours=14))])
 STAMPS = st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30),

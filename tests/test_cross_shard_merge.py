@@ -24,7 +24,7 @@ from memstore.v1 import memstore_pb2 as pb
 from shards.merge import CRASH_ENV, HOLD_PATIENCE
 from shards.router import SWEEP_INTERVAL
 from shards.slots import slot_of
-from tests.conftest import ServerProcess, start_router, start_shard
+from tests.conftest import ServerProcess, said, start_router, start_shard
 from tests.test_router import start_shards
 
 _ids = itertools.count()
@@ -409,8 +409,8 @@ def test_the_router_counts_calls_and_merges_for_prometheus(cluster: dict[str, An
     stub.Link(pb.LinkRequest(id=survivor, identifiers=[email(loser)]), timeout=15)
     with pytest.raises(grpc.RpcError):
         get(stub, "nobody-at-all")
-    url = next(line.split()[-1] for line in cluster["router"].startup
-               if line.startswith("metrics on "))
+    url = said(cluster["router"].startup, "metrics on ")
+    assert url is not None
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
               for line in text.splitlines() if line and not line.startswith("#")}

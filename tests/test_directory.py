@@ -1,4 +1,4 @@
-"""The identifier directory (memstore/claims.py, shards/directory.py): claims on the shard
+"""The identifier directory (memstore/index/claims.py, shards/directory.py): claims on the shard
 owning the identifier's slot, verified against the profile they name."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import msgpack
 import pytest
 from pyroaring import BitMap
 
-from memstore.claims import TICK, Claims, claim_key
-from memstore.engine import Engine
+from memstore.engine.core import Engine
 from memstore.errors import InvalidArgument, WrongSlot
+from memstore.index.claims import TICK, Claims, claim_key
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
 from memstore.v1 import memstore_pb2 as pb

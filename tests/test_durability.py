@@ -11,15 +11,15 @@ from typing import Any
 
 import pytest
 
-from memstore.columnar import Columns
-from memstore.engine import ADD_TO_SET, INCREMENT, SET, UNSET, UpsertSpec
+from memstore.engine.columnar import Columns
+from memstore.engine.core import ADD_TO_SET, INCREMENT, SET, UNSET, UpsertSpec
 from memstore.errors import Unavailable
-from memstore.evaluate import evaluate
 from memstore.hashslot import SLOT_COUNT
 from memstore.pbvalues import datetime_to_micros
 from memstore.query import parse
+from memstore.query.evaluate import evaluate
 from memstore.shard import Shard, ShardConfig
-from memstore.wal_reader import LogCorruptError
+from memstore.storage.wal_reader import LogCorruptError
 from tests.test_cli import memstore
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
@@ -308,10 +308,10 @@ def test_snapshot_is_a_point_in_time_while_writes_continue(
     import time
 
     import memstore.shard as shard_module
-    from memstore.engine import Engine
+    from memstore.engine.core import Engine
     from memstore.shard import load_snapshot
-    from memstore.snapshot_file import load_newest
-    from memstore.wal_writer import SyncPolicy
+    from memstore.storage.snapshot_file import load_newest
+    from memstore.storage.wal_writer import SyncPolicy
 
     write = shard_module.write_snapshot_file
 
@@ -433,7 +433,7 @@ def test_decide_never_answers_committed_for_an_absorb_not_yet_durable(tmp_path: 
     fails, Decide must not have answered "committed" (the loser's shard would drop it)."""
     import threading
 
-    from memstore.engine import Engine
+    from memstore.engine.core import Engine
 
     gate = threading.Event()
     armed = {"on": False}

@@ -22,9 +22,9 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from memstore.client import pack_records
-from memstore.columnar import CODE_SHARE, unpack_columns
-from memstore.engine import (
+from memstore.client.core import pack_records
+from memstore.engine.columnar import CODE_SHARE, unpack_columns
+from memstore.engine.core import (
     ADD_TO_SET,
     INCREMENT,
     REMOVE_FROM_SET,
@@ -37,11 +37,11 @@ from memstore.engine import (
     _already_sorted_sets,
     record_specs,
 )
+from memstore.engine.schema import Kind, Merge
 from memstore.errors import FailedPrecondition, InvalidArgument
-from memstore.evaluate import evaluate
 from memstore.hashslot import SLOT_COUNT, slot_of
 from memstore.query import And, Not, Op, Or, Predicate, QueryError, parse
-from memstore.schema import Kind, Merge
+from memstore.query.evaluate import evaluate
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 PIDS = st.sampled_from([f"p{i}" for i in range(8)])
@@ -391,7 +391,7 @@ def _load_columns(engine: Engine, rows: Any, wire: str) -> Any:
     "columns" is what the Python client sends; "coded columns" codes every string and
     string-list column it can (Coded); "unsorted ..." sends string lists as the rows hold
     them, unsorted and with repeats, as another writer may."""
-    from memstore.columnar import Coded
+    from memstore.engine.columnar import Coded
 
     records = [{"id": p, "attributes": a, "identifiers": i} for p, a, i in rows]
     share = {"columns": CODE_SHARE, "coded columns": 1.0, "unsorted columns": 0.0,
@@ -471,8 +471,8 @@ def test_coded_columns_load_exactly_like_plain_ones(grouped_from: int, rows: Any
     """A batch sent coded (Coded) leaves the state the same batch sent plain does, whether
     add_coded updates a value's ids at once or adds them one by one, and whether the
     writer sent its lists sorted or not."""
-    from memstore.bitmap_index import ValueIndex
-    from memstore.columnar import Coded
+    from memstore.engine.columnar import Coded
+    from memstore.index.bitmap_index import ValueIndex
 
     records = [{"id": f"p{i}", "attributes": attrs, "identifiers": [("email", f"e{i}")]}
                for i, attrs in enumerate(rows)]
@@ -517,7 +517,7 @@ def test_coded_columns_load_exactly_like_plain_ones(grouped_from: int, rows: Any
 def test_odd_coded_columns_load_like_the_general_planner(values: list[Any]) -> None:
     """What another writer may code: the fast path gives the general planner's result, or
     its error, never a crash."""
-    from memstore.columnar import Coded, Columns
+    from memstore.engine.columnar import Coded, Columns
 
     def batch() -> Columns:
         return Columns(["p", "q", "r"], {"c": Coded(values, np.array([1, -1, 0], np.int32))},
@@ -554,7 +554,7 @@ def test_the_loads_check_for_stored_lists_agrees_with_sorting_them(lists: list[l
 def test_load_declares_attributes_in_the_order_the_general_planner_meets_them() -> None:
     """A columnar batch from any writer (columns in any order) gets the same attribute ids
     on the fast path as on the general one: by first record, then column order."""
-    from memstore.columnar import Columns
+    from memstore.engine.columnar import Columns
 
     batch = Columns(["a", "b"], {"y": [None, 1], "x": [1, None], "w": [None, 2]}, [[], []])
     fast, slow = Engine(), Engine()
@@ -582,7 +582,7 @@ def test_blobs_are_the_bytes_msgpack_writes(version: int, attrs: dict[int, Any],
     byte, so every reader (and version_of) keeps working on old and new blobs alike."""
     import msgpack
 
-    from memstore.engine import decode, encode
+    from memstore.engine.core import decode, encode
 
     blob = encode(version, attrs, [["email", "a@b"]], merged)
     assert blob == msgpack.packb([version, attrs, [["email", "a@b"]], merged])
@@ -596,6 +596,6 @@ def test_blobs_are_the_bytes_msgpack_writes(version: int, attrs: dict[int, Any],
        st.dictionaries(st.integers(0, 50), st.text(max_size=5), max_size=3))
 def test_version_of_reads_the_version_without_decoding(version: int, attrs: dict[int, str]
                                                         ) -> None:
-    from memstore.engine import encode, version_of
+    from memstore.engine.core import encode, version_of
 
     assert version_of(encode(version, attrs, [["email", "a@b"]], [])) == version

@@ -1,4 +1,4 @@
-"""memstore.forked: work in a forked child, as the snapshot writer uses it."""
+"""memstore.storage.forked: work in a forked child, as the snapshot writer uses it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from memstore.forked import ChildFailed, run_in_child
+from memstore.storage.forked import ChildFailed, run_in_child
 from tests.conftest import ROOT
 
 
@@ -73,7 +73,7 @@ def test_the_child_dies_with_its_parent(tmp_path: Path) -> None:
     marker = tmp_path / "pid"
     script = f"""
 import asyncio, os, time
-from memstore.forked import run_in_child
+from memstore.storage.forked import run_in_child
 def slow():
     open({str(marker)!r}, "w").write(str(os.getpid()))
     time.sleep(60)

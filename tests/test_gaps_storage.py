@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from memstore import wal_format as fmt
-from memstore.engine import ADD_TO_SET, SET, UpsertSpec
+from memstore.engine.core import ADD_TO_SET, SET, UpsertSpec
 from memstore.shard import Shard, ShardConfig
-from memstore.snapshot_file import CURRENT, SnapshotWriter, load_newest, snapshot_name
-from memstore.wal_reader import read_log
-from memstore.wal_writer import LogWriter
+from memstore.storage import wal_format as fmt
+from memstore.storage.snapshot_file import CURRENT, SnapshotWriter, load_newest, snapshot_name
+from memstore.storage.wal_reader import read_log
+from memstore.storage.wal_writer import LogWriter
 
 P = fmt.RECORD_PROFILES
 

@@ -1,4 +1,4 @@
-"""Freed heap goes back to the OS at the end of a bulk load (memstore.heap), through a
+"""Freed heap goes back to the OS at the end of a bulk load (memstore.server.heap), through a
 real gRPC server on loopback, in this process so the call can be counted."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-import memstore.heap
+import memstore.server.heap
 from memstore import AsyncClient
-from memstore.heap import LoadTrimmer, release_free_heap
-from memstore.server import make_server
+from memstore.server.heap import LoadTrimmer, release_free_heap
+from memstore.server.service import make_server
 from memstore.shard import Shard, ShardConfig
 
 
@@ -52,7 +52,7 @@ def test_a_load_trims_when_no_other_batch_is_in_flight(tmp_path: Path, monkeypat
         trims.append(len(opened[0].engine.pids))
         return True
 
-    monkeypatch.setattr(memstore.heap, "release_free_heap", trim)
+    monkeypatch.setattr(memstore.server.heap, "release_free_heap", trim)
     armed, gate = threading.Event(), threading.Event()
 
     def fsync(fd: int) -> None:
@@ -102,7 +102,7 @@ def test_a_router_trims_after_loads_too(tmp_path: Path, monkeypatch: Any) -> Non
         return True
 
     monkeypatch.setattr(LoadTrimmer, "EVERY", 100)
-    monkeypatch.setattr(memstore.heap, "release_free_heap", trim)
+    monkeypatch.setattr(memstore.server.heap, "release_free_heap", trim)
     shards = start_shards(tmp_path, 2)
     router = RouterThread([s.address for s in shards])
     try:

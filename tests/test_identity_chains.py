@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from memstore import Client
-from memstore.client import ClientError
-from memstore.engine import Engine, UpsertSpec
+from memstore.client.core import ClientError
+from memstore.engine.core import Engine, UpsertSpec
 from shards.slots import slot_of
 from tests.test_router import RouterThread, start_shards
 
@@ -167,13 +167,13 @@ def test_engine_version_rule_is_max_plus_one() -> None:
 def test_claim_waits_are_counted(cluster: dict[str, Any]) -> None:
     """A write that waits for another write's young claim shows in the router's metrics
     (the router runs in this process; its grace is shortened so the wait ends soon)."""
-    from memstore import metrics
+    from memstore.server import metrics
     from shards.router import Background
 
     c: Client = cluster["client"]
     router: RouterThread = cluster["router"]
     directory = router.router.directory
-    waits = metrics.CLAIM_WAITS._value  # noqa: SLF001 - prometheus_client's counter value
+    waits = metrics.CLAIM_WAITS._value
     before = waits.get()
     a, b = next(_ids_on(0, "wait-a")), next(_ids_on(1, "wait-b"))
     c.link(a, [("email", "wait1@x.com")], create=True)

@@ -1,4 +1,4 @@
-"""The link (memstore/link.py): a router's unary calls to a shard, and a client's to its
+"""The link (memstore/server/link.py): a router's unary calls to a shard, and a client's to its
 router or shard, over a light framed protocol, with gRPC's answers, trailers and status
 codes, and gRPC whenever the link cannot be trusted or reached."""
 
@@ -19,9 +19,9 @@ import grpc
 import msgpack
 import pytest
 
-from memstore import metrics
-from memstore.client import AsyncClient, Client, ClientError
-from memstore.link import (
+from memstore.client.core import AsyncClient, Client, ClientError
+from memstore.server import metrics
+from memstore.server.link import (
     DESCRIBE,
     PROTOCOL,
     BlockingLink,
@@ -37,7 +37,7 @@ from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
 from memstore.v1 import memstore_pb2 as pb
 from shards.router import admin_call
 from shards.slots import slot_of
-from tests.conftest import ServerProcess, start_router, start_shard
+from tests.conftest import ServerProcess, said, start_router, start_shard
 from tests.test_router import RouterThread, start_shards
 
 MEMSTORE = pb.DESCRIPTOR.services_by_name["Memstore"]
@@ -592,11 +592,11 @@ def test_serve_router_serves_its_link_on_the_port_asked_and_none_with_no_link(
     linked = start_router(shards, "--link-port", str(port))
     plain = start_router(shards, "--no-link")
     try:
-        assert f"link on 127.0.0.1:{port}\n" in linked.startup
+        assert said(linked.startup, "link on ") == f"127.0.0.1:{port}"
         with Client(linked.address, link=True) as c:
             assert c.link_ready() and c._link.link.address == f"127.0.0.1:{port}"  # type: ignore[union-attr]
             assert c.get("p1")["attributes"]["n"] == 1
-        assert not any(line.startswith("link on") for line in plain.startup)
+        assert said(plain.startup, "link on ") is None
         with grpc.insecure_channel(plain.address) as channel, pytest.raises(grpc.RpcError) as err:
             channel.unary_unary(DESCRIBE)(b"{}", timeout=5)
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]

@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from memstore import Client, LoadError
-from memstore.loader import cell_value
+from memstore.client.loader import cell_value
 from tests.conftest import ROOT
 from tests.test_router import RouterThread, start_shards
 

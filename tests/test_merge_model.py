@@ -19,10 +19,10 @@ from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from pyroaring import BitMap
 
-from memstore.engine import ADD_TO_SET, INCREMENT, SET, Change, Engine, UpsertSpec
+from memstore.engine.core import ADD_TO_SET, INCREMENT, SET, Change, Engine, UpsertSpec
 from memstore.errors import FailedPrecondition, Forwarded, NotFound
-from memstore.evaluate import evaluate
 from memstore.query import parse
+from memstore.query.evaluate import evaluate
 from shards.slots import slot_of
 
 # Ids on both sides of the boundary (shard 0 owns slots 0-8191, shard 1 the rest).

@@ -22,14 +22,14 @@ import pytest
 from pyroaring import BitMap
 
 import memstore.shard as shard_module
-import memstore.snapshot_file as snapshot_module
-from memstore import wal_format as fmt
-from memstore.engine import SET, Engine, UpsertSpec
+import memstore.storage.snapshot_file as snapshot_module
+from memstore.engine.core import SET, Engine, UpsertSpec
+from memstore.engine.schema import Kind, Merge
 from memstore.errors import Unavailable
 from memstore.hashslot import SLOT_COUNT, slot_of
-from memstore.schema import Kind, Merge
 from memstore.shard import Shard, ShardConfig, load_snapshot, replay, write_snapshot_file
-from memstore.snapshot_file import (
+from memstore.storage import wal_format as fmt
+from memstore.storage.snapshot_file import (
     CURRENT,
     MAX_NAME,
     SnapshotError,
@@ -39,7 +39,7 @@ from memstore.snapshot_file import (
     prune,
     snapshot_name,
 )
-from memstore.wal_reader import (
+from memstore.storage.wal_reader import (
     LogCorruptError,
     TornTail,
     _backup_name,
@@ -50,7 +50,7 @@ from memstore.wal_reader import (
     repair,
     truncate_torn_tail,
 )
-from memstore.wal_writer import LogFailedError, LogWriteError, LogWriter, SyncPolicy
+from memstore.storage.wal_writer import LogFailedError, LogWriteError, LogWriter, SyncPolicy
 from tests.test_durability import T0, random_writes, state_of
 from tests.test_wal import CountingFsync, P, flip, payloads, segments, write_log
 
@@ -569,9 +569,9 @@ def test_an_unreadable_or_wrong_current_is_logged_and_the_newest_file_used(
 def test_attributes_a_snapshot_has_no_index_for_get_empty_ones(tmp_path: Path) -> None:
     """A declared attribute nobody holds may have no index section (older snapshots): the
     loader gives it the empty index of its kind, so queries on it answer."""
-    from memstore.bitmap_index import RangeIndex, ValueIndex
-    from memstore.evaluate import evaluate
+    from memstore.index.bitmap_index import RangeIndex, ValueIndex
     from memstore.query import parse
+    from memstore.query.evaluate import evaluate
 
     engine = Engine()
     kinds = {"i": Kind.INT, "f": Kind.FLOAT, "t": Kind.TIMESTAMP, "s": Kind.STRING,
@@ -1091,7 +1091,7 @@ def test_a_failed_fsync_tells_every_waiter_why(tmp_path: Path) -> None:
 
 
 def test_a_shard_opens_with_its_own_settings(tmp_path: Path) -> None:
-    from memstore.engine import IdentityRules
+    from memstore.engine.core import IdentityRules
 
     rules = IdentityRules(max_per_kind=1)
 
@@ -1204,10 +1204,13 @@ def test_recovery_logs_what_it_did(tmp_path: Path, caplog: pytest.LogCaptureFixt
         info = asyncio.run(open_close())
     assert set(info) == {"snapshot", "replayed", "torn_bytes", "seconds", "profiles"}
     assert 0 <= info["seconds"] < 60 and info["seconds"] == round(info["seconds"], 3)
-    messages = [r.getMessage() for r in caplog.records if r.name == "memstore.shard"]
-    assert messages == [
+    records = [r for r in caplog.records if r.name == "memstore.shard"]
+    assert [r.getMessage() for r in records] == [
         f"log: cut a torn record at the end of {segment} offset {size} (2 bytes)",
-        f"recovered {info}"]
+        f"recovered {info['profiles']} profiles in {info['seconds']:.3f} s"]
+    assert (records[0].file, records[0].offset, records[0].bytes) == (  # type: ignore[attr-defined]
+        str(segment), size, 2)
+    assert records[1].recovery == info  # type: ignore[attr-defined]
 
 
 class FailingAfterHold:

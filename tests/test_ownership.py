@@ -4,6 +4,7 @@ Real processes, real files, SIGKILL."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -17,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from memstore import Client
-from memstore.dirlock import DirectoryLocked, DirLock, holder
-from memstore.wal_writer import LogWriter
+from memstore.server.logs import listening_address
+from memstore.storage.dirlock import DirectoryLocked, DirLock, holder
+from memstore.storage.wal_writer import LogWriter
 from tests.conftest import ROOT, start_shard
 
 
@@ -169,8 +171,9 @@ class Serve:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.lines.append(line)
-            if line.startswith("listening on "):
-                self.address = line.split()[-1]
+            address = listening_address(line, "supervisor")
+            if address is not None:
+                self.address = address
                 self.ready.set()
 
     def wait_ready(self, timeout: float) -> str:
@@ -237,8 +240,8 @@ def test_serve_passes_on_what_shards_log_at_start_up(tmp_path: Path) -> None:
     again = Serve(data)
     try:
         again.wait_ready(60)
-        assert any("[shard-0]" in line and "cut a torn record" in line
-                   for line in again.lines), "".join(again.lines)
+        torn = [json.loads(line) for line in again.lines if "cut a torn record" in line]
+        assert torn and torn[0]["shard"] == "shard-0", "".join(again.lines)
     finally:
         again.proc.send_signal(signal.SIGTERM)
         assert again.proc.wait(30) == 0
@@ -253,8 +256,8 @@ def test_a_shard_stops_cleanly_when_its_stdin_closes(tmp_path: Path) -> None:
     assert proc.stderr is not None and proc.stdin is not None
     address = ""
     for line in proc.stderr:
-        if line.startswith("listening on "):
-            address = line.split()[-1]
+        address = listening_address(line) or ""
+        if address:
             break
     with Client(address) as c:
         c.upsert("kept", {"a": 1})

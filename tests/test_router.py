@@ -17,7 +17,7 @@ import msgpack
 import pytest
 
 from memstore import pbvalues
-from memstore.client import pack_records
+from memstore.client.core import pack_records
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
 from memstore.v1 import memstore_pb2 as pb
@@ -128,7 +128,7 @@ def test_batch_get_keeps_order_across_shards(cluster: dict[str, Any]) -> None:
     assert [r.profile.id for r in results[:5]] == ["user-5", "user-200", "user-9", "user-17",
                                                    "user-5"]
     # The packed form (what the Python client uses) agrees, attributes included.
-    from memstore.client import _batch
+    from memstore.client.core import _batch
 
     packed = _batch(stub.BatchGet(pb.BatchGetRequest(keys=keys, packed=True), timeout=10))
     structured = [r.profile for r in results]

@@ -1,4 +1,4 @@
-"""memstore.rowpack against engine.encode: blobs built a column at a time are, byte for
+"""memstore.engine.rowpack against engine.encode: blobs built a column at a time are, byte for
 byte, the blobs packed one profile at a time (same attributes, same order)."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memstore.columnar import Coded
-from memstore.engine import decode, encode
-from memstore.rowpack import RowPacker, array_head, map_head
-from memstore.schema import Kind
+from memstore.engine.columnar import Coded
+from memstore.engine.core import decode, encode
+from memstore.engine.rowpack import RowPacker, array_head, map_head
+from memstore.engine.schema import Kind
 
 # Every int form msgpack has, at its edges and between them.
 EDGES = [-(1 << 63), -(1 << 31) - 1, -(1 << 31), -(1 << 15) - 1, -(1 << 15), -129, -128,

@@ -19,12 +19,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memstore import Client
-from memstore.client import ClientError
-from memstore.security import Credentials, ServerSecurity, needs
+from memstore.client.core import ClientError
+from memstore.server.logs import listening_address
+from memstore.server.security import Credentials, ServerSecurity, needs
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import cluster_pb2_grpc
 from memstore.v1 import memstore_pb2 as pb
-from tests.conftest import ROOT, ServerProcess, start_shard
+from tests.conftest import ROOT, ServerProcess, said, start_shard
 from tests.pki import Pki, make_pki
 
 TOKENS = {role: f"{role}-token-0123456789abcdef" for role in ("read", "write", "admin",
@@ -78,7 +79,7 @@ def test_tls_serves_only_tls(tls_shard: ServerProcess, pki: Pki) -> None:
         info = cluster_pb2_grpc.ShardControlStub(channel).GetShardInfo(
             cpb.ShardInfoRequest(), timeout=5)
     assert info.link_port == 0 and info.link_token == ""
-    assert any("metrics on https://" in line for line in tls_shard.startup)
+    assert (said(tls_shard.startup, "metrics on ") or "").startswith("https://")
 
 
 def test_mutual_tls(pki: Pki, tmp_path: Path) -> None:
@@ -236,8 +237,8 @@ def test_refusals_are_counted_in_the_metrics(guarded: dict[str, Any]) -> None:
     import re
     import urllib.request
 
-    url = next(line.split()[-1] for line in guarded["server"].startup
-               if line.startswith("metrics on "))
+    url = said(guarded["server"].startup, "metrics on ")
+    assert url is not None
 
     def refused(code: str) -> float:
         text = urllib.request.urlopen(url, timeout=5).read().decode()
@@ -312,8 +313,8 @@ def test_a_secured_cluster_end_to_end(pki: Pki, tmp_path: Path) -> None:
     lines = []
     for line in proc.stderr:
         lines.append(line)
-        if line.startswith("listening on "):
-            address = line.split()[-1]
+        address = listening_address(line, "supervisor") or ""
+        if address:
             break
     assert address, "".join(lines)
     env = {**os.environ, "MEMSTORE_TLS_CA": str(pki.ca), "MEMSTORE_ADDRESS": address}

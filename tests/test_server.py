@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from memstore import AsyncClient, Client, ClientError
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
-from tests.conftest import ServerProcess, start_shard
+from tests.conftest import ServerProcess, said, start_shard
 
 T = datetime(2025, 3, 4, 5, 6, 7, 123456, tzinfo=UTC)
 
@@ -170,9 +170,9 @@ def test_load_splits_a_chunk_that_packs_larger_than_the_byte_budget(
         client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
     """Wide records: a chunk packing past LOAD_CHUNK_BYTES goes as halves (and halves of
     those) until each part fits; a lone record goes whatever its size. Nothing is lost."""
-    import memstore.client
+    import memstore.client.core
 
-    monkeypatch.setattr(memstore.client, "LOAD_CHUNK_BYTES", 4096)
+    monkeypatch.setattr(memstore.client.core, "LOAD_CHUNK_BYTES", 4096)
     prefix = uid()
     records = [{"id": f"{prefix}-{i}", "attributes": {"note": f"{i:04d}" + "x" * 300}}
                for i in range(40)]
@@ -191,7 +191,7 @@ def test_load_splits_a_chunk_that_packs_larger_than_the_byte_budget(
 def test_batch_get_decode_leaves_the_collector_as_it_found_it(client: Client) -> None:
     # The client pauses the cyclic collector while it decodes a batch: it must come back
     # on after a decode and after a failed one, and stay off for a caller who turned it off.
-    from memstore.client import _batch
+    from memstore.client.core import _batch
 
     prefix = uid()
     client.batch_upsert([{"id": f"{prefix}-{i}", "attributes": {"n": i}} for i in range(50)])
@@ -492,7 +492,7 @@ def test_columnar_batches_load_and_update_like_upserts(client: Client, stub) -> 
 def test_a_batch_applied_or_answered_short_is_an_error_not_a_smaller_result() -> None:
     """A server older than the client ignores the fields it does not know (columns, ids)
     and answers applied=0 or no profiles: the client says so instead of passing it on."""
-    from memstore.client import _answers, _applied
+    from memstore.client.core import _answers, _applied
 
     assert _applied(3, 3) == 3
     with pytest.raises(ClientError, match="applied 0 of 3"):
@@ -585,7 +585,7 @@ def test_prometheus_metrics_count_calls_by_method_and_code() -> None:
             c.upsert("m1", {"x": 1})
             with pytest.raises(ClientError):
                 c.count("x >")
-        url = next(line.split()[-1] for line in server.startup if line.startswith("metrics on"))
+        url = said(server.startup, "metrics on ") or ""
         assert url.startswith("http://127.0.0.1:")
         text = urllib.request.urlopen(url, timeout=5).read().decode()
     finally:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from memstore.snapshot_file import (
+from memstore.storage.snapshot_file import (
     CURRENT,
     SnapshotReader,
     SnapshotWriter,
@@ -167,7 +167,7 @@ def test_prune_never_deletes_the_only_good_snapshot_behind_a_damaged_one(
 
 
 def test_reader_rejects_a_damaged_file_on_construction(tmp_path: Path) -> None:
-    from memstore.snapshot_file import SnapshotError
+    from memstore.storage.snapshot_file import SnapshotError
 
     path = make(tmp_path, 7)
     raw = bytearray(path.read_bytes())

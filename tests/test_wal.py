@@ -16,8 +16,8 @@ from typing import Any, BinaryIO
 
 import pytest
 
-from memstore import wal_format as fmt
-from memstore.wal_reader import (
+from memstore.storage import wal_format as fmt
+from memstore.storage.wal_reader import (
     LogCorruptError,
     LogScan,
     Record,
@@ -28,7 +28,7 @@ from memstore.wal_reader import (
     repair,
     truncate_torn_tail,
 )
-from memstore.wal_writer import LogFailedError, LogWriteError, LogWriter, SyncPolicy
+from memstore.storage.wal_writer import LogFailedError, LogWriteError, LogWriter, SyncPolicy
 
 P, S, M = fmt.RECORD_PROFILES, fmt.RECORD_SCHEMA, fmt.RECORD_SHARD_META
 

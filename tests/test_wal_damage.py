@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from memstore import wal_format as fmt
-from memstore.wal_reader import LogCorruptError, check, read_log, repair
-from memstore.wal_writer import LogWriter, SyncPolicy
+from memstore.storage import wal_format as fmt
+from memstore.storage.wal_reader import LogCorruptError, check, read_log, repair
+from memstore.storage.wal_writer import LogWriter, SyncPolicy
 
 HEAD = fmt.SEGMENT_HEADER_SIZE
 FRAME = fmt.FRAME_HEADER_SIZE

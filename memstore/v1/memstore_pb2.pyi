@@ -434,14 +434,23 @@ class SnapshotRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SnapshotResponse(_message.Message):
-    __slots__ = ("path", "log_position", "profiles")
+    __slots__ = ("path", "log_position", "profiles", "shard_positions")
+    class ShardPositionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     PATH_FIELD_NUMBER: _ClassVar[int]
     LOG_POSITION_FIELD_NUMBER: _ClassVar[int]
     PROFILES_FIELD_NUMBER: _ClassVar[int]
+    SHARD_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     path: str
     log_position: int
     profiles: int
-    def __init__(self, path: _Optional[str] = ..., log_position: _Optional[int] = ..., profiles: _Optional[int] = ...) -> None: ...
+    shard_positions: _containers.ScalarMap[str, int]
+    def __init__(self, path: _Optional[str] = ..., log_position: _Optional[int] = ..., profiles: _Optional[int] = ..., shard_positions: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()

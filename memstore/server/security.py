@@ -4,7 +4,7 @@ process presents when it calls another.
 Server side (`ServerSecurity`):
 - TLS: `--tls-cert`/`--tls-key` serve every gRPC port over TLS; `--tls-client-ca` also
   requires a client certificate signed by that CA (mutual TLS). Where TLS is on, no port
-  speaks plaintext: the link (memstore/link.py), which has no TLS, is off, and the metrics
+  speaks plaintext: the link (memstore/server/link.py), which has no TLS, is off, and the metrics
   endpoint serves HTTPS with the same certificate.
 - Tokens: `--auth-file` lists `TOKEN ROLE[,ROLE...] [NAME]` a line (`#` comments), and
   `cert:COMMON-NAME ROLE[,ROLE...] [NAME]` for client certificates; re-read on SIGHUP.
@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 
 import grpc
 
-from memstore import metrics
+from memstore.server import metrics
 
 log = logging.getLogger("memstore.security")
 
@@ -63,7 +63,7 @@ MEMSTORE_ADMIN = frozenset({"DeclareAttributes", "Snapshot"})
 MEMSTORE_READS = frozenset({"Get", "BatchGet", "GetSchema", "Count", "QueryIds", "StreamIds",
                             "GroupBy", "QueryBitmap", "Stats"})
 ROUTER_READS = frozenset({"ListShards"})  # direct_reads clients ask it
-# Calls that change the cluster or erase data: one audit line each (memstore.audit).
+# Calls that change the cluster or erase data: one audit line each (memstore.server.audit).
 AUDITED = frozenset({"Delete", "DeclareAttributes", "SetSlots", "DropSlots", "AddShard",
                      "RemoveShard", "RebuildDirectory", "Snapshot"})
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)
@@ -260,8 +260,10 @@ class ServerSecurity:
         return int(port)
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """Authorization and audit lines where credentials are checked; audit lines alone
+        (by "anonymous") where they are not."""
         if self.auth is None and self.client_ca is None:
-            return []
+            return [Auditor()]
         return [Authorizer(self)]
 
     def principal(self, metadata: Sequence[tuple[str, Any]], context: Any
@@ -339,7 +341,7 @@ class Authorizer(grpc.aio.ServerInterceptor):
 
         def audited(principal: Principal, context: Any) -> None:
             if name in AUDITED:
-                from memstore import audit
+                from memstore.server import audit
 
                 code = context.code()
                 audit.record("call", method=name, by=principal.name,
@@ -391,6 +393,33 @@ class Authorizer(grpc.aio.ServerInterceptor):
 
         return grpc.stream_unary_rpc_method_handler(
             stream_unary, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+
+class Auditor(grpc.aio.ServerInterceptor):
+    """A server that checks no credentials still writes an audit line for each call that
+    changes the cluster or erases data (AUDITED), naming the caller "anonymous"."""
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        name = (details.method or "").rsplit("/", 1)[-1]
+        if handler is None or name not in AUDITED or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+
+        async def unary_unary(request: Any, context: Any) -> Any:
+            try:
+                return await inner(request, context)
+            finally:
+                from memstore.server import audit
+
+                code = context.code()
+                audit.record("call", method=name, by="anonymous",
+                             code=code.name if isinstance(code, grpc.StatusCode) else "OK")
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer)
 
 

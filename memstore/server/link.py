@@ -50,7 +50,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
-from memstore import metrics
+from memstore.server import metrics
 
 log = logging.getLogger("memstore.link")
 
@@ -182,7 +182,7 @@ class LinkContext:
 class LinkServer:
     """Serves servicers' unary methods on the link (see the module's docstring): the one
     given at construction, and any `add`ed. `metered`: record each call in
-    memstore.metrics, as the gRPC server's interceptor does (a shard's handlers record
+    memstore.server.metrics, as the gRPC server's interceptor does (a shard's handlers record
     their own)."""
 
     def __init__(self, servicer: Any, service: ServiceDescriptor,

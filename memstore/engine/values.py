@@ -13,9 +13,9 @@ from typing import Any
 
 import msgpack
 
+from memstore.engine.schema import Kind
 from memstore.errors import InvalidArgument
 from memstore.pbvalues import datetime_to_micros, micros_to_datetime
-from memstore.schema import Kind
 
 MAX_DEPTH = 8
 

@@ -21,12 +21,14 @@ SYNC_HELP = ("When the log is fsynced. always: an acknowledged write survives po
 _OPTIONS = (
     click.option("--sync", type=click.Choice(["always", "everysec", "off"]), default="always",
                  show_default=True, help=SYNC_HELP),
-    click.option("--snapshot-log-mb", default=512, show_default=True,
+    click.option("--snapshot-log-mb", type=click.IntRange(1), default=512, show_default=True,
                  help="Take a snapshot when the log has grown by this many MiB."),
-    click.option("--snapshot-interval", default=3600.0, show_default=True,
+    click.option("--snapshot-interval", type=click.FloatRange(1.0), default=3600.0,
+                 show_default=True,
                  help="Take a snapshot this many seconds after the last one (if anything "
                       "changed)."),
-    click.option("--max-identifiers-per-kind", default=20, show_default=True,
+    click.option("--max-identifiers-per-kind", type=click.IntRange(1), default=20,
+                 show_default=True,
                  help="Merge protection: a profile never holds more identifiers of one kind."),
     click.option("--blocked-identifier", multiple=True,
                  help="Extra identifier values never linked (added to the built-in list)."),
@@ -133,13 +135,13 @@ class Connect:
     token: str | None = None
 
     def client(self, **options: Any) -> Any:
-        from memstore.client import Client
+        from memstore.client.core import Client
 
         return Client(self.address, tls_ca=_str(self.tls_ca), tls_cert=_str(self.tls_cert),
                       tls_key=_str(self.tls_key), token=self.token, **options)
 
     def credentials(self) -> Any:
-        from memstore.security import Credentials
+        from memstore.server.security import Credentials
 
         return Credentials.load(self.tls_ca, self.tls_cert, self.tls_key, self.token)
 
@@ -150,7 +152,7 @@ def _str(path: Path | None) -> str | None:
 
 def client_security(command: F) -> F:
     """Add --tls-ca, --tls-cert, --tls-key and --token (each also from its environment
-    variable) to a command; it receives them as one `credentials` (memstore.security)."""
+    variable) to a command; it receives them as one `credentials` (memstore.server.security)."""
     @functools.wraps(command)
     def wrapper(*args: Any, tls_ca: Path | None, client_cert: Path | None,
                 client_key: Path | None, token: str | None, **kwargs: Any) -> Any:

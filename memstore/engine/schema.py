@@ -173,7 +173,7 @@ def check_merge(name: str, kind: Kind, merge: Merge) -> None:
 
 def registry_key(name: str) -> str:
     """Where the cluster's declaration of attribute `name` lives: the shard owning
-    slot_of(registry_key(name)) keeps it (memstore.engine's `registry`, a router's
+    slot_of(registry_key(name)) keeps it (memstore.engine.core's `registry`, a router's
     shards/schema.py), so each name has one owner, and it moves with that slot."""
     return f"attribute:{name}"
 

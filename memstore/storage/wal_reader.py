@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from memstore import wal_format as fmt
-from memstore.fsutil import Fsync, fsync_path
+from memstore.storage import wal_format as fmt
+from memstore.storage.fsutil import Fsync, fsync_path
 
 _ZERO_CHUNK = 1 << 16
 

@@ -37,7 +37,7 @@ def record(event: str, **fields: Any) -> dict[str, Any]:
     entry = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
              + f".{int(time.time() * 1000) % 1000:03d}Z", "event": event, **fields}
     line = json.dumps(entry, ensure_ascii=False, sort_keys=False, default=str)
-    log.info("audit %s", line)
+    log.info("audit: %s", event, extra={"audit": entry})
     with _lock:
         if _file is not None:
             _file.write(line + "\n")

@@ -25,12 +25,11 @@ from typing import Any, TypeVar
 import grpc
 import msgpack
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from pyroaring import BitMap
 
-from memstore import metrics, pbvalues
-from memstore.columnar import unpack_columns
-from memstore.engine import (
+from memstore import pbvalues
+from memstore.engine.columnar import unpack_columns
+from memstore.engine.core import (
     Change,
     Engine,
     Image,
@@ -42,6 +41,8 @@ from memstore.engine import (
     record_specs,
     version_of,
 )
+from memstore.engine.schema import Kind, Merge
+from memstore.engine.values import flatten
 from memstore.errors import (
     FailedPrecondition,
     Forwarded,
@@ -54,7 +55,6 @@ from memstore.errors import (
     Undeclared,
     WrongSlot,
 )
-from memstore.evaluate import evaluate, group_counts
 from memstore.hashslot import (
     CLUSTER_SCHEMA,
     EPOCH_TRAILER,
@@ -65,17 +65,17 @@ from memstore.hashslot import (
     UNDECLARED_TRAILER,
     slot_of,
 )
-from memstore.heap import LoadTrimmer
-from memstore.link import LinkServer, describe_handler
 from memstore.query import QueryError, query_from_request
-from memstore.schema import Kind, Merge
-from memstore.security import ServerSecurity
+from memstore.query.evaluate import evaluate, group_counts
+from memstore.server import logs, metrics, reflection
+from memstore.server.heap import LoadTrimmer
+from memstore.server.link import LinkServer, describe_handler
+from memstore.server.security import ServerSecurity
 from memstore.shard import Shard, ShardConfig
+from memstore.storage.wal_writer import SyncPolicy
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
 from memstore.v1 import memstore_pb2 as pb
-from memstore.values import flatten
-from memstore.wal_writer import SyncPolicy
 
 log = logging.getLogger("memstore.server")
 
@@ -826,7 +826,7 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
         pending: dict[str, AttributeSpec] = {}
         kinds = {name: (Kind(k), idx, Merge(m)) for name, k, idx, m in chunk["schema"]}
         next_id = len(engine.schema.by_id)
-        from memstore.schema import AttributeSpec
+        from memstore.engine.schema import AttributeSpec
 
         def aid_of(name: str) -> int:
             nonlocal next_id
@@ -920,13 +920,10 @@ def make_server(shard: Shard, host: str, port: int, link: bool = True,
         if link else None
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (
+    reflection.enable(server, (
         pb.DESCRIPTOR.services_by_name["Memstore"].full_name,
         cpb.DESCRIPTOR.services_by_name["ShardControl"].full_name,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
-    )
-    reflection.enable_server_reflection(names, server)
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     bound = security.bind(server, f"{host}:{port}")
     control = ShardControlService(shard, f"{host}:{bound}", link_server)
     cluster_pb2_grpc.add_ShardControlServicer_to_server(control, server)
@@ -950,6 +947,18 @@ def _report_long_collections(phase: str, info: dict[str, int]) -> None:
     if paused >= 0.02:
         log.warning("garbage collection (generation %d) paused the shard %.0f ms",
                     info["generation"], paused * 1000)
+
+
+async def _watch_log(shard: Shard, health_servicer: Any) -> None:
+    """A shard whose log failed serves reads but refuses writes until restart: health
+    checks (load balancers, the Docker HEALTHCHECK) then answer NOT_SERVING."""
+    while shard.log is not None and not shard.log.failed:
+        await asyncio.sleep(1.0)
+    if shard.log is not None:
+        log.error("the log failed: health checks now answer NOT_SERVING",
+                  extra={"failure": shard.log.failure})
+        for service in ("", "memstore.v1.Memstore"):
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
 def stop_when_stdin_closes(stop: asyncio.Event) -> None:
@@ -981,9 +990,9 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
                 stop_on_eof: bool = False, security: ServerSecurity | None = None) -> None:
     """Run one shard until SIGTERM/SIGINT (or, with `stop_on_eof`, until standard input
     closes: its supervisor died), then drain in-flight calls and close the log.
-    `link_port`: where routers' unary calls may come over the shard link (memstore/link.py;
+    `link_port`: where routers' unary calls may come over the shard link (memstore/server/link.py;
     0 picks a free port), on the same host; None serves gRPC alone. `security`: TLS and
-    tokens (memstore/security.py); the auth file is read again on SIGHUP."""
+    tokens (memstore/server/security.py); the auth file is read again on SIGHUP."""
     security = security or ServerSecurity()
     security.check_host(host)
     shard = await Shard.open(config)
@@ -1005,6 +1014,7 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("memstore.v1.Memstore", health_pb2.HealthCheckResponse.SERVING)
     shard.start_background()
+    watch_health = asyncio.get_running_loop().create_task(_watch_log(shard, health_servicer))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -1017,13 +1027,15 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
             host, metrics_port, lambda: len(shard.engine.live),
             lambda: shard.log.size_bytes if shard.log else 0, security.metrics_tls())
         scheme = "https" if security.tls else "http"
-        print(f"metrics on {scheme}://{host}:{scrape}/metrics", file=sys.stderr, flush=True)
+        url = f"{scheme}://{host}:{scrape}/metrics"
+        log.info(f"metrics on {url}", extra={"url": url})
     if link is not None:
-        print(f"shard link on {host}:{link.port}", file=sys.stderr, flush=True)
-    print(f"listening on {host}:{bound}", file=sys.stderr, flush=True)
+        log.info(f"shard link on {host}:{link.port}", extra={"port": link.port})
+    logs.ready(log, f"{host}:{bound}")
     if ready is not None:
         ready(bound)
     await stop.wait()
+    watch_health.cancel()
     log.info("shutting down")
     await health_servicer.enter_graceful_shutdown()
     started = time.monotonic()

@@ -29,8 +29,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import BinaryIO
 
-from memstore import wal_format as fmt
-from memstore.fsutil import Fsync, fsync_path
+from memstore.storage import wal_format as fmt
+from memstore.storage.fsutil import Fsync, fsync_path
 
 log = logging.getLogger("memstore.log")
 

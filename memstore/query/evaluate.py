@@ -16,12 +16,12 @@ from typing import Any
 
 from pyroaring import BitMap
 
-from memstore.bitmap_index import float_to_ordered
-from memstore.engine import RANGE_KINDS, Engine
+from memstore.engine.core import RANGE_KINDS, Engine
+from memstore.engine.schema import AttributeSpec, Kind
 from memstore.errors import InvalidArgument
+from memstore.index.bitmap_index import float_to_ordered
 from memstore.pbvalues import datetime_to_micros
 from memstore.query import All, And, Node, Not, Op, Or, Predicate, QueryError, parse_timestamp
-from memstore.schema import AttributeSpec, Kind
 
 _RANGE_OPS = {Op.LT: "lt", Op.LE: "le", Op.GT: "gt", Op.GE: "ge", Op.EQ: "eq", Op.NE: "ne"}
 

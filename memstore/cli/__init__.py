@@ -7,8 +7,6 @@ that `memstore serve` starts). Errors print the server's message and exit with s
 from __future__ import annotations
 
 import json
-import logging
-import os
 import re
 import sys
 from collections.abc import Iterator
@@ -18,22 +16,20 @@ from typing import Any
 
 import click
 
-from memstore.cli_options import (
+from memstore.cli.options import (
     LINK_PORT,
     Connect,
     connection,
     server_security,
     shard_settings,
 )
-from memstore.client import LOAD_CHUNK, LOAD_CONCURRENCY, ClientError, LoadError
+from memstore.client.core import LOAD_CHUNK, LOAD_CONCURRENCY, ClientError, LoadError
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s",'
-               '"msg":"%(message)s"}',
-    )
+def _logging(verbose: bool, **context: str) -> None:
+    from memstore.server import logs
+
+    logs.setup(verbose, **context)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -77,14 +73,14 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
     """Run one shard process (the cluster's `serve` starts these for you)."""
     import uvloop
 
-    from memstore import audit
-    from memstore.engine import DEFAULT_BLOCKED, IdentityRules
-    from memstore.security import AuthFileError, ServerSecurity, cluster_token_from_env
-    from memstore.server import serve
+    from memstore.engine.core import DEFAULT_BLOCKED, IdentityRules
+    from memstore.server import audit
+    from memstore.server.security import AuthFileError, ServerSecurity, cluster_token_from_env
+    from memstore.server.service import serve
     from memstore.shard import ShardConfig
-    from memstore.wal_writer import SyncPolicy
+    from memstore.storage.wal_writer import SyncPolicy
 
-    _logging(verbose)
+    _logging(verbose, role="shard", shard=name)
     try:
         security = ServerSecurity.configure(tls_cert, tls_key, tls_client_ca, auth_file,
                                             insecure, cluster_token_from_env())
@@ -119,7 +115,11 @@ def _parse_slots(text: str) -> Any:
     bm = BitMap()
     for part in text.split(","):
         start, _, end = part.partition("-")
-        lo, hi = int(start), int(end or start)
+        try:
+            lo, hi = int(start), int(end or start)
+        except ValueError:
+            raise click.BadParameter(f"slot range {part!r} is not N or N-M (for example "
+                                     "0-8191,10000)", param_hint="--slots") from None
         if not 0 <= lo <= hi < SLOT_COUNT:
             raise click.BadParameter(f"slot range {part!r} outside 0-{SLOT_COUNT - 1}")
         bm.add_range(lo, hi + 1)
@@ -151,7 +151,7 @@ def load(file: Path, fmt: str | None, rejects: Path | None, chunk_size: int,
     take its kinds (timestamps from ISO-8601 strings); see README "Loading files"."""
     from tqdm import tqdm
 
-    from memstore import loader
+    from memstore.client import loader
 
     fmt = loader.format_of(file, fmt)
     with connect.client(timeout=None) as client:
@@ -369,12 +369,37 @@ def stats(connect: Connect) -> None:
 
 
 @main.command()
+@click.option("--timeout", type=click.FloatRange(0.1), default=3.0, show_default=True,
+              help="Seconds to wait for the answer.")
+@connection
+def health(timeout: float, connect: Connect) -> None:
+    """Ask a server's health check (gRPC grpc.health.v1): exit 0 if it is serving, 1 if not
+    or if it does not answer. For load balancers and container health checks."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    channel = connect.credentials().channel(connect.address)
+    try:
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                           timeout=timeout)
+    except grpc.RpcError as exc:
+        click.echo(f"{connect.address}: {exc.code().name}: {exc.details()}", err=True)  # type: ignore[attr-defined]
+        sys.exit(1)
+    finally:
+        channel.close()
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    click.echo(f"{connect.address}: {status}")
+    if answer.status != health_pb2.HealthCheckResponse.SERVING:
+        sys.exit(1)
+
+
+@main.command()
 @click.argument("roles", default="read")
 @click.argument("name", required=False)
 def token(roles: str, name: str | None) -> None:
     """Print a new random token as a line for an --auth-file: TOKEN ROLES [NAME] (roles:
     read, write, admin, cluster; comma-separated)."""
-    from memstore.security import ROLES, new_token
+    from memstore.server.security import ROLES, new_token
 
     unknown = sorted(set(roles.split(",")) - set(ROLES))
     if unknown:
@@ -387,10 +412,10 @@ def token(roles: str, name: str | None) -> None:
 def check(data_dir: Path) -> None:
     """Verify a shard's snapshots and log; exit 1 if anything is damaged or start-up
     would fail (for example: the log no longer reaches back to the usable snapshot)."""
-    from memstore.dirlock import holder
-    from memstore.snapshot_file import SnapshotError, SnapshotReader, load_newest
-    from memstore.wal_reader import LogCorruptError, read_log
-    from memstore.wal_reader import check as check_log
+    from memstore.storage.dirlock import holder
+    from memstore.storage.snapshot_file import SnapshotError, SnapshotReader, load_newest
+    from memstore.storage.wal_reader import LogCorruptError, read_log
+    from memstore.storage.wal_reader import check as check_log
 
     owner = holder(data_dir)
     if owner is not None:
@@ -426,9 +451,9 @@ def check(data_dir: Path) -> None:
 @click.option("--yes", is_flag=True, help="Do it without asking.")
 def repair(data_dir: Path, yes: bool) -> None:
     """Cut a damaged log at its last good record, keeping a backup of what is cut."""
-    from memstore.dirlock import DirectoryLocked, DirLock
-    from memstore.wal_reader import check as check_log
-    from memstore.wal_reader import repair as repair_log
+    from memstore.storage.dirlock import DirectoryLocked, DirLock
+    from memstore.storage.wal_reader import check as check_log
+    from memstore.storage.wal_reader import repair as repair_log
 
     try:
         lock = DirLock.acquire(data_dir)  # never cut a log that a running shard appends to
@@ -457,7 +482,3 @@ def _register_cluster_commands() -> None:
 
 
 _register_cluster_commands()
-
-if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    main()

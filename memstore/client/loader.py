@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memstore.values import flatten
+from memstore.engine.values import flatten
 
 FORMATS = ("jsonl", "csv", "parquet")
 _INT = re.compile(r"^-?(0|[1-9][0-9]*)$")

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Self
 
-from memstore.fsutil import Fsync, fsync_path
+from memstore.storage.fsutil import Fsync, fsync_path
 
 log = logging.getLogger("memstore.snapshot")
 

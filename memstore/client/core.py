@@ -1,13 +1,13 @@
 """Python clients for memstore: `Client` (blocking) and `AsyncClient` (asyncio).
 
 Both have the same methods with the same arguments; every method is defined once, in
-`_Methods`, as "build a request, name the RPC, decode the response", and each client
+`ClientMethods`, as "build a request, name the RPC, decode the response", and each client
 supplies the transport (`_call`). Against a router they see the whole cluster; against a
 shard, that shard. Reads are retried on UNAVAILABLE with backoff (they are idempotent);
 writes are not, because an increment retried after a lost answer would apply twice.
 
 With `link=True`, unary calls (Get, BatchGet, Upsert, Count, ...) go over the server's link
-(memstore/link.py), a lighter protocol than gRPC on a port of its own, once it is up;
+(memstore/server/link.py), a lighter protocol than gRPC on a port of its own, once it is up;
 until then, and whenever it cannot be used, over gRPC, with the same answers and errors.
 Streams (`iter_ids`) and bulk loads (`load`) always use gRPC.
 
@@ -43,7 +43,7 @@ import msgpack
 from pyroaring import BitMap
 
 from memstore import pbvalues
-from memstore.columnar import CODE_SHARE, pack_columns, unpack_columns
+from memstore.engine.columnar import CODE_SHARE, pack_columns, unpack_columns
 from memstore.hashslot import (
     ADMIN_SERVICE,
     APPLIED_TRAILER,
@@ -53,7 +53,7 @@ from memstore.hashslot import (
     owners_by_epoch,
     slot_of,
 )
-from memstore.link import (
+from memstore.server.link import (
     DESCRIBE,
     HELLO_TIMEOUT,
     RETRY_AFTER,
@@ -61,7 +61,7 @@ from memstore.link import (
     LinkStub,
     advertised,
 )
-from memstore.security import Credentials
+from memstore.server.security import Credentials
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
 
@@ -268,7 +268,7 @@ def _pack_default(value: Any) -> Any:
 def _ops(set: Mapping[str, Any] | None, ops: Sequence[tuple[str, str, Any]] | None
          ) -> list[pb.Operation]:
     out = []
-    from memstore.values import flatten
+    from memstore.engine.values import flatten
 
     for name, value in flatten(set or {}).items():
         out.append(pb.Operation(op=pb.Operation.SET, attribute=name, value=pbvalues.to_pb(value)))
@@ -380,9 +380,10 @@ class _SlotOwners:
         return None
 
 
-class _Methods:
-    """Every public method, written once. `_call` returns a value (Client) or an
-    awaitable of it (AsyncClient)."""
+class ClientMethods:
+    """The methods Client and AsyncClient share, each written once: build a request, name
+    the call, decode the answer. On AsyncClient each returns an awaitable of what it says.
+    """
 
     def _call(self, method: str, request: Any, decode: Callable[[Any], Any],
               missing: Any = _MISSING, direct: str | None = None) -> Any:
@@ -394,6 +395,13 @@ class _Methods:
                ops: Sequence[tuple[str, str, Any]] | None = None,
                identifiers: Sequence[tuple[str, str]] = (),
                expected_version: int | None = None) -> Any:
+        """Change profile `id` (created when absent): `set` attributes (nested dicts are
+        flattened with dots), then `ops` in order, as (operation, attribute, value) with
+        operations set, set_once, unset, increment, add_to_set, remove_from_set; then link
+        `identifiers` ((kind, value) pairs; one another profile holds merges it into this
+        one). All at once or nothing. `expected_version`: refuse (FAILED_PRECONDITION) unless
+        the profile is at that version (0: must not exist yet). Returns UpsertResult(id,
+        version, created); `id` is the survivor's when `id` was merged away."""
         request = pb.UpsertRequest(id=id, operations=_ops(set, ops),
                                    identifiers=[pb.Identifier(kind=k, value=v)
                                                 for k, v in identifiers])
@@ -403,33 +411,47 @@ class _Methods:
                           lambda r: UpsertResult(r.id, r.version, r.created))
 
     def batch_upsert(self, records: Iterable[Mapping[str, Any]]) -> Any:
+        """Write many records ({"id", "attributes", "identifiers"}) in one call, each
+        setting its attributes; returns how many applied. For large inputs use `load`."""
         records = list(records)
         request = pb.BatchUpsertRequest(columns=pack_records(records))
         return self._call("BatchUpsert", request, lambda r: _applied(r.applied, len(records)))
 
     def get(self, id: str | None = None, *, identifier: tuple[str, str] | None = None,
             attributes: Sequence[str] = ()) -> Any:
+        """The profile `id`, or the one holding `identifier` ((kind, value)), as a dict
+        {"id", "version", "attributes", "identifiers", "merged_ids"}; None if there is none.
+        `attributes`: only these."""
         request = pb.GetRequest(key=_key(id, identifier), attributes=attributes, packed=True)
         return self._call("Get", request, lambda r: _profile(r.profile), missing=None,
                           direct=id if identifier is None else None)
 
     def batch_get(self, keys: Iterable[str | tuple[str, str]], attributes: Sequence[str] = ()
                   ) -> Any:
+        """Profiles for many keys (primary ids, or (kind, value) identifiers), in order:
+        a dict as `get` returns, or None, for each."""
         request = _batch_request(keys, attributes)
         asked = len(request.keys) + len(request.ids)
         return self._call("BatchGet", request, lambda r: _answers(_batch(r), asked))
 
     def delete(self, id: str | None = None, *, identifier: tuple[str, str] | None = None) -> Any:
+        """Erase profile `id` (or the one holding `identifier`): its attributes, identifiers
+        and the ids merged into it. True if there was one."""
         request = pb.DeleteRequest(key=_key(id, identifier))
         return self._call("Delete", request, lambda r: r.deleted)
 
     def link(self, id: str, identifiers: Sequence[tuple[str, str]], create: bool = False) -> Any:
+        """Give `identifiers` to profile `id`, merging into it every profile that held one
+        (create the profile first if `create`). Returns LinkResult(id, version, merged_ids).
+        """
         request = pb.LinkRequest(id=id, create=create, identifiers=[
             pb.Identifier(kind=k, value=v) for k, v in identifiers])
         return self._call("Link", request,
                           lambda r: LinkResult(r.id, r.version, list(r.merged_ids)))
 
     def track(self, id: str, event: str, at: datetime | None = None, count: int = 1) -> Any:
+        """Record `count` occurrences of `event` at `at` (default: now) for profile `id`:
+        event.<event>.count, .first and .last. Returns the profile's new version."""
         request = pb.TrackRequest(id=id, event=event, count=count)
         if at is not None:
             request.at.CopyFrom(pbvalues.to_pb(at).timestamp_value)
@@ -437,39 +459,54 @@ class _Methods:
 
     # schema
     def declare(self, attributes: Iterable[Mapping[str, Any]]) -> Any:
+        """Declare attributes before their first write: dicts {"name", "kind" (string,
+        int, float, bool, timestamp, string_list), "indexed" (default True), "merge"
+        (default, sum, min, max)}. Returns the schema."""
         request = pb.DeclareAttributesRequest(attributes=[_spec(a) for a in attributes])
         return self._call("DeclareAttributes", request, _schema)
 
     def schema(self) -> Any:
+        """Every attribute's declaration: dicts {"name", "kind", "indexed", "merge"}."""
         return self._call("GetSchema", pb.GetSchemaRequest(), _schema)
 
     # queries
     def count(self, query: Any, *, allow_partial: bool = False) -> Any:
+        """How many profiles match `query` (the text form, a memstore.v1.Query, or a
+        syntax tree from memstore.query). `allow_partial`: answer without shards that are
+        down instead of failing."""
         return self._call("Count", _query(query, allow_partial), lambda r: r.count)
 
     def ids(self, query: Any, *, page_size: int = 1000, cursor: str = "",
             allow_partial: bool = False) -> Any:
+        """One page of matching ids and the cursor of the next page ("" at the end)."""
         request = pb.QueryIdsRequest(query=_query(query, allow_partial), page_size=page_size,
                                      cursor=cursor)
         return self._call("QueryIds", request, lambda r: (list(r.ids), r.next_cursor))
 
     def group_by(self, query: Any, attribute: str, top_n: int = 10, *,
                  allow_partial: bool = False) -> Any:
+        """Exact counts of matching profiles per value of a string, bool or list
+        `attribute`, as (value, count), most common first (ties by value); top_n=0: all."""
         request = pb.GroupByRequest(query=_query(query, allow_partial), attribute=attribute,
                                     top_n=top_n)
         return self._call("GroupBy", request, lambda r: [
             (pbvalues.from_pb(g.value), g.count) for g in r.groups])
 
     def bitmaps(self, query: Any, *, allow_partial: bool = False) -> Any:
+        """The matching profiles as a pyroaring BitMap of shard-local dense ids, per
+        shard name (for engines that combine segments themselves)."""
         return self._call("QueryBitmap", _query(query, allow_partial), lambda r: {
             b.shard: BitMap.deserialize(b.bitmap) for b in r.bitmaps})
 
     # operations
     def snapshot(self) -> Any:
+        """Take a snapshot now (through a router: of every shard)."""
         return self._call("Snapshot", pb.SnapshotRequest(), lambda r: {
-            "path": r.path, "log_position": r.log_position, "profiles": r.profiles})
+            "path": r.path, "log_position": r.log_position, "profiles": r.profiles,
+            **({"shard_positions": dict(r.shard_positions)} if r.shard_positions else {})})
 
     def stats(self) -> Any:
+        """Counts and state of the server (through a router: summed, with each shard's)."""
         return self._call("Stats", pb.StatsRequest(), lambda r: {
             "profiles": r.profiles, "identifiers": r.identifiers, "attributes": r.attributes,
             "log_bytes": r.log_bytes, "shard": r.shard, **dict(r.info)})
@@ -487,7 +524,7 @@ def _error(exc: grpc.RpcError, method: str) -> ClientError:
     return ClientError(exc.code(), exc.details() or "", method)  # type: ignore[attr-defined]
 
 
-class Client(_Methods):
+class Client(ClientMethods):
     """Blocking client. `with Client(address) as c: c.get("u1")`."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 30.0,
@@ -611,6 +648,7 @@ class Client(_Methods):
                 error = exc
 
     def close(self) -> None:
+        """Close the connections (also when leaving a `with` block)."""
         if self._link is not None:
             self._link.close()
         self._channel.close()
@@ -624,7 +662,7 @@ class Client(_Methods):
         self.close()
 
 
-class AsyncClient(_Methods):
+class AsyncClient(ClientMethods):
     """asyncio client with the same methods as Client: `await c.get("u1")`."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 30.0,
@@ -734,6 +772,7 @@ class AsyncClient(_Methods):
         raise AssertionError("unreachable")
 
     async def iter_ids(self, query: Any, *, page_size: int = 10_000) -> AsyncIterator[str]:
+        """As Client.iter_ids."""
         request = pb.QueryIdsRequest(query=_query(query), page_size=page_size)
         try:
             async for page in self._grpc.StreamIds(request, timeout=self.timeout):
@@ -777,6 +816,7 @@ class AsyncClient(_Methods):
                 error = exc
 
     async def close(self) -> None:
+        """As Client.close."""
         if self._describing is not None:
             self._describing.cancel()
         if self._link is not None and self._link.link is not None:

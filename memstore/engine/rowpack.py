@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import ormsgpack
 
-from memstore.columnar import Coded
-from memstore.schema import Kind
+from memstore.engine.columnar import Coded
+from memstore.engine.schema import Kind
 
 _packb = ormsgpack.packb
 # An int's shortest msgpack form by range: class c holds BOUNDS[c-1] <= v < BOUNDS[c].

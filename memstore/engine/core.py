@@ -18,10 +18,10 @@ Cross-shard merges add three small tables, changed by Notes in the same Changes 
 with them (shards/merge.py has the protocol): `held` (profiles frozen by an unfinished merge,
 hidden from queries), `forwards` (primary ids merged into a profile on another shard) and
 `decided` (merge transactions this shard committed or refused, as the commit point). The
-cluster's identifier directory is a fourth, `claims` (memstore.claims).
+cluster's identifier directory is a fourth, `claims` (memstore.index.claims).
 
 Blob layout (msgpack array): [version, {attribute id: stored value}, [[kind, value], ...]
-identifiers, [merged-away primary ids]]. Stored values are described in memstore.values.
+identifiers, [merged-away primary ids]]. Stored values are described in memstore.engine.values.
 """
 
 from __future__ import annotations
@@ -45,30 +45,9 @@ import ormsgpack
 from pyroaring import BitMap
 from xxhash import xxh3_64_intdigest
 
-from memstore.bitmap_index import (
-    RangeIndex,
-    ValueIndex,
-    bitmap_of,
-    float_to_ordered,
-    floats_to_ordered,
-)
-from memstore.claims import Claims, claim_key
-from memstore.columnar import Coded, Columns, Row
-from memstore.errors import (
-    FailedPrecondition,
-    Forwarded,
-    Held,
-    InvalidArgument,
-    MemstoreError,
-    NotFound,
-    Undeclared,
-    WrongSlot,
-)
-from memstore.hashslot import SLOT_COUNT, slot_of, slots_of
-from memstore.inttable import IntTable
-from memstore.pbvalues import TIMESTAMP_RANGE, micros_in_range
-from memstore.rowpack import RowPacker
-from memstore.schema import (
+from memstore.engine.columnar import Coded, Columns, Row
+from memstore.engine.rowpack import RowPacker
+from memstore.engine.schema import (
     INT64_MAX,
     INT64_MIN,
     MAX_LIST_ITEMS,
@@ -84,7 +63,28 @@ from memstore.schema import (
     kind_of,
     registry_key,
 )
-from memstore.values import from_stored, to_stored
+from memstore.engine.values import from_stored, to_stored
+from memstore.errors import (
+    FailedPrecondition,
+    Forwarded,
+    Held,
+    InvalidArgument,
+    MemstoreError,
+    NotFound,
+    Undeclared,
+    WrongSlot,
+)
+from memstore.hashslot import SLOT_COUNT, slot_of, slots_of
+from memstore.index.bitmap_index import (
+    RangeIndex,
+    ValueIndex,
+    bitmap_of,
+    float_to_ordered,
+    floats_to_ordered,
+)
+from memstore.index.claims import Claims, claim_key
+from memstore.index.inttable import IntTable
+from memstore.pbvalues import TIMESTAMP_RANGE, micros_in_range
 
 # Operation codes: the numbers of memstore.v1.Operation.Op.
 SET, SET_ONCE, UNSET, INCREMENT, ADD_TO_SET, REMOVE_FROM_SET = 1, 2, 3, 4, 5, 6
@@ -257,7 +257,7 @@ def ident_key(kind: str, value: str) -> int:
     """Directory key of an identifier: a 64-bit hash, not the string, to save ~70 bytes a
     profile. Readers confirm a hit against the profile's own identifiers; two identifiers
     colliding on one key are refused (about one chance in 2**64 per pair). Never 0 or 1,
-    which the directory's table keeps for empty and deleted slots (memstore.inttable)."""
+    which the directory's table keeps for empty and deleted slots (memstore.index.inttable)."""
     key: int = xxh3_64_intdigest(f"{kind}\x00{value}".encode())
     return key if key > 1 else key + 2
 
@@ -924,7 +924,7 @@ class Engine:
 
         The load path: when every row is a new profile whose identifiers belong to nobody,
         validation runs column by column (one type check per attribute per batch, not per
-        value), blobs are built a column at a time (memstore.rowpack; a coded column is
+        value), blobs are built a column at a time (memstore.engine.rowpack; a coded column is
         never decoded value by value), and the Change carries the checked columns so
         `apply` indexes them without taking the blobs apart again. Any row that touches
         existing state (an existing id, an owned identifier, an alias), or any value the
@@ -993,7 +993,7 @@ class Engine:
                         rows = list(compress(range(n), mask))
                     if not held:
                         continue
-                micros = name in batch.timestamps  # int microseconds, see memstore.columnar
+                micros = name in batch.timestamps  # int microseconds, see memstore.engine.columnar
                 sent = Kind.TIMESTAMP if micros else kind_of(
                     held.first() if isinstance(held, Coded) else held[0])
                 if sent is Kind.INT and isinstance(held, list) and float in set(map(type, held)):

@@ -45,6 +45,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from memstore.engine.values import flatten
 from memstore.errors import InvalidArgument
 from memstore.pbvalues import (
     TIMESTAMP_RANGE,
@@ -52,7 +53,6 @@ from memstore.pbvalues import (
     micros_in_range,
     micros_to_datetime,
 )
-from memstore.values import flatten
 
 Row = tuple[str, dict[str, Any], list[tuple[str, str]]]
 CODE = np.dtype("<i4")  # codes and lengths on the wire

@@ -1,0 +1,23 @@
+"""The Python clients and what they need.
+
+    core       Client (blocking) and AsyncClient (asyncio): the same methods, one definition
+    loader     reading JSON Lines, CSV and Parquet files to load, with positions
+"""
+
+from memstore.client.core import (
+    DEFAULT_ADDRESS,
+    LOAD_CHUNK,
+    LOAD_CONCURRENCY,
+    AsyncClient,
+    Client,
+    ClientError,
+    ClientMethods,
+    LinkResult,
+    LoadError,
+    UpsertResult,
+    pack_records,
+)
+
+__all__ = ["DEFAULT_ADDRESS", "LOAD_CHUNK", "LOAD_CONCURRENCY", "AsyncClient", "Client",
+           "ClientError", "ClientMethods", "LinkResult", "LoadError", "UpsertResult",
+           "pack_records"]
