@@ -308,13 +308,14 @@ class Shard:
         erased, self._erased = self._erased, False  # deletions after this point: next time
         self.log.rotate()
         snap_dir = Path(self.config.data_dir) / "snapshots"
+        fsync = self.config.fsync  # injectable: tests make it fail or count it
         # The engine's containers are long-lived: keep the collector's full passes off them
         # (they take 60-400 ms at 1M profiles), and the child's reads off more pages.
         gc.freeze()
         name = self.config.name
         try:
             path, count, pause = await run_in_child(
-                lambda: write_snapshot_file(engine, snap_dir, lsn, name, started))
+                lambda: write_snapshot_file(engine, snap_dir, lsn, name, started, fsync))
         except ChildFailed as exc:
             self._erased = self._erased or erased
             raise Unavailable(f"snapshot failed: {exc}") from None
@@ -328,7 +329,7 @@ class Shard:
         keep_from = lsn if erased else self._snapshot_lsn
         self.log.remove_segments_before(keep_from)
         # prune re-reads the kept snapshots to be sure they are whole: off the event loop.
-        await asyncio.to_thread(prune, snap_dir, keep=1 if erased else 2)
+        await asyncio.to_thread(prune, snap_dir, keep=1 if erased else 2, fsync=fsync)
         self._snapshot_lsn = lsn
         self._last_snapshot = time.monotonic()
         self._log_bytes_at_snapshot = self.log.size_bytes
@@ -354,7 +355,8 @@ class Shard:
 
 
 def write_snapshot_file(engine: Engine, snap_dir: Path, lsn: int, shard_name: str,
-                        forked_at: float) -> list[Any]:
+                        forked_at: float, fsync: Callable[[int], None] = os.fsync
+                        ) -> list[Any]:
     """Write the engine as it is into snap-<lsn>.snap; returns [path, profiles, pause].
     Runs in a forked child (memstore.storage.forked), whose memory is the parent's at the fork:
     `forked_at` is the parent's clock just before it, so the pause can be reported."""
@@ -365,7 +367,7 @@ def write_snapshot_file(engine: Engine, snap_dir: Path, lsn: int, shard_name: st
             "schema": engine.schema.to_state(), "epoch": engine.epoch,
             "owned": None if owned is None else owned.serialize()}
     count = 0
-    with SnapshotWriter.create(snap_dir, lsn) as writer:
+    with SnapshotWriter.create(snap_dir, lsn, fsync) as writer:
         writer.write("meta", msgpack.packb(meta))
         if engine.held or engine.forwards or engine.decided or engine.registry:
             writer.write("merges", msgpack.packb({"held": engine.held, "forwards":
