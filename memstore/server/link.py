@@ -24,6 +24,7 @@ Frames: a 4-byte little-endian length, then a msgpack array.
   server hello, sent on accept:  [PROTOCOL, token]
   request:   [call id, method name, request bytes, [[key, value], ...] metadata, timeout]
   response:  [call id, status code, details, response bytes, [[key, value], ...] trailers]
+             (details: at most memstore.errors.MAX_STATUS_BYTES, as over gRPC)
 A frame that cannot be read closes the connection; the server logs it and serves on. Calls
 run concurrently, answered as they finish (matched by call id). A timeout (seconds, or
 nil) is the deadline the server enforces, as gRPC's would be.
@@ -50,6 +51,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
+from memstore.errors import capped
 from memstore.server import metrics
 
 log = logging.getLogger("memstore.link")
@@ -278,7 +280,7 @@ class LinkServer:
         if self.metered and entry is not None:
             metrics.observe(method, code.name, time.perf_counter() - started)
         if connection.transport is not None and not connection.transport.is_closing():
-            connection.send([call_id, code.value[0], details, answer,
+            connection.send([call_id, code.value[0], capped(details), answer,
                              [[k, v] for k, v in trailers]])
 
 
