@@ -8,6 +8,8 @@ go over the client's metadata limit (it would see RESOURCE_EXHAUSTED, not the er
 
 from __future__ import annotations
 
+import sys
+
 BRIEF_CHARACTERS = 64
 MAX_STATUS_BYTES = 1024
 
@@ -35,6 +37,25 @@ def capped(message: str, limit: int = MAX_STATUS_BYTES) -> str:
         return data.decode("utf-8")
     note = f"… (message cut, {len(data)} bytes)"
     return data[:limit - len(note.encode())].decode("utf-8", "ignore") + note
+
+
+def drop_tracebacks() -> None:
+    """Cut the exception being handled, and those it chains to, from their tracebacks.
+
+    Call it where an except block answers a call with a status (an abort raises from inside
+    the block). The traceback's frames hold the request, and the handling frame holds the
+    exception: a reference cycle that only the collector's full passes free, and the
+    servers run those rarely (memstore.server.service.serve's thresholds). A request that fails
+    must be freed when its call ends, or failing requests of a few MB each pile up."""
+    pending = [sys.exception()]
+    seen: set[int] = set()
+    while pending:
+        exc = pending.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        pending += [exc.__cause__, exc.__context__]
 
 
 class MemstoreError(Exception):

@@ -69,7 +69,7 @@ from pyroaring import BitMap
 
 from memstore import pbvalues
 from memstore.engine.columnar import Columns, unpack_columns
-from memstore.errors import InvalidArgument, brief, capped
+from memstore.errors import InvalidArgument, brief, capped, drop_tracebacks
 from memstore.hashslot import (
     ADMIN_SERVICE,
     APPLIED_TRAILER,
@@ -233,6 +233,7 @@ def _timeout(context: grpc.aio.ServicerContext) -> float | None:
 
 async def _fail(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str
                 ) -> NoReturn:
+    drop_tracebacks()  # called from except blocks: free the request now (errors.py)
     await context.abort(code, capped(message))
     raise AssertionError("abort returned")
 

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from memstore.errors import MAX_STATUS_BYTES, InvalidArgument, brief, capped
-from memstore.server.service import _abort
+from memstore.server.service import _refuse
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
 from shards.router import _fail
@@ -244,29 +244,37 @@ def test_a_text_cache_keeps_the_recent_within_its_bytes() -> None:
 
 
 class _Context:
-    """What `_abort` and `_fail` use of a ServicerContext: the status they send."""
+    """What `_refuse` and `_fail` use of a ServicerContext: the status they send."""
 
     def __init__(self) -> None:
-        self.sent: tuple[grpc.StatusCode, str] | None = None
+        self.code: grpc.StatusCode | None = None
+        self.details = ""
 
     def set_trailing_metadata(self, metadata: Any) -> None:
         pass
 
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
-        self.sent = (code, details)
+        self.code, self.details = code, details
         raise RuntimeError("aborted")
 
 
 @pytest.mark.parametrize("exc", [InvalidArgument("x" * 1_000_000), KeyError("é" * 1_000_000)])
 def test_status_messages_are_capped_where_they_are_sent(exc: Exception) -> None:
     """The last line of defence: a message that quotes too much is cut at 1 KiB."""
-    for send in (lambda c: _abort(c, exc), lambda c: _fail(c, BAD, str(exc))):
-        context = _Context()
-        with pytest.raises(RuntimeError, match="aborted"):
-            asyncio.run(send(context))
-        assert context.sent is not None
-        assert len(context.sent[1].encode()) <= MAX_STATUS_BYTES
-        assert context.sent[1].endswith("bytes)")
+    shard, router = _Context(), _Context()
+    _refuse(shard, exc)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="aborted"):
+        asyncio.run(_fail(router, BAD, str(exc)))  # type: ignore[arg-type]
+    for context in (shard, router):
+        assert context.code is not None
+        assert len(context.details.encode()) <= MAX_STATUS_BYTES
+        assert context.details.endswith("bytes)")
 
 
 def test_brief_and_capped() -> None:
@@ -277,3 +285,43 @@ def test_brief_and_capped() -> None:
     cut = capped("€" * 1000)
     assert len(cut.encode()) <= MAX_STATUS_BYTES and cut.endswith(", 3000 bytes)")
     assert capped("\ud800") == "\\ud800"  # always valid UTF-8
+
+
+def test_profiles_moved_between_shards_are_checked_before_they_apply(
+        cluster: dict[str, Any]) -> None:
+    """ImportProfiles and Absorb carry stored profiles as msgpack: a malformed one is
+    refused whole (it would otherwise be logged and fail every restart)."""
+    import msgpack
+
+    from memstore.v1 import cluster_pb2 as cpb
+    from memstore.v1 import cluster_pb2_grpc
+
+    schema = [["city", 1, True, 0]]
+    good = ["moved-1", 1, {"city": "Oslo"}, [["email", "m@x.invalid"]], []]
+    chunks = {
+        "not a map": [1, 2],
+        "schema": {"profiles": []},
+        "kind": {"schema": [["city", 9, True, 0]], "profiles": []},
+        "merge": {"schema": [["city", 1, True, 1]], "profiles": []},  # sum of a string
+        "attributes": {"schema": schema, "profiles": [["moved-1", 1, {"town": "x"}, [], []]]},
+        "stored value": {"schema": schema, "profiles": [["moved-1", 1, {"city": 7}, [], []]]},
+        "version": {"schema": schema, "profiles": [["moved-1", -1, {}, [], []]]},
+        "identifiers": {"schema": schema, "profiles": [["moved-1", 1, {}, [["", "v"]], []]]},
+        "notes": {"schema": schema, "profiles": [good], "notes": {"claims": {"k": 5}}},
+        "note_slots": {"schema": schema, "profiles": [good], "note_slots": b"junk"},
+    }
+    with grpc.insecure_channel(cluster["shards"][0].address) as channel:
+        control = cluster_pb2_grpc.ShardControlStub(channel)
+        before = control.GetShardInfo(cpb.ShardInfoRequest(), timeout=10).profiles
+        for why, chunk in chunks.items():
+            details = _refused(control.ImportProfiles, cpb.ImportRequest(
+                packed=msgpack.packb(chunk, use_bin_type=True)))
+            assert details, why
+        losers = [{"schema": schema}, {"schema": schema, "profile": good[:3]},
+                  {"schema": schema, "profile": ["moved-1", 1, {}, [], []]}]  # city missing
+        for loser in losers:
+            _refused(control.Absorb, cpb.AbsorbRequest(
+                txn="t-1", losers=[msgpack.packb(loser)],
+                link=pb.LinkRequest(id=KNOWN, identifiers=[
+                    pb.Identifier(kind="email", value="m@x.invalid")])))
+        assert control.GetShardInfo(cpb.ShardInfoRequest(), timeout=10).profiles == before

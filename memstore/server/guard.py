@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from memstore.errors import capped
+from memstore.errors import capped, drop_tracebacks
 
 __all__ = ["Guard", "Malformed"]
 
@@ -50,15 +50,20 @@ def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return read
 
 
-async def _refuse(context: grpc.aio.ServicerContext, request: Malformed) -> None:
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                        capped(f"request: not a valid message: {request.why}"))
+# Both set the status and let the handler return (None, or the end of a stream) rather than
+# raise AbortError: see memstore.server.service._refuse for the reference cycle that avoids.
+
+def _refuse(context: grpc.aio.ServicerContext, request: Malformed) -> None:
+    context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+    context.set_details(capped(f"request: not a valid message: {request.why}"))
 
 
-async def _internal(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+def _internal(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     log.error("internal error", exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL,
-                        capped(f"internal error: {type(exc).__name__}: {exc}"))
+    details = capped(f"internal error: {type(exc).__name__}: {exc}")
+    drop_tracebacks()
+    context.set_code(grpc.StatusCode.INTERNAL)
+    context.set_details(details)
 
 
 def _guarded(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -75,13 +80,15 @@ def _guarded(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
         async def unary_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if isinstance(request, Malformed):
-                await _refuse(context, request)
+                _refuse(context, request)
+                return None
             try:
                 return await unary(request, context)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a bug: answer it, never UNKNOWN
-                await _internal(context, exc)
+                _internal(context, exc)
+                return None
 
         return grpc.unary_unary_rpc_method_handler(
             unary_call, request_deserializer=deserializer,
@@ -91,19 +98,21 @@ def _guarded(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         async def stream_call(request: Any, context: grpc.aio.ServicerContext
                               ) -> AsyncIterator[Any]:
             if isinstance(request, Malformed):
-                await _refuse(context, request)
+                _refuse(context, request)
+                return
             try:
                 async for response in stream(request, context):
                     yield response
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a bug: answer it, never UNKNOWN
-                await _internal(context, exc)
+                _internal(context, exc)
     elif inspect.iscoroutinefunction(stream):  # writes with context.write (health's Watch)
         async def stream_call(request: Any,  # type: ignore[misc]
                               context: grpc.aio.ServicerContext) -> None:
             if isinstance(request, Malformed):
-                await _refuse(context, request)
+                _refuse(context, request)
+                return
             await stream(request, context)
     else:
         return handler

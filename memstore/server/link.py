@@ -173,6 +173,13 @@ class LinkContext:
     def code(self) -> grpc.StatusCode | None:
         return self._code
 
+    def set_code(self, code: grpc.StatusCode) -> None:
+        """A handler that sets a status other than OK and returns refuses the call."""
+        self._code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
     def peer(self) -> str:
         return "link"
 
@@ -265,8 +272,13 @@ class LinkServer:
             try:
                 request = request_class.FromString(body)
                 async with asyncio.timeout(timeout):
-                    answer = (await handler(request, context)).SerializeToString()
+                    response = await handler(request, context)
                 trailers = context.trailers
+                refused = context.code()
+                if refused is not None and refused != grpc.StatusCode.OK:
+                    code, details = refused, context.details
+                else:
+                    answer = response.SerializeToString()
             except DecodeError as exc:
                 code, details = grpc.StatusCode.INVALID_ARGUMENT, f"request: {exc}"
             except LinkAborted:

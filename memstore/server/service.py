@@ -44,6 +44,7 @@ from memstore.engine.core import (
     record_specs,
     version_of,
 )
+from memstore.engine.exported import check_chunk, check_loser
 from memstore.engine.schema import Kind, Merge
 from memstore.engine.values import flatten
 from memstore.errors import (
@@ -59,6 +60,7 @@ from memstore.errors import (
     WrongSlot,
     brief,
     capped,
+    drop_tracebacks,
 )
 from memstore.hashslot import (
     CLUSTER_SCHEMA,
@@ -111,15 +113,26 @@ def _status_for(exc: MemstoreError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+def _refuse(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    """Set the status `exc` maps to on the call, from the except block handling it; the
+    handler then returns None (grpc.aio sends no response with a status other than OK).
+
+    Not context.abort: its AbortError and grpc's frames make a reference cycle that holds
+    the request until a full collection, and a call in flight when a snapshot freezes the
+    heap (gc.freeze, memstore/shard.py) would keep its request for good: failing requests
+    of a few MB each then add up to GBs. For the same reason the tracebacks are dropped."""
     if isinstance(exc, QueryError):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, capped(f"query: {exc}"))
-    if isinstance(exc, MemstoreError):
+        code, details = grpc.StatusCode.INVALID_ARGUMENT, capped(f"query: {exc}")
+    elif isinstance(exc, MemstoreError):
         context.set_trailing_metadata(_trailers(exc))
-        await context.abort(_status_for(exc), capped(str(exc)))
-    log.exception("internal error")
-    await context.abort(grpc.StatusCode.INTERNAL,
-                        capped(f"internal error: {type(exc).__name__}: {exc}"))
+        code, details = _status_for(exc), capped(str(exc))
+    else:
+        log.error("internal error", exc_info=exc)
+        code = grpc.StatusCode.INTERNAL
+        details = capped(f"internal error: {type(exc).__name__}: {exc}")
+    drop_tracebacks()
+    context.set_code(code)
+    context.set_details(details)
 
 
 def _trailers(exc: MemstoreError) -> tuple[tuple[str, str | bytes], ...]:
@@ -166,19 +179,19 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
                 context.set_trailing_metadata(((EPOCH_TRAILER, str(engine.epoch)),))
             return result
         except (MemstoreError, QueryError, ValueError, TypeError) as exc:
-            await _abort(context, _invalid(exc))
+            _refuse(context, _invalid(exc))
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
         except Exception as exc:  # noqa: BLE001 - a bug; never crash the server
             code = "INTERNAL"
-            await _abort(context, exc)
+            _refuse(context, exc)
         finally:
             aborted = context.code()
             if aborted is not None:
                 code = aborted.name
             metrics.observe(name, code, time.perf_counter() - started)
-        raise AssertionError("unreachable")
+        return None  # type: ignore[return-value]  # refused: its status is set, no response
 
     return wrapper
 
@@ -511,9 +524,9 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
                 if not cursor:
                     return
         except (MemstoreError, QueryError, ValueError, TypeError) as exc:
-            await _abort(context, _invalid(exc))
+            _refuse(context, _invalid(exc))
         except Exception as exc:  # noqa: BLE001 - a bug; never crash the server
-            await _abort(context, exc)
+            _refuse(context, exc)
 
     @rpc
     async def GroupBy(self, request: pb.GroupByRequest, context: Any) -> pb.GroupByResponse:
@@ -697,9 +710,11 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
         losers = []
         for i, packed in enumerate(request.losers):
             try:
-                losers.append(msgpack.unpackb(packed, raw=False, strict_map_key=False))
+                loser = msgpack.unpackb(packed, raw=False, strict_map_key=False)
             except (ValueError, msgpack.UnpackException) as exc:
                 raise InvalidArgument(f"losers[{i}]: {exc}") from None
+            check_loser(loser, f"losers[{i}]")
+            losers.append(loser)
         which = request.WhichOneof("request")
         if which == "upsert":
             with _planning(self.engine, context):
@@ -782,7 +797,7 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
         try:
             slots = _slots_of(request.slots)
         except InvalidArgument as exc:
-            await _abort(context, exc)
+            _refuse(context, exc)
             return
         engine = self.engine
         lsn = self.shard.position
@@ -837,10 +852,10 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
     async def ImportProfiles(self, request: cpb.ImportRequest, context: Any
                              ) -> cpb.ImportResponse:
         chunk = msgpack.unpackb(request.packed, strict_map_key=False, use_list=True)
+        kinds, rows = check_chunk(chunk)
         engine = self.engine
         change = Change()
         pending: dict[str, AttributeSpec] = {}
-        kinds = {name: (Kind(k), idx, Merge(m)) for name, k, idx, m in chunk["schema"]}
         next_id = len(engine.schema.by_id)
         from memstore.engine.schema import AttributeSpec
 
@@ -859,7 +874,7 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
             return spec.id
 
         next_dense = len(engine.blobs)
-        for pid, version, named, idents, merged in chunk["profiles"]:
+        for pid, version, named, idents, merged in rows:
             attrs = {aid_of(name): value for name, value in named.items()}
             dense = engine.dense_of.get(pid)
             if dense is None:
