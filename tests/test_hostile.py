@@ -325,3 +325,27 @@ def test_profiles_moved_between_shards_are_checked_before_they_apply(
                 link=pb.LinkRequest(id=KNOWN, identifiers=[
                     pb.Identifier(kind="email", value="m@x.invalid")])))
         assert control.GetShardInfo(cpb.ShardInfoRequest(), timeout=10).profiles == before
+
+
+@pytest.mark.parametrize("via", ["router", "shard"])
+def test_health_and_reflection_refuse_what_does_not_parse_and_answer_the_rest(
+        cluster: dict[str, Any], via: str) -> None:
+    from grpc_health.v1 import health_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    channel = cluster["channels"][0 if via == "router" else 1]
+    check = channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=None,
+                                response_deserializer=None)
+    reflect = channel.stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        request_serializer=None, response_deserializer=None)
+    assert health_pb2.HealthCheckResponse.FromString(check(b"", timeout=10)).status == \
+        health_pb2.HealthCheckResponse.SERVING
+    listing = reflection_pb2.ServerReflectionRequest(list_services="").SerializeToString()
+    [answer] = list(reflect(iter([listing]), timeout=10))
+    names = reflection_pb2.ServerReflectionResponse.FromString(answer) \
+        .list_services_response.service
+    assert "memstore.v1.Memstore" in {s.name for s in names}
+    assert "not a valid message" in _refused(check, b"\xff\xff")
+    assert "not a valid message" in _refused(
+        lambda *a, **k: list(reflect(iter([listing, b"\xff\xff"]), **k)))

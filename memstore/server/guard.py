@@ -1,15 +1,19 @@
 """The edge of a server: what every call meets before and after its handler.
 
-Two guarantees, for every method whose requests come one at a time (unary-unary and
-unary-stream: every method of memstore.v1), on shards and routers alike:
+Two guarantees, for every method with an asyncio behaviour (every method of memstore.v1,
+health checking, server reflection), on shards and routers alike:
   * a request that does not parse is INVALID_ARGUMENT naming the message type and
     protobuf's reason. grpc.aio would answer UNKNOWN "Unexpected <class 'DecodeError'>"
     (a corrupt wire format, invalid UTF-8 in a string field, nesting past protobuf's
-    recursion limit) before any of our code ran: `Guard` gives each such handler a
-    deserializer that never raises, and its wrapper refuses what came out as `Malformed`;
+    recursion limit) before any of our code ran: `Guard` gives each handler a deserializer
+    that never raises, and its wrapper refuses what came out as `Malformed` (in a stream
+    of requests, when the handler reads it);
   * an exception a handler lets escape (a bug) is logged and answered INTERNAL with a
     message of at most MAX_STATUS_BYTES, never grpc's UNKNOWN quoting it whole.
-Methods whose requests stream (server reflection) keep grpc's own behaviour.
+What grpc still answers itself, before any handler: a message over the server's limit
+(64 MiB) RESOURCE_EXHAUSTED "Received message larger than max", metadata over 16 KiB
+RESOURCE_EXHAUSTED "received metadata size exceeds hard limit", an unknown method
+UNIMPLEMENTED.
 
 Put `Guard` last among a server's interceptors: it then sees the servicers' own handlers,
 one per method, and wraps each once.
@@ -66,13 +70,46 @@ def _internal(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     context.set_details(details)
 
 
+class _MalformedInStream(Exception):
+    def __init__(self, request: Malformed) -> None:
+        super().__init__(request.why)
+        self.request = request
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A stream of requests that raises _MalformedInStream at the first Malformed."""
+    async for request in requests:
+        if isinstance(request, Malformed):
+            raise _MalformedInStream(request)
+        yield request
+
+
 def _guarded(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """`handler` with a tolerant deserializer and a behaviour that refuses Malformed and
-    answers escaped exceptions; itself when it cannot be wrapped (streaming requests, or a
-    synchronous behaviour)."""
-    if handler.request_streaming or handler.request_deserializer is None:
+    answers escaped exceptions; itself when it cannot be wrapped (a synchronous behaviour,
+    or a stream of requests answered other than by an async generator)."""
+    if handler.request_deserializer is None:
         return handler
     deserializer = _tolerant(handler.request_deserializer)
+    if handler.request_streaming:
+        both = handler.stream_stream
+        if handler.response_streaming and inspect.isasyncgenfunction(both):
+            async def both_call(requests: Any, context: grpc.aio.ServicerContext
+                                ) -> AsyncIterator[Any]:
+                try:
+                    async for response in both(_checked(requests), context):
+                        yield response
+                except _MalformedInStream as exc:
+                    _refuse(context, exc.request)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a bug: answer it, never UNKNOWN
+                    _internal(context, exc)
+
+            return grpc.stream_stream_rpc_method_handler(
+                both_call, request_deserializer=deserializer,
+                response_serializer=handler.response_serializer)
+        return handler
     if not handler.response_streaming:
         unary: Callable[[Any, Any], Awaitable[Any]] = handler.unary_unary
         if not inspect.iscoroutinefunction(unary):
