@@ -35,11 +35,11 @@ class QueryLimits:
                 raise ValueError(f"QueryLimits.{name} must be at least 1")
 
     def text_problem(self, text: str) -> str | None:
-        """What is wrong with the length of a query text, or None (cheap: the length in
-        characters decides unless it is near the limit)."""
+        """What is wrong with the length of a query text, or None (cheap: no encoding for
+        a short or an ASCII text)."""
         if len(text) <= self.max_bytes // 4:  # 4 bytes a character at most
             return None
-        size = len(text) if len(text) > self.max_bytes else len(text.encode("utf-8"))
+        size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
         if size <= self.max_bytes:
             return None
         return (f"a query text of {size} bytes exceeds the limit of {self.max_bytes} "
