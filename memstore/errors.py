@@ -1,6 +1,61 @@
-"""Errors the engine raises; the server maps each class to one gRPC status code."""
+"""Errors the engine raises; the server maps each class to one gRPC status code.
+
+Messages quote what a caller sent through `brief`, which shortens a long value to its first
+characters and its size, and every status message leaves a server through `capped`, at most
+MAX_STATUS_BYTES: a message is for a person, and one that quotes a megabyte of input would
+go over the client's metadata limit (it would see RESOURCE_EXHAUSTED, not the error).
+"""
 
 from __future__ import annotations
+
+import sys
+
+BRIEF_CHARACTERS = 64
+MAX_STATUS_BYTES = 1024
+
+
+def brief(value: object, limit: int = BRIEF_CHARACTERS) -> str:
+    """repr(value), or for a long one the start of it and its size: 'aaaa'… (1048576 bytes).
+    Safe on any value a request can carry (an int too long to print becomes its size)."""
+    if isinstance(value, str | bytes) and len(value) > limit:
+        size = len(value.encode("utf-8", "surrogatepass")) if isinstance(value, str) \
+            else len(value)
+        return f"{value[:limit]!r}… ({size} bytes)"
+    if isinstance(value, int) and value.bit_length() > 4 * limit:
+        return f"an integer of {value.bit_length()} bits"
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # a nested or huge value from msgpack
+        return f"a {type(value).__name__}"
+    return text if len(text) <= limit + 2 else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def capped(message: str, limit: int = MAX_STATUS_BYTES) -> str:
+    """`message` as valid UTF-8 of at most `limit` bytes, saying so where it was cut."""
+    data = message.encode("utf-8", "backslashreplace")
+    if len(data) <= limit:
+        return data.decode("utf-8")
+    note = f"… (message cut, {len(data)} bytes)"
+    return data[:limit - len(note.encode())].decode("utf-8", "ignore") + note
+
+
+def drop_tracebacks() -> None:
+    """Cut the exception being handled, and those it chains to, from their tracebacks.
+
+    Call it where an except block answers a call with a status (an abort raises from inside
+    the block). The traceback's frames hold the request, and the handling frame holds the
+    exception: a reference cycle that only the collector's full passes free, and the
+    servers run those rarely (memstore.server.service.serve's thresholds). A request that fails
+    must be freed when its call ends, or failing requests of a few MB each pile up."""
+    pending = [sys.exception()]
+    seen: set[int] = set()
+    while pending:
+        exc = pending.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        pending += [exc.__cause__, exc.__context__]
 
 
 class MemstoreError(Exception):

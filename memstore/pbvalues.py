@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from itertools import repeat
 from operator import floordiv, sub
+from typing import Any
 
 from memstore.v1 import memstore_pb2 as pb
 
@@ -78,17 +79,26 @@ def to_pb(value: PyValue) -> pb.Value:
     return out
 
 
+def timestamp_micros(ts: Any, where: str = "timestamp") -> int:
+    """A google.protobuf.Timestamp as stored microseconds; ValueError naming `where` for
+    nanos outside 0..999,999,999 (the Timestamp's own rule) or a time outside
+    TIMESTAMP_RANGE."""
+    if not 0 <= ts.nanos <= 999_999_999:
+        raise ValueError(f"{where}: nanos {ts.nanos} is outside 0..999999999")
+    micros: int = ts.seconds * 1_000_000 + ts.nanos // 1000
+    if not micros_in_range(micros):
+        raise ValueError(f"{where}: timestamp of {ts.seconds} seconds is outside "
+                         f"{TIMESTAMP_RANGE}")
+    return micros
+
+
 def from_pb(value: pb.Value, where: str = "value") -> PyValue:
     """The Python value of `value`; ValueError naming `where` when no kind is set."""
     kind = value.WhichOneof("kind")
     if kind is None:
         raise ValueError(f"{where}: value has no kind set")
     if kind == "timestamp_value":
-        ts = value.timestamp_value
-        micros = ts.seconds * 1_000_000 + ts.nanos // 1000
-        if not micros_in_range(micros):
-            raise ValueError(f"timestamp of {ts.seconds} seconds is outside {TIMESTAMP_RANGE}")
-        return micros_to_datetime(micros)
+        return micros_to_datetime(timestamp_micros(value.timestamp_value, where))
     if kind == "list_value":
         return list(value.list_value.values)
     return getattr(value, kind)  # type: ignore[no-any-return]

@@ -310,7 +310,9 @@ class Shard:
         snap_dir = Path(self.config.data_dir) / "snapshots"
         fsync = self.config.fsync  # injectable: tests make it fail or count it
         # The engine's containers are long-lived: keep the collector's full passes off them
-        # (they take 60-400 ms at 1M profiles), and the child's reads off more pages.
+        # (they take 60-400 ms at 1M profiles), and the child's reads off more pages. Collect
+        # first: garbage frozen now (a failed request's reference cycles) is never freed.
+        gc.collect()
         gc.freeze()
         name = self.config.name
         try:

@@ -24,6 +24,8 @@ from memstore.cli.options import (
     LINK_PORT,
     NO_LINK,
     client_security,
+    query_limit_settings,
+    query_limits,
     security_args,
     server_security,
     shard_args,
@@ -92,6 +94,7 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: b
           stop_timeout: float, metrics_port: int | None, snapshot_log_mb: int,
           snapshot_interval: float,
           max_identifiers_per_kind: int, blocked_identifier: tuple[str, ...],
+          max_query_bytes: int, max_query_items: int, max_query_predicates: int,
           no_link: bool, tls_cert: Path | None, tls_key: Path | None,
           tls_client_ca: Path | None, auth_file: Path | None, insecure: bool,
           audit_log: Path | None, tls_ca: Path | None, verbose: bool) -> None:
@@ -115,13 +118,14 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: b
     except (AuthFileError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     audit.open_log(audit_log)
+    limits = query_limits(max_query_bytes, max_query_items, max_query_predicates)
     args = shard_args(snapshot_log_mb, snapshot_interval, max_identifiers_per_kind,
-                      blocked_identifier, no_link or security.guarded)
+                      blocked_identifier, no_link or security.guarded, limits)
     args += security_args(tls_cert, tls_key, tls_client_ca, auth_file, insecure, audit_log)
     supervisor = Supervisor(data_dir, shards, host, port, sync, shard_args=args,
                             stop_timeout=stop_timeout, link=not no_link, security=security,
                             credentials=credentials, cluster_token=internal,
-                            metrics_port=metrics_port, in_memory=in_memory)
+                            metrics_port=metrics_port, in_memory=in_memory, limits=limits)
     _run(run(supervisor))
 
 
@@ -146,13 +150,17 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: b
               help="A file holding the token (with the cluster role in the shards' auth "
                    "files) the router sends to its shards. Default: $MEMSTORE_CLUSTER_TOKEN, "
                    "else none.")
+@query_limit_settings
 @click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
 def serve_router(shard_addresses: tuple[str, ...], host: str, port: int,
                  metrics_port: int | None, link_port: int, no_link: bool,
                  tls_cert: Path | None, tls_key: Path | None, tls_client_ca: Path | None,
                  auth_file: Path | None, insecure: bool, audit_log: Path | None,
-                 tls_ca: Path | None, cluster_token_file: Path | None, verbose: bool) -> None:
-    """Run a router alone in front of shards started with serve-shard."""
+                 tls_ca: Path | None, cluster_token_file: Path | None,
+                 max_query_bytes: int, max_query_items: int, max_query_predicates: int,
+                 verbose: bool) -> None:
+    """Run a router alone in front of shards started with serve-shard (give it the same
+    query limits as them)."""
     from memstore.server import audit
     from memstore.server.security import (
         AuthFileError,
@@ -175,7 +183,8 @@ def serve_router(shard_addresses: tuple[str, ...], host: str, port: int,
         raise click.ClickException(str(exc)) from None
     audit.open_log(audit_log)
     _run(serve_router_(list(shard_addresses), host, port, metrics_port,
-                       None if no_link else link_port, security, credentials))
+                       None if no_link else link_port, security, credentials,
+                       query_limits(max_query_bytes, max_query_items, max_query_predicates)))
 
 
 @click.group()

@@ -36,6 +36,11 @@ Current limitations (see also DESIGN "Cluster"):
   the part of the batch sent to that shard.
 - A QueryIds cursor is (shard name, that shard's cursor): a slot move between two pages may
   repeat or skip the moved profiles.
+
+Hostile input: queries are bounded by the router's `QueryLimits` before any shard is asked
+(give shards the same ones), the texts it remembers by bytes (shards/text_cache.py), and
+every status message by MAX_STATUS_BYTES; requests that do not parse are INVALID_ARGUMENT
+and an exception no handler maps is INTERNAL (memstore/server/guard.py), never UNKNOWN.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ from pyroaring import BitMap
 
 from memstore import pbvalues
 from memstore.engine.columnar import Columns, unpack_columns
-from memstore.errors import InvalidArgument
+from memstore.errors import InvalidArgument, brief, capped, drop_tracebacks
 from memstore.hashslot import (
     ADMIN_SERVICE,
     APPLIED_TRAILER,
@@ -75,8 +80,17 @@ from memstore.hashslot import (
     REJUDGE_TRAILER,
     UNDECLARED_TRAILER,
 )
-from memstore.query import And, Not, Or, Predicate, QueryError, query_from_request
+from memstore.query import (
+    DEFAULT_LIMITS,
+    And,
+    Not,
+    Or,
+    Predicate,
+    QueryLimits,
+    query_from_request,
+)
 from memstore.server import logs, metrics, reflection
+from memstore.server.guard import Guard
 from memstore.server.heap import LoadTrimmer
 from memstore.server.link import LinkServer, describe_handler
 from memstore.server.security import Credentials, ServerSecurity
@@ -89,6 +103,7 @@ from shards.directory import ClaimStuck, Directory
 from shards.schema import ClusterSchema
 from shards.shard_map import CHANNEL_OPTIONS, ShardMap, ShardState
 from shards.slots import slot_of
+from shards.text_cache import TextCache
 
 log = logging.getLogger("memstore.router")
 
@@ -218,7 +233,8 @@ def _timeout(context: grpc.aio.ServicerContext) -> float | None:
 
 async def _fail(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str
                 ) -> NoReturn:
-    await context.abort(code, message)
+    drop_tracebacks()  # called from except blocks: free the request now (errors.py)
+    await context.abort(code, capped(message))
     raise AssertionError("abort returned")
 
 
@@ -240,12 +256,17 @@ def _encode_cursor(name: str, cursor: str) -> str:
 
 
 def _decode_cursor(cursor: str) -> tuple[str, str]:
+    """(shard name, that shard's cursor) from a cursor `_encode_cursor` made; ValueError
+    for anything else (forged, cut, nested: never another exception)."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        name, inner = json.loads(raw)
-        return str(name), str(inner)
-    except (ValueError, TypeError):
-        raise ValueError(f"cursor: {cursor!r} is not a cursor this router issued") from None
+        decoded = json.loads(raw)
+    except (ValueError, TypeError, RecursionError):
+        decoded = None
+    if (not isinstance(decoded, list) or len(decoded) != 2
+            or not all(isinstance(part, str) for part in decoded)):
+        raise ValueError(f"cursor: {brief(cursor)} is not a cursor this router issued")
+    return decoded[0], decoded[1]
 
 
 class IdentifierLocks:
@@ -280,8 +301,11 @@ class IdentifierLocks:
 
 class RouterService(memstore_pb2_grpc.MemstoreServicer):
     def __init__(self, shard_map: ShardMap,
-                 on_membership: Callable[[list[str]], None] | None = None) -> None:
+                 on_membership: Callable[[list[str]], None] | None = None,
+                 limits: QueryLimits = DEFAULT_LIMITS) -> None:
         self.map = shard_map
+        self.limits = limits  # the size of work one query may ask for (as its shards')
+        self._texts = TextCache()  # query text -> the attributes it names
         self.directory = Directory(self)  # the identifier directory (shards/directory.py)
         self.schema = ClusterSchema(self)  # the cluster's schema registry (shards/schema.py)
         self.on_membership = on_membership
@@ -297,10 +321,11 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         after checking that some shard knows every attribute it names, so a typo is still
         INVALID_ARGUMENT rather than an empty segment."""
         try:
-            names = (_text_attributes(query.text) if query.WhichOneof("q") == "text"
-                     else frozenset(_attributes_of(query_from_request(query))))
+            names = (self._text_attributes(query.text) if query.WhichOneof("q") == "text"
+                     else frozenset(_attributes_of(query_from_request(query,
+                                                                      limits=self.limits))))
             names |= {n for n in extra if n}
-        except QueryError as exc:
+        except ValueError as exc:  # QueryError, or a literal Python refuses
             await _fail(context, Code.INVALID_ARGUMENT, f"query: {exc}")
         if not names <= self._known:
             timeout = _timeout(context)
@@ -318,6 +343,16 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         marked.CopyFrom(query)
         marked.unknown_attribute_is_empty = True
         return marked
+
+    def _text_attributes(self, text: str) -> frozenset[str]:
+        """The attributes a query text names (segments are asked again and again: parse
+        once, within the cache's bytes)."""
+        names = self._texts.get(text)
+        if names is None:
+            names = frozenset(_attributes_of(query_from_request(pb.QueryRequest(text=text),
+                                                                limits=self.limits)))
+            self._texts.put(text, names)
+        return names
 
     # ------------------------------------------------------------------ plumbing
     async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
@@ -569,7 +604,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
             if hit is None:
                 ident = request.key.identifier
                 await _fail(context, Code.NOT_FOUND, f"profile with identifier "
-                            f"{ident.kind}:{ident.value!r} not found")
+                            f"{brief(ident.kind)}:{brief(ident.value)} not found")
             return pb.GetResponse(profile=hit)
         return await self._single(request.key.id, "Get", request, context)  # type: ignore[no-any-return]
 
@@ -991,6 +1026,9 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         return pb.CountResponse(count=sum(r.count for _, r in answers), missing_shards=missing)
 
     async def GroupBy(self, request: pb.GroupByRequest, context: Any) -> pb.GroupByResponse:
+        if not request.attribute:
+            await _fail(context, Code.INVALID_ARGUMENT,
+                        "attribute: the attribute to group by is required")
         query = await self._lenient(request.query, context, request.attribute)
         sub = pb.GroupByRequest(query=query, attribute=request.attribute, top_n=0)
         timeout = _timeout(context)
@@ -1035,7 +1073,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         for i, (shard, _) in enumerate(shards):
             if shard.label == name:
                 return i, inner
-        raise ValueError(f"cursor: shard {name!r} is no longer in the cluster")
+        raise ValueError(f"cursor: shard {brief(name)} is no longer in the cluster")
 
     async def QueryIds(self, request: pb.QueryIdsRequest, context: Any) -> pb.QueryIdsResponse:
         size = request.page_size or 1000
@@ -1208,7 +1246,7 @@ def _admin_handler(router: RouterService) -> grpc.GenericRpcHandler:
                        ) -> dict[str, Any]:
             try:
                 return await router.admin(method, body)
-            except (ValueError, KeyError) as exc:
+            except (ValueError, KeyError, TypeError) as exc:
                 await _fail(context, Code.INVALID_ARGUMENT, str(exc))
 
         return grpc.unary_unary_rpc_method_handler(
@@ -1236,13 +1274,15 @@ async def start_router(addresses: Iterable[str], host: str = "127.0.0.1", port: 
                        on_membership: Callable[[list[str]], None] | None = None,
                        wait_timeout: float = 30.0, link_port: int | None = 0,
                        security: ServerSecurity | None = None,
-                       credentials: Credentials | None = None
+                       credentials: Credentials | None = None,
+                       limits: QueryLimits = DEFAULT_LIMITS
                        ) -> tuple[grpc.aio.Server, int, RouterService]:
     """Build and start a router server (after every shard answered once). `link_port`:
     where clients' unary calls may come over the link (memstore/server/link.py; 0 picks a free
     port), on the same host; None serves gRPC alone (and so does a router under TLS or
     tokens). `security`: how it listens and whom it answers; `credentials`: what it
-    presents to its shards (memstore/server/security.py)."""
+    presents to its shards (memstore/server/security.py). `limits`: the size of work one
+    query may ask for (give the shards the same)."""
     from shards.shard_map import wait_for
 
     security = security or ServerSecurity()
@@ -1254,10 +1294,12 @@ async def start_router(addresses: Iterable[str], host: str = "127.0.0.1", port: 
     if down:
         log.warning("starting without shards %s: their calls get UNAVAILABLE until they "
                     "answer", ", ".join(down))
-    router = RouterService(shard_map, on_membership)
+    router = RouterService(shard_map, on_membership, limits)
     await router.bootstrap_schema()
+    # Guard last: authentication answers first, so a caller without credentials learns
+    # nothing of how its request parsed (memstore/server/guard.py).
     server = grpc.aio.server(options=CHANNEL_OPTIONS[:2],
-                             interceptors=[*security.interceptors(), _Metered()])
+                             interceptors=[*security.interceptors(), _Metered(), Guard()])
     memstore_pb2_grpc.add_MemstoreServicer_to_server(router, server)
     server.add_generic_rpc_handlers((_admin_handler(router),))
     if link_port is not None:
@@ -1306,12 +1348,14 @@ def settle_heap() -> None:
 async def serve(addresses: list[str], host: str = "127.0.0.1", port: int = 7070,
                 metrics_port: int | None = None, link_port: int | None = 0,
                 security: ServerSecurity | None = None,
-                credentials: Credentials | None = None) -> None:
+                credentials: Credentials | None = None,
+                limits: QueryLimits = DEFAULT_LIMITS) -> None:
     """Run a router until SIGTERM/SIGINT, then drain in-flight calls. The auth file is read
     again on SIGHUP."""
     security = security or ServerSecurity()
     server, bound, router = await start_router(addresses, host, port, link_port=link_port,
-                                               security=security, credentials=credentials)
+                                               security=security, credentials=credentials,
+                                               limits=limits)
     settle_heap()
     if metrics_port is not None:
         scrape = metrics.serve_metrics(host, metrics_port, tls=security.metrics_tls())
@@ -1417,12 +1461,6 @@ def _as_packed_entry(profile: pb.Profile, tables: list[Any]) -> list[Any]:
                           [[x.kind, x.value] for x in profile.identifiers],
                           list(profile.merged_ids)], use_bin_type=True)
     return [profile.id, blob, len(tables) - 1]
-
-
-@functools.lru_cache(maxsize=1024)
-def _text_attributes(text: str) -> frozenset[str]:
-    """The attributes a query text names (segments are asked again and again: parse once)."""
-    return frozenset(_attributes_of(query_from_request(pb.QueryRequest(text=text))))
 
 
 def _attributes_of(node: Any) -> set[str]:

@@ -48,6 +48,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from memstore.query import DEFAULT_LIMITS, QueryLimits
 from memstore.server import logs, metrics
 from memstore.server.security import Credentials, ServerSecurity
 from memstore.storage.dirlock import DirLock
@@ -84,8 +85,9 @@ class Supervisor:
                  security: ServerSecurity | None = None,
                  credentials: Credentials | None = None,
                  cluster_token: str | None = None, metrics_port: int | None = None,
-                 in_memory: bool = False) -> None:
+                 in_memory: bool = False, limits: QueryLimits = DEFAULT_LIMITS) -> None:
         self.data_dir = data_dir
+        self.limits = limits  # the router's; the shards have theirs in shard_args
         self.security = security or ServerSecurity()  # the router's; shards get the flags
         self.credentials = credentials or Credentials()  # the router's calls to its shards
         self.cluster_token = cluster_token  # given to the shards: they accept it as cluster
@@ -263,7 +265,7 @@ class Supervisor:
             self._server, self.router_port, self._router = await start_router(
                 addresses, self.host, self.port, on_membership=self._membership,
                 link_port=0 if self.link else None, security=self.security,
-                credentials=self.credentials)
+                credentials=self.credentials, limits=self.limits)
         except BaseException:
             await self.stop()
             raise

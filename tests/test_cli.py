@@ -79,6 +79,21 @@ def test_every_command_is_documented_in_the_readme() -> None:
     assert not missing, f"commands missing from README.md: {missing}"
 
 
+def test_every_server_option_is_documented_in_operations() -> None:
+    """The configuration reference (docs/operations.md) names every option of the three
+    server commands, so a new flag (--max-query-items, say) comes with its documentation."""
+    import click
+
+    from memstore.cli import main
+
+    reference = (ROOT / "docs" / "operations.md").read_text()
+    missing = [f"{name} {opt}" for name in ("serve", "serve-shard", "serve-router")
+               for param in main.commands[name].params if isinstance(param, click.Option)
+               for opt in param.opts if opt.startswith("--") and opt != "--help"
+               and f"`{opt}" not in reference]
+    assert not missing, f"options missing from docs/operations.md: {missing}"
+
+
 @pytest.mark.parametrize("command", ["serve-shard", "load", "get", "query", "check", "repair"])
 def test_help_for_every_command(command: str) -> None:
     assert "Usage:" in memstore(command, "--help").stdout

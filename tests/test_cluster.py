@@ -42,7 +42,8 @@ def test_serve_restarts_a_killed_shard_and_stops_cleanly(tmp_path: Path) -> None
     proc = subprocess.Popen(
         [sys.executable, "-m", "memstore.cli", "serve", "--shards", "2", "--port", "0",
          "--data-dir", str(data), "--sync", "off", "--stop-timeout", "10",
-         "--snapshot-interval", "1", "--blocked-identifier", "nobody@example.com"],
+         "--snapshot-interval", "1", "--blocked-identifier", "nobody@example.com",
+         "--max-query-items", "3"],
         cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stderr is not None
@@ -81,6 +82,13 @@ def test_serve_restarts_a_killed_shard_and_stops_cleanly(tmp_path: Path) -> None
         with pytest.raises(grpc.RpcError) as refused:  # --blocked-identifier reached them
             stub.Upsert(upsert("s-new", "Oslo", 1, email="nobody@example.com"), timeout=10)
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        # --max-query-items reached the router and the shards.
+        four = pb.QueryRequest(text='city IN ("a", "b", "c", "d")')
+        for served in (address, f"127.0.0.1:{state['shards'][0]['port']}"):
+            with pytest.raises(grpc.RpcError) as refused:
+                _stub(served).Count(four, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "the limit of 3 (--max-query-items)" in refused.value.details()
         # --snapshot-interval reached the shards: each snapshots a second after writes.
         deadline = time.monotonic() + 20
         while not all(list((data / s / "snapshots").glob("snap-*.snap"))

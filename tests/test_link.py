@@ -267,6 +267,8 @@ class SlowEcho:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "slot 7 is elsewhere")
         if request.key.id == "bug":
             raise RuntimeError("a bug")
+        if request.key.id == "huge":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "x" * 1_000_000)
         context.set_trailing_metadata((("memstore-epoch", "3"),))
         return pb.GetResponse(profile=pb.Profile(id=request.key.id))
 
@@ -301,6 +303,10 @@ def test_the_protocol_carries_answers_errors_trailers_and_deadlines() -> None:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await client.call("Get", _get("bug"), pb.GetResponse, 5.0, None)
             assert err.value.code() == grpc.StatusCode.INTERNAL
+            with pytest.raises(grpc.aio.AioRpcError) as err:  # at most 1 KiB of message
+                await client.call("Get", _get("huge"), pb.GetResponse, 5.0, None)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert len(err.value.details()) <= 1024
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await client.call("Count", pb.QueryRequest(), pb.CountResponse, 5.0, None)
             assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED  # SlowEcho has no Count

@@ -18,6 +18,7 @@ from memstore.query import (
     Or,
     Predicate,
     QueryError,
+    QueryLimits,
     QuerySyntaxError,
     format_query,
     from_proto,
@@ -485,3 +486,101 @@ def test_query_from_request() -> None:
         query_from_request(pb.QueryRequest(text="a ="))
     with pytest.raises(QueryError, match=r"^query: empty query node$"):
         query_from_request(pb.QueryRequest(query=pb.Query()))
+
+
+# ----------------------------------------------------------------------------- limits
+
+SMALL = QueryLimits(max_bytes=10**9, max_items=100, max_predicates=10)
+
+
+def test_a_text_over_the_byte_limit_is_refused_before_it_is_read() -> None:
+    limits = QueryLimits(max_bytes=100)
+    with pytest.raises(QuerySyntaxError, match=r"of 101 bytes exceeds the limit of 100 "
+                                               r"\(--max-query-bytes\)"):
+        parse('"unterminated ' + "x" * 87, limits=limits)  # never tokenized
+    wide = 'a = "' + "é" * 50 + '"'  # 56 characters, 106 bytes
+    with pytest.raises(QuerySyntaxError, match="of 106 bytes"):
+        parse(wide, limits=limits)
+    assert parse('a = "' + "é" * 45 + '"', limits=limits) == P("a", Op.EQ, "é" * 45)
+
+
+def test_an_in_list_over_the_item_limit_is_refused_where_the_limit_is_met() -> None:
+    # The text is broken after its millionth item: reading that far would say so.
+    text = "a IN (" + ",".join(["1"] * 1_000_000) + ', "unterminated'
+    with pytest.raises(QuerySyntaxError) as err:
+        parse(text, limits=SMALL)
+    assert str(err.value) == ("an IN list of more than 100 items exceeds the limit of 100 "
+                              "(--max-query-items) at column 207")
+    within = "a IN (" + ",".join(["1"] * 100) + ")"
+    assert parse(within, limits=SMALL) == P("a", Op.IN, *[1] * 100)
+
+
+def test_items_count_across_a_querys_lists() -> None:
+    text = " OR ".join("a IN (" + ",".join(["1"] * 40) + ")" for _ in range(3))
+    with pytest.raises(QuerySyntaxError, match="more than 100 items in one query exceed the "
+                                               "limit of 100"):
+        parse(text, limits=SMALL)
+    values = [pb.Value(int_value=1)] * 40
+    predicate = pb.Query(predicate=pb.Predicate(attribute="a", op=pb.Predicate.IN,
+                                                values=values))
+    query = pb.Query(**{"or": pb.QueryList(children=[predicate] * 3)})
+    with pytest.raises(QueryError, match=r"^query.or.children\[2\].predicate: 120 items in one "
+                                         "query exceed the limit of 100"):
+        from_proto(query, limits=SMALL)
+
+
+def test_a_protobuf_in_list_is_refused_by_its_length_before_any_value_is_read() -> None:
+    values = [pb.Value(int_value=i) for i in range(1000)] + [pb.Value()]  # the last: no kind
+    query = pb.Query(predicate=pb.Predicate(attribute="a", op=pb.Predicate.IN, values=values))
+    with pytest.raises(QueryError) as err:
+        from_proto(query, limits=SMALL)
+    assert str(err.value) == ("query.predicate: an IN list of 1001 items exceeds the limit of "
+                              "100 (--max-query-items)")
+    many = pb.Query(predicate=pb.Predicate(attribute="a", op=pb.Predicate.EQ, values=values))
+    with pytest.raises(QueryError, match="1001 items in one query"):
+        from_proto(many, limits=SMALL)
+
+
+def test_predicates_over_the_limit_are_refused_in_both_forms() -> None:
+    text = " OR ".join(["a = 1"] * 10 + ["exists(b"])  # broken after the limit
+    with pytest.raises(QuerySyntaxError, match=r"more than 10 predicates exceed the limit of "
+                                               r"10 \(--max-query-predicates\) at column 91"):
+        parse(text, limits=SMALL)
+    assert len(parse(" OR ".join(["a = 1"] * 10), limits=SMALL).children) == 10  # type: ignore
+    leaf = pb.Query(all=True)
+    wide = pb.Query(**{"and": pb.QueryList(children=[leaf] * 10 + [pb.Query()])})
+    with pytest.raises(QueryError, match="empty query node"):  # 11th read: 10 are allowed
+        from_proto(wide, limits=SMALL)
+    wider = pb.Query(**{"and": pb.QueryList(children=[leaf] * 11 + [pb.Query()])})
+    with pytest.raises(QueryError, match=r"^query.and.children\[10\]: more than 10 predicates"):
+        from_proto(wider, limits=SMALL)
+    request = pb.QueryRequest(query=wider)
+    with pytest.raises(QueryError, match="more than 10 predicates"):
+        query_from_request(request, limits=SMALL)
+
+
+def test_the_default_limits() -> None:
+    assert QueryLimits() == QueryLimits(max_bytes=65536, max_items=10_000, max_predicates=1000)
+    with pytest.raises(ValueError):
+        QueryLimits(max_items=0)
+
+
+@pytest.mark.parametrize("text", [
+    "a = " + "9" * 5000, "a = -" + "1" * 20, "a = 9223372036854775808", "a = 1e",
+    'did("x", within=' + "9" * 5000 + "d)", 'did("x", within=99999999999999999999d)',
+])
+def test_numbers_python_cannot_hold_are_syntax_errors(text: str) -> None:
+    with pytest.raises(QuerySyntaxError):
+        parse(text)
+
+
+def test_integers_up_to_int64_parse_whatever_their_leading_zeros() -> None:
+    assert parse("a = 9223372036854775807") == P("a", Op.EQ, 2**63 - 1)
+    assert parse("a = -9223372036854775808") == P("a", Op.EQ, -(2**63))
+    assert parse("a = 0000000000000000000000042") == P("a", Op.EQ, 42)
+
+
+def test_long_strings_and_backquoted_names_read_whole() -> None:
+    body = ("x" * 50_000 + '\\"') * 3
+    expected = P("n" * 200 + "`m", Op.EQ, ("x" * 50_000 + '"') * 3)
+    assert parse(f'`{"n" * 200}``m` = "{body}"', limits=SMALL) == expected

@@ -20,6 +20,7 @@ from memstore.cli.options import (
     LINK_PORT,
     Connect,
     connection,
+    query_limits,
     server_security,
     shard_settings,
 )
@@ -66,6 +67,7 @@ def main() -> None:
 def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str,
                 slots: str | None, sync: str, snapshot_log_mb: int, snapshot_interval: float,
                 max_identifiers_per_kind: int, blocked_identifier: tuple[str, ...],
+                max_query_bytes: int, max_query_items: int, max_query_predicates: int,
                 no_link: bool, link_port: int, metrics_port: int | None, lock_wait: float,
                 stop_on_eof: bool, tls_cert: Path | None, tls_key: Path | None,
                 tls_client_ca: Path | None, auth_file: Path | None, insecure: bool,
@@ -101,7 +103,9 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
     try:
         uvloop.run(serve(config, host, port, owned, metrics_port=metrics_port,
                          link_port=None if no_link else link_port, stop_on_eof=stop_on_eof,
-                         security=security))
+                         security=security,
+                         limits=query_limits(max_query_bytes, max_query_items,
+                                             max_query_predicates)))
     except Exception as exc:  # noqa: BLE001 - start-up failures: damaged log, port in use
         click.echo(f"memstore: {exc}", err=True)
         sys.exit(1)

@@ -1,5 +1,6 @@
 """The settings every shard takes: one definition for `memstore serve-shard` and for
-`memstore serve`, which passes them on to the shards it starts."""
+`memstore serve`, which passes them on to the shards it starts. The query limits are a
+router's settings too (`memstore serve-router`, and the router `memstore serve` runs)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+
+if TYPE_CHECKING:
+    from memstore.query.limits import QueryLimits
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -17,6 +21,27 @@ SYNC_HELP = ("When the log is fsynced. always: an acknowledged write survives po
              "(group commit keeps it fast). everysec: at most ~1 s of writes lost on power "
              "loss. off: the OS decides (a crash of the process loses nothing, power loss "
              "may). If unsure: always.")
+
+# The size of work one query may ask for (memstore/query/limits.py); over a limit, a query
+# is refused with INVALID_ARGUMENT naming the limit and the flag that raises it.
+QUERY_LIMIT_OPTIONS = (
+    click.option("--max-query-bytes", type=click.IntRange(1), default=64 << 10,
+                 show_default=True,
+                 help="Longest text query, in UTF-8 bytes, checked before it is parsed. "
+                      "Longer allows bigger hand-written or generated texts; each byte costs "
+                      "parse time on the router and on every shard. If unsure: the default "
+                      "(programs can send the structured protobuf form instead)."),
+    click.option("--max-query-items", type=click.IntRange(1), default=10_000,
+                 show_default=True,
+                 help="Most literal values in one query, its IN lists together. More "
+                      "allows longer IN lists; each item costs time on every shard while "
+                      "other calls wait (1,000,000 items once took 11.7 s). If unsure: the "
+                      "default; put a bigger audience in an attribute and query that."),
+    click.option("--max-query-predicates", type=click.IntRange(1), default=1_000,
+                 show_default=True,
+                 help="Most predicates (comparisons, IN, exists, did, ALL) in one query. "
+                      "Each costs bitmap operations on every shard. If unsure: the default."),
+)
 
 _OPTIONS = (
     click.option("--sync", type=click.Choice(["always", "everysec", "off"]), default="always",
@@ -32,6 +57,7 @@ _OPTIONS = (
                  help="Merge protection: a profile never holds more identifiers of one kind."),
     click.option("--blocked-identifier", multiple=True,
                  help="Extra identifier values never linked (added to the built-in list)."),
+    *QUERY_LIMIT_OPTIONS,
     click.option("--no-link", is_flag=True,
                  help="Serve over gRPC alone, without the link (a lighter protocol for "
                       "unary calls from routers and clients, on a free port of the same "
@@ -49,19 +75,40 @@ LINK_PORT = click.option(
 
 def shard_settings(command: F) -> F:
     """Add --sync, --snapshot-log-mb, --snapshot-interval, --max-identifiers-per-kind,
-    --blocked-identifier and --no-link to a click command."""
+    --blocked-identifier, the query limits and --no-link to a click command."""
     for option in reversed(_OPTIONS):
         command = option(command)
     return command
 
 
+def query_limit_settings(command: F) -> F:
+    """Add --max-query-bytes, --max-query-items and --max-query-predicates (a router)."""
+    for option in reversed(QUERY_LIMIT_OPTIONS):
+        command = option(command)
+    return command
+
+
+def query_limits(max_query_bytes: int, max_query_items: int, max_query_predicates: int
+                 ) -> QueryLimits:
+    """The QueryLimits the three flags give."""
+    from memstore.query.limits import QueryLimits
+
+    return QueryLimits(max_bytes=max_query_bytes, max_items=max_query_items,
+                       max_predicates=max_query_predicates)
+
+
 def shard_args(snapshot_log_mb: int, snapshot_interval: float, max_identifiers_per_kind: int,
-               blocked_identifier: tuple[str, ...], no_link: bool) -> tuple[str, ...]:
+               blocked_identifier: tuple[str, ...], no_link: bool,
+               limits: QueryLimits | None = None) -> tuple[str, ...]:
     """The same settings as `serve-shard` arguments (--sync goes separately)."""
     return ("--snapshot-log-mb", str(snapshot_log_mb),
             "--snapshot-interval", str(snapshot_interval),
             "--max-identifiers-per-kind", str(max_identifiers_per_kind),
             *(arg for value in blocked_identifier for arg in ("--blocked-identifier", value)),
+            *(() if limits is None else (
+                "--max-query-bytes", str(limits.max_bytes),
+                "--max-query-items", str(limits.max_items),
+                "--max-query-predicates", str(limits.max_predicates))),
             *(("--no-link",) if no_link else ()))
 
 

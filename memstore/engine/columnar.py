@@ -46,7 +46,7 @@ import msgpack
 import numpy as np
 
 from memstore.engine.values import flatten
-from memstore.errors import InvalidArgument
+from memstore.errors import InvalidArgument, brief
 from memstore.pbvalues import (
     TIMESTAMP_RANGE,
     aware_datetimes_to_micros,
@@ -354,7 +354,8 @@ def unpack_columns(data: bytes, where: str = "columns") -> Columns:
         raise InvalidArgument(f"{where}.attributes: a map of attribute name to column")
     for name, column in attributes.items():
         if not isinstance(name, str):
-            raise InvalidArgument(f"{where}.attributes: names must be strings, got {name!r}")
+            raise InvalidArgument(f"{where}.attributes: names must be strings, got "
+                                  f"{brief(name)}")
         if isinstance(column, dict):
             attributes[name] = _unpack_coded(column, n, f"{where}.attributes.{name}")
         elif not isinstance(column, list) or len(column) != n:

@@ -73,6 +73,7 @@ from memstore.errors import (
     NotFound,
     Undeclared,
     WrongSlot,
+    brief,
 )
 from memstore.hashslot import SLOT_COUNT, slot_of, slots_of
 from memstore.index.bitmap_index import (
@@ -311,7 +312,7 @@ def _claim_columns(entries: Sequence[Any]) -> tuple[Sequence[Any], ...]:
 def check_identifier(kind: str, value: str, where: str) -> None:
     if not _IDENT_KIND.match(kind or ""):
         raise InvalidArgument(
-            f"{where}: identifier kind {kind!r} must be lower-case letters, digits, _ or -"
+            f"{where}: identifier kind {brief(kind)} must be lower-case letters, digits, _ or -"
         )
     if not value:
         raise InvalidArgument(f"{where}: empty identifier value")
@@ -484,7 +485,7 @@ class _Planner:
             check_identifier(kind, value, at)
             if rules.is_blocked(value):
                 raise FailedPrecondition(
-                    f"{at}: identifier value {value!r} is on the blocked list "
+                    f"{at}: identifier value {brief(value)} is on the blocked list "
                     "(merge protection); nothing changed"
                 )
             key = ident_key(kind, value)
@@ -501,9 +502,9 @@ class _Planner:
         for kind, n in counts.items():
             if n > rules.max_per_kind:
                 raise FailedPrecondition(
-                    f"{where}: profile {d.pid!r} would hold {n} identifiers of kind {kind!r}, "
-                    f"more than the limit of {rules.max_per_kind} (merge protection); "
-                    "nothing changed"
+                    f"{where}: profile {brief(d.pid)} would hold {n} identifiers of kind "
+                    f"{brief(kind)}, more than the limit of {rules.max_per_kind} (merge "
+                    "protection); nothing changed"
                 )
         return merged
 
@@ -740,7 +741,7 @@ class Engine:
         if self.owned_slots is not None:
             slot = slot_of(pid)
             if slot not in self.owned_slots:
-                raise self._wrong_slot(slot, f"profile {pid!r}")
+                raise self._wrong_slot(slot, f"profile {brief(pid)}")
 
     def _wrong_slot(self, slot: int, what: str) -> WrongSlot:
         return WrongSlot(slot, self.epoch, f"slot {slot} of {what} is not owned by this "
@@ -754,7 +755,7 @@ class Engine:
         blob = self.blobs[dense]
         if blob is None or [kind, value] not in decode(blob)[2]:
             raise FailedPrecondition(
-                f"identifier {kind}:{value!r} collides with another identifier's hash; refused"
+                f"identifier {kind}:{brief(value)} collides with another identifier's hash; refused"
             )
         return dense
 
@@ -1094,7 +1095,7 @@ class Engine:
             raise InvalidArgument("identifiers: nothing to link")
         d = planner.draft(pid, create=create)
         if d is None:
-            raise NotFound(f"profile {pid!r} not found (pass create to make it)")
+            raise NotFound(f"profile {brief(pid)} not found (pass create to make it)")
         d.version += 1  # the call is one change; merges below raise it past the merged
         merged = planner.link(d, identifiers, "identifiers")
         return d.pid, merged
@@ -1113,7 +1114,7 @@ class Engine:
         self.check_moving(loser)
         dense = self.dense_of.get(loser)
         if dense is None:
-            raise NotFound(f"profile {loser!r} not found (merged or deleted meanwhile?)")
+            raise NotFound(f"profile {brief(loser)} not found (merged or deleted meanwhile?)")
         return Change(notes=[Note("held", loser, [txn, survivor, time.time()])],
                       result=self.export_profile(dense))
 
@@ -1148,7 +1149,7 @@ class Engine:
                 try:
                     spec = planner.declare(name, Kind(kind), indexed, Merge(merge))
                 except InvalidArgument as exc:
-                    raise FailedPrecondition(f"losers[{n}]: profile {pid!r} cannot merge "
+                    raise FailedPrecondition(f"losers[{n}]: profile {brief(pid)} cannot merge "
                                              f"here: {exc}") from None
                 attrs[spec.id] = named[name]
             draft = _Draft(pid, None, [version, attrs, [list(i) for i in idents], list(merged)])
@@ -1179,7 +1180,7 @@ class Engine:
         for draft, _ in seeded:
             if not draft.gone:
                 raise FailedPrecondition(f"merge {txn}: the request does not link any "
-                                         f"identifier of {draft.pid!r}; nothing to merge")
+                                         f"identifier of {brief(draft.pid)}; nothing to merge")
         change = planner.finish(result)
         # Keyed by the id the coordinator named, which is where Decide will ask (its slot
         # carries the decision on a move), even when that id is an alias here.
@@ -1256,7 +1257,7 @@ class Engine:
                 raise InvalidArgument(f"attributes[{i}]: {exc}") from None
             slot = slot_of(registry_key(name))
             if self.owned_slots is not None and slot not in self.owned_slots:
-                raise self._wrong_slot(slot, f"attribute {name!r}")
+                raise self._wrong_slot(slot, f"attribute {brief(name)}")
             found = mine.get(name) or self.registry.get(name)
             if found is None:
                 found = mine[name] = [int(kind), bool(indexed), int(merge)]
@@ -1276,7 +1277,7 @@ class Engine:
         owned = self.owned_slots
         if owned is not None and not owned.issuperset(BitMap(slots)):
             i = next(i for i, slot in enumerate(slots) if slot not in owned)
-            raise self._wrong_slot(slots[i], f"identifier {kinds[i]}:{values[i]!r}")
+            raise self._wrong_slot(slots[i], f"identifier {kinds[i]}:{brief(values[i])}")
         now = time.monotonic()
         claims = self.claims
         after: dict[str, str | None] = {}  # this plan's own claims so far
@@ -1324,9 +1325,10 @@ class Engine:
     def plan_track(self, pid: str, event: str, at_micros: int, count: int = 1) -> Change:
         check_pid(pid)
         if not _EVENT_NAME.match(event or ""):
-            raise InvalidArgument(f"event: name {event!r} must be 1-128 letters, digits, _ or -")
-        if count < 1:
-            raise InvalidArgument("count: must be at least 1")
+            raise InvalidArgument(f"event: name {brief(event)} must be 1-128 letters, digits, "
+                                  "_ or -")
+        if not 1 <= count <= INT64_MAX:
+            raise InvalidArgument(f"count: {count} is outside 1..{INT64_MAX}")
         if not micros_in_range(at_micros):
             raise InvalidArgument(f"at: {at_micros} microseconds is outside {TIMESTAMP_RANGE}")
         prefix = f"event.{event}"
@@ -1339,7 +1341,11 @@ class Engine:
         n = planner.declare(f"{prefix}.count", Kind.INT, merge=Merge.SUM)
         first = planner.declare(f"{prefix}.first", Kind.TIMESTAMP, merge=Merge.MIN)
         last = planner.declare(f"{prefix}.last", Kind.TIMESTAMP, merge=Merge.MAX)
-        d.attrs[n.id] = min(INT64_MAX, d.attrs.get(n.id, 0) + count)
+        total = d.attrs.get(n.id, 0) + count
+        if total > INT64_MAX:
+            raise InvalidArgument(f"count: {prefix}.count of {pid!r} is {total - count}; "
+                                  f"{count} more would pass int64")
+        d.attrs[n.id] = total
         d.attrs[first.id] = min(d.attrs.get(first.id, at_micros), at_micros)
         d.attrs[last.id] = max(d.attrs.get(last.id, at_micros), at_micros)
         d.version += 1

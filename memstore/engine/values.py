@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 
 from memstore.engine.schema import Kind
-from memstore.errors import InvalidArgument
+from memstore.errors import InvalidArgument, brief
 from memstore.pbvalues import datetime_to_micros, micros_to_datetime
 
 MAX_DEPTH = 8
@@ -26,16 +26,17 @@ def flatten(attributes: Mapping[str, Any], where: str = "attributes") -> dict[st
 
     def walk(prefix: str, value: Mapping[str, Any], depth: int) -> None:
         if depth > MAX_DEPTH:
-            raise InvalidArgument(f"{where}: nested deeper than {MAX_DEPTH} levels at {prefix!r}")
+            raise InvalidArgument(f"{where}: nested deeper than {MAX_DEPTH} levels at "
+                                  f"{brief(prefix)}")
         for key, item in value.items():
             if not isinstance(key, str):
-                raise InvalidArgument(f"{where}: attribute names must be strings, got {key!r}")
+                raise InvalidArgument(f"{where}: attribute names must be strings, got {brief(key)}")
             name = f"{prefix}.{key}" if prefix else key
             if isinstance(item, Mapping):
                 walk(name, item, depth + 1)
             else:
                 if name in out:
-                    raise InvalidArgument(f"{where}: attribute {name!r} given twice")
+                    raise InvalidArgument(f"{where}: attribute {brief(name)} given twice")
                 out[name] = item
 
     walk("", attributes, 0)

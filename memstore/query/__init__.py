@@ -16,10 +16,12 @@ from memstore.query.ast import (
     format_query,
     validate,
 )
+from memstore.query.limits import DEFAULT_LIMITS, QueryLimits
 from memstore.query.parser import parse, parse_timestamp
 from memstore.query.proto import from_proto, query_from_request, to_proto
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "MAX_ATTRIBUTE_LENGTH",
     "MAX_DEPTH",
     "All",
@@ -31,6 +33,7 @@ __all__ = [
     "Or",
     "Predicate",
     "QueryError",
+    "QueryLimits",
     "QuerySyntaxError",
     "format_query",
     "from_proto",

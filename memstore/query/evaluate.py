@@ -18,7 +18,7 @@ from pyroaring import BitMap
 
 from memstore.engine.core import RANGE_KINDS, Engine
 from memstore.engine.schema import AttributeSpec, Kind
-from memstore.errors import InvalidArgument
+from memstore.errors import InvalidArgument, brief
 from memstore.index.bitmap_index import float_to_ordered
 from memstore.pbvalues import datetime_to_micros
 from memstore.query import All, And, Node, Not, Op, Or, Predicate, QueryError, parse_timestamp
@@ -89,9 +89,9 @@ def _is_range(engine: Engine, node: Node) -> bool:
 def spec_for_query(engine: Engine, name: str) -> AttributeSpec:
     spec = engine.schema.get(name)
     if spec is None:
-        raise InvalidArgument(f"query: unknown attribute {name!r}")
+        raise InvalidArgument(f"query: unknown attribute {brief(name)}")
     if not spec.indexed:
-        raise InvalidArgument(f"query: attribute {name!r} is declared not indexed")
+        raise InvalidArgument(f"query: attribute {brief(name)} is declared not indexed")
     return spec
 
 
@@ -113,19 +113,22 @@ def _literal(spec: AttributeSpec, value: Any, op: Op) -> Any:
     if kind is Kind.INT:
         if isinstance(value, bool) or not isinstance(value, int):
             raise InvalidArgument(
-                f"{where}: {spec.name!r} has kind int, got {_kind_name(value)} literal {value!r}"
+                f"{where}: {spec.name!r} has kind int, got {_kind_name(value)} literal "
+                f"{brief(value)}"
             )
         return value
     if kind is Kind.FLOAT:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InvalidArgument(
-                f"{where}: {spec.name!r} has kind float, got {_kind_name(value)} literal {value!r}"
+                f"{where}: {spec.name!r} has kind float, got {_kind_name(value)} literal "
+                f"{brief(value)}"
             )
         return float_to_ordered(float(value))
     if kind is Kind.BOOL:
         if not isinstance(value, bool):
             raise InvalidArgument(
-                f"{where}: {spec.name!r} has kind bool, got {_kind_name(value)} literal {value!r}"
+                f"{where}: {spec.name!r} has kind bool, got {_kind_name(value)} literal "
+                f"{brief(value)}"
             )
         return value
     # STRING and STRING_LIST elements

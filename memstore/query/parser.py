@@ -18,15 +18,22 @@
 
 Keywords are case-insensitive. Timestamps are plain strings; `parse_timestamp` converts one.
 Every error is a QuerySyntaxError carrying the 1-based column.
+
+Hostile input: the text's length is checked before anything else, tokens are made as the
+parser asks for them, and items and predicates are counted as they are read, so a query
+over a limit (`QueryLimits`) is refused after reading at most the limit's worth of it.
+Integer literals longer than any int64 are refused by their digit count, before int().
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 
+from memstore.errors import brief
 from memstore.query.ast import (
     KEYWORDS,
     MAX_DEPTH,
@@ -44,6 +51,7 @@ from memstore.query.ast import (
     validate,
     value_problem,
 )
+from memstore.query.limits import DEFAULT_LIMITS, QueryLimits
 
 __all__ = ["parse", "parse_timestamp"]
 
@@ -72,10 +80,14 @@ _NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 _DURATION = re.compile(r"([0-9]+)([smhdw])(?![A-Za-z0-9_.\-])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 _STRING_ESCAPES = {"\\": "\\", '"': '"', "'": "'", "n": "\n", "t": "\t"}
+# A run of a string's characters that need no decoding: read at C speed, not one at a time.
+_PLAIN = {'"': re.compile(r'[^"\\]+'), "'": re.compile(r"[^'\\]+")}
+_PLAIN_ATTR = re.compile(r"[^`]+")
+_INT64_DIGITS = 19  # 9223372036854775807: a longer integer literal cannot fit
 
 
-def _tokenize(text: str) -> list[_Token]:
-    tokens: list[_Token] = []
+def _tokenize(text: str) -> Iterator[_Token]:
+    """The tokens of `text`, made as they are asked for, ending with an END token."""
     i, n = 0, len(text)
 
     def fail(message: str, at: int) -> QuerySyntaxError:
@@ -93,6 +105,11 @@ def _tokenize(text: str) -> list[_Token]:
             while True:
                 if i >= n:
                     raise fail("unterminated string starting", start)
+                run = _PLAIN[c].match(text, i)
+                if run is not None:
+                    out.append(run.group())
+                    i = run.end()
+                    continue
                 ch = text[i]
                 if ch == c:
                     i += 1
@@ -106,15 +123,18 @@ def _tokenize(text: str) -> list[_Token]:
                     out.append(_STRING_ESCAPES[esc])
                     i += 2
                     continue
-                out.append(ch)
-                i += 1
-            tokens.append(_Token(_Kind.STRING, text[start:i], "".join(out), start + 1))
+            yield _Token(_Kind.STRING, text[start:i], "".join(out), start + 1)
         elif c == "`":
             out = []
             i += 1
             while True:
                 if i >= n:
                     raise fail("unterminated backquoted attribute starting", start)
+                run = _PLAIN_ATTR.match(text, i)
+                if run is not None:
+                    out.append(run.group())
+                    i = run.end()
+                    continue
                 if text[i] == "`":
                     if text.startswith("``", i):
                         out.append("`")
@@ -122,13 +142,11 @@ def _tokenize(text: str) -> list[_Token]:
                         continue
                     i += 1
                     break
-                out.append(text[i])
-                i += 1
-            tokens.append(_Token(_Kind.QUOTED_ATTR, text[start:i], "".join(out), start + 1))
+            yield _Token(_Kind.QUOTED_ATTR, text[start:i], "".join(out), start + 1)
         elif c.isascii() and (c.isdigit() or (c == "-" and text[i + 1 : i + 2].isdigit())):
             m = _DURATION.match(text, i)
             if m:
-                tokens.append(_Token(_Kind.DURATION, m.group(), m.group(), start + 1))
+                yield _Token(_Kind.DURATION, m.group(), m.group(), start + 1)
                 i = m.end()
                 continue
             m = _NUMBER.match(text, i)
@@ -138,46 +156,64 @@ def _tokenize(text: str) -> list[_Token]:
                 end = i
                 while end < n and (text[end].isalnum() or text[end] in "_.-"):
                     end += 1
-                raise fail(f"invalid number '{text[start:end]}'", start)
+                raise fail(f"invalid number {brief(text[start:end])}", start)
             word = m.group()
-            value: object = float(word) if m.group(1) or m.group(2) else int(word)
-            tokens.append(_Token(_Kind.NUMBER, word, value, start + 1))
+            if m.group(1) or m.group(2):
+                value: object = float(word)
+            elif len(word.lstrip("-").lstrip("0")) > _INT64_DIGITS:
+                raise fail(f"integer literal of {len(word.lstrip('-'))} digits does not fit "
+                           "in 64 bits", start)
+            else:
+                value = int(word)
+            yield _Token(_Kind.NUMBER, word, value, start + 1)
         elif c.isascii() and (c.isalpha() or c == "_"):
             m = _WORD.match(text, i)
             assert m is not None
             i = m.end()
-            tokens.append(_Token(_Kind.WORD, m.group(), m.group(), start + 1))
+            yield _Token(_Kind.WORD, m.group(), m.group(), start + 1)
         else:
             for p in _PUNCT:
                 if text.startswith(p, i):
                     i += len(p)
-                    tokens.append(_Token(_Kind.PUNCT, p, p, start + 1))
+                    yield _Token(_Kind.PUNCT, p, p, start + 1)
                     break
             else:
                 raise fail(f"unexpected character {c!r}", start)
-    tokens.append(_Token(_Kind.END, "", None, n + 1))
-    return tokens
+    yield _Token(_Kind.END, "", None, n + 1)
 
 
 _COMPARISONS = {"=": Op.EQ, "!=": Op.NE, "<": Op.LT, "<=": Op.LE, ">": Op.GT, ">=": Op.GE}
 
 
 class _Parser:
-    def __init__(self, text: str, now: datetime | None) -> None:
+    def __init__(self, text: str, now: datetime | None, limits: QueryLimits) -> None:
         self.text = text
-        self.tokens = _tokenize(text)
+        self._source = _tokenize(text)
+        self._tokens: list[_Token] = []  # made so far; the parser looks one token ahead
         self.pos = 0
         self.now = now
         self.depth = 0
+        self.limits = limits
+        self.items = 0  # literal values read so far
+        self.predicates = 0  # leaves read so far
 
     # -- token helpers
 
+    def peek(self, ahead: int = 0) -> _Token:
+        """The token `ahead` places after the current one (END past the end)."""
+        tokens = self._tokens
+        while len(tokens) <= self.pos + ahead:
+            if tokens and tokens[-1].kind is _Kind.END:
+                return tokens[-1]
+            tokens.append(next(self._source))
+        return tokens[self.pos + ahead]
+
     @property
     def tok(self) -> _Token:
-        return self.tokens[self.pos]
+        return self.peek()
 
     def advance(self) -> _Token:
-        tok = self.tokens[self.pos]
+        tok = self.peek()
         if tok.kind is not _Kind.END:
             self.pos += 1
         return tok
@@ -252,6 +288,10 @@ class _Parser:
 
     def primary(self) -> Node:
         tok = self.tok
+        self.predicates += 1
+        problem = self.limits.predicates_problem(self.predicates)
+        if problem is not None:
+            raise self.fail_at(problem, tok)
         if self.is_punct("("):
             self.advance()
             node = self.or_expr()
@@ -274,7 +314,7 @@ class _Parser:
         return self.predicate_rest(attr)
 
     def is_did_call(self) -> bool:
-        tok, after = self.tok, self.tokens[min(self.pos + 1, len(self.tokens) - 1)]
+        tok, after = self.tok, self.peek(1)
         return tok.kind is _Kind.WORD and tok.text.lower() == "did" and after.text == "("
 
     def attribute(self) -> str:
@@ -302,7 +342,7 @@ class _Parser:
         if self.is_keyword("IN"):
             self.advance()
             return Predicate(attr, Op.IN, self.literal_list())
-        if self.is_keyword("NOT") and self.is_keyword("IN", self.tokens[self.pos + 1]):
+        if self.is_keyword("NOT") and self.is_keyword("IN", self.peek(1)):
             self.advance()
             self.advance()
             return Not(Predicate(attr, Op.IN, self.literal_list()))
@@ -314,22 +354,30 @@ class _Parser:
             self.advance()
             return Predicate(attr, Op.BETWEEN, (low, self.literal("BETWEEN ... AND")))
         if self.is_keyword("NOT"):
-            raise self.error("IN after NOT", self.tokens[self.pos + 1])
+            raise self.error("IN after NOT", self.peek(1))
         raise self.error(f"an operator after '{attr}'")
 
     def literal_list(self) -> tuple[Literal, ...]:
         self.expect_punct("(", " after IN")
-        values = [self.literal("'('")]
+        first = self.items
+        values = [self.literal("'('", first)]
         while self.is_punct(","):
             self.advance()
-            values.append(self.literal("','"))
+            values.append(self.literal("','", first))
         if not self.is_punct(")"):
             raise self.error("',' or ')'")
         self.advance()
         return tuple(values)
 
-    def literal(self, after: str) -> Literal:
+    def literal(self, after: str, in_list: int | None = None) -> Literal:
+        """The next literal, counted as an item (`in_list`: the item count before the IN
+        list it belongs to, if it does)."""
         tok = self.tok
+        self.items += 1
+        problem = self.limits.items_problem(
+            self.items, 0 if in_list is None else self.items - in_list, exact=False)
+        if problem is not None:
+            raise self.fail_at(problem, tok)
         if tok.kind in (_Kind.STRING, _Kind.NUMBER):
             value = tok.value
             assert isinstance(value, str | int | float)
@@ -364,12 +412,14 @@ class _Parser:
         self.advance()
         self.expect_punct(")")
         amount, unit = tok.text[:-1], tok.text[-1]
+        if len(amount.lstrip("0")) > _INT64_DIGITS:
+            raise self.fail_at(f"duration {brief(tok.text)} is too long", tok)
         now = self.now if self.now is not None else datetime.now(UTC)
         now = now.replace(tzinfo=UTC) if now.tzinfo is None else now
         try:
             since = now.astimezone(UTC) - timedelta(**{_UNITS[unit]: int(amount)})
         except OverflowError:
-            raise self.fail_at(f"duration '{tok.text}' is too long", tok) from None
+            raise self.fail_at(f"duration {brief(tok.text)} is too long", tok) from None
         attr = f"event.{event}.last"
         problem = attribute_problem(attr)
         if problem is not None:
@@ -377,9 +427,14 @@ class _Parser:
         return Predicate(attr, Op.GE, (since,))
 
 
-def parse(text: str, *, now: datetime | None = None) -> Node:
-    """The syntax tree of a text query; `now` anchors did(..., within=...) (default: now)."""
-    node = _Parser(text, now).parse()
+def parse(text: str, *, now: datetime | None = None, limits: QueryLimits = DEFAULT_LIMITS
+          ) -> Node:
+    """The syntax tree of a text query; `now` anchors did(..., within=...) (default: now).
+    QuerySyntaxError for a text over `limits`, before reading more of it than they allow."""
+    problem = limits.text_problem(text)
+    if problem is not None:
+        raise QuerySyntaxError(problem, column=1, text=text[:80])
+    node = _Parser(text, now, limits).parse()
     validate(node)
     return node
 
@@ -396,11 +451,11 @@ def parse_timestamp(s: str) -> datetime:
     Accepts 2024-05-01, 2024-05-01T12:00, 2024-05-01T12:00:00Z, 2024-05-01 12:00:00.5+02:00.
     """
     if not _TIMESTAMP.fullmatch(s):
-        raise QueryError(f"not an ISO-8601 timestamp: {s!r}")
+        raise QueryError(f"not an ISO-8601 timestamp: {brief(s)}")
     try:
         value = datetime.fromisoformat(s.replace("z", "Z"))
     except ValueError:
-        raise QueryError(f"not a valid timestamp: {s!r}") from None
+        raise QueryError(f"not a valid timestamp: {brief(s)}") from None
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value.astimezone(UTC)

@@ -3,6 +3,8 @@
 Errors name the path of the offending field in proto terms, for example
 `query.and.children[1].predicate: BETWEEN needs 2 values, got 1`.
 `pb.Predicate.Op` member names equal `Op` member names; `Query.all` must be true.
+`from_proto` counts items and predicates against its `QueryLimits` as it converts, and a
+predicate's values before converting any of them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from memstore.query.ast import (
     QueryError,
     validate,
 )
+from memstore.query.limits import DEFAULT_LIMITS, QueryLimits
 from memstore.query.parser import parse
 from memstore.v1 import memstore_pb2 as pb
 
@@ -52,46 +55,62 @@ def _to_proto(node: Node) -> pb.Query:
     return out
 
 
-def from_proto(q: pb.Query, path: str = "query") -> Node:
+def from_proto(q: pb.Query, path: str = "query", limits: QueryLimits = DEFAULT_LIMITS
+               ) -> Node:
     """The tree of a protobuf query, validated; QueryError naming the field path."""
-    node = _from_proto(q, path, 1)
+    node = _Converter(limits).node(q, path, 1)
     validate(node, path)
     return node
 
 
-def _from_proto(q: pb.Query, path: str, depth: int) -> Node:
-    if depth > MAX_DEPTH:
-        raise QueryError(f"{path}: query nested deeper than {MAX_DEPTH} levels")
-    kind = q.WhichOneof("node")
-    if kind is None:
-        raise QueryError(f"{path}: empty query node")
-    if kind == "predicate":
-        return _predicate(q.predicate, f"{path}.predicate")
-    if kind in ("and", "or"):
-        children = getattr(q, kind).children
-        where = f"{path}.{kind}"
-        if not children:
-            raise QueryError(f"{where}: needs at least 1 child")
-        nodes = tuple(
-            _from_proto(c, f"{where}.children[{i}]", depth + 1) for i, c in enumerate(children)
-        )
-        return And(nodes) if kind == "and" else Or(nodes)
-    if kind == "not":
-        return Not(_from_proto(getattr(q, "not"), f"{path}.not", depth + 1))
-    if not q.all:
-        raise QueryError(f"{path}.all: must be true when set")
-    return All()
+class _Converter:
+    """One query's conversion, counting its items and predicates against `limits`."""
 
+    def __init__(self, limits: QueryLimits) -> None:
+        self.limits = limits
+        self.items = 0
+        self.predicates = 0
 
-def _predicate(p: pb.Predicate, where: str) -> Predicate:
-    if p.op == pb.Predicate.Op.OP_UNSPECIFIED:
-        raise QueryError(f"{where}: op not set")
-    try:
-        op = Op[pb.Predicate.Op.Name(p.op)]
-    except (ValueError, KeyError):
-        raise QueryError(f"{where}: unknown op {p.op}") from None
-    values = tuple(_literal(v, f"{where}.values[{i}]") for i, v in enumerate(p.values))
-    return Predicate(p.attribute, op, values)
+    def node(self, q: pb.Query, path: str, depth: int) -> Node:
+        if depth > MAX_DEPTH:
+            raise QueryError(f"{path}: query nested deeper than {MAX_DEPTH} levels")
+        kind = q.WhichOneof("node")
+        if kind is None:
+            raise QueryError(f"{path}: empty query node")
+        if kind in ("and", "or"):
+            children = getattr(q, kind).children
+            where = f"{path}.{kind}"
+            if not children:
+                raise QueryError(f"{where}: needs at least 1 child")
+            nodes = tuple(self.node(c, f"{where}.children[{i}]", depth + 1)
+                          for i, c in enumerate(children))
+            return And(nodes) if kind == "and" else Or(nodes)
+        if kind == "not":
+            return Not(self.node(getattr(q, "not"), f"{path}.not", depth + 1))
+        self.predicates += 1
+        problem = self.limits.predicates_problem(self.predicates)
+        if problem is not None:
+            raise QueryError(f"{path}: {problem}")
+        if kind == "predicate":
+            return self.predicate(q.predicate, f"{path}.predicate")
+        if not q.all:
+            raise QueryError(f"{path}.all: must be true when set")
+        return All()
+
+    def predicate(self, p: pb.Predicate, where: str) -> Predicate:
+        if p.op == pb.Predicate.Op.OP_UNSPECIFIED:
+            raise QueryError(f"{where}: op not set")
+        try:
+            op = Op[pb.Predicate.Op.Name(p.op)]
+        except (ValueError, KeyError):
+            raise QueryError(f"{where}: unknown op {p.op}") from None
+        count = len(p.values)
+        self.items += count
+        problem = self.limits.items_problem(self.items, count if op is Op.IN else 0)
+        if problem is not None:
+            raise QueryError(f"{where}: {problem}")
+        values = tuple(_literal(v, f"{where}.values[{i}]") for i, v in enumerate(p.values))
+        return Predicate(p.attribute, op, values)
 
 
 def _literal(value: pb.Value, where: str) -> Literal:
@@ -105,11 +124,12 @@ def _literal(value: pb.Value, where: str) -> Literal:
     return out
 
 
-def query_from_request(req: pb.QueryRequest, *, now: datetime | None = None) -> Node:
+def query_from_request(req: pb.QueryRequest, *, now: datetime | None = None,
+                       limits: QueryLimits = DEFAULT_LIMITS) -> Node:
     """The tree of a QueryRequest, from whichever of `text` and `query` it carries."""
     kind = req.WhichOneof("q")
     if kind == "text":
-        return parse(req.text, now=now)
+        return parse(req.text, now=now, limits=limits)
     if kind == "query":
-        return from_proto(req.query)
+        return from_proto(req.query, limits=limits)
     raise QueryError("query: neither text nor query given")

@@ -24,6 +24,7 @@ Frames: a 4-byte little-endian length, then a msgpack array.
   server hello, sent on accept:  [PROTOCOL, token]
   request:   [call id, method name, request bytes, [[key, value], ...] metadata, timeout]
   response:  [call id, status code, details, response bytes, [[key, value], ...] trailers]
+             (details: at most memstore.errors.MAX_STATUS_BYTES, as over gRPC)
 A frame that cannot be read closes the connection; the server logs it and serves on. Calls
 run concurrently, answered as they finish (matched by call id). A timeout (seconds, or
 nil) is the deadline the server enforces, as gRPC's would be.
@@ -50,6 +51,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
+from memstore.errors import capped
 from memstore.server import metrics
 
 log = logging.getLogger("memstore.link")
@@ -171,6 +173,13 @@ class LinkContext:
     def code(self) -> grpc.StatusCode | None:
         return self._code
 
+    def set_code(self, code: grpc.StatusCode) -> None:
+        """A handler that sets a status other than OK and returns refuses the call."""
+        self._code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
     def peer(self) -> str:
         return "link"
 
@@ -263,8 +272,13 @@ class LinkServer:
             try:
                 request = request_class.FromString(body)
                 async with asyncio.timeout(timeout):
-                    answer = (await handler(request, context)).SerializeToString()
+                    response = await handler(request, context)
                 trailers = context.trailers
+                refused = context.code()
+                if refused is not None and refused != grpc.StatusCode.OK:
+                    code, details = refused, context.details
+                else:
+                    answer = response.SerializeToString()
             except DecodeError as exc:
                 code, details = grpc.StatusCode.INVALID_ARGUMENT, f"request: {exc}"
             except LinkAborted:
@@ -278,7 +292,7 @@ class LinkServer:
         if self.metered and entry is not None:
             metrics.observe(method, code.name, time.perf_counter() - started)
         if connection.transport is not None and not connection.transport.is_closing():
-            connection.send([call_id, code.value[0], details, answer,
+            connection.send([call_id, code.value[0], capped(details), answer,
                              [[k, v] for k, v in trailers]])
 
 

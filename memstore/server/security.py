@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 
 import grpc
 
+from memstore.errors import capped
 from memstore.server import metrics
 
 log = logging.getLogger("memstore.security")
@@ -325,17 +326,23 @@ class Authorizer(grpc.aio.ServerInterceptor):
         metadata = details.invocation_metadata or ()
         name = method.rsplit("/", 1)[-1]
 
-        async def admit(context: Any) -> Principal | None:
+        def admit(context: Any) -> Principal | None:
+            """The caller, or None with the refusal set on the call: the wrapper then
+            returns at once. Not context.abort: its AbortError holds the request in a
+            reference cycle until a full collection (memstore.server.service._refuse), and
+            a refusal costs the caller nothing, so refused requests must be freed at once."""
             principal = self.security.principal(metadata, context)
             if isinstance(principal, str):
                 metrics.AUTH_REFUSALS.labels(name, "UNAUTHENTICATED").inc()
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{name}: {principal}")
+                context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+                context.set_details(capped(f"{name}: {principal}"))
                 return None
             if not principal.roles & need.roles:
                 metrics.AUTH_REFUSALS.labels(name, "PERMISSION_DENIED").inc()
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                    f"{name} needs the role {need.name!r}; "
-                                    f"{principal.name!r} has {', '.join(sorted(principal.roles))}")
+                context.set_code(grpc.StatusCode.PERMISSION_DENIED)
+                context.set_details(capped(
+                    f"{name} needs the role {need.name!r}; "
+                    f"{principal.name!r} has {', '.join(sorted(principal.roles))}"))
                 return None
             return principal
 
@@ -351,8 +358,9 @@ class Authorizer(grpc.aio.ServerInterceptor):
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: Any) -> Any:
-                principal = await admit(context)
-                assert principal is not None
+                principal = admit(context)
+                if principal is None:
+                    return None  # refused: the status is set, no response
                 try:
                     return await inner_uu(request, context)
                 finally:
@@ -365,8 +373,9 @@ class Authorizer(grpc.aio.ServerInterceptor):
             inner_us = handler.unary_stream
 
             async def unary_stream(request: Any, context: Any) -> Any:
-                principal = await admit(context)
-                assert principal is not None
+                principal = admit(context)
+                if principal is None:
+                    return
                 async for item in inner_us(request, context):
                     yield item
                 audited(principal, context)
@@ -378,7 +387,8 @@ class Authorizer(grpc.aio.ServerInterceptor):
             inner_ss = handler.stream_stream
 
             async def stream_stream(requests: Any, context: Any) -> Any:
-                await admit(context)
+                if admit(context) is None:
+                    return
                 async for item in inner_ss(requests, context):
                     yield item
 
@@ -388,7 +398,8 @@ class Authorizer(grpc.aio.ServerInterceptor):
         inner_su = handler.stream_unary
 
         async def stream_unary(requests: Any, context: Any) -> Any:
-            await admit(context)
+            if admit(context) is None:
+                return None
             return await inner_su(requests, context)
 
         return grpc.stream_unary_rpc_method_handler(

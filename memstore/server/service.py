@@ -3,7 +3,9 @@
 Serves memstore.v1.Memstore (the public API), memstore.v1.ShardControl (slot ownership
 and slot moves, for routers and operators), grpc.health.v1 and server reflection. Every
 engine error maps to one status code (see `_STATUS`); any other exception is a bug,
-logged with its traceback and answered INTERNAL without touching state.
+logged with its traceback and answered INTERNAL without touching state. Requests that do
+not parse are INVALID_ARGUMENT too (memstore/server/guard.py), queries are bounded by the
+server's `QueryLimits`, and no status message is longer than MAX_STATUS_BYTES.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import functools
 import gc
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -41,6 +44,7 @@ from memstore.engine.core import (
     record_specs,
     version_of,
 )
+from memstore.engine.exported import check_chunk, check_loser
 from memstore.engine.schema import Kind, Merge
 from memstore.engine.values import flatten
 from memstore.errors import (
@@ -54,6 +58,9 @@ from memstore.errors import (
     Unavailable,
     Undeclared,
     WrongSlot,
+    brief,
+    capped,
+    drop_tracebacks,
 )
 from memstore.hashslot import (
     CLUSTER_SCHEMA,
@@ -65,9 +72,10 @@ from memstore.hashslot import (
     UNDECLARED_TRAILER,
     slot_of,
 )
-from memstore.query import QueryError, query_from_request
+from memstore.query import DEFAULT_LIMITS, QueryError, QueryLimits, query_from_request
 from memstore.query.evaluate import evaluate, group_counts
 from memstore.server import logs, metrics, reflection
+from memstore.server.guard import Guard
 from memstore.server.heap import LoadTrimmer
 from memstore.server.link import LinkServer, describe_handler
 from memstore.server.security import ServerSecurity
@@ -85,6 +93,7 @@ DROP_CHUNK = 250  # profiles per change when DropSlots forgets moved slots
 DEFAULT_PAGE = 1000
 MAX_PAGE = 100_000
 MAX_BATCH_KEYS = 100_000
+_CURSOR = re.compile(r"[0-9a-f]{1,8}")  # the hex dense id a page ended at (a 32-bit id)
 
 _STATUS = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -104,14 +113,26 @@ def _status_for(exc: MemstoreError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+def _refuse(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    """Set the status `exc` maps to on the call, from the except block handling it; the
+    handler then returns None (grpc.aio sends no response with a status other than OK).
+
+    Not context.abort: its AbortError and grpc's frames make a reference cycle that holds
+    the request until a full collection, and a call in flight when a snapshot freezes the
+    heap (gc.freeze, memstore/shard.py) would keep its request for good: failing requests
+    of a few MB each then add up to GBs. For the same reason the tracebacks are dropped."""
     if isinstance(exc, QueryError):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"query: {exc}")
-    if isinstance(exc, MemstoreError):
+        code, details = grpc.StatusCode.INVALID_ARGUMENT, capped(f"query: {exc}")
+    elif isinstance(exc, MemstoreError):
         context.set_trailing_metadata(_trailers(exc))
-        await context.abort(_status_for(exc), str(exc))
-    log.exception("internal error")
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        code, details = _status_for(exc), capped(str(exc))
+    else:
+        log.error("internal error", exc_info=exc)
+        code = grpc.StatusCode.INTERNAL
+        details = capped(f"internal error: {type(exc).__name__}: {exc}")
+    drop_tracebacks()
+    context.set_code(code)
+    context.set_details(details)
 
 
 def _trailers(exc: MemstoreError) -> tuple[tuple[str, str | bytes], ...]:
@@ -133,6 +154,13 @@ def _trailers(exc: MemstoreError) -> tuple[tuple[str, str | bytes], ...]:
     return tuple(trailers)
 
 
+def _invalid(exc: Exception) -> Exception:
+    """A ValueError or TypeError from checking a request is an InvalidArgument."""
+    if isinstance(exc, ValueError | TypeError) and not isinstance(exc, QueryError):
+        return InvalidArgument(str(exc))
+    return exc
+
+
 def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     """Map engine errors to status codes for a unary handler."""
 
@@ -151,21 +179,19 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
                 context.set_trailing_metadata(((EPOCH_TRAILER, str(engine.epoch)),))
             return result
         except (MemstoreError, QueryError, ValueError, TypeError) as exc:
-            if isinstance(exc, (ValueError, TypeError)) and not isinstance(exc, QueryError):
-                exc = InvalidArgument(str(exc))
-            await _abort(context, exc)
+            _refuse(context, _invalid(exc))
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
         except Exception as exc:  # noqa: BLE001 - a bug; never crash the server
             code = "INTERNAL"
-            await _abort(context, exc)
+            _refuse(context, exc)
         finally:
             aborted = context.code()
             if aborted is not None:
                 code = aborted.name
             metrics.observe(name, code, time.perf_counter() - started)
-        raise AssertionError("unreachable")
+        return None  # type: ignore[return-value]  # refused: its status is set, no response
 
     return wrapper
 
@@ -260,9 +286,10 @@ def unpack_records(packed: bytes) -> list[tuple[str, dict[str, Any], list[tuple[
 
 
 class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
-    def __init__(self, shard: Shard) -> None:
+    def __init__(self, shard: Shard, limits: QueryLimits = DEFAULT_LIMITS) -> None:
         self.shard = shard
         self.engine: Engine = shard.engine
+        self.limits = limits  # the size of work one query may ask for
         self._loads = LoadTrimmer()  # a load's garbage, freed but still held by malloc
 
     # ------------------------------------------------------------------ profiles
@@ -412,7 +439,7 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
     async def Track(self, request: pb.TrackRequest, context: Any) -> pb.TrackResponse:
         self._writable()
         if request.HasField("at"):
-            at = request.at.seconds * 1_000_000 + request.at.nanos // 1000
+            at = pbvalues.timestamp_micros(request.at, "at")
         else:
             at = pbvalues.datetime_to_micros(datetime.now(UTC))
         with _planning(self.engine, context):
@@ -454,7 +481,7 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
 
     # ------------------------------------------------------------------ queries
     def _matches(self, request: pb.QueryRequest) -> BitMap:
-        return evaluate(self.engine, query_from_request(request),
+        return evaluate(self.engine, query_from_request(request, limits=self.limits),
                         unknown_is_empty=request.unknown_attribute_is_empty)
 
     @rpc
@@ -464,12 +491,10 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
     def _page(self, matches: BitMap, cursor: str, size: int) -> tuple[list[str], str]:
         start = 0
         if cursor:
-            try:
-                after = int(cursor, 16)
-            except ValueError:
-                raise InvalidArgument(f"cursor: {cursor!r} is not a cursor this shard issued"
-                                      ) from None
-            start = matches.rank(after) if after >= 0 else 0
+            if not _CURSOR.fullmatch(cursor):
+                raise InvalidArgument(f"cursor: {brief(cursor)} is not a cursor this shard "
+                                      "issued")
+            start = matches.rank(int(cursor, 16))
         page = matches[start:start + size]
         ids = self.engine.ids_of(page)
         more = start + size < len(matches)
@@ -498,11 +523,15 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
                 yield pb.QueryIdsResponse(ids=ids, next_cursor=cursor)
                 if not cursor:
                     return
-        except (MemstoreError, QueryError) as exc:
-            await _abort(context, exc)
+        except (MemstoreError, QueryError, ValueError, TypeError) as exc:
+            _refuse(context, _invalid(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug; never crash the server
+            _refuse(context, exc)
 
     @rpc
     async def GroupBy(self, request: pb.GroupByRequest, context: Any) -> pb.GroupByResponse:
+        if not request.attribute:
+            raise InvalidArgument("attribute: the attribute to group by is required")
         matches = self._matches(request.query)
         groups = group_counts(self.engine, matches, request.attribute,
                               request.query.unknown_attribute_is_empty)
@@ -615,8 +644,8 @@ def link_response(engine: Engine, result: tuple[str, list[str]]) -> pb.LinkRespo
 
 def _describe(key: pb.ProfileKey) -> str:
     if key.WhichOneof("key") == "identifier":
-        return f"with identifier {key.identifier.kind}:{key.identifier.value!r}"
-    return repr(key.id)
+        return f"with identifier {brief(key.identifier.kind)}:{brief(key.identifier.value)}"
+    return brief(key.id)
 
 
 class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
@@ -681,9 +710,11 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
         losers = []
         for i, packed in enumerate(request.losers):
             try:
-                losers.append(msgpack.unpackb(packed, raw=False, strict_map_key=False))
+                loser = msgpack.unpackb(packed, raw=False, strict_map_key=False)
             except (ValueError, msgpack.UnpackException) as exc:
                 raise InvalidArgument(f"losers[{i}]: {exc}") from None
+            check_loser(loser, f"losers[{i}]")
+            losers.append(loser)
         which = request.WhichOneof("request")
         if which == "upsert":
             with _planning(self.engine, context):
@@ -766,7 +797,7 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
         try:
             slots = _slots_of(request.slots)
         except InvalidArgument as exc:
-            await _abort(context, exc)
+            _refuse(context, exc)
             return
         engine = self.engine
         lsn = self.shard.position
@@ -821,10 +852,10 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
     async def ImportProfiles(self, request: cpb.ImportRequest, context: Any
                              ) -> cpb.ImportResponse:
         chunk = msgpack.unpackb(request.packed, strict_map_key=False, use_list=True)
+        kinds, rows = check_chunk(chunk)
         engine = self.engine
         change = Change()
         pending: dict[str, AttributeSpec] = {}
-        kinds = {name: (Kind(k), idx, Merge(m)) for name, k, idx, m in chunk["schema"]}
         next_id = len(engine.schema.by_id)
         from memstore.engine.schema import AttributeSpec
 
@@ -843,7 +874,7 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
             return spec.id
 
         next_dense = len(engine.blobs)
-        for pid, version, named, idents, merged in chunk["profiles"]:
+        for pid, version, named, idents, merged in rows:
             attrs = {aid_of(name): value for name, value in named.items()}
             dense = engine.dense_of.get(pid)
             if dense is None:
@@ -902,7 +933,7 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
 # ---------------------------------------------------------------------- serving
 
 def make_server(shard: Shard, host: str, port: int, link: bool = True,
-                security: ServerSecurity | None = None
+                security: ServerSecurity | None = None, limits: QueryLimits = DEFAULT_LIMITS
                 ) -> tuple[grpc.aio.Server, int, LinkServer | None]:
     """The shard's gRPC server (not started), its port, and its link (not started; none
     under TLS or tokens: it has neither)."""
@@ -913,8 +944,10 @@ def make_server(shard: Shard, host: str, port: int, link: bool = True,
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=options, interceptors=security.interceptors())
-    service = MemstoreService(shard)
+    # Guard last: authentication answers first, so a caller without credentials learns
+    # nothing of how its request parsed (memstore/server/guard.py).
+    server = grpc.aio.server(options=options, interceptors=[*security.interceptors(), Guard()])
+    service = MemstoreService(shard, limits)
     memstore_pb2_grpc.add_MemstoreServicer_to_server(service, server)
     link_server = LinkServer(service, pb.DESCRIPTOR.services_by_name["Memstore"]) \
         if link else None
@@ -987,12 +1020,14 @@ def stop_when_stdin_closes(stop: asyncio.Event) -> None:
 async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
                 slots: BitMap | None = None, ready: Callable[[int], None] | None = None,
                 metrics_port: int | None = None, link_port: int | None = 0,
-                stop_on_eof: bool = False, security: ServerSecurity | None = None) -> None:
+                stop_on_eof: bool = False, security: ServerSecurity | None = None,
+                limits: QueryLimits = DEFAULT_LIMITS) -> None:
     """Run one shard until SIGTERM/SIGINT (or, with `stop_on_eof`, until standard input
     closes: its supervisor died), then drain in-flight calls and close the log.
     `link_port`: where routers' unary calls may come over the shard link (memstore/server/link.py;
     0 picks a free port), on the same host; None serves gRPC alone. `security`: TLS and
-    tokens (memstore/server/security.py); the auth file is read again on SIGHUP."""
+    tokens (memstore/server/security.py); the auth file is read again on SIGHUP. `limits`:
+    the size of work one query may ask for."""
     security = security or ServerSecurity()
     security.check_host(host)
     shard = await Shard.open(config)
@@ -1006,7 +1041,7 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
     if slots is not None and shard.engine.epoch == 0 and shard.engine.owned_slots is None:
         await shard.set_ownership(1, slots)
     server, bound, link = make_server(shard, host, port, link=link_port is not None,
-                                      security=security)
+                                      security=security, limits=limits)
     await server.start()
     if link is not None:
         await link.start(host, link_port or 0)
