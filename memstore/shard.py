@@ -121,6 +121,9 @@ class ShardConfig:
     # Seconds to wait for the data directory's lock when another process holds it (a
     # supervisor restarting a shard whose predecessor is still stopping); 0: refuse at once.
     lock_wait: float = 0.0
+    # A clean stop snapshots first when the log has grown since the last snapshot, so the
+    # next start replays nothing; it gives up after this many seconds (0: never snapshot).
+    stop_snapshot_timeout: float = 60.0
 
 
 class Shard:
@@ -340,6 +343,30 @@ class Shard:
                  path, count, lsn, seconds, pause * 1000)
         return {"path": str(path), "lsn": lsn, "profiles": count, "seconds": seconds,
                 "pause_ms": pause * 1000}
+
+    async def snapshot_before_stop(self) -> str:
+        """On a clean stop, after the last write: snapshot if the log holds anything the
+        newest snapshot does not, so the next start loads it and replays nothing. Never
+        raises: a snapshot that fails or outlasts `stop_snapshot_timeout` (its child is
+        killed, its temporary file is never read) only means the next start replays the
+        log, which holds every acknowledged write. Returns what happened, for the log."""
+        timeout = self.config.stop_snapshot_timeout
+        if self.log is None or timeout <= 0:
+            return "off"
+        if self.log.failed:
+            return f"skipped: {self.writable_error}"
+        if self.log.end_lsn == self._snapshot_lsn:
+            return "not needed: the newest snapshot holds everything"
+        try:
+            async with asyncio.timeout(timeout):
+                result = await self.snapshot()
+        except TimeoutError:
+            return (f"gave up after {timeout:g} s; the next start replays the log, which "
+                    "holds every acknowledged write")
+        except Exception as exc:  # noqa: BLE001 - stopping must go on; the log is whole
+            return f"failed ({exc}); the next start replays the log, which holds every " \
+                   "acknowledged write"
+        return f"written at lsn {result['lsn']} in {result['seconds']:.2f} s"
 
     async def _auto_snapshot(self) -> None:
         assert self.log is not None

@@ -80,7 +80,8 @@ def _run(coro: Any) -> Any:
               help="Keep nothing on disk (tests, benchmarks): a restart starts empty.")
 @shard_settings
 @click.option("--stop-timeout", default=15.0, show_default=True,
-              help="Seconds a shard gets to stop on SIGTERM before it is killed.")
+              help="Seconds a shard gets to stop on SIGTERM, beyond its "
+                   "--stop-snapshot-timeout, before it is killed.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="Serve Prometheus metrics: the router's on this port, shard i's on the port "
                    "+ 1 + i (0: free ports, each logged). Default: no metrics endpoint.")
@@ -92,7 +93,7 @@ def _run(coro: Any) -> Any:
 @click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
 def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: bool, sync: str,
           stop_timeout: float, metrics_port: int | None, snapshot_log_mb: int,
-          snapshot_interval: float,
+          snapshot_interval: float, stop_snapshot_timeout: float,
           max_identifiers_per_kind: int, blocked_identifier: tuple[str, ...],
           max_query_bytes: int, max_query_items: int, max_query_predicates: int,
           no_link: bool, tls_cert: Path | None, tls_key: Path | None,
@@ -120,10 +121,11 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: b
     audit.open_log(audit_log)
     limits = query_limits(max_query_bytes, max_query_items, max_query_predicates)
     args = shard_args(snapshot_log_mb, snapshot_interval, max_identifiers_per_kind,
-                      blocked_identifier, no_link or security.guarded, limits)
+                      blocked_identifier, no_link or security.guarded, limits,
+                      stop_snapshot_timeout)
     args += security_args(tls_cert, tls_key, tls_client_ca, auth_file, insecure, audit_log)
     supervisor = Supervisor(data_dir, shards, host, port, sync, shard_args=args,
-                            stop_timeout=stop_timeout, link=not no_link, security=security,
+                            stop_timeout=stop_timeout + stop_snapshot_timeout, link=not no_link, security=security,
                             credentials=credentials, cluster_token=internal,
                             metrics_port=metrics_port, in_memory=in_memory, limits=limits)
     _run(run(supervisor))

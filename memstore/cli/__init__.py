@@ -66,7 +66,7 @@ def main() -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
 def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str,
                 slots: str | None, sync: str, snapshot_log_mb: int, snapshot_interval: float,
-                max_identifiers_per_kind: int, blocked_identifier: tuple[str, ...],
+                stop_snapshot_timeout: float, max_identifiers_per_kind: int, blocked_identifier: tuple[str, ...],
                 max_query_bytes: int, max_query_items: int, max_query_predicates: int,
                 no_link: bool, link_port: int, metrics_port: int | None, lock_wait: float,
                 stop_on_eof: bool, tls_cert: Path | None, tls_key: Path | None,
@@ -98,7 +98,7 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
     config = ShardConfig(data_dir=None if in_memory else data_dir, name=name,
                          sync=SyncPolicy(sync), snapshot_log_bytes=snapshot_log_mb << 20,
                          snapshot_interval=snapshot_interval, rules=rules,
-                         lock_wait=lock_wait)
+                         lock_wait=lock_wait, stop_snapshot_timeout=stop_snapshot_timeout)
     owned = _parse_slots(slots) if slots else None
     try:
         uvloop.run(serve(config, host, port, owned, metrics_port=metrics_port,

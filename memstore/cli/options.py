@@ -52,6 +52,12 @@ _OPTIONS = (
                  show_default=True,
                  help="Take a snapshot this many seconds after the last one (if anything "
                       "changed)."),
+    click.option("--stop-snapshot-timeout", type=click.FloatRange(0), default=60.0,
+                 show_default=True,
+                 help="On a clean stop, write a snapshot first if the log has grown since "
+                      "the last one, so the next start replays nothing; give up after this "
+                      "many seconds (the next start then replays the log; nothing is lost). "
+                      "0: never."),
     click.option("--max-identifiers-per-kind", type=click.IntRange(1), default=20,
                  show_default=True,
                  help="Merge protection: a profile never holds more identifiers of one kind."),
@@ -74,7 +80,8 @@ LINK_PORT = click.option(
 
 
 def shard_settings(command: F) -> F:
-    """Add --sync, --snapshot-log-mb, --snapshot-interval, --max-identifiers-per-kind,
+    """Add --sync, --snapshot-log-mb, --snapshot-interval, --stop-snapshot-timeout,
+    --max-identifiers-per-kind,
     --blocked-identifier, the query limits and --no-link to a click command."""
     for option in reversed(_OPTIONS):
         command = option(command)
@@ -99,10 +106,12 @@ def query_limits(max_query_bytes: int, max_query_items: int, max_query_predicate
 
 def shard_args(snapshot_log_mb: int, snapshot_interval: float, max_identifiers_per_kind: int,
                blocked_identifier: tuple[str, ...], no_link: bool,
-               limits: QueryLimits | None = None) -> tuple[str, ...]:
+               limits: QueryLimits | None = None, stop_snapshot_timeout: float = 60.0
+               ) -> tuple[str, ...]:
     """The same settings as `serve-shard` arguments (--sync goes separately)."""
     return ("--snapshot-log-mb", str(snapshot_log_mb),
             "--snapshot-interval", str(snapshot_interval),
+            "--stop-snapshot-timeout", str(stop_snapshot_timeout),
             "--max-identifiers-per-kind", str(max_identifiers_per_kind),
             *(arg for value in blocked_identifier for arg in ("--blocked-identifier", value)),
             *(() if limits is None else (

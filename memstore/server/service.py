@@ -1075,5 +1075,7 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
     await health_servicer.enter_graceful_shutdown()
     started = time.monotonic()
     await asyncio.gather(server.stop(grace=5.0), *([link.stop(grace=5.0)] if link else []))
+    outcome = await shard.snapshot_before_stop()  # no call is in flight any more
+    log.info(f"snapshot before stopping: {outcome}", extra={"stop_snapshot": outcome})
     await shard.close()
     log.info("stopped in %.2fs", time.monotonic() - started)
