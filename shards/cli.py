@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from memstore.cli.options import (
+    ANONYMOUS_TTL,
     LINK_PORT,
     NO_LINK,
     client_security,
@@ -87,6 +88,7 @@ def _run(coro: Any) -> Any:
               default=None,
               help="With --tls-cert: the CA the router trusts its shards' certificate by "
                    "(default: --tls-client-ca, else the certificate itself, self-signed).")
+@ANONYMOUS_TTL
 @click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
 def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: bool, sync: str,
           stop_timeout: float, metrics_port: int | None, snapshot_log_mb: int,
@@ -94,7 +96,8 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: b
           max_identifiers_per_kind: int, blocked_identifier: tuple[str, ...],
           no_link: bool, tls_cert: Path | None, tls_key: Path | None,
           tls_client_ca: Path | None, auth_file: Path | None, insecure: bool,
-          audit_log: Path | None, tls_ca: Path | None, verbose: bool) -> None:
+          audit_log: Path | None, tls_ca: Path | None, anonymous_ttl: float | None,
+          verbose: bool) -> None:
     """Run a router and shard processes on this machine; restart shards that die."""
     from memstore.server import audit
     from memstore.server.security import AuthFileError, Credentials, ServerSecurity, new_token
@@ -121,7 +124,8 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: b
     supervisor = Supervisor(data_dir, shards, host, port, sync, shard_args=args,
                             stop_timeout=stop_timeout, link=not no_link, security=security,
                             credentials=credentials, cluster_token=internal,
-                            metrics_port=metrics_port, in_memory=in_memory)
+                            metrics_port=metrics_port, in_memory=in_memory,
+                            anonymous_ttl=anonymous_ttl)
     _run(run(supervisor))
 
 
@@ -146,12 +150,14 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: b
               help="A file holding the token (with the cluster role in the shards' auth "
                    "files) the router sends to its shards. Default: $MEMSTORE_CLUSTER_TOKEN, "
                    "else none.")
+@ANONYMOUS_TTL
 @click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
 def serve_router(shard_addresses: tuple[str, ...], host: str, port: int,
                  metrics_port: int | None, link_port: int, no_link: bool,
                  tls_cert: Path | None, tls_key: Path | None, tls_client_ca: Path | None,
                  auth_file: Path | None, insecure: bool, audit_log: Path | None,
-                 tls_ca: Path | None, cluster_token_file: Path | None, verbose: bool) -> None:
+                 tls_ca: Path | None, cluster_token_file: Path | None,
+                 anonymous_ttl: float | None, verbose: bool) -> None:
     """Run a router alone in front of shards started with serve-shard."""
     from memstore.server import audit
     from memstore.server.security import (
@@ -175,7 +181,7 @@ def serve_router(shard_addresses: tuple[str, ...], host: str, port: int,
         raise click.ClickException(str(exc)) from None
     audit.open_log(audit_log)
     _run(serve_router_(list(shard_addresses), host, port, metrics_port,
-                       None if no_link else link_port, security, credentials))
+                       None if no_link else link_port, security, credentials, anonymous_ttl))
 
 
 @click.group()

@@ -7,6 +7,7 @@ that `memstore serve` starts). Errors print the server's message and exit with s
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -62,6 +63,11 @@ def main() -> None:
                    "shards so, over a pipe it holds: they stop within seconds of its death, "
                    "however it dies.")
 @server_security
+@click.option("--salt-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The cluster's salt for suppression entries and the hashes in erasure "
+                   "receipts (64 hex digits), made there if missing. Give every shard of a "
+                   "cluster the same file (`memstore serve` does). Default: "
+                   "DATA_DIR/rights.salt; with --in-memory, a new one each start.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
 def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str,
                 slots: str | None, sync: str, snapshot_log_mb: int, snapshot_interval: float,
@@ -69,12 +75,12 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
                 no_link: bool, link_port: int, metrics_port: int | None, lock_wait: float,
                 stop_on_eof: bool, tls_cert: Path | None, tls_key: Path | None,
                 tls_client_ca: Path | None, auth_file: Path | None, insecure: bool,
-                audit_log: Path | None, verbose: bool) -> None:
+                audit_log: Path | None, salt_file: Path | None, verbose: bool) -> None:
     """Run one shard process (the cluster's `serve` starts these for you)."""
     import uvloop
 
     from memstore.engine.core import DEFAULT_BLOCKED, IdentityRules
-    from memstore.server import audit
+    from memstore.server import audit, rights
     from memstore.server.security import AuthFileError, ServerSecurity, cluster_token_from_env
     from memstore.server.service import serve
     from memstore.shard import ShardConfig
@@ -85,6 +91,10 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
         security = ServerSecurity.configure(tls_cert, tls_key, tls_client_ca, auth_file,
                                             insecure, cluster_token_from_env())
         security.check_host(host)
+        if salt_file is None and not in_memory:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            salt_file = data_dir / rights.SALT_FILE
+        salt = rights.load_salt(salt_file) if salt_file else os.urandom(32)
     except (AuthFileError, ValueError, OSError) as exc:
         click.echo(f"memstore: {exc}", err=True)
         sys.exit(1)
@@ -96,7 +106,7 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
     config = ShardConfig(data_dir=None if in_memory else data_dir, name=name,
                          sync=SyncPolicy(sync), snapshot_log_bytes=snapshot_log_mb << 20,
                          snapshot_interval=snapshot_interval, rules=rules,
-                         lock_wait=lock_wait)
+                         lock_wait=lock_wait, salt=salt)
     owned = _parse_slots(slots) if slots else None
     try:
         uvloop.run(serve(config, host, port, owned, metrics_port=metrics_port,
