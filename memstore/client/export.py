@@ -77,8 +77,8 @@ def _convert(values: list[int], how: str, unit: str) -> list[Any]:
     if how == "micros":
         return [v * 1_000_000 if v else None for v in values] if unit == "s" else values
     if how == "iso":
-        text = np.datetime_as_string(np.array(values, dtype=f"datetime64[{unit}]"),
-                                     unit=unit).tolist()
+        text = np.datetime_as_string(  # type: ignore[call-overload]
+            np.array(values, dtype=f"datetime64[{unit}]"), unit=unit).tolist()
         moments = [t + "Z" for t in text]
     else:
         scale = 1_000_000 if unit == "s" else 1
