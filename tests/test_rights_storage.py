@@ -143,6 +143,9 @@ def test_suppression_survives_restarts_and_snapshots(tmp_path: Path) -> None:
         for spec in (UpsertSpec("q", [], [("email", "p@x")]), UpsertSpec("p", [(SET, "n", 2)])):
             with pytest.raises(FailedPrecondition, match="suppression"):
                 engine.plan_upsert(spec)
+        for rows in ([("p", {"n": 1}, [])], [("r", {"n": 1}, [("email", "p@x")])]):
+            with pytest.raises(FailedPrecondition, match="suppression"):  # bulk loads too
+                engine.plan_load(rows)
         claimed = engine.plan_claims([["email", "p@x", "q", None]]).result
         assert claimed == [[None, 0.0, False, False, True]]
         engine.plan_upsert(UpsertSpec("q", [], [("email", "q@x")]))  # others are fine

@@ -352,10 +352,10 @@ def _export_many(expression: str, output: Path | None, no_progress: bool,
                     assert output is not None
                     written = files.write_parquet(output, schema, chunks, bar.update)
                 elif output is not None:
-                    with output.open("w", encoding="utf-8") as out:
+                    with output.open("wb") as out:
                         written = files.write_jsonl(out, schema, chunks, bar.update)
                 else:
-                    written = files.write_jsonl(sys.stdout, schema, chunks, bar.update)
+                    written = files.write_jsonl(sys.stdout.buffer, schema, chunks, bar.update)
         except (ClientError, ValueError) as exc:
             raise click.ClickException(str(exc)) from None
     click.echo(f"exported {written} profiles", err=True)

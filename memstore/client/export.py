@@ -17,14 +17,17 @@ file's metadata (`memstore.schema`, `memstore.meta_columns`), which `memstore lo
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import msgpack
 import numpy as np
+import orjson
 
 from memstore import pbvalues
 from memstore.v1 import memstore_pb2 as pb
@@ -45,6 +48,12 @@ def records(packed: bytes, timestamps: str = "datetime") -> list[dict[str, Any]]
     timestamp attributes and the created and changed times alike (None: not known)."""
     if not packed:
         return []
+    if gc.isenabled():  # thousands of new containers would wake the collector again and
+        gc.disable()  # again to walk the caller's heap (as in BatchGet's decode)
+        try:
+            return records(packed, timestamps)
+        finally:
+            gc.enable()
     tables, entries = msgpack.unpackb(packed, strict_map_key=False)
     names = [{aid: spec[0] for aid, spec in t.items()} for t in tables]
     stamps = [[aid for aid, spec in t.items() if spec[1] == _TIMESTAMP] for t in tables]
@@ -134,19 +143,15 @@ def receipt(r: pb.DeleteResponse | pb.EraseProfilesChunk) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- files
 
-def schema_line(schema: list[dict[str, Any]]) -> str:
-    return json.dumps({"schema": schema}, ensure_ascii=False)
-
-
-def write_jsonl(out: Any, schema: list[dict[str, Any]],
+def write_jsonl(out: BinaryIO, schema: list[dict[str, Any]],
                 chunks: Iterable[list[dict[str, Any]]], progress: Any = None) -> int:
-    """Write the schema line, then each chunk's records (made with timestamps="iso");
-    returns how many."""
-    dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-    out.write(schema_line(schema) + "\n")
+    """Write the schema line, then each chunk's records (made with timestamps="iso") to a
+    binary stream; returns how many. orjson: a tenth of the json module's time a line."""
+    line = partial(orjson.dumps, option=orjson.OPT_APPEND_NEWLINE)
+    out.write(line({"schema": schema}))
     total = 0
     for chunk in chunks:
-        out.write("".join([dumps(r) + "\n" for r in chunk]))
+        out.write(b"".join(map(line, chunk)))
         total += len(chunk)
         if progress is not None:
             progress(len(chunk))

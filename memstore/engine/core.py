@@ -1017,6 +1017,8 @@ class Engine:
         if (any(map(self.dense_of.__contains__, ids)) or any(map(self.aliases.__contains__, ids))
                 or any(map(self.forwards.__contains__, ids))):
             return general()
+        if self.suppressed and self._names_suppressed(batch):
+            return general()  # which refuses the record naming it
         slots = slots_of(ids)
         if self.owned_slots is not None and not self.owned_slots.issuperset(BitMap(slots)):
             return general()  # WrongSlot
@@ -1464,6 +1466,13 @@ class Engine:
         notes = self.suppression_notes([claim_key(k, v) for k, v in identifiers]
                                        + [id_key(p) for p in pids])
         return Change(notes=notes, result=len(notes))
+
+    def _names_suppressed(self, batch: Columns) -> bool:
+        """True when a load's batch names a suppressed id or identifier."""
+        hashed, suppressed = self.hashed, self.suppressed
+        return (any(hashed(id_key(pid)) in suppressed for pid in batch.ids)
+                or any(hashed(claim_key(k, v)) in suppressed
+                       for idents in batch.identifiers for k, v in idents))
 
     def created_at(self, dense: int) -> int:
         return self.created[dense] if dense < len(self.created) else 0
