@@ -690,7 +690,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         one moment). Each shard takes its copy before sending anything and says at which
         epoch; over a map whose epochs those are, the copies partition the profiles, so
         each is exported once. Otherwise (a slot moved meanwhile) all start again."""
-        sub = pb.ExportProfilesRequest(chunk_size=request.chunk_size)
+        sub = pb.ExportProfilesRequest(chunk_size=request.chunk_size, format=request.format)
         allow_partial = False
         if request.HasField("query"):
             sub.query.CopyFrom(await self._lenient(request.query, context))

@@ -345,7 +345,8 @@ def _export_many(expression: str, output: Path | None, no_progress: bool,
         try:
             schema = client.schema()
             total = client.count(expression)
-            chunks = client.iter_export(expression, timestamps="micros" if parquet else "iso")
+            chunks: Any = (client.iter_export(expression, timestamps="micros") if parquet
+                           else client.iter_export_lines(expression))
             with tqdm(unit=" profiles", disable=no_progress, file=sys.stderr, total=total,
                       desc=f"exporting to {output.name if output else 'stdout'}") as bar:
                 if parquet:

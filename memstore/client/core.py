@@ -644,6 +644,19 @@ class Client(ClientMethods):
         except grpc.RpcError as exc:
             raise _error(exc, "ExportProfiles") from None
 
+    def iter_export_lines(self, query: Any = None, *, chunk_size: int = 1000
+                          ) -> Iterator[tuple[int, bytes]]:
+        """As iter_export, as JSON Lines the shards make: (profiles, bytes) a message
+        (what `memstore export` writes; memstore.client.export)."""
+        request = _export_request(query, chunk_size)
+        request.format = pb.ExportProfilesRequest.JSON_LINES
+        try:
+            for chunk in self._grpc.ExportProfiles(request, timeout=self.timeout):
+                if chunk.profiles:
+                    yield chunk.profiles, chunk.lines
+        except grpc.RpcError as exc:
+            raise _error(exc, "ExportProfiles") from None
+
     def iter_erase(self, query: Any, *, suppress: bool = False, batch_size: int = 500
                    ) -> Iterator[dict[str, Any]]:
         """Erase every profile matching `query` (text; "ALL" for every one), a batch at a
@@ -842,6 +855,18 @@ class AsyncClient(ClientMethods):
                                                          timeout=self.timeout):
                 if chunk.packed:
                     yield export.records(chunk.packed, timestamps)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc, "ExportProfiles") from None
+
+    async def iter_export_lines(self, query: Any = None, *, chunk_size: int = 1000
+                                ) -> AsyncIterator[tuple[int, bytes]]:
+        """As Client.iter_export_lines."""
+        request = _export_request(query, chunk_size)
+        request.format = pb.ExportProfilesRequest.JSON_LINES
+        try:
+            async for chunk in self._grpc.ExportProfiles(request, timeout=self.timeout):
+                if chunk.profiles:
+                    yield chunk.profiles, chunk.lines
         except grpc.aio.AioRpcError as exc:
             raise _error(exc, "ExportProfiles") from None
 

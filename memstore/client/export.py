@@ -17,23 +17,18 @@ file's metadata (`memstore.schema`, `memstore.meta_columns`), which `memstore lo
 
 from __future__ import annotations
 
-import gc
 import json
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import msgpack
-import numpy as np
-import orjson
 
-from memstore import pbvalues
+from memstore import exportformat, pbvalues
 from memstore.v1 import memstore_pb2 as pb
 
 KINDS = {1: "string", 2: "int", 3: "float", 4: "bool", 5: "timestamp", 6: "string_list"}
-_TIMESTAMP = 5
 META_COLUMNS = ("_version", "_created", "_changed", "_merged_ids")
 RESERVED = {"id", "identifiers", *META_COLUMNS}
 
@@ -43,58 +38,11 @@ def iso(moment: datetime) -> str:
 
 
 def records(packed: bytes, timestamps: str = "datetime") -> list[dict[str, Any]]:
-    """The profiles of an ExportProfilesChunk. `timestamps`: "datetime" (aware), "iso"
-    (ISO-8601 strings: JSON-ready) or "micros" (int microseconds since the epoch), for
-    timestamp attributes and the created and changed times alike (None: not known)."""
+    """The profiles of an ExportProfilesChunk (memstore.exportformat.decode)."""
     if not packed:
         return []
-    if gc.isenabled():  # thousands of new containers would wake the collector again and
-        gc.disable()  # again to walk the caller's heap (as in BatchGet's decode)
-        try:
-            return records(packed, timestamps)
-        finally:
-            gc.enable()
     tables, entries = msgpack.unpackb(packed, strict_map_key=False)
-    names = [{aid: spec[0] for aid, spec in t.items()} for t in tables]
-    stamps = [[aid for aid, spec in t.items() if spec[1] == _TIMESTAMP] for t in tables]
-    unpack = msgpack.unpackb
-    out = []
-    found: list[tuple[dict[str, Any], str]] = []  # timestamp attributes to convert
-    for pid, blob, t, created, changed in entries:
-        version, attrs, idents, merged = unpack(blob, strict_map_key=False)
-        named = names[t]
-        attributes = {named[aid]: value for aid, value in attrs.items()}
-        for aid in stamps[t]:
-            if aid in attrs:
-                found.append((attributes, named[aid]))
-        out.append({"id": pid, "attributes": attributes, "identifiers": idents,
-                    "merged_ids": merged, "version": version, "created": created,
-                    "changed": changed})
-    if timestamps != "micros" and found:  # a chunk's timestamps converted at once
-        micros = [attributes[name] for attributes, name in found]
-        for (attributes, name), moment in zip(found, _convert(micros, timestamps, "us")):
-            attributes[name] = moment
-    for key in ("created", "changed"):
-        seconds = [r[key] for r in out]
-        for record, moment in zip(out, _convert(seconds, timestamps, "s")):
-            record[key] = moment
-    return out
-
-
-def _convert(values: list[int], how: str, unit: str) -> list[Any]:
-    """Times in `unit` since the epoch as `how` asks; 0 seconds (unit "s") is None."""
-    if how == "micros":
-        return [v * 1_000_000 if v else None for v in values] if unit == "s" else values
-    if how == "iso":
-        text = np.datetime_as_string(  # type: ignore[call-overload]
-            np.array(values, dtype=f"datetime64[{unit}]"), unit=unit).tolist()
-        moments = [t + "Z" for t in text]
-    else:
-        scale = 1_000_000 if unit == "s" else 1
-        moments = [pbvalues.micros_to_datetime(v * scale) for v in values]
-    if unit == "s":
-        return [m if v else None for v, m in zip(values, moments)]
-    return moments
+    return exportformat.decode(tables, entries, timestamps)
 
 
 def person(r: pb.ExportProfileResponse) -> dict[str, Any]:
@@ -144,17 +92,16 @@ def receipt(r: pb.DeleteResponse | pb.EraseProfilesChunk) -> dict[str, Any]:
 # ---------------------------------------------------------------------- files
 
 def write_jsonl(out: BinaryIO, schema: list[dict[str, Any]],
-                chunks: Iterable[list[dict[str, Any]]], progress: Any = None) -> int:
-    """Write the schema line, then each chunk's records (made with timestamps="iso") to a
-    binary stream; returns how many. orjson: a tenth of the json module's time a line."""
-    line = partial(orjson.dumps, option=orjson.OPT_APPEND_NEWLINE)
-    out.write(line({"schema": schema}))
+                chunks: Iterable[tuple[int, bytes]], progress: Any = None) -> int:
+    """Write the schema line, then each chunk's JSON lines ((count, bytes), as the shards
+    made them: Client.iter_export_lines) to a binary stream; returns how many."""
+    out.write(exportformat.json_lines([{"schema": schema}]))
     total = 0
-    for chunk in chunks:
-        out.write(b"".join(map(line, chunk)))
-        total += len(chunk)
+    for count, lines in chunks:
+        out.write(lines)
+        total += count
         if progress is not None:
-            progress(len(chunk))
+            progress(count)
     return total
 
 

@@ -36,6 +36,7 @@ import re
 import secrets
 from collections.abc import Callable, Iterator
 from itertools import repeat
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +44,7 @@ import numpy as np
 import ormsgpack
 from pyroaring import BitMap
 
-from memstore import pbvalues
+from memstore import exportformat, pbvalues
 from memstore.engine.core import decode
 from memstore.engine.schema import Kind
 from memstore.engine.values import from_stored
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
 
 SALT_FILE = "rights.salt"
 EXPORT_CHUNK = 2000  # profiles a bulk-export message
+EXPORT_LINES_CHUNK = 1000  # ... as JSON Lines: ~5 ms of a shard's time to make
 MAX_EXPORT_CHUNK = 50_000
 ERASE_BATCH = 500  # profiles an erasure change (and message)
 MAX_ERASE_BATCH = 10_000
@@ -152,10 +154,12 @@ class BulkExport:
 
     def __init__(self, shard: Shard, matches: BitMap) -> None:
         engine = shard.engine
-        dense = np.array(matches.to_array(), dtype=np.int64)
-        pids, blobs = engine.pids, engine.blobs
-        self.pids = [pids[d] for d in dense.tolist()]
-        self.blobs = [blobs[d] for d in dense.tolist()]
+        ids = matches.to_array()
+        dense = np.frombuffer(ids, dtype=np.uint32) if len(ids) else np.zeros(0, np.uint32)
+        # C loops (itemgetter, numpy): ~20 ms for a million profiles, the pause of the copy
+        take = itemgetter(*ids) if len(ids) > 1 else (lambda xs: [xs[i] for i in ids])
+        self.pids = list(take(engine.pids))
+        self.blobs = list(take(engine.blobs))
         self.created = np.frombuffer(engine.created, dtype=np.uint32)[dense].tolist()
         self.changed = np.frombuffer(engine.changed, dtype=np.uint32)[dense].tolist()
         self.table = dict(engine.schema_table())
@@ -165,15 +169,22 @@ class BulkExport:
     def __len__(self) -> int:
         return len(self.pids)
 
-    def chunks(self, size: int) -> Iterator[bytes]:
-        """msgpack [[table], [[id, blob, 0, created, changed], ...]] per `size` profiles
-        (ExportProfilesChunk.packed)."""
+    def chunks(self, size: int, lines: bool = False) -> Iterator[tuple[int, bytes]]:
+        """(profiles, bytes) per `size` profiles: msgpack [[table], [[id, blob, 0, created,
+        changed], ...]] (ExportProfilesChunk.packed), or with `lines` those profiles as
+        JSON Lines (memstore.exportformat: made here, a chunk at a time between requests,
+        so every shard of a cluster shares the work)."""
         tables = [self.table]
         for start in range(0, max(len(self.pids), 1), size):
             end = start + size
             entries = list(zip(self.pids[start:end], self.blobs[start:end], repeat(0),
                                self.created[start:end], self.changed[start:end]))
-            yield ormsgpack.packb([tables, entries], option=ormsgpack.OPT_NON_STR_KEYS)
+            if lines:
+                yield len(entries), exportformat.json_lines(
+                    exportformat.decode(tables, entries, "iso"))
+            else:
+                yield len(entries), ormsgpack.packb([tables, entries],
+                                                    option=ormsgpack.OPT_NON_STR_KEYS)
 
 
 # ---------------------------------------------------------------------- erasure

@@ -433,7 +433,9 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         in chunks of stored bytes; the epoch it was taken at goes ahead as initial metadata
         (EPOCH_TRAILER), so a router knows it before anything is sent on."""
         try:
-            size = request.chunk_size or rights.EXPORT_CHUNK
+            lines = request.format == pb.ExportProfilesRequest.JSON_LINES
+            size = request.chunk_size or (rights.EXPORT_LINES_CHUNK if lines
+                                          else rights.EXPORT_CHUNK)
             if size > rights.MAX_EXPORT_CHUNK:
                 raise InvalidArgument(f"chunk_size: at most {rights.MAX_EXPORT_CHUNK}, "
                                       f"got {size}")
@@ -445,9 +447,14 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
             return
         await context.send_initial_metadata(((EPOCH_TRAILER, str(export.epoch)),))
         name = self.shard.config.name
-        for packed in export.chunks(size):
-            yield pb.ExportProfilesChunk(packed=packed, shard=name,
-                                         log_position=export.position)
+        for count, data in export.chunks(size, lines):
+            chunk = pb.ExportProfilesChunk(shard=name, log_position=export.position,
+                                           profiles=count)
+            if lines:
+                chunk.lines = data
+            else:
+                chunk.packed = data
+            yield chunk
             await asyncio.sleep(0)
 
     async def EraseProfiles(self, request: pb.EraseProfilesRequest,

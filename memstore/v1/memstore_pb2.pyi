@@ -339,24 +339,36 @@ class ExportProfileResponse(_message.Message):
     def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., attributes: _Optional[_Iterable[_Union[ExportedAttribute, _Mapping]]] = ..., identifiers: _Optional[_Iterable[_Union[Identifier, _Mapping]]] = ..., merged_ids: _Optional[_Iterable[str]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., changed: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., events: _Optional[_Iterable[_Union[EventAggregate, _Mapping]]] = ..., slot: _Optional[int] = ..., shard: _Optional[str] = ..., sections: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ExportProfilesRequest(_message.Message):
-    __slots__ = ("query", "chunk_size")
+    __slots__ = ("query", "chunk_size", "format")
+    class Format(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        PACKED: _ClassVar[ExportProfilesRequest.Format]
+        JSON_LINES: _ClassVar[ExportProfilesRequest.Format]
+    PACKED: ExportProfilesRequest.Format
+    JSON_LINES: ExportProfilesRequest.Format
     QUERY_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
     query: QueryRequest
     chunk_size: int
-    def __init__(self, query: _Optional[_Union[QueryRequest, _Mapping]] = ..., chunk_size: _Optional[int] = ...) -> None: ...
+    format: ExportProfilesRequest.Format
+    def __init__(self, query: _Optional[_Union[QueryRequest, _Mapping]] = ..., chunk_size: _Optional[int] = ..., format: _Optional[_Union[ExportProfilesRequest.Format, str]] = ...) -> None: ...
 
 class ExportProfilesChunk(_message.Message):
-    __slots__ = ("packed", "shard", "log_position", "missing_shards")
+    __slots__ = ("packed", "shard", "log_position", "missing_shards", "lines", "profiles")
     PACKED_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     LOG_POSITION_FIELD_NUMBER: _ClassVar[int]
     MISSING_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    PROFILES_FIELD_NUMBER: _ClassVar[int]
     packed: bytes
     shard: str
     log_position: int
     missing_shards: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, packed: _Optional[bytes] = ..., shard: _Optional[str] = ..., log_position: _Optional[int] = ..., missing_shards: _Optional[_Iterable[str]] = ...) -> None: ...
+    lines: bytes
+    profiles: int
+    def __init__(self, packed: _Optional[bytes] = ..., shard: _Optional[str] = ..., log_position: _Optional[int] = ..., missing_shards: _Optional[_Iterable[str]] = ..., lines: _Optional[bytes] = ..., profiles: _Optional[int] = ...) -> None: ...
 
 class EraseProfilesRequest(_message.Message):
     __slots__ = ("query", "suppress", "batch_size", "anonymous_before", "anonymous_kinds")
