@@ -325,3 +325,27 @@ def test_bad_requests_name_what_is_wrong(cluster: dict[str, Any]) -> None:
         err.value.details
     usage = cli(cluster["router"].address, "delete", "x", "--yes")
     assert usage.returncode == 2 and "--yes goes with --query" in usage.stderr
+
+
+def test_the_async_client_exports_json_lines_made_by_the_shards(cluster: dict[str, Any]
+                                                                 ) -> None:
+    c: Client = cluster["client"]
+    c.load({"id": f"lines-{i}", "attributes": {"batch": "lines", "n": i}} for i in range(2500))
+
+    async def lines() -> list[dict[str, Any]]:
+        from memstore import AsyncClient
+
+        async with AsyncClient(cluster["router"].address) as a:
+            out = []
+            async for count, data in a.iter_export_lines('batch = "lines"', chunk_size=300):
+                assert data.count(b"\n") == count <= 300
+                out += [json.loads(line) for line in data.splitlines()]
+            return out
+
+    import asyncio
+
+    got = asyncio.run(lines())
+    assert sorted(r["attributes"]["n"] for r in got) == list(range(2500))
+    assert set(got[0]) == {"id", "attributes", "identifiers", "merged_ids", "version",
+                           "created", "changed"}
+    assert got[0]["created"].endswith("Z")

@@ -5,6 +5,7 @@ injected clock; suppression through restarts; the salt file."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from memstore.engine.core import SET, Engine, UpsertSpec
 from memstore.errors import FailedPrecondition
-from memstore.server.rights import load_salt, salt_id
+from memstore.server.rights import BulkExport, load_salt, salt_id
 from memstore.shard import Shard, ShardConfig, encode_images, encode_schema
 from memstore.storage import wal_format
 from memstore.storage.wal_writer import LogWriter, SyncPolicy
@@ -175,3 +176,23 @@ def test_the_salt_file_is_made_once_and_kept(tmp_path: Path) -> None:
         load_salt(path)
     with pytest.raises(ValueError, match="does not exist"):
         load_salt(tmp_path / "missing", create=False)
+
+
+def test_a_bulk_export_is_the_shards_state_at_its_start(tmp_path: Path) -> None:
+    """The export copies its profiles when it starts: changes made while it streams (an
+    update, a deletion, a new profile) do not show in it."""
+    clock = Clock(1_000)
+    shard = asyncio.run(Shard.open(ShardConfig(data_dir=None, clock=clock)))
+    engine = shard.engine
+    for i in range(50):
+        engine.apply(engine.plan_upsert(UpsertSpec(f"p{i}", [(SET, "n", i)])))
+    export = BulkExport(shard, engine.visible())
+    chunks = export.chunks(10, lines=True)
+    first = next(chunks)
+    clock.now = 2_000
+    engine.apply(engine.plan_upsert(UpsertSpec("p45", [(SET, "n", -1)])))
+    engine.apply(engine.plan_delete("p46"))
+    engine.apply(engine.plan_upsert(UpsertSpec("p99", [(SET, "n", 99)])))
+    rows = [json.loads(line) for _, data in [first, *chunks] for line in data.splitlines()]
+    assert [r["attributes"]["n"] for r in rows] == list(range(50))
+    assert {r["changed"] for r in rows} == {"1970-01-01T00:16:40Z"}
