@@ -11,6 +11,7 @@ converted together (numpy), not one datetime each.
 from __future__ import annotations
 
 import gc
+import struct
 from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Any
@@ -22,6 +23,7 @@ import orjson
 from memstore import pbvalues
 
 _TIMESTAMP = 5  # Kind.TIMESTAMP
+_ARRAY32 = struct.Struct(">BI")  # msgpack's array 32 header
 _line = partial(orjson.dumps, option=orjson.OPT_APPEND_NEWLINE)
 
 
@@ -45,11 +47,14 @@ def decode(tables: Sequence[dict[int, list[Any]]], entries: Iterable[Sequence[An
             gc.enable()
     names = [{aid: spec[0] for aid, spec in t.items()} for t in tables]
     stamps = [[aid for aid, spec in t.items() if spec[1] == _TIMESTAMP] for t in tables]
-    unpack = msgpack.unpackb
+    entries = list(entries)
+    # The stored encodings as one msgpack array: one unpack call a chunk, not one each.
+    states = msgpack.unpackb(_ARRAY32.pack(0xDD, len(entries))
+                             + b"".join([e[1] for e in entries]), strict_map_key=False)
     out = []
     found: list[tuple[dict[str, Any], str]] = []  # timestamp attributes to convert
-    for pid, blob, t, created, changed in entries:
-        version, attrs, idents, merged = unpack(blob, strict_map_key=False)
+    for (pid, _, t, created, changed), (version, attrs, idents, merged) in zip(entries,
+                                                                               states):
         named = names[t]
         attributes = {named[aid]: value for aid, value in attrs.items()}
         for aid in stamps[t]:
