@@ -19,7 +19,7 @@ import pytest
 from memstore import Client, ClientError
 from memstore.client.loader import header
 from memstore.hashslot import slot_of
-from memstore.server import audit
+from memstore.server import audit, metrics
 from shards.retention import Retention
 from shards.slots import split_even
 from tests.conftest import ROOT, start_shard
@@ -291,7 +291,9 @@ def test_retention_erases_anonymous_profiles_past_the_ttl(tmp_path: Path) -> Non
                                   batch=50)
             assert router.run(retention.sweep()) == 0  # not 30 days yet
             retention.clock = lambda: now + 31 * 86400
+            counted = metrics.ERASED.labels("retention")._value.get()
             assert router.run(retention.sweep()) == 121
+            assert metrics.ERASED.labels("retention")._value.get() == counted + 121
             assert c.count("ALL") == 3
             assert {c.get(p) is not None for p in ("known", "crm-only", "member")} == {True}
             assert c.get(identifier=("anonymous", "cookie-1")) is None
