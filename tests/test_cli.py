@@ -79,6 +79,23 @@ def test_every_command_is_documented_in_the_readme() -> None:
     assert not missing, f"commands missing from README.md: {missing}"
 
 
+def test_the_readme_has_a_data_rights_part_an_operator_can_follow() -> None:
+    """Access and erasure requests step by step, what memstore does not cover, the link to
+    the full procedure; the options it names exist; the README stays short."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme) <= 15_000
+    part = readme.split("\n## Data rights\n", 1)[1].split("\n## ", 1)[0]
+    for needle in ("Access request", "memstore export --identifier", "Erasure request",
+                   "memstore delete --identifier", "memstore snapshot", "receipt",
+                   "Not covered", "Backups", "(docs/data-rights.md)"):
+        assert needle in part, needle
+    for command, option in (("export", "--query"), ("export", "--output"),
+                            ("delete", "--query"), ("delete", "--yes"),
+                            ("delete", "--suppress"), ("serve", "--anonymous-ttl"),
+                            ("serve", "--audit-log"), ("serve", "--snapshot-interval")):
+        assert option in part and option in memstore(command, "--help").stdout, option
+
+
 @pytest.mark.parametrize("command", ["serve-shard", "load", "get", "query", "check", "repair"])
 def test_help_for_every_command(command: str) -> None:
     assert "Usage:" in memstore(command, "--help").stdout
