@@ -4,6 +4,7 @@ of every file a cluster keeps after an erasure and the next snapshot, and retent
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -104,6 +105,10 @@ def test_export_of_one_person_holds_everything_about_them(cluster: dict[str, Any
     assert printed["attributes"]["seen"] == {"kind": "timestamp",
                                              "value": "2026-03-04T05:06:07.123456Z"}
     assert printed["merged_ids"] == [loser]
+    by_identifier = cli(cluster["router"].address, "export", "--identifier", "device",
+                        "exp-dev-1")
+    assert by_identifier.returncode == 0, by_identifier.stderr
+    assert json.loads(by_identifier.stdout) == printed
     missing = cli(cluster["router"].address, "export", "--identifier", "email", "no@x")
     assert missing.returncode == 1 and "not found" in missing.stderr
 
@@ -128,6 +133,12 @@ def test_bulk_export_round_trips_through_load_exactly(cluster: dict[str, Any],
         assert "exported 300 profiles" in done.stderr
     lines = jsonl.read_text().splitlines()
     assert json.loads(lines[0])["schema"] and len(lines) == 301
+    shown = cli(cluster["router"].address, "export", "--query", "rt = true", "--output",
+                str(tmp_path / "bar.jsonl"))  # the progress bar, on stderr
+    assert shown.returncode == 0, shown.stderr
+    assert "exporting to bar.jsonl" in shown.stderr and "300/300" in shown.stderr
+    same = sorted((tmp_path / "bar.jsonl").read_text().splitlines())  # shards interleave
+    assert same == sorted(lines)
     assert header(jsonl, "jsonl") == header(parquet, "parquet")
 
     source = {r["id"]: r for chunk in c.iter_export("rt = true") for r in chunk}
@@ -205,8 +216,10 @@ def test_bulk_erasure_by_query(cluster: dict[str, Any]) -> None:
     assert "erased 400 profiles" in done.stderr
     assert c.count('wave = "bulkwave"') == 0 and c.get("bulk-stays") is not None
     assert c.get(identifier=("email", "bulk7@bulk.example")) is None
+    assert all(r["shard_positions"] and r["erased_at"] for r in receipts)
     assert scan(cluster["dirs"], ["Bulkname-7"])  # in the log until the next snapshot
-    c.snapshot()
+    positions = c.snapshot()["shard_positions"]
+    assert all(positions[s] >= p for r in receipts for s, p in r["shard_positions"].items())
     assert scan(cluster["dirs"], ["bulkgone-", "Bulkname-", "bulk.example"]) == []
 
 
@@ -232,11 +245,25 @@ def test_suppression_refuses_a_later_write_naming_the_person(cluster: dict[str, 
                      on_refused=lambda i, pid, e: refused.append((i, pid)))
     assert refused == [(1, "supp-b")] and applied == 2
     c.upsert("supp-fine", {"a": 1}, identifiers=[("email", "other@example.org")])
+    c.upsert("supp-cli", {"a": 1}, identifiers=[("email", "supp-cli@example.org")])
+    done = cli(cluster["router"].address, "delete", "supp-cli", "--suppress")  # by primary id
+    assert done.returncode == 0, done.stderr
+    receipt = json.loads(done.stdout)
+    assert receipt["suppressed"] and receipt["erased"][0]["identifiers"] == [
+        ["email", "supp-cli@example.org"]]
+    with pytest.raises(ClientError) as err:
+        c.upsert("supp-cli-2", {}, identifiers=[("email", "supp-cli@example.org")])
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    again = cli(cluster["router"].address, "delete", "supp-cli")
+    assert again.returncode == 1 and "nothing erased" in again.stderr
     c.snapshot()
-    assert scan(cluster["dirs"], ["supp@example.org", "+4799887766"]) == []
+    assert scan(cluster["dirs"], ["supp@example.org", "+4799887766",
+                                  "supp-cli@example.org"]) == []
 
 
 def test_erasure_after_a_slot_move_leaves_no_byte_on_any_shard(tmp_path: Path) -> None:
+    """Profiles moved to a new shard leave copies in the old shard's log and snapshots:
+    single and bulk erasures after the move, then a snapshot, leave none anywhere."""
     salt = str(tmp_path / "salt")
     shards = start_shards(tmp_path, 2, "--salt-file", salt)
     new = start_shard(tmp_path / "shard-new", "--name", "shard-2", "--sync", "off",
@@ -245,34 +272,52 @@ def test_erasure_after_a_slot_move_leaves_no_byte_on_any_shard(tmp_path: Path) -
     dirs = [tmp_path / "shard-0", tmp_path / "shard-1", tmp_path / "shard-new"]
     try:
         with Client(router.address) as c:
-            c.load({"id": f"mv-{i:04d}", "attributes": {"label": f"Movable-{i:04d}x"},
+            c.load({"id": f"mv-{i:04d}", "attributes": {"label": f"Movable-{i:04d}x",
+                                                        "grp": i % 4},
                     "identifiers": [["email", f"mv{i:04d}@move.example"]]}
                    for i in range(300))
             c.erase("mv-0000", suppress=True)
+            c.snapshot()  # the old shards' snapshots hold what is about to move
             moved = cli(router.address, "cluster", "add-shard", new.address, "--no-progress",
                         "--journal", str(tmp_path / "journal.json"))
             assert moved.returncode == 0, moved.stderr
-            owned = [f"{i:04d}" for i in range(1, 300)
-                     if c.export(f"mv-{i:04d}")["shard"] == "shard-2"]
-            assert len(owned) > 50
+            owners = {i: c.export(f"mv-{i:04d}")["shard"] for i in range(1, 300)}
+            owned = [f"{i:04d}" for i, s in owners.items() if s == "shard-2" and i % 4 != 1]
+            assert len(owned) > 30
             for n in owned:
                 c.erase(f"mv-{n}")
+            bulk = [f"{i:04d}" for i in owners if i % 4 == 1]
+            assert {owners[int(n)] for n in bulk} == {"shard-0", "shard-1", "shard-2"}
+            done = cli(router.address, "delete", "--query", "grp = 1", "--yes")
+            assert done.returncode == 0, done.stderr
+            assert f"erased {len(bulk)} profiles" in done.stderr
             with pytest.raises(ClientError) as err:  # suppression moved with its slots
                 c.upsert("mv-again", {}, identifiers=[("email", "mv0000@move.example")])
             assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            gone = [*owned, *bulk, "0000"]
+            needles = [f"Movable-{n}x" for n in gone] + [f"mv{n}@move.example" for n in gone]
+            assert scan(dirs, needles)  # in the logs (and older snapshots) until a snapshot
             c.snapshot()
-            needles = [f"Movable-{n}x" for n in [*owned, "0000"]]
-            needles += [f"mv{n}@move.example" for n in [*owned, "0000"]]
             assert scan(dirs, needles) == []
-            assert scan(dirs, ["Movable-0001x" if "0001" not in owned else "Movable-0002x"])
+            kept = next(f"{i:04d}" for i in owners if f"{i:04d}" not in gone)
+            assert scan(dirs, [f"Movable-{kept}x"])  # the others are still there
+            assert c.count("ALL") == 299 - len(owned) - len(bulk)
     finally:
         router.stop()
         for s in [*shards, new]:
             s.stop()
 
 
+def swept(directory: Path) -> int:
+    """Profiles erased by retention sweeps after the first three, from the router's audit
+    log."""
+    lines = [json.loads(line) for line in (directory / "audit.jsonl").read_text().splitlines()]
+    return sum([line["profiles"] for line in lines if line["event"] == "retention"][3:])
+
+
 def test_retention_erases_anonymous_profiles_past_the_ttl(tmp_path: Path) -> None:
-    shards = [start_shard(None, "--name", f"shard-{i}", "--slots", f"{lo}-{hi}")
+    shards = [start_shard(None, "--name", f"shard-{i}", "--slots", f"{lo}-{hi}",
+                          "--audit-log", str(tmp_path / f"shard-{i}.jsonl"))
               for i, ((lo, hi),) in enumerate(split_even(2))]
     router = RouterThread([s.address for s in shards])
     audit.open_log(tmp_path / "audit.jsonl")
@@ -301,10 +346,31 @@ def test_retention_erases_anonymous_profiles_past_the_ttl(tmp_path: Path) -> Non
             c.upsert("anon-1", {}, identifiers=[("anonymous", "cookie-1")])  # claim released
             retention.clock = lambda: time.time() + 29 * 86400
             assert router.run(retention.sweep()) == 0  # changed since: stays
+
+            # In the background: a sweep every 50 ms while reads go on unhindered.
+            c.load([{"id": f"bg-{i}", "identifiers": [["device", f"bg-dev-{i}"]]}
+                    for i in range(200)])
+            retention.clock = lambda: time.time() + 31 * 86400
+            retention.interval = 0.05
+            task = asyncio.run_coroutine_threadsafe(retention.run(), router.loop)
+            slowest, deadline = 0.0, time.monotonic() + 30
+            while swept(tmp_path) < 201 and time.monotonic() < deadline:
+                t = time.perf_counter()
+                assert c.get("known") is not None
+                slowest = max(slowest, time.perf_counter() - t)
+            task.cancel()
+            assert swept(tmp_path) == 201 and c.count("ALL") == 3  # anon-1 went too
+            assert slowest < 1.0
+        batches = [json.loads(line) for i in range(2)
+                   for line in (tmp_path / f"shard-{i}.jsonl").read_text().splitlines()]
+        batches = [b for b in batches if b["event"] == "erasure" and b["reason"] == "retention"]
+        assert sum(b["profiles"] for b in batches) >= 121 + 200
+        assert max(b["profiles"] for b in batches) <= 50  # small batches, one change each
+        assert not any("hashes" in b for b in batches)
         lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text()
                  .splitlines()]
-        assert [line["profiles"] for line in lines if line["event"] == "retention"] == [
-            0, 121, 0]
+        counts = [line["profiles"] for line in lines if line["event"] == "retention"]
+        assert counts[:3] == [0, 121, 0]
     finally:
         audit.open_log(None)
         router.stop()
@@ -343,8 +409,6 @@ def test_the_async_client_exports_json_lines_made_by_the_shards(cluster: dict[st
                 assert data.count(b"\n") == count <= 300
                 out += [json.loads(line) for line in data.splitlines()]
             return out
-
-    import asyncio
 
     got = asyncio.run(lines())
     assert sorted(r["attributes"]["n"] for r in got) == list(range(2500))
