@@ -61,10 +61,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     shards = start_shards(root, 2, "--salt-file", str(root / "salt"),
                           "--audit-log", str(root / "audit.jsonl"))
     router = RouterThread([s.address for s in shards])
+    audit.open_log(root / "router-audit.jsonl")  # the router runs in this process
     client = Client(router.address)
     yield {"root": root, "shards": shards, "router": router, "client": client,
            "dirs": [root / f"shard-{i}" for i in range(2)], "audit": root / "audit.jsonl"}
     client.close()
+    audit.open_log(None)
     router.stop()
     for shard in shards:
         shard.stop()
@@ -194,7 +196,12 @@ def test_erasure_leaves_a_receipt_and_no_byte_on_disk(cluster: dict[str, Any]) -
     assert scan(cluster["dirs"], needles) == []
     lines = [json.loads(line) for line in cluster["audit"].read_text().splitlines()]
     assert any(line.get("receipt") == receipt["receipt"] for line in lines)
-    assert scan([cluster["audit"].parent], needles) == []  # audit lines: hashes only
+    routed = [json.loads(line) for line in (cluster["root"] / "router-audit.jsonl")
+              .read_text().splitlines()]
+    [line] = [x for x in routed if x.get("receipt") == receipt["receipt"]]
+    assert line["hashes"] == receipt["hashed_ids"] and line["reason"] == "delete"
+    assert line["shard_positions"] == receipt["shard_positions"]
+    assert scan([cluster["root"]], needles) == []  # audit lines: hashes only
 
 
 def test_bulk_erasure_by_query(cluster: dict[str, Any]) -> None:
