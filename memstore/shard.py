@@ -28,6 +28,7 @@ import contextlib
 import gc
 import logging
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -66,6 +67,7 @@ from memstore.storage.wal_writer import LogFailedError, LogWriteError, LogWriter
 log = logging.getLogger("memstore.shard")
 
 SNAPSHOT_CHUNK = 2000  # profiles per snapshot section
+TIMES_CHUNK = 1 << 16  # dense ids per `times` section
 CLAIM_SLOTS_CHUNK = 64  # slots of directory claims per snapshot section
 RECENT_CHANGES = 500_000  # profile ids remembered for slot-move catch-up (~40 MB at most)
 
@@ -124,6 +126,10 @@ class ShardConfig:
     # A clean stop snapshots first when the log has grown since the last snapshot, so the
     # next start replays nothing; it gives up after this many seconds (0: never snapshot).
     stop_snapshot_timeout: float = 60.0
+    # Wall-clock seconds for created and changed times (tests inject one).
+    clock: Callable[[], float] = time.time
+    # The cluster's salt (memstore.server.rights): suppression keys and audit hashes.
+    salt: bytes = b""
 
 
 class Shard:
@@ -155,7 +161,7 @@ class Shard:
     # ------------------------------------------------------------------ life cycle
     @classmethod
     async def open(cls, config: ShardConfig) -> Shard:
-        engine = Engine(config.rules)
+        engine = Engine(config.rules, config.clock, config.salt)
         if config.data_dir is None:
             return cls(config, engine, None)
         started = time.monotonic()
@@ -239,6 +245,8 @@ class Shard:
                 except (LogFailedError, OSError) as exc:
                     raise Unavailable(f"not answered: an earlier write failed: {exc}") from None
             return change.result
+        if not change.at:
+            change.at = int(self.engine.clock())  # logged: replay stamps the same times
         if self.log is None:
             self.engine.apply(change)
             self._counter += 1
@@ -249,18 +257,13 @@ class Shard:
         try:
             if change.schema:
                 self.log.append(wal_format.RECORD_SCHEMA, encode_schema(change.schema))
-            if change.notes:
-                lsn = self.log.append(wal_format.RECORD_MERGE, encode_merge(change))
-            else:
-                lsn = self.log.append(wal_format.RECORD_PROFILES,
-                                      encode_images(change.images))
+            lsn = self.log.append(wal_format.RECORD_CHANGE, encode_change(change))
         except (LogWriteError, LogFailedError, OSError) as exc:
             raise Unavailable(f"write not persisted: {exc}") from None
         before = self.engine.apply(change)
         self._pending.append((lsn, before))
         self.recent.record(lsn, change.touched())
-        if (not self._erased and change.load is None  # a load only adds profiles
-                and any(image.blob is None for image in change.images)):
+        if not self._erased and change.load is None and change.erases:  # a load only adds
             self._erased = True
         try:
             await self.log.sync_to(lsn)
@@ -398,10 +401,12 @@ def write_snapshot_file(engine: Engine, snap_dir: Path, lsn: int, shard_name: st
     count = 0
     with SnapshotWriter.create(snap_dir, lsn, fsync) as writer:
         writer.write("meta", msgpack.packb(meta))
-        if engine.held or engine.forwards or engine.decided or engine.registry:
+        if (engine.held or engine.forwards or engine.decided or engine.registry
+                or engine.suppressed):
             writer.write("merges", msgpack.packb({"held": engine.held, "forwards":
                                                   engine.forwards, "decided": engine.decided,
-                                                  "registry": engine.registry}))
+                                                  "registry": engine.registry,
+                                                  "suppressed": engine.suppressed}))
         claims = engine.claims.by_slot()  # unpacked a slot at a time, as they are written
         while chunk := list(islice(claims, CLAIM_SLOTS_CHUNK)):
             writer.write("claims", msgpack.packb(chunk))
@@ -420,6 +425,13 @@ def write_snapshot_file(engine: Engine, snap_dir: Path, lsn: int, shard_name: st
                 packer.pack(pids[d])
                 packer.pack(blobs[d])
             writer.write("profiles", packer.bytes())
+        created = np.frombuffer(engine.created, dtype=np.uint32)
+        changed = np.frombuffer(engine.changed, dtype=np.uint32)
+        for start in range(0, len(pids), TIMES_CHUNK):
+            end = min(len(pids), start + TIMES_CHUNK)
+            writer.write("times", msgpack.packb(
+                [start, created[start:end].astype("<u4").tobytes(),
+                 changed[start:end].astype("<u4").tobytes()]))
         for spec in engine.schema.by_id:
             if not spec.indexed:
                 continue
@@ -454,6 +466,16 @@ def encode_merge(change: Change) -> bytes:
                          use_bin_type=True)
 
 
+def encode_change(change: Change) -> bytes:
+    """RECORD_CHANGE: {"at", "images", and where there are any "notes", "times"}."""
+    record: dict[str, Any] = {"at": change.at, "images": list(map(_LOGGED, change.images))}
+    if change.notes:
+        record["notes"] = [[n.table, n.key, n.value] for n in change.notes]
+    if change.times:
+        record["times"] = [[d, c, ch] for d, (c, ch) in change.times.items()]
+    return ormsgpack.packb(record)  # type: ignore[no-any-return]
+
+
 def encode_schema(specs: Iterable[AttributeSpec]) -> bytes:
     return msgpack.packb([s.to_state() for s in specs])
 
@@ -475,6 +497,13 @@ def replay(engine: Engine, rtype: int, payload: bytes) -> None:
         record = msgpack.unpackb(payload)
         engine.apply(Change(images=[Image(d, p, b) for d, p, b in record["images"]],
                             notes=[Note(t, k, v) for t, k, v in record["notes"]]))
+    elif rtype == wal_format.RECORD_CHANGE:
+        record = msgpack.unpackb(payload, strict_map_key=False)
+        notes = record.get("notes")
+        if notes:
+            engine.apply_notes([Note(t, k, v) for t, k, v in notes])
+        engine.apply_images([Image(d, p, b) for d, p, b in record["images"]], record["at"],
+                            {d: (c, ch) for d, c, ch in record.get("times", ())})
     elif rtype == wal_format.RECORD_SHARD_META:
         epoch, slots = msgpack.unpackb(payload)
         engine.set_ownership(epoch, None if slots is None else BitMap.deserialize(slots))
@@ -495,6 +524,8 @@ def load_snapshot(engine: Engine, sections: Iterable[tuple[str, bytes]]) -> None
             engine.pids = [None] * next_dense
             engine.blobs = [None] * next_dense
             engine.slots = array.array("H", bytes(next_dense * engine.slots.itemsize))
+            engine.created = array.array("I", bytes(next_dense * 4))  # no times section:
+            engine.changed = array.array("I", bytes(next_dense * 4))  # not known (0)
             epoch = meta["epoch"]
             owned = None if meta["owned"] is None else BitMap.deserialize(meta["owned"])
         elif name == "profiles":
@@ -504,6 +535,15 @@ def load_snapshot(engine: Engine, sections: Iterable[tuple[str, bytes]]) -> None
             engine.held, engine.forwards, engine.decided = (
                 tables["held"], tables["forwards"], tables["decided"])
             engine.registry = tables.get("registry", {})  # older snapshots have none
+            engine.suppressed = tables.get("suppressed", {})
+        elif name == "times":
+            start, created, changed = msgpack.unpackb(payload)
+            for column, raw in ((engine.created, created), (engine.changed, changed)):
+                chunk = array.array("I")
+                chunk.frombytes(raw)
+                if sys.byteorder == "big":
+                    chunk.byteswap()
+                column[start:start + len(chunk)] = chunk
         elif name == "claims":
             for slot, table in msgpack.unpackb(payload, strict_map_key=False):
                 engine.claims.load(slot, table)

@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from memstore.cli.options import (
+    ANONYMOUS_TTL,
     LINK_PORT,
     NO_LINK,
     client_security,
@@ -90,6 +91,7 @@ def _run(coro: Any) -> Any:
               default=None,
               help="With --tls-cert: the CA the router trusts its shards' certificate by "
                    "(default: --tls-client-ca, else the certificate itself, self-signed).")
+@ANONYMOUS_TTL
 @click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
 def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: bool, sync: str,
           stop_timeout: float, metrics_port: int | None, snapshot_log_mb: int,
@@ -98,7 +100,8 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: b
           max_query_bytes: int, max_query_items: int, max_query_predicates: int,
           no_link: bool, tls_cert: Path | None, tls_key: Path | None,
           tls_client_ca: Path | None, auth_file: Path | None, insecure: bool,
-          audit_log: Path | None, tls_ca: Path | None, verbose: bool) -> None:
+          audit_log: Path | None, tls_ca: Path | None, anonymous_ttl: float | None,
+          verbose: bool) -> None:
     """Run a router and shard processes on this machine; restart shards that die."""
     from memstore.server import audit
     from memstore.server.security import AuthFileError, Credentials, ServerSecurity, new_token
@@ -127,7 +130,8 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: b
     supervisor = Supervisor(data_dir, shards, host, port, sync, shard_args=args,
                             stop_timeout=stop_timeout + stop_snapshot_timeout, link=not no_link, security=security,
                             credentials=credentials, cluster_token=internal,
-                            metrics_port=metrics_port, in_memory=in_memory, limits=limits)
+                            metrics_port=metrics_port, in_memory=in_memory, limits=limits,
+                            anonymous_ttl=anonymous_ttl)
     _run(run(supervisor))
 
 
@@ -153,6 +157,7 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: b
                    "files) the router sends to its shards. Default: $MEMSTORE_CLUSTER_TOKEN, "
                    "else none.")
 @query_limit_settings
+@ANONYMOUS_TTL
 @click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
 def serve_router(shard_addresses: tuple[str, ...], host: str, port: int,
                  metrics_port: int | None, link_port: int, no_link: bool,
@@ -160,7 +165,7 @@ def serve_router(shard_addresses: tuple[str, ...], host: str, port: int,
                  auth_file: Path | None, insecure: bool, audit_log: Path | None,
                  tls_ca: Path | None, cluster_token_file: Path | None,
                  max_query_bytes: int, max_query_items: int, max_query_predicates: int,
-                 verbose: bool) -> None:
+                 anonymous_ttl: float | None, verbose: bool) -> None:
     """Run a router alone in front of shards started with serve-shard (give it the same
     query limits as them)."""
     from memstore.server import audit
@@ -186,7 +191,8 @@ def serve_router(shard_addresses: tuple[str, ...], host: str, port: int,
     audit.open_log(audit_log)
     _run(serve_router_(list(shard_addresses), host, port, metrics_port,
                        None if no_link else link_port, security, credentials,
-                       query_limits(max_query_bytes, max_query_items, max_query_predicates)))
+                       query_limits(max_query_bytes, max_query_items, max_query_predicates),
+                       anonymous_ttl))
 
 
 @click.group()

@@ -26,6 +26,9 @@ merged away), so whoever reads one verifies it against the profile it names:
 - Delete:   releases the deleted profile's claims (an erased person's identifiers leave the
             directory too), with the same check afterwards. Claims of ids merged into
             another profile stay as they are: look-ups follow the merged-away id.
+- Suppression: an identifier erased with suppression (DeleteRequest.suppress) has a salted
+            hash on the suppression list of its claim's shard, which answers a claim of it
+            `suppressed` and never makes it: the write is refused (Suppressed).
 
 Because every write claims before it writes, two first links of a new identifier racing
 through two routers to two shards meet at the claim: the second waits for the first's write
@@ -67,6 +70,7 @@ class Answer(NamedTuple):
     age: float
     created: bool
     blocked: bool = False  # a blocked value (merge protection): never claimed
+    suppressed: bool = False  # erased with suppression: never claimed, the write refused
 
 
 class Router(Protocol):
@@ -81,14 +85,25 @@ class ClaimStuck(Exception):
     """A write waited longer than CLAIM_WAIT for another write's young claim."""
 
 
+class Suppressed(Exception):
+    """A write names an identifier erased with suppression (FAILED_PRECONDITION)."""
+
+    def __init__(self, ident: Ident) -> None:
+        super().__init__(f"identifier {ident[0]}:{ident[1]!r} was erased with suppression "
+                         "(the blocked list of erased people); refused")
+        self.ident = ident
+
+
 class Directory:
     def __init__(self, router: Router, grace: float = CLAIM_GRACE) -> None:
         self.router = router
         self.grace = grace
 
-    async def ask(self, entries: Sequence[list[Any]], context: Any) -> list[Answer]:
+    async def ask(self, entries: Sequence[list[Any]], context: Any,
+                  positions: dict[str, int] | None = None) -> list[Answer]:
         """Claim entries ([kind, value, pid, expected], see ClaimRequest) to the shards
-        owning their slots, one request per shard, concurrently; answers in order."""
+        owning their slots, one request per shard, concurrently; answers in order. Each
+        shard's log position after its part goes in `positions` (by shard name)."""
         if not entries:
             return []
         items = [(claim_key(e[0], e[1]), i) for i, e in enumerate(entries)]
@@ -101,6 +116,9 @@ class Directory:
                                                         control=True):
             for i, answer in zip(group, msgpack.unpackb(response.packed), strict=True):
                 answers[i] = Answer(*answer)
+            if positions is not None and response.shard:
+                positions[response.shard] = max(positions.get(response.shard, 0),
+                                                response.log_position)
         return answers
 
     async def profiles(self, pids: Iterable[str], context: Any,
@@ -158,6 +176,8 @@ class Directory:
             answers = await self.ask([[k, v, pid, None] for pid, (k, v) in pending], context)
             contested: list[tuple[str, Ident, Answer]] = []
             for (pid, ident), answer in zip(pending, answers, strict=True):
+                if answer.suppressed:
+                    raise Suppressed(ident)
                 if answer.created:
                     made.add((pid, ident))
                 if answer.holder != pid and not answer.blocked:  # blocked: the write is
@@ -262,22 +282,27 @@ class Directory:
         if again:
             await self.ask(again, context)
 
-    async def forget(self, reply: pb.DeleteResponse, context: Any) -> None:
-        """Release the claims of a deleted profile's identifiers."""
-        idents = [(i.kind, i.value) for i in reply.identifiers]
+    async def forget(self, erased: Sequence[Any], context: Any) -> dict[str, int]:
+        """Release the claims of erased profiles' identifiers (each with `id`,
+        `merged_ids` and `identifiers`, as DeleteResponse and ErasedProfile have them).
+        Returns the log position of each shard that released some, by name."""
+        idents = [(i.kind, i.value) for p in erased for i in p.identifiers]
+        positions: dict[str, int] = {}
         if not idents:
-            return
-        ids = {reply.id, *reply.merged_ids}
+            return positions
+        ids = {pid for p in erased for pid in (p.id, *p.merged_ids)}
         quiet = _Quiet(context)
         try:
             claims = await self.ask([[k, v, None, None] for k, v in idents], quiet)
             released = [(c.holder, ident) for ident, c in zip(idents, claims, strict=True)
                         if c.holder in ids]
-            await self.ask([[k, v, None, holder] for holder, (k, v) in released], quiet)
+            await self.ask([[k, v, None, holder] for holder, (k, v) in released], quiet,
+                           positions)
             await self._reclaim(released, quiet)  # type: ignore[arg-type]
         except Exception as exc:  # noqa: BLE001 - the stale claims are taken over later
-            log.warning("delete of %r: claims of %d identifiers stay: %s", reply.id,
-                        len(idents), exc)
+            log.warning("erasure of %d profiles: claims of %d identifiers stay: %s",
+                        len(erased), len(idents), exc)
+        return positions
 
 
 class _Quiet:

@@ -89,7 +89,7 @@ from memstore.query import (
     QueryLimits,
     query_from_request,
 )
-from memstore.server import logs, metrics, reflection
+from memstore.server import audit, logs, metrics, reflection
 from memstore.server.guard import Guard
 from memstore.server.heap import LoadTrimmer
 from memstore.server.link import LinkServer, describe_handler
@@ -99,7 +99,7 @@ from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
 from shards import merge
 from shards.backoff import pause
-from shards.directory import ClaimStuck, Directory
+from shards.directory import ClaimStuck, Directory, Suppressed
 from shards.schema import ClusterSchema
 from shards.shard_map import CHANNEL_OPTIONS, ShardMap, ShardState
 from shards.slots import slot_of
@@ -314,6 +314,8 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         self._known: set[str] = set()  # attribute names some shard has declared
         self._naming = IdentifierLocks()  # this router's writes naming an identifier, in turn
         self._loads = LoadTrimmer()  # BatchUpsert calls in flight (memstore/server/heap.py)
+        self.retention: Any = None  # shards/retention.py, with --anonymous-ttl
+        self.retention_task: asyncio.Task[None] | None = None
 
     async def _lenient(self, query: pb.QueryRequest, context: grpc.aio.ServicerContext,
                        *extra: str) -> pb.QueryRequest:
@@ -358,7 +360,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
     async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
         if isinstance(exc, _Down | _Stuck | ClaimStuck):
             await _fail(context, Code.UNAVAILABLE, str(exc))
-        if isinstance(exc, merge.Forwarded | merge.Restart | _Pending):
+        if isinstance(exc, merge.Forwarded | merge.Restart | _Pending | Suppressed):
             await _fail(context, Code.FAILED_PRECONDITION, str(exc))
         if isinstance(exc, grpc.aio.AioRpcError):
             await _fail(context, exc.code(), exc.details() or exc.code().name)
@@ -580,7 +582,8 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
             except merge.Forwarded as exc:  # the profile itself merged away: its survivor
                 request = _retarget(request, exc.survivor)
             except Exception as exc:  # noqa: BLE001 - _abort re-raises the rest
-                if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in REFUSED:
+                if (isinstance(exc, grpc.aio.AioRpcError) and exc.code() in REFUSED
+                        or isinstance(exc, Suppressed)):
                     await self.directory.release(made, context)  # nothing was written
                 await self._abort(context, exc)
         await _fail(context, Code.UNAVAILABLE, f"{method}: the merge kept meeting racing "
@@ -609,15 +612,64 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         return await self._single(request.key.id, "Get", request, context)  # type: ignore[no-any-return]
 
     async def Delete(self, request: pb.DeleteRequest, context: Any) -> pb.DeleteResponse:
+        """Erase one person: the profile on its shard, then what other shards keep of it
+        (forwards of its merged ids, the claims of its identifiers, and with `suppress`
+        their entries on the blocked list). The receipt names every shard changed and the
+        log position after which no snapshot of it holds the person."""
         if request.key.WhichOneof("key") == "identifier":
             [hit] = await self._by_identifier([request.key], ["\x00"], context)
             if hit is None:
                 return pb.DeleteResponse(deleted=False)
-            request = pb.DeleteRequest(key=pb.ProfileKey(id=hit.id))
+            request = pb.DeleteRequest(key=pb.ProfileKey(id=hit.id), suppress=request.suppress)
         reply: pb.DeleteResponse = await self._single(request.key.id, "Delete", request, context)
-        await self._forget(reply, context)
-        await self.directory.forget(reply, context)
-        return reply
+        if not reply.deleted:
+            return reply
+        home = self.map.owner(slot_of(reply.id))
+        positions = {home.label if home else "?": reply.log_position}
+        for shard, position in (await self._erase_elsewhere([reply], request.suppress,
+                                                             context)).items():
+            positions[shard] = max(positions.get(shard, 0), position)
+        receipt = pb.DeleteResponse()
+        receipt.CopyFrom(reply)
+        receipt.log_position = 0
+        receipt.shard_positions.update(positions)
+        metrics.ERASED.labels("delete").inc()
+        audit.record("erasure", by=audit.caller.get(), reason="delete", receipt=reply.receipt,
+                     profiles=1, erased_at=reply.erased_at.seconds, shard_positions=positions,
+                     suppressed=request.suppress, hashes=list(reply.hashed_ids))
+        return receipt
+
+    async def _erase_elsewhere(self, erased: list[Any], suppress: bool, context: Any
+                               ) -> dict[str, int]:
+        """After shards erased profiles (each with `id`, `merged_ids`, `identifiers`):
+        erase the forwards their merged ids left on other shards, release the claims of
+        their identifiers and, with `suppress`, put ids and identifiers on the blocked list
+        of the shards owning their slots. Returns each changed shard's log position."""
+        positions = await self._forget(erased, context)
+        for shard, position in (await self.directory.forget(erased, context)).items():
+            positions[shard] = max(positions.get(shard, 0), position)
+        if suppress:
+            for shard, position in (await self._suppress(erased, context)).items():
+                positions[shard] = max(positions.get(shard, 0), position)
+        return positions
+
+    async def _suppress(self, erased: list[Any], context: Any) -> dict[str, int]:
+        """Suppression entries for the erased ids and identifiers, each on the shard owning
+        its slot (the erasing shard made those of its own slots already: idempotent)."""
+        items: list[tuple[str, Any]] = [(f"{i.kind}:{i.value}", [i.kind, i.value])
+                                        for p in erased for i in p.identifiers]
+        items += [(pid, pid) for p in erased for pid in (p.id, *p.merged_ids)]
+
+        def build(group: list[Any]) -> cpb.SuppressRequest:
+            return cpb.SuppressRequest(
+                packed=msgpack.packb([x for x in group if isinstance(x, list)]),
+                ids=[x for x in group if isinstance(x, str)])
+
+        positions: dict[str, int] = {}
+        for _, response in await self.routed(items, "Suppress", build, context, control=True):
+            positions[response.shard] = max(positions.get(response.shard, 0),
+                                            response.log_position)
+        return positions
 
     async def _by_identifier(self, keys: list[pb.ProfileKey], attributes: Iterable[str],
                              context: grpc.aio.ServicerContext) -> list[pb.Profile | None]:
@@ -633,21 +685,155 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         except Exception as exc:  # noqa: BLE001 - _abort re-raises what it cannot map
             await self._abort(context, exc)
 
-    async def _forget(self, reply: pb.DeleteResponse, context: Any) -> None:
-        """Erase the forwards that ids merged into the deleted profile left on other shards
-        (best effort: one that fails stays, forwarding to an id that finds nothing)."""
-        home = self.map.owner(slot_of(reply.id)) if reply.id else None
+    async def _forget(self, erased: list[Any], context: Any) -> dict[str, int]:
+        """Erase the forwards that ids merged into erased profiles left on other shards
+        (best effort: one that fails stays, forwarding to an id that finds nothing).
+        Returns the log position of each shard that forgot some."""
         by_shard: dict[int, tuple[ShardState, list[str]]] = {}
-        for pid in reply.merged_ids:
-            shard = self.map.owner(slot_of(pid))
-            if shard is not None and shard is not home:
-                by_shard.setdefault(id(shard), (shard, []))[1].append(pid)
+        for reply in erased:
+            home = self.map.owner(slot_of(reply.id)) if reply.id else None
+            for pid in reply.merged_ids:
+                shard = self.map.owner(slot_of(pid))
+                if shard is not None and shard is not home:
+                    by_shard.setdefault(id(shard), (shard, []))[1].append(pid)
+        positions: dict[str, int] = {}
         for shard, pids in by_shard.values():
             try:
-                await shard.control.Forget(cpb.ForgetRequest(ids=pids), timeout=_timeout(context))
+                answer = await shard.control.Forget(cpb.ForgetRequest(ids=pids),
+                                                    timeout=_timeout(context))
+                positions[answer.shard or shard.label] = answer.log_position
             except grpc.aio.AioRpcError as exc:
-                log.warning("delete of %r: forwards of %d ids on %s stay: %s", reply.id,
-                            len(pids), shard.label, exc.details())
+                log.warning("erasure: forwards of %d ids on %s stay: %s", len(pids),
+                            shard.label, exc.details())
+        return positions
+
+    # ------------------------------------------------------------------ data rights
+    async def ExportProfile(self, request: pb.ExportProfileRequest, context: Any
+                            ) -> pb.ExportProfileResponse:
+        if request.key.WhichOneof("key") == "identifier":
+            [hit] = await self._by_identifier([request.key], ["\x00"], context)
+            if hit is None:
+                ident = request.key.identifier
+                await _fail(context, Code.NOT_FOUND, f"profile with identifier "
+                            f"{ident.kind}:{ident.value!r} not found")
+            request = pb.ExportProfileRequest(key=pb.ProfileKey(id=hit.id))
+        return await self._single(request.key.id, "ExportProfile", request, context)  # type: ignore[no-any-return]
+
+    async def ExportProfiles(self, request: pb.ExportProfilesRequest, context: Any
+                             ) -> AsyncIterator[pb.ExportProfilesChunk]:
+        """Every shard's export at once, relayed as they come (each shard's consistent at
+        one moment). Each shard takes its copy before sending anything and says at which
+        epoch; over a map whose epochs those are, the copies partition the profiles, so
+        each is exported once. Otherwise (a slot moved meanwhile) all start again."""
+        sub = pb.ExportProfilesRequest(chunk_size=request.chunk_size, format=request.format)
+        allow_partial = False
+        if request.HasField("query"):
+            sub.query.CopyFrom(await self._lenient(request.query, context))
+            allow_partial = request.query.allow_partial
+        for attempt in _attempts():
+            shards = await self._stable(context, allow_partial)
+            calls = [(shard, epoch, shard.stub.ExportProfiles(sub, timeout=_timeout(context)))
+                     for shard, epoch in shards]
+            missing: list[str] = []
+            started: list[tuple[ShardState, Any]] = []
+            moved = False
+            for shard, epoch, call in calls:
+                try:
+                    answered = _epoch_of(await call.initial_metadata())
+                except grpc.aio.AioRpcError as exc:
+                    answered = None
+                    if exc.code() != Code.UNAVAILABLE:
+                        for _, _, other in calls:
+                            other.cancel()
+                        await self._abort(context, exc)
+                if answered is None:  # down (or it failed at once: the stream says why)
+                    if not allow_partial:
+                        started.append((shard, call))
+                        continue
+                    call.cancel()
+                    missing.append(shard.label)
+                    continue
+                if answered != epoch:
+                    moved = True
+                started.append((shard, call))
+            if moved:
+                for _, call in started:
+                    call.cancel()
+                await self.map.refresh(since=self.map.version)
+                await _pause(attempt, context)
+                continue
+            async for chunk in _relay([call for _, call in started]):
+                if isinstance(chunk, grpc.aio.AioRpcError):
+                    for _, call in started:
+                        call.cancel()
+                    await self._abort(context, chunk)
+                yield chunk
+            if missing:
+                yield pb.ExportProfilesChunk(missing_shards=missing)
+            return
+        await _fail(context, Code.UNAVAILABLE, "shard ownership kept changing during the export")
+
+    async def EraseProfiles(self, request: pb.EraseProfilesRequest, context: Any
+                            ) -> AsyncIterator[pb.EraseProfilesChunk]:
+        """Every shard erases its matching profiles in batches, at once; after each batch
+        the router erases what other shards keep of those people (Delete's second half)
+        and sends the batch's receipt on. A shard whose slots moved meanwhile may have
+        handed matching profiles to another: then the whole erasure runs again (it finds
+        only what is left), so a profile that matched throughout is erased wherever it
+        went."""
+        sub = pb.EraseProfilesRequest()
+        sub.CopyFrom(request)
+        if request.HasField("query"):
+            sub.query.CopyFrom(await self._lenient(request.query, context))
+        elif not request.HasField("anonymous_before"):
+            await _fail(context, Code.INVALID_ARGUMENT,
+                        "query: give the profiles to erase (ALL: every one)")
+        reason = "retention" if request.HasField("anonymous_before") else "query"
+        for attempt in _attempts():
+            shards = await self._stable(context, False)
+            moved = False
+            async for chunk in self.erase_on(shards, sub, context):
+                if chunk is None:
+                    moved = True
+                    continue
+                metrics.ERASED.labels(reason).inc(len(chunk.erased))
+                audit.record("erasure", by=audit.caller.get(), reason=reason,
+                             receipt=chunk.receipt, profiles=len(chunk.erased),
+                             erased_at=chunk.erased_at.seconds,
+                             shard_positions=dict(chunk.shard_positions),
+                             suppressed=request.suppress)
+                yield chunk
+            if not moved:
+                return
+            await self.map.refresh(since=self.map.version)
+            await _pause(attempt, context)
+        await _fail(context, Code.UNAVAILABLE, "shard ownership kept changing during the "
+                    "erasure; run it again")
+
+    async def erase_on(self, shards: list[tuple[ShardState, int]],
+                       request: pb.EraseProfilesRequest, context: Any
+                       ) -> AsyncIterator[pb.EraseProfilesChunk | None]:
+        """EraseProfiles on `shards` at once; each batch with what other shards keep of
+        its people erased too. None at the end when a shard's epoch changed meanwhile."""
+        calls = [shard.stub.EraseProfiles(request, timeout=_timeout(context))
+                 for shard, _ in shards]
+        async for chunk in _relay(calls):
+            if isinstance(chunk, grpc.aio.AioRpcError):
+                for call in calls:
+                    call.cancel()
+                await self._abort(context, chunk)
+            elsewhere = await self._erase_elsewhere(list(chunk.erased), request.suppress,
+                                                    context)
+            for shard_name, position in elsewhere.items():
+                chunk.shard_positions[shard_name] = max(chunk.shard_positions.get(shard_name, 0),
+                                                        position)
+            chunk.log_position = 0
+            yield chunk
+        for shard, epoch in shards:
+            info = await shard.control.GetShardInfo(cpb.ShardInfoRequest(), timeout=5.0)
+            if info.epoch != epoch:
+                yield None
+                return
 
     async def routed(self, items: list[tuple[str, Any]], method: str,
                      build: Callable[[list[Any]], Any], context: grpc.aio.ServicerContext,
@@ -911,7 +1097,10 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                     # judged again.
                     version = self.map.version
                     judged: dict[str, str] = {}
-                    first, later = await self._merge_first(items, named, context, judged)
+                    try:
+                        first, later = await self._merge_first(items, named, context, judged)
+                    except Suppressed as exc:
+                        await _refuse_suppressed(context, exc, items, named, forms)
                     rejudge: list[tuple[str, Any]] = []
                     parts += await self.routed(first, "BatchUpsert", build, context, retarget,
                                                judged=judged, rejudge=rejudge, refusals=True)
@@ -970,6 +1159,8 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         try:
             holder = await self.directory.claim([(pid, key) for key, pid in claimant.items()],
                                                 context, set())
+        except Suppressed:
+            raise  # the batch names the record (_batch_upsert)
         except Exception as exc:  # noqa: BLE001 - _abort re-raises what it cannot map
             await self._abort(context, exc)
         for i, ((pid, _), idents) in enumerate(zip(items, named, strict=True)):
@@ -1226,6 +1417,51 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         return {"shards": self.map.describe(), "exact": self.map.exact}
 
 
+async def _relay(calls: list[Any]) -> AsyncIterator[Any]:
+    """The messages of several server streams as they come (an AioRpcError in place of a
+    stream that failed, after which nothing more is read)."""
+    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=4 * max(1, len(calls)))
+    done = object()
+
+    async def pump(call: Any) -> None:
+        try:
+            async for message in call:
+                await queue.put(message)
+        except grpc.aio.AioRpcError as exc:
+            await queue.put(exc)
+        finally:
+            await queue.put(done)
+
+    tasks = [asyncio.create_task(pump(call)) for call in calls]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+                continue
+            yield item
+            if isinstance(item, grpc.aio.AioRpcError):
+                return
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _refuse_suppressed(context: Any, exc: Suppressed, items: list[tuple[str, Any]],
+                             named: list[list[tuple[str, str]]], forms: tuple[int, int]
+                             ) -> NoReturn:
+    """Refuse a BatchUpsert naming a suppressed identifier, naming its first record (as a
+    shard names a record it refuses: RECORD_TRAILER), nothing applied."""
+    i = next(i for i, idents in enumerate(named) if exc.ident in idents)
+    _, form, index = items[i][1]
+    where = (f"requests[{index}]" if form == REQUEST else f"packed[{index - forms[0]}]"
+             if form == PACKED else f"columns[{index - forms[0] - forms[1]}]")
+    context.set_trailing_metadata(((RECORD_TRAILER, str(index)),
+                                   (APPLIED_TRAILER, BitMap().serialize())))
+    await _fail(context, Code.FAILED_PRECONDITION, f"{where}.identifiers: {exc}")
+
+
 def _union_schema(responses: Iterable[pb.SchemaResponse]) -> pb.SchemaResponse:
     seen: dict[str, pb.AttributeSpec] = {}
     for response in responses:
@@ -1275,7 +1511,8 @@ async def start_router(addresses: Iterable[str], host: str = "127.0.0.1", port: 
                        wait_timeout: float = 30.0, link_port: int | None = 0,
                        security: ServerSecurity | None = None,
                        credentials: Credentials | None = None,
-                       limits: QueryLimits = DEFAULT_LIMITS
+                       limits: QueryLimits = DEFAULT_LIMITS,
+                       anonymous_ttl: float | None = None
                        ) -> tuple[grpc.aio.Server, int, RouterService]:
     """Build and start a router server (after every shard answered once). `link_port`:
     where clients' unary calls may come over the link (memstore/server/link.py; 0 picks a free
@@ -1322,6 +1559,11 @@ async def start_router(addresses: Iterable[str], host: str = "127.0.0.1", port: 
     await health_servicer.set("memstore.v1.Memstore", health_pb2.HealthCheckResponse.SERVING)
     server._memstore_health = health_servicer  # type: ignore[attr-defined]
     router.sweeper = asyncio.get_running_loop().create_task(router.sweep())
+    if anonymous_ttl:
+        from shards.retention import Retention
+
+        router.retention = Retention(router, anonymous_ttl)
+        router.retention_task = asyncio.get_running_loop().create_task(router.retention.run())
     return server, bound, router
 
 
@@ -1334,6 +1576,8 @@ async def stop_router(server: grpc.aio.Server, router: RouterService, grace: flo
                          *([router.link.stop(grace)] if router.link is not None else []))
     if router.sweeper is not None:
         router.sweeper.cancel()
+    if router.retention_task is not None:
+        router.retention_task.cancel()
     await router.map.close()
 
 
@@ -1349,13 +1593,14 @@ async def serve(addresses: list[str], host: str = "127.0.0.1", port: int = 7070,
                 metrics_port: int | None = None, link_port: int | None = 0,
                 security: ServerSecurity | None = None,
                 credentials: Credentials | None = None,
-                limits: QueryLimits = DEFAULT_LIMITS) -> None:
+                limits: QueryLimits = DEFAULT_LIMITS,
+                anonymous_ttl: float | None = None) -> None:
     """Run a router until SIGTERM/SIGINT, then drain in-flight calls. The auth file is read
     again on SIGHUP."""
     security = security or ServerSecurity()
     server, bound, router = await start_router(addresses, host, port, link_port=link_port,
                                                security=security, credentials=credentials,
-                                               limits=limits)
+                                               limits=limits, anonymous_ttl=anonymous_ttl)
     settle_heap()
     if metrics_port is not None:
         scrape = metrics.serve_metrics(host, metrics_port, tls=security.metrics_tls())

@@ -50,6 +50,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memstore.query import DEFAULT_LIMITS, QueryLimits
 from memstore.server import logs, metrics
+from memstore.server.rights import SALT_FILE, load_salt
 from memstore.server.security import Credentials, ServerSecurity
 from memstore.storage.dirlock import DirLock
 from shards.router import Background, settle_heap, start_router, stop_router
@@ -85,9 +86,11 @@ class Supervisor:
                  security: ServerSecurity | None = None,
                  credentials: Credentials | None = None,
                  cluster_token: str | None = None, metrics_port: int | None = None,
-                 in_memory: bool = False, limits: QueryLimits = DEFAULT_LIMITS) -> None:
+                 in_memory: bool = False, limits: QueryLimits = DEFAULT_LIMITS,
+                 anonymous_ttl: float | None = None) -> None:
         self.data_dir = data_dir
         self.limits = limits  # the router's; the shards have theirs in shard_args
+        self.anonymous_ttl = anonymous_ttl  # the router's retention (shards/retention.py)
         self.security = security or ServerSecurity()  # the router's; shards get the flags
         self.credentials = credentials or Credentials()  # the router's calls to its shards
         self.cluster_token = cluster_token  # given to the shards: they accept it as cluster
@@ -158,6 +161,8 @@ class Supervisor:
                 "--lock-wait", str(SHARD_LOCK_WAIT), *self.shard_args]
         if self.in_memory:
             args += ["--in-memory"]
+        else:  # one salt for the cluster (memstore.server.rights), made once
+            args += ["--salt-file", str(self.data_dir / SALT_FILE)]
         if shard.slots and (self.in_memory or not shard.data_dir.exists()):
             args += ["--slots", shard.slots]
         if self.metrics_port is not None:
@@ -252,6 +257,7 @@ class Supervisor:
         DirectoryLocked if another supervisor owns the data directory."""
         if not self.in_memory:
             self._lock = DirLock.acquire(self.data_dir)
+            load_salt(self.data_dir / SALT_FILE)
         try:
             await asyncio.gather(*(self._spawn(s) for s in self.shards))
         except BaseException:
@@ -265,7 +271,8 @@ class Supervisor:
             self._server, self.router_port, self._router = await start_router(
                 addresses, self.host, self.port, on_membership=self._membership,
                 link_port=0 if self.link else None, security=self.security,
-                credentials=self.credentials, limits=self.limits)
+                credentials=self.credentials, limits=self.limits,
+                anonymous_ttl=self.anonymous_ttl)
         except BaseException:
             await self.stop()
             raise

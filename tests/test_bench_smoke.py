@@ -151,3 +151,19 @@ def test_in_processes_times_the_op_in_each_process() -> None:
 def test_in_processes_reports_a_process_that_cannot_start() -> None:
     with pytest.raises(RuntimeError, match="did not start: process [01]: ValueError: no server"):
         in_processes(_unbuildable_op, 2, 0.3)
+
+
+def test_export_bench_runs_small() -> None:
+    """bench/export.py end to end at 2,000 profiles: DuckDB's copies, the router's exports
+    (every profile, in both formats), the ratios and the target check; not timings."""
+    from bench.export import run as run_export_bench
+
+    out = run_export_bench(2_000, shards=2)
+    assert [r["file"] for r in out["duckdb"]] == [".jsonl", ".parquet"]
+    everything = [r for r in out["exports"] if r["query"] == "ALL"]
+    assert [(r["file"], r["profiles"]) for r in everything] == [(".jsonl", 2_000),
+                                                                 (".parquet", 2_000)]
+    assert all(r["vs_duckdb"] >= 0 and r["profiles_per_s"] > 0 and r["bytes"] > 0
+               for r in everything)  # (a ratio at 2,000 may round to 0.0)
+    assert 0 < out["exports"][2]["profiles"] < 2_000  # a segment
+    assert isinstance(out["target_met"], bool) and out["first_chunk_ms"] > 0

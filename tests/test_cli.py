@@ -92,6 +92,21 @@ def test_every_server_option_is_documented_in_operations() -> None:
                for opt in param.opts if opt.startswith("--") and opt != "--help"
                and f"`{opt}" not in reference]
     assert not missing, f"options missing from docs/operations.md: {missing}"
+def test_the_readme_has_a_data_rights_part_an_operator_can_follow() -> None:
+    """Access and erasure requests step by step, what memstore does not cover, the link to
+    the full procedure; the options it names exist; the README stays short."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme) <= 15_000
+    part = readme.split("\n## Data rights\n", 1)[1].split("\n## ", 1)[0]
+    for needle in ("Access request", "memstore export --identifier", "Erasure request",
+                   "memstore delete --identifier", "memstore snapshot", "receipt",
+                   "Not covered", "Backups", "(docs/data-rights.md)"):
+        assert needle in part, needle
+    for command, option in (("export", "--query"), ("export", "--output"),
+                            ("delete", "--query"), ("delete", "--yes"),
+                            ("delete", "--suppress"), ("serve", "--anonymous-ttl"),
+                            ("serve", "--audit-log"), ("serve", "--snapshot-interval")):
+        assert option in part and option in memstore(command, "--help").stdout, option
 
 
 @pytest.mark.parametrize("command", ["serve-shard", "load", "get", "query", "check", "repair"])

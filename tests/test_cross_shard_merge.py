@@ -234,7 +234,7 @@ def _notes(shard: ServerProcess, pid: str) -> list[Any]:
     chunks = control(shard).ExportSlots(cpb.ExportRequest(
         slots=[cpb.SlotRange(start=slot, end=slot)]), timeout=10)
     notes = [msgpack.unpackb(c.packed, strict_map_key=False).get("notes") for c in chunks]
-    return [n and {k: v for k, v in n.items() if k not in ("claims", "registry")}
+    return [n and {k: v for k, v in n.items() if k not in ("claims", "registry", "suppressed")}
             for n in notes]
 
 

@@ -90,13 +90,13 @@ def test_claims_make_take_over_and_release_by_compare_and_set() -> None:
     engine = Engine()
     plan = engine.plan_claims([["email", "a@x", "p1", None], ["email", "a@x", "p2", None],
                                ["email", "b@x", None, None]])
-    assert [a[::2] for a in plan.result] == [["p1", True], ["p1", False], [None, False]]
+    assert [a[:3:2] for a in plan.result] == [["p1", True], ["p1", False], [None, False]]
     engine.apply(plan)
     assert engine.claims.get(claim_key("email", "a@x")) == "p1" and len(engine.claims) == 1
     # A take-over names the holder it expects; a wrong guess changes nothing.
-    assert engine.plan_claims([["email", "a@x", "p2", "p3"]]).result[0][::2] == ["p1", False]
+    assert engine.plan_claims([["email", "a@x", "p2", "p3"]]).result[0][:3:2] == ["p1", False]
     plan = engine.plan_claims([["email", "a@x", "p2", "p1"]])
-    assert plan.result[0][::2] == ["p2", True]
+    assert plan.result[0][:3:2] == ["p2", True]
     undo = engine.apply(plan)
     # Release only if still the named holder's.
     assert engine.plan_claims([["email", "a@x", None, "p1"]]).result[0][0] == "p2"
@@ -210,7 +210,7 @@ def test_a_stale_claim_waits_out_its_grace_then_is_taken_over(three: dict[str, A
     waits while the claim is young, then takes it over; look-ups never trust it."""
     stub, shards, router = three["stub"], three["shards"], three["router"]
     ghost, ident = fresh(3, want_pid=2, want_claim=1)
-    assert claims(shards[1], [["email", ident.value, ghost, None]])[0][::2] == [ghost, True]
+    assert claims(shards[1], [["email", ident.value, ghost, None]])[0][:3:2] == [ghost, True]
     with pytest.raises(grpc.RpcError) as err:  # ghost does not hold it: not found
         get(stub, ident)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -423,7 +423,7 @@ def test_a_claim_made_just_before_the_freeze_moves_with_its_slot(tmp_path: Path)
             ident = ["email", "moved@example.com"]
             batch = {slot_of(claim_key(*ident))}
             _, lsn = await rb._copy(s, t, batch)
-            assert (await claim(s, [[*ident, "p1", None]]))[0][::2] == ["p1", True]
+            assert (await claim(s, [[*ident, "p1", None]]))[0][:3:2] == ["p1", True]
             epoch = cl.next_epoch()
             await rb._freeze(s, batch, epoch)
             await rb._switch(s, t, batch, epoch, lsn, rb.MoveReport())

@@ -201,7 +201,7 @@ def test_a_snapshot_without_merge_tables_writes_no_merges_section(tmp_path: Path
     path, count, _ = write_snapshot_file(engine, tmp_path, 1, "s", time.monotonic())
     assert count == 1
     assert [name for name, _ in SnapshotReader(path).sections()] == [
-        "meta", "profiles", *["index"] * 5]
+        "meta", "profiles", "times", *["index"] * 5]
     restored = Engine()
     load_snapshot(restored, SnapshotReader(path).sections())
     assert full_state(restored) == full_state(engine)

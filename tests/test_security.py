@@ -295,6 +295,20 @@ def test_every_method_has_a_role() -> None:
     assert needs("/grpc.health.v1.Health/Check") is None
 
 
+def test_data_rights_methods_have_the_roles_their_data_calls_for() -> None:
+    """One person's export is a read, as a Get is; one erasure a write, as Delete always
+    was; everyone's data at once, or many people erased, needs admin."""
+    def role(method: str) -> str:
+        need = needs(f"/memstore.v1.Memstore/{method}")
+        assert need is not None
+        return need.name
+
+    assert [role(m) for m in ("ExportProfile", "Delete", "ExportProfiles",
+                              "EraseProfiles")] == ["read", "write", "admin", "admin"]
+    assert "write" not in needs("/memstore.v1.Memstore/ExportProfiles").roles  # type: ignore[union-attr]
+    assert needs("/memstore.v1.ShardControl/Suppress").roles == {"cluster", "admin"}  # type: ignore[union-attr]
+
+
 # ---------------------------------------------------------------------- a secured cluster
 
 

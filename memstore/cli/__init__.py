@@ -7,6 +7,7 @@ that `memstore serve` starts). Errors print the server's message and exit with s
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -63,6 +64,11 @@ def main() -> None:
                    "shards so, over a pipe it holds: they stop within seconds of its death, "
                    "however it dies.")
 @server_security
+@click.option("--salt-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The cluster's salt for suppression entries and the hashes in erasure "
+                   "receipts (64 hex digits), made there if missing. Give every shard of a "
+                   "cluster the same file (`memstore serve` does). Default: "
+                   "DATA_DIR/rights.salt; with --in-memory, a new one each start.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
 def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str,
                 slots: str | None, sync: str, snapshot_log_mb: int, snapshot_interval: float,
@@ -71,12 +77,12 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
                 no_link: bool, link_port: int, metrics_port: int | None, lock_wait: float,
                 stop_on_eof: bool, tls_cert: Path | None, tls_key: Path | None,
                 tls_client_ca: Path | None, auth_file: Path | None, insecure: bool,
-                audit_log: Path | None, verbose: bool) -> None:
+                audit_log: Path | None, salt_file: Path | None, verbose: bool) -> None:
     """Run one shard process (the cluster's `serve` starts these for you)."""
     import uvloop
 
     from memstore.engine.core import DEFAULT_BLOCKED, IdentityRules
-    from memstore.server import audit
+    from memstore.server import audit, rights
     from memstore.server.security import AuthFileError, ServerSecurity, cluster_token_from_env
     from memstore.server.service import serve
     from memstore.shard import ShardConfig
@@ -87,6 +93,10 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
         security = ServerSecurity.configure(tls_cert, tls_key, tls_client_ca, auth_file,
                                             insecure, cluster_token_from_env())
         security.check_host(host)
+        if salt_file is None and not in_memory:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            salt_file = data_dir / rights.SALT_FILE
+        salt = rights.load_salt(salt_file) if salt_file else os.urandom(32)
     except (AuthFileError, ValueError, OSError) as exc:
         click.echo(f"memstore: {exc}", err=True)
         sys.exit(1)
@@ -98,7 +108,8 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
     config = ShardConfig(data_dir=None if in_memory else data_dir, name=name,
                          sync=SyncPolicy(sync), snapshot_log_bytes=snapshot_log_mb << 20,
                          snapshot_interval=snapshot_interval, rules=rules,
-                         lock_wait=lock_wait, stop_snapshot_timeout=stop_snapshot_timeout)
+                         lock_wait=lock_wait, stop_snapshot_timeout=stop_snapshot_timeout,
+                         salt=salt)
     owned = _parse_slots(slots) if slots else None
     try:
         uvloop.run(serve(config, host, port, owned, metrics_port=metrics_port,
@@ -160,9 +171,14 @@ def load(file: Path, fmt: str | None, rejects: Path | None, chunk_size: int,
     fmt = loader.format_of(file, fmt)
     with connect.client(timeout=None) as client:
         try:
+            declared = loader.header(file, fmt)  # an export's schema line: declared first
+            if declared:
+                client.declare(declared)
             schema = {a["name"]: a["kind"] for a in client.schema()}
         except ClientError as exc:
             raise click.ClickException(str(exc)) from None
+        except ValueError as exc:
+            raise click.ClickException(f"{file.name}: {exc}") from None
         with tqdm(unit=" profiles", disable=no_progress, file=sys.stderr,
                   total=loader.count_lines(file, fmt), desc=f"loading {file.name}") as bar:
             run = _LoadRun(file, rejects, chunk_size * (concurrency + 2), bar.update)
@@ -287,6 +303,111 @@ def get(id: str | None, identifier: tuple[str, str] | None, attribute: tuple[str
     if profile is None:
         raise click.ClickException(f"profile {id or identifier} not found")
     click.echo(json.dumps(profile, default=_json_default, ensure_ascii=False))
+
+
+@main.command()
+@click.argument("id", required=False)
+@click.option("--identifier", nargs=2, metavar="KIND VALUE", default=None,
+              help="The person holding this identifier instead of the primary id.")
+@click.option("--query", "expression", default=None, metavar="EXPR",
+              help="Bulk: every profile matching EXPR (ALL: every profile), consistent as of "
+                   "one moment per shard; written to --output (default: JSON Lines on "
+                   "standard output).")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --query: the file to write, JSON Lines or Parquet by its suffix "
+                   "(.parquet), readable by `memstore load`.")
+@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@connection
+def export(id: str | None, identifier: tuple[str, str] | None, expression: str | None,
+           output: Path | None, no_progress: bool, connect: Connect) -> None:
+    """Print everything held about the person ID (or --identifier KIND VALUE) as JSON, or
+    write every profile matching --query to --output (docs/data-rights.md)."""
+    if (id is not None) + (identifier is not None) + (expression is not None) != 1:
+        raise click.UsageError("give one of ID, --identifier KIND VALUE or --query EXPR")
+    if output is not None and expression is None:
+        raise click.UsageError("--output goes with --query")
+    if expression is None:
+        with connect.client() as client:
+            try:
+                found = client.export(id, identifier=identifier)
+            except ClientError as exc:
+                raise click.ClickException(str(exc)) from None
+        if found is None:
+            raise click.ClickException(f"profile {id or ' '.join(identifier or ())} not found")
+        click.echo(json.dumps(found, default=_json_default, ensure_ascii=False, indent=2))
+        return
+    _export_many(expression, output, no_progress, connect)
+
+
+def _export_many(expression: str, output: Path | None, no_progress: bool,
+                 connect: Connect) -> None:
+    from tqdm import tqdm
+
+    from memstore.client import export as files
+
+    parquet = output is not None and output.suffix.lower() == ".parquet"
+    with connect.client(timeout=None) as client:
+        try:
+            schema = client.schema()
+            total = client.count(expression)
+            chunks: Any = (client.iter_export(expression, timestamps="micros") if parquet
+                           else client.iter_export_lines(expression))
+            with tqdm(unit=" profiles", disable=no_progress, file=sys.stderr, total=total,
+                      desc=f"exporting to {output.name if output else 'stdout'}") as bar:
+                if parquet:
+                    assert output is not None
+                    written = files.write_parquet(output, schema, chunks, bar.update)
+                elif output is not None:
+                    with output.open("wb") as out:
+                        written = files.write_jsonl(out, schema, chunks, bar.update)
+                else:
+                    written = files.write_jsonl(sys.stdout.buffer, schema, chunks, bar.update)
+        except (ClientError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+    click.echo(f"exported {written} profiles", err=True)
+
+
+@main.command()
+@click.argument("id", required=False)
+@click.option("--identifier", nargs=2, metavar="KIND VALUE", default=None,
+              help="Erase the person holding this identifier.")
+@click.option("--query", "expression", default=None, metavar="EXPR",
+              help="Bulk: erase every profile matching EXPR (asks first unless --yes).")
+@click.option("--yes", is_flag=True, help="With --query: erase without asking.")
+@click.option("--suppress", is_flag=True,
+              help="Also keep salted hashes of the ids and identifiers erased, so that a "
+                   "later write naming one is refused (a re-import from a stale source).")
+@connection
+def delete(id: str | None, identifier: tuple[str, str] | None, expression: str | None,
+           yes: bool, suppress: bool, connect: Connect) -> None:
+    """Erase the person ID (or --identifier KIND VALUE, or every profile matching --query)
+    and print the receipt as JSON: what was removed, when, and each shard's log position
+    after which no snapshot holds it (docs/data-rights.md)."""
+    if (id is not None) + (identifier is not None) + (expression is not None) != 1:
+        raise click.UsageError("give one of ID, --identifier KIND VALUE or --query EXPR")
+    if yes and expression is None:
+        raise click.UsageError("--yes goes with --query")
+    with connect.client(timeout=None) as client:
+        try:
+            if expression is None:
+                receipt = client.erase(id, identifier=identifier, suppress=suppress)
+                if receipt is None:
+                    raise click.ClickException(
+                        f"profile {id or ' '.join(identifier or ())} not found; nothing erased")
+                click.echo(json.dumps(receipt, default=_json_default, ensure_ascii=False,
+                                      indent=2))
+                return
+            if not yes:
+                count = client.count(expression)
+                click.confirm(f"erase {count} profiles matching {expression!r}?", abort=True,
+                              err=True)
+            erased = 0
+            for receipt in client.iter_erase(expression, suppress=suppress):
+                erased += len(receipt["erased"])
+                click.echo(json.dumps(receipt, default=_json_default, ensure_ascii=False))
+        except ClientError as exc:
+            raise click.ClickException(str(exc)) from None
+    click.echo(f"erased {erased} profiles", err=True)
 
 
 @main.command()

@@ -71,6 +71,13 @@ _OPTIONS = (
 )
 NO_LINK = _OPTIONS[-1]
 
+# serve and serve-router: retention (shards/retention.py), run by the router.
+ANONYMOUS_TTL = click.option(
+    "--anonymous-ttl", type=click.FloatRange(0, min_open=True), default=None,
+    help="Erase anonymous profiles (only anonymous or device identifiers) unchanged for this "
+         "many days, in the background (checked every 10 minutes). Default: never. If "
+         "unsure: off, or your consent policy's limit for anonymous visitors (e.g. 30).")
+
 # serve-shard and serve-router: where the link listens (`memstore serve` picks free ports).
 LINK_PORT = click.option(
     "--link-port", type=click.IntRange(0, 65535), default=0, show_default=True,

@@ -43,6 +43,7 @@ import msgpack
 from pyroaring import BitMap
 
 from memstore import pbvalues
+from memstore.client import export
 from memstore.engine.columnar import CODE_SHARE, pack_columns, unpack_columns
 from memstore.hashslot import (
     ADMIN_SERVICE,
@@ -81,7 +82,8 @@ LOAD_CHUNK = 4000
 LOAD_CHUNK_BYTES = 16 << 20
 _OPTIONS = [("grpc.max_receive_message_length", 64 << 20),
             ("grpc.max_send_message_length", 64 << 20)]
-_READS = {"Get", "BatchGet", "GetSchema", "Count", "QueryIds", "GroupBy", "QueryBitmap", "Stats"}
+_READS = {"Get", "BatchGet", "GetSchema", "Count", "QueryIds", "GroupBy", "QueryBitmap", "Stats",
+          "ExportProfile"}
 _RETRIES = 3
 # The router's JSON admin call listing shards, addresses and slots (shards/router.py).
 LIST_SHARDS = f"/{ADMIN_SERVICE}/ListShards"
@@ -436,9 +438,31 @@ class ClientMethods:
 
     def delete(self, id: str | None = None, *, identifier: tuple[str, str] | None = None) -> Any:
         """Erase profile `id` (or the one holding `identifier`): its attributes, identifiers
-        and the ids merged into it. True if there was one."""
+        and the ids merged into it. True if there was one. `erase` returns the receipt."""
         request = pb.DeleteRequest(key=_key(id, identifier))
         return self._call("Delete", request, lambda r: r.deleted)
+
+    # data rights (docs/data-rights.md)
+    def export(self, id: str | None = None, *, identifier: tuple[str, str] | None = None
+               ) -> Any:
+        """Everything held about the person `id` (or the one holding `identifier`), or
+        None: {"id", "version", "created", "changed", "attributes" ({name: {"kind",
+        "value"}}), "identifiers", "merged_ids", "events" ({name: {"count", "first",
+        "last"}}), "slot", "shard", "sections"}."""
+        request = pb.ExportProfileRequest(key=_key(id, identifier))
+        return self._call("ExportProfile", request, export.person, missing=None)
+
+    def erase(self, id: str | None = None, *, identifier: tuple[str, str] | None = None,
+              suppress: bool = False) -> Any:
+        """Erase the person `id` (or the one holding `identifier`) and return the receipt,
+        or None if there is no such profile: {"receipt", "erased" ([{"id", "merged_ids",
+        "identifiers"}]), "erased_at", "suppressed", "log_position" (a shard's) or
+        "shard_positions" (a router's: shard -> the log position after which no snapshot
+        holds the person), "hashed_ids" (as the audit log has them)}. `suppress`: refuse
+        later writes naming the id or an identifier (FAILED_PRECONDITION)."""
+        request = pb.DeleteRequest(key=_key(id, identifier), suppress=suppress)
+        return self._call("Delete", request,
+                          lambda r: export.receipt(r) if r.deleted else None)
 
     def link(self, id: str, identifiers: Sequence[tuple[str, str]], create: bool = False) -> Any:
         """Give `identifiers` to profile `id`, merging into it every profile that held one
@@ -605,6 +629,47 @@ class Client(ClientMethods):
                 yield from page.ids
         except grpc.RpcError as exc:
             raise _error(exc, "StreamIds") from None
+
+    def iter_export(self, query: Any = None, *, chunk_size: int = 2000,
+                    timestamps: str = "datetime") -> Iterator[list[dict[str, Any]]]:
+        """Every profile matching `query` (None: all), as each shard holds it at one
+        moment, in lists of up to `chunk_size`: {"id", "attributes", "identifiers",
+        "merged_ids", "version", "created", "changed"}. `timestamps`: "datetime", "iso"
+        or "micros" (memstore.client.export.records)."""
+        try:
+            for chunk in self._grpc.ExportProfiles(_export_request(query, chunk_size),
+                                                   timeout=self.timeout):
+                if chunk.packed:
+                    yield export.records(chunk.packed, timestamps)
+        except grpc.RpcError as exc:
+            raise _error(exc, "ExportProfiles") from None
+
+    def iter_export_lines(self, query: Any = None, *, chunk_size: int = 1000
+                          ) -> Iterator[tuple[int, bytes]]:
+        """As iter_export, as JSON Lines the shards make: (profiles, bytes) a message
+        (what `memstore export` writes; memstore.client.export)."""
+        request = _export_request(query, chunk_size)
+        request.format = pb.ExportProfilesRequest.JSON_LINES
+        try:
+            for chunk in self._grpc.ExportProfiles(request, timeout=self.timeout):
+                if chunk.profiles:
+                    yield chunk.profiles, chunk.lines
+        except grpc.RpcError as exc:
+            raise _error(exc, "ExportProfiles") from None
+
+    def iter_erase(self, query: Any, *, suppress: bool = False, batch_size: int = 500
+                   ) -> Iterator[dict[str, Any]]:
+        """Erase every profile matching `query` (text; "ALL" for every one), a batch at a
+        time; yields each batch's receipt (as `erase` returns, with every person of the
+        batch in "erased")."""
+        request = pb.EraseProfilesRequest(query=_query(query), suppress=suppress,
+                                          batch_size=batch_size)
+        try:
+            for chunk in self._grpc.EraseProfiles(request, timeout=self.timeout):
+                if chunk.receipt:
+                    yield export.receipt(chunk)
+        except grpc.RpcError as exc:
+            raise _error(exc, "EraseProfiles") from None
 
     def load(self, records: Iterable[Mapping[str, Any]], *, chunk_size: int = LOAD_CHUNK,
              concurrency: int = LOAD_CONCURRENCY,
@@ -781,6 +846,42 @@ class AsyncClient(ClientMethods):
         except grpc.aio.AioRpcError as exc:
             raise _error(exc, "StreamIds") from None
 
+    async def iter_export(self, query: Any = None, *, chunk_size: int = 2000,
+                          timestamps: str = "datetime"
+                          ) -> AsyncIterator[list[dict[str, Any]]]:
+        """As Client.iter_export."""
+        try:
+            async for chunk in self._grpc.ExportProfiles(_export_request(query, chunk_size),
+                                                         timeout=self.timeout):
+                if chunk.packed:
+                    yield export.records(chunk.packed, timestamps)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc, "ExportProfiles") from None
+
+    async def iter_export_lines(self, query: Any = None, *, chunk_size: int = 1000
+                                ) -> AsyncIterator[tuple[int, bytes]]:
+        """As Client.iter_export_lines."""
+        request = _export_request(query, chunk_size)
+        request.format = pb.ExportProfilesRequest.JSON_LINES
+        try:
+            async for chunk in self._grpc.ExportProfiles(request, timeout=self.timeout):
+                if chunk.profiles:
+                    yield chunk.profiles, chunk.lines
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc, "ExportProfiles") from None
+
+    async def iter_erase(self, query: Any, *, suppress: bool = False, batch_size: int = 500
+                         ) -> AsyncIterator[dict[str, Any]]:
+        """As Client.iter_erase."""
+        request = pb.EraseProfilesRequest(query=_query(query), suppress=suppress,
+                                          batch_size=batch_size)
+        try:
+            async for chunk in self._grpc.EraseProfiles(request, timeout=self.timeout):
+                if chunk.receipt:
+                    yield export.receipt(chunk)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc, "EraseProfiles") from None
+
     async def load(self, records: Iterable[Mapping[str, Any]], *, chunk_size: int = LOAD_CHUNK,
                    concurrency: int = LOAD_CONCURRENCY,
                    progress: Callable[[int], None] | bool | None = None,
@@ -830,6 +931,13 @@ class AsyncClient(ClientMethods):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _export_request(query: Any, chunk_size: int) -> pb.ExportProfilesRequest:
+    request = pb.ExportProfilesRequest(chunk_size=chunk_size)
+    if query is not None:
+        request.query.CopyFrom(_query(query))
+    return request
 
 
 def _applied(applied: int, sent: int) -> int:

@@ -76,6 +76,42 @@ def _ends_with_newline(path: Path) -> bool:
         return f.read(1) == b"\n"
 
 
+def header(path: Path, fmt: str) -> list[dict[str, Any]] | None:
+    """The declarations an export carries (memstore.client.export): a JSON Lines file's
+    first line {"schema": [...]}, a Parquet file's `memstore.schema` metadata; else None.
+    ValueError if they are not declarations."""
+    if fmt == "jsonl":
+        with path.open(encoding="utf-8", errors="surrogateescape") as f:
+            first = next((line for line in f if line.strip()), "")
+        try:
+            raw = json.loads(first) if first.lstrip().startswith('{"schema"') else None
+        except ValueError:
+            return None
+        if not isinstance(raw, dict) or "id" in raw or "schema" not in raw:
+            return None
+        specs = raw["schema"]
+    elif fmt == "parquet":
+        meta = _parquet_metadata(path)
+        if b"memstore.schema" not in meta:
+            return None
+        specs = json.loads(meta[b"memstore.schema"])
+    else:
+        return None
+    if not isinstance(specs, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("name"), str)
+            and isinstance(s.get("kind"), str) for s in specs):
+        raise ValueError("the schema line is not a list of {name, kind, ...} declarations")
+    return specs
+
+
+def _parquet_metadata(path: Path) -> dict[bytes, bytes]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError("Parquet needs pyarrow: pip install pyarrow") from None
+    return dict(pq.ParquetFile(path).schema_arrow.metadata or {})
+
+
 def read(path: Path, fmt: str, schema: dict[str, str]) -> Iterator[Line]:
     """The lines of `path` in `fmt`; `schema` maps declared attribute names to kinds."""
     if fmt == "jsonl":
@@ -133,6 +169,7 @@ def _timestamp(text: str) -> Any:
 
 
 def _jsonl(path: Path, schema: dict[str, str]) -> Iterator[Line]:
+    first = True
     with path.open(encoding="utf-8", errors="surrogateescape") as f:
         for n, text in enumerate(f, 1):
             if not text.strip():
@@ -143,6 +180,10 @@ def _jsonl(path: Path, schema: dict[str, str]) -> Iterator[Line]:
             except ValueError as exc:
                 yield Line(where, None, f"not JSON: {exc}", text.rstrip("\n"))
                 continue
+            if first and isinstance(raw, dict) and "schema" in raw and "id" not in raw:
+                first = False  # an export's schema line: declared before the load (header)
+                continue
+            first = False
             yield _record(raw, where, schema, text.rstrip("\n"))
 
 
@@ -230,10 +271,14 @@ def _parquet(path: Path, schema: dict[str, str]) -> Iterator[Line]:
     except ImportError:
         raise ValueError("Parquet needs pyarrow: pip install pyarrow") from None
     row = 0
-    for batch in pq.ParquetFile(path).iter_batches():
+    file = pq.ParquetFile(path)
+    meta = json.loads((file.schema_arrow.metadata or {}).get(b"memstore.meta_columns", b"[]"))
+    for batch in file.iter_batches():
         for values in batch.to_pylist():
             row += 1
             where = f"{path.name} row {row}"
+            for column in meta:  # an export's own columns (version, times): not attributes
+                values.pop(column, None)
             idents = values.pop("identifiers", None) or []
             pid = values.pop("id", None)
             raw = {"id": pid, "identifiers": idents,

@@ -18,7 +18,16 @@ Cross-shard merges add three small tables, changed by Notes in the same Changes 
 with them (shards/merge.py has the protocol): `held` (profiles frozen by an unfinished merge,
 hidden from queries), `forwards` (primary ids merged into a profile on another shard) and
 `decided` (merge transactions this shard committed or refused, as the commit point). The
-cluster's identifier directory is a fourth, `claims` (memstore.index.claims).
+cluster's identifier directory is a fourth, `claims` (memstore.index.claims), and the
+suppression list of erased identifiers and ids a fifth, `suppressed` (salted hashes).
+
+Each profile also has a created and a last-changed time (unix seconds, 0: unknown, from
+before memstore kept them), in two arrays by dense id beside the blobs: not in the blob,
+whose bytes are also a wire format (BatchGet's packed form). A Change carries the time it
+is made at (`at`): applying it stamps every image it writes as changed then, a new profile
+as created then, unless `times` says otherwise (merges keep the earliest created time,
+slot moves the source's times). The log records both (RECORD_CHANGE), so replay rebuilds
+them; docs/log-format.md has the rules.
 
 Blob layout (msgpack array): [version, {attribute id: stored value}, [[kind, value], ...]
 identifiers, [merged-away primary ids]]. Stored values are described in memstore.engine.values.
@@ -27,11 +36,12 @@ identifiers, [merged-away primary ids]]. Stored values are described in memstore
 from __future__ import annotations
 
 import array
+import hashlib
 import itertools
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -132,12 +142,16 @@ class Image(NamedTuple):
 class Note:
     """Set (value not None) or remove one entry of a cross-shard merge table."""
 
-    table: str  # "held" | "forwards" | "decided" | "claims" | "registry" (NOTE_TABLES)
+    table: str  # "held" | "forwards" | "decided" | "claims" | "registry" | "suppressed"
     key: str
     value: Any
 
 
-NOTE_TABLES = ("held", "forwards", "decided", "claims", "registry")
+NOTE_TABLES = ("held", "forwards", "decided", "claims", "registry", "suppressed")
+# Tables whose removed entries held personal data (primary ids, identifiers): a change
+# removing one erases, as a change removing a profile does (Shard: erasure retention).
+ERASING_TABLES = frozenset({"forwards", "decided", "claims"})
+ANONYMOUS_KINDS = ("anonymous", "device")  # identifier kinds of anonymous visitors
 
 
 @dataclass(slots=True)
@@ -159,10 +173,20 @@ class Change:
     result: Any = None
     notes: list[Note] = field(default_factory=list)
     load: Load | None = None  # set by plan_columns: the images are a load's new profiles
+    at: int = 0  # unix seconds the change is made at (0: when applied; the shard logs it)
+    # dense id -> (created, changed) of an image, where the default rule does not hold:
+    # changed = `at`; created = `at` for a new profile, else unchanged.
+    times: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
         return not self.schema and not self.images and not self.notes
+
+    @property
+    def erases(self) -> bool:
+        """True when the change removes a profile, or a table entry naming a person."""
+        return (any(image.blob is None for image in self.images)
+                or any(n.value is None and n.table in ERASING_TABLES for n in self.notes))
 
     def touched(self) -> list[str]:
         """Primary ids whose slot this change touched (a decision counts for its survivor;
@@ -170,9 +194,9 @@ class Change:
         pids = [image.pid for image in self.images]
         for note in self.notes:
             if note.table == "decided":
-                if note.value is not None:
+                if note.value is not None and isinstance(note.value[0], str):
                     pids.append(note.value[0])
-            elif note.table != "claims":
+            elif note.table not in ("claims", "suppressed"):
                 pids.append(note.key)
         return pids
 
@@ -184,6 +208,7 @@ class Undo:
     images: list[Image]
     notes: list[Note]
     added: tuple[int, list[str]] | None = None  # a load's new profiles: (first dense id, pids)
+    times: list[tuple[int, int, int]] = field(default_factory=list)  # (dense, created, changed)
 
 
 @dataclass(slots=True)
@@ -323,12 +348,13 @@ def check_identifier(kind: str, value: str, where: str) -> None:
 class _Draft:
     """A profile being changed by a plan."""
 
-    __slots__ = ("attrs", "dense", "gone", "idents", "merged", "pid", "version")
+    __slots__ = ("attrs", "created", "dense", "gone", "idents", "merged", "pid", "version")
 
     def __init__(self, pid: str, dense: int | None, state: list[Any] | None) -> None:
         self.pid = pid
         self.dense = dense
         self.gone = False
+        self.created: int | None = None  # set where the default rule does not hold (Change)
         if state is None:
             self.version, self.attrs, self.idents, self.merged = 0, {}, [], []
         else:
@@ -347,6 +373,7 @@ class _Planner:
         # (Engine.require_declared); one the pre-scan missed is refused here, alone.
         self.strict = engine.cluster_schema
         self.drafts: dict[str, _Draft] = {}  # by the profile's own primary id
+        self.at = int(engine.clock())  # when this change is made
         self.aliases: dict[str, str | None] = {}  # overlay on engine.aliases
         self.idents: dict[int, str | None] = {}  # overlay: identifier key -> owner pid
 
@@ -397,6 +424,7 @@ class _Planner:
                     return None
                 found = _Draft(pid, found.dense, None)
                 found.version = 0
+                found.created = self.at  # made again: its dense id held the one removed
                 self.drafts[pid] = found
             return found
         dense = self.e.dense_of.get(pid)
@@ -404,6 +432,8 @@ class _Planner:
             if not create:
                 return None
             self.e.check_slot(pid)
+            if self.e.suppressed:
+                self.e.check_suppressed(id_key(pid), f"profile id {pid!r}")
             draft = _Draft(pid, None, None)
         else:
             self.e.check_slot(pid)
@@ -488,6 +518,9 @@ class _Planner:
                     f"{at}: identifier value {brief(value)} is on the blocked list "
                     "(merge protection); nothing changed"
                 )
+            if self.e.suppressed:
+                self.e.check_suppressed(claim_key(kind, value),
+                                        f"{at}: identifier {kind}:{value!r}")
             key = ident_key(kind, value)
             owner = self.owner_of(kind, value, key)
             if owner is not None and owner != d.pid:
@@ -538,7 +571,17 @@ class _Planner:
         # profile had: the call already counted one change on the survivor (its +1 comes
         # before its links), so this is max(survivor, other) + 1 over the whole call.
         survivor.version = max(survivor.version, other.version + 1)
+        # The person is as old as the oldest profile merged into it (0: not known).
+        known = [t for t in (self.created_of(survivor), self.created_of(other)) if t]
+        if known:
+            survivor.created = min(known)
         other.gone = True
+
+    def created_of(self, d: _Draft) -> int:
+        """When `d`'s profile was created (0: not known); a new one: now."""
+        if d.created is not None:
+            return d.created
+        return self.at if d.dense is None else self.e.created_at(d.dense)
 
     def delete(self, d: _Draft) -> None:
         for pair in d.idents:
@@ -548,7 +591,7 @@ class _Planner:
         d.gone = True
 
     def finish(self, result: Any = None) -> Change:
-        change = Change(schema=list(self.added), result=result)
+        change = Change(schema=list(self.added), result=result, at=self.at)
         next_dense = len(self.e.blobs)
         live: list[Image] = []
         for d in self.drafts.values():
@@ -559,6 +602,8 @@ class _Planner:
             if d.dense is None:
                 d.dense = next_dense
                 next_dense += 1
+            if d.created is not None:
+                change.times[d.dense] = (d.created, self.at)
             live.append(Image(d.dense, d.pid, encode(d.version, d.attrs, d.idents, d.merged)))
         # Deletions first: a merged-away profile must leave the directory before the
         # survivor claims its identifiers.
@@ -695,9 +740,25 @@ def _column_ok(kind: Kind, values: list[Any]) -> bool:
     return True
 
 
+def decision_slot(decision: list[Any]) -> int:
+    """The slot of a merge decision [survivor id, committed]: its survivor's, or the slot
+    itself where the survivor was erased since (plan_erase keeps no id)."""
+    survivor = decision[0]
+    return survivor if isinstance(survivor, int) else slot_of(survivor)
+
+
+def id_key(pid: str) -> str:
+    """The suppression key of a primary id (identifiers use claim_key: "kind:value")."""
+    return "\x00" + pid
+
+
 class Engine:
-    def __init__(self, rules: IdentityRules | None = None) -> None:
+    def __init__(self, rules: IdentityRules | None = None,
+                 clock: Callable[[], float] = time.time, salt: bytes = b"") -> None:
         self.rules = rules or IdentityRules()
+        self.clock = clock  # wall-clock seconds: created and changed times (tests inject)
+        # The cluster's salt for suppression keys and audit hashes (memstore.server.rights).
+        self.salt = salt
         self.schema = Schema()
         self.pids: list[str | None] = []
         self.blobs: list[bytes | None] = []
@@ -711,6 +772,9 @@ class Engine:
         # Each dense id's hash slot (stale once erased: read it through `live`). Appended
         # to by every new profile; scanned whole by the rare calls that ask by slot.
         self.slots = array.array("H")
+        # Each dense id's created and last-changed time, unix seconds (0: not known).
+        self.created = array.array("I")
+        self.changed = array.array("I")
         # Cross-shard merges (shards/merge.py), keyed so they travel with slots on a move:
         self.held: dict[str, list[Any]] = {}  # loser pid -> [txn, survivor, since (unix s)]
         self.held_dense = BitMap()  # the held profiles: hidden from queries until released
@@ -720,6 +784,9 @@ class Engine:
         # The cluster's attribute declarations whose registry_key slots this shard owns:
         # name -> [kind, indexed, merge] (plan_register; shards/schema.py).
         self.registry: dict[str, list[Any]] = {}
+        # Erased identifiers and ids on the blocked list (DeleteRequest.suppress): salted
+        # hash (hashed) -> [slot of its claim key or primary id, since (unix s)].
+        self.suppressed: dict[str, list[Any]] = {}
         # Set by the server while it plans a router's write: undeclared attributes refuse
         # the write (Undeclared) instead of being declared by its values here.
         self.cluster_schema = False
@@ -728,6 +795,7 @@ class Engine:
         self.owned_slots: BitMap | None = None
         self.foreign = BitMap()
         self.epoch = 0
+        self.started = int(clock())  # unknown changed times count from here (expired)
         self._timestamp_ids: set[int] = set()  # cache for wire_attributes
         self._timestamp_count = -1
         self._table: dict[int, list[Any]] = {}  # cache for schema_table
@@ -950,6 +1018,8 @@ class Engine:
         if (any(map(self.dense_of.__contains__, ids)) or any(map(self.aliases.__contains__, ids))
                 or any(map(self.forwards.__contains__, ids))):
             return general()
+        if self.suppressed and self._names_suppressed(batch):
+            return general()  # which refuses the record naming it
         slots = slots_of(ids)
         if self.owned_slots is not None and not self.owned_slots.issuperset(BitMap(slots)):
             return general()  # WrongSlot
@@ -1125,7 +1195,8 @@ class Engine:
         return {"schema": [[by_id[a].name, int(by_id[a].kind), by_id[a].indexed,
                             int(by_id[a].merge)] for a in attrs],
                 "profile": [self.pids[dense], version,
-                            {by_id[a].name: v for a, v in attrs.items()}, idents, merged]}
+                            {by_id[a].name: v for a, v in attrs.items()}, idents, merged],
+                "times": [self.created_at(dense), self.changed[dense]]}
 
     def plan_absorb(self, txn: str, losers: Sequence[dict[str, Any]],
                     upsert: UpsertSpec | None = None,
@@ -1153,6 +1224,7 @@ class Engine:
                                              f"here: {exc}") from None
                 attrs[spec.id] = named[name]
             draft = _Draft(pid, None, [version, attrs, [list(i) for i in idents], list(merged)])
+            draft.created = (exported.get("times") or [0])[0] or None  # older shards: none
             seeded.append((draft, [ident_key(k, v) for k, v in idents]))
         owners_here: list[str] = []
         for draft, keys in seeded:
@@ -1235,10 +1307,11 @@ class Engine:
         """The forwards, decisions, claims and registered attributes of `slots` (a slot move
         carries them along)."""
         return {"forwards": {p: s for p, s in self.forwards.items() if slot_of(p) in slots},
-                "decided": {t: v for t, v in self.decided.items() if slot_of(v[0]) in slots},
+                "decided": {t: v for t, v in self.decided.items() if decision_slot(v) in slots},
                 "claims": self.claims.in_slots(slots),
                 "registry": {n: v for n, v in self.registry.items()
-                             if slot_of(registry_key(n)) in slots}}
+                             if slot_of(registry_key(n)) in slots},
+                "suppressed": {h: v for h, v in self.suppressed.items() if v[0] in slots}}
 
     # ------------------------------------------------------------------ cluster schema
     def plan_register(self, specs: Sequence[tuple[str, Kind, bool, Merge]]) -> Change:
@@ -1284,9 +1357,13 @@ class Engine:
         notes: list[Note] = []
         answers: list[list[Any]] = []
         blocked = self.rules.is_blocked
+        suppressed = self.suppressed
         for key, slot, pid, old, value in zip(keys, slots, pids, expected, values):
             if pid is not None and blocked(value):
-                answers.append([None, 0.0, False, True])
+                answers.append([None, 0.0, False, True, False])
+                continue
+            if pid is not None and suppressed and self.hashed(key) in suppressed:
+                answers.append([None, 0.0, False, False, True])
                 continue
             if key in after:
                 holder = before = after[key]
@@ -1302,25 +1379,134 @@ class Engine:
                 notes.append(Note("claims", key, holder))
             # A claim this plan sets is made now (applying it sets its age, see Claims.swap).
             fresh = holder is None or key in after
-            answers.append([holder, 0.0 if fresh else claims.age(key, now), created, False])
+            answers.append([holder, 0.0 if fresh else claims.age(key, now), created, False,
+                            False])
         return Change(notes=notes, result=answers)
 
-    def plan_delete(self, pid: str | None = None, identifier: tuple[str, str] | None = None
-                    ) -> Change:
+    def plan_delete(self, pid: str | None = None, identifier: tuple[str, str] | None = None,
+                    suppress: bool = False) -> Change:
+        """Erase the profile of `pid` or `identifier`; the result is its primary id (None:
+        there is none). See plan_erase."""
         dense = self.lookup(pid, identifier)
         if dense is None:
             return Change(result=None)
-        planner = _Planner(self)
-        owner = self.pids[dense]
-        assert owner is not None
-        d = planner.draft(owner, create=False)
-        assert d is not None
-        planner.delete(d)
-        change = planner.finish(owner)
-        # Ids merged into it from another shard may have left forwards here too (a chain
-        # that came back to this shard): they go with it, as its aliases do.
-        change.notes = [Note("forwards", m, None) for m in d.merged if m in self.forwards]
+        change = self.plan_erase([dense], suppress)
+        change.result = self.pids[dense]
         return change
+
+    def plan_erase(self, dense_ids: Iterable[int], suppress: bool = False) -> Change:
+        """Erase the profiles `dense_ids` (live, owned, not held by a merge; others are
+        skipped): attributes, identifiers, the ids merged into them, the forwards of those
+        ids kept here, and the survivor's id in the decisions of merges into them (kept as
+        its slot). With `suppress`, the salted hashes of their ids and identifiers whose
+        slots this shard owns go on the suppression list (the router sends the rest to
+        the shards owning theirs: Suppress). The result is [(id, merged ids, identifiers)]
+        of the profiles erased."""
+        planner = _Planner(self)
+        erased: list[tuple[str, list[str], list[list[str]]]] = []
+        for dense in dense_ids:
+            owner = self.pids[dense]
+            if (owner is None or self.blobs[dense] is None or dense in self.foreign
+                    or owner in self.held or owner in planner.drafts):
+                continue
+            d = planner.draft(owner, create=False)
+            assert d is not None
+            erased.append((owner, list(d.merged), [list(i) for i in d.idents]))
+            planner.delete(d)
+        change = planner.finish(erased)
+        gone = {pid for pid, merged, _ in erased for pid in (pid, *merged)}
+        # Ids merged into them from another shard may have left forwards here too (a chain
+        # that came back to this shard): they go with them, as their aliases do.
+        change.notes = [Note("forwards", m, None) for m in sorted(gone) if m in self.forwards]
+        change.notes += [Note("decided", txn, [slot_of(v[0]), v[1]])
+                         for txn, v in self.decided.items() if v[0] in gone]
+        if suppress:
+            keys = [id_key(p) for p in sorted(gone)]
+            keys += [claim_key(k, v) for _, _, idents in erased for k, v in idents]
+            change.notes += self.suppression_notes(keys, owned_only=True)
+        return change
+
+    # ------------------------------------------------------------------ data rights
+    def hashed(self, text: str) -> str:
+        """The salted hash of an id or an identifier's claim key: what suppression and
+        audit lines keep instead of the text (keyed BLAKE2b, 128 bits, hex)."""
+        return hashlib.blake2b(text.encode(), key=self.salt[:64],
+                               digest_size=16).hexdigest()
+
+    def check_suppressed(self, key: str, what: str) -> None:
+        if self.hashed(key) in self.suppressed:
+            raise FailedPrecondition(f"{what} was erased with suppression (the blocked list "
+                                     "of erased people); refused")
+
+    def suppression_notes(self, keys: Iterable[str], owned_only: bool = False) -> list[Note]:
+        """Notes putting `keys` (id_key or claim_key texts) on the suppression list; those
+        in slots this shard does not own are skipped (`owned_only`) or refused (WrongSlot)."""
+        notes: list[Note] = []
+        now = int(self.clock())
+        for key in dict.fromkeys(keys):
+            slot = slot_of(key.removeprefix("\x00"))
+            if self.owned_slots is not None and slot not in self.owned_slots:
+                if owned_only:
+                    continue
+                raise self._wrong_slot(slot, "a suppression entry")
+            hashed = self.hashed(key)
+            if hashed not in self.suppressed:
+                notes.append(Note("suppressed", hashed, [slot, now]))
+        return notes
+
+    def plan_suppress(self, identifiers: Sequence[Any], pids: Sequence[str]) -> Change:
+        """Put identifiers ([kind, value]) and primary ids on the suppression list (their
+        slots must be owned here). The result is how many were new."""
+        for i, pair in enumerate(identifiers):
+            if not (isinstance(pair, list | tuple) and len(pair) == 2
+                    and all(isinstance(x, str) for x in pair)):
+                raise InvalidArgument(f"identifiers[{i}]: not a [kind, value] pair")
+            check_identifier(pair[0], pair[1], f"identifiers[{i}]")
+        for i, pid in enumerate(pids):
+            check_pid(pid, f"ids[{i}]")
+        notes = self.suppression_notes([claim_key(k, v) for k, v in identifiers]
+                                       + [id_key(p) for p in pids])
+        return Change(notes=notes, result=len(notes))
+
+    def _names_suppressed(self, batch: Columns) -> bool:
+        """True when a load's batch names a suppressed id or identifier."""
+        hashed, suppressed = self.hashed, self.suppressed
+        return (any(hashed(id_key(pid)) in suppressed for pid in batch.ids)
+                or any(hashed(claim_key(k, v)) in suppressed
+                       for idents in batch.identifiers for k, v in idents))
+
+    def created_at(self, dense: int) -> int:
+        return self.created[dense] if dense < len(self.created) else 0
+
+    def expired(self, cutoff: int, kinds: Sequence[str], start: int, limit: int,
+                budget: int = 2000, span: int = 1 << 16) -> tuple[list[int], int | None]:
+        """Anonymous profiles unchanged since `cutoff` (unix seconds): live, owned, not held,
+        holding at least one identifier and only identifiers of `kinds`. Looks at dense ids
+        from `start`, at most `span` of them and `budget` profile decodes (a caller between
+        requests: a few milliseconds), and returns at most `limit` of them with where to go
+        on (None: the end). A profile whose changed time is not known (written before
+        memstore kept it) counts as changed when this process started."""
+        end = min(len(self.blobs), start + span)
+        if start >= end:
+            return [], None
+        changed = np.frombuffer(self.changed, dtype=np.uint32)[start:end]
+        stamps = np.where(changed == 0, np.uint32(self.started), changed)
+        picked = (np.flatnonzero(stamps < cutoff) + start).tolist()
+        del changed, stamps  # no view of the array may outlive this call (it grows)
+        found: list[int] = []
+        allowed = set(kinds)
+        hidden = self.foreign | self.held_dense
+        blobs = self.blobs
+        for n, dense in enumerate(picked):
+            if len(found) >= limit or n >= budget:
+                return found, dense
+            blob = blobs[dense]
+            if blob is None or dense in hidden:
+                continue
+            idents = decode(blob)[2]
+            if idents and all(kind in allowed for kind, _ in idents):
+                found.append(dense)
+        return found, (end if end < len(self.blobs) else None)
 
     def plan_track(self, pid: str, event: str, at_micros: int, count: int = 1) -> Change:
         check_pid(pid)
@@ -1369,9 +1555,12 @@ class Engine:
             if spec.id == len(self.schema.by_id):
                 self.add_attribute(spec)
         notes = self.apply_notes(change.notes) if change.notes else []
+        at = change.at or int(self.clock())
         if change.load is not None and change.load.first == len(self.blobs):
-            return Undo([], notes, self._apply_load(change.images, change.load))
-        return Undo(self.apply_images(change.images), notes)
+            return Undo([], notes, self._apply_load(change.images, change.load, at))
+        stamped: list[tuple[int, int, int]] = []
+        return Undo(self.apply_images(change.images, at, change.times, stamped), notes,
+                    times=stamped)
 
     def undo(self, undo: Undo) -> None:
         if undo.added is not None:  # the load's profiles become absent again, newest first
@@ -1379,6 +1568,8 @@ class Engine:
             self.apply_images(map(Image._make, zip(reversed(range(first, first + len(pids))),
                                                    reversed(pids), repeat(None), repeat(None))))
         self.apply_images(undo.images)
+        for dense, created, changed in reversed(undo.times):
+            self.created[dense], self.changed[dense] = created, changed
         self.apply_notes(undo.notes)
 
     def apply_notes(self, notes: Iterable[Note]) -> list[Note]:
@@ -1413,22 +1604,39 @@ class Engine:
                 self.value_index[spec.id] = ValueIndex()
                 self.exists[spec.id] = BitMap()
 
-    def apply_images(self, images: Iterable[Image]) -> list[Image]:
+    def apply_images(self, images: Iterable[Image], at: int | None = None,
+                     times: Mapping[int, tuple[int, int]] | None = None,
+                     stamped: list[tuple[int, int, int]] | None = None) -> list[Image]:
+        """Apply after-images; with `at`, stamp each as changed then (and a new profile as
+        created then), or as `times` says, adding the times replaced to `stamped`. Without
+        (undo, records from before times were logged), times stay as they are, but an
+        erased profile's are cleared."""
         before: list[Image] = []
         fresh: list[tuple[int, dict[int, Any]]] = []
         fresh_keys: list[int] = []  # identifiers of new profiles, entered at the end
         fresh_owners: list[int] = []
+        created, changed = self.created, self.changed
         for image in images:
             dense, pid, blob = image.dense, image.pid, image.blob
             if dense >= len(self.blobs):
-                grow = dense + 1 - len(self.blobs)
-                self.blobs.extend([None] * grow)
-                self.pids.extend([None] * grow)
-                self.slots.frombytes(bytes(grow * self.slots.itemsize))
+                self._grow(dense + 1)
             old = self.blobs[dense]
             before.append(Image(dense, self.pids[dense] or pid, old))
             if old is None and blob is None:
                 continue
+            if at is not None:
+                if stamped is not None:
+                    stamped.append((dense, created[dense], changed[dense]))
+                if blob is None:
+                    created[dense] = changed[dense] = 0
+                elif times and dense in times:
+                    created[dense], changed[dense] = times[dense]
+                else:
+                    changed[dense] = at
+                    if old is None:
+                        created[dense] = at
+            elif blob is None:
+                created[dense] = changed[dense] = 0
             new_state = image.state if image.state is not None else (
                 decode(blob) if blob is not None else None)
             if old is None:
@@ -1474,13 +1682,25 @@ class Engine:
         before.reverse()
         return before
 
-    def _apply_load(self, images: list[Image], load: Load) -> tuple[int, list[str]]:
+    def _grow(self, size: int) -> None:
+        """Make room for dense ids below `size`."""
+        grow = size - len(self.blobs)
+        self.blobs.extend([None] * grow)
+        self.pids.extend([None] * grow)
+        self.slots.frombytes(bytes(grow * self.slots.itemsize))
+        self.created.frombytes(bytes(grow * self.created.itemsize))
+        self.changed.frombytes(bytes(grow * self.changed.itemsize))
+
+    def _apply_load(self, images: list[Image], load: Load, at: int) -> tuple[int, list[str]]:
         """apply_images for a planned load (Change.load): new profiles at the end, indexed
         from the planner's columns. Returns (first dense id, primary ids): what undoes it."""
         first, end = load.first, load.first + len(images)
         pids = [image.pid for image in images]
         self.blobs.extend([image.blob for image in images])
         self.pids.extend(pids)
+        stamps = array.array("I", [at]) * len(images)
+        self.created.extend(stamps)
+        self.changed.extend(stamps)
         self.dense_of.update(zip(pids, range(first, end), strict=True))
         self.live.add_range(first, end)
         self.slots.extend(load.slots)

@@ -35,13 +35,14 @@ from memstore.engine.schema import (
     check_string,
 )
 from memstore.errors import InvalidArgument, brief
+from memstore.hashslot import SLOT_COUNT
 from memstore.pbvalues import micros_in_range
 
 __all__ = ["Row", "SchemaRows", "check_chunk", "check_loser"]
 
 SchemaRows = dict[str, tuple[Kind, bool, Merge]]
 Row = tuple[str, int, dict[str, Any], list[list[str]], list[str]]
-_NOTE_TABLES = ("forwards", "decided", "claims", "registry")
+_NOTE_TABLES = ("forwards", "decided", "claims", "registry", "suppressed")
 
 
 def check_chunk(chunk: Any) -> tuple[SchemaRows, list[Row]]:
@@ -54,6 +55,14 @@ def check_chunk(chunk: Any) -> tuple[SchemaRows, list[Row]]:
     if not isinstance(rows, list):
         raise InvalidArgument("profiles: not a list of profiles")
     profiles = [_profile(row, kinds, f"profiles[{i}]") for i, row in enumerate(rows)]
+    times = chunk.get("times")
+    if times is not None:
+        if not isinstance(times, list) or len(times) != len(profiles):
+            raise InvalidArgument("times: not a [created, changed] pair for each profile")
+        for i, pair in enumerate(times):
+            if not (isinstance(pair, list) and len(pair) == 2
+                    and all(_is_int64(t) and t >= 0 for t in pair)):
+                raise InvalidArgument(f"times[{i}]: not [created, changed] in seconds since 1970")
     deleted = chunk.get("deleted", [])
     if not isinstance(deleted, list):
         raise InvalidArgument("deleted: not a list of ids")
@@ -166,6 +175,11 @@ def _notes(notes: Any) -> None:
             at = f"notes.{table}[{brief(key)}]"
             if table in ("forwards", "claims"):
                 check_pid(value, at)
+            elif table == "suppressed":
+                if not (isinstance(value, list) and len(value) == 2 and _is_int64(value[0])
+                        and 0 <= value[0] < SLOT_COUNT
+                        and isinstance(value[1], int | float) and not isinstance(value[1], bool)):
+                    raise InvalidArgument(f"{at}: not [slot, erased at]")
             elif table == "decided":
                 if not (isinstance(value, list) and len(value) == 2
                         and isinstance(value[1], bool)):
@@ -178,3 +192,7 @@ def _notes(notes: Any) -> None:
                 check_name(key, at)
                 _enum(Kind, value[0], f"{at}.kind")
                 _enum(Merge, value[2], f"{at}.merge")
+
+
+def _is_int64(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63

@@ -1,6 +1,7 @@
-"""The audit log: one JSON line for every call that changes the cluster or erases data,
-naming who made it (a token's name from the auth file, never the token), when, and how it
-ended. Lines go to the process's log (logger `memstore.audit`) and, with `--audit-log FILE`,
+"""The audit log: one JSON line for every call that changes the cluster, erases data or
+exports it, naming who made it (a token's name from the auth file, never the token), when,
+and how it ended; and one line for every erasure, its receipt (memstore.server.rights),
+which names people only by salted hashes. Lines go to the process's log (logger `memstore.audit`) and, with `--audit-log FILE`,
 are appended to FILE as well, each flushed and fsynced before the next, so the file is a
 record an operator can keep apart from the data. Audit lines hold no personal data.
 """
@@ -12,10 +13,15 @@ import logging
 import os
 import threading
 import time
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("memstore.audit")
+
+# Who makes the call being served (set by the security interceptors), for lines written
+# from inside a handler.
+caller: ContextVar[str] = ContextVar("caller", default="anonymous")
 
 _lock = threading.Lock()
 _file: Any = None

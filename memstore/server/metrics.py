@@ -14,6 +14,10 @@ memstore_claim_wait_seconds            how long those writes waited (histogram)
 memstore_auth_refusals_total{method,code}  calls refused before they ran: UNAUTHENTICATED
                                        (no or unknown credential), PERMISSION_DENIED (a role
                                        missing)
+memstore_erased_profiles_total{reason} profiles erased: delete (one person), query (a bulk
+                                       erasure), retention (anonymous profiles past
+                                       --anonymous-ttl); shards count what they erased,
+                                       routers what they asked for
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ CLAIM_WAIT_SECONDS = Histogram("memstore_claim_wait_seconds", "Time a write wait
                                         60.0))
 AUTH_REFUSALS = Counter("memstore_auth_refusals", "Calls refused for their credentials",
                         ["method", "code"])
+ERASED = Counter("memstore_erased_profiles", "Profiles erased, by reason", ["reason"])
 PROFILES = Gauge("memstore_profiles", "Live profiles held by this shard")
 LOG_BYTES = Gauge("memstore_log_bytes", "Bytes in this shard's log segments")
 

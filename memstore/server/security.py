@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 import grpc
 
 from memstore.errors import capped
-from memstore.server import metrics
+from memstore.server import audit, metrics
 
 log = logging.getLogger("memstore.security")
 
@@ -60,13 +60,17 @@ OPERATOR = Need("admin", frozenset({"admin"}))
 MEMBER = Need("cluster", frozenset({"cluster", "admin"}))  # ShardControl: members, operators
 
 MEMSTORE_WRITES = frozenset({"Upsert", "BatchUpsert", "Delete", "Link", "Track"})
-MEMSTORE_ADMIN = frozenset({"DeclareAttributes", "Snapshot"})
+# Bulk data rights are admin's: every profile's data at once, or many people erased.
+MEMSTORE_ADMIN = frozenset({"DeclareAttributes", "Snapshot", "ExportProfiles", "EraseProfiles"})
+# ExportProfile returns one person's data, as Get does (plus kinds and times): a read.
 MEMSTORE_READS = frozenset({"Get", "BatchGet", "GetSchema", "Count", "QueryIds", "StreamIds",
-                            "GroupBy", "QueryBitmap", "Stats"})
+                            "GroupBy", "QueryBitmap", "Stats", "ExportProfile"})
 ROUTER_READS = frozenset({"ListShards"})  # direct_reads clients ask it
-# Calls that change the cluster or erase data: one audit line each (memstore.server.audit).
+# Calls that change the cluster, erase data or export it: one audit line each
+# (memstore.server.audit).
 AUDITED = frozenset({"Delete", "DeclareAttributes", "SetSlots", "DropSlots", "AddShard",
-                     "RemoveShard", "RebuildDirectory", "Snapshot"})
+                     "RemoveShard", "RebuildDirectory", "Snapshot", "ExportProfile",
+                     "ExportProfiles", "EraseProfiles", "Suppress"})
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 READ_SERVICES = ("/grpc.reflection.v1alpha.ServerReflection/",
                  "/grpc.reflection.v1.ServerReflection/", "/memstore.link.v1.Link/")
@@ -348,8 +352,6 @@ class Authorizer(grpc.aio.ServerInterceptor):
 
         def audited(principal: Principal, context: Any) -> None:
             if name in AUDITED:
-                from memstore.server import audit
-
                 code = context.code()
                 audit.record("call", method=name, by=principal.name,
                              code=code.name if isinstance(code, grpc.StatusCode) else "OK")
@@ -361,6 +363,7 @@ class Authorizer(grpc.aio.ServerInterceptor):
                 principal = admit(context)
                 if principal is None:
                     return None  # refused: the status is set, no response
+                audit.caller.set(principal.name)
                 try:
                     return await inner_uu(request, context)
                 finally:
@@ -376,9 +379,12 @@ class Authorizer(grpc.aio.ServerInterceptor):
                 principal = admit(context)
                 if principal is None:
                     return
-                async for item in inner_us(request, context):
-                    yield item
-                audited(principal, context)
+                audit.caller.set(principal.name)
+                try:
+                    async for item in inner_us(request, context):
+                        yield item
+                finally:
+                    audited(principal, context)
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, request_deserializer=handler.request_deserializer,
@@ -415,7 +421,28 @@ class Auditor(grpc.aio.ServerInterceptor):
                                 details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
         name = (details.method or "").rsplit("/", 1)[-1]
-        if handler is None or name not in AUDITED or handler.unary_unary is None:
+        if handler is None or name not in AUDITED:
+            return handler
+
+        def audited(context: Any) -> None:
+            code = context.code()
+            audit.record("call", method=name, by="anonymous",
+                         code=code.name if isinstance(code, grpc.StatusCode) else "OK")
+
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request: Any, context: Any) -> Any:
+                try:
+                    async for item in inner_us(request, context):
+                        yield item
+                finally:
+                    audited(context)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.unary_unary is None:
             return handler
         inner = handler.unary_unary
 
@@ -423,11 +450,7 @@ class Auditor(grpc.aio.ServerInterceptor):
             try:
                 return await inner(request, context)
             finally:
-                from memstore.server import audit
-
-                code = context.code()
-                audit.record("call", method=name, by="anonymous",
-                             code=code.name if isinstance(code, grpc.StatusCode) else "OK")
+                audited(context)
 
         return grpc.unary_unary_rpc_method_handler(
             unary_unary, request_deserializer=handler.request_deserializer,

@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
+from itertools import repeat
 from operator import itemgetter
 from typing import Any, TypeVar
 
@@ -33,11 +34,13 @@ from pyroaring import BitMap
 from memstore import pbvalues
 from memstore.engine.columnar import unpack_columns
 from memstore.engine.core import (
+    ANONYMOUS_KINDS,
     Change,
     Engine,
     Image,
     Note,
     UpsertSpec,
+    check_identifier,
     check_pid,
     decode,
     encode,
@@ -74,7 +77,7 @@ from memstore.hashslot import (
 )
 from memstore.query import DEFAULT_LIMITS, QueryError, QueryLimits, query_from_request
 from memstore.query.evaluate import evaluate, group_counts
-from memstore.server import logs, metrics, reflection
+from memstore.server import logs, metrics, reflection, rights
 from memstore.server.guard import Guard
 from memstore.server.heap import LoadTrimmer
 from memstore.server.link import LinkServer, describe_handler
@@ -415,17 +418,137 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
 
     @rpc
     async def Delete(self, request: pb.DeleteRequest, context: Any) -> pb.DeleteResponse:
+        """Erase one person; the answer is the erasure's receipt (memstore.server.rights)."""
         self._writable()
         pid, identifier = _key(request.key)
         if pid is not None:
             self.engine.check_slot(pid)
         dense = self.engine.lookup(pid, identifier)
-        _, _, idents, merged = ([None, None, [], []] if dense is None
-                                else decode(self.engine.blobs[dense]))  # type: ignore[arg-type]
-        change = self.engine.plan_delete(pid, identifier)
-        owner = await self.shard.commit(change)
-        return pb.DeleteResponse(deleted=owner is not None, id=owner or "", merged_ids=merged,
-                                 identifiers=[pb.Identifier(kind=k, value=v) for k, v in idents])
+        if dense is None or dense in self.engine.foreign:
+            return pb.DeleteResponse(deleted=False)
+        if self.engine.pids[dense] in self.engine.held:  # waits for the merge (a router)
+            self.engine.check_moving(self.engine.pids[dense])  # type: ignore[arg-type]
+        change = self.engine.plan_erase([dense], request.suppress)
+        erased = await self.shard.commit(change)
+        if not erased:
+            return pb.DeleteResponse(deleted=False)
+        (owner, merged, idents), = erased
+        receipt, position = rights.receipt_id(), self.shard.position
+        hashed = rights.hashes_of(self.shard, erased)
+        rights.audit_erasure(self.shard, "delete", receipt, change.at, position, erased,
+                             request.suppress, hashed)
+        response = pb.DeleteResponse(
+            deleted=True, id=owner, merged_ids=merged, receipt=receipt,
+            identifiers=[pb.Identifier(kind=k, value=v) for k, v in idents],
+            log_position=position, suppressed=request.suppress, hashed_ids=hashed)
+        response.erased_at.FromSeconds(change.at)
+        return response
+
+    # ------------------------------------------------------------------ data rights
+    @rpc
+    async def ExportProfile(self, request: pb.ExportProfileRequest, context: Any
+                            ) -> pb.ExportProfileResponse:
+        dense = self._find(request.key)
+        if dense is None:
+            raise NotFound(f"profile {_describe(request.key)} not found")
+        return rights.export_profile(self.shard, dense)
+
+    async def ExportProfiles(self, request: pb.ExportProfilesRequest,
+                             context: grpc.aio.ServicerContext
+                             ) -> AsyncIterator[pb.ExportProfilesChunk]:
+        """Every matching profile as it is at one instant (the first message's position),
+        in chunks of stored bytes; the epoch it was taken at goes ahead as initial metadata
+        (EPOCH_TRAILER), so a router knows it before anything is sent on."""
+        try:
+            lines = request.format == pb.ExportProfilesRequest.JSON_LINES
+            size = request.chunk_size or (rights.EXPORT_LINES_CHUNK if lines
+                                          else rights.EXPORT_CHUNK)
+            if size > rights.MAX_EXPORT_CHUNK:
+                raise InvalidArgument(f"chunk_size: at most {rights.MAX_EXPORT_CHUNK}, "
+                                      f"got {size}")
+            matches = (self._matches(request.query) if request.HasField("query")
+                       else self.engine.visible())
+            export = rights.BulkExport(self.shard, matches)
+        except (MemstoreError, QueryError, ValueError, TypeError) as exc:
+            _refuse(context, _invalid(exc))
+            return
+        await context.send_initial_metadata(((EPOCH_TRAILER, str(export.epoch)),))
+        name = self.shard.config.name
+        for count, data in export.chunks(size, lines):
+            chunk = pb.ExportProfilesChunk(shard=name, log_position=export.position,
+                                           profiles=count)
+            if lines:
+                chunk.lines = data
+            else:
+                chunk.packed = data
+            yield chunk
+            await asyncio.sleep(0)
+
+    async def EraseProfiles(self, request: pb.EraseProfilesRequest,
+                            context: grpc.aio.ServicerContext
+                            ) -> AsyncIterator[pb.EraseProfilesChunk]:
+        """Erase every profile matching the query as it is when the call starts (or, with
+        anonymous_before, every anonymous profile unchanged since then), a batch a change
+        and a message, each with its receipt."""
+        try:
+            self._writable()
+            size = request.batch_size or rights.ERASE_BATCH
+            if size > rights.MAX_ERASE_BATCH:
+                raise InvalidArgument(f"batch_size: at most {rights.MAX_ERASE_BATCH}, "
+                                      f"got {size}")
+            retention = request.HasField("anonymous_before")
+            if retention:
+                if request.HasField("query"):
+                    raise InvalidArgument("give a query or anonymous_before, not both")
+                cutoff = request.anonymous_before.seconds
+                kinds = list(request.anonymous_kinds) or list(ANONYMOUS_KINDS)
+                for i, kind in enumerate(kinds):
+                    check_identifier(kind, "x", f"anonymous_kinds[{i}]")
+                batches = self._expired(cutoff, kinds, size)
+            elif request.HasField("query"):
+                matches = list(self._matches(request.query))
+                batches = _in_batches(matches, size)
+            else:
+                raise InvalidArgument("query: give the profiles to erase (ALL: every one)")
+            async for batch in batches:
+                self._writable()
+                change = self.engine.plan_erase(batch, request.suppress)
+                if change.empty:
+                    continue
+                erased = await self.shard.commit(change)
+                yield self._erased_chunk(change, erased, request.suppress,
+                                         "retention" if retention else "query")
+                await asyncio.sleep(0)
+        except (MemstoreError, QueryError, ValueError, TypeError) as exc:
+            _refuse(context, _invalid(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug; never crash the server
+            _refuse(context, exc)
+
+    async def _expired(self, cutoff: int, kinds: list[str], size: int
+                       ) -> AsyncIterator[list[int]]:
+        """Batches of anonymous profiles unchanged since `cutoff`, found a slice at a time."""
+        start: int | None = 0
+        while start is not None:
+            found, start = self.engine.expired(cutoff, kinds, start, size)
+            if found:
+                yield found
+            else:
+                await asyncio.sleep(0)
+
+    def _erased_chunk(self, change: Change, erased: list[Any], suppress: bool, reason: str
+                      ) -> pb.EraseProfilesChunk:
+        receipt, position = rights.receipt_id(), self.shard.position
+        hashed = [] if reason == "retention" else rights.hashes_of(self.shard, erased)
+        rights.audit_erasure(self.shard, reason, receipt, change.at, position, erased,
+                             suppress, hashed)
+        chunk = pb.EraseProfilesChunk(receipt=receipt, log_position=position,
+                                      shard=self.shard.config.name, suppressed=suppress)
+        chunk.shard_positions[self.shard.config.name] = position
+        chunk.erased_at.FromSeconds(change.at)
+        for pid, merged, idents in erased:
+            chunk.erased.add(id=pid, merged_ids=merged, identifiers=[
+                pb.Identifier(kind=k, value=v) for k, v in idents])
+        return chunk
 
     @rpc
     async def Link(self, request: pb.LinkRequest, context: Any) -> pb.LinkResponse:
@@ -568,6 +691,11 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
             attributes=len(engine.schema), shard=self.shard.config.name,
             log_bytes=self.shard.log.size_bytes if self.shard.log else 0, info=info,
         )
+
+
+async def _in_batches(items: list[int], size: int) -> AsyncIterator[list[int]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
 
 
 def _forwarded(engine: Engine, pids: list[str]) -> None:
@@ -756,7 +884,20 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
         if not change.empty:  # reads alone are not logged (routers verify what they read)
             self._writable()
             await self.shard.commit(change)
-        return cpb.ClaimResponse(packed=msgpack.packb(change.result))
+        return cpb.ClaimResponse(packed=msgpack.packb(change.result),
+                                 log_position=self.shard.position,
+                                 shard=self.shard.config.name)
+
+    @rpc
+    async def Suppress(self, request: cpb.SuppressRequest, context: Any
+                       ) -> cpb.SuppressResponse:
+        identifiers = _packed_array(request.packed) if request.packed else []
+        change = self.engine.plan_suppress(identifiers, list(request.ids))
+        if not change.empty:
+            self._writable()
+            await self.shard.commit(change)
+        return cpb.SuppressResponse(added=change.result, log_position=self.shard.position,
+                                    shard=self.shard.config.name)
 
     @rpc
     async def Register(self, request: cpb.RegisterRequest, context: Any
@@ -782,7 +923,8 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
         change = self.engine.plan_forget(request.ids, request.txns, [
             (r.id, getattr(r, "from"), r.to) for r in request.reforward])
         await self.shard.commit(change)
-        return cpb.ForgetResponse(forgotten=len(change.notes))
+        return cpb.ForgetResponse(forgotten=len(change.notes), log_position=self.shard.position,
+                                  shard=self.shard.config.name)
 
     def _writable(self) -> None:
         _writable(self.shard)
@@ -823,6 +965,7 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
         notes = None if brief else engine.notes_in_slots(slots)
         note_slots = slots.serialize()
         batch: list[list[Any]] = []
+        times: list[list[int]] = []  # [created, changed] of each profile of the batch
         for n, dense in enumerate(ids, 1):
             blob = engine.blobs[dense]
             if blob is not None:
@@ -835,17 +978,22 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
                     by_id = engine.schema.by_id
                     named = {by_id[a].name: v for a, v in attrs.items()}
                     batch.append([engine.pids[dense], version, named, idents, merged])
+                    times.append([engine.created_at(dense), engine.changed[dense]])
             if len(batch) >= EXPORT_CHUNK or n == len(ids):
                 chunk: dict[str, Any] = {"schema": schema, "profiles": batch}
+                if times:
+                    chunk["times"] = times
                 if notes is not None:
                     chunk["notes"], chunk["note_slots"], notes = notes, note_slots, None
+                    chunk["salt"] = rights.salt_id(engine.salt)
                 yield cpb.ExportChunk(packed=msgpack.packb(chunk, use_bin_type=True), lsn=lsn)
-                batch = []
+                batch, times = [], []
                 await asyncio.sleep(0)
         if deleted or not ids:
             chunk = {"schema": schema, "profiles": [], "deleted": deleted}
             if notes is not None:
                 chunk["notes"], chunk["note_slots"] = notes, note_slots
+                chunk["salt"] = rights.salt_id(engine.salt)
             yield cpb.ExportChunk(packed=msgpack.packb(chunk, use_bin_type=True), lsn=lsn)
 
     @rpc
@@ -874,12 +1022,14 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
             return spec.id
 
         next_dense = len(engine.blobs)
-        for pid, version, named, idents, merged in rows:
+        times = chunk.get("times") or repeat((0, 0))  # older shards send none: not known
+        for (pid, version, named, idents, merged), (created, changed) in zip(rows, times):
             attrs = {aid_of(name): value for name, value in named.items()}
             dense = engine.dense_of.get(pid)
             if dense is None:
                 dense, next_dense = next_dense, next_dense + 1
             change.images.append(Image(dense, pid, encode(version, attrs, idents, merged)))
+            change.times[dense] = (created, changed)  # the source's, not the import's
         owned = engine.owned_slots
         for pid in chunk.get("deleted", ()):
             dense = engine.dense_of.get(pid)
@@ -892,11 +1042,16 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
             change.images.append(Image(dense, pid, None))
         notes = chunk.get("notes")
         if notes is not None:  # replaces this shard's notes of those slots
+            if notes.get("suppressed") and chunk.get("salt") != rights.salt_id(engine.salt):
+                raise FailedPrecondition(
+                    "the slots carry suppression entries hashed with another salt than this "
+                    "shard's: start every shard of a cluster with the same --salt-file "
+                    "(docs/data-rights.md)")
             covered = chunk.get("note_slots")
             mine = (engine.notes_in_slots(BitMap.deserialize(covered)) if covered is not None
                     else {"forwards": {}, "decided": {}, "claims": {},
-                          "registry": {}})  # older: add only
-            for table in ("forwards", "decided", "claims", "registry"):
+                          "registry": {}, "suppressed": {}})  # older: add only
+            for table in ("forwards", "decided", "claims", "registry", "suppressed"):
                 theirs = notes.get(table, {})
                 change.notes += [Note(table, key, None) for key in mine[table]
                                  if key not in theirs]

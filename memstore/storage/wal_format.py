@@ -59,8 +59,9 @@ RECORD_PROFILES: Final = 1  # after-images of profiles
 RECORD_SCHEMA: Final = 2  # attribute declarations
 RECORD_SHARD_META: Final = 3  # epoch and owned hash slots
 RECORD_MERGE: Final = 4  # after-images plus cross-shard merge notes, applied as one change
+RECORD_CHANGE: Final = 5  # after-images, notes and when: what a shard writes since times
 RECORD_TYPES: Final = frozenset({RECORD_PROFILES, RECORD_SCHEMA, RECORD_SHARD_META,
-                                 RECORD_MERGE})
+                                 RECORD_MERGE, RECORD_CHANGE})
 
 
 def list_segments(directory: Path) -> list[tuple[int, Path]]:

@@ -139,10 +139,14 @@ class Reforward(_message.Message):
     def __init__(self, id: _Optional[str] = ..., to: _Optional[str] = ..., **kwargs) -> None: ...
 
 class ForgetResponse(_message.Message):
-    __slots__ = ("forgotten",)
+    __slots__ = ("forgotten", "log_position", "shard")
     FORGOTTEN_FIELD_NUMBER: _ClassVar[int]
+    LOG_POSITION_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
     forgotten: int
-    def __init__(self, forgotten: _Optional[int] = ...) -> None: ...
+    log_position: int
+    shard: str
+    def __init__(self, forgotten: _Optional[int] = ..., log_position: _Optional[int] = ..., shard: _Optional[str] = ...) -> None: ...
 
 class OwnersRequest(_message.Message):
     __slots__ = ("packed",)
@@ -163,10 +167,32 @@ class ClaimRequest(_message.Message):
     def __init__(self, packed: _Optional[bytes] = ...) -> None: ...
 
 class ClaimResponse(_message.Message):
-    __slots__ = ("packed",)
+    __slots__ = ("packed", "log_position", "shard")
     PACKED_FIELD_NUMBER: _ClassVar[int]
+    LOG_POSITION_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
     packed: bytes
-    def __init__(self, packed: _Optional[bytes] = ...) -> None: ...
+    log_position: int
+    shard: str
+    def __init__(self, packed: _Optional[bytes] = ..., log_position: _Optional[int] = ..., shard: _Optional[str] = ...) -> None: ...
+
+class SuppressRequest(_message.Message):
+    __slots__ = ("packed", "ids")
+    PACKED_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    packed: bytes
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, packed: _Optional[bytes] = ..., ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SuppressResponse(_message.Message):
+    __slots__ = ("added", "log_position", "shard")
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    LOG_POSITION_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    added: int
+    log_position: int
+    shard: str
+    def __init__(self, added: _Optional[int] = ..., log_position: _Optional[int] = ..., shard: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("attributes",)

@@ -99,6 +99,11 @@ class ShardControlStub:
                 request_serializer=memstore_dot_v1_dot_cluster__pb2.RegisterRequest.SerializeToString,
                 response_deserializer=memstore_dot_v1_dot_cluster__pb2.RegisterResponse.FromString,
                 _registered_method=True)
+        self.Suppress = channel.unary_unary(
+                '/memstore.v1.ShardControl/Suppress',
+                request_serializer=memstore_dot_v1_dot_cluster__pb2.SuppressRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_cluster__pb2.SuppressResponse.FromString,
+                _registered_method=True)
 
 
 class ShardControlServicer:
@@ -182,6 +187,12 @@ class ShardControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Suppress(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -249,6 +260,11 @@ def add_ShardControlServicer_to_server(servicer, server):
                     servicer.Register,
                     request_deserializer=memstore_dot_v1_dot_cluster__pb2.RegisterRequest.FromString,
                     response_serializer=memstore_dot_v1_dot_cluster__pb2.RegisterResponse.SerializeToString,
+            ),
+            'Suppress': grpc.unary_unary_rpc_method_handler(
+                    servicer.Suppress,
+                    request_deserializer=memstore_dot_v1_dot_cluster__pb2.SuppressRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_cluster__pb2.SuppressResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -602,6 +618,33 @@ class ShardControl:
             '/memstore.v1.ShardControl/Register',
             memstore_dot_v1_dot_cluster__pb2.RegisterRequest.SerializeToString,
             memstore_dot_v1_dot_cluster__pb2.RegisterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Suppress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memstore.v1.ShardControl/Suppress',
+            memstore_dot_v1_dot_cluster__pb2.SuppressRequest.SerializeToString,
+            memstore_dot_v1_dot_cluster__pb2.SuppressResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -201,22 +201,43 @@ class BatchGetResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[GetResult, _Mapping]]] = ..., packed: _Optional[bytes] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
-    __slots__ = ("key",)
+    __slots__ = ("key", "suppress")
     KEY_FIELD_NUMBER: _ClassVar[int]
+    SUPPRESS_FIELD_NUMBER: _ClassVar[int]
     key: ProfileKey
-    def __init__(self, key: _Optional[_Union[ProfileKey, _Mapping]] = ...) -> None: ...
+    suppress: bool
+    def __init__(self, key: _Optional[_Union[ProfileKey, _Mapping]] = ..., suppress: _Optional[bool] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
-    __slots__ = ("deleted", "id", "merged_ids", "identifiers")
+    __slots__ = ("deleted", "id", "merged_ids", "identifiers", "receipt", "erased_at", "log_position", "shard_positions", "suppressed", "hashed_ids")
+    class ShardPositionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     DELETED_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     MERGED_IDS_FIELD_NUMBER: _ClassVar[int]
     IDENTIFIERS_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    ERASED_AT_FIELD_NUMBER: _ClassVar[int]
+    LOG_POSITION_FIELD_NUMBER: _ClassVar[int]
+    SHARD_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    SUPPRESSED_FIELD_NUMBER: _ClassVar[int]
+    HASHED_IDS_FIELD_NUMBER: _ClassVar[int]
     deleted: bool
     id: str
     merged_ids: _containers.RepeatedScalarFieldContainer[str]
     identifiers: _containers.RepeatedCompositeFieldContainer[Identifier]
-    def __init__(self, deleted: _Optional[bool] = ..., id: _Optional[str] = ..., merged_ids: _Optional[_Iterable[str]] = ..., identifiers: _Optional[_Iterable[_Union[Identifier, _Mapping]]] = ...) -> None: ...
+    receipt: str
+    erased_at: _timestamp_pb2.Timestamp
+    log_position: int
+    shard_positions: _containers.ScalarMap[str, int]
+    suppressed: bool
+    hashed_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, deleted: _Optional[bool] = ..., id: _Optional[str] = ..., merged_ids: _Optional[_Iterable[str]] = ..., identifiers: _Optional[_Iterable[_Union[Identifier, _Mapping]]] = ..., receipt: _Optional[str] = ..., erased_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., log_position: _Optional[int] = ..., shard_positions: _Optional[_Mapping[str, int]] = ..., suppressed: _Optional[bool] = ..., hashed_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LinkRequest(_message.Message):
     __slots__ = ("id", "identifiers", "create")
@@ -255,6 +276,150 @@ class TrackResponse(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     version: int
     def __init__(self, version: _Optional[int] = ...) -> None: ...
+
+class ExportProfileRequest(_message.Message):
+    __slots__ = ("key",)
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    key: ProfileKey
+    def __init__(self, key: _Optional[_Union[ProfileKey, _Mapping]] = ...) -> None: ...
+
+class ExportedAttribute(_message.Message):
+    __slots__ = ("name", "kind", "value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: Kind
+    value: Value
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[Kind, str]] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+
+class EventAggregate(_message.Message):
+    __slots__ = ("name", "count", "first", "last")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    count: int
+    first: _timestamp_pb2.Timestamp
+    last: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., count: _Optional[int] = ..., first: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ExportProfileResponse(_message.Message):
+    __slots__ = ("id", "version", "attributes", "identifiers", "merged_ids", "created", "changed", "events", "slot", "shard", "sections")
+    class SectionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    IDENTIFIERS_FIELD_NUMBER: _ClassVar[int]
+    MERGED_IDS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    SECTIONS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    version: int
+    attributes: _containers.RepeatedCompositeFieldContainer[ExportedAttribute]
+    identifiers: _containers.RepeatedCompositeFieldContainer[Identifier]
+    merged_ids: _containers.RepeatedScalarFieldContainer[str]
+    created: _timestamp_pb2.Timestamp
+    changed: _timestamp_pb2.Timestamp
+    events: _containers.RepeatedCompositeFieldContainer[EventAggregate]
+    slot: int
+    shard: str
+    sections: _containers.ScalarMap[str, str]
+    def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., attributes: _Optional[_Iterable[_Union[ExportedAttribute, _Mapping]]] = ..., identifiers: _Optional[_Iterable[_Union[Identifier, _Mapping]]] = ..., merged_ids: _Optional[_Iterable[str]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., changed: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., events: _Optional[_Iterable[_Union[EventAggregate, _Mapping]]] = ..., slot: _Optional[int] = ..., shard: _Optional[str] = ..., sections: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ExportProfilesRequest(_message.Message):
+    __slots__ = ("query", "chunk_size", "format")
+    class Format(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        PACKED: _ClassVar[ExportProfilesRequest.Format]
+        JSON_LINES: _ClassVar[ExportProfilesRequest.Format]
+    PACKED: ExportProfilesRequest.Format
+    JSON_LINES: ExportProfilesRequest.Format
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    query: QueryRequest
+    chunk_size: int
+    format: ExportProfilesRequest.Format
+    def __init__(self, query: _Optional[_Union[QueryRequest, _Mapping]] = ..., chunk_size: _Optional[int] = ..., format: _Optional[_Union[ExportProfilesRequest.Format, str]] = ...) -> None: ...
+
+class ExportProfilesChunk(_message.Message):
+    __slots__ = ("packed", "shard", "log_position", "missing_shards", "lines", "profiles")
+    PACKED_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    LOG_POSITION_FIELD_NUMBER: _ClassVar[int]
+    MISSING_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    PROFILES_FIELD_NUMBER: _ClassVar[int]
+    packed: bytes
+    shard: str
+    log_position: int
+    missing_shards: _containers.RepeatedScalarFieldContainer[str]
+    lines: bytes
+    profiles: int
+    def __init__(self, packed: _Optional[bytes] = ..., shard: _Optional[str] = ..., log_position: _Optional[int] = ..., missing_shards: _Optional[_Iterable[str]] = ..., lines: _Optional[bytes] = ..., profiles: _Optional[int] = ...) -> None: ...
+
+class EraseProfilesRequest(_message.Message):
+    __slots__ = ("query", "suppress", "batch_size", "anonymous_before", "anonymous_kinds")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    SUPPRESS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ANONYMOUS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    ANONYMOUS_KINDS_FIELD_NUMBER: _ClassVar[int]
+    query: QueryRequest
+    suppress: bool
+    batch_size: int
+    anonymous_before: _timestamp_pb2.Timestamp
+    anonymous_kinds: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, query: _Optional[_Union[QueryRequest, _Mapping]] = ..., suppress: _Optional[bool] = ..., batch_size: _Optional[int] = ..., anonymous_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., anonymous_kinds: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ErasedProfile(_message.Message):
+    __slots__ = ("id", "merged_ids", "identifiers")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MERGED_IDS_FIELD_NUMBER: _ClassVar[int]
+    IDENTIFIERS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    merged_ids: _containers.RepeatedScalarFieldContainer[str]
+    identifiers: _containers.RepeatedCompositeFieldContainer[Identifier]
+    def __init__(self, id: _Optional[str] = ..., merged_ids: _Optional[_Iterable[str]] = ..., identifiers: _Optional[_Iterable[_Union[Identifier, _Mapping]]] = ...) -> None: ...
+
+class EraseProfilesChunk(_message.Message):
+    __slots__ = ("erased", "receipt", "erased_at", "log_position", "shard_positions", "shard", "suppressed", "missing_shards")
+    class ShardPositionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    ERASED_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    ERASED_AT_FIELD_NUMBER: _ClassVar[int]
+    LOG_POSITION_FIELD_NUMBER: _ClassVar[int]
+    SHARD_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    SUPPRESSED_FIELD_NUMBER: _ClassVar[int]
+    MISSING_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    erased: _containers.RepeatedCompositeFieldContainer[ErasedProfile]
+    receipt: str
+    erased_at: _timestamp_pb2.Timestamp
+    log_position: int
+    shard_positions: _containers.ScalarMap[str, int]
+    shard: str
+    suppressed: bool
+    missing_shards: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, erased: _Optional[_Iterable[_Union[ErasedProfile, _Mapping]]] = ..., receipt: _Optional[str] = ..., erased_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., log_position: _Optional[int] = ..., shard_positions: _Optional[_Mapping[str, int]] = ..., shard: _Optional[str] = ..., suppressed: _Optional[bool] = ..., missing_shards: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AttributeSpec(_message.Message):
     __slots__ = ("name", "kind", "not_indexed", "merge")

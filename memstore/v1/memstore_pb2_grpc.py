@@ -69,6 +69,21 @@ class MemstoreStub:
                 request_serializer=memstore_dot_v1_dot_memstore__pb2.TrackRequest.SerializeToString,
                 response_deserializer=memstore_dot_v1_dot_memstore__pb2.TrackResponse.FromString,
                 _registered_method=True)
+        self.ExportProfile = channel.unary_unary(
+                '/memstore.v1.Memstore/ExportProfile',
+                request_serializer=memstore_dot_v1_dot_memstore__pb2.ExportProfileRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_memstore__pb2.ExportProfileResponse.FromString,
+                _registered_method=True)
+        self.ExportProfiles = channel.unary_stream(
+                '/memstore.v1.Memstore/ExportProfiles',
+                request_serializer=memstore_dot_v1_dot_memstore__pb2.ExportProfilesRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_memstore__pb2.ExportProfilesChunk.FromString,
+                _registered_method=True)
+        self.EraseProfiles = channel.unary_stream(
+                '/memstore.v1.Memstore/EraseProfiles',
+                request_serializer=memstore_dot_v1_dot_memstore__pb2.EraseProfilesRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_memstore__pb2.EraseProfilesChunk.FromString,
+                _registered_method=True)
         self.DeclareAttributes = channel.unary_unary(
                 '/memstore.v1.Memstore/DeclareAttributes',
                 request_serializer=memstore_dot_v1_dot_memstore__pb2.DeclareAttributesRequest.SerializeToString,
@@ -160,6 +175,27 @@ class MemstoreServicer:
     def Track(self, request, context):
         """Behaviour: count, first and last time per event name.
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportProfile(self, request, context):
+        """Data rights (docs/data-rights.md). Everything held about one person; every matching
+        profile, consistent as of one moment per shard; erasure of every matching profile.
+        Delete above is the erasure of one person.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportProfiles(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EraseProfiles(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -258,6 +294,21 @@ def add_MemstoreServicer_to_server(servicer, server):
                     servicer.Track,
                     request_deserializer=memstore_dot_v1_dot_memstore__pb2.TrackRequest.FromString,
                     response_serializer=memstore_dot_v1_dot_memstore__pb2.TrackResponse.SerializeToString,
+            ),
+            'ExportProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportProfile,
+                    request_deserializer=memstore_dot_v1_dot_memstore__pb2.ExportProfileRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_memstore__pb2.ExportProfileResponse.SerializeToString,
+            ),
+            'ExportProfiles': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportProfiles,
+                    request_deserializer=memstore_dot_v1_dot_memstore__pb2.ExportProfilesRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_memstore__pb2.ExportProfilesChunk.SerializeToString,
+            ),
+            'EraseProfiles': grpc.unary_stream_rpc_method_handler(
+                    servicer.EraseProfiles,
+                    request_deserializer=memstore_dot_v1_dot_memstore__pb2.EraseProfilesRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_memstore__pb2.EraseProfilesChunk.SerializeToString,
             ),
             'DeclareAttributes': grpc.unary_unary_rpc_method_handler(
                     servicer.DeclareAttributes,
@@ -494,6 +545,87 @@ class Memstore:
             '/memstore.v1.Memstore/Track',
             memstore_dot_v1_dot_memstore__pb2.TrackRequest.SerializeToString,
             memstore_dot_v1_dot_memstore__pb2.TrackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memstore.v1.Memstore/ExportProfile',
+            memstore_dot_v1_dot_memstore__pb2.ExportProfileRequest.SerializeToString,
+            memstore_dot_v1_dot_memstore__pb2.ExportProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportProfiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/memstore.v1.Memstore/ExportProfiles',
+            memstore_dot_v1_dot_memstore__pb2.ExportProfilesRequest.SerializeToString,
+            memstore_dot_v1_dot_memstore__pb2.ExportProfilesChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseProfiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/memstore.v1.Memstore/EraseProfiles',
+            memstore_dot_v1_dot_memstore__pb2.EraseProfilesRequest.SerializeToString,
+            memstore_dot_v1_dot_memstore__pb2.EraseProfilesChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,198 @@
+"""Data rights in one process: created and changed times through the log, snapshots and
+merges; records from before times; the anonymous-profile selection of retention with an
+injected clock; suppression through restarts; the salt file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from memstore.engine.core import SET, Engine, UpsertSpec
+from memstore.errors import FailedPrecondition
+from memstore.server.rights import BulkExport, load_salt, salt_id
+from memstore.shard import Shard, ShardConfig, encode_images, encode_schema
+from memstore.storage import wal_format
+from memstore.storage.wal_writer import LogWriter, SyncPolicy
+
+DAY = 86400
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _open(data: Path, clock: Clock, salt: bytes = b"s" * 32) -> Shard:
+    return asyncio.run(Shard.open(ShardConfig(data_dir=data, sync=SyncPolicy.OFF, clock=clock,
+                                              salt=salt)))
+
+
+def _times(shard: Shard, pid: str) -> tuple[int, int]:
+    dense = shard.engine.dense_of[pid]
+    return shard.engine.created_at(dense), shard.engine.changed[dense]
+
+
+def test_times_are_stamped_logged_and_snapshotted(tmp_path: Path) -> None:
+    clock = Clock(1_000)
+
+    async def write(shard: Shard) -> None:
+        engine = shard.engine
+        await shard.commit(engine.plan_upsert(UpsertSpec("a", [(SET, "n", 1)])))
+        clock.now = 500
+        await shard.commit(engine.plan_upsert(UpsertSpec("b", [(SET, "n", 2)],
+                                                         [("device", "d-1")])))
+        clock.now = 2_000
+        await shard.commit(engine.plan_upsert(UpsertSpec("a", [(SET, "n", 3)])))
+        assert _times(shard, "a") == (1_000, 2_000)
+        clock.now = 3_000  # b merges into a: the person is as old as b
+        await shard.commit(engine.plan_link("a", [("device", "d-1")]))
+        assert _times(shard, "a") == (500, 3_000)
+        clock.now = 4_000
+        await shard.commit(engine.plan_upsert(UpsertSpec("c", [(SET, "n", 4)])))
+        await shard.close()
+
+    asyncio.run(write(_open(tmp_path, clock)))
+    clock.now = 9_999  # replay stamps what was logged, not the clock of the restart
+    shard = _open(tmp_path, clock)
+    assert (_times(shard, "a"), _times(shard, "c")) == ((500, 3_000), (4_000, 4_000))
+    asyncio.run(shard.snapshot())
+    asyncio.run(shard.close())
+    shard = _open(tmp_path, clock)
+    assert shard.recovery["replayed"] == 0
+    assert (_times(shard, "a"), _times(shard, "c")) == ((500, 3_000), (4_000, 4_000))
+    dense = shard.engine.dense_of["a"]
+    assert shard.engine.export_profile(dense)["times"] == [500, 3_000]  # for slot moves
+    asyncio.run(shard.close())
+
+
+def test_a_failed_write_takes_its_times_back(tmp_path: Path) -> None:
+    engine = Engine(clock=Clock(100))
+    engine.apply(engine.plan_upsert(UpsertSpec("a", [(SET, "n", 1)])))
+    engine.clock = Clock(200)
+    undo = engine.apply(engine.plan_upsert(UpsertSpec("a", [(SET, "n", 2)])))
+    assert (engine.created[0], engine.changed[0]) == (100, 200)
+    engine.undo(undo)
+    assert (engine.created[0], engine.changed[0]) == (100, 100)
+
+
+def test_records_from_before_times_load_with_times_unknown(tmp_path: Path) -> None:
+    engine = Engine()
+    change = engine.plan_upsert(UpsertSpec("old", [(SET, "n", 1)], [("device", "old-d")]))
+    log = tmp_path / "log"
+
+    async def legacy() -> None:
+        writer = LogWriter.open(log, sync=SyncPolicy.OFF)
+        writer.append(wal_format.RECORD_SCHEMA, encode_schema(change.schema))
+        writer.append(wal_format.RECORD_PROFILES, encode_images(change.images))
+        await writer.close()
+
+    asyncio.run(legacy())
+    clock = Clock(50 * DAY)
+    shard = _open(tmp_path, clock)
+    assert _times(shard, "old") == (0, 0)
+    engine = shard.engine
+    # Not known: counted as changed when the shard started (its clock then: day 50).
+    assert engine.expired(int(60 * DAY), ["device"], 0, 10) == ([0], None)
+    assert engine.expired(int(40 * DAY), ["device"], 0, 10) == ([], None)
+    asyncio.run(shard.close())
+
+
+def test_expired_finds_only_anonymous_profiles_unchanged_since_the_cutoff() -> None:
+    clock = Clock(10 * DAY)
+    engine = Engine(clock=clock)
+    for pid, idents in [("anon", [("anonymous", "c1")]), ("dev", [("device", "d1")]),
+                        ("both", [("anonymous", "c2"), ("device", "d2")]),
+                        ("known", [("email", "e@x"), ("device", "d3")]), ("bare", [])]:
+        engine.apply(engine.plan_upsert(UpsertSpec(pid, [(SET, "n", 1)], idents)))
+    clock.now = 30 * DAY
+    engine.apply(engine.plan_upsert(UpsertSpec("fresh", [(SET, "n", 1)],
+                                               [("device", "d4")])))
+    kinds = ["anonymous", "device"]
+    found, end = engine.expired(20 * DAY, kinds, 0, 100)
+    assert sorted(engine.pids[d] for d in found) == ["anon", "both", "dev"] and end is None
+    assert engine.expired(20 * DAY, ["anonymous"], 0, 100)[0] == [0]
+    found, end = engine.expired(20 * DAY, kinds, 0, 1)  # a batch at a time
+    assert len(found) == 1 and end is not None
+    assert engine.expired(20 * DAY, kinds, 0, 100, budget=1)[1] == 1  # bounded work
+    assert engine.expired(5 * DAY, kinds, 0, 100) == ([], None)
+
+
+def test_suppression_survives_restarts_and_snapshots(tmp_path: Path) -> None:
+    clock = Clock(1_000)
+    shard = _open(tmp_path, clock)
+
+    async def erase() -> None:
+        engine = shard.engine
+        await shard.commit(engine.plan_upsert(UpsertSpec("p", [(SET, "n", 1)],
+                                                         [("email", "p@x")])))
+        change = engine.plan_erase([engine.dense_of["p"]], suppress=True)
+        assert await shard.commit(change) == [("p", [], [["email", "p@x"]])]
+        await shard.close()
+
+    asyncio.run(erase())
+
+    def refused(shard: Shard) -> None:
+        engine = shard.engine
+        for spec in (UpsertSpec("q", [], [("email", "p@x")]), UpsertSpec("p", [(SET, "n", 2)])):
+            with pytest.raises(FailedPrecondition, match="suppression"):
+                engine.plan_upsert(spec)
+        for rows in ([("p", {"n": 1}, [])], [("r", {"n": 1}, [("email", "p@x")])]):
+            with pytest.raises(FailedPrecondition, match="suppression"):  # bulk loads too
+                engine.plan_load(rows)
+        claimed = engine.plan_claims([["email", "p@x", "q", None]]).result
+        assert claimed == [[None, 0.0, False, False, True]]
+        engine.plan_upsert(UpsertSpec("q", [], [("email", "q@x")]))  # others are fine
+
+    shard = _open(tmp_path, clock)
+    refused(shard)
+    asyncio.run(shard.snapshot())
+    asyncio.run(shard.close())
+    shard = _open(tmp_path, clock)
+    refused(shard)
+    assert len(shard.engine.suppressed) == 2  # the id and the identifier, hashed
+    assert not any(b"p@x" in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    asyncio.run(shard.close())
+    other = _open(tmp_path, clock, salt=b"t" * 32)  # another salt: other hashes
+    other.engine.plan_upsert(UpsertSpec("q", [], [("email", "p@x")]))
+    asyncio.run(other.close())
+
+
+def test_the_salt_file_is_made_once_and_kept(tmp_path: Path) -> None:
+    path = tmp_path / "rights.salt"
+    salt = load_salt(path)
+    assert len(salt) == 32 and load_salt(path) == salt
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert salt_id(salt) != salt_id(load_salt(tmp_path / "other.salt"))
+    path.write_text("not hex\n")
+    with pytest.raises(ValueError, match="64 hex digits"):
+        load_salt(path)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_salt(tmp_path / "missing", create=False)
+
+
+def test_a_bulk_export_is_the_shards_state_at_its_start(tmp_path: Path) -> None:
+    """The export copies its profiles when it starts: changes made while it streams (an
+    update, a deletion, a new profile) do not show in it."""
+    clock = Clock(1_000)
+    shard = asyncio.run(Shard.open(ShardConfig(data_dir=None, clock=clock)))
+    engine = shard.engine
+    for i in range(50):
+        engine.apply(engine.plan_upsert(UpsertSpec(f"p{i}", [(SET, "n", i)])))
+    export = BulkExport(shard, engine.visible())
+    chunks = export.chunks(10, lines=True)
+    first = next(chunks)
+    clock.now = 2_000
+    engine.apply(engine.plan_upsert(UpsertSpec("p45", [(SET, "n", -1)])))
+    engine.apply(engine.plan_delete("p46"))
+    engine.apply(engine.plan_upsert(UpsertSpec("p99", [(SET, "n", 99)])))
+    rows = [json.loads(line) for _, data in [first, *chunks] for line in data.splitlines()]
+    assert [r["attributes"]["n"] for r in rows] == list(range(50))
+    assert {r["changed"] for r in rows} == {"1970-01-01T00:16:40Z"}
