@@ -6,6 +6,12 @@ plain records `{"id", "attributes", "identifiers", "merged_ids", "version", "cre
 A chunk is decoded with the cyclic garbage collector paused (thousands of new containers
 would wake it again and again to walk the process's heap), and a chunk's timestamps are
 converted together (numpy), not one datetime each.
+
+`lines` is the shards' JSON Lines writer, the hot path of `memstore export` (every byte of
+a bulk export passes through it once): the same bytes as json_lines(decode(..., "iso")),
+made with as little Python a profile as it takes: one unpack call and one orjson call a
+chunk, timestamps converted a column at a time, and one dict a profile for its named
+attributes (the stored encoding keys them by number).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import orjson
+import ormsgpack
 
 from memstore import pbvalues
 
@@ -30,6 +37,55 @@ _line = partial(orjson.dumps, option=orjson.OPT_APPEND_NEWLINE)
 def json_lines(records: Iterable[dict[str, Any]]) -> bytes:
     """Records (made with timestamps="iso") as JSON Lines: orjson, ~10x the json module."""
     return b"".join(map(_line, records))
+
+
+def lines(table: dict[int, list[Any]], pids: Sequence[str], blobs: Sequence[bytes],
+          created: np.ndarray, changed: np.ndarray) -> bytes:
+    """JSON Lines of the profiles `pids` stored as `blobs` (attribute ids named by `table`:
+    {id: [name, kind number]}), created and changed at those seconds since the epoch (0:
+    not known); byte for byte json_lines(decode([table], entries, "iso"))."""
+    if not pids:
+        return b""
+    if gc.isenabled():
+        gc.disable()
+        try:
+            return lines(table, pids, blobs, created, changed)
+        finally:
+            gc.enable()
+    states = ormsgpack.unpackb(_ARRAY32.pack(0xDD, len(blobs)) + b"".join(blobs),
+                               option=ormsgpack.OPT_NON_STR_KEYS)
+    attrs = [state[1] for state in states]
+    for aid, spec in table.items():  # timestamps a column at a time, in place
+        if spec[1] == _TIMESTAMP:
+            holders = [a for a in attrs if aid in a]
+            if holders:
+                text = _iso([a[aid] for a in holders], "us")
+                for a, moment in zip(holders, text):
+                    a[aid] = moment
+    named = {aid: spec[0] for aid, spec in table.items()}
+    records = [{"id": pid, "attributes": {named[k]: v for k, v in a.items()},
+                "identifiers": idents, "merged_ids": merged, "version": version,
+                "created": c, "changed": h}
+               for pid, (version, a, idents, merged), c, h
+               in zip(pids, states, _times(created), _times(changed))]
+    # One orjson call a chunk: a record's objects hold no object in a list, so `},{"id":`
+    # (quotes inside strings are escaped) is only ever the gap between two records.
+    return orjson.dumps(records)[1:-1].replace(b'},{"id":', b'}\n{"id":') + b"\n"
+
+
+def _iso(values: Any, unit: str) -> list[str]:
+    """Times in `unit` since the epoch as ISO-8601 strings ending in Z."""
+    moments = np.asarray(values, dtype=np.int64).view(f"datetime64[{unit}]")
+    return np.datetime_as_string(moments, unit=unit,  # type: ignore[call-overload,no-any-return]
+                                 timezone="UTC").tolist()
+
+
+def _times(seconds: np.ndarray) -> list[str | None]:
+    """Seconds since the epoch as ISO-8601, 0 (not known) as None."""
+    text: list[str | None] = _iso(seconds, "s")  # type: ignore[assignment]
+    if not seconds.all():
+        text = [t if v else None for t, v in zip(text, seconds.tolist())]
+    return text
 
 
 def decode(tables: Sequence[dict[int, list[Any]]], entries: Iterable[Sequence[Any]],

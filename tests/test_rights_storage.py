@@ -196,3 +196,35 @@ def test_a_bulk_export_is_the_shards_state_at_its_start(tmp_path: Path) -> None:
     rows = [json.loads(line) for _, data in [first, *chunks] for line in data.splitlines()]
     assert [r["attributes"]["n"] for r in rows] == list(range(50))
     assert {r["changed"] for r in rows} == {"1970-01-01T00:16:40Z"}
+
+
+def test_bulk_export_json_lines_are_the_records_of_the_packed_form() -> None:
+    """The shards' JSON Lines writer (exportformat.lines, made without a record dict the
+    slow way) gives the bytes json_lines(decode(..., "iso")) gives, for values that look
+    like the JSON around them, timestamps, lists, unknown times (0) and an empty chunk."""
+    from datetime import UTC, datetime
+    from itertools import repeat
+
+    import numpy as np
+
+    from memstore import exportformat
+
+    shard = asyncio.run(Shard.open(ShardConfig(data_dir=None, clock=Clock(1_000))))
+    engine = shard.engine
+    tricky = ['},{"id":"x"}', '"12":', "back\\slash\"", "ünïcødé ✓", "line\nbreak", ""]
+    for i, text in enumerate(tricky * 3):
+        attrs = [(SET, "s", text), (SET, "n", -i), (SET, "f", i / 3), (SET, "ok", i % 2 == 0),
+                 (SET, "tags", [text, "b"])]
+        if i % 3:
+            attrs.append((SET, "at", datetime(2026, 1, 2, 3, 4, 5, i, tzinfo=UTC)))
+        engine.apply(engine.plan_upsert(UpsertSpec(f"p{i}", attrs, [("email", f"{text}@{i}")])))
+    export = BulkExport(shard, engine.visible())
+    created = np.array([0 if i % 4 == 0 else 1_000 + i for i in range(len(export))], np.uint32)
+    entries = list(zip(export.pids, export.blobs, repeat(0), created.tolist(),
+                       export.changed.tolist()))
+    want = exportformat.json_lines(exportformat.decode([export.table], entries, "iso"))
+    got = exportformat.lines(export.table, export.pids, export.blobs, created,
+                             export.changed)
+    assert got == want
+    assert len(got.splitlines()) == len(export) == 18
+    assert exportformat.lines(export.table, [], [], created[:0], created[:0]) == b""

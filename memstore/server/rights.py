@@ -160,8 +160,8 @@ class BulkExport:
         take = itemgetter(*ids) if len(ids) > 1 else (lambda xs: [xs[i] for i in ids])
         self.pids = list(take(engine.pids))
         self.blobs = list(take(engine.blobs))
-        self.created = np.frombuffer(engine.created, dtype=np.uint32)[dense].tolist()
-        self.changed = np.frombuffer(engine.changed, dtype=np.uint32)[dense].tolist()
+        self.created = np.frombuffer(engine.created, dtype=np.uint32)[dense]
+        self.changed = np.frombuffer(engine.changed, dtype=np.uint32)[dense]
         self.table = dict(engine.schema_table())
         self.position = shard.position
         self.epoch = engine.epoch
@@ -177,14 +177,16 @@ class BulkExport:
         tables = [self.table]
         for start in range(0, max(len(self.pids), 1), size):
             end = start + size
-            entries = list(zip(self.pids[start:end], self.blobs[start:end], repeat(0),
-                               self.created[start:end], self.changed[start:end]))
+            pids, blobs = self.pids[start:end], self.blobs[start:end]
+            created, changed = self.created[start:end], self.changed[start:end]
             if lines:
-                yield len(entries), exportformat.json_lines(
-                    exportformat.decode(tables, entries, "iso"))
+                yield len(pids), exportformat.lines(self.table, pids, blobs, created,
+                                                    changed)
             else:
-                yield len(entries), ormsgpack.packb([tables, entries],
-                                                    option=ormsgpack.OPT_NON_STR_KEYS)
+                entries = list(zip(pids, blobs, repeat(0), created.tolist(),
+                                   changed.tolist()))
+                yield len(pids), ormsgpack.packb([tables, entries],
+                                                 option=ormsgpack.OPT_NON_STR_KEYS)
 
 
 # ---------------------------------------------------------------------- erasure
