@@ -92,7 +92,7 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: b
           stop_timeout: float, metrics_port: int | None, snapshot_log_mb: int,
           snapshot_interval: float,
           max_identifiers_per_kind: int, blocked_identifier: tuple[str, ...],
-          no_link: bool, tls_cert: Path | None, tls_key: Path | None,
+          event_days: int, no_link: bool, tls_cert: Path | None, tls_key: Path | None,
           tls_client_ca: Path | None, auth_file: Path | None, insecure: bool,
           audit_log: Path | None, tls_ca: Path | None, verbose: bool) -> None:
     """Run a router and shard processes on this machine; restart shards that die."""
@@ -116,7 +116,7 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: b
         raise click.ClickException(str(exc)) from None
     audit.open_log(audit_log)
     args = shard_args(snapshot_log_mb, snapshot_interval, max_identifiers_per_kind,
-                      blocked_identifier, no_link or security.guarded)
+                      blocked_identifier, no_link or security.guarded, event_days)
     args += security_args(tls_cert, tls_key, tls_client_ca, auth_file, insecure, audit_log)
     supervisor = Supervisor(data_dir, shards, host, port, sync, shard_args=args,
                             stop_timeout=stop_timeout, link=not no_link, security=security,

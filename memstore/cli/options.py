@@ -32,6 +32,12 @@ _OPTIONS = (
                  help="Merge protection: a profile never holds more identifiers of one kind."),
     click.option("--blocked-identifier", multiple=True,
                  help="Extra identifier values never linked (added to the built-in list)."),
+    click.option("--event-days", type=click.IntRange(1, 36_500), default=180,
+                 show_default=True,
+                 help="UTC days of events' day records kept for did(...) windows (today "
+                      "and the days before it); older days are dropped, "
+                      "event.<name>.count/first/last stay. More days: more memory (a few "
+                      "bytes per profile and active day). If unsure: 180."),
     click.option("--no-link", is_flag=True,
                  help="Serve over gRPC alone, without the link (a lighter protocol for "
                       "unary calls from routers and clients, on a free port of the same "
@@ -49,19 +55,21 @@ LINK_PORT = click.option(
 
 def shard_settings(command: F) -> F:
     """Add --sync, --snapshot-log-mb, --snapshot-interval, --max-identifiers-per-kind,
-    --blocked-identifier and --no-link to a click command."""
+    --blocked-identifier, --event-days and --no-link to a click command."""
     for option in reversed(_OPTIONS):
         command = option(command)
     return command
 
 
 def shard_args(snapshot_log_mb: int, snapshot_interval: float, max_identifiers_per_kind: int,
-               blocked_identifier: tuple[str, ...], no_link: bool) -> tuple[str, ...]:
+               blocked_identifier: tuple[str, ...], no_link: bool, event_days: int = 180
+               ) -> tuple[str, ...]:
     """The same settings as `serve-shard` arguments (--sync goes separately)."""
     return ("--snapshot-log-mb", str(snapshot_log_mb),
             "--snapshot-interval", str(snapshot_interval),
             "--max-identifiers-per-kind", str(max_identifiers_per_kind),
             *(arg for value in blocked_identifier for arg in ("--blocked-identifier", value)),
+            "--event-days", str(event_days),
             *(("--no-link",) if no_link else ()))
 
 

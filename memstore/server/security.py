@@ -58,7 +58,8 @@ ADMIN = Need("admin", frozenset({"admin", "cluster"}))  # routers forward these 
 OPERATOR = Need("admin", frozenset({"admin"}))
 MEMBER = Need("cluster", frozenset({"cluster", "admin"}))  # ShardControl: members, operators
 
-MEMSTORE_WRITES = frozenset({"Upsert", "BatchUpsert", "Delete", "Link", "Track"})
+MEMSTORE_WRITES = frozenset({"Upsert", "BatchUpsert", "Delete", "Link", "Track",
+                             "TrackBatch"})
 MEMSTORE_ADMIN = frozenset({"DeclareAttributes", "Snapshot"})
 MEMSTORE_READS = frozenset({"Get", "BatchGet", "GetSchema", "Count", "QueryIds", "StreamIds",
                             "GroupBy", "QueryBitmap", "Stats"})
