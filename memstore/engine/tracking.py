@@ -290,9 +290,9 @@ def _plan_general(engine: Engine, events: Sequence[Event], where: str | None) ->
         pending.setdefault((d.pid, record.id), []).append((days.day_of(when), count))
     for (pid, aid), added in pending.items():
         d = planner.drafts[planner.resolve_pid(pid)]
-        record, _ = days.add(d.attrs.get(aid), added, first_kept)
-        if record is not None:
-            d.attrs[aid] = record
+        day_record, _ = days.add(d.attrs.get(aid), added, first_kept)
+        if day_record is not None:
+            d.attrs[aid] = day_record
     if where is None:  # a single Track answers the profile's new version
         assert d is not None
         return planner.finish(d.version)
