@@ -82,6 +82,46 @@ def write_jsonl(ev: dict[str, np.ndarray], path: Path, lo: int, hi: int) -> int:
     return hi - lo
 
 
+def _varint_bytes(x: np.ndarray) -> np.ndarray:
+    """LEB128 length of each value (7 bits a byte)."""
+    n = np.ones(len(x), dtype=np.int64)
+    for shift in (7, 14, 21, 28, 35, 42, 49, 56, 63):
+        n += x >= (1 << shift)
+    return n
+
+
+def day_record_bytes(ev: dict[str, np.ndarray]) -> dict[str, Any]:
+    """What the day records of these events hold, computed from the events (the shards'
+    state is these records, so no server is asked): the bytes of the records in the
+    profile blobs (memstore/engine/days.py's format, exactly) and of the day bitmaps
+    (memstore.index.day_index.DayIndex, roaring's own container bytes), over profiles.
+    Dense ids are taken as the profile index, as a shard numbers them in arrival order."""
+    from memstore.index.day_index import DayIndex
+
+    day = ev["at"] // DAY_MICROS
+    key = (ev["who"] * len(EVENT_NAMES) + ev["name"]) * 100_000 + (day % 100_000)
+    cells, counts = np.unique(key, return_counts=True)
+    record, cell_day = cells // 100_000, cells % 100_000
+    # newest first within a record: sort by record, then day descending
+    order = np.lexsort((-cell_day, record))
+    record, cell_day, counts = record[order], cell_day[order], counts[order]
+    first = np.concatenate(([True], record[1:] != record[:-1]))
+    gap = np.concatenate(([0], cell_day[:-1] - cell_day[1:]))
+    blob = np.where(first, 4, _varint_bytes(gap)) + _varint_bytes(counts)
+    who, name = record // len(EVENT_NAMES), record % len(EVENT_NAMES)
+    bitmaps = 0
+    for e in range(len(EVENT_NAMES)):
+        mine = name == e
+        index = DayIndex()
+        index.add_many(who[mine].astype(np.uint32), cell_day[mine], counts[mine])
+        bitmaps += index.memory_bytes()
+    profiles = len(np.unique(who))
+    return {"cells": len(cells), "records": int(first.sum()), "blob_bytes": int(blob.sum()),
+            "bitmap_bytes": bitmaps, "bytes_per_profile": (int(blob.sum()) + bitmaps)
+            / profiles, "blob_bytes_per_profile": int(blob.sum()) / profiles,
+            "bitmap_bytes_per_profile": bitmaps / profiles}
+
+
 def duckdb_events(ev: dict[str, np.ndarray]) -> Any:
     import duckdb
     import pyarrow as pa
@@ -156,6 +196,10 @@ def run(profiles: int, per_profile: float, shards: int, seed: int, reps: int,
                          "bytes_per_event": (rss - rss0) / n}
         log(f"  RSS growth {(rss - rss0) / 2**20:,.0f} MiB: "
             f"{(rss - rss0) / active:,.0f} bytes a profile, {(rss - rss0) / n:,.1f} an event")
+        res["day_records"] = d = day_record_bytes(ev)
+        log(f"  day records: {d['bytes_per_profile']:,.1f} bytes a profile "
+            f"({d['blob_bytes_per_profile']:,.1f} in blobs, {d['bitmap_bytes_per_profile']:,.1f}"
+            f" in day bitmaps; {d['cells']:,} (profile, event, day) cells)")
         con = duckdb_events(ev)
         queries = []
         for event, within, least in (("e0", 30, 3), ("e3", 30, 3), ("e0", 90, 10),
@@ -195,6 +239,12 @@ def markdown(res: dict[str, Any]) -> str:
     m = res["memory"]
     lines.append(f"- memory: {m['bytes_per_profile']:,.0f} bytes a profile "
                  f"({m['bytes_per_event']:,.1f} an event), RSS of router and shards")
+    if "day_records" in res:
+        d = res["day_records"]
+        lines.append(f"- day records alone: {d['bytes_per_profile']:,.1f} bytes a profile "
+                     f"({d['blob_bytes_per_profile']:,.1f} in profile blobs, "
+                     f"{d['bitmap_bytes_per_profile']:,.1f} in day bitmaps), "
+                     f"{d['cells']:,} (profile, event, day) cells")
     lines += ["", "| query | profiles | router ms (median) | DuckDB ms (median) |",
               "|---|---|---|---|"]
     for q in res["queries"]:

@@ -371,3 +371,21 @@ def test_an_or_stops_once_everything_matched() -> None:
     ranges = [Predicate("n", Op.GT, (k,)) for k in range(5)]
     assert len(evaluate(engine, Or((everyone, *ranges)), stats=stats)) == 50
     assert stats.leaves == 1
+
+
+def test_a_comparison_outside_the_stored_values_runs_first_and_stops_the_and() -> None:
+    """A range index knows its base and width: `n > 10**6` over values 0..49 matches nobody
+    without a bitmap operation, so the AND runs it first and nothing else."""
+    engine = Engine()
+    engine.apply(engine.plan_batch([UpsertSpec(f"p{i}", [(1, "n", i), (1, "c", "x")])
+                                    for i in range(50)]))
+    everyone = Predicate("c", Op.EQ, ("x",))
+    for out in (Predicate("n", Op.GT, (10**6,)), Predicate("n", Op.LT, (0,)),
+                Predicate("n", Op.BETWEEN, (-9, -1)), Predicate("n", Op.IN, (-5, 10**9))):
+        stats = EvalStats()
+        assert not evaluate(engine, And((everyone, Predicate("n", Op.GE, (3,)), out)),
+                            stats=stats)
+        assert stats.leaves == 1, out
+    stats = EvalStats()
+    inside = Predicate("n", Op.LE, (0,))
+    assert len(evaluate(engine, And((everyone, inside)), stats=stats)) == 1

@@ -367,6 +367,15 @@ class RangeIndex:
         self._flush()
         return self._exists
 
+    def span(self) -> tuple[int, int] | None:
+        """Bounds no stored value lies outside (the base, and the base plus the largest
+        offset the slices can hold; not tight above), or None if nothing is stored: what
+        a planner knows about a comparison without a bitmap operation."""
+        self._flush()
+        if self.base is None or not self._exists:
+            return None
+        return self.base, self.base + (1 << len(self.slices)) - 1
+
     def value_of(self, dense_id: int) -> int | None:
         self._flush()
         if dense_id not in self._exists or self.base is None:

@@ -132,7 +132,11 @@ class Range(Step):
         self.index = index
         self.op = op
         self.values = values
-        self.bound = len(index)
+        span = index.span()
+        # A constant outside the values stored (age > 1000, a price below 0) matches
+        # nobody: known from the index's base and width, so an AND runs this part first
+        # and stops there (a scan with min/max statistics answers it as fast).
+        self.bound = 0 if span is None or not _may_match(op, values, *span) else len(index)
 
     def run(self, ctx: Context, within: BitMap | None) -> BitMap:
         ctx.leaf()
@@ -142,6 +146,23 @@ class Range(Step):
         if self.op == "in":
             return BitMap.union(BitMap(), *(index.compare("eq", v, within) for v in values))
         return index.compare(self.op, values[0], within)
+
+
+def _may_match(op: str, values: Sequence[int], low: int, high: int) -> bool:
+    """Whether `op` on `values` can hold for some value in low..high."""
+    if op == "lt":
+        return values[0] > low
+    if op == "le":
+        return values[0] >= low
+    if op == "gt":
+        return values[0] < high
+    if op == "ge":
+        return values[0] <= high
+    if op == "between":
+        return values[0] <= high and values[1] >= low
+    if op in ("eq", "in"):
+        return any(low <= v <= high for v in values)
+    return True  # ne
 
 
 class DidStep(Step):
