@@ -63,7 +63,7 @@ def lines(table: dict[int, list[Any]], pids: Sequence[str], blobs: Sequence[byte
                 for a, moment in zip(holders, text):
                     a[aid] = moment
     named = {aid: spec[0] for aid, spec in table.items()}
-    records = [{"id": pid, "attributes": {named[k]: v for k, v in a.items()},
+    records = [{"id": pid, "attributes": {named[k]: v for k, v in a.items() if k in named},
                 "identifiers": idents, "merged_ids": merged, "version": version,
                 "created": c, "changed": h}
                for pid, (version, a, idents, merged), c, h
@@ -112,7 +112,7 @@ def decode(tables: Sequence[dict[int, list[Any]]], entries: Iterable[Sequence[An
     for (pid, _, t, created, changed), (version, attrs, idents, merged) in zip(entries,
                                                                                states):
         named = names[t]
-        attributes = {named[aid]: value for aid, value in attrs.items()}
+        attributes = {named[aid]: value for aid, value in attrs.items() if aid in named}
         for aid in stamps[t]:
             if aid in attrs:
                 found.append((attributes, named[aid]))

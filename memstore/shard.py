@@ -44,6 +44,7 @@ import ormsgpack
 from pyroaring import BitMap
 
 from memstore.engine.core import (
+    DEFAULT_EVENT_DAYS,
     Change,
     Engine,
     IdentityRules,
@@ -54,9 +55,11 @@ from memstore.engine.core import (
     ident_key,
 )
 from memstore.engine.schema import AttributeSpec, Schema
+from memstore.engine.tracking import stale_days
 from memstore.errors import Unavailable
 from memstore.hashslot import slot_of
 from memstore.index.bitmap_index import RangeIndex, ValueIndex
+from memstore.index.day_index import DayIndex
 from memstore.storage import wal_format
 from memstore.storage.dirlock import DirLock
 from memstore.storage.forked import ChildFailed, run_in_child
@@ -70,6 +73,7 @@ SNAPSHOT_CHUNK = 2000  # profiles per snapshot section
 TIMES_CHUNK = 1 << 16  # dense ids per `times` section
 CLAIM_SLOTS_CHUNK = 64  # slots of directory claims per snapshot section
 RECENT_CHANGES = 500_000  # profile ids remembered for slot-move catch-up (~40 MB at most)
+EXPIRY_CHECK = 10.0  # seconds between checks for day records past the retention
 
 
 class RecentChanges:
@@ -126,10 +130,12 @@ class ShardConfig:
     # A clean stop snapshots first when the log has grown since the last snapshot, so the
     # next start replays nothing; it gives up after this many seconds (0: never snapshot).
     stop_snapshot_timeout: float = 60.0
-    # Wall-clock seconds for created and changed times (tests inject one).
+    # Wall-clock seconds for created and changed times and for rolling day records over
+    # (tests inject one).
     clock: Callable[[], float] = time.time
     # The cluster's salt (memstore.server.rights): suppression keys and audit hashes.
     salt: bytes = b""
+    event_days: int = DEFAULT_EVENT_DAYS  # UTC days of day records kept (--event-days)
 
 
 class Shard:
@@ -144,6 +150,7 @@ class Shard:
         self._last_snapshot = time.monotonic()
         self._log_bytes_at_snapshot = writer.size_bytes if writer else 0
         self._auto_task: asyncio.Task[None] | None = None
+        self._expiry_task: asyncio.Task[None] | None = None
         self.recovery: dict[str, Any] = {}
         # Log position of the newest snapshot; the older kept snapshot needs the log from
         # its own position on, so segments are deleted only before that one.
@@ -161,7 +168,7 @@ class Shard:
     # ------------------------------------------------------------------ life cycle
     @classmethod
     async def open(cls, config: ShardConfig) -> Shard:
-        engine = Engine(config.rules, config.clock, config.salt)
+        engine = Engine(config.rules, config.clock, config.salt, event_days=config.event_days)
         if config.data_dir is None:
             return cls(config, engine, None)
         started = time.monotonic()
@@ -213,14 +220,18 @@ class Shard:
         return shard
 
     def start_background(self) -> None:
+        loop = asyncio.get_running_loop()
         if self.log is not None and self._auto_task is None:
-            self._auto_task = asyncio.get_running_loop().create_task(self._auto_snapshot())
+            self._auto_task = loop.create_task(self._auto_snapshot())
+        if self._expiry_task is None:
+            self._expiry_task = loop.create_task(self._expire_days())
 
     async def close(self) -> None:
-        if self._auto_task is not None:
-            self._auto_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._auto_task
+        for task in (self._auto_task, self._expiry_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.log is not None:
             await self.log.close()
         if self.lock is not None:
@@ -371,6 +382,30 @@ class Shard:
                    "acknowledged write"
         return f"written at lsn {result['lsn']} in {result['seconds']:.2f} s"
 
+    async def expire_days(self) -> int:
+        """Drop the days before the retention from every day record, a slice of profiles
+        a change (logged like any write, so other calls interleave); how many profiles."""
+        rewritten = 0
+        while stale_days(self.engine) and not self.writable_error:
+            change = self.engine.plan_expire()
+            if change.empty:
+                break  # the rest are held by a merge or moving between shards: later
+            rewritten += await self.commit(change)
+            await asyncio.sleep(0)
+        return rewritten
+
+    async def _expire_days(self) -> None:
+        """Forever: expire day records once a day rolls over (checked every few seconds)."""
+        while True:
+            await asyncio.sleep(EXPIRY_CHECK)
+            try:
+                rewritten = await self.expire_days()
+            except Exception:  # keep serving; the next round tries again
+                log.exception("expiring day records failed")
+                continue
+            if rewritten:
+                log.info("dropped days before the retention from %d profiles", rewritten)
+
     async def _auto_snapshot(self) -> None:
         assert self.log is not None
         while True:
@@ -438,6 +473,8 @@ def write_snapshot_file(engine: Engine, snap_dir: Path, lsn: int, shard_name: st
             aid = spec.id
             if aid in engine.range_index:
                 state = {"aid": aid, "kind": "range", "index": engine.range_index[aid].to_state()}
+            elif aid in engine.day_index:
+                state = {"aid": aid, "kind": "days", "index": engine.day_index[aid].to_state()}
             else:
                 state = {"aid": aid, "kind": "value", "index": engine.value_index[aid].to_state(),
                          "exists": engine.exists[aid].serialize()}
@@ -553,14 +590,20 @@ def load_snapshot(engine: Engine, sections: Iterable[tuple[str, bytes]]) -> None
             if state["kind"] == "value":
                 engine.value_index[aid] = ValueIndex.from_state(state["index"])
                 engine.exists[aid] = BitMap.deserialize(state["exists"])
-            else:
+            elif state["kind"] == "days":
+                engine.day_index[aid] = DayIndex.from_state(state["index"])
+            elif state["kind"] == "range":
                 engine.range_index[aid] = RangeIndex.from_state(state["index"])
+            else:
+                raise ValueError(f"unknown index kind {state['kind']!r} in a snapshot")
         else:
             raise ValueError(f"unknown snapshot section {name!r}")
     for spec in engine.schema.by_id:  # attributes declared but never indexed yet
         if spec.indexed:
             if spec.kind.name in ("INT", "FLOAT", "TIMESTAMP"):
                 engine.range_index.setdefault(spec.id, RangeIndex())
+            elif spec.kind.name == "EVENT_DAYS":
+                engine.day_index.setdefault(spec.id, DayIndex())
             else:
                 engine.value_index.setdefault(spec.id, ValueIndex())
                 engine.exists.setdefault(spec.id, BitMap())

@@ -98,7 +98,7 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: b
           snapshot_interval: float, stop_snapshot_timeout: float,
           max_identifiers_per_kind: int, blocked_identifier: tuple[str, ...],
           max_query_bytes: int, max_query_items: int, max_query_predicates: int,
-          no_link: bool, tls_cert: Path | None, tls_key: Path | None,
+          event_days: int, no_link: bool, tls_cert: Path | None, tls_key: Path | None,
           tls_client_ca: Path | None, auth_file: Path | None, insecure: bool,
           audit_log: Path | None, tls_ca: Path | None, anonymous_ttl: float | None,
           verbose: bool) -> None:
@@ -125,7 +125,7 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: b
     limits = query_limits(max_query_bytes, max_query_items, max_query_predicates)
     args = shard_args(snapshot_log_mb, snapshot_interval, max_identifiers_per_kind,
                       blocked_identifier, no_link or security.guarded, limits,
-                      stop_snapshot_timeout)
+                      stop_snapshot_timeout, event_days)
     args += security_args(tls_cert, tls_key, tls_client_ca, auth_file, insecure, audit_log)
     supervisor = Supervisor(data_dir, shards, host, port, sync, shard_args=args,
                             stop_timeout=stop_timeout + stop_snapshot_timeout, link=not no_link, security=security,

@@ -68,7 +68,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pyroaring import BitMap
 
 from memstore import pbvalues
+from memstore.engine import eventpack
 from memstore.engine.columnar import Columns, unpack_columns
+from memstore.engine.schema import DAY_RECORD
 from memstore.errors import InvalidArgument, brief, capped, drop_tracebacks
 from memstore.hashslot import (
     ADMIN_SERVICE,
@@ -83,6 +85,7 @@ from memstore.hashslot import (
 from memstore.query import (
     DEFAULT_LIMITS,
     And,
+    Did,
     Not,
     Or,
     Predicate,
@@ -339,8 +342,12 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
             self._known = {a.name for a in _union_schema(r for _, r in answers).attributes}
             unknown = sorted(names - self._known)
             if unknown:
-                await _fail(context, Code.INVALID_ARGUMENT,
-                            f"query: unknown attribute {unknown[0]!r}")
+                name = unknown[0]
+                if DAY_RECORD.match(name):  # did(...) reads event.<name>.days
+                    event = name.removeprefix("event.").removesuffix(".days")
+                    await _fail(context, Code.INVALID_ARGUMENT, f"query: unknown event "
+                                f"{event!r} (no profile has a day record of it)")
+                await _fail(context, Code.INVALID_ARGUMENT, f"query: unknown attribute {name!r}")
         marked = pb.QueryRequest()
         marked.CopyFrom(query)
         marked.unknown_attribute_is_empty = True
@@ -595,7 +602,109 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
             return await self._identity_write("Upsert", request, context)  # type: ignore[no-any-return]
 
     async def Track(self, request: pb.TrackRequest, context: Any) -> pb.TrackResponse:
+        if request.HasField("identifier"):  # to the profile holding it, by its id
+            if request.id:
+                await _fail(context, Code.INVALID_ARGUMENT,
+                            "id: give an id or an identifier, not both")
+            [pid] = await self._holders([(request.identifier.kind, request.identifier.value)],
+                                        context)
+            if pid is None:
+                await _fail(context, Code.NOT_FOUND, "identifier: no profile holds "
+                            f"{request.identifier.kind}:{request.identifier.value!r}")
+            request = pb.TrackRequest(id=pid, event=request.event, count=request.count,
+                                      **({"at": request.at} if request.HasField("at") else {}))
         return await self._single(request.id, "Track", request, context)  # type: ignore[no-any-return]
+
+    async def TrackBatch(self, request: pb.TrackBatchRequest, context: Any
+                         ) -> pb.TrackBatchResponse:
+        """Each shard its part, concurrently, in one packed request each; events keyed by
+        an identifier go to the profile holding it (the directory says which). A part a
+        shard refuses ends the call naming the event at fault by its index here, with the
+        events that applied on other shards (as BatchUpsert, _refuse_batch)."""
+        events: list[eventpack.Event] = []
+        now = int(time.time() * 1_000_000)
+        try:
+            for i, r in enumerate(request.events):
+                key: eventpack.Key = r.id
+                if r.HasField("identifier"):
+                    if r.id:
+                        raise InvalidArgument(f"events[{i}].id: give an id or an identifier, "
+                                              "not both")
+                    key = (r.identifier.kind, r.identifier.value)
+                at = r.at.seconds * 1_000_000 + r.at.nanos // 1000 if r.HasField("at") else now
+                events.append((key, r.event, at, r.count or 1))
+            if request.packed:
+                events += eventpack.unpack(request.packed, len(events))
+        except InvalidArgument as exc:
+            await _fail(context, Code.INVALID_ARGUMENT, str(exc))
+        keys: list[str] = [k if isinstance(k, str) else "" for k, _, _, _ in events]
+        named = list(dict.fromkeys(k for k, _, _, _ in events if not isinstance(k, str)))
+        if named:
+            for (kind, value) in named:
+                if not kind or not value:
+                    at = next(i for i, e in enumerate(events) if e[0] == (kind, value))
+                    await self._refuse_events(context, Code.INVALID_ARGUMENT, at,
+                                              "identifier needs a kind and a value")
+            holders = dict(zip(named, await self._holders(named, context), strict=True))
+            for i, (key, _, _, _) in enumerate(events):
+                if not isinstance(key, str):
+                    pid = holders[key]
+                    if pid is None:
+                        await self._refuse_events(context, Code.NOT_FOUND, i,
+                                                  f"identifier: no profile holds {key[0]}:"
+                                                  f"{key[1]!r}")
+                    keys[i] = pid
+        for i, pid in enumerate(keys):
+            if not pid:
+                await self._refuse_events(context, Code.INVALID_ARGUMENT, i, "id: empty "
+                                          "profile id")
+        if not events:
+            return pb.TrackBatchResponse()
+
+        def build(group: list[tuple[int, str]]) -> pb.TrackBatchRequest:
+            return pb.TrackBatchRequest(packed=eventpack.pack(
+                [pid for _, pid in group], [events[i][1] for i, _ in group],
+                [events[i][2] for i, _ in group], [events[i][3] for i, _ in group]))
+
+        self._loads.begin()
+        applied = 0
+        try:
+            parts = await self.routed([(pid, (i, pid)) for i, pid in enumerate(keys)],
+                                      "TrackBatch", build, context,
+                                      lambda item, survivor: (item[0], survivor),
+                                      refusals=True)
+            applied = sum(r.applied for _, r in parts)
+        except _GroupRefused as refused:
+            done = BitMap(i for items, _ in refused.done for i, _ in items)
+            local = _trailer(refused.exc, RECORD_TRAILER)
+            index = refused.items[int(local)][0] \
+                if local is not None and 0 <= int(local) < len(refused.items) else None
+            message = refused.exc.details() or refused.exc.code().name
+            if index is not None:
+                message = re.sub(r"^(events|packed)\[\d+\]", f"events[{index}]", message)
+            trailers: list[tuple[str, Any]] = [(APPLIED_TRAILER, done.serialize())]
+            if index is not None:
+                trailers.append((RECORD_TRAILER, str(index)))
+            context.set_trailing_metadata(tuple(trailers))
+            await _fail(context, refused.exc.code(), message)
+        finally:
+            self._loads.end(applied)
+        return pb.TrackBatchResponse(applied=applied)
+
+    async def _refuse_events(self, context: Any, code: grpc.StatusCode, index: int, message: str
+                             ) -> NoReturn:
+        """Refuse a TrackBatch before any of it was sent, naming event `index`."""
+        context.set_trailing_metadata(((APPLIED_TRAILER, BitMap().serialize()),
+                                       (RECORD_TRAILER, str(index))))
+        await _fail(context, code, f"events[{index}].{message}")
+
+    async def _holders(self, idents: list[tuple[str, str]], context: Any) -> list[str | None]:
+        """The primary id of the profile holding each identifier (None: nobody)."""
+        try:
+            found = await self.directory.find(idents, context, ["\x00"])
+        except Exception as exc:  # noqa: BLE001 - _abort re-raises what it cannot map
+            await self._abort(context, exc)
+        return [None if p is None else p.id for p in found]
 
     async def Link(self, request: pb.LinkRequest, context: Any) -> pb.LinkResponse:
         async with self._naming.hold((i.kind, i.value) for i in request.identifiers):
@@ -1716,4 +1825,6 @@ def _attributes_of(node: Any) -> set[str]:
         return set().union(*(_attributes_of(c) for c in node.children))
     if isinstance(node, Not):
         return _attributes_of(node.child)
+    if isinstance(node, Did):
+        return {f"event.{node.event}.days"}
     return set()

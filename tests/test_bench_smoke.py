@@ -167,3 +167,30 @@ def test_export_bench_runs_small() -> None:
                for r in everything)  # (a ratio at 2,000 may round to 0.0)
     assert 0 < out["exports"][2]["profiles"] < 2_000  # a segment
     assert isinstance(out["target_met"], bool) and out["first_chunk_ms"] > 0
+
+
+def test_random_query_trees_are_seeded_and_cross_checked() -> None:
+    """bench.random_queries at a tiny size: the same trees for the same seed, 2-4 levels,
+    every count equal across numpy, DuckDB, the engine and a router of two shards."""
+    from bench.random_queries import run as run_random
+    from bench.random_queries import trees
+
+    ds = generate(3_000, seed=42)
+    assert trees(ds, 12, seed=1) == trees(ds, 12, seed=1)
+    res = run_random(3_000, 12, 1, 2, 0.0, lambda s: None)
+    assert res["crosscheck"]["problems"] == []
+    assert len(res["rows"]) == 12 and res["router"]["queries"] == 12
+    assert res["engine"]["worst"] >= res["engine"]["median"] > 0
+
+
+def test_events_bench_counts_agree_with_duckdb() -> None:
+    """bench.events at a tiny size: loads through a router (client and CLI), and its did()
+    counts equal DuckDB's GROUP BY ... HAVING over the same events (it raises if not)."""
+    from bench.events import markdown as events_markdown
+    from bench.events import run as run_events
+
+    res = run_events(2_000, 3.0, 2, 26, 2, 500, lambda s: None)
+    assert res["load_client"]["events"] + res["load_cli"]["events"] == res["events"]
+    assert "loaded 500 events" in res["load_cli"]["output"]
+    assert all(q["count"] >= 0 for q in res["queries"]) and len(res["queries"]) == 4
+    assert "| `did(\"e0\", within=30d, at_least=3)` |" in events_markdown(res)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +83,16 @@ def test_export_of_one_person_holds_everything_about_them(cluster: dict[str, Any
                         "tags": ["b", "a"], "note": "likes tea"},
              identifiers=[("email", "exp@example.org")])
     c.link(survivor, [("device", "exp-dev-1")])  # the loser's shard keeps a forward
+    today = datetime.now(UTC)
+    c.track(survivor, "visit", at=today - timedelta(days=2), count=2)
+    c.track(survivor, "visit", at=today)
 
     found = c.export(identifier=("device", "exp-dev-1"))
+    # Day records: their own section, by UTC date, never among the attributes.
+    assert found["sections"]["day_records"] == {"visit": {
+        (today - timedelta(days=2)).date().isoformat(): 2, today.date().isoformat(): 1}}
+    assert not [name for name in found["attributes"] if name.startswith("event.")]
+    assert found["events"]["visit"]["count"] == 3
     assert found["id"] == survivor and found["merged_ids"] == [loser]
     assert found["attributes"]["plan"] == {"kind": "string", "value": "pro"}
     assert found["attributes"]["visits"] == {"kind": "int", "value": 3}
@@ -92,7 +100,7 @@ def test_export_of_one_person_holds_everything_about_them(cluster: dict[str, Any
     assert found["attributes"]["seen"] == {"kind": "timestamp", "value": T1}
     assert found["attributes"]["tags"] == {"kind": "string_list", "value": ["a", "b"]}
     assert found["attributes"]["note"]["value"] == "likes tea"  # not indexed, still held
-    assert found["events"] == {"signup": {"count": 1, "first": T1, "last": T1}}
+    assert found["events"]["signup"] == {"count": 1, "first": T1, "last": T1}
     assert "event.signup.count" not in found["attributes"]
     assert sorted(found["identifiers"]) == [("device", "exp-dev-1"), ("email", "exp@example.org")]
     assert found["version"] >= 2 and found["shard"] == "shard-1"
@@ -127,6 +135,8 @@ def test_bulk_export_round_trips_through_load_exactly(cluster: dict[str, Any],
         "identifiers": [["email", f"rt{i}@example.org"]] if i % 2 else []}
         for i in range(300)]
     assert c.load(records) == 300
+    for i in range(0, 300, 7):  # day records stay out of bulk exports; aggregates do not
+        c.track(f"rt-{i}", "rt-visit")
     jsonl, parquet = tmp_path / "out.jsonl", tmp_path / "out.parquet"
     for path in (jsonl, parquet):
         done = cli(cluster["router"].address, "export", "--query", "rt = true", "--output",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 
 import pytest
 from hypothesis import given, settings
@@ -12,6 +12,7 @@ from memstore.query import (
     MAX_DEPTH,
     All,
     And,
+    Did,
     Node,
     Not,
     Op,
@@ -45,6 +46,8 @@ def typed(node: Node) -> object:
         return (type(node).__name__, tuple(typed(c) for c in node.children))
     if isinstance(node, Not):
         return ("Not", typed(node.child))
+    if isinstance(node, Did):
+        return ("Did", node)
     return ("All",)
 
 
@@ -102,12 +105,20 @@ PARSES = [
     ("exists(`in`)", P("in", Op.EXISTS)),
     ("did = 1", P("did", Op.EQ, 1)),
     ("within = 1", P("within", Op.EQ, 1)),
-    # did(...)
-    ('did("purchase", within=7d)', P("event.purchase.last", Op.GE, NOW - timedelta(days=7))),
+    # did(...): windows of whole days from the day record; s, m, h from the last time
+    ('did("purchase", within=7d)', Did("purchase", within_days=7)),
+    ('did("x", within=1w)', Did("x", within_days=7)),
+    ('did("x", within=30d, at_least=3)', Did("x", within_days=30, at_least=3)),
+    ('did("x", within=30d, at_most=2, AT_LEAST=1)', Did("x", within_days=30, at_least=1,
+                                                        at_most=2)),
+    ('did("x", within=2w, exactly=4)', Did("x", within_days=14, at_least=4, at_most=4)),
+    ('did("x", from="2026-09-01", to="2026-10-31")',
+     Did("x", first=date(2026, 9, 1), last=date(2026, 10, 31))),
+    ('did("x", from="2026-09-01", at_least=2)', Did("x", first=date(2026, 9, 1), at_least=2)),
+    ('NOT did("x", within=14d)', Not(Did("x", within_days=14))),
     ("DID('open', WITHIN = 30m)", P("event.open.last", Op.GE, NOW - timedelta(minutes=30))),
     ('did("x", within=10s)', P("event.x.last", Op.GE, NOW - timedelta(seconds=10))),
     ('did("x", within=2h)', P("event.x.last", Op.GE, NOW - timedelta(hours=2))),
-    ('did("x", within=1w)', P("event.x.last", Op.GE, NOW - timedelta(weeks=1))),
     # boolean structure, precedence and flattening
     ("a = 1 AND b = 2 AND c = 3", And((A, B, C))),
     ("a = 1 OR b = 2 OR c = 3", Or((A, B, C))),
@@ -143,20 +154,26 @@ def test_design_example() -> None:
             P("age", Op.BETWEEN, 25, 34),
             P("interests", Op.HAS, "dogs"),
             Not(P("consent.email", Op.EQ, "denied")),
-            P("event.purchase.last", Op.GE, datetime(2024, 5, 1, 12, tzinfo=UTC)),
+            Did("purchase", within_days=7),
         )
     )
 
 
-def test_did_uses_utc_now_by_default_and_converts_other_zones() -> None:
+def test_did_within_hours_uses_utc_now_by_default_and_converts_other_zones() -> None:
     before = datetime.now(UTC)
-    (since,) = parse('did("x", within=1d)').values  # type: ignore[union-attr]
+    (since,) = parse('did("x", within=24h)').values  # type: ignore[union-attr]
     assert isinstance(since, datetime) and since.tzinfo is not None
     assert before - timedelta(days=1) <= since <= datetime.now(UTC) - timedelta(days=1)
     oslo = NOW.astimezone(timezone(timedelta(hours=2)))
-    (since,) = parse('did("x", within=1d)', now=oslo).values  # type: ignore[union-attr]
+    (since,) = parse('did("x", within=24h)', now=oslo).values  # type: ignore[union-attr]
     assert isinstance(since, datetime)
     assert since == NOW - timedelta(days=1) and since.utcoffset() == timedelta(0)
+
+
+def test_did_in_days_does_not_depend_on_now() -> None:
+    """A window in days is resolved by the shard that evaluates it (its clock, its
+    retention), so the tree carries the window itself."""
+    assert parse('did("x", within=3d)', now=NOW) == parse('did("x", within=3d)')
 
 
 @pytest.mark.parametrize("word", ["and", "And", "AND", "aNd"])
@@ -204,7 +221,25 @@ ERRORS = [
     ("exists a", 8, "expected '(' after EXISTS at column 8, found 'a'"),
     ("did(purchase, within=7d)", 5, "expected an event name string in did(...) at column 5"),
     ('did("p" within=7d)', 9, "expected ',' at column 9, found 'within'"),
-    ('did("p", since=7d)', 10, "expected 'within' at column 10, found 'since'"),
+    ('did("p", since=7d)', 10, ("expected within, from, to, at_least, at_most or exactly at "
+                               "column 10, found 'since'")),
+    ('did("p")', 8, "expected ',' at column 8, found ')'"),
+    ('did("a b", within=7d)', 5, "event name 'a b' must be 1-128 letters"),
+    ('did("p", within=7d, within=2d)', 21, "within given twice"),
+    ('did("p", within=0d)', 17, "a window of at least 1 day"),
+    ('did("p", within=12h, at_least=2)', 17, "a count needs a window of whole days"),
+    ('did("p", within=7d, from="2026-01-01")', 21, "from and within are two kinds of window"),
+    ('did("p", to="2026-01-01")', 10, "to needs a from"),
+    ('did("p", at_least=2)', 20, 'did(...) needs a window: within=30d, or from="YYYY-MM-DD"'),
+    ('did("p", from="2026-02-30")', 15, "from: not a valid date: '2026-02-30'"),
+    ('did("p", from="2026-09-01T00:00")', 15, "not a date (YYYY-MM-DD)"),
+    ('did("p", from="2026-09-02", to="2026-09-01")', 32, ("the window ends (2026-09-01) "
+                                                         "before it starts (2026-09-02)")),
+    ('did("p", within=7d, at_least=0)', 30, ("at_least must be at least 1 (for none at all, "
+                                            "use NOT did(...))")),
+    ('did("p", within=7d, at_least=1.5)', 30, "expected a whole number after at_least="),
+    ('did("p", within=7d, at_least=5, at_most=2)', 41, "at_least 5 is above at_most 2"),
+    ('did("p", within=7d, exactly=2, at_most=3)', 32, "at_most goes with exactly"),
     ('did("p", within=7)', 17, "expected a duration such as 7d"),
     ('did("p", within=7y)', 17, "invalid number '7y' at column 17"),
     ('did("p", within=7d', 19, "expected ')' at column 19, found end of input"),
@@ -364,8 +399,24 @@ def _predicates(literals: st.SearchStrategy[object]) -> st.SearchStrategy[Predic
     return st.sampled_from(list(Op)).flatmap(for_op)
 
 
+_days = st.dates(min_value=date(2000, 1, 1), max_value=date(2100, 1, 1))
+
+
+@st.composite
+def _dids(draw: st.DrawFn) -> Did:
+    event = draw(st.from_regex(r"[A-Za-z0-9_\-]{1,12}", fullmatch=True))
+    least = draw(st.none() | st.integers(1, 2**63 - 1))
+    most = draw(st.none() | st.integers(least or 1, 2**63 - 1))
+    if draw(st.booleans()):
+        return Did(event, within_days=draw(st.integers(1, 100_000)), at_least=least,
+                   at_most=most)
+    first = draw(_days)
+    last = draw(st.none() | st.dates(min_value=first, max_value=date(2100, 1, 1)))
+    return Did(event, first=first, last=last, at_least=least, at_most=most)
+
+
 def _trees(literals: st.SearchStrategy[object], min_children: int) -> st.SearchStrategy[Node]:
-    leaves = st.one_of(_predicates(literals), st.just(All()))
+    leaves = st.one_of(_predicates(literals), st.just(All()), _dids())
 
     def extend(children: st.SearchStrategy[Node]) -> st.SearchStrategy[Node]:
         many = st.lists(children, min_size=min_children, max_size=4).map(tuple)
@@ -444,6 +495,24 @@ FROM_PROTO_ERRORS = [
         "query.predicate.values[0]: inf is not a valid literal",
     ),
     (pb.Query(all=False), "query.all: must be true when set"),
+    (pb.Query(did=pb.Did(event="x")),
+     "query.did: give a window: within_days, or from (with an optional to)"),
+    (pb.Query(did=pb.Did(event="x", within_days=3, to="2026-01-01")),
+     "query.did: within_days and from/to are two kinds of window: give one"),
+    (pb.Query(did=pb.Did(event="x", to="2026-01-01")),
+     "query.did.to: needs a from (the window's first day)"),
+    (pb.Query(did=pb.Did(event="x", **{"from": "2026-1-1"})),
+     "query.did.from: not a date (YYYY-MM-DD): '2026-1-1'"),
+    (pb.Query(did=pb.Did(event="", within_days=3)),
+     "query.did: event name '' must be 1-128 letters, digits, _ or -"),
+    (pb.Query(did=pb.Did(event="x", within_days=3, at_least=0)),
+     ("query.did: at_least must be a whole number from 1 (for none at all, use NOT did(...)), "
+     "got 0")),
+    (pb.Query(did=pb.Did(event="x", within_days=3, at_least=4, at_most=2)),
+     "query.did: at_least 4 is above at_most 2"),
+    (pb.Query(**{"not": pb.Query(did=pb.Did(event="x", **{"from": "2026-01-02",
+                                                          "to": "2026-01-01"}))}),
+     "query.not.did: the window ends (2026-01-01) before it starts (2026-01-02)"),
 ]
 
 
@@ -475,9 +544,7 @@ def test_to_proto_validates() -> None:
 
 def test_query_from_request() -> None:
     text = pb.QueryRequest(text='did("buy", within=1d) AND a = 1')
-    assert query_from_request(text, now=NOW) == And(
-        (P("event.buy.last", Op.GE, NOW - timedelta(days=1)), A)
-    )
+    assert query_from_request(text, now=NOW) == And((Did("buy", within_days=1), A))
     structured = pb.QueryRequest(query=to_proto(Or((A, B))))
     assert query_from_request(structured) == Or((A, B))
     with pytest.raises(QueryError, match=r"^query: neither text nor query given$"):

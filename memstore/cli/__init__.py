@@ -26,6 +26,7 @@ from memstore.cli.options import (
     shard_settings,
 )
 from memstore.client.core import LOAD_CHUNK, LOAD_CONCURRENCY, ClientError, LoadError
+from memstore.client.events import EVENT_CHUNK
 
 
 def _logging(verbose: bool, **context: str) -> None:
@@ -72,9 +73,11 @@ def main() -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
 def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str,
                 slots: str | None, sync: str, snapshot_log_mb: int, snapshot_interval: float,
-                stop_snapshot_timeout: float, max_identifiers_per_kind: int, blocked_identifier: tuple[str, ...],
+                stop_snapshot_timeout: float, max_identifiers_per_kind: int,
+                blocked_identifier: tuple[str, ...],
                 max_query_bytes: int, max_query_items: int, max_query_predicates: int,
-                no_link: bool, link_port: int, metrics_port: int | None, lock_wait: float,
+                event_days: int, no_link: bool, link_port: int, metrics_port: int | None,
+                lock_wait: float,
                 stop_on_eof: bool, tls_cert: Path | None, tls_key: Path | None,
                 tls_client_ca: Path | None, auth_file: Path | None, insecure: bool,
                 audit_log: Path | None, salt_file: Path | None, verbose: bool) -> None:
@@ -109,7 +112,7 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
                          sync=SyncPolicy(sync), snapshot_log_bytes=snapshot_log_mb << 20,
                          snapshot_interval=snapshot_interval, rules=rules,
                          lock_wait=lock_wait, stop_snapshot_timeout=stop_snapshot_timeout,
-                         salt=salt)
+                         salt=salt, event_days=event_days)
     owned = _parse_slots(slots) if slots else None
     try:
         uvloop.run(serve(config, host, port, owned, metrics_port=metrics_port,
@@ -205,13 +208,68 @@ def load(file: Path, fmt: str | None, rejects: Path | None, chunk_size: int,
         sys.exit(1)
 
 
+@main.command("load-events")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "parquet"]), default=None,
+              help="Input format (default: from the file name; .csv, .parquet, else jsonl).")
+@click.option("--rejects", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write each refused line (and why) to this file as JSON Lines and go on "
+                   "with the rest; exit 1 if any was refused. Default: stop at the first "
+                   "refused line (every line before it loaded).")
+@click.option("--chunk-size", default=EVENT_CHUNK, show_default=True,
+              help="Events a request.")
+@click.option("--concurrency", default=LOAD_CONCURRENCY, show_default=True,
+              help="Requests in flight.")
+@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@connection
+def load_events(file: Path, fmt: str | None, rejects: Path | None, chunk_size: int,
+                concurrency: int, no_progress: bool, connect: Connect) -> None:
+    """Track events from FILE, history included: JSON Lines ({"id" or "identifier",
+    "event", "at", "count"} per line), CSV (a header naming those columns) or Parquet.
+    "at" is an ISO-8601 time (no offset: UTC; absent: now), "count" defaults to 1, an
+    "identifier" is [kind, value] or "kind:value". Ends with `loaded N events`, N being
+    what the server applied; an error names the file, the line and the profile. See
+    docs/user-guide.md "Events"."""
+    from tqdm import tqdm
+
+    from memstore.client import loader
+
+    fmt = loader.format_of(file, fmt)
+    with connect.client(timeout=None) as client, tqdm(
+            unit=" events", disable=no_progress, file=sys.stderr,
+            total=loader.count_lines(file, fmt), desc=f"loading {file.name}") as bar:
+        run = _LoadRun(file, rejects, chunk_size * (concurrency + 2), bar.update, "events")
+        try:
+            applied = client.load_events(run.records(loader.read_events(file, fmt)),
+                                         chunk_size=chunk_size, concurrency=concurrency,
+                                         progress=bar.update,
+                                         on_refused=run.refused if rejects else None)
+        except LoadError as exc:
+            applied = exc.applied
+            run.failed(exc)
+        except (ClientError, ValueError, TypeError) as exc:
+            applied = None
+            run.error = str(exc)
+        finally:
+            run.close()
+    click.echo(f"loaded {applied} events" if applied is not None
+               else "loaded an unknown number of events (the server did not say)")
+    if run.refused_count:
+        click.echo(f"refused {run.refused_count} lines: see {rejects}", err=True)
+    if run.error:
+        raise click.ClickException(run.error)
+    if run.refused_count:
+        sys.exit(1)
+
+
 class _LoadRun:
-    """`memstore load`'s side of a load: lines read, refused lines, where each record of the
-    load came from (a window of the latest ones: a refusal comes back while at most
-    `window` newer records were read)."""
+    """`memstore load`'s (and load-events') side of a load: lines read, refused lines, where
+    each record of the load came from (a window of the latest ones: a refusal comes back
+    while at most `window` newer records were read)."""
 
     def __init__(self, file: Path, rejects: Path | None, window: int,
-                 advance: Any) -> None:
+                 advance: Any, noun: str = "profiles") -> None:
+        self.noun = noun
         self.file = file
         self.rejects = rejects.open("w", encoding="utf-8") if rejects else None
         self.window = window
@@ -251,14 +309,15 @@ class _LoadRun:
         else:
             message = f"{self.file.name}: {exc.code.name}: {reason}"
         if exc.unknown:
-            message += (f" ({exc.unknown} profiles sent were not answered: they may or may "
-                        "not have loaded)")
+            message += (f" ({exc.unknown} {self.noun} sent were not answered: they may or "
+                        "may not have loaded)")
         if not self.error or line is not None:  # the server's refusal came first
             self.error = message
 
     def _describe(self, line: Any, reason: str, pid: str | None = None) -> str:
         pid = pid or line.id
-        return f"{line.where}{f' (id {pid!r})' if pid else ''}: {reason}"
+        label = "identifier" if line.record and "identifier" in line.record else "id"
+        return f"{line.where}{f' ({label} {pid!r})' if pid else ''}: {reason}"
 
     def _reject(self, line: Any, reason: str, pid: str | None = None) -> None:
         self.refused_count += 1
@@ -275,7 +334,7 @@ class _LoadRun:
 def _reason(details: str) -> str:
     """A server's refusal without the request's own position of the record ("columns[5]
     .attributes.price: ..." -> "attributes.price: ..."): the file's line says where."""
-    return re.sub(r"^(requests|packed|columns)\[\d+\]\.?", "", details).lstrip(": ")
+    return re.sub(r"^(requests|packed|columns|events)\[\d+\]\.?", "", details).lstrip(": ")
 
 
 def _json_default(value: Any) -> Any:
@@ -348,7 +407,9 @@ def _export_many(expression: str, output: Path | None, no_progress: bool,
     parquet = output is not None and output.suffix.lower() == ".parquet"
     with connect.client(timeout=None) as client:
         try:
-            schema = client.schema()
+            # Day records are not in bulk exports (the shards leave them out): their
+            # history loads again with load-events, from the events it was made of.
+            schema = [a for a in client.schema() if a["kind"] != "event_days"]
             total = client.count(expression)
             chunks: Any = (client.iter_export(expression, timestamps="micros") if parquet
                            else client.iter_export_lines(expression))

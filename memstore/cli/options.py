@@ -64,6 +64,12 @@ _OPTIONS = (
     click.option("--blocked-identifier", multiple=True,
                  help="Extra identifier values never linked (added to the built-in list)."),
     *QUERY_LIMIT_OPTIONS,
+    click.option("--event-days", type=click.IntRange(1, 36_500), default=180,
+                 show_default=True,
+                 help="UTC days of events' day records kept for did(...) windows (today "
+                      "and the days before it); older days are dropped, "
+                      "event.<name>.count/first/last stay. More days: more memory (a few "
+                      "bytes per profile and active day). If unsure: 180."),
     click.option("--no-link", is_flag=True,
                  help="Serve over gRPC alone, without the link (a lighter protocol for "
                       "unary calls from routers and clients, on a free port of the same "
@@ -88,8 +94,8 @@ LINK_PORT = click.option(
 
 def shard_settings(command: F) -> F:
     """Add --sync, --snapshot-log-mb, --snapshot-interval, --stop-snapshot-timeout,
-    --max-identifiers-per-kind,
-    --blocked-identifier, the query limits and --no-link to a click command."""
+    --max-identifiers-per-kind, --blocked-identifier, the query limits, --event-days and
+    --no-link to a click command."""
     for option in reversed(_OPTIONS):
         command = option(command)
     return command
@@ -113,7 +119,8 @@ def query_limits(max_query_bytes: int, max_query_items: int, max_query_predicate
 
 def shard_args(snapshot_log_mb: int, snapshot_interval: float, max_identifiers_per_kind: int,
                blocked_identifier: tuple[str, ...], no_link: bool,
-               limits: QueryLimits | None = None, stop_snapshot_timeout: float = 60.0
+               limits: QueryLimits | None = None, stop_snapshot_timeout: float = 60.0,
+               event_days: int = 180
                ) -> tuple[str, ...]:
     """The same settings as `serve-shard` arguments (--sync goes separately)."""
     return ("--snapshot-log-mb", str(snapshot_log_mb),
@@ -125,6 +132,7 @@ def shard_args(snapshot_log_mb: int, snapshot_interval: float, max_identifiers_p
                 "--max-query-bytes", str(limits.max_bytes),
                 "--max-query-items", str(limits.max_items),
                 "--max-query-predicates", str(limits.max_predicates))),
+            "--event-days", str(event_days),
             *(("--no-link",) if no_link else ()))
 
 

@@ -44,6 +44,8 @@ from pyroaring import BitMap
 
 from memstore import pbvalues
 from memstore.client import export
+from memstore.client.events import EVENT_CHUNK, EventChunk, EventRefusal, event_chunks
+from memstore.engine import eventpack
 from memstore.engine.columnar import CODE_SHARE, pack_columns, unpack_columns
 from memstore.hashslot import (
     ADMIN_SERVICE,
@@ -94,7 +96,7 @@ _SERVICE = pb.DESCRIPTOR.services_by_name["Memstore"]
 _OPS: dict[str, Any] = {"set": 1, "set_once": 2, "unset": 3, "increment": 4,
                         "add_to_set": 5, "remove_from_set": 6}
 _KINDS: dict[str, Any] = {"string": 1, "int": 2, "float": 3, "bool": 4, "timestamp": 5,
-                          "string_list": 6}
+                          "string_list": 6, "event_days": 7}
 _KIND_NAMES = {v: k for k, v in _KINDS.items()}
 _MERGES: dict[str, Any] = {"default": 0, "sum": 1, "min": 2, "max": 3}
 _MERGE_NAMES = {v: k for k, v in _MERGES.items()}
@@ -234,6 +236,9 @@ def _unpack_batch(packed: bytes) -> list[dict[str, Any] | None]:
     names = [{aid: spec[0] for aid, spec in t.items()} for t in tables]
     stamps = [[aid for aid, spec in t.items() if spec[1] == _KINDS["timestamp"]]
               for t in tables]
+    # day records (event.<name>.days) are read through did(...), never returned
+    hidden = [[aid for aid, spec in t.items() if spec[1] == _KINDS["event_days"]]
+              for t in tables]
     unpack, to_datetime = msgpack.unpackb, pbvalues.micros_to_datetime
     out: list[dict[str, Any] | None] = []
     for entry in entries:
@@ -248,6 +253,8 @@ def _unpack_batch(packed: bytes) -> list[dict[str, Any] | None]:
             micros = attrs.get(aid)
             if micros is not None:
                 attributes[named[aid]] = to_datetime(micros)
+        for aid in hidden[t]:
+            attributes.pop(named[aid], None)
         out.append({"id": pid, "version": version, "attributes": attributes,
                     "identifiers": list(map(tuple, idents)), "merged_ids": merged})
     return out
@@ -473,13 +480,29 @@ class ClientMethods:
         return self._call("Link", request,
                           lambda r: LinkResult(r.id, r.version, list(r.merged_ids)))
 
-    def track(self, id: str, event: str, at: datetime | None = None, count: int = 1) -> Any:
-        """Record `count` occurrences of `event` at `at` (default: now) for profile `id`:
-        event.<event>.count, .first and .last. Returns the profile's new version."""
-        request = pb.TrackRequest(id=id, event=event, count=count)
+    def track(self, id: str | None, event: str, at: datetime | None = None, count: int = 1,
+              *, identifier: tuple[str, str] | None = None) -> Any:
+        """Record `count` occurrences of `event` at `at` (default: now; any past time:
+        backfill) for profile `id` (created when absent), or for the profile holding
+        `identifier`: event.<event>.count, .first and .last, and the event's day record
+        for did(...) when `at` is within the retention. Returns the profile's new version."""
+        request = pb.TrackRequest(id=id or "", event=event, count=count)
+        if identifier is not None:
+            request.identifier.CopyFrom(pb.Identifier(kind=identifier[0], value=identifier[1]))
         if at is not None:
             request.at.CopyFrom(pbvalues.to_pb(at).timestamp_value)
         return self._call("Track", request, lambda r: r.version)
+
+    def track_batch(self, events: Iterable[Mapping[str, Any]]) -> Any:
+        """Track many events in one call: dicts {"id" or "identifier", "event", "at",
+        "count"} ("at": a datetime, an ISO-8601 string or int microseconds since the
+        epoch, default now; "count" default 1), each as `track` would. Returns how many
+        applied (all, or an error naming the event at fault: `events[i]`). For large
+        inputs use `load_events`."""
+        chunk = next(event_chunks(events, 2**62), None)
+        packed = chunk.packed() if chunk is not None else eventpack.pack([], [], [], [])
+        return self._call("TrackBatch", pb.TrackBatchRequest(packed=packed),
+                          lambda r: r.applied)
 
     # schema
     def declare(self, attributes: Iterable[Mapping[str, Any]]) -> Any:
@@ -695,6 +718,44 @@ class Client(ClientMethods):
             self._settle(load, *inflight.popleft())
         return load.result()
 
+    def load_events(self, events: Iterable[Mapping[str, Any]], *, chunk_size: int = EVENT_CHUNK,
+                    concurrency: int = LOAD_CONCURRENCY,
+                    progress: Callable[[int], None] | bool | None = None,
+                    on_refused: OnRefused | None = None) -> int:
+        """Track many events (dicts as `track_batch` takes), `concurrency` TrackBatch
+        calls in flight; returns events applied. `progress` and `on_refused` as in `load`:
+        an event the server refuses (a bad name, an identifier nobody holds) is reported
+        to `on_refused(index, key, error)` and the load goes on; without it the load stops
+        there, every event before it applied, and raises LoadError."""
+        load = _Load(progress, on_refused)
+        inflight: deque[tuple[Future[Any], EventChunk]] = deque()
+        for chunk in event_chunks(events, chunk_size):
+            if load.stopped:
+                break
+            inflight.append((self._grpc.TrackBatch.future(
+                pb.TrackBatchRequest(packed=chunk.packed()), timeout=self.timeout), chunk))
+            if len(inflight) >= concurrency:
+                self._settle_events(load, *inflight.popleft())
+        while inflight:
+            self._settle_events(load, *inflight.popleft())
+        return load.result()
+
+    def _settle_events(self, load: _Load, future: Any, chunk: EventChunk) -> None:
+        """As _settle, for a chunk of events."""
+        try:
+            load.add(future.result().applied)
+            return
+        except grpc.RpcError as exc:
+            error = exc
+        refusal = EventRefusal(chunk, load)
+        while (packed := refusal.next(error)) is not None:
+            try:
+                refusal.applied_all(self._grpc.TrackBatch(
+                    pb.TrackBatchRequest(packed=packed), timeout=self.timeout).applied)
+                return
+            except grpc.RpcError as exc:
+                error = exc
+
     def _settle(self, load: _Load, future: Any, chunk: _Chunk) -> None:
         """Count a chunk's answer; a refused chunk's records that did not apply are sent
         again (without the refused one) until none is left."""
@@ -899,6 +960,40 @@ class AsyncClient(ClientMethods):
         while inflight:
             await self._settle(load, *inflight.popleft())
         return load.result()
+
+    async def load_events(self, events: Iterable[Mapping[str, Any]], *,
+                          chunk_size: int = EVENT_CHUNK, concurrency: int = LOAD_CONCURRENCY,
+                          progress: Callable[[int], None] | bool | None = None,
+                          on_refused: OnRefused | None = None) -> int:
+        """As Client.load_events."""
+        load = _Load(progress, on_refused)
+        inflight: deque[tuple[asyncio.Future[Any], EventChunk]] = deque()
+        for chunk in event_chunks(events, chunk_size):
+            if load.stopped:
+                break
+            inflight.append((asyncio.ensure_future(self._grpc.TrackBatch(
+                pb.TrackBatchRequest(packed=chunk.packed()), timeout=self.timeout)), chunk))
+            if len(inflight) >= concurrency:
+                await self._settle_events(load, *inflight.popleft())
+        while inflight:
+            await self._settle_events(load, *inflight.popleft())
+        return load.result()
+
+    async def _settle_events(self, load: _Load, future: Any, chunk: EventChunk) -> None:
+        """As Client._settle_events."""
+        try:
+            load.add((await future).applied)
+            return
+        except grpc.aio.AioRpcError as exc:
+            error = exc
+        refusal = EventRefusal(chunk, load)
+        while (packed := refusal.next(error)) is not None:
+            try:
+                refusal.applied_all((await self._grpc.TrackBatch(
+                    pb.TrackBatchRequest(packed=packed), timeout=self.timeout)).applied)
+                return
+            except grpc.aio.AioRpcError as exc:
+                error = exc
 
     async def _settle(self, load: _Load, future: Any, chunk: _Chunk) -> None:
         """As Client._settle."""

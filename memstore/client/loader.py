@@ -1,5 +1,6 @@
-"""Reading files to load (`memstore load`): JSON Lines, CSV and Parquet, record by record,
-each with where it came from, so that a refusal names the file, the line and the id.
+"""Reading files to load (`memstore load`, `memstore load-events`): JSON Lines, CSV and
+Parquet, record by record, each with where it came from, so that a refusal names the file,
+the line and the id.
 
 A reader yields `Line`s: a record ready for Client.load, or the reason the line is not one
 (malformed JSON, no id, a CSV cell that is not of its attribute's kind), with its position
@@ -24,6 +25,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +47,14 @@ class Line:
 
     @property
     def id(self) -> str | None:
-        return None if self.record is None else self.record.get("id")
+        """The record's primary id, or (an event's) "kind:value" of its identifier."""
+        if self.record is None:
+            return None
+        pid = self.record.get("id")
+        identifier = self.record.get("identifier")
+        if pid is None and identifier is not None:
+            return f"{identifier[0]}:{identifier[1]}"
+        return pid
 
 
 def format_of(path: Path, given: str | None) -> str:
@@ -284,3 +293,135 @@ def _parquet(path: Path, schema: dict[str, str]) -> Iterator[Line]:
             raw = {"id": pid, "identifiers": idents,
                    "attributes": {k: v for k, v in values.items() if v is not None}}
             yield _record(raw, where, schema, "")
+
+
+# ---------------------------------------------------------------------- events
+
+EVENT_COLUMNS = ("id", "identifier", "event", "at", "count")
+
+
+def read_events(path: Path, fmt: str) -> Iterator[Line]:
+    """The events of `path` in `fmt`: records {"id" or "identifier", "event", "at" (int
+    microseconds since the epoch), "count"} for Client.load_events, or why a line is not
+    one. JSON Lines: one object a line; "identifier" a [kind, value] pair, an object
+    {"kind", "value"} or "kind:value"; "at" an ISO-8601 string (no offset: UTC), absent
+    meaning now; "count" a whole number, absent meaning 1. CSV: a header naming those
+    columns (an empty cell: absent). Parquet: those columns ("at" a timestamp or a string)."""
+    if fmt == "jsonl":
+        yield from _jsonl_events(path)
+    elif fmt == "csv":
+        yield from _csv_events(path)
+    elif fmt == "parquet":
+        yield from _parquet_events(path)
+    else:
+        raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
+
+
+def _event_record(raw: Any, where: str, text: str) -> Line:
+    """A JSON object (CSV, Parquet row) as an event to load, or the reason it is not one."""
+    if not isinstance(raw, dict):
+        return Line(where, None, "a line is a JSON object with an 'event'", text)
+    pid, identifier = raw.get("id"), raw.get("identifier")
+    record: dict[str, Any] = {}
+    if identifier is not None:
+        if pid is not None:
+            return Line(where, None, "give 'id' or 'identifier', not both", text)
+        if isinstance(identifier, str) and ":" in identifier:
+            identifier = identifier.split(":", 1)
+        elif isinstance(identifier, dict):
+            identifier = [identifier.get("kind"), identifier.get("value")]
+        if not (isinstance(identifier, list | tuple) and len(identifier) == 2
+                and all(isinstance(x, str) and x for x in identifier)):
+            return Line(where, None, "'identifier' must be [kind, value], {\"kind\", "
+                        "\"value\"} or \"kind:value\"", text)
+        record["identifier"] = (identifier[0], identifier[1])
+    elif not isinstance(pid, str) or not pid:
+        return Line(where, None, "no 'id' (a non-empty string) or 'identifier'", text)
+    else:
+        record["id"] = pid
+    event = raw.get("event")
+    if not isinstance(event, str) or not event:
+        return Line(where, record, "no 'event' (a non-empty string)", text)
+    record["event"] = event
+    at = raw.get("at")
+    if at is not None:
+        try:
+            record["at"] = _event_time(at)
+        except ValueError as exc:
+            return Line(where, record, f"at: {exc}", text)
+    count = raw.get("count")
+    if count is not None:
+        if isinstance(count, str) and _INT.match(count):
+            count = int(count)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            return Line(where, record, f"count: {count!r} is not a whole number from 1", text)
+        record["count"] = count
+    return Line(where, record, "", text)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICRO = timedelta(microseconds=1)
+
+
+def _event_time(value: Any) -> int:
+    """An event's time as int microseconds since the epoch."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an ISO-8601 time") from None
+    if not isinstance(value, datetime):  # a number: seconds? microseconds? refused
+        raise ValueError(f"{value!r} is not an ISO-8601 time")  # noqa: TRY004 - a value
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return (value - _EPOCH) // _MICRO
+
+
+def _jsonl_events(path: Path) -> Iterator[Line]:
+    loads = json.loads
+    with path.open(encoding="utf-8", errors="surrogateescape") as f:
+        for n, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            where = f"{path.name}:{n}"
+            try:
+                raw = loads(text)
+            except ValueError as exc:
+                yield Line(where, None, f"not JSON: {exc}", text.rstrip("\n"))
+                continue
+            yield _event_record(raw, where, text.rstrip("\n"))
+
+
+def _csv_events(path: Path) -> Iterator[Line]:
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        names = reader.fieldnames or []
+        if "event" not in names or not ({"id", "identifier"} & set(names)):
+            yield Line(f"{path.name}:1", None, "the header needs an 'event' column and an "
+                       "'id' or 'identifier' column")
+            return
+        unknown = [n for n in names if n not in EVENT_COLUMNS]
+        if unknown:
+            yield Line(f"{path.name}:1", None, f"unknown column {unknown[0]!r} (an event "
+                       f"has {', '.join(EVENT_COLUMNS)})")
+            return
+        for row in reader:
+            where = f"{path.name}:{reader.line_num}"
+            text = ",".join(_csv_text(v) for v in row.values())
+            if None in row:
+                yield Line(where, None, "more cells than the header has columns", text)
+                continue
+            yield _event_record({k: v for k, v in row.items() if v != ""}, where, text)
+
+
+def _parquet_events(path: Path) -> Iterator[Line]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError("Parquet needs pyarrow: pip install pyarrow") from None
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches():
+        for values in batch.to_pylist():
+            row += 1
+            yield _event_record({k: v for k, v in values.items() if v is not None},
+                                f"{path.name} row {row}", "")

@@ -55,6 +55,7 @@ import ormsgpack
 from pyroaring import BitMap
 from xxhash import xxh3_64_intdigest
 
+from memstore.engine import days
 from memstore.engine.columnar import Coded, Columns, Row
 from memstore.engine.rowpack import RowPacker
 from memstore.engine.schema import (
@@ -94,8 +95,9 @@ from memstore.index.bitmap_index import (
     floats_to_ordered,
 )
 from memstore.index.claims import Claims, claim_key
+from memstore.index.day_index import DayIndex
 from memstore.index.inttable import IntTable
-from memstore.pbvalues import TIMESTAMP_RANGE, micros_in_range
+from memstore.pbvalues import micros_in_range
 
 # Operation codes: the numbers of memstore.v1.Operation.Op.
 SET, SET_ONCE, UNSET, INCREMENT, ADD_TO_SET, REMOVE_FROM_SET = 1, 2, 3, 4, 5, 6
@@ -105,7 +107,6 @@ OP_NAMES = {1: "set", 2: "set_once", 3: "unset", 4: "increment", 5: "add_to_set"
 MAX_ID_BYTES = 256
 MAX_IDENTIFIER_BYTES = 512
 _IDENT_KIND = re.compile(r"^[a-z][a-z0-9_\-]{0,63}$")
-_EVENT_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 
 DEFAULT_BLOCKED = frozenset(
     {"", "null", "none", "nil", "undefined", "unknown", "n/a", "na", "0", "-",
@@ -115,6 +116,7 @@ DEFAULT_BLOCKED = frozenset(
 
 RANGE_KINDS = (Kind.INT, Kind.FLOAT, Kind.TIMESTAMP)
 VALUE_KINDS = (Kind.STRING, Kind.BOOL, Kind.STRING_LIST)
+DEFAULT_EVENT_DAYS = 180  # days of day records kept (--event-days)
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,7 @@ class Change:
     # dense id -> (created, changed) of an image, where the default rule does not hold:
     # changed = `at`; created = `at` for a new profile, else unchanged.
     times: dict[int, tuple[int, int]] = field(default_factory=dict)
+    tracked: Any = None  # set by a batch of tracks (memstore.engine.tracking.Tracked)
 
     @property
     def empty(self) -> bool:
@@ -548,6 +551,8 @@ class _Planner:
             mine = survivor.attrs.get(aid)
             if mine is None:
                 survivor.attrs[aid] = value
+            elif spec.kind is Kind.EVENT_DAYS:  # counts of a day add
+                survivor.attrs[aid] = days.merge(mine, value)
             elif spec.kind is Kind.STRING_LIST:
                 survivor.attrs[aid] = sorted(set(mine) | set(value))
             elif spec.merge is Merge.SUM:
@@ -754,11 +759,18 @@ def id_key(pid: str) -> str:
 
 class Engine:
     def __init__(self, rules: IdentityRules | None = None,
-                 clock: Callable[[], float] = time.time, salt: bytes = b"") -> None:
+                 clock: Callable[[], float] = time.time, salt: bytes = b"", *,
+                 event_days: int = DEFAULT_EVENT_DAYS) -> None:
         self.rules = rules or IdentityRules()
-        self.clock = clock  # wall-clock seconds: created and changed times (tests inject)
+        # Wall-clock seconds (injectable, so tests can roll days over): created and changed
+        # times, and the `event_days` UTC days up to today that day records keep. The clock
+        # only plans: what is kept is decided when a change is planned and logged with it.
+        self.clock = clock
         # The cluster's salt for suppression keys and audit hashes (memstore.server.rights).
         self.salt = salt
+        if event_days < 1:
+            raise ValueError("event_days must be at least 1")
+        self.event_days = event_days
         self.schema = Schema()
         self.pids: list[str | None] = []
         self.blobs: list[bytes | None] = []
@@ -767,6 +779,7 @@ class Engine:
         self.value_index: dict[int, ValueIndex] = {}
         self.range_index: dict[int, RangeIndex] = {}
         self.exists: dict[int, BitMap] = {}  # attributes in value indexes
+        self.day_index: dict[int, DayIndex] = {}  # event.<name>.days attributes
         self.directory = IntTable()  # ident_key -> dense id
         self.aliases: dict[str, str] = {}
         # Each dense id's hash slot (stale once erased: read it through `live`). Appended
@@ -796,7 +809,8 @@ class Engine:
         self.foreign = BitMap()
         self.epoch = 0
         self.started = int(clock())  # unknown changed times count from here (expired)
-        self._timestamp_ids: set[int] = set()  # cache for wire_attributes
+        self._timestamp_ids: set[int] = set()  # caches for wire_attributes
+        self._day_record_ids: set[int] = set()
         self._timestamp_count = -1
         self._table: dict[int, list[Any]] = {}  # cache for schema_table
         self._table_count = -1
@@ -804,6 +818,14 @@ class Engine:
     # ------------------------------------------------------------------ reading
     def __len__(self) -> int:
         return len(self.live)
+
+    def today(self) -> int:
+        """Today's UTC day number (days since 1970-01-01) by the engine's clock."""
+        return int(self.clock() // 86_400)
+
+    def first_kept(self) -> int:
+        """The first day day records keep: today and the event_days - 1 days before it."""
+        return self.today() - self.event_days + 1
 
     def check_slot(self, pid: str) -> None:
         if self.owned_slots is not None:
@@ -893,14 +915,17 @@ class Engine:
             out = {}
             for name in only:
                 spec = self.schema.by_name.get(name)
-                if spec is not None and spec.id in attrs:
+                if spec is not None and spec.id in attrs and spec.kind is not Kind.EVENT_DAYS:
                     out[name] = from_stored(spec.kind, attrs[spec.id])
             return out
         result = {}
         for aid, value in attrs.items():
             spec = by_id[aid]
-            result[spec.name] = from_stored(spec.kind, value) if spec.kind is Kind.TIMESTAMP \
-                else value
+            if spec.kind is Kind.TIMESTAMP:
+                value = from_stored(spec.kind, value)
+            elif spec.kind is Kind.EVENT_DAYS:
+                continue  # a day record: read through did(...), not returned as a value
+            result[spec.name] = value
         return result
 
     def schema_table(self) -> dict[int, list[Any]]:
@@ -919,9 +944,12 @@ class Engine:
         out = {by_id[aid].name: value for aid, value in attrs.items()}
         if self._timestamp_count != len(by_id):
             self._timestamp_ids = {s.id for s in by_id if s.kind is Kind.TIMESTAMP}
+            self._day_record_ids = {s.id for s in by_id if s.kind is Kind.EVENT_DAYS}
             self._timestamp_count = len(by_id)
         for aid in self._timestamp_ids.intersection(attrs):
             out[by_id[aid].name] = timestamp_ext(attrs[aid])
+        for aid in self._day_record_ids.intersection(attrs):
+            del out[by_id[aid].name]
         return out
 
     def ids_of(self, dense_ids: Iterable[int]) -> list[str]:
@@ -1509,33 +1537,24 @@ class Engine:
         return found, (end if end < len(self.blobs) else None)
 
     def plan_track(self, pid: str, event: str, at_micros: int, count: int = 1) -> Change:
-        check_pid(pid)
-        if not _EVENT_NAME.match(event or ""):
-            raise InvalidArgument(f"event: name {brief(event)} must be 1-128 letters, digits, "
-                                  "_ or -")
-        if not 1 <= count <= INT64_MAX:
-            raise InvalidArgument(f"count: {count} is outside 1..{INT64_MAX}")
-        if not micros_in_range(at_micros):
-            raise InvalidArgument(f"at: {at_micros} microseconds is outside {TIMESTAMP_RANGE}")
-        prefix = f"event.{event}"
-        self.require_declared([(f"{prefix}.count", Kind.INT, True, Merge.SUM),
-                               (f"{prefix}.first", Kind.TIMESTAMP, True, Merge.MIN),
-                               (f"{prefix}.last", Kind.TIMESTAMP, True, Merge.MAX)])
-        planner = _Planner(self)
-        d = planner.draft(pid, create=True)
-        assert d is not None
-        n = planner.declare(f"{prefix}.count", Kind.INT, merge=Merge.SUM)
-        first = planner.declare(f"{prefix}.first", Kind.TIMESTAMP, merge=Merge.MIN)
-        last = planner.declare(f"{prefix}.last", Kind.TIMESTAMP, merge=Merge.MAX)
-        total = d.attrs.get(n.id, 0) + count
-        if total > INT64_MAX:
-            raise InvalidArgument(f"count: {prefix}.count of {pid!r} is {total - count}; "
-                                  f"{count} more would pass int64")
-        d.attrs[n.id] = total
-        d.attrs[first.id] = min(d.attrs.get(first.id, at_micros), at_micros)
-        d.attrs[last.id] = max(d.attrs.get(last.id, at_micros), at_micros)
-        d.version += 1
-        return planner.finish(d.version)
+        """One event (memstore.engine.tracking); the result is the profile's new version."""
+        from memstore.engine.tracking import plan_track
+
+        return plan_track(self, [(pid, event, at_micros, count)])
+
+    def plan_track_batch(self, events: Sequence[tuple[Any, str, int, int]],
+                         where: str = "events") -> Change:
+        """Many events as one change (TrackBatch): keys are primary ids or (kind, value)
+        identifiers; the result is how many applied (all: a bad event refuses them all)."""
+        from memstore.engine.tracking import plan_track
+
+        return plan_track(self, events, where)
+
+    def plan_expire(self, limit: int = 500) -> Change:
+        """A slice of the day-record expiry (memstore.engine.tracking.plan_expire)."""
+        from memstore.engine.tracking import plan_expire
+
+        return plan_expire(self, limit)
 
     def plan_declare(self, specs: Sequence[tuple[str, Kind, bool, Merge]]) -> Change:
         planner = _Planner(self)
@@ -1558,9 +1577,43 @@ class Engine:
         at = change.at or int(self.clock())
         if change.load is not None and change.load.first == len(self.blobs):
             return Undo([], notes, self._apply_load(change.images, change.load, at))
+        if change.tracked is not None and change.tracked.first == len(self.blobs):
+            return self._apply_tracked(change.images, change.tracked, at)
         stamped: list[tuple[int, int, int]] = []
         return Undo(self.apply_images(change.images, at, change.times, stamped), notes,
                     times=stamped)
+
+    def _apply_tracked(self, images: list[Image], tracked: Any, at: int) -> Undo:
+        """apply_images for a planned batch of tracks (memstore.engine.tracking.Tracked):
+        blobs swapped, new profiles added at the end, indexes changed a column at a time;
+        every profile stamped as changed at `at` (new ones as created then too)."""
+        first, added = tracked.first, len(tracked.slots)
+        kept = len(images) - added
+        before = [Image(image.dense, image.pid, self.blobs[image.dense])
+                  for image in images[:kept]]
+        created, changed = self.created, self.changed
+        stamped: list[tuple[int, int, int]] = []
+        for image in images[:kept]:
+            dense = image.dense
+            self.blobs[dense] = image.blob
+            stamped.append((dense, created[dense], changed[dense]))
+            changed[dense] = at
+        pids = [image.pid for image in images[kept:]]
+        if added:
+            self.blobs.extend(image.blob for image in images[kept:])
+            self.pids.extend(pids)
+            stamps = array.array("I", [at]) * added
+            created.extend(stamps)
+            changed.extend(stamps)
+            self.dense_of.update(zip(pids, range(first, first + added), strict=True))
+            self.live.add_range(first, first + added)
+            self.slots.extend(tracked.slots)
+        for aid, (ids, old, had, new) in tracked.ranges.items():
+            self.range_index[aid].replace_many(ids, old, had, new)
+        for aid, (ids, on, was, now) in tracked.cells.items():
+            self.day_index[aid].bump_many(ids, on, was, now)
+        before.reverse()
+        return Undo(before, [], (first, pids) if added else None, times=stamped)
 
     def undo(self, undo: Undo) -> None:
         if undo.added is not None:  # the load's profiles become absent again, newest first
@@ -1600,6 +1653,8 @@ class Engine:
         if spec.indexed:
             if spec.kind in RANGE_KINDS:
                 self.range_index[spec.id] = RangeIndex()
+            elif spec.kind is Kind.EVENT_DAYS:
+                self.day_index[spec.id] = DayIndex()
             else:
                 self.value_index[spec.id] = ValueIndex()
                 self.exists[spec.id] = BitMap()
@@ -1743,6 +1798,10 @@ class Engine:
             if not spec.indexed:
                 continue
             kind = spec.kind
+            if kind is Kind.EVENT_DAYS:
+                self.day_index[aid].update(dense, days.decode(ov) if ov else [],
+                                           days.decode(nv) if nv else [])
+                continue
             if kind in RANGE_KINDS:
                 index = self.range_index[aid]
                 if kind is Kind.FLOAT:
@@ -1801,6 +1860,9 @@ class Engine:
                                                 else np.repeat(dense, values.lengths))
                 self.exists[aid].update(ids)
                 continue
+            if spec.kind is Kind.EVENT_DAYS:
+                self._index_day_records(aid, ids, cast(list[bytes], values))
+                continue
             if spec.kind in RANGE_KINDS:
                 if spec.kind is Kind.FLOAT:
                     keys = floats_to_ordered(np.asarray(values, dtype=np.float64))
@@ -1816,6 +1878,19 @@ class Engine:
             else:
                 self.value_index[aid].add_column(ids, values)
             self.exists[aid].update(ids)
+
+    def _index_day_records(self, aid: int, ids: Sequence[int], records: list[bytes]) -> None:
+        owners: list[int] = []
+        pairs: list[tuple[int, int]] = []
+        for dense, record in zip(ids, records, strict=True):
+            decoded = days.decode(record)
+            owners += [dense] * len(decoded)
+            pairs += decoded
+        if pairs:
+            on, times = zip(*pairs, strict=True)
+            self.day_index[aid].add_many(np.array(owners, dtype=np.uint32),
+                                         np.array(on, dtype=np.int64),
+                                         np.array(times, dtype=np.int64))
 
     # ------------------------------------------------------------------ cluster
     def set_ownership(self, epoch: int, slots: BitMap | None) -> None:

@@ -31,6 +31,9 @@ class Kind(IntEnum):
     BOOL = 4
     TIMESTAMP = 5
     STRING_LIST = 6
+    # An event's day record, `event.<name>.days` (memstore.engine.days): written by Track
+    # alone, never by a value a client sends, and read by did(...) alone.
+    EVENT_DAYS = 7
 
     @property
     def label(self) -> str:
@@ -52,6 +55,7 @@ MAX_NAME_BYTES = 256
 MAX_STRING_BYTES = 16 * 1024
 MAX_LIST_ITEMS = 1000
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z0-9_\-]+)*$")
+DAY_RECORD = re.compile(r"^event\.[A-Za-z0-9_\-]{1,128}\.days$")
 
 
 def kind_of(value: Any) -> Kind:
@@ -141,6 +145,9 @@ class Schema:
                 )
             return None
         check_merge(name, kind, merge)
+        if kind is Kind.EVENT_DAYS and not DAY_RECORD.match(name):
+            raise InvalidArgument(f"attribute {name!r}: kind event_days is kept for the day "
+                                  "records Track writes, event.<name>.days")
         return AttributeSpec(len(self.by_id) if next_id is None else next_id, name, kind,
                              indexed, merge)
 
@@ -163,6 +170,10 @@ class Schema:
 
 def check_merge(name: str, kind: Kind, merge: Merge) -> None:
     """Raise InvalidArgument unless `merge` applies to attributes of `kind`."""
+    if kind is Kind.EVENT_DAYS:
+        if merge is not Merge.SUM:
+            raise InvalidArgument(f"attribute {name!r}: a day record merges by sum")
+        return
     if merge in (Merge.SUM,) and kind not in (Kind.INT, Kind.FLOAT):
         raise InvalidArgument(f"attribute {name!r}: merge=sum needs an int or float kind")
     if merge in (Merge.MIN, Merge.MAX) and kind not in (Kind.INT, Kind.FLOAT, Kind.TIMESTAMP):

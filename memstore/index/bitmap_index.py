@@ -67,6 +67,13 @@ def bitmap_of(values: Iterable[int] | np.ndarray) -> BitMap:
     return BitMap(_array(values) if isinstance(values, np.ndarray) else values)
 
 
+def _bit_rows(values: np.ndarray, width: int) -> np.ndarray:
+    """Bit i of every uint64 value as row i of a (width, n) bool array."""
+    return np.ascontiguousarray(np.unpackbits(
+        values.astype("<u8", copy=False).view(np.uint8).reshape(-1, 8), axis=1,
+        bitorder="little")[:, :width].T).view(bool)
+
+
 class ValueIndex:
     """value -> BitMap of dense ids holding it."""
 
@@ -207,6 +214,16 @@ class RangeIndex:
         self._flush()
         return len(self._exists)
 
+    @classmethod
+    def of_slices(cls, slices: list[BitMap], exists: BitMap) -> RangeIndex:
+        """A read-only view of a bit-sliced number computed elsewhere (a sum over days,
+        memstore.index.day_index): `exists` holds a value, slice i its bit i, base 0."""
+        index = cls()
+        index.base = 0
+        index.slices = slices
+        index._exists = exists
+        return index
+
     # ------------------------------------------------------------------ updates
     def _offset(self, value: int) -> int:
         if self.base is None:
@@ -256,6 +273,40 @@ class RangeIndex:
                     self.slices[i].discard(dense_id)
             changed >>= 1
             i += 1
+
+    def replace_many(self, ids: np.ndarray, old: np.ndarray, had: np.ndarray,
+                     new: np.ndarray) -> None:
+        """Store new[i] for ids[i] (distinct ids), which held old[i] where had[i] (and no
+        value elsewhere): the state `set` would leave, one bitmap update per slice and
+        direction instead of one per id and bit (a batch of tracks)."""
+        if not len(ids):
+            return
+        self._flush()
+        new = new.astype(np.int64, copy=False)
+        low = int(new.min())
+        if self.base is None:
+            self.base = low
+        elif low < self.base:
+            self._rebase(low)
+        base = np.uint64(self.base % (1 << 64))
+        u_new = new.view(np.uint64) - base
+        u_old = np.where(had, old.astype(np.int64, copy=False).view(np.uint64) - base,
+                         np.uint64(0))
+        changed = u_new ^ u_old
+        width = int(changed.max()).bit_length()
+        while len(self.slices) < max(width, int(u_new.max()).bit_length()):
+            self.slices.append(BitMap())
+        ids = ids.astype(np.uint32, copy=False)
+        flipped, on = _bit_rows(changed, width), _bit_rows(u_new, width)
+        for i in np.flatnonzero(flipped.any(axis=1)).tolist():
+            added, removed = ids[flipped[i] & on[i]], ids[flipped[i] & ~on[i]]
+            if len(added):
+                self.slices[i] |= bitmap_of(added)
+            if len(removed):
+                self.slices[i] -= bitmap_of(removed)
+        fresh = ids[~had]
+        if len(fresh):
+            self._exists |= bitmap_of(fresh)
 
     def remove(self, dense_id: int, old: int) -> None:
         self._flush()
@@ -315,6 +366,15 @@ class RangeIndex:
     def exists(self) -> BitMap:
         self._flush()
         return self._exists
+
+    def span(self) -> tuple[int, int] | None:
+        """Bounds no stored value lies outside (the base, and the base plus the largest
+        offset the slices can hold; not tight above), or None if nothing is stored: what
+        a planner knows about a comparison without a bitmap operation."""
+        self._flush()
+        if self.base is None or not self._exists:
+            return None
+        return self.base, self.base + (1 << len(self.slices)) - 1
 
     def value_of(self, dense_id: int) -> int | None:
         self._flush()

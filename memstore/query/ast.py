@@ -3,6 +3,9 @@
 Invariants of a valid tree (checked by `validate`, which both surfaces call):
   * EQ, NE, LT, LE, GT, GE and HAS carry exactly 1 value, IN at least 1, BETWEEN exactly 2
     (inclusive bounds), EXISTS none;
+  * Did names an event (1-128 letters, digits, _ or -) and one window: `within_days` >= 1,
+    or `first` (a date) with an optional `last` not before it; `at_least` and `at_most`,
+    when given, are >= 1 and at_least <= at_most (exactly=N is both at N);
   * And and Or have at least one child; nesting is at most `MAX_DEPTH` levels;
   * attribute names are non-empty and at most `MAX_ATTRIBUTE_LENGTH` characters;
   * values are str, int (64-bit), finite float, bool, or timezone-aware datetime.
@@ -19,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from enum import StrEnum
 
 Literal = str | int | float | bool | datetime
@@ -88,7 +91,27 @@ class All:
     """Every live profile."""
 
 
-Node = Predicate | And | Or | Not | All
+@dataclass(frozen=True, slots=True)
+class Did:
+    """Profiles that did `event` on the UTC days of a window (from its day record), at
+    least `at_least` and at most `at_most` times in all (None: no bound; did at all).
+
+    The window: the `within_days` days up to today, today included (today is the
+    evaluating shard's UTC day), or the dates `first` to `last` inclusive (`last` None:
+    until today)."""
+
+    event: str
+    within_days: int | None = None
+    first: date | None = None
+    last: date | None = None
+    at_least: int | None = None
+    at_most: int | None = None
+
+
+Node = Predicate | And | Or | Not | All | Did
+
+EVENT_NAME = re.compile(r"[A-Za-z0-9_\-]{1,128}")
+MAX_WINDOW_DAYS = 100_000  # a window longer than any retention (about 270 years)
 
 # Words the text form reserves; an attribute spelled like one is written backquoted.
 KEYWORDS = frozenset({"AND", "OR", "NOT", "IN", "BETWEEN", "HAS", "EXISTS", "TRUE", "FALSE", "ALL"})
@@ -134,6 +157,34 @@ def value_problem(value: object) -> str | None:
     return f"a {type(value).__name__} is not a valid literal"
 
 
+def did_problem(node: Did) -> str | None:
+    """What is wrong with a Did node, or None."""
+    if not isinstance(node.event, str) or not EVENT_NAME.fullmatch(node.event):
+        return f"event name {node.event!r} must be 1-128 letters, digits, _ or -"
+    if (node.within_days is None) == (node.first is None):
+        return "give a window: within_days, or from (with an optional to)"
+    if node.within_days is not None:
+        if (isinstance(node.within_days, bool) or not isinstance(node.within_days, int)
+                or not 1 <= node.within_days <= MAX_WINDOW_DAYS):
+            return f"within_days must be 1 to {MAX_WINDOW_DAYS}, got {node.within_days!r}"
+        if node.last is not None:
+            return "to goes with from, not with within"
+    else:
+        for name, day in (("from", node.first), ("to", node.last)):
+            if day is not None and (not isinstance(day, date) or isinstance(day, datetime)):
+                return f"{name} must be a date, got {day!r}"
+        if node.last is not None and node.first is not None and node.last < node.first:
+            return f"the window ends ({node.last}) before it starts ({node.first})"
+    for name, bound in (("at_least", node.at_least), ("at_most", node.at_most)):
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int)
+                                  or not 1 <= bound <= _INT64_MAX):
+            return (f"{name} must be a whole number from 1 (for none at all, use "
+                    f"NOT did(...)), got {bound!r}")
+    if node.at_least is not None and node.at_most is not None and node.at_least > node.at_most:
+        return f"at_least {node.at_least} is above at_most {node.at_most}"
+    return None
+
+
 def validate(node: object, path: str = "query") -> None:
     """Raise QueryError naming the path (proto field names) of the first invalid node."""
     _validate(node, path, 1)
@@ -167,6 +218,10 @@ def _validate(node: object, path: str, depth: int) -> None:
             _validate(child, f"{where}.children[{i}]", depth + 1)
     elif isinstance(node, Not):
         _validate(node.child, f"{path}.not", depth + 1)
+    elif isinstance(node, Did):
+        problem = did_problem(node)
+        if problem is not None:
+            raise QueryError(f"{path}.did: {problem}")
     elif not isinstance(node, All):
         raise QueryError(f"{path}: not a query node: {type(node).__name__}")
 
@@ -218,7 +273,27 @@ def format_query(node: Node) -> str:
         return "NOT " + _maybe_paren(node.child, (And, Or))
     if isinstance(node, All):
         return "ALL"
+    if isinstance(node, Did):
+        return format_did(node)
     raise QueryError(f"not a query node: {type(node).__name__}")
+
+
+def format_did(node: Did) -> str:
+    args = [format_literal(node.event)]
+    if node.within_days is not None:
+        args.append(f"within={node.within_days}d")
+    else:
+        args.append(f'from="{node.first}"')
+        if node.last is not None:
+            args.append(f'to="{node.last}"')
+    if node.at_least is not None and node.at_least == node.at_most:
+        args.append(f"exactly={node.at_least}")
+    else:
+        if node.at_least is not None:
+            args.append(f"at_least={node.at_least}")
+        if node.at_most is not None:
+            args.append(f"at_most={node.at_most}")
+    return f"did({', '.join(args)})"
 
 
 def _maybe_paren(node: Node, wrap: tuple[type, ...]) -> str:

@@ -5,7 +5,7 @@
     unary    := "NOT" unary | primary
     primary  := "(" expr ")" | "ALL" | "*"
               | "exists" "(" attr ")"
-              | "did" "(" string "," "within" "=" duration ")"
+              | "did" "(" string ("," did_arg)+ ")"
               | attr "NOT" "IN" "(" literal ("," literal)* ")"      -> Not(IN)
               | attr ("=" | "!=" | "<" | "<=" | ">" | ">=" | "HAS") literal
               | attr "IN" "(" literal ("," literal)* ")"
@@ -15,6 +15,12 @@
     string   := "..." | '...'    escapes \\ \" \' \n \t
     number   := -?digits (int) | -?digits(.digits)?([eE][+-]?digits)? (float)
     duration := digits ("s" | "m" | "h" | "d" | "w")
+    did_arg  := "within" "=" duration | ("from" | "to") "=" date-string
+              | ("at_least" | "at_most" | "exactly") "=" integer
+
+did(...) reads the event's day record (ast.Did) for a window in days (d, w) or dates
+(from/to, YYYY-MM-DD, inclusive, UTC); a window in s, m or h without counts means, as it
+always did, `event.<name>.last >= now - duration`.
 
 Keywords are case-insensitive. Timestamps are plain strings; `parse_timestamp` converts one.
 Every error is a QuerySyntaxError carrying the 1-based column.
@@ -30,15 +36,18 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from enum import Enum
 
 from memstore.errors import brief
 from memstore.query.ast import (
+    EVENT_NAME,
     KEYWORDS,
     MAX_DEPTH,
+    MAX_WINDOW_DAYS,
     All,
     And,
+    Did,
     Literal,
     Node,
     Not,
@@ -53,7 +62,7 @@ from memstore.query.ast import (
 )
 from memstore.query.limits import DEFAULT_LIMITS, QueryLimits
 
-__all__ = ["parse", "parse_timestamp"]
+__all__ = ["parse", "parse_date", "parse_timestamp"]
 
 
 class _Kind(Enum):
@@ -84,6 +93,7 @@ _STRING_ESCAPES = {"\\": "\\", '"': '"', "'": "'", "n": "\n", "t": "\t"}
 _PLAIN = {'"': re.compile(r'[^"\\]+'), "'": re.compile(r"[^'\\]+")}
 _PLAIN_ATTR = re.compile(r"[^`]+")
 _INT64_DIGITS = 19  # 9223372036854775807: a longer integer literal cannot fit
+_INT64_MAX = 2**63 - 1
 
 
 def _tokenize(text: str) -> Iterator[_Token]:
@@ -400,24 +410,109 @@ class _Parser:
         event = str(tok.value)
         if not event:
             raise self.fail_at("event name is empty", tok)
+        if not EVENT_NAME.fullmatch(event):
+            raise self.fail_at(f"event name {event!r} must be 1-128 letters, digits, _ or -",
+                               tok)
         self.advance()
-        self.expect_punct(",")
-        if not (self.tok.kind is _Kind.WORD and self.tok.text.lower() == "within"):
-            raise self.error("'within'")
-        self.advance()
-        self.expect_punct("=", " after 'within'")
+        # name -> (the argument's name token, its value token, its value)
+        args: dict[str, tuple[_Token, _Token, object]] = {}
+        while self.is_punct(","):
+            self.advance()
+            name_tok = self.tok
+            name = name_tok.text.lower() if name_tok.kind is _Kind.WORD else ""
+            if name not in _DID_ARGS:
+                raise self.error("within, from, to, at_least, at_most or exactly")
+            if name in args:
+                raise self.fail_at(f"{name} given twice", name_tok)
+            self.advance()
+            self.expect_punct("=", f" after '{name}'")
+            args[name] = (name_tok, self.tok, self.did_value(name))
+            self.advance()
+        if not args:
+            raise self.error("','")
+        close = self.expect_punct(")")
+        return self.did_node(event, args, close)
+
+    def did_value(self, name: str) -> object:
+        """The value of did(...)'s argument `name` at the current token (not consumed)."""
         tok = self.tok
-        if tok.kind is not _Kind.DURATION:
-            raise self.error("a duration such as 7d (units s, m, h, d, w)")
-        self.advance()
-        self.expect_punct(")")
-        amount, unit = tok.text[:-1], tok.text[-1]
-        if len(amount.lstrip("0")) > _INT64_DIGITS:
-            raise self.fail_at(f"duration {brief(tok.text)} is too long", tok)
+        if name == "within":
+            if tok.kind is not _Kind.DURATION:
+                raise self.error("a duration such as 7d (units s, m, h, d, w)")
+            if len(tok.text[:-1].lstrip("0")) > _INT64_DIGITS:
+                raise self.fail_at(f"duration {brief(tok.text)} is too long", tok)
+            return tok.text
+        if name in ("from", "to"):
+            if tok.kind is not _Kind.STRING:
+                raise self.error(f'a date such as "2026-09-01" after {name}=')
+            try:
+                return parse_date(str(tok.value))
+            except QueryError as exc:
+                raise self.fail_at(f"{name}: {exc}", tok) from None
+        if tok.kind is not _Kind.NUMBER or not isinstance(tok.value, int):
+            raise self.error(f"a whole number after {name}=")
+        if tok.value < 1:
+            raise self.fail_at(f"{name} must be at least 1 (for none at all, use "
+                               "NOT did(...))", tok)
+        if tok.value > _INT64_MAX:
+            raise self.fail_at(f"{name} {brief(str(tok.value))} is above {_INT64_MAX}", tok)
+        return tok.value
+
+    def did_node(self, event: str, args: dict[str, tuple[_Token, _Token, object]],
+                 close: _Token) -> Node:
+        """did(...) from its checked arguments; a conflict between two is named at the
+        second's name, a bad value at the value."""
+        if "exactly" in args:
+            for name in ("at_least", "at_most"):
+                if name in args:
+                    raise self.fail_at(f"{name} goes with exactly; give one or the other",
+                                       args[name][0])
+            at_least = at_most = args["exactly"][2]
+        else:
+            at_least = args["at_least"][2] if "at_least" in args else None
+            at_most = args["at_most"][2] if "at_most" in args else None
+        if isinstance(at_least, int) and isinstance(at_most, int) and at_least > at_most:
+            raise self.fail_at(f"at_least {at_least} is above at_most {at_most}",
+                               args["at_most"][1])
+        counted = at_least is not None or at_most is not None
+        if "within" in args:
+            for name in ("from", "to"):
+                if name in args:
+                    raise self.fail_at(f"{name} and within are two kinds of window: "
+                                       "give one", args[name][0])
+            _, tok, text = args["within"]
+            amount, unit = int(str(text)[:-1]), str(text)[-1]
+            if unit in "smh":
+                if counted:
+                    raise self.fail_at(f"a count needs a window of whole days (d or w), "
+                                       f"got '{text}'", tok)
+                return self.last_within(event, tok, amount, unit)
+            days = amount * (7 if unit == "w" else 1)
+            if days > MAX_WINDOW_DAYS:
+                raise self.fail_at(f"duration '{text}' is too long", tok)
+            if days < 1:
+                raise self.fail_at("a window of at least 1 day", tok)
+            return Did(event, within_days=days, at_least=at_least,  # type: ignore[arg-type]
+                       at_most=at_most)  # type: ignore[arg-type]
+        if "from" not in args:
+            if "to" in args:
+                raise self.fail_at("to needs a from (the window's first day)", args["to"][0])
+            raise self.fail_at('did(...) needs a window: within=30d, or from="YYYY-MM-DD"',
+                               close)
+        first = args["from"][2]
+        last = args["to"][2] if "to" in args else None
+        if isinstance(last, date) and isinstance(first, date) and last < first:
+            raise self.fail_at(f"the window ends ({last}) before it starts ({first})",
+                               args["to"][1])
+        return Did(event, first=first, last=last,  # type: ignore[arg-type]
+                   at_least=at_least, at_most=at_most)  # type: ignore[arg-type]
+
+    def last_within(self, event: str, tok: _Token, amount: int, unit: str) -> Node:
+        """did(event, within=N s/m/h): event.<event>.last >= now - duration."""
         now = self.now if self.now is not None else datetime.now(UTC)
         now = now.replace(tzinfo=UTC) if now.tzinfo is None else now
         try:
-            since = now.astimezone(UTC) - timedelta(**{_UNITS[unit]: int(amount)})
+            since = now.astimezone(UTC) - timedelta(**{_UNITS[unit]: amount})
         except OverflowError:
             raise self.fail_at(f"duration {brief(tok.text)} is too long", tok) from None
         attr = f"event.{event}.last"
@@ -425,6 +520,20 @@ class _Parser:
         if problem is not None:
             raise self.fail_at(problem, tok)
         return Predicate(attr, Op.GE, (since,))
+
+
+_DID_ARGS = ("within", "from", "to", "at_least", "at_most", "exactly")
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def parse_date(text: str) -> date:
+    """A UTC calendar date written YYYY-MM-DD."""
+    if not _DATE.fullmatch(text):
+        raise QueryError(f"not a date (YYYY-MM-DD): {text!r}")
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise QueryError(f"not a valid date: {text!r}") from None
 
 
 def parse(text: str, *, now: datetime | None = None, limits: QueryLimits = DEFAULT_LIMITS

@@ -16,6 +16,7 @@ from memstore.query.ast import (
     MAX_DEPTH,
     All,
     And,
+    Did,
     Literal,
     Node,
     Not,
@@ -26,7 +27,7 @@ from memstore.query.ast import (
     validate,
 )
 from memstore.query.limits import DEFAULT_LIMITS, QueryLimits
-from memstore.query.parser import parse
+from memstore.query.parser import parse, parse_date
 from memstore.v1 import memstore_pb2 as pb
 
 __all__ = ["from_proto", "query_from_request", "to_proto"]
@@ -50,6 +51,19 @@ def _to_proto(node: Node) -> pb.Query:
         field.children.extend(_to_proto(c) for c in node.children)
     elif isinstance(node, Not):
         getattr(out, "not").CopyFrom(_to_proto(node.child))
+    elif isinstance(node, Did):
+        did = out.did
+        did.event = node.event
+        if node.within_days is not None:
+            did.within_days = node.within_days
+        else:
+            setattr(did, "from", str(node.first))
+            if node.last is not None:
+                did.to = str(node.last)
+        if node.at_least is not None:
+            did.at_least = node.at_least
+        if node.at_most is not None:
+            did.at_most = node.at_most
     else:
         out.all = True
     return out
@@ -93,6 +107,8 @@ class _Converter:
             raise QueryError(f"{path}: {problem}")
         if kind == "predicate":
             return self.predicate(q.predicate, f"{path}.predicate")
+        if kind == "did":
+            return _did(q.did, f"{path}.did")
         if not q.all:
             raise QueryError(f"{path}.all: must be true when set")
         return All()
@@ -111,6 +127,27 @@ class _Converter:
             raise QueryError(f"{where}: {problem}")
         values = tuple(_literal(v, f"{where}.values[{i}]") for i, v in enumerate(p.values))
         return Predicate(p.attribute, op, values)
+
+
+def _did(d: pb.Did, where: str) -> Did:
+    first = last = None
+    for name, text in (("from", getattr(d, "from")), ("to", d.to)):
+        if text:
+            try:
+                day = parse_date(text)
+            except QueryError as exc:
+                raise QueryError(f"{where}.{name}: {exc}") from None
+            if name == "from":
+                first = day
+            else:
+                last = day
+    if d.within_days and (first is not None or last is not None):
+        raise QueryError(f"{where}: within_days and from/to are two kinds of window: give one")
+    if last is not None and first is None:
+        raise QueryError(f"{where}.to: needs a from (the window's first day)")
+    return Did(d.event, within_days=d.within_days or None, first=first, last=last,
+               at_least=d.at_least if d.HasField("at_least") else None,
+               at_most=d.at_most if d.HasField("at_most") else None)
 
 
 def _literal(value: pb.Value, where: str) -> Literal:

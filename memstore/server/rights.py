@@ -35,6 +35,7 @@ import os
 import re
 import secrets
 from collections.abc import Callable, Iterator
+from datetime import date, timedelta
 from itertools import repeat
 from operator import itemgetter
 from pathlib import Path
@@ -45,6 +46,7 @@ import ormsgpack
 from pyroaring import BitMap
 
 from memstore import exportformat, pbvalues
+from memstore.engine import days
 from memstore.engine.core import decode
 from memstore.engine.schema import Kind
 from memstore.engine.values import from_stored
@@ -69,6 +71,26 @@ _EVENT = re.compile(r"^event\.([A-Za-z0-9_\-]{1,128})\.(count|first|last)$")
 # belong here.
 ExportSection = Callable[["Shard", int], tuple[str, Any] | None]
 EXPORT_SECTIONS: list[ExportSection] = []
+_EPOCH = date(1970, 1, 1)  # day records count UTC days from it
+
+
+def day_records(shard: Shard, dense: int) -> tuple[str, Any] | None:
+    """The "day_records" section: {event: {"YYYY-MM-DD": times done that UTC day}} for
+    the days the shard keeps (--event-days), or None when the profile has none."""
+    engine = shard.engine
+    blob = engine.blobs[dense]
+    assert blob is not None
+    out: dict[str, dict[str, int]] = {}
+    for aid, raw in decode(blob)[1].items():
+        spec = engine.schema.by_id[aid]
+        if spec.kind is Kind.EVENT_DAYS:
+            event = spec.name[len("event."):-len(".days")]
+            out[event] = {(_EPOCH + timedelta(days=day)).isoformat(): count
+                          for day, count in days.decode(raw)}
+    return ("day_records", dict(sorted(out.items()))) if out else None
+
+
+EXPORT_SECTIONS.append(day_records)
 
 
 # ---------------------------------------------------------------------- the salt
@@ -122,6 +144,8 @@ def export_profile(shard: Shard, dense: int) -> pb.ExportProfileResponse:
     events: dict[str, dict[str, Any]] = {}
     specs = sorted((engine.schema.by_id[aid] for aid in attrs), key=lambda s: s.name)
     for spec in specs:
+        if spec.kind is Kind.EVENT_DAYS:
+            continue  # the "day_records" section
         value = from_stored(spec.kind, attrs[spec.id])
         event = _EVENT.match(spec.name)
         if event and spec.kind is (Kind.INT if event[2] == "count" else Kind.TIMESTAMP):
@@ -162,7 +186,10 @@ class BulkExport:
         self.blobs = list(take(engine.blobs))
         self.created = np.frombuffer(engine.created, dtype=np.uint32)[dense]
         self.changed = np.frombuffer(engine.changed, dtype=np.uint32)[dense]
-        self.table = dict(engine.schema_table())
+        # Day records stay out of bulk exports: what `memstore load` reads has no form for
+        # them (load-events rebuilds them from events); ExportProfile has them.
+        self.table = {aid: spec for aid, spec in engine.schema_table().items()
+                      if spec[1] != Kind.EVENT_DAYS}
         self.position = shard.position
         self.epoch = engine.epoch
 

@@ -59,7 +59,8 @@ ADMIN = Need("admin", frozenset({"admin", "cluster"}))  # routers forward these 
 OPERATOR = Need("admin", frozenset({"admin"}))
 MEMBER = Need("cluster", frozenset({"cluster", "admin"}))  # ShardControl: members, operators
 
-MEMSTORE_WRITES = frozenset({"Upsert", "BatchUpsert", "Delete", "Link", "Track"})
+MEMSTORE_WRITES = frozenset({"Upsert", "BatchUpsert", "Delete", "Link", "Track",
+                             "TrackBatch"})
 # Bulk data rights are admin's: every profile's data at once, or many people erased.
 MEMSTORE_ADMIN = frozenset({"DeclareAttributes", "Snapshot", "ExportProfiles", "EraseProfiles"})
 # ExportProfile returns one person's data, as Get does (plus kinds and times): a read.

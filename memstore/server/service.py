@@ -21,7 +21,6 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from datetime import UTC, datetime
 from itertools import repeat
 from operator import itemgetter
 from typing import Any, TypeVar
@@ -32,6 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pyroaring import BitMap
 
 from memstore import pbvalues
+from memstore.engine import eventpack
 from memstore.engine.columnar import unpack_columns
 from memstore.engine.core import (
     ANONYMOUS_KINDS,
@@ -561,15 +561,28 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
     @rpc
     async def Track(self, request: pb.TrackRequest, context: Any) -> pb.TrackResponse:
         self._writable()
-        if request.HasField("at"):
-            at = pbvalues.timestamp_micros(request.at, "at")
-        else:
-            at = pbvalues.datetime_to_micros(datetime.now(UTC))
+        key, event, at, count = _event(request, "", self.engine.clock)
         with _planning(self.engine, context):
-            change = self.engine.plan_track(request.id, request.event, at,
-                                            request.count or 1)
+            change = self.engine.plan_track(key, event, at, count)  # type: ignore[arg-type]
         version = await self.shard.commit(change)
         return pb.TrackResponse(version=version)
+
+    @rpc
+    async def TrackBatch(self, request: pb.TrackBatchRequest, context: Any
+                         ) -> pb.TrackBatchResponse:
+        self._writable()
+        self._as_judged(context)
+        events = track_batch_events(request, self.engine.clock)
+        _forwarded(self.engine, [key for key, _, _, _ in events if isinstance(key, str)])
+        with _planning(self.engine, context):
+            change = self.engine.plan_track_batch(events)
+        self._loads.begin()
+        applied = 0
+        try:
+            applied = await self.shard.commit(change)
+        finally:
+            self._loads.end(applied)
+        return pb.TrackBatchResponse(applied=applied)
 
     def _writable(self) -> None:
         _writable(self.shard)
@@ -752,6 +765,32 @@ def _writable(shard: Shard) -> None:
     error = shard.writable_error
     if error:
         raise Unavailable(error)
+
+
+def _event(request: pb.TrackRequest, where: str, clock: Callable[[], float]
+           ) -> tuple[str | tuple[str, str], str, int, int]:
+    """(key, event, at in microseconds, count) of a TrackRequest (at: default now)."""
+    if request.HasField("identifier"):
+        if request.id:
+            raise InvalidArgument(f"{where}id: give an id or an identifier, not both")
+        key: str | tuple[str, str] = (request.identifier.kind, request.identifier.value)
+    else:
+        key = request.id
+    if request.HasField("at"):
+        at = pbvalues.timestamp_micros(request.at, f"{where}at")
+    else:
+        at = int(clock() * 1_000_000)
+    return key, request.event, at, request.count or 1
+
+
+def track_batch_events(request: pb.TrackBatchRequest, clock: Callable[[], float]
+                       ) -> list[tuple[Any, str, int, int]]:
+    """A TrackBatch's events, `events` then `packed`, as (key, event, at, count) tuples
+    whose fields the engine checks; the shape of `packed` is checked here."""
+    events = [_event(r, f"events[{i}].", clock) for i, r in enumerate(request.events)]
+    if request.packed:
+        events += eventpack.unpack(request.packed, len(events))
+    return events
 
 
 def _idents(request: pb.LinkRequest) -> list[tuple[str, str]]:

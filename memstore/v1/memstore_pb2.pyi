@@ -19,6 +19,7 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BOOL: _ClassVar[Kind]
     TIMESTAMP: _ClassVar[Kind]
     STRING_LIST: _ClassVar[Kind]
+    EVENT_DAYS: _ClassVar[Kind]
 KIND_UNSPECIFIED: Kind
 STRING: Kind
 INT: Kind
@@ -26,6 +27,7 @@ FLOAT: Kind
 BOOL: Kind
 TIMESTAMP: Kind
 STRING_LIST: Kind
+EVENT_DAYS: Kind
 
 class StringList(_message.Message):
     __slots__ = ("values",)
@@ -260,16 +262,18 @@ class LinkResponse(_message.Message):
     def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., merged_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TrackRequest(_message.Message):
-    __slots__ = ("id", "event", "at", "count")
+    __slots__ = ("id", "event", "at", "count", "identifier")
     ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
+    IDENTIFIER_FIELD_NUMBER: _ClassVar[int]
     id: str
     event: str
     at: _timestamp_pb2.Timestamp
     count: int
-    def __init__(self, id: _Optional[str] = ..., event: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., count: _Optional[int] = ...) -> None: ...
+    identifier: Identifier
+    def __init__(self, id: _Optional[str] = ..., event: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., count: _Optional[int] = ..., identifier: _Optional[_Union[Identifier, _Mapping]] = ...) -> None: ...
 
 class TrackResponse(_message.Message):
     __slots__ = ("version",)
@@ -421,6 +425,20 @@ class EraseProfilesChunk(_message.Message):
     missing_shards: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, erased: _Optional[_Iterable[_Union[ErasedProfile, _Mapping]]] = ..., receipt: _Optional[str] = ..., erased_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., log_position: _Optional[int] = ..., shard_positions: _Optional[_Mapping[str, int]] = ..., shard: _Optional[str] = ..., suppressed: _Optional[bool] = ..., missing_shards: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class TrackBatchRequest(_message.Message):
+    __slots__ = ("events", "packed")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[TrackRequest]
+    packed: bytes
+    def __init__(self, events: _Optional[_Iterable[_Union[TrackRequest, _Mapping]]] = ..., packed: _Optional[bytes] = ...) -> None: ...
+
+class TrackBatchResponse(_message.Message):
+    __slots__ = ("applied",)
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    applied: int
+    def __init__(self, applied: _Optional[int] = ...) -> None: ...
+
 class AttributeSpec(_message.Message):
     __slots__ = ("name", "kind", "not_indexed", "merge")
     class Merge(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
@@ -494,15 +512,32 @@ class Predicate(_message.Message):
     def __init__(self, attribute: _Optional[str] = ..., op: _Optional[_Union[Predicate.Op, str]] = ..., values: _Optional[_Iterable[_Union[Value, _Mapping]]] = ...) -> None: ...
 
 class Query(_message.Message):
-    __slots__ = ("predicate", "all")
+    __slots__ = ("predicate", "all", "did")
     PREDICATE_FIELD_NUMBER: _ClassVar[int]
     AND_FIELD_NUMBER: _ClassVar[int]
     OR_FIELD_NUMBER: _ClassVar[int]
     NOT_FIELD_NUMBER: _ClassVar[int]
     ALL_FIELD_NUMBER: _ClassVar[int]
+    DID_FIELD_NUMBER: _ClassVar[int]
     predicate: Predicate
     all: bool
-    def __init__(self, predicate: _Optional[_Union[Predicate, _Mapping]] = ..., all: _Optional[bool] = ..., **kwargs) -> None: ...
+    did: Did
+    def __init__(self, predicate: _Optional[_Union[Predicate, _Mapping]] = ..., all: _Optional[bool] = ..., did: _Optional[_Union[Did, _Mapping]] = ..., **kwargs) -> None: ...
+
+class Did(_message.Message):
+    __slots__ = ("event", "within_days", "to", "at_least", "at_most")
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    WITHIN_DAYS_FIELD_NUMBER: _ClassVar[int]
+    FROM_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    AT_LEAST_FIELD_NUMBER: _ClassVar[int]
+    AT_MOST_FIELD_NUMBER: _ClassVar[int]
+    event: str
+    within_days: int
+    to: str
+    at_least: int
+    at_most: int
+    def __init__(self, event: _Optional[str] = ..., within_days: _Optional[int] = ..., to: _Optional[str] = ..., at_least: _Optional[int] = ..., at_most: _Optional[int] = ..., **kwargs) -> None: ...
 
 class QueryList(_message.Message):
     __slots__ = ("children",)

@@ -69,6 +69,11 @@ class MemstoreStub:
                 request_serializer=memstore_dot_v1_dot_memstore__pb2.TrackRequest.SerializeToString,
                 response_deserializer=memstore_dot_v1_dot_memstore__pb2.TrackResponse.FromString,
                 _registered_method=True)
+        self.TrackBatch = channel.unary_unary(
+                '/memstore.v1.Memstore/TrackBatch',
+                request_serializer=memstore_dot_v1_dot_memstore__pb2.TrackBatchRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_memstore__pb2.TrackBatchResponse.FromString,
+                _registered_method=True)
         self.ExportProfile = channel.unary_unary(
                 '/memstore.v1.Memstore/ExportProfile',
                 request_serializer=memstore_dot_v1_dot_memstore__pb2.ExportProfileRequest.SerializeToString,
@@ -173,7 +178,14 @@ class MemstoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Track(self, request, context):
-        """Behaviour: count, first and last time per event name.
+        """Behaviour: count, first and last time and the day record per event name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TrackBatch(self, request, context):
+        """Many events in one call (loading history): see TrackBatchRequest.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -294,6 +306,11 @@ def add_MemstoreServicer_to_server(servicer, server):
                     servicer.Track,
                     request_deserializer=memstore_dot_v1_dot_memstore__pb2.TrackRequest.FromString,
                     response_serializer=memstore_dot_v1_dot_memstore__pb2.TrackResponse.SerializeToString,
+            ),
+            'TrackBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrackBatch,
+                    request_deserializer=memstore_dot_v1_dot_memstore__pb2.TrackBatchRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_memstore__pb2.TrackBatchResponse.SerializeToString,
             ),
             'ExportProfile': grpc.unary_unary_rpc_method_handler(
                     servicer.ExportProfile,
@@ -545,6 +562,33 @@ class Memstore:
             '/memstore.v1.Memstore/Track',
             memstore_dot_v1_dot_memstore__pb2.TrackRequest.SerializeToString,
             memstore_dot_v1_dot_memstore__pb2.TrackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrackBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memstore.v1.Memstore/TrackBatch',
+            memstore_dot_v1_dot_memstore__pb2.TrackBatchRequest.SerializeToString,
+            memstore_dot_v1_dot_memstore__pb2.TrackBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,259 @@
+"""Who did one event on each UTC day, and how many times: roaring bitmaps over dense ids.
+
+`DayIndex` keeps, per day, the bitmap of the ids that did the event that day at least once,
+and, for the ids that did it more than once, their count minus one bit-sliced (slice i
+holds the ids whose count - 1 has bit i set). Most people do an event once on a day they
+do it at all, so the slices are small: memory is about 2 bytes per (id, day) in an array
+container, or one bit per id of a dense 65,536-id block, whichever roaring picks, plus the
+slices of the repeat counts.
+
+Invariants: no empty bitmap and no empty slice list is kept (a day nobody did the event
+on leaves no trace); the last slice of a day is never empty.
+
+Queries never touch ids one by one:
+- `did(lo, hi)`: the union of the days' bitmaps;
+- `counted(lo, hi, ...)`: the sum over the days of each id's count, as a bit-sliced number
+  built with ripple-carry additions of bitmaps (one addition per day and per repeat
+  slice, each a few bitmap operations), compared with O'Neil's bit-sliced comparison
+  (memstore.index.bitmap_index.RangeIndex) in at most two operations per bit of the sum.
+Bitmaps returned are fresh; the index's own are never handed out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from pyroaring import BitMap
+
+from memstore.index.bitmap_index import RangeIndex, bitmap_of
+
+Pairs = Sequence[tuple[int, int]]
+
+
+class DayIndex:
+    __slots__ = ("_days", "_extra")
+
+    def __init__(self) -> None:
+        self._days: dict[int, BitMap] = {}
+        self._extra: dict[int, list[BitMap]] = {}  # day -> slices of (count - 1)
+
+    def __len__(self) -> int:
+        """How many days someone did the event on."""
+        return len(self._days)
+
+    # ------------------------------------------------------------------ updates
+    def add(self, dense: int, day: int, count: int) -> None:
+        bitmap = self._days.get(day)
+        if bitmap is None:
+            bitmap = self._days[day] = BitMap()
+        bitmap.add(dense)
+        if count > 1:
+            slices = self._extra.setdefault(day, [])
+            extra = count - 1
+            while len(slices) < extra.bit_length():
+                slices.append(BitMap())
+            for i in range(extra.bit_length()):
+                if (extra >> i) & 1:
+                    slices[i].add(dense)
+
+    def remove(self, dense: int, day: int, count: int) -> None:
+        bitmap = self._days.get(day)
+        if bitmap is None:
+            return
+        bitmap.discard(dense)
+        if not bitmap:
+            del self._days[day]
+        slices = self._extra.get(day)
+        if slices is None or count <= 1:
+            return
+        extra = count - 1
+        for i in range(min(extra.bit_length(), len(slices))):
+            if (extra >> i) & 1:
+                slices[i].discard(dense)
+        while slices and not slices[-1]:
+            slices.pop()
+        if not slices:
+            del self._extra[day]
+
+    def update(self, dense: int, old: Pairs, new: Pairs) -> None:
+        """Replace `dense`'s (day, count) pairs `old` with `new`."""
+        before, after = dict(old), dict(new)
+        for day, count in before.items():
+            if after.get(day) != count:
+                self.remove(dense, day, count)
+        for day, count in after.items():
+            if before.get(day) != count:
+                self.add(dense, day, count)
+
+    def bump_many(self, ids: np.ndarray, days: np.ndarray, before: np.ndarray,
+                  after: np.ndarray) -> None:
+        """Change the count of (ids[i], days[i]) from before[i] (0: absent) to after[i]
+        (>= 1) for every i, distinct pairs: the state `update` would leave, one bitmap
+        update per day (and per repeat slice and direction, for the few repeats)."""
+        if not len(ids):
+            return
+        ids = ids.astype(np.uint32, copy=False)
+        fresh = before == 0
+        if fresh.any():
+            self._add_members(ids[fresh], days[fresh])
+        repeats = after > 1
+        if not repeats.any():
+            return
+        for who, day, was, now in zip(ids[repeats].tolist(), days[repeats].tolist(),
+                                      before[repeats].tolist(), after[repeats].tolist(),
+                                      strict=True):
+            slices = self._extra.setdefault(day, [])
+            old, new = max(was - 1, 0), now - 1
+            changed = old ^ new
+            for i in range(changed.bit_length()):
+                if (changed >> i) & 1:
+                    while len(slices) <= i:
+                        slices.append(BitMap())
+                    if (new >> i) & 1:
+                        slices[i].add(who)
+                    else:
+                        slices[i].discard(who)
+            while slices and not slices[-1]:
+                slices.pop()
+            if not slices:
+                del self._extra[day]
+
+    def _add_members(self, ids: np.ndarray, days: np.ndarray) -> None:
+        """Add ids[i] to the bitmap of days[i], one update per day."""
+        order = np.argsort(days, kind="stable")
+        days, ids = days[order], ids[order]
+        cuts = np.flatnonzero(days[1:] != days[:-1]) + 1
+        bounds = [0, *cuts.tolist(), len(days)]
+        on = days[np.array(bounds[:-1])].tolist()
+        for day, start, end in zip(on, bounds, bounds[1:], strict=False):
+            members = bitmap_of(ids[start:end])
+            bitmap = self._days.get(day)
+            if bitmap is None:
+                self._days[day] = members
+            else:
+                bitmap |= members
+
+    def add_many(self, ids: np.ndarray, days: np.ndarray, counts: np.ndarray) -> None:
+        """Add (ids[i], days[i], counts[i]) for every i, none of them present yet (a load,
+        a replay of new profiles): one bitmap update per day and per repeat slice."""
+        if not len(ids):
+            return
+        ids = ids.astype(np.uint32, copy=False)
+        order = np.argsort(days, kind="stable")
+        days, ids, counts = days[order], ids[order], counts[order]
+        cuts = np.flatnonzero(np.diff(days)) + 1
+        starts = np.concatenate(([0], cuts)).tolist()
+        ends = np.concatenate((cuts, [len(days)])).tolist()
+        for start, end in zip(starts, ends, strict=True):
+            day = int(days[start])
+            members = bitmap_of(ids[start:end])
+            bitmap = self._days.get(day)
+            if bitmap is None:
+                self._days[day] = members
+            else:
+                bitmap |= members
+            extra = counts[start:end] - 1
+            repeat = extra > 0
+            if not repeat.any():
+                continue
+            extra, who = extra[repeat].astype(np.uint64), ids[start:end][repeat]
+            slices = self._extra.setdefault(day, [])
+            for i in range(int(extra.max()).bit_length()):
+                chosen = who[(extra >> np.uint64(i)) & np.uint64(1) == 1]
+                while len(slices) <= i:
+                    slices.append(BitMap())
+                if len(chosen):
+                    slices[i] |= bitmap_of(chosen)
+            while slices and not slices[-1]:
+                slices.pop()
+            if not slices:
+                del self._extra[day]
+
+    # ------------------------------------------------------------------ queries
+    def days(self) -> list[int]:
+        return sorted(self._days)
+
+    def first_day(self) -> int | None:
+        """The earliest day someone did the event on, if any."""
+        return min(self._days) if self._days else None
+
+    def holders(self, lo: int, hi: int) -> BitMap:
+        """Ids that did the event on some day in lo..hi (inclusive)."""
+        return BitMap.union(BitMap(), *(b for d, b in self._days.items() if lo <= d <= hi))
+
+    def upper_bound(self, lo: int, hi: int) -> int:
+        """At least as many as `holders(lo, hi)` has, counted without a bitmap operation."""
+        return sum(len(b) for d, b in self._days.items() if lo <= d <= hi)
+
+    def counted(self, lo: int, hi: int, least: int, most: int | None,
+                within: BitMap | None = None) -> BitMap:
+        """Ids (among `within`, if given) whose counts over the days lo..hi add up to at
+        least `least` (>= 1) and at most `most` (None: no limit)."""
+        chosen = [(d, b) for d, b in self._days.items() if lo <= d <= hi]
+        holders = BitMap.union(BitMap(), *(b for _, b in chosen))
+        if within is not None:
+            holders &= within
+        if (least <= 1 and most is None) or not holders:
+            return holders
+        total: list[BitMap] = []
+        restrict = within is not None
+        for day, bitmap in chosen:
+            _add_at(total, bitmap & holders if restrict else bitmap, 0)
+            for i, extra in enumerate(self._extra.get(day, ())):
+                part = extra & holders if restrict else extra
+                if part:
+                    _add_at(total, part, i)
+        sums = RangeIndex.of_slices(total, holders)
+        if most is None:
+            return sums.compare("ge", least)
+        return sums.between(least, most)
+
+    # ------------------------------------------------------------------ persistence
+    def to_state(self) -> dict[str, Any]:
+        return {"days": [[day, bitmap.serialize()] for day, bitmap in self._days.items()],
+                "extra": [[day, [s.serialize() for s in slices]]
+                          for day, slices in self._extra.items()]}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> DayIndex:
+        index = cls()
+        index._days = {day: BitMap.deserialize(raw) for day, raw in state["days"]}
+        index._extra = {day: [BitMap.deserialize(raw) for raw in slices]
+                        for day, slices in state["extra"]}
+        return index
+
+    def items(self) -> Iterable[tuple[int, BitMap, list[BitMap]]]:
+        """(day, who did it, repeat slices) for every day (tests, memory figures)."""
+        for day in sorted(self._days):
+            yield day, self._days[day], self._extra.get(day, [])
+
+    def memory_bytes(self) -> int:
+        """Bytes of the bitmaps' containers (roaring's own count; Python objects aside)."""
+        total = 0
+        for _, bitmap, slices in self.items():
+            for b in (bitmap, *slices):
+                stats = b.get_statistics()
+                total += (stats["n_bytes_array_containers"] + stats["n_bytes_run_containers"]
+                          + stats["n_bytes_bitset_containers"])
+        return total
+
+
+def _add_at(total: list[BitMap], bits: BitMap, position: int) -> None:
+    """total += bits << position, where `total` is a bit-sliced number (slice i: bit i)
+    and `bits` the ids adding 1: a ripple carry, a few bitmap operations per slice it
+    reaches, stopping when no id carries further."""
+    while len(total) < position:
+        total.append(BitMap())
+    carry = bits
+    i = position
+    while carry:
+        if i == len(total):
+            total.append(BitMap(carry))
+            return
+        current = total[i]
+        overflow = current & carry
+        current ^= carry
+        carry = overflow
+        i += 1

@@ -1,0 +1,457 @@
+"""The query planner: check a whole syntax tree, then evaluate it cheapest part first.
+
+One job: turn a query tree into a plan of steps over the indexes, and run it so that no
+query does more bitmap work than its answer needs.
+
+Checking (`compile_query`) walks the whole tree before anything is evaluated and raises
+every error a query can have -- an unknown or not-indexed attribute, a literal of the
+wrong kind, an operator the attribute's kind has no meaning for, a did(...) window
+reaching past the retention -- so an error never depends on the data (an AND whose first
+part matches nobody still refuses a malformed later part). Each leaf becomes a step that
+holds its index and an upper bound of the ids it can match, known without a bitmap
+operation: a value's bitmap cardinality, the sum of an IN's, the number of ids holding a
+ranged attribute, the sum of a window's day bitmaps.
+
+Running (`Step.run(context, within)`) gives the matching ids among `within` (None: among
+all), never a scan over profiles:
+- AND runs its parts smallest bound first, each among the ids the ones before left, and
+  stops as soon as none is left; NOT parts run last, as a difference from what is left.
+  A bit-sliced step (a range, a did(...) with counts) among a few survivors costs a few
+  operations on small bitmaps instead of its whole index's.
+- OR runs bitmap parts first (largest first), then bit-sliced parts among the ids not
+  matched yet, and stops once everything it could match is matched.
+- NOT is a difference from `within` (or the visible profiles).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from typing import Any
+
+from pyroaring import BitMap
+
+from memstore.engine.core import RANGE_KINDS, Engine
+from memstore.engine.schema import AttributeSpec, Kind
+from memstore.errors import InvalidArgument, brief
+from memstore.index.bitmap_index import RangeIndex, float_to_ordered
+from memstore.index.day_index import DayIndex
+from memstore.pbvalues import datetime_to_micros
+from memstore.query.ast import All, And, Did, Node, Not, Op, Or, Predicate, QueryError
+from memstore.query.parser import parse_timestamp
+
+_RANGE_OPS = {Op.LT: "lt", Op.LE: "le", Op.GT: "gt", Op.GE: "ge", Op.EQ: "eq", Op.NE: "ne"}
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_EPOCH = date(1970, 1, 1)
+
+# How much work a step costs for the ids it is asked about: a bitmap at hand, a union of
+# bitmaps, or bit-sliced arithmetic (a few operations per bit).
+CHEAP, UNION, SLICED = 0, 1, 2
+
+
+@dataclass
+class EvalStats:
+    """What a query's evaluation did (tests observe the planner through it)."""
+
+    leaves: int = 0  # leaf steps run
+
+
+@dataclass
+class Context:
+    universe: BitMap  # the visible profiles
+    stats: EvalStats | None = None
+    borrowed: set[int] = field(default_factory=set)  # ids of index bitmaps handed out as is
+
+    def leaf(self) -> None:
+        if self.stats is not None:
+            self.stats.leaves += 1
+
+    def lend(self, bitmap: BitMap) -> BitMap:
+        """An index's own bitmap as a result: never to be changed (the caller copies it)."""
+        self.borrowed.add(id(bitmap))
+        return bitmap
+
+
+class Step:
+    bound: int = 0  # at most this many ids match
+    cost: int = CHEAP
+
+    def run(self, ctx: Context, within: BitMap | None) -> BitMap:
+        raise NotImplementedError
+
+
+class Empty(Step):
+    def run(self, ctx: Context, within: BitMap | None) -> BitMap:
+        ctx.leaf()
+        return BitMap()
+
+
+class Everyone(Step):
+    def __init__(self, universe: BitMap) -> None:
+        self.bound = len(universe)
+
+    def run(self, ctx: Context, within: BitMap | None) -> BitMap:
+        ctx.leaf()
+        return within if within is not None else ctx.lend(ctx.universe)
+
+
+class Bitmaps(Step):
+    """Ids in any of `maps` (EQ, HAS, EXISTS: one; IN: several), minus `minus` (NE)."""
+
+    def __init__(self, maps: list[BitMap], minus: BitMap | None = None) -> None:
+        self.maps = maps
+        self.minus = minus
+        self.bound = sum(map(len, maps)) - (len(minus) if minus is not None else 0)
+        self.cost = UNION if len(maps) > 1 else CHEAP
+
+    def run(self, ctx: Context, within: BitMap | None) -> BitMap:
+        ctx.leaf()
+        if not self.maps:
+            return BitMap()
+        if len(self.maps) == 1 and self.minus is None:
+            found = self.maps[0]
+            return ctx.lend(found) if within is None else found & within
+        if self.minus is not None:  # NE: the holders but those of the value
+            return self.maps[0] - self.minus if within is None else \
+                (self.maps[0] & within) - self.minus
+        union = BitMap.union(*self.maps)
+        if within is not None:
+            union &= within
+        return union
+
+
+class Range(Step):
+    """A comparison on a bit-sliced index: `op` one of RangeIndex.compare's, "between"
+    (two values) or "in" (any number of values, each compared equal)."""
+
+    cost = SLICED
+
+    def __init__(self, index: RangeIndex, op: str, values: Sequence[int]) -> None:
+        self.index = index
+        self.op = op
+        self.values = values
+        span = index.span()
+        # A constant outside the values stored (age > 1000, a price below 0) matches
+        # nobody: known from the index's base and width, so an AND runs this part first
+        # and stops there (a scan with min/max statistics answers it as fast).
+        self.bound = 0 if span is None or not _may_match(op, values, *span) else len(index)
+
+    def run(self, ctx: Context, within: BitMap | None) -> BitMap:
+        ctx.leaf()
+        index, values = self.index, self.values
+        if self.op == "between":
+            return index.between(values[0], values[1], within)
+        if self.op == "in":
+            return BitMap.union(BitMap(), *(index.compare("eq", v, within) for v in values))
+        return index.compare(self.op, values[0], within)
+
+
+def _may_match(op: str, values: Sequence[int], low: int, high: int) -> bool:
+    """Whether `op` on `values` can hold for some value in low..high."""
+    if op == "lt":
+        return values[0] > low
+    if op == "le":
+        return values[0] >= low
+    if op == "gt":
+        return values[0] < high
+    if op == "ge":
+        return values[0] <= high
+    if op == "between":
+        return values[0] <= high and values[1] >= low
+    if op in ("eq", "in"):
+        return any(low <= v <= high for v in values)
+    return True  # ne
+
+
+class DidStep(Step):
+    """did(...): the window's day bitmaps, united, or their counts added and compared."""
+
+    def __init__(self, index: DayIndex, lo: int, hi: int, at_least: int | None,
+                 at_most: int | None) -> None:
+        self.index, self.lo, self.hi = index, lo, hi
+        self.least, self.most = at_least or 1, at_most
+        self.bound = index.upper_bound(lo, hi)
+        self.cost = SLICED if (self.least > 1 or self.most is not None) else UNION
+
+    def run(self, ctx: Context, within: BitMap | None) -> BitMap:
+        ctx.leaf()
+        return self.index.counted(self.lo, self.hi, self.least, self.most, within)
+
+
+class NotStep(Step):
+    def __init__(self, child: Step, universe: BitMap) -> None:
+        self.child = child
+        self.bound = len(universe)
+        self.cost = child.cost
+
+    def run(self, ctx: Context, within: BitMap | None) -> BitMap:
+        among = within if within is not None else ctx.universe
+        return among - self.child.run(ctx, among)
+
+
+class AndStep(Step):
+    def __init__(self, children: list[Step]) -> None:
+        self.positive = sorted((c for c in children if not isinstance(c, NotStep)),
+                               key=lambda c: (c.bound, c.cost))
+        self.negative = [c for c in children if isinstance(c, NotStep)]
+        self.bound = min(c.bound for c in children) if self.positive else max(
+            c.bound for c in children)
+        self.cost = max(c.cost for c in children)
+
+    def run(self, ctx: Context, within: BitMap | None) -> BitMap:
+        result = within
+        for step in self.positive:
+            result = step.run(ctx, result)
+            if not result:
+                return BitMap()
+        for step in self.negative:
+            assert isinstance(step, NotStep)
+            among = result if result is not None else ctx.universe
+            result = among - step.child.run(ctx, among)
+            if not result:
+                return BitMap()
+        assert result is not None
+        return result
+
+
+class OrStep(Step):
+    def __init__(self, children: list[Step], universe: BitMap) -> None:
+        self.children = sorted(children, key=lambda c: (c.cost >= SLICED, -c.bound))
+        self.bound = min(len(universe), sum(c.bound for c in children))
+        self.cost = max(c.cost for c in children)
+
+    def run(self, ctx: Context, within: BitMap | None) -> BitMap:
+        target = within if within is not None else ctx.universe
+        found = BitMap()
+        for step in self.children:
+            if step.cost >= SLICED and found:  # only among the ids not matched yet
+                found |= step.run(ctx, target - found)
+            else:
+                found |= step.run(ctx, within)
+            if len(found) >= len(target) and target.issubset(found):
+                return BitMap(target) if within is None else found & target
+        return found
+
+
+# ---------------------------------------------------------------------- checking
+
+def compile_query(engine: Engine, node: Node, lenient: bool = False) -> Step:
+    """The plan of `node` over `engine`'s indexes; InvalidArgument for anything wrong
+    anywhere in the tree. `lenient`: an attribute or event this shard has never seen
+    matches nothing instead of failing (a router asking: another shard may hold it)."""
+    return _compile(engine, node, lenient, engine.visible())
+
+
+def _compile(engine: Engine, node: Node, lenient: bool, universe: BitMap) -> Step:
+    if isinstance(node, Predicate):
+        if lenient and engine.schema.get(node.attribute) is None:
+            return Empty()
+        return _predicate(engine, node)
+    if isinstance(node, And | Or):
+        children = [_compile(engine, c, lenient, universe) for c in node.children]
+        if len(children) == 1:
+            return children[0]
+        return AndStep(children) if isinstance(node, And) else OrStep(children, universe)
+    if isinstance(node, Not):
+        return NotStep(_compile(engine, node.child, lenient, universe), universe)
+    if isinstance(node, All):
+        return Everyone(universe)
+    if isinstance(node, Did):
+        return _did(engine, node, lenient)
+    raise InvalidArgument(f"query: unsupported node {type(node).__name__}")
+
+
+def day_number(day: date) -> int:
+    return (day - _EPOCH).days
+
+
+def date_of(day: int) -> date:
+    return _EPOCH + timedelta(days=day)
+
+
+def _did(engine: Engine, node: Did, lenient: bool) -> Step:
+    today = engine.today()
+    if node.within_days is not None:
+        lo, hi = today - node.within_days + 1, today
+    else:
+        assert node.first is not None
+        lo = day_number(node.first)
+        hi = day_number(node.last) if node.last is not None else today
+    first_kept = engine.first_kept()
+    if lo < first_kept:
+        window = (f"within={node.within_days}d" if node.within_days is not None
+                  else f'from="{node.first}"')
+        raise InvalidArgument(
+            f'query: did("{node.event}", {window}) reaches back to {date_of(lo)}, before the '
+            f"event retention of {engine.event_days} days (the earliest day kept is "
+            f"{date_of(first_kept)}; --event-days sets it)")
+    spec = engine.schema.get(f"event.{node.event}.days")
+    if spec is None:
+        if lenient:
+            return Empty()
+        raise InvalidArgument(f"query: unknown event {node.event!r} (no profile has a day "
+                              "record of it)")
+    return DidStep(engine.day_index[spec.id], lo, hi, node.at_least, node.at_most)
+
+
+def spec_for_query(engine: Engine, name: str) -> AttributeSpec:
+    spec = engine.schema.get(name)
+    if spec is None:
+        raise InvalidArgument(f"query: unknown attribute {brief(name)}")
+    if not spec.indexed:
+        raise InvalidArgument(f"query: attribute {brief(name)} is declared not indexed")
+    if spec.kind is Kind.EVENT_DAYS:
+        event = name.removeprefix("event.").removesuffix(".days")
+        raise InvalidArgument(f"query: attribute {name!r} is a day record; ask "
+                              f"did({event!r}, within=...) instead")
+    return spec
+
+
+def _predicate(engine: Engine, p: Predicate) -> Step:
+    spec = spec_for_query(engine, p.attribute)
+    op = p.op
+    kind = spec.kind
+    if op is Op.EXISTS:
+        if kind in RANGE_KINDS:
+            return Bitmaps([engine.range_index[spec.id].exists()])
+        return Bitmaps([engine.exists[spec.id]])
+    raw = p.values
+    if kind is Kind.INT and any(type(v) is float for v in raw):
+        whole = _whole_numbers(op, raw)
+        if whole is None:
+            return Empty()
+        if whole[0] is Op.EXISTS:
+            return Bitmaps([engine.range_index[spec.id].exists()])
+        op, raw = whole
+    values = [_literal(spec, v, op) for v in raw]
+    if kind in RANGE_KINDS:
+        index = engine.range_index[spec.id]
+        if op is Op.IN:
+            return Range(index, "in", values)
+        if op is Op.BETWEEN:
+            return Range(index, "between", values) if values[0] <= values[1] else Empty()
+        if op is Op.HAS:
+            raise InvalidArgument(f"query: HAS needs a list attribute; {spec.name!r} is "
+                                  f"{kind.label}")
+        return Range(index, _RANGE_OPS[op], values)
+    vindex = engine.value_index[spec.id]
+    if kind is Kind.STRING_LIST:
+        if op is Op.HAS:
+            return Bitmaps([vindex.get(values[0])])
+        if op is Op.IN:
+            return Bitmaps([vindex.get(v) for v in dict.fromkeys(values)])
+        raise InvalidArgument(
+            f"query: {spec.name!r} is a list; use HAS, IN or exists() (got {op.value})"
+        )
+    if op is Op.EQ:
+        return Bitmaps([vindex.get(values[0])])
+    if op is Op.NE:
+        return Bitmaps([engine.exists[spec.id]], vindex.get(values[0]))
+    if op is Op.IN:
+        return Bitmaps([vindex.get(v) for v in dict.fromkeys(values)])
+    if op is Op.HAS:
+        raise InvalidArgument(f"query: HAS needs a list attribute; {spec.name!r} is {kind.label}")
+    raise InvalidArgument(
+        f"query: {op.value} is not defined on {kind.label} attribute {spec.name!r}; "
+        "ranges need int, float or timestamp"
+    )
+
+
+def _literal(spec: AttributeSpec, value: Any, op: Op) -> Any:
+    """The stored/index form of a literal for `spec`, or InvalidArgument."""
+    kind = spec.kind
+    where = f"query: {spec.name} {op.value}"
+    if kind is Kind.TIMESTAMP:
+        if isinstance(value, str):
+            try:
+                value = parse_timestamp(value)
+            except QueryError as exc:
+                raise InvalidArgument(f"{where}: {exc}") from None
+        if not isinstance(value, datetime):
+            raise InvalidArgument(
+                f"{where}: {spec.name!r} is a timestamp, compare it with an ISO-8601 string"
+            )
+        return datetime_to_micros(value)
+    if kind is Kind.INT:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidArgument(
+                f"{where}: {spec.name!r} has kind int, got {_kind_name(value)} literal "
+                f"{brief(value)}"
+            )
+        return value
+    if kind is Kind.FLOAT:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidArgument(
+                f"{where}: {spec.name!r} has kind float, got {_kind_name(value)} literal "
+                f"{brief(value)}"
+            )
+        return float_to_ordered(float(value))
+    if kind is Kind.BOOL:
+        if not isinstance(value, bool):
+            raise InvalidArgument(
+                f"{where}: {spec.name!r} has kind bool, got {_kind_name(value)} literal "
+                f"{brief(value)}"
+            )
+        return value
+    # STRING and STRING_LIST elements
+    if not isinstance(value, str):
+        raise InvalidArgument(
+            f"{where}: {spec.name!r} has kind {kind.label}, "
+            f"got {_kind_name(value)} literal {brief(value)}"
+        )
+    return value
+
+
+def _whole_numbers(op: Op, values: Sequence[Any]) -> tuple[Op, tuple[Any, ...]] | None:
+    """A comparison of an int attribute with float literals, as the same comparison with
+    int literals (numbers compare as numbers: `age > 30.5` is `age >= 31`), clamped to
+    int64. None: nothing can match; (EXISTS, ()): every profile holding the attribute."""
+    def clamp(op: Op, bound: int) -> tuple[Op, tuple[Any, ...]] | None:
+        if op in (Op.LE, Op.LT):
+            return (Op.EXISTS, ()) if bound > _INT64_MAX else (
+                None if bound < _INT64_MIN else (op, (bound,)))
+        return (Op.EXISTS, ()) if bound < _INT64_MIN else (  # GE, GT
+            None if bound > _INT64_MAX else (op, (bound,)))
+
+    numbers = [v for v in values if not isinstance(v, bool) and isinstance(v, int | float)]
+    if len(numbers) != len(values):
+        return op, tuple(values)  # a wrong-kind literal: _literal names it
+    whole = [v for v in values if float(v).is_integer()]
+    if op is Op.EQ:
+        return (op, (int(whole[0]),)) if whole and abs(whole[0]) <= _INT64_MAX else None
+    if op is Op.NE:
+        return (op, (int(whole[0]),)) if whole and abs(whole[0]) <= _INT64_MAX \
+            else (Op.EXISTS, ())
+    if op is Op.IN:
+        kept = tuple(int(v) for v in whole if _INT64_MIN <= v <= _INT64_MAX)
+        return (op, kept) if kept else None
+    if op is Op.BETWEEN:
+        low, high = max(math.ceil(values[0]), _INT64_MIN), min(math.floor(values[1]),
+                                                               _INT64_MAX)
+        return (op, (low, high)) if low <= high else None
+    (value,) = values
+    if op is Op.LT:
+        return clamp(Op.LT, int(value)) if float(value).is_integer() else \
+            clamp(Op.LE, math.floor(value))
+    if op is Op.LE:
+        return clamp(Op.LE, math.floor(value))
+    if op is Op.GT:
+        return clamp(Op.GT, int(value)) if float(value).is_integer() else \
+            clamp(Op.GE, math.ceil(value))
+    if op is Op.GE:
+        return clamp(Op.GE, math.ceil(value))
+    return op, tuple(values)
+
+
+def _kind_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a bool"
+    if isinstance(value, int):
+        return "an int"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    return f"a {type(value).__name__}"
