@@ -647,6 +647,13 @@ def test_automatic_snapshots_start_at_the_thresholds_and_not_before(
     monkeypatch.setattr(shard_module, "asyncio", steps)
     monkeypatch.setattr(shard_module, "time", steps)
 
+    async def no_expiry(self: Shard) -> None:
+        """The day-record expiry loop sleeps through the same module `asyncio`: kept out,
+        so each step is one pass of the snapshot loop alone."""
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(Shard, "_expire_days", no_expiry)
+
     async def go() -> None:
         memory = await Shard.open(ShardConfig())
         memory.start_background()
