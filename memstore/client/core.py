@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from itertools import islice
 from typing import Any, Self
 
@@ -81,7 +81,8 @@ LOAD_CHUNK = 4000
 LOAD_CHUNK_BYTES = 16 << 20
 _OPTIONS = [("grpc.max_receive_message_length", 64 << 20),
             ("grpc.max_send_message_length", 64 << 20)]
-_READS = {"Get", "BatchGet", "GetSchema", "Count", "QueryIds", "GroupBy", "QueryBitmap", "Stats"}
+_READS = {"Get", "BatchGet", "GetSchema", "Count", "QueryIds", "GroupBy", "QueryBitmap", "Stats",
+          "ListSegments"}
 _RETRIES = 3
 # The router's JSON admin call listing shards, addresses and slots (shards/router.py).
 LIST_SHARDS = f"/{ADMIN_SERVICE}/ListShards"
@@ -511,6 +512,25 @@ class ClientMethods:
             "profiles": r.profiles, "identifiers": r.identifiers, "attributes": r.attributes,
             "log_bytes": r.log_bytes, "shard": r.shard, **dict(r.info)})
 
+    # saved segments
+    def create_segment(self, name: str, query: Any) -> Any:
+        """Save `query` as segment `name`: its members are kept current on every write,
+        `in_segment("name")` reads them in queries, and `watch` streams who enters and
+        leaves. Creating the same definition again is a no-op. Returns its description
+        ({"name", "query", "members", "created_at", "broken"})."""
+        request = pb.CreateSegmentRequest(name=name, query=_query(query))
+        return self._call("CreateSegment", request, _segment)
+
+    def segments(self) -> Any:
+        """Every saved segment's description (see create_segment), by name."""
+        return self._call("ListSegments", pb.ListSegmentsRequest(),
+                          lambda r: [_segment(s) for s in r.segments])
+
+    def delete_segment(self, name: str) -> Any:
+        """Forget saved segment `name`; True if there was one."""
+        return self._call("DeleteSegment", pb.DeleteSegmentRequest(name=name),
+                          lambda r: r.deleted)
+
 
 def _connect(open_channel: Callable[..., Any]) -> Callable[[str], tuple[Any, Any]]:
     """(channel, stub) for a shard address, with Credentials.channel or its aio twin."""
@@ -605,6 +625,39 @@ class Client(ClientMethods):
                 yield from page.ids
         except grpc.RpcError as exc:
             raise _error(exc, "StreamIds") from None
+
+    def watch(self, segments: Sequence[str] = (), *, from_position: str | None = None,
+              initial: bool = False) -> Iterator[dict[str, Any]]:
+        """Who enters and leaves the saved `segments` (empty: all), as it happens: dicts
+        {"segment", "id", "change" ("enter" or "leave"), "position", "at", "initial"}.
+        Pass the last `position` you processed as `from_position` to resume without
+        losing anything (also after a server restart); `initial` (without a position)
+        first lists the current members (initial=True, no position), then follows on.
+        Runs until the caller stops iterating (no deadline)."""
+        request = pb.WatchSegmentsRequest(segments=segments, from_position=from_position or "",
+                                          initial=initial)
+        try:
+            for message in self._grpc.WatchSegments(request):
+                for event in message.events:
+                    yield _segment_event(event)
+        except grpc.RpcError as exc:
+            raise _error(exc, "WatchSegments") from None
+
+    def changes(self, query: Any = None, *, attributes: Sequence[str] = (),
+                from_position: str | None = None, initial: bool = False
+                ) -> Iterator[dict[str, Any]]:
+        """Every change of a profile, as it happens: dicts {"id", "version", "set" (the
+        attributes set or changed, with values), "unset", "created", "deleted",
+        "merged_into", "position", "at", "initial"}; only profiles matching `query` (when
+        the change is read; deletions and merges always) and only `attributes` (empty:
+        all). Resuming and `initial` as for `watch`."""
+        request = _changes_request(query, attributes, from_position, initial)
+        try:
+            for message in self._grpc.WatchChanges(request):
+                for change in message.changes:
+                    yield _profile_change(change)
+        except grpc.RpcError as exc:
+            raise _error(exc, "WatchChanges") from None
 
     def load(self, records: Iterable[Mapping[str, Any]], *, chunk_size: int = LOAD_CHUNK,
              concurrency: int = LOAD_CONCURRENCY,
@@ -781,6 +834,30 @@ class AsyncClient(ClientMethods):
         except grpc.aio.AioRpcError as exc:
             raise _error(exc, "StreamIds") from None
 
+    async def watch(self, segments: Sequence[str] = (), *, from_position: str | None = None,
+                    initial: bool = False) -> AsyncIterator[dict[str, Any]]:
+        """As Client.watch."""
+        request = pb.WatchSegmentsRequest(segments=segments, from_position=from_position or "",
+                                          initial=initial)
+        try:
+            async for message in self._grpc.WatchSegments(request):
+                for event in message.events:
+                    yield _segment_event(event)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc, "WatchSegments") from None
+
+    async def changes(self, query: Any = None, *, attributes: Sequence[str] = (),
+                      from_position: str | None = None, initial: bool = False
+                      ) -> AsyncIterator[dict[str, Any]]:
+        """As Client.changes."""
+        request = _changes_request(query, attributes, from_position, initial)
+        try:
+            async for message in self._grpc.WatchChanges(request):
+                for change in message.changes:
+                    yield _profile_change(change)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc, "WatchChanges") from None
+
     async def load(self, records: Iterable[Mapping[str, Any]], *, chunk_size: int = LOAD_CHUNK,
                    concurrency: int = LOAD_CONCURRENCY,
                    progress: Callable[[int], None] | bool | None = None,
@@ -830,6 +907,34 @@ class AsyncClient(ClientMethods):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _segment(s: pb.SegmentInfo) -> dict[str, Any]:
+    return {"name": s.name, "query": s.query, "members": s.members,
+            "created_at": s.created_at.ToDatetime(UTC), "broken": s.broken}
+
+
+def _segment_event(e: pb.SegmentEvent) -> dict[str, Any]:
+    return {"segment": e.segment, "id": e.id,
+            "change": "enter" if e.change == pb.SegmentEvent.ENTER else "leave",
+            "position": e.position, "at": e.at.ToDatetime(UTC), "initial": e.initial}
+
+
+def _changes_request(query: Any, attributes: Sequence[str], from_position: str | None,
+                     initial: bool) -> pb.WatchChangesRequest:
+    request = pb.WatchChangesRequest(attributes=attributes, from_position=from_position or "",
+                                     initial=initial)
+    if query is not None:
+        request.query.CopyFrom(_query(query))
+    return request
+
+
+def _profile_change(c: pb.ProfileChange) -> dict[str, Any]:
+    return {"id": c.id, "version": c.version,
+            "set": {k: pbvalues.from_pb(v) for k, v in c.set.items()},
+            "unset": list(c.unset), "created": c.created, "deleted": c.deleted,
+            "merged_into": c.merged_into or None, "position": c.position,
+            "at": c.at.ToDatetime(UTC), "initial": c.initial}
 
 
 def _applied(applied: int, sent: int) -> int:

@@ -63,6 +63,7 @@ from memstore.engine.schema import (
     kind_of,
     registry_key,
 )
+from memstore.engine.segments import MAX_SEGMENTS, Segments, Touched
 from memstore.engine.values import from_stored, to_stored
 from memstore.errors import (
     FailedPrecondition,
@@ -85,6 +86,8 @@ from memstore.index.bitmap_index import (
 from memstore.index.claims import Claims, claim_key
 from memstore.index.inttable import IntTable
 from memstore.pbvalues import TIMESTAMP_RANGE, micros_in_range
+from memstore.query import Node, format_query
+from memstore.query.ast import segment_problem
 
 # Operation codes: the numbers of memstore.v1.Operation.Op.
 SET, SET_ONCE, UNSET, INCREMENT, ADD_TO_SET, REMOVE_FROM_SET = 1, 2, 3, 4, 5, 6
@@ -136,7 +139,7 @@ class Note:
     value: Any
 
 
-NOTE_TABLES = ("held", "forwards", "decided", "claims", "registry")
+NOTE_TABLES = ("held", "forwards", "decided", "claims", "registry", "segments")
 
 
 @dataclass(slots=True)
@@ -158,6 +161,11 @@ class Change:
     result: Any = None
     notes: list[Note] = field(default_factory=list)
     load: Load | None = None  # set by plan_columns: the images are a load's new profiles
+    # A slot move's copy or drop, or a segment's creation: membership changes, but nothing
+    # happened to anyone, so watchers are not told (memstore/server/watch.py).
+    quiet: bool = False
+    # Saved segments to evaluate over every profile once the change is applied (a new one)
+    rebuild: list[str] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -183,6 +191,7 @@ class Undo:
     images: list[Image]
     notes: list[Note]
     added: tuple[int, list[str]] | None = None  # a load's new profiles: (first dense id, pids)
+    schema: list[AttributeSpec] = field(default_factory=list)  # declared by the change
 
 
 @dataclass(slots=True)
@@ -719,6 +728,7 @@ class Engine:
         # The cluster's attribute declarations whose registry_key slots this shard owns:
         # name -> [kind, indexed, merge] (plan_register; shards/schema.py).
         self.registry: dict[str, list[Any]] = {}
+        self.segments = Segments()  # saved segments (memstore.engine.segments)
         # Set by the server while it plans a router's write: undeclared attributes refuse
         # the write (Undeclared) instead of being declared by its values here.
         self.cluster_schema = False
@@ -1264,6 +1274,40 @@ class Engine:
             answers.append(found)
         return Change(notes=notes, result=answers)
 
+    # ------------------------------------------------------------------ saved segments
+    def plan_create_segment(self, name: str, node: Node, created_at: int) -> Change:
+        """Define saved segment `name` (quiet: its first members are no one's news). The
+        same definition again is a no-op; another one under the name is refused."""
+        problem = segment_problem(name)
+        if problem is not None:
+            raise InvalidArgument(f"name: {problem}")
+        text = format_query(node)
+        existing = self.segments.get(name)
+        if existing is not None:
+            if existing.text == text:
+                return Change(result=name)
+            raise FailedPrecondition(f"segment {name!r} exists with another query: "
+                                     f"{existing.text}; delete it first")
+        if len(self.segments) >= MAX_SEGMENTS:
+            raise FailedPrecondition(f"at most {MAX_SEGMENTS} saved segments")
+        self.segments.check_definition(name, node)
+        from memstore.query.evaluate import evaluate
+
+        evaluate(self, node, unknown_is_empty=True, within=BitMap())  # literals' kinds
+        return Change(notes=[Note("segments", name, [text, created_at])], rebuild=[name],
+                      quiet=True, result=name)
+
+    def plan_delete_segment(self, name: str) -> Change:
+        """Forget saved segment `name`; refused while another segment reads it."""
+        segment = self.segments.get(name)
+        if segment is None:
+            return Change(result=False)
+        readers = sorted(s.name for s in self.segments.by_name.values() if name in s.depends)
+        if readers:
+            raise FailedPrecondition(f"segment {name!r} is read by {', '.join(readers)}: "
+                                     "delete those first")
+        return Change(notes=[Note("segments", name, None)], quiet=True, result=True)
+
     # ------------------------------------------------------------------ directory
     def plan_claims(self, entries: Sequence[Any]) -> Change:
         """Read, make, take over or release claims (ClaimRequest has the entry forms).
@@ -1357,15 +1401,23 @@ class Engine:
         return planner.finish()
 
     # ------------------------------------------------------------------ applying
-    def apply(self, change: Change) -> Undo:
-        """Apply `change`; returns what undoes it (Engine.undo)."""
+    def apply(self, change: Change, touched: Touched | None = None) -> Undo:
+        """Apply `change`; returns what undoes it (Engine.undo). `touched` collects what it
+        did to which profiles (for saved segments and change streams)."""
+        declared: list[AttributeSpec] = []
         for spec in change.schema:
             if spec.id == len(self.schema.by_id):
                 self.add_attribute(spec)
+                declared.append(spec)
         notes = self.apply_notes(change.notes) if change.notes else []
         if change.load is not None and change.load.first == len(self.blobs):
-            return Undo([], notes, self._apply_load(change.images, change.load))
-        return Undo(self.apply_images(change.images), notes)
+            added = self._apply_load(change.images, change.load)
+            if touched is not None:
+                first = change.load.first
+                touched.created_with(range(first, first + len(change.images)),
+                                     [aid for aid, _, _ in change.load.columns])
+            return Undo([], notes, added, declared)
+        return Undo(self.apply_images(change.images, touched), notes, schema=declared)
 
     def undo(self, undo: Undo) -> None:
         if undo.added is not None:  # the load's profiles become absent again, newest first
@@ -1374,6 +1426,11 @@ class Engine:
                                                    reversed(pids), repeat(None), repeat(None))))
         self.apply_images(undo.images)
         self.apply_notes(undo.notes)
+        for spec in reversed(undo.schema):  # declared by the change: the newest ids
+            self.schema.drop_last(spec)
+            self.range_index.pop(spec.id, None)
+            self.value_index.pop(spec.id, None)
+            self.exists.pop(spec.id, None)
 
     def apply_notes(self, notes: Iterable[Note]) -> list[Note]:
         """Set or remove merge-table entries; returns the notes that undo them (in order)."""
@@ -1381,6 +1438,10 @@ class Engine:
         for note in notes:
             if note.table == "claims":
                 before.append(Note("claims", note.key, self.claims.swap(note.key, note.value)))
+                continue
+            if note.table == "segments":
+                before.append(Note("segments", note.key,
+                                   self.segments.set_definition(note.key, note.value)))
                 continue
             table: dict[str, Any] = getattr(self, note.table)
             before.append(Note(note.table, note.key, table.get(note.key)))
@@ -1407,7 +1468,8 @@ class Engine:
                 self.value_index[spec.id] = ValueIndex()
                 self.exists[spec.id] = BitMap()
 
-    def apply_images(self, images: Iterable[Image]) -> list[Image]:
+    def apply_images(self, images: Iterable[Image], touched: Touched | None = None
+                     ) -> list[Image]:
         before: list[Image] = []
         fresh: list[tuple[int, dict[int, Any]]] = []
         fresh_keys: list[int] = []  # identifiers of new profiles, entered at the end
@@ -1440,10 +1502,20 @@ class Engine:
                     fresh_owners.append(dense)
                 for m in new_state[3]:
                     self.aliases[m] = pid
+                if touched is not None:
+                    touched.created_with((dense,), new_state[1])
                 continue
             old_state = decode(old)
             old_pid = self.pids[dense]
             assert old_pid is not None
+            if touched is not None:
+                if new_state is None:
+                    touched.removed.add(dense)
+                else:
+                    old_attrs, new_attrs = old_state[1], new_state[1]
+                    touched.update(dense, [a for a, v in new_attrs.items()
+                                           if a not in old_attrs or old_attrs[a] != v],
+                                   [a for a in old_attrs if a not in new_attrs])
             if new_state is None:
                 self.blobs[dense] = None
                 self.pids[dense] = None

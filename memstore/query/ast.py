@@ -88,13 +88,34 @@ class All:
     """Every live profile."""
 
 
-Node = Predicate | And | Or | Not | All
+@dataclass(frozen=True, slots=True)
+class InSegment:
+    """The members of a saved segment (memstore.engine.segments), by its name."""
+
+    name: str
+
+
+Node = Predicate | And | Or | Not | All | InSegment
 
 # Words the text form reserves; an attribute spelled like one is written backquoted.
 KEYWORDS = frozenset({"AND", "OR", "NOT", "IN", "BETWEEN", "HAS", "EXISTS", "TRUE", "FALSE", "ALL"})
+CALLS = frozenset({"did", "in_segment"})  # function-call forms: such attributes go backquoted
 BARE_ATTRIBUTE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 
 _SINGLE = frozenset({Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT, Op.GE, Op.HAS})
+
+
+SEGMENT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,63}")
+
+
+def segment_problem(name: object) -> str | None:
+    """What is wrong with a segment name, or None (1-64 letters, digits, _ or -, starting
+    with a letter)."""
+    if not isinstance(name, str) or not SEGMENT_NAME.fullmatch(name):
+        shown = name[:80] if isinstance(name, str) else name
+        return (f"segment name {shown!r} must be 1-64 letters, digits, _ or -, starting with "
+                "a letter")
+    return None
 
 
 def attribute_problem(name: str) -> str | None:
@@ -167,6 +188,10 @@ def _validate(node: object, path: str, depth: int) -> None:
             _validate(child, f"{where}.children[{i}]", depth + 1)
     elif isinstance(node, Not):
         _validate(node.child, f"{path}.not", depth + 1)
+    elif isinstance(node, InSegment):
+        problem = segment_problem(node.name)
+        if problem is not None:
+            raise QueryError(f"{path}.in_segment: {problem}")
     elif not isinstance(node, All):
         raise QueryError(f"{path}: not a query node: {type(node).__name__}")
 
@@ -177,7 +202,8 @@ _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t"}
 
 
 def format_attribute(name: str) -> str:
-    if BARE_ATTRIBUTE.fullmatch(name) and name.upper() not in KEYWORDS and name.lower() != "did":
+    if BARE_ATTRIBUTE.fullmatch(name) and name.upper() not in KEYWORDS \
+            and name.lower() not in CALLS:
         return name
     return "`" + name.replace("`", "``") + "`"
 
@@ -218,6 +244,8 @@ def format_query(node: Node) -> str:
         return "NOT " + _maybe_paren(node.child, (And, Or))
     if isinstance(node, All):
         return "ALL"
+    if isinstance(node, InSegment):
+        return f"in_segment({format_literal(node.name)})"
     raise QueryError(f"not a query node: {type(node).__name__}")
 
 

@@ -21,16 +21,32 @@ from memstore.engine.schema import AttributeSpec, Kind
 from memstore.errors import InvalidArgument
 from memstore.index.bitmap_index import float_to_ordered
 from memstore.pbvalues import datetime_to_micros
-from memstore.query import All, And, Node, Not, Op, Or, Predicate, QueryError, parse_timestamp
+from memstore.query import (
+    All,
+    And,
+    InSegment,
+    Node,
+    Not,
+    Op,
+    Or,
+    Predicate,
+    QueryError,
+    parse_timestamp,
+)
 
 _RANGE_OPS = {Op.LT: "lt", Op.LE: "le", Op.GT: "gt", Op.GE: "ge", Op.EQ: "eq", Op.NE: "ne"}
 
 
-def evaluate(engine: Engine, node: Node, *, unknown_is_empty: bool = False) -> BitMap:
+def evaluate(engine: Engine, node: Node, *, unknown_is_empty: bool = False,
+             within: BitMap | None = None) -> BitMap:
     """Dense ids of visible profiles matching `node`. Raises InvalidArgument.
 
     With `unknown_is_empty` (a router asking), an attribute this shard has never seen
-    matches nothing here instead of failing."""
+    matches nothing here instead of failing. With `within`, only those dense ids are
+    considered, visible or not (a saved segment's members among the profiles a change
+    touched, memstore.engine.segments): the work then scales with them, not the shard."""
+    if within is not None:
+        return _eval(engine, node, within, unknown_is_empty, small=True) & within
     universe = engine.visible()
     result = _eval(engine, node, universe, unknown_is_empty)
     # Leaves may include profiles outside owned slots; one intersection at the top removes them.
@@ -39,23 +55,33 @@ def evaluate(engine: Engine, node: Node, *, unknown_is_empty: bool = False) -> B
     return result
 
 
-def _eval(engine: Engine, node: Node, universe: BitMap, lenient: bool) -> BitMap:
+def _eval(engine: Engine, node: Node, universe: BitMap, lenient: bool,
+          small: bool = False) -> BitMap:
+    """`small`: the universe is a few ids (a segment's refresh): every leaf is computed
+    among them only, never as a whole index bitmap copied or combined."""
     if isinstance(node, Predicate):
         if lenient and engine.schema.get(node.attribute) is None:
             return BitMap()
-        return _predicate(engine, node)
+        return _predicate(engine, node, restrict=universe if small else None)
     if isinstance(node, And):
-        return _and(engine, node.children, universe, lenient)
+        return _and(engine, node.children, universe, lenient, small)
     if isinstance(node, Or):
-        return BitMap.union(*[_eval(engine, child, universe, lenient) for child in node.children])
+        return BitMap.union(*[_eval(engine, child, universe, lenient, small)
+                              for child in node.children])
     if isinstance(node, Not):
-        return universe - _eval(engine, node.child, universe, lenient)
+        return universe - _eval(engine, node.child, universe, lenient, small)
     if isinstance(node, All):
         return BitMap(universe)
+    if isinstance(node, InSegment):
+        segment = engine.segments.get(node.name)
+        if segment is None:
+            raise InvalidArgument(f"query: unknown segment {node.name!r}")
+        return segment.members & universe
     raise InvalidArgument(f"query: unsupported node {type(node).__name__}")
 
 
-def _and(engine: Engine, children: Sequence[Node], universe: BitMap, lenient: bool) -> BitMap:
+def _and(engine: Engine, children: Sequence[Node], universe: BitMap, lenient: bool,
+         small: bool = False) -> BitMap:
     """Intersect the children, doing the expensive ones on the survivors only: set and
     value predicates first (smallest first), then numeric ranges computed among the ids
     left (the bit-sliced steps then run on candidates, not on every profile), then each
@@ -66,14 +92,18 @@ def _and(engine: Engine, children: Sequence[Node], universe: BitMap, lenient: bo
     negated = [c.child for c in children if isinstance(c, Not)]
     rest = [c for c in children if not isinstance(c, Not) and not _is_range(engine, c)]
     result: BitMap | None = None
-    for part in sorted((_eval(engine, c, universe, lenient) for c in rest), key=len):
+    for part in sorted((_eval(engine, c, universe, lenient, small) for c in rest), key=len):
         result = part if result is None else result & part
     for p in ranged:
         assert isinstance(p, Predicate)
-        result = _predicate(engine, p, within=result)
+        if lenient and engine.schema.get(p.attribute) is None:
+            result = BitMap()
+            continue
+        result = _predicate(engine, p, within=universe if result is None and small
+                            else result)
     for child in negated:
         result = (universe if result is None else result) - _eval(engine, child, universe,
-                                                                  lenient)
+                                                                  lenient, small)
     assert result is not None
     return result
 
@@ -193,8 +223,12 @@ def _kind_name(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def _predicate(engine: Engine, p: Predicate, within: BitMap | None = None) -> BitMap:
-    """Ids matching `p`; for a range comparison, only among `within` if given."""
+def _predicate(engine: Engine, p: Predicate, within: BitMap | None = None,
+               restrict: BitMap | None = None) -> BitMap:
+    """Ids matching `p`; for a range comparison, only among `within` if given; with
+    `restrict`, only among those ids, for every kind (computed among them)."""
+    if restrict is not None:
+        return _predicate_among(engine, p, restrict)
     spec = spec_for_query(engine, p.attribute)
     op = p.op
     kind = spec.kind
@@ -242,6 +276,42 @@ def _predicate(engine: Engine, p: Predicate, within: BitMap | None = None) -> Bi
         f"query: {op.value} is not defined on {kind.label} attribute {spec.name!r}; "
         "ranges need int, float or timestamp"
     )
+
+
+def _predicate_among(engine: Engine, p: Predicate, among: BitMap) -> BitMap:
+    """_predicate's answer among `among` (a few ids): each bitmap is cut to them before
+    anything is copied or combined."""
+    spec = spec_for_query(engine, p.attribute)
+    op, kind = p.op, spec.kind
+    if op is Op.EXISTS:
+        exists = engine.range_index[spec.id].exists() if kind in RANGE_KINDS \
+            else engine.exists[spec.id]
+        return exists & among
+    if kind in RANGE_KINDS:
+        if op is Op.IN:
+            raw = p.values
+            if kind is Kind.INT and any(type(v) is float for v in raw):
+                whole = _whole_numbers(op, raw)
+                if whole is None:
+                    return BitMap()
+                raw = whole[1]
+            index = engine.range_index[spec.id]
+            return BitMap.union(BitMap(), *(index.compare("eq", _literal(spec, v, op), among)
+                                            for v in raw))
+        return _predicate(engine, p, within=among) & among
+    values = [_literal(spec, v, op) for v in p.values]
+    vindex = engine.value_index[spec.id]
+    if op is Op.IN:
+        return BitMap.union(BitMap(), *(vindex.get(v) & among for v in values))
+    if op is Op.NE:
+        return (engine.exists[spec.id] & among) - vindex.get(values[0])
+    if op is Op.EQ or op is Op.HAS:
+        if op is Op.HAS and kind is not Kind.STRING_LIST:
+            return _predicate(engine, p)  # the same error
+        if op is Op.EQ and kind is Kind.STRING_LIST:
+            return _predicate(engine, p)  # the same error
+        return vindex.get(values[0]) & among
+    return _predicate(engine, p) & among  # errors as without `among`
 
 
 def group_counts(engine: Engine, matches: BitMap, attribute: str,

@@ -14,6 +14,7 @@ from memstore.query.ast import (
     MAX_DEPTH,
     All,
     And,
+    InSegment,
     Literal,
     Node,
     Not,
@@ -47,6 +48,8 @@ def _to_proto(node: Node) -> pb.Query:
         field.children.extend(_to_proto(c) for c in node.children)
     elif isinstance(node, Not):
         getattr(out, "not").CopyFrom(_to_proto(node.child))
+    elif isinstance(node, InSegment):
+        out.in_segment = node.name
     else:
         out.all = True
     return out
@@ -78,6 +81,8 @@ def _from_proto(q: pb.Query, path: str, depth: int) -> Node:
         return And(nodes) if kind == "and" else Or(nodes)
     if kind == "not":
         return Not(_from_proto(getattr(q, "not"), f"{path}.not", depth + 1))
+    if kind == "in_segment":
+        return InSegment(q.in_segment)
     if not q.all:
         raise QueryError(f"{path}.all: must be true when set")
     return All()

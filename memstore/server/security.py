@@ -58,14 +58,17 @@ ADMIN = Need("admin", frozenset({"admin", "cluster"}))  # routers forward these 
 OPERATOR = Need("admin", frozenset({"admin"}))
 MEMBER = Need("cluster", frozenset({"cluster", "admin"}))  # ShardControl: members, operators
 
-MEMSTORE_WRITES = frozenset({"Upsert", "BatchUpsert", "Delete", "Link", "Track"})
+MEMSTORE_WRITES = frozenset({"Upsert", "BatchUpsert", "Delete", "Link", "Track",
+                             "CreateSegment", "DeleteSegment"})
 MEMSTORE_ADMIN = frozenset({"DeclareAttributes", "Snapshot"})
 MEMSTORE_READS = frozenset({"Get", "BatchGet", "GetSchema", "Count", "QueryIds", "StreamIds",
-                            "GroupBy", "QueryBitmap", "Stats"})
+                            "GroupBy", "QueryBitmap", "Stats", "ListSegments",
+                            "WatchSegments", "WatchChanges"})
 ROUTER_READS = frozenset({"ListShards"})  # direct_reads clients ask it
 # Calls that change the cluster or erase data: one audit line each (memstore.server.audit).
 AUDITED = frozenset({"Delete", "DeclareAttributes", "SetSlots", "DropSlots", "AddShard",
-                     "RemoveShard", "RebuildDirectory", "Snapshot"})
+                     "RemoveShard", "RebuildDirectory", "Snapshot", "CreateSegment",
+                     "DeleteSegment"})
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 READ_SERVICES = ("/grpc.reflection.v1alpha.ServerReflection/",
                  "/grpc.reflection.v1.ServerReflection/", "/memstore.link.v1.Link/")
