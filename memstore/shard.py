@@ -273,9 +273,11 @@ class Shard:
         # computed from the applied state and logged in the same record (a failed append
         # takes both back). Readers cannot run in between, so the order is the same.
         touched = Touched()
-        before = self.engine.apply(change, touched)
         segments = self.engine.segments
+        dropped = segments.dropped_by(change.notes)
+        before = self.engine.apply(change, touched)
         deltas = segments.refresh(self.engine, touched) if len(segments) else {}
+        deltas.update(dropped)
         if change.rebuild:
             deltas.update(segments.rebuild(self.engine, change.rebuild))
             self._ensure_timed()
@@ -285,8 +287,10 @@ class Shard:
             self._advance()
             return change.result
         try:
-            lsn = self.log.append(wal_format.RECORD_CHANGE,
-                                  encode_change(change, touched, deltas))
+            # A new or deleted segment's members are no image's: the record names them.
+            lsn = self.log.append(wal_format.RECORD_CHANGE, encode_change(
+                change, touched, deltas,
+                self.engine if change.rebuild or dropped else None))
         except (LogWriteError, LogFailedError, OSError) as exc:
             segments.undo(deltas)
             self.engine.undo(before)

@@ -90,7 +90,7 @@ def _run(coro: Any) -> Any:
 @click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
 def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: bool, sync: str,
           stop_timeout: float, metrics_port: int | None, snapshot_log_mb: int,
-          snapshot_interval: float,
+          snapshot_interval: float, changes_retention: float, segment_refresh: float,
           max_identifiers_per_kind: int, blocked_identifier: tuple[str, ...],
           no_link: bool, tls_cert: Path | None, tls_key: Path | None,
           tls_client_ca: Path | None, auth_file: Path | None, insecure: bool,
@@ -115,7 +115,8 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: b
     except (AuthFileError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     audit.open_log(audit_log)
-    args = shard_args(snapshot_log_mb, snapshot_interval, max_identifiers_per_kind,
+    args = shard_args(snapshot_log_mb, snapshot_interval, changes_retention,
+                      segment_refresh, max_identifiers_per_kind,
                       blocked_identifier, no_link or security.guarded)
     args += security_args(tls_cert, tls_key, tls_client_ca, auth_file, insecure, audit_log)
     supervisor = Supervisor(data_dir, shards, host, port, sync, shard_args=args,

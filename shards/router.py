@@ -1220,10 +1220,10 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         await self._stable(context, allow_partial=False)
         initial = request.initial and not request.from_position
 
-        def open_stream(shard: ShardState) -> Any:
+        def open_stream(shard: ShardState, request: Any) -> Any:
             return getattr(shard.stub, method)(request)
 
-        merge = watch.Merge(self.map, open_stream, items, make, initial, start)
+        merge = watch.Merge(self.map, open_stream, request, items, make, initial, start)
         try:
             async for message in merge.run():
                 yield message

@@ -60,11 +60,12 @@ class _Feed:
 class Merge:
     """Merges shards' streams of one kind (segments: events; changes: changes)."""
 
-    def __init__(self, shard_map: ShardMap, open_stream: Callable[[ShardState], Any],
-                 items: str, make: Callable[..., Any], initial: bool,
+    def __init__(self, shard_map: ShardMap, open_stream: Callable[[ShardState, Any], Any],
+                 request: Any, items: str, make: Callable[..., Any], initial: bool,
                  start: dict[str, tuple[int, int]]) -> None:
         self.map = shard_map
-        self.open_stream = open_stream  # shard -> the gRPC stream call
+        self.open_stream = open_stream  # (shard, request) -> the gRPC stream call
+        self.request = request
         self.items = items  # "events" or "changes": the repeated field of a message
         self.make = make  # the response message class
         self.initial = initial
@@ -75,14 +76,24 @@ class Merge:
         self.seam_sent = not initial
         self._beat = ("", 0.0)  # the last heartbeat's token and time
 
-    def _add(self, shard: ShardState) -> None:
-        feed = _Feed(shard, listed=not self.initial)
-        feed.task = asyncio.get_running_loop().create_task(self._read(feed))
+    def _add(self, shard: ShardState, late: bool) -> None:
+        """Watch `shard`. One found `late` (added to the cluster since the stream began)
+        lists nothing (what it holds moved from shards already listed) and starts from
+        its oldest kept change: a position that does not name it."""
+        request = self.request
+        if late:
+            request = type(request)()
+            request.CopyFrom(self.request)
+            request.initial = False
+            request.from_position = encode_token(
+                {k: v for k, v in self.positions.items() if k != shard.name})
+        feed = _Feed(shard, listed=late or not self.initial)
+        feed.task = asyncio.get_running_loop().create_task(self._read(feed, request))
         self.feeds[id(shard)] = feed
 
-    async def _read(self, feed: _Feed) -> None:
+    async def _read(self, feed: _Feed, request: Any) -> None:
         try:
-            async for message in self.open_stream(feed.shard):
+            async for message in self.open_stream(feed.shard, request):
                 await self.queue.put((feed, message))
         except grpc.aio.AioRpcError as exc:
             await self.queue.put(exc)
@@ -91,12 +102,12 @@ class Merge:
         except Exception as exc:  # noqa: BLE001 - ends the merged stream with it
             await self.queue.put(exc)
 
-    def _watch_map(self) -> None:
+    def _watch_map(self, late: bool = True) -> None:
         """Shards added since: watch them; shards gone: drop them from the watermark."""
         present = {id(s): s for s in self.map.shards}
         for key, shard in present.items():
             if key not in self.feeds:
-                self._add(shard)
+                self._add(shard, late)
         for key in [k for k in self.feeds if k not in present]:
             feed = self.feeds.pop(key)
             if feed.task is not None:
@@ -152,7 +163,7 @@ class Merge:
         return message
 
     async def run(self) -> AsyncIterator[Any]:
-        self._watch_map()
+        self._watch_map(late=False)
         last_check = asyncio.get_running_loop().time()
         try:
             while True:

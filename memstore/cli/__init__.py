@@ -1,4 +1,5 @@
-"""The `memstore` command: serve, load, get, query, snapshot, check, repair, cluster.
+"""The `memstore` command: serve, load, get, query, segment, watch, changes, snapshot,
+check, repair, cluster.
 
 Every command that talks to a server takes --address (default 127.0.0.1:7070, the router
 that `memstore serve` starts). Errors print the server's message and exit with status 1.
@@ -65,7 +66,7 @@ def main() -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
 def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str,
                 slots: str | None, sync: str, snapshot_log_mb: int, snapshot_interval: float,
-                max_identifiers_per_kind: int, blocked_identifier: tuple[str, ...],
+                changes_retention: float, segment_refresh: float, max_identifiers_per_kind: int, blocked_identifier: tuple[str, ...],
                 no_link: bool, link_port: int, metrics_port: int | None, lock_wait: float,
                 stop_on_eof: bool, tls_cert: Path | None, tls_key: Path | None,
                 tls_client_ca: Path | None, auth_file: Path | None, insecure: bool,
@@ -96,6 +97,8 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
     config = ShardConfig(data_dir=None if in_memory else data_dir, name=name,
                          sync=SyncPolicy(sync), snapshot_log_bytes=snapshot_log_mb << 20,
                          snapshot_interval=snapshot_interval, rules=rules,
+                         changes_retention=changes_retention * 3600.0,
+                         segment_refresh=segment_refresh,
                          lock_wait=lock_wait)
     owned = _parse_slots(slots) if slots else None
     try:
@@ -468,6 +471,16 @@ def repair(data_dir: Path, yes: bool) -> None:
         click.confirm("cut the log at the last good record (a backup is kept)?", abort=True)
     click.echo(str(repair_log(data_dir / "log")))
     lock.release()
+
+
+def _register_stream_commands() -> None:
+    from memstore.cli import streams
+
+    for command in (streams.segment, streams.watch, streams.changes):
+        main.add_command(command)
+
+
+_register_stream_commands()
 
 
 def _register_cluster_commands() -> None:

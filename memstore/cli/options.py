@@ -27,6 +27,16 @@ _OPTIONS = (
                  show_default=True,
                  help="Take a snapshot this many seconds after the last one (if anything "
                       "changed)."),
+    click.option("--changes-retention", type=click.FloatRange(0), default=24.0,
+                 show_default=True,
+                 help="Hours of changes the log keeps for `memstore watch` and `changes` "
+                      "to resume from (--from); older positions must start again with "
+                      "--initial. Costs disk: the log of that many hours stays."),
+    click.option("--segment-refresh", type=click.FloatRange(1.0), default=60.0,
+                 show_default=True,
+                 help="Seconds between re-evaluations of saved segments whose queries "
+                      "compare with a relative time (`last_seen > now - 7d`): members who "
+                      "age out leave within this time."),
     click.option("--max-identifiers-per-kind", type=click.IntRange(1), default=20,
                  show_default=True,
                  help="Merge protection: a profile never holds more identifiers of one kind."),
@@ -48,18 +58,22 @@ LINK_PORT = click.option(
 
 
 def shard_settings(command: F) -> F:
-    """Add --sync, --snapshot-log-mb, --snapshot-interval, --max-identifiers-per-kind,
-    --blocked-identifier and --no-link to a click command."""
+    """Add --sync, --snapshot-log-mb, --snapshot-interval, --changes-retention,
+    --segment-refresh, --max-identifiers-per-kind, --blocked-identifier and --no-link to
+    a click command."""
     for option in reversed(_OPTIONS):
         command = option(command)
     return command
 
 
-def shard_args(snapshot_log_mb: int, snapshot_interval: float, max_identifiers_per_kind: int,
+def shard_args(snapshot_log_mb: int, snapshot_interval: float, changes_retention: float,
+               segment_refresh: float, max_identifiers_per_kind: int,
                blocked_identifier: tuple[str, ...], no_link: bool) -> tuple[str, ...]:
     """The same settings as `serve-shard` arguments (--sync goes separately)."""
     return ("--snapshot-log-mb", str(snapshot_log_mb),
             "--snapshot-interval", str(snapshot_interval),
+            "--changes-retention", str(changes_retention),
+            "--segment-refresh", str(segment_refresh),
             "--max-identifiers-per-kind", str(max_identifiers_per_kind),
             *(arg for value in blocked_identifier for arg in ("--blocked-identifier", value)),
             *(("--no-link",) if no_link else ()))

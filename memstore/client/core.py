@@ -627,35 +627,36 @@ class Client(ClientMethods):
             raise _error(exc, "StreamIds") from None
 
     def watch(self, segments: Sequence[str] = (), *, from_position: str | None = None,
-              initial: bool = False) -> Iterator[dict[str, Any]]:
+              initial: bool = False, heartbeats: bool = False) -> Iterator[dict[str, Any]]:
         """Who enters and leaves the saved `segments` (empty: all), as it happens: dicts
         {"segment", "id", "change" ("enter" or "leave"), "position", "at", "initial"}.
         Pass the last `position` you processed as `from_position` to resume without
         losing anything (also after a server restart); `initial` (without a position)
         first lists the current members (initial=True, no position), then follows on.
-        Runs until the caller stops iterating (no deadline)."""
+        With `heartbeats`, a quiet stream also yields {"heartbeat": True, "position",
+        "at"} every few seconds: keep that position too, so a stream that saw nothing for
+        days resumes from a recent place the server still keeps. Runs until the caller
+        stops iterating (no deadline)."""
         request = pb.WatchSegmentsRequest(segments=segments, from_position=from_position or "",
                                           initial=initial)
         try:
             for message in self._grpc.WatchSegments(request):
-                for event in message.events:
-                    yield _segment_event(event)
+                yield from _stream_items(message, message.events, _segment_event, heartbeats)
         except grpc.RpcError as exc:
             raise _error(exc, "WatchSegments") from None
 
     def changes(self, query: Any = None, *, attributes: Sequence[str] = (),
-                from_position: str | None = None, initial: bool = False
-                ) -> Iterator[dict[str, Any]]:
+                from_position: str | None = None, initial: bool = False,
+                heartbeats: bool = False) -> Iterator[dict[str, Any]]:
         """Every change of a profile, as it happens: dicts {"id", "version", "set" (the
         attributes set or changed, with values), "unset", "created", "deleted",
         "merged_into", "position", "at", "initial"}; only profiles matching `query` (when
         the change is read; deletions and merges always) and only `attributes` (empty:
-        all). Resuming and `initial` as for `watch`."""
+        all). Resuming, `initial` and `heartbeats` as for `watch`."""
         request = _changes_request(query, attributes, from_position, initial)
         try:
             for message in self._grpc.WatchChanges(request):
-                for change in message.changes:
-                    yield _profile_change(change)
+                yield from _stream_items(message, message.changes, _profile_change, heartbeats)
         except grpc.RpcError as exc:
             raise _error(exc, "WatchChanges") from None
 
@@ -835,26 +836,29 @@ class AsyncClient(ClientMethods):
             raise _error(exc, "StreamIds") from None
 
     async def watch(self, segments: Sequence[str] = (), *, from_position: str | None = None,
-                    initial: bool = False) -> AsyncIterator[dict[str, Any]]:
+                    initial: bool = False, heartbeats: bool = False
+                    ) -> AsyncIterator[dict[str, Any]]:
         """As Client.watch."""
         request = pb.WatchSegmentsRequest(segments=segments, from_position=from_position or "",
                                           initial=initial)
         try:
             async for message in self._grpc.WatchSegments(request):
-                for event in message.events:
-                    yield _segment_event(event)
+                for item in _stream_items(message, message.events, _segment_event,
+                                          heartbeats):
+                    yield item
         except grpc.aio.AioRpcError as exc:
             raise _error(exc, "WatchSegments") from None
 
     async def changes(self, query: Any = None, *, attributes: Sequence[str] = (),
-                      from_position: str | None = None, initial: bool = False
-                      ) -> AsyncIterator[dict[str, Any]]:
+                      from_position: str | None = None, initial: bool = False,
+                      heartbeats: bool = False) -> AsyncIterator[dict[str, Any]]:
         """As Client.changes."""
         request = _changes_request(query, attributes, from_position, initial)
         try:
             async for message in self._grpc.WatchChanges(request):
-                for change in message.changes:
-                    yield _profile_change(change)
+                for item in _stream_items(message, message.changes, _profile_change,
+                                          heartbeats):
+                    yield item
         except grpc.aio.AioRpcError as exc:
             raise _error(exc, "WatchChanges") from None
 
@@ -918,6 +922,17 @@ def _segment_event(e: pb.SegmentEvent) -> dict[str, Any]:
     return {"segment": e.segment, "id": e.id,
             "change": "enter" if e.change == pb.SegmentEvent.ENTER else "leave",
             "position": e.position, "at": e.at.ToDatetime(UTC), "initial": e.initial}
+
+
+def _stream_items(message: Any, items: Any, convert: Callable[[Any], dict[str, Any]],
+                  heartbeats: bool) -> Iterator[dict[str, Any]]:
+    """A watch message's events as dicts; an empty one that moves the position on is a
+    heartbeat (yielded only if asked for)."""
+    for item in items:
+        yield convert(item)
+    if heartbeats and not items and message.position:
+        yield {"heartbeat": True, "position": message.position,
+               "at": message.at.ToDatetime(UTC)}
 
 
 def _changes_request(query: Any, attributes: Sequence[str], from_position: str | None,

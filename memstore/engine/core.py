@@ -1276,8 +1276,9 @@ class Engine:
 
     # ------------------------------------------------------------------ saved segments
     def plan_create_segment(self, name: str, node: Node, created_at: int) -> Change:
-        """Define saved segment `name` (quiet: its first members are no one's news). The
-        same definition again is a no-op; another one under the name is refused."""
+        """Define saved segment `name`: its first members enter it (watchers of every
+        segment see them). The same definition again is a no-op; another one under the name
+        is refused."""
         problem = segment_problem(name)
         if problem is not None:
             raise InvalidArgument(f"name: {problem}")
@@ -1295,10 +1296,11 @@ class Engine:
 
         evaluate(self, node, unknown_is_empty=True, within=BitMap())  # literals' kinds
         return Change(notes=[Note("segments", name, [text, created_at])], rebuild=[name],
-                      quiet=True, result=name)
+                      result=name)
 
     def plan_delete_segment(self, name: str) -> Change:
-        """Forget saved segment `name`; refused while another segment reads it."""
+        """Forget saved segment `name` (its members leave it); refused while another
+        segment reads it."""
         segment = self.segments.get(name)
         if segment is None:
             return Change(result=False)
@@ -1306,7 +1308,7 @@ class Engine:
         if readers:
             raise FailedPrecondition(f"segment {name!r} is read by {', '.join(readers)}: "
                                      "delete those first")
-        return Change(notes=[Note("segments", name, None)], quiet=True, result=True)
+        return Change(notes=[Note("segments", name, None)], result=True)
 
     # ------------------------------------------------------------------ directory
     def plan_claims(self, entries: Sequence[Any]) -> Change:

@@ -149,6 +149,14 @@ class Segments:
         self._order = None
         return before
 
+    def dropped_by(self, notes: Iterable[Any]) -> Deltas:
+        """Every member of each segment `notes` delete leaves it (watchers replaying the
+        stream onto a set end with the segment empty, as it is gone)."""
+        return {note.key: (BitMap(), BitMap(self.by_name[note.key].members))
+                for note in notes
+                if note.table == "segments" and note.value is None
+                and note.key in self.by_name and self.by_name[note.key].members}
+
     def check_definition(self, name: str, node: Node) -> None:
         """Refuse a definition that reads an unknown segment, itself, or makes a cycle."""
         _, depends = analyse(node)

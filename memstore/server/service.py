@@ -92,6 +92,8 @@ _STATUS = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     OwnershipChanged: grpc.StatusCode.ABORTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    watch.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    watch.FellBehind: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 T = TypeVar("T")
@@ -598,15 +600,15 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         engine = self.engine
         visible = engine.visible()
         now = datetime.now(UTC)
-        taken = [(name, list(segment.members & visible))
+        pids = engine.pids
+        taken = [(name, [pids[dense] for dense in segment.members & visible])
                  for name, segment in sorted(engine.segments.by_name.items())
                  if watched is None or name in watched]
         position = watch.encode_token({self.shard.config.name: (lsn, -1)})
-        pids = engine.pids
         batch: list[pb.SegmentEvent] = []
-        for name, dense_ids in taken:
-            for dense in dense_ids:
-                event = pb.SegmentEvent(segment=name, id=pids[dense], initial=True,
+        for name, ids in taken:
+            for pid in ids:
+                event = pb.SegmentEvent(segment=name, id=pid, initial=True,
                                         change=pb.SegmentEvent.ENTER)
                 event.at.FromDatetime(now)
                 batch.append(event)
