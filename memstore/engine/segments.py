@@ -27,6 +27,7 @@ import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from heapq import heappop, heappush
 from typing import TYPE_CHECKING, Any
 
 from pyroaring import BitMap
@@ -36,10 +37,15 @@ from memstore.query import And, InSegment, Node, Not, Or, Predicate, QueryError,
 
 if TYPE_CHECKING:
     from memstore.engine.core import Engine
+    from memstore.engine.schema import Schema
+    from memstore.query.match import Matcher
 
 log = logging.getLogger("memstore.segments")
 
 MAX_SEGMENTS = 1000  # per cluster: each costs a bitmap and work on every write
+# A change touching at most this many profiles is matched profile by profile; a larger one
+# (a bulk load) goes through the indexes, whose bitmap operations amortize over the ids.
+SMALL_CHANGE = 32
 _TIMED = re.compile(r"\bdid\s*\(", re.IGNORECASE)
 
 
@@ -79,6 +85,10 @@ class Segment:
     members: BitMap = field(default_factory=BitMap)
     broken: str = ""  # why its query stopped evaluating, if it did
     parsed_at: float = 0.0  # when `node` was parsed (did(...) windows end then)
+    # Decides membership from one profile's values (memstore.query.match); None: this
+    # segment is refreshed through the indexes (it reads the clock, or the index path
+    # would refuse its query). Compiled again whenever the schema changes (`_prepare`).
+    matcher: Matcher | None = None
 
 
 # name -> (profiles that entered, profiles that left)
@@ -111,6 +121,11 @@ class Segments:
     def __init__(self) -> None:
         self.by_name: dict[str, Segment] = {}
         self._order: list[Segment] | None = None  # dependencies first
+        # Built with the order: which segments (positions in it) read each attribute, and
+        # each segment's readers, so a write looks at the segments it may change only.
+        self._by_attribute: dict[str, list[int]] = {}
+        self._readers: dict[str, list[int]] = {}
+        self._compiled_for: tuple[int, Any] | None = None  # the schema matchers were for
 
     def __len__(self) -> int:
         return len(self.by_name)
@@ -191,7 +206,37 @@ class Segments:
             for segment in sorted(self.by_name.values(), key=lambda s: s.name):
                 visit(segment, ())
             self._order = list(done.values())
+            self._by_attribute, self._readers = {}, {}
+            for position, segment in enumerate(self._order):
+                for name in segment.attributes:
+                    self._by_attribute.setdefault(name, []).append(position)
+                for dep in segment.depends:
+                    self._readers.setdefault(dep, []).append(position)
+            self._compiled_for = None
         return self._order
+
+    def _prepare(self, schema: Schema) -> list[Segment]:
+        """The order, with every segment's matcher compiled against `schema` as it is (the
+        schema only grows, or loses its newest declarations on an undo: its length and
+        last declaration say whether it changed)."""
+        order = self.order()
+        seen = (len(schema.by_id), schema.by_id[-1] if schema.by_id else None)
+        if self._compiled_for != seen:
+            from memstore.query.match import Undecidable, compile_query
+
+            def members(name: str) -> BitMap | None:
+                segment = self.by_name.get(name)
+                return None if segment is None else segment.members
+
+            for segment in order:
+                segment.matcher = None
+                if not segment.timed:  # did(...) windows move with the clock
+                    try:
+                        segment.matcher = compile_query(segment.node, schema, members)
+                    except Undecidable:
+                        pass  # the index path answers it (or refuses it, as before)
+            self._compiled_for = seen
+        return order
 
     # ------------------------------------------------------------------ membership
     def evaluate(self, engine: Engine, segment: Segment, within: BitMap) -> BitMap:
@@ -205,13 +250,90 @@ class Segments:
 
     def refresh(self, engine: Engine, touched: Touched) -> Deltas:
         """Bring membership up to date with a change just applied (`touched`), applying
-        the deltas as it goes; returns them (for the log, and `undo`)."""
-        deltas: Deltas = {}
+        the deltas as it goes; returns them (for the log, and `undo`).
+
+        A change to a few profiles (`SMALL_CHANGE`) visits only the segments reading an
+        attribute it changed (every segment when it creates or removes a profile), and
+        the readers of those whose members moved, in dependency order; each decides on
+        each profile from its values, decoded once for all segments. A larger one goes
+        through the indexes, whose bitmap operations then pay for themselves."""
         if not self.by_name:
-            return deltas
+            return {}
+        order = self._prepare(engine.schema)
+        changed = touched.changed
+        if len(touched.created) + len(touched.removed) > SMALL_CHANGE or (
+                changed and len(BitMap.union(*changed.values())) > SMALL_CHANGE):
+            return self._refresh_through_indexes(engine, touched, order)
+        from memstore.engine.core import decode
+
+        wanted: dict[int, set[int]] = {}  # position in the order -> dense ids to decide
+        if touched.created or touched.removed:
+            for position in range(len(order)):
+                wanted[position] = set(touched.created)
+        by_id = engine.schema.by_id
+        for aid, dense_ids in changed.items():
+            for position in self._by_attribute.get(by_id[aid].name, ()):
+                got = wanted.get(position)
+                if got is None:
+                    wanted[position] = set(dense_ids)
+                else:
+                    got.update(dense_ids)
+        deltas: Deltas = {}
+        heap = sorted(wanted)  # a sorted list is a heap; readers join it as deps move
+        live, blobs, removed = engine.live, engine.blobs, touched.removed
+        states: dict[int, dict[int, Any]] = {}  # dense -> its stored attributes
+        while heap:
+            position = heappop(heap)
+            segment = order[position]
+            if segment.broken:
+                continue
+            members = segment.members
+            enter_ids: list[int] = []
+            leave_ids = [d for d in removed if d in members] if removed else []
+            ids = [d for d in wanted[position] if d in live]
+            matcher = segment.matcher
+            if ids and matcher is None:
+                try:
+                    now_in = self.evaluate(engine, segment, BitMap(ids))
+                except (InvalidArgument, QueryError) as exc:
+                    self._break(segment, str(exc))
+                    continue
+                for d in ids:
+                    if (d in now_in) != (d in members):
+                        (enter_ids if d in now_in else leave_ids).append(d)
+            elif ids:
+                assert matcher is not None
+                for d in ids:
+                    attrs = states.get(d)
+                    if attrs is None:
+                        blob = blobs[d]
+                        assert blob is not None
+                        attrs = states[d] = decode(blob)[1]
+                    now = matcher(attrs, d)
+                    if now != (d in members):
+                        (enter_ids if now else leave_ids).append(d)
+            if enter_ids or leave_ids:
+                enter, leave = BitMap(enter_ids), BitMap(leave_ids)
+                segment.members |= enter
+                segment.members -= leave
+                deltas[segment.name] = (enter, leave)
+                for reader in self._readers.get(segment.name, ()):
+                    got = wanted.get(reader)
+                    if got is None:
+                        wanted[reader] = {*enter_ids, *leave_ids}
+                        heappush(heap, reader)
+                    else:
+                        got.update(enter_ids)
+                        got.update(leave_ids)
+        return deltas
+
+    def _refresh_through_indexes(self, engine: Engine, touched: Touched,
+                                 order: list[Segment]) -> Deltas:
+        """`refresh` for a large change: every segment, each evaluated on the indexes."""
+        deltas: Deltas = {}
         schema = engine.schema.by_name
         live = engine.live
-        for segment in self.order():
+        for segment in order:
             if segment.broken:
                 continue
             candidates = BitMap(touched.created)
