@@ -25,7 +25,19 @@ from memstore.engine.core import SET, UNSET, Engine, UpsertSpec, decode
 from memstore.engine.schema import Kind, Merge
 from memstore.engine.segments import Touched
 from memstore.errors import InvalidArgument
-from memstore.query import All, And, InSegment, Node, Not, Op, Or, Predicate, format_query
+from memstore.query import (
+    MAX_DEPTH,
+    All,
+    And,
+    InSegment,
+    Node,
+    Not,
+    Op,
+    Or,
+    Predicate,
+    format_query,
+    validate,
+)
 from memstore.query.evaluate import evaluate
 from memstore.query.match import Undecidable, compile_query
 
@@ -167,7 +179,7 @@ WRITES = st.tuples(
             lambda n: VALUES[KINDS[n]].map(lambda v: (SET, n, v))),
         st.sampled_from(sorted(KINDS)).map(lambda n: (UNSET, n, None)),
     ), min_size=1, max_size=3),
-    st.integers(0, 9).map(lambda n: n == 0),  # delete the profile instead
+    st.integers(0, 9),  # 0: delete the profile instead; 1, 2: write the next one too
 )
 
 
@@ -196,12 +208,14 @@ def test_refresh_keeps_every_segment_equal_to_its_query(queries: list[Node],
     segments.set_definition("follows", [f'in_segment("{names[-1]}")', 0])
     segments.rebuild(engine, ["follows"])
     names.append("follows")
-    for n, ops, delete in writes:
+    for n, ops, how in writes:
         pid = f"p{n}"
-        if delete:
+        if how == 0:
             if engine.lookup(pid) is None:
                 continue
             change = engine.plan_delete(pid)
+        elif how <= 2:  # two profiles in one change
+            change = engine.plan_batch([UpsertSpec(pid, ops), UpsertSpec(f"p{n + 1}", ops)])
         else:
             change = engine.plan_upsert(UpsertSpec(pid, ops))
         touched = Touched()
@@ -225,3 +239,21 @@ def _rename(node: Node, to: str) -> Node:
     if isinstance(node, Not):
         return Not(_rename(node.child, to))
     return node
+
+
+def test_the_deepest_valid_queries_compile_and_agree() -> None:
+    """The matcher is one Python expression: the deepest trees `validate` lets through
+    (MAX_DEPTH) must still compile, and answer as the indexes do."""
+    engine = engine_with([{"i": n} for n in range(-3, 4)] + [{}], ["i"], None)
+    for wrap in (Not, lambda n: And((n, Predicate("i", Op.GT, (-3,)))),
+                 lambda n: Or((n, Predicate("i", Op.EQ, (3,))))):
+        node: Node = Predicate("i", Op.LT, (1,))
+        for _ in range(MAX_DEPTH - 1):
+            node = wrap(node)
+        validate(node)
+        matcher = compile_query(node, engine.schema, lambda name: None)
+        expected = evaluate(engine, node, unknown_is_empty=True, within=BitMap(engine.live))
+        for dense in engine.live:
+            blob = engine.blobs[dense]
+            assert blob is not None
+            assert matcher(decode(blob)[1], dense) == (dense in expected)

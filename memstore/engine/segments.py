@@ -260,6 +260,9 @@ class Segments:
         if not self.by_name:
             return {}
         order = self._prepare(engine.schema)
+        if not touched.created and not touched.removed and len(touched.diffs) == 1:
+            ((dense, (set_ids, unset_ids)),) = touched.diffs.items()
+            return self._refresh_one(engine, order, dense, (*set_ids, *unset_ids))
         changed = touched.changed
         if len(touched.created) + len(touched.removed) > SMALL_CHANGE or (
                 changed and len(BitMap.union(*changed.values())) > SMALL_CHANGE):
@@ -325,6 +328,51 @@ class Segments:
                     else:
                         got.update(enter_ids)
                         got.update(leave_ids)
+        return deltas
+
+    def _refresh_one(self, engine: Engine, order: list[Segment], dense: int,
+                     aids: Iterable[int]) -> Deltas:
+        """`refresh` for the commonest change: one profile updated (attributes `aids`)."""
+        by_id, by_attribute = engine.schema.by_id, self._by_attribute
+        positions: set[int] = set()
+        for aid in aids:
+            readers = by_attribute.get(by_id[aid].name)
+            if readers:
+                positions.update(readers)
+        blob = engine.blobs[dense]
+        if not positions or blob is None or dense not in engine.live:
+            return {}
+        from memstore.engine.core import decode
+
+        attrs = decode(blob)[1]
+        deltas: Deltas = {}
+        heap = sorted(positions)
+        while heap:
+            segment = order[heappop(heap)]
+            if segment.broken:
+                continue
+            matcher = segment.matcher
+            if matcher is None:
+                try:
+                    now = dense in self.evaluate(engine, segment, BitMap((dense,)))
+                except (InvalidArgument, QueryError) as exc:
+                    self._break(segment, str(exc))
+                    continue
+            else:
+                now = matcher(attrs, dense)
+            members = segment.members
+            if now == (dense in members):
+                continue
+            if now:
+                members.add(dense)
+                deltas[segment.name] = (BitMap((dense,)), BitMap())
+            else:
+                members.discard(dense)
+                deltas[segment.name] = (BitMap(), BitMap((dense,)))
+            for reader in self._readers.get(segment.name, ()):
+                if reader not in positions:
+                    positions.add(reader)
+                    heappush(heap, reader)
         return deltas
 
     def _refresh_through_indexes(self, engine: Engine, touched: Touched,
