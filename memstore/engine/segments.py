@@ -261,8 +261,9 @@ class Segments:
             return {}
         order = self._prepare(engine.schema)
         if not touched.created and not touched.removed and len(touched.diffs) == 1:
-            ((dense, (set_ids, unset_ids)),) = touched.diffs.items()
-            return self._refresh_one(engine, order, dense, (*set_ids, *unset_ids))
+            # One profile updated (perhaps by several images): every attribute changed is its.
+            (dense,) = touched.diffs
+            return self._refresh_one(engine, order, dense, touched.changed)
         changed = touched.changed
         if len(touched.created) + len(touched.removed) > SMALL_CHANGE or (
                 changed and len(BitMap.union(*changed.values())) > SMALL_CHANGE):
