@@ -12,6 +12,10 @@ touches a few dense ids (`Touched`: created, removed, and per attribute the ids 
 changed); a segment is re-evaluated only on the ids that touched one of its attributes, or
 a segment it reads (`in_segment`), restricted to those ids, in an order where a segment
 comes after the segments it reads. A profile removed leaves every segment holding it.
+For a change to a few profiles, the segments to look at come from an index (attribute ->
+segments that read it), and each decides on each profile from its own values with its
+query compiled once (memstore/query/match.py), which answers as the indexes would; a
+bulk change, and a segment the matcher cannot decide, go through the indexes.
 Segments that read the clock (`did(...)`) also change with no write: `timed` ones are
 re-evaluated whole on a timer (`refresh_timed`).
 
