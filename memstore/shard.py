@@ -55,6 +55,7 @@ from memstore.engine.core import (
     ident_key,
 )
 from memstore.engine.schema import AttributeSpec, Schema
+from memstore.engine.segments import Deltas, Touched, decode_deltas, encode_deltas, members_of
 from memstore.engine.tracking import stale_days
 from memstore.errors import Unavailable
 from memstore.hashslot import slot_of
@@ -136,6 +137,12 @@ class ShardConfig:
     # The cluster's salt (memstore.server.rights): suppression keys and audit hashes.
     salt: bytes = b""
     event_days: int = DEFAULT_EVENT_DAYS  # UTC days of day records kept (--event-days)
+    # Seconds between evaluations of the saved segments whose members change with time
+    # alone (did(...)): how late such an enter or leave can be. At most a minute.
+    segment_refresh: float = 60.0
+    # How long a watcher can be away and still resume (seconds of log kept for change
+    # streams), unless an erasure since says otherwise: erasure wins (see _write_snapshot).
+    changes_retention: float = 24 * 3600.0
 
 
 class Shard:
@@ -145,7 +152,7 @@ class Shard:
         self.engine = engine
         self.log = writer
         self.lock = lock  # this process owns the data directory (memstore.storage.dirlock)
-        self._pending: list[tuple[int, Undo]] = []
+        self._pending: list[tuple[int, Undo, Deltas]] = []
         self._snapshot_lock = asyncio.Lock()
         self._last_snapshot = time.monotonic()
         self._log_bytes_at_snapshot = writer.size_bytes if writer else 0
@@ -159,6 +166,9 @@ class Shard:
         # Changes are numbered by log position; a memory-only shard counts them instead.
         self._counter = 0
         self.recent = RecentChanges(self.position)
+        self._advanced = asyncio.Event()  # set and replaced whenever readable_lsn moves
+        self._timed_task: asyncio.Task[None] | None = None
+        self._background_started = False
 
     @property
     def position(self) -> int:
@@ -225,9 +235,29 @@ class Shard:
             self._auto_task = loop.create_task(self._auto_snapshot())
         if self._expiry_task is None:
             self._expiry_task = loop.create_task(self._expire_days())
+        self._background_started = True
+        self._ensure_timed()
+
+    def _ensure_timed(self) -> None:
+        """Run the timed refresh once a segment reads the clock (and background work
+        runs)."""
+        if (self._timed_task is None and self._background_started
+                and self.engine.segments.timed()):
+            self._timed_task = asyncio.get_running_loop().create_task(self._refresh_timed())
+
+    async def _refresh_timed(self) -> None:
+        """Every config.segment_refresh seconds, the segments whose membership changes with
+        time (did(...)) are evaluated again, so their members enter and leave with no
+        write, and watchers hear it."""
+        while True:
+            await asyncio.sleep(self.config.segment_refresh)
+            try:
+                await self.refresh_timed()
+            except Exception:  # keep serving; the next round tries again
+                log.exception("refreshing time-relative segments failed")
 
     async def close(self) -> None:
-        for task in (self._auto_task, self._expiry_task):
+        for task in (self._auto_task, self._expiry_task, self._timed_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -258,21 +288,35 @@ class Shard:
             return change.result
         if not change.at:
             change.at = int(self.engine.clock())  # logged: replay stamps the same times
+        if self.log is not None and self.log.failed:
+            raise Unavailable(self.writable_error or "log failed")
+        # Memory first, then the log, with no await between: saved segments' deltas are
+        # computed from the applied state and logged in the same record (a failed append
+        # takes both back). Readers cannot run in between, so the order is the same.
+        touched = Touched()
+        segments = self.engine.segments
+        dropped = segments.dropped_by(change.notes)
+        before = self.engine.apply(change, touched)
+        deltas = segments.refresh(self.engine, touched) if len(segments) else {}
+        deltas.update(dropped)
+        if change.rebuild:
+            deltas.update(segments.rebuild(self.engine, change.rebuild))
+            self._ensure_timed()
         if self.log is None:
-            self.engine.apply(change)
             self._counter += 1
             self.recent.record(self._counter, change.touched())
+            self._advance()
             return change.result
-        if self.log.failed:
-            raise Unavailable(self.writable_error or "log failed")
         try:
-            if change.schema:
-                self.log.append(wal_format.RECORD_SCHEMA, encode_schema(change.schema))
-            lsn = self.log.append(wal_format.RECORD_CHANGE, encode_change(change))
+            # A new or deleted segment's members are no image's: the record names them.
+            lsn = self.log.append(wal_format.RECORD_CHANGE, encode_change(
+                change, touched, deltas,
+                self.engine if change.rebuild or dropped else None))
         except (LogWriteError, LogFailedError, OSError) as exc:
+            segments.undo(deltas)
+            self.engine.undo(before)
             raise Unavailable(f"write not persisted: {exc}") from None
-        before = self.engine.apply(change)
-        self._pending.append((lsn, before))
+        self._pending.append((lsn, before, deltas))
         self.recent.record(lsn, change.touched())
         if not self._erased and change.load is None and change.erases:  # a load only adds
             self._erased = True
@@ -286,13 +330,72 @@ class Shard:
             self._pending.pop(0)
         if self.config.sync is not SyncPolicy.ALWAYS:
             self._pending.clear()
+        self._advance()
         return change.result
 
     def _rollback(self) -> None:
         """Undo every applied change that is not durable, newest first."""
         while self._pending:
-            _, before = self._pending.pop()
+            _, before, deltas = self._pending.pop()
+            self.engine.segments.undo(deltas)
             self.engine.undo(before)
+
+    # ------------------------------------------------------------------ watchers
+    @property
+    def readable_lsn(self) -> int:
+        """Where a watcher may read the log up to: every record before it is acknowledged
+        (durable under --sync always; written, under the other policies)."""
+        if self.log is None:
+            return 0
+        return self.log.durable_lsn if self.config.sync is SyncPolicy.ALWAYS \
+            else self.log.end_lsn
+
+    def _advance(self) -> None:
+        """Wake the watchers waiting for the log to advance."""
+        self._advanced.set()
+        self._advanced = asyncio.Event()
+
+    async def wait_advanced(self, lsn: int, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for readable_lsn to pass `lsn`; whether it did."""
+        while self.readable_lsn <= lsn:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._advanced.wait()
+            except TimeoutError:
+                return self.readable_lsn > lsn
+        return True
+
+    async def refresh_timed(self) -> int:
+        """Re-evaluate the saved segments that read the clock (did(...)) over every
+        profile; log and apply what changed. Returns how many memberships changed."""
+        segments = self.engine.segments
+        names = segments.timed()
+        if not names or (self.log is not None and self.log.failed):
+            return 0
+        deltas = segments.rebuild(self.engine, names)
+        if not deltas:
+            return 0
+        if self.log is not None:
+            try:
+                lsn = self.log.append(wal_format.RECORD_CHANGE,
+                                      encode_change(Change(), Touched(), deltas, self.engine))
+            except (LogWriteError, LogFailedError, OSError):
+                segments.undo(deltas)
+                raise
+            self._pending.append((lsn, Undo([], []), deltas))
+            try:
+                await self.log.sync_to(lsn)
+            except (LogFailedError, OSError):
+                self._rollback()
+                raise
+            if self.config.sync is not SyncPolicy.ALWAYS:
+                self._pending.clear()
+            else:
+                durable = self.log.durable_lsn
+                while self._pending and self._pending[0][0] <= durable:
+                    self._pending.pop(0)
+        self._advance()
+        return sum(len(enter) + len(leave) for enter, leave in deltas.values())
 
     async def set_ownership(self, epoch: int, slots: BitMap | None) -> None:
         if self.log is not None:
@@ -343,9 +446,11 @@ class Shard:
             raise
         path = Path(path)
         # Keep the previous snapshot and the log after it, so start-up can fall back to it
-        # if the newest is ever damaged -- unless something was erased since: then erasure
-        # wins and only the newest snapshot (and no log before it) stays on disk.
-        keep_from = lsn if erased else self._snapshot_lsn
+        # if the newest is ever damaged, and the log of the last changes_retention seconds,
+        # so a watcher that was away that long resumes where it was -- unless something
+        # was erased since: then erasure wins and only the newest snapshot (and no log
+        # before it) stays on disk; watchers from before it start again (OUT_OF_RANGE).
+        keep_from = lsn if erased else min(self._snapshot_lsn, self._retained_from(lsn))
         self.log.remove_segments_before(keep_from)
         # prune re-reads the kept snapshots to be sure they are whole: off the event loop.
         await asyncio.to_thread(prune, snap_dir, keep=1 if erased else 2, fsync=fsync)
@@ -406,6 +511,27 @@ class Shard:
             if rewritten:
                 log.info("dropped days before the retention from %d profiles", rewritten)
 
+    def _retained_from(self, lsn: int) -> int:
+        """The base of the oldest log segment written within changes_retention seconds
+        (`lsn` if none is)."""
+        assert self.config.data_dir is not None
+        cutoff = _wall() - self.config.changes_retention
+        for base, path in wal_format.list_segments(Path(self.config.data_dir) / "log"):
+            try:
+                if path.stat().st_mtime >= cutoff:
+                    return base
+            except FileNotFoundError:
+                continue
+        return lsn
+
+    @property
+    def oldest_lsn(self) -> int:
+        """The oldest position the log still holds (a watcher before it starts again)."""
+        if self.log is None:
+            return 0
+        segments = wal_format.list_segments(self.log.directory)
+        return segments[0][0] if segments else self.log.end_lsn
+
     async def _auto_snapshot(self) -> None:
         assert self.log is not None
         while True:
@@ -442,6 +568,9 @@ def write_snapshot_file(engine: Engine, snap_dir: Path, lsn: int, shard_name: st
                                                   engine.forwards, "decided": engine.decided,
                                                   "registry": engine.registry,
                                                   "suppressed": engine.suppressed}))
+        if len(engine.segments):
+            writer.write("segments", msgpack.packb(engine.segments.to_state(),
+                                                   use_bin_type=True))
         claims = engine.claims.by_slot()  # unpacked a slot at a time, as they are written
         while chunk := list(islice(claims, CLAIM_SLOTS_CHUNK)):
             writer.write("claims", msgpack.packb(chunk))
@@ -497,20 +626,54 @@ def decode_images(payload: bytes) -> list[Image]:
     return [Image(d, p, b) for d, p, b in msgpack.unpackb(payload, use_list=False)]
 
 
+_last_at = 0
+# Wall-clock readings (a change's `at`, log segments' age), apart from the monotonic clock
+# that schedules snapshots: tests drive that one alone.
+_wall, _wall_ns = time.time, time.time_ns
+
+
+def _now_micros() -> int:
+    """The wall clock in microseconds, never going back within this process (a change's
+    `at`: watchers order shards' changes by it)."""
+    global _last_at
+    _last_at = max(_last_at, _wall_ns() // 1000)
+    return _last_at
+
+
+def encode_change(change: Change, touched: Touched, deltas: Deltas,
+                  engine: Engine | None = None) -> bytes:
+    """A RECORD_CHANGE payload (docs/log-format.md). `engine`: name the profiles of
+    segment deltas that no image of the change carries (a timed refresh)."""
+    record: dict[str, Any] = {"at": _now_micros(), "changed_at": change.at,
+                              "images": list(map(_LOGGED, change.images))}
+    if change.times:
+        record["times"] = [[d, c, ch] for d, (c, ch) in change.times.items()]
+    if change.schema:
+        record["schema"] = [s.to_state() for s in change.schema]
+    if change.notes:
+        record["notes"] = [[n.table, n.key, n.value] for n in change.notes]
+    if touched.diffs:
+        record["diffs"] = {dense: [set_ids, unset_ids]
+                           for dense, (set_ids, unset_ids) in touched.diffs.items()}
+    if deltas:
+        record["segments"] = encode_deltas(deltas)
+        if engine is not None:
+            imaged = {image.dense for image in change.images}
+            record["pids"] = [[d, engine.pids[d]] for d in dict.fromkeys(members_of(deltas))
+                              if d not in imaged]
+    if change.quiet:
+        record["quiet"] = True
+    return ormsgpack.packb(record, option=ormsgpack.OPT_NON_STR_KEYS)  # type: ignore[no-any-return]
+
+
+def decode_change(payload: bytes) -> dict[str, Any]:
+    return msgpack.unpackb(payload, strict_map_key=False)  # type: ignore[no-any-return]
+
+
 def encode_merge(change: Change) -> bytes:
     return msgpack.packb({"images": [[i.dense, i.pid, i.blob] for i in change.images],
                           "notes": [[n.table, n.key, n.value] for n in change.notes]},
                          use_bin_type=True)
-
-
-def encode_change(change: Change) -> bytes:
-    """RECORD_CHANGE: {"at", "images", and where there are any "notes", "times"}."""
-    record: dict[str, Any] = {"at": change.at, "images": list(map(_LOGGED, change.images))}
-    if change.notes:
-        record["notes"] = [[n.table, n.key, n.value] for n in change.notes]
-    if change.times:
-        record["times"] = [[d, c, ch] for d, (c, ch) in change.times.items()]
-    return ormsgpack.packb(record)  # type: ignore[no-any-return]
 
 
 def encode_schema(specs: Iterable[AttributeSpec]) -> bytes:
@@ -535,12 +698,15 @@ def replay(engine: Engine, rtype: int, payload: bytes) -> None:
         engine.apply(Change(images=[Image(d, p, b) for d, p, b in record["images"]],
                             notes=[Note(t, k, v) for t, k, v in record["notes"]]))
     elif rtype == wal_format.RECORD_CHANGE:
-        record = msgpack.unpackb(payload, strict_map_key=False)
-        notes = record.get("notes")
-        if notes:
-            engine.apply_notes([Note(t, k, v) for t, k, v in notes])
-        engine.apply_images([Image(d, p, b) for d, p, b in record["images"]], record["at"],
-                            {d: (c, ch) for d, c, ch in record.get("times", ())})
+        record = decode_change(payload)
+        at = record["at"]  # microseconds; the profiles' times are in seconds
+        engine.apply(Change(schema=[AttributeSpec.from_state(s) for s in record.get("schema", ())],
+                            images=[Image(d, p, b) for d, p, b in record["images"]],
+                            notes=[Note(t, k, v) for t, k, v in record.get("notes", ())],
+                            at=record.get("changed_at", at // 1_000_000),
+                            times={d: (c, ch) for d, c, ch in record.get("times", ())}))
+        if "segments" in record:
+            engine.segments.apply(decode_deltas(record["segments"]))
     elif rtype == wal_format.RECORD_SHARD_META:
         epoch, slots = msgpack.unpackb(payload)
         engine.set_ownership(epoch, None if slots is None else BitMap.deserialize(slots))
@@ -581,6 +747,8 @@ def load_snapshot(engine: Engine, sections: Iterable[tuple[str, bytes]]) -> None
                 if sys.byteorder == "big":
                     chunk.byteswap()
                 column[start:start + len(chunk)] = chunk
+        elif name == "segments":
+            engine.segments.load_state(msgpack.unpackb(payload, strict_map_key=False))
         elif name == "claims":
             for slot, table in msgpack.unpackb(payload, strict_map_key=False):
                 engine.claims.load(slot, table)

@@ -95,7 +95,8 @@ def _run(coro: Any) -> Any:
 @click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
 def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: bool, sync: str,
           stop_timeout: float, metrics_port: int | None, snapshot_log_mb: int,
-          snapshot_interval: float, stop_snapshot_timeout: float,
+          snapshot_interval: float, stop_snapshot_timeout: float, changes_retention: float,
+          segment_refresh: float,
           max_identifiers_per_kind: int, blocked_identifier: tuple[str, ...],
           max_query_bytes: int, max_query_items: int, max_query_predicates: int,
           event_days: int, no_link: bool, tls_cert: Path | None, tls_key: Path | None,
@@ -125,7 +126,7 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: b
     limits = query_limits(max_query_bytes, max_query_items, max_query_predicates)
     args = shard_args(snapshot_log_mb, snapshot_interval, max_identifiers_per_kind,
                       blocked_identifier, no_link or security.guarded, limits,
-                      stop_snapshot_timeout, event_days)
+                      stop_snapshot_timeout, event_days, changes_retention, segment_refresh)
     args += security_args(tls_cert, tls_key, tls_client_ca, auth_file, insecure, audit_log)
     supervisor = Supervisor(data_dir, shards, host, port, sync, shard_args=args,
                             stop_timeout=stop_timeout + stop_snapshot_timeout, link=not no_link, security=security,

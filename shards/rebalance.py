@@ -315,6 +315,22 @@ async def copy_schema(sources: Iterable[Node], target: Node) -> int:
     return len(specs)
 
 
+async def copy_segments(sources: Iterable[Node], target: Node) -> int:
+    """Define on `target` every saved segment the first reachable source has (same name,
+    query and creation time), before it owns a slot: its members are then kept as the
+    moved profiles arrive. Returns how many."""
+    for node in sources:
+        listing = await memstore_pb2_grpc.MemstoreStub(node.channel).ListSegments(
+            pb.ListSegmentsRequest(), timeout=10.0)
+        stub = memstore_pb2_grpc.MemstoreStub(target.channel)
+        for info in listing.segments:
+            await stub.CreateSegment(pb.CreateSegmentRequest(
+                name=info.name, query=pb.QueryRequest(text=info.query),
+                created_at=info.created_at), timeout=30.0)
+        return len(listing.segments)
+    return 0
+
+
 async def run_moves(cluster: Cluster, moves: list[Move], journal: Journal,
                     batch_slots: int = BATCH_SLOTS,
                     progress: Callable[[int], None] | None = None) -> MoveReport:
@@ -322,6 +338,7 @@ async def run_moves(cluster: Cluster, moves: list[Move], journal: Journal,
     for move in moves:
         source, target = cluster.node(move.source), cluster.node(move.target)
         await copy_schema([source], target)
+        await copy_segments([source], target)
         slots = sorted(from_ranges(move.slots))
         for i in range(0, len(slots), batch_slots):
             batch = set(slots[i:i + batch_slots])
@@ -343,6 +360,7 @@ async def prepare_new_shard(cluster: Cluster, node: Node, force: bool = False) -
         node.info = await node.stub.SetSlots(cpb.SetSlotsRequest(
             epoch=cluster.next_epoch(), slots=[]))
     await copy_schema(others, node)  # the cluster's schema before it owns a slot
+    await copy_segments(others, node)  # and its saved segments
 
 
 def plan_for_add(cluster: Cluster, new: Node) -> list[Move]:

@@ -89,7 +89,9 @@ from memstore.query import (
     Not,
     Or,
     Predicate,
+    QueryError,
     QueryLimits,
+    format_query,
     query_from_request,
 )
 from memstore.server import audit, logs, metrics, reflection
@@ -100,7 +102,7 @@ from memstore.server.security import Credentials, ServerSecurity
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
-from shards import merge
+from shards import merge, watch
 from shards.backoff import pause
 from shards.directory import ClaimStuck, Directory, Suppressed
 from shards.schema import ClusterSchema
@@ -315,6 +317,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         self.sweeper: asyncio.Task[None] | None = None
         self.link: LinkServer | None = None  # clients' unary calls (memstore/server/link.py)
         self._known: set[str] = set()  # attribute names some shard has declared
+        self._segments: set[str] = set()  # saved segments every shard has
         self._naming = IdentifierLocks()  # this router's writes naming an identifier, in turn
         self._loads = LoadTrimmer()  # BatchUpsert calls in flight (memstore/server/heap.py)
         self.retention: Any = None  # shards/retention.py, with --anonymous-ttl
@@ -1461,6 +1464,104 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         if missing:
             yield pb.QueryIdsResponse(missing_shards=missing)
 
+    # ------------------------------------------------------------------ saved segments
+    async def CreateSegment(self, request: pb.CreateSegmentRequest, context: Any
+                            ) -> pb.SegmentInfo:
+        """Every shard or none: a shard that refuses (or is down) has the others forget
+        it again. The router fixes the creation time, so every shard records the same."""
+        try:
+            node = query_from_request(request.query)
+        except QueryError as exc:
+            await _fail(context, Code.INVALID_ARGUMENT, f"query: {exc}")
+        sub = pb.CreateSegmentRequest(name=request.name,
+                                      query=pb.QueryRequest(text=format_query(node)))
+        sub.created_at.GetCurrentTime()
+        timeout = _timeout(context)
+        shards = await self._stable(context, allow_partial=False)
+        outcomes = await asyncio.gather(*(
+            s.stub.CreateSegment(sub, timeout=timeout) for s, _ in shards),
+            return_exceptions=True)
+        failed = next((o for o in outcomes if isinstance(o, BaseException)), None)
+        if failed is not None:
+            undo = pb.DeleteSegmentRequest(name=request.name)
+            for (shard, _), outcome in zip(shards, outcomes, strict=True):
+                if not isinstance(outcome, BaseException):
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        await shard.stub.DeleteSegment(undo, timeout=5.0)
+            if isinstance(failed, grpc.aio.AioRpcError) and \
+                    failed.code() == Code.UNAVAILABLE:
+                await _fail(context, Code.UNAVAILABLE, f"segment {request.name!r} not "
+                            f"created: a shard is unavailable ({failed.details()})")
+            await self._abort(context, failed)
+        self._segments.add(request.name)
+        infos = [o for o in outcomes if isinstance(o, pb.SegmentInfo)]
+        return _sum_segment(infos)
+
+    async def DeleteSegment(self, request: pb.DeleteSegmentRequest, context: Any
+                            ) -> pb.DeleteSegmentResponse:
+        timeout = _timeout(context)
+
+        def call(shard: ShardState) -> Any:
+            return shard.stub.DeleteSegment(request, timeout=timeout)
+
+        answers, _ = await self._fan_out(context, call)
+        self._segments.discard(request.name)
+        return pb.DeleteSegmentResponse(deleted=any(r.deleted for _, r in answers))
+
+    async def ListSegments(self, request: pb.ListSegmentsRequest, context: Any
+                           ) -> pb.ListSegmentsResponse:
+        timeout = _timeout(context)
+
+        def call(shard: ShardState) -> Any:
+            return shard.stub.ListSegments(request, timeout=timeout)
+
+        answers, missing = await self._fan_out(context, call, request.allow_partial)
+        by_name: dict[str, list[pb.SegmentInfo]] = {}
+        for _, response in answers:
+            for info in response.segments:
+                by_name.setdefault(info.name, []).append(info)
+        self._segments = set(by_name)
+        return pb.ListSegmentsResponse(segments=[_sum_segment(by_name[n])
+                                                 for n in sorted(by_name)],
+                                       missing_shards=missing)
+
+    async def WatchSegments(self, request: pb.WatchSegmentsRequest, context: Any
+                            ) -> AsyncIterator[pb.WatchSegmentsResponse]:
+        async for message in self._watch(request, context, "WatchSegments", "events",
+                                         pb.WatchSegmentsResponse):
+            yield message
+
+    async def WatchChanges(self, request: pb.WatchChangesRequest, context: Any
+                           ) -> AsyncIterator[pb.WatchChangesResponse]:
+        if request.HasField("query"):
+            lenient = await self._lenient(request.query, context)
+            request = pb.WatchChangesRequest(query=lenient, attributes=request.attributes,
+                                             from_position=request.from_position,
+                                             initial=request.initial)
+        async for message in self._watch(request, context, "WatchChanges", "changes",
+                                         pb.WatchChangesResponse):
+            yield message
+
+    async def _watch(self, request: Any, context: Any, method: str, items: str,
+                     make: Any) -> AsyncIterator[Any]:
+        """Every shard's stream, merged (shards/watch.py)."""
+        try:
+            start = watch.start_positions(request.from_position)
+        except InvalidArgument as exc:
+            await _fail(context, Code.INVALID_ARGUMENT, str(exc))
+        await self._stable(context, allow_partial=False)
+        initial = request.initial and not request.from_position
+
+        def open_stream(shard: ShardState, request: Any) -> Any:
+            return getattr(shard.stub, method)(request)
+
+        merge = watch.Merge(self.map, open_stream, request, items, make, initial, start)
+        try:
+            async for message in merge.run():
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            await self._abort(context, exc)
+
     # ------------------------------------------------------------------ operations
     async def Snapshot(self, request: pb.SnapshotRequest, context: Any) -> pb.SnapshotResponse:
         timeout = _timeout(context)
@@ -1569,6 +1670,15 @@ async def _refuse_suppressed(context: Any, exc: Suppressed, items: list[tuple[st
     context.set_trailing_metadata(((RECORD_TRAILER, str(index)),
                                    (APPLIED_TRAILER, BitMap().serialize())))
     await _fail(context, Code.FAILED_PRECONDITION, f"{where}.identifiers: {exc}")
+
+
+def _sum_segment(infos: list[pb.SegmentInfo]) -> pb.SegmentInfo:
+    """One segment as every shard told it: members summed, the first broken reason."""
+    out = pb.SegmentInfo()
+    out.CopyFrom(infos[0])
+    out.members = sum(i.members for i in infos)
+    out.broken = next((i.broken for i in infos if i.broken), "")
+    return out
 
 
 def _union_schema(responses: Iterable[pb.SchemaResponse]) -> pb.SchemaResponse:

@@ -194,3 +194,35 @@ def test_events_bench_counts_agree_with_duckdb() -> None:
     assert "loaded 500 events" in res["load_cli"]["output"]
     assert all(q["count"] >= 0 for q in res["queries"]) and len(res["queries"]) == 4
     assert "| `did(\"e0\", within=30d, at_least=3)` |" in events_markdown(res)
+
+
+def test_segments_bench_times_real_events_and_counts_that_agree(tmp_path: Path) -> None:
+    """bench.segments end to end on 5,000 profiles: both loads, every write's ENTER and
+    LEAVE seen by the watcher, in_segment counts equal to their queries', the polling
+    alternative timed, and a report with a ratio on every line."""
+    from bench.segments import Options, markdown
+    from bench.segments import run as run_segments
+
+    opt = Options(size=5_000, writes=60, pace_s=0.005, upserts=100, count_reps=2,
+                  poll_period_s=0.2, poll_rounds=2, idle_s=0.5, cache_dir=tmp_path,
+                  log=lambda s: None)
+    res = run_segments(opt)
+    assert res["load_with"]["profiles"] == res["load_without"]["profiles"] == 5_000
+    assert len(res["segments"]["definitions"]) == 100 and res["segments"]["members"]["min"] > 0
+    assert {"=", "IN", "range", "HAS", "NOT"} <= set(res["segments"]["predicates"])
+    watched = res["writes_watched"]
+    for change in ("enter", "leave"):  # every write's event came, matched by id
+        assert watched["noticed"][change]["writes"] == 30
+        assert watched["noticed"][change]["missed"] == 0
+        assert watched["noticed"][change]["after_ack"]["n"] == 30
+    assert watched["events"] >= 60 and watched["error"] is None
+    assert res["upserts_with"]["n"] == res["upserts_without"]["n"] == 100
+    for way in ("grpc", "link"):  # run() raises unless each pair of counts agreed
+        assert res["counts"][way]["in_segment"]["n"] == res["counts"][way]["query"]["n"] == 200
+    assert res["memory"]["members"] > 0 and res["memory"]["serialized_bytes"] > 0
+    assert res["poll_quiet"]["rounds"] == 2 and res["poll_quiet"]["ids_per_round"] > 0
+    assert res["writes_polled"]["rounds"] >= 2
+    report = markdown(res)
+    assert re.search(r"\| 1\. ENTER .* \| [0-9.]+ / [0-9.]+ \| polling every", report)
+    assert re.search(r"\| 2\. bulk load .* \| [0-9.]+ \| ≥ 0\.75", report)
+    assert re.search(r"count\(its query\): [0-9.]+ / [0-9.]+ \| [0-9.]+ / [0-9.]+", report)

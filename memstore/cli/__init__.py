@@ -1,4 +1,5 @@
-"""The `memstore` command: serve, load, get, query, snapshot, check, repair, cluster.
+"""The `memstore` command: serve, load, get, query, segment, watch, changes, snapshot,
+check, repair, cluster.
 
 Every command that talks to a server takes --address (default 127.0.0.1:7070, the router
 that `memstore serve` starts). Errors print the server's message and exit with status 1.
@@ -73,7 +74,8 @@ def main() -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
 def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str,
                 slots: str | None, sync: str, snapshot_log_mb: int, snapshot_interval: float,
-                stop_snapshot_timeout: float, max_identifiers_per_kind: int,
+                stop_snapshot_timeout: float, changes_retention: float,
+                segment_refresh: float, max_identifiers_per_kind: int,
                 blocked_identifier: tuple[str, ...],
                 max_query_bytes: int, max_query_items: int, max_query_predicates: int,
                 event_days: int, no_link: bool, link_port: int, metrics_port: int | None,
@@ -112,7 +114,9 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
                          sync=SyncPolicy(sync), snapshot_log_bytes=snapshot_log_mb << 20,
                          snapshot_interval=snapshot_interval, rules=rules,
                          lock_wait=lock_wait, stop_snapshot_timeout=stop_snapshot_timeout,
-                         salt=salt, event_days=event_days)
+                         salt=salt, event_days=event_days,
+                         changes_retention=changes_retention * 3600.0,
+                         segment_refresh=segment_refresh)
     owned = _parse_slots(slots) if slots else None
     try:
         uvloop.run(serve(config, host, port, owned, metrics_port=metrics_port,
@@ -654,6 +658,16 @@ def repair(data_dir: Path, yes: bool) -> None:
         click.confirm("cut the log at the last good record (a backup is kept)?", abort=True)
     click.echo(str(repair_log(data_dir / "log")))
     lock.release()
+
+
+def _register_stream_commands() -> None:
+    from memstore.cli import streams
+
+    for command in (streams.segment, streams.watch, streams.changes):
+        main.add_command(command)
+
+
+_register_stream_commands()
 
 
 def _register_cluster_commands() -> None:

@@ -58,6 +58,16 @@ _OPTIONS = (
                       "the last one, so the next start replays nothing; give up after this "
                       "many seconds (the next start then replays the log; nothing is lost). "
                       "0: never."),
+    click.option("--changes-retention", type=click.FloatRange(0), default=24.0,
+                 show_default=True,
+                 help="Hours of changes the log keeps for `memstore watch` and `changes` "
+                      "to resume from (--from); older positions must start again with "
+                      "--initial. Costs disk: the log of that many hours stays."),
+    click.option("--segment-refresh", type=click.FloatRange(1.0), default=60.0,
+                 show_default=True,
+                 help="Seconds between re-evaluations of saved segments whose queries "
+                      "compare with a relative time (`last_seen > now - 7d`): members who "
+                      "age out leave within this time."),
     click.option("--max-identifiers-per-kind", type=click.IntRange(1), default=20,
                  show_default=True,
                  help="Merge protection: a profile never holds more identifiers of one kind."),
@@ -94,8 +104,9 @@ LINK_PORT = click.option(
 
 def shard_settings(command: F) -> F:
     """Add --sync, --snapshot-log-mb, --snapshot-interval, --stop-snapshot-timeout,
-    --max-identifiers-per-kind, --blocked-identifier, the query limits, --event-days and
-    --no-link to a click command."""
+    --changes-retention, --segment-refresh, --max-identifiers-per-kind,
+    --blocked-identifier, the query limits, --event-days and --no-link to a click
+    command."""
     for option in reversed(_OPTIONS):
         command = option(command)
     return command
@@ -120,12 +131,14 @@ def query_limits(max_query_bytes: int, max_query_items: int, max_query_predicate
 def shard_args(snapshot_log_mb: int, snapshot_interval: float, max_identifiers_per_kind: int,
                blocked_identifier: tuple[str, ...], no_link: bool,
                limits: QueryLimits | None = None, stop_snapshot_timeout: float = 60.0,
-               event_days: int = 180
-               ) -> tuple[str, ...]:
+               event_days: int = 180, changes_retention: float = 24.0,
+               segment_refresh: float = 60.0) -> tuple[str, ...]:
     """The same settings as `serve-shard` arguments (--sync goes separately)."""
     return ("--snapshot-log-mb", str(snapshot_log_mb),
             "--snapshot-interval", str(snapshot_interval),
             "--stop-snapshot-timeout", str(stop_snapshot_timeout),
+            "--changes-retention", str(changes_retention),
+            "--segment-refresh", str(segment_refresh),
             "--max-identifiers-per-kind", str(max_identifiers_per_kind),
             *(arg for value in blocked_identifier for arg in ("--blocked-identifier", value)),
             *(() if limits is None else (

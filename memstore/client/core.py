@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from itertools import islice
 from typing import Any, Self
 
@@ -85,7 +85,7 @@ LOAD_CHUNK_BYTES = 16 << 20
 _OPTIONS = [("grpc.max_receive_message_length", 64 << 20),
             ("grpc.max_send_message_length", 64 << 20)]
 _READS = {"Get", "BatchGet", "GetSchema", "Count", "QueryIds", "GroupBy", "QueryBitmap", "Stats",
-          "ExportProfile"}
+          "ExportProfile", "ListSegments"}
 _RETRIES = 3
 # The router's JSON admin call listing shards, addresses and slots (shards/router.py).
 LIST_SHARDS = f"/{ADMIN_SERVICE}/ListShards"
@@ -558,6 +558,25 @@ class ClientMethods:
             "profiles": r.profiles, "identifiers": r.identifiers, "attributes": r.attributes,
             "log_bytes": r.log_bytes, "shard": r.shard, **dict(r.info)})
 
+    # saved segments
+    def create_segment(self, name: str, query: Any) -> Any:
+        """Save `query` as segment `name`: its members are kept current on every write,
+        `in_segment("name")` reads them in queries, and `watch` streams who enters and
+        leaves. Creating the same definition again is a no-op. Returns its description
+        ({"name", "query", "members", "created_at", "broken"})."""
+        request = pb.CreateSegmentRequest(name=name, query=_query(query))
+        return self._call("CreateSegment", request, _segment)
+
+    def segments(self) -> Any:
+        """Every saved segment's description (see create_segment), by name."""
+        return self._call("ListSegments", pb.ListSegmentsRequest(),
+                          lambda r: [_segment(s) for s in r.segments])
+
+    def delete_segment(self, name: str) -> Any:
+        """Forget saved segment `name`; True if there was one."""
+        return self._call("DeleteSegment", pb.DeleteSegmentRequest(name=name),
+                          lambda r: r.deleted)
+
 
 def _connect(open_channel: Callable[..., Any]) -> Callable[[str], tuple[Any, Any]]:
     """(channel, stub) for a shard address, with Credentials.channel or its aio twin."""
@@ -693,6 +712,40 @@ class Client(ClientMethods):
                     yield export.receipt(chunk)
         except grpc.RpcError as exc:
             raise _error(exc, "EraseProfiles") from None
+
+    def watch(self, segments: Sequence[str] = (), *, from_position: str | None = None,
+              initial: bool = False, heartbeats: bool = False) -> Iterator[dict[str, Any]]:
+        """Who enters and leaves the saved `segments` (empty: all), as it happens: dicts
+        {"segment", "id", "change" ("enter" or "leave"), "position", "at", "initial"}.
+        Pass the last `position` you processed as `from_position` to resume without
+        losing anything (also after a server restart); `initial` (without a position)
+        first lists the current members (initial=True, no position), then follows on.
+        With `heartbeats`, a quiet stream also yields {"heartbeat": True, "position",
+        "at"} every few seconds: keep that position too, so a stream that saw nothing for
+        days resumes from a recent place the server still keeps. Runs until the caller
+        stops iterating (no deadline)."""
+        request = pb.WatchSegmentsRequest(segments=segments, from_position=from_position or "",
+                                          initial=initial)
+        try:
+            for message in self._grpc.WatchSegments(request):
+                yield from _stream_items(message, message.events, _segment_event, heartbeats)
+        except grpc.RpcError as exc:
+            raise _error(exc, "WatchSegments") from None
+
+    def changes(self, query: Any = None, *, attributes: Sequence[str] = (),
+                from_position: str | None = None, initial: bool = False,
+                heartbeats: bool = False) -> Iterator[dict[str, Any]]:
+        """Every change of a profile, as it happens: dicts {"id", "version", "set" (the
+        attributes set or changed, with values), "unset", "created", "deleted",
+        "merged_into", "position", "at", "initial"}; only profiles matching `query` (when
+        the change is read; deletions and merges always) and only `attributes` (empty:
+        all). Resuming, `initial` and `heartbeats` as for `watch`."""
+        request = _changes_request(query, attributes, from_position, initial)
+        try:
+            for message in self._grpc.WatchChanges(request):
+                yield from _stream_items(message, message.changes, _profile_change, heartbeats)
+        except grpc.RpcError as exc:
+            raise _error(exc, "WatchChanges") from None
 
     def load(self, records: Iterable[Mapping[str, Any]], *, chunk_size: int = LOAD_CHUNK,
              concurrency: int = LOAD_CONCURRENCY,
@@ -943,6 +996,33 @@ class AsyncClient(ClientMethods):
         except grpc.aio.AioRpcError as exc:
             raise _error(exc, "EraseProfiles") from None
 
+    async def watch(self, segments: Sequence[str] = (), *, from_position: str | None = None,
+                    initial: bool = False, heartbeats: bool = False
+                    ) -> AsyncIterator[dict[str, Any]]:
+        """As Client.watch."""
+        request = pb.WatchSegmentsRequest(segments=segments, from_position=from_position or "",
+                                          initial=initial)
+        try:
+            async for message in self._grpc.WatchSegments(request):
+                for item in _stream_items(message, message.events, _segment_event,
+                                          heartbeats):
+                    yield item
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc, "WatchSegments") from None
+
+    async def changes(self, query: Any = None, *, attributes: Sequence[str] = (),
+                      from_position: str | None = None, initial: bool = False,
+                      heartbeats: bool = False) -> AsyncIterator[dict[str, Any]]:
+        """As Client.changes."""
+        request = _changes_request(query, attributes, from_position, initial)
+        try:
+            async for message in self._grpc.WatchChanges(request):
+                for item in _stream_items(message, message.changes, _profile_change,
+                                          heartbeats):
+                    yield item
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc, "WatchChanges") from None
+
     async def load(self, records: Iterable[Mapping[str, Any]], *, chunk_size: int = LOAD_CHUNK,
                    concurrency: int = LOAD_CONCURRENCY,
                    progress: Callable[[int], None] | bool | None = None,
@@ -1033,6 +1113,45 @@ def _export_request(query: Any, chunk_size: int) -> pb.ExportProfilesRequest:
     if query is not None:
         request.query.CopyFrom(_query(query))
     return request
+
+
+def _segment(s: pb.SegmentInfo) -> dict[str, Any]:
+    return {"name": s.name, "query": s.query, "members": s.members,
+            "created_at": s.created_at.ToDatetime(UTC), "broken": s.broken}
+
+
+def _segment_event(e: pb.SegmentEvent) -> dict[str, Any]:
+    return {"segment": e.segment, "id": e.id,
+            "change": "enter" if e.change == pb.SegmentEvent.ENTER else "leave",
+            "position": e.position, "at": e.at.ToDatetime(UTC), "initial": e.initial}
+
+
+def _stream_items(message: Any, items: Any, convert: Callable[[Any], dict[str, Any]],
+                  heartbeats: bool) -> Iterator[dict[str, Any]]:
+    """A watch message's events as dicts; an empty one that moves the position on is a
+    heartbeat (yielded only if asked for)."""
+    for item in items:
+        yield convert(item)
+    if heartbeats and not items and message.position:
+        yield {"heartbeat": True, "position": message.position,
+               "at": message.at.ToDatetime(UTC)}
+
+
+def _changes_request(query: Any, attributes: Sequence[str], from_position: str | None,
+                     initial: bool) -> pb.WatchChangesRequest:
+    request = pb.WatchChangesRequest(attributes=attributes, from_position=from_position or "",
+                                     initial=initial)
+    if query is not None:
+        request.query.CopyFrom(_query(query))
+    return request
+
+
+def _profile_change(c: pb.ProfileChange) -> dict[str, Any]:
+    return {"id": c.id, "version": c.version,
+            "set": {k: pbvalues.from_pb(v) for k, v in c.set.items()},
+            "unset": list(c.unset), "created": c.created, "deleted": c.deleted,
+            "merged_into": c.merged_into or None, "position": c.position,
+            "at": c.at.ToDatetime(UTC), "initial": c.initial}
 
 
 def _applied(applied: int, sent: int) -> int:

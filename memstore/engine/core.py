@@ -74,6 +74,7 @@ from memstore.engine.schema import (
     kind_of,
     registry_key,
 )
+from memstore.engine.segments import MAX_SEGMENTS, Segments, Touched
 from memstore.engine.values import from_stored, to_stored
 from memstore.errors import (
     FailedPrecondition,
@@ -98,6 +99,8 @@ from memstore.index.claims import Claims, claim_key
 from memstore.index.day_index import DayIndex
 from memstore.index.inttable import IntTable
 from memstore.pbvalues import micros_in_range
+from memstore.query import Node, format_query
+from memstore.query.ast import segment_problem
 
 # Operation codes: the numbers of memstore.v1.Operation.Op.
 SET, SET_ONCE, UNSET, INCREMENT, ADD_TO_SET, REMOVE_FROM_SET = 1, 2, 3, 4, 5, 6
@@ -149,7 +152,8 @@ class Note:
     value: Any
 
 
-NOTE_TABLES = ("held", "forwards", "decided", "claims", "registry", "suppressed")
+NOTE_TABLES = ("held", "forwards", "decided", "claims", "registry", "suppressed",
+               "segments")
 # Tables whose removed entries held personal data (primary ids, identifiers): a change
 # removing one erases, as a change removing a profile does (Shard: erasure retention).
 ERASING_TABLES = frozenset({"forwards", "decided", "claims"})
@@ -180,6 +184,11 @@ class Change:
     # changed = `at`; created = `at` for a new profile, else unchanged.
     times: dict[int, tuple[int, int]] = field(default_factory=dict)
     tracked: Any = None  # set by a batch of tracks (memstore.engine.tracking.Tracked)
+    # A slot move's copy or drop, or a segment's creation: membership changes, but nothing
+    # happened to anyone, so watchers are not told (memstore/server/watch.py).
+    quiet: bool = False
+    # Saved segments to evaluate over every profile once the change is applied (a new one)
+    rebuild: list[str] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -212,6 +221,7 @@ class Undo:
     notes: list[Note]
     added: tuple[int, list[str]] | None = None  # a load's new profiles: (first dense id, pids)
     times: list[tuple[int, int, int]] = field(default_factory=list)  # (dense, created, changed)
+    schema: list[AttributeSpec] = field(default_factory=list)  # declared by the change
 
 
 @dataclass(slots=True)
@@ -800,6 +810,7 @@ class Engine:
         # Erased identifiers and ids on the blocked list (DeleteRequest.suppress): salted
         # hash (hashed) -> [slot of its claim key or primary id, since (unix s)].
         self.suppressed: dict[str, list[Any]] = {}
+        self.segments = Segments()  # saved segments (memstore.engine.segments)
         # Set by the server while it plans a router's write: undeclared attributes refuse
         # the write (Undeclared) instead of being declared by its values here.
         self.cluster_schema = False
@@ -1366,6 +1377,42 @@ class Engine:
             answers.append(found)
         return Change(notes=notes, result=answers)
 
+    # ------------------------------------------------------------------ saved segments
+    def plan_create_segment(self, name: str, node: Node, created_at: int) -> Change:
+        """Define saved segment `name`: its first members enter it (watchers of every
+        segment see them). The same definition again is a no-op; another one under the name
+        is refused."""
+        problem = segment_problem(name)
+        if problem is not None:
+            raise InvalidArgument(f"name: {problem}")
+        text = format_query(node)
+        existing = self.segments.get(name)
+        if existing is not None:
+            if existing.text == text:
+                return Change(result=name)
+            raise FailedPrecondition(f"segment {name!r} exists with another query: "
+                                     f"{existing.text}; delete it first")
+        if len(self.segments) >= MAX_SEGMENTS:
+            raise FailedPrecondition(f"at most {MAX_SEGMENTS} saved segments")
+        self.segments.check_definition(name, node)
+        from memstore.query.evaluate import evaluate
+
+        evaluate(self, node, unknown_is_empty=True, within=BitMap())  # literals' kinds
+        return Change(notes=[Note("segments", name, [text, created_at])], rebuild=[name],
+                      result=name)
+
+    def plan_delete_segment(self, name: str) -> Change:
+        """Forget saved segment `name` (its members leave it); refused while another
+        segment reads it."""
+        segment = self.segments.get(name)
+        if segment is None:
+            return Change(result=False)
+        readers = sorted(s.name for s in self.segments.by_name.values() if name in s.depends)
+        if readers:
+            raise FailedPrecondition(f"segment {name!r} is read by {', '.join(readers)}: "
+                                     "delete those first")
+        return Change(notes=[Note("segments", name, None)], result=True)
+
     # ------------------------------------------------------------------ directory
     def plan_claims(self, entries: Sequence[Any]) -> Change:
         """Read, make, take over or release claims (ClaimRequest has the entry forms).
@@ -1568,22 +1615,33 @@ class Engine:
         return planner.finish()
 
     # ------------------------------------------------------------------ applying
-    def apply(self, change: Change) -> Undo:
-        """Apply `change`; returns what undoes it (Engine.undo)."""
+    def apply(self, change: Change, touched: Touched | None = None) -> Undo:
+        """Apply `change`; returns what undoes it (Engine.undo). `touched` collects what it
+        did to which profiles (for saved segments and change streams)."""
+        declared: list[AttributeSpec] = []
         for spec in change.schema:
             if spec.id == len(self.schema.by_id):
                 self.add_attribute(spec)
+                declared.append(spec)
         notes = self.apply_notes(change.notes) if change.notes else []
         at = change.at or int(self.clock())
         if change.load is not None and change.load.first == len(self.blobs):
-            return Undo([], notes, self._apply_load(change.images, change.load, at))
+            added = self._apply_load(change.images, change.load, at)
+            if touched is not None:
+                first = change.load.first
+                touched.created_with(range(first, first + len(change.images)),
+                                     [aid for aid, _, _ in change.load.columns])
+            return Undo([], notes, added, schema=declared)
         if change.tracked is not None and change.tracked.first == len(self.blobs):
-            return self._apply_tracked(change.images, change.tracked, at)
+            undo = self._apply_tracked(change.images, change.tracked, at, touched)
+            undo.notes, undo.schema = notes, declared
+            return undo
         stamped: list[tuple[int, int, int]] = []
-        return Undo(self.apply_images(change.images, at, change.times, stamped), notes,
-                    times=stamped)
+        return Undo(self.apply_images(change.images, at, change.times, stamped, touched), notes,
+                    times=stamped, schema=declared)
 
-    def _apply_tracked(self, images: list[Image], tracked: Any, at: int) -> Undo:
+    def _apply_tracked(self, images: list[Image], tracked: Any, at: int,
+                       touched: Touched | None = None) -> Undo:
         """apply_images for a planned batch of tracks (memstore.engine.tracking.Tracked):
         blobs swapped, new profiles added at the end, indexes changed a column at a time;
         every profile stamped as changed at `at` (new ones as created then too)."""
@@ -1612,6 +1670,17 @@ class Engine:
             self.range_index[aid].replace_many(ids, old, had, new)
         for aid, (ids, on, was, now) in tracked.cells.items():
             self.day_index[aid].bump_many(ids, on, was, now)
+        if touched is not None:  # which attributes each profile's events changed
+            diffs: dict[int, list[int]] = {}
+            for columns in (tracked.ranges, tracked.cells):
+                for aid, (ids, *_) in columns.items():
+                    for dense in dict.fromkeys(ids.tolist()):
+                        diffs.setdefault(dense, []).append(aid)
+            for dense, aids in diffs.items():
+                if dense < first:
+                    touched.update(dense, aids, [])
+                else:
+                    touched.created_with((dense,), aids)
         before.reverse()
         return Undo(before, [], (first, pids) if added else None, times=stamped)
 
@@ -1624,6 +1693,12 @@ class Engine:
         for dense, created, changed in reversed(undo.times):
             self.created[dense], self.changed[dense] = created, changed
         self.apply_notes(undo.notes)
+        for spec in reversed(undo.schema):  # declared by the change: the newest ids
+            self.schema.drop_last(spec)
+            self.range_index.pop(spec.id, None)
+            self.value_index.pop(spec.id, None)
+            self.exists.pop(spec.id, None)
+            self.day_index.pop(spec.id, None)
 
     def apply_notes(self, notes: Iterable[Note]) -> list[Note]:
         """Set or remove merge-table entries; returns the notes that undo them (in order)."""
@@ -1631,6 +1706,10 @@ class Engine:
         for note in notes:
             if note.table == "claims":
                 before.append(Note("claims", note.key, self.claims.swap(note.key, note.value)))
+                continue
+            if note.table == "segments":
+                before.append(Note("segments", note.key,
+                                   self.segments.set_definition(note.key, note.value)))
                 continue
             table: dict[str, Any] = getattr(self, note.table)
             before.append(Note(note.table, note.key, table.get(note.key)))
@@ -1661,11 +1740,13 @@ class Engine:
 
     def apply_images(self, images: Iterable[Image], at: int | None = None,
                      times: Mapping[int, tuple[int, int]] | None = None,
-                     stamped: list[tuple[int, int, int]] | None = None) -> list[Image]:
+                     stamped: list[tuple[int, int, int]] | None = None,
+                     touched: Touched | None = None) -> list[Image]:
         """Apply after-images; with `at`, stamp each as changed then (and a new profile as
         created then), or as `times` says, adding the times replaced to `stamped`. Without
         (undo, records from before times were logged), times stay as they are, but an
-        erased profile's are cleared."""
+        erased profile's are cleared. `touched` collects what it did to which profiles
+        (for saved segments and change streams)."""
         before: list[Image] = []
         fresh: list[tuple[int, dict[int, Any]]] = []
         fresh_keys: list[int] = []  # identifiers of new profiles, entered at the end
@@ -1709,10 +1790,20 @@ class Engine:
                     fresh_owners.append(dense)
                 for m in new_state[3]:
                     self.aliases[m] = pid
+                if touched is not None:
+                    touched.created_with((dense,), new_state[1])
                 continue
             old_state = decode(old)
             old_pid = self.pids[dense]
             assert old_pid is not None
+            if touched is not None:
+                if new_state is None:
+                    touched.removed.add(dense)
+                else:
+                    old_attrs, new_attrs = old_state[1], new_state[1]
+                    touched.update(dense, [a for a, v in new_attrs.items()
+                                           if a not in old_attrs or old_attrs[a] != v],
+                                   [a for a in old_attrs if a not in new_attrs])
             if new_state is None:
                 self.blobs[dense] = None
                 self.pids[dense] = None

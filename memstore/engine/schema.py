@@ -157,6 +157,13 @@ class Schema:
         self.by_id.append(spec)
         self.by_name[spec.name] = spec
 
+    def drop_last(self, spec: AttributeSpec) -> None:
+        """Take back the newest declaration (a change undone before anything used it)."""
+        if not self.by_id or self.by_id[-1] != spec:
+            raise ValueError(f"attribute {spec.name!r} is not the newest declaration")
+        self.by_id.pop()
+        del self.by_name[spec.name]
+
     def to_state(self) -> list[Any]:
         return [spec.to_state() for spec in self.by_id]
 

@@ -108,16 +108,38 @@ class Did:
     at_most: int | None = None
 
 
-Node = Predicate | And | Or | Not | All | Did
-
 EVENT_NAME = re.compile(r"[A-Za-z0-9_\-]{1,128}")
 MAX_WINDOW_DAYS = 100_000  # a window longer than any retention (about 270 years)
 
+
+@dataclass(frozen=True, slots=True)
+class InSegment:
+    """The members of a saved segment (memstore.engine.segments), by its name."""
+
+    name: str
+
+
+Node = Predicate | And | Or | Not | All | Did | InSegment
+
 # Words the text form reserves; an attribute spelled like one is written backquoted.
 KEYWORDS = frozenset({"AND", "OR", "NOT", "IN", "BETWEEN", "HAS", "EXISTS", "TRUE", "FALSE", "ALL"})
+CALLS = frozenset({"did", "in_segment"})  # function-call forms: such attributes go backquoted
 BARE_ATTRIBUTE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 
 _SINGLE = frozenset({Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT, Op.GE, Op.HAS})
+
+
+SEGMENT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,63}")
+
+
+def segment_problem(name: object) -> str | None:
+    """What is wrong with a segment name, or None (1-64 letters, digits, _ or -, starting
+    with a letter)."""
+    if not isinstance(name, str) or not SEGMENT_NAME.fullmatch(name):
+        shown = name[:80] if isinstance(name, str) else name
+        return (f"segment name {shown!r} must be 1-64 letters, digits, _ or -, starting with "
+                "a letter")
+    return None
 
 
 def attribute_problem(name: str) -> str | None:
@@ -222,6 +244,10 @@ def _validate(node: object, path: str, depth: int) -> None:
         problem = did_problem(node)
         if problem is not None:
             raise QueryError(f"{path}.did: {problem}")
+    elif isinstance(node, InSegment):
+        problem = segment_problem(node.name)
+        if problem is not None:
+            raise QueryError(f"{path}.in_segment: {problem}")
     elif not isinstance(node, All):
         raise QueryError(f"{path}: not a query node: {type(node).__name__}")
 
@@ -232,7 +258,8 @@ _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t"}
 
 
 def format_attribute(name: str) -> str:
-    if BARE_ATTRIBUTE.fullmatch(name) and name.upper() not in KEYWORDS and name.lower() != "did":
+    if BARE_ATTRIBUTE.fullmatch(name) and name.upper() not in KEYWORDS \
+            and name.lower() not in CALLS:
         return name
     return "`" + name.replace("`", "``") + "`"
 
@@ -275,6 +302,8 @@ def format_query(node: Node) -> str:
         return "ALL"
     if isinstance(node, Did):
         return format_did(node)
+    if isinstance(node, InSegment):
+        return f"in_segment({format_literal(node.name)})"
     raise QueryError(f"not a query node: {type(node).__name__}")
 
 

@@ -23,13 +23,18 @@ __all__ = ["EvalStats", "evaluate", "group_counts", "spec_for_query"]
 
 
 def evaluate(engine: Engine, node: Node, *, unknown_is_empty: bool = False,
-             stats: EvalStats | None = None) -> BitMap:
+             stats: EvalStats | None = None, within: BitMap | None = None) -> BitMap:
     """Dense ids of visible profiles matching `node`. Raises InvalidArgument, before any
     evaluation, for anything wrong anywhere in the tree.
 
     With `unknown_is_empty` (a router asking), an attribute or event this shard has never
-    seen matches nothing here instead of failing. `stats`: filled with what ran."""
+    seen matches nothing here instead of failing. `stats`: filled with what ran. With
+    `within`, only those dense ids are considered, visible or not (a saved segment's
+    members among the profiles a change touched, memstore.engine.segments): every step
+    then runs among them, so the work scales with them, not the shard."""
     plan = compile_query(engine, node, unknown_is_empty)
+    if within is not None:
+        return plan.run(Context(within, stats), within) & within
     universe = engine.visible()
     context = Context(universe, stats)
     result = plan.run(context, None)

@@ -6,6 +6,7 @@
     primary  := "(" expr ")" | "ALL" | "*"
               | "exists" "(" attr ")"
               | "did" "(" string ("," did_arg)+ ")"
+              | "in_segment" "(" string ")"
               | attr "NOT" "IN" "(" literal ("," literal)* ")"      -> Not(IN)
               | attr ("=" | "!=" | "<" | "<=" | ">" | ">=" | "HAS") literal
               | attr "IN" "(" literal ("," literal)* ")"
@@ -48,6 +49,7 @@ from memstore.query.ast import (
     All,
     And,
     Did,
+    InSegment,
     Literal,
     Node,
     Not,
@@ -57,6 +59,7 @@ from memstore.query.ast import (
     QueryError,
     QuerySyntaxError,
     attribute_problem,
+    segment_problem,
     validate,
     value_problem,
 )
@@ -318,6 +321,8 @@ class _Parser:
             return Predicate(attr, Op.EXISTS)
         if self.is_did_call():
             return self.did()
+        if self.is_call("in_segment"):
+            return self.in_segment()
         if tok.kind is _Kind.END:
             raise self.error("a predicate")
         attr = self.attribute()
@@ -326,6 +331,23 @@ class _Parser:
     def is_did_call(self) -> bool:
         tok, after = self.tok, self.peek(1)
         return tok.kind is _Kind.WORD and tok.text.lower() == "did" and after.text == "("
+
+    def is_call(self, name: str) -> bool:
+        tok, after = self.tok, self.peek(1)
+        return tok.kind is _Kind.WORD and tok.text.lower() == name and after.text == "("
+
+    def in_segment(self) -> Node:
+        self.advance()  # in_segment
+        self.expect_punct("(")
+        tok = self.tok
+        if tok.kind is not _Kind.STRING:
+            raise self.error("a segment name string in in_segment(...)")
+        problem = segment_problem(tok.value)
+        if problem is not None:
+            raise self.fail_at(problem, tok)
+        self.advance()
+        self.expect_punct(")")
+        return InSegment(str(tok.value))
 
     def attribute(self) -> str:
         tok = self.tok

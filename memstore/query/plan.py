@@ -39,7 +39,18 @@ from memstore.errors import InvalidArgument, brief
 from memstore.index.bitmap_index import RangeIndex, float_to_ordered
 from memstore.index.day_index import DayIndex
 from memstore.pbvalues import datetime_to_micros
-from memstore.query.ast import All, And, Did, Node, Not, Op, Or, Predicate, QueryError
+from memstore.query.ast import (
+    All,
+    And,
+    Did,
+    InSegment,
+    Node,
+    Not,
+    Op,
+    Or,
+    Predicate,
+    QueryError,
+)
 from memstore.query.parser import parse_timestamp
 
 _RANGE_OPS = {Op.LT: "lt", Op.LE: "le", Op.GT: "gt", Op.GE: "ge", Op.EQ: "eq", Op.NE: "ne"}
@@ -260,6 +271,11 @@ def _compile(engine: Engine, node: Node, lenient: bool, universe: BitMap) -> Ste
         return Everyone(universe)
     if isinstance(node, Did):
         return _did(engine, node, lenient)
+    if isinstance(node, InSegment):
+        segment = engine.segments.get(node.name)
+        if segment is None:
+            raise InvalidArgument(f"query: unknown segment {brief(node.name)}")
+        return Bitmaps([segment.members])
     raise InvalidArgument(f"query: unsupported node {type(node).__name__}")
 
 

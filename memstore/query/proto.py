@@ -17,6 +17,7 @@ from memstore.query.ast import (
     All,
     And,
     Did,
+    InSegment,
     Literal,
     Node,
     Not,
@@ -64,6 +65,8 @@ def _to_proto(node: Node) -> pb.Query:
             did.at_least = node.at_least
         if node.at_most is not None:
             did.at_most = node.at_most
+    elif isinstance(node, InSegment):
+        out.in_segment = node.name
     else:
         out.all = True
     return out
@@ -109,6 +112,8 @@ class _Converter:
             return self.predicate(q.predicate, f"{path}.predicate")
         if kind == "did":
             return _did(q.did, f"{path}.did")
+        if kind == "in_segment":
+            return InSegment(q.in_segment)
         if not q.all:
             raise QueryError(f"{path}.all: must be true when set")
         return All()

@@ -60,18 +60,20 @@ OPERATOR = Need("admin", frozenset({"admin"}))
 MEMBER = Need("cluster", frozenset({"cluster", "admin"}))  # ShardControl: members, operators
 
 MEMSTORE_WRITES = frozenset({"Upsert", "BatchUpsert", "Delete", "Link", "Track",
-                             "TrackBatch"})
+                             "TrackBatch", "CreateSegment", "DeleteSegment"})
 # Bulk data rights are admin's: every profile's data at once, or many people erased.
 MEMSTORE_ADMIN = frozenset({"DeclareAttributes", "Snapshot", "ExportProfiles", "EraseProfiles"})
 # ExportProfile returns one person's data, as Get does (plus kinds and times): a read.
 MEMSTORE_READS = frozenset({"Get", "BatchGet", "GetSchema", "Count", "QueryIds", "StreamIds",
-                            "GroupBy", "QueryBitmap", "Stats", "ExportProfile"})
+                            "GroupBy", "QueryBitmap", "Stats", "ExportProfile",
+                            "ListSegments", "WatchSegments", "WatchChanges"})
 ROUTER_READS = frozenset({"ListShards"})  # direct_reads clients ask it
 # Calls that change the cluster, erase data or export it: one audit line each
 # (memstore.server.audit).
 AUDITED = frozenset({"Delete", "DeclareAttributes", "SetSlots", "DropSlots", "AddShard",
                      "RemoveShard", "RebuildDirectory", "Snapshot", "ExportProfile",
-                     "ExportProfiles", "EraseProfiles", "Suppress"})
+                     "ExportProfiles", "EraseProfiles", "Suppress", "CreateSegment",
+                     "DeleteSegment"})
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 READ_SERVICES = ("/grpc.reflection.v1alpha.ServerReflection/",
                  "/grpc.reflection.v1.ServerReflection/", "/memstore.link.v1.Link/")

@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 from itertools import repeat
 from operator import itemgetter
 from typing import Any, TypeVar
@@ -49,7 +50,7 @@ from memstore.engine.core import (
 )
 from memstore.engine.exported import check_chunk, check_loser
 from memstore.engine.schema import Kind, Merge
-from memstore.engine.values import flatten
+from memstore.engine.values import flatten, from_stored
 from memstore.errors import (
     FailedPrecondition,
     Forwarded,
@@ -77,7 +78,7 @@ from memstore.hashslot import (
 )
 from memstore.query import DEFAULT_LIMITS, QueryError, QueryLimits, query_from_request
 from memstore.query.evaluate import evaluate, group_counts
-from memstore.server import logs, metrics, reflection, rights
+from memstore.server import logs, metrics, reflection, rights, watch
 from memstore.server.guard import Guard
 from memstore.server.heap import LoadTrimmer
 from memstore.server.link import LinkServer, describe_handler
@@ -104,6 +105,8 @@ _STATUS = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     OwnershipChanged: grpc.StatusCode.ABORTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    watch.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    watch.FellBehind: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 T = TypeVar("T")
@@ -685,6 +688,163 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         return pb.BitmapResponse(bitmaps=[pb.ShardBitmap(shard=self.shard.config.name,
                                                          bitmap=matches.serialize())])
 
+    # ------------------------------------------------------------------ saved segments
+    def _segment_info(self, name: str) -> pb.SegmentInfo:
+        segment = self.engine.segments.get(name)
+        if segment is None:
+            raise NotFound(f"segment {name!r} not found")
+        members = segment.members & self.engine.visible()
+        info = pb.SegmentInfo(name=name, query=segment.text, members=len(members),
+                              broken=segment.broken)
+        info.created_at.FromMicroseconds(segment.created_at)
+        return info
+
+    @rpc
+    async def CreateSegment(self, request: pb.CreateSegmentRequest, context: Any
+                            ) -> pb.SegmentInfo:
+        self._writable()
+        node = query_from_request(request.query, limits=self.limits)
+        created = (pbvalues.timestamp_micros(request.created_at, "created_at")
+                   if request.HasField("created_at")
+                   else pbvalues.datetime_to_micros(datetime.now(UTC)))
+        await self.shard.commit(self.engine.plan_create_segment(request.name, node, created))
+        return self._segment_info(request.name)
+
+    @rpc
+    async def DeleteSegment(self, request: pb.DeleteSegmentRequest, context: Any
+                            ) -> pb.DeleteSegmentResponse:
+        self._writable()
+        deleted = await self.shard.commit(self.engine.plan_delete_segment(request.name))
+        return pb.DeleteSegmentResponse(deleted=deleted)
+
+    @rpc
+    async def ListSegments(self, request: pb.ListSegmentsRequest, context: Any
+                           ) -> pb.ListSegmentsResponse:
+        return pb.ListSegmentsResponse(segments=[
+            self._segment_info(name) for name in sorted(self.engine.segments.by_name)])
+
+    async def WatchSegments(self, request: pb.WatchSegmentsRequest,
+                            context: grpc.aio.ServicerContext
+                            ) -> AsyncIterator[pb.WatchSegmentsResponse]:
+        engine, name = self.engine, self.shard.config.name
+        try:
+            watched = watch.check_segments(engine, list(request.segments))
+            start = self._start(request.from_position)
+            if start is None:
+                start = (self.shard.position, -1)
+                if request.initial:
+                    for message in self._initial_members(watched, start[0]):
+                        yield message
+
+            def events(record: dict[str, Any]) -> list[Any]:
+                return watch.segment_events(record, watched, engine)
+
+            def response(batch: list[Any], position: str, at: int
+                         ) -> pb.WatchSegmentsResponse:
+                out = pb.WatchSegmentsResponse(events=batch, position=position)
+                out.at.FromMicroseconds(at)
+                return out
+
+            async for message in watch.stream(self.shard, name, start, events, response):
+                yield message
+        except (MemstoreError, QueryError, ValueError, TypeError) as exc:
+            _refuse(context, _invalid(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug; never crash the server
+            _refuse(context, exc)
+
+    def _start(self, token: str) -> tuple[int, int] | None:
+        """Where a stream resumes: the token's position of this shard; a token that does
+        not name this shard (one added since) starts at the oldest change kept; None: no
+        token (from now)."""
+        if not token:
+            return None
+        start = watch.start_of(self.shard, self.shard.config.name, token)
+        return start if start is not None else (self.shard.oldest_lsn, -1)
+
+    def _initial_members(self, watched: set[str] | None, lsn: int
+                         ) -> Iterator[pb.WatchSegmentsResponse]:
+        """The current members of the watched segments as ENTER events (initial), taken
+        at once with the log's end `lsn` (no await in between), then that position."""
+        engine = self.engine
+        visible = engine.visible()
+        now = datetime.now(UTC)
+        pids = engine.pids
+        taken = [(name, [pids[dense] for dense in segment.members & visible])
+                 for name, segment in sorted(engine.segments.by_name.items())
+                 if watched is None or name in watched]
+        position = watch.encode_token({self.shard.config.name: (lsn, -1)})
+        batch: list[pb.SegmentEvent] = []
+        for name, ids in taken:
+            for pid in ids:
+                event = pb.SegmentEvent(segment=name, id=pid, initial=True,
+                                        change=pb.SegmentEvent.ENTER)
+                event.at.FromDatetime(now)
+                batch.append(event)
+                if len(batch) >= watch.BATCH:  # no position: an interrupted listing restarts
+                    yield pb.WatchSegmentsResponse(events=batch)
+                    batch = []
+        yield pb.WatchSegmentsResponse(events=batch, position=position)  # the seam
+
+    async def WatchChanges(self, request: pb.WatchChangesRequest,
+                           context: grpc.aio.ServicerContext
+                           ) -> AsyncIterator[pb.WatchChangesResponse]:
+        engine, name = self.engine, self.shard.config.name
+        try:
+            node = (query_from_request(request.query, limits=self.limits)
+                    if request.HasField("query") else None)
+            if node is not None:
+                evaluate(engine, node, unknown_is_empty=True, within=BitMap())  # checks it
+            flt = watch.ChangeFilter(node, frozenset(request.attributes))
+            start = self._start(request.from_position)
+            if start is None:
+                start = (self.shard.position, -1)
+                if request.initial:
+                    for message in self._initial_profiles(flt, start[0]):
+                        yield message
+
+            def events(record: dict[str, Any]) -> list[Any]:
+                return watch.change_events(record, flt, engine)
+
+            def response(batch: list[Any], position: str, at: int
+                         ) -> pb.WatchChangesResponse:
+                out = pb.WatchChangesResponse(changes=batch, position=position)
+                out.at.FromMicroseconds(at)
+                return out
+
+            async for message in watch.stream(self.shard, name, start, events, response):
+                yield message
+        except (MemstoreError, QueryError, ValueError, TypeError) as exc:
+            _refuse(context, _invalid(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug; never crash the server
+            _refuse(context, exc)
+
+    def _initial_profiles(self, flt: watch.ChangeFilter, lsn: int
+                          ) -> Iterator[pb.WatchChangesResponse]:
+        """Every current (matching) profile as a change (initial, all its attributes),
+        taken at once with the log's end `lsn`, then that position."""
+        engine = self.engine
+        chosen = (evaluate(engine, flt.node, unknown_is_empty=True) if flt.node is not None
+                  else engine.visible())
+        taken = [(engine.pids[d], engine.blobs[d]) for d in chosen]
+        position = watch.encode_token({self.shard.config.name: (lsn, -1)})
+        now = datetime.now(UTC)
+        by_id = engine.schema.by_id
+        batch: list[pb.ProfileChange] = []
+        for pid, blob in taken:
+            version, attrs, _, _ = decode(blob)  # type: ignore[arg-type]
+            change = pb.ProfileChange(id=pid, version=version, initial=True, created=True)
+            change.at.FromDatetime(now)
+            for aid, value in attrs.items():
+                spec = by_id[aid]
+                if not flt.attributes or spec.name in flt.attributes:
+                    change.set[spec.name].CopyFrom(pbvalues.to_pb(from_stored(spec.kind,
+                                                                               value)))
+            batch.append(change)
+            if len(batch) >= watch.BATCH:  # no position: an interrupted listing restarts
+                yield pb.WatchChangesResponse(changes=batch)
+                batch = []
+        yield pb.WatchChangesResponse(changes=batch, position=position)  # the seam
+
     # ------------------------------------------------------------------ operations
     @rpc
     async def Snapshot(self, request: pb.SnapshotRequest, context: Any) -> pb.SnapshotResponse:
@@ -1041,7 +1201,7 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
         chunk = msgpack.unpackb(request.packed, strict_map_key=False, use_list=True)
         kinds, rows = check_chunk(chunk)
         engine = self.engine
-        change = Change()
+        change = Change(quiet=True)  # a slot move's copy: nobody's news (watchers)
         pending: dict[str, AttributeSpec] = {}
         next_id = len(engine.schema.by_id)
         from memstore.engine.schema import AttributeSpec
@@ -1113,10 +1273,10 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
         # every other call on this shard while it applies.
         members = list(self.engine.members_of_slots(slots))
         notes = self.engine.notes_in_slots(slots)
-        await self.shard.commit(Change(notes=[
+        await self.shard.commit(Change(quiet=True, notes=[
             Note(table, key, None) for table, entries in notes.items() for key in entries]))
         for start in range(0, len(members), DROP_CHUNK):
-            await self.shard.commit(Change(images=[
+            await self.shard.commit(Change(quiet=True, images=[
                 Image(d, self.engine.pids[d] or "", None)
                 for d in members[start:start + DROP_CHUNK] if self.engine.blobs[d] is not None
             ]))

@@ -59,7 +59,11 @@ RECORD_PROFILES: Final = 1  # after-images of profiles
 RECORD_SCHEMA: Final = 2  # attribute declarations
 RECORD_SHARD_META: Final = 3  # epoch and owned hash slots
 RECORD_MERGE: Final = 4  # after-images plus cross-shard merge notes, applied as one change
-RECORD_CHANGE: Final = 5  # after-images, notes and when: what a shard writes since times
+# One change as a whole (what writers write since created and changed times, saved
+# segments and change streams): its time, declarations, after-images, notes, times, what
+# changed in each updated profile, and the saved segments' membership deltas. Types 1, 2
+# and 4 are still read (older logs).
+RECORD_CHANGE: Final = 5
 RECORD_TYPES: Final = frozenset({RECORD_PROFILES, RECORD_SCHEMA, RECORD_SHARD_META,
                                  RECORD_MERGE, RECORD_CHANGE})
 

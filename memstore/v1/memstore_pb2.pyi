@@ -512,17 +512,19 @@ class Predicate(_message.Message):
     def __init__(self, attribute: _Optional[str] = ..., op: _Optional[_Union[Predicate.Op, str]] = ..., values: _Optional[_Iterable[_Union[Value, _Mapping]]] = ...) -> None: ...
 
 class Query(_message.Message):
-    __slots__ = ("predicate", "all", "did")
+    __slots__ = ("predicate", "all", "did", "in_segment")
     PREDICATE_FIELD_NUMBER: _ClassVar[int]
     AND_FIELD_NUMBER: _ClassVar[int]
     OR_FIELD_NUMBER: _ClassVar[int]
     NOT_FIELD_NUMBER: _ClassVar[int]
     ALL_FIELD_NUMBER: _ClassVar[int]
     DID_FIELD_NUMBER: _ClassVar[int]
+    IN_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     predicate: Predicate
     all: bool
     did: Did
-    def __init__(self, predicate: _Optional[_Union[Predicate, _Mapping]] = ..., all: _Optional[bool] = ..., did: _Optional[_Union[Did, _Mapping]] = ..., **kwargs) -> None: ...
+    in_segment: str
+    def __init__(self, predicate: _Optional[_Union[Predicate, _Mapping]] = ..., all: _Optional[bool] = ..., did: _Optional[_Union[Did, _Mapping]] = ..., in_segment: _Optional[str] = ..., **kwargs) -> None: ...
 
 class Did(_message.Message):
     __slots__ = ("event", "within_days", "to", "at_least", "at_most")
@@ -678,3 +680,152 @@ class StatsResponse(_message.Message):
     shard: str
     info: _containers.ScalarMap[str, str]
     def __init__(self, profiles: _Optional[int] = ..., identifiers: _Optional[int] = ..., attributes: _Optional[int] = ..., log_bytes: _Optional[int] = ..., shard: _Optional[str] = ..., info: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class CreateSegmentRequest(_message.Message):
+    __slots__ = ("name", "query", "created_at")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    query: QueryRequest
+    created_at: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., query: _Optional[_Union[QueryRequest, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class SegmentInfo(_message.Message):
+    __slots__ = ("name", "query", "members", "created_at", "broken", "missing_shards")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    BROKEN_FIELD_NUMBER: _ClassVar[int]
+    MISSING_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    query: str
+    members: int
+    created_at: _timestamp_pb2.Timestamp
+    broken: str
+    missing_shards: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., query: _Optional[str] = ..., members: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., broken: _Optional[str] = ..., missing_shards: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DeleteSegmentRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteSegmentResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: bool
+    def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
+
+class ListSegmentsRequest(_message.Message):
+    __slots__ = ("allow_partial",)
+    ALLOW_PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    allow_partial: bool
+    def __init__(self, allow_partial: _Optional[bool] = ...) -> None: ...
+
+class ListSegmentsResponse(_message.Message):
+    __slots__ = ("segments", "missing_shards")
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    MISSING_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    segments: _containers.RepeatedCompositeFieldContainer[SegmentInfo]
+    missing_shards: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, segments: _Optional[_Iterable[_Union[SegmentInfo, _Mapping]]] = ..., missing_shards: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class WatchSegmentsRequest(_message.Message):
+    __slots__ = ("segments", "from_position", "initial")
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    FROM_POSITION_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_FIELD_NUMBER: _ClassVar[int]
+    segments: _containers.RepeatedScalarFieldContainer[str]
+    from_position: str
+    initial: bool
+    def __init__(self, segments: _Optional[_Iterable[str]] = ..., from_position: _Optional[str] = ..., initial: _Optional[bool] = ...) -> None: ...
+
+class SegmentEvent(_message.Message):
+    __slots__ = ("segment", "id", "change", "position", "at", "initial")
+    class Change(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        CHANGE_UNSPECIFIED: _ClassVar[SegmentEvent.Change]
+        ENTER: _ClassVar[SegmentEvent.Change]
+        LEAVE: _ClassVar[SegmentEvent.Change]
+    CHANGE_UNSPECIFIED: SegmentEvent.Change
+    ENTER: SegmentEvent.Change
+    LEAVE: SegmentEvent.Change
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    id: str
+    change: SegmentEvent.Change
+    position: str
+    at: _timestamp_pb2.Timestamp
+    initial: bool
+    def __init__(self, segment: _Optional[str] = ..., id: _Optional[str] = ..., change: _Optional[_Union[SegmentEvent.Change, str]] = ..., position: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., initial: _Optional[bool] = ...) -> None: ...
+
+class WatchSegmentsResponse(_message.Message):
+    __slots__ = ("events", "position", "at")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[SegmentEvent]
+    position: str
+    at: _timestamp_pb2.Timestamp
+    def __init__(self, events: _Optional[_Iterable[_Union[SegmentEvent, _Mapping]]] = ..., position: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class WatchChangesRequest(_message.Message):
+    __slots__ = ("query", "attributes", "from_position", "initial")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    FROM_POSITION_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_FIELD_NUMBER: _ClassVar[int]
+    query: QueryRequest
+    attributes: _containers.RepeatedScalarFieldContainer[str]
+    from_position: str
+    initial: bool
+    def __init__(self, query: _Optional[_Union[QueryRequest, _Mapping]] = ..., attributes: _Optional[_Iterable[str]] = ..., from_position: _Optional[str] = ..., initial: _Optional[bool] = ...) -> None: ...
+
+class ProfileChange(_message.Message):
+    __slots__ = ("id", "version", "set", "unset", "created", "deleted", "merged_into", "position", "at", "initial")
+    class SetEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SET_FIELD_NUMBER: _ClassVar[int]
+    UNSET_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    MERGED_INTO_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    version: int
+    set: _containers.MessageMap[str, Value]
+    unset: _containers.RepeatedScalarFieldContainer[str]
+    created: bool
+    deleted: bool
+    merged_into: str
+    position: str
+    at: _timestamp_pb2.Timestamp
+    initial: bool
+    def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., set: _Optional[_Mapping[str, Value]] = ..., unset: _Optional[_Iterable[str]] = ..., created: _Optional[bool] = ..., deleted: _Optional[bool] = ..., merged_into: _Optional[str] = ..., position: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., initial: _Optional[bool] = ...) -> None: ...
+
+class WatchChangesResponse(_message.Message):
+    __slots__ = ("changes", "position", "at")
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    changes: _containers.RepeatedCompositeFieldContainer[ProfileChange]
+    position: str
+    at: _timestamp_pb2.Timestamp
+    def __init__(self, changes: _Optional[_Iterable[_Union[ProfileChange, _Mapping]]] = ..., position: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

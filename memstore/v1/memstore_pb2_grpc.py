@@ -124,6 +124,31 @@ class MemstoreStub:
                 request_serializer=memstore_dot_v1_dot_memstore__pb2.QueryRequest.SerializeToString,
                 response_deserializer=memstore_dot_v1_dot_memstore__pb2.BitmapResponse.FromString,
                 _registered_method=True)
+        self.CreateSegment = channel.unary_unary(
+                '/memstore.v1.Memstore/CreateSegment',
+                request_serializer=memstore_dot_v1_dot_memstore__pb2.CreateSegmentRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_memstore__pb2.SegmentInfo.FromString,
+                _registered_method=True)
+        self.DeleteSegment = channel.unary_unary(
+                '/memstore.v1.Memstore/DeleteSegment',
+                request_serializer=memstore_dot_v1_dot_memstore__pb2.DeleteSegmentRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_memstore__pb2.DeleteSegmentResponse.FromString,
+                _registered_method=True)
+        self.ListSegments = channel.unary_unary(
+                '/memstore.v1.Memstore/ListSegments',
+                request_serializer=memstore_dot_v1_dot_memstore__pb2.ListSegmentsRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_memstore__pb2.ListSegmentsResponse.FromString,
+                _registered_method=True)
+        self.WatchSegments = channel.unary_stream(
+                '/memstore.v1.Memstore/WatchSegments',
+                request_serializer=memstore_dot_v1_dot_memstore__pb2.WatchSegmentsRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_memstore__pb2.WatchSegmentsResponse.FromString,
+                _registered_method=True)
+        self.WatchChanges = channel.unary_stream(
+                '/memstore.v1.Memstore/WatchChanges',
+                request_serializer=memstore_dot_v1_dot_memstore__pb2.WatchChangesRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_memstore__pb2.WatchChangesResponse.FromString,
+                _registered_method=True)
         self.Snapshot = channel.unary_unary(
                 '/memstore.v1.Memstore/Snapshot',
                 request_serializer=memstore_dot_v1_dot_memstore__pb2.SnapshotRequest.SerializeToString,
@@ -256,6 +281,39 @@ class MemstoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSegment(self, request, context):
+        """Saved segments: named queries whose members every shard keeps current on each write.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSegment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSegments(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchSegments(self, request, context):
+        """Streams, resumable from a position: who enters and leaves saved segments, and every
+        change of a profile (docs/user-guide.md "Live segments and change streams").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchChanges(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Snapshot(self, request, context):
         """Operations.
         """
@@ -361,6 +419,31 @@ def add_MemstoreServicer_to_server(servicer, server):
                     servicer.QueryBitmap,
                     request_deserializer=memstore_dot_v1_dot_memstore__pb2.QueryRequest.FromString,
                     response_serializer=memstore_dot_v1_dot_memstore__pb2.BitmapResponse.SerializeToString,
+            ),
+            'CreateSegment': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSegment,
+                    request_deserializer=memstore_dot_v1_dot_memstore__pb2.CreateSegmentRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_memstore__pb2.SegmentInfo.SerializeToString,
+            ),
+            'DeleteSegment': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSegment,
+                    request_deserializer=memstore_dot_v1_dot_memstore__pb2.DeleteSegmentRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_memstore__pb2.DeleteSegmentResponse.SerializeToString,
+            ),
+            'ListSegments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSegments,
+                    request_deserializer=memstore_dot_v1_dot_memstore__pb2.ListSegmentsRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_memstore__pb2.ListSegmentsResponse.SerializeToString,
+            ),
+            'WatchSegments': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchSegments,
+                    request_deserializer=memstore_dot_v1_dot_memstore__pb2.WatchSegmentsRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_memstore__pb2.WatchSegmentsResponse.SerializeToString,
+            ),
+            'WatchChanges': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchChanges,
+                    request_deserializer=memstore_dot_v1_dot_memstore__pb2.WatchChangesRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_memstore__pb2.WatchChangesResponse.SerializeToString,
             ),
             'Snapshot': grpc.unary_unary_rpc_method_handler(
                     servicer.Snapshot,
@@ -859,6 +942,141 @@ class Memstore:
             '/memstore.v1.Memstore/QueryBitmap',
             memstore_dot_v1_dot_memstore__pb2.QueryRequest.SerializeToString,
             memstore_dot_v1_dot_memstore__pb2.BitmapResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSegment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memstore.v1.Memstore/CreateSegment',
+            memstore_dot_v1_dot_memstore__pb2.CreateSegmentRequest.SerializeToString,
+            memstore_dot_v1_dot_memstore__pb2.SegmentInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSegment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memstore.v1.Memstore/DeleteSegment',
+            memstore_dot_v1_dot_memstore__pb2.DeleteSegmentRequest.SerializeToString,
+            memstore_dot_v1_dot_memstore__pb2.DeleteSegmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSegments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memstore.v1.Memstore/ListSegments',
+            memstore_dot_v1_dot_memstore__pb2.ListSegmentsRequest.SerializeToString,
+            memstore_dot_v1_dot_memstore__pb2.ListSegmentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchSegments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/memstore.v1.Memstore/WatchSegments',
+            memstore_dot_v1_dot_memstore__pb2.WatchSegmentsRequest.SerializeToString,
+            memstore_dot_v1_dot_memstore__pb2.WatchSegmentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/memstore.v1.Memstore/WatchChanges',
+            memstore_dot_v1_dot_memstore__pb2.WatchChangesRequest.SerializeToString,
+            memstore_dot_v1_dot_memstore__pb2.WatchChangesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,142 @@
+"""Per-profile matching: a query tree compiled once into a test of one profile's values.
+
+Saved segments (memstore.engine.segments) decide whether the few profiles a write touched
+are members with this test, on each profile's stored attributes (attribute id -> stored
+value, as a profile blob holds them), instead of cutting index bitmaps down to those
+profiles. A compiled matcher answers exactly as `evaluate(engine, node,
+unknown_is_empty=True, within=...)` over the indexes does for that profile:
+
+  * an attribute the schema does not know matches nobody (so NOT of it matches everyone);
+  * a comparison, IN or HAS needs the attribute to be present: `x != 3` and `x < 3` leave
+    out profiles without x, `NOT x = 3` takes them in;
+  * int attributes compared with float literals follow `_whole_numbers` (`age > 30.5` is
+    `age >= 31`), float attributes take int literals, timestamps take ISO-8601 strings;
+  * lists: HAS, IN (any element) and != (present and not holding it: so the index path
+    answers among a few ids, though over the whole shard it refuses != on a list; a
+    segment meets it only when the attribute was unknown at its creation); an empty
+    list is stored as absent;
+  * `in_segment(name)` reads that segment's members as they are when the matcher runs.
+
+Whatever the index path would refuse (a literal of the wrong kind, an attribute declared
+not indexed, an op the attribute's kind lacks, an unknown segment or node type), and a
+tree too deep for Python's compiler (none `validate` accepts, tested), raises
+`Undecidable` when compiling, never while matching: the caller then uses the index path
+for that segment, which raises the same error as before. A matcher is only as good as the
+schema it was compiled against; compile again when the schema changes. Clock-dependent
+queries (`did(...)`) are the caller's to keep away: the tree holds their window's start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from pyroaring import BitMap
+
+from memstore.engine.core import RANGE_KINDS
+from memstore.engine.schema import Kind, Schema
+from memstore.errors import InvalidArgument
+from memstore.query import All, And, InSegment, Node, Not, Op, Or, Predicate
+from memstore.query.plan import _literal, _whole_numbers
+
+# (the profile's stored attributes by attribute id, its dense id) -> is it a member
+Matcher = Callable[[dict[int, Any], int], bool]
+
+
+class Undecidable(Exception):
+    """The query cannot be answered from a profile the way the index path answers it."""
+
+
+def compile_query(node: Node, schema: Schema,
+                  members: Callable[[str], BitMap | None]) -> Matcher:
+    """The matcher of `node`; `members(name)` is a saved segment's current members (None:
+    no such segment). Raises Undecidable (see the module docstring).
+
+    The tree becomes the source of one Python expression, compiled once: a segment's test
+    then costs one call, not one a node. Literals enter it as names bound to their values,
+    never as text."""
+    consts: dict[str, Any] = {"__builtins__": {}, "members": members}
+    source = "lambda a, d: " + _expr(node, schema, consts)
+    try:
+        return eval(compile(source, "<segment query>", "eval"), consts)  # type: ignore[no-any-return]
+    except (SyntaxError, RecursionError, MemoryError) as exc:  # a tree nested too deep
+        raise Undecidable(f"query too deep to compile: {exc}") from None
+
+
+def _const(consts: dict[str, Any], value: Any) -> str:
+    name = f"c{len(consts)}"
+    consts[name] = value
+    return name
+
+
+def _expr(node: Node, schema: Schema, consts: dict[str, Any]) -> str:
+    if isinstance(node, Predicate):
+        return _predicate(node, schema, consts)
+    if isinstance(node, And | Or):
+        parts = [_expr(c, schema, consts) for c in node.children]
+        return "(" + (" and " if isinstance(node, And) else " or ").join(parts) + ")"
+    if isinstance(node, Not):
+        return f"(not {_expr(node.child, schema, consts)})"
+    if isinstance(node, All):
+        return "True"
+    if isinstance(node, InSegment):
+        if consts["members"](node.name) is None:
+            raise Undecidable(f"unknown segment {node.name!r}")
+        # Looked up at each test: a rebuild replaces the members' bitmap.
+        return f"(d in (members({_const(consts, node.name)}) or ()))"
+    raise Undecidable(f"unsupported node {type(node).__name__}")
+
+
+def _predicate(p: Predicate, schema: Schema, consts: dict[str, Any]) -> str:
+    spec = schema.get(p.attribute)
+    if spec is None:
+        return "False"  # lenient: an attribute never seen here matches nobody
+    if not spec.indexed:
+        raise Undecidable(f"{p.attribute!r} is not indexed")
+    aid, kind, op = spec.id, spec.kind, p.op
+    if op is Op.EXISTS:
+        return f"({aid} in a)"
+    raw = p.values
+    if kind is Kind.INT and any(type(v) is float for v in raw):
+        whole = _whole_numbers(op, raw)
+        if whole is None:
+            return "False"
+        if whole[0] is Op.EXISTS:
+            return f"({aid} in a)"
+        op, raw = whole
+    try:
+        values = [_literal(spec, v, op) for v in raw]
+    except InvalidArgument as exc:
+        raise Undecidable(str(exc)) from None
+    if kind is Kind.FLOAT:
+        # The index keys floats by an order-preserving map (-0.0 as 0.0): comparing the
+        # floats themselves orders them the same way.
+        values = [float(v) for v in raw]  # type: ignore[arg-type]  # _literal checked
+    is_list = kind is Kind.STRING_LIST
+    present = f"(x := a.get({aid})) is not None"
+    if op is Op.IN:
+        wanted = _const(consts, frozenset(values))
+        if is_list:
+            return f"({present} and not {wanted}.isdisjoint(x))"
+        return f"(a.get({aid}) in {wanted})"
+    if kind in RANGE_KINDS and op is Op.BETWEEN:
+        low, high = _const(consts, values[0]), _const(consts, values[1])
+        return f"({present} and {low} <= x <= {high})"
+    if len(values) != 1:
+        raise Undecidable(f"{op.value} takes {len(values)} values here")
+    v = _const(consts, values[0])
+    if op is Op.NE:
+        # Among a few ids the index path answers != on a list: present and lacking v.
+        return f"({present} and {v} not in x)" if is_list else f"({present} and x != {v})"
+    if op is Op.HAS:
+        if not is_list:
+            raise Undecidable("HAS needs a list attribute")
+        return f"({present} and {v} in x)"
+    if op is Op.EQ and not is_list:
+        return f"(a.get({aid}) == {v})"
+    if kind in RANGE_KINDS and op in _COMPARE:
+        return f"({present} and x {_COMPARE[op]} {v})"
+    raise Undecidable(f"{op.value} is not defined on {kind.label}")
+
+
+_COMPARE = {Op.LT: "<", Op.LE: "<=", Op.GT: ">", Op.GE: ">="}

@@ -1,0 +1,289 @@
+"""A shard's change streams: WatchSegments and WatchChanges, read from its log.
+
+Every change reaches the log as one RECORD_CHANGE (memstore/shard.py): its time, its
+after-images, what changed in each updated profile, and the saved segments' membership
+deltas. A stream is a cursor over the log (memstore/storage/wal_tail.py) that turns those
+records into events, at the watcher's own pace: a slow watcher costs the shard one open
+file and one batch, and nothing when it is idle. Events are only read up to what is
+acknowledged (Shard.readable_lsn). A slot move's copies and drops and a segment's creation
+are `quiet`: membership changes, nobody acts, no event.
+
+Positions. A shard's position is (lsn, i): every event up to event i of the record at
+`lsn` was delivered (i = -1: none of that record). The events of a record are numbered in
+the order they are sent for the stream's filter, so resuming with the same request gives
+the rest. A position travels as an opaque token naming the shard: base64url of msgpack
+{"v": 1, "p": {shard name: [lsn, i]}}; a router's token holds every shard's
+(shards/watch.py). Restarts keep positions valid (LSNs are positions in the log file).
+
+Initial sync (list-then-watch): the current members (or profiles) are taken, with no await
+between, together with the log's end; then the log from that end is read, so nothing is
+lost or sent twice at the seam.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from google.protobuf.timestamp_pb2 import Timestamp
+from pyroaring import BitMap
+
+from memstore import pbvalues
+from memstore.engine.core import Engine, decode
+from memstore.engine.segments import decode_deltas
+from memstore.engine.values import from_stored
+from memstore.errors import FailedPrecondition, InvalidArgument, MemstoreError, NotFound
+from memstore.query import Node
+from memstore.query.evaluate import evaluate
+from memstore.shard import Shard, decode_change
+from memstore.storage import wal_format
+from memstore.storage.wal_reader import Record
+from memstore.storage.wal_tail import LogGone, LogTail
+from memstore.v1 import memstore_pb2 as pb
+
+BATCH = 1000  # events a message
+HEARTBEAT = 0.05  # seconds between messages to an idle watcher (a router's watermark)
+TOKEN_VERSION = 1
+
+
+class OutOfRange(MemstoreError):
+    """A position older than the log keeps (OUT_OF_RANGE: start again with initial)."""
+
+
+class FellBehind(MemstoreError):
+    """A running stream whose next record the log no longer keeps (RESOURCE_EXHAUSTED)."""
+
+
+# ---------------------------------------------------------------------- positions
+
+def encode_token(positions: dict[str, tuple[int, int]]) -> str:
+    raw = msgpack.packb({"v": TOKEN_VERSION, "p": {k: list(v) for k, v in positions.items()}})
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_token(token: str, where: str = "from_position") -> dict[str, tuple[int, int]]:
+    """The shard positions of a token; InvalidArgument for anything else."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        body = msgpack.unpackb(raw)
+        if body.get("v") != TOKEN_VERSION:
+            raise ValueError("unknown version")
+        out = {}
+        for name, (lsn, index) in body["p"].items():
+            if not (isinstance(name, str) and type(lsn) is int and type(index) is int
+                    and lsn >= 0 and index >= -1):
+                raise ValueError("bad entry")
+            out[name] = (lsn, index)
+        return out
+    except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException):
+        shown = token[:40] + ("…" if len(token) > 40 else "")
+        raise InvalidArgument(f"{where}: {shown!r} is not a position this cluster "
+                              "issued") from None
+
+
+# ---------------------------------------------------------------------- reading
+
+@dataclass(slots=True)
+class Event:
+    """One event of a record, before it becomes a message."""
+
+    message: Any  # pb.SegmentEvent or pb.ProfileChange, position still unset
+
+
+def _at(micros: int) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromMicroseconds(micros)
+    return stamp
+
+
+def _names(record: dict[str, Any], engine: Engine) -> dict[int, str]:
+    """dense id -> primary id for the profiles a record names."""
+    names = {dense: pid for dense, pid, _ in record["images"]}
+    for dense, pid in record.get("pids", ()):
+        names.setdefault(dense, pid)
+    return names
+
+
+def segment_events(record: dict[str, Any], watched: set[str] | None, engine: Engine
+                   ) -> list[Any]:
+    """The ENTER and LEAVE events of a record, for the watched segments (None: all)."""
+    if record.get("quiet") or "segments" not in record:
+        return []
+    names = _names(record, engine)
+    at = _at(record["at"])
+    out = []
+    for name, (enter, leave) in decode_deltas(record["segments"]).items():
+        if watched is not None and name not in watched:
+            continue
+        for change, ids in ((pb.SegmentEvent.ENTER, enter), (pb.SegmentEvent.LEAVE, leave)):
+            for dense in ids:
+                pid = names.get(dense) or (engine.pids[dense] if dense < len(engine.pids)
+                                           else None)
+                if pid is not None:
+                    out.append(pb.SegmentEvent(segment=name, id=pid, change=change, at=at))
+    return out
+
+
+@dataclass
+class ChangeFilter:
+    node: Node | None  # only profiles matching it, as they are when the record is read
+    attributes: frozenset[str]  # only these attributes (empty: all)
+
+
+def change_events(record: dict[str, Any], flt: ChangeFilter, engine: Engine) -> list[Any]:
+    """The profile changes of a record (deletions and merges whatever the query)."""
+    if record.get("quiet") or not record["images"]:
+        return []
+    at = _at(record["at"])
+    by_id = engine.schema.by_id
+    diffs = record.get("diffs", {})
+    forwards = {key: value for table, key, value in record.get("notes", ())
+                if table == "forwards" and value is not None}
+    survivors: dict[str, str] = {}
+    for _, pid, blob in record["images"]:
+        if blob is not None:
+            for merged in decode(blob)[3]:
+                survivors[merged] = pid
+    matching: BitMap | None = None
+    if flt.node is not None:
+        alive = BitMap(d for d, _, blob in record["images"] if blob is not None)
+        matching = evaluate(engine, flt.node, unknown_is_empty=True,
+                            within=alive & engine.live) if alive else BitMap()
+    out = []
+    for dense, pid, blob in record["images"]:
+        if blob is None:
+            merged_into = survivors.get(pid) or forwards.get(pid, "")
+            out.append(pb.ProfileChange(id=pid, deleted=not merged_into,
+                                        merged_into=merged_into, at=at))
+            continue
+        if matching is not None and dense not in matching:
+            continue
+        version, attrs, _, _ = decode(blob)
+        diff = diffs.get(dense)
+        set_ids = attrs.keys() if diff is None else diff[0]
+        unset_ids = () if diff is None else diff[1]
+        change = pb.ProfileChange(id=pid, version=version, created=diff is None, at=at)
+        for aid in set_ids:
+            if aid < len(by_id) and aid in attrs:
+                spec = by_id[aid]
+                if not flt.attributes or spec.name in flt.attributes:
+                    change.set[spec.name].CopyFrom(pbvalues.to_pb(
+                        from_stored(spec.kind, attrs[aid])))
+        for aid in unset_ids:
+            if aid < len(by_id) and (not flt.attributes or by_id[aid].name in flt.attributes):
+                change.unset.append(by_id[aid].name)
+        if flt.attributes and diff is not None and not change.set and not change.unset:
+            continue  # nothing the watcher asked about changed
+        out.append(change)
+    return out
+
+
+# ---------------------------------------------------------------------- streaming
+
+class Stream:
+    """One watcher's cursor over a shard's log."""
+
+    def __init__(self, shard: Shard, name: str, start: tuple[int, int]) -> None:
+        if shard.log is None or shard.config.data_dir is None:
+            raise FailedPrecondition("change streams read the log: this shard keeps none "
+                                     "(--in-memory)")
+        lsn, skip = start
+        if lsn < shard.oldest_lsn:
+            raise OutOfRange(f"position {lsn} is older than this shard keeps "
+                             f"({shard.oldest_lsn}: --changes-retention, or an erasure's "
+                             "snapshot); start again with initial")
+        if lsn > shard.log.end_lsn:
+            raise InvalidArgument(f"position {lsn} is beyond this shard's log "
+                                  f"({shard.log.end_lsn}): not a position of {name}")
+        self.shard = shard
+        self.name = name
+        self.tail = LogTail(Path(shard.config.data_dir) / "log", lsn)
+        self.skip = (lsn, skip)
+        self.last_at = 0
+
+    def token(self, lsn: int, index: int) -> str:
+        return encode_token({self.name: (lsn, index)})
+
+    async def records(self) -> AsyncIterator[list[Record]]:
+        """Batches of records as they become readable; an empty batch after HEARTBEAT
+        seconds with none."""
+        shard = self.shard
+        try:
+            while True:
+                limit = shard.readable_lsn
+                if self.tail.lsn < limit:
+                    try:
+                        batch = await asyncio.to_thread(self.tail.read, limit)
+                    except LogGone as exc:
+                        raise FellBehind(f"this stream fell behind what the log keeps "
+                                         f"({exc}); start again with initial") from None
+                    yield batch
+                    continue
+                await shard.wait_advanced(self.tail.lsn, HEARTBEAT)
+                if shard.readable_lsn <= self.tail.lsn:
+                    yield []
+        finally:
+            self.tail.close()
+
+    def heartbeat_at(self) -> int:
+        """The time before which every change of this shard has been read: now when
+        nothing written is waiting to become readable."""
+        shard = self.shard
+        assert shard.log is not None
+        if shard.readable_lsn >= shard.log.end_lsn:
+            return int(time.time() * 1_000_000)
+        return self.last_at
+
+    def numbered(self, record: Record, events: list[Any]) -> Iterator[Any]:
+        """The events of a record with their positions, skipping those a resumed position
+        says were delivered."""
+        last = len(events) - 1
+        for i, event in enumerate(events):
+            if (record.lsn_start, i) <= self.skip and record.lsn_start == self.skip[0]:
+                continue
+            event.position = self.token(record.lsn_end, -1) if i == last \
+                else self.token(record.lsn_start, i)
+            yield event
+
+
+async def stream(shard: Shard, name: str, start: tuple[int, int],
+                 events_of: Any, response: Any) -> AsyncIterator[Any]:
+    """Responses of a stream from `start`: `events_of(record)` gives a record's events,
+    `response(events, position, at)` makes a message."""
+    cursor = Stream(shard, name, start)
+    async for records in cursor.records():
+        batch: list[Any] = []
+        for record in records:
+            if record.rtype != wal_format.RECORD_CHANGE:
+                continue
+            decoded = decode_change(record.payload)
+            cursor.last_at = decoded["at"]
+            batch.extend(cursor.numbered(record, events_of(decoded)))
+            if len(batch) >= BATCH:
+                yield response(batch, batch[-1].position, cursor.last_at)
+                batch = []
+        position = cursor.token(cursor.tail.lsn, -1)
+        if batch or not records:
+            at = cursor.heartbeat_at() if not records else cursor.last_at
+            yield response(batch, position, at)
+
+
+def start_of(shard: Shard, name: str, token: str) -> tuple[int, int] | None:
+    """Where a stream resumes (None: the token does not name this shard)."""
+    if not token:
+        return None
+    return decode_token(token).get(name)
+
+
+def check_segments(engine: Engine, names: list[str]) -> set[str] | None:
+    """The watched segments (None: every one); NOT_FOUND for an unknown one."""
+    for name in names:
+        if name not in engine.segments:
+            raise NotFound(f"segment {name!r} not found")
+    return set(names) or None

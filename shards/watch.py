@@ -1,0 +1,219 @@
+"""Change streams through a router: every shard's stream merged into one, resumable.
+
+A router opens the same WatchSegments or WatchChanges call on every shard, passing the
+caller's position token on as it is (each shard reads its own entry; a shard the token
+does not name, one added since, starts from the oldest change it keeps), and merges what
+they send:
+
+- Order. Each shard's events come in its log's order, each with the time of the change
+  that caused it, and every message says the time before which that shard has sent
+  everything (a heartbeat does too, while a shard is idle). The router sends an event once
+  every shard is past its time (a watermark, as MongoDB merges change streams by cluster
+  time), oldest first. So the events of one profile stay in order also when a slot move
+  hands it from one shard to another: the source's last change happened before the move's
+  freeze, the target's first after its switch.
+- Positions. A router's token is the vector of every shard's position, each the last
+  sent of that shard's (memstore/server/watch.py). Resuming from an event's token gives
+  every event after it from every shard; a shard added since starts from its beginning;
+  a removed shard's entry is ignored. No timestamp is compared on resume, so two shards'
+  changes at the same instant are never skipped or doubled.
+- Initial sync. The shards' current members (or profiles) pass through as they come,
+  without positions; once every shard has listed its own, one message carries the seam's
+  token, and changes follow.
+- Shards. A shard that is down ends the stream with UNAVAILABLE (resume from the last
+  token); one taken out of the cluster is dropped from the merge; one added is watched
+  from then on (the router looks at its map every MAP_CHECK seconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from memstore.server.watch import decode_token, encode_token
+from shards.shard_map import ShardMap, ShardState
+
+MAP_CHECK = 1.0  # seconds between looks for shards added or removed
+BATCH = 1000
+
+
+@dataclass
+class _Feed:
+    """One shard's stream, as the merge sees it."""
+
+    shard: ShardState
+    task: asyncio.Task[None] | None = None
+    low: int = -1  # microseconds: every change of this shard before it has arrived
+    listed: bool = False  # its initial listing (if any) is complete
+    sent: tuple[int, int] | None = None  # its position of the last event sent on
+    # (at, sequence, position or None for a pure position marker, event or None)
+    pending: list[tuple[int, int, tuple[int, int] | None, Any]] = field(default_factory=list)
+
+
+class Merge:
+    """Merges shards' streams of one kind (segments: events; changes: changes)."""
+
+    def __init__(self, shard_map: ShardMap, open_stream: Callable[[ShardState, Any], Any],
+                 request: Any, items: str, make: Callable[..., Any], initial: bool,
+                 start: dict[str, tuple[int, int]]) -> None:
+        self.map = shard_map
+        self.open_stream = open_stream  # (shard, request) -> the gRPC stream call
+        self.request = request
+        self.items = items  # "events" or "changes": the repeated field of a message
+        self.make = make  # the response message class
+        self.initial = initial
+        self.feeds: dict[int, _Feed] = {}
+        self.queue: asyncio.Queue[tuple[_Feed, Any] | BaseException] = asyncio.Queue()
+        self.seq = itertools.count()
+        self.positions: dict[str, tuple[int, int]] = dict(start)  # the vector sent so far
+        self.seam_sent = not initial
+        self._beat = ("", 0.0)  # the last heartbeat's token and time
+
+    def _add(self, shard: ShardState, late: bool) -> None:
+        """Watch `shard`. One found `late` (added to the cluster since the stream began)
+        lists nothing (what it holds moved from shards already listed) and starts from
+        its oldest kept change: a position that does not name it."""
+        request = self.request
+        if late:
+            request = type(request)()
+            request.CopyFrom(self.request)
+            request.initial = False
+            request.from_position = encode_token(
+                {k: v for k, v in self.positions.items() if k != shard.name})
+        feed = _Feed(shard, listed=late or not self.initial)
+        feed.task = asyncio.get_running_loop().create_task(self._read(feed, request))
+        self.feeds[id(shard)] = feed
+
+    async def _read(self, feed: _Feed, request: Any) -> None:
+        try:
+            async for message in self.open_stream(feed.shard, request):
+                await self.queue.put((feed, message))
+        except grpc.aio.AioRpcError as exc:
+            await self.queue.put(exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - ends the merged stream with it
+            await self.queue.put(exc)
+
+    def _watch_map(self, late: bool = True) -> None:
+        """Shards added since: watch them; shards gone: drop them from the watermark."""
+        present = {id(s): s for s in self.map.shards}
+        for key, shard in present.items():
+            if key not in self.feeds:
+                self._add(shard, late)
+        for key in [k for k in self.feeds if k not in present]:
+            feed = self.feeds.pop(key)
+            if feed.task is not None:
+                feed.task.cancel()
+
+    def _take(self, feed: _Feed, message: Any) -> list[Any]:
+        """Queue a shard's message; initial items are returned to send at once."""
+        items = list(getattr(message, self.items))
+        at = message.at.seconds * 1_000_000 + message.at.nanos // 1000 \
+            if message.HasField("at") else -1
+        out = []
+        for item in items:
+            if item.initial:
+                out.append(item)
+                continue
+            own = decode_token(item.position)[feed.shard.name] if item.position else None
+            item_at = item.at.seconds * 1_000_000 + item.at.nanos // 1000
+            heapq.heappush(feed.pending, (item_at, next(self.seq), own, item))
+        if message.position:
+            if not feed.listed:
+                feed.listed = True
+            position = decode_token(message.position)[feed.shard.name]
+            heapq.heappush(feed.pending, (max(at, 0), next(self.seq), position, None))
+        if at >= 0:
+            feed.low = max(feed.low, at)
+        return out
+
+    def _ready(self) -> list[Any]:
+        """Events every shard is past, oldest first, each with the vector token."""
+        feeds = list(self.feeds.values())
+        if not feeds or any(f.low < 0 for f in feeds):
+            return []
+        watermark = min(f.low for f in feeds)
+        merged: list[tuple[int, str, int, _Feed]] = []
+        for feed in feeds:
+            for at, seq, _, _ in feed.pending:
+                if at <= watermark:
+                    merged.append((at, feed.shard.name, seq, feed))
+        merged.sort(key=lambda t: (t[0], t[1], t[2]))
+        out = []
+        for _, name, _, feed in merged:
+            at, seq, position, item = heapq.heappop(feed.pending)
+            if position is not None:
+                self.positions[name] = position
+            if item is not None:
+                item.position = encode_token(self.positions)
+                out.append(item)
+        return out
+
+    def _message(self, items: list[Any]) -> Any:
+        message = self.make(position=encode_token(self.positions) if self.seam_sent else "")
+        getattr(message, self.items).extend(items)
+        return message
+
+    async def run(self) -> AsyncIterator[Any]:
+        self._watch_map(late=False)
+        last_check = asyncio.get_running_loop().time()
+        try:
+            while True:
+                try:
+                    got = await asyncio.wait_for(self.queue.get(), MAP_CHECK)
+                except TimeoutError:
+                    got = None
+                now = asyncio.get_running_loop().time()
+                if now - last_check >= MAP_CHECK:
+                    last_check = now
+                    await self.map.refresh()
+                    self._watch_map()
+                if got is None:
+                    continue
+                if isinstance(got, BaseException):
+                    raise got
+                feed, message = got
+                if id(feed.shard) not in self.feeds:
+                    continue
+                initial = self._take(feed, message)
+                for start in range(0, len(initial), BATCH):
+                    yield self._message(initial[start:start + BATCH])
+                if not self.seam_sent and all(f.listed for f in self.feeds.values()):
+                    self.seam_sent = True
+                    for f in self.feeds.values():  # the seam: every shard's listing's end
+                        for at, _, position, item in sorted(f.pending):
+                            if item is None and position is not None:
+                                self.positions[f.shard.name] = position
+                                break
+                    yield self._message([])
+                if not self.seam_sent:
+                    continue
+                ready = self._ready()
+                for start in range(0, len(ready), BATCH):
+                    yield self._message(ready[start:start + BATCH])
+                if not ready and not getattr(message, self.items):
+                    beat = self._message([])  # a heartbeat: the position moved, or a second
+                    if beat.position != self._beat[0] or now - self._beat[1] >= 1.0:
+                        self._beat = (beat.position, now)
+                        yield beat
+        finally:
+            for feed in self.feeds.values():
+                if feed.task is not None:
+                    feed.task.cancel()
+            for feed in self.feeds.values():
+                if feed.task is not None:
+                    with contextlib.suppress(BaseException):
+                        await feed.task
+
+
+def start_positions(token: str) -> dict[str, tuple[int, int]]:
+    """The shard positions of a caller's token (InvalidArgument if it is not one)."""
+    return decode_token(token) if token else {}

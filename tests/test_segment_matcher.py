@@ -1,0 +1,259 @@
+"""The per-profile matcher (memstore.query.match) against evaluate() over the indexes.
+
+Saved segments decide the profiles a write touched with a compiled matcher instead of the
+index path; the two must never disagree. The reference is the call the matcher replaces,
+`evaluate(engine, node, unknown_is_empty=True, within=...)`: random profiles (attributes of
+every kind, often missing), random query trees over them whose literals are often of the
+wrong kind, attributes the shard never saw and one declared not indexed. Where the index
+path refuses a query, compiling must refuse it too (the segment then keeps using the index
+path, which refuses it as before); elsewhere both give the same answer for every profile.
+
+A second test drives `Segments.refresh` in-process through random single writes and
+checks every segment's members against evaluating it from scratch after each one.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import hypothesis.strategies as st
+from hypothesis import HealthCheck, event, given, settings
+from pyroaring import BitMap
+
+from memstore.engine.core import SET, UNSET, Engine, UpsertSpec, decode
+from memstore.engine.schema import Kind, Merge
+from memstore.engine.segments import Touched
+from memstore.errors import InvalidArgument
+from memstore.query import (
+    MAX_DEPTH,
+    All,
+    And,
+    InSegment,
+    Node,
+    Not,
+    Op,
+    Or,
+    Predicate,
+    format_query,
+    validate,
+)
+from memstore.query.evaluate import evaluate
+from memstore.query.match import Undecidable, compile_query
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+WORDS = ["a", "b", "c"]
+# Small domains, so that literals often equal stored values.
+VALUES: dict[Kind, st.SearchStrategy[Any]] = {
+    Kind.STRING: st.sampled_from(WORDS),
+    Kind.INT: st.integers(-3, 3),
+    Kind.FLOAT: st.sampled_from([-1.5, -0.0, 0.0, 1.0, 2.0, 2.5]),
+    Kind.BOOL: st.booleans(),
+    Kind.TIMESTAMP: st.integers(0, 3).map(lambda h: T0 + timedelta(hours=h)),
+    Kind.STRING_LIST: st.lists(st.sampled_from(WORDS), max_size=3),
+}
+KINDS = {"s": Kind.STRING, "i": Kind.INT, "f": Kind.FLOAT, "b": Kind.BOOL,
+         "t": Kind.TIMESTAMP, "l": Kind.STRING_LIST}
+NOT_INDEXED = "n"  # an int attribute declared not indexed: queries on it are refused
+UNKNOWN = "u"  # never declared: matches nobody
+# Literals of every kind, whatever the attribute: wrong kinds must be refused alike.
+LITERALS = st.one_of(
+    st.sampled_from(WORDS),
+    st.integers(-3, 3),
+    st.sampled_from([-2.5, -1.5, -0.0, 0.0, 0.5, 1.0, 2.0, 2.5, 1e30, -1e30]),
+    st.booleans(),
+    st.integers(0, 3).map(lambda h: T0 + timedelta(hours=h)),
+    st.integers(0, 3).map(lambda h: (T0 + timedelta(hours=h)).isoformat()),
+    st.just("2024-01-01T01:30:00Z"),
+    st.just("not a time"),
+)
+ARITY = {Op.EQ: 1, Op.NE: 1, Op.LT: 1, Op.LE: 1, Op.GT: 1, Op.GE: 1, Op.HAS: 1,
+         Op.EXISTS: 0, Op.BETWEEN: 2}
+
+
+# Literals of the attribute's own kind (a timestamp's also as text), as often as not.
+OWN: dict[Kind, st.SearchStrategy[Any]] = VALUES | {
+    Kind.STRING_LIST: st.sampled_from(WORDS),
+    Kind.TIMESTAMP: st.one_of(VALUES[Kind.TIMESTAMP],
+                              VALUES[Kind.TIMESTAMP].map(datetime.isoformat)),
+}
+
+
+@st.composite
+def predicates(draw: Any) -> Predicate:
+    name = draw(st.sampled_from([*KINDS, NOT_INDEXED, UNKNOWN]))
+    literal = st.one_of(OWN[KINDS.get(name, Kind.INT)], LITERALS)
+    op = draw(st.sampled_from(list(Op)))
+    if op is Op.IN:
+        values = tuple(draw(st.lists(literal, min_size=1, max_size=3)))
+    else:
+        values = tuple(draw(literal) for _ in range(ARITY[op]))
+    return Predicate(name, op, values)
+
+
+RANGE_OPS = [Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT, Op.GE, Op.BETWEEN, Op.IN, Op.EXISTS]
+OPS_OF = {Kind.INT: RANGE_OPS, Kind.FLOAT: RANGE_OPS, Kind.TIMESTAMP: RANGE_OPS,
+          Kind.STRING: [Op.EQ, Op.NE, Op.IN, Op.EXISTS], Kind.BOOL: [Op.EQ, Op.NE, Op.IN],
+          Kind.STRING_LIST: [Op.HAS, Op.IN, Op.NE, Op.EXISTS]}
+
+
+@st.composite
+def well_typed(draw: Any) -> Predicate:
+    """A predicate a segment can be created with (its literals of the attribute's kind)."""
+    name = draw(st.sampled_from(sorted(KINDS)))
+    kind = KINDS[name]
+    op = draw(st.sampled_from(OPS_OF[kind]))
+    count = draw(st.integers(1, 3)) if op is Op.IN else ARITY[op]
+    return Predicate(name, op, tuple(draw(OWN[kind]) for _ in range(count)))
+
+
+def trees(leaf: st.SearchStrategy[Node]) -> st.SearchStrategy[Node]:
+    return st.recursive(
+        st.one_of(leaf, leaf, st.just(All()), st.just(InSegment("seg"))),
+        lambda inner: st.one_of(
+            st.lists(inner, min_size=1, max_size=3).map(lambda c: And(tuple(c))),
+            st.lists(inner, min_size=1, max_size=3).map(lambda c: Or(tuple(c))),
+            inner.map(Not),
+        ),
+        max_leaves=6,
+    )
+
+
+QUERIES = trees(predicates())
+PROFILES = st.lists(
+    st.fixed_dictionaries({}, optional={name: VALUES[kind] for name, kind in KINDS.items()}
+                          | {NOT_INDEXED: st.integers(-3, 3)}),
+    min_size=1, max_size=8,
+)
+
+
+def engine_with(profiles: list[dict[str, Any]], declared: list[str], seg: BitMap | None
+                ) -> Engine:
+    engine = Engine()
+    engine.apply(engine.plan_declare(
+        [(name, KINDS[name], True, Merge.DEFAULT) for name in declared]
+        + [(NOT_INDEXED, Kind.INT, False, Merge.DEFAULT)]))
+    for i, attrs in enumerate(profiles):
+        engine.apply(engine.plan_upsert(UpsertSpec(f"p{i}", [(SET, k, v)
+                                                              for k, v in attrs.items()])))
+    if seg is not None:
+        engine.segments.set_definition("seg", ["ALL", 0])
+        engine.segments.by_name["seg"].members = seg & engine.live
+    return engine
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(profiles=PROFILES, declared=st.lists(st.sampled_from(sorted(KINDS)), unique=True),
+       node=QUERIES, seg=st.lists(st.integers(0, 7)).map(BitMap))
+def test_the_matcher_answers_as_the_indexes_do(profiles: list[dict[str, Any]],
+                                              declared: list[str], node: Node,
+                                              seg: BitMap) -> None:
+    engine = engine_with(profiles, declared, seg)
+
+    def members(name: str) -> BitMap | None:
+        segment = engine.segments.get(name)
+        return None if segment is None else segment.members
+
+    try:
+        matcher = compile_query(node, engine.schema, members)
+    except Undecidable:
+        event("refused")
+        try:
+            evaluate(engine, node, unknown_is_empty=True, within=BitMap(engine.live))
+        except InvalidArgument:
+            return
+        raise AssertionError(f"the indexes answer {format_query(node)}, the matcher refused")
+    expected = evaluate(engine, node, unknown_is_empty=True, within=BitMap(engine.live))
+    event(f"members: {'none' if not expected else 'all' if expected == engine.live else 'some'}")
+    for dense in engine.live:
+        blob = engine.blobs[dense]
+        assert blob is not None
+        got = matcher(decode(blob)[1], dense)
+        assert got == (dense in expected), (format_query(node), dense, decode(blob)[1])
+
+
+WRITES = st.tuples(
+    st.integers(0, 3),  # profile
+    st.lists(st.one_of(
+        st.sampled_from(sorted(KINDS)).flatmap(
+            lambda n: VALUES[KINDS[n]].map(lambda v: (SET, n, v))),
+        st.sampled_from(sorted(KINDS)).map(lambda n: (UNSET, n, None)),
+    ), min_size=1, max_size=3),
+    st.integers(0, 9),  # 0: delete the profile instead; 1, 2: write the next one too
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(queries=st.lists(trees(well_typed()), min_size=1, max_size=5), writes=st.lists(WRITES, min_size=4, max_size=30))
+def test_refresh_keeps_every_segment_equal_to_its_query(queries: list[Node],
+                                                        writes: list[Any]) -> None:
+    """Segments reading each other (seg, then s0 on it, s1 on s0 ..., and one reading the
+    last and no attribute), refreshed by random single writes, equal their queries
+    evaluated from scratch after every write."""
+    engine = engine_with([], sorted(KINDS), BitMap())
+    segments = engine.segments
+    names = ["seg"]
+    for i, node in enumerate(queries):
+        node = _rename(node, names[-1])
+        try:
+            evaluate(engine, node, unknown_is_empty=True, within=BitMap())
+        except InvalidArgument:
+            continue  # refused at creation
+        name = f"s{i}"
+        segments.set_definition(name, [format_query(node), 0])
+        segments.rebuild(engine, [name])
+        names.append(name)
+    event(f"segments: {len(names) - 1}")
+    # One more that reads no attribute: only its dependency's moves can move it.
+    segments.set_definition("follows", [f'in_segment("{names[-1]}")', 0])
+    segments.rebuild(engine, ["follows"])
+    names.append("follows")
+    for n, ops, how in writes:
+        pid = f"p{n}"
+        if how == 0:
+            if engine.lookup(pid) is None:
+                continue
+            change = engine.plan_delete(pid)
+        elif how <= 2:  # two profiles in one change
+            change = engine.plan_batch([UpsertSpec(pid, ops), UpsertSpec(f"p{n + 1}", ops)])
+        else:
+            change = engine.plan_upsert(UpsertSpec(pid, ops))
+        touched = Touched()
+        engine.apply(change, touched)
+        deltas = segments.refresh(engine, touched)
+        event(f"segments moved by a write: {min(len(deltas), 2)}")
+        for name in names:  # in creation order: each after the one it reads
+            segment = segments.by_name[name]
+            expected = evaluate(engine, segment.node, unknown_is_empty=True,
+                                within=BitMap(engine.live))
+            assert segment.members == expected, (name, segment.text)
+
+
+def _rename(node: Node, to: str) -> Node:
+    if isinstance(node, InSegment):
+        return InSegment(to)
+    if isinstance(node, And):
+        return And(tuple(_rename(c, to) for c in node.children))
+    if isinstance(node, Or):
+        return Or(tuple(_rename(c, to) for c in node.children))
+    if isinstance(node, Not):
+        return Not(_rename(node.child, to))
+    return node
+
+
+def test_the_deepest_valid_queries_compile_and_agree() -> None:
+    """The matcher is one Python expression: the deepest trees `validate` lets through
+    (MAX_DEPTH) must still compile, and answer as the indexes do."""
+    engine = engine_with([{"i": n} for n in range(-3, 4)] + [{}], ["i"], None)
+    for wrap in (Not, lambda n: And((n, Predicate("i", Op.GT, (-3,)))),
+                 lambda n: Or((n, Predicate("i", Op.EQ, (3,))))):
+        node: Node = Predicate("i", Op.LT, (1,))
+        for _ in range(MAX_DEPTH - 1):
+            node = wrap(node)
+        validate(node)
+        matcher = compile_query(node, engine.schema, lambda name: None)
+        expected = evaluate(engine, node, unknown_is_empty=True, within=BitMap(engine.live))
+        for dense in engine.live:
+            blob = engine.blobs[dense]
+            assert blob is not None
+            assert matcher(decode(blob)[1], dense) == (dense in expected)

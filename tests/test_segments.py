@@ -1,0 +1,635 @@
+"""Saved segments and change streams (issue 25), on real shard and router processes.
+
+- A hypothesis model drives one shard with writes, links (merges), deletes and segment
+  creations and deletions. The reference recomputes every segment from scratch after each
+  step (a plain evaluator over the profiles as they are); the shard's members must equal
+  it, and the stream of enters and leaves, replayed onto empty sets, must end equal to it,
+  with no ENTER of a member and no LEAVE of a non-member on the way.
+- Through a router with two shards: SIGKILL every process while watchers stream, restart,
+  resume from the last position; `cluster add-shard` during a stream; the initial listing's
+  seam under concurrent writes. Nothing missing, nothing doubled.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import hypothesis.strategies as st
+import pytest
+from hypothesis import settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from memstore.client.core import Client, ClientError
+from memstore.query import And, InSegment, Not, Or, Predicate, format_query
+from tests.conftest import ROOT, start_router, start_shard
+from tests.test_engine_model import _matches, predicates
+from tests.test_router import start_shards
+
+# ---------------------------------------------------------------------- helpers
+
+
+class Watcher:
+    """A `watch` (or `changes`) stream consumed on a thread: every item, in order."""
+
+    def __init__(self, address: str, segments: tuple[str, ...] = (), *,
+                 from_position: str | None = None, initial: bool = False,
+                 changes: bool = False, **options: Any) -> None:
+        self.client = Client(address, timeout=None)
+        self.items: list[dict[str, Any]] = []
+        self.error: BaseException | None = None
+        self.seam = threading.Event()  # the first position arrived
+        self.done = threading.Event()
+        if changes:
+            stream = self.client.changes(from_position=from_position, initial=initial,
+                                         heartbeats=True, **options)
+        else:
+            stream = self.client.watch(segments, from_position=from_position,
+                                       initial=initial, heartbeats=True)
+        self.thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _run(self, stream: Iterator[dict[str, Any]]) -> None:
+        try:
+            for item in stream:
+                if item.get("position"):
+                    self.seam.set()
+                self.items.append(item)
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
+            self.error = exc
+        finally:
+            self.seam.set()
+            self.done.set()
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return [item for item in list(self.items) if not item.get("heartbeat")]
+
+    @property
+    def position(self) -> str:
+        """The position of the last item received (resume there)."""
+        for item in reversed(list(self.items)):
+            if item.get("position"):
+                return str(item["position"])
+        return ""
+
+    def started(self, timeout: float = 30.0) -> Watcher:
+        assert self.seam.wait(timeout), "the stream sent no position"
+        assert self.error is None, self.error
+        return self
+
+    def close(self) -> None:
+        self.client.close()
+        self.done.wait(10)
+
+
+def replay(events: list[dict[str, Any]], into: dict[str, set[str]] | None = None
+           ) -> dict[str, set[str]]:
+    """Enter and leave events applied to sets, refusing an ENTER of a member or a LEAVE of
+    a non-member (a doubled or lost event)."""
+    sets: dict[str, set[str]] = into if into is not None else {}
+    for e in events:
+        members = sets.setdefault(e["segment"], set())
+        if e["change"] == "enter":
+            assert e["id"] not in members, f"ENTER of a member: {e}"
+            members.add(e["id"])
+        else:
+            assert e["id"] in members, f"LEAVE of a non-member: {e}"
+            members.remove(e["id"])
+    return sets
+
+
+def eventually(check: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what or check}"
+        time.sleep(0.05)
+
+
+def members(client: Client, name: str) -> set[str]:
+    return set(client.iter_ids(f'in_segment("{name}")'))
+
+
+# ---------------------------------------------------------------------- the model
+
+ATTRS = ("country", "age", "vip", "tags", "orders")
+PIDS = st.sampled_from([f"p{i}" for i in range(8)])
+IDENTS = st.tuples(st.sampled_from(["email", "device"]), st.sampled_from(["x", "y", "z"]))
+VALUES: dict[str, Any] = {
+    "country": st.sampled_from(["US", "CA", "DE"]),
+    "age": st.integers(0, 60),
+    "vip": st.booleans(),
+    "tags": st.lists(st.sampled_from(["a", "b", "c"]), max_size=2, unique=True),
+    "orders": st.integers(0, 9),
+}
+SIMPLE = predicates().filter(lambda p: p.attribute in ATTRS)
+
+
+def _evaluate(node: Any, attrs: dict[str, Any], segments: dict[str, set[str]], pid: str
+              ) -> bool:
+    if isinstance(node, Predicate):
+        return _matches(node.op, attrs.get(node.attribute), node.values)
+    if isinstance(node, InSegment):
+        return pid in segments[node.name]
+    if isinstance(node, And):
+        return all(_evaluate(c, attrs, segments, pid) for c in node.children)
+    if isinstance(node, Or):
+        return any(_evaluate(c, attrs, segments, pid) for c in node.children)
+    assert isinstance(node, Not)
+    return not _evaluate(node.child, attrs, segments, pid)
+
+
+class SegmentsModel(RuleBasedStateMachine):
+    address = ""  # set by the test: one shard for every example
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.client = Client(self.address)
+        self.definitions: dict[str, Any] = {}  # name -> query node, in creation order
+        self.created = 0
+        self.watcher = Watcher(self.address, initial=True).started()
+
+    # ------------------------------------------------------------------ writes
+    @rule(pid=PIDS, name=st.sampled_from(ATTRS), data=st.data())
+    def set_attr(self, pid: str, name: str, data: Any) -> None:
+        value = data.draw(VALUES[name])
+        if name == "tags" and not value:
+            self.client.upsert(pid, ops=[("unset", name, None)])
+        else:
+            self.client.upsert(pid, {name: value})
+
+    @rule(pid=PIDS, name=st.sampled_from(ATTRS))
+    def unset(self, pid: str, name: str) -> None:
+        self.client.upsert(pid, ops=[("unset", name, None)])
+
+    @rule(pid=PIDS, ident=IDENTS)
+    def link(self, pid: str, ident: tuple[str, str]) -> None:
+        """Merges the profile holding `ident` (if another does) into `pid`."""
+        try:
+            self.client.link(pid, [ident], create=True)
+        except ClientError as exc:  # merge protection: too many of one kind
+            assert exc.code == grpc.StatusCode.FAILED_PRECONDITION, exc
+
+    @rule(pid=PIDS)
+    def delete(self, pid: str) -> None:
+        self.client.delete(pid)
+
+    # ------------------------------------------------------------------ segments
+    @rule(query=SIMPLE, data=st.data())
+    def create_segment(self, query: Any, data: Any) -> None:
+        if self.definitions and data.draw(st.booleans(), label="reads another segment"):
+            other = InSegment(data.draw(st.sampled_from(sorted(self.definitions))))
+            query = data.draw(st.sampled_from([And((query, other)), Or((query, other)),
+                                               And((query, Not(other)))]))
+        self.created += 1
+        name = f"s{self.created}"
+        info = self.client.create_segment(name, format_query(query))
+        assert info["name"] == name
+        self.definitions[name] = query
+
+    @precondition(lambda self: self.definitions)
+    @rule(data=st.data())
+    def delete_segment(self, data: Any) -> None:
+        name = data.draw(st.sampled_from(sorted(self.definitions)))
+        readers = [n for n, q in self.definitions.items() if name in format_query(q)
+                   and n != name and f'in_segment("{name}")' in format_query(q)]
+        if readers:
+            with pytest.raises(ClientError) as refused:
+                self.client.delete_segment(name)
+            assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            return
+        assert self.client.delete_segment(name) is True
+        del self.definitions[name]
+
+    # ------------------------------------------------------------------ checks
+    def reference(self) -> dict[str, set[str]]:
+        """Every segment recomputed from scratch over the profiles as they are now."""
+        ids = sorted(self.client.iter_ids("*"))
+        profiles = {p["id"]: p["attributes"] for p in self.client.batch_get(ids) if p}
+        out: dict[str, set[str]] = {}
+        for name, node in self.definitions.items():  # creation order: readers come later
+            out[name] = {pid for pid, attrs in profiles.items()
+                         if _evaluate(node, attrs, out, pid)}
+        return out
+
+    @invariant()
+    def members_are_the_reference(self) -> None:
+        want = self.reference()
+        listed = {s["name"]: s["members"] for s in self.client.segments()}
+        assert listed == {name: len(ids) for name, ids in want.items()}
+        for name, ids in want.items():
+            assert members(self.client, name) == ids, name
+
+    def teardown(self) -> None:
+        try:
+            want = self.reference()
+
+            def caught_up() -> bool:
+                assert self.watcher.error is None, self.watcher.error
+                got = replay(self.watcher.events)
+                return {n: got.get(n, set()) for n in want} == want and not any(
+                    ids for n, ids in got.items() if n not in want)  # deleted: all left
+
+            eventually(caught_up, what="the stream to replay to the segments' members")
+        finally:
+            self.watcher.close()
+            for name in reversed(list(self.definitions)):
+                self.client.delete_segment(name)
+            for pid in self.client.iter_ids("*"):
+                self.client.delete(pid)
+            self.client.close()
+
+
+SegmentsModel.TestCase.settings = settings(max_examples=40, stateful_step_count=25,
+                                           deadline=None)
+
+
+def test_segments_and_their_stream_match_a_model_recomputed_from_scratch(tmp_path: Path
+                                                                         ) -> None:
+    shard = start_shard(tmp_path / "data", "--sync", "off")
+    try:
+        SegmentsModel.address = shard.address
+        SegmentsModel.TestCase().runTest()
+    finally:
+        shard.stop()
+
+
+# ---------------------------------------------------------------------- one shard
+
+def test_segment_definitions_are_checked_and_survive_restarts(tmp_path: Path) -> None:
+    shard = start_shard(tmp_path / "data", "--sync", "off")
+    try:
+        with Client(shard.address) as client:
+            client.batch_upsert([{"id": f"u{i}", "attributes": {"age": i, "plan": "pro"}}
+                                 for i in range(50)])
+            info = client.create_segment("adults", "age >= 18")
+            assert info["members"] == 32 and info["query"] == "age >= 18"
+            assert client.create_segment("adults", "age >= 18")["members"] == 32  # no-op
+            client.create_segment("pro_adults", 'in_segment("adults") AND plan = "pro"')
+            assert client.count('in_segment("pro_adults")') == 32
+            assert client.count('in_segment("adults") AND NOT age >= 40') == 22
+
+            def refused(call: Callable[[], Any]) -> ClientError:
+                with pytest.raises(ClientError) as err:
+                    call()
+                return err.value
+
+            err = refused(lambda: client.create_segment("adults", "age >= 21"))
+            assert err.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert "exists with another query: age >= 18" in err.details
+            err = refused(lambda: client.create_segment("bad name!", "age >= 1"))
+            assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "name" in err.details
+            err = refused(lambda: client.create_segment("x", 'in_segment("nope")'))
+            assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "nope" in err.details
+            err = refused(lambda: client.create_segment("y", "age >= "))
+            assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+            err = refused(lambda: client.count('in_segment("nope")'))
+            assert err.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+            assert "nope" in err.details
+            err = refused(lambda: client.delete_segment("adults"))
+            assert err.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert "pro_adults" in err.details
+            err = refused(lambda: list(client.watch(["nope"])))
+            assert err.code == grpc.StatusCode.NOT_FOUND
+            client.upsert("u5", {"age": 30})
+            client.upsert("u40", {"plan": "free"})
+            client.snapshot()
+            client.upsert("u6", {"age": 31})  # after the snapshot: replayed from the log
+        shard.stop(signal.SIGKILL)
+        shard = start_shard(tmp_path / "data", "--sync", "off")
+        with Client(shard.address) as client:
+            listed = {s["name"]: s["members"] for s in client.segments()}
+            assert listed == {"adults": 34, "pro_adults": 33}
+            assert members(client, "adults") == {f"u{i}" for i in [5, 6, *range(18, 50)]}
+            client.upsert("u7", {"age": 70})  # still kept current after the restart
+            assert client.count('in_segment("pro_adults")') == 34
+            assert client.delete_segment("pro_adults") is True
+            assert client.delete_segment("pro_adults") is False
+            assert [s["name"] for s in client.segments()] == ["adults"]
+    finally:
+        shard.stop()
+
+
+def test_change_stream_filters_by_query_and_attributes_and_names_merges(tmp_path: Path
+                                                                        ) -> None:
+    shard = start_shard(tmp_path / "data", "--sync", "off")
+    try:
+        with Client(shard.address) as client:
+            client.upsert("a", {"country": "DE", "age": 30}, identifiers=[("email", "a@x")])
+            client.upsert("b", {"country": "US", "age": 40})
+            everything = Watcher(shard.address, changes=True).started()
+            german = Watcher(shard.address, changes=True, query='country = "DE"',
+                             attributes=["age"]).started()
+            client.upsert("a", {"age": 31})
+            client.upsert("a", {"country": "DE"})  # a new version, no value changed
+            client.upsert("b", {"age": 41})  # not German
+            client.upsert("c", {"country": "DE"}, identifiers=[("email", "c@x")])
+            client.link("c", [("email", "a@x")])  # a merges into c
+            client.delete("b")
+            eventually(lambda: len(everything.events) >= 6, what="six changes")
+            time.sleep(0.3)
+            seen = [(e["id"], e["set"], e["unset"], e["created"], e["deleted"],
+                     e["merged_into"]) for e in everything.events]
+            assert seen[:4] == [
+                ("a", {"age": 31}, [], False, False, None),
+                ("a", {}, [], False, False, None),
+                ("b", {"age": 41}, [], False, False, None),
+                ("c", {"country": "DE"}, [], True, False, None),
+            ]
+            assert ("a", {}, [], False, False, "c") in seen[4:]  # merged away into c
+            assert seen[-1] == ("b", {}, [], False, True, None)
+            ages = [(e["id"], e["set"]) for e in german.events if not e["merged_into"]]
+            assert ages[0] == ("a", {"age": 31})
+            assert ("b", {"age": 41}) not in ages
+            assert all(set(s) <= {"age"} for _, s in ages)
+            everything.close()
+            german.close()
+    finally:
+        shard.stop()
+
+
+def test_a_position_older_than_the_retention_is_out_of_range(tmp_path: Path) -> None:
+    shard = start_shard(tmp_path / "data", "--sync", "off", "--changes-retention", "0")
+    try:
+        with Client(shard.address) as client:
+            client.create_segment("all", "age >= 0")
+            watcher = Watcher(shard.address).started()
+            client.upsert("u1", {"age": 1})
+            eventually(lambda: bool(watcher.events))
+            old = watcher.events[0]["position"]
+            watcher.close()
+            client.upsert("u3", {"age": 3})  # a change after `old`, in the same segment
+            client.snapshot()
+            client.upsert("u2", {"age": 2})
+            client.snapshot()  # the log before the first snapshot goes
+            with pytest.raises(ClientError) as err:
+                next(iter(client.watch(from_position=old)))
+            assert err.value.code == grpc.StatusCode.OUT_OF_RANGE
+            assert "initial" in err.value.details
+            with pytest.raises(ClientError) as err:
+                next(iter(client.watch(from_position="not-a-position")))
+            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        shard.stop()
+
+
+def test_a_cursor_that_falls_behind_the_kept_log_is_told_so(tmp_path: Path) -> None:
+    """A reader whose next segment was deleted before it got there (a slow watcher)."""
+    import asyncio
+
+    from memstore.storage.wal_tail import LogGone, LogTail
+    from memstore.storage.wal_writer import LogWriter
+
+    async def main() -> None:
+        writer = LogWriter.open(tmp_path)
+        first = writer.append(5, b"one")
+        writer.rotate()
+        second = writer.append(5, b"two")
+        writer.rotate()
+        third = writer.append(5, b"three")
+        await writer.sync_to(third)
+        tail = LogTail(tmp_path, 0)
+        assert [r.payload for r in tail.read(first)] == [b"one"]  # holds segment one
+        slow = LogTail(tmp_path, 0)
+        writer.remove_segments_before(second)  # a snapshot's pruning: one and two go
+        # The open segment stays readable; the next one is gone.
+        with pytest.raises(LogGone) as gone:
+            tail.read(third)
+        assert gone.value.oldest == second
+        with pytest.raises(LogGone):  # one that never opened its first segment
+            slow.read(third)
+        assert [r.payload for r in LogTail(tmp_path, second).read(third)] == [b"three"]
+        tail.close()
+        slow.close()
+        await writer.close()
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------- a cluster
+
+class Cluster:
+    """Two shard processes and a router process, all killable."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.shards = start_shards(root, 2)
+        self.router = start_router([s.address for s in self.shards])
+
+    @property
+    def address(self) -> str:
+        return self.router.address
+
+    def kill(self) -> None:
+        for process in [self.router, *self.shards]:
+            process.stop(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.shards = [start_shard(s.data_dir, "--name", f"shard-{i}", "--sync", "off")
+                       for i, s in enumerate(self.shards)]
+        self.router = start_router([s.address for s in self.shards])
+
+    def stop(self) -> None:
+        for process in [self.router, *self.shards]:
+            process.stop()
+
+
+class Writer:
+    """Random ages for ids w0..w{n}, on a thread, remembering what was acknowledged."""
+
+    def __init__(self, address: str, n: int, prefix: str = "w") -> None:
+        self.client = Client(address, timeout=10)
+        self.ids = [f"{prefix}{i}" for i in range(n)]
+        self.acked: dict[str, int] = {}
+        self.stop = threading.Event()
+        self.errors = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        rng = random.Random(7)
+        while not self.stop.is_set():
+            pid, age = rng.choice(self.ids), rng.randrange(0, 40)
+            try:
+                self.client.upsert(pid, {"age": age})
+                self.acked[pid] = age
+            except ClientError:
+                self.errors += 1  # a killed server: not acknowledged
+                time.sleep(0.05)
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        self.client.close()
+
+
+def _adults(acked: dict[str, int]) -> set[str]:
+    return {pid for pid, age in acked.items() if age >= 18}
+
+
+def test_watchers_resume_after_every_process_is_killed(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path)
+    try:
+        with Client(cluster.address) as client:
+            client.declare([{"name": "age", "kind": "int"}])
+            client.create_segment("adults", "age >= 18")
+        watcher = Watcher(cluster.address, ("adults",), initial=True).started()
+        writer = Writer(cluster.address, 60)
+        time.sleep(1.0)
+        cluster.kill()  # mid-stream, mid-write
+        writer.stop.set()
+        writer.thread.join(30)
+        watcher.done.wait(20)
+        assert watcher.error is not None  # the stream ended with the servers
+        before = len(watcher.events)
+        assert before > 10
+        cluster.restart()
+        writer.client.close()
+        resumed = Watcher(cluster.address, ("adults",), from_position=watcher.position)
+        # Acknowledged before the kill, or applied but unanswered: the servers say.
+        writer = Writer(cluster.address, 60)
+        time.sleep(1.0)
+        writer.finish()
+        with Client(cluster.address) as client:
+            truth = members(client, "adults")
+            ages = {p["id"]: p["attributes"]["age"] for p in client.batch_get(
+                [f"w{i}" for i in range(60)]) if p}
+        assert truth == _adults(ages)
+        assert set(writer.acked.items()) <= set(ages.items())
+        eventually(lambda: replay(watcher.events + resumed.events).get("adults") == truth,
+                   what="the resumed stream to reach the members")
+        resumed.close()
+    finally:
+        cluster.stop()
+
+
+def test_a_stream_goes_on_across_add_shard_and_old_positions_still_resume(tmp_path: Path
+                                                                          ) -> None:
+    cluster = Cluster(tmp_path)
+    new = start_shard(tmp_path / "shard-2", "--name", "shard-2", "--sync", "off")
+    try:
+        with Client(cluster.address) as client:
+            client.declare([{"name": "age", "kind": "int"}])
+            client.batch_upsert([{"id": f"still{i}", "attributes": {"age": 20 + i % 2}}
+                                 for i in range(300)])
+            client.create_segment("adults", "age >= 18")
+        watcher = Watcher(cluster.address, ("adults",), initial=True).started()
+        before_add = watcher.position
+        writer = Writer(cluster.address, 40)
+        added = subprocess.run(
+            [sys.executable, "-m", "memstore.cli", "cluster", "add-shard", new.address,
+             "--address", cluster.address, "--batch-slots", "2048", "--no-progress"],
+            check=False, cwd=ROOT, capture_output=True, text=True, timeout=240)
+        assert added.returncode == 0, added.stderr
+        time.sleep(1.0)
+        writer.finish()
+        with Client(cluster.address) as client:
+            truth = members(client, "adults")
+            assert client.stats()  # the router knows three shards now
+        assert len(truth) > 300
+        eventually(lambda: replay(watcher.events).get("adults") == truth,
+                   what="the live stream to reach the members")
+        # Moved profiles neither left nor entered: nobody wrote the `still` ones.
+        assert not [e for e in watcher.events
+                    if e["id"].startswith("still") and not e["initial"]]
+        # A position from before the new shard joined resumes after it: the same events.
+        again = Watcher(cluster.address, ("adults",), from_position=before_add)
+        live = [(e["id"], e["change"]) for e in watcher.events if not e["initial"]]
+
+        def per_profile(events: list[tuple[str, str]]) -> dict[str, list[str]]:
+            out: dict[str, list[str]] = {}
+            for pid, change in events:
+                out.setdefault(pid, []).append(change)
+            return out
+
+        eventually(lambda: per_profile([(e["id"], e["change"]) for e in again.events])
+                   == per_profile(live), what="the resumed stream to repeat the live one")
+        again.close()
+        watcher.close()
+    finally:
+        cluster.stop()
+        new.stop()
+
+
+def test_initial_listing_then_changes_neither_drop_nor_double_at_the_seam(tmp_path: Path
+                                                                         ) -> None:
+    cluster = Cluster(tmp_path)
+    try:
+        with Client(cluster.address) as client:
+            client.declare([{"name": "age", "kind": "int"}])
+            client.batch_upsert([{"id": f"w{i}", "attributes": {"age": i % 40}}
+                                 for i in range(2000)])
+            client.create_segment("adults", "age >= 18")
+        writer = Writer(cluster.address, 2000)
+        time.sleep(0.5)
+        watchers = [Watcher(cluster.address, ("adults",), initial=True) for _ in range(3)]
+        for w in watchers:
+            w.started()
+        time.sleep(1.0)
+        writer.finish()
+        with Client(cluster.address) as client:
+            truth = members(client, "adults")
+        for w in watchers:
+            initial = [e for e in w.events if e["initial"]]
+            assert initial and all(not e["position"] for e in initial)
+            assert len({e["id"] for e in initial}) == len(initial)  # listed once each
+            eventually(lambda w=w: replay(w.events).get("adults") == truth,
+                       what="the watcher to reach the members")
+            w.close()
+    finally:
+        cluster.stop()
+
+
+# ---------------------------------------------------------------------- the CLI
+
+def test_cli_segments_and_watch_print_json_lines(tmp_path: Path) -> None:
+    shard = start_shard(tmp_path / "data", "--sync", "off")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "memstore.cli", *args, "--address",
+                               shard.address], check=False, cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+
+    try:
+        with Client(shard.address) as client:
+            client.upsert("u1", {"plan": "pro"})
+        made = cli("segment", "create", "pro", 'plan = "pro"')
+        assert made.returncode == 0, made.stderr
+        assert json.loads(made.stdout)["members"] == 1
+        assert json.loads(cli("segment", "list").stdout)["name"] == "pro"
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "memstore.cli", "watch", "pro", "--initial", "--address",
+             shard.address], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert watch.stdout is not None
+        first = json.loads(watch.stdout.readline())
+        assert (first["id"], first["change"], first["initial"]) == ("u1", "enter", True)
+        with Client(shard.address) as client:
+            client.upsert("u2", {"plan": "pro"})
+            client.upsert("u1", {"plan": "free"})
+        lines = [json.loads(watch.stdout.readline()) for _ in range(2)]
+        assert [(e["id"], e["change"]) for e in lines] == [("u2", "enter"), ("u1", "leave")]
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(10) == 0
+        resumed = subprocess.Popen(
+            [sys.executable, "-m", "memstore.cli", "watch", "pro", "--from",
+             lines[0]["position"], "--address", shard.address],
+            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert resumed.stdout is not None
+        assert json.loads(resumed.stdout.readline())["id"] == "u1"
+        resumed.kill()
+        both = cli("watch", "pro", "--initial", "--from", lines[0]["position"])
+        assert both.returncode == 2 and "--initial" in both.stderr
+        assert cli("segment", "delete", "pro").stdout.strip() == "deleted pro"
+        gone = cli("segment", "delete", "pro")
+        assert gone.returncode == 1 and "no segment 'pro'" in gone.stderr
+    finally:
+        shard.stop()
