@@ -634,11 +634,12 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                         raise InvalidArgument(f"events[{i}].id: give an id or an identifier, "
                                               "not both")
                     key = (r.identifier.kind, r.identifier.value)
-                at = r.at.seconds * 1_000_000 + r.at.nanos // 1000 if r.HasField("at") else now
+                at = pbvalues.timestamp_micros(r.at, f"events[{i}].at") if r.HasField("at") \
+                    else now
                 events.append((key, r.event, at, r.count or 1))
             if request.packed:
                 events += eventpack.unpack(request.packed, len(events))
-        except InvalidArgument as exc:
+        except (InvalidArgument, ValueError) as exc:
             await _fail(context, Code.INVALID_ARGUMENT, str(exc))
         keys: list[str] = [k if isinstance(k, str) else "" for k, _, _, _ in events]
         named = list(dict.fromkeys(k for k, _, _, _ in events if not isinstance(k, str)))

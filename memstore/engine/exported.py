@@ -23,6 +23,7 @@ from typing import Any
 
 from pyroaring import BitMap
 
+from memstore.engine import days
 from memstore.engine.core import check_identifier, check_pid
 from memstore.engine.schema import (
     INT64_MAX,
@@ -162,7 +163,20 @@ def _stored(kind: Kind, value: Any, where: str) -> Any:
             check_string(item, where)
         else:
             return sorted(set(value))
+    if kind is Kind.EVENT_DAYS and isinstance(value, bytes) and _day_record(value):
+        return value
     raise InvalidArgument(f"{where}: {brief(value)} is not a stored {kind.label} value")
+
+
+def _day_record(raw: bytes) -> bool:
+    """Whether `raw` reads as a day record (memstore.engine.days)."""
+    if len(raw) < 4:
+        return False
+    try:
+        days.decode(raw)
+    except ValueError:
+        return False
+    return True
 
 
 def _notes(notes: Any) -> None:

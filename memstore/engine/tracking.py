@@ -28,7 +28,7 @@ from pyroaring import BitMap
 
 from memstore.engine import days
 from memstore.engine.schema import INT64_MAX, Kind, Merge
-from memstore.errors import InvalidArgument, MemstoreError, NotFound
+from memstore.errors import InvalidArgument, MemstoreError, NotFound, brief
 from memstore.hashslot import slots_of
 from memstore.pbvalues import MAX_MICROS, MIN_MICROS, TIMESTAMP_RANGE, micros_in_range
 
@@ -55,7 +55,7 @@ def event_attributes(event: str) -> list[tuple[str, Kind, bool, Merge]]:
 def check_event(event: Any, at: Any, count: Any, where: str = "") -> None:
     """Raise InvalidArgument naming the field (after `where`) of a bad event."""
     if not isinstance(event, str) or not EVENT_NAME.match(event):
-        raise InvalidArgument(f"{where}event: name {event!r} must be 1-128 letters, "
+        raise InvalidArgument(f"{where}event: name {brief(event)} must be 1-128 letters, "
                               "digits, _ or -")
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise InvalidArgument(f"{where}count: must be at least 1, got {count!r}")
@@ -172,7 +172,9 @@ def _plan_columns(engine: Engine, events: Sequence[Event]) -> Change | None:
                 touched[low] = attrs.get(low)
                 touched[high] = attrs.get(high)
             had = attrs.get(n)
-            attrs[n] = count if had is None else min(INT64_MAX, had + count)
+            if had is not None and had + count > INT64_MAX:
+                return None  # the general planner refuses it, naming the event
+            attrs[n] = count if had is None else had + count
             had = attrs.get(low)
             if had is None or when < had:
                 attrs[low] = when
@@ -283,7 +285,13 @@ def _plan_general(engine: Engine, events: Sequence[Event], where: str | None) ->
         assert d is not None
         n, first, last, record = specs[event]
         attrs = d.attrs
-        attrs[n.id] = min(INT64_MAX, attrs.get(n.id, 0) + count)
+        total = attrs.get(n.id, 0) + count
+        if total > INT64_MAX:  # never capped: a count that is wrong is refused
+            error = InvalidArgument(f"{at(i)}count: {n.name} of {d.pid!r} is "
+                                    f"{total - count}; {count} more would pass int64")
+            error.record = i
+            raise error
+        attrs[n.id] = total
         attrs[first.id] = min(attrs.get(first.id, when), when)
         attrs[last.id] = max(attrs.get(last.id, when), when)
         d.version += 1
