@@ -1937,5 +1937,5 @@ def _attributes_of(node: Any) -> set[str]:
     if isinstance(node, Not):
         return _attributes_of(node.child)
     if isinstance(node, Did):
-        return {f"event.{node.event}.days"}
+        return {f"event.{node.event}.{'last' if node.within_seconds is not None else 'days'}"}
     return set()

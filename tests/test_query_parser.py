@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from hypothesis import given, settings
@@ -116,9 +116,9 @@ PARSES = [
      Did("x", first=date(2026, 9, 1), last=date(2026, 10, 31))),
     ('did("x", from="2026-09-01", at_least=2)', Did("x", first=date(2026, 9, 1), at_least=2)),
     ('NOT did("x", within=14d)', Not(Did("x", within_days=14))),
-    ("DID('open', WITHIN = 30m)", P("event.open.last", Op.GE, NOW - timedelta(minutes=30))),
-    ('did("x", within=10s)', P("event.x.last", Op.GE, NOW - timedelta(seconds=10))),
-    ('did("x", within=2h)', P("event.x.last", Op.GE, NOW - timedelta(hours=2))),
+    ("DID('open', WITHIN = 30m)", Did("open", within_seconds=1800)),
+    ('did("x", within=10s)', Did("x", within_seconds=10)),
+    ('did("x", within=2h)', Did("x", within_seconds=7200)),
     # boolean structure, precedence and flattening
     ("a = 1 AND b = 2 AND c = 3", And((A, B, C))),
     ("a = 1 OR b = 2 OR c = 3", Or((A, B, C))),
@@ -159,15 +159,27 @@ def test_design_example() -> None:
     )
 
 
-def test_did_within_hours_uses_utc_now_by_default_and_converts_other_zones() -> None:
-    before = datetime.now(UTC)
-    (since,) = parse('did("x", within=24h)').values  # type: ignore[union-attr]
-    assert isinstance(since, datetime) and since.tzinfo is not None
-    assert before - timedelta(days=1) <= since <= datetime.now(UTC) - timedelta(days=1)
-    oslo = NOW.astimezone(timezone(timedelta(hours=2)))
-    (since,) = parse('did("x", within=24h)', now=oslo).values  # type: ignore[union-attr]
-    assert isinstance(since, datetime)
-    assert since == NOW - timedelta(days=1) and since.utcoffset() == timedelta(0)
+def test_a_window_in_seconds_is_measured_from_the_evaluating_shards_clock() -> None:
+    """did(..., within=3h) stays relative (a saved segment evaluated later measures from
+    then): the tree carries the window, the shard's clock anchors it, and it formats and
+    converts back to the same tree."""
+    from memstore.engine.core import Engine
+    from memstore.errors import InvalidArgument
+    from memstore.query import format_query, from_proto, to_proto
+    from memstore.query.evaluate import evaluate
+
+    node = parse('did("x", within=3h)')
+    assert node == Did("x", within_seconds=10_800)
+    assert parse(format_query(node)) == node and from_proto(to_proto(node)) == node
+    now = [1_800_000_000.0]
+    engine = Engine(clock=lambda: now[0])
+    engine.apply(engine.plan_track("p", "x", int((now[0] - 7200) * 1_000_000), 1))
+    assert engine.ids_of(evaluate(engine, node)) == ["p"]
+    now[0] += 2 * 3600  # the same tree two hours later: the event was 4 hours ago
+    assert not evaluate(engine, node)
+    assert not evaluate(engine, parse('did("y", within=1h)'), unknown_is_empty=True)
+    with pytest.raises(InvalidArgument, match="unknown event 'y'"):
+        evaluate(engine, parse('did("y", within=1h)'))
 
 
 def test_did_in_days_does_not_depend_on_now() -> None:
@@ -496,7 +508,7 @@ FROM_PROTO_ERRORS = [
     ),
     (pb.Query(all=False), "query.all: must be true when set"),
     (pb.Query(did=pb.Did(event="x")),
-     "query.did: give a window: within_days, or from (with an optional to)"),
+     "query.did: give one window: within_days, within_seconds, or from (with an optional to)"),
     (pb.Query(did=pb.Did(event="x", within_days=3, to="2026-01-01")),
      "query.did: within_days and from/to are two kinds of window: give one"),
     (pb.Query(did=pb.Did(event="x", to="2026-01-01")),

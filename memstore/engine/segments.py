@@ -27,7 +27,6 @@ marked `broken` with the reason and skipped, never failing the write that met it
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from pyroaring import BitMap
 
 from memstore.errors import InvalidArgument
-from memstore.query import And, InSegment, Node, Not, Or, Predicate, QueryError, parse
+from memstore.query import And, Did, InSegment, Node, Not, Or, Predicate, QueryError, parse
 
 if TYPE_CHECKING:
     from memstore.engine.core import Engine
@@ -50,7 +49,6 @@ MAX_SEGMENTS = 1000  # per cluster: each costs a bitmap and work on every write
 # A change touching at most this many profiles is matched profile by profile; a larger one
 # (a bulk load) goes through the indexes, whose bitmap operations amortize over the ids.
 SMALL_CHANGE = 32
-_TIMED = re.compile(r"\bdid\s*\(", re.IGNORECASE)
 
 
 @dataclass(slots=True)
@@ -114,9 +112,24 @@ def analyse(node: Node) -> tuple[frozenset[str], frozenset[str]]:
             walk(n.child)
         elif isinstance(n, InSegment):
             segments.add(n.name)
+        elif isinstance(n, Did):  # what tracking the event changes
+            kind = "last" if n.within_seconds is not None else "days"
+            attributes.add(f"event.{n.event}.{kind}")
 
     walk(node)
     return frozenset(attributes), frozenset(segments)
+
+
+def reads_clock(node: Node) -> bool:
+    """Whether the query's answer changes with time alone: a did(...) window ends now."""
+    if isinstance(node, Did):
+        return node.within_days is not None or node.within_seconds is not None \
+            or node.last is None
+    if isinstance(node, And | Or):
+        return any(map(reads_clock, node.children))
+    if isinstance(node, Not):
+        return reads_clock(node.child)
+    return False
 
 
 class Segments:
@@ -163,7 +176,7 @@ class Segments:
             members = value[2] if len(value) > 2 else (
                 old.members if old is not None else BitMap())
             self.by_name[name] = Segment(name, text, int(created_at), node, attributes,
-                                         depends, bool(_TIMED.search(text)), members,
+                                         depends, reads_clock(node), members,
                                          parsed_at=time.time())
         self._order = None
         return before

@@ -98,7 +98,8 @@ class Did:
 
     The window: the `within_days` days up to today, today included (today is the
     evaluating shard's UTC day), or the dates `first` to `last` inclusive (`last` None:
-    until today)."""
+    until today), or the last `within_seconds` seconds up to the evaluating shard's now
+    (from `event.<event>.last`: did it at all, no count)."""
 
     event: str
     within_days: int | None = None
@@ -106,6 +107,7 @@ class Did:
     last: date | None = None
     at_least: int | None = None
     at_most: int | None = None
+    within_seconds: int | None = None
 
 
 EVENT_NAME = re.compile(r"[A-Za-z0-9_\-]{1,128}")
@@ -183,8 +185,17 @@ def did_problem(node: Did) -> str | None:
     """What is wrong with a Did node, or None."""
     if not isinstance(node.event, str) or not EVENT_NAME.fullmatch(node.event):
         return f"event name {node.event!r} must be 1-128 letters, digits, _ or -"
-    if (node.within_days is None) == (node.first is None):
-        return "give a window: within_days, or from (with an optional to)"
+    windows = [w for w in (node.within_days, node.first, node.within_seconds) if w is not None]
+    if len(windows) != 1:
+        return "give one window: within_days, within_seconds, or from (with an optional to)"
+    if node.within_seconds is not None:
+        if (isinstance(node.within_seconds, bool) or not isinstance(node.within_seconds, int)
+                or not 1 <= node.within_seconds <= MAX_WINDOW_DAYS * 86_400):
+            return (f"within_seconds must be 1 to {MAX_WINDOW_DAYS * 86_400}, got "
+                    f"{node.within_seconds!r}")
+        if node.last is not None or node.at_least is not None or node.at_most is not None:
+            return "a window in seconds takes no to, at_least or at_most (days do)"
+        return None
     if node.within_days is not None:
         if (isinstance(node.within_days, bool) or not isinstance(node.within_days, int)
                 or not 1 <= node.within_days <= MAX_WINDOW_DAYS):
@@ -309,6 +320,8 @@ def format_query(node: Node) -> str:
 
 def format_did(node: Did) -> str:
     args = [format_literal(node.event)]
+    if node.within_seconds is not None:
+        return f"did({args[0]}, within={node.within_seconds}s)"
     if node.within_days is not None:
         args.append(f"within={node.within_days}d")
     else:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from enum import Enum
 
 from memstore.errors import brief
@@ -90,7 +90,7 @@ _PUNCT = ("!=", "<=", ">=", "(", ")", ",", "=", "<", ">", "*")
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 _NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 _DURATION = re.compile(r"([0-9]+)([smhdw])(?![A-Za-z0-9_.\-])")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+_SECONDS = {"s": 1, "m": 60, "h": 3600}
 _STRING_ESCAPES = {"\\": "\\", '"': '"', "'": "'", "n": "\n", "t": "\t"}
 # A run of a string's characters that need no decoding: read at C speed, not one at a time.
 _PLAIN = {'"': re.compile(r'[^"\\]+'), "'": re.compile(r"[^'\\]+")}
@@ -530,18 +530,15 @@ class _Parser:
                    at_least=at_least, at_most=at_most)  # type: ignore[arg-type]
 
     def last_within(self, event: str, tok: _Token, amount: int, unit: str) -> Node:
-        """did(event, within=N s/m/h): event.<event>.last >= now - duration."""
-        now = self.now if self.now is not None else datetime.now(UTC)
-        now = now.replace(tzinfo=UTC) if now.tzinfo is None else now
-        try:
-            since = now.astimezone(UTC) - timedelta(**{_UNITS[unit]: amount})
-        except OverflowError:
-            raise self.fail_at(f"duration {brief(tok.text)} is too long", tok) from None
-        attr = f"event.{event}.last"
-        problem = attribute_problem(attr)
-        if problem is not None:
-            raise self.fail_at(problem, tok)
-        return Predicate(attr, Op.GE, (since,))
+        """did(event, within=N s/m/h): done in the last N seconds, minutes or hours before
+        the evaluating shard's now (event.<event>.last), kept relative: a saved segment
+        re-evaluated later measures from then."""
+        seconds = amount * _SECONDS[unit]
+        if seconds > MAX_WINDOW_DAYS * 86_400:
+            raise self.fail_at(f"duration {brief(tok.text)} is too long", tok)
+        if seconds < 1:
+            raise self.fail_at("a window of at least 1 second", tok)
+        return Did(event, within_seconds=seconds)
 
 
 _DID_ARGS = ("within", "from", "to", "at_least", "at_most", "exactly")

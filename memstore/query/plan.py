@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from pyroaring import BitMap
@@ -288,6 +288,15 @@ def date_of(day: int) -> date:
 
 
 def _did(engine: Engine, node: Did, lenient: bool) -> Step:
+    if node.within_seconds is not None:  # the aggregate's last time, from this shard's now
+        name = f"event.{node.event}.last"
+        if engine.schema.get(name) is None:
+            if lenient:
+                return Empty()
+            raise InvalidArgument(f"query: unknown event {node.event!r} (no profile has "
+                                  "tracked it)")
+        since = datetime.fromtimestamp(engine.clock() - node.within_seconds, UTC)
+        return _predicate(engine, Predicate(name, Op.GE, (since,)))
     today = engine.today()
     if node.within_days is not None:
         lo, hi = today - node.within_days + 1, today

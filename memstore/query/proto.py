@@ -55,7 +55,9 @@ def _to_proto(node: Node) -> pb.Query:
     elif isinstance(node, Did):
         did = out.did
         did.event = node.event
-        if node.within_days is not None:
+        if node.within_seconds is not None:
+            did.within_seconds = node.within_seconds
+        elif node.within_days is not None:
             did.within_days = node.within_days
         else:
             setattr(did, "from", str(node.first))
@@ -150,7 +152,10 @@ def _did(d: pb.Did, where: str) -> Did:
         raise QueryError(f"{where}: within_days and from/to are two kinds of window: give one")
     if last is not None and first is None:
         raise QueryError(f"{where}.to: needs a from (the window's first day)")
+    if d.within_seconds and (d.within_days or first is not None or last is not None):
+        raise QueryError(f"{where}: within_seconds is a window of its own: give one")
     return Did(d.event, within_days=d.within_days or None, first=first, last=last,
+               within_seconds=d.within_seconds or None,
                at_least=d.at_least if d.HasField("at_least") else None,
                at_most=d.at_most if d.HasField("at_most") else None)
 

@@ -527,19 +527,21 @@ class Query(_message.Message):
     def __init__(self, predicate: _Optional[_Union[Predicate, _Mapping]] = ..., all: _Optional[bool] = ..., did: _Optional[_Union[Did, _Mapping]] = ..., in_segment: _Optional[str] = ..., **kwargs) -> None: ...
 
 class Did(_message.Message):
-    __slots__ = ("event", "within_days", "to", "at_least", "at_most")
+    __slots__ = ("event", "within_days", "to", "at_least", "at_most", "within_seconds")
     EVENT_FIELD_NUMBER: _ClassVar[int]
     WITHIN_DAYS_FIELD_NUMBER: _ClassVar[int]
     FROM_FIELD_NUMBER: _ClassVar[int]
     TO_FIELD_NUMBER: _ClassVar[int]
     AT_LEAST_FIELD_NUMBER: _ClassVar[int]
     AT_MOST_FIELD_NUMBER: _ClassVar[int]
+    WITHIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     event: str
     within_days: int
     to: str
     at_least: int
     at_most: int
-    def __init__(self, event: _Optional[str] = ..., within_days: _Optional[int] = ..., to: _Optional[str] = ..., at_least: _Optional[int] = ..., at_most: _Optional[int] = ..., **kwargs) -> None: ...
+    within_seconds: int
+    def __init__(self, event: _Optional[str] = ..., within_days: _Optional[int] = ..., to: _Optional[str] = ..., at_least: _Optional[int] = ..., at_most: _Optional[int] = ..., within_seconds: _Optional[int] = ..., **kwargs) -> None: ...
 
 class QueryList(_message.Message):
     __slots__ = ("children",)
