@@ -11,7 +11,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -189,27 +189,11 @@ def load(file: Path, fmt: str | None, rejects: Path | None, chunk_size: int,
         with tqdm(unit=" profiles", disable=no_progress, file=sys.stderr,
                   total=loader.count_lines(file, fmt), desc=f"loading {file.name}") as bar:
             run = _LoadRun(file, rejects, chunk_size * (concurrency + 2), bar.update)
-            try:
-                applied = client.load(run.records(loader.read(file, fmt, schema)),
-                                      chunk_size=chunk_size, concurrency=concurrency,
-                                      progress=bar.update,
-                                      on_refused=run.refused if rejects else None)
-            except LoadError as exc:
-                applied = exc.applied
-                run.failed(exc)
-            except (ClientError, ValueError, TypeError) as exc:
-                applied = None
-                run.error = str(exc)
-            finally:
-                run.close()
-    click.echo(f"loaded {applied} profiles" if applied is not None
-               else "loaded an unknown number of profiles (the server did not say)")
-    if run.refused_count:
-        click.echo(f"refused {run.refused_count} lines: see {rejects}", err=True)
-    if run.error:
-        raise click.ClickException(run.error)
-    if run.refused_count:
-        sys.exit(1)
+            applied = run.send(lambda: client.load(
+                run.records(loader.read(file, fmt, schema)), chunk_size=chunk_size,
+                concurrency=concurrency, progress=bar.update,
+                on_refused=run.refused if rejects else None))
+    run.report(applied)
 
 
 @main.command("load-events")
@@ -243,27 +227,11 @@ def load_events(file: Path, fmt: str | None, rejects: Path | None, chunk_size: i
             unit=" events", disable=no_progress, file=sys.stderr,
             total=loader.count_lines(file, fmt), desc=f"loading {file.name}") as bar:
         run = _LoadRun(file, rejects, chunk_size * (concurrency + 2), bar.update, "events")
-        try:
-            applied = client.load_events(run.records(loader.read_events(file, fmt)),
-                                         chunk_size=chunk_size, concurrency=concurrency,
-                                         progress=bar.update,
-                                         on_refused=run.refused if rejects else None)
-        except LoadError as exc:
-            applied = exc.applied
-            run.failed(exc)
-        except (ClientError, ValueError, TypeError) as exc:
-            applied = None
-            run.error = str(exc)
-        finally:
-            run.close()
-    click.echo(f"loaded {applied} events" if applied is not None
-               else "loaded an unknown number of events (the server did not say)")
-    if run.refused_count:
-        click.echo(f"refused {run.refused_count} lines: see {rejects}", err=True)
-    if run.error:
-        raise click.ClickException(run.error)
-    if run.refused_count:
-        sys.exit(1)
+        applied = run.send(lambda: client.load_events(
+            run.records(loader.read_events(file, fmt)), chunk_size=chunk_size,
+            concurrency=concurrency, progress=bar.update,
+            on_refused=run.refused if rejects else None))
+    run.report(applied)
 
 
 class _LoadRun:
@@ -275,6 +243,7 @@ class _LoadRun:
                  advance: Any, noun: str = "profiles") -> None:
         self.noun = noun
         self.file = file
+        self.rejects_path = rejects
         self.rejects = rejects.open("w", encoding="utf-8") if rejects else None
         self.window = window
         self.advance = advance
@@ -298,6 +267,32 @@ class _LoadRun:
                 self.error = self._describe(line, line.error)
                 return
             self._reject(line, line.error)
+
+    def send(self, load: Callable[[], int | None]) -> int | None:
+        """Run the load; what the server applied (None: it did not say). A refusal that
+        stops it, or an error, is kept for `report`."""
+        try:
+            return load()
+        except LoadError as exc:
+            self.failed(exc)
+            return exc.applied
+        except (ClientError, ValueError, TypeError) as exc:
+            self.error = str(exc)
+            return None
+        finally:
+            self.close()
+
+    def report(self, applied: int | None) -> None:
+        """Say what applied and what was refused; exit 1 when anything was."""
+        click.echo(f"loaded {applied} {self.noun}" if applied is not None
+                   else f"loaded an unknown number of {self.noun} (the server did not say)")
+        if self.refused_count:
+            click.echo(f"refused {self.refused_count} lines: see {self.rejects_path}",
+                       err=True)
+        if self.error:
+            raise click.ClickException(self.error)
+        if self.refused_count:
+            sys.exit(1)
 
     def refused(self, index: int, pid: str, error: ClientError) -> None:
         """The server refused record `index` of the load; the load goes on."""
