@@ -21,7 +21,8 @@
 
 did(...) reads the event's day record (ast.Did) for a window in days (d, w) or dates
 (from/to, YYYY-MM-DD, inclusive, UTC); a window in s, m or h without counts means, as it
-always did, `event.<name>.last >= now - duration`.
+always did, `event.<name>.last >= now - duration`, now being when the shard evaluates it
+(ast.Did.within_seconds: the tree stays relative).
 
 Keywords are case-insensitive. Timestamps are plain strings; `parse_timestamp` converts one.
 Every error is a QuerySyntaxError carrying the 1-based column.
