@@ -633,3 +633,47 @@ def test_cli_segments_and_watch_print_json_lines(tmp_path: Path) -> None:
         assert gone.returncode == 1 and "no segment 'pro'" in gone.stderr
     finally:
         shard.stop()
+
+
+def test_segments_that_read_the_clock_let_members_age_out_with_no_write(tmp_path: Path
+                                                                        ) -> None:
+    """did(...) windows end at the shard's now: a timed refresh moves members in and out
+    as time passes (logged like any change, so a restart keeps it), in hours and in days,
+    while a segment that does not read the clock is never re-evaluated."""
+    import asyncio
+
+    from memstore.query import parse
+    from memstore.shard import Shard, ShardConfig
+
+    now = [1_800_000_000.0]  # injected: the shard's clock for times, days and windows
+    data = tmp_path / "data"
+
+    async def scenario() -> None:
+        shard = await Shard.open(ShardConfig(data_dir=data, clock=lambda: now[0]))
+        engine = shard.engine
+        for pid, hours_ago in (("recent", 1), ("older", 30)):
+            at = int((now[0] - hours_ago * 3600) * 1_000_000)
+            await shard.commit(engine.plan_track(pid, "visit", at, 1))
+        for name, text in (("hour", 'did("visit", within=2h)'),
+                           ("day", 'did("visit", within=2d)'),
+                           ("plain", "exists(event.visit.count)")):
+            await shard.commit(engine.plan_create_segment(name, parse(text), 1))
+        members = {name: set(engine.ids_of(engine.segments.get(name).members))
+                   for name in ("hour", "day", "plain")}
+        assert members == {"hour": {"recent"}, "day": {"recent", "older"},
+                           "plain": {"recent", "older"}}
+        assert sorted(engine.segments.timed()) == ["day", "hour"]
+        now[0] += 3 * 3600  # three hours on: "recent" was 4 hours ago
+        assert await shard.refresh_timed() == 1
+        assert not engine.segments.get("hour").members
+        now[0] += 2 * 86400  # two days on: both visits are before the 2-day window
+        assert await shard.refresh_timed() == 2
+        assert not engine.segments.get("day").members
+        assert len(engine.segments.get("plain").members) == 2
+        await shard.close()
+        again = await Shard.open(ShardConfig(data_dir=data, clock=lambda: now[0]))
+        assert not again.engine.segments.get("hour").members  # replayed as logged
+        assert not again.engine.segments.get("day").members
+        await again.close()
+
+    asyncio.run(scenario())

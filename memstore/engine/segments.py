@@ -27,7 +27,6 @@ marked `broken` with the reason and skipped, never failing the write that met it
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from heapq import heappop, heappush
@@ -86,7 +85,6 @@ class Segment:
     timed: bool
     members: BitMap = field(default_factory=BitMap)
     broken: str = ""  # why its query stopped evaluating, if it did
-    parsed_at: float = 0.0  # when `node` was parsed (did(...) windows end then)
     # Decides membership from one profile's values (memstore.query.match); None: this
     # segment is refreshed through the indexes (it reads the clock, or the index path
     # would refuse its query). Compiled again whenever the schema changes (`_prepare`).
@@ -176,8 +174,7 @@ class Segments:
             members = value[2] if len(value) > 2 else (
                 old.members if old is not None else BitMap())
             self.by_name[name] = Segment(name, text, int(created_at), node, attributes,
-                                         depends, reads_clock(node), members,
-                                         parsed_at=time.time())
+                                         depends, reads_clock(node), members)
         self._order = None
         return before
 
@@ -260,9 +257,6 @@ class Segments:
         """The members of `segment` among `within` (live dense ids), as of now."""
         from memstore.query.evaluate import evaluate
 
-        if segment.timed and time.time() - segment.parsed_at >= 1.0:
-            segment.node = parse(segment.text)  # did(...) windows end now
-            segment.parsed_at = time.time()
         return evaluate(engine, segment.node, unknown_is_empty=True, within=within)
 
     def refresh(self, engine: Engine, touched: Touched) -> Deltas:
