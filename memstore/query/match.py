@@ -11,10 +11,9 @@ unknown_is_empty=True, within=...)` over the indexes does for that profile:
     out profiles without x, `NOT x = 3` takes them in;
   * int attributes compared with float literals follow `_whole_numbers` (`age > 30.5` is
     `age >= 31`), float attributes take int literals, timestamps take ISO-8601 strings;
-  * lists: HAS, IN (any element) and != (present and not holding it: so the index path
-    answers among a few ids, though over the whole shard it refuses != on a list; a
-    segment meets it only when the attribute was unknown at its creation); an empty
-    list is stored as absent;
+  * lists: HAS and IN (any element); != on a list is refused, as the planner refuses it
+    (a segment meets it only when the attribute was unknown at its creation: it then
+    breaks, naming why); an empty list is stored as absent;
   * `in_segment(name)` reads that segment's members as they are when the matcher runs.
 
 Whatever the index path would refuse (a literal of the wrong kind, an attribute declared
@@ -126,8 +125,9 @@ def _predicate(p: Predicate, schema: Schema, consts: dict[str, Any]) -> str:
         raise Undecidable(f"{op.value} takes {len(values)} values here")
     v = _const(consts, values[0])
     if op is Op.NE:
-        # Among a few ids the index path answers != on a list: present and lacking v.
-        return f"({present} and {v} not in x)" if is_list else f"({present} and x != {v})"
+        if is_list:  # the planner refuses != on a list (use NOT ... HAS)
+            raise Undecidable("!= is not defined on a list")
+        return f"({present} and x != {v})"
     if op is Op.HAS:
         if not is_list:
             raise Undecidable("HAS needs a list attribute")
