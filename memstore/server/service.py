@@ -726,26 +726,42 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
     async def WatchSegments(self, request: pb.WatchSegmentsRequest,
                             context: grpc.aio.ServicerContext
                             ) -> AsyncIterator[pb.WatchSegmentsResponse]:
-        engine, name = self.engine, self.shard.config.name
-        try:
+        engine = self.engine
+
+        def setup() -> tuple[Callable[..., list[Any]], Callable[[int], Iterator[Any]]]:
             watched = watch.check_segments(engine, list(request.segments))
+            return (lambda record: watch.segment_events(record, watched, engine),
+                    lambda lsn: self._initial_members(watched, lsn))
+
+        async for message in self._watch(context, request, setup,
+                                         pb.WatchSegmentsResponse, "events"):
+            yield message
+
+    async def _watch(self, context: grpc.aio.ServicerContext, request: Any,
+                     setup: Callable[[], tuple[Callable[..., list[Any]],
+                                               Callable[[int], Iterator[Any]]]],
+                     message_type: Any, field: str) -> AsyncIterator[Any]:
+        """A watch stream: `setup()` checks the request and gives (the events of a log
+        record, the initial listing at a log position); then, from the request's position
+        (none: now, after the listing if asked for), every batch of events as a
+        `message_type` with them in `field`. Refusals become statuses."""
+        try:
+            events, listing = setup()
             start = self._start(request.from_position)
             if start is None:
                 start = (self.shard.position, -1)
                 if request.initial:
-                    for message in self._initial_members(watched, start[0]):
+                    for message in listing(start[0]):
                         yield message
 
-            def events(record: dict[str, Any]) -> list[Any]:
-                return watch.segment_events(record, watched, engine)
-
-            def response(batch: list[Any], position: str, at: int
-                         ) -> pb.WatchSegmentsResponse:
-                out = pb.WatchSegmentsResponse(events=batch, position=position)
+            def response(batch: list[Any], position: str, at: int) -> Any:
+                out = message_type(position=position)
+                getattr(out, field).extend(batch)
                 out.at.FromMicroseconds(at)
                 return out
 
-            async for message in watch.stream(self.shard, name, start, events, response):
+            async for message in watch.stream(self.shard, self.shard.config.name, start,
+                                              events, response):
                 yield message
         except (MemstoreError, QueryError, ValueError, TypeError) as exc:
             _refuse(context, _invalid(exc))
@@ -788,35 +804,20 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
     async def WatchChanges(self, request: pb.WatchChangesRequest,
                            context: grpc.aio.ServicerContext
                            ) -> AsyncIterator[pb.WatchChangesResponse]:
-        engine, name = self.engine, self.shard.config.name
-        try:
+        engine = self.engine
+
+        def setup() -> tuple[Callable[..., list[Any]], Callable[[int], Iterator[Any]]]:
             node = (query_from_request(request.query, limits=self.limits)
                     if request.HasField("query") else None)
             if node is not None:
                 evaluate(engine, node, unknown_is_empty=True, within=BitMap())  # checks it
             flt = watch.ChangeFilter(node, frozenset(request.attributes))
-            start = self._start(request.from_position)
-            if start is None:
-                start = (self.shard.position, -1)
-                if request.initial:
-                    for message in self._initial_profiles(flt, start[0]):
-                        yield message
+            return (lambda record: watch.change_events(record, flt, engine),
+                    lambda lsn: self._initial_profiles(flt, lsn))
 
-            def events(record: dict[str, Any]) -> list[Any]:
-                return watch.change_events(record, flt, engine)
-
-            def response(batch: list[Any], position: str, at: int
-                         ) -> pb.WatchChangesResponse:
-                out = pb.WatchChangesResponse(changes=batch, position=position)
-                out.at.FromMicroseconds(at)
-                return out
-
-            async for message in watch.stream(self.shard, name, start, events, response):
-                yield message
-        except (MemstoreError, QueryError, ValueError, TypeError) as exc:
-            _refuse(context, _invalid(exc))
-        except Exception as exc:  # noqa: BLE001 - a bug; never crash the server
-            _refuse(context, exc)
+        async for message in self._watch(context, request, setup,
+                                         pb.WatchChangesResponse, "changes"):
+            yield message
 
     def _initial_profiles(self, flt: watch.ChangeFilter, lsn: int
                           ) -> Iterator[pb.WatchChangesResponse]:
