@@ -30,8 +30,15 @@ import threading
 import time
 from array import array
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -758,18 +765,11 @@ class Client(ClientMethods):
         identifier): with `on_refused`, it is reported there and the load goes on with
         every other record; without, the load stops there, every record before it applied,
         and raises LoadError (see there; chunks already in flight finish first)."""
-        load = _Load(progress, on_refused)
-        inflight: deque[tuple[Future[Any], _Chunk]] = deque()
-        for chunk in _packed_chunks(records, chunk_size):
-            if load.stopped:
-                break
-            inflight.append((self._grpc.BatchUpsert.future(
-                pb.BatchUpsertRequest(columns=chunk.packed), timeout=self.timeout), chunk))
-            if len(inflight) >= concurrency:
-                self._settle(load, *inflight.popleft())
-        while inflight:
-            self._settle(load, *inflight.popleft())
-        return load.result()
+        return _pipeline(_Load(progress, on_refused), _packed_chunks(records, chunk_size),
+                         lambda chunk: self._grpc.BatchUpsert.future(
+                             pb.BatchUpsertRequest(columns=chunk.packed),
+                             timeout=self.timeout),
+                         self._settle, concurrency)
 
     def load_events(self, events: Iterable[Mapping[str, Any]], *, chunk_size: int = EVENT_CHUNK,
                     concurrency: int = LOAD_CONCURRENCY,
@@ -780,18 +780,11 @@ class Client(ClientMethods):
         an event the server refuses (a bad name, an identifier nobody holds) is reported
         to `on_refused(index, key, error)` and the load goes on; without it the load stops
         there, every event before it applied, and raises LoadError."""
-        load = _Load(progress, on_refused)
-        inflight: deque[tuple[Future[Any], EventChunk]] = deque()
-        for chunk in event_chunks(events, chunk_size):
-            if load.stopped:
-                break
-            inflight.append((self._grpc.TrackBatch.future(
-                pb.TrackBatchRequest(packed=chunk.packed()), timeout=self.timeout), chunk))
-            if len(inflight) >= concurrency:
-                self._settle_events(load, *inflight.popleft())
-        while inflight:
-            self._settle_events(load, *inflight.popleft())
-        return load.result()
+        return _pipeline(_Load(progress, on_refused), event_chunks(events, chunk_size),
+                         lambda chunk: self._grpc.TrackBatch.future(
+                             pb.TrackBatchRequest(packed=chunk.packed()),
+                             timeout=self.timeout),
+                         self._settle_events, concurrency)
 
     def _settle_events(self, load: _Load, future: Any, chunk: EventChunk) -> None:
         """As _settle, for a chunk of events."""
@@ -1028,36 +1021,22 @@ class AsyncClient(ClientMethods):
                    progress: Callable[[int], None] | bool | None = None,
                    on_refused: OnRefused | None = None) -> int:
         """As Client.load."""
-        load = _Load(progress, on_refused)
-        inflight: deque[tuple[asyncio.Future[Any], _Chunk]] = deque()
-        for chunk in _packed_chunks(records, chunk_size):
-            if load.stopped:
-                break
-            inflight.append((asyncio.ensure_future(self._grpc.BatchUpsert(
-                pb.BatchUpsertRequest(columns=chunk.packed), timeout=self.timeout)), chunk))
-            if len(inflight) >= concurrency:
-                await self._settle(load, *inflight.popleft())
-        while inflight:
-            await self._settle(load, *inflight.popleft())
-        return load.result()
+        return await _async_pipeline(
+            _Load(progress, on_refused), _packed_chunks(records, chunk_size),
+            lambda chunk: self._grpc.BatchUpsert(pb.BatchUpsertRequest(columns=chunk.packed),
+                                                 timeout=self.timeout),
+            self._settle, concurrency)
 
     async def load_events(self, events: Iterable[Mapping[str, Any]], *,
                           chunk_size: int = EVENT_CHUNK, concurrency: int = LOAD_CONCURRENCY,
                           progress: Callable[[int], None] | bool | None = None,
                           on_refused: OnRefused | None = None) -> int:
         """As Client.load_events."""
-        load = _Load(progress, on_refused)
-        inflight: deque[tuple[asyncio.Future[Any], EventChunk]] = deque()
-        for chunk in event_chunks(events, chunk_size):
-            if load.stopped:
-                break
-            inflight.append((asyncio.ensure_future(self._grpc.TrackBatch(
-                pb.TrackBatchRequest(packed=chunk.packed()), timeout=self.timeout)), chunk))
-            if len(inflight) >= concurrency:
-                await self._settle_events(load, *inflight.popleft())
-        while inflight:
-            await self._settle_events(load, *inflight.popleft())
-        return load.result()
+        return await _async_pipeline(
+            _Load(progress, on_refused), event_chunks(events, chunk_size),
+            lambda chunk: self._grpc.TrackBatch(pb.TrackBatchRequest(packed=chunk.packed()),
+                                                timeout=self.timeout),
+            self._settle_events, concurrency)
 
     async def _settle_events(self, load: _Load, future: Any, chunk: EventChunk) -> None:
         """As Client._settle_events."""
@@ -1162,6 +1141,38 @@ def _applied(applied: int, sent: int) -> int:
                           f"the server applied {applied} of {sent} records of a columnar "
                           f"batch: is it older than this client?", "BatchUpsert")
     return applied
+
+
+def _pipeline(load: _Load, chunks: Iterable[Any], send: Callable[[Any], Any],
+              settle: Callable[[_Load, Any, Any], None], concurrency: int) -> int:
+    """A bulk load's loop: `send` each chunk (a future), `concurrency` in flight, `settle`
+    each answer in order; no chunk is sent once the load stopped. What applied."""
+    inflight: deque[tuple[Any, Any]] = deque()
+    for chunk in chunks:
+        if load.stopped:
+            break
+        inflight.append((send(chunk), chunk))
+        if len(inflight) >= concurrency:
+            settle(load, *inflight.popleft())
+    while inflight:
+        settle(load, *inflight.popleft())
+    return load.result()
+
+
+async def _async_pipeline(load: _Load, chunks: Iterable[Any], send: Callable[[Any], Any],
+                          settle: Callable[[_Load, Any, Any], Awaitable[None]],
+                          concurrency: int) -> int:
+    """As _pipeline, for AsyncClient: `send` gives an awaitable call, run as a task."""
+    inflight: deque[tuple[asyncio.Future[Any], Any]] = deque()
+    for chunk in chunks:
+        if load.stopped:
+            break
+        inflight.append((asyncio.ensure_future(send(chunk)), chunk))
+        if len(inflight) >= concurrency:
+            await settle(load, *inflight.popleft())
+    while inflight:
+        await settle(load, *inflight.popleft())
+    return load.result()
 
 
 @dataclass(slots=True)
