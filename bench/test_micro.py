@@ -113,7 +113,7 @@ def test_query_evaluation_5_predicates_200k(benchmark, engine: Engine) -> None: 
 
 
 def test_index_update_single_profile(benchmark, engine: Engine) -> None:  # type: ignore[no-untyped-def]
-    from memstore.engine.core import SET, UpsertSpec
+    from memstore.engine.change import SET, UpsertSpec
 
     counter = iter(range(10**9))
 

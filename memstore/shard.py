@@ -43,17 +43,10 @@ import numpy as np
 import ormsgpack
 from pyroaring import BitMap
 
-from memstore.engine.core import (
-    DEFAULT_EVENT_DAYS,
-    Change,
-    Engine,
-    IdentityRules,
-    Image,
-    Note,
-    Undo,
-    decode,
-    ident_key,
-)
+from memstore.engine.blob import decode, ident_key
+from memstore.engine.change import Change, Image, Note, Undo
+from memstore.engine.core import DEFAULT_EVENT_DAYS, Engine
+from memstore.engine.identity import IdentityRules
 from memstore.engine.schema import AttributeSpec, Schema
 from memstore.engine.segments import Deltas, Touched, decode_deltas, encode_deltas, members_of
 from memstore.engine.tracking import stale_days

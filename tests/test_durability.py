@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from memstore.engine.change import ADD_TO_SET, INCREMENT, SET, UNSET, UpsertSpec
 from memstore.engine.columnar import Columns
-from memstore.engine.core import ADD_TO_SET, INCREMENT, SET, UNSET, UpsertSpec
 from memstore.errors import InvalidArgument, Unavailable
 from memstore.hashslot import SLOT_COUNT
 from memstore.pbvalues import datetime_to_micros

@@ -23,20 +23,20 @@ from hypothesis import event, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from memstore.client.core import pack_records
-from memstore.engine.columnar import CODE_SHARE, unpack_columns
-from memstore.engine.core import (
+from memstore.engine.bulk import _already_sorted_sets
+from memstore.engine.change import (
     ADD_TO_SET,
     INCREMENT,
     REMOVE_FROM_SET,
     SET,
     SET_ONCE,
     UNSET,
-    Engine,
-    IdentityRules,
     UpsertSpec,
-    _already_sorted_sets,
     record_specs,
 )
+from memstore.engine.columnar import CODE_SHARE, unpack_columns
+from memstore.engine.core import Engine
+from memstore.engine.identity import IdentityRules
 from memstore.engine.schema import Kind, Merge
 from memstore.errors import FailedPrecondition, InvalidArgument
 from memstore.hashslot import SLOT_COUNT, slot_of
@@ -582,7 +582,7 @@ def test_blobs_are_the_bytes_msgpack_writes(version: int, attrs: dict[int, Any],
     byte, so every reader (and version_of) keeps working on old and new blobs alike."""
     import msgpack
 
-    from memstore.engine.core import decode, encode
+    from memstore.engine.blob import decode, encode
 
     blob = encode(version, attrs, [["email", "a@b"]], merged)
     assert blob == msgpack.packb([version, attrs, [["email", "a@b"]], merged])
@@ -596,6 +596,6 @@ def test_blobs_are_the_bytes_msgpack_writes(version: int, attrs: dict[int, Any],
        st.dictionaries(st.integers(0, 50), st.text(max_size=5), max_size=3))
 def test_version_of_reads_the_version_without_decoding(version: int, attrs: dict[int, str]
                                                         ) -> None:
-    from memstore.engine.core import encode, version_of
+    from memstore.engine.blob import encode, version_of
 
     assert version_of(encode(version, attrs, [["email", "a@b"]], [])) == version

@@ -27,7 +27,9 @@ from hypothesis import event, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from memstore.engine import days
-from memstore.engine.core import Change, Engine, UpsertSpec, decode
+from memstore.engine.blob import decode
+from memstore.engine.change import Change, UpsertSpec
+from memstore.engine.core import Engine
 from memstore.engine.days import DAY_MICROS
 from memstore.errors import InvalidArgument
 from memstore.index.day_index import DayIndex

@@ -18,7 +18,8 @@ import grpc
 import pytest
 
 from memstore import AsyncClient, Client, ClientError
-from memstore.engine.core import SET, Engine, UpsertSpec
+from memstore.engine.change import SET, UpsertSpec
+from memstore.engine.core import Engine
 from memstore.errors import FailedPrecondition
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from memstore.engine.core import ADD_TO_SET, SET, UpsertSpec
+from memstore.engine.change import ADD_TO_SET, SET, UpsertSpec
 from memstore.shard import Shard, ShardConfig
 from memstore.storage import wal_format as fmt
 from memstore.storage.snapshot_file import CURRENT, SnapshotWriter, load_newest, snapshot_name

@@ -18,7 +18,8 @@ import pytest
 
 from memstore import Client
 from memstore.client.core import ClientError
-from memstore.engine.core import Engine, UpsertSpec
+from memstore.engine.change import UpsertSpec
+from memstore.engine.core import Engine
 from shards.slots import slot_of
 from tests.test_router import RouterThread, start_shards
 

@@ -106,7 +106,7 @@ def test_ident_keys_are_ident_key_of_each_the_tables_reserved_keys_included(
         pairs: list[tuple[str, str]], low: set[int]) -> None:
     """The load path's vectorized keys equal ident_key's, also where the hash lands on a key
     the table reserves (0 empty, 1 deleted): hashes are forced there for the rows in `low`."""
-    from memstore.engine import core as engine
+    from memstore.engine import blob as engine
 
     real = engine.xxh3_64_intdigest
     forced = {f"{kind}\x00{value}".encode(): i % 2 for i, (kind, value) in enumerate(pairs)

@@ -19,7 +19,8 @@ from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from pyroaring import BitMap
 
-from memstore.engine.core import ADD_TO_SET, INCREMENT, SET, Change, Engine, UpsertSpec
+from memstore.engine.change import ADD_TO_SET, INCREMENT, SET, Change, UpsertSpec
+from memstore.engine.core import Engine
 from memstore.errors import FailedPrecondition, Forwarded, NotFound
 from memstore.query import parse
 from memstore.query.evaluate import evaluate

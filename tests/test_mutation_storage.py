@@ -23,7 +23,8 @@ from pyroaring import BitMap
 
 import memstore.shard as shard_module
 import memstore.storage.snapshot_file as snapshot_module
-from memstore.engine.core import SET, Engine, UpsertSpec
+from memstore.engine.change import SET, UpsertSpec
+from memstore.engine.core import Engine
 from memstore.engine.schema import Kind, Merge
 from memstore.errors import Unavailable
 from memstore.hashslot import SLOT_COUNT, slot_of
@@ -1098,7 +1099,7 @@ def test_a_failed_fsync_tells_every_waiter_why(tmp_path: Path) -> None:
 
 
 def test_a_shard_opens_with_its_own_settings(tmp_path: Path) -> None:
-    from memstore.engine.core import IdentityRules
+    from memstore.engine.identity import IdentityRules
 
     rules = IdentityRules(max_per_kind=1)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from memstore.engine.core import SET, Engine, UpsertSpec
+from memstore.engine.change import SET, UpsertSpec
+from memstore.engine.core import Engine
 from memstore.errors import FailedPrecondition
 from memstore.server.rights import BulkExport, load_salt, salt_id
 from memstore.shard import Shard, ShardConfig, encode_images, encode_schema

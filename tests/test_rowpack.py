@@ -9,8 +9,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from memstore.engine.blob import decode, encode
 from memstore.engine.columnar import Coded
-from memstore.engine.core import decode, encode
 from memstore.engine.rowpack import RowPacker, array_head, map_head
 from memstore.engine.schema import Kind
 

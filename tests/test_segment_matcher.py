@@ -21,7 +21,9 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, event, given, settings
 from pyroaring import BitMap
 
-from memstore.engine.core import SET, UNSET, Engine, UpsertSpec, decode
+from memstore.engine.blob import decode
+from memstore.engine.change import SET, UNSET, UpsertSpec
+from memstore.engine.core import Engine
 from memstore.engine.schema import Kind, Merge
 from memstore.engine.segments import Touched
 from memstore.errors import InvalidArgument

@@ -86,7 +86,7 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
     """Run one shard process (the cluster's `serve` starts these for you)."""
     import uvloop
 
-    from memstore.engine.core import DEFAULT_BLOCKED, IdentityRules
+    from memstore.engine.identity import DEFAULT_BLOCKED, IdentityRules
     from memstore.server import audit, rights
     from memstore.server.security import AuthFileError, ServerSecurity, cluster_token_from_env
     from memstore.server.service import serve

@@ -29,53 +29,56 @@ as created then, unless `times` says otherwise (merges keep the earliest created
 slot moves the source's times). The log records both (RECORD_CHANGE), so replay rebuilds
 them; docs/log-format.md has the rules.
 
-Blob layout (msgpack array): [version, {attribute id: stored value}, [[kind, value], ...]
-identifiers, [merged-away primary ids]]. Stored values are described in memstore.engine.values.
+The class is the engine's state and its reading, planning entry points and applying. The
+larger concerns live in their own modules as functions of the engine, bound in the class
+body (one type's methods across files, as Go lays them out), so every caller still says
+`engine.plan_erase(...)`: the bulk-load planner (memstore.engine.bulk), cross-shard merge
+steps (merging), data rights (rights) and index maintenance (indexing). What a Change is:
+memstore.engine.change; the blob layout: memstore.engine.blob; the general write planner
+with identity resolution: memstore.engine.planner.
 """
 
 from __future__ import annotations
 
 import array
-import hashlib
 import itertools
-import re
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
-from functools import partial
-from itertools import chain, compress, islice, repeat
-from operator import is_not, lt
-from typing import Any, NamedTuple, cast
+from itertools import chain, repeat
+from typing import Any
 
-import msgpack
 import numpy as np
-import ormsgpack
 from pyroaring import BitMap
-from xxhash import xxh3_64_intdigest
 
-from memstore.engine import days
-from memstore.engine.columnar import Coded, Columns, Row
-from memstore.engine.rowpack import RowPacker
+from memstore.engine import bulk, indexing, merging, rights
+from memstore.engine.blob import decode, ident_key, ident_keys, timestamp_ext
+from memstore.engine.change import (
+    ADD_TO_SET,
+    REMOVE_FROM_SET,
+    UNSET,
+    Change,
+    Image,
+    Load,
+    Note,
+    Profile,
+    Undo,
+    UpsertSpec,
+)
+from memstore.engine.columnar import Columns, Row
+from memstore.engine.identity import IdentityRules, check_identifier, check_pid, claim_columns
+from memstore.engine.planner import Planner
 from memstore.engine.schema import (
-    INT64_MAX,
-    INT64_MIN,
-    MAX_LIST_ITEMS,
-    MAX_STRING_BYTES,
     AttributeSpec,
     Kind,
     Merge,
     Schema,
-    article,
     check_merge,
     check_name,
-    check_value,
     kind_of,
     registry_key,
 )
 from memstore.engine.segments import MAX_SEGMENTS, Segments, Touched
-from memstore.engine.values import from_stored, to_stored
+from memstore.engine.values import from_stored
 from memstore.errors import (
     FailedPrecondition,
     Forwarded,
@@ -87,684 +90,15 @@ from memstore.errors import (
     WrongSlot,
     brief,
 )
-from memstore.hashslot import SLOT_COUNT, slot_of, slots_of
-from memstore.index.bitmap_index import (
-    RangeIndex,
-    ValueIndex,
-    bitmap_of,
-    float_to_ordered,
-    floats_to_ordered,
-)
+from memstore.hashslot import SLOT_COUNT, slot_of
+from memstore.index.bitmap_index import RangeIndex, ValueIndex, bitmap_of
 from memstore.index.claims import Claims, claim_key
 from memstore.index.day_index import DayIndex
 from memstore.index.inttable import IntTable
-from memstore.pbvalues import micros_in_range
 from memstore.query import Node, format_query
 from memstore.query.ast import segment_problem
 
-# Operation codes: the numbers of memstore.v1.Operation.Op.
-SET, SET_ONCE, UNSET, INCREMENT, ADD_TO_SET, REMOVE_FROM_SET = 1, 2, 3, 4, 5, 6
-OP_NAMES = {1: "set", 2: "set_once", 3: "unset", 4: "increment", 5: "add_to_set",
-            6: "remove_from_set"}
-
-MAX_ID_BYTES = 256
-MAX_IDENTIFIER_BYTES = 512
-_IDENT_KIND = re.compile(r"^[a-z][a-z0-9_\-]{0,63}$")
-
-DEFAULT_BLOCKED = frozenset(
-    {"", "null", "none", "nil", "undefined", "unknown", "n/a", "na", "0", "-",
-     "test", "test@test.com", "test@example.com", "noemail@noemail.com",
-     "00000000-0000-0000-0000-000000000000"}
-)
-
-RANGE_KINDS = (Kind.INT, Kind.FLOAT, Kind.TIMESTAMP)
-VALUE_KINDS = (Kind.STRING, Kind.BOOL, Kind.STRING_LIST)
 DEFAULT_EVENT_DAYS = 180  # days of day records kept (--event-days)
-
-
-@dataclass(frozen=True)
-class IdentityRules:
-    """Merge protection against "blob" profiles built from shared or junk identifiers."""
-
-    max_per_kind: int = 20
-    blocked: frozenset[str] = DEFAULT_BLOCKED
-
-    def is_blocked(self, value: str) -> bool:
-        return value.strip().lower() in self.blocked
-
-
-class Image(NamedTuple):
-    """A profile's after-image. A tuple: a load makes a thousand at once, in C
-    (tuple.__new__ over zipped fields; _make costs a Python frame each, 60% more)."""
-
-    dense: int
-    pid: str
-    blob: bytes | None
-    state: list[Any] | None = None  # decoded blob when the planner has it (saves a decode)
-
-
-@dataclass(slots=True)
-class Note:
-    """Set (value not None) or remove one entry of a cross-shard merge table."""
-
-    table: str  # "held" | "forwards" | "decided" | "claims" | "registry" | "suppressed"
-    key: str
-    value: Any
-
-
-NOTE_TABLES = ("held", "forwards", "decided", "claims", "registry", "suppressed",
-               "segments")
-# Tables whose removed entries held personal data (primary ids, identifiers): a change
-# removing one erases, as a change removing a profile does (Shard: erasure retention).
-ERASING_TABLES = frozenset({"forwards", "decided", "claims"})
-ANONYMOUS_KINDS = ("anonymous", "device")  # identifier kinds of anonymous visitors
-
-
-@dataclass(slots=True)
-class Load:
-    """What a bulk load's planner checked, kept so `apply` can index column by column."""
-
-    first: int  # dense id of the first image; the images are new profiles, in order
-    slots: list[int]  # hash slot of each image's primary id
-    keys: np.ndarray  # the images' identifier keys (none in the directory yet) ...
-    owners: list[int]  # ... and the dense id holding each
-    # indexed: (attribute, ids, values), values coded where the column came so (Coded)
-    columns: list[tuple[int, Sequence[int], list[Any] | Coded | np.ndarray]]
-
-
-@dataclass
-class Change:
-    schema: list[AttributeSpec] = field(default_factory=list)
-    images: list[Image] = field(default_factory=list)
-    result: Any = None
-    notes: list[Note] = field(default_factory=list)
-    load: Load | None = None  # set by plan_columns: the images are a load's new profiles
-    at: int = 0  # unix seconds the change is made at (0: when applied; the shard logs it)
-    # dense id -> (created, changed) of an image, where the default rule does not hold:
-    # changed = `at`; created = `at` for a new profile, else unchanged.
-    times: dict[int, tuple[int, int]] = field(default_factory=dict)
-    tracked: Any = None  # set by a batch of tracks (memstore.engine.tracking.Tracked)
-    # A slot move's copy or drop, or a segment's creation: membership changes, but nothing
-    # happened to anyone, so watchers are not told (memstore/server/watch.py).
-    quiet: bool = False
-    # Saved segments to evaluate over every profile once the change is applied (a new one)
-    rebuild: list[str] = field(default_factory=list)
-
-    @property
-    def empty(self) -> bool:
-        return not self.schema and not self.images and not self.notes
-
-    @property
-    def erases(self) -> bool:
-        """True when the change removes a profile, or a table entry naming a person."""
-        return (any(image.blob is None for image in self.images)
-                or any(n.value is None and n.table in ERASING_TABLES for n in self.notes))
-
-    def touched(self) -> list[str]:
-        """Primary ids whose slot this change touched (a decision counts for its survivor;
-        claims do not count: a slot move carries all of its claims every time)."""
-        pids = [image.pid for image in self.images]
-        for note in self.notes:
-            if note.table == "decided":
-                if note.value is not None and isinstance(note.value[0], str):
-                    pids.append(note.value[0])
-            elif note.table not in ("claims", "suppressed"):
-                pids.append(note.key)
-        return pids
-
-
-@dataclass
-class Undo:
-    """What `Engine.apply` returns: apply it with `Engine.undo` to take the change back."""
-
-    images: list[Image]
-    notes: list[Note]
-    added: tuple[int, list[str]] | None = None  # a load's new profiles: (first dense id, pids)
-    times: list[tuple[int, int, int]] = field(default_factory=list)  # (dense, created, changed)
-    schema: list[AttributeSpec] = field(default_factory=list)  # declared by the change
-
-
-@dataclass(slots=True)
-class UpsertSpec:
-    pid: str
-    ops: Sequence[tuple[int, str, Any]] = ()
-    identifiers: Sequence[tuple[str, str]] = ()
-    expected_version: int | None = None
-    where: str = ""  # where the request came from, for error messages ("packed[3]")
-    record: bool = False  # the ops set a bulk record's attributes: errors name the attribute
-
-
-def record_specs(rows: Iterable[Row], where: str) -> list[UpsertSpec]:
-    """Bulk-load records as upserts: each sets its attributes and links its identifiers."""
-    return [UpsertSpec(pid, [(SET, k, v) for k, v in attrs.items()], idents,
-                       where=f"{where}[{i}]", record=True)
-            for i, (pid, attrs, idents) in enumerate(rows)]
-
-
-@dataclass(slots=True)
-class Profile:
-    """A profile as callers see it (API values, attribute names)."""
-
-    id: str
-    version: int
-    attributes: dict[str, Any]
-    identifiers: list[tuple[str, str]]
-    merged_ids: list[str]
-    slot: int
-
-
-# Encodes a profile blob: ormsgpack writes the same bytes as msgpack, 2-3x faster.
-_pack = partial(ormsgpack.packb, option=ormsgpack.OPT_NON_STR_KEYS)
-
-
-def encode(version: int, attrs: dict[int, Any], idents: list[list[str]], merged: list[str]) -> bytes:
-    state = [version, attrs, idents, merged]
-    try:
-        return _pack(state)  # type: ignore[no-any-return]
-    except TypeError:  # a subclass ormsgpack refuses (numpy's float64): msgpack's same bytes
-        return msgpack.packb(state)  # type: ignore[no-any-return]
-
-
-def decode(blob: bytes) -> list[Any]:
-    return msgpack.unpackb(blob, strict_map_key=False, use_list=True)  # type: ignore[no-any-return]
-
-
-def version_of(blob: bytes) -> int:
-    """The version of an encoded profile without decoding the rest: the blob is a msgpack
-    array of four whose first element is the version (a non-negative int)."""
-    if blob[0] != 0x94:
-        raise ValueError("not an encoded profile")
-    tag = blob[1]
-    if tag < 0x80:  # positive fixint
-        return tag
-    width = _UINT_WIDTHS.get(tag)
-    if width is None:
-        raise ValueError("profile version is not an unsigned int")
-    return int.from_bytes(blob[2:2 + width], "big")
-
-
-_UINT_WIDTHS = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
-
-
-def timestamp_ext(micros: int) -> msgpack.Timestamp:
-    """msgpack's Timestamp for `micros` (cheaper than Timestamp.from_unix_nano)."""
-    seconds, rem = divmod(micros, 1_000_000)
-    return msgpack.Timestamp(seconds, rem * 1000)
-
-
-def ident_key(kind: str, value: str) -> int:
-    """Directory key of an identifier: a 64-bit hash, not the string, to save ~70 bytes a
-    profile. Readers confirm a hit against the profile's own identifiers; two identifiers
-    colliding on one key are refused (about one chance in 2**64 per pair). Never 0 or 1,
-    which the directory's table keeps for empty and deleted slots (memstore.index.inttable)."""
-    key: int = xxh3_64_intdigest(f"{kind}\x00{value}".encode())
-    return key if key > 1 else key + 2
-
-
-def ident_keys(kinds: Sequence[str], values: Sequence[str]) -> np.ndarray:
-    """ident_key of many identifiers, as uint64, with no Python frame per identifier."""
-    texts = map(str.encode, map("\x00".join, zip(kinds, values, strict=True)))
-    keys = np.fromiter(map(xxh3_64_intdigest, texts), dtype=np.uint64, count=len(kinds))
-    keys[keys <= 1] += np.uint64(2)
-    return keys
-
-
-def check_pid(pid: str, where: str = "id") -> None:
-    if not isinstance(pid, str) or not pid:
-        raise InvalidArgument(f"{where}: empty profile id")
-    if len(pid.encode("utf-8")) > MAX_ID_BYTES:
-        raise InvalidArgument(f"{where}: profile id longer than {MAX_ID_BYTES} bytes")
-
-
-def _claim_columns(entries: Sequence[Any]) -> tuple[Sequence[Any], ...]:
-    """The kinds, values, pids and expected holders of checked claim entries (see
-    ClaimRequest). A batch of well-formed entries is checked a column at a time; the
-    first bad entry is named by the per-entry checks."""
-    if not entries:
-        return (), (), (), ()
-    try:
-        if set(map(type, entries)) <= {list, tuple} and set(map(len, entries)) == {4}:
-            kinds, values, pids, expected = zip(*entries)
-            named = [p for p in chain(pids, expected) if p is not None]
-            if (set(map(type, chain(kinds, values, named))) == {str}
-                    and all(map(_IDENT_KIND.match, set(kinds))) and all(values) and all(named)
-                    and max(map(len, values)) * 4 <= MAX_IDENTIFIER_BYTES
-                    and max(map(len, named), default=0) * 4 <= MAX_ID_BYTES):
-                return kinds, values, pids, expected
-    except TypeError:
-        pass
-    for i, entry in enumerate(entries):  # name the first bad entry (or pass the long ones)
-        where = f"claims[{i}]"
-        if not (isinstance(entry, list | tuple) and len(entry) == 4
-                and isinstance(entry[0], str) and isinstance(entry[1], str)):
-            raise InvalidArgument(f"{where}: not [kind, value, pid or nil, expected or nil]")
-        check_identifier(entry[0], entry[1], where)
-        for name, named_pid in (("pid", entry[2]), ("expected", entry[3])):
-            if named_pid is not None:
-                if not isinstance(named_pid, str):
-                    raise InvalidArgument(f"{where}: {name} must be a string or nil")
-                check_pid(named_pid, f"{where}.{name}")
-    return tuple(zip(*entries))  # type: ignore[return-value]
-
-
-def check_identifier(kind: str, value: str, where: str) -> None:
-    if not _IDENT_KIND.match(kind or ""):
-        raise InvalidArgument(
-            f"{where}: identifier kind {brief(kind)} must be lower-case letters, digits, _ or -"
-        )
-    if not value:
-        raise InvalidArgument(f"{where}: empty identifier value")
-    if len(value.encode("utf-8")) > MAX_IDENTIFIER_BYTES:
-        raise InvalidArgument(f"{where}: identifier longer than {MAX_IDENTIFIER_BYTES} bytes")
-
-
-class _Draft:
-    """A profile being changed by a plan."""
-
-    __slots__ = ("attrs", "created", "dense", "gone", "idents", "merged", "pid", "version")
-
-    def __init__(self, pid: str, dense: int | None, state: list[Any] | None) -> None:
-        self.pid = pid
-        self.dense = dense
-        self.gone = False
-        self.created: int | None = None  # set where the default rule does not hold (Change)
-        if state is None:
-            self.version, self.attrs, self.idents, self.merged = 0, {}, [], []
-        else:
-            self.version, self.attrs, self.idents, self.merged = state
-
-
-class _Planner:
-    """Reads engine state plus this plan's own drafts; never mutates the engine."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.e = engine
-        self.added: list[AttributeSpec] = []
-        self.added_by_name: dict[str, AttributeSpec] = {}
-        # A router's write (Engine.cluster_schema) may not declare attributes by its values
-        # here: the plan methods refuse it up front naming every attribute it would declare
-        # (Engine.require_declared); one the pre-scan missed is refused here, alone.
-        self.strict = engine.cluster_schema
-        self.drafts: dict[str, _Draft] = {}  # by the profile's own primary id
-        self.at = int(engine.clock())  # when this change is made
-        self.aliases: dict[str, str | None] = {}  # overlay on engine.aliases
-        self.idents: dict[int, str | None] = {}  # overlay: identifier key -> owner pid
-
-    # -- schema
-    def spec(self, name: str) -> AttributeSpec | None:
-        return self.e.schema.by_name.get(name) or self.added_by_name.get(name)
-
-    def spec_by_id(self, aid: int) -> AttributeSpec:
-        base = len(self.e.schema.by_id)
-        return self.e.schema.by_id[aid] if aid < base else self.added[aid - base]
-
-    def declare(self, name: str, kind: Kind, indexed: bool = True,
-                merge: Merge = Merge.DEFAULT, explicit: bool = False) -> AttributeSpec:
-        """The spec of `name`, declaring it with `kind` if it has none yet (`explicit`: a
-        DeclareAttributes call, which declares even a router's write would not)."""
-        existing = self.spec(name)
-        if existing is not None:
-            if existing.kind != kind:
-                raise InvalidArgument(f"attribute {name!r} has kind {existing.kind.label}, "
-                                      f"got {article(kind.label)} value")
-            return existing
-        spec = self.e.schema.plan(name, kind, indexed, merge,
-                                  next_id=len(self.e.schema.by_id) + len(self.added))
-        assert spec is not None  # not declared yet, so the plan is a new spec
-        if self.strict and not explicit:
-            raise Undeclared([[name, int(kind), indexed, int(merge)]])
-        self.added.append(spec)
-        self.added_by_name[name] = spec
-        return spec
-
-    # -- profiles
-    def resolve_pid(self, pid: str) -> str:
-        """The primary id `pid` stands for now: itself, or the survivor it merged into."""
-        if pid in self.aliases:
-            return self.aliases[pid] or pid
-        if pid in self.drafts or pid in self.e.dense_of:
-            return pid
-        return self.e.aliases.get(pid, pid)
-
-    def draft(self, pid: str, create: bool) -> _Draft | None:
-        pid = self.resolve_pid(pid)
-        if pid not in self.drafts:
-            self.e.check_moving(pid)
-        found = self.drafts.get(pid)
-        if found is not None:
-            if found.gone:
-                if not create:
-                    return None
-                found = _Draft(pid, found.dense, None)
-                found.version = 0
-                found.created = self.at  # made again: its dense id held the one removed
-                self.drafts[pid] = found
-            return found
-        dense = self.e.dense_of.get(pid)
-        if dense is None:
-            if not create:
-                return None
-            self.e.check_slot(pid)
-            if self.e.suppressed:
-                self.e.check_suppressed(id_key(pid), f"profile id {pid!r}")
-            draft = _Draft(pid, None, None)
-        else:
-            self.e.check_slot(pid)
-            draft = _Draft(pid, dense, decode(self.e.blobs[dense]))  # type: ignore[arg-type]
-        self.drafts[pid] = draft
-        return draft
-
-    def owner_of(self, kind: str, value: str, key: int) -> str | None:
-        if key in self.idents:
-            return self.idents[key]
-        dense = self.e.owner_dense(kind, value)
-        return None if dense is None else self.e.pids[dense]
-
-    # -- operations
-    def apply_op(self, d: _Draft, op: int, name: str, value: Any, where: str) -> None:
-        if op == UNSET:
-            spec = self.spec(name)
-            if spec is not None:
-                d.attrs.pop(spec.id, None)
-            return
-        if op == ADD_TO_SET or op == REMOVE_FROM_SET:
-            if isinstance(value, str):
-                value = [value]
-            spec = self.spec(name) or self.declare(name, Kind.STRING_LIST)
-            if spec.kind is not Kind.STRING_LIST:
-                raise InvalidArgument(
-                    f"{where}: {OP_NAMES[op]} needs a string_list attribute; "
-                    f"{name!r} has kind {spec.kind.label}"
-                )
-            check_value(Kind.STRING_LIST, value, name)
-            current = set(d.attrs.get(spec.id, ()))
-            current = current | set(value) if op == ADD_TO_SET else current - set(value)
-            if current:
-                d.attrs[spec.id] = sorted(current)
-            else:
-                d.attrs.pop(spec.id, None)
-            return
-        if op == INCREMENT:
-            kind = kind_of(value)
-            if kind not in (Kind.INT, Kind.FLOAT):
-                raise InvalidArgument(f"{where}: increment of {name!r} needs a number")
-            spec = self.spec(name) or self.declare(name, kind)
-            if spec.kind is Kind.FLOAT and kind is Kind.INT:
-                value = float(value)  # one number type, as in JSON
-            check_value(spec.kind, value, name)
-            total = d.attrs.get(spec.id, 0) + value
-            if spec.kind is Kind.INT and not INT64_MIN <= total <= INT64_MAX:
-                raise InvalidArgument(f"{where}: increment overflows int64 for {name!r}")
-            d.attrs[spec.id] = total
-            return
-        if op == SET or op == SET_ONCE:
-            spec = self.spec(name)
-            if spec is None:
-                spec = self.declare(name, kind_of(value))
-            # Fast path for the common scalar kinds; check_value covers the rest.
-            vtype = type(value)
-            if vtype is int and spec.kind is Kind.FLOAT:
-                value, vtype = float(value), float  # one number type, as in JSON
-            if vtype is str and spec.kind is Kind.STRING and len(value) <= MAX_STRING_BYTES // 4:
-                stored: Any = value
-            else:
-                check_value(spec.kind, value, name)
-                stored = to_stored(spec.kind, value)
-            if op == SET_ONCE and spec.id in d.attrs:
-                return
-            if spec.kind is Kind.STRING_LIST and not stored:
-                d.attrs.pop(spec.id, None)
-            else:
-                d.attrs[spec.id] = stored
-            return
-        raise InvalidArgument(f"{where}: unknown operation {op}")
-
-    def link(self, d: _Draft, identifiers: Sequence[tuple[str, str]], where: str) -> list[str]:
-        """Link identifiers to `d`, merging their owners into it; returns merged-away ids."""
-        rules = self.e.rules
-        merged: list[str] = []
-        for i, (kind, value) in enumerate(identifiers):
-            at = f"{where}[{i}]"
-            check_identifier(kind, value, at)
-            if rules.is_blocked(value):
-                raise FailedPrecondition(
-                    f"{at}: identifier value {brief(value)} is on the blocked list "
-                    "(merge protection); nothing changed"
-                )
-            if self.e.suppressed:
-                self.e.check_suppressed(claim_key(kind, value),
-                                        f"{at}: identifier {kind}:{value!r}")
-            key = ident_key(kind, value)
-            owner = self.owner_of(kind, value, key)
-            if owner is not None and owner != d.pid:
-                other = self.draft(owner, create=False)
-                if other is not None and other is not d:
-                    self.merge_into(d, other)
-                    merged.append(other.pid)
-            if [kind, value] not in d.idents:
-                d.idents.append([kind, value])
-            self.idents[key] = d.pid
-        counts = Counter(kind for kind, _ in d.idents)
-        for kind, n in counts.items():
-            if n > rules.max_per_kind:
-                raise FailedPrecondition(
-                    f"{where}: profile {brief(d.pid)} would hold {n} identifiers of kind "
-                    f"{brief(kind)}, more than the limit of {rules.max_per_kind} (merge "
-                    "protection); nothing changed"
-                )
-        return merged
-
-    def merge_into(self, survivor: _Draft, other: _Draft) -> None:
-        """Merge rules: see README "Identity resolution"."""
-        for aid, value in other.attrs.items():
-            spec = self.spec_by_id(aid)
-            mine = survivor.attrs.get(aid)
-            if mine is None:
-                survivor.attrs[aid] = value
-            elif spec.kind is Kind.EVENT_DAYS:  # counts of a day add
-                survivor.attrs[aid] = days.merge(mine, value)
-            elif spec.kind is Kind.STRING_LIST:
-                survivor.attrs[aid] = sorted(set(mine) | set(value))
-            elif spec.merge is Merge.SUM:
-                total = mine + value
-                if spec.kind is Kind.INT:
-                    total = max(INT64_MIN, min(INT64_MAX, total))
-                survivor.attrs[aid] = total
-            elif spec.merge is Merge.MIN:
-                survivor.attrs[aid] = min(mine, value)
-            elif spec.merge is Merge.MAX:
-                survivor.attrs[aid] = max(mine, value)
-        for pair in other.idents:
-            if pair not in survivor.idents:
-                survivor.idents.append(pair)
-            self.idents[ident_key(*pair)] = survivor.pid
-        for pid in [other.pid, *other.merged]:
-            if pid not in survivor.merged and pid != survivor.pid:
-                survivor.merged.append(pid)
-            self.aliases[pid] = survivor.pid
-        # The survivor's version after a call that merged exceeds every version any merged
-        # profile had: the call already counted one change on the survivor (its +1 comes
-        # before its links), so this is max(survivor, other) + 1 over the whole call.
-        survivor.version = max(survivor.version, other.version + 1)
-        # The person is as old as the oldest profile merged into it (0: not known).
-        known = [t for t in (self.created_of(survivor), self.created_of(other)) if t]
-        if known:
-            survivor.created = min(known)
-        other.gone = True
-
-    def created_of(self, d: _Draft) -> int:
-        """When `d`'s profile was created (0: not known); a new one: now."""
-        if d.created is not None:
-            return d.created
-        return self.at if d.dense is None else self.e.created_at(d.dense)
-
-    def delete(self, d: _Draft) -> None:
-        for pair in d.idents:
-            self.idents[ident_key(*pair)] = None
-        for pid in d.merged:
-            self.aliases[pid] = None
-        d.gone = True
-
-    def finish(self, result: Any = None) -> Change:
-        change = Change(schema=list(self.added), result=result, at=self.at)
-        next_dense = len(self.e.blobs)
-        live: list[Image] = []
-        for d in self.drafts.values():
-            if d.gone:
-                if d.dense is not None:
-                    change.images.append(Image(d.dense, d.pid, None))
-                continue
-            if d.dense is None:
-                d.dense = next_dense
-                next_dense += 1
-            if d.created is not None:
-                change.times[d.dense] = (d.created, self.at)
-            live.append(Image(d.dense, d.pid, encode(d.version, d.attrs, d.idents, d.merged)))
-        # Deletions first: a merged-away profile must leave the directory before the
-        # survivor claims its identifiers.
-        change.images.extend(live)
-        return change
-
-
-_COLUMN_TYPES: dict[Kind, set[type]] = {Kind.STRING: {str}, Kind.INT: {int}, Kind.FLOAT: {float},
-                 Kind.BOOL: {bool}, Kind.STRING_LIST: {list},
-                 Kind.TIMESTAMP: {datetime, msgpack.Timestamp}}
-
-
-def _numbers(kind: Kind, values: list[Any]) -> np.ndarray | None:
-    """A column of ints, floats or timestamps' int microseconds as the one array its blob
-    pieces and its range index are both made from, if every value is valid; else None.
-    (np.array refuses an int past int64 with OverflowError; the types are checked first,
-    as it would take a bool or a float for an int.)"""
-    if not set(map(type, values)) <= ({float, int} if kind is Kind.FLOAT else {int}):
-        return None  # (an int for a float attribute is that float: one number type)
-    try:
-        array = np.array(values, dtype=np.float64 if kind is Kind.FLOAT else np.int64)
-    except OverflowError:
-        return None
-    if kind is Kind.FLOAT:
-        return None if np.isnan(array).any() else array
-    if kind is Kind.TIMESTAMP and not (micros_in_range(int(array.min()))
-                                       and micros_in_range(int(array.max()))):
-        return None
-    return array
-
-
-def _micros_ok(values: list[Any]) -> bool:
-    """True when every value is a timestamp's int microseconds within the readable range."""
-    return _numbers(Kind.TIMESTAMP, values) is not None
-
-
-def _already_sorted_sets(lists: list[list[str]]) -> bool:
-    """True when every list is sorted without repeats (its stored form): one comparison per
-    item and no Python frame per list, a third of what sorting each list costs."""
-    items = list(chain.from_iterable(lists))
-    if len(items) < 2:
-        return True
-    rising = np.fromiter(map(lt, items, islice(items, 1, None)), dtype=bool,
-                         count=len(items) - 1)
-    return _rises_in_rows(rising, np.fromiter(map(len, lists), dtype=np.int64,
-                                              count=len(lists)))
-
-
-def _plain(values: list[Any] | Coded | np.ndarray) -> list[Any] | np.ndarray:
-    return values.decoded_held() if isinstance(values, Coded) else values
-
-
-def _repeats(keys: np.ndarray) -> bool:
-    """True when some key is there twice (sorting: 4x faster than np.unique's hash table
-    at a load's few thousand keys)."""
-    ordered = np.sort(keys)
-    return bool((ordered[1:] == ordered[:-1]).any())
-
-
-def _rises_in_rows(rising: np.ndarray, lengths: np.ndarray) -> bool:
-    """True when `rising` (item i < item i + 1, over rows' items laid end to end, rows of
-    `lengths` items) holds inside every row: a row's last item against the next row's
-    first does not count."""
-    last = np.cumsum(lengths) - 1
-    rising[last[(last >= 0) & (last < len(rising))]] = True
-    return bool(rising.all())
-
-
-def _column_kinds(batch: Columns, declared: Mapping[str, AttributeSpec]
-                  ) -> Iterator[tuple[str, Kind, bool, Merge]]:
-    """What a columnar batch's columns would declare: a column's kind is its first
-    value's (ints and floats: float; a `timestamps` column: timestamp)."""
-    for name, column in batch.attributes.items():
-        if name in declared:
-            continue
-        if name in batch.timestamps:
-            kind = Kind.TIMESTAMP
-        elif isinstance(column, Coded):
-            if not column.holds().any():
-                continue
-            kind = Kind.STRING_LIST if column.lengths is not None else kind_of(column.first())
-        else:
-            present = [v for v in column if v is not None]
-            if not present:
-                continue
-            try:
-                kind = kind_of(present[0])
-            except InvalidArgument:
-                continue
-            if kind is Kind.INT and float in set(map(type, present)):
-                kind = Kind.FLOAT
-        yield name, kind, True, Merge.DEFAULT
-
-
-def _first_present(column: list[Any] | Coded) -> int:
-    """Index of a column's first value (None: absent)."""
-    if isinstance(column, Coded):
-        holds = column.holds()
-        return int(np.argmax(holds)) if holds.any() else len(holds)
-    return next((i for i, v in enumerate(column) if v is not None), len(column))
-
-
-def _coded_lists_ok(column: Coded) -> bool:
-    """True when a coded column's lists are valid string lists: its dictionary holds only
-    strings of a valid length, and no row holds too many."""
-    assert column.lengths is not None
-    return (_column_ok(Kind.STRING, column.values)
-            and int(column.lengths.max()) <= MAX_LIST_ITEMS)
-
-
-def _coded_sorted(column: Coded) -> bool:
-    """True when every list of a coded column (of rows holding one) is sorted without
-    repeats: the dictionary is, and each row's codes rise."""
-    assert column.lengths is not None
-    values = column.values
-    return (all(map(lt, values, islice(values, 1, None)))
-            and _rises_in_rows(np.diff(column.codes) > 0, column.lengths))
-
-
-def _column_ok(kind: Kind, values: list[Any]) -> bool:
-    """True when every value is valid for `kind`, checked a column at a time."""
-    types = set(map(type, values))
-    if not types <= _COLUMN_TYPES[kind]:
-        return False
-    if kind is Kind.STRING:
-        return max(map(len, values)) <= MAX_STRING_BYTES // 4
-    if kind is Kind.INT or kind is Kind.FLOAT:
-        return _numbers(kind, values) is not None
-    if kind is Kind.STRING_LIST:
-        if max(map(len, values)) > MAX_LIST_ITEMS:
-            return False
-        items = list(chain.from_iterable(values))
-        return not items or _column_ok(Kind.STRING, items)
-    return True
-
-
-def decision_slot(decision: list[Any]) -> int:
-    """The slot of a merge decision [survivor id, committed]: its survivor's, or the slot
-    itself where the survivor was erased since (plan_erase keeps no id)."""
-    survivor = decision[0]
-    return survivor if isinstance(survivor, int) else slot_of(survivor)
-
-
-def id_key(pid: str) -> str:
-    """The suppression key of a primary id (identifiers use claim_key: "kind:value")."""
-    return "\x00" + pid
 
 
 class Engine:
@@ -1009,7 +343,7 @@ class Engine:
         self.require_declared(itertools.chain(
             ((name, Kind.FLOAT, True, Merge.DEFAULT) for name in numbers),
             self._declares_ops(specs)))
-        planner = _Planner(self)
+        planner = Planner(self)
         for name in numbers:
             if planner.spec(name) is None:
                 planner.declare(name, Kind.FLOAT)
@@ -1027,146 +361,16 @@ class Engine:
         """Plan a bulk load of (id, flat attributes, identifiers) rows with set semantics."""
         return self.plan_columns(Columns.from_rows(rows, where), where)
 
-    def plan_columns(self, batch: Columns, where: str = "columns") -> Change:
-        """Plan a bulk load of a columnar batch with set semantics.
+    plan_columns = bulk.plan_columns
 
-        The load path: when every row is a new profile whose identifiers belong to nobody,
-        validation runs column by column (one type check per attribute per batch, not per
-        value), blobs are built a column at a time (memstore.engine.rowpack; a coded column is
-        never decoded value by value), and the Change carries the checked columns so
-        `apply` indexes them without taking the blobs apart again. Any row that touches
-        existing state (an existing id, an owned identifier, an alias), or any value the
-        column checks refuse, sends the whole batch through the general planner, which gives
-        the same result (or the error naming the row and attribute) more slowly.
-        """
-        def general() -> Change:
-            return self.plan_batch(record_specs(batch.rows(where), where), numbers=[
-                name for name, column in batch.attributes.items()
-                if isinstance(column, list) and {int, float} <= set(map(type, column))])
-
-        self.require_declared(_column_kinds(batch, self.schema.by_name)
-                              if self.cluster_schema else ())
-        ids = batch.ids
-        n = len(ids)
-        if len(set(ids)) != n:
-            return general()
-        # Anything the general planner would refuse goes to it, so the batch gets the error
-        # it gives (the first bad record's, in record order), not one of the fast path's.
-        if ids and (not min(map(len, ids)) or max(map(len, ids)) > MAX_ID_BYTES // 4):
-            return general()  # an empty id, or one that may be too long in utf-8
-        if (any(map(self.dense_of.__contains__, ids)) or any(map(self.aliases.__contains__, ids))
-                or any(map(self.forwards.__contains__, ids))):
-            return general()
-        if self.suppressed and self._names_suppressed(batch):
-            return general()  # which refuses the record naming it
-        slots = slots_of(ids)
-        if self.owned_slots is not None and not self.owned_slots.issuperset(BitMap(slots)):
-            return general()  # WrongSlot
-        first = len(self.blobs)
-        rules = self.rules
-        pairs = [(first + i, kind, value) for i, idents in enumerate(batch.identifiers)
-                 for kind, value in idents]
-        owners = [p[0] for p in pairs]
-        kinds = [p[1] for p in pairs]
-        values = [p[2] for p in pairs]
-        if pairs and (not min(map(len, values))
-                      or max(map(len, values)) > MAX_IDENTIFIER_BYTES // 4
-                      or not all(map(_IDENT_KIND.match, set(kinds)))
-                      or not rules.blocked.isdisjoint(map(str.lower, map(str.strip, values)))):
-            return general()
-        if any(len(idents) > rules.max_per_kind
-               and max(Counter(k for k, _ in idents).values()) > rules.max_per_kind
-               for idents in batch.identifiers):
-            return general()
-        # Identifiers named twice, or held by some profile here: one vectorized probe.
-        keys = ident_keys(kinds, values)
-        if keys.size and (_repeats(keys) or (self.directory.find_many(keys) >= 0).any()):
-            return general()
-        planner = _Planner(self)
-        indexed: list[tuple[int, Sequence[int], list[Any] | Coded | np.ndarray]] = []
-        dense_ids = range(first, first + n)
-        blobs = RowPacker(n)
-        # Declared in the order the general planner meets them: by first record, then name order.
-        named = sorted(batch.attributes.items(), key=lambda item: _first_present(item[1]))
-        try:
-            for name, column in named:
-                held: list[Any] | Coded | np.ndarray  # the values of the rows holding one,
-                if isinstance(column, Coded):  # coded while no check needs them decoded
-                    rows, held = column.held()
-                    if not held.codes.size:
-                        continue
-                else:
-                    held, rows = column, None  # rows: which rows hold a value (None: all)
-                    if None in column:
-                        mask = list(map(is_not, column, repeat(None)))
-                        held = list(compress(column, mask))
-                        rows = list(compress(range(n), mask))
-                    if not held:
-                        continue
-                micros = name in batch.timestamps  # int microseconds, see memstore.engine.columnar
-                sent = Kind.TIMESTAMP if micros else kind_of(
-                    held.first() if isinstance(held, Coded) else held[0])
-                if sent is Kind.INT and isinstance(held, list) and float in set(map(type, held)):
-                    sent = Kind.FLOAT  # ints and floats: numbers, as in JSON
-                spec = planner.spec(name) or planner.declare(name, sent)
-                numeric = spec.kind is sent or (spec.kind is Kind.FLOAT and sent is Kind.INT)
-                if isinstance(held, Coded) and held.lengths is not None:
-                    if not (spec.kind is Kind.STRING_LIST and not micros
-                            and _coded_lists_ok(held)):
-                        return general()
-                elif (isinstance(held, list) and numeric and spec.kind in RANGE_KINDS
-                      and (micros or spec.kind is not Kind.TIMESTAMP)):
-                    numbers = _numbers(spec.kind, held)  # checked, and converted once
-                    if numbers is None:
-                        return general()
-                    held = numbers
-                else:  # a coded column's dictionary holds every value it sends
-                    checked = held.values if isinstance(held, Coded) else held
-                    if not (_micros_ok(checked) if micros and spec.kind is sent
-                            else not micros and _column_ok(spec.kind, checked)):
-                        return general()
-                if spec.kind is Kind.TIMESTAMP and not micros:
-                    held = [to_stored(Kind.TIMESTAMP, v) for v in _plain(held)]
-                    if not _micros_ok(held):
-                        return general()
-                elif (spec.kind is Kind.STRING_LIST and isinstance(held, Coded)
-                      and (held.lengths is None or not _coded_sorted(held))):
-                    held = held.decoded_held()  # a list a code; lists not sorted
-                if spec.kind is Kind.STRING_LIST and isinstance(held, list):
-                    # stored sorted, and an empty list means absent
-                    if not _already_sorted_sets(held):
-                        held = list(map(sorted, map(set, held)))  # the Python client
-                    if not all(held):  # sends them sorted (and codes no empty list)
-                        keep = list(map(bool, held))
-                        rows = list(compress(range(n) if rows is None else rows, keep))
-                        held = list(compress(held, keep))
-                        if not held:
-                            continue
-                if isinstance(held, Coded):
-                    blobs.add_coded(spec.id, held, rows)
-                else:
-                    blobs.add(spec.id, spec.kind, held, rows)
-                if spec.indexed:  # a range index takes plain values; a value index either
-                    indexed.append((spec.id, dense_ids if rows is None
-                                    else list(map(first.__add__, rows)),
-                                    _plain(held) if spec.kind in RANGE_KINDS else held))
-        except InvalidArgument:
-            return general()  # it names the row and attribute
-        change = Change(schema=list(planner.added))
-        change.images = list(map(tuple.__new__, repeat(Image),
-                                 zip(dense_ids, ids, blobs.pack(batch.identifiers),
-                                     repeat(None))))
-        change.result = [(pid, True) for pid in ids]
-        change.load = Load(first, slots, keys, owners, indexed)
-        return change
 
     def plan_upsert(self, spec: UpsertSpec) -> Change:
         self.require_declared(self._declares_ops([spec]))
-        planner = _Planner(self)
+        planner = Planner(self)
         result = self._plan_upsert(planner, spec, "")
         return planner.finish(result)
 
-    def _plan_upsert(self, planner: _Planner, spec: UpsertSpec, at: str) -> tuple[str, bool]:
+    def _plan_upsert(self, planner: Planner, spec: UpsertSpec, at: str) -> tuple[str, bool]:
         check_pid(spec.pid, f"{at}.id" if at else "id")
         d = planner.draft(spec.pid, create=True)
         assert d is not None
@@ -1194,10 +398,10 @@ class Engine:
 
     def plan_link(self, pid: str, identifiers: Sequence[tuple[str, str]], create: bool = False
                   ) -> Change:
-        planner = _Planner(self)
+        planner = Planner(self)
         return planner.finish(self._plan_link(planner, pid, identifiers, create))
 
-    def _plan_link(self, planner: _Planner, pid: str, identifiers: Sequence[tuple[str, str]],
+    def _plan_link(self, planner: Planner, pid: str, identifiers: Sequence[tuple[str, str]],
                    create: bool) -> tuple[str, list[str]]:
         check_pid(pid)
         if not identifiers:
@@ -1210,147 +414,15 @@ class Engine:
         return d.pid, merged
 
     # ------------------------------------------------------------------ cross-shard merges
-    # The protocol and its crash cases are in shards/merge.py; these plan each shard's part.
-    def plan_hold(self, loser: str, txn: str, survivor: str) -> Change:
-        """Freeze `loser` for merge `txn`; the result is its portable export (see
-        HoldResponse). Holding it again for the same transaction is a no-op."""
-        check_pid(loser, "loser")
-        check_pid(survivor, "survivor")
-        self.check_slot(loser)
-        held = self.held.get(loser)
-        if held is not None and held[0] == txn:
-            return Change(result=self.export_profile(self.dense_of[loser]))
-        self.check_moving(loser)
-        dense = self.dense_of.get(loser)
-        if dense is None:
-            raise NotFound(f"profile {brief(loser)} not found (merged or deleted meanwhile?)")
-        return Change(notes=[Note("held", loser, [txn, survivor, time.time()])],
-                      result=self.export_profile(dense))
-
-    def export_profile(self, dense: int) -> dict[str, Any]:
-        """One profile with attribute names and kinds: attribute ids are shard-local."""
-        version, attrs, idents, merged = decode(self.blobs[dense])  # type: ignore[arg-type]
-        by_id = self.schema.by_id
-        return {"schema": [[by_id[a].name, int(by_id[a].kind), by_id[a].indexed,
-                            int(by_id[a].merge)] for a in attrs],
-                "profile": [self.pids[dense], version,
-                            {by_id[a].name: v for a, v in attrs.items()}, idents, merged],
-                "times": [self.created_at(dense), self.changed[dense]]}
-
-    def plan_absorb(self, txn: str, losers: Sequence[dict[str, Any]],
-                    upsert: UpsertSpec | None = None,
-                    link: tuple[str, Sequence[tuple[str, str]], bool] | None = None) -> Change:
-        """The commit point of merge `txn`: the held `losers` (export_profile maps from
-        their shards) become drafts owning their identifiers, the caller's upsert or link
-        merges them in, and the same change records `txn` as committed."""
-        if txn in self.decided:
-            outcome = "committed" if self.decided[txn][1] else "aborted"
-            raise FailedPrecondition(f"merge {txn} was already {outcome}; not applied again")
-        self.require_declared(itertools.chain(
-            ((name, Kind(kind), bool(indexed), Merge(merge))
-             for exported in losers for name, kind, indexed, merge in exported["schema"]),
-            self._declares_ops([upsert] if upsert is not None else [])))
-        planner = _Planner(self)
-        seeded: list[tuple[_Draft, list[int]]] = []
-        for n, exported in enumerate(losers):
-            pid, version, named, idents, merged = exported["profile"]
-            attrs: dict[int, Any] = {}
-            for name, kind, indexed, merge in exported["schema"]:
-                try:
-                    spec = planner.declare(name, Kind(kind), indexed, Merge(merge))
-                except InvalidArgument as exc:
-                    raise FailedPrecondition(f"losers[{n}]: profile {brief(pid)} cannot merge "
-                                             f"here: {exc}") from None
-                attrs[spec.id] = named[name]
-            draft = _Draft(pid, None, [version, attrs, [list(i) for i in idents], list(merged)])
-            draft.created = (exported.get("times") or [0])[0] or None  # older shards: none
-            seeded.append((draft, [ident_key(k, v) for k, v in idents]))
-        owners_here: list[str] = []
-        for draft, keys in seeded:
-            for (kind, value), key in zip(draft.idents, keys, strict=True):
-                # An identifier that a profile here holds too (two first links racing on two
-                # shards): that profile joins the merge, so the identifier has one owner.
-                owner = planner.owner_of(kind, value, key)
-                if owner is not None and owner not in owners_here:
-                    owners_here.append(owner)
-            planner.drafts[draft.pid] = draft
-            for key in keys:
-                planner.idents[key] = draft.pid
-        if upsert is not None:
-            result: Any = self._plan_upsert(planner, upsert, "")
-        elif link is not None:
-            result = self._plan_link(planner, *link)
-        else:
-            raise InvalidArgument("request: an upsert or a link is required")
-        named = upsert.pid if upsert is not None else link[0]  # type: ignore[index]
-        target = planner.drafts[planner.resolve_pid(named)]
-        for owner in owners_here:
-            other = planner.draft(owner, create=False)
-            if other is not None and other is not target and not other.gone:
-                planner.merge_into(target, other)
-        for draft, _ in seeded:
-            if not draft.gone:
-                raise FailedPrecondition(f"merge {txn}: the request does not link any "
-                                         f"identifier of {brief(draft.pid)}; nothing to merge")
-        change = planner.finish(result)
-        # Keyed by the id the coordinator named, which is where Decide will ask (its slot
-        # carries the decision on a move), even when that id is an alias here.
-        change.notes.append(Note("decided", txn, [named, True]))
-        return change
-
-    def plan_decide(self, txn: str, survivor: str) -> Change:
-        """The outcome of merge `txn`: committed if absorbed here, else recorded as aborted
-        so that a late Absorb is refused. The result is True for committed."""
-        self.check_slot(survivor)
-        if txn in self.decided:
-            return Change(result=bool(self.decided[txn][1]))
-        return Change(notes=[Note("decided", txn, [survivor, False])], result=False)
-
-    def plan_release(self, loser: str, txn: str, committed: bool) -> Change:
-        """End the hold of merge `txn` on `loser`: committed, the loser goes and every id
-        that resolved to it forwards to the survivor; aborted, it is visible again.
-        The result is False when there was no such hold (released already)."""
-        held = self.held.get(loser)
-        if held is None or held[0] != txn:
-            return Change(result=False)
-        notes = [Note("held", loser, None)]
-        if not committed:
-            return Change(notes=notes, result=True)
-        survivor = held[1]
-        planner = _Planner(self)
-        dense = self.dense_of[loser]
-        d = _Draft(loser, dense, decode(self.blobs[dense]))  # type: ignore[arg-type]
-        planner.drafts[loser] = d
-        planner.delete(d)
-        change = planner.finish(True)
-        change.notes = notes + [Note("forwards", pid, survivor) for pid in [loser, *d.merged]]
-        return change
-
-    def plan_forget(self, pids: Iterable[str], txns: Iterable[str] = (),
-                    reforward: Iterable[tuple[str, str, str]] = ()) -> Change:
-        """Erase the forwards of `pids` (ids merged into a survivor since deleted) and the
-        decisions of finished merges `txns` (every loser released); repoint each forward
-        (id, from, to) that still goes to `from` (merged into `to` since) to `to`."""
-        notes = [Note("forwards", pid, None) for pid in dict.fromkeys(pids)
-                 if pid in self.forwards]
-        notes += [Note("decided", txn, None) for txn in dict.fromkeys(txns)
-                  if txn in self.decided]
-        for pid, old, new in reforward:
-            check_pid(pid, "reforward.id")
-            check_pid(new, "reforward.to")
-            if self.forwards.get(pid) == old and pid not in self.dense_of and pid != new:
-                notes.append(Note("forwards", pid, new))
-        return Change(notes=notes, result=0)
-
-    def notes_in_slots(self, slots: BitMap) -> dict[str, dict[str, Any]]:
-        """The forwards, decisions, claims and registered attributes of `slots` (a slot move
-        carries them along)."""
-        return {"forwards": {p: s for p, s in self.forwards.items() if slot_of(p) in slots},
-                "decided": {t: v for t, v in self.decided.items() if decision_slot(v) in slots},
-                "claims": self.claims.in_slots(slots),
-                "registry": {n: v for n, v in self.registry.items()
-                             if slot_of(registry_key(n)) in slots},
-                "suppressed": {h: v for h, v in self.suppressed.items() if v[0] in slots}}
+    # The protocol and its crash cases are in shards/merge.py; these plan each shard's part
+    # (memstore.engine.merging).
+    plan_hold = merging.plan_hold
+    export_profile = merging.export_profile
+    plan_absorb = merging.plan_absorb
+    plan_decide = merging.plan_decide
+    plan_release = merging.plan_release
+    plan_forget = merging.plan_forget
+    notes_in_slots = merging.notes_in_slots
 
     # ------------------------------------------------------------------ cluster schema
     def plan_register(self, specs: Sequence[tuple[str, Kind, bool, Merge]]) -> Change:
@@ -1419,7 +491,7 @@ class Engine:
         The result is [holder or None, age in seconds, created, blocked] per entry, after
         it. A value on the blocked list is never claimed (`blocked`): no profile may hold
         it, so the write naming it is refused by its own shard, naming the record."""
-        kinds, values, pids, expected = _claim_columns(entries)
+        kinds, values, pids, expected = claim_columns(entries)
         keys = list(map(claim_key, kinds, values))
         slots = list(map(slot_of, keys))
         owned = self.owned_slots
@@ -1458,130 +530,20 @@ class Engine:
                             False])
         return Change(notes=notes, result=answers)
 
-    def plan_delete(self, pid: str | None = None, identifier: tuple[str, str] | None = None,
-                    suppress: bool = False) -> Change:
-        """Erase the profile of `pid` or `identifier`; the result is its primary id (None:
-        there is none). See plan_erase."""
-        dense = self.lookup(pid, identifier)
-        if dense is None:
-            return Change(result=None)
-        change = self.plan_erase([dense], suppress)
-        change.result = self.pids[dense]
-        return change
-
-    def plan_erase(self, dense_ids: Iterable[int], suppress: bool = False) -> Change:
-        """Erase the profiles `dense_ids` (live, owned, not held by a merge; others are
-        skipped): attributes, identifiers, the ids merged into them, the forwards of those
-        ids kept here, and the survivor's id in the decisions of merges into them (kept as
-        its slot). With `suppress`, the salted hashes of their ids and identifiers whose
-        slots this shard owns go on the suppression list (the router sends the rest to
-        the shards owning theirs: Suppress). The result is [(id, merged ids, identifiers)]
-        of the profiles erased."""
-        planner = _Planner(self)
-        erased: list[tuple[str, list[str], list[list[str]]]] = []
-        for dense in dense_ids:
-            owner = self.pids[dense]
-            if (owner is None or self.blobs[dense] is None or dense in self.foreign
-                    or owner in self.held or owner in planner.drafts):
-                continue
-            d = planner.draft(owner, create=False)
-            assert d is not None
-            erased.append((owner, list(d.merged), [list(i) for i in d.idents]))
-            planner.delete(d)
-        change = planner.finish(erased)
-        gone = {pid for pid, merged, _ in erased for pid in (pid, *merged)}
-        # Ids merged into them from another shard may have left forwards here too (a chain
-        # that came back to this shard): they go with them, as their aliases do.
-        change.notes = [Note("forwards", m, None) for m in sorted(gone) if m in self.forwards]
-        change.notes += [Note("decided", txn, [slot_of(v[0]), v[1]])
-                         for txn, v in self.decided.items() if v[0] in gone]
-        if suppress:
-            keys = [id_key(p) for p in sorted(gone)]
-            keys += [claim_key(k, v) for _, _, idents in erased for k, v in idents]
-            change.notes += self.suppression_notes(keys, owned_only=True)
-        return change
 
     # ------------------------------------------------------------------ data rights
-    def hashed(self, text: str) -> str:
-        """The salted hash of an id or an identifier's claim key: what suppression and
-        audit lines keep instead of the text (keyed BLAKE2b, 128 bits, hex)."""
-        return hashlib.blake2b(text.encode(), key=self.salt[:64],
-                               digest_size=16).hexdigest()
-
-    def check_suppressed(self, key: str, what: str) -> None:
-        if self.hashed(key) in self.suppressed:
-            raise FailedPrecondition(f"{what} was erased with suppression (the blocked list "
-                                     "of erased people); refused")
-
-    def suppression_notes(self, keys: Iterable[str], owned_only: bool = False) -> list[Note]:
-        """Notes putting `keys` (id_key or claim_key texts) on the suppression list; those
-        in slots this shard does not own are skipped (`owned_only`) or refused (WrongSlot)."""
-        notes: list[Note] = []
-        now = int(self.clock())
-        for key in dict.fromkeys(keys):
-            slot = slot_of(key.removeprefix("\x00"))
-            if self.owned_slots is not None and slot not in self.owned_slots:
-                if owned_only:
-                    continue
-                raise self._wrong_slot(slot, "a suppression entry")
-            hashed = self.hashed(key)
-            if hashed not in self.suppressed:
-                notes.append(Note("suppressed", hashed, [slot, now]))
-        return notes
-
-    def plan_suppress(self, identifiers: Sequence[Any], pids: Sequence[str]) -> Change:
-        """Put identifiers ([kind, value]) and primary ids on the suppression list (their
-        slots must be owned here). The result is how many were new."""
-        for i, pair in enumerate(identifiers):
-            if not (isinstance(pair, list | tuple) and len(pair) == 2
-                    and all(isinstance(x, str) for x in pair)):
-                raise InvalidArgument(f"identifiers[{i}]: not a [kind, value] pair")
-            check_identifier(pair[0], pair[1], f"identifiers[{i}]")
-        for i, pid in enumerate(pids):
-            check_pid(pid, f"ids[{i}]")
-        notes = self.suppression_notes([claim_key(k, v) for k, v in identifiers]
-                                       + [id_key(p) for p in pids])
-        return Change(notes=notes, result=len(notes))
-
-    def _names_suppressed(self, batch: Columns) -> bool:
-        """True when a load's batch names a suppressed id or identifier."""
-        hashed, suppressed = self.hashed, self.suppressed
-        return (any(hashed(id_key(pid)) in suppressed for pid in batch.ids)
-                or any(hashed(claim_key(k, v)) in suppressed
-                       for idents in batch.identifiers for k, v in idents))
+    # Erasure, the suppression list and anonymous-profile expiry (memstore.engine.rights).
+    plan_delete = rights.plan_delete
+    plan_erase = rights.plan_erase
+    hashed = rights.hashed
+    check_suppressed = rights.check_suppressed
+    suppression_notes = rights.suppression_notes
+    plan_suppress = rights.plan_suppress
+    _names_suppressed = rights.names_suppressed
+    expired = rights.expired
 
     def created_at(self, dense: int) -> int:
         return self.created[dense] if dense < len(self.created) else 0
-
-    def expired(self, cutoff: int, kinds: Sequence[str], start: int, limit: int,
-                budget: int = 2000, span: int = 1 << 16) -> tuple[list[int], int | None]:
-        """Anonymous profiles unchanged since `cutoff` (unix seconds): live, owned, not held,
-        holding at least one identifier and only identifiers of `kinds`. Looks at dense ids
-        from `start`, at most `span` of them and `budget` profile decodes (a caller between
-        requests: a few milliseconds), and returns at most `limit` of them with where to go
-        on (None: the end). A profile whose changed time is not known (written before
-        memstore kept it) counts as changed when this process started."""
-        end = min(len(self.blobs), start + span)
-        if start >= end:
-            return [], None
-        changed = np.frombuffer(self.changed, dtype=np.uint32)[start:end]
-        stamps = np.where(changed == 0, np.uint32(self.started), changed)
-        picked = (np.flatnonzero(stamps < cutoff) + start).tolist()
-        del changed, stamps  # no view of the array may outlive this call (it grows)
-        found: list[int] = []
-        allowed = set(kinds)
-        hidden = self.foreign | self.held_dense
-        blobs = self.blobs
-        for n, dense in enumerate(picked):
-            if len(found) >= limit or n >= budget:
-                return found, dense
-            blob = blobs[dense]
-            if blob is None or dense in hidden:
-                continue
-            idents = decode(blob)[2]
-            if idents and all(kind in allowed for kind, _ in idents):
-                found.append(dense)
-        return found, (end if end < len(self.blobs) else None)
 
     def plan_track(self, pid: str, event: str, at_micros: int, count: int = 1) -> Change:
         """One event (memstore.engine.tracking); the result is the profile's new version."""
@@ -1604,7 +566,7 @@ class Engine:
         return plan_expire(self, limit)
 
     def plan_declare(self, specs: Sequence[tuple[str, Kind, bool, Merge]]) -> Change:
-        planner = _Planner(self)
+        planner = Planner(self)
         for i, (name, kind, indexed, merge) in enumerate(specs):
             try:
                 existing = self.schema.plan(name, kind, indexed, merge)
@@ -1727,16 +689,13 @@ class Engine:
         before.reverse()
         return before
 
-    def add_attribute(self, spec: AttributeSpec) -> None:
-        self.schema.add(spec)
-        if spec.indexed:
-            if spec.kind in RANGE_KINDS:
-                self.range_index[spec.id] = RangeIndex()
-            elif spec.kind is Kind.EVENT_DAYS:
-                self.day_index[spec.id] = DayIndex()
-            else:
-                self.value_index[spec.id] = ValueIndex()
-                self.exists[spec.id] = BitMap()
+    # Index and identifier-directory maintenance (memstore.engine.indexing).
+    add_attribute = indexing.add_attribute
+    _reidentify = indexing.reidentify
+    _reindex = indexing.reindex
+    _index_fresh = indexing.index_fresh
+    _index_columns = indexing.index_columns
+    _index_day_records = indexing.index_day_records
 
     def apply_images(self, images: Iterable[Image], at: int | None = None,
                      times: Mapping[int, tuple[int, int]] | None = None,
@@ -1858,130 +817,6 @@ class Engine:
             self.directory.insert_absent(load.keys, np.array(load.owners, dtype=np.uint32))
         self._index_columns({aid: (ids, values) for aid, ids, values in load.columns})
         return first, pids
-
-    def _reidentify(self, dense: int, pid: str, old_idents: list[list[str]], old_merged: list[str],
-                    new_idents: list[list[str]], new_merged: list[str]) -> None:
-        directory = self.directory
-        if old_idents:
-            keep = {ident_key(k, v) for k, v in new_idents}
-            for k, v in old_idents:
-                key = ident_key(k, v)
-                if key not in keep and directory.get(key) == dense:
-                    del directory[key]
-        for k, v in new_idents:
-            directory[ident_key(k, v)] = dense
-        if old_merged:
-            keep_m = set(new_merged)
-            for m in old_merged:
-                if m not in keep_m and self.aliases.get(m) == pid:
-                    del self.aliases[m]
-        for m in new_merged:
-            self.aliases[m] = pid
-
-    def _reindex(self, dense: int, old: dict[int, Any], new: dict[int, Any]) -> None:
-        by_id = self.schema.by_id
-        for aid in old.keys() | new.keys():
-            ov = old.get(aid)
-            nv = new.get(aid)
-            if ov == nv:
-                continue
-            spec = by_id[aid]
-            if not spec.indexed:
-                continue
-            kind = spec.kind
-            if kind is Kind.EVENT_DAYS:
-                self.day_index[aid].update(dense, days.decode(ov) if ov else [],
-                                           days.decode(nv) if nv else [])
-                continue
-            if kind in RANGE_KINDS:
-                index = self.range_index[aid]
-                if kind is Kind.FLOAT:
-                    ov = None if ov is None else float_to_ordered(ov)
-                    nv = None if nv is None else float_to_ordered(nv)
-                if nv is None:
-                    index.remove(dense, ov)  # type: ignore[arg-type]
-                else:
-                    index.set(dense, nv, ov)
-                continue
-            vindex = self.value_index[aid]
-            if kind is Kind.STRING_LIST:
-                olds = set(ov or ())
-                news = set(nv or ())
-                for item in olds - news:
-                    vindex.discard(item, dense)
-                for item in news - olds:
-                    vindex.add(item, dense)
-            else:
-                if ov is not None:
-                    vindex.discard(ov, dense)
-                if nv is not None:
-                    vindex.add(nv, dense)
-            if nv is None:
-                self.exists[aid].discard(dense)
-            elif ov is None:
-                self.exists[aid].add(dense)
-
-    def _index_fresh(self, fresh: list[tuple[int, dict[int, Any]]]) -> None:
-        """Index profiles that had no previous image, column by column (replay, imports)."""
-        columns: dict[int, tuple[list[int], list[Any]]] = {}
-        for dense, attrs in fresh:
-            for aid, value in attrs.items():
-                column = columns.get(aid)
-                if column is None:
-                    column = columns[aid] = ([], [])
-                column[0].append(dense)
-                column[1].append(value)
-        self._index_columns(columns)
-
-    def _index_columns(self, columns: Mapping[int, tuple[Sequence[int],
-                                                         list[Any] | Coded | np.ndarray]]
-                       ) -> None:
-        """Index new profiles: per attribute id, their dense ids and stored values."""
-        by_id = self.schema.by_id
-        for aid, (ids, values) in columns.items():
-            spec = by_id[aid]
-            if not spec.indexed:
-                continue
-            # plan_columns passes a column coded only for a value index (never a range kind)
-            if isinstance(values, Coded):  # a value's ids go in at once (Coded, add_coded)
-                dense = (np.arange(ids.start, ids.stop, dtype=np.uint32)
-                         if isinstance(ids, range) else np.array(ids, dtype=np.uint32))
-                self.value_index[aid].add_coded(values.values, values.codes, dense
-                                                if values.lengths is None
-                                                else np.repeat(dense, values.lengths))
-                self.exists[aid].update(ids)
-                continue
-            if spec.kind is Kind.EVENT_DAYS:
-                self._index_day_records(aid, ids, cast(list[bytes], values))
-                continue
-            if spec.kind in RANGE_KINDS:
-                if spec.kind is Kind.FLOAT:
-                    keys = floats_to_ordered(np.asarray(values, dtype=np.float64))
-                else:  # plan_columns's array as it is (the index keeps it, unchanged)
-                    keys = np.asarray(values, dtype=np.int64)
-                self.range_index[aid].set_many(np.array(ids, dtype=np.uint32), keys)
-                continue
-            values = cast(list[Any], values)  # only a range kind's column is an array
-            if spec.kind is Kind.STRING_LIST:
-                self.value_index[aid].add_column(
-                    np.repeat(np.asarray(ids, dtype=np.uint32), list(map(len, values))),
-                    list(chain.from_iterable(values)))
-            else:
-                self.value_index[aid].add_column(ids, values)
-            self.exists[aid].update(ids)
-
-    def _index_day_records(self, aid: int, ids: Sequence[int], records: list[bytes]) -> None:
-        owners: list[int] = []
-        pairs: list[tuple[int, int]] = []
-        for dense, record in zip(ids, records, strict=True):
-            decoded = days.decode(record)
-            owners += [dense] * len(decoded)
-            pairs += decoded
-        if pairs:
-            on, times = zip(*pairs, strict=True)
-            self.day_index[aid].add_many(np.array(owners, dtype=np.uint32),
-                                         np.array(on, dtype=np.int64),
-                                         np.array(times, dtype=np.int64))
 
     # ------------------------------------------------------------------ cluster
     def set_ownership(self, epoch: int, slots: BitMap | None) -> None:

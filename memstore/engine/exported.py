@@ -24,7 +24,7 @@ from typing import Any
 from pyroaring import BitMap
 
 from memstore.engine import days
-from memstore.engine.core import check_identifier, check_pid
+from memstore.engine.identity import check_identifier, check_pid
 from memstore.engine.schema import (
     INT64_MAX,
     INT64_MIN,

@@ -230,3 +230,7 @@ def check_value(spec_kind: Kind, value: Any, name: str) -> None:
                     f"attribute {name!r}: lists hold strings, got {type(item).__name__}"
                 )
             check_string(item, f"attribute {name!r}")
+
+
+RANGE_KINDS = (Kind.INT, Kind.FLOAT, Kind.TIMESTAMP)  # kept in a RangeIndex
+VALUE_KINDS = (Kind.STRING, Kind.BOOL, Kind.STRING_LIST)  # kept in a ValueIndex

@@ -279,7 +279,7 @@ class Segments:
         if len(touched.created) + len(touched.removed) > SMALL_CHANGE or (
                 changed and len(BitMap.union(*changed.values())) > SMALL_CHANGE):
             return self._refresh_through_indexes(engine, touched, order)
-        from memstore.engine.core import decode
+        from memstore.engine.blob import decode
 
         wanted: dict[int, set[int]] = {}  # position in the order -> dense ids to decide
         if touched.created or touched.removed:
@@ -354,7 +354,7 @@ class Segments:
         blob = engine.blobs[dense]
         if not positions or blob is None or dense not in engine.live:
             return {}
-        from memstore.engine.core import decode
+        from memstore.engine.blob import decode
 
         attrs = decode(blob)[1]
         deltas: Deltas = {}

@@ -33,7 +33,8 @@ from memstore.hashslot import slots_of
 from memstore.pbvalues import MAX_MICROS, MIN_MICROS, TIMESTAMP_RANGE, micros_in_range
 
 if TYPE_CHECKING:
-    from memstore.engine.core import Change, Engine
+    from memstore.engine.change import Change
+    from memstore.engine.core import Engine
 
 EVENT_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 EXPIRE_SLICE = 500  # profiles a change of the expiry sweep rewrites
@@ -101,7 +102,8 @@ def _plan_columns(engine: Engine, events: Sequence[Event]) -> Change | None:
     (Tracked). None when the general planner must plan it: an event it would refuse (it
     names it), an identifier key, an id that is merged away, held or not in an owned slot,
     or an event whose attributes are not declared yet."""
-    from memstore.engine.core import Change, Image, decode, encode
+    from memstore.engine.blob import decode, encode
+    from memstore.engine.change import Change, Image
 
     keys, names, times, counts = zip(*events, strict=True)
     if set(map(type, keys)) != {str} or set(map(type, names)) != {str}:
@@ -241,7 +243,8 @@ def _cell_columns(rows: list[tuple[int, int, int, int, int]]
 
 
 def _plan_general(engine: Engine, events: Sequence[Event], where: str | None) -> Change:
-    from memstore.engine.core import _Planner, check_identifier, check_pid
+    from memstore.engine.identity import check_identifier, check_pid
+    from memstore.engine.planner import Planner
 
     def at(i: int) -> str:
         return "" if where is None else f"{where}[{i}]."
@@ -262,7 +265,7 @@ def _plan_general(engine: Engine, events: Sequence[Event], where: str | None) ->
             exc.record = i
             raise
     engine.require_declared(spec for name in names for spec in event_attributes(name))
-    planner = _Planner(engine)
+    planner = Planner(engine)
     specs = {name: [planner.declare(n, kind, indexed, merge)
                     for n, kind, indexed, merge in event_attributes(name)]
              for name in names}
@@ -311,7 +314,8 @@ def plan_expire(engine: Engine, limit: int = EXPIRE_SLICE) -> Change:
     """Rewrite up to `limit` profiles whose day records hold days before the retention,
     without those days. The result is how many; an empty change when none is left (held
     profiles and those in slots this shard does not own wait until they are its own)."""
-    from memstore.engine.core import Change, Image, decode, encode
+    from memstore.engine.blob import decode, encode
+    from memstore.engine.change import Change, Image
 
     first_kept = engine.first_kept()
     stale = BitMap()

@@ -14,7 +14,8 @@ from typing import Any
 
 from pyroaring import BitMap
 
-from memstore.engine.core import RANGE_KINDS, Engine
+from memstore.engine.core import Engine
+from memstore.engine.schema import RANGE_KINDS
 from memstore.errors import InvalidArgument
 from memstore.query import Node
 from memstore.query.plan import Context, EvalStats, compile_query, spec_for_query

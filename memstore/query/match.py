@@ -32,8 +32,7 @@ from typing import Any
 
 from pyroaring import BitMap
 
-from memstore.engine.core import RANGE_KINDS
-from memstore.engine.schema import Kind, Schema
+from memstore.engine.schema import RANGE_KINDS, Kind, Schema
 from memstore.errors import InvalidArgument
 from memstore.query import All, And, InSegment, Node, Not, Op, Or, Predicate
 from memstore.query.plan import _literal, _whole_numbers

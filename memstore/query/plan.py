@@ -33,8 +33,8 @@ from typing import Any
 
 from pyroaring import BitMap
 
-from memstore.engine.core import RANGE_KINDS, Engine
-from memstore.engine.schema import AttributeSpec, Kind
+from memstore.engine.core import Engine
+from memstore.engine.schema import RANGE_KINDS, AttributeSpec, Kind
 from memstore.errors import InvalidArgument, brief
 from memstore.index.bitmap_index import RangeIndex, float_to_ordered
 from memstore.index.day_index import DayIndex

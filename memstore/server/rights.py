@@ -47,7 +47,7 @@ from pyroaring import BitMap
 
 from memstore import exportformat, pbvalues
 from memstore.engine import days
-from memstore.engine.core import decode
+from memstore.engine.blob import decode
 from memstore.engine.schema import Kind
 from memstore.engine.values import from_stored
 from memstore.hashslot import slot_of

@@ -33,22 +33,12 @@ from pyroaring import BitMap
 
 from memstore import pbvalues
 from memstore.engine import eventpack
+from memstore.engine.blob import decode, encode, version_of
+from memstore.engine.change import ANONYMOUS_KINDS, Change, Image, Note, UpsertSpec, record_specs
 from memstore.engine.columnar import unpack_columns
-from memstore.engine.core import (
-    ANONYMOUS_KINDS,
-    Change,
-    Engine,
-    Image,
-    Note,
-    UpsertSpec,
-    check_identifier,
-    check_pid,
-    decode,
-    encode,
-    record_specs,
-    version_of,
-)
+from memstore.engine.core import Engine
 from memstore.engine.exported import check_chunk, check_loser
+from memstore.engine.identity import check_identifier, check_pid
 from memstore.engine.schema import Kind, Merge
 from memstore.engine.values import flatten, from_stored
 from memstore.errors import (

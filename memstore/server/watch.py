@@ -35,7 +35,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pyroaring import BitMap
 
 from memstore import pbvalues
-from memstore.engine.core import Engine, decode
+from memstore.engine.blob import decode
+from memstore.engine.core import Engine
 from memstore.engine.segments import decode_deltas
 from memstore.engine.values import from_stored
 from memstore.errors import FailedPrecondition, InvalidArgument, MemstoreError, NotFound

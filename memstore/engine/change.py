@@ -1,0 +1,145 @@
+"""What planning produces and applying consumes.
+
+A Change is a list of after-images (Image: dense id, primary id, encoded profile blob or
+None for "gone"), the attribute declarations it needs, and Notes setting or removing
+entries of the engine's small tables (merges, claims, registry, suppression, segments).
+Applying one returns an Undo: the before-images and notes that take it back. The
+operation codes of an upsert (SET, UNSET, ...) are memstore.v1.Operation.Op's numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from memstore.engine.columnar import Coded, Row
+from memstore.engine.schema import AttributeSpec
+
+# Operation codes: the numbers of memstore.v1.Operation.Op.
+SET, SET_ONCE, UNSET, INCREMENT, ADD_TO_SET, REMOVE_FROM_SET = 1, 2, 3, 4, 5, 6
+OP_NAMES = {1: "set", 2: "set_once", 3: "unset", 4: "increment", 5: "add_to_set",
+            6: "remove_from_set"}
+
+
+class Image(NamedTuple):
+    """A profile's after-image. A tuple: a load makes a thousand at once, in C
+    (tuple.__new__ over zipped fields; _make costs a Python frame each, 60% more)."""
+
+    dense: int
+    pid: str
+    blob: bytes | None
+    state: list[Any] | None = None  # decoded blob when the planner has it (saves a decode)
+
+
+@dataclass(slots=True)
+class Note:
+    """Set (value not None) or remove one entry of a cross-shard merge table."""
+
+    table: str  # "held" | "forwards" | "decided" | "claims" | "registry" | "suppressed"
+    key: str
+    value: Any
+
+
+NOTE_TABLES = ("held", "forwards", "decided", "claims", "registry", "suppressed",
+               "segments")
+# Tables whose removed entries held personal data (primary ids, identifiers): a change
+# removing one erases, as a change removing a profile does (Shard: erasure retention).
+ERASING_TABLES = frozenset({"forwards", "decided", "claims"})
+ANONYMOUS_KINDS = ("anonymous", "device")  # identifier kinds of anonymous visitors
+
+
+@dataclass(slots=True)
+class Load:
+    """What a bulk load's planner checked, kept so `apply` can index column by column."""
+
+    first: int  # dense id of the first image; the images are new profiles, in order
+    slots: list[int]  # hash slot of each image's primary id
+    keys: np.ndarray  # the images' identifier keys (none in the directory yet) ...
+    owners: list[int]  # ... and the dense id holding each
+    # indexed: (attribute, ids, values), values coded where the column came so (Coded)
+    columns: list[tuple[int, Sequence[int], list[Any] | Coded | np.ndarray]]
+
+
+@dataclass
+class Change:
+    schema: list[AttributeSpec] = field(default_factory=list)
+    images: list[Image] = field(default_factory=list)
+    result: Any = None
+    notes: list[Note] = field(default_factory=list)
+    load: Load | None = None  # set by plan_columns: the images are a load's new profiles
+    at: int = 0  # unix seconds the change is made at (0: when applied; the shard logs it)
+    # dense id -> (created, changed) of an image, where the default rule does not hold:
+    # changed = `at`; created = `at` for a new profile, else unchanged.
+    times: dict[int, tuple[int, int]] = field(default_factory=dict)
+    tracked: Any = None  # set by a batch of tracks (memstore.engine.tracking.Tracked)
+    # A slot move's copy or drop, or a segment's creation: membership changes, but nothing
+    # happened to anyone, so watchers are not told (memstore/server/watch.py).
+    quiet: bool = False
+    # Saved segments to evaluate over every profile once the change is applied (a new one)
+    rebuild: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.schema and not self.images and not self.notes
+
+    @property
+    def erases(self) -> bool:
+        """True when the change removes a profile, or a table entry naming a person."""
+        return (any(image.blob is None for image in self.images)
+                or any(n.value is None and n.table in ERASING_TABLES for n in self.notes))
+
+    def touched(self) -> list[str]:
+        """Primary ids whose slot this change touched (a decision counts for its survivor;
+        claims do not count: a slot move carries all of its claims every time)."""
+        pids = [image.pid for image in self.images]
+        for note in self.notes:
+            if note.table == "decided":
+                if note.value is not None and isinstance(note.value[0], str):
+                    pids.append(note.value[0])
+            elif note.table not in ("claims", "suppressed"):
+                pids.append(note.key)
+        return pids
+
+
+@dataclass
+class Undo:
+    """What `Engine.apply` returns: apply it with `Engine.undo` to take the change back."""
+
+    images: list[Image]
+    notes: list[Note]
+    added: tuple[int, list[str]] | None = None  # a load's new profiles: (first dense id, pids)
+    times: list[tuple[int, int, int]] = field(default_factory=list)  # (dense, created, changed)
+    schema: list[AttributeSpec] = field(default_factory=list)  # declared by the change
+
+
+@dataclass(slots=True)
+class UpsertSpec:
+    pid: str
+    ops: Sequence[tuple[int, str, Any]] = ()
+    identifiers: Sequence[tuple[str, str]] = ()
+    expected_version: int | None = None
+    where: str = ""  # where the request came from, for error messages ("packed[3]")
+    record: bool = False  # the ops set a bulk record's attributes: errors name the attribute
+
+
+def record_specs(rows: Iterable[Row], where: str) -> list[UpsertSpec]:
+    """Bulk-load records as upserts: each sets its attributes and links its identifiers."""
+    return [UpsertSpec(pid, [(SET, k, v) for k, v in attrs.items()], idents,
+                       where=f"{where}[{i}]", record=True)
+            for i, (pid, attrs, idents) in enumerate(rows)]
+
+
+@dataclass(slots=True)
+class Profile:
+    """A profile as callers see it (API values, attribute names)."""
+
+    id: str
+    version: int
+    attributes: dict[str, Any]
+    identifiers: list[tuple[str, str]]
+    merged_ids: list[str]
+    slot: int
+
