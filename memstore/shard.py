@@ -52,7 +52,7 @@ from memstore.engine.segments import Deltas, Touched, decode_deltas, encode_delt
 from memstore.engine.tracking import stale_days
 from memstore.errors import Unavailable
 from memstore.hashslot import slot_of
-from memstore.index.bitmap_index import RangeIndex, ValueIndex
+from memstore.index.bitmap_index import RangeIndex, ValueIndex, bitmap_of
 from memstore.index.day_index import DayIndex
 from memstore.storage import wal_format
 from memstore.storage.dirlock import DirLock
@@ -63,7 +63,8 @@ from memstore.storage.wal_writer import LogFailedError, LogWriteError, LogWriter
 
 log = logging.getLogger("memstore.shard")
 
-SNAPSHOT_CHUNK = 2000  # profiles per snapshot section
+SNAPSHOT_CHUNK = 8192  # profiles per `rows` snapshot section
+DIRECTORY_CHUNK = 1 << 16  # identifier keys, or aliases, per snapshot section
 TIMES_CHUNK = 1 << 16  # dense ids per `times` section
 CLAIM_SLOTS_CHUNK = 64  # slots of directory claims per snapshot section
 RECENT_CHANGES = 500_000  # profile ids remembered for slot-move catch-up (~40 MB at most)
@@ -549,7 +550,7 @@ def write_snapshot_file(engine: Engine, snap_dir: Path, lsn: int, shard_name: st
     pause = time.monotonic() - forked_at
     pids, blobs = engine.pids, engine.blobs
     owned = engine.owned_slots
-    meta = {"version": 1, "shard": shard_name, "next_dense": len(pids),
+    meta = {"version": 2, "shard": shard_name, "next_dense": len(pids),
             "schema": engine.schema.to_state(), "epoch": engine.epoch,
             "owned": None if owned is None else owned.serialize()}
     count = 0
@@ -567,21 +568,31 @@ def write_snapshot_file(engine: Engine, snap_dir: Path, lsn: int, shard_name: st
         claims = engine.claims.by_slot()  # unpacked a slot at a time, as they are written
         while chunk := list(islice(claims, CLAIM_SLOTS_CHUNK)):
             writer.write("claims", msgpack.packb(chunk))
-        # Rows are packed one field at a time, never built as lists: cheaper, and every
-        # object made here would be a page copied from the parent.
-        packer = msgpack.Packer(use_bin_type=True, autoreset=False)
-        for start in range(0, len(pids), SNAPSHOT_CHUNK):
-            live = [d for d in range(start, min(len(pids), start + SNAPSHOT_CHUNK))
-                    if blobs[d] is not None]
-            count += len(live)
-            packer.reset()
-            packer.pack_array_header(len(live))
-            for d in live:
-                packer.pack_array_header(3)
-                packer.pack(d)
-                packer.pack(pids[d])
-                packer.pack(blobs[d])
-            writer.write("profiles", packer.bytes())
+        # Profiles as columns a chunk at a time (docs/log-format.md, "Snapshot sections"),
+        # with what start-up would otherwise decode every blob for: slots, the identifier
+        # directory and the merged-id aliases, so loading never takes a blob apart.
+        live = np.frombuffer(engine.live.serialize(), dtype=np.uint8)  # keeps no view
+        del live
+        slots = np.frombuffer(engine.slots, dtype=np.uint16)
+        dense_ids = np.array(engine.live.to_array(), dtype=np.uint32)
+        for start in range(0, len(dense_ids), SNAPSHOT_CHUNK):
+            part = dense_ids[start:start + SNAPSHOT_CHUNK]
+            picked = part.tolist()
+            count += len(picked)
+            writer.write("rows", msgpack.packb(
+                [part.astype("<u4").tobytes(), [pids[d] for d in picked],
+                 [blobs[d] for d in picked], slots[part].astype("<u2").tobytes()],
+                use_bin_type=True))
+        del slots, dense_ids
+        keys, owners = engine.directory.arrays()
+        for start in range(0, len(keys), DIRECTORY_CHUNK):
+            writer.write("directory", msgpack.packb(
+                [keys[start:start + DIRECTORY_CHUNK].astype("<u8").tobytes(),
+                 owners[start:start + DIRECTORY_CHUNK].astype("<u4").tobytes()]))
+        del keys, owners
+        aliases = iter(engine.aliases.items())
+        while chunk_aliases := list(islice(aliases, DIRECTORY_CHUNK)):
+            writer.write("aliases", msgpack.packb(chunk_aliases))
         created = np.frombuffer(engine.created, dtype=np.uint32)
         changed = np.frombuffer(engine.changed, dtype=np.uint32)
         for start in range(0, len(pids), TIMES_CHUNK):
@@ -711,7 +722,9 @@ def load_snapshot(engine: Engine, sections: Iterable[tuple[str, bytes]]) -> None
     """Fill an empty engine from snapshot sections (see snapshot writer above)."""
     owned: BitMap | None = None
     epoch = 0
-    directory: tuple[list[int], list[int]] = ([], [])
+    directory: tuple[list[int], list[int]] = ([], [])  # from `profiles` (older snapshots)
+    keys: list[np.ndarray] = []  # from `directory` sections
+    owners: list[np.ndarray] = []
     for name, payload in sections:
         if name == "meta":
             meta = msgpack.unpackb(payload)
@@ -724,7 +737,15 @@ def load_snapshot(engine: Engine, sections: Iterable[tuple[str, bytes]]) -> None
             engine.changed = array.array("I", bytes(next_dense * 4))  # not known (0)
             epoch = meta["epoch"]
             owned = None if meta["owned"] is None else BitMap.deserialize(meta["owned"])
-        elif name == "profiles":
+        elif name == "rows":
+            _load_rows(engine, *msgpack.unpackb(payload))
+        elif name == "directory":
+            raw_keys, raw_owners = msgpack.unpackb(payload)
+            keys.append(np.frombuffer(raw_keys, dtype="<u8").astype(np.uint64))
+            owners.append(np.frombuffer(raw_owners, dtype="<u4").astype(np.uint32))
+        elif name == "aliases":
+            engine.aliases.update(msgpack.unpackb(payload))
+        elif name == "profiles":  # snapshots before `rows`: each blob decoded
             _load_profiles(engine, msgpack.unpackb(payload, use_list=False), directory)
         elif name == "merges":
             tables = msgpack.unpackb(payload)
@@ -768,10 +789,33 @@ def load_snapshot(engine: Engine, sections: Iterable[tuple[str, bytes]]) -> None
             else:
                 engine.value_index.setdefault(spec.id, ValueIndex())
                 engine.exists.setdefault(spec.id, BitMap())
+    if keys:  # a snapshot's table: distinct keys, so no duplicate check
+        engine.directory.insert_absent(np.concatenate(keys), np.concatenate(owners))
     engine.directory.update(np.array(directory[0], dtype=np.uint64),
                             np.array(directory[1], dtype=np.uint32))
     engine.set_ownership(epoch, owned)
     engine.held_dense = BitMap(engine.dense_of[pid] for pid in engine.held)
+
+
+def _load_rows(engine: Engine, raw_dense: bytes, pids: list[str], blobs: list[bytes],
+              raw_slots: bytes) -> None:
+    """Fill the engine from one `rows` section: no blob is decoded, no id hashed."""
+    dense = np.frombuffer(raw_dense, dtype="<u4").astype(np.uint32)
+    if not len(dense):
+        return
+    first, last = int(dense[0]), int(dense[-1])
+    if last - first + 1 == len(dense):  # a run of dense ids: slices, in C
+        engine.pids[first:last + 1] = pids
+        engine.blobs[first:last + 1] = blobs
+        ids: Iterable[int] = range(first, last + 1)
+    else:
+        ids = dense.tolist()
+        for d, pid, blob in zip(ids, pids, blobs, strict=True):
+            engine.pids[d] = pid
+            engine.blobs[d] = blob
+    engine.dense_of.update(zip(pids, ids, strict=True))
+    engine.live |= bitmap_of(dense)
+    np.frombuffer(engine.slots, dtype=np.uint16)[dense] = np.frombuffer(raw_slots, dtype="<u2")
 
 
 def _load_profiles(engine: Engine, rows: Iterable[tuple[int, str, bytes]],

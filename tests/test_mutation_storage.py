@@ -183,15 +183,50 @@ def test_the_snapshot_writer_run_in_process_loads_back_to_the_same_engine(
     names = [name for name, _ in reader.sections()]
     assert names[0] == "meta" and names[1] == "merges"
     assert names.count("claims") == -(-sum(1 for _ in engine.claims.by_slot()) // 2) > 1
-    assert names.count("profiles") == -(-len(engine.pids) // 7)
+    assert names.count("rows") == -(-len(engine.live) // 7)
+    assert names.count("directory") == 1 and names.count("aliases") == 1
+    assert "profiles" not in names
     assert names.count("index") == sum(spec.indexed for spec in engine.schema.by_id)
     meta = msgpack.unpackb(next(payload for name, payload in reader.sections()
                                 if name == "meta"))
-    assert (meta["version"], meta["shard"], meta["next_dense"]) == (1, "shard-7",
+    assert (meta["version"], meta["shard"], meta["next_dense"]) == (2, "shard-7",
                                                                    len(engine.pids))
     restored = Engine()
     load_snapshot(restored, reader.sections())
     assert full_state(restored) == full_state(engine)
+    assert tables(restored) == tables(engine)
+    # A snapshot written before `rows` (each profile a [dense, id, blob] row, its blob
+    # decoded on loading) loads to the same engine.
+    older = Engine()
+    load_snapshot(older, legacy_sections(engine, list(reader.sections())))
+    assert full_state(older) == full_state(engine)
+    assert tables(older) == tables(engine)
+
+
+def tables(engine: Engine) -> tuple[Any, ...]:
+    """The arrays start-up fills from `rows`, `directory` and `aliases` sections."""
+    live = list(engine.live)
+    keys, owners = engine.directory.arrays()
+    return (engine.pids, engine.blobs, engine.dense_of, live,
+            [engine.slots[d] for d in live], sorted(zip(keys.tolist(), owners.tolist())),
+            engine.aliases)
+
+
+def legacy_sections(engine: Engine, sections: list[tuple[str, bytes]], chunk: int = 5
+                    ) -> list[tuple[str, bytes]]:
+    """`sections` as the snapshot format before `rows` had them: `profiles` chunks of
+    [[dense, primary id, blob], ...] instead of rows, directory and aliases."""
+    out: list[tuple[str, bytes]] = []
+    for name, payload in sections:
+        if name in ("rows", "directory", "aliases"):
+            continue
+        if name == "times" and not any(n == "profiles" for n, _ in out):
+            live = list(engine.live)
+            for start in range(0, len(live), chunk):
+                out.append(("profiles", msgpack.packb(
+                    [[d, engine.pids[d], engine.blobs[d]] for d in live[start:start + chunk]])))
+        out.append((name, payload))
+    return out
 
 
 def test_a_snapshot_without_merge_tables_writes_no_merges_section(tmp_path: Path) -> None:
@@ -202,7 +237,7 @@ def test_a_snapshot_without_merge_tables_writes_no_merges_section(tmp_path: Path
     path, count, _ = write_snapshot_file(engine, tmp_path, 1, "s", time.monotonic())
     assert count == 1
     assert [name for name, _ in SnapshotReader(path).sections()] == [
-        "meta", "profiles", "times", *["index"] * 5]
+        "meta", "rows", "times", *["index"] * 5]  # no identifiers, no aliases
     restored = Engine()
     load_snapshot(restored, SnapshotReader(path).sections())
     assert full_state(restored) == full_state(engine)

@@ -111,8 +111,13 @@ class IntTable:
         self._live -= 1
 
     def items(self) -> Iterator[tuple[int, int]]:
+        return zip(*(column.tolist() for column in self.arrays()), strict=True)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every entry as two arrays, keys (uint64) and values (uint32), in table order:
+        what `update` takes to build the table again (snapshots)."""
         live = self._keys > TOMBSTONE
-        return zip(self._keys[live].tolist(), self._vals[live].tolist(), strict=True)
+        return self._keys[live], self._vals[live]
 
     def update(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Set many entries at once, vectorized (a later duplicate key wins)."""
