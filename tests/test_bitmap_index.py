@@ -119,9 +119,27 @@ class ValueModel(RuleBasedStateMachine):
             self.index.discard_many(value, ids)
             self.model.get(value, set()).difference_update(ids)
 
+    @rule(pairs=st.lists(st.tuples(st.sampled_from("abcd"), IDS), max_size=12),
+          coded=st.booleans())
+    def load(self, pairs: list[tuple[str, int]], coded: bool) -> None:
+        """The bulk-load paths: a column of (value, id) pairs, plain or coded."""
+        values, ids = [v for v, _ in pairs], [d for _, d in pairs]
+        if coded:
+            vocabulary = sorted(set(values)) or ["a"]
+            codes = np.array([vocabulary.index(v) for v in values], dtype=np.int64)
+            self.index.add_coded(vocabulary, codes, np.array(ids, dtype=np.uint32))
+        else:
+            self.index.add_column(ids, values)
+        for v, d in pairs:
+            self.model.setdefault(v, set()).add(d)
+
     @invariant()
     def agrees(self) -> None:
         live = {v: ids for v, ids in self.model.items() if ids}
+        # one id: kept as an int; two or more: a bitmap (so the state has one form)
+        assert {v: len(b) for v, b in self.index._maps.items()} == {
+            v: len(ids) for v, ids in live.items() if len(ids) > 1}
+        assert self.index._one == {v: min(ids) for v, ids in live.items() if len(ids) == 1}
         assert len(self.index) == len(live)  # empty bitmaps are dropped
         for v, ids in live.items():
             assert set(self.index.get(v)) == ids
@@ -132,6 +150,11 @@ class ValueModel(RuleBasedStateMachine):
             "b", set())
         copy = ValueIndex.from_state(self.index.to_state())
         assert {v: set(b) for v, b in copy.items()} == live
+        assert copy.to_state() == self.index.to_state()
+        # a snapshot from before single ids were kept as ints: every value a bitmap
+        older = ValueIndex.from_state([[v, b.serialize()] for v, b in self.index.items()])
+        assert {v: set(b) for v, b in older.items()} == live
+        assert sorted(map(str, older.to_state())) == sorted(map(str, self.index.to_state()))
 
 
 from pyroaring import BitMap

@@ -1,9 +1,9 @@
 """Roaring-bitmap indexes over shard-local dense ids (uint32).
 
 `ValueIndex` maps each value of one attribute (a string, a bool, or one element of a
-string list) to the bitmap of profiles holding it. Invariant: no empty bitmap is kept, so
-`len()` is the number of distinct live values and erased values leave no trace (a
-snapshot of the index never contains a value nobody holds).
+string list) to the profiles holding it: a bitmap, or the one id where only one does.
+Invariant: no empty entry is kept, so `len()` is the number of distinct live values and
+erased values leave no trace (a snapshot of the index never contains a value nobody holds).
 
 `RangeIndex` is a bit-sliced index (BSI, O'Neil & Quass) for int64 values: slice i holds
 the ids whose `value - base` has bit i set, plus an `exists` bitmap. A comparison runs
@@ -75,99 +75,142 @@ def _bit_rows(values: np.ndarray, width: int) -> np.ndarray:
 
 
 class ValueIndex:
-    """value -> BitMap of dense ids holding it."""
+    """value -> the dense ids holding it.
 
-    __slots__ = ("_maps",)
+    A value held by one id keeps that id as an int (`_one`), not a bitmap: an attribute
+    whose values are unique to a profile (an email, an external id) would otherwise cost
+    a roaring bitmap per profile, ~220 bytes against ~30, and a deserialization each at
+    start-up. Invariant: a value is in `_one` (one id) or in `_maps` (a bitmap of two or
+    more), never both, so the state of an index does not depend on its history (a
+    snapshot of it loads back to the same state, byte for byte).
+    """
+
+    __slots__ = ("_maps", "_one")
     GROUPED_FROM = 16  # add_coded updates a value's ids at once from this many a value
 
     def __init__(self) -> None:
         self._maps: dict[Hashable, BitMap] = {}
+        self._one: dict[Hashable, int] = {}
 
     def __len__(self) -> int:
-        return len(self._maps)
+        return len(self._maps) + len(self._one)
 
     def add(self, value: Hashable, dense_id: int) -> None:
         bm = self._maps.get(value)
-        if bm is None:
-            bm = self._maps[value] = BitMap()
-        bm.add(dense_id)
+        if bm is not None:
+            bm.add(dense_id)
+            return
+        one = self._one.get(value)
+        if one is None:
+            self._one[value] = dense_id
+        elif one != dense_id:
+            del self._one[value]
+            self._maps[value] = BitMap((one, dense_id))
 
     def discard(self, value: Hashable, dense_id: int) -> None:
         bm = self._maps.get(value)
         if bm is not None:
             bm.discard(dense_id)
-            if not bm:
-                del self._maps[value]
+            self._settle(value, bm)
+        elif self._one.get(value) == dense_id:
+            del self._one[value]
+
+    def _settle(self, value: Hashable, bm: BitMap) -> None:
+        """Keep the invariant for `value`, held in `_maps` as `bm` (possibly changed)."""
+        if len(bm) < 2:
+            del self._maps[value]
+            if bm:
+                self._one[value] = bm.min()
+
+    def _bitmaps_for(self, values: Iterable[Hashable]) -> list[Hashable]:
+        """Give every one of `values` a bitmap in `_maps` (the bulk paths add to them);
+        returns those that had none, which `_settle_all` checks afterwards."""
+        maps, one = self._maps, self._one
+        fresh = [v for v in dict.fromkeys(values) if v not in maps]
+        for value in fresh:
+            held = one.pop(value, None)
+            maps[value] = BitMap() if held is None else BitMap((held,))
+        return fresh
+
+    def _settle_all(self, values: Iterable[Hashable]) -> None:
+        maps = self._maps
+        for value in values:
+            self._settle(value, maps[value])
 
     def add_column(self, ids: Sequence[int] | np.ndarray, values: Sequence[Hashable]) -> None:
-        """Add ids[i] to the bitmap of values[i] for every i (the bulk-load path)."""
+        """Add ids[i] to value values[i] for every i (the bulk-load path)."""
         maps = self._maps
-        for value in set(values).difference(maps):
-            maps[value] = BitMap()  # each gets an id below: no empty bitmap is kept
+        fresh = self._bitmaps_for(values)
         # maps[values[i]].add(ids[i]) for each pair, with no Python frame per pair: cheaper
         # than grouping the ids by value first (2-4x at a few hundred values a batch)
         deque(map(BitMap.add, map(maps.__getitem__, values),
                   ids.tolist() if isinstance(ids, np.ndarray) else ids), maxlen=0)
+        self._settle_all(fresh)
 
     def add_coded(self, values: Sequence[Hashable], codes: np.ndarray, ids: np.ndarray
                   ) -> None:
-        """Add ids[i] to the bitmap of values[codes[i]] for every i (a coded column's load).
+        """Add ids[i] to value values[codes[i]] for every i (a coded column's load).
         A value with many ids a batch gets them in one update; when most values have few,
         each id goes in alone (a bitmap update costs about what twenty adds do)."""
         maps = self._maps
         counts = np.bincount(codes, minlength=len(values))
         used = np.flatnonzero(counts).tolist()
-        bitmaps = []
-        for code in used:
-            bitmap = maps.get(values[code])
-            if bitmap is None:
-                bitmap = maps[values[code]] = BitMap()
-            bitmaps.append(bitmap)
+        fresh = self._bitmaps_for(values[code] for code in used)
+        bitmaps = [maps[values[code]] for code in used]
         if len(used) * self.GROUPED_FROM > len(codes):
             by_code: list[Any] = [None] * len(values)
             for code, bitmap in zip(used, bitmaps, strict=True):
                 by_code[code] = bitmap
             deque(map(BitMap.add, map(by_code.__getitem__, codes.tolist()), ids.tolist()),
                   maxlen=0)
-            return
-        # ids grouped by value; 16-bit keys sort by radix, in linear time
-        order = np.argsort(codes.astype(np.uint16) if len(values) <= 1 << 16 else codes,
-                           kind="stable")
-        grouped = _array(ids[order])
-        start = 0
-        for bitmap, end in zip(bitmaps, np.cumsum(counts[used]).tolist(), strict=True):
-            bitmap.update(grouped[start:end])
-            start = end
+        else:
+            # ids grouped by value; 16-bit keys sort by radix, in linear time
+            order = np.argsort(codes.astype(np.uint16) if len(values) <= 1 << 16 else codes,
+                               kind="stable")
+            grouped = _array(ids[order])
+            start = 0
+            for bitmap, end in zip(bitmaps, np.cumsum(counts[used]).tolist(), strict=True):
+                bitmap.update(grouped[start:end])
+                start = end
+        self._settle_all(fresh)
 
     def add_many(self, value: Hashable, ids: Iterable[int] | np.ndarray) -> None:
-        bm = self._maps.get(value)
         new = bitmap_of(ids)
         if not new:
             return
-        if bm is None:
-            self._maps[value] = new
-        else:
-            bm |= new
+        self._bitmaps_for((value,))
+        bm = self._maps[value]
+        bm |= new
+        self._settle(value, bm)
 
     def discard_many(self, value: Hashable, ids: Iterable[int] | np.ndarray) -> None:
         bm = self._maps.get(value)
         if bm is not None:
             bm -= bitmap_of(ids)
-            if not bm:
-                del self._maps[value]
+            self._settle(value, bm)
+        elif value in self._one and self._one[value] in bitmap_of(ids):
+            del self._one[value]
 
     def get(self, value: Hashable) -> BitMap:
-        return self._maps.get(value, _EMPTY)
+        bm = self._maps.get(value)
+        if bm is not None:
+            return bm
+        one = self._one.get(value)
+        return _EMPTY if one is None else BitMap((one,))
 
     def union_of(self, values: Iterable[Hashable]) -> BitMap:
-        maps = [self._maps[v] for v in values if v in self._maps]
-        return BitMap.union(BitMap(), *maps)
+        maps, one = self._maps, self._one
+        wanted = list(values)
+        return BitMap.union(BitMap([one[v] for v in wanted if v in one]),
+                            *(maps[v] for v in wanted if v in maps))
 
     def values(self) -> Iterable[Hashable]:
-        return self._maps.keys()
+        return [*self._maps, *self._one]
 
     def items(self) -> Iterable[tuple[Hashable, BitMap]]:
-        return self._maps.items()
+        yield from self._maps.items()
+        for value, one in self._one.items():
+            yield value, BitMap((one,))
 
     def group_counts(self, within: BitMap) -> list[tuple[Any, int]]:
         """Exact (value, count) for every value held by at least one id in `within`."""
@@ -176,15 +219,24 @@ class ValueIndex:
             n = bm.intersection_cardinality(within)
             if n:
                 out.append((value, n))
+        out += [(value, 1) for value, one in self._one.items() if one in within]
         return out
 
     def to_state(self) -> list[list[Any]]:
-        return [[value, bm.serialize()] for value, bm in self._maps.items()]
+        """[[value, serialized bitmap or the one id (an int)], ...]."""
+        return [*([value, bm.serialize()] for value, bm in self._maps.items()),
+                *([value, one] for value, one in self._one.items())]
 
     @classmethod
     def from_state(cls, state: list[list[Any]]) -> ValueIndex:
         index = cls()
-        index._maps = {value: BitMap.deserialize(raw) for value, raw in state}
+        ones = [pair for pair in state if isinstance(pair[1], int)]
+        index._one = dict(ones)  # type: ignore[arg-type]
+        if len(ones) < len(state):
+            for value, raw in state:
+                if not isinstance(raw, int):
+                    index._maps[value] = BitMap.deserialize(raw)
+                    index._settle(value, index._maps[value])  # older snapshots: bitmaps
         return index
 
 
