@@ -222,21 +222,26 @@ class ValueIndex:
         out += [(value, 1) for value, one in self._one.items() if one in within]
         return out
 
-    def to_state(self) -> list[list[Any]]:
-        """[[value, serialized bitmap or the one id (an int)], ...]."""
-        return [*([value, bm.serialize()] for value, bm in self._maps.items()),
-                *([value, one] for value, one in self._one.items())]
+    def to_state(self) -> dict[str, Any]:
+        """{"maps": [[value, serialized bitmap], ...], "one": [[value, ...], ids]}, the ids
+        of the values one profile holds as little-endian u32s (unpacked as one buffer)."""
+        return {"maps": [[value, bm.serialize()] for value, bm in self._maps.items()],
+                "one": [list(self._one),
+                        np.fromiter(self._one.values(), dtype="<u4",
+                                    count=len(self._one)).tobytes()]}
 
     @classmethod
-    def from_state(cls, state: list[list[Any]]) -> ValueIndex:
+    def from_state(cls, state: dict[str, Any] | list[list[Any]]) -> ValueIndex:
         index = cls()
-        ones = [pair for pair in state if isinstance(pair[1], int)]
-        index._one = dict(ones)  # type: ignore[arg-type]
-        if len(ones) < len(state):
-            for value, raw in state:
-                if not isinstance(raw, int):
-                    index._maps[value] = BitMap.deserialize(raw)
-                    index._settle(value, index._maps[value])  # older snapshots: bitmaps
+        if isinstance(state, dict):
+            values, ids = state["one"]
+            index._one = dict(zip(values, np.frombuffer(ids, dtype="<u4").tolist(),
+                                  strict=True))
+            index._maps = {value: BitMap.deserialize(raw) for value, raw in state["maps"]}
+            return index
+        for value, raw in state:  # older snapshots: a bitmap for every value
+            index._maps[value] = BitMap.deserialize(raw)
+            index._settle(value, index._maps[value])
         return index
 
 
