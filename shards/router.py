@@ -58,9 +58,9 @@ import re
 import signal
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import grpc
 import msgpack
@@ -71,16 +71,11 @@ from memstore import pbvalues
 from memstore.engine import eventpack
 from memstore.engine.columnar import Columns, unpack_columns
 from memstore.engine.schema import DAY_RECORD
-from memstore.errors import InvalidArgument, brief, capped, drop_tracebacks
+from memstore.errors import InvalidArgument, brief
 from memstore.hashslot import (
     ADMIN_SERVICE,
     APPLIED_TRAILER,
-    CLUSTER_SCHEMA,
-    EPOCH_TRAILER,
-    EXPECT_SHARD,
     RECORD_TRAILER,
-    REJUDGE_TRAILER,
-    UNDECLARED_TRAILER,
 )
 from memstore.query import (
     DEFAULT_LIMITS,
@@ -103,156 +98,29 @@ from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
 from shards import merge, watch
-from shards.backoff import pause
-from shards.directory import ClaimStuck, Directory, Suppressed
-from shards.schema import ClusterSchema
+from shards.calls import MOVE_WAIT, REFUSED, Background, Code, abort
+from shards.calls import Down as _Down
+from shards.calls import GroupRefused as _GroupRefused
+from shards.calls import Moved as _Moved
+from shards.calls import Rejudge as _Rejudge
+from shards.calls import attempts as _attempts
+from shards.calls import epoch_of as _epoch_of
+from shards.calls import fail as _fail
+from shards.calls import move_pause as _pause
+from shards.calls import retargeted as _retarget
+from shards.calls import time_left as _timeout
+from shards.calls import trailer_of as _trailer
+from shards.directory import Directory, Suppressed
+from shards.fanout import FanOut
+from shards.fanout import relay as _relay
+from shards.routing import Routing
 from shards.shard_map import CHANNEL_OPTIONS, ShardMap, ShardState
 from shards.slots import slot_of
 from shards.text_cache import TextCache
 
 log = logging.getLogger("memstore.router")
 
-T = TypeVar("T")
-# How long a call waits out a moving slot map (wrong slot, a slot nobody owns for a moment
-# during a switch, epochs changing under a fan-out) before giving up, within the deadline.
-MOVE_WAIT = 30.0
-SWEEP_INTERVAL = 2.0  # seconds between looks for merges a dead router left unfinished
 REQUEST, PACKED, COLUMNS = 0, 1, 2  # the forms of a BatchUpsert record (BatchUpsertRequest)
-MAX_FORWARDS = 16  # merged-away ids followed in a row before giving up (a cycle is a bug)
-MAX_DECLARES = 3  # a write sent again after declaring what it names (more would be a bug)
-# Shard answers that say a write was not applied (its claims can be given back).
-REFUSED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
-                     grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE})
-Code = grpc.StatusCode
-
-
-class _Moved(Exception):
-    """A shard's ownership changed while it answered: retry on a fresh map."""
-
-
-class _Down(Exception):
-    def __init__(self, shard: ShardState, details: str) -> None:
-        super().__init__(f"shard {shard.label} ({shard.address}) is unavailable: {details}")
-        self.shard = shard
-
-
-class _Pending(Exception):
-    """A shard answered that a profile is held by an unfinished cross-shard merge."""
-
-    def __init__(self, trailer: bytes) -> None:
-        self.loser, self.txn, self.survivor, self.age = msgpack.unpackb(trailer)
-        super().__init__(f"profile {self.loser!r} is held by merge {self.txn}")
-
-
-_FOLLOWED = object()  # routed: a group sent again, aimed at the survivors of merged-away ids
-_DECLARED = object()  # routed: a group sent again once its shard declared what it names
-_REJUDGE = object()  # routed: a group its shard refused as judged on an older map (EXPECT_SHARD)
-
-
-class _GroupRefused(Exception):
-    """A shard refused its part of a batch (routed with `refusals`): `items` are that part,
-    `exc` the shard's answer, `done` the parts applied by then."""
-
-    def __init__(self, items: list[Any], exc: grpc.aio.AioRpcError,
-                 done: list[tuple[list[Any], Any]]) -> None:
-        super().__init__(exc.details())
-        self.items = items
-        self.exc = exc
-        self.done = done
-
-
-class _Stuck(Exception):
-    """No shard accepted a slot within MOVE_WAIT."""
-
-
-class _Rejudge(Exception):
-    """A write judged against the slot map met other ownership (EXPECT_SHARD): judge it
-    again against a fresh map."""
-
-
-class Background:
-    """A stand-in ServicerContext for background work (the sweeper, rebuilding the
-    directory): each call gets 5 s; aborting raises."""
-
-    def time_remaining(self) -> float:
-        return 5.0  # each call of a sweep gets this long
-
-    async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
-        raise RuntimeError(f"{code.name}: {details}")
-
-
-def _epoch_of(metadata: Any) -> int | None:
-    """The epoch a shard sent with its answer (memstore.hashslot.EPOCH_TRAILER), if any."""
-    for key, value in metadata or ():
-        if key == EPOCH_TRAILER:
-            return int(value)
-    return None
-
-
-def _trailer(exc: grpc.aio.AioRpcError, key: str) -> bytes | None:
-    for k, v in exc.trailing_metadata() or ():
-        if k == key:
-            return v if isinstance(v, bytes) else v.encode()
-    return None
-
-
-def _forward_pairs(trailer: bytes) -> list[list[str]]:
-    """[[merged id, survivor], ...] from `memstore-merged-into-bin` (a lone pair too)."""
-    pairs = msgpack.unpackb(trailer)
-    return [pairs] if pairs and isinstance(pairs[0], str) else pairs  # type: ignore[no-any-return]
-
-
-def _retarget(request: Any, survivor: str) -> Any:
-    """A copy of a single-profile request aimed at `survivor` instead."""
-    copy = type(request)()
-    copy.CopyFrom(request)
-    if hasattr(copy, "key"):
-        copy.key.id = survivor
-    else:
-        copy.id = survivor
-    return copy
-
-
-def _wrong_slot(exc: grpc.aio.AioRpcError) -> bool:
-    if exc.code() != Code.FAILED_PRECONDITION:
-        return False
-    return any(k == "memstore-wrong-slot" for k, _ in (exc.trailing_metadata() or ()))
-
-
-_AS_ROUTER = {"metadata": (CLUSTER_SCHEMA,)}
-
-
-def _expecting(judged: str | None) -> dict[str, Any]:
-    """Call options of a call to a shard: from a router (CLUSTER_SCHEMA: its writes may
-    not declare attributes by their values there, shards/schema.py), and for a write
-    judged for shard "name:epoch" (EXPECT_SHARD), if it was."""
-    if judged is None:
-        return _AS_ROUTER
-    return {"metadata": (CLUSTER_SCHEMA, (EXPECT_SHARD, judged))}
-
-
-def _timeout(context: grpc.aio.ServicerContext) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else max(remaining, 0.001)
-
-
-async def _fail(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str
-                ) -> NoReturn:
-    drop_tracebacks()  # called from except blocks: free the request now (errors.py)
-    await context.abort(code, capped(message))
-    raise AssertionError("abort returned")
-
-
-async def _pause(attempt: int, context: grpc.aio.ServicerContext) -> None:
-    await pause(attempt, context, "the slot map was changing (a slot move in progress)")
-
-
-def _attempts() -> Iterator[int]:
-    give_up = time.monotonic() + MOVE_WAIT
-    for attempt in itertools.count():
-        yield attempt
-        if time.monotonic() > give_up:
-            return
 
 
 def _encode_cursor(name: str, cursor: str) -> str:
@@ -311,8 +179,10 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         self.map = shard_map
         self.limits = limits  # the size of work one query may ask for (as its shards')
         self._texts = TextCache()  # query text -> the attributes it names
-        self.directory = Directory(self)  # the identifier directory (shards/directory.py)
-        self.schema = ClusterSchema(self)  # the cluster's schema registry (shards/schema.py)
+        self.routing = Routing(shard_map)  # calls to slot owners (shards/routing.py)
+        self.fan = FanOut(self.routing)  # calls to every shard at once (shards/fanout.py)
+        self.directory = Directory(self.routing)  # the identifier directory (shards/directory.py)
+        self.schema = self.routing.schema  # the cluster's schema registry (shards/schema.py)
         self.on_membership = on_membership
         self.sweeper: asyncio.Task[None] | None = None
         self.link: LinkServer | None = None  # clients' unary calls (memstore/server/link.py)
@@ -367,204 +237,49 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         return names
 
     # ------------------------------------------------------------------ plumbing
+    # Calls to slot owners (shards/routing.py) and to every shard (shards/fanout.py).
     async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
-        if isinstance(exc, _Down | _Stuck | ClaimStuck):
-            await _fail(context, Code.UNAVAILABLE, str(exc))
-        if isinstance(exc, merge.Forwarded | merge.Restart | _Pending | Suppressed):
-            await _fail(context, Code.FAILED_PRECONDITION, str(exc))
-        if isinstance(exc, grpc.aio.AioRpcError):
-            await _fail(context, exc.code(), exc.details() or exc.code().name)
-        raise exc
+        await abort(context, exc)
 
     async def _single(self, pid: str, method: str, request: Any,
                       context: grpc.aio.ServicerContext) -> Any:
-        """Send `request` to the shard owning slot_of(pid), following slot moves, waiting
-        out merges and following merged-away ids to their survivor."""
-        if not pid:
-            await _fail(context, Code.INVALID_ARGUMENT, "id: a primary id is required")
-        try:
-            return await self._owner_call(pid, method, request, context)
-        except Exception as exc:  # noqa: BLE001 - _abort re-raises what it cannot map
-            await self._abort(context, exc)
+        return await self.routing.single(pid, method, request, context)
 
     async def _owner_call(self, pid: str, method: str, request: Any, context: Any, *,
                           control: bool = False, follow: bool = True,
                           expect: str | None = None) -> Any:
-        """`request` to the owner of slot_of(pid), on its ShardControl service if `control`.
-        Raises what it cannot handle: AioRpcError, _Down, _Stuck, and merge.Forwarded when
-        not `follow`ing merged-away ids. With `expect` ("name:epoch" the write was judged
-        for, EXPECT_SHARD), raises _Rejudge where ownership is not as judged."""
-        hops = declared = 0
-        for attempt in _attempts():
-            slot = slot_of(pid)
-            version = self.map.version
-            shard = self.map.owner(slot)
-            if shard is None:
-                await self.map.refresh(since=version)
-                if self.map.owner(slot) is None:
-                    await _pause(attempt, context)
-                continue
-            stub = shard.control if control else shard.stub
-            try:
-                return await getattr(stub, method)(request, timeout=_timeout(context),
-                                                   **_expecting(expect))
-            except grpc.aio.AioRpcError as exc:
-                undeclared = _trailer(exc, UNDECLARED_TRAILER)
-                if undeclared is not None and declared < MAX_DECLARES:
-                    declared += 1  # declare them there as the cluster has them; again
-                    await self.schema.declare_on(shard, undeclared, context,
-                                                 _timeout(context))
-                    continue
-                if expect is not None and (_wrong_slot(exc) or _trailer(exc, REJUDGE_TRAILER)):
-                    await self.map.refresh(since=version)
-                    raise _Rejudge() from None
-                if _wrong_slot(exc):
-                    await self.map.refresh(since=version)
-                    if self.map.owner(slot) is shard:
-                        await _pause(attempt, context)
-                    continue
-                if exc.code() == Code.UNAVAILABLE:
-                    raise _Down(shard, exc.details() or "unreachable") from None
-                pending = _trailer(exc, "memstore-merge-pending-bin")
-                if pending is not None:
-                    await self._settle(_Pending(pending), attempt, context)
-                    continue
-                forwarded = _trailer(exc, "memstore-merged-into-bin")
-                if forwarded is None:
-                    raise
-                [gone, survivor], *_ = _forward_pairs(forwarded)
-                if not follow:
-                    raise merge.Forwarded(gone, survivor) from None
-                hops += 1
-                if hops > MAX_FORWARDS:
-                    raise merge.Forwarded(gone, survivor, f"more than {MAX_FORWARDS} forwards "
-                                          f"in a row, the last {gone!r} -> {survivor!r} "
-                                          "(a forward cycle?)") from None
-                request, pid = _retarget(request, survivor), survivor
-        raise _Stuck(f"a slot has no owner that accepts it after {MOVE_WAIT:.0f} s "
-                     "(a slot move stuck?)")
+        return await self.routing.owner_call(pid, method, request, context, control=control,
+                                             follow=follow, expect=expect)
 
     # merge.Caller
     def control(self, pid: str, method: str, request: Any, context: Any,
                 expect: str | None = None) -> Awaitable[Any]:
-        return self._owner_call(pid, method, request, context, control=True, follow=False,
-                                expect=expect)
+        return self.routing.control(pid, method, request, context, expect)
 
     def profile(self, pid: str, method: str, request: Any, context: Any) -> Awaitable[Any]:
-        return self._owner_call(pid, method, request, context)
-
-    async def _settle(self, pending: _Pending, attempt: int, context: Any) -> None:
-        """Wait out a young hold; decide and release one older than HOLD_PATIENCE."""
-        if pending.age < merge.HOLD_PATIENCE:
-            await _pause(attempt, context)
-            return
-        await merge.decide_and_release(self, pending.txn, pending.loser, pending.survivor,
-                                       context)
-
-    async def sweep(self) -> None:
-        """Forever: finish or abort merges whose coordinator went away."""
-        context = Background()
-        while True:
-            await asyncio.sleep(SWEEP_INTERVAL)
-            try:
-                await self.map.refresh()
-            except Exception as exc:  # noqa: BLE001 - never let the sweeper die
-                log.warning("sweep: could not refresh the shard map: %s", exc)
-                continue
-            for shard in self.map.shards:
-                for held in shard.held:
-                    if held.age_seconds < 2 * merge.HOLD_PATIENCE:
-                        continue
-                    try:
-                        await merge.decide_and_release(self, held.txn, held.loser,
-                                                       held.survivor, context)
-                    except Exception as exc:  # noqa: BLE001 - a shard down: next round
-                        log.warning("sweep: merge %s of %r still unfinished: %s", held.txn,
-                                    held.loser, exc)
+        return self.routing.profile(pid, method, request, context)
 
     async def _stable(self, context: grpc.aio.ServicerContext, allow_partial: bool
                       ) -> list[tuple[ShardState, int]]:
-        """Wait for a map whose claims partition the slots; return the shards to ask with
-        the epochs that partition is made of (read together, with no await in between).
-        Shards never reached make the map incomplete without a move being at fault."""
-        for attempt in _attempts():
-            if self.map.exact:
-                return [(s, s.epoch) for s in self.map.ordered()]
-            version = self.map.version
-            await self.map.refresh(since=version)
-            if self.map.exact:
-                return [(s, s.epoch) for s in self.map.ordered()]
-            down = [s for s in self.map.shards if not s.reachable]
-            if down:
-                if not allow_partial:
-                    await self._abort(context, _Down(down[0], down[0].error or "unreachable"))
-                return [(s, s.epoch) for s in self.map.ordered()]
-            await _pause(attempt, context)
-        await _fail(context, Code.UNAVAILABLE, "the slot map did not settle (slots without an "
-                    "owner or claimed twice); a slot move may be stuck")
+        return await self.fan.stable(context, allow_partial)
 
     async def _checked(self, shard: ShardState, epoch: int,
-                       call: Callable[[ShardState], Any]) -> T:
-        """`call` on one shard (a unary gRPC call), then prove its ownership was that of
-        `epoch` when it answered: the epoch it sends with the answer (EPOCH_TRAILER), or,
-        from a shard that does not, the one it reports when asked right after."""
-        try:
-            rpc = call(shard)
-            result: T = await rpc
-            answered = _epoch_of(await rpc.trailing_metadata())
-            if answered is None:
-                info: cpb.ShardInfo = await shard.control.GetShardInfo(cpb.ShardInfoRequest(),
-                                                                       timeout=5.0)
-                answered = info.epoch
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == Code.UNAVAILABLE:
-                shard.reachable, shard.error = False, exc.details() or "unavailable"
-                raise _Down(shard, exc.details() or "unreachable") from None
-            pending = _trailer(exc, "memstore-merge-pending-bin")
-            if pending is not None:
-                raise _Pending(pending) from None
-            raise
-        if answered != epoch:
-            raise _Moved()
-        return result
+                       call: Callable[[ShardState], Any]) -> Any:
+        return await self.fan.checked(shard, epoch, call)
 
     async def _fan_out(self, context: grpc.aio.ServicerContext,
                        call: Callable[[ShardState], Any], allow_partial: bool = False,
                        ) -> tuple[list[tuple[ShardState, Any]], list[str]]:
-        """`call` (a unary gRPC call, not awaited) on every shard at once; exact over a
-        stable partition of the slots."""
-        for attempt in _attempts():
-            shards = await self._stable(context, allow_partial)
-            version = self.map.version
-            outcomes = await asyncio.gather(*(self._checked(s, e, call) for s, e in shards),
-                                            return_exceptions=True)
-            if any(isinstance(o, _Moved) for o in outcomes):
-                await self.map.refresh(since=version)
-                if attempt:
-                    await _pause(attempt, context)
-                continue
-            pending = next((o for o in outcomes if isinstance(o, _Pending)), None)
-            if pending is not None:
-                try:
-                    await self._settle(pending, attempt, context)
-                except Exception as exc:  # noqa: BLE001 - _abort re-raises the rest
-                    await self._abort(context, exc)
-                continue
-            results: list[tuple[ShardState, Any]] = []
-            missing: list[str] = []
-            for (shard, _), outcome in zip(shards, outcomes):
-                if isinstance(outcome, _Down):
-                    if not allow_partial:
-                        await self._abort(context, outcome)
-                    missing.append(shard.label)
-                elif isinstance(outcome, BaseException):
-                    await self._abort(context, outcome)  # type: ignore[arg-type]
-                else:
-                    results.append((shard, outcome))
-            if missing:
-                asyncio.get_running_loop().create_task(self.map.refresh(since=version))
-            return results, missing
-        await _fail(context, Code.UNAVAILABLE, "shard ownership kept changing during the query")
+        return await self.fan.every(context, call, allow_partial)
+
+    async def routed(self, items: list[tuple[str, Any]], method: str,
+                     build: Callable[[list[Any]], Any], context: grpc.aio.ServicerContext,
+                     retarget: Callable[[Any, str], Any] | None = None, control: bool = False,
+                     judged: Mapping[str, str] | None = None,
+                     rejudge: list[tuple[str, Any]] | None = None, refusals: bool = False
+                     ) -> list[tuple[list[Any], Any]]:
+        return await self.routing.routed(items, method, build, context, retarget, control,
+                                         judged, rejudge, refusals)
 
     async def _identity_write(self, method: str, request: Any, context: Any) -> Any:
         """Upsert or Link: on the owning shard, or as a cross-shard merge (shards/merge.py)
@@ -947,123 +662,6 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
             if info.epoch != epoch:
                 yield None
                 return
-
-    async def routed(self, items: list[tuple[str, Any]], method: str,
-                     build: Callable[[list[Any]], Any], context: grpc.aio.ServicerContext,
-                     retarget: Callable[[Any, str], Any] | None = None, control: bool = False,
-                     judged: Mapping[str, str] | None = None,
-                     rejudge: list[tuple[str, Any]] | None = None, refusals: bool = False
-                     ) -> list[tuple[list[Any], Any]]:
-        """Send (key, item) pairs in one request per shard owning slot_of(key), concurrently
-        (to its ShardControl service if `control`). Items a shard refuses as wrong-slot are
-        re-split on a fresh map and sent again; a group that met a merge's hold is sent
-        again once it settled; an id merged into a profile on another shard becomes
-        (survivor, retarget(item, survivor)). A group with keys in `judged` (key -> the
-        "name:epoch" of the shard it was judged for) carries that as EXPECT_SHARD; when its
-        shard refuses that, or the slot moved, its items go to `rejudge`, not sent again.
-        With `refusals`, a group its shard refuses (REFUSED codes) raises _GroupRefused
-        once the round's other answers are in, with every group applied so far."""
-        pending = items
-        done: list[tuple[list[Any], Any]] = []
-        follow_rounds = declare_rounds = 0
-        for attempt in _attempts():
-            version = self.map.version
-            groups: dict[int, tuple[ShardState, list[tuple[str, Any]]]] = {}
-            unowned = []
-            for pid, item in pending:
-                owner = self.map.owner(slot_of(pid))
-                if owner is None:
-                    unowned.append((pid, item))
-                else:
-                    groups.setdefault(id(owner), (owner, []))[1].append((pid, item))
-
-            async def one(shard: ShardState, group: list[tuple[str, Any]]) -> Any:
-                request = build([item for _, item in group])
-                stub = shard.control if control else shard.stub
-                expect = next((judged[k] for k, _ in group if k in judged), None) \
-                    if judged else None
-                try:
-                    return group, await getattr(stub, method)(
-                        request, timeout=_timeout(context), **_expecting(expect))
-                except grpc.aio.AioRpcError as exc:
-                    undeclared = _trailer(exc, UNDECLARED_TRAILER)
-                    if undeclared is not None:
-                        await self.schema.declare_on(shard, undeclared, context,
-                                                     _timeout(context))
-                        return group, _DECLARED
-                    if expect is not None and (_wrong_slot(exc)
-                                               or _trailer(exc, REJUDGE_TRAILER)):
-                        return group, _REJUDGE
-                    if _wrong_slot(exc):
-                        return group, None
-                    if exc.code() == Code.UNAVAILABLE:
-                        raise _Down(shard, exc.details() or "unreachable") from None
-                    held = _trailer(exc, "memstore-merge-pending-bin")
-                    if held is not None:
-                        return group, _Pending(held)
-                    forwarded = _trailer(exc, "memstore-merged-into-bin")
-                    if forwarded is None or retarget is None:
-                        raise
-                    moved = dict(_forward_pairs(forwarded))
-                    return [(moved[pid], retarget(item, moved[pid])) if pid in moved
-                            else (pid, item) for pid, item in group], _FOLLOWED
-
-            outcomes = await asyncio.gather(*(one(s, g) for s, g in groups.values()),
-                                            return_exceptions=True)
-            pending = unowned
-            # why items are pending this round
-            followed, declared, moved_on = False, False, bool(unowned)
-            refused: _GroupRefused | None = None
-            for (_, sent), outcome in zip(groups.values(), outcomes, strict=True):
-                if (refusals and isinstance(outcome, grpc.aio.AioRpcError)
-                        and outcome.code() in REFUSED):
-                    refused = refused or _GroupRefused([item for _, item in sent], outcome,
-                                                       done)
-                    continue
-                if isinstance(outcome, BaseException):
-                    await self._abort(context, outcome)  # type: ignore[arg-type]
-                group, response = outcome
-                if isinstance(response, _Pending):
-                    try:
-                        await self._settle(response, attempt, context)
-                    except Exception as exc:  # noqa: BLE001 - _abort re-raises the rest
-                        await self._abort(context, exc)
-                    pending.extend(group)
-                    moved_on = True
-                elif response is _FOLLOWED:
-                    pending.extend(group)
-                    followed = True
-                elif response is _DECLARED:  # its shard now declares what it names: again
-                    pending.extend(group)
-                    declared = True
-                elif response is _REJUDGE:
-                    assert rejudge is not None
-                    rejudge.extend(group)
-                elif response is None:
-                    pending.extend(group)
-                    moved_on = True
-                else:
-                    done.append(([item for _, item in group], response))
-            if refused is not None:
-                raise refused
-            if not pending:
-                return done
-            if declared and not (followed or moved_on):
-                declare_rounds += 1
-                if declare_rounds <= MAX_DECLARES:
-                    continue
-            if followed:
-                follow_rounds += 1
-                if follow_rounds > MAX_FORWARDS:
-                    await _fail(context, Code.FAILED_PRECONDITION, f"more than {MAX_FORWARDS} "
-                                "rounds of merged-away ids in one batch (a forward cycle?)")
-                if not moved_on:  # only ids aimed at their survivors now: no map change
-                    continue
-            await self.map.refresh(since=version)
-            if attempt:
-                await _pause(attempt, context)
-        await _fail(context, Code.UNAVAILABLE, f"slots without an owner that accepts them "
-                    f"after {MOVE_WAIT:.0f} s (a slot move stuck?)")
 
     async def BatchGet(self, request: pb.BatchGetRequest, context: Any) -> pb.BatchGetResponse:
         # Answers in the order keys, then ids (BatchGetRequest.ids).
@@ -1628,36 +1226,6 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         return {"shards": self.map.describe(), "exact": self.map.exact}
 
 
-async def _relay(calls: list[Any]) -> AsyncIterator[Any]:
-    """The messages of several server streams as they come (an AioRpcError in place of a
-    stream that failed, after which nothing more is read)."""
-    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=4 * max(1, len(calls)))
-    done = object()
-
-    async def pump(call: Any) -> None:
-        try:
-            async for message in call:
-                await queue.put(message)
-        except grpc.aio.AioRpcError as exc:
-            await queue.put(exc)
-        finally:
-            await queue.put(done)
-
-    tasks = [asyncio.create_task(pump(call)) for call in calls]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item = await queue.get()
-            if item is done:
-                remaining -= 1
-                continue
-            yield item
-            if isinstance(item, grpc.aio.AioRpcError):
-                return
-    finally:
-        for task in tasks:
-            task.cancel()
-
 
 async def _refuse_suppressed(context: Any, exc: Suppressed, items: list[tuple[str, Any]],
                              named: list[list[tuple[str, str]]], forms: tuple[int, int]
@@ -1778,7 +1346,7 @@ async def start_router(addresses: Iterable[str], host: str = "127.0.0.1", port: 
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("memstore.v1.Memstore", health_pb2.HealthCheckResponse.SERVING)
     server._memstore_health = health_servicer  # type: ignore[attr-defined]
-    router.sweeper = asyncio.get_running_loop().create_task(router.sweep())
+    router.sweeper = asyncio.get_running_loop().create_task(router.routing.sweep())
     if anonymous_ttl:
         from shards.retention import Retention
 

@@ -366,7 +366,7 @@ def test_routed_refreshes_the_map_when_a_forward_and_a_moved_slot_meet(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """One group follows a merged-away id while another meets a wrong-slot answer: the
     router must still refresh its map and back off, not re-send in a tight loop."""
-    from shards import router as router_module
+    from shards import calls as router_module
 
     def error(trailers: list[tuple[str, Any]]) -> grpc.aio.AioRpcError:
         return grpc.aio.AioRpcError(grpc.StatusCode.FAILED_PRECONDITION, grpc.aio.Metadata(),
