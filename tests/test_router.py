@@ -420,7 +420,7 @@ def test_routed_refreshes_the_map_when_a_forward_and_a_moved_slot_meet(
 
 
 def test_identifier_locks_order_overlapping_writes_and_drop_unused_locks() -> None:
-    from shards.router import IdentifierLocks
+    from shards.writes import IdentifierLocks
 
     locks = IdentifierLocks()
     inside: set[tuple[str, str]] = set()
