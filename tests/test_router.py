@@ -21,7 +21,8 @@ from memstore.client.core import pack_records
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
 from memstore.v1 import memstore_pb2 as pb
-from shards.router import RouterService, start_router, stop_router
+from shards.router import RouterService
+from shards.server import start_router, stop_router
 from shards.slots import format_ranges, slot_of, split_even
 from tests.conftest import ServerProcess, start_shard
 
@@ -292,7 +293,7 @@ def test_deadline_is_propagated(cluster: dict[str, Any]) -> None:
 
 
 def test_shard_calls_get_the_callers_remaining_time() -> None:
-    from shards.router import _timeout
+    from shards.calls import time_left as _timeout
 
     class Context:
         def __init__(self, remaining: float | None) -> None:
