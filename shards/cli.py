@@ -176,7 +176,7 @@ def serve_router(shard_addresses: tuple[str, ...], host: str, port: int,
         ServerSecurity,
         cluster_token_from_env,
     )
-    from shards.router import serve as serve_router_
+    from shards.server import serve as serve_router_
 
     _logging(verbose, "router")
     token = (cluster_token_file.read_text().strip() if cluster_token_file
@@ -211,7 +211,7 @@ async def _router_view(routers: tuple[str, ...], shards: tuple[str, ...], creden
     """Shard address -> what the first router says of it (nothing when given shards)."""
     if shards:
         return {address: {} for address in shards}
-    from shards.router import admin_call
+    from shards.admin import admin_call
 
     listing = await admin_call(routers[0], "ListShards", credentials=credentials)
     return {s["address"]: s for s in listing["shards"]}
@@ -221,7 +221,7 @@ async def _tell_routers(routers: tuple[str, ...], method: str, body: dict[str, A
                         credentials: Any) -> None:
     import grpc
 
-    from shards.router import admin_call
+    from shards.admin import admin_call
 
     for router in routers:
         try:
@@ -417,7 +417,7 @@ async def _resume(routers: tuple[str, ...], shards: tuple[str, ...], journal_pat
 def rebuild_directory(routers: tuple[str, ...], credentials: Any) -> None:
     """Claim, in the identifier directory, every identifier the shards' profiles hold that
     has none: for data written before the directory existed or straight to a shard."""
-    from shards.router import admin_call
+    from shards.admin import admin_call
 
     totals = _run(admin_call(routers[0], "RebuildDirectory", timeout=24 * 3600.0,
                              credentials=credentials))

@@ -53,7 +53,8 @@ from memstore.server import logs, metrics
 from memstore.server.rights import SALT_FILE, load_salt
 from memstore.server.security import Credentials, ServerSecurity
 from memstore.storage.dirlock import DirLock
-from shards.router import Background, settle_heap, start_router, stop_router
+from shards.calls import Background
+from shards.server import settle_heap, start_router, stop_router
 from shards.slots import format_ranges, split_even
 
 log = logging.getLogger("memstore.supervisor")

@@ -137,7 +137,7 @@ def test_a_fresh_shard_claiming_every_slot_at_epoch_0_is_not_read(
         cluster: dict[str, Any]) -> None:
     """A new, empty shard owns every slot at epoch 0 until a move gives it some; the
     router's list shows that claim beside the real owners', and the higher epoch wins."""
-    from shards.router import admin_call
+    from shards.admin import admin_call
 
     router: RouterThread = cluster["router"]
     fresh = start_shard(None, "--name", "shard-9")

@@ -22,7 +22,7 @@ from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
 from memstore.v1 import memstore_pb2 as pb
 from shards.merge import CRASH_ENV, HOLD_PATIENCE
-from shards.router import SWEEP_INTERVAL
+from shards.routing import SWEEP_INTERVAL
 from shards.slots import slot_of
 from tests.conftest import ServerProcess, said, start_router, start_shard
 from tests.test_router import start_shards

@@ -515,7 +515,7 @@ def test_a_same_shard_merge_is_judged_again_when_a_slot_moved_under_the_router(
     new shard (which would give x a second owner). In the third case the write also names
     y, held by G on the other shard: a cross-shard merge whose Absorb carries the check."""
     from shards import rebalance as rb
-    from shards import router as router_module
+    from shards import routing as router_module
 
     monkeypatch.setattr(router_module, "SWEEP_INTERVAL", 3600.0)  # no refresh meanwhile
     shards = start(tmp_path, 2, "--sync", "off")

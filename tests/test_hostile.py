@@ -17,7 +17,7 @@ from memstore.errors import MAX_STATUS_BYTES, InvalidArgument, brief, capped
 from memstore.server.service import _refuse
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
-from shards.router import _fail
+from shards.calls import fail as _fail
 from shards.slots import format_ranges, slot_of, split_even
 from shards.text_cache import TextCache
 from tests.conftest import ServerProcess, start_router, start_shard

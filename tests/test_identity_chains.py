@@ -169,7 +169,7 @@ def test_claim_waits_are_counted(cluster: dict[str, Any]) -> None:
     """A write that waits for another write's young claim shows in the router's metrics
     (the router runs in this process; its grace is shortened so the wait ends soon)."""
     from memstore.server import metrics
-    from shards.router import Background
+    from shards.calls import Background
 
     c: Client = cluster["client"]
     router: RouterThread = cluster["router"]

@@ -35,7 +35,7 @@ from memstore.server.link import (
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
 from memstore.v1 import memstore_pb2 as pb
-from shards.router import admin_call
+from shards.admin import admin_call
 from shards.slots import slot_of
 from tests.conftest import ServerProcess, said, start_router, start_shard
 from tests.test_router import RouterThread, start_shards

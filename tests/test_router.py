@@ -21,7 +21,8 @@ from memstore.client.core import pack_records
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
 from memstore.v1 import memstore_pb2 as pb
-from shards.router import RouterService, start_router, stop_router
+from shards.router import RouterService
+from shards.server import start_router, stop_router
 from shards.slots import format_ranges, slot_of, split_even
 from tests.conftest import ServerProcess, start_shard
 
@@ -292,7 +293,7 @@ def test_deadline_is_propagated(cluster: dict[str, Any]) -> None:
 
 
 def test_shard_calls_get_the_callers_remaining_time() -> None:
-    from shards.router import _timeout
+    from shards.calls import time_left as _timeout
 
     class Context:
         def __init__(self, remaining: float | None) -> None:
@@ -366,7 +367,7 @@ def test_routed_refreshes_the_map_when_a_forward_and_a_moved_slot_meet(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """One group follows a merged-away id while another meets a wrong-slot answer: the
     router must still refresh its map and back off, not re-send in a tight loop."""
-    from shards import router as router_module
+    from shards import calls as router_module
 
     def error(trailers: list[tuple[str, Any]]) -> grpc.aio.AioRpcError:
         return grpc.aio.AioRpcError(grpc.StatusCode.FAILED_PRECONDITION, grpc.aio.Metadata(),
@@ -420,7 +421,7 @@ def test_routed_refreshes_the_map_when_a_forward_and_a_moved_slot_meet(
 
 
 def test_identifier_locks_order_overlapping_writes_and_drop_unused_locks() -> None:
-    from shards.router import IdentifierLocks
+    from shards.writes import IdentifierLocks
 
     locks = IdentifierLocks()
     inside: set[tuple[str, str]] = set()

@@ -355,7 +355,7 @@ def test_a_secured_cluster_end_to_end(pki: Pki, tmp_path: Path) -> None:
         # admin may, and the router refuses a shard it cannot verify.
         import asyncio
 
-        from shards.router import admin_call
+        from shards.admin import admin_call
 
         rogue = start_shard(None, "--slots", "0-1", "--tls-cert", str(pki.rogue_cert),
                             "--tls-key", str(pki.rogue_key))

@@ -94,7 +94,7 @@ _OPTIONS = [("grpc.max_receive_message_length", 64 << 20),
 _READS = {"Get", "BatchGet", "GetSchema", "Count", "QueryIds", "GroupBy", "QueryBitmap", "Stats",
           "ExportProfile", "ListSegments"}
 _RETRIES = 3
-# The router's JSON admin call listing shards, addresses and slots (shards/router.py).
+# The router's JSON admin call listing shards, addresses and slots (shards/admin.py).
 LIST_SHARDS = f"/{ADMIN_SERVICE}/ListShards"
 REFRESH_EVERY = 1.0  # direct_reads: seconds between shard-list refreshes after a miss
 _SERVICE = pb.DESCRIPTOR.services_by_name["Memstore"]

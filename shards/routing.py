@@ -1,0 +1,302 @@
+"""Calls to the owner of a key's slot: how a router reaches one profile, or many by key.
+
+`Routing` sends a request to the shard that owns slot_of(key) on the router's cached
+`ShardMap`, and keeps at it while the cluster moves under the call, within the caller's
+deadline (shards/calls.py):
+- a shard that no longer owns the slot answers `memstore-wrong-slot`: refresh the map and
+  send again; a slot nobody owns for a moment (the switch of a slot move) is waited out;
+- a profile held by an unfinished cross-shard merge (`memstore-merge-pending-bin`): wait
+  out a young hold, decide and release one older than merge.HOLD_PATIENCE (`settle`);
+- an id merged into a profile on another shard (`memstore-merged-into-bin`): follow it to
+  its survivor (at most MAX_FORWARDS in a row);
+- a shard that lacks a declaration the cluster has (UNDECLARED_TRAILER): declare it there
+  from the schema registry, then send again;
+- a write judged for one shard at one epoch (EXPECT_SHARD) that meets other ownership:
+  raise Rejudge, for the writer to judge it again.
+
+One key: `owner_call` (raising what it cannot handle), `single` (ending the caller's call
+with the matching status instead), and `control`/`profile`, the merge.Caller the merge
+coordinator drives (shards/merge.py). Many keys: `routed`, one request per owning shard
+at once, for batches (BatchGet, BatchUpsert, TrackBatch) and for the directory's and the
+schema registry's entries (shards/directory.py, shards/schema.py), which live in slots
+like profiles. `sweep` runs in the background and finishes merges whose router died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+
+from memstore.hashslot import REJUDGE_TRAILER, UNDECLARED_TRAILER
+from shards import merge
+from shards.calls import (
+    MAX_DECLARES,
+    MAX_FORWARDS,
+    MOVE_WAIT,
+    REFUSED,
+    Background,
+    Code,
+    Down,
+    GroupRefused,
+    Pending,
+    Rejudge,
+    Stuck,
+    abort,
+    attempts,
+    expecting,
+    fail,
+    forward_pairs,
+    move_pause,
+    retargeted,
+    time_left,
+    trailer_of,
+    wrong_slot,
+)
+from shards.schema import ClusterSchema
+from shards.shard_map import ShardMap, ShardState
+from shards.slots import slot_of
+
+log = logging.getLogger("memstore.router")
+
+SWEEP_INTERVAL = 2.0  # seconds between looks for merges a dead router left unfinished
+_FOLLOWED = object()  # routed: a group sent again, aimed at the survivors of merged-away ids
+_DECLARED = object()  # routed: a group sent again once its shard declared what it names
+_REJUDGE = object()  # routed: a group its shard refused as judged on an older map (EXPECT_SHARD)
+
+
+class Routing:
+    """Calls to slot owners on `shard_map`, following moves, merges and declarations."""
+
+    def __init__(self, shard_map: ShardMap) -> None:
+        self.map = shard_map
+        # The cluster's schema registry (shards/schema.py): its entries live in slots too
+        # (routed), and a shard missing a declaration gets it from there before a write
+        # is sent again.
+        self.schema = ClusterSchema(self)
+
+    async def single(self, pid: str, method: str, request: Any,
+                     context: grpc.aio.ServicerContext) -> Any:
+        """Send `request` to the shard owning slot_of(pid), following slot moves, waiting
+        out merges and following merged-away ids to their survivor."""
+        if not pid:
+            await fail(context, Code.INVALID_ARGUMENT, "id: a primary id is required")
+        try:
+            return await self.owner_call(pid, method, request, context)
+        except Exception as exc:  # noqa: BLE001 - abort re-raises what it cannot map
+            await abort(context, exc)
+
+    async def owner_call(self, pid: str, method: str, request: Any, context: Any, *,
+                         control: bool = False, follow: bool = True,
+                         expect: str | None = None) -> Any:
+        """`request` to the owner of slot_of(pid), on its ShardControl service if `control`.
+        Raises what it cannot handle: AioRpcError, Down, Stuck, and merge.Forwarded when
+        not `follow`ing merged-away ids. With `expect` ("name:epoch" the write was judged
+        for, EXPECT_SHARD), raises Rejudge where ownership is not as judged."""
+        hops = declared = 0
+        for attempt in attempts():
+            slot = slot_of(pid)
+            version = self.map.version
+            shard = self.map.owner(slot)
+            if shard is None:
+                await self.map.refresh(since=version)
+                if self.map.owner(slot) is None:
+                    await move_pause(attempt, context)
+                continue
+            stub = shard.control if control else shard.stub
+            try:
+                return await getattr(stub, method)(request, timeout=time_left(context),
+                                                   **expecting(expect))
+            except grpc.aio.AioRpcError as exc:
+                undeclared = trailer_of(exc, UNDECLARED_TRAILER)
+                if undeclared is not None and declared < MAX_DECLARES:
+                    declared += 1  # declare them there as the cluster has them; again
+                    await self.schema.declare_on(shard, undeclared, context,
+                                                 time_left(context))
+                    continue
+                if expect is not None and (wrong_slot(exc) or trailer_of(exc, REJUDGE_TRAILER)):
+                    await self.map.refresh(since=version)
+                    raise Rejudge() from None
+                if wrong_slot(exc):
+                    await self.map.refresh(since=version)
+                    if self.map.owner(slot) is shard:
+                        await move_pause(attempt, context)
+                    continue
+                if exc.code() == Code.UNAVAILABLE:
+                    raise Down(shard, exc.details() or "unreachable") from None
+                pending = trailer_of(exc, "memstore-merge-pending-bin")
+                if pending is not None:
+                    await self.settle(Pending(pending), attempt, context)
+                    continue
+                forwarded = trailer_of(exc, "memstore-merged-into-bin")
+                if forwarded is None:
+                    raise
+                [gone, survivor], *_ = forward_pairs(forwarded)
+                if not follow:
+                    raise merge.Forwarded(gone, survivor) from None
+                hops += 1
+                if hops > MAX_FORWARDS:
+                    raise merge.Forwarded(gone, survivor, f"more than {MAX_FORWARDS} forwards "
+                                          f"in a row, the last {gone!r} -> {survivor!r} "
+                                          "(a forward cycle?)") from None
+                request, pid = retargeted(request, survivor), survivor
+        raise Stuck(f"a slot has no owner that accepts it after {MOVE_WAIT:.0f} s "
+                    "(a slot move stuck?)")
+
+    # merge.Caller
+    def control(self, pid: str, method: str, request: Any, context: Any,
+                expect: str | None = None) -> Awaitable[Any]:
+        return self.owner_call(pid, method, request, context, control=True, follow=False,
+                               expect=expect)
+
+    def profile(self, pid: str, method: str, request: Any, context: Any) -> Awaitable[Any]:
+        return self.owner_call(pid, method, request, context)
+
+    async def settle(self, pending: Pending, attempt: int, context: Any) -> None:
+        """Wait out a young hold; decide and release one older than HOLD_PATIENCE."""
+        if pending.age < merge.HOLD_PATIENCE:
+            await move_pause(attempt, context)
+            return
+        await merge.decide_and_release(self, pending.txn, pending.loser, pending.survivor,
+                                       context)
+
+    async def sweep(self) -> None:
+        """Forever: finish or abort merges whose coordinator went away."""
+        context = Background()
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            try:
+                await self.map.refresh()
+            except Exception as exc:  # noqa: BLE001 - never let the sweeper die
+                log.warning("sweep: could not refresh the shard map: %s", exc)
+                continue
+            for shard in self.map.shards:
+                for held in shard.held:
+                    if held.age_seconds < 2 * merge.HOLD_PATIENCE:
+                        continue
+                    try:
+                        await merge.decide_and_release(self, held.txn, held.loser,
+                                                       held.survivor, context)
+                    except Exception as exc:  # noqa: BLE001 - a shard down: next round
+                        log.warning("sweep: merge %s of %r still unfinished: %s", held.txn,
+                                    held.loser, exc)
+
+    async def routed(self, items: list[tuple[str, Any]], method: str,
+                     build: Callable[[list[Any]], Any], context: grpc.aio.ServicerContext,
+                     retarget: Callable[[Any, str], Any] | None = None, control: bool = False,
+                     judged: Mapping[str, str] | None = None,
+                     rejudge: list[tuple[str, Any]] | None = None, refusals: bool = False
+                     ) -> list[tuple[list[Any], Any]]:
+        """Send (key, item) pairs in one request per shard owning slot_of(key), concurrently
+        (to its ShardControl service if `control`). Items a shard refuses as wrong-slot are
+        re-split on a fresh map and sent again; a group that met a merge's hold is sent
+        again once it settled; an id merged into a profile on another shard becomes
+        (survivor, retarget(item, survivor)). A group with keys in `judged` (key -> the
+        "name:epoch" of the shard it was judged for) carries that as EXPECT_SHARD; when its
+        shard refuses that, or the slot moved, its items go to `rejudge`, not sent again.
+        With `refusals`, a group its shard refuses (REFUSED codes) raises GroupRefused
+        once the round's other answers are in, with every group applied so far."""
+        pending = items
+        done: list[tuple[list[Any], Any]] = []
+        follow_rounds = declare_rounds = 0
+        for attempt in attempts():
+            version = self.map.version
+            groups: dict[int, tuple[ShardState, list[tuple[str, Any]]]] = {}
+            unowned = []
+            for pid, item in pending:
+                owner = self.map.owner(slot_of(pid))
+                if owner is None:
+                    unowned.append((pid, item))
+                else:
+                    groups.setdefault(id(owner), (owner, []))[1].append((pid, item))
+
+            async def one(shard: ShardState, group: list[tuple[str, Any]]) -> Any:
+                request = build([item for _, item in group])
+                stub = shard.control if control else shard.stub
+                expect = next((judged[k] for k, _ in group if k in judged), None) \
+                    if judged else None
+                try:
+                    return group, await getattr(stub, method)(
+                        request, timeout=time_left(context), **expecting(expect))
+                except grpc.aio.AioRpcError as exc:
+                    undeclared = trailer_of(exc, UNDECLARED_TRAILER)
+                    if undeclared is not None:
+                        await self.schema.declare_on(shard, undeclared, context,
+                                                     time_left(context))
+                        return group, _DECLARED
+                    if expect is not None and (wrong_slot(exc)
+                                               or trailer_of(exc, REJUDGE_TRAILER)):
+                        return group, _REJUDGE
+                    if wrong_slot(exc):
+                        return group, None
+                    if exc.code() == Code.UNAVAILABLE:
+                        raise Down(shard, exc.details() or "unreachable") from None
+                    held = trailer_of(exc, "memstore-merge-pending-bin")
+                    if held is not None:
+                        return group, Pending(held)
+                    forwarded = trailer_of(exc, "memstore-merged-into-bin")
+                    if forwarded is None or retarget is None:
+                        raise
+                    moved = dict(forward_pairs(forwarded))
+                    return [(moved[pid], retarget(item, moved[pid])) if pid in moved
+                            else (pid, item) for pid, item in group], _FOLLOWED
+
+            outcomes = await asyncio.gather(*(one(s, g) for s, g in groups.values()),
+                                            return_exceptions=True)
+            pending = unowned
+            # why items are pending this round
+            followed, declared, moved_on = False, False, bool(unowned)
+            refused: GroupRefused | None = None
+            for (_, sent), outcome in zip(groups.values(), outcomes, strict=True):
+                if (refusals and isinstance(outcome, grpc.aio.AioRpcError)
+                        and outcome.code() in REFUSED):
+                    refused = refused or GroupRefused([item for _, item in sent], outcome,
+                                                      done)
+                    continue
+                if isinstance(outcome, BaseException):
+                    await abort(context, outcome)  # type: ignore[arg-type]
+                group, response = outcome
+                if isinstance(response, Pending):
+                    try:
+                        await self.settle(response, attempt, context)
+                    except Exception as exc:  # noqa: BLE001 - abort re-raises the rest
+                        await abort(context, exc)
+                    pending.extend(group)
+                    moved_on = True
+                elif response is _FOLLOWED:
+                    pending.extend(group)
+                    followed = True
+                elif response is _DECLARED:  # its shard now declares what it names: again
+                    pending.extend(group)
+                    declared = True
+                elif response is _REJUDGE:
+                    assert rejudge is not None
+                    rejudge.extend(group)
+                elif response is None:
+                    pending.extend(group)
+                    moved_on = True
+                else:
+                    done.append(([item for _, item in group], response))
+            if refused is not None:
+                raise refused
+            if not pending:
+                return done
+            if declared and not (followed or moved_on):
+                declare_rounds += 1
+                if declare_rounds <= MAX_DECLARES:
+                    continue
+            if followed:
+                follow_rounds += 1
+                if follow_rounds > MAX_FORWARDS:
+                    await fail(context, Code.FAILED_PRECONDITION, f"more than {MAX_FORWARDS} "
+                               "rounds of merged-away ids in one batch (a forward cycle?)")
+                if not moved_on:  # only ids aimed at their survivors now: no map change
+                    continue
+            await self.map.refresh(since=version)
+            if attempt:
+                await move_pause(attempt, context)
+        await fail(context, Code.UNAVAILABLE, f"slots without an owner that accepts them "
+                   f"after {MOVE_WAIT:.0f} s (a slot move stuck?)")

@@ -1,0 +1,446 @@
+"""Writes through a router: profiles, identifiers and events, one by one or in batches.
+
+`Writes` answers Upsert, Link, Track, TrackBatch and BatchUpsert. A write that names
+identifiers claims them in the identifier directory first (shards/directory.py: a claim
+in the identifier's own slot, verified against the profile it names; BatchUpsert claims
+once per batch), which is also how it finds the cross-shard merges it must make first
+(shards/merge.py). Writes naming the same identifier through one router go in turn
+(IdentifierLocks), from the claim to the answer.
+
+Batches are split by the owner of each record's slot and sent at once (shards/routing.py).
+They are atomic per shard, not across shards: a part a shard refuses ends the call naming
+the record at fault by its place in the caller's request (RECORD_TRAILER), with the
+records that applied on other shards all the same (APPLIED_TRAILER). A BatchUpsert record
+that names an identifier an earlier record homed on another shard names too is held back
+and written after the batch, in order (`_merge_first`), as one shard would have merged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import random
+import re
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from typing import Any, NoReturn
+
+import grpc
+import msgpack
+from pyroaring import BitMap
+
+from memstore import pbvalues
+from memstore.engine import eventpack
+from memstore.engine.columnar import Columns, unpack_columns
+from memstore.errors import InvalidArgument
+from memstore.hashslot import APPLIED_TRAILER, RECORD_TRAILER
+from memstore.server.heap import LoadTrimmer
+from memstore.v1 import memstore_pb2 as pb
+from shards import merge
+from shards.calls import (
+    MOVE_WAIT,
+    REFUSED,
+    Code,
+    GroupRefused,
+    Rejudge,
+    abort,
+    attempts,
+    fail,
+    move_pause,
+    retargeted,
+    trailer_of,
+)
+from shards.directory import Directory, Suppressed
+from shards.reads import Reads
+from shards.routing import Routing
+from shards.shard_map import ShardState
+from shards.slots import slot_of
+
+REQUEST, PACKED, COLUMNS = 0, 1, 2  # the forms of a BatchUpsert record (BatchUpsertRequest)
+
+
+class IdentifierLocks:
+    """The identifiers that writes through this router are naming right now.
+
+    Writes naming the same identifier are ordered by its claim in the directory already
+    (the second waits, polling, while the first's claim is young). Through one router they
+    are put in turn here first, from the claim to the answer, so the second one starts as
+    the first one ends instead of polling. A write takes all its identifiers at once, when
+    none is taken (no deadlock between batches), and waits for the writes holding any of
+    them otherwise."""
+
+    def __init__(self) -> None:
+        self._taken: dict[tuple[str, str], asyncio.Future[None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._taken)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, identifiers: Iterable[tuple[str, str]]) -> AsyncIterator[None]:
+        keys = set(identifiers)
+        while busy := {self._taken[k] for k in filter(self._taken.__contains__, keys)}:
+            await asyncio.wait(busy)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._taken.update(dict.fromkeys(keys, done))
+        try:
+            yield
+        finally:
+            deque(map(self._taken.pop, keys), maxlen=0)
+            done.set_result(None)
+
+
+class Writes:
+    """The write calls of a router over `routing`, claiming identifiers in `directory`;
+    `reads` finds the profiles that events keyed by an identifier go to."""
+
+    def __init__(self, routing: Routing, directory: Directory, reads: Reads) -> None:
+        self.routing = routing
+        self.map = routing.map
+        self.directory = directory
+        self.reads = reads
+        self._naming = IdentifierLocks()  # this router's writes naming an identifier, in turn
+        self._loads = LoadTrimmer()  # BatchUpsert calls in flight (memstore/server/heap.py)
+
+    async def upsert(self, request: pb.UpsertRequest, context: Any) -> pb.UpsertResponse:
+        async with self._naming.hold((i.kind, i.value) for i in request.identifiers):
+            return await self._identity_write("Upsert", request, context)  # type: ignore[no-any-return]
+
+    async def track(self, request: pb.TrackRequest, context: Any) -> pb.TrackResponse:
+        if request.HasField("identifier"):  # to the profile holding it, by its id
+            if request.id:
+                await fail(context, Code.INVALID_ARGUMENT,
+                           "id: give an id or an identifier, not both")
+            [pid] = await self.reads.holders([(request.identifier.kind, request.identifier.value)],
+                                             context)
+            if pid is None:
+                await fail(context, Code.NOT_FOUND, "identifier: no profile holds "
+                           f"{request.identifier.kind}:{request.identifier.value!r}")
+            request = pb.TrackRequest(id=pid, event=request.event, count=request.count,
+                                      **({"at": request.at} if request.HasField("at") else {}))
+        return await self.routing.single(request.id, "Track", request, context)  # type: ignore[no-any-return]
+
+    async def link(self, request: pb.LinkRequest, context: Any) -> pb.LinkResponse:
+        async with self._naming.hold((i.kind, i.value) for i in request.identifiers):
+            return await self._identity_write("Link", request, context)  # type: ignore[no-any-return]
+
+    async def track_batch(self, request: pb.TrackBatchRequest, context: Any
+                          ) -> pb.TrackBatchResponse:
+        """Each shard its part, concurrently, in one packed request each; events keyed by
+        an identifier go to the profile holding it (the directory says which). A part a
+        shard refuses ends the call naming the event at fault by its index here, with the
+        events that applied on other shards (as BatchUpsert, _refuse_batch)."""
+        events: list[eventpack.Event] = []
+        now = int(time.time() * 1_000_000)
+        try:
+            for i, r in enumerate(request.events):
+                key: eventpack.Key = r.id
+                if r.HasField("identifier"):
+                    if r.id:
+                        raise InvalidArgument(f"events[{i}].id: give an id or an identifier, "
+                                              "not both")
+                    key = (r.identifier.kind, r.identifier.value)
+                at = pbvalues.timestamp_micros(r.at, f"events[{i}].at") if r.HasField("at") \
+                    else now
+                events.append((key, r.event, at, r.count or 1))
+            if request.packed:
+                events += eventpack.unpack(request.packed, len(events))
+        except (InvalidArgument, ValueError) as exc:
+            await fail(context, Code.INVALID_ARGUMENT, str(exc))
+        keys: list[str] = [k if isinstance(k, str) else "" for k, _, _, _ in events]
+        named = list(dict.fromkeys(k for k, _, _, _ in events if not isinstance(k, str)))
+        if named:
+            for (kind, value) in named:
+                if not kind or not value:
+                    at = next(i for i, e in enumerate(events) if e[0] == (kind, value))
+                    await self._refuse_events(context, Code.INVALID_ARGUMENT, at,
+                                              "identifier needs a kind and a value")
+            holders = dict(zip(named, await self.reads.holders(named, context), strict=True))
+            for i, (key, _, _, _) in enumerate(events):
+                if not isinstance(key, str):
+                    pid = holders[key]
+                    if pid is None:
+                        await self._refuse_events(context, Code.NOT_FOUND, i,
+                                                  f"identifier: no profile holds {key[0]}:"
+                                                  f"{key[1]!r}")
+                    keys[i] = pid
+        for i, pid in enumerate(keys):
+            if not pid:
+                await self._refuse_events(context, Code.INVALID_ARGUMENT, i, "id: empty "
+                                          "profile id")
+        if not events:
+            return pb.TrackBatchResponse()
+
+        def build(group: list[tuple[int, str]]) -> pb.TrackBatchRequest:
+            return pb.TrackBatchRequest(packed=eventpack.pack(
+                [pid for _, pid in group], [events[i][1] for i, _ in group],
+                [events[i][2] for i, _ in group], [events[i][3] for i, _ in group]))
+
+        self._loads.begin()
+        applied = 0
+        try:
+            parts = await self.routing.routed([(pid, (i, pid)) for i, pid in enumerate(keys)],
+                                              "TrackBatch", build, context,
+                                              lambda item, survivor: (item[0], survivor),
+                                              refusals=True)
+            applied = sum(r.applied for _, r in parts)
+        except GroupRefused as refused:
+            done = BitMap(i for items, _ in refused.done for i, _ in items)
+            local = trailer_of(refused.exc, RECORD_TRAILER)
+            index = refused.items[int(local)][0] \
+                if local is not None and 0 <= int(local) < len(refused.items) else None
+            message = refused.exc.details() or refused.exc.code().name
+            if index is not None:
+                message = re.sub(r"^(events|packed)\[\d+\]", f"events[{index}]", message)
+            trailers: list[tuple[str, Any]] = [(APPLIED_TRAILER, done.serialize())]
+            if index is not None:
+                trailers.append((RECORD_TRAILER, str(index)))
+            context.set_trailing_metadata(tuple(trailers))
+            await fail(context, refused.exc.code(), message)
+        finally:
+            self._loads.end(applied)
+        return pb.TrackBatchResponse(applied=applied)
+
+    async def _refuse_events(self, context: Any, code: grpc.StatusCode, index: int, message: str
+                             ) -> NoReturn:
+        """Refuse a TrackBatch before any of it was sent, naming event `index`."""
+        context.set_trailing_metadata(((APPLIED_TRAILER, BitMap().serialize()),
+                                       (RECORD_TRAILER, str(index))))
+        await fail(context, code, f"events[{index}].{message}")
+
+    async def _identity_write(self, method: str, request: Any, context: Any) -> Any:
+        """Upsert or Link: on the owning shard, or as a cross-shard merge (shards/merge.py)
+        when an identifier it names belongs to a profile on another shard."""
+        if not request.id:
+            await fail(context, Code.INVALID_ARGUMENT, "id: a primary id is required")
+        made: set[tuple[str, tuple[str, str]]] = set()  # claims this write made
+        for attempt in attempts():
+            try:
+                idents = [(i.kind, i.value) for i in request.identifiers]
+                local: dict[str, str] = {}
+                foreign = await self.directory.claim([(request.id, i) for i in idents],
+                                                     context, made, local)
+                losers = list(dict.fromkeys(foreign.values()))
+                if not losers:  # a merged-away id: Forwarded, claimed again for its survivor
+                    return await self.routing.owner_call(request.id, method, request, context,
+                                                         follow=False, expect=local.get(request.id))
+                return await merge.merge(self.routing, request.id, losers, request, context,
+                                         expect=local.get(request.id))
+            except Rejudge:  # a same-shard merge judged on a map that has changed since
+                await move_pause(attempt, context)
+            except merge.Restart:  # a racing merge: back off a random while, then retry
+                await move_pause(attempt, context)
+                await asyncio.sleep(random.uniform(0, 0.05))
+            except merge.Forwarded as exc:  # the profile itself merged away: its survivor
+                request = retargeted(request, exc.survivor)
+            except Exception as exc:  # noqa: BLE001 - abort re-raises the rest
+                if (isinstance(exc, grpc.aio.AioRpcError) and exc.code() in REFUSED
+                        or isinstance(exc, Suppressed)):
+                    await self.directory.release(made, context)  # nothing was written
+                await abort(context, exc)
+        await fail(context, Code.UNAVAILABLE, f"{method}: the merge kept meeting racing "
+                   f"merges for {MOVE_WAIT:.0f} s")
+
+    async def batch_upsert(self, request: pb.BatchUpsertRequest, context: Any
+                           ) -> pb.BatchUpsertResponse:
+        applied = 0
+        self._loads.begin()  # the batches' garbage goes back to the OS after a load
+        try:
+            response = await self._batch_upsert(request, context)
+            applied = response.applied
+            return response
+        finally:
+            self._loads.end(applied)
+
+    async def _batch_upsert(self, request: pb.BatchUpsertRequest, context: Any
+                            ) -> pb.BatchUpsertResponse:
+        records: list[Any] = []
+        if request.packed:
+            try:
+                records = msgpack.unpackb(request.packed, raw=False, strict_map_key=False)
+                if not isinstance(records, list):
+                    raise TypeError("not a msgpack array")
+                for i, record in enumerate(records):
+                    if (not isinstance(record, list) or not record
+                            or not isinstance(record[0], str)):
+                        raise TypeError(f"record {i} is not [id, attributes, identifiers]")
+            except (ValueError, TypeError, msgpack.UnpackException) as exc:
+                await fail(context, Code.INVALID_ARGUMENT, f"packed: {exc}")
+        # Each item: (record, form, index): a structured request (REQUEST), a packed row
+        # (PACKED), or a row of the columnar batch (COLUMNS), sent on to its shard in the
+        # same form; `index` is its place in this request (requests, packed, columns).
+        items: list[tuple[str, Any]] = [(r.id, (r, REQUEST, i))
+                                        for i, r in enumerate(request.requests)]
+        items += [(rec[0], (rec, PACKED, len(items) + i)) for i, rec in enumerate(records)]
+        batch = Columns([], {}, [])
+        if request.columns:
+            try:
+                batch = unpack_columns(request.columns)
+            except InvalidArgument as exc:
+                await fail(context, Code.INVALID_ARGUMENT, str(exc))
+            # [id, row of the batch, identifiers]: sent on as that row of the columns
+            base = len(items)
+            items += [(pid, ([pid, i, idents], COLUMNS, base + i))
+                      for i, (pid, idents) in enumerate(zip(batch.ids, batch.identifiers,
+                                                            strict=True))]
+        for i, (pid, _) in enumerate(items):
+            if not pid:
+                await fail(context, Code.INVALID_ARGUMENT, f"record {i}: an empty primary id")
+        if not items:
+            return pb.BatchUpsertResponse()
+        forms = (len(request.requests), len(records))
+
+        def build(group: list[tuple[Any, int, int]]) -> pb.BatchUpsertRequest:
+            sub = pb.BatchUpsertRequest(requests=[x for x, form, _ in group if form == REQUEST])
+            packed_records = [x for x, form, _ in group if form == PACKED]
+            if packed_records:
+                sub.packed = msgpack.packb(packed_records, use_bin_type=True)
+            rows = [x for x, form, _ in group if form == COLUMNS]
+            if rows:
+                sub.columns = batch.pack_rows([r[1] for r in rows], [r[0] for r in rows])
+            return sub
+
+        def retarget(item: tuple[Any, int, int], survivor: str) -> tuple[Any, int, int]:
+            record, form, index = item
+            if form != REQUEST:
+                return [survivor, *record[1:]], form, index
+            return retargeted(record, survivor), form, index
+
+        named = [_identifiers_of(item) for _, item in items]
+        parts: list[tuple[list[Any], Any]] = []
+        async with self._naming.hold(itertools.chain.from_iterable(named)):
+            try:
+                for attempt in attempts():
+                    # The records are judged (merges, homes) on the map as it is now, and
+                    # each shard refuses a part judged on an older map: those records are
+                    # judged again.
+                    version = self.map.version
+                    judged: dict[str, str] = {}
+                    try:
+                        first, later = await self._merge_first(items, named, context, judged)
+                    except Suppressed as exc:
+                        await _refuse_suppressed(context, exc, items, named, forms)
+                    rejudge: list[tuple[str, Any]] = []
+                    parts += await self.routing.routed(first, "BatchUpsert", build, context, retarget,
+                                                       judged=judged, rejudge=rejudge, refusals=True)
+                    if not rejudge:
+                        break
+                    items = rejudge + later
+                    named = [_identifiers_of(item) for _, item in items]
+                    await self.map.refresh(since=version)
+                    await move_pause(attempt, context)
+                else:
+                    await fail(context, Code.UNAVAILABLE, "BatchUpsert: slots kept moving "
+                               f"under the batch for {MOVE_WAIT:.0f} s")
+                for pid, item in later:
+                    await self._identity_write("Link", pb.LinkRequest(id=pid, identifiers=[
+                        pb.Identifier(kind=k, value=v) for k, v in _identifiers_of(item)],
+                        create=True), context)
+                    parts += await self.routing.routed([(pid, item)], "BatchUpsert", build, context,
+                                                       retarget, refusals=True)
+            except GroupRefused as refused:
+                await _refuse_batch(context, refused, parts + refused.done, forms)
+        return pb.BatchUpsertResponse(applied=sum(r.applied for _, r in parts),
+                                      created=sum(r.created for _, r in parts))
+
+    async def _merge_first(self, items: list[tuple[str, Any]],
+                           named: list[list[tuple[str, str]]], context: Any,
+                           judged: dict[str, str]
+                           ) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+        """Make a batch's cross-shard identity merges before it is split by shard.
+
+        A record naming an identifier that a profile on another shard holds first links it
+        (a cross-shard merge, shards/merge.py), then goes in the batch. A record naming an
+        identifier that an earlier record of the batch, homed on another shard, names too
+        is held back (`later`): it is linked and upserted after the batch, in order, which
+        merges the earlier record's profile into it as one shard would have. Each record
+        naming identifiers gets, in `judged`, the "name:epoch" of the shard it was judged
+        to live on (its shard's merges and the batch's shared identifiers assume it)."""
+        if not any(named):
+            return items, []
+        first_home: dict[tuple[str, str], ShardState | None] = {}
+        later_at: set[int] = set()
+        for i, ((pid, _), idents) in enumerate(zip(items, named, strict=True)):
+            home = self.map.owner(slot_of(pid))
+            if idents:  # "" (no owner known): cannot be judged, its shard refuses it
+                judged[pid] = "" if home is None else f"{home.name}:{home.epoch}"
+            for key in idents:
+                if first_home.setdefault(key, home) is not home:
+                    later_at.add(i)
+        # Each identifier is claimed for the first record that names it and goes in the
+        # batch now (those that do all live on one shard); held-back records claim theirs
+        # with their own Link.
+        claimant: dict[tuple[str, str], str] = {}
+        for i, ((pid, _), idents) in enumerate(zip(items, named, strict=True)):
+            if i not in later_at:
+                for key in idents:
+                    claimant.setdefault(key, pid)
+        try:
+            holder = await self.directory.claim([(pid, key) for key, pid in claimant.items()],
+                                                context, set())
+        except Suppressed:
+            raise  # the batch names the record (_batch_upsert)
+        except Exception as exc:  # noqa: BLE001 - abort re-raises what it cannot map
+            await abort(context, exc)
+        for i, ((pid, _), idents) in enumerate(zip(items, named, strict=True)):
+            foreign = [pb.Identifier(kind=key[0], value=key[1]) for key in idents
+                       if claimant.get(key) == pid and key in holder]
+            if foreign and i not in later_at:
+                await self._identity_write("Link", pb.LinkRequest(
+                    id=pid, identifiers=foreign, create=True), context)
+        first = [item for i, item in enumerate(items) if i not in later_at]
+        return first, [items[i] for i in sorted(later_at)]
+
+
+async def _refuse_suppressed(context: Any, exc: Suppressed, items: list[tuple[str, Any]],
+                             named: list[list[tuple[str, str]]], forms: tuple[int, int]
+                             ) -> NoReturn:
+    """Refuse a BatchUpsert naming a suppressed identifier, naming its first record (as a
+    shard names a record it refuses: RECORD_TRAILER), nothing applied."""
+    i = next(i for i, idents in enumerate(named) if exc.ident in idents)
+    _, form, index = items[i][1]
+    where = (f"requests[{index}]" if form == REQUEST else f"packed[{index - forms[0]}]"
+             if form == PACKED else f"columns[{index - forms[0] - forms[1]}]")
+    context.set_trailing_metadata(((RECORD_TRAILER, str(index)),
+                                   (APPLIED_TRAILER, BitMap().serialize())))
+    await fail(context, Code.FAILED_PRECONDITION, f"{where}.identifiers: {exc}")
+
+
+async def _refuse_batch(context: Any, refused: GroupRefused,
+                        applied: list[tuple[list[Any], Any]], forms: tuple[int, int]
+                        ) -> NoReturn:
+    """End a BatchUpsert a shard refused part of: its status and message, with the record at
+    fault named by its place in this request (the shard named its place in its part), and
+    which records applied on other shards all the same (RECORD_TRAILER, APPLIED_TRAILER)."""
+    exc = refused.exc
+    done = BitMap(index for items, _ in applied for _, _, index in items)
+    trailers: list[tuple[str, Any]] = [(APPLIED_TRAILER, done.serialize())]
+    message = exc.details() or exc.code().name
+    local = trailer_of(exc, RECORD_TRAILER)
+    # The shard's part lists its requests, then its packed rows, then its columns rows.
+    order = sorted(refused.items, key=lambda item: item[1])
+    if local is not None and 0 <= int(local) < len(order):
+        _, form, index = order[int(local)]
+        trailers.append((RECORD_TRAILER, str(index)))
+        named = ("requests", index) if form == REQUEST else (
+            ("packed", index - forms[0]) if form == PACKED else
+            ("columns", index - forms[0] - forms[1]))
+        message = re.sub(r"^(requests|packed|columns)\[\d+\]", f"{named[0]}[{named[1]}]",
+                         message)
+    context.set_trailing_metadata(tuple(trailers))
+    await fail(context, exc.code(), message)
+
+
+def _identifiers_of(item: tuple[Any, ...]) -> list[tuple[str, str]]:
+    """The identifiers a BatchUpsert record names (malformed ones are the shard's to refuse)."""
+    record, form = item[0], item[1]
+    if form == REQUEST:
+        return [(i.kind, i.value) for i in record.identifiers]
+    if form == COLUMNS:  # checked by unpack_columns
+        return list(map(tuple, record[2]))  # type: ignore[arg-type]
+    idents = record[2] if len(record) > 2 and isinstance(record[2], list) else []
+    return [(p[0], p[1]) for p in idents
+            if isinstance(p, list | tuple) and len(p) == 2
+            and isinstance(p[0], str) and isinstance(p[1], str)]
+
