@@ -530,7 +530,6 @@ class Engine:
                             False])
         return Change(notes=notes, result=answers)
 
-
     # ------------------------------------------------------------------ data rights
     # Erasure, the suppression list and anonymous-profile expiry (memstore.engine.rights).
     plan_delete = rights.plan_delete
