@@ -102,7 +102,7 @@ from memstore.server.security import Credentials, ServerSecurity
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
-from shards import merge, watch
+from shards import export, merge, watch
 from shards.backoff import pause
 from shards.directory import ClaimStuck, Directory, Suppressed
 from shards.schema import ClusterSchema
@@ -823,68 +823,12 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
     # ------------------------------------------------------------------ data rights
     async def ExportProfile(self, request: pb.ExportProfileRequest, context: Any
                             ) -> pb.ExportProfileResponse:
-        if request.key.WhichOneof("key") == "identifier":
-            [hit] = await self._by_identifier([request.key], ["\x00"], context)
-            if hit is None:
-                ident = request.key.identifier
-                await _fail(context, Code.NOT_FOUND, f"profile with identifier "
-                            f"{ident.kind}:{ident.value!r} not found")
-            request = pb.ExportProfileRequest(key=pb.ProfileKey(id=hit.id))
-        return await self._single(request.key.id, "ExportProfile", request, context)  # type: ignore[no-any-return]
+        return await export.export_profile(self, request, context)
 
     async def ExportProfiles(self, request: pb.ExportProfilesRequest, context: Any
                              ) -> AsyncIterator[pb.ExportProfilesChunk]:
-        """Every shard's export at once, relayed as they come (each shard's consistent at
-        one moment). Each shard takes its copy before sending anything and says at which
-        epoch; over a map whose epochs those are, the copies partition the profiles, so
-        each is exported once. Otherwise (a slot moved meanwhile) all start again."""
-        sub = pb.ExportProfilesRequest(chunk_size=request.chunk_size, format=request.format)
-        allow_partial = False
-        if request.HasField("query"):
-            sub.query.CopyFrom(await self._lenient(request.query, context))
-            allow_partial = request.query.allow_partial
-        for attempt in _attempts():
-            shards = await self._stable(context, allow_partial)
-            calls = [(shard, epoch, shard.stub.ExportProfiles(sub, timeout=_timeout(context)))
-                     for shard, epoch in shards]
-            missing: list[str] = []
-            started: list[tuple[ShardState, Any]] = []
-            moved = False
-            for shard, epoch, call in calls:
-                try:
-                    answered = _epoch_of(await call.initial_metadata())
-                except grpc.aio.AioRpcError as exc:
-                    answered = None
-                    if exc.code() != Code.UNAVAILABLE:
-                        for _, _, other in calls:
-                            other.cancel()
-                        await self._abort(context, exc)
-                if answered is None:  # down (or it failed at once: the stream says why)
-                    if not allow_partial:
-                        started.append((shard, call))
-                        continue
-                    call.cancel()
-                    missing.append(shard.label)
-                    continue
-                if answered != epoch:
-                    moved = True
-                started.append((shard, call))
-            if moved:
-                for _, call in started:
-                    call.cancel()
-                await self.map.refresh(since=self.map.version)
-                await _pause(attempt, context)
-                continue
-            async for chunk in _relay([call for _, call in started]):
-                if isinstance(chunk, grpc.aio.AioRpcError):
-                    for _, call in started:
-                        call.cancel()
-                    await self._abort(context, chunk)
-                yield chunk
-            if missing:
-                yield pb.ExportProfilesChunk(missing_shards=missing)
-            return
-        await _fail(context, Code.UNAVAILABLE, "shard ownership kept changing during the export")
+        async for chunk in export.export_profiles(self, request, context):  # shards/export.py
+            yield chunk
 
     async def EraseProfiles(self, request: pb.EraseProfilesRequest, context: Any
                             ) -> AsyncIterator[pb.EraseProfilesChunk]:

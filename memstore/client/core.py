@@ -706,6 +706,19 @@ class Client(ClientMethods):
         except grpc.RpcError as exc:
             raise _error(exc, "ExportProfiles") from None
 
+    def iter_export_packed(self, query: Any = None, *, chunk_size: int = 2000
+                           ) -> Iterator[tuple[int, bytes]]:
+        """As iter_export, undecoded: (profiles, ExportProfilesChunk.packed) a message, for
+        a reader that decodes a chunk its own way (memstore.exportformat.columns: what
+        `memstore export` writes Parquet from)."""
+        try:
+            for chunk in self._grpc.ExportProfiles(_export_request(query, chunk_size),
+                                                   timeout=self.timeout):
+                if chunk.profiles:
+                    yield chunk.profiles, chunk.packed
+        except grpc.RpcError as exc:
+            raise _error(exc, "ExportProfiles") from None
+
     def iter_erase(self, query: Any, *, suppress: bool = False, batch_size: int = 500
                    ) -> Iterator[dict[str, Any]]:
         """Erase every profile matching `query` (text; "ALL" for every one), a batch at a
@@ -974,6 +987,17 @@ class AsyncClient(ClientMethods):
             async for chunk in self._grpc.ExportProfiles(request, timeout=self.timeout):
                 if chunk.profiles:
                     yield chunk.profiles, chunk.lines
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc, "ExportProfiles") from None
+
+    async def iter_export_packed(self, query: Any = None, *, chunk_size: int = 2000
+                                 ) -> AsyncIterator[tuple[int, bytes]]:
+        """As Client.iter_export_packed."""
+        try:
+            async for chunk in self._grpc.ExportProfiles(_export_request(query, chunk_size),
+                                                         timeout=self.timeout):
+                if chunk.profiles:
+                    yield chunk.profiles, chunk.packed
         except grpc.aio.AioRpcError as exc:
             raise _error(exc, "ExportProfiles") from None
 
