@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import gc
 import struct
+from collections import deque
 from collections.abc import Iterable, Sequence
 from functools import partial
+from itertools import repeat
+from operator import itemgetter
 from typing import Any
 
 import msgpack
@@ -42,8 +45,9 @@ def json_lines(records: Iterable[dict[str, Any]]) -> bytes:
 def lines(table: dict[int, list[Any]], pids: Sequence[str], blobs: Sequence[bytes],
           created: np.ndarray, changed: np.ndarray) -> bytes:
     """JSON Lines of the profiles `pids` stored as `blobs` (attribute ids named by `table`:
-    {id: [name, kind number]}), created and changed at those seconds since the epoch (0:
-    not known); byte for byte json_lines(decode([table], entries, "iso"))."""
+    {id: [name, kind number]}; one it does not name is left out), created and changed at
+    those seconds since the epoch (0: not known); byte for byte json_lines(decode([table],
+    entries, "iso"))."""
     if not pids:
         return b""
     if gc.isenabled():
@@ -54,20 +58,22 @@ def lines(table: dict[int, list[Any]], pids: Sequence[str], blobs: Sequence[byte
             gc.enable()
     states = ormsgpack.unpackb(_ARRAY32.pack(0xDD, len(blobs)) + b"".join(blobs),
                                option=ormsgpack.OPT_NON_STR_KEYS)
-    attrs = [state[1] for state in states]
-    for aid, spec in table.items():  # timestamps a column at a time, in place
+    versions, attrs, idents, merged = zip(*states)
+    for aid, spec in table.items():  # timestamps a column at a time, in place (C loops)
         if spec[1] == _TIMESTAMP:
             holders = [a for a in attrs if aid in a]
             if holders:
-                text = _iso([a[aid] for a in holders], "us")
-                for a, moment in zip(holders, text):
-                    a[aid] = moment
+                text = _iso(list(map(itemgetter(aid), holders)), "us")
+                deque(map(dict.__setitem__, holders, repeat(aid), text), maxlen=0)
     named = {aid: spec[0] for aid, spec in table.items()}
-    records = [{"id": pid, "attributes": {named[k]: v for k, v in a.items() if k in named},
-                "identifiers": idents, "merged_ids": merged, "version": version,
+    try:
+        renamed = [{named[k]: v for k, v in a.items()} for a in attrs]
+    except KeyError:  # the chunk holds an attribute the table leaves out (day records)
+        renamed = [{named[k]: v for k, v in a.items() if k in named} for a in attrs]
+    records = [{"id": pid, "attributes": a, "identifiers": i, "merged_ids": m, "version": v,
                 "created": c, "changed": h}
-               for pid, (version, a, idents, merged), c, h
-               in zip(pids, states, _times(created), _times(changed))]
+               for pid, a, i, m, v, c, h in zip(pids, renamed, idents, merged, versions,
+                                                _times(created), _times(changed))]
     # One orjson call a chunk: a record's objects hold no object in a list, so `},{"id":`
     # (quotes inside strings are escaped) is only ever the gap between two records.
     return orjson.dumps(records)[1:-1].replace(b'},{"id":', b'}\n{"id":') + b"\n"
