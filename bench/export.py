@@ -13,13 +13,25 @@ timing `COPY profiles TO FILE` as JSON Lines and as Parquet: a columnar engine w
 own table, with no network, no query and no per-profile identifiers or merged ids. Each
 memstore figure comes with its ratio to DuckDB's for the same format.
 
-    python -m bench.export --size 1000000 [--shards 2]
+Beside each time: the CPU seconds each process spent on it (the router, the shards, the
+`memstore export` command) and the load average around it. On a machine shared with other
+work the rate follows the share of the cores the export got; the CPU seconds do not, so
+they tell two versions apart where the rates cannot, and total CPU / cores is the least
+time the export can take on that many idle cores.
+
+`--before DIR`: the same measurement first for the memstore in DIR (another commit, e.g.
+from `git archive`; its server and its `memstore export` command, run in DIR with DIR
+first on PYTHONPATH), then for this one, in one run, on the same data.
+
+    python -m bench.export --size 1000000 [--shards 2] [--runs 2] [--before DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -27,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.cluster import Proc, client
+from bench.cluster import Proc, client, descendants
 from bench.datagen import Dataset, iter_records, load_or_generate, schema_declaration
 from bench.peers.duckdb_peer import DuckDBPeer
 from bench.run import machine
@@ -35,16 +47,49 @@ from bench.run import machine
 TARGET = 100_000  # profiles/s at 1M through the router (issue 27)
 
 
-def run_export(address: str, query: str, output: Path) -> dict[str, Any]:
-    t = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "memstore.cli", "export", "--query", query,
-                           "--output", str(output), "--no-progress", "--address", address],
-                          capture_output=True, text=True, check=True)
-    seconds = time.perf_counter() - t
-    exported = int(done.stderr.strip().split()[-2])
-    return {"query": query, "file": output.suffix, "profiles": exported,
-            "seconds": round(seconds, 2), "profiles_per_s": round(exported / seconds),
-            "bytes": output.stat().st_size}
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of a process so far (its threads included)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_export(router: Proc, query: str, output: Path, runs: int = 1) -> dict[str, Any]:
+    """`memstore export` as a separate process, `runs` times; the fastest run, with its CPU
+    seconds by process (router, shards, the command) and the load average around it."""
+    best: dict[str, Any] = {}
+    root = router.proc.pid
+    shards = [p for p, depth in descendants(root).items() if depth == 1]
+    for _ in range(runs):
+        before = {p: cpu_seconds(p) for p in [root, *shards]}
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        load = os.getloadavg()[0]
+        t = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "memstore.cli", "export", "--query",
+                               query, "--output", str(output), "--no-progress", "--address",
+                               router.addr], capture_output=True, text=True, check=True)
+        seconds = time.perf_counter() - t
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        exported = int(done.stderr.strip().split()[-2])
+        cpu = {"router": cpu_seconds(root) - before[root],
+               "shards": sum(cpu_seconds(p) - before[p] for p in shards),
+               "command": (after.ru_utime + after.ru_stime)
+               - (children.ru_utime + children.ru_stime)}
+        cpu = {k: round(v, 2) for k, v in cpu.items()}
+        total = sum(cpu.values())
+        run = {"query": query, "file": output.suffix, "profiles": exported,
+               "seconds": round(seconds, 2), "profiles_per_s": round(exported / seconds),
+               "bytes": output.stat().st_size, "cpu_s": cpu, "cpu_total_s": round(total, 2),
+               "cpu_us_per_profile": round(total / max(exported, 1) * 1e6, 2),
+               # the least time on these cores were they idle: total CPU over the cores
+               "profiles_per_s_cpu_bound": round(exported / (total / (os.cpu_count() or 1))),
+               "load_avg": [round(load, 2), round(os.getloadavg()[0], 2)]}
+        if not best or run["seconds"] < best["seconds"]:
+            best = run
+    return best
 
 
 def duckdb_copies(ds: Dataset, directory: Path) -> list[dict[str, Any]]:
@@ -68,39 +113,66 @@ def duckdb_copies(ds: Dataset, directory: Path) -> list[dict[str, Any]]:
         peer.close()
 
 
-def run(size: int, shards: int = 2, seed: int = 42) -> dict[str, Any]:
-    """The whole measurement (DuckDB's copies, then memstore's exports): its summary."""
+def measure(ds: Dataset, shards: int, runs: int, code: Path | None = None
+            ) -> dict[str, Any]:
+    """Load a cluster and time the exports; `code`: the memstore to run (default this one)."""
+    out: dict[str, Any] = {"code": str(code) if code else "this tree"}
+    saved, cwd = os.environ.get("PYTHONPATH"), os.getcwd()
+    if code is not None:  # `python -m` looks in its working directory first
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), saved]))
+        os.chdir(code)
+    try:
+        router = Proc(["serve", "--in-memory", "--shards", str(shards), "--port", "0"],
+                      "memstore serve")
+        try:
+            with client(router.addr) as c:
+                c.declare(schema_declaration())
+                t = time.perf_counter()
+                c.load(iter_records(ds), progress=False)
+                out["load_s"] = round(time.perf_counter() - t, 1)
+                t = time.perf_counter()
+                first = next(iter(c.iter_export("ALL", chunk_size=2000)))
+                out["first_chunk_ms"] = round((time.perf_counter() - t) * 1000, 1)
+                assert first
+            with tempfile.TemporaryDirectory() as tmp:
+                out["exports"] = [
+                    run_export(router, "ALL", Path(tmp) / "all.jsonl", runs),
+                    run_export(router, "ALL", Path(tmp) / "all.parquet", runs),
+                    run_export(router, 'country = "US"', Path(tmp) / "us.jsonl", runs)]
+        finally:
+            router.stop()
+    finally:
+        os.chdir(cwd)
+        if code is not None:
+            if saved is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = saved
+    return out
+
+
+def run(size: int, shards: int = 2, seed: int = 42, runs: int = 1,
+        before: Path | None = None) -> dict[str, Any]:
+    """The whole measurement (DuckDB's copies, then memstore's exports, for the code in
+    `before` first when given): its summary."""
     ds = load_or_generate(size, seed)
     out: dict[str, Any] = {"size": size, "shards": shards, "machine": machine()}
     with tempfile.TemporaryDirectory() as tmp:
         out["duckdb"] = duckdb_copies(ds, Path(tmp))
-    router = Proc(["serve", "--in-memory", "--shards", str(shards), "--port", "0"],
-                  "memstore serve")
-    try:
-        with client(router.addr) as c:
-            c.declare(schema_declaration())
-            t = time.perf_counter()
-            c.load(iter_records(ds), progress=False)
-            out["load_s"] = round(time.perf_counter() - t, 1)
-            t = time.perf_counter()
-            first = next(iter(c.iter_export("ALL", chunk_size=2000)))
-            out["first_chunk_ms"] = round((time.perf_counter() - t) * 1000, 1)
-            assert first
-        with tempfile.TemporaryDirectory() as tmp:
-            runs = [run_export(router.addr, "ALL", Path(tmp) / "all.jsonl"),
-                    run_export(router.addr, "ALL", Path(tmp) / "all.parquet"),
-                    run_export(router.addr, 'country = "US"', Path(tmp) / "us.jsonl")]
-        peer = {r["file"]: r["profiles_per_s"] for r in out["duckdb"]}
-        for r in runs:
+    peer = {r["file"]: r["profiles_per_s"] for r in out["duckdb"]}
+    versions = ([measure(ds, shards, runs, before)] if before else []) \
+        + [measure(ds, shards, runs)]
+    for version in versions:
+        for r in version["exports"]:
             if r["query"] == "ALL":
                 assert r["profiles"] == size, r
                 r["vs_duckdb"] = round(r["profiles_per_s"] / peer[r["file"]], 2)
-        out["exports"] = runs
-        out["target_profiles_per_s"] = TARGET
-        out["target_met"] = all(r["profiles_per_s"] >= TARGET for r in runs
-                                if r["query"] == "ALL")
-    finally:
-        router.stop()
+    if before:
+        out["before"] = versions[0]
+    out.update(versions[-1])
+    out["target_profiles_per_s"] = TARGET
+    out["target_met"] = all(r["profiles_per_s"] >= TARGET for r in out["exports"]
+                            if r["query"] == "ALL")
     return out
 
 
@@ -109,8 +181,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1_000_000)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--runs", type=int, default=1,
+                        help="time each export this many times; report the fastest")
+    parser.add_argument("--before", type=Path, default=None, metavar="DIR",
+                        help="first measure the memstore in DIR (another commit's tree)")
     opt = parser.parse_args()
-    print(json.dumps(run(opt.size, opt.shards, opt.seed), indent=2))
+    print(json.dumps(run(opt.size, opt.shards, opt.seed, opt.runs, opt.before), indent=2))
 
 
 if __name__ == "__main__":

@@ -432,3 +432,34 @@ def test_the_async_client_exports_json_lines_made_by_the_shards(cluster: dict[st
     assert set(got[0]) == {"id", "attributes", "identifiers", "merged_ids", "version",
                            "created", "changed"}
     assert got[0]["created"].endswith("Z")
+
+
+def messages(client: Client, query: str, lines: bool) -> list[tuple[int, bytes]]:
+    """A bulk export's messages, 250 profiles each: JSON Lines or packed."""
+    if lines:
+        return list(client.iter_export_lines(query, chunk_size=250))
+    return list(client.iter_export_packed(query, chunk_size=250))
+
+
+def test_a_router_relays_each_shards_export_messages_as_the_shard_made_them(
+        cluster: dict[str, Any]) -> None:
+    """A bulk export through the router is the shards' own exports, message for message
+    and byte for byte (the router neither decodes nor re-makes them), JSON Lines and packed
+    alike, with chunk boundaries in the middle of each shard's profiles; and its profiles
+    are each shard's, each once."""
+    c: Client = cluster["client"]
+    c.load({"id": on_shard(i % 2, f"relay-{i}"), "attributes": {"batch": "relay", "n": i}}
+           for i in range(1300))
+    query = 'batch = "relay"'
+    for lines in (True, False):
+        routed = messages(c, query, lines)
+        direct: list[tuple[int, bytes]] = []
+        for shard in cluster["shards"]:
+            with Client(shard.address) as s:
+                own = messages(s, query, lines)
+            assert len(own) == 3 and [n for n, _ in own] == [250, 250, 150]  # 650 a shard
+            direct += own
+        assert sorted(routed) == sorted(direct)
+    rows = [json.loads(line) for _, data in c.iter_export_lines(query, chunk_size=250)
+            for line in data.splitlines()]
+    assert sorted(r["attributes"]["n"] for r in rows) == list(range(1300))
