@@ -79,6 +79,50 @@ def lines(table: dict[int, list[Any]], pids: Sequence[str], blobs: Sequence[byte
     return orjson.dumps(records)[1:-1].replace(b'},{"id":', b'}\n{"id":') + b"\n"
 
 
+def column_chunk(table: dict[int, list[Any]], pids: Sequence[str], blobs: Sequence[bytes],
+                 created: np.ndarray, changed: np.ndarray) -> bytes:
+    """The profiles `pids` stored as `blobs` a column at a time, as msgpack
+    (ExportProfilesChunk.columns): "id", "identifiers", "merged_ids", "version", "created",
+    "changed" (seconds, 0: not known), and "attributes": [name, kind number, a value a
+    profile or None] for each attribute of `table` some profile holds, timestamps in
+    microseconds as stored. Made by the shards, so that a Parquet export's decoding is
+    shared by all of them; what a reader has left is an array a column (unpack_columns)."""
+    if not pids:
+        return _pack_columns([], (), (), (), [], [], [])
+    if gc.isenabled():
+        gc.disable()
+        try:
+            return column_chunk(table, pids, blobs, created, changed)
+        finally:
+            gc.enable()
+    states = ormsgpack.unpackb(_ARRAY32.pack(0xDD, len(blobs)) + b"".join(blobs),
+                               option=ormsgpack.OPT_NON_STR_KEYS)
+    versions, attrs, idents, merged = zip(*states)
+    held = set().union(*attrs)
+    out = [[spec[0], spec[1], [a.get(aid) for a in attrs]]
+           for aid, spec in table.items() if aid in held]
+    return _pack_columns(pids, idents, merged, versions, created.tolist(), changed.tolist(),
+                         out)
+
+
+def _pack_columns(pids: Sequence[str], idents: Sequence[Any], merged: Sequence[Any],
+                  versions: Sequence[int], created: list[int], changed: list[int],
+                  attributes: list[list[Any]]) -> bytes:
+    return ormsgpack.packb({"id": pids, "identifiers": idents, "merged_ids": merged,
+                            "version": versions, "created": created, "changed": changed,
+                            "attributes": attributes})
+
+
+def unpack_columns(data: bytes, names: Sequence[str]) -> dict[str, Any]:
+    """ExportProfilesChunk.columns as `columns` gives a packed chunk: "attributes" a list
+    per name in `names`, None for each profile where none holds it."""
+    found = ormsgpack.unpackb(data)
+    held = {name: values for name, _, values in found.pop("attributes")}
+    absent = [None] * len(found["id"])
+    found["attributes"] = [held.get(name, absent) for name in names]
+    return found  # type: ignore[no-any-return]
+
+
 def columns(packed: bytes, names: Sequence[str]) -> dict[str, Any]:
     """A packed chunk's profiles (ExportProfilesChunk.packed) a column at a time: "id",
     "identifiers", "merged_ids", "version", "created", "changed" (seconds, 0: not known)

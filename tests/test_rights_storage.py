@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pyroaring import BitMap
 
 from memstore.engine.core import SET, Engine, UpsertSpec
 from memstore.errors import FailedPrecondition
@@ -188,7 +189,7 @@ def test_a_bulk_export_is_the_shards_state_at_its_start(tmp_path: Path) -> None:
     for i in range(50):
         engine.apply(engine.plan_upsert(UpsertSpec(f"p{i}", [(SET, "n", i)])))
     export = BulkExport(shard, engine.visible())
-    chunks = export.chunks(10, lines=True)
+    chunks = export.chunks(10, "lines")
     first = next(chunks)
     clock.now = 2_000
     engine.apply(engine.plan_upsert(UpsertSpec("p45", [(SET, "n", -1)])))
@@ -232,10 +233,11 @@ def test_bulk_export_json_lines_are_the_records_of_the_packed_form() -> None:
 
 
 def test_packed_chunks_read_a_column_at_a_time_as_record_by_record() -> None:
-    """exportformat.columns (what Parquet is written from) gives the values decode gives,
-    a column per attribute with None where a profile has none, for a shard's chunk (one
-    table) and for one whose profiles were read with different tables; the JSON Lines
-    writer leaves out an attribute its table does not name (as day records are)."""
+    """A shard's COLUMNS chunks (what Parquet is written from) and exportformat.columns of
+    a packed chunk give the values decode gives, a column per attribute with None where a
+    profile has none, for a shard's chunk (one table) and for one whose profiles were read
+    with different tables; the JSON Lines writer leaves out an attribute its table does not
+    name (as day records are)."""
     from datetime import UTC, datetime
 
     import msgpack
@@ -265,6 +267,10 @@ def test_packed_chunks_read_a_column_at_a_time_as_record_by_record() -> None:
 
     got = exportformat.columns(packed, names)
     assert count == 12 and got == expect(records)
+    [(_, made)] = list(export.chunks(100, "columns"))  # a shard's COLUMNS: the same
+    assert exportformat.unpack_columns(made, names) == got
+    [(_, empty)] = list(BulkExport(shard, engine.visible() & BitMap()).chunks(100, "columns"))
+    assert exportformat.unpack_columns(empty, names)["attributes"] == [[] for _ in names]
     at = datetime(2026, 1, 2, 3, 4, 1, tzinfo=UTC)
     assert got["attributes"][2][1] == int(at.timestamp()) * 1_000_000  # as stored
     assert got["attributes"][0][0] is None and got["attributes"][4] == [None] * 12

@@ -706,16 +706,19 @@ class Client(ClientMethods):
         except grpc.RpcError as exc:
             raise _error(exc, "ExportProfiles") from None
 
-    def iter_export_packed(self, query: Any = None, *, chunk_size: int = 2000
-                           ) -> Iterator[tuple[int, bytes]]:
-        """As iter_export, undecoded: (profiles, ExportProfilesChunk.packed) a message, for
-        a reader that decodes a chunk its own way (memstore.exportformat.columns: what
-        `memstore export` writes Parquet from)."""
+    def iter_export_columns(self, query: Any = None, names: Sequence[str] = (), *,
+                            chunk_size: int = 2000) -> Iterator[dict[str, Any]]:
+        """As iter_export, a column at a time, as the shards make them: {"id",
+        "identifiers", "merged_ids", "version", "created", "changed" (unix seconds, 0: not
+        known), "attributes": a list per name in `names`} a message, values as stored
+        (timestamps in microseconds), None where a profile has none (what `memstore
+        export` writes Parquet from; memstore.exportformat.unpack_columns)."""
+        request = _export_request(query, chunk_size)
+        request.format = pb.ExportProfilesRequest.COLUMNS
         try:
-            for chunk in self._grpc.ExportProfiles(_export_request(query, chunk_size),
-                                                   timeout=self.timeout):
+            for chunk in self._grpc.ExportProfiles(request, timeout=self.timeout):
                 if chunk.profiles:
-                    yield chunk.profiles, chunk.packed
+                    yield export.columns(chunk, names)
         except grpc.RpcError as exc:
             raise _error(exc, "ExportProfiles") from None
 
@@ -990,14 +993,15 @@ class AsyncClient(ClientMethods):
         except grpc.aio.AioRpcError as exc:
             raise _error(exc, "ExportProfiles") from None
 
-    async def iter_export_packed(self, query: Any = None, *, chunk_size: int = 2000
-                                 ) -> AsyncIterator[tuple[int, bytes]]:
-        """As Client.iter_export_packed."""
+    async def iter_export_columns(self, query: Any = None, names: Sequence[str] = (), *,
+                                  chunk_size: int = 2000) -> AsyncIterator[dict[str, Any]]:
+        """As Client.iter_export_columns."""
+        request = _export_request(query, chunk_size)
+        request.format = pb.ExportProfilesRequest.COLUMNS
         try:
-            async for chunk in self._grpc.ExportProfiles(_export_request(query, chunk_size),
-                                                         timeout=self.timeout):
+            async for chunk in self._grpc.ExportProfiles(request, timeout=self.timeout):
                 if chunk.profiles:
-                    yield chunk.profiles, chunk.packed
+                    yield export.columns(chunk, names)
         except grpc.aio.AioRpcError as exc:
             raise _error(exc, "ExportProfiles") from None
 

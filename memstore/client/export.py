@@ -18,7 +18,7 @@ file's metadata (`memstore.schema`, `memstore.meta_columns`), which `memstore lo
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -44,6 +44,15 @@ def records(packed: bytes, timestamps: str = "datetime") -> list[dict[str, Any]]
         return []
     tables, entries = msgpack.unpackb(packed, strict_map_key=False)
     return exportformat.decode(tables, entries, timestamps)
+
+
+def columns(chunk: pb.ExportProfilesChunk, names: Sequence[str]) -> dict[str, Any]:
+    """The profiles of an ExportProfilesChunk a column at a time (exportformat.columns): as
+    the shards made them (COLUMNS), or from the packed form, which a shard that does not
+    know COLUMNS sends instead."""
+    if chunk.columns:
+        return exportformat.unpack_columns(chunk.columns, names)
+    return exportformat.columns(chunk.packed, names)
 
 
 def person(r: pb.ExportProfileResponse) -> dict[str, Any]:
@@ -107,12 +116,11 @@ def write_jsonl(out: BinaryIO, schema: list[dict[str, Any]],
 
 
 def write_parquet(path: Path, schema: list[dict[str, Any]],
-                  chunks: Iterable[tuple[int, bytes]], progress: Any = None,
+                  chunks: Iterable[dict[str, Any]], progress: Any = None,
                   rows_per_group: int = 100_000) -> int:
-    """Write packed chunks ((count, ExportProfilesChunk.packed):
-    Client.iter_export_packed) as Parquet, a row group about every `rows_per_group`
-    profiles. Each chunk is decoded once and goes into Arrow a column at a time
-    (exportformat.columns), without a record a profile."""
+    """Write chunks a column at a time (Client.iter_export_columns with the schema's
+    names) as Parquet, a row group about every `rows_per_group` profiles: an Arrow array a
+    column, no record a profile."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -138,10 +146,10 @@ def write_parquet(path: Path, schema: list[dict[str, Any]],
     group: list[Any] = []
     rows = 0
     with pq.ParquetWriter(path, arrow) as writer:
-        for count, packed in chunks:
-            if not packed:
+        for c in chunks:
+            count = len(c["id"])
+            if not count:
                 continue
-            c = exportformat.columns(packed, names)
             created, changed = (np.asarray(c[k], dtype=np.int64) for k in ("created",
                                                                              "changed"))
             arrays = {"id": pa.array(c["id"], pa.string()),
@@ -154,7 +162,7 @@ def write_parquet(path: Path, schema: list[dict[str, Any]],
             for name, values in zip(names, c["attributes"]):
                 arrays[name] = pa.array(values, arrow.field(name).type)
             group.append(pa.record_batch([arrays[f.name] for f in fields], schema=arrow))
-            rows += len(c["id"])
+            rows += count
             if rows >= rows_per_group:
                 writer.write_table(pa.Table.from_batches(group, arrow))
                 group, rows = [], 0
