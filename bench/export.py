@@ -19,9 +19,10 @@ work the rate follows the share of the cores the export got; the CPU seconds do 
 they tell two versions apart where the rates cannot, and total CPU / cores is the least
 time the export can take on that many idle cores.
 
-`--before DIR`: the same measurement first for the memstore in DIR (another commit, e.g.
-from `git archive`; its server and its `memstore export` command, run in DIR with DIR
-first on PYTHONPATH), then for this one, in one run, on the same data.
+`--before DIR`: the same measurement for the memstore in DIR too (another commit, e.g. from
+`git archive`; its server and its `memstore export` command, run in DIR with DIR first on
+PYTHONPATH), in the same run, on the same data: both clusters are loaded first, then each
+export runs on one and the other in turn, so that both see the same load.
 
     python -m bench.export --size 1000000 [--shards 2] [--runs 2] [--before DIR]
 """
@@ -57,39 +58,46 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_export(router: Proc, query: str, output: Path, runs: int = 1) -> dict[str, Any]:
-    """`memstore export` as a separate process, `runs` times; the fastest run, with its CPU
-    seconds by process (router, shards, the command) and the load average around it."""
-    best: dict[str, Any] = {}
+def run_export(router: Proc, query: str, output: Path, code: Path | None = None
+               ) -> dict[str, Any]:
+    """`memstore export` as a separate process (the one in `code`, or this tree's), timed,
+    with the CPU seconds of each process (router, shards, the command) and the load
+    average around it."""
     root = router.proc.pid
     shards = [p for p, depth in descendants(root).items() if depth == 1]
-    for _ in range(runs):
-        before = {p: cpu_seconds(p) for p in [root, *shards]}
-        children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        load = os.getloadavg()[0]
-        t = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "memstore.cli", "export", "--query",
-                               query, "--output", str(output), "--no-progress", "--address",
-                               router.addr], capture_output=True, text=True, check=True)
-        seconds = time.perf_counter() - t
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        exported = int(done.stderr.strip().split()[-2])
-        cpu = {"router": cpu_seconds(root) - before[root],
-               "shards": sum(cpu_seconds(p) - before[p] for p in shards),
-               "command": (after.ru_utime + after.ru_stime)
-               - (children.ru_utime + children.ru_stime)}
-        cpu = {k: round(v, 2) for k, v in cpu.items()}
-        total = sum(cpu.values())
-        run = {"query": query, "file": output.suffix, "profiles": exported,
-               "seconds": round(seconds, 2), "profiles_per_s": round(exported / seconds),
-               "bytes": output.stat().st_size, "cpu_s": cpu, "cpu_total_s": round(total, 2),
-               "cpu_us_per_profile": round(total / max(exported, 1) * 1e6, 2),
-               # the least time on these cores were they idle: total CPU over the cores
-               "profiles_per_s_cpu_bound": round(exported / (total / (os.cpu_count() or 1))),
-               "load_avg": [round(load, 2), round(os.getloadavg()[0], 2)]}
-        if not best or run["seconds"] < best["seconds"]:
-            best = run
-    return best
+    before = {p: cpu_seconds(p) for p in [root, *shards]}
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load = os.getloadavg()[0]
+    t = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "memstore.cli", "export", "--query", query,
+                           "--output", str(output), "--no-progress", "--address",
+                           router.addr], capture_output=True, text=True, check=True,
+                          **_in(code))
+    seconds = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    exported = int(done.stderr.strip().split()[-2])
+    cpu = {"router": cpu_seconds(root) - before[root],
+           "shards": sum(cpu_seconds(p) - before[p] for p in shards),
+           "command": (after.ru_utime + after.ru_stime)
+           - (children.ru_utime + children.ru_stime)}
+    cpu = {k: round(v, 2) for k, v in cpu.items()}
+    total = sum(cpu.values())
+    return {"query": query, "file": output.suffix, "profiles": exported,
+            "seconds": round(seconds, 2), "profiles_per_s": round(exported / seconds),
+            "bytes": output.stat().st_size, "cpu_s": cpu, "cpu_total_s": round(total, 2),
+            "cpu_us_per_profile": round(total / max(exported, 1) * 1e6, 2),
+            # the least time on these cores were they idle: total CPU over the cores
+            "profiles_per_s_cpu_bound": round(exported / (total / (os.cpu_count() or 1))),
+            "load_avg": [round(load, 2), round(os.getloadavg()[0], 2)]}
+
+
+def _in(code: Path | None) -> dict[str, Any]:
+    """subprocess arguments that run the memstore in `code` (None: this tree's): `python
+    -m` looks in its working directory first, then PYTHONPATH."""
+    if code is None:
+        return {}
+    path = os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")]))
+    return {"cwd": code, "env": {**os.environ, "PYTHONPATH": path}}
 
 
 def duckdb_copies(ds: Dataset, directory: Path) -> list[dict[str, Any]]:
@@ -113,55 +121,66 @@ def duckdb_copies(ds: Dataset, directory: Path) -> list[dict[str, Any]]:
         peer.close()
 
 
-def measure(ds: Dataset, shards: int, runs: int, code: Path | None = None
-            ) -> dict[str, Any]:
-    """Load a cluster and time the exports; `code`: the memstore to run (default this one)."""
+def start(ds: Dataset, shards: int, code: Path | None) -> tuple[Proc, dict[str, Any]]:
+    """A cluster of the memstore in `code` (None: this tree's) with the profiles loaded."""
     out: dict[str, Any] = {"code": str(code) if code else "this tree"}
-    saved, cwd = os.environ.get("PYTHONPATH"), os.getcwd()
-    if code is not None:  # `python -m` looks in its working directory first
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), saved]))
+    saved = dict(os.environ), os.getcwd()
+    if code is not None:  # Proc starts `memstore serve` with this process's environment
+        os.environ.update(_in(code)["env"])
         os.chdir(code)
     try:
         router = Proc(["serve", "--in-memory", "--shards", str(shards), "--port", "0"],
                       "memstore serve")
-        try:
-            with client(router.addr) as c:
-                c.declare(schema_declaration())
-                t = time.perf_counter()
-                c.load(iter_records(ds), progress=False)
-                out["load_s"] = round(time.perf_counter() - t, 1)
-                t = time.perf_counter()
-                first = next(iter(c.iter_export("ALL", chunk_size=2000)))
-                out["first_chunk_ms"] = round((time.perf_counter() - t) * 1000, 1)
-                assert first
-            with tempfile.TemporaryDirectory() as tmp:
-                out["exports"] = [
-                    run_export(router, "ALL", Path(tmp) / "all.jsonl", runs),
-                    run_export(router, "ALL", Path(tmp) / "all.parquet", runs),
-                    run_export(router, 'country = "US"', Path(tmp) / "us.jsonl", runs)]
-        finally:
-            router.stop()
     finally:
-        os.chdir(cwd)
-        if code is not None:
-            if saved is None:
-                del os.environ["PYTHONPATH"]
-            else:
-                os.environ["PYTHONPATH"] = saved
-    return out
+        os.environ.clear()
+        os.environ.update(saved[0])
+        os.chdir(saved[1])
+    with client(router.addr) as c:
+        c.declare(schema_declaration())
+        t = time.perf_counter()
+        c.load(iter_records(ds), progress=False)
+        out["load_s"] = round(time.perf_counter() - t, 1)
+        t = time.perf_counter()
+        first = next(iter(c.iter_export("ALL", chunk_size=2000)))
+        out["first_chunk_ms"] = round((time.perf_counter() - t) * 1000, 1)
+        assert first
+    return router, out
+
+
+EXPORTS = (("ALL", "all.jsonl"), ("ALL", "all.parquet"), ('country = "US"', "us.jsonl"))
 
 
 def run(size: int, shards: int = 2, seed: int = 42, runs: int = 1,
         before: Path | None = None) -> dict[str, Any]:
-    """The whole measurement (DuckDB's copies, then memstore's exports, for the code in
-    `before` first when given): its summary."""
+    """The whole measurement (DuckDB's copies, then memstore's exports; with `before`, the
+    memstore there too, both clusters up at once and each export alternating between the
+    two, so that both see the same load): its summary. Each export's fastest of `runs`."""
     ds = load_or_generate(size, seed)
     out: dict[str, Any] = {"size": size, "shards": shards, "machine": machine()}
     with tempfile.TemporaryDirectory() as tmp:
         out["duckdb"] = duckdb_copies(ds, Path(tmp))
     peer = {r["file"]: r["profiles_per_s"] for r in out["duckdb"]}
-    versions = ([measure(ds, shards, runs, before)] if before else []) \
-        + [measure(ds, shards, runs)]
+    codes = ([before] if before else []) + [None]
+    clusters: list[tuple[Proc, dict[str, Any]]] = []
+    try:
+        for code in codes:
+            clusters.append(start(ds, shards, code))
+        for _, version in clusters:
+            version["exports"] = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for query, name in EXPORTS:
+                best: list[dict[str, Any]] = [{} for _ in codes]
+                for _ in range(runs):
+                    for i, (code, (router, _)) in enumerate(zip(codes, clusters)):
+                        r = run_export(router, query, Path(tmp) / name, code)
+                        if not best[i] or r["seconds"] < best[i]["seconds"]:
+                            best[i] = r
+                for (_, version), r in zip(clusters, best):
+                    version["exports"].append(r)
+    finally:
+        for router, _ in clusters:
+            router.stop()
+    versions = [version for _, version in clusters]
     for version in versions:
         for r in version["exports"]:
             if r["query"] == "ALL":
