@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import gc
 import struct
+from collections import deque
 from collections.abc import Iterable, Sequence
 from functools import partial
+from itertools import repeat
+from operator import itemgetter
 from typing import Any
 
 import msgpack
@@ -42,8 +45,9 @@ def json_lines(records: Iterable[dict[str, Any]]) -> bytes:
 def lines(table: dict[int, list[Any]], pids: Sequence[str], blobs: Sequence[bytes],
           created: np.ndarray, changed: np.ndarray) -> bytes:
     """JSON Lines of the profiles `pids` stored as `blobs` (attribute ids named by `table`:
-    {id: [name, kind number]}), created and changed at those seconds since the epoch (0:
-    not known); byte for byte json_lines(decode([table], entries, "iso"))."""
+    {id: [name, kind number]}; one it does not name is left out), created and changed at
+    those seconds since the epoch (0: not known); byte for byte json_lines(decode([table],
+    entries, "iso"))."""
     if not pids:
         return b""
     if gc.isenabled():
@@ -54,23 +58,104 @@ def lines(table: dict[int, list[Any]], pids: Sequence[str], blobs: Sequence[byte
             gc.enable()
     states = ormsgpack.unpackb(_ARRAY32.pack(0xDD, len(blobs)) + b"".join(blobs),
                                option=ormsgpack.OPT_NON_STR_KEYS)
-    attrs = [state[1] for state in states]
-    for aid, spec in table.items():  # timestamps a column at a time, in place
+    versions, attrs, idents, merged = zip(*states)
+    for aid, spec in table.items():  # timestamps a column at a time, in place (C loops)
         if spec[1] == _TIMESTAMP:
             holders = [a for a in attrs if aid in a]
             if holders:
-                text = _iso([a[aid] for a in holders], "us")
-                for a, moment in zip(holders, text):
-                    a[aid] = moment
+                text = _iso(list(map(itemgetter(aid), holders)), "us")
+                deque(map(dict.__setitem__, holders, repeat(aid), text), maxlen=0)
     named = {aid: spec[0] for aid, spec in table.items()}
-    records = [{"id": pid, "attributes": {named[k]: v for k, v in a.items() if k in named},
-                "identifiers": idents, "merged_ids": merged, "version": version,
+    try:
+        renamed = [{named[k]: v for k, v in a.items()} for a in attrs]
+    except KeyError:  # the chunk holds an attribute the table leaves out (day records)
+        renamed = [{named[k]: v for k, v in a.items() if k in named} for a in attrs]
+    records = [{"id": pid, "attributes": a, "identifiers": i, "merged_ids": m, "version": v,
                 "created": c, "changed": h}
-               for pid, (version, a, idents, merged), c, h
-               in zip(pids, states, _times(created), _times(changed))]
+               for pid, a, i, m, v, c, h in zip(pids, renamed, idents, merged, versions,
+                                                _times(created), _times(changed))]
     # One orjson call a chunk: a record's objects hold no object in a list, so `},{"id":`
     # (quotes inside strings are escaped) is only ever the gap between two records.
     return orjson.dumps(records)[1:-1].replace(b'},{"id":', b'}\n{"id":') + b"\n"
+
+
+def column_chunk(table: dict[int, list[Any]], pids: Sequence[str], blobs: Sequence[bytes],
+                 created: np.ndarray, changed: np.ndarray) -> bytes:
+    """The profiles `pids` stored as `blobs` a column at a time, as msgpack
+    (ExportProfilesChunk.columns): "id", "identifiers", "merged_ids", "version", "created",
+    "changed" (seconds, 0: not known), and "attributes": [name, kind number, a value a
+    profile or None] for each attribute of `table` some profile holds, timestamps in
+    microseconds as stored. Made by the shards, so that a Parquet export's decoding is
+    shared by all of them; what a reader has left is an array a column (unpack_columns)."""
+    if not pids:
+        return _pack_columns([], (), (), (), [], [], [])
+    if gc.isenabled():
+        gc.disable()
+        try:
+            return column_chunk(table, pids, blobs, created, changed)
+        finally:
+            gc.enable()
+    states = ormsgpack.unpackb(_ARRAY32.pack(0xDD, len(blobs)) + b"".join(blobs),
+                               option=ormsgpack.OPT_NON_STR_KEYS)
+    versions, attrs, idents, merged = zip(*states)
+    held = set().union(*attrs)
+    out = [[spec[0], spec[1], [a.get(aid) for a in attrs]]
+           for aid, spec in table.items() if aid in held]
+    return _pack_columns(pids, idents, merged, versions, created.tolist(), changed.tolist(),
+                         out)
+
+
+def _pack_columns(pids: Sequence[str], idents: Sequence[Any], merged: Sequence[Any],
+                  versions: Sequence[int], created: list[int], changed: list[int],
+                  attributes: list[list[Any]]) -> bytes:
+    return ormsgpack.packb({"id": pids, "identifiers": idents, "merged_ids": merged,
+                            "version": versions, "created": created, "changed": changed,
+                            "attributes": attributes})
+
+
+def unpack_columns(data: bytes, names: Sequence[str]) -> dict[str, Any]:
+    """ExportProfilesChunk.columns as `columns` gives a packed chunk: "attributes" a list
+    per name in `names`, None for each profile where none holds it."""
+    found = ormsgpack.unpackb(data)
+    held = {name: values for name, _, values in found.pop("attributes")}
+    absent = [None] * len(found["id"])
+    found["attributes"] = [held.get(name, absent) for name in names]
+    return found  # type: ignore[no-any-return]
+
+
+def columns(packed: bytes, names: Sequence[str]) -> dict[str, Any]:
+    """A packed chunk's profiles (ExportProfilesChunk.packed) a column at a time: "id",
+    "identifiers", "merged_ids", "version", "created", "changed" (seconds, 0: not known)
+    and "attributes", a list per name in `names` of each profile's value as stored
+    (timestamps: microseconds since the epoch), None where it has none. One unpack call
+    for the chunk's profiles."""
+    tables, entries = ormsgpack.unpackb(packed, option=ormsgpack.OPT_NON_STR_KEYS)
+    if not entries:
+        return {"id": [], "identifiers": [], "merged_ids": [], "version": [], "created": [],
+                "changed": [], "attributes": [[] for _ in names]}
+    if gc.isenabled():
+        gc.disable()
+        try:
+            return columns(packed, names)
+        finally:
+            gc.enable()
+    pids, blobs, which, created, changed = zip(*entries)
+    states = ormsgpack.unpackb(_ARRAY32.pack(0xDD, len(blobs)) + b"".join(blobs),
+                               option=ormsgpack.OPT_NON_STR_KEYS)
+    versions, attrs, idents, merged = zip(*states)
+    ids = [{spec[0]: aid for aid, spec in t.items()} for t in tables]
+    one = len(ids) == 1 or len(set(which)) == 1
+    out: list[list[Any]] = []
+    for name in names:
+        if one:  # every profile read with the same table (a shard's chunk)
+            aid = ids[which[0]].get(name)
+            out.append([None] * len(attrs) if aid is None else [a.get(aid) for a in attrs])
+        else:
+            keys = [t.get(name) for t in ids]
+            out.append([a.get(keys[t]) for a, t in zip(attrs, which)])
+    return {"id": list(pids), "identifiers": list(idents), "merged_ids": list(merged),
+            "version": list(versions), "created": list(created), "changed": list(changed),
+            "attributes": out}
 
 
 def _iso(values: Any, unit: str) -> list[str]:
@@ -81,11 +166,13 @@ def _iso(values: Any, unit: str) -> list[str]:
 
 
 def _times(seconds: np.ndarray) -> list[str | None]:
-    """Seconds since the epoch as ISO-8601, 0 (not known) as None."""
-    text: list[str | None] = _iso(seconds, "s")  # type: ignore[assignment]
-    if not seconds.all():
-        text = [t if v else None for t, v in zip(text, seconds.tolist())]
-    return text
+    """Seconds since the epoch as ISO-8601, 0 (not known) as None. A chunk's profiles are
+    mostly created (and changed) in few distinct seconds: each is converted once."""
+    distinct, which = np.unique(seconds, return_inverse=True)
+    text: list[str | None] = _iso(distinct, "s")  # type: ignore[assignment]
+    if len(distinct) and not distinct[0]:
+        text[0] = None
+    return list(map(text.__getitem__, which.tolist()))
 
 
 def decode(tables: Sequence[dict[int, list[Any]]], entries: Iterable[Sequence[Any]],

@@ -35,8 +35,8 @@ and an exception no handler maps is INTERNAL (memstore/server/guard.py), never U
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any, NoReturn
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 
@@ -44,17 +44,11 @@ from memstore.query import DEFAULT_LIMITS, QueryLimits
 from memstore.server.link import LinkServer
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
+from shards import export
 from shards.admin import RouterAdmin
-from shards.calls import Code, abort
-from shards.calls import attempts as _attempts
-from shards.calls import epoch_of as _epoch_of
-from shards.calls import fail as _fail
-from shards.calls import move_pause as _pause
-from shards.calls import time_left as _timeout
 from shards.directory import Directory
 from shards.erasure import Erasure
 from shards.fanout import FanOut
-from shards.fanout import relay as _relay
 from shards.operations import Operations
 from shards.queries import Queries
 from shards.reads import Reads
@@ -124,68 +118,12 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
     # ------------------------------------------------------------------ data rights
     async def ExportProfile(self, request: pb.ExportProfileRequest, context: Any
                             ) -> pb.ExportProfileResponse:
-        if request.key.WhichOneof("key") == "identifier":
-            [hit] = await self._by_identifier([request.key], ["\x00"], context)
-            if hit is None:
-                ident = request.key.identifier
-                await _fail(context, Code.NOT_FOUND, f"profile with identifier "
-                            f"{ident.kind}:{ident.value!r} not found")
-            request = pb.ExportProfileRequest(key=pb.ProfileKey(id=hit.id))
-        return await self._single(request.key.id, "ExportProfile", request, context)  # type: ignore[no-any-return]
+        return await export.export_profile(self, request, context)
 
     async def ExportProfiles(self, request: pb.ExportProfilesRequest, context: Any
                              ) -> AsyncIterator[pb.ExportProfilesChunk]:
-        """Every shard's export at once, relayed as they come (each shard's consistent at
-        one moment). Each shard takes its copy before sending anything and says at which
-        epoch; over a map whose epochs those are, the copies partition the profiles, so
-        each is exported once. Otherwise (a slot moved meanwhile) all start again."""
-        sub = pb.ExportProfilesRequest(chunk_size=request.chunk_size, format=request.format)
-        allow_partial = False
-        if request.HasField("query"):
-            sub.query.CopyFrom(await self._lenient(request.query, context))
-            allow_partial = request.query.allow_partial
-        for attempt in _attempts():
-            shards = await self._stable(context, allow_partial)
-            calls = [(shard, epoch, shard.stub.ExportProfiles(sub, timeout=_timeout(context)))
-                     for shard, epoch in shards]
-            missing: list[str] = []
-            started: list[tuple[ShardState, Any]] = []
-            moved = False
-            for shard, epoch, call in calls:
-                try:
-                    answered = _epoch_of(await call.initial_metadata())
-                except grpc.aio.AioRpcError as exc:
-                    answered = None
-                    if exc.code() != Code.UNAVAILABLE:
-                        for _, _, other in calls:
-                            other.cancel()
-                        await self._abort(context, exc)
-                if answered is None:  # down (or it failed at once: the stream says why)
-                    if not allow_partial:
-                        started.append((shard, call))
-                        continue
-                    call.cancel()
-                    missing.append(shard.label)
-                    continue
-                if answered != epoch:
-                    moved = True
-                started.append((shard, call))
-            if moved:
-                for _, call in started:
-                    call.cancel()
-                await self.map.refresh(since=self.map.version)
-                await _pause(attempt, context)
-                continue
-            async for chunk in _relay([call for _, call in started]):
-                if isinstance(chunk, grpc.aio.AioRpcError):
-                    for _, call in started:
-                        call.cancel()
-                    await self._abort(context, chunk)
-                yield chunk
-            if missing:
-                yield pb.ExportProfilesChunk(missing_shards=missing)
-            return
-        await _fail(context, Code.UNAVAILABLE, "shard ownership kept changing during the export")
+        async for chunk in export.export_profiles(self, request, context):  # shards/export.py
+            yield chunk
 
     async def EraseProfiles(self, request: pb.EraseProfilesRequest, context: Any
                             ) -> AsyncIterator[pb.EraseProfilesChunk]:
@@ -197,28 +135,6 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                  ) -> AsyncIterator[pb.EraseProfilesChunk | None]:
         """Retention's erasures (shards/retention.py): Erasure.erase_on."""
         return self.erasure.erase_on(shards, request, context)
-
-    # The export relay (ExportProfile, ExportProfiles) moves to a module of its own next;
-    # until then it stays as it was written, calling these helpers, and those imported
-    # above (_attempts, _fail, ...), by the names they had here.
-    async def _by_identifier(self, keys: list[pb.ProfileKey], attributes: Iterable[str],
-                             context: grpc.aio.ServicerContext) -> list[pb.Profile | None]:
-        return await self.reads.by_identifier(keys, attributes, context)
-
-    async def _single(self, pid: str, method: str, request: Any,
-                      context: grpc.aio.ServicerContext) -> Any:
-        return await self.routing.single(pid, method, request, context)
-
-    async def _lenient(self, query: pb.QueryRequest, context: grpc.aio.ServicerContext,
-                       *extra: str) -> pb.QueryRequest:
-        return await self.queries.lenient(query, context, *extra)
-
-    async def _stable(self, context: grpc.aio.ServicerContext, allow_partial: bool
-                      ) -> list[tuple[ShardState, int]]:
-        return await self.fan.stable(context, allow_partial)
-
-    async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
-        await abort(context, exc)
 
     # ------------------------------------------------------------------ schema
     async def DeclareAttributes(self, request: pb.DeclareAttributesRequest, context: Any

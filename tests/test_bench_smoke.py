@@ -167,6 +167,9 @@ def test_export_bench_runs_small() -> None:
                for r in everything)  # (a ratio at 2,000 may round to 0.0)
     assert 0 < out["exports"][2]["profiles"] < 2_000  # a segment
     assert isinstance(out["target_met"], bool) and out["first_chunk_ms"] > 0
+    for r in out["exports"]:  # CPU seconds by process, and the load around the run
+        assert set(r["cpu_s"]) == {"router", "shards", "command"}
+        assert r["cpu_s"]["command"] > 0 and r["cpu_total_s"] > 0 and len(r["load_avg"]) == 2
 
 
 def test_random_query_trees_are_seeded_and_cross_checked() -> None:

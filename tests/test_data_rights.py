@@ -21,6 +21,8 @@ from memstore import Client, ClientError
 from memstore.client.loader import header
 from memstore.hashslot import slot_of
 from memstore.server import audit, metrics
+from memstore.v1 import memstore_pb2 as pb
+from memstore.v1 import memstore_pb2_grpc
 from shards.retention import Retention
 from shards.slots import split_even
 from tests.conftest import ROOT, start_shard
@@ -432,3 +434,41 @@ def test_the_async_client_exports_json_lines_made_by_the_shards(cluster: dict[st
     assert set(got[0]) == {"id", "attributes", "identifiers", "merged_ids", "version",
                            "created", "changed"}
     assert got[0]["created"].endswith("Z")
+
+
+def messages(address: str, query: str, form: int) -> list[bytes]:
+    """A bulk export's messages (250 profiles each, in `form`), as sent."""
+    with grpc.insecure_channel(address) as channel:
+        stub = memstore_pb2_grpc.MemstoreStub(channel)
+        request = pb.ExportProfilesRequest(query=pb.QueryRequest(text=query), chunk_size=250,
+                                           format=form)  # type: ignore[arg-type]
+        return [m.SerializeToString() for m in stub.ExportProfiles(request, timeout=30)]
+
+
+def test_a_router_relays_each_shards_export_messages_as_the_shard_made_them(
+        cluster: dict[str, Any]) -> None:
+    """A bulk export through the router is the shards' own exports, message for message
+    and byte for byte (the router neither decodes nor re-makes them), in every format, with
+    chunk boundaries in the middle of each shard's profiles; and its profiles are each
+    shard's, each once."""
+    c: Client = cluster["client"]
+    c.load({"id": on_shard(i % 2, f"relay-{i}"), "attributes": {"batch": "relay", "n": i}}
+           for i in range(1300))
+    query = 'batch = "relay"'
+    for form in pb.ExportProfilesRequest.Format.values():
+        routed = messages(cluster["router"].address, query, form)
+        direct: list[bytes] = []
+        for shard in cluster["shards"]:
+            own = messages(shard.address, query, form)
+            sizes = [pb.ExportProfilesChunk.FromString(m).profiles for m in own]
+            assert sizes == [250, 250, 150]  # 650 a shard
+            direct += own
+        assert sorted(routed) == sorted(direct)
+    rows = [json.loads(line) for _, data in c.iter_export_lines(query, chunk_size=250)
+            for line in data.splitlines()]
+    assert sorted(r["attributes"]["n"] for r in rows) == list(range(1300))
+    names = ["n", "batch", "nothing"]
+    columns = list(c.iter_export_columns(query, names, chunk_size=250))
+    assert sorted(n for chunk in columns for n in chunk["attributes"][0]) == list(range(1300))
+    assert all(set(chunk["attributes"][1]) == {"relay"} for chunk in columns)
+    assert all(chunk["attributes"][2] == [None] * len(chunk["id"]) for chunk in columns)

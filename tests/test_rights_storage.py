@@ -9,8 +9,10 @@ import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pyroaring import BitMap
 
 from memstore.engine.change import SET, UpsertSpec
 from memstore.engine.core import Engine
@@ -188,7 +190,7 @@ def test_a_bulk_export_is_the_shards_state_at_its_start(tmp_path: Path) -> None:
     for i in range(50):
         engine.apply(engine.plan_upsert(UpsertSpec(f"p{i}", [(SET, "n", i)])))
     export = BulkExport(shard, engine.visible())
-    chunks = export.chunks(10, lines=True)
+    chunks = export.chunks(10, "lines")
     first = next(chunks)
     clock.now = 2_000
     engine.apply(engine.plan_upsert(UpsertSpec("p45", [(SET, "n", -1)])))
@@ -229,3 +231,71 @@ def test_bulk_export_json_lines_are_the_records_of_the_packed_form() -> None:
     assert got == want
     assert len(got.splitlines()) == len(export) == 18
     assert exportformat.lines(export.table, [], [], created[:0], created[:0]) == b""
+
+
+def test_packed_chunks_read_a_column_at_a_time_as_record_by_record() -> None:
+    """A shard's COLUMNS chunks (what Parquet is written from) and exportformat.columns of
+    a packed chunk give the values decode gives, a column per attribute with None where a
+    profile has none, for a shard's chunk (one table) and for one whose profiles were read
+    with different tables; the JSON Lines writer leaves out an attribute its table does not
+    name (as day records are)."""
+    from datetime import UTC, datetime
+
+    import msgpack
+    import numpy as np
+
+    from memstore import exportformat
+
+    shard = asyncio.run(Shard.open(ShardConfig(data_dir=None, clock=Clock(1_000))))
+    engine = shard.engine
+    for i in range(12):
+        attrs = [(SET, "n", i), (SET, "tags", ["a", f"t{i}"])]
+        if i % 3:
+            attrs += [(SET, "s", f"s{i}"), (SET, "at", datetime(2026, 1, 2, 3, 4, i, tzinfo=UTC))]
+        engine.apply(engine.plan_upsert(UpsertSpec(f"p{i}", attrs, [("email", f"e{i}")])))
+    export = BulkExport(shard, engine.visible())
+    names = ["s", "n", "at", "tags", "missing"]
+    [(count, packed)] = list(export.chunks(100))
+    records = exportformat.decode(*msgpack.unpackb(packed, strict_map_key=False), "micros")
+
+    def expect(records: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": [r["id"] for r in records],
+                "identifiers": [r["identifiers"] for r in records],
+                "merged_ids": [r["merged_ids"] for r in records],
+                "version": [r["version"] for r in records],
+                "created": [1_000] * len(records), "changed": [1_000] * len(records),
+                "attributes": [[r["attributes"].get(n) for r in records] for n in names]}
+
+    got = exportformat.columns(packed, names)
+    assert count == 12 and got == expect(records)
+    [(_, made)] = list(export.chunks(100, "columns"))  # a shard's COLUMNS: the same
+    assert exportformat.unpack_columns(made, names) == got
+    [(_, empty)] = list(BulkExport(shard, engine.visible() & BitMap()).chunks(100, "columns"))
+    assert exportformat.unpack_columns(empty, names)["attributes"] == [[] for _ in names]
+    at = datetime(2026, 1, 2, 3, 4, 1, tzinfo=UTC)
+    assert got["attributes"][2][1] == int(at.timestamp()) * 1_000_000  # as stored
+    assert got["attributes"][0][0] is None and got["attributes"][4] == [None] * 12
+    # Two tables: the second numbers the same attributes the other way round.
+    table = export.table
+    flipped = {len(table) - 1 - aid: spec for aid, spec in table.items()}
+    entries = msgpack.unpackb(packed, strict_map_key=False)[1]
+    mixed = []
+    for k, (pid, blob, _, created, changed) in enumerate(entries):
+        if k % 2:
+            version, attrs, idents, merged = msgpack.unpackb(blob, strict_map_key=False)
+            attrs = {len(table) - 1 - aid: v for aid, v in attrs.items()}
+            blob = msgpack.packb([version, attrs, idents, merged])
+        mixed.append([pid, blob, k % 2, created, changed])
+    again = msgpack.packb([[table, flipped], mixed])
+    assert exportformat.columns(again, names) == got
+    assert exportformat.columns(msgpack.packb([[table], []]), names)["attributes"] == \
+        [[] for _ in names]
+    # Lines from a table without "s": the same as the records without it.
+    narrower = {aid: spec for aid, spec in table.items() if spec[0] != "s"}
+    want = exportformat.json_lines(exportformat.decode(
+        [narrower], [[e[0], e[1], 0, e[3], e[4]] for e in entries], "iso"))
+    created = np.full(len(export), 1_000, np.uint32)
+    got_lines = exportformat.lines(narrower, export.pids, export.blobs, created, created)
+    assert got_lines == want and b'"s":' not in got_lines
+    assert [json.loads(x)["attributes"].get("s") for x in got_lines.splitlines()] == \
+        [None] * 12

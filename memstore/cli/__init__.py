@@ -410,8 +410,9 @@ def _export_many(expression: str, output: Path | None, no_progress: bool,
             # history loads again with load-events, from the events it was made of.
             schema = [a for a in client.schema() if a["kind"] != "event_days"]
             total = client.count(expression)
-            chunks: Any = (client.iter_export(expression, timestamps="micros") if parquet
-                           else client.iter_export_lines(expression))
+            names = [a["name"] for a in schema]
+            chunks = (client.iter_export_columns(expression, names) if parquet
+                      else client.iter_export_lines(expression))
             with tqdm(unit=" profiles", disable=no_progress, file=sys.stderr, total=total,
                       desc=f"exporting to {output.name if output else 'stdout'}") as bar:
                 if parquet:

@@ -18,12 +18,13 @@ file's metadata (`memstore.schema`, `memstore.meta_columns`), which `memstore lo
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import msgpack
+import numpy as np
 
 from memstore import exportformat, pbvalues
 from memstore.v1 import memstore_pb2 as pb
@@ -43,6 +44,15 @@ def records(packed: bytes, timestamps: str = "datetime") -> list[dict[str, Any]]
         return []
     tables, entries = msgpack.unpackb(packed, strict_map_key=False)
     return exportformat.decode(tables, entries, timestamps)
+
+
+def columns(chunk: pb.ExportProfilesChunk, names: Sequence[str]) -> dict[str, Any]:
+    """The profiles of an ExportProfilesChunk a column at a time (exportformat.columns): as
+    the shards made them (COLUMNS), or from the packed form, which a shard that does not
+    know COLUMNS sends instead."""
+    if chunk.columns:
+        return exportformat.unpack_columns(chunk.columns, names)
+    return exportformat.columns(chunk.packed, names)
 
 
 def person(r: pb.ExportProfileResponse) -> dict[str, Any]:
@@ -106,9 +116,11 @@ def write_jsonl(out: BinaryIO, schema: list[dict[str, Any]],
 
 
 def write_parquet(path: Path, schema: list[dict[str, Any]],
-                  chunks: Iterable[list[dict[str, Any]]], progress: Any = None,
+                  chunks: Iterable[dict[str, Any]], progress: Any = None,
                   rows_per_group: int = 100_000) -> int:
-    """Write records (made with timestamps="micros") as Parquet, a row group at a time."""
+    """Write chunks a column at a time (Client.iter_export_columns with the schema's
+    names) as Parquet, a row group about every `rows_per_group` profiles: an Arrow array a
+    column, no record a profile."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -116,47 +128,47 @@ def write_parquet(path: Path, schema: list[dict[str, Any]],
         if spec["name"] in RESERVED:
             raise ValueError(f"attribute {spec['name']!r} has the name of a column of the "
                              "export itself; export it as JSON Lines")
+    stamp = pa.timestamp("us", tz="UTC")
     types = {"string": pa.string(), "int": pa.int64(), "float": pa.float64(),
-             "bool": pa.bool_(), "timestamp": pa.timestamp("us", tz="UTC"),
-             "string_list": pa.list_(pa.string())}
+             "bool": pa.bool_(), "timestamp": stamp, "string_list": pa.list_(pa.string())}
     fields = [pa.field("id", pa.string()),
               pa.field("identifiers", pa.list_(pa.list_(pa.string()))),
               *(pa.field(s["name"], types[s["kind"]]) for s in schema),
               pa.field("_version", pa.uint64()),
-              pa.field("_created", pa.timestamp("us", tz="UTC")),
-              pa.field("_changed", pa.timestamp("us", tz="UTC")),
+              pa.field("_created", stamp),
+              pa.field("_changed", stamp),
               pa.field("_merged_ids", pa.list_(pa.string()))]
     arrow = pa.schema(fields, metadata={
         b"memstore.schema": json.dumps(schema).encode(),
         b"memstore.meta_columns": json.dumps(list(META_COLUMNS)).encode()})
     names = [s["name"] for s in schema]
     total = 0
+    group: list[Any] = []
+    rows = 0
     with pq.ParquetWriter(path, arrow) as writer:
-        for group in _groups(chunks, rows_per_group):
-            columns: dict[str, list[Any]] = {
-                "id": [r["id"] for r in group],
-                "identifiers": [r["identifiers"] for r in group],
-                "_version": [r["version"] for r in group],
-                "_created": [r["created"] for r in group],
-                "_changed": [r["changed"] for r in group],
-                "_merged_ids": [r["merged_ids"] for r in group]}
-            for name in names:
-                columns[name] = [r["attributes"].get(name) for r in group]
-            writer.write_table(pa.table({f.name: pa.array(columns[f.name], type=f.type)
-                                         for f in fields}, schema=arrow))
-            total += len(group)
+        for c in chunks:
+            count = len(c["id"])
+            if not count:
+                continue
+            created, changed = (np.asarray(c[k], dtype=np.int64) for k in ("created",
+                                                                             "changed"))
+            arrays = {"id": pa.array(c["id"], pa.string()),
+                      "identifiers": pa.array(c["identifiers"], fields[1].type),
+                      "_version": pa.array(c["version"], pa.uint64()),
+                      # seconds; 0: not known
+                      "_created": pa.array(created * 1_000_000, stamp, mask=created == 0),
+                      "_changed": pa.array(changed * 1_000_000, stamp, mask=changed == 0),
+                      "_merged_ids": pa.array(c["merged_ids"], pa.list_(pa.string()))}
+            for name, values in zip(names, c["attributes"]):
+                arrays[name] = pa.array(values, arrow.field(name).type)
+            group.append(pa.record_batch([arrays[f.name] for f in fields], schema=arrow))
+            rows += count
+            if rows >= rows_per_group:
+                writer.write_table(pa.Table.from_batches(group, arrow))
+                group, rows = [], 0
+            total += count
             if progress is not None:
-                progress(len(group))
+                progress(count)
+        if group:
+            writer.write_table(pa.Table.from_batches(group, arrow))
     return total
-
-
-def _groups(chunks: Iterable[list[dict[str, Any]]], size: int
-            ) -> Iterator[list[dict[str, Any]]]:
-    group: list[dict[str, Any]] = []
-    for chunk in chunks:
-        group += chunk
-        if len(group) >= size:
-            yield group
-            group = []
-    if group:
-        yield group

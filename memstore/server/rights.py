@@ -196,19 +196,20 @@ class BulkExport:
     def __len__(self) -> int:
         return len(self.pids)
 
-    def chunks(self, size: int, lines: bool = False) -> Iterator[tuple[int, bytes]]:
-        """(profiles, bytes) per `size` profiles: msgpack [[table], [[id, blob, 0, created,
-        changed], ...]] (ExportProfilesChunk.packed), or with `lines` those profiles as
-        JSON Lines (memstore.exportformat: made here, a chunk at a time between requests,
-        so every shard of a cluster shares the work)."""
+    def chunks(self, size: int, form: str = "packed") -> Iterator[tuple[int, bytes]]:
+        """(profiles, bytes) per `size` profiles, in the `form` ExportProfilesChunk names:
+        "packed", msgpack [[table], [[id, blob, 0, created, changed], ...]]; "lines", those
+        profiles as JSON Lines; "columns", a column each (memstore.exportformat). The last
+        two are made here, a chunk at a time between requests, so every shard of a cluster
+        shares the work."""
         tables = [self.table]
+        make = {"lines": exportformat.lines, "columns": exportformat.column_chunk}.get(form)
         for start in range(0, max(len(self.pids), 1), size):
             end = start + size
             pids, blobs = self.pids[start:end], self.blobs[start:end]
             created, changed = self.created[start:end], self.changed[start:end]
-            if lines:
-                yield len(pids), exportformat.lines(self.table, pids, blobs, created,
-                                                    changed)
+            if make is not None:
+                yield len(pids), make(self.table, pids, blobs, created, changed)
             else:
                 entries = list(zip(pids, blobs, repeat(0), created.tolist(),
                                    changed.tolist()))

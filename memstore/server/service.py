@@ -83,6 +83,9 @@ log = logging.getLogger("memstore.server")
 
 MAX_MESSAGE_BYTES = 64 << 20
 EXPORT_CHUNK = 1000  # profiles per ExportSlots message
+_EXPORT_FORMS = {pb.ExportProfilesRequest.PACKED: "packed",  # ExportProfilesChunk's fields
+                 pb.ExportProfilesRequest.JSON_LINES: "lines",
+                 pb.ExportProfilesRequest.COLUMNS: "columns"}
 DROP_CHUNK = 250  # profiles per change when DropSlots forgets moved slots
 DEFAULT_PAGE = 1000
 MAX_PAGE = 100_000
@@ -453,8 +456,10 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         in chunks of stored bytes; the epoch it was taken at goes ahead as initial metadata
         (EPOCH_TRAILER), so a router knows it before anything is sent on."""
         try:
-            lines = request.format == pb.ExportProfilesRequest.JSON_LINES
-            size = request.chunk_size or (rights.EXPORT_LINES_CHUNK if lines
+            form = _EXPORT_FORMS.get(request.format)
+            if form is None:
+                raise InvalidArgument(f"format: no format numbered {request.format}")
+            size = request.chunk_size or (rights.EXPORT_LINES_CHUNK if form == "lines"
                                           else rights.EXPORT_CHUNK)
             if size > rights.MAX_EXPORT_CHUNK:
                 raise InvalidArgument(f"chunk_size: at most {rights.MAX_EXPORT_CHUNK}, "
@@ -467,13 +472,10 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
             return
         await context.send_initial_metadata(((EPOCH_TRAILER, str(export.epoch)),))
         name = self.shard.config.name
-        for count, data in export.chunks(size, lines):
+        for count, data in export.chunks(size, form):
             chunk = pb.ExportProfilesChunk(shard=name, log_position=export.position,
                                            profiles=count)
-            if lines:
-                chunk.lines = data
-            else:
-                chunk.packed = data
+            setattr(chunk, form, data)
             yield chunk
             await asyncio.sleep(0)
 

@@ -348,8 +348,10 @@ class ExportProfilesRequest(_message.Message):
         __slots__ = ()
         PACKED: _ClassVar[ExportProfilesRequest.Format]
         JSON_LINES: _ClassVar[ExportProfilesRequest.Format]
+        COLUMNS: _ClassVar[ExportProfilesRequest.Format]
     PACKED: ExportProfilesRequest.Format
     JSON_LINES: ExportProfilesRequest.Format
+    COLUMNS: ExportProfilesRequest.Format
     QUERY_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -359,20 +361,22 @@ class ExportProfilesRequest(_message.Message):
     def __init__(self, query: _Optional[_Union[QueryRequest, _Mapping]] = ..., chunk_size: _Optional[int] = ..., format: _Optional[_Union[ExportProfilesRequest.Format, str]] = ...) -> None: ...
 
 class ExportProfilesChunk(_message.Message):
-    __slots__ = ("packed", "shard", "log_position", "missing_shards", "lines", "profiles")
+    __slots__ = ("packed", "shard", "log_position", "missing_shards", "lines", "profiles", "columns")
     PACKED_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     LOG_POSITION_FIELD_NUMBER: _ClassVar[int]
     MISSING_SHARDS_FIELD_NUMBER: _ClassVar[int]
     LINES_FIELD_NUMBER: _ClassVar[int]
     PROFILES_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
     packed: bytes
     shard: str
     log_position: int
     missing_shards: _containers.RepeatedScalarFieldContainer[str]
     lines: bytes
     profiles: int
-    def __init__(self, packed: _Optional[bytes] = ..., shard: _Optional[str] = ..., log_position: _Optional[int] = ..., missing_shards: _Optional[_Iterable[str]] = ..., lines: _Optional[bytes] = ..., profiles: _Optional[int] = ...) -> None: ...
+    columns: bytes
+    def __init__(self, packed: _Optional[bytes] = ..., shard: _Optional[str] = ..., log_position: _Optional[int] = ..., missing_shards: _Optional[_Iterable[str]] = ..., lines: _Optional[bytes] = ..., profiles: _Optional[int] = ..., columns: _Optional[bytes] = ...) -> None: ...
 
 class EraseProfilesRequest(_message.Message):
     __slots__ = ("query", "suppress", "batch_size", "anonymous_before", "anonymous_kinds")
