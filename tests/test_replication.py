@@ -1,0 +1,263 @@
+"""Replicas (memstore/replication/) with real processes on loopback: a primary, replicas
+with their own data directories, SIGKILL and restarts. A replica must end in exactly the
+primary's state, resume from its own position after a restart (partial resync), start over
+from a snapshot when the primary no longer keeps that position (full resync), refuse
+writes naming the primary, and leave no byte of an erased profile after its next snapshot.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from memstore import Client, ClientError
+from memstore.server.logs import listening_address, message
+from memstore.v1 import memstore_pb2 as pb
+from memstore.v1 import memstore_pb2_grpc
+from tests.conftest import ROOT
+
+
+@dataclass
+class Proc:
+    """A server process whose every log line is kept (`lines`)."""
+
+    proc: subprocess.Popen[bytes]
+    address: str
+    data: Path
+    lines: list[str] = field(default_factory=list)
+
+    def said(self, text: str) -> list[str]:
+        return [m for m in map(message, list(self.lines)) if text in m]
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+
+def start(data: Path, *args: str) -> Proc:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memstore.cli", "serve-shard", "--port", "0", "--data-dir",
+         str(data), *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline().decode()
+        if not line:
+            break
+        lines.append(line)
+        address = listening_address(line)
+        if address is not None:
+            server = Proc(proc, address, data, lines)
+
+            def pump() -> None:
+                assert proc.stderr is not None
+                for raw in proc.stderr:
+                    lines.append(raw.decode())
+
+            threading.Thread(target=pump, daemon=True).start()
+            return server
+    proc.kill()
+    raise RuntimeError("serve-shard did not start:\n" + "".join(lines))
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for p in reversed(started):
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait(10)
+
+
+def stats(address: str) -> dict[str, Any]:
+    with Client(address) as c:
+        return c.stats()  # type: ignore[no-any-return]
+
+
+def wait_caught_up(primary: str, replica: str, timeout: float = 30.0) -> dict[str, Any]:
+    """Wait until the replica's log ends where the primary's does; the replica's stats."""
+    deadline = time.monotonic() + timeout
+    while True:
+        want = stats(primary)["log.position"]
+        got = stats(replica)
+        if got["log.position"] == want and got.get("replication.connected") == "True":
+            return got
+        assert time.monotonic() < deadline, (f"replica at {got['log.position']}, primary "
+                                             f"at {want}: {got}")
+        time.sleep(0.05)
+
+
+def state(address: str) -> dict[str, Any]:
+    """Everything a client can read of a shard: every profile as exported, the schema, the
+    saved segments and their members."""
+    with Client(address) as c:
+        profiles = sorted((p for chunk in c.iter_export(timestamps="micros") for p in chunk),
+                          key=lambda p: p["id"])
+        segments = sorted((s["name"], s["members"], s["query"]) for s in c.segments())
+        schema = sorted((a["name"], a["kind"]) for a in c.schema())
+        return {"profiles": profiles, "segments": segments, "schema": schema,
+                "count": c.count("ALL")}
+
+
+def write_history(c: Client, start: int, end: int) -> None:
+    """Loads, updates, increments, deletes, merges and a saved segment's changes."""
+    c.load({"id": f"u{i}", "attributes": {"n": i, "city": f"c{i % 7}", "tags": [f"t{i % 3}"]},
+            "identifiers": [["email", f"u{i}@x.io"]]} for i in range(start, end))
+    for i in range(start, end, 5):
+        c.upsert(f"u{i}", ops=[("increment", "n", 1000), ("add_to_set", "tags", ["five"])])
+    deleted = set(range(start + 1, end, 11))
+    for i in sorted(deleted):
+        c.delete(f"u{i}")
+    for i in range(start + 2, end - 3, 13):  # u(i+3)'s email links to u(i): a merge
+        if not {i, i + 3} & deleted:
+            c.link(f"u{i}", [("email", f"u{i + 3}@x.io")])
+
+
+def test_a_replica_converges_to_the_primary_exactly(tmp_path: Path, procs: list[Proc]
+                                                    ) -> None:
+    primary = start(tmp_path / "primary")
+    procs.append(primary)
+    with Client(primary.address) as c:
+        c.create_segment("fives", 'tags HAS "five"')
+        write_history(c, 0, 400)  # before the replica: its full resync carries these
+        replica = start(tmp_path / "replica", "--replica-of", primary.address,
+                        "--name", "replica-1")
+        procs.append(replica)
+        write_history(c, 400, 900)  # while it follows: the log stream carries these
+        c.track("u7", "purchase", count=3)
+        c.upsert("u8", ops=[("unset", "city", None)])
+    after = wait_caught_up(primary.address, replica.address)
+    assert after["replication.full_resyncs"] == "1"
+    assert replica.said("full resync done:")
+    assert state(replica.address) == state(primary.address)
+    assert state(replica.address)["segments"][0][1] > 0  # the segment has members there too
+
+
+def test_a_replica_killed_and_restarted_resumes_where_it_was(tmp_path: Path,
+                                                             procs: list[Proc]) -> None:
+    primary = start(tmp_path / "primary")
+    procs.append(primary)
+    replica = start(tmp_path / "replica", "--replica-of", primary.address)
+    procs.append(replica)
+    with Client(primary.address) as c:
+        write_history(c, 0, 300)
+        wait_caught_up(primary.address, replica.address)
+        replica.kill()
+        position = int(stats(primary.address)["log.position"])
+        write_history(c, 300, 600)  # while the replica is down
+    replica = start(tmp_path / "replica", "--replica-of", primary.address)
+    procs.append(replica)
+    after = wait_caught_up(primary.address, replica.address)
+    assert after["replication.full_resyncs"] == "0", replica.lines
+    assert after["replication.partial_resyncs"] == "1"
+    [line] = replica.said("partial resync: following")
+    assert f"from position {position} " in line
+    assert not replica.said("full resync")
+    assert state(replica.address) == state(primary.address)
+
+
+def test_a_replica_whose_position_the_primary_dropped_resyncs_in_full(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    primary = start(tmp_path / "primary")
+    procs.append(primary)
+    replica = start(tmp_path / "replica", "--replica-of", primary.address)
+    procs.append(replica)
+    with Client(primary.address) as c:
+        write_history(c, 0, 200)
+        wait_caught_up(primary.address, replica.address)
+        assert replica.stop() == 0
+        write_history(c, 200, 400)  # deletes among them: the snapshot drops the old log
+        c.snapshot()
+    replica = start(tmp_path / "replica", "--replica-of", primary.address)
+    procs.append(replica)
+    after = wait_caught_up(primary.address, replica.address)
+    assert after["replication.full_resyncs"] == "1"
+    [why] = replica.said("full resync from")
+    assert "cannot continue from position" in why and "older than the oldest" in why
+    assert state(replica.address) == state(primary.address)
+    with Client(primary.address) as c:  # and it goes on following
+        write_history(c, 400, 450)
+    wait_caught_up(primary.address, replica.address)
+    assert state(replica.address) == state(primary.address)
+
+
+def test_a_replica_refuses_writes_naming_the_primary_and_tells_its_lag(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    primary = start(tmp_path / "primary")
+    procs.append(primary)
+    replica = start(tmp_path / "replica", "--replica-of", primary.address)
+    procs.append(replica)
+    with Client(primary.address) as c:
+        c.upsert("a", {"x": 1})
+    wait_caught_up(primary.address, replica.address)
+    with Client(replica.address) as c:
+        for write in (lambda: c.upsert("b", {"x": 2}), lambda: c.delete("a"),
+                      lambda: c.declare([{"name": "y", "kind": "int"}]),
+                      lambda: c.create_segment("s", "x = 1")):
+            with pytest.raises(ClientError) as refused:
+                write()
+            assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert f"read-only replica of {primary.address}" in refused.value.details
+        assert c.get("b") is None and c.get("a")["attributes"] == {"x": 1}
+    with grpc.insecure_channel(replica.address) as channel:
+        stub = memstore_pb2_grpc.MemstoreStub(channel)
+        _, call = stub.Get.with_call(pb.GetRequest(key=pb.ProfileKey(id="a")))
+        trailers = dict(call.trailing_metadata())
+        assert trailers["memstore-primary"] == primary.address
+        assert trailers["memstore-replica-lag-bytes"] == "0"
+        assert float(trailers["memstore-replica-lag-seconds"]) == 0.0
+        with pytest.raises(grpc.RpcError) as refused_call:
+            stub.Upsert(pb.UpsertRequest(id="c"))
+        assert dict(refused_call.value.trailing_metadata())["memstore-primary"] == \
+            primary.address
+    primary.kill()  # the replica goes on answering reads; its lag grows
+    time.sleep(0.3)
+    with grpc.insecure_channel(replica.address) as channel:
+        _, call = memstore_pb2_grpc.MemstoreStub(channel).Get.with_call(
+            pb.GetRequest(key=pb.ProfileKey(id="a")))
+        assert float(dict(call.trailing_metadata())["memstore-replica-lag-seconds"]) > 0
+    assert stats(replica.address)["replication.connected"] == "False"
+
+
+def test_erasure_on_the_primary_leaves_no_byte_on_the_replica(tmp_path: Path,
+                                                              procs: list[Proc]) -> None:
+    marker = "MARKER-replica-erase-91c2"
+    primary = start(tmp_path / "primary")
+    procs.append(primary)
+    replica = start(tmp_path / "replica", "--replica-of", primary.address)
+    procs.append(replica)
+    with Client(primary.address) as c:
+        write_history(c, 0, 50)
+        c.upsert("victim", {"note": marker}, identifiers=[("email", f"{marker}@x.io")])
+        wait_caught_up(primary.address, replica.address)
+        with Client(replica.address) as r:
+            r.snapshot()  # the marker is in the replica's snapshot and log
+            assert r.get("victim") is not None
+        c.erase("victim")
+    wait_caught_up(primary.address, replica.address)
+    with Client(replica.address) as r:
+        assert r.get("victim") is None
+        r.snapshot()
+    hits = [str(p) for p in (tmp_path / "replica").rglob("*")
+            if p.is_file() and marker.encode() in p.read_bytes()]
+    assert hits == []
+    assert state(replica.address) == state(primary.address)
