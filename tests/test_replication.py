@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,13 @@ def wait_caught_up(primary: str, replica: str, timeout: float = 30.0) -> dict[st
             return got
         assert time.monotonic() < deadline, (f"replica at {got['log.position']}, primary "
                                              f"at {want}: {got}")
+        time.sleep(0.05)
+
+
+def wait_replicas(primary: str, count: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while stats(primary)["replication.replicas"] != str(count):
+        assert time.monotonic() < deadline, "the replicas never connected"
         time.sleep(0.05)
 
 
@@ -204,11 +212,17 @@ def test_a_replica_refuses_writes_naming_the_primary_and_tells_its_lag(
         tmp_path: Path, procs: list[Proc]) -> None:
     primary = start(tmp_path / "primary")
     procs.append(primary)
-    replica = start(tmp_path / "replica", "--replica-of", primary.address)
+    replica = start(tmp_path / "replica", "--replica-of", primary.address,
+                    "--metrics-port", "0")
     procs.append(replica)
     with Client(primary.address) as c:
         c.upsert("a", {"x": 1})
     wait_caught_up(primary.address, replica.address)
+    [url] = [m.split("metrics on ", 1)[1] for m in replica.said("metrics on ")]
+    with urllib.request.urlopen(url, timeout=10) as scrape:
+        scraped = scrape.read().decode()
+    assert "memstore_replication_lag_bytes 0.0" in scraped
+    assert "memstore_replication_lag_seconds 0.0" in scraped
     with Client(replica.address) as c:
         for write in (lambda: c.upsert("b", {"x": 2}), lambda: c.delete("a"),
                       lambda: c.declare([{"name": "y", "kind": "int"}]),
@@ -261,3 +275,97 @@ def test_erasure_on_the_primary_leaves_no_byte_on_the_replica(tmp_path: Path,
             if p.is_file() and marker.encode() in p.read_bytes()]
     assert hits == []
     assert state(replica.address) == state(primary.address)
+
+
+# ---------------------------------------------------------------------- --replication sync
+
+def test_sync_replication_without_a_replica_refuses_writes(tmp_path: Path,
+                                                           procs: list[Proc]) -> None:
+    primary = start(tmp_path / "primary", "--replication", "sync",
+                    "--replication-timeout", "0.3")
+    procs.append(primary)
+    with Client(primary.address) as c:
+        with pytest.raises(ClientError) as refused:  # waits for a replica, up to 0.3 s
+            c.upsert("first", {"x": 1})
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(ClientError) as refused:  # none for 0.3 s: refused at once
+            c.upsert("a", {"x": 1})
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "no replica connected for 0.3 s" in refused.value.details
+        assert "nothing was written" in refused.value.details
+        assert c.get("a") is None  # reads are served
+    fallback = start(tmp_path / "fallback", "--replication", "sync",
+                     "--replication-timeout", "0.3", "--replication-fallback")
+    procs.append(fallback)
+    with Client(fallback.address) as c:
+        c.upsert("a", {"x": 1})  # acknowledged as async, and counted
+        assert c.get("a")["attributes"] == {"x": 1}
+        assert c.stats()["replication.fallbacks"] == "1"
+
+
+def test_sync_replication_acknowledges_only_what_the_replica_holds(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    primary = start(tmp_path / "primary", "--replication", "sync")
+    procs.append(primary)
+    replica = start(tmp_path / "replica", "--replica-of", primary.address)
+    procs.append(replica)
+    wait_replicas(primary.address, 1)
+    acked: list[str] = []
+    stop = threading.Event()
+
+    def writer(prefix: str) -> None:
+        with Client(primary.address, timeout=10) as c:
+            n = 0
+            while not stop.is_set():
+                try:
+                    c.upsert(f"{prefix}-{n}", {"n": n}, ops=[("add_to_set", "t", ["x"])])
+                except ClientError:
+                    return
+                acked.append(f"{prefix}-{n}")
+                if len(acked) >= 400 and not stop.is_set():
+                    stop.set()  # right after an acknowledged write: kill the primary
+                    primary.kill()
+                n += 1
+
+    threads = [threading.Thread(target=writer, args=(f"w{t}",)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert primary.proc.poll() is not None and len(acked) >= 400
+    replica.kill()  # what it confirmed must be on its disk, not only in its memory
+    replica = start(tmp_path / "replica", "--replica-of", primary.address)
+    procs.append(replica)
+    with Client(replica.address) as c:
+        got = c.batch_get(acked)
+    lost = [pid for pid, profile in zip(acked, got, strict=True) if profile is None]
+    assert lost == []
+
+
+def test_sync_replication_with_a_stopped_replica_times_out_then_resumes(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    primary = start(tmp_path / "primary", "--replication", "sync",
+                    "--replication-timeout", "0.5")
+    procs.append(primary)
+    replica = start(tmp_path / "replica", "--replica-of", primary.address)
+    procs.append(replica)
+    wait_replicas(primary.address, 1)
+    with Client(primary.address) as c:
+        c.upsert("before", {"x": 1})
+        info = c.stats()
+        assert info["replication.mode"] == "sync"
+        assert info["replication.replica.0.lag_bytes"] == "0"
+        os.kill(replica.proc.pid, signal.SIGSTOP)  # a partition: connected, silent
+        try:
+            with pytest.raises(ClientError) as refused:
+                c.upsert("during", {"x": 2})
+            assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+            assert "no replica confirmed it" in refused.value.details
+            assert "may or may not survive a failover" in refused.value.details
+        finally:
+            os.kill(replica.proc.pid, signal.SIGCONT)
+        c.upsert("after", {"x": 3})  # the replica caught up and confirms again
+    wait_caught_up(primary.address, replica.address)
+    with Client(replica.address) as r:
+        assert [p is not None for p in r.batch_get(["before", "during", "after"])] == \
+            [True, True, True]

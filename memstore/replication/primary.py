@@ -67,7 +67,9 @@ class Replicas:
         self.timeout = timeout
         self.fallback = fallback
         self.connected: dict[int, Replica] = {}
-        self._last_seen = float("-inf")  # monotonic: when a replica was last connected
+        # Monotonic: when a replica was last connected. Starting now gives replicas
+        # `timeout` seconds to reconnect to a restarted primary before writes are refused.
+        self._last_seen = time.monotonic()
         self._acked = asyncio.Event()  # set and replaced whenever an ack arrives
         self.fallbacks = 0  # writes acknowledged as async under sync (with fallback)
 
@@ -86,6 +88,12 @@ class Replicas:
         self._acked.set()
         self._acked = asyncio.Event()
 
+    def furthest_behind(self) -> int:
+        """Log bytes the furthest-behind connected replica lacks (0: none connected)."""
+        end = self.shard.readable_lsn
+        return max((max(0, end - r.acked_lsn) for r in list(self.connected.values())),
+                   default=0)
+
     def best_acked(self) -> int:
         return max((r.acked_lsn for r in self.connected.values()), default=-1)
 
@@ -93,13 +101,15 @@ class Replicas:
     def check(self) -> None:
         if not self.sync or self.connected or self.fallback:
             return
-        away = time.monotonic() - self._last_seen
-        if away > self.timeout:
+        if self._away() > self.timeout:
             raise Unavailable(f"no replica connected for {self.timeout:g} s "
                               "(--replication sync): nothing was written")
 
     async def replicated(self, lsn: int) -> None:
         if not self.sync:
+            return
+        if self.fallback and not self.connected and self._away() > self.timeout:
+            self._fell_back(lsn, "no replica connected")
             return
         deadline = time.monotonic() + self.timeout
         while self.best_acked() < lsn:
@@ -112,13 +122,21 @@ class Replicas:
         else:
             return
         if self.fallback:
-            self.fallbacks += 1
-            log.warning("no replica confirmed position %d within %g s: acknowledged as "
-                        "async (--replication-fallback)", lsn, self.timeout)
+            self._fell_back(lsn, f"no replica confirmed it within {self.timeout:g} s")
             return
         raise Unavailable(f"written on the primary, but no replica confirmed it within "
                           f"{self.timeout:g} s (--replication sync): it may or may not "
                           "survive a failover")
+
+    def _away(self) -> float:
+        """Seconds since a replica was last connected (0 while one is)."""
+        return 0.0 if self.connected else time.monotonic() - self._last_seen
+
+    def _fell_back(self, lsn: int, why: str) -> None:
+        self.fallbacks += 1
+        if self.fallbacks == 1 or self.fallbacks % 1000 == 0:  # not a line per write
+            log.warning("write at position %d acknowledged as async (--replication-"
+                        "fallback): %s (%d such writes so far)", lsn, why, self.fallbacks)
 
     def stats(self) -> dict[str, str]:
         end = self.shard.readable_lsn

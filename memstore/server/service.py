@@ -1474,6 +1474,13 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
                                   primary_credentials)
         following = asyncio.get_running_loop().create_task(shard.follower.run())
         log.info(f"replica of {replica_of}", extra={"primary": replica_of})
+        follower = shard.follower
+        metrics.REPLICATION_LAG_BYTES.set_function(lambda: follower.lag()[0])
+        metrics.REPLICATION_LAG_SECONDS.set_function(lambda: follower.lag()[1])
+    elif service is not None:
+        replicas = service.replicas
+        metrics.REPLICAS.set_function(lambda: len(replicas.connected))
+        metrics.REPLICATION_LAG_BYTES.set_function(replicas.furthest_behind)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
