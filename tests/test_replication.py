@@ -369,3 +369,52 @@ def test_sync_replication_with_a_stopped_replica_times_out_then_resumes(
     with Client(replica.address) as r:
         assert [p is not None for p in r.batch_get(["before", "during", "after"])] == \
             [True, True, True]
+
+
+# ---------------------------------------------------------------------- read_from="replica"
+
+def test_clients_reading_from_replicas_go_on_reading_when_the_primary_dies(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    primary = start(tmp_path / "primary")
+    procs.append(primary)
+    replica = start(tmp_path / "replica", "--replica-of", primary.address)
+    procs.append(replica)
+    wait_replicas(primary.address, 1)
+    with Client(primary.address, read_from="replica") as c:
+        c.upsert("a", {"x": 1})  # writes go to the primary
+        wait_caught_up(primary.address, replica.address)
+        assert c.get("a")["attributes"] == {"x": 1}
+        primary.kill()
+        assert c.get("a")["attributes"] == {"x": 1}  # a replica answered
+        assert c.count("x = 1") == 1
+        with pytest.raises(ClientError) as refused:
+            c.upsert("b", {"x": 2})
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+
+    async def read_async() -> Any:
+        from memstore import AsyncClient
+
+        async with AsyncClient(replica.address, read_from="replica") as c:
+            return await c.get("a")  # a replica lists no replicas: it answers itself
+
+    import asyncio
+
+    assert asyncio.run(read_async())["attributes"] == {"x": 1}
+
+
+def test_reads_from_a_dead_replica_go_to_the_primary(tmp_path: Path, procs: list[Proc]
+                                                      ) -> None:
+    primary = start(tmp_path / "primary")
+    procs.append(primary)
+    replica = start(tmp_path / "replica", "--replica-of", primary.address)
+    procs.append(replica)
+    wait_replicas(primary.address, 1)
+    with Client(primary.address, read_from="replica") as c:
+        c.upsert("a", {"x": 1})
+        wait_caught_up(primary.address, replica.address)
+        assert c.get("a") is not None
+        replica.kill()
+        c.upsert("b", {"x": 2})
+        assert c.get("b")["attributes"] == {"x": 2}  # the primary answered
+    with pytest.raises(ValueError, match="read_from"):
+        Client(primary.address, read_from="secondary")

@@ -1447,7 +1447,7 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
         keep = config.sync is SyncPolicy.ALWAYS  # else a crash may lose what replicas hold
         service = ReplicationService(
             shard, history.for_primary(Path(config.data_dir), keep), replicas)
-        shard.replication = replicas if replicas.sync else None
+        shard.replication = replicas  # async: its hooks return at once
     # The engine holds few container objects (profiles are bytes), but a bulk load makes
     # and drops millions of small lists and dicts: collect young objects less often and
     # never rescan what recovery loaded.
