@@ -418,3 +418,55 @@ def test_reads_from_a_dead_replica_go_to_the_primary(tmp_path: Path, procs: list
         assert c.get("b")["attributes"] == {"x": 2}  # the primary answered
     with pytest.raises(ValueError, match="read_from"):
         Client(primary.address, read_from="secondary")
+
+
+# ---------------------------------------------------------------------- promotion by hand
+
+def test_a_replica_restarted_as_primary_continues_the_history(tmp_path: Path,
+                                                              procs: list[Proc]) -> None:
+    """docs/replication.md "Failover": a replica restarted without --replica-of serves as a
+    primary of a new history continuing the old one up to its log's end. A replica behind
+    that point follows it with a partial resync; the old primary, which wrote past it,
+    comes back as a replica with a full resync (its unreplicated tail discarded)."""
+    old = start(tmp_path / "old")
+    procs.append(old)
+    a = start(tmp_path / "a", "--replica-of", old.address)
+    b = start(tmp_path / "b", "--replica-of", old.address)
+    procs += [a, b]
+    with Client(old.address) as c:
+        write_history(c, 0, 100)
+        wait_caught_up(old.address, a.address)
+        with Client(a.address) as on_a:  # after the deletes: a keeps its log from here
+            on_a.snapshot()
+        wait_caught_up(old.address, b.address)
+        assert b.stop() == 0  # b stays behind
+        for i in range(100, 200):  # no erasure: a's log keeps b's position
+            c.upsert(f"v{i}", {"n": i}, ops=[("increment", "hits", 1)])
+        wait_caught_up(old.address, a.address)
+        os.kill(a.proc.pid, signal.SIGSTOP)  # a stops receiving: old writes on alone
+        try:
+            c.upsert("only-on-old", {"x": 1})
+        finally:
+            os.kill(a.proc.pid, signal.SIGCONT)
+    old.kill()
+    assert a.stop() == 0
+    a = start(tmp_path / "a")  # promoted
+    procs.append(a)
+    assert a.said("serving as a primary of the new history")
+    b = start(tmp_path / "b", "--replica-of", a.address)
+    procs.append(b)
+    with Client(a.address) as c:
+        write_history(c, 200, 300)
+    after = wait_caught_up(a.address, b.address)
+    assert after["replication.full_resyncs"] == "0" and b.said("partial resync")
+    assert b.said("continues history")
+    assert state(b.address) == state(a.address)
+    old = start(tmp_path / "old", "--replica-of", a.address)
+    procs.append(old)
+    after = wait_caught_up(a.address, old.address)
+    assert after["replication.full_resyncs"] == "1"
+    [why] = old.said("full resync from")
+    assert "where this primary took over history" in why
+    with Client(old.address) as c:
+        assert c.get("only-on-old") is None
+    assert state(old.address) == state(a.address)

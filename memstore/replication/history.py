@@ -4,13 +4,18 @@ A replica resumes from a position in its primary's log, and a position only mean
 something within one history: the sequence of records a log has held since it began. So
 every shard with a data directory names its history in DATA/HISTORY, one JSON object:
 
-    {"history": "8c1f…"}   this log is a prefix of history 8c1f… (a primary makes the id
-                           once; a replica takes its primary's with a full resync)
-    {"history": null}      a full resync was under way: the directory holds no usable
-                           history; a replica empties it and resyncs, a primary refuses it
-
-A replica resyncs partially (from its own log's end) only when its history is the
-primary's and the primary still holds that position; otherwise it takes a full resync.
+    {"history": "8c1f…", "role": "primary"}
+        this log is history 8c1f…, which this shard made and writes
+    {"history": "8c1f…", "role": "replica"}
+        this log is a prefix of history 8c1f…, taken from a primary
+    {"history": "d07a…", "role": "primary", "previous": "8c1f…", "until": 5120}
+        a replica of 8c1f… promoted at position 5120 (its log's end then): its log up to
+        5120 is 8c1f…'s, after it its own writes. A replica of 8c1f… at a position up to
+        5120 follows it with a partial resync and takes the new id (Redis's PSYNC2
+        replid2); one past 5120 holds records the new primary never had: a full resync.
+    {"history": null}
+        a full resync was under way: no usable history; a replica empties the directory
+        and resyncs, a primary refuses it
 
 A primary keeps its id across restarts only under `--sync always`: there, every record it
 ever streamed was durable, so its log after a restart still holds all of them. Under
@@ -28,6 +33,7 @@ import logging
 import os
 import shutil
 import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from memstore.storage.fsutil import fsync_path
@@ -41,27 +47,43 @@ class HistoryError(RuntimeError):
     """The data directory cannot serve in the role asked for (the message says why)."""
 
 
-def read(data: Path) -> tuple[bool, str | None]:
-    """(whether DATA/HISTORY exists, the history id it names or None)."""
+@dataclass(frozen=True)
+class History:
+    history: str | None
+    role: str = "primary"
+    previous: str | None = None  # the history this one continues, up to `until`
+    until: int = 0
+
+    def continues(self, history: str, lsn: int) -> bool:
+        """Whether position `lsn` of `history` is a position of this history too."""
+        return history == self.history or (history == self.previous and lsn <= self.until)
+
+
+def read(data: Path) -> History | None:
+    """What DATA/HISTORY says; None if there is no such file."""
     try:
         text = (data / FILE).read_text(encoding="utf-8")
     except FileNotFoundError:
-        return False, None
+        return None
     try:
-        value = json.loads(text)["history"]
-        if value is not None and not isinstance(value, str):
-            raise TypeError("not a string")
-    except (ValueError, KeyError, TypeError) as exc:
+        fields = json.loads(text)
+        found = History(fields["history"], fields.get("role", "primary"),
+                        fields.get("previous"), int(fields.get("until", 0)))
+        if not all(v is None or isinstance(v, str) for v in (found.history, found.previous)):
+            raise TypeError("an id is not a string")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise HistoryError(f"{data / FILE} is damaged ({exc}); a replica's directory can "
                            "be emptied and resynced") from None
-    return True, value
+    return found
 
 
-def write(data: Path, history: str | None) -> None:
+def write(data: Path, history: History) -> None:
     data.mkdir(parents=True, exist_ok=True)
     tmp = data / f"{FILE}.tmp"
+    fields = {k: v for k, v in asdict(history).items() if v is not None and v != 0}
+    fields["history"] = history.history
     with tmp.open("w", encoding="utf-8") as f:
-        json.dump({"history": history}, f)
+        json.dump(fields, f)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
@@ -73,33 +95,48 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def for_primary(data: Path, keep: bool) -> str:
-    """The history a primary's log belongs to: the directory's, or a new one when it has
-    none or `keep` is False (its sync policy may lose what replicas hold)."""
-    exists, history = read(data)
-    if exists and history is None:
+def for_primary(data: Path, keep: bool, end_lsn: int) -> History:
+    """The history a primary's log belongs to, `end_lsn` being where its log ends: the
+    directory's; a new one when it has none or `keep` is False (its sync policy may lose
+    what replicas hold); a new one continuing the old up to `end_lsn` when the directory
+    was a replica's (a promotion)."""
+    found = read(data)
+    if found is not None and found.history is None:
         raise HistoryError(f"{data} holds an interrupted full resync of a replica, not a "
                            "shard's state: start it as a replica again (--replica-of) or "
                            "give an empty directory")
-    if history is None or not keep:
-        history = new_id()
-        write(data, history)
-    return history
+    if found is not None and found.role == "replica":
+        promoted = History(new_id(), "primary", found.history, end_lsn)
+        log.warning("this directory was a replica's of history %s: serving as a primary of "
+                    "the new history %s, which continues it up to position %d",
+                    found.history, promoted.history, end_lsn)
+        write(data, promoted)
+        return promoted
+    if found is None or not keep:
+        made = History(new_id())
+        write(data, made)
+        return made
+    return found
 
 
 def for_replica(data: Path) -> str | None:
     """Prepare a replica's directory before it opens; the history its log holds (None: it
     has none and takes a full resync). An interrupted full resync is emptied here."""
-    exists, history = read(data)
-    if exists and history is None:
+    found = read(data)
+    if found is not None and found.history is None:
         log.warning("%s: a full resync was interrupted; emptying the log and snapshots "
                     "to start it again", data)
         for sub in ("log", "snapshots"):
             shutil.rmtree(data / sub, ignore_errors=True)
         return None
-    if not exists and any((data / sub).is_dir() and any((data / sub).iterdir())
-                          for sub in ("log", "snapshots")):
+    if found is None and any((data / sub).is_dir() and any((data / sub).iterdir())
+                             for sub in ("log", "snapshots")):
         raise HistoryError(f"{data} holds a shard's data but no {FILE}: it was not "
                            "written by a replica or a primary that knows replication. "
                            "Give a replica an empty directory")
-    return history
+    return None if found is None else found.history
+
+
+def replica_of(history_id: str | None) -> History:
+    """What a replica's DATA/HISTORY says once it follows `history_id` (None: resyncing)."""
+    return History(history_id, "replica")

@@ -32,6 +32,7 @@ from typing import Any
 import grpc
 
 from memstore.errors import Unavailable
+from memstore.replication.history import History
 from memstore.shard import Shard
 from memstore.storage.wal_reader import LogCorruptError
 from memstore.storage.wal_tail import LogGone, LogTail
@@ -156,9 +157,11 @@ class Replicas:
 class ReplicationService(replication_pb2_grpc.ReplicationServicer):
     """The primary's Replication service (see the module docstring)."""
 
-    def __init__(self, shard: Shard, history: str, replicas: Replicas) -> None:
+    def __init__(self, shard: Shard, history: History, replicas: Replicas) -> None:
+        assert history.history is not None
         self.shard = shard
         self.history = history
+        self.history_id = history.history
         self.replicas = replicas
 
     async def FetchSnapshot(self, request: rpb.FetchSnapshotRequest,
@@ -184,7 +187,7 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
             while True:
                 data = await asyncio.to_thread(f.read, CHUNK)
                 if first:
-                    yield rpb.SnapshotChunk(lsn=lsn, history=self.history, size=size,
+                    yield rpb.SnapshotChunk(lsn=lsn, history=self.history_id, size=size,
                                             shard=shard.config.name, data=data)
                     first = False
                 elif data:
@@ -254,8 +257,11 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
         """Why (history, lsn) is not a position this primary can stream from; "" if it is."""
         shard = self.shard
         assert shard.log is not None
-        if history != self.history:
-            return f"another history (this primary's is {self.history})"
+        if not self.history.continues(history, lsn):
+            if history == self.history.previous:
+                return (f"past position {self.history.until}, where this primary took over "
+                        f"history {history} (it lacks what the replica holds after it)")
+            return f"another history (this primary's is {self.history_id})"
         if lsn < shard.oldest_lsn:
             return f"older than the oldest position the log keeps ({shard.oldest_lsn})"
         if lsn > shard.log.end_lsn:
@@ -265,7 +271,7 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
     def _message(self, records: list[Any]) -> rpb.FollowResponse:
         return rpb.FollowResponse(records=records, primary_lsn=self.shard.readable_lsn,
                                   primary_time_us=time.time_ns() // 1000,
-                                  epoch=self.shard.engine.epoch)
+                                  epoch=self.shard.engine.epoch, history=self.history_id)
 
 
 async def _refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode,

@@ -137,7 +137,8 @@ class Follower:
     async def _full_resync(self, stub: Any, reason: str) -> None:
         shard = self.shard
         log.warning("full resync from %s: %s", self.primary, reason)
-        history.write(self.data, None)  # a crash from here on: emptied at the next start
+        # A crash from here on: the directory is emptied at the next start.
+        history.write(self.data, history.replica_of(None))
         self.history = None
         call = stub.FetchSnapshot(rpb.FetchSnapshotRequest(replica=shard.config.name))
         first = True
@@ -160,7 +161,7 @@ class Follower:
         if first:
             raise ValueError("the primary sent no snapshot")
         profiles = await shard.install_snapshot(lsn)
-        history.write(self.data, primary_history)
+        history.write(self.data, history.replica_of(primary_history))
         self.history = primary_history
         self.primary_lsn = max(self.primary_lsn, lsn)
         self.full_resyncs += 1
@@ -190,6 +191,12 @@ class Follower:
                     log.info("partial resync: following %s from position %d of history %s "
                              "(the primary is at %d)", self.primary, start, self.history,
                              message.primary_lsn)
+                    if message.history and message.history != self.history:
+                        log.info("the primary continues history %s as %s (it was promoted "
+                                 "after position %d): following that", self.history,
+                                 message.history, start)
+                        history.write(self.data, history.replica_of(message.history))
+                        self.history = message.history
                 if message.records:
                     end = shard.apply_replicated(
                         (r.lsn, r.type, r.payload) for r in message.records)

@@ -1445,8 +1445,10 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
         replicas = Replicas(shard, sync=replication == "sync", timeout=replication_timeout,
                             fallback=replication_fallback)
         keep = config.sync is SyncPolicy.ALWAYS  # else a crash may lose what replicas hold
+        assert shard.log is not None
         service = ReplicationService(
-            shard, history.for_primary(Path(config.data_dir), keep), replicas)
+            shard, history.for_primary(Path(config.data_dir), keep, shard.log.end_lsn),
+            replicas)
         shard.replication = replicas  # async: its hooks return at once
     # The engine holds few container objects (profiles are bytes), but a bulk load makes
     # and drops millions of small lists and dicts: collect young objects less often and

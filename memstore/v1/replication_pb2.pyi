@@ -51,13 +51,15 @@ class LogRecord(_message.Message):
     def __init__(self, lsn: _Optional[int] = ..., type: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class FollowResponse(_message.Message):
-    __slots__ = ("records", "primary_lsn", "primary_time_us", "epoch")
+    __slots__ = ("records", "primary_lsn", "primary_time_us", "epoch", "history")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     PRIMARY_LSN_FIELD_NUMBER: _ClassVar[int]
     PRIMARY_TIME_US_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[LogRecord]
     primary_lsn: int
     primary_time_us: int
     epoch: int
-    def __init__(self, records: _Optional[_Iterable[_Union[LogRecord, _Mapping]]] = ..., primary_lsn: _Optional[int] = ..., primary_time_us: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+    history: str
+    def __init__(self, records: _Optional[_Iterable[_Union[LogRecord, _Mapping]]] = ..., primary_lsn: _Optional[int] = ..., primary_time_us: _Optional[int] = ..., epoch: _Optional[int] = ..., history: _Optional[str] = ...) -> None: ...
