@@ -7,7 +7,9 @@ writes naming the primary, and leave no byte of an erased profile after its next
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -470,3 +472,70 @@ def test_a_replica_restarted_as_primary_continues_the_history(tmp_path: Path,
     with Client(old.address) as c:
         assert c.get("only-on-old") is None
     assert state(old.address) == state(a.address)
+
+
+# ---------------------------------------------------------------------- memstore serve
+
+def _serve(data: Path, *args: str) -> tuple[subprocess.Popen[str], str, list[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memstore.cli", "serve", "--port", "0", "--data-dir",
+         str(data), *args], cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        assert line, "serve exited:\n" + "".join(lines)
+        lines.append(line)
+        address = listening_address(line, "supervisor")
+        if address:
+            def pump() -> None:
+                assert proc.stderr is not None
+                lines.extend(proc.stderr)
+
+            threading.Thread(target=pump, daemon=True).start()
+            return proc, address, lines
+    proc.kill()
+    raise AssertionError("serve did not start:\n" + "".join(lines))
+
+
+def test_serve_with_replicas_starts_and_keeps_a_replica_per_shard(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    proc, router, lines = _serve(data, "--shards", "2", "--replicas", "1",
+                                 "--replication", "sync")
+    try:
+        layout = json.loads((data / "cluster.json").read_text())
+        pairs = [(f"127.0.0.1:{s['port']}", f"127.0.0.1:{s['replicas'][0]['port']}")
+                 for s in layout["shards"]]
+        assert [s["replicas"][0]["name"] for s in layout["shards"]] == \
+            ["shard-0-replica-0", "shard-1-replica-0"]
+        with Client(router) as c:  # sync: each write waits for its shard's replica
+            c.load({"id": f"p{i}", "attributes": {"n": i}} for i in range(300))
+            c.upsert("p1", ops=[("increment", "n", 1)])
+        for shard, replica in pairs:
+            wait_caught_up(shard, replica)
+            assert stats(replica)["replication.primary"] == shard
+            assert state(replica) == state(shard)
+        replica_pid = next(int(m.group(1)) for line in list(lines) if (
+            m := re.search(r"shard-0-replica-0 \(pid (\d+)\) serving", line)))
+        os.kill(replica_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not any("shard-0-replica-0 restarted" in line for line in list(lines)):
+            assert time.monotonic() < deadline, "".join(lines[-20:])
+            time.sleep(0.1)
+        with Client(router) as c:
+            c.upsert("p2", {"n": -2})
+        wait_caught_up(*pairs[0])
+        with Client(pairs[0][0], read_from="replica") as c:
+            assert c.count("n >= 0") + c.count("n < 0") == stats(pairs[0][0])["profiles"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    proc, router, lines = _serve(data)  # later starts: the replicas cluster.json has
+    try:
+        assert any("shard-1-replica-0 (pid" in line for line in lines)
+        wait_caught_up(*pairs[1])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
