@@ -270,6 +270,26 @@ class Shard:
         self._background_started = True
         self._ensure_timed()
 
+    async def become_replica(self, primary: str) -> None:
+        """Stop taking writes (a primary demoted): writes are refused naming `primary`
+        from now on, and the background work that writes (expiry, timed segments) stops."""
+        self.replica_of = primary
+        self.replication = None
+        for task in (self._expiry_task, self._timed_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._expiry_task = self._timed_task = None
+
+    def become_primary(self) -> None:
+        """Take writes again (a replica promoted), and run the background work that
+        writes."""
+        self.replica_of = None
+        self.follower = None
+        if self._background_started:
+            self.start_background()
+
     def _ensure_timed(self) -> None:
         """Run the timed refresh once a segment reads the clock (and background work
         runs)."""

@@ -425,6 +425,38 @@ async def _resume(routers: tuple[str, ...], shards: tuple[str, ...], journal_pat
         return await rb.resume(cl, journal)
 
 
+@cluster.command()
+@click.argument("shard")
+@ROUTERS
+@click.option("--replica", "replicas", multiple=True,
+              help="A replica of SHARD that may be promoted (repeat for more). Default: the "
+                   "replicas SHARD lists, when it still answers.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
+@client_security
+def failover(shard: str, routers: tuple[str, ...], replicas: tuple[str, ...], as_json: bool,
+             verbose: bool, credentials: Any) -> None:
+    """Promote the most up-to-date replica of SHARD (a name or address) to primary, by hand
+    (docs/replication.md): it takes SHARD's name and a higher epoch, the routers switch to
+    it, and the old primary, if it answers, is fenced: it refuses writes and follows the
+    new one."""
+    from memstore.replication.failover import FailoverError, describe
+    from memstore.replication.failover import failover as run_failover
+
+    _logging(verbose)
+    try:
+        report = _run(run_failover(shard, list(routers), list(replicas), credentials))
+    except FailoverError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(describe(report)))
+        return
+    click.echo(f"{report.shard}: {report.new} is primary at epoch {report.epoch} from "
+               f"position {report.position} (was {report.old})")
+    for note in report.notes:
+        click.echo(f"  {note}")
+
+
 @cluster.command("rebuild-directory")
 @ROUTERS
 @client_security

@@ -448,9 +448,9 @@ def test_a_replica_restarted_as_primary_continues_the_history(tmp_path: Path,
         os.kill(a.proc.pid, signal.SIGSTOP)  # a stops receiving: old writes on alone
         try:
             c.upsert("only-on-old", {"x": 1})
+            old.kill()  # before a could receive it
         finally:
             os.kill(a.proc.pid, signal.SIGCONT)
-    old.kill()
     assert a.stop() == 0
     a = start(tmp_path / "a")  # promoted
     procs.append(a)
@@ -539,3 +539,123 @@ def test_serve_with_replicas_starts_and_keeps_a_replica_per_shard(tmp_path: Path
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
+
+
+# ---------------------------------------------------------------------- cluster failover
+
+def _failover(router: str, shard: str, *extra: str) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, "-m", "memstore.cli", "cluster", "failover", shard,
+                           "--address", router, "--json", *extra], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+def test_failover_promotes_the_replica_and_fences_the_old_primary(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    from tests.conftest import start_router
+
+    old = start(tmp_path / "old")
+    procs.append(old)
+    replica = start(tmp_path / "replica", "--replica-of", old.address,
+                    "--name", "shard-0-replica-0")
+    procs.append(replica)
+    wait_replicas(old.address, 1)
+    router = start_router([old.address])
+    try:
+        with Client(router.address) as c:
+            write_history(c, 0, 200)
+            position = next(c.changes(heartbeats=True))["position"]
+            c.upsert("after-position", {"n": 1})
+        wait_caught_up(old.address, replica.address)
+        before_epoch = int(stats(old.address)["epoch"])
+        report = _failover(router.address, "shard-0")
+        assert report["new"] == replica.address and report["old"] == old.address
+        assert report["epoch"] > before_epoch
+        assert any(f"{old.address} now follows {replica.address}" in n for n in report["notes"])
+        assert replica.said("promoted: was a replica of")
+        with Client(router.address) as c:  # the router writes to the new primary
+            c.upsert("after-failover", {"n": 2})
+            assert c.get("after-failover")["attributes"] == {"n": 2}
+            assert c.get("u5") is not None
+        info = stats(replica.address)
+        assert info["shard"] == "shard-0" and int(info["epoch"]) == report["epoch"]
+        with Client(old.address) as c:  # fenced: a replica of the new primary now
+            with pytest.raises(ClientError) as refused:
+                c.upsert("split-brain", {"n": 3})
+            assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert replica.address in refused.value.details
+        wait_caught_up(replica.address, old.address)
+        assert state(old.address) == state(replica.address)
+        # A watcher's position from the old primary resumes on the new one.
+        with Client(replica.address) as c:
+            seen = [change["id"] for _, change in zip(range(2), c.changes(
+                from_position=position), strict=False)]
+        assert seen == ["after-position", "after-failover"]
+        # The old primary refuses a demotion from a lower epoch: the fence holds both ways.
+        from memstore.v1 import replication_pb2 as rpb
+        from memstore.v1 import replication_pb2_grpc
+        with grpc.insecure_channel(replica.address) as channel:
+            with pytest.raises(grpc.RpcError) as stale:
+                replication_pb2_grpc.ReplicationStub(channel).Demote(
+                    rpb.DemoteRequest(primary=old.address, epoch=before_epoch))
+            assert stale.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        router.stop()
+
+
+def test_sync_failover_after_the_primary_and_its_disk_are_lost(tmp_path: Path,
+                                                               procs: list[Proc]) -> None:
+    """--replication sync: SIGKILL the primary under writers and delete its data
+    directory; after the failover every acknowledged write reads through the router, and
+    the old primary started again on an empty directory catches up as a replica."""
+    import shutil
+
+    from tests.conftest import start_router
+
+    old = start(tmp_path / "old", "--replication", "sync")
+    procs.append(old)
+    replica = start(tmp_path / "replica", "--replica-of", old.address)
+    procs.append(replica)
+    wait_replicas(old.address, 1)
+    router = start_router([old.address])
+    try:
+        acked: list[str] = []
+        stop = threading.Event()
+
+        def writer(prefix: str) -> None:
+            with Client(router.address, timeout=10) as c:
+                n = 0
+                while not stop.is_set():
+                    try:
+                        c.upsert(f"{prefix}-{n}", {"n": n})
+                    except ClientError:
+                        return
+                    acked.append(f"{prefix}-{n}")
+                    n += 1
+
+        threads = [threading.Thread(target=writer, args=(f"w{t}",)) for t in range(3)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(acked) < 300:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        old.kill()
+        stop.set()
+        for t in threads:
+            t.join(30)
+        shutil.rmtree(tmp_path / "old")
+        report = _failover(router.address, "shard-0", "--replica", replica.address)
+        assert report["new"] == replica.address
+        assert any("does not answer" in n for n in report["notes"])
+        with Client(router.address) as c:
+            got = c.batch_get(acked)
+            assert [pid for pid, p in zip(acked, got, strict=True) if p is None] == []
+            c.upsert("after", {"n": 1})
+        back = start(tmp_path / "old", "--replica-of", replica.address)
+        procs.append(back)
+        wait_caught_up(replica.address, back.address)
+        assert state(back.address) == state(replica.address)
+    finally:
+        router.stop()

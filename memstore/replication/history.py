@@ -13,6 +13,9 @@ every shard with a data directory names its history in DATA/HISTORY, one JSON ob
         5120 is 8c1f…'s, after it its own writes. A replica of 8c1f… at a position up to
         5120 follows it with a partial resync and takes the new id (Redis's PSYNC2
         replid2); one past 5120 holds records the new primary never had: a full resync.
+    {"history": "d07a…", …, "shard": "shard-0"}
+        a replica promoted by `memstore cluster failover`: it serves as shard-0 from then on
+        (change stream positions of the old primary stay valid), whatever its --name
     {"history": null}
         a full resync was under way: no usable history; a replica empties the directory
         and resyncs, a primary refuses it
@@ -53,6 +56,7 @@ class History:
     role: str = "primary"
     previous: str | None = None  # the history this one continues, up to `until`
     until: int = 0
+    shard: str | None = None  # a promoted replica: the shard name it serves under
 
     def continues(self, history: str, lsn: int) -> bool:
         """Whether position `lsn` of `history` is a position of this history too."""
@@ -68,7 +72,8 @@ def read(data: Path) -> History | None:
     try:
         fields = json.loads(text)
         found = History(fields["history"], fields.get("role", "primary"),
-                        fields.get("previous"), int(fields.get("until", 0)))
+                        fields.get("previous"), int(fields.get("until", 0)),
+                        fields.get("shard"))
         if not all(v is None or isinstance(v, str) for v in (found.history, found.previous)):
             raise TypeError("an id is not a string")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -95,25 +100,25 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def for_primary(data: Path, keep: bool, end_lsn: int) -> History:
+def for_primary(data: Path, keep: bool, end_lsn: int, shard: str | None = None) -> History:
     """The history a primary's log belongs to, `end_lsn` being where its log ends: the
     directory's; a new one when it has none or `keep` is False (its sync policy may lose
     what replicas hold); a new one continuing the old up to `end_lsn` when the directory
-    was a replica's (a promotion)."""
+    was a replica's (a promotion; `shard`: the name it serves under from now on)."""
     found = read(data)
     if found is not None and found.history is None:
         raise HistoryError(f"{data} holds an interrupted full resync of a replica, not a "
                            "shard's state: start it as a replica again (--replica-of) or "
                            "give an empty directory")
     if found is not None and found.role == "replica":
-        promoted = History(new_id(), "primary", found.history, end_lsn)
+        promoted = History(new_id(), "primary", found.history, end_lsn, shard)
         log.warning("this directory was a replica's of history %s: serving as a primary of "
                     "the new history %s, which continues it up to position %d",
                     found.history, promoted.history, end_lsn)
         write(data, promoted)
         return promoted
     if found is None or not keep:
-        made = History(new_id())
+        made = History(new_id(), shard=found.shard if found else None)
         write(data, made)
         return made
     return found

@@ -31,7 +31,7 @@ from typing import Any
 
 import grpc
 
-from memstore.errors import Unavailable
+from memstore.errors import FailedPrecondition, Unavailable
 from memstore.replication.history import History
 from memstore.shard import Shard
 from memstore.storage.wal_reader import LogCorruptError
@@ -155,21 +155,46 @@ class Replicas:
 
 
 class ReplicationService(replication_pb2_grpc.ReplicationServicer):
-    """The primary's Replication service (see the module docstring)."""
+    """The Replication service (see the module docstring). On a replica it refuses to be
+    followed and answers Promote; `roles` (memstore/replication/roles.py) sets `history`
+    and `replicas` while this shard is a primary with a log."""
 
-    def __init__(self, shard: Shard, history: History, replicas: Replicas) -> None:
-        assert history.history is not None
+    def __init__(self, shard: Shard, roles: Any) -> None:
         self.shard = shard
-        self.history = history
-        self.history_id = history.history
-        self.replicas = replicas
+        self.roles = roles
+        self.history: History | None = None
+        self.replicas: Replicas | None = None
+
+    @property
+    def history_id(self) -> str:
+        return (self.history.history or "") if self.history is not None else ""
+
+    async def Promote(self, request: rpb.PromoteRequest, context: grpc.aio.ServicerContext
+                      ) -> rpb.PromoteResponse | None:
+        try:
+            return await self.roles.promote(request.shard, request.epoch)  # type: ignore[no-any-return]
+        except FailedPrecondition as exc:
+            await _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            return None
+
+    async def Demote(self, request: rpb.DemoteRequest, context: grpc.aio.ServicerContext
+                     ) -> rpb.DemoteResponse | None:
+        if not request.primary:
+            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "primary: give host:port")
+            return None
+        try:
+            return await self.roles.demote(request.primary, request.epoch)  # type: ignore[no-any-return]
+        except FailedPrecondition as exc:
+            await _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            return None
 
     async def FetchSnapshot(self, request: rpb.FetchSnapshotRequest,
                             context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         shard = self.shard
-        if shard.replica_of is not None:
+        if shard.replica_of is not None or self.history is None:
             await _refuse(context, grpc.StatusCode.FAILED_PRECONDITION,
-                          f"this shard is itself a replica of {shard.replica_of}")
+                          f"this shard is itself a replica of {shard.replica_of}"
+                          if shard.replica_of else "this shard keeps no log (--in-memory)")
             return
         try:
             path = await shard.snapshot_for_replica()
@@ -201,32 +226,34 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None:
             return
-        if shard.replica_of is not None or shard.log is None or shard.config.data_dir is None:
+        replicas, known = self.replicas, self.history
+        if shard.replica_of is not None or known is None or replicas is None \
+                or shard.log is None or shard.config.data_dir is None:
             await _refuse(context, grpc.StatusCode.FAILED_PRECONDITION,
-                          "this shard is a replica itself" if shard.replica_of
+                          f"this shard is a replica of {shard.replica_of}" if shard.replica_of
                           else "this shard keeps no log (--in-memory)")
             return
         lsn = first.from_lsn
-        reason = self._unknown_position(first.history, lsn)
+        reason = self._unknown_position(known, first.history, lsn)
         if reason:
             log.info("replica %r asked for position %d of history %s: %s; it needs a full "
                      "resync", first.replica, lsn, first.history or "(none)", reason)
             await _refuse(context, grpc.StatusCode.OUT_OF_RANGE, reason)
             return
         replica = Replica(first.replica, first.address, lsn, sent_lsn=lsn)
-        self.replicas.add(replica)
+        replicas.add(replica)
         log.info("replica %r (%s) follows from position %d (partial resync, %d bytes "
                  "behind)", replica.name, replica.address or "no reads",
                  lsn, max(0, shard.readable_lsn - lsn))
 
         async def acks() -> None:
             async for message in request_iterator:
-                self.replicas.ack(replica, message.acked_lsn)
+                replicas.ack(replica, message.acked_lsn)
 
         acking = asyncio.get_running_loop().create_task(acks())
         tail = LogTail(Path(shard.config.data_dir) / "log", lsn)
         try:
-            while not acking.done():
+            while not acking.done() and shard.replica_of is None:  # a demotion ends it
                 limit = shard.readable_lsn
                 if tail.lsn < limit:
                     try:
@@ -249,19 +276,19 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
             acking.cancel()
             with contextlib.suppress(asyncio.CancelledError, grpc.RpcError, Exception):
                 await acking
-            self.replicas.remove(replica)
+            replicas.remove(replica)
             log.info("replica %r disconnected at position %d", replica.name,
                      replica.acked_lsn)
 
-    def _unknown_position(self, history: str, lsn: int) -> str:
+    def _unknown_position(self, known: History, history: str, lsn: int) -> str:
         """Why (history, lsn) is not a position this primary can stream from; "" if it is."""
         shard = self.shard
         assert shard.log is not None
-        if not self.history.continues(history, lsn):
-            if history == self.history.previous:
-                return (f"past position {self.history.until}, where this primary took over "
+        if not known.continues(history, lsn):
+            if history == known.previous:
+                return (f"past position {known.until}, where this primary took over "
                         f"history {history} (it lacks what the replica holds after it)")
-            return f"another history (this primary's is {self.history_id})"
+            return f"another history (this primary's is {known.history})"
         if lsn < shard.oldest_lsn:
             return f"older than the oldest position the log keeps ({shard.oldest_lsn})"
         if lsn > shard.log.end_lsn:

@@ -24,7 +24,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from itertools import repeat
 from operator import itemgetter
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -82,7 +81,7 @@ from memstore.query import DEFAULT_LIMITS, QueryError, QueryLimits, query_from_r
 from memstore.query.evaluate import evaluate, group_counts
 from memstore.replication import history
 from memstore.replication.primary import Replicas, ReplicationService
-from memstore.replication.replica import Follower
+from memstore.replication.roles import Roles
 from memstore.server import logs, metrics, reflection, rights, watch
 from memstore.server.guard import Guard
 from memstore.server.heap import LoadTrimmer
@@ -1326,7 +1325,7 @@ def make_server(shard: Shard, host: str, port: int, link: bool = True,
                 replication: ReplicationService | None = None
                 ) -> tuple[grpc.aio.Server, int, LinkServer | None]:
     """The shard's gRPC server (not started), its port, and its link (not started; none
-    under TLS or tokens: it has neither). `replication`: serve it (a primary)."""
+    under TLS or tokens: it has neither). `replication`: serve it."""
     security = security or ServerSecurity()
     link = link and not security.guarded
     options = [
@@ -1433,23 +1432,19 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
     if replica_of is not None and config.data_dir is None:
         raise ValueError("a replica keeps its own log and snapshots: --replica-of needs a "
                          "data directory, not --in-memory")
-    if replication == "sync" and (config.data_dir is None or replica_of is not None):
-        raise ValueError("--replication sync is for a primary with a data directory")
+    if replication == "sync" and config.data_dir is None:
+        raise ValueError("--replication sync needs a data directory (replicas follow the "
+                         "log), not --in-memory")
     followed: list[str | None] = []
     shard = await Shard.open(config, prepare=(
         (lambda data: followed.append(history.for_replica(data))) if replica_of else None))
-    service: ReplicationService | None = None
+    # A replica's --replication is what it does once promoted (memstore cluster failover).
+    roles = Roles(shard, replication, replication_timeout, replication_fallback,
+                  primary_credentials)
     if replica_of is not None:
         shard.replica_of = replica_of
-    elif config.data_dir is not None:
-        replicas = Replicas(shard, sync=replication == "sync", timeout=replication_timeout,
-                            fallback=replication_fallback)
-        keep = config.sync is SyncPolicy.ALWAYS  # else a crash may lose what replicas hold
-        assert shard.log is not None
-        service = ReplicationService(
-            shard, history.for_primary(Path(config.data_dir), keep, shard.log.end_lsn),
-            replicas)
-        shard.replication = replicas  # async: its hooks return at once
+    else:
+        roles.open_primary()
     # The engine holds few container objects (profiles are bytes), but a bulk load makes
     # and drops millions of small lists and dicts: collect young objects less often and
     # never rescan what recovery loaded.
@@ -1461,7 +1456,8 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
             and replica_of is None:
         await shard.set_ownership(1, slots)
     server, bound, link = make_server(shard, host, port, link=link_port is not None,
-                                      security=security, limits=limits, replication=service)
+                                      security=security, limits=limits,
+                                      replication=roles.service)
     await server.start()
     if link is not None:
         await link.start(host, link_port or 0)
@@ -1470,19 +1466,9 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
     await health_servicer.set("memstore.v1.Memstore", health_pb2.HealthCheckResponse.SERVING)
     shard.start_background()
     watch_health = asyncio.get_running_loop().create_task(_watch_log(shard, health_servicer))
-    following: asyncio.Task[None] | None = None
+    roles.address = f"{host}:{bound}"
     if replica_of is not None:
-        shard.follower = Follower(shard, replica_of, followed[0], f"{host}:{bound}",
-                                  primary_credentials)
-        following = asyncio.get_running_loop().create_task(shard.follower.run())
-        log.info(f"replica of {replica_of}", extra={"primary": replica_of})
-        follower = shard.follower
-        metrics.REPLICATION_LAG_BYTES.set_function(lambda: follower.lag()[0])
-        metrics.REPLICATION_LAG_SECONDS.set_function(lambda: follower.lag()[1])
-    elif service is not None:
-        replicas = service.replicas
-        metrics.REPLICAS.set_function(lambda: len(replicas.connected))
-        metrics.REPLICATION_LAG_BYTES.set_function(replicas.furthest_behind)
+        roles.follow(replica_of, followed[0])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -1505,10 +1491,7 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
     await stop.wait()
     watch_health.cancel()
     log.info("shutting down")
-    if following is not None:
-        following.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await following
+    await roles.stop()
     await health_servicer.enter_graceful_shutdown()
     started = time.monotonic()
     await asyncio.gather(server.stop(grace=5.0), *([link.stop(grace=5.0)] if link else []))

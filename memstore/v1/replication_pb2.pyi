@@ -63,3 +63,37 @@ class FollowResponse(_message.Message):
     epoch: int
     history: str
     def __init__(self, records: _Optional[_Iterable[_Union[LogRecord, _Mapping]]] = ..., primary_lsn: _Optional[int] = ..., primary_time_us: _Optional[int] = ..., epoch: _Optional[int] = ..., history: _Optional[str] = ...) -> None: ...
+
+class PromoteRequest(_message.Message):
+    __slots__ = ("shard", "epoch")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    shard: str
+    epoch: int
+    def __init__(self, shard: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class PromoteResponse(_message.Message):
+    __slots__ = ("shard", "epoch", "lsn", "history")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LSN_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    shard: str
+    epoch: int
+    lsn: int
+    history: str
+    def __init__(self, shard: _Optional[str] = ..., epoch: _Optional[int] = ..., lsn: _Optional[int] = ..., history: _Optional[str] = ...) -> None: ...
+
+class DemoteRequest(_message.Message):
+    __slots__ = ("primary", "epoch")
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    primary: str
+    epoch: int
+    def __init__(self, primary: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class DemoteResponse(_message.Message):
+    __slots__ = ("lsn",)
+    LSN_FIELD_NUMBER: _ClassVar[int]
+    lsn: int
+    def __init__(self, lsn: _Optional[int] = ...) -> None: ...

@@ -44,6 +44,16 @@ class ReplicationStub:
                 request_serializer=memstore_dot_v1_dot_replication__pb2.FollowRequest.SerializeToString,
                 response_deserializer=memstore_dot_v1_dot_replication__pb2.FollowResponse.FromString,
                 _registered_method=True)
+        self.Promote = channel.unary_unary(
+                '/memstore.v1.Replication/Promote',
+                request_serializer=memstore_dot_v1_dot_replication__pb2.PromoteRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_replication__pb2.PromoteResponse.FromString,
+                _registered_method=True)
+        self.Demote = channel.unary_unary(
+                '/memstore.v1.Replication/Demote',
+                request_serializer=memstore_dot_v1_dot_replication__pb2.DemoteRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_replication__pb2.DemoteResponse.FromString,
+                _registered_method=True)
 
 
 class ReplicationServicer:
@@ -64,6 +74,21 @@ class ReplicationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Promote(self, request, context):
+        """A replica: stop following, take the shard name and a higher epoch, serve writes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Demote(self, request, context):
+        """A primary: stop taking writes and follow `primary` (FAILED_PRECONDITION unless its
+        epoch is above this shard's).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +101,16 @@ def add_ReplicationServicer_to_server(servicer, server):
                     servicer.Follow,
                     request_deserializer=memstore_dot_v1_dot_replication__pb2.FollowRequest.FromString,
                     response_serializer=memstore_dot_v1_dot_replication__pb2.FollowResponse.SerializeToString,
+            ),
+            'Promote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promote,
+                    request_deserializer=memstore_dot_v1_dot_replication__pb2.PromoteRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_replication__pb2.PromoteResponse.SerializeToString,
+            ),
+            'Demote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Demote,
+                    request_deserializer=memstore_dot_v1_dot_replication__pb2.DemoteRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_replication__pb2.DemoteResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +167,60 @@ class Replication:
             '/memstore.v1.Replication/Follow',
             memstore_dot_v1_dot_replication__pb2.FollowRequest.SerializeToString,
             memstore_dot_v1_dot_replication__pb2.FollowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memstore.v1.Replication/Promote',
+            memstore_dot_v1_dot_replication__pb2.PromoteRequest.SerializeToString,
+            memstore_dot_v1_dot_replication__pb2.PromoteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Demote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memstore.v1.Replication/Demote',
+            memstore_dot_v1_dot_replication__pb2.DemoteRequest.SerializeToString,
+            memstore_dot_v1_dot_replication__pb2.DemoteResponse.FromString,
             options,
             channel_credentials,
             insecure,
