@@ -263,11 +263,11 @@ class Shard:
         loop = asyncio.get_running_loop()
         if self.log is not None and self._auto_task is None:
             self._auto_task = loop.create_task(self._auto_snapshot())
+        self._background_started = True
         if self.replica_of is not None:
             return  # expiry and timed segments write records: the primary's records do
         if self._expiry_task is None:
             self._expiry_task = loop.create_task(self._expire_days())
-        self._background_started = True
         self._ensure_timed()
 
     async def become_replica(self, primary: str) -> None:
