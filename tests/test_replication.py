@@ -659,3 +659,38 @@ def test_sync_failover_after_the_primary_and_its_disk_are_lost(tmp_path: Path,
         assert state(back.address) == state(replica.address)
     finally:
         router.stop()
+
+
+def test_a_partitioned_primary_comes_back_below_the_new_epoch(tmp_path: Path,
+                                                              procs: list[Proc]) -> None:
+    """SIGSTOP stands for a partition: the old primary misses the failover and its fence.
+    When it runs again it still takes writes sent straight to it (no coordinator), but at
+    an epoch below the new primary's, never at the same one, and the router sends every
+    write to the new primary."""
+    from tests.conftest import start_router
+
+    old = start(tmp_path / "old")
+    procs.append(old)
+    replica = start(tmp_path / "replica", "--replica-of", old.address)
+    procs.append(replica)
+    router = start_router([old.address])
+    try:
+        with Client(router.address) as c:
+            write_history(c, 0, 50)
+        wait_caught_up(old.address, replica.address)
+        os.kill(old.proc.pid, signal.SIGSTOP)
+        try:
+            report = _failover(router.address, "shard-0", "--replica", replica.address)
+        finally:
+            os.kill(old.proc.pid, signal.SIGCONT)
+        assert any(f"{old.address} does not answer" in n for n in report["notes"])
+        old_epoch, new_epoch = int(stats(old.address)["epoch"]), report["epoch"]
+        assert old_epoch < new_epoch
+        with Client(router.address) as c:
+            c.upsert("routed", {"n": 1})
+        with Client(replica.address) as c:
+            assert c.get("routed") is not None
+        with Client(old.address) as c:
+            assert c.get("routed") is None
+    finally:
+        router.stop()

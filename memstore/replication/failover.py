@@ -130,7 +130,7 @@ async def _demote(address: str, report: Report, credentials: Credentials) -> str
             answer = await replication_pb2_grpc.ReplicationStub(channel).Demote(
                 rpb.DemoteRequest(primary=report.new, epoch=report.epoch), timeout=TIMEOUT)
     except grpc.aio.AioRpcError as exc:
-        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return (f"{address} does not answer: if it comes back, start it with "
                     f"--replica-of {report.new} (its writes after position "
                     f"{report.position} are discarded)")
