@@ -246,12 +246,14 @@ def test_a_replica_refuses_writes_naming_the_primary_and_tells_its_lag(
         assert dict(refused_call.value.trailing_metadata())["memstore-primary"] == \
             primary.address
     primary.kill()  # the replica goes on answering reads; its lag grows
-    time.sleep(0.3)
+    deadline = time.monotonic() + 30
+    while stats(replica.address)["replication.connected"] != "False":
+        assert time.monotonic() < deadline, "the replica never noticed its primary died"
+        time.sleep(0.05)
     with grpc.insecure_channel(replica.address) as channel:
         _, call = memstore_pb2_grpc.MemstoreStub(channel).Get.with_call(
             pb.GetRequest(key=pb.ProfileKey(id="a")))
         assert float(dict(call.trailing_metadata())["memstore-replica-lag-seconds"]) > 0
-    assert stats(replica.address)["replication.connected"] == "False"
 
 
 def test_erasure_on_the_primary_leaves_no_byte_on_the_replica(tmp_path: Path,
@@ -445,13 +447,11 @@ def test_a_replica_restarted_as_primary_continues_the_history(tmp_path: Path,
         for i in range(100, 200):  # no erasure: a's log keeps b's position
             c.upsert(f"v{i}", {"n": i}, ops=[("increment", "hits", 1)])
         wait_caught_up(old.address, a.address)
-        os.kill(a.proc.pid, signal.SIGSTOP)  # a stops receiving: old writes on alone
-        try:
-            c.upsert("only-on-old", {"x": 1})
-            old.kill()  # before a could receive it
-        finally:
-            os.kill(a.proc.pid, signal.SIGCONT)
-    assert a.stop() == 0
+        # a stops; old writes on alone. (Not SIGSTOP: records already sent wait in a's
+        # socket buffer and reach it when it runs again.)
+        assert a.stop() == 0
+        c.upsert("only-on-old", {"x": 1})
+    old.kill()
     a = start(tmp_path / "a")  # promoted
     procs.append(a)
     assert a.said("serving as a primary of the new history")
@@ -663,10 +663,11 @@ def test_sync_failover_after_the_primary_and_its_disk_are_lost(tmp_path: Path,
 
 def test_a_partitioned_primary_comes_back_below_the_new_epoch(tmp_path: Path,
                                                               procs: list[Proc]) -> None:
-    """SIGSTOP stands for a partition: the old primary misses the failover and its fence.
-    When it runs again it still takes writes sent straight to it (no coordinator), but at
-    an epoch below the new primary's, never at the same one, and the router sends every
-    write to the new primary."""
+    """SIGSTOP stands for a partition: the old primary misses the failover and its fence
+    (the Demote times out). When it runs again it is a primary below the new epoch, never
+    at the same one (it still takes writes sent straight to it: no coordinator), or a
+    replica of the new primary if the Demote reached it late; the router sends every write
+    to the new primary."""
     from tests.conftest import start_router
 
     old = start(tmp_path / "old")
@@ -684,13 +685,16 @@ def test_a_partitioned_primary_comes_back_below_the_new_epoch(tmp_path: Path,
         finally:
             os.kill(old.proc.pid, signal.SIGCONT)
         assert any(f"{old.address} does not answer" in n for n in report["notes"])
-        old_epoch, new_epoch = int(stats(old.address)["epoch"]), report["epoch"]
-        assert old_epoch < new_epoch
+        # The Demote it missed may still reach it now, from its socket buffer: then it
+        # follows the new primary; if not, it is a primary below the new epoch.
+        info = stats(old.address)
+        if info.get("replication.role") == "replica":
+            assert info["replication.primary"] == replica.address
+        else:
+            assert int(info["epoch"]) < report["epoch"]
         with Client(router.address) as c:
             c.upsert("routed", {"n": 1})
         with Client(replica.address) as c:
             assert c.get("routed") is not None
-        with Client(old.address) as c:
-            assert c.get("routed") is None
     finally:
         router.stop()
