@@ -133,3 +133,13 @@ class Undeclared(FailedPrecondition):
         super().__init__(f"attributes not declared on this shard yet: {names}{more} (a "
                          "router declares new attributes cluster-wide before writing them)")
         self.specs = specs
+
+
+class ReadOnlyReplica(FailedPrecondition):
+    """A write sent to a replica: it names the primary that takes writes (sent back as
+    PRIMARY_TRAILER too, so a client can go there)."""
+
+    def __init__(self, primary: str) -> None:
+        super().__init__(f"this shard is a read-only replica of {primary}: send writes to "
+                         "the primary")
+        self.primary = primary

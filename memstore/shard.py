@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 import numpy as np
@@ -50,14 +50,20 @@ from memstore.engine.identity import IdentityRules
 from memstore.engine.schema import AttributeSpec, Schema
 from memstore.engine.segments import Deltas, Touched, decode_deltas, encode_deltas, members_of
 from memstore.engine.tracking import stale_days
-from memstore.errors import Unavailable
+from memstore.errors import ReadOnlyReplica, Unavailable
 from memstore.hashslot import slot_of
 from memstore.index.bitmap_index import RangeIndex, ValueIndex, bitmap_of
 from memstore.index.day_index import DayIndex
 from memstore.storage import wal_format
 from memstore.storage.dirlock import DirLock
 from memstore.storage.forked import ChildFailed, run_in_child
-from memstore.storage.snapshot_file import SnapshotWriter, load_newest, prune
+from memstore.storage.snapshot_file import (
+    SnapshotReader,
+    SnapshotWriter,
+    install,
+    load_newest,
+    prune,
+)
 from memstore.storage.wal_reader import read_log, truncate_torn_tail
 from memstore.storage.wal_writer import LogFailedError, LogWriteError, LogWriter, SyncPolicy
 
@@ -105,6 +111,18 @@ class RecentChanges:
                 break
             out.update(pids)
         return out
+
+
+class Replication(Protocol):
+    """What a primary under `--replication sync` asks before and after a write
+    (memstore/replication/primary.py)."""
+
+    def check(self) -> None:
+        """Raise Unavailable when no replica could confirm a write (nothing written)."""
+
+    async def replicated(self, lsn: int) -> None:
+        """Return once a replica holds the log below `lsn` (Unavailable after the
+        timeout, unless the operator allowed falling back to async)."""
 
 
 @dataclass
@@ -163,6 +181,12 @@ class Shard:
         self._advanced = asyncio.Event()  # set and replaced whenever readable_lsn moves
         self._timed_task: asyncio.Task[None] | None = None
         self._background_started = False
+        # Replication (memstore/replication/): a replica names its primary and takes no
+        # writes of its own; a primary under --replication sync waits for a replica's
+        # acknowledgement through `replication` before answering a write.
+        self.replica_of: str | None = None
+        self.replication: Replication | None = None
+        self.follower: Any = None  # a replica's memstore.replication.Follower (its lag)
 
     @property
     def position(self) -> int:
@@ -171,7 +195,11 @@ class Shard:
 
     # ------------------------------------------------------------------ life cycle
     @classmethod
-    async def open(cls, config: ShardConfig) -> Shard:
+    async def open(cls, config: ShardConfig,
+                   prepare: Callable[[Path], None] | None = None) -> Shard:
+        """Open the shard, recovering its data directory. `prepare(data_dir)` runs once
+        the directory is this process's, before anything in it is read (a replica empties
+        an interrupted full resync there)."""
         engine = Engine(config.rules, config.clock, config.salt, event_days=config.event_days)
         if config.data_dir is None:
             return cls(config, engine, None)
@@ -179,6 +207,8 @@ class Shard:
         data = Path(config.data_dir)
         lock = DirLock.acquire(data, config.lock_wait)  # before reading anything
         try:
+            if prepare is not None:
+                prepare(data)
             return await cls._recover(config, engine, data, lock, started)
         except BaseException:
             lock.release()
@@ -227,10 +257,32 @@ class Shard:
         loop = asyncio.get_running_loop()
         if self.log is not None and self._auto_task is None:
             self._auto_task = loop.create_task(self._auto_snapshot())
+        self._background_started = True
+        if self.replica_of is not None:
+            return  # expiry and timed segments write records: the primary's records do
         if self._expiry_task is None:
             self._expiry_task = loop.create_task(self._expire_days())
-        self._background_started = True
         self._ensure_timed()
+
+    async def become_replica(self, primary: str) -> None:
+        """Stop taking writes (a primary demoted): writes are refused naming `primary`
+        from now on, and the background work that writes (expiry, timed segments) stops."""
+        self.replica_of = primary
+        self.replication = None
+        for task in (self._expiry_task, self._timed_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._expiry_task = self._timed_task = None
+
+    def become_primary(self) -> None:
+        """Take writes again (a replica promoted), and run the background work that
+        writes."""
+        self.replica_of = None
+        self.follower = None
+        if self._background_started:
+            self.start_background()
 
     def _ensure_timed(self) -> None:
         """Run the timed refresh once a segment reads the clock (and background work
@@ -280,10 +332,14 @@ class Shard:
                 except (LogFailedError, OSError) as exc:
                     raise Unavailable(f"not answered: an earlier write failed: {exc}") from None
             return change.result
+        if self.replica_of is not None:
+            raise ReadOnlyReplica(self.replica_of)
         if not change.at:
             change.at = int(self.engine.clock())  # logged: replay stamps the same times
         if self.log is not None and self.log.failed:
             raise Unavailable(self.writable_error or "log failed")
+        if self.replication is not None:
+            self.replication.check()  # no replica to wait for: refused, nothing written
         # Memory first, then the log, with no await between: saved segments' deltas are
         # computed from the applied state and logged in the same record (a failed append
         # takes both back). Readers cannot run in between, so the order is the same.
@@ -324,7 +380,9 @@ class Shard:
             self._pending.pop(0)
         if self.config.sync is not SyncPolicy.ALWAYS:
             self._pending.clear()
-        self._advance()
+        self._advance()  # replicas read the log as watchers do: wake them first
+        if self.replication is not None:
+            await self.replication.replicated(lsn)
         return change.result
 
     def _rollback(self) -> None:
@@ -392,12 +450,81 @@ class Shard:
         return sum(len(enter) + len(leave) for enter, leave in deltas.values())
 
     async def set_ownership(self, epoch: int, slots: BitMap | None) -> None:
+        if self.replica_of is not None:
+            raise ReadOnlyReplica(self.replica_of)
         if self.log is not None:
             if self.log.failed:
                 raise Unavailable(self.writable_error or "log failed")
             lsn = self.log.append(wal_format.RECORD_SHARD_META, encode_meta(epoch, slots))
             await self.log.sync_to(lsn)
+            self._advance()
         self.engine.set_ownership(epoch, slots)
+
+    # ------------------------------------------------------------------ replication
+    def apply_replicated(self, records: Iterable[tuple[int, int, bytes]]) -> int:
+        """A replica: append the primary's records (lsn, type, payload) to this log as they
+        are, so positions here are the primary's, and apply each through `replay`, the
+        recovery path. No await: readers see whole records. Returns the log's end; not
+        durable yet (`await log.sync_to`). ValueError for a record not at this log's end."""
+        assert self.log is not None
+        for lsn, rtype, payload in records:
+            if lsn != self.log.end_lsn:
+                raise ValueError(f"replicated record at position {lsn}, but this log ends "
+                                 f"at {self.log.end_lsn}")
+            self.log.append(rtype, payload)
+            if replay(self.engine, rtype, payload):
+                self._erased = True
+        self._advance()
+        return self.log.end_lsn
+
+    async def install_snapshot(self, lsn: int) -> int:
+        """A replica's full resync: the snapshot received into
+        snapshot_file.receiving(DATA/snapshots, lsn) becomes this shard's whole state. It is
+        verified and published, every other snapshot and every log segment is deleted (they
+        belong to the history being replaced), the log starts again at `lsn`, and a new
+        engine loaded from the file takes the old one's place. Returns the profile count."""
+        assert self.log is not None and self.config.data_dir is not None
+        data = Path(self.config.data_dir)
+        snap_dir, log_dir = data / "snapshots", data / "log"
+        fsync = self.config.fsync
+        async with self._snapshot_lock:
+            path = await asyncio.to_thread(install, snap_dir, lsn, fsync)
+            config = self.config
+            engine = Engine(config.rules, config.clock, config.salt,
+                            event_days=config.event_days)
+            reader = SnapshotReader(path)
+            await asyncio.to_thread(load_snapshot, engine, reader.sections())
+            await self.log.close()
+            for other in snap_dir.glob("snap-*.snap"):
+                if other != path:
+                    other.unlink()
+            for _, segment in wal_format.list_segments(log_dir):
+                segment.unlink()
+            self.log = LogWriter.open(log_dir, sync=config.sync,
+                                      segment_bytes=config.segment_bytes, fsync=fsync,
+                                      start_lsn=lsn)
+            self.engine = engine
+            self._pending.clear()
+            self._snapshot_lsn = lsn
+            self._erased = False  # only the new snapshot is on disk
+            self._last_snapshot = time.monotonic()
+            self._log_bytes_at_snapshot = self.log.size_bytes
+            self.recent = RecentChanges(lsn)
+            self._advance()
+            return len(engine)
+
+    async def snapshot_for_replica(self) -> Path:
+        """A primary's full resync of a replica: the newest snapshot when the log has not
+        grown since it, else a new one (Redis's BGSAVE for a full sync)."""
+        if self.log is None or self.config.data_dir is None:
+            raise Unavailable("this shard keeps no log (--in-memory): nothing to replicate")
+        snap_dir = Path(self.config.data_dir) / "snapshots"
+        async with self._snapshot_lock:
+            if self.log.end_lsn == self._snapshot_lsn:
+                reader = await asyncio.to_thread(load_newest, snap_dir)
+                if reader is not None and reader.lsn == self._snapshot_lsn:
+                    return reader.path
+        return Path((await self.snapshot())["path"])
 
     # ------------------------------------------------------------------ snapshots
     async def snapshot(self) -> dict[str, Any]:
@@ -688,10 +815,14 @@ def encode_meta(epoch: int, slots: BitMap | None) -> bytes:
     return msgpack.packb([epoch, None if slots is None else slots.serialize()])
 
 
-def replay(engine: Engine, rtype: int, payload: bytes) -> None:
-    """Apply one logged record; idempotent, so replaying over a snapshot is safe."""
+def replay(engine: Engine, rtype: int, payload: bytes) -> bool:
+    """Apply one logged record; idempotent, so replaying over a snapshot is safe. Returns
+    whether it erased something (a profile, or a table entry naming a person), which the
+    next snapshot must then leave no trace of on disk."""
     if rtype == wal_format.RECORD_PROFILES:
-        engine.apply_images(decode_images(payload))
+        images = decode_images(payload)
+        engine.apply_images(images)
+        return any(image.blob is None for image in images)
     elif rtype == wal_format.RECORD_SCHEMA:
         for state in msgpack.unpackb(payload):
             spec = AttributeSpec.from_state(state)
@@ -699,23 +830,28 @@ def replay(engine: Engine, rtype: int, payload: bytes) -> None:
                 engine.add_attribute(spec)
     elif rtype == wal_format.RECORD_MERGE:
         record = msgpack.unpackb(payload)
-        engine.apply(Change(images=[Image(d, p, b) for d, p, b in record["images"]],
-                            notes=[Note(t, k, v) for t, k, v in record["notes"]]))
+        change = Change(images=[Image(d, p, b) for d, p, b in record["images"]],
+                        notes=[Note(t, k, v) for t, k, v in record["notes"]])
+        engine.apply(change)
+        return change.erases
     elif rtype == wal_format.RECORD_CHANGE:
         record = decode_change(payload)
         at = record["at"]  # microseconds; the profiles' times are in seconds
-        engine.apply(Change(schema=[AttributeSpec.from_state(s) for s in record.get("schema", ())],
-                            images=[Image(d, p, b) for d, p, b in record["images"]],
-                            notes=[Note(t, k, v) for t, k, v in record.get("notes", ())],
-                            at=record.get("changed_at", at // 1_000_000),
-                            times={d: (c, ch) for d, c, ch in record.get("times", ())}))
+        change = Change(schema=[AttributeSpec.from_state(s) for s in record.get("schema", ())],
+                        images=[Image(d, p, b) for d, p, b in record["images"]],
+                        notes=[Note(t, k, v) for t, k, v in record.get("notes", ())],
+                        at=record.get("changed_at", at // 1_000_000),
+                        times={d: (c, ch) for d, c, ch in record.get("times", ())})
+        engine.apply(change)
         if "segments" in record:
             engine.segments.apply(decode_deltas(record["segments"]))
+        return change.erases
     elif rtype == wal_format.RECORD_SHARD_META:
         epoch, slots = msgpack.unpackb(payload)
         engine.set_ownership(epoch, None if slots is None else BitMap.deserialize(slots))
     else:
         raise ValueError(f"unknown log record type {rtype}")
+    return False
 
 
 def load_snapshot(engine: Engine, sections: Iterable[tuple[str, bytes]]) -> None:

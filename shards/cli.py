@@ -92,6 +92,15 @@ def _run(coro: Any) -> Any:
               help="With --tls-cert: the CA the router trusts its shards' certificate by "
                    "(default: --tls-client-ca, else the certificate itself, self-signed).")
 @ANONYMOUS_TTL
+@click.option("--replicas", type=click.IntRange(0, 16), default=None,
+              help="Replica processes a shard, each in DATA/shard-i-replica-j on a free "
+                   "port (docs/replication.md): they follow their shard's log, serve "
+                   "reads (Client(read_from=\"replica\")) and are there for a failover by "
+                   "hand. Default: as the data directory has them (none at first).")
+@click.option("--replication", type=click.Choice(["async", "sync"]), default="async",
+              show_default=True,
+              help="The shards' acknowledgement (serve-shard --replication): sync waits "
+                   "for a replica to hold each write. Needs --replicas.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
 def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: bool, sync: str,
           stop_timeout: float, metrics_port: int | None, snapshot_log_mb: int,
@@ -102,7 +111,7 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: b
           event_days: int, no_link: bool, tls_cert: Path | None, tls_key: Path | None,
           tls_client_ca: Path | None, auth_file: Path | None, insecure: bool,
           audit_log: Path | None, tls_ca: Path | None, anonymous_ttl: float | None,
-          verbose: bool) -> None:
+          replicas: int | None, replication: str, verbose: bool) -> None:
     """Run a router and shard processes on this machine; restart shards that die."""
     from memstore.server import audit
     from memstore.server.security import AuthFileError, Credentials, ServerSecurity, new_token
@@ -128,11 +137,16 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: b
                       blocked_identifier, no_link or security.guarded, limits,
                       stop_snapshot_timeout, event_days, changes_retention, segment_refresh)
     args += security_args(tls_cert, tls_key, tls_client_ca, auth_file, insecure, audit_log)
-    supervisor = Supervisor(data_dir, shards, host, port, sync, shard_args=args,
-                            stop_timeout=stop_timeout + stop_snapshot_timeout, link=not no_link, security=security,
-                            credentials=credentials, cluster_token=internal,
-                            metrics_port=metrics_port, in_memory=in_memory, limits=limits,
-                            anonymous_ttl=anonymous_ttl)
+    try:
+        supervisor = Supervisor(data_dir, shards, host, port, sync, shard_args=args,
+                                stop_timeout=stop_timeout + stop_snapshot_timeout,
+                                link=not no_link, security=security,
+                                credentials=credentials, cluster_token=internal,
+                                metrics_port=metrics_port, in_memory=in_memory, limits=limits,
+                                anonymous_ttl=anonymous_ttl, replicas=replicas,
+                                replication=replication)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     _run(run(supervisor))
 
 
@@ -409,6 +423,38 @@ async def _resume(routers: tuple[str, ...], shards: tuple[str, ...], journal_pat
     addresses = await _shard_addresses(routers, shards, credentials)
     async with rb.Cluster([*addresses, state["source"], state["target"]], credentials) as cl:
         return await rb.resume(cl, journal)
+
+
+@cluster.command()
+@click.argument("shard")
+@ROUTERS
+@click.option("--replica", "replicas", multiple=True,
+              help="A replica of SHARD that may be promoted (repeat for more). Default: the "
+                   "replicas SHARD lists, when it still answers.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
+@client_security
+def failover(shard: str, routers: tuple[str, ...], replicas: tuple[str, ...], as_json: bool,
+             verbose: bool, credentials: Any) -> None:
+    """Promote the most up-to-date replica of SHARD (a name or address) to primary, by hand
+    (docs/replication.md): it takes SHARD's name and a higher epoch, the routers switch to
+    it, and the old primary, if it answers, is fenced: it refuses writes and follows the
+    new one."""
+    from memstore.replication.failover import FailoverError, describe
+    from memstore.replication.failover import failover as run_failover
+
+    _logging(verbose)
+    try:
+        report = _run(run_failover(shard, list(routers), list(replicas), credentials))
+    except FailoverError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(describe(report)))
+        return
+    click.echo(f"{report.shard}: {report.new} is primary at epoch {report.epoch} from "
+               f"position {report.position} (was {report.old})")
+    for note in report.notes:
+        click.echo(f"  {note}")
 
 
 @cluster.command("rebuild-directory")

@@ -3,8 +3,10 @@
 `memstore serve` runs this. Layout of the data directory (default ./memstore-data):
 
     memstore-data/
-      cluster.json      shard names and ports, and shards added from elsewhere
+      cluster.json      shard names and ports, their replicas', and shards added from
+                        elsewhere
       shard-0/          one shard's log and snapshots (its slots and epoch live there)
+      shard-0-replica-0/  with --replicas N: N replicas of each shard (docs/replication.md)
       shard-1/
       ...
 
@@ -29,6 +31,10 @@ Invariants:
   shard directory. A supervisor started right after one that was killed finds its shards
   still stopping: each new shard waits up to SHARD_LOCK_WAIT seconds for its directory.
 - Every line a shard logs, from its first, goes to the supervisor's stderr.
+- With --replicas N, each shard gets N replica processes (`serve-shard --replica-of`), on
+  free ports kept in cluster.json, started once every shard serves and restarted like
+  them. The router knows only the shards (primaries): replicas are for reads with
+  `read_from="replica"` and for failover by hand. `--replication sync` goes to the shards.
 """
 
 from __future__ import annotations
@@ -78,6 +84,7 @@ class ShardProcess:
     started_at: float = 0.0
     backoff: float = MIN_BACKOFF
     pump: asyncio.Task[None] | None = field(default=None, repr=False)
+    primary: ShardProcess | None = field(default=None, repr=False)  # a replica's shard
 
 
 class Supervisor:
@@ -88,7 +95,8 @@ class Supervisor:
                  credentials: Credentials | None = None,
                  cluster_token: str | None = None, metrics_port: int | None = None,
                  in_memory: bool = False, limits: QueryLimits = DEFAULT_LIMITS,
-                 anonymous_ttl: float | None = None) -> None:
+                 anonymous_ttl: float | None = None, replicas: int | None = None,
+                 replication: str = "async") -> None:
         self.data_dir = data_dir
         self.limits = limits  # the router's; the shards have theirs in shard_args
         self.anonymous_ttl = anonymous_ttl  # the router's retention (shards/retention.py)
@@ -105,6 +113,8 @@ class Supervisor:
         self.shard_args = shard_args
         self.stop_timeout = stop_timeout
         self.shards: list[ShardProcess] = []
+        self.replicas: list[ShardProcess] = []  # each names its shard (`primary`)
+        self.replication = replication  # the shards' --replication
         self.external: list[str] = []  # shards added with `cluster add-shard` from elsewhere
         self.router_port = 0
         self._server: Any = None
@@ -113,7 +123,16 @@ class Supervisor:
         self._stopping = False
         self.directory_built = True  # False: data from before the identifier directory
         self._lock: DirLock | None = None
+        if replicas and in_memory:
+            raise ValueError("--replicas: a replica keeps its own log and snapshots; not "
+                             "with --in-memory")
+        if replicas and self.security.tls:
+            raise ValueError("--replicas: replication over TLS is not supported yet")
         self._configure(shards)
+        self._configure_replicas(replicas)
+        if replication == "sync" and not self.replicas:
+            raise ValueError("--replication sync: every write would wait for a replica; "
+                             "start some with --replicas N")
 
     # ------------------------------------------------------------------ layout
     def _configure(self, shards: int | None) -> None:
@@ -124,8 +143,12 @@ class Supervisor:
                 log.warning("%s has %d shards; ignoring --shards %d (use cluster add-shard)",
                             path, len(state["shards"]), shards)
             for s in state["shards"]:
-                self.shards.append(ShardProcess(s["name"], self.data_dir / s["name"],
-                                                s["port"], "", self.host))
+                shard = ShardProcess(s["name"], self.data_dir / s["name"], s["port"], "",
+                                     self.host)
+                self.shards.append(shard)
+                self.replicas += [ShardProcess(r["name"], self.data_dir / r["name"],
+                                               r["port"], "", self.host, primary=shard)
+                                  for r in s.get("replicas", [])]
             self.external = list(state.get("external", []))
             self.directory_built = bool(state.get("directory"))
             return
@@ -135,10 +158,29 @@ class Supervisor:
             self.shards.append(ShardProcess(f"shard-{i}", self.data_dir / f"shard-{i}", port,
                                             format_ranges(ranges), self.host))
 
+    def _configure_replicas(self, count: int | None) -> None:
+        """`count` replicas a shard (None: as cluster.json has them): the missing ones
+        made, on free ports; the ones beyond it no longer started (their directories stay).
+        """
+        if count is None:
+            return
+        kept: list[ShardProcess] = []
+        for shard in self.shards:
+            mine = [r for r in self.replicas if r.primary is shard]
+            for j in range(len(mine), count):
+                name = f"{shard.name}-replica-{j}"
+                mine.append(ShardProcess(name, self.data_dir / name, 0, "", self.host,
+                                         primary=shard))
+            kept += mine[:count]
+        self.replicas = kept
+
     def _save(self) -> None:
         if self.in_memory:
             return
-        state = {"shards": [{"name": s.name, "port": s.port} for s in self.shards],
+        state = {"shards": [{"name": s.name, "port": s.port,
+                             "replicas": [{"name": r.name, "port": r.port}
+                                          for r in self.replicas if r.primary is s]}
+                            for s in self.shards],
                  "external": self.external, "directory": self.directory_built}
         path = self.data_dir / CLUSTER_FILE
         tmp = path.with_suffix(".tmp")
@@ -164,12 +206,16 @@ class Supervisor:
             args += ["--in-memory"]
         else:  # one salt for the cluster (memstore.server.rights), made once
             args += ["--salt-file", str(self.data_dir / SALT_FILE)]
+        if shard.primary is not None:
+            args += ["--replica-of", shard.primary.address]
+        else:
+            args += ["--replication", self.replication]
         if shard.slots and (self.in_memory or not shard.data_dir.exists()):
             args += ["--slots", shard.slots]
         if self.metrics_port is not None:
-            index = self.shards.index(shard)
-            args += ["--metrics-port", str(self.metrics_port + 1 + index
-                                           if self.metrics_port else 0)]
+            port = 0 if shard.primary is not None or not self.metrics_port \
+                else self.metrics_port + 1 + self.shards.index(shard)
+            args += ["--metrics-port", str(port)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if self.cluster_token:
             env["MEMSTORE_CLUSTER_TOKEN"] = self.cluster_token
@@ -261,12 +307,14 @@ class Supervisor:
             load_salt(self.data_dir / SALT_FILE)
         try:
             await asyncio.gather(*(self._spawn(s) for s in self.shards))
+            await asyncio.gather(*(self._spawn(r) for r in self.replicas))
         except BaseException:
             await self._stop_shards()
             raise
         if not self.in_memory:
             self._save()  # ports chosen by the OS on first start are kept from now on
-        self._watchers = [asyncio.create_task(self._watch(s)) for s in self.shards]
+        self._watchers = [asyncio.create_task(self._watch(s))
+                          for s in self.shards + self.replicas]
         addresses = [s.address for s in self.shards] + self.external
         try:
             self._server, self.router_port, self._router = await start_router(
@@ -306,7 +354,7 @@ class Supervisor:
     def reload(self) -> None:
         """SIGHUP: the router and every shard read their auth file again."""
         self.security.reload()
-        for shard in self.shards:
+        for shard in self.shards + self.replicas:
             if shard.proc is not None and shard.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     shard.proc.send_signal(signal.SIGHUP)
@@ -325,7 +373,8 @@ class Supervisor:
 
     async def _stop_shards(self) -> None:
         self._stopping = True
-        running = [s for s in self.shards if s.proc is not None and s.proc.returncode is None]
+        running = [s for s in self.shards + self.replicas
+                   if s.proc is not None and s.proc.returncode is None]
         for shard in running:
             with contextlib.suppress(ProcessLookupError):
                 shard.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]

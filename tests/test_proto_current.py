@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("name", ["memstore", "cluster"])
+@pytest.mark.parametrize("name", ["memstore", "cluster", "replication"])
 def test_generated_code_is_current(tmp_path: Path, name: str) -> None:
     subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT / 'proto'}",

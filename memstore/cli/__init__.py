@@ -23,6 +23,7 @@ from memstore.cli.options import (
     Connect,
     connection,
     query_limits,
+    replication_settings,
     server_security,
     shard_settings,
 )
@@ -71,6 +72,7 @@ def main() -> None:
                    "receipts (64 hex digits), made there if missing. Give every shard of a "
                    "cluster the same file (`memstore serve` does). Default: "
                    "DATA_DIR/rights.salt; with --in-memory, a new one each start.")
+@replication_settings
 @click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
 def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str,
                 slots: str | None, sync: str, snapshot_log_mb: int, snapshot_interval: float,
@@ -82,13 +84,21 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
                 lock_wait: float,
                 stop_on_eof: bool, tls_cert: Path | None, tls_key: Path | None,
                 tls_client_ca: Path | None, auth_file: Path | None, insecure: bool,
-                audit_log: Path | None, salt_file: Path | None, verbose: bool) -> None:
-    """Run one shard process (the cluster's `serve` starts these for you)."""
+                audit_log: Path | None, salt_file: Path | None, replica_of: str | None,
+                replication: str, replication_timeout: float, replication_fallback: bool,
+                verbose: bool) -> None:
+    """Run one shard process (the cluster's `serve` starts these for you), or with
+    --replica-of a read-only replica of one (docs/replication.md)."""
     import uvloop
 
     from memstore.engine.identity import DEFAULT_BLOCKED, IdentityRules
     from memstore.server import audit, rights
-    from memstore.server.security import AuthFileError, ServerSecurity, cluster_token_from_env
+    from memstore.server.security import (
+        AuthFileError,
+        Credentials,
+        ServerSecurity,
+        cluster_token_from_env,
+    )
     from memstore.server.service import serve
     from memstore.shard import ShardConfig
     from memstore.storage.wal_writer import SyncPolicy
@@ -123,7 +133,11 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
                          link_port=None if no_link else link_port, stop_on_eof=stop_on_eof,
                          security=security,
                          limits=query_limits(max_query_bytes, max_query_items,
-                                             max_query_predicates)))
+                                             max_query_predicates),
+                         replica_of=replica_of, replication=replication,
+                         replication_timeout=replication_timeout,
+                         replication_fallback=replication_fallback,
+                         primary_credentials=Credentials(token=cluster_token_from_env())))
     except Exception as exc:  # noqa: BLE001 - start-up failures: damaged log, port in use
         click.echo(f"memstore: {exc}", err=True)
         sys.exit(1)

@@ -149,6 +149,41 @@ def shard_args(snapshot_log_mb: int, snapshot_interval: float, max_identifiers_p
             *(("--no-link",) if no_link else ()))
 
 
+# ---------------------------------------------------------------------- replication
+
+REPLICATION_OPTIONS = (
+    click.option("--replica-of", metavar="HOST:PORT", default=None,
+                 help="Run as a read-only replica of the shard at HOST:PORT: take its "
+                      "snapshot, then follow its log into this --data-dir (a restart "
+                      "resumes from where it stopped). Writes are refused naming the "
+                      "primary. Default: a primary, which replicas may follow."),
+    click.option("--replication", type=click.Choice(["async", "sync"]), default="async",
+                 show_default=True,
+                 help="A primary's acknowledgement. async: once its own log has the write "
+                      "(--sync); a failover may lose the replicas' lag. sync: only once a "
+                      "replica also has it in its log, so a failover to that replica loses "
+                      "no acknowledged write; writes are refused (UNAVAILABLE) when no "
+                      "replica confirms within --replication-timeout. If unsure: async "
+                      "with one replica, sync when losing an acknowledged write is worse "
+                      "than refusing one."),
+    click.option("--replication-timeout", type=click.FloatRange(0.01), default=5.0,
+                 show_default=True,
+                 help="--replication sync: seconds a write waits for a replica's "
+                      "confirmation, and how long no replica may be connected before "
+                      "writes are refused at once."),
+    click.option("--replication-fallback", is_flag=True,
+                 help="--replication sync: when no replica confirms in time, acknowledge "
+                      "anyway (as async, logged and counted in Stats) instead of refusing."),
+)
+
+
+def replication_settings(command: F) -> F:
+    """Add --replica-of, --replication, --replication-timeout and --replication-fallback."""
+    for option in reversed(REPLICATION_OPTIONS):
+        command = option(command)
+    return command
+
+
 # ---------------------------------------------------------------------- security
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)

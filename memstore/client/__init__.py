@@ -2,6 +2,7 @@
 
     core       Client (blocking) and AsyncClient (asyncio): the same methods, one definition
     loader     reading JSON Lines, CSV and Parquet files to load, with positions
+    replicas   read_from="replica": which replica of a shard a client reads from
 """
 
 from memstore.client.core import (

@@ -52,6 +52,7 @@ from pyroaring import BitMap
 from memstore import pbvalues
 from memstore.client import export
 from memstore.client.events import EVENT_CHUNK, EventChunk, EventRefusal, event_chunks
+from memstore.client.replicas import REPLICA_READS, ReplicaReads
 from memstore.engine import eventpack
 from memstore.engine.columnar import CODE_SHARE, pack_columns, unpack_columns
 from memstore.hashslot import (
@@ -585,6 +586,13 @@ class ClientMethods:
                           lambda r: r.deleted)
 
 
+def _replica_reads(read_from: str, connect: Callable[[str], tuple[Any, Any]]
+                   ) -> ReplicaReads | None:
+    if read_from not in ("primary", "replica"):
+        raise ValueError(f"read_from={read_from!r}: \"primary\" or \"replica\"")
+    return ReplicaReads(connect) if read_from == "replica" else None
+
+
 def _connect(open_channel: Callable[..., Any]) -> Callable[[str], tuple[Any, Any]]:
     """(channel, stub) for a shard address, with Credentials.channel or its aio twin."""
     def connect(address: str) -> tuple[Any, Any]:
@@ -603,11 +611,13 @@ class Client(ClientMethods):
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 30.0,
                  direct_reads: bool = False, link: bool = False, tls_ca: str | None = None,
                  tls_cert: str | None = None, tls_key: str | None = None,
-                 token: str | None = None) -> None:
+                 token: str | None = None, read_from: str = "primary") -> None:
         """`tls_ca`: the CA file that signed the server's certificate (TLS); `tls_cert` and
         `tls_key`: a client certificate, for servers that require one; `token`: sent as
         `authorization: Bearer TOKEN` with every call. The link carries neither, so with
-        any of them calls stay on gRPC."""
+        any of them calls stay on gRPC. `read_from="replica"`: send reads to a replica of
+        the shard at `address` (memstore.client.replicas; they answer as of its lag),
+        writes to `address`."""
         self.address = address
         self.timeout = timeout
         credentials = Credentials.load(tls_ca, tls_cert, tls_key, token)
@@ -620,6 +630,30 @@ class Client(ClientMethods):
         if self._link is not None:
             self._link.start()
         self._owners = _SlotOwners(_connect(credentials.channel)) if direct_reads else None
+        self._replicas = _replica_reads(read_from, _connect(credentials.channel))
+
+    def _replica_call(self, method: str, request: Any) -> Any:
+        """A read answered by a replica (read_from="replica"), or _MISSING: ask `address`."""
+        replicas = self._replicas
+        assert replicas is not None
+        if replicas.due():
+            try:
+                replicas.load(dict(self._grpc.Stats(pb.StatsRequest(),
+                                                    timeout=self.timeout).info))
+            except grpc.RpcError:
+                pass
+        stub = replicas.stub
+        if stub is None:
+            return _MISSING
+        try:
+            return getattr(stub, method)(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+                raise
+            channel = replicas.failed()
+            if channel is not None:
+                channel.close()
+            return _MISSING
 
     def _describe_link(self) -> tuple[str, str] | None:
         return advertised(self.address, self._channel.unary_unary(DESCRIBE)(
@@ -659,6 +693,10 @@ class Client(ClientMethods):
         attempts = _RETRIES if method in _READS else 1
         for attempt in range(attempts):
             try:
+                if self._replicas is not None and method in REPLICA_READS:
+                    answer = self._replica_call(method, request)
+                    if answer is not _MISSING:
+                        return decode(answer)
                 return decode(getattr(self._stub, method)(request, timeout=self.timeout))
             except grpc.RpcError as exc:
                 code = exc.code()  # type: ignore[attr-defined]
@@ -842,6 +880,8 @@ class Client(ClientMethods):
         self._channel.close()
         for channel, _ in self._owners.shards.values() if self._owners else ():
             channel.close()
+        if self._replicas is not None and (replica := self._replicas.failed()) is not None:
+            replica.close()
 
     def __enter__(self) -> Self:
         return self
@@ -856,7 +896,7 @@ class AsyncClient(ClientMethods):
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 30.0,
                  direct_reads: bool = False, link: bool = False, tls_ca: str | None = None,
                  tls_cert: str | None = None, tls_key: str | None = None,
-                 token: str | None = None) -> None:
+                 token: str | None = None, read_from: str = "primary") -> None:
         """As Client."""
         self.address = address
         self.timeout = timeout
@@ -873,6 +913,30 @@ class AsyncClient(ClientMethods):
         self._describe_at = 0.0
         self._owners = (_SlotOwners(_connect(credentials.aio_channel)) if direct_reads
                         else None)
+        self._replicas = _replica_reads(read_from, _connect(credentials.aio_channel))
+
+    async def _replica_call(self, method: str, request: Any) -> Any:
+        """As Client._replica_call."""
+        replicas = self._replicas
+        assert replicas is not None
+        if replicas.due():
+            try:
+                replicas.load(dict((await self._grpc.Stats(pb.StatsRequest(),
+                                                           timeout=self.timeout)).info))
+            except grpc.aio.AioRpcError:
+                pass
+        stub = replicas.stub
+        if stub is None:
+            return _MISSING
+        try:
+            return await getattr(stub, method)(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            channel = replicas.failed()
+            if channel is not None:
+                await channel.close()
+            return _MISSING
 
     def _relink(self) -> None:
         self._described = False
@@ -948,6 +1012,10 @@ class AsyncClient(ClientMethods):
         attempts = _RETRIES if method in _READS else 1
         for attempt in range(attempts):
             try:
+                if self._replicas is not None and method in REPLICA_READS:
+                    answer = await self._replica_call(method, request)
+                    if answer is not _MISSING:
+                        return decode(answer)
                 return decode(await getattr(self._stub, method)(request, timeout=self.timeout))
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
@@ -1107,6 +1175,8 @@ class AsyncClient(ClientMethods):
         await self._channel.close()
         for channel, _ in self._owners.shards.values() if self._owners else ():
             await channel.close()
+        if self._replicas is not None and (replica := self._replicas.failed()) is not None:
+            await replica.close()
 
     async def __aenter__(self) -> Self:
         return self

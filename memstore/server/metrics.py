@@ -18,6 +18,11 @@ memstore_erased_profiles_total{reason} profiles erased: delete (one person), que
                                        erasure), retention (anonymous profiles past
                                        --anonymous-ttl); shards count what they erased,
                                        routers what they asked for
+memstore_replicas                      replicas following this primary (docs/replication.md)
+memstore_replication_lag_bytes         a replica: log bytes behind its primary; a primary:
+                                       how far its furthest-behind replica is
+memstore_replication_lag_seconds       a replica: seconds since it last held all its
+                                       primary had (0 while caught up)
 """
 
 from __future__ import annotations
@@ -44,6 +49,12 @@ AUTH_REFUSALS = Counter("memstore_auth_refusals", "Calls refused for their crede
 ERASED = Counter("memstore_erased_profiles", "Profiles erased, by reason", ["reason"])
 PROFILES = Gauge("memstore_profiles", "Live profiles held by this shard")
 LOG_BYTES = Gauge("memstore_log_bytes", "Bytes in this shard's log segments")
+REPLICAS = Gauge("memstore_replicas", "Replicas following this primary")
+REPLICATION_LAG_BYTES = Gauge("memstore_replication_lag_bytes",
+                              "Log bytes a replica is behind its primary (a primary: its "
+                              "furthest-behind replica)")
+REPLICATION_LAG_SECONDS = Gauge("memstore_replication_lag_seconds",
+                                "Seconds since this replica last held all its primary had")
 
 
 def serve_metrics(host: str, port: int, profiles: Callable[[], float] | None = None,

@@ -93,8 +93,8 @@ def needs(method: str) -> Need | None:
         if name in MEMSTORE_WRITES:
             return WRITE
         return ADMIN if name in MEMSTORE_ADMIN else OPERATOR
-    if service == "/memstore.v1.ShardControl":
-        return MEMBER
+    if service in ("/memstore.v1.ShardControl", "/memstore.v1.Replication"):
+        return MEMBER  # Replication: replicas follow a primary's log (the whole data set)
     if service == "/memstore.cluster.v1.RouterAdmin":
         return READ if name in ROUTER_READS else OPERATOR
     return OPERATOR  # anything not listed: operators only

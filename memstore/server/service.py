@@ -49,6 +49,7 @@ from memstore.errors import (
     MemstoreError,
     NotFound,
     OwnershipChanged,
+    ReadOnlyReplica,
     Unavailable,
     Undeclared,
     WrongSlot,
@@ -68,18 +69,27 @@ from memstore.hashslot import (
 )
 from memstore.query import DEFAULT_LIMITS, QueryError, QueryLimits, query_from_request
 from memstore.query.evaluate import evaluate, group_counts
+from memstore.replication import history
+from memstore.replication.primary import Replicas, ReplicationService
+from memstore.replication.roles import Roles
 from memstore.server import logs, metrics, reflection, rights, watch
 from memstore.server.guard import Guard
 from memstore.server.heap import LoadTrimmer
 from memstore.server.link import LinkServer, describe_handler
-from memstore.server.security import ServerSecurity
+from memstore.server.security import Credentials, ServerSecurity
 from memstore.shard import Shard, ShardConfig
 from memstore.storage.wal_writer import SyncPolicy
 from memstore.v1 import cluster_pb2 as cpb
-from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
+from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc, replication_pb2_grpc
 from memstore.v1 import memstore_pb2 as pb
+from memstore.v1 import replication_pb2 as rpb
 
 log = logging.getLogger("memstore.server")
+
+# A replica's answers (memstore/replication/): where writes go, and how far behind it is.
+PRIMARY_TRAILER = "memstore-primary"
+LAG_BYTES_TRAILER = "memstore-replica-lag-bytes"
+LAG_SECONDS_TRAILER = "memstore-replica-lag-seconds"
 
 MAX_MESSAGE_BYTES = 64 << 20
 EXPORT_CHUNK = 1000  # profiles per ExportSlots message
@@ -148,6 +158,8 @@ def _trailers(exc: MemstoreError) -> tuple[tuple[str, str | bytes], ...]:
         trailers.append((REJUDGE_TRAILER, "1"))
     elif isinstance(exc, Undeclared):
         trailers.append((UNDECLARED_TRAILER, msgpack.packb(exc.specs)))
+    elif isinstance(exc, ReadOnlyReplica):
+        trailers.append((PRIMARY_TRAILER, exc.primary))
     if exc.record is not None:
         trailers.append((RECORD_TRAILER, str(exc.record)))
     return tuple(trailers)
@@ -175,7 +187,14 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             if engine is not None:
                 # The slot-ownership epoch the answer was made at: a router checks it
                 # against the slot map its fan-out used (EPOCH_TRAILER).
-                context.set_trailing_metadata(((EPOCH_TRAILER, str(engine.epoch)),))
+                trailers: tuple[tuple[str, str], ...] = ((EPOCH_TRAILER, str(engine.epoch)),)
+                follower = self.shard.follower
+                if follower is not None:  # a replica: how old its answer may be
+                    behind, seconds = follower.lag()
+                    trailers += ((PRIMARY_TRAILER, follower.primary),
+                                 (LAG_BYTES_TRAILER, str(behind)),
+                                 (LAG_SECONDS_TRAILER, f"{seconds:.3f}"))
+                context.set_trailing_metadata(trailers)
             return result
         except (MemstoreError, QueryError, ValueError, TypeError) as exc:
             _refuse(context, _invalid(exc))
@@ -287,9 +306,13 @@ def unpack_records(packed: bytes) -> list[tuple[str, dict[str, Any], list[tuple[
 class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
     def __init__(self, shard: Shard, limits: QueryLimits = DEFAULT_LIMITS) -> None:
         self.shard = shard
-        self.engine: Engine = shard.engine
         self.limits = limits  # the size of work one query may ask for
         self._loads = LoadTrimmer()  # a load's garbage, freed but still held by malloc
+
+    @property
+    def engine(self) -> Engine:
+        """The shard's engine (a replica's full resync replaces it)."""
+        return self.shard.engine
 
     # ------------------------------------------------------------------ profiles
     def _profile(self, dense: int, attributes: Any, packed: bool, out: pb.Profile) -> None:
@@ -852,6 +875,11 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         info.update({f"recovery.{k}": str(v) for k, v in self.shard.recovery.items()})
         if self.shard.log is not None:
             info["log.failed"] = str(self.shard.log.failed)
+            info["log.position"] = str(self.shard.log.end_lsn)
+        if self.shard.follower is not None:
+            info.update(self.shard.follower.stats())
+        elif isinstance(self.shard.replication, Replicas):
+            info.update(self.shard.replication.stats())
         return pb.StatsResponse(
             profiles=len(engine.live), identifiers=len(engine.directory),
             attributes=len(engine.schema), shard=self.shard.config.name,
@@ -915,6 +943,8 @@ def _as_judged(shard: Shard, context: Any) -> None:
 
 
 def _writable(shard: Shard) -> None:
+    if shard.replica_of is not None:
+        raise ReadOnlyReplica(shard.replica_of)
     error = shard.writable_error
     if error:
         raise Unavailable(error)
@@ -974,9 +1004,12 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
 
     def __init__(self, shard: Shard, address: str, link: LinkServer | None = None) -> None:
         self.shard = shard
-        self.engine = shard.engine
         self.address = address
         self.link = link
+
+    @property
+    def engine(self) -> Engine:
+        return self.shard.engine
 
     def _info(self) -> cpb.ShardInfo:
         engine = self.engine
@@ -1280,10 +1313,11 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
 # ---------------------------------------------------------------------- serving
 
 def make_server(shard: Shard, host: str, port: int, link: bool = True,
-                security: ServerSecurity | None = None, limits: QueryLimits = DEFAULT_LIMITS
+                security: ServerSecurity | None = None, limits: QueryLimits = DEFAULT_LIMITS,
+                replication: ReplicationService | None = None
                 ) -> tuple[grpc.aio.Server, int, LinkServer | None]:
     """The shard's gRPC server (not started), its port, and its link (not started; none
-    under TLS or tokens: it has neither)."""
+    under TLS or tokens: it has neither). `replication`: serve it."""
     security = security or ServerSecurity()
     link = link and not security.guarded
     options = [
@@ -1300,10 +1334,13 @@ def make_server(shard: Shard, host: str, port: int, link: bool = True,
         if link else None
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable(server, (
-        pb.DESCRIPTOR.services_by_name["Memstore"].full_name,
-        cpb.DESCRIPTOR.services_by_name["ShardControl"].full_name,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
+    services = [pb.DESCRIPTOR.services_by_name["Memstore"].full_name,
+                cpb.DESCRIPTOR.services_by_name["ShardControl"].full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+    if replication is not None:
+        replication_pb2_grpc.add_ReplicationServicer_to_server(replication, server)
+        services.append(rpb.DESCRIPTOR.services_by_name["Replication"].full_name)
+    reflection.enable(server, tuple(services))
     bound = security.bind(server, f"{host}:{port}")
     control = ShardControlService(shard, f"{host}:{bound}", link_server)
     cluster_pb2_grpc.add_ShardControlServicer_to_server(control, server)
@@ -1368,16 +1405,38 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
                 slots: BitMap | None = None, ready: Callable[[int], None] | None = None,
                 metrics_port: int | None = None, link_port: int | None = 0,
                 stop_on_eof: bool = False, security: ServerSecurity | None = None,
-                limits: QueryLimits = DEFAULT_LIMITS) -> None:
+                limits: QueryLimits = DEFAULT_LIMITS, replica_of: str | None = None,
+                replication: str = "async", replication_timeout: float = 5.0,
+                replication_fallback: bool = False,
+                primary_credentials: Credentials | None = None) -> None:
     """Run one shard until SIGTERM/SIGINT (or, with `stop_on_eof`, until standard input
     closes: its supervisor died), then drain in-flight calls and close the log.
     `link_port`: where routers' unary calls may come over the shard link (memstore/server/link.py;
     0 picks a free port), on the same host; None serves gRPC alone. `security`: TLS and
     tokens (memstore/server/security.py); the auth file is read again on SIGHUP. `limits`:
-    the size of work one query may ask for."""
+    the size of work one query may ask for. `replica_of`: follow that primary
+    (memstore/replication/), presenting `primary_credentials`; else serve replicas,
+    `replication` ("async" or "sync") saying whether a write waits for one
+    (`replication_timeout` seconds at most; `replication_fallback`: then acknowledge
+    anyway)."""
     security = security or ServerSecurity()
     security.check_host(host)
-    shard = await Shard.open(config)
+    if replica_of is not None and config.data_dir is None:
+        raise ValueError("a replica keeps its own log and snapshots: --replica-of needs a "
+                         "data directory, not --in-memory")
+    if replication == "sync" and config.data_dir is None:
+        raise ValueError("--replication sync needs a data directory (replicas follow the "
+                         "log), not --in-memory")
+    followed: list[str | None] = []
+    shard = await Shard.open(config, prepare=(
+        (lambda data: followed.append(history.for_replica(data))) if replica_of else None))
+    # A replica's --replication is what it does once promoted (memstore cluster failover).
+    roles = Roles(shard, replication, replication_timeout, replication_fallback,
+                  primary_credentials)
+    if replica_of is not None:
+        shard.replica_of = replica_of
+    else:
+        roles.open_primary()
     # The engine holds few container objects (profiles are bytes), but a bulk load makes
     # and drops millions of small lists and dicts: collect young objects less often and
     # never rescan what recovery loaded.
@@ -1385,10 +1444,12 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
     gc.callbacks.append(_report_long_collections)
-    if slots is not None and shard.engine.epoch == 0 and shard.engine.owned_slots is None:
+    if slots is not None and shard.engine.epoch == 0 and shard.engine.owned_slots is None \
+            and replica_of is None:
         await shard.set_ownership(1, slots)
     server, bound, link = make_server(shard, host, port, link=link_port is not None,
-                                      security=security, limits=limits)
+                                      security=security, limits=limits,
+                                      replication=roles.service)
     await server.start()
     if link is not None:
         await link.start(host, link_port or 0)
@@ -1397,6 +1458,9 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
     await health_servicer.set("memstore.v1.Memstore", health_pb2.HealthCheckResponse.SERVING)
     shard.start_background()
     watch_health = asyncio.get_running_loop().create_task(_watch_log(shard, health_servicer))
+    roles.address = f"{host}:{bound}"
+    if replica_of is not None:
+        roles.follow(replica_of, followed[0])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -1419,6 +1483,7 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
     await stop.wait()
     watch_health.cancel()
     log.info("shutting down")
+    await roles.stop()
     await health_servicer.enter_graceful_shutdown()
     started = time.monotonic()
     await asyncio.gather(server.stop(grace=5.0), *([link.stop(grace=5.0)] if link else []))

@@ -117,17 +117,7 @@ class SnapshotWriter:
         finally:
             f.close()
             self._file = None
-        final = self.directory / snapshot_name(self.lsn)
-        os.replace(self.tmp, final)
-        fsync_path(self.directory, self._fsync)
-        pointer = self.directory / f"{CURRENT}.tmp"
-        with pointer.open("w") as p:
-            p.write(final.name + "\n")
-            p.flush()
-            self._fsync(p.fileno())
-        os.replace(pointer, self.directory / CURRENT)
-        fsync_path(self.directory, self._fsync)
-        return final
+        return _publish(self.tmp, self.directory / snapshot_name(self.lsn), self._fsync)
 
     def abort(self) -> None:
         """Drop the temporary file (safe to call after commit or twice)."""
@@ -142,6 +132,47 @@ class SnapshotWriter:
     def __exit__(self, exc_type: object, *rest: object) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def _publish(tmp: Path, final: Path, fsync: Fsync) -> Path:
+    """Rename a complete, fsynced `tmp` to `final`, then point CURRENT at it; each step
+    made durable with a directory fsync."""
+    directory = final.parent
+    os.replace(tmp, final)
+    fsync_path(directory, fsync)
+    pointer = directory / f"{CURRENT}.tmp"
+    with pointer.open("w") as p:
+        p.write(final.name + "\n")
+        p.flush()
+        fsync(p.fileno())
+    os.replace(pointer, directory / CURRENT)
+    fsync_path(directory, fsync)
+    return final
+
+
+def receiving(directory: Path | str, lsn: int) -> Path:
+    """Where a snapshot made elsewhere (a replica's full resync) is written as it arrives:
+    snap-<lsn>.tmp, never loaded, removed by `prune` like any other .tmp."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / TMP_NAME.format(lsn=lsn)
+
+
+def install(directory: Path | str, lsn: int, fsync: Fsync = os.fsync) -> Path:
+    """Publish the snapshot received into `receiving(directory, lsn)`: fsync it, verify it
+    whole and covering `lsn` (SnapshotError otherwise, and the .tmp is removed), then
+    rename it and point CURRENT at it as `SnapshotWriter.commit` does."""
+    tmp = receiving(directory, lsn)
+    try:
+        with tmp.open("rb+") as f:
+            fsync(f.fileno())
+        reader = SnapshotReader(tmp)
+        if reader.lsn != lsn:
+            raise SnapshotError(f"{tmp}: covers LSN {reader.lsn}, expected {lsn}")
+        return _publish(tmp, Path(directory) / snapshot_name(lsn), fsync)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _read_exact(f: BinaryIO, n: int, path: Path, what: str) -> bytes:

@@ -1,0 +1,143 @@
+"""`memstore cluster failover SHARD`: promote a replica of a shard, by hand.
+
+Steps (docs/replication.md "Failover"), each said in the report it returns:
+
+1. The routers' view (the first router's ListShards): SHARD's address and epoch.
+2. The candidates: the replicas given, else the ones the old primary lists in its Stats
+   (when it still answers). Each is asked for its Stats; the one whose log reaches
+   furthest among those following SHARD is chosen (Redis Sentinel's choice, by offset).
+3. Promote it: it stops following, serves as SHARD at an epoch above every epoch seen
+   (the old primary's, and the candidates'), and takes writes.
+4. Routers: AddShard(new address), then RemoveShard(old address). Slots go to the higher
+   epoch as soon as a router knows the new primary.
+5. Fencing: the old primary, if it answers, is told to Demote: it refuses writes from then
+   on and follows the new primary (its unreplicated tail, if any, is discarded by a full
+   resync). The other candidates are pointed at the new primary. One that does not answer
+   is named in the report: start it again with --replica-of the new primary.
+
+No coordinator decides here: the operator does, and the epochs keep an old primary from
+taking the slots back (routers prefer the higher epoch; a Demote with a lower epoch is
+refused).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from memstore.server.security import Credentials
+from memstore.v1 import memstore_pb2 as pb
+from memstore.v1 import memstore_pb2_grpc, replication_pb2_grpc
+from memstore.v1 import replication_pb2 as rpb
+
+TIMEOUT = 10.0
+
+
+class FailoverError(RuntimeError):
+    """The failover could not be done; the message says which step and why."""
+
+
+@dataclass
+class Report:
+    shard: str
+    old: str
+    new: str = ""
+    epoch: int = 0
+    position: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+async def _stats(address: str, credentials: Credentials) -> dict[str, str] | None:
+    try:
+        async with credentials.aio_channel(address) as channel:
+            answer = await memstore_pb2_grpc.MemstoreStub(channel).Stats(pb.StatsRequest(),
+                                                                          timeout=TIMEOUT)
+    except grpc.aio.AioRpcError:
+        return None
+    return {**answer.info, "shard": answer.shard}
+
+
+async def failover(shard: str, routers: list[str], candidates: list[str],
+                   credentials: Credentials | None = None) -> Report:
+    from shards.router import admin_call
+
+    credentials = credentials or Credentials()
+    try:
+        listing = await admin_call(routers[0], "ListShards", credentials=credentials)
+    except grpc.aio.AioRpcError as exc:
+        raise FailoverError(f"router {routers[0]}: {exc.details()}") from None
+    entry = next((s for s in listing["shards"] if shard in (s["name"], s["address"])), None)
+    if entry is None:
+        raise FailoverError(f"router {routers[0]} knows no shard {shard!r}")
+    report = Report(entry["name"] or shard, entry["address"])
+    old_stats = await _stats(report.old, credentials)
+    if not candidates and old_stats is not None:
+        candidates = [v for k, v in sorted(old_stats.items())
+                      if k.startswith("replication.replica.") and k.endswith(".address") and v]
+    if not candidates:
+        raise FailoverError(f"no replica to promote: {report.old} "
+                            f"{'lists none' if old_stats else 'does not answer'}; name them "
+                            "with --replica")
+    best: tuple[int, str] | None = None
+    epochs = [int(entry.get("epoch", 0))]
+    for address in candidates:
+        found = await _stats(address, credentials)
+        if found is None:
+            report.notes.append(f"replica {address} does not answer")
+            continue
+        epochs.append(int(found.get("epoch", 0)))
+        if found.get("replication.role") != "replica":
+            report.notes.append(f"{address} is not a replica: skipped")
+            continue
+        if found.get("replication.primary") != report.old:
+            report.notes.append(f"{address} follows {found.get('replication.primary')}, not "
+                                f"{report.old}: skipped")
+            continue
+        position = int(found.get("log.position", 0))
+        if best is None or position > best[0]:
+            best = (position, address)
+    if best is None:
+        raise FailoverError("no replica of " + report.old + " answered: "
+                            + "; ".join(report.notes))
+    report.position, report.new = best
+    async with credentials.aio_channel(report.new) as channel:
+        try:
+            promoted = await replication_pb2_grpc.ReplicationStub(channel).Promote(
+                rpb.PromoteRequest(shard=report.shard, epoch=max(epochs) + 1),
+                timeout=TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            raise FailoverError(f"promoting {report.new}: {exc.details()}") from None
+    report.epoch, report.position = promoted.epoch, promoted.lsn
+    for router in routers:
+        try:
+            await admin_call(router, "AddShard", {"address": report.new},
+                             credentials=credentials)
+            await admin_call(router, "RemoveShard", {"name": report.old},
+                             credentials=credentials)
+        except grpc.aio.AioRpcError as exc:
+            report.notes.append(f"router {router}: {exc.details()} (restart it with "
+                                f"--shard {report.new} in place of {report.old})")
+    for address in [report.old, *(c for c in candidates if c != report.new)]:
+        report.notes.append(await _demote(address, report, credentials))
+    return report
+
+
+async def _demote(address: str, report: Report, credentials: Credentials) -> str:
+    try:
+        async with credentials.aio_channel(address) as channel:
+            answer = await replication_pb2_grpc.ReplicationStub(channel).Demote(
+                rpb.DemoteRequest(primary=report.new, epoch=report.epoch), timeout=TIMEOUT)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return (f"{address} does not answer: if it comes back, start it with "
+                    f"--replica-of {report.new} (its writes after position "
+                    f"{report.position} are discarded)")
+        return f"{address} refused to follow {report.new}: {exc.details()}"
+    return f"{address} now follows {report.new} (its log ended at {answer.lsn})"
+
+
+def describe(report: Report) -> dict[str, Any]:
+    return {"shard": report.shard, "old": report.old, "new": report.new,
+            "epoch": report.epoch, "position": report.position, "notes": report.notes}

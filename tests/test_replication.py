@@ -1,0 +1,700 @@
+"""Replicas (memstore/replication/) with real processes on loopback: a primary, replicas
+with their own data directories, SIGKILL and restarts. A replica must end in exactly the
+primary's state, resume from its own position after a restart (partial resync), start over
+from a snapshot when the primary no longer keeps that position (full resync), refuse
+writes naming the primary, and leave no byte of an erased profile after its next snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from memstore import Client, ClientError
+from memstore.server.logs import listening_address, message
+from memstore.v1 import memstore_pb2 as pb
+from memstore.v1 import memstore_pb2_grpc
+from tests.conftest import ROOT
+
+
+@dataclass
+class Proc:
+    """A server process whose every log line is kept (`lines`)."""
+
+    proc: subprocess.Popen[bytes]
+    address: str
+    data: Path
+    lines: list[str] = field(default_factory=list)
+
+    def said(self, text: str) -> list[str]:
+        return [m for m in map(message, list(self.lines)) if text in m]
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+
+def start(data: Path, *args: str) -> Proc:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memstore.cli", "serve-shard", "--port", "0", "--data-dir",
+         str(data), *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline().decode()
+        if not line:
+            break
+        lines.append(line)
+        address = listening_address(line)
+        if address is not None:
+            server = Proc(proc, address, data, lines)
+
+            def pump() -> None:
+                assert proc.stderr is not None
+                for raw in proc.stderr:
+                    lines.append(raw.decode())
+
+            threading.Thread(target=pump, daemon=True).start()
+            return server
+    proc.kill()
+    raise RuntimeError("serve-shard did not start:\n" + "".join(lines))
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for p in reversed(started):
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait(10)
+
+
+def stats(address: str) -> dict[str, Any]:
+    with Client(address) as c:
+        return c.stats()  # type: ignore[no-any-return]
+
+
+def wait_caught_up(primary: str, replica: str, timeout: float = 30.0) -> dict[str, Any]:
+    """Wait until the replica's log ends where the primary's does; the replica's stats."""
+    deadline = time.monotonic() + timeout
+    while True:
+        want = stats(primary)["log.position"]
+        got = stats(replica)
+        if got["log.position"] == want and got.get("replication.connected") == "True":
+            return got
+        assert time.monotonic() < deadline, (f"replica at {got['log.position']}, primary "
+                                             f"at {want}: {got}")
+        time.sleep(0.05)
+
+
+def wait_replicas(primary: str, count: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while stats(primary)["replication.replicas"] != str(count):
+        assert time.monotonic() < deadline, "the replicas never connected"
+        time.sleep(0.05)
+
+
+def state(address: str) -> dict[str, Any]:
+    """Everything a client can read of a shard: every profile as exported, the schema, the
+    saved segments and their members."""
+    with Client(address) as c:
+        profiles = sorted((p for chunk in c.iter_export(timestamps="micros") for p in chunk),
+                          key=lambda p: p["id"])
+        segments = sorted((s["name"], s["members"], s["query"]) for s in c.segments())
+        schema = sorted((a["name"], a["kind"]) for a in c.schema())
+        return {"profiles": profiles, "segments": segments, "schema": schema,
+                "count": c.count("ALL")}
+
+
+def write_history(c: Client, start: int, end: int) -> None:
+    """Loads, updates, increments, deletes, merges and a saved segment's changes."""
+    c.load({"id": f"u{i}", "attributes": {"n": i, "city": f"c{i % 7}", "tags": [f"t{i % 3}"]},
+            "identifiers": [["email", f"u{i}@x.io"]]} for i in range(start, end))
+    for i in range(start, end, 5):
+        c.upsert(f"u{i}", ops=[("increment", "n", 1000), ("add_to_set", "tags", ["five"])])
+    deleted = set(range(start + 1, end, 11))
+    for i in sorted(deleted):
+        c.delete(f"u{i}")
+    for i in range(start + 2, end - 3, 13):  # u(i+3)'s email links to u(i): a merge
+        if not {i, i + 3} & deleted:
+            c.link(f"u{i}", [("email", f"u{i + 3}@x.io")])
+
+
+def test_a_replica_converges_to_the_primary_exactly(tmp_path: Path, procs: list[Proc]
+                                                    ) -> None:
+    primary = start(tmp_path / "primary")
+    procs.append(primary)
+    with Client(primary.address) as c:
+        c.create_segment("fives", 'tags HAS "five"')
+        write_history(c, 0, 400)  # before the replica: its full resync carries these
+        replica = start(tmp_path / "replica", "--replica-of", primary.address,
+                        "--name", "replica-1")
+        procs.append(replica)
+        write_history(c, 400, 900)  # while it follows: the log stream carries these
+        c.track("u7", "purchase", count=3)
+        c.upsert("u8", ops=[("unset", "city", None)])
+    after = wait_caught_up(primary.address, replica.address)
+    assert after["replication.full_resyncs"] == "1"
+    assert replica.said("full resync done:")
+    assert state(replica.address) == state(primary.address)
+    assert state(replica.address)["segments"][0][1] > 0  # the segment has members there too
+
+
+def test_a_replica_killed_and_restarted_resumes_where_it_was(tmp_path: Path,
+                                                             procs: list[Proc]) -> None:
+    primary = start(tmp_path / "primary")
+    procs.append(primary)
+    replica = start(tmp_path / "replica", "--replica-of", primary.address)
+    procs.append(replica)
+    with Client(primary.address) as c:
+        write_history(c, 0, 300)
+        wait_caught_up(primary.address, replica.address)
+        replica.kill()
+        position = int(stats(primary.address)["log.position"])
+        write_history(c, 300, 600)  # while the replica is down
+    replica = start(tmp_path / "replica", "--replica-of", primary.address)
+    procs.append(replica)
+    after = wait_caught_up(primary.address, replica.address)
+    assert after["replication.full_resyncs"] == "0", replica.lines
+    assert after["replication.partial_resyncs"] == "1"
+    [line] = replica.said("partial resync: following")
+    assert f"from position {position} " in line
+    assert not replica.said("full resync")
+    assert state(replica.address) == state(primary.address)
+
+
+def test_a_replica_whose_position_the_primary_dropped_resyncs_in_full(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    primary = start(tmp_path / "primary")
+    procs.append(primary)
+    replica = start(tmp_path / "replica", "--replica-of", primary.address)
+    procs.append(replica)
+    with Client(primary.address) as c:
+        write_history(c, 0, 200)
+        wait_caught_up(primary.address, replica.address)
+        assert replica.stop() == 0
+        write_history(c, 200, 400)  # deletes among them: the snapshot drops the old log
+        c.snapshot()
+    replica = start(tmp_path / "replica", "--replica-of", primary.address)
+    procs.append(replica)
+    after = wait_caught_up(primary.address, replica.address)
+    assert after["replication.full_resyncs"] == "1"
+    [why] = replica.said("full resync from")
+    assert "cannot continue from position" in why and "older than the oldest" in why
+    assert state(replica.address) == state(primary.address)
+    with Client(primary.address) as c:  # and it goes on following
+        write_history(c, 400, 450)
+    wait_caught_up(primary.address, replica.address)
+    assert state(replica.address) == state(primary.address)
+
+
+def test_a_replica_refuses_writes_naming_the_primary_and_tells_its_lag(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    primary = start(tmp_path / "primary")
+    procs.append(primary)
+    replica = start(tmp_path / "replica", "--replica-of", primary.address,
+                    "--metrics-port", "0")
+    procs.append(replica)
+    with Client(primary.address) as c:
+        c.upsert("a", {"x": 1})
+    wait_caught_up(primary.address, replica.address)
+    [url] = [m.split("metrics on ", 1)[1] for m in replica.said("metrics on ")]
+    with urllib.request.urlopen(url, timeout=10) as scrape:
+        scraped = scrape.read().decode()
+    assert "memstore_replication_lag_bytes 0.0" in scraped
+    assert "memstore_replication_lag_seconds 0.0" in scraped
+    with Client(replica.address) as c:
+        for write in (lambda: c.upsert("b", {"x": 2}), lambda: c.delete("a"),
+                      lambda: c.declare([{"name": "y", "kind": "int"}]),
+                      lambda: c.create_segment("s", "x = 1")):
+            with pytest.raises(ClientError) as refused:
+                write()
+            assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert f"read-only replica of {primary.address}" in refused.value.details
+        assert c.get("b") is None and c.get("a")["attributes"] == {"x": 1}
+    with grpc.insecure_channel(replica.address) as channel:
+        stub = memstore_pb2_grpc.MemstoreStub(channel)
+        _, call = stub.Get.with_call(pb.GetRequest(key=pb.ProfileKey(id="a")))
+        trailers = dict(call.trailing_metadata())
+        assert trailers["memstore-primary"] == primary.address
+        assert trailers["memstore-replica-lag-bytes"] == "0"
+        assert float(trailers["memstore-replica-lag-seconds"]) == 0.0
+        with pytest.raises(grpc.RpcError) as refused_call:
+            stub.Upsert(pb.UpsertRequest(id="c"))
+        assert dict(refused_call.value.trailing_metadata())["memstore-primary"] == \
+            primary.address
+    primary.kill()  # the replica goes on answering reads; its lag grows
+    deadline = time.monotonic() + 30
+    while stats(replica.address)["replication.connected"] != "False":
+        assert time.monotonic() < deadline, "the replica never noticed its primary died"
+        time.sleep(0.05)
+    with grpc.insecure_channel(replica.address) as channel:
+        _, call = memstore_pb2_grpc.MemstoreStub(channel).Get.with_call(
+            pb.GetRequest(key=pb.ProfileKey(id="a")))
+        assert float(dict(call.trailing_metadata())["memstore-replica-lag-seconds"]) > 0
+
+
+def test_erasure_on_the_primary_leaves_no_byte_on_the_replica(tmp_path: Path,
+                                                              procs: list[Proc]) -> None:
+    marker = "MARKER-replica-erase-91c2"
+    primary = start(tmp_path / "primary")
+    procs.append(primary)
+    replica = start(tmp_path / "replica", "--replica-of", primary.address)
+    procs.append(replica)
+    with Client(primary.address) as c:
+        write_history(c, 0, 50)
+        c.upsert("victim", {"note": marker}, identifiers=[("email", f"{marker}@x.io")])
+        wait_caught_up(primary.address, replica.address)
+        with Client(replica.address) as r:
+            r.snapshot()  # the marker is in the replica's snapshot and log
+            assert r.get("victim") is not None
+        c.erase("victim")
+    wait_caught_up(primary.address, replica.address)
+    with Client(replica.address) as r:
+        assert r.get("victim") is None
+        r.snapshot()
+    hits = [str(p) for p in (tmp_path / "replica").rglob("*")
+            if p.is_file() and marker.encode() in p.read_bytes()]
+    assert hits == []
+    assert state(replica.address) == state(primary.address)
+
+
+# ---------------------------------------------------------------------- --replication sync
+
+def test_sync_replication_without_a_replica_refuses_writes(tmp_path: Path,
+                                                           procs: list[Proc]) -> None:
+    primary = start(tmp_path / "primary", "--replication", "sync",
+                    "--replication-timeout", "0.3")
+    procs.append(primary)
+    with Client(primary.address) as c:
+        with pytest.raises(ClientError) as refused:  # waits for a replica, up to 0.3 s
+            c.upsert("first", {"x": 1})
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(ClientError) as refused:  # none for 0.3 s: refused at once
+            c.upsert("a", {"x": 1})
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "no replica connected for 0.3 s" in refused.value.details
+        assert "nothing was written" in refused.value.details
+        assert c.get("a") is None  # reads are served
+    fallback = start(tmp_path / "fallback", "--replication", "sync",
+                     "--replication-timeout", "0.3", "--replication-fallback")
+    procs.append(fallback)
+    with Client(fallback.address) as c:
+        c.upsert("a", {"x": 1})  # acknowledged as async, and counted
+        assert c.get("a")["attributes"] == {"x": 1}
+        assert c.stats()["replication.fallbacks"] == "1"
+
+
+def test_sync_replication_acknowledges_only_what_the_replica_holds(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    primary = start(tmp_path / "primary", "--replication", "sync")
+    procs.append(primary)
+    replica = start(tmp_path / "replica", "--replica-of", primary.address)
+    procs.append(replica)
+    wait_replicas(primary.address, 1)
+    acked: list[str] = []
+    stop = threading.Event()
+
+    def writer(prefix: str) -> None:
+        with Client(primary.address, timeout=10) as c:
+            n = 0
+            while not stop.is_set():
+                try:
+                    c.upsert(f"{prefix}-{n}", {"n": n}, ops=[("add_to_set", "t", ["x"])])
+                except ClientError:
+                    return
+                acked.append(f"{prefix}-{n}")
+                if len(acked) >= 400 and not stop.is_set():
+                    stop.set()  # right after an acknowledged write: kill the primary
+                    primary.kill()
+                n += 1
+
+    threads = [threading.Thread(target=writer, args=(f"w{t}",)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert primary.proc.poll() is not None and len(acked) >= 400
+    replica.kill()  # what it confirmed must be on its disk, not only in its memory
+    replica = start(tmp_path / "replica", "--replica-of", primary.address)
+    procs.append(replica)
+    with Client(replica.address) as c:
+        got = c.batch_get(acked)
+    lost = [pid for pid, profile in zip(acked, got, strict=True) if profile is None]
+    assert lost == []
+
+
+def test_sync_replication_with_a_stopped_replica_times_out_then_resumes(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    primary = start(tmp_path / "primary", "--replication", "sync",
+                    "--replication-timeout", "0.5")
+    procs.append(primary)
+    replica = start(tmp_path / "replica", "--replica-of", primary.address)
+    procs.append(replica)
+    wait_replicas(primary.address, 1)
+    with Client(primary.address) as c:
+        c.upsert("before", {"x": 1})
+        info = c.stats()
+        assert info["replication.mode"] == "sync"
+        assert info["replication.replica.0.lag_bytes"] == "0"
+        os.kill(replica.proc.pid, signal.SIGSTOP)  # a partition: connected, silent
+        try:
+            with pytest.raises(ClientError) as refused:
+                c.upsert("during", {"x": 2})
+            assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+            assert "no replica confirmed it" in refused.value.details
+            assert "may or may not survive a failover" in refused.value.details
+        finally:
+            os.kill(replica.proc.pid, signal.SIGCONT)
+        c.upsert("after", {"x": 3})  # the replica caught up and confirms again
+    wait_caught_up(primary.address, replica.address)
+    with Client(replica.address) as r:
+        assert [p is not None for p in r.batch_get(["before", "during", "after"])] == \
+            [True, True, True]
+
+
+# ---------------------------------------------------------------------- read_from="replica"
+
+def test_clients_reading_from_replicas_go_on_reading_when_the_primary_dies(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    primary = start(tmp_path / "primary")
+    procs.append(primary)
+    replica = start(tmp_path / "replica", "--replica-of", primary.address)
+    procs.append(replica)
+    wait_replicas(primary.address, 1)
+    with Client(primary.address, read_from="replica") as c:
+        c.upsert("a", {"x": 1})  # writes go to the primary
+        wait_caught_up(primary.address, replica.address)
+        assert c.get("a")["attributes"] == {"x": 1}
+        primary.kill()
+        assert c.get("a")["attributes"] == {"x": 1}  # a replica answered
+        assert c.count("x = 1") == 1
+        with pytest.raises(ClientError) as refused:
+            c.upsert("b", {"x": 2})
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+
+    async def read_async() -> Any:
+        from memstore import AsyncClient
+
+        async with AsyncClient(replica.address, read_from="replica") as c:
+            return await c.get("a")  # a replica lists no replicas: it answers itself
+
+    import asyncio
+
+    assert asyncio.run(read_async())["attributes"] == {"x": 1}
+
+
+def test_reads_from_a_dead_replica_go_to_the_primary(tmp_path: Path, procs: list[Proc]
+                                                      ) -> None:
+    primary = start(tmp_path / "primary")
+    procs.append(primary)
+    replica = start(tmp_path / "replica", "--replica-of", primary.address)
+    procs.append(replica)
+    wait_replicas(primary.address, 1)
+    with Client(primary.address, read_from="replica") as c:
+        c.upsert("a", {"x": 1})
+        wait_caught_up(primary.address, replica.address)
+        assert c.get("a") is not None
+        replica.kill()
+        c.upsert("b", {"x": 2})
+        assert c.get("b")["attributes"] == {"x": 2}  # the primary answered
+    with pytest.raises(ValueError, match="read_from"):
+        Client(primary.address, read_from="secondary")
+
+
+# ---------------------------------------------------------------------- promotion by hand
+
+def test_a_replica_restarted_as_primary_continues_the_history(tmp_path: Path,
+                                                              procs: list[Proc]) -> None:
+    """docs/replication.md "Failover": a replica restarted without --replica-of serves as a
+    primary of a new history continuing the old one up to its log's end. A replica behind
+    that point follows it with a partial resync; the old primary, which wrote past it,
+    comes back as a replica with a full resync (its unreplicated tail discarded)."""
+    old = start(tmp_path / "old")
+    procs.append(old)
+    a = start(tmp_path / "a", "--replica-of", old.address)
+    b = start(tmp_path / "b", "--replica-of", old.address)
+    procs += [a, b]
+    with Client(old.address) as c:
+        write_history(c, 0, 100)
+        wait_caught_up(old.address, a.address)
+        with Client(a.address) as on_a:  # after the deletes: a keeps its log from here
+            on_a.snapshot()
+        wait_caught_up(old.address, b.address)
+        assert b.stop() == 0  # b stays behind
+        for i in range(100, 200):  # no erasure: a's log keeps b's position
+            c.upsert(f"v{i}", {"n": i}, ops=[("increment", "hits", 1)])
+        wait_caught_up(old.address, a.address)
+        # a stops; old writes on alone. (Not SIGSTOP: records already sent wait in a's
+        # socket buffer and reach it when it runs again.)
+        assert a.stop() == 0
+        c.upsert("only-on-old", {"x": 1})
+    old.kill()
+    a = start(tmp_path / "a")  # promoted
+    procs.append(a)
+    assert a.said("serving as a primary of the new history")
+    b = start(tmp_path / "b", "--replica-of", a.address)
+    procs.append(b)
+    with Client(a.address) as c:
+        write_history(c, 200, 300)
+    after = wait_caught_up(a.address, b.address)
+    assert after["replication.full_resyncs"] == "0" and b.said("partial resync")
+    assert b.said("continues history")
+    assert state(b.address) == state(a.address)
+    old = start(tmp_path / "old", "--replica-of", a.address)
+    procs.append(old)
+    after = wait_caught_up(a.address, old.address)
+    assert after["replication.full_resyncs"] == "1"
+    [why] = old.said("full resync from")
+    assert "where this primary took over history" in why
+    with Client(old.address) as c:
+        assert c.get("only-on-old") is None
+    assert state(old.address) == state(a.address)
+
+
+# ---------------------------------------------------------------------- memstore serve
+
+def _serve(data: Path, *args: str) -> tuple[subprocess.Popen[str], str, list[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memstore.cli", "serve", "--port", "0", "--data-dir",
+         str(data), *args], cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        assert line, "serve exited:\n" + "".join(lines)
+        lines.append(line)
+        address = listening_address(line, "supervisor")
+        if address:
+            def pump() -> None:
+                assert proc.stderr is not None
+                lines.extend(proc.stderr)
+
+            threading.Thread(target=pump, daemon=True).start()
+            return proc, address, lines
+    proc.kill()
+    raise AssertionError("serve did not start:\n" + "".join(lines))
+
+
+def test_serve_with_replicas_starts_and_keeps_a_replica_per_shard(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    proc, router, lines = _serve(data, "--shards", "2", "--replicas", "1",
+                                 "--replication", "sync")
+    try:
+        layout = json.loads((data / "cluster.json").read_text())
+        pairs = [(f"127.0.0.1:{s['port']}", f"127.0.0.1:{s['replicas'][0]['port']}")
+                 for s in layout["shards"]]
+        assert [s["replicas"][0]["name"] for s in layout["shards"]] == \
+            ["shard-0-replica-0", "shard-1-replica-0"]
+        with Client(router) as c:  # sync: each write waits for its shard's replica
+            c.load({"id": f"p{i}", "attributes": {"n": i}} for i in range(300))
+            c.upsert("p1", ops=[("increment", "n", 1)])
+        for shard, replica in pairs:
+            wait_caught_up(shard, replica)
+            assert stats(replica)["replication.primary"] == shard
+            assert state(replica) == state(shard)
+        replica_pid = next(int(m.group(1)) for line in list(lines) if (
+            m := re.search(r"shard-0-replica-0 \(pid (\d+)\) serving", line)))
+        os.kill(replica_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not any("shard-0-replica-0 restarted" in line for line in list(lines)):
+            assert time.monotonic() < deadline, "".join(lines[-20:])
+            time.sleep(0.1)
+        with Client(router) as c:
+            c.upsert("p2", {"n": -2})
+        wait_caught_up(*pairs[0])
+        with Client(pairs[0][0], read_from="replica") as c:
+            assert c.count("n >= 0") + c.count("n < 0") == stats(pairs[0][0])["profiles"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    proc, router, lines = _serve(data)  # later starts: the replicas cluster.json has
+    try:
+        assert any("shard-1-replica-0 (pid" in line for line in lines)
+        wait_caught_up(*pairs[1])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+
+
+# ---------------------------------------------------------------------- cluster failover
+
+def _failover(router: str, shard: str, *extra: str) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, "-m", "memstore.cli", "cluster", "failover", shard,
+                           "--address", router, "--json", *extra], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+def test_failover_promotes_the_replica_and_fences_the_old_primary(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    from tests.conftest import start_router
+
+    old = start(tmp_path / "old")
+    procs.append(old)
+    replica = start(tmp_path / "replica", "--replica-of", old.address,
+                    "--name", "shard-0-replica-0")
+    procs.append(replica)
+    wait_replicas(old.address, 1)
+    router = start_router([old.address])
+    try:
+        with Client(router.address) as c:
+            write_history(c, 0, 200)
+            position = next(c.changes(heartbeats=True))["position"]
+            c.upsert("after-position", {"n": 1})
+        wait_caught_up(old.address, replica.address)
+        before_epoch = int(stats(old.address)["epoch"])
+        report = _failover(router.address, "shard-0")
+        assert report["new"] == replica.address and report["old"] == old.address
+        assert report["epoch"] > before_epoch
+        assert any(f"{old.address} now follows {replica.address}" in n for n in report["notes"])
+        assert replica.said("promoted: was a replica of")
+        with Client(router.address) as c:  # the router writes to the new primary
+            c.upsert("after-failover", {"n": 2})
+            assert c.get("after-failover")["attributes"] == {"n": 2}
+            assert c.get("u5") is not None
+        info = stats(replica.address)
+        assert info["shard"] == "shard-0" and int(info["epoch"]) == report["epoch"]
+        with Client(old.address) as c:  # fenced: a replica of the new primary now
+            with pytest.raises(ClientError) as refused:
+                c.upsert("split-brain", {"n": 3})
+            assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert replica.address in refused.value.details
+        wait_caught_up(replica.address, old.address)
+        assert state(old.address) == state(replica.address)
+        # A watcher's position from the old primary resumes on the new one.
+        with Client(replica.address) as c:
+            seen = [change["id"] for _, change in zip(range(2), c.changes(
+                from_position=position), strict=False)]
+        assert seen == ["after-position", "after-failover"]
+        # The old primary refuses a demotion from a lower epoch: the fence holds both ways.
+        from memstore.v1 import replication_pb2 as rpb
+        from memstore.v1 import replication_pb2_grpc
+        with grpc.insecure_channel(replica.address) as channel:
+            with pytest.raises(grpc.RpcError) as stale:
+                replication_pb2_grpc.ReplicationStub(channel).Demote(
+                    rpb.DemoteRequest(primary=old.address, epoch=before_epoch))
+            assert stale.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        router.stop()
+
+
+def test_sync_failover_after_the_primary_and_its_disk_are_lost(tmp_path: Path,
+                                                               procs: list[Proc]) -> None:
+    """--replication sync: SIGKILL the primary under writers and delete its data
+    directory; after the failover every acknowledged write reads through the router, and
+    the old primary started again on an empty directory catches up as a replica."""
+    import shutil
+
+    from tests.conftest import start_router
+
+    old = start(tmp_path / "old", "--replication", "sync")
+    procs.append(old)
+    replica = start(tmp_path / "replica", "--replica-of", old.address)
+    procs.append(replica)
+    wait_replicas(old.address, 1)
+    router = start_router([old.address])
+    try:
+        acked: list[str] = []
+        stop = threading.Event()
+
+        def writer(prefix: str) -> None:
+            with Client(router.address, timeout=10) as c:
+                n = 0
+                while not stop.is_set():
+                    try:
+                        c.upsert(f"{prefix}-{n}", {"n": n})
+                    except ClientError:
+                        return
+                    acked.append(f"{prefix}-{n}")
+                    n += 1
+
+        threads = [threading.Thread(target=writer, args=(f"w{t}",)) for t in range(3)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(acked) < 300:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        old.kill()
+        stop.set()
+        for t in threads:
+            t.join(30)
+        shutil.rmtree(tmp_path / "old")
+        report = _failover(router.address, "shard-0", "--replica", replica.address)
+        assert report["new"] == replica.address
+        assert any("does not answer" in n for n in report["notes"])
+        with Client(router.address) as c:
+            got = c.batch_get(acked)
+            assert [pid for pid, p in zip(acked, got, strict=True) if p is None] == []
+            c.upsert("after", {"n": 1})
+        back = start(tmp_path / "old", "--replica-of", replica.address)
+        procs.append(back)
+        wait_caught_up(replica.address, back.address)
+        assert state(back.address) == state(replica.address)
+    finally:
+        router.stop()
+
+
+def test_a_partitioned_primary_comes_back_below_the_new_epoch(tmp_path: Path,
+                                                              procs: list[Proc]) -> None:
+    """SIGSTOP stands for a partition: the old primary misses the failover and its fence
+    (the Demote times out). When it runs again it is a primary below the new epoch, never
+    at the same one (it still takes writes sent straight to it: no coordinator), or a
+    replica of the new primary if the Demote reached it late; the router sends every write
+    to the new primary."""
+    from tests.conftest import start_router
+
+    old = start(tmp_path / "old")
+    procs.append(old)
+    replica = start(tmp_path / "replica", "--replica-of", old.address)
+    procs.append(replica)
+    router = start_router([old.address])
+    try:
+        with Client(router.address) as c:
+            write_history(c, 0, 50)
+        wait_caught_up(old.address, replica.address)
+        os.kill(old.proc.pid, signal.SIGSTOP)
+        try:
+            report = _failover(router.address, "shard-0", "--replica", replica.address)
+        finally:
+            os.kill(old.proc.pid, signal.SIGCONT)
+        assert any(f"{old.address} does not answer" in n for n in report["notes"])
+        # The Demote it missed may still reach it now, from its socket buffer: then it
+        # follows the new primary; if not, it is a primary below the new epoch.
+        info = stats(old.address)
+        if info.get("replication.role") == "replica":
+            assert info["replication.primary"] == replica.address
+        else:
+            assert int(info["epoch"]) < report["epoch"]
+        with Client(router.address) as c:
+            c.upsert("routed", {"n": 1})
+        with Client(replica.address) as c:
+            assert c.get("routed") is not None
+    finally:
+        router.stop()
