@@ -25,6 +25,7 @@ Modules, one job each:
     text_cache  the router's memory of query texts, bounded by bytes
     supervisor  `memstore serve`: shard processes plus a router on one machine
     rebalance   moving slots between shards online (add-shard, remove-shard)
+    failover    promoting a replica by hand: pick, promote, switch routers, fence
     cli         the click commands memstore/cli/__init__.py registers
 """
 

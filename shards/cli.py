@@ -440,8 +440,8 @@ def failover(shard: str, routers: tuple[str, ...], replicas: tuple[str, ...], as
     (docs/replication.md): it takes SHARD's name and a higher epoch, the routers switch to
     it, and the old primary, if it answers, is fenced: it refuses writes and follows the
     new one."""
-    from memstore.replication.failover import FailoverError, describe
-    from memstore.replication.failover import failover as run_failover
+    from shards.failover import FailoverError, describe
+    from shards.failover import failover as run_failover
 
     _logging(verbose)
     try:

@@ -8,10 +8,11 @@
     replica  the replica's side: follow the primary, full or partial resync, apply records
              through the recovery path into its own data directory
     roles    which of the two a process is, and the switch: promote, demote (the fence)
-    failover `memstore cluster failover SHARD`: pick, promote, switch routers, fence
 
 A replica is a reader of its primary's log, like a change stream (DESIGN.md): its position
 is a position in that log, and its own log holds the same records at the same positions.
+`memstore cluster failover` (pick, promote, switch routers, fence) is a cluster
+operation: shards/failover.py.
 """
 
 from memstore.replication.history import HistoryError

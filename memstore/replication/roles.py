@@ -3,7 +3,7 @@
 `Roles` owns what differs between the two: a primary's history, its `Replicas` (the acks
 --replication sync waits for) and the Replication service's view of them; a replica's
 `Follower` task. `promote` and `demote` are the two halves of a failover
-(memstore/replication/failover.py):
+(shards/failover.py):
 
 - promote (a replica): stop following; the log as it is becomes a new history continuing
   the old one up to its end (history.for_primary); take the shard's name, so positions of

@@ -61,7 +61,7 @@ async def _stats(address: str, credentials: Credentials) -> dict[str, str] | Non
 
 async def failover(shard: str, routers: list[str], candidates: list[str],
                    credentials: Credentials | None = None) -> Report:
-    from shards.router import admin_call
+    from shards.admin import admin_call
 
     credentials = credentials or Credentials()
     try:
