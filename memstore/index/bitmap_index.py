@@ -122,11 +122,17 @@ class ValueIndex:
             if bm:
                 self._one[value] = bm.min()
 
+    def _all_new_once(self, values: Sequence[Hashable], distinct: set[Hashable]) -> bool:
+        """True when every one of `values` (`distinct`: as a set) is there once and held by
+        nobody yet (checked in C: a load of a unique attribute costs a dict entry a value)."""
+        return (len(distinct) == len(values) and self._maps.keys().isdisjoint(distinct)
+                and self._one.keys().isdisjoint(distinct))
+
     def _bitmaps_for(self, values: Iterable[Hashable]) -> list[Hashable]:
         """Give every one of `values` a bitmap in `_maps` (the bulk paths add to them);
         returns those that had none, which `_settle_all` checks afterwards."""
         maps, one = self._maps, self._one
-        fresh = [v for v in dict.fromkeys(values) if v not in maps]
+        fresh = list((values if isinstance(values, set) else set(values)).difference(maps))
         for value in fresh:
             held = one.pop(value, None)
             maps[value] = BitMap() if held is None else BitMap((held,))
@@ -140,7 +146,11 @@ class ValueIndex:
     def add_column(self, ids: Sequence[int] | np.ndarray, values: Sequence[Hashable]) -> None:
         """Add ids[i] to value values[i] for every i (the bulk-load path)."""
         maps = self._maps
-        fresh = self._bitmaps_for(values)
+        distinct = set(values)
+        if self._all_new_once(values, distinct):  # a unique attribute's column: no bitmaps
+            self._one.update(zip(values, ids.tolist() if isinstance(ids, np.ndarray) else ids))
+            return
+        fresh = self._bitmaps_for(distinct)
         # maps[values[i]].add(ids[i]) for each pair, with no Python frame per pair: cheaper
         # than grouping the ids by value first (2-4x at a few hundred values a batch)
         deque(map(BitMap.add, map(maps.__getitem__, values),
@@ -154,6 +164,11 @@ class ValueIndex:
         each id goes in alone (a bitmap update costs about what twenty adds do)."""
         maps = self._maps
         counts = np.bincount(codes, minlength=len(values))
+        if len(codes) and int(counts.max()) == 1:
+            held = [values[code] for code in codes.tolist()]
+            if self._all_new_once(held, set(held)):  # each once, none held yet: no bitmaps
+                self._one.update(zip(held, ids.tolist()))
+                return
         used = np.flatnonzero(counts).tolist()
         fresh = self._bitmaps_for(values[code] for code in used)
         bitmaps = [maps[values[code]] for code in used]
