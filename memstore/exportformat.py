@@ -19,11 +19,11 @@ from __future__ import annotations
 import gc
 import struct
 from collections import deque
-from collections.abc import Iterable, Sequence
-from functools import partial
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial, wraps
 from itertools import repeat
 from operator import itemgetter
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import msgpack
 import numpy as np
@@ -34,6 +34,8 @@ from memstore import pbvalues
 
 _TIMESTAMP = 5  # Kind.TIMESTAMP
 _ARRAY32 = struct.Struct(">BI")  # msgpack's array 32 header
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 _line = partial(orjson.dumps, option=orjson.OPT_APPEND_NEWLINE)
 
 
@@ -42,6 +44,30 @@ def json_lines(records: Iterable[dict[str, Any]]) -> bytes:
     return b"".join(map(_line, records))
 
 
+def _gc_paused(make: Callable[_P, _R]) -> Callable[_P, _R]:
+    """`make` run with the garbage collector off: a chunk's thousands of new containers
+    would otherwise set off collections that find nothing to free."""
+    @wraps(make)
+    def paused(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if not gc.isenabled():
+            return make(*args, **kwargs)
+        gc.disable()
+        try:
+            return make(*args, **kwargs)
+        finally:
+            gc.enable()
+    return paused
+
+
+def _states(blobs: Sequence[bytes]) -> tuple[Sequence[Any], ...]:
+    """The stored profiles `blobs` decoded in one call, as four columns: versions,
+    attributes, identifiers and merged ids."""
+    states = ormsgpack.unpackb(_ARRAY32.pack(0xDD, len(blobs)) + b"".join(blobs),
+                               option=ormsgpack.OPT_NON_STR_KEYS)
+    return tuple(zip(*states))
+
+
+@_gc_paused
 def lines(table: dict[int, list[Any]], pids: Sequence[str], blobs: Sequence[bytes],
           created: np.ndarray, changed: np.ndarray) -> bytes:
     """JSON Lines of the profiles `pids` stored as `blobs` (attribute ids named by `table`:
@@ -50,15 +76,7 @@ def lines(table: dict[int, list[Any]], pids: Sequence[str], blobs: Sequence[byte
     entries, "iso"))."""
     if not pids:
         return b""
-    if gc.isenabled():
-        gc.disable()
-        try:
-            return lines(table, pids, blobs, created, changed)
-        finally:
-            gc.enable()
-    states = ormsgpack.unpackb(_ARRAY32.pack(0xDD, len(blobs)) + b"".join(blobs),
-                               option=ormsgpack.OPT_NON_STR_KEYS)
-    versions, attrs, idents, merged = zip(*states)
+    versions, attrs, idents, merged = _states(blobs)
     for aid, spec in table.items():  # timestamps a column at a time, in place (C loops)
         if spec[1] == _TIMESTAMP:
             holders = [a for a in attrs if aid in a]
@@ -79,6 +97,7 @@ def lines(table: dict[int, list[Any]], pids: Sequence[str], blobs: Sequence[byte
     return orjson.dumps(records)[1:-1].replace(b'},{"id":', b'}\n{"id":') + b"\n"
 
 
+@_gc_paused
 def column_chunk(table: dict[int, list[Any]], pids: Sequence[str], blobs: Sequence[bytes],
                  created: np.ndarray, changed: np.ndarray) -> bytes:
     """The profiles `pids` stored as `blobs` a column at a time, as msgpack
@@ -89,15 +108,7 @@ def column_chunk(table: dict[int, list[Any]], pids: Sequence[str], blobs: Sequen
     shared by all of them; what a reader has left is an array a column (unpack_columns)."""
     if not pids:
         return _pack_columns([], (), (), (), [], [], [])
-    if gc.isenabled():
-        gc.disable()
-        try:
-            return column_chunk(table, pids, blobs, created, changed)
-        finally:
-            gc.enable()
-    states = ormsgpack.unpackb(_ARRAY32.pack(0xDD, len(blobs)) + b"".join(blobs),
-                               option=ormsgpack.OPT_NON_STR_KEYS)
-    versions, attrs, idents, merged = zip(*states)
+    versions, attrs, idents, merged = _states(blobs)
     held = set().union(*attrs)
     out = [[spec[0], spec[1], [a.get(aid) for a in attrs]]
            for aid, spec in table.items() if aid in held]
@@ -123,6 +134,7 @@ def unpack_columns(data: bytes, names: Sequence[str]) -> dict[str, Any]:
     return found  # type: ignore[no-any-return]
 
 
+@_gc_paused
 def columns(packed: bytes, names: Sequence[str]) -> dict[str, Any]:
     """A packed chunk's profiles (ExportProfilesChunk.packed) a column at a time: "id",
     "identifiers", "merged_ids", "version", "created", "changed" (seconds, 0: not known)
@@ -133,16 +145,8 @@ def columns(packed: bytes, names: Sequence[str]) -> dict[str, Any]:
     if not entries:
         return {"id": [], "identifiers": [], "merged_ids": [], "version": [], "created": [],
                 "changed": [], "attributes": [[] for _ in names]}
-    if gc.isenabled():
-        gc.disable()
-        try:
-            return columns(packed, names)
-        finally:
-            gc.enable()
     pids, blobs, which, created, changed = zip(*entries)
-    states = ormsgpack.unpackb(_ARRAY32.pack(0xDD, len(blobs)) + b"".join(blobs),
-                               option=ormsgpack.OPT_NON_STR_KEYS)
-    versions, attrs, idents, merged = zip(*states)
+    versions, attrs, idents, merged = _states(blobs)
     ids = [{spec[0]: aid for aid, spec in t.items()} for t in tables]
     one = len(ids) == 1 or len(set(which)) == 1
     out: list[list[Any]] = []
