@@ -81,8 +81,9 @@ class ValueIndex:
     whose values are unique to a profile (an email, an external id) would otherwise cost
     a roaring bitmap per profile, ~220 bytes against ~30, and a deserialization each at
     start-up. Invariant: a value is in `_one` (one id) or in `_maps` (a bitmap of two or
-    more), never both, so the state of an index does not depend on its history (a
-    snapshot of it loads back to the same state, byte for byte).
+    more), never both, so the form a value takes depends only on how many hold it, not
+    on the order of the changes that got it there (a snapshot loads back to the same
+    state).
     """
 
     __slots__ = ("_maps", "_one")
