@@ -52,14 +52,13 @@ from pyroaring import BitMap
 from memstore import pbvalues
 from memstore.client import export
 from memstore.client.events import EVENT_CHUNK, EventChunk, EventRefusal, event_chunks
+from memstore.client.refusal import Refusal
 from memstore.client.replicas import REPLICA_READS, ReplicaReads
 from memstore.engine import eventpack
 from memstore.engine.columnar import CODE_SHARE, pack_columns, unpack_columns
 from memstore.hashslot import (
     ADMIN_SERVICE,
-    APPLIED_TRAILER,
     EXPECT_SHARD,
-    RECORD_TRAILER,
     SLOT_COUNT,
     owners_by_epoch,
     slot_of,
@@ -1316,53 +1315,26 @@ class _Load:
         return self.applied
 
 
-class _Refusal:
-    """A chunk the server refused, record by record: the refusal names the record at
-    fault (RECORD_TRAILER) and, from a router, the records that applied on other shards
-    all the same (APPLIED_TRAILER); the rest is sent again without the refused record
-    (with on_refused), or only the rest before it (without: the load stops there).
-    A refusal that names no record, or no answer at all, stops the load."""
+class _Refusal(Refusal):
+    """A chunk of profiles the server refused, record by record (memstore.client.refusal).
+    No answer at all stops the load too."""
+
+    method = "BatchUpsert"
 
     def __init__(self, chunk: _Chunk, load: _Load) -> None:
-        self.chunk = chunk
-        self.load = load
+        super().__init__(chunk.count, chunk.base, load)
         self.batch = unpack_columns(chunk.packed)
-        self.rows = list(range(chunk.count))  # the chunk's rows in the request last sent
 
     def applied_all(self, response: pb.BatchUpsertResponse) -> None:
         self.load.add(_applied(response.applied, len(self.rows)))
 
-    def next(self, exc: grpc.RpcError) -> bytes | None:
-        """Take the refusal of the request last sent; the request to send next, if any."""
-        code = exc.code()  # type: ignore[attr-defined]
-        details = exc.details() or code.name  # type: ignore[attr-defined]
-        trailers = dict(exc.trailing_metadata() or ())  # type: ignore[attr-defined]
-        applied = trailers.get(APPLIED_TRAILER)
-        done = set(BitMap.deserialize(applied)) if applied else set()
-        self.load.add(len(done))
-        record = trailers.get(RECORD_TRAILER)
-        at = int(record) if record is not None and code in _REFUSED else -1
-        if not 0 <= at < len(self.rows):
-            unknown = 0 if code in _REFUSED else len(self.rows) - len(done)
-            self.load.stop(LoadError(code, details, applied=0, unknown=unknown))
-            return None
-        bad = self.rows[at]
-        index, pid = self.chunk.base + bad, self.batch.ids[bad]
-        error = ClientError(code, details, "BatchUpsert")
-        if self.load.on_refused is not None:
-            self.load.on_refused(index, pid, error)
-            kept = [row for i, row in enumerate(self.rows) if i != at and i not in done]
-        else:
-            self.load.stop(LoadError(code, details, applied=0, record=index, id=pid))
-            kept = [row for i, row in enumerate(self.rows[:at]) if i not in done]
-        self.rows = kept
-        if not kept:
-            return None
-        return self.batch.pack_rows(kept, [self.batch.ids[row] for row in kept])
+    def key(self, row: int) -> str:
+        return self.batch.ids[row]
+
+    def pack(self, rows: list[int]) -> bytes:
+        return self.batch.pack_rows(rows, [self.batch.ids[row] for row in rows])
 
 
-_REFUSED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
-            grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE}
 
 
 def _packed_chunks(records: Iterable[Mapping[str, Any]], size: int) -> Iterator[_Chunk]:

@@ -16,17 +16,12 @@ from datetime import UTC, datetime
 from itertools import islice
 from typing import Any
 
-import grpc
-from pyroaring import BitMap
-
+from memstore.client.refusal import Refusal
 from memstore.engine import eventpack
-from memstore.hashslot import APPLIED_TRAILER, RECORD_TRAILER
 from memstore.pbvalues import datetime_to_micros
 
 EVENT_CHUNK = 5000  # events a TrackBatch request of a load carries
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_REFUSED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
-            grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE}
 
 
 def micros(at: Any, now: int) -> int:
@@ -100,46 +95,20 @@ def event_chunks(records: Iterable[Mapping[str, Any]], size: int) -> Iterator[Ev
         base += len(chunk)
 
 
-class EventRefusal:
-    """A chunk of events the server refused, event by event (as memstore.client.core's
-    _Refusal for profiles): the refusal names the event at fault (RECORD_TRAILER) and, from
-    a router, the events that applied on other shards all the same (APPLIED_TRAILER); the
-    rest is sent again without the refused event (with on_refused), or only the rest before
-    it (without: the load stops there). A refusal that names no event stops the load."""
+class EventRefusal(Refusal):
+    """A chunk of events the server refused, event by event (memstore.client.refusal)."""
+
+    method = "TrackBatch"
 
     def __init__(self, chunk: EventChunk, load: Any) -> None:
+        super().__init__(chunk.count, chunk.base, load)
         self.chunk = chunk
-        self.load = load  # memstore.client.core._Load
-        self.rows = list(range(chunk.count))  # the chunk's events in the request last sent
 
     def applied_all(self, applied: int) -> None:
         self.load.add(applied)
 
-    def next(self, exc: grpc.RpcError) -> bytes | None:
-        """Take the refusal of the request last sent; the request to send next, if any."""
-        from memstore.client.core import ClientError, LoadError
+    def key(self, row: int) -> str:
+        return describe(self.chunk.events[row][0])
 
-        code = exc.code()  # type: ignore[attr-defined]
-        details = exc.details() or code.name  # type: ignore[attr-defined]
-        trailers = dict(exc.trailing_metadata() or ())  # type: ignore[attr-defined]
-        applied = trailers.get(APPLIED_TRAILER)
-        done = set(BitMap.deserialize(applied)) if applied else set()
-        self.load.add(len(done))
-        record = trailers.get(RECORD_TRAILER)
-        at = int(record) if record is not None and code in _REFUSED else -1
-        if not 0 <= at < len(self.rows):
-            unknown = 0 if code in _REFUSED else len(self.rows) - len(done)
-            self.load.stop(LoadError(code, details, applied=0, unknown=unknown))
-            return None
-        bad = self.rows[at]
-        index, key = self.chunk.base + bad, describe(self.chunk.events[bad][0])
-        if self.load.on_refused is not None:
-            self.load.on_refused(index, key, ClientError(code, details, "TrackBatch"))
-            kept = [row for i, row in enumerate(self.rows) if i != at and i not in done]
-        else:
-            self.load.stop(LoadError(code, details, applied=0, record=index, id=key))
-            kept = [row for i, row in enumerate(self.rows[:at]) if i not in done]
-        self.rows = kept
-        if not kept:
-            return None
-        return eventpack.pack_events([self.chunk.events[row] for row in kept])
+    def pack(self, rows: list[int]) -> bytes:
+        return eventpack.pack_events([self.chunk.events[row] for row in rows])
