@@ -21,6 +21,7 @@ import click
 from memstore.cli.options import (
     LINK_PORT,
     Connect,
+    F,
     connection,
     query_limits,
     replication_settings,
@@ -162,21 +163,36 @@ def _parse_slots(text: str) -> Any:
     return bm
 
 
+def _file_load_options(chunk_size: int, items: str) -> Callable[[F], F]:
+    """FILE and the options `load` and `load-events` share: format, rejects, chunk size
+    (`chunk_size` `items` a request), concurrency, progress."""
+    decorators = [
+        click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path)),
+        click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "parquet"]),
+                     default=None, help="Input format (default: from the file name; .csv, "
+                                        ".parquet, else jsonl)."),
+        click.option("--rejects", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Write each refused line (and why) to this file as JSON Lines and "
+                          "go on with the rest; exit 1 if any was refused. Default: stop at "
+                          "the first refused line (every line before it loaded)."),
+        click.option("--chunk-size", default=chunk_size, show_default=True,
+                     help=f"{items} a request."),
+        click.option("--concurrency", default=LOAD_CONCURRENCY, show_default=True,
+                     help="Requests in flight."),
+        click.option("--no-progress", is_flag=True, help="No progress bar on stderr."),
+    ]
+
+    def apply(command: F) -> F:
+        for decorator in reversed(decorators):  # listed in the order --help shows them
+            command = decorator(command)
+        return command
+    return apply
+
+
 # ---------------------------------------------------------------------- data commands
 
 @main.command()
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "parquet"]), default=None,
-              help="Input format (default: from the file name; .csv, .parquet, else jsonl).")
-@click.option("--rejects", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write each refused line (and why) to this file as JSON Lines and go on "
-                   "with the rest; exit 1 if any was refused. Default: stop at the first "
-                   "refused line (every line before it loaded).")
-@click.option("--chunk-size", default=LOAD_CHUNK, show_default=True,
-              help="Profiles a request.")
-@click.option("--concurrency", default=LOAD_CONCURRENCY, show_default=True,
-              help="Requests in flight.")
-@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@_file_load_options(LOAD_CHUNK, "Profiles")
 @connection
 def load(file: Path, fmt: str | None, rejects: Path | None, chunk_size: int,
          concurrency: int, no_progress: bool, connect: Connect) -> None:
@@ -211,18 +227,7 @@ def load(file: Path, fmt: str | None, rejects: Path | None, chunk_size: int,
 
 
 @main.command("load-events")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "parquet"]), default=None,
-              help="Input format (default: from the file name; .csv, .parquet, else jsonl).")
-@click.option("--rejects", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write each refused line (and why) to this file as JSON Lines and go on "
-                   "with the rest; exit 1 if any was refused. Default: stop at the first "
-                   "refused line (every line before it loaded).")
-@click.option("--chunk-size", default=EVENT_CHUNK, show_default=True,
-              help="Events a request.")
-@click.option("--concurrency", default=LOAD_CONCURRENCY, show_default=True,
-              help="Requests in flight.")
-@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@_file_load_options(EVENT_CHUNK, "Events")
 @connection
 def load_events(file: Path, fmt: str | None, rejects: Path | None, chunk_size: int,
                 concurrency: int, no_progress: bool, connect: Connect) -> None:
