@@ -27,6 +27,7 @@ from memstore.cli.options import (
     replication_settings,
     server_security,
     shard_settings,
+    with_options,
 )
 from memstore.client.core import LOAD_CHUNK, LOAD_CONCURRENCY, ClientError, LoadError
 from memstore.client.events import EVENT_CHUNK
@@ -182,11 +183,7 @@ def _file_load_options(chunk_size: int, items: str) -> Callable[[F], F]:
         click.option("--no-progress", is_flag=True, help="No progress bar on stderr."),
     ]
 
-    def apply(command: F) -> F:
-        for decorator in reversed(decorators):  # listed in the order --help shows them
-            command = decorator(command)
-        return command
-    return apply
+    return lambda command: with_options(command, decorators)
 
 
 # ---------------------------------------------------------------------- data commands

@@ -5,7 +5,7 @@ router's settings too (`memstore serve-router`, and the router `memstore serve` 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -102,21 +102,24 @@ LINK_PORT = click.option(
          "server through a published port or a firewall.")
 
 
+def with_options(command: F, options: Sequence[Callable[[F], F]]) -> F:
+    """`command` with click `options` added, so --help lists them in the order given."""
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def shard_settings(command: F) -> F:
     """Add --sync, --snapshot-log-mb, --snapshot-interval, --stop-snapshot-timeout,
     --changes-retention, --segment-refresh, --max-identifiers-per-kind,
     --blocked-identifier, the query limits, --event-days and --no-link to a click
     command."""
-    for option in reversed(_OPTIONS):
-        command = option(command)
-    return command
+    return with_options(command, _OPTIONS)
 
 
 def query_limit_settings(command: F) -> F:
     """Add --max-query-bytes, --max-query-items and --max-query-predicates (a router)."""
-    for option in reversed(QUERY_LIMIT_OPTIONS):
-        command = option(command)
-    return command
+    return with_options(command, QUERY_LIMIT_OPTIONS)
 
 
 def query_limits(max_query_bytes: int, max_query_items: int, max_query_predicates: int
@@ -179,9 +182,7 @@ REPLICATION_OPTIONS = (
 
 def replication_settings(command: F) -> F:
     """Add --replica-of, --replication, --replication-timeout and --replication-fallback."""
-    for option in reversed(REPLICATION_OPTIONS):
-        command = option(command)
-    return command
+    return with_options(command, REPLICATION_OPTIONS)
 
 
 # ---------------------------------------------------------------------- security
@@ -213,9 +214,7 @@ SERVER_SECURITY = (
 
 def server_security(command: F) -> F:
     """Add --tls-cert, --tls-key, --tls-client-ca, --auth-file, --insecure, --audit-log."""
-    for option in reversed(SERVER_SECURITY):
-        command = option(command)
-    return command
+    return with_options(command, SERVER_SECURITY)
 
 
 def security_args(tls_cert: Path | None, tls_key: Path | None, tls_client_ca: Path | None,
@@ -281,9 +280,7 @@ def client_security(command: F) -> F:
             raise click.UsageError(str(exc)) from None
         return command(*args, credentials=credentials, **kwargs)
 
-    for option in reversed(CLIENT_SECURITY):
-        wrapper = option(wrapper)
-    return wrapper  # type: ignore[return-value]
+    return with_options(wrapper, CLIENT_SECURITY)  # type: ignore[return-value]
 
 
 def connection(command: F) -> F:
@@ -299,8 +296,7 @@ def connection(command: F) -> F:
             raise click.UsageError(str(exc)) from None
         return command(*args, connect=connect, **kwargs)
 
-    for option in reversed(CLIENT_SECURITY):
-        wrapper = option(wrapper)
+    wrapper = with_options(wrapper, CLIENT_SECURITY)
     wrapper = click.option(
         "--address", default=DEFAULT_ADDRESS, show_default=True, envvar="MEMSTORE_ADDRESS",
         show_envvar=True, help="The server or router to talk to.")(wrapper)
