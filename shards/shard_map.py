@@ -80,7 +80,7 @@ class ShardMap:
         self.exact = False  # every slot claimed by exactly one shard
         self.version = 0  # bumps on every refresh
         self._claims: list[tuple[int, tuple[Range, ...]]] | None = None  # of the last rebuild
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # refresh holds it; `shards` changes only under it
         self._background: set[asyncio.Task[None]] = set()
         for address in addresses:
             self.add(address)
@@ -111,12 +111,17 @@ class ShardMap:
         return state
 
     async def remove(self, name_or_address: str) -> bool:
-        shard = self.by_name(name_or_address)
-        if shard is None:
-            return False
-        self.shards.remove(shard)
-        self._rebuild()
-        self.version += 1
+        """Forget a shard (drained first: it owns no slot). Under the lock, as join: a
+        refresh pairs the answers it awaited with the shards by position, so a list
+        shortened meanwhile would give a shard another's name, slots and link, cutting
+        off the calls in flight on its own link."""
+        async with self._lock:
+            shard = self.by_name(name_or_address)
+            if shard is None:
+                return False
+            self.shards.remove(shard)
+            self._rebuild()
+            self.version += 1
         # Calls already under way may still use the channel; closing it now would leave them
         # hanging, so close it once they are surely over.
         loop = asyncio.get_running_loop()

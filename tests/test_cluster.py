@@ -369,6 +369,77 @@ def test_add_and_remove_shard_under_load_lose_nothing_and_count_exactly(tmp_path
             s.stop()
 
 
+def test_a_shard_removed_while_the_map_refreshes_cuts_no_write_to_another(tmp_path: Path
+                                                                          ) -> None:
+    """RemoveShard arriving while a refresh waits for the shards' infos: the refresh gives
+    each answer to the shard it asked, so no shard takes the removed one's name and link,
+    and a write in flight on another shard's link is answered, not cut off."""
+    import asyncio
+
+    shards = start_shards(tmp_path, 3)
+    drained, kept = _info(shards[0].address), _info(shards[1].address)
+    with grpc.insecure_channel(shards[0].address) as ch:  # shard-0 gives shard-1 its slots
+        cluster_pb2_grpc.ShardControlStub(ch).SetSlots(cpb.SetSlotsRequest(
+            epoch=drained.epoch + 1, slots=[]), timeout=10)
+    with grpc.insecure_channel(shards[1].address) as ch:
+        cluster_pb2_grpc.ShardControlStub(ch).SetSlots(cpb.SetSlotsRequest(
+            epoch=drained.epoch + 2, slots=[*kept.slots, *drained.slots]), timeout=10)
+    router = RouterThread([s.address for s in shards])
+    try:
+        stub = _stub(router.address)
+        owned = from_ranges((r.start, r.end) for r in kept.slots)
+        ids = [p for p in (f"w-{i}" for i in range(30000)) if slot_of(p) in owned]
+        stub.Upsert(upsert(ids[0], "Oslo", 1), timeout=10)  # declared; the link is up
+        shard_map = router.router.map
+        s1 = shard_map.by_name("shard-1")
+        assert s1 is not None and router.run(s1.stub.link.ready())
+        link = s1.stub.link
+        gate, paused, sent = asyncio.Event(), [], asyncio.Event()
+        ask = shard_map._ask
+
+        async def paused_ask(shard: Any) -> Any:
+            answer = await ask(shard)
+            paused.append(shard.address)
+            await gate.wait()
+            return answer
+
+        send = link.call
+
+        async def call(*args: Any) -> Any:
+            sent.set()  # the frame is written before the call first awaits
+            return await send(*args)
+
+        async def race() -> list[asyncio.Task[Any]]:
+            shard_map._ask = paused_ask
+            refreshing = asyncio.ensure_future(shard_map.refresh())
+            while len(paused) < 3:
+                await asyncio.sleep(0.001)
+            removing = asyncio.ensure_future(shard_map.remove(shards[0].address))
+            await asyncio.sleep(0.01)
+            return [refreshing, removing]
+
+        tasks = router.run(race())
+        link.call = call
+        write = stub.BatchUpsert.future(pb.BatchUpsertRequest(
+            requests=[upsert(p, "Rome", 2) for p in ids]), timeout=30)
+        router.run(sent.wait())  # the batch is in flight on shard-1's link
+
+        async def release() -> None:
+            gate.set()
+            await asyncio.gather(*tasks)
+            del shard_map._ask
+
+        router.run(release())
+        assert write.result().applied == len(ids)
+        assert [(s.name, s.address) for s in shard_map.shards] == [
+            ("shard-1", shards[1].address), ("shard-2", shards[2].address)]
+        assert s1.stub.link is link and link.is_up
+    finally:
+        router.stop()
+        for s in shards:
+            s.stop()
+
+
 def test_a_move_interrupted_after_the_freeze_is_finished_by_resume(tmp_path: Path) -> None:
     import asyncio
 
