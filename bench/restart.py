@@ -11,7 +11,8 @@ the profiles are loaded once:
    runs with --snapshot-log-mb and --snapshot-interval far above anything the load
    reaches, so no automatic snapshot is taken, during the load or after any restart).
    SIGKILL, restart: the whole log replayed. Also gives the replay rate, N ÷ the seconds
-   from the signal until the new process listens.
+   from the signal until the new process listens (its start-up included: `empty_start_s`
+   is the same code's empty shard's, the part of any start that is not the data).
 2. `log-term` starts from log-kill's restarted shard: the same profiles, still only in
    the log. SIGTERM, restart. A shard that snapshots on a clean stop
    (--stop-snapshot-timeout) restarts from that snapshot; one that does not replays the
