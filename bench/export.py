@@ -42,6 +42,7 @@ from typing import Any
 
 from bench.cluster import Proc, client, descendants
 from bench.datagen import Dataset, iter_records, load_or_generate, schema_declaration
+from bench.memstore_side import in_code
 from bench.peers.duckdb_peer import DuckDBPeer
 from bench.run import machine
 
@@ -72,7 +73,7 @@ def run_export(router: Proc, query: str, output: Path, code: Path | None = None
     done = subprocess.run([sys.executable, "-m", "memstore.cli", "export", "--query", query,
                            "--output", str(output), "--no-progress", "--address",
                            router.addr], capture_output=True, text=True, check=True,
-                          **_in(code))
+                          **in_code(code))
     seconds = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     exported = int(done.stderr.strip().split()[-2])
@@ -89,15 +90,6 @@ def run_export(router: Proc, query: str, output: Path, code: Path | None = None
             # the least time on these cores were they idle: total CPU over the cores
             "profiles_per_s_cpu_bound": round(exported / (total / (os.cpu_count() or 1))),
             "load_avg": [round(load, 2), round(os.getloadavg()[0], 2)]}
-
-
-def _in(code: Path | None) -> dict[str, Any]:
-    """subprocess arguments that run the memstore in `code` (None: this tree's): `python
-    -m` looks in its working directory first, then PYTHONPATH."""
-    if code is None:
-        return {}
-    path = os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")]))
-    return {"cwd": code, "env": {**os.environ, "PYTHONPATH": path}}
 
 
 def duckdb_copies(ds: Dataset, directory: Path) -> list[dict[str, Any]]:
@@ -126,7 +118,7 @@ def start(ds: Dataset, shards: int, code: Path | None) -> tuple[Proc, dict[str, 
     out: dict[str, Any] = {"code": str(code) if code else "this tree"}
     saved = dict(os.environ), os.getcwd()
     if code is not None:  # Proc starts `memstore serve` with this process's environment
-        os.environ.update(_in(code)["env"])
+        os.environ.update(in_code(code)["env"])
         os.chdir(code)
     try:
         router = Proc(["serve", "--in-memory", "--shards", str(shards), "--port", "0"],

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -43,21 +43,28 @@ def memstore_unavailable() -> str | None:
 
 
 class MemstoreServer:
-    """One shard process over a data directory (a temporary one unless given)."""
+    """One shard process over a data directory (a temporary one unless given).
+
+    `args`: more `serve-shard` options. `code`: run the memstore in that directory (another
+    commit's tree, e.g. from `git archive`) instead of this one's; see `in_code`."""
 
     name = "memstore"
     available = True
     reason = ""
 
     def __init__(self, ds: Dataset, sync: str = "always", data_dir: Path | None = None,
-                 start_timeout: float = 120.0) -> None:
+                 start_timeout: float = 120.0, args: Sequence[str] = (),
+                 code: Path | None = None) -> None:
         self.ds = ds
         self.sync = sync
         self.own_dir = data_dir is None
         self.dir = Path(data_dir or tempfile.mkdtemp(prefix="bench-memstore-"))
         self.start_timeout = start_timeout
+        self.args = list(args)
+        self.code = code
         self.proc: subprocess.Popen[str] | None = None
         self.log_lines: list[str] = []
+        self.drain: threading.Thread | None = None  # reads stderr until the process ends
         self.client: Any = None
         self.addr = ""
 
@@ -67,8 +74,8 @@ class MemstoreServer:
         t = time.perf_counter()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "memstore.cli", "serve-shard", "--host", "127.0.0.1",
-             "--port", "0", "--data-dir", str(self.dir), "--sync", self.sync],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             "--port", "0", "--data-dir", str(self.dir), "--sync", self.sync, *self.args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **in_code(self.code))
         assert self.proc.stderr is not None
         found = threading.Event()
         stderr = self.proc.stderr
@@ -81,7 +88,8 @@ class MemstoreServer:
                     self.addr = address
                     found.set()
 
-        threading.Thread(target=drain, daemon=True).start()
+        self.drain = threading.Thread(target=drain, daemon=True)
+        self.drain.start()
         deadline = time.monotonic() + self.start_timeout
         while not found.wait(0.01):
             if self.proc.poll() is not None:
@@ -188,6 +196,15 @@ class MemstoreServer:
 
     def snapshot(self) -> None:
         self.client.snapshot()
+
+
+def in_code(code: Path | None) -> dict[str, Any]:
+    """subprocess arguments that run the memstore in `code` (None: this tree's): `python
+    -m` looks in its working directory first, then PYTHONPATH."""
+    if code is None:
+        return {}
+    path = os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")]))
+    return {"cwd": code, "env": {**os.environ, "PYTHONPATH": path}}
 
 
 def dir_bytes(path: Path) -> int:

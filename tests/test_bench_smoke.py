@@ -229,3 +229,44 @@ def test_segments_bench_times_real_events_and_counts_that_agree(tmp_path: Path) 
     assert re.search(r"\| 1\. ENTER .* \| [0-9.]+ / [0-9.]+ \| polling every", report)
     assert re.search(r"\| 2\. bulk load .* \| [0-9.]+ \| ≥ 0\.75", report)
     assert re.search(r"count\(its query\): [0-9.]+ / [0-9.]+ \| [0-9.]+ / [0-9.]+", report)
+
+
+def test_restart_bench_runs_small() -> None:
+    """bench.restart end to end at 2,000 profiles, this tree's code: the load, then each
+    restart answering with every profile, the clean stop's snapshot, the summary."""
+    from bench.restart import SCENARIOS
+    from bench.restart import run as run_restart
+
+    res = run_restart(2_000, stop_snapshot_timeout=30.0)
+    current = res["current"]
+    assert current["flags_missing"] == [] and current["runs"][0]["load"]["bytes_per_profile"] > 0
+    scenarios = current["runs"][0]["scenarios"]
+    assert list(scenarios) == list(SCENARIOS)
+    for r in scenarios.values():
+        assert r["answered_s"] >= r["listening_s"] >= r["stop_s"] > 0
+        assert r["rss_bytes_per_profile"] > 0 and r["on_disk_after_stop"]["total_bytes"] > 0
+    assert scenarios["log-kill"]["snapshots_at_signal"] == []  # the load left only a log
+    assert not scenarios["log-kill"]["snapshot_after_stop"]
+    assert scenarios["log-kill"]["replay_profiles_per_s"] > 0
+    assert scenarios["log-term"]["stop_snapshot"].startswith("written at lsn")
+    assert scenarios["log-term"]["snapshot_after_stop"]
+    assert scenarios["snapshot-kill"]["snapshots_at_signal"]
+    assert current["summary"]["log-kill"]["answered_s"]["n"] == 1
+    assert "before" not in res and "peers" not in res
+
+
+def test_restart_bench_leaves_out_what_the_old_serve_shard_lacks(tmp_path: Path) -> None:
+    """bench.restart --before DIR: options DIR's `serve-shard --help` does not list are
+    left out for it and named."""
+    from bench.restart import serve_shard_flags
+
+    cli = tmp_path / "memstore" / "cli"
+    cli.mkdir(parents=True)
+    (tmp_path / "memstore" / "__init__.py").write_text("")
+    (cli / "__init__.py").write_text("")
+    (cli / "__main__.py").write_text(
+        'print("Options:\\n  --snapshot-log-mb INTEGER\\n  --snapshot-interval FLOAT")\n')
+    args, missing = serve_shard_flags(tmp_path, 60.0)
+    assert missing == ["--stop-snapshot-timeout"]
+    assert args[::2] == ["--snapshot-log-mb", "--snapshot-interval"]
+    assert serve_shard_flags(None, 60.0)[1] == []
