@@ -28,6 +28,7 @@ import memstore.engine.core as core_module
 from memstore.engine.change import SET, UNSET, UpsertSpec
 from memstore.engine.columnar import Coded, Columns
 from memstore.engine.core import Engine
+from memstore.errors import FailedPrecondition
 from memstore.hashslot import SLOT_COUNT, slot_of
 from memstore.shard import Shard, ShardConfig, load_snapshot, replay
 from memstore.storage import wal_format
@@ -95,26 +96,35 @@ async def _write(data: Path, plan: list[tuple[Any, ...]]) -> tuple[Any, ...]:
         (SET, "country", "US"), (SET, "age", 30), (SET, "score", 0.5), (SET, "tags", ["a"]),
         (SET, "seen", datetime.fromtimestamp(T0_MICROS / 1e6, UTC))])))
     for step in plan:
-        kind = step[0]
-        if kind == "load":
-            await shard.commit(engine.plan_columns(step[1]))
-        elif kind == "upsert":
-            _, pid, country, age, unset = step
-            await shard.commit(engine.plan_upsert(UpsertSpec(pid, [
-                (SET, "country", country), (UNSET, "age", None) if unset else (SET, "age", age)])))
-        elif kind == "link":
-            await shard.commit(engine.plan_link(step[1], [("email", step[2])], create=True))
-        elif kind == "delete":
-            await shard.commit(engine.plan_delete(step[1]))
-        elif kind == "own":  # give up the slots of some existing profiles (or take all back)
-            epoch += 1
-            gone = {slot_of(pid) for pid in list(engine.dense_of)[:step[1]]}
-            await shard.set_ownership(epoch, BitMap(set(range(SLOT_COUNT)) - gone))
-        else:
-            await shard.snapshot()
+        try:
+            epoch = await _step(shard, step, epoch)
+        except FailedPrecondition:  # a write to a slot given up: refused, nothing logged
+            pass
     state = full_state(engine)
     await shard.close()
     return state
+
+
+async def _step(shard: Shard, step: tuple[Any, ...], epoch: int) -> int:
+    """One step of a plan; returns the shard's epoch after it."""
+    engine, kind = shard.engine, step[0]
+    if kind == "load":
+        await shard.commit(engine.plan_columns(step[1]))
+    elif kind == "upsert":
+        _, pid, country, age, unset = step
+        await shard.commit(engine.plan_upsert(UpsertSpec(pid, [
+            (SET, "country", country), (UNSET, "age", None) if unset else (SET, "age", age)])))
+    elif kind == "link":
+        await shard.commit(engine.plan_link(step[1], [("email", step[2])], create=True))
+    elif kind == "delete":
+        await shard.commit(engine.plan_delete(step[1]))
+    elif kind == "own":  # give up the slots of some existing profiles (or take all back)
+        gone = {slot_of(pid) for pid in list(engine.dense_of)[:step[1]]}
+        await shard.set_ownership(epoch + 1, BitMap(set(range(SLOT_COUNT)) - gone))
+        return epoch + 1
+    else:
+        await shard.snapshot()
+    return epoch
 
 
 def _one_at_a_time(data: Path) -> Engine:
