@@ -16,14 +16,13 @@ attributes (the stored encoding keys them by number).
 
 from __future__ import annotations
 
-import gc
 import struct
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from functools import partial, wraps
+from collections.abc import Iterable, Sequence
+from functools import partial
 from itertools import repeat
 from operator import itemgetter
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -31,32 +30,16 @@ import orjson
 import ormsgpack
 
 from memstore import pbvalues
+from memstore.gcpause import gc_paused
 
 _TIMESTAMP = 5  # Kind.TIMESTAMP
 _ARRAY32 = struct.Struct(">BI")  # msgpack's array 32 header
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
 _line = partial(orjson.dumps, option=orjson.OPT_APPEND_NEWLINE)
 
 
 def json_lines(records: Iterable[dict[str, Any]]) -> bytes:
     """Records (made with timestamps="iso") as JSON Lines: orjson, ~10x the json module."""
     return b"".join(map(_line, records))
-
-
-def _gc_paused(make: Callable[_P, _R]) -> Callable[_P, _R]:
-    """`make` run with the garbage collector off: a chunk's thousands of new containers
-    would otherwise set off collections that find nothing to free."""
-    @wraps(make)
-    def paused(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        if not gc.isenabled():
-            return make(*args, **kwargs)
-        gc.disable()
-        try:
-            return make(*args, **kwargs)
-        finally:
-            gc.enable()
-    return paused
 
 
 def _states(blobs: Sequence[bytes]) -> tuple[Sequence[Any], ...]:
@@ -67,7 +50,7 @@ def _states(blobs: Sequence[bytes]) -> tuple[Sequence[Any], ...]:
     return tuple(zip(*states))
 
 
-@_gc_paused
+@gc_paused
 def lines(table: dict[int, list[Any]], pids: Sequence[str], blobs: Sequence[bytes],
           created: np.ndarray, changed: np.ndarray) -> bytes:
     """JSON Lines of the profiles `pids` stored as `blobs` (attribute ids named by `table`:
@@ -97,7 +80,7 @@ def lines(table: dict[int, list[Any]], pids: Sequence[str], blobs: Sequence[byte
     return orjson.dumps(records)[1:-1].replace(b'},{"id":', b'}\n{"id":') + b"\n"
 
 
-@_gc_paused
+@gc_paused
 def column_chunk(table: dict[int, list[Any]], pids: Sequence[str], blobs: Sequence[bytes],
                  created: np.ndarray, changed: np.ndarray) -> bytes:
     """The profiles `pids` stored as `blobs` a column at a time, as msgpack
@@ -134,7 +117,7 @@ def unpack_columns(data: bytes, names: Sequence[str]) -> dict[str, Any]:
     return found  # type: ignore[no-any-return]
 
 
-@_gc_paused
+@gc_paused
 def columns(packed: bytes, names: Sequence[str]) -> dict[str, Any]:
     """A packed chunk's profiles (ExportProfilesChunk.packed) a column at a time: "id",
     "identifiers", "merged_ids", "version", "created", "changed" (seconds, 0: not known)
@@ -179,6 +162,7 @@ def _times(seconds: np.ndarray) -> list[str | None]:
     return list(map(text.__getitem__, which.tolist()))
 
 
+@gc_paused
 def decode(tables: Sequence[dict[int, list[Any]]], entries: Iterable[Sequence[Any]],
            timestamps: str = "datetime") -> list[dict[str, Any]]:
     """Records of `entries` ([id, stored profile, table index, created, changed], the
@@ -186,12 +170,6 @@ def decode(tables: Sequence[dict[int, list[Any]]], entries: Iterable[Sequence[An
     `timestamps`: "datetime" (aware), "iso" (ISO-8601 strings, JSON-ready) or "micros"
     (int microseconds since the epoch), for timestamp attributes and the created and
     changed times alike (None: not known)."""
-    if gc.isenabled():
-        gc.disable()
-        try:
-            return decode(tables, entries, timestamps)
-        finally:
-            gc.enable()
     names = [{aid: spec[0] for aid, spec in t.items()} for t in tables]
     stamps = [[aid for aid, spec in t.items() if spec[1] == _TIMESTAMP] for t in tables]
     entries = list(entries)

@@ -33,7 +33,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import islice, repeat
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,13 +44,14 @@ import ormsgpack
 from pyroaring import BitMap
 
 from memstore.engine.blob import decode, ident_key
-from memstore.engine.change import Change, Image, Note, Undo
+from memstore.engine.change import Change, Image, Load, Note, Undo
 from memstore.engine.core import DEFAULT_EVENT_DAYS, Engine
 from memstore.engine.identity import IdentityRules
 from memstore.engine.schema import AttributeSpec, Schema
 from memstore.engine.segments import Deltas, Touched, decode_deltas, encode_deltas, members_of
 from memstore.engine.tracking import stale_days
 from memstore.errors import ReadOnlyReplica, Unavailable
+from memstore.gcpause import gc_paused
 from memstore.hashslot import slot_of
 from memstore.index.bitmap_index import RangeIndex, ValueIndex, bitmap_of
 from memstore.index.day_index import DayIndex
@@ -64,7 +65,7 @@ from memstore.storage.snapshot_file import (
     load_newest,
     prune,
 )
-from memstore.storage.wal_reader import read_log, truncate_torn_tail
+from memstore.storage.wal_reader import LogScan, read_log, truncate_torn_tail
 from memstore.storage.wal_writer import LogFailedError, LogWriteError, LogWriter, SyncPolicy
 
 log = logging.getLogger("memstore.shard")
@@ -220,18 +221,7 @@ class Shard:
         """Load the newest good snapshot, replay the log after it, open the writer."""
         snap_dir, log_dir = data / "snapshots", data / "log"
         info: dict[str, Any] = {"snapshot": None, "replayed": 0, "torn_bytes": 0}
-        start_lsn = 0
-        reader = load_newest(snap_dir)
-        if reader is not None:
-            load_snapshot(engine, reader.sections())
-            start_lsn = reader.lsn
-            info["snapshot"] = str(reader.path)
-        scan = read_log(log_dir, start_lsn)
-        end_lsn = start_lsn
-        for record in scan:
-            replay(engine, record.rtype, record.payload)
-            info["replayed"] += 1
-            end_lsn = record.lsn_end
+        start_lsn, end_lsn, scan = _rebuild(engine, snap_dir, log_dir, info)
         if scan.torn is not None:
             info["torn_bytes"] = scan.torn.byte_count
             log.warning("log: cut a torn record at the end of %s offset %d (%d bytes)",
@@ -368,7 +358,7 @@ class Shard:
             raise Unavailable(f"write not persisted: {exc}") from None
         self._pending.append((lsn, before, deltas))
         self.recent.record(lsn, change.touched())
-        if not self._erased and change.load is None and change.erases:  # a load only adds
+        if not self._erased and change.erases:
             self._erased = True
         try:
             await self.log.sync_to(lsn)
@@ -743,6 +733,26 @@ def write_snapshot_file(engine: Engine, snap_dir: Path, lsn: int, shard_name: st
     return [str(path), count, pause]
 
 
+@gc_paused  # the engine's containers live on: a collection would find nothing to free
+def _rebuild(engine: Engine, snap_dir: Path, log_dir: Path, info: dict[str, Any]
+             ) -> tuple[int, int, LogScan]:
+    """Fill an empty engine from the newest good snapshot and the log after it; returns
+    the snapshot's log position, the end of the log replayed, and the log's scan."""
+    start_lsn = 0
+    reader = load_newest(snap_dir)
+    if reader is not None:
+        load_snapshot(engine, reader.sections())
+        start_lsn = reader.lsn
+        info["snapshot"] = str(reader.path)
+    scan = read_log(log_dir, start_lsn)
+    end_lsn = start_lsn
+    for record in scan:
+        replay(engine, record.rtype, record.payload)
+        info["replayed"] += 1
+        end_lsn = record.lsn_end
+    return start_lsn, end_lsn, scan
+
+
 # ---------------------------------------------------------------------- record payloads
 
 def encode_images(images: Iterable[Image]) -> bytes:
@@ -754,7 +764,16 @@ _LOGGED = itemgetter(0, 1, 2)  # an Image's dense, pid and blob
 
 
 def decode_images(payload: bytes) -> list[Image]:
-    return [Image(d, p, b) for d, p, b in msgpack.unpackb(payload, use_list=False)]
+    return _images(msgpack.unpackb(payload, use_list=False))
+
+
+def _images(logged: list[Any]) -> list[Image]:
+    """Images of logged [dense, pid, blob] rows (a column at a time: a load logs
+    thousands a record)."""
+    if not logged:
+        return []
+    dense, pids, blobs = zip(*logged, strict=True)
+    return list(map(tuple.__new__, repeat(Image), zip(dense, pids, blobs, repeat(None))))
 
 
 _last_at = 0
@@ -794,6 +813,8 @@ def encode_change(change: Change, touched: Touched, deltas: Deltas,
                               if d not in imaged]
     if change.quiet:
         record["quiet"] = True
+    if change.load is not None:
+        record["load"] = change.load.to_state()
     return ormsgpack.packb(record, option=ormsgpack.OPT_NON_STR_KEYS)  # type: ignore[no-any-return]
 
 
@@ -830,7 +851,7 @@ def replay(engine: Engine, rtype: int, payload: bytes) -> bool:
                 engine.add_attribute(spec)
     elif rtype == wal_format.RECORD_MERGE:
         record = msgpack.unpackb(payload)
-        change = Change(images=[Image(d, p, b) for d, p, b in record["images"]],
+        change = Change(images=_images(record["images"]),
                         notes=[Note(t, k, v) for t, k, v in record["notes"]])
         engine.apply(change)
         return change.erases
@@ -838,10 +859,11 @@ def replay(engine: Engine, rtype: int, payload: bytes) -> bool:
         record = decode_change(payload)
         at = record["at"]  # microseconds; the profiles' times are in seconds
         change = Change(schema=[AttributeSpec.from_state(s) for s in record.get("schema", ())],
-                        images=[Image(d, p, b) for d, p, b in record["images"]],
+                        images=_images(record["images"]),
                         notes=[Note(t, k, v) for t, k, v in record.get("notes", ())],
                         at=record.get("changed_at", at // 1_000_000),
-                        times={d: (c, ch) for d, c, ch in record.get("times", ())})
+                        times={d: (c, ch) for d, c, ch in record.get("times", ())},
+                        load=Load.from_state(record["load"]) if "load" in record else None)
         engine.apply(change)
         if "segments" in record:
             engine.segments.apply(decode_deltas(record["segments"]))

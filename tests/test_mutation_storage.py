@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 from pyroaring import BitMap
 
@@ -63,8 +64,11 @@ def full_state(engine: Engine) -> tuple[Any, ...]:
     for spec in engine.schema.by_id:
         if spec.id in engine.range_index:
             indexes[spec.name] = engine.range_index[spec.id].to_state()
-        elif spec.id in engine.value_index:
-            indexes[spec.name] = (engine.value_index[spec.id].to_state(),
+        elif spec.id in engine.value_index:  # which ids hold each value, in any order
+            state = engine.value_index[spec.id].to_state()
+            ones = np.frombuffer(state["one"][1], dtype="<u4").tolist()
+            indexes[spec.name] = ({value: BitMap.deserialize(raw) for value, raw in state["maps"]},
+                                  dict(zip(state["one"][0], ones)),
                                   list(engine.exists[spec.id]))
     owned = None if engine.owned_slots is None else list(engine.owned_slots)
     owners = {}  # every identifier, found through the directory

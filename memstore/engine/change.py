@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain, count
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -62,6 +63,69 @@ class Load:
     # indexed: (attribute, ids, values), values coded where the column came so (Coded)
     columns: list[tuple[int, Sequence[int], list[Any] | Coded | np.ndarray]]
 
+    def to_state(self) -> list[Any]:
+        """For the log (a load's record carries it), so replay indexes the new profiles a
+        column at a time as the load did, never taking a blob apart: arrays as their
+        bytes, a column's dense ids as [start, stop] where they are a range."""
+        return [self.first, _raw(np.asarray(self.slots, dtype="<u2")), _raw(self.keys),
+                _raw(np.asarray(self.owners, dtype="<u4")),
+                [[aid, [ids.start, ids.stop] if isinstance(ids, range)
+                  else _raw(np.asarray(ids, dtype="<u4")), _values_state(values)]
+                 for aid, ids, values in self.columns]]
+
+    @classmethod
+    def from_state(cls, state: list[Any]) -> Load:
+        first, slots, keys, owners, columns = state
+        return cls(first, _array(slots).tolist(), _array(keys), _array(owners).tolist(),
+                   [(aid, range(*ids) if isinstance(ids[0], int) else _array(ids).tolist(),
+                     _values_of(values)) for aid, ids, values in columns])
+
+
+def _raw(array: np.ndarray) -> list[Any]:
+    """An array as its dtype and little-endian bytes: ["<u4", b"..."]."""
+    little = array.dtype.newbyteorder("<")
+    return [little.str, array.astype(little, copy=False).tobytes()]
+
+
+def _array(raw: list[Any]) -> np.ndarray:
+    """The array _raw wrote, in this machine's byte order."""
+    logged = np.frombuffer(raw[1], dtype=raw[0])
+    return logged.astype(logged.dtype.newbyteorder("="))
+
+
+def _values_state(values: list[Any] | Coded | np.ndarray) -> list[Any]:
+    """A column's values for the log, coded where that makes replay cheaper (a distinct
+    value's object made once, its ids added to its bitmap at once)."""
+    if isinstance(values, list) and values:
+        if type(values[0]) is int:  # a timestamp column: int microseconds
+            return ["a", _raw(np.asarray(values, dtype=np.int64))]
+        if type(values[0]) is list:  # a string-list column
+            lengths = np.fromiter(map(len, values), dtype=np.uint32, count=len(values))
+            values = _coded(list(chain.from_iterable(values)), lengths)
+        elif type(values[0]) in (str, bool) and len(set(values)) * 2 <= len(values):
+            values = _coded(values)  # (unless most are distinct: nothing to share)
+    if isinstance(values, np.ndarray):
+        return ["a", _raw(values)]
+    if isinstance(values, Coded):
+        return ["c", values.values, _raw(values.codes),
+                None if values.lengths is None else _raw(values.lengths)]
+    return ["l", values]
+
+
+def _coded(values: list[Any], lengths: np.ndarray | None = None) -> Coded:
+    """`values` dictionary-coded."""
+    table = dict(zip(dict.fromkeys(values), count()))
+    return Coded(list(table), np.fromiter(map(table.__getitem__, values), dtype=np.int32,
+                                          count=len(values)), lengths)
+
+
+def _values_of(state: list[Any]) -> list[Any] | Coded | np.ndarray:
+    if state[0] == "a":
+        return _array(state[1])
+    if state[0] == "c":
+        return Coded(state[1], _array(state[2]), None if state[3] is None else _array(state[3]))
+    return state[1]
+
 
 @dataclass
 class Change:
@@ -88,7 +152,7 @@ class Change:
     @property
     def erases(self) -> bool:
         """True when the change removes a profile, or a table entry naming a person."""
-        return (any(image.blob is None for image in self.images)
+        return ((self.load is None and any(image.blob is None for image in self.images))
                 or any(n.value is None and n.table in ERASING_TABLES for n in self.notes))
 
     def touched(self) -> list[str]:

@@ -124,8 +124,7 @@ def index_columns(engine: Engine, columns: Mapping[int, tuple[Sequence[int],
             continue
         # plan_columns passes a column coded only for a value index (never a range kind)
         if isinstance(values, Coded):  # a value's ids go in at once (Coded, add_coded)
-            dense = (np.arange(ids.start, ids.stop, dtype=np.uint32)
-                     if isinstance(ids, range) else np.array(ids, dtype=np.uint32))
+            dense = _dense_array(ids)
             engine.value_index[aid].add_coded(values.values, values.codes, dense
                                             if values.lengths is None
                                             else np.repeat(dense, values.lengths))
@@ -139,7 +138,7 @@ def index_columns(engine: Engine, columns: Mapping[int, tuple[Sequence[int],
                 keys = floats_to_ordered(np.asarray(values, dtype=np.float64))
             else:  # plan_columns's array as it is (the index keeps it, unchanged)
                 keys = np.asarray(values, dtype=np.int64)
-            engine.range_index[aid].set_many(np.array(ids, dtype=np.uint32), keys)
+            engine.range_index[aid].set_many(_dense_array(ids), keys)
             continue
         values = cast(list[Any], values)  # only a range kind's column is an array
         if spec.kind is Kind.STRING_LIST:
@@ -149,6 +148,13 @@ def index_columns(engine: Engine, columns: Mapping[int, tuple[Sequence[int],
         else:
             engine.value_index[aid].add_column(ids, values)
         engine.exists[aid].update(ids)
+
+
+def _dense_array(ids: Sequence[int]) -> np.ndarray:
+    """Dense ids as a uint32 array (a load's range without a Python int each)."""
+    if isinstance(ids, range):
+        return np.arange(ids.start, ids.stop, dtype=np.uint32)
+    return np.array(ids, dtype=np.uint32)
 
 
 def index_day_records(engine: Engine, aid: int, ids: Sequence[int], records: list[bytes]) -> None:

@@ -372,7 +372,8 @@ class RangeIndex:
         ids = ids.astype(np.uint32, copy=False)
         flipped, on = _bit_rows(changed, width), _bit_rows(u_new, width)
         for i in np.flatnonzero(flipped.any(axis=1)).tolist():
-            added, removed = ids[flipped[i] & on[i]], ids[flipped[i] & ~on[i]]
+            added = np.compress(flipped[i] & on[i], ids)
+            removed = np.compress(flipped[i] & ~on[i], ids)
             if len(added):
                 self.slices[i] |= bitmap_of(added)
             if len(removed):
@@ -429,8 +430,8 @@ class RangeIndex:
         bits = np.ascontiguousarray(np.unpackbits(
             u.astype("<u8", copy=False).view(np.uint8).reshape(-1, 8), axis=1,
             bitorder="little")[:, :width].T).view(bool)
-        for i in range(width):
-            selected = ids[bits[i]]
+        for i in range(width):  # (np.compress: 3-7x a boolean index over random bits)
+            selected = np.compress(bits[i], ids)
             if len(selected):
                 self.slices[i].update(_array(selected))
         self._exists.update(_array(ids))
