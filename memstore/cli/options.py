@@ -196,6 +196,7 @@ COORDINATOR_OPTIONS = (
                       "pause of the process (a long garbage collection, a stalled disk) for "
                       "a death. If unsure: 5."),
 )
+LEASE_SECONDS = COORDINATOR_OPTIONS[-1]
 
 
 def replication_settings(command: F) -> F:
