@@ -1,0 +1,242 @@
+"""Automatic failover through etcd (memstore/replication/coordinator.py) with real
+processes: an etcd-server on free ports, shard members started with --coordinator, a
+router following etcd's choice, SIGKILL and SIGSTOP for a dead and a cut-off primary.
+
+A replica must take over within a bound with every write acknowledged under
+--replication sync, the router must switch to it, an old primary must come back as a
+replica (on an empty directory too), and a primary that lost its lease must never take a
+write at its old epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from memstore import Client, ClientError
+from memstore.errors import Unavailable
+from memstore.replication.coordinator import Fence, endpoint
+from tests.conftest import start_router
+from tests.test_replication import Proc, start, state, stats, wait_caught_up, wait_replicas
+
+LEASE = 3  # seconds: short, so the tests are; the fence is at 2.4 s, a refresh every 1 s
+ETCD = shutil.which("etcd") or "/usr/bin/etcd"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real single-member etcd on free loopback ports; its etcd:// URL."""
+    if not os.path.exists(ETCD):
+        pytest.fail("etcd is not installed: apt-get install etcd-server (see .ci/run)")
+    client, peer = _free_port(), _free_port()
+    data = tmp_path_factory.mktemp("etcd")
+    proc = subprocess.Popen(
+        [ETCD, "--name", "test", "--data-dir", str(data / "member"),
+         "--listen-client-urls", f"http://127.0.0.1:{client}",
+         "--advertise-client-urls", f"http://127.0.0.1:{client}",
+         "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+         "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+         "--initial-cluster", f"test=http://127.0.0.1:{peer}"],
+        stdout=subprocess.DEVNULL, stderr=(data / "etcd.log").open("wb"))
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{client}/health", timeout=1) as r:
+                    if b'"true"' in r.read():
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                (data / "etcd.log").read_text()[-2000:]
+            time.sleep(0.1)
+        yield f"etcd://127.0.0.1:{client}"
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.fixture
+def members() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        if p.proc.poll() is None:
+            os.kill(p.proc.pid, signal.SIGCONT)  # a stopped process does not die otherwise
+            p.proc.kill()
+            p.proc.wait(10)
+
+
+def member(members: list[Proc], data: Path, etcd: str, shard: str, *extra: str) -> Proc:
+    proc = start(data, "--name", shard, "--coordinator", etcd, "--lease-seconds", str(LEASE),
+                 "--replication", "sync", *extra)
+    members.append(proc)
+    return proc
+
+
+def wait_primary(candidates: list[Proc], timeout: float) -> Proc:
+    """The one candidate whose Stats say primary, once one does within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for p in candidates:
+            try:
+                if stats(p.address).get("replication.role") == "primary":
+                    return p
+            except ClientError:
+                pass
+        assert time.monotonic() < deadline, "no replica became primary"
+        time.sleep(0.05)
+
+
+def test_fence_refuses_writes_once_the_lease_is_not_confirmed_in_time() -> None:
+    fence = Fence(ttl=5)
+    with pytest.raises(Unavailable, match="nothing was written"):
+        fence.check()  # not holding the primary key yet
+    fence.holding = True
+    fence.renewed(time.monotonic())
+    fence.check()
+    fence.renewed(time.monotonic() - (5 - fence.margin) - 0.01)  # etcd may expire it soon
+    with pytest.raises(Unavailable, match="at position 77 but may or may not survive"):
+        fence.check(77)
+    assert endpoint("etcd://10.0.0.7:2380") == ("10.0.0.7", 2380)
+    assert endpoint("etcd://etcd") == ("etcd", 2379)
+    with pytest.raises(ValueError, match="etcd://HOST:PORT"):
+        endpoint("http://10.0.0.7:2379")
+
+
+def test_primary_killed_with_its_disk_a_replica_takes_over_losing_no_acknowledged_write(
+        tmp_path: Path, etcd: str, members: list[Proc]) -> None:
+    """--replication sync, writers through a router: SIGKILL the primary and delete its
+    directory. One of the two replicas becomes primary by itself, the other follows it, the
+    router switches, every acknowledged write reads back and writes succeed again; the old
+    primary started again on its (empty) directory becomes a replica and catches up."""
+    old = member(members, tmp_path / "old", etcd, "kill")
+    replicas = [member(members, tmp_path / f"r{i}", etcd, "kill") for i in range(2)]
+    wait_replicas(old.address, 2)
+    epoch = int(stats(old.address)["epoch"])
+    router = start_router([old.address], "--coordinator", etcd)
+    try:
+        acked: list[str] = []
+        stop = threading.Event()
+
+        def writer(prefix: str) -> None:
+            with Client(router.address, timeout=10) as c:
+                n = 0
+                while not stop.is_set():
+                    try:
+                        c.upsert(f"{prefix}-{n}", {"n": n})
+                    except ClientError:
+                        return
+                    acked.append(f"{prefix}-{n}")
+                    n += 1
+
+        threads = [threading.Thread(target=writer, args=(f"w{t}",)) for t in range(3)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(acked) < 300:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        old.kill()
+        killed = time.monotonic()
+        stop.set()
+        for t in threads:
+            t.join(30)
+        shutil.rmtree(tmp_path / "old")
+        new = wait_primary(replicas, timeout=LEASE + 10)
+        other = next(r for r in replicas if r is not new)
+        info = stats(new.address)
+        assert info["shard"] == "kill" and int(info["epoch"]) > epoch
+        assert new.said("promoted: was a replica of " + old.address)
+        with Client(router.address, timeout=5) as c:
+            while True:  # the router switches once it reads etcd's key (every 0.5 s)
+                try:
+                    c.upsert("after", {"n": 1})
+                    break
+                except ClientError:
+                    assert time.monotonic() - killed < LEASE + 15
+                    time.sleep(0.1)
+            failover = time.monotonic() - killed
+            got = c.batch_get(acked)
+            assert [pid for pid, p in zip(acked, got, strict=True) if p is None] == []
+            assert c.get("after") is not None
+        assert failover < 2 * LEASE + 5, failover
+        wait_caught_up(new.address, other.address)
+        back = member(members, tmp_path / "old", etcd, "kill")
+        wait_caught_up(new.address, back.address)
+        assert stats(back.address)["replication.primary"] == new.address
+        assert state(back.address) == state(new.address) == state(other.address)
+    finally:
+        router.stop()
+
+
+def test_a_stopped_primary_never_takes_a_write_at_its_old_epoch(
+        tmp_path: Path, etcd: str, members: list[Proc]) -> None:
+    """SIGSTOP past the lease stands for a partition: the replica is elected at a higher
+    epoch. A write that reached the old primary while it was stopped is refused, nothing
+    written, when it runs again (its lease is not confirmed: under --replication async
+    nothing else would refuse it), and it becomes the new primary's replica."""
+    old = member(members, tmp_path / "old", etcd, "stop", "--replication", "async")
+    replica = member(members, tmp_path / "replica", etcd, "stop", "--replication", "async")
+    wait_replicas(old.address, 1)
+    with Client(old.address) as c:
+        c.load({"id": f"u{i}", "attributes": {"n": i}} for i in range(200))
+    epoch = int(stats(old.address)["epoch"])
+    wait_caught_up(old.address, replica.address)
+    os.kill(old.proc.pid, signal.SIGSTOP)
+    try:
+        assert wait_primary([replica], timeout=LEASE + 10) is replica
+        assert int(stats(replica.address)["epoch"]) > epoch
+        refused: list[ClientError] = []
+
+        def split_brain() -> None:  # sent to the old primary while it is stopped
+            try:
+                with Client(old.address, timeout=20) as c:
+                    c.upsert("split-brain", {"n": 1})
+            except ClientError as exc:
+                refused.append(exc)
+
+        sender = threading.Thread(target=split_brain)
+        sender.start()
+        time.sleep(0.5)
+    finally:
+        os.kill(old.proc.pid, signal.SIGCONT)
+    sender.join(30)
+    assert refused, "the old primary took a write after its lease expired"
+    if refused[0].code == grpc.StatusCode.UNAVAILABLE:  # the fence, before the demotion
+        assert "lease is not confirmed" in refused[0].details
+        assert "nothing was written" in refused[0].details
+    else:  # the demotion ran first
+        assert refused[0].code == grpc.StatusCode.FAILED_PRECONDITION
+        assert replica.address in refused[0].details
+    deadline = time.monotonic() + 20
+    while stats(old.address).get("replication.primary") != replica.address:
+        assert time.monotonic() < deadline, stats(old.address)
+        time.sleep(0.05)
+    assert old.said("etcd lease") and old.said("demoted: " + replica.address)
+    with Client(old.address) as c:
+        with pytest.raises(ClientError) as direct:
+            c.upsert("split-brain-2", {"n": 2})
+        assert direct.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    with Client(replica.address) as c:
+        c.upsert("after", {"n": 3})
+        assert c.get("split-brain") is None
+    wait_caught_up(replica.address, old.address)
+    assert state(old.address) == state(replica.address)
