@@ -95,7 +95,8 @@ def test_primary_killed_with_its_disk_a_replica_takes_over_losing_no_acknowledge
     """--replication sync, writers through a router: SIGKILL the primary and delete its
     directory. One of the two replicas becomes primary by itself, the other follows it, the
     router switches, every acknowledged write reads back and writes succeed again; the old
-    primary started again on its (empty) directory becomes a replica and catches up."""
+    primary started again on its (empty) directory becomes a replica and catches up. Last,
+    the new primary stopped cleanly hands over at once."""
     old = member(members, tmp_path / "old", etcd, "kill")
     replicas = [member(members, tmp_path / f"r{i}", etcd, "kill") for i in range(2)]
     wait_replicas(old.address, 2)
@@ -152,6 +153,12 @@ def test_primary_killed_with_its_disk_a_replica_takes_over_losing_no_acknowledge
         wait_caught_up(new.address, back.address)
         assert stats(back.address)["replication.primary"] == new.address
         assert state(back.address) == state(new.address) == state(other.address)
+        # Stopped cleanly, a primary revokes its lease: the next one is elected at once,
+        # well before the 2/3 of a TTL a dead primary's key lasts at least.
+        new.proc.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        wait_primary([other, back], timeout=2 * LEASE / 3 - 0.1)
+        assert time.monotonic() - stopped < 2 * LEASE / 3
     finally:
         router.stop()
 

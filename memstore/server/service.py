@@ -1441,7 +1441,8 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
                                                      f"{host}:{port}", lease_seconds / 3)
     followed: list[str | None] = []
     shard = await Shard.open(config, prepare=(
-        (lambda data: followed.append(history.for_replica(data))) if replica_of else None))
+        (lambda data: followed.append(history.for_replica(
+            data, candidate=replica_of == coordinated.ELECTED))) if replica_of else None))
     # A replica's --replication is what it does once promoted (memstore cluster failover).
     roles = Roles(shard, replication, replication_timeout, replication_fallback,
                   primary_credentials)
