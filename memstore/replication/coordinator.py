@@ -209,20 +209,31 @@ class Elector:
         now = time.monotonic()
         if self._lease is not None and now < self._refresh_due:
             return
-        if self._lease is not None:
-            answer = await self._lease.refresh()
-            if answer.TTL <= 0:
-                log.warning("etcd lease %x expired (this process was cut off or stopped "
-                            "for more than %d s)%s", self._lease.id, self.ttl,
-                            ": writes refused" if self.fence.holding else "")
-                self.fence.lost()
-                self._lease = None
+        if self._lease is not None and await self._refresh() <= 0:
+            log.warning("etcd lease %x expired (this process was cut off or stopped "
+                        "for more than %d s)%s", self._lease.id, self.ttl,
+                        ": writes refused" if self.fence.holding else "")
+            self.fence.lost()
+            self._lease = None
         if self._lease is None:
             self._lease = await self.etcd.lease(self.ttl)
         self.fence.renewed(now)
         self._refresh_due = now + self.ttl / 3
         await self.etcd.put(self.keys.member(self.address), str(self.shard.position).encode(),
                             lease=self._lease.id)
+
+    async def _refresh(self) -> int:
+        """One keep-alive of the lease: the TTL etcd gives it now (0: it expired). One
+        stream a refresh, closed after the answer (aetcd's Lease.refresh leaves it open)."""
+        call = self.etcd.leasestub.LeaseKeepAlive(
+            iter([aetcd.rpc.LeaseKeepAliveRequest(ID=self._lease.id)]), timeout=self.ttl / 3)
+        try:
+            answer = await call.read()
+        finally:
+            call.cancel()
+        if answer is grpc.aio.EOF:
+            raise aetcd.ConnectionFailedError("etcd closed the keep-alive stream unanswered")
+        return int(answer.TTL)
 
     async def _campaign(self) -> None:
         """No primary: claim the key if this member is the best candidate, or has waited a

@@ -132,10 +132,15 @@ class Roles:
             new_epoch = max(epoch, shard.engine.epoch + 1)
             owned = shard.engine.owned_slots
             await shard.set_ownership(new_epoch, slots if owned is None else owned)
-            log.warning("promoted: was a replica of %s; now primary %r at epoch %d from "
-                        "position %d (history %s continues %s up to there)", primary,
-                        shard.config.name, new_epoch, took.until, took.history,
-                        took.previous)
+            if took.previous is None:  # elected on a primary's own directory (coordinator)
+                log.warning("promoted: was waiting for %s; now primary %r at epoch %d from "
+                            "position %d, continuing its own history %s", primary,
+                            shard.config.name, new_epoch, shard.log.end_lsn, took.history)
+            else:
+                log.warning("promoted: was a replica of %s; now primary %r at epoch %d from "
+                            "position %d (history %s continues %s up to there)", primary,
+                            shard.config.name, new_epoch, took.until, took.history,
+                            took.previous)
             return self._promoted()
 
     async def take_over(self, name: str, epoch: int, slots: BitMap | None = None) -> int:
