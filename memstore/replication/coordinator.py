@@ -120,7 +120,9 @@ class Fence:
             return
         age = time.monotonic() - self.confirmed
         why = (f"this primary's etcd lease is not confirmed (last {age:.1f} s ago, TTL "
-               f"{self.ttl} s): another member may be taking over")
+               f"{self.ttl} s): another member may be taking over" if self.holding else
+               "this primary no longer holds its claim in etcd: another member may be "
+               "taking over")
         if lsn is None:
             raise Unavailable(f"{why}; nothing was written")
         raise Unavailable(f"{why}; the write is on this primary's log at position {lsn} but "
