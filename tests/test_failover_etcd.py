@@ -10,7 +10,9 @@ write at its old epoch.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -26,7 +28,15 @@ from memstore.errors import Unavailable
 from memstore.replication.coordinator import Fence, endpoint
 from tests.conftest import start_router
 from tests.etcd import etcd_server
-from tests.test_replication import Proc, start, state, stats, wait_caught_up, wait_replicas
+from tests.test_replication import (
+    Proc,
+    serve_cluster,
+    start,
+    state,
+    stats,
+    wait_caught_up,
+    wait_replicas,
+)
 
 LEASE = 3  # seconds: short, so the tests are; the fence is at 2.4 s, a refresh every 1 s
 
@@ -216,3 +226,47 @@ def test_a_stopped_primary_never_takes_a_write_at_its_old_epoch(
         assert c.get("split-brain") is None
     wait_caught_up(replica.address, old.address)
     assert state(old.address) == state(replica.address)
+
+
+def test_serve_with_a_coordinator_fails_over_and_keeps_the_shard_writable(
+        tmp_path: Path, etcd: str) -> None:
+    """`memstore serve --replicas 1 --coordinator`: SIGKILL the shard process. Whichever
+    member etcd elects next (the replica, or the process the supervisor restarts on its
+    intact directory), it is the one primary at a higher epoch, the other follows it, the
+    router writes to it, and every acknowledged write reads back."""
+    data = tmp_path / "data"
+    proc, router, lines = serve_cluster(data, "--shards", "1", "--replicas", "1",
+                                        "--replication", "sync", "--coordinator", etcd,
+                                        "--lease-seconds", str(LEASE))
+    try:
+        layout = json.loads((data / "cluster.json").read_text())["shards"][0]
+        addresses = [f"127.0.0.1:{layout['port']}",
+                     f"127.0.0.1:{layout['replicas'][0]['port']}"]
+        wait_replicas(addresses[0], 1)
+        with Client(router) as c:
+            c.load({"id": f"p{i}", "attributes": {"n": i}} for i in range(300))
+        pid = next(int(m.group(1)) for line in list(lines) if (
+            m := re.search(r"shard-0 \(pid (\d+)\) serving", line)))
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        with Client(router, timeout=5) as c:
+            while True:
+                try:
+                    c.upsert("after", {"n": -1})
+                    break
+                except ClientError:
+                    assert time.monotonic() - killed < LEASE + 20, "".join(lines[-20:])
+                    time.sleep(0.1)
+            assert sum(p is not None for p in c.batch_get([f"p{i}" for i in range(300)])) \
+                == 300
+        roles = {a: stats(a).get("replication.role") for a in addresses}
+        assert sorted(roles.values()) == ["primary", "replica"], roles
+        primary = next(a for a, role in roles.items() if role == "primary")
+        replica = next(a for a in addresses if a != primary)
+        assert int(stats(primary)["epoch"]) >= 2
+        assert stats(replica)["replication.primary"] == primary
+        wait_caught_up(primary, replica)
+        assert state(replica) == state(primary)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
