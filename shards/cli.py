@@ -22,6 +22,7 @@ import click
 
 from memstore.cli.options import (
     ANONYMOUS_TTL,
+    LEASE_SECONDS,
     LINK_PORT,
     NO_LINK,
     client_security,
@@ -101,6 +102,12 @@ def _run(coro: Any) -> Any:
               show_default=True,
               help="The shards' acknowledgement (serve-shard --replication): sync waits "
                    "for a replica to hold each write. Needs --replicas.")
+@click.option("--coordinator", metavar="etcd://HOST:PORT", default=None,
+              help="Fail over automatically: etcd elects each shard's primary among the "
+                   "shard process and its --replicas, a replica takes over when the primary "
+                   "dies, and the router follows (docs/replication.md). Default: failover "
+                   "by hand.")
+@LEASE_SECONDS
 @click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
 def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: bool, sync: str,
           stop_timeout: float, metrics_port: int | None, snapshot_log_mb: int,
@@ -111,7 +118,8 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: b
           event_days: int, no_link: bool, tls_cert: Path | None, tls_key: Path | None,
           tls_client_ca: Path | None, auth_file: Path | None, insecure: bool,
           audit_log: Path | None, tls_ca: Path | None, anonymous_ttl: float | None,
-          replicas: int | None, replication: str, verbose: bool) -> None:
+          replicas: int | None, replication: str, coordinator: str | None,
+          lease_seconds: int, verbose: bool) -> None:
     """Run a router and shard processes on this machine; restart shards that die."""
     from memstore.server import audit
     from memstore.server.security import AuthFileError, Credentials, ServerSecurity, new_token
@@ -144,7 +152,8 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: b
                                 credentials=credentials, cluster_token=internal,
                                 metrics_port=metrics_port, in_memory=in_memory, limits=limits,
                                 anonymous_ttl=anonymous_ttl, replicas=replicas,
-                                replication=replication)
+                                replication=replication, coordinator=coordinator,
+                                lease_seconds=lease_seconds)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     _run(run(supervisor))
@@ -173,6 +182,10 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: b
                    "else none.")
 @query_limit_settings
 @ANONYMOUS_TTL
+@click.option("--coordinator", metavar="etcd://HOST:PORT", default=None,
+              help="Route to the primaries etcd elects for shards started with "
+                   "`serve-shard --coordinator` (docs/replication.md): after a failover the "
+                   "router switches by itself. Default: as told (`cluster failover`).")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
 def serve_router(shard_addresses: tuple[str, ...], host: str, port: int,
                  metrics_port: int | None, link_port: int, no_link: bool,
@@ -180,7 +193,7 @@ def serve_router(shard_addresses: tuple[str, ...], host: str, port: int,
                  auth_file: Path | None, insecure: bool, audit_log: Path | None,
                  tls_ca: Path | None, cluster_token_file: Path | None,
                  max_query_bytes: int, max_query_items: int, max_query_predicates: int,
-                 anonymous_ttl: float | None, verbose: bool) -> None:
+                 anonymous_ttl: float | None, coordinator: str | None, verbose: bool) -> None:
     """Run a router alone in front of shards started with serve-shard (give it the same
     query limits as them)."""
     from memstore.server import audit
@@ -207,7 +220,7 @@ def serve_router(shard_addresses: tuple[str, ...], host: str, port: int,
     _run(serve_router_(list(shard_addresses), host, port, metrics_port,
                        None if no_link else link_port, security, credentials,
                        query_limits(max_query_bytes, max_query_items, max_query_predicates),
-                       anonymous_ttl))
+                       anonymous_ttl, coordinator))
 
 
 @click.group()

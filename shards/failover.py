@@ -49,7 +49,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
 
-async def _stats(address: str, credentials: Credentials) -> dict[str, str] | None:
+async def shard_stats(address: str, credentials: Credentials) -> dict[str, str] | None:
+    """A shard's Stats as a dict (with `shard`, its name); None if it does not answer."""
     try:
         async with credentials.aio_channel(address) as channel:
             answer = await memstore_pb2_grpc.MemstoreStub(channel).Stats(pb.StatsRequest(),
@@ -72,7 +73,7 @@ async def failover(shard: str, routers: list[str], candidates: list[str],
     if entry is None:
         raise FailoverError(f"router {routers[0]} knows no shard {shard!r}")
     report = Report(entry["name"] or shard, entry["address"])
-    old_stats = await _stats(report.old, credentials)
+    old_stats = await shard_stats(report.old, credentials)
     if not candidates and old_stats is not None:
         candidates = [v for k, v in sorted(old_stats.items())
                       if k.startswith("replication.replica.") and k.endswith(".address") and v]
@@ -83,7 +84,7 @@ async def failover(shard: str, routers: list[str], candidates: list[str],
     best: tuple[int, str] | None = None
     epochs = [int(entry.get("epoch", 0))]
     for address in candidates:
-        found = await _stats(address, credentials)
+        found = await shard_stats(address, credentials)
         if found is None:
             report.notes.append(f"replica {address} does not answer")
             continue

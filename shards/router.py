@@ -87,6 +87,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
         self.link: LinkServer | None = None  # clients' unary calls (memstore/server/link.py)
         self.retention: Any = None  # shards/retention.py, with --anonymous-ttl
         self.retention_task: asyncio.Task[None] | None = None
+        self.coordinated: asyncio.Task[None] | None = None  # --coordinator: etcd's primaries
 
     # ------------------------------------------------------------------ profiles
     async def Upsert(self, request: pb.UpsertRequest, context: Any) -> pb.UpsertResponse:

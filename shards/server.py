@@ -45,14 +45,15 @@ async def start_router(addresses: Iterable[str], host: str = "127.0.0.1", port: 
                        security: ServerSecurity | None = None,
                        credentials: Credentials | None = None,
                        limits: QueryLimits = DEFAULT_LIMITS,
-                       anonymous_ttl: float | None = None
+                       anonymous_ttl: float | None = None, coordinator: str | None = None
                        ) -> tuple[grpc.aio.Server, int, RouterService]:
     """Build and start a router server (after every shard answered once). `link_port`:
     where clients' unary calls may come over the link (memstore/server/link.py; 0 picks a free
     port), on the same host; None serves gRPC alone (and so does a router under TLS or
     tokens). `security`: how it listens and whom it answers; `credentials`: what it
     presents to its shards (memstore/server/security.py). `limits`: the size of work one
-    query may ask for (give the shards the same)."""
+    query may ask for (give the shards the same). `coordinator` (etcd://HOST:PORT): switch
+    to the primaries etcd elects (shards/coordinated.py)."""
     from shards.shard_map import wait_for
 
     security = security or ServerSecurity()
@@ -92,6 +93,11 @@ async def start_router(addresses: Iterable[str], host: str = "127.0.0.1", port: 
     await health_servicer.set("memstore.v1.Memstore", health_pb2.HealthCheckResponse.SERVING)
     server._memstore_health = health_servicer  # type: ignore[attr-defined]
     router.sweeper = asyncio.get_running_loop().create_task(router.routing.sweep())
+    if coordinator is not None:
+        from shards.coordinated import follow_primaries
+
+        router.coordinated = asyncio.get_running_loop().create_task(
+            follow_primaries(router.admin, coordinator))
     if anonymous_ttl:
         from shards.retention import Retention
 
@@ -109,8 +115,9 @@ async def stop_router(server: grpc.aio.Server, router: RouterService, grace: flo
                          *([router.link.stop(grace)] if router.link is not None else []))
     if router.sweeper is not None:
         router.sweeper.cancel()
-    if router.retention_task is not None:
-        router.retention_task.cancel()
+    for task in (router.retention_task, router.coordinated):
+        if task is not None:
+            task.cancel()
     await router.map.close()
 
 
@@ -127,13 +134,14 @@ async def serve(addresses: list[str], host: str = "127.0.0.1", port: int = 7070,
                 security: ServerSecurity | None = None,
                 credentials: Credentials | None = None,
                 limits: QueryLimits = DEFAULT_LIMITS,
-                anonymous_ttl: float | None = None) -> None:
+                anonymous_ttl: float | None = None, coordinator: str | None = None) -> None:
     """Run a router until SIGTERM/SIGINT, then drain in-flight calls. The auth file is read
     again on SIGHUP."""
     security = security or ServerSecurity()
     server, bound, router = await start_router(addresses, host, port, link_port=link_port,
                                                security=security, credentials=credentials,
-                                               limits=limits, anonymous_ttl=anonymous_ttl)
+                                               limits=limits, anonymous_ttl=anonymous_ttl,
+                                               coordinator=coordinator)
     settle_heap()
     if metrics_port is not None:
         scrape = metrics.serve_metrics(host, metrics_port, tls=security.metrics_tls())

@@ -35,6 +35,10 @@ Invariants:
   free ports kept in cluster.json, started once every shard serves and restarted like
   them. The router knows only the shards (primaries): replicas are for reads with
   `read_from="replica"` and for failover by hand. `--replication sync` goes to the shards.
+- With --coordinator etcd://HOST:PORT, a shard and its replicas run as members of one
+  shard (`serve-shard --coordinator`, the shard's --name, no --replica-of): etcd elects
+  their primary, which the shard process becomes at the first start, and a replica takes
+  over when it dies; the router follows etcd's choice (shards/coordinated.py).
 """
 
 from __future__ import annotations
@@ -96,7 +100,8 @@ class Supervisor:
                  cluster_token: str | None = None, metrics_port: int | None = None,
                  in_memory: bool = False, limits: QueryLimits = DEFAULT_LIMITS,
                  anonymous_ttl: float | None = None, replicas: int | None = None,
-                 replication: str = "async") -> None:
+                 replication: str = "async", coordinator: str | None = None,
+                 lease_seconds: int = 5) -> None:
         self.data_dir = data_dir
         self.limits = limits  # the router's; the shards have theirs in shard_args
         self.anonymous_ttl = anonymous_ttl  # the router's retention (shards/retention.py)
@@ -115,6 +120,7 @@ class Supervisor:
         self.shards: list[ShardProcess] = []
         self.replicas: list[ShardProcess] = []  # each names its shard (`primary`)
         self.replication = replication  # the shards' --replication
+        self.coordinator, self.lease_seconds = coordinator, lease_seconds  # automatic failover
         self.external: list[str] = []  # shards added with `cluster add-shard` from elsewhere
         self.router_port = 0
         self._server: Any = None
@@ -190,9 +196,17 @@ class Supervisor:
             os.fsync(f.fileno())
         os.replace(tmp, path)
 
+    def _member_of(self, process: ShardProcess) -> ShardProcess:
+        """The shard a process serves under: with a coordinator, a replica is a member of
+        its shard and takes its name (the etcd key's); else each process has its own."""
+        if self.coordinator is not None and process.primary is not None:
+            return process.primary
+        return process
+
     def _membership(self, addresses: list[str]) -> None:
-        """The router's shard list changed (add-shard/remove-shard): remember the others."""
-        mine = {s.address for s in self.shards}
+        """The router's shard list changed (add-shard/remove-shard, a failover): remember
+        the others."""
+        mine = {s.address for s in self.shards + self.replicas}
         self.external = [a for a in addresses if a not in mine]
         self._save()
 
@@ -200,13 +214,16 @@ class Supervisor:
     async def _spawn(self, shard: ShardProcess) -> None:
         args = [sys.executable, "-m", "memstore.cli", "serve-shard", "--host", shard.host,
                 "--port", str(shard.port), "--data-dir", str(shard.data_dir),
-                "--name", shard.name, "--sync", self.sync, "--stop-on-eof",
+                "--name", self._member_of(shard).name, "--sync", self.sync, "--stop-on-eof",
                 "--lock-wait", str(SHARD_LOCK_WAIT), *self.shard_args]
         if self.in_memory:
             args += ["--in-memory"]
         else:  # one salt for the cluster (memstore.server.rights), made once
             args += ["--salt-file", str(self.data_dir / SALT_FILE)]
-        if shard.primary is not None:
+        if self.coordinator is not None:  # every member may become primary
+            args += ["--coordinator", self.coordinator, "--lease-seconds",
+                     str(self.lease_seconds), "--replication", self.replication]
+        elif shard.primary is not None:
             args += ["--replica-of", shard.primary.address]
         else:
             args += ["--replication", self.replication]
@@ -321,7 +338,7 @@ class Supervisor:
                 addresses, self.host, self.port, on_membership=self._membership,
                 link_port=0 if self.link else None, security=self.security,
                 credentials=self.credentials, limits=self.limits,
-                anonymous_ttl=self.anonymous_ttl)
+                anonymous_ttl=self.anonymous_ttl, coordinator=self.coordinator)
         except BaseException:
             await self.stop()
             raise

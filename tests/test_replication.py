@@ -476,7 +476,8 @@ def test_a_replica_restarted_as_primary_continues_the_history(tmp_path: Path,
 
 # ---------------------------------------------------------------------- memstore serve
 
-def _serve(data: Path, *args: str) -> tuple[subprocess.Popen[str], str, list[str]]:
+def serve_cluster(data: Path, *args: str) -> tuple[subprocess.Popen[str], str, list[str]]:
+    """`memstore serve` on free ports: its process, the router's address, its log lines."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "memstore.cli", "serve", "--port", "0", "--data-dir",
          str(data), *args], cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
@@ -502,7 +503,7 @@ def _serve(data: Path, *args: str) -> tuple[subprocess.Popen[str], str, list[str
 
 def test_serve_with_replicas_starts_and_keeps_a_replica_per_shard(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    proc, router, lines = _serve(data, "--shards", "2", "--replicas", "1",
+    proc, router, lines = serve_cluster(data, "--shards", "2", "--replicas", "1",
                                  "--replication", "sync")
     try:
         layout = json.loads((data / "cluster.json").read_text())
@@ -532,7 +533,7 @@ def test_serve_with_replicas_starts_and_keeps_a_replica_per_shard(tmp_path: Path
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
-    proc, router, lines = _serve(data)  # later starts: the replicas cluster.json has
+    proc, router, lines = serve_cluster(data)  # later starts: the replicas cluster.json has
     try:
         assert any("shard-1-replica-0 (pid" in line for line in lines)
         wait_caught_up(*pairs[1])

@@ -88,9 +88,10 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
                 tls_client_ca: Path | None, auth_file: Path | None, insecure: bool,
                 audit_log: Path | None, salt_file: Path | None, replica_of: str | None,
                 replication: str, replication_timeout: float, replication_fallback: bool,
-                verbose: bool) -> None:
+                coordinator: str | None, lease_seconds: int, verbose: bool) -> None:
     """Run one shard process (the cluster's `serve` starts these for you), or with
-    --replica-of a read-only replica of one (docs/replication.md)."""
+    --replica-of a read-only replica of one, or with --coordinator a member of a shard
+    that fails over by itself (docs/replication.md)."""
     import uvloop
 
     from memstore.engine.identity import DEFAULT_BLOCKED, IdentityRules
@@ -139,7 +140,8 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
                          replica_of=replica_of, replication=replication,
                          replication_timeout=replication_timeout,
                          replication_fallback=replication_fallback,
-                         primary_credentials=Credentials(token=cluster_token_from_env())))
+                         primary_credentials=Credentials(token=cluster_token_from_env()),
+                         coordinator=coordinator, lease_seconds=lease_seconds))
     except Exception as exc:  # noqa: BLE001 - start-up failures: damaged log, port in use
         click.echo(f"memstore: {exc}", err=True)
         sys.exit(1)

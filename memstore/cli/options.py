@@ -179,10 +179,30 @@ REPLICATION_OPTIONS = (
                       "anyway (as async, logged and counted in Stats) instead of refusing."),
 )
 
+# Automatic failover (memstore/replication/coordinator.py): serve-shard and serve.
+COORDINATOR_OPTIONS = (
+    click.option("--coordinator", metavar="etcd://HOST:PORT", default=None,
+                 help="Fail over automatically: etcd decides which member of the shard "
+                      "(every process started with the same --name and --coordinator) is "
+                      "primary; the others follow it, and one of them takes over when the "
+                      "primary's lease expires. Needs a data directory; not with "
+                      "--replica-of. Default: no coordinator, failover by hand (`memstore "
+                      "cluster failover`)."),
+    click.option("--lease-seconds", type=click.IntRange(2, 600), default=5,
+                 show_default=True,
+                 help="--coordinator: the primary's etcd lease. A dead or cut-off primary "
+                      "is replaced about this long after its last refresh (and refuses "
+                      "writes a fifth of it earlier); shorter fails over sooner but takes a "
+                      "pause of the process (a long garbage collection, a stalled disk) for "
+                      "a death. If unsure: 5."),
+)
+LEASE_SECONDS = COORDINATOR_OPTIONS[-1]
+
 
 def replication_settings(command: F) -> F:
-    """Add --replica-of, --replication, --replication-timeout and --replication-fallback."""
-    return with_options(command, REPLICATION_OPTIONS)
+    """Add --replica-of, --replication, --replication-timeout, --replication-fallback,
+    --coordinator and --lease-seconds."""
+    return with_options(command, REPLICATION_OPTIONS + COORDINATOR_OPTIONS)
 
 
 # ---------------------------------------------------------------------- security

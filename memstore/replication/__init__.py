@@ -8,11 +8,13 @@
     replica  the replica's side: follow the primary, full or partial resync, apply records
              through the recovery path into its own data directory
     roles    which of the two a process is, and the switch: promote, demote (the fence)
+    coordinator  --coordinator: the election through etcd (leases, one transaction) that
+             promotes and demotes by itself, and the lease that fences a primary's writes
 
 A replica is a reader of its primary's log, like a change stream (DESIGN.md): its position
 is a position in that log, and its own log holds the same records at the same positions.
 `memstore cluster failover` (pick, promote, switch routers, fence) is a cluster
-operation: shards/failover.py.
+operation: shards/failover.py; routers follow etcd's choice in shards/coordinated.py.
 """
 
 from memstore.replication.history import HistoryError

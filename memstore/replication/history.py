@@ -124,9 +124,11 @@ def for_primary(data: Path, keep: bool, end_lsn: int, shard: str | None = None) 
     return found
 
 
-def for_replica(data: Path) -> str | None:
+def for_replica(data: Path, candidate: bool = False) -> str | None:
     """Prepare a replica's directory before it opens; the history its log holds (None: it
-    has none and takes a full resync). An interrupted full resync is emptied here."""
+    has none and takes a full resync). An interrupted full resync is emptied here.
+    `candidate`: a coordinated member that may be elected primary on this data
+    (coordinator.py), so a shard's directory from before replication is not refused."""
     found = read(data)
     if found is not None and found.history is None:
         log.warning("%s: a full resync was interrupted; emptying the log and snapshots "
@@ -134,8 +136,9 @@ def for_replica(data: Path) -> str | None:
         for sub in ("log", "snapshots"):
             shutil.rmtree(data / sub, ignore_errors=True)
         return None
-    if found is None and any((data / sub).is_dir() and any((data / sub).iterdir())
-                             for sub in ("log", "snapshots")):
+    holds_data = any((data / sub).is_dir() and any((data / sub).iterdir())
+                     for sub in ("log", "snapshots"))
+    if found is None and holds_data and not candidate:
         raise HistoryError(f"{data} holds a shard's data but no {FILE}: it was not "
                            "written by a replica or a primary that knows replication. "
                            "Give a replica an empty directory")

@@ -15,7 +15,9 @@ The replica's later messages carry how far its own log holds the records (`acked
 `timeout` seconds) and after its fsync (`replicated`: the write is acknowledged once a
 replica's ack covers it, UNAVAILABLE after `timeout` seconds, the write then being on the
 primary only) -- Kafka's min.insync.replicas=2 with acks=all, both of its refusals. With
-`fallback`, both cases acknowledge as async instead, and say so in the log.
+`fallback`, both cases acknowledge as async instead, and say so in the log. With a
+coordinator, `fence` (the etcd lease, memstore/replication/coordinator.py) is asked at the
+same two points, whatever the mode: a primary whose lease is not confirmed takes no write.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 import grpc
 
 from memstore.errors import FailedPrecondition, Unavailable
+from memstore.replication.coordinator import Fence
 from memstore.replication.history import History
 from memstore.shard import Shard
 from memstore.storage.wal_reader import LogCorruptError
@@ -62,8 +65,9 @@ class Replicas:
     `replication` hook under --replication sync (see the module docstring)."""
 
     def __init__(self, shard: Shard, sync: bool = False, timeout: float = 5.0,
-                 fallback: bool = False) -> None:
+                 fallback: bool = False, fence: Fence | None = None) -> None:
         self.shard = shard
+        self.fence = fence
         self.sync = sync
         self.timeout = timeout
         self.fallback = fallback
@@ -100,6 +104,8 @@ class Replicas:
 
     # ------------------------------------------------------------------ the shard's hook
     def check(self) -> None:
+        if self.fence is not None:
+            self.fence.check()
         if not self.sync or self.connected or self.fallback:
             return
         if self._away() > self.timeout:
@@ -107,6 +113,11 @@ class Replicas:
                               "(--replication sync): nothing was written")
 
     async def replicated(self, lsn: int) -> None:
+        await self._confirmed(lsn)
+        if self.fence is not None:
+            self.fence.check(lsn)  # the lease may have lapsed while the write waited
+
+    async def _confirmed(self, lsn: int) -> None:
         if not self.sync:
             return
         if self.fallback and not self.connected and self._away() > self.timeout:

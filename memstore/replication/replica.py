@@ -50,6 +50,10 @@ MIN_BACKOFF, MAX_BACKOFF = 0.2, 5.0
 MAX_MESSAGE = 256 << 20  # a record of up to 64 MiB in one message, with room to spare
 CHANNEL_OPTIONS = (("grpc.max_receive_message_length", MAX_MESSAGE),
                    ("grpc.max_send_message_length", MAX_MESSAGE))
+# Queued as the last ack when a session ends, so its requests end and so does gRPC's task
+# reading them: cancelling a call that already failed leaves that task waiting for ever,
+# reported "destroyed but pending" when collected (after every promotion, for one).
+SESSION_ENDED = -1
 
 
 class Follower:
@@ -177,8 +181,8 @@ class Follower:
         async def requests() -> AsyncIterator[rpb.FollowRequest]:
             yield rpb.FollowRequest(replica=shard.config.name, history=self.history or "",
                                     from_lsn=start, address=self.address)
-            while True:
-                yield rpb.FollowRequest(acked_lsn=await acks.get())
+            while (acked := await acks.get()) != SESSION_ENDED:
+                yield rpb.FollowRequest(acked_lsn=acked)
 
         call = stub.Follow(requests())
         first = True
@@ -207,6 +211,7 @@ class Follower:
                 if shard.log.end_lsn >= message.primary_lsn:
                     self.caught_up_at = time.monotonic()
         finally:
+            acks.put_nowait(SESSION_ENDED)
             call.cancel()
             with contextlib.suppress(Exception):
                 await asyncio.sleep(0)

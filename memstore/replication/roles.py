@@ -14,6 +14,11 @@
   refused from that moment; the shard follows the new primary, which streams the log from
   this one's end if it continues this history that far, else sends a full resync that
   discards this log's tail (its positions in the replica's log).
+
+With a coordinator (memstore/replication/coordinator.py) the same two steps are taken by
+the election instead of an operator: `take_over` when this member wins the primary key,
+`demote` when another holds it; and a primary's writes also wait on its `fence` (the
+etcd lease).
 """
 
 from __future__ import annotations
@@ -23,8 +28,11 @@ import contextlib
 import logging
 from pathlib import Path
 
+from pyroaring import BitMap
+
 from memstore.errors import FailedPrecondition
 from memstore.replication import history
+from memstore.replication.coordinator import Fence
 from memstore.replication.history import History
 from memstore.replication.primary import Replicas, ReplicationService
 from memstore.replication.replica import Follower
@@ -47,6 +55,8 @@ class Roles:
         self.credentials = credentials or Credentials()  # presented to a primary
         self.address = ""  # where this process serves, once it does
         self.service = ReplicationService(shard, self)
+        self.fence: Fence | None = None  # a coordinator's: writes wait on the etcd lease
+        self.followed: str | None = None  # the history this directory held at start
         self._following: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
@@ -61,7 +71,7 @@ class Roles:
         replicas cannot follow)."""
         shard = self.shard
         replicas = Replicas(shard, sync=self.mode == "sync", timeout=self.timeout,
-                            fallback=self.fallback)
+                            fallback=self.fallback, fence=self.fence)
         found: History | None = None
         if shard.log is not None:
             keep = shard.config.sync is SyncPolicy.ALWAYS  # else a crash may lose a tail
@@ -96,7 +106,10 @@ class Roles:
             self._following = None
 
     # ------------------------------------------------------------------ failover
-    async def promote(self, name: str, epoch: int) -> rpb.PromoteResponse:
+    async def promote(self, name: str, epoch: int,
+                      slots: BitMap | None = None) -> rpb.PromoteResponse:
+        """Serve as shard `name` at `epoch` at least (`slots`: owned when the directory owns
+        none yet, a coordinated member's first start)."""
         shard = self.shard
         async with self._lock:
             if shard.replica_of is None:
@@ -117,12 +130,31 @@ class Roles:
             self.open_primary()
             self.service.history = took
             new_epoch = max(epoch, shard.engine.epoch + 1)
-            await shard.set_ownership(new_epoch, shard.engine.owned_slots)
-            log.warning("promoted: was a replica of %s; now primary %r at epoch %d from "
-                        "position %d (history %s continues %s up to there)", primary,
-                        shard.config.name, new_epoch, took.until, took.history,
-                        took.previous)
+            owned = shard.engine.owned_slots
+            await shard.set_ownership(new_epoch, slots if owned is None else owned)
+            if took.previous is None:  # elected on a primary's own directory (coordinator)
+                log.warning("promoted: was waiting for %s; now primary %r at epoch %d from "
+                            "position %d, continuing its own history %s", primary,
+                            shard.config.name, new_epoch, shard.log.end_lsn, took.history)
+            else:
+                log.warning("promoted: was a replica of %s; now primary %r at epoch %d from "
+                            "position %d (history %s continues %s up to there)", primary,
+                            shard.config.name, new_epoch, took.until, took.history,
+                            took.previous)
             return self._promoted()
+
+    async def take_over(self, name: str, epoch: int, slots: BitMap | None = None) -> int:
+        """This member won shard `name`'s primary key at `epoch` (coordinator.py): a replica
+        is promoted; a primary whose lease had lapsed (and so refused writes) owns its slots
+        at the new epoch. Returns the epoch it serves at."""
+        shard = self.shard
+        if shard.replica_of is not None:
+            await self.promote(name, epoch, slots)
+            return shard.engine.epoch
+        async with self._lock:
+            await shard.set_ownership(max(epoch, shard.engine.epoch + 1),
+                                      shard.engine.owned_slots)
+        return shard.engine.epoch
 
     def _promoted(self) -> rpb.PromoteResponse:
         shard = self.shard
@@ -144,7 +176,7 @@ class Roles:
             if shard.replica_of is not None:  # a replica of the old primary: repointed
                 if shard.replica_of != primary:
                     await self.stop()
-                    followed = shard.follower.history if shard.follower else None
+                    followed = shard.follower.history if shard.follower else self.followed
                     log.warning("following %s (primary at epoch %d) instead of %s",
                                 primary, epoch, shard.replica_of)
                     shard.replica_of = primary

@@ -69,6 +69,7 @@ from memstore.hashslot import (
 )
 from memstore.query import DEFAULT_LIMITS, QueryError, QueryLimits, query_from_request
 from memstore.query.evaluate import evaluate, group_counts
+from memstore.replication import coordinator as coordinated
 from memstore.replication import history
 from memstore.replication.primary import Replicas, ReplicationService
 from memstore.replication.roles import Roles
@@ -1408,7 +1409,8 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
                 limits: QueryLimits = DEFAULT_LIMITS, replica_of: str | None = None,
                 replication: str = "async", replication_timeout: float = 5.0,
                 replication_fallback: bool = False,
-                primary_credentials: Credentials | None = None) -> None:
+                primary_credentials: Credentials | None = None,
+                coordinator: str | None = None, lease_seconds: int = 5) -> None:
     """Run one shard until SIGTERM/SIGINT (or, with `stop_on_eof`, until standard input
     closes: its supervisor died), then drain in-flight calls and close the log.
     `link_port`: where routers' unary calls may come over the shard link (memstore/server/link.py;
@@ -1418,7 +1420,9 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
     (memstore/replication/), presenting `primary_credentials`; else serve replicas,
     `replication` ("async" or "sync") saying whether a write waits for one
     (`replication_timeout` seconds at most; `replication_fallback`: then acknowledge
-    anyway)."""
+    anyway). `coordinator` (etcd://HOST:PORT): etcd decides whether this process is its
+    shard's primary or follows it, with leases of `lease_seconds`
+    (memstore/replication/coordinator.py)."""
     security = security or ServerSecurity()
     security.check_host(host)
     if replica_of is not None and config.data_dir is None:
@@ -1427,12 +1431,26 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
     if replication == "sync" and config.data_dir is None:
         raise ValueError("--replication sync needs a data directory (replicas follow the "
                          "log), not --in-memory")
+    etcd = None
+    if coordinator is not None:
+        if config.data_dir is None or replica_of is not None:
+            raise ValueError("--coordinator: etcd decides which member is primary and the "
+                             "others follow its log: give a data directory, not "
+                             "--in-memory, and no --replica-of")
+        etcd, replica_of = await coordinated.connect(coordinator, config.name,
+                                                     f"{host}:{port}", lease_seconds / 3)
     followed: list[str | None] = []
     shard = await Shard.open(config, prepare=(
-        (lambda data: followed.append(history.for_replica(data))) if replica_of else None))
+        (lambda data: followed.append(history.for_replica(
+            data, candidate=replica_of == coordinated.ELECTED))) if replica_of else None))
     # A replica's --replication is what it does once promoted (memstore cluster failover).
     roles = Roles(shard, replication, replication_timeout, replication_fallback,
                   primary_credentials)
+    roles.followed = followed[0] if followed else None
+    elector = None
+    if etcd is not None:
+        elector = coordinated.Elector(etcd, config.name, lease_seconds, roles, slots)
+        roles.fence = elector.fence
     if replica_of is not None:
         shard.replica_of = replica_of
     else:
@@ -1459,8 +1477,10 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
     shard.start_background()
     watch_health = asyncio.get_running_loop().create_task(_watch_log(shard, health_servicer))
     roles.address = f"{host}:{bound}"
-    if replica_of is not None:
+    if replica_of not in (None, coordinated.ELECTED):
         roles.follow(replica_of, followed[0])
+    if elector is not None:
+        elector.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -1483,6 +1503,8 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
     await stop.wait()
     watch_health.cancel()
     log.info("shutting down")
+    if elector is not None:
+        await elector.stop()  # writes refused, then the lease revoked: a replica takes over
     await roles.stop()
     await health_servicer.enter_graceful_shutdown()
     started = time.monotonic()
