@@ -108,6 +108,11 @@ def _run(coro: Any) -> Any:
                    "dies, and the router follows (docs/replication.md). Default: failover "
                    "by hand.")
 @LEASE_SECONDS
+@click.option("--read-from", type=click.Choice(["primary", "replica"]), default="primary",
+              show_default=True,
+              help="Where the router sends reads (Get, BatchGet, queries, schema, segments): "
+                   "replica: to a replica of each shard when one answers, else its primary "
+                   "(docs/replication.md). A call's memstore-read-from metadata overrides.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
 def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: bool, sync: str,
           stop_timeout: float, metrics_port: int | None, snapshot_log_mb: int,
@@ -119,7 +124,7 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: b
           tls_client_ca: Path | None, auth_file: Path | None, insecure: bool,
           audit_log: Path | None, tls_ca: Path | None, anonymous_ttl: float | None,
           replicas: int | None, replication: str, coordinator: str | None,
-          lease_seconds: int, verbose: bool) -> None:
+          lease_seconds: int, read_from: str, verbose: bool) -> None:
     """Run a router and shard processes on this machine; restart shards that die."""
     from memstore.server import audit
     from memstore.server.security import AuthFileError, Credentials, ServerSecurity, new_token
@@ -153,7 +158,7 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: b
                                 metrics_port=metrics_port, in_memory=in_memory, limits=limits,
                                 anonymous_ttl=anonymous_ttl, replicas=replicas,
                                 replication=replication, coordinator=coordinator,
-                                lease_seconds=lease_seconds)
+                                lease_seconds=lease_seconds, read_from=read_from)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     _run(run(supervisor))
@@ -186,6 +191,11 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: b
               help="Route to the primaries etcd elects for shards started with "
                    "`serve-shard --coordinator` (docs/replication.md): after a failover the "
                    "router switches by itself. Default: as told (`cluster failover`).")
+@click.option("--read-from", type=click.Choice(["primary", "replica"]), default="primary",
+              show_default=True,
+              help="Where the router sends reads (Get, BatchGet, queries, schema, segments): "
+                   "replica: to a replica of each shard when one answers, else its primary "
+                   "(docs/replication.md). A call's memstore-read-from metadata overrides.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
 def serve_router(shard_addresses: tuple[str, ...], host: str, port: int,
                  metrics_port: int | None, link_port: int, no_link: bool,
@@ -193,7 +203,8 @@ def serve_router(shard_addresses: tuple[str, ...], host: str, port: int,
                  auth_file: Path | None, insecure: bool, audit_log: Path | None,
                  tls_ca: Path | None, cluster_token_file: Path | None,
                  max_query_bytes: int, max_query_items: int, max_query_predicates: int,
-                 anonymous_ttl: float | None, coordinator: str | None, verbose: bool) -> None:
+                 anonymous_ttl: float | None, coordinator: str | None, read_from: str,
+                 verbose: bool) -> None:
     """Run a router alone in front of shards started with serve-shard (give it the same
     query limits as them)."""
     from memstore.server import audit
@@ -220,7 +231,7 @@ def serve_router(shard_addresses: tuple[str, ...], host: str, port: int,
     _run(serve_router_(list(shard_addresses), host, port, metrics_port,
                        None if no_link else link_port, security, credentials,
                        query_limits(max_query_bytes, max_query_items, max_query_predicates),
-                       anonymous_ttl, coordinator))
+                       anonymous_ttl, coordinator, read_from))
 
 
 @click.group()

@@ -56,7 +56,7 @@ class Operations:
         timeout = time_left(context)
 
         def call(shard: ShardState) -> Any:
-            return shard.stub.GetSchema(request, timeout=timeout)
+            return shard.reader.GetSchema(request, timeout=timeout)
 
         answers, _ = await self.fan.every(context, call)
         return union_schema(r for _, r in answers)

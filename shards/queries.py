@@ -69,7 +69,7 @@ class Queries:
             timeout = time_left(context)
 
             def call(shard: ShardState) -> Any:
-                return shard.stub.GetSchema(pb.GetSchemaRequest(), timeout=timeout)
+                return shard.reader.GetSchema(pb.GetSchemaRequest(), timeout=timeout)
 
             answers, _ = await self.fan.every(context, call, query.allow_partial)
             self._known = {a.name for a in union_schema(r for _, r in answers).attributes}
@@ -101,7 +101,7 @@ class Queries:
         timeout = time_left(context)
 
         def call(shard: ShardState) -> Any:
-            return shard.stub.Count(request, timeout=timeout)
+            return shard.reader.Count(request, timeout=timeout)
 
         answers, missing = await self.fan.every(context, call, request.allow_partial)
         return pb.CountResponse(count=sum(r.count for _, r in answers), missing_shards=missing)
@@ -115,7 +115,7 @@ class Queries:
         timeout = time_left(context)
 
         def call(shard: ShardState) -> Any:
-            return shard.stub.GroupBy(sub, timeout=timeout)
+            return shard.reader.GroupBy(sub, timeout=timeout)
 
         answers, missing = await self.fan.every(context, call, request.query.allow_partial)
         sums: dict[bytes, list[Any]] = {}
@@ -139,7 +139,7 @@ class Queries:
         timeout = time_left(context)
 
         def call(shard: ShardState) -> Any:
-            return shard.stub.QueryBitmap(request, timeout=timeout)
+            return shard.reader.QueryBitmap(request, timeout=timeout)
 
         answers, missing = await self.fan.every(context, call, request.allow_partial)
         response = pb.BitmapResponse(missing_shards=missing)
@@ -273,7 +273,7 @@ def union_schema(responses: Iterable[pb.SchemaResponse]) -> pb.SchemaResponse:
 
 
 def _query_ids(shard: ShardState, sub: pb.QueryIdsRequest, timeout: float | None) -> Any:
-    return shard.stub.QueryIds(sub, timeout=timeout)
+    return shard.reader.QueryIds(sub, timeout=timeout)
 
 
 def _attributes_of(node: Any) -> set[str]:

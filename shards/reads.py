@@ -42,7 +42,8 @@ class Reads:
                 await fail(context, Code.NOT_FOUND, f"profile with identifier "
                            f"{brief(ident.kind)}:{brief(ident.value)} not found")
             return pb.GetResponse(profile=hit)
-        return await self.routing.single(request.key.id, "Get", request, context)  # type: ignore[no-any-return]
+        return await self.routing.single(request.key.id, "Get", request, context,  # type: ignore[no-any-return]
+                                         read=True)
 
     async def batch_get(self, request: pb.BatchGetRequest, context: Any) -> pb.BatchGetResponse:
         # Answers in the order keys, then ids (BatchGetRequest.ids).
@@ -76,7 +77,8 @@ class Reads:
             if not by_id:
                 return
             parts = await self.routing.routed([(p, (p, p)) for p in by_id], "BatchGet", build,
-                                              context, lambda pair, survivor: (survivor, pair[1]))
+                                              context, lambda pair, survivor: (survivor, pair[1]),
+                                              read=True)
             for pairs, response in parts:
                 pids = [asked for _, asked in pairs]
                 if request.packed:

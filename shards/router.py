@@ -10,6 +10,7 @@ router whose job it is, built here around one slot map:
     fanout      calls to every shard at once, exact over a stable partition of the slots
     queries     Count, GroupBy, QueryBitmap, QueryIds, StreamIds; checking a query once
     reads       Get, BatchGet; finding the profile that holds an identifier
+    replica_reads  reads answered by the shards' replicas (--read-from replica)
     writes      Upsert, Link, Track, TrackBatch, BatchUpsert; cross-shard merges first
     erasure     Delete, EraseProfiles (and retention's sweeps)
     segments    CreateSegment, DeleteSegment, ListSegments, WatchSegments, WatchChanges
@@ -52,6 +53,7 @@ from shards.fanout import FanOut
 from shards.operations import Operations
 from shards.queries import Queries
 from shards.reads import Reads
+from shards.replica_reads import READ_FROM, replica_read
 from shards.routing import Routing
 from shards.segments import Segments
 from shards.shard_map import ShardMap, ShardState
@@ -63,12 +65,16 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
     """Memstore for the cluster on `shard_map`: each RPC handed to the part whose job it
     is (the module's docstring lists them). `limits`: the size of work one query may ask
     for (give the shards the same); `on_membership` hears the shard list after a shard
-    joined or left."""
+    joined or left; `read_from`: where reads go unless the call says
+    (shards/replica_reads.py)."""
 
     def __init__(self, shard_map: ShardMap,
                  on_membership: Callable[[list[str]], None] | None = None,
-                 limits: QueryLimits = DEFAULT_LIMITS) -> None:
+                 limits: QueryLimits = DEFAULT_LIMITS, read_from: str = "primary") -> None:
+        if read_from not in READ_FROM:
+            raise ValueError(f"read_from={read_from!r}: \"primary\" or \"replica\"")
         self.map = shard_map
+        self.read_from = read_from
         self.limits = limits
         self.routing = Routing(shard_map)  # calls to slot owners; the schema registry
         self.schema = self.routing.schema  # the cluster's schema registry (shards/schema.py)
@@ -107,9 +113,11 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                           ) -> pb.BatchUpsertResponse:
         return await self.writes.batch_upsert(request, context)
 
+    @replica_read
     async def Get(self, request: pb.GetRequest, context: Any) -> pb.GetResponse:
         return await self.reads.get(request, context)
 
+    @replica_read
     async def BatchGet(self, request: pb.BatchGetRequest, context: Any) -> pb.BatchGetResponse:
         return await self.reads.batch_get(request, context)
 
@@ -142,19 +150,24 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                                 ) -> pb.SchemaResponse:
         return await self.operations.declare_attributes(request, context)
 
+    @replica_read
     async def GetSchema(self, request: pb.GetSchemaRequest, context: Any) -> pb.SchemaResponse:
         return await self.operations.get_schema(request, context)
 
     # ------------------------------------------------------------------ queries
+    @replica_read
     async def Count(self, request: pb.QueryRequest, context: Any) -> pb.CountResponse:
         return await self.queries.count(request, context)
 
+    @replica_read
     async def GroupBy(self, request: pb.GroupByRequest, context: Any) -> pb.GroupByResponse:
         return await self.queries.group_by(request, context)
 
+    @replica_read
     async def QueryBitmap(self, request: pb.QueryRequest, context: Any) -> pb.BitmapResponse:
         return await self.queries.query_bitmap(request, context)
 
+    @replica_read
     async def QueryIds(self, request: pb.QueryIdsRequest, context: Any) -> pb.QueryIdsResponse:
         return await self.queries.query_ids(request, context)
 
@@ -172,6 +185,7 @@ class RouterService(memstore_pb2_grpc.MemstoreServicer):
                             ) -> pb.DeleteSegmentResponse:
         return await self.segments.delete_segment(request, context)
 
+    @replica_read
     async def ListSegments(self, request: pb.ListSegmentsRequest, context: Any
                            ) -> pb.ListSegmentsResponse:
         return await self.segments.list_segments(request, context)

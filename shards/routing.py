@@ -79,19 +79,20 @@ class Routing:
         self.schema = ClusterSchema(self)
 
     async def single(self, pid: str, method: str, request: Any,
-                     context: grpc.aio.ServicerContext) -> Any:
+                     context: grpc.aio.ServicerContext, read: bool = False) -> Any:
         """Send `request` to the shard owning slot_of(pid), following slot moves, waiting
-        out merges and following merged-away ids to their survivor."""
+        out merges and following merged-away ids to their survivor. A `read` may be
+        answered by a replica (shards/replica_reads.py)."""
         if not pid:
             await fail(context, Code.INVALID_ARGUMENT, "id: a primary id is required")
         try:
-            return await self.owner_call(pid, method, request, context)
+            return await self.owner_call(pid, method, request, context, read=read)
         except Exception as exc:  # noqa: BLE001 - abort re-raises what it cannot map
             await abort(context, exc)
 
     async def owner_call(self, pid: str, method: str, request: Any, context: Any, *,
                          control: bool = False, follow: bool = True,
-                         expect: str | None = None) -> Any:
+                         expect: str | None = None, read: bool = False) -> Any:
         """`request` to the owner of slot_of(pid), on its ShardControl service if `control`.
         Raises what it cannot handle: AioRpcError, Down, Stuck, and merge.Forwarded when
         not `follow`ing merged-away ids. With `expect` ("name:epoch" the write was judged
@@ -106,7 +107,7 @@ class Routing:
                 if self.map.owner(slot) is None:
                     await move_pause(attempt, context)
                 continue
-            stub = shard.control if control else shard.stub
+            stub = shard.control if control else shard.reader if read else shard.stub
             try:
                 return await getattr(stub, method)(request, timeout=time_left(context),
                                                    **expecting(expect))
@@ -188,8 +189,8 @@ class Routing:
                      build: Callable[[list[Any]], Any], context: grpc.aio.ServicerContext,
                      retarget: Callable[[Any, str], Any] | None = None, control: bool = False,
                      judged: Mapping[str, str] | None = None,
-                     rejudge: list[tuple[str, Any]] | None = None, refusals: bool = False
-                     ) -> list[tuple[list[Any], Any]]:
+                     rejudge: list[tuple[str, Any]] | None = None, refusals: bool = False,
+                     read: bool = False) -> list[tuple[list[Any], Any]]:
         """Send (key, item) pairs in one request per shard owning slot_of(key), concurrently
         (to its ShardControl service if `control`). Items a shard refuses as wrong-slot are
         re-split on a fresh map and sent again; a group that met a merge's hold is sent
@@ -198,7 +199,8 @@ class Routing:
         "name:epoch" of the shard it was judged for) carries that as EXPECT_SHARD; when its
         shard refuses that, or the slot moved, its items go to `rejudge`, not sent again.
         With `refusals`, a group its shard refuses (REFUSED codes) raises GroupRefused
-        once the round's other answers are in, with every group applied so far."""
+        once the round's other answers are in, with every group applied so far. A `read`
+        may be answered by replicas (shards/replica_reads.py)."""
         pending = items
         done: list[tuple[list[Any], Any]] = []
         follow_rounds = declare_rounds = 0
@@ -215,7 +217,7 @@ class Routing:
 
             async def one(shard: ShardState, group: list[tuple[str, Any]]) -> Any:
                 request = build([item for _, item in group])
-                stub = shard.control if control else shard.stub
+                stub = shard.control if control else shard.reader if read else shard.stub
                 expect = next((judged[k] for k, _ in group if k in judged), None) \
                     if judged else None
                 try:

@@ -81,7 +81,7 @@ class Segments:
         timeout = time_left(context)
 
         def call(shard: ShardState) -> Any:
-            return shard.stub.ListSegments(request, timeout=timeout)
+            return shard.reader.ListSegments(request, timeout=timeout)
 
         answers, missing = await self.fan.every(context, call, request.allow_partial)
         by_name: dict[str, list[pb.SegmentInfo]] = {}

@@ -45,7 +45,8 @@ async def start_router(addresses: Iterable[str], host: str = "127.0.0.1", port: 
                        security: ServerSecurity | None = None,
                        credentials: Credentials | None = None,
                        limits: QueryLimits = DEFAULT_LIMITS,
-                       anonymous_ttl: float | None = None, coordinator: str | None = None
+                       anonymous_ttl: float | None = None, coordinator: str | None = None,
+                       read_from: str = "primary"
                        ) -> tuple[grpc.aio.Server, int, RouterService]:
     """Build and start a router server (after every shard answered once). `link_port`:
     where clients' unary calls may come over the link (memstore/server/link.py; 0 picks a free
@@ -53,7 +54,8 @@ async def start_router(addresses: Iterable[str], host: str = "127.0.0.1", port: 
     tokens). `security`: how it listens and whom it answers; `credentials`: what it
     presents to its shards (memstore/server/security.py). `limits`: the size of work one
     query may ask for (give the shards the same). `coordinator` (etcd://HOST:PORT): switch
-    to the primaries etcd elects (shards/coordinated.py)."""
+    to the primaries etcd elects (shards/coordinated.py). `read_from` "replica": reads go
+    to the shards' replicas unless the call says otherwise (shards/replica_reads.py)."""
     from shards.shard_map import wait_for
 
     security = security or ServerSecurity()
@@ -65,7 +67,7 @@ async def start_router(addresses: Iterable[str], host: str = "127.0.0.1", port: 
     if down:
         log.warning("starting without shards %s: their calls get UNAVAILABLE until they "
                     "answer", ", ".join(down))
-    router = RouterService(shard_map, on_membership, limits)
+    router = RouterService(shard_map, on_membership, limits, read_from)
     await router.operations.bootstrap_schema()
     # Guard last: authentication answers first, so a caller without credentials learns
     # nothing of how its request parsed (memstore/server/guard.py).
@@ -134,14 +136,16 @@ async def serve(addresses: list[str], host: str = "127.0.0.1", port: int = 7070,
                 security: ServerSecurity | None = None,
                 credentials: Credentials | None = None,
                 limits: QueryLimits = DEFAULT_LIMITS,
-                anonymous_ttl: float | None = None, coordinator: str | None = None) -> None:
+                anonymous_ttl: float | None = None, coordinator: str | None = None,
+                read_from: str = "primary") -> None:
     """Run a router until SIGTERM/SIGINT, then drain in-flight calls. The auth file is read
     again on SIGHUP."""
     security = security or ServerSecurity()
     server, bound, router = await start_router(addresses, host, port, link_port=link_port,
                                                security=security, credentials=credentials,
                                                limits=limits, anonymous_ttl=anonymous_ttl,
-                                               coordinator=coordinator)
+                                               coordinator=coordinator,
+                                               read_from=read_from)
     settle_heap()
     if metrics_port is not None:
         scrape = metrics.serve_metrics(host, metrics_port, tls=security.metrics_tls())

@@ -26,6 +26,7 @@ from memstore.server.security import Credentials
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
 from memstore.v1 import memstore_pb2 as pb
+from shards.replica_reads import ReplicaStub
 from shards.slots import SLOT_COUNT, Range
 
 log = logging.getLogger("memstore.shard_map")
@@ -54,6 +55,7 @@ class ShardState:
     channel: grpc.aio.Channel
     stub: LinkStub  # a MemstoreStub whose unary calls take the shard link when it has one
     control: LinkStub  # a ShardControlStub whose unary calls take the same link
+    reader: ReplicaStub  # `stub` for reads, by a replica where the call asks for one
     name: str = ""
     epoch: int = 0
     slots: list[Range] = field(default_factory=list)
@@ -230,9 +232,11 @@ def _connect(address: str, link_failed: Callable[[], None], credentials: Credent
     stub = LinkStub(memstore_pb2_grpc.MemstoreStub(channel), MEMSTORE_SERVICE, link_failed)
     control = LinkStub(cluster_pb2_grpc.ShardControlStub(channel), CONTROL_SERVICE,
                        sharing=stub)
-    return ShardState(address, channel, stub, control)
+    return ShardState(address, channel, stub, control,
+                      ReplicaStub(stub, credentials, CHANNEL_OPTIONS))
 
 
 async def _close(shard: ShardState) -> None:
     shard.stub.use_link("", "", shard.label)
+    await shard.reader.close()
     await shard.channel.close()

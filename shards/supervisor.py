@@ -33,8 +33,9 @@ Invariants:
 - Every line a shard logs, from its first, goes to the supervisor's stderr.
 - With --replicas N, each shard gets N replica processes (`serve-shard --replica-of`), on
   free ports kept in cluster.json, started once every shard serves and restarted like
-  them. The router knows only the shards (primaries): replicas are for reads with
-  `read_from="replica"` and for failover by hand. `--replication sync` goes to the shards.
+  them. The router knows only the shards (primaries) and finds their replicas through
+  them: replicas are for reads (`--read-from replica`, or a client's
+  `read_from="replica"`) and for failover by hand. `--replication sync` goes to the shards.
 - With --coordinator etcd://HOST:PORT, a shard and its replicas run as members of one
   shard (`serve-shard --coordinator`, the shard's --name, no --replica-of): etcd elects
   their primary, which the shard process becomes at the first start, and a replica takes
@@ -101,7 +102,7 @@ class Supervisor:
                  in_memory: bool = False, limits: QueryLimits = DEFAULT_LIMITS,
                  anonymous_ttl: float | None = None, replicas: int | None = None,
                  replication: str = "async", coordinator: str | None = None,
-                 lease_seconds: int = 5) -> None:
+                 lease_seconds: int = 5, read_from: str = "primary") -> None:
         self.data_dir = data_dir
         self.limits = limits  # the router's; the shards have theirs in shard_args
         self.anonymous_ttl = anonymous_ttl  # the router's retention (shards/retention.py)
@@ -121,6 +122,7 @@ class Supervisor:
         self.replicas: list[ShardProcess] = []  # each names its shard (`primary`)
         self.replication = replication  # the shards' --replication
         self.coordinator, self.lease_seconds = coordinator, lease_seconds  # automatic failover
+        self.read_from = read_from  # the router's: "replica" sends reads to the replicas
         self.external: list[str] = []  # shards added with `cluster add-shard` from elsewhere
         self.router_port = 0
         self._server: Any = None
@@ -338,7 +340,8 @@ class Supervisor:
                 addresses, self.host, self.port, on_membership=self._membership,
                 link_port=0 if self.link else None, security=self.security,
                 credentials=self.credentials, limits=self.limits,
-                anonymous_ttl=self.anonymous_ttl, coordinator=self.coordinator)
+                anonymous_ttl=self.anonymous_ttl, coordinator=self.coordinator,
+                read_from=self.read_from)
         except BaseException:
             await self.stop()
             raise

@@ -424,6 +424,73 @@ def test_reads_from_a_dead_replica_go_to_the_primary(tmp_path: Path, procs: list
         Client(primary.address, read_from="secondary")
 
 
+def _router_get(router: str, pid: str, *metadata: tuple[str, str]
+                ) -> tuple[pb.GetResponse, dict[str, str]]:
+    """Get through a router over plain gRPC: the answer and its trailing metadata."""
+    with grpc.insecure_channel(router) as channel:
+        answer, call = memstore_pb2_grpc.MemstoreStub(channel).Get.with_call(
+            pb.GetRequest(key=pb.ProfileKey(id=pid)), metadata=metadata, timeout=10)
+        return answer, dict(call.trailing_metadata())
+
+
+def test_a_router_reading_from_replicas_answers_while_the_primary_is_stopped(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    """serve-router --read-from replica: reads are answered by the shard's replica (with
+    its lag in trailing metadata), so they go on while the primary is stopped (SIGSTOP);
+    writes go to the primary. A call can choose for itself (memstore-read-from)."""
+    from tests.conftest import start_router
+
+    primary = start(tmp_path / "primary")
+    procs.append(primary)
+    replica = start(tmp_path / "replica", "--replica-of", primary.address)
+    procs.append(replica)
+    wait_replicas(primary.address, 1)
+    router = start_router([primary.address], "--read-from", "replica")
+    plain = start_router([primary.address])
+    try:
+        with Client(router.address) as c:
+            for i in range(100):
+                c.upsert(f"u{i}", {"n": i, "tier": "gold" if i % 2 else "free"})
+            c.upsert("w", {"n": -1})  # writes go to the primary through the router
+        wait_caught_up(primary.address, replica.address)
+        answer, trailers = _router_get(router.address, "w")
+        assert answer.profile.id == "w"
+        assert trailers["memstore-replica-lag-bytes"] == "0"
+        assert "memstore-replica-lag-seconds" in trailers
+        _, trailers = _router_get(plain.address, "w")  # the default: the primary answers
+        assert "memstore-replica-lag-bytes" not in trailers
+        _, trailers = _router_get(plain.address, "w", ("memstore-read-from", "replica"))
+        assert trailers["memstore-replica-lag-bytes"] == "0"  # the call's own choice
+        with pytest.raises(grpc.RpcError) as bad:
+            _router_get(plain.address, "w", ("memstore-read-from", "secondary"))
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+        primary.proc.send_signal(signal.SIGSTOP)  # only the replica can answer now
+        try:
+            with Client(router.address, timeout=10) as c:
+                assert c.get("u7")["attributes"] == {"n": 7, "tier": "gold"}
+                assert [p and p["id"] for p in c.batch_get(["u1", "u2", "nobody"])] == \
+                    ["u1", "u2", None]
+                assert c.count("tier = \"gold\"") == 50
+                assert c.count("n >= 90") == 10
+                assert dict(c.group_by("n >= 0", "tier")) == {"gold": 50, "free": 50}
+                assert {a["name"] for a in c.schema()} >= {"n", "tier"}
+        finally:
+            primary.proc.send_signal(signal.SIGCONT)
+        with Client(router.address) as c:
+            c.upsert("after", {"n": 1000})  # the primary again
+        wait_caught_up(primary.address, replica.address)
+        with Client(router.address) as c:
+            assert c.get("after")["attributes"] == {"n": 1000}
+        replica.kill()  # the replica gone: reads go to the primary
+        with Client(router.address) as c:
+            assert c.get("after")["attributes"] == {"n": 1000}
+            assert c.count("n >= 0") == 101
+    finally:
+        router.stop()
+        plain.stop()
+
+
 # ---------------------------------------------------------------------- promotion by hand
 
 def test_a_replica_restarted_as_primary_continues_the_history(tmp_path: Path,
