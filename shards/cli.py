@@ -139,9 +139,7 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: b
         security = ServerSecurity.configure(tls_cert, tls_key, tls_client_ca, auth_file,
                                             insecure, internal)
         security.check_host(host)
-        trust = tls_ca or tls_client_ca or tls_cert
-        credentials = Credentials.load(trust, tls_cert if tls_client_ca else None,
-                                       tls_key if tls_client_ca else None, internal)
+        credentials = Credentials.member(tls_ca, tls_cert, tls_key, tls_client_ca, internal)
     except (AuthFileError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     audit.open_log(audit_log)
@@ -150,6 +148,8 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: b
                       blocked_identifier, no_link or security.guarded, limits,
                       stop_snapshot_timeout, event_days, changes_retention, segment_refresh)
     args += security_args(tls_cert, tls_key, tls_client_ca, auth_file, insecure, audit_log)
+    if tls_ca is not None:  # replicas trust their primaries as the router trusts shards
+        args += ("--tls-ca", str(tls_ca))
     try:
         supervisor = Supervisor(data_dir, shards, host, port, sync, shard_args=args,
                                 stop_timeout=stop_timeout + stop_snapshot_timeout,

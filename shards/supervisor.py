@@ -134,8 +134,6 @@ class Supervisor:
         if replicas and in_memory:
             raise ValueError("--replicas: a replica keeps its own log and snapshots; not "
                              "with --in-memory")
-        if replicas and self.security.tls:
-            raise ValueError("--replicas: replication over TLS is not supported yet")
         self._configure(shards)
         self._configure_replicas(replicas)
         if replication == "sync" and not self.replicas:

@@ -53,11 +53,11 @@ class Proc:
         return self.proc.wait(30)
 
 
-def start(data: Path, *args: str) -> Proc:
+def start(data: Path, *args: str, env: dict[str, str] | None = None) -> Proc:
     proc = subprocess.Popen(
         [sys.executable, "-m", "memstore.cli", "serve-shard", "--port", "0", "--data-dir",
          str(data), *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     assert proc.stderr is not None
     lines: list[str] = []
     deadline = time.monotonic() + 30
@@ -489,6 +489,59 @@ def test_a_router_reading_from_replicas_answers_while_the_primary_is_stopped(
     finally:
         router.stop()
         plain.stop()
+
+
+# ---------------------------------------------------------------------- over TLS
+
+def test_replication_over_mutual_tls_with_the_cluster_token(tmp_path: Path,
+                                                            procs: list[Proc]) -> None:
+    """Shards under mutual TLS and an auth file: a replica follows its primary over TLS,
+    presenting its certificate and the cluster token; one that does not trust the
+    primary's CA is refused, and its log says why."""
+    from tests.pki import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    auth = tmp_path / "auth"
+    auth.write_text("reader-token-0123456789abcdef read app\n")
+    tls = ("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+           "--tls-client-ca", str(pki.ca), "--auth-file", str(auth))
+    env = {"MEMSTORE_CLUSTER_TOKEN": "cluster-token-0123456789abcdef"}
+    primary = start(tmp_path / "primary", *tls, env=env)
+    procs.append(primary)
+    replica = start(tmp_path / "replica", *tls, "--replica-of", primary.address, env=env)
+    procs.append(replica)
+
+    def client(address: str) -> Client:
+        return Client(address, tls_ca=str(pki.ca), tls_cert=str(pki.client_cert),
+                      tls_key=str(pki.client_key), token=env["MEMSTORE_CLUSTER_TOKEN"],
+                      timeout=10)
+
+    with client(primary.address) as c:
+        c.upsert("a", {"x": 1})
+    deadline = time.monotonic() + 30
+    while True:
+        with client(replica.address) as c:
+            found = c.get("a")
+            if found is not None and c.stats()["replication.connected"] == "True":
+                assert found["attributes"] == {"x": 1}
+                break
+        assert time.monotonic() < deadline, "".join(replica.lines)
+        time.sleep(0.1)
+
+    stranger = start(tmp_path / "stranger", "--tls-cert", str(pki.server_cert), "--tls-key",
+                     str(pki.server_key), "--tls-ca", str(pki.rogue_cert),
+                     "--replica-of", primary.address, env=env)
+    procs.append(stranger)
+    deadline = time.monotonic() + 15
+    while not stranger.said("replication from"):
+        assert time.monotonic() < deadline, "".join(stranger.lines)
+        time.sleep(0.1)
+    [refused, *_] = stranger.said("replication from")
+    assert "Tls handshake failed" in refused and "CERTIFICATE_VERIFY_FAILED" in refused
+    assert "--tls-ca must trust the primary's certificate" in refused
+    with client(stranger.address) as c:
+        assert c.get("a") is None
+        assert c.stats()["replication.connected"] == "False"
 
 
 # ---------------------------------------------------------------------- promotion by hand

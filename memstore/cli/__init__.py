@@ -69,6 +69,13 @@ def main() -> None:
                    "shards so, over a pipe it holds: they stop within seconds of its death, "
                    "however it dies.")
 @server_security
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None,
+              help="Follow a primary (--replica-of, --coordinator) over TLS trusting this "
+                   "CA. Default with --tls-cert: --tls-client-ca, else the --tls-cert "
+                   "itself (as `serve`'s router). The replica presents its --tls-cert "
+                   "where shards require client certificates (--tls-client-ca), and "
+                   "$MEMSTORE_CLUSTER_TOKEN.")
 @click.option("--salt-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The cluster's salt for suppression entries and the hashes in erasure "
                    "receipts (64 hex digits), made there if missing. Give every shard of a "
@@ -86,7 +93,8 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
                 lock_wait: float,
                 stop_on_eof: bool, tls_cert: Path | None, tls_key: Path | None,
                 tls_client_ca: Path | None, auth_file: Path | None, insecure: bool,
-                audit_log: Path | None, salt_file: Path | None, replica_of: str | None,
+                audit_log: Path | None, tls_ca: Path | None, salt_file: Path | None,
+                replica_of: str | None,
                 replication: str, replication_timeout: float, replication_fallback: bool,
                 coordinator: str | None, lease_seconds: int, verbose: bool) -> None:
     """Run one shard process (the cluster's `serve` starts these for you), or with
@@ -115,6 +123,9 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
             data_dir.mkdir(parents=True, exist_ok=True)
             salt_file = data_dir / rights.SALT_FILE
         salt = rights.load_salt(salt_file) if salt_file else os.urandom(32)
+        # what a replica presents to its primary: a router's credentials (docs/security.md)
+        primary_credentials = Credentials.member(tls_ca, tls_cert, tls_key, tls_client_ca,
+                                                 cluster_token_from_env())
     except (AuthFileError, ValueError, OSError) as exc:
         click.echo(f"memstore: {exc}", err=True)
         sys.exit(1)
@@ -140,7 +151,7 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
                          replica_of=replica_of, replication=replication,
                          replication_timeout=replication_timeout,
                          replication_fallback=replication_fallback,
-                         primary_credentials=Credentials(token=cluster_token_from_env()),
+                         primary_credentials=primary_credentials,
                          coordinator=coordinator, lease_seconds=lease_seconds))
     except Exception as exc:  # noqa: BLE001 - start-up failures: damaged log, port in use
         click.echo(f"memstore: {exc}", err=True)

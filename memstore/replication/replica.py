@@ -108,7 +108,7 @@ class Follower:
                 await self._session()
                 reason = "the primary ended the stream"
             except grpc.aio.AioRpcError as exc:
-                reason = f"{exc.code().name}: {exc.details()}"
+                reason = f"{exc.code().name}: {exc.details()}{_tls_hint(exc)}"
             except (OSError, SnapshotError, ValueError, LogFailedError) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
             finally:
@@ -215,3 +215,13 @@ class Follower:
             call.cancel()
             with contextlib.suppress(Exception):
                 await asyncio.sleep(0)
+
+
+def _tls_hint(exc: grpc.aio.AioRpcError) -> str:
+    """What to check when the TLS handshake with the primary failed: gRPC's own words
+    name OpenSSL's error, not the flags that decide it."""
+    if "handshake" not in (exc.details() or "").lower():
+        return ""
+    return ("; over TLS: --tls-ca must trust the primary's certificate, and where the "
+            "primary requires client certificates (--tls-client-ca) it must trust this "
+            "replica's --tls-cert")

@@ -483,6 +483,19 @@ class Credentials:
             raise ValueError("a client certificate is presented over TLS: give tls_ca too")
         return cls(_read(tls_ca), _read(tls_cert), _read(tls_key), token or None)
 
+    @classmethod
+    def member(cls, tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None,
+               tls_client_ca: Path | None, token: str | None) -> Credentials:
+        """What a cluster member serving with --tls-cert/--tls-key/--tls-client-ca presents
+        to another (a router to its shards, a replica to its primary): TLS trusting
+        `tls_ca`, else the members' client CA, else its own certificate (self-signed);
+        its certificate as a client certificate where members require one; `token`.
+        Without TLS or `tls_ca`: plaintext."""
+        trust = tls_ca or tls_client_ca or tls_cert
+        mutual = tls_client_ca is not None
+        return cls.load(trust, tls_cert if mutual else None, tls_key if mutual else None,
+                        token)
+
     @property
     def tls(self) -> bool:
         return self.ca is not None
@@ -505,7 +518,8 @@ class Credentials:
         """An asyncio channel to `address` presenting these credentials."""
         opts = [*options, *self.options]
         interceptors = None if self.token is None else [
-            _AioBearerUnary(self.token), _AioBearerStream(self.token)]
+            _AioBearerUnary(self.token), _AioBearerStream(self.token),
+            _AioBearerBidi(self.token)]
         if self.tls:
             return grpc.aio.secure_channel(address, self._ssl(), opts,
                                            interceptors=interceptors)
@@ -566,6 +580,19 @@ class _AioBearerStream(grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any,
                                      request: Any) -> Any:
         return await continuation(_with_token(details, self.token, _aio_details), request)
+
+
+class _AioBearerBidi(grpc.aio.StreamStreamClientInterceptor):
+    """The token on bidirectional streams too: a replica's Follow (without it, the
+    primary refused every Follow of a replica under an auth file)."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    async def intercept_stream_stream(self, continuation: Any, details: Any,
+                                      request_iterator: Any) -> Any:
+        return await continuation(_with_token(details, self.token, _aio_details),
+                                  request_iterator)
 
 
 def cluster_token_from_env() -> str | None:
