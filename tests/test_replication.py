@@ -491,6 +491,36 @@ def test_a_router_reading_from_replicas_answers_while_the_primary_is_stopped(
         plain.stop()
 
 
+def test_a_replica_advertises_where_it_serves_reads(tmp_path: Path, procs: list[Proc]
+                                                    ) -> None:
+    """--advertise: the address a replica's primary lists for reads (a container's name,
+    where the replica listens on 0.0.0.0); routers reach it there."""
+    import socket
+
+    from tests.conftest import start_router
+
+    primary = start(tmp_path / "primary")
+    procs.append(primary)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    replica = start(tmp_path / "replica", "--host", "0.0.0.0", "--insecure", "--port",
+                    str(port), "--replica-of", primary.address,
+                    "--advertise", f"localhost:{port}")
+    procs.append(replica)
+    wait_replicas(primary.address, 1)
+    assert stats(primary.address)["replication.replica.0.address"] == f"localhost:{port}"
+    router = start_router([primary.address], "--read-from", "replica")
+    try:
+        with Client(router.address) as c:
+            c.upsert("a", {"x": 1})
+        wait_caught_up(primary.address, replica.address.replace("0.0.0.0", "127.0.0.1"))
+        _, trailers = _router_get(router.address, "a")
+        assert trailers["memstore-replica-lag-bytes"] == "0"  # the replica answered
+    finally:
+        router.stop()
+
+
 # ---------------------------------------------------------------------- over TLS
 
 def test_replication_over_mutual_tls_with_the_cluster_token(tmp_path: Path,

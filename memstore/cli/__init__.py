@@ -82,6 +82,11 @@ def main() -> None:
                    "cluster the same file (`memstore serve` does). Default: "
                    "DATA_DIR/rights.salt; with --in-memory, a new one each start.")
 @replication_settings
+@click.option("--advertise", metavar="HOST:PORT", default=None,
+              help="Where other processes reach this shard, when not at --host:--port "
+                   "(--host 0.0.0.0 in a container): the address a replica gives its "
+                   "primary for reads, and a member's under --coordinator. Default: "
+                   "--host:--port.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
 def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str,
                 slots: str | None, sync: str, snapshot_log_mb: int, snapshot_interval: float,
@@ -96,7 +101,8 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
                 audit_log: Path | None, tls_ca: Path | None, salt_file: Path | None,
                 replica_of: str | None,
                 replication: str, replication_timeout: float, replication_fallback: bool,
-                coordinator: str | None, lease_seconds: int, verbose: bool) -> None:
+                coordinator: str | None, lease_seconds: int, advertise: str | None,
+                verbose: bool) -> None:
     """Run one shard process (the cluster's `serve` starts these for you), or with
     --replica-of a read-only replica of one, or with --coordinator a member of a shard
     that fails over by itself (docs/replication.md)."""
@@ -152,7 +158,8 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
                          replication_timeout=replication_timeout,
                          replication_fallback=replication_fallback,
                          primary_credentials=primary_credentials,
-                         coordinator=coordinator, lease_seconds=lease_seconds))
+                         coordinator=coordinator, lease_seconds=lease_seconds,
+                         advertise=advertise))
     except Exception as exc:  # noqa: BLE001 - start-up failures: damaged log, port in use
         click.echo(f"memstore: {exc}", err=True)
         sys.exit(1)

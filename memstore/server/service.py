@@ -1410,7 +1410,8 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
                 replication: str = "async", replication_timeout: float = 5.0,
                 replication_fallback: bool = False,
                 primary_credentials: Credentials | None = None,
-                coordinator: str | None = None, lease_seconds: int = 5) -> None:
+                coordinator: str | None = None, lease_seconds: int = 5,
+                advertise: str | None = None) -> None:
     """Run one shard until SIGTERM/SIGINT (or, with `stop_on_eof`, until standard input
     closes: its supervisor died), then drain in-flight calls and close the log.
     `link_port`: where routers' unary calls may come over the shard link (memstore/server/link.py;
@@ -1422,7 +1423,8 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
     (`replication_timeout` seconds at most; `replication_fallback`: then acknowledge
     anyway). `coordinator` (etcd://HOST:PORT): etcd decides whether this process is its
     shard's primary or follows it, with leases of `lease_seconds`
-    (memstore/replication/coordinator.py)."""
+    (memstore/replication/coordinator.py). `advertise`: where others reach this process
+    (a replica's address for reads, a member's in etcd), if not `host`:`port`."""
     security = security or ServerSecurity()
     security.check_host(host)
     if replica_of is not None and config.data_dir is None:
@@ -1438,7 +1440,8 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
                              "others follow its log: give a data directory, not "
                              "--in-memory, and no --replica-of")
         etcd, replica_of = await coordinated.connect(coordinator, config.name,
-                                                     f"{host}:{port}", lease_seconds / 3)
+                                                     advertise or f"{host}:{port}",
+                                                     lease_seconds / 3)
     followed: list[str | None] = []
     shard = await Shard.open(config, prepare=(
         (lambda data: followed.append(history.for_replica(
@@ -1476,7 +1479,7 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
     await health_servicer.set("memstore.v1.Memstore", health_pb2.HealthCheckResponse.SERVING)
     shard.start_background()
     watch_health = asyncio.get_running_loop().create_task(_watch_log(shard, health_servicer))
-    roles.address = f"{host}:{bound}"
+    roles.address = advertise or f"{host}:{bound}"
     if replica_of not in (None, coordinated.ELECTED):
         roles.follow(replica_of, followed[0])
     if elector is not None:
