@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -373,6 +374,118 @@ def test_sync_replication_with_a_stopped_replica_times_out_then_resumes(
     with Client(replica.address) as r:
         assert [p is not None for p in r.batch_get(["before", "during", "after"])] == \
             [True, True, True]
+
+
+# ---------------------------------------------------------------------- crash soak, sync
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # type: ignore[no-any-return]
+
+
+def _sync_writer(address: str, prefix: str, acked: dict[str, int], stop: threading.Event
+                 ) -> None:
+    """Upserts until stopped; a write is recorded only once acknowledged. Refusals (the
+    primary dead, restarting, or waiting for its replica) are not: they go on."""
+    with Client(address, timeout=5) as c:
+        n = 0
+        while not stop.is_set():
+            pid = f"{prefix}-{n}"
+            n += 1
+            try:
+                c.upsert(pid, {"n": n}, ops=[("add_to_set", "t", [f"t{n}"])])
+            except ClientError:
+                time.sleep(0.05)
+                continue
+            acked[pid] = n
+
+
+def _holds(address: str, acked: dict[str, int]) -> list[str]:
+    """The acknowledged writes `address` lacks or holds otherwise."""
+    pids = list(acked)
+    with Client(address, timeout=30) as c:
+        got = [p for i in range(0, len(pids), 5000) for p in c.batch_get(pids[i:i + 5000])]
+    return [pid for pid, profile in zip(pids, got, strict=True)
+            if profile is None or profile["attributes"] != {"n": acked[pid],
+                                                            "t": [f"t{acked[pid]}"]}]
+
+
+def run_sync_kill_cycles(tmp_path: Path, procs: list[Proc], cycles: int, seed: int
+                         ) -> dict[str, int]:
+    """A primary under --replication sync and its replica, SIGKILLed under writers: the
+    primary most cycles, the replica some. After each primary kill the replica (which no
+    longer hears from it) must hold every acknowledged write; at the end both are killed,
+    the replica restarted alone must hold them from its own disk, and the primary
+    restarted must hold them too, the replica then converging to it exactly."""
+    rng = random.Random(seed)
+    address = f"127.0.0.1:{_free_port()}"
+    port = address.rpartition(":")[2]
+
+    def primary() -> Proc:
+        proc = start(tmp_path / "primary", "--port", port, "--replication", "sync",
+                     "--replication-timeout", "5")
+        procs.append(proc)
+        return proc
+
+    def replica() -> Proc:
+        proc = start(tmp_path / "replica", "--replica-of", address)
+        procs.append(proc)
+        return proc
+
+    acked: dict[str, int] = {}
+    serving, following = primary(), replica()
+    primary_kills = replica_kills = 0
+    for cycle in range(cycles):
+        stop = threading.Event()
+        writers = [threading.Thread(target=_sync_writer,
+                                    args=(address, f"c{cycle}w{w}", acked, stop))
+                   for w in range(3)]
+        for t in writers:
+            t.start()
+        time.sleep(rng.uniform(0.4, 1.2))
+        if cycle % 3 == 2:  # the replica dies: writes wait for it, then go on
+            following.kill()
+            replica_kills += 1
+            following = replica()
+            time.sleep(rng.uniform(0.3, 0.8))
+        serving.kill()
+        primary_kills += 1
+        stop.set()
+        for t in writers:
+            t.join(30)
+        deadline = time.monotonic() + 10  # it may still be applying what it confirmed
+        while lacking := _holds(following.address, acked):
+            assert time.monotonic() < deadline, (
+                f"cycle {cycle}: {len(lacking)} acknowledged writes not on the replica, "
+                f"e.g. {lacking[:5]}")
+            time.sleep(0.1)
+        serving = primary()
+    following.kill()
+    serving.kill()
+    following = replica()  # alone, from its own disk
+    assert _holds(following.address, acked) == []
+    serving = primary()
+    assert _holds(address, acked) == []
+    wait_caught_up(address, following.address)
+    assert state(address) == state(following.address)
+    assert len(acked) > 50 * cycles, "the writers barely wrote; the test proves little"
+    return {"cycles": cycles, "primary_kills": primary_kills, "replica_kills": replica_kills,
+            "acknowledged": len(acked)}
+
+
+def test_sync_replication_survives_kill_cycles_of_primary_and_replica(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    run_sync_kill_cycles(tmp_path, procs, cycles=6, seed=7)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_soak_sync_replication_kill_cycles(tmp_path: Path, procs: list[Proc]) -> None:
+    cycles = int(os.environ.get("MEMSTORE_SOAK_CYCLES", "100"))
+    print(f"soak: {run_sync_kill_cycles(tmp_path, procs, cycles=cycles, seed=99)}")
 
 
 # ---------------------------------------------------------------------- read_from="replica"
