@@ -23,7 +23,7 @@ from memstore.client.core import ClientError
 from memstore.server.logs import listening_address
 from memstore.server.security import Credentials, ServerSecurity, needs
 from memstore.v1 import cluster_pb2 as cpb
-from memstore.v1 import cluster_pb2_grpc
+from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
 from memstore.v1 import memstore_pb2 as pb
 from tests.conftest import ROOT, ServerProcess, said, start_shard
 from tests.pki import Pki, make_pki
@@ -378,6 +378,54 @@ def test_a_secured_cluster_end_to_end(pki: Pki, tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+def test_a_secured_cluster_with_sync_replicas_reads_from_them(pki: Pki, tmp_path: Path
+                                                              ) -> None:
+    """memstore serve --replicas 1 --replication sync under TLS and tokens: each replica
+    follows its shard over TLS with the cluster token (else no write would be
+    acknowledged), and the router's reads with --read-from replica are the replicas'."""
+    auth = _auth_file(tmp_path / "tokens")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memstore.cli", "serve", "--shards", "2", "--port", "0",
+         "--data-dir", str(tmp_path / "data"), "--tls-cert", str(pki.server_cert),
+         "--tls-key", str(pki.server_key), "--tls-ca", str(pki.ca), "--auth-file", str(auth),
+         "--replicas", "1", "--replication", "sync", "--read-from", "replica"],
+        cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stderr is not None
+    address = ""
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        address = listening_address(line, "supervisor") or ""
+        if address:
+            break
+    assert address, "".join(lines)
+    _drain(proc.stderr)
+    try:
+        with Client(address, tls_ca=str(pki.ca), token=TOKENS["write"], timeout=30) as c:
+            for i in range(20):
+                c.upsert(f"s{i}", {"n": i})  # sync: each waits for its shard's replica
+        credentials = grpc.composite_channel_credentials(
+            grpc.ssl_channel_credentials(pki.ca.read_bytes()),
+            grpc.access_token_call_credentials(TOKENS["read"]))
+        with grpc.secure_channel(address, credentials) as channel:
+            stub = memstore_pb2_grpc.MemstoreStub(channel)
+            answer, call = stub.Count.with_call(pb.QueryRequest(text="n >= 10"), timeout=30)
+            assert answer.count == 10
+            trailers = dict(call.trailing_metadata())
+            assert "memstore-replica-lag-bytes" in trailers  # the replicas answered
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
+def _drain(stream: Any) -> None:
+    """Keep reading a process's log so that it never blocks on a full pipe."""
+    import threading
+
+    threading.Thread(target=lambda: all(True for _ in stream), daemon=True).start()
 
 
 def test_credentials_are_checked_when_built(pki: Pki) -> None:
