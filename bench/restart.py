@@ -68,6 +68,7 @@ from typing import Any
 from bench.datagen import Dataset, load_or_generate
 from bench.memstore_side import MemstoreServer, dir_bytes, in_code
 from bench.run import machine
+from memstore.client import Client
 from memstore.server.logs import message
 
 SCENARIOS = ("log-kill", "log-term", "snapshot-kill")
@@ -180,9 +181,12 @@ def measure(ds: Dataset, code: Path | None, opt: argparse.Namespace,
         r = restart(ms, signal.SIGKILL, ds.size, empty_rss, stop_wait)
         r["replay_profiles_per_s"] = round(ds.size / r["listening_s"])
         scenarios["log-kill"] = r
+        log(f"{name}: log-kill: {json.dumps(r)}")  # each figure as it comes: a failure later
         scenarios["log-term"] = restart(ms, signal.SIGTERM, ds.size, empty_rss, stop_wait)
+        log(f"{name}: log-term: {json.dumps(scenarios['log-term'])}")  # loses nothing
         t = time.perf_counter()
-        taken = ms.client.snapshot()
+        with Client(ms.addr, timeout=opt.start_timeout) as admin:  # 10M: minutes, not the
+            taken = admin.snapshot()                               # client's default
         snapshot_s = time.perf_counter() - t
         r = restart(ms, signal.SIGKILL, ds.size, empty_rss, stop_wait)
         scenarios["snapshot-kill"] = {"snapshot_call_s": round(snapshot_s, 3),
