@@ -36,6 +36,7 @@ from tests.test_replication import (
     stats,
     wait_caught_up,
     wait_replicas,
+    writers,
 )
 
 LEASE = 5  # seconds, the default: a loaded machine pausing a member ~1 s costs it nothing
@@ -113,32 +114,9 @@ def test_primary_killed_with_its_disk_a_replica_takes_over_losing_no_acknowledge
     epoch = int(stats(old.address)["epoch"])
     router = start_router([old.address], "--coordinator", etcd)
     try:
-        acked: list[str] = []
-        stop = threading.Event()
-
-        def writer(prefix: str) -> None:
-            with Client(router.address, timeout=10) as c:
-                n = 0
-                while not stop.is_set():
-                    try:
-                        c.upsert(f"{prefix}-{n}", {"n": n})
-                    except ClientError:
-                        return
-                    acked.append(f"{prefix}-{n}")
-                    n += 1
-
-        threads = [threading.Thread(target=writer, args=(f"w{t}",)) for t in range(3)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 60
-        while len(acked) < 300:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        old.kill()
-        killed = time.monotonic()
-        stop.set()
-        for t in threads:
-            t.join(30)
+        with writers(router.address) as acked:
+            old.kill()
+            killed = time.monotonic()
         shutil.rmtree(tmp_path / "old")
         new = wait_primary(replicas, timeout=LEASE + 10)
         other = next(r for r in replicas if r is not new)

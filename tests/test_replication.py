@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,39 @@ def wait_caught_up(primary: str, replica: str, timeout: float = 30.0) -> dict[st
         assert time.monotonic() < deadline, (f"replica at {got['log.position']}, primary "
                                              f"at {want}: {got}")
         time.sleep(0.05)
+
+
+@contextmanager
+def writers(address: str, count: int = 3, first: int = 300) -> Iterator[list[str]]:
+    """`count` threads upserting new profiles through `address`, each until its first
+    refusal or the block's end; yields the ids acknowledged, once `first` of them are."""
+    acked: list[str] = []
+    stop = threading.Event()
+
+    def writer(prefix: str) -> None:
+        with Client(address, timeout=10) as c:
+            n = 0
+            while not stop.is_set():
+                try:
+                    c.upsert(f"{prefix}-{n}", {"n": n})
+                except ClientError:
+                    return
+                acked.append(f"{prefix}-{n}")
+                n += 1
+
+    threads = [threading.Thread(target=writer, args=(f"w{t}",)) for t in range(count)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(acked) < first:
+            assert time.monotonic() < deadline, f"only {len(acked)} writes acknowledged"
+            time.sleep(0.01)
+        yield acked
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
 
 
 def wait_replicas(primary: str, count: int, timeout: float = 30.0) -> None:
@@ -884,31 +918,8 @@ def test_sync_failover_after_the_primary_and_its_disk_are_lost(tmp_path: Path,
     wait_replicas(old.address, 1)
     router = start_router([old.address])
     try:
-        acked: list[str] = []
-        stop = threading.Event()
-
-        def writer(prefix: str) -> None:
-            with Client(router.address, timeout=10) as c:
-                n = 0
-                while not stop.is_set():
-                    try:
-                        c.upsert(f"{prefix}-{n}", {"n": n})
-                    except ClientError:
-                        return
-                    acked.append(f"{prefix}-{n}")
-                    n += 1
-
-        threads = [threading.Thread(target=writer, args=(f"w{t}",)) for t in range(3)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 60
-        while len(acked) < 300:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        old.kill()
-        stop.set()
-        for t in threads:
-            t.join(30)
+        with writers(router.address) as acked:
+            old.kill()
         shutil.rmtree(tmp_path / "old")
         report = _failover(router.address, "shard-0", "--replica", replica.address)
         assert report["new"] == replica.address
