@@ -312,14 +312,14 @@ def test_data_rights_methods_have_the_roles_their_data_calls_for() -> None:
 # ---------------------------------------------------------------------- a secured cluster
 
 
-def test_a_secured_cluster_end_to_end(pki: Pki, tmp_path: Path) -> None:
-    """memstore serve with TLS and tokens: the CLI and the client work with credentials and
-    fail without; add-shard needs admin; a rogue shard is refused by the router."""
+def _serve_secured(pki: Pki, tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
+    """`memstore serve` (2 shards) with TLS and an auth file, and its router's address once
+    it listens."""
     auth = _auth_file(tmp_path / "tokens")
     proc = subprocess.Popen(
         [sys.executable, "-m", "memstore.cli", "serve", "--shards", "2", "--port", "0",
          "--data-dir", str(tmp_path / "data"), "--tls-cert", str(pki.server_cert),
-         "--tls-key", str(pki.server_key), "--auth-file", str(auth)],
+         "--tls-key", str(pki.server_key), "--auth-file", str(auth), *extra],
         cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stderr is not None
@@ -331,6 +331,13 @@ def test_a_secured_cluster_end_to_end(pki: Pki, tmp_path: Path) -> None:
         if address:
             break
     assert address, "".join(lines)
+    return proc, address
+
+
+def test_a_secured_cluster_end_to_end(pki: Pki, tmp_path: Path) -> None:
+    """memstore serve with TLS and tokens: the CLI and the client work with credentials and
+    fail without; add-shard needs admin; a rogue shard is refused by the router."""
+    proc, address = _serve_secured(pki, tmp_path)
     env = {**os.environ, "MEMSTORE_TLS_CA": str(pki.ca), "MEMSTORE_ADDRESS": address}
 
     def cli(*args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -385,23 +392,8 @@ def test_a_secured_cluster_with_sync_replicas_reads_from_them(pki: Pki, tmp_path
     """memstore serve --replicas 1 --replication sync under TLS and tokens: each replica
     follows its shard over TLS with the cluster token (else no write would be
     acknowledged), and the router's reads with --read-from replica are the replicas'."""
-    auth = _auth_file(tmp_path / "tokens")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "memstore.cli", "serve", "--shards", "2", "--port", "0",
-         "--data-dir", str(tmp_path / "data"), "--tls-cert", str(pki.server_cert),
-         "--tls-key", str(pki.server_key), "--tls-ca", str(pki.ca), "--auth-file", str(auth),
-         "--replicas", "1", "--replication", "sync", "--read-from", "replica"],
-        cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.stderr is not None
-    address = ""
-    lines = []
-    for line in proc.stderr:
-        lines.append(line)
-        address = listening_address(line, "supervisor") or ""
-        if address:
-            break
-    assert address, "".join(lines)
+    proc, address = _serve_secured(pki, tmp_path, "--tls-ca", str(pki.ca), "--replicas", "1",
+                                   "--replication", "sync", "--read-from", "replica")
     _drain(proc.stderr)
     try:
         with Client(address, tls_ca=str(pki.ca), token=TOKENS["write"], timeout=30) as c:
