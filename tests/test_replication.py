@@ -83,6 +83,17 @@ def start(data: Path, *args: str, env: dict[str, str] | None = None) -> Proc:
     raise RuntimeError("serve-shard did not start:\n" + "".join(lines))
 
 
+def primary_and_replica(tmp_path: Path, procs: list[Proc], *args: str,
+                        name: str = "primary") -> tuple[Proc, Proc]:
+    """A primary in tmp_path/NAME (started with `args`) and a replica of it in
+    tmp_path/replica, both in `procs` (stopped at the test's end)."""
+    primary = start(tmp_path / name, *args)
+    procs.append(primary)
+    replica = start(tmp_path / "replica", "--replica-of", primary.address)
+    procs.append(replica)
+    return primary, replica
+
+
 @pytest.fixture
 def procs() -> Iterator[list[Proc]]:
     started: list[Proc] = []
@@ -199,10 +210,7 @@ def test_a_replica_converges_to_the_primary_exactly(tmp_path: Path, procs: list[
 
 def test_a_replica_killed_and_restarted_resumes_where_it_was(tmp_path: Path,
                                                              procs: list[Proc]) -> None:
-    primary = start(tmp_path / "primary")
-    procs.append(primary)
-    replica = start(tmp_path / "replica", "--replica-of", primary.address)
-    procs.append(replica)
+    primary, replica = primary_and_replica(tmp_path, procs)
     with Client(primary.address) as c:
         write_history(c, 0, 300)
         wait_caught_up(primary.address, replica.address)
@@ -222,10 +230,7 @@ def test_a_replica_killed_and_restarted_resumes_where_it_was(tmp_path: Path,
 
 def test_a_replica_whose_position_the_primary_dropped_resyncs_in_full(
         tmp_path: Path, procs: list[Proc]) -> None:
-    primary = start(tmp_path / "primary")
-    procs.append(primary)
-    replica = start(tmp_path / "replica", "--replica-of", primary.address)
-    procs.append(replica)
+    primary, replica = primary_and_replica(tmp_path, procs)
     with Client(primary.address) as c:
         write_history(c, 0, 200)
         wait_caught_up(primary.address, replica.address)
@@ -294,10 +299,7 @@ def test_a_replica_refuses_writes_naming_the_primary_and_tells_its_lag(
 def test_erasure_on_the_primary_leaves_no_byte_on_the_replica(tmp_path: Path,
                                                               procs: list[Proc]) -> None:
     marker = "MARKER-replica-erase-91c2"
-    primary = start(tmp_path / "primary")
-    procs.append(primary)
-    replica = start(tmp_path / "replica", "--replica-of", primary.address)
-    procs.append(replica)
+    primary, replica = primary_and_replica(tmp_path, procs)
     with Client(primary.address) as c:
         write_history(c, 0, 50)
         c.upsert("victim", {"note": marker}, identifiers=[("email", f"{marker}@x.io")])
@@ -344,10 +346,7 @@ def test_sync_replication_without_a_replica_refuses_writes(tmp_path: Path,
 
 def test_sync_replication_acknowledges_only_what_the_replica_holds(
         tmp_path: Path, procs: list[Proc]) -> None:
-    primary = start(tmp_path / "primary", "--replication", "sync")
-    procs.append(primary)
-    replica = start(tmp_path / "replica", "--replica-of", primary.address)
-    procs.append(replica)
+    primary, replica = primary_and_replica(tmp_path, procs, "--replication", "sync")
     wait_replicas(primary.address, 1)
     acked: list[str] = []
     stop = threading.Event()
@@ -526,10 +525,7 @@ def test_soak_sync_replication_kill_cycles(tmp_path: Path, procs: list[Proc]) ->
 
 def test_clients_reading_from_replicas_go_on_reading_when_the_primary_dies(
         tmp_path: Path, procs: list[Proc]) -> None:
-    primary = start(tmp_path / "primary")
-    procs.append(primary)
-    replica = start(tmp_path / "replica", "--replica-of", primary.address)
-    procs.append(replica)
+    primary, replica = primary_and_replica(tmp_path, procs)
     wait_replicas(primary.address, 1)
     with Client(primary.address, read_from="replica") as c:
         c.upsert("a", {"x": 1})  # writes go to the primary
@@ -555,10 +551,7 @@ def test_clients_reading_from_replicas_go_on_reading_when_the_primary_dies(
 
 def test_reads_from_a_dead_replica_go_to_the_primary(tmp_path: Path, procs: list[Proc]
                                                       ) -> None:
-    primary = start(tmp_path / "primary")
-    procs.append(primary)
-    replica = start(tmp_path / "replica", "--replica-of", primary.address)
-    procs.append(replica)
+    primary, replica = primary_and_replica(tmp_path, procs)
     wait_replicas(primary.address, 1)
     with Client(primary.address, read_from="replica") as c:
         c.upsert("a", {"x": 1})
@@ -587,10 +580,7 @@ def test_a_router_reading_from_replicas_answers_while_the_primary_is_stopped(
     writes go to the primary. A call can choose for itself (memstore-read-from)."""
     from tests.conftest import start_router
 
-    primary = start(tmp_path / "primary")
-    procs.append(primary)
-    replica = start(tmp_path / "replica", "--replica-of", primary.address)
-    procs.append(replica)
+    primary, replica = primary_and_replica(tmp_path, procs)
     wait_replicas(primary.address, 1)
     router = start_router([primary.address], "--read-from", "replica")
     plain = start_router([primary.address])
@@ -911,10 +901,7 @@ def test_sync_failover_after_the_primary_and_its_disk_are_lost(tmp_path: Path,
 
     from tests.conftest import start_router
 
-    old = start(tmp_path / "old", "--replication", "sync")
-    procs.append(old)
-    replica = start(tmp_path / "replica", "--replica-of", old.address)
-    procs.append(replica)
+    old, replica = primary_and_replica(tmp_path, procs, "--replication", "sync", name="old")
     wait_replicas(old.address, 1)
     router = start_router([old.address])
     try:
@@ -945,10 +932,7 @@ def test_a_partitioned_primary_comes_back_below_the_new_epoch(tmp_path: Path,
     to the new primary."""
     from tests.conftest import start_router
 
-    old = start(tmp_path / "old")
-    procs.append(old)
-    replica = start(tmp_path / "replica", "--replica-of", old.address)
-    procs.append(replica)
+    old, replica = primary_and_replica(tmp_path, procs, name="old")
     router = start_router([old.address])
     try:
         with Client(router.address) as c:
