@@ -455,11 +455,14 @@ async def _resume(routers: tuple[str, ...], shards: tuple[str, ...], journal_pat
 @click.option("--replica", "replicas", multiple=True,
               help="A replica of SHARD that may be promoted (repeat for more). Default: the "
                    "replicas SHARD lists, when it still answers.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Seconds to wait for each shard's answer: a member that has not answered "
+                   "by then is taken as down (a dead machine costs this twice).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
 @client_security
-def failover(shard: str, routers: tuple[str, ...], replicas: tuple[str, ...], as_json: bool,
-             verbose: bool, credentials: Any) -> None:
+def failover(shard: str, routers: tuple[str, ...], replicas: tuple[str, ...], timeout: float,
+             as_json: bool, verbose: bool, credentials: Any) -> None:
     """Promote the most up-to-date replica of SHARD (a name or address) to primary, by hand
     (docs/replication.md): it takes SHARD's name and a higher epoch, the routers switch to
     it, and the old primary, if it answers, is fenced: it refuses writes and follows the
@@ -469,7 +472,8 @@ def failover(shard: str, routers: tuple[str, ...], replicas: tuple[str, ...], as
 
     _logging(verbose)
     try:
-        report = _run(run_failover(shard, list(routers), list(replicas), credentials))
+        report = _run(run_failover(shard, list(routers), list(replicas), credentials,
+                                   timeout))
     except FailoverError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:

@@ -49,19 +49,24 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
 
-async def shard_stats(address: str, credentials: Credentials) -> dict[str, str] | None:
-    """A shard's Stats as a dict (with `shard`, its name); None if it does not answer."""
+async def shard_stats(address: str, credentials: Credentials, timeout: float = TIMEOUT
+                      ) -> dict[str, str] | None:
+    """A shard's Stats as a dict (with `shard`, its name); None if it does not answer
+    within `timeout` seconds."""
     try:
         async with credentials.aio_channel(address) as channel:
             answer = await memstore_pb2_grpc.MemstoreStub(channel).Stats(pb.StatsRequest(),
-                                                                          timeout=TIMEOUT)
+                                                                          timeout=timeout)
     except grpc.aio.AioRpcError:
         return None
     return {**answer.info, "shard": answer.shard}
 
 
 async def failover(shard: str, routers: list[str], candidates: list[str],
-                   credentials: Credentials | None = None) -> Report:
+                   credentials: Credentials | None = None, timeout: float = TIMEOUT) -> Report:
+    """Promote the most advanced answering candidate (default: the replicas the old primary
+    lists) of `shard`, switch the routers and demote the rest. `timeout`: seconds to wait
+    for each member's answer before taking it as down."""
     from shards.admin import admin_call
 
     credentials = credentials or Credentials()
@@ -73,7 +78,7 @@ async def failover(shard: str, routers: list[str], candidates: list[str],
     if entry is None:
         raise FailoverError(f"router {routers[0]} knows no shard {shard!r}")
     report = Report(entry["name"] or shard, entry["address"])
-    old_stats = await shard_stats(report.old, credentials)
+    old_stats = await shard_stats(report.old, credentials, timeout)
     if not candidates and old_stats is not None:
         candidates = [v for k, v in sorted(old_stats.items())
                       if k.startswith("replication.replica.") and k.endswith(".address") and v]
@@ -84,7 +89,7 @@ async def failover(shard: str, routers: list[str], candidates: list[str],
     best: tuple[int, str] | None = None
     epochs = [int(entry.get("epoch", 0))]
     for address in candidates:
-        found = await shard_stats(address, credentials)
+        found = await shard_stats(address, credentials, timeout)
         if found is None:
             report.notes.append(f"replica {address} does not answer")
             continue
@@ -107,7 +112,7 @@ async def failover(shard: str, routers: list[str], candidates: list[str],
         try:
             promoted = await replication_pb2_grpc.ReplicationStub(channel).Promote(
                 rpb.PromoteRequest(shard=report.shard, epoch=max(epochs) + 1),
-                timeout=TIMEOUT)
+                timeout=max(timeout, TIMEOUT))
         except grpc.aio.AioRpcError as exc:
             raise FailoverError(f"promoting {report.new}: {exc.details()}") from None
     report.epoch, report.position = promoted.epoch, promoted.lsn
@@ -121,15 +126,16 @@ async def failover(shard: str, routers: list[str], candidates: list[str],
             report.notes.append(f"router {router}: {exc.details()} (restart it with "
                                 f"--shard {report.new} in place of {report.old})")
     for address in [report.old, *(c for c in candidates if c != report.new)]:
-        report.notes.append(await _demote(address, report, credentials))
+        report.notes.append(await _demote(address, report, credentials, timeout))
     return report
 
 
-async def _demote(address: str, report: Report, credentials: Credentials) -> str:
+async def _demote(address: str, report: Report, credentials: Credentials, timeout: float
+                  ) -> str:
     try:
         async with credentials.aio_channel(address) as channel:
             answer = await replication_pb2_grpc.ReplicationStub(channel).Demote(
-                rpb.DemoteRequest(primary=report.new, epoch=report.epoch), timeout=TIMEOUT)
+                rpb.DemoteRequest(primary=report.new, epoch=report.epoch), timeout=timeout)
     except grpc.aio.AioRpcError as exc:
         if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return (f"{address} does not answer: if it comes back, start it with "

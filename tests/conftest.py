@@ -10,10 +10,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from memstore.server.logs import listening_address, message
+from tests.etcd import etcd_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,3 +103,28 @@ def durable_shard(tmp_path: Path) -> Iterator[ServerProcess]:
     server = start_shard(tmp_path / "data")
     yield server
     server.stop()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Any]]:
+    """Server processes a test starts (anything with a `proc` Popen) go here: those still
+    running at its end are killed, last started first, stopped ones (SIGSTOP) too."""
+    started: list[Any] = []
+    yield started
+    for p in reversed(started):
+        if p.proc.poll() is None:
+            os.kill(p.proc.pid, signal.SIGCONT)  # a stopped process does not die otherwise
+            p.proc.kill()
+            p.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real etcd on free loopback ports for one test module (killed at its end); its
+    etcd:// URL. No etcd installed fails the tests: nothing else checks automatic
+    failover."""
+    try:
+        with etcd_server(tmp_path_factory.mktemp("etcd")) as url:
+            yield url
+    except RuntimeError as exc:
+        pytest.fail(str(exc))

@@ -1,5 +1,5 @@
 """Automatic failover through etcd (memstore/replication/coordinator.py) with real
-processes: an etcd-server on free ports, shard members started with --coordinator, a
+processes: an etcd-server on free ports, shard procs started with --coordinator, a
 router following etcd's choice, SIGKILL and SIGSTOP for a dead and a cut-off primary.
 
 A replica must take over within a bound with every write acknowledged under
@@ -17,7 +17,6 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -27,7 +26,6 @@ from memstore import Client, ClientError
 from memstore.errors import Unavailable
 from memstore.replication.coordinator import Fence, endpoint
 from tests.conftest import start_router
-from tests.etcd import etcd_server
 from tests.test_replication import (
     Proc,
     serve_cluster,
@@ -42,32 +40,10 @@ from tests.test_replication import (
 LEASE = 5  # seconds, the default: a loaded machine pausing a member ~1 s costs it nothing
 
 
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real etcd on free loopback ports (killed at the end); its etcd:// URL. No etcd
-    installed fails the tests: nothing else checks automatic failover."""
-    try:
-        with etcd_server(tmp_path_factory.mktemp("etcd")) as url:
-            yield url
-    except RuntimeError as exc:
-        pytest.fail(str(exc))
-
-
-@pytest.fixture
-def members() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        if p.proc.poll() is None:
-            os.kill(p.proc.pid, signal.SIGCONT)  # a stopped process does not die otherwise
-            p.proc.kill()
-            p.proc.wait(10)
-
-
-def member(members: list[Proc], data: Path, etcd: str, shard: str, *extra: str) -> Proc:
+def member(procs: list[Proc], data: Path, etcd: str, shard: str, *extra: str) -> Proc:
     proc = start(data, "--name", shard, "--coordinator", etcd, "--lease-seconds", str(LEASE),
                  "--replication", "sync", *extra)
-    members.append(proc)
+    procs.append(proc)
     return proc
 
 
@@ -102,14 +78,14 @@ def test_fence_refuses_writes_once_the_lease_is_not_confirmed_in_time() -> None:
 
 
 def test_primary_killed_with_its_disk_a_replica_takes_over_losing_no_acknowledged_write(
-        tmp_path: Path, etcd: str, members: list[Proc]) -> None:
+        tmp_path: Path, etcd: str, procs: list[Proc]) -> None:
     """--replication sync, writers through a router: SIGKILL the primary and delete its
     directory. One of the two replicas becomes primary by itself, the other follows it, the
     router switches, every acknowledged write reads back and writes succeed again; the old
     primary started again on its (empty) directory becomes a replica and catches up. Last,
     the new primary stopped cleanly hands over at once."""
-    old = member(members, tmp_path / "old", etcd, "kill")
-    replicas = [member(members, tmp_path / f"r{i}", etcd, "kill") for i in range(2)]
+    old = member(procs, tmp_path / "old", etcd, "kill")
+    replicas = [member(procs, tmp_path / f"r{i}", etcd, "kill") for i in range(2)]
     wait_replicas(old.address, 2)
     epoch = int(stats(old.address)["epoch"])
     router = start_router([old.address], "--coordinator", etcd)
@@ -137,7 +113,7 @@ def test_primary_killed_with_its_disk_a_replica_takes_over_losing_no_acknowledge
             assert c.get("after") is not None
         assert failover < 2 * LEASE + 5, failover
         wait_caught_up(new.address, other.address)
-        back = member(members, tmp_path / "old", etcd, "kill")
+        back = member(procs, tmp_path / "old", etcd, "kill")
         wait_caught_up(new.address, back.address)
         assert stats(back.address)["replication.primary"] == new.address
         assert state(back.address) == state(new.address) == state(other.address)
@@ -152,13 +128,13 @@ def test_primary_killed_with_its_disk_a_replica_takes_over_losing_no_acknowledge
 
 
 def test_a_stopped_primary_never_takes_a_write_at_its_old_epoch(
-        tmp_path: Path, etcd: str, members: list[Proc]) -> None:
+        tmp_path: Path, etcd: str, procs: list[Proc]) -> None:
     """SIGSTOP past the lease stands for a partition: the replica is elected at a higher
     epoch. A write that reached the old primary while it was stopped is refused, nothing
     written, when it runs again (its lease is not confirmed: under --replication async
     nothing else would refuse it), and it becomes the new primary's replica."""
-    old = member(members, tmp_path / "old", etcd, "stop", "--replication", "async")
-    replica = member(members, tmp_path / "replica", etcd, "stop", "--replication", "async")
+    old = member(procs, tmp_path / "old", etcd, "stop", "--replication", "async")
+    replica = member(procs, tmp_path / "replica", etcd, "stop", "--replication", "async")
     wait_replicas(old.address, 1)
     with Client(old.address) as c:
         c.load({"id": f"u{i}", "attributes": {"n": i}} for i in range(200))

@@ -94,16 +94,6 @@ def primary_and_replica(tmp_path: Path, procs: list[Proc], *args: str,
     return primary, replica
 
 
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in reversed(started):
-        if p.proc.poll() is None:
-            p.proc.kill()
-            p.proc.wait(10)
-
-
 def stats(address: str) -> dict[str, Any]:
     with Client(address) as c:
         return c.stats()  # type: ignore[no-any-return]
@@ -940,7 +930,8 @@ def test_a_partitioned_primary_comes_back_below_the_new_epoch(tmp_path: Path,
         wait_caught_up(old.address, replica.address)
         os.kill(old.proc.pid, signal.SIGSTOP)
         try:
-            report = _failover(router.address, "shard-0", "--replica", replica.address)
+            report = _failover(router.address, "shard-0", "--replica", replica.address,
+                               "--timeout", "2")
         finally:
             os.kill(old.proc.pid, signal.SIGCONT)
         assert any(f"{old.address} does not answer" in n for n in report["notes"])
