@@ -172,7 +172,7 @@ def run(size: int, n_queries: int, seed: int, shards: int, budget_s: float,
     from bench.cluster import Proc, client
     from bench.peers.duckdb_peer import DuckDBPeer
     from memstore.query import parse
-    from memstore.query.evaluate import evaluate
+    from memstore.query.evaluate import count
 
     ds = load_or_generate(size, seed=42)
     qs = trees(ds, n_queries, seed)
@@ -204,7 +204,7 @@ def run(size: int, n_queries: int, seed: int, shards: int, budget_s: float,
         problems = []
         for i, (q, text, node) in enumerate(zip(qs, texts, nodes, strict=True)):
             want = int(to_numpy(q, ds).sum())
-            got = {"duckdb": duck.count(_as_query(q)), "engine": len(evaluate(engine, node))}
+            got = {"duckdb": duck.count(_as_query(q)), "engine": count(engine, node)}
             if router:
                 got["router"] = int(c.count(text))
             if any(v != want for v in got.values()):
@@ -217,7 +217,7 @@ def run(size: int, n_queries: int, seed: int, shards: int, budget_s: float,
         for i, (q, text, node) in enumerate(zip(qs, texts, nodes, strict=True)):
             query = _as_query(q)
             d = median_time(lambda query=query: duck.count(query), budget_s)  # type: ignore[misc]
-            e = median_time(lambda node=node: len(evaluate(engine, node)), budget_s)  # type: ignore[misc]
+            e = median_time(lambda node=node: count(engine, node), budget_s)  # type: ignore[misc]
             row = {"name": f"r{i:03d}", "query": text, "count": int(to_numpy(q, ds).sum()),
                    "duckdb_ms": d * 1e3, "engine_ms": e * 1e3, "engine_ratio": e / d}
             if router:

@@ -41,7 +41,7 @@ from memstore.engine.schema import Kind, Merge
 from memstore.errors import FailedPrecondition, InvalidArgument
 from memstore.hashslot import SLOT_COUNT, slot_of
 from memstore.query import And, Not, Op, Or, Predicate, QueryError, parse
-from memstore.query.evaluate import evaluate
+from memstore.query.evaluate import count, evaluate
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 PIDS = st.sampled_from([f"p{i}" for i in range(8)])
@@ -288,6 +288,7 @@ class EngineModel(RuleBasedStateMachine):
     def query(self, query: Any) -> None:
         got = set(self.engine.ids_of(evaluate(self.engine, query)))
         assert got == {pid for pid in self.profiles if self._eval(query, self.profiles[pid])}
+        assert count(self.engine, query) == len(got)
 
     def _eval(self, node: Any, attrs: dict[str, Any]) -> bool:
         if isinstance(node, Predicate):

@@ -25,6 +25,7 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import event, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from pyroaring import BitMap
 
 from memstore.engine import days
 from memstore.engine.blob import decode
@@ -35,6 +36,7 @@ from memstore.errors import InvalidArgument
 from memstore.index.day_index import DayIndex
 from memstore.query import And, Did, Not, Op, Or, Predicate
 from memstore.query.evaluate import EvalStats, evaluate
+from memstore.query.evaluate import count as count_matching
 from memstore.shard import encode_images, encode_merge, encode_schema, replay
 from memstore.storage import wal_format
 from tests.test_merge_model import SIDE0, SIDE1, TwoShards
@@ -219,7 +221,9 @@ class EventsMachine(RuleBasedStateMachine):
     def _got(self, node: Any) -> set[str]:
         got: set[str] = set()
         for engine in self.cluster.engines:
-            got |= set(engine.ids_of(evaluate(engine, node, unknown_is_empty=True)))
+            ids = engine.ids_of(evaluate(engine, node, unknown_is_empty=True))
+            assert count_matching(engine, node, unknown_is_empty=True) == len(ids)
+            got |= set(ids)
         return got
 
     @rule(name=st.sampled_from(EVENTS), data=st.data())
@@ -391,3 +395,27 @@ def test_a_comparison_outside_the_stored_values_runs_first_and_stops_the_and() -
     stats = EvalStats()
     inside = Predicate("n", Op.LE, (0,))
     assert len(evaluate(engine, And((everyone, inside)), stats=stats)) == 1
+
+
+def test_a_count_equals_the_evaluated_ids_with_profiles_outside_the_owned_slots() -> None:
+    """count() counts where it can (a value's bitmap, an AND's last part, a NOT) instead of
+    building the result; with profiles in slots the shard does not own (a slot move) it
+    must still leave them out, as evaluate() does."""
+    from memstore.hashslot import slot_of
+
+    engine = Engine()
+    engine.apply(engine.plan_batch([UpsertSpec(f"p{i}", [(1, "n", i), (1, "c", "xy"[i % 2])])
+                                    for i in range(60)]))
+    queries = [Predicate("c", Op.EQ, ("x",)), Not(Predicate("c", Op.EQ, ("x",))),
+               And((Predicate("c", Op.EQ, ("x",)), Predicate("n", Op.GE, (30,)))),
+               And((Predicate("n", Op.LT, (40,)), Not(Predicate("c", Op.EQ, ("y",))))),
+               Or((Predicate("c", Op.EQ, ("y",)), Predicate("n", Op.LT, (9,)))),
+               Predicate("n", Op.EXISTS)]
+    owned = BitMap(range(8192))  # half the slots: the other half's profiles are foreign
+    for slots in (None, owned):
+        engine.set_ownership(1, slots)
+        visible = {f"p{i}" for i in range(60) if slots is None or slot_of(f"p{i}") in slots}
+        assert 0 < len(visible) < 60 or slots is None
+        for q in queries:
+            want = len([p for p in engine.ids_of(evaluate(engine, q)) if p in visible])
+            assert count_matching(engine, q) == want == len(evaluate(engine, q)), q

@@ -23,7 +23,7 @@ from memstore.engine.change import ADD_TO_SET, INCREMENT, SET, Change, UpsertSpe
 from memstore.engine.core import Engine
 from memstore.errors import FailedPrecondition, Forwarded, NotFound
 from memstore.query import parse
-from memstore.query.evaluate import evaluate
+from memstore.query.evaluate import count, evaluate
 from shards.slots import slot_of
 
 # Ids on both sides of the boundary (shard 0 owns slots 0-8191, shard 1 the rest).
@@ -122,7 +122,7 @@ class TwoShards:
         self.commit(1 - side, self.engines[1 - side].plan_forget(merged))
 
     def count(self, text: str) -> int:
-        return sum(len(evaluate(e, parse(text), unknown_is_empty=True)) for e in self.engines)
+        return sum(count(e, parse(text), unknown_is_empty=True) for e in self.engines)
 
 
 class MergeMachine(RuleBasedStateMachine):

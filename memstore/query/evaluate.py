@@ -20,7 +20,7 @@ from memstore.errors import InvalidArgument
 from memstore.query import Node
 from memstore.query.plan import Context, EvalStats, compile_query, spec_for_query
 
-__all__ = ["EvalStats", "evaluate", "group_counts", "spec_for_query"]
+__all__ = ["EvalStats", "count", "evaluate", "group_counts", "spec_for_query"]
 
 
 def evaluate(engine: Engine, node: Node, *, unknown_is_empty: bool = False,
@@ -45,6 +45,18 @@ def evaluate(engine: Engine, node: Node, *, unknown_is_empty: bool = False,
     if id(result) in context.borrowed:  # an index's own bitmap: the caller gets a copy
         return BitMap(result)
     return result
+
+
+def count(engine: Engine, node: Node, *, unknown_is_empty: bool = False,
+          stats: EvalStats | None = None) -> int:
+    """len(evaluate(engine, node, ...)), without building the last bitmap where roaring can
+    count instead (memstore.query.plan: Step.count): a value's own bitmap is counted as it
+    is, an AND's last part and a NOT are counted, not materialized."""
+    plan = compile_query(engine, node, unknown_is_empty)
+    universe = engine.visible()
+    if engine.foreign or engine.held_dense:  # leaves may hold ids outside the visible ones
+        return plan.count(Context(universe, stats), universe)
+    return plan.count(Context(universe, stats), None)
 
 
 def group_counts(engine: Engine, matches: BitMap, attribute: str,

@@ -21,6 +21,11 @@ all), never a scan over profiles:
 - OR runs bitmap parts first (largest first), then bit-sliced parts among the ids not
   matched yet, and stops once everything it could match is matched.
 - NOT is a difference from `within` (or the visible profiles).
+
+Counting (`Step.count(context, within)`) gives the number `run` would, without building
+the last bitmap where roaring can count instead: a value's ids among `within` are an
+intersection's cardinality, a NOT is `within`'s size less its part's count, an AND runs
+its parts but counts its last, and an index's own bitmap is counted as it is (no copy).
 """
 
 from __future__ import annotations
@@ -86,11 +91,17 @@ class Context:
 
 
 class Step:
+    """A part of a plan. `run(ctx, within)` gives its ids among `within` (a subset of it,
+    when given); `count` how many that would be."""
+
     bound: int = 0  # at most this many ids match
     cost: int = CHEAP
 
     def run(self, ctx: Context, within: BitMap | None) -> BitMap:
         raise NotImplementedError
+
+    def count(self, ctx: Context, within: BitMap | None) -> int:
+        return len(self.run(ctx, within))
 
 
 class Empty(Step):
@@ -106,6 +117,10 @@ class Everyone(Step):
     def run(self, ctx: Context, within: BitMap | None) -> BitMap:
         ctx.leaf()
         return within if within is not None else ctx.lend(ctx.universe)
+
+    def count(self, ctx: Context, within: BitMap | None) -> int:
+        ctx.leaf()
+        return len(within if within is not None else ctx.universe)
 
 
 class Bitmaps(Step):
@@ -131,6 +146,13 @@ class Bitmaps(Step):
         if within is not None:
             union &= within
         return union
+
+    def count(self, ctx: Context, within: BitMap | None) -> int:
+        if len(self.maps) != 1 or self.minus is not None:
+            return len(self.run(ctx, within))
+        ctx.leaf()
+        found = self.maps[0]
+        return len(found) if within is None else found.intersection_cardinality(within)
 
 
 class Range(Step):
@@ -201,6 +223,10 @@ class NotStep(Step):
         among = within if within is not None else ctx.universe
         return among - self.child.run(ctx, among)
 
+    def count(self, ctx: Context, within: BitMap | None) -> int:
+        among = within if within is not None else ctx.universe
+        return len(among) - self.child.count(ctx, among)
+
 
 class AndStep(Step):
     def __init__(self, children: list[Step]) -> None:
@@ -212,18 +238,38 @@ class AndStep(Step):
         self.cost = max(c.cost for c in children)
 
     def run(self, ctx: Context, within: BitMap | None) -> BitMap:
+        result = self._all_but_last(ctx, within)
+        if result is not None and not result:
+            return BitMap()
+        return self._last.run(ctx, result)
+
+    def count(self, ctx: Context, within: BitMap | None) -> int:
+        result = self._all_but_last(ctx, within)
+        if result is not None and not result:
+            return 0
+        return self._last.count(ctx, result)
+
+    @property
+    def _last(self) -> Step:
+        return self.negative[-1] if self.negative else self.positive[-1]
+
+    def _all_but_last(self, ctx: Context, within: BitMap | None) -> BitMap | None:
+        """The ids every part but the last leaves among `within` (positive parts, smallest
+        bound first, then the NOT parts), stopping empty as soon as none is left."""
         result = within
+        last = self._last
         for step in self.positive:
+            if step is last:
+                break
             result = step.run(ctx, result)
             if not result:
                 return BitMap()
         for step in self.negative:
-            assert isinstance(step, NotStep)
-            among = result if result is not None else ctx.universe
-            result = among - step.child.run(ctx, among)
+            if step is last:
+                break
+            result = step.run(ctx, result)
             if not result:
                 return BitMap()
-        assert result is not None
         return result
 
 

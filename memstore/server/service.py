@@ -68,6 +68,7 @@ from memstore.hashslot import (
     slot_of,
 )
 from memstore.query import DEFAULT_LIMITS, QueryError, QueryLimits, query_from_request
+from memstore.query.evaluate import count as count_query
 from memstore.query.evaluate import evaluate, group_counts
 from memstore.replication import coordinator as coordinated
 from memstore.replication import history
@@ -641,7 +642,9 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
 
     @rpc
     async def Count(self, request: pb.QueryRequest, context: Any) -> pb.CountResponse:
-        return pb.CountResponse(count=len(self._matches(request)))
+        return pb.CountResponse(count=count_query(
+            self.engine, query_from_request(request, limits=self.limits),
+            unknown_is_empty=request.unknown_attribute_is_empty))
 
     def _page(self, matches: BitMap, cursor: str, size: int) -> tuple[list[str], str]:
         start = 0
