@@ -8,7 +8,8 @@ once by etcd electing the replica after a SIGKILL, the router must:
 - move slots: `cluster add-shard` takes slots from the promoted shard and from shard-1,
   `cluster remove-shard shard-0` drains the promoted shard;
 with every profile readable through the router at the end, the merged-away ids following
-their survivors, and the shard's other member (its replica now) in the promoted
+their survivors, a saved segment's members where its profiles went, and the shard's other
+member (its replica now) in the promoted
 primary's exact state, moves and merges included.
 """
 
@@ -138,6 +139,7 @@ def test_merges_and_slot_moves_after_a_failover(tmp_path: Path, procs: list[Proc
                     "identifiers": [["email", f"{pid}@x.example"]]} for pid in zero + one)
             for pid in (zero[0], one[0]):
                 c.track(pid, "visit", count=2)
+            c.create_segment("zs", "home = 'z'")  # saved on both shards
         failed = time.monotonic()
         primary, follower = fail_over(router)
         write_until_accepted(router.address, failed, 3 * LEASE + 15)
@@ -166,6 +168,7 @@ def test_merges_and_slot_moves_after_a_failover(tmp_path: Path, procs: list[Proc
                 {zero[1]: one[1], one[0]: zero[0]}.get(pid, pid) for pid in zero + one]
             assert c.count("ALL") == PROFILES - 2 + 1  # two merged away, one written after
             assert c.count("home = 'z'") == len(zero) - 1
+            assert c.count('in_segment("zs")') == len(zero) - 1  # moved with its slots
             assert {c.export(pid)["shard"] for pid in zero + one} == {"shard-1", "shard-2"}
             assert c.get(AFTER) is not None
         wait_caught_up(primary.address, follower.address)
