@@ -174,16 +174,17 @@ class Routing:
             except Exception as exc:  # noqa: BLE001 - never let the sweeper die
                 log.warning("sweep: could not refresh the shard map: %s", exc)
                 continue
-            for shard in self.map.shards:
-                for held in shard.held:
-                    if held.age_seconds < 2 * merge.HOLD_PATIENCE:
-                        continue
-                    try:
-                        await merge.decide_and_release(self, held.txn, held.loser,
-                                                       held.survivor, context)
-                    except Exception as exc:  # noqa: BLE001 - a shard down: next round
-                        log.warning("sweep: merge %s of %r still unfinished: %s", held.txn,
-                                    held.loser, exc)
+            # A copy taken before any await: a shard may join or leave (the list changes
+            # in place) while a merge is settled below; what this round misses, the next sees.
+            stale = [held for shard in list(self.map.shards) for held in shard.held
+                     if held.age_seconds >= 2 * merge.HOLD_PATIENCE]
+            for held in stale:
+                try:
+                    await merge.decide_and_release(self, held.txn, held.loser, held.survivor,
+                                                   context)
+                except Exception as exc:  # noqa: BLE001 - a shard down: next round
+                    log.warning("sweep: merge %s of %r still unfinished: %s", held.txn,
+                                held.loser, exc)
 
     async def routed(self, items: list[tuple[str, Any]], method: str,
                      build: Callable[[list[Any]], Any], context: grpc.aio.ServicerContext,
