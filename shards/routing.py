@@ -27,11 +27,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from operator import itemgetter
 from typing import Any
 
 import grpc
+import numpy as np
 
-from memstore.hashslot import REJUDGE_TRAILER, UNDECLARED_TRAILER
+from memstore.hashslot import REJUDGE_TRAILER, UNDECLARED_TRAILER, slots_of
 from shards import merge
 from shards.calls import (
     MAX_DECLARES,
@@ -62,6 +64,7 @@ from shards.slots import slot_of
 
 log = logging.getLogger("memstore.router")
 
+BULK_FROM = 64  # keys of a batch from which routed() groups them with numpy
 SWEEP_INTERVAL = 2.0  # seconds between looks for merges a dead router left unfinished
 _FOLLOWED = object()  # routed: a group sent again, aimed at the survivors of merged-away ids
 _DECLARED = object()  # routed: a group sent again once its shard declared what it names
@@ -186,6 +189,34 @@ class Routing:
                     log.warning("sweep: merge %s of %r still unfinished: %s", held.txn,
                                 held.loser, exc)
 
+    def _grouped(self, pending: list[tuple[str, Any]]
+                 ) -> tuple[dict[int, tuple[ShardState, list[tuple[str, Any]]]],
+                            list[tuple[str, Any]]]:
+        """(key, item) pairs by the shard owning slot_of(key), in their order, and those
+        whose slot nobody owns now. A batch is hashed and looked up with numpy, with no
+        Python frame per key (a TrackBatch carries tens of thousands)."""
+        groups: dict[int, tuple[ShardState, list[tuple[str, Any]]]] = {}
+        unowned: list[tuple[str, Any]] = []
+        if len(pending) < BULK_FROM:
+            for pid, item in pending:
+                owner = self.map.owner(slot_of(pid))
+                if owner is None:
+                    unowned.append((pid, item))
+                else:
+                    groups.setdefault(id(owner), (owner, []))[1].append((pid, item))
+            return groups, unowned
+        slots = np.array(slots_of(map(itemgetter(0), pending)), dtype=np.int64)
+        owners = self.map.owners_of(slots)
+        shards = self.map.shards
+        for index in np.unique(owners).tolist():
+            rows = np.flatnonzero(owners == index).tolist()
+            part = list(map(pending.__getitem__, rows))
+            if index < 0:
+                unowned = part
+            else:
+                groups[id(shards[index])] = (shards[index], part)
+        return groups, unowned
+
     async def routed(self, items: list[tuple[str, Any]], method: str,
                      build: Callable[[list[Any]], Any], context: grpc.aio.ServicerContext,
                      retarget: Callable[[Any, str], Any] | None = None, control: bool = False,
@@ -207,14 +238,7 @@ class Routing:
         follow_rounds = declare_rounds = 0
         for attempt in attempts():
             version = self.map.version
-            groups: dict[int, tuple[ShardState, list[tuple[str, Any]]]] = {}
-            unowned = []
-            for pid, item in pending:
-                owner = self.map.owner(slot_of(pid))
-                if owner is None:
-                    unowned.append((pid, item))
-                else:
-                    groups.setdefault(id(owner), (owner, []))[1].append((pid, item))
+            groups, unowned = self._grouped(pending)
 
             async def one(shard: ShardState, group: list[tuple[str, Any]]) -> Any:
                 request = build([item for _, item in group])

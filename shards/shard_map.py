@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 
 from memstore.hashslot import owners_by_epoch
 from memstore.server.link import LinkStub
@@ -79,6 +80,7 @@ class ShardMap:
         self.credentials = credentials or Credentials()  # what this router presents
         self.shards: list[ShardState] = []
         self._owner: list[int] = [-1] * SLOT_COUNT
+        self._owner_array: np.ndarray | None = None  # _owner as numpy, made when asked
         self.exact = False  # every slot claimed by exactly one shard
         self.version = 0  # bumps on every refresh
         self._claims: list[tuple[int, tuple[Range, ...]]] | None = None  # of the last rebuild
@@ -151,6 +153,13 @@ class ShardMap:
         index = self._owner[slot]
         return self.shards[index] if index >= 0 else None
 
+    def owners_of(self, slots: np.ndarray) -> np.ndarray:
+        """The index in `shards` of each slot's owner (-1: nobody owns it now), a batch at
+        a time: one numpy gather instead of a call per key."""
+        if self._owner_array is None:
+            self._owner_array = np.asarray(self._owner, dtype=np.int64)
+        return self._owner_array[slots]  # type: ignore[no-any-return]
+
     def by_name(self, name: str) -> ShardState | None:
         return next((s for s in self.shards if name in (s.name, s.address)), None)
 
@@ -206,6 +215,7 @@ class ShardMap:
     def _rebuild(self) -> None:
         self._claims = None  # refresh() records the claims it rebuilt from
         self._owner, self.exact = owners_by_epoch((s.epoch, s.slots) for s in self.shards)
+        self._owner_array = None
 
     def describe(self) -> list[dict[str, object]]:
         return [{"name": s.name, "address": s.address, "epoch": s.epoch,

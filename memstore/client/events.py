@@ -20,7 +20,12 @@ from memstore.client.refusal import Refusal
 from memstore.engine import eventpack
 from memstore.pbvalues import datetime_to_micros
 
-EVENT_CHUNK = 5000  # events a TrackBatch request of a load carries
+# Events a TrackBatch request of a load carries. A shard pays a fixed part per request and
+# per event name (a bitmap update per bit slice of each count/first/last range index and
+# per day), so larger batches cost less an event: through a router of 2 shards, 20,000
+# (10,000 a shard) loaded ~1.7x faster a shard-CPU-second than 5,000. The price: a read
+# arriving during a load waits for the shard's batch in hand (~0.1-0.2 s).
+EVENT_CHUNK = 20_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 

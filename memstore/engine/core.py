@@ -605,18 +605,23 @@ class Engine:
                        touched: Touched | None = None) -> Undo:
         """apply_images for a planned batch of tracks (memstore.engine.tracking.Tracked):
         blobs swapped, new profiles added at the end, indexes changed a column at a time;
-        every profile stamped as changed at `at` (new ones as created then too)."""
+        every profile stamped as changed at `at` (new ones as created then too). No
+        Python frame per profile: a batch carries tens of thousands."""
         first, added = tracked.first, len(tracked.slots)
         kept = len(images) - added
-        before = [Image(image.dense, image.pid, self.blobs[image.dense])
-                  for image in images[:kept]]
-        created, changed = self.created, self.changed
-        stamped: list[tuple[int, int, int]] = []
-        for image in images[:kept]:
-            dense = image.dense
-            self.blobs[dense] = image.blob
-            stamped.append((dense, created[dense], changed[dense]))
-            changed[dense] = at
+        blobs, created, changed = self.blobs, self.created, self.changed
+        old_ids, old_pids, old_blobs, _ = zip(*images[:kept], strict=True) if kept \
+            else ((), (), (), ())
+        before = list(map(tuple.__new__, repeat(Image), zip(
+            old_ids, old_pids, map(blobs.__getitem__, old_ids), repeat(None))))
+        stamped = list(zip(old_ids, map(created.__getitem__, old_ids),
+                           map(changed.__getitem__, old_ids)))
+        for _ in map(blobs.__setitem__, old_ids, old_blobs):
+            pass
+        if kept:
+            view = np.frombuffer(changed, dtype=np.uint32)
+            view[np.fromiter(old_ids, dtype=np.int64, count=kept)] = at
+            del view  # (an exported buffer would stop `changed` growing below)
         pids = [image.pid for image in images[kept:]]
         if added:
             self.blobs.extend(image.blob for image in images[kept:])
@@ -631,17 +636,10 @@ class Engine:
             self.range_index[aid].replace_many(ids, old, had, new)
         for aid, (ids, on, was, now) in tracked.cells.items():
             self.day_index[aid].bump_many(ids, on, was, now)
-        if touched is not None:  # which attributes each profile's events changed
-            diffs: dict[int, list[int]] = {}
-            for columns in (tracked.ranges, tracked.cells):
-                for aid, (ids, *_) in columns.items():
-                    for dense in dict.fromkeys(ids.tolist()):
-                        diffs.setdefault(dense, []).append(aid)
-            for dense, aids in diffs.items():
-                if dense < first:
-                    touched.update(dense, aids, [])
-                else:
-                    touched.created_with((dense,), aids)
+        if touched is not None:
+            _touched_by_columns(touched, first, added, [
+                (aid, columns[0]) for columns_of in (tracked.ranges, tracked.cells)
+                for aid, columns in columns_of.items()])
         before.reverse()
         return Undo(before, [], (first, pids) if added else None, times=stamped)
 
@@ -835,3 +833,31 @@ class Engine:
         """Live profiles in owned slots and not held by a merge: what queries answer over."""
         hidden = self.foreign | self.held_dense if self.held_dense else self.foreign
         return self.live - hidden if hidden else self.live
+
+
+def _touched_by_columns(touched: Touched, first: int, added: int,
+                        columns: list[tuple[int, np.ndarray]]) -> None:
+    """What a batch of tracks did, from its index columns ((attribute id, dense ids)): the
+    profiles from `first` on were created (`added` of them); each older one changed the
+    attributes whose columns name it (its diff, attributes in column order)."""
+    if added:
+        touched.created_with(range(first, first + added), ())
+    for aid, ids in columns:
+        touched.changed.setdefault(aid, BitMap()).update(bitmap_of(ids))
+    if not columns:
+        return
+    dense = np.concatenate([ids for _, ids in columns]).astype(np.int64)
+    aids = np.repeat(np.array([aid for aid, _ in columns], dtype=np.int64),
+                     [len(ids) for _, ids in columns])
+    older = dense < first
+    dense, aids = dense[older], aids[older]
+    if not len(dense):
+        return
+    order = np.argsort(dense, kind="stable")
+    dense, aids = dense[order], aids[order]
+    starts = np.flatnonzero(np.concatenate(([True], dense[1:] != dense[:-1])))
+    bounds = np.append(starts, len(dense)).tolist()
+    listed = aids.tolist()
+    touched.diffs.update(zip(dense[starts].tolist(), zip(
+        map(listed.__getitem__, map(slice, bounds[:-1], bounds[1:])),
+        map(list, repeat((), len(starts)))), strict=True))

@@ -45,6 +45,14 @@ def unpack(packed: bytes, first: int = 0) -> list[Event]:
     """The events of a packed batch as (key, event, at, count) tuples, identifier keys as
     (kind, value) tuples. `first`: the index of its first event in the whole request, for
     errors (`packed[first + i]`)."""
+    return list(zip(*unpack_columns(packed, first), strict=True))
+
+
+def unpack_columns(packed: bytes, first: int = 0
+                   ) -> tuple[list[Key], list[Any], list[Any], list[Any]]:
+    """The four columns of a packed batch (keys, event names, times, counts), identifier
+    keys as (kind, value) tuples; as `unpack`, without a tuple per event (a router
+    splits the columns by shard as they are)."""
     try:
         columns = msgpack.unpackb(packed, use_list=True)
     except Exception as exc:  # noqa: BLE001 - msgpack raises many types on garbage
@@ -62,4 +70,4 @@ def unpack(packed: bytes, first: int = 0) -> list[Event]:
             elif not isinstance(key, str):
                 raise InvalidArgument(f"packed[{first + i}]: a key is an id or a "
                                       "[kind, value] identifier")
-    return list(zip(keys, names, times, counts, strict=True))
+    return keys, names, times, counts

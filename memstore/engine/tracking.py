@@ -21,6 +21,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import repeat
+from operator import is_not
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -80,6 +82,7 @@ class Tracked:
     cells: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
 
 
+_BYTE = [bytes((i,)) for i in range(0x80)]  # a one-byte varint
 FAST_FROM = 64  # batches this large take the column-at-a-time path when they can
 
 
@@ -97,11 +100,14 @@ def plan_track(engine: Engine, events: Sequence[Event], where: str | None = None
 
 
 def _plan_columns(engine: Engine, events: Sequence[Event]) -> Change | None:
-    """The batch path: the same change `_plan_general` plans, checked a column at a time,
-    each profile decoded and encoded once, and the index changes worked out for `apply`
-    (Tracked). None when the general planner must plan it: an event it would refuse (it
-    names it), an identifier key, an id that is merged away, held or not in an owned slot,
-    or an event whose attributes are not declared yet."""
+    """The batch path: the same change `_plan_general` plans, worked out in numpy columns
+    (events grouped by profile and event name with one sort; counts, first and last times
+    and day cells reduced per group), each profile decoded and encoded once, and the index
+    changes handed to `apply` as columns (Tracked). Python runs once per profile and per
+    (profile, event) group, never per event. None when the general planner must plan it:
+    an event it would refuse (it names it), an identifier key, an id that is merged away,
+    held or not in an owned slot, an event whose attributes are not declared yet, or
+    counts so large that a batch's sum might not fit in int64."""
     from memstore.engine.blob import decode, encode
     from memstore.engine.change import Change, Image
 
@@ -111,13 +117,13 @@ def _plan_columns(engine: Engine, events: Sequence[Event]) -> Change | None:
     if not set(map(type, times)) <= {int} or not set(map(type, counts)) <= {int}:
         return None
     if min(times) < MIN_MICROS or max(times) > MAX_MICROS or min(counts) < 1 \
-            or max(counts) > INT64_MAX:
-        return None
+            or max(counts) > INT64_MAX // len(events):
+        return None  # (a sum of the batch's counts always fits in int64 here)
     if min(map(len, keys)) == 0 or max(map(len, keys)) * 4 > 256:
         return None  # an empty id, or one that may be too long in utf-8
     by_name = engine.schema.by_name
     specs: dict[str, list[int]] = {}
-    for name in set(names):
+    for name in dict.fromkeys(names):
         if not EVENT_NAME.match(name):
             return None
         wanted = event_attributes(name)
@@ -129,117 +135,157 @@ def _plan_columns(engine: Engine, events: Sequence[Event]) -> Change | None:
     if (any(map(engine.aliases.__contains__, keys)) or any(map(engine.held.__contains__, keys))
             or (engine.forwards and any(map(engine.forwards.__contains__, keys)))):
         return None
-    dense_of, blobs, _pids = engine.dense_of, engine.blobs, engine.pids
-    groups: dict[str, list[int]] = {}
-    for i, key in enumerate(keys):
-        group = groups.get(key)
-        if group is None:
-            groups[key] = [i]
-        else:
-            group.append(i)
-    new_pids = [pid for pid in groups if pid not in dense_of]
+    dense_of, blobs = engine.dense_of, engine.blobs
+    n = len(events)
+    # New profiles take dense ids in the order their ids first appear, as the general
+    # planner gives them.
+    new_pids = [pid for pid in dict.fromkeys(keys) if pid not in dense_of]
     slots = slots_of(new_pids)
     owned = engine.owned_slots
     if owned is not None and not owned.issuperset(BitMap(slots)):
         return None
-    if engine.foreign:
-        foreign = engine.foreign
-        if any(dense_of[pid] in foreign for pid in groups if pid in dense_of):
-            return None
-    first_kept = engine.first_kept()
-    first = next_dense = len(blobs)
-    # (attribute, dense id, old value or None, new value) and (attribute, dense id, day,
-    # count before, count after): the index changes, put in columns at the end
-    ranged: list[tuple[int, int, Any, int]] = []
-    cells: list[tuple[int, int, int, int, int]] = []
+    first = len(blobs)
+    dense = np.fromiter(map(dense_of.get, keys, repeat(-1)), dtype=np.int64, count=n)
+    if new_pids:
+        fresh = dict(zip(new_pids, range(first, first + len(new_pids)), strict=True))
+        where_new = np.flatnonzero(dense < 0)
+        dense[where_new] = np.fromiter(map(fresh.__getitem__, map(keys.__getitem__,
+                                                                  where_new.tolist())),
+                                       dtype=np.int64, count=len(where_new))
+    if engine.foreign and first and engine.foreign.intersect(
+            BitMap(dense[dense < first].astype(np.uint32))):
+        return None
+    names_of = list(specs)
+    of_name = {name: i for i, name in enumerate(names_of)}
+    ev = np.fromiter(map(of_name.__getitem__, names), dtype=np.int64, count=n)
+    at = np.array(times, dtype=np.int64)
+    cnt = np.array(counts, dtype=np.int64)
+    day = at // days.DAY_MICROS
+    # Groups: (profile, event), in dense id order; cells: (profile, event, kept day).
+    order = np.lexsort((day, ev, dense))
+    dense, ev, at, cnt, day = dense[order], ev[order], at[order], cnt[order], day[order]
+    group_start = np.flatnonzero(np.concatenate(
+        ([True], (dense[1:] != dense[:-1]) | (ev[1:] != ev[:-1]))))
+    g_dense, g_ev = dense[group_start], ev[group_start]
+    g_count = np.add.reduceat(cnt, group_start)
+    g_first = np.minimum.reduceat(at, group_start)
+    g_last = np.maximum.reduceat(at, group_start)
+    profile_start = np.flatnonzero(np.concatenate(([True], dense[1:] != dense[:-1])))
+    p_dense = dense[profile_start]
+    p_events = np.diff(np.append(profile_start, n))
+    p_groups = np.diff(np.append(np.searchsorted(group_start, profile_start), len(group_start)))
+    kept = (day >= max(engine.first_kept(), 0)) & (day <= days.MAX_DAY)
+    k_dense, k_ev, k_day, k_cnt = dense[kept], ev[kept], day[kept], cnt[kept]
+    if len(k_dense):
+        cell_start = np.flatnonzero(np.concatenate(
+            ([True], (k_dense[1:] != k_dense[:-1]) | (k_ev[1:] != k_ev[:-1])
+             | (k_day[1:] != k_day[:-1]))))
+        c_dense, c_ev, c_day = k_dense[cell_start], k_ev[cell_start], k_day[cell_start]
+        c_count = np.add.reduceat(k_cnt, cell_start)
+    else:
+        c_dense = c_ev = c_day = c_count = np.zeros(0, dtype=np.int64)
+    # Cells a group's record takes: a slice of the cells, as groups and cells sort alike.
+    c_key = c_dense * len(names_of) + c_ev
+    g_key = g_dense * len(names_of) + g_ev
+    g_cells = np.searchsorted(c_key, g_key, side="right").tolist()
+    aids = [specs[name] for name in names_of]
+
+    # Each profile decoded once: its (count, first, last) before, per group.
+    states: list[list[Any]] = []
+    old: list[Any] = []
+    g_aids = [aids[e] for e in g_ev.tolist()]
+    g = 0
+    for d, groups in zip(p_dense.tolist(), p_groups.tolist(), strict=True):
+        if d >= first:
+            state: list[Any] = [0, {}, [], []]
+        else:
+            state = decode(blobs[d])  # type: ignore[arg-type]
+        states.append(state)
+        attrs = state[1]
+        for count_id, first_id, last_id, _ in g_aids[g:g + groups]:
+            old.append(attrs.get(count_id))
+            old.append(attrs.get(first_id))
+            old.append(attrs.get(last_id))
+        g += groups
+    had = np.fromiter(map(is_not, old, repeat(None)), dtype=bool, count=len(old)
+                      ).reshape(-1, 3)
+    was = np.array([0 if v is None else v for v in old], dtype=np.int64).reshape(-1, 3)
+    if (was[:, 0] > INT64_MAX - g_count).any():
+        return None  # a count would pass int64: the general planner refuses it, naming it
+    new_count = was[:, 0] + g_count
+    new_first = np.where(had[:, 1], np.minimum(was[:, 1], g_first), g_first)
+    new_last = np.where(had[:, 2], np.maximum(was[:, 2], g_last), g_last)
+
+    # Each profile written once: aggregates, day records, the after-image.
+    news = np.column_stack((new_count, new_first, new_last)).tolist()
+    c_days, c_counts = c_day.tolist(), c_count.tolist()
+    # Each cell as a record of its day alone (days.encode's bytes, for counts below 0x80)
+    alone = np.zeros((len(c_day), 5), dtype=np.uint8)
+    alone[:, :4] = c_day.astype("<u4").view(np.uint8).reshape(-1, 4)
+    alone[:, 4] = np.minimum(c_count, 0x7F)
+    packed = alone.tobytes()
+    alone_of = list(map(packed.__getitem__, map(slice, range(0, 5 * len(c_day), 5),
+                                                range(5, 5 * len(c_day) + 5, 5))))
+    before: list[int] = []
+    add_one = days.add_one
     old_images: list[Image] = []
     new_images: list[Image] = []
-    on_day = (np.array(times, dtype=np.int64) // days.DAY_MICROS).tolist()
-    of_event = list(map(specs.__getitem__, names))
-    add_one, top = days.add_one, days.MAX_COUNT
-    low_day, high_day = max(first_kept, 0), days.MAX_DAY
-    for pid, indexes in groups.items():
-        dense = dense_of.get(pid)
-        if dense is None:
-            dense, next_dense = next_dense, next_dense + 1
-            version, attrs, idents, merged = 0, {}, [], []
-        else:
-            version, attrs, idents, merged = decode(blobs[dense])  # type: ignore[arg-type]
-        touched: dict[int, Any] = {}  # range attributes' values before
-        for i in indexes:
-            n, low, high, record = of_event[i]
-            when, count = times[i], counts[i]
-            if n not in touched:
-                touched[n] = attrs.get(n)
-                touched[low] = attrs.get(low)
-                touched[high] = attrs.get(high)
-            had = attrs.get(n)
-            if had is not None and had + count > INT64_MAX:
-                return None  # the general planner refuses it, naming the event
-            attrs[n] = count if had is None else had + count
-            had = attrs.get(low)
-            if had is None or when < had:
-                attrs[low] = when
-            had = attrs.get(high)
-            if had is None or when > had:
-                attrs[high] = when
-            day = on_day[i]
-            if low_day <= day <= high_day:
-                attrs[record], was = add_one(attrs.get(record), day, count)
-                cells.append((record, dense, day, was, min(top, was + count)))
-        version += len(indexes)
-        for aid, old in touched.items():
-            value = attrs[aid]
-            if old != value:
-                ranged.append((aid, dense, old, value))
-        image = Image(dense, pid, encode(version, attrs, idents, merged))
-        (old_images if dense < first else new_images).append(image)
-    return Change(images=old_images + new_images, result=len(events),
-                  tracked=Tracked(first, slots, _range_columns(ranged), _cell_columns(cells)))
-
-
-def _range_columns(rows: list[tuple[int, int, Any, int]]
-                   ) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Per attribute: (dense ids, old values, whether each had one, new values)."""
-    by_aid: dict[int, list[tuple[int, int, Any, int]]] = {}
-    for row in rows:
-        group = by_aid.get(row[0])
-        if group is None:
-            by_aid[row[0]] = [row]
-        else:
-            group.append(row)
-    out = {}
-    for aid, group in by_aid.items():
-        _, ids, old, new = zip(*group, strict=True)
-        had = np.fromiter((v is not None for v in old), dtype=bool, count=len(old))
-        out[aid] = (np.array(ids, dtype=np.uint32),
-                    np.array([0 if v is None else v for v in old], dtype=np.int64), had,
-                    np.array(new, dtype=np.int64))
-    return out
-
-
-def _cell_columns(rows: list[tuple[int, int, int, int, int]]
-                  ) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Per day record attribute: (dense ids, days, counts before, counts after), one row
-    per (id, day): a day named twice in a batch keeps its first count before and its last
-    count after (rows come in the order the counts changed)."""
-    if not rows:
-        return {}
-    table = np.array(rows, dtype=np.int64)
-    # the last row of each (attribute, id, day), with the count before of its first
-    order = np.lexsort((table[:, 2], table[:, 1], table[:, 0]))
-    table = table[order]
-    same = (table[1:, :3] == table[:-1, :3]).all(axis=1)
-    if same.any():
-        starts = np.flatnonzero(np.concatenate(([True], ~same)))
-        ends = np.concatenate((starts[1:], [len(table)])) - 1
-        table = np.column_stack((table[ends, :3], table[starts, 3], table[ends, 4]))
-    out = {}
-    cuts = np.flatnonzero(table[1:, 0] != table[:-1, 0]) + 1
-    for part in np.split(table, cuts):
-        out[int(part[0, 0])] = (part[:, 1].astype(np.uint32), part[:, 2], part[:, 3],
-                                part[:, 4])
-    return out
+    g = c = 0
+    for d, groups, bumps, state in zip(p_dense.tolist(), p_groups.tolist(),
+                                       p_events.tolist(), states, strict=True):
+        attrs = state[1]
+        for (count_id, first_id, last_id, record_id), (total, low, high), cells in zip(
+                g_aids[g:g + groups], news[g:g + groups], g_cells[g:g + groups],
+                strict=True):
+            attrs[count_id] = total
+            attrs[first_id] = low
+            attrs[last_id] = high
+            if cells > c:
+                raw = attrs.get(record_id)
+                for i in range(c, cells):
+                    # The usual cases inline (a first day, a day after the newest, each
+                    # one byte of count and of gap): add_one's bytes, without its calls.
+                    if raw is None and c_counts[i] < 0x80:
+                        raw = alone_of[i]
+                        before.append(0)
+                    elif raw is not None and c_counts[i] < 0x80 and 0 < (
+                            gap := c_days[i] - int.from_bytes(raw[:4], "little")) < 0x80:
+                        raw = alone_of[i] + _BYTE[gap] + raw[4:]
+                        before.append(0)
+                    else:
+                        raw, count_before = add_one(raw, c_days[i], c_counts[i])
+                        before.append(count_before)
+                attrs[record_id] = raw
+                c = cells
+        g += groups
+        state[0] += bumps
+        image = Image(d, engine.pids[d] if d < first else new_pids[d - first],
+                      encode(*state))
+        (old_images if d < first else new_images).append(image)
+    # The index changes, a column per attribute: range values that changed, day cells.
+    changed = np.column_stack((np.ones(len(g_dense), dtype=bool),
+                               ~had[:, 1] | (new_first != was[:, 1]),
+                               ~had[:, 2] | (new_last != was[:, 2])))
+    values = (new_count, new_first, new_last)
+    ranges: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+    cell_columns: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+    c_before = np.array(before, dtype=np.int64)
+    top = days.MAX_COUNT
+    c_after = np.where(c_before > top - c_count, top, c_before + c_count)
+    for e, event_aids in enumerate(aids):
+        mine = g_ev == e
+        for column in range(3):
+            rows = np.flatnonzero(mine & changed[:, column])
+            if len(rows):
+                ranges[event_aids[column]] = (
+                    g_dense[rows].astype(np.uint32), was[rows, column], had[rows, column],
+                    values[column][rows])
+        rows = np.flatnonzero(c_ev == e)
+        if len(rows):
+            cell_columns[event_aids[3]] = (c_dense[rows].astype(np.uint32), c_day[rows],
+                                           c_before[rows], c_after[rows])
+    return Change(images=old_images + new_images, result=n,
+                  tracked=Tracked(first, slots, ranges, cell_columns))
 
 
 def _plan_general(engine: Engine, events: Sequence[Event], where: str | None) -> Change:
