@@ -241,7 +241,7 @@ class Routing:
             groups, unowned = self._grouped(pending)
 
             async def one(shard: ShardState, group: list[tuple[str, Any]]) -> Any:
-                request = build([item for _, item in group])
+                request = build(list(map(itemgetter(1), group)))
                 stub = shard.control if control else shard.reader if read else shard.stub
                 expect = next((judged[k] for k, _ in group if k in judged), None) \
                     if judged else None
@@ -306,7 +306,7 @@ class Routing:
                     pending.extend(group)
                     moved_on = True
                 else:
-                    done.append(([item for _, item in group], response))
+                    done.append((list(map(itemgetter(1), group)), response))
             if refused is not None:
                 raise refused
             if not pending:

@@ -179,8 +179,16 @@ class Writes:
         if not keys:
             return pb.TrackBatchResponse()
 
-        def build(group: list[tuple[int, str]]) -> pb.TrackBatchRequest:
-            rows, pids = zip(*group, strict=True)
+        # An item is an event's row; where an id was merged away, its survivor's id.
+        survivors: dict[int, str] = {}
+
+        def retarget(row: int, survivor: str) -> int:
+            survivors[row] = survivor
+            return row
+
+        def build(rows: list[int]) -> pb.TrackBatchRequest:
+            pids = [survivors.get(row, keys[row]) for row in rows] if survivors \
+                else list(map(keys.__getitem__, rows))
             return pb.TrackBatchRequest(packed=eventpack.pack(
                 pids, list(map(names.__getitem__, rows)), list(map(times.__getitem__, rows)),
                 list(map(counts.__getitem__, rows))))
@@ -188,15 +196,13 @@ class Writes:
         self._loads.begin()
         applied = 0
         try:
-            parts = await self.routing.routed(list(zip(keys, zip(range(len(keys)), keys))),
-                                              "TrackBatch", build, context,
-                                              lambda item, survivor: (item[0], survivor),
-                                              refusals=True)
+            parts = await self.routing.routed(list(zip(keys, range(len(keys)))), "TrackBatch",
+                                              build, context, retarget, refusals=True)
             applied = sum(r.applied for _, r in parts)
         except GroupRefused as refused:
-            done = BitMap(i for items, _ in refused.done for i, _ in items)
+            done = BitMap(i for rows, _ in refused.done for i in rows)
             local = trailer_of(refused.exc, RECORD_TRAILER)
-            index = refused.items[int(local)][0] \
+            index = refused.items[int(local)] \
                 if local is not None and 0 <= int(local) < len(refused.items) else None
             message = refused.exc.details() or refused.exc.code().name
             if index is not None:

@@ -29,6 +29,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from memstore.engine.values import flatten
 
 FORMATS = ("jsonl", "csv", "parquet")
@@ -378,7 +380,9 @@ def _event_time(value: Any) -> int:
 
 
 def _jsonl_events(path: Path) -> Iterator[Line]:
-    loads = json.loads
+    # orjson: a quarter of `memstore load-events`' own CPU went to the json module. Lines
+    # orjson refuses that json takes (NaN, integers past 64 bits) are not events either.
+    loads = orjson.loads
     with path.open(encoding="utf-8", errors="surrogateescape") as f:
         for n, text in enumerate(f, 1):
             if not text.strip():
