@@ -23,7 +23,7 @@ from typing import Any
 
 import hypothesis.strategies as st
 import pytest
-from hypothesis import event, given, settings
+from hypothesis import Phase, event, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from pyroaring import BitMap
 
@@ -32,12 +32,14 @@ from memstore.engine.blob import decode
 from memstore.engine.change import Change, UpsertSpec
 from memstore.engine.core import Engine
 from memstore.engine.days import DAY_MICROS
-from memstore.errors import InvalidArgument
+from memstore.engine.segments import Touched
+from memstore.engine.tracking import _plan_general
+from memstore.errors import InvalidArgument, NotFound
 from memstore.index.day_index import DayIndex
 from memstore.query import And, Did, Not, Op, Or, Predicate
 from memstore.query.evaluate import EvalStats, evaluate
 from memstore.query.evaluate import count as count_matching
-from memstore.shard import encode_images, encode_merge, encode_schema, replay
+from memstore.shard import encode_change, encode_images, encode_merge, encode_schema, replay
 from memstore.storage import wal_format
 from tests.test_merge_model import SIDE0, SIDE1, TwoShards
 
@@ -419,3 +421,88 @@ def test_a_count_equals_the_evaluated_ids_with_profiles_outside_the_owned_slots(
         for q in queries:
             want = len([p for p in engine.ids_of(evaluate(engine, q)) if p in visible])
             assert count_matching(engine, q) == want == len(evaluate(engine, q)), q
+
+
+# ---------------------------------------------------------------- the batch path's columns
+
+_PIDS = [f"p{i}" for i in range(8)]
+_LINKED = {("email", "a"): "p1", ("email", "b"): "p6"}  # p6 exists only once linked
+_KEY = st.one_of(st.sampled_from(_PIDS), st.sampled_from(sorted(_LINKED)))
+_ROW = st.tuples(_KEY, st.sampled_from(EVENTS), st.integers(-2 * RETENTION, 1),
+                 st.integers(0, 86_399), st.sampled_from([1, 1, 2, 127, 128, 300]))
+
+
+def _logged(engine: Engine, change: Change, log: list[bytes]) -> Touched:
+    """Apply `change` as Shard.commit does, keeping its RECORD_CHANGE payload."""
+    touched = Touched()
+    engine.apply(change, touched)
+    log.append(encode_change(change, touched, {}))
+    return touched
+
+
+def _state(engine: Engine) -> Any:
+    """What callers can tell apart: profiles, day bitmaps, range values."""
+    ranges = {engine.schema.by_id[aid].name: [(d, index.value_of(d)) for d in index.exists()]
+              for aid, index in engine.range_index.items()}
+    return ([None if b is None else decode(b) for b in engine.blobs], engine.pids,
+            _day_bitmaps(engine), ranges)
+
+
+# No shrinking: an example is ~0.2 s, and a failure prints its example all the same.
+@settings(max_examples=12, deadline=None, phases=[Phase.explicit, Phase.generate])
+@given(before=st.lists(_ROW, max_size=8), batch=st.lists(_ROW, min_size=64, max_size=72),
+       by_ids=st.booleans())
+def test_a_batch_in_columns_is_its_events_one_at_a_time_and_replays_the_same(
+        before: list[Any], batch: list[Any], by_ids: bool) -> None:
+    """The column path (a batch of ids), the general planner (the same batch, or one naming
+    profiles by identifiers too) and one Track an event leave the same profiles, versions,
+    day bitmaps and range values; the column path tells saved segments the same (Touched)
+    as the general one; and replaying the logged records rebuilds it exactly. Backfill past
+    the retention, repeats of a profile and a day, counts of more than one varint byte and
+    profiles the batch creates are all drawn."""
+    clock = Clock()
+    columns, general, single = (Engine(clock=clock, event_days=RETENTION) for _ in range(3))
+    logs: list[list[bytes]] = [[], [], []]
+
+    def events(rows: list[Any]) -> list[Any]:
+        return [(_LINKED[key] if by_ids and isinstance(key, tuple) else key, name,
+                 (clock.today() + offset) * DAY_MICROS + second * 1_000_000, count)
+                for key, name, offset, second, count in rows]
+
+    for engine, log in zip((columns, general, single), logs, strict=True):
+        for pid, ident in (("p1", ("email", "a")), ("p6", ("email", "b"))):
+            _logged(engine, engine.plan_link(pid, [ident], create=True), log)
+        for name in EVENTS:  # declared: a batch of ids takes the column path
+            _logged(engine, engine.plan_track("p7", name, 0), log)
+        for one in events(before):
+            _logged(engine, engine.plan_track(*one), log)
+    planned = columns.plan_track_batch(events(batch))
+    # identifier keys take the general planner; ids, the column path
+    assert (planned.tracked is None) == any(isinstance(key, tuple) for key, *_ in events(batch))
+    touched = _logged(columns, planned, logs[0])
+    touched_general = _logged(general, _plan_general(general, events(batch), "events"),
+                              logs[1])
+    for one in events(batch):
+        _logged(single, single.plan_track(*one), logs[2])
+    assert _state(columns) == _state(general) == _state(single)
+    assert touched.created == touched_general.created
+    assert touched.changed == touched_general.changed
+    assert {d: set(s) for d, (s, _) in touched.diffs.items()} == {
+        d: set(s) for d, (s, _) in touched_general.diffs.items()}
+    replayed = Engine(clock=clock, event_days=RETENTION)
+    for payload in logs[0]:
+        replay(replayed, wal_format.RECORD_CHANGE, payload)
+    assert replayed.blobs == columns.blobs
+    assert _state(replayed) == _state(columns)
+
+
+def test_a_batch_naming_an_identifier_nobody_holds_is_refused_whole_naming_it() -> None:
+    engine = Engine()
+    engine.apply(engine.plan_track_batch([(f"p{i}", "buy", 10**15, 1) for i in range(70)]))
+    blobs = list(engine.blobs)
+    events = [(f"p{i}", "buy", 10**15, 1) for i in range(70)]
+    events[41] = (("email", "nobody"), "buy", 10**15, 1)
+    with pytest.raises(NotFound, match=r"events\[41\]\.identifier") as refused:
+        engine.plan_track_batch(events)
+    assert refused.value.record == 41
+    assert engine.blobs == blobs
