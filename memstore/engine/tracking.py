@@ -19,10 +19,13 @@ profile's version: no caller changed the profile, and a version is what callers 
 from __future__ import annotations
 
 import re
+import struct
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import repeat
-from operator import is_not
+from itertools import repeat, starmap
+from operator import add, itemgetter
+from operator import setitem as setitem_list
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -83,6 +86,7 @@ class Tracked:
 
 
 _BYTE = [bytes((i,)) for i in range(0x80)]  # a one-byte varint
+_U32 = struct.Struct("<I")  # a day record's newest day
 FAST_FROM = 64  # batches this large take the column-at-a-time path when they can
 
 
@@ -184,84 +188,66 @@ def _plan_columns(engine: Engine, events: Sequence[Event]) -> Change | None:
         c_count = np.add.reduceat(k_cnt, cell_start)
     else:
         c_dense = c_ev = c_day = c_count = np.zeros(0, dtype=np.int64)
-    # Cells a group's record takes: a slice of the cells, as groups and cells sort alike.
-    c_key = c_dense * len(names_of) + c_ev
-    g_key = g_dense * len(names_of) + g_ev
-    g_cells = np.searchsorted(c_key, g_key, side="right").tolist()
     aids = [specs[name] for name in names_of]
-
-    # Each profile decoded once: its (count, first, last) before, per group.
-    states: list[list[Any]] = []
-    old: list[Any] = []
-    g_aids = [aids[e] for e in g_ev.tolist()]
-    g = 0
-    for d, groups in zip(p_dense.tolist(), p_groups.tolist(), strict=True):
-        if d >= first:
-            state: list[Any] = [0, {}, [], []]
-        else:
-            state = decode(blobs[d])  # type: ignore[arg-type]
-        states.append(state)
-        attrs = state[1]
-        for count_id, first_id, last_id, _ in g_aids[g:g + groups]:
-            old.append(attrs.get(count_id))
-            old.append(attrs.get(first_id))
-            old.append(attrs.get(last_id))
-        g += groups
-    had = np.fromiter(map(is_not, old, repeat(None)), dtype=bool, count=len(old)
-                      ).reshape(-1, 3)
-    was = np.array([0 if v is None else v for v in old], dtype=np.int64).reshape(-1, 3)
+    count_ids, first_ids, last_ids, record_ids = np.array(aids, dtype=np.int64)[g_ev].T.tolist()
+    # Each profile decoded once (those that exist come first: dense ids sort them), and
+    # from here on Python iterates in C (map) over profiles, groups and cells.
+    dense_list = p_dense.tolist()
+    existing = int(np.searchsorted(p_dense, first))
+    states: list[list[Any]] = list(map(decode, map(  # type: ignore[arg-type]
+        blobs.__getitem__, dense_list[:existing])))
+    states += [[0, {}, [], []] for _ in range(len(dense_list) - existing)]
+    g_attrs = list(map(list(map(itemgetter(1), states)).__getitem__,
+                       np.repeat(np.arange(len(states)), p_groups).tolist()))
+    # (count, first, last) before, per group
+    get, has = dict.get, dict.__contains__
+    had = np.column_stack([np.fromiter(map(has, g_attrs, ids), dtype=bool, count=len(ids))
+                           for ids in (count_ids, first_ids, last_ids)])
+    was = np.column_stack([np.fromiter(map(get, g_attrs, ids, repeat(0)), dtype=np.int64,
+                                       count=len(ids))
+                           for ids in (count_ids, first_ids, last_ids)])
     if (was[:, 0] > INT64_MAX - g_count).any():
         return None  # a count would pass int64: the general planner refuses it, naming it
     new_count = was[:, 0] + g_count
     new_first = np.where(had[:, 1], np.minimum(was[:, 1], g_first), g_first)
     new_last = np.where(had[:, 2], np.maximum(was[:, 2], g_last), g_last)
-
-    # Each profile written once: aggregates, day records, the after-image.
-    news = np.column_stack((new_count, new_first, new_last)).tolist()
-    c_days, c_counts = c_day.tolist(), c_count.tolist()
+    setitem = dict.__setitem__
+    for ids, column in ((count_ids, new_count), (first_ids, new_first), (last_ids, new_last)):
+        _drain(map(setitem, g_attrs, ids, column.tolist()))
+    # Day records, a cell at a time (cells sort as their groups do; a group's cells by day).
+    c_group = np.searchsorted(g_dense * len(names_of) + g_ev, c_dense * len(names_of) + c_ev
+                              ).tolist()
     # Each cell as a record of its day alone (days.encode's bytes, for counts below 0x80)
     alone = np.zeros((len(c_day), 5), dtype=np.uint8)
     alone[:, :4] = c_day.astype("<u4").view(np.uint8).reshape(-1, 4)
     alone[:, 4] = np.minimum(c_count, 0x7F)
     packed = alone.tobytes()
-    alone_of = list(map(packed.__getitem__, map(slice, range(0, 5 * len(c_day), 5),
-                                                range(5, 5 * len(c_day) + 5, 5))))
+    alone_of = map(packed.__getitem__, map(slice, range(0, 5 * len(c_day), 5),
+                                           range(5, 5 * len(c_day) + 5, 5)))
     before: list[int] = []
-    add_one = days.add_one
-    old_images: list[Image] = []
-    new_images: list[Image] = []
-    g = c = 0
-    for d, groups, bumps, state in zip(p_dense.tolist(), p_groups.tolist(),
-                                       p_events.tolist(), states, strict=True):
-        attrs = state[1]
-        for (count_id, first_id, last_id, record_id), (total, low, high), cells in zip(
-                g_aids[g:g + groups], news[g:g + groups], g_cells[g:g + groups],
-                strict=True):
-            attrs[count_id] = total
-            attrs[first_id] = low
-            attrs[last_id] = high
-            if cells > c:
-                raw = attrs.get(record_id)
-                for i in range(c, cells):
-                    # The usual cases inline (a first day, a day after the newest, each
-                    # one byte of count and of gap): add_one's bytes, without its calls.
-                    if raw is None and c_counts[i] < 0x80:
-                        raw = alone_of[i]
-                        before.append(0)
-                    elif raw is not None and c_counts[i] < 0x80 and 0 < (
-                            gap := c_days[i] - int.from_bytes(raw[:4], "little")) < 0x80:
-                        raw = alone_of[i] + _BYTE[gap] + raw[4:]
-                        before.append(0)
-                    else:
-                        raw, count_before = add_one(raw, c_days[i], c_counts[i])
-                        before.append(count_before)
-                attrs[record_id] = raw
-                c = cells
-        g += groups
-        state[0] += bumps
-        image = Image(d, engine.pids[d] if d < first else new_pids[d - first],
-                      encode(*state))
-        (old_images if d < first else new_images).append(image)
+    add_one, newest = days.add_one, _U32.unpack_from
+    for attrs, record_id, day_, count, record_alone in zip(
+            map(g_attrs.__getitem__, c_group), map(record_ids.__getitem__, c_group),
+            c_day.tolist(), c_count.tolist(), alone_of, strict=True):
+        raw = attrs.get(record_id)
+        if count < 0x80:  # the usual cases inline: add_one's bytes without its calls
+            if raw is None:  # a first day
+                attrs[record_id] = record_alone
+                before.append(0)
+                continue
+            gap = day_ - newest(raw)[0]
+            if 0 < gap < 0x80:  # a day after the newest, a gap of one byte
+                attrs[record_id] = record_alone + _BYTE[gap] + raw[4:]
+                before.append(0)
+                continue
+        attrs[record_id], count_before = add_one(raw, day_, count)
+        before.append(count_before)
+    # Versions (one an event), then the after-images, old profiles first, new in order.
+    _drain(map(setitem_list, states, repeat(0), map(add, map(itemgetter(0), states),
+                                                    p_events.tolist())))
+    pids = list(map(engine.pids.__getitem__, dense_list[:existing])) + new_pids
+    images: list[Image] = list(map(tuple.__new__, repeat(Image), zip(
+        dense_list, pids, starmap(encode, states), repeat(None))))
     # The index changes, a column per attribute: range values that changed, day cells.
     changed = np.column_stack((np.ones(len(g_dense), dtype=bool),
                                ~had[:, 1] | (new_first != was[:, 1]),
@@ -274,17 +260,17 @@ def _plan_columns(engine: Engine, events: Sequence[Event]) -> Change | None:
     c_after = np.where(c_before > top - c_count, top, c_before + c_count)
     for e, event_aids in enumerate(aids):
         mine = g_ev == e
-        for column in range(3):
-            rows = np.flatnonzero(mine & changed[:, column])
+        for at_column in range(3):
+            rows = np.flatnonzero(mine & changed[:, at_column])
             if len(rows):
-                ranges[event_aids[column]] = (
-                    g_dense[rows].astype(np.uint32), was[rows, column], had[rows, column],
-                    values[column][rows])
+                ranges[event_aids[at_column]] = (
+                    g_dense[rows].astype(np.uint32), was[rows, at_column], had[rows, at_column],
+                    values[at_column][rows])
         rows = np.flatnonzero(c_ev == e)
         if len(rows):
             cell_columns[event_aids[3]] = (c_dense[rows].astype(np.uint32), c_day[rows],
                                            c_before[rows], c_after[rows])
-    return Change(images=old_images + new_images, result=n,
+    return Change(images=images, result=n,
                   tracked=Tracked(first, slots, ranges, cell_columns))
 
 
@@ -396,3 +382,8 @@ def stale_days(engine: Engine) -> bool:
     first_kept = engine.first_kept()
     return any((oldest := index.first_day()) is not None and oldest < first_kept
                for index in engine.day_index.values())
+
+
+def _drain(calls: Any) -> None:
+    """Run an iterator of calls (map) for their effect, in C."""
+    deque(calls, maxlen=0)
