@@ -107,8 +107,10 @@ def _plan_columns(engine: Engine, events: Sequence[Event]) -> Change | None:
     """The batch path: the same change `_plan_general` plans, worked out in numpy columns
     (events grouped by profile and event name with one sort; counts, first and last times
     and day cells reduced per group), each profile decoded and encoded once, and the index
-    changes handed to `apply` as columns (Tracked). Python runs once per profile and per
-    (profile, event) group, never per event. None when the general planner must plan it:
+    changes handed to `apply` as columns (Tracked). No Python bytecode runs per event or
+    per profile: maps over lists do the per-profile and per-group work in C (msgpack's
+    decode and encode are most of what is left), and one short loop walks the day cells
+    (a (profile, event, day) each). None when the general planner must plan it:
     an event it would refuse (it names it), an identifier key, an id that is merged away,
     held or not in an owned slot, an event whose attributes are not declared yet, or
     counts so large that a batch's sum might not fit in int64."""
