@@ -287,16 +287,6 @@ class RangeIndex:
         self._flush()
         return len(self._exists)
 
-    @classmethod
-    def of_slices(cls, slices: list[BitMap], exists: BitMap) -> RangeIndex:
-        """A read-only view of a bit-sliced number computed elsewhere (a sum over days,
-        memstore.index.day_index): `exists` holds a value, slice i its bit i, base 0."""
-        index = cls()
-        index.base = 0
-        index.slices = slices
-        index._exists = exists
-        return index
-
     # ------------------------------------------------------------------ updates
     def _offset(self, value: int) -> int:
         if self.base is None:

@@ -10,12 +10,15 @@ slices of the repeat counts.
 Invariants: no empty bitmap and no empty slice list is kept (a day nobody did the event
 on leaves no trace); the last slice of a day is never empty.
 
-Queries never touch ids one by one:
+Queries never touch ids one by one from Python:
 - `did(lo, hi)`: the union of the days' bitmaps;
-- `counted(lo, hi, ...)`: the sum over the days of each id's count, as a bit-sliced number
-  built with ripple-carry additions of bitmaps (one addition per day and per repeat
-  slice, each a few bitmap operations), compared with O'Neil's bit-sliced comparison
-  (memstore.index.bitmap_index.RangeIndex) in at most two operations per bit of the sum.
+- `counted(lo, hi, ...)`: each id's sum of counts over the days, as a vector: the days'
+  ids go out of roaring in bulk (memstore.index.dense), one `np.bincount` counts the
+  days each id did the event on, one unbuffered add puts in the repeat slices (2 ** i
+  for slice i), and the ids whose sums pass the bounds come back as one bitmap: a few
+  numpy passes over the window's (id, day) cells and over the shard's ids (8 bytes an id
+  while it runs), whatever the bounds. Bounds at or past the largest sum the slices
+  allow are decided without counting.
 Bitmaps returned are fresh; the index's own are never handed out.
 """
 
@@ -27,7 +30,8 @@ from typing import Any
 import numpy as np
 from pyroaring import BitMap
 
-from memstore.index.bitmap_index import RangeIndex, bitmap_of
+from memstore.index.bitmap_index import bitmap_of
+from memstore.index.dense import bitmap_of_mask, ids_of
 
 Pairs = Sequence[tuple[int, int]]
 
@@ -191,24 +195,40 @@ class DayIndex:
                 within: BitMap | None = None) -> BitMap:
         """Ids (among `within`, if given) whose counts over the days lo..hi add up to at
         least `least` (>= 1) and at most `most` (None: no limit)."""
-        chosen = [(d, b) for d, b in self._days.items() if lo <= d <= hi]
-        holders = BitMap.union(BitMap(), *(b for _, b in chosen))
-        if within is not None:
-            holders &= within
-        if (least <= 1 and most is None) or not holders:
+        chosen = [d for d in self._days if lo <= d <= hi]
+        # No id's sum exceeds this (a day's count is at most 2 ** its slices): a bound at
+        # or past it decides without counting.
+        ceiling = sum(1 << len(self._extra.get(d, ())) for d in chosen)
+        if least > ceiling:
+            return BitMap()
+        if most is not None and most >= ceiling:
+            most = None
+        if least <= 1 and most is None:
+            holders = BitMap.union(BitMap(), *(self._days[d] for d in chosen))
+            if within is not None:
+                holders &= within
             return holders
-        total: list[BitMap] = []
-        restrict = within is not None
-        for day, bitmap in chosen:
-            _add_at(total, bitmap & holders if restrict else bitmap, 0)
-            for i, extra in enumerate(self._extra.get(day, ())):
-                part = extra & holders if restrict else extra
-                if part:
-                    _add_at(total, part, i)
-        sums = RangeIndex.of_slices(total, holders)
-        if most is None:
-            return sums.compare("ge", least)
-        return sums.between(least, most)
+        # Restrict first only when `within` is smaller than the cells it would cut: a
+        # bitmap AND costs about what counting a cell costs.
+        cells = sum(len(self._days[d]) for d in chosen)
+        among = within if within is not None and len(within) < cells else None
+        ids = ids_of(b & among if among is not None else b
+                     for b in (self._days[d] for d in chosen))
+        if not len(ids):
+            return BitMap()
+        counts = np.bincount(ids).view(np.uint64)  # days done, per id
+        repeats = [(i, bits & among if among is not None else bits)
+                   for d in chosen for i, bits in enumerate(self._extra.get(d, ()))]
+        if repeats:
+            _add_repeats(counts, repeats, least if most is None else most + 1,
+                         exact=ceiling < 1 << 64)
+        match = counts >= least
+        if most is not None:
+            match &= counts <= most
+        found = bitmap_of_mask(match)
+        if within is not None and among is None:
+            found &= within
+        return found
 
     # ------------------------------------------------------------------ persistence
     def to_state(self) -> dict[str, Any]:
@@ -240,20 +260,23 @@ class DayIndex:
         return total
 
 
-def _add_at(total: list[BitMap], bits: BitMap, position: int) -> None:
-    """total += bits << position, where `total` is a bit-sliced number (slice i: bit i)
-    and `bits` the ids adding 1: a ripple carry, a few bitmap operations per slice it
-    reaches, stopping when no id carries further."""
-    while len(total) < position:
-        total.append(BitMap())
-    carry = bits
-    i = position
-    while carry:
-        if i == len(total):
-            total.append(BitMap(carry))
-            return
-        current = total[i]
-        overflow = current & carry
-        current ^= carry
-        carry = overflow
-        i += 1
+def _add_repeats(counts: np.ndarray, repeats: list[tuple[int, BitMap]], cap: int,
+                 exact: bool) -> None:
+    """counts[id] += 2 ** i for each (i, bits) and each id of bits (a repeat slice: its
+    ids are distinct, but an id is in the slices of several days). `exact`: no sum can
+    reach 2 ** 64, so one unbuffered add does it all; otherwise (counts near 2 ** 63 a
+    day) slice by slice, saturating at `cap`, which changes no answer that compares
+    with bounds below `cap`."""
+    if exact:
+        who = ids_of(bits for _, bits in repeats)
+        sizes = [len(bits) for _, bits in repeats]
+        weight = np.repeat(np.left_shift(np.uint64(1), np.array([i for i, _ in repeats],
+                                                                 dtype=np.uint64)), sizes)
+        np.add.at(counts, who, weight)
+        return
+    top = np.uint64(cap)
+    np.minimum(counts, top, out=counts)
+    for i, bits in repeats:
+        who = ids_of((bits,))
+        now = counts[who]
+        counts[who] = now + np.minimum(np.uint64(min(1 << i, cap)), top - now)

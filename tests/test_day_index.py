@@ -1,0 +1,92 @@
+"""DayIndex.counted against a dict of (id, day) -> count, driven by hypothesis.
+
+The reference adds each id's counts over the window in Python ints. The bounds are drawn
+around the sums that occur (equal to one, one above, one below), so that every edge of
+`at_least` / `at_most` is hit; counts are mostly 1 (no repeat slice) with repeats of every
+size up to days.MAX_COUNT (sums past 2 ** 64: the saturating path); `within` is drawn
+small and large against the window's cells (both ways of restricting). Also the bitmap
+of a boolean mask (memstore.index.dense) against numpy's own positions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hypothesis.strategies as st
+import numpy as np
+from hypothesis import given, settings
+from pyroaring import BitMap
+
+from memstore.engine.days import MAX_COUNT
+from memstore.index.day_index import DayIndex
+from memstore.index.dense import bitmap_of_mask
+
+IDS = st.integers(0, 3) | st.integers(0, 70_000)  # a few ids often; past one 65,536-id block
+COUNTS = st.just(1) | st.integers(2, 9) | st.integers(2, MAX_COUNT) | st.integers(2**62, MAX_COUNT)
+CELLS = st.dictionaries(st.tuples(IDS, st.integers(0, 6)), COUNTS, max_size=40)
+
+
+def _sums(cells: dict[tuple[int, int], int], lo: int, hi: int) -> dict[int, int]:
+    sums: dict[int, int] = {}
+    for (who, day), count in cells.items():
+        if lo <= day <= hi:
+            sums[who] = sums.get(who, 0) + count
+    return sums
+
+
+@settings(max_examples=100, deadline=None)
+@given(cells=CELLS, data=st.data())
+def test_counted_is_the_sum_of_the_counts(cells: dict[tuple[int, int], int],
+                                          data: Any) -> None:
+    index = DayIndex()
+    if data.draw(st.booleans(), label="one load"):
+        items = list(cells.items())
+        index.add_many(np.array([w for (w, _), _ in items], dtype=np.uint32),
+                       np.array([d for (_, d), _ in items], dtype=np.int64),
+                       np.array([c for _, c in items], dtype=np.uint64))
+    else:
+        for (who, day), count in cells.items():
+            index.add(who, day, count)
+    lo = data.draw(st.integers(-1, 6), label="lo")
+    hi = data.draw(st.integers(lo, 7), label="hi")
+    sums = _sums(cells, lo, hi)
+    near = sorted({s + k for s in sums.values() for k in (-1, 0, 1)
+                   if 1 <= s + k <= MAX_COUNT}) or [1]  # the parser's bounds
+    least = data.draw(st.sampled_from(near), label="least")
+    most = data.draw(st.one_of(st.none(), st.sampled_from([m for m in near if m >= least]
+                                                          or [least])), label="most")
+    within = None
+    if data.draw(st.booleans(), label="restricted"):
+        pool = sorted({w for w, _ in cells} | {1, 65_537})
+        within = BitMap(data.draw(st.lists(st.sampled_from(pool), max_size=len(pool)),
+                                  label="within"))
+    want = {w for w, s in sums.items() if s >= least and (most is None or s <= most)}
+    if within is not None:
+        want &= set(within)
+    assert set(index.counted(lo, hi, least, most, within)) == want
+
+
+@given(st.lists(st.booleans(), max_size=140_000).map(lambda b: np.array(b, dtype=bool))
+       | st.integers(0, 200_000).flatmap(
+           lambda n: st.floats(0, 1).map(
+               lambda p: np.random.default_rng(n).random(n) < p)))
+@settings(max_examples=30, deadline=None)
+def test_bitmap_of_mask_holds_the_true_positions(mask: np.ndarray) -> None:
+    got = bitmap_of_mask(mask)
+    assert np.array_equal(np.array(got.to_array(), dtype=np.int64), np.flatnonzero(mask))
+
+
+def test_counted_sums_past_2_to_the_64() -> None:
+    """Three days at days.MAX_COUNT add up past 2 ** 64: the bounds still compare with
+    the true sum, not a wrapped one."""
+    index = DayIndex()
+    for day in range(3):
+        index.add(1, day, MAX_COUNT)
+        index.add(2, day, 1)
+    index.add(3, 0, MAX_COUNT)
+    index.add(3, 1, 2)
+    assert set(index.counted(0, 2, MAX_COUNT, None)) == {1, 3}
+    assert set(index.counted(0, 2, MAX_COUNT, MAX_COUNT)) == set()
+    assert set(index.counted(0, 2, 3, MAX_COUNT)) == {2}
+    assert set(index.counted(0, 0, MAX_COUNT, MAX_COUNT)) == {1, 3}
+    assert set(index.counted(0, 2, 2, None, BitMap([2, 3]))) == {2, 3}
