@@ -212,11 +212,11 @@ class DayIndex:
         # bitmap AND costs about what counting a cell costs.
         cells = sum(len(self._days[d]) for d in chosen)
         among = within if within is not None and len(within) < cells else None
-        ids = ids_of(b & among if among is not None else b
-                     for b in (self._days[d] for d in chosen))
+        ids = ids_of((b & among if among is not None else b
+                      for b in (self._days[d] for d in chosen)), np.intp)
         if not len(ids):
             return BitMap()
-        counts = np.bincount(ids).view(np.uint64)  # days done, per id
+        counts = np.bincount(ids).view(np.uint64)  # the days each id did it on
         repeats = [(i, bits & among if among is not None else bits)
                    for d in chosen for i, bits in enumerate(self._extra.get(d, ()))]
         if repeats:
@@ -268,7 +268,7 @@ def _add_repeats(counts: np.ndarray, repeats: list[tuple[int, BitMap]], cap: int
     day) slice by slice, saturating at `cap`, which changes no answer that compares
     with bounds below `cap`."""
     if exact:
-        who = ids_of(bits for _, bits in repeats)
+        who = ids_of((bits for _, bits in repeats), np.intp)
         sizes = [len(bits) for _, bits in repeats]
         weight = np.repeat(np.left_shift(np.uint64(1), np.array([i for i, _ in repeats],
                                                                  dtype=np.uint64)), sizes)
@@ -277,6 +277,6 @@ def _add_repeats(counts: np.ndarray, repeats: list[tuple[int, BitMap]], cap: int
     top = np.uint64(cap)
     np.minimum(counts, top, out=counts)
     for i, bits in repeats:
-        who = ids_of((bits,))
+        who = ids_of((bits,), np.intp)
         now = counts[who]
         counts[who] = now + np.minimum(np.uint64(min(1 << i, cap)), top - now)

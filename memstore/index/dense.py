@@ -38,12 +38,13 @@ _ARRAY_MAX = 4096  # roaring's largest array container; a denser block is a bits
 _NO_RUN_COOKIE = 12346
 
 
-def ids_of(bitmaps: Iterable[BitMap]) -> np.ndarray:
-    """The ids of every bitmap, one after the other (each ascending), as uint32."""
+def ids_of(bitmaps: Iterable[BitMap], dtype: type = np.uint32) -> np.ndarray:
+    """The ids of every bitmap, one after the other (each ascending), as `dtype` (np.intp:
+    what numpy indexes and counts with, converted in the same pass as the copy)."""
     parts = [np.frombuffer(b.to_array(), dtype=np.uint32) for b in bitmaps]
     if not parts:
-        return np.zeros(0, dtype=np.uint32)
-    return parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
+        return np.zeros(0, dtype=dtype)
+    return np.concatenate(parts, dtype=dtype, casting="safe")
 
 
 def bitmap_of_mask(mask: np.ndarray) -> BitMap:
