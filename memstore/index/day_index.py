@@ -16,9 +16,9 @@ Queries never touch ids one by one from Python:
   ids go out of roaring in bulk (memstore.index.dense), one `np.bincount` counts the
   days each id did the event on, one unbuffered add puts in the repeat slices (2 ** i
   for slice i), and the ids whose sums pass the bounds come back as one bitmap: a few
-  numpy passes over the window's (id, day) cells and over the shard's ids (8 bytes an id
-  while it runs), whatever the bounds. Bounds at or past the largest sum the slices
-  allow are decided without counting.
+  numpy passes over the window's (id, day) cells and over the shard's ids, whatever the
+  bounds, holding 8 bytes a cell and 9 an id of the shard while it runs. Bounds at or
+  past the largest sum the slices allow are decided without counting.
 Bitmaps returned are fresh; the index's own are never handed out.
 """
 

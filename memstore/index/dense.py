@@ -16,9 +16,9 @@ containers:
                                             ids, ascending, u16 each; above: 8,192 bytes,
                                             bit j of the block is id key * 65536 + j
 
-all little-endian, and lets roaring load it: ~2x faster than building the bitmap from the
-mask's ids once ids are more than a few in a hundred (a dense block goes in as its bits).
-It is a transient form, never written to disk.
+all little-endian, and lets roaring load it: a dense block goes in as its bits, where
+building the bitmap from the mask's ids adds them one by one (half the time at one id in
+ten). It is a transient form, never written to disk.
 """
 
 from __future__ import annotations
