@@ -64,6 +64,7 @@ def test_counted_is_the_sum_of_the_counts(cells: dict[tuple[int, int], int],
     if within is not None:
         want &= set(within)
     assert set(index.counted(lo, hi, least, most, within)) == want
+    assert index.count(lo, hi, least, most, within) == len(want)
 
 
 @given(st.lists(st.booleans(), max_size=140_000).map(lambda b: np.array(b, dtype=bool))

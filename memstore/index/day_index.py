@@ -195,6 +195,30 @@ class DayIndex:
                 within: BitMap | None = None) -> BitMap:
         """Ids (among `within`, if given) whose counts over the days lo..hi add up to at
         least `least` (>= 1) and at most `most` (None: no limit)."""
+        found = self._match(lo, hi, least, most, within)
+        if isinstance(found, BitMap):
+            return found
+        match, after = found
+        result = bitmap_of_mask(match)
+        if after is not None:
+            result &= after
+        return result
+
+    def count(self, lo: int, hi: int, least: int, most: int | None,
+              within: BitMap | None = None) -> int:
+        """len(counted(...)), counted in the vector where no bitmap is needed."""
+        found = self._match(lo, hi, least, most, within)
+        if isinstance(found, BitMap):
+            return len(found)
+        match, after = found
+        if after is None:
+            return int(np.count_nonzero(match))
+        return bitmap_of_mask(match).intersection_cardinality(after)
+
+    def _match(self, lo: int, hi: int, least: int, most: int | None,
+               within: BitMap | None) -> BitMap | tuple[np.ndarray, BitMap | None]:
+        """counted's answer as a bitmap, or as a mask over ids and the bitmap it is still
+        to be restricted to (None: nothing)."""
         chosen = [d for d in self._days if lo <= d <= hi]
         # No id's sum exceeds this (a day's count is at most 2 ** its slices): a bound at
         # or past it decides without counting.
@@ -225,10 +249,7 @@ class DayIndex:
         match = counts >= least
         if most is not None:
             match &= counts <= most
-        found = bitmap_of_mask(match)
-        if within is not None and among is None:
-            found &= within
-        return found
+        return match, within if within is not None and among is None else None
 
     # ------------------------------------------------------------------ persistence
     def to_state(self) -> dict[str, Any]:

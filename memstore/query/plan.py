@@ -212,6 +212,10 @@ class DidStep(Step):
         ctx.leaf()
         return self.index.counted(self.lo, self.hi, self.least, self.most, within)
 
+    def count(self, ctx: Context, within: BitMap | None) -> int:
+        ctx.leaf()
+        return self.index.count(self.lo, self.hi, self.least, self.most, within)
+
 
 class NotStep(Step):
     def __init__(self, child: Step, universe: BitMap) -> None:
