@@ -15,10 +15,11 @@ Queries never touch ids one by one from Python:
 - `counted(lo, hi, ...)`: each id's sum of counts over the days, as a vector: the days'
   ids go out of roaring in bulk (memstore.index.dense), one `np.bincount` counts the
   days each id did the event on, one unbuffered add puts in the repeat slices (2 ** i
-  for slice i), and the ids whose sums pass the bounds come back as one bitmap: a few
-  numpy passes over the window's (id, day) cells and over the shard's ids, whatever the
-  bounds, holding 8 bytes a cell and 9 an id of the shard while it runs. Bounds at or
-  past the largest sum the slices allow are decided without counting.
+  for slice i), and the ids whose sums pass the bounds come back as one bitmap (`count`
+  counts them in the vector instead): a few numpy passes over the window's (id, day)
+  cells and over the shard's ids, whatever the bounds, holding 8 bytes a cell and 9 an
+  id of the shard while it runs. Bounds at or past the largest sum the slices allow are
+  decided without counting.
 Bitmaps returned are fresh; the index's own are never handed out.
 """
 
