@@ -15,7 +15,11 @@ comes after the segments it reads. A profile removed leaves every segment holdin
 For a change to a few profiles, the segments to look at come from an index (attribute ->
 segments that read it), and each decides on each profile from its own values with its
 query compiled once (memstore/query/match.py), which answers as the indexes would; a
-bulk change, and a segment the matcher cannot decide, go through the indexes.
+bulk change, and a segment the matcher cannot decide, go through the indexes. The
+commonest change, one profile's update, has a plan per combination of attributes changed
+(`_Plan`): the segments reading them that read no other segment are decided by one
+compiled function, each attribute looked up once, which names those whose members are no
+longer right; the rest follow one by one.
 Segments that read the clock (`did(...)`) also change with no write: `timed` ones are
 re-evaluated whole on a timer (`refresh_timed`).
 
@@ -40,7 +44,7 @@ from memstore.query import And, Did, InSegment, Node, Not, Or, Predicate, QueryE
 if TYPE_CHECKING:
     from memstore.engine.core import Engine
     from memstore.engine.schema import Schema
-    from memstore.query.match import Matcher
+    from memstore.query.match import Changes, Matcher
 
 log = logging.getLogger("memstore.segments")
 
@@ -48,6 +52,8 @@ MAX_SEGMENTS = 1000  # per cluster: each costs a bitmap and work on every write
 # A change touching at most this many profiles is matched profile by profile; a larger one
 # (a bulk load) goes through the indexes, whose bitmap operations amortize over the ids.
 SMALL_CHANGE = 32
+# Compiled plans kept for one-profile updates, one per combination of attributes changed.
+MAX_PLANS = 256
 
 
 @dataclass(slots=True)
@@ -93,6 +99,24 @@ class Segment:
 
 # name -> (profiles that entered, profiles that left)
 Deltas = dict[str, tuple[BitMap, BitMap]]
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What a one-profile update of some attributes visits: the segments reading them.
+    Those that read no segment (`fused`) are decided together by `changes`, which names
+    the ones whose answer is no longer their members' (memstore.query.match); the others
+    (`rest`: positions in the order) read other segments' members, or the indexes, and go
+    one by one after them, in order. `queued`: every position either holds."""
+
+    fused: list[Segment]
+    changes: Changes | None
+    rest: list[int]
+    queued: frozenset[int]
+
+    @property
+    def empty(self) -> bool:
+        return not self.queued
 
 
 def analyse(node: Node) -> tuple[frozenset[str], frozenset[str]]:
@@ -141,6 +165,8 @@ class Segments:
         self._by_attribute: dict[str, list[int]] = {}
         self._readers: dict[str, list[int]] = {}
         self._compiled_for: tuple[int, Any] | None = None  # the schema matchers were for
+        # Changed attribute ids -> what a one-profile update of them visits (`_plan`).
+        self._plans: dict[frozenset[int], _Plan] = {}
 
     def __len__(self) -> int:
         return len(self.by_name)
@@ -238,18 +264,15 @@ class Segments:
         if self._compiled_for != seen:
             from memstore.query.match import Undecidable, compile_query
 
-            def members(name: str) -> BitMap | None:
-                segment = self.by_name.get(name)
-                return None if segment is None else segment.members
-
             for segment in order:
                 segment.matcher = None
                 if not segment.timed:  # did(...) windows move with the clock
                     try:
-                        segment.matcher = compile_query(segment.node, schema, members)
+                        segment.matcher = compile_query(segment.node, schema, self._members)
                     except Undecidable:
                         pass  # the index path answers it (or refuses it, as before)
             self._compiled_for = seen
+            self._plans.clear()
         return order
 
     # ------------------------------------------------------------------ membership
@@ -344,21 +367,34 @@ class Segments:
 
     def _refresh_one(self, engine: Engine, order: list[Segment], dense: int,
                      aids: Iterable[int]) -> Deltas:
-        """`refresh` for the commonest change: one profile updated (attributes `aids`)."""
-        by_id, by_attribute = engine.schema.by_id, self._by_attribute
-        positions: set[int] = set()
-        for aid in aids:
-            readers = by_attribute.get(by_id[aid].name)
-            if readers:
-                positions.update(readers)
+        """`refresh` for the commonest change: one profile updated (attributes `aids`).
+
+        The segments reading none of the segments are decided at once, by their plan's
+        one function (`_Plan`); then the others, and the readers of those that moved, one
+        by one in dependency order."""
+        key = frozenset(aids)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plan(engine, order, key)
         blob = engine.blobs[dense]
-        if not positions or blob is None or dense not in engine.live:
+        if plan.empty or blob is None or dense not in engine.live:
             return {}
         from memstore.engine.blob import decode
 
         attrs = decode(blob)[1]
         deltas: Deltas = {}
-        heap = sorted(positions)
+        heap = list(plan.rest)  # sorted: a heap
+        queued = plan.queued
+        if plan.changes is not None:
+            for i in plan.changes(attrs, dense):
+                segment = plan.fused[i]
+                if segment.broken:
+                    continue
+                self._flip(segment, dense, deltas)
+                for reader in self._readers.get(segment.name, ()):
+                    if reader not in queued:
+                        queued = queued | {reader}
+                        heappush(heap, reader)
         while heap:
             segment = order[heappop(heap)]
             if segment.broken:
@@ -372,20 +408,57 @@ class Segments:
                     continue
             else:
                 now = matcher(attrs, dense)
-            members = segment.members
-            if now == (dense in members):
+            if now == (dense in segment.members):
                 continue
-            if now:
-                members.add(dense)
-                deltas[segment.name] = (BitMap((dense,)), BitMap())
-            else:
-                members.discard(dense)
-                deltas[segment.name] = (BitMap(), BitMap((dense,)))
+            self._flip(segment, dense, deltas)
             for reader in self._readers.get(segment.name, ()):
-                if reader not in positions:
-                    positions.add(reader)
+                if reader not in queued:
+                    queued = queued | {reader}
                     heappush(heap, reader)
         return deltas
+
+    @staticmethod
+    def _flip(segment: Segment, dense: int, deltas: Deltas) -> None:
+        """`dense` enters `segment` if it was not a member, else leaves it."""
+        members = segment.members
+        if dense in members:
+            members.discard(dense)
+            deltas[segment.name] = (BitMap(), BitMap((dense,)))
+        else:
+            members.add(dense)
+            deltas[segment.name] = (BitMap((dense,)), BitMap())
+
+    def _plan(self, engine: Engine, order: list[Segment], aids: frozenset[int]) -> _Plan:
+        """What an update of `aids` visits, compiled once and kept until the segments or
+        the schema change (`_prepare`). At most MAX_PLANS are kept: writes naming ever
+        new combinations of attributes start over rather than grow without bound."""
+        by_id, by_attribute = engine.schema.by_id, self._by_attribute
+        positions: set[int] = set()
+        for aid in aids:
+            readers = by_attribute.get(by_id[aid].name)
+            if readers:
+                positions.update(readers)
+        fused = [p for p in sorted(positions)
+                 if order[p].matcher is not None and not order[p].depends]
+        changes = None
+        if fused:
+            from memstore.query.match import Undecidable, compile_changes
+
+            try:
+                changes = compile_changes([(order[p].node, order[p]) for p in fused],
+                                          engine.schema, self._members)
+            except Undecidable:  # cannot happen for what compiled alone; one by one then
+                fused = []
+        rest = sorted(positions.difference(fused))
+        plan = _Plan([order[p] for p in fused], changes, rest, frozenset(positions))
+        if len(self._plans) >= MAX_PLANS:
+            self._plans.clear()
+        self._plans[aids] = plan
+        return plan
+
+    def _members(self, name: str) -> BitMap | None:
+        segment = self.by_name.get(name)
+        return None if segment is None else segment.members
 
     def _refresh_through_indexes(self, engine: Engine, touched: Touched,
                                  order: list[Segment]) -> Deltas:
