@@ -16,10 +16,9 @@ For a change to a few profiles, the segments to look at come from an index (attr
 segments that read it), and each decides on each profile from its own values with its
 query compiled once (memstore/query/match.py), which answers as the indexes would; a
 bulk change, and a segment the matcher cannot decide, go through the indexes. The
-commonest change, one profile's update, has a plan per combination of attributes changed
-(`_Plan`): the segments reading them that read no other segment are decided by one
-compiled function, each attribute looked up once, which names those whose members are no
-longer right; the rest follow one by one.
+commonest change, one profile's update, has a plan per attribute changed (`_Plan`): the
+segments reading it that read no other segment are decided by one compiled function,
+which names those whose members are no longer right; the rest follow one by one.
 Segments that read the clock (`did(...)`) also change with no write: `timed` ones are
 re-evaluated whole on a timer (`refresh_timed`).
 
@@ -52,8 +51,6 @@ MAX_SEGMENTS = 1000  # per cluster: each costs a bitmap and work on every write
 # A change touching at most this many profiles is matched profile by profile; a larger one
 # (a bulk load) goes through the indexes, whose bitmap operations amortize over the ids.
 SMALL_CHANGE = 32
-# Compiled plans kept for one-profile updates, one per combination of attributes changed.
-MAX_PLANS = 256
 
 
 @dataclass(slots=True)
@@ -103,20 +100,15 @@ Deltas = dict[str, tuple[BitMap, BitMap]]
 
 @dataclass(slots=True)
 class _Plan:
-    """What a one-profile update of some attributes visits: the segments reading them.
-    Those that read no segment (`fused`) are decided together by `changes`, which names
-    the ones whose answer is no longer their members' (memstore.query.match); the others
+    """What a one-profile update of an attribute visits: the segments reading it. Those
+    that read no segment (`fused`) are decided together by `changes`, which names the
+    ones whose answer is no longer their members' (memstore.query.match); the others
     (`rest`: positions in the order) read other segments' members, or the indexes, and go
-    one by one after them, in order. `queued`: every position either holds."""
+    one by one after them, in order."""
 
     fused: list[Segment]
     changes: Changes | None
     rest: list[int]
-    queued: frozenset[int]
-
-    @property
-    def empty(self) -> bool:
-        return not self.queued
 
 
 def analyse(node: Node) -> tuple[frozenset[str], frozenset[str]]:
@@ -165,8 +157,8 @@ class Segments:
         self._by_attribute: dict[str, list[int]] = {}
         self._readers: dict[str, list[int]] = {}
         self._compiled_for: tuple[int, Any] | None = None  # the schema matchers were for
-        # Changed attribute ids -> what a one-profile update of them visits (`_plan`).
-        self._plans: dict[frozenset[int], _Plan] = {}
+        # Attribute id -> what a one-profile update of it visits (`_plan`).
+        self._plans: dict[int, _Plan] = {}
 
     def __len__(self) -> int:
         return len(self.by_name)
@@ -369,36 +361,48 @@ class Segments:
                      aids: Iterable[int]) -> Deltas:
         """`refresh` for the commonest change: one profile updated (attributes `aids`).
 
-        The segments reading none of the segments are decided at once, by their plan's
-        one function (`_Plan`); then the others, and the readers of those that moved, one
-        by one in dependency order."""
-        key = frozenset(aids)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plan(engine, order, key)
-        blob = engine.blobs[dense]
-        if plan.empty or blob is None or dense not in engine.live:
-            return {}
-        from memstore.engine.blob import decode
-
-        attrs = decode(blob)[1]
+        For each attribute changed, the segments reading it that read no other segment
+        are decided at once by its plan's one function (`_Plan`: a segment reading two
+        of them is decided twice, the second time finding its members right); then the
+        others, and the readers of those that moved, one by one in dependency order."""
+        plans = self._plans
+        attrs: dict[int, Any] | None = None
         deltas: Deltas = {}
-        heap = list(plan.rest)  # sorted: a heap
-        queued = plan.queued
-        if plan.changes is not None:
-            for i in plan.changes(attrs, dense):
-                segment = plan.fused[i]
-                if segment.broken:
-                    continue
-                self._flip(segment, dense, deltas)
-                for reader in self._readers.get(segment.name, ()):
-                    if reader not in queued:
-                        queued = queued | {reader}
-                        heappush(heap, reader)
+        heap: list[int] = []
+        queued: set[int] = set()
+        readers = self._readers
+        for aid in aids:
+            plan = plans.get(aid)
+            if plan is None:
+                plan = self._plan(engine, order, aid)
+            if not plan.fused and not plan.rest:
+                continue
+            if attrs is None:
+                blob = engine.blobs[dense]
+                if blob is None or dense not in engine.live:
+                    return {}
+                from memstore.engine.blob import decode
+
+                attrs = decode(blob)[1]
+            for position in plan.rest:
+                if position not in queued:
+                    queued.add(position)
+                    heappush(heap, position)
+            if plan.changes is not None:
+                for i in plan.changes(attrs, dense):
+                    segment = plan.fused[i]
+                    if segment.broken:
+                        continue
+                    self._flip(segment, dense, deltas)
+                    for reader in readers.get(segment.name, ()):
+                        if reader not in queued:
+                            queued.add(reader)
+                            heappush(heap, reader)
         while heap:
             segment = order[heappop(heap)]
             if segment.broken:
                 continue
+            assert attrs is not None
             matcher = segment.matcher
             if matcher is None:
                 try:
@@ -411,9 +415,9 @@ class Segments:
             if now == (dense in segment.members):
                 continue
             self._flip(segment, dense, deltas)
-            for reader in self._readers.get(segment.name, ()):
+            for reader in readers.get(segment.name, ()):
                 if reader not in queued:
-                    queued = queued | {reader}
+                    queued.add(reader)
                     heappush(heap, reader)
         return deltas
 
@@ -428,18 +432,12 @@ class Segments:
             members.add(dense)
             deltas[segment.name] = (BitMap((dense,)), BitMap())
 
-    def _plan(self, engine: Engine, order: list[Segment], aids: frozenset[int]) -> _Plan:
-        """What an update of `aids` visits, compiled once and kept until the segments or
-        the schema change (`_prepare`). At most MAX_PLANS are kept: writes naming ever
-        new combinations of attributes start over rather than grow without bound."""
-        by_id, by_attribute = engine.schema.by_id, self._by_attribute
-        positions: set[int] = set()
-        for aid in aids:
-            readers = by_attribute.get(by_id[aid].name)
-            if readers:
-                positions.update(readers)
-        fused = [p for p in sorted(positions)
-                 if order[p].matcher is not None and not order[p].depends]
+    def _plan(self, engine: Engine, order: list[Segment], aid: int) -> _Plan:
+        """What an update of attribute `aid` visits, compiled at its first write and kept
+        until the segments or the schema change (`_prepare`): at most one a declared
+        attribute, whatever combinations of attributes writes change."""
+        positions = self._by_attribute.get(engine.schema.by_id[aid].name, [])
+        fused = [p for p in positions if order[p].matcher is not None and not order[p].depends]
         changes = None
         if fused:
             from memstore.query.match import Undecidable, compile_changes
@@ -449,11 +447,9 @@ class Segments:
                                           engine.schema, self._members)
             except Undecidable:  # cannot happen for what compiled alone; one by one then
                 fused = []
-        rest = sorted(positions.difference(fused))
-        plan = _Plan([order[p] for p in fused], changes, rest, frozenset(positions))
-        if len(self._plans) >= MAX_PLANS:
-            self._plans.clear()
-        self._plans[aids] = plan
+        rest = [p for p in positions if p not in fused]
+        plan = _Plan([order[p] for p in fused], changes, rest)
+        self._plans[aid] = plan
         return plan
 
     def _members(self, name: str) -> BitMap | None:
