@@ -15,6 +15,7 @@ checks every segment's members against evaluating it from scratch after each one
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import hypothesis.strategies as st
@@ -41,7 +42,7 @@ from memstore.query import (
     validate,
 )
 from memstore.query.evaluate import evaluate
-from memstore.query.match import Undecidable, compile_query
+from memstore.query.match import Undecidable, compile_changes, compile_query
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 WORDS = ["a", "b", "c"]
@@ -167,11 +168,17 @@ def test_the_matcher_answers_as_the_indexes_do(profiles: list[dict[str, Any]],
         raise AssertionError(f"the indexes answer {format_query(node)}, the matcher refused")
     expected = evaluate(engine, node, unknown_is_empty=True, within=BitMap(engine.live))
     event(f"members: {'none' if not expected else 'all' if expected == engine.live else 'some'}")
+    # The same test among others in one function (a write's segments, decided at once):
+    # it names the holder whose members disagree with the answer, here always the second.
+    agree, disagree = SimpleNamespace(members=expected), SimpleNamespace(
+        members=engine.live - expected)
+    changes = compile_changes([(node, agree), (node, disagree)], engine.schema, members)
     for dense in engine.live:
         blob = engine.blobs[dense]
         assert blob is not None
         got = matcher(decode(blob)[1], dense)
         assert got == (dense in expected), (format_query(node), dense, decode(blob)[1])
+        assert changes(decode(blob)[1], dense) == [1], (format_query(node), dense)
 
 
 WRITES = st.tuples(

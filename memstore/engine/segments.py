@@ -15,7 +15,10 @@ comes after the segments it reads. A profile removed leaves every segment holdin
 For a change to a few profiles, the segments to look at come from an index (attribute ->
 segments that read it), and each decides on each profile from its own values with its
 query compiled once (memstore/query/match.py), which answers as the indexes would; a
-bulk change, and a segment the matcher cannot decide, go through the indexes.
+bulk change, and a segment the matcher cannot decide, go through the indexes. The
+commonest change, one profile's update, has a plan per attribute changed (`_Plan`): the
+segments reading it that read no other segment are decided by one compiled function,
+which names those whose members are no longer right; the rest follow one by one.
 Segments that read the clock (`did(...)`) also change with no write: `timed` ones are
 re-evaluated whole on a timer (`refresh_timed`).
 
@@ -40,7 +43,7 @@ from memstore.query import And, Did, InSegment, Node, Not, Or, Predicate, QueryE
 if TYPE_CHECKING:
     from memstore.engine.core import Engine
     from memstore.engine.schema import Schema
-    from memstore.query.match import Matcher
+    from memstore.query.match import Changes, Matcher
 
 log = logging.getLogger("memstore.segments")
 
@@ -95,6 +98,19 @@ class Segment:
 Deltas = dict[str, tuple[BitMap, BitMap]]
 
 
+@dataclass(slots=True)
+class _Plan:
+    """What a one-profile update of an attribute visits: the segments reading it. Those
+    that read no segment (`fused`) are decided together by `changes`, which names the
+    ones whose answer is no longer their members' (memstore.query.match); the others
+    (`rest`: positions in the order) read other segments' members, or the indexes, and go
+    one by one after them, in order."""
+
+    fused: list[Segment]
+    changes: Changes | None
+    rest: list[int]
+
+
 def analyse(node: Node) -> tuple[frozenset[str], frozenset[str]]:
     """The attributes and the segments a query reads."""
     attributes: set[str] = set()
@@ -141,6 +157,8 @@ class Segments:
         self._by_attribute: dict[str, list[int]] = {}
         self._readers: dict[str, list[int]] = {}
         self._compiled_for: tuple[int, Any] | None = None  # the schema matchers were for
+        # Attribute id -> what a one-profile update of it visits (`_plan`).
+        self._plans: dict[int, _Plan] = {}
 
     def __len__(self) -> int:
         return len(self.by_name)
@@ -238,18 +256,15 @@ class Segments:
         if self._compiled_for != seen:
             from memstore.query.match import Undecidable, compile_query
 
-            def members(name: str) -> BitMap | None:
-                segment = self.by_name.get(name)
-                return None if segment is None else segment.members
-
             for segment in order:
                 segment.matcher = None
                 if not segment.timed:  # did(...) windows move with the clock
                     try:
-                        segment.matcher = compile_query(segment.node, schema, members)
+                        segment.matcher = compile_query(segment.node, schema, self._members)
                     except Undecidable:
                         pass  # the index path answers it (or refuses it, as before)
             self._compiled_for = seen
+            self._plans.clear()
         return order
 
     # ------------------------------------------------------------------ membership
@@ -344,25 +359,50 @@ class Segments:
 
     def _refresh_one(self, engine: Engine, order: list[Segment], dense: int,
                      aids: Iterable[int]) -> Deltas:
-        """`refresh` for the commonest change: one profile updated (attributes `aids`)."""
-        by_id, by_attribute = engine.schema.by_id, self._by_attribute
-        positions: set[int] = set()
-        for aid in aids:
-            readers = by_attribute.get(by_id[aid].name)
-            if readers:
-                positions.update(readers)
-        blob = engine.blobs[dense]
-        if not positions or blob is None or dense not in engine.live:
-            return {}
-        from memstore.engine.blob import decode
+        """`refresh` for the commonest change: one profile updated (attributes `aids`).
 
-        attrs = decode(blob)[1]
+        For each attribute changed, the segments reading it that read no other segment
+        are decided at once by its plan's one function (`_Plan`: a segment reading two
+        of them is decided twice, the second time finding its members right); then the
+        others, and the readers of those that moved, one by one in dependency order."""
+        plans = self._plans
+        attrs: dict[int, Any] | None = None
         deltas: Deltas = {}
-        heap = sorted(positions)
+        heap: list[int] = []
+        queued: set[int] = set()
+        readers = self._readers
+        for aid in aids:
+            plan = plans.get(aid)
+            if plan is None:
+                plan = self._plan(engine, order, aid)
+            if not plan.fused and not plan.rest:
+                continue
+            if attrs is None:
+                blob = engine.blobs[dense]
+                if blob is None or dense not in engine.live:
+                    return {}
+                from memstore.engine.blob import decode
+
+                attrs = decode(blob)[1]
+            for position in plan.rest:
+                if position not in queued:
+                    queued.add(position)
+                    heappush(heap, position)
+            if plan.changes is not None:
+                for i in plan.changes(attrs, dense):
+                    segment = plan.fused[i]
+                    if segment.broken:
+                        continue
+                    self._flip(segment, dense, deltas)
+                    for reader in readers.get(segment.name, ()):
+                        if reader not in queued:
+                            queued.add(reader)
+                            heappush(heap, reader)
         while heap:
             segment = order[heappop(heap)]
             if segment.broken:
                 continue
+            assert attrs is not None
             matcher = segment.matcher
             if matcher is None:
                 try:
@@ -372,20 +412,49 @@ class Segments:
                     continue
             else:
                 now = matcher(attrs, dense)
-            members = segment.members
-            if now == (dense in members):
+            if now == (dense in segment.members):
                 continue
-            if now:
-                members.add(dense)
-                deltas[segment.name] = (BitMap((dense,)), BitMap())
-            else:
-                members.discard(dense)
-                deltas[segment.name] = (BitMap(), BitMap((dense,)))
-            for reader in self._readers.get(segment.name, ()):
-                if reader not in positions:
-                    positions.add(reader)
+            self._flip(segment, dense, deltas)
+            for reader in readers.get(segment.name, ()):
+                if reader not in queued:
+                    queued.add(reader)
                     heappush(heap, reader)
         return deltas
+
+    @staticmethod
+    def _flip(segment: Segment, dense: int, deltas: Deltas) -> None:
+        """`dense` enters `segment` if it was not a member, else leaves it."""
+        members = segment.members
+        if dense in members:
+            members.discard(dense)
+            deltas[segment.name] = (BitMap(), BitMap((dense,)))
+        else:
+            members.add(dense)
+            deltas[segment.name] = (BitMap((dense,)), BitMap())
+
+    def _plan(self, engine: Engine, order: list[Segment], aid: int) -> _Plan:
+        """What an update of attribute `aid` visits, compiled at its first write and kept
+        until the segments or the schema change (`_prepare`): at most one a declared
+        attribute, whatever combinations of attributes writes change."""
+        positions = self._by_attribute.get(engine.schema.by_id[aid].name, [])
+        fused = [p for p in positions if order[p].matcher is not None and not order[p].depends]
+        changes = None
+        if fused:
+            from memstore.query.match import Undecidable, compile_changes
+
+            try:
+                changes = compile_changes([(order[p].node, order[p]) for p in fused],
+                                          engine.schema, self._members)
+            except Undecidable:  # cannot happen for what compiled alone; one by one then
+                fused = []
+        rest = [p for p in positions if p not in fused]
+        plan = _Plan([order[p] for p in fused], changes, rest)
+        self._plans[aid] = plan
+        return plan
+
+    def _members(self, name: str) -> BitMap | None:
+        segment = self.by_name.get(name)
+        return None if segment is None else segment.members
 
     def _refresh_through_indexes(self, engine: Engine, touched: Touched,
                                  order: list[Segment]) -> Deltas:

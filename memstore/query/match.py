@@ -3,7 +3,8 @@
 Saved segments (memstore.engine.segments) decide whether the few profiles a write touched
 are members with this test, on each profile's stored attributes (attribute id -> stored
 value, as a profile blob holds them), instead of cutting index bitmaps down to those
-profiles. A compiled matcher answers exactly as `evaluate(engine, node,
+profiles. `compile_changes` puts several such tests in one function, which says which of
+them no longer agree with the members held (a write's segments, decided in one call). A compiled matcher answers exactly as `evaluate(engine, node,
 unknown_is_empty=True, within=...)` over the indexes does for that profile:
 
   * an attribute the schema does not know matches nobody (so NOT of it matches everyone);
@@ -27,8 +28,8 @@ queries (`did(...)`) are the caller's to keep away: the tree holds their window'
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from pyroaring import BitMap
 
@@ -39,6 +40,14 @@ from memstore.query.plan import _literal, _whole_numbers
 
 # (the profile's stored attributes by attribute id, its dense id) -> is it a member
 Matcher = Callable[[dict[int, Any], int], bool]
+# (the same) -> the indexes of the tests whose answer differs from the holder's members
+Changes = Callable[[dict[int, Any], int], list[int]]
+
+
+class Holder(Protocol):
+    """What `compile_changes` compares an answer with: the members as they are now."""
+
+    members: BitMap
 
 
 class Undecidable(Exception):
@@ -61,20 +70,49 @@ def compile_query(node: Node, schema: Schema,
         raise Undecidable(f"query too deep to compile: {exc}") from None
 
 
+def compile_changes(tests: Sequence[tuple[Node, Holder]], schema: Schema,
+                    members: Callable[[str], BitMap | None]) -> Changes:
+    """One function deciding several queries on one profile at once: given (query, holder)
+    pairs, it returns the indexes of the pairs whose query's answer for the profile
+    differs from whether the holder's `members` (read at each call) hold its dense id,
+    in the order given. Raises Undecidable as `compile_query` does, for any query.
+
+    A saved segment's write visits tens of segments: one call with every test inline
+    saves a call, a bitmap look-up and the loop's bookkeeping a segment."""
+    consts: dict[str, Any] = {"__builtins__": {}, "members": members}
+    hoisted: set[int] = set()  # each attribute read is looked up once, first
+    body = []
+    for i, (node, holder) in enumerate(tests):
+        expr = _expr(node, schema, consts, hoisted)
+        # `not` makes any answer a bool: equal to "is a member" means it changed.
+        body.append(f"    if (not {expr}) == (d in {_const(consts, holder)}.members):")
+        body.append(f"        out.append({i})")
+    lines = ["def changes(a, d):", "    get = a.get", "    out = []",
+             *(f"    v{aid} = get({aid})" for aid in sorted(hoisted)), *body, "    return out"]
+    try:
+        exec(compile("\n".join(lines), "<segment queries>", "exec"), consts)  # noqa: S102 - our source; literals are bound names
+    except (SyntaxError, RecursionError, MemoryError) as exc:  # a tree nested too deep
+        raise Undecidable(f"queries too deep to compile: {exc}") from None
+    return consts["changes"]  # type: ignore[no-any-return]
+
+
 def _const(consts: dict[str, Any], value: Any) -> str:
     name = f"c{len(consts)}"
     consts[name] = value
     return name
 
 
-def _expr(node: Node, schema: Schema, consts: dict[str, Any]) -> str:
+def _expr(node: Node, schema: Schema, consts: dict[str, Any],
+          hoisted: set[int] | None = None) -> str:
+    """The source of `node`'s test. `hoisted`: read attribute i's value from the local
+    `v<i>` (the caller assigns it once), adding i to the set, instead of from `a`."""
     if isinstance(node, Predicate):
-        return _predicate(node, schema, consts)
+        return _predicate(node, schema, consts, hoisted)
     if isinstance(node, And | Or):
-        parts = [_expr(c, schema, consts) for c in node.children]
+        parts = [_expr(c, schema, consts, hoisted) for c in node.children]
         return "(" + (" and " if isinstance(node, And) else " or ").join(parts) + ")"
     if isinstance(node, Not):
-        return f"(not {_expr(node.child, schema, consts)})"
+        return f"(not {_expr(node.child, schema, consts, hoisted)})"
     if isinstance(node, All):
         return "True"
     if isinstance(node, InSegment):
@@ -85,7 +123,8 @@ def _expr(node: Node, schema: Schema, consts: dict[str, Any]) -> str:
     raise Undecidable(f"unsupported node {type(node).__name__}")
 
 
-def _predicate(p: Predicate, schema: Schema, consts: dict[str, Any]) -> str:
+def _predicate(p: Predicate, schema: Schema, consts: dict[str, Any],
+               hoisted: set[int] | None = None) -> str:
     spec = schema.get(p.attribute)
     if spec is None:
         return "False"  # lenient: an attribute never seen here matches nobody
@@ -111,30 +150,35 @@ def _predicate(p: Predicate, schema: Schema, consts: dict[str, Any]) -> str:
         # floats themselves orders them the same way.
         values = [float(v) for v in raw]  # type: ignore[arg-type]  # _literal checked
     is_list = kind is Kind.STRING_LIST
-    present = f"(x := a.get({aid})) is not None"
+    if hoisted is None:
+        value, present, x = f"a.get({aid})", f"(x := a.get({aid})) is not None", "x"
+    else:
+        hoisted.add(aid)
+        value = x = f"v{aid}"
+        present = f"{x} is not None"
     if op is Op.IN:
         wanted = _const(consts, frozenset(values))
         if is_list:
-            return f"({present} and not {wanted}.isdisjoint(x))"
-        return f"(a.get({aid}) in {wanted})"
+            return f"({present} and not {wanted}.isdisjoint({x}))"
+        return f"({value} in {wanted})"
     if kind in RANGE_KINDS and op is Op.BETWEEN:
         low, high = _const(consts, values[0]), _const(consts, values[1])
-        return f"({present} and {low} <= x <= {high})"
+        return f"({present} and {low} <= {x} <= {high})"
     if len(values) != 1:
         raise Undecidable(f"{op.value} takes {len(values)} values here")
     v = _const(consts, values[0])
     if op is Op.NE:
         if is_list:  # the planner refuses != on a list (use NOT ... HAS)
             raise Undecidable("!= is not defined on a list")
-        return f"({present} and x != {v})"
+        return f"({present} and {x} != {v})"
     if op is Op.HAS:
         if not is_list:
             raise Undecidable("HAS needs a list attribute")
-        return f"({present} and {v} in x)"
+        return f"({present} and {v} in {x})"
     if op is Op.EQ and not is_list:
-        return f"(a.get({aid}) == {v})"
+        return f"({value} == {v})"
     if kind in RANGE_KINDS and op in _COMPARE:
-        return f"({present} and x {_COMPARE[op]} {v})"
+        return f"({present} and {x} {_COMPARE[op]} {v})"
     raise Undecidable(f"{op.value} is not defined on {kind.label}")
 
 

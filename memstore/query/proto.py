@@ -9,6 +9,7 @@ predicate's values before converting any of them.
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 
 from memstore import pbvalues
@@ -171,12 +172,27 @@ def _literal(value: pb.Value, where: str) -> Literal:
     return out
 
 
+# Texts parsed lately, and their trees (immutable): a saved segment or a dashboard asks the
+# same text again and again, and parsing even `in_segment("s")` costs more than counting
+# its members. Bounded in entries and text length, so callers cannot fill memory with it.
+PARSED_TEXTS = 256
+PARSED_TEXT_BYTES = 4096  # longer texts are parsed each time
+
+
+@functools.lru_cache(maxsize=PARSED_TEXTS)
+def _parsed(text: str, limits: QueryLimits) -> Node:
+    return parse(text, limits=limits)  # an error is raised again each time, not kept
+
+
 def query_from_request(req: pb.QueryRequest, *, now: datetime | None = None,
                        limits: QueryLimits = DEFAULT_LIMITS) -> Node:
     """The tree of a QueryRequest, from whichever of `text` and `query` it carries."""
     kind = req.WhichOneof("q")
     if kind == "text":
-        return parse(req.text, now=now, limits=limits)
+        text = req.text
+        if now is None and len(text) <= PARSED_TEXT_BYTES:
+            return _parsed(text, limits)
+        return parse(text, now=now, limits=limits)
     if kind == "query":
         return from_proto(req.query, limits=limits)
     raise QueryError("query: neither text nor query given")
