@@ -339,7 +339,7 @@ class EngineModel(RuleBasedStateMachine):
                     engine.value_index[aid].items()} == want, f"{name} bitmaps"
 
 
-EngineModel.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
+EngineModel.TestCase.settings = settings(max_examples=110, stateful_step_count=40,
                                          deadline=None)
 TestEngineModel = EngineModel.TestCase
 

@@ -174,7 +174,7 @@ class MergeMachine(RuleBasedStateMachine):
             assert self.cluster.count(text) == want, text
 
 
-MergeMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=30,
+MergeMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=30,
                                           deadline=None)
 TestMergeMachine = MergeMachine.TestCase
 
