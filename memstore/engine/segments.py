@@ -371,6 +371,15 @@ class Segments:
         heap: list[int] = []
         queued: set[int] = set()
         readers = self._readers
+
+        def flip(segment: Segment) -> None:
+            """`dense` enters or leaves `segment`; its readers are decided after it."""
+            self._flip(segment, dense, deltas)
+            for reader in readers.get(segment.name, ()):
+                if reader not in queued:
+                    queued.add(reader)
+                    heappush(heap, reader)
+
         for aid in aids:
             plan = plans.get(aid)
             if plan is None:
@@ -390,14 +399,8 @@ class Segments:
                     heappush(heap, position)
             if plan.changes is not None:
                 for i in plan.changes(attrs, dense):
-                    segment = plan.fused[i]
-                    if segment.broken:
-                        continue
-                    self._flip(segment, dense, deltas)
-                    for reader in readers.get(segment.name, ()):
-                        if reader not in queued:
-                            queued.add(reader)
-                            heappush(heap, reader)
+                    if not plan.fused[i].broken:
+                        flip(plan.fused[i])
         while heap:
             segment = order[heappop(heap)]
             if segment.broken:
@@ -412,13 +415,8 @@ class Segments:
                     continue
             else:
                 now = matcher(attrs, dense)
-            if now == (dense in segment.members):
-                continue
-            self._flip(segment, dense, deltas)
-            for reader in readers.get(segment.name, ()):
-                if reader not in queued:
-                    queued.add(reader)
-                    heappush(heap, reader)
+            if now != (dense in segment.members):
+                flip(segment)
         return deltas
 
     @staticmethod
