@@ -6,6 +6,7 @@ import hypothesis.strategies as st
 import numpy as np
 from hypothesis import given, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from pyroaring import BitMap
 
 from memstore.index.bitmap_index import (
     RangeIndex,
@@ -19,6 +20,7 @@ IDS = st.integers(0, 60)
 INT64 = st.one_of(st.integers(-(2**63), 2**63 - 1), st.integers(-50, 50),
                   st.sampled_from([-(2**63), 2**63 - 1, 0]))
 OPS = ["eq", "ne", "lt", "le", "gt", "ge"]
+WITHIN = st.none() | st.sets(st.integers(0, 100))  # the ids a query asks about, or all
 
 
 def expect(op: str, have: int, c: int) -> bool:
@@ -57,15 +59,22 @@ class RangeModel(RuleBasedStateMachine):
         self.index.set_many(np.array(fresh, dtype=np.uint32), np.array(values, dtype=np.int64))
         self.model.update(zip(fresh, values, strict=True))
 
-    @rule(op=st.sampled_from(OPS), c=INT64)
-    def compare(self, op: str, c: int) -> None:
-        got = set(self.index.compare(op, c))
-        assert got == {d for d, v in self.model.items() if expect(op, v, c)}
+    @rule(op=st.sampled_from(OPS), c=INT64, within=WITHIN)
+    def compare(self, op: str, c: int, within: set[int] | None) -> None:
+        got = set(self.index.compare(op, c, None if within is None else BitMap(within)))
+        assert got == {d for d, v in self.model.items()
+                       if expect(op, v, c) and (within is None or d in within)}
 
-    @rule(lo=INT64, hi=INT64)
-    def between(self, lo: int, hi: int) -> None:
-        got = set(self.index.between(lo, hi))
-        assert got == {d for d, v in self.model.items() if lo <= v <= hi}
+    @rule(lo=INT64, hi=INT64, within=WITHIN, data=st.data())
+    def between(self, lo: int, hi: int, within: set[int] | None, data: st.DataObject
+                ) -> None:
+        if data.draw(st.booleans()) and self.model:  # bounds at stored values, near them
+            stored = sorted(self.model.values())
+            lo = data.draw(st.sampled_from(stored)) + data.draw(st.integers(-2, 2))
+            hi = max(lo, data.draw(st.sampled_from(stored))) + data.draw(st.integers(-2, 2))
+        got = set(self.index.between(lo, hi, None if within is None else BitMap(within)))
+        assert got == {d for d, v in self.model.items()
+                       if lo <= v <= hi and (within is None or d in within)}
 
     @rule()  # a rule, not an invariant: reading slices in what bulk steps left pending
     def agrees(self) -> None:
@@ -156,8 +165,6 @@ class ValueModel(RuleBasedStateMachine):
         assert {v: set(b) for v, b in older.items()} == live
         assert older._one == self.index._one and older._maps == self.index._maps
 
-
-from pyroaring import BitMap
 
 ValueModel.TestCase.settings = settings(max_examples=50, stateful_step_count=25, deadline=None)
 TestValueIndex = ValueModel.TestCase

@@ -446,20 +446,91 @@ class RangeIndex:
             return None
         return self.base + sum(1 << i for i, s in enumerate(self.slices) if dense_id in s)
 
-    def _le(self, c: int, exists: BitMap) -> BitMap:
-        """Ids of `exists` with offset <= c, for 0 <= c < 2**width (O'Neil's algorithm)."""
+    # Comparisons walk the slices from the top bit down (O'Neil's algorithm) over the ids
+    # whose higher bits equal the constant's so far. An id with a 0 where the constant has
+    # a 1 is below it, one with a 1 where it has a 0 above it; the walk gathers one of the
+    # two sides and stops once no id is left undecided, or once the constant's remaining
+    # bits are all ones (for "at most") or all zeros (for "at least"). Gathering a side is
+    # a union per bit that grows with the side, so each comparison gathers the side likely
+    # smaller -- the constant's top bit says which half of the range it sits in -- and
+    # subtracts it when the other was asked for.
+
+    def _at_most(self, top: int, c: int, ids: BitMap) -> BitMap:
+        """Ids of `ids` whose bits top..0 are at most c (0 <= c < 2**(top+1)), their higher
+        bits being equal already. `ids` is never changed."""
+        if c >= 1 << top:  # upper half: gather the few above c
+            return BitMap(ids) if c + 1 == 2 << top else ids - self._gather_ge(top, c + 1, ids)
+        return self._gather_le(top, c, ids)
+
+    def _at_least(self, top: int, c: int, ids: BitMap) -> BitMap:
+        """Ids of `ids` whose bits top..0 are at least c (the mirror of _at_most)."""
+        if c <= 1 << top:  # lower half: gather the few below c
+            return BitMap(ids) if c == 0 else ids - self._gather_le(top, c - 1, ids)
+        return self._gather_ge(top, c, ids)
+
+    def _gather_le(self, top: int, c: int, equal: BitMap) -> BitMap:
         less = BitMap()
-        equal = exists
-        for i in range(len(self.slices) - 1, -1, -1):
+        owned = False  # whether `equal` is a bitmap of ours (changed in place) yet
+        for i in range(top, -1, -1):
+            low = (2 << i) - 1
+            if c & low == low:
+                break
             s = self.slices[i]
             if (c >> i) & 1:
                 less |= equal - s
-                equal = equal & s
+                if owned:
+                    equal &= s
+                else:
+                    equal, owned = equal & s, True
+            elif owned:
+                equal -= s
             else:
-                equal = equal - s
+                equal, owned = equal - s, True
             if not equal:
-                break
+                return less
         return less | equal
+
+    def _gather_ge(self, top: int, c: int, equal: BitMap) -> BitMap:
+        greater = BitMap()
+        owned = False
+        for i in range(top, -1, -1):
+            if c & ((2 << i) - 1) == 0:
+                break
+            s = self.slices[i]
+            if (c >> i) & 1:
+                if owned:
+                    equal &= s
+                else:
+                    equal, owned = equal & s, True
+            else:
+                greater |= equal & s
+                if owned:
+                    equal -= s
+                else:
+                    equal, owned = equal - s, True
+            if not equal:
+                return greater
+        return greater | equal
+
+    def _within(self, lo: int, hi: int, exists: BitMap) -> BitMap:
+        """Ids of `exists` with lo <= offset <= hi, for 0 <= lo <= hi < 2**width, in one
+        walk: the bits lo and hi share are followed once; at the first bit they differ in,
+        the ids with a 1 there need their lower bits at most hi's, those with a 0 at least
+        lo's -- two walks over disjoint halves instead of two over every id."""
+        equal = exists
+        i = len(self.slices) - 1
+        while i >= 0 and (lo >> i) & 1 == (hi >> i) & 1:
+            equal = equal & self.slices[i] if (hi >> i) & 1 else equal - self.slices[i]
+            if not equal:
+                return BitMap()
+            i -= 1
+        if i < 0:
+            return BitMap(equal)
+        s, low = self.slices[i], (1 << i) - 1
+        if i == 0:
+            return BitMap(equal)  # lo ends in 0, hi in 1: both halves are in
+        return (self._at_most(i - 1, hi & low, equal & s)
+                | self._at_least(i - 1, lo & low, equal - s))
 
     def _eq(self, c: int, exists: BitMap) -> BitMap:
         equal = exists
@@ -479,8 +550,13 @@ class RangeIndex:
         if lo > hi:
             return BitMap()
         self._flush()
-        exists = self._among(within)
-        return self._compare("le", hi, exists) - self._compare("lt", lo, exists)
+        if self.base is None:
+            return BitMap()
+        top = (1 << len(self.slices)) - 1  # every stored offset is <= top
+        lo, hi = max(lo - self.base, 0), min(hi - self.base, top)
+        if lo > hi:
+            return BitMap()
+        return self._within(lo, hi, self._among(within))
 
     def _among(self, within: BitMap | None) -> BitMap:
         return self._exists if within is None else self._exists & within
@@ -495,13 +571,14 @@ class RangeIndex:
                 c -= 1
             if c < 0:
                 return BitMap()
-            return BitMap(exists) if c >= top else self._le(c, exists)
+            return BitMap(exists) if c >= top else self._at_most(len(self.slices) - 1, c,
+                                                                 exists)
         if op == "gt" or op == "ge":
-            if op == "ge":
-                c -= 1
-            if c < 0:
+            if op == "gt":
+                c += 1
+            if c <= 0:
                 return BitMap(exists)
-            return BitMap() if c >= top else exists - self._le(c, exists)
+            return BitMap() if c > top else self._at_least(len(self.slices) - 1, c, exists)
         if op == "eq":
             return BitMap() if c < 0 or c > top else self._eq(c, exists)
         if op == "ne":
