@@ -556,7 +556,12 @@ class RangeIndex:
         lo, hi = max(lo - self.base, 0), min(hi - self.base, top)
         if lo > hi:
             return BitMap()
-        return self._within(lo, hi, self._among(within))
+        exists = self._among(within)
+        width = len(self.slices)
+        if (lo ^ hi).bit_length() < width - 1:  # a shared prefix: walk it once
+            return self._within(lo, hi, exists)
+        upper = self._at_most(width - 1, hi, exists)  # bounds far apart: two walks
+        return upper - self._at_most(width - 1, lo - 1, upper) if lo else upper
 
     def _among(self, within: BitMap | None) -> BitMap:
         return self._exists if within is None else self._exists & within
