@@ -94,6 +94,24 @@ RangeModel.TestCase.settings = settings(max_examples=80, stateful_step_count=25,
 TestRangeIndex = RangeModel.TestCase
 
 
+def test_every_comparison_on_indexes_a_few_bits_wide() -> None:
+    """Every bound around the stored values of indexes holding one value (no slice at
+    all: a shard of a small cluster), two, and a handful, each way of asking."""
+    for values in ([5], [5, 5], [31, 40], [0, 1], [-3, 4, 4, 9], [7, 8, 9, 10, 11, 12]):
+        index = RangeIndex()
+        for dense, value in enumerate(values):
+            index.set(dense, value)
+        for within in (None, BitMap([0]), BitMap(range(len(values)))):
+            allowed = range(len(values)) if within is None else within
+            for lo in range(min(values) - 2, max(values) + 3):
+                for hi in range(lo - 1, max(values) + 3):
+                    assert set(index.between(lo, hi, within)) == {
+                        d for d in allowed if lo <= values[d] <= hi}, (values, lo, hi)
+                for op in OPS:
+                    assert set(index.compare(op, lo, within)) == {
+                        d for d in allowed if expect(op, values[d], lo)}, (values, op, lo)
+
+
 def test_a_change_to_a_bulk_value_still_pending_sees_it() -> None:
     index = RangeIndex()
     index.set_many(np.array([5, 6, 7], dtype=np.uint32), np.array([40, -3, 9], dtype=np.int64))

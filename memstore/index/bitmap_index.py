@@ -458,12 +458,16 @@ class RangeIndex:
     def _at_most(self, top: int, c: int, ids: BitMap) -> BitMap:
         """Ids of `ids` whose bits top..0 are at most c (0 <= c < 2**(top+1)), their higher
         bits being equal already. `ids` is never changed."""
+        if top < 0:  # no bit left: every id equals c
+            return BitMap(ids)
         if c >= 1 << top:  # upper half: gather the few above c
             return BitMap(ids) if c + 1 == 2 << top else ids - self._gather_ge(top, c + 1, ids)
         return self._gather_le(top, c, ids)
 
     def _at_least(self, top: int, c: int, ids: BitMap) -> BitMap:
         """Ids of `ids` whose bits top..0 are at least c (the mirror of _at_most)."""
+        if top < 0:
+            return BitMap(ids)
         if c <= 1 << top:  # lower half: gather the few below c
             return BitMap(ids) if c == 0 else ids - self._gather_le(top, c - 1, ids)
         return self._gather_ge(top, c, ids)
