@@ -461,27 +461,30 @@ class RangeIndex:
         if top < 0:  # no bit left: every id equals c
             return BitMap(ids)
         if c >= 1 << top:  # upper half: gather the few above c
-            return BitMap(ids) if c + 1 == 2 << top else ids - self._gather_ge(top, c + 1, ids)
-        return self._gather_le(top, c, ids)
+            return BitMap(ids) if c + 1 == 2 << top else ids - self._gather(top, c + 1, ids, 0)
+        return self._gather(top, c, ids, 1)
 
     def _at_least(self, top: int, c: int, ids: BitMap) -> BitMap:
         """Ids of `ids` whose bits top..0 are at least c (the mirror of _at_most)."""
         if top < 0:
             return BitMap(ids)
         if c <= 1 << top:  # lower half: gather the few below c
-            return BitMap(ids) if c == 0 else ids - self._gather_le(top, c - 1, ids)
-        return self._gather_ge(top, c, ids)
+            return BitMap(ids) if c == 0 else ids - self._gather(top, c - 1, ids, 1)
+        return self._gather(top, c, ids, 0)
 
-    def _gather_le(self, top: int, c: int, equal: BitMap) -> BitMap:
-        less = BitMap()
+    def _gather(self, top: int, c: int, equal: BitMap, edge: int) -> BitMap:
+        """The walk: edge 1 gathers the ids of `equal` below c and returns those at most c;
+        edge 0 gathers those above and returns those at least c (bits top..0)."""
+        gathered = BitMap()
         owned = False  # whether `equal` is a bitmap of ours (changed in place) yet
         for i in range(top, -1, -1):
             low = (2 << i) - 1
-            if c & low == low:
+            if c & low == (low if edge else 0):  # c's remaining bits all decide nothing
                 break
-            s = self.slices[i]
-            if (c >> i) & 1:
-                less |= equal - s
+            s, bit = self.slices[i], (c >> i) & 1
+            if bit == edge:  # ids whose bit differs from c's here are decided: gather them
+                gathered |= equal - s if edge else equal & s
+            if bit:  # the undecided keep c's bit
                 if owned:
                     equal &= s
                 else:
@@ -491,30 +494,8 @@ class RangeIndex:
             else:
                 equal, owned = equal - s, True
             if not equal:
-                return less
-        return less | equal
-
-    def _gather_ge(self, top: int, c: int, equal: BitMap) -> BitMap:
-        greater = BitMap()
-        owned = False
-        for i in range(top, -1, -1):
-            if c & ((2 << i) - 1) == 0:
-                break
-            s = self.slices[i]
-            if (c >> i) & 1:
-                if owned:
-                    equal &= s
-                else:
-                    equal, owned = equal & s, True
-            else:
-                greater |= equal & s
-                if owned:
-                    equal -= s
-                else:
-                    equal, owned = equal - s, True
-            if not equal:
-                return greater
-        return greater | equal
+                return gathered
+        return gathered | equal
 
     def _within(self, lo: int, hi: int, exists: BitMap) -> BitMap:
         """Ids of `exists` with lo <= offset <= hi, for 0 <= lo <= hi < 2**width, in one
