@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from memstore import Client, ClientError
+from memstore import Client
 from shards.slots import slot_of
 from tests.conftest import ROOT, ServerProcess, start_router, start_shard
 from tests.test_replication import (
@@ -32,6 +32,7 @@ from tests.test_replication import (
     start,
     state,
     stats,
+    upsert_until_accepted,
     wait_caught_up,
     wait_replicas,
 )
@@ -65,13 +66,7 @@ def cli(router: str, *args: str) -> subprocess.CompletedProcess[str]:
 def write_until_accepted(router: str, since: float, bound: float) -> None:
     """Write AFTER (a shard-0 id) through the router until the new primary takes it."""
     with Client(router, timeout=5) as c:
-        while True:
-            try:
-                c.upsert(AFTER, {"n": 1})
-                return
-            except ClientError:
-                assert time.monotonic() - since < bound, "no write accepted after failover"
-                time.sleep(0.1)
+        upsert_until_accepted(c, AFTER, {"n": 1}, since, bound)
 
 
 def manual(tmp_path: Path, procs: list[Proc], _: Callable[[], str]

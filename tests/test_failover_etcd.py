@@ -32,6 +32,7 @@ from tests.test_replication import (
     start,
     state,
     stats,
+    upsert_until_accepted,
     wait_caught_up,
     wait_replicas,
     writers,
@@ -100,13 +101,8 @@ def test_primary_killed_with_its_disk_a_replica_takes_over_losing_no_acknowledge
         assert info["shard"] == "kill" and int(info["epoch"]) > epoch
         assert new.said("promoted: was a replica of " + old.address)
         with Client(router.address, timeout=5) as c:
-            while True:  # the router switches once it reads etcd's key (every 0.5 s)
-                try:
-                    c.upsert("after", {"n": 1})
-                    break
-                except ClientError:
-                    assert time.monotonic() - killed < LEASE + 15
-                    time.sleep(0.1)
+            # the router switches once it reads etcd's key (every 0.5 s)
+            upsert_until_accepted(c, "after", {"n": 1}, killed, LEASE + 15)
             failover = time.monotonic() - killed
             got = c.batch_get(acked)
             assert [pid for pid, p in zip(acked, got, strict=True) if p is None] == []
@@ -206,13 +202,8 @@ def test_serve_with_a_coordinator_fails_over_and_keeps_the_shard_writable(
         os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
         with Client(router, timeout=5) as c:
-            while True:
-                try:
-                    c.upsert("after", {"n": -1})
-                    break
-                except ClientError:
-                    assert time.monotonic() - killed < LEASE + 20, "".join(lines[-20:])
-                    time.sleep(0.1)
+            upsert_until_accepted(c, "after", {"n": -1}, killed, LEASE + 20,
+                                  "".join(lines[-20:]))
             assert sum(p is not None for p in c.batch_get([f"p{i}" for i in range(300)])) \
                 == 300
         roles = {a: stats(a).get("replication.role") for a in addresses}

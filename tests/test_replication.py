@@ -112,6 +112,20 @@ def wait_caught_up(primary: str, replica: str, timeout: float = 30.0) -> dict[st
         time.sleep(0.05)
 
 
+def upsert_until_accepted(c: Client, pid: str, attributes: dict[str, Any], since: float,
+                          bound: float, context: str = "") -> None:
+    """Upsert through `c` (a router, while a shard fails over) until a write is taken;
+    fails once `bound` seconds have passed since `since` (monotonic)."""
+    while True:
+        try:
+            c.upsert(pid, attributes)
+            return
+        except ClientError:
+            assert time.monotonic() - since < bound, \
+                f"no write accepted within {bound} s of the failover {context}"
+            time.sleep(0.1)
+
+
 @contextmanager
 def writers(address: str, count: int = 3, first: int = 300) -> Iterator[list[str]]:
     """`count` threads upserting new profiles through `address`, each until its first
