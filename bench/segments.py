@@ -12,7 +12,10 @@ the feature costs and what it gives, each figure beside its peer from the same r
 2. Bulk load through the router with the 100 segments defined beforehand, against a fresh
    cluster without any (the same data; one cluster, then the other, never both at once).
 3. Sequential single upserts of existing profiles setting attributes the segments read,
-   before and after creating the segments on the same cluster.
+   each sent to the cluster loaded with the segments and to the one without them, in a
+   random order (the same profiles; the same upserts): interleaved, so a change of the
+   machine's load shifts both sides alike (two phases minutes apart differed by up to
+   0.7 ms an upsert for the same code).
 4. Memory: the shards' RSS before and after creating the segments, and the members'
    bitmaps' serialized size (QueryBitmap of `in_segment`).
 5. `count('in_segment("s")')` against `count(<s's query>)`, interleaved, from a gRPC client
@@ -110,7 +113,7 @@ class Options:
     shards: int = 2
     writes: int = 2000  # flips a write-load run: half LEAVE seg000, half ENTER it again
     pace_s: float = 0.015  # one flip every this many seconds
-    upserts: int = 3000  # sequential single upserts, before and after the segments
+    upserts: int = 3000  # sequential single upserts, to each cluster
     count_reps: int = 10  # times each segment is counted each way
     poll_period_s: float = 1.0  # the polling alternative starts a round this often
     poll_rounds: int = 3  # rounds timed with no writes
@@ -305,25 +308,31 @@ def check_counts(segments: list[Saved], got: dict[str, int], what: str) -> None:
                               f"count, e.g. {name}: memstore {mine}, numpy {numpy}")
 
 
-def upserts(c: Client, size: int, n: int, value_seed: int) -> dict[str, Any]:
-    """`n` sequential upserts of random existing profiles (the same ids each call), each
-    setting country, age and plan (values from `value_seed`) and incrementing orders, so
-    every one changes the profile."""
-    ids, values = random.Random(5), random.Random(value_seed)
+def upserts(clients: dict[str, Client], size: int, n: int) -> dict[str, dict[str, Any]]:
+    """`n` sequential upserts of random existing profiles, each sent to every client's
+    cluster in a shuffled order (the same profile and values to each), setting country, age
+    and plan and incrementing orders, so every one changes the profile: each cluster's
+    latency and rate (upserts a second of its own time)."""
+    ids, values, order = random.Random(5), random.Random(1), random.Random(9)
+    samples: dict[str, list[float]] = {label: [] for label in clients}
+    labels = list(clients)
 
-    def one() -> float:
+    def one(keep: bool) -> None:
         pid = profile_id(ids.randrange(size))
         attrs = {"country": values.choice(COUNTRIES[:12]), "age": values.randint(18, 80),
                  "plan": values.choice(PLANS)}
-        t = time.perf_counter()
-        c.upsert(pid, attrs, ops=[("increment", "orders", 1)])
-        return time.perf_counter() - t
+        order.shuffle(labels)
+        for label in labels:
+            t = time.perf_counter()
+            clients[label].upsert(pid, attrs, ops=[("increment", "orders", 1)])
+            if keep:
+                samples[label].append(time.perf_counter() - t)
 
     for _ in range(50):  # warm-up
-        one()
-    start = time.perf_counter()
-    samples = [one() for _ in range(n)]
-    return brief(summarize(samples, 1, time.perf_counter() - start))
+        one(False)
+    for _ in range(n):
+        one(True)
+    return {label: brief(summarize(s)) for label, s in samples.items()}
 
 
 def counts(clients: dict[str, Client], segments: list[Saved], reps: int) -> dict[str, Any]:
@@ -574,34 +583,37 @@ def run(opt: Options) -> dict[str, Any]:
     probe = segments[0]
     tmp = Path(tempfile.mkdtemp(prefix="bench-segments-"))
     try:
-        # (2) the load with the segments defined beforehand, on a cluster of its own
-        cluster = Cluster(tmp, "with-segments", opt)
+        # (2) the load with the segments defined beforehand, on a cluster of its own (kept,
+        # idle, for the upserts of (3), then closed)
+        loaded = Cluster(tmp, "with-segments", opt)
         try:
-            with Client(cluster.address, timeout=600) as c:
+            with Client(loaded.address, timeout=600) as c:
                 c.declare(schema_declaration())
                 for s in segments:
                     c.create_segment(s.name, s.text)
                 log("[load] with 100 segments defined beforehand")
-                res["load_with"] = load(cluster, c, ds)
+                res["load_with"] = load(loaded, c, ds)
                 check_counts(segments, {s["name"]: s["members"] for s in c.segments()},
                              "segments' members after the load")
+            log(f"  {res['load_with']['per_s']:,.0f} profiles/s; every segment holds "
+                "numpy's count")
+            cluster = Cluster(tmp, "without-segments", opt)
+            try:
+                run_main(cluster, loaded, ds, segments, probe, pairs, opt, res)
+            finally:
+                cluster.close()
         finally:
-            cluster.close()
-        log(f"  {res['load_with']['per_s']:,.0f} profiles/s; every segment holds numpy's count")
-        cluster = Cluster(tmp, "without-segments", opt)
-        try:
-            run_main(cluster, ds, segments, probe, pairs, opt, res)
-        finally:
-            cluster.close()
+            loaded.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         res["meta"]["total_s"] = round(time.perf_counter() - t0, 1)
     return res
 
 
-def run_main(cluster: Cluster, ds: Dataset, segments: list[Saved], probe: Saved, pairs: int,
-             opt: Options, res: dict[str, Any]) -> None:
-    """Everything but the load with segments, on one cluster: first without segments."""
+def run_main(cluster: Cluster, loaded: Cluster, ds: Dataset, segments: list[Saved],
+             probe: Saved, pairs: int, opt: Options, res: dict[str, Any]) -> None:
+    """Everything but the load with segments, on one cluster, first without segments; the
+    upserts also on `loaded` (loaded with them), which is closed after them."""
     log = opt.log
     c = Client(cluster.address, timeout=600)
     fast = Client(cluster.address, timeout=600, link=True)
@@ -612,9 +624,14 @@ def run_main(cluster: Cluster, ds: Dataset, segments: list[Saved], probe: Saved,
         check_counts(segments, {s.name: c.count(s.text) for s in segments}, "queries")
         log(f"  {res['load_without']['per_s']:,.0f} profiles/s; the 100 queries count as numpy")
 
-        # (3) single upserts, before the segments
-        res["upserts_without"] = upserts(c, ds.size, opt.upserts, value_seed=1)
-        log(f"[upserts] without segments: median {res['upserts_without']['median_ms']:.3f} ms")
+        # (3) single upserts, interleaved on the clusters with and without the segments
+        with Client(loaded.address, timeout=600) as other:
+            ups = upserts({"without": c, "with": other}, ds.size, opt.upserts)
+        loaded.close()
+        res["upserts_without"], res["upserts_with"] = ups["without"], ups["with"]
+        res["upserts_read_by"] = sum(1 for s in segments if s.query.attributes & set(UPSERTED))
+        log(f"[upserts] median {ups['without']['median_ms']:.3f} ms without segments, "
+            f"{ups['with']['median_ms']:.3f} ms with them")
 
         # (6) polling: rounds alone, then the write load alone and under polling
         before = cluster.cpu()
@@ -689,11 +706,6 @@ def run_main(cluster: Cluster, ds: Dataset, segments: list[Saved], probe: Saved,
         log(f"[create] {n} segments, {held:,} members: shards' RSS "
             f"{(rss_after['shards'] - rss_before['shards']) / MB:+.1f} MiB, bitmaps "
             f"{serialized / MB:.2f} MiB serialized")
-
-        # (3) single upserts, with the segments
-        res["upserts_with"] = upserts(c, ds.size, opt.upserts, value_seed=2)
-        res["upserts_read_by"] = sum(1 for s in segments if s.query.attributes & set(UPSERTED))
-        log(f"[upserts] with segments: median {res['upserts_with']['median_ms']:.3f} ms")
 
         # (5) in_segment counts against the query's
         if not fast.link_ready(30):
@@ -783,7 +795,7 @@ def markdown(res: dict[str, Any]) -> str:
         ("2. bulk load through the router, profiles/s", f"{lw['per_s']:,.0f} (segments first)",
          f"{lo['per_s']:,.0f} (no segments)", f"{load_ratio:.2f}",
          f"≥ 0.75: {_met(load_ratio >= 0.75)}"),
-        ("3. sequential single upsert, median / p99 ms", _ms(uw), f"{_ms(uo)} (before them)",
+        ("3. sequential single upsert, median / p99 ms", _ms(uw), f"{_ms(uo)} (no segments)",
          _vs(uw, uo), ""),
         ("upserts a second", f"{uw['throughput_per_s']:,.0f}",
          f"{uo['throughput_per_s']:,.0f}", f"{upsert_ratio:.2f}",
@@ -859,7 +871,7 @@ def markdown(res: dict[str, Any]) -> str:
               help="Flips a write-load run (half ENTER the probe segment).")
 @click.option("--pace-ms", default=15.0, show_default=True, help="One flip every this long.")
 @click.option("--upserts", "n_upserts", default=3000, show_default=True,
-              help="Sequential single upserts, before and after creating the segments.")
+              help="Sequential single upserts, each to the clusters with and without segments.")
 @click.option("--count-reps", default=10, show_default=True,
               help="Times each segment is counted each way from each client.")
 @click.option("--poll-period", default=1.0, show_default=True,
