@@ -337,12 +337,16 @@ def upserts(clients: dict[str, Client], size: int, n: int) -> dict[str, dict[str
 
 def counts(clients: dict[str, Client], segments: list[Saved], reps: int) -> dict[str, Any]:
     """count(in_segment) and count(query) of every segment, `reps` times each way from each
-    client, interleaved (the order alternating); they must agree."""
+    client: a client's round asks every segment both ways, interleaved (the order
+    alternating), and the clients take turns round by round, as a caller keeps to one
+    transport. The two counts must agree."""
     samples: dict[str, dict[str, list[float]]] = {
         way: {"in_segment": [], "query": []} for way in clients}
+    ways = list(clients)
     for rep in range(reps):
-        for s in segments:
-            for way, c in clients.items():
+        for way in ways if rep % 2 else ways[::-1]:
+            c = clients[way]
+            for s in segments:
                 kinds = [("in_segment", f'in_segment("{s.name}")'), ("query", s.text)]
                 answers = {}
                 for kind, text in kinds[::-1] if rep % 2 else kinds:
