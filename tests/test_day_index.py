@@ -91,3 +91,68 @@ def test_counted_sums_past_2_to_the_64() -> None:
     assert set(index.counted(0, 2, 3, MAX_COUNT)) == {2}
     assert set(index.counted(0, 0, MAX_COUNT, MAX_COUNT)) == {1, 3}
     assert set(index.counted(0, 2, 2, None, BitMap([2, 3]))) == {2, 3}
+
+
+WINDOWS = [(0, 3), (1, 5), (0, 6)]  # few, so windows are asked again and kept
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_kept_window_sums_follow_every_update(data: Any) -> None:
+    """Writes of every kind (add, remove, update, bump_many, add_many) interleaved with
+    counts over a few windows, so the kept sums (day_index._Sums) are asked again after
+    being carried through the writes: each answer equals the reference's, and equals a
+    fresh index's (built from the same bitmaps, nothing kept)."""
+    index = DayIndex()
+    cells: dict[tuple[int, int], int] = {}
+    small = st.integers(0, 300) | st.integers(65_530, 65_545)
+    count = st.integers(1, 3) | st.integers(1, 40)
+    huge = st.just(2**32 - 2) | st.just(2**40)  # sums past 32 bits: the window is not kept
+    for _ in range(data.draw(st.integers(1, 40), label="steps")):
+        step = data.draw(st.sampled_from(["add", "huge", "remove", "update", "bump", "load",
+                                          "ask", "ask", "ask"]), label="step")
+        if step in ("add", "huge"):
+            who, day = data.draw(small), data.draw(st.integers(0, 6))
+            if (who, day) not in cells:
+                cells[who, day] = data.draw(count if step == "add" else huge)
+                index.add(who, day, cells[who, day])
+        elif step == "remove" and cells:
+            who, day = data.draw(st.sampled_from(sorted(cells)))
+            index.remove(who, day, cells.pop((who, day)))
+        elif step == "update":
+            who = data.draw(small)
+            old = [(d, c) for (w, d), c in cells.items() if w == who]
+            new = data.draw(st.dictionaries(st.integers(0, 6), count, max_size=4))
+            index.update(who, old, sorted(new.items()))
+            for d, _ in old:
+                del cells[who, d]
+            cells.update({(who, d): c for d, c in new.items()})
+        elif step in ("bump", "load"):
+            pairs = data.draw(st.lists(st.tuples(small, st.integers(0, 6)), max_size=12,
+                                       unique=True))
+            if step == "load":
+                pairs = [p for p in pairs if p not in cells]
+            before = [cells.get(p, 0) for p in pairs]
+            after = [b + data.draw(count) for b in before]
+            ids = np.array([w for w, _ in pairs], dtype=np.uint32)
+            days = np.array([d for _, d in pairs], dtype=np.int64)
+            if step == "load":
+                index.add_many(ids, days, np.array(after, dtype=np.uint64))
+            else:
+                index.bump_many(ids, days, np.array(before, dtype=np.int64),
+                                np.array(after, dtype=np.int64))
+            cells.update(zip(pairs, after, strict=True))
+        else:
+            lo, hi = data.draw(st.sampled_from(WINDOWS))
+            sums = _sums(cells, lo, hi)
+            least = data.draw(st.sampled_from(sorted({2, 3} | {max(2, s + k) for s in
+                                                               sums.values() for k in (-1, 0, 1)})))
+            most = data.draw(st.none() | st.sampled_from([least, least + 1, least + 39]))
+            within = data.draw(st.none() | st.none() | st.just(BitMap(range(0, 65_545, 3))))
+            want = {w for w, s in sums.items() if s >= least and (most is None or s <= most)}
+            if within is not None:
+                want &= set(within)
+            fresh = DayIndex.from_state(index.to_state())
+            assert set(index.counted(lo, hi, least, most, within)) == want
+            assert index.count(lo, hi, least, most, within) == len(want)
+            assert fresh.count(lo, hi, least, most, within) == len(want)

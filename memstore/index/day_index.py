@@ -20,6 +20,13 @@ Queries never touch ids one by one from Python:
   cells and over the shard's ids, whatever the bounds, holding 8 bytes a cell and 9 an
   id of the shard while it runs. Bounds at or past the largest sum the slices allow are
   decided without counting.
+
+The sums of the last WINDOWS windows counted are kept, one uint32 an id (`_Sums`), and
+kept current by every update: a write adds its change of count to each kept window its
+day is in. A window asked again (a dashboard's segment, a live segment re-evaluated on
+its timer) is compared in its vector without counting a cell. A window whose sums could
+pass 2 ** 32 - 1 is not kept, and one dropped when an update could carry it there. The
+vectors live in memory only (snapshots hold the bitmaps).
 Bitmaps returned are fresh; the index's own are never handed out.
 """
 
@@ -36,13 +43,61 @@ from memstore.index.dense import bitmap_of_mask, ids_of
 
 Pairs = Sequence[tuple[int, int]]
 
+WINDOWS = 2  # windows (lo, hi) whose sums an index keeps current, the latest counted
+_SUM_MAX = (1 << 32) - 1
+
+
+class _Sums:
+    """Each id's sum of counts over one window (uint32, indexed by dense id), and `top`,
+    at least the largest of them: what a change may add is checked against it."""
+
+    __slots__ = ("top", "vector")
+
+    def __init__(self, vector: np.ndarray, top: int) -> None:
+        self.vector, self.top = vector, top
+
+    def shift(self, dense: int, delta: int) -> bool:
+        """Add `delta` to `dense`'s sum; False when the sums can no longer be kept."""
+        if delta > 0:
+            self.top += delta
+            if self.top > _SUM_MAX:
+                return False
+        if dense >= len(self.vector):
+            self._grow(dense + 1)
+        now = int(self.vector[dense]) + delta
+        if now < 0:  # the index removed more than it held: never kept a wrong sum
+            return False
+        self.vector[dense] = now
+        return True
+
+    def shift_many(self, ids: np.ndarray, deltas: np.ndarray) -> bool:
+        """shift for every (ids[i], deltas[i]); an id may come more than once."""
+        added = deltas[deltas > 0]
+        if len(added) and int(added.max()) > _SUM_MAX:
+            return False
+        self.top += int(added.sum())  # each at most 2 ** 32: no int64 overflow
+        if self.top > _SUM_MAX:
+            return False
+        end = int(ids.max()) + 1
+        if end > len(self.vector):
+            self._grow(end)
+        # uint32 arithmetic is modular: a decrease added as its complement lands exactly
+        np.add.at(self.vector, ids.astype(np.intp), deltas.astype(np.uint32))
+        return True
+
+    def _grow(self, size: int) -> None:
+        vector = np.zeros(max(size, len(self.vector) * 5 // 4 + 1024), dtype=np.uint32)
+        vector[:len(self.vector)] = self.vector
+        self.vector = vector
+
 
 class DayIndex:
-    __slots__ = ("_days", "_extra")
+    __slots__ = ("_days", "_extra", "_sums")
 
     def __init__(self) -> None:
         self._days: dict[int, BitMap] = {}
         self._extra: dict[int, list[BitMap]] = {}  # day -> slices of (count - 1)
+        self._sums: dict[tuple[int, int], _Sums] = {}  # kept windows, the latest asked last
 
     def __len__(self) -> int:
         """How many days someone did the event on."""
@@ -50,6 +105,9 @@ class DayIndex:
 
     # ------------------------------------------------------------------ updates
     def add(self, dense: int, day: int, count: int) -> None:
+        """`dense` did the event `count` times on `day` (it had no count there)."""
+        if self._sums:
+            self._shift(dense, day, count)
         bitmap = self._days.get(day)
         if bitmap is None:
             bitmap = self._days[day] = BitMap()
@@ -64,9 +122,12 @@ class DayIndex:
                     slices[i].add(dense)
 
     def remove(self, dense: int, day: int, count: int) -> None:
+        """`dense`'s count of `count` on `day` is gone."""
         bitmap = self._days.get(day)
         if bitmap is None:
             return
+        if self._sums and dense in bitmap:
+            self._shift(dense, day, -count)
         bitmap.discard(dense)
         if not bitmap:
             del self._days[day]
@@ -100,6 +161,8 @@ class DayIndex:
         if not len(ids):
             return
         ids = ids.astype(np.uint32, copy=False)
+        if self._sums:
+            self._shift_many(ids, days, after.astype(np.int64) - before.astype(np.int64))
         fresh = before == 0
         if fresh.any():
             self._add_members(ids[fresh], days[fresh])
@@ -146,6 +209,8 @@ class DayIndex:
         if not len(ids):
             return
         ids = ids.astype(np.uint32, copy=False)
+        if self._sums:
+            self._shift_many(ids, days, counts.astype(np.int64))
         order = np.argsort(days, kind="stable")
         days, ids, counts = days[order], ids[order], counts[order]
         cuts = np.flatnonzero(np.diff(days)) + 1
@@ -175,6 +240,27 @@ class DayIndex:
                 slices.pop()
             if not slices:
                 del self._extra[day]
+
+    def _shift(self, dense: int, day: int, delta: int) -> None:
+        """Carry a change of `dense`'s count on `day` into the kept windows holding it."""
+        for (lo, hi), sums in list(self._sums.items()):
+            if lo <= day <= hi and not sums.shift(dense, delta):
+                del self._sums[lo, hi]
+
+    def _shift_many(self, ids: np.ndarray, days: np.ndarray, deltas: np.ndarray) -> None:
+        for (lo, hi), sums in list(self._sums.items()):
+            inside = (days >= lo) & (days <= hi)
+            if inside.any() and not sums.shift_many(ids[inside], deltas[inside]):
+                del self._sums[lo, hi]
+
+    def _keep(self, lo: int, hi: int, counts: np.ndarray) -> None:
+        """Keep the window's sums `counts` (uint64, exact), if they fit in 32 bits."""
+        top = int(counts.max())
+        if top > _SUM_MAX:
+            return
+        while len(self._sums) >= WINDOWS:
+            del self._sums[next(iter(self._sums))]
+        self._sums[lo, hi] = _Sums(counts.astype(np.uint32), top)
 
     # ------------------------------------------------------------------ queries
     def days(self) -> list[int]:
@@ -233,20 +319,27 @@ class DayIndex:
             if within is not None:
                 holders &= within
             return holders
-        # Restrict first only when `within` is smaller than the cells it would cut: a
-        # bitmap AND costs about what counting a cell costs.
-        cells = sum(len(self._days[d]) for d in chosen)
-        among = within if within is not None and len(within) < cells else None
-        ids = ids_of((b & among if among is not None else b
-                      for b in (self._days[d] for d in chosen)), np.intp)
-        if not len(ids):
-            return BitMap()
-        counts = np.bincount(ids).view(np.uint64)  # the days each id did it on
-        repeats = [(i, bits & among if among is not None else bits)
-                   for d in chosen for i, bits in enumerate(self._extra.get(d, ()))]
-        if repeats:
-            _add_repeats(counts, repeats, least if most is None else most + 1,
-                         exact=ceiling < 1 << 64)
+        kept = self._sums.pop((lo, hi), None)
+        if kept is not None:  # asked before: its sums are current
+            self._sums[lo, hi] = kept
+            counts, among = kept.vector, None
+        else:
+            # Restrict first only when `within` is smaller than the cells it would cut: a
+            # bitmap AND costs about what counting a cell costs.
+            cells = sum(len(self._days[d]) for d in chosen)
+            among = within if within is not None and len(within) < cells else None
+            ids = ids_of((b & among if among is not None else b
+                          for b in (self._days[d] for d in chosen)), np.intp)
+            if not len(ids):
+                return BitMap()
+            counts = np.bincount(ids).view(np.uint64)  # the days each id did it on
+            repeats = [(i, bits & among if among is not None else bits)
+                       for d in chosen for i, bits in enumerate(self._extra.get(d, ()))]
+            if repeats:
+                _add_repeats(counts, repeats, least if most is None else most + 1,
+                             exact=ceiling < 1 << 64)
+            if among is None and ceiling <= _SUM_MAX:  # every id's exact sum: keep them
+                self._keep(lo, hi, counts)
         match = counts >= least
         if most is not None:
             match &= counts <= most
