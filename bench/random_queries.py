@@ -4,9 +4,10 @@ One job: the planner's yardstick (issue 26). A seeded generator draws query tree
 levels (AND, OR, NOT over leaves on string, number, timestamp, bool, list and optional
 attributes of bench.datagen's profiles, some of them matching nobody or a handful: the
 cases where evaluating every part of an AND used to lose to DuckDB's scan). Every tree's
-count is checked equal across DuckDB, the numpy scan, memstore through a router's gRPC
-(`memstore serve --shards K`) and memstore's engine alone (in this process) before
-anything is timed; a mismatch exits with status 2 naming the query.
+count is checked equal across DuckDB, the numpy scan, memstore through a router
+(`memstore serve --shards K`; from a gRPC client and from one on the router's link) and
+memstore's engine alone (in this process) before anything is timed; a mismatch exits
+with status 2 naming the query.
 
 Each query is then timed on each system (the median of repetitions within a small budget,
 the systems interleaved query by query, so a noisy neighbour hurts all of them alike), and
@@ -194,6 +195,7 @@ def run(size: int, n_queries: int, seed: int, shards: int, budget_s: float,
                          str(Path(tmp.name) / "data"), "--sync", "off"],
                         f"memstore serve --shards {shards}")
             c = client(proc.addr)
+            fast = client(proc.addr, link=True)
             from bench.datagen import schema_declaration
 
             c.declare(schema_declaration())
@@ -207,6 +209,7 @@ def run(size: int, n_queries: int, seed: int, shards: int, budget_s: float,
             got = {"duckdb": duck.count(_as_query(q)), "engine": count(engine, node)}
             if router:
                 got["router"] = int(c.count(text))
+                got["link"] = int(fast.count(text))
             if any(v != want for v in got.values()):
                 problems.append(f"r{i:03d} {text}: numpy {want}, {got}")
         res["crosscheck"] = {"problems": problems}
@@ -222,12 +225,15 @@ def run(size: int, n_queries: int, seed: int, shards: int, budget_s: float,
                    "duckdb_ms": d * 1e3, "engine_ms": e * 1e3, "engine_ratio": e / d}
             if router:
                 r = median_time(lambda text=text: c.count(text), budget_s)  # type: ignore[misc]
-                row.update(router_ms=r * 1e3, router_ratio=r / d)
+                k = median_time(lambda text=text: fast.count(text), budget_s)  # type: ignore[misc]
+                row.update(router_ms=r * 1e3, router_ratio=r / d, link_ms=k * 1e3,
+                           link_ratio=k / d)
             rows.append(row)
         res["rows"] = rows
         res["engine"] = summary([r["engine_ratio"] for r in rows])
         if router:
             res["router"] = summary([r["router_ratio"] for r in rows])
+            res["link"] = summary([r["link_ratio"] for r in rows])
         return res
     finally:
         duck.close()
@@ -247,16 +253,17 @@ def markdown(res: dict[str, Any]) -> str:
             f"{res['shards']} shards behind the router.")
     columns = "| memstore side | median ratio to DuckDB | worst ratio | slower than DuckDB |"
     lines = [head, "", columns, "|---|---|---|---|"]
-    for side in ("router", "engine"):
+    for side in ("router", "link", "engine"):
         if side in res:
             s = res[side]
             lines.append(f"| {side} | {s['median']:.3f} ({1 / s['median']:.1f}x faster) | "
                          f"{s['worst']:.3f} | {s['slower_than_duckdb']} of {s['queries']} |")
     worst = sorted(res["rows"], key=lambda r: -r.get("router_ratio", r["engine_ratio"]))[:3]
-    lines += ["", "Worst queries (ms: DuckDB / router / engine):"]
+    lines += ["", "Worst queries (ms: DuckDB / router / router's link / engine):"]
     for r in worst:
         lines.append(f"- `{r['query']}` ({r['count']:,} matches): {r['duckdb_ms']:.2f} / "
-                     f"{r.get('router_ms', float('nan')):.2f} / {r['engine_ms']:.3f}")
+                     f"{r.get('router_ms', float('nan')):.2f} / "
+                     f"{r.get('link_ms', float('nan')):.2f} / {r['engine_ms']:.3f}")
     return "\n".join(lines)
 
 
