@@ -253,11 +253,8 @@ class DayIndex:
             if inside.any() and not sums.shift_many(ids[inside], deltas[inside]):
                 del self._sums[lo, hi]
 
-    def _keep(self, lo: int, hi: int, counts: np.ndarray) -> None:
-        """Keep the window's sums `counts` (uint64, exact), if they fit in 32 bits."""
-        top = int(counts.max())
-        if top > _SUM_MAX:
-            return
+    def _keep(self, lo: int, hi: int, counts: np.ndarray, top: int) -> None:
+        """Keep the window's exact sums `counts`, none above `top` (<= _SUM_MAX)."""
         while len(self._sums) >= WINDOWS:
             del self._sums[next(iter(self._sums))]
         self._sums[lo, hi] = _Sums(counts.astype(np.uint32), top)
@@ -339,7 +336,7 @@ class DayIndex:
                 _add_repeats(counts, repeats, least if most is None else most + 1,
                              exact=ceiling < 1 << 64)
             if among is None and ceiling <= _SUM_MAX:  # every id's exact sum: keep them
-                self._keep(lo, hi, counts)
+                self._keep(lo, hi, counts, ceiling)
         match = counts >= least
         if most is not None:
             match &= counts <= most
