@@ -53,8 +53,9 @@ from memstore.engine.tracking import stale_days
 from memstore.errors import ReadOnlyReplica, Unavailable
 from memstore.gcpause import gc_paused
 from memstore.hashslot import slot_of
-from memstore.index.bitmap_index import RangeIndex, ValueIndex, bitmap_of
+from memstore.index.bitmap_index import RangeIndex, ValueIndex
 from memstore.index.day_index import DayIndex
+from memstore.index.dense import bitmap_of
 from memstore.storage import wal_format
 from memstore.storage.dirlock import DirLock
 from memstore.storage.forked import ChildFailed, run_in_child

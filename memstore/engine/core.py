@@ -91,9 +91,10 @@ from memstore.errors import (
     brief,
 )
 from memstore.hashslot import SLOT_COUNT, slot_of
-from memstore.index.bitmap_index import RangeIndex, ValueIndex, bitmap_of
+from memstore.index.bitmap_index import RangeIndex, ValueIndex
 from memstore.index.claims import Claims, claim_key
 from memstore.index.day_index import DayIndex
+from memstore.index.dense import bitmap_of
 from memstore.index.inttable import IntTable
 from memstore.query import Node, format_query
 from memstore.query.ast import segment_problem
