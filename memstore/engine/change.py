@@ -52,6 +52,10 @@ ERASING_TABLES = frozenset({"forwards", "decided", "claims"})
 ANONYMOUS_KINDS = ("anonymous", "device")  # identifier kinds of anonymous visitors
 
 
+# A column's dense ids: a range, a list, or (read back from the log) a uint32 array.
+Ids = Sequence[int] | np.ndarray
+
+
 @dataclass(slots=True)
 class Load:
     """What a bulk load's planner checked, kept so `apply` can index column by column."""
@@ -61,7 +65,7 @@ class Load:
     keys: np.ndarray  # the images' identifier keys (none in the directory yet) ...
     owners: list[int]  # ... and the dense id holding each
     # indexed: (attribute, ids, values), values coded where the column came so (Coded)
-    columns: list[tuple[int, Sequence[int], list[Any] | Coded | np.ndarray]]
+    columns: list[tuple[int, Ids, list[Any] | Coded | np.ndarray]]
 
     def to_state(self) -> list[Any]:
         """For the log (a load's record carries it), so replay indexes the new profiles a
@@ -77,7 +81,7 @@ class Load:
     def from_state(cls, state: list[Any]) -> Load:
         first, slots, keys, owners, columns = state
         return cls(first, _array(slots).tolist(), _array(keys), _array(owners).tolist(),
-                   [(aid, range(*ids) if isinstance(ids[0], int) else _array(ids).tolist(),
+                   [(aid, range(*ids) if isinstance(ids[0], int) else _array(ids),
                      _values_of(values)) for aid, ids, values in columns])
 
 
