@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import chain, count
+from itertools import chain, count, pairwise
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -129,6 +129,61 @@ def _values_of(state: list[Any]) -> list[Any] | Coded | np.ndarray:
     if state[0] == "c":
         return Coded(state[1], _array(state[2]), None if state[3] is None else _array(state[3]))
     return state[1]
+
+
+def column_form(values: list[Any] | Coded | np.ndarray) -> str:
+    """How a load's column holds its values: "a" an array, "c" coded, "cl" a coded list
+    column, "l" a list. Only columns of one form join (join_loads)."""
+    if isinstance(values, np.ndarray):
+        return "a"
+    if isinstance(values, Coded):
+        return "c" if values.lengths is None else "cl"
+    return "l"
+
+
+def join_loads(loads: Sequence[Load]) -> Load:
+    """The one Load of consecutive loads (each one's `first` where the previous one's
+    profiles end), as if a single load had planned all their profiles: slots, keys and
+    owners one after another, and each attribute's columns as one column (the loads'
+    columns of an attribute have one form, column_form): ids as one range or array,
+    values concatenated, coded ones re-coded over one table of their distinct values."""
+    if len(loads) == 1:
+        return loads[0]
+    pieces: dict[int, list[tuple[Ids, list[Any] | Coded | np.ndarray]]] = {}
+    for load in loads:
+        for aid, ids, values in load.columns:
+            pieces.setdefault(aid, []).append((ids, values))
+    return Load(loads[0].first, list(chain.from_iterable(load.slots for load in loads)),
+                np.concatenate([load.keys for load in loads]),
+                list(chain.from_iterable(load.owners for load in loads)),
+                [(aid, _joined_ids([ids for ids, _ in column]),
+                  _joined_values([values for _, values in column]))
+                 for aid, column in pieces.items()])
+
+
+def _joined_ids(pieces: list[Ids]) -> Ids:
+    spans = [ids for ids in pieces if isinstance(ids, range)]
+    if len(spans) == len(pieces) and all(a.stop == b.start for a, b in pairwise(spans)):
+        return range(spans[0].start, spans[-1].stop)
+    return np.concatenate([np.arange(ids.start, ids.stop, dtype=np.uint32)
+                           if isinstance(ids, range) else np.asarray(ids, dtype=np.uint32)
+                           for ids in pieces])
+
+
+def _joined_values(pieces: list[Any]) -> list[Any] | Coded | np.ndarray:
+    if isinstance(pieces[0], np.ndarray):
+        return np.concatenate(pieces)
+    if not isinstance(pieces[0], Coded):
+        return list(chain.from_iterable(pieces))
+    table: dict[Any, int] = {}
+    codes = []
+    for coded in pieces:  # each piece's codes mapped to the joined table's
+        to_joined = np.fromiter((table.setdefault(v, len(table)) for v in coded.values),
+                                dtype=np.int32, count=len(coded.values))
+        codes.append(to_joined[coded.codes])
+    lengths = None if pieces[0].lengths is None else np.concatenate(
+        [coded.lengths for coded in pieces])
+    return Coded(list(table), np.concatenate(codes), lengths)
 
 
 @dataclass
