@@ -63,7 +63,7 @@ class Load:
     first: int  # dense id of the first image; the images are new profiles, in order
     slots: list[int]  # hash slot of each image's primary id
     keys: np.ndarray  # the images' identifier keys (none in the directory yet) ...
-    owners: list[int]  # ... and the dense id holding each
+    owners: list[int] | np.ndarray  # ... and the dense id holding each (read back: an array)
     # indexed: (attribute, ids, values), values coded where the column came so (Coded)
     columns: list[tuple[int, Ids, list[Any] | Coded | np.ndarray]]
 
@@ -80,7 +80,7 @@ class Load:
     @classmethod
     def from_state(cls, state: list[Any]) -> Load:
         first, slots, keys, owners, columns = state
-        return cls(first, _array(slots).tolist(), _array(keys), _array(owners).tolist(),
+        return cls(first, _array(slots).tolist(), _array(keys), _array(owners),
                    [(aid, range(*ids) if isinstance(ids[0], int) else _array(ids),
                      _values_of(values)) for aid, ids, values in columns])
 
@@ -155,7 +155,7 @@ def join_loads(loads: Sequence[Load]) -> Load:
             pieces.setdefault(aid, []).append((ids, values))
     return Load(loads[0].first, list(chain.from_iterable(load.slots for load in loads)),
                 np.concatenate([load.keys for load in loads]),
-                list(chain.from_iterable(load.owners for load in loads)),
+                np.concatenate([np.asarray(load.owners, dtype=np.uint32) for load in loads]),
                 [(aid, _joined_ids([ids for ids, _ in column]),
                   _joined_values([values for _, values in column]))
                  for aid, column in pieces.items()])
@@ -175,12 +175,10 @@ def _joined_values(pieces: list[Any]) -> list[Any] | Coded | np.ndarray:
         return np.concatenate(pieces)
     if not isinstance(pieces[0], Coded):
         return list(chain.from_iterable(pieces))
-    table: dict[Any, int] = {}
-    codes = []
-    for coded in pieces:  # each piece's codes mapped to the joined table's
-        to_joined = np.fromiter((table.setdefault(v, len(table)) for v in coded.values),
-                                dtype=np.int32, count=len(coded.values))
-        codes.append(to_joined[coded.codes])
+    table = dict(zip(dict.fromkeys(chain.from_iterable(c.values for c in pieces)), count()))
+    codes = [np.fromiter(map(table.__getitem__, coded.values), dtype=np.int32,
+                         count=len(coded.values))[coded.codes]  # a piece's code -> joined
+             for coded in pieces]
     lengths = None if pieces[0].lengths is None else np.concatenate(
         [coded.lengths for coded in pieces])
     return Coded(list(table), np.concatenate(codes), lengths)

@@ -812,7 +812,7 @@ class Engine:
             self.foreign.update([d for d, slot in zip(range(first, end), load.slots, strict=True)
                                  if slot not in owned])
         if load.keys.size:
-            self.directory.insert_absent(load.keys, np.array(load.owners, dtype=np.uint32))
+            self.directory.insert_absent(load.keys, np.asarray(load.owners, dtype=np.uint32))
         self._index_columns({aid: (ids, values) for aid, ids, values in load.columns})
         return first, pids
 
