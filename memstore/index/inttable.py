@@ -147,12 +147,13 @@ class IntTable:
         values = np.asarray(values, dtype=np.uint32)
         if not len(keys):
             return
-        if not self._live:
+        if self._filled + len(keys) > _MAX_FILL * (self._mask + 1):
+            live = self._keys > TOMBSTONE  # a new table: the new keys go in with the rest
+            keys = np.concatenate((self._keys[live], keys))
+            values = np.concatenate((self._vals[live], values))
             self._alloc(_capacity_for(len(keys)))
             self._fill(keys, values)
             return
-        if self._filled + len(keys) > _MAX_FILL * (self._mask + 1):
-            self._rebuild(len(keys))
         self._place(keys, values)
 
     def get_many(self, keys: np.ndarray) -> np.ndarray:
