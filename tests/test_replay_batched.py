@@ -12,7 +12,10 @@ then compares the two replays with the live engine.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,10 +96,11 @@ steps = st.one_of(
 )
 
 
-async def _write(data: Path, plan: list[tuple[Any, ...]]) -> tuple[Any, ...]:
-    """Run the steps on a shard over `data`; returns the live engine's state."""
+async def _write(data: Path, plan: list[tuple[Any, ...]], clock: Callable[[], float]
+                 ) -> tuple[Any, ...]:
+    """Run the steps on a shard over `data`; returns the live engine's state and times."""
     shard = await Shard.open(ShardConfig(data_dir=data, sync=SyncPolicy.OFF,
-                                         stop_snapshot_timeout=0))
+                                         stop_snapshot_timeout=0, clock=clock))
     engine, epoch = shard.engine, 0
     # The attributes the compared queries name (tests.test_durability.QUERIES), declared
     # with the kinds the loads send.
@@ -108,9 +112,21 @@ async def _write(data: Path, plan: list[tuple[Any, ...]]) -> tuple[Any, ...]:
             epoch = await _step(shard, step, epoch, at)
         except FailedPrecondition:  # a write to a slot given up: refused, nothing logged
             pass
-    state = full_state(engine)
+    state = _state(engine)
     await shard.close()
     return state
+
+
+def _state(engine: Engine) -> tuple[Any, ...]:
+    """full_state, and when each dense id was created and last changed."""
+    return full_state(engine), engine.created.tolist(), engine.changed.tolist()
+
+
+def _ticking(step: float) -> Callable[[], float]:
+    """A wall clock `step` seconds further on at each reading: of the changes a few
+    readings apart, some are stamped in the same second and some are not."""
+    now = itertools.count(time.time(), step)
+    return lambda: next(now)
 
 
 async def _step(shard: Shard, step: tuple[Any, ...], epoch: int, at: int) -> int:
@@ -163,22 +179,25 @@ def _one_at_a_time(data: Path) -> Engine:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.data_too_large])
-@given(st.lists(steps, min_size=1, max_size=12), st.sampled_from([_LoadRun.LIMIT, 30]))
-def test_batched_replay_rebuilds_what_replaying_each_image_does(plan: list[tuple[Any, ...]],
-                                                                run_limit: int) -> None:
+@given(st.lists(steps, min_size=1, max_size=12), st.sampled_from([_LoadRun.LIMIT, 30]),
+       st.sampled_from([0.0, 0.4]))
+def test_batched_replay_rebuilds_what_replaying_each_image_does(
+        plan: list[tuple[Any, ...]], run_limit: int, tick: float) -> None:
     """Recovery joins consecutive loads' records into runs (of at most `run_limit`
-    profiles: a small one cuts runs short too)."""
+    profiles: a small one cuts runs short too), stamped as each record was: `tick` 0 is
+    the wall clock (a plan's changes mostly in one second), 0.4 a clock that moves on
+    0.4 s at each reading."""
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
-        live = asyncio.run(_write(data, plan))
+        live = asyncio.run(_write(data, plan, _ticking(tick) if tick else time.time))
         with patch.object(_LoadRun, "LIMIT", run_limit):
             batched = asyncio.run(Shard.open(ShardConfig(data_dir=data, sync=SyncPolicy.OFF,
                                                          stop_snapshot_timeout=0)))
         try:
-            assert full_state(batched.engine) == live
+            assert _state(batched.engine) == live
         finally:
             asyncio.run(batched.close())
-        assert full_state(_one_at_a_time(data)) == live
+        assert _state(_one_at_a_time(data)) == live
 
 
 def test_replaying_a_load_decodes_no_profile(tmp_path: Path,
