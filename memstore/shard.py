@@ -768,10 +768,10 @@ class _LoadRun:
     (issue 29): what a load costs whatever its size (an identifier directory insert, an
     index update a distinct value, numpy calls a column) is paid once a run, not once a
     record. A record joins the run when it holds nothing but a load of new profiles at the
-    next dense ids, stamped in the same second as the run, its columns in the forms the
-    run's have (engine.change.join_loads); any other record applies the run first, so
-    every record still applies in log order and the state is the one replaying each
-    record gives (tests/test_replay_batched.py)."""
+    next dense ids, its columns in the forms the run's have (engine.change.join_loads);
+    each record's profiles keep its time (Load.stamps). Any other record applies the run
+    first, so every record still applies in log order and the state is the one replaying
+    each record gives (tests/test_replay_batched.py)."""
 
     LIMIT = 1 << 18  # profiles a run holds at most (what a run adds to recovery's memory)
     ONLY = frozenset({"at", "changed_at", "images", "load"})  # what a joining record holds
@@ -780,7 +780,7 @@ class _LoadRun:
         self.engine = engine
         self.loads: list[Load] = []
         self.images: list[Image] = []
-        self.at = 0
+        self.times: list[int] = []  # each load's changed_at
         self.forms: dict[int, str] = {}
 
     def take(self, record: dict[str, Any]) -> bool:
@@ -788,29 +788,30 @@ class _LoadRun:
         if "load" not in record or not record.keys() <= self.ONLY:
             return False
         load = Load.from_state(record["load"])
-        at = _changed_at(record)
         forms = {aid: column_form(values) for aid, _, values in load.columns}
         if self.loads and (load.first != self.loads[0].first + len(self.images)
-                           or at != self.at
                            or any(self.forms.get(aid, form) != form
                                   for aid, form in forms.items())):
             self.apply()
-        if not self.loads:
-            if load.first != len(self.engine.blobs):  # not new profiles: the images say
-                return False
-            self.at = at
+        if not self.loads and load.first != len(self.engine.blobs):
+            return False  # not new profiles: the images say what to do
         self.loads.append(load)
         self.images += _images(record["images"])
+        self.times.append(_changed_at(record))
         self.forms.update(forms)
         if len(self.images) >= self.LIMIT:
             self.apply()
         return True
 
     def apply(self) -> None:
-        if self.loads:
-            self.engine.apply(Change(images=self.images, at=self.at,
-                                     load=join_loads(self.loads)))
-            self.loads, self.images, self.forms = [], [], {}
+        if not self.loads:
+            return
+        load = join_loads(self.loads)
+        if len(set(self.times)) > 1:
+            load.stamps = np.repeat(np.array(self.times, dtype=np.uint32),
+                                    [len(loaded.slots) for loaded in self.loads])
+        self.engine.apply(Change(images=self.images, at=self.times[0], load=load))
+        self.loads, self.images, self.times, self.forms = [], [], [], {}
 
 
 # ---------------------------------------------------------------------- record payloads

@@ -180,13 +180,13 @@ def _one_at_a_time(data: Path) -> Engine:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.data_too_large])
 @given(st.lists(steps, min_size=1, max_size=12), st.sampled_from([_LoadRun.LIMIT, 30]),
-       st.sampled_from([0.0, 0.4]))
+       st.sampled_from([0.0, 0.6]))
 def test_batched_replay_rebuilds_what_replaying_each_image_does(
         plan: list[tuple[Any, ...]], run_limit: int, tick: float) -> None:
     """Recovery joins consecutive loads' records into runs (of at most `run_limit`
     profiles: a small one cuts runs short too), stamped as each record was: `tick` 0 is
-    the wall clock (a plan's changes mostly in one second), 0.4 a clock that moves on
-    0.4 s at each reading."""
+    the wall clock (a plan's changes mostly in one second), 0.6 a clock that moves on
+    0.6 s at each reading."""
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
         live = asyncio.run(_write(data, plan, _ticking(tick) if tick else time.time))

@@ -66,6 +66,9 @@ class Load:
     owners: list[int] | np.ndarray  # ... and the dense id holding each (read back: an array)
     # indexed: (attribute, ids, values), values coded where the column came so (Coded)
     columns: list[tuple[int, Ids, list[Any] | Coded | np.ndarray]]
+    # When each profile was created, unix seconds, where not all at the change's time (a
+    # recovery's run of loads logged in different seconds); never logged
+    stamps: np.ndarray | None = None
 
     def to_state(self) -> list[Any]:
         """For the log (a load's record carries it), so replay indexes the new profiles a

@@ -802,6 +802,8 @@ class Engine:
         self.blobs.extend([image.blob for image in images])
         self.pids.extend(pids)
         stamps = array.array("I", [at]) * len(images)
+        if load.stamps is not None:
+            stamps = array.array("I", load.stamps.astype(np.uint32).tobytes())
         self.created.extend(stamps)
         self.changed.extend(stamps)
         self.dense_of.update(zip(pids, range(first, end), strict=True))
