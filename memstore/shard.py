@@ -44,7 +44,7 @@ import ormsgpack
 from pyroaring import BitMap
 
 from memstore.engine.blob import decode, ident_key
-from memstore.engine.change import Change, Image, Load, Note, Undo
+from memstore.engine.change import Change, Image, Load, Note, Undo, column_form, join_loads
 from memstore.engine.core import DEFAULT_EVENT_DAYS, Engine
 from memstore.engine.identity import IdentityRules
 from memstore.engine.schema import AttributeSpec, Schema
@@ -53,8 +53,9 @@ from memstore.engine.tracking import stale_days
 from memstore.errors import ReadOnlyReplica, Unavailable
 from memstore.gcpause import gc_paused
 from memstore.hashslot import slot_of
-from memstore.index.bitmap_index import RangeIndex, ValueIndex, bitmap_of
+from memstore.index.bitmap_index import RangeIndex, ValueIndex
 from memstore.index.day_index import DayIndex
+from memstore.index.dense import bitmap_of
 from memstore.storage import wal_format
 from memstore.storage.dirlock import DirLock
 from memstore.storage.forked import ChildFailed, run_in_child
@@ -746,11 +747,71 @@ def _rebuild(engine: Engine, snap_dir: Path, log_dir: Path, info: dict[str, Any]
         info["snapshot"] = str(reader.path)
     scan = read_log(log_dir, start_lsn)
     end_lsn = start_lsn
+    run = _LoadRun(engine)
     for record in scan:
-        replay(engine, record.rtype, record.payload)
+        if record.rtype == wal_format.RECORD_CHANGE:
+            change = decode_change(record.payload)
+            if not run.take(change):
+                run.apply()
+                _replay_change(engine, change)
+        else:
+            run.apply()
+            replay(engine, record.rtype, record.payload)
         info["replayed"] += 1
         end_lsn = record.lsn_end
+    run.apply()
     return start_lsn, end_lsn, scan
+
+
+class _LoadRun:
+    """Consecutive bulk loads' records held back during recovery and applied as one load
+    (issue 29): what a load costs whatever its size (an identifier directory insert, an
+    index update a distinct value, numpy calls a column) is paid once a run, not once a
+    record. A record joins the run when it holds nothing but a load of new profiles at the
+    next dense ids, its columns in the forms the run's have (engine.change.join_loads);
+    each record's profiles keep its time (Load.stamps). Any other record applies the run
+    first, so every record still applies in log order and the state is the one replaying
+    each record gives (tests/test_replay_batched.py)."""
+
+    LIMIT = 1 << 18  # profiles a run holds at most (what a run adds to recovery's memory)
+    ONLY = frozenset({"at", "changed_at", "images", "load"})  # what a joining record holds
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.loads: list[Load] = []
+        self.images: list[Image] = []
+        self.times: list[int] = []  # each load's changed_at
+        self.forms: dict[int, str] = {}
+
+    def take(self, record: dict[str, Any]) -> bool:
+        """Hold a decoded RECORD_CHANGE back in the run; False if it cannot join one."""
+        if "load" not in record or not record.keys() <= self.ONLY:
+            return False
+        load = Load.from_state(record["load"])
+        forms = {aid: column_form(values) for aid, _, values in load.columns}
+        if self.loads and (load.first != self.loads[0].first + len(self.images)
+                           or any(self.forms.get(aid, form) != form
+                                  for aid, form in forms.items())):
+            self.apply()
+        if not self.loads and load.first != len(self.engine.blobs):
+            return False  # not new profiles: the images say what to do
+        self.loads.append(load)
+        self.images += _images(record["images"])
+        self.times.append(_changed_at(record))
+        self.forms.update(forms)
+        if len(self.images) >= self.LIMIT:
+            self.apply()
+        return True
+
+    def apply(self) -> None:
+        if not self.loads:
+            return
+        load = join_loads(self.loads)
+        if len(set(self.times)) > 1:
+            load.stamps = np.repeat(np.array(self.times, dtype=np.uint32),
+                                    [len(loaded.slots) for loaded in self.loads])
+        self.engine.apply(Change(images=self.images, at=self.times[0], load=load))
+        self.loads, self.images, self.times, self.forms = [], [], [], {}
 
 
 # ---------------------------------------------------------------------- record payloads
@@ -856,24 +917,32 @@ def replay(engine: Engine, rtype: int, payload: bytes) -> bool:
         engine.apply(change)
         return change.erases
     elif rtype == wal_format.RECORD_CHANGE:
-        record = decode_change(payload)
-        at = record["at"]  # microseconds; the profiles' times are in seconds
-        change = Change(schema=[AttributeSpec.from_state(s) for s in record.get("schema", ())],
-                        images=_images(record["images"]),
-                        notes=[Note(t, k, v) for t, k, v in record.get("notes", ())],
-                        at=record.get("changed_at", at // 1_000_000),
-                        times={d: (c, ch) for d, c, ch in record.get("times", ())},
-                        load=Load.from_state(record["load"]) if "load" in record else None)
-        engine.apply(change)
-        if "segments" in record:
-            engine.segments.apply(decode_deltas(record["segments"]))
-        return change.erases
+        return _replay_change(engine, decode_change(payload))
     elif rtype == wal_format.RECORD_SHARD_META:
         epoch, slots = msgpack.unpackb(payload)
         engine.set_ownership(epoch, None if slots is None else BitMap.deserialize(slots))
     else:
         raise ValueError(f"unknown log record type {rtype}")
     return False
+
+
+def _replay_change(engine: Engine, record: dict[str, Any]) -> bool:
+    """replay() of a decoded RECORD_CHANGE."""
+    change = Change(schema=[AttributeSpec.from_state(s) for s in record.get("schema", ())],
+                    images=_images(record["images"]),
+                    notes=[Note(t, k, v) for t, k, v in record.get("notes", ())],
+                    at=_changed_at(record),
+                    times={d: (c, ch) for d, c, ch in record.get("times", ())},
+                    load=Load.from_state(record["load"]) if "load" in record else None)
+    engine.apply(change)
+    if "segments" in record:
+        engine.segments.apply(decode_deltas(record["segments"]))
+    return change.erases
+
+
+def _changed_at(record: dict[str, Any]) -> int:
+    """A RECORD_CHANGE's time of change, unix seconds (`at` is in microseconds)."""
+    return record.get("changed_at", record["at"] // 1_000_000)  # type: ignore[no-any-return]
 
 
 def load_snapshot(engine: Engine, sections: Iterable[tuple[str, bytes]]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hypothesis.strategies as st
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from pyroaring import BitMap
@@ -120,6 +121,36 @@ def test_a_change_to_a_bulk_value_still_pending_sees_it() -> None:
     index.remove(9, old=2)
     assert [index.value_of(d) for d in (5, 6, 7, 8, 9)] == [40, 100, 9, 1, None]
     assert set(index.compare("ge", 40)) == {5, 6} and len(index) == 4
+
+
+class Laid(RangeIndex):
+    """Every bulk batch sliced in as whole containers, however far apart its ids."""
+
+    __slots__ = ()
+    DENSE_FROM = 1 << 40
+
+
+@pytest.mark.parametrize("kind", [RangeIndex, Laid])
+@given(ids=st.lists(st.integers(0, 300) | st.integers(65_400, 65_700), unique=True,
+                    min_size=1, max_size=80),
+       held=st.dictionaries(st.integers(70_000, 70_050), INT64, max_size=4), data=st.data())
+@settings(max_examples=40, deadline=None)
+def test_bulk_values_read_back_over_values_held(kind: type[RangeIndex], ids: list[int],
+                                               held: dict[int, int], data: st.DataObject
+                                               ) -> None:
+    """A bulk batch (in one to three set_many calls, across a 65,536-id block boundary
+    or not) sliced in id by id or as whole containers, over values already held."""
+    values = data.draw(st.lists(INT64, min_size=len(ids), max_size=len(ids)))
+    index = kind()
+    for dense, value in held.items():
+        index.set(dense, value)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(ids)), max_size=2)))
+    for lo, hi in zip([0, *cuts], [*cuts, len(ids)], strict=True):
+        index.set_many(np.array(ids[lo:hi], dtype=np.uint32),
+                       np.array(values[lo:hi], dtype=np.int64))
+    model = {**held, **dict(zip(ids, values, strict=True))}
+    assert set(index.exists()) == set(model)
+    assert {d: index.value_of(d) for d in model} == model
 
 
 class ValueModel(RuleBasedStateMachine):

@@ -5,7 +5,8 @@ around the sums that occur (equal to one, one above, one below), so that every e
 `at_least` / `at_most` is hit; counts are mostly 1 (no repeat slice) with repeats of every
 size up to days.MAX_COUNT (sums past 2 ** 64: the saturating path); `within` is drawn
 small and large against the window's cells (both ways of restricting). Also the bitmap
-of a boolean mask (memstore.index.dense) against numpy's own positions.
+of a boolean mask, and of each row of a 2-d one (memstore.index.dense), against numpy's
+own positions.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pyroaring import BitMap
 
 from memstore.engine.days import MAX_COUNT
 from memstore.index.day_index import DayIndex
-from memstore.index.dense import bitmap_of_mask
+from memstore.index.dense import bitmap_of_mask, bitmaps_of_rows
 
 IDS = st.integers(0, 3) | st.integers(0, 70_000)  # a few ids often; past one 65,536-id block
 COUNTS = st.just(1) | st.integers(2, 9) | st.integers(2, MAX_COUNT) | st.integers(2**62, MAX_COUNT)
@@ -75,6 +76,18 @@ def test_counted_is_the_sum_of_the_counts(cells: dict[tuple[int, int], int],
 def test_bitmap_of_mask_holds_the_true_positions(mask: np.ndarray) -> None:
     got = bitmap_of_mask(mask)
     assert np.array_equal(np.array(got.to_array(), dtype=np.int64), np.flatnonzero(mask))
+
+
+@given(st.integers(0, 3), st.integers(0, 140_000), st.floats(0, 1), st.integers(0, 2))
+@settings(max_examples=20, deadline=None)
+def test_bitmaps_of_rows_hold_each_rows_true_positions_from_start(
+        count: int, n: int, p: float, block: int) -> None:
+    rows = np.random.default_rng(n).random((count, n)) < p
+    got = bitmaps_of_rows(rows, block << 16)
+    assert len(got) == count
+    for row, bitmap in zip(rows, got, strict=True):
+        assert np.array_equal(np.array(bitmap.to_array(), dtype=np.int64),
+                              np.flatnonzero(row) + (block << 16))
 
 
 def test_counted_sums_past_2_to_the_64() -> None:

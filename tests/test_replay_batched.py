@@ -4,17 +4,23 @@ A load's log record carries the columns its planner checked (memstore.engine.cha
 so recovery and replicas index its new profiles as the load did, without decoding a blob.
 Replaying that way must rebuild exactly what applying each record's after-images one
 profile at a time rebuilds: hypothesis drives random logs of loads (plain and
-dictionary-coded columns, new profiles and ones that exist), upserts, merges, deletes,
-slot ownership changes and snapshots, then compares the two replays with the live engine.
+dictionary-coded columns, new profiles and ones that exist; several in a row, which
+recovery joins into one), upserts, merges, deletes, slot ownership changes and snapshots,
+then compares the two replays with the live engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import msgpack
 import numpy as np
@@ -30,7 +36,7 @@ from memstore.engine.columnar import Coded, Columns
 from memstore.engine.core import Engine
 from memstore.errors import FailedPrecondition
 from memstore.hashslot import SLOT_COUNT, slot_of
-from memstore.shard import Shard, ShardConfig, load_snapshot, replay
+from memstore.shard import Shard, ShardConfig, _LoadRun, load_snapshot, replay
 from memstore.storage import wal_format
 from memstore.storage.snapshot_file import load_newest
 from memstore.storage.wal_reader import read_log
@@ -43,11 +49,13 @@ EMAILS = [f"e{i}@x" for i in range(8)]  # identifiers two profiles may both clai
 
 
 @st.composite
-def loads(draw: st.DrawFn) -> Columns:
+def loads(draw: st.DrawFn, fresh: bool = False) -> Columns:
     """A columnar batch: list columns (repeating or unique values, absent rows) and coded
-    ones (plain and list), with ids and identifiers mostly new."""
+    ones (plain and list), with ids and identifiers mostly new (all new if `fresh`)."""
     n = draw(st.integers(1, 40))
-    ids = [draw(st.sampled_from(PIDS)) if draw(st.integers(0, 9)) == 0
+    # ids that exist, lists to tidy: the general planner's; otherwise, a load
+    known = not fresh and draw(st.booleans())
+    ids = [draw(st.sampled_from(PIDS)) if known and draw(st.integers(0, 9)) == 0
            else f"L{draw(st.integers(0, 10**6))}" for _ in range(n)]
 
     def column(values: st.SearchStrategy[Any]) -> list[Any]:  # a quarter absent
@@ -59,7 +67,8 @@ def loads(draw: st.DrawFn) -> Columns:
         "age": column(st.integers(-5, 120)),
         "score": column(st.floats(-1e6, 1e6, allow_nan=False)),
         "vip": column(st.booleans()),
-        "tags": column(st.lists(st.sampled_from("abcd"), max_size=3)),
+        "tags": column(st.lists(st.sampled_from("abcd"), max_size=3, unique=not known)
+                       .map(lambda tags: tags if known else sorted(tags))),
         "seen": column(st.integers(0, 400).map(lambda d: T0_MICROS + d * 86_400_000_000)),
     }
     codes = draw(st.lists(st.integers(-1, 2), min_size=n, max_size=n))
@@ -69,13 +78,15 @@ def loads(draw: st.DrawFn) -> Columns:
                                                              max_size=k)))]
     attributes["topics"] = Coded(["art", "food", "golf", "jazz"], np.array(items, dtype=np.int32),
                                  np.array(lengths, dtype=np.int32))
-    identifiers = [[["email", draw(st.sampled_from(EMAILS))]] if draw(st.integers(0, 9)) == 0
+    identifiers = [[["email", draw(st.sampled_from(EMAILS))]]
+                   if known and draw(st.integers(0, 9)) == 0
                    else [["device", f"d{i}-{draw(st.integers(0, 10**6))}"]] for i in range(n)]
     return Columns(ids, attributes, identifiers, frozenset({"seen"}))
 
 
 steps = st.one_of(
     st.tuples(st.just("load"), loads()),
+    st.tuples(st.just("loads"), st.lists(loads(fresh=True), min_size=2, max_size=4)),
     st.tuples(st.just("upsert"), st.sampled_from(PIDS), st.sampled_from(["US", "CA", "FR"]),
               st.integers(0, 99), st.booleans()),
     st.tuples(st.just("link"), st.sampled_from(PIDS), st.sampled_from(EMAILS)),
@@ -85,31 +96,51 @@ steps = st.one_of(
 )
 
 
-async def _write(data: Path, plan: list[tuple[Any, ...]]) -> tuple[Any, ...]:
-    """Run the steps on a shard over `data`; returns the live engine's state."""
+async def _write(data: Path, plan: list[tuple[Any, ...]], clock: Callable[[], float]
+                 ) -> tuple[Any, ...]:
+    """Run the steps on a shard over `data`; returns the live engine's state and times."""
     shard = await Shard.open(ShardConfig(data_dir=data, sync=SyncPolicy.OFF,
-                                         stop_snapshot_timeout=0))
+                                         stop_snapshot_timeout=0, clock=clock))
     engine, epoch = shard.engine, 0
     # The attributes the compared queries name (tests.test_durability.QUERIES), declared
     # with the kinds the loads send.
     await shard.commit(engine.plan_upsert(UpsertSpec("seed", [
         (SET, "country", "US"), (SET, "age", 30), (SET, "score", 0.5), (SET, "tags", ["a"]),
         (SET, "seen", datetime.fromtimestamp(T0_MICROS / 1e6, UTC))])))
-    for step in plan:
+    for at, step in enumerate(plan):
         try:
-            epoch = await _step(shard, step, epoch)
+            epoch = await _step(shard, step, epoch, at)
         except FailedPrecondition:  # a write to a slot given up: refused, nothing logged
             pass
-    state = full_state(engine)
+    state = _state(engine)
     await shard.close()
     return state
 
 
-async def _step(shard: Shard, step: tuple[Any, ...], epoch: int) -> int:
-    """One step of a plan; returns the shard's epoch after it."""
+def _state(engine: Engine) -> tuple[Any, ...]:
+    """full_state, and when each dense id was created and last changed."""
+    return full_state(engine), engine.created.tolist(), engine.changed.tolist()
+
+
+def _ticking(step: float) -> Callable[[], float]:
+    """A wall clock `step` seconds further on at each reading: of the changes a few
+    readings apart, some are stamped in the same second and some are not."""
+    now = itertools.count(time.time(), step)
+    return lambda: next(now)
+
+
+async def _step(shard: Shard, step: tuple[Any, ...], epoch: int, at: int) -> int:
+    """One step of a plan (the `at`-th); returns the shard's epoch after it."""
     engine, kind = shard.engine, step[0]
     if kind == "load":
         await shard.commit(engine.plan_columns(step[1]))
+    elif kind == "loads":  # ids and identifiers none of the others name: loads all
+        for i, batch in enumerate(step[1]):
+            tag = f"{at}.{i}-"
+            await shard.commit(engine.plan_columns(replace(
+                batch, ids=[tag + pid for pid in batch.ids],
+                identifiers=[[[k, tag + v] for k, v in idents]
+                             for idents in batch.identifiers])))
     elif kind == "upsert":
         _, pid, country, age, unset = step
         await shard.commit(engine.plan_upsert(UpsertSpec(pid, [
@@ -148,19 +179,25 @@ def _one_at_a_time(data: Path) -> Engine:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.data_too_large])
-@given(st.lists(steps, min_size=1, max_size=12))
-def test_batched_replay_rebuilds_what_replaying_each_image_does(plan: list[tuple[Any, ...]]
-                                                                ) -> None:
+@given(st.lists(steps, min_size=1, max_size=12), st.sampled_from([_LoadRun.LIMIT, 30]),
+       st.sampled_from([0.0, 0.6]))
+def test_batched_replay_rebuilds_what_replaying_each_image_does(
+        plan: list[tuple[Any, ...]], run_limit: int, tick: float) -> None:
+    """Recovery joins consecutive loads' records into runs (of at most `run_limit`
+    profiles: a small one cuts runs short too), stamped as each record was: `tick` 0 is
+    the wall clock (a plan's changes mostly in one second), 0.6 a clock that moves on
+    0.6 s at each reading."""
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
-        live = asyncio.run(_write(data, plan))
-        batched = asyncio.run(Shard.open(ShardConfig(data_dir=data, sync=SyncPolicy.OFF,
-                                                     stop_snapshot_timeout=0)))
+        live = asyncio.run(_write(data, plan, _ticking(tick) if tick else time.time))
+        with patch.object(_LoadRun, "LIMIT", run_limit):
+            batched = asyncio.run(Shard.open(ShardConfig(data_dir=data, sync=SyncPolicy.OFF,
+                                                         stop_snapshot_timeout=0)))
         try:
-            assert full_state(batched.engine) == live
+            assert _state(batched.engine) == live
         finally:
             asyncio.run(batched.close())
-        assert full_state(_one_at_a_time(data)) == live
+        assert _state(_one_at_a_time(data)) == live
 
 
 def test_replaying_a_load_decodes_no_profile(tmp_path: Path,

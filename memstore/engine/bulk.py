@@ -11,7 +11,7 @@ indexes them without decoding blobs. Anything else goes to the general planner
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from datetime import datetime
 from itertools import chain, compress, islice, repeat
 from operator import is_not, lt
@@ -22,7 +22,7 @@ import numpy as np
 from pyroaring import BitMap
 
 from memstore.engine.blob import ident_keys
-from memstore.engine.change import Change, Image, Load, record_specs
+from memstore.engine.change import Change, Ids, Image, Load, record_specs
 from memstore.engine.columnar import Coded, Columns
 from memstore.engine.identity import IDENT_KIND, MAX_ID_BYTES, MAX_IDENTIFIER_BYTES
 from memstore.engine.planner import Planner
@@ -230,7 +230,7 @@ def plan_columns(engine: Engine, batch: Columns, where: str = "columns") -> Chan
     if keys.size and (_repeats(keys) or (engine.directory.find_many(keys) >= 0).any()):
         return general()
     planner = Planner(engine)
-    indexed: list[tuple[int, Sequence[int], list[Any] | Coded | np.ndarray]] = []
+    indexed: list[tuple[int, Ids, list[Any] | Coded | np.ndarray]] = []
     dense_ids = range(first, first + n)
     blobs = RowPacker(n)
     # Declared in the order the general planner meets them: by first record, then name order.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import chain, count
+from itertools import chain, count, pairwise
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -52,6 +52,10 @@ ERASING_TABLES = frozenset({"forwards", "decided", "claims"})
 ANONYMOUS_KINDS = ("anonymous", "device")  # identifier kinds of anonymous visitors
 
 
+# A column's dense ids: a range, a list, or (read back from the log) a uint32 array.
+Ids = Sequence[int] | np.ndarray
+
+
 @dataclass(slots=True)
 class Load:
     """What a bulk load's planner checked, kept so `apply` can index column by column."""
@@ -59,9 +63,12 @@ class Load:
     first: int  # dense id of the first image; the images are new profiles, in order
     slots: list[int]  # hash slot of each image's primary id
     keys: np.ndarray  # the images' identifier keys (none in the directory yet) ...
-    owners: list[int]  # ... and the dense id holding each
+    owners: list[int] | np.ndarray  # ... and the dense id holding each (read back: an array)
     # indexed: (attribute, ids, values), values coded where the column came so (Coded)
-    columns: list[tuple[int, Sequence[int], list[Any] | Coded | np.ndarray]]
+    columns: list[tuple[int, Ids, list[Any] | Coded | np.ndarray]]
+    # When each profile was created, unix seconds, where not all at the change's time (a
+    # recovery's run of loads logged in different seconds); never logged
+    stamps: np.ndarray | None = None
 
     def to_state(self) -> list[Any]:
         """For the log (a load's record carries it), so replay indexes the new profiles a
@@ -76,8 +83,8 @@ class Load:
     @classmethod
     def from_state(cls, state: list[Any]) -> Load:
         first, slots, keys, owners, columns = state
-        return cls(first, _array(slots).tolist(), _array(keys), _array(owners).tolist(),
-                   [(aid, range(*ids) if isinstance(ids[0], int) else _array(ids).tolist(),
+        return cls(first, _array(slots).tolist(), _array(keys), _array(owners),
+                   [(aid, range(*ids) if isinstance(ids[0], int) else _array(ids),
                      _values_of(values)) for aid, ids, values in columns])
 
 
@@ -125,6 +132,59 @@ def _values_of(state: list[Any]) -> list[Any] | Coded | np.ndarray:
     if state[0] == "c":
         return Coded(state[1], _array(state[2]), None if state[3] is None else _array(state[3]))
     return state[1]
+
+
+def column_form(values: list[Any] | Coded | np.ndarray) -> str:
+    """How a load's column holds its values: "a" an array, "c" coded, "cl" a coded list
+    column, "l" a list. Only columns of one form join (join_loads)."""
+    if isinstance(values, np.ndarray):
+        return "a"
+    if isinstance(values, Coded):
+        return "c" if values.lengths is None else "cl"
+    return "l"
+
+
+def join_loads(loads: Sequence[Load]) -> Load:
+    """The one Load of consecutive loads (each one's `first` where the previous one's
+    profiles end), as if a single load had planned all their profiles: slots, keys and
+    owners one after another, and each attribute's columns as one column (the loads'
+    columns of an attribute have one form, column_form): ids as one range or array,
+    values concatenated, coded ones re-coded over one table of their distinct values."""
+    if len(loads) == 1:
+        return loads[0]
+    pieces: dict[int, list[tuple[Ids, list[Any] | Coded | np.ndarray]]] = {}
+    for load in loads:
+        for aid, ids, values in load.columns:
+            pieces.setdefault(aid, []).append((ids, values))
+    return Load(loads[0].first, list(chain.from_iterable(load.slots for load in loads)),
+                np.concatenate([load.keys for load in loads]),
+                np.concatenate([np.asarray(load.owners, dtype=np.uint32) for load in loads]),
+                [(aid, _joined_ids([ids for ids, _ in column]),
+                  _joined_values([values for _, values in column]))
+                 for aid, column in pieces.items()])
+
+
+def _joined_ids(pieces: list[Ids]) -> Ids:
+    spans = [ids for ids in pieces if isinstance(ids, range)]
+    if len(spans) == len(pieces) and all(a.stop == b.start for a, b in pairwise(spans)):
+        return range(spans[0].start, spans[-1].stop)
+    return np.concatenate([np.arange(ids.start, ids.stop, dtype=np.uint32)
+                           if isinstance(ids, range) else np.asarray(ids, dtype=np.uint32)
+                           for ids in pieces])
+
+
+def _joined_values(pieces: list[Any]) -> list[Any] | Coded | np.ndarray:
+    if isinstance(pieces[0], np.ndarray):
+        return np.concatenate(pieces)
+    if not isinstance(pieces[0], Coded):
+        return list(chain.from_iterable(pieces))
+    table = dict(zip(dict.fromkeys(chain.from_iterable(c.values for c in pieces)), count()))
+    codes = [np.fromiter(map(table.__getitem__, coded.values), dtype=np.int32,
+                         count=len(coded.values))[coded.codes]  # a piece's code -> joined
+             for coded in pieces]
+    lengths = None if pieces[0].lengths is None else np.concatenate(
+        [coded.lengths for coded in pieces])
+    return Coded(list(table), np.concatenate(codes), lengths)
 
 
 @dataclass

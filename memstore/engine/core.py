@@ -91,9 +91,10 @@ from memstore.errors import (
     brief,
 )
 from memstore.hashslot import SLOT_COUNT, slot_of
-from memstore.index.bitmap_index import RangeIndex, ValueIndex, bitmap_of
+from memstore.index.bitmap_index import RangeIndex, ValueIndex
 from memstore.index.claims import Claims, claim_key
 from memstore.index.day_index import DayIndex
+from memstore.index.dense import bitmap_of
 from memstore.index.inttable import IntTable
 from memstore.query import Node, format_query
 from memstore.query.ast import segment_problem
@@ -801,6 +802,8 @@ class Engine:
         self.blobs.extend([image.blob for image in images])
         self.pids.extend(pids)
         stamps = array.array("I", [at]) * len(images)
+        if load.stamps is not None:
+            stamps = array.array("I", load.stamps.astype(np.uint32).tobytes())
         self.created.extend(stamps)
         self.changed.extend(stamps)
         self.dense_of.update(zip(pids, range(first, end), strict=True))
@@ -811,7 +814,7 @@ class Engine:
             self.foreign.update([d for d, slot in zip(range(first, end), load.slots, strict=True)
                                  if slot not in owned])
         if load.keys.size:
-            self.directory.insert_absent(load.keys, np.array(load.owners, dtype=np.uint32))
+            self.directory.insert_absent(load.keys, np.asarray(load.owners, dtype=np.uint32))
         self._index_columns({aid: (ids, values) for aid, ids, values in load.columns})
         return first, pids
 

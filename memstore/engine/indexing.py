@@ -6,7 +6,7 @@ Engine methods; the indexes are read by memstore.query.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from itertools import chain
 from typing import TYPE_CHECKING, Any, cast
 
@@ -15,10 +15,12 @@ from pyroaring import BitMap
 
 from memstore.engine import days
 from memstore.engine.blob import ident_key
+from memstore.engine.change import Ids
 from memstore.engine.columnar import Coded
 from memstore.engine.schema import RANGE_KINDS, AttributeSpec, Kind
 from memstore.index.bitmap_index import RangeIndex, ValueIndex, float_to_ordered, floats_to_ordered
 from memstore.index.day_index import DayIndex
+from memstore.index.dense import id_array
 
 if TYPE_CHECKING:
     from memstore.engine.core import Engine
@@ -113,7 +115,7 @@ def index_fresh(engine: Engine, fresh: list[tuple[int, dict[int, Any]]]) -> None
     engine._index_columns(columns)
 
 
-def index_columns(engine: Engine, columns: Mapping[int, tuple[Sequence[int],
+def index_columns(engine: Engine, columns: Mapping[int, tuple[Ids,
                                                      list[Any] | Coded | np.ndarray]]
                    ) -> None:
     """Index new profiles: per attribute id, their dense ids and stored values."""
@@ -128,7 +130,7 @@ def index_columns(engine: Engine, columns: Mapping[int, tuple[Sequence[int],
             engine.value_index[aid].add_coded(values.values, values.codes, dense
                                             if values.lengths is None
                                             else np.repeat(dense, values.lengths))
-            engine.exists[aid].update(ids)
+            _add_ids(engine.exists[aid], ids)
             continue
         if spec.kind is Kind.EVENT_DAYS:
             engine._index_day_records(aid, ids, cast(list[bytes], values))
@@ -147,17 +149,23 @@ def index_columns(engine: Engine, columns: Mapping[int, tuple[Sequence[int],
                 list(chain.from_iterable(values)))
         else:
             engine.value_index[aid].add_column(ids, values)
-        engine.exists[aid].update(ids)
+        _add_ids(engine.exists[aid], ids)
 
 
-def _dense_array(ids: Sequence[int]) -> np.ndarray:
+def _dense_array(ids: Ids) -> np.ndarray:
     """Dense ids as a uint32 array (a load's range without a Python int each)."""
     if isinstance(ids, range):
         return np.arange(ids.start, ids.stop, dtype=np.uint32)
-    return np.array(ids, dtype=np.uint32)
+    return np.asarray(ids, dtype=np.uint32)
 
 
-def index_day_records(engine: Engine, aid: int, ids: Sequence[int], records: list[bytes]) -> None:
+def _add_ids(bitmap: BitMap, ids: Ids) -> None:
+    """Add dense ids to `bitmap` (an array as one buffer: pyroaring takes a numpy array's
+    ids one Python int at a time)."""
+    bitmap.update(id_array(ids) if isinstance(ids, np.ndarray) else ids)
+
+
+def index_day_records(engine: Engine, aid: int, ids: Ids, records: list[bytes]) -> None:
     owners: list[int] = []
     pairs: list[tuple[int, int]] = []
     for dense, record in zip(ids, records, strict=True):

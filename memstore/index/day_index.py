@@ -38,8 +38,7 @@ from typing import Any
 import numpy as np
 from pyroaring import BitMap
 
-from memstore.index.bitmap_index import bitmap_of
-from memstore.index.dense import bitmap_of_mask, ids_of
+from memstore.index.dense import bitmap_of, bitmap_of_mask, ids_of
 
 Pairs = Sequence[tuple[int, int]]
 

@@ -1,11 +1,12 @@
-"""Between roaring bitmaps and numpy: the ids of bitmaps as one array, and the bitmap of a
-boolean mask over dense ids.
+"""Between roaring bitmaps and numpy: the bitmap of an array of dense ids, the ids of
+bitmaps as one array, and the bitmaps of boolean masks over dense ids.
 
 One job: move a set of dense ids across the boundary in bulk, never one id at a time
 from Python, so that a computation easier as a vector than as bitmap operations (a count
-per id over many bitmaps, memstore.index.day_index) costs a few passes over memory.
+per id over many bitmaps, memstore.index.day_index; the bit slices of a bulk load's
+values, memstore.index.bitmap_index) costs a few passes over memory.
 
-`bitmap_of_mask` writes roaring's portable serialization (the format pyroaring's
+`bitmap_of_mask` and `bitmaps_of_rows` write roaring's portable serialization (the format pyroaring's
 `serialize` and `deserialize` use, github.com/RoaringBitmap/RoaringFormatSpec) without run
 containers:
 
@@ -23,19 +24,30 @@ ten). It is a transient form, never written to disk.
 
 from __future__ import annotations
 
+import array
 import struct
 from collections.abc import Iterable
 
 import numpy as np
 from pyroaring import BitMap
 
-from memstore.index.bitmap_index import bitmap_of
+__all__ = ["BLOCK", "bitmap_of", "bitmap_of_mask", "bitmaps_of_rows", "id_array", "ids_of"]
 
-__all__ = ["bitmap_of_mask", "ids_of"]
-
-_BLOCK = 1 << 16
+BLOCK = 1 << 16  # the ids of one roaring container: those sharing their top 16 bits
 _ARRAY_MAX = 4096  # roaring's largest array container; a denser block is a bitset
 _NO_RUN_COOKIE = 12346
+
+
+def id_array(values: np.ndarray) -> array.array[int]:
+    """uint32 ids as an array.array: the form pyroaring takes fastest (a buffer)."""
+    buf = array.array("I")
+    buf.frombytes(values.astype(np.uint32, copy=False).tobytes())
+    return buf
+
+
+def bitmap_of(values: Iterable[int] | np.ndarray) -> BitMap:
+    """A bitmap of dense ids; a uint32 numpy array goes in as one buffer."""
+    return BitMap(id_array(values) if isinstance(values, np.ndarray) else values)
 
 
 def ids_of(bitmaps: Iterable[BitMap], dtype: type = np.uint32) -> np.ndarray:
@@ -55,12 +67,12 @@ def bitmap_of_mask(mask: np.ndarray) -> BitMap:
         return BitMap()
     if found * 32 < n:  # sparse: mostly array containers, the ids are as cheap
         return bitmap_of(np.flatnonzero(mask).astype(np.uint32))
-    blocks = -(-n // _BLOCK)
-    if n % _BLOCK:
-        padded = np.zeros(blocks * _BLOCK, dtype=bool)
+    blocks = -(-n // BLOCK)
+    if n % BLOCK:
+        padded = np.zeros(blocks * BLOCK, dtype=bool)
         padded[:n] = mask
         mask = padded
-    rows = mask.reshape(blocks, _BLOCK)
+    rows = mask.reshape(blocks, BLOCK)
     keys: list[int] = []
     cards: list[int] = []
     parts: list[bytes] = []
@@ -70,14 +82,54 @@ def bitmap_of_mask(mask: np.ndarray) -> BitMap:
         if not card:
             continue
         keys.append(key)
-        cards.append(card - 1)
+        cards.append(card)
         if card > _ARRAY_MAX:
             parts.append(np.packbits(row, bitorder="little").tobytes())
         else:
             parts.append(np.flatnonzero(row).astype("<u2").tobytes())
+    return _deserialize(keys, cards, parts)
+
+
+def bitmaps_of_rows(rows: np.ndarray, start: int = 0) -> list[BitMap]:
+    """The bitmap of each row of a 2-d bool array: row r's holds start + j wherever
+    rows[r, j] is true. `start` is a multiple of 65,536 (the rows cover whole blocks from
+    there); a row as wide as a multiple of 65,536 is used in place, others are copied."""
+    assert start % BLOCK == 0, start
+    count, n = rows.shape
+    blocks = -(-n // BLOCK)
+    if n % BLOCK:
+        padded = np.zeros((count, blocks * BLOCK), dtype=bool)
+        padded[:, :n] = rows
+        rows = padded
+    cube = rows.reshape(count, blocks, BLOCK)
+    bits = np.packbits(cube, axis=2, bitorder="little")  # (count, blocks, 8,192 bytes)
+    cards = np.bitwise_count(bits).sum(axis=2, dtype=np.int64).tolist()
+    first_key = start // BLOCK
+    out = []
+    for row, row_cards, row_bits in zip(cube, cards, bits, strict=True):
+        keys: list[int] = []
+        parts: list[bytes] = []
+        for block, card in enumerate(row_cards):
+            if not card:
+                continue
+            keys.append(block)
+            if card > _ARRAY_MAX:
+                parts.append(row_bits[block].tobytes())
+            else:
+                parts.append(np.flatnonzero(row[block]).astype("<u2").tobytes())
+        out.append(_deserialize([first_key + k for k in keys],
+                                [row_cards[k] for k in keys], parts))
+    return out
+
+
+def _deserialize(keys: list[int], cards: list[int], parts: list[bytes]) -> BitMap:
+    """The bitmap of containers (parts) at 65,536-id blocks `keys` holding `cards` ids."""
     count = len(keys)
+    if not count:
+        return BitMap()
     head = np.empty((count, 2), dtype="<u2")
-    head[:, 0], head[:, 1] = keys, cards
+    head[:, 0] = keys
+    head[:, 1] = np.asarray(cards) - 1
     sizes = np.fromiter((len(p) for p in parts), dtype=np.int64, count=count)
     offsets = (8 + 8 * count + np.cumsum(sizes) - sizes).astype("<u4")
     return BitMap.deserialize(b"".join((struct.pack("<II", _NO_RUN_COOKIE, count),

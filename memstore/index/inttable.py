@@ -147,12 +147,13 @@ class IntTable:
         values = np.asarray(values, dtype=np.uint32)
         if not len(keys):
             return
-        if not self._live:
+        if self._filled + len(keys) > _MAX_FILL * (self._mask + 1):
+            live = self._keys > TOMBSTONE  # a new table: the new keys go in with the rest
+            keys = np.concatenate((self._keys[live], keys))
+            values = np.concatenate((self._vals[live], values))
             self._alloc(_capacity_for(len(keys)))
             self._fill(keys, values)
             return
-        if self._filled + len(keys) > _MAX_FILL * (self._mask + 1):
-            self._rebuild(len(keys))
         self._place(keys, values)
 
     def get_many(self, keys: np.ndarray) -> np.ndarray:
@@ -219,7 +220,10 @@ class IntTable:
         key still waiting looks at its next _WINDOW slots for the first free one (empty, or
         a tombstone: the key is absent, so no later slot of its chain holds it), and one
         key wins each slot so chosen; the others go on from the slot after it. A key moves
-        past a slot only once it is taken, which is linear probing's invariant."""
+        past a slot only once it is taken, which is linear probing's invariant. The keys
+        choosing a slot are all written to it, and the one read back there wins (distinct
+        keys: one each slot), which costs a pass where finding the winners by sorting the
+        slots cost most of a round."""
         table_keys, table_vals, mask = self._keys, self._vals, self._mask
         pos = self._homes(keys)
         waiting = np.arange(len(keys))
@@ -231,12 +235,13 @@ class IntTable:
             rows = np.arange(len(waiting))
             chosen = at[rows, first]
             has = free[rows, first]  # a free slot in the window
-            slots, win = np.unique(chosen[has], return_index=True)
-            winners = waiting[has][win]
-            self._filled += int(np.count_nonzero(table_keys[slots] == EMPTY))
-            table_keys[slots] = keys[winners]
-            table_vals[slots] = values[winners]
-            placed[winners] = True
+            slots, claimants = chosen[has], waiting[has]
+            was_empty = table_keys[slots] == EMPTY
+            table_keys[slots] = keys[claimants]
+            won = table_keys[slots] == keys[claimants]
+            self._filled += int(np.count_nonzero(was_empty & won))
+            table_vals[slots[won]] = values[claimants[won]]
+            placed[claimants[won]] = True
             pos[waiting] = np.where(has, chosen + 1, pos[waiting] + _WINDOW) & mask
             waiting = waiting[~placed[waiting]]
         self._live += len(keys)
