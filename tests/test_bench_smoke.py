@@ -121,7 +121,7 @@ def test_hops_times_echo_shard_and_router() -> None:
 
     from bench.hops import main as hops
 
-    result = CliRunner().invoke(hops, ["--size", "2000", "--calls", "100", "--rounds", "1"])
+    result = CliRunner().invoke(hops, ["--size", "2000", "--calls", "60", "--rounds", "1"])
     assert result.exit_code == 0, result.output
     for way in ("bare grpc.aio echo", "shard Get (direct)", "Get through router",
                 "router, gRPC alone", "Get, direct_reads", "Get, client link"):
@@ -200,28 +200,28 @@ def test_events_bench_counts_agree_with_duckdb() -> None:
 
 
 def test_segments_bench_times_real_events_and_counts_that_agree(tmp_path: Path) -> None:
-    """bench.segments end to end on 5,000 profiles: both loads, every write's ENTER and
-    LEAVE seen by the watcher, in_segment counts equal to their queries', the polling
-    alternative timed, and a report with a ratio on every line."""
+    """bench.segments end to end on 5,000 profiles and 40 segments: both loads, every
+    write's ENTER and LEAVE seen by the watcher, in_segment counts equal to their
+    queries', the polling alternative timed, and a report with a ratio on every line."""
     from bench.segments import Options, markdown
     from bench.segments import run as run_segments
 
-    opt = Options(size=5_000, writes=60, pace_s=0.005, upserts=100, count_reps=2,
+    opt = Options(size=5_000, segments=40, writes=40, pace_s=0.005, upserts=50, count_reps=1,
                   poll_period_s=0.2, poll_rounds=2, idle_s=0.5, cache_dir=tmp_path,
                   log=lambda s: None)
     res = run_segments(opt)
     assert res["load_with"]["profiles"] == res["load_without"]["profiles"] == 5_000
-    assert len(res["segments"]["definitions"]) == 100 and res["segments"]["members"]["min"] > 0
+    assert len(res["segments"]["definitions"]) == 40 and res["segments"]["members"]["min"] > 0
     assert {"=", "IN", "range", "HAS", "NOT"} <= set(res["segments"]["predicates"])
     watched = res["writes_watched"]
     for change in ("enter", "leave"):  # every write's event came, matched by id
-        assert watched["noticed"][change]["writes"] == 30
+        assert watched["noticed"][change]["writes"] == 20
         assert watched["noticed"][change]["missed"] == 0
-        assert watched["noticed"][change]["after_ack"]["n"] == 30
-    assert watched["events"] >= 60 and watched["error"] is None
-    assert res["upserts_with"]["n"] == res["upserts_without"]["n"] == 100
+        assert watched["noticed"][change]["after_ack"]["n"] == 20
+    assert watched["events"] >= 40 and watched["error"] is None
+    assert res["upserts_with"]["n"] == res["upserts_without"]["n"] == 50
     for way in ("grpc", "link"):  # run() raises unless each pair of counts agreed
-        assert res["counts"][way]["in_segment"]["n"] == res["counts"][way]["query"]["n"] == 200
+        assert res["counts"][way]["in_segment"]["n"] == res["counts"][way]["query"]["n"] == 40
     assert res["memory"]["members"] > 0 and res["memory"]["serialized_bytes"] > 0
     assert res["poll_quiet"]["rounds"] == 2 and res["poll_quiet"]["ids_per_round"] > 0
     assert res["writes_polled"]["rounds"] >= 2

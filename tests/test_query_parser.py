@@ -437,14 +437,14 @@ def _trees(literals: st.SearchStrategy[object], min_children: int) -> st.SearchS
     return st.recursive(leaves, extend, max_leaves=12)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(_trees(_text_literals, min_children=2))
 def test_format_then_parse_round_trips(node: Node) -> None:
     text = format_query(node)
     assert typed(parse(text)) == typed(node), text
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(_trees(_proto_literals, min_children=1))
 def test_proto_round_trips(node: Node) -> None:
     q = to_proto(node)

@@ -58,7 +58,7 @@ def _coded(kind: Kind, held: list[Any]) -> Coded:
     return Coded(values, np.array([values.index(v) for v in held], dtype=np.int32))
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(batches(), st.integers(0, 1 << 40))
 def test_blobs_are_the_ones_encode_packs(batch: Any, version: int) -> None:
     n, columns, identifiers = batch

@@ -145,7 +145,7 @@ def engine_with(profiles: list[dict[str, Any]], declared: list[str], seg: BitMap
     return engine
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(profiles=PROFILES, declared=st.lists(st.sampled_from(sorted(KINDS)), unique=True),
        node=QUERIES, seg=st.lists(st.integers(0, 7)).map(BitMap))
 def test_the_matcher_answers_as_the_indexes_do(profiles: list[dict[str, Any]],
