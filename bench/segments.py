@@ -10,7 +10,8 @@ the feature costs and what it gives, each figure beside its peer from the same r
 1. ENTER latency: from the client's acknowledgement of a write that makes a profile enter
    a known segment to a watcher (`watch()` through the router, every segment) receiving it.
 2. Bulk load through the router with the 100 segments defined beforehand, against a fresh
-   cluster without any (the same data; one cluster, then the other, never both at once).
+   cluster without any (the same data; one cluster loads, then the other, the first idle
+   meanwhile: it stays up for the upserts of 3).
 3. Sequential single upserts of existing profiles setting attributes the segments read,
    each sent to the cluster loaded with the segments and to the one without them, in a
    random order (the same profiles; the same upserts): interleaved, so a change of the
