@@ -523,7 +523,7 @@ def run_sync_kill_cycles(tmp_path: Path, procs: list[Proc], cycles: int, seed: i
 
 def test_sync_replication_survives_kill_cycles_of_primary_and_replica(
         tmp_path: Path, procs: list[Proc]) -> None:
-    run_sync_kill_cycles(tmp_path, procs, cycles=4, seed=7)  # the replica dies in cycle 2
+    run_sync_kill_cycles(tmp_path, procs, cycles=3, seed=7)  # the replica dies in cycle 2
 
 
 @pytest.mark.slow

@@ -249,7 +249,7 @@ class SegmentsModel(RuleBasedStateMachine):
             self.client.close()
 
 
-SegmentsModel.TestCase.settings = settings(max_examples=40, stateful_step_count=25,
+SegmentsModel.TestCase.settings = settings(max_examples=30, stateful_step_count=25,
                                            deadline=None)
 
 
