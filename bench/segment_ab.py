@@ -1,9 +1,10 @@
 """`python -m bench.segment_ab --before DIR`: what saved segments cost a single upsert and
 what an in_segment count costs, this tree against another, interleaved call by call.
 
-One job: bench.segments times its upserts without segments and with them minutes apart, on
-a 2-core machine that others share; a change of load between the two phases moves the
-ratio more than the segments do. Here four clusters (`memstore serve --shards 2 --sync
+One job: what a change of code does to the segments' cost (bench.segments interleaves a
+cluster with segments and one without, of this tree only; timed in phases minutes apart
+on a 2-core machine that others share, a change of load moves the ratio more than the
+segments do). Here four clusters (`memstore serve --shards 2 --sync
 off`) hold the same profiles at once: the other tree's code (`--before`, e.g. from `git
 archive main`) and this one's, each without and with bench.segments' 100 segments. Each
 upsert goes to all four in a shuffled order before the next, so every figure shares the
@@ -27,15 +28,13 @@ from pathlib import Path
 import click
 
 from bench.datagen import (
-    COUNTRIES,
     DEFAULT_CACHE,
-    PLANS,
     iter_records,
     load_or_generate,
-    profile_id,
     schema_declaration,
 )
 from bench.segments import Cluster, Options, make_segments
+from bench.segments import upserts as interleaved_upserts
 from memstore import Client
 
 
@@ -77,22 +76,9 @@ def main(before: Path, size: int, upserts: int, count_reps: int) -> None:
             print(f"{label}: loaded", file=sys.stderr, flush=True)
         for cluster in clusters:
             cluster.quiet()
-        ids, values = random.Random(5), random.Random(1)
-        order = list(grpc_clients)
-        samples: dict[str, list[float]] = {label: [] for label in order}
-        for i in range(upserts + 50):
-            pid = profile_id(ids.randrange(size))
-            attrs = {"country": values.choice(COUNTRIES[:12]), "age": values.randint(18, 80),
-                     "plan": values.choice(PLANS)}
-            random.shuffle(order)
-            for label in order:
-                t = time.perf_counter()
-                grpc_clients[label].upsert(pid, attrs, ops=[("increment", "orders", 1)])
-                if i >= 50:  # the first 50 warm up
-                    samples[label].append(time.perf_counter() - t)
-        for label, s in samples.items():
-            print(f"upsert, {label}: median {statistics.median(s) * 1e3:.3f} ms, "
-                  f"mean {statistics.mean(s) * 1e3:.3f} ms")
+        for label, u in interleaved_upserts(grpc_clients, size, upserts).items():
+            print(f"upsert, {label}: median {u['median_ms']:.3f} ms, "
+                  f"mean {u['mean_ms']:.3f} ms")
         ways = {(label, way): client for label in grpc_clients if "100" in label
                 for way, client in (("gRPC", grpc_clients[label]),
                                     ("link", link_clients[label]))}
@@ -115,8 +101,8 @@ def main(before: Path, size: int, upserts: int, count_reps: int) -> None:
                     if got["in_segment"] != got["query"]:
                         raise RuntimeError(f"{s.name}: in_segment counts {got['in_segment']}, "
                                            f"its query {got['query']} ({key})")
-        for (label, way, kind), s in counted.items():
-            print(f"count({kind}), {way}, {label}: median {statistics.median(s) * 1e3:.3f} ms")
+        for (label, way, kind), times in counted.items():
+            print(f"count({kind}), {way}, {label}: median {statistics.median(times) * 1e3:.3f} ms")
     finally:
         for cluster in clusters:
             cluster.close()
