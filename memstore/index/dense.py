@@ -67,27 +67,7 @@ def bitmap_of_mask(mask: np.ndarray) -> BitMap:
         return BitMap()
     if found * 32 < n:  # sparse: mostly array containers, the ids are as cheap
         return bitmap_of(np.flatnonzero(mask).astype(np.uint32))
-    blocks = -(-n // BLOCK)
-    if n % BLOCK:
-        padded = np.zeros(blocks * BLOCK, dtype=bool)
-        padded[:n] = mask
-        mask = padded
-    rows = mask.reshape(blocks, BLOCK)
-    keys: list[int] = []
-    cards: list[int] = []
-    parts: list[bytes] = []
-    for key in range(blocks):
-        row = rows[key]
-        card = int(np.count_nonzero(row))
-        if not card:
-            continue
-        keys.append(key)
-        cards.append(card)
-        if card > _ARRAY_MAX:
-            parts.append(np.packbits(row, bitorder="little").tobytes())
-        else:
-            parts.append(np.flatnonzero(row).astype("<u2").tobytes())
-    return _deserialize(keys, cards, parts)
+    return bitmaps_of_rows(mask[np.newaxis])[0]
 
 
 def bitmaps_of_rows(rows: np.ndarray, start: int = 0) -> list[BitMap]:
