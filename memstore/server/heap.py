@@ -1,6 +1,13 @@
-"""Giving freed heap memory back to the operating system after a bulk load.
+"""How a shard process's heap gives memory back to the operating system.
 
-A load request makes many short-lived objects (a batch's columns, pieces and arrays).
+Queries: a count over a window or a range makes numpy temporaries of several MB (at
+473k ids a shard, ~12 MB for a cold `did(..., at_least=3)`) and frees them at its end.
+glibc's defaults hand such memory back as soon as twice the largest block freed sits
+free at the heap's top, so the next such query faults its pages in again: ~900 page
+faults, 5.3 ms a count where 2.75 ms is the counting. `keep_scratch_memory` (called once
+as a shard process starts) lets the heap keep up to SCRATCH_BYTES free for the next query.
+
+Loads: a load request makes many short-lived objects (a batch's columns, pieces and arrays).
 Python frees them, but glibc's malloc keeps the freed pages for reuse unless they sit at
 the top of its heap, so a shard's resident memory after a load stays above what its
 profiles and indexes hold: at 1M profiles, 4,000 a request, ~15-30 bytes a profile more.
@@ -14,10 +21,30 @@ import ctypes
 import ctypes.util
 
 _libc_name = ctypes.util.find_library("c")
-_trim = getattr(ctypes.CDLL(_libc_name), "malloc_trim", None) if _libc_name else None
+_libc = ctypes.CDLL(_libc_name) if _libc_name else None
+_trim = getattr(_libc, "malloc_trim", None)
 if _trim is not None:
     _trim.argtypes = [ctypes.c_size_t]
     _trim.restype = ctypes.c_int
+_mallopt = getattr(_libc, "mallopt", None)
+if _mallopt is not None:
+    _mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    _mallopt.restype = ctypes.c_int
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+SCRATCH_BYTES = 64 << 20  # free heap kept for the next query's temporaries
+_MMAP_FROM = 32 << 20  # blocks at least this big are mapped apart (glibc's largest)
+
+
+def keep_scratch_memory() -> bool:
+    """Keep up to SCRATCH_BYTES of freed memory in the heap, and take blocks under 32 MiB
+    from it rather than from fresh mappings: query temporaries reuse pages already
+    faulted in. (glibc otherwise moves both thresholds with the largest block freed.)
+    What a bulk load leaves still goes back, through LoadTrimmer. Whether it was set."""
+    if _mallopt is None:
+        return False
+    return bool(_mallopt(_M_MMAP_THRESHOLD, _MMAP_FROM)) \
+        and bool(_mallopt(_M_TRIM_THRESHOLD, SCRATCH_BYTES))
 
 
 def release_free_heap() -> bool:
