@@ -169,3 +169,27 @@ def test_kept_window_sums_follow_every_update(data: Any) -> None:
             assert set(index.counted(lo, hi, least, most, within)) == want
             assert index.count(lo, hi, least, most, within) == len(want)
             assert fresh.count(lo, hi, least, most, within) == len(want)
+
+
+def test_a_window_near_a_kept_one_is_moved_not_recounted() -> None:
+    """A window a day or two off a kept one (the day rolled over; 30 and 31 days) starts
+    from the kept sums and moves the days that differ (DayIndex._derived): its answers
+    equal the reference's for repeats of every size, and a window far from both kept ones
+    is counted afresh."""
+    rng = np.random.default_rng(7)
+    index, cells = DayIndex(), {}
+    for who in rng.choice(70_000, 3_000, replace=False).tolist():  # ids past one block
+        for day in rng.choice(12, int(rng.integers(1, 8)), replace=False).tolist():
+            cells[who, day] = int(rng.choice([1, 1, 2, 3, 5, 40, 300]))
+            index.add(who, day, cells[who, day])
+    index.count(0, 7, 3, None)  # kept
+    for lo, hi in [(1, 8), (2, 9), (0, 6), (1, 7), (2, 8)]:
+        cells_in = sum(len(b) for d, b, _ in index.items() if lo <= d <= hi)
+        assert index._derived(lo, hi, cells_in) is not None, (lo, hi)
+        sums = _sums(cells, lo, hi)
+        for least, most in [(3, None), (2, 5), (41, None), (300, 340)]:
+            want = {w for w, s in sums.items() if s >= least and (most is None or s <= most)}
+            assert index.count(lo, hi, least, most) == len(want), (lo, hi, least, most)
+            assert set(index.counted(lo, hi, least, most)) == want
+    cells_far = sum(len(b) for d, b, _ in index.items() if 9 <= d <= 11)
+    assert index._derived(9, 11, cells_far) is None

@@ -24,7 +24,9 @@ Queries never touch ids one by one from Python:
 The sums of the last WINDOWS windows counted are kept, one uint32 an id (`_Sums`), and
 kept current by every update: a write adds its change of count to each kept window its
 day is in. A window asked again (a dashboard's segment, a live segment re-evaluated on
-its timer) is compared in its vector without counting a cell. A window whose sums could
+its timer) is compared in its vector without counting a cell. A window near a kept one
+(the same window once the day has rolled over; 31 days after 30) starts from a copy of
+the kept vector and adds and takes out only the days that differ. A window whose sums could
 pass 2 ** 32 - 1 is not kept, and one dropped when an update could carry it there. The
 vectors live in memory only (snapshots hold the bitmaps).
 Bitmaps returned are fresh; the index's own are never handed out.
@@ -256,7 +258,7 @@ class DayIndex:
         """Keep the window's exact sums `counts`, none above `top` (<= _SUM_MAX)."""
         while len(self._sums) >= WINDOWS:
             del self._sums[next(iter(self._sums))]
-        self._sums[lo, hi] = _Sums(counts.astype(np.uint32), top)
+        self._sums[lo, hi] = _Sums(counts.astype(np.uint32, copy=False), top)
 
     # ------------------------------------------------------------------ queries
     def days(self) -> list[int]:
@@ -324,22 +326,54 @@ class DayIndex:
             # bitmap AND costs about what counting a cell costs.
             cells = sum(len(self._days[d]) for d in chosen)
             among = within if within is not None and len(within) < cells else None
-            ids = ids_of((b & among if among is not None else b
-                          for b in (self._days[d] for d in chosen)), np.intp)
-            if not len(ids):
-                return BitMap()
-            counts = np.bincount(ids).view(np.uint64)  # the days each id did it on
-            repeats = [(i, bits & among if among is not None else bits)
-                       for d in chosen for i, bits in enumerate(self._extra.get(d, ()))]
-            if repeats:
-                _add_repeats(counts, repeats, least if most is None else most + 1,
-                             exact=ceiling < 1 << 64)
+            derived = self._derived(lo, hi, cells) if among is None and ceiling <= _SUM_MAX \
+                else None
+            if derived is not None:
+                counts = derived
+            else:
+                ids = ids_of((b & among if among is not None else b
+                              for b in (self._days[d] for d in chosen)), np.intp)
+                if not len(ids):
+                    return BitMap()
+                counts = np.bincount(ids).view(np.uint64)  # the days each id did it on
+                repeats = [(i, bits & among if among is not None else bits)
+                           for d in chosen for i, bits in enumerate(self._extra.get(d, ()))]
+                if repeats:
+                    _add_repeats(counts, repeats, least if most is None else most + 1,
+                                 exact=ceiling < 1 << 64)
             if among is None and ceiling <= _SUM_MAX:  # every id's exact sum: keep them
                 self._keep(lo, hi, counts, ceiling)
         match = counts >= least
         if most is not None:
             match &= counts <= most
         return match, within if within is not None and among is None else None
+
+    def _derived(self, lo: int, hi: int, cells: int) -> np.ndarray | None:
+        """The sums over lo..hi from a kept window near it (the same window a day on, once
+        the day has rolled over; a dashboard's 30 and 31 days): the kept vector, less the
+        days only it covers, plus the days only lo..hi covers. None when no kept window is
+        near enough: the days to move hold more than half the `cells` of counting afresh.
+        Only for windows whose sums fit in 32 bits, as every kept one's do, so uint32
+        arithmetic, modular on the way, ends exact."""
+        best: tuple[int, _Sums, list[int], list[int]] | None = None
+        for (was_lo, was_hi), sums in self._sums.items():
+            gone = [d for d in self._days if was_lo <= d <= was_hi and not lo <= d <= hi]
+            new = [d for d in self._days if lo <= d <= hi and not was_lo <= d <= was_hi]
+            moved = sum(len(self._days[d]) for d in (*gone, *new))
+            if best is None or moved < best[0]:
+                best = (moved, sums, gone, new)
+        if best is None or best[0] * 2 > cells:
+            return None
+        _, sums, gone, new = best
+        end = max((self._days[d].max() + 1 for d in new), default=0)
+        counts = np.zeros(max(end, len(sums.vector)), dtype=np.uint32)
+        counts[:len(sums.vector)] = sums.vector
+        for days, sign in ((new, 1), (gone, -1)):
+            for d in days:  # a bitmap's ids are distinct: a fancy-indexed add is exact
+                counts[ids_of((self._days[d],), np.intp)] += np.uint32(sign % (1 << 32))
+                for i, bits in enumerate(self._extra.get(d, ())):
+                    counts[ids_of((bits,), np.intp)] += np.uint32((sign << i) % (1 << 32))
+        return counts
 
     # ------------------------------------------------------------------ persistence
     def to_state(self) -> dict[str, Any]:
