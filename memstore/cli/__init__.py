@@ -13,6 +13,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -263,8 +264,8 @@ def load_events(file: Path, fmt: str | None, rejects: Path | None, chunk_size: i
             unit=" events", disable=no_progress, file=sys.stderr,
             total=loader.count_lines(file, fmt), desc=f"loading {file.name}") as bar:
         run = _LoadRun(file, rejects, chunk_size * (concurrency + 2), bar.update, "events")
-        applied = run.send(lambda: client.load_events(
-            run.records(loader.read_events(file, fmt)), chunk_size=chunk_size,
+        applied = run.send(lambda: client.load_events(  # each line's event, checked once
+            run.records(loader.read_events(file, fmt), attrgetter("event")), chunk_size=chunk_size,
             concurrency=concurrency, progress=bar.update,
             on_refused=run.refused if rejects else None))
     run.report(applied)
@@ -287,11 +288,14 @@ class _LoadRun:
         self.refused_count = 0
         self.error = ""
 
-    def records(self, lines: Iterator[Any]) -> Iterator[dict[str, Any]]:
+    def records(self, lines: Iterator[Any], item: Callable[[Any], Any] = attrgetter("record")
+                ) -> Iterator[Any]:
+        """What the load sends of each good line (`item`: its record, or an event line's
+        checked event)."""
         for index, line in enumerate(self._good(lines)):
             self.lines[index] = line
             self.lines.pop(index - self.window, None)
-            yield line.record
+            yield item(line)
 
     def _good(self, lines: Iterator[Any]) -> Iterator[Any]:
         for line in lines:
