@@ -23,7 +23,7 @@ import struct
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import repeat, starmap
+from itertools import repeat
 from operator import add, itemgetter
 from operator import setitem as setitem_list
 from typing import TYPE_CHECKING, Any
@@ -114,7 +114,7 @@ def _plan_columns(engine: Engine, events: Sequence[Event]) -> Change | None:
     an event it would refuse (it names it), an identifier key, an id that is merged away,
     held or not in an owned slot, an event whose attributes are not declared yet, or
     counts so large that a batch's sum might not fit in int64."""
-    from memstore.engine.blob import decode, encode
+    from memstore.engine.blob import decode_many, encode_many
     from memstore.engine.change import Change, Image
 
     keys, names, times, counts = zip(*events, strict=True)
@@ -196,8 +196,7 @@ def _plan_columns(engine: Engine, events: Sequence[Event]) -> Change | None:
     # from here on Python iterates in C (map) over profiles, groups and cells.
     dense_list = p_dense.tolist()
     existing = int(np.searchsorted(p_dense, first))
-    states: list[list[Any]] = list(map(decode, map(  # type: ignore[arg-type]
-        blobs.__getitem__, dense_list[:existing])))
+    states = decode_many(list(map(blobs.__getitem__, dense_list[:existing])))  # type: ignore[arg-type]
     states += [[0, {}, [], []] for _ in range(len(dense_list) - existing)]
     g_attrs = list(map(list(map(itemgetter(1), states)).__getitem__,
                        np.repeat(np.arange(len(states)), p_groups).tolist()))
@@ -249,7 +248,7 @@ def _plan_columns(engine: Engine, events: Sequence[Event]) -> Change | None:
                                                     p_events.tolist())))
     pids = list(map(engine.pids.__getitem__, dense_list[:existing])) + new_pids
     images: list[Image] = list(map(tuple.__new__, repeat(Image), zip(
-        dense_list, pids, starmap(encode, states), repeat(None))))
+        dense_list, pids, encode_many(states), repeat(None))))
     # The index changes, a column per attribute: range values that changed, day cells.
     changed = np.column_stack((np.ones(len(g_dense), dtype=bool),
                                ~had[:, 1] | (new_first != was[:, 1]),
