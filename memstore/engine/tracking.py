@@ -87,6 +87,7 @@ class Tracked:
 
 _BYTE = [bytes((i,)) for i in range(0x80)]  # a one-byte varint
 _U32 = struct.Struct("<I")  # a day record's newest day
+_ABSENT = -(1 << 63)  # INT64_MIN: how _plan_columns reads an absent count, first or last
 FAST_FROM = 64  # batches this large take the column-at-a-time path when they can
 
 
@@ -200,21 +201,28 @@ def _plan_columns(engine: Engine, events: Sequence[Event]) -> Change | None:
     states += [[0, {}, [], []] for _ in range(len(dense_list) - existing)]
     g_attrs = list(map(list(map(itemgetter(1), states)).__getitem__,
                        np.repeat(np.arange(len(states)), p_groups).tolist()))
-    # (count, first, last) before, per group
-    get, has = dict.get, dict.__contains__
-    had = np.column_stack([np.fromiter(map(has, g_attrs, ids), dtype=bool, count=len(ids))
-                           for ids in (count_ids, first_ids, last_ids)])
-    was = np.column_stack([np.fromiter(map(get, g_attrs, ids, repeat(0)), dtype=np.int64,
-                                       count=len(ids))
-                           for ids in (count_ids, first_ids, last_ids)])
+    # (count, first, last) before, per group, read in one pass over the groups' dicts (a
+    # pass a column cost twice as much: each get a call through map). Absent reads as
+    # INT64_MIN, which no timestamp is (stored ones lie in MIN_MICROS..MAX_MICROS); an int
+    # count may be, so a count read so is looked up again.
+    raw = np.array([(attrs.get(c, _ABSENT), attrs.get(f, _ABSENT), attrs.get(last, _ABSENT))
+                    for attrs, c, f, last in zip(g_attrs, count_ids, first_ids, last_ids)],
+                   dtype=np.int64).reshape(-1, 3)
+    had = raw != _ABSENT
+    unsure = np.flatnonzero(~had[:, 0]).tolist()
+    if unsure:
+        had[unsure, 0] = list(map(dict.__contains__, map(g_attrs.__getitem__, unsure),
+                                  map(count_ids.__getitem__, unsure)))
+    was = np.where(had, raw, 0)
     if (was[:, 0] > INT64_MAX - g_count).any():
         return None  # a count would pass int64: the general planner refuses it, naming it
     new_count = was[:, 0] + g_count
     new_first = np.where(had[:, 1], np.minimum(was[:, 1], g_first), g_first)
     new_last = np.where(had[:, 2], np.maximum(was[:, 2], g_last), g_last)
-    setitem = dict.__setitem__
-    for ids, column in ((count_ids, new_count), (first_ids, new_first), (last_ids, new_last)):
-        _drain(map(setitem, g_attrs, ids, column.tolist()))
+    for attrs, c, f, last, count_, first_, last_ in zip(
+            g_attrs, count_ids, first_ids, last_ids, new_count.tolist(), new_first.tolist(),
+            new_last.tolist()):
+        attrs[c], attrs[f], attrs[last] = count_, first_, last_
     # Day records, a cell at a time (cells sort as their groups do; a group's cells by day).
     c_group = np.searchsorted(g_dense * len(names_of) + g_ev, c_dense * len(names_of) + c_ev
                               ).tolist()
