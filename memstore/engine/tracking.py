@@ -144,20 +144,19 @@ def _plan_columns(engine: Engine, events: Sequence[Event]) -> Change | None:
         return None
     dense_of, blobs = engine.dense_of, engine.blobs
     n = len(events)
-    # New profiles take dense ids in the order their ids first appear, as the general
-    # planner gives them.
-    new_pids = [pid for pid in dict.fromkeys(keys) if pid not in dense_of]
+    # New profiles (the ids not found: one look-up a key) take dense ids in the order
+    # their ids first appear, as the general planner gives them.
+    dense = np.fromiter(map(dense_of.get, keys, repeat(-1)), dtype=np.int64, count=n)
+    where_new = np.flatnonzero(dense < 0).tolist()
+    new_pids = list(dict.fromkeys(map(keys.__getitem__, where_new)))
     slots = slots_of(new_pids)
     owned = engine.owned_slots
     if owned is not None and not owned.issuperset(BitMap(slots)):
         return None
     first = len(blobs)
-    dense = np.fromiter(map(dense_of.get, keys, repeat(-1)), dtype=np.int64, count=n)
     if new_pids:
         fresh = dict(zip(new_pids, range(first, first + len(new_pids)), strict=True))
-        where_new = np.flatnonzero(dense < 0)
-        dense[where_new] = np.fromiter(map(fresh.__getitem__, map(keys.__getitem__,
-                                                                  where_new.tolist())),
+        dense[where_new] = np.fromiter(map(fresh.__getitem__, map(keys.__getitem__, where_new)),
                                        dtype=np.int64, count=len(where_new))
     if engine.foreign and first and engine.foreign.intersect(
             BitMap(dense[dense < first].astype(np.uint32))):
