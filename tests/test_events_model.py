@@ -39,7 +39,14 @@ from memstore.index.day_index import DayIndex
 from memstore.query import And, Did, Not, Op, Or, Predicate
 from memstore.query.evaluate import EvalStats, evaluate
 from memstore.query.evaluate import count as count_matching
-from memstore.shard import encode_change, encode_images, encode_merge, encode_schema, replay
+from memstore.shard import (
+    decode_change,
+    encode_change,
+    encode_images,
+    encode_merge,
+    encode_schema,
+    replay,
+)
 from memstore.storage import wal_format
 from tests.test_merge_model import SIDE0, SIDE1, TwoShards
 
@@ -489,6 +496,9 @@ def test_a_batch_in_columns_is_its_events_one_at_a_time_and_replays_the_same(
     assert touched.changed == touched_general.changed
     assert {d: set(s) for d, (s, _) in touched.diffs.items()} == {
         d: set(s) for d, (s, _) in touched_general.diffs.items()}
+    # the record holds each diff as [set ids, unset ids] (docs/log-format.md)
+    assert decode_change(logs[0][-1]).get("diffs", {}) == {
+        d: [s, u] for d, (s, u) in touched.diffs.items()}
     replayed = Engine(clock=clock, event_days=RETENTION)
     for payload in logs[0]:
         replay(replayed, wal_format.RECORD_CHANGE, payload)
