@@ -7,6 +7,7 @@ that `memstore serve` starts). Errors print the server's message and exit with s
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -260,6 +261,7 @@ def load_events(file: Path, fmt: str | None, rejects: Path | None, chunk_size: i
     from memstore.client import loader
 
     fmt = loader.format_of(file, fmt)
+    _collect_rarely()
     with connect.client(timeout=None) as client, tqdm(
             unit=" events", disable=no_progress, file=sys.stderr,
             total=loader.count_lines(file, fmt), desc=f"loading {file.name}") as bar:
@@ -269,6 +271,16 @@ def load_events(file: Path, fmt: str | None, rejects: Path | None, chunk_size: i
             concurrency=concurrency, progress=bar.update,
             on_refused=run.refused if rejects else None))
     run.report(applied)
+
+
+def _collect_rarely() -> None:
+    """For a long load: what start-up built out of the collector's sight, young passes
+    every 200,000 net allocations and full ones rarely. A load keeps its window of recent
+    lines (~200,000 objects a chunk size of 20,000) alive, and every line makes a few
+    containers: at Python's defaults the collector walked that window again and again
+    (load-events: 14.6-15.3 -> 9.7-11.1 us of CLI CPU an event, 200,000 events)."""
+    gc.freeze()
+    gc.set_threshold(200_000, 50, 1000)
 
 
 class _LoadRun:
