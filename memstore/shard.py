@@ -867,9 +867,8 @@ def encode_change(change: Change, touched: Touched, deltas: Deltas,
         record["schema"] = [s.to_state() for s in change.schema]
     if change.notes:
         record["notes"] = [[n.table, n.key, n.value] for n in change.notes]
-    if touched.diffs:
-        record["diffs"] = {dense: [set_ids, unset_ids]
-                           for dense, (set_ids, unset_ids) in touched.diffs.items()}
+    if touched.diffs:  # {dense: ([set ids], [unset ids])}: a tuple packs as the array it
+        record["diffs"] = touched.diffs  # would be as a list (a batch has thousands)
     if deltas:
         record["segments"] = encode_deltas(deltas)
         if engine is not None:

@@ -39,7 +39,14 @@ from memstore.index.day_index import DayIndex
 from memstore.query import And, Did, Not, Op, Or, Predicate
 from memstore.query.evaluate import EvalStats, evaluate
 from memstore.query.evaluate import count as count_matching
-from memstore.shard import encode_change, encode_images, encode_merge, encode_schema, replay
+from memstore.shard import (
+    decode_change,
+    encode_change,
+    encode_images,
+    encode_merge,
+    encode_schema,
+    replay,
+)
 from memstore.storage import wal_format
 from tests.test_merge_model import SIDE0, SIDE1, TwoShards
 
@@ -489,6 +496,9 @@ def test_a_batch_in_columns_is_its_events_one_at_a_time_and_replays_the_same(
     assert touched.changed == touched_general.changed
     assert {d: set(s) for d, (s, _) in touched.diffs.items()} == {
         d: set(s) for d, (s, _) in touched_general.diffs.items()}
+    # the record holds each diff as [set ids, unset ids] (docs/log-format.md)
+    assert decode_change(logs[0][-1]).get("diffs", {}) == {
+        d: [s, u] for d, (s, u) in touched.diffs.items()}
     replayed = Engine(clock=clock, event_days=RETENTION)
     for payload in logs[0]:
         replay(replayed, wal_format.RECORD_CHANGE, payload)
@@ -506,3 +516,23 @@ def test_a_batch_naming_an_identifier_nobody_holds_is_refused_whole_naming_it() 
         engine.plan_track_batch(events)
     assert refused.value.record == 41
     assert engine.blobs == blobs
+
+
+def test_the_column_path_tells_a_count_of_int64_min_from_an_absent_one() -> None:
+    """The column path reads an absent count as INT64_MIN and looks such a count up again:
+    a profile whose count was set to INT64_MIN itself adds to it, as the general planner
+    does, and one without a count starts from 0."""
+    at = Clock().today() * DAY_MICROS
+    low = -(1 << 63)
+    columns, general = Engine(), Engine()
+    for engine in (columns, general):
+        engine.apply(engine.plan_track("p0", "buy", at))
+        engine.apply(engine.plan_upsert(UpsertSpec("p1", [(1, "event.buy.count", low)])))
+    batch = [(f"p{i % 3}", "buy", at + i, 1) for i in range(64)]
+    planned = columns.plan_track_batch(batch)
+    assert planned.tracked is not None
+    columns.apply(planned)
+    general.apply(_plan_general(general, batch, "events"))
+    assert _state(columns) == _state(general)
+    assert [decode(columns.blobs[columns.dense_of[p]])[1][columns.schema.by_name[  # type: ignore[arg-type]
+        "event.buy.count"].id] for p in ("p0", "p1", "p2")] == [23, low + 21, 21]

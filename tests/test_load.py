@@ -17,7 +17,8 @@ import grpc
 import pytest
 
 from memstore import Client, LoadError
-from memstore.client.loader import cell_value
+from memstore.client.events import event_chunks, now_micros
+from memstore.client.loader import cell_value, read_events
 from tests.conftest import ROOT
 from tests.test_router import RouterThread, start_shards
 
@@ -206,6 +207,35 @@ def test_cell_value_rules() -> None:
     assert cell_value("b", "FALSE", schema) is False
     with pytest.raises(ValueError, match="is not an int"):
         cell_value("i", "4.5", schema)
+
+
+def test_event_lines_are_checked_once_and_sent_as_they_are(tmp_path: Path) -> None:
+    """load-events sends each good line's event tuple (checked by the loader alone), the
+    same event Client.load_events makes of the line's record; bad lines keep their
+    reasons; a tuple's absent time is the chunk's now."""
+    path = tmp_path / "events.jsonl"
+    rows = [{"id": "a", "event": "buy", "at": "2026-01-02T03:04:05+00:00", "count": "3"},
+            {"identifier": "email:a@x", "event": "open"},
+            {"identifier": {"kind": "crm", "value": "7"}, "event": "buy", "count": 2},
+            {"id": "b", "event": "buy", "at": "yesterday"},
+            {"id": "c", "event": "buy", "count": 0},
+            {"id": "d", "event": ""}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
+    lines = list(read_events(path, "jsonl"))
+    assert [line.error for line in lines[3:]] == [
+        "at: 'yesterday' is not an ISO-8601 time", "count: 0 is not a whole number from 1",
+        "no 'event' (a non-empty string)", lines[6].error]
+    assert lines[6].error.startswith("not JSON:") and all(line.event is None for line in lines[3:])
+    good = lines[:3]
+    assert [line.event for line in good] == [
+        ("a", "buy", 1767323045000000, 3), (("email", "a@x"), "open", None, 1),
+        (("crm", "7"), "buy", None, 2)]
+    [sent] = event_chunks([line.event for line in good], 10)
+    [made] = event_chunks([line.record for line in good], 10)
+    assert sent.events[0] == made.events[0] == good[0].event
+    assert [e[:2] + e[3:] for e in sent.events] == [e[:2] + e[3:] for e in made.events]
+    assert all(isinstance(e[2], int) and e[2] >= now_micros() - 60_000_000
+               for e in sent.events[1:])
 
 
 def test_parquet_rows_are_named(router: str, tmp_path: Path) -> None:

@@ -51,7 +51,7 @@ from pyroaring import BitMap
 
 from memstore import pbvalues
 from memstore.client import export
-from memstore.client.events import EVENT_CHUNK, EventChunk, EventRefusal, event_chunks
+from memstore.client.events import EVENT_CHUNK, EventChunk, EventRefusal, Parsed, event_chunks
 from memstore.client.refusal import Refusal
 from memstore.client.replicas import REPLICA_READS, ReplicaReads
 from memstore.engine import eventpack
@@ -824,11 +824,12 @@ class Client(ClientMethods):
                              timeout=self.timeout),
                          self._settle, concurrency)
 
-    def load_events(self, events: Iterable[Mapping[str, Any]], *, chunk_size: int = EVENT_CHUNK,
-                    concurrency: int = LOAD_CONCURRENCY,
+    def load_events(self, events: Iterable[Mapping[str, Any] | Parsed], *,
+                    chunk_size: int = EVENT_CHUNK, concurrency: int = LOAD_CONCURRENCY,
                     progress: Callable[[int], None] | bool | None = None,
                     on_refused: OnRefused | None = None) -> int:
-        """Track many events (dicts as `track_batch` takes), `concurrency` TrackBatch
+        """Track many events (dicts as `track_batch` takes, or (key, event, at or None,
+        count) tuples sent as they are: memstore.client.events), `concurrency` TrackBatch
         calls in flight; returns events applied. `progress` and `on_refused` as in `load`:
         an event the server refuses (a bad name, an identifier nobody holds) is reported
         to `on_refused(index, key, error)` and the load goes on; without it the load stops
@@ -1122,7 +1123,7 @@ class AsyncClient(ClientMethods):
                                                  timeout=self.timeout),
             self._settle, concurrency)
 
-    async def load_events(self, events: Iterable[Mapping[str, Any]], *,
+    async def load_events(self, events: Iterable[Mapping[str, Any] | Parsed], *,
                           chunk_size: int = EVENT_CHUNK, concurrency: int = LOAD_CONCURRENCY,
                           progress: Callable[[int], None] | bool | None = None,
                           on_refused: OnRefused | None = None) -> int:

@@ -4,7 +4,10 @@ TrackBatch requests, and, when a server refuses one, what to send again.
 An event record is a dict {"id" or "identifier", "event", "at", "count"}: "identifier" a
 (kind, value) pair naming the profile that holds it; "at" an aware datetime, an ISO-8601
 string (no offset means UTC) or int microseconds since the Unix epoch, default now;
-"count" default 1. Nothing here talks to a server.
+"count" default 1. A load also takes events already in the form a request carries, tuples
+(id or (kind, value), event, int microseconds or None for now, count), as
+memstore.client.loader's lines hold them: sent as they are (the server checks every
+field). Nothing here talks to a server.
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ def micros(at: Any, now: int) -> int:
         return datetime_to_micros(at)
     raise ValueError(f"'at' must be a datetime, an ISO-8601 string or int microseconds, "
                      f"got {type(at).__name__}")
+
+
+# An event as a load takes it ready: (key, event, at in microseconds or None: now, count)
+Parsed = tuple[eventpack.Key, str, int | None, int]
 
 
 def event_of(record: Mapping[str, Any], now: int) -> eventpack.Event:
@@ -82,14 +89,20 @@ class EventChunk:
         return eventpack.pack_events(self.events)
 
 
-def event_chunks(records: Iterable[Mapping[str, Any]], size: int) -> Iterator[EventChunk]:
-    """The records in chunks of `size` events (an error names the record's index)."""
+def event_chunks(records: Iterable[Mapping[str, Any] | Parsed], size: int
+                 ) -> Iterator[EventChunk]:
+    """The records in chunks of `size` events (an error names the record's index); a
+    record that is a tuple is an event already (Parsed), its time None meaning now."""
     it = iter(records)
     base = 0
     while True:
         now = now_micros()
-        chunk = []
+        chunk: list[eventpack.Event] = []
         for i, record in enumerate(islice(it, size)):
+            if isinstance(record, tuple):
+                key, event, at, count = record
+                chunk.append((key, event, now if at is None else at, count))
+                continue
             try:
                 chunk.append(event_of(record, now))
             except (ValueError, TypeError) as exc:

@@ -46,6 +46,9 @@ class Line:
     record: dict[str, Any] | None
     error: str = ""
     text: str = ""  # the line as it was (JSON Lines, CSV), for a rejects file
+    # An event line's (key, event, at or None for now, count), checked as
+    # Client.load_events takes it: the load sends it as it is, not checking it again
+    event: tuple[Any, str, int | None, int] | None = None
 
     @property
     def id(self) -> str | None:
@@ -308,7 +311,9 @@ def read_events(path: Path, fmt: str) -> Iterator[Line]:
     one. JSON Lines: one object a line; "identifier" a [kind, value] pair, an object
     {"kind", "value"} or "kind:value"; "at" an ISO-8601 string (no offset: UTC), absent
     meaning now; "count" a whole number, absent meaning 1. CSV: a header naming those
-    columns (an empty cell: absent). Parquet: those columns ("at" a timestamp or a string)."""
+    columns (an empty cell: absent). Parquet: those columns ("at" a timestamp or a string).
+    A good line's `event` is the same event as a checked tuple, which Client.load_events
+    takes as it is (the record is for messages about the line)."""
     if fmt == "jsonl":
         yield from _jsonl_events(path)
     elif fmt == "csv":
@@ -325,6 +330,7 @@ def _event_record(raw: Any, where: str, text: str) -> Line:
         return Line(where, None, "a line is a JSON object with an 'event'", text)
     pid, identifier = raw.get("id"), raw.get("identifier")
     record: dict[str, Any] = {}
+    key: Any
     if identifier is not None:
         if pid is not None:
             return Line(where, None, "give 'id' or 'identifier', not both", text)
@@ -336,11 +342,11 @@ def _event_record(raw: Any, where: str, text: str) -> Line:
                 and all(isinstance(x, str) and x for x in identifier)):
             return Line(where, None, "'identifier' must be [kind, value], {\"kind\", "
                         "\"value\"} or \"kind:value\"", text)
-        record["identifier"] = (identifier[0], identifier[1])
+        key = record["identifier"] = (identifier[0], identifier[1])
     elif not isinstance(pid, str) or not pid:
         return Line(where, None, "no 'id' (a non-empty string) or 'identifier'", text)
     else:
-        record["id"] = pid
+        key = record["id"] = pid
     event = raw.get("event")
     if not isinstance(event, str) or not event:
         return Line(where, record, "no 'event' (a non-empty string)", text)
@@ -348,17 +354,19 @@ def _event_record(raw: Any, where: str, text: str) -> Line:
     at = raw.get("at")
     if at is not None:
         try:
-            record["at"] = _event_time(at)
+            at = record["at"] = _event_time(at)
         except ValueError as exc:
             return Line(where, record, f"at: {exc}", text)
     count = raw.get("count")
-    if count is not None:
+    if count is None:
+        count = 1
+    else:
         if isinstance(count, str) and _INT.match(count):
             count = int(count)
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             return Line(where, record, f"count: {count!r} is not a whole number from 1", text)
         record["count"] = count
-    return Line(where, record, "", text)
+    return Line(where, record, "", text, (key, event, at, count))
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -382,12 +390,12 @@ def _event_time(value: Any) -> int:
 def _jsonl_events(path: Path) -> Iterator[Line]:
     # orjson: a quarter of `memstore load-events`' own CPU went to the json module. Lines
     # orjson refuses that json takes (NaN, integers past 64 bits) are not events either.
-    loads = orjson.loads
+    loads, name = orjson.loads, path.name
     with path.open(encoding="utf-8", errors="surrogateescape") as f:
         for n, text in enumerate(f, 1):
             if not text.strip():
                 continue
-            where = f"{path.name}:{n}"
+            where = f"{name}:{n}"
             try:
                 raw = loads(text)
             except ValueError as exc:

@@ -23,7 +23,7 @@ import struct
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import repeat, starmap
+from itertools import repeat
 from operator import add, itemgetter
 from operator import setitem as setitem_list
 from typing import TYPE_CHECKING, Any
@@ -34,6 +34,7 @@ from pyroaring import BitMap
 from memstore.engine import days
 from memstore.engine.schema import INT64_MAX, Kind, Merge
 from memstore.errors import InvalidArgument, MemstoreError, NotFound, brief
+from memstore.gcpause import gc_paused
 from memstore.hashslot import slots_of
 from memstore.pbvalues import MAX_MICROS, MIN_MICROS, TIMESTAMP_RANGE, micros_in_range
 
@@ -87,9 +88,12 @@ class Tracked:
 
 _BYTE = [bytes((i,)) for i in range(0x80)]  # a one-byte varint
 _U32 = struct.Struct("<I")  # a day record's newest day
+_ABSENT = -(1 << 63)  # INT64_MIN: how _plan_columns reads an absent count, first or last
 FAST_FROM = 64  # batches this large take the column-at-a-time path when they can
 
 
+@gc_paused  # a batch's decoded profiles (~4 containers each) are young, alive and many:
+# a collection in the middle of one traversed them all (20-25 ms, logged by served shards)
 def plan_track(engine: Engine, events: Sequence[Event], where: str | None = None) -> Change:
     """Plan `events` as one change; the result is how many were applied (all of them).
 
@@ -114,7 +118,7 @@ def _plan_columns(engine: Engine, events: Sequence[Event]) -> Change | None:
     an event it would refuse (it names it), an identifier key, an id that is merged away,
     held or not in an owned slot, an event whose attributes are not declared yet, or
     counts so large that a batch's sum might not fit in int64."""
-    from memstore.engine.blob import decode, encode
+    from memstore.engine.blob import decode_many, encode_many
     from memstore.engine.change import Change, Image
 
     keys, names, times, counts = zip(*events, strict=True)
@@ -143,20 +147,19 @@ def _plan_columns(engine: Engine, events: Sequence[Event]) -> Change | None:
         return None
     dense_of, blobs = engine.dense_of, engine.blobs
     n = len(events)
-    # New profiles take dense ids in the order their ids first appear, as the general
-    # planner gives them.
-    new_pids = [pid for pid in dict.fromkeys(keys) if pid not in dense_of]
+    # New profiles (the ids not found: one look-up a key) take dense ids in the order
+    # their ids first appear, as the general planner gives them.
+    dense = np.fromiter(map(dense_of.get, keys, repeat(-1)), dtype=np.int64, count=n)
+    where_new = np.flatnonzero(dense < 0).tolist()
+    new_pids = list(dict.fromkeys(map(keys.__getitem__, where_new)))
     slots = slots_of(new_pids)
     owned = engine.owned_slots
     if owned is not None and not owned.issuperset(BitMap(slots)):
         return None
     first = len(blobs)
-    dense = np.fromiter(map(dense_of.get, keys, repeat(-1)), dtype=np.int64, count=n)
     if new_pids:
         fresh = dict(zip(new_pids, range(first, first + len(new_pids)), strict=True))
-        where_new = np.flatnonzero(dense < 0)
-        dense[where_new] = np.fromiter(map(fresh.__getitem__, map(keys.__getitem__,
-                                                                  where_new.tolist())),
+        dense[where_new] = np.fromiter(map(fresh.__getitem__, map(keys.__getitem__, where_new)),
                                        dtype=np.int64, count=len(where_new))
     if engine.foreign and first and engine.foreign.intersect(
             BitMap(dense[dense < first].astype(np.uint32))):
@@ -196,26 +199,32 @@ def _plan_columns(engine: Engine, events: Sequence[Event]) -> Change | None:
     # from here on Python iterates in C (map) over profiles, groups and cells.
     dense_list = p_dense.tolist()
     existing = int(np.searchsorted(p_dense, first))
-    states: list[list[Any]] = list(map(decode, map(  # type: ignore[arg-type]
-        blobs.__getitem__, dense_list[:existing])))
+    states = decode_many(list(map(blobs.__getitem__, dense_list[:existing])))  # type: ignore[arg-type]
     states += [[0, {}, [], []] for _ in range(len(dense_list) - existing)]
     g_attrs = list(map(list(map(itemgetter(1), states)).__getitem__,
                        np.repeat(np.arange(len(states)), p_groups).tolist()))
-    # (count, first, last) before, per group
-    get, has = dict.get, dict.__contains__
-    had = np.column_stack([np.fromiter(map(has, g_attrs, ids), dtype=bool, count=len(ids))
-                           for ids in (count_ids, first_ids, last_ids)])
-    was = np.column_stack([np.fromiter(map(get, g_attrs, ids, repeat(0)), dtype=np.int64,
-                                       count=len(ids))
-                           for ids in (count_ids, first_ids, last_ids)])
+    # (count, first, last) before, per group, read in one pass over the groups' dicts (a
+    # pass a column cost twice as much: each get a call through map). Absent reads as
+    # INT64_MIN, which no timestamp is (stored ones lie in MIN_MICROS..MAX_MICROS); an int
+    # count may be, so a count read so is looked up again.
+    raw = np.array([(attrs.get(c, _ABSENT), attrs.get(f, _ABSENT), attrs.get(last, _ABSENT))
+                    for attrs, c, f, last in zip(g_attrs, count_ids, first_ids, last_ids)],
+                   dtype=np.int64).reshape(-1, 3)
+    had = raw != _ABSENT
+    unsure = np.flatnonzero(~had[:, 0]).tolist()
+    if unsure:
+        had[unsure, 0] = list(map(dict.__contains__, map(g_attrs.__getitem__, unsure),
+                                  map(count_ids.__getitem__, unsure)))
+    was = np.where(had, raw, 0)
     if (was[:, 0] > INT64_MAX - g_count).any():
         return None  # a count would pass int64: the general planner refuses it, naming it
     new_count = was[:, 0] + g_count
     new_first = np.where(had[:, 1], np.minimum(was[:, 1], g_first), g_first)
     new_last = np.where(had[:, 2], np.maximum(was[:, 2], g_last), g_last)
-    setitem = dict.__setitem__
-    for ids, column in ((count_ids, new_count), (first_ids, new_first), (last_ids, new_last)):
-        _drain(map(setitem, g_attrs, ids, column.tolist()))
+    for attrs, c, f, last, count_, first_, last_ in zip(
+            g_attrs, count_ids, first_ids, last_ids, new_count.tolist(), new_first.tolist(),
+            new_last.tolist()):
+        attrs[c], attrs[f], attrs[last] = count_, first_, last_
     # Day records, a cell at a time (cells sort as their groups do; a group's cells by day).
     c_group = np.searchsorted(g_dense * len(names_of) + g_ev, c_dense * len(names_of) + c_ev
                               ).tolist()
@@ -249,7 +258,7 @@ def _plan_columns(engine: Engine, events: Sequence[Event]) -> Change | None:
                                                     p_events.tolist())))
     pids = list(map(engine.pids.__getitem__, dense_list[:existing])) + new_pids
     images: list[Image] = list(map(tuple.__new__, repeat(Image), zip(
-        dense_list, pids, starmap(encode, states), repeat(None))))
+        dense_list, pids, encode_many(states), repeat(None))))
     # The index changes, a column per attribute: range values that changed, day cells.
     changed = np.column_stack((np.ones(len(g_dense), dtype=bool),
                                ~had[:, 1] | (new_first != was[:, 1]),

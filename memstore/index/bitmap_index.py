@@ -360,16 +360,18 @@ class RangeIndex:
             self.slices.append(BitMap())
         ids = ids.astype(np.uint32, copy=False)
         flipped, on = _bit_rows(changed, width), _bit_rows(u_new, width)
+        adds, removes = flipped & on, flipped & ~on  # every slice's masks in two passes
+        slices = self.slices
         for i in np.flatnonzero(flipped.any(axis=1)).tolist():
-            added = np.compress(flipped[i] & on[i], ids)
-            removed = np.compress(flipped[i] & ~on[i], ids)
+            added = ids[adds[i]]
+            removed = ids[removes[i]]
             if len(added):
-                self.slices[i] |= bitmap_of(added)
+                slices[i].update(id_array(added))  # (an array.array goes in as a buffer)
             if len(removed):
-                self.slices[i] -= bitmap_of(removed)
+                slices[i] -= bitmap_of(removed)
         fresh = ids[~had]
         if len(fresh):
-            self._exists |= bitmap_of(fresh)
+            self._exists.update(id_array(fresh))
 
     def remove(self, dense_id: int, old: int) -> None:
         self._flush()
