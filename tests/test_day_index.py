@@ -109,7 +109,7 @@ def test_counted_sums_past_2_to_the_64() -> None:
 WINDOWS = [(0, 3), (1, 5), (0, 6)]  # few, so windows are asked again and kept
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=45, deadline=None)
 @given(data=st.data())
 def test_kept_window_sums_follow_every_update(data: Any) -> None:
     """Writes of every kind (add, remove, update, bump_many, add_many) interleaved with
