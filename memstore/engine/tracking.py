@@ -23,7 +23,7 @@ import struct
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import repeat, starmap
+from itertools import compress, repeat, starmap
 from operator import add, itemgetter
 from operator import setitem as setitem_list
 from typing import TYPE_CHECKING, Any
@@ -141,17 +141,17 @@ def _plan_columns(engine: Engine, events: Sequence[Event]) -> Change | None:
     if (any(map(engine.aliases.__contains__, keys)) or any(map(engine.held.__contains__, keys))
             or (engine.forwards and any(map(engine.forwards.__contains__, keys)))):
         return None
-    dense_of, blobs = engine.dense_of, engine.blobs
+    blobs = engine.blobs
     n = len(events)
+    dense = engine.dense_of.many(keys)  # -1: no profile yet
     # New profiles take dense ids in the order their ids first appear, as the general
     # planner gives them.
-    new_pids = [pid for pid in dict.fromkeys(keys) if pid not in dense_of]
+    new_pids = list(dict.fromkeys(compress(keys, dense < 0)))
     slots = slots_of(new_pids)
     owned = engine.owned_slots
     if owned is not None and not owned.issuperset(BitMap(slots)):
         return None
     first = len(blobs)
-    dense = np.fromiter(map(dense_of.get, keys, repeat(-1)), dtype=np.int64, count=n)
     if new_pids:
         fresh = dict(zip(new_pids, range(first, first + len(new_pids)), strict=True))
         where_new = np.flatnonzero(dense < 0)
@@ -247,7 +247,7 @@ def _plan_columns(engine: Engine, events: Sequence[Event]) -> Change | None:
     # Versions (one an event), then the after-images, old profiles first, new in order.
     _drain(map(setitem_list, states, repeat(0), map(add, map(itemgetter(0), states),
                                                     p_events.tolist())))
-    pids = list(map(engine.pids.__getitem__, dense_list[:existing])) + new_pids
+    pids = engine.pids.take(p_dense[:existing]) + new_pids
     images: list[Image] = list(map(tuple.__new__, repeat(Image), zip(
         dense_list, pids, starmap(encode, states), repeat(None))))
     # The index changes, a column per attribute: range values that changed, day cells.

@@ -804,7 +804,7 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         visible = engine.visible()
         now = datetime.now(UTC)
         pids = engine.pids
-        taken = [(name, [pids[dense] for dense in segment.members & visible])
+        taken = [(name, pids.take((segment.members & visible).to_array()))
                  for name, segment in sorted(engine.segments.by_name.items())
                  if watched is None or name in watched]
         position = watch.encode_token({self.shard.config.name: (lsn, -1)})
