@@ -74,9 +74,7 @@ def test_ids_with_the_same_hash_never_answer_for_each_other(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Every id hashed to one of four keys: hits are confirmed against the stored
     bytes, and the ids past the first of a key live in the clash table."""
-    monkeypatch.setattr(pidtable, "_key", lambda pid: 2 + (hash(pid) & 3))
-    monkeypatch.setattr(pidtable, "_keys", lambda pids, count: np.array(
-        [pidtable._key(p) for p in pids], dtype=np.uint64))
+    monkeypatch.setattr(pidtable, "_hash", lambda pid: 2 + (hash(pid) & 3))
     for seed in range(3):
         _drive(seed, 300)
 

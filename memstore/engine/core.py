@@ -235,11 +235,11 @@ class Engine:
     def resolve(self, pid: str) -> int | None:
         if self.held or self.forwards:
             self.check_moving(self.aliases.get(pid, pid) if pid not in self.dense_of else pid)
-        dense = self.dense_of.get(pid)
+        dense = self.pids.dense_of(pid)
         if dense is None:
             survivor = self.aliases.get(pid)
             if survivor is not None:
-                dense = self.dense_of.get(survivor)
+                dense = self.pids.dense_of(survivor)
         return dense
 
     def lookup(self, pid: str | None = None, identifier: tuple[str, str] | None = None

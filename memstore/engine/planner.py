@@ -111,7 +111,7 @@ class Planner:
         """The primary id `pid` stands for now: itself, or the survivor it merged into."""
         if pid in self.aliases:
             return self.aliases[pid] or pid
-        if pid in self.drafts or pid in self.e.dense_of:
+        if pid in self.drafts or self.e.pids.dense_of(pid) is not None:
             return pid
         return self.e.aliases.get(pid, pid)
 
@@ -129,7 +129,7 @@ class Planner:
                 found.created = self.at  # made again: its dense id held the one removed
                 self.drafts[pid] = found
             return found
-        dense = self.e.dense_of.get(pid)
+        dense = self.e.pids.dense_of(pid)
         if dense is None:
             if not create:
                 return None
