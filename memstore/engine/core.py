@@ -306,7 +306,9 @@ class Engine:
         return out
 
     def ids_of(self, dense_ids: Iterable[int]) -> list[str]:
-        if not isinstance(dense_ids, Sequence | np.ndarray):
+        if isinstance(dense_ids, BitMap):
+            dense_ids = np.frombuffer(dense_ids.to_array(), dtype=np.uint32)
+        elif not isinstance(dense_ids, Sequence | np.ndarray):
             dense_ids = list(dense_ids)
         return self.pids.take(dense_ids)  # type: ignore[return-value]
 
