@@ -106,3 +106,12 @@ def test_setting_the_id_a_dense_id_holds_again_changes_nothing() -> None:
         table[2] = "d"
     with pytest.raises(KeyError):
         table.index["a"]
+
+
+def test_take_of_ids_of_one_length_with_and_without_a_nul_inside() -> None:
+    table = PidTable()
+    table.extend(["ab", "a\0", "cd", "\0\0"])
+    assert table.take([0, 2]) == ["ab", "cd"]  # a row each
+    assert table.take([0, 1, 2, 3]) == ["ab", "a\0", "cd", "\0\0"]  # decoded one by one
+    table[2] = None
+    assert table.take([2, 0, 2]) == [None, "ab", None]
