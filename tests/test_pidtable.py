@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -84,12 +85,12 @@ def test_the_buffer_is_compacted_and_cleared_bytes_are_zeroed() -> None:
     table.extend([f"{i:06d}" + "x" * 94 for i in range(20_000)])  # 2 MB of ids
     for d in range(0, 20_000, 4):
         table[d] = None
-    assert b"000000x" not in bytes(table._buf)  # an erased id leaves no copy
-    assert table._dead == 5_000 * 100 and len(table._buf) == 1 + 20_000 * 100
+    assert b"000000x" not in table._buf[:table._end]  # an erased id leaves no copy
+    assert table._dead == 5_000 * 100 and table._end == 1 + 20_000 * 100
     for d in (*range(1, 20_000, 4), *range(2, 20_000, 4)):
         table[d] = None
-    assert len(table._buf) - table._dead == 1 + 5_000 * 100  # the live bytes
-    assert len(table._buf) < 1 + 20_000 * 100  # compacted on the way
+    assert table._end - table._dead == 1 + 5_000 * 100  # the live bytes
+    assert table._end < 1 + 20_000 * 100  # compacted on the way
     assert table[3] == "000003" + "x" * 94 and table.index["019999" + "x" * 94] == 19_999
     assert table.index.get("000000" + "x" * 94) is None and table[0] is None
 
@@ -97,9 +98,9 @@ def test_the_buffer_is_compacted_and_cleared_bytes_are_zeroed() -> None:
 def test_setting_the_id_a_dense_id_holds_again_changes_nothing() -> None:
     table = PidTable()
     table.extend(["a", "b"])
-    end = len(table._buf)
+    end = table._end
     table[0] = "a"  # a replayed image
-    assert len(table._buf) == end and table[0] == "a" and table.index["a"] == 0
+    assert table._end == end and table[0] == "a" and table.index["a"] == 0
     table[0] = "c"  # another id: the old one leaves the index
     assert table.index.get("a") is None and table.index["c"] == 0 and table[0] == "c"
     with pytest.raises(IndexError):
@@ -115,3 +116,23 @@ def test_take_of_ids_of_one_length_with_and_without_a_nul_inside() -> None:
     assert table.take([0, 1, 2, 3]) == ["ab", "a\0", "cd", "\0\0"]  # decoded one by one
     table[2] = None
     assert table.take([2, 0, 2]) == [None, "ab", None]
+
+
+def test_a_forked_child_keeps_the_table_as_it_was_at_the_fork() -> None:
+    """The buffers are private mappings (memstore.index.mapped): a snapshot writer forked
+    from the shard sees no write the shard makes after the fork."""
+    table = PidTable()
+    table.extend(["a", "b"])
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        os.close(write)
+        os.read(read, 1)  # the parent has written by now
+        ok = table[0] == "a" and table.index.get("c") is None and table.take([1]) == ["b"]
+        os._exit(0 if ok else 1)
+    os.close(read)
+    table[0] = None
+    table.extend(["c"] * 1 + [f"x{i}" for i in range(5000)])  # grows both buffers
+    os.write(write, b"x")
+    os.close(write)
+    assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0

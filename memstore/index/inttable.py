@@ -23,6 +23,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from memstore.index import mapped
+
 EMPTY = 0
 TOMBSTONE = 1
 _MIN_CAPACITY = 2048
@@ -42,8 +44,8 @@ class IntTable:
         self._alloc(_capacity_for(entries))
 
     def _alloc(self, capacity: int) -> None:
-        self._keys = np.zeros(capacity, dtype=np.uint64)
-        self._vals = np.zeros(capacity, dtype=np.uint32)
+        self._keys = mapped.zeros(capacity, np.uint64)
+        self._vals = mapped.zeros(capacity, np.uint32)
         self._kv = memoryview(self._keys)  # type: ignore[arg-type]
         self._vv = memoryview(self._vals)  # type: ignore[arg-type]
         self._cap = capacity

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from memstore.index import mapped
 from memstore.index.inttable import _PHI, EMPTY, IntTable
 
 _LEN_SHIFT = 48
@@ -70,18 +71,19 @@ def _encode(pid: str) -> bytes:
 class PidTable:
     """dense id -> primary id (None: no profile), with `index`, its way back."""
 
-    __slots__ = ("_buf", "_clash", "_dead", "_index", "_loc", "_lv", "_n",
+    __slots__ = ("_buf", "_clash", "_dead", "_end", "_index", "_loc", "_lv", "_n",
                  "index")
 
     def __init__(self, size: int = 0) -> None:
-        self._loc = np.zeros(max(_MIN_CAPACITY, size), dtype=np.uint64)
+        self._loc = mapped.zeros(max(_MIN_CAPACITY, size), np.uint64)
         self._lv = memoryview(self._loc)  # type: ignore[arg-type]
         self._n = size
-        # Byte 0 is never an id's: a location of 0 means no profile.
-        # A bytearray, not numpy: slicing one and decoding costs a third of what a
-        # memoryview's slice does. Numpy reads it through views made and dropped within
-        # one call (a live view would stop the bytearray growing).
-        self._buf = bytearray(1)
+        # Byte 0 is never an id's: a location of 0 means no profile. An mmap, not numpy:
+        # slicing one (to bytes) and decoding costs a third of what a memoryview's slice
+        # does; numpy reads it through views. Its pages are its own (memstore.index.mapped):
+        # grown by doubling, as capacity not written yet is never resident.
+        self._buf = mapped.buffer(_MIN_CAPACITY * 16)
+        self._end = 1
         self._dead = 0
         self._index = IntTable()
         self._clash: dict[str, int] = {}
@@ -132,7 +134,7 @@ class PidTable:
         loc = self._loc[dense]
         # Byte positions as int32 while the buffer allows: half the index bytes to write
         # and read (the gather is most of the time).
-        kind = np.int32 if len(self._buf) < 1 << 31 else np.int64
+        kind = np.int32 if self._end < 1 << 31 else np.int64
         lengths = (loc >> np.uint64(_LEN_SHIFT)).astype(kind)
         starts = (loc & np.uint64(_START)).astype(kind)
         spans = lengths + 1
@@ -213,7 +215,7 @@ class PidTable:
             return False
         raw = pid.encode("utf-8", "surrogatepass")
         start = loc & _START
-        return (loc >> _LEN_SHIFT) == len(raw) and self._buf.startswith(raw, start)
+        return (loc >> _LEN_SHIFT) == len(raw) and self._buf[start:start + len(raw)] == raw
 
     # ------------------------------------------------------------------ writing
     def __setitem__(self, dense: int, pid: str | None) -> None:
@@ -314,17 +316,22 @@ class PidTable:
         self._buf[start:start + length] = bytes(length)
         self._lv[dense] = 0
         self._dead += length
-        if self._dead > max(1 << 20, len(self._buf) - self._dead):
+        if self._dead > max(1 << 20, self._end - self._dead):
             self._compact()
 
     def _append(self, raw: bytes) -> int:
-        start = len(self._buf)
-        self._buf += raw
+        start, end = self._end, self._end + len(raw)
+        if end > len(self._buf):
+            bigger = mapped.buffer(max(end, 2 * len(self._buf)))
+            bigger[:start] = self._buf[:start]
+            self._buf = bigger  # (the old one is unmapped once no view holds it)
+        self._buf[start:end] = raw
+        self._end = end
         return start
 
     def _reserve(self, size: int) -> None:
         if size > len(self._loc):
-            bigger = np.zeros(max(size, len(self._loc) + len(self._loc) // 4), dtype=np.uint64)
+            bigger = mapped.zeros(max(size, 2 * len(self._loc)), np.uint64)
             bigger[:self._n] = self._loc[:self._n]
             self._loc, self._lv = bigger, memoryview(bigger)  # type: ignore[arg-type]
 
@@ -339,16 +346,19 @@ class PidTable:
         ends = np.cumsum(lengths)
         within = np.arange(total, dtype=np.int64) - np.repeat(ends - lengths, lengths)
         view = np.frombuffer(self._buf, dtype=np.uint8)
-        fresh = bytearray(1) + view.take(np.repeat(starts, lengths) + within).tobytes()
+        kept = view.take(np.repeat(starts, lengths) + within).tobytes()
         del view
+        fresh = mapped.buffer(2 * (1 + total))
+        fresh[1:1 + total] = kept
         self._loc[held] = (1 + ends - lengths).astype(np.uint64) | (
             lengths.astype(np.uint64) << np.uint64(_LEN_SHIFT))
-        self._buf, self._dead = fresh, 0
+        self._buf, self._end, self._dead = fresh, 1 + total, 0
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: the id buffer, the locations and the index (allocated, not used)."""
-        return int(len(self._buf) + self._loc.nbytes + self._index.nbytes)
+        """Bytes held: the ids' bytes, the locations (allocated: written or not) and the
+        index."""
+        return int(self._end + self._loc.nbytes + self._index.nbytes)
 
 
 class PidIndex:
