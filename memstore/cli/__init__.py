@@ -110,7 +110,6 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
 
     from memstore.engine.identity import DEFAULT_BLOCKED, IdentityRules
     from memstore.server import audit, rights
-    from memstore.server.heap import pin_mmap_threshold
     from memstore.server.security import (
         AuthFileError,
         Credentials,
@@ -122,7 +121,6 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
     from memstore.storage.wal_writer import SyncPolicy
 
     _logging(verbose, role="shard", shard=name)
-    pin_mmap_threshold()  # before the engine allocates (memstore.server.heap)
     try:
         security = ServerSecurity.configure(tls_cert, tls_key, tls_client_ca, auth_file,
                                             insecure, cluster_token_from_env())

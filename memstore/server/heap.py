@@ -6,16 +6,6 @@ the top of its heap, so a shard's resident memory after a load stays above what 
 profiles and indexes hold: at 1M profiles, 4,000 a request, ~15-30 bytes a profile more.
 `malloc_trim(0)` returns every whole free page; on a 1M-profile heap it takes ~1 ms.
 Where the C library has no malloc_trim (musl, macOS) this does nothing.
-
-Large blocks are the other half (`pin_mmap_threshold`, called once by a shard process).
-glibc gives a block of at least M_MMAP_THRESHOLD bytes pages of its own (mmap), unmapped
-when freed; but by default the threshold moves up to the size of each such block freed
-(up to 32 MB), after which the multi-megabyte arrays a growing engine reallocates (its
-hash tables, the primary-id buffer, their rebuilds' temporaries) come from the heap, and
-the holes they leave when replaced are pinned by the small long-lived blocks (roaring
-containers) placed between them: no trim gives those back. At the bench's 1M profiles
-the heap held ~110 bytes a profile more than with the threshold fixed at 1 MiB, where it
-stays (a fixed threshold turns the moving one off).
 """
 
 from __future__ import annotations
@@ -28,18 +18,6 @@ _trim = getattr(ctypes.CDLL(_libc_name), "malloc_trim", None) if _libc_name else
 if _trim is not None:
     _trim.argtypes = [ctypes.c_size_t]
     _trim.restype = ctypes.c_int
-_mallopt = getattr(ctypes.CDLL(_libc_name), "mallopt", None) if _libc_name else None
-if _mallopt is not None:
-    _mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    _mallopt.restype = ctypes.c_int
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-MMAP_THRESHOLD = 1 << 20  # blocks from 1 MiB up: mapped on their own, unmapped when freed
-
-
-def pin_mmap_threshold(size: int = MMAP_THRESHOLD) -> bool:
-    """Fix glibc's mmap threshold at `size` bytes (see the module's docstring); whether it
-    was set (False without glibc's mallopt)."""
-    return bool(_mallopt(M_MMAP_THRESHOLD, size)) if _mallopt is not None else False
 
 
 def release_free_heap() -> bool:
