@@ -85,7 +85,7 @@ class PidTable:
         self._buf = mapped.buffer(_MIN_CAPACITY * 16)
         self._end = 1
         self._dead = 0
-        self._index = IntTable()
+        self._index = IntTable(size)  # (a snapshot being read: sized for its ids at once)
         self._clash: dict[str, int] = {}
         self.index = PidIndex(self)
 
