@@ -723,7 +723,8 @@ class Engine:
             if dense >= len(self.blobs):
                 self._grow(dense + 1)
             old = self.blobs[dense]
-            before.append(Image(dense, self.pids[dense] or pid, old))
+            old_pid = self.pids[dense]  # (read once: a PidTable read decodes the id)
+            before.append(Image(dense, old_pid or pid, old))
             if old is None and blob is None:
                 continue
             if at is not None:
@@ -759,7 +760,6 @@ class Engine:
                     touched.created_with((dense,), new_state[1])
                 continue
             old_state = decode(old)
-            old_pid = self.pids[dense]
             assert old_pid is not None
             if touched is not None:
                 if new_state is None:
