@@ -56,6 +56,7 @@ from memstore.hashslot import slot_of
 from memstore.index.bitmap_index import RangeIndex, ValueIndex
 from memstore.index.day_index import DayIndex
 from memstore.index.dense import bitmap_of
+from memstore.index.pidtable import PidTable
 from memstore.server.heap import release_free_heap
 from memstore.storage import wal_format
 from memstore.storage.dirlock import DirLock
@@ -702,7 +703,7 @@ def write_snapshot_file(engine: Engine, snap_dir: Path, lsn: int, shard_name: st
             picked = part.tolist()
             count += len(picked)
             writer.write("rows", msgpack.packb(
-                [part.astype("<u4").tobytes(), [pids[d] for d in picked],
+                [part.astype("<u4").tobytes(), pids.take(part),
                  [blobs[d] for d in picked], slots[part].astype("<u2").tobytes()],
                 use_bin_type=True))
         del slots, dense_ids
@@ -960,7 +961,7 @@ def load_snapshot(engine: Engine, sections: Iterable[tuple[str, bytes]]) -> None
             meta = msgpack.unpackb(payload)
             engine.schema = Schema.from_state(meta["schema"])
             next_dense = meta["next_dense"]
-            engine.pids = [None] * next_dense
+            engine.pids = PidTable(next_dense)
             engine.blobs = [None] * next_dense
             engine.slots = array.array("H", bytes(next_dense * engine.slots.itemsize))
             engine.created = array.array("I", bytes(next_dense * 4))  # no times section:
@@ -1035,15 +1036,13 @@ def _load_rows(engine: Engine, raw_dense: bytes, pids: list[str], blobs: list[by
         return
     first, last = int(dense[0]), int(dense[-1])
     if last - first + 1 == len(dense):  # a run of dense ids: slices, in C
-        engine.pids[first:last + 1] = pids
         engine.blobs[first:last + 1] = blobs
         ids: Iterable[int] = range(first, last + 1)
     else:
         ids = dense.tolist()
-        for d, pid, blob in zip(ids, pids, blobs, strict=True):
-            engine.pids[d] = pid
+        for d, blob in zip(ids, blobs, strict=True):
             engine.blobs[d] = blob
-    engine.dense_of.update(zip(pids, ids, strict=True))
+    engine.pids.put_many(ids, pids)
     engine.live |= bitmap_of(dense)
     np.frombuffer(engine.slots, dtype=np.uint16)[dense] = np.frombuffer(raw_slots, dtype="<u2")
 
@@ -1052,14 +1051,13 @@ def _load_profiles(engine: Engine, rows: Iterable[tuple[int, str, bytes]],
                    directory: tuple[list[int], list[int]]) -> None:
     """Fill the engine from one `profiles` section; identifier keys and dense ids go to
     `directory`, for one vectorized build of the table at the end."""
-    pids, blobs, dense_of = engine.pids, engine.blobs, engine.dense_of
+    pids, blobs = engine.pids, engine.blobs
     aliases, slots = engine.aliases, engine.slots
     keys, owners = directory
     live: list[int] = []
     for dense, pid, blob in rows:
         pids[dense] = pid
         blobs[dense] = blob
-        dense_of[pid] = dense
         live.append(dense)
         slots[dense] = slot_of(pid)
         _, _, idents, merged = decode(blob)

@@ -122,15 +122,16 @@ def test_ident_keys_are_ident_key_of_each_the_tables_reserved_keys_included(
         engine.xxh3_64_intdigest = real
 
 
-@given(st.integers(2, 60), st.integers(0, 2**32))
-def test_a_fresh_table_filled_at_once_wraps_keys_past_its_last_slot(count: int, seed: int
-                                                                    ) -> None:
+@given(st.integers(2, 60), st.integers(0, 2**32), st.sampled_from([0, 1500]))
+def test_a_fresh_table_filled_at_once_wraps_keys_past_its_last_slot(count: int, seed: int,
+                                                                    entries: int) -> None:
     """`update` on an empty table places keys in one pass (IntTable._fill); keys whose homes
-    are the last slots run past the end and must wrap to the front, still found."""
-    table = IntTable()
+    are the last slots run past the end and must wrap to the front, still found (2048
+    slots, or 3072: not a power of two)."""
+    table = IntTable(entries)
     rng = np.random.default_rng(seed)
     candidates = rng.integers(2, 2**63, size=200_000, dtype=np.uint64)
-    last = table._mask
+    last = table._cap - 1
     tail = np.unique(candidates[table._homes(candidates) >= last - 3])[:count]
     others = np.unique(candidates[:count])
     keys = np.unique(np.concatenate([tail, others]))
@@ -153,9 +154,9 @@ def test_chains_longer_than_a_probe_window_with_tombstones_in_them(
     window (inttable._WINDOW), wrapping past the last slot when the home is near it;
     deleting some leaves tombstones inside; absent keys are then placed and probed."""
     table = IntTable()  # 2048 slots: a key's home is the top 11 bits of key * PHI
-    assert table._mask == 2047
+    assert table._cap == 2048  # (a power of two: a key's home is its top 11 bits)
     inverse = pow(0x9E3779B97F4A7C15, -1, 2**64)
-    same = [((home << table._shift) + i) * inverse % 2**64 for i in range(1, count + later + 1)]
+    same = [((home << (64 - 11)) + i) * inverse % 2**64 for i in range(1, count + later + 1)]
     assert set(table._homes(np.array(same, dtype=np.uint64)).tolist()) == {home}
     first, rest = same[:count], same[count:]
     table.insert_absent(np.array(first, dtype=np.uint64), np.arange(count, dtype=np.uint32))

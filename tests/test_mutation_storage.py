@@ -764,14 +764,13 @@ async def _failing_fork(work: Any) -> Any:
 def test_each_merge_table_alone_is_written_and_read_back(tmp_path: Path, table: str) -> None:
     engine = Engine()
     engine.apply(engine.plan_upsert(UpsertSpec("p", [(SET, "x", 1)])))
-    setattr(engine, table, {"key": ["a", True] if table != "held" else ["t", "s", 1.5]})
+    key = "p" if table == "held" else "key"  # a hold names a profile of the shard
+    setattr(engine, table, {key: ["a", True] if table != "held" else ["t", "s", 1.5]})
     if table == "held":
-        engine.held_dense = BitMap()  # (a real hold names a profile here; none needed)
+        engine.held_dense = BitMap([engine.dense_of["p"]])
     path, _, _ = write_snapshot_file(engine, tmp_path, 1, "s", time.monotonic())
     assert "merges" in [name for name, _ in SnapshotReader(path).sections()]
     restored = Engine()
-    if table == "held":
-        restored.dense_of["key"] = 0
     load_snapshot(restored, SnapshotReader(path).sections())
     assert getattr(restored, table) == getattr(engine, table)
 

@@ -201,7 +201,7 @@ def plan_columns(engine: Engine, batch: Columns, where: str = "columns") -> Chan
     # it gives (the first bad record's, in record order), not one of the fast path's.
     if ids and (not min(map(len, ids)) or max(map(len, ids)) > MAX_ID_BYTES // 4):
         return general()  # an empty id, or one that may be too long in utf-8
-    if (any(map(engine.dense_of.__contains__, ids)) or any(map(engine.aliases.__contains__, ids))
+    if ((engine.dense_of.many(ids) >= 0).any() or any(map(engine.aliases.__contains__, ids))
             or any(map(engine.forwards.__contains__, ids))):
         return general()
     if engine.suppressed and engine._names_suppressed(batch):

@@ -96,6 +96,7 @@ from memstore.index.claims import Claims, claim_key
 from memstore.index.day_index import DayIndex
 from memstore.index.dense import bitmap_of
 from memstore.index.inttable import IntTable
+from memstore.index.pidtable import PidIndex, PidTable
 from memstore.query import Node, format_query
 from memstore.query.ast import segment_problem
 
@@ -117,9 +118,10 @@ class Engine:
             raise ValueError("event_days must be at least 1")
         self.event_days = event_days
         self.schema = Schema()
-        self.pids: list[str | None] = []
+        # Dense id -> primary id (None: no profile) and, as `dense_of`, the way back
+        # (memstore.index.pidtable: ~35 bytes a profile where a list and a dict took ~140).
+        self.pids = PidTable()
         self.blobs: list[bytes | None] = []
-        self.dense_of: dict[str, int] = {}
         self.live = BitMap()
         self.value_index: dict[int, ValueIndex] = {}
         self.range_index: dict[int, RangeIndex] = {}
@@ -164,6 +166,11 @@ class Engine:
     # ------------------------------------------------------------------ reading
     def __len__(self) -> int:
         return len(self.live)
+
+    @property
+    def dense_of(self) -> PidIndex:
+        """primary id -> dense id (read-only: written through `pids`)."""
+        return self.pids.index
 
     def today(self) -> int:
         """Today's UTC day number (days since 1970-01-01) by the engine's clock."""
@@ -228,11 +235,11 @@ class Engine:
     def resolve(self, pid: str) -> int | None:
         if self.held or self.forwards:
             self.check_moving(self.aliases.get(pid, pid) if pid not in self.dense_of else pid)
-        dense = self.dense_of.get(pid)
+        dense = self.pids.dense_of(pid)
         if dense is None:
             survivor = self.aliases.get(pid)
             if survivor is not None:
-                dense = self.dense_of.get(survivor)
+                dense = self.pids.dense_of(survivor)
         return dense
 
     def lookup(self, pid: str | None = None, identifier: tuple[str, str] | None = None
@@ -299,8 +306,11 @@ class Engine:
         return out
 
     def ids_of(self, dense_ids: Iterable[int]) -> list[str]:
-        pids = self.pids
-        return [pids[d] for d in dense_ids]  # type: ignore[misc]
+        if isinstance(dense_ids, BitMap):
+            dense_ids = np.frombuffer(dense_ids.to_array(), dtype=np.uint32)
+        elif not isinstance(dense_ids, Sequence | np.ndarray):
+            dense_ids = list(dense_ids)
+        return self.pids.take(dense_ids)  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ cluster schema
     def require_declared(self, wanted: Iterable[tuple[str, Kind, bool, Merge]]) -> None:
@@ -630,7 +640,6 @@ class Engine:
             stamps = array.array("I", [at]) * added
             created.extend(stamps)
             changed.extend(stamps)
-            self.dense_of.update(zip(pids, range(first, first + added), strict=True))
             self.live.add_range(first, first + added)
             self.slots.extend(tracked.slots)
         for aid, (ids, old, had, new) in tracked.ranges.items():
@@ -714,7 +723,8 @@ class Engine:
             if dense >= len(self.blobs):
                 self._grow(dense + 1)
             old = self.blobs[dense]
-            before.append(Image(dense, self.pids[dense] or pid, old))
+            old_pid = self.pids[dense]  # (read once: a PidTable read decodes the id)
+            before.append(Image(dense, old_pid or pid, old))
             if old is None and blob is None:
                 continue
             if at is not None:
@@ -735,8 +745,7 @@ class Engine:
             if old is None:
                 assert new_state is not None
                 self.blobs[dense] = blob
-                self.pids[dense] = pid
-                self.dense_of[pid] = dense
+                self.pids[dense] = pid  # (and dense_of[pid] = dense)
                 self.live.add(dense)
                 slot = self.slots[dense] = slot_of(pid)
                 if self.owned_slots is not None and slot not in self.owned_slots:
@@ -751,7 +760,6 @@ class Engine:
                     touched.created_with((dense,), new_state[1])
                 continue
             old_state = decode(old)
-            old_pid = self.pids[dense]
             assert old_pid is not None
             if touched is not None:
                 if new_state is None:
@@ -763,8 +771,7 @@ class Engine:
                                    [a for a in old_attrs if a not in new_attrs])
             if new_state is None:
                 self.blobs[dense] = None
-                self.pids[dense] = None
-                self.dense_of.pop(old_pid, None)
+                self.pids[dense] = None  # (and out of dense_of)
                 self.live.discard(dense)
                 self.foreign.discard(dense)
                 self._reindex(dense, old_state[1], {})
@@ -789,7 +796,7 @@ class Engine:
         """Make room for dense ids below `size`."""
         grow = size - len(self.blobs)
         self.blobs.extend([None] * grow)
-        self.pids.extend([None] * grow)
+        self.pids.grow(size)
         self.slots.frombytes(bytes(grow * self.slots.itemsize))
         self.created.frombytes(bytes(grow * self.created.itemsize))
         self.changed.frombytes(bytes(grow * self.changed.itemsize))
@@ -806,7 +813,6 @@ class Engine:
             stamps = array.array("I", load.stamps.astype(np.uint32).tobytes())
         self.created.extend(stamps)
         self.changed.extend(stamps)
-        self.dense_of.update(zip(pids, range(first, end), strict=True))
         self.live.add_range(first, end)
         self.slots.extend(load.slots)
         if self.owned_slots is not None:

@@ -75,6 +75,9 @@ class Planner:
         # (Engine.require_declared); one the pre-scan missed is refused here, alone.
         self.strict = engine.cluster_schema
         self.drafts: dict[str, Draft] = {}  # by the profile's own primary id
+        # The dense id resolve_pid found for an id last, for draft to take (one PidTable
+        # look-up a profile, where a dict's were cheap enough to ask twice).
+        self._found: tuple[str, int] | None = None
         self.at = int(engine.clock())  # when this change is made
         self.aliases: dict[str, str | None] = {}  # overlay on engine.aliases
         self.idents: dict[int, str | None] = {}  # overlay: identifier key -> owner pid
@@ -111,7 +114,11 @@ class Planner:
         """The primary id `pid` stands for now: itself, or the survivor it merged into."""
         if pid in self.aliases:
             return self.aliases[pid] or pid
-        if pid in self.drafts or pid in self.e.dense_of:
+        if pid in self.drafts:
+            return pid
+        dense = self.e.pids.dense_of(pid)
+        if dense is not None:
+            self._found = (pid, dense)
             return pid
         return self.e.aliases.get(pid, pid)
 
@@ -129,7 +136,8 @@ class Planner:
                 found.created = self.at  # made again: its dense id held the one removed
                 self.drafts[pid] = found
             return found
-        dense = self.e.dense_of.get(pid)
+        hit, self._found = self._found, None
+        dense = hit[1] if hit is not None and hit[0] == pid else self.e.pids.dense_of(pid)
         if dense is None:
             if not create:
                 return None

@@ -145,11 +145,11 @@ def _plan_columns(engine: Engine, events: Sequence[Event]) -> Change | None:
     if (any(map(engine.aliases.__contains__, keys)) or any(map(engine.held.__contains__, keys))
             or (engine.forwards and any(map(engine.forwards.__contains__, keys)))):
         return None
-    dense_of, blobs = engine.dense_of, engine.blobs
+    blobs = engine.blobs
     n = len(events)
-    # New profiles (the ids not found: one look-up a key) take dense ids in the order
-    # their ids first appear, as the general planner gives them.
-    dense = np.fromiter(map(dense_of.get, keys, repeat(-1)), dtype=np.int64, count=n)
+    # New profiles (the ids not found: one vectorized look-up) take dense ids in the
+    # order their ids first appear, as the general planner gives them.
+    dense = engine.dense_of.many(keys)  # -1: no profile yet
     where_new = np.flatnonzero(dense < 0).tolist()
     new_pids = list(dict.fromkeys(map(keys.__getitem__, where_new)))
     slots = slots_of(new_pids)
@@ -256,7 +256,7 @@ def _plan_columns(engine: Engine, events: Sequence[Event]) -> Change | None:
     # Versions (one an event), then the after-images, old profiles first, new in order.
     _drain(map(setitem_list, states, repeat(0), map(add, map(itemgetter(0), states),
                                                     p_events.tolist())))
-    pids = list(map(engine.pids.__getitem__, dense_list[:existing])) + new_pids
+    pids = engine.pids.take(p_dense[:existing]) + new_pids
     images: list[Image] = list(map(tuple.__new__, repeat(Image), zip(
         dense_list, pids, encode_many(states), repeat(None))))
     # The index changes, a column per attribute: range values that changed, day cells.

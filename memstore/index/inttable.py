@@ -3,14 +3,18 @@
 A dict of 64-bit hashes to dense ids costs ~90 bytes an entry (the dict slot, a 36-byte int
 object for the key, often another for the value); at two identifiers a profile that was
 the largest structure after the profile blobs themselves. Here an entry is 12 bytes in two
-numpy arrays (keys, values), open addressing with linear probing, at most 70% full, so
-~17-34 bytes an entry. Reads and writes go through memoryviews of the arrays, which give
-and take plain ints without building numpy scalars.
+numpy arrays (keys, values), open addressing with linear probing, at most 70% full and
+built 55% full, so ~17-22 bytes an entry. Reads and writes go through memoryviews of the
+arrays, which give and take plain ints without building numpy scalars.
 
 Key 0 marks an empty slot and key 1 a deleted one (a tombstone, so probe chains stay
 intact); callers never use those two keys (engine.ident_key maps them away). A key's home
-slot is the top bits of key * 2**64/phi (Fibonacci hashing), not its low bits, so keys that
-share low bits (chosen by someone who controls identifier values) still spread.
+slot comes from the top bits of key * 2**64/phi (Fibonacci hashing), not its low bits, so
+keys that share low bits (chosen by someone who controls identifier values) still spread:
+those 32 bits times the capacity, over 2**32 (Lemire's multiply-shift range reduction), so
+the capacity need not be a power of two. With power-of-two capacities (table sizes
+doubled, so 35-70% full, 17-34 bytes an entry) the directory of the bench's 1M profiles
+took 50 bytes a profile.
 """
 
 from __future__ import annotations
@@ -19,10 +23,14 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from memstore.index import mapped
+
 EMPTY = 0
 TOMBSTONE = 1
-_MIN_CAPACITY = 1024
+_MIN_CAPACITY = 2048
 _MAX_FILL = 0.7  # live entries + tombstones, as a share of the slots
+_BUILT_FILL = 0.55  # a table made anew (grown, or rebuilt to drop tombstones) is this full
+_ROUND = 1024  # capacities are multiples of this
 _PHI = 0x9E3779B97F4A7C15  # 2**64 / golden ratio, odd
 _M64 = (1 << 64) - 1
 _WINDOW = 8  # slots a vectorized probe looks at a round (find_many, _place)
@@ -30,18 +38,17 @@ _STEPS = np.arange(_WINDOW)
 
 
 class IntTable:
-    __slots__ = ("_filled", "_keys", "_kv", "_live", "_mask", "_shift", "_vals", "_vv")
+    __slots__ = ("_cap", "_filled", "_keys", "_kv", "_live", "_vals", "_vv")
 
-    def __init__(self, capacity: int = _MIN_CAPACITY) -> None:
-        self._alloc(_capacity_for(capacity))
+    def __init__(self, entries: int = 0) -> None:
+        self._alloc(_capacity_for(entries))
 
     def _alloc(self, capacity: int) -> None:
-        self._keys = np.zeros(capacity, dtype=np.uint64)
-        self._vals = np.zeros(capacity, dtype=np.uint32)
+        self._keys = mapped.zeros(capacity, np.uint64)
+        self._vals = mapped.zeros(capacity, np.uint32)
         self._kv = memoryview(self._keys)  # type: ignore[arg-type]
         self._vv = memoryview(self._vals)  # type: ignore[arg-type]
-        self._mask = capacity - 1
-        self._shift = 64 - (capacity.bit_length() - 1)
+        self._cap = capacity
         self._live = 0
         self._filled = 0
 
@@ -54,15 +61,17 @@ class IntTable:
 
     def _slot(self, key: int) -> int:
         """Where `key` is, or -1."""
-        kv, mask = self._kv, self._mask
-        i = ((key * _PHI) & _M64) >> self._shift
+        kv, cap = self._kv, self._cap
+        i = ((((key * _PHI) & _M64) >> 32) * cap) >> 32
         while True:
             k = kv[i]
             if k == key:
                 return i
             if k == EMPTY:
                 return -1
-            i = (i + 1) & mask
+            i += 1
+            if i == cap:
+                i = 0
 
     def get(self, key: int, default: int | None = None) -> int | None:
         i = self._slot(key)
@@ -80,8 +89,8 @@ class IntTable:
     def __setitem__(self, key: int, value: int) -> None:
         if not 0 <= value <= 0xFFFFFFFF:
             raise ValueError(f"IntTable value {value} does not fit 32 bits")
-        kv, mask = self._kv, self._mask
-        i = ((key * _PHI) & _M64) >> self._shift
+        kv, cap = self._kv, self._cap
+        i = ((((key * _PHI) & _M64) >> 32) * cap) >> 32
         reuse = -1
         while True:
             k = kv[i]
@@ -92,7 +101,9 @@ class IntTable:
                 break
             if k == TOMBSTONE and reuse < 0:
                 reuse = i
-            i = (i + 1) & mask
+            i += 1
+            if i == cap:
+                i = 0
         if reuse >= 0:
             i = reuse
         else:
@@ -100,7 +111,7 @@ class IntTable:
         kv[i] = key
         self._vv[i] = value
         self._live += 1
-        if self._filled > _MAX_FILL * (mask + 1):
+        if self._filled > _MAX_FILL * cap:
             self._rebuild()
 
     def __delitem__(self, key: int) -> None:
@@ -136,7 +147,7 @@ class IntTable:
         present = at >= 0
         self._vals[at[present]] = values[present]
         keys, values = keys[~present], values[~present]
-        if self._filled + len(keys) > _MAX_FILL * (self._mask + 1):
+        if self._filled + len(keys) > _MAX_FILL * self._cap:
             self._rebuild(len(keys))
         self._place(keys, values)
 
@@ -147,7 +158,7 @@ class IntTable:
         values = np.asarray(values, dtype=np.uint32)
         if not len(keys):
             return
-        if self._filled + len(keys) > _MAX_FILL * (self._mask + 1):
+        if self._filled + len(keys) > _MAX_FILL * self._cap:
             live = self._keys > TOMBSTONE  # a new table: the new keys go in with the rest
             keys = np.concatenate((self._keys[live], keys))
             values = np.concatenate((self._vals[live], values))
@@ -169,11 +180,11 @@ class IntTable:
         slots a round: a batch's longest chain, not its average, sets the rounds)."""
         keys = np.asarray(keys, dtype=np.uint64)
         found = np.full(len(keys), -1, dtype=np.int64)
-        table_keys, mask = self._keys, self._mask
+        table_keys, cap = self._keys, self._cap
         pos = self._homes(keys)
         waiting = np.arange(len(keys))
         while waiting.size:
-            at = (pos[waiting, None] + _STEPS) & mask
+            at = _wrap(pos[waiting, None] + _STEPS, cap)
             seen = table_keys[at]
             hit = seen == keys[waiting, None]
             end = hit | (seen == EMPTY)  # the key, or the end of its chain
@@ -183,11 +194,12 @@ class IntTable:
             hits = done & hit[rows, first]
             found[waiting[hits]] = at[rows[hits], first[hits]]
             waiting = waiting[~done]
-            pos[waiting] = (pos[waiting] + _WINDOW) & mask
+            pos[waiting] = _wrap(pos[waiting] + _WINDOW, cap)
         return found
 
     def _homes(self, keys: np.ndarray) -> np.ndarray:
-        return ((keys * np.uint64(_PHI)) >> np.uint64(self._shift)).astype(np.int64)
+        top = (keys * np.uint64(_PHI)) >> np.uint64(32)
+        return ((top * np.uint64(self._cap)) >> np.uint64(32)).astype(np.int64)
 
     def _rebuild(self, extra: int = 0) -> None:
         """Reallocate for the live entries (plus `extra` to come), dropping tombstones."""
@@ -206,7 +218,7 @@ class IntTable:
         order = np.argsort(homes, kind="stable")
         steps = np.arange(len(keys))
         slots = np.maximum.accumulate(homes[order] - steps) + steps
-        inside = slots <= self._mask
+        inside = slots < self._cap
         taken = order[inside]
         self._keys[slots[inside]] = keys[taken]
         self._vals[slots[inside]] = values[taken]
@@ -224,12 +236,12 @@ class IntTable:
         choosing a slot are all written to it, and the one read back there wins (distinct
         keys: one each slot), which costs a pass where finding the winners by sorting the
         slots cost most of a round."""
-        table_keys, table_vals, mask = self._keys, self._vals, self._mask
+        table_keys, table_vals, cap = self._keys, self._vals, self._cap
         pos = self._homes(keys)
         waiting = np.arange(len(keys))
         placed = np.zeros(len(keys), dtype=bool)
         while waiting.size:
-            at = (pos[waiting, None] + _STEPS) & mask
+            at = _wrap(pos[waiting, None] + _STEPS, cap)
             free = table_keys[at] <= TOMBSTONE
             first = free.argmax(axis=1)
             rows = np.arange(len(waiting))
@@ -242,12 +254,19 @@ class IntTable:
             self._filled += int(np.count_nonzero(was_empty & won))
             table_vals[slots[won]] = values[claimants[won]]
             placed[claimants[won]] = True
-            pos[waiting] = np.where(has, chosen + 1, pos[waiting] + _WINDOW) & mask
+            pos[waiting] = _wrap(np.where(has, chosen + 1, pos[waiting] + _WINDOW), cap)
             waiting = waiting[~placed[waiting]]
         self._live += len(keys)
 
 
 def _capacity_for(entries: int) -> int:
-    """The smallest power of two that holds `entries` at most half full."""
-    need = max(_MIN_CAPACITY, 2 * entries)
-    return 1 << (need - 1).bit_length()
+    """Slots for `entries`, _BUILT_FILL full (a multiple of _ROUND, at least _MIN_CAPACITY):
+    room for ~27% more before the table grows again."""
+    need = max(_MIN_CAPACITY, int(entries / _BUILT_FILL) + 1)
+    return -(-need // _ROUND) * _ROUND
+
+
+def _wrap(slots: np.ndarray, cap: int) -> np.ndarray:
+    """Slot numbers below 2 * cap brought into the table (in place)."""
+    slots[slots >= cap] -= cap
+    return slots

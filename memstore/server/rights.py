@@ -182,7 +182,7 @@ class BulkExport:
         dense = np.frombuffer(ids, dtype=np.uint32) if len(ids) else np.zeros(0, np.uint32)
         # C loops (itemgetter, numpy): ~20 ms for a million profiles, the pause of the copy
         take = itemgetter(*ids) if len(ids) > 1 else (lambda xs: [xs[i] for i in ids])
-        self.pids = list(take(engine.pids))
+        self.pids: list[str] = engine.pids.take(dense)  # type: ignore[assignment]
         self.blobs = list(take(engine.blobs))
         self.created = np.frombuffer(engine.created, dtype=np.uint32)[dense]
         self.changed = np.frombuffer(engine.changed, dtype=np.uint32)[dense]

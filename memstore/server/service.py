@@ -357,9 +357,19 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
             _forwarded(engine, [k.id for k in request.keys if k.WhichOneof("key") == "id"]
                        + list(request.ids))
         found = [self._find(key, f"keys[{i}]") for i, key in enumerate(request.keys)]
-        for i, pid in enumerate(request.ids):
+        ids = list(request.ids)
+        # The ids' dense ids in one probe (PidTable.dense_many); an id it does not find,
+        # or any while merges hold or forward ids, goes the single look-up's way.
+        hits = ([-1] * len(ids) if engine.held or engine.forwards or not ids
+                else engine.dense_of.many(ids).tolist())
+        foreign = engine.foreign
+        for i, (pid, dense) in enumerate(zip(ids, hits, strict=True)):
             check_pid(pid, f"ids[{i}]")
-            found.append(self._find_checked(pid, None))
+            if dense < 0:
+                found.append(self._find_checked(pid, None))
+            else:
+                engine.check_slot(pid)
+                found.append(None if dense in foreign else dense)
         return found
 
     @rpc
@@ -379,6 +389,7 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         if request.packed:
             engine = self.engine
             entries: list[Any] = []
+            names = iter(engine.pids.take([dense for dense in found if dense is not None]))
             for dense in found:
                 if dense is None:
                     entries.append(None)
@@ -389,7 +400,7 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
                     wanted = {s.id for n in attributes if (s := engine.schema.get(n))}
                     blob = encode(version, {a: v for a, v in attrs.items() if a in wanted},
                                   idents, merged)
-                entries.append([engine.pids[dense], blob, 0])
+                entries.append([next(names), blob, 0])
             return pb.BatchGetResponse(
                 packed=msgpack.packb([[engine.schema_table()], entries], use_bin_type=True))
         response = pb.BatchGetResponse()
@@ -804,7 +815,7 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         visible = engine.visible()
         now = datetime.now(UTC)
         pids = engine.pids
-        taken = [(name, [pids[dense] for dense in segment.members & visible])
+        taken = [(name, pids.take((segment.members & visible).to_array()))
                  for name, segment in sorted(engine.segments.by_name.items())
                  if watched is None or name in watched]
         position = watch.encode_token({self.shard.config.name: (lsn, -1)})
