@@ -123,31 +123,46 @@ def test_a_router_trims_after_loads_too(tmp_path: Path, monkeypatch: Any) -> Non
 _QUERIES = """
 import resource, sys
 import numpy as np
-from memstore.server.heap import keep_scratch_memory
-if sys.argv[1] == "kept":
-    assert keep_scratch_memory()
+from memstore.server.heap import LoadTrimmer, heap_for_queries, manage_heap
 def query():  # a cold count's temporaries: ids, their counts, a mask
     ids = np.arange(600_000, dtype=np.intp)
     counts = np.bincount(ids)
     return int(np.count_nonzero(counts >= 1))
-query()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
+def faults():  # page faults of 20 queries, after one to warm up
     query()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        query()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+if sys.argv[1] == "default":
+    print(faults())
+else:  # a shard process: recovery, serving, a load in flight, serving again
+    assert manage_heap()
+    recovering = faults()
+    assert heap_for_queries()
+    serving = faults()
+    loads = LoadTrimmer()
+    loads.begin()
+    loading = faults()
+    loads.end(0)
+    print(recovering, serving, loading, faults())
 """
 
 
-def _faults(mode: str) -> int:
+def _faults(mode: str) -> list[int]:
     done = subprocess.run([sys.executable, "-c", _QUERIES, mode], check=True,
                           capture_output=True, text=True, timeout=60)
-    return int(done.stdout)
+    return [int(n) for n in done.stdout.split()]
 
 
-def test_a_shard_keeps_its_query_temporaries_pages() -> None:
-    """After keep_scratch_memory (what a shard process calls as it starts), a query that
-    makes and frees ~10 MB of arrays faults no pages in when asked again, where glibc's
-    defaults give them back and fault them in on every ask."""
-    kept, default = _faults("kept"), _faults("default")
-    assert kept < 100, kept
-    assert default > 20 * 500, default  # the defaults: ~2,000 page faults an ask
+def test_a_shard_keeps_its_query_temporaries_pages_and_maps_a_loads_apart() -> None:
+    """A shard process (manage_heap) keeps the pages of its queries' temporaries: a query
+    that makes and frees ~10 MB of arrays faults no page in when asked again, where
+    glibc's defaults give them back and fault them in on every ask. While it recovers and
+    while a load is in flight, blocks from 1 MiB up are mapped apart and given back (so a
+    load's temporaries leave no pages among the profiles): every ask faults them in."""
+    [default] = _faults("default")
+    recovering, serving, loading, served_again = _faults("shard")
+    assert serving < 100 and served_again < 100, (serving, served_again)
+    assert default > 20 * 500, default  # the defaults: ~1,400 page faults an ask
+    assert recovering > 20 * 500 and loading > 20 * 500, (recovering, loading)

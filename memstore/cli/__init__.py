@@ -112,7 +112,7 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
 
     from memstore.engine.identity import DEFAULT_BLOCKED, IdentityRules
     from memstore.server import audit, rights
-    from memstore.server.heap import keep_scratch_memory
+    from memstore.server.heap import manage_heap
     from memstore.server.security import (
         AuthFileError,
         Credentials,
@@ -124,7 +124,7 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
     from memstore.storage.wal_writer import SyncPolicy
 
     _logging(verbose, role="shard", shard=name)
-    keep_scratch_memory()  # query temporaries reuse pages already faulted in
+    manage_heap()  # loading setting for recovery; serve() switches to queries after
     try:
         security = ServerSecurity.configure(tls_cert, tls_key, tls_client_ca, auth_file,
                                             insecure, cluster_token_from_env())

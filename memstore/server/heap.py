@@ -1,20 +1,26 @@
-"""How a shard process's heap gives memory back to the operating system.
+"""How a shard process's heap takes memory from the operating system and gives it back.
 
-Queries: a count over a window or a range makes numpy temporaries of several MB (at
-473k ids a shard, ~12 MB for a cold `did(..., at_least=3)`) and frees them at its end.
-glibc's defaults hand such memory back as soon as twice the largest block freed sits
-free at the heap's top, so the next such query faults its pages in again: ~900 page
-faults, 5.3 ms a count where 2.75 ms is the counting. `keep_scratch_memory` (called once
-as a shard process starts) lets the heap keep up to SCRATCH_BYTES free for the next query.
+glibc's defaults move two thresholds with the largest block freed: blocks above the mmap
+threshold get mappings of their own (returned when freed), and free memory above the trim
+threshold at the heap's top goes back. Neither default suits both things a shard does, so
+a shard process (`manage_heap`, as it starts) switches between two settings:
 
-Loads: a load request makes many short-lived objects (a batch's columns, pieces and arrays).
-Python frees them, but glibc's malloc keeps the freed pages for reuse unless they sit at
-the top of its heap, so a shard's resident memory after a load stays above what its
-profiles and indexes hold: at 1M profiles, 4,000 a request, ~15-30 bytes a profile more.
-`malloc_trim(0)` returns every whole free page; on a 1M-profile heap it takes ~1 ms.
-Where the C library has no malloc_trim (musl, macOS) this does nothing.
+- Loading (recovery, and while bulk loads are in flight): blocks from 1 MiB up are mapped
+  apart. A load's multi-MB temporaries then never sit in the heap between long-lived
+  profiles, where their pages would stay resident; measured at 1M profiles, 447 bytes a
+  profile after a load against ~530 with the query setting. When the last load call
+  ends, `malloc_trim(0)` (LoadTrimmer) returns every whole free page the load's small
+  objects left (~15-30 bytes a profile at 1M; ~1 ms).
+- Serving queries (`heap_for_queries`): blocks under 32 MiB come from the heap and up to
+  SCRATCH_BYTES of free memory stays there. A count over a window or a range makes numpy
+  temporaries of several MB (~12 MB for a cold `did(..., at_least=3)` on 473k ids) and
+  frees them at its end; under the defaults they went back and the next such query
+  faulted ~900 pages in again: 5.3 ms a count where 2.75 ms is the counting.
+
+Where the C library has no mallopt or malloc_trim (musl, macOS) this does nothing; a
+process that never called `manage_heap` (a test running a server in process) keeps
+glibc's defaults.
 """
-
 from __future__ import annotations
 
 import ctypes
@@ -33,18 +39,34 @@ if _mallopt is not None:
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 SCRATCH_BYTES = 64 << 20  # free heap kept for the next query's temporaries
-_MMAP_FROM = 32 << 20  # blocks at least this big are mapped apart (glibc's largest)
+_QUERY_MMAP_FROM = 32 << 20  # serving: blocks this big are mapped apart (glibc's largest)
+_LOAD_MMAP_FROM = 1 << 20  # loading: a load's temporaries this big are mapped apart
+_LOAD_TRIM_FROM = 128 << 10  # loading: glibc's default top pad to give back
+_managed = False
 
 
-def keep_scratch_memory() -> bool:
-    """Keep up to SCRATCH_BYTES of freed memory in the heap, and take blocks under 32 MiB
-    from it rather than from fresh mappings: query temporaries reuse pages already
-    faulted in. (glibc otherwise moves both thresholds with the largest block freed.)
-    What a bulk load leaves still goes back, through LoadTrimmer. Whether it was set."""
-    if _mallopt is None:
-        return False
-    return bool(_mallopt(_M_MMAP_THRESHOLD, _MMAP_FROM)) \
-        and bool(_mallopt(_M_TRIM_THRESHOLD, SCRATCH_BYTES))
+def manage_heap() -> bool:
+    """Take charge of this process's heap settings (a shard process, as it starts): the
+    loading setting until `heap_for_queries`. Whether the C library lets it."""
+    global _managed
+    _managed = _mallopt is not None
+    return heap_for_loads()
+
+
+def heap_for_loads() -> bool:
+    """The loading setting, if this process manages its heap; whether it was set."""
+    return _managed and _set(_LOAD_MMAP_FROM, _LOAD_TRIM_FROM)
+
+
+def heap_for_queries() -> bool:
+    """The serving setting, if this process manages its heap; whether it was set."""
+    return _managed and _set(_QUERY_MMAP_FROM, SCRATCH_BYTES)
+
+
+def _set(mmap_from: int, trim_from: int) -> bool:
+    assert _mallopt is not None
+    return bool(_mallopt(_M_MMAP_THRESHOLD, mmap_from)) \
+        and bool(_mallopt(_M_TRIM_THRESHOLD, trim_from))
 
 
 def release_free_heap() -> bool:
@@ -53,9 +75,10 @@ def release_free_heap() -> bool:
 
 
 class LoadTrimmer:
-    """A service's bulk-load calls in flight. When the last one ends and at least EVERY
-    profiles came in since the heap was last trimmed, the freed heap goes back to the OS:
-    at the end of a load, not between its calls (~1 ms a trim at 1M profiles)."""
+    """A service's bulk-load calls in flight: the heap's loading setting while any is.
+    When the last one ends and at least EVERY profiles came in since the heap was last
+    trimmed, the freed heap goes back to the OS: at the end of a load, not between its
+    calls (~1 ms a trim at 1M profiles)."""
 
     EVERY = 50_000
 
@@ -64,12 +87,18 @@ class LoadTrimmer:
         self.since = 0  # profiles loaded since the last trim
 
     def begin(self) -> None:
+        """A call starts (before it plans: its temporaries are the load's)."""
+        if self.in_flight == 0:
+            heap_for_loads()
         self.in_flight += 1
 
     def end(self, profiles: int) -> None:
         """A call ended, having loaded `profiles` (0 if it failed)."""
         self.in_flight -= 1
         self.since += profiles
-        if self.in_flight == 0 and self.since >= self.EVERY:
+        if self.in_flight:
+            return
+        if self.since >= self.EVERY:
             self.since = 0
             release_free_heap()
+        heap_for_queries()

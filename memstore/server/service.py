@@ -76,7 +76,7 @@ from memstore.replication.primary import Replicas, ReplicationService
 from memstore.replication.roles import Roles
 from memstore.server import logs, metrics, reflection, rights, watch
 from memstore.server.guard import Guard
-from memstore.server.heap import LoadTrimmer
+from memstore.server.heap import LoadTrimmer, heap_for_queries
 from memstore.server.link import LinkServer, describe_handler
 from memstore.server.security import Credentials, ServerSecurity
 from memstore.shard import Shard, ShardConfig
@@ -424,24 +424,25 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
                           ) -> pb.BatchUpsertResponse:
         self._writable()
         self._as_judged(context)
-        # Any mix of the three forms applies in the order requests, packed, columns.
-        rows = unpack_records(request.packed) if request.packed else []
-        batch = unpack_columns(request.columns) if request.columns else None
-        _forwarded(self.engine, [r.id for r in request.requests] + [row[0] for row in rows]
-                   + (batch.ids if batch is not None else []))
-        with _planning(self.engine, context):
-            if request.requests or (rows and batch is not None):
-                specs = [_spec(r, f"requests[{i}].") for i, r in enumerate(request.requests)]
-                specs += record_specs(rows, "packed")
-                specs += record_specs(batch.rows() if batch else [], "columns")
-                change = self.engine.plan_batch(specs)
-            elif batch is not None:
-                change = self.engine.plan_columns(batch)
-            else:
-                change = self.engine.plan_load(rows)
         results: list[tuple[str, bool]] = []
-        self._loads.begin()
+        self._loads.begin()  # from the unpacking on: its temporaries are the load's
         try:
+            # Any mix of the three forms applies in the order requests, packed, columns.
+            rows = unpack_records(request.packed) if request.packed else []
+            batch = unpack_columns(request.columns) if request.columns else None
+            _forwarded(self.engine, [r.id for r in request.requests] + [row[0] for row in rows]
+                       + (batch.ids if batch is not None else []))
+            with _planning(self.engine, context):
+                if request.requests or (rows and batch is not None):
+                    specs = [_spec(r, f"requests[{i}].")
+                             for i, r in enumerate(request.requests)]
+                    specs += record_specs(rows, "packed")
+                    specs += record_specs(batch.rows() if batch else [], "columns")
+                    change = self.engine.plan_batch(specs)
+                elif batch is not None:
+                    change = self.engine.plan_columns(batch)
+                else:
+                    change = self.engine.plan_load(rows)
             results = await self.shard.commit(change)
         finally:
             self._loads.end(len(results))
@@ -603,13 +604,13 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
                          ) -> pb.TrackBatchResponse:
         self._writable()
         self._as_judged(context)
-        events = track_batch_events(request, self.engine.clock)
-        _forwarded(self.engine, [key for key, _, _, _ in events if isinstance(key, str)])
-        with _planning(self.engine, context):
-            change = self.engine.plan_track_batch(events)
-        self._loads.begin()
         applied = 0
+        self._loads.begin()  # from the unpacking on: its temporaries are the load's
         try:
+            events = track_batch_events(request, self.engine.clock)
+            _forwarded(self.engine, [key for key, _, _, _ in events if isinstance(key, str)])
+            with _planning(self.engine, context):
+                change = self.engine.plan_track_batch(events)
             applied = await self.shard.commit(change)
         finally:
             self._loads.end(applied)
@@ -1460,6 +1461,7 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
     shard = await Shard.open(config, prepare=(
         (lambda data: followed.append(history.for_replica(
             data, candidate=replica_of == coordinated.ELECTED))) if replica_of else None))
+    heap_for_queries()  # recovered: the heap's serving setting (memstore/server/heap.py)
     # A replica's --replication is what it does once promoted (memstore cluster failover).
     roles = Roles(shard, replication, replication_timeout, replication_fallback,
                   primary_credentials)
