@@ -250,14 +250,16 @@ class PidTable:
         """`self[d] = pid` for each pair, vectorized where the dense ids hold nothing yet
         (a load, a snapshot being read): their bytes appended in one copy, their keys
         entered in the IntTable at once."""
-        dense = np.fromiter(ids, dtype=np.int64, count=len(pids))
+        run = isinstance(ids, range)  # a snapshot's rows, a load's new ids: distinct
+        dense = np.arange(ids.start, ids.stop, ids.step, dtype=np.int64) \
+            if isinstance(ids, range) else np.fromiter(ids, dtype=np.int64, count=len(pids))
         if not len(dense):
             return
         if int(dense.min()) < 0 or int(dense.max()) >= self._n:
             raise IndexError("dense id out of range")
         given = np.fromiter(map(is_not, pids, repeat(None)), dtype=bool, count=len(pids))
         taken = self._loc[dense] != 0
-        if taken.any() or len(np.unique(dense)) < len(dense):
+        if taken.any() or (not run and len(np.unique(dense)) < len(dense)):
             for d, pid in zip(dense.tolist(), pids, strict=True):
                 self[d] = pid
             return
@@ -282,9 +284,9 @@ class PidTable:
         self._loc[dense] = offsets.astype(np.uint64) | (lengths.astype(np.uint64)
                                                         << np.uint64(_LEN_SHIFT))
         keys = _keys(pids, count)  # type: ignore[arg-type]
-        present = self._index.get_many(keys) >= 0
         distinct = len(np.unique(keys)) == count
-        if distinct and not present.any():
+        # (An empty index, a snapshot being read, holds none of them: no probe needed.)
+        if distinct and (not len(self._index) or not (self._index.get_many(keys) >= 0).any()):
             self._index.insert_absent(keys, dense.astype(np.uint32))
             return
         for d, pid in zip(dense.tolist(), pids, strict=True):  # dict semantics, one by one
