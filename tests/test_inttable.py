@@ -171,3 +171,38 @@ def test_chains_longer_than_a_probe_window_with_tombstones_in_them(
     assert table.get_many(probe).tolist() == [model.get(k, -1) for k in probe.tolist()]
     assert [table.get(k) for k in probe.tolist()] == [model.get(k) for k in probe.tolist()]
     assert len(table) == len(model)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(2, 400), max_size=60), st.lists(st.integers(2, 400), max_size=60),
+       st.lists(st.integers(2, 400), max_size=20), st.integers(0, 3))
+def test_insert_new_places_distinct_absent_keys_and_refuses_the_rest(
+        before: list[int], batch: list[int], deleted: list[int], spread: int) -> None:
+    """insert_new (checked while placing): True and every key found when the batch's keys
+    are distinct and absent; False when one is present or comes twice, every key placed
+    then holding its own value. Keys few and clustered (`spread`: how far apart), so
+    chains run long and twins meet; deletions leave tombstones (the checked path)."""
+    table = IntTable()
+    table.update(np.array([k << spread for k in before], dtype=np.uint64),
+                 np.arange(len(before), dtype=np.uint32))
+    held = {k << spread: i for i, k in enumerate(before)}
+    for k in deleted:
+        if k << spread in held:
+            del table[k << spread]
+            del held[k << spread]
+    keys = [k << spread for k in batch]
+    values = list(range(1000, 1000 + len(keys)))
+    ok = table.insert_new(np.array(keys, dtype=np.uint64), np.array(values, dtype=np.uint32))
+    fresh = len(set(keys)) == len(keys) and not set(keys) & set(held)
+    assert ok == fresh
+    for k, v in held.items():  # nothing held before is changed
+        if k not in keys:
+            assert table.get(k) == v
+    if ok:
+        for k, v in zip(keys, values, strict=True):
+            assert table.get(k) == v
+        assert len(table) == len(held) + len(keys)
+    else:  # the keys placed before the refusal hold a value given for them
+        for k in set(keys):
+            mine = {v for kk, v in zip(keys, values, strict=True) if kk == k}
+            assert table.get(k) in {None, held.get(k)} | mine

@@ -167,6 +167,25 @@ class IntTable:
             return
         self._place(keys, values)
 
+    def insert_new(self, keys: np.ndarray, values: np.ndarray) -> bool:
+        """`insert_absent` for keys the caller only expects to be distinct and absent: each
+        placed with the check done as it is placed. False, with nothing changed that
+        `update` would not change, when one is in the table already or comes twice (the
+        caller then enters them one by one): the keys placed before that one was found stay
+        placed, with their values."""
+        keys = np.asarray(keys, dtype=np.uint64)
+        values = np.asarray(values, dtype=np.uint32)
+        if not len(keys):
+            return True
+        if self._filled != self._live:  # tombstones: a key may sit past a free slot
+            if (self.find_many(keys) >= 0).any() or len(np.unique(keys)) < len(keys):
+                return False
+            self.insert_absent(keys, values)
+            return True
+        if self._filled + len(keys) > _MAX_FILL * self._cap:
+            self._rebuild(len(keys))
+        return self._place_checked(keys, values)
+
     def get_many(self, keys: np.ndarray) -> np.ndarray:
         """The value of each key, or -1 where it is absent (int64)."""
         at = self.find_many(keys)
@@ -257,6 +276,43 @@ class IntTable:
             pos[waiting] = _wrap(np.where(has, chosen + 1, pos[waiting] + _WINDOW), cap)
             waiting = waiting[~placed[waiting]]
         self._live += len(keys)
+
+
+    def _place_checked(self, keys: np.ndarray, values: np.ndarray) -> bool:
+        """_place for a table without tombstones, checking each key as it goes: a key's
+        chain has no free slot before the key, so a key met in a window before the first
+        empty slot is in the table already (or came twice in `keys`: its twin was placed
+        first). Claimants of a slot write their index into it and the one read back wins,
+        so twins cannot both win; a loser looks at the slot again next round. False as
+        soon as a key is found present (the keys placed so far stay)."""
+        table_keys, table_vals, cap = self._keys, self._vals, self._cap
+        pos = self._homes(keys)
+        waiting = np.arange(len(keys))
+        index = waiting.astype(np.uint32)
+        placed = np.zeros(len(keys), dtype=bool)
+        while waiting.size:
+            at = _wrap(pos[waiting, None] + _STEPS, cap)
+            seen = table_keys[at]
+            same = seen == keys[waiting, None]
+            stop = same | (seen == EMPTY)
+            first = stop.argmax(axis=1)
+            rows = np.arange(len(waiting))
+            hit = stop[rows, first]
+            if (same[rows, first] & hit).any():
+                return False
+            chosen = at[rows, first]
+            slots, claimants = chosen[hit], waiting[hit]
+            table_vals[slots] = index[claimants]
+            won = table_vals[slots] == index[claimants]
+            slots, winners = slots[won], claimants[won]
+            table_keys[slots] = keys[winners]
+            table_vals[slots] = values[winners]
+            self._filled += len(winners)
+            self._live += len(winners)
+            placed[winners] = True
+            pos[waiting] = np.where(hit, chosen, _wrap(pos[waiting] + _WINDOW, cap))
+            waiting = waiting[~placed[waiting]]
+        return True
 
 
 def _capacity_for(entries: int) -> int:

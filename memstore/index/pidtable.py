@@ -284,10 +284,7 @@ class PidTable:
         self._loc[dense] = offsets.astype(np.uint64) | (lengths.astype(np.uint64)
                                                         << np.uint64(_LEN_SHIFT))
         keys = _keys(pids, count)  # type: ignore[arg-type]
-        distinct = len(np.unique(keys)) == count
-        # (An empty index, a snapshot being read, holds none of them: no probe needed.)
-        if distinct and (not len(self._index) or not (self._index.get_many(keys) >= 0).any()):
-            self._index.insert_absent(keys, dense.astype(np.uint32))
+        if self._index.insert_new(keys, dense.astype(np.uint32)):  # (checked as placed)
             return
         for d, pid in zip(dense.tolist(), pids, strict=True):  # dict semantics, one by one
             self._enter(pid, d)  # type: ignore[arg-type]
