@@ -40,7 +40,7 @@ def small_arenas(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(claims_module, "_COMPACT_BYTES", 40)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(ops, st.sampled_from([hash, lambda key: len(key) % 3]))
 def test_claims_match_a_dict(steps: list[tuple[str, str, str]], hashing: object) -> None:
     clock = [0.0]

@@ -110,7 +110,7 @@ def _verify(data: Path, acked: list[tuple[str, int]], counter_acks: list[int],
 
 
 def test_sigkill_under_concurrent_writers_loses_nothing_acknowledged(tmp_path: Path) -> None:
-    run_kill_cycles(tmp_path / "data", cycles=9, seed=1234)
+    run_kill_cycles(tmp_path / "data", cycles=7, seed=1234)
 
 
 def run_kill_cycles(data: Path, cycles: int, seed: int) -> dict[str, int]:
