@@ -326,8 +326,8 @@ class DayIndex:
             # bitmap AND costs about what counting a cell costs.
             cells = sum(len(self._days[d]) for d in chosen)
             among = within if within is not None and len(within) < cells else None
-            derived = self._derived(lo, hi, cells) if among is None and ceiling <= _SUM_MAX \
-                else None
+            exact = among is None and ceiling <= _SUM_MAX  # every id's sum, in 32 bits
+            derived = self._derived(lo, hi, cells) if exact else None
             if derived is not None:
                 counts = derived
             else:
@@ -341,7 +341,7 @@ class DayIndex:
                 if repeats:
                     _add_repeats(counts, repeats, least if most is None else most + 1,
                                  exact=ceiling < 1 << 64)
-            if among is None and ceiling <= _SUM_MAX:  # every id's exact sum: keep them
+            if exact:  # keep them
                 self._keep(lo, hi, counts, ceiling)
         match = counts >= least
         if most is not None:

@@ -251,8 +251,10 @@ class PidTable:
         (a load, a snapshot being read): their bytes appended in one copy, their keys
         entered in the IntTable at once."""
         run = isinstance(ids, range)  # a snapshot's rows, a load's new ids: distinct
-        dense = np.arange(ids.start, ids.stop, ids.step, dtype=np.int64) \
-            if isinstance(ids, range) else np.fromiter(ids, dtype=np.int64, count=len(pids))
+        if isinstance(ids, range):
+            dense = np.arange(ids.start, ids.stop, ids.step, dtype=np.int64)
+        else:
+            dense = np.fromiter(ids, dtype=np.int64, count=len(pids))
         if not len(dense):
             return
         if int(dense.min()) < 0 or int(dense.max()) >= self._n:
