@@ -54,6 +54,7 @@ from memstore.errors import ReadOnlyReplica, Unavailable
 from memstore.gcpause import gc_paused
 from memstore.hashslot import slot_of
 from memstore.index.bitmap_index import RangeIndex, ValueIndex
+from memstore.index.blobtable import BlobTable
 from memstore.index.day_index import DayIndex
 from memstore.index.dense import bitmap_of
 from memstore.index.pidtable import PidTable
@@ -704,7 +705,7 @@ def write_snapshot_file(engine: Engine, snap_dir: Path, lsn: int, shard_name: st
             count += len(picked)
             writer.write("rows", msgpack.packb(
                 [part.astype("<u4").tobytes(), pids.take(part),
-                 [blobs[d] for d in picked], slots[part].astype("<u2").tobytes()],
+                 blobs.take(picked), slots[part].astype("<u2").tobytes()],
                 use_bin_type=True))
         del slots, dense_ids
         keys, owners = engine.directory.arrays()
@@ -962,7 +963,7 @@ def load_snapshot(engine: Engine, sections: Iterable[tuple[str, bytes]]) -> None
             engine.schema = Schema.from_state(meta["schema"])
             next_dense = meta["next_dense"]
             engine.pids = PidTable(next_dense)
-            engine.blobs = [None] * next_dense
+            engine.blobs = BlobTable(next_dense)
             engine.slots = array.array("H", bytes(next_dense * engine.slots.itemsize))
             engine.created = array.array("I", bytes(next_dense * 4))  # no times section:
             engine.changed = array.array("I", bytes(next_dense * 4))  # not known (0)
@@ -1035,13 +1036,10 @@ def _load_rows(engine: Engine, raw_dense: bytes, pids: list[str], blobs: list[by
     if not len(dense):
         return
     first, last = int(dense[0]), int(dense[-1])
-    if last - first + 1 == len(dense):  # a run of dense ids: slices, in C
-        engine.blobs[first:last + 1] = blobs
-        ids: Iterable[int] = range(first, last + 1)
-    else:
-        ids = dense.tolist()
-        for d, blob in zip(ids, blobs, strict=True):
-            engine.blobs[d] = blob
+    # A run of dense ids: no check that they are distinct.
+    ids: Iterable[int] = range(first, last + 1) if last - first + 1 == len(dense) \
+        else dense.tolist()
+    engine.blobs.put_many(ids, blobs)
     engine.pids.put_many(ids, pids)
     engine.live |= bitmap_of(dense)
     np.frombuffer(engine.slots, dtype=np.uint16)[dense] = np.frombuffer(raw_slots, dtype="<u2")

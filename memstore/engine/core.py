@@ -92,6 +92,7 @@ from memstore.errors import (
 )
 from memstore.hashslot import SLOT_COUNT, slot_of
 from memstore.index.bitmap_index import RangeIndex, ValueIndex
+from memstore.index.blobtable import BlobTable
 from memstore.index.claims import Claims, claim_key
 from memstore.index.day_index import DayIndex
 from memstore.index.dense import bitmap_of
@@ -121,7 +122,7 @@ class Engine:
         # Dense id -> primary id (None: no profile) and, as `dense_of`, the way back
         # (memstore.index.pidtable: ~35 bytes a profile where a list and a dict took ~140).
         self.pids = PidTable()
-        self.blobs: list[bytes | None] = []
+        self.blobs = BlobTable()  # dense id -> blob (memstore.index.blobtable)
         self.live = BitMap()
         self.value_index: dict[int, ValueIndex] = {}
         self.range_index: dict[int, RangeIndex] = {}
@@ -795,7 +796,7 @@ class Engine:
     def _grow(self, size: int) -> None:
         """Make room for dense ids below `size`."""
         grow = size - len(self.blobs)
-        self.blobs.extend([None] * grow)
+        self.blobs.grow(size)
         self.pids.grow(size)
         self.slots.frombytes(bytes(grow * self.slots.itemsize))
         self.created.frombytes(bytes(grow * self.created.itemsize))

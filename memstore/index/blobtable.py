@@ -1,0 +1,253 @@
+"""Profile blobs by dense id, in segments of pages of their own (log-structured memory).
+
+A list of bytes objects cost ~45 bytes a profile beyond the blobs' own (a 33-byte object
+header, the list's slot, malloc's rounding), and a load's blobs, allocated among its
+temporaries, kept the heap's pages from going back to the system. Here the bytes of a
+blob lie in one of a set of segments (memstore.index.mapped buffers of 16 MiB), and each
+dense id has one uint64: where they start (segment << 24 | offset, the low 40 bits) and
+their length (the top 24 bits); 0: no profile. It is RAMCloud's log-structured memory
+(Rumble et al., FAST '14) in its simplest form:
+
+- Writing a dense id's blob appends its bytes to the newest segment. The bytes it
+  replaces are zeroed at once (an erased profile leaves no copy in memory) and counted
+  dead in their segment.
+- A segment other than the newest whose live bytes fall to half of what it holds (or
+  less) at a release is cleaned: its live blobs are appended anew and its pages unmapped.
+  So the segments hold about twice the live bytes at most; cleaning moves at most half a
+  segment (and scans the locations once, 8 bytes a profile), so no write waits for more.
+- A blob of 1 MiB or more is kept as a bytes object in a dict (its length field all ones).
+
+Readers get bytes, a copy: callers keep blobs across later writes (undo images, log
+records). The pages are private mappings, so a forked snapshot writer
+(memstore.storage.forked) sees the blobs as they were at the fork.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import compress, repeat
+from operator import is_not
+
+import numpy as np
+
+from memstore.index import mapped
+
+_OFFSET_BITS = 24  # a segment is at most 16 MiB
+_LEN_SHIFT = 40  # a location: start (segment << 24 | offset) in the low 40 bits
+_START = (1 << _LEN_SHIFT) - 1
+_BIG = (1 << 24) - 1  # length field of a blob kept in the dict
+_MIN_CAPACITY = 1024
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+class BlobTable:
+    """dense id -> profile blob (None: no profile), indexable like the list it replaces."""
+
+    __slots__ = ("_active", "_big", "_big_bytes", "_fill", "_free", "_live", "_loc", "_lv",
+                 "_n", "_segment_bytes", "_segs")
+
+    def __init__(self, size: int = 0, segment_bytes: int = 1 << _OFFSET_BITS,
+                 big_bytes: int = 1 << 20) -> None:
+        if not 0 < big_bytes <= min(segment_bytes, len(_ZEROS)) <= 1 << _OFFSET_BITS:
+            raise ValueError("a big blob must fit a segment, and a segment 16 MiB")
+        self._segment_bytes, self._big_bytes = segment_bytes, big_bytes
+        self._loc = mapped.zeros(max(_MIN_CAPACITY, size), np.uint64)
+        self._lv = memoryview(self._loc)  # type: ignore[arg-type]
+        self._n = size
+        # Segment 0 is never one: a start of 0 is no profile, or a blob in `_big`.
+        self._segs: list[mmap.mmap | None] = [None]
+        self._fill = [0]  # bytes written into each segment
+        self._live = [0]  # bytes of each segment still some dense id's
+        self._free: list[int] = []  # unmapped segments' numbers, for new ones
+        self._active = 0  # the segment blobs are appended to (0: none yet)
+        self._big: dict[int, bytes] = {}
+
+    # ------------------------------------------------------------------ reading
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, dense: int) -> bytes | None:
+        if not 0 <= dense < self._n:
+            if dense < 0 and dense + self._n >= 0:
+                dense += self._n
+            else:
+                raise IndexError("dense id out of range")
+        loc = self._lv[dense]
+        if not loc:
+            return None
+        length = loc >> _LEN_SHIFT
+        if length == _BIG:
+            return self._big[dense]
+        start = loc & _START
+        offset = start & 0xFFFFFF
+        return self._segs[start >> _OFFSET_BITS][offset:offset + length]  # type: ignore[index]
+
+    def take(self, dense: Iterable[int]) -> list[bytes | None]:
+        """The blob of each dense id."""
+        return list(map(self.__getitem__, dense))
+
+    def __iter__(self) -> Iterator[bytes | None]:
+        return map(self.__getitem__, range(self._n))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, BlobTable | list | tuple):
+            return len(self) == len(other) and list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"BlobTable({list(self)!r})"
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the segments as written (dead bytes included), the big blobs and the
+        locations (allocated: written or not)."""
+        return sum(self._fill) + sum(map(len, self._big.values())) + int(self._loc.nbytes)
+
+    @property
+    def dead_bytes(self) -> int:
+        """Bytes of the segments no dense id holds any more (zeroed; freed by cleaning)."""
+        return sum(self._fill) - sum(self._live)
+
+    # ------------------------------------------------------------------ writing
+    def __setitem__(self, dense: int, blob: bytes | None) -> None:
+        if not 0 <= dense < self._n:
+            raise IndexError("dense id out of range")
+        old = self._lv[dense]
+        if old and (old >> _LEN_SHIFT) == _BIG:
+            del self._big[dense]
+        self._lv[dense] = 0 if blob is None else self._place(dense, blob)
+        if old and (old >> _LEN_SHIFT) != _BIG:
+            self._release(old)
+
+    def grow(self, size: int) -> None:
+        """Make room for dense ids below `size` (None: no profile)."""
+        if size > self._n:
+            if size > len(self._loc):
+                bigger = mapped.zeros(max(size, 2 * len(self._loc)), np.uint64)
+                bigger[:self._n] = self._loc[:self._n]
+                self._loc, self._lv = bigger, memoryview(bigger)  # type: ignore[arg-type]
+            self._n = size
+
+    def extend(self, blobs: Iterable[bytes | None]) -> None:
+        """Append dense ids holding `blobs` (None: no profile)."""
+        blobs = blobs if isinstance(blobs, list | tuple) else list(blobs)
+        first = self._n
+        self.grow(first + len(blobs))
+        self.put_many(range(first, first + len(blobs)), blobs)
+
+    def put_many(self, ids: Iterable[int], blobs: Sequence[bytes | None]) -> None:
+        """`self[d] = blob` for each pair; where the dense ids hold nothing yet (a load, a
+        snapshot being read), the blobs are joined and copied into segments a segment at
+        a time."""
+        if isinstance(ids, range):
+            dense = np.arange(ids.start, ids.stop, ids.step, dtype=np.int64)
+        else:
+            dense = np.fromiter(ids, dtype=np.int64, count=len(blobs))
+        if not len(dense):
+            return
+        if int(dense.min()) < 0 or int(dense.max()) >= self._n:
+            raise IndexError("dense id out of range")
+        given = np.fromiter(map(is_not, blobs, repeat(None)), dtype=bool, count=len(blobs))
+        if not given.all():
+            dense = dense[given]
+            blobs = list(compress(blobs, given))
+        lengths = np.fromiter(map(len, blobs), dtype=np.int64,  # type: ignore[arg-type]
+                              count=len(blobs))
+        if (not len(dense) or self._loc[dense].any() or int(lengths.max()) >= self._big_bytes
+                or (not isinstance(ids, range) and len(np.unique(dense)) < len(dense))):
+            for d, blob in zip(dense.tolist(), blobs, strict=True):
+                self[d] = blob
+            return
+        self._loc[dense] = self._append_joined(b"".join(blobs), lengths)  # type: ignore[arg-type]
+
+    def _place(self, dense: int, blob: bytes) -> int:
+        """Store `blob` for `dense` (whose location is about to be set): its location."""
+        length = len(blob)
+        if length >= self._big_bytes:
+            self._big[dense] = bytes(blob)
+            return _BIG << _LEN_SHIFT
+        seg = self._active
+        if not seg or self._fill[seg] + length > self._segment_bytes:
+            seg = self._new_segment()
+        offset = self._fill[seg]
+        self._segs[seg][offset:offset + length] = blob  # type: ignore[index]
+        self._fill[seg] = offset + length
+        self._live[seg] += length
+        return (seg << _OFFSET_BITS | offset) | (length << _LEN_SHIFT)
+
+    def _append_joined(self, joined: bytes, lengths: np.ndarray) -> np.ndarray:
+        """Append blobs given joined, each shorter than a big one: their locations."""
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        locations = np.empty(len(lengths), dtype=np.uint64)
+        view = memoryview(joined)
+        i, count = 0, len(lengths)
+        while i < count:
+            seg = self._active
+            room = self._segment_bytes - self._fill[seg] if seg else 0
+            if room < lengths[i]:
+                seg = self._new_segment()
+                room = self._segment_bytes
+            base = int(starts[i])
+            j = int(np.searchsorted(ends, base + room, side="right"))  # i..j-1 fit
+            size = int(ends[j - 1]) - base
+            offset = self._fill[seg]
+            self._segs[seg][offset:offset + size] = view[base:base + size]  # type: ignore[index]
+            locations[i:j] = ((starts[i:j] - base + (seg << _OFFSET_BITS | offset)).astype(np.uint64)
+                              | (lengths[i:j].astype(np.uint64) << np.uint64(_LEN_SHIFT)))
+            self._fill[seg] = offset + size
+            self._live[seg] += size
+            i = j
+        return locations
+
+    def _new_segment(self) -> int:
+        buffer = mapped.buffer(self._segment_bytes)
+        if self._free:
+            seg = self._free.pop()
+            self._segs[seg] = buffer
+        else:
+            seg = len(self._segs)
+            if seg >= 1 << (_LEN_SHIFT - _OFFSET_BITS):
+                raise MemoryError("profile blobs fill every segment (1 TiB)")
+            self._segs.append(buffer)
+            self._fill.append(0)
+            self._live.append(0)
+        self._active = seg
+        return seg
+
+    def _release(self, loc: int) -> None:
+        """The bytes at `loc` are no dense id's any more: zeroed, counted dead, and their
+        segment cleaned if half of it is dead."""
+        length, start = loc >> _LEN_SHIFT, loc & _START
+        seg, offset = start >> _OFFSET_BITS, start & 0xFFFFFF
+        self._segs[seg][offset:offset + length] = _ZEROS[:length]  # type: ignore[index]
+        self._live[seg] -= length
+        if seg != self._active and 2 * self._live[seg] <= self._fill[seg]:
+            self._clean(seg)
+
+    def _clean(self, seg: int) -> None:
+        """Move the live blobs of segment `seg` to the newest one and unmap it."""
+        buffer = self._segs[seg]
+        assert buffer is not None
+        if self._live[seg]:
+            locations = self._loc[:self._n]
+            held = np.flatnonzero(((locations & np.uint64(_START)) >> np.uint64(_OFFSET_BITS))
+                                  == np.uint64(seg))
+            loc = locations[held]
+            del locations
+            lengths = (loc >> np.uint64(_LEN_SHIFT)).astype(np.int64)
+            offsets = (loc & np.uint64(0xFFFFFF)).astype(np.int64)
+            joined = b"".join(map(buffer.__getitem__, map(slice, offsets.tolist(),
+                                                          (offsets + lengths).tolist())))
+            self._segs[seg] = None  # (before appending: the newest segment may take it)
+            self._free.append(seg)
+            self._fill[seg] = self._live[seg] = 0
+            self._loc[held] = self._append_joined(joined, lengths)
+        else:
+            self._segs[seg] = None
+            self._free.append(seg)
+            self._fill[seg] = 0
+        buffer.close()
