@@ -625,11 +625,10 @@ class Engine:
         old_ids, old_pids, old_blobs, _ = zip(*images[:kept], strict=True) if kept \
             else ((), (), (), ())
         before = list(map(tuple.__new__, repeat(Image), zip(
-            old_ids, old_pids, map(blobs.__getitem__, old_ids), repeat(None))))
+            old_ids, old_pids, blobs.take(old_ids), repeat(None))))
         stamped = list(zip(old_ids, map(created.__getitem__, old_ids),
                            map(changed.__getitem__, old_ids)))
-        for _ in map(blobs.__setitem__, old_ids, old_blobs):
-            pass
+        blobs.put_many(old_ids, old_blobs)
         if kept:
             view = np.frombuffer(changed, dtype=np.uint32)
             view[np.fromiter(old_ids, dtype=np.int64, count=kept)] = at

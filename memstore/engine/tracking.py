@@ -199,7 +199,7 @@ def _plan_columns(engine: Engine, events: Sequence[Event]) -> Change | None:
     # from here on Python iterates in C (map) over profiles, groups and cells.
     dense_list = p_dense.tolist()
     existing = int(np.searchsorted(p_dense, first))
-    states = decode_many(list(map(blobs.__getitem__, dense_list[:existing])))  # type: ignore[arg-type]
+    states = decode_many(blobs.take(dense_list[:existing]))  # type: ignore[arg-type]
     states += [[0, {}, [], []] for _ in range(len(dense_list) - existing)]
     g_attrs = list(map(list(map(itemgetter(1), states)).__getitem__,
                        np.repeat(np.arange(len(states)), p_groups).tolist()))

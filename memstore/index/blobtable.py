@@ -27,7 +27,8 @@ from __future__ import annotations
 import mmap
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import compress, repeat
-from operator import is_not
+from operator import getitem, is_not
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +39,7 @@ _LEN_SHIFT = 40  # a location: start (segment << 24 | offset) in the low 40 bits
 _START = (1 << _LEN_SHIFT) - 1
 _BIG = (1 << 24) - 1  # length field of a blob kept in the dict
 _MIN_CAPACITY = 1024
+_CHUNK = 65_536  # blobs an iteration takes at a time
 _ZEROS = memoryview(bytes(1 << 20))
 
 
@@ -55,8 +57,9 @@ class BlobTable:
         self._loc = mapped.zeros(max(_MIN_CAPACITY, size), np.uint64)
         self._lv = memoryview(self._loc)  # type: ignore[arg-type]
         self._n = size
-        # Segment 0 is never one: a start of 0 is no profile, or a blob in `_big`.
-        self._segs: list[mmap.mmap | None] = [None]
+        # Segment 0 is never one: a start of 0 is no profile, or a blob in `_big` (b"":
+        # take slices it for them). A cleaned segment's place is None until it is reused.
+        self._segs: list[mmap.mmap | bytes | None] = [b""]
         self._fill = [0]  # bytes written into each segment
         self._live = [0]  # bytes of each segment still some dense id's
         self._free: list[int] = []  # unmapped segments' numbers, for new ones
@@ -83,12 +86,34 @@ class BlobTable:
         offset = start & 0xFFFFFF
         return self._segs[start >> _OFFSET_BITS][offset:offset + length]  # type: ignore[index]
 
-    def take(self, dense: Iterable[int]) -> list[bytes | None]:
-        """The blob of each dense id."""
-        return list(map(self.__getitem__, dense))
+    def take(self, dense: Iterable[int] | np.ndarray) -> list[bytes | None]:
+        """The blob of each dense id, at once: the locations taken apart in numpy and each
+        blob sliced in C (~half a read's cost through self[d])."""
+        dense = np.fromiter(dense, dtype=np.int64) if not isinstance(dense, np.ndarray) \
+            else dense.astype(np.int64, copy=False)
+        if not len(dense):
+            return []
+        if int(dense.min()) < 0 or int(dense.max()) >= self._n:
+            raise IndexError("dense id out of range")
+        loc = self._loc[dense]
+        lengths = loc >> np.uint64(_LEN_SHIFT)
+        starts = loc & np.uint64(_START)
+        offsets = (starts & np.uint64(0xFFFFFF)).astype(np.int64)
+        big = lengths == np.uint64(_BIG)
+        odd = np.flatnonzero(big | (loc == 0))
+        if len(odd):  # segment 0 is b"": no profile, or a big blob, patched below
+            starts[odd] = offsets[odd] = lengths[odd] = 0
+        blobs: list[Any] = list(map(getitem, map(self._segs.__getitem__,  # type: ignore[arg-type]
+                                                 (starts >> np.uint64(_OFFSET_BITS)).tolist()),
+                                    map(slice, offsets.tolist(),
+                                        (offsets + lengths.astype(np.int64)).tolist())))
+        for i in odd.tolist():
+            blobs[i] = self._big[int(dense[i])] if big[i] else None
+        return blobs
 
     def __iter__(self) -> Iterator[bytes | None]:
-        return map(self.__getitem__, range(self._n))
+        for start in range(0, self._n, _CHUNK):
+            yield from self.take(np.arange(start, min(start + _CHUNK, self._n)))
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, BlobTable | list | tuple):
@@ -139,9 +164,9 @@ class BlobTable:
         self.put_many(range(first, first + len(blobs)), blobs)
 
     def put_many(self, ids: Iterable[int], blobs: Sequence[bytes | None]) -> None:
-        """`self[d] = blob` for each pair; where the dense ids hold nothing yet (a load, a
-        snapshot being read), the blobs are joined and copied into segments a segment at
-        a time."""
+        """`self[d] = blob` for each pair (a dense id given twice: its last pair). The blobs are joined and copied into segments a segment at a time;
+        the bytes they replace are released together, each segment's cleaning decided
+        once."""
         if isinstance(ids, range):
             dense = np.arange(ids.start, ids.stop, ids.step, dtype=np.int64)
         else:
@@ -150,18 +175,30 @@ class BlobTable:
             return
         if int(dense.min()) < 0 or int(dense.max()) >= self._n:
             raise IndexError("dense id out of range")
+        if not isinstance(ids, range) and len(np.unique(dense)) < len(dense):
+            for d, blob in zip(dense.tolist(), blobs, strict=True):  # in order: last wins
+                self[d] = blob
+            return
         given = np.fromiter(map(is_not, blobs, repeat(None)), dtype=bool, count=len(blobs))
         if not given.all():
+            for d in dense[~given].tolist():
+                self[d] = None
             dense = dense[given]
             blobs = list(compress(blobs, given))
         lengths = np.fromiter(map(len, blobs), dtype=np.int64,  # type: ignore[arg-type]
                               count=len(blobs))
-        if (not len(dense) or self._loc[dense].any() or int(lengths.max()) >= self._big_bytes
-                or (not isinstance(ids, range) and len(np.unique(dense)) < len(dense))):
+        if not len(dense):
+            return
+        old = self._loc[dense]
+        if (int(lengths.max()) >= self._big_bytes
+                or (old >> np.uint64(_LEN_SHIFT) == np.uint64(_BIG)).any()):
             for d, blob in zip(dense.tolist(), blobs, strict=True):
                 self[d] = blob
             return
         self._loc[dense] = self._append_joined(b"".join(blobs), lengths)  # type: ignore[arg-type]
+        old = old[old != 0]
+        if len(old):
+            self._release_many(old)
 
     def _place(self, dense: int, blob: bytes) -> int:
         """Store `blob` for `dense` (whose location is about to be set): its location."""
@@ -228,10 +265,28 @@ class BlobTable:
         if seg != self._active and 2 * self._live[seg] <= self._fill[seg]:
             self._clean(seg)
 
+    def _release_many(self, loc: np.ndarray) -> None:
+        """_release of many locations (none big)."""
+        lengths = (loc >> np.uint64(_LEN_SHIFT)).astype(np.int64)
+        starts = loc & np.uint64(_START)
+        segs = (starts >> np.uint64(_OFFSET_BITS)).astype(np.int64)
+        offsets = (starts & np.uint64(0xFFFFFF)).astype(np.int64)
+        buffers = self._segs
+        for seg, offset, length in zip(segs.tolist(), offsets.tolist(), lengths.tolist(),
+                                       strict=True):
+            buffers[seg][offset:offset + length] = _ZEROS[:length]  # type: ignore[index]
+        freed = np.bincount(segs, weights=lengths)
+        for seg in np.flatnonzero(freed).tolist():
+            self._live[seg] -= int(freed[seg])
+        for seg in np.flatnonzero(freed).tolist():
+            if (seg != self._active and self._segs[seg] is not None
+                    and 2 * self._live[seg] <= self._fill[seg]):
+                self._clean(seg)
+
     def _clean(self, seg: int) -> None:
         """Move the live blobs of segment `seg` to the newest one and unmap it."""
         buffer = self._segs[seg]
-        assert buffer is not None
+        assert isinstance(buffer, mmap.mmap)
         if self._live[seg]:
             locations = self._loc[:self._n]
             held = np.flatnonzero(((locations & np.uint64(_START)) >> np.uint64(_OFFSET_BITS))
