@@ -674,7 +674,7 @@ def write_snapshot_file(engine: Engine, snap_dir: Path, lsn: int, shard_name: st
     pause = time.monotonic() - forked_at
     pids, blobs = engine.pids, engine.blobs
     owned = engine.owned_slots
-    meta = {"version": 2, "shard": shard_name, "next_dense": len(pids),
+    meta = {"version": 3, "shard": shard_name, "next_dense": len(pids),
             "schema": engine.schema.to_state(), "epoch": engine.epoch,
             "owned": None if owned is None else owned.serialize()}
     count = 0
@@ -701,11 +701,11 @@ def write_snapshot_file(engine: Engine, snap_dir: Path, lsn: int, shard_name: st
         dense_ids = np.array(engine.live.to_array(), dtype=np.uint32)
         for start in range(0, len(dense_ids), SNAPSHOT_CHUNK):
             part = dense_ids[start:start + SNAPSHOT_CHUNK]
-            picked = part.tolist()
-            count += len(picked)
+            count += len(part)
+            joined, lengths = blobs.joined(part)
             writer.write("rows", msgpack.packb(
-                [part.astype("<u4").tobytes(), pids.take(part),
-                 blobs.take(picked), slots[part].astype("<u2").tobytes()],
+                [part.astype("<u4").tobytes(), pids.take(part), joined,
+                 lengths.astype("<u4").tobytes(), slots[part].astype("<u2").tobytes()],
                 use_bin_type=True))
         del slots, dense_ids
         keys, owners = engine.directory.arrays()
@@ -1029,9 +1029,9 @@ def load_snapshot(engine: Engine, sections: Iterable[tuple[str, bytes]]) -> None
     engine.held_dense = BitMap(engine.dense_of[pid] for pid in engine.held)
 
 
-def _load_rows(engine: Engine, raw_dense: bytes, pids: list[str], blobs: list[bytes],
-              raw_slots: bytes) -> None:
-    """Fill the engine from one `rows` section: no blob is decoded, no id hashed."""
+def _load_rows(engine: Engine, raw_dense: bytes, pids: list[str], *rest: Any) -> None:
+    """Fill the engine from one `rows` section: no blob is decoded, no id hashed. Its
+    blobs are joined with their lengths apart (version 3), or a list (version 2)."""
     dense = np.frombuffer(raw_dense, dtype="<u4").astype(np.uint32)
     if not len(dense):
         return
@@ -1039,7 +1039,12 @@ def _load_rows(engine: Engine, raw_dense: bytes, pids: list[str], blobs: list[by
     # A run of dense ids: no check that they are distinct.
     ids: Iterable[int] = range(first, last + 1) if last - first + 1 == len(dense) \
         else dense.tolist()
-    engine.blobs.put_many(ids, blobs)
+    if len(rest) == 3:
+        joined, raw_lengths, raw_slots = rest
+        engine.blobs.put_joined(ids, joined, np.frombuffer(raw_lengths, dtype="<u4"))
+    else:
+        blobs, raw_slots = rest
+        engine.blobs.put_many(ids, blobs)
     engine.pids.put_many(ids, pids)
     engine.live |= bitmap_of(dense)
     np.frombuffer(engine.slots, dtype=np.uint16)[dense] = np.frombuffer(raw_slots, dtype="<u2")

@@ -24,6 +24,10 @@ def _check(table: BlobTable, blobs: list[bytes | None]) -> None:
     assert table.take(reversed(range(len(blobs)))) == blobs[::-1]
     if blobs:
         assert table[-1] == blobs[-1]
+    live = [d for d, b in enumerate(blobs) if b is not None]
+    joined, lengths = table.joined(live)
+    assert joined == b"".join(blobs[d] for d in live)  # type: ignore[misc]
+    assert lengths.tolist() == [len(blobs[d]) for d in live]  # type: ignore[arg-type]
     # Every byte a segment holds is some blob's or zeroed: what is written over is gone.
     held = sum(len(b) for b in blobs if b is not None and len(b) < table._big_bytes)
     written = sum(sum(1 for byte in seg[:fill] if byte)
@@ -47,10 +51,16 @@ def test_random_writes_read_as_the_list_and_leave_no_dead_copy(seed: int) -> Non
             fresh = [None if rng.random() < 0.1 else _blob(rng, 48) for _ in range(rng.randrange(8))]
             if rng.random() < 0.5:
                 table.extend(fresh)
-            else:  # a snapshot's rows: dense ids made first, then filled
+            else:  # a snapshot's rows: dense ids made first, then filled with joined blobs
                 first = len(blobs)
                 table.grow(first + len(fresh))
-                table.put_many(range(first, first + len(fresh)), fresh)
+                rows = [d for d, b in enumerate(fresh, first) if b is not None]
+                joined = b"".join(b for b in fresh if b is not None)
+                lengths = [len(b) for b in fresh if b is not None]
+                if len(rows) == len(fresh):
+                    table.put_joined(range(first, first + len(fresh)), joined, lengths)
+                else:
+                    table.put_joined(rows, joined, lengths)
             blobs += fresh
         elif op < 0.3:
             size = len(blobs) + rng.randrange(3)
@@ -87,6 +97,11 @@ def test_cleaning_moves_a_half_dead_segment_and_unmaps_it() -> None:
         table[20] = b"x"
     with pytest.raises(ValueError):
         BlobTable(segment_bytes=10, big_bytes=11)
+    with pytest.raises(ValueError, match="2 blob lengths summing to 5 for 4 bytes"):
+        table.put_joined([0, 1], b"abcd", [2, 3])  # a damaged row: nothing written
+    assert table[0] is None and table[1] is None
+    table.put_joined([1, 1], b"abcd", [2, 2])  # given twice: the last counts
+    assert table[1] == b"cd"
 
 
 def test_a_forked_child_keeps_the_blobs_as_they_were_at_the_fork() -> None:

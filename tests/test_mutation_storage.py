@@ -193,18 +193,32 @@ def test_the_snapshot_writer_run_in_process_loads_back_to_the_same_engine(
     assert names.count("index") == sum(spec.indexed for spec in engine.schema.by_id)
     meta = msgpack.unpackb(next(payload for name, payload in reader.sections()
                                 if name == "meta"))
-    assert (meta["version"], meta["shard"], meta["next_dense"]) == (2, "shard-7",
+    assert (meta["version"], meta["shard"], meta["next_dense"]) == (3, "shard-7",
                                                                    len(engine.pids))
     restored = Engine()
     load_snapshot(restored, reader.sections())
     assert full_state(restored) == full_state(engine)
     assert tables(restored) == tables(engine)
+    # Version 2's rows (a list of blobs, not joined with their lengths) load the same.
+    listed = Engine()
+    load_snapshot(listed, [(name, _listed_blobs(payload) if name == "rows" else payload)
+                           for name, payload in reader.sections()])
+    assert tables(listed) == tables(engine)
     # A snapshot written before `rows` (each profile a [dense, id, blob] row, its blob
     # decoded on loading) loads to the same engine.
     older = Engine()
     load_snapshot(older, legacy_sections(engine, list(reader.sections())))
     assert full_state(older) == full_state(engine)
     assert tables(older) == tables(engine)
+
+
+def _listed_blobs(rows: bytes) -> bytes:
+    """A version 3 `rows` payload as version 2 wrote it: the blobs a list."""
+    dense, pids, joined, raw_lengths, slots = msgpack.unpackb(rows)
+    ends = np.cumsum(np.frombuffer(raw_lengths, dtype="<u4")).tolist()
+    blobs = [joined[end - size:end] for end, size in zip(ends, np.diff([0, *ends]).tolist(),
+                                                          strict=True)]
+    return msgpack.packb([dense, pids, blobs, slots], use_bin_type=True)  # type: ignore[no-any-return]
 
 
 def tables(engine: Engine) -> tuple[Any, ...]:

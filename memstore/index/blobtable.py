@@ -111,6 +111,16 @@ class BlobTable:
             blobs[i] = self._big[int(dense[i])] if big[i] else None
         return blobs
 
+    def joined(self, dense: Sequence[int] | np.ndarray) -> tuple[bytes, np.ndarray]:
+        """The blobs of live dense ids joined, and each one's length (uint32): what a
+        snapshot's rows hold (put_joined reads them back)."""
+        blobs = self.take(dense)
+        if None in blobs:
+            raise ValueError("a dense id without a profile")
+        lengths = np.fromiter(map(len, blobs), dtype=np.uint32,  # type: ignore[arg-type]
+                              count=len(blobs))
+        return b"".join(blobs), lengths  # type: ignore[arg-type]
+
     def __iter__(self) -> Iterator[bytes | None]:
         for start in range(0, self._n, _CHUNK):
             yield from self.take(np.arange(start, min(start + _CHUNK, self._n)))
@@ -164,38 +174,71 @@ class BlobTable:
         self.put_many(range(first, first + len(blobs)), blobs)
 
     def put_many(self, ids: Iterable[int], blobs: Sequence[bytes | None]) -> None:
-        """`self[d] = blob` for each pair (a dense id given twice: its last pair). The blobs are joined and copied into segments a segment at a time;
-        the bytes they replace are released together, each segment's cleaning decided
-        once."""
-        if isinstance(ids, range):
-            dense = np.arange(ids.start, ids.stop, ids.step, dtype=np.int64)
-        else:
-            dense = np.fromiter(ids, dtype=np.int64, count=len(blobs))
-        if not len(dense):
-            return
-        if int(dense.min()) < 0 or int(dense.max()) >= self._n:
-            raise IndexError("dense id out of range")
-        if not isinstance(ids, range) and len(np.unique(dense)) < len(dense):
-            for d, blob in zip(dense.tolist(), blobs, strict=True):  # in order: last wins
+        """`self[d] = blob` for each pair (a dense id given twice: its last pair). The
+        blobs are joined and copied into segments a segment at a time; the bytes they
+        replace are released together, each segment's cleaning decided once."""
+        dense = self._dense_ids(ids, len(blobs))
+        if dense is None:
+            for d, blob in zip(ids, blobs, strict=True):  # in order: the last pair wins
                 self[d] = blob
             return
-        given = np.fromiter(map(is_not, blobs, repeat(None)), dtype=bool, count=len(blobs))
-        if not given.all():
+        try:  # (one pass over the blobs: a None has no len)
+            lengths = np.fromiter(map(len, blobs), dtype=np.int64,  # type: ignore[arg-type]
+                                  count=len(blobs))
+        except TypeError:
+            given = np.fromiter(map(is_not, blobs, repeat(None)), dtype=bool, count=len(blobs))
             for d in dense[~given].tolist():
                 self[d] = None
             dense = dense[given]
             blobs = list(compress(blobs, given))
-        lengths = np.fromiter(map(len, blobs), dtype=np.int64,  # type: ignore[arg-type]
-                              count=len(blobs))
+            lengths = np.fromiter(map(len, blobs), dtype=np.int64,  # type: ignore[arg-type]
+                                  count=len(blobs))
+        self._put(dense, blobs, lengths, None)  # type: ignore[arg-type]
+
+    def put_joined(self, ids: Iterable[int], joined: bytes, lengths: np.ndarray) -> None:
+        """put_many of blobs given joined, with each one's length (a snapshot's rows)."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.sum()) != len(joined) or (len(lengths) and int(lengths.min()) < 0):
+            raise ValueError(f"{len(lengths)} blob lengths summing to {int(lengths.sum())}"
+                             f" for {len(joined)} bytes")
+        dense = self._dense_ids(ids, len(lengths))
+        if dense is None:
+            ends = np.cumsum(lengths).tolist()
+            self.put_many(ids, [joined[end - size:end] for end, size
+                                in zip(ends, lengths.tolist(), strict=True)])
+            return
+        self._put(dense, None, lengths, joined)
+
+    def _dense_ids(self, ids: Iterable[int], count: int) -> np.ndarray | None:
+        """`ids` as int64, checked in range; None if one is given twice (a range never)."""
+        if isinstance(ids, range):
+            dense = np.arange(ids.start, ids.stop, ids.step, dtype=np.int64)
+        else:
+            dense = np.fromiter(ids, dtype=np.int64, count=count)
+        if len(dense) and (int(dense.min()) < 0 or int(dense.max()) >= self._n):
+            raise IndexError("dense id out of range")
+        if not isinstance(ids, range) and len(np.unique(dense)) < len(dense):
+            return None
+        return dense
+
+    def _put(self, dense: np.ndarray, blobs: Sequence[bytes] | None, lengths: np.ndarray,
+             joined: bytes | None) -> None:
+        """Store distinct dense ids' blobs (given as a list, or joined)."""
         if not len(dense):
             return
         old = self._loc[dense]
         if (int(lengths.max()) >= self._big_bytes
                 or (old >> np.uint64(_LEN_SHIFT) == np.uint64(_BIG)).any()):
+            if blobs is None:
+                assert joined is not None
+                ends = np.cumsum(lengths).tolist()
+                blobs = [joined[end - size:end] for end, size
+                         in zip(ends, lengths.tolist(), strict=True)]
             for d, blob in zip(dense.tolist(), blobs, strict=True):
                 self[d] = blob
             return
-        self._loc[dense] = self._append_joined(b"".join(blobs), lengths)  # type: ignore[arg-type]
+        self._loc[dense] = self._append_joined(
+            b"".join(blobs) if joined is None else joined, lengths)  # type: ignore[arg-type]
         old = old[old != 0]
         if len(old):
             self._release_many(old)
@@ -232,7 +275,11 @@ class BlobTable:
             j = int(np.searchsorted(ends, base + room, side="right"))  # i..j-1 fit
             size = int(ends[j - 1]) - base
             offset = self._fill[seg]
-            self._segs[seg][offset:offset + size] = view[base:base + size]  # type: ignore[index]
+            buffer = self._segs[seg]
+            assert isinstance(buffer, mmap.mmap)
+            if size >= 1 << 20:  # fault the pages in at once, not one at a time (~30% less)
+                _populate(buffer, offset, size)
+            buffer[offset:offset + size] = view[base:base + size]
             locations[i:j] = ((starts[i:j] - base + (seg << _OFFSET_BITS | offset)).astype(np.uint64)
                               | (lengths[i:j].astype(np.uint64) << np.uint64(_LEN_SHIFT)))
             self._fill[seg] = offset + size
@@ -306,3 +353,15 @@ class BlobTable:
             self._free.append(seg)
             self._fill[seg] = 0
         buffer.close()
+
+
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14
+
+
+def _populate(buffer: mmap.mmap, offset: int, size: int) -> None:
+    """Fault in the pages of buffer[offset:offset + size] for writing, if the kernel can."""
+    start = offset - offset % mmap.PAGESIZE
+    try:
+        buffer.madvise(_MADV_POPULATE_WRITE, start, offset + size - start)
+    except (OSError, ValueError, AttributeError):  # older kernels, other systems
+        pass
