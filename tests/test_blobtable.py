@@ -125,3 +125,13 @@ def test_a_forked_child_keeps_the_blobs_as_they_were_at_the_fork() -> None:
     os.close(write)
     assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0
     assert list(table) == [None, b"z" * 20, None] + [b"y" * 30] * 10
+
+
+def test_joined_does_not_run_on_into_the_next_segment() -> None:
+    """A segment filled to its last byte ends where the next one's numbering starts: the
+    blobs after it are another run, read from the other segment."""
+    table = BlobTable()  # 16 MiB segments
+    halves = [bytes([i + 1]) * (1 << 19) for i in range(32)]  # exactly one segment
+    table.extend([*halves, b"next"])
+    joined, lengths = table.joined(range(33))
+    assert joined == b"".join([*halves, b"next"]) and lengths.tolist() == [1 << 19] * 32 + [4]

@@ -113,13 +113,32 @@ class BlobTable:
 
     def joined(self, dense: Sequence[int] | np.ndarray) -> tuple[bytes, np.ndarray]:
         """The blobs of live dense ids joined, and each one's length (uint32): what a
-        snapshot's rows hold (put_joined reads them back)."""
-        blobs = self.take(dense)
-        if None in blobs:
+        snapshot's rows hold (put_joined reads them back). Blobs lying one after another
+        in a segment (a load's, in dense id order) are copied as one slice."""
+        dense = np.asarray(dense, dtype=np.int64)
+        loc = self._loc[dense]
+        if not len(loc):
+            return b"", np.zeros(0, dtype=np.uint32)
+        if not loc.all():
             raise ValueError("a dense id without a profile")
-        lengths = np.fromiter(map(len, blobs), dtype=np.uint32,  # type: ignore[arg-type]
-                              count=len(blobs))
-        return b"".join(blobs), lengths  # type: ignore[arg-type]
+        lengths = loc >> np.uint64(_LEN_SHIFT)
+        if (lengths == np.uint64(_BIG)).any():
+            blobs = self.take(dense)
+            return b"".join(blobs), np.fromiter(  # type: ignore[arg-type]
+                map(len, blobs), dtype=np.uint32, count=len(blobs))  # type: ignore[arg-type]
+        starts = (loc & np.uint64(_START)).astype(np.int64)
+        ends = starts + lengths.astype(np.int64)
+        # A run breaks where a blob does not start where the one before ended, or in
+        # another segment (one may start at the very end of the segment before).
+        breaks = np.flatnonzero((starts[1:] != ends[:-1])
+                                | ((starts[1:] >> _OFFSET_BITS) != (starts[:-1] >> _OFFSET_BITS))) + 1
+        firsts = starts[np.concatenate(([0], breaks))].tolist()
+        lasts = ends[np.concatenate((breaks - 1, [len(loc) - 1]))].tolist()
+        segs = self._segs
+        pieces = [segs[first >> _OFFSET_BITS][first & 0xFFFFFF:  # type: ignore[index]
+                                              (first & 0xFFFFFF) + last - first]
+                  for first, last in zip(firsts, lasts, strict=True)]
+        return b"".join(pieces), lengths.astype(np.uint32)
 
     def __iter__(self) -> Iterator[bytes | None]:
         for start in range(0, self._n, _CHUNK):
