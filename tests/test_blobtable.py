@@ -41,11 +41,11 @@ def _check(table: BlobTable, blobs: list[bytes | None]) -> None:
             assert 2 * live > fill or seg in table._free
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(3))
 def test_random_writes_read_as_the_list_and_leave_no_dead_copy(seed: int) -> None:
     rng = random.Random(seed)
     table, blobs = BlobTable(segment_bytes=256, big_bytes=48), []  # type: ignore[var-annotated]
-    for _ in range(600):
+    for _ in range(500):
         op = rng.random()
         if op < 0.2:  # a load: new profiles at the end, some dense ids empty
             fresh = [None if rng.random() < 0.1 else _blob(rng, 48) for _ in range(rng.randrange(8))]
