@@ -25,7 +25,7 @@ records). The pages are private mappings, so a forked snapshot writer
 from __future__ import annotations
 
 import mmap
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from itertools import compress, repeat
 from operator import getitem, is_not
 from typing import Any
@@ -39,15 +39,14 @@ _LEN_SHIFT = 40  # a location: start (segment << 24 | offset) in the low 40 bits
 _START = (1 << _LEN_SHIFT) - 1
 _BIG = (1 << 24) - 1  # length field of a blob kept in the dict
 _MIN_CAPACITY = 1024
-_CHUNK = 65_536  # blobs an iteration takes at a time
 _ZEROS = memoryview(bytes(1 << 20))
 
 
-class BlobTable:
+class BlobTable(mapped.DenseColumn):
     """dense id -> profile blob (None: no profile), indexable like the list it replaces."""
 
-    __slots__ = ("_active", "_big", "_big_bytes", "_fill", "_free", "_live", "_loc", "_lv",
-                 "_n", "_segment_bytes", "_segs")
+    __slots__ = ("_active", "_big", "_big_bytes", "_fill", "_free", "_live",
+                 "_segment_bytes", "_segs")
 
     def __init__(self, size: int = 0, segment_bytes: int = 1 << _OFFSET_BITS,
                  big_bytes: int = 1 << 20) -> None:
@@ -67,15 +66,9 @@ class BlobTable:
         self._big: dict[int, bytes] = {}
 
     # ------------------------------------------------------------------ reading
-    def __len__(self) -> int:
-        return self._n
-
     def __getitem__(self, dense: int) -> bytes | None:
         if not 0 <= dense < self._n:
-            if dense < 0 and dense + self._n >= 0:
-                dense += self._n
-            else:
-                raise IndexError("dense id out of range")
+            dense = self._wrapped(dense)
         loc = self._lv[dense]
         if not loc:
             return None
@@ -140,20 +133,6 @@ class BlobTable:
                   for first, last in zip(firsts, lasts, strict=True)]
         return b"".join(pieces), lengths.astype(np.uint32)
 
-    def __iter__(self) -> Iterator[bytes | None]:
-        for start in range(0, self._n, _CHUNK):
-            yield from self.take(np.arange(start, min(start + _CHUNK, self._n)))
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, BlobTable | list | tuple):
-            return len(self) == len(other) and list(self) == list(other)
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"BlobTable({list(self)!r})"
-
     @property
     def nbytes(self) -> int:
         """Bytes held: the segments as written (dead bytes included), the big blobs and the
@@ -175,15 +154,6 @@ class BlobTable:
         self._lv[dense] = 0 if blob is None else self._place(dense, blob)
         if old and (old >> _LEN_SHIFT) != _BIG:
             self._release(old)
-
-    def grow(self, size: int) -> None:
-        """Make room for dense ids below `size` (None: no profile)."""
-        if size > self._n:
-            if size > len(self._loc):
-                bigger = mapped.zeros(max(size, 2 * len(self._loc)), np.uint64)
-                bigger[:self._n] = self._loc[:self._n]
-                self._loc, self._lv = bigger, memoryview(bigger)  # type: ignore[arg-type]
-            self._n = size
 
     def extend(self, blobs: Iterable[bytes | None]) -> None:
         """Append dense ids holding `blobs` (None: no profile)."""

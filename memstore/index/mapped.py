@@ -13,6 +13,7 @@ bytes a profile more when these tables came from it.
 from __future__ import annotations
 
 import mmap
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -34,3 +35,51 @@ def buffer(size: int) -> mmap.mmap:
     they were at the fork (copy on write), where a shared mapping would show it the
     parent's later writes."""
     return mmap.mmap(-1, max(_PAGE, -(-size // _PAGE) * _PAGE), flags=mmap.MAP_PRIVATE)
+
+
+class DenseColumn:
+    """A column by dense id kept in mapped memory (PidTable, BlobTable), read like the list
+    it replaces: len, iteration (a chunk of `take` at a time), equality with a list, repr.
+    Subclasses keep their length in `_n` and give `take(dense ids) -> list`."""
+
+    __slots__ = ("_loc", "_lv", "_n")
+    _CHUNK = 65_536  # items an iteration takes at a time
+
+    _n: int  # dense ids held
+    _loc: np.ndarray  # a uint64 location a dense id (0: none)
+    _lv: memoryview  # _loc's memoryview, for reading one location
+
+    def take(self, dense: Any) -> list[Any]:
+        raise NotImplementedError
+
+    def grow(self, size: int) -> None:
+        """Make room for dense ids below `size` (None: no item)."""
+        if size > self._n:
+            if size > len(self._loc):
+                bigger = zeros(max(size, 2 * len(self._loc)), np.uint64)
+                bigger[:self._n] = self._loc[:self._n]
+                self._loc, self._lv = bigger, memoryview(bigger)  # type: ignore[arg-type]
+            self._n = size
+
+    def _wrapped(self, dense: int) -> int:
+        """A dense id out of [0, len) as a list's index: from the end if negative."""
+        if dense < 0 and dense + self._n >= 0:
+            return dense + self._n
+        raise IndexError("dense id out of range")
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[Any]:
+        for start in range(0, self._n, self._CHUNK):
+            yield from self.take(np.arange(start, min(start + self._CHUNK, self._n)))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, DenseColumn | list | tuple):
+            return len(self) == len(other) and list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({list(self)!r})"

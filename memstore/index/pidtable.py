@@ -42,7 +42,7 @@ _START = (1 << _LEN_SHIFT) - 1
 _M64 = (1 << 64) - 1
 _MAX_BYTES = (1 << 16) - 1  # an id's length must fit 16 bits (MAX_ID_BYTES is 256)
 _MIN_CAPACITY = 1024
-_CHUNK = 65_536  # ids an iteration decodes at a time
+_CHUNK = 65_536  # ids the index's items decode at a time
 
 
 _hash = hash  # (tests swap in a hash with many clashes)
@@ -68,11 +68,10 @@ def _encode(pid: str) -> bytes:
     return raw
 
 
-class PidTable:
+class PidTable(mapped.DenseColumn):
     """dense id -> primary id (None: no profile), with `index`, its way back."""
 
-    __slots__ = ("_buf", "_clash", "_dead", "_end", "_index", "_loc", "_lv", "_n",
-                 "index")
+    __slots__ = ("_buf", "_clash", "_dead", "_end", "_index", "index")
 
     def __init__(self, size: int = 0) -> None:
         self._loc = mapped.zeros(max(_MIN_CAPACITY, size), np.uint64)
@@ -90,34 +89,14 @@ class PidTable:
         self.index = PidIndex(self)
 
     # ------------------------------------------------------------------ reading
-    def __len__(self) -> int:
-        return self._n
-
     def __getitem__(self, dense: int) -> str | None:
         if not 0 <= dense < self._n:
-            if dense < 0 and dense + self._n >= 0:
-                dense += self._n
-            else:
-                raise IndexError("dense id out of range")
+            dense = self._wrapped(dense)
         loc = self._lv[dense]
         if not loc:
             return None
         start = loc & _START
         return self._buf[start:start + (loc >> _LEN_SHIFT)].decode("utf-8", "surrogatepass")
-
-    def __iter__(self) -> Iterator[str | None]:
-        for start in range(0, self._n, _CHUNK):
-            yield from self.take(np.arange(start, min(start + _CHUNK, self._n)))
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, PidTable | list | tuple):
-            return len(self) == len(other) and list(self) == list(other)
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"PidTable({list(self)!r})"
 
     def take(self, dense: Sequence[int] | np.ndarray) -> list[str | None]:
         """The id of each dense id, at once: one gather of their bytes with a NUL after
@@ -234,12 +213,6 @@ class PidTable:
         self._lv[dense] = start | (len(raw) << _LEN_SHIFT)
         self._enter(pid, dense)
 
-    def grow(self, size: int) -> None:
-        """Make room for dense ids below `size` (None: no profile)."""
-        if size > self._n:
-            self._reserve(size)
-            self._n = size
-
     def extend(self, pids: Sequence[str | None]) -> None:
         """Append dense ids holding `pids` (None: no profile)."""
         first = self._n
@@ -329,12 +302,6 @@ class PidTable:
         self._buf[start:end] = raw
         self._end = end
         return start
-
-    def _reserve(self, size: int) -> None:
-        if size > len(self._loc):
-            bigger = mapped.zeros(max(size, 2 * len(self._loc)), np.uint64)
-            bigger[:self._n] = self._loc[:self._n]
-            self._loc, self._lv = bigger, memoryview(bigger)  # type: ignore[arg-type]
 
     def _compact(self) -> None:
         """Copy the live ids' bytes to a new buffer, in dense id order (no index change:
