@@ -222,11 +222,13 @@ def test_bulk_export_json_lines_are_the_records_of_the_packed_form() -> None:
             attrs.append((SET, "at", datetime(2026, 1, 2, 3, 4, 5, i, tzinfo=UTC)))
         engine.apply(engine.plan_upsert(UpsertSpec(f"p{i}", attrs, [("email", f"{text}@{i}")])))
     export = BulkExport(shard, engine.visible())
+    taken = engine.blobs.take(engine.visible().to_array())  # as they were at the export
+    assert export.blobs(0, 5) + export.blobs(5, 11) + export.blobs(11) == export.blobs() == taken
     created = np.array([0 if i % 4 == 0 else 1_000 + i for i in range(len(export))], np.uint32)
-    entries = list(zip(export.pids, export.blobs, repeat(0), created.tolist(),
+    entries = list(zip(export.pids, export.blobs(), repeat(0), created.tolist(),
                        export.changed.tolist()))
     want = exportformat.json_lines(exportformat.decode([export.table], entries, "iso"))
-    got = exportformat.lines(export.table, export.pids, export.blobs, created,
+    got = exportformat.lines(export.table, export.pids, export.blobs(), created,
                              export.changed)
     assert got == want
     assert len(got.splitlines()) == len(export) == 18
@@ -295,7 +297,7 @@ def test_packed_chunks_read_a_column_at_a_time_as_record_by_record() -> None:
     want = exportformat.json_lines(exportformat.decode(
         [narrower], [[e[0], e[1], 0, e[3], e[4]] for e in entries], "iso"))
     created = np.full(len(export), 1_000, np.uint32)
-    got_lines = exportformat.lines(narrower, export.pids, export.blobs, created, created)
+    got_lines = exportformat.lines(narrower, export.pids, export.blobs(), created, created)
     assert got_lines == want and b'"s":' not in got_lines
     assert [json.loads(x)["attributes"].get("s") for x in got_lines.splitlines()] == \
         [None] * 12
