@@ -312,9 +312,10 @@ class BlobTable(mapped.DenseColumn):
                                        strict=True):
             buffers[seg][offset:offset + length] = _ZEROS[:length]  # type: ignore[index]
         freed = np.bincount(segs, weights=lengths)
-        for seg in np.flatnonzero(freed).tolist():
+        touched = np.flatnonzero(freed).tolist()
+        for seg in touched:
             self._live[seg] -= int(freed[seg])
-        for seg in np.flatnonzero(freed).tolist():
+        for seg in touched:  # (after all are counted; a cleaning may take a freed number)
             if (seg != self._active and self._segs[seg] is not None
                     and 2 * self._live[seg] <= self._fill[seg]):
                 self._clean(seg)
@@ -323,7 +324,8 @@ class BlobTable(mapped.DenseColumn):
         """Move the live blobs of segment `seg` to the newest one and unmap it."""
         buffer = self._segs[seg]
         assert isinstance(buffer, mmap.mmap)
-        if self._live[seg]:
+        live = self._live[seg]
+        if live:
             locations = self._loc[:self._n]
             held = np.flatnonzero(((locations & np.uint64(_START)) >> np.uint64(_OFFSET_BITS))
                                   == np.uint64(seg))
@@ -333,14 +335,12 @@ class BlobTable(mapped.DenseColumn):
             offsets = (loc & np.uint64(0xFFFFFF)).astype(np.int64)
             joined = b"".join(map(buffer.__getitem__, map(slice, offsets.tolist(),
                                                           (offsets + lengths).tolist())))
-            self._segs[seg] = None  # (before appending: the newest segment may take it)
-            self._free.append(seg)
-            self._fill[seg] = self._live[seg] = 0
+        # Freed before the live blobs are appended: the newest segment may take its number.
+        self._segs[seg] = None
+        self._free.append(seg)
+        self._fill[seg] = self._live[seg] = 0
+        if live:
             self._loc[held] = self._append_joined(joined, lengths)
-        else:
-            self._segs[seg] = None
-            self._free.append(seg)
-            self._fill[seg] = 0
         buffer.close()
 
 
