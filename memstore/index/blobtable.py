@@ -38,7 +38,6 @@ _OFFSET_BITS = 24  # a segment is at most 16 MiB
 _LEN_SHIFT = 40  # a location: start (segment << 24 | offset) in the low 40 bits
 _START = (1 << _LEN_SHIFT) - 1
 _BIG = (1 << 24) - 1  # length field of a blob kept in the dict
-_MIN_CAPACITY = 1024
 _ZEROS = memoryview(bytes(1 << 20))
 
 
@@ -53,9 +52,7 @@ class BlobTable(mapped.DenseColumn):
         if not 0 < big_bytes <= min(segment_bytes, len(_ZEROS)) <= 1 << _OFFSET_BITS:
             raise ValueError("a big blob must fit a segment, and a segment 16 MiB")
         self._segment_bytes, self._big_bytes = segment_bytes, big_bytes
-        self._loc = mapped.zeros(max(_MIN_CAPACITY, size), np.uint64)
-        self._lv = memoryview(self._loc)  # type: ignore[arg-type]
-        self._n = size
+        super().__init__(size)
         # Segment 0 is never one: a start of 0 is no profile, or a blob in `_big` (b"":
         # take slices it for them). A cleaned segment's place is None until it is reused.
         self._segs: list[mmap.mmap | bytes | None] = [b""]

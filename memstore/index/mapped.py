@@ -49,6 +49,12 @@ class DenseColumn:
     _loc: np.ndarray  # a uint64 location a dense id (0: none)
     _lv: memoryview  # _loc's memoryview, for reading one location
 
+    def __init__(self, size: int = 0) -> None:
+        """`size` dense ids, none holding an item; room for at least 1,024."""
+        self._loc = zeros(max(1024, size), np.uint64)
+        self._lv = memoryview(self._loc)  # type: ignore[arg-type]
+        self._n = size
+
     def take(self, dense: Any) -> list[Any]:
         raise NotImplementedError
 

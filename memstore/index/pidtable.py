@@ -74,9 +74,7 @@ class PidTable(mapped.DenseColumn):
     __slots__ = ("_buf", "_clash", "_dead", "_end", "_index", "index")
 
     def __init__(self, size: int = 0) -> None:
-        self._loc = mapped.zeros(max(_MIN_CAPACITY, size), np.uint64)
-        self._lv = memoryview(self._loc)  # type: ignore[arg-type]
-        self._n = size
+        super().__init__(size)
         # Byte 0 is never an id's: a location of 0 means no profile. An mmap, not numpy:
         # slicing one (to bytes) and decoding costs a third of what a memoryview's slice
         # does; numpy reads it through views. Its pages are its own (memstore.index.mapped):
