@@ -68,6 +68,7 @@ from memstore.storage.snapshot_file import (
     install,
     load_newest,
     prune,
+    read_newest,
 )
 from memstore.storage.wal_reader import LogScan, read_log, truncate_torn_tail
 from memstore.storage.wal_writer import LogFailedError, LogWriteError, LogWriter, SyncPolicy
@@ -208,7 +209,7 @@ class Shard:
         """Open the shard, recovering its data directory. `prepare(data_dir)` runs once
         the directory is this process's, before anything in it is read (a replica empties
         an interrupted full resync there)."""
-        engine = Engine(config.rules, config.clock, config.salt, event_days=config.event_days)
+        engine = _new_engine(config)
         if config.data_dir is None:
             return cls(config, engine, None)
         started = time.monotonic()
@@ -217,18 +218,18 @@ class Shard:
         try:
             if prepare is not None:
                 prepare(data)
-            return await cls._recover(config, engine, data, lock, started)
+            return await cls._recover(config, data, lock, started)
         except BaseException:
             lock.release()
             raise
 
     @classmethod
-    async def _recover(cls, config: ShardConfig, engine: Engine, data: Path, lock: DirLock,
-                       started: float) -> Shard:
+    async def _recover(cls, config: ShardConfig, data: Path, lock: DirLock, started: float
+                       ) -> Shard:
         """Load the newest good snapshot, replay the log after it, open the writer."""
         snap_dir, log_dir = data / "snapshots", data / "log"
         info: dict[str, Any] = {"snapshot": None, "replayed": 0, "torn_bytes": 0}
-        start_lsn, end_lsn, scan = _rebuild(engine, snap_dir, log_dir, info)
+        engine, start_lsn, end_lsn, scan = _rebuild(config, snap_dir, log_dir, info)
         # Replay's records, runs and columns are freed by now, but glibc keeps their pages
         # (~170 bytes a profile after a 1M-profile log): give them back.
         release_free_heap()
@@ -490,9 +491,8 @@ class Shard:
         async with self._snapshot_lock:
             path = await asyncio.to_thread(install, snap_dir, lsn, fsync)
             config = self.config
-            engine = Engine(config.rules, config.clock, config.salt,
-                            event_days=config.event_days)
-            reader = SnapshotReader(path)
+            engine = _new_engine(config)
+            reader = SnapshotReader(path, verify=False)  # (install verified it)
             await asyncio.to_thread(load_snapshot, engine, reader.sections())
             await self.log.close()
             for other in snap_dir.glob("snap-*.snap"):
@@ -743,17 +743,32 @@ def write_snapshot_file(engine: Engine, snap_dir: Path, lsn: int, shard_name: st
     return [str(path), count, pause]
 
 
+def _new_engine(config: ShardConfig) -> Engine:
+    return Engine(config.rules, config.clock, config.salt, event_days=config.event_days)
+
+
 @gc_paused  # the engine's containers live on: a collection would find nothing to free
-def _rebuild(engine: Engine, snap_dir: Path, log_dir: Path, info: dict[str, Any]
-             ) -> tuple[int, int, LogScan]:
-    """Fill an empty engine from the newest good snapshot and the log after it; returns
-    the snapshot's log position, the end of the log replayed, and the log's scan."""
+def _rebuild(config: ShardConfig, snap_dir: Path, log_dir: Path, info: dict[str, Any]
+             ) -> tuple[Engine, int, int, LogScan]:
+    """An engine filled from the newest good snapshot and the log after it, with the
+    snapshot's log position, the end of the log replayed, and the log's scan. The snapshot
+    is read once, checked as it is loaded: one found damaged part-way leaves its engine
+    behind, and the next older one is loaded into a new engine."""
+    loaded: list[Engine] = []
+
+    def read(sections: Iterable[tuple[str, bytes]]) -> None:
+        loaded[:] = [_new_engine(config)]  # each snapshot from nothing
+        load_snapshot(loaded[0], sections)
+
+    reader = read_newest(snap_dir, read)
     start_lsn = 0
-    reader = load_newest(snap_dir)
-    if reader is not None:
-        load_snapshot(engine, reader.sections())
+    if reader is None:
+        engine = _new_engine(config)
+    else:
+        engine = loaded[0]
         start_lsn = reader.lsn
         info["snapshot"] = str(reader.path)
+    loaded.clear()
     scan = read_log(log_dir, start_lsn)
     end_lsn = start_lsn
     run = _LoadRun(engine)
@@ -769,7 +784,7 @@ def _rebuild(engine: Engine, snap_dir: Path, log_dir: Path, info: dict[str, Any]
         info["replayed"] += 1
         end_lsn = record.lsn_end
     run.apply()
-    return start_lsn, end_lsn, scan
+    return engine, start_lsn, end_lsn, scan
 
 
 class _LoadRun:
@@ -960,61 +975,63 @@ def load_snapshot(engine: Engine, sections: Iterable[tuple[str, bytes]]) -> None
     directory: tuple[list[int], list[int]] = ([], [])  # from `profiles` (older snapshots)
     keys: list[np.ndarray] = []  # from `directory` sections
     owners: list[np.ndarray] = []
-    for name, payload in sections:
-        if name == "meta":
-            meta = msgpack.unpackb(payload)
-            engine.schema = Schema.from_state(meta["schema"])
-            next_dense = meta["next_dense"]
-            engine.pids = PidTable(next_dense)
-            engine.blobs = BlobTable(next_dense)
-            engine.slots = array.array("H", bytes(next_dense * engine.slots.itemsize))
-            engine.created = array.array("I", bytes(next_dense * 4))  # no times section:
-            engine.changed = array.array("I", bytes(next_dense * 4))  # not known (0)
-            epoch = meta["epoch"]
-            owned = None if meta["owned"] is None else BitMap.deserialize(meta["owned"])
-        elif name == "rows":
-            _load_rows(engine, *msgpack.unpackb(payload))
-        elif name == "directory":
-            raw_keys, raw_owners = msgpack.unpackb(payload)
-            keys.append(np.frombuffer(raw_keys, dtype="<u8").astype(np.uint64))
-            owners.append(np.frombuffer(raw_owners, dtype="<u4").astype(np.uint32))
-        elif name == "aliases":
-            engine.aliases.update(msgpack.unpackb(payload))
-        elif name == "profiles":  # snapshots before `rows`: each blob decoded
-            _load_profiles(engine, msgpack.unpackb(payload, use_list=False), directory)
-        elif name == "merges":
-            tables = msgpack.unpackb(payload)
-            engine.held, engine.forwards, engine.decided = (
-                tables["held"], tables["forwards"], tables["decided"])
-            engine.registry = tables.get("registry", {})  # older snapshots have none
-            engine.suppressed = tables.get("suppressed", {})
-        elif name == "times":
-            start, created, changed = msgpack.unpackb(payload)
-            for column, raw in ((engine.created, created), (engine.changed, changed)):
-                chunk = array.array("I")
-                chunk.frombytes(raw)
-                if sys.byteorder == "big":
-                    chunk.byteswap()
-                column[start:start + len(chunk)] = chunk
-        elif name == "segments":
-            engine.segments.load_state(msgpack.unpackb(payload, strict_map_key=False))
-        elif name == "claims":
-            for slot, table in msgpack.unpackb(payload, strict_map_key=False):
-                engine.claims.load(slot, table)
-        elif name == "index":
-            state = msgpack.unpackb(payload, strict_map_key=False)
-            aid = state["aid"]
-            if state["kind"] == "value":
-                engine.value_index[aid] = ValueIndex.from_state(state["index"])
-                engine.exists[aid] = BitMap.deserialize(state["exists"])
-            elif state["kind"] == "days":
-                engine.day_index[aid] = DayIndex.from_state(state["index"])
-            elif state["kind"] == "range":
-                engine.range_index[aid] = RangeIndex.from_state(state["index"])
+    with contextlib.ExitStack() as stack:  # ids enter the id index once, at the end
+        for name, payload in sections:
+            if name == "meta":
+                meta = msgpack.unpackb(payload)
+                engine.schema = Schema.from_state(meta["schema"])
+                next_dense = meta["next_dense"]
+                engine.pids = PidTable(next_dense)
+                stack.enter_context(engine.pids.loading())
+                engine.blobs = BlobTable(next_dense)
+                engine.slots = array.array("H", bytes(next_dense * engine.slots.itemsize))
+                engine.created = array.array("I", bytes(next_dense * 4))  # no times section:
+                engine.changed = array.array("I", bytes(next_dense * 4))  # not known (0)
+                epoch = meta["epoch"]
+                owned = None if meta["owned"] is None else BitMap.deserialize(meta["owned"])
+            elif name == "rows":
+                _load_rows(engine, *msgpack.unpackb(payload))
+            elif name == "directory":
+                raw_keys, raw_owners = msgpack.unpackb(payload)
+                keys.append(np.frombuffer(raw_keys, dtype="<u8").astype(np.uint64))
+                owners.append(np.frombuffer(raw_owners, dtype="<u4").astype(np.uint32))
+            elif name == "aliases":
+                engine.aliases.update(msgpack.unpackb(payload))
+            elif name == "profiles":  # snapshots before `rows`: each blob decoded
+                _load_profiles(engine, msgpack.unpackb(payload, use_list=False), directory)
+            elif name == "merges":
+                tables = msgpack.unpackb(payload)
+                engine.held, engine.forwards, engine.decided = (
+                    tables["held"], tables["forwards"], tables["decided"])
+                engine.registry = tables.get("registry", {})  # older snapshots have none
+                engine.suppressed = tables.get("suppressed", {})
+            elif name == "times":
+                start, created, changed = msgpack.unpackb(payload)
+                for column, raw in ((engine.created, created), (engine.changed, changed)):
+                    chunk = array.array("I")
+                    chunk.frombytes(raw)
+                    if sys.byteorder == "big":
+                        chunk.byteswap()
+                    column[start:start + len(chunk)] = chunk
+            elif name == "segments":
+                engine.segments.load_state(msgpack.unpackb(payload, strict_map_key=False))
+            elif name == "claims":
+                for slot, table in msgpack.unpackb(payload, strict_map_key=False):
+                    engine.claims.load(slot, table)
+            elif name == "index":
+                state = msgpack.unpackb(payload, strict_map_key=False)
+                aid = state["aid"]
+                if state["kind"] == "value":
+                    engine.value_index[aid] = ValueIndex.from_state(state["index"])
+                    engine.exists[aid] = BitMap.deserialize(state["exists"])
+                elif state["kind"] == "days":
+                    engine.day_index[aid] = DayIndex.from_state(state["index"])
+                elif state["kind"] == "range":
+                    engine.range_index[aid] = RangeIndex.from_state(state["index"])
+                else:
+                    raise ValueError(f"unknown index kind {state['kind']!r} in a snapshot")
             else:
-                raise ValueError(f"unknown index kind {state['kind']!r} in a snapshot")
-        else:
-            raise ValueError(f"unknown snapshot section {name!r}")
+                raise ValueError(f"unknown snapshot section {name!r}")
     for spec in engine.schema.by_id:  # attributes declared but never indexed yet
         if spec.indexed:
             if spec.kind.name in ("INT", "FLOAT", "TIMESTAMP"):

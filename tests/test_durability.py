@@ -19,6 +19,7 @@ from memstore.pbvalues import datetime_to_micros
 from memstore.query import parse
 from memstore.query.evaluate import evaluate
 from memstore.shard import Shard, ShardConfig
+from memstore.storage.snapshot_file import CURRENT, snapshot_name
 from memstore.storage.wal_reader import LogCorruptError
 from tests.test_cli import memstore
 
@@ -468,5 +469,58 @@ def test_decide_never_answers_committed_for_an_absorb_not_yet_durable(tmp_path: 
                 await task
         assert "t1" not in shard.engine.decided  # rolled back with the absorb
         await shard.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("damage", ["a middle byte", "the footer"])
+def test_a_snapshot_found_damaged_while_it_loads_is_dropped_whole_for_the_older_one(
+        tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Start-up reads its snapshot once, checking each section as it loads it: damage
+    found after sections were loaded (the footer: after all of them) drops what they
+    loaded, and the older snapshot is loaded into a new engine and the log replayed from
+    it. (The damaged newest one here is another shard's, so anything of it left behind
+    shows.)"""
+    data, other = tmp_path / "data", tmp_path / "other"
+    rng = random.Random(11)
+
+    async def writes(shard: Shard, n: int, prefix: str) -> None:
+        for _ in range(n):  # nothing erased: the older snapshot is kept
+            if rng.random() < 0.2:  # new profiles: a load, `rows` in the snapshot
+                ids = [f"{prefix}{rng.randrange(10**9)}" for _ in range(rng.randrange(1, 80))]
+                await shard.commit(shard.engine.plan_columns(Columns(ids, {
+                    "tags": [rng.choice([["a"], ["b", "c"]]) for _ in ids],
+                    "age": [rng.randrange(10, 70) for _ in ids],
+                    "seen": [datetime_to_micros(T0) for _ in ids]}, [[] for _ in ids],
+                    frozenset({"seen"}))))
+            else:
+                await shard.commit(shard.engine.plan_upsert(UpsertSpec(
+                    f"{prefix}{rng.randrange(60)}", [(SET, "country", rng.choice(["US", "CA"])),
+                                                     (SET, "score", rng.random())])))
+
+    async def scenario() -> None:
+        foreign = await open_shard(other)
+        await writes(foreign, 300, "other-")
+        foreign_snapshot = Path((await foreign.snapshot())["path"])
+        await foreign.close()
+        shard = await open_shard(data)
+        await writes(shard, 150, "p")
+        older = (await shard.snapshot())["path"]
+        await writes(shard, 150, "p")
+        expected = state_of(shard)
+        newer = Path(older).parent / snapshot_name(shard.position + 1)
+        await shard.close()
+        raw = bytearray(foreign_snapshot.read_bytes())
+        raw[len(raw) // 2 if damage == "a middle byte" else -1] ^= 0x01
+        newer.write_bytes(bytes(raw))
+        (newer.parent / CURRENT).write_text(newer.name + "\n")
+        with caplog.at_level("WARNING", logger="memstore.snapshot"):
+            again = await open_shard(data)
+        assert again.recovery["snapshot"] == older and again.recovery["replayed"] > 0
+        assert state_of(again) == expected
+        assert len(again.engine.live) == len(expected[0])
+        await again.close()
+        assert any(newer.name in r.getMessage() and "trying an older one" in r.getMessage()
+                   for r in caplog.records)
 
     run(scenario())

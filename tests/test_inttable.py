@@ -206,3 +206,18 @@ def test_insert_new_places_distinct_absent_keys_and_refuses_the_rest(
         for k in set(keys):
             mine = {v for kk, v in zip(keys, values, strict=True) if kk == k}
             assert table.get(k) in {None, held.get(k)} | mine
+
+
+def test_insert_new_into_an_empty_table_fills_it_at_once_growing_it_if_needed() -> None:
+    """An empty table takes a batch of distinct keys in one pass (a snapshot's ids), first
+    growing to fit them; a batch with a key twice is refused and leaves it empty."""
+    keys = np.arange(2, 50_002, dtype=np.uint64) * np.uint64(0x9E37)
+    values = np.arange(len(keys), dtype=np.uint32)
+    table = IntTable()
+    assert table.insert_new(keys, values)
+    assert len(table) == len(keys) and table.get_many(keys).tolist() == values.tolist()
+    assert table.get(7) is None
+    twice = IntTable()
+    assert not twice.insert_new(np.array([5, 9, 5], dtype=np.uint64),
+                                np.array([1, 2, 3], dtype=np.uint32))
+    assert len(twice) == 0 and twice.get(5) is None and twice.get(9) is None

@@ -136,3 +136,28 @@ def test_a_forked_child_keeps_the_table_as_it_was_at_the_fork() -> None:
     os.write(write, b"x")
     os.close(write)
     assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0
+
+
+@pytest.mark.parametrize("clashing", [False, True])
+def test_a_table_filled_while_loading_enters_its_ids_at_the_end(
+        monkeypatch: pytest.MonkeyPatch, clashing: bool) -> None:
+    """`loading()` (a snapshot being read): chunks of ids go in with their index entries
+    held back and entered together at the end; ids sharing a hash (`clashing`: four keys
+    for all) are then entered one by one. A chunk over dense ids already held enters the
+    held-back ids first."""
+    if clashing:
+        monkeypatch.setattr(pidtable, "_hash", lambda pid: 2 + (hash(pid) & 3))
+    pids: list[str | None] = [f"id-{i}" for i in range(3000)]
+    pids[7] = pids[2999] = None
+    table = PidTable(len(pids))
+    with table.loading():
+        for start in range(0, len(pids), 700):
+            table.put_many(range(start, min(start + 700, len(pids))), pids[start:start + 700])
+        assert table.index.get("id-5") is None  # not entered yet
+    _check(table, pids, {p: d for d, p in enumerate(pids) if p is not None})
+    table = PidTable(10)
+    with table.loading():
+        table.put_many(range(5), ["a", "b", "c", "d", "e"])
+        table.put_many([3, 8], ["x", "c"])  # dense 3 held: one by one, "c" moves to 8
+    _check(table, ["a", "b", "c", "x", "e", None, None, None, "c", None],
+           {"a": 0, "b": 1, "c": 8, "x": 3, "e": 4})

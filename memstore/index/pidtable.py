@@ -28,6 +28,7 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from itertools import compress, repeat
 from operator import is_not, ne
 from typing import Any
@@ -71,7 +72,7 @@ def _encode(pid: str) -> bytes:
 class PidTable(mapped.DenseColumn):
     """dense id -> primary id (None: no profile), with `index`, its way back."""
 
-    __slots__ = ("_buf", "_clash", "_dead", "_end", "_index", "index")
+    __slots__ = ("_buf", "_clash", "_dead", "_deferred", "_end", "_index", "index")
 
     def __init__(self, size: int = 0) -> None:
         super().__init__(size)
@@ -84,6 +85,7 @@ class PidTable(mapped.DenseColumn):
         self._dead = 0
         self._index = IntTable(size)  # (a snapshot being read: sized for its ids at once)
         self._clash: dict[str, int] = {}
+        self._deferred: list[tuple[np.ndarray, np.ndarray]] | None = None  # (`loading`)
         self.index = PidIndex(self)
 
     # ------------------------------------------------------------------ reading
@@ -233,6 +235,7 @@ class PidTable(mapped.DenseColumn):
         given = np.fromiter(map(is_not, pids, repeat(None)), dtype=bool, count=len(pids))
         taken = self._loc[dense] != 0
         if taken.any() or (not run and len(np.unique(dense)) < len(dense)):
+            self._index_deferred()
             for d, pid in zip(dense.tolist(), pids, strict=True):
                 self[d] = pid
             return
@@ -257,10 +260,34 @@ class PidTable(mapped.DenseColumn):
         self._loc[dense] = offsets.astype(np.uint64) | (lengths.astype(np.uint64)
                                                         << np.uint64(_LEN_SHIFT))
         keys = _keys(pids, count)  # type: ignore[arg-type]
-        if self._index.insert_new(keys, dense.astype(np.uint32)):  # (checked as placed)
+        if self._deferred is not None:
+            self._deferred.append((keys, dense))
+        elif not self._index.insert_new(keys, dense.astype(np.uint32)):  # (checked)
+            for d, pid in zip(dense.tolist(), pids, strict=True):  # dict semantics
+                self._enter(pid, d)  # type: ignore[arg-type]
+
+    @contextmanager
+    def loading(self) -> Iterator[None]:
+        """Many `put_many` calls filling an empty table (a snapshot being read): their ids
+        enter the index together at the end, in one pass (the chunks' own inserts cost
+        ~0.6 s at 1M ids, one pass ~0.25). Until then only `put_many` may be called."""
+        self._deferred = []
+        try:
+            yield
+        finally:
+            self._index_deferred()
+            self._deferred = None
+
+    def _index_deferred(self) -> None:
+        """Enter the ids `put_many` held back (`loading`)."""
+        if not self._deferred:
             return
-        for d, pid in zip(dense.tolist(), pids, strict=True):  # dict semantics, one by one
-            self._enter(pid, d)  # type: ignore[arg-type]
+        keys = np.concatenate([keys for keys, _ in self._deferred])
+        dense = np.concatenate([dense for _, dense in self._deferred])
+        self._deferred.clear()
+        if not self._index.insert_new(keys, dense.astype(np.uint32)):
+            for d in dense.tolist():  # two ids with one hash, or one id twice: one by one
+                self._enter(self[d], d)  # type: ignore[arg-type]
 
     def _enter(self, pid: str, dense: int) -> None:
         """Index `pid` -> `dense` (the id's bytes are stored at `dense` already)."""

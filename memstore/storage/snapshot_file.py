@@ -26,7 +26,7 @@ import re
 import struct
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Self
 
@@ -182,18 +182,22 @@ def _read_exact(f: BinaryIO, n: int, path: Path, what: str) -> bytes:
     return data
 
 
-def _read_sections(f: BinaryIO, path: Path) -> Iterator[tuple[str, bytes]]:
-    """Sections in order, streaming; SnapshotError on any damage (the footer is checked
-    after the last section, so only a complete iteration proves the file good)."""
-    size = f.seek(0, os.SEEK_END)
-    f.seek(0)
-    head = _read_exact(f, HEADER_SIZE, path, "header")
+def _check_header(head: bytes, path: Path) -> None:
     magic, version, _, _ = HEADER.unpack_from(head)
     if magic != MAGIC or zlib.crc32(head[: HEADER.size]) != CRC.unpack_from(head,
                                                                             HEADER.size)[0]:
         raise SnapshotError(f"{path}: bad header (magic or checksum)")
     if version != VERSION:
         raise SnapshotError(f"{path}: unknown snapshot version {version}")
+
+
+def _read_sections(f: BinaryIO, path: Path) -> Iterator[tuple[str, bytes]]:
+    """Sections in order, streaming, each checked before it is handed out; SnapshotError on
+    any damage (the footer is checked after the last section, so only a complete
+    iteration proves the file good)."""
+    size = f.seek(0, os.SEEK_END)
+    f.seek(0)
+    _check_header(_read_exact(f, HEADER_SIZE, path, "header"), path)
     crcs = 0
     count = 0
     while True:
@@ -226,14 +230,26 @@ def _read_sections(f: BinaryIO, path: Path) -> Iterator[tuple[str, bytes]]:
 
 
 class SnapshotReader:
-    """A verified snapshot. Construction reads the whole file once (SnapshotError or
-    OSError if anything is wrong); `sections()` reads it again, streaming."""
+    """A snapshot file. Construction checks its header and, with `verify` (the default),
+    reads the whole file once to check every section (SnapshotError or OSError if
+    anything is wrong); `sections()` reads it, streaming, checking each section before
+    handing it out and the footer after the last. A reader not verified first (start-up:
+    one pass over the file, not two) may raise SnapshotError after handing out sections:
+    whoever read them throws them away (`read_newest`)."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, verify: bool = True) -> None:
         self.path = Path(path)
         with self.path.open("rb") as f:
             head = _read_exact(f, HEADER_SIZE, self.path, "header")
-            _, _, self.lsn, self.created_us = HEADER.unpack_from(head)
+        _check_header(head, self.path)
+        _, _, self.lsn, self.created_us = HEADER.unpack_from(head)
+        self.section_count: int | None = None  # once verified
+        if verify:
+            self.verify()
+
+    def verify(self) -> None:
+        """Read the whole file, checking everything (SnapshotError or OSError)."""
+        with self.path.open("rb") as f:
             self.section_count = sum(1 for _ in _read_sections(f, self.path))
 
     def sections(self) -> Iterator[tuple[str, bytes]]:
@@ -264,17 +280,45 @@ def _candidates(directory: Path) -> list[Path]:
     return [path, *snaps]
 
 
+def _newest_first(directory: Path) -> Iterator[SnapshotReader]:
+    """Readers of the snapshots start-up may use, in the order it tries them (`_candidates`),
+    headers checked but not verified; a bad header is logged and skipped."""
+    if not directory.is_dir():
+        return
+    for path in _candidates(directory):
+        try:
+            yield SnapshotReader(path, verify=False)
+        except (SnapshotError, OSError) as exc:
+            log.warning("snapshot %s unusable (%s); trying an older one", path, exc)
+
+
 def load_newest(directory: Path | str) -> SnapshotReader | None:
     """The snapshot CURRENT names if it is whole, else the newest older good one (each
     skip logged as a warning with its reason); None if there is no good snapshot."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    for path in _candidates(directory):
+    for reader in _newest_first(Path(directory)):
         try:
-            return SnapshotReader(path)
+            reader.verify()
+            return reader
         except (SnapshotError, OSError) as exc:
-            log.warning("snapshot %s unusable (%s); trying an older one", path, exc)
+            log.warning("snapshot %s unusable (%s); trying an older one", reader.path, exc)
+    return None
+
+
+def read_newest(directory: Path | str,
+                read: Callable[[Iterator[tuple[str, bytes]]], None]) -> SnapshotReader | None:
+    """Start-up's `load_newest` in one pass over the file, not two: `read(sections)` takes
+    the sections of each snapshot in `load_newest`'s order until one reads to its end (its
+    footer checked); one found damaged part-way is logged and skipped like a bad one, so
+    `read` must start from nothing each time. The snapshot read, or None."""
+    for reader in _newest_first(Path(directory)):
+        try:
+            sections = reader.sections()
+            read(sections)
+            for _ in sections:  # to the footer, if `read` stopped short
+                pass
+            return reader
+        except (SnapshotError, OSError) as exc:
+            log.warning("snapshot %s unusable (%s); trying an older one", reader.path, exc)
     return None
 
 
