@@ -63,6 +63,7 @@ from memstore.storage import wal_format
 from memstore.storage.dirlock import DirLock
 from memstore.storage.forked import ChildFailed, run_in_child
 from memstore.storage.snapshot_file import (
+    READ_AHEAD,
     SnapshotReader,
     SnapshotWriter,
     install,
@@ -493,7 +494,7 @@ class Shard:
             config = self.config
             engine = _new_engine(config)
             reader = SnapshotReader(path, verify=False)  # (install verified it)
-            await asyncio.to_thread(load_snapshot, engine, reader.sections())
+            await asyncio.to_thread(load_snapshot, engine, reader.sections(READ_AHEAD))
             await self.log.close()
             for other in snap_dir.glob("snap-*.snap"):
                 if other != path:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import pytest
 
 from memstore.storage.snapshot_file import (
     CURRENT,
+    SnapshotError,
     SnapshotReader,
     SnapshotWriter,
     load_newest,
@@ -175,3 +177,26 @@ def test_reader_rejects_a_damaged_file_on_construction(tmp_path: Path) -> None:
     path.write_bytes(bytes(raw))
     with pytest.raises(SnapshotError, match=path.name):
         SnapshotReader(path)
+
+
+def test_sections_read_ahead_by_a_thread_are_the_same_and_damage_still_raises(
+        tmp_path: Path) -> None:
+    """sections(ahead=N) (start-up's): a thread reads and checks up to N sections ahead;
+    the caller gets the same sections, damage raises in the caller once it reaches it, and
+    a caller that stops early leaves no thread behind."""
+    path = make(tmp_path, 7)
+    reader = SnapshotReader(path)
+    for ahead in (1, 2, 10):
+        assert list(reader.sections(ahead=ahead)) == SECTIONS
+    early = reader.sections(ahead=1)
+    assert next(early) == SECTIONS[0]
+    early.close()
+    assert not [t for t in threading.enumerate() if t.name == "snapshot-read-ahead"]
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x01  # the footer's crc: every section is handed out before it is checked
+    path.write_bytes(bytes(raw))
+    got: list[tuple[str, bytes]] = []
+    with pytest.raises(SnapshotError, match="footer does not match"):
+        got.extend(reader.sections(ahead=2))
+    assert got == SECTIONS
+    assert not [t for t in threading.enumerate() if t.name == "snapshot-read-ahead"]

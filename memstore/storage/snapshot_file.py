@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import re
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Self
+from typing import Any, BinaryIO, Self
 
 from memstore.storage.fsutil import Fsync, fsync_path
 
@@ -44,6 +46,7 @@ SECTION_META = struct.Struct("<QI")  # payload length, crc
 FOOTER_REST = struct.Struct("<QI")  # after END_MARK: section count, crc of crcs
 END_MARK = 0xFFFF_FFFF
 MAX_NAME = 1024
+READ_AHEAD = 4  # sections start-up's reading thread may hold ready (~2 MB each)
 MAX_SECTION = 1 << 31
 CURRENT = "CURRENT"
 SNAPSHOT_NAME = "snap-{lsn:020d}.snap"
@@ -252,9 +255,54 @@ class SnapshotReader:
         with self.path.open("rb") as f:
             self.section_count = sum(1 for _ in _read_sections(f, self.path))
 
-    def sections(self) -> Iterator[tuple[str, bytes]]:
+    def sections(self, ahead: int = 0) -> Iterator[tuple[str, bytes]]:
+        """The sections in order. `ahead`: up to this many are read and checked by a thread
+        ahead of the caller (start-up: the file's reading and checksums, which release the
+        GIL, overlap the engine's loading on another core)."""
+        if ahead:
+            yield from _read_ahead(self.path, ahead)
+            return
         with self.path.open("rb") as f:
             yield from _read_sections(f, self.path)
+
+
+_END = object()  # _read_ahead's end of the file
+
+
+def _read_ahead(path: Path, ahead: int) -> Iterator[tuple[str, bytes]]:
+    handoff: queue.Queue[Any] = queue.Queue(maxsize=ahead)
+    stop = threading.Event()
+
+    def hand(item: Any) -> bool:
+        """Put `item` in the queue unless the reader stopped; whether it was put."""
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            with path.open("rb") as f:
+                for section in _read_sections(f, path):
+                    if not hand(section):
+                        return
+            hand(_END)
+        except BaseException as exc:  # noqa: BLE001 -- raised in the reader instead
+            hand(exc)
+
+    thread = threading.Thread(target=produce, name="snapshot-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while (item := handoff.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _candidates(directory: Path) -> list[Path]:
@@ -312,7 +360,7 @@ def read_newest(directory: Path | str,
     `read` must start from nothing each time. The snapshot read, or None."""
     for reader in _newest_first(Path(directory)):
         try:
-            sections = reader.sections()
+            sections = reader.sections(ahead=READ_AHEAD)
             read(sections)
             for _ in sections:  # to the footer, if `read` stopped short
                 pass
