@@ -57,6 +57,7 @@ from memstore.index.bitmap_index import RangeIndex, ValueIndex
 from memstore.index.blobtable import BlobTable
 from memstore.index.day_index import DayIndex
 from memstore.index.dense import bitmap_of
+from memstore.index.inttable import IntTable
 from memstore.index.pidtable import PidTable
 from memstore.server.heap import release_free_heap
 from memstore.storage import wal_format
@@ -78,6 +79,7 @@ log = logging.getLogger("memstore.shard")
 
 SNAPSHOT_CHUNK = 8192  # profiles per `rows` snapshot section
 DIRECTORY_CHUNK = 1 << 16  # identifier keys, or aliases, per snapshot section
+DIRECTORY_SLOTS_CHUNK = 1 << 18  # slots of the identifier directory's table per section
 TIMES_CHUNK = 1 << 16  # dense ids per `times` section
 CLAIM_SLOTS_CHUNK = 64  # slots of directory claims per snapshot section
 RECENT_CHANGES = 500_000  # profile ids remembered for slot-move catch-up (~5 MB at most)
@@ -678,7 +680,7 @@ def write_snapshot_file(engine: Engine, snap_dir: Path, lsn: int, shard_name: st
     pause = time.monotonic() - forked_at
     pids, blobs = engine.pids, engine.blobs
     owned = engine.owned_slots
-    meta = {"version": 3, "shard": shard_name, "next_dense": len(pids),
+    meta = {"version": 4, "shard": shard_name, "next_dense": len(pids),
             "schema": engine.schema.to_state(), "epoch": engine.epoch,
             "owned": None if owned is None else owned.serialize()}
     count = 0
@@ -712,12 +714,21 @@ def write_snapshot_file(engine: Engine, snap_dir: Path, lsn: int, shard_name: st
                  lengths.astype("<u4").tobytes(), slots[part].astype("<u2").tobytes()],
                 use_bin_type=True))
         del slots, dense_ids
-        keys, owners = engine.directory.arrays()
-        for start in range(0, len(keys), DIRECTORY_CHUNK):
-            writer.write("directory", msgpack.packb(
-                [keys[start:start + DIRECTORY_CHUNK].astype("<u8").tobytes(),
-                 owners[start:start + DIRECTORY_CHUNK].astype("<u4").tobytes()]))
-        del keys, owners
+        directory = engine.directory
+        if directory.tombstones <= len(directory) // 8:  # the table as it is: copied back
+            for start in range(0, directory.capacity if len(directory) else 0,
+                               DIRECTORY_SLOTS_CHUNK):
+                keys, owners = directory.slots(start, start + DIRECTORY_SLOTS_CHUNK)
+                writer.write("directory-slots", msgpack.packb(
+                    [directory.capacity, start, keys.astype("<u8").tobytes(),
+                     owners.astype("<u4").tobytes()]))
+        else:  # many entries deleted: the live ones, for a table built anew
+            keys, owners = directory.arrays()
+            for start in range(0, len(keys), DIRECTORY_CHUNK):
+                writer.write("directory", msgpack.packb(
+                    [keys[start:start + DIRECTORY_CHUNK].astype("<u8").tobytes(),
+                     owners[start:start + DIRECTORY_CHUNK].astype("<u4").tobytes()]))
+            del keys, owners
         aliases = iter(engine.aliases.items())
         while chunk_aliases := list(islice(aliases, DIRECTORY_CHUNK)):
             writer.write("aliases", msgpack.packb(chunk_aliases))
@@ -976,6 +987,7 @@ def load_snapshot(engine: Engine, sections: Iterable[tuple[str, bytes]]) -> None
     directory: tuple[list[int], list[int]] = ([], [])  # from `profiles` (older snapshots)
     keys: list[np.ndarray] = []  # from `directory` sections
     owners: list[np.ndarray] = []
+    slotted: IntTable | None = None  # from `directory-slots` sections
     with contextlib.ExitStack() as stack:  # ids enter the id index once, at the end
         for name, payload in sections:
             if name == "meta":
@@ -992,6 +1004,15 @@ def load_snapshot(engine: Engine, sections: Iterable[tuple[str, bytes]]) -> None
                 owned = None if meta["owned"] is None else BitMap.deserialize(meta["owned"])
             elif name == "rows":
                 _load_rows(engine, *msgpack.unpackb(payload))
+            elif name == "directory-slots":
+                capacity, start, raw_keys, raw_owners = msgpack.unpackb(payload)
+                if slotted is None:
+                    slotted = IntTable.of_capacity(capacity)
+                elif capacity != slotted.capacity:
+                    raise ValueError(f"directory-slots of tables of {slotted.capacity} and "
+                                     f"{capacity} slots in one snapshot")
+                slotted.put_slots(start, np.frombuffer(raw_keys, dtype="<u8"),
+                                np.frombuffer(raw_owners, dtype="<u4"))
             elif name == "directory":
                 raw_keys, raw_owners = msgpack.unpackb(payload)
                 keys.append(np.frombuffer(raw_keys, dtype="<u8").astype(np.uint64))
@@ -1042,6 +1063,8 @@ def load_snapshot(engine: Engine, sections: Iterable[tuple[str, bytes]]) -> None
             else:
                 engine.value_index.setdefault(spec.id, ValueIndex())
                 engine.exists.setdefault(spec.id, BitMap())
+    if slotted is not None:
+        engine.directory = slotted
     if keys:  # a snapshot's table: distinct keys, so no duplicate check
         engine.directory.insert_absent(np.concatenate(keys), np.concatenate(owners))
     engine.directory.update(np.array(directory[0], dtype=np.uint64),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -221,3 +222,24 @@ def test_insert_new_into_an_empty_table_fills_it_at_once_growing_it_if_needed() 
     assert not twice.insert_new(np.array([5, 9, 5], dtype=np.uint64),
                                 np.array([1, 2, 3], dtype=np.uint32))
     assert len(twice) == 0 and twice.get(5) is None and twice.get(9) is None
+
+
+def test_a_table_copied_slot_by_slot_finds_the_same_keys_and_refuses_a_bad_copy() -> None:
+    """slots / put_slots (a snapshot's directory): a table of the same capacity filled from
+    another's slots, tombstones and all, in pieces, holds the same entries and counts; a
+    piece that does not fit, or over slots already filled, is refused."""
+    table = IntTable()
+    keys = np.arange(10, 3010, dtype=np.uint64) * np.uint64(7919)
+    table.update(keys, np.arange(len(keys), dtype=np.uint32))
+    for key in keys[::3].tolist():
+        del table[key]
+    copy = IntTable.of_capacity(table.capacity)
+    for start in range(0, table.capacity, 1000):
+        copy.put_slots(start, *table.slots(start, start + 1000))
+    assert (len(copy), copy.tombstones) == (len(table), table.tombstones) > (0, 0)
+    assert copy.get_many(keys).tolist() == table.get_many(keys).tolist()
+    assert sorted(copy.items()) == sorted(table.items())
+    with pytest.raises(ValueError, match="not empty"):
+        copy.put_slots(0, *table.slots(0, 10))
+    with pytest.raises(ValueError, match="do not fit"):
+        IntTable.of_capacity(100).put_slots(95, *table.slots(0, 10))

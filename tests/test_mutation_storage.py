@@ -168,6 +168,7 @@ def test_the_snapshot_writer_run_in_process_loads_back_to_the_same_engine(
     small enough that every kind of section repeats."""
     monkeypatch.setattr(shard_module, "SNAPSHOT_CHUNK", 7)
     monkeypatch.setattr(shard_module, "CLAIM_SLOTS_CHUNK", 2)
+    monkeypatch.setattr(shard_module, "DIRECTORY_SLOTS_CHUNK", 1000)
     shard = asyncio.run(Shard.open(ShardConfig()))  # memory only: the engine is what counts
 
     async def fill() -> None:
@@ -188,17 +189,25 @@ def test_the_snapshot_writer_run_in_process_loads_back_to_the_same_engine(
     assert names[0] == "meta" and names[1] == "merges"
     assert names.count("claims") == -(-sum(1 for _ in engine.claims.by_slot()) // 2) > 1
     assert names.count("rows") == -(-len(engine.live) // 7)
-    assert names.count("directory") == 1 and names.count("aliases") == 1
+    directory = engine.directory
+    assert directory.tombstones <= len(directory) // 8  # (else its entries: below)
+    assert names.count("directory-slots") == -(-directory.capacity // 1000) > 1
+    assert "directory" not in names and names.count("aliases") == 1
     assert "profiles" not in names
     assert names.count("index") == sum(spec.indexed for spec in engine.schema.by_id)
     meta = msgpack.unpackb(next(payload for name, payload in reader.sections()
                                 if name == "meta"))
-    assert (meta["version"], meta["shard"], meta["next_dense"]) == (3, "shard-7",
+    assert (meta["version"], meta["shard"], meta["next_dense"]) == (4, "shard-7",
                                                                    len(engine.pids))
     restored = Engine()
     load_snapshot(restored, reader.sections())
     assert full_state(restored) == full_state(engine)
     assert tables(restored) == tables(engine)
+    assert restored.directory.capacity == directory.capacity  # copied, not built again
+    # Version 3's directory (its entries, a table built from them on loading) loads the same.
+    entries = Engine()
+    load_snapshot(entries, _directory_entries(list(reader.sections())))
+    assert tables(entries) == tables(engine)
     # Version 2's rows (a list of blobs, not joined with their lengths) load the same.
     listed = Engine()
     load_snapshot(listed, [(name, _listed_blobs(payload) if name == "rows" else payload)
@@ -210,6 +219,24 @@ def test_the_snapshot_writer_run_in_process_loads_back_to_the_same_engine(
     load_snapshot(older, legacy_sections(engine, list(reader.sections())))
     assert full_state(older) == full_state(engine)
     assert tables(older) == tables(engine)
+
+
+def _directory_entries(sections: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """`directory-slots` sections (version 4) as version 3's one `directory` section: the
+    live entries, keys little-endian u64 and dense ids u32."""
+    out: list[tuple[str, bytes]] = []
+    keys, owners = [], []
+    for name, payload in sections:
+        if name != "directory-slots":
+            out.append((name, payload))
+            continue
+        _, _, raw_keys, raw_owners = msgpack.unpackb(payload)
+        live = np.frombuffer(raw_keys, dtype="<u8") > 1
+        keys.append(np.frombuffer(raw_keys, dtype="<u8")[live])
+        owners.append(np.frombuffer(raw_owners, dtype="<u4")[live])
+    out.insert(1, ("directory", msgpack.packb([np.concatenate(keys).tobytes(),
+                                               np.concatenate(owners).tobytes()])))
+    return out
 
 
 def _listed_blobs(rows: bytes) -> bytes:
@@ -1692,3 +1719,24 @@ def test_close_after_a_failed_fsync_in_flight_or_at_close_does_not_raise(tmp_pat
         assert w.failed and w.failure == "fsync at close failed: [Errno 5] injected fsync failure"
 
     asyncio.run(at_close())
+
+
+def test_a_directory_with_many_deleted_entries_is_written_as_its_entries(tmp_path: Path
+                                                                        ) -> None:
+    """A directory table copied as it is would carry its deleted entries' slots along;
+    with more than one in eight deleted the snapshot holds the live entries instead, and
+    loading builds a table of them anew, none deleted."""
+    engine = Engine()
+    for i in range(40):
+        engine.apply(engine.plan_upsert(UpsertSpec(f"p{i}", [(SET, "x", i)],
+                                                   [("email", f"e{i}@x.io")])))
+    for i in range(30):
+        engine.apply(engine.plan_delete(f"p{i}"))
+    assert engine.directory.tombstones > len(engine.directory) // 8
+    path, _, _ = write_snapshot_file(engine, tmp_path, 1, "s", time.monotonic())
+    names = [name for name, _ in SnapshotReader(path).sections()]
+    assert "directory" in names and "directory-slots" not in names
+    restored = Engine()
+    load_snapshot(restored, SnapshotReader(path).sections())
+    assert tables(restored) == tables(engine) and len(restored.directory) == 10
+    assert restored.directory.tombstones == 0

@@ -130,6 +130,44 @@ class IntTable:
         live = self._keys > TOMBSTONE
         return self._keys[live], self._vals[live]
 
+    # A snapshot holds a table as it is (`slots`, `put_slots`), not its entries to build it
+    # again: with the same capacity every key is in the slot it was in (0.05 s at 2M
+    # entries, where a build from the entries took 0.15-0.4 s).
+    @property
+    def capacity(self) -> int:
+        return self._cap
+
+    @property
+    def tombstones(self) -> int:
+        return self._filled - self._live
+
+    @classmethod
+    def of_capacity(cls, capacity: int) -> IntTable:
+        """An empty table of exactly `capacity` slots (for `put_slots`)."""
+        if capacity < 1:
+            raise ValueError(f"a table of {capacity} slots")
+        table = cls.__new__(cls)
+        table._alloc(capacity)
+        return table
+
+    def slots(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Slots start..stop as they are: keys (uint64, 0 empty, 1 deleted) and values."""
+        return self._keys[start:stop], self._vals[start:stop]
+
+    def put_slots(self, start: int, keys: np.ndarray, values: np.ndarray) -> None:
+        """Fill empty slots from `start` on with what `slots` gave for a table of this
+        capacity (ValueError if they are not empty or do not fit)."""
+        stop = start + len(keys)
+        if start < 0 or stop > self._cap or len(values) != len(keys):
+            raise ValueError(f"slots {start}..{stop} of {len(values)} values do not fit a "
+                             f"table of {self._cap}")
+        if self._keys[start:stop].any():
+            raise ValueError(f"slots {start}..{stop} are not empty")
+        self._keys[start:stop] = keys
+        self._vals[start:stop] = values
+        self._live += int(np.count_nonzero(keys > TOMBSTONE))
+        self._filled += int(np.count_nonzero(keys))
+
     def update(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Set many entries at once, vectorized (a later duplicate key wins)."""
         keys = np.asarray(keys, dtype=np.uint64)
