@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memstore.client.core import pack_records
-from memstore.engine.columnar import CODE_SHARE, Coded, unpack_columns
+from memstore.engine.columnar import CODE_SHARE, Coded, Columns, unpack_columns
 from memstore.engine.values import flatten
 from memstore.errors import InvalidArgument
 
@@ -148,3 +148,19 @@ def test_a_list_the_client_cannot_sort_goes_as_given_for_the_shard_to_refuse() -
                {"id": "q", "attributes": {"tags": [2, "a"], "other": ["z", "y"]}}]
     columns = unpack_columns(pack_records(records)).attributes
     assert columns == {"tags": [["b", "a", "b"], [2, "a"]], "other": [None, ["y", "z"]]}
+
+
+def test_columns_built_in_process_need_a_row_each() -> None:
+    """Columns made in process (the wire decoder checks its own): an identifier list or an
+    attribute column of another length than the ids is refused, not indexed for profiles
+    the batch never creates."""
+    ids = ["a", "b", "c"]
+    assert Columns(ids, {"n": [1, None, 3], "t": Coded(["x"], np.array([0, -1, 0]))},
+                   [[], [], [["email", "a@x"]]]).ids == ids
+    with pytest.raises(ValueError, match="0 identifier lists for 3 ids"):
+        Columns(ids, {"n": [1, 2, 3]}, [])
+    with pytest.raises(ValueError, match="attribute 'n' has 2 rows for 3 ids"):
+        Columns(ids, {"n": [1, 2]}, [[], [], []])
+    with pytest.raises(ValueError, match="attribute 't' has 2 rows for 3 ids"):
+        Columns(ids, {"t": Coded(["x", "y"], np.array([0, 1, 0]), np.array([2, 1]))},
+                [[], [], []])

@@ -139,6 +139,17 @@ class Columns:
     identifiers: list[list[list[str]]]  # per row, [kind, value] pairs
     timestamps: frozenset[str] = frozenset()  # columns of int microseconds
 
+    def __post_init__(self) -> None:
+        """A row each: a short column would index profiles the batch never creates."""
+        n = len(self.ids)
+        if len(self.identifiers) != n:
+            raise ValueError(f"columns: {len(self.identifiers)} identifier lists for {n} ids")
+        for name, column in self.attributes.items():
+            rows = len(column.lengths if isinstance(column, Coded) and column.lengths
+                       is not None else column.codes if isinstance(column, Coded) else column)
+            if rows != n:
+                raise ValueError(f"columns: attribute {name!r} has {rows} rows for {n} ids")
+
     @classmethod
     def from_rows(cls, rows: Sequence[Row], where: str = "packed") -> Columns:
         """Columns of (id, flat attributes, identifiers) rows; a null value is refused
