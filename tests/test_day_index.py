@@ -3,7 +3,8 @@
 The reference adds each id's counts over the window in Python ints. The bounds are drawn
 around the sums that occur (equal to one, one above, one below), so that every edge of
 `at_least` / `at_most` is hit; counts are mostly 1 (no repeat slice) with repeats of every
-size up to days.MAX_COUNT (sums past 2 ** 64: the saturating path); `within` is drawn
+size up to days.MAX_COUNT (sums past 2 ** 64: the saturating path) and around the
+largest sums 8, 16 and 32 bits hold (the counters a window is counted in); `within` is drawn
 small and large against the window's cells (both ways of restricting). Also the bitmap
 of a boolean mask, and of each row of a 2-d one (memstore.index.dense), against numpy's
 own positions.
@@ -23,7 +24,12 @@ from memstore.index.day_index import DayIndex
 from memstore.index.dense import bitmap_of_mask, bitmaps_of_rows
 
 IDS = st.integers(0, 3) | st.integers(0, 70_000)  # a few ids often; past one 65,536-id block
-COUNTS = st.just(1) | st.integers(2, 9) | st.integers(2, MAX_COUNT) | st.integers(2**62, MAX_COUNT)
+# counts at the edges of the counters a window's sums are added in (uint8, uint16,
+# uint32: day_index._counter), so sums land on both sides of each
+EDGES = st.sampled_from([127, 128, 255, 256, 32_767, 32_768, 65_535, 65_536,
+                         2**31 - 1, 2**31, 2**32 - 1, 2**32])
+COUNTS = (st.just(1) | st.integers(2, 9) | EDGES | st.integers(2, MAX_COUNT)
+          | st.integers(2**62, MAX_COUNT))
 CELLS = st.dictionaries(st.tuples(IDS, st.integers(0, 6)), COUNTS, max_size=40)
 
 
