@@ -29,6 +29,7 @@ from memstore.engine.core import Engine
 from memstore.engine.schema import Kind, Merge
 from memstore.errors import Unavailable
 from memstore.hashslot import SLOT_COUNT, slot_of
+from memstore.index.bitmap_index import RangeIndex
 from memstore.shard import Shard, ShardConfig, load_snapshot, replay, write_snapshot_file
 from memstore.storage import wal_format as fmt
 from memstore.storage.snapshot_file import (
@@ -63,13 +64,16 @@ def full_state(engine: Engine) -> tuple[Any, ...]:
     indexes = {}
     for spec in engine.schema.by_id:
         if spec.id in engine.range_index:
-            indexes[spec.name] = engine.range_index[spec.id].to_state()
+            indexes[spec.name] = _range_values(engine.range_index[spec.id])
         elif spec.id in engine.value_index:  # which ids hold each value, in any order
             state = engine.value_index[spec.id].to_state()
             ones = np.frombuffer(state["one"][1], dtype="<u4").tolist()
             indexes[spec.name] = ({value: BitMap.deserialize(raw) for value, raw in state["maps"]},
                                   dict(zip(state["one"][0], ones)),
                                   list(engine.exists[spec.id]))
+        elif spec.id in engine.day_index:  # who did the event each day, and the repeats
+            indexes[spec.name] = [(day, list(who), [list(bits) for bits in repeats])
+                                  for day, who, repeats in engine.day_index[spec.id].items()]
     owned = None if engine.owned_slots is None else list(engine.owned_slots)
     owners = {}  # every identifier, found through the directory
     for dense in engine.live:
@@ -79,6 +83,19 @@ def full_state(engine: Engine) -> tuple[Any, ...]:
     return (state_of(Shard(ShardConfig(), engine, None)), owners, engine.held, engine.forwards,
             engine.decided, engine.registry, list(engine.held_dense), engine.epoch, owned,
             list(engine.foreign), len(engine.pids), engine.schema.to_state(), indexes)
+
+
+def _range_values(index: RangeIndex) -> dict[int, int]:
+    """The value each id holds in a range index, read from its bit slices: what it
+    answers, whatever base and number of slices the order of its changes left it with
+    (recovery joins tracked batches' changes: memstore.shard._RangeRun)."""
+    state = index.to_state()
+    held = dict.fromkeys(BitMap.deserialize(state["exists"]), 0)
+    for i, raw in enumerate(state["slices"]):
+        for dense in BitMap.deserialize(raw):
+            assert dense in held, f"slice {i} holds {dense}, which holds no value"
+            held[dense] += 1 << i
+    return {dense: state["base"] + offset for dense, offset in held.items()}
 
 
 async def merge_steps(shard: Shard, tag: str) -> None:

@@ -1,12 +1,14 @@
-"""Replaying a bulk load's record a column at a time (issue 29).
+"""Replaying a bulk load's or a tracked batch's record a column at a time (issue 29).
 
 A load's log record carries the columns its planner checked (memstore.engine.change.Load),
-so recovery and replicas index its new profiles as the load did, without decoding a blob.
+and a tracked batch's the index changes it planned (memstore.engine.tracking.Tracked), so
+recovery and replicas index them as the live write did, without decoding a blob.
 Replaying that way must rebuild exactly what applying each record's after-images one
 profile at a time rebuilds: hypothesis drives random logs of loads (plain and
 dictionary-coded columns, new profiles and ones that exist; several in a row, which
-recovery joins into one), upserts, merges, deletes, slot ownership changes and snapshots,
-then compares the two replays with the live engine.
+recovery joins into one), tracked batches (existing and new profiles, past days, repeat
+counts), upserts, merges, deletes, slot ownership changes and snapshots, then compares
+the two replays with the live engine.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ import memstore.engine.core as core_module
 from memstore.engine.change import SET, UNSET, UpsertSpec
 from memstore.engine.columnar import Coded, Columns
 from memstore.engine.core import Engine
+from memstore.engine.tracking import FAST_FROM
 from memstore.errors import FailedPrecondition
 from memstore.hashslot import SLOT_COUNT, slot_of
-from memstore.shard import Shard, ShardConfig, _LoadRun, load_snapshot, replay
+from memstore.shard import Shard, ShardConfig, _LoadRun, _RangeRun, load_snapshot, replay
 from memstore.storage import wal_format
 from memstore.storage.snapshot_file import load_newest
 from memstore.storage.wal_reader import read_log
@@ -45,6 +48,8 @@ from tests.test_mutation_storage import full_state
 
 T0_MICROS = 1_735_689_600_000_000  # 2025-01-01
 PIDS = [f"p{i}" for i in range(12)]  # existing ids a load or an upsert may name
+EVENTS = ["view", "buy"]  # tracked in batches (declared first: batches take the column path)
+DAY = 86_400_000_000
 EMAILS = [f"e{i}@x" for i in range(8)]  # identifiers two profiles may both claim
 
 
@@ -93,6 +98,10 @@ steps = st.one_of(
     st.tuples(st.just("delete"), st.sampled_from(PIDS)),
     st.tuples(st.just("own"), st.integers(0, 3)),
     st.tuples(st.just("snapshot")),
+    st.tuples(st.just("track"), st.lists(
+        st.tuples(st.sampled_from(PIDS) | st.integers(0, 30).map(lambda i: f"t{i}"),
+                  st.sampled_from(EVENTS), st.integers(0, 40), st.integers(1, 300)),
+        min_size=FAST_FROM, max_size=FAST_FROM + 40)),
 )
 
 
@@ -102,11 +111,7 @@ async def _write(data: Path, plan: list[tuple[Any, ...]], clock: Callable[[], fl
     shard = await Shard.open(ShardConfig(data_dir=data, sync=SyncPolicy.OFF,
                                          stop_snapshot_timeout=0, clock=clock))
     engine, epoch = shard.engine, 0
-    # The attributes the compared queries name (tests.test_durability.QUERIES), declared
-    # with the kinds the loads send.
-    await shard.commit(engine.plan_upsert(UpsertSpec("seed", [
-        (SET, "country", "US"), (SET, "age", 30), (SET, "score", 0.5), (SET, "tags", ["a"]),
-        (SET, "seen", datetime.fromtimestamp(T0_MICROS / 1e6, UTC))])))
+    await _seed(shard)
     for at, step in enumerate(plan):
         try:
             epoch = await _step(shard, step, epoch, at)
@@ -115,6 +120,17 @@ async def _write(data: Path, plan: list[tuple[Any, ...]], clock: Callable[[], fl
     state = _state(engine)
     await shard.close()
     return state
+
+
+async def _seed(shard: Shard) -> None:
+    """Declare the attributes the compared queries name (tests.test_durability.QUERIES),
+    with the kinds the loads send, and the tracked events' attributes."""
+    await shard.commit(shard.engine.plan_upsert(UpsertSpec("seed", [
+        (SET, "country", "US"), (SET, "age", 30), (SET, "score", 0.5), (SET, "tags", ["a"]),
+        (SET, "seen", datetime.fromtimestamp(T0_MICROS / 1e6, UTC))])))
+    for event in EVENTS:
+        await shard.commit(shard.engine.plan_track("seed", event,
+                                                   int(shard.engine.clock() * 1e6)))
 
 
 def _state(engine: Engine) -> tuple[Any, ...]:
@@ -153,6 +169,10 @@ async def _step(shard: Shard, step: tuple[Any, ...], epoch: int, at: int) -> int
         gone = {slot_of(pid) for pid in list(engine.dense_of)[:step[1]]}
         await shard.set_ownership(epoch + 1, BitMap(set(range(SLOT_COUNT)) - gone))
         return epoch + 1
+    elif kind == "track":  # days ago, counts past one byte: repeat slices, wide columns
+        now = int(shard.engine.clock() * 1e6)
+        await shard.commit(engine.plan_track_batch(
+            [(pid, event, now - ago * DAY, count) for pid, event, ago, count in step[1]]))
     else:
         await shard.snapshot()
     return epoch
@@ -172,6 +192,7 @@ def _one_at_a_time(data: Path) -> Engine:
         if record.rtype == wal_format.RECORD_CHANGE:
             logged = msgpack.unpackb(payload, strict_map_key=False)
             logged.pop("load", None)
+            logged.pop("tracked", None)
             payload = ormsgpack.packb(logged, option=ormsgpack.OPT_NON_STR_KEYS)
         replay(engine, record.rtype, payload)
     return engine
@@ -184,13 +205,16 @@ def _one_at_a_time(data: Path) -> Engine:
 def test_batched_replay_rebuilds_what_replaying_each_image_does(
         plan: list[tuple[Any, ...]], run_limit: int, tick: float) -> None:
     """Recovery joins consecutive loads' records into runs (of at most `run_limit`
-    profiles: a small one cuts runs short too), stamped as each record was: `tick` 0 is
+    profiles: a small one cuts runs short too), stamped as each record was, and
+    consecutive tracked batches' range changes into one change an attribute (at most
+    `run_limit` ids held, likewise): `tick` 0 is
     the wall clock (a plan's changes mostly in one second), 0.6 a clock that moves on
     0.6 s at each reading."""
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
         live = asyncio.run(_write(data, plan, _ticking(tick) if tick else time.time))
-        with patch.object(_LoadRun, "LIMIT", run_limit):
+        with patch.object(_LoadRun, "LIMIT", run_limit), \
+                patch.object(_RangeRun, "LIMIT", run_limit):
             batched = asyncio.run(Shard.open(ShardConfig(data_dir=data, sync=SyncPolicy.OFF,
                                                          stop_snapshot_timeout=0)))
         try:
@@ -229,5 +253,39 @@ def test_replaying_a_load_decodes_no_profile(tmp_path: Path,
         assert full_state(shard.engine) == live
         engine = shard.engine
         assert engine.pids[engine.owner_dense("email", "u2999@x")] == "u2999"
+    finally:
+        asyncio.run(shard.close())
+
+
+def test_replaying_tracked_batches_decodes_no_profile(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tracked batches after a snapshot are replayed from the index changes their records
+    carry: no blob is taken apart (the live batch decoded each profile once), and the
+    profiles, their event aggregates and day records and every index are back."""
+    now = int(time.time() * 1e6)
+
+    async def write() -> tuple[Any, ...]:
+        shard = await Shard.open(ShardConfig(data_dir=tmp_path, stop_snapshot_timeout=0))
+        await _seed(shard)  # declares the events' attributes: later batches take columns
+        await shard.snapshot()
+        for batch in range(4):  # new profiles, then the same ones again, on other days
+            await shard.commit(shard.engine.plan_track_batch(
+                [(f"u{(batch * 97 + i) % 700}", EVENTS[i % 2], now - (i % 9) * DAY, 1 + i % 4)
+                 for i in range(500)]))
+        state = full_state(shard.engine)
+        await shard.close()
+        return state
+
+    live = asyncio.run(write())
+    decoded: list[bytes] = []
+    real = core_module.decode
+    monkeypatch.setattr(core_module, "decode", lambda blob: decoded.append(blob) or real(blob))
+    shard = asyncio.run(Shard.open(ShardConfig(data_dir=tmp_path, stop_snapshot_timeout=0)))
+    try:
+        assert shard.recovery["replayed"] == 4 and shard.recovery["snapshot"] is not None
+        assert decoded == []
+        monkeypatch.undo()
+        assert full_state(shard.engine) == live
+        assert shard.engine.profile(shard.engine.dense_of["u5"]).attributes["event.buy.count"] > 0
     finally:
         asyncio.run(shard.close())

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, count, pairwise
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -44,6 +45,7 @@ class Note:
     value: Any
 
 
+_BLOB = itemgetter(2)  # an Image's blob (None: the profile is gone)
 NOTE_TABLES = ("held", "forwards", "decided", "claims", "registry", "suppressed",
                "segments")
 # Tables whose removed entries held personal data (primary ids, identifiers): a change
@@ -74,28 +76,37 @@ class Load:
         """For the log (a load's record carries it), so replay indexes the new profiles a
         column at a time as the load did, never taking a blob apart: arrays as their
         bytes, a column's dense ids as [start, stop] where they are a range."""
-        return [self.first, _raw(np.asarray(self.slots, dtype="<u2")), _raw(self.keys),
-                _raw(np.asarray(self.owners, dtype="<u4")),
+        return [self.first, raw_array(np.asarray(self.slots, dtype="<u2")), raw_array(self.keys),
+                raw_array(np.asarray(self.owners, dtype="<u4")),
                 [[aid, [ids.start, ids.stop] if isinstance(ids, range)
-                  else _raw(np.asarray(ids, dtype="<u4")), _values_state(values)]
+                  else raw_array(np.asarray(ids, dtype="<u4")), _values_state(values)]
                  for aid, ids, values in self.columns]]
 
     @classmethod
     def from_state(cls, state: list[Any]) -> Load:
         first, slots, keys, owners, columns = state
-        return cls(first, _array(slots).tolist(), _array(keys), _array(owners),
-                   [(aid, range(*ids) if isinstance(ids[0], int) else _array(ids),
+        return cls(first, array_of(slots).tolist(), array_of(keys), array_of(owners),
+                   [(aid, range(*ids) if isinstance(ids[0], int) else array_of(ids),
                      _values_of(values)) for aid, ids, values in columns])
 
 
-def _raw(array: np.ndarray) -> list[Any]:
-    """An array as its dtype and little-endian bytes: ["<u4", b"..."]."""
+def raw_array(array: np.ndarray, narrow: bool = False) -> list[Any]:
+    """An array as its dtype and little-endian bytes: ["<u4", b"..."]. `narrow`: an
+    integer array in the smallest integer type of its kind holding its values (array_of
+    gives them back in that type: the reader converts to the one it works in)."""
+    if narrow and array.dtype.kind in "iu" and len(array):
+        low, high = int(array.min()), int(array.max())
+        for dtype in ((np.uint8, np.uint16, np.uint32) if array.dtype.kind == "u"
+                      else (np.int8, np.int16, np.int32)):
+            if np.iinfo(dtype).min <= low and high <= np.iinfo(dtype).max:
+                array = array.astype(dtype)
+                break
     little = array.dtype.newbyteorder("<")
     return [little.str, array.astype(little, copy=False).tobytes()]
 
 
-def _array(raw: list[Any]) -> np.ndarray:
-    """The array _raw wrote, in this machine's byte order."""
+def array_of(raw: list[Any]) -> np.ndarray:
+    """The array raw_array wrote, in this machine's byte order (a new, writable array)."""
     logged = np.frombuffer(raw[1], dtype=raw[0])
     return logged.astype(logged.dtype.newbyteorder("="))
 
@@ -105,17 +116,17 @@ def _values_state(values: list[Any] | Coded | np.ndarray) -> list[Any]:
     value's object made once, its ids added to its bitmap at once)."""
     if isinstance(values, list) and values:
         if type(values[0]) is int:  # a timestamp column: int microseconds
-            return ["a", _raw(np.asarray(values, dtype=np.int64))]
+            return ["a", raw_array(np.asarray(values, dtype=np.int64))]
         if type(values[0]) is list:  # a string-list column
             lengths = np.fromiter(map(len, values), dtype=np.uint32, count=len(values))
             values = _coded(list(chain.from_iterable(values)), lengths)
         elif type(values[0]) in (str, bool) and len(set(values)) * 2 <= len(values):
             values = _coded(values)  # (unless most are distinct: nothing to share)
     if isinstance(values, np.ndarray):
-        return ["a", _raw(values)]
+        return ["a", raw_array(values)]
     if isinstance(values, Coded):
-        return ["c", values.values, _raw(values.codes),
-                None if values.lengths is None else _raw(values.lengths)]
+        return ["c", values.values, raw_array(values.codes),
+                None if values.lengths is None else raw_array(values.lengths)]
     return ["l", values]
 
 
@@ -128,9 +139,9 @@ def _coded(values: list[Any], lengths: np.ndarray | None = None) -> Coded:
 
 def _values_of(state: list[Any]) -> list[Any] | Coded | np.ndarray:
     if state[0] == "a":
-        return _array(state[1])
+        return array_of(state[1])
     if state[0] == "c":
-        return Coded(state[1], _array(state[2]), None if state[3] is None else _array(state[3]))
+        return Coded(state[1], array_of(state[2]), None if state[3] is None else array_of(state[3]))
     return state[1]
 
 
@@ -212,7 +223,7 @@ class Change:
     @property
     def erases(self) -> bool:
         """True when the change removes a profile, or a table entry naming a person."""
-        return ((self.load is None and any(image.blob is None for image in self.images))
+        return ((self.load is None and None in map(_BLOB, self.images))
                 or any(n.value is None and n.table in ERASING_TABLES for n in self.notes))
 
     def touched(self) -> list[str]:

@@ -32,6 +32,7 @@ import numpy as np
 from pyroaring import BitMap
 
 from memstore.engine import days
+from memstore.engine.change import array_of, raw_array
 from memstore.engine.schema import INT64_MAX, Kind, Merge
 from memstore.errors import InvalidArgument, MemstoreError, NotFound, brief
 from memstore.gcpause import gc_paused
@@ -84,6 +85,30 @@ class Tracked:
     slots: list[int]
     ranges: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
     cells: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+
+    def to_state(self) -> list[Any]:
+        """For the log (a tracked batch's record carries it, docs/log-format.md), so that
+        recovery and replicas change the indexes a column at a time as the batch did,
+        instead of taking every after-image and the profile it replaces apart: [first,
+        slots, [[aid, ids, old, had, new], ...], [[aid, ids, days, before, after], ...]],
+        each array as its bytes in the narrowest integer type holding it (day numbers
+        fit in 16 bits, most counts in 8)."""
+        return [self.first, raw_array(np.asarray(self.slots, dtype=np.uint16)),
+                [[aid, *(raw_array(column, narrow=True) for column in columns)]
+                 for aid, columns in self.ranges.items()],
+                [[aid, *(raw_array(column, narrow=True) for column in columns)]
+                 for aid, columns in self.cells.items()]]
+
+    @classmethod
+    def from_state(cls, state: list[Any]) -> Tracked:
+        first, slots, ranges, cells = state
+        return cls(first, array_of(slots).tolist(),
+                   {aid: (array_of(ids).astype(np.uint32), array_of(old).astype(np.int64),
+                          array_of(had).astype(bool), array_of(new).astype(np.int64))
+                    for aid, ids, old, had, new in ranges},
+                   {aid: (array_of(ids).astype(np.uint32), array_of(on).astype(np.int64),
+                          array_of(was).astype(np.int64), array_of(now).astype(np.int64))
+                    for aid, ids, on, was, now in cells})
 
 
 _BYTE = [bytes((i,)) for i in range(0x80)]  # a one-byte varint
