@@ -1023,7 +1023,7 @@ def _replay_change(engine: Engine, record: dict[str, Any],
             ranges.take(change.tracked)  # (Engine.apply's column path: the rest of it)
         else:
             ranges.apply()  # the images change the range indexes
-    engine.apply(change)
+    engine.apply(change, undo=False)
     if "segments" in record:
         engine.segments.apply(decode_deltas(record["segments"]))
     return change.erases

@@ -588,9 +588,11 @@ class Engine:
         return planner.finish()
 
     # ------------------------------------------------------------------ applying
-    def apply(self, change: Change, touched: Touched | None = None) -> Undo:
+    def apply(self, change: Change, touched: Touched | None = None, undo: bool = True) -> Undo:
         """Apply `change`; returns what undoes it (Engine.undo). `touched` collects what it
-        did to which profiles (for saved segments and change streams)."""
+        did to which profiles (for saved segments and change streams). `undo` False: the
+        caller never undoes it (replay), so a tracked batch's undo is not built and the
+        Undo returned is not one."""
         declared: list[AttributeSpec] = []
         for spec in change.schema:
             if spec.id == len(self.schema.by_id):
@@ -606,15 +608,15 @@ class Engine:
                                      [aid for aid, _, _ in change.load.columns])
             return Undo([], notes, added, schema=declared)
         if change.tracked is not None and change.tracked.first == len(self.blobs):
-            undo = self._apply_tracked(change.images, change.tracked, at, touched)
-            undo.notes, undo.schema = notes, declared
-            return undo
+            undone = self._apply_tracked(change.images, change.tracked, at, touched, undo)
+            undone.notes, undone.schema = notes, declared
+            return undone
         stamped: list[tuple[int, int, int]] = []
         return Undo(self.apply_images(change.images, at, change.times, stamped, touched), notes,
                     times=stamped, schema=declared)
 
     def _apply_tracked(self, images: list[Image], tracked: Any, at: int,
-                       touched: Touched | None = None) -> Undo:
+                       touched: Touched | None = None, undo: bool = True) -> Undo:
         """apply_images for a planned batch of tracks (memstore.engine.tracking.Tracked):
         blobs swapped, new profiles added at the end, indexes changed a column at a time;
         every profile stamped as changed at `at` (new ones as created then too). No
@@ -624,10 +626,13 @@ class Engine:
         blobs, created, changed = self.blobs, self.created, self.changed
         old_ids, old_pids, old_blobs, _ = zip(*images[:kept], strict=True) if kept \
             else ((), (), (), ())
-        before = list(map(tuple.__new__, repeat(Image), zip(
-            old_ids, old_pids, blobs.take(old_ids), repeat(None))))
-        stamped = list(zip(old_ids, map(created.__getitem__, old_ids),
-                           map(changed.__getitem__, old_ids)))
+        before: list[Image] = []
+        stamped: list[tuple[int, int, int]] = []
+        if undo:
+            before = list(map(tuple.__new__, repeat(Image), zip(
+                old_ids, old_pids, blobs.take(old_ids), repeat(None))))
+            stamped = list(zip(old_ids, map(created.__getitem__, old_ids),
+                               map(changed.__getitem__, old_ids)))
         blobs.put_many(old_ids, old_blobs)
         if kept:
             view = np.frombuffer(changed, dtype=np.uint32)
