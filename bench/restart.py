@@ -40,6 +40,11 @@ summary gives each figure's median, p99 (nearest rank: the largest below 100 run
 max over the runs, and the current code ÷ the before code's medians. Options a code's
 `serve-shard --help` does not list are left out for it and named in `flags_missing`.
 
+`--events PER_PROFILE`: after the load, bench.events' seeded events (Zipf-like over the
+profiles and ten names, 90 days; PER_PROFILE × N of them) are tracked on the profiles
+through `Client.load_events`, so each restart replays tracked batches too (`events`: how
+long they took, and the log's bytes after).
+
 `--peers duckdb,redis`: first (before any shard starts), the same profiles' memory in
 DuckDB (in process: its own memory accounting) and in Redis with RediSearch (RSS growth),
 as the bench's memory workload measures them (bench/peers/). Redis holds ~2.7 KB a profile,
@@ -47,7 +52,7 @@ so it is loaded with the first `--redis-max` profiles at most; it is reported ab
 failed, where redis-server or its module is missing.
 
     python -m bench.restart --size 1000000 [--before DIR] [--runs R] [--peers duckdb,redis]
-        [--out FILE.json]
+        [--events PER_PROFILE] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.datagen import Dataset, load_or_generate
+from bench.datagen import Dataset, load_or_generate, profile_id
 from bench.memstore_side import MemstoreServer, dir_bytes, in_code
 from bench.run import machine
 from memstore.client import Client
@@ -179,6 +184,10 @@ def measure(ds: Dataset, code: Path | None, opt: argparse.Namespace,
         assert load["loaded"] == ds.size, load
         log(f"{name}: loaded {ds.size:,} in {load['seconds']:.1f} s, "
             f"{load['bytes_per_profile']:.0f} bytes a profile")
+        if opt.events:
+            out["events"] = track_events(ms, ds.size, opt.events, opt.seed)
+            log(f"{name}: tracked {out['events']['events']:,} events in "
+                f"{out['events']['seconds']:.1f} s")
         scenarios: dict[str, Any] = {}
         r = restart(ms, signal.SIGKILL, ds.size, empty_rss, stop_wait)
         r["replay_profiles_per_s"] = round(ds.size / r["listening_s"])
@@ -201,6 +210,23 @@ def measure(ds: Dataset, code: Path | None, opt: argparse.Namespace,
         ms.stop(signal.SIGKILL)  # nothing more to keep: a clean stop could snapshot again
         shutil.rmtree(ms.dir, ignore_errors=True)
     return out
+
+
+def track_events(ms: MemstoreServer, size: int, per_profile: float, seed: int
+                 ) -> dict[str, Any]:
+    """Track bench.events' seeded events (Zipf-like over the profiles and 10 names, 90
+    days) on the loaded profiles, through `Client.load_events`: what a restart then
+    replays besides the load."""
+    from bench.events import EVENT_NAMES, generate
+
+    ev = generate(size, per_profile, seed)
+    who, name, at = ev["who"].tolist(), ev["name"].tolist(), ev["at"].tolist()
+    t = time.perf_counter()
+    n = ms.client.load_events({"id": profile_id(w), "event": EVENT_NAMES[e], "at": a}
+                              for w, e, a in zip(who, name, at, strict=True))
+    seconds = time.perf_counter() - t
+    return {"events": n, "seconds": round(seconds, 2), "events_per_s": round(n / seconds),
+            "on_disk": on_disk(ms.dir)}
 
 
 def head(ds: Dataset, n: int) -> Dataset:
@@ -292,14 +318,15 @@ def compile_bytecode(code: Path) -> None:
 def run(size: int, seed: int = 42, runs: int = 1, before: Path | None = None,
         peers: list[str] | None = None, sync: str = "always",
         stop_snapshot_timeout: float = 60.0, start_timeout: float = 3600.0,
-        redis_max: int = 2_000_000, log: Callable[[str], None] = lambda s: None
-        ) -> dict[str, Any]:
+        redis_max: int = 2_000_000, events: float = 0.0,
+        log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """The whole measurement: its summary (see the module docstring)."""
     ds = load_or_generate(size, seed)
     before = before.resolve() if before else None  # its shard runs with DIR as its cwd
     opt = argparse.Namespace(sync=sync, stop_snapshot_timeout=stop_snapshot_timeout,
-                             start_timeout=start_timeout)
+                             start_timeout=start_timeout, events=events, seed=seed)
     out: dict[str, Any] = {"size": size, "seed": seed, "runs": runs, "sync": sync,
+                           "events_per_profile": events,
                            "stop_snapshot_timeout": stop_snapshot_timeout,
                            "machine": machine()}
     if peers:
@@ -342,12 +369,15 @@ def main() -> None:
                         help="seconds a restart may take before the run fails")
     parser.add_argument("--redis-max", type=int, default=2_000_000,
                         help="load Redis with at most the first this many profiles")
+    parser.add_argument("--events", type=float, default=0.0, metavar="PER_PROFILE",
+                        help="after the load, also track this many events a profile "
+                             "(bench.events' seeded ones): restarts replay them too")
     parser.add_argument("--out", type=Path, default=None, metavar="FILE.json",
                         help="also write the summary here")
     opt = parser.parse_args()
     res = run(opt.size, opt.seed, opt.runs, opt.before,
               [p for p in opt.peers.split(",") if p], opt.sync, opt.stop_snapshot_timeout,
-              opt.start_timeout, opt.redis_max,
+              opt.start_timeout, opt.redis_max, opt.events,
               log=lambda s: print(s, file=sys.stderr, flush=True))
     text = json.dumps(res, indent=2)
     if opt.out:
