@@ -224,6 +224,17 @@ def test_batched_replay_rebuilds_what_replaying_each_image_does(
         assert _state(_one_at_a_time(data)) == live
 
 
+def _recover_counting_decodes(data: Path, monkeypatch: pytest.MonkeyPatch
+                              ) -> tuple[Shard, list[bytes]]:
+    """A shard opened over `data`, and the blobs its start-up decoded."""
+    decoded: list[bytes] = []
+    real = core_module.decode
+    monkeypatch.setattr(core_module, "decode", lambda blob: decoded.append(blob) or real(blob))
+    shard = asyncio.run(Shard.open(ShardConfig(data_dir=data, stop_snapshot_timeout=0)))
+    monkeypatch.undo()
+    return shard, decoded
+
+
 def test_replaying_a_load_decodes_no_profile(tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A log of loads alone is replayed from its columns: not one blob is taken apart,
@@ -242,14 +253,10 @@ def test_replaying_a_load_decodes_no_profile(tmp_path: Path,
         return state
 
     live = asyncio.run(write())
-    decoded: list[bytes] = []
-    real = core_module.decode
-    monkeypatch.setattr(core_module, "decode", lambda blob: decoded.append(blob) or real(blob))
-    shard = asyncio.run(Shard.open(ShardConfig(data_dir=tmp_path, stop_snapshot_timeout=0)))
+    shard, decoded = _recover_counting_decodes(tmp_path, monkeypatch)
     try:
         assert shard.recovery["replayed"] == 3 and shard.recovery["snapshot"] is None
         assert decoded == []
-        monkeypatch.undo()
         assert full_state(shard.engine) == live
         engine = shard.engine
         assert engine.pids[engine.owner_dense("email", "u2999@x")] == "u2999"
@@ -277,14 +284,10 @@ def test_replaying_tracked_batches_decodes_no_profile(tmp_path: Path,
         return state
 
     live = asyncio.run(write())
-    decoded: list[bytes] = []
-    real = core_module.decode
-    monkeypatch.setattr(core_module, "decode", lambda blob: decoded.append(blob) or real(blob))
-    shard = asyncio.run(Shard.open(ShardConfig(data_dir=tmp_path, stop_snapshot_timeout=0)))
+    shard, decoded = _recover_counting_decodes(tmp_path, monkeypatch)
     try:
         assert shard.recovery["replayed"] == 4 and shard.recovery["snapshot"] is not None
         assert decoded == []
-        monkeypatch.undo()
         assert full_state(shard.engine) == live
         assert shard.engine.profile(shard.engine.dense_of["u5"]).attributes["event.buy.count"] > 0
     finally:
