@@ -17,7 +17,7 @@ import asyncio
 import itertools
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -224,15 +224,25 @@ def test_batched_replay_rebuilds_what_replaying_each_image_does(
         assert _state(_one_at_a_time(data)) == live
 
 
-def _recover_counting_decodes(data: Path, monkeypatch: pytest.MonkeyPatch
-                              ) -> tuple[Shard, list[bytes]]:
-    """A shard opened over `data`, and the blobs its start-up decoded."""
+def _written_and_recovered(data: Path, monkeypatch: pytest.MonkeyPatch,
+                           writes: Callable[[Shard], Awaitable[None]]
+                           ) -> tuple[tuple[Any, ...], Shard, list[bytes]]:
+    """Run `writes` on a shard over `data` and close it (no stop snapshot); its state, the
+    shard opened over `data` again, and the blobs that start-up decoded."""
+    async def write() -> tuple[Any, ...]:
+        shard = await Shard.open(ShardConfig(data_dir=data, stop_snapshot_timeout=0))
+        await writes(shard)
+        state = full_state(shard.engine)
+        await shard.close()
+        return state
+
+    live = asyncio.run(write())
     decoded: list[bytes] = []
     real = core_module.decode
     monkeypatch.setattr(core_module, "decode", lambda blob: decoded.append(blob) or real(blob))
     shard = asyncio.run(Shard.open(ShardConfig(data_dir=data, stop_snapshot_timeout=0)))
     monkeypatch.undo()
-    return shard, decoded
+    return live, shard, decoded
 
 
 def test_replaying_a_load_decodes_no_profile(tmp_path: Path,
@@ -244,16 +254,11 @@ def test_replaying_a_load_decodes_no_profile(tmp_path: Path,
                        "tags": ["a", "b"][:i % 3], "seen": seen, "email": f"u{i}@x"},
              [("email", f"u{i}@x")]) for i in range(3000)]
 
-    async def write() -> tuple[Any, ...]:
-        shard = await Shard.open(ShardConfig(data_dir=tmp_path, stop_snapshot_timeout=0))
+    async def writes(shard: Shard) -> None:
         for start in range(0, len(rows), 1000):
             await shard.commit(shard.engine.plan_load(rows[start:start + 1000]))
-        state = full_state(shard.engine)
-        await shard.close()
-        return state
 
-    live = asyncio.run(write())
-    shard, decoded = _recover_counting_decodes(tmp_path, monkeypatch)
+    live, shard, decoded = _written_and_recovered(tmp_path, monkeypatch, writes)
     try:
         assert shard.recovery["replayed"] == 3 and shard.recovery["snapshot"] is None
         assert decoded == []
@@ -271,20 +276,15 @@ def test_replaying_tracked_batches_decodes_no_profile(tmp_path: Path,
     profiles, their event aggregates and day records and every index are back."""
     now = int(time.time() * 1e6)
 
-    async def write() -> tuple[Any, ...]:
-        shard = await Shard.open(ShardConfig(data_dir=tmp_path, stop_snapshot_timeout=0))
+    async def writes(shard: Shard) -> None:
         await _seed(shard)  # declares the events' attributes: later batches take columns
         await shard.snapshot()
         for batch in range(4):  # new profiles, then the same ones again, on other days
             await shard.commit(shard.engine.plan_track_batch(
                 [(f"u{(batch * 97 + i) % 700}", EVENTS[i % 2], now - (i % 9) * DAY, 1 + i % 4)
                  for i in range(500)]))
-        state = full_state(shard.engine)
-        await shard.close()
-        return state
 
-    live = asyncio.run(write())
-    shard, decoded = _recover_counting_decodes(tmp_path, monkeypatch)
+    live, shard, decoded = _written_and_recovered(tmp_path, monkeypatch, writes)
     try:
         assert shard.recovery["replayed"] == 4 and shard.recovery["snapshot"] is not None
         assert decoded == []
