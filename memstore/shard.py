@@ -783,63 +783,20 @@ def _rebuild(config: ShardConfig, snap_dir: Path, log_dir: Path, info: dict[str,
     loaded.clear()
     scan = read_log(log_dir, start_lsn)
     end_lsn = start_lsn
-    run, ranges = _LoadRun(engine), _RangeRun(engine)
+    run = _LoadRun(engine)
     for record in scan:
         if record.rtype == wal_format.RECORD_CHANGE:
             change = decode_change(record.payload)
-            if "tracked" not in change:
-                ranges.apply()
             if not run.take(change):
                 run.apply()
-                _replay_change(engine, change, ranges)
+                _replay_change(engine, change)
         else:
             run.apply()
-            ranges.apply()
             replay(engine, record.rtype, record.payload)
         info["replayed"] += 1
         end_lsn = record.lsn_end
     run.apply()
-    ranges.apply()
     return engine, start_lsn, end_lsn, scan
-
-
-class _RangeRun:
-    """The range-index changes of consecutive tracked batches' records held back during
-    recovery and made as one change an attribute (issue 29): a batch changes each
-    `event.<name>.count/first/last` index for a few thousand ids, a bit slice at a time,
-    and a change's cost is mostly per slice, not per id (~45 slices a timestamp). Nothing
-    but a tracked record's own columns touches those indexes between two such records,
-    and its columns say what each id held before, so the joined change takes an id's
-    value before from its first record and its value after from its last. Any other
-    record makes the held changes first."""
-
-    LIMIT = 1 << 20  # ids held at most (what a run adds to recovery's memory: ~21 bytes an id)
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.held: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]] = {}
-        self.size = 0
-
-    def take(self, tracked: Tracked) -> None:
-        """Hold `tracked`'s range changes back (they are taken out of it)."""
-        for aid, columns in tracked.ranges.items():
-            self.held.setdefault(aid, []).append(columns)
-            self.size += len(columns[0])
-        tracked.ranges = {}
-        if self.size >= self.LIMIT:
-            self.apply()
-
-    def apply(self) -> None:
-        for aid, parts in self.held.items():
-            ids, old, had, new = (np.concatenate(column) for column in zip(*parts, strict=True))
-            if len(parts) > 1:
-                order = np.argsort(ids, kind="stable")  # each id's records in log order
-                ids, old, had, new = ids[order], old[order], had[order], new[order]
-                starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-                ends = np.r_[starts[1:], len(ids)] - 1
-                ids, old, had, new = ids[starts], old[starts], had[starts], new[ends]
-            self.engine.range_index[aid].replace_many(ids, old, had, new)
-        self.held, self.size = {}, 0
 
 
 class _LoadRun:
@@ -1006,10 +963,8 @@ def replay(engine: Engine, rtype: int, payload: bytes) -> bool:
     return False
 
 
-def _replay_change(engine: Engine, record: dict[str, Any],
-                   ranges: _RangeRun | None = None) -> bool:
-    """replay() of a decoded RECORD_CHANGE; a tracked batch's range changes go to `ranges`
-    (recovery's run of them) when given and the batch takes the column path."""
+def _replay_change(engine: Engine, record: dict[str, Any]) -> bool:
+    """replay() of a decoded RECORD_CHANGE."""
     change = Change(schema=[AttributeSpec.from_state(s) for s in record.get("schema", ())],
                     images=_images(record["images"]),
                     notes=[Note(t, k, v) for t, k, v in record.get("notes", ())],
@@ -1018,11 +973,6 @@ def _replay_change(engine: Engine, record: dict[str, Any],
                     load=Load.from_state(record["load"]) if "load" in record else None,
                     tracked=Tracked.from_state(record["tracked"]) if "tracked" in record
                     else None)
-    if ranges is not None:
-        if change.tracked is not None and change.tracked.first == len(engine.blobs):
-            ranges.take(change.tracked)  # (Engine.apply's column path: the rest of it)
-        else:
-            ranges.apply()  # the images change the range indexes
     engine.apply(change, undo=False)
     if "segments" in record:
         engine.segments.apply(decode_deltas(record["segments"]))

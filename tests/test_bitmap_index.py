@@ -60,6 +60,18 @@ class RangeModel(RuleBasedStateMachine):
         self.index.set_many(np.array(fresh, dtype=np.uint32), np.array(values, dtype=np.int64))
         self.model.update(zip(fresh, values, strict=True))
 
+    @rule(ids=st.lists(st.integers(0, 100) | st.integers(0, 7), unique=True, min_size=1,
+                       max_size=20), data=st.data())
+    def replace(self, ids: list[int], data: st.DataObject) -> None:
+        """A batch of changed values (a tracked batch's), ids holding one or not: it waits
+        with the others until a read, and an id in several takes the last one."""
+        new = [data.draw(INT64) for _ in ids]
+        had = [d in self.model for d in ids]
+        old = [self.model.get(d, 0) for d in ids]
+        self.index.replace_many(np.array(ids, dtype=np.uint32), np.array(old, dtype=np.int64),
+                                np.array(had, dtype=bool), np.array(new, dtype=np.int64))
+        self.model.update(zip(ids, new, strict=True))
+
     @rule(op=st.sampled_from(OPS), c=INT64, within=WITHIN)
     def compare(self, op: str, c: int, within: set[int] | None) -> None:
         got = set(self.index.compare(op, c, None if within is None else BitMap(within)))
@@ -111,6 +123,19 @@ def test_every_comparison_on_indexes_a_few_bits_wide() -> None:
                 for op in OPS:
                     assert set(index.compare(op, lo, within)) == {
                         d for d in allowed if expect(op, values[d], lo)}, (values, op, lo)
+
+
+def test_values_changed_twice_while_waiting_read_back_as_the_last() -> None:
+    """Batches of changes wait and are made as one: an id in two takes its value before
+    from the first and after from the second, whatever the other ids did."""
+    index = RangeIndex()
+    index.set(9, 5)
+    index.replace_many(np.array([1, 2, 9], dtype=np.uint32), np.array([0, 0, 5]),
+                       np.array([False, False, True]), np.array([10, 20, -4]))
+    index.replace_many(np.array([2, 3, 9], dtype=np.uint32), np.array([20, 0, -4]),
+                       np.array([True, False, True]), np.array([25, 30, 7]))
+    assert [index.value_of(d) for d in (1, 2, 3, 9)] == [10, 25, 30, 7]
+    assert set(index.between(6, 26)) == {1, 2, 9} and len(index) == 4
 
 
 def test_a_change_to_a_bulk_value_still_pending_sees_it() -> None:

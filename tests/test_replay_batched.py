@@ -39,7 +39,8 @@ from memstore.engine.core import Engine
 from memstore.engine.tracking import FAST_FROM
 from memstore.errors import FailedPrecondition
 from memstore.hashslot import SLOT_COUNT, slot_of
-from memstore.shard import Shard, ShardConfig, _LoadRun, _RangeRun, load_snapshot, replay
+from memstore.index.bitmap_index import RangeIndex
+from memstore.shard import Shard, ShardConfig, _LoadRun, load_snapshot, replay
 from memstore.storage import wal_format
 from memstore.storage.snapshot_file import load_newest
 from memstore.storage.wal_reader import read_log
@@ -205,16 +206,16 @@ def _one_at_a_time(data: Path) -> Engine:
 def test_batched_replay_rebuilds_what_replaying_each_image_does(
         plan: list[tuple[Any, ...]], run_limit: int, tick: float) -> None:
     """Recovery joins consecutive loads' records into runs (of at most `run_limit`
-    profiles: a small one cuts runs short too), stamped as each record was, and
-    consecutive tracked batches' range changes into one change an attribute (at most
-    `run_limit` ids held, likewise): `tick` 0 is
+    profiles: a small one cuts runs short too), stamped as each record was, and range
+    indexes join consecutive tracked batches' changes (at most `run_limit` ids waiting,
+    likewise): `tick` 0 is
     the wall clock (a plan's changes mostly in one second), 0.6 a clock that moves on
     0.6 s at each reading."""
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
         live = asyncio.run(_write(data, plan, _ticking(tick) if tick else time.time))
         with patch.object(_LoadRun, "LIMIT", run_limit), \
-                patch.object(_RangeRun, "LIMIT", run_limit):
+                patch.object(RangeIndex, "PENDING_LIMIT", run_limit):
             batched = asyncio.run(Shard.open(ShardConfig(data_dir=data, sync=SyncPolicy.OFF,
                                                          stop_snapshot_timeout=0)))
         try:

@@ -268,9 +268,16 @@ class RangeIndex:
     profiles, at most DENSE_FROM positions an id over the 65,536-id blocks they lie in)
     are sliced in as whole roaring containers built from each slice's bits; others are
     added id by id. A limit of one block's ids lets most flushes fill whole containers.
+
+    Batches of changed values (replace_many: tracked events' counts and times) wait the
+    same way, in a buffer of their own, and are made as one change: an id in several
+    takes its value before from the first and after from the last. They are made after
+    the buffered loads' values, which name only ids that held no value (so no change
+    waiting can be about one of them before it was loaded).
     """
 
-    __slots__ = ("_exists", "_pending", "_pending_ids", "base", "slices")
+    __slots__ = ("_exists", "_pending", "_pending_ids", "_replacing", "_replacing_ids",
+                 "base", "slices")
 
     PENDING_LIMIT = 65_536
     DENSE_FROM = 4  # (the rows laid out stay within a few times the ids' own bits)
@@ -281,6 +288,9 @@ class RangeIndex:
         self._exists = BitMap()
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # (ids, values) of set_many
         self._pending_ids = 0
+        # (ids, old, had, new) of replace_many
+        self._replacing: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._replacing_ids = 0
 
     def __len__(self) -> int:
         self._flush()
@@ -340,10 +350,29 @@ class RangeIndex:
                      new: np.ndarray) -> None:
         """Store new[i] for ids[i] (distinct ids), which held old[i] where had[i] (and no
         value elsewhere): the state `set` would leave, one bitmap update per slice and
-        direction instead of one per id and bit (a batch of tracks)."""
+        direction instead of one per id and bit (a batch of tracks). The index keeps the
+        arrays (pending until made, like set_many's): the caller must not change them."""
         if not len(ids):
             return
-        self._flush()
+        self._replacing.append((ids, old, had, new))
+        self._replacing_ids += len(ids)
+        if self._replacing_ids >= self.PENDING_LIMIT:
+            self._flush()
+
+    def _replace_pending(self) -> None:
+        """Make the changes replace_many left pending, as one."""
+        parts, self._replacing, self._replacing_ids = self._replacing, [], 0
+        ids, old, had, new = (np.concatenate(column) for column in zip(*parts, strict=True))
+        if len(parts) > 1:
+            order = np.argsort(ids, kind="stable")  # each id's changes in the order made
+            ids, old, had, new = ids[order], old[order], had[order], new[order]
+            starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+            ends = np.r_[starts[1:], len(ids)] - 1
+            ids, old, had, new = ids[starts], old[starts], had[starts], new[ends]
+        self._replace(ids, old, had, new)
+
+    def _replace(self, ids: np.ndarray, old: np.ndarray, had: np.ndarray,
+                 new: np.ndarray) -> None:
         new = new.astype(np.int64, copy=False)
         low = int(new.min())
         if self.base is None:
@@ -396,9 +425,13 @@ class RangeIndex:
             self._flush()
 
     def _flush(self) -> None:
-        """Slice in the values set_many left pending."""
-        if not self._pending:
-            return
+        """Slice in the values set_many left pending, then make replace_many's changes."""
+        if self._pending:
+            self._slice_pending()
+        if self._replacing:
+            self._replace_pending()
+
+    def _slice_pending(self) -> None:
         pending, self._pending, self._pending_ids = self._pending, [], 0
         if len(pending) == 1:
             ids, values = pending[0]
