@@ -34,6 +34,7 @@ class SmallBuffer(RangeIndex):
 
     __slots__ = ()
     PENDING_LIMIT = 30
+    REPLACING_LIMIT = 30
 
 
 class RangeModel(RuleBasedStateMachine):

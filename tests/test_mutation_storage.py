@@ -88,7 +88,7 @@ def full_state(engine: Engine) -> tuple[Any, ...]:
 def _range_values(index: RangeIndex) -> dict[int, int]:
     """The value each id holds in a range index, read from its bit slices: what it
     answers, whatever base and number of slices the order of its changes left it with
-    (recovery joins tracked batches' changes: memstore.shard._RangeRun)."""
+    (a range index joins batches of changes waiting for a read: RangeIndex.replace_many)."""
     state = index.to_state()
     held = dict.fromkeys(BitMap.deserialize(state["exists"]), 0)
     for i, raw in enumerate(state["slices"]):

@@ -215,7 +215,8 @@ def test_batched_replay_rebuilds_what_replaying_each_image_does(
         data = Path(tmp)
         live = asyncio.run(_write(data, plan, _ticking(tick) if tick else time.time))
         with patch.object(_LoadRun, "LIMIT", run_limit), \
-                patch.object(RangeIndex, "PENDING_LIMIT", run_limit):
+                patch.object(RangeIndex, "PENDING_LIMIT", run_limit), \
+                patch.object(RangeIndex, "REPLACING_LIMIT", run_limit):
             batched = asyncio.run(Shard.open(ShardConfig(data_dir=data, sync=SyncPolicy.OFF,
                                                          stop_snapshot_timeout=0)))
         try:
