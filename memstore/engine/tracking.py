@@ -102,12 +102,16 @@ class Tracked:
     @classmethod
     def from_state(cls, state: list[Any]) -> Tracked:
         first, slots, ranges, cells = state
+
+        def column(raw: list[Any], dtype: type) -> np.ndarray:  # array_of's copy, widened
+            return array_of(raw).astype(dtype, copy=False)
+
         return cls(first, array_of(slots).tolist(),
-                   {aid: (array_of(ids).astype(np.uint32), array_of(old).astype(np.int64),
-                          array_of(had).astype(bool), array_of(new).astype(np.int64))
+                   {aid: (column(ids, np.uint32), column(old, np.int64), column(had, bool),
+                          column(new, np.int64))
                     for aid, ids, old, had, new in ranges},
-                   {aid: (array_of(ids).astype(np.uint32), array_of(on).astype(np.int64),
-                          array_of(was).astype(np.int64), array_of(now).astype(np.int64))
+                   {aid: (column(ids, np.uint32), column(on, np.int64), column(was, np.int64),
+                          column(now, np.int64))
                     for aid, ids, on, was, now in cells})
 
 
