@@ -129,6 +129,7 @@ def settle_heap() -> None:
     made since, not every module and object of start-up (a pause in some look-ups' p99)."""
     gc.collect()
     gc.freeze()
+    gc.set_threshold(200_000, 20, 100)
 
 
 async def serve(addresses: list[str], host: str = "127.0.0.1", port: int = 7070,

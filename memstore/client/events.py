@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from itertools import islice
+from itertools import islice, repeat
 from typing import Any
 
 from memstore.client.refusal import Refusal
@@ -76,17 +76,30 @@ def now_micros() -> int:
 
 @dataclass(slots=True)
 class EventChunk:
-    """Events of a load sent as one request, and the index of the first in the load."""
+    """Events of a load sent as one request, as the request's four columns, and the index
+    of the first in the load."""
 
-    events: list[eventpack.Event]
+    keys: list[eventpack.Key]
+    names: list[Any]
+    times: list[Any]
+    counts: list[Any]
     base: int
 
     @property
     def count(self) -> int:
-        return len(self.events)
+        return len(self.keys)
 
-    def packed(self) -> bytes:
-        return eventpack.pack_events(self.events)
+    @property
+    def events(self) -> list[eventpack.Event]:
+        """The events as (key, event, at, count) tuples."""
+        return list(zip(self.keys, self.names, self.times, self.counts, strict=True))
+
+    def packed(self, rows: list[int] | None = None) -> bytes:
+        """The packed form of the chunk, or of its `rows` alone."""
+        columns = (self.keys, self.names, self.times, self.counts)
+        if rows is None:
+            return eventpack.pack(*columns)
+        return eventpack.pack(*(list(map(column.__getitem__, rows)) for column in columns))
 
 
 def event_chunks(records: Iterable[Mapping[str, Any] | Parsed], size: int
@@ -95,22 +108,59 @@ def event_chunks(records: Iterable[Mapping[str, Any] | Parsed], size: int
     record that is a tuple is an event already (Parsed), its time None meaning now."""
     it = iter(records)
     base = 0
-    while True:
+    while batch := list(islice(it, size)):
         now = now_micros()
-        chunk: list[eventpack.Event] = []
-        for i, record in enumerate(islice(it, size)):
-            if isinstance(record, tuple):
-                key, event, at, count = record
-                chunk.append((key, event, now if at is None else at, count))
-                continue
-            try:
-                chunk.append(event_of(record, now))
-            except (ValueError, TypeError) as exc:
-                raise ValueError(f"events[{base + i}]: {exc}") from None
-        if not chunk:
-            return
-        yield EventChunk(chunk, base)
-        base += len(chunk)
+        columns = _columns(batch, now) or _one_by_one(batch, now, base)
+        yield EventChunk(*columns, base=base)
+        base += len(batch)
+
+
+Columns = tuple[list[Any], list[Any], list[Any], list[Any]]
+
+
+def _columns(batch: list[Any], now: int) -> Columns | None:
+    """The usual chunk read a column at a time, with no Python frame per record (a load's
+    CPU is the client's too, on a machine it shares with the server): every record a
+    tuple (Parsed), or every one a dict naming its profile by "id", its "at" int
+    microseconds or absent. None for any other chunk (`_one_by_one` reads it, and says
+    which record is wrong); both read the same events from the same records."""
+    kinds = set(map(type, batch))
+    if kinds == {tuple}:
+        if set(map(len, batch)) != {4}:
+            return None
+        keys, names, times, counts = map(list, zip(*batch, strict=True))
+    elif kinds == {dict}:
+        get = dict.get
+        keys = list(map(get, batch, repeat("id")))
+        if None in keys or list(map(get, batch, repeat("identifier"))).count(None) != len(batch):
+            return None
+        names = list(map(get, batch, repeat("event")))
+        times = list(map(get, batch, repeat("at")))
+        if not set(map(type, times)) <= {int, type(None)}:
+            return None  # datetimes and ISO strings: converted one by one
+        counts = list(map(get, batch, repeat("count")))
+        if None in counts:
+            counts = [1 if count is None else count for count in counts]
+    else:
+        return None
+    if None in times:
+        times = [now if at is None else at for at in times]
+    return keys, names, times, counts
+
+
+def _one_by_one(batch: list[Any], now: int, base: int) -> Columns:
+    events: list[eventpack.Event] = []
+    for i, record in enumerate(batch):
+        if isinstance(record, tuple):
+            key, event, at, count = record
+            events.append((key, event, now if at is None else at, count))
+            continue
+        try:
+            events.append(event_of(record, now))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"events[{base + i}]: {exc}") from None
+    keys, names, times, counts = map(list, zip(*events, strict=True))
+    return keys, names, times, counts
 
 
 class EventRefusal(Refusal):
@@ -126,7 +176,7 @@ class EventRefusal(Refusal):
         self.load.add(applied)
 
     def key(self, row: int) -> str:
-        return describe(self.chunk.events[row][0])
+        return describe(self.chunk.keys[row])
 
     def pack(self, rows: list[int]) -> bytes:
-        return eventpack.pack_events([self.chunk.events[row] for row in rows])
+        return self.chunk.packed(rows)

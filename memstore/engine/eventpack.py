@@ -33,14 +33,6 @@ def pack(keys: Sequence[Any], events: Sequence[str], at: Sequence[int],
                          use_bin_type=True)
 
 
-def pack_events(events: Sequence[Event]) -> bytes:
-    """The packed form of (key, event, at, count) tuples."""
-    if not events:
-        return pack([], [], [], [])
-    keys, names, times, counts = zip(*events, strict=True)
-    return pack(keys, names, times, counts)
-
-
 def unpack(packed: bytes, first: int = 0) -> list[Event]:
     """The events of a packed batch as (key, event, at, count) tuples, identifier keys as
     (kind, value) tuples. `first`: the index of its first event in the whole request, for

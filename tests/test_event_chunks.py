@@ -1,0 +1,101 @@
+"""A load's event records become request columns: read a column at a time when the chunk
+allows it, one record at a time otherwise, and the same events either way."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from memstore.client import events as client_events
+from memstore.client.events import event_chunks, event_of
+
+NOW = 1_767_323_045_000_000
+
+ids = st.sampled_from(["a", "b", "c-1", ""])
+times = st.one_of(st.none(), st.integers(0, 2**62), st.booleans(),
+                  st.just("2026-01-02T03:04:05"), st.just(datetime(2026, 1, 2, tzinfo=UTC)))
+counts = st.one_of(st.none(), st.integers(-2, 5))
+
+
+@st.composite
+def records(draw: Any) -> Any:
+    if draw(st.integers(0, 9)) == 0:  # a Parsed tuple, now and then one of the wrong length
+        return draw(st.tuples(ids, st.just("buy"), st.one_of(st.none(), st.integers(0, 10)),
+                              st.integers(1, 3), *([st.just(0)] * draw(st.sampled_from(
+                                  [0, 0, 0, 1])))))
+    record: dict[str, Any] = {"event": draw(st.sampled_from(["buy", "open", ""]))}
+    who = draw(st.sampled_from(["id", "id", "id", "identifier", "both", "neither",
+                                "id and a null identifier"]))
+    if who in ("id", "both", "id and a null identifier"):
+        record["id"] = draw(ids)
+    if who in ("identifier", "both"):
+        record["identifier"] = draw(st.sampled_from([("email", "a@x"), ["crm", 7], "bad"]))
+    if who == "id and a null identifier":
+        record["identifier"] = None
+    if draw(st.booleans()):
+        record["at"] = draw(times)
+    if draw(st.booleans()):
+        record["count"] = draw(counts)
+    return record
+
+
+def reference(batch: list[Any]) -> list[tuple[Any, ...]] | str:
+    """The events the records stand for, or the error of the first refused (naming it)."""
+    out: list[tuple[Any, ...]] = []
+    for i, record in enumerate(batch):
+        if isinstance(record, tuple):
+            if len(record) != 4:
+                return "unpack"
+            key, event, at, count = record
+            out.append((key, event, NOW if at is None else at, count))
+            continue
+        try:
+            out.append(event_of(record, NOW))
+        except (ValueError, TypeError) as exc:
+            return f"events[{i}]: {exc}"
+    return out
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # one constant patched
+@given(batch=st.lists(records(), max_size=12), size=st.integers(1, 5),
+       same=st.booleans())
+def test_chunks_hold_what_each_record_says(monkeypatch: pytest.MonkeyPatch, batch: list[Any],
+                                           size: int, same: bool) -> None:
+    if same:  # every record alike: the chunks a column path reads, valid or not
+        batch = [batch[0]] * len(batch) if batch else batch
+    monkeypatch.setattr(client_events, "now_micros", lambda: NOW)
+    expected = reference(batch)
+    if isinstance(expected, str):
+        with pytest.raises(ValueError) as refused:
+            list(event_chunks(batch, size))
+        if expected != "unpack":  # (a tuple of the wrong length: Python's own message)
+            assert str(refused.value) == expected
+        return
+    chunks = list(event_chunks(batch, size))
+    assert [c.base for c in chunks] == list(range(0, len(batch), size))
+    assert [e for c in chunks for e in c.events] == expected
+    for c in chunks:  # the columns are what a request carries
+        assert c.packed() == client_events.eventpack.pack(
+            *map(list, zip(*c.events, strict=True)))
+        assert c.packed([c.count - 1]) == client_events.eventpack.pack(
+            *map(list, zip(c.events[-1], strict=True)))
+
+
+def test_a_chunk_of_plain_dicts_is_read_as_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The usual load (ids, int times, some counts) takes the column path, which never
+    calls event_of."""
+    monkeypatch.setattr(client_events, "now_micros", lambda: NOW)
+
+    def refuse(*_: Any) -> Any:
+        raise AssertionError("read one by one")
+
+    monkeypatch.setattr(client_events, "event_of", refuse)
+    batch = [{"id": f"u{i}", "event": "buy", "at": i or None, "count": i % 3 or None}
+             for i in range(5)]
+    [chunk] = event_chunks(batch, 10)
+    assert chunk.events == [(f"u{i}", "buy", i or NOW, i % 3 or 1) for i in range(5)]
