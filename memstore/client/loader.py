@@ -25,7 +25,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -326,6 +326,17 @@ def read_events(path: Path, fmt: str) -> Iterator[Line]:
 
 def _event_record(raw: Any, where: str, text: str) -> Line:
     """A JSON object (CSV, Parquet row) as an event to load, or the reason it is not one."""
+    if type(raw) is dict:  # the usual line first: an id, an event, a time and no count
+        pid, event, at = raw.get("id"), raw.get("event"), raw.get("at")
+        if (type(pid) is str and pid and type(event) is str and event and type(at) is str
+                and raw.get("identifier") is None and raw.get("count") is None):
+            try:
+                micros = _event_time(at)
+            except ValueError:
+                pass  # said below
+            else:
+                return Line(where, {"id": pid, "event": event, "at": micros}, "", text,
+                            (pid, event, micros, 1))
     if not isinstance(raw, dict):
         return Line(where, None, "a line is a JSON object with an 'event'", text)
     pid, identifier = raw.get("id"), raw.get("identifier")
@@ -370,7 +381,6 @@ def _event_record(raw: Any, where: str, text: str) -> Line:
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICRO = timedelta(microseconds=1)
 
 
 def _event_time(value: Any) -> int:
@@ -384,7 +394,9 @@ def _event_time(value: Any) -> int:
         raise ValueError(f"{value!r} is not an ISO-8601 time")  # noqa: TRY004 - a value
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    return (value - _EPOCH) // _MICRO
+    delta = value - _EPOCH  # exact in whole numbers (a timedelta's floor division was
+    # most of a line's time here)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def _jsonl_events(path: Path) -> Iterator[Line]:
@@ -393,15 +405,16 @@ def _jsonl_events(path: Path) -> Iterator[Line]:
     loads, name = orjson.loads, path.name
     with path.open(encoding="utf-8", errors="surrogateescape") as f:
         for n, text in enumerate(f, 1):
-            if not text.strip():
+            if text.isspace():
                 continue
             where = f"{name}:{n}"
+            text = text.rstrip("\n")
             try:
                 raw = loads(text)
             except ValueError as exc:
-                yield Line(where, None, f"not JSON: {exc}", text.rstrip("\n"))
+                yield Line(where, None, f"not JSON: {exc}", text)
                 continue
-            yield _event_record(raw, where, text.rstrip("\n"))
+            yield _event_record(raw, where, text)
 
 
 def _csv_events(path: Path) -> Iterator[Line]:
