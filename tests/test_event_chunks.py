@@ -4,6 +4,7 @@ allows it, one record at a time otherwise, and the same events either way."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -140,3 +141,83 @@ def test_event_times_are_exact_microseconds(when: datetime) -> None:
     aware = when if when.tzinfo else when.replace(tzinfo=UTC)
     exact = (aware - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
     assert _event_time(when.isoformat()) == _event_time(when) == exact
+
+
+# ------------------------------------------------------------ `memstore load-events` blocks
+
+def _line_text(kind: str, i: int) -> str:
+    import json
+
+    at = f"2026-0{1 + i % 9}-1{i % 10}T0{i % 10}:3{i % 10}:00.00000{i % 10}"
+    usual = {"id": f"u{i}", "event": "buy", "at": at + "+00:00"}
+    return {
+        "usual": json.dumps(usual),
+        "count": json.dumps({**usual, "count": 1 + i % 3}),
+        "naive": json.dumps({**usual, "at": at}),
+        "offset": json.dumps({**usual, "at": at + "+02:00"}),
+        "identifier": json.dumps({"identifier": f"email:{i}@x", "event": "buy", "at": at}),
+        "both": json.dumps({**usual, "identifier": f"email:{i}@x"}),
+        "no time": json.dumps({"id": f"u{i}", "event": "buy"}),
+        "bad time": json.dumps({**usual, "at": "yesterday"}),
+        "bad count": json.dumps({**usual, "count": 0}),
+        "string count": json.dumps({**usual, "count": "2"}),
+        "no id": json.dumps({"event": "buy", "at": at}),
+        "blank": "   ",
+        "not json": "{nope",
+        "not an object": "[1, 2]",
+    }[kind]
+
+
+@settings(max_examples=150, deadline=None)
+@given(kinds=st.lists(st.sampled_from(
+    ["usual"] * 12 + ["count", "naive", "offset", "identifier", "both", "no time", "bad time",
+                      "bad count", "string count", "no id", "blank", "not json",
+                      "not an object"]), max_size=40),
+    size=st.integers(1, 9), uniform=st.booleans())
+def test_blocks_read_what_lines_read(tmp_path_factory: pytest.TempPathFactory,
+                                     kinds: list[str], size: int, uniform: bool) -> None:
+    """read_event_blocks gives the Lines read_events gives, in order: a block's Lines
+    made from it (its events are theirs), any other line as read_events reads it."""
+    from memstore.client.loader import EventBlock, read_event_blocks, read_events
+
+    if uniform and kinds:  # whole blocks of one kind: blocks that may be read as columns
+        kinds = [kinds[0]] * len(kinds)
+    path = tmp_path_factory.mktemp("blocks") / "e.jsonl"
+    path.write_text("".join(_line_text(kind, i) + "\n" for i, kind in enumerate(kinds)))
+    expected = [line for line in read_events(path, "jsonl") if line.event is not None
+                or line.error]
+    got: list[Any] = []
+    for item in read_event_blocks(path, "jsonl", size):
+        if isinstance(item, EventBlock):
+            lines = [item.line(i) for i in range(len(item.events))]
+            assert [line.event for line in lines] == item.events
+            got += lines
+        else:
+            got.append(item)
+    assert got == expected
+
+
+@pytest.mark.parametrize("kinds", [["naive", "offset", "usual"], ["usual", "both", "usual"],
+                                   ["count", "usual", "count"]])
+def test_a_mixed_block_reads_as_its_lines(tmp_path: Path, kinds: list[str]) -> None:
+    from memstore.client.loader import EventBlock, read_event_blocks, read_events
+
+    path = tmp_path / "e.jsonl"
+    path.write_text("".join(_line_text(kind, i) + "\n" for i, kind in enumerate(kinds)))
+    items = list(read_event_blocks(path, "jsonl", 3))
+    lines = list(read_events(path, "jsonl"))
+    if isinstance(items[0], EventBlock):  # read as columns: the events its lines hold
+        assert items[0].events == [line.event for line in lines]
+        items = [items[0].line(i) for i in range(len(lines))]
+    assert items == lines
+
+
+def test_usual_lines_are_read_in_blocks(tmp_path: Path) -> None:
+    """A file of usual lines (with or without counts, UTC or no offset) comes as blocks."""
+    from memstore.client.loader import EventBlock, read_event_blocks
+
+    path = tmp_path / "e.jsonl"
+    kinds = ["usual"] * 5 + ["count"] * 5 + ["naive"] * 5 + ["offset"] * 5
+    path.write_text("".join(_line_text(kind, i) + "\n" for i, kind in enumerate(kinds)))
+    blocks = list(read_event_blocks(path, "jsonl", 5))
+    assert all(isinstance(b, EventBlock) for b in blocks) and len(blocks) == 4

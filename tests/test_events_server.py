@@ -269,6 +269,28 @@ def test_load_events_jsonl_through_the_router(router: str, tmp_path: Path) -> No
     _check_loaded(router, rows, "lj-")
 
 
+def test_load_events_names_a_refused_line_inside_a_block(router: str, tmp_path: Path) -> None:
+    """Lines read as blocks (loader.read_event_blocks: 4,096 usual lines at once): an event
+    the server refuses (a name it does not take) is named by its line, with --rejects and
+    without, wherever it lies in its block."""
+    rows = _rows("lb-", 9_000)
+    for row in rows:
+        row.pop("count")
+    # line 4,091: near the end of the first block, refused once the next block is read
+    rows[4_090]["event"] = "not a name!"
+    path, rejects = tmp_path / "events.jsonl", tmp_path / "rejects.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = _load_events(router, path, "--rejects", str(rejects))
+    assert done.returncode == 1
+    assert _loaded(done.stdout) == 8_999
+    [refused] = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert refused["where"] == "events.jsonl:4091" and refused["id"] == "lb-4090"
+    assert json.loads(refused["line"]) == rows[4_090]
+    stopped = _load_events(router, path)
+    assert stopped.returncode != 0
+    assert "events.jsonl:4091 (id 'lb-4090')" in stopped.stderr, stopped.stderr
+
+
 def test_load_events_csv_with_a_bad_line_and_rejects(router: str, tmp_path: Path) -> None:
     path, rejects = tmp_path / "events.csv", tmp_path / "rejects.jsonl"
     lines = ["id,event,at,count"]

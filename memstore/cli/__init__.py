@@ -12,9 +12,11 @@ import json
 import os
 import re
 import sys
+from bisect import bisect_right
+from collections import deque
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from memstore.cli.options import (
     shard_settings,
     with_options,
 )
+from memstore.client import loader
 from memstore.client.core import LOAD_CHUNK, LOAD_CONCURRENCY, ClientError, LoadError
 from memstore.client.events import EVENT_CHUNK
 
@@ -224,8 +227,6 @@ def load(file: Path, fmt: str | None, rejects: Path | None, chunk_size: int,
     take its kinds (timestamps from ISO-8601 strings); see README "Loading files"."""
     from tqdm import tqdm
 
-    from memstore.client import loader
-
     fmt = loader.format_of(file, fmt)
     with connect.client(timeout=None) as client:
         try:
@@ -260,8 +261,6 @@ def load_events(file: Path, fmt: str | None, rejects: Path | None, chunk_size: i
     docs/user-guide.md "Events"."""
     from tqdm import tqdm
 
-    from memstore.client import loader
-
     fmt = loader.format_of(file, fmt)
     _collect_rarely()
     with connect.client(timeout=None) as client, tqdm(
@@ -269,7 +268,8 @@ def load_events(file: Path, fmt: str | None, rejects: Path | None, chunk_size: i
             total=loader.count_lines(file, fmt), desc=f"loading {file.name}") as bar:
         run = _LoadRun(file, rejects, chunk_size * (concurrency + 2), bar.update, "events")
         applied = run.send(lambda: client.load_events(  # each line's event, checked once
-            run.records(loader.read_events(file, fmt), attrgetter("event")), chunk_size=chunk_size,
+            run.records(loader.read_event_blocks(file, fmt), attrgetter("event")),
+            chunk_size=chunk_size,
             concurrency=concurrency, progress=bar.update,
             on_refused=run.refused if rejects else None))
     run.report(applied)
@@ -299,21 +299,42 @@ class _LoadRun:
         self.window = window
         self.advance = advance
         self.lines: dict[int, Any] = {}  # load index -> loader.Line
+        self.blocks: deque[tuple[int, loader.EventBlock]] = deque()  # (first load index, block)
         self.refused_count = 0
         self.error = ""
 
     def records(self, lines: Iterator[Any], item: Callable[[Any], Any] = attrgetter("record")
                 ) -> Iterator[Any]:
         """What the load sends of each good line (`item`: its record, or an event line's
-        checked event)."""
-        for index, line in enumerate(self._good(lines)):
+        checked event); a block of event lines (loader.EventBlock) sends its events."""
+        index = 0
+        for line in self._good(lines):
+            if isinstance(line, loader.EventBlock):
+                self.blocks.append((index, line))
+                while self.blocks[0][0] + len(self.blocks[0][1].events) <= index - self.window:
+                    self.blocks.popleft()
+                yield from line.events
+                index += len(line.events)
+                continue
             self.lines[index] = line
             self.lines.pop(index - self.window, None)
             yield item(line)
+            index += 1
+
+    def line(self, index: int) -> Any:
+        """The Line of record `index` of the load, if it is still in the window."""
+        if index in self.lines:
+            return self.lines[index]
+        at = bisect_right(self.blocks, index, key=itemgetter(0)) - 1
+        if at >= 0:
+            start, block = self.blocks[at]
+            if index - start < len(block.events):
+                return block.line(index - start)
+        return None
 
     def _good(self, lines: Iterator[Any]) -> Iterator[Any]:
         for line in lines:
-            if not line.error:
+            if isinstance(line, loader.EventBlock) or not line.error:
                 yield line
                 continue
             self.advance(1)
@@ -350,12 +371,12 @@ class _LoadRun:
 
     def refused(self, index: int, pid: str, error: ClientError) -> None:
         """The server refused record `index` of the load; the load goes on."""
-        line = self.lines.get(index)
+        line = self.line(index)
         self.advance(1)
         self._reject(line, _reason(error.details), pid)
 
     def failed(self, exc: LoadError) -> None:
-        line = None if exc.record is None else self.lines.get(exc.record)
+        line = None if exc.record is None else self.line(exc.record)
         reason = _reason(exc.details)
         if line is not None:
             message = self._describe(line, f"{exc.code.name}: {reason}", exc.id)
