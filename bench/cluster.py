@@ -97,6 +97,17 @@ def stolen_seconds() -> float:
     return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of a process so far (its threads included); 0 once it
+    is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def descendants(root: int) -> dict[int, int]:
     """Every process below `root`, as pid -> depth (1 = child)."""
     parent: dict[int, int] = {}

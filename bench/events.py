@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from typing import Any
 import click
 import numpy as np
 
+from bench.cluster import cpu_seconds, descendants
 from memstore.index.day_index import WINDOWS
 
 EVENT_NAMES = [f"e{i}" for i in range(10)]
@@ -179,24 +181,28 @@ def run(profiles: int, per_profile: float, shards: int, seed: int, reps: int,
         rss0 = tree_rss(proc.proc.pid)
         cli_n = min(cli_events, n // 10)
         main_hi = n - cli_n
+        cpu = _CpuSplit(proc.proc.pid)
         t = time.perf_counter()
         loaded = c.load_events(records(ev, 0, main_hi), progress=False)
         secs = time.perf_counter() - t
-        res["load_client"] = {"events": loaded, "seconds": secs, "events_per_s": loaded / secs}
+        res["load_client"] = {"events": loaded, "seconds": secs, "events_per_s": loaded / secs,
+                              "cpu_us": cpu.per_event(loaded)}
         log(f"  Client.load_events: {loaded:,} events in {secs:.1f}s = "
-            f"{loaded / secs:,.0f}/s")
+            f"{loaded / secs:,.0f}/s (CPU an event: {_cpu_text(res['load_client'])})")
         if cli_n:
             path = Path(tmp.name) / "events.jsonl"
             write_jsonl(ev, path, main_hi, n)
+            cpu = _CpuSplit(proc.proc.pid)
             t = time.perf_counter()
             done = subprocess.run([sys.executable, "-m", "memstore.cli", "load-events",
                                    str(path), "--address", proc.addr, "--no-progress"],
                                   check=True, capture_output=True, text=True)
             secs = time.perf_counter() - t
             res["load_cli"] = {"events": cli_n, "seconds": secs, "events_per_s": cli_n / secs,
-                               "output": done.stdout.strip()}
+                               "output": done.stdout.strip(), "cpu_us": cpu.per_event(cli_n)}
             log(f"  memstore load-events (JSON Lines): {cli_n:,} events in {secs:.1f}s = "
-                f"{cli_n / secs:,.0f}/s ({done.stdout.strip()})")
+                f"{cli_n / secs:,.0f}/s ({done.stdout.strip()}; CPU an event: "
+                f"{_cpu_text(res['load_cli'])})")
         res["waited_for_snapshots_s"] = wait_quiet(proc.proc.pid)
         rss = tree_rss(proc.proc.pid)
         res["memory"] = {"rss_before": rss0, "rss_after": rss,
@@ -261,6 +267,35 @@ def run(profiles: int, per_profile: float, shards: int, seed: int, reps: int,
         tmp.cleanup()
 
 
+class _CpuSplit:
+    """CPU seconds spent from now on by the router (the `serve` process), its shards (its
+    children) and this side (this process and the commands it ran): where a load's CPU
+    goes on a machine they share, and what bounds the rate when it is saturated."""
+
+    def __init__(self, serve: int) -> None:
+        self.router = serve
+        self.shards = [pid for pid, depth in descendants(serve).items() if depth == 1]
+        self.start = self._now()
+
+    def _now(self) -> tuple[float, float, float]:
+        mine = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return (cpu_seconds(self.router), sum(map(cpu_seconds, self.shards)),
+                mine.ru_utime + mine.ru_stime + kids.ru_utime + kids.ru_stime)
+
+    def per_event(self, events: int) -> dict[str, float]:
+        """µs of CPU an event since the start: router, shards (together), client."""
+        spent = [(b - a) / max(events, 1) * 1e6
+                 for a, b in zip(self.start, self._now(), strict=True)]
+        return dict(zip(("router", "shards", "client"), spent, strict=True))
+
+
+def _cpu_text(load: dict[str, Any]) -> str:
+    cpu = load["cpu_us"]
+    return (f"router {cpu['router']:.2f} µs, shards {cpu['shards']:.2f}, "
+            f"client {cpu['client']:.2f}, {sum(cpu.values()):.2f} in all")
+
+
 def markdown(res: dict[str, Any]) -> str:
     head = (f"{res['events']:,} events of {res['active_profiles']:,} profiles (of "
             f"{res['profiles']:,} drawn), {res['event_names']} event names over "
@@ -268,11 +303,13 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [head, ""]
     lc = res["load_client"]
     lines.append(f"- Client.load_events through the router: {lc['events_per_s']:,.0f} "
-                 f"events/s ({lc['events']:,} in {lc['seconds']:.1f} s)")
+                 f"events/s ({lc['events']:,} in {lc['seconds']:.1f} s; CPU an event: "
+                 f"{_cpu_text(lc)})")
     if "load_cli" in res:
         cl = res["load_cli"]
         lines.append(f"- `memstore load-events` (JSON Lines): {cl['events_per_s']:,.0f} "
-                     f"events/s ({cl['events']:,} in {cl['seconds']:.1f} s)")
+                     f"events/s ({cl['events']:,} in {cl['seconds']:.1f} s; CPU an event: "
+                     f"{_cpu_text(cl)})")
     m = res["memory"]
     lines.append(f"- memory: {m['bytes_per_profile']:,.0f} bytes a profile "
                  f"({m['bytes_per_event']:,.1f} an event), RSS of router and shards")

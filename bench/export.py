@@ -40,23 +40,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.cluster import Proc, client, descendants
+from bench.cluster import Proc, client, cpu_seconds, descendants
 from bench.datagen import Dataset, iter_records, load_or_generate, schema_declaration
 from bench.memstore_side import in_code
 from bench.peers.duckdb_peer import DuckDBPeer
 from bench.run import machine
 
 TARGET = 100_000  # profiles/s at 1M through the router (issue 27)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU seconds of a process so far (its threads included)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_export(router: Proc, query: str, output: Path, code: Path | None = None

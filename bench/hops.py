@@ -32,20 +32,13 @@ from typing import Any
 import click
 import grpc
 
-from bench.cluster import Proc, client, cluster_status, descendants
+from bench.cluster import Proc, client, cluster_status, cpu_seconds, descendants
 from bench.datagen import iter_records, load_or_generate, profile_id, schema_declaration
 from bench.timing import summarize
 from memstore.client.core import LOAD_CHUNK, LOAD_CONCURRENCY, Client
 from memstore.hashslot import slot_of
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc as pbg
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process `pid`, all threads."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class _Echo(pbg.MemstoreServicer):

@@ -62,7 +62,7 @@ from typing import Any
 
 import click
 
-from bench.cluster import Proc, wait_quiet
+from bench.cluster import Proc, cpu_seconds, wait_quiet
 from bench.datagen import (
     ATTRS,
     COUNTRIES,
@@ -76,7 +76,6 @@ from bench.datagen import (
     profile_id,
     schema_declaration,
 )
-from bench.hops import cpu_seconds
 from bench.peers.redis_peer import rss_bytes
 from bench.queries import (
     AND,
