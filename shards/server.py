@@ -126,7 +126,10 @@ async def stop_router(server: grpc.aio.Server, router: RouterService, grace: flo
 def settle_heap() -> None:
     """Once a serving process has started: move what it built so far out of the garbage
     collector's sight (gc.freeze), so a full collection later scans only what requests
-    made since, not every module and object of start-up (a pause in some look-ups' p99)."""
+    made since, not every module and object of start-up (a pause in some look-ups' p99);
+    and collect young objects as shards do (memstore.server.service): a TrackBatch of
+    20,000 events made tens of young passes over its live tuples (router CPU an event
+    2.5 -> 2.0 us)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(200_000, 20, 100)

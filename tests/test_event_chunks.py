@@ -102,36 +102,6 @@ def test_a_chunk_of_plain_dicts_is_read_as_columns(monkeypatch: pytest.MonkeyPat
     assert chunk.events == [(f"u{i}", "buy", i or NOW, i % 3 or 1) for i in range(5)]
 
 
-at_values = st.one_of(st.none(), st.datetimes(timezones=st.sampled_from([None, UTC])).map(
-    datetime.isoformat), st.sampled_from(["yesterday", "2026-13-01T00:00:00", 5]))
-
-
-def maybe(usual: Any, other: Any) -> Any:
-    """The usual line's value (mostly), another, or none (the key left out)."""
-    return st.one_of(st.just(usual), st.just(usual), other, st.just(_ABSENT))
-
-
-_ABSENT = object()
-
-
-@settings(max_examples=400, deadline=None)
-@given(fields=st.fixed_dictionaries({
-    "id": maybe("u1", st.sampled_from([None, "", 3])),
-    "identifier": maybe(None, st.sampled_from(["email:a@x", ["crm", "7"], "bad"])),
-    "event": maybe("buy", st.sampled_from([None, "", 7])),
-    "at": maybe("2026-01-02T03:04:05.000006+00:00", at_values),
-    "count": maybe(None, st.sampled_from([1, 2, 0, "3", True]))}))
-def test_an_event_line_reads_alike_on_either_path(fields: dict[str, Any]) -> None:
-    """`memstore load-events` reads the usual line (an id, an event, a time) on a short
-    path; an OrderedDict takes the general one: the same Line either way."""
-    from collections import OrderedDict
-
-    from memstore.client.loader import _event_record
-
-    raw = {key: value for key, value in fields.items() if value is not _ABSENT}
-    assert _event_record(raw, "f:1", "t") == _event_record(OrderedDict(raw), "f:1", "t")
-
-
 @given(when=st.datetimes(timezones=st.sampled_from([None, UTC])))
 def test_event_times_are_exact_microseconds(when: datetime) -> None:
     from datetime import timedelta

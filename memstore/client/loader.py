@@ -328,17 +328,6 @@ def read_events(path: Path, fmt: str) -> Iterator[Line]:
 
 def _event_record(raw: Any, where: str, text: str) -> Line:
     """A JSON object (CSV, Parquet row) as an event to load, or the reason it is not one."""
-    if type(raw) is dict:  # the usual line first: an id, an event, a time and no count
-        pid, event, at = raw.get("id"), raw.get("event"), raw.get("at")
-        if (type(pid) is str and pid and type(event) is str and event and type(at) is str
-                and raw.get("identifier") is None and raw.get("count") is None):
-            try:
-                micros = _event_time(at)
-            except ValueError:
-                pass  # said below
-            else:
-                return Line(where, {"id": pid, "event": event, "at": micros}, "", text,
-                            (pid, event, micros, 1))
     if not isinstance(raw, dict):
         return Line(where, None, "a line is a JSON object with an 'event'", text)
     pid, identifier = raw.get("id"), raw.get("identifier")
