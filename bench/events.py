@@ -5,7 +5,8 @@ Zipf-like spread: a few people and a few events do most of it), measure
 
 - load-events throughput through a router (`memstore serve --shards K`): Client.load_events,
   the path `memstore load-events` takes, from event dicts, and the CLI itself on a JSON
-  Lines file of a slice of them;
+  Lines file of a slice of them; with each load's CPU an event in the router, the shards
+  and the client (on a machine they share, what bounds the rate);
 - memory per profile: the growth of the router's and shards' RSS while the events load
   (profiles are created by their first event, so this is everything events cost a
   profile: aggregates, day records, indexes), after the load's snapshots have finished;
