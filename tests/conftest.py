@@ -24,7 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Write the checkout's bytecode once, as `pip install` does for an installed copy: the
     suite starts hundreds of memstore processes from this tree, and under
-    PYTHONDONTWRITEBYTECODE each would compile every module again (~0.5 s a start)."""
+    PYTHONDONTWRITEBYTECODE each would compile every module again (~0.5 s a start). Once:
+    in the controller, not again in each pytest-xdist worker."""
+    if hasattr(session.config, "workerinput"):
+        return
     for package in ("memstore", "shards"):
         compileall.compile_dir(ROOT / package, quiet=1)
 
