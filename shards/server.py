@@ -14,7 +14,6 @@ auth file again.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 import time
@@ -24,6 +23,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from memstore.gcpause import settle_heap
 from memstore.query import DEFAULT_LIMITS, QueryLimits
 from memstore.server import logs, metrics, reflection
 from memstore.server.guard import Guard
@@ -121,18 +121,6 @@ async def stop_router(server: grpc.aio.Server, router: RouterService, grace: flo
         if task is not None:
             task.cancel()
     await router.map.close()
-
-
-def settle_heap() -> None:
-    """Once a serving process has started: move what it built so far out of the garbage
-    collector's sight (gc.freeze), so a full collection later scans only what requests
-    made since, not every module and object of start-up (a pause in some look-ups' p99);
-    and collect young objects as shards do (memstore.server.service): a TrackBatch of
-    20,000 events made tens of young passes over its live tuples (router CPU an event
-    2.5 -> 2.0 us)."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(200_000, 20, 100)
 
 
 async def serve(addresses: list[str], host: str = "127.0.0.1", port: int = 7070,

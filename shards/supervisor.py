@@ -59,13 +59,14 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from memstore.gcpause import settle_heap
 from memstore.query import DEFAULT_LIMITS, QueryLimits
 from memstore.server import logs, metrics
 from memstore.server.rights import SALT_FILE, load_salt
 from memstore.server.security import Credentials, ServerSecurity
 from memstore.storage.dirlock import DirLock
 from shards.calls import Background
-from shards.server import settle_heap, start_router, stop_router
+from shards.server import start_router, stop_router
 from shards.slots import format_ranges, split_even
 
 log = logging.getLogger("memstore.supervisor")

@@ -57,6 +57,7 @@ from memstore.errors import (
     capped,
     drop_tracebacks,
 )
+from memstore.gcpause import settle_heap
 from memstore.hashslot import (
     CLUSTER_SCHEMA,
     EPOCH_TRAILER,
@@ -1476,13 +1477,8 @@ async def serve(config: ShardConfig, host: str = "127.0.0.1", port: int = 7071,
         roles.open_primary()
     # The engine holds few container objects (profiles are bytes), but a bulk load makes
     # and drops millions of small lists and dicts: collect young objects less often and
-    # never rescan what recovery loaded. A batch of 10,000 tracks holds ~30,000 young
-    # containers (after-images, undo images, diffs) while it commits: at 50,000 a young
-    # pass fell inside most batches and took 20-70 ms visiting them (cold blobs), every
-    # one alive; at 200,000 none took 20 ms in a 1M-event load.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(200_000, 20, 100)
+    # never rescan what recovery loaded.
+    settle_heap()
     gc.callbacks.append(_report_long_collections)
     if slots is not None and shard.engine.epoch == 0 and shard.engine.owned_slots is None \
             and replica_of is None:
