@@ -12,6 +12,8 @@ from pyroaring import BitMap
 from memstore.index.bitmap_index import (
     RangeIndex,
     ValueIndex,
+    _bit_planes,
+    _bit_rows,
     float_to_ordered,
     floats_to_ordered,
     ordered_to_float,
@@ -177,6 +179,22 @@ def test_bulk_values_read_back_over_values_held(kind: type[RangeIndex], ids: lis
     model = {**held, **dict(zip(ids, values, strict=True))}
     assert set(index.exists()) == set(model)
     assert {d: index.value_of(d) for d in model} == model
+
+
+@given(st.lists(st.integers(0, 2**64 - 1), max_size=200), st.integers(1, 64))
+@settings(max_examples=60, deadline=None)
+def test_bit_planes_are_the_bit_rows_packed(values: list[int], width: int) -> None:
+    """_bit_planes (an 8x8 bit transpose a word) gives bit i of every value as numpy's
+    packbits of _bit_rows would, for any width and values wider than it."""
+    values = values[:len(values) - len(values) % 8]
+    array = np.array(values, dtype=np.uint64)
+    planes = _bit_planes(array, width)
+    assert planes.shape == (width, len(values) // 8)
+    assert np.array_equal(planes, np.packbits(_bit_rows(array, width), axis=1,
+                                              bitorder="little"))
+    for i in range(width):  # and _bit_rows is what it says
+        bits = np.unpackbits(planes[i], bitorder="little").astype(bool)
+        assert bits.tolist() == [bool(v >> i & 1) for v in values]
 
 
 class ValueModel(RuleBasedStateMachine):

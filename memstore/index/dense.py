@@ -6,9 +6,9 @@ from Python, so that a computation easier as a vector than as bitmap operations 
 per id over many bitmaps, memstore.index.day_index; the bit slices of a bulk load's
 values, memstore.index.bitmap_index) costs a few passes over memory.
 
-`bitmap_of_mask` and `bitmaps_of_rows` write roaring's portable serialization (the format pyroaring's
-`serialize` and `deserialize` use, github.com/RoaringBitmap/RoaringFormatSpec) without run
-containers:
+`bitmap_of_mask`, `bitmaps_of_rows` and `bitmaps_of_packed` write roaring's portable
+serialization (the format pyroaring's `serialize` and `deserialize` use,
+github.com/RoaringBitmap/RoaringFormatSpec) without run containers:
 
     cookie:u32 = 12346  n:u32
     (key:u16  cardinality - 1:u16) * n      one per 65,536-id block holding an id
@@ -31,7 +31,8 @@ from collections.abc import Iterable
 import numpy as np
 from pyroaring import BitMap
 
-__all__ = ["BLOCK", "bitmap_of", "bitmap_of_mask", "bitmaps_of_rows", "id_array", "ids_of"]
+__all__ = ["BLOCK", "bitmap_of", "bitmap_of_mask", "bitmaps_of_packed", "bitmaps_of_rows",
+           "id_array", "ids_of"]
 
 BLOCK = 1 << 16  # the ids of one roaring container: those sharing their top 16 bits
 _ARRAY_MAX = 4096  # roaring's largest array container; a denser block is a bitset
@@ -77,19 +78,28 @@ def bitmaps_of_rows(rows: np.ndarray, start: int = 0) -> list[BitMap]:
     """The bitmap of each row of a 2-d bool array: row r's holds start + j wherever
     rows[r, j] is true. `start` is a multiple of 65,536 (the rows cover whole blocks from
     there); a row as wide as a multiple of 65,536 is used in place, others are copied."""
-    assert start % BLOCK == 0, start
     count, n = rows.shape
     blocks = -(-n // BLOCK)
     if n % BLOCK:
         padded = np.zeros((count, blocks * BLOCK), dtype=bool)
         padded[:, :n] = rows
         rows = padded
-    cube = rows.reshape(count, blocks, BLOCK)
-    bits = np.packbits(cube, axis=2, bitorder="little")  # (count, blocks, 8,192 bytes)
-    cards = np.bitwise_count(bits).sum(axis=2, dtype=np.int64).tolist()
+    return bitmaps_of_packed(np.packbits(rows, axis=1, bitorder="little"), start)
+
+
+def bitmaps_of_packed(bits: np.ndarray, start: int = 0) -> list[BitMap]:
+    """bitmaps_of_rows of rows given packed (numpy's packbits, little bit order): row r's
+    bitmap holds start + 8 * k + j wherever bit j of bits[r, k] is set. Each row is whole
+    blocks: 8,192 bytes each."""
+    assert start % BLOCK == 0, start
+    count, width = bits.shape
+    if width % (BLOCK // 8):
+        raise ValueError(f"rows of {width} bytes are not whole blocks of {BLOCK // 8}")
+    cube = bits.reshape(count, width // (BLOCK // 8), BLOCK // 8)  # (count, blocks, 8,192)
+    cards = np.bitwise_count(cube).sum(axis=2, dtype=np.int64).tolist()
     first_key = start // BLOCK
     out = []
-    for row, row_cards, row_bits in zip(cube, cards, bits, strict=True):
+    for row_cards, row_bits in zip(cards, cube, strict=True):
         keys: list[int] = []
         parts: list[bytes] = []
         for block, card in enumerate(row_cards):
@@ -99,10 +109,22 @@ def bitmaps_of_rows(rows: np.ndarray, start: int = 0) -> list[BitMap]:
             if card > _ARRAY_MAX:
                 parts.append(row_bits[block].tobytes())
             else:
-                parts.append(np.flatnonzero(row[block]).astype("<u2").tobytes())
+                parts.append(_set_bits(row_bits[block]).tobytes())
         out.append(_deserialize([first_key + k for k in keys],
                                 [row_cards[k] for k in keys], parts))
     return out
+
+
+_BIT = np.arange(8, dtype="<u2")
+
+
+def _set_bits(packed: np.ndarray) -> np.ndarray:
+    """The positions of the set bits of a block's packed bytes (little bit order),
+    ascending, as roaring's array container holds them: the bytes holding any found
+    first, only they unpacked (a sparse block's few, not its 65,536 bits)."""
+    held = np.flatnonzero(packed)
+    bits = np.unpackbits(packed[held][:, None], axis=1, bitorder="little").astype(bool)
+    return ((held.astype("<u2") << 3)[:, None] | _BIT)[bits]
 
 
 def _deserialize(keys: list[int], cards: list[int], parts: list[bytes]) -> BitMap:
