@@ -195,8 +195,10 @@ def test_events_bench_counts_agree_with_duckdb() -> None:
     res = run_events(2_000, 3.0, 2, 26, 2, 500, lambda s: None)
     assert res["load_client"]["events"] + res["load_cli"]["events"] == res["events"]
     assert "loaded 500 events" in res["load_cli"]["output"]
-    for load in (res["load_client"], res["load_cli"]):  # where each load's CPU went
-        assert load["cpu_us"]["shards"] > 0 and load["cpu_us"]["client"] > 0, load
+    for load in (res["load_client"], res["load_cli"]):  # where each load's CPU went (each
+        cpu = load["cpu_us"]  # process's counted in 10 ms ticks: 500 events may take less)
+        assert set(cpu) == {"router", "shards", "client"} and min(cpu.values()) >= 0, load
+        assert sum(cpu.values()) > 0, load
     assert all(q["count"] >= 0 for q in res["queries"]) and len(res["queries"]) == 4
     assert "| `did(\"e0\", within=30d, at_least=3)` |" in events_markdown(res)
 
