@@ -44,7 +44,17 @@ import ormsgpack
 from pyroaring import BitMap
 
 from memstore.engine.blob import decode, ident_key
-from memstore.engine.change import Change, Image, Load, Note, Undo, column_form, join_loads
+from memstore.engine.change import (
+    Change,
+    Image,
+    Load,
+    Note,
+    Undo,
+    array_of,
+    column_form,
+    join_loads,
+    raw_array,
+)
 from memstore.engine.core import DEFAULT_EVENT_DAYS, Engine
 from memstore.engine.identity import IdentityRules
 from memstore.engine.schema import AttributeSpec, Schema
@@ -72,7 +82,7 @@ from memstore.storage.snapshot_file import (
     prune,
     read_newest,
 )
-from memstore.storage.wal_reader import LogScan, read_log, truncate_torn_tail
+from memstore.storage.wal_reader import LogScan, read_ahead, read_log, truncate_torn_tail
 from memstore.storage.wal_writer import LogFailedError, LogWriteError, LogWriter, SyncPolicy
 
 log = logging.getLogger("memstore.shard")
@@ -363,7 +373,7 @@ class Shard:
             return change.result
         try:
             # A new or deleted segment's members are no image's: the record names them.
-            lsn = self.log.append(wal_format.RECORD_CHANGE, encode_change(
+            lsn = self.log.append(*change_record(
                 change, touched, deltas,
                 self.engine if change.rebuild or dropped else None))
         except (LogWriteError, LogFailedError, OSError) as exc:
@@ -475,6 +485,9 @@ class Shard:
             if lsn != self.log.end_lsn:
                 raise ValueError(f"replicated record at position {lsn}, but this log ends "
                                  f"at {self.log.end_lsn}")
+            if rtype not in wal_format.RECORD_TYPES:  # (before it enters this log)
+                raise ValueError(f"replicated record at position {lsn} has type {rtype}, "
+                                 f"which this version does not know: upgrade this replica")
             self.log.append(rtype, payload)
             if replay(self.engine, rtype, payload):
                 self._erased = True
@@ -784,18 +797,18 @@ def _rebuild(config: ShardConfig, snap_dir: Path, log_dir: Path, info: dict[str,
     scan = read_log(log_dir, start_lsn)
     end_lsn = start_lsn
     run = _LoadRun(engine)
-    for record in scan:
-        if record.rtype == wal_format.RECORD_CHANGE:
+    for record in read_ahead(scan):
+        if record.rtype in wal_format.CHANGE_RECORDS:
             change = decode_change(record.payload)
             if not run.take(change):
-                run.apply()
+                run.finish()
                 _replay_change(engine, change)
         else:
-            run.apply()
+            run.finish()
             replay(engine, record.rtype, record.payload)
         info["replayed"] += 1
         end_lsn = record.lsn_end
-    run.apply()
+    run.finish()
     return engine, start_lsn, end_lsn, scan
 
 
@@ -805,37 +818,48 @@ class _LoadRun:
     index update a distinct value, numpy calls a column) is paid once a run, not once a
     record. A record joins the run when it holds nothing but a load of new profiles at the
     next dense ids, its columns in the forms the run's have (engine.change.join_loads);
-    each record's profiles keep its time (Load.stamps). Any other record applies the run
-    first, so every record still applies in log order and the state is the one replaying
-    each record gives (tests/test_replay_batched.py)."""
+    each record's profiles keep its time (Load.stamps), and its blobs stay joined as
+    logged (RECORD_COLUMNS). Consecutive runs enter their primary ids and identifier keys
+    into the hash tables together (Engine.adding_loads). Any other record applies the run
+    and enters those ids first (`finish`), so every record still applies in log order and
+    the state is the one replaying each record gives (tests/test_replay_batched.py)."""
 
     LIMIT = 1 << 18  # profiles a run holds at most (what a run adds to recovery's memory)
-    ONLY = frozenset({"at", "changed_at", "images", "load"})  # what a joining record holds
+    ONLY = frozenset({"at", "changed_at", "images", "image_columns", "load"})  # a joiner's keys
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.loads: list[Load] = []
-        self.images: list[Image] = []
+        self.pids: list[str] = []
+        self.blobs: list[tuple[bytes, np.ndarray]] = []  # each record's, joined
         self.times: list[int] = []  # each load's changed_at
         self.forms: dict[int, str] = {}
+        self.adding: contextlib.ExitStack | None = None  # engine.adding_loads, while runs go
 
     def take(self, record: dict[str, Any]) -> bool:
-        """Hold a decoded RECORD_CHANGE back in the run; False if it cannot join one."""
+        """Hold a decoded change record back in the run; False if it cannot join one."""
         if "load" not in record or not record.keys() <= self.ONLY:
             return False
         load = Load.from_state(record["load"])
+        rows = _new_rows(record, load.first)
+        if rows is None:
+            return False
         forms = {aid: column_form(values) for aid, _, values in load.columns}
-        if self.loads and (load.first != self.loads[0].first + len(self.images)
+        if self.loads and (load.first != self.loads[0].first + len(self.pids)
                            or any(self.forms.get(aid, form) != form
                                   for aid, form in forms.items())):
             self.apply()
         if not self.loads and load.first != len(self.engine.blobs):
             return False  # not new profiles: the images say what to do
+        if self.adding is None:  # consecutive runs enter their ids in the tables at once
+            self.adding = contextlib.ExitStack()
+            self.adding.enter_context(self.engine.adding_loads())
         self.loads.append(load)
-        self.images += _images(record["images"])
+        self.pids += rows[0]
+        self.blobs.append(rows[1])
         self.times.append(_changed_at(record))
         self.forms.update(forms)
-        if len(self.images) >= self.LIMIT:
+        if len(self.pids) >= self.LIMIT:
             self.apply()
         return True
 
@@ -846,8 +870,36 @@ class _LoadRun:
         if len(set(self.times)) > 1:
             load.stamps = np.repeat(np.array(self.times, dtype=np.uint32),
                                     [len(loaded.slots) for loaded in self.loads])
-        self.engine.apply(Change(images=self.images, at=self.times[0], load=load))
-        self.loads, self.images, self.times, self.forms = [], [], [], {}
+        self.engine.add_loaded(load, self.pids, self.blobs, self.times[0])
+        self.loads, self.pids, self.blobs, self.times, self.forms = [], [], [], [], {}
+
+    def finish(self) -> None:
+        """Apply what the run holds, and enter the ids of the runs since the last record
+        that joined none into the hash tables (before any other record reads them)."""
+        try:
+            self.apply()
+        finally:
+            adding, self.adding = self.adding, None
+            if adding is not None:
+                adding.close()
+
+
+def _new_rows(record: dict[str, Any], first: int
+              ) -> tuple[list[str], tuple[bytes, np.ndarray]] | None:
+    """A load record's primary ids and blobs (joined, with their lengths), or None if its
+    images are not profiles at dense ids first, first + 1, ... (a load's, in order)."""
+    if "images" in record:  # (a RECORD_CHANGE: a load's images are its new profiles)
+        logged = record["images"]
+        pids = [pid for _, pid, _ in logged]
+        blobs = [blob for _, _, blob in logged]
+        if None in blobs:
+            return None
+        return pids, (b"".join(blobs), np.fromiter(map(len, blobs), dtype=np.int64,
+                                                   count=len(blobs)))
+    dense, pids, lengths, joined = _image_columns(record["image_columns"])
+    if dense != range(first, first + len(pids)) or (len(lengths) and lengths.min() < 0):
+        return None
+    return pids, (joined, lengths)
 
 
 # ---------------------------------------------------------------------- record payloads
@@ -858,6 +910,7 @@ def encode_images(images: Iterable[Image]) -> bytes:
 
 
 _LOGGED = itemgetter(0, 1, 2)  # an Image's dense, pid and blob
+_DENSE, _PID, _BLOB = itemgetter(0), itemgetter(1), itemgetter(2)
 
 
 def decode_images(payload: bytes) -> list[Image]:
@@ -887,12 +940,29 @@ def _now_micros() -> int:
     return _last_at
 
 
+IMAGE_COLUMNS_FROM = 256  # a change of this many images or more logs them as columns
+
+
+def change_record(change: Change, touched: Touched, deltas: Deltas,
+                  engine: Engine | None = None) -> tuple[int, bytes]:
+    """The log record of a change, its type and payload: RECORD_COLUMNS for a change of
+    IMAGE_COLUMNS_FROM images or more (loads, batches of tracks, big batches of upserts),
+    else RECORD_CHANGE."""
+    columns = len(change.images) >= IMAGE_COLUMNS_FROM
+    return (wal_format.RECORD_COLUMNS if columns else wal_format.RECORD_CHANGE,
+            encode_change(change, touched, deltas, engine, columns))
+
+
 def encode_change(change: Change, touched: Touched, deltas: Deltas,
-                  engine: Engine | None = None) -> bytes:
-    """A RECORD_CHANGE payload (docs/log-format.md). `engine`: name the profiles of
-    segment deltas that no image of the change carries (a timed refresh)."""
-    record: dict[str, Any] = {"at": _now_micros(), "changed_at": change.at,
-                              "images": list(map(_LOGGED, change.images))}
+                  engine: Engine | None = None, columns: bool = False) -> bytes:
+    """A RECORD_CHANGE payload (docs/log-format.md), or with `columns` a RECORD_COLUMNS
+    one. `engine`: name the profiles of segment deltas that no image of the change
+    carries (a timed refresh)."""
+    record: dict[str, Any] = {"at": _now_micros(), "changed_at": change.at}
+    if columns:
+        record["image_columns"] = encode_image_columns(change.images)
+    else:
+        record["images"] = list(map(_LOGGED, change.images))
     if change.times:
         record["times"] = [[d, c, ch] for d, (c, ch) in change.times.items()]
     if change.schema:
@@ -917,7 +987,55 @@ def encode_change(change: Change, touched: Touched, deltas: Deltas,
 
 
 def decode_change(payload: bytes) -> dict[str, Any]:
+    """A RECORD_CHANGE or RECORD_COLUMNS payload (images_of gives either's images)."""
     return msgpack.unpackb(payload, strict_map_key=False)  # type: ignore[no-any-return]
+
+
+def encode_image_columns(images: list[Image]) -> list[Any]:
+    """RECORD_COLUMNS's "image_columns": [dense ids, primary ids, blob lengths, blobs
+    joined], the dense ids as [start, stop] where they are consecutive (a load's) and an
+    array otherwise; a length of -1 for an image with no blob (a profile gone)."""
+    if not images:
+        return [[0, 0], [], raw_array(np.zeros(0, dtype=np.int32)), b""]
+    ids = np.fromiter(map(_DENSE, images), dtype=np.int64, count=len(images))
+    pids = list(map(_PID, images))
+    blobs = list(map(_BLOB, images))
+    try:
+        lengths = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs))
+        joined = b"".join(blobs)
+    except TypeError:  # some images remove their profile
+        lengths = np.array([-1 if blob is None else len(blob) for blob in blobs],
+                           dtype=np.int64)
+        joined = b"".join(blob for blob in blobs if blob is not None)
+    first = int(ids[0])
+    consecutive = bool((ids == np.arange(first, first + len(ids))).all())
+    return [[first, first + len(ids)] if consecutive else raw_array(ids, narrow=True),
+            pids, raw_array(lengths, narrow=True), joined]
+
+
+def _image_columns(logged: list[Any]) -> tuple[range | np.ndarray, list[str], np.ndarray,
+                                                bytes]:
+    """encode_image_columns' columns back: dense ids (a range where consecutive), primary
+    ids, blob lengths (int64, -1: no blob) and the blobs joined."""
+    dense, pids, lengths, joined = logged
+    ids = range(*dense) if isinstance(dense[0], int) else array_of(dense).astype(np.int64)
+    sizes = array_of(lengths).astype(np.int64)
+    if not len(ids) == len(pids) == len(sizes) or int(sizes[sizes > 0].sum()) != len(joined):
+        raise ValueError(f"image columns of {len(ids)} dense ids, {len(pids)} primary ids, "
+                         f"{len(sizes)} lengths and {len(joined)} blob bytes do not match")
+    return ids, pids, sizes, joined
+
+
+def images_of(record: dict[str, Any]) -> list[Image]:
+    """The after-images of a decoded change record, in the order logged."""
+    if "images" in record:
+        return _images(record["images"])
+    dense, pids, lengths, joined = _image_columns(record["image_columns"])
+    ends = np.cumsum(np.maximum(lengths, 0)).tolist()
+    blobs = [joined[end - size:end] if size >= 0 else None
+             for end, size in zip(ends, lengths.tolist(), strict=True)]
+    return list(map(tuple.__new__, repeat(Image), zip(
+        dense if isinstance(dense, range) else dense.tolist(), pids, blobs, repeat(None))))
 
 
 def encode_merge(change: Change) -> bytes:
@@ -953,7 +1071,7 @@ def replay(engine: Engine, rtype: int, payload: bytes) -> bool:
                         notes=[Note(t, k, v) for t, k, v in record["notes"]])
         engine.apply(change)
         return change.erases
-    elif rtype == wal_format.RECORD_CHANGE:
+    elif rtype in wal_format.CHANGE_RECORDS:
         return _replay_change(engine, decode_change(payload))
     elif rtype == wal_format.RECORD_SHARD_META:
         epoch, slots = msgpack.unpackb(payload)
@@ -964,9 +1082,9 @@ def replay(engine: Engine, rtype: int, payload: bytes) -> bool:
 
 
 def _replay_change(engine: Engine, record: dict[str, Any]) -> bool:
-    """replay() of a decoded RECORD_CHANGE."""
+    """replay() of a decoded RECORD_CHANGE or RECORD_COLUMNS."""
     change = Change(schema=[AttributeSpec.from_state(s) for s in record.get("schema", ())],
-                    images=_images(record["images"]),
+                    images=images_of(record),
                     notes=[Note(t, k, v) for t, k, v in record.get("notes", ())],
                     at=_changed_at(record),
                     times={d: (c, ch) for d, c, ch in record.get("times", ())},

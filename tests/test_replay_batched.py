@@ -33,14 +33,24 @@ from hypothesis import strategies as st
 from pyroaring import BitMap
 
 import memstore.engine.core as core_module
-from memstore.engine.change import SET, UNSET, UpsertSpec
+import memstore.shard as shard_module
+from memstore.engine.change import SET, UNSET, Image, UpsertSpec
 from memstore.engine.columnar import Coded, Columns
 from memstore.engine.core import Engine
 from memstore.engine.tracking import FAST_FROM
 from memstore.errors import FailedPrecondition
 from memstore.hashslot import SLOT_COUNT, slot_of
 from memstore.index.bitmap_index import RangeIndex
-from memstore.shard import Shard, ShardConfig, _LoadRun, load_snapshot, replay
+from memstore.shard import (
+    IMAGE_COLUMNS_FROM,
+    Shard,
+    ShardConfig,
+    _LoadRun,
+    encode_image_columns,
+    images_of,
+    load_snapshot,
+    replay,
+)
 from memstore.storage import wal_format
 from memstore.storage.snapshot_file import load_newest
 from memstore.storage.wal_reader import read_log
@@ -190,7 +200,7 @@ def _one_at_a_time(data: Path) -> Engine:
         start = reader.lsn
     for record in read_log(data / "log", start):
         payload = record.payload
-        if record.rtype == wal_format.RECORD_CHANGE:
+        if record.rtype in wal_format.CHANGE_RECORDS:
             logged = msgpack.unpackb(payload, strict_map_key=False)
             logged.pop("load", None)
             logged.pop("tracked", None)
@@ -202,18 +212,25 @@ def _one_at_a_time(data: Path) -> Engine:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.data_too_large])
 @given(st.lists(steps, min_size=1, max_size=12), st.sampled_from([_LoadRun.LIMIT, 30]),
-       st.sampled_from([0.0, 0.6]))
+       st.sampled_from([0.0, 0.6]), st.sampled_from([IMAGE_COLUMNS_FROM, 1]))
 def test_batched_replay_rebuilds_what_replaying_each_image_does(
-        plan: list[tuple[Any, ...]], run_limit: int, tick: float) -> None:
+        plan: list[tuple[Any, ...]], run_limit: int, tick: float, columns_from: int) -> None:
     """Recovery joins consecutive loads' records into runs (of at most `run_limit`
     profiles: a small one cuts runs short too), stamped as each record was, and range
     indexes join consecutive tracked batches' changes (at most `run_limit` ids waiting,
     likewise): `tick` 0 is
     the wall clock (a plan's changes mostly in one second), 0.6 a clock that moves on
-    0.6 s at each reading."""
+    0.6 s at each reading. `columns_from` 1: every change logs its images as columns
+    (RECORD_COLUMNS: deletions, merges and upserts too), where most of these changes are
+    too small to."""
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
-        live = asyncio.run(_write(data, plan, _ticking(tick) if tick else time.time))
+        with patch.object(shard_module, "IMAGE_COLUMNS_FROM", columns_from):
+            live = asyncio.run(_write(data, plan, _ticking(tick) if tick else time.time))
+        if columns_from == 1:  # (the log after the last snapshot's pruning)
+            oldest = wal_format.list_segments(data / "log")[0][0]
+            assert {r.rtype for r in read_log(data / "log", oldest)} <= {
+                wal_format.RECORD_COLUMNS, wal_format.RECORD_SHARD_META}
         with patch.object(_LoadRun, "LIMIT", run_limit), \
                 patch.object(RangeIndex, "PENDING_LIMIT", run_limit), \
                 patch.object(RangeIndex, "REPLACING_LIMIT", run_limit):
@@ -294,3 +311,29 @@ def test_replaying_tracked_batches_decodes_no_profile(tmp_path: Path,
         assert shard.engine.profile(shard.engine.dense_of["u5"]).attributes["event.buy.count"] > 0
     finally:
         asyncio.run(shard.close())
+
+
+@given(st.lists(st.tuples(st.text(max_size=6), st.none() | st.binary(max_size=24)),
+                max_size=40),
+       st.integers(0, 2**32 - 100), st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_image_columns_give_back_the_images_logged(rows: list[tuple[str, bytes | None]],
+                                                   first: int, consecutive: bool) -> None:
+    """A RECORD_COLUMNS record's images (dense ids a range or not, blobs or none) read
+    back as they were logged, through msgpack as the log holds them."""
+    dense = range(first, first + len(rows)) if consecutive else [
+        first + 3 * i + i % 2 for i in range(len(rows))]
+    images = [Image(d, pid, blob) for d, (pid, blob) in zip(dense, rows, strict=True)]
+    logged = msgpack.unpackb(ormsgpack.packb({"image_columns": encode_image_columns(images)}))
+    assert images_of(logged) == images
+    if consecutive and rows:
+        assert logged["image_columns"][0] == [first, first + len(rows)]
+
+
+def test_image_columns_that_do_not_add_up_are_refused() -> None:
+    """Columns whose lengths do not match the blob bytes (damage past the checksum, or a
+    writer's bug) stop replay with what does not match, not with wrong profiles."""
+    columns = encode_image_columns([Image(1, "a", b"xy"), Image(2, "b", b"z")])
+    columns[3] = b"xyzw"
+    with pytest.raises(ValueError, match="2 dense ids, 2 primary ids, 2 lengths and 4 blob"):
+        images_of({"image_columns": columns})

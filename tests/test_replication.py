@@ -7,6 +7,7 @@ writes naming the primary, and leave no byte of an erased profile after its next
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -24,10 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import msgpack
 import pytest
 
 from memstore import Client, ClientError
 from memstore.server.logs import listening_address, message
+from memstore.shard import Shard, ShardConfig
+from memstore.storage import wal_format
+from memstore.storage.wal_writer import SyncPolicy
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
 from tests.conftest import ROOT
@@ -970,3 +975,24 @@ def test_a_partitioned_primary_comes_back_below_the_new_epoch(tmp_path: Path,
             assert c.get("routed") is not None
     finally:
         router.stop()
+
+
+def test_a_replica_refuses_a_record_type_it_does_not_know(tmp_path: Path) -> None:
+    """A newer primary's record of a type this version cannot read is refused before it
+    enters the replica's log (which would then no longer start), naming type and place."""
+    async def run() -> None:
+        shard = await Shard.open(ShardConfig(data_dir=tmp_path, sync=SyncPolicy.OFF,
+                                             stop_snapshot_timeout=0))
+        try:
+            end = shard.log.end_lsn
+            with pytest.raises(ValueError, match=f"position {end} has type 99, which this "
+                                                 "version does not know"):
+                shard.apply_replicated([(end, 99, b"\x80")])
+            assert shard.log.end_lsn == end
+            shard.apply_replicated([(end, wal_format.RECORD_SHARD_META,
+                                     msgpack.packb([3, None]))])
+            assert shard.engine.epoch == 3 and shard.log.end_lsn > end
+        finally:
+            await shard.close()
+
+    asyncio.run(run())

@@ -357,6 +357,46 @@ def test_change_stream_filters_by_query_and_attributes_and_names_merges(tmp_path
         shard.stop()
 
 
+def test_streams_hear_every_profile_of_changes_logged_as_columns(tmp_path: Path) -> None:
+    """A load, big batches of upserts and a big erasure log their images as columns
+    (RECORD_COLUMNS, from IMAGE_COLUMNS_FROM images): both streams hear each profile of
+    them as of a small change, in order, and a restart replays them."""
+    n = 600
+    shard = start_shard(tmp_path / "data", "--sync", "off")
+    try:
+        with Client(shard.address) as client:
+            client.create_segment("de", 'country = "DE"')
+            changes = Watcher(shard.address, changes=True).started()
+            segment = Watcher(shard.address, ("de",)).started()
+            client.load([{"id": f"u{i}", "attributes": {"country": "DE" if i % 3 else "US",
+                                                         "age": i}} for i in range(n)])
+            client.batch_upsert([{"id": f"u{i}", "attributes": {"country": "DE"}}
+                                 for i in range(n)])  # a third enter the segment
+            client.batch_upsert([{"id": f"u{i}", "attributes": {"age": -i - 1}}
+                                 for i in range(n)])
+            list(client.iter_erase("age < -300", batch_size=500))  # u300 .. u599
+            eventually(lambda: len(changes.events) >= 3 * n + n // 2, what="every change")
+            seen = [(e["id"], e["created"], e["deleted"]) for e in changes.events]
+            assert seen[:n] == [(f"u{i}", True, False) for i in range(n)]
+            assert [e["set"] for e in changes.events[n:2 * n]] == [
+                {} if i % 3 else {"country": "DE"} for i in range(n)]
+            assert [e["set"] for e in changes.events[2 * n:3 * n]] == [
+                {"age": -i - 1} for i in range(n)]
+            assert sorted(seen[3 * n:]) == sorted((f"u{i}", False, True) for i in range(300, n))
+            eventually(lambda: replay(segment.events) == {"de": {f"u{i}" for i in range(300)}},
+                       what="the segment's members")
+            changes.close()
+            segment.close()
+        shard.stop(signal.SIGKILL)
+        shard = start_shard(tmp_path / "data", "--sync", "off")
+        with Client(shard.address) as client:
+            assert client.count('country = "DE"') == 300
+            assert client.count("age < -50") == 250  # u50 .. u299
+            assert client.get("u350") is None and client.get("u150")["attributes"]["age"] == -151
+    finally:
+        shard.stop()
+
+
 def test_a_position_older_than_the_retention_is_out_of_range(tmp_path: Path) -> None:
     shard = start_shard(tmp_path / "data", "--sync", "off", "--changes-retention", "0")
     try:

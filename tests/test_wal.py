@@ -11,6 +11,7 @@ import errno
 import io
 import itertools
 import os
+import threading
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -24,6 +25,7 @@ from memstore.storage.wal_reader import (
     TornTail,
     check,
     decode_segment,
+    read_ahead,
     read_log,
     repair,
     truncate_torn_tail,
@@ -464,3 +466,39 @@ def test_sync_policy_values_are_the_config_strings() -> None:
     assert [p.value for p in SyncPolicy] == ["always", "everysec", "off"]
     assert SyncPolicy("everysec") is SyncPolicy.EVERYSEC
     assert "If unsure: always" in (SyncPolicy.__doc__ or "")
+
+
+# ------------------------------------------------------------------ reading ahead
+@pytest.mark.parametrize("budget", [1, 40, 64 << 20])
+def test_read_ahead_gives_the_scan_records_then_its_end(tmp_path: Path, budget: int) -> None:
+    """Read on a thread at most `budget` bytes ahead (1: one record at a time), the
+    records come in order, whole, and the scan's end and torn tail are set after."""
+    data = payloads(50)
+    ends = write_log(tmp_path, data, segment_bytes=600)
+    with segments(tmp_path)[-1].open("ab") as f:
+        f.write(b"\x05\x00")  # a torn frame header at the end
+    scan = read_log(tmp_path)
+    got = list(read_ahead(scan, budget))
+    assert [r.payload for r in got] == data and [r.lsn_end for r in got] == ends
+    assert scan.end_lsn == ends[-1] and scan.torn is not None and scan.torn.byte_count == 2
+
+
+def test_read_ahead_raises_damage_after_the_records_before_it(tmp_path: Path) -> None:
+    data = payloads(10)
+    ends = write_log(tmp_path, data)
+    seg = segments(tmp_path)[0]
+    flip(seg, fmt.SEGMENT_HEADER_SIZE + ends[3] + fmt.FRAME_HEADER_SIZE + 2)  # record 4's
+    got: list[bytes] = []
+    with pytest.raises(LogCorruptError) as info:
+        for record in read_ahead(read_log(tmp_path), 1):
+            got.append(record.payload)
+    assert got == data[:4] and info.value.offset == fmt.SEGMENT_HEADER_SIZE + ends[3]
+
+
+def test_read_ahead_stops_its_thread_when_the_caller_stops(tmp_path: Path) -> None:
+    write_log(tmp_path, payloads(200))
+    records = read_ahead(read_log(tmp_path), 1)
+    assert next(records).lsn_start == 0
+    assert any(t.name == "log-read-ahead" for t in threading.enumerate())
+    records.close()  # (a caller leaving its loop early: an error applying a record)
+    assert not any(t.name == "log-read-ahead" for t in threading.enumerate())

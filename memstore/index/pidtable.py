@@ -268,9 +268,10 @@ class PidTable(mapped.DenseColumn):
 
     @contextmanager
     def loading(self) -> Iterator[None]:
-        """Many `put_many` calls filling an empty table (a snapshot being read): their ids
-        enter the index together at the end, in one pass (the chunks' own inserts cost
-        ~0.6 s at 1M ids, one pass ~0.25). Until then only `put_many` may be called."""
+        """Many `put_many` calls of new ids (a snapshot being read, a log's loads replayed):
+        their ids enter the index together at the end, in one pass (the chunks' own inserts
+        cost ~0.6 s at 1M ids, one pass into an empty table ~0.25). Until then only
+        `put_many` and `extend` may be called."""
         self._deferred = []
         try:
             yield

@@ -1,8 +1,8 @@
 """A shard's change streams: WatchSegments and WatchChanges, read from its log.
 
-Every change reaches the log as one RECORD_CHANGE (memstore/shard.py): its time, its
-after-images, what changed in each updated profile, and the saved segments' membership
-deltas. A stream is a cursor over the log (memstore/storage/wal_tail.py) that turns those
+Every change reaches the log as one RECORD_CHANGE (RECORD_COLUMNS: the same, its images
+as columns; memstore/shard.py): its time, its after-images, what changed in each updated
+profile, and the saved segments' membership deltas. A stream is a cursor over the log (memstore/storage/wal_tail.py) that turns those
 records into events, at the watcher's own pace: a slow watcher costs the shard one open
 file and one batch, and nothing when it is idle. Events are only read up to what is
 acknowledged (Shard.readable_lsn). A slot move's copies and drops and a segment's creation
@@ -42,7 +42,7 @@ from memstore.engine.values import from_stored
 from memstore.errors import FailedPrecondition, InvalidArgument, MemstoreError, NotFound
 from memstore.query import Node
 from memstore.query.evaluate import evaluate
-from memstore.shard import Shard, decode_change
+from memstore.shard import Shard, decode_change, images_of
 from memstore.storage import wal_format
 from memstore.storage.wal_reader import Record
 from memstore.storage.wal_tail import LogGone, LogTail
@@ -105,7 +105,7 @@ def _at(micros: int) -> Timestamp:
 
 def _names(record: dict[str, Any], engine: Engine) -> dict[int, str]:
     """dense id -> primary id for the profiles a record names."""
-    names = {dense: pid for dense, pid, _ in record["images"]}
+    names = {dense: pid for dense, pid, _, _ in images_of(record)}
     for dense, pid in record.get("pids", ()):
         names.setdefault(dense, pid)
     return names
@@ -139,7 +139,8 @@ class ChangeFilter:
 
 def change_events(record: dict[str, Any], flt: ChangeFilter, engine: Engine) -> list[Any]:
     """The profile changes of a record (deletions and merges whatever the query)."""
-    if record.get("quiet") or not record["images"]:
+    images = images_of(record)
+    if record.get("quiet") or not images:
         return []
     at = _at(record["at"])
     by_id = engine.schema.by_id
@@ -147,17 +148,17 @@ def change_events(record: dict[str, Any], flt: ChangeFilter, engine: Engine) -> 
     forwards = {key: value for table, key, value in record.get("notes", ())
                 if table == "forwards" and value is not None}
     survivors: dict[str, str] = {}
-    for _, pid, blob in record["images"]:
+    for _, pid, blob, _ in images:
         if blob is not None:
             for merged in decode(blob)[3]:
                 survivors[merged] = pid
     matching: BitMap | None = None
     if flt.node is not None:
-        alive = BitMap(d for d, _, blob in record["images"] if blob is not None)
+        alive = BitMap(d for d, _, blob, _ in images if blob is not None)
         matching = evaluate(engine, flt.node, unknown_is_empty=True,
                             within=alive & engine.live) if alive else BitMap()
     out = []
-    for dense, pid, blob in record["images"]:
+    for dense, pid, blob, _ in images:
         if blob is None:
             merged_into = survivors.get(pid) or forwards.get(pid, "")
             out.append(pb.ProfileChange(id=pid, deleted=not merged_into,
@@ -261,7 +262,7 @@ async def stream(shard: Shard, name: str, start: tuple[int, int],
     async for records in cursor.records():
         batch: list[Any] = []
         for record in records:
-            if record.rtype != wal_format.RECORD_CHANGE:
+            if record.rtype not in wal_format.CHANGE_RECORDS:
                 continue
             decoded = decode_change(record.payload)
             cursor.last_at = decoded["at"]
