@@ -44,6 +44,7 @@ import array
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from itertools import chain, repeat
 from typing import Any
@@ -856,17 +857,27 @@ class Engine:
         """add_loaded calls within enter their primary ids and identifier keys into the
         hash tables together as it ends: each table grown and filled once, where each call
         grew and filled it again (recovery's runs of logged loads; ~0.8 s of 1M profiles'
-        replay). Until it ends, nothing but add_loaded may use the engine."""
+        replay). The identifier keys go in on a thread while the ids go in here (both
+        mostly numpy sorts and scatters, which let go of the GIL). Until it ends, nothing
+        but add_loaded may use the engine."""
         held: list[tuple[np.ndarray, np.ndarray]] = []
         self._held_keys = held
-        try:
-            with self.pids.loading():
-                yield
-        finally:
-            self._held_keys = None
-            if held:
-                self.directory.insert_absent(np.concatenate([keys for keys, _ in held]),
-                                             np.concatenate([owners for _, owners in held]))
+        with ThreadPoolExecutor(1, thread_name_prefix="directory") as pool:
+            building: Future[None] | None = None
+            try:
+                with self.pids.loading():  # the ids enter the index as this ends ...
+                    try:
+                        yield
+                    finally:
+                        self._held_keys = None
+                        if held:  # ... while the thread enters the identifier keys
+                            building = pool.submit(
+                                self.directory.insert_absent,
+                                np.concatenate([keys for keys, _ in held]),
+                                np.concatenate([owners for _, owners in held]))
+            finally:
+                if building is not None:
+                    building.result()
 
     # ------------------------------------------------------------------ cluster
     def set_ownership(self, epoch: int, slots: BitMap | None) -> None:
