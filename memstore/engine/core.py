@@ -131,7 +131,8 @@ class Engine:
         self.exists: dict[int, BitMap] = {}  # attributes in value indexes
         self.day_index: dict[int, DayIndex] = {}  # event.<name>.days attributes
         self.directory = IntTable()  # ident_key -> dense id
-        self._held_keys: list[tuple[np.ndarray, np.ndarray]] | None = None  # (adding_loads)
+        self._keys_builder: ThreadPoolExecutor | None = None  # (adding_loads)
+        self._keys_built: list[Future[None]] = []
         self.aliases: dict[str, str] = {}
         # Each dense id's hash slot (stale once erased: read it through `live`). Appended
         # to by every new profile; scanned whole by the rare calls that ask by slot.
@@ -846,38 +847,32 @@ class Engine:
             owned = self.owned_slots
             self.foreign.update([d for d, slot in zip(range(first, end), load.slots, strict=True)
                                  if slot not in owned])
-        if self._held_keys is not None:
-            self._held_keys.append((load.keys, np.asarray(load.owners, dtype=np.uint32)))
+        if self._keys_builder is not None and load.keys.size:
+            self._keys_built.append(self._keys_builder.submit(
+                self.directory.insert_absent, load.keys, np.asarray(load.owners, dtype=np.uint32)))
         elif load.keys.size:
             self.directory.insert_absent(load.keys, np.asarray(load.owners, dtype=np.uint32))
         self._index_columns({aid: (ids, values) for aid, ids, values in load.columns})
 
     @contextmanager
     def adding_loads(self) -> Iterator[None]:
-        """add_loaded calls within enter their primary ids and identifier keys into the
-        hash tables together as it ends: each table grown and filled once, where each call
-        grew and filled it again (recovery's runs of logged loads; ~0.8 s of 1M profiles'
-        replay). The identifier keys go in on a thread while the ids go in here (both
-        mostly numpy sorts and scatters, which let go of the GIL). Until it ends, nothing
-        but add_loaded may use the engine."""
-        held: list[tuple[np.ndarray, np.ndarray]] = []
-        self._held_keys = held
-        with ThreadPoolExecutor(1, thread_name_prefix="directory") as pool:
-            building: Future[None] | None = None
+        """add_loaded calls within enter their primary ids into the id index together as
+        it ends (the table grown and filled once, where each call grew and filled it
+        again), and their identifier keys into the directory on a thread of its own, one
+        call's after another, while the next calls go on here (inserting keys is numpy
+        sorts and scatters, which let go of the GIL). Recovery's runs of logged loads:
+        ~0.8 s of 1M profiles' replay. Until it ends, nothing but add_loaded may use the
+        engine."""
+        with ThreadPoolExecutor(1, thread_name_prefix="directory") as builder:
+            self._keys_builder = builder
             try:
-                with self.pids.loading():  # the ids enter the index as this ends ...
-                    try:
-                        yield
-                    finally:
-                        self._held_keys = None
-                        if held:  # ... while the thread enters the identifier keys
-                            building = pool.submit(
-                                self.directory.insert_absent,
-                                np.concatenate([keys for keys, _ in held]),
-                                np.concatenate([owners for _, owners in held]))
+                with self.pids.loading():
+                    yield
             finally:
-                if building is not None:
-                    building.result()
+                self._keys_builder = None
+                built, self._keys_built = self._keys_built, []
+                for keys in built:
+                    keys.result()
 
     # ------------------------------------------------------------------ cluster
     def set_ownership(self, epoch: int, slots: BitMap | None) -> None:
