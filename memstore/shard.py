@@ -1028,6 +1028,14 @@ def _image_columns(logged: list[Any]) -> tuple[range | np.ndarray, list[str], np
     return ids, pids, sizes, joined
 
 
+def named_in(record: dict[str, Any]) -> dict[int, str]:
+    """dense id -> primary id of the images of a decoded change record (no blob read)."""
+    if "images" in record:
+        return {dense: pid for dense, pid, _ in record["images"]}
+    dense, pids, _, _ = _image_columns(record["image_columns"])
+    return dict(zip(dense if isinstance(dense, range) else dense.tolist(), pids, strict=True))
+
+
 def images_of(record: dict[str, Any]) -> list[Image]:
     """The after-images of a decoded change record, in the order logged."""
     if "images" in record:

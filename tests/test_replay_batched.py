@@ -49,6 +49,7 @@ from memstore.shard import (
     encode_image_columns,
     images_of,
     load_snapshot,
+    named_in,
     replay,
 )
 from memstore.storage import wal_format
@@ -326,6 +327,7 @@ def test_image_columns_give_back_the_images_logged(rows: list[tuple[str, bytes |
     images = [Image(d, pid, blob) for d, (pid, blob) in zip(dense, rows, strict=True)]
     logged = msgpack.unpackb(ormsgpack.packb({"image_columns": encode_image_columns(images)}))
     assert images_of(logged) == images
+    assert named_in(logged) == {image.dense: image.pid for image in images}
     if consecutive and rows:
         assert logged["image_columns"][0] == [first, first + len(rows)]
 

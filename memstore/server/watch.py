@@ -42,7 +42,7 @@ from memstore.engine.values import from_stored
 from memstore.errors import FailedPrecondition, InvalidArgument, MemstoreError, NotFound
 from memstore.query import Node
 from memstore.query.evaluate import evaluate
-from memstore.shard import Shard, decode_change, images_of
+from memstore.shard import Shard, decode_change, images_of, named_in
 from memstore.storage import wal_format
 from memstore.storage.wal_reader import Record
 from memstore.storage.wal_tail import LogGone, LogTail
@@ -105,7 +105,7 @@ def _at(micros: int) -> Timestamp:
 
 def _names(record: dict[str, Any], engine: Engine) -> dict[int, str]:
     """dense id -> primary id for the profiles a record names."""
-    names = {dense: pid for dense, pid, _, _ in images_of(record)}
+    names = named_in(record)
     for dense, pid in record.get("pids", ()):
         names.setdefault(dense, pid)
     return names
