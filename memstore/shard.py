@@ -797,18 +797,21 @@ def _rebuild(config: ShardConfig, snap_dir: Path, log_dir: Path, info: dict[str,
     scan = read_log(log_dir, start_lsn)
     end_lsn = start_lsn
     run = _LoadRun(engine)
-    for record in read_ahead(scan):
-        if record.rtype in wal_format.CHANGE_RECORDS:
-            change = decode_change(record.payload)
-            if not run.take(change):
+    try:
+        for record in read_ahead(scan):
+            if record.rtype in wal_format.CHANGE_RECORDS:
+                change = decode_change(record.payload)
+                if not run.take(change):
+                    run.finish()
+                    _replay_change(engine, change)
+            else:
                 run.finish()
-                _replay_change(engine, change)
-        else:
-            run.finish()
-            replay(engine, record.rtype, record.payload)
-        info["replayed"] += 1
-        end_lsn = record.lsn_end
-    run.finish()
+                replay(engine, record.rtype, record.payload)
+            info["replayed"] += 1
+            end_lsn = record.lsn_end
+        run.finish()
+    finally:
+        run.close()  # (a recovery that failed: its engine is dropped, its thread stopped)
     return engine, start_lsn, end_lsn, scan
 
 
@@ -879,9 +882,13 @@ class _LoadRun:
         try:
             self.apply()
         finally:
-            adding, self.adding = self.adding, None
-            if adding is not None:
-                adding.close()
+            self.close()
+
+    def close(self) -> None:
+        """Leave engine.adding_loads (the ids held so far enter the tables)."""
+        adding, self.adding = self.adding, None
+        if adding is not None:
+            adding.close()
 
 
 def _new_rows(record: dict[str, Any], first: int

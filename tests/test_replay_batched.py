@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -54,7 +55,7 @@ from memstore.shard import (
 )
 from memstore.storage import wal_format
 from memstore.storage.snapshot_file import load_newest
-from memstore.storage.wal_reader import read_log
+from memstore.storage.wal_reader import LogCorruptError, read_log
 from memstore.storage.wal_writer import SyncPolicy
 from tests.test_mutation_storage import full_state
 
@@ -339,3 +340,42 @@ def test_image_columns_that_do_not_add_up_are_refused() -> None:
     columns[3] = b"xyzw"
     with pytest.raises(ValueError, match="2 dense ids, 2 primary ids, 2 lengths and 4 blob"):
         images_of({"image_columns": columns})
+
+
+def test_a_recovery_stopped_by_damage_mid_run_leaves_no_thread(tmp_path: Path) -> None:
+    """Damage found while runs of loads go on (the second of three load records, runs of
+    one record each: the first one's keys are on the directory's thread) stops start-up
+    naming it, and the runs' directory thread is stopped with it."""
+    rows = [(f"u{i}", {"country": "US", "age": i}, [("email", f"u{i}@x")])
+            for i in range(3000)]
+
+    async def write() -> None:
+        shard = await Shard.open(ShardConfig(data_dir=tmp_path, stop_snapshot_timeout=0))
+        await shard.commit(shard.engine.plan_upsert(UpsertSpec("seed", [
+            (SET, "country", "US"), (SET, "age", 1)])))  # the loads declare nothing
+        for start in range(0, len(rows), 1000):
+            await shard.commit(shard.engine.plan_load(rows[start:start + 1000]))
+        await shard.close()
+
+    asyncio.run(write())
+    records = list(read_log(tmp_path / "log", 0))
+    assert [r.rtype for r in records] == [wal_format.RECORD_CHANGE] + [
+        wal_format.RECORD_COLUMNS] * 3
+    segment = wal_format.list_segments(tmp_path / "log")[0][1]
+    raw = bytearray(segment.read_bytes())
+    raw[wal_format.SEGMENT_HEADER_SIZE + records[2].lsn_start + 40] ^= 0x40
+    segment.write_bytes(bytes(raw))
+    added = []
+    real = Engine.add_loaded
+
+    def add_loaded(engine: Engine, *args: Any) -> None:
+        added.append(engine._keys_builder is not None)
+        real(engine, *args)
+
+    with pytest.raises(LogCorruptError, match="checksum mismatch") as failed, \
+            patch.object(_LoadRun, "LIMIT", 1000), patch.object(Engine, "add_loaded", add_loaded):
+        asyncio.run(Shard.open(ShardConfig(data_dir=tmp_path, stop_snapshot_timeout=0)))
+    # (while the error, and through its traceback the recovery's frames, are still held)
+    assert failed.value.path == segment and added == [True]
+    assert not [t.name for t in threading.enumerate()
+                if t.name.startswith(("directory", "log-read-ahead"))]
