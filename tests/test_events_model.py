@@ -458,15 +458,16 @@ def _state(engine: Engine) -> Any:
 # No shrinking: an example is ~0.2 s, and a failure prints its example all the same.
 @settings(max_examples=12, deadline=None, phases=[Phase.explicit, Phase.generate])
 @given(before=st.lists(_ROW, max_size=8), batch=st.lists(_ROW, min_size=64, max_size=72),
-       by_ids=st.booleans())
+       by_ids=st.booleans(), declared=st.booleans())
 def test_a_batch_in_columns_is_its_events_one_at_a_time_and_replays_the_same(
-        before: list[Any], batch: list[Any], by_ids: bool) -> None:
+        before: list[Any], batch: list[Any], by_ids: bool, declared: bool) -> None:
     """The column path (a batch of ids), the general planner (the same batch, or one naming
     profiles by identifiers too) and one Track an event leave the same profiles, versions,
     day bitmaps and range values; the column path tells saved segments the same (Touched)
     as the general one; and replaying the logged records rebuilds it exactly. Backfill past
     the retention, repeats of a profile and a day, counts of more than one varint byte and
-    profiles the batch creates are all drawn."""
+    profiles the batch creates are all drawn; so are events tracked for the first time
+    (`declared` False: the batch declares their attributes, on the column path too)."""
     clock = Clock()
     columns, general, single = (Engine(clock=clock, event_days=RETENTION) for _ in range(3))
     logs: list[list[bytes]] = [[], [], []]
@@ -479,13 +480,16 @@ def test_a_batch_in_columns_is_its_events_one_at_a_time_and_replays_the_same(
     for engine, log in zip((columns, general, single), logs, strict=True):
         for pid, ident in (("p1", ("email", "a")), ("p6", ("email", "b"))):
             _logged(engine, engine.plan_link(pid, [ident], create=True), log)
-        for name in EVENTS:  # declared: a batch of ids takes the column path
+        for name in EVENTS if declared else ():  # (or declared by the batch)
             _logged(engine, engine.plan_track("p7", name, 0), log)
         for one in events(before):
             _logged(engine, engine.plan_track(*one), log)
     planned = columns.plan_track_batch(events(batch))
-    # identifier keys take the general planner; ids, the column path
+    # identifier keys take the general planner; ids, the column path, declaring what the
+    # events need as the general planner would
     assert (planned.tracked is None) == any(isinstance(key, tuple) for key, *_ in events(batch))
+    assert [spec.name for spec in planned.schema] == [
+        spec.name for spec in _plan_general(columns, events(batch), "events").schema]
     touched = _logged(columns, planned, logs[0])
     touched_general = _logged(general, _plan_general(general, events(batch), "events"),
                               logs[1])

@@ -145,10 +145,13 @@ def _plan_columns(engine: Engine, events: Sequence[Event]) -> Change | None:
     decode and encode are most of what is left), and one short loop walks the day cells
     (a (profile, event, day) each). None when the general planner must plan it:
     an event it would refuse (it names it), an identifier key, an id that is merged away,
-    held or not in an owned slot, an event whose attributes are not declared yet, or
-    counts so large that a batch's sum might not fit in int64."""
+    held or not in an owned slot, an event whose attributes are declared otherwise (or not
+    yet, on a router's shard: the router declares them), or counts so large that a
+    batch's sum might not fit in int64. The attributes of an event new to the shard are
+    declared by the change, as the general planner declares them."""
     from memstore.engine.blob import decode_many, encode_many
     from memstore.engine.change import Change, Image
+    from memstore.engine.planner import Planner
 
     keys, names, times, counts = zip(*events, strict=True)
     if set(map(type, keys)) != {str} or set(map(type, names)) != {str}:
@@ -162,14 +165,21 @@ def _plan_columns(engine: Engine, events: Sequence[Event]) -> Change | None:
         return None  # an empty id, or one that may be too long in utf-8
     by_name = engine.schema.by_name
     specs: dict[str, list[int]] = {}
+    planner: Planner | None = None  # declares the attributes of events new to this shard
     for name in dict.fromkeys(names):
         if not EVENT_NAME.match(name):
             return None
         wanted = event_attributes(name)
         declared = [by_name.get(n) for n, _, _, _ in wanted]
-        if any(spec is None or spec.kind is not kind or not spec.indexed
+        if any(spec is not None and (spec.kind is not kind or not spec.indexed)
                for spec, (_, kind, _, _) in zip(declared, wanted, strict=True)):
-            return None  # not declared yet, or declared otherwise: the general planner
+            return None  # declared otherwise: the general planner says what is wrong
+        if None in declared:
+            if engine.cluster_schema:
+                return None  # a router's write: the general planner refuses it (Undeclared)
+            planner = planner or Planner(engine)
+            declared = [planner.declare(n, kind, indexed, merge)
+                        for n, kind, indexed, merge in wanted]
         specs[name] = [spec.id for spec in declared]  # type: ignore[union-attr]
     if (any(map(engine.aliases.__contains__, keys)) or any(map(engine.held.__contains__, keys))
             or (engine.forwards and any(map(engine.forwards.__contains__, keys)))):
@@ -310,8 +320,8 @@ def _plan_columns(engine: Engine, events: Sequence[Event]) -> Change | None:
         if len(rows):
             cell_columns[event_aids[3]] = (c_dense[rows].astype(np.uint32), c_day[rows],
                                            c_before[rows], c_after[rows])
-    return Change(images=images, result=n,
-                  tracked=Tracked(first, slots, ranges, cell_columns))
+    return Change(schema=[] if planner is None else list(planner.added), images=images,
+                  result=n, tracked=Tracked(first, slots, ranges, cell_columns))
 
 
 def _plan_general(engine: Engine, events: Sequence[Event], where: str | None) -> Change:
