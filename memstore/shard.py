@@ -47,6 +47,7 @@ from memstore.engine.blob import decode, ident_key
 from memstore.engine.change import (
     Change,
     Image,
+    ImageColumns,
     Load,
     Note,
     Undo,
@@ -903,10 +904,11 @@ def _new_rows(record: dict[str, Any], first: int
             return None
         return pids, (b"".join(blobs), np.fromiter(map(len, blobs), dtype=np.int64,
                                                    count=len(blobs)))
-    dense, pids, lengths, joined = _image_columns(record["image_columns"])
-    if dense != range(first, first + len(pids)) or (len(lengths) and lengths.min() < 0):
+    columns = _image_columns(record["image_columns"])
+    if (columns.dense != range(first, first + len(columns.pids))
+            or int(columns.lengths.min(initial=0)) < 0):
         return None
-    return pids, (joined, lengths)
+    return columns.pids, (columns.joined, columns.lengths)
 
 
 # ---------------------------------------------------------------------- record payloads
@@ -1022,37 +1024,39 @@ def encode_image_columns(images: list[Image]) -> list[Any]:
             pids, raw_array(lengths, narrow=True), joined]
 
 
-def _image_columns(logged: list[Any]) -> tuple[range | np.ndarray, list[str], np.ndarray,
-                                                bytes]:
-    """encode_image_columns' columns back: dense ids (a range where consecutive), primary
-    ids, blob lengths (int64, -1: no blob) and the blobs joined."""
+def _image_columns(logged: list[Any]) -> ImageColumns:
+    """encode_image_columns' columns back (ValueError if they do not add up)."""
     dense, pids, lengths, joined = logged
     ids = range(*dense) if isinstance(dense[0], int) else array_of(dense).astype(np.int64)
     sizes = array_of(lengths).astype(np.int64)
     if not len(ids) == len(pids) == len(sizes) or int(sizes[sizes > 0].sum()) != len(joined):
         raise ValueError(f"image columns of {len(ids)} dense ids, {len(pids)} primary ids, "
                          f"{len(sizes)} lengths and {len(joined)} blob bytes do not match")
-    return ids, pids, sizes, joined
+    return ImageColumns(ids, pids, sizes, joined)
 
 
 def named_in(record: dict[str, Any]) -> dict[int, str]:
     """dense id -> primary id of the images of a decoded change record (no blob read)."""
     if "images" in record:
         return {dense: pid for dense, pid, _ in record["images"]}
-    dense, pids, _, _ = _image_columns(record["image_columns"])
-    return dict(zip(dense if isinstance(dense, range) else dense.tolist(), pids, strict=True))
+    columns = _image_columns(record["image_columns"])
+    dense = columns.dense
+    return dict(zip(dense if isinstance(dense, range) else dense.tolist(), columns.pids,
+                    strict=True))
 
 
 def images_of(record: dict[str, Any]) -> list[Image]:
     """The after-images of a decoded change record, in the order logged."""
     if "images" in record:
         return _images(record["images"])
-    dense, pids, lengths, joined = _image_columns(record["image_columns"])
+    columns = _image_columns(record["image_columns"])
+    joined, lengths, dense = columns.joined, columns.lengths, columns.dense
     ends = np.cumsum(np.maximum(lengths, 0)).tolist()
     blobs = [joined[end - size:end] if size >= 0 else None
              for end, size in zip(ends, lengths.tolist(), strict=True)]
     return list(map(tuple.__new__, repeat(Image), zip(
-        dense if isinstance(dense, range) else dense.tolist(), pids, blobs, repeat(None))))
+        dense if isinstance(dense, range) else dense.tolist(), columns.pids, blobs,
+        repeat(None))))
 
 
 def encode_merge(change: Change) -> bytes:
@@ -1101,14 +1105,16 @@ def replay(engine: Engine, rtype: int, payload: bytes) -> bool:
 def _replay_change(engine: Engine, record: dict[str, Any]) -> bool:
     """replay() of a decoded RECORD_CHANGE or RECORD_COLUMNS."""
     change = Change(schema=[AttributeSpec.from_state(s) for s in record.get("schema", ())],
-                    images=images_of(record),
                     notes=[Note(t, k, v) for t, k, v in record.get("notes", ())],
                     at=_changed_at(record),
                     times={d: (c, ch) for d, c, ch in record.get("times", ())},
                     load=Load.from_state(record["load"]) if "load" in record else None,
                     tracked=Tracked.from_state(record["tracked"]) if "tracked" in record
                     else None)
-    engine.apply(change, undo=False)
+    if (change.tracked is None or "image_columns" not in record
+            or not engine.replay_tracked(change, _image_columns(record["image_columns"]))):
+        change.images = images_of(record)
+        engine.apply(change, undo=False)
     if "segments" in record:
         engine.segments.apply(decode_deltas(record["segments"]))
     return change.erases

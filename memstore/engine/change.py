@@ -37,6 +37,18 @@ class Image(NamedTuple):
 
 
 @dataclass(slots=True)
+class ImageColumns:
+    """After-images as a RECORD_COLUMNS record logs them (memstore/shard.py), in order:
+    dense ids (a range where consecutive), primary ids, each blob's length (int64; -1:
+    no blob, the profile gone) and the blobs joined."""
+
+    dense: range | np.ndarray
+    pids: list[str]
+    lengths: np.ndarray
+    joined: bytes
+
+
+@dataclass(slots=True)
 class Note:
     """Set (value not None) or remove one entry of a cross-shard merge table."""
 

@@ -60,6 +60,7 @@ from memstore.engine.change import (
     UNSET,
     Change,
     Image,
+    ImageColumns,
     Load,
     Note,
     Profile,
@@ -597,12 +598,7 @@ class Engine:
         did to which profiles (for saved segments and change streams). `undo` False: the
         caller never undoes it (replay), so a tracked batch's undo is not built and the
         Undo returned is not one."""
-        declared: list[AttributeSpec] = []
-        for spec in change.schema:
-            if spec.id == len(self.schema.by_id):
-                self.add_attribute(spec)
-                declared.append(spec)
-        notes = self.apply_notes(change.notes) if change.notes else []
+        declared, notes = self._declare_and_note(change)
         at = change.at or int(self.clock())
         if change.load is not None and change.load.first == len(self.blobs):
             added = self._apply_load(change.images, change.load, at)
@@ -618,6 +614,16 @@ class Engine:
         stamped: list[tuple[int, int, int]] = []
         return Undo(self.apply_images(change.images, at, change.times, stamped, touched), notes,
                     times=stamped, schema=declared)
+
+    def _declare_and_note(self, change: Change) -> tuple[list[AttributeSpec], list[Note]]:
+        """What a change declares and notes, applied first: the specs it declared (those
+        at the next attribute id) and the notes that undo its notes."""
+        declared: list[AttributeSpec] = []
+        for spec in change.schema:
+            if spec.id == len(self.schema.by_id):
+                self.add_attribute(spec)
+                declared.append(spec)
+        return declared, self.apply_notes(change.notes) if change.notes else []
 
     def _apply_tracked(self, images: list[Image], tracked: Any, at: int,
                        touched: Touched | None = None, undo: bool = True) -> Undo:
@@ -638,29 +644,66 @@ class Engine:
             stamped = list(zip(old_ids, map(created.__getitem__, old_ids),
                                map(changed.__getitem__, old_ids)))
         blobs.put_many(old_ids, old_blobs)
-        if kept:
-            view = np.frombuffer(changed, dtype=np.uint32)
-            view[np.fromiter(old_ids, dtype=np.int64, count=kept)] = at
-            del view  # (an exported buffer would stop `changed` growing below)
         pids = [image.pid for image in images[kept:]]
+        self._add_tracked(tracked, np.fromiter(old_ids, dtype=np.int64, count=kept), at,
+                          pids, lambda: self.blobs.extend(image.blob for image in images[kept:]),
+                          touched)
+        before.reverse()
+        return Undo(before, [], (first, pids) if added else None, times=stamped)
+
+    def replay_tracked(self, change: Change, columns: ImageColumns) -> bool:
+        """apply(change, undo=False) for a logged batch of tracks whose after-images came
+        as columns (RECORD_COLUMNS), their blobs copied as logged: no Image, and no blob
+        joined again. False, with nothing done, where the record's images are not the
+        batch's (its new profiles do not start at the next dense id): apply its images."""
+        tracked = change.tracked
+        first, added = tracked.first, len(tracked.slots)
+        kept = len(columns.pids) - added
+        if (first != len(self.blobs) or kept < 0 or int(columns.lengths.min(initial=0)) < 0
+                or not np.array_equal(columns.dense[kept:], np.arange(first, first + added))):
+            return False
+        self._declare_and_note(change)
+        split = int(columns.lengths[:kept].sum())
+        old = np.asarray(columns.dense[:kept], dtype=np.int64)
+        self.blobs.put_joined(old, columns.joined[:split], columns.lengths[:kept])
+
+        def add_blobs() -> None:
+            self.blobs.grow(first + added)
+            self.blobs.put_joined(range(first, first + added), columns.joined[split:],
+                                  columns.lengths[kept:])
+
+        self._add_tracked(tracked, old, change.at or int(self.clock()), columns.pids[kept:],
+                          add_blobs)
+        return True
+
+    def _add_tracked(self, tracked: Any, old: np.ndarray, at: int, pids: list[str],
+                     add_blobs: Callable[[], None], touched: Touched | None = None) -> None:
+        """What a batch of tracks does once the blobs of the profiles it changed (`old`
+        dense ids) are swapped: they are stamped changed at `at`; its new profiles
+        (`pids`, their blobs added by `add_blobs`) added at the end; the indexes changed
+        from its columns; `touched` told."""
+        first, added = tracked.first, len(tracked.slots)
+        created, changed = self.created, self.changed
+        if len(old):
+            view = np.frombuffer(changed, dtype=np.uint32)
+            view[old] = at
+            del view  # (an exported buffer would stop `changed` growing below)
         if added:
-            self.blobs.extend(image.blob for image in images[kept:])
+            add_blobs()
             self.pids.extend(pids)
             stamps = array.array("I", [at]) * added
             created.extend(stamps)
             changed.extend(stamps)
             self.live.add_range(first, first + added)
             self.slots.extend(tracked.slots)
-        for aid, (ids, old, had, new) in tracked.ranges.items():
-            self.range_index[aid].replace_many(ids, old, had, new)
+        for aid, (ids, was, had, new) in tracked.ranges.items():
+            self.range_index[aid].replace_many(ids, was, had, new)
         for aid, (ids, on, was, now) in tracked.cells.items():
             self.day_index[aid].bump_many(ids, on, was, now)
         if touched is not None:
             _touched_by_columns(touched, first, added, [
                 (aid, columns[0]) for columns_of in (tracked.ranges, tracked.cells)
                 for aid, columns in columns_of.items()])
-        before.reverse()
-        return Undo(before, [], (first, pids) if added else None, times=stamped)
 
     def undo(self, undo: Undo) -> None:
         if undo.added is not None:  # the load's profiles become absent again, newest first

@@ -199,8 +199,12 @@ class BlobTable(mapped.DenseColumn):
         """`ids` as int64, checked in range; None if one is given twice (a range never)."""
         if isinstance(ids, range):
             dense = np.arange(ids.start, ids.stop, ids.step, dtype=np.int64)
+        elif isinstance(ids, np.ndarray):
+            dense = ids.astype(np.int64)
         else:
             dense = np.fromiter(ids, dtype=np.int64, count=count)
+        if len(dense) != count:
+            raise ValueError(f"{len(dense)} dense ids for {count} blobs")
         if len(dense) and (int(dense.min()) < 0 or int(dense.max()) >= self._n):
             raise IndexError("dense id out of range")
         if not isinstance(ids, range) and len(np.unique(dense)) < len(dense):
