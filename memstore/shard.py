@@ -905,7 +905,8 @@ def _new_rows(record: dict[str, Any], first: int
         return pids, (b"".join(blobs), np.fromiter(map(len, blobs), dtype=np.int64,
                                                    count=len(blobs)))
     columns = _image_columns(record["image_columns"])
-    if (columns.dense != range(first, first + len(columns.pids))
+    if (not isinstance(columns.dense, range)
+            or columns.dense != range(first, first + len(columns.pids))
             or int(columns.lengths.min(initial=0)) < 0):
         return None
     return columns.pids, (columns.joined, columns.lengths)
@@ -1029,7 +1030,8 @@ def _image_columns(logged: list[Any]) -> ImageColumns:
     dense, pids, lengths, joined = logged
     ids = range(*dense) if isinstance(dense[0], int) else array_of(dense).astype(np.int64)
     sizes = array_of(lengths).astype(np.int64)
-    if not len(ids) == len(pids) == len(sizes) or int(sizes[sizes > 0].sum()) != len(joined):
+    if (not len(ids) == len(pids) == len(sizes) or int(sizes[sizes > 0].sum()) != len(joined)
+            or int(sizes.min(initial=0)) < -1):
         raise ValueError(f"image columns of {len(ids)} dense ids, {len(pids)} primary ids, "
                          f"{len(sizes)} lengths and {len(joined)} blob bytes do not match")
     return ImageColumns(ids, pids, sizes, joined)

@@ -35,7 +35,7 @@ from pyroaring import BitMap
 
 import memstore.engine.core as core_module
 import memstore.shard as shard_module
-from memstore.engine.change import SET, UNSET, Image, UpsertSpec
+from memstore.engine.change import SET, UNSET, Image, UpsertSpec, raw_array
 from memstore.engine.columnar import Coded, Columns
 from memstore.engine.core import Engine
 from memstore.engine.tracking import FAST_FROM
@@ -47,6 +47,7 @@ from memstore.shard import (
     Shard,
     ShardConfig,
     _LoadRun,
+    _new_rows,
     encode_image_columns,
     images_of,
     load_snapshot,
@@ -340,6 +341,20 @@ def test_image_columns_that_do_not_add_up_are_refused() -> None:
     columns[3] = b"xyzw"
     with pytest.raises(ValueError, match="2 dense ids, 2 primary ids, 2 lengths and 4 blob"):
         images_of({"image_columns": columns})
+    columns = encode_image_columns([Image(1, "a", b"xyz"), Image(2, "b", None)])
+    columns[2] = raw_array(np.array([3, -2], dtype=np.int8))  # no length is below -1
+    with pytest.raises(ValueError, match="do not match"):
+        images_of({"image_columns": columns})
+
+
+def test_a_load_record_whose_ids_are_not_a_run_is_replayed_from_its_images() -> None:
+    """A load's record whose dense ids are logged as an array (not the range a load's
+    are) joins no run: replay applies its images as they are."""
+    images = [Image(5, "a", b"\x94\x01\x80\x90\x90"), Image(7, "b", b"\x94\x01\x80\x90\x90")]
+    record = {"image_columns": encode_image_columns(images)}
+    assert _new_rows(record, 5) is None
+    record["image_columns"] = encode_image_columns([images[0]._replace(dense=6), images[1]])
+    assert _new_rows(record, 6) is not None and _new_rows(record, 5) is None
 
 
 def test_a_recovery_stopped_by_damage_mid_run_leaves_no_thread(tmp_path: Path) -> None:

@@ -139,8 +139,10 @@ class ChangeFilter:
 
 def change_events(record: dict[str, Any], flt: ChangeFilter, engine: Engine) -> list[Any]:
     """The profile changes of a record (deletions and merges whatever the query)."""
+    if record.get("quiet"):
+        return []
     images = images_of(record)
-    if record.get("quiet") or not images:
+    if not images:
         return []
     at = _at(record["at"])
     by_id = engine.schema.by_id
