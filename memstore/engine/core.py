@@ -890,11 +890,13 @@ class Engine:
             owned = self.owned_slots
             self.foreign.update([d for d, slot in zip(range(first, end), load.slots, strict=True)
                                  if slot not in owned])
-        if self._keys_builder is not None and load.keys.size:
-            self._keys_built.append(self._keys_builder.submit(
-                self.directory.insert_absent, load.keys, np.asarray(load.owners, dtype=np.uint32)))
-        elif load.keys.size:
-            self.directory.insert_absent(load.keys, np.asarray(load.owners, dtype=np.uint32))
+        if load.keys.size:
+            owners = np.asarray(load.owners, dtype=np.uint32)
+            if self._keys_builder is None:
+                self.directory.insert_absent(load.keys, owners)
+            else:  # (adding_loads)
+                self._keys_built.append(self._keys_builder.submit(
+                    self.directory.insert_absent, load.keys, owners))
         self._index_columns({aid: (ids, values) for aid, ids, values in load.columns})
 
     @contextmanager
