@@ -64,9 +64,10 @@ RECORD_MERGE: Final = 4  # after-images plus cross-shard merge notes, applied as
 # changed in each updated profile, and the saved segments' membership deltas. Types 1, 2
 # and 4 are still read (older logs).
 RECORD_CHANGE: Final = 5
-# A RECORD_CHANGE of many images (a load, a batch of tracks) with its images logged as
-# columns: primary ids, blob lengths, the blobs joined. Recovery copies a load's blobs
-# into memory a record at a time, with no object a blob.
+# A RECORD_CHANGE of many images (a load, a batch of tracks, a big batch of upserts) with
+# its images logged as columns: dense ids, primary ids, blob lengths, the blobs joined.
+# Recovery copies a load's or a batch of tracks' blobs into memory as they lie in the
+# record, with no object a blob.
 RECORD_COLUMNS: Final = 6
 CHANGE_RECORDS: Final = frozenset({RECORD_CHANGE, RECORD_COLUMNS})  # read alike
 RECORD_TYPES: Final = frozenset({RECORD_PROFILES, RECORD_SCHEMA, RECORD_SHARD_META,
