@@ -65,7 +65,7 @@ from memstore.errors import ReadOnlyReplica, Unavailable
 from memstore.gcpause import gc_paused
 from memstore.hashslot import slot_of
 from memstore.index.bitmap_index import RangeIndex, ValueIndex
-from memstore.index.blobtable import BlobTable
+from memstore.index.blobtable import BlobTable, join_blobs
 from memstore.index.day_index import DayIndex
 from memstore.index.dense import bitmap_of
 from memstore.index.inttable import IntTable
@@ -898,12 +898,10 @@ def _new_rows(record: dict[str, Any], first: int
     images are not profiles at dense ids first, first + 1, ... (a load's, in order)."""
     if "images" in record:  # (a RECORD_CHANGE: a load's images are its new profiles)
         logged = record["images"]
-        pids = [pid for _, pid, _ in logged]
         blobs = [blob for _, _, blob in logged]
         if None in blobs:
             return None
-        return pids, (b"".join(blobs), np.fromiter(map(len, blobs), dtype=np.int64,
-                                                   count=len(blobs)))
+        return [pid for _, pid, _ in logged], join_blobs(blobs)
     columns = _image_columns(record["image_columns"])
     if (not isinstance(columns.dense, range)
             or columns.dense != range(first, first + len(columns.pids))
@@ -1013,8 +1011,7 @@ def encode_image_columns(images: list[Image]) -> list[Any]:
     pids = list(map(_PID, images))
     blobs = list(map(_BLOB, images))
     try:
-        lengths = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs))
-        joined = b"".join(blobs)
+        joined, lengths = join_blobs(blobs)
     except TypeError:  # some images remove their profile
         lengths = np.array([-1 if blob is None else len(blob) for blob in blobs],
                            dtype=np.int64)

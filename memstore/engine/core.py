@@ -95,7 +95,7 @@ from memstore.errors import (
 )
 from memstore.hashslot import SLOT_COUNT, slot_of
 from memstore.index.bitmap_index import RangeIndex, ValueIndex
-from memstore.index.blobtable import BlobTable
+from memstore.index.blobtable import BlobTable, join_blobs
 from memstore.index.claims import Claims, claim_key
 from memstore.index.day_index import DayIndex
 from memstore.index.dense import bitmap_of
@@ -643,10 +643,11 @@ class Engine:
                 old_ids, old_pids, blobs.take(old_ids), repeat(None))))
             stamped = list(zip(old_ids, map(created.__getitem__, old_ids),
                                map(changed.__getitem__, old_ids)))
-        blobs.put_many(old_ids, old_blobs)
+        old = np.fromiter(old_ids, dtype=np.int64, count=kept)
+        blobs.put_many(old, old_blobs)
         pids = [image.pid for image in images[kept:]]
-        self._add_tracked(tracked, np.fromiter(old_ids, dtype=np.int64, count=kept), at,
-                          pids, lambda: self.blobs.extend(image.blob for image in images[kept:]),
+        self._add_tracked(tracked, old, at, pids,
+                          lambda: self.blobs.extend(image.blob for image in images[kept:]),
                           touched)
         before.reverse()
         return Undo(before, [], (first, pids) if added else None, times=stamped)
@@ -857,10 +858,8 @@ class Engine:
         """apply_images for a planned load (Change.load): new profiles at the end, indexed
         from the planner's columns. Returns (first dense id, primary ids): what undoes it."""
         pids = [image.pid for image in images]
-        blobs = [image.blob for image in images]
-        lengths = np.fromiter(map(len, blobs), dtype=np.int64,  # type: ignore[arg-type]
-                              count=len(blobs))
-        self.add_loaded(load, pids, [(b"".join(blobs), lengths)], at)  # type: ignore[arg-type]
+        blobs = join_blobs([image.blob for image in images])  # type: ignore[misc]
+        self.add_loaded(load, pids, [blobs], at)
         return load.first, pids
 
     def add_loaded(self, load: Load, pids: list[str], blobs: list[tuple[bytes, np.ndarray]],

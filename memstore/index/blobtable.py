@@ -41,6 +41,13 @@ _BIG = (1 << 24) - 1  # length field of a blob kept in the dict
 _ZEROS = memoryview(bytes(1 << 20))
 
 
+def join_blobs(blobs: Sequence[bytes]) -> tuple[bytes, np.ndarray]:
+    """Blobs as one bytes object and each one's length (int64): the form put_joined takes
+    and a log's image columns hold. TypeError if one is None."""
+    lengths = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs))
+    return b"".join(blobs), lengths
+
+
 class BlobTable(mapped.DenseColumn):
     """dense id -> profile blob (None: no profile), indexable like the list it replaces."""
 
@@ -113,9 +120,8 @@ class BlobTable(mapped.DenseColumn):
             raise ValueError("a dense id without a profile")
         lengths = loc >> np.uint64(_LEN_SHIFT)
         if (lengths == np.uint64(_BIG)).any():
-            blobs = self.take(dense)
-            return b"".join(blobs), np.fromiter(  # type: ignore[arg-type]
-                map(len, blobs), dtype=np.uint32, count=len(blobs))  # type: ignore[arg-type]
+            joined, lengths = join_blobs(self.take(dense))  # type: ignore[arg-type]
+            return joined, lengths.astype(np.uint32)
         starts = (loc & np.uint64(_START)).astype(np.int64)
         ends = starts + lengths.astype(np.int64)
         # A run breaks where a blob does not start where the one before ended, or in
