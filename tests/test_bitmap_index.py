@@ -277,3 +277,40 @@ def test_vectorised_float_map_matches_scalar(values: list[float]) -> None:
     arr = np.array(values, dtype=np.float64)
     assert floats_to_ordered(arr).tolist() == [float_to_ordered(v) for v in values]
 
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(-2**40, 2**40) | st.integers(-5, 5), min_size=1,
+                max_size=RangeIndex.SAMPLE),
+       st.integers(-2**40, 2**40) | st.integers(-6, 6), st.integers(0, 2**41))
+def test_an_estimate_over_no_more_ids_than_the_sample_is_exact(
+        values: list[int], c: int, width: int) -> None:
+    """Up to SAMPLE holders, the sample is every value: each estimate is the count."""
+    index = RangeIndex()
+    index.set_many(np.arange(len(values), dtype=np.uint32), np.array(values, dtype=np.int64))
+    for op in OPS:
+        assert index.estimate(op, [c]) == sum(expect(op, v, c) for v in values), op
+    assert index.estimate("between", [c, c + width]) == sum(c <= v <= c + width
+                                                           for v in values)
+    assert index.estimate("between", [c + 1, c]) == 0
+    assert index.estimate("in", [c, values[0]]) == sum(v in (c, values[0]) for v in values)
+
+
+def test_an_estimate_follows_the_values_as_they_change() -> None:
+    """Over many ids the estimate is near the count, and is drawn again once an eighth of
+    the ids have changed: values moved from one end to the other are seen there."""
+    rng = np.random.default_rng(7)
+    n = 40_000
+    values = rng.integers(0, 1_000_000, n)
+    index = RangeIndex()
+    index.set_many(np.arange(n, dtype=np.uint32), values)
+    for op, c in (("lt", 100_000), ("ge", 500_000), ("le", 990_000)):
+        true = len(index.compare(op, c))
+        assert abs(index.estimate(op, [c]) - true) < n * 0.1, (op, c)
+    assert index.estimate("between", [2_000_000, 3_000_000]) == 0
+    moved = np.arange(0, n // 2, dtype=np.uint32)
+    index.replace_many(moved, values[: n // 2], np.ones(n // 2, dtype=bool),
+                       np.full(n // 2, 2_500_000))
+    true = len(index.compare("ge", 2_000_000))
+    assert true == n // 2
+    assert abs(index.estimate("ge", [2_000_000]) - true) < n * 0.1

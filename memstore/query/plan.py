@@ -10,14 +10,16 @@ reaching past the retention -- so an error never depends on the data (an AND who
 part matches nobody still refuses a malformed later part). Each leaf becomes a step that
 holds its index and an upper bound of the ids it can match, known without a bitmap
 operation: a value's bitmap cardinality, the sum of an IN's, the number of ids holding a
-ranged attribute, the sum of a window's day bitmaps.
+ranged attribute, the sum of a window's day bitmaps. A range can also estimate its
+matches, from a sample of its index's values (RangeIndex.estimate).
 
 Running (`Step.run(context, within)`) gives the matching ids among `within` (None: among
 all), never a scan over profiles:
-- AND runs its parts smallest bound first, each among the ids the ones before left, and
-  stops as soon as none is left; NOT parts run last, as a difference from what is left.
-  A bit-sliced step (a range, a did(...) with counts) among a few survivors costs a few
-  operations on small bitmaps instead of its whole index's.
+- AND runs its parts smallest bound first (its ranges, in the places that gives them,
+  narrowest estimate first), each among the ids the ones before left, and stops as soon
+  as none is left; NOT parts run last, as a difference from what is left. A bit-sliced
+  step (a range, a did(...) with counts) among a few survivors costs a few operations
+  on small bitmaps instead of its whole index's.
 - OR runs bitmap parts first (largest first), then bit-sliced parts among the ids not
   matched yet, and stops once everything it could match is matched.
 - NOT is a difference from `within` (or the visible profiles).
@@ -171,6 +173,11 @@ class Range(Step):
         # and stops there (a scan with min/max statistics answers it as fast).
         self.bound = 0 if span is None or not _may_match(op, values, *span) else len(index)
 
+    def estimate(self) -> int:
+        """About how many ids match (RangeIndex.estimate): asked only of an AND's ranges,
+        to order them (`_narrowest_first`)."""
+        return self.index.estimate(self.op, self.values) if self.bound else 0
+
     def run(self, ctx: Context, within: BitMap | None) -> BitMap:
         ctx.leaf()
         index, values = self.index, self.values
@@ -234,8 +241,7 @@ class NotStep(Step):
 
 class AndStep(Step):
     def __init__(self, children: list[Step]) -> None:
-        self.positive = sorted((c for c in children if not isinstance(c, NotStep)),
-                               key=lambda c: (c.bound, c.cost))
+        self.positive = _narrowest_first([c for c in children if not isinstance(c, NotStep)])
         self.negative = [c for c in children if isinstance(c, NotStep)]
         self.bound = min(c.bound for c in children) if self.positive else max(
             c.bound for c in children)
@@ -275,6 +281,35 @@ class AndStep(Step):
             if not result:
                 return BitMap()
         return result
+
+
+def _narrowest_first(steps: list[Step]) -> list[Step]:
+    """An AND's positive parts in the order to run them: smallest bound first (cheaper
+    parts first among equal bounds), and its ranges, in the places this gives ranges,
+    narrowest estimate first. A range walks its index's bits over the ids left before
+    it (all of its holders at first), so after the narrowest the next one walks the
+    fewest; its holders (its bound) say nothing of its width. Other parts keep their
+    places: a bitmap costs little whatever it leaves, and a compound part's bound counts
+    the bitmaps that may empty it at once."""
+    ordered = sorted(steps, key=_by_bound)
+    if not ordered or not ordered[0].bound:  # it stops after its first part: no choice
+        return ordered
+    places = [i for i, c in enumerate(ordered) if isinstance(c, Range)]
+    if len(places) > 1:
+        ranges = sorted((c for c in ordered if isinstance(c, Range)), key=_by_estimate)
+        for i, step in zip(places, ranges, strict=True):
+            ordered[i] = step
+    return ordered
+
+
+def _by_bound(step: Step) -> tuple[int, int]:
+    return step.bound, step.cost
+
+
+def _by_estimate(step: Range) -> tuple[int, int]:
+    # Estimates within a factor of two or so are alike (a sample's error; a walk's cost
+    # depends on more than its width): alike ranges keep the order they were written in.
+    return step.estimate().bit_length(), step.bound
 
 
 class OrStep(Step):
