@@ -655,8 +655,9 @@ class Engine:
     def replay_tracked(self, change: Change, columns: ImageColumns) -> bool:
         """apply(change, undo=False) for a logged batch of tracks whose after-images came
         as columns (RECORD_COLUMNS), their blobs copied as logged: no Image, and no blob
-        joined again. False, with nothing done, where the record's images are not the
-        batch's (its new profiles do not start at the next dense id): apply its images."""
+        joined again. False, with nothing done, where the columns are not the batch's as
+        applied live (its new profiles do not start at the next dense id, or are not its
+        last images in order, or an image is a removal): apply(change) then, as live."""
         tracked = change.tracked
         first, added = tracked.first, len(tracked.slots)
         kept = len(columns.pids) - added

@@ -563,8 +563,8 @@ class RangeIndex:
         each slice intersected with the sampled ids and its bits gathered."""
         count = min(self.SAMPLE, held)
         exists = self._exists
-        ids = np.fromiter(map(exists.__getitem__, range(0, held, -(-held // count))),
-                          dtype=np.uint32)
+        ids = np.fromiter(map(exists.__getitem__, (i * held // count for i in range(count))),
+                          dtype=np.uint32, count=count)
         among = bitmap_of(ids)
         offsets = np.zeros(len(ids), dtype=np.uint64)
         for i, bits in enumerate(self.slices):

@@ -77,7 +77,7 @@ def bitmap_of_mask(mask: np.ndarray) -> BitMap:
 def bitmaps_of_rows(rows: np.ndarray, start: int = 0) -> list[BitMap]:
     """The bitmap of each row of a 2-d bool array: row r's holds start + j wherever
     rows[r, j] is true. `start` is a multiple of 65,536 (the rows cover whole blocks from
-    there); a row as wide as a multiple of 65,536 is used in place, others are copied."""
+    there); rows not a multiple of 65,536 wide are padded with zeros (a copy)."""
     count, n = rows.shape
     blocks = -(-n // BLOCK)
     if n % BLOCK:

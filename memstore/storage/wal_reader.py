@@ -230,7 +230,8 @@ def read_ahead(records: Iterable[Record], budget: int = 64 << 20) -> Iterator[Re
     the GIL, so on a machine of two cores they overlap the caller's applying the records
     (recovery). An error of the reading (damage) is raised where the caller reaches it,
     after every record before it; a caller that stops early stops the thread. A scan's
-    `torn` and `end_lsn` are final once this has given its last record."""
+    `torn` and `end_lsn` are final once the iteration has ended (after the last record
+    the reader may still be scanning a torn tail)."""
     ahead: deque[Record] = deque()
     state = {"bytes": 0, "done": False, "stop": False}
     failure: list[BaseException] = []
