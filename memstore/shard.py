@@ -70,7 +70,7 @@ from memstore.index.day_index import DayIndex
 from memstore.index.dense import bitmap_of
 from memstore.index.inttable import IntTable
 from memstore.index.pidtable import PidTable
-from memstore.server.heap import heap_for_loads, release_free_heap
+from memstore.server.heap import release_free_heap
 from memstore.storage import wal_format
 from memstore.storage.dirlock import DirLock
 from memstore.storage.forked import ChildFailed, run_in_child
@@ -573,16 +573,9 @@ class Shard:
         gc.collect()
         gc.freeze()
         name = self.config.name
-
-        def write() -> Any:  # in the child
-            # Its big temporaries mapped apart, as a load's: from the serving heap, they
-            # filled holes in pages the parent shares, each write a copy-on-write fault
-            # (a 1M-profile snapshot after a recovery: ~0.85 s this way, 1.3-1.7 s not).
-            heap_for_loads()
-            return write_snapshot_file(engine, snap_dir, lsn, name, started, fsync)
-
         try:
-            path, count, pause = await run_in_child(write)
+            path, count, pause = await run_in_child(
+                lambda: write_snapshot_file(engine, snap_dir, lsn, name, started, fsync))
         except ChildFailed as exc:
             self._erased = self._erased or erased
             raise Unavailable(f"snapshot failed: {exc}") from None
