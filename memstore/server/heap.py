@@ -5,16 +5,12 @@ threshold get mappings of their own (returned when freed), and free memory above
 threshold at the heap's top goes back. Neither default suits both things a shard does, so
 a shard process (`manage_heap`, as it starts) switches between two settings:
 
-- Loading (recovery, and while bulk loads are in flight): blocks from 4 MiB up are mapped
-  apart, and free memory over 128 KiB at the heap's top goes back. A load's biggest
-  temporaries then never sit in the heap between long-lived profiles, where their pages
-  would stay resident; measured at 1M profiles, 447 bytes a profile after a load against
-  ~530 with the query setting. Below 4 MiB (a recovery's column arrays, a log record's
-  bytes) blocks come from the heap and reuse its pages: mapped apart from 1 MiB, each
-  was a fresh mapping faulted in page by page, ~0.35 s of a 1M-profile log's replay
-  (2.40 -> 2.04 s), with the same memory after it (376 bytes a profile). When the last
-  load call ends, `malloc_trim(0)` (LoadTrimmer) returns every whole free page the load's
-  small objects left (~15-30 bytes a profile at 1M; ~1 ms).
+- Loading (recovery, and while bulk loads are in flight): blocks from 1 MiB up are mapped
+  apart. A load's multi-MB temporaries then never sit in the heap between long-lived
+  profiles, where their pages would stay resident; measured at 1M profiles, 447 bytes a
+  profile after a load against ~530 with the query setting. When the last load call
+  ends, `malloc_trim(0)` (LoadTrimmer) returns every whole free page the load's small
+  objects left (~15-30 bytes a profile at 1M; ~1 ms).
 - Serving queries (`heap_for_queries`): blocks under 32 MiB come from the heap and up to
   SCRATCH_BYTES of free memory stays there. A count over a window or a range makes numpy
   temporaries of several MB (~12 MB for a cold `did(..., at_least=3)` on 473k ids) and
@@ -44,7 +40,7 @@ if _mallopt is not None:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 SCRATCH_BYTES = 64 << 20  # free heap kept for the next query's temporaries
 _QUERY_MMAP_FROM = 32 << 20  # serving: blocks this big are mapped apart (glibc's largest)
-_LOAD_MMAP_FROM = 4 << 20  # loading: a load's temporaries this big are mapped apart
+_LOAD_MMAP_FROM = 1 << 20  # loading: a load's temporaries this big are mapped apart
 _LOAD_TRIM_FROM = 128 << 10  # loading: glibc's default top pad to give back
 _managed = False
 
