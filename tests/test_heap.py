@@ -137,7 +137,7 @@ def faults():  # page faults of 20 queries, after one to warm up
 if sys.argv[1] == "default":
     print(faults())
 else:  # a shard process: recovery, serving, a load in flight, serving again
-    assert manage_heap()
+    assert manage_heap()  # (recovery: glibc's defaults)
     recovering = faults()
     assert heap_for_queries()
     serving = faults()
@@ -158,9 +158,10 @@ def _faults(mode: str) -> list[int]:
 def test_a_shard_keeps_its_query_temporaries_pages_and_maps_a_loads_apart() -> None:
     """A shard process (manage_heap) keeps the pages of its queries' temporaries: a query
     that makes and frees ~10 MB of arrays faults no page in when asked again, where
-    glibc's defaults give them back and fault them in on every ask. While it recovers and
-    while a load is in flight, blocks from 1 MiB up are mapped apart and given back (so a
-    load's temporaries leave no pages among the profiles): every ask faults them in."""
+    glibc's defaults give them back and fault them in on every ask. While it recovers it
+    keeps glibc's defaults; while a load is in flight, blocks from 1 MiB up are mapped
+    apart and given back (so a load's temporaries leave no pages among the profiles):
+    in both, every ask faults them in."""
     [default] = _faults("default")
     recovering, serving, loading, served_again = _faults("shard")
     assert serving < 100 and served_again < 100, (serving, served_again)

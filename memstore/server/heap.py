@@ -2,10 +2,18 @@
 
 glibc's defaults move two thresholds with the largest block freed: blocks above the mmap
 threshold get mappings of their own (returned when freed), and free memory above the trim
-threshold at the heap's top goes back. Neither default suits both things a shard does, so
-a shard process (`manage_heap`, as it starts) switches between two settings:
+threshold at the heap's top goes back. Those suit a shard's recovery; what it does after
+suits neither, so a shard process (`manage_heap`, as it starts) keeps glibc's defaults
+until it has recovered and then switches between two settings:
 
-- Loading (recovery, and while bulk loads are in flight): blocks from 1 MiB up are mapped
+- Recovering: glibc's defaults. A replay's column arrays of a few MB (a run of 262,144
+  profiles) come from the heap once the first is freed, and their pages are used again by
+  the next run's. Mapped apart from 1 MiB (the loading setting), every run's arrays were
+  faulted in page by page: a 1M-profile log replayed in ~2.1 s in process against ~1.5
+  (served: 2.5-2.7 s against 1.7-1.85). What it costs: freed pages among the profiles'
+  that `malloc_trim` cannot return, ~40 MB after that log (~405 bytes a profile against
+  ~366), and none measurable after a 10M-profile log (347 in both; bench/RESULTS.md).
+- Loading (while bulk loads are in flight): blocks from 1 MiB up are mapped
   apart. A load's multi-MB temporaries then never sit in the heap between long-lived
   profiles, where their pages would stay resident; measured at 1M profiles, 447 bytes a
   profile after a load against ~530 with the query setting. When the last load call
@@ -46,11 +54,11 @@ _managed = False
 
 
 def manage_heap() -> bool:
-    """Take charge of this process's heap settings (a shard process, as it starts): the
-    loading setting until `heap_for_queries`. Whether the C library lets it."""
+    """Take charge of this process's heap settings (a shard process, as it starts); until
+    `heap_for_queries` (its recovery) glibc's own. Whether the C library lets it."""
     global _managed
     _managed = _mallopt is not None
-    return heap_for_loads()
+    return _managed
 
 
 def heap_for_loads() -> bool:
