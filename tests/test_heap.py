@@ -167,3 +167,40 @@ def test_a_shard_keeps_its_query_temporaries_pages_and_maps_a_loads_apart() -> N
     assert serving < 100 and served_again < 100, (serving, served_again)
     assert default > 20 * 500, default  # the defaults: ~1,400 page faults an ask
     assert recovering > 20 * 500 and loading > 20 * 500, (recovering, loading)
+
+
+_THREAD_FREES = """
+import sys, threading
+from memstore.server.heap import manage_heap, release_free_heap
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+if sys.argv[1] == "shard":
+    assert manage_heap()
+big = bytearray(24 << 20)  # a block of 24 MB mapped and freed: glibc's defaults raise
+del big  # their mmap threshold to 24 MB and their trim threshold to 48
+def work():  # a recovery's thread: ~40 MB of temporaries, made and freed
+    blocks = [bytearray(64 << 10) for _ in range(640)]
+    del blocks
+before = resident()
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+release_free_heap()
+print(resident() - before)
+"""
+
+
+def _kept_after_thread(mode: str) -> int:
+    done = subprocess.run([sys.executable, "-c", _THREAD_FREES, mode], check=True,
+                          capture_output=True, text=True, timeout=60)
+    return int(done.stdout)
+
+
+def test_a_shard_gives_back_what_its_threads_freed() -> None:
+    """What a thread of a shard process (manage_heap) frees goes back to the OS with the
+    rest of the heap: a recovery's thread that made and freed ~40 MB leaves nothing
+    resident after the trim, where glibc's defaults keep it at the top of that thread's
+    own arena, which malloc_trim does not shrink."""
+    assert _kept_after_thread("shard") < 8 << 20
+    assert _kept_after_thread("default") > 30 << 20

@@ -127,7 +127,7 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
     from memstore.storage.wal_writer import SyncPolicy
 
     _logging(verbose, role="shard", shard=name)
-    manage_heap()  # glibc's defaults for recovery; serve() switches to queries after
+    manage_heap()  # one arena; glibc's thresholds for recovery, serve() switches after
     try:
         security = ServerSecurity.configure(tls_cert, tls_key, tls_client_ca, auth_file,
                                             insecure, cluster_token_from_env())

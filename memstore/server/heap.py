@@ -2,17 +2,21 @@
 
 glibc's defaults move two thresholds with the largest block freed: blocks above the mmap
 threshold get mappings of their own (returned when freed), and free memory above the trim
-threshold at the heap's top goes back. Those suit a shard's recovery; what it does after
-suits neither, so a shard process (`manage_heap`, as it starts) keeps glibc's defaults
-until it has recovered and then switches between two settings:
+threshold at the heap's top goes back. Those suit a shard's recovery and nothing it does
+after, so a shard process (`manage_heap`, as it starts) keeps them until it has recovered
+and then switches between two settings of its own; and it allocates from one arena:
 
-- Recovering: glibc's defaults. A replay's column arrays of a few MB (a run of 262,144
+- One arena, throughout. glibc gives each thread that allocates an arena of its own, and
+  `malloc_trim` never gives back the free memory at the top of a thread's arena: the
+  thread that enters a recovery's identifier keys (Engine.adding_loads) left ~38 MB
+  resident there after a 1M-profile log (405-450 bytes a profile against ~366). In one
+  arena the same memory goes back with the rest; threads share its lock, their small
+  blocks coming from per-thread caches as before.
+- Recovering: glibc's thresholds. A replay's column arrays of a few MB (a run of 262,144
   profiles) come from the heap once the first is freed, and their pages are used again by
   the next run's. Mapped apart from 1 MiB (the loading setting), every run's arrays were
-  faulted in page by page: a 1M-profile log replayed in ~2.1 s in process against ~1.5
-  (served: 2.5-2.7 s against 1.7-1.85). What it costs: freed pages among the profiles'
-  that `malloc_trim` cannot return, ~40 MB after that log (~405 bytes a profile against
-  ~366), and none measurable after a 10M-profile log (347 in both; bench/RESULTS.md).
+  faulted in page by page: a 1M-profile log replayed in ~2.1 s in process against ~1.6
+  (served: 2.5-2.97 s against 1.7-1.85; bench/RESULTS.md).
 - Loading (while bulk loads are in flight): blocks from 1 MiB up are mapped
   apart. A load's multi-MB temporaries then never sit in the heap between long-lived
   profiles, where their pages would stay resident; measured at 1M profiles, 447 bytes a
@@ -45,7 +49,7 @@ if _mallopt is not None:
     _mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     _mallopt.restype = ctypes.c_int
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's malloc.h
 SCRATCH_BYTES = 64 << 20  # free heap kept for the next query's temporaries
 _QUERY_MMAP_FROM = 32 << 20  # serving: blocks this big are mapped apart (glibc's largest)
 _LOAD_MMAP_FROM = 1 << 20  # loading: a load's temporaries this big are mapped apart
@@ -54,10 +58,11 @@ _managed = False
 
 
 def manage_heap() -> bool:
-    """Take charge of this process's heap settings (a shard process, as it starts); until
-    `heap_for_queries` (its recovery) glibc's own. Whether the C library lets it."""
+    """Take charge of this process's heap settings (a shard process, as it starts, before
+    it starts a thread): one arena, and until `heap_for_queries` (its recovery) glibc's
+    thresholds. Whether the C library lets it."""
     global _managed
-    _managed = _mallopt is not None
+    _managed = _mallopt is not None and bool(_mallopt(_M_ARENA_MAX, 1))
     return _managed
 
 
