@@ -149,8 +149,9 @@ else:  # a shard process: recovery, serving, a load in flight, serving again
 """
 
 
-def _faults(mode: str) -> list[int]:
-    done = subprocess.run([sys.executable, "-c", _QUERIES, mode], check=True,
+def _printed(script: str, mode: str) -> list[int]:
+    """The numbers `script` prints, run in a process of its own as `mode`."""
+    done = subprocess.run([sys.executable, "-c", script, mode], check=True,
                           capture_output=True, text=True, timeout=60)
     return [int(n) for n in done.stdout.split()]
 
@@ -162,19 +163,19 @@ def test_a_shard_keeps_its_query_temporaries_pages_and_maps_a_loads_apart() -> N
     keeps glibc's defaults; while a load is in flight, blocks from 1 MiB up are mapped
     apart and given back (so a load's temporaries leave no pages among the profiles):
     in both, every ask faults them in."""
-    [default] = _faults("default")
-    recovering, serving, loading, served_again = _faults("shard")
+    [default] = _printed(_QUERIES, "default")
+    recovering, serving, loading, served_again = _printed(_QUERIES, "shard")
     assert serving < 100 and served_again < 100, (serving, served_again)
     assert default > 20 * 500, default  # the defaults: ~1,400 page faults an ask
     assert recovering > 20 * 500 and loading > 20 * 500, (recovering, loading)
 
 
 _THREAD_FREES = """
-import sys, threading
+import os, sys, threading
 from memstore.server.heap import manage_heap, release_free_heap
 def resident():
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 if sys.argv[1] == "shard":
     assert manage_heap()
 big = bytearray(24 << 20)  # a block of 24 MB mapped and freed: glibc's defaults raise
@@ -191,16 +192,11 @@ print(resident() - before)
 """
 
 
-def _kept_after_thread(mode: str) -> int:
-    done = subprocess.run([sys.executable, "-c", _THREAD_FREES, mode], check=True,
-                          capture_output=True, text=True, timeout=60)
-    return int(done.stdout)
-
-
 def test_a_shard_gives_back_what_its_threads_freed() -> None:
     """What a thread of a shard process (manage_heap) frees goes back to the OS with the
     rest of the heap: a recovery's thread that made and freed ~40 MB leaves nothing
     resident after the trim, where glibc's defaults keep it at the top of that thread's
     own arena, which malloc_trim does not shrink."""
-    assert _kept_after_thread("shard") < 8 << 20
-    assert _kept_after_thread("default") > 30 << 20
+    [kept] = _printed(_THREAD_FREES, "shard")
+    [kept_by_default] = _printed(_THREAD_FREES, "default")
+    assert kept < 8 << 20 and kept_by_default > 30 << 20, (kept, kept_by_default)
