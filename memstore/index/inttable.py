@@ -286,16 +286,13 @@ class IntTable:
         in any order). Sorted, they give the homes in order without a gather (a random
         read a key: at 10M keys, an argsort of the homes and the gather of them took
         ~2 s of a 4 s fill)."""
-        if len(keys) >= 1 << 32:  # (no room for an index in the bottom half)
-            order = np.argsort(self._homes(keys))
-            homes = self._homes(keys[order])
-        else:
-            packed = (keys * np.uint64(_PHI)) & np.uint64(_TOP)
-            packed |= np.arange(len(keys), dtype=np.uint64)
-            packed.sort()
-            order = (packed & np.uint64(_LOW)).astype(np.int64)
-            homes = (((packed >> np.uint64(32)) * np.uint64(self._cap)) >> np.uint64(32)
-                     ).astype(np.int64)
+        # (An index fits the bottom half: the homes' arithmetic takes fewer than 2**32 slots.)
+        packed = (keys * np.uint64(_PHI)) & np.uint64(_TOP)
+        packed |= np.arange(len(keys), dtype=np.uint64)
+        packed.sort()
+        order = (packed & np.uint64(_LOW)).astype(np.int64)
+        homes = (((packed >> np.uint64(32)) * np.uint64(self._cap)) >> np.uint64(32)
+                 ).astype(np.int64)
         steps = np.arange(len(keys))
         slots = np.maximum.accumulate(homes - steps) + steps
         inside = slots < self._cap
