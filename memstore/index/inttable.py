@@ -264,7 +264,12 @@ class IntTable:
         return found
 
     def _homes(self, keys: np.ndarray) -> np.ndarray:
-        top = (keys * np.uint64(_PHI)) >> np.uint64(32)
+        return self._homes_of_hashes(keys * np.uint64(_PHI))
+
+    def _homes_of_hashes(self, hashes: np.ndarray) -> np.ndarray:
+        """The home slot of each key whose hash (key * _PHI, wrapped) is given: its top half
+        scaled to the capacity (the bottom half does not count)."""
+        top = hashes >> np.uint64(32)
         return ((top * np.uint64(self._cap)) >> np.uint64(32)).astype(np.int64)
 
     def _rebuild(self, extra: int = 0) -> None:
@@ -291,8 +296,7 @@ class IntTable:
         packed |= np.arange(len(keys), dtype=np.uint64)
         packed.sort()
         order = (packed & np.uint64(_LOW)).astype(np.int64)
-        homes = (((packed >> np.uint64(32)) * np.uint64(self._cap)) >> np.uint64(32)
-                 ).astype(np.int64)
+        homes = self._homes_of_hashes(packed)
         steps = np.arange(len(keys))
         slots = np.maximum.accumulate(homes - steps) + steps
         inside = slots < self._cap
