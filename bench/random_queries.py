@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ import click
 import numpy as np
 
 from bench.datagen import ATTRS, SCHEMA, Dataset, iter_records, load_or_generate
+from bench.grpc_floor import Floor
 from bench.queries import (
     And,
     Between,
@@ -189,6 +191,7 @@ def run(size: int, n_queries: int, seed: int, shards: int, budget_s: float,
     nodes = [parse(text) for text in texts]
     proc = None
     tmp = tempfile.TemporaryDirectory(prefix="bench-random-")
+    stack = ExitStack()
     try:
         if router:
             proc = Proc(["serve", "--shards", str(shards), "--port", "0", "--data-dir",
@@ -216,26 +219,36 @@ def run(size: int, n_queries: int, seed: int, shards: int, budget_s: float,
         if problems:
             return res
         log("  every count agrees (numpy, DuckDB, engine" + (", router)" if router else ")"))
+        if router:  # the floor under any count through the router, at the same moments
+            floor = stack.enter_context(Floor())
         rows = []
         for i, (q, text, node) in enumerate(zip(qs, texts, nodes, strict=True)):
             query = _as_query(q)
             d = median_time(lambda query=query: duck.count(query), budget_s)  # type: ignore[misc]
             e = median_time(lambda node=node: count(engine, node), budget_s)  # type: ignore[misc]
-            row = {"name": f"r{i:03d}", "query": text, "count": int(to_numpy(q, ds).sum()),
-                   "duckdb_ms": d * 1e3, "engine_ms": e * 1e3, "engine_ratio": e / d}
+            row: dict[str, Any] = {
+                "name": f"r{i:03d}", "query": text, "count": int(to_numpy(q, ds).sum()),
+                "duckdb_ms": d * 1e3, "engine_ms": e * 1e3, "engine_ratio": e / d}
             if router:
                 r = median_time(lambda text=text: c.count(text), budget_s)  # type: ignore[misc]
                 k = median_time(lambda text=text: fast.count(text), budget_s)  # type: ignore[misc]
+                f = median_time(floor.call, budget_s)
                 row.update(router_ms=r * 1e3, router_ratio=r / d, link_ms=k * 1e3,
-                           link_ratio=k / d)
+                           link_ratio=k / d, floor_ms=f * 1e3)
             rows.append(row)
         res["rows"] = rows
         res["engine"] = summary([r["engine_ratio"] for r in rows])
         if router:
             res["router"] = summary([r["router_ratio"] for r in rows])
             res["link"] = summary([r["link_ratio"] for r in rows])
+            under = [r for r in rows if r["duckdb_ms"] < r["floor_ms"]]
+            res["floor"] = {
+                "median_ms": statistics.median(r["floor_ms"] for r in rows),
+                "duckdb_under_floor": len(under),
+                "router_losses_under_floor": sum(r["router_ratio"] > 1 for r in under)}
         return res
     finally:
+        stack.close()
         duck.close()
         if proc is not None:
             proc.stop()
@@ -258,6 +271,13 @@ def markdown(res: dict[str, Any]) -> str:
             s = res[side]
             lines.append(f"| {side} | {s['median']:.3f} ({1 / s['median']:.1f}x faster) | "
                          f"{s['worst']:.3f} | {s['slower_than_duckdb']} of {s['queries']} |")
+    if "floor" in res:
+        f = res["floor"]
+        lines += ["", (f"A gRPC round trip answering a constant (bench.grpc_floor, same "
+                       f"moments): median {f['median_ms']:.2f} ms. DuckDB answered "
+                       f"{f['duckdb_under_floor']} queries faster than that; "
+                       f"{f['router_losses_under_floor']} of the router's "
+                       f"{res['router']['slower_than_duckdb']} losses are among them.")]
     worst = sorted(res["rows"], key=lambda r: -r.get("router_ratio", r["engine_ratio"]))[:3]
     lines += ["", "Worst queries (ms: DuckDB / router / router's link / engine):"]
     for r in worst:

@@ -184,6 +184,10 @@ def test_random_query_trees_are_seeded_and_cross_checked() -> None:
     assert res["crosscheck"]["problems"] == []
     assert len(res["rows"]) == 12 and res["router"]["queries"] == 12
     assert res["engine"]["worst"] >= res["engine"]["median"] > 0
+    floor = res["floor"]  # a constant gRPC answer, timed beside each query
+    assert floor["median_ms"] > 0 and all(r["floor_ms"] > 0 for r in res["rows"])
+    assert floor["router_losses_under_floor"] <= min(floor["duckdb_under_floor"],
+                                                     res["router"]["slower_than_duckdb"])
 
 
 def test_events_bench_counts_agree_with_duckdb() -> None:
