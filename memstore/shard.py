@@ -465,15 +465,26 @@ class Shard:
         return sum(len(enter) + len(leave) for enter, leave in deltas.values())
 
     async def set_ownership(self, epoch: int, slots: BitMap | None) -> None:
+        """Serve `slots` (None: every slot) at `epoch`, durably. Memory first, as a write:
+        nothing can read the shard between the record and its state (a promoted replica
+        already says primary, and must not say so at its old epoch while the record
+        syncs); a failed sync takes the state back."""
         if self.replica_of is not None:
             raise ReadOnlyReplica(self.replica_of)
-        if self.log is not None:
-            if self.log.failed:
-                raise Unavailable(self.writable_error or "log failed")
-            lsn = self.log.append(wal_format.RECORD_SHARD_META, encode_meta(epoch, slots))
-            await self.log.sync_to(lsn)
-            self._advance()
+        if self.log is None:
+            self.engine.set_ownership(epoch, slots)
+            return
+        if self.log.failed:
+            raise Unavailable(self.writable_error or "log failed")
+        lsn = self.log.append(wal_format.RECORD_SHARD_META, encode_meta(epoch, slots))
+        before = self.engine.epoch, self.engine.owned_slots
         self.engine.set_ownership(epoch, slots)
+        try:
+            await self.log.sync_to(lsn)
+        except (LogFailedError, OSError) as exc:
+            self.engine.set_ownership(*before)
+            raise Unavailable(f"ownership not persisted: {exc}") from None
+        self._advance()
 
     # ------------------------------------------------------------------ replication
     def apply_replicated(self, records: Iterable[tuple[int, int, bytes]]) -> int:

@@ -524,3 +524,40 @@ def test_a_snapshot_found_damaged_while_it_loads_is_dropped_whole_for_the_older_
                    for r in caplog.records)
 
     run(scenario())
+
+
+def test_ownership_is_in_memory_while_its_record_syncs_and_taken_back_if_that_fails(
+        tmp_path: Path) -> None:
+    """set_ownership changes the shard's epoch and slots as its record goes into the log,
+    before the sync's await (nothing reads a promoted replica saying "primary" at its old
+    epoch in between), and a sync that fails restores both and says so (UNAVAILABLE)."""
+    from pyroaring import BitMap
+
+    async def scenario() -> None:
+        shard = await open_shard(tmp_path / "d")
+        await shard.set_ownership(3, BitMap(range(0, SLOT_COUNT, 2)))
+        assert shard.log is not None
+        real = shard.log.sync_to
+        seen: list[tuple[int, int | None]] = []
+
+        async def watched(lsn: int) -> None:
+            owned = shard.engine.owned_slots
+            seen.append((shard.engine.epoch, None if owned is None else len(owned)))
+            await real(lsn)
+
+        shard.log.sync_to = watched  # type: ignore[method-assign]
+        await shard.set_ownership(4, BitMap(range(10)))
+        assert seen == [(4, 10)]
+
+        async def failing(lsn: int) -> None:
+            raise OSError("disk gone")
+
+        shard.log.sync_to = failing  # type: ignore[method-assign]
+        with pytest.raises(Unavailable, match="ownership not persisted: disk gone"):
+            await shard.set_ownership(5, BitMap(range(3)))
+        assert shard.engine.epoch == 4 and shard.engine.owned_slots == BitMap(range(10))
+        assert shard.engine.visible() == shard.engine.live - shard.engine.foreign
+        shard.log.sync_to = real  # type: ignore[method-assign]
+        await shard.close()
+
+    run(scenario())
