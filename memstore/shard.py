@@ -61,7 +61,7 @@ from memstore.engine.identity import IdentityRules
 from memstore.engine.schema import AttributeSpec, Schema
 from memstore.engine.segments import Deltas, Touched, decode_deltas, encode_deltas, members_of
 from memstore.engine.tracking import Tracked, stale_days
-from memstore.errors import ReadOnlyReplica, Unavailable
+from memstore.errors import FailedPrecondition, ReadOnlyReplica, Unavailable
 from memstore.gcpause import gc_paused
 from memstore.hashslot import slot_of
 from memstore.index.bitmap_index import RangeIndex, ValueIndex
@@ -189,6 +189,7 @@ class Shard:
         self.lock = lock  # this process owns the data directory (memstore.storage.dirlock)
         self._pending: list[tuple[int, Undo, Deltas]] = []
         self._snapshot_lock = asyncio.Lock()
+        self._ownership_lock = asyncio.Lock()  # one change of ownership at a time
         self._last_snapshot = time.monotonic()
         self._log_bytes_at_snapshot = writer.size_bytes if writer else 0
         self._auto_task: asyncio.Task[None] | None = None
@@ -464,27 +465,38 @@ class Shard:
         self._advance()
         return sum(len(enter) + len(leave) for enter, leave in deltas.values())
 
-    async def set_ownership(self, epoch: int, slots: BitMap | None) -> None:
-        """Serve `slots` (None: every slot) at `epoch`, durably. Memory first, as a write:
+    async def set_ownership(self, epoch: int, slots: BitMap | None,
+                            newer: bool = False) -> None:
+        """Serve `slots` (None: every slot) at `epoch`, durably; `newer`: only if `epoch`
+        is above the shard's (FailedPrecondition otherwise). Memory first, as a write:
         nothing can read the shard between the record and its state (a promoted replica
         already says primary, and must not say so at its old epoch while the record
-        syncs); a failed sync takes the state back."""
-        if self.replica_of is not None:
-            raise ReadOnlyReplica(self.replica_of)
-        if self.log is None:
+        syncs); a failed sync takes the state back. One change at a time: a second waits
+        for the first's sync, so each takes back only its own (and `newer` compares with
+        an epoch that is settled)."""
+        async with self._ownership_lock:
+            if newer and epoch <= self.engine.epoch:
+                raise FailedPrecondition(f"epoch {epoch} is not newer than this shard's "
+                                         f"epoch {self.engine.epoch}")
+            if self.replica_of is not None:
+                raise ReadOnlyReplica(self.replica_of)
+            if self.log is None:
+                self.engine.set_ownership(epoch, slots)
+                return
+            if self.log.failed:
+                raise Unavailable(self.writable_error or "log failed")
+            try:
+                lsn = self.log.append(wal_format.RECORD_SHARD_META, encode_meta(epoch, slots))
+            except (LogWriteError, LogFailedError, OSError) as exc:
+                raise Unavailable(f"ownership not persisted: {exc}") from None
+            before = self.engine.epoch, self.engine.owned_slots
             self.engine.set_ownership(epoch, slots)
-            return
-        if self.log.failed:
-            raise Unavailable(self.writable_error or "log failed")
-        lsn = self.log.append(wal_format.RECORD_SHARD_META, encode_meta(epoch, slots))
-        before = self.engine.epoch, self.engine.owned_slots
-        self.engine.set_ownership(epoch, slots)
-        try:
-            await self.log.sync_to(lsn)
-        except (LogFailedError, OSError) as exc:
-            self.engine.set_ownership(*before)
-            raise Unavailable(f"ownership not persisted: {exc}") from None
-        self._advance()
+            try:
+                await self.log.sync_to(lsn)
+            except (LogFailedError, OSError) as exc:
+                self.engine.set_ownership(*before)
+                raise Unavailable(f"ownership not persisted: {exc}") from None
+            self._advance()
 
     # ------------------------------------------------------------------ replication
     def apply_replicated(self, records: Iterable[tuple[int, int, bytes]]) -> int:

@@ -561,3 +561,38 @@ def test_ownership_is_in_memory_while_its_record_syncs_and_taken_back_if_that_fa
         await shard.close()
 
     run(scenario())
+
+
+def test_changes_of_ownership_run_one_at_a_time(tmp_path: Path) -> None:
+    """Two changes of ownership at once: the second waits for the first's sync, so when
+    both syncs fail each takes back only its own change (the shard ends where it was,
+    not at the first's unacknowledged epoch), and one asking for a newer epoch compares
+    with the epoch the first left."""
+    from pyroaring import BitMap
+
+    async def scenario() -> None:
+        shard = await open_shard(tmp_path / "d")
+        await shard.set_ownership(4, BitMap(range(100)))
+        assert shard.log is not None
+        real = shard.log.sync_to
+
+        async def failing(lsn: int) -> None:
+            await asyncio.sleep(0.01)
+            raise OSError("disk gone")
+
+        shard.log.sync_to = failing  # type: ignore[method-assign]
+        first, second = await asyncio.gather(
+            shard.set_ownership(5, BitMap(range(50))),
+            shard.set_ownership(6, BitMap(range(10)), newer=True), return_exceptions=True)
+        assert isinstance(first, Unavailable) and isinstance(second, Unavailable)
+        assert shard.engine.epoch == 4 and shard.engine.owned_slots == BitMap(range(100))
+        shard.log.sync_to = real  # type: ignore[method-assign]
+        first, second = await asyncio.gather(
+            shard.set_ownership(7, BitMap(range(20)), newer=True),
+            shard.set_ownership(7, BitMap(range(30)), newer=True), return_exceptions=True)
+        assert first is None and "epoch 7 is not newer than this shard's epoch 7" in str(
+            second)
+        assert shard.engine.epoch == 7 and shard.engine.owned_slots == BitMap(range(20))
+        await shard.close()
+
+    run(scenario())

@@ -1058,7 +1058,8 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
             if slot not in slots and (self.engine.owned_slots is None
                                       or slot in self.engine.owned_slots):
                 self.engine.check_moving(pid)  # raises Held, naming the merge
-        await self.shard.set_ownership(request.epoch, slots)
+        # newer: checked again once no other change of ownership is syncing
+        await self.shard.set_ownership(request.epoch, slots, newer=True)
         return self._info()
 
     # -- cross-shard merges (the protocol: shards/merge.py)
