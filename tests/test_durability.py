@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pyroaring import BitMap
 
 from memstore.engine.change import ADD_TO_SET, INCREMENT, SET, UNSET, UpsertSpec
 from memstore.engine.columnar import Columns
@@ -531,8 +532,6 @@ def test_ownership_is_in_memory_while_its_record_syncs_and_taken_back_if_that_fa
     """set_ownership changes the shard's epoch and slots as its record goes into the log,
     before the sync's await (nothing reads a promoted replica saying "primary" at its old
     epoch in between), and a sync that fails restores both and says so (UNAVAILABLE)."""
-    from pyroaring import BitMap
-
     async def scenario() -> None:
         shard = await open_shard(tmp_path / "d")
         await shard.set_ownership(3, BitMap(range(0, SLOT_COUNT, 2)))
@@ -568,8 +567,6 @@ def test_changes_of_ownership_run_one_at_a_time(tmp_path: Path) -> None:
     both syncs fail each takes back only its own change (the shard ends where it was,
     not at the first's unacknowledged epoch), and one asking for a newer epoch compares
     with the epoch the first left."""
-    from pyroaring import BitMap
-
     async def scenario() -> None:
         shard = await open_shard(tmp_path / "d")
         await shard.set_ownership(4, BitMap(range(100)))
