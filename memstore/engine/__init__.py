@@ -1,6 +1,7 @@
 """One shard's data: profiles in memory, their schema, and the plans that change them.
 
-    core       the Engine: state, reading, planning entry points and applying Changes
+    core       the Engine: state, reading and planning entry points
+    applying   applying Changes and undoing them: the one way the state changes
     change     Change, Image, Note, Undo: what planning produces and applying consumes
     blob       a profile's encoded form (msgpack) and its identifiers' directory keys
     identity   identity rules: valid ids and identifiers, merge protection

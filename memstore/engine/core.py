@@ -29,11 +29,12 @@ as created then, unless `times` says otherwise (merges keep the earliest created
 slot moves the source's times). The log records both (RECORD_CHANGE), so replay rebuilds
 them; docs/log-format.md has the rules.
 
-The class is the engine's state and its reading, planning entry points and applying. The
-larger concerns live in their own modules as functions of the engine, bound in the class
-body (one type's methods across files, as Go lays them out), so every caller still says
-`engine.plan_erase(...)`: the bulk-load planner (memstore.engine.bulk), cross-shard merge
-steps (merging), data rights (rights) and index maintenance (indexing). What a Change is:
+The class is the engine's state, its reading and its planning entry points. The larger
+concerns live in their own modules as functions of the engine, bound in the class body
+(one type's methods across files, as Go lays them out), so every caller still says
+`engine.plan_erase(...)`: applying changes (memstore.engine.applying), the bulk-load
+planner (bulk), cross-shard merge steps (merging), data rights (rights) and index
+maintenance (indexing). What a Change is:
 memstore.engine.change; the blob layout: memstore.engine.blob; the general write planner
 with identity resolution: memstore.engine.planner.
 """
@@ -43,35 +44,29 @@ from __future__ import annotations
 import array
 import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
-from itertools import chain, repeat
+from itertools import chain
 from typing import Any
 
 import numpy as np
 from pyroaring import BitMap
 
-from memstore.engine import bulk, indexing, merging, rights
+from memstore.engine import applying, bulk, indexing, merging, rights
 from memstore.engine.blob import decode, ident_key, ident_keys, timestamp_ext
 from memstore.engine.change import (
     ADD_TO_SET,
     REMOVE_FROM_SET,
     UNSET,
     Change,
-    Image,
-    ImageColumns,
-    Load,
     Note,
     Profile,
-    Undo,
     UpsertSpec,
 )
 from memstore.engine.columnar import Columns, Row
 from memstore.engine.identity import IdentityRules, check_identifier, check_pid, claim_columns
 from memstore.engine.planner import Planner
 from memstore.engine.schema import (
-    AttributeSpec,
     Kind,
     Merge,
     Schema,
@@ -80,7 +75,7 @@ from memstore.engine.schema import (
     kind_of,
     registry_key,
 )
-from memstore.engine.segments import MAX_SEGMENTS, Segments, Touched
+from memstore.engine.segments import MAX_SEGMENTS, Segments
 from memstore.engine.values import from_stored
 from memstore.errors import (
     FailedPrecondition,
@@ -95,7 +90,7 @@ from memstore.errors import (
 )
 from memstore.hashslot import SLOT_COUNT, slot_of
 from memstore.index.bitmap_index import RangeIndex, ValueIndex
-from memstore.index.blobtable import BlobTable, join_blobs
+from memstore.index.blobtable import BlobTable
 from memstore.index.claims import Claims, claim_key
 from memstore.index.day_index import DayIndex
 from memstore.index.dense import bitmap_of
@@ -593,162 +588,19 @@ class Engine:
         return planner.finish()
 
     # ------------------------------------------------------------------ applying
-    def apply(self, change: Change, touched: Touched | None = None, undo: bool = True) -> Undo:
-        """Apply `change`; returns what undoes it (Engine.undo). `touched` collects what it
-        did to which profiles (for saved segments and change streams). `undo` False: the
-        caller never undoes it (replay), so a tracked batch's undo is not built and the
-        Undo returned is not one."""
-        declared, notes = self._declare_and_note(change)
-        at = change.at or int(self.clock())
-        if change.load is not None and change.load.first == len(self.blobs):
-            added = self._apply_load(change.images, change.load, at)
-            if touched is not None:
-                first = change.load.first
-                touched.created_with(range(first, first + len(change.images)),
-                                     [aid for aid, _, _ in change.load.columns])
-            return Undo([], notes, added, schema=declared)
-        if change.tracked is not None and change.tracked.first == len(self.blobs):
-            undone = self._apply_tracked(change.images, change.tracked, at, touched, undo)
-            undone.notes, undone.schema = notes, declared
-            return undone
-        stamped: list[tuple[int, int, int]] = []
-        return Undo(self.apply_images(change.images, at, change.times, stamped, touched), notes,
-                    times=stamped, schema=declared)
-
-    def _declare_and_note(self, change: Change) -> tuple[list[AttributeSpec], list[Note]]:
-        """What a change declares and notes, applied first: the specs it declared (those
-        at the next attribute id) and the notes that undo its notes."""
-        declared: list[AttributeSpec] = []
-        for spec in change.schema:
-            if spec.id == len(self.schema.by_id):
-                self.add_attribute(spec)
-                declared.append(spec)
-        return declared, self.apply_notes(change.notes) if change.notes else []
-
-    def _apply_tracked(self, images: list[Image], tracked: Any, at: int,
-                       touched: Touched | None = None, undo: bool = True) -> Undo:
-        """apply_images for a planned batch of tracks (memstore.engine.tracking.Tracked):
-        blobs swapped, new profiles added at the end, indexes changed a column at a time;
-        every profile stamped as changed at `at` (new ones as created then too). No
-        Python frame per profile: a batch carries tens of thousands."""
-        first, added = tracked.first, len(tracked.slots)
-        kept = len(images) - added
-        blobs, created, changed = self.blobs, self.created, self.changed
-        old_ids, old_pids, old_blobs, _ = zip(*images[:kept], strict=True) if kept \
-            else ((), (), (), ())
-        before: list[Image] = []
-        stamped: list[tuple[int, int, int]] = []
-        if undo:
-            before = list(map(tuple.__new__, repeat(Image), zip(
-                old_ids, old_pids, blobs.take(old_ids), repeat(None))))
-            stamped = list(zip(old_ids, map(created.__getitem__, old_ids),
-                               map(changed.__getitem__, old_ids)))
-        old = np.fromiter(old_ids, dtype=np.int64, count=kept)
-        blobs.put_many(old, old_blobs)
-        pids = [image.pid for image in images[kept:]]
-        self._add_tracked(tracked, old, at, pids,
-                          lambda: self.blobs.extend(image.blob for image in images[kept:]),
-                          touched)
-        before.reverse()
-        return Undo(before, [], (first, pids) if added else None, times=stamped)
-
-    def replay_tracked(self, change: Change, columns: ImageColumns) -> bool:
-        """apply(change, undo=False) for a logged batch of tracks whose after-images came
-        as columns (RECORD_COLUMNS), their blobs copied as logged: no Image, and no blob
-        joined again. False, with nothing done, where the columns are not the batch's as
-        applied live (its new profiles do not start at the next dense id, or are not its
-        last images in order, or an image is a removal): apply(change) then, as live."""
-        tracked = change.tracked
-        first, added = tracked.first, len(tracked.slots)
-        kept = len(columns.pids) - added
-        if (first != len(self.blobs) or kept < 0 or int(columns.lengths.min(initial=0)) < 0
-                or not np.array_equal(columns.dense[kept:], np.arange(first, first + added))):
-            return False
-        self._declare_and_note(change)
-        split = int(columns.lengths[:kept].sum())
-        old = np.asarray(columns.dense[:kept], dtype=np.int64)
-        self.blobs.put_joined(old, columns.joined[:split], columns.lengths[:kept])
-
-        def add_blobs() -> None:
-            self.blobs.grow(first + added)
-            self.blobs.put_joined(range(first, first + added), columns.joined[split:],
-                                  columns.lengths[kept:])
-
-        self._add_tracked(tracked, old, change.at or int(self.clock()), columns.pids[kept:],
-                          add_blobs)
-        return True
-
-    def _add_tracked(self, tracked: Any, old: np.ndarray, at: int, pids: list[str],
-                     add_blobs: Callable[[], None], touched: Touched | None = None) -> None:
-        """What a batch of tracks does once the blobs of the profiles it changed (`old`
-        dense ids) are swapped: they are stamped changed at `at`; its new profiles
-        (`pids`, their blobs added by `add_blobs`) added at the end; the indexes changed
-        from its columns; `touched` told."""
-        first, added = tracked.first, len(tracked.slots)
-        created, changed = self.created, self.changed
-        if len(old):
-            view = np.frombuffer(changed, dtype=np.uint32)
-            view[old] = at
-            del view  # (an exported buffer would stop `changed` growing below)
-        if added:
-            add_blobs()
-            self.pids.extend(pids)
-            stamps = array.array("I", [at]) * added
-            created.extend(stamps)
-            changed.extend(stamps)
-            self.live.add_range(first, first + added)
-            self.slots.extend(tracked.slots)
-        for aid, (ids, was, had, new) in tracked.ranges.items():
-            self.range_index[aid].replace_many(ids, was, had, new)
-        for aid, (ids, on, was, now) in tracked.cells.items():
-            self.day_index[aid].bump_many(ids, on, was, now)
-        if touched is not None:
-            _touched_by_columns(touched, first, added, [
-                (aid, columns[0]) for columns_of in (tracked.ranges, tracked.cells)
-                for aid, columns in columns_of.items()])
-
-    def undo(self, undo: Undo) -> None:
-        if undo.added is not None:  # the load's profiles become absent again, newest first
-            first, pids = undo.added
-            self.apply_images(map(Image._make, zip(reversed(range(first, first + len(pids))),
-                                                   reversed(pids), repeat(None), repeat(None))))
-        self.apply_images(undo.images)
-        for dense, created, changed in reversed(undo.times):
-            self.created[dense], self.changed[dense] = created, changed
-        self.apply_notes(undo.notes)
-        for spec in reversed(undo.schema):  # declared by the change: the newest ids
-            self.schema.drop_last(spec)
-            self.range_index.pop(spec.id, None)
-            self.value_index.pop(spec.id, None)
-            self.exists.pop(spec.id, None)
-            self.day_index.pop(spec.id, None)
-
-    def apply_notes(self, notes: Iterable[Note]) -> list[Note]:
-        """Set or remove merge-table entries; returns the notes that undo them (in order)."""
-        before: list[Note] = []
-        for note in notes:
-            if note.table == "claims":
-                before.append(Note("claims", note.key, self.claims.swap(note.key, note.value)))
-                continue
-            if note.table == "segments":
-                before.append(Note("segments", note.key,
-                                   self.segments.set_definition(note.key, note.value)))
-                continue
-            table: dict[str, Any] = getattr(self, note.table)
-            before.append(Note(note.table, note.key, table.get(note.key)))
-            if note.value is None:
-                table.pop(note.key, None)
-            else:
-                table[note.key] = note.value
-            if note.table == "held":
-                dense = self.dense_of.get(note.key)
-                if dense is not None:
-                    if note.value is None:
-                        self.held_dense.discard(dense)
-                    else:
-                        self.held_dense.add(dense)
-        before.reverse()
-        return before
+    # The one way the state changes (memstore.engine.applying).
+    apply = applying.apply
+    _declare_and_note = applying.declare_and_note
+    _apply_tracked = applying.apply_tracked
+    replay_tracked = applying.replay_tracked
+    _add_tracked = applying.add_tracked
+    undo = applying.undo
+    apply_notes = applying.apply_notes
+    apply_images = applying.apply_images
+    _grow = applying.grow
+    _apply_load = applying.apply_load
+    add_loaded = applying.add_loaded
+    adding_loads = applying.adding_loads
 
     # Index and identifier-directory maintenance (memstore.engine.indexing).
     add_attribute = indexing.add_attribute
@@ -757,167 +609,6 @@ class Engine:
     _index_fresh = indexing.index_fresh
     _index_columns = indexing.index_columns
     _index_day_records = indexing.index_day_records
-
-    def apply_images(self, images: Iterable[Image], at: int | None = None,
-                     times: Mapping[int, tuple[int, int]] | None = None,
-                     stamped: list[tuple[int, int, int]] | None = None,
-                     touched: Touched | None = None) -> list[Image]:
-        """Apply after-images; with `at`, stamp each as changed then (and a new profile as
-        created then), or as `times` says, adding the times replaced to `stamped`. Without
-        (undo, records from before times were logged), times stay as they are, but an
-        erased profile's are cleared. `touched` collects what it did to which profiles
-        (for saved segments and change streams)."""
-        before: list[Image] = []
-        fresh: list[tuple[int, dict[int, Any]]] = []
-        fresh_keys: list[int] = []  # identifiers of new profiles, entered at the end
-        fresh_owners: list[int] = []
-        created, changed = self.created, self.changed
-        for image in images:
-            dense, pid, blob = image.dense, image.pid, image.blob
-            if dense >= len(self.blobs):
-                self._grow(dense + 1)
-            old = self.blobs[dense]
-            old_pid = self.pids[dense]  # (read once: a PidTable read decodes the id)
-            before.append(Image(dense, old_pid or pid, old))
-            if old is None and blob is None:
-                continue
-            if at is not None:
-                if stamped is not None:
-                    stamped.append((dense, created[dense], changed[dense]))
-                if blob is None:
-                    created[dense] = changed[dense] = 0
-                elif times and dense in times:
-                    created[dense], changed[dense] = times[dense]
-                else:
-                    changed[dense] = at
-                    if old is None:
-                        created[dense] = at
-            elif blob is None:
-                created[dense] = changed[dense] = 0
-            new_state = image.state if image.state is not None else (
-                decode(blob) if blob is not None else None)
-            if old is None:
-                assert new_state is not None
-                self.blobs[dense] = blob
-                self.pids[dense] = pid  # (and dense_of[pid] = dense)
-                self.live.add(dense)
-                slot = self.slots[dense] = slot_of(pid)
-                if self.owned_slots is not None and slot not in self.owned_slots:
-                    self.foreign.add(dense)
-                fresh.append((dense, new_state[1]))
-                for kind, value in new_state[2]:
-                    fresh_keys.append(ident_key(kind, value))
-                    fresh_owners.append(dense)
-                for m in new_state[3]:
-                    self.aliases[m] = pid
-                if touched is not None:
-                    touched.created_with((dense,), new_state[1])
-                continue
-            old_state = decode(old)
-            assert old_pid is not None
-            if touched is not None:
-                if new_state is None:
-                    touched.removed.add(dense)
-                else:
-                    old_attrs, new_attrs = old_state[1], new_state[1]
-                    touched.update(dense, [a for a, v in new_attrs.items()
-                                           if a not in old_attrs or old_attrs[a] != v],
-                                   [a for a in old_attrs if a not in new_attrs])
-            if new_state is None:
-                self.blobs[dense] = None
-                self.pids[dense] = None  # (and out of dense_of)
-                self.live.discard(dense)
-                self.foreign.discard(dense)
-                self._reindex(dense, old_state[1], {})
-                self._reidentify(dense, old_pid, old_state[2], old_state[3], [], [])
-            else:
-                self.blobs[dense] = blob
-                self._reindex(dense, old_state[1], new_state[1])
-                self._reidentify(dense, pid, old_state[2], old_state[3], new_state[2],
-                                 new_state[3])
-        if fresh:
-            self._index_fresh(fresh)
-        if len(fresh_keys) > 64:  # a load: one vectorized insert
-            self.directory.update(np.array(fresh_keys, dtype=np.uint64),
-                                  np.array(fresh_owners, dtype=np.uint32))
-        else:
-            for key, dense in zip(fresh_keys, fresh_owners, strict=True):
-                self.directory[key] = dense
-        before.reverse()
-        return before
-
-    def _grow(self, size: int) -> None:
-        """Make room for dense ids below `size`."""
-        grow = size - len(self.blobs)
-        self.blobs.grow(size)
-        self.pids.grow(size)
-        self.slots.frombytes(bytes(grow * self.slots.itemsize))
-        self.created.frombytes(bytes(grow * self.created.itemsize))
-        self.changed.frombytes(bytes(grow * self.changed.itemsize))
-
-    def _apply_load(self, images: list[Image], load: Load, at: int) -> tuple[int, list[str]]:
-        """apply_images for a planned load (Change.load): new profiles at the end, indexed
-        from the planner's columns. Returns (first dense id, primary ids): what undoes it."""
-        pids = [image.pid for image in images]
-        blobs = join_blobs([image.blob for image in images])  # type: ignore[misc]
-        self.add_loaded(load, pids, [blobs], at)
-        return load.first, pids
-
-    def add_loaded(self, load: Load, pids: list[str], blobs: list[tuple[bytes, np.ndarray]],
-                   at: int) -> None:
-        """A planned load's new profiles at the end (`load.first` is the next dense id):
-        their primary ids, their blobs given joined in parts (each part's bytes and the
-        length of each blob in it, in dense id order), created and changed at `at` (or
-        load.stamps), indexed from the load's columns. Recovery adds a run of logged loads
-        this way, each record's blobs as they were logged (no object a blob)."""
-        first, end = load.first, load.first + len(pids)
-        if sum(map(len, (lengths for _, lengths in blobs))) != len(pids):
-            raise ValueError(f"blobs for {len(pids)} profiles do not match their ids")
-        self.blobs.grow(end)
-        start = first
-        for joined, lengths in blobs:
-            self.blobs.put_joined(range(start, start + len(lengths)), joined, lengths)
-            start += len(lengths)
-        self.pids.extend(pids)
-        stamps = array.array("I", [at]) * len(pids)
-        if load.stamps is not None:
-            stamps = array.array("I", load.stamps.astype(np.uint32).tobytes())
-        self.created.extend(stamps)
-        self.changed.extend(stamps)
-        self.live.add_range(first, end)
-        self.slots.extend(load.slots)
-        if self.owned_slots is not None:
-            owned = self.owned_slots
-            self.foreign.update([d for d, slot in zip(range(first, end), load.slots, strict=True)
-                                 if slot not in owned])
-        if load.keys.size:
-            owners = np.asarray(load.owners, dtype=np.uint32)
-            if self._keys_builder is None:
-                self.directory.insert_absent(load.keys, owners)
-            else:  # (adding_loads)
-                self._keys_built.append(self._keys_builder.submit(
-                    self.directory.insert_absent, load.keys, owners))
-        self._index_columns({aid: (ids, values) for aid, ids, values in load.columns})
-
-    @contextmanager
-    def adding_loads(self) -> Iterator[None]:
-        """add_loaded calls within enter their primary ids into the id index together as
-        it ends (the table grown and filled once, where each call grew and filled it
-        again), and their identifier keys into the directory on a thread of its own, one
-        call's after another, while the next calls go on here (inserting keys is numpy
-        sorts and scatters, which let go of the GIL). Recovery's runs of logged loads:
-        ~0.8 s of 1M profiles' replay. Until it ends, nothing but add_loaded may use the
-        engine."""
-        with ThreadPoolExecutor(1, thread_name_prefix="directory") as builder:
-            self._keys_builder = builder
-            try:
-                with self.pids.loading():
-                    yield
-            finally:
-                self._keys_builder = None
-                built, self._keys_built = self._keys_built, []
-                for keys in built:
-                    keys.result()
 
     # ------------------------------------------------------------------ cluster
     def set_ownership(self, epoch: int, slots: BitMap | None) -> None:
@@ -937,31 +628,3 @@ class Engine:
         """Live profiles in owned slots and not held by a merge: what queries answer over."""
         hidden = self.foreign | self.held_dense if self.held_dense else self.foreign
         return self.live - hidden if hidden else self.live
-
-
-def _touched_by_columns(touched: Touched, first: int, added: int,
-                        columns: list[tuple[int, np.ndarray]]) -> None:
-    """What a batch of tracks did, from its index columns ((attribute id, dense ids)): the
-    profiles from `first` on were created (`added` of them); each older one changed the
-    attributes whose columns name it (its diff, attributes in column order)."""
-    if added:
-        touched.created_with(range(first, first + added), ())
-    for aid, ids in columns:
-        touched.changed.setdefault(aid, BitMap()).update(bitmap_of(ids))
-    if not columns:
-        return
-    dense = np.concatenate([ids for _, ids in columns]).astype(np.int64)
-    aids = np.repeat(np.array([aid for aid, _ in columns], dtype=np.int64),
-                     [len(ids) for _, ids in columns])
-    older = dense < first
-    dense, aids = dense[older], aids[older]
-    if not len(dense):
-        return
-    order = np.argsort(dense, kind="stable")
-    dense, aids = dense[order], aids[order]
-    starts = np.flatnonzero(np.concatenate(([True], dense[1:] != dense[:-1])))
-    bounds = np.append(starts, len(dense)).tolist()
-    listed = aids.tolist()
-    touched.diffs.update(zip(dense[starts].tolist(), zip(
-        map(listed.__getitem__, map(slice, bounds[:-1], bounds[1:])),
-        map(list, repeat((), len(starts)))), strict=True))
