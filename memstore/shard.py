@@ -434,8 +434,9 @@ class Shard:
         return True
 
     async def refresh_timed(self) -> int:
-        """Re-evaluate the saved segments that read the clock (did(...)) over every
-        profile; log and apply what changed. Returns how many memberships changed."""
+        """Re-evaluate the saved segments that read the clock (did(...)), and those that
+        read them (in_segment), over every profile; log and apply what changed. Returns
+        how many memberships changed."""
         segments = self.engine.segments
         names = segments.timed()
         if not names or (self.log is not None and self.log.failed):

@@ -717,3 +717,51 @@ def test_segments_that_read_the_clock_let_members_age_out_with_no_write(tmp_path
         await again.close()
 
     asyncio.run(scenario())
+
+
+def test_segments_reading_a_segment_that_reads_the_clock_age_with_it(tmp_path: Path) -> None:
+    """in_segment of a did(...) segment, directly or through another segment, moves when
+    the segment it reads ages out on the timer: re-evaluated in the same refresh, after
+    it, and logged with it."""
+    import asyncio
+
+    from memstore.query import parse
+    from memstore.shard import Shard, ShardConfig
+
+    now = [1_800_000_000.0]
+    data = tmp_path / "data"
+
+    async def scenario() -> None:
+        shard = await Shard.open(ShardConfig(data_dir=data, clock=lambda: now[0]))
+        engine = shard.engine
+        for pid, days_ago in (("fresh", 0), ("stale", 3)):
+            at = int((now[0] - days_ago * 86400) * 1_000_000)
+            await shard.commit(engine.plan_track(pid, "visit", at, 1))
+        for name, text in (("recent", 'did("visit", within=2d)'),
+                           ("reader", 'in_segment("recent")'),
+                           ("lapsed", 'exists(event.visit.count) AND NOT in_segment("reader")'),
+                           ("plain", "exists(event.visit.count)")):
+            await shard.commit(engine.plan_create_segment(name, parse(text), 1))
+
+        def members() -> dict[str, set[str]]:
+            return {name: set(engine.ids_of(engine.segments.get(name).members))
+                    for name in ("recent", "reader", "lapsed", "plain")}
+
+        assert members() == {"recent": {"fresh"}, "reader": {"fresh"}, "lapsed": {"stale"},
+                             "plain": {"fresh", "stale"}}
+        assert engine.segments.timed() == ["recent", "reader", "lapsed"]
+        now[0] += 3 * 86400  # "fresh" visited 3 days ago now: out of the 2-day window
+        assert await shard.refresh_timed() == 3  # left recent and reader, entered lapsed
+        expected = {"recent": set(), "reader": set(), "lapsed": {"fresh", "stale"},
+                    "plain": {"fresh", "stale"}}
+        assert members() == expected
+        for name, ids in expected.items():  # what a fresh evaluation says
+            fresh = engine.segments.evaluate(engine, engine.segments.get(name), engine.live)
+            assert set(engine.ids_of(fresh)) == ids, name
+        await shard.close()
+        shard = await Shard.open(ShardConfig(data_dir=data, clock=lambda: now[0]))
+        engine = shard.engine
+        assert members() == expected  # replayed as logged
+        await shard.close()
+
+    asyncio.run(scenario())

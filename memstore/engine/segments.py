@@ -510,7 +510,15 @@ class Segments:
         return deltas
 
     def timed(self) -> list[str]:
-        return [s.name for s in self.order() if s.timed and not s.broken]
+        """The segments whose members change with time alone, in dependency order: those
+        with a did(...) window ending now, and every segment reading one of those through
+        in_segment(...), however indirectly (its members move when the one it reads does,
+        with no write to tell it)."""
+        moving: set[str] = set()
+        for segment in self.order():
+            if segment.timed or not segment.depends.isdisjoint(moving):
+                moving.add(segment.name)
+        return [s.name for s in self.order() if s.name in moving and not s.broken]
 
     def apply(self, deltas: Deltas) -> None:
         """Membership changes from the log (replay): no evaluation."""
