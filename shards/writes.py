@@ -117,8 +117,12 @@ class Writes:
             if pid is None:
                 await fail(context, Code.NOT_FOUND, "identifier: no profile holds "
                            f"{request.identifier.kind}:{request.identifier.value!r}")
-            request = pb.TrackRequest(id=pid, event=request.event, count=request.count,
-                                      **({"at": request.at} if request.HasField("at") else {}))
+            by_id = pb.TrackRequest(id=pid, event=request.event)
+            if request.HasField("at"):
+                by_id.at.CopyFrom(request.at)
+            if request.HasField("count"):  # (absent: 1, as the shard reads it)
+                by_id.count = request.count
+            request = by_id
         return await self.routing.single(request.id, "Track", request, context)  # type: ignore[no-any-return]
 
     async def link(self, request: pb.LinkRequest, context: Any) -> pb.LinkResponse:
@@ -150,7 +154,7 @@ class Writes:
                 names.append(r.event)
                 times.append(pbvalues.timestamp_micros(r.at, f"events[{i}].at")
                              if r.HasField("at") else now)
-                counts.append(r.count or 1)
+                counts.append(r.count if r.HasField("count") else 1)
             if request.packed:
                 more = eventpack.unpack_columns(request.packed, len(keys))
                 for column, part in zip((keys, names, times, counts), more, strict=True):

@@ -116,6 +116,11 @@ def test_track_by_identifier_and_track_batch(router: str) -> None:
         assert _count(c, 'did("buy", within=3d)') == want
         want = sum(1 for i in range(200) if i % 5 <= 3 and 1 + i % 2 >= 2) + 1
         assert _count(c, 'did("buy", within=4d, at_least=2)') == want
+        c.track(None, "buy", at=noon(1), count=3, identifier=("email", "tb@example.com"))
+        assert c.get("tb-owner")["attributes"]["event.buy.count"] == 5  # the count kept
+        with pytest.raises(ClientError) as err:  # a count given as 0 is not "absent"
+            c.track(None, "buy", count=0, identifier=("email", "tb@example.com"))
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "count" in err.value.details
         with pytest.raises(ClientError) as err:
             c.track_batch([{"id": "tb-x", "event": "buy"}, {"id": "tb-y", "event": "no spaces"}])
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT

@@ -120,8 +120,10 @@ def test_group_by_needs_an_attribute(cluster: dict[str, Any], via: str) -> None:
 def test_track_counts_never_pass_int64(cluster: dict[str, Any], via: str) -> None:
     stub = cluster["stubs"][via]
     pid = _on_first(f"counted-{via}-")
-    for count in (2**63, 2**64 - 1):
+    for count in (0, 2**63, 2**64 - 1):  # (0 given: refused; absent: 1)
         assert "count" in _refused(stub.Track, pb.TrackRequest(id=pid, event="e", count=count))
+        assert "count" in _refused(stub.TrackBatch, pb.TrackBatchRequest(
+            events=[pb.TrackRequest(id=pid, event="e", count=count)]))
     stub.Track(pb.TrackRequest(id=pid, event="e", count=INT64_MAX - 1), timeout=10)
     stub.Track(pb.TrackRequest(id=pid, event="e"), timeout=10)  # exactly INT64_MAX
     assert "would pass int64" in _refused(stub.Track, pb.TrackRequest(id=pid, event="e"))

@@ -980,7 +980,7 @@ def _event(request: pb.TrackRequest, where: str, clock: Callable[[], float]
         at = pbvalues.timestamp_micros(request.at, f"{where}at")
     else:
         at = int(clock() * 1_000_000)
-    return key, request.event, at, request.count or 1
+    return key, request.event, at, request.count if request.HasField("count") else 1
 
 
 def track_batch_events(request: pb.TrackBatchRequest, clock: Callable[[], float]
