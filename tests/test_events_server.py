@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -324,6 +324,36 @@ def test_load_events_parquet(router: str, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert _loaded(done.stdout) == 400
     _check_loaded(router, rows, "lp-")
+
+
+def test_load_events_parquet_as_pandas_writes_it(router: str, tmp_path: Path) -> None:
+    """A count column with gaps comes as float64 (whole numbers, nulls: 1) and dates as
+    date32 (midnight UTC); a count that is not whole is still refused, by row."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = _rows("lpd-", 300)
+    for i, r in enumerate(rows):
+        r["at"] = (TODAY - timedelta(days=i % 10)).isoformat()  # a date: midnight UTC
+        if i % 4 == 0:
+            del r["count"]  # a gap: null in the float column
+    counts = [float(r["count"]) if "count" in r else None for r in rows]
+    counts.append(2.5)
+    table = pa.table({"id": [r["id"] for r in rows] + ["lpd-half"],
+                      "event": ["read"] * (len(rows) + 1),
+                      "at": pa.array([date.fromisoformat(r["at"]) for r in rows] + [TODAY],
+                                     type=pa.date32()),
+                      "count": pa.array(counts, type=pa.float64())})
+    path = tmp_path / "events.parquet"
+    pq.write_table(table, path)
+    rejects = tmp_path / "rejects.jsonl"
+    done = _load_events(router, path, "--rejects", str(rejects))
+    assert done.returncode == 1 and _loaded(done.stdout) == 300
+    [refused] = rejects.read_text().splitlines()
+    assert "events.parquet row 301" in refused and "2.5 is not a whole number" in refused
+    _check_loaded(router, rows, "lpd-")
+    with Client(router) as c:
+        assert c.get("lpd-0")["attributes"]["event.read.first"] == datetime.combine(
+            TODAY, datetime.min.time(), UTC)
 
 
 # ---------------------------------------------------------------------- restart

@@ -362,7 +362,8 @@ class _LoadRun:
         click.echo(f"loaded {applied} {self.noun}" if applied is not None
                    else f"loaded an unknown number of {self.noun} (the server did not say)")
         if self.refused_count:
-            click.echo(f"refused {self.refused_count} lines: see {self.rejects_path}",
+            lines = "line" if self.refused_count == 1 else "lines"
+            click.echo(f"refused {self.refused_count} {lines}: see {self.rejects_path}",
                        err=True)
         if self.error:
             raise click.ClickException(self.error)

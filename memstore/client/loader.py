@@ -25,7 +25,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from itertools import islice, repeat
 from operator import attrgetter, floordiv, methodcaller, sub
 from pathlib import Path
@@ -528,5 +528,17 @@ def _parquet_events(path: Path) -> Iterator[Line]:
     for batch in pq.ParquetFile(path).iter_batches():
         for values in batch.to_pylist():
             row += 1
-            yield _event_record({k: v for k, v in values.items() if v is not None},
-                                f"{path.name} row {row}", "")
+            yield _event_record(_parquet_event(values), f"{path.name} row {row}", "")
+
+
+def _parquet_event(values: dict[str, Any]) -> dict[str, Any]:
+    """A Parquet row's fields as _event_record reads them: nulls left out, a float count
+    that is a whole number as that int (pandas writes an integer column with gaps as
+    float64), a date (date32) as its midnight UTC (a JSON line's "2026-09-01" is too)."""
+    row = {k: v for k, v in values.items() if v is not None}
+    count, at = row.get("count"), row.get("at")
+    if isinstance(count, float) and count.is_integer():
+        row["count"] = int(count)
+    if isinstance(at, date) and not isinstance(at, datetime):
+        row["at"] = datetime(at.year, at.month, at.day, tzinfo=UTC)
+    return row
