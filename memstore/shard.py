@@ -579,16 +579,17 @@ class Shard:
     async def _write_snapshot(self) -> dict[str, Any]:
         assert self.log is not None and self.config.data_dir is not None
         engine = self.engine
-        # Point in time: everything applied so far, at log position `lsn`. Waiting for
-        # durability first means the snapshot never holds a change the log could lose.
-        lsn = self.log.end_lsn
-        await self.log.sync_to(lsn)
-        if self.log.end_lsn != lsn:  # writes arrived while we waited; take the newer point
-            lsn = self.log.end_lsn
-            await self.log.sync_to(lsn)
+        # The snapshot holds every change applied when it forks, and is named after the
+        # log position just past the last of them (`lsn`), all of them durable: replay
+        # starts there, and must not apply a change the snapshot holds again (a tracked
+        # batch's index columns are deltas). The log is synced off the event loop first;
+        # rotate() then fsyncs, briefly, what arrived meanwhile, and starts the new
+        # segment at `lsn`, with no await between it and the fork.
+        await self.log.sync_to(self.log.end_lsn)
         started = time.monotonic()
         erased, self._erased = self._erased, False  # deletions after this point: next time
         self.log.rotate()
+        lsn = self.log.end_lsn
         snap_dir = Path(self.config.data_dir) / "snapshots"
         fsync = self.config.fsync  # injectable: tests make it fail or count it
         # The engine's containers are long-lived: keep the collector's full passes off them
@@ -1097,9 +1098,10 @@ def encode_meta(epoch: int, slots: BitMap | None) -> bytes:
 
 
 def replay(engine: Engine, rtype: int, payload: bytes) -> bool:
-    """Apply one logged record; idempotent, so replaying over a snapshot is safe. Returns
-    whether it erased something (a profile, or a table entry naming a person), which the
-    next snapshot must then leave no trace of on disk."""
+    """Apply one logged record, once: replay starts exactly where the snapshot ends (its
+    LSN), and not every record is idempotent (a tracked batch's index columns are
+    deltas). Returns whether it erased something (a profile, or a table entry naming a
+    person), which the next snapshot must then leave no trace of on disk."""
     if rtype == wal_format.RECORD_PROFILES:
         images = decode_images(payload)
         engine.apply_images(images)
