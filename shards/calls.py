@@ -23,7 +23,7 @@ import grpc
 import msgpack
 
 from memstore.errors import capped, drop_tracebacks
-from memstore.hashslot import CLUSTER_SCHEMA, EPOCH_TRAILER, EXPECT_SHARD
+from memstore.hashslot import CLUSTER_SCHEMA, EPOCH_TRAILER, EXPECT_SHARD, RECORD_TRAILER
 from shards import merge
 from shards.backoff import pause
 from shards.directory import ClaimStuck, Suppressed
@@ -59,15 +59,32 @@ class Pending(Exception):
 
 
 class GroupRefused(Exception):
-    """A shard refused its part of a batch (routed with `refusals`): `items` are that part,
-    `exc` the shard's answer, `done` the parts applied by then."""
+    """A shard refused its part of a batch, or did not answer for it (routed with
+    `refusals`): `items` are that part, `exc` the shard's answer (or Down), `done` the
+    parts applied by then on the other shards. `code` and `details` are what the caller
+    is told; `record` the shard's RECORD_TRAILER (the item at fault, its index in
+    `items`), only where the shard refused one record (REFUSED codes)."""
 
-    def __init__(self, items: list[Any], exc: grpc.aio.AioRpcError,
+    def __init__(self, items: list[Any], exc: grpc.aio.AioRpcError | Down,
                  done: list[tuple[list[Any], Any]]) -> None:
-        super().__init__(exc.details())
         self.items = items
         self.exc = exc
         self.done = done
+        self.record: int | None = None
+        if isinstance(exc, Down):
+            self.code, self.details = Code.UNAVAILABLE, str(exc)
+        else:
+            self.code, self.details = exc.code(), exc.details() or exc.code().name
+            local = trailer_of(exc, RECORD_TRAILER) if self.code in REFUSED else None
+            if local is not None and 0 <= int(local) < len(items):
+                self.record = int(local)
+        super().__init__(self.details)
+
+    @property
+    def refused(self) -> bool:
+        """The shard refused its part (it changed nothing); otherwise its outcome is
+        unknown (it may have applied)."""
+        return self.code in REFUSED
 
 
 class Stuck(Exception):

@@ -39,7 +39,6 @@ from shards.calls import (
     MAX_DECLARES,
     MAX_FORWARDS,
     MOVE_WAIT,
-    REFUSED,
     Background,
     Code,
     Down,
@@ -230,9 +229,10 @@ class Routing:
         (survivor, retarget(item, survivor)). A group with keys in `judged` (key -> the
         "name:epoch" of the shard it was judged for) carries that as EXPECT_SHARD; when its
         shard refuses that, or the slot moved, its items go to `rejudge`, not sent again.
-        With `refusals`, a group its shard refuses (REFUSED codes) raises GroupRefused
-        once the round's other answers are in, with every group applied so far. A `read`
-        may be answered by replicas (shards/replica_reads.py)."""
+        With `refusals`, a group its shard refuses, or does not answer for, raises
+        GroupRefused once the round's other answers are in, with every group applied so
+        far (a part whose outcome is unknown before a refusal). A `read` may be answered
+        by replicas (shards/replica_reads.py)."""
         pending = items
         done: list[tuple[list[Any], Any]] = []
         follow_rounds = declare_rounds = 0
@@ -276,12 +276,15 @@ class Routing:
             pending = unowned
             # why items are pending this round
             followed, declared, moved_on = False, False, bool(unowned)
+            # The first group whose outcome is unknown, else the first refused: a caller
+            # told of a refusal sends the rest again, which must not include a part that
+            # may have applied.
             refused: GroupRefused | None = None
             for (_, sent), outcome in zip(groups.values(), outcomes, strict=True):
-                if (refusals and isinstance(outcome, grpc.aio.AioRpcError)
-                        and outcome.code() in REFUSED):
-                    refused = refused or GroupRefused([item for _, item in sent], outcome,
-                                                      done)
+                if refusals and isinstance(outcome, grpc.aio.AioRpcError | Down):
+                    failed = GroupRefused([item for _, item in sent], outcome, done)
+                    if refused is None or (refused.refused and not failed.refused):
+                        refused = failed
                     continue
                 if isinstance(outcome, BaseException):
                     await abort(context, outcome)  # type: ignore[arg-type]

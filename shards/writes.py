@@ -50,7 +50,6 @@ from shards.calls import (
     fail,
     move_pause,
     retargeted,
-    trailer_of,
 )
 from shards.directory import Directory, Suppressed
 from shards.reads import Reads
@@ -205,17 +204,15 @@ class Writes:
             applied = sum(r.applied for _, r in parts)
         except GroupRefused as refused:
             done = BitMap(i for rows, _ in refused.done for i in rows)
-            local = trailer_of(refused.exc, RECORD_TRAILER)
-            index = refused.items[int(local)] \
-                if local is not None and 0 <= int(local) < len(refused.items) else None
-            message = refused.exc.details() or refused.exc.code().name
+            index = None if refused.record is None else refused.items[refused.record]
+            message = refused.details
             if index is not None:
                 message = re.sub(r"^(events|packed)\[\d+\]", f"events[{index}]", message)
             trailers: list[tuple[str, Any]] = [(APPLIED_TRAILER, done.serialize())]
             if index is not None:
                 trailers.append((RECORD_TRAILER, str(index)))
             context.set_trailing_metadata(tuple(trailers))
-            await fail(context, refused.exc.code(), message)
+            await fail(context, refused.code, message)
         finally:
             self._loads.end(applied)
         return pb.TrackBatchResponse(applied=applied)
@@ -428,18 +425,17 @@ async def _refuse_suppressed(context: Any, exc: Suppressed, items: list[tuple[st
 async def _refuse_batch(context: Any, refused: GroupRefused,
                         applied: list[tuple[list[Any], Any]], forms: tuple[int, int]
                         ) -> NoReturn:
-    """End a BatchUpsert a shard refused part of: its status and message, with the record at
-    fault named by its place in this request (the shard named its place in its part), and
-    which records applied on other shards all the same (RECORD_TRAILER, APPLIED_TRAILER)."""
-    exc = refused.exc
+    """End a BatchUpsert a shard refused part of, or did not answer for: its status and
+    message, with the record at fault named by its place in this request (the shard named
+    its place in its part), and which records applied on other shards all the same
+    (RECORD_TRAILER, APPLIED_TRAILER)."""
     done = BitMap(index for items, _ in applied for _, _, index in items)
     trailers: list[tuple[str, Any]] = [(APPLIED_TRAILER, done.serialize())]
-    message = exc.details() or exc.code().name
-    local = trailer_of(exc, RECORD_TRAILER)
+    message = refused.details
     # The shard's part lists its requests, then its packed rows, then its columns rows.
     order = sorted(refused.items, key=lambda item: item[1])
-    if local is not None and 0 <= int(local) < len(order):
-        _, form, index = order[int(local)]
+    if refused.record is not None:
+        _, form, index = order[refused.record]
         trailers.append((RECORD_TRAILER, str(index)))
         named = ("requests", index) if form == REQUEST else (
             ("packed", index - forms[0]) if form == PACKED else
@@ -447,7 +443,7 @@ async def _refuse_batch(context: Any, refused: GroupRefused,
         message = re.sub(r"^(requests|packed|columns)\[\d+\]", f"{named[0]}[{named[1]}]",
                          message)
     context.set_trailing_metadata(tuple(trailers))
-    await fail(context, exc.code(), message)
+    await fail(context, refused.code, message)
 
 
 def _identifiers_of(item: tuple[Any, ...]) -> list[tuple[str, str]]:

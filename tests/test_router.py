@@ -318,6 +318,7 @@ def test_a_dead_shard_gives_unavailable_or_partial(tmp_path: Path) -> None:
                              timeout=10)
             on_0 = [p for p in ids if slot_of(p) < 8192]
             on_1 = [p for p in ids if slot_of(p) >= 8192]
+            stub.Track(pb.TrackRequest(id=ids[0], event="visit"), timeout=10)  # (declared)
             shards[1].stop()
             with pytest.raises(grpc.RpcError) as err:
                 stub.Get(pb.GetRequest(key=pb.ProfileKey(id=on_1[0])), timeout=10)
@@ -337,10 +338,53 @@ def test_a_dead_shard_gives_unavailable_or_partial(tmp_path: Path) -> None:
             groups = stub.GroupBy(pb.GroupByRequest(query=everything(partial=True),
                                                     attribute="city"), timeout=10)
             assert groups.total == len(on_0) and list(groups.missing_shards) == ["shard-1"]
+            _batches_say_what_applied_beside_a_dead_shard(router.address, stub)
     finally:
         router.stop()
         for shard in shards:
             shard.stop()
+
+
+def _batches_say_what_applied_beside_a_dead_shard(address: str, stub: Any) -> None:
+    """A batch across shards, one of them down: UNAVAILABLE, with the records that applied
+    on the live shard (APPLIED_TRAILER), so a loader counts them as loaded and resends
+    nothing of them; the client's LoadError adds up what is unknown over every request
+    and says how many records it sent."""
+    from pyroaring import BitMap
+
+    from memstore import Client, LoadError
+    from memstore.hashslot import APPLIED_TRAILER, RECORD_TRAILER
+
+    ids = [f"q-{i}" for i in range(60)]
+    live = {i for i, p in enumerate(ids) if slot_of(p) < 8192}
+    assert 0 < len(live) < len(ids)
+
+    def applied_of(err: Any) -> tuple[BitMap, dict[str, Any]]:
+        trailers = dict(err.trailing_metadata() or ())
+        return BitMap.deserialize(trailers[APPLIED_TRAILER]), trailers
+
+    with pytest.raises(grpc.RpcError) as err:
+        stub.TrackBatch(pb.TrackBatchRequest(events=[pb.TrackRequest(id=p, event="visit")
+                                                     for p in ids]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "shard-1" in err.value.details()
+    done, trailers = applied_of(err.value)
+    assert set(done) == live and RECORD_TRAILER not in trailers
+    for i, p in enumerate(ids):  # exactly those applied
+        got = stub.Get(pb.GetRequest(key=pb.ProfileKey(id=p)), timeout=10) if i in live else None
+        assert got is None or got.profile.attributes["event.visit.count"].int_value == 1
+    with pytest.raises(grpc.RpcError) as err:
+        stub.BatchUpsert(pb.BatchUpsertRequest(requests=[upsert(p, "Rome", 2) for p in ids]),
+                         timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert set(applied_of(err.value)[0]) == live
+    events = [{"id": f"r-{i}", "event": "visit"} for i in range(1000)]
+    on_live = [slot_of(e["id"]) < 8192 for e in events]
+    with Client(address) as c, pytest.raises(LoadError) as stopped:
+        c.load_events(events, chunk_size=100, concurrency=3)
+    sent = stopped.value.sent
+    assert sent % 100 == 0 and 100 <= sent < len(events)  # it stopped sending
+    assert stopped.value.applied == sum(on_live[:sent])  # exact: the trailers said so
+    assert stopped.value.unknown == sent - sum(on_live[:sent])  # every failed request's
 
 
 def test_attribute_known_to_one_shard_queries_cleanly_across_all(cluster: dict[str, Any]) -> None:

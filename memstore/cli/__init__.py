@@ -386,6 +386,9 @@ class _LoadRun:
         if exc.unknown:
             message += (f" ({exc.unknown} {self.noun} sent were not answered: they may or "
                         "may not have loaded)")
+        resume = self.line(exc.sent)  # the first record not sent, if the load read it
+        if resume is not None:
+            message += f"; nothing from {resume.where} on was sent"
         if not self.error or line is not None:  # the server's refusal came first
             self.error = message
 

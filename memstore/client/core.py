@@ -124,15 +124,19 @@ class LoadError(ClientError):
     chunks it answered, and the parts of a refused chunk that applied on other shards);
     `record`: the index of the refused record among those given, and `id` its primary id
     (None when no one record was at fault); `unknown`: records sent whose outcome is not
-    known (the server did not answer; they may or may not have applied)."""
+    known (the server did not answer for them; they may or may not have applied), over
+    every request that failed so; `sent`: how many of the records given were sent (the
+    first `sent`; none after them was, so a load resumes there)."""
 
     def __init__(self, code: grpc.StatusCode, details: str, *, applied: int,
-                 record: int | None = None, id: str | None = None, unknown: int = 0) -> None:
+                 record: int | None = None, id: str | None = None, unknown: int = 0,
+                 sent: int = 0) -> None:
         super().__init__(code, details, "BatchUpsert")
         self.applied = applied
         self.record = record
         self.id = id
         self.unknown = unknown
+        self.sent = sent
 
 
 # Called for each record a load's server refuses, when the load goes on without it:
@@ -1250,6 +1254,7 @@ def _pipeline(load: _Load, chunks: Iterable[Any], send: Callable[[Any], Any],
         if load.stopped:
             break
         inflight.append((send(chunk), chunk))
+        load.sent = chunk.base + chunk.count
         if len(inflight) >= concurrency:
             settle(load, *inflight.popleft())
     while inflight:
@@ -1266,6 +1271,7 @@ async def _async_pipeline(load: _Load, chunks: Iterable[Any], send: Callable[[An
         if load.stopped:
             break
         inflight.append((asyncio.ensure_future(send(chunk)), chunk))
+        load.sent = chunk.base + chunk.count
         if len(inflight) >= concurrency:
             await settle(load, *inflight.popleft())
     while inflight:
@@ -1290,6 +1296,8 @@ class _Load:
         self.progress = progress if callable(progress) else None
         self.on_refused = on_refused
         self.applied = 0
+        self.unknown = 0  # records sent whose outcome is not known, over every failure
+        self.sent = 0  # records sent: the first `sent` of those given
         self.stopped = False  # no chunk is sent after a refusal (without on_refused)
         self.error: LoadError | None = None
 
@@ -1302,7 +1310,9 @@ class _Load:
         self.add(_applied(response.applied, chunk.count))
 
     def stop(self, error: LoadError) -> None:
-        """The load stops at `error` (the earliest record refused, if several are)."""
+        """The load stops at `error` (the earliest record refused, if several are); the
+        records of every failure whose outcome is unknown add up."""
+        self.unknown += error.unknown
         record = error.record
         if self.error is None or (record is not None and (
                 self.error.record is None or record < self.error.record)):
@@ -1311,7 +1321,8 @@ class _Load:
 
     def result(self) -> int:
         if self.error is not None:
-            self.error.applied = self.applied
+            self.error.applied, self.error.unknown = self.applied, self.unknown
+            self.error.sent = self.sent
             raise self.error
         return self.applied
 
