@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import pytest
 
-from memstore import Client, ClientError
+from memstore import Client, ClientError, LoadError
 from memstore.client.loader import header
 from memstore.hashslot import slot_of
 from memstore.server import audit, metrics
@@ -251,12 +251,20 @@ def test_suppression_refuses_a_later_write_naming_the_person(cluster: dict[str, 
     for write in (lambda: c.upsert("supp-new", {"a": 2}, identifiers=[("email",
                                                                       "supp@example.org")]),
                   lambda: c.link("supp-other", [("phone", "+4799887766")], create=True),
-                  lambda: c.upsert("supp-1", {"a": 3})):
+                  lambda: c.upsert("supp-1", {"a": 3}),
+                  lambda: c.track("supp-1", "visit"),
+                  # a batch of one id, small and large (the column-at-a-time planner)
+                  *(lambda n=n: c.track_batch([{"id": "supp-1", "event": "visit"}] * n)
+                    for n in (3, 64, 500))):
         with pytest.raises(ClientError) as err:
             write()
         assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert "suppression" in err.value.details
-    assert c.get("supp-new") is None and c.get("supp-other") is None
+    with pytest.raises(LoadError) as stopped:  # load-events' path
+        c.load_events([{"id": "supp-1", "event": "visit"}] * 200)
+    assert stopped.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert stopped.value.applied == 0 and stopped.value.record == 0
+    assert c.get("supp-new") is None and c.get("supp-other") is None and c.get("supp-1") is None
     refused: list[tuple[int, str]] = []
     applied = c.load([{"id": "supp-a", "attributes": {"a": 1}},
                       {"id": "supp-b", "identifiers": [["email", "supp@example.org"]]},

@@ -33,6 +33,7 @@ from pyroaring import BitMap
 
 from memstore.engine import days
 from memstore.engine.change import array_of, raw_array
+from memstore.engine.identity import id_key
 from memstore.engine.schema import INT64_MAX, Kind, Merge
 from memstore.errors import InvalidArgument, MemstoreError, NotFound, brief
 from memstore.gcpause import gc_paused
@@ -146,7 +147,8 @@ def _plan_columns(engine: Engine, events: Sequence[Event]) -> Change | None:
     (a (profile, event, day) each). None when the general planner must plan it:
     an event it would refuse (it names it), an identifier key, an id that is merged away,
     held or not in an owned slot, an event whose attributes are declared otherwise (or not
-    yet, on a router's shard: the router declares them), or counts so large that a
+    yet, on a router's shard: the router declares them), a new profile's id on the
+    suppression list, or counts so large that a
     batch's sum might not fit in int64. The attributes of an event new to the shard are
     declared by the change, as the general planner declares them."""
     from memstore.engine.blob import decode_many, encode_many
@@ -191,6 +193,9 @@ def _plan_columns(engine: Engine, events: Sequence[Event]) -> Change | None:
     dense = engine.dense_of.many(keys)  # -1: no profile yet
     where_new = np.flatnonzero(dense < 0).tolist()
     new_pids = list(dict.fromkeys(map(keys.__getitem__, where_new)))
+    if engine.suppressed and any(engine.hashed(id_key(pid)) in engine.suppressed
+                                 for pid in new_pids):
+        return None  # an erased id on the blocked list: the general planner refuses it
     slots = slots_of(new_pids)
     owned = engine.owned_slots
     if owned is not None and not owned.issuperset(BitMap(slots)):
