@@ -304,7 +304,8 @@ def test_parse_timestamp(text: str, expected: datetime) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "yesterday", "2024-13-01", "2024-02-30", "20240501", "2024-05-01T25:00", "1714"]
+    "text", ["", "yesterday", "2024-13-01", "2024-02-30", "20240501", "2024-05-01T25:00", "1714",
+             "0001-01-01T00:00+05:00", "9999-12-31T23:00-05:00"]  # (years 0 and 10000 in UTC)
 )
 def test_parse_timestamp_rejects(text: str) -> None:
     with pytest.raises(QueryError, match="timestamp"):

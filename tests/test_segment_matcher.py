@@ -266,3 +266,41 @@ def test_the_deepest_valid_queries_compile_and_agree() -> None:
             blob = engine.blobs[dense]
             assert blob is not None
             assert matcher(decode(blob)[1], dense) == (dense in expected)
+
+
+# Numbers near where int64 and float64 part ways, as stored values and as literals.
+_EDGES = [-(2**63), -(2**63) + 1, -(2**53) - 1, -1, 0, 1, 2**53, 2**53 + 1, 2**63 - 1, 2**63,
+          2**64 - 1]
+_INT_VALUES = [v for v in _EDGES if -(2**63) <= v < 2**63]
+_FLOAT_VALUES = [-(2.0**63), -(2.0**53), -1.0, 0.0, 1.5, 2.0**53, 2.0**63, 1e300]
+
+
+@settings(max_examples=300, deadline=None)
+@given(kind=st.sampled_from([Kind.INT, Kind.FLOAT]), op=st.sampled_from(
+    [Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT, Op.GE, Op.IN, Op.BETWEEN]),
+    literals=st.lists(st.sampled_from(_EDGES + [float(v) for v in _EDGES[:-1]] + [0.5, -0.5]),
+                      min_size=2, max_size=2))
+def test_numbers_compare_as_numbers_at_the_edges_of_int64_and_float64(
+        kind: Kind, op: Op, literals: list[Any]) -> None:
+    """An int attribute with float literals and a float attribute with int literals:
+    both the indexes and the matcher answer as Python compares an int with a float
+    (exactly), with no literal rounded on the way (-2.0**63 is INT64_MIN; 2**53 + 1 is no
+    float, so `f < 2**53 + 1` holds for 2.0**53)."""
+    stored = _INT_VALUES if kind is Kind.INT else _FLOAT_VALUES
+    engine = Engine()
+    engine.apply(engine.plan_declare([("x", kind, True, Merge.DEFAULT)]))
+    for i, value in enumerate(stored):
+        engine.apply(engine.plan_upsert(UpsertSpec(f"p{i}", [(SET, "x", value)])))
+    values = literals if op in (Op.IN, Op.BETWEEN) else literals[:1]
+    node = Predicate("x", op, tuple(values))
+    compare = {Op.EQ: lambda x: x == values[0], Op.NE: lambda x: x != values[0],
+               Op.LT: lambda x: x < values[0], Op.LE: lambda x: x <= values[0],
+               Op.GT: lambda x: x > values[0], Op.GE: lambda x: x >= values[0],
+               Op.IN: lambda x: x in values,
+               Op.BETWEEN: lambda x: values[0] <= x <= values[1]}[op]
+    expected = {f"p{i}" for i, value in enumerate(stored) if compare(value)}
+    assert set(engine.ids_of(evaluate(engine, node))) == expected, format_query(node)
+    matcher = compile_query(node, engine.schema, lambda name: None)
+    matched = {engine.pids[d] for d in engine.live
+               if matcher(decode(engine.blobs[d])[1], d)}  # type: ignore[arg-type]
+    assert matched == expected, format_query(node)

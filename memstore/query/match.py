@@ -36,7 +36,7 @@ from pyroaring import BitMap
 from memstore.engine.schema import RANGE_KINDS, Kind, Schema
 from memstore.errors import InvalidArgument
 from memstore.query import All, And, InSegment, Node, Not, Op, Or, Predicate
-from memstore.query.plan import _literal, _whole_numbers
+from memstore.query.plan import _exact_floats, _literal, _whole_numbers
 
 # (the profile's stored attributes by attribute id, its dense id) -> is it a member
 Matcher = Callable[[dict[int, Any], int], bool]
@@ -141,6 +141,13 @@ def _predicate(p: Predicate, schema: Schema, consts: dict[str, Any],
         if whole[0] is Op.EXISTS:
             return f"({aid} in a)"
         op, raw = whole
+    if kind is Kind.FLOAT and any(type(v) is int for v in raw):
+        exact = _exact_floats(op, raw)
+        if exact is None:
+            return "False"
+        if exact[0] is Op.EXISTS:
+            return f"({aid} in a)"
+        op, raw = exact
     try:
         values = [_literal(spec, v, op) for v in raw]
     except InvalidArgument as exc:

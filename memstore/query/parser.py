@@ -587,4 +587,7 @@ def parse_timestamp(s: str) -> datetime:
         raise QueryError(f"not a valid timestamp: {brief(s)}") from None
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # its offset takes it past year 1 or 9999 in UTC
+        raise QueryError(f"timestamp {brief(s)} is outside years 1 to 9999 in UTC") from None

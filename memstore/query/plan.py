@@ -435,6 +435,13 @@ def _predicate(engine: Engine, p: Predicate) -> Step:
         if whole[0] is Op.EXISTS:
             return Bitmaps([engine.range_index[spec.id].exists()])
         op, raw = whole
+    if kind is Kind.FLOAT and any(type(v) is int for v in raw):
+        exact = _exact_floats(op, raw)
+        if exact is None:
+            return Empty()
+        if exact[0] is Op.EXISTS:
+            return Bitmaps([engine.range_index[spec.id].exists()])
+        op, raw = exact
     values = [_literal(spec, v, op) for v in raw]
     if kind in RANGE_KINDS:
         index = engine.range_index[spec.id]
@@ -530,9 +537,10 @@ def _whole_numbers(op: Op, values: Sequence[Any]) -> tuple[Op, tuple[Any, ...]] 
         return op, tuple(values)  # a wrong-kind literal: _literal names it
     whole = [v for v in values if float(v).is_integer()]
     if op is Op.EQ:
-        return (op, (int(whole[0]),)) if whole and abs(whole[0]) <= _INT64_MAX else None
+        return (op, (int(whole[0]),)) if whole and _INT64_MIN <= whole[0] <= _INT64_MAX \
+            else None
     if op is Op.NE:
-        return (op, (int(whole[0]),)) if whole and abs(whole[0]) <= _INT64_MAX \
+        return (op, (int(whole[0]),)) if whole and _INT64_MIN <= whole[0] <= _INT64_MAX \
             else (Op.EXISTS, ())
     if op is Op.IN:
         kept = tuple(int(v) for v in whole if _INT64_MIN <= v <= _INT64_MAX)
@@ -552,6 +560,48 @@ def _whole_numbers(op: Op, values: Sequence[Any]) -> tuple[Op, tuple[Any, ...]] 
             clamp(Op.GE, math.ceil(value))
     if op is Op.GE:
         return clamp(Op.GE, math.ceil(value))
+    return op, tuple(values)
+
+
+def _exact_floats(op: Op, values: Sequence[Any]) -> tuple[Op, tuple[Any, ...]] | None:
+    """A comparison of a float attribute with int literals, as the same comparison with
+    float literals that rounding does not change (numbers compare as numbers: `f <
+    2**53 + 1` holds for 2.0**53, the float just below it, so it is `f <= 2.0**53`).
+    None: nothing can match; (EXISTS, ()): every profile holding the attribute."""
+    if any(type(v) is not int and type(v) is not float for v in values):
+        return op, tuple(values)  # a wrong-kind literal: _literal names it
+
+    def rounded(v: float) -> tuple[float, bool]:  # the nearest float, and if exact
+        f = float(v)  # (literals are int64: every one is finite as a float)
+        return f, f == v  # (int == float compares exactly)
+
+    def below(v: float) -> float:  # the largest float <= v
+        f, exact = rounded(v)
+        return f if exact or f < v else math.nextafter(f, -math.inf)
+
+    def above(v: float) -> float:  # the smallest float >= v
+        f, exact = rounded(v)
+        return f if exact or f > v else math.nextafter(f, math.inf)
+
+    if op is Op.EQ:
+        f, exact = rounded(values[0])
+        return (op, (f,)) if exact else None
+    if op is Op.NE:
+        f, exact = rounded(values[0])
+        return (op, (f,)) if exact else (Op.EXISTS, ())
+    if op is Op.IN:
+        kept = tuple(f for f, exact in map(rounded, values) if exact)
+        return (op, kept) if kept else None
+    if op is Op.BETWEEN:
+        low, high = above(values[0]), below(values[1])
+        return (op, (low, high)) if low <= high else None
+    (value,) = values
+    if op in (Op.LT, Op.LE):  # f < v, for a v no float equals, is f <= below(v)
+        f, exact = rounded(value)
+        return (op, (f,)) if exact else (Op.LE, (below(value),))
+    if op in (Op.GT, Op.GE):
+        f, exact = rounded(value)
+        return (op, (f,)) if exact else (Op.GE, (above(value),))
     return op, tuple(values)
 
 
