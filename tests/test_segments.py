@@ -765,3 +765,41 @@ def test_segments_reading_a_segment_that_reads_the_clock_age_with_it(tmp_path: P
         await shard.close()
 
     asyncio.run(scenario())
+
+
+def test_a_broken_segment_still_loses_the_profiles_removed() -> None:
+    """A segment whose query stopped evaluating keeps its members, but a profile deleted
+    (or merged away) leaves it, with a LEAVE: in_segment(...) never names a profile that
+    is gone."""
+    from memstore.engine.change import SET, UpsertSpec
+    from memstore.engine.core import Engine
+    from memstore.engine.schema import Kind, Merge
+    from memstore.engine.segments import Touched
+    from memstore.query import parse
+    from memstore.query.evaluate import count, evaluate
+
+    engine = Engine()
+
+    def commit(change: Any) -> Any:  # what Shard.commit does around Engine.apply
+        touched = Touched()
+        engine.apply(change, touched)
+        deltas = engine.segments.refresh(engine, touched)
+        if change.rebuild:
+            deltas.update(engine.segments.rebuild(engine, change.rebuild))
+        return deltas
+
+    commit(engine.plan_declare([("country", Kind.STRING, True, Merge.DEFAULT)]))
+    for pid in ("u1", "u2", "u4"):
+        commit(engine.plan_upsert(UpsertSpec(pid, [(SET, "country", "US")])))
+    commit(engine.plan_create_segment("us", parse('country = "US" OR x = "a"'), 1))
+    commit(engine.plan_upsert(UpsertSpec("u3", [(SET, "x", 5)])))  # x an int: it breaks
+    assert engine.segments.get("us").broken
+    u1 = engine.dense_of.get("u1")
+    deltas = commit(engine.plan_delete("u1"))
+    assert list(deltas["us"][1]) == [u1] and not deltas["us"][0]
+    node = parse('in_segment("us")')
+    assert sorted(engine.ids_of(evaluate(engine, node))) == ["u2", "u4"]
+    assert count(engine, node) == 2
+    assert count(engine, parse('NOT in_segment("us")')) == 1  # u3
+    commit(engine.plan_upsert(UpsertSpec("u4", [(SET, "country", "CA")])))  # not removed:
+    assert sorted(engine.ids_of(engine.segments.get("us").members)) == ["u2", "u4"]  # kept

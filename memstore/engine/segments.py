@@ -24,7 +24,8 @@ re-evaluated whole on a timer (`refresh_timed`).
 
 Evaluation is lenient (an attribute no profile here has matches nobody) and a segment whose
 query stops evaluating (an attribute later declared of another kind than its literal) is
-marked `broken` with the reason and skipped, never failing the write that met it.
+marked `broken` with the reason and skipped, never failing the write that met it (only
+profiles removed leave it).
 """
 
 from __future__ import annotations
@@ -276,7 +277,22 @@ class Segments:
 
     def refresh(self, engine: Engine, touched: Touched) -> Deltas:
         """Bring membership up to date with a change just applied (`touched`), applying
-        the deltas as it goes; returns them (for the log, and `undo`).
+        the deltas as it goes; returns them (for the log, and `undo`). A broken
+        segment's members no longer change, except that a profile removed (deleted,
+        merged away, moved to another shard) leaves it: no answer names a profile that
+        is gone."""
+        deltas = self._refresh(engine, touched)
+        if touched.removed:
+            for segment in self.by_name.values():
+                if segment.broken and segment.members.intersect(touched.removed):
+                    gone = segment.members & touched.removed
+                    segment.members -= gone
+                    enter, leave = deltas.get(segment.name, (BitMap(), BitMap()))
+                    deltas[segment.name] = (enter, leave | gone)
+        return deltas
+
+    def _refresh(self, engine: Engine, touched: Touched) -> Deltas:
+        """`refresh` for the segments that evaluate.
 
         A change to a few profiles (`SMALL_CHANGE`) visits only the segments reading an
         attribute it changed (every segment when it creates or removes a profile), and
@@ -538,7 +554,8 @@ class Segments:
     def _break(self, segment: Segment, reason: str) -> None:
         segment.broken = reason
         log.error("segment %s no longer evaluates (%s): its members are kept as they were "
-                  "and no longer change; delete and create it again", segment.name, reason,
+                  "(less the profiles removed later); delete and create it again",
+                  segment.name, reason,
                   extra={"segment": segment.name})
 
     # ------------------------------------------------------------------ persistence
