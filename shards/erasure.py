@@ -111,25 +111,28 @@ class Erasure:
         return positions
 
     async def _forget(self, erased: list[Any], context: Any) -> dict[str, int]:
-        """Erase the forwards that ids merged into erased profiles left on other shards
-        (best effort: one that fails stays, forwarding to an id that finds nothing).
-        Returns the log position of each shard that forgot some."""
-        by_shard: dict[int, tuple[ShardState, list[str]]] = {}
-        for reply in erased:
-            home = self.map.owner(slot_of(reply.id)) if reply.id else None
-            for pid in reply.merged_ids:
-                shard = self.map.owner(slot_of(pid))
-                if shard is not None and shard is not home:
-                    by_shard.setdefault(id(shard), (shard, []))[1].append(pid)
+        """Erase what other shards than their own keep naming the erased profiles: the
+        forwards their merged ids left (on the owners of those ids' slots, and on the
+        shard of each profile they were merged into on the way: a chain of merges across
+        shards leaves one there) and the survivor's id in decisions of merges. Every
+        shard but a profile's own is asked for all of its ids, since no map says where a
+        chain went (best effort: a forward that stays forwards to an id that finds
+        nothing). Returns the log position of each shard that forgot some."""
+        homes = [self.map.owner(slot_of(reply.id)) if reply.id else None for reply in erased]
         positions: dict[str, int] = {}
-        for shard, pids in by_shard.values():
+        for shard in list(self.map.shards):
+            pids = [pid for reply, home in zip(erased, homes, strict=True) if home is not shard
+                    for pid in (reply.id, *reply.merged_ids) if pid]
+            if not pids:
+                continue
             try:
                 answer = await shard.control.Forget(cpb.ForgetRequest(ids=pids),
                                                     timeout=time_left(context))
-                positions[answer.shard or shard.label] = answer.log_position
+                if answer.forgotten:
+                    positions[answer.shard or shard.label] = answer.log_position
             except grpc.aio.AioRpcError as exc:
-                log.warning("erasure: forwards of %d ids on %s stay: %s", len(pids),
-                            shard.label, exc.details())
+                log.warning("erasure: what %s keeps of %d ids stays: %s", shard.label,
+                            len(pids), exc.details())
         return positions
 
     async def erase_profiles(self, request: pb.EraseProfilesRequest, context: Any

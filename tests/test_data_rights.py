@@ -216,6 +216,28 @@ def test_erasure_leaves_a_receipt_and_no_byte_on_disk(cluster: dict[str, Any]) -
     assert scan([cluster["root"]], needles) == []  # audit lines: hashes only
 
 
+def test_erasing_a_chain_of_merges_across_shards_leaves_no_byte(cluster: dict[str, Any]
+                                                                  ) -> None:
+    """X (shard 0) merged into Y (shard 1), then Y into Z (shard 0): shard 1 keeps a
+    forward for X too (every id merged into Y), and the decision of X's merge names Y.
+    Erasing the person by X leaves none of their ids on any shard after a snapshot."""
+    c: Client = cluster["client"]
+    x, y, z = on_shard(0, "chain-x"), on_shard(1, "chain-y"), on_shard(0, "chain-z")
+    for pid, email in ((x, "chain-x@example.org"), (y, "chain-y@example.org"),
+                       (z, "chain-z@example.org")):
+        c.upsert(pid, {"secret": f"Chain-{pid}"}, identifiers=[("email", email)])
+    c.link(y, [("email", "chain-x@example.org")])
+    c.link(z, [("email", "chain-y@example.org")])
+    assert c.export(x)["id"] == z and sorted(c.export(x)["merged_ids"]) == sorted([x, y])
+    receipt = c.erase(x)
+    assert receipt["erased"][0]["id"] == z
+    assert c.get(x) is None and c.get(y) is None and c.get(z) is None
+    positions = c.snapshot()["shard_positions"]
+    assert all(positions[s] >= p for s, p in receipt["shard_positions"].items())
+    assert scan(cluster["dirs"], [x, y, z, "chain-x@example.org", "chain-y@example.org",
+                                  "chain-z@example.org", f"Chain-{x}"]) == []
+
+
 def test_bulk_erasure_by_query(cluster: dict[str, Any]) -> None:
     c: Client = cluster["client"]
     assert c.load({"id": f"bulkgone-{i}", "attributes": {"wave": "bulkwave",
@@ -480,3 +502,20 @@ def test_a_router_relays_each_shards_export_messages_as_the_shard_made_them(
     assert sorted(n for chunk in columns for n in chunk["attributes"][0]) == list(range(1300))
     assert all(set(chunk["attributes"][1]) == {"relay"} for chunk in columns)
     assert all(chunk["attributes"][2] == [None] * len(chunk["id"]) for chunk in columns)
+
+
+def test_forgetting_erased_ids_keeps_a_decision_without_naming_its_survivor() -> None:
+    """Forget(ids) on a shard other than the erased profile's own: the forwards of those
+    ids go, and a merge decision that names one as its survivor keeps only its slot (as
+    plan_erase leaves the decisions on the profile's own shard)."""
+    from memstore.engine.change import Change, Note
+    from memstore.engine.core import Engine
+    from memstore.hashslot import slot_of
+
+    engine = Engine()
+    engine.apply(Change(notes=[Note("forwards", "x", "y"), Note("forwards", "w", "v"),
+                               Note("decided", "t1", ["y", True]),
+                               Note("decided", "t2", ["v", False])]))
+    engine.apply(engine.plan_forget(["x", "y", "z"]))
+    assert engine.forwards == {"w": "v"}
+    assert engine.decided == {"t1": [slot_of("y"), True], "t2": ["v", False]}

@@ -153,11 +153,15 @@ def plan_release(engine: Engine, loser: str, txn: str, committed: bool) -> Chang
 
 def plan_forget(engine: Engine, pids: Iterable[str], txns: Iterable[str] = (),
                 reforward: Iterable[tuple[str, str, str]] = ()) -> Change:
-    """Erase the forwards of `pids` (ids merged into a survivor since deleted) and the
-    decisions of finished merges `txns` (every loser released); repoint each forward
-    (id, from, to) that still goes to `from` (merged into `to` since) to `to`."""
-    notes = [Note("forwards", pid, None) for pid in dict.fromkeys(pids)
-             if pid in engine.forwards]
+    """Erase the forwards of `pids` (ids of erased profiles: their own and those merged
+    into them) and their ids in the decisions of merges (kept as the survivor's slot, as
+    plan_erase keeps them), and the decisions of finished merges `txns` (every loser
+    released); repoint each forward (id, from, to) that still goes to `from` (merged into
+    `to` since) to `to`."""
+    gone = set(pids)
+    notes = [Note("forwards", pid, None) for pid in sorted(gone) if pid in engine.forwards]
+    notes += [Note("decided", txn, [slot_of(v[0]), v[1]]) for txn, v in engine.decided.items()
+              if v[0] in gone]
     notes += [Note("decided", txn, None) for txn in dict.fromkeys(txns)
               if txn in engine.decided]
     for pid, old, new in reforward:
