@@ -8,10 +8,15 @@ registers at start-up what the shards declared before the registry existed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Any
 
+import grpc
+
 from memstore.v1 import memstore_pb2 as pb
+from memstore.v1 import memstore_pb2_grpc
 from shards.calls import Background, Code, abort, fail, time_left
 from shards.fanout import FanOut
 from shards.queries import union_schema
@@ -19,6 +24,8 @@ from shards.schema import ClusterSchema
 from shards.shard_map import ShardState
 
 log = logging.getLogger("memstore.router")
+REPLICA_POLL = 0.2  # seconds between looks at a lagging replica's position
+REPLICA_WAIT = 30.0  # seconds a replica may take to catch up with its primary's snapshot
 
 
 class Operations:
@@ -62,16 +69,66 @@ class Operations:
         return union_schema(r for _, r in answers)
 
     async def snapshot(self, request: pb.SnapshotRequest, context: Any) -> pb.SnapshotResponse:
+        """Every shard snapshots, then each replica following one (its Stats lists them)
+        once it has applied the log up to its primary's snapshot: erased data leaves the
+        replicas' disks with the same call (docs/data-rights.md). A replica's position
+        is listed as "<shard>/<replica name>"; one that cannot be reached or does not
+        catch up within the deadline fails the call UNAVAILABLE (the shards' snapshots
+        are taken all the same)."""
         timeout = time_left(context)
 
         def call(shard: ShardState) -> Any:
             return shard.stub.Snapshot(request, timeout=timeout)
 
         answers, _ = await self.fan.every(context, call)
-        return pb.SnapshotResponse(path=";".join(r.path for _, r in answers),
-                                   shard_positions={s.label: r.log_position
-                                                    for s, r in answers},
+        positions = {s.label: r.log_position for s, r in answers}
+        paths = [r.path for _, r in answers]
+        try:
+            for found in await asyncio.gather(*(
+                    self._snapshot_replicas(shard, answer.log_position, request, context)
+                    for shard, answer in answers)):
+                for label, answer in found:
+                    positions[label] = answer.log_position
+                    paths.append(answer.path)
+        except grpc.aio.AioRpcError as exc:
+            await fail(context, Code.UNAVAILABLE, f"the shards' snapshots were taken, but a "
+                       f"replica's was not: {exc.details() or exc.code().name}")
+        except TimeoutError as exc:
+            await fail(context, Code.UNAVAILABLE, f"the shards' snapshots were taken, but {exc}")
+        return pb.SnapshotResponse(path=";".join(paths), shard_positions=positions,
                                    profiles=sum(r.profiles for _, r in answers))
+
+    async def _snapshot_replicas(self, shard: ShardState, position: int,
+                                 request: pb.SnapshotRequest, context: Any
+                                 ) -> list[tuple[str, Any]]:
+        """Snapshot each replica of `shard` once it has applied the log to `position`
+        (a replica's positions are its primary's): [(label, SnapshotResponse)]."""
+        stats = await shard.stub.Stats(pb.StatsRequest(), timeout=time_left(context))
+        info = dict(stats.info)
+        replicas = sorted((info.get(key.removesuffix(".address") + ".name") or value, value)
+                          for key, value in info.items()
+                          if key.startswith("replication.replica.") and key.endswith(".address")
+                          and value)
+        taken: list[tuple[str, Any]] = []
+        for name, address in replicas:
+            channel = self.map.credentials.aio_channel(address)
+            try:
+                stub = memstore_pb2_grpc.MemstoreStub(channel)
+                give_up = time.monotonic() + min(REPLICA_WAIT, time_left(context) or REPLICA_WAIT)
+                while True:  # (its Stats is cheap; a snapshot is not)
+                    replica = await stub.Stats(pb.StatsRequest(), timeout=time_left(context))
+                    at = int(replica.info.get("log.position", "0"))
+                    if at >= position:
+                        break
+                    if time.monotonic() + REPLICA_POLL > give_up:
+                        raise TimeoutError(f"replica {name} of {shard.label} is at position "
+                                           f"{at}, behind {position}")
+                    await asyncio.sleep(REPLICA_POLL)  # it is catching up
+                answer = await stub.Snapshot(request, timeout=time_left(context))
+                taken.append((f"{shard.label}/{name}", answer))
+            finally:
+                await channel.close()
+        return taken
 
     async def stats(self, request: pb.StatsRequest, context: Any) -> pb.StatsResponse:
         timeout = time_left(context)

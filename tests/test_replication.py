@@ -834,6 +834,21 @@ def test_serve_with_replicas_starts_and_keeps_a_replica_per_shard(tmp_path: Path
         wait_caught_up(*pairs[0])
         with Client(pairs[0][0], read_from="replica") as c:
             assert c.count("n >= 0") + c.count("n < 0") == stats(pairs[0][0])["profiles"]
+        # Erasure leaves the replicas' disks with the router's snapshot too.
+        from tests.test_data_rights import scan
+
+        needles = ["erased-person", "Replicated-Secret-6612", "erased@example.org"]
+        with Client(router) as c:
+            c.upsert("erased-person", {"secret": "Replicated-Secret-6612"},
+                     identifiers=[("email", "erased@example.org")])
+            c.snapshot()  # the person is in snapshots and logs everywhere now
+            assert scan([data / "shard-0-replica-0", data / "shard-1-replica-0"], needles)
+            receipt = c.erase("erased-person")
+            taken = c.snapshot()["shard_positions"]
+        assert set(taken) == {"shard-0", "shard-1", "shard-0/shard-0-replica-0",
+                              "shard-1/shard-1-replica-0"}
+        assert all(taken[s] >= p for s, p in receipt["shard_positions"].items())
+        assert scan([data], needles) == []
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
