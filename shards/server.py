@@ -28,7 +28,7 @@ from memstore.query import DEFAULT_LIMITS, QueryLimits
 from memstore.server import logs, metrics, reflection
 from memstore.server.guard import Guard
 from memstore.server.link import LinkServer, describe_handler
-from memstore.server.security import Credentials, ServerSecurity
+from memstore.server.security import AUDITED, Credentials, ServerSecurity
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc
 from shards import admin
@@ -77,7 +77,7 @@ async def start_router(addresses: Iterable[str], host: str = "127.0.0.1", port: 
     server.add_generic_rpc_handlers((admin.handler(router.admin),))
     if link_port is not None:
         router.link = LinkServer(router, pb.DESCRIPTOR.services_by_name["Memstore"],
-                                 metered=True)
+                                 metered=True, audited=AUDITED)
         server.add_generic_rpc_handlers((describe_handler(router.link),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

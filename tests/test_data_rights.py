@@ -208,6 +208,8 @@ def test_erasure_leaves_a_receipt_and_no_byte_on_disk(cluster: dict[str, Any]) -
     assert scan(cluster["dirs"], needles) == []
     lines = [json.loads(line) for line in cluster["audit"].read_text().splitlines()]
     assert any(line.get("receipt") == receipt["receipt"] for line in lines)
+    # the router's calls came over the link: the shard audits them as it does gRPC's
+    assert any(line["event"] == "call" and line.get("method") == "Delete" for line in lines)
     routed = [json.loads(line) for line in (cluster["root"] / "router-audit.jsonl")
               .read_text().splitlines()]
     [line] = [x for x in routed if x.get("receipt") == receipt["receipt"]]

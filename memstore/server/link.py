@@ -52,7 +52,7 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
 from memstore.errors import capped
-from memstore.server import metrics
+from memstore.server import audit, metrics
 
 log = logging.getLogger("memstore.link")
 
@@ -192,12 +192,16 @@ class LinkServer:
     """Serves servicers' unary methods on the link (see the module's docstring): the one
     given at construction, and any `add`ed. `metered`: record each call in
     memstore.server.metrics, as the gRPC server's interceptor does (a shard's handlers record
-    their own)."""
+    their own). `audited`: methods each call of which writes an audit line, by
+    "anonymous", as the gRPC server's Auditor does (a link serves only where no
+    credentials are checked)."""
 
     def __init__(self, servicer: Any, service: ServiceDescriptor,
-                 token: str | None = None, metered: bool = False) -> None:
+                 token: str | None = None, metered: bool = False,
+                 audited: frozenset[str] = frozenset()) -> None:
         self.token = token or new_token()
         self.metered = metered
+        self.audited = audited
         self._methods: dict[str, tuple[Handler, type[Message]]] = {}
         self.add(servicer, service)
         self._server: asyncio.Server | None = None
@@ -291,6 +295,8 @@ class LinkServer:
                 code, details = grpc.StatusCode.INTERNAL, f"internal error: {exc}"
         if self.metered and entry is not None:
             metrics.observe(method, code.name, time.perf_counter() - started)
+        if method in self.audited:
+            audit.record("call", method=method, by="anonymous", code=code.name)
         if connection.transport is not None and not connection.transport.is_closing():
             connection.send([call_id, code.value[0], capped(details), answer,
                              [[k, v] for k, v in trailers]])

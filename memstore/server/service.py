@@ -79,7 +79,7 @@ from memstore.server import logs, metrics, reflection, rights, watch
 from memstore.server.guard import Guard
 from memstore.server.heap import LoadTrimmer, heap_for_queries
 from memstore.server.link import LinkServer, describe_handler
-from memstore.server.security import Credentials, ServerSecurity
+from memstore.server.security import AUDITED, Credentials, ServerSecurity
 from memstore.shard import Shard, ShardConfig
 from memstore.storage.wal_writer import SyncPolicy
 from memstore.v1 import cluster_pb2 as cpb
@@ -1348,8 +1348,8 @@ def make_server(shard: Shard, host: str, port: int, link: bool = True,
     server = grpc.aio.server(options=options, interceptors=[*security.interceptors(), Guard()])
     service = MemstoreService(shard, limits)
     memstore_pb2_grpc.add_MemstoreServicer_to_server(service, server)
-    link_server = LinkServer(service, pb.DESCRIPTOR.services_by_name["Memstore"]) \
-        if link else None
+    link_server = LinkServer(service, pb.DESCRIPTOR.services_by_name["Memstore"],
+                             audited=AUDITED) if link else None
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = [pb.DESCRIPTOR.services_by_name["Memstore"].full_name,
