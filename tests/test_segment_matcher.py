@@ -304,3 +304,15 @@ def test_numbers_compare_as_numbers_at_the_edges_of_int64_and_float64(
     matched = {engine.pids[d] for d in engine.live
                if matcher(decode(engine.blobs[d])[1], d)}  # type: ignore[arg-type]
     assert matched == expected, format_query(node)
+
+
+def test_a_wrong_kind_literal_beside_numbers_is_the_one_named() -> None:
+    import pytest
+
+    engine = Engine()
+    engine.apply(engine.plan_upsert(UpsertSpec("a", [(SET, "n", 1), (SET, "f", 1.5)])))
+    for attribute, values, named in (("n", (1.5, "x"), "string literal 'x'"),
+                                     ("f", (1, "y"), "string literal 'y'"),
+                                     ("n", (1.5, 1, True), "bool literal True")):
+        with pytest.raises(InvalidArgument, match=named):
+            evaluate(engine, Predicate(attribute, Op.IN, values))

@@ -532,9 +532,9 @@ def _whole_numbers(op: Op, values: Sequence[Any]) -> tuple[Op, tuple[Any, ...]] 
         return (Op.EXISTS, ()) if bound < _INT64_MIN else (  # GE, GT
             None if bound > _INT64_MAX else (op, (bound,)))
 
-    numbers = [v for v in values if not isinstance(v, bool) and isinstance(v, int | float)]
-    if len(numbers) != len(values):
-        return op, tuple(values)  # a wrong-kind literal: _literal names it
+    wrong = tuple(v for v in values if isinstance(v, bool) or not isinstance(v, int | float))
+    if wrong:
+        return op, wrong  # _literal names the first (not a float beside it)
     whole = [v for v in values if float(v).is_integer()]
     if op is Op.EQ:
         return (op, (int(whole[0]),)) if whole and _INT64_MIN <= whole[0] <= _INT64_MAX \
@@ -568,8 +568,9 @@ def _exact_floats(op: Op, values: Sequence[Any]) -> tuple[Op, tuple[Any, ...]] |
     float literals that rounding does not change (numbers compare as numbers: `f <
     2**53 + 1` holds for 2.0**53, the float just below it, so it is `f <= 2.0**53`).
     None: nothing can match; (EXISTS, ()): every profile holding the attribute."""
-    if any(type(v) is not int and type(v) is not float for v in values):
-        return op, tuple(values)  # a wrong-kind literal: _literal names it
+    wrong = tuple(v for v in values if type(v) is not int and type(v) is not float)
+    if wrong:
+        return op, wrong  # _literal names the first
 
     def rounded(v: float) -> tuple[float, bool]:  # the nearest float, and if exact
         f = float(v)  # (literals are int64: every one is finite as a float)
