@@ -15,6 +15,7 @@ left, so a profile that matched throughout is erased wherever it went.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -26,7 +27,7 @@ from memstore.server import audit, metrics
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import memstore_pb2 as pb
 from shards.calls import Code, abort, attempts, fail, move_pause, time_left
-from shards.directory import Directory
+from shards.directory import BEST_EFFORT, Directory
 from shards.fanout import FanOut, relay
 from shards.queries import Queries
 from shards.reads import Reads
@@ -84,8 +85,11 @@ class Erasure:
         erase the forwards their merged ids left on other shards, release the claims of
         their identifiers and, with `suppress`, put ids and identifiers on the blocked list
         of the shards owning their slots. Returns each changed shard's log position."""
-        positions = await self._forget(erased, context)
-        for shard, position in (await self.directory.forget(erased, context)).items():
+        # Both best effort, each within part of the caller's time: side by side, so a shard
+        # that hangs costs the caller that part once.
+        positions, released = await asyncio.gather(self._forget(erased, context),
+                                                   self.directory.forget(erased, context))
+        for shard, position in released.items():
             positions[shard] = max(positions.get(shard, 0), position)
         if suppress:
             for shard, position in (await self._suppress(erased, context)).items():
@@ -116,23 +120,29 @@ class Erasure:
         shard of each profile they were merged into on the way: a chain of merges across
         shards leaves one there) and the survivor's id in decisions of merges. Every
         shard but a profile's own is asked for all of its ids, since no map says where a
-        chain went (best effort: a forward that stays forwards to an id that finds
-        nothing). Returns the log position of each shard that forgot some."""
+        chain went. Best effort, all shards at once, each for at most BEST_EFFORT seconds
+        (a forward that stays forwards to an id that finds nothing). Returns the log
+        position of each shard that forgot some."""
         homes = [self.map.owner(slot_of(reply.id)) if reply.id else None for reply in erased]
+        remaining = context.time_remaining()
+        timeout = BEST_EFFORT if remaining is None else min(BEST_EFFORT, remaining / 2)
         positions: dict[str, int] = {}
-        for shard in list(self.map.shards):
+
+        async def forget(shard: ShardState) -> None:
             pids = [pid for reply, home in zip(erased, homes, strict=True) if home is not shard
                     for pid in (reply.id, *reply.merged_ids) if pid]
             if not pids:
-                continue
+                return
             try:
                 answer = await shard.control.Forget(cpb.ForgetRequest(ids=pids),
-                                                    timeout=time_left(context))
+                                                    timeout=timeout)
                 if answer.forgotten:
                     positions[answer.shard or shard.label] = answer.log_position
             except grpc.aio.AioRpcError as exc:
                 log.warning("erasure: what %s keeps of %d ids stays: %s", shard.label,
                             len(pids), exc.details())
+
+        await asyncio.gather(*map(forget, list(self.map.shards)))
         return positions
 
     async def erase_profiles(self, request: pb.EraseProfilesRequest, context: Any
