@@ -357,6 +357,33 @@ def test_change_stream_filters_by_query_and_attributes_and_names_merges(tmp_path
         shard.stop()
 
 
+def test_a_filtered_change_stream_resumes_inside_a_record_missing_nothing(tmp_path: Path
+                                                                           ) -> None:
+    """A record of three profiles, all matching the stream's query; the watcher stops after
+    the first, which then stops matching. Resumed there, the stream sends the other two:
+    a record's changes are numbered by their profiles' places in it, not by what the
+    query keeps when the stream reads it."""
+    shard = start_shard(tmp_path / "data", "--sync", "off")
+    try:
+        with Client(shard.address) as client:
+            client.declare([{"name": "age", "kind": "int"}])
+            first = Watcher(shard.address, changes=True, query="age >= 18").started()
+            client.batch_upsert([{"id": p, "attributes": {"age": 30}} for p in ("p1", "p2", "p3")])
+            eventually(lambda: len(first.events) == 3, what="three changes")
+            first.close()
+            assert [e["id"] for e in first.events] == ["p1", "p2", "p3"]
+            client.upsert("p1", {"age": 5})  # p1 no longer matches
+            client.upsert("p4", {"age": 50})
+            again = Watcher(shard.address, changes=True, query="age >= 18",
+                            from_position=first.events[0]["position"]).started()
+            eventually(lambda: len(again.events) >= 3, what="the rest and p4")
+            time.sleep(0.3)
+            again.close()
+            assert [e["id"] for e in again.events] == ["p2", "p3", "p4"]
+    finally:
+        shard.stop()
+
+
 def test_streams_hear_every_profile_of_changes_logged_as_columns(tmp_path: Path) -> None:
     """A load, big batches of upserts and a big erasure log their images as columns
     (RECORD_COLUMNS, from IMAGE_COLUMNS_FROM images): both streams hear each profile of

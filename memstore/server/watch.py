@@ -9,9 +9,12 @@ acknowledged (Shard.readable_lsn). A slot move's copies and drops and a segment'
 are `quiet`: membership changes, nobody acts, no event.
 
 Positions. A shard's position is (lsn, i): every event up to event i of the record at
-`lsn` was delivered (i = -1: none of that record). The events of a record are numbered in
-the order they are sent for the stream's filter, so resuming with the same request gives
-the rest. A position travels as an opaque token naming the shard: base64url of msgpack
+`lsn` was delivered (i = -1: none of that record). A record's events are numbered by what
+they come from, whatever the stream's filter keeps: a segment event by its place among
+the watched segments' events, a profile change by its image's place in the record. A
+query filter reads profiles as they are when the stream reads the record, so its answer
+may differ on a resume; the numbers do not, and resuming with the same request gives the
+rest. A position travels as an opaque token naming the shard: base64url of msgpack
 {"v": 1, "p": {shard name: [lsn, i]}}; a router's token holds every shard's
 (shards/watch.py). Restarts keep positions valid (LSNs are positions in the log file).
 
@@ -112,8 +115,9 @@ def _names(record: dict[str, Any], engine: Engine) -> dict[int, str]:
 
 
 def segment_events(record: dict[str, Any], watched: set[str] | None, engine: Engine
-                   ) -> list[Any]:
-    """The ENTER and LEAVE events of a record, for the watched segments (None: all)."""
+                   ) -> list[tuple[int, Any]]:
+    """The ENTER and LEAVE events of a record, for the watched segments (None: all),
+    numbered."""
     if record.get("quiet") or "segments" not in record:
         return []
     names = _names(record, engine)
@@ -128,7 +132,7 @@ def segment_events(record: dict[str, Any], watched: set[str] | None, engine: Eng
                                            else None)
                 if pid is not None:
                     out.append(pb.SegmentEvent(segment=name, id=pid, change=change, at=at))
-    return out
+    return list(enumerate(out))
 
 
 @dataclass
@@ -137,8 +141,10 @@ class ChangeFilter:
     attributes: frozenset[str]  # only these attributes (empty: all)
 
 
-def change_events(record: dict[str, Any], flt: ChangeFilter, engine: Engine) -> list[Any]:
-    """The profile changes of a record (deletions and merges whatever the query)."""
+def change_events(record: dict[str, Any], flt: ChangeFilter, engine: Engine
+                  ) -> list[tuple[int, Any]]:
+    """The profile changes of a record (deletions and merges whatever the query), each
+    numbered by its image's place in the record."""
     if record.get("quiet"):
         return []
     images = images_of(record)
@@ -159,12 +165,12 @@ def change_events(record: dict[str, Any], flt: ChangeFilter, engine: Engine) -> 
         alive = BitMap(d for d, _, blob, _ in images if blob is not None)
         matching = evaluate(engine, flt.node, unknown_is_empty=True,
                             within=alive & engine.live) if alive else BitMap()
-    out = []
-    for dense, pid, blob, _ in images:
+    out: list[tuple[int, Any]] = []
+    for number, (dense, pid, blob, _) in enumerate(images):
         if blob is None:
             merged_into = survivors.get(pid) or forwards.get(pid, "")
-            out.append(pb.ProfileChange(id=pid, deleted=not merged_into,
-                                        merged_into=merged_into, at=at))
+            out.append((number, pb.ProfileChange(id=pid, deleted=not merged_into,
+                                                 merged_into=merged_into, at=at)))
             continue
         if matching is not None and dense not in matching:
             continue
@@ -184,7 +190,7 @@ def change_events(record: dict[str, Any], flt: ChangeFilter, engine: Engine) -> 
                 change.unset.append(by_id[aid].name)
         if flt.attributes and diff is not None and not change.set and not change.unset:
             continue  # nothing the watcher asked about changed
-        out.append(change)
+        out.append((number, change))
     return out
 
 
@@ -244,14 +250,13 @@ class Stream:
             return int(time.time() * 1_000_000)
         return self.last_at
 
-    def numbered(self, record: Record, events: list[Any]) -> Iterator[Any]:
-        """The events of a record with their positions, skipping those a resumed position
-        says were delivered."""
-        last = len(events) - 1
-        for i, event in enumerate(events):
+    def numbered(self, record: Record, events: list[tuple[int, Any]]) -> Iterator[Any]:
+        """The events of a record (with their numbers) with their positions, skipping
+        those a resumed position says were delivered."""
+        for n, (i, event) in enumerate(events):
             if (record.lsn_start, i) <= self.skip and record.lsn_start == self.skip[0]:
                 continue
-            event.position = self.token(record.lsn_end, -1) if i == last \
+            event.position = self.token(record.lsn_end, -1) if n == len(events) - 1 \
                 else self.token(record.lsn_start, i)
             yield event
 
