@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 
 from memstore.errors import InvalidArgument
+from memstore.hashslot import CLUSTER_SCHEMA
 from memstore.query import QueryError, format_query, query_from_request
 from memstore.v1 import memstore_pb2 as pb
 from shards import watch
@@ -120,7 +121,8 @@ class Segments:
         initial = request.initial and not request.from_position
 
         def open_stream(shard: ShardState, request: Any) -> Any:
-            return getattr(shard.stub, method)(request)
+            # (as a router: the shard sends its time often while idle, for the watermark)
+            return getattr(shard.stub, method)(request, metadata=(CLUSTER_SCHEMA,))
 
         merge = watch.Merge(self.map, open_stream, request, items, make, initial, start)
         try:

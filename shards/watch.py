@@ -130,6 +130,9 @@ class Merge:
             if not feed.listed:
                 feed.listed = True
             position = decode_token(message.position)[feed.shard.name]
+            if feed.shard.name not in self.positions and len(out) == len(items):
+                # where its stream starts (it sends that first): in the vector at once
+                self.positions[feed.shard.name] = position
             heapq.heappush(feed.pending, (max(at, 0), next(self.seq), position, None))
         if at >= 0:
             feed.low = max(feed.low, at)
@@ -157,9 +160,17 @@ class Merge:
                 out.append(item)
         return out
 
+    def _complete(self) -> bool:
+        """Whether the vector names every shard watched: until then a token would send a
+        resumed stream to the oldest change of a shard it leaves out."""
+        return all(f.shard.name in self.positions for f in self.feeds.values())
+
     def _message(self, items: list[Any]) -> Any:
         message = self.make(position=encode_token(self.positions) if self.seam_sent else "")
         getattr(message, self.items).extend(items)
+        lows = [f.low for f in self.feeds.values()]
+        if lows and min(lows) >= 0:  # every shard has sent everything before this
+            message.at.FromMicroseconds(min(lows))
         return message
 
     async def run(self) -> AsyncIterator[Any]:
@@ -199,7 +210,7 @@ class Merge:
                 ready = self._ready()
                 for start in range(0, len(ready), BATCH):
                     yield self._message(ready[start:start + BATCH])
-                if not ready and not getattr(message, self.items):
+                if not ready and not getattr(message, self.items) and self._complete():
                     beat = self._message([])  # a heartbeat: the position moved, or a second
                     if beat.position != self._beat[0] or now - self._beat[1] >= 1.0:
                         self._beat = (beat.position, now)

@@ -830,3 +830,39 @@ def test_a_broken_segment_still_loses_the_profiles_removed() -> None:
     assert count(engine, parse('NOT in_segment("us")')) == 1  # u3
     commit(engine.plan_upsert(UpsertSpec("u4", [(SET, "country", "CA")])))  # not removed:
     assert sorted(engine.ids_of(engine.segments.get("us").members)) == ["u2", "u4"]  # kept
+
+
+def test_a_router_stream_from_now_names_every_shard_in_every_position(tmp_path: Path
+                                                                       ) -> None:
+    """Watching through a router from now (no position, no listing): every position it
+    hands out, heartbeats' too, names every shard, so resuming from the first one gives
+    what happened after it and nothing from before the watch began; heartbeats carry
+    the router's time."""
+    from memstore.server.watch import decode_token
+
+    cluster = Cluster(tmp_path)
+    try:
+        with Client(cluster.address) as client:
+            client.declare([{"name": "age", "kind": "int"}])
+            for i in range(6):  # history on both shards, before the watch
+                client.upsert(f"h{i}", {"age": 30})
+                client.upsert(f"h{i}", {"age": 5})
+            client.create_segment("adults", "age >= 18")
+        watcher = Watcher(cluster.address, ("adults",)).started()
+        time.sleep(1.5)
+        with Client(cluster.address) as client:
+            client.upsert("late", {"age": 40})
+        eventually(lambda: len(watcher.events) == 1, what="the late ENTER")
+        watcher.close()
+        positions = [item["position"] for item in watcher.items if item.get("position")]
+        assert positions and all(set(decode_token(p)) == {"shard-0", "shard-1"}
+                                 for p in positions)
+        beats = [item for item in watcher.items if item.get("heartbeat")]
+        assert beats and all(b["at"].year >= 2026 for b in beats)
+        resumed = Watcher(cluster.address, ("adults",), from_position=positions[0]).started()
+        eventually(lambda: len(resumed.events) >= 1, what="the late ENTER again")
+        time.sleep(0.5)
+        resumed.close()
+        assert [(e["id"], e["change"]) for e in resumed.events] == [("late", "enter")]
+    finally:
+        cluster.stop()

@@ -67,7 +67,7 @@ def list_segments(connect: Connect) -> None:
 @click.argument("name")
 @connection
 def delete(name: str, connect: Connect) -> None:
-    """Forget saved segment NAME (its members stay; watchers of it see no more events)."""
+    """Forget saved segment NAME (its profiles stay; watchers of it see each member leave)."""
     with connect.client() as client:
         try:
             deleted = client.delete_segment(name)

@@ -779,12 +779,20 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         `message_type` with them in `field`. Refusals become statuses."""
         try:
             events, listing = setup()
+            name = self.shard.config.name
             start = self._start(request.from_position)
             if start is None:
                 start = (self.shard.position, -1)
                 if request.initial:
                     for message in listing(start[0]):
                         yield message
+                else:  # where it starts, first: a router's positions name every shard
+                    first = message_type(position=watch.encode_token({name: start}))
+                    first.at.FromMicroseconds(int(time.time() * 1_000_000))
+                    yield first
+            elif name not in watch.decode_token(request.from_position):
+                # a shard added since the position was taken starts from its oldest change
+                yield message_type(position=watch.encode_token({name: start}))
 
             def response(batch: list[Any], position: str, at: int) -> Any:
                 out = message_type(position=position)
@@ -792,8 +800,13 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
                 out.at.FromMicroseconds(at)
                 return out
 
-            async for message in watch.stream(self.shard, self.shard.config.name, start,
-                                              events, response):
+            # A router merging shards' streams needs each one's time often when idle (its
+            # watermark); any other watcher a heartbeat a second.
+            router = any(key == CLUSTER_SCHEMA[0] for key, _ in
+                         context.invocation_metadata() or ())
+            async for message in watch.stream(
+                    self.shard, name, start, events, response,
+                    watch.HEARTBEAT if router else watch.CLIENT_HEARTBEAT):
                 yield message
         except (MemstoreError, QueryError, ValueError, TypeError) as exc:
             _refuse(context, _invalid(exc))

@@ -52,7 +52,8 @@ from memstore.storage.wal_tail import LogGone, LogTail
 from memstore.v1 import memstore_pb2 as pb
 
 BATCH = 1000  # events a message
-HEARTBEAT = 0.05  # seconds between messages to an idle watcher (a router's watermark)
+HEARTBEAT = 0.05  # seconds between messages to an idle router (its watermark)
+CLIENT_HEARTBEAT = 1.0  # seconds between messages to any other idle watcher
 TOKEN_VERSION = 1
 
 
@@ -199,7 +200,8 @@ def change_events(record: dict[str, Any], flt: ChangeFilter, engine: Engine
 class Stream:
     """One watcher's cursor over a shard's log."""
 
-    def __init__(self, shard: Shard, name: str, start: tuple[int, int]) -> None:
+    def __init__(self, shard: Shard, name: str, start: tuple[int, int],
+                 heartbeat: float = HEARTBEAT) -> None:
         if shard.log is None or shard.config.data_dir is None:
             raise FailedPrecondition("change streams read the log: this shard keeps none "
                                      "(--in-memory)")
@@ -216,12 +218,13 @@ class Stream:
         self.tail = LogTail(Path(shard.config.data_dir) / "log", lsn)
         self.skip = (lsn, skip)
         self.last_at = 0
+        self.heartbeat = heartbeat
 
     def token(self, lsn: int, index: int) -> str:
         return encode_token({self.name: (lsn, index)})
 
     async def records(self) -> AsyncIterator[list[Record]]:
-        """Batches of records as they become readable; an empty batch after HEARTBEAT
+        """Batches of records as they become readable; an empty batch after `heartbeat`
         seconds with none."""
         shard = self.shard
         try:
@@ -235,7 +238,7 @@ class Stream:
                                          f"({exc}); start again with initial") from None
                     yield batch
                     continue
-                await shard.wait_advanced(self.tail.lsn, HEARTBEAT)
+                await shard.wait_advanced(self.tail.lsn, self.heartbeat)
                 if shard.readable_lsn <= self.tail.lsn:
                     yield []
         finally:
@@ -262,10 +265,12 @@ class Stream:
 
 
 async def stream(shard: Shard, name: str, start: tuple[int, int],
-                 events_of: Any, response: Any) -> AsyncIterator[Any]:
+                 events_of: Any, response: Any, heartbeat: float = HEARTBEAT
+                 ) -> AsyncIterator[Any]:
     """Responses of a stream from `start`: `events_of(record)` gives a record's events,
-    `response(events, position, at)` makes a message."""
-    cursor = Stream(shard, name, start)
+    `response(events, position, at)` makes a message; one with no events every
+    `heartbeat` seconds while idle."""
+    cursor = Stream(shard, name, start, heartbeat)
     async for records in cursor.records():
         batch: list[Any] = []
         for record in records:
