@@ -364,7 +364,9 @@ async def prepare_new_shard(cluster: Cluster, node: Node, force: bool = False) -
 
 
 def plan_for_add(cluster: Cluster, new: Node) -> list[Move]:
-    owned = {n.name: n.slots for n in cluster.nodes if n is not new}
+    """The moves that give `new` its fair share, counting what it owns already (after
+    prepare_new_shard: nothing, or its share from an earlier run of the same add)."""
+    owned = {n.name: n.slots for n in cluster.nodes}
     return plan_add(owned, new.name)
 
 
