@@ -12,7 +12,7 @@ InvalidArgument naming where it is (`profiles[3].named.city: ...`).
   profile row  [id, version, {name: stored value}, [[kind, value], ...], [merged id, ...]]
   stored value by kind: STRING str, INT int64, FLOAT float (not NaN), BOOL bool,
                TIMESTAMP int microseconds within years 1-9999, STRING_LIST list of str
-  notes        {"forwards": {id: id}, "decided": {txn: [id, bool]},
+  notes        {"forwards": {id: id}, "decided": {txn: [id or, once erased, its slot, bool]},
                 "claims": {key: id}, "registry": {name: [kind, indexed, merge]}}
 """
 
@@ -198,7 +198,11 @@ def _notes(notes: Any) -> None:
                 if not (isinstance(value, list) and len(value) == 2
                         and isinstance(value[1], bool)):
                     raise InvalidArgument(f"{at}: not [survivor, committed]")
-                check_pid(value[0], at)
+                if isinstance(value[0], int) and not isinstance(value[0], bool):
+                    if not 0 <= value[0] < SLOT_COUNT:  # an erased survivor's slot
+                        raise InvalidArgument(f"{at}: slot {value[0]} out of range")
+                else:
+                    check_pid(value[0], at)
             elif not (isinstance(value, list) and len(value) == 3
                       and isinstance(value[1], bool)):
                 raise InvalidArgument(f"{at}: not [kind, indexed, merge]")
