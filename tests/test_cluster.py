@@ -560,3 +560,60 @@ def test_recent_changes_forget_the_oldest_and_then_say_so() -> None:
     assert recent.floor == 11
     assert recent.since(10) is None  # the caller must copy in full
     assert recent.since(11) == {"c", "d", "e"} and recent.since(13) == set()
+
+
+def test_a_move_that_separates_merged_ids_from_their_profile_keeps_them_resolving(
+        tmp_path: Path) -> None:
+    """Merges inside one shard, then add-shard moves the survivor's slot and not the merged
+    id's (A), or the merged id's and not the survivor's (B): the merged id and its
+    identifier still find the survivor, and writing the id does not make a second
+    profile. A survivor erased after a cross-shard merge (its decision kept as a slot,
+    --sync off) does not stop the move. Adding the same shard again moves nothing."""
+    from memstore import Client
+    from shards.slots import plan_add
+
+    shards = start_shards(tmp_path, 2)
+    new = start_shard(tmp_path / "shard-new", "--name", "shard-2", "--sync", "off")
+    router = RouterThread([s.address for s in shards])
+    try:
+        moves = plan_add({"shard-0": range(8192), "shard-1": range(8192, SLOT_COUNT)},
+                         "shard-2")
+        moving = set().union(*(from_ranges(m.slots) for m in moves if m.source == "shard-0"))
+        on_0 = [p for p in (f"m-{i}" for i in range(5000)) if slot_of(p) < 8192]
+        going = [p for p in on_0 if slot_of(p) in moving]
+        staying = [p for p in on_0 if slot_of(p) not in moving]
+        cases = [(going[0], staying[0]), (staying[1], going[1])]  # (survivor, merged id)
+        with Client(router.address) as c:
+            for survivor, merged in cases:
+                c.upsert(survivor, {"n": 1})
+                c.upsert(merged, {"n": 2}, identifiers=[("email", f"{merged}@x")])
+                assert c.link(survivor, [("email", f"{merged}@x")]).merged_ids == [merged]
+            loser = next(p for p in (f"x-{i}" for i in range(100)) if slot_of(p) >= 8192)
+            c.upsert(loser, {"n": 3}, identifiers=[("email", "cross@x")])
+            c.upsert(going[2], {"n": 4})
+            c.link(going[2], [("email", "cross@x")])  # a cross-shard merge into going[2]
+            c.erase(going[2])  # its decision on shard-0 keeps its slot, not its id
+        done = subprocess.run(
+            [sys.executable, "-m", "memstore.cli", "cluster", "add-shard", new.address,
+             "--address", router.address, "--journal", str(tmp_path / "j.json"),
+             "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=240,
+            check=False)
+        assert done.returncode == 0, done.stderr
+        with Client(router.address) as c:
+            for survivor, merged in cases:
+                assert c.get(merged)["id"] == survivor
+                assert c.get(identifier=("email", f"{merged}@x"))["id"] == survivor
+                assert c.upsert(merged, {"n": 5}).id == survivor  # no second profile
+            assert c.count("ALL") == 2  # the two survivors (going[2] and x- erased)
+        share = sum(r.end - r.start + 1 for r in _info(new.address).slots)
+        again = subprocess.run(
+            [sys.executable, "-m", "memstore.cli", "cluster", "add-shard", new.address,
+             "--address", router.address, "--journal", str(tmp_path / "j.json"),
+             "--no-progress", "--force"], cwd=ROOT, capture_output=True, text=True,
+            timeout=240, check=False)
+        assert again.returncode == 0, again.stderr
+        assert sum(r.end - r.start + 1 for r in _info(new.address).slots) == share
+    finally:
+        router.stop()
+        for s in [*shards, new]:
+            s.stop()

@@ -435,6 +435,7 @@ class Engine:
     plan_release = merging.plan_release
     plan_forget = merging.plan_forget
     notes_in_slots = merging.notes_in_slots
+    separated = merging.separated
 
     # ------------------------------------------------------------------ cluster schema
     def plan_register(self, specs: Sequence[tuple[str, Kind, bool, Merge]]) -> Change:

@@ -172,10 +172,26 @@ def plan_forget(engine: Engine, pids: Iterable[str], txns: Iterable[str] = (),
     return Change(notes=notes, result=0)
 
 
+def separated(engine: Engine, slots: BitMap) -> dict[str, str]:
+    """Forwards this shard keeps when it gives `slots` away: each id merged into a profile
+    in `slots` whose own slot stays here, to that profile (which leaves with the slots;
+    its merged ids' look-ups still come here)."""
+    owned = engine.owned_slots
+    return {m: s for m, s in engine.aliases.items()
+            if slot_of(s) in slots and slot_of(m) not in slots
+            and (owned is None or slot_of(m) in owned)}
+
+
 def notes_in_slots(engine: Engine, slots: BitMap) -> dict[str, dict[str, Any]]:
     """The forwards, decisions, claims and registered attributes of `slots` (a slot move
-    carries them along)."""
-    return {"forwards": {p: s for p, s in engine.forwards.items() if slot_of(p) in slots},
+    carries them along). The forwards include the ids merged into a profile on this shard
+    whose slots are in `slots` while the profile's is not: the move separates them, and
+    the ids' new owner forwards them to it, as a cross-shard merge's loser's shard does
+    (`separated` is the other half)."""
+    forwards = {p: s for p, s in engine.forwards.items() if slot_of(p) in slots}
+    forwards.update((m, s) for m, s in engine.aliases.items()
+                    if m not in forwards and slot_of(m) in slots and slot_of(s) not in slots)
+    return {"forwards": forwards,
             "decided": {t: v for t, v in engine.decided.items() if decision_slot(v) in slots},
             "claims": engine.claims.in_slots(slots),
             "registry": {n: v for n, v in engine.registry.items()

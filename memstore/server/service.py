@@ -1331,7 +1331,9 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
         members = list(self.engine.members_of_slots(slots))
         notes = self.engine.notes_in_slots(slots)
         await self.shard.commit(Change(quiet=True, notes=[
-            Note(table, key, None) for table, entries in notes.items() for key in entries]))
+            Note(table, key, None) for table, entries in notes.items() for key in entries
+        ] + [Note("forwards", merged, survivor)  # ids staying here, merged into leavers
+             for merged, survivor in self.engine.separated(slots).items()]))
         for start in range(0, len(members), DROP_CHUNK):
             await self.shard.commit(Change(quiet=True, images=[
                 Image(d, self.engine.pids[d] or "", None)
