@@ -272,14 +272,17 @@ def test_a_non_loopback_host_needs_tls_tokens_or_insecure(tmp_path: Path) -> Non
 
 def test_an_auth_file_that_is_wrong_refuses_to_start(tmp_path: Path) -> None:
     for text, message in (("short read\n", "at least 16 characters"),
-                          ("0123456789abcdefgh reader\n", "unknown role 'reader'"),
-                          ("0123456789abcdefgh read a b\n", "expected TOKEN ROLE")):
+                          ("0123456789abcdefgh reader\n", "is not a role list"),
+                          ("0123456789abcdefgh read a b\n", "expected TOKEN ROLE"),
+                          # fields swapped: the token must not reach the message or logs
+                          ("read 0123456789abcdefgh-secret\n", "is not a role list")):
         (tmp_path / "t").write_text(text)
         result = subprocess.run([sys.executable, "-m", "memstore.cli", "serve-shard", "--port",
                                  "0", "--in-memory", "--auth-file", str(tmp_path / "t")],
                                 check=False, cwd=ROOT, capture_output=True, text=True,
                                 timeout=60)
         assert result.returncode == 1 and message in result.stderr, result.stderr
+        assert "0123456789abcdefgh" not in result.stderr
 
 
 def test_every_method_has_a_role() -> None:

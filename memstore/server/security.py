@@ -147,9 +147,11 @@ class AuthTable:
                 secret, roles_text = fields[0], fields[1]
                 roles = frozenset(r for r in roles_text.split(",") if r)
                 unknown = sorted(roles - set(ROLES))
-                if not roles or unknown:
-                    raise AuthFileError(f"{where}: unknown role {unknown[0] if unknown else ''!r}"
-                                        f"; roles are {', '.join(ROLES)}")
+                if not roles or unknown:  # (not quoted: a line's fields swapped puts the
+                    # token there, and this message is logged)
+                    raise AuthFileError(f"{where}: the second field is not a role list "
+                                        f"(TOKEN ROLE[,ROLE...] [NAME]; roles are "
+                                        f"{', '.join(ROLES)})")
                 if secret.startswith("cert:"):
                     cn = secret[5:]
                     if not cn:
