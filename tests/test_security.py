@@ -429,3 +429,30 @@ def test_credentials_are_checked_when_built(pki: Pki) -> None:
     with pytest.raises(ValueError, match="give tls_ca too"):
         Credentials.load(None, pki.client_cert, pki.client_key)
     assert Credentials.load(pki.ca).tls
+
+
+def test_files_a_server_writes_are_its_users_alone(tmp_path: Path) -> None:
+    """Logs and snapshots hold personal data in the clear: 0600, in 0700 directories,
+    whatever the umask memstore was started with."""
+    import os
+    import stat
+
+    from memstore import Client
+    from tests.conftest import start_shard
+
+    old = os.umask(0o022)
+    try:
+        shard = start_shard(tmp_path / "data")
+    finally:
+        os.umask(old)
+    try:
+        with Client(shard.address) as c:
+            c.upsert("someone", {"ssn": "078-05-1120"})
+            c.snapshot()
+    finally:
+        shard.stop()
+    paths = list((tmp_path / "data").rglob("*"))
+    assert any(p.suffix == ".snap" for p in paths) and any(p.suffix == ".log" for p in paths)
+    for path in [tmp_path / "data", *paths]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o077 == 0, f"{path} is {oct(mode)}"

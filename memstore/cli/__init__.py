@@ -48,6 +48,9 @@ def _logging(verbose: bool, **context: str) -> None:
 @click.version_option(package_name="memstore")
 def main() -> None:
     """memstore: in-memory real-time customer profiles and segment queries."""
+    # Every file memstore writes may hold personal data (logs, snapshots, exports, rejected
+    # lines, audit logs): readable by this user only (0600; directories 0700).
+    os.umask(0o077)
 
 
 @main.command("serve-shard")
