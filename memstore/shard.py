@@ -199,6 +199,9 @@ class Shard:
         # its own position on, so segments are deleted only before that one.
         self._snapshot_lsn = 0
         self._erased = False  # a profile was deleted or merged away since the last snapshot
+        # The log position just past the latest erasure of a person: a change stream may
+        # not start before it (what it would replay is gone from memory already).
+        self.erased_lsn = 0
         # Changes are numbered by log position; a memory-only shard counts them instead.
         self._counter = 0
         self.recent = RecentChanges(self.position)
@@ -263,6 +266,7 @@ class Shard:
                  extra={"recovery": info})
         shard = cls(config, engine, writer, lock)
         shard.recovery = info
+        shard.erased_lsn = info.get("erased_lsn", 0)
         shard._snapshot_lsn = start_lsn
         # Replayed records may hold deletions the previous run never snapshotted; assume
         # they do, so the next snapshot still erases them from disk.
@@ -386,6 +390,8 @@ class Shard:
         self.recent.record(lsn, change.touched())
         if not self._erased and change.erases:
             self._erased = True
+        if change.erasure:
+            self.erased_lsn = lsn
         try:
             await self.log.sync_to(lsn)
         except (LogFailedError, OSError) as exc:
@@ -514,8 +520,11 @@ class Shard:
                 raise ValueError(f"replicated record at position {lsn} has type {rtype}, "
                                  f"which this version does not know: upgrade this replica")
             self.log.append(rtype, payload)
+            erasures = self.engine.erasures
             if replay(self.engine, rtype, payload):
                 self._erased = True
+            if self.engine.erasures != erasures:
+                self.erased_lsn = self.log.end_lsn
         self._advance()
         return self.log.end_lsn
 
@@ -825,6 +834,7 @@ def _rebuild(config: ShardConfig, snap_dir: Path, log_dir: Path, info: dict[str,
     run = _LoadRun(engine)
     try:
         for record in read_ahead(scan):
+            erasures = engine.erasures
             if record.rtype in wal_format.CHANGE_RECORDS:
                 change = decode_change(record.payload)
                 if not run.take(change):
@@ -835,6 +845,8 @@ def _rebuild(config: ShardConfig, snap_dir: Path, log_dir: Path, info: dict[str,
                 replay(engine, record.rtype, record.payload)
             info["replayed"] += 1
             end_lsn = record.lsn_end
+            if engine.erasures != erasures:
+                info["erased_lsn"] = end_lsn
         run.finish()
     finally:
         run.close()  # (a recovery that failed: its engine is dropped, its thread stopped)
@@ -1012,6 +1024,8 @@ def encode_change(change: Change, touched: Touched, deltas: Deltas,
                               if d not in imaged]
     if change.quiet:
         record["quiet"] = True
+    if change.erasure:
+        record["erasure"] = True
     if change.load is not None:
         record["load"] = change.load.to_state()
     if change.tracked is not None:
@@ -1135,7 +1149,7 @@ def _replay_change(engine: Engine, record: dict[str, Any]) -> bool:
                     times={d: (c, ch) for d, c, ch in record.get("times", ())},
                     load=Load.from_state(record["load"]) if "load" in record else None,
                     tracked=Tracked.from_state(record["tracked"]) if "tracked" in record
-                    else None)
+                    else None, erasure=bool(record.get("erasure")))
     if (change.tracked is None or "image_columns" not in record
             or not engine.replay_tracked(change, _image_columns(record["image_columns"]))):
         change.images = images_of(record)

@@ -449,6 +449,45 @@ def test_a_position_older_than_the_retention_is_out_of_range(tmp_path: Path) -> 
         shard.stop()
 
 
+def test_no_stream_starts_before_a_persons_erasure(tmp_path: Path) -> None:
+    """Erased data is gone from memory at once, so no change stream may replay it from the
+    log (a position is the caller's to make up): a position from before an erasure is
+    OUT_OF_RANGE, before any snapshot and after a restart; one from after it resumes."""
+    from memstore.server.watch import encode_token
+
+    data = tmp_path / "data"
+    shard = start_shard(data, "--sync", "off")
+    try:
+        with Client(shard.address) as client:
+            client.upsert("victim", {"ssn": "078-05-1120"})
+            client.upsert("other", {"ssn": "219-09-9999"})
+            client.erase("victim")
+            client.upsert("later", {"ssn": "000-00-0001"})
+            before = encode_token({"shard-0": (0, -1)})
+            for stream in (client.changes, client.watch):
+                with pytest.raises(ClientError) as err:
+                    next(iter(stream(from_position=before)))
+                assert err.value.code == grpc.StatusCode.OUT_OF_RANGE
+                assert "erasure" in err.value.details
+            live = Watcher(shard.address, changes=True).started()
+            client.upsert("after", {"ssn": "000-00-0002"})
+            eventually(lambda: bool(live.events))
+            live.close()
+            after = live.events[0]["position"]
+    finally:
+        shard.stop(signal.SIGKILL)  # no snapshot at stop: the log holds the victim
+    shard = start_shard(data, "--sync", "off")
+    try:
+        with Client(shard.address) as client:
+            with pytest.raises(ClientError) as err:
+                next(iter(client.changes(from_position=before)))
+            assert err.value.code == grpc.StatusCode.OUT_OF_RANGE
+            client.upsert("resumed", {"ssn": "000-00-0003"})
+            assert next(iter(client.changes(from_position=after)))["id"] == "resumed"
+    finally:
+        shard.stop()
+
+
 def test_a_cursor_that_falls_behind_the_kept_log_is_told_so(tmp_path: Path) -> None:
     """A reader whose next segment was deleted before it got there (a slow watcher)."""
     import asyncio

@@ -44,6 +44,8 @@ def apply(engine: Engine, change: Change, touched: Touched | None = None, undo: 
     caller never undoes it (replay), so a tracked batch's undo is not built and the
     Undo returned is not one."""
     declared, notes = engine._declare_and_note(change)
+    if change.erasure:
+        engine.erasures += 1
     at = change.at or int(engine.clock())
     if change.load is not None and change.load.first == len(engine.blobs):
         added = engine._apply_load(change.images, change.load, at)

@@ -227,6 +227,9 @@ class Change:
     quiet: bool = False
     # Saved segments to evaluate over every profile once the change is applied (a new one)
     rebuild: list[str] = field(default_factory=list)
+    # A person's erasure (Delete, EraseProfiles, retention): change streams no longer
+    # replay the log from before it (memstore/server/watch.py)
+    erasure: bool = False
 
     @property
     def empty(self) -> bool:

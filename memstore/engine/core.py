@@ -149,6 +149,7 @@ class Engine:
         # hash (hashed) -> [slot of its claim key or primary id, since (unix s)].
         self.suppressed: dict[str, list[Any]] = {}
         self.segments = Segments()  # saved segments (memstore.engine.segments)
+        self.erasures = 0  # people's erasures applied (Change.erasure), for the log's readers
         # Set by the server while it plans a router's write: undeclared attributes refuse
         # the write (Undeclared) instead of being declared by its values here.
         self.cluster_schema = False

@@ -56,6 +56,7 @@ def plan_erase(engine: Engine, dense_ids: Iterable[int], suppress: bool = False)
         erased.append((owner, list(d.merged), [list(i) for i in d.idents]))
         planner.delete(d)
     change = planner.finish(erased)
+    change.erasure = bool(erased)
     gone = {pid for pid, merged, _ in erased for pid in (pid, *merged)}
     # Ids merged into them from another shard may have left forwards here too (a chain
     # that came back to this shard): they go with them, as their aliases do.

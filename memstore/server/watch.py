@@ -210,6 +210,10 @@ class Stream:
             raise OutOfRange(f"position {lsn} is older than this shard keeps "
                              f"({shard.oldest_lsn}: --changes-retention, or an erasure's "
                              "snapshot); start again with initial")
+        if lsn < shard.erased_lsn:
+            raise OutOfRange(f"position {lsn} is from before a person's erasure (at "
+                             f"{shard.erased_lsn}): erased data is not replayed; start "
+                             "again with initial")
         if lsn > shard.log.end_lsn:
             raise InvalidArgument(f"position {lsn} is beyond this shard's log "
                                   f"({shard.log.end_lsn}): not a position of {name}")
