@@ -193,8 +193,26 @@ def test_attacks_from_the_issue_are_refused(guarded: dict[str, Any]) -> None:
 
 
 def test_a_token_removed_by_a_sighup_reload(guarded: dict[str, Any]) -> None:
+    import threading
+
     server, auth = guarded["server"], guarded["auth"]
     fresh = "fresh-token-0123456789abcdef"
+    # A stream opened with the token to be removed: it ends with it (no deadline of its own)
+    streaming = Client(server.address, token=TOKENS["write"], timeout=None)
+    ended: list[BaseException] = []
+    opened = threading.Event()
+
+    def watch() -> None:
+        try:
+            for _ in streaming.changes(heartbeats=True):
+                opened.set()
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
+            ended.append(exc)
+        opened.set()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    assert opened.wait(10) and not ended
     with Client(server.address, token=fresh, timeout=5) as c:
         assert _code(lambda: c.get("p1")) == grpc.StatusCode.UNAUTHENTICATED
         _auth_file(auth, {r: t for r, t in TOKENS.items() if r != "write"},
@@ -206,6 +224,9 @@ def test_a_token_removed_by_a_sighup_reload(guarded: dict[str, Any]) -> None:
             time.sleep(0.1)
     with Client(server.address, token=TOKENS["write"], timeout=5) as removed:
         assert _code(lambda: removed.get("p1")) == grpc.StatusCode.UNAUTHENTICATED
+    watcher.join(10)
+    assert ended and getattr(ended[0], "code", None) == grpc.StatusCode.UNAUTHENTICATED
+    streaming.close()
     _auth_file(auth, extra="broken line with four fields\n")  # kept the last good table
     server.proc.send_signal(signal.SIGHUP)
     time.sleep(0.5)

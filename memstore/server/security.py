@@ -125,6 +125,8 @@ class AuthTable:
         self._extra = [(_digest(token), principal) for token, principal in extra]
         self.tokens: dict[bytes, Principal] = {}
         self.certs: dict[str, Principal] = {}
+        self.generation = 0  # bumped by each table taken: streams open under an older one
+        # look at their caller again (a token removed or its roles cut ends them)
         self.load()
 
     def load(self) -> None:
@@ -167,6 +169,7 @@ class AuthTable:
                 tokens[digest] = Principal(fields[2] if len(fields) == 3
                                            else f"token-{digest.hex()[:8]}", roles)
         self.tokens, self.certs = tokens, certs
+        self.generation += 1
 
     def reload(self) -> None:
         """SIGHUP: take the file as it is now, or keep the old table and say why."""
@@ -385,8 +388,16 @@ class Authorizer(grpc.aio.ServerInterceptor):
                 if principal is None:
                     return
                 audit.caller.set(principal.name)
+                table = self.security.auth
+                generation = table.generation if table is not None else 0
                 try:
                     async for item in inner_us(request, context):
+                        # A stream outlives the table it was admitted under (a watch has no
+                        # deadline): after a reload, its caller is let in again or it ends.
+                        if table is not None and table.generation != generation:
+                            generation = table.generation
+                            if admit(context) is None:
+                                return
                         yield item
                 finally:
                     audited(principal, context)
