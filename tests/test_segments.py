@@ -905,3 +905,37 @@ def test_a_router_stream_from_now_names_every_shard_in_every_position(tmp_path: 
         assert [(e["id"], e["change"]) for e in resumed.events] == [("late", "enter")]
     finally:
         cluster.stop()
+
+
+def test_members_aged_out_but_not_yet_refreshed_leave_when_their_slots_move(
+        tmp_path: Path) -> None:
+    """A did(...) segment's members who aged out since the last timed refresh (up to
+    --segment-refresh late) are told to leave when add-shard moves them, not dropped
+    quietly with the move: replaying the stream gives the segment as it is."""
+    shards = start_shards(tmp_path, 2, "--segment-refresh", "3600")
+    new = start_shard(tmp_path / "shard-2", "--name", "shard-2", "--sync", "off",
+                      "--segment-refresh", "3600")
+    router = start_router([s.address for s in shards])
+    try:
+        with Client(router.address) as client:
+            client.create_segment("recent", 'did("visit", within=2s)')
+            client.track_batch([{"id": f"v{i}", "event": "visit"} for i in range(200)])
+            assert client.count('in_segment("recent")') == 200
+        watcher = Watcher(router.address, ("recent",), initial=True).started()
+        time.sleep(2.5)  # every visit is older than the window now; no refresh came
+        added = subprocess.run(
+            [sys.executable, "-m", "memstore.cli", "cluster", "add-shard", new.address,
+             "--address", router.address, "--no-progress",
+             "--journal", str(tmp_path / "journal.json")],
+            check=False, cwd=ROOT, capture_output=True, text=True, timeout=240)
+        assert added.returncode == 0, added.stderr
+        with Client(router.address) as client:
+            assert client.count('did("visit", within=2s)') == 0
+            truth = members(client, "recent")
+        eventually(lambda: replay(watcher.events).get("recent", set()) == truth,
+                   what="the stream to reach the segment's members")
+        watcher.close()
+    finally:
+        router.stop()
+        for s in [*shards, new]:
+            s.stop()

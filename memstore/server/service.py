@@ -1198,6 +1198,12 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
             _refuse(context, exc)
             return
         engine = self.engine
+        if not (request.fingerprints or request.identifiers) and self.shard.replica_of is None:
+            # Segments that read the clock may be up to --segment-refresh late here, and
+            # the target decides the moved profiles' membership as of now, quietly (a move
+            # is nobody's news): bring them up to date first, so watchers hear who aged
+            # out or in (from here, as at the next refresh).
+            await self.shard.refresh_timed()
         lsn = self.shard.position
         changed = self.shard.recent.since(request.after_lsn) if request.after_lsn else None
         deleted: list[str] = []
