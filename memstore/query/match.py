@@ -10,7 +10,7 @@ unknown_is_empty=True, within=...)` over the indexes does for that profile:
   * an attribute the schema does not know matches nobody (so NOT of it matches everyone);
   * a comparison, IN or HAS needs the attribute to be present: `x != 3` and `x < 3` leave
     out profiles without x, `NOT x = 3` takes them in;
-  * int attributes compared with float literals follow `_whole_numbers` (`age > 30.5` is
+  * int attributes compared with float literals follow `_as_numbers` (`age > 30.5` is
     `age >= 31`), float attributes take int literals, timestamps take ISO-8601 strings;
   * lists: HAS and IN (any element); != on a list is refused, as the planner refuses it
     (a segment meets it only when the attribute was unknown at its creation: it then
@@ -36,7 +36,7 @@ from pyroaring import BitMap
 from memstore.engine.schema import RANGE_KINDS, Kind, Schema
 from memstore.errors import InvalidArgument
 from memstore.query import All, And, InSegment, Node, Not, Op, Or, Predicate
-from memstore.query.plan import _exact_floats, _literal, _whole_numbers
+from memstore.query.plan import _as_numbers, _literal
 
 # (the profile's stored attributes by attribute id, its dense id) -> is it a member
 Matcher = Callable[[dict[int, Any], int], bool]
@@ -134,20 +134,12 @@ def _predicate(p: Predicate, schema: Schema, consts: dict[str, Any],
     if op is Op.EXISTS:
         return f"({aid} in a)"
     raw = p.values
-    if kind is Kind.INT and any(type(v) is float for v in raw):
-        whole = _whole_numbers(op, raw)
-        if whole is None:
-            return "False"
-        if whole[0] is Op.EXISTS:
-            return f"({aid} in a)"
-        op, raw = whole
-    if kind is Kind.FLOAT and any(type(v) is int for v in raw):
-        exact = _exact_floats(op, raw)
-        if exact is None:
-            return "False"
-        if exact[0] is Op.EXISTS:
-            return f"({aid} in a)"
-        op, raw = exact
+    numbers = _as_numbers(kind, op, raw)
+    if numbers is None:
+        return "False"
+    if numbers[0] is Op.EXISTS:
+        return f"({aid} in a)"
+    op, raw = numbers
     try:
         values = [_literal(spec, v, op) for v in raw]
     except InvalidArgument as exc:

@@ -428,20 +428,12 @@ def _predicate(engine: Engine, p: Predicate) -> Step:
             return Bitmaps([engine.range_index[spec.id].exists()])
         return Bitmaps([engine.exists[spec.id]])
     raw = p.values
-    if kind is Kind.INT and any(type(v) is float for v in raw):
-        whole = _whole_numbers(op, raw)
-        if whole is None:
-            return Empty()
-        if whole[0] is Op.EXISTS:
-            return Bitmaps([engine.range_index[spec.id].exists()])
-        op, raw = whole
-    if kind is Kind.FLOAT and any(type(v) is int for v in raw):
-        exact = _exact_floats(op, raw)
-        if exact is None:
-            return Empty()
-        if exact[0] is Op.EXISTS:
-            return Bitmaps([engine.range_index[spec.id].exists()])
-        op, raw = exact
+    numbers = _as_numbers(kind, op, raw)
+    if numbers is None:
+        return Empty()
+    if numbers[0] is Op.EXISTS:
+        return Bitmaps([engine.range_index[spec.id].exists()])
+    op, raw = numbers
     values = [_literal(spec, v, op) for v in raw]
     if kind in RANGE_KINDS:
         index = engine.range_index[spec.id]
@@ -519,6 +511,17 @@ def _literal(spec: AttributeSpec, value: Any, op: Op) -> Any:
             f"got {_kind_name(value)} literal {brief(value)}"
         )
     return value
+
+
+def _as_numbers(kind: Kind, op: Op, values: Sequence[Any]) -> tuple[Op, tuple[Any, ...]] | None:
+    """A comparison of a number attribute as one whose literals are of its own kind,
+    compared exactly (`_whole_numbers`, `_exact_floats`); any other, as it is. None:
+    nothing can match; (EXISTS, ()): every profile holding the attribute."""
+    if kind is Kind.INT and any(type(v) is float for v in values):
+        return _whole_numbers(op, values)
+    if kind is Kind.FLOAT and any(type(v) is int for v in values):
+        return _exact_floats(op, values)
+    return op, tuple(values)
 
 
 def _whole_numbers(op: Op, values: Sequence[Any]) -> tuple[Op, tuple[Any, ...]] | None:
