@@ -10,8 +10,8 @@ unknown_is_empty=True, within=...)` over the indexes does for that profile:
   * an attribute the schema does not know matches nobody (so NOT of it matches everyone);
   * a comparison, IN or HAS needs the attribute to be present: `x != 3` and `x < 3` leave
     out profiles without x, `NOT x = 3` takes them in;
-  * int attributes compared with float literals follow `_as_numbers` (`age > 30.5` is
-    `age >= 31`), float attributes take int literals, timestamps take ISO-8601 strings;
+  * numbers compare exactly across int and float (`_as_numbers`: `age > 30.5` is
+    `age >= 31`, `f < 2**53 + 1` is `f <= 2.0**53`), timestamps take ISO-8601 strings;
   * lists: HAS and IN (any element); != on a list is refused, as the planner refuses it
     (a segment meets it only when the attribute was unknown at its creation: it then
     breaks, naming why); an empty list is stored as absent;
