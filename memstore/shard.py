@@ -358,8 +358,11 @@ class Shard:
             change.at = int(self.engine.clock())  # logged: replay stamps the same times
         if self.log is not None and self.log.failed:
             raise Unavailable(self.writable_error or "log failed")
-        if self.replication is not None:
-            self.replication.check()  # no replica to wait for: refused, nothing written
+        # (Kept for the acknowledgement: a demotion during the fsync below drops
+        # self.replication, and this write must still wait for a replica and its fence.)
+        replication = self.replication
+        if replication is not None:
+            replication.check()  # no replica to wait for: refused, nothing written
         # Memory first, then the log, with no await between: saved segments' deltas are
         # computed from the applied state and logged in the same record (a failed append
         # takes both back). Readers cannot run in between, so the order is the same.
@@ -403,8 +406,12 @@ class Shard:
         if self.config.sync is not SyncPolicy.ALWAYS:
             self._pending.clear()
         self._advance()  # replicas read the log as watchers do: wake them first
-        if self.replication is not None:
-            await self.replication.replicated(lsn)
+        if replication is not None:
+            if self.replica_of is not None:  # demoted meanwhile: the new primary decides
+                raise Unavailable(f"not acknowledged: this shard became a replica of "
+                                  f"{self.replica_of} while the write was being made "
+                                  "durable; it may or may not be on the new primary")
+            await replication.replicated(lsn)
         return change.result
 
     def _rollback(self) -> None:

@@ -1011,3 +1011,102 @@ def test_a_replica_refuses_a_record_type_it_does_not_know(tmp_path: Path) -> Non
             await shard.close()
 
     asyncio.run(run())
+
+
+# (the primary is stopped by cancelling it: its grpc server's shutdown is left undone)
+@pytest.mark.filterwarnings("ignore:coroutine 'AioServer.shutdown' was never awaited")
+def test_a_write_made_durable_while_its_primary_is_demoted_is_not_acknowledged(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    """--replication sync: a write whose fsync is under way when a failover demotes its
+    primary must not be acknowledged (no replica confirmed it, and the demoted primary's
+    resync discards it); it is refused UNAVAILABLE, and the new primary does not hold
+    it. (The primary runs in this process, on its main thread for its signal handlers,
+    its fsync slowed on demand; the test drives it from another thread.)"""
+    import socket
+
+    from memstore.server.service import serve
+    from memstore.v1 import replication_pb2 as rpb
+    from memstore.v1 import replication_pb2_grpc
+
+    slow = threading.Event()
+
+    def fsync(fd: int) -> None:
+        if slow.is_set():
+            time.sleep(1.5)
+        os.fsync(fd)
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    loop = asyncio.new_event_loop()
+    served = loop.create_task(serve(ShardConfig(data_dir=tmp_path / "a", fsync=fsync),
+                                    "127.0.0.1", port, link_port=None, replication="sync"))
+    outcome: list[Any] = []
+    failed: list[BaseException] = []
+
+    def drive() -> None:
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    stats(address)
+                    break
+                except ClientError:
+                    assert time.monotonic() < deadline, "the primary did not start"
+                    time.sleep(0.1)
+            replica = start(tmp_path / "b", "--replica-of", address, "--name", "b",
+                            "--replication", "sync")
+            procs.append(replica)
+            wait_replicas(address, 1)
+            with Client(address) as c:
+                c.upsert("before", {"n": 1})
+            wait_caught_up(address, replica.address)
+
+            def write() -> None:
+                with Client(address, timeout=30) as c:
+                    try:
+                        c.upsert("during", {"n": 2})
+                        outcome.append("acknowledged")
+                    except ClientError as exc:
+                        outcome.append(exc)
+
+            slow.set()
+            writer = threading.Thread(target=write)
+            writer.start()
+            time.sleep(0.3)  # logged and applied; its fsync under way
+
+            async def failover() -> None:
+                async with grpc.aio.insecure_channel(replica.address) as ch:
+                    promoted = await replication_pb2_grpc.ReplicationStub(ch).Promote(
+                        rpb.PromoteRequest(shard="shard-0", epoch=5), timeout=30)
+                async with grpc.aio.insecure_channel(address) as ch:
+                    await replication_pb2_grpc.ReplicationStub(ch).Demote(
+                        rpb.DemoteRequest(primary=replica.address, epoch=promoted.epoch),
+                        timeout=30)
+
+            asyncio.run(failover())
+            slow.clear()
+            writer.join(30)
+            with Client(replica.address) as c:
+                outcome.append(c.get("during") is None and c.get("before") is not None)
+        except BaseException as exc:  # noqa: BLE001 - raised on the test's thread
+            failed.append(exc)
+        finally:
+            loop.call_soon_threadsafe(served.cancel)
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    try:
+        loop.run_until_complete(served)
+    except asyncio.CancelledError:
+        pass
+    finally:
+        loop.close()
+    driver.join(30)
+    if failed:
+        raise failed[0]
+    result, only_before = outcome
+    assert isinstance(result, ClientError), result
+    assert result.code == grpc.StatusCode.UNAVAILABLE and "not acknowledged" in result.details
+    assert only_before  # the new primary holds the write before, not this one
