@@ -120,6 +120,13 @@ class Roles:
                                          f"{shard.engine.epoch})")
             primary = shard.replica_of
             await self.stop()
+            found = history.read(self.data)
+            if found is not None and found.history is None:  # before anything changes
+                self.follow(primary, None)  # (the resync starts again)
+                raise FailedPrecondition(f"this replica is in the middle of a full resync "
+                                         f"from {primary}: it holds no shard's state yet, "
+                                         "so it cannot be promoted; promote another, or "
+                                         "wait for the resync to finish")
             assert shard.log is not None
             await shard.log.sync_to(shard.log.end_lsn)
             shard.become_primary()
