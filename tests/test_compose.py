@@ -1,6 +1,7 @@
 """compose.yaml, checked without Docker: every service's command parses as the memstore
 CLI would take it, every address a command names is a service of the file on the port it
-serves, and every volume a service mounts is declared and mounted by that service alone."""
+serves, every data volume is declared and mounted by one service alone, and the cluster's
+salt is one volume every shard and replica reads."""
 
 from __future__ import annotations
 
@@ -40,8 +41,13 @@ def test_a_replica_runs_beside_its_primary_on_a_volume_of_its_own() -> None:
     services = _services()
     replicas = {name: _values(s["command"], "--replica-of") for name, s in services.items()}
     assert replicas["shard-0-replica"] == ["shard-0:7071"]
-    mounts = [volume.split(":")[0] for s in services.values()
-              for volume in s.get("volumes", [])]
-    assert len(mounts) == len(set(mounts))  # no two processes on one data directory
+    data = [volume.split(":")[0] for s in services.values()
+            for volume in s.get("volumes", []) if volume.endswith(":/data")]
+    assert len(data) == len(set(data))  # no two processes on one data directory
+    # one salt, shared by every shard and replica (slot moves and failovers carry salted
+    # suppression entries), from the one volume that is shared
+    shards = {n: s for n, s in services.items() if s["command"][0] == "serve-shard"}
+    assert all(_values(s["command"], "--salt-file") == ["/salt/rights.salt"]
+               and "salt:/salt" in s["volumes"] for s in shards.values())
     declared = yaml.safe_load((ROOT / "compose.yaml").read_text())["volumes"]
-    assert set(mounts) == set(declared)
+    assert {*data, "salt"} == set(declared)

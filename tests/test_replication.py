@@ -1110,3 +1110,28 @@ def test_a_write_made_durable_while_its_primary_is_demoted_is_not_acknowledged(
     assert isinstance(result, ClientError), result
     assert result.code == grpc.StatusCode.UNAVAILABLE and "not acknowledged" in result.details
     assert only_before  # the new primary holds the write before, not this one
+
+
+def test_a_replica_with_another_salt_is_refused_until_it_takes_the_primarys(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    """Suppression entries and audit hashes are salted: a replica with a salt of its own
+    would copy a blocked list that matches nothing once it is promoted. The primary
+    refuses to feed it, saying why; with the primary's --salt-file it follows."""
+    primary = start(tmp_path / "primary", "--name", "shard-0")
+    procs.append(primary)
+    with Client(primary.address) as c:
+        c.upsert("ada", {"n": 1}, identifiers=[("email", "ada@example.org")])
+        c.erase("ada", suppress=True)
+    stray = start(tmp_path / "stray", "--replica-of", primary.address, "--name", "stray")
+    procs.append(stray)
+    deadline = time.monotonic() + 30
+    while not stray.said("salt"):
+        assert time.monotonic() < deadline, "the replica did not say why it cannot follow"
+        time.sleep(0.1)
+    assert stats(primary.address)["replication.replicas"] == "0"
+    stray.stop()
+    replica = start(tmp_path / "replica", "--replica-of", primary.address, "--name", "r",
+                    "--salt-file", str(tmp_path / "primary" / "rights.salt"))
+    procs.append(replica)
+    wait_replicas(primary.address, 1)
+    wait_caught_up(primary.address, replica.address)

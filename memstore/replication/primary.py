@@ -36,6 +36,7 @@ import grpc
 from memstore.errors import FailedPrecondition, Unavailable
 from memstore.replication.coordinator import Fence
 from memstore.replication.history import History
+from memstore.server import rights
 from memstore.shard import Shard
 from memstore.storage.wal_reader import LogCorruptError
 from memstore.storage.wal_tail import LogGone, LogTail
@@ -199,6 +200,17 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
             await _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
             return None
 
+    def _other_salt(self, theirs: str) -> str | None:
+        """Why a replica with salt fingerprint `theirs` may not follow (None: it may): the
+        suppression list and audit hashes it copies are salted, and with another salt
+        than this shard's they match nothing once it is promoted. An older replica sends
+        none."""
+        if not theirs or theirs == rights.salt_id(self.shard.engine.salt):
+            return None
+        return ("the replica's salt is not this primary's: its suppression list would "
+                "match nothing after a failover; start it with the primary's --salt-file "
+                "(docs/data-rights.md)")
+
     async def FetchSnapshot(self, request: rpb.FetchSnapshotRequest,
                             context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         shard = self.shard
@@ -206,6 +218,9 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
             await _refuse(context, grpc.StatusCode.FAILED_PRECONDITION,
                           f"this shard is itself a replica of {shard.replica_of}"
                           if shard.replica_of else "this shard keeps no log (--in-memory)")
+            return
+        if (problem := self._other_salt(request.salt)) is not None:
+            await _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, problem)
             return
         try:
             path = await shard.snapshot_for_replica()
@@ -243,6 +258,9 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
             await _refuse(context, grpc.StatusCode.FAILED_PRECONDITION,
                           f"this shard is a replica of {shard.replica_of}" if shard.replica_of
                           else "this shard keeps no log (--in-memory)")
+            return
+        if (problem := self._other_salt(first.salt)) is not None:
+            await _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, problem)
             return
         lsn = first.from_lsn
         reason = self._unknown_position(known, first.history, lsn)

@@ -37,6 +37,7 @@ from typing import Any
 import grpc
 
 from memstore.replication import history
+from memstore.server import rights
 from memstore.server.security import Credentials
 from memstore.shard import Shard
 from memstore.storage.snapshot_file import SnapshotError, receiving
@@ -144,7 +145,8 @@ class Follower:
         # A crash from here on: the directory is emptied at the next start.
         history.write(self.data, history.replica_of(None))
         self.history = None
-        call = stub.FetchSnapshot(rpb.FetchSnapshotRequest(replica=shard.config.name))
+        call = stub.FetchSnapshot(rpb.FetchSnapshotRequest(
+            replica=shard.config.name, salt=rights.salt_id(shard.engine.salt)))
         first = True
         received = 0
         lsn, primary_history, target = 0, "", None
@@ -180,7 +182,8 @@ class Follower:
 
         async def requests() -> AsyncIterator[rpb.FollowRequest]:
             yield rpb.FollowRequest(replica=shard.config.name, history=self.history or "",
-                                    from_lsn=start, address=self.address)
+                                    from_lsn=start, address=self.address,
+                                    salt=rights.salt_id(shard.engine.salt))
             while (acked := await acks.get()) != SESSION_ENDED:
                 yield rpb.FollowRequest(acked_lsn=acked)
 

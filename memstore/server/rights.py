@@ -103,7 +103,8 @@ def load_salt(path: Path, create: bool = True) -> bytes:
         if not create:
             raise ValueError(f"salt file {path} does not exist") from None
         text = secrets.token_hex(32)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # (processes starting at
+        # once, sharing the file, each link their own: one wins, every one reads it)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, (text + "\n").encode())

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmemstore/v1/replication.proto\x12\x0bmemstore.v1\"\'\n\x14\x46\x65tchSnapshotRequest\x12\x0f\n\x07replica\x18\x01 \x01(\t\"X\n\rSnapshotChunk\x12\x0b\n\x03lsn\x18\x01 \x01(\x04\x12\x0f\n\x07history\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\r\n\x05shard\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"g\n\rFollowRequest\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\x0f\n\x07history\x18\x02 \x01(\t\x12\x10\n\x08\x66rom_lsn\x18\x03 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x11\n\tacked_lsn\x18\x05 \x01(\x04\"7\n\tLogRecord\x12\x0b\n\x03lsn\x18\x01 \x01(\x04\x12\x0c\n\x04type\x18\x02 \x01(\r\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"\x87\x01\n\x0e\x46ollowResponse\x12\'\n\x07records\x18\x01 \x03(\x0b\x32\x16.memstore.v1.LogRecord\x12\x13\n\x0bprimary_lsn\x18\x02 \x01(\x04\x12\x17\n\x0fprimary_time_us\x18\x03 \x01(\x03\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x0f\n\x07history\x18\x05 \x01(\t\".\n\x0ePromoteRequest\x12\r\n\x05shard\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"M\n\x0fPromoteResponse\x12\r\n\x05shard\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0b\n\x03lsn\x18\x03 \x01(\x04\x12\x0f\n\x07history\x18\x04 \x01(\t\"/\n\rDemoteRequest\x12\x0f\n\x07primary\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"\x1d\n\x0e\x44\x65moteResponse\x12\x0b\n\x03lsn\x18\x01 \x01(\x04\x32\xaf\x02\n\x0bReplication\x12P\n\rFetchSnapshot\x12!.memstore.v1.FetchSnapshotRequest\x1a\x1a.memstore.v1.SnapshotChunk0\x01\x12\x45\n\x06\x46ollow\x12\x1a.memstore.v1.FollowRequest\x1a\x1b.memstore.v1.FollowResponse(\x01\x30\x01\x12\x44\n\x07Promote\x12\x1b.memstore.v1.PromoteRequest\x1a\x1c.memstore.v1.PromoteResponse\x12\x41\n\x06\x44\x65mote\x12\x1a.memstore.v1.DemoteRequest\x1a\x1b.memstore.v1.DemoteResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmemstore/v1/replication.proto\x12\x0bmemstore.v1\"5\n\x14\x46\x65tchSnapshotRequest\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\x0c\n\x04salt\x18\x02 \x01(\t\"X\n\rSnapshotChunk\x12\x0b\n\x03lsn\x18\x01 \x01(\x04\x12\x0f\n\x07history\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\r\n\x05shard\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"u\n\rFollowRequest\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\x0f\n\x07history\x18\x02 \x01(\t\x12\x10\n\x08\x66rom_lsn\x18\x03 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x11\n\tacked_lsn\x18\x05 \x01(\x04\x12\x0c\n\x04salt\x18\x06 \x01(\t\"7\n\tLogRecord\x12\x0b\n\x03lsn\x18\x01 \x01(\x04\x12\x0c\n\x04type\x18\x02 \x01(\r\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"\x87\x01\n\x0e\x46ollowResponse\x12\'\n\x07records\x18\x01 \x03(\x0b\x32\x16.memstore.v1.LogRecord\x12\x13\n\x0bprimary_lsn\x18\x02 \x01(\x04\x12\x17\n\x0fprimary_time_us\x18\x03 \x01(\x03\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x0f\n\x07history\x18\x05 \x01(\t\".\n\x0ePromoteRequest\x12\r\n\x05shard\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"M\n\x0fPromoteResponse\x12\r\n\x05shard\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0b\n\x03lsn\x18\x03 \x01(\x04\x12\x0f\n\x07history\x18\x04 \x01(\t\"/\n\rDemoteRequest\x12\x0f\n\x07primary\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"\x1d\n\x0e\x44\x65moteResponse\x12\x0b\n\x03lsn\x18\x01 \x01(\x04\x32\xaf\x02\n\x0bReplication\x12P\n\rFetchSnapshot\x12!.memstore.v1.FetchSnapshotRequest\x1a\x1a.memstore.v1.SnapshotChunk0\x01\x12\x45\n\x06\x46ollow\x12\x1a.memstore.v1.FollowRequest\x1a\x1b.memstore.v1.FollowResponse(\x01\x30\x01\x12\x44\n\x07Promote\x12\x1b.memstore.v1.PromoteRequest\x1a\x1c.memstore.v1.PromoteResponse\x12\x41\n\x06\x44\x65mote\x12\x1a.memstore.v1.DemoteRequest\x1a\x1b.memstore.v1.DemoteResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,23 +32,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'memstore.v1.replication_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FETCHSNAPSHOTREQUEST']._serialized_start=46
-  _globals['_FETCHSNAPSHOTREQUEST']._serialized_end=85
-  _globals['_SNAPSHOTCHUNK']._serialized_start=87
-  _globals['_SNAPSHOTCHUNK']._serialized_end=175
-  _globals['_FOLLOWREQUEST']._serialized_start=177
-  _globals['_FOLLOWREQUEST']._serialized_end=280
-  _globals['_LOGRECORD']._serialized_start=282
-  _globals['_LOGRECORD']._serialized_end=337
-  _globals['_FOLLOWRESPONSE']._serialized_start=340
-  _globals['_FOLLOWRESPONSE']._serialized_end=475
-  _globals['_PROMOTEREQUEST']._serialized_start=477
-  _globals['_PROMOTEREQUEST']._serialized_end=523
-  _globals['_PROMOTERESPONSE']._serialized_start=525
-  _globals['_PROMOTERESPONSE']._serialized_end=602
-  _globals['_DEMOTEREQUEST']._serialized_start=604
-  _globals['_DEMOTEREQUEST']._serialized_end=651
-  _globals['_DEMOTERESPONSE']._serialized_start=653
-  _globals['_DEMOTERESPONSE']._serialized_end=682
-  _globals['_REPLICATION']._serialized_start=685
-  _globals['_REPLICATION']._serialized_end=988
+  _globals['_FETCHSNAPSHOTREQUEST']._serialized_end=99
+  _globals['_SNAPSHOTCHUNK']._serialized_start=101
+  _globals['_SNAPSHOTCHUNK']._serialized_end=189
+  _globals['_FOLLOWREQUEST']._serialized_start=191
+  _globals['_FOLLOWREQUEST']._serialized_end=308
+  _globals['_LOGRECORD']._serialized_start=310
+  _globals['_LOGRECORD']._serialized_end=365
+  _globals['_FOLLOWRESPONSE']._serialized_start=368
+  _globals['_FOLLOWRESPONSE']._serialized_end=503
+  _globals['_PROMOTEREQUEST']._serialized_start=505
+  _globals['_PROMOTEREQUEST']._serialized_end=551
+  _globals['_PROMOTERESPONSE']._serialized_start=553
+  _globals['_PROMOTERESPONSE']._serialized_end=630
+  _globals['_DEMOTEREQUEST']._serialized_start=632
+  _globals['_DEMOTEREQUEST']._serialized_end=679
+  _globals['_DEMOTERESPONSE']._serialized_start=681
+  _globals['_DEMOTERESPONSE']._serialized_end=710
+  _globals['_REPLICATION']._serialized_start=713
+  _globals['_REPLICATION']._serialized_end=1016
 # @@protoc_insertion_point(module_scope)

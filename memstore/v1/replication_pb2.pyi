@@ -7,10 +7,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class FetchSnapshotRequest(_message.Message):
-    __slots__ = ("replica",)
+    __slots__ = ("replica", "salt")
     REPLICA_FIELD_NUMBER: _ClassVar[int]
+    SALT_FIELD_NUMBER: _ClassVar[int]
     replica: str
-    def __init__(self, replica: _Optional[str] = ...) -> None: ...
+    salt: str
+    def __init__(self, replica: _Optional[str] = ..., salt: _Optional[str] = ...) -> None: ...
 
 class SnapshotChunk(_message.Message):
     __slots__ = ("lsn", "history", "size", "shard", "data")
@@ -27,18 +29,20 @@ class SnapshotChunk(_message.Message):
     def __init__(self, lsn: _Optional[int] = ..., history: _Optional[str] = ..., size: _Optional[int] = ..., shard: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class FollowRequest(_message.Message):
-    __slots__ = ("replica", "history", "from_lsn", "address", "acked_lsn")
+    __slots__ = ("replica", "history", "from_lsn", "address", "acked_lsn", "salt")
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     FROM_LSN_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ACKED_LSN_FIELD_NUMBER: _ClassVar[int]
+    SALT_FIELD_NUMBER: _ClassVar[int]
     replica: str
     history: str
     from_lsn: int
     address: str
     acked_lsn: int
-    def __init__(self, replica: _Optional[str] = ..., history: _Optional[str] = ..., from_lsn: _Optional[int] = ..., address: _Optional[str] = ..., acked_lsn: _Optional[int] = ...) -> None: ...
+    salt: str
+    def __init__(self, replica: _Optional[str] = ..., history: _Optional[str] = ..., from_lsn: _Optional[int] = ..., address: _Optional[str] = ..., acked_lsn: _Optional[int] = ..., salt: _Optional[str] = ...) -> None: ...
 
 class LogRecord(_message.Message):
     __slots__ = ("lsn", "type", "payload")
