@@ -61,9 +61,13 @@ class Proc:
 
 
 def start(data: Path, *args: str, env: dict[str, str] | None = None) -> Proc:
+    """serve-shard on `data`, with the salt every process of the test shares (beside the
+    data directories) unless `args` name one: a primary refuses a replica of another."""
+    salt = () if "--salt-file" in args else ("--salt-file", str(data.parent / "cluster.salt"))
     proc = subprocess.Popen(
         [sys.executable, "-m", "memstore.cli", "serve-shard", "--port", "0", "--data-dir",
-         str(data), *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=ROOT,
+         str(data), *salt, *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     assert proc.stderr is not None
     lines: list[str] = []
@@ -1040,7 +1044,10 @@ def test_a_write_made_durable_while_its_primary_is_demoted_is_not_acknowledged(
         port = probe.getsockname()[1]
     address = f"127.0.0.1:{port}"
     loop = asyncio.new_event_loop()
-    served = loop.create_task(serve(ShardConfig(data_dir=tmp_path / "a", fsync=fsync),
+    from memstore.server.rights import load_salt
+
+    salt = load_salt(tmp_path / "cluster.salt")  # as start() gives the replica
+    served = loop.create_task(serve(ShardConfig(data_dir=tmp_path / "a", fsync=fsync, salt=salt),
                                     "127.0.0.1", port, link_port=None, replication="sync"))
     outcome: list[Any] = []
     failed: list[BaseException] = []
@@ -1122,7 +1129,8 @@ def test_a_replica_with_another_salt_is_refused_until_it_takes_the_primarys(
     with Client(primary.address) as c:
         c.upsert("ada", {"n": 1}, identifiers=[("email", "ada@example.org")])
         c.erase("ada", suppress=True)
-    stray = start(tmp_path / "stray", "--replica-of", primary.address, "--name", "stray")
+    stray = start(tmp_path / "stray", "--replica-of", primary.address, "--name", "stray",
+                  "--salt-file", str(tmp_path / "stray.salt"))
     procs.append(stray)
     deadline = time.monotonic() + 30
     while not stray.said("salt"):
@@ -1130,8 +1138,7 @@ def test_a_replica_with_another_salt_is_refused_until_it_takes_the_primarys(
         time.sleep(0.1)
     assert stats(primary.address)["replication.replicas"] == "0"
     stray.stop()
-    replica = start(tmp_path / "replica", "--replica-of", primary.address, "--name", "r",
-                    "--salt-file", str(tmp_path / "primary" / "rights.salt"))
+    replica = start(tmp_path / "replica", "--replica-of", primary.address, "--name", "r")
     procs.append(replica)
     wait_replicas(primary.address, 1)
     wait_caught_up(primary.address, replica.address)
