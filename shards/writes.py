@@ -324,6 +324,7 @@ class Writes:
 
         named = [_identifiers_of(item) for _, item in items]
         parts: list[tuple[list[Any], Any]] = []
+        made: set[tuple[str, tuple[str, str]]] = set()  # claims this batch made
         async with self._naming.hold(itertools.chain.from_iterable(named)):
             try:
                 for attempt in attempts():
@@ -333,7 +334,8 @@ class Writes:
                     version = self.map.version
                     judged: dict[str, str] = {}
                     try:
-                        first, later = await self._merge_first(items, named, context, judged)
+                        first, later = await self._merge_first(items, named, context, judged,
+                                                               made)
                     except Suppressed as exc:
                         await _refuse_suppressed(context, exc, items, named, forms)
                     rejudge: list[tuple[str, Any]] = []
@@ -355,13 +357,17 @@ class Writes:
                     parts += await self.routing.routed([(pid, item)], "BatchUpsert", build, context,
                                                        retarget, refusals=True)
             except GroupRefused as refused:
+                if refused.refused and made:  # give back what the records that did not
+                    # apply claimed (release claims again what a profile holds all the
+                    # same); an unknown outcome keeps them, as a write in flight's
+                    await self.directory.release(made, context)
                 await _refuse_batch(context, refused, parts + refused.done, forms)
         return pb.BatchUpsertResponse(applied=sum(r.applied for _, r in parts),
                                       created=sum(r.created for _, r in parts))
 
     async def _merge_first(self, items: list[tuple[str, Any]],
                            named: list[list[tuple[str, str]]], context: Any,
-                           judged: dict[str, str]
+                           judged: dict[str, str], made: set[tuple[str, tuple[str, str]]]
                            ) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
         """Make a batch's cross-shard identity merges before it is split by shard.
 
@@ -393,7 +399,7 @@ class Writes:
                     claimant.setdefault(key, pid)
         try:
             holder = await self.directory.claim([(pid, key) for key, pid in claimant.items()],
-                                                context, set())
+                                                context, made)
         except Suppressed:
             raise  # the batch names the record (_batch_upsert)
         except Exception as exc:  # noqa: BLE001 - abort re-raises what it cannot map

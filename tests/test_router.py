@@ -517,3 +517,32 @@ def test_a_fan_out_answer_made_at_another_epoch_is_asked_again(cluster: dict[str
     assert stub.Count(everything(), timeout=10).count == total
     now = {s.label: s.epoch for s in router.map.shards}
     assert [now[k] - mapped[k] for k in sorted(mapped)] == [1, 0]  # the map was refreshed
+
+
+def test_a_refused_batch_gives_back_the_identifiers_it_claimed(tmp_path: Path) -> None:
+    """A BatchUpsert a shard refuses applied nothing, so its records' identifier claims go
+    back at once, as a refused Upsert's do: the next write naming one does not wait out
+    the claim grace period (30 s) for a claim nobody holds."""
+    from memstore import Client, ClientError
+
+    shards = start_shards(tmp_path, 2)
+    router = RouterThread([s.address for s in shards])
+    try:
+        with Client(router.address, timeout=5) as c:
+            c.declare([{"name": "age", "kind": "int"}])
+            with pytest.raises(ClientError) as err:
+                c.batch_upsert([{"id": f"rb-{i}", "attributes": {"age": "old" if i == 3 else i},
+                                 "identifiers": [["email", f"rb-{i}@x"]]} for i in range(6)])
+            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            started = time.monotonic()
+            for i in range(6):
+                assert c.upsert(f"other-{i}", {"age": 1},
+                                identifiers=[("email", f"rb-{i}@x")]).id in (f"rb-{i}",
+                                                                              f"other-{i}")
+            assert time.monotonic() - started < 4
+            holders = {c.get(identifier=("email", f"rb-{i}@x"))["id"] for i in range(6)}
+            assert "rb-3" not in holders  # refused: never made
+    finally:
+        router.stop()
+        for shard in shards:
+            shard.stop()
