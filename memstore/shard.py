@@ -199,6 +199,9 @@ class Shard:
         # its own position on, so segments are deleted only before that one.
         self._snapshot_lsn = 0
         self._erased = False  # a profile was deleted or merged away since the last snapshot
+        # Set by a failover about to promote a replica (Replication.Freeze): why writes
+        # are refused meanwhile ("" when they are not).
+        self.frozen = ""
         # The log position just past the latest erasure of a person: a change stream may
         # not start before it (what it would replay is gone from memory already).
         self.erased_lsn = 0
@@ -289,6 +292,7 @@ class Shard:
         from now on, and the background work that writes (expiry, timed segments) stops."""
         self.replica_of = primary
         self.replication = None
+        self.frozen = ""  # (a replica refuses writes anyway; a later promotion takes them)
         for task in (self._expiry_task, self._timed_task):
             if task is not None:
                 task.cancel()
@@ -301,6 +305,7 @@ class Shard:
         writes."""
         self.replica_of = None
         self.follower = None
+        self.frozen = ""
         if self._background_started:
             self.start_background()
 
@@ -354,6 +359,8 @@ class Shard:
             return change.result
         if self.replica_of is not None:
             raise ReadOnlyReplica(self.replica_of)
+        if self.frozen:
+            raise Unavailable(self.frozen)
         if not change.at:
             change.at = int(self.engine.clock())  # logged: replay stamps the same times
         if self.log is not None and self.log.failed:

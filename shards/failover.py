@@ -3,14 +3,20 @@
 Steps (docs/replication.md "Failover"), each said in the report it returns:
 
 1. The routers' view (the first router's ListShards): SHARD's address and epoch.
-2. The candidates: the replicas given, else the ones the old primary lists in its Stats
+2. Freeze: the old primary, if it answers, refuses every write from now (UNAVAILABLE) and
+   says where its log ends; its replicas go on following it.
+3. The candidates: the replicas given, else the ones the old primary lists in its Stats
    (when it still answers). Each is asked for its Stats; the one whose log reaches
-   furthest among those following SHARD is chosen (Redis Sentinel's choice, by offset).
-3. Promote it: it stops following, serves as SHARD at an epoch above every epoch seen
+   furthest among those following SHARD is chosen (Redis Sentinel's choice, by offset),
+   then waited for until it holds the frozen log's end: under --replication sync every
+   acknowledged write is then on it (another replica may have confirmed one it lacked).
+   If none is found or it does not catch up, the old primary takes writes again and
+   nothing has changed.
+4. Promote it: it stops following, serves as SHARD at an epoch above every epoch seen
    (the old primary's, and the candidates'), and takes writes.
-4. Routers: AddShard(new address), then RemoveShard(old address). Slots go to the higher
+5. Routers: AddShard(new address), then RemoveShard(old address). Slots go to the higher
    epoch as soon as a router knows the new primary.
-5. Fencing: the old primary, if it answers, is told to Demote: it refuses writes from then
+6. Fencing: the old primary, if it answers, is told to Demote: it refuses writes from then
    on and follows the new primary (its unreplicated tail, if any, is discarded by a full
    resync). The other candidates are pointed at the new primary. One that does not answer
    is named in the report: start it again with --replica-of the new primary.
@@ -22,6 +28,7 @@ refused).
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +54,7 @@ class Report:
     epoch: int = 0
     position: int = 0
     notes: list[str] = field(default_factory=list)
+    epochs: list[int] = field(default_factory=list)  # seen on the members asked
 
 
 async def shard_stats(address: str, credentials: Credentials, timeout: float = TIMEOUT
@@ -78,10 +86,26 @@ async def failover(shard: str, routers: list[str], candidates: list[str],
     if entry is None:
         raise FailoverError(f"router {routers[0]} knows no shard {shard!r}")
     report = Report(entry["name"] or shard, entry["address"])
+    # An old primary still up takes no write from here (and acknowledges none it has not
+    # replicated): the replica promoted first catches up to where its log ended.
+    frozen_at = await _freeze(report.old, True, credentials, timeout)
+    try:
+        await _choose(report, entry, candidates, credentials, timeout, frozen_at)
+    except BaseException:
+        if frozen_at is not None:  # nothing changed: it takes writes again
+            await _freeze(report.old, False, credentials, timeout)
+        raise
+    return await _promote(report, routers, candidates, credentials, timeout)
+
+
+async def _choose(report: Report, entry: dict[str, Any], candidates: list[str],
+                  credentials: Credentials, timeout: float, frozen_at: int | None) -> None:
+    """The replica to promote (report.new), caught up with the frozen old primary; the
+    candidates asked (`candidates`, filled from the old primary's Stats when empty)."""
     old_stats = await shard_stats(report.old, credentials, timeout)
     if not candidates and old_stats is not None:
-        candidates = [v for k, v in sorted(old_stats.items())
-                      if k.startswith("replication.replica.") and k.endswith(".address") and v]
+        candidates[:] = [v for k, v in sorted(old_stats.items()) if k.startswith(
+            "replication.replica.") and k.endswith(".address") and v]
     if not candidates:
         raise FailoverError(f"no replica to promote: {report.old} "
                             f"{'lists none' if old_stats else 'does not answer'}; name them "
@@ -108,6 +132,17 @@ async def failover(shard: str, routers: list[str], candidates: list[str],
         raise FailoverError("no replica of " + report.old + " answered: "
                             + "; ".join(report.notes))
     report.position, report.new = best
+    report.epochs = epochs
+    if frozen_at is not None:
+        await _caught_up(report.new, frozen_at, credentials, timeout)
+
+
+async def _promote(report: Report, routers: list[str], candidates: list[str],
+                   credentials: Credentials, timeout: float) -> Report:
+    """Promote report.new above every epoch seen, switch the routers, demote the rest."""
+    from shards.admin import admin_call
+
+    epochs = report.epochs
     async with credentials.aio_channel(report.new) as channel:
         try:
             promoted = await replication_pb2_grpc.ReplicationStub(channel).Promote(
@@ -128,6 +163,36 @@ async def failover(shard: str, routers: list[str], candidates: list[str],
     for address in [report.old, *(c for c in candidates if c != report.new)]:
         report.notes.append(await _demote(address, report, credentials, timeout))
     return report
+
+
+async def _freeze(address: str, frozen: bool, credentials: Credentials, timeout: float
+                  ) -> int | None:
+    """Freeze (or thaw) the old primary: where its log ends, or None when it does not
+    answer (it is down: it takes no writes either)."""
+    try:
+        async with credentials.aio_channel(address) as channel:
+            answer = await replication_pb2_grpc.ReplicationStub(channel).Freeze(
+                rpb.FreezeRequest(frozen=frozen), timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return None
+        raise FailoverError(f"{address}: {exc.details()}") from None
+    return int(answer.lsn)
+
+
+async def _caught_up(address: str, lsn: int, credentials: Credentials, timeout: float
+                     ) -> None:
+    """Wait until the replica at `address` holds the frozen primary's log up to `lsn`."""
+    deadline = asyncio.get_running_loop().time() + max(timeout, TIMEOUT)
+    while True:
+        found = await shard_stats(address, credentials, timeout)
+        at = int((found or {}).get("log.position", 0))
+        if at >= lsn:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise FailoverError(f"{address} did not catch up with the old primary (at {at} "
+                                f"of {lsn}); nothing was changed")
+        await asyncio.sleep(0.05)
 
 
 async def _demote(address: str, report: Report, credentials: Credentials, timeout: float

@@ -1142,3 +1142,56 @@ def test_a_replica_with_another_salt_is_refused_until_it_takes_the_primarys(
     procs.append(replica)
     wait_replicas(primary.address, 1)
     wait_caught_up(primary.address, replica.address)
+
+
+def test_a_failover_of_a_primary_still_writing_loses_no_acknowledged_write(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    """--replication sync, primary A with replicas B and C, writers on A while `cluster
+    failover` runs: A is frozen first, the replica promoted catches up to A's last
+    record, so every write acknowledged (by B or by C) is on the new primary, and no one
+    resyncs in full."""
+    from tests.conftest import start_router
+
+    a = start(tmp_path / "a", "--replication", "sync")
+    procs.append(a)
+    for name in ("b", "c"):
+        procs.append(start(tmp_path / name, "--replica-of", a.address, "--name", name,
+                           "--replication", "sync"))
+    wait_replicas(a.address, 2)
+    router = start_router([a.address])
+    acked: list[str] = []
+    stop = threading.Event()
+
+    def write(prefix: str) -> None:
+        with Client(a.address, timeout=10) as c:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                try:
+                    c.upsert(f"{prefix}-{n}", {"n": n})
+                    acked.append(f"{prefix}-{n}")
+                except ClientError:
+                    time.sleep(0.01)
+
+    writers = [threading.Thread(target=write, args=(f"w{i}",)) for i in range(3)]
+    try:
+        for t in writers:
+            t.start()
+        time.sleep(1.0)
+        report = _failover(router.address, "shard-0")
+        time.sleep(0.3)
+        stop.set()
+        for t in writers:
+            t.join(30)
+        assert len(acked) > 50
+        with Client(report["new"]) as c:
+            missing = [p for p, got in zip(acked, c.batch_get(acked), strict=True)
+                       if got is None]
+        assert missing == []
+        for proc in procs:
+            if proc.address != report["new"]:
+                wait_caught_up(report["new"], proc.address)
+                assert stats(proc.address).get("replication.full_resyncs") == "0"
+    finally:
+        stop.set()
+        router.stop()

@@ -189,6 +189,18 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
             await _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
             return None
 
+    async def Freeze(self, request: rpb.FreezeRequest, context: grpc.aio.ServicerContext
+                     ) -> rpb.FreezeResponse | None:
+        shard = self.shard
+        if shard.replica_of is not None or shard.log is None:
+            await _refuse(context, grpc.StatusCode.FAILED_PRECONDITION,
+                          f"this shard is a replica of {shard.replica_of}" if shard.replica_of
+                          else "this shard keeps no log (--in-memory)")
+            return None
+        shard.frozen = "a failover is under way: writes go to the new primary" \
+            if request.frozen else ""
+        return rpb.FreezeResponse(lsn=shard.log.end_lsn)
+
     async def Demote(self, request: rpb.DemoteRequest, context: grpc.aio.ServicerContext
                      ) -> rpb.DemoteResponse | None:
         if not request.primary:

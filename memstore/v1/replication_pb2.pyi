@@ -101,3 +101,15 @@ class DemoteResponse(_message.Message):
     LSN_FIELD_NUMBER: _ClassVar[int]
     lsn: int
     def __init__(self, lsn: _Optional[int] = ...) -> None: ...
+
+class FreezeRequest(_message.Message):
+    __slots__ = ("frozen",)
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
+    frozen: bool
+    def __init__(self, frozen: _Optional[bool] = ...) -> None: ...
+
+class FreezeResponse(_message.Message):
+    __slots__ = ("lsn",)
+    LSN_FIELD_NUMBER: _ClassVar[int]
+    lsn: int
+    def __init__(self, lsn: _Optional[int] = ...) -> None: ...

@@ -54,6 +54,11 @@ class ReplicationStub:
                 request_serializer=memstore_dot_v1_dot_replication__pb2.DemoteRequest.SerializeToString,
                 response_deserializer=memstore_dot_v1_dot_replication__pb2.DemoteResponse.FromString,
                 _registered_method=True)
+        self.Freeze = channel.unary_unary(
+                '/memstore.v1.Replication/Freeze',
+                request_serializer=memstore_dot_v1_dot_replication__pb2.FreezeRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_replication__pb2.FreezeResponse.FromString,
+                _registered_method=True)
 
 
 class ReplicationServicer:
@@ -89,6 +94,15 @@ class ReplicationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Freeze(self, request, context):
+        """A primary about to be failed over: refuse every write from now (UNAVAILABLE), or take
+        them again (`frozen` false), and say where its log ends. Its replicas go on following:
+        the one to promote catches up to that end first, so no acknowledged write is lost.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +125,11 @@ def add_ReplicationServicer_to_server(servicer, server):
                     servicer.Demote,
                     request_deserializer=memstore_dot_v1_dot_replication__pb2.DemoteRequest.FromString,
                     response_serializer=memstore_dot_v1_dot_replication__pb2.DemoteResponse.SerializeToString,
+            ),
+            'Freeze': grpc.unary_unary_rpc_method_handler(
+                    servicer.Freeze,
+                    request_deserializer=memstore_dot_v1_dot_replication__pb2.FreezeRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_replication__pb2.FreezeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +240,33 @@ class Replication:
             '/memstore.v1.Replication/Demote',
             memstore_dot_v1_dot_replication__pb2.DemoteRequest.SerializeToString,
             memstore_dot_v1_dot_replication__pb2.DemoteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Freeze(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memstore.v1.Replication/Freeze',
+            memstore_dot_v1_dot_replication__pb2.FreezeRequest.SerializeToString,
+            memstore_dot_v1_dot_replication__pb2.FreezeResponse.FromString,
             options,
             channel_credentials,
             insecure,
