@@ -24,7 +24,7 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, NoReturn
 
 import grpc
@@ -322,6 +322,24 @@ class Writes:
                 return [survivor, *record[1:]], form, index
             return retargeted(record, survivor), form, index
 
+        def build_check(group: list[tuple[Any, int, int]]) -> pb.BatchUpsertRequest:
+            sub = build(group)
+            sub.validate_only = True
+            return sub
+
+        async def check(some: list[tuple[str, Any]]) -> None:
+            """Records about to merge profiles on other shards, checked by their shards
+            first (applying nothing): one refused refuses the batch before any merge."""
+            try:
+                await self.routing.routed(some, "BatchUpsert", build_check, context, retarget,
+                                          refusals=True)
+            except GroupRefused as refused:
+                if refused.refused:
+                    if made:
+                        await self.directory.release(made, context)
+                    await _refuse_batch(context, refused, [], forms)
+                raise
+
         named = [_identifiers_of(item) for _, item in items]
         parts: list[tuple[list[Any], Any]] = []
         made: set[tuple[str, tuple[str, str]]] = set()  # claims this batch made
@@ -335,7 +353,7 @@ class Writes:
                     judged: dict[str, str] = {}
                     try:
                         first, later = await self._merge_first(items, named, context, judged,
-                                                               made)
+                                                               made, check)
                     except Suppressed as exc:
                         await _refuse_suppressed(context, exc, items, named, forms)
                     rejudge: list[tuple[str, Any]] = []
@@ -367,7 +385,8 @@ class Writes:
 
     async def _merge_first(self, items: list[tuple[str, Any]],
                            named: list[list[tuple[str, str]]], context: Any,
-                           judged: dict[str, str], made: set[tuple[str, tuple[str, str]]]
+                           judged: dict[str, str], made: set[tuple[str, tuple[str, str]]],
+                           check: Callable[[list[tuple[str, Any]]], Awaitable[None]]
                            ) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
         """Make a batch's cross-shard identity merges before it is split by shard.
 
@@ -404,12 +423,16 @@ class Writes:
             raise  # the batch names the record (_batch_upsert)
         except Exception as exc:  # noqa: BLE001 - abort re-raises what it cannot map
             await abort(context, exc)
-        for i, ((pid, _), idents) in enumerate(zip(items, named, strict=True)):
-            foreign = [pb.Identifier(kind=key[0], value=key[1]) for key in idents
-                       if claimant.get(key) == pid and key in holder]
-            if foreign and i not in later_at:
-                await self._identity_write("Link", pb.LinkRequest(
-                    id=pid, identifiers=foreign, create=True), context)
+        linking = [(i, [pb.Identifier(kind=key[0], value=key[1]) for key in idents
+                        if claimant.get(key) == pid and key in holder])
+                   for i, ((pid, _), idents) in enumerate(zip(items, named, strict=True))
+                   if i not in later_at]
+        linking = [(i, foreign) for i, foreign in linking if foreign]
+        if linking or later_at:  # merges are writes of their own: check the records first
+            await check([items[i] for i, _ in linking] + [items[i] for i in sorted(later_at)])
+        for i, foreign in linking:
+            await self._identity_write("Link", pb.LinkRequest(
+                id=items[i][0], identifiers=foreign, create=True), context)
         first = [item for i, item in enumerate(items) if i not in later_at]
         return first, [items[i] for i in sorted(later_at)]
 

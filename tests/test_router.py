@@ -546,3 +546,36 @@ def test_a_refused_batch_gives_back_the_identifiers_it_claimed(tmp_path: Path) -
         router.stop()
         for shard in shards:
             shard.stop()
+
+
+def test_a_batch_record_refused_makes_no_merge_on_another_shard(tmp_path: Path) -> None:
+    """A record naming an identifier a profile on another shard holds merges it first;
+    when its shard refuses the record, nothing of the batch applies: no merge is made
+    and no profile created (its shard checks it before the merge is)."""
+    from memstore import Client, ClientError
+
+    shards = start_shards(tmp_path, 2)
+    router = RouterThread([s.address for s in shards])
+    try:
+        holder = next(f"h{i}" for i in range(100) if slot_of(f"h{i}") >= 8192)
+        writer = next(f"s{i}" for i in range(100) if slot_of(f"s{i}") < 8192)
+        with Client(router.address, timeout=10) as c:
+            c.declare([{"name": "age", "kind": "int"}])
+            c.upsert(holder, {"age": 40}, identifiers=[("email", "ann@x")])
+            for batch in ([{"id": writer, "attributes": {"age": "thirty"},
+                            "identifiers": [["email", "ann@x"]]}],
+                          [{"id": "fine-1", "attributes": {"age": 1}},
+                           {"id": writer, "attributes": {"age": "thirty"},
+                            "identifiers": [["email", "ann@x"]]}]):
+                with pytest.raises(ClientError) as err:
+                    c.batch_upsert(batch)
+                assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+                assert "age" in err.value.details
+            assert c.get(writer) is None and c.get("fine-1") is None
+            assert not c.get(holder).get("merged_ids")
+            assert c.get(identifier=("email", "ann@x"))["id"] == holder
+            assert c.count("ALL") == 1
+    finally:
+        router.stop()
+        for shard in shards:
+            shard.stop()

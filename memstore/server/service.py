@@ -444,6 +444,8 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
                     change = self.engine.plan_columns(batch)
                 else:
                     change = self.engine.plan_load(rows)
+            if request.validate_only:
+                return pb.BatchUpsertResponse()
             results = await self.shard.commit(change)
         finally:
             self._loads.end(len(results))

@@ -108,14 +108,16 @@ class UpsertResponse(_message.Message):
     def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class BatchUpsertRequest(_message.Message):
-    __slots__ = ("requests", "packed", "columns")
+    __slots__ = ("requests", "packed", "columns", "validate_only")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     PACKED_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     requests: _containers.RepeatedCompositeFieldContainer[UpsertRequest]
     packed: bytes
     columns: bytes
-    def __init__(self, requests: _Optional[_Iterable[_Union[UpsertRequest, _Mapping]]] = ..., packed: _Optional[bytes] = ..., columns: _Optional[bytes] = ...) -> None: ...
+    validate_only: bool
+    def __init__(self, requests: _Optional[_Iterable[_Union[UpsertRequest, _Mapping]]] = ..., packed: _Optional[bytes] = ..., columns: _Optional[bytes] = ..., validate_only: _Optional[bool] = ...) -> None: ...
 
 class BatchUpsertResponse(_message.Message):
     __slots__ = ("applied", "created")
