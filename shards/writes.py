@@ -270,6 +270,9 @@ class Writes:
 
     async def _batch_upsert(self, request: pb.BatchUpsertRequest, context: Any
                             ) -> pb.BatchUpsertResponse:
+        if request.validate_only:  # (it would be applied: never let a check write)
+            await fail(context, Code.INVALID_ARGUMENT, "validate_only: a shard's check of "
+                       "records for its router, not served by a router")
         records: list[Any] = []
         if request.packed:
             try:

@@ -575,6 +575,13 @@ def test_a_batch_record_refused_makes_no_merge_on_another_shard(tmp_path: Path) 
             assert not c.get(holder).get("merged_ids")
             assert c.get(identifier=("email", "ann@x"))["id"] == holder
             assert c.count("ALL") == 1
+        with grpc.insecure_channel(router.address) as channel:  # a shard's check only
+            with pytest.raises(grpc.RpcError) as refused:
+                memstore_pb2_grpc.MemstoreStub(channel).BatchUpsert(pb.BatchUpsertRequest(
+                    requests=[upsert("checked", "Oslo", 1)], validate_only=True), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with Client(router.address, timeout=10) as c:
+            assert c.get("checked") is None
     finally:
         router.stop()
         for shard in shards:
