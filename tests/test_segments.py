@@ -469,8 +469,15 @@ def test_no_stream_starts_before_a_persons_erasure(tmp_path: Path) -> None:
                     next(iter(stream(from_position=before)))
                 assert err.value.code == grpc.StatusCode.OUT_OF_RANGE
                 assert "erasure" in err.value.details
+            # A position that does not name this shard (taken before it joined a cluster)
+            # starts it after the erasure: the stream goes on, the victim is not replayed.
+            other = encode_token({"shard-new": (0, -1)})
+            joined = Watcher(shard.address, changes=True, from_position=other).started()
             live = Watcher(shard.address, changes=True).started()
             client.upsert("after", {"ssn": "000-00-0002"})
+            eventually(lambda: len(joined.events) >= 2)
+            joined.close()
+            assert [e["id"] for e in joined.events] == ["later", "after"]
             eventually(lambda: bool(live.events))
             live.close()
             after = live.events[0]["position"]

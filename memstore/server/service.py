@@ -817,12 +817,16 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
 
     def _start(self, token: str) -> tuple[int, int] | None:
         """Where a stream resumes: the token's position of this shard; a token that does
-        not name this shard (one added since) starts at the oldest change kept; None: no
-        token (from now)."""
+        not name this shard (one added since) starts at the oldest change kept (after the
+        latest erasure); None: no token (from now)."""
         if not token:
             return None
         start = watch.start_of(self.shard, self.shard.config.name, token)
-        return start if start is not None else (self.shard.oldest_lsn, -1)
+        # One the position does not name (added since) starts from its oldest change, or
+        # after its latest erasure: a person's erased data is never replayed, and a stream
+        # across shards must not end because one of them erased someone.
+        return start if start is not None else (
+            max(self.shard.oldest_lsn, self.shard.erased_lsn), -1)
 
     def _initial_members(self, watched: set[str] | None, lsn: int
                          ) -> Iterator[pb.WatchSegmentsResponse]:
