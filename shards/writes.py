@@ -336,12 +336,10 @@ class Writes:
             try:
                 await self.routing.routed(some, "BatchUpsert", build_check, context, retarget,
                                           refusals=True)
-            except GroupRefused as refused:
-                if refused.refused:
-                    if made:
-                        await self.directory.release(made, context)
-                    await _refuse_batch(context, refused, [], forms)
-                raise
+            except GroupRefused as refused:  # (its `done` applied nothing: only checked)
+                if made:  # nothing more of the batch applies: the claims go back
+                    await self.directory.release(made, context)
+                await _refuse_batch(context, refused, parts, forms)
 
         named = [_identifiers_of(item) for _, item in items]
         parts: list[tuple[list[Any], Any]] = []
