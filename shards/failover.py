@@ -46,6 +46,10 @@ class FailoverError(RuntimeError):
     """The failover could not be done; the message says which step and why."""
 
 
+class NotPromoted(FailoverError):
+    """The candidate refused to be promoted: nothing changed."""
+
+
 @dataclass
 class Report:
     shard: str
@@ -55,6 +59,7 @@ class Report:
     position: int = 0
     notes: list[str] = field(default_factory=list)
     epochs: list[int] = field(default_factory=list)  # seen on the members asked
+    promoting: bool = False  # the Promote call was sent (it may have happened)
 
 
 async def shard_stats(address: str, credentials: Credentials, timeout: float = TIMEOUT
@@ -91,11 +96,14 @@ async def failover(shard: str, routers: list[str], candidates: list[str],
     frozen_at = await _freeze(report.old, True, credentials, timeout)
     try:
         await _choose(report, entry, candidates, credentials, timeout, frozen_at)
-    except BaseException:
-        if frozen_at is not None:  # nothing changed: it takes writes again
+        return await _promote(report, routers, candidates, credentials, timeout)
+    except BaseException as exc:
+        # Nothing changed (no candidate, one that did not catch up, or one that refused
+        # to be promoted): it takes writes again. Not when a promotion may have happened
+        # (its answer lost): two primaries could then take writes.
+        if frozen_at is not None and (isinstance(exc, NotPromoted) or not report.promoting):
             await _freeze(report.old, False, credentials, timeout)
         raise
-    return await _promote(report, routers, candidates, credentials, timeout)
 
 
 async def _choose(report: Report, entry: dict[str, Any], candidates: list[str],
@@ -144,12 +152,16 @@ async def _promote(report: Report, routers: list[str], candidates: list[str],
 
     epochs = report.epochs
     async with credentials.aio_channel(report.new) as channel:
+        report.promoting = True
         try:
             promoted = await replication_pb2_grpc.ReplicationStub(channel).Promote(
                 rpb.PromoteRequest(shard=report.shard, epoch=max(epochs) + 1),
                 timeout=max(timeout, TIMEOUT))
         except grpc.aio.AioRpcError as exc:
-            raise FailoverError(f"promoting {report.new}: {exc.details()}") from None
+            refused = exc.code() in (grpc.StatusCode.FAILED_PRECONDITION,
+                                     grpc.StatusCode.INVALID_ARGUMENT)
+            raise (NotPromoted if refused else FailoverError)(
+                f"promoting {report.new}: {exc.details()}") from None
     report.epoch, report.position = promoted.epoch, promoted.lsn
     for router in routers:
         try:
@@ -174,7 +186,8 @@ async def _freeze(address: str, frozen: bool, credentials: Credentials, timeout:
             answer = await replication_pb2_grpc.ReplicationStub(channel).Freeze(
                 rpb.FreezeRequest(frozen=frozen), timeout=timeout)
     except grpc.aio.AioRpcError as exc:
-        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                          grpc.StatusCode.UNIMPLEMENTED):  # (down, or older than Freeze)
             return None
         raise FailoverError(f"{address}: {exc.details()}") from None
     return int(answer.lsn)
