@@ -782,8 +782,11 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         try:
             events, listing = setup()
             name = self.shard.config.name
-            start = self._start(request.from_position)
-            if start is None:
+            token = request.from_position
+            named = watch.start_of(self.shard, name, token)
+            if named is not None:
+                start = named
+            elif not token:  # from now
                 start = (self.shard.position, -1)
                 if request.initial:
                     for message in listing(start[0]):
@@ -792,8 +795,12 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
                     first = message_type(position=watch.encode_token({name: start}))
                     first.at.FromMicroseconds(int(time.time() * 1_000_000))
                     yield first
-            elif name not in watch.decode_token(request.from_position):
-                # a shard added since the position was taken starts from its oldest change
+            else:
+                # A shard the position does not name (added since) starts from its oldest
+                # change, or after its latest erasure: a person's erased data is never
+                # replayed, and a stream across shards must not end because one of them
+                # erased someone. Where it starts comes first, as above.
+                start = (max(self.shard.oldest_lsn, self.shard.erased_lsn), -1)
                 yield message_type(position=watch.encode_token({name: start}))
 
             def response(batch: list[Any], position: str, at: int) -> Any:
@@ -814,19 +821,6 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
             _refuse(context, _invalid(exc))
         except Exception as exc:  # noqa: BLE001 - a bug; never crash the server
             _refuse(context, exc)
-
-    def _start(self, token: str) -> tuple[int, int] | None:
-        """Where a stream resumes: the token's position of this shard; a token that does
-        not name this shard (one added since) starts at the oldest change kept (after the
-        latest erasure); None: no token (from now)."""
-        if not token:
-            return None
-        start = watch.start_of(self.shard, self.shard.config.name, token)
-        # One the position does not name (added since) starts from its oldest change, or
-        # after its latest erasure: a person's erased data is never replayed, and a stream
-        # across shards must not end because one of them erased someone.
-        return start if start is not None else (
-            max(self.shard.oldest_lsn, self.shard.erased_lsn), -1)
 
     def _initial_members(self, watched: set[str] | None, lsn: int
                          ) -> Iterator[pb.WatchSegmentsResponse]:
