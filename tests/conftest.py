@@ -52,6 +52,15 @@ def start_shard(data_dir: Path | None, *extra: str, timeout: float = 30.0) -> Se
     return _start(args, data_dir, timeout)
 
 
+def add_shard(router: str, address: str, *extra: str) -> None:
+    """`memstore cluster add-shard ADDRESS` through `router`, which must succeed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "memstore.cli", "cluster", "add-shard", address, "--address",
+         router, "--no-progress", *extra],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+
+
 def start_router(shard_addresses: list[str], *extra: str, env: dict[str, str] | None = None,
                  timeout: float = 30.0) -> ServerProcess:
     """Start `memstore serve-router` on port 0 in front of the given shards."""

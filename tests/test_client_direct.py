@@ -4,8 +4,6 @@ the router whenever the shard's answer is not the answer (moved slot, merged id,
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +13,7 @@ import pytest
 
 from memstore.client.core import REFRESH_EVERY, AsyncClient, Client, ClientError
 from shards.slots import slot_of
-from tests.conftest import ROOT, ServerProcess, start_shard
+from tests.conftest import ServerProcess, add_shard, start_shard
 from tests.test_router import RouterThread, start_shards
 
 N = 60
@@ -85,12 +83,7 @@ def test_a_moved_slot_is_read_from_its_new_shard(cluster: dict[str, Any]) -> Non
         with Client(router.address, direct_reads=True) as c:
             assert c.get("p0")["id"] == "p0"
             assert len(c._owners.table[0]) == 2  # type: ignore[union-attr]
-            result = subprocess.run(
-                [sys.executable, "-m", "memstore.cli", "cluster", "add-shard", new.address,
-                 "--address", router.address, "--no-progress",
-                 "--journal", str(tmp / "journal.json")],
-                check=False, cwd=ROOT, capture_output=True, text=True, timeout=240)
-            assert result.returncode == 0, result.stderr
+            add_shard(router.address, new.address, "--journal", str(tmp / "journal.json"))
             # The table is stale: ids whose shard changed are refused (wrong slot, or
             # another epoch than the client expects) and go through the router, and the
             # client reads the shard list again (at most once a second: wait that out so

@@ -23,7 +23,7 @@ from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
 from memstore.v1 import memstore_pb2 as pb
 from shards.slots import SLOT_COUNT, from_ranges, slot_of, to_ranges
-from tests.conftest import ROOT, start_shard
+from tests.conftest import ROOT, add_shard, start_shard
 from tests.test_router import RouterThread, everything, start_shards, upsert
 
 
@@ -593,12 +593,7 @@ def test_a_move_that_separates_merged_ids_from_their_profile_keeps_them_resolvin
             c.upsert(going[2], {"n": 4})
             c.link(going[2], [("email", "cross@x")])  # a cross-shard merge into going[2]
             c.erase(going[2])  # its decision on shard-0 keeps its slot, not its id
-        done = subprocess.run(
-            [sys.executable, "-m", "memstore.cli", "cluster", "add-shard", new.address,
-             "--address", router.address, "--journal", str(tmp_path / "j.json"),
-             "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=240,
-            check=False)
-        assert done.returncode == 0, done.stderr
+        add_shard(router.address, new.address, "--journal", str(tmp_path / "j.json"))
         with Client(router.address) as c:
             for survivor, merged in cases:
                 assert c.get(merged)["id"] == survivor
@@ -606,12 +601,8 @@ def test_a_move_that_separates_merged_ids_from_their_profile_keeps_them_resolvin
                 assert c.upsert(merged, {"n": 5}).id == survivor  # no second profile
             assert c.count("ALL") == 2  # the two survivors (going[2] and x- erased)
         share = sum(r.end - r.start + 1 for r in _info(new.address).slots)
-        again = subprocess.run(
-            [sys.executable, "-m", "memstore.cli", "cluster", "add-shard", new.address,
-             "--address", router.address, "--journal", str(tmp_path / "j.json"),
-             "--no-progress", "--force"], cwd=ROOT, capture_output=True, text=True,
-            timeout=240, check=False)
-        assert again.returncode == 0, again.stderr
+        add_shard(router.address, new.address, "--journal", str(tmp_path / "j.json"),
+                  "--force")
         assert sum(r.end - r.start + 1 for r in _info(new.address).slots) == share
     finally:
         router.stop()

@@ -31,7 +31,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from memstore.client.core import Client, ClientError
 from memstore.query import And, InSegment, Not, Or, Predicate, format_query
-from tests.conftest import ROOT, start_router, start_shard
+from tests.conftest import ROOT, add_shard, start_router, start_shard
 from tests.test_engine_model import _matches, predicates
 from tests.test_router import start_shards
 
@@ -638,11 +638,7 @@ def test_a_stream_goes_on_across_add_shard_and_old_positions_still_resume(tmp_pa
         watcher = Watcher(cluster.address, ("adults",), initial=True).started()
         before_add = watcher.position
         writer = Writer(cluster.address, 40)
-        added = subprocess.run(
-            [sys.executable, "-m", "memstore.cli", "cluster", "add-shard", new.address,
-             "--address", cluster.address, "--batch-slots", "2048", "--no-progress"],
-            check=False, cwd=ROOT, capture_output=True, text=True, timeout=240)
-        assert added.returncode == 0, added.stderr
+        add_shard(cluster.address, new.address, "--batch-slots", "2048")
         time.sleep(1.0)
         writer.finish()
         with Client(cluster.address) as client:
@@ -930,12 +926,7 @@ def test_members_aged_out_but_not_yet_refreshed_leave_when_their_slots_move(
             assert client.count('in_segment("recent")') == 200
         watcher = Watcher(router.address, ("recent",), initial=True).started()
         time.sleep(2.5)  # every visit is older than the window now; no refresh came
-        added = subprocess.run(
-            [sys.executable, "-m", "memstore.cli", "cluster", "add-shard", new.address,
-             "--address", router.address, "--no-progress",
-             "--journal", str(tmp_path / "journal.json")],
-            check=False, cwd=ROOT, capture_output=True, text=True, timeout=240)
-        assert added.returncode == 0, added.stderr
+        add_shard(router.address, new.address, "--journal", str(tmp_path / "journal.json"))
         with Client(router.address) as client:
             assert client.count('did("visit", within=2s)') == 0
             truth = members(client, "recent")
