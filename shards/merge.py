@@ -112,7 +112,8 @@ async def decide_and_release(router: Caller, txn: str, loser: str, survivor: str
 async def merge(router: Caller, survivor: str, losers: list[str], request: Any,
                 context: Any, expect: str | None = None) -> Any:
     """Run one cross-shard merge of `losers` into `survivor` that applies `request` (an
-    UpsertRequest or LinkRequest for `survivor`); returns that request's response. With
+    UpsertRequest or LinkRequest for `survivor`, or a BatchUpsertRequest of one record for
+    it, answered as an upsert); returns that request's response. With
     `expect`, the survivor's shard must be that "name:epoch" (a same-shard merge the request
     also makes was judged for it, memstore.hashslot.EXPECT_SHARD), or Absorb is refused."""
     txn = uuid.uuid4().hex
@@ -143,11 +144,13 @@ async def merge(router: Caller, survivor: str, losers: list[str], request: Any,
     absorb = cpb.AbsorbRequest(txn=txn, losers=[packed for _, packed in held])
     if isinstance(request, pb.UpsertRequest):
         absorb.upsert.CopyFrom(request)
+    elif isinstance(request, pb.BatchUpsertRequest):
+        absorb.record.CopyFrom(request)
     else:
         absorb.link.CopyFrom(request)
     try:
         answer = await router.control(survivor, "Absorb", absorb, context, expect)
-        response = answer.upsert if isinstance(request, pb.UpsertRequest) else answer.link
+        response = answer.link if isinstance(request, pb.LinkRequest) else answer.upsert
         committed = True
     except BaseException as exc:
         # The outcome is unknown (the answer may be lost): the survivor's shard decides.
@@ -218,7 +221,7 @@ async def _committed_response(router: Caller, survivor: str, losers: list[str],
     """The merge committed but its answer was lost: describe the survivor as it is now."""
     got = await router.profile(survivor, "Get", pb.GetRequest(
         key=pb.ProfileKey(id=survivor), attributes=["\x00"]), context)
-    if isinstance(request, pb.UpsertRequest):
+    if not isinstance(request, pb.LinkRequest):  # (whether it created the profile: lost)
         return pb.UpsertResponse(id=got.profile.id, version=got.profile.version)
     return pb.LinkResponse(id=got.profile.id, version=got.profile.version, merged_ids=losers)
 

@@ -10,9 +10,11 @@ once per batch), which is also how it finds the cross-shard merges it must make 
 Batches are split by the owner of each record's slot and sent at once (shards/routing.py).
 They are atomic per shard, not across shards: a part a shard refuses ends the call naming
 the record at fault by its place in the caller's request (RECORD_TRAILER), with the
-records that applied on other shards all the same (APPLIED_TRAILER). A BatchUpsert record
-that names an identifier an earlier record homed on another shard names too is held back
-and written after the batch, in order (`_merge_first`), as one shard would have merged.
+records that applied on other shards all the same (APPLIED_TRAILER). A BatchUpsert whose
+records merge profiles across shards goes in runs: each run a batch, up to a record that
+must merge a profile on another shard (one holds an identifier it names, or an earlier
+record homed on another shard names one too), which is written on its own as an Upsert
+would be, its merge and itself one change (`_judge`, `_merge_record`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, NoReturn
 
 import grpc
@@ -43,8 +45,10 @@ from shards.calls import (
     MOVE_WAIT,
     REFUSED,
     Code,
+    Down,
     GroupRefused,
     Rejudge,
+    Stuck,
     abort,
     attempts,
     fail,
@@ -230,32 +234,43 @@ class Writes:
         if not request.id:
             await fail(context, Code.INVALID_ARGUMENT, "id: a primary id is required")
         made: set[tuple[str, tuple[str, str]]] = set()  # claims this write made
+        try:
+            return await self._merging(
+                method, request.id, [(i.kind, i.value) for i in request.identifiers],
+                lambda survivor: retargeted(request, survivor), context, made)
+        except Exception as exc:  # noqa: BLE001 - abort re-raises the rest
+            if (isinstance(exc, grpc.aio.AioRpcError) and exc.code() in REFUSED
+                    or isinstance(exc, Suppressed)):
+                await self.directory.release(made, context)  # nothing was written
+            await abort(context, exc)
+
+    async def _merging(self, method: str, pid: str, idents: list[tuple[str, str]],
+                       aimed: Callable[[str], Any], context: Any,
+                       made: set[tuple[str, tuple[str, str]]]) -> Any:
+        """Write `aimed(pid)` (a request for profile `pid` naming `idents`) once its
+        identifiers are claimed: on the owning shard, or as the Absorb of a cross-shard
+        merge when a profile on another shard holds one of them. Raises what it cannot
+        handle (a shard's refusal, Down, Suppressed, Stuck), claims made added to `made`."""
         for attempt in attempts():
             try:
-                idents = [(i.kind, i.value) for i in request.identifiers]
                 local: dict[str, str] = {}
-                foreign = await self.directory.claim([(request.id, i) for i in idents],
-                                                     context, made, local)
+                foreign = await self.directory.claim([(pid, i) for i in idents], context,
+                                                     made, local)
                 losers = list(dict.fromkeys(foreign.values()))
                 if not losers:  # a merged-away id: Forwarded, claimed again for its survivor
-                    return await self.routing.owner_call(request.id, method, request, context,
-                                                         follow=False, expect=local.get(request.id))
-                return await merge.merge(self.routing, request.id, losers, request, context,
-                                         expect=local.get(request.id))
+                    return await self.routing.owner_call(pid, method, aimed(pid), context,
+                                                         follow=False, expect=local.get(pid))
+                return await merge.merge(self.routing, pid, losers, aimed(pid), context,
+                                         expect=local.get(pid))
             except Rejudge:  # a same-shard merge judged on a map that has changed since
                 await move_pause(attempt, context)
             except merge.Restart:  # a racing merge: back off a random while, then retry
                 await move_pause(attempt, context)
                 await asyncio.sleep(random.uniform(0, 0.05))
             except merge.Forwarded as exc:  # the profile itself merged away: its survivor
-                request = retargeted(request, exc.survivor)
-            except Exception as exc:  # noqa: BLE001 - abort re-raises the rest
-                if (isinstance(exc, grpc.aio.AioRpcError) and exc.code() in REFUSED
-                        or isinstance(exc, Suppressed)):
-                    await self.directory.release(made, context)  # nothing was written
-                await abort(context, exc)
-        await fail(context, Code.UNAVAILABLE, f"{method}: the merge kept meeting racing "
-                   f"merges for {MOVE_WAIT:.0f} s")
+                pid = exc.survivor
+        raise Stuck(f"{method}: the merge kept meeting racing merges for "
+                    f"{MOVE_WAIT:.0f} s")
 
     async def batch_upsert(self, request: pb.BatchUpsertRequest, context: Any
                            ) -> pb.BatchUpsertResponse:
@@ -331,8 +346,8 @@ class Writes:
             return sub
 
         async def check(some: list[tuple[str, Any]]) -> None:
-            """Records about to merge profiles on other shards, checked by their shards
-            first (applying nothing): one refused refuses the batch before any merge."""
+            """Every record, checked by its shard (applying nothing) before the batch's
+            first cross-shard merge: one refused refuses the batch before anything."""
             try:
                 await self.routing.routed(some, "BatchUpsert", build_check, context, retarget,
                                           refusals=True)
@@ -344,37 +359,49 @@ class Writes:
         named = [_identifiers_of(item) for _, item in items]
         parts: list[tuple[list[Any], Any]] = []
         made: set[tuple[str, tuple[str, str]]] = set()  # claims this batch made
+        checked = False
+        tries = attempts()
         async with self._naming.hold(itertools.chain.from_iterable(named)):
             try:
-                for attempt in attempts():
-                    # The records are judged (merges, homes) on the map as it is now, and
-                    # each shard refuses a part judged on an older map: those records are
-                    # judged again.
+                # The records go in runs: each run as one batch (split by shard), up to a
+                # record that must merge a profile on another shard first, which is then
+                # written on its own as an Upsert would be (its merge and the record one
+                # change, shards/merge.py); the rest is judged again after it.
+                while items:
                     version = self.map.version
                     judged: dict[str, str] = {}
-                    try:
-                        first, later = await self._merge_first(items, named, context, judged,
-                                                               made, check)
-                    except Suppressed as exc:
-                        await _refuse_suppressed(context, exc, items, named, forms)
+                    cut = await self._judge(items, named, context, judged, made)
+                    if cut < len(items) and not checked:
+                        checked = True
+                        await check(items)
                     rejudge: list[tuple[str, Any]] = []
-                    parts += await self.routing.routed(first, "BatchUpsert", build, context, retarget,
-                                                       judged=judged, rejudge=rejudge, refusals=True)
-                    if not rejudge:
+                    if cut:
+                        parts += await self.routing.routed(
+                            items[:cut], "BatchUpsert", build, context, retarget,
+                            judged=judged, rejudge=rejudge, refusals=True)
+                    if rejudge:
+                        # Judged (merges, homes) on a map a shard has moved on from: those
+                        # records are judged again, before the rest.
+                        attempt = next(tries, None)
+                        if attempt is None:
+                            await _fail_batch(context, parts, Stuck(
+                                "BatchUpsert: slots kept moving under the batch for "
+                                f"{MOVE_WAIT:.0f} s"))
+                        items = rejudge + items[cut:]
+                        named = [_identifiers_of(item) for _, item in items]
+                        await self.map.refresh(since=version)
+                        await move_pause(attempt, context)
+                        continue
+                    if cut == len(items):
                         break
-                    items = rejudge + later
-                    named = [_identifiers_of(item) for _, item in items]
-                    await self.map.refresh(since=version)
-                    await move_pause(attempt, context)
-                else:
-                    await fail(context, Code.UNAVAILABLE, "BatchUpsert: slots kept moving "
-                               f"under the batch for {MOVE_WAIT:.0f} s")
-                for pid, item in later:
-                    await self._identity_write("Link", pb.LinkRequest(id=pid, identifiers=[
-                        pb.Identifier(kind=k, value=v) for k, v in _identifiers_of(item)],
-                        create=True), context)
-                    parts += await self.routing.routed([(pid, item)], "BatchUpsert", build, context,
-                                                       retarget, refusals=True)
+                    pid, item = items[cut]
+                    parts.append(([item], await self._merge_record(
+                        pid, item, named[cut], build, retarget, context, made, parts)))
+                    items, named = items[cut + 1:], named[cut + 1:]
+            except Suppressed as exc:  # (found by a claim: the records from it on did not apply)
+                if made:
+                    await self.directory.release(made, context)
+                await _refuse_suppressed(context, exc, items, named, forms, parts)
             except GroupRefused as refused:
                 if refused.refused and made:  # give back what the records that did not
                     # apply claimed (release claims again what a profile holds all the
@@ -384,39 +411,34 @@ class Writes:
         return pb.BatchUpsertResponse(applied=sum(r.applied for _, r in parts),
                                       created=sum(r.created for _, r in parts))
 
-    async def _merge_first(self, items: list[tuple[str, Any]],
-                           named: list[list[tuple[str, str]]], context: Any,
-                           judged: dict[str, str], made: set[tuple[str, tuple[str, str]]],
-                           check: Callable[[list[tuple[str, Any]]], Awaitable[None]]
-                           ) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
-        """Make a batch's cross-shard identity merges before it is split by shard.
+    async def _judge(self, items: list[tuple[str, Any]], named: list[list[tuple[str, str]]],
+                     context: Any, judged: dict[str, str],
+                     made: set[tuple[str, tuple[str, str]]]) -> int:
+        """How many of a batch's first records can go now as one batch: those before the
+        first record that must merge a profile on another shard, because a profile there
+        holds an identifier it names, or an earlier record homed on another shard names
+        one too (one shard would merge that record's profile into this one).
 
-        A record naming an identifier that a profile on another shard holds first links it
-        (a cross-shard merge, shards/merge.py), then goes in the batch. A record naming an
-        identifier that an earlier record of the batch, homed on another shard, names too
-        is held back (`later`): it is linked and upserted after the batch, in order, which
-        merges the earlier record's profile into it as one shard would have. Each record
-        naming identifiers gets, in `judged`, the "name:epoch" of the shard it was judged
-        to live on (its shard's merges and the batch's shared identifiers assume it)."""
+        Claims the identifiers of those records (each for the first of them naming it).
+        Each of them naming identifiers gets, in `judged`, the "name:epoch" of the shard
+        it was judged to live on (its shard's merges assume it)."""
         if not any(named):
-            return items, []
+            return len(items)
         first_home: dict[tuple[str, str], ShardState | None] = {}
-        later_at: set[int] = set()
+        cut = len(items)
         for i, ((pid, _), idents) in enumerate(zip(items, named, strict=True)):
             home = self.map.owner(slot_of(pid))
+            if any(first_home.setdefault(key, home) is not home for key in idents):
+                cut = i
+                break
             if idents:  # "" (no owner known): cannot be judged, its shard refuses it
                 judged[pid] = "" if home is None else f"{home.name}:{home.epoch}"
-            for key in idents:
-                if first_home.setdefault(key, home) is not home:
-                    later_at.add(i)
-        # Each identifier is claimed for the first record that names it and goes in the
-        # batch now (those that do all live on one shard); held-back records claim theirs
-        # with their own Link.
         claimant: dict[tuple[str, str], str] = {}
-        for i, ((pid, _), idents) in enumerate(zip(items, named, strict=True)):
-            if i not in later_at:
-                for key in idents:
-                    claimant.setdefault(key, pid)
+        for (pid, _), idents in zip(items[:cut], named[:cut], strict=True):
+            for key in idents:
+                claimant.setdefault(key, pid)
+        if not claimant:
+            return cut
         try:
             holder = await self.directory.claim([(pid, key) for key, pid in claimant.items()],
                                                 context, made)
@@ -424,32 +446,63 @@ class Writes:
             raise  # the batch names the record (_batch_upsert)
         except Exception as exc:  # noqa: BLE001 - abort re-raises what it cannot map
             await abort(context, exc)
-        linking = [(i, [pb.Identifier(kind=key[0], value=key[1]) for key in idents
-                        if claimant.get(key) == pid and key in holder])
-                   for i, ((pid, _), idents) in enumerate(zip(items, named, strict=True))
-                   if i not in later_at]
-        linking = [(i, foreign) for i, foreign in linking if foreign]
-        if linking or later_at:  # merges are writes of their own: check the records first
-            await check([items[i] for i, _ in linking] + [items[i] for i in sorted(later_at)])
-        for i, foreign in linking:
-            await self._identity_write("Link", pb.LinkRequest(
-                id=items[i][0], identifiers=foreign, create=True), context)
-        first = [item for i, item in enumerate(items) if i not in later_at]
-        return first, [items[i] for i in sorted(later_at)]
+        return next((i for i, ((pid, _), idents) in enumerate(zip(items[:cut], named[:cut],
+                                                                  strict=True))
+                     if any(claimant[key] == pid and key in holder for key in idents)), cut)
+
+    async def _merge_record(self, pid: str, item: tuple[Any, int, int],
+                            idents: list[tuple[str, str]],
+                            build: Callable[[list[Any]], pb.BatchUpsertRequest],
+                            retarget: Callable[[Any, str], Any], context: Any,
+                            made: set[tuple[str, tuple[str, str]]],
+                            parts: list[tuple[list[Any], Any]]) -> pb.BatchUpsertResponse:
+        """Write one BatchUpsert record that must merge a profile on another shard, as a
+        batch of one (shards/merge.py carries it in the merge's Absorb). Its refusal is
+        the batch's, naming it (GroupRefused); other failures end the call with the
+        records applied before it (APPLIED_TRAILER)."""
+        try:
+            answer = await self._merging("BatchUpsert", pid, idents,
+                                         lambda survivor: build([retarget(item, survivor)]),
+                                         context, made)
+        except (grpc.aio.AioRpcError, Down) as exc:
+            refused = GroupRefused([item], exc, [])
+            if refused.refused:
+                refused.record = 0
+            raise refused from None
+        except Suppressed:
+            raise  # the batch names the record (_batch_upsert)
+        except Exception as exc:  # noqa: BLE001 - _fail_batch re-raises what it cannot map
+            await _fail_batch(context, parts, exc)
+        if isinstance(answer, pb.UpsertResponse):  # written in a merge's Absorb
+            return pb.BatchUpsertResponse(applied=1, created=int(answer.created))
+        return answer  # type: ignore[no-any-return]
 
 
 async def _refuse_suppressed(context: Any, exc: Suppressed, items: list[tuple[str, Any]],
-                             named: list[list[tuple[str, str]]], forms: tuple[int, int]
-                             ) -> NoReturn:
+                             named: list[list[tuple[str, str]]], forms: tuple[int, int],
+                             applied: list[tuple[list[Any], Any]]) -> NoReturn:
     """Refuse a BatchUpsert naming a suppressed identifier, naming its first record (as a
-    shard names a record it refuses: RECORD_TRAILER), nothing applied."""
+    shard names a record it refuses: RECORD_TRAILER), with the records `applied` before."""
     i = next(i for i, idents in enumerate(named) if exc.ident in idents)
     _, form, index = items[i][1]
     where = (f"requests[{index}]" if form == REQUEST else f"packed[{index - forms[0]}]"
              if form == PACKED else f"columns[{index - forms[0] - forms[1]}]")
     context.set_trailing_metadata(((RECORD_TRAILER, str(index)),
-                                   (APPLIED_TRAILER, BitMap().serialize())))
+                                   (APPLIED_TRAILER, _applied(applied).serialize())))
     await fail(context, Code.FAILED_PRECONDITION, f"{where}.identifiers: {exc}")
+
+
+async def _fail_batch(context: Any, applied: list[tuple[list[Any], Any]],
+                      exc: BaseException) -> NoReturn:
+    """End a BatchUpsert with the status `exc` means (calls.abort), telling which records
+    applied before it (APPLIED_TRAILER)."""
+    context.set_trailing_metadata(((APPLIED_TRAILER, _applied(applied).serialize()),))
+    await abort(context, exc)
+
+
+def _applied(parts: list[tuple[list[Any], Any]]) -> BitMap:
+    """The indexes (places in the caller's request) of the records in applied `parts`."""
+    return BitMap(index for items, _ in parts for _, _, index in items)
 
 
 async def _refuse_batch(context: Any, refused: GroupRefused,
@@ -459,8 +512,7 @@ async def _refuse_batch(context: Any, refused: GroupRefused,
     message, with the record at fault named by its place in this request (the shard named
     its place in its part), and which records applied on other shards all the same
     (RECORD_TRAILER, APPLIED_TRAILER)."""
-    done = BitMap(index for items, _ in applied for _, _, index in items)
-    trailers: list[tuple[str, Any]] = [(APPLIED_TRAILER, done.serialize())]
+    trailers: list[tuple[str, Any]] = [(APPLIED_TRAILER, _applied(applied).serialize())]
     message = refused.details
     # The shard's part lists its requests, then its packed rows, then its columns rows.
     order = sorted(refused.items, key=lambda item: item[1])
@@ -470,8 +522,11 @@ async def _refuse_batch(context: Any, refused: GroupRefused,
         named = ("requests", index) if form == REQUEST else (
             ("packed", index - forms[0]) if form == PACKED else
             ("columns", index - forms[0] - forms[1]))
-        message = re.sub(r"^(requests|packed|columns)\[\d+\]", f"{named[0]}[{named[1]}]",
-                         message)
+        place = f"{named[0]}[{named[1]}]"
+        message, named_it = re.subn(r"^(requests|packed|columns)\[\d+\]", place, message)
+        if not named_it:  # (a refusal of the merged profile: a cross-shard merge's)
+            field = re.match(r"[a-z_]+[:.\[]", message)  # "identifiers: ..." is the record's
+            message = f"{place}.{message}" if field else f"{place}: {message}"
     context.set_trailing_metadata(tuple(trailers))
     await fail(context, refused.code, message)
 

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import msgpack
 import pytest
+from pyroaring import BitMap
 
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import cluster_pb2_grpc, memstore_pb2_grpc
@@ -359,6 +360,102 @@ def test_batch_upsert_merges_across_shards_like_one_shard_would(cluster: dict[st
     assert owner.id == late and get(stub, early).id == late
     assert early in owner.merged_ids
     assert owner.attributes["city"].string_value == "Pune"
+
+
+def _set(attribute: str, value: str) -> pb.Operation:
+    return pb.Operation(op=pb.Operation.SET, attribute=attribute,
+                        value=pb.Value(string_value=value))
+
+
+def test_batch_records_apply_in_order_around_a_cross_shard_merge(cluster: dict[str, Any]
+                                                                 ) -> None:
+    """Records of one profile before and after the record that merges another shard's
+    profile into it apply in the order sent, and the merge and its record are one
+    change, as a single Upsert's: the version counts it once."""
+    stub = cluster["stub"]
+    early, late = new_id(0, "e"), new_id(1, "t")
+    device = pb.Identifier(kind="device", value=f"dev-{early}")
+    held, writer, alone, twin = new_id(1, "h"), new_id(0, "w"), new_id(1, "h"), new_id(0, "w")
+    make(stub, held, "Lima", 1, [])
+    make(stub, alone, "Lima", 1, [])
+    stub.Upsert(pb.UpsertRequest(id=writer, operations=[_set("city", "Kyiv")]), timeout=10)
+    stub.Upsert(pb.UpsertRequest(id=twin, operations=[_set("city", "Kyiv")]), timeout=10)
+    reply = stub.BatchUpsert(pb.BatchUpsertRequest(requests=[
+        pb.UpsertRequest(id=early, identifiers=[device], operations=[_set("city", "Rome")]),
+        # names the device `early` (homed on the other shard) named: merges it in
+        pb.UpsertRequest(id=late, identifiers=[device], operations=[_set("city", "Pune")]),
+        pb.UpsertRequest(id=late, operations=[_set("city", "Lima")]),
+        pb.UpsertRequest(id=writer, identifiers=[email(held)], operations=[_set("mood", "a")]),
+        pb.UpsertRequest(id=writer, operations=[_set("mood", "b")]),
+    ]), timeout=30)
+    assert reply.applied == 5 and reply.created == 2
+    owner = get(stub, device)
+    assert owner.id == late and early in owner.merged_ids
+    assert owner.attributes["city"].string_value == "Lima"  # the last record, sent last
+    merged = get(stub, writer)
+    assert held in merged.merged_ids and merged.attributes["mood"].string_value == "b"
+    # The same merge by single writes: the same version (the merge no change of its own).
+    stub.Upsert(pb.UpsertRequest(id=twin, identifiers=[email(alone)],
+                                 operations=[_set("mood", "a")]), timeout=15)
+    stub.Upsert(pb.UpsertRequest(id=twin, operations=[_set("mood", "b")]), timeout=15)
+    assert merged.version == get(stub, twin).version
+
+
+def test_a_batch_record_over_a_limit_only_once_merged_merges_nothing(cluster: dict[str, Any]
+                                                                      ) -> None:
+    """A record whose merge would give the profile more identifiers of a kind than
+    allowed is refused before the merge, as one Upsert is: nothing of it stays, and the
+    records before it in the batch did apply (named in the trailers)."""
+    stub = cluster["stub"]
+    held, writer, before = new_id(1, "h"), new_id(0, "w"), new_id(1, "b")
+    many = [pb.Identifier(kind="email", value=f"{held}-{i}@x") for i in range(20)]
+    stub.Upsert(pb.UpsertRequest(id=held, identifiers=many), timeout=10)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.BatchUpsert(pb.BatchUpsertRequest(packed=msgpack.packb([
+            [before, {"city": "Oslo"}, []],
+            [writer, {"city": "Rome"}, [["email", many[0].value], ["email", f"{writer}@x"]]],
+            [new_id(0, "a"), {"city": "Lima"}, []],
+        ])), timeout=30)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.value.details().startswith("packed[1].identifiers: ") and "21" in err.value.details()
+    trailers = dict(err.value.trailing_metadata())
+    assert trailers["memstore-record"] == "1"
+    assert list(BitMap.deserialize(trailers["memstore-applied-bin"])) == [0]
+    assert get(stub, before).attributes["city"].string_value == "Oslo"
+    survivor = get(stub, many[0])
+    assert survivor.id == held and not survivor.merged_ids and len(survivor.identifiers) == 20
+    with pytest.raises(grpc.RpcError) as missing:
+        get(stub, writer)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_batch_judges_again_after_a_merge_moves_an_identifier(cluster: dict[str, Any]
+                                                                 ) -> None:
+    """The first record merges `held` (shard 1) into its profile on shard 0, taking the
+    identifier z along; a later record on shard 1 naming z then merges that profile into
+    its own, as one shard would: z ends with one holder."""
+    stub = cluster["stub"]
+    held, first, second = new_id(1, "h"), new_id(0, "f"), new_id(1, "s")
+    z = pb.Identifier(kind="device", value=f"z-{held}")
+    stub.Upsert(pb.UpsertRequest(id=held, identifiers=[email(held), z]), timeout=10)
+    reply = stub.BatchUpsert(pb.BatchUpsertRequest(packed=msgpack.packb([
+        [first, {"city": "Oslo"}, [["email", email(held).value]]],
+        [second, {"city": "Pune"}, [["device", z.value]]],
+    ])), timeout=30)
+    assert reply.applied == 2
+    owner = get(stub, z)
+    assert owner.id == second and {first, held} <= set(owner.merged_ids)
+    assert get(stub, email(held)).id == second and get(stub, first).id == second
+    assert owner.attributes["city"].string_value == "Pune"
+    for shard in cluster["shards"]:  # no other profile holds z on either shard
+        with grpc.insecure_channel(shard.address) as channel:
+            try:
+                found = memstore_pb2_grpc.MemstoreStub(channel).Get(pb.GetRequest(
+                    key=pb.ProfileKey(identifier=z)), timeout=10).profile.id
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.NOT_FOUND
+                continue
+            assert found == second
 
 
 def test_deleting_a_survivor_erases_the_forwards_on_the_other_shard(cluster: dict[str, Any]

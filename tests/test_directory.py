@@ -455,10 +455,12 @@ def test_a_write_to_a_merged_away_id_claims_for_its_survivor(three: dict[str, An
     assert get(stub, x).id == s
 
 
-def test_a_held_back_batch_record_does_not_claim_for_the_rest(three: dict[str, Any]) -> None:
-    """B1 names x and y, y held by A on another shard: B1 is held back (linked after the
-    batch). B2, on B1's shard, names x and goes in the batch now: x must be claimed for B2,
-    so it is found even when B1's own link is then refused."""
+def test_a_batch_record_refused_in_its_merge_stops_the_batch_there(three: dict[str, Any]
+                                                                     ) -> None:
+    """B1 names x and y, y named by A's record before it on another shard: B1 merges A
+    in on its own, after A's record, and is refused (the merged profile would hold 21
+    emails). The batch stops at B1: A's record applied, B2 (after B1, naming x) did not,
+    and x, claimed for nobody who holds it, is free at once for the next write."""
     stub = three["stub"]
     a = fresh(3, want_pid=0, want_claim=0, prefix="hb")[0]
     b1, x = fresh(3, want_pid=1, want_claim=2, prefix="hb")
@@ -472,6 +474,18 @@ def test_a_held_back_batch_record_does_not_claim_for_the_rest(three: dict[str, A
             pb.UpsertRequest(id=b1, identifiers=[x, y]),
             pb.UpsertRequest(id=b2, identifiers=[x])]), timeout=20)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    trailers = dict(err.value.trailing_metadata())
+    assert trailers["memstore-record"] == "1"
+    assert list(BitMap.deserialize(trailers["memstore-applied-bin"])) == [0]
+    assert err.value.details().startswith("requests[1]")
+    holder = get(stub, y)
+    assert holder.id == a and len(holder.identifiers) == 20 and not holder.merged_ids
+    with pytest.raises(grpc.RpcError) as missing:
+        get(stub, x)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    started = time.monotonic()
+    stub.Upsert(pb.UpsertRequest(id=b2, identifiers=[x]), timeout=10)
+    assert time.monotonic() - started < 5  # the refused batch gave its claims back
     assert get(stub, x).id == b2
 
 

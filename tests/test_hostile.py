@@ -326,6 +326,14 @@ def test_profiles_moved_between_shards_are_checked_before_they_apply(
                 txn="t-1", losers=[msgpack.packb(loser)],
                 link=pb.LinkRequest(id=KNOWN, identifiers=[
                     pb.Identifier(kind="email", value="m@x.invalid")])))
+        good_loser = msgpack.packb({"schema": schema, "profile": good})
+        for records, expected in (([], "one record, not 0"), (["a", "b"], "one record, not 2"),
+                                  (None, "packed: not a msgpack array")):
+            record = pb.BatchUpsertRequest(packed=b"\xc1" if records is None else
+                                           msgpack.packb([[r, {}] for r in records]))
+            details = _refused(control.Absorb, cpb.AbsorbRequest(
+                txn="t-2", losers=[good_loser], record=record))
+            assert expected in details, details
         assert control.GetShardInfo(cpb.ShardInfoRequest(), timeout=10).profiles == before
 
 

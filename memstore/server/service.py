@@ -35,7 +35,7 @@ from memstore import pbvalues
 from memstore.engine import eventpack
 from memstore.engine.blob import decode, encode, version_of
 from memstore.engine.change import ANONYMOUS_KINDS, Change, Image, Note, UpsertSpec, record_specs
-from memstore.engine.columnar import unpack_columns
+from memstore.engine.columnar import Columns, unpack_columns
 from memstore.engine.core import Engine
 from memstore.engine.exported import check_chunk, check_loser
 from memstore.engine.identity import check_identifier, check_pid
@@ -275,6 +275,25 @@ def _spec(request: pb.UpsertRequest, where: str = "") -> UpsertSpec:
     )
 
 
+def _batch_forms(request: pb.BatchUpsertRequest
+                 ) -> tuple[list[tuple[str, dict[str, Any], list[tuple[str, str]]]],
+                            Columns | None]:
+    """A BatchUpsert's packed records and columns, decoded (INVALID_ARGUMENT if not)."""
+    rows = unpack_records(request.packed) if request.packed else []
+    return rows, unpack_columns(request.columns) if request.columns else None
+
+
+def _batch_specs(request: pb.BatchUpsertRequest,
+                 rows: list[tuple[str, dict[str, Any], list[tuple[str, str]]]],
+                 batch: Columns | None, where: str = "") -> list[UpsertSpec]:
+    """Every record of a BatchUpsert as an upsert, in the order the forms apply
+    (requests, packed, columns), each named by its place (`requests[2]`, `packed[0]`)."""
+    specs = [_spec(r, f"{where}requests[{i}].") for i, r in enumerate(request.requests)]
+    specs += record_specs(rows, f"{where}packed")
+    specs += record_specs(batch.rows() if batch else [], f"{where}columns")
+    return specs
+
+
 def unpack_records(packed: bytes) -> list[tuple[str, dict[str, Any], list[tuple[str, str]]]]:
     """Decode a packed bulk batch: msgpack [[id, attributes, identifiers], ...] into
     (id, flat attributes, identifiers) rows. Timestamps stay msgpack Timestamps."""
@@ -429,17 +448,12 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         self._loads.begin()  # from the unpacking on: its temporaries are the load's
         try:
             # Any mix of the three forms applies in the order requests, packed, columns.
-            rows = unpack_records(request.packed) if request.packed else []
-            batch = unpack_columns(request.columns) if request.columns else None
+            rows, batch = _batch_forms(request)
             _forwarded(self.engine, [r.id for r in request.requests] + [row[0] for row in rows]
                        + (batch.ids if batch is not None else []))
             with _planning(self.engine, context):
                 if request.requests or (rows and batch is not None):
-                    specs = [_spec(r, f"requests[{i}].")
-                             for i, r in enumerate(request.requests)]
-                    specs += record_specs(rows, "packed")
-                    specs += record_specs(batch.rows() if batch else [], "columns")
-                    change = self.engine.plan_batch(specs)
+                    change = self.engine.plan_batch(_batch_specs(request, rows, batch))
                 elif batch is not None:
                     change = self.engine.plan_columns(batch)
                 else:
@@ -1104,6 +1118,14 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
             with _planning(self.engine, context):
                 change = self.engine.plan_absorb(request.txn, losers,
                                                  upsert=_spec(request.upsert))
+            return cpb.AbsorbResponse(
+                upsert=upsert_response(self.engine, await self.shard.commit(change)))
+        if which == "record":  # one record of a router's BatchUpsert, as an upsert
+            specs = _batch_specs(request.record, *_batch_forms(request.record))
+            if len(specs) != 1:
+                raise InvalidArgument(f"record: one record, not {len(specs)}")
+            with _planning(self.engine, context):
+                change = self.engine.plan_absorb(request.txn, losers, upsert=specs[0])
             return cpb.AbsorbResponse(
                 upsert=upsert_response(self.engine, await self.shard.commit(change)))
         if which == "link":

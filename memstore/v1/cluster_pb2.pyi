@@ -68,16 +68,18 @@ class HoldResponse(_message.Message):
     def __init__(self, packed: _Optional[bytes] = ...) -> None: ...
 
 class AbsorbRequest(_message.Message):
-    __slots__ = ("txn", "losers", "upsert", "link")
+    __slots__ = ("txn", "losers", "upsert", "link", "record")
     TXN_FIELD_NUMBER: _ClassVar[int]
     LOSERS_FIELD_NUMBER: _ClassVar[int]
     UPSERT_FIELD_NUMBER: _ClassVar[int]
     LINK_FIELD_NUMBER: _ClassVar[int]
+    RECORD_FIELD_NUMBER: _ClassVar[int]
     txn: str
     losers: _containers.RepeatedScalarFieldContainer[bytes]
     upsert: _memstore_pb2.UpsertRequest
     link: _memstore_pb2.LinkRequest
-    def __init__(self, txn: _Optional[str] = ..., losers: _Optional[_Iterable[bytes]] = ..., upsert: _Optional[_Union[_memstore_pb2.UpsertRequest, _Mapping]] = ..., link: _Optional[_Union[_memstore_pb2.LinkRequest, _Mapping]] = ...) -> None: ...
+    record: _memstore_pb2.BatchUpsertRequest
+    def __init__(self, txn: _Optional[str] = ..., losers: _Optional[_Iterable[bytes]] = ..., upsert: _Optional[_Union[_memstore_pb2.UpsertRequest, _Mapping]] = ..., link: _Optional[_Union[_memstore_pb2.LinkRequest, _Mapping]] = ..., record: _Optional[_Union[_memstore_pb2.BatchUpsertRequest, _Mapping]] = ...) -> None: ...
 
 class AbsorbResponse(_message.Message):
     __slots__ = ("upsert", "link")
