@@ -836,6 +836,53 @@ def test_segments_reading_a_segment_that_reads_the_clock_age_with_it(tmp_path: P
     asyncio.run(scenario())
 
 
+def test_a_fixed_window_segment_breaks_once_the_retention_passes_it(tmp_path: Path) -> None:
+    """did(..., from=DAY) windows do not move with the clock: once the retention has
+    dropped DAY, the segment cannot be evaluated as defined. It is marked broken with the
+    retention's reason (on the timer for one reading the clock, on the next write that
+    touches it otherwise), keeps its members less the profiles removed, and the shard
+    goes on serving."""
+    import asyncio
+    import datetime as dt
+
+    from memstore.engine.change import SET, UpsertSpec
+    from memstore.query import parse
+    from memstore.shard import Shard, ShardConfig
+
+    now = [1_800_000_000.0]
+
+    def day(offset: int) -> str:
+        return dt.datetime.fromtimestamp(now[0] + offset * 86400, dt.UTC).date().isoformat()
+
+    async def scenario() -> None:
+        shard = await Shard.open(ShardConfig(data_dir=tmp_path / "data",
+                                             clock=lambda: now[0], event_days=10))
+        engine = shard.engine
+        for pid in ("a", "b"):
+            await shard.commit(engine.plan_track(pid, "open", int((now[0] - 2 * 86400)
+                                                                  * 1_000_000), 1))
+        since, until = day(-5), day(-1)
+        for name, text in (("since", f'did("open", from="{since}")'),
+                           ("between", f'did("open", from="{since}", to="{until}")')):
+            await shard.commit(engine.plan_create_segment(name, parse(text), 1))
+        assert engine.segments.timed() == ["since"]
+        now[0] += 7 * 86400  # `since` is 12 days ago now, past the 10 days kept
+        await shard.refresh_timed()
+        assert "event retention of 10 days" in engine.segments.get("since").broken
+        assert not engine.segments.get("between").broken  # nothing has touched it yet
+        await shard.commit(engine.plan_track("a", "open", int(now[0] * 1_000_000), 1))
+        await shard.commit(engine.plan_upsert(UpsertSpec("b", [(SET, "x", 1)])))
+        assert "event retention of 10 days" in engine.segments.get("between").broken
+        await shard.commit(engine.plan_delete("b"))
+        for name in ("since", "between"):
+            assert engine.ids_of(engine.segments.get(name).members) == ["a"]
+        await shard.commit(engine.plan_upsert(UpsertSpec("c", [(SET, "x", 2)])))
+        assert engine.dense_of.get("c") is not None  # writes go on
+        await shard.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_broken_segment_still_loses_the_profiles_removed() -> None:
     """A segment whose query stopped evaluating keeps its members, but a profile deleted
     (or merged away) leaves it, with a LEAVE: in_segment(...) never names a profile that
