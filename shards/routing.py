@@ -233,15 +233,20 @@ class Routing:
         GroupRefused once the round's other answers are in, with every group applied so
         far (a part whose outcome is unknown before a refusal). A `read` may be answered
         by replicas (shards/replica_reads.py)."""
-        pending = items
+        # Each item carries its place in `items` (key, (place, item)): items sent again
+        # (forwards followed, slots moved) go in their first order, whichever shards they
+        # came back from, so one profile's writes reach it in the order asked.
+        pending = [(key, (place, item)) for place, (key, item) in enumerate(items)]
         done: list[tuple[list[Any], Any]] = []
         follow_rounds = declare_rounds = 0
         for attempt in attempts():
             version = self.map.version
+            if attempt:
+                pending.sort(key=_place)
             groups, unowned = self._grouped(pending)
 
             async def one(shard: ShardState, group: list[tuple[str, Any]]) -> Any:
-                request = build(list(map(itemgetter(1), group)))
+                request = build([item for _, (_, item) in group])
                 stub = shard.control if control else shard.reader if read else shard.stub
                 expect = next((judged[k] for k, _ in group if k in judged), None) \
                     if judged else None
@@ -268,8 +273,9 @@ class Routing:
                     if forwarded is None or retarget is None:
                         raise
                     moved = dict(forward_pairs(forwarded))
-                    return [(moved[pid], retarget(item, moved[pid])) if pid in moved
-                            else (pid, item) for pid, item in group], _FOLLOWED
+                    return [(moved[pid], (place, retarget(item, moved[pid]))) if pid in moved
+                            else (pid, (place, item)) for pid, (place, item) in group], \
+                        _FOLLOWED
 
             outcomes = await asyncio.gather(*(one(s, g) for s, g in groups.values()),
                                             return_exceptions=True)
@@ -282,7 +288,7 @@ class Routing:
             refused: GroupRefused | None = None
             for (_, sent), outcome in zip(groups.values(), outcomes, strict=True):
                 if refusals and isinstance(outcome, grpc.aio.AioRpcError | Down):
-                    failed = GroupRefused([item for _, item in sent], outcome, done)
+                    failed = GroupRefused([item for _, (_, item) in sent], outcome, done)
                     if refused is None or (refused.refused and not failed.refused):
                         refused = failed
                     continue
@@ -304,12 +310,12 @@ class Routing:
                     declared = True
                 elif response is _REJUDGE:
                     assert rejudge is not None
-                    rejudge.extend(group)
+                    rejudge.extend((key, item) for key, (_, item) in sorted(group, key=_place))
                 elif response is None:
                     pending.extend(group)
                     moved_on = True
                 else:
-                    done.append((list(map(itemgetter(1), group)), response))
+                    done.append(([item for _, (_, item) in group], response))
             if refused is not None:
                 raise refused
             if not pending:
@@ -330,3 +336,8 @@ class Routing:
                 await move_pause(attempt, context)
         await fail(context, Code.UNAVAILABLE, f"slots without an owner that accepts them "
                    f"after {MOVE_WAIT:.0f} s (a slot move stuck?)")
+
+
+def _place(pair: tuple[str, tuple[int, Any]]) -> int:
+    """A routed item's place in the caller's list."""
+    return pair[1][0]

@@ -387,6 +387,7 @@ class Writes:
                             await _fail_batch(context, parts, Stuck(
                                 "BatchUpsert: slots kept moving under the batch for "
                                 f"{MOVE_WAIT:.0f} s"))
+                        rejudge.sort(key=lambda pair: pair[1][2])  # (from several shards)
                         items = rejudge + items[cut:]
                         named = [_identifiers_of(item) for _, item in items]
                         await self.map.refresh(since=version)

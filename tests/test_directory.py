@@ -636,3 +636,28 @@ def test_a_same_shard_judgement_stands_from_the_round_that_made_it(
         [("p", ("email", "e1")), ("p", ("email", "e2"))],
         SimpleNamespace(time_remaining=lambda: 10.0), set(), local))
     assert foreign == {} and local == {"p": "X:1"}  # X is at 2 now: it refuses the write
+
+
+@pytest.mark.parametrize("size", [5, 81])  # grouped in Python, and with numpy (BULK_FROM)
+def test_batch_records_of_merged_away_ids_on_two_shards_keep_their_order(
+        three: dict[str, Any], size: int) -> None:
+    """Ids merged into one survivor from two other shards: a batch writing through both,
+    interleaved, reaches the survivor in the order sent (each shard refuses its part with
+    the forwards, and the parts go again together)."""
+    stub = three["stub"]
+    survivor = fresh(3, want_pid=0, want_claim=0, prefix="fo")[0]
+    via = [fresh(3, want_pid=1, want_claim=2, prefix="fo"),
+           fresh(3, want_pid=2, want_claim=1, prefix="fo")]
+    stub.Upsert(pb.UpsertRequest(id=survivor), timeout=10)
+    for loser, ident in via:
+        stub.Upsert(pb.UpsertRequest(id=loser, identifiers=[ident]), timeout=10)
+        stub.Link(pb.LinkRequest(id=survivor, identifiers=[ident]), timeout=15)
+    assert {p.id for p in (get(stub, ident) for _, ident in via)} == {survivor}
+    records = [[via[i % 2][0], {"mark": i}, []] for i in range(size)]  # 1, 2, 1, 2, ...
+    records += [[fresh(3, want_pid=i % 3, want_claim=0, prefix="fx")[0], {"mark": i}, []]
+                for i in range(size - 4)]  # others on every shard
+    reply = stub.BatchUpsert(pb.BatchUpsertRequest(packed=msgpack.packb(records)), timeout=30)
+    assert reply.applied == len(records)
+    assert get(stub, via[0][1]).attributes["mark"].int_value == size - 1
+    versions = stub.Get(pb.GetRequest(key=pb.ProfileKey(id=survivor)), timeout=10).profile.version
+    assert versions >= size
