@@ -559,3 +559,30 @@ def test_an_and_walks_its_narrowest_range_first() -> None:
     stats = EvalStats()
     assert count_matching(engine, And((wide, some)), stats=stats) == 199
     assert stats.leaves == 2
+
+
+def test_days_leaving_the_retention_are_no_change_a_watcher_sees() -> None:
+    """Expiry rewrites day records alone: its records carry the profiles' images (for
+    replay) but no change a change stream shows; a Track's record shows its aggregates
+    and not the day record (bytes, which are no value a stream can carry)."""
+    from memstore.server.watch import ChangeFilter, change_events
+
+    now = [1_800_000_000.0]
+    engine = Engine(clock=lambda: now[0], event_days=10)
+    log: list[bytes] = []
+    _logged(engine, engine.plan_upsert(UpsertSpec("a", [(1, "plan", "pro")])), log)
+    _logged(engine, engine.plan_track("a", "open", int((now[0] - 86400) * 1_000_000)), log)
+    now[0] += 20 * 86400
+    expiry = engine.plan_expire()
+    assert not expiry.empty
+    _logged(engine, expiry, log)
+    assert decode(engine.blobs[engine.dense_of["a"]])[1]  # the aggregates stayed
+    shown = [[(change.id, dict(change.set), list(change.unset)) for _, change in
+              change_events(decode_change(payload), ChangeFilter(None, frozenset()), engine)]
+             for payload in log]
+    assert [[(pid, sorted(values), unset) for pid, values, unset in changes]
+            for changes in shown] == [
+        [("a", ["plan"], [])],
+        [("a", ["event.open.count", "event.open.first", "event.open.last"], [])],
+        [],
+    ]

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -353,6 +354,47 @@ def test_change_stream_filters_by_query_and_attributes_and_names_merges(tmp_path
             assert all(set(s) <= {"age"} for _, s in ages)
             everything.close()
             german.close()
+    finally:
+        shard.stop()
+
+
+def test_change_streams_show_tracked_events_without_their_day_records(tmp_path: Path
+                                                                     ) -> None:
+    """A Track changes a profile's event aggregates and its day record; streams show the
+    aggregates (live, listed with --initial, resumed from a position) and never the day
+    record, whose bytes are no value (the stream failed on them). `-a` with --initial
+    lists only the profiles holding a named attribute."""
+    shard = start_shard(tmp_path / "data", "--sync", "off")
+    try:
+        with Client(shard.address) as client:
+            client.upsert("a", {"plan": "pro"})
+            client.upsert("b", {"country": "DE"})
+            live = Watcher(shard.address, changes=True).started()
+            start = live.position
+            client.track("a", "purchase")
+            client.track("b", "purchase", at=datetime.now(UTC) - timedelta(days=3), count=2)
+            eventually(lambda: len(live.events) >= 2, what="two tracks")
+            resumed = Watcher(shard.address, changes=True, from_position=start)
+            listed = Watcher(shard.address, changes=True, initial=True)
+            plans = Watcher(shard.address, changes=True, initial=True, attributes=["plan"])
+            for watcher in (resumed, listed, plans):
+                watcher.started()
+            eventually(lambda: len(resumed.events) >= 2, what="the tracks again")
+            for watcher in (live, resumed, listed, plans):
+                assert watcher.error is None, watcher.error
+            for events in (live.events[:2], resumed.events[:2]):
+                assert [e["id"] for e in events] == ["a", "b"]
+                assert all(set(e["set"]) == {"event.purchase.count", "event.purchase.first",
+                                             "event.purchase.last"} for e in events)
+                assert events[1]["set"]["event.purchase.count"] == 2
+            initial = {e["id"]: e["set"] for e in listed.events if e["initial"]}
+            assert set(initial) == {"a", "b"}
+            assert initial["a"]["plan"] == "pro" and initial["b"]["event.purchase.count"] == 2
+            assert not any(name.endswith(".days") for s in initial.values() for name in s)
+            assert [(e["id"], e["set"]) for e in plans.events if e["initial"]] == [
+                ("a", {"plan": "pro"})]
+            for watcher in (live, resumed, listed, plans):
+                watcher.close()
     finally:
         shard.stop()
 

@@ -40,7 +40,7 @@ from memstore.engine.core import Engine
 from memstore.engine.exported import check_chunk, check_loser
 from memstore.engine.identity import check_identifier, check_pid
 from memstore.engine.schema import Kind, Merge
-from memstore.engine.values import flatten, from_stored
+from memstore.engine.values import flatten
 from memstore.errors import (
     FailedPrecondition,
     Forwarded,
@@ -888,17 +888,15 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         taken = [(engine.pids[d], engine.blobs[d]) for d in chosen]
         position = watch.encode_token({self.shard.config.name: (lsn, -1)})
         now = datetime.now(UTC)
-        by_id = engine.schema.by_id
         batch: list[pb.ProfileChange] = []
         for pid, blob in taken:
             version, attrs, _, _ = decode(blob)  # type: ignore[arg-type]
-            change = pb.ProfileChange(id=pid, version=version, initial=True, created=True)
+            shown = watch.shown_attributes(attrs, engine, flt.attributes)
+            if flt.attributes and not shown:
+                continue  # it holds none of the attributes asked about
+            change = pb.ProfileChange(id=pid, version=version, initial=True, created=True,
+                                      set=shown)
             change.at.FromDatetime(now)
-            for aid, value in attrs.items():
-                spec = by_id[aid]
-                if not flt.attributes or spec.name in flt.attributes:
-                    change.set[spec.name].CopyFrom(pbvalues.to_pb(from_stored(spec.kind,
-                                                                               value)))
             batch.append(change)
             if len(batch) >= watch.BATCH:  # no position: an interrupted listing restarts
                 yield pb.WatchChangesResponse(changes=batch)

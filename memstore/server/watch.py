@@ -40,6 +40,7 @@ from pyroaring import BitMap
 from memstore import pbvalues
 from memstore.engine.blob import decode
 from memstore.engine.core import Engine
+from memstore.engine.schema import Kind
 from memstore.engine.segments import decode_deltas
 from memstore.engine.values import from_stored
 from memstore.errors import FailedPrecondition, InvalidArgument, MemstoreError, NotFound
@@ -180,18 +181,36 @@ def change_events(record: dict[str, Any], flt: ChangeFilter, engine: Engine
         set_ids = attrs.keys() if diff is None else diff[0]
         unset_ids = () if diff is None else diff[1]
         change = pb.ProfileChange(id=pid, version=version, created=diff is None, at=at)
+        shown = False  # an attribute a watcher may see changed (day records are not)
         for aid in set_ids:
-            if aid < len(by_id) and aid in attrs:
+            if aid < len(by_id) and aid in attrs and by_id[aid].kind is not Kind.EVENT_DAYS:
+                shown = True
                 spec = by_id[aid]
                 if not flt.attributes or spec.name in flt.attributes:
                     change.set[spec.name].CopyFrom(pbvalues.to_pb(
                         from_stored(spec.kind, attrs[aid])))
         for aid in unset_ids:
-            if aid < len(by_id) and (not flt.attributes or by_id[aid].name in flt.attributes):
-                change.unset.append(by_id[aid].name)
-        if flt.attributes and diff is not None and not change.set and not change.unset:
-            continue  # nothing the watcher asked about changed
+            if aid < len(by_id) and by_id[aid].kind is not Kind.EVENT_DAYS:
+                shown = True
+                if not flt.attributes or by_id[aid].name in flt.attributes:
+                    change.unset.append(by_id[aid].name)
+        if diff is not None and (flt.attributes or (diff[0] or diff[1]) and not shown) \
+                and not change.set and not change.unset:
+            continue  # nothing the watcher asked about (or may see) changed
         out.append((number, change))
+    return out
+
+
+def shown_attributes(attrs: dict[int, Any], engine: Engine, only: frozenset[str]
+                     ) -> dict[str, pb.Value]:
+    """A profile's attributes as a watcher sees them: values by name, `only` those
+    named (empty: all), day records left out (read through did(...), not values)."""
+    by_id = engine.schema.by_id
+    out = {}
+    for aid, value in attrs.items():
+        spec = by_id[aid]
+        if spec.kind is not Kind.EVENT_DAYS and (not only or spec.name in only):
+            out[spec.name] = pbvalues.to_pb(from_stored(spec.kind, value))
     return out
 
 
