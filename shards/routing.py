@@ -228,7 +228,8 @@ class Routing:
         again once it settled; an id merged into a profile on another shard becomes
         (survivor, retarget(item, survivor)). A group with keys in `judged` (key -> the
         "name:epoch" of the shard it was judged for) carries that as EXPECT_SHARD; when its
-        shard refuses that, or the slot moved, its items go to `rejudge`, not sent again.
+        shard refuses that, or the slot moved, or one of those keys was merged away, its
+        items go to `rejudge` (aimed at the survivors), not sent again.
         With `refusals`, a group its shard refuses, or does not answer for, raises
         GroupRefused once the round's other answers are in, with every group applied so
         far (a part whose outcome is unknown before a refusal). A `read` may be answered
@@ -273,9 +274,13 @@ class Routing:
                     if forwarded is None or retarget is None:
                         raise
                     moved = dict(forward_pairs(forwarded))
-                    return [(moved[pid], (place, retarget(item, moved[pid]))) if pid in moved
-                            else (pid, (place, item)) for pid, (place, item) in group], \
-                        _FOLLOWED
+                    aimed = [(moved[pid], (place, retarget(item, moved[pid]))) if pid in moved
+                             else (pid, (place, item)) for pid, (place, item) in group]
+                    if rejudge is not None and judged and not judged.keys().isdisjoint(moved):
+                        # A write judged for the merged-away id (its identifiers' merges,
+                        # its shard) is judged again for the survivor, elsewhere.
+                        return aimed, _REJUDGE
+                    return aimed, _FOLLOWED
 
             outcomes = await asyncio.gather(*(one(s, g) for s, g in groups.values()),
                                             return_exceptions=True)

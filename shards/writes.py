@@ -47,6 +47,7 @@ from shards.calls import (
     Code,
     Down,
     GroupRefused,
+    Pending,
     Rejudge,
     Stuck,
     abort,
@@ -55,7 +56,7 @@ from shards.calls import (
     move_pause,
     retargeted,
 )
-from shards.directory import Directory, Suppressed
+from shards.directory import ClaimStuck, Directory, Suppressed
 from shards.reads import Reads
 from shards.routing import Routing
 from shards.shard_map import ShardState
@@ -359,7 +360,7 @@ class Writes:
         named = [_identifiers_of(item) for _, item in items]
         parts: list[tuple[list[Any], Any]] = []
         made: set[tuple[str, tuple[str, str]]] = set()  # claims this batch made
-        checked = False
+        checked = False  # (the batch has a cross-shard merge)
         tries = attempts()
         async with self._naming.hold(itertools.chain.from_iterable(named)):
             try:
@@ -374,6 +375,14 @@ class Writes:
                     if cut < len(items) and not checked:
                         checked = True
                         await check(items)
+                        # From here the batch goes in runs; each run's records by the
+                        # profiles their ids stand for now (a merged-away id at its
+                        # survivor), so a record through a merged-away id goes in its
+                        # place among its survivor's records, judged for the survivor.
+                        resolved = await self._resolved(items, retarget, context)
+                        if resolved != items:
+                            items = resolved
+                            continue
                     rejudge: list[tuple[str, Any]] = []
                     if cut:
                         parts += await self.routing.routed(
@@ -399,10 +408,14 @@ class Writes:
                     parts.append(([item], await self._merge_record(
                         pid, item, named[cut], build, retarget, context, made, parts)))
                     items, named = items[cut + 1:], named[cut + 1:]
+                    items = await self._resolved(items, retarget, context)
             except Suppressed as exc:  # (found by a claim: the records from it on did not apply)
                 if made:
                     await self.directory.release(made, context)
                 await _refuse_suppressed(context, exc, items, named, forms, parts)
+            except (Down, Stuck, ClaimStuck, Pending, merge.Forwarded, merge.Restart,
+                    grpc.aio.AioRpcError) as exc:  # a claim or a look-up that failed
+                await _fail_batch(context, parts, exc)  # (claims kept: outcome unknown)
             except GroupRefused as refused:
                 if refused.refused and made:  # give back what the records that did not
                     # apply claimed (release claims again what a profile holds all the
@@ -440,16 +453,21 @@ class Writes:
                 claimant.setdefault(key, pid)
         if not claimant:
             return cut
-        try:
-            holder = await self.directory.claim([(pid, key) for key, pid in claimant.items()],
-                                                context, made)
-        except Suppressed:
-            raise  # the batch names the record (_batch_upsert)
-        except Exception as exc:  # noqa: BLE001 - abort re-raises what it cannot map
-            await abort(context, exc)
+        holder = await self.directory.claim([(pid, key) for key, pid in claimant.items()],
+                                            context, made)
         return next((i for i, ((pid, _), idents) in enumerate(zip(items[:cut], named[:cut],
                                                                   strict=True))
                      if any(claimant[key] == pid and key in holder for key in idents)), cut)
+
+    async def _resolved(self, items: list[tuple[str, Any]],
+                        retarget: Callable[[Any, str], Any], context: Any
+                        ) -> list[tuple[str, Any]]:
+        """`items` aimed at the profiles their ids stand for now: merged-away ids (by
+        this batch's merges too) at their survivors."""
+        found = await self.directory.profiles((pid for pid, _ in items), context)
+        return [(found[pid].id, retarget(item, found[pid].id))
+                if pid in found and found[pid].id != pid else (pid, item)
+                for pid, item in items]
 
     async def _merge_record(self, pid: str, item: tuple[Any, int, int],
                             idents: list[tuple[str, str]],

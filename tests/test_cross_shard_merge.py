@@ -458,6 +458,57 @@ def test_a_batch_judges_again_after_a_merge_moves_an_identifier(cluster: dict[st
             assert found == second
 
 
+def _holders(cluster: dict[str, Any], ident: pb.Identifier) -> list[str]:
+    """Every profile holding `ident`, asking each shard itself."""
+    out = []
+    for shard in cluster["shards"]:
+        with grpc.insecure_channel(shard.address) as channel:
+            try:
+                out.append(memstore_pb2_grpc.MemstoreStub(channel).Get(pb.GetRequest(
+                    key=pb.ProfileKey(identifier=ident)), timeout=10).profile.id)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.NOT_FOUND
+    return out
+
+
+def test_a_batch_record_through_a_merged_away_id_is_judged_for_its_survivor(
+        cluster: dict[str, Any]) -> None:
+    """Record 1 writes through `held`, which record 0 merges into `writer` on the other
+    shard, naming an identifier `other` holds on held's old shard: it merges `other` into
+    writer, as the same two Upserts would, and the identifier keeps one holder. Records
+    through ids merged away before the batch, and by a same-shard merge inside it, go in
+    their place among their survivor's records."""
+    stub = cluster["stub"]
+    held, writer, other = new_id(1, "h"), new_id(0, "w"), new_id(1, "x")
+    make(stub, held, "Lima", 1, [])
+    make(stub, other, "Rome", 1, [])
+    reply = stub.BatchUpsert(pb.BatchUpsertRequest(requests=[
+        pb.UpsertRequest(id=writer, identifiers=[email(held)]),
+        pb.UpsertRequest(id=held, identifiers=[email(other)], operations=[_set("mood", "x")]),
+    ]), timeout=30)
+    assert reply.applied == 2
+    assert _holders(cluster, email(other)) == [writer]
+    merged = get(stub, writer)
+    assert {held, other} <= set(merged.merged_ids)
+    assert merged.attributes["mood"].string_value == "x"
+    # p0 and p1 on shard 1, p2 on shard 0; p0 holds k0 and k1
+    p0, p1, p2 = new_id(1, "p"), new_id(1, "p"), new_id(0, "p")
+    k0, k1 = (pb.Identifier(kind="email", value=f"{p0}-{i}@x") for i in range(2))
+    stub.Upsert(pb.UpsertRequest(id=p0, identifiers=[k0, k1]), timeout=10)
+    stub.Upsert(pb.UpsertRequest(id=p2), timeout=10)
+    records = [(p1, [k0, k1]),  # p0 merges into p1 on their shard
+               (p1, []), (p2, [k1]),  # p1 (and p0 with it) merges into p2
+               (p2, [k0, k1]), (p2, []), (p0, []), (p1, []), (p2, [k0])]
+    reply = stub.BatchUpsert(pb.BatchUpsertRequest(requests=[
+        pb.UpsertRequest(id=pid, identifiers=idents, operations=[_set("mood", f"r{i}")])
+        for i, (pid, idents) in enumerate(records)]), timeout=30)
+    assert reply.applied == len(records)
+    final = get(stub, p2)
+    assert final.attributes["mood"].string_value == f"r{len(records) - 1}"
+    assert {p0, p1} <= set(final.merged_ids)
+    assert _holders(cluster, k0) == [p2] and _holders(cluster, k1) == [p2]
+
+
 def test_deleting_a_survivor_erases_the_forwards_on_the_other_shard(cluster: dict[str, Any]
                                                                    ) -> None:
     stub, shards = cluster["stub"], cluster["shards"]
