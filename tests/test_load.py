@@ -167,32 +167,36 @@ def test_async_client_load_is_the_same(router: str) -> None:
 # ---------------------------------------------------------------------- CSV and Parquet
 
 
-def test_csv_cells_keep_leading_zeros_and_follow_the_declared_schema(
+def test_csv_columns_are_guessed_whole_and_follow_the_declared_schema(
         router: str, tmp_path: Path) -> None:
+    """An undeclared column's kind comes from all its cells: zip codes with a leading
+    zero make the whole column a string (94110 too), ints and decimals a float one."""
     with Client(router) as c:
         c.declare([{"name": "csv_code", "kind": "string"}, {"name": "csv_score",
                                                             "kind": "float"}])
     path = tmp_path / "people.csv"
-    # csv-1 and csv-4 live on one shard, csv-2 on the other (both propose zip a string)
-    path.write_text("id,zip,csv_code,csv_score,visits,vip\n"
-                    "csv-1,02134,007,3,12,true\n"
-                    "csv-2,00501,42,2.5,0,false\n"
-                    "csv-3,,x,not-a-number,1,true\n"
-                    "csv-4,94110,9,1,-3,\n")
+    path.write_text("id,zip,csv_code,csv_score,visits,vip,ratio\n"
+                    "csv-1,02134,007,3,12,true,1\n"
+                    "csv-2,00501,42,2.5,0,false,2.5\n"
+                    "csv-3,,x,not-a-number,1,true,\n"
+                    "csv-4,94110,9,1,-3,,4\n")
     rejects = tmp_path / "rejects.jsonl"
     result = _load(router, path, "--rejects", str(rejects))
-    assert _loaded(result.stdout) == 2
+    assert _loaded(result.stdout) == 3
     with Client(router) as c:
         one = c.get("csv-1")["attributes"]
         assert one == {"zip": "02134", "csv_code": "007", "csv_score": 3.0, "visits": 12,
-                       "vip": True}
+                       "vip": True, "ratio": 1.0}
         assert c.get("csv-2")["attributes"]["visits"] == 0
-        assert c.get("csv-4") is None  # 94110 guessed an int: zip is a string already
+        assert c.get("csv-4")["attributes"] == {"zip": "94110", "csv_code": "9",
+                                                "csv_score": 1.0, "visits": -3, "ratio": 4.0}
+        kinds = {a["name"]: a["kind"] for a in c.schema()}
+        assert (kinds["zip"], kinds["visits"], kinds["ratio"], kinds["vip"]) == (
+            "string", "int", "float", "bool")
     refused = {json.loads(line)["where"]: json.loads(line)["error"]
                for line in rejects.read_text().splitlines()}
-    assert set(refused) == {"people.csv:4", "people.csv:5"}
+    assert set(refused) == {"people.csv:4"}
     assert "'not-a-number' is not a number" in refused["people.csv:4"]
-    assert "attribute 'zip' has kind string, got an int value" in refused["people.csv:5"]
 
 
 def test_cell_value_rules() -> None:

@@ -10,9 +10,11 @@ How a CSV cell's kind is chosen (README "Loading files"):
 - an attribute the schema declares takes its kind: string cells as they are; int, float,
   bool (true/false, any case) and timestamp (ISO-8601) parsed, a cell that does not parse
   refused; string_list from a JSON array (`["a","b"]`) or items separated by `|`;
-- an attribute not declared yet is guessed: an integer without a leading zero or sign
-  (`0`, `42`, `-7`) is an int, a decimal number (`4.5`, `-0.25`, `1e3`) a float, `true`
-  and `false` bools, anything else a string. So `02134`, `+1` or `1,000` stay strings;
+- an attribute not declared yet is guessed a column at a time, from every cell of the
+  file (a first pass): a column of integers without a leading zero or sign (`0`, `42`,
+  `-7`) is int, of numbers (those and `4.5`, `-0.25`, `1e3`) float, of `true` and `false`
+  bool, and any other column string, every cell as it is. So a zip code column holding
+  `02134` is string, `10001` included; `+1` and `1,000` make their columns strings;
 - an empty cell means "not in this record".
 Declare an attribute first (`memstore declare`) when a guess would be wrong: the declared
 kind always wins.
@@ -209,6 +211,9 @@ def _csv(path: Path, schema: dict[str, str]) -> Iterator[Line]:
         if reader.fieldnames is None or "id" not in reader.fieldnames:
             yield Line(f"{path.name}:1", None, "the header has no 'id' column")
             return
+        schema = {**_csv_kinds(reader, schema), **schema}  # what is declared wins
+        f.seek(0)
+        reader = csv.DictReader(f)
         for row in reader:
             where = f"{path.name}:{reader.line_num}"
             text = ",".join(_csv_text(v) for v in row.values())
@@ -226,6 +231,25 @@ def _csv(path: Path, schema: dict[str, str]) -> Iterator[Line]:
                 yield Line(where, {"id": pid}, str(exc), text)
                 continue
             yield Line(where, {"id": pid, "attributes": attrs, "identifiers": []}, "", text)
+
+
+def _csv_kinds(reader: csv.DictReader[str], schema: dict[str, str]) -> dict[str, str]:
+    """The kind of each CSV column the schema does not declare, from all its cells (the
+    module docstring): one cell that is not a number makes a column string."""
+    names = [n for n in reader.fieldnames or () if n != "id" and n not in schema]
+    seen: dict[str, set[str]] = {name: set() for name in names}
+    for row in reader:
+        for name in names:
+            cell = row.get(name)
+            if cell and isinstance(cell, str) and "string" not in seen[name]:
+                seen[name].add("int" if _INT.match(cell) else "float" if _FLOAT.match(cell)
+                               else "bool" if cell in ("true", "false") else "string")
+    kinds = {}
+    for name, found in seen.items():
+        if found:
+            kinds[name] = (next(iter(found)) if len(found) == 1
+                           else "float" if found == {"int", "float"} else "string")
+    return kinds
 
 
 def _csv_text(value: Any) -> str:
