@@ -150,7 +150,7 @@ class Replication(Protocol):
 
 @dataclass
 class ShardConfig:
-    """Settings of one shard. See README "Configuration" for the trade-offs."""
+    """Settings of one shard. See docs/operations.md "Configuration reference" for the trade-offs."""
 
     data_dir: Path | None = None  # None: memory only, nothing persisted (tests, benchmarks)
     name: str = "shard-0"

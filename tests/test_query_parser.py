@@ -238,7 +238,7 @@ ERRORS = [
     ('did("p")', 8, "expected ',' at column 8, found ')'"),
     ('did("a b", within=7d)', 5, "event name 'a b' must be 1-128 letters"),
     ('did("p", within=7d, within=2d)', 21, "within given twice"),
-    ('did("p", within=0d)', 17, "a window of at least 1 day"),
+    ('did("p", within=0d)', 17, "within=0d is an empty window: give 1d or more"),
     ('did("p", within=12h, at_least=2)', 17, "a count needs a window of whole days"),
     ('did("p", within=7d, from="2026-01-01")', 21, "from and within are two kinds of window"),
     ('did("p", to="2026-01-01")', 10, "to needs a from"),

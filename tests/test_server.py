@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import re
 import signal
 import weakref
 from collections import OrderedDict
@@ -95,6 +96,13 @@ def test_operations_apply_in_order(client: Client) -> None:
                             ("unset", "plan", None)])
     attrs = client.get(pid)["attributes"]
     assert attrs == {"first": "web", "visits": 5, "tags": ["b", "c"]}
+    client.upsert(pid, ops=[("unset", "first")])  # an unset takes no value
+    assert "first" not in client.get(pid)["attributes"]
+    for bad, message in (([("set", "first")], "ops[0]: set needs a value"),
+                         ([("unset", "first"), ("nope", "a", 1)], "ops[1]: unknown operation"),
+                         (["set"], "ops[0]: (")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            client.upsert(pid, ops=bad)
 
 
 def test_wrong_kind_is_refused_naming_attribute_and_kinds(client: Client) -> None:

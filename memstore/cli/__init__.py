@@ -227,7 +227,7 @@ def load(file: Path, fmt: str | None, rejects: Path | None, chunk_size: int,
     CSV (an id column, one column per attribute) or Parquet (an id column). Ends with
     `loaded N profiles`, N being what the server applied, also when it stops early; an
     error names the file, the line and the record's id. Attributes the schema declares
-    take its kinds (timestamps from ISO-8601 strings); see README "Loading files"."""
+    take its kinds (timestamps from ISO-8601 strings); see docs/user-guide.md "Loading"."""
     from tqdm import tqdm
 
     fmt = loader.format_of(file, fmt)
@@ -563,7 +563,7 @@ def delete(id: str | None, identifier: tuple[str, str] | None, expression: str |
 @connection
 def query(expression: str, count_only: bool, group_by: str | None, top: int, limit: int,
           partial: bool, connect: Connect) -> None:
-    """Run a segment query (see README "Query language") and print matching ids."""
+    """Run a segment query (see docs/user-guide.md "Queries") and print matching ids."""
     with connect.client(timeout=None) as client:
         try:
             if count_only:

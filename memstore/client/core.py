@@ -78,12 +78,12 @@ from memstore.v1 import memstore_pb2_grpc
 DEFAULT_ADDRESS = "127.0.0.1:7070"
 # Chunks a bulk load keeps in flight. With 4 a shard sat idle 10-25% of a 1,000-a-chunk
 # load waiting for the next request; from 6 on it stays busy (16 loaded no faster and
-# held more memory). See README "gRPC API".
+# held more memory). See docs/protocol.md.
 LOAD_CONCURRENCY = 8
 # Profiles a bulk-load request carries. A shard pays a fixed part per request (a few
 # numpy and bitmap calls per column, the call itself): at 1,000 it spent 14 us a profile,
 # at 4,000 11.3 us. Larger loaded no faster. The price: a read that arrives during a load
-# waits for the request in hand (~45 ms of shard time at 4,000). See README "gRPC API".
+# waits for the request in hand (~45 ms of shard time at 4,000). See docs/protocol.md.
 LOAD_CHUNK = 4000
 # ... unless its records pack larger than this (wide profiles): then the chunk goes as
 # halves, and halves of those, each at most this size; a quarter of the 64 MiB a message
@@ -285,20 +285,26 @@ def _pack_default(value: Any) -> Any:
     raise TypeError(f"cannot send a value of type {type(value).__name__}")
 
 
-def _ops(set: Mapping[str, Any] | None, ops: Sequence[tuple[str, str, Any]] | None
+def _ops(set: Mapping[str, Any] | None, ops: Sequence[tuple[Any, ...]] | None
          ) -> list[pb.Operation]:
     out = []
     from memstore.engine.values import flatten
 
     for name, value in flatten(set or {}).items():
         out.append(pb.Operation(op=pb.Operation.SET, attribute=name, value=pbvalues.to_pb(value)))
-    for op, name, value in ops or ():
+    for i, one in enumerate(ops or ()):
+        if not isinstance(one, tuple | list) or not 2 <= len(one) <= 3:
+            raise ValueError(f"ops[{i}]: ({{operation}}, {{attribute}}, {{value}}), or "
+                             f"('unset', {{attribute}}); got {one!r}")
+        op, name = one[0], one[1]
         code = _OPS.get(op)
         if code is None:
-            raise ValueError(f"unknown operation {op!r}; one of {', '.join(_OPS)}")
+            raise ValueError(f"ops[{i}]: unknown operation {op!r}; one of {', '.join(_OPS)}")
         operation = pb.Operation(op=code, attribute=name)
         if op != "unset":
-            operation.value.CopyFrom(pbvalues.to_pb(value))
+            if len(one) != 3:
+                raise ValueError(f"ops[{i}]: {op} needs a value: ({op!r}, {name!r}, value)")
+            operation.value.CopyFrom(pbvalues.to_pb(one[2]))
         out.append(operation)
     return out
 
@@ -412,12 +418,13 @@ class ClientMethods:
 
     # profiles
     def upsert(self, id: str, set: Mapping[str, Any] | None = None, *,
-               ops: Sequence[tuple[str, str, Any]] | None = None,
+               ops: Sequence[tuple[Any, ...]] | None = None,
                identifiers: Sequence[tuple[str, str]] = (),
                expected_version: int | None = None) -> Any:
         """Change profile `id` (created when absent): `set` attributes (nested dicts are
         flattened with dots), then `ops` in order, as (operation, attribute, value) with
-        operations set, set_once, unset, increment, add_to_set, remove_from_set; then link
+        operations set, set_once, increment, add_to_set, remove_from_set, or ("unset",
+        attribute); then link
         `identifiers` ((kind, value) pairs; one another profile holds merges it into this
         one). All at once or nothing. `expected_version`: refuse (FAILED_PRECONDITION) unless
         the profile is at that version (0: must not exist yet). Returns UpsertResult(id,

@@ -6,7 +6,7 @@ A reader yields `Line`s: a record ready for Client.load, or the reason the line 
 (malformed JSON, no id, a CSV cell that is not of its attribute's kind), with its position
 ("people.jsonl:9001", "people.parquet row 17"). Nothing here talks to a server.
 
-How a CSV cell's kind is chosen (README "Loading files"):
+How a CSV cell's kind is chosen (docs/user-guide.md "Loading"):
 - an attribute the schema declares takes its kind: string cells as they are; int, float,
   bool (true/false, any case) and timestamp (ISO-8601) parsed, a cell that does not parse
   refused; string_list from a JSON array (`["a","b"]`) or items separated by `|`;

@@ -252,7 +252,7 @@ class Planner:
         return merged
 
     def merge_into(self, survivor: Draft, other: Draft) -> None:
-        """Merge rules: see README "Identity resolution"."""
+        """Merge rules: see docs/user-guide.md "Identities"."""
         for aid, value in other.attrs.items():
             spec = self.spec_by_id(aid)
             mine = survivor.attrs.get(aid)

@@ -514,7 +514,7 @@ class _Parser:
             if days > MAX_WINDOW_DAYS:
                 raise self.fail_at(f"duration '{text}' is too long", tok)
             if days < 1:
-                raise self.fail_at("a window of at least 1 day", tok)
+                raise self.fail_at(f"within={text} is an empty window: give 1d or more", tok)
             return Did(event, within_days=days, at_least=at_least,  # type: ignore[arg-type]
                        at_most=at_most)  # type: ignore[arg-type]
         if "from" not in args:
