@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from memstore import Client, LoadError
+from memstore.client import loader
 from memstore.client.events import event_chunks, now_micros
 from memstore.client.loader import cell_value, read_events
 from tests.conftest import ROOT
@@ -211,6 +212,20 @@ def test_cell_value_rules() -> None:
     assert cell_value("b", "FALSE", schema) is False
     with pytest.raises(ValueError, match="is not an int"):
         cell_value("i", "4.5", schema)
+
+
+def test_csv_column_kinds_come_from_every_cell_the_first_row_included(tmp_path: Path
+                                                                      ) -> None:
+    path = tmp_path / "kinds.csv"
+    rows = ["id,zip,n,x,flag,declared", "u1,02134,1,1,true,7"]
+    rows += [f"u{i},{10000 + i},{i},{i + 0.5},false,{i}" for i in range(2, 20_000)]
+    path.write_text("\n".join(rows) + "\nu0,,,oops,,\n")
+    lines = list(loader.read(path, "csv", {"declared": "string"}))
+    assert [line.error for line in lines] == [""] * len(rows)
+    first, second, last = (line.record["attributes"] for line in (lines[0], lines[1], lines[-1]))
+    assert first == {"zip": "02134", "n": 1, "x": "1", "flag": True, "declared": "7"}
+    assert second == {"zip": "10002", "n": 2, "x": "2.5", "flag": False, "declared": "2"}
+    assert last == {"x": "oops"}  # its one cell made x a string column, the first row too
 
 
 def test_event_lines_are_checked_once_and_sent_as_they_are(tmp_path: Path) -> None:
