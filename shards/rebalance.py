@@ -324,8 +324,9 @@ async def copy_segments(sources: Iterable[Node], target: Node) -> int:
             pb.ListSegmentsRequest(), timeout=10.0)
         stub = memstore_pb2_grpc.MemstoreStub(target.channel)
         for info in listing.segments:
-            await stub.CreateSegment(pb.CreateSegmentRequest(
-                name=info.name, query=pb.QueryRequest(text=info.query),
+            await stub.CreateSegment(pb.CreateSegmentRequest(  # (checked when created)
+                name=info.name, query=pb.QueryRequest(text=info.query,
+                                                      unknown_attribute_is_empty=True),
                 created_at=info.created_at), timeout=30.0)
         return len(listing.segments)
     return 0

@@ -44,8 +44,11 @@ class Segments:
             node = query_from_request(request.query)
         except QueryError as exc:
             await fail(context, Code.INVALID_ARGUMENT, f"query: {exc}")
-        sub = pb.CreateSegmentRequest(name=request.name,
-                                      query=pb.QueryRequest(text=format_query(node)))
+        if not request.query.unknown_attribute_is_empty:  # (the caller allows unknown)
+            await self.queries.lenient(request.query, context)  # a typo: INVALID_ARGUMENT
+        # Shards that never saw an attribute it names hold nobody for it (yet).
+        sub = pb.CreateSegmentRequest(name=request.name, query=pb.QueryRequest(
+            text=format_query(node), unknown_attribute_is_empty=True))
         sub.created_at.GetCurrentTime()
         timeout = time_left(context)
         shards = await self.fan.stable(context, allow_partial=False)

@@ -32,6 +32,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from memstore.client.core import Client, ClientError
 from memstore.query import And, InSegment, Not, Or, Predicate, format_query
+from shards.slots import slot_of
 from tests.conftest import ROOT, add_shard, start_router, start_shard
 from tests.test_engine_model import _matches, predicates
 from tests.test_router import start_shards
@@ -193,7 +194,7 @@ class SegmentsModel(RuleBasedStateMachine):
                                                And((query, Not(other)))]))
         self.created += 1
         name = f"s{self.created}"
-        info = self.client.create_segment(name, format_query(query))
+        info = self.client.create_segment(name, format_query(query), allow_unknown=True)
         assert info["name"] == name
         self.definitions[name] = query
 
@@ -434,7 +435,7 @@ def test_streams_hear_every_profile_of_changes_logged_as_columns(tmp_path: Path)
     shard = start_shard(tmp_path / "data", "--sync", "off")
     try:
         with Client(shard.address) as client:
-            client.create_segment("de", 'country = "DE"')
+            client.create_segment("de", 'country = "DE"', allow_unknown=True)
             changes = Watcher(shard.address, changes=True).started()
             segment = Watcher(shard.address, ("de",)).started()
             client.load([{"id": f"u{i}", "attributes": {"country": "DE" if i % 3 else "US",
@@ -470,7 +471,7 @@ def test_a_position_older_than_the_retention_is_out_of_range(tmp_path: Path) -> 
     shard = start_shard(tmp_path / "data", "--sync", "off", "--changes-retention", "0")
     try:
         with Client(shard.address) as client:
-            client.create_segment("all", "age >= 0")
+            client.create_segment("all", "age >= 0", allow_unknown=True)
             watcher = Watcher(shard.address).started()
             client.upsert("u1", {"age": 1})
             eventually(lambda: bool(watcher.events))
@@ -740,6 +741,39 @@ def test_initial_listing_then_changes_neither_drop_nor_double_at_the_seam(tmp_pa
         cluster.stop()
 
 
+def test_a_typo_in_a_segment_or_a_stream_filter_is_refused_unless_allowed(
+        tmp_path: Path) -> None:
+    """An attribute or event nobody has had is refused as a query's is, on a shard and
+    through a router (which checks it against every shard's schema), unless the segment
+    is defined ahead of its data on purpose; then it fills as the data comes."""
+    shards = start_shards(tmp_path, 2)
+    router = start_router([s.address for s in shards])
+    try:
+        with Client(router.address) as client:  # country: known to shard 0 at least
+            client.upsert(next(f"c{i}" for i in range(99) if slot_of(f"c{i}") < 8192),
+                          {"country": "DE"})
+        for address in (shards[0].address, router.address):
+            with Client(address) as client:
+                for query in ('contry = "DE"', 'did("purchse", within=7d)'):
+                    with pytest.raises(ClientError) as refused:
+                        client.create_segment("typo", query)
+                    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+                    assert "unknown" in refused.value.details
+                    with pytest.raises(ClientError) as stream:
+                        next(iter(client.changes(query=query)))
+                    assert stream.value.code == grpc.StatusCode.INVALID_ARGUMENT
+                assert "typo" not in {s["name"] for s in client.segments()}
+        with Client(router.address) as client:
+            ahead = client.create_segment("ahead", "seats >= 10", allow_unknown=True)
+            assert ahead["members"] == 0
+            client.upsert("big", {"seats": 12})
+            assert client.count('in_segment("ahead")') == 1
+    finally:
+        router.stop()
+        for shard in shards:
+            shard.stop()
+
+
 # ---------------------------------------------------------------------- the CLI
 
 def test_cli_segments_and_watch_print_json_lines(tmp_path: Path) -> None:
@@ -756,6 +790,11 @@ def test_cli_segments_and_watch_print_json_lines(tmp_path: Path) -> None:
         made = cli("segment", "create", "pro", 'plan = "pro"')
         assert made.returncode == 0, made.stderr
         assert json.loads(made.stdout)["members"] == 1
+        typo = cli("segment", "create", "soon", 'pln = "pro"')
+        assert typo.returncode == 1 and "unknown attribute 'pln'" in typo.stderr
+        ahead = cli("segment", "create", "soon", 'seats >= 10', "--allow-unknown")
+        assert ahead.returncode == 0 and json.loads(ahead.stdout)["members"] == 0
+        assert cli("segment", "delete", "soon").returncode == 0
         assert json.loads(cli("segment", "list").stdout)["name"] == "pro"
         watch = subprocess.Popen(
             [sys.executable, "-m", "memstore.cli", "watch", "pro", "--initial", "--address",
@@ -1010,7 +1049,7 @@ def test_members_aged_out_but_not_yet_refreshed_leave_when_their_slots_move(
     router = start_router([s.address for s in shards])
     try:
         with Client(router.address) as client:
-            client.create_segment("recent", 'did("visit", within=2s)')
+            client.create_segment("recent", 'did("visit", within=2s)', allow_unknown=True)
             client.track_batch([{"id": f"v{i}", "event": "visit"} for i in range(200)])
             assert client.count('in_segment("recent")') == 200
         watcher = Watcher(router.address, ("recent",), initial=True).started()

@@ -38,14 +38,18 @@ def segment() -> None:
 @segment.command("create")
 @click.argument("name")
 @click.argument("expression")
+@click.option("--allow-unknown", is_flag=True,
+              help="Accept attributes and events nobody has had yet (a segment defined "
+                   "before its data); without it they are refused, as typos.")
 @connection
-def create(name: str, expression: str, connect: Connect) -> None:
+def create(name: str, expression: str, allow_unknown: bool, connect: Connect) -> None:
     """Save EXPRESSION (a query, see `memstore query`) as segment NAME and print it with
     its member count. The same definition again is a no-op; a different one for an
     existing NAME is refused (delete it first)."""
     with connect.client(timeout=None) as client:
         try:
-            click.echo(_json(client.create_segment(name, expression)))
+            click.echo(_json(client.create_segment(name, expression,
+                                                   allow_unknown=allow_unknown)))
         except ClientError as exc:
             raise click.ClickException(str(exc)) from None
 

@@ -577,12 +577,15 @@ class ClientMethods:
             "log_bytes": r.log_bytes, "shard": r.shard, **dict(r.info)})
 
     # saved segments
-    def create_segment(self, name: str, query: Any) -> Any:
+    def create_segment(self, name: str, query: Any, *, allow_unknown: bool = False) -> Any:
         """Save `query` as segment `name`: its members are kept current on every write,
         `in_segment("name")` reads them in queries, and `watch` streams who enters and
-        leaves. Creating the same definition again is a no-op. Returns its description
-        ({"name", "query", "members", "created_at", "broken"})."""
+        leaves. Creating the same definition again is a no-op. An attribute or event
+        nobody has had yet is refused as a typo would be, unless `allow_unknown` (a
+        segment defined before its data: it matches nobody until someone has it). Returns
+        its description ({"name", "query", "members", "created_at", "broken"})."""
         request = pb.CreateSegmentRequest(name=name, query=_query(query))
+        request.query.unknown_attribute_is_empty = allow_unknown
         return self._call("CreateSegment", request, _segment)
 
     def segments(self) -> Any:

@@ -752,6 +752,8 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
                             ) -> pb.SegmentInfo:
         self._writable()
         node = query_from_request(request.query, limits=self.limits)
+        if not request.query.unknown_attribute_is_empty:  # (a router checked it: lenient)
+            evaluate(self.engine, node, within=BitMap())  # a typo: INVALID_ARGUMENT
         created = (pbvalues.timestamp_micros(request.created_at, "created_at")
                    if request.HasField("created_at")
                    else pbvalues.datetime_to_micros(datetime.now(UTC)))
@@ -868,8 +870,10 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         def setup() -> tuple[Callable[..., list[Any]], Callable[[int], Iterator[Any]]]:
             node = (query_from_request(request.query, limits=self.limits)
                     if request.HasField("query") else None)
-            if node is not None:
-                evaluate(engine, node, unknown_is_empty=True, within=BitMap())  # checks it
+            if node is not None:  # checked (a typo is INVALID_ARGUMENT, unless a router
+                # checked it already: shards that never saw an attribute match nobody)
+                evaluate(engine, node, within=BitMap(),
+                         unknown_is_empty=request.query.unknown_attribute_is_empty)
             flt = watch.ChangeFilter(node, frozenset(request.attributes))
             return (lambda record: watch.change_events(record, flt, engine),
                     lambda lsn: self._initial_profiles(flt, lsn))
