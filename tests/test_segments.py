@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import signal
@@ -488,6 +489,34 @@ def test_a_position_older_than_the_retention_is_out_of_range(tmp_path: Path) -> 
             with pytest.raises(ClientError) as err:
                 next(iter(client.watch(from_position="not-a-position")))
             assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        shard.stop()
+
+
+def test_a_position_inside_a_change_is_invalid_not_damage(tmp_path: Path) -> None:
+    """A position whose place in the log starts no change (made up, or from an earlier
+    data directory of a shard of the same name) is INVALID_ARGUMENT saying so, never an
+    internal error telling the operator to repair a log that is whole."""
+    from memstore.server.watch import decode_token, encode_token
+
+    shard = start_shard(tmp_path / "data", "--sync", "off")
+    try:
+        with Client(shard.address) as client:
+            watcher = Watcher(shard.address, changes=True).started()
+            for i in range(3):
+                client.upsert(f"u{i}", {"n": i})
+            eventually(lambda: len(watcher.events) >= 3, what="three changes")
+            watcher.close()
+            [(name, (lsn, _))] = decode_token(watcher.events[0]["position"]).items()
+            for inside in (lsn + 1, lsn + 7):
+                with pytest.raises(ClientError) as err:
+                    next(iter(client.changes(from_position=encode_token({name: (inside,
+                                                                                -1)}))))
+                assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+                assert f"position {inside} is not where a change" in err.value.details
+            resumed = list(itertools.islice(client.changes(
+                from_position=watcher.events[0]["position"]), 2))
+            assert [e["id"] for e in resumed] == ["u1", "u2"]
     finally:
         shard.stop()
 

@@ -48,7 +48,7 @@ from memstore.query import Node
 from memstore.query.evaluate import evaluate
 from memstore.shard import Shard, decode_change, images_of, named_in
 from memstore.storage import wal_format
-from memstore.storage.wal_reader import Record
+from memstore.storage.wal_reader import LogCorruptError, Record
 from memstore.storage.wal_tail import LogGone, LogTail
 from memstore.v1 import memstore_pb2 as pb
 
@@ -239,6 +239,7 @@ class Stream:
         self.shard = shard
         self.name = name
         self.tail = LogTail(Path(shard.config.data_dir) / "log", lsn)
+        self.start = lsn
         self.skip = (lsn, skip)
         self.last_at = 0
         self.heartbeat = heartbeat
@@ -259,6 +260,16 @@ class Stream:
                     except LogGone as exc:
                         raise FellBehind(f"this stream fell behind what the log keeps "
                                          f"({exc}); start again with initial") from None
+                    except LogCorruptError:
+                        if self.tail.lsn != self.start:
+                            raise  # damage met on the way: the server's to report
+                        # Nothing read from the position: no record starts there (a frame
+                        # read from inside one fails its length or checksum).
+                        raise InvalidArgument(
+                            f"position {self.start} is not where a change of {self.name} "
+                            "starts: a position of another shard or of an earlier data "
+                            "directory (or the log is damaged there: memstore check)"
+                        ) from None
                     yield batch
                     continue
                 await shard.wait_advanced(self.tail.lsn, self.heartbeat)
