@@ -22,7 +22,7 @@ from memstore.hashslot import CLUSTER_SCHEMA
 from memstore.query import QueryError, format_query, query_from_request
 from memstore.v1 import memstore_pb2 as pb
 from shards import watch
-from shards.calls import Code, abort, fail, time_left
+from shards.calls import Code, Down, abort, fail, time_left
 from shards.fanout import FanOut
 from shards.queries import Queries
 from shards.shard_map import ShardState
@@ -131,7 +131,7 @@ class Segments:
         try:
             async for message in merge.run():
                 yield message
-        except grpc.aio.AioRpcError as exc:
+        except (grpc.aio.AioRpcError, Down) as exc:
             await abort(context, exc)
 
 

@@ -20,9 +20,11 @@ they send:
 - Initial sync. The shards' current members (or profiles) pass through as they come,
   without positions; once every shard has listed its own, one message carries the seam's
   token, and changes follow.
-- Shards. A shard that is down ends the stream with UNAVAILABLE (resume from the last
-  token); one taken out of the cluster is dropped from the merge; one added is watched
-  from then on (the router looks at its map every MAP_CHECK seconds).
+- Shards. A shard that is down ends the stream with UNAVAILABLE naming it (resume from the
+  last token), and so does one that sends nothing for STALL seconds (hung, or cut off: it
+  heartbeats every 50 ms to a router, and the merge cannot pass its watermark without
+  it); one taken out of the cluster is dropped from the merge; one added is watched from
+  then on (the router looks at its map every MAP_CHECK seconds).
 """
 
 from __future__ import annotations
@@ -38,9 +40,11 @@ from typing import Any
 import grpc
 
 from memstore.server.watch import decode_token, encode_token
+from shards.calls import Down
 from shards.shard_map import ShardMap, ShardState
 
 MAP_CHECK = 1.0  # seconds between looks for shards added or removed
+STALL = 15.0  # seconds of silence from a shard that end a merged stream (UNAVAILABLE)
 BATCH = 1000
 
 
@@ -50,6 +54,7 @@ class _Feed:
 
     shard: ShardState
     task: asyncio.Task[None] | None = None
+    heard: float = 0.0  # the event loop's time its last message arrived (or it opened)
     low: int = -1  # microseconds: every change of this shard before it has arrived
     listed: bool = False  # its initial listing (if any) is complete
     sent: tuple[int, int] | None = None  # its position of the last event sent on
@@ -75,6 +80,7 @@ class Merge:
         self.positions: dict[str, tuple[int, int]] = dict(start)  # the vector sent so far
         self.seam_sent = not initial
         self._beat = ("", 0.0)  # the last heartbeat's token and time
+        self.stall = STALL
 
     def _add(self, shard: ShardState, late: bool) -> None:
         """Watch `shard`. One found `late` (added to the cluster since the stream began)
@@ -87,16 +93,22 @@ class Merge:
             request.initial = False
             request.from_position = encode_token(
                 {k: v for k, v in self.positions.items() if k != shard.name})
-        feed = _Feed(shard, listed=late or not self.initial)
-        feed.task = asyncio.get_running_loop().create_task(self._read(feed, request))
+        loop = asyncio.get_running_loop()
+        feed = _Feed(shard, listed=late or not self.initial, heard=loop.time())
+        feed.task = loop.create_task(self._read(feed, request))
         self.feeds[id(shard)] = feed
 
     async def _read(self, feed: _Feed, request: Any) -> None:
+        loop = asyncio.get_running_loop()
         try:
             async for message in self.open_stream(feed.shard, request):
+                feed.heard = loop.time()  # (as it arrives: a slow caller is no stall)
                 await self.queue.put((feed, message))
         except grpc.aio.AioRpcError as exc:
-            await self.queue.put(exc)
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:  # say which shard
+                await self.queue.put(Down(feed.shard, exc.details() or "unreachable"))
+            else:
+                await self.queue.put(exc)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - ends the merged stream with it
@@ -187,6 +199,11 @@ class Merge:
                     last_check = now
                     await self.map.refresh()
                     self._watch_map()
+                silent = [f for f in self.feeds.values() if now - f.heard > self.stall]
+                if silent:
+                    raise Down(silent[0].shard, f"its stream sent nothing for "
+                               f"{self.stall:.0f} s (hung, or cut off from this router); "
+                               "resume from the last position")
                 if got is None:
                     continue
                 if isinstance(got, BaseException):

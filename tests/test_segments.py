@@ -493,6 +493,47 @@ def test_a_position_older_than_the_retention_is_out_of_range(tmp_path: Path) -> 
         shard.stop()
 
 
+def test_a_router_stream_ends_naming_a_shard_that_hangs_or_dies(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A merged stream cannot pass a silent shard's watermark: a shard that sends nothing
+    (SIGSTOP: hung) for STALL seconds ends it with UNAVAILABLE naming the shard, as one
+    killed does, so the watcher knows to resume; a slow watcher is no stall."""
+    from shards import watch as router_watch
+    from tests.test_router import RouterThread
+
+    monkeypatch.setattr(router_watch, "STALL", 2.0)
+    shards = start_shards(tmp_path, 2)
+    router = RouterThread([s.address for s in shards])
+    try:
+        with Client(router.address) as client:
+            client.upsert("u0", {"n": 0})
+            stream = client.changes(heartbeats=True)
+            first = next(stream)
+            time.sleep(3)  # a watcher slower than STALL: the shards are alive
+            assert next(stream) is not None and first is not None
+            shards[1].proc.send_signal(signal.SIGSTOP)
+            started = time.monotonic()
+            with pytest.raises(ClientError) as err:
+                for _ in stream:
+                    assert time.monotonic() - started < 30
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE
+            assert "shard-1" in err.value.details and "sent nothing" in err.value.details
+            shards[1].proc.send_signal(signal.SIGCONT)
+            stream = client.changes(heartbeats=True)
+            next(stream)
+            shards[0].proc.kill()
+            with pytest.raises(ClientError) as err:
+                for _ in stream:
+                    pass
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE
+            assert "shard-0" in err.value.details
+    finally:
+        shards[1].proc.send_signal(signal.SIGCONT)
+        router.stop()
+        for shard in shards:
+            shard.stop()
+
+
 def test_a_position_inside_a_change_is_invalid_not_damage(tmp_path: Path) -> None:
     """A position whose place in the log starts no change (made up, or from an earlier
     data directory of a shard of the same name) is INVALID_ARGUMENT saying so, never an
