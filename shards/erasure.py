@@ -173,7 +173,9 @@ class Erasure:
                              receipt=chunk.receipt, profiles=len(chunk.erased),
                              erased_at=chunk.erased_at.seconds,
                              shard_positions=dict(chunk.shard_positions),
-                             suppressed=request.suppress)
+                             suppressed=request.suppress,
+                             **({} if reason == "retention" else
+                                {"hashes": list(chunk.hashed_ids)}))
                 yield chunk
             if not moved:
                 return

@@ -216,6 +216,14 @@ def test_erasure_leaves_a_receipt_and_no_byte_on_disk(cluster: dict[str, Any]) -
     assert line["hashes"] == receipt["hashed_ids"] and line["reason"] == "delete"
     assert line["shard_positions"] == receipt["shard_positions"]
     assert scan([cluster["root"]], needles) == []  # audit lines: hashes only
+    # An erasure by query: its batches' receipts and the router's lines carry the hashes.
+    c.upsert("by-query-1", {"grp": "q1"}, identifiers=[("email", "q1@example.org")])
+    [batch] = list(c.iter_erase('grp = "q1"'))
+    assert len(batch["hashed_ids"]) == 2
+    routed = [json.loads(line) for line in (cluster["root"] / "router-audit.jsonl")
+              .read_text().splitlines()]
+    [line] = [x for x in routed if x.get("receipt") == batch["receipt"]]
+    assert line["reason"] == "query" and line["hashes"] == batch["hashed_ids"]
 
 
 def test_erasing_a_chain_of_merges_across_shards_leaves_no_byte(cluster: dict[str, Any]

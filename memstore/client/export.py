@@ -94,7 +94,7 @@ def receipt(r: pb.DeleteResponse | pb.EraseProfilesChunk) -> dict[str, Any]:
         out["log_position"] = position
     if r.shard_positions:
         out["shard_positions"] = dict(r.shard_positions)
-    if isinstance(r, pb.DeleteResponse):
+    if isinstance(r, pb.DeleteResponse) or r.hashed_ids:  # (none for retention)
         out["hashed_ids"] = list(r.hashed_ids)
     return out
 

@@ -591,7 +591,8 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         rights.audit_erasure(self.shard, reason, receipt, change.at, position, erased,
                              suppress, hashed)
         chunk = pb.EraseProfilesChunk(receipt=receipt, log_position=position,
-                                      shard=self.shard.config.name, suppressed=suppress)
+                                      shard=self.shard.config.name, suppressed=suppress,
+                                      hashed_ids=hashed)
         chunk.shard_positions[self.shard.config.name] = position
         chunk.erased_at.FromSeconds(change.at)
         for pid, merged, idents in erased:

@@ -405,7 +405,7 @@ class ErasedProfile(_message.Message):
     def __init__(self, id: _Optional[str] = ..., merged_ids: _Optional[_Iterable[str]] = ..., identifiers: _Optional[_Iterable[_Union[Identifier, _Mapping]]] = ...) -> None: ...
 
 class EraseProfilesChunk(_message.Message):
-    __slots__ = ("erased", "receipt", "erased_at", "log_position", "shard_positions", "shard", "suppressed", "missing_shards")
+    __slots__ = ("erased", "receipt", "erased_at", "log_position", "shard_positions", "shard", "suppressed", "missing_shards", "hashed_ids")
     class ShardPositionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -421,6 +421,7 @@ class EraseProfilesChunk(_message.Message):
     SHARD_FIELD_NUMBER: _ClassVar[int]
     SUPPRESSED_FIELD_NUMBER: _ClassVar[int]
     MISSING_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    HASHED_IDS_FIELD_NUMBER: _ClassVar[int]
     erased: _containers.RepeatedCompositeFieldContainer[ErasedProfile]
     receipt: str
     erased_at: _timestamp_pb2.Timestamp
@@ -429,7 +430,8 @@ class EraseProfilesChunk(_message.Message):
     shard: str
     suppressed: bool
     missing_shards: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, erased: _Optional[_Iterable[_Union[ErasedProfile, _Mapping]]] = ..., receipt: _Optional[str] = ..., erased_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., log_position: _Optional[int] = ..., shard_positions: _Optional[_Mapping[str, int]] = ..., shard: _Optional[str] = ..., suppressed: _Optional[bool] = ..., missing_shards: _Optional[_Iterable[str]] = ...) -> None: ...
+    hashed_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, erased: _Optional[_Iterable[_Union[ErasedProfile, _Mapping]]] = ..., receipt: _Optional[str] = ..., erased_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., log_position: _Optional[int] = ..., shard_positions: _Optional[_Mapping[str, int]] = ..., shard: _Optional[str] = ..., suppressed: _Optional[bool] = ..., missing_shards: _Optional[_Iterable[str]] = ..., hashed_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TrackBatchRequest(_message.Message):
     __slots__ = ("events", "packed")
