@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,62 @@ def test_csv_columns_are_guessed_whole_and_follow_the_declared_schema(
                for line in rejects.read_text().splitlines()}
     assert set(refused) == {"people.csv:4"}
     assert "'not-a-number' is not a number" in refused["people.csv:4"]
+
+
+def test_lines_the_server_would_refuse_are_named_and_the_rest_load(
+        router: str, tmp_path: Path) -> None:
+    """An int past int64, an identifier kind or value the server refuses, an attribute
+    name it refuses: each is refused on its line (file, line, id; --rejects goes on), not
+    with its whole chunk and no line; a CSV line kept in --rejects reads back as the same
+    cells; a BOM before a CSV header is no part of it; a Parquet timestamp without a zone
+    is UTC and a date its midnight UTC."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "odd.jsonl"
+    lines = [{"id": "ln-1", "attributes": {"n": 1}},
+             {"id": "ln-2", "attributes": {"n": 99999999999999999999}},
+             {"id": "ln-3", "attributes": {"n": 3}, "identifiers": [["Email", "a@x"]]},
+             {"id": "ln-4", "attributes": {"n": 4}, "identifiers": [["email", ""]]},
+             {"id": "ln-5", "attributes": {"bad name!": 5}},
+             {"id": "ln-6", "attributes": {"n": 6}, "identifiers": [["email", "ln6@x"]]}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rejects = tmp_path / "odd.rejects"
+    result = _load(router, path, "--rejects", str(rejects))
+    assert result.returncode == 1 and _loaded(result.stdout) == 2, result.stderr
+    refused = {json.loads(line)["where"]: json.loads(line)
+               for line in rejects.read_text().splitlines()}
+    assert sorted(refused) == [f"odd.jsonl:{i}" for i in (2, 3, 4, 5)]
+    assert "outside the int64 range" in refused["odd.jsonl:2"]["error"]
+    assert "identifier kind 'Email'" in refused["odd.jsonl:3"]["error"]
+    assert "empty identifier value" in refused["odd.jsonl:4"]["error"]
+    assert "'bad name!'" in refused["odd.jsonl:5"]["error"]
+    assert refused["odd.jsonl:2"]["id"] == "ln-2"
+    assert _count(router, "ln-") == {"ln-1", "ln-6"}
+    stopped = _load(router, path)  # without --rejects: stops at line 2, line 1 loaded
+    assert stopped.returncode == 1 and "odd.jsonl:2 (id 'ln-2')" in stopped.stderr
+
+    csv_path = tmp_path / "odd.csv"
+    csv_path.write_text('\ufeffid,label,big\n'
+                        'cq-1,"x, ""y""",12345678901234567890\n'
+                        'cq-2,2,1\n', encoding="utf-8")
+    with Client(router) as c:
+        c.declare([{"name": "label", "kind": "int"}])
+    result = _load(router, csv_path, "--rejects", str(rejects))
+    [entry] = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert entry["where"] == "odd.csv:2" and entry["line"] == 'cq-1,"x, ""y""",' \
+        "12345678901234567890"
+    with Client(router) as c:  # big: 20 digits are no int64, so a string column
+        assert c.get("cq-2")["attributes"] == {"label": 2, "big": "1"}
+
+    parquet = tmp_path / "naive.parquet"
+    pq.write_table(pa.table({"id": ["pn-1"], "seen": [datetime(2026, 1, 2, 3, 4, 5)],
+                             "born": [date(1990, 5, 6)]}), parquet)
+    assert _load(router, parquet).returncode == 0
+    with Client(router) as c:
+        attrs = c.get("pn-1")["attributes"]
+    assert attrs["seen"] == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert attrs["born"] == datetime(1990, 5, 6, tzinfo=UTC)
 
 
 def test_cell_value_rules() -> None:

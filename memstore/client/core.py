@@ -282,6 +282,8 @@ def _pack_default(value: Any) -> Any:
         return sorted(value)
     if isinstance(value, datetime):
         raise TypeError(f"timestamp {value!r} has no time zone; use an aware datetime")
+    if isinstance(value, int):
+        raise TypeError(f"integer {value} is outside the int64 range")
     raise TypeError(f"cannot send a value of type {type(value).__name__}")
 
 

@@ -14,7 +14,8 @@ How a CSV cell's kind is chosen (docs/user-guide.md "Loading"):
   file (a first pass): a column of integers without a leading zero or sign (`0`, `42`,
   `-7`) is int, of numbers (those and `4.5`, `-0.25`, `1e3`) float, of `true` and `false`
   bool, and any other column string, every cell as it is. So a zip code column holding
-  `02134` is string, `10001` included; `+1` and `1,000` make their columns strings;
+  `02134` is string, `10001` included; `+1` and `1,000` make their columns strings, and
+  so do integers past int64 (ids, most likely: a float would round them);
 - an empty cell means "not in this record".
 Declare an attribute first (`memstore declare`) when a guess would be wrong: the declared
 kind always wins.
@@ -23,7 +24,9 @@ kind always wins.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,7 +38,10 @@ from typing import Any, TextIO
 
 import orjson
 
+from memstore.engine.identity import MAX_IDENTIFIER_BYTES, check_identifier
+from memstore.engine.schema import INT64_MAX, INT64_MIN, check_name
 from memstore.engine.values import flatten
+from memstore.errors import InvalidArgument
 
 FORMATS = ("jsonl", "csv", "parquet")
 _INT = re.compile(r"^-?(0|[1-9][0-9]*)$")
@@ -166,9 +172,33 @@ def _record(raw: Any, where: str, schema: dict[str, str], text: str) -> Line:
             value = flat.get(name)
             if kind == "timestamp" and isinstance(value, str):
                 flat[name] = _timestamp(value)
-    except ValueError as exc:
+        _check_record(flat, pairs)
+    except (ValueError, InvalidArgument) as exc:
         return Line(where, {"id": pid}, str(exc), text)
     return Line(where, {"id": pid, "attributes": flat, "identifiers": pairs}, "", text)
+
+
+_GOOD_NAMES: set[str] = set()  # attribute names and identifier kinds checked already
+_GOOD_KINDS: set[str] = set()
+
+
+def _check_record(attributes: dict[str, Any], identifiers: list[tuple[str, str]]) -> None:
+    """What the server would refuse of a record for the record alone, found on its line
+    (a refusal then names the file, the line and the id, and --rejects goes on): names,
+    identifiers, integers past int64 and NaN."""
+    for name, value in attributes.items():
+        if name not in _GOOD_NAMES:
+            check_name(name, "attributes")
+            _GOOD_NAMES.add(name)
+        of = type(value)
+        if of is int and not INT64_MIN <= value <= INT64_MAX:
+            raise ValueError(f"attributes.{name}: {value} is outside the int64 range")
+        if of is float and math.isnan(value):
+            raise ValueError(f"attributes.{name}: NaN cannot be stored or compared")
+    for kind, text in identifiers:
+        if kind not in _GOOD_KINDS or not text or len(text) * 4 > MAX_IDENTIFIER_BYTES:
+            check_identifier(kind, text, "identifiers")
+            _GOOD_KINDS.add(kind)
 
 
 def _without_nulls(attributes: dict[str, Any]) -> dict[str, Any]:
@@ -206,7 +236,7 @@ def _jsonl(path: Path, schema: dict[str, str]) -> Iterator[Line]:
 
 
 def _csv(path: Path, schema: dict[str, str]) -> Iterator[Line]:
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:  # (Excel writes a BOM)
         reader = csv.DictReader(f)
         if reader.fieldnames is None or "id" not in reader.fieldnames:
             yield Line(f"{path.name}:1", None, "the header has no 'id' column")
@@ -218,7 +248,7 @@ def _csv(path: Path, schema: dict[str, str]) -> Iterator[Line]:
         reader = csv.DictReader(f)
         for row in reader:
             where = f"{path.name}:{reader.line_num}"
-            text = ",".join(_csv_text(v) for v in row.values())
+            text = _csv_line(row.values())
             pid = row.pop("id", None)
             if not pid:
                 yield Line(where, None, "empty 'id' cell", text)
@@ -248,7 +278,8 @@ def _csv_kinds(f: TextIO, names: Sequence[str], schema: dict[str, str]) -> dict[
             cells = [row[i] for row in block if len(row) > i and row[i]]
             if not cells:
                 continue
-            kind = ("int" if all(map(_INT.match, cells))
+            integers = all(map(_INT.match, cells))
+            kind = (("int" if all(map(_int64, cells)) else "string") if integers
                     else "float" if all(map(_FLOAT.match, cells))
                     else "bool" if set(cells) <= {"true", "false"} else "string")
             was = kinds.get(name, kind)
@@ -259,10 +290,28 @@ def _csv_kinds(f: TextIO, names: Sequence[str], schema: dict[str, str]) -> dict[
     return kinds
 
 
-def _csv_text(value: Any) -> str:
-    if isinstance(value, list):  # DictReader's overflow cells
-        return ",".join(map(str, value))
-    return "" if value is None else str(value)
+def _int64(text: str) -> bool:
+    """Whether an integer's text is within int64 (up to 18 digits always is)."""
+    return len(text) <= 18 or INT64_MIN <= int(text) <= INT64_MAX
+
+
+def _csv_line(values: Iterable[Any]) -> str:
+    """A row's cells as a CSV line again, quoted where they need it (what --rejects keeps:
+    a line that reads back as the same cells)."""
+    cells: list[Any] = []
+    for value in values:
+        if isinstance(value, list):  # DictReader's overflow cells
+            cells += value
+        else:
+            cells.append("" if value is None else value)
+    _LINE.seek(0)
+    _LINE.truncate()
+    _LINE_WRITER.writerow(cells)
+    return _LINE.getvalue()
+
+
+_LINE = io.StringIO()
+_LINE_WRITER = csv.writer(_LINE, lineterminator="")
 
 
 def cell_value(name: str, text: str, schema: dict[str, str]) -> Any:
@@ -282,6 +331,8 @@ def cell_value(name: str, text: str, schema: dict[str, str]) -> Any:
     if kind == "int":
         if not _INT.match(text.strip()):
             raise ValueError(f"{name}: {text!r} is not an int (the attribute is declared int)")
+        if not _int64(text.strip()):
+            raise ValueError(f"{name}: {text} is outside the int64 range")
         return int(text)
     if kind == "float":
         try:
@@ -329,8 +380,20 @@ def _parquet(path: Path, schema: dict[str, str]) -> Iterator[Line]:
             idents = values.pop("identifiers", None) or []
             pid = values.pop("id", None)
             raw = {"id": pid, "identifiers": idents,
-                   "attributes": {k: v for k, v in values.items() if v is not None}}
+                   "attributes": {k: _parquet_value(v) for k, v in values.items()
+                                  if v is not None}}
             yield _record(raw, where, schema, "")
+
+
+def _parquet_value(value: Any) -> Any:
+    """A Parquet cell as a value to send: a timestamp without a time zone (what pandas
+    and Spark's TIMESTAMP_NTZ write) is UTC, and a date its midnight UTC, as load-events
+    reads them."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day, tzinfo=UTC)
+    return value
 
 
 # ---------------------------------------------------------------------- events
@@ -529,7 +592,7 @@ def _event_block(texts: list[str], first: int, name: str) -> EventBlock | None:
 
 
 def _csv_events(path: Path) -> Iterator[Line]:
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:  # (Excel writes a BOM)
         reader = csv.DictReader(f)
         names = reader.fieldnames or []
         if "event" not in names or not ({"id", "identifier"} & set(names)):
@@ -543,7 +606,7 @@ def _csv_events(path: Path) -> Iterator[Line]:
             return
         for row in reader:
             where = f"{path.name}:{reader.line_num}"
-            text = ",".join(_csv_text(v) for v in row.values())
+            text = _csv_line(row.values())
             if None in row:
                 yield Line(where, None, "more cells than the header has columns", text)
                 continue
