@@ -31,11 +31,15 @@ from typing import Any, NoReturn
 
 import grpc
 import msgpack
+import numpy as np
 from pyroaring import BitMap
 
 from memstore import pbvalues
 from memstore.engine import eventpack
-from memstore.engine.columnar import Columns, unpack_columns
+from memstore.engine.columnar import Coded, Columns, unpack_columns
+from memstore.engine.identity import IDENT_KIND, MAX_IDENTIFIER_BYTES, check_identifier
+from memstore.engine.schema import check_name
+from memstore.engine.values import flatten
 from memstore.errors import InvalidArgument
 from memstore.hashslot import APPLIED_TRAILER, RECORD_TRAILER
 from memstore.server.heap import LoadTrimmer
@@ -358,6 +362,13 @@ class Writes:
                 await _refuse_batch(context, refused, parts, forms)
 
         named = [_identifiers_of(item) for _, item in items]
+        bad = _malformed(items, named, batch)
+        if bad is not None:  # refused before anything, naming the record as a shard would
+            at, why = bad
+            _, form, index = items[at][1]
+            context.set_trailing_metadata(((RECORD_TRAILER, str(index)),
+                                           (APPLIED_TRAILER, BitMap().serialize())))
+            await fail(context, Code.INVALID_ARGUMENT, f"{_where(form, index, forms)}.{why}")
         parts: list[tuple[list[Any], Any]] = []
         made: set[tuple[str, tuple[str, str]]] = set()  # claims this batch made
         checked = False  # (the batch has a cross-shard merge)
@@ -504,8 +515,7 @@ async def _refuse_suppressed(context: Any, exc: Suppressed, items: list[tuple[st
     shard names a record it refuses: RECORD_TRAILER), with the records `applied` before."""
     i = next(i for i, idents in enumerate(named) if exc.ident in idents)
     _, form, index = items[i][1]
-    where = (f"requests[{index}]" if form == REQUEST else f"packed[{index - forms[0]}]"
-             if form == PACKED else f"columns[{index - forms[0] - forms[1]}]")
+    where = _where(form, index, forms)
     context.set_trailing_metadata(((RECORD_TRAILER, str(index)),
                                    (APPLIED_TRAILER, _applied(applied).serialize())))
     await fail(context, Code.FAILED_PRECONDITION, f"{where}.identifiers: {exc}")
@@ -548,6 +558,67 @@ async def _refuse_batch(context: Any, refused: GroupRefused,
             message = f"{place}.{message}" if field else f"{place}: {message}"
     context.set_trailing_metadata(tuple(trailers))
     await fail(context, refused.code, message)
+
+
+def _where(form: int, index: int, forms: tuple[int, int]) -> str:
+    """A BatchUpsert record's place in its own form (`packed[3]`), from its index."""
+    return (f"requests[{index}]" if form == REQUEST else f"packed[{index - forms[0]}]"
+            if form == PACKED else f"columns[{index - forms[0] - forms[1]}]")
+
+
+_GOOD_NAMES: set[str] = set()  # attribute names found good (bounded: _malformed)
+
+
+def _malformed(items: list[tuple[str, Any]], named: list[list[tuple[str, str]]],
+               batch: Columns) -> tuple[int, str] | None:
+    """The first record with an identifier or an attribute name its shard or the
+    directory would refuse, and why: found here, it is refused as its record (its place
+    named, the rest of a load goes on), where the directory's claims or the schema
+    registry would have failed the whole batch naming none. Distinct kinds and names are
+    checked once; a batch with nothing wrong costs a pass over its identifiers."""
+    kinds = {kind for idents in named for kind, _ in idents}
+    if not all(map(IDENT_KIND.match, kinds)) or not all(
+            value and len(value) * 4 <= MAX_IDENTIFIER_BYTES
+            for idents in named for _, value in idents):
+        for i, idents in enumerate(named):
+            for kind, value in idents:
+                try:
+                    check_identifier(kind, value, "identifiers")
+                except InvalidArgument as exc:
+                    return i, str(exc)
+    if len(_GOOD_NAMES) > 100_000:
+        _GOOD_NAMES.clear()
+    for i, (_, (record, form, _)) in enumerate(items):
+        if form == REQUEST:
+            names: Iterable[str] = (op.attribute for op in record.operations)
+        elif form == PACKED:
+            attrs = record[1] if len(record) > 1 and isinstance(record[1], dict) else {}
+            try:
+                names = flatten(attrs).keys()
+            except (InvalidArgument, ValueError, TypeError):
+                continue  # malformed otherwise: its shard names what is wrong
+        else:  # a column's name: refused as the first row holding a value in it
+            if i and form == items[i - 1][1][1]:
+                continue
+            for name, column in batch.attributes.items():
+                if name not in _GOOD_NAMES:
+                    try:
+                        check_name(name, "attributes")
+                    except InvalidArgument as exc:
+                        row = (int(np.argmax(column.holds())) if isinstance(column, Coded)
+                               else next((r for r, v in enumerate(column) if v is not None),
+                                         0))
+                        return i + row, str(exc)
+                    _GOOD_NAMES.add(name)
+            continue
+        for name in names:
+            if name not in _GOOD_NAMES:
+                try:
+                    check_name(name, "attributes")
+                except InvalidArgument as exc:
+                    return i, str(exc)
+                _GOOD_NAMES.add(name)
+    return None
 
 
 def _identifiers_of(item: tuple[Any, ...]) -> list[tuple[str, str]]:

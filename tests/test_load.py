@@ -148,6 +148,27 @@ def test_client_load_reports_refused_records_and_applied_counts(router: str) -> 
         assert {f"cl2-{i}" for i in range(600)} <= held and "cl2-600" not in held
 
 
+def test_client_load_refuses_bad_identifiers_and_names_record_by_record(router: str
+                                                                         ) -> None:
+    """Through a router, an identifier or an attribute name the directory or the schema
+    registry would refuse names its record (as a shard names a bad value), so a load goes
+    on past it; before, the whole chunk failed naming none."""
+    records = [{"id": f"bi-{i}", "attributes": {"n": i},
+                "identifiers": [("email", f"bi-{i}@x")]} for i in range(600)]
+    records[7]["identifiers"] = [("Email", "bi-7@x")]
+    records[260]["identifiers"] = [("email", "")]
+    records[420]["attributes"] = {"bad name!": 1}
+    refused: list[tuple[int, str]] = []
+    with Client(router) as c:
+        applied = c.load(records, chunk_size=CHUNK, concurrency=2,
+                         on_refused=lambda i, pid, err: refused.append((i, err.details)))
+    assert [i for i, _ in refused] == [7, 260, 420] and applied == 597
+    assert "identifier kind 'Email'" in refused[0][1]
+    assert "empty identifier value" in refused[1][1]
+    assert "'bad name!'" in refused[2][1]
+    assert len(_count(router, "bi-")) == 597
+
+
 def test_async_client_load_is_the_same(router: str) -> None:
     import asyncio
 
