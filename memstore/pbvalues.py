@@ -63,6 +63,8 @@ def to_pb(value: PyValue) -> pb.Value:
     if isinstance(value, bool):
         out.bool_value = value
     elif isinstance(value, int):
+        if not -(1 << 63) <= value < 1 << 63:
+            raise ValueError(f"integer {value} is outside the int64 range")
         out.int_value = value
     elif isinstance(value, float):
         out.float_value = value

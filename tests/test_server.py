@@ -103,6 +103,8 @@ def test_operations_apply_in_order(client: Client) -> None:
                          (["set"], "ops[0]: (")):
         with pytest.raises(ValueError, match=re.escape(message)):
             client.upsert(pid, ops=bad)
+    with pytest.raises(ValueError, match="integer 9223372036854775808 is outside the int64"):
+        client.upsert(pid, {"visits": 2**63})
 
 
 def test_wrong_kind_is_refused_naming_attribute_and_kinds(client: Client) -> None:
