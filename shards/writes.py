@@ -548,10 +548,7 @@ async def _refuse_batch(context: Any, refused: GroupRefused,
     if refused.record is not None:
         _, form, index = order[refused.record]
         trailers.append((RECORD_TRAILER, str(index)))
-        named = ("requests", index) if form == REQUEST else (
-            ("packed", index - forms[0]) if form == PACKED else
-            ("columns", index - forms[0] - forms[1]))
-        place = f"{named[0]}[{named[1]}]"
+        place = _where(form, index, forms)
         message, named_it = re.subn(r"^(requests|packed|columns)\[\d+\]", place, message)
         if not named_it:  # (a refusal of the merged profile: a cross-shard merge's)
             field = re.match(r"[a-z_]+[:.\[]", message)  # "identifiers: ..." is the record's
