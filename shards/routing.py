@@ -234,20 +234,22 @@ class Routing:
         GroupRefused once the round's other answers are in, with every group applied so
         far (a part whose outcome is unknown before a refusal). A `read` may be answered
         by replicas (shards/replica_reads.py)."""
-        # Each item carries its place in `items` (key, (place, item)): items sent again
-        # (forwards followed, slots moved) go in their first order, whichever shards they
-        # came back from, so one profile's writes reach it in the order asked.
-        pending = [(key, (place, item)) for place, (key, item) in enumerate(items)]
+        pending = items
         done: list[tuple[list[Any], Any]] = []
         follow_rounds = declare_rounds = 0
+        # Items sent again (forwards followed, slots moved) go in their first order,
+        # whichever shards they came back from, so one profile's writes reach it in the
+        # order asked: each item's place in `items`, by the item's identity, made only
+        # once an item goes again (a batch sent once pays nothing).
+        places = _Places(items)
         for attempt in attempts():
             version = self.map.version
             if attempt:
-                pending.sort(key=_place)
+                pending.sort(key=places.of_pair)
             groups, unowned = self._grouped(pending)
 
             async def one(shard: ShardState, group: list[tuple[str, Any]]) -> Any:
-                request = build([item for _, (_, item) in group])
+                request = build(list(map(itemgetter(1), group)))
                 stub = shard.control if control else shard.reader if read else shard.stub
                 expect = next((judged[k] for k, _ in group if k in judged), None) \
                     if judged else None
@@ -274,8 +276,8 @@ class Routing:
                     if forwarded is None or retarget is None:
                         raise
                     moved = dict(forward_pairs(forwarded))
-                    aimed = [(moved[pid], (place, retarget(item, moved[pid]))) if pid in moved
-                             else (pid, (place, item)) for pid, (place, item) in group]
+                    aimed = [(moved[pid], places.same(item, retarget(item, moved[pid])))
+                             if pid in moved else (pid, item) for pid, item in group]
                     if rejudge is not None and judged and not judged.keys().isdisjoint(moved):
                         # A write judged for the merged-away id (its identifiers' merges,
                         # its shard) is judged again for the survivor, elsewhere.
@@ -293,7 +295,7 @@ class Routing:
             refused: GroupRefused | None = None
             for (_, sent), outcome in zip(groups.values(), outcomes, strict=True):
                 if refusals and isinstance(outcome, grpc.aio.AioRpcError | Down):
-                    failed = GroupRefused([item for _, (_, item) in sent], outcome, done)
+                    failed = GroupRefused(list(map(itemgetter(1), sent)), outcome, done)
                     if refused is None or (refused.refused and not failed.refused):
                         refused = failed
                     continue
@@ -315,12 +317,12 @@ class Routing:
                     declared = True
                 elif response is _REJUDGE:
                     assert rejudge is not None
-                    rejudge.extend((key, item) for key, (_, item) in sorted(group, key=_place))
+                    rejudge.extend(sorted(group, key=places.of_pair))
                 elif response is None:
                     pending.extend(group)
                     moved_on = True
                 else:
-                    done.append(([item for _, (_, item) in group], response))
+                    done.append((list(map(itemgetter(1), group)), response))
             if refused is not None:
                 raise refused
             if not pending:
@@ -343,6 +345,29 @@ class Routing:
                    f"after {MOVE_WAIT:.0f} s (a slot move stuck?)")
 
 
-def _place(pair: tuple[str, tuple[int, Any]]) -> int:
-    """A routed item's place in the caller's list."""
-    return pair[1][0]
+class _Places:
+    """Where each of routed()'s items stands in the caller's list, by the item's identity:
+    the table is made the first time it is asked (a retry round), and a retargeted item
+    takes its original's place (every item asked about is kept alive, so no identity is
+    reused while routed() runs)."""
+
+    def __init__(self, items: list[tuple[str, Any]]) -> None:
+        self._items = items
+        self._place: dict[int, int] | None = None
+        self._kept: list[Any] = []
+
+    def of(self, item: Any) -> int:
+        if self._place is None:
+            self._place = {id(it): n for n, (_, it) in enumerate(self._items)}
+        return self._place[id(item)]
+
+    def of_pair(self, pair: tuple[str, Any]) -> int:
+        return self.of(pair[1])
+
+    def same(self, item: Any, new: Any) -> Any:
+        """`new` (retargeted from `item`), at `item`'s place."""
+        place = self.of(item)
+        assert self._place is not None
+        self._place[id(new)] = place
+        self._kept.append(new)
+        return new
