@@ -362,7 +362,7 @@ class Writes:
                 await _refuse_batch(context, refused, parts, forms)
 
         named = [_identifiers_of(item) for _, item in items]
-        bad = _malformed(items, named, batch)
+        bad = _malformed(items, named, batch, forms)
         if bad is not None:  # refused before anything, naming the record as a shard would
             at, why = bad
             _, form, index = items[at][1]
@@ -567,16 +567,17 @@ _GOOD_NAMES: set[str] = set()  # attribute names found good (bounded: _malformed
 
 
 def _malformed(items: list[tuple[str, Any]], named: list[list[tuple[str, str]]],
-               batch: Columns) -> tuple[int, str] | None:
+               batch: Columns, forms: tuple[int, int]) -> tuple[int, str] | None:
     """The first record with an identifier or an attribute name its shard or the
     directory would refuse, and why: found here, it is refused as its record (its place
     named, the rest of a load goes on), where the directory's claims or the schema
     registry would have failed the whole batch naming none. Distinct kinds and names are
-    checked once; a batch with nothing wrong costs a pass over its identifiers."""
+    checked once; a batch with nothing wrong costs a pass over its identifiers (and over
+    its structured and packed records' names: a columnar batch's are its columns')."""
     kinds = {kind for idents in named for kind, _ in idents}
-    if not all(map(IDENT_KIND.match, kinds)) or not all(
-            value and len(value) * 4 <= MAX_IDENTIFIER_BYTES
-            for idents in named for _, value in idents):
+    values = [value for idents in named for _, value in idents]
+    if (not all(map(IDENT_KIND.match, kinds)) or not all(values)
+            or max(map(len, values), default=0) * 4 > MAX_IDENTIFIER_BYTES):
         for i, idents in enumerate(named):
             for kind, value in idents:
                 try:
@@ -585,29 +586,16 @@ def _malformed(items: list[tuple[str, Any]], named: list[list[tuple[str, str]]],
                     return i, str(exc)
     if len(_GOOD_NAMES) > 100_000:
         _GOOD_NAMES.clear()
-    for i, (_, (record, form, _)) in enumerate(items):
+    requests, packed = forms
+    for i, (_, (record, form, _)) in enumerate(items[:requests + packed]):
         if form == REQUEST:
             names: Iterable[str] = (op.attribute for op in record.operations)
-        elif form == PACKED:
+        else:
             attrs = record[1] if len(record) > 1 and isinstance(record[1], dict) else {}
             try:
                 names = flatten(attrs).keys()
             except (InvalidArgument, ValueError, TypeError):
                 continue  # malformed otherwise: its shard names what is wrong
-        else:  # a column's name: refused as the first row holding a value in it
-            if i and form == items[i - 1][1][1]:
-                continue
-            for name, column in batch.attributes.items():
-                if name not in _GOOD_NAMES:
-                    try:
-                        check_name(name, "attributes")
-                    except InvalidArgument as exc:
-                        row = (int(np.argmax(column.holds())) if isinstance(column, Coded)
-                               else next((r for r, v in enumerate(column) if v is not None),
-                                         0))
-                        return i + row, str(exc)
-                    _GOOD_NAMES.add(name)
-            continue
         for name in names:
             if name not in _GOOD_NAMES:
                 try:
@@ -615,6 +603,15 @@ def _malformed(items: list[tuple[str, Any]], named: list[list[tuple[str, str]]],
                 except InvalidArgument as exc:
                     return i, str(exc)
                 _GOOD_NAMES.add(name)
+    for name, column in batch.attributes.items():  # refused as the first row holding it
+        if name not in _GOOD_NAMES:
+            try:
+                check_name(name, "attributes")
+            except InvalidArgument as exc:
+                row = (int(np.argmax(column.holds())) if isinstance(column, Coded)
+                       else next((r for r, v in enumerate(column) if v is not None), 0))
+                return requests + packed + row, str(exc)
+            _GOOD_NAMES.add(name)
     return None
 
 
