@@ -38,7 +38,7 @@ from memstore import pbvalues
 from memstore.engine import eventpack
 from memstore.engine.columnar import Coded, Columns, unpack_columns
 from memstore.engine.identity import IDENT_KIND, MAX_IDENTIFIER_BYTES, check_identifier
-from memstore.engine.schema import check_name
+from memstore.engine.schema import check_name_once
 from memstore.engine.values import flatten
 from memstore.errors import InvalidArgument
 from memstore.hashslot import APPLIED_TRAILER, RECORD_TRAILER
@@ -563,9 +563,6 @@ def _where(form: int, index: int, forms: tuple[int, int]) -> str:
             if form == PACKED else f"columns[{index - forms[0] - forms[1]}]")
 
 
-_GOOD_NAMES: set[str] = set()  # attribute names found good (bounded: _malformed)
-
-
 def _malformed(items: list[tuple[str, Any]], named: list[list[tuple[str, str]]],
                batch: Columns, forms: tuple[int, int]) -> tuple[int, str] | None:
     """The first record with an identifier or an attribute name its shard or the
@@ -584,8 +581,6 @@ def _malformed(items: list[tuple[str, Any]], named: list[list[tuple[str, str]]],
                     check_identifier(kind, value, "identifiers")
                 except InvalidArgument as exc:
                     return i, str(exc)
-    if len(_GOOD_NAMES) > 100_000:
-        _GOOD_NAMES.clear()
     requests, packed = forms
     for i, (_, (record, form, _)) in enumerate(items[:requests + packed]):
         if form == REQUEST:
@@ -596,22 +591,18 @@ def _malformed(items: list[tuple[str, Any]], named: list[list[tuple[str, str]]],
                 names = flatten(attrs).keys()
             except (InvalidArgument, ValueError, TypeError):
                 continue  # malformed otherwise: its shard names what is wrong
-        for name in names:
-            if name not in _GOOD_NAMES:
-                try:
-                    check_name(name, "attributes")
-                except InvalidArgument as exc:
-                    return i, str(exc)
-                _GOOD_NAMES.add(name)
+        try:
+            for name in names:
+                check_name_once(name, "attributes")
+        except InvalidArgument as exc:
+            return i, str(exc)
     for name, column in batch.attributes.items():  # refused as the first row holding it
-        if name not in _GOOD_NAMES:
-            try:
-                check_name(name, "attributes")
-            except InvalidArgument as exc:
-                row = (int(np.argmax(column.holds())) if isinstance(column, Coded)
-                       else next((r for r, v in enumerate(column) if v is not None), 0))
-                return requests + packed + row, str(exc)
-            _GOOD_NAMES.add(name)
+        try:
+            check_name_once(name, "attributes")
+        except InvalidArgument as exc:
+            row = (int(np.argmax(column.holds())) if isinstance(column, Coded)
+                   else next((r for r, v in enumerate(column) if v is not None), 0))
+            return requests + packed + row, str(exc)
     return None
 
 

@@ -39,7 +39,7 @@ from typing import Any, TextIO
 import orjson
 
 from memstore.engine.identity import MAX_IDENTIFIER_BYTES, check_identifier
-from memstore.engine.schema import INT64_MAX, INT64_MIN, check_name
+from memstore.engine.schema import INT64_MAX, INT64_MIN, check_name_once
 from memstore.engine.values import flatten
 from memstore.errors import InvalidArgument
 
@@ -178,8 +178,7 @@ def _record(raw: Any, where: str, schema: dict[str, str], text: str) -> Line:
     return Line(where, {"id": pid, "attributes": flat, "identifiers": pairs}, "", text)
 
 
-_GOOD_NAMES: set[str] = set()  # attribute names and identifier kinds checked already
-_GOOD_KINDS: set[str] = set()
+_GOOD_KINDS: set[str] = set()  # identifier kinds checked already
 
 
 def _check_record(attributes: dict[str, Any], identifiers: list[tuple[str, str]]) -> None:
@@ -187,9 +186,7 @@ def _check_record(attributes: dict[str, Any], identifiers: list[tuple[str, str]]
     (a refusal then names the file, the line and the id, and --rejects goes on): names,
     identifiers, integers past int64 and NaN."""
     for name, value in attributes.items():
-        if name not in _GOOD_NAMES:
-            check_name(name, "attributes")
-            _GOOD_NAMES.add(name)
+        check_name_once(name, "attributes")
         of = type(value)
         if of is int and not INT64_MIN <= value <= INT64_MAX:
             raise ValueError(f"attributes.{name}: {value} is outside the int64 range")

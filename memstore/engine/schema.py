@@ -9,6 +9,7 @@ log reproduces the same ids.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -84,6 +85,13 @@ def check_name(name: str, where: str = "attribute") -> None:
         raise InvalidArgument(
             f"{where}: attribute name {name!r} must be dotted words of letters, digits, _ or -"
         )
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def check_name_once(name: str, where: str = "attribute") -> None:
+    """check_name, remembering the names that passed (a load's records name the same few
+    again and again); a refused name is checked again each time, as it raises."""
+    check_name(name, where)
 
 
 def check_string(value: str, where: str) -> None:
