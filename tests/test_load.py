@@ -306,6 +306,27 @@ def test_csv_column_kinds_come_from_every_cell_the_first_row_included(tmp_path: 
     assert last == {"x": "oops"}  # its one cell made x a string column, the first row too
 
 
+def test_whole_counts_written_as_floats_read_alike_in_every_format(tmp_path: Path) -> None:
+    """pandas writes an integer column with gaps as floats: a count of 2.0 (JSON), "2.0"
+    (CSV) or a float64 2.0 (Parquet) is the count 2 in all three; 2.5 is refused in all."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    counts = [2.0, 3.0, 2.5]
+    (tmp_path / "e.jsonl").write_text("".join(
+        json.dumps({"id": f"u{i}", "event": "buy", "count": c}) + "\n"
+        for i, c in enumerate(counts)))
+    (tmp_path / "e.csv").write_text("id,event,count\n" + "".join(
+        f"u{i},buy,{c}\n" for i, c in enumerate(counts)))
+    pq.write_table(pa.table({"id": [f"u{i}" for i in range(3)], "event": ["buy"] * 3,
+                             "count": pa.array(counts, pa.float64())}), tmp_path / "e.parquet")
+    for fmt in ("jsonl", "csv", "parquet"):
+        lines = list(read_events(tmp_path / f"e.{fmt}", fmt))
+        assert [line.event and line.event[3] for line in lines[:2]] == [2, 3], fmt
+        assert lines[2].event is None and "2.5" in lines[2].error, fmt
+        assert all(type(line.event[3]) is int for line in lines[:2]), fmt
+
+
 def test_event_lines_are_checked_once_and_sent_as_they_are(tmp_path: Path) -> None:
     """load-events sends each good line's event tuple (checked by the loader alone), the
     same event Client.load_events makes of the line's record; bad lines keep their
@@ -316,13 +337,16 @@ def test_event_lines_are_checked_once_and_sent_as_they_are(tmp_path: Path) -> No
             {"identifier": {"kind": "crm", "value": "7"}, "event": "buy", "count": 2},
             {"id": "b", "event": "buy", "at": "yesterday"},
             {"id": "c", "event": "buy", "count": 0},
-            {"id": "d", "event": ""}]
+            {"id": "d", "event": ""},
+            {"id": "e", "event": "buy", "count": 2.5},
+            {"id": "f", "event": "buy", "count": "1.5"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
     lines = list(read_events(path, "jsonl"))
     assert [line.error for line in lines[3:]] == [
         "at: 'yesterday' is not an ISO-8601 time", "count: 0 is not a whole number from 1",
-        "no 'event' (a non-empty string)", lines[6].error]
-    assert lines[6].error.startswith("not JSON:") and all(line.event is None for line in lines[3:])
+        "no 'event' (a non-empty string)", "count: 2.5 is not a whole number from 1",
+        "count: '1.5' is not a whole number from 1", lines[8].error]
+    assert lines[8].error.startswith("not JSON:") and all(line.event is None for line in lines[3:])
     good = lines[:3]
     assert [line.event for line in good] == [
         ("a", "buy", 1767323045000000, 3), (("email", "a@x"), "open", None, 1),

@@ -454,14 +454,29 @@ def _event_record(raw: Any, where: str, text: str) -> Line:
     if count is None:
         count = 1
     else:
-        if isinstance(count, str) and _INT.match(count):
-            count = int(count)
+        count = _whole(count)
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             return Line(where, record, f"count: {count!r} is not a whole number from 1", text)
         record["count"] = count
     return Line(where, record, "", text, (key, event, at, count))
 
 
+def _whole(count: Any) -> Any:
+    """An event's count as an int where it is a whole number however written: 3, "3",
+    3.0 or "3.0" (pandas writes an integer column with gaps as floats, in JSON, CSV and
+    Parquet alike); anything else as it is, for the caller to refuse."""
+    if isinstance(count, str):
+        text = count.strip()
+        if _INT.match(text):
+            return int(text)
+        if _WHOLE_FLOAT.match(text):
+            count = float(text)
+    if isinstance(count, float) and count.is_integer():
+        return int(count)
+    return count
+
+
+_WHOLE_FLOAT = re.compile(r"^[0-9]+\.0*$")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICRO = timedelta(microseconds=1)
 
@@ -623,13 +638,10 @@ def _parquet_events(path: Path) -> Iterator[Line]:
 
 
 def _parquet_event(values: dict[str, Any]) -> dict[str, Any]:
-    """A Parquet row's fields as _event_record reads them: nulls left out, a float count
-    that is a whole number as that int (pandas writes an integer column with gaps as
-    float64), a date (date32) as its midnight UTC (a JSON line's "2026-09-01" is too)."""
+    """A Parquet row's fields as _event_record reads them: nulls left out, a date
+    (date32) as its midnight UTC (a JSON line's "2026-09-01" is too)."""
     row = {k: v for k, v in values.items() if v is not None}
-    count, at = row.get("count"), row.get("at")
-    if isinstance(count, float) and count.is_integer():
-        row["count"] = int(count)
+    at = row.get("at")
     if isinstance(at, date) and not isinstance(at, datetime):
         row["at"] = datetime(at.year, at.month, at.day, tzinfo=UTC)
     return row
