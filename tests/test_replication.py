@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,9 +136,11 @@ def upsert_until_accepted(c: Client, pid: str, attributes: dict[str, Any], since
 
 
 @contextmanager
-def writers(address: str, count: int = 3, first: int = 300) -> Iterator[list[str]]:
-    """`count` threads upserting new profiles through `address`, each until its first
-    refusal or the block's end; yields the ids acknowledged, once `first` of them are."""
+def writers(address: str, count: int = 3, first: int = 300, ops: Sequence[Any] = ()
+            ) -> Iterator[list[str]]:
+    """`count` threads upserting new profiles (with `ops`) through `address`, each until
+    its first refusal or the block's end; yields the ids acknowledged, once `first` of
+    them are."""
     acked: list[str] = []
     stop = threading.Event()
 
@@ -147,7 +149,7 @@ def writers(address: str, count: int = 3, first: int = 300) -> Iterator[list[str
             n = 0
             while not stop.is_set():
                 try:
-                    c.upsert(f"{prefix}-{n}", {"n": n})
+                    c.upsert(f"{prefix}-{n}", {"n": n}, ops=list(ops))
                 except ClientError:
                     return
                 acked.append(f"{prefix}-{n}")
@@ -361,28 +363,8 @@ def test_sync_replication_acknowledges_only_what_the_replica_holds(
         tmp_path: Path, procs: list[Proc]) -> None:
     primary, replica = primary_and_replica(tmp_path, procs, "--replication", "sync")
     wait_replicas(primary.address, 1)
-    acked: list[str] = []
-    stop = threading.Event()
-
-    def writer(prefix: str) -> None:
-        with Client(primary.address, timeout=10) as c:
-            n = 0
-            while not stop.is_set():
-                try:
-                    c.upsert(f"{prefix}-{n}", {"n": n}, ops=[("add_to_set", "t", ["x"])])
-                except ClientError:
-                    return
-                acked.append(f"{prefix}-{n}")
-                if len(acked) >= 400 and not stop.is_set():
-                    stop.set()  # right after an acknowledged write: kill the primary
-                    primary.kill()
-                n += 1
-
-    threads = [threading.Thread(target=writer, args=(f"w{t}",)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    with writers(primary.address, 4, 400, [("add_to_set", "t", ["x"])]) as acked:
+        primary.kill()  # while writes are in flight: the acknowledged ones must survive
     assert primary.proc.poll() is not None and len(acked) >= 400
     replica.kill()  # what it confirmed must be on its disk, not only in its memory
     replica = start(tmp_path / "replica", "--replica-of", primary.address)
