@@ -217,6 +217,9 @@ class Shard:
         self.replica_of: str | None = None
         self.replication: Replication | None = None
         self.follower: Any = None  # a replica's memstore.replication.Follower (its lag)
+        # The history (memstore.replication.history.History) its log holds now, which
+        # change-stream positions name; replication's Roles answers it (None: unknown).
+        self.log_history: Callable[[], Any] = lambda: None
 
     @property
     def position(self) -> int:

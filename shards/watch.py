@@ -39,7 +39,7 @@ from typing import Any
 
 import grpc
 
-from memstore.server.watch import decode_token, encode_token
+from memstore.server.watch import Position, decode_token, encode_token
 from shards.calls import Down
 from shards.shard_map import ShardMap, ShardState
 
@@ -57,9 +57,9 @@ class _Feed:
     heard: float = 0.0  # the event loop's time its last message arrived (or it opened)
     low: int = -1  # microseconds: every change of this shard before it has arrived
     listed: bool = False  # its initial listing (if any) is complete
-    sent: tuple[int, int] | None = None  # its position of the last event sent on
+    sent: Position | None = None  # its position of the last event sent on
     # (at, sequence, position or None for a pure position marker, event or None)
-    pending: list[tuple[int, int, tuple[int, int] | None, Any]] = field(default_factory=list)
+    pending: list[tuple[int, int, Position | None, Any]] = field(default_factory=list)
 
 
 class Merge:
@@ -67,7 +67,7 @@ class Merge:
 
     def __init__(self, shard_map: ShardMap, open_stream: Callable[[ShardState, Any], Any],
                  request: Any, items: str, make: Callable[..., Any], initial: bool,
-                 start: dict[str, tuple[int, int]]) -> None:
+                 start: dict[str, Position]) -> None:
         self.map = shard_map
         self.open_stream = open_stream  # (shard, request) -> the gRPC stream call
         self.request = request
@@ -77,7 +77,7 @@ class Merge:
         self.feeds: dict[int, _Feed] = {}
         self.queue: asyncio.Queue[tuple[_Feed, Any] | BaseException] = asyncio.Queue()
         self.seq = itertools.count()
-        self.positions: dict[str, tuple[int, int]] = dict(start)  # the vector sent so far
+        self.positions: dict[str, Position] = dict(start)  # the vector sent so far
         self.seam_sent = not initial
         self._beat = ("", 0.0)  # the last heartbeat's token and time
         self.stall = STALL
@@ -242,6 +242,6 @@ class Merge:
                         await feed.task
 
 
-def start_positions(token: str) -> dict[str, tuple[int, int]]:
+def start_positions(token: str) -> dict[str, Position]:
     """The shard positions of a caller's token (InvalidArgument if it is not one)."""
     return decode_token(token) if token else {}

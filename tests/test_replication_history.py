@@ -16,7 +16,10 @@ def test_a_primary_keeps_its_history_only_where_its_log_keeps_what_it_streamed(
     first = history.for_primary(tmp_path, keep=True, end_lsn=0)
     assert history.for_primary(tmp_path, keep=True, end_lsn=100) == first
     renewed = history.for_primary(tmp_path, keep=False, end_lsn=100)  # --sync everysec/off
-    assert renewed.history != first.history and renewed.previous is None
+    assert renewed.history != first.history  # what it writes from 100 on is another history
+    assert (renewed.previous, renewed.until) == (first.history, 100)
+    assert renewed.continues(first.history, 100) and not renewed.continues(first.history, 101)
+    assert history.read(tmp_path) == renewed
 
 
 def test_a_promoted_replica_continues_the_history_up_to_its_end(tmp_path: Path) -> None:

@@ -548,11 +548,11 @@ def test_a_position_inside_a_change_is_invalid_not_damage(tmp_path: Path) -> Non
                 client.upsert(f"u{i}", {"n": i})
             eventually(lambda: len(watcher.events) >= 3, what="three changes")
             watcher.close()
-            [(name, (lsn, _))] = decode_token(watcher.events[0]["position"]).items()
+            [(name, (lsn, _, log))] = decode_token(watcher.events[0]["position"]).items()
             for inside in (lsn + 1, lsn + 7):
                 with pytest.raises(ClientError) as err:
-                    next(iter(client.changes(from_position=encode_token({name: (inside,
-                                                                                -1)}))))
+                    next(iter(client.changes(from_position=encode_token(
+                        {name: (inside, -1, log)}))))
                 assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
                 assert f"position {inside} is not where a change" in err.value.details
             resumed = list(itertools.islice(client.changes(
@@ -560,6 +560,67 @@ def test_a_position_inside_a_change_is_invalid_not_damage(tmp_path: Path) -> Non
             assert [e["id"] for e in resumed] == ["u1", "u2"]
     finally:
         shard.stop()
+
+
+def test_a_position_of_another_log_is_refused_even_where_a_change_starts(
+        tmp_path: Path) -> None:
+    """A shard started on a new data directory under the same name writes the same
+    changes at the same positions: a position of the old directory starts a change in the
+    new log too, and was read there, skipping the new changes before it. It names the
+    log it came from, so it is OUT_OF_RANGE; the same position from the new log resumes."""
+    from memstore.server.watch import decode_token
+
+    def three_changes(data: Path) -> str:
+        shard = start_shard(data)
+        try:
+            watcher = Watcher(shard.address, changes=True).started()
+            with Client(shard.address) as client:
+                for i in range(3):
+                    client.upsert(f"u{i}", {"n": i})
+            eventually(lambda: len(watcher.events) >= 3, what="three changes")
+            watcher.close()
+            return str(watcher.events[0]["position"])
+        finally:
+            shard.stop()
+
+    old = three_changes(tmp_path / "old")
+    new = three_changes(tmp_path / "new")
+    (name, (lsn, _, old_log)), = decode_token(old).items()
+    assert decode_token(new)[name][:2] == (lsn, -1) and decode_token(new)[name][2] != old_log
+    shard = start_shard(tmp_path / "new")
+    try:
+        with Client(shard.address) as client:
+            with pytest.raises(ClientError) as err:
+                next(iter(client.changes(from_position=old)))
+            assert err.value.code == grpc.StatusCode.OUT_OF_RANGE
+            assert f"position {lsn} is in another log of {name}" in err.value.details
+            assert "start again with initial" in err.value.details
+            resumed = list(itertools.islice(client.changes(from_position=new), 2))
+            assert [e["id"] for e in resumed] == ["u1", "u2"]
+    finally:
+        shard.stop()
+
+
+def test_a_position_is_checked_against_the_history_of_the_log_it_names() -> None:
+    """What a resumed stream is told for each history its position may name: its log's
+    own; one a promotion or a restart under --sync everysec/off continues up to the log's
+    end (at or before: resumes; past: the changes there are gone); any other."""
+    from types import SimpleNamespace
+
+    from memstore.replication.history import History
+    from memstore.server.watch import OutOfRange, _check_history
+
+    now = History("new", "primary", "old", 500)
+    shard = SimpleNamespace(log_history=lambda: now)
+    for issued, lsn in (("new", 900), ("old", 500), ("old", 0), ("", 10**9)):
+        _check_history(shard, "shard-0", lsn, issued)  # type: ignore[arg-type]
+    with pytest.raises(OutOfRange, match="past where this shard's log took over from the "
+                       r"old primary in a failover \(500\)"):
+        _check_history(shard, "shard-0", 501, "old")  # type: ignore[arg-type]
+    with pytest.raises(OutOfRange, match="position 7 is in another log of shard-0"):
+        _check_history(shard, "shard-0", 7, "other")  # type: ignore[arg-type]
+    shard = SimpleNamespace(log_history=lambda: None)  # no replication roles: unknown
+    _check_history(shard, "shard-0", 7, "other")  # type: ignore[arg-type]
 
 
 def test_no_stream_starts_before_a_persons_erasure(tmp_path: Path) -> None:
@@ -576,7 +637,7 @@ def test_no_stream_starts_before_a_persons_erasure(tmp_path: Path) -> None:
             client.upsert("other", {"ssn": "219-09-9999"})
             client.erase("victim")
             client.upsert("later", {"ssn": "000-00-0001"})
-            before = encode_token({"shard-0": (0, -1)})
+            before = encode_token({"shard-0": (0, -1, "")})
             for stream in (client.changes, client.watch):
                 with pytest.raises(ClientError) as err:
                     next(iter(stream(from_position=before)))
@@ -584,7 +645,7 @@ def test_no_stream_starts_before_a_persons_erasure(tmp_path: Path) -> None:
                 assert "erasure" in err.value.details
             # A position that does not name this shard (taken before it joined a cluster)
             # starts it after the erasure: the stream goes on, the victim is not replayed.
-            other = encode_token({"shard-new": (0, -1)})
+            other = encode_token({"shard-new": (0, -1, "")})
             joined = Watcher(shard.address, changes=True, from_position=other).started()
             live = Watcher(shard.address, changes=True).started()
             client.upsert("after", {"ssn": "000-00-0002"})

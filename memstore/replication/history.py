@@ -102,9 +102,10 @@ def new_id() -> str:
 
 def for_primary(data: Path, keep: bool, end_lsn: int, shard: str | None = None) -> History:
     """The history a primary's log belongs to, `end_lsn` being where its log ends: the
-    directory's; a new one when it has none or `keep` is False (its sync policy may lose
-    what replicas hold); a new one continuing the old up to `end_lsn` when the directory
-    was a replica's (a promotion; `shard`: the name it serves under from now on)."""
+    directory's; a new one when it has none; a new one continuing the old up to `end_lsn`
+    when `keep` is False (its sync policy may have lost records it streamed, and it will
+    write others at their positions) or the directory was a replica's (a promotion;
+    `shard`: the name it serves under from now on)."""
     found = read(data)
     if found is not None and found.history is None:
         raise HistoryError(f"{data} holds an interrupted full resync of a replica, not a "
@@ -117,8 +118,12 @@ def for_primary(data: Path, keep: bool, end_lsn: int, shard: str | None = None) 
                     found.history, promoted.history, end_lsn)
         write(data, promoted)
         return promoted
-    if found is None or not keep:
-        made = History(new_id(), shard=found.shard if found else None)
+    if found is None:
+        made = History(new_id())
+        write(data, made)
+        return made
+    if not keep:  # the log may have lost a tail it streamed; what it holds is as it was
+        made = History(new_id(), "primary", found.history, end_lsn, found.shard)
         write(data, made)
         return made
     return found

@@ -59,6 +59,16 @@ class Roles:
         self.followed: str | None = None  # the history this directory held at start
         self._following: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        shard.log_history = self.log_history
+
+    def log_history(self) -> History | None:
+        """The history this shard's log holds now: a primary's own; a replica's, the one
+        it follows (None: a full resync under way, or none yet)."""
+        if self.shard.replica_of is None:
+            return self.service.history
+        follower = self.shard.follower
+        followed = follower.history if follower is not None else self.followed
+        return history.replica_of(followed) if followed else None
 
     @property
     def data(self) -> Path:

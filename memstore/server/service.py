@@ -804,7 +804,7 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
             if named is not None:
                 start = named
             elif not token:  # from now
-                start = (self.shard.position, -1)
+                start = (self.shard.position, -1, watch.history_of(self.shard))
                 if request.initial:
                     for message in listing(start[0]):
                         yield message
@@ -817,7 +817,8 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
                 # change, or after its latest erasure: a person's erased data is never
                 # replayed, and a stream across shards must not end because one of them
                 # erased someone. Where it starts comes first, as above.
-                start = (max(self.shard.oldest_lsn, self.shard.erased_lsn), -1)
+                start = (max(self.shard.oldest_lsn, self.shard.erased_lsn), -1,
+                         watch.history_of(self.shard))
                 yield message_type(position=watch.encode_token({name: start}))
 
             def response(batch: list[Any], position: str, at: int) -> Any:
@@ -850,7 +851,7 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         taken = [(name, pids.take((segment.members & visible).to_array()))
                  for name, segment in sorted(engine.segments.by_name.items())
                  if watched is None or name in watched]
-        position = watch.encode_token({self.shard.config.name: (lsn, -1)})
+        position = watch.shard_token(self.shard, lsn)
         batch: list[pb.SegmentEvent] = []
         for name, ids in taken:
             for pid in ids:
@@ -891,7 +892,7 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         chosen = (evaluate(engine, flt.node, unknown_is_empty=True) if flt.node is not None
                   else engine.visible())
         taken = [(engine.pids[d], engine.blobs[d]) for d in chosen]
-        position = watch.encode_token({self.shard.config.name: (lsn, -1)})
+        position = watch.shard_token(self.shard, lsn)
         now = datetime.now(UTC)
         batch: list[pb.ProfileChange] = []
         for pid, blob in taken:

@@ -15,8 +15,12 @@ the watched segments' events, a profile change by its image's place in the recor
 query filter reads profiles as they are when the stream reads the record, so its answer
 may differ on a resume; the numbers do not, and resuming with the same request gives the
 rest. A position travels as an opaque token naming the shard: base64url of msgpack
-{"v": 1, "p": {shard name: [lsn, i]}}; a router's token holds every shard's
+{"v": 1, "p": {shard name: [lsn, i, history]}}; a router's token holds every shard's
 (shards/watch.py). Restarts keep positions valid (LSNs are positions in the log file).
+`history` is the id of the log the position is in (memstore/replication/history.py; absent
+in tokens from before it was kept): a position of another log, or past where a promoted
+replica's log stopped following the old primary's, is refused (OUT_OF_RANGE) rather than
+read in a log whose records at that offset are other changes.
 
 Initial sync (list-then-watch): the current members (or profiles) are taken, with no await
 between, together with the log's end; then the log from that end is read, so nothing is
@@ -28,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,12 +72,19 @@ class FellBehind(MemstoreError):
 
 # ---------------------------------------------------------------------- positions
 
-def encode_token(positions: dict[str, tuple[int, int]]) -> str:
-    raw = msgpack.packb({"v": TOKEN_VERSION, "p": {k: list(v) for k, v in positions.items()}})
+# A shard's position: (log position, index of the last event delivered of the record
+# there or -1, id of the log's history or "" when unknown).
+Position = tuple[int, int, str]
+
+
+def encode_token(positions: Mapping[str, Position]) -> str:
+    raw = msgpack.packb({"v": TOKEN_VERSION, "p": {
+        k: [lsn, index, history] if history else [lsn, index]
+        for k, (lsn, index, history) in positions.items()}})
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_token(token: str, where: str = "from_position") -> dict[str, tuple[int, int]]:
+def decode_token(token: str, where: str = "from_position") -> dict[str, Position]:
     """The shard positions of a token; InvalidArgument for anything else."""
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
@@ -81,16 +92,29 @@ def decode_token(token: str, where: str = "from_position") -> dict[str, tuple[in
         if body.get("v") != TOKEN_VERSION:
             raise ValueError("unknown version")
         out = {}
-        for name, (lsn, index) in body["p"].items():
+        for name, (lsn, index, *history) in body["p"].items():
             if not (isinstance(name, str) and type(lsn) is int and type(index) is int
-                    and lsn >= 0 and index >= -1):
+                    and lsn >= 0 and index >= -1 and len(history) <= 1
+                    and all(isinstance(h, str) and h for h in history)):
                 raise ValueError("bad entry")
-            out[name] = (lsn, index)
+            out[name] = (lsn, index, history[0] if history else "")
         return out
     except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException):
         shown = token[:40] + ("…" if len(token) > 40 else "")
         raise InvalidArgument(f"{where}: {shown!r} is not a position this cluster "
                               "issued") from None
+
+
+def history_of(shard: Shard) -> str:
+    """The id of the history `shard`'s log holds now ("": none known, a shard with no
+    replication roles)."""
+    found = shard.log_history()
+    return (found.history or "") if found is not None else ""
+
+
+def shard_token(shard: Shard, lsn: int, index: int = -1) -> str:
+    """The token of `shard`'s position (lsn, index), in the log it holds now."""
+    return encode_token({shard.config.name: (lsn, index, history_of(shard))})
 
 
 # ---------------------------------------------------------------------- reading
@@ -219,12 +243,13 @@ def shown_attributes(attrs: dict[int, Any], engine: Engine, only: frozenset[str]
 class Stream:
     """One watcher's cursor over a shard's log."""
 
-    def __init__(self, shard: Shard, name: str, start: tuple[int, int],
+    def __init__(self, shard: Shard, name: str, start: Position,
                  heartbeat: float = HEARTBEAT) -> None:
         if shard.log is None or shard.config.data_dir is None:
             raise FailedPrecondition("change streams read the log: this shard keeps none "
                                      "(--in-memory)")
-        lsn, skip = start
+        lsn, skip, issued = start
+        _check_history(shard, name, lsn, issued)
         if lsn < shard.oldest_lsn:
             raise OutOfRange(f"position {lsn} is older than this shard keeps "
                              f"({shard.oldest_lsn}: --changes-retention, or an erasure's "
@@ -245,7 +270,7 @@ class Stream:
         self.heartbeat = heartbeat
 
     def token(self, lsn: int, index: int) -> str:
-        return encode_token({self.name: (lsn, index)})
+        return encode_token({self.name: (lsn, index, history_of(self.shard))})
 
     async def records(self) -> AsyncIterator[list[Record]]:
         """Batches of records as they become readable; an empty batch after `heartbeat`
@@ -298,7 +323,23 @@ class Stream:
             yield event
 
 
-async def stream(shard: Shard, name: str, start: tuple[int, int],
+def _check_history(shard: Shard, name: str, lsn: int, issued: str) -> None:
+    """OutOfRange when position `lsn` of history `issued` is not a position of the log
+    `shard` holds now: its records there are other changes, or none."""
+    found = shard.log_history()
+    if not issued or found is None or found.history is None or found.continues(issued, lsn):
+        return
+    if issued == found.previous:
+        raise OutOfRange(f"position {lsn} is past where this shard's log took over from the "
+                         f"old primary in a failover ({found.until}): the changes after it "
+                         "were not replicated and are gone; start again with initial")
+    raise OutOfRange(f"position {lsn} is in another log of {name} (history {issued[:12]}; "
+                     f"its log now: {found.history[:12]}): another data directory, a full "
+                     "resync, or a restart under --sync everysec or off (which may lose "
+                     "the log's tail); start again with initial")
+
+
+async def stream(shard: Shard, name: str, start: Position,
                  events_of: Any, response: Any, heartbeat: float = HEARTBEAT
                  ) -> AsyncIterator[Any]:
     """Responses of a stream from `start`: `events_of(record)` gives a record's events,
@@ -322,7 +363,7 @@ async def stream(shard: Shard, name: str, start: tuple[int, int],
             yield response(batch, position, at)
 
 
-def start_of(shard: Shard, name: str, token: str) -> tuple[int, int] | None:
+def start_of(shard: Shard, name: str, token: str) -> Position | None:
     """Where a stream resumes (None: the token does not name this shard)."""
     if not token:
         return None
