@@ -235,12 +235,41 @@ def test_a_replica_killed_and_restarted_resumes_where_it_was(tmp_path: Path,
     replica = start(tmp_path / "replica", "--replica-of", primary.address)
     procs.append(replica)
     after = wait_caught_up(primary.address, replica.address)
-    assert after["replication.full_resyncs"] == "0", replica.lines
+    assert after["replication.full_resyncs"] == "0", replica.said("full resync")
     assert after["replication.partial_resyncs"] == "1"
     [line] = replica.said("partial resync: following")
     assert f"from position {position} " in line
     assert not replica.said("full resync")
     assert state(replica.address) == state(primary.address)
+
+
+def test_a_primary_under_everysec_restarted_keeps_its_replicas_and_streams_going(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    """Under --sync everysec a primary's restart makes a new history, continuing the old
+    one up to where its recovered log ends: a replica at that point resumes with a
+    partial resync, and a change stream's position from before the restart resumes."""
+    address = f"127.0.0.1:{_free_port()}"
+    port = address.rpartition(":")[2]
+    primary = start(tmp_path / "primary", "--port", port, "--sync", "everysec")
+    procs.append(primary)
+    replica = start(tmp_path / "replica", "--replica-of", address)
+    procs.append(replica)
+    with Client(address) as c:
+        write_history(c, 0, 200)
+        here = next(iter(c.changes(heartbeats=True)))  # where a stream from now starts
+        assert here.get("heartbeat") and here["position"]
+    fulls = wait_caught_up(address, replica.address)["replication.full_resyncs"]  # its first
+    primary.kill()  # what it wrote is in the file: the log recovers to the replica's point
+    primary = start(tmp_path / "primary", "--port", port, "--sync", "everysec")
+    procs.append(primary)
+    with Client(address) as c:
+        c.upsert("after-restart", {"n": 1})
+        assert next(iter(c.changes(from_position=here["position"])))["id"] == "after-restart"
+        write_history(c, 200, 300)
+    after = wait_caught_up(address, replica.address)
+    assert after["replication.full_resyncs"] == fulls == "1", replica.said("full resync")
+    assert replica.said("partial resync: following")
+    assert state(replica.address) == state(address)
 
 
 def test_a_replica_whose_position_the_primary_dropped_resyncs_in_full(

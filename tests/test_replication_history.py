@@ -22,6 +22,27 @@ def test_a_primary_keeps_its_history_only_where_its_log_keeps_what_it_streamed(
     assert history.read(tmp_path) == renewed
 
 
+def test_restarts_that_may_lose_a_tail_keep_the_line_of_histories(tmp_path: Path) -> None:
+    """Under --sync everysec/off each start continues the history before up to the log's
+    end then: a position of any earlier history is valid at or before every point where
+    the line to the newest split off, however many restarts ago (up to OLDER)."""
+    first = history.for_primary(tmp_path, keep=True, end_lsn=0)
+    ends = [400, 300, 350]  # the second restart's crash lost a tail of 100
+    line = [first]
+    for end in ends:
+        line.append(history.for_primary(tmp_path, keep=False, end_lsn=end))
+    newest = history.read(tmp_path)
+    assert newest == line[-1] and len({h.history for h in line}) == 4
+    assert newest.continues(first.history, 300) and not newest.continues(first.history, 301)
+    assert newest.continues(line[1].history, 300) and not newest.continues(line[1].history, 301)
+    assert newest.continues(line[2].history, 350) and not newest.continues(line[2].history, 351)
+    assert not newest.continues("unrelated", 0)
+    for end in range(history.OLDER + 2):  # the oldest fall out of the line
+        newest = history.for_primary(tmp_path, keep=False, end_lsn=1000 + end)
+    assert len(newest.older) == history.OLDER and not newest.continues(first.history, 0)
+    assert newest.continues(newest.older[-1][0], 0)
+
+
 def test_a_promoted_replica_continues_the_history_up_to_its_end(tmp_path: Path) -> None:
     history.write(tmp_path, history.replica_of("old"))
     promoted = history.for_primary(tmp_path, keep=True, end_lsn=5120, shard="shard-0")

@@ -24,7 +24,11 @@ A primary keeps its id across restarts only under `--sync always`: there, every 
 ever streamed was durable, so its log after a restart still holds all of them. Under
 `everysec` or `off` a crash can lose a tail that a replica already holds, and the primary
 would then write different records at the same positions, so each start makes a new id
-and replicas take a full resync (docs/replication.md).
+continuing the old one up to where the recovered log ends ("previous", "until"): replicas
+at or before it follow on, those past it resync in full (docs/replication.md). The
+histories before that, with where each was continued, are kept too ("older": [[id,
+until], ...], newest first, at most OLDER of them), so a replica or a change stream that
+slept through several such restarts still resumes where its position is still valid.
 
 The file is replaced atomically (write, fsync, rename, fsync the directory).
 """
@@ -44,6 +48,7 @@ from memstore.storage.fsutil import fsync_path
 log = logging.getLogger("memstore.replication")
 
 FILE = "HISTORY"
+OLDER = 16  # histories kept before `previous`
 
 
 class HistoryError(RuntimeError):
@@ -57,10 +62,28 @@ class History:
     previous: str | None = None  # the history this one continues, up to `until`
     until: int = 0
     shard: str | None = None  # a promoted replica: the shard name it serves under
+    # before `previous`, newest first: (history, the position up to which the next newer
+    # history continues it)
+    older: tuple[tuple[str, int], ...] = ()
 
     def continues(self, history: str, lsn: int) -> bool:
-        """Whether position `lsn` of `history` is a position of this history too."""
-        return history == self.history or (history == self.previous and lsn <= self.until)
+        """Whether position `lsn` of `history` is a position of this history too: its
+        own, or an ancestor's at or before every point the line to this one split off."""
+        if history == self.history:
+            return True
+        bound = self.until
+        for ancestor, until in ((self.previous, self.until), *self.older):
+            bound = min(bound, until)
+            if ancestor == history:
+                return lsn <= bound
+        return False
+
+    def continued(self, end_lsn: int) -> History:
+        """A new history of this primary's directory that continues this one up to
+        `end_lsn`."""
+        older = ((self.previous, self.until), *self.older)[:OLDER] \
+            if self.previous is not None else ()
+        return History(new_id(), "primary", self.history, end_lsn, self.shard, older)
 
 
 def read(data: Path) -> History | None:
@@ -73,7 +96,8 @@ def read(data: Path) -> History | None:
         fields = json.loads(text)
         found = History(fields["history"], fields.get("role", "primary"),
                         fields.get("previous"), int(fields.get("until", 0)),
-                        fields.get("shard"))
+                        fields.get("shard"), tuple((str(ancestor), int(until))
+                                                   for ancestor, until in fields.get("older", ())))
         if not all(v is None or isinstance(v, str) for v in (found.history, found.previous)):
             raise TypeError("an id is not a string")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -85,7 +109,7 @@ def read(data: Path) -> History | None:
 def write(data: Path, history: History) -> None:
     data.mkdir(parents=True, exist_ok=True)
     tmp = data / f"{FILE}.tmp"
-    fields = {k: v for k, v in asdict(history).items() if v is not None and v != 0}
+    fields = {k: v for k, v in asdict(history).items() if v not in (None, 0, ())}
     fields["history"] = history.history
     with tmp.open("w", encoding="utf-8") as f:
         json.dump(fields, f)
@@ -123,7 +147,7 @@ def for_primary(data: Path, keep: bool, end_lsn: int, shard: str | None = None) 
         write(data, made)
         return made
     if not keep:  # the log may have lost a tail it streamed; what it holds is as it was
-        made = History(new_id(), "primary", found.history, end_lsn, found.shard)
+        made = found.continued(end_lsn)
         write(data, made)
         return made
     return found
