@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
@@ -66,8 +67,16 @@ log = logging.getLogger("memstore.router")
 BULK_FROM = 64  # keys of a batch from which routed() groups them with numpy
 SWEEP_INTERVAL = 2.0  # seconds between looks for merges a dead router left unfinished
 _FOLLOWED = object()  # routed: a group sent again, aimed at the survivors of merged-away ids
-_DECLARED = object()  # routed: a group sent again once its shard declared what it names
 _REJUDGE = object()  # routed: a group its shard refused as judged on an older map (EXPECT_SHARD)
+
+
+@dataclass(slots=True)
+class _Undeclared:
+    """routed: a group its shard refused as naming undeclared attributes (their
+    proposals in `trailer`), sent again once the round's are declared."""
+
+    shard: ShardState
+    trailer: bytes
 
 
 class Routing:
@@ -258,10 +267,8 @@ class Routing:
                         request, timeout=time_left(context), **expecting(expect))
                 except grpc.aio.AioRpcError as exc:
                     undeclared = trailer_of(exc, UNDECLARED_TRAILER)
-                    if undeclared is not None:
-                        await self.schema.declare_on(shard, undeclared, context,
-                                                     time_left(context))
-                        return group, _DECLARED
+                    if undeclared is not None:  # declared with the round's other parts'
+                        return group, _Undeclared(shard, undeclared)
                     if expect is not None and (wrong_slot(exc)
                                                or trailer_of(exc, REJUDGE_TRAILER)):
                         return group, _REJUDGE
@@ -293,6 +300,7 @@ class Routing:
             # told of a refusal sends the rest again, which must not include a part that
             # may have applied.
             refused: GroupRefused | None = None
+            undeclared: list[tuple[ShardState, bytes]] = []
             for (_, sent), outcome in zip(groups.values(), outcomes, strict=True):
                 if refusals and isinstance(outcome, grpc.aio.AioRpcError | Down):
                     failed = GroupRefused(list(map(itemgetter(1), sent)), outcome, done)
@@ -312,7 +320,8 @@ class Routing:
                 elif response is _FOLLOWED:
                     pending.extend(group)
                     followed = True
-                elif response is _DECLARED:  # its shard now declares what it names: again
+                elif isinstance(response, _Undeclared):  # sent again once declared, below
+                    undeclared.append((response.shard, response.trailer))
                     pending.extend(group)
                     declared = True
                 elif response is _REJUDGE:
@@ -325,6 +334,12 @@ class Routing:
                     done.append((list(map(itemgetter(1), group)), response))
             if refused is not None:
                 raise refused
+            if undeclared:
+                try:
+                    await self.schema.declare_where_refused(undeclared, context,
+                                                            time_left(context))
+                except Exception as exc:  # noqa: BLE001 - abort re-raises the rest
+                    await abort(context, exc)
             if not pending:
                 return done
             if declared and not (followed or moved_on):

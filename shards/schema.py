@@ -32,6 +32,7 @@ their values there: in a cluster, write through routers.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
@@ -105,6 +106,23 @@ class ClusterSchema:
         specs = await self.register(proposals(trailer), context)
         await shard.stub.DeclareAttributes(pb.DeclareAttributesRequest(attributes=specs),
                                            timeout=timeout)
+
+    async def declare_where_refused(self, refusals: Sequence[tuple[ShardState, bytes]],
+                                    context: Any, timeout: float | None) -> None:
+        """The parts of one batch that shards refused as naming undeclared attributes:
+        register the attributes once for all the parts, then declare them on each shard.
+        A name some parts propose as an int and others as a float is a float, as one
+        shard makes it of the whole batch (each part's shard saw its own values only)."""
+        proposed: dict[str, pb.AttributeSpec] = {}
+        for _, trailer in refusals:
+            for spec in proposals(trailer):
+                held = proposed.setdefault(spec.name, spec)
+                if (held.kind, spec.kind) == (pb.INT, pb.FLOAT):
+                    proposed[spec.name] = spec
+        registered = {s.name: s for s in await self.register(list(proposed.values()), context)}
+        await asyncio.gather(*(shard.stub.DeclareAttributes(pb.DeclareAttributesRequest(
+            attributes=[registered[spec.name] for spec in proposals(trailer)]), timeout=timeout)
+            for shard, trailer in refusals))
 
     async def declare(self, specs: Sequence[pb.AttributeSpec], context: Any
                       ) -> list[pb.AttributeSpec]:

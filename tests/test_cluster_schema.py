@@ -83,6 +83,27 @@ def test_the_first_write_fixes_the_kind_on_every_shard(two: dict[str, Any]) -> N
     assert shard_kinds(shards, "score") == ["float", "float"]
 
 
+def test_a_batch_first_writing_ints_and_floats_makes_a_float_across_shards(
+        two: dict[str, Any]) -> None:
+    """A new attribute a batch writes with ints on one shard's profiles and a float on
+    the other's is a float, as one shard makes it of the same batch: each shard's part
+    proposed its own kind, and the first registered (int) refused the rest. In every
+    form of the batch (columns, upserts) and with the float in any place."""
+    with Client(two["routers"][0].address) as c:
+        for n, (form, float_on) in enumerate(itertools.product(("load", "batch_upsert"),
+                                                               (0, 1))):
+            name = f"m{n}"
+            ints = ids_on(1 - float_on, f"{name}i", 5)
+            [floating] = ids_on(float_on, f"{name}f", 1)
+            records = [{"id": pid, "attributes": {name: k}} for k, pid in enumerate(ints)]
+            records.insert(n % 3, {"id": floating, "attributes": {name: 2.5}})
+            assert getattr(c, form)(records) is not None
+            assert [a["kind"] for a in c.schema() if a["name"] == name] == ["float"], form
+            assert c.get(floating)["attributes"][name] == 2.5
+            assert c.count(f"{name} >= 0") == 6 and c.count(f"{name} = 2.5") == 1
+            assert type(c.get(ints[1])["attributes"][name]) is float
+
+
 def test_racing_first_writes_of_different_kinds_through_two_routers(
         two: dict[str, Any]) -> None:
     """Many first writes of one new attribute, of different kinds, through two routers at
