@@ -128,6 +128,53 @@ def test_expected_version_guards_concurrent_writers(client: Client) -> None:
     assert client.upsert(uid(), {"a": "x"}, expected_version=0).created
 
 
+def test_a_write_answers_with_the_version_it_made_among_concurrent_writes(
+        durable_shard: ServerProcess) -> None:
+    """Upsert's and Link's answer is the write's own, made when it was planned: read once
+    the commit's fsync returned, it was the version of whichever write came last (two
+    writers told the same version, each then passing it as expected_version), or, when
+    another write had merged the profile away meanwhile, INTERNAL for an applied write."""
+    import threading
+
+    address = durable_shard.address
+    with Client(address) as c:
+        c.upsert("hot", {"n": 0})
+        for i in range(15):  # (a profile holds at most 20 emails: merge protection)
+            c.upsert(f"u{i}", {"n": 0}, identifiers=[("email", f"u{i}@x.io")])
+    told: list[int] = []
+    errors: list[str] = []
+    linked: list[int] = []
+
+    def writer(w: int) -> None:
+        with Client(address) as c:
+            for i in range(60):
+                told.append(c.upsert("hot", ops=[("increment", "n", 1)]).version)
+                try:
+                    c.upsert(f"u{(i + w) % 15}", ops=[("add_to_set", "tags", [f"w{w}-{i}"])])
+                except ClientError as exc:
+                    errors.append(f"{exc.code}: {exc.details}")
+
+    def linker() -> None:
+        with Client(address) as c:
+            for i in range(15):  # merges u_i into the survivor while writers write it
+                c.link("survivor", [("email", f"u{i}@x.io")], create=True)
+                linked.append(i)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    threads.append(threading.Thread(target=linker))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == [] and len(linked) == 15
+    assert sorted(told) == list(range(2, 2 + 4 * 60))  # each write its own version
+    with Client(address) as c:
+        survivor = c.get("survivor")
+        assert c.get("hot")["attributes"]["n"] == 240
+    assert len(survivor["attributes"]["tags"]) == 240  # every tag on the survivor
+    assert survivor["version"] >= 240
+
+
 def test_batch_get_thousands_of_keys_in_order(client: Client) -> None:
     prefix = uid()
     records = [{"id": f"{prefix}-{i}", "attributes": {"n": i}} for i in range(1500)]

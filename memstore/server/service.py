@@ -437,7 +437,9 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         self._as_judged(context)
         with _planning(self.engine, context):
             change = self.engine.plan_upsert(_spec(request))
-        return upsert_response(self.engine, await self.shard.commit(change))
+        response = upsert_response(self.engine, change)
+        await self.shard.commit(change)
+        return response
 
     @rpc
     async def BatchUpsert(self, request: pb.BatchUpsertRequest, context: Any
@@ -606,7 +608,9 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
         self._as_judged(context)
         with _planning(self.engine, context):
             change = self.engine.plan_link(request.id, _idents(request), request.create)
-        return link_response(self.engine, await self.shard.commit(change))
+        response = link_response(self.engine, change)
+        await self.shard.commit(change)
+        return response
 
     @rpc
     async def Track(self, request: pb.TrackRequest, context: Any) -> pb.TrackResponse:
@@ -1028,16 +1032,29 @@ def _idents(request: pb.LinkRequest) -> list[tuple[str, str]]:
     return [(i.kind, i.value) for i in request.identifiers]
 
 
-def upsert_response(engine: Engine, result: tuple[str, bool]) -> pb.UpsertResponse:
-    pid, created = result
-    version = version_of(engine.blobs[engine.dense_of[pid]])  # type: ignore[arg-type]
-    return pb.UpsertResponse(id=pid, version=version, created=created)
+# A write's answer is made from its planned change, before the commit awaits the log: by
+# the time the fsync returns, other writes may have changed the profile (the caller would
+# be told their version, and pass it as expected_version) or merged it away.
+
+def upsert_response(engine: Engine, change: Change) -> pb.UpsertResponse:
+    pid, created = change.result
+    return pb.UpsertResponse(id=pid, version=_version_after(engine, change, pid),
+                             created=created)
 
 
-def link_response(engine: Engine, result: tuple[str, list[str]]) -> pb.LinkResponse:
-    pid, merged = result
-    version = version_of(engine.blobs[engine.dense_of[pid]])  # type: ignore[arg-type]
-    return pb.LinkResponse(id=pid, version=version, merged_ids=merged)
+def link_response(engine: Engine, change: Change) -> pb.LinkResponse:
+    pid, merged = change.result
+    return pb.LinkResponse(id=pid, version=_version_after(engine, change, pid),
+                           merged_ids=merged)
+
+
+def _version_after(engine: Engine, change: Change, pid: str) -> int:
+    """The version profile `pid` is at once `change` (not yet committed) applies: its
+    after-image's, or, when the change leaves it as it is, its version now."""
+    for image in reversed(change.images):
+        if image.pid == pid and image.blob is not None:
+            return version_of(image.blob)
+    return version_of(engine.blobs[engine.dense_of[pid]])  # type: ignore[arg-type]
 
 
 def _describe(key: pb.ProfileKey) -> str:
@@ -1122,23 +1139,26 @@ class ShardControlService(cluster_pb2_grpc.ShardControlServicer):
             with _planning(self.engine, context):
                 change = self.engine.plan_absorb(request.txn, losers,
                                                  upsert=_spec(request.upsert))
-            return cpb.AbsorbResponse(
-                upsert=upsert_response(self.engine, await self.shard.commit(change)))
+            absorbed = cpb.AbsorbResponse(upsert=upsert_response(self.engine, change))
+            await self.shard.commit(change)
+            return absorbed
         if which == "record":  # one record of a router's BatchUpsert, as an upsert
             specs = _batch_specs(request.record, *_batch_forms(request.record))
             if len(specs) != 1:
                 raise InvalidArgument(f"record: one record, not {len(specs)}")
             with _planning(self.engine, context):
                 change = self.engine.plan_absorb(request.txn, losers, upsert=specs[0])
-            return cpb.AbsorbResponse(
-                upsert=upsert_response(self.engine, await self.shard.commit(change)))
+            absorbed = cpb.AbsorbResponse(upsert=upsert_response(self.engine, change))
+            await self.shard.commit(change)
+            return absorbed
         if which == "link":
             link = request.link
             with _planning(self.engine, context):
                 change = self.engine.plan_absorb(request.txn, losers,
                                                  link=(link.id, _idents(link), link.create))
-            return cpb.AbsorbResponse(
-                link=link_response(self.engine, await self.shard.commit(change)))
+            absorbed = cpb.AbsorbResponse(link=link_response(self.engine, change))
+            await self.shard.commit(change)
+            return absorbed
         raise InvalidArgument("request: an upsert or a link is required")
 
     @rpc
