@@ -34,6 +34,7 @@ from memstore.query import (
     QueryLimits,
     query_from_request,
 )
+from memstore.query.ast import refused_query
 from memstore.v1 import cluster_pb2 as cpb
 from memstore.v1 import memstore_pb2 as pb
 from shards.calls import Code, Down, Moved, abort, attempts, fail, move_pause, time_left
@@ -64,7 +65,7 @@ class Queries:
                                                                       limits=self.limits))))
             names |= {n for n in extra if n}
         except ValueError as exc:  # QueryError, or a literal Python refuses
-            await fail(context, Code.INVALID_ARGUMENT, f"query: {exc}")
+            await fail(context, Code.INVALID_ARGUMENT, refused_query(exc))
         if not names <= self._known:
             timeout = time_left(context)
 

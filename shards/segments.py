@@ -20,6 +20,7 @@ import grpc
 from memstore.errors import InvalidArgument
 from memstore.hashslot import CLUSTER_SCHEMA
 from memstore.query import QueryError, format_query, query_from_request
+from memstore.query.ast import refused_query
 from memstore.v1 import memstore_pb2 as pb
 from shards import watch
 from shards.calls import Code, Down, abort, fail, time_left
@@ -43,7 +44,7 @@ class Segments:
         try:
             node = query_from_request(request.query)
         except QueryError as exc:
-            await fail(context, Code.INVALID_ARGUMENT, f"query: {exc}")
+            await fail(context, Code.INVALID_ARGUMENT, refused_query(exc))
         if not request.query.unknown_attribute_is_empty:  # (the caller allows unknown)
             await self.queries.lenient(request.query, context)  # a typo: INVALID_ARGUMENT
         # Shards that never saw an attribute it names hold nobody for it (yet).

@@ -181,7 +181,7 @@ def test_queries_over_the_default_limits_are_refused_naming_them(cluster: dict[s
     query = pb.Query(predicate=pb.Predicate(attribute="city", op=pb.Predicate.IN,
                                             values=values))
     details = _refused(stub.Count, pb.QueryRequest(query=query))
-    assert details == "query: query.predicate: an IN list of 20000 items exceeds the limit " \
+    assert details == "query.predicate: an IN list of 20000 items exceeds the limit " \
                       "of 10000 (--max-query-items)"
     many = " OR ".join(["city = 'x'"] * 1001)
     assert "limit of 1000 (--max-query-predicates)" in _refused(

@@ -306,6 +306,58 @@ def test_numbers_compare_as_numbers_at_the_edges_of_int64_and_float64(
     assert matched == expected, format_query(node)
 
 
+# Stored timestamps (microseconds from the epoch) and literals around them in nanoseconds,
+# some finer than a microsecond (the text form takes up to 9 fractional digits).
+_STORED_MICROS = [-1, 0, 1, 1_000_000, 253_402_300_799_999_999]  # ... to 9999-12-31
+_LITERAL_NANOS = [m * 1000 + d for m in _STORED_MICROS for d in (-1, 0, 1, 999)
+                  if -62_135_596_800_000_000_000 <= m * 1000 + d <= 253_402_300_799_999_999_999]
+
+
+def _nanos_text(nanos: int) -> str:
+    seconds, rest = divmod(nanos, 1_000_000_000)
+    at = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(seconds=seconds)
+    return f"{at.year:04d}-{at:%m-%dT%H:%M:%S}.{rest:09d}Z"
+
+
+@settings(max_examples=300, deadline=None)
+@given(op=st.sampled_from([Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT, Op.GE, Op.IN, Op.BETWEEN]),
+       literals=st.lists(st.sampled_from(_LITERAL_NANOS), min_size=2, max_size=2),
+       proto=st.booleans())
+def test_timestamps_compare_exactly_with_literals_finer_than_a_microsecond(
+        op: Op, literals: list[int], proto: bool) -> None:
+    """A literal with 7 to 9 fractional digits (or a Timestamp's nanos) lies between two
+    stored microseconds: the indexes and the matcher compare with it exactly, as the
+    numbers compare (`t < "...00.0000001"` holds for t at ...00), not with it cut."""
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from memstore.query.proto import from_proto
+    from memstore.v1 import memstore_pb2 as pb
+
+    engine = Engine()
+    engine.apply(engine.plan_declare([("t", Kind.TIMESTAMP, True, Merge.DEFAULT)]))
+    for i, micros in enumerate(_STORED_MICROS):
+        at = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
+        engine.apply(engine.plan_upsert(UpsertSpec(f"p{i}", [(SET, "t", at)])))
+    nanos = literals if op in (Op.IN, Op.BETWEEN) else literals[:1]
+    node: Node = Predicate("t", op, tuple(map(_nanos_text, nanos)))
+    if proto:  # the same literals as Timestamps with nanos
+        node = from_proto(pb.Query(predicate=pb.Predicate(
+            attribute="t", op=pb.Predicate.Op.Value(op.name),
+            values=[pb.Value(timestamp_value=Timestamp(seconds=n // 10**9, nanos=n % 10**9))
+                    for n in nanos])))
+    compare = {Op.EQ: lambda x: x == nanos[0], Op.NE: lambda x: x != nanos[0],
+               Op.LT: lambda x: x < nanos[0], Op.LE: lambda x: x <= nanos[0],
+               Op.GT: lambda x: x > nanos[0], Op.GE: lambda x: x >= nanos[0],
+               Op.IN: lambda x: x in nanos,
+               Op.BETWEEN: lambda x: nanos[0] <= x <= nanos[1]}[op]
+    expected = {f"p{i}" for i, micros in enumerate(_STORED_MICROS) if compare(micros * 1000)}
+    assert set(engine.ids_of(evaluate(engine, node))) == expected, format_query(node)
+    matcher = compile_query(node, engine.schema, lambda name: None)
+    matched = {engine.pids[d] for d in engine.live
+               if matcher(decode(engine.blobs[d])[1], d)}  # type: ignore[arg-type]
+    assert matched == expected, format_query(node)
+
+
 def test_a_wrong_kind_literal_beside_numbers_is_the_one_named() -> None:
     import pytest
 

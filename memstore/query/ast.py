@@ -36,6 +36,13 @@ class QueryError(ValueError):
     """An invalid query; the message says what is wrong and where (a path or a column)."""
 
 
+def refused_query(exc: Exception) -> str:
+    """The details of INVALID_ARGUMENT for a query refused with `exc`: its message, after
+    "query: " unless it names its place from "query" on already."""
+    text = str(exc)
+    return text if text.startswith("query") else f"query: {text}"
+
+
 class QuerySyntaxError(QueryError):
     """A text query that does not parse; `column` is 1-based within `text`."""
 

@@ -574,10 +574,22 @@ _TIMESTAMP = re.compile(
 )
 
 
+def timestamp_beyond_micros(s: str) -> tuple[datetime, int]:
+    """parse_timestamp of `s` cut to whole microseconds (the precision timestamps are
+    stored at), and the nanoseconds its 7th to 9th fractional digits add (0..999)."""
+    match = _TIMESTAMP.fullmatch(s)
+    fraction = match.group(3) if match is not None else None
+    if fraction is None or len(fraction) <= 7:  # (the group holds the dot)
+        return parse_timestamp(s), 0
+    start, end = match.span(3)  # type: ignore[union-attr]
+    return parse_timestamp(s[:start + 7] + s[end:]), int(fraction[7:].ljust(3, "0"))
+
+
 def parse_timestamp(s: str) -> datetime:
     """An ISO-8601 date or date-time as an aware UTC datetime; no offset means UTC.
 
-    Accepts 2024-05-01, 2024-05-01T12:00, 2024-05-01T12:00:00Z, 2024-05-01 12:00:00.5+02:00.
+    Accepts 2024-05-01, 2024-05-01T12:00, 2024-05-01T12:00:00Z, 2024-05-01 12:00:00.5+02:00;
+    digits past the sixth of a fraction are cut (timestamp_beyond_micros has them).
     """
     if not _TIMESTAMP.fullmatch(s):
         raise QueryError(f"not an ISO-8601 timestamp: {brief(s)}")

@@ -45,7 +45,7 @@ from memstore.engine.schema import RANGE_KINDS, AttributeSpec, Kind
 from memstore.errors import InvalidArgument, brief
 from memstore.index.bitmap_index import RangeIndex, float_to_ordered
 from memstore.index.day_index import DayIndex
-from memstore.pbvalues import datetime_to_micros
+from memstore.pbvalues import MAX_MICROS, datetime_to_micros, micros_to_datetime
 from memstore.query.ast import (
     All,
     And,
@@ -58,7 +58,7 @@ from memstore.query.ast import (
     Predicate,
     QueryError,
 )
-from memstore.query.parser import parse_timestamp
+from memstore.query.parser import parse_timestamp, timestamp_beyond_micros
 
 _RANGE_OPS = {Op.LT: "lt", Op.LE: "le", Op.GT: "gt", Op.GE: "ge", Op.EQ: "eq", Op.NE: "ne"}
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -487,30 +487,35 @@ def _literal(spec: AttributeSpec, value: Any, op: Op) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise InvalidArgument(
                 f"{where}: {spec.name!r} has kind int, got {_kind_name(value)} literal "
-                f"{brief(value)}"
+                f"{_shown(value)}"
             )
         return value
     if kind is Kind.FLOAT:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InvalidArgument(
                 f"{where}: {spec.name!r} has kind float, got {_kind_name(value)} literal "
-                f"{brief(value)}"
+                f"{_shown(value)}"
             )
         return float_to_ordered(float(value))
     if kind is Kind.BOOL:
         if not isinstance(value, bool):
             raise InvalidArgument(
                 f"{where}: {spec.name!r} has kind bool, got {_kind_name(value)} literal "
-                f"{brief(value)}"
+                f"{_shown(value)}"
             )
         return value
     # STRING and STRING_LIST elements
     if not isinstance(value, str):
         raise InvalidArgument(
             f"{where}: {spec.name!r} has kind {kind.label}, "
-            f"got {_kind_name(value)} literal {brief(value)}"
+            f"got {_kind_name(value)} literal {_shown(value)}"
         )
     return value
+
+
+def _shown(value: Any) -> str:
+    """A literal as a message shows it: a timestamp in ISO-8601, as it is written."""
+    return value.isoformat() if isinstance(value, datetime) else brief(value)
 
 
 def _as_numbers(kind: Kind, op: Op, values: Sequence[Any]) -> tuple[Op, tuple[Any, ...]] | None:
@@ -521,7 +526,45 @@ def _as_numbers(kind: Kind, op: Op, values: Sequence[Any]) -> tuple[Op, tuple[An
         return _whole_numbers(op, values)
     if kind is Kind.FLOAT and any(type(v) is int for v in values):
         return _exact_floats(op, values)
+    if kind is Kind.TIMESTAMP and any(type(v) is str and len(v) > 26 for v in values):
+        return _exact_times(op, values)  # (fewer characters hold no 7th fractional digit)
     return op, tuple(values)
+
+
+def _exact_times(op: Op, values: Sequence[Any]) -> tuple[Op, tuple[Any, ...]] | None:
+    """A comparison of a timestamp attribute (whole microseconds) with literals that may
+    be finer (7 to 9 fractional digits), as the same comparison with whole ones, exact:
+    `t < "...00.0000001"` is `t <= "...00.000000"`, and `t = "...00.0000001"` matches
+    nobody. Literals that are not timestamps are left for _literal to name.
+    None: nothing can match; (EXISTS, ()): every profile holding the attribute."""
+    try:
+        parts = [timestamp_beyond_micros(v) if isinstance(v, str) else (v, 0)
+                 for v in values]
+    except QueryError:
+        return op, tuple(values)
+    if not all(isinstance(at, datetime) for at, _ in parts):
+        return op, tuple(values)
+    exact = [at for at, beyond in parts if not beyond]
+    if op is Op.EQ:
+        return (op, (exact[0],)) if exact else None
+    if op is Op.NE:
+        return (op, (exact[0],)) if exact else (Op.EXISTS, ())
+    if op is Op.IN:
+        return (op, tuple(exact)) if exact else None
+    if op is Op.BETWEEN:
+        (low, after_low), (high, _) = parts
+        if after_low:  # the first whole microsecond after it
+            micros = datetime_to_micros(low) + 1
+            if micros > MAX_MICROS:
+                return None
+            low = micros_to_datetime(micros)
+        return (op, (low, high)) if low <= high else None
+    ((at, beyond),) = parts
+    if beyond and op is Op.LT:
+        return Op.LE, (at,)  # t < at + beyond: t <= at
+    if beyond and op is Op.GE:
+        return Op.GT, (at,)  # t >= at + beyond: t > at
+    return op, (at,)  # LE and GT: the same whole microsecond bounds it
 
 
 def _whole_numbers(op: Op, values: Sequence[Any]) -> tuple[Op, tuple[Any, ...]] | None:

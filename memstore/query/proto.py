@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 from datetime import datetime
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from memstore import pbvalues
 from memstore.query.ast import (
     MAX_DEPTH,
@@ -162,6 +164,8 @@ def _did(d: pb.Did, where: str) -> Did:
 
 
 def _literal(value: pb.Value, where: str) -> Literal:
+    if value.WhichOneof("kind") == "timestamp_value" and value.timestamp_value.nanos % 1000:
+        return _finer_than_micros(value.timestamp_value, where)
     try:
         out = pbvalues.from_pb(value, where)
     except ValueError as err:
@@ -170,6 +174,18 @@ def _literal(value: pb.Value, where: str) -> Literal:
         raise QueryError(f"{where}: a string list is not a valid literal")
     assert isinstance(out, str | int | float | bool | datetime)
     return out
+
+
+def _finer_than_micros(ts: Timestamp, where: str) -> str:
+    """A Timestamp literal with nanoseconds that are not whole microseconds, as the text
+    form writes it (9 fractional digits): stored timestamps are microseconds, and a
+    literal between two of them compares with them exactly (plan._exact_times)."""
+    try:
+        whole = pbvalues.micros_to_datetime(pbvalues.timestamp_micros(ts, where))
+    except ValueError as err:
+        raise QueryError(str(err)) from None
+    return (f"{whole.year:04d}-{whole.month:02d}-{whole.day:02d}T{whole.hour:02d}:"
+            f"{whole.minute:02d}:{whole.second:02d}.{ts.nanos:09d}Z")
 
 
 # Texts parsed lately, and their trees (immutable): a saved segment or a dashboard asks the

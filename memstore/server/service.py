@@ -69,6 +69,7 @@ from memstore.hashslot import (
     slot_of,
 )
 from memstore.query import DEFAULT_LIMITS, QueryError, QueryLimits, query_from_request
+from memstore.query.ast import refused_query
 from memstore.query.evaluate import count as count_query
 from memstore.query.evaluate import evaluate, group_counts
 from memstore.replication import coordinator as coordinated
@@ -134,7 +135,7 @@ def _refuse(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     heap (gc.freeze, memstore/shard.py) would keep its request for good: failing requests
     of a few MB each then add up to GBs. For the same reason the tracebacks are dropped."""
     if isinstance(exc, QueryError):
-        code, details = grpc.StatusCode.INVALID_ARGUMENT, capped(f"query: {exc}")
+        code, details = grpc.StatusCode.INVALID_ARGUMENT, capped(refused_query(exc))
     elif isinstance(exc, MemstoreError):
         context.set_trailing_metadata(_trailers(exc))
         code, details = _status_for(exc), capped(str(exc))
