@@ -72,6 +72,7 @@ from memstore.index.inttable import IntTable
 from memstore.index.pidtable import PidTable
 from memstore.server.heap import release_free_heap
 from memstore.storage import wal_format
+from memstore.storage.datadir import refuse_cluster_dir
 from memstore.storage.dirlock import DirLock
 from memstore.storage.forked import ChildFailed, run_in_child
 from memstore.storage.snapshot_file import (
@@ -238,6 +239,7 @@ class Shard:
             return cls(config, engine, None)
         started = time.monotonic()
         data = Path(config.data_dir)
+        refuse_cluster_dir(data)  # a cluster's directory would start empty, owning all slots
         lock = DirLock.acquire(data, config.lock_wait)  # before reading anything
         try:
             if prepare is not None:

@@ -30,6 +30,8 @@ Invariants:
 - One supervisor per data directory (DATA/LOCK, memstore.storage.dirlock), and one process per
   shard directory. A supervisor started right after one that was killed finds its shards
   still stopping: each new shard waits up to SHARD_LOCK_WAIT seconds for its directory.
+- A shard's own directory (log/, snapshots/ or HISTORY; no cluster.json) is refused before
+  anything is made in it, naming `serve-shard` (memstore.storage.datadir).
 - Every line a shard logs, from its first, goes to the supervisor's stderr.
 - With --replicas N, each shard gets N replica processes (`serve-shard --replica-of`), on
   free ports kept in cluster.json, started once every shard serves and restarted like
@@ -64,6 +66,7 @@ from memstore.query import DEFAULT_LIMITS, QueryLimits
 from memstore.server import logs, metrics
 from memstore.server.rights import SALT_FILE, load_salt
 from memstore.server.security import Credentials, ServerSecurity
+from memstore.storage.datadir import CLUSTER_FILE, refuse_shard_dir
 from memstore.storage.dirlock import DirLock
 from shards.calls import Background
 from shards.server import start_router, stop_router
@@ -71,7 +74,6 @@ from shards.slots import format_ranges, split_even
 
 log = logging.getLogger("memstore.supervisor")
 
-CLUSTER_FILE = "cluster.json"
 START_TIMEOUT = 60.0
 SHARD_LOCK_WAIT = 30.0  # a killed supervisor's shards take a few seconds to stop
 MIN_BACKOFF, MAX_BACKOFF, STABLE_AFTER = 1.0, 30.0, 60.0
@@ -135,6 +137,8 @@ class Supervisor:
         if replicas and in_memory:
             raise ValueError("--replicas: a replica keeps its own log and snapshots; not "
                              "with --in-memory")
+        if not in_memory:  # before anything is made there (memstore.storage.datadir)
+            refuse_shard_dir(data_dir)
         self._configure(shards)
         self._configure_replicas(replicas)
         if replication == "sync" and not self.replicas:

@@ -34,7 +34,7 @@ from memstore.cli.options import (
     with_options,
 )
 from memstore.client import loader
-from memstore.client.core import LOAD_CHUNK, LOAD_CONCURRENCY, ClientError, LoadError
+from memstore.client.core import LOAD_CHUNK, LOAD_CONCURRENCY, Client, ClientError, LoadError
 from memstore.client.events import EVENT_CHUNK
 
 
@@ -58,7 +58,9 @@ def main() -> None:
               help="Address to listen on (loopback by default).")
 @click.option("--port", default=7071, show_default=True, help="Port; 0 picks a free one.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=Path("memstore-data"),
-              show_default=True, help="Log and snapshots of this shard.")
+              show_default=True,
+              help="Log and snapshots of this shard. A `memstore serve` cluster's directory "
+                   "is refused: give one of its shard-i directories.")
 @click.option("--in-memory", is_flag=True, help="Keep nothing on disk (tests, benchmarks).")
 @click.option("--name", default="shard-0", show_default=True, help="Stable shard name.")
 @click.option("--slots", default=None,
@@ -127,6 +129,7 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
     )
     from memstore.server.service import serve
     from memstore.shard import ShardConfig
+    from memstore.storage.datadir import refuse_cluster_dir
     from memstore.storage.wal_writer import SyncPolicy
 
     _logging(verbose, role="shard", shard=name)
@@ -135,6 +138,8 @@ def serve_shard(host: str, port: int, data_dir: Path, in_memory: bool, name: str
         security = ServerSecurity.configure(tls_cert, tls_key, tls_client_ca, auth_file,
                                             insecure, cluster_token_from_env())
         security.check_host(host)
+        if not in_memory:  # before the salt file below makes anything there
+            refuse_cluster_dir(data_dir)
         if salt_file is None and not in_memory:
             data_dir.mkdir(parents=True, exist_ok=True)
             salt_file = data_dir / rights.SALT_FILE
@@ -481,33 +486,53 @@ def export(id: str | None, identifier: tuple[str, str] | None, expression: str |
 
 def _export_many(expression: str, output: Path | None, no_progress: bool,
                  connect: Connect) -> None:
-    from tqdm import tqdm
-
+    """Write every profile matching `expression` to `output` (None: standard output). A
+    file takes the place of one already at `output` only once the export is complete
+    (files.replacing): a refused or broken export leaves the earlier one as it was."""
     from memstore.client import export as files
 
     parquet = output is not None and output.suffix.lower() == ".parquet"
     with connect.client(timeout=None) as client:
         try:
-            # Day records are not in bulk exports (the shards leave them out): their
-            # history loads again with load-events, from the events it was made of.
-            schema = [a for a in client.schema() if a["kind"] != "event_days"]
-            total = client.count(expression)
-            names = [a["name"] for a in schema]
-            chunks = (client.iter_export_columns(expression, names) if parquet
-                      else client.iter_export_lines(expression))
-            with tqdm(unit=" profiles", disable=no_progress, file=sys.stderr, total=total,
-                      desc=f"exporting to {output.name if output else 'stdout'}") as bar:
-                if parquet:
-                    assert output is not None
-                    written = files.write_parquet(output, schema, chunks, bar.update)
-                elif output is not None:
-                    with output.open("wb") as out:
-                        written = files.write_jsonl(out, schema, chunks, bar.update)
-                else:
-                    written = files.write_jsonl(sys.stdout.buffer, schema, chunks, bar.update)
+            if output is None:
+                written = _export_to(client, expression, None, False, "stdout", no_progress)
+            else:
+                with files.replacing(output) as partial:
+                    written = _export_to(client, expression, partial, parquet, output.name,
+                                         no_progress)
         except (ClientError, ValueError) as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            raise click.ClickException(f"cannot write the export to {output or 'stdout'}: "
+                                       f"{exc}") from None
     click.echo(f"exported {written} profiles", err=True)
+
+
+def _export_to(client: Client, expression: str, path: Path | None, parquet: bool,
+               shown: str, no_progress: bool) -> int:
+    """The export itself, to `path` (Parquet or JSON Lines) or to standard output (None:
+    JSON Lines), with a progress bar naming `shown`; returns how many profiles."""
+    from tqdm import tqdm
+
+    from memstore.client import export as files
+
+    # Day records are not in bulk exports (the shards leave them out): their history loads
+    # again with load-events, from the events it was made of.
+    schema = [a for a in client.schema() if a["kind"] != "event_days"]
+    total = client.count(expression)
+    with tqdm(unit=" profiles", disable=no_progress, file=sys.stderr, total=total,
+              desc=f"exporting to {shown}") as bar:
+        if path is None:
+            return files.write_jsonl(sys.stdout.buffer, schema,
+                                     client.iter_export_lines(expression), bar.update)
+        if parquet:
+            names = [a["name"] for a in schema]
+            return files.write_parquet(path, schema,
+                                       client.iter_export_columns(expression, names),
+                                       bar.update)
+        with path.open("wb") as out:
+            return files.write_jsonl(out, schema, client.iter_export_lines(expression),
+                                     bar.update)
 
 
 @main.command()
@@ -679,7 +704,42 @@ def token(roles: str, name: str | None) -> None:
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def check(data_dir: Path) -> None:
     """Verify a shard's snapshots and log; exit 1 if anything is damaged or start-up
-    would fail (for example: the log no longer reaches back to the usable snapshot)."""
+    would fail (for example: the log no longer reaches back to the usable snapshot).
+    Given the directory of a `memstore serve` cluster, check each shard's directory in
+    it (replicas' too) and exit 1 if any fails."""
+    from memstore.storage.datadir import is_cluster_dir
+
+    ok = _check_cluster(data_dir) if is_cluster_dir(data_dir) else _check_shard(data_dir)
+    if not ok:
+        sys.exit(1)
+
+
+def _check_cluster(root: Path) -> bool:
+    """`memstore check` on a cluster's directory: each shard's directory its cluster.json
+    names or it holds, in turn, then a line a shard. A directory cluster.json names and
+    that is missing fails: that shard would start empty."""
+    from memstore.storage.datadir import cluster_members
+
+    members = cluster_members(root)
+    click.echo(f"{root} is a `memstore serve` cluster: checking {len(members)} shard "
+               "directories")
+    results: dict[str, str] = {}
+    for member in members:
+        click.echo(f"== {member.name} ({member})")
+        if not member.is_dir():
+            click.echo(f"MISSING: {member} does not exist; the cluster names it, so that "
+                       "shard would start empty (restore it from a backup)")
+            results[member.name] = "MISSING"
+            continue
+        results[member.name] = "ok" if _check_shard(member) else "FAILED"
+    click.echo("cluster: " + (", ".join(f"{n} {r}" for n, r in results.items())
+                              or f"no shard directories in {root}"))
+    return bool(results) and all(r == "ok" for r in results.values())
+
+
+def _check_shard(data_dir: Path) -> bool:
+    """`memstore check` on one shard's directory, printed; whether start-up would succeed
+    with nothing damaged."""
     from memstore.storage.dirlock import holder
     from memstore.storage.snapshot_file import SnapshotError, SnapshotReader, load_newest
     from memstore.storage.wal_reader import LogCorruptError, read_log
@@ -710,8 +770,7 @@ def check(data_dir: Path) -> None:
         except LogCorruptError as exc:
             click.echo(f"start-up would fail: {exc}")
             bad = True
-    if bad or not report.ok:
-        sys.exit(1)
+    return report.ok and not bad
 
 
 @main.command()
@@ -719,10 +778,15 @@ def check(data_dir: Path) -> None:
 @click.option("--yes", is_flag=True, help="Do it without asking.")
 def repair(data_dir: Path, yes: bool) -> None:
     """Cut a damaged log at its last good record, keeping a backup of what is cut."""
+    from memstore.storage.datadir import WrongDataDirectory, refuse_cluster_dir
     from memstore.storage.dirlock import DirectoryLocked, DirLock
     from memstore.storage.wal_reader import check as check_log
     from memstore.storage.wal_reader import repair as repair_log
 
+    try:  # a cluster's directory has no log of its own: one shard's is meant
+        refuse_cluster_dir(data_dir, "memstore repair", serve_hint=False)
+    except WrongDataDirectory as exc:
+        raise click.ClickException(str(exc)) from None
     try:
         lock = DirLock.acquire(data_dir)  # never cut a log that a running shard appends to
     except DirectoryLocked as exc:

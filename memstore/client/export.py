@@ -17,8 +17,12 @@ file's metadata (`memstore.schema`, `memstore.meta_columns`), which `memstore lo
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable, Sequence
+import os
+import stat
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -27,6 +31,7 @@ import msgpack
 import numpy as np
 
 from memstore import exportformat, pbvalues
+from memstore.storage.fsutil import fsync_path
 from memstore.v1 import memstore_pb2 as pb
 
 KINDS = {1: "string", 2: "int", 3: "float", 4: "bool", 5: "timestamp", 6: "string_list"}
@@ -100,6 +105,43 @@ def receipt(r: pb.DeleteResponse | pb.EraseProfilesChunk) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- files
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """Where to write an export meant for `path`: a temporary file beside it
+    (`NAME.partial-XXXX`), which takes `path`'s place (fsync, rename, fsync the directory)
+    only when the block completes, and is removed when it fails.
+
+    Why: an export the server refuses, or that breaks mid-stream, must leave an earlier
+    good export at `path` as it was. Written in place, it would be cut to a schema line or
+    a partial file that `memstore load` takes for a whole (short) export.
+
+    A `path` that exists and is not a regular file (/dev/null, a FIFO) is yielded as it
+    is: it holds no earlier export, and a rename would replace the device or pipe itself.
+    A symbolic link is followed: its target is replaced, the link kept. The new file gets
+    the old one's permission bits, as writing in place kept them."""
+    target = Path(os.path.realpath(path))
+    try:
+        old = target.stat()
+    except FileNotFoundError:
+        old = None
+    if old is not None and not stat.S_ISREG(old.st_mode):
+        yield path
+        return
+    fd, name = tempfile.mkstemp(prefix=f"{target.name}.partial-", dir=target.parent)
+    os.close(fd)
+    partial = Path(name)
+    try:
+        if old is not None:
+            os.chmod(partial, stat.S_IMODE(old.st_mode))
+        yield partial
+        fsync_path(partial)
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    fsync_path(target.parent)
+
 
 def write_jsonl(out: BinaryIO, schema: list[dict[str, Any]],
                 chunks: Iterable[tuple[int, bytes]], progress: Any = None) -> int:

@@ -8,6 +8,7 @@
     forked         writing a snapshot from a forked child (Redis's BGSAVE shape)
     fsutil         fsync of files and directories
     dirlock        one process per data directory (DATA_DIR/LOCK)
+    datadir        what kind of data directory a path is (a shard's, a cluster's)
 
 Nothing here knows what a profile is: payloads are bytes the engine encodes.
 """
