@@ -145,6 +145,14 @@ def wrong_slot(exc: grpc.aio.AioRpcError) -> bool:
     return any(k == "memstore-wrong-slot" for k, _ in (exc.trailing_metadata() or ()))
 
 
+def not_primary(exc: grpc.aio.AioRpcError) -> bool:
+    """A write refused by a shard that has become a replica (a failover the router's map
+    does not know yet): it names the primary in a trailer, and the map will too."""
+    if exc.code() != Code.FAILED_PRECONDITION:
+        return False
+    return any(k == "memstore-primary" for k, _ in (exc.trailing_metadata() or ()))
+
+
 _AS_ROUTER = {"metadata": (CLUSTER_SCHEMA,)}
 
 

@@ -53,6 +53,7 @@ from shards.calls import (
     fail,
     forward_pairs,
     move_pause,
+    not_primary,
     retargeted,
     time_left,
     trailer_of,
@@ -132,7 +133,7 @@ class Routing:
                 if expect is not None and (wrong_slot(exc) or trailer_of(exc, REJUDGE_TRAILER)):
                     await self.map.refresh(since=version)
                     raise Rejudge() from None
-                if wrong_slot(exc):
+                if wrong_slot(exc) or not_primary(exc):  # moved, or failed over: again
                     await self.map.refresh(since=version)
                     if self.map.owner(slot) is shard:
                         await move_pause(attempt, context)
@@ -272,7 +273,7 @@ class Routing:
                     if expect is not None and (wrong_slot(exc)
                                                or trailer_of(exc, REJUDGE_TRAILER)):
                         return group, _REJUDGE
-                    if wrong_slot(exc):
+                    if wrong_slot(exc) or not_primary(exc):  # again, on a fresh map
                         return group, None
                     if exc.code() == Code.UNAVAILABLE:
                         raise Down(shard, exc.details() or "unreachable") from None
