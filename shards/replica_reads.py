@@ -6,7 +6,10 @@ QueryBitmap, QueryIds, GetSchema, ListSegments) to a replica of each shard, and
 everything else, writes first, to the primaries. How the router learns the replicas, and
 which one it takes, is the Python client's `read_from="replica"`
 (memstore/client/replicas.py): the primary's Stats lists them, one is picked, and one
-that cannot be reached (UNAVAILABLE) is dropped and the read goes to the primary.
+that cannot be reached is dropped and the read goes to the primary. A replica has a share
+of the call's deadline (replicas.replica_timeout: at most 1 s, half of what is left), so
+one that hangs instead of refusing (stopped, a partition) leaves the primary the rest;
+its DEADLINE_EXCEEDED counts as UNAVAILABLE does.
 
 The choice travels with the call in a context variable (`ReadScope`), set by `replica_read`
 around the router's read handlers only: a write handler, or the merge protocol settling a
@@ -22,13 +25,20 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 
-from memstore.client.replicas import REPLICA_READS, ReplicaReads
+from memstore.client.replicas import (
+    REPLICA_READS,
+    REPLICA_TIMEOUT,
+    ReplicaReads,
+    replica_timeout,
+    unreachable,
+)
 from memstore.errors import capped
 from memstore.server.link import LinkStub
 from memstore.server.security import Credentials
@@ -121,11 +131,13 @@ class ReplicaStub:
             self.replicas.load(dict(stats.info))
         return self.replicas.stub
 
-    def lost(self) -> None:
-        """The replica did not answer: forget it (its channel closes in the background)."""
-        channel = self.replicas.failed()
+    def lost(self, replica: Any) -> None:
+        """The replica stub `replica` did not answer: forget it. Its channel closes in the
+        background, once the reads still in flight on it have had their time (closing
+        cancels them, and a cancelled read would fail instead of going to the primary)."""
+        channel = self.replicas.failed(replica)
         if channel is not None:
-            task = asyncio.get_running_loop().create_task(channel.close())
+            task = asyncio.get_running_loop().create_task(channel.close(REPLICA_TIMEOUT))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
@@ -156,7 +168,8 @@ def _wrong_slot(exc: grpc.aio.AioRpcError) -> bool:
 
 class ReplicaCall:
     """One read, made as a grpc.aio unary call is (awaited, then asked for its trailing
-    metadata): by a replica when one answers, else by the primary."""
+    metadata): by a replica when one answers within its share of `timeout`, else by the
+    primary within what is left of it."""
 
     def __init__(self, stub: ReplicaStub, method: str, request: Any, timeout: float | None,
                  scope: ReadScope, kwargs: dict[str, Any]) -> None:
@@ -168,23 +181,29 @@ class ReplicaCall:
         return self._run().__await__()
 
     async def _run(self) -> Any:
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
         replica = await self._stub.replica()
         if replica is not None:
-            call = getattr(replica, self._method)(self._request, timeout=self._timeout,
-                                                  **self._kwargs)
+            call = getattr(replica, self._method)(
+                self._request, timeout=replica_timeout(_left(deadline)), **self._kwargs)
             try:
                 response = await call
                 self._scope.heard(await call.trailing_metadata())
                 self._call = call
                 return response
             except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                    self._stub.lost()
+                if unreachable(exc.code()):  # refused, or no answer in its time: hung
+                    self._stub.lost(replica)
                 elif not _wrong_slot(exc):  # the replica's answer (NOT_FOUND, a bad query)
                     raise
         self._call = getattr(self._stub.primary, self._method)(
-            self._request, timeout=self._timeout, **self._kwargs)
+            self._request, timeout=_left(deadline), **self._kwargs)
         return await self._call
 
     async def trailing_metadata(self) -> Any:
         return await self._call.trailing_metadata()
+
+
+def _left(deadline: float | None) -> float | None:
+    """Seconds left until `deadline` (monotonic; None: no deadline)."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())

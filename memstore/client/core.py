@@ -53,7 +53,7 @@ from memstore import pbvalues
 from memstore.client import export
 from memstore.client.events import EVENT_CHUNK, EventChunk, EventRefusal, Parsed, event_chunks
 from memstore.client.refusal import Refusal
-from memstore.client.replicas import REPLICA_READS, ReplicaReads
+from memstore.client.replicas import REPLICA_READS, ReplicaReads, replica_timeout, unreachable
 from memstore.engine import eventpack
 from memstore.engine.columnar import CODE_SHARE, pack_columns, unpack_columns
 from memstore.hashslot import (
@@ -661,11 +661,11 @@ class Client(ClientMethods):
         if stub is None:
             return _MISSING
         try:
-            return getattr(stub, method)(request, timeout=self.timeout)
+            return getattr(stub, method)(request, timeout=replica_timeout(self.timeout))
         except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+            if not unreachable(exc.code()):  # type: ignore[attr-defined]
                 raise
-            channel = replicas.failed()
+            channel = replicas.failed(stub)
             if channel is not None:
                 channel.close()
             return _MISSING
@@ -945,11 +945,11 @@ class AsyncClient(ClientMethods):
         if stub is None:
             return _MISSING
         try:
-            return await getattr(stub, method)(request, timeout=self.timeout)
+            return await getattr(stub, method)(request, timeout=replica_timeout(self.timeout))
         except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+            if not unreachable(exc.code()):
                 raise
-            channel = replicas.failed()
+            channel = replicas.failed(stub)
             if channel is not None:
                 await channel.close()
             return _MISSING

@@ -19,9 +19,18 @@ this log holds durably), which a primary under --replication sync waits for.
 
 Every step says in the log which resync happened and why.
 
+A silent primary is a lost one. A primary sends a message at least every HEARTBEAT, so a
+session that hears nothing for SILENCE seconds ends (connected False, then a reconnect
+with backoff): a partition that drops packets without a reset, or a stopped primary,
+would otherwise leave this replica "connected" and "caught up" for as long as TCP takes
+to notice, which is minutes to hours. The channel's gRPC keepalive covers the calls that
+carry no heartbeat (a snapshot fetch).
+
 Lag: `lag()` is (bytes, seconds): how far this log is behind the primary's as of the last
 message, and for how long this replica has not been known to hold everything the primary
-had (0 while caught up and connected; growing while disconnected).
+had: 0 while caught up, connected and heard from within QUIET seconds; otherwise counted
+from the last message that found it caught up, so it grows from the moment the primary
+fell silent, before SILENCE ends the session.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from typing import Any
 import grpc
 
 from memstore.replication import history
+from memstore.replication.primary import HEARTBEAT
 from memstore.server import rights
 from memstore.server.security import Credentials
 from memstore.shard import Shard
@@ -48,9 +58,26 @@ from memstore.v1 import replication_pb2_grpc
 log = logging.getLogger("memstore.replication")
 
 MIN_BACKOFF, MAX_BACKOFF = 0.2, 5.0
+# Seconds without a message before the primary is taken as lost: a dozen heartbeats, so a
+# primary busy for a moment (a long pause of its event loop) costs nothing, and one cut
+# off costs a partial resync once it answers again.
+SILENCE = 12 * HEARTBEAT
+# Seconds since the last message within which a caught-up replica reports lag 0: a few
+# heartbeats, so an idle, healthy replica reads 0 and a silent primary shows at once.
+QUIET = 4 * HEARTBEAT
 MAX_MESSAGE = 256 << 20  # a record of up to 64 MiB in one message, with room to spare
+# gRPC keepalive: a ping every 60 s, the connection given up when one goes unanswered for
+# 20 s; it ends the calls that carry no heartbeat (FetchSnapshot) on a dead connection.
+# Not more often: a gRPC server's default policy allows a client one ping in 5 minutes
+# while it sends nothing itself, and closes the connection (GOAWAY) at the third ping too
+# many, which a primary writing a large snapshot before its first chunk would do; at 60 s
+# that takes 3 minutes of writing. max_pings_without_data 0: ping even while this replica
+# sends nothing (it sends no acks while idle).
 CHANNEL_OPTIONS = (("grpc.max_receive_message_length", MAX_MESSAGE),
-                   ("grpc.max_send_message_length", MAX_MESSAGE))
+                   ("grpc.max_send_message_length", MAX_MESSAGE),
+                   ("grpc.keepalive_time_ms", 60_000),
+                   ("grpc.keepalive_timeout_ms", 20_000),
+                   ("grpc.http2.max_pings_without_data", 0))
 # Queued as the last ack when a session ends, so its requests end and so does gRPC's task
 # reading them: cancelling a call that already failed leaves that task waiting for ever,
 # reported "destroyed but pending" when collected (after every promotion, for one).
@@ -74,6 +101,7 @@ class Follower:
         self.primary_lsn = shard.log.end_lsn  # the primary's readable end, last heard
         self.epoch = shard.engine.epoch
         self.caught_up_at: float | None = None  # monotonic
+        self.heard_at = 0.0  # monotonic: the primary's last message
         self.started_at = time.monotonic()
         self.full_resyncs = 0
         self.partial_resyncs = 0
@@ -84,10 +112,12 @@ class Follower:
         held everything the primary had)."""
         assert self.shard.log is not None
         behind = max(0, self.primary_lsn - self.shard.log.end_lsn)
-        if self.connected and behind == 0 and self.caught_up_at is not None:
+        now = time.monotonic()
+        if (self.connected and behind == 0 and self.caught_up_at is not None
+                and now - self.heard_at < QUIET):
             return 0, 0.0
         since = self.caught_up_at if self.caught_up_at is not None else self.started_at
-        return behind, round(time.monotonic() - since, 3)
+        return behind, round(now - since, 3)
 
     def stats(self) -> dict[str, str]:
         behind, seconds = self.lag()
@@ -190,7 +220,8 @@ class Follower:
         call = stub.Follow(requests())
         first = True
         try:
-            async for message in call:
+            while (message := await _next_message(call)) is not None:
+                self.heard_at = time.monotonic()
                 if first:
                     first = False
                     self.connected = True
@@ -212,12 +243,25 @@ class Follower:
                 self.primary_lsn = message.primary_lsn
                 self.epoch = message.epoch
                 if shard.log.end_lsn >= message.primary_lsn:
-                    self.caught_up_at = time.monotonic()
+                    self.caught_up_at = self.heard_at
         finally:
             acks.put_nowait(SESSION_ENDED)
             call.cancel()
             with contextlib.suppress(Exception):
                 await asyncio.sleep(0)
+
+
+async def _next_message(call: Any) -> Any:
+    """The primary's next Follow message, or None at the end of the stream. Raises
+    TimeoutError when none came within SILENCE seconds (the primary sends one at least
+    every HEARTBEAT): the session ends and `run` reconnects."""
+    try:
+        message = await asyncio.wait_for(call.read(), SILENCE)
+    except TimeoutError:
+        raise TimeoutError(f"the primary sent nothing for {SILENCE:.0f} s (it sends a "
+                           f"message every {HEARTBEAT} s): taken as lost, as a partition "
+                           f"or a stopped process would be") from None
+    return None if message is grpc.aio.EOF else message
 
 
 def _tls_hint(exc: grpc.aio.AioRpcError) -> str:
