@@ -283,6 +283,29 @@ class Connect:
 
         return Credentials.load(self.tls_ca, self.tls_cert, self.tls_key, self.token)
 
+    def checked_credentials(self) -> Any:
+        """`credentials()`, or a UsageError naming the flags that are wrong and what to
+        give: Credentials.load's own messages name its Python arguments, and a key that
+        is not the certificate's would fail only at the first call, as a TLS error."""
+        from memstore.server.security import check_certificates, check_key_pair
+
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise click.UsageError("--tls-cert and --tls-key ($MEMSTORE_TLS_CERT, "
+                                   "$MEMSTORE_TLS_KEY) go together: a client certificate "
+                                   "and its private key")
+        if self.tls_cert is not None and self.tls_ca is None:
+            raise click.UsageError("--tls-cert: a client certificate is presented over "
+                                   "TLS: give --tls-ca ($MEMSTORE_TLS_CA), the CA that "
+                                   "signed the server's certificate")
+        try:
+            if self.tls_ca is not None:
+                check_certificates(self.tls_ca, "--tls-ca")
+            if self.tls_cert is not None and self.tls_key is not None:
+                check_key_pair(self.tls_cert, self.tls_key)
+            return self.credentials()
+        except (ValueError, OSError) as exc:
+            raise click.UsageError(str(exc)) from None
+
 
 def _str(path: Path | None) -> str | None:
     return None if path is None else str(path)
@@ -294,10 +317,7 @@ def client_security(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, tls_ca: Path | None, client_cert: Path | None,
                 client_key: Path | None, token: str | None, **kwargs: Any) -> Any:
-        try:
-            credentials = Connect("", tls_ca, client_cert, client_key, token).credentials()
-        except (ValueError, OSError) as exc:
-            raise click.UsageError(str(exc)) from None
+        credentials = Connect("", tls_ca, client_cert, client_key, token).checked_credentials()
         return command(*args, credentials=credentials, **kwargs)
 
     return with_options(wrapper, CLIENT_SECURITY)  # type: ignore[return-value]
@@ -310,10 +330,7 @@ def connection(command: F) -> F:
     def wrapper(*args: Any, address: str, tls_ca: Path | None, client_cert: Path | None,
                 client_key: Path | None, token: str | None, **kwargs: Any) -> Any:
         connect = Connect(address, tls_ca, client_cert, client_key, token)
-        try:
-            connect.credentials()
-        except (ValueError, OSError) as exc:
-            raise click.UsageError(str(exc)) from None
+        connect.checked_credentials()
         return command(*args, connect=connect, **kwargs)
 
     wrapper = with_options(wrapper, CLIENT_SECURITY)

@@ -222,8 +222,10 @@ class LinkServer:
         self._methods.update(methods)
 
     async def start(self, host: str, port: int) -> int:
+        """Listen on `host` (an IPv6 one with or without gRPC's brackets) and `port` (0: a
+        free one); the port."""
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: _ShardConnection(self), host, port)
+            lambda: _ShardConnection(self), host.strip("[]"), port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 

@@ -66,7 +66,8 @@ def serve_metrics(host: str, port: int, profiles: Callable[[], float] | None = N
         PROFILES.set_function(profiles)
     if log_bytes is not None:
         LOG_BYTES.set_function(log_bytes)
-    server, _ = start_http_server(port, addr=host, **(tls or {}))
+    # the socket takes an IPv6 host bare ("::1"), not as gRPC's HOST:PORT writes it
+    server, _ = start_http_server(port, addr=host.strip("[]"), **(tls or {}))
     return int(server.server_port)
 
 

@@ -7,7 +7,9 @@ Server side (`ServerSecurity`):
   speaks plaintext: the link (memstore/server/link.py), which has no TLS, is off, and the metrics
   endpoint serves HTTPS with the same certificate.
 - Tokens: `--auth-file` lists `TOKEN ROLE[,ROLE...] [NAME]` a line (`#` comments), and
-  `cert:COMMON-NAME ROLE[,ROLE...] [NAME]` for client certificates; re-read on SIGHUP.
+  `cert:COMMON-NAME ROLE[,ROLE...] [NAME]` for client certificates; re-read on SIGHUP,
+  after which a stream open under the old table (a watch, a replica's Follow) is looked
+  at again at its next message in either direction (`_Standing`).
   Callers send `authorization: Bearer TOKEN`. Tokens are kept as SHA-256 digests and found
   by digest, so neither the table nor the time a look-up takes tells anything about a
   token's characters. With mutual TLS and no auth file, every verified certificate has
@@ -26,12 +28,14 @@ Client side (`Credentials`): a CA to verify servers, a client certificate and ke
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ipaddress
 import logging
 import os
 import secrets
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -199,6 +203,47 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def host_port(host: str, port: int | str) -> str:
+    """HOST:PORT as gRPC reads it: an IPv6 literal in brackets ("[::1]:7070"). Bare,
+    gRPC takes "::1:7070" for one IPv6 address on its default port. Sockets (the link,
+    the metrics endpoint) take the host without brackets: `host.strip("[]")`."""
+    bare = host.strip("[]")
+    try:
+        is_v6 = ipaddress.ip_address(bare).version == 6
+    except ValueError:
+        is_v6 = False  # a name ("localhost") or an IPv4 address: as given
+    return f"[{bare}]:{port}" if is_v6 else f"{host}:{port}"
+
+
+def check_certificates(path: Path | str, flag: str) -> None:
+    """Refuse a file that holds no PEM certificate, naming its flag (ValueError)."""
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (ssl.SSLError, ValueError):
+        raise ValueError(f"{flag} {path} holds no PEM certificate") from None
+
+
+def check_key_pair(cert: Path | str, key: Path | str, cert_flag: str = "--tls-cert",
+                   key_flag: str = "--tls-key") -> None:
+    """Refuse a certificate and key TLS cannot use together, naming both files
+    (ValueError), when the flags are read. gRPC finds out only when it binds, and then
+    says "Failed to bind to address", after a server has made its data directory."""
+    check_certificates(cert, cert_flag)
+    text = Path(key).read_bytes()
+    if b"ENCRYPTED" in text:
+        raise ValueError(f"{key_flag} {key} is encrypted: give the key without its "
+                         "passphrase (openssl pkey -in KEY -out PLAIN.key)")
+    try:  # no passphrase: never a prompt on the terminal
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key,
+                                                                password=lambda: b"")
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise ValueError(f"{key_flag} {key} is not the private key of {cert_flag} "
+                             f"{cert}") from None
+        raise ValueError(f"{key_flag} {key} holds no PEM private key (the key of "
+                         f"{cert_flag} {cert} is wanted)") from None
+
+
 def _read(path: Path | str | None) -> bytes | None:
     return None if path is None else Path(path).read_bytes()
 
@@ -229,6 +274,10 @@ class ServerSecurity:
             raise ValueError("--tls-cert and --tls-key go together")
         if tls_client_ca is not None and tls_cert is None:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        if tls_cert is not None and tls_key is not None:
+            check_key_pair(tls_cert, tls_key)
+        if tls_client_ca is not None:
+            check_certificates(tls_client_ca, "--tls-client-ca")
         extra = [(cluster_token, Principal("cluster", frozenset({"cluster"})))] \
             if cluster_token else []
         auth = AuthTable(auth_file, extra) if auth_file is not None or extra else None
@@ -259,7 +308,10 @@ class ServerSecurity:
                              "if a network you trust protects it")
 
     def bind(self, server: Any, address: str) -> int:
-        """Add `address` to `server` (TLS when configured); the port, or OSError."""
+        """Add `address` (HOST:PORT, an IPv6 HOST with or without brackets) to `server`
+        (TLS when configured); the port, or OSError."""
+        host, _, port = address.rpartition(":")
+        address = host_port(host, port)
         if self.tls:
             assert self.cert is not None and self.key is not None
             credentials = grpc.ssl_server_credentials(
@@ -380,6 +432,10 @@ class Authorizer(grpc.aio.ServerInterceptor):
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
+
+        def standing(context: Any) -> _Standing:
+            return _Standing(self.security.auth, lambda: admit(context) is not None)
+
         if handler.unary_stream is not None:
             inner_us = handler.unary_stream
 
@@ -388,18 +444,15 @@ class Authorizer(grpc.aio.ServerInterceptor):
                 if principal is None:
                     return
                 audit.caller.set(principal.name)
-                table = self.security.auth
-                generation = table.generation if table is not None else 0
+                caller = standing(context)
+                responses = inner_us(request, context)
                 try:
-                    async for item in inner_us(request, context):
-                        # A stream outlives the table it was admitted under (a watch has no
-                        # deadline): after a reload, its caller is let in again or it ends.
-                        if table is not None and table.generation != generation:
-                            generation = table.generation
-                            if admit(context) is None:
-                                return
+                    async for item in responses:
+                        if not caller.allowed():
+                            return
                         yield item
                 finally:
+                    await _close(responses)
                     audited(principal, context)
 
             return grpc.unary_stream_rpc_method_handler(
@@ -409,10 +462,20 @@ class Authorizer(grpc.aio.ServerInterceptor):
             inner_ss = handler.stream_stream
 
             async def stream_stream(requests: Any, context: Any) -> Any:
-                if admit(context) is None:
+                principal = admit(context)
+                if principal is None:
                     return
-                async for item in inner_ss(requests, context):
-                    yield item
+                audit.caller.set(principal.name)
+                caller = standing(context)
+                responses = inner_ss(caller.requests(requests), context)
+                try:
+                    async for item in responses:
+                        if not caller.allowed():
+                            return
+                        yield item
+                finally:
+                    await _close(responses)
+                    audited(principal, context)
 
             return grpc.stream_stream_rpc_method_handler(
                 stream_stream, request_deserializer=handler.request_deserializer,
@@ -420,13 +483,72 @@ class Authorizer(grpc.aio.ServerInterceptor):
         inner_su = handler.stream_unary
 
         async def stream_unary(requests: Any, context: Any) -> Any:
-            if admit(context) is None:
+            principal = admit(context)
+            if principal is None:
                 return None
-            return await inner_su(requests, context)
+            audit.caller.set(principal.name)
+            caller = standing(context)
+            handling = asyncio.ensure_future(inner_su(caller.requests(requests), context))
+            caller.on_refusal = handling.cancel  # nothing half-sent is acted on
+            try:
+                response = await handling
+            except asyncio.CancelledError:
+                if not caller.refused:
+                    raise  # the call itself was cancelled (the caller went away)
+                return None
+            finally:
+                audited(principal, context)
+            return None if caller.refused else response
 
         return grpc.stream_unary_rpc_method_handler(
             stream_unary, request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer)
+
+
+class _Standing:
+    """A stream's caller, looked at again after each reload of the auth table. A stream
+    outlives the table it was admitted under (a watch, a replica's Follow: no deadline),
+    so before each message, in either direction, it asks `allowed()`: after a reload the
+    caller is let in again or the stream ends (`admit` has set the status: UNAUTHENTICATED
+    for a credential removed, PERMISSION_DENIED for a role taken away). Without a reload
+    it costs one comparison a message."""
+
+    def __init__(self, table: AuthTable | None, admit: Callable[[], bool]) -> None:
+        self.table = table
+        self.generation = table.generation if table is not None else 0
+        self.admit = admit
+        self.refused = False
+        self.on_refusal: Callable[[], object] | None = None
+
+    def allowed(self) -> bool:
+        if self.refused:
+            return False
+        if self.table is not None and self.table.generation != self.generation:
+            self.generation = self.table.generation
+            if not self.admit():
+                self.refused = True
+                if self.on_refusal is not None:
+                    self.on_refusal()
+        return not self.refused
+
+    async def requests(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """The caller's messages while its credential still lets it send them; after a
+        refusal their end, as when a caller closes its side: the handler finishes, and
+        the responses it still yields are not sent (`allowed` is False from then on). A
+        client-streaming handler, which would act on what it got, is cancelled instead
+        (`on_refusal`)."""
+        async for request in requests:
+            if not self.allowed():
+                return
+            yield request
+
+
+async def _close(responses: Any) -> None:
+    """Finish a handler's response generator now, not when it is collected: its cleanup
+    (a replica's Follow leaves the primary's replica list) belongs to the call it served."""
+    close = getattr(responses, "aclose", None)
+    if close is not None:
+        await close()
 
 
 class Auditor(grpc.aio.ServerInterceptor):
