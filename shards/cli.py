@@ -26,6 +26,7 @@ from memstore.cli.options import (
     LINK_PORT,
     NO_LINK,
     client_security,
+    listen_host,
     query_limit_settings,
     query_limits,
     security_args,
@@ -72,7 +73,7 @@ def _run(coro: Any) -> Any:
 @click.option("--shards", type=click.IntRange(1, 16384), default=None,
               help="Shard processes on first start [default: one per core]. Later starts "
                    "keep the count recorded in the data directory.")
-@click.option("--host", default="127.0.0.1", show_default=True,
+@click.option("--host", default="127.0.0.1", show_default=True, callback=listen_host,
               help="Address the router and shards listen on (loopback by default).")
 @click.option("--port", default=7070, show_default=True,
               help="Router port; shards take the next ports. 0: free ports.")
@@ -167,7 +168,7 @@ def serve(shards: int | None, host: str, port: int, data_dir: Path, in_memory: b
 @click.command("serve-router")
 @click.option("--shard", "shard_addresses", multiple=True, required=True,
               help="A shard's host:port; repeat for each shard.")
-@click.option("--host", default="127.0.0.1", show_default=True,
+@click.option("--host", default="127.0.0.1", show_default=True, callback=listen_host,
               help="Address to listen on (loopback by default).")
 @click.option("--port", default=7070, show_default=True, help="Port; 0 picks a free one.")
 @click.option("--metrics-port", type=int, default=None,

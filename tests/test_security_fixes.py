@@ -293,9 +293,10 @@ def test_host_port_brackets_ipv6_literals() -> None:
 @pytest.mark.parametrize("host", ["::1", "[::1]"])
 def test_a_shard_serves_on_ipv6_loopback(host: str) -> None:
     """gRPC, the link and the metrics endpoint all listen on ::1, given bare or in
-    brackets."""
+    brackets; the address it prints is one a client reads back (brackets)."""
     server = start_shard(None, "--host", host, "--metrics-port", "0")
     try:
+        assert server.address.startswith("[::1]:")
         port = server.address.rpartition(":")[2]
         with Client(f"[::1]:{port}", timeout=10) as c:
             c.upsert("u", {"x": 1})

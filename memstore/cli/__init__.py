@@ -27,6 +27,7 @@ from memstore.cli.options import (
     Connect,
     F,
     connection,
+    listen_host,
     query_limits,
     replication_settings,
     server_security,
@@ -54,7 +55,7 @@ def main() -> None:
 
 
 @main.command("serve-shard")
-@click.option("--host", default="127.0.0.1", show_default=True,
+@click.option("--host", default="127.0.0.1", show_default=True, callback=listen_host,
               help="Address to listen on (loopback by default).")
 @click.option("--port", default=7071, show_default=True, help="Port; 0 picks a free one.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=Path("memstore-data"),

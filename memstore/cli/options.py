@@ -307,6 +307,19 @@ class Connect:
             raise click.UsageError(str(exc)) from None
 
 
+def listen_host(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A --host as every HOST:PORT a process forms and prints takes it: an IPv6 address
+    in brackets ("::1" -> "[::1]"), so that gRPC, routers and clients read the address
+    back as one host and a port. (The link and metrics sockets take it without.)"""
+    import ipaddress
+
+    try:
+        bare = ipaddress.ip_address(value.strip("[]"))
+    except ValueError:
+        return value  # a name or an IPv4 address: as given
+    return f"[{bare}]" if bare.version == 6 else value
+
+
 def _str(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
