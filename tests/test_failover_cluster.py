@@ -26,6 +26,7 @@ import pytest
 from memstore import Client
 from shards.slots import slot_of
 from tests.conftest import ROOT, ServerProcess, start_router, start_shard
+from tests.etcd import etcd_server
 from tests.test_replication import (
     Proc,
     _failover,
@@ -177,30 +178,36 @@ def test_merges_and_slot_moves_after_a_failover(tmp_path: Path, procs: list[Proc
 
 
 def test_a_write_that_meets_the_old_primary_back_as_a_replica_waits_for_the_new_one(
-        tmp_path: Path, procs: list[Proc], etcd: str) -> None:
+        tmp_path: Path, procs: list[Proc]) -> None:
     """etcd: a primary killed and started again at once on its address comes back as a
     replica waiting for the election, and refuses writes (read-only replica). The router,
     whose map still names that address, takes the refusal as a failover it has not heard
     of yet and sends the write again once its map names the new primary, within the
-    call's deadline: the caller sees the write applied, not a refusal it must not retry."""
-    address = f"127.0.0.1:{_free_port()}"
-    args = ("--name", "shard-0", "--slots", "0-16383", "--coordinator", etcd,
-            "--lease-seconds", str(LEASE))
-    old = start(tmp_path / "old", "--port", address.rpartition(":")[2], *args)
-    procs.append(old)
-    wait_for(lambda: stats(old.address).get("replication.role") == "primary")
-    replica = start(tmp_path / "replica", *args)
-    procs.append(replica)
-    wait_replicas(old.address, 1)
-    router = start_router([old.address], "--coordinator", etcd)
-    try:
-        with Client(router.address, timeout=3 * LEASE + 30) as c:
-            c.upsert("before", {"n": 0})
-            old.kill()
-            back = start(tmp_path / "old", "--port", address.rpartition(":")[2], *args)
-            procs.append(back)
-            assert stats(back.address).get("replication.role") != "primary"  # not elected yet
-            assert c.upsert("during", {"n": 1}).created
-            assert c.get("before")["attributes"] == {"n": 0}
-    finally:
-        router.stop()
+    call's deadline: the caller sees the write applied, not a refusal it must not retry.
+    (An etcd of its own: the module's holds the other tests' shards.)"""
+    (tmp_path / "etcd").mkdir()
+    with etcd_server(tmp_path / "etcd") as etcd:
+        address = f"127.0.0.1:{_free_port()}"
+        port = address.rpartition(":")[2]
+        args = ("--name", "shard-0", "--slots", "0-16383", "--coordinator", etcd,
+                "--lease-seconds", str(LEASE))
+        old = start(tmp_path / "old", "--port", port, *args)
+        procs.append(old)
+        wait_for(lambda: stats(old.address).get("replication.role") == "primary")
+        replica = start(tmp_path / "replica", *args)
+        procs.append(replica)
+        wait_replicas(old.address, 1)
+        router = start_router([old.address], "--coordinator", etcd)
+        try:
+            with Client(router.address, timeout=3 * LEASE + 30) as c:
+                c.upsert("before", {"n": 0})
+                old.kill()
+                back = start(tmp_path / "old", "--port", port, *args)
+                procs.append(back)
+                assert stats(back.address).get("replication.role") != "primary"  # not yet
+                assert c.upsert("during", {"n": 1}).created
+                assert c.get("before")["attributes"] == {"n": 0}
+        finally:
+            router.stop()
+            for proc in procs:  # before their etcd goes
+                proc.kill()
