@@ -8,6 +8,7 @@ writes naming the primary, and leave no byte of an erased profile after its next
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -259,12 +260,18 @@ def test_a_primary_under_everysec_restarted_keeps_its_replicas_and_streams_going
         here = next(iter(c.changes(heartbeats=True)))  # where a stream from now starts
         assert here.get("heartbeat") and here["position"]
     fulls = wait_caught_up(address, replica.address)["replication.full_resyncs"]  # its first
+    with Client(replica.address) as r:  # a watcher reading from the replica
+        there = next(iter(r.changes(heartbeats=True)))["position"]
     primary.kill()  # what it wrote is in the file: the log recovers to the replica's point
     primary = start(tmp_path / "primary", "--port", port, "--sync", "everysec")
     procs.append(primary)
     with Client(address) as c:
         c.upsert("after-restart", {"n": 1})
         assert next(iter(c.changes(from_position=here["position"])))["id"] == "after-restart"
+    wait_caught_up(address, replica.address)
+    with Client(replica.address) as r:  # its position survives the primary's new history
+        assert next(iter(r.changes(from_position=there)))["id"] == "after-restart"
+    with Client(address) as c:
         write_history(c, 200, 300)
     after = wait_caught_up(address, replica.address)
     assert after["replication.full_resyncs"] == fulls == "1", replica.said("full resync")
@@ -791,6 +798,34 @@ def test_a_replica_restarted_as_primary_continues_the_history(tmp_path: Path,
     with Client(old.address) as c:
         assert c.get("only-on-old") is None
     assert state(old.address) == state(a.address)
+
+
+def test_a_position_read_on_a_replica_resumes_on_it_once_it_serves_as_the_shard(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    """A watcher on a replica holds positions under the replica's name; once the replica
+    serves as the shard (promoted, under the shard's name), the same position resumes
+    right after what the watcher read, found by its log's history: not from the shard's
+    first change, as a position naming no shard of the log would."""
+    old = start(tmp_path / "old", "--name", "shard-0")
+    procs.append(old)
+    a = start(tmp_path / "a", "--replica-of", old.address, "--name", "shard-0-replica-0")
+    procs.append(a)
+    with Client(old.address) as c:
+        for i in range(5):
+            c.upsert(f"u{i}", {"n": i})
+    wait_caught_up(old.address, a.address)
+    with Client(a.address) as r:
+        here = next(iter(r.changes(heartbeats=True)))["position"]
+    with Client(old.address) as c:
+        c.upsert("w1", {"n": 1})
+    wait_caught_up(old.address, a.address)
+    assert a.stop() == 0
+    old.kill()
+    a = start(tmp_path / "a", "--name", "shard-0")  # serves as the shard, promoted
+    procs.append(a)
+    assert a.said("serving as a primary of the new history")
+    with Client(a.address) as c:
+        assert [e["id"] for e in itertools.islice(c.changes(from_position=here), 1)] == ["w1"]
 
 
 # ---------------------------------------------------------------------- memstore serve

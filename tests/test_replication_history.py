@@ -81,3 +81,25 @@ def test_a_damaged_history_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(HistoryError, match="HISTORY is damaged"):
         history.read(tmp_path)
     assert History("a").continues("a", 1)
+
+
+def test_a_replica_keeps_the_line_when_its_primary_continues_its_history(
+        tmp_path: Path) -> None:
+    """A replica following history A from position 700 on the history B its primary
+    continues A with (a restart under everysec, a promotion) keeps A up to 700 in its
+    line, and a promotion of that replica keeps the whole line: positions a watcher read
+    from A stay valid wherever the log went."""
+    history.write(tmp_path, History("A", "primary", "Z", 400))  # A continues Z up to 400
+    history.write(tmp_path, history.replica_of("A"))
+    history.write(tmp_path, History("A", "replica", "Z", 400))
+    followed = history.followed_on(tmp_path, "B", 700)
+    assert (followed.history, followed.role, followed.previous, followed.until) == \
+        ("B", "replica", "A", 700)
+    assert followed.continues("A", 700) and not followed.continues("A", 701)
+    assert followed.continues("Z", 400) and not followed.continues("Z", 401)
+    history.write(tmp_path, followed)
+    promoted = history.for_primary(tmp_path, keep=True, end_lsn=900, shard="shard-0")
+    assert (promoted.previous, promoted.until, promoted.shard) == ("B", 900, "shard-0")
+    assert promoted.continues("A", 700) and promoted.continues("Z", 400)
+    assert not promoted.continues("A", 701)
+    assert history.followed_on(tmp_path / "none", "C", 5) == history.replica_of("C")

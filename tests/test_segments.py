@@ -604,23 +604,28 @@ def test_a_position_of_another_log_is_refused_even_where_a_change_starts(
 def test_a_position_is_checked_against_the_history_of_the_log_it_names() -> None:
     """What a resumed stream is told for each history its position may name: its log's
     own; one a promotion or a restart under --sync everysec/off continues up to the log's
-    end (at or before: resumes; past: the changes there are gone); any other."""
+    end (at or before it: resumes; inside the record starting there, whose events the
+    cut lost, or past it: the changes there are gone); any other."""
     from types import SimpleNamespace
 
     from memstore.replication.history import History
     from memstore.server.watch import OutOfRange, _check_history
 
-    now = History("new", "primary", "old", 500)
+    now = History("new", "primary", "old", 500, older=(("oldest", 300),))
     shard = SimpleNamespace(log_history=lambda: now)
-    for issued, lsn in (("new", 900), ("old", 500), ("old", 0), ("", 10**9)):
-        _check_history(shard, "shard-0", lsn, issued)  # type: ignore[arg-type]
-    with pytest.raises(OutOfRange, match="past where this shard's log took over from the "
-                       r"old primary in a failover \(500\)"):
-        _check_history(shard, "shard-0", 501, "old")  # type: ignore[arg-type]
+    for issued, lsn, index in (("new", 900, 4), ("old", 500, -1), ("old", 499, 3),
+                               ("old", 0, -1), ("oldest", 300, -1), ("oldest", 120, 7),
+                               ("", 10**9, 2)):
+        _check_history(shard, "shard-0", lsn, index, issued)  # type: ignore[arg-type]
+    for issued, lsn, index in (("old", 501, -1), ("old", 500, 0), ("oldest", 300, 0),
+                               ("oldest", 301, -1)):
+        with pytest.raises(OutOfRange, match=f"position {lsn} is past where this shard's "
+                           "log continues the one it was read from"):
+            _check_history(shard, "shard-0", lsn, index, issued)  # type: ignore[arg-type]
     with pytest.raises(OutOfRange, match="position 7 is in another log of shard-0"):
-        _check_history(shard, "shard-0", 7, "other")  # type: ignore[arg-type]
+        _check_history(shard, "shard-0", 7, -1, "other")  # type: ignore[arg-type]
     shard = SimpleNamespace(log_history=lambda: None)  # no replication roles: unknown
-    _check_history(shard, "shard-0", 7, "other")  # type: ignore[arg-type]
+    _check_history(shard, "shard-0", 7, -1, "other")  # type: ignore[arg-type]
 
 
 def test_no_stream_starts_before_a_persons_erasure(tmp_path: Path) -> None:

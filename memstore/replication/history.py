@@ -8,6 +8,10 @@ every shard with a data directory names its history in DATA/HISTORY, one JSON ob
         this log is history 8c1f…, which this shard made and writes
     {"history": "8c1f…", "role": "replica"}
         this log is a prefix of history 8c1f…, taken from a primary
+    {"history": "d07a…", "role": "replica", "previous": "8c1f…", "until": 5120}
+        a replica that followed its primary from 8c1f… onto d07a…, which the primary
+        continues 8c1f… with, from position 5120 on (a partial resync): positions of
+        8c1f… up to 5120 are positions of this log too (change streams read on it)
     {"history": "d07a…", "role": "primary", "previous": "8c1f…", "until": 5120}
         a replica of 8c1f… promoted at position 5120 (its log's end then): its log up to
         5120 is 8c1f…'s, after it its own writes. A replica of 8c1f… at a position up to
@@ -71,19 +75,28 @@ class History:
         own, or an ancestor's at or before every point the line to this one split off."""
         if history == self.history:
             return True
+        bound = self.bound_of(history)
+        return bound is not None and lsn <= bound
+
+    def bound_of(self, history: str) -> int | None:
+        """For an ancestor `history`, the last of its positions this one continues (the
+        smallest split point on the line since); None for any other history."""
         bound = self.until
         for ancestor, until in ((self.previous, self.until), *self.older):
             bound = min(bound, until)
             if ancestor == history:
-                return lsn <= bound
-        return False
+                return bound
+        return None
 
-    def continued(self, end_lsn: int) -> History:
-        """A new history of this primary's directory that continues this one up to
-        `end_lsn`."""
+    def continued(self, end_lsn: int, *, new: str | None = None, role: str = "primary",
+                  shard: str | None = None) -> History:
+        """A history `new` (None: a new id) that continues this one up to `end_lsn`,
+        keeping the line of its ancestors: a primary's next start under a sync policy
+        that may lose a tail, a promotion, or a replica following its primary onto the
+        history that primary continues this one with."""
         older = ((self.previous, self.until), *self.older)[:OLDER] \
             if self.previous is not None else ()
-        return History(new_id(), "primary", self.history, end_lsn, self.shard, older)
+        return History(new or new_id(), role, self.history, end_lsn, shard, older)
 
 
 def read(data: Path) -> History | None:
@@ -136,7 +149,7 @@ def for_primary(data: Path, keep: bool, end_lsn: int, shard: str | None = None) 
                            "shard's state: start it as a replica again (--replica-of) or "
                            "give an empty directory")
     if found is not None and found.role == "replica":
-        promoted = History(new_id(), "primary", found.history, end_lsn, shard)
+        promoted = found.continued(end_lsn, shard=shard)
         log.warning("this directory was a replica's of history %s: serving as a primary of "
                     "the new history %s, which continues it up to position %d",
                     found.history, promoted.history, end_lsn)
@@ -147,7 +160,7 @@ def for_primary(data: Path, keep: bool, end_lsn: int, shard: str | None = None) 
         write(data, made)
         return made
     if not keep:  # the log may have lost a tail it streamed; what it holds is as it was
-        made = found.continued(end_lsn)
+        made = found.continued(end_lsn, shard=found.shard)
         write(data, made)
         return made
     return found
@@ -172,6 +185,17 @@ def for_replica(data: Path, candidate: bool = False) -> str | None:
                            "written by a replica or a primary that knows replication. "
                            "Give a replica an empty directory")
     return None if found is None else found.history
+
+
+def followed_on(data: Path, new: str, at: int) -> History:
+    """What a replica's DATA/HISTORY says once it follows, from position `at`, the
+    history `new` its primary continues the one it held with (a promotion or a restart of
+    the primary): its log up to `at` is the old history's, so positions of that history
+    and of its line, up to there, stay positions of this log."""
+    found = read(data)
+    if found is None or found.history is None:
+        return replica_of(new)
+    return found.continued(at, new=new, role="replica")
 
 
 def replica_of(history_id: str | None) -> History:

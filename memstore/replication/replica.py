@@ -97,6 +97,12 @@ class Follower:
         self.address = address  # where this replica serves reads, told to the primary
         self.credentials = credentials or Credentials()
         self.data = Path(shard.config.data_dir)
+        # What DATA/HISTORY says (the history followed and the line it continues), which
+        # change-stream positions are checked against; None while a full resync is due.
+        found = history.read(self.data)
+        self.line: history.History | None = (
+            found if found is not None and found.history == history_id
+            else history.replica_of(history_id) if history_id else None)
         self.connected = False
         self.primary_lsn = shard.log.end_lsn  # the primary's readable end, last heard
         self.epoch = shard.engine.epoch
@@ -174,7 +180,7 @@ class Follower:
         log.warning("full resync from %s: %s", self.primary, reason)
         # A crash from here on: the directory is emptied at the next start.
         history.write(self.data, history.replica_of(None))
-        self.history = None
+        self.history, self.line = None, None
         call = stub.FetchSnapshot(rpb.FetchSnapshotRequest(
             replica=shard.config.name, salt=rights.salt_id(shard.engine.salt)))
         first = True
@@ -197,7 +203,8 @@ class Follower:
         if first:
             raise ValueError("the primary sent no snapshot")
         profiles = await shard.install_snapshot(lsn)
-        history.write(self.data, history.replica_of(primary_history))
+        self.line = history.replica_of(primary_history)
+        history.write(self.data, self.line)
         self.history = primary_history
         self.primary_lsn = max(self.primary_lsn, lsn)
         self.full_resyncs += 1
@@ -233,7 +240,8 @@ class Follower:
                         log.info("the primary continues history %s as %s (it was promoted "
                                  "after position %d): following that", self.history,
                                  message.history, start)
-                        history.write(self.data, history.replica_of(message.history))
+                        self.line = history.followed_on(self.data, message.history, start)
+                        history.write(self.data, self.line)
                         self.history = message.history
                 if message.records:
                     end = shard.apply_replicated(

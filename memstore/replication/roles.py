@@ -67,8 +67,9 @@ class Roles:
         if self.shard.replica_of is None:
             return self.service.history
         follower = self.shard.follower
-        followed = follower.history if follower is not None else self.followed
-        return history.replica_of(followed) if followed else None
+        if follower is not None:
+            return follower.line  # type: ignore[no-any-return]
+        return history.replica_of(self.followed) if self.followed else None
 
     @property
     def data(self) -> Path:

@@ -249,7 +249,7 @@ class Stream:
             raise FailedPrecondition("change streams read the log: this shard keeps none "
                                      "(--in-memory)")
         lsn, skip, issued = start
-        _check_history(shard, name, lsn, issued)
+        _check_history(shard, name, lsn, skip, issued)
         if lsn < shard.oldest_lsn:
             raise OutOfRange(f"position {lsn} is older than this shard keeps "
                              f"({shard.oldest_lsn}: --changes-retention, or an erasure's "
@@ -323,20 +323,25 @@ class Stream:
             yield event
 
 
-def _check_history(shard: Shard, name: str, lsn: int, issued: str) -> None:
-    """OutOfRange when position `lsn` of history `issued` is not a position of the log
-    `shard` holds now: its records there are other changes, or none."""
+def _check_history(shard: Shard, name: str, lsn: int, index: int, issued: str) -> None:
+    """OutOfRange when position (`lsn`, `index`) of history `issued` is not a position of
+    the log `shard` holds now: its records there are other changes, or none. A position
+    inside a record (index >= 0) of an earlier history needs that whole record, so its
+    start before the point where this log continues that history."""
     found = shard.log_history()
-    if not issued or found is None or found.history is None or found.continues(issued, lsn):
+    if not issued or found is None or found.history is None or issued == found.history:
         return
-    if issued == found.previous:
-        raise OutOfRange(f"position {lsn} is past where this shard's log took over from the "
-                         f"old primary in a failover ({found.until}): the changes after it "
-                         "were not replicated and are gone; start again with initial")
+    bound = found.bound_of(issued)
+    if bound is not None and (lsn < bound or (lsn == bound and index < 0)):
+        return
+    if bound is not None:
+        raise OutOfRange(f"position {lsn} is past where this shard's log continues the one "
+                         f"it was read from ({bound}): the changes after that were lost (a "
+                         "failover to a replica that had not received them, or a machine "
+                         "crash under --sync everysec or off); start again with initial")
     raise OutOfRange(f"position {lsn} is in another log of {name} (history {issued[:12]}; "
-                     f"its log now: {found.history[:12]}): another data directory, a full "
-                     "resync, or a restart under --sync everysec or off (which may lose "
-                     "the log's tail); start again with initial")
+                     f"its log now: {found.history[:12]}): another data directory, or a "
+                     "full resync; start again with initial")
 
 
 async def stream(shard: Shard, name: str, start: Position,
@@ -364,10 +369,21 @@ async def stream(shard: Shard, name: str, start: Position,
 
 
 def start_of(shard: Shard, name: str, token: str) -> Position | None:
-    """Where a stream resumes (None: the token does not name this shard)."""
+    """Where a stream resumes (None: the token does not name this shard). A token that
+    does not name it but holds one position in its log's history or the line that
+    history continues is its too: a replica's positions carry the replica's name, and a
+    promoted replica serves under the shard's."""
     if not token:
         return None
-    return decode_token(token).get(name)
+    positions = decode_token(token)
+    if name in positions:
+        return positions[name]
+    found = shard.log_history()
+    if found is None or found.history is None:
+        return None
+    ours = [p for p in positions.values()
+            if p[2] and (p[2] == found.history or found.bound_of(p[2]) is not None)]
+    return ours[0] if len(ours) == 1 else None
 
 
 def check_segments(engine: Engine, names: list[str]) -> set[str] | None:
