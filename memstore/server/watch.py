@@ -5,8 +5,9 @@ as columns; memstore/shard.py): its time, its after-images, what changed in each
 profile, and the saved segments' membership deltas. A stream is a cursor over the log (memstore/storage/wal_tail.py) that turns those
 records into events, at the watcher's own pace: a slow watcher costs the shard one open
 file and one batch, and nothing when it is idle. Events are only read up to what is
-acknowledged (Shard.readable_lsn). A slot move's copies and drops and a segment's creation
-are `quiet`: membership changes, nobody acts, no event.
+acknowledged (Shard.readable_lsn). A slot move's copies and drops are `quiet`: membership
+changes, nobody acts, no event (a segment's creation and deletion are news: ENTER and
+LEAVE of its members).
 
 Positions. A shard's position is (lsn, i): every event up to event i of the record at
 `lsn` was delivered (i = -1: none of that record). A record's events are numbered by what
