@@ -148,6 +148,12 @@ class Replication(Protocol):
         """Return once a replica holds the log below `lsn` (Unavailable after the
         timeout, unless the operator allowed falling back to async)."""
 
+    @property
+    def confirmed_lsn(self) -> int | None:
+        """How far the log is confirmed by a replica, when writes wait for that (None:
+        they do not, so watchers need not either). It only grows, and the shard is told
+        (notify_confirmed) when it does."""
+
 
 @dataclass
 class ShardConfig:
@@ -210,6 +216,10 @@ class Shard:
         self._counter = 0
         self.recent = RecentChanges(self.position)
         self._advanced = asyncio.Event()  # set and replaced whenever readable_lsn moves
+        # A demoted primary under --replication sync: how far a replica had confirmed its
+        # log. Its watchers read no further until its new primary's records or snapshot
+        # vouch for its log (the tail past it may be discarded). None: no such limit.
+        self._confirmed_when_demoted: int | None = None
         self._timed_task: asyncio.Task[None] | None = None
         self._background_started = False
         # Replication (memstore/replication/): a replica names its primary and takes no
@@ -296,6 +306,8 @@ class Shard:
         """Stop taking writes (a primary demoted): writes are refused naming `primary`
         from now on, and the background work that writes (expiry, timed segments) stops."""
         self.replica_of = primary
+        if self.replication is not None:
+            self._confirmed_when_demoted = self.replication.confirmed_lsn
         self.replication = None
         self.frozen = ""  # (a replica refuses writes anyway; a later promotion takes them)
         for task in (self._expiry_task, self._timed_task):
@@ -435,28 +447,56 @@ class Shard:
 
     # ------------------------------------------------------------------ watchers
     @property
-    def readable_lsn(self) -> int:
-        """Where a watcher may read the log up to: every record before it is acknowledged
-        (durable under --sync always; written, under the other policies)."""
+    def sendable_lsn(self) -> int:
+        """Where replicas may be sent the log up to: what this process's own log holds as
+        acknowledged (durable under --sync always; written, under the other policies).
+        Never held back by replicas' confirmations: they confirm only what they were sent."""
         if self.log is None:
             return 0
         return self.log.durable_lsn if self.config.sync is SyncPolicy.ALWAYS \
             else self.log.end_lsn
 
+    @property
+    def readable_lsn(self) -> int:
+        """Where a watcher may read the log up to: every record before it is acknowledged.
+        Under --replication sync a write is acknowledged only once a replica confirmed
+        it, and one no replica confirmed may be gone after a failover: a watcher that saw
+        it would hold a position of changes that never happened. So there it is what a
+        replica confirmed; otherwise this process's own point, sendable_lsn."""
+        local = self.sendable_lsn
+        confirmed = self.replication.confirmed_lsn if self.replication is not None \
+            else self._confirmed_when_demoted
+        return local if confirmed is None else min(local, confirmed)
+
+    def notify_confirmed(self) -> None:
+        """A replica's confirmation moved readable_lsn with no change to the log: wake the
+        watchers (Replication.confirmed_lsn grew)."""
+        self._advance()
+
     def _advance(self) -> None:
-        """Wake the watchers waiting for the log to advance."""
+        """Wake the watchers and replica feeds waiting for the log to advance."""
         self._advanced.set()
         self._advanced = asyncio.Event()
 
     async def wait_advanced(self, lsn: int, timeout: float) -> bool:
         """Wait up to `timeout` seconds for readable_lsn to pass `lsn`; whether it did."""
-        while self.readable_lsn <= lsn:
-            try:
-                async with asyncio.timeout(timeout):
+        return await self._wait_past(lambda: self.readable_lsn, lsn, timeout)
+
+    async def wait_sendable(self, lsn: int, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for sendable_lsn to pass `lsn` (a replica's feed);
+        whether it did."""
+        return await self._wait_past(lambda: self.sendable_lsn, lsn, timeout)
+
+    async def _wait_past(self, point: Callable[[], int], lsn: int, timeout: float) -> bool:
+        """Wait up to `timeout` seconds in all for point() to pass `lsn`. In all, not since
+        the last wake-up: under --replication sync the log advances with what watchers
+        may read standing still (a replica that confirms nothing), and they still owe
+        their heartbeat."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while point() <= lsn:
                     await self._advanced.wait()
-            except TimeoutError:
-                return self.readable_lsn > lsn
-        return True
+        return point() > lsn
 
     async def refresh_timed(self) -> int:
         """Re-evaluate the saved segments that read the clock (did(...)), and those that
@@ -539,6 +579,7 @@ class Shard:
                 raise ValueError(f"replicated record at position {lsn} has type {rtype}, "
                                  f"which this version does not know: upgrade this replica")
             self.log.append(rtype, payload)
+            self._confirmed_when_demoted = None  # the primary vouches for this log
             erasures = self.engine.erasures
             if replay(self.engine, rtype, payload):
                 self._erased = True
@@ -579,6 +620,7 @@ class Shard:
             self._last_snapshot = time.monotonic()
             self._log_bytes_at_snapshot = self.log.size_bytes
             self.recent = RecentChanges(lsn)
+            self._confirmed_when_demoted = None  # the log is the primary's now
             self._advance()
             return len(engine)
 

@@ -6,9 +6,10 @@ since), with the log position it covers and the history it belongs to
 message says where its log ends and which history it holds; the primary answers
 OUT_OF_RANGE when that is not a position it keeps (another history, older than its oldest
 segment, beyond its end), else sends its log from there as it grows -- the records as they
-are on disk, read with the watchers' cursor (memstore/storage/wal_tail.py) up to what is
-acknowledged (Shard.readable_lsn) -- and an empty batch every HEARTBEAT seconds when idle.
-The replica's later messages carry how far its own log holds the records (`acked_lsn`).
+are on disk, read with the watchers' cursor (memstore/storage/wal_tail.py) up to what this
+primary's own log holds as acknowledged (Shard.sendable_lsn: not what replicas confirmed,
+which would wait forever) -- and an empty batch every HEARTBEAT seconds when idle. The
+replica's later messages carry how far its own log holds the records (`acked_lsn`).
 
 `Replicas` keeps those acks. Under `--replication sync` the shard asks it before a write
 (`check`: refused with UNAVAILABLE, nothing written, when no replica has been connected for
@@ -18,6 +19,11 @@ primary only) -- Kafka's min.insync.replicas=2 with acks=all, both of its refusa
 `fallback`, both cases acknowledge as async instead, and say so in the log. With a
 coordinator, `fence` (the etcd lease, memstore/replication/coordinator.py) is asked at the
 same two points, whatever the mode: a primary whose lease is not confirmed takes no write.
+
+Under sync, `confirmed_lsn` is also where change-stream watchers read up to
+(Shard.readable_lsn): the furthest any replica confirmed holding the log, or a write
+acknowledged without one (`fallback`). A write no replica confirmed may be gone after a
+failover, so a watcher must not see it until one does; each ack that moves it wakes them.
 """
 
 from __future__ import annotations
@@ -78,11 +84,16 @@ class Replicas:
         self._last_seen = time.monotonic()
         self._acked = asyncio.Event()  # set and replaced whenever an ack arrives
         self.fallbacks = 0  # writes acknowledged as async under sync (with fallback)
+        # The furthest position a replica ever confirmed (or a fallback acknowledged):
+        # kept past a replica's disconnection, as it still holds what it confirmed. Zero
+        # at a start or promotion: what the log holds then no replica has vouched for.
+        self._confirmed_to = 0
 
     # ------------------------------------------------------------------ membership
     def add(self, replica: Replica) -> None:
         self.connected[id(replica)] = replica
         self._last_seen = time.monotonic()
+        self._confirm(replica.acked_lsn)  # its log, where it asked to follow from
 
     def remove(self, replica: Replica) -> None:
         self.connected.pop(id(replica), None)
@@ -93,10 +104,25 @@ class Replicas:
         self._last_seen = time.monotonic()
         self._acked.set()
         self._acked = asyncio.Event()
+        self._confirm(replica.acked_lsn)
+
+    @property
+    def confirmed_lsn(self) -> int | None:
+        """Where watchers may read up to (Shard.readable_lsn) under sync; None under async,
+        where a write is acknowledged from this primary's log alone."""
+        return self._confirmed_to if self.sync else None
+
+    def _confirm(self, lsn: int) -> None:
+        """A replica holds the log up to `lsn` (or a write there was acknowledged without
+        one): the shard wakes its watchers when that moves what they may read."""
+        if lsn > self._confirmed_to:
+            self._confirmed_to = lsn
+            if self.sync:
+                self.shard.notify_confirmed()
 
     def furthest_behind(self) -> int:
         """Log bytes the furthest-behind connected replica lacks (0: none connected)."""
-        end = self.shard.readable_lsn
+        end = self.shard.sendable_lsn
         return max((max(0, end - r.acked_lsn) for r in list(self.connected.values())),
                    default=0)
 
@@ -147,12 +173,13 @@ class Replicas:
 
     def _fell_back(self, lsn: int, why: str) -> None:
         self.fallbacks += 1
+        self._confirm(lsn)  # acknowledged: its watchers may read it, as under async
         if self.fallbacks == 1 or self.fallbacks % 1000 == 0:  # not a line per write
             log.warning("write at position %d acknowledged as async (--replication-"
                         "fallback): %s (%d such writes so far)", lsn, why, self.fallbacks)
 
     def stats(self) -> dict[str, str]:
-        end = self.shard.readable_lsn
+        end = self.shard.sendable_lsn
         info = {"replication.role": "primary",
                 "replication.mode": "sync" if self.sync else "async",
                 "replication.replicas": str(len(self.connected))}
@@ -285,7 +312,7 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
         replicas.add(replica)
         log.info("replica %r (%s) follows from position %d (partial resync, %d bytes "
                  "behind)", replica.name, replica.address or "no reads",
-                 lsn, max(0, shard.readable_lsn - lsn))
+                 lsn, max(0, shard.sendable_lsn - lsn))
 
         async def acks() -> None:
             async for message in request_iterator:
@@ -295,7 +322,7 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
         tail = LogTail(Path(shard.config.data_dir) / "log", lsn)
         try:
             while not acking.done() and shard.replica_of is None:  # a demotion ends it
-                limit = shard.readable_lsn
+                limit = shard.sendable_lsn
                 if tail.lsn < limit:
                     try:
                         records = await asyncio.to_thread(tail.read, limit, BATCH_BYTES)
@@ -307,7 +334,7 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
                     yield self._message([rpb.LogRecord(lsn=r.lsn_start, type=r.rtype,
                                                        payload=r.payload) for r in records])
                     continue
-                if not await shard.wait_advanced(tail.lsn, HEARTBEAT):
+                if not await shard.wait_sendable(tail.lsn, HEARTBEAT):
                     yield self._message([])
         except LogCorruptError as exc:
             log.error("replication stream to %r stopped: %s", replica.name, exc)
@@ -337,7 +364,7 @@ class ReplicationService(replication_pb2_grpc.ReplicationServicer):
         return ""
 
     def _message(self, records: list[Any]) -> rpb.FollowResponse:
-        return rpb.FollowResponse(records=records, primary_lsn=self.shard.readable_lsn,
+        return rpb.FollowResponse(records=records, primary_lsn=self.shard.sendable_lsn,
                                   primary_time_us=time.time_ns() // 1000,
                                   epoch=self.shard.engine.epoch, history=self.history_id)
 

@@ -5,7 +5,9 @@ as columns; memstore/shard.py): its time, its after-images, what changed in each
 profile, and the saved segments' membership deltas. A stream is a cursor over the log (memstore/storage/wal_tail.py) that turns those
 records into events, at the watcher's own pace: a slow watcher costs the shard one open
 file and one batch, and nothing when it is idle. Events are only read up to what is
-acknowledged (Shard.readable_lsn). A slot move's copies and drops are `quiet`: membership
+acknowledged (Shard.readable_lsn): what the shard's own log holds as acknowledged (per
+--sync), and under --replication sync only what a replica has confirmed, so a watcher
+never sees a write a failover may lose. A slot move's copies and drops are `quiet`: membership
 changes, nobody acts, no event (a segment's creation and deletion are news: ENTER and
 LEAVE of its members).
 
