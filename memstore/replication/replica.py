@@ -247,7 +247,7 @@ class Follower:
                     end = shard.apply_replicated(
                         (r.lsn, r.type, r.payload) for r in message.records)
                     await shard.log.sync_to(end)
-                    acks.put_nowait(shard.readable_lsn)
+                    acks.put_nowait(shard.sendable_lsn)
                 self.primary_lsn = message.primary_lsn
                 self.epoch = message.epoch
                 if shard.log.end_lsn >= message.primary_lsn:
