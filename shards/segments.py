@@ -21,6 +21,7 @@ from memstore.errors import InvalidArgument
 from memstore.hashslot import CLUSTER_SCHEMA
 from memstore.query import QueryError, format_query, query_from_request
 from memstore.query.ast import refused_query
+from memstore.server.watch import OutOfRange
 from memstore.v1 import memstore_pb2 as pb
 from shards import watch
 from shards.calls import Code, Down, abort, fail, time_left
@@ -122,6 +123,12 @@ class Segments:
         except InvalidArgument as exc:
             await fail(context, Code.INVALID_ARGUMENT, str(exc))
         await self.fan.stable(context, allow_partial=False)
+        try:
+            await watch.check_named(self.map, start)
+        except Down as exc:
+            await abort(context, exc)
+        except OutOfRange as exc:
+            await fail(context, Code.OUT_OF_RANGE, str(exc))
         initial = request.initial and not request.from_position
 
         def open_stream(shard: ShardState, request: Any) -> Any:

@@ -14,17 +14,24 @@ they send:
   freeze, the target's first after its switch.
 - Positions. A router's token is the vector of every shard's position, each the last
   sent of that shard's (memstore/server/watch.py). Resuming from an event's token gives
-  every event after it from every shard; a shard added since starts from its beginning;
-  a removed shard's entry is ignored. No timestamp is compared on resume, so two shards'
-  changes at the same instant are never skipped or doubled.
+  every event after it from every shard; a shard added since starts from its beginning.
+  A token naming a shard the router does not have (removed since) is refused with
+  OUT_OF_RANGE (`check_named`): what that shard changed after the position went to no
+  other shard's log (a slot move copies quietly), so it cannot be replayed. No timestamp
+  is compared on resume, so two shards' changes at the same instant are never skipped or
+  doubled.
 - Initial sync. The shards' current members (or profiles) pass through as they come,
   without positions; once every shard has listed its own, one message carries the seam's
   token, and changes follow.
 - Shards. A shard that is down ends the stream with UNAVAILABLE naming it (resume from the
   last token), and so does one that sends nothing for STALL seconds (hung, or cut off: it
   heartbeats every 50 ms to a router, and the merge cannot pass its watermark without
-  it); one taken out of the cluster is dropped from the merge; one added is watched from
-  then on (the router looks at its map every MAP_CHECK seconds).
+  it); one added is watched from then on (the router looks at its map every MAP_CHECK
+  seconds). One taken out of the cluster is read on until it has sent everything it
+  holds (a heartbeat, which it sends only when idle, heard after the router saw it leave:
+  its drain had ended before) and all of that is sent on; then it leaves the merge and
+  the vector, so later tokens resume without it. If it goes down first, the stream ends
+  UNAVAILABLE and its tokens, naming it, are refused on resume.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from typing import Any
 
 import grpc
 
-from memstore.server.watch import Position, decode_token, encode_token
+from memstore.server.watch import OutOfRange, Position, decode_token, encode_token
 from shards.calls import Down
 from shards.shard_map import ShardMap, ShardState
 
@@ -58,6 +65,9 @@ class _Feed:
     low: int = -1  # microseconds: every change of this shard before it has arrived
     listed: bool = False  # its initial listing (if any) is complete
     sent: Position | None = None  # its position of the last event sent on
+    left: float | None = None  # the event loop's time its shard was seen gone from the map
+    idle_since_left: bool = False  # it sent a heartbeat after that: it has sent all it held
+    queued: int = 0  # its messages waiting in the merge's queue
     # (at, sequence, position or None for a pure position marker, event or None)
     pending: list[tuple[int, int, Position | None, Any]] = field(default_factory=list)
 
@@ -103,6 +113,9 @@ class Merge:
         try:
             async for message in self.open_stream(feed.shard, request):
                 feed.heard = loop.time()  # (as it arrives: a slow caller is no stall)
+                if feed.left is not None and not getattr(message, self.items):
+                    feed.idle_since_left = True
+                feed.queued += 1
                 await self.queue.put((feed, message))
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAVAILABLE:  # say which shard
@@ -115,15 +128,26 @@ class Merge:
             await self.queue.put(exc)
 
     def _watch_map(self, late: bool = True) -> None:
-        """Shards added since: watch them; shards gone: drop them from the watermark."""
+        """Shards added since: watch them; shards gone: mark them leaving (`_drop_left`)."""
         present = {id(s): s for s in self.map.shards}
         for key, shard in present.items():
             if key not in self.feeds:
                 self._add(shard, late)
-        for key in [k for k in self.feeds if k not in present]:
-            feed = self.feeds.pop(key)
-            if feed.task is not None:
-                feed.task.cancel()
+        for key, feed in self.feeds.items():
+            if key not in present and feed.left is None:
+                feed.left = asyncio.get_running_loop().time()
+
+    def _drop_left(self) -> None:
+        """Feeds of shards gone from the map that have sent on everything they held: out
+        of the watermark, and their entry out of the vector (unless another process of
+        the shard serves under its name)."""
+        for key, feed in list(self.feeds.items()):
+            if feed.idle_since_left and not feed.queued and not feed.pending:
+                del self.feeds[key]
+                if feed.task is not None:
+                    feed.task.cancel()
+                if all(f.shard.name != feed.shard.name for f in self.feeds.values()):
+                    self.positions.pop(feed.shard.name, None)
 
     def _take(self, feed: _Feed, message: Any) -> list[Any]:
         """Queue a shard's message; initial items are returned to send at once."""
@@ -209,6 +233,7 @@ class Merge:
                 if isinstance(got, BaseException):
                     raise got
                 feed, message = got
+                feed.queued -= 1
                 if id(feed.shard) not in self.feeds:
                     continue
                 initial = self._take(feed, message)
@@ -225,6 +250,7 @@ class Merge:
                 if not self.seam_sent:
                     continue
                 ready = self._ready()
+                self._drop_left()
                 for start in range(0, len(ready), BATCH):
                     yield self._message(ready[start:start + BATCH])
                 if not ready and not getattr(message, self.items) and self._complete():
@@ -245,3 +271,24 @@ class Merge:
 def start_positions(token: str) -> dict[str, Position]:
     """The shard positions of a caller's token (InvalidArgument if it is not one)."""
     return decode_token(token) if token else {}
+
+
+async def check_named(shard_map: ShardMap, start: dict[str, Position]) -> None:
+    """OutOfRange when `start` names a shard not in the cluster: its changes after the
+    position cannot be replayed (a drain moves profiles as quiet copies; their changes
+    stayed in the removed shard's log). The map is read once more first, so a shard this
+    router has not yet reached or heard of is not taken for removed; one still not reached
+    then might be the shard named: Down (UNAVAILABLE), resume once it is back."""
+    if set(start) <= {s.name for s in shard_map.shards}:
+        return
+    await shard_map.refresh()
+    unknown = sorted(set(start) - {s.name for s in shard_map.shards})
+    if not unknown:
+        return
+    unnamed = [s for s in shard_map.shards if not s.name]
+    if unnamed:
+        raise Down(unnamed[0], f"not reached yet, so whether it is {unknown[0]}, which the "
+                   "position names, is not known; resume once it is back")
+    raise OutOfRange(f"position names {unknown[0]}, which is no longer in this cluster "
+                     "(removed since?): the changes it held after this position cannot be "
+                     "replayed; start again with initial")
