@@ -211,3 +211,33 @@ def test_a_write_that_meets_the_old_primary_back_as_a_replica_waits_for_the_new_
             router.stop()
             for proc in procs:  # before their etcd goes
                 proc.kill()
+
+
+def test_a_running_router_stream_goes_on_from_the_new_primary_without_replaying(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    """A router's change stream running through a failover of shard-0 goes on from the
+    new primary where it was, in the history the new primary continues: every write
+    after the failover arrives, and what arrived before it is not sent again (the new
+    primary was once read from its oldest change, replaying its whole log)."""
+    from tests.test_segments import Watcher
+
+    _, fail_over = manual(tmp_path, procs, lambda: "")
+    other = start_shard(tmp_path / "shard-1", "--name", "shard-1", "--slots", SHARD_1)
+    router = start_router([procs[0].address, other.address])
+    before = ids_on(0, 20, "b")
+    try:
+        watcher = Watcher(router.address, changes=True).started()
+        with Client(router.address) as c:
+            for pid in before:
+                c.upsert(pid, {"n": 1})
+        wait_for(lambda: len(watcher.events) >= len(before))
+        fail_over(router)
+        write_until_accepted(router.address, time.monotonic(), 30)
+        wait_for(lambda: AFTER in [e["id"] for e in watcher.events])
+        watcher.close()
+        ids = [e["id"] for e in watcher.events]
+        assert watcher.error is None or "cancel" in str(watcher.error).lower()
+        assert sorted(ids) == sorted([*before, AFTER]), ids
+    finally:
+        router.stop()
+        other.stop()
