@@ -77,6 +77,30 @@ def test_a_sync_write_no_replica_confirmed_reaches_watchers_only_once_one_does(
         watcher.close()
 
 
+def test_a_stream_started_while_a_write_awaits_confirmation_gets_it_once_confirmed(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    """A stream "from now" starts at what is acknowledged, not at the log's end: a write
+    still waiting for a replica when the stream starts is sent once it is confirmed (it
+    was started at the end of the log, past that write, and never saw it)."""
+    primary, replica = primary_and_replica(tmp_path, procs, "--replication", "sync",
+                                           "--replication-timeout", "0.5")
+    wait_replicas(primary.address, 1)
+    with Client(primary.address) as c:
+        os.kill(replica.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(ClientError):
+                c.upsert("pending", {"x": 1})  # on the primary's log, unconfirmed
+            watcher = Watcher(primary.address, changes=True).started()
+        finally:
+            os.kill(replica.proc.pid, signal.SIGCONT)
+    try:
+        wait_for(lambda: "pending" in ids(watcher), 10.0,
+                 "a write confirmed after the stream started never reached it")
+        assert watcher.error is None, watcher.error
+    finally:
+        watcher.close()
+
+
 def test_an_async_primary_sends_watchers_what_no_replica_holds(
         tmp_path: Path, procs: list[Proc]) -> None:
     primary, replica = primary_and_replica(tmp_path, procs)

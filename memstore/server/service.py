@@ -808,8 +808,12 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
             named = watch.start_of(self.shard, name, token)
             if named is not None:
                 start = named
-            elif not token:  # from now
-                start = (self.shard.position, -1, watch.history_of(self.shard))
+            elif not token:  # from now. Without a listing, from what is acknowledged: a
+                # write in flight (being made durable, or confirmed by a replica) is sent
+                # once it is. A listing reads memory, which holds it already.
+                now = self.shard.readable_lsn if self.shard.log is not None \
+                    and not request.initial else self.shard.position
+                start = (now, -1, watch.history_of(self.shard))
                 if request.initial:
                     for message in listing(start[0]):
                         yield message
