@@ -31,7 +31,10 @@ they send:
   holds (a heartbeat, which it sends only when idle, heard after the router saw it leave:
   its drain had ended before) and all of that is sent on; then it leaves the merge and
   the vector, so later tokens resume without it. If it goes down first, the stream ends
-  UNAVAILABLE and its tokens, naming it, are refused on resume.
+  UNAVAILABLE and its tokens, naming it, are refused on resume. A shard whose name a new
+  process serves (a failover's new primary) is replaced at once: the new one goes on
+  from the last position sent, in the history it continues; the old one, a replica of it
+  from then on, would send the same changes again.
 """
 
 from __future__ import annotations
@@ -94,15 +97,16 @@ class Merge:
 
     def _add(self, shard: ShardState, late: bool) -> None:
         """Watch `shard`. One found `late` (added to the cluster since the stream began)
-        lists nothing (what it holds moved from shards already listed) and starts from
-        its oldest kept change: a position that does not name it."""
+        lists nothing (what it holds moved from shards already listed) and starts where
+        the vector has its name: a new primary of a shard after a failover goes on from
+        the old one's position, which its history continues (not from its oldest change,
+        replaying its log); a shard new to the stream, from its oldest kept change."""
         request = self.request
         if late:
             request = type(request)()
             request.CopyFrom(self.request)
             request.initial = False
-            request.from_position = encode_token(
-                {k: v for k, v in self.positions.items() if k != shard.name})
+            request.from_position = encode_token(self.positions)
         loop = asyncio.get_running_loop()
         feed = _Feed(shard, listed=late or not self.initial, heard=loop.time())
         feed.task = loop.create_task(self._read(feed, request))
@@ -133,21 +137,33 @@ class Merge:
         for key, shard in present.items():
             if key not in self.feeds:
                 self._add(shard, late)
-        for key, feed in self.feeds.items():
-            if key not in present and feed.left is None:
+        for key, feed in list(self.feeds.items()):
+            if key in present or feed.left is not None:
+                continue
+            if any(s.name == feed.shard.name for s in present.values()):
+                # A failover's new primary serves the shard now, watched from the last
+                # position sent (`_add`); the old one, a replica of it from now on,
+                # would send its changes again.
+                del self.feeds[key]
+                if feed.task is not None:
+                    feed.task.cancel()
+            else:
                 feed.left = asyncio.get_running_loop().time()
 
     def _drop_left(self) -> None:
         """Feeds of shards gone from the map that have sent on everything they held: out
-        of the watermark, and their entry out of the vector (unless another process of
-        the shard serves under its name)."""
+        of the watermark, and their entry out of the vector, unless another process
+        serves under the shard's name (a failover's new primary, in the map or watched:
+        it goes on from that entry, `_add`)."""
         for key, feed in list(self.feeds.items()):
             if feed.idle_since_left and not feed.queued and not feed.pending:
                 del self.feeds[key]
                 if feed.task is not None:
                     feed.task.cancel()
-                if all(f.shard.name != feed.shard.name for f in self.feeds.values()):
-                    self.positions.pop(feed.shard.name, None)
+                name = feed.shard.name
+                if all(f.shard.name != name for f in self.feeds.values()) \
+                        and all(s.name != name for s in self.map.shards):
+                    self.positions.pop(name, None)
 
     def _take(self, feed: _Feed, message: Any) -> list[Any]:
         """Queue a shard's message; initial items are returned to send at once."""
