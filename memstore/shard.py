@@ -194,6 +194,10 @@ class Shard:
         self.engine = engine
         self.log = writer
         self.lock = lock  # this process owns the data directory (memstore.storage.dirlock)
+        # Where the log ended when this process began serving as a primary (recovered or
+        # promoted): a stream "from now" starts no earlier, even where what watchers may
+        # read (readable_lsn) is still behind, waiting for a replica to confirm the log.
+        self.served_from = writer.end_lsn if writer is not None else 0
         self._pending: list[tuple[int, Undo, Deltas]] = []
         self._snapshot_lock = asyncio.Lock()
         self._ownership_lock = asyncio.Lock()  # one change of ownership at a time
@@ -323,6 +327,7 @@ class Shard:
         self.replica_of = None
         self.follower = None
         self.frozen = ""
+        self.served_from = self.log.end_lsn if self.log is not None else 0
         if self._background_started:
             self.start_background()
 

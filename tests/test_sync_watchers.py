@@ -24,7 +24,7 @@ from memstore import Client, ClientError
 from memstore.replication.primary import Replica, Replicas
 from memstore.shard import Shard, ShardConfig, encode_meta
 from memstore.storage import wal_format
-from tests.test_replication import Proc, primary_and_replica, wait_replicas
+from tests.test_replication import Proc, _free_port, primary_and_replica, start, wait_replicas
 from tests.test_segments import Watcher
 
 PROMPT = 5.0  # seconds an ordinary write may take to reach a watcher (loaded CI)
@@ -97,6 +97,34 @@ def test_a_stream_started_while_a_write_awaits_confirmation_gets_it_once_confirm
         wait_for(lambda: "pending" in ids(watcher), 10.0,
                  "a write confirmed after the stream started never reached it")
         assert watcher.error is None, watcher.error
+    finally:
+        watcher.close()
+
+
+def test_a_stream_from_now_on_a_restarted_sync_primary_starts_at_its_log_end(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    """A sync primary starts with nothing confirmed by a replica (what watchers may read
+    is behind its log): a stream "from now" opened then starts at the log's end, not at
+    what watchers may read, which replayed the whole log once the replica reconnected."""
+    port = str(_free_port())
+    primary = start(tmp_path / "p", "--port", port, "--replication", "sync")
+    procs.append(primary)
+    replica = start(tmp_path / "r", "--replica-of", primary.address)
+    procs.append(replica)
+    wait_replicas(primary.address, 1)
+    with Client(primary.address) as c:
+        for i in range(5):
+            c.upsert(f"old{i}", {"x": i})
+    primary.stop()
+    primary = start(tmp_path / "p", "--port", port, "--replication", "sync")
+    procs.append(primary)
+    watcher = Watcher(primary.address, changes=True).started()  # from now: no position
+    try:
+        wait_replicas(primary.address, 1)
+        with Client(primary.address) as c:
+            c.upsert("new", {"x": 9})
+        wait_for(lambda: "new" in ids(watcher), 10.0, "a write after the start never came")
+        assert ids(watcher) == ["new"], "a stream from now replayed the log"
     finally:
         watcher.close()
 

@@ -810,9 +810,12 @@ class MemstoreService(memstore_pb2_grpc.MemstoreServicer):
                 start = named
             elif not token:  # from now. Without a listing, from what is acknowledged: a
                 # write in flight (being made durable, or confirmed by a replica) is sent
-                # once it is. A listing reads memory, which holds it already.
-                now = self.shard.readable_lsn if self.shard.log is not None \
-                    and not request.initial else self.shard.position
+                # once it is; but never from before this process began serving (a sync
+                # primary's watchers wait for a replica to confirm what its log held). A
+                # listing reads memory, which holds it already (confirmed or not).
+                now = max(self.shard.readable_lsn, self.shard.served_from) \
+                    if self.shard.log is not None and not request.initial \
+                    else self.shard.position
                 start = (now, -1, watch.history_of(self.shard))
                 if request.initial:
                     for message in listing(start[0]):

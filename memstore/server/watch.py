@@ -7,7 +7,8 @@ records into events, at the watcher's own pace: a slow watcher costs the shard o
 file and one batch, and nothing when it is idle. Events are only read up to what is
 acknowledged (Shard.readable_lsn): what the shard's own log holds as acknowledged (per
 --sync), and under --replication sync only what a replica has confirmed, so a watcher
-never sees a write a failover may lose. A slot move's copies and drops are `quiet`: membership
+is sent no change a failover may lose (an initial listing reads memory, which may hold a
+write no replica confirmed yet). A slot move's copies and drops are `quiet`: membership
 changes, nobody acts, no event (a segment's creation and deletion are news: ENTER and
 LEAVE of its members).
 
