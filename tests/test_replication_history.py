@@ -103,3 +103,18 @@ def test_a_replica_keeps_the_line_when_its_primary_continues_its_history(
     assert promoted.continues("A", 700) and promoted.continues("Z", 400)
     assert not promoted.continues("A", 701)
     assert history.followed_on(tmp_path / "none", "C", 5) == history.replica_of("C")
+
+
+def test_a_start_under_sync_always_after_a_run_under_everysec_begins_a_history(
+        tmp_path: Path) -> None:
+    """The history is kept across a start only when both runs made records durable
+    before streaming them: after a run under everysec or off (whose crash may have lost a
+    tail that replicas and watchers saw), a start under always still begins a history
+    continuing the old one up to its log's end, and only the start after keeps it."""
+    first = history.for_primary(tmp_path, keep=False, end_lsn=0)  # a run under everysec
+    assert not first.synced and not history.read(tmp_path).synced
+    second = history.for_primary(tmp_path, keep=True, end_lsn=300)  # always, after it
+    assert second.history != first.history and second.synced
+    assert second.continues(first.history, 300) and not second.continues(first.history, 301)
+    assert history.for_primary(tmp_path, keep=True, end_lsn=500) == second  # always again
+    assert history.read(tmp_path) == second

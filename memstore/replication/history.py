@@ -69,6 +69,11 @@ class History:
     # before `previous`, newest first: (history, the position up to which the next newer
     # history continues it)
     older: tuple[tuple[str, int], ...] = ()
+    # Whether the primary writing this history makes a record durable before streaming it
+    # (--sync always): only then does its next start find every record it streamed. Read
+    # at that start, not the new run's policy alone: a crash under everysec then a start
+    # under always must not keep the history past the lost tail.
+    synced: bool = True
 
     def continues(self, history: str, lsn: int) -> bool:
         """Whether position `lsn` of `history` is a position of this history too: its
@@ -89,14 +94,14 @@ class History:
         return None
 
     def continued(self, end_lsn: int, *, new: str | None = None, role: str = "primary",
-                  shard: str | None = None) -> History:
+                  shard: str | None = None, synced: bool = True) -> History:
         """A history `new` (None: a new id) that continues this one up to `end_lsn`,
         keeping the line of its ancestors: a primary's next start under a sync policy
         that may lose a tail, a promotion, or a replica following its primary onto the
         history that primary continues this one with."""
         older = ((self.previous, self.until), *self.older)[:OLDER] \
             if self.previous is not None else ()
-        return History(new or new_id(), role, self.history, end_lsn, shard, older)
+        return History(new or new_id(), role, self.history, end_lsn, shard, older, synced)
 
 
 def read(data: Path) -> History | None:
@@ -110,7 +115,8 @@ def read(data: Path) -> History | None:
         found = History(fields["history"], fields.get("role", "primary"),
                         fields.get("previous"), int(fields.get("until", 0)),
                         fields.get("shard"), tuple((str(ancestor), int(until))
-                                                   for ancestor, until in fields.get("older", ())))
+                                                   for ancestor, until in fields.get("older", ())),
+                        bool(fields.get("synced", True)))
         if not all(v is None or isinstance(v, str) for v in (found.history, found.previous)):
             raise TypeError("an id is not a string")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -122,7 +128,10 @@ def read(data: Path) -> History | None:
 def write(data: Path, history: History) -> None:
     data.mkdir(parents=True, exist_ok=True)
     tmp = data / f"{FILE}.tmp"
-    fields = {k: v for k, v in asdict(history).items() if v not in (None, 0, ())}
+    fields = {k: v for k, v in asdict(history).items()
+              if k != "synced" and v not in (None, 0, ())}
+    if not history.synced:
+        fields["synced"] = False
     fields["history"] = history.history
     with tmp.open("w", encoding="utf-8") as f:
         json.dump(fields, f)
@@ -140,27 +149,30 @@ def new_id() -> str:
 def for_primary(data: Path, keep: bool, end_lsn: int, shard: str | None = None) -> History:
     """The history a primary's log belongs to, `end_lsn` being where its log ends: the
     directory's; a new one when it has none; a new one continuing the old up to `end_lsn`
-    when `keep` is False (its sync policy may have lost records it streamed, and it will
-    write others at their positions) or the directory was a replica's (a promotion;
-    `shard`: the name it serves under from now on)."""
+    when `keep` (this run's --sync always) is False or the last run's was (its policy may
+    lose, or have lost, records it streamed, and it writes others at their positions), or
+    when the directory was a replica's (a promotion; `shard`: the name it serves under
+    from now on)."""
     found = read(data)
     if found is not None and found.history is None:
         raise HistoryError(f"{data} holds an interrupted full resync of a replica, not a "
                            "shard's state: start it as a replica again (--replica-of) or "
                            "give an empty directory")
     if found is not None and found.role == "replica":
-        promoted = found.continued(end_lsn, shard=shard)
+        promoted = found.continued(end_lsn, shard=shard, synced=keep)
         log.warning("this directory was a replica's of history %s: serving as a primary of "
                     "the new history %s, which continues it up to position %d",
                     found.history, promoted.history, end_lsn)
         write(data, promoted)
         return promoted
     if found is None:
-        made = History(new_id())
+        made = History(new_id(), synced=keep)
         write(data, made)
         return made
-    if not keep:  # the log may have lost a tail it streamed; what it holds is as it was
-        made = found.continued(end_lsn, shard=found.shard)
+    if not (keep and found.synced):  # the log may have lost a tail it streamed (under
+        # the last run's policy) or may lose one (under this run's): what it holds now is
+        # as it was, and what it writes from here is a history of its own
+        made = found.continued(end_lsn, shard=found.shard, synced=keep)
         write(data, made)
         return made
     return found
