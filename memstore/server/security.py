@@ -436,16 +436,17 @@ class Authorizer(grpc.aio.ServerInterceptor):
         def standing(context: Any) -> _Standing:
             return _Standing(self.security.auth, lambda: admit(context) is not None)
 
-        if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
-
-            async def unary_stream(request: Any, context: Any) -> Any:
+        def streaming(respond: Callable[[Any, Any, _Standing], Any]) -> Callable[..., Any]:
+            """A handler whose caller is admitted, then looked at again before each
+            response (`_Standing`); `respond(request or requests, context, caller)` gives
+            the inner handler's responses, closed with the call, and audited."""
+            async def relay(incoming: Any, context: Any) -> Any:
                 principal = admit(context)
                 if principal is None:
                     return
                 audit.caller.set(principal.name)
                 caller = standing(context)
-                responses = inner_us(request, context)
+                responses = respond(incoming, context, caller)
                 try:
                     async for item in responses:
                         if not caller.allowed():
@@ -454,29 +455,18 @@ class Authorizer(grpc.aio.ServerInterceptor):
                 finally:
                     await _close(responses)
                     audited(principal, context)
+            return relay
 
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, request_deserializer=handler.request_deserializer,
+                streaming(lambda request, context, _: inner_us(request, context)),
+                request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         if handler.stream_stream is not None:
             inner_ss = handler.stream_stream
-
-            async def stream_stream(requests: Any, context: Any) -> Any:
-                principal = admit(context)
-                if principal is None:
-                    return
-                audit.caller.set(principal.name)
-                caller = standing(context)
-                responses = inner_ss(caller.requests(requests), context)
-                try:
-                    async for item in responses:
-                        if not caller.allowed():
-                            return
-                        yield item
-                finally:
-                    await _close(responses)
-                    audited(principal, context)
-
+            stream_stream = streaming(
+                lambda requests, context, caller: inner_ss(caller.requests(requests), context))
             return grpc.stream_stream_rpc_method_handler(
                 stream_stream, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
