@@ -139,18 +139,19 @@ def retargeted(request: Any, survivor: str) -> Any:
     return copy
 
 
+def _refused_with(exc: grpc.aio.AioRpcError, trailer: str) -> bool:
+    """A FAILED_PRECONDITION carrying `trailer`: a refusal the router acts on itself."""
+    return exc.code() == Code.FAILED_PRECONDITION and trailer_of(exc, trailer) is not None
+
+
 def wrong_slot(exc: grpc.aio.AioRpcError) -> bool:
-    if exc.code() != Code.FAILED_PRECONDITION:
-        return False
-    return any(k == "memstore-wrong-slot" for k, _ in (exc.trailing_metadata() or ()))
+    return _refused_with(exc, "memstore-wrong-slot")
 
 
 def not_primary(exc: grpc.aio.AioRpcError) -> bool:
     """A write refused by a shard that has become a replica (a failover the router's map
     does not know yet): it names the primary in a trailer, and the map will too."""
-    if exc.code() != Code.FAILED_PRECONDITION:
-        return False
-    return any(k == "memstore-primary" for k, _ in (exc.trailing_metadata() or ()))
+    return _refused_with(exc, "memstore-primary")
 
 
 _AS_ROUTER = {"metadata": (CLUSTER_SCHEMA,)}
