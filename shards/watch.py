@@ -68,7 +68,7 @@ class _Feed:
     low: int = -1  # microseconds: every change of this shard before it has arrived
     listed: bool = False  # its initial listing (if any) is complete
     sent: Position | None = None  # its position of the last event sent on
-    left: float | None = None  # the event loop's time its shard was seen gone from the map
+    left: bool = False  # its shard was seen gone from the map
     idle_since_left: bool = False  # it sent a heartbeat after that: it has sent all it held
     queued: int = 0  # its messages waiting in the merge's queue
     # (at, sequence, position or None for a pure position marker, event or None)
@@ -117,7 +117,7 @@ class Merge:
         try:
             async for message in self.open_stream(feed.shard, request):
                 feed.heard = loop.time()  # (as it arrives: a slow caller is no stall)
-                if feed.left is not None and not getattr(message, self.items):
+                if feed.left and not getattr(message, self.items):
                     feed.idle_since_left = True
                 feed.queued += 1
                 await self.queue.put((feed, message))
@@ -138,17 +138,21 @@ class Merge:
             if key not in self.feeds:
                 self._add(shard, late)
         for key, feed in list(self.feeds.items()):
-            if key in present or feed.left is not None:
+            if key in present or feed.left:
                 continue
             if any(s.name == feed.shard.name for s in present.values()):
                 # A failover's new primary serves the shard now, watched from the last
                 # position sent (`_add`); the old one, a replica of it from now on,
                 # would send its changes again.
-                del self.feeds[key]
-                if feed.task is not None:
-                    feed.task.cancel()
+                self._forget(key)
             else:
-                feed.left = asyncio.get_running_loop().time()
+                feed.left = True
+
+    def _forget(self, key: int) -> None:
+        """Stop reading a feed and take it out of the merge."""
+        feed = self.feeds.pop(key)
+        if feed.task is not None:
+            feed.task.cancel()
 
     def _drop_left(self) -> None:
         """Feeds of shards gone from the map that have sent on everything they held: out
@@ -157,9 +161,7 @@ class Merge:
         it goes on from that entry, `_add`)."""
         for key, feed in list(self.feeds.items()):
             if feed.idle_since_left and not feed.queued and not feed.pending:
-                del self.feeds[key]
-                if feed.task is not None:
-                    feed.task.cancel()
+                self._forget(key)
                 name = feed.shard.name
                 if all(f.shard.name != name for f in self.feeds.values()) \
                         and all(s.name != name for s in self.map.shards):
