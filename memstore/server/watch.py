@@ -274,7 +274,7 @@ class Stream:
         self.heartbeat = heartbeat
 
     def token(self, lsn: int, index: int) -> str:
-        return encode_token({self.name: (lsn, index, history_of(self.shard))})
+        return shard_token(self.shard, lsn, index)
 
     async def records(self) -> AsyncIterator[list[Record]]:
         """Batches of records as they become readable; an empty batch after `heartbeat`
